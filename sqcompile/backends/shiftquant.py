@@ -1,0 +1,80 @@
+"""The ``shiftquant`` torch.compile backend: the whole pipeline, top to bottom.
+
+1. Capture: Dynamo hands us a torch-level FX graph and example inputs.
+2. Rewrite: matmul/conv nodes become quantized ops (:mod:`sqcompile.passes.quantize_gemms`),
+   norms become L1 norms (:mod:`sqcompile.passes.l1_norms`); every decision is recorded.
+3. Autograd: AOTAutograd traces the rewritten graph into forward and backward ATen graphs in
+   which ``sqcompile::quantize`` / ``shiftquant`` / ``int8_mm`` stay single nodes and the
+   tensors saved for backward are the int8 ones.
+4. Lowering: each ATen graph is lowered (:mod:`sqcompile.backends.lowering`) and handed to the
+   inner compiler (eager, or Inductor).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Mapping, Optional
+
+import torch
+import torch.fx as fx
+from torch._dynamo.backends.common import aot_autograd
+
+from .. import kernels  # noqa: F401  (registers CPU / Triton implementations of the ops)
+from ..config import Config
+from ..decisions import CompileRecord, attach, new_record
+from ..graphs import format_graph
+from ..passes import check_overrides, l1_norms, quantize_gemms
+from ..passes.precision import Target
+from . import lowering
+
+BACKEND_NAME = "shiftquant"
+
+
+def shiftquant_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Mapping[str, Any]] = None,
+                       **kwargs):
+    """``torch.compile(model, backend="shiftquant", options={...})`` lands here.
+
+    ``options`` (or keyword arguments, when called directly) are :class:`sqcompile.Config`
+    fields; unknown names or bad values raise ``ValueError`` naming the option.
+    """
+    if kwargs:
+        options = {**(options or {}), **kwargs}
+    config = Config.from_options(options)
+    record = new_record(config)
+    attach(record, [t for t in example_inputs if isinstance(t, torch.Tensor)])
+    target = detect_target(example_inputs)
+    rewrite(gm, config, target, record)
+    return aot_autograd(
+        fw_compiler=lowering.compiler("forward", config, target, record),
+        bw_compiler=lowering.compiler("backward", config, target, record),
+        inference_compiler=lowering.compiler("inference", config, target, record),
+        keep_inference_input_mutations=True,
+    )(gm, example_inputs)
+
+
+def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileRecord) -> fx.GraphModule:
+    """Run the rewrite passes in order, keeping the graph before and after."""
+    record.graphs["dynamo"] = format_graph(gm)
+    check_overrides(gm, config, record)
+    quantize_gemms(gm, config, target, record)
+    l1_norms(gm, config, target, record)
+    record.graphs["rewritten"] = format_graph(gm)
+    return gm
+
+
+def detect_target(example_inputs) -> Target:
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    device = "cuda" if "cuda" in devices else "cpu"
+    ok, reason = kernels.triton_status(device)
+    return Target(device=device, triton_ok=ok, triton_reason=reason)
+
+
+def register() -> None:
+    """Make ``backend="shiftquant"`` resolve after ``import sqcompile``.
+
+    The ``torch_dynamo_backends`` entry point does the same without importing us; when Dynamo
+    is loading us through that entry point it registers the function itself, so we must not.
+    """
+    from torch._dynamo.backends import registry
+
+    if BACKEND_NAME in registry._COMPILER_FNS or registry._BACKENDS.get(BACKEND_NAME) is not None:
+        return
+    registry.register_backend(shiftquant_backend, name=BACKEND_NAME)

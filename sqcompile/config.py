@@ -1,0 +1,199 @@
+"""User-facing options of the ``shiftquant`` backend.
+
+Everything a user can set lives in :class:`Config`.  ``torch.compile(model,
+backend="shiftquant", options={...})`` builds one with :meth:`Config.from_options`; every
+option is validated up front, and a wrong name or value raises a ``ValueError`` naming it.
+
+Per-module overrides
+--------------------
+``overrides`` maps fnmatch patterns over module paths (``"layer1.0.conv1"``, ``"fc"``,
+``"blocks.*.attn"``) to a partial option dict, or to ``None`` meaning "leave this module in
+float".  A pattern matches a module when it matches the module's path or the path of any of
+its parents, so ``"layer1"`` covers everything inside ``layer1``.  Patterns are applied in
+dict order and later ones win field by field.  Ops called directly in the root module's
+``forward`` have the path ``""``; the empty pattern matches only those, ``"*"`` matches all.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping, Optional
+
+MIN_BITS, MAX_BITS = 2, 8
+MAX_GROUPS = 8
+
+NORM_CHOICES = ("l1", "keep")
+EXECUTION_CHOICES = ("auto", "simulate", "integer")
+KERNEL_CHOICES = ("auto", "torch", "triton")
+INNER_CHOICES = ("auto", "eager", "inductor")
+
+# Options that may differ from module to module (the rest are global to one compile).
+PER_OP_FIELDS = (
+    "weight_bits", "act_bits", "grad_bits", "groups", "norm", "norm_bits", "l1_scale",
+    "execution", "kernels",
+)
+
+
+def _bad(name: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"sqcompile option {name!r}: got {value!r}, expected {expected}")
+
+
+@dataclass(frozen=True)
+class OpConfig:
+    """The resolved options that apply to one op (after overrides)."""
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    grad_bits: int = 4
+    groups: int = 4
+    norm: str = "l1"
+    norm_bits: int = 8
+    l1_scale: float = math.sqrt(math.pi / 2)
+    execution: str = "auto"
+    kernels: str = "auto"
+
+    def validate(self) -> None:
+        for name in ("weight_bits", "act_bits", "grad_bits", "norm_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not MIN_BITS <= v <= MAX_BITS:
+                raise _bad(name, v, f"an integer in {MIN_BITS}..{MAX_BITS}")
+        g = self.groups
+        if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= MAX_GROUPS:
+            raise _bad(
+                "groups", g,
+                f"an integer in 1..{MAX_GROUPS} (ShiftQuant groups sit on a power-of-two ladder; "
+                f"past {MAX_GROUPS} rungs the smallest group's scale is below 2**-{MAX_GROUPS} of "
+                "the largest and its channels round to zero at any bit width)",
+            )
+        if self.norm not in NORM_CHOICES:
+            raise _bad("norm", self.norm, f"one of {NORM_CHOICES}")
+        if self.execution not in EXECUTION_CHOICES:
+            raise _bad("execution", self.execution, f"one of {EXECUTION_CHOICES}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise _bad("kernels", self.kernels, f"one of {KERNEL_CHOICES}")
+        if not isinstance(self.l1_scale, (int, float)) or isinstance(self.l1_scale, bool) \
+                or not math.isfinite(self.l1_scale) or self.l1_scale <= 0:
+            raise _bad("l1_scale", self.l1_scale, "a finite positive number")
+
+
+@dataclass(frozen=True)
+class Config(OpConfig):
+    """All options of the ``shiftquant`` backend.
+
+    ==============  ========  ================================================================
+    option          default   meaning
+    ==============  ========  ================================================================
+    weight_bits     4         bits of weights in forward GEMMs (2..8), nearest rounding
+    act_bits        4         bits of activations feeding GEMMs (2..8), nearest rounding
+    grad_bits       4         bits of output gradients in backward GEMMs (2..8), ShiftQuant
+                              with stochastic rounding
+    groups          4         ShiftQuant groups on the power-of-two ladder (1..8); 1 is
+                              per-tensor quantization
+    norm            "l1"      "l1" replaces Batch/Layer/Group/RMS norms by L1 norms, "keep"
+                              leaves them alone
+    norm_bits       8         bits of a norm's input and of the gradient into its backward
+    l1_scale        1.2533    c in ``(x - mean) / (c * mean|x - mean| + eps)``; sqrt(pi/2)
+                              matches the L2 norm's scale on Gaussian inputs
+    execution       "auto"    "simulate": quantize-dequantize around float ops; "integer":
+                              int8 GEMMs; "auto": integer where available, else simulate
+    kernels         "auto"    "torch": torch/oneDNN implementations; "triton": Triton
+                              kernels (on CPU only under TRITON_INTERPRET=1); "auto": Triton on
+                              CUDA, torch on CPU
+    overrides       {}        {module-path pattern: partial options or None (= float)}
+    collect_stats   False     record SQNR and group occupancy per op each step (costs time)
+    inner           "auto"    compiler for what remains: "eager", "inductor", or "auto"
+                              (Inductor on CUDA, eager on CPU)
+    ==============  ========  ================================================================
+    """
+
+    overrides: Mapping[str, Optional[Mapping[str, Any]]] = field(default_factory=dict)
+    collect_stats: bool = False
+    inner: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+        if not isinstance(self.overrides, Mapping):
+            raise _bad("overrides", self.overrides,
+                       "a dict {module-path pattern: option dict or None}")
+        for pattern, opts in self.overrides.items():
+            if not isinstance(pattern, str):
+                raise _bad("overrides", pattern, "string patterns as keys")
+            if opts is None:
+                continue
+            if not isinstance(opts, Mapping):
+                raise _bad(f"overrides[{pattern!r}]", opts, "an option dict or None")
+            _check_names(opts, PER_OP_FIELDS, where=f"overrides[{pattern!r}]")
+            replace(self.op_config(), **opts).validate()
+        if not isinstance(self.collect_stats, bool):
+            raise _bad("collect_stats", self.collect_stats, "True or False")
+        if self.inner not in INNER_CHOICES:
+            raise _bad("inner", self.inner, f"one of {INNER_CHOICES}")
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None) -> "Config":
+        """Build a config from ``torch.compile(..., options=...)``; a Config passes through."""
+        if options is None:
+            return cls()
+        if isinstance(options, Config):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"sqcompile options must be a dict or a sqcompile.Config, got {type(options).__name__}")
+        if "config" in options:  # options={"config": Config(...), **more}
+            base = options["config"]
+            rest = {k: v for k, v in options.items() if k != "config"}
+            return replace(cls.from_options(base), **cls._checked(rest))
+        return cls(**cls._checked(options))
+
+    @classmethod
+    def _checked(cls, options: Mapping[str, Any]) -> dict:
+        _check_names(options, [f.name for f in fields(cls)], where="options")
+        return dict(options)
+
+    def op_config(self) -> OpConfig:
+        return OpConfig(**{name: getattr(self, name) for name in PER_OP_FIELDS})
+
+    def for_module(self, path: str) -> Optional[OpConfig]:
+        """Options for an op inside the module at ``path``; None means "keep in float"."""
+        cfg: Optional[OpConfig] = self.op_config()
+        for pattern, opts in self.overrides.items():
+            if not pattern_matches(pattern, path):
+                continue
+            if opts is None:
+                cfg = None
+            else:
+                cfg = replace(cfg or self.op_config(), **opts)
+        return cfg
+
+    def unmatched_overrides(self, paths) -> list:
+        """Override patterns that match none of ``paths`` (module paths seen in a graph)."""
+        paths = list(paths)
+        return [p for p in self.overrides if not any(pattern_matches(p, q) for q in paths)]
+
+
+def _check_names(options: Mapping[str, Any], allowed, where: str) -> None:
+    for name in options:
+        if name not in allowed:
+            close = difflib.get_close_matches(str(name), list(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(allowed)}"
+            raise ValueError(f"unknown sqcompile option {name!r} in {where}{hint}")
+
+
+def module_ancestry(path: str) -> list:
+    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a", ""]``."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def pattern_matches(pattern: str, path: str) -> bool:
+    """Does ``pattern`` match the module at ``path`` or one of its parents?
+
+    The empty pattern matches only ops of the root module (path ``""``).
+    """
+    if pattern == "" or path == "":
+        return fnmatch.fnmatchcase(path, pattern)
+    return any(fnmatch.fnmatchcase(p, pattern) for p in module_ancestry(path)[:-1])
+
+
+__all__ = ["Config", "OpConfig", "MIN_BITS", "MAX_BITS", "MAX_GROUPS", "pattern_matches"]

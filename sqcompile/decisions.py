@@ -1,0 +1,127 @@
+"""What the backend decided for each op, recorded during compilation.
+
+The rewrite passes append one :class:`OpDecision` per matmul / conv / norm node they see,
+quantized or not; the report (:mod:`sqcompile.report`) renders them.  A
+:class:`CompileRecord` holds everything one backend call produced: its decisions, the graphs
+at each stage, the per-step statistics.  Records are looked up later by the parameters the
+compiled graph used, so ``sqcompile.report(compiled_model)`` finds them without the user
+passing anything around.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+# Execution labels shown in the report.
+EXEC_INT8_CPU = "int8-cpu"
+EXEC_INT8_TORCH = "int8-torch"
+EXEC_TRITON = "triton"
+EXEC_SIMULATED = "simulated"
+EXEC_FLOAT = "float"
+
+
+@dataclass
+class OpDecision:
+    """One matmul / conv / norm node and what became of it."""
+
+    node: str                           # FX node name in the Dynamo graph
+    module_path: str                    # "layer1.0.conv1" ("" for the root module)
+    op: str                             # "linear", "conv2d", "matmul", "bmm", "batch_norm", ...
+    kind: str                           # "gemm" or "norm"
+    shapes: List[List[int]] = field(default_factory=list)
+    flops: int = 0                      # forward multiply-adds x 2 (GEMMs); 0 for norms
+    quantized: bool = False
+    execution: str = EXEC_FLOAT         # int8-cpu | int8-torch | triton | simulated | float
+    reason: Optional[str] = None        # why float, or why simulated instead of integer
+    weight_bits: Optional[int] = None
+    act_bits: Optional[int] = None
+    weight_quantizer: Optional[str] = None
+    act_quantizer: Optional[str] = None
+    grad_bits: Optional[int] = None
+    grad_quantizer: Optional[str] = None
+    groups: Optional[int] = None
+    norm_bits: Optional[int] = None
+    replacement: Optional[str] = None   # the function the node was rewritten to
+    region: Optional[str] = None        # fused region name, when lowering fused it
+    graph: int = 0                      # which Dynamo graph (frame) of the model it came from
+
+    @property
+    def execution_label(self) -> str:
+        if self.execution == EXEC_FLOAT and self.reason:
+            return f"float: {self.reason}"
+        return self.execution
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CompileRecord:
+    """Everything one call of the backend produced (one Dynamo graph)."""
+
+    index: int
+    config: Any
+    decisions: List[OpDecision] = field(default_factory=list)
+    graphs: Dict[str, str] = field(default_factory=dict)   # stage -> readable code
+    warnings: List[str] = field(default_factory=list)
+    stats: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # node -> latest stats
+
+    def add(self, decision: OpDecision) -> OpDecision:
+        decision.graph = self.index
+        self.decisions.append(decision)
+        return decision
+
+
+_counter = itertools.count()
+_lock = threading.Lock()
+# id(parameter/buffer) -> (weak reference to it, records of the graphs that used it).  Keyed by
+# id because tensors compare elementwise; the weak reference's callback drops dead entries.
+_by_tensor: Dict[int, tuple] = {}
+_all: List["weakref.ref[CompileRecord]"] = []
+_strong_latest: List[CompileRecord] = []   # keep the latest few alive for sqcompile.report()
+
+
+def new_record(config) -> CompileRecord:
+    with _lock:
+        rec = CompileRecord(index=next(_counter), config=config)
+        _all.append(weakref.ref(rec))
+        _strong_latest.append(rec)
+        del _strong_latest[:-8]
+    return rec
+
+
+def attach(record: CompileRecord, tensors) -> None:
+    """Remember that ``record`` came from a graph that used these parameters/buffers."""
+    with _lock:
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
+            entry = _by_tensor.get(id(t))
+            if entry is None or entry[0]() is not t:
+                key = id(t)
+                entry = (weakref.ref(t, lambda _, key=key: _by_tensor.pop(key, None)), [])
+                _by_tensor[key] = entry
+            if record not in entry[1]:
+                entry[1].append(record)
+
+
+def records_for(tensors) -> List[CompileRecord]:
+    """Records of every compiled graph that used any of ``tensors``, oldest first."""
+    seen: Dict[int, CompileRecord] = {}
+    with _lock:
+        for t in tensors:
+            entry = _by_tensor.get(id(t))
+            if entry is not None and entry[0]() is t:
+                for rec in entry[1]:
+                    seen.setdefault(rec.index, rec)
+    return [seen[k] for k in sorted(seen)]
+
+
+def latest_records() -> List[CompileRecord]:
+    with _lock:
+        return list(_strong_latest)

@@ -1,0 +1,27 @@
+"""Device implementations of the ops in :mod:`sqcompile.ops`.
+
+Importing this package registers them: oneDNN int8 GEMMs for CPU (``cpu``) and, when Triton
+is importable, the Triton kernel family (``triton``).
+"""
+import os
+
+import torch
+
+from . import cpu  # noqa: F401  (registers torch.ops.sqcompile.int8_mm for CPU)
+
+try:  # Triton is a dependency, but a broken GPU toolchain must not take the CPU path down.
+    from . import triton_ops  # noqa: F401
+    TRITON_ERROR = None
+except ImportError as e:  # pragma: no cover - exercised only on broken installs
+    TRITON_ERROR = e
+
+
+def triton_status(device: str):
+    """``(usable, reason)`` for the Triton kernel family on ``device`` ("cpu" or "cuda")."""
+    if TRITON_ERROR is not None:
+        return False, f"the Triton kernels failed to import ({TRITON_ERROR})"
+    if device == "cuda":
+        return (True, None) if torch.cuda.is_available() else (False, "CUDA is not available")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, None
+    return False, "Triton needs CUDA, or TRITON_INTERPRET=1 (set before import) to run its interpreter on CPU"

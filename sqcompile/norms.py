@@ -1,0 +1,282 @@
+"""Fully-quantized L1 normalization: BatchNorm, LayerNorm, GroupNorm and RMSNorm.
+
+The L1 norm replaces the standard deviation by the mean absolute deviation (the paper's
+"fully-quantized L1 normalization"):
+
+    y = gamma * (x - mean) / (c * mean|x - mean| + eps) + beta        (centered kinds)
+    y = gamma * x / (c * mean|x| + eps)                               (RMSNorm analogue)
+
+with ``c = l1_scale`` (default ``sqrt(pi/2)``: a Gaussian input gets the same scale as the L2
+norm).  ``sigma = c * mean|x - mean|`` is the L1 estimate of the standard deviation.
+
+One formula for all kinds
+-------------------------
+Every kind is the same computation over *slices*: ``x`` is viewed so that one slice is the set
+of elements indexed by the reduction ``dims`` at a fixed index of the other (``keep``) dims,
+and ``weight`` / ``bias`` are viewed to broadcast against it:
+
+=========== ============================== ============== =================================
+kind        layout given to the math       reduction dims one slice (= one input scale)
+=========== ============================== ============== =================================
+batch norm  ``x [N, C, *S]``               ``0, 2, ...``  a channel
+layer norm  ``x [*, *normalized_shape]``   trailing       a row / token
+group norm  ``x [N, G, C/G, *S]``          ``2, 3, ...``  an (N, group) pair
+rms norm    ``x [*, *normalized_shape]``   trailing       a row / token (not centered)
+=========== ============================== ============== =================================
+
+:class:`_L1Norm` holds the forward formula and the hand-derived backward.  With
+``xhat = (x - mean) / s``, ``s = sigma + eps`` and ``g = dL/dxhat = dy * gamma``, the slice's
+statistics give (``n`` elements per slice, ``sign(0) = 0``)::
+
+    d mean|x - mean| / dx_i = (sign(z_i) - mean(sign z)) / n,     z = x - mean
+    dL/dx = (g - mean(g) - c * mean(g * xhat) * (sign(xhat) - mean(sign xhat))) / s
+
+(the RMS form drops both ``mean`` corrections; with fixed statistics, batch norm in eval mode,
+``dL/dx = g / s``).  ``sign(xhat)`` stands where the L2 norm has ``xhat`` itself.
+
+Quantization (``norm_bits`` / ``grad_bits``)
+---------------------------------------------
+* Forward: the norm's input is quantized with ``torch.ops.sqcompile.quantize`` (nearest
+  rounding, ``norm_bits``) with one scale per slice; the statistics and the output are computed
+  from the dequantized values, and the int8 tensor and its scale are what is saved for
+  backward (not the float input).
+* Backward: straight-through for the input quantizer (the gradient is the one of the float
+  formula evaluated at the quantized input), and the incoming ``grad_output`` is quantized with
+  stochastic rounding at ``grad_bits`` (default ``norm_bits``), again one scale per slice, before
+  it is used for ``dx``, ``dgamma`` and ``dbeta``.
+* ``norm_bits=None``: the float path (no input quantization), used by ``gradcheck``; a
+  ``grad_bits`` given explicitly still quantizes the gradient.
+
+Statistics are computed in float32 for float16/bfloat16 inputs (float64 stays float64) and
+the output has the input's dtype.  A zero-deviation slice (constant, or all zero) gives
+``sigma = 0`` and the output ``beta``; ``eps`` keeps it finite.  Note that ``eps`` sits outside
+any square root here, so the same ``eps`` floors the denominator at ``eps`` where the L2 norm
+floors it at ``sqrt(eps)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import ops as _ops  # noqa: F401  (registers torch.ops.sqcompile.quantize / dequantize)
+
+L1_SCALE = math.sqrt(math.pi / 2)
+
+ShapeLike = Union[int, Sequence[int], torch.Size]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types and float32, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _quantize_dequantize(x: torch.Tensor, bits: int, keep: list, stochastic: bool, dtype: torch.dtype):
+    """(int8, scale, dequantized in ``dtype``) with one scale per index of ``keep``."""
+    q, scale = torch.ops.sqcompile.quantize(x, bits, keep, stochastic)
+    return q, scale, torch.ops.sqcompile.dequantize(q, scale, dtype)
+
+
+class _L1Norm(torch.autograd.Function):
+    """The L1 norm of ``x`` over ``dims`` with a broadcast affine, and its hand backward.
+
+    ``mean`` / ``sigma``: fixed statistics (broadcastable, eval-mode batch norm) or ``None`` to
+    use the slice's own.  Returns ``(y, mean, sigma)``: the statistics actually computed
+    (``keepdim`` shape, compute dtype, non-differentiable) or ``None`` when they were given or,
+    for ``mean``, when ``center`` is False.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, sigma, dims: Tuple[int, ...], center: bool, l1_scale: float,
+                eps: float, norm_bits: Optional[int], grad_bits: Optional[int]):
+        cdtype = _compute_dtype(x.dtype)
+        keep = [d for d in range(x.dim()) if d not in dims]
+        if norm_bits is None:
+            xc = x.to(cdtype)
+            saved_x, saved_scale = x, None
+        else:
+            saved_x, saved_scale, xc = _quantize_dequantize(x, norm_bits, keep, False, cdtype)
+
+        batch_stats = sigma is None
+        if batch_stats:
+            mean = xc.mean(dims, keepdim=True) if center else None
+            z = xc - mean if center else xc
+            sigma = l1_scale * z.abs().mean(dims, keepdim=True)
+        else:
+            mean, sigma = mean.to(cdtype), sigma.to(cdtype)
+            z = xc - mean
+        inv = 1.0 / (sigma + eps)
+        xhat = z * inv
+
+        y = xhat if weight is None else xhat * weight.to(cdtype)
+        if bias is not None:
+            y = y + bias.to(cdtype)
+
+        ctx.save_for_backward(saved_x, saved_scale, mean, inv, weight)
+        bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        ctx.cfg = (dims, keep, center, l1_scale, batch_stats, grad_bits, x.dtype, cdtype, bias_meta)
+        if not batch_stats:
+            return y.to(x.dtype), None, None
+        ctx.mark_non_differentiable(*[t for t in (mean, sigma) if t is not None])
+        return y.to(x.dtype), mean, sigma
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dsigma):
+        saved_x, saved_scale, mean, inv, weight = ctx.saved_tensors
+        dims, keep, center, l1_scale, batch_stats, grad_bits, x_dtype, cdtype, bias_meta = ctx.cfg
+        if saved_scale is None:
+            xc = saved_x.to(cdtype)
+        else:
+            xc = torch.ops.sqcompile.dequantize(saved_x, saved_scale, cdtype)
+        xhat = (xc - mean if mean is not None else xc) * inv
+
+        if grad_bits is None:
+            dy = dy.to(cdtype)
+        else:
+            dy = _quantize_dequantize(dy, grad_bits, keep, True, cdtype)[2]
+
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            g = dy if weight is None else dy * weight.to(cdtype)
+            if batch_stats:
+                # d(c * mean|z|)/dx = c * (sign z - mean(sign z)) / n over the slice, sign z = sign xhat
+                proj = l1_scale * (g * xhat).mean(dims, keepdim=True)
+                sgn = torch.sign(xhat)
+                if center:
+                    g = g - g.mean(dims, keepdim=True)
+                    sgn = sgn - sgn.mean(dims, keepdim=True)
+                g = g - proj * sgn
+            dx = (g * inv).to(x_dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            dweight = (dy * xhat).sum_to_size(weight.shape).to(weight.dtype)
+        if bias_meta is not None and ctx.needs_input_grad[2]:
+            dbias = dy.sum_to_size(bias_meta[0]).to(bias_meta[1])
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# The four kinds: each is a view of x, weight and bias onto the layout of _L1Norm
+# --------------------------------------------------------------------------------------------
+
+def _check_bits(name: str, bits) -> None:
+    if bits is None:
+        return
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{name} must be None or an int in 2..8, got {bits!r}")
+
+
+def _l1_norm(x, weight, bias, dims, *, center, l1_scale, eps, norm_bits, grad_bits, mean=None, sigma=None):
+    _check_bits("norm_bits", norm_bits)
+    _check_bits("grad_bits", grad_bits)
+    if grad_bits is None:
+        grad_bits = norm_bits
+    return _L1Norm.apply(x, weight, bias, mean, sigma, tuple(dims), center, float(l1_scale), float(eps),
+                         norm_bits, grad_bits)
+
+
+def _channel_view(t: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor]:
+    """A per-channel vector ``[C]`` viewed as ``[1, C, 1, ...]`` against an ``ndim``-d input."""
+    return None if t is None else t.reshape(1, -1, *[1] * (ndim - 2))
+
+
+def l1_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                  weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                  training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5, *,
+                  l1_scale: float = L1_SCALE, norm_bits: Optional[int], grad_bits: Optional[int] = None
+                  ) -> torch.Tensor:
+    """L1 batch norm with the semantics of ``F.batch_norm`` (``x`` is ``[N, C]``, ``[N, C, L]``,
+    ``[N, C, H, W]`` or ``[N, C, D, H, W]``): statistics per channel over (N, spatial).
+
+    * Batch statistics are used when ``training`` or when a running buffer is ``None``
+      (``track_running_stats=False``).  Then, if the buffers are given, they are updated in
+      place: ``running = (1 - momentum) * running + momentum * batch``.  ``momentum`` is the
+      float factor; for PyTorch's cumulative moving average (``momentum=None`` on the module)
+      the caller passes ``1 / num_batches_tracked``, as ``nn.BatchNorm`` already does when it
+      calls ``F.batch_norm``.
+    * Otherwise (eval with buffers) the running statistics are used and nothing is updated.
+
+    Decision: ``running_var`` holds the square of the L1 scale estimate,
+    ``(l1_scale * mean|x - mean|)**2`` (no Bessel-like correction: it is the value training
+    normalized with), so the module's state_dict keys are unchanged and the buffer stays a
+    variance-like estimate an L2 BatchNorm could still use.  Eval mode normalizes with
+    ``(x - running_mean) / (sqrt(running_var) + eps)`` (a per-channel sqrt of the buffer, not of
+    activations).  ``weight`` / ``bias`` may be ``None`` (``affine=False``).
+
+    Quantization (``norm_bits``, ``grad_bits``): one scale per channel; see the module docstring.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"l1_batch_norm expects an input with at least 2 dims [N, C, ...], got {tuple(x.shape)}")
+    ndim = x.dim()
+    dims = (0, *range(2, ndim))
+    kw = dict(center=True, l1_scale=l1_scale, eps=eps, norm_bits=norm_bits, grad_bits=grad_bits)
+    w, b = _channel_view(weight, ndim), _channel_view(bias, ndim)
+    use_batch_stats = training or running_mean is None or running_var is None
+    if not use_batch_stats:
+        mean = _channel_view(running_mean, ndim)
+        sigma = _channel_view(running_var, ndim).sqrt()
+        return _l1_norm(x, w, b, dims, mean=mean, sigma=sigma, **kw)[0]
+
+    if x.numel() // x.shape[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    y, mean, sigma = _l1_norm(x, w, b, dims, **kw)
+    for buf, batch in ((running_mean, mean), (running_var, sigma * sigma)):
+        if buf is None:
+            continue
+        if momentum is None:
+            raise ValueError("l1_batch_norm: momentum=None; pass the cumulative-average factor "
+                             "1 / num_batches_tracked as nn.BatchNorm does")
+        with torch.no_grad():
+            buf.mul_(1.0 - momentum).add_(batch.reshape(-1).to(buf.dtype), alpha=momentum)
+    return y
+
+
+def _normalized_dims(x: torch.Tensor, normalized_shape: ShapeLike, fn: str) -> Tuple[int, ...]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
+        raise ValueError(f"{fn}: normalized_shape {list(shape)} does not match the trailing dims of an "
+                         f"input of shape {tuple(x.shape)}")
+    return tuple(range(x.dim() - k, x.dim()))
+
+
+def l1_layer_norm(x: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, l1_scale: float = L1_SCALE,
+                  norm_bits: Optional[int], grad_bits: Optional[int] = None) -> torch.Tensor:
+    """L1 layer norm with the semantics of ``F.layer_norm``: statistics over the trailing
+    ``normalized_shape`` dims, one input/gradient scale per row (token)."""
+    dims = _normalized_dims(x, normalized_shape, "l1_layer_norm")
+    return _l1_norm(x, weight, bias, dims, center=True, l1_scale=l1_scale, eps=eps,
+                    norm_bits=norm_bits, grad_bits=grad_bits)[0]
+
+
+def l1_group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, l1_scale: float = L1_SCALE,
+                  norm_bits: Optional[int], grad_bits: Optional[int] = None) -> torch.Tensor:
+    """L1 group norm with the semantics of ``F.group_norm`` (``x`` is ``[N, C, *S]``):
+    statistics over (C / num_groups channels x spatial) per (N, group), affine per channel; one
+    input/gradient scale per (N, group)."""
+    if x.dim() < 2 or x.shape[1] % num_groups != 0:
+        raise ValueError(f"l1_group_norm: {num_groups} groups do not divide the channels of an input "
+                         f"of shape {tuple(x.shape)}")
+    n, c, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    xg = x.reshape(n, num_groups, c // num_groups, *spatial)
+    grouped = [1, num_groups, c // num_groups, *[1] * len(spatial)]
+    w = None if weight is None else weight.reshape(grouped)
+    b = None if bias is None else bias.reshape(grouped)
+    y = _l1_norm(xg, w, b, tuple(range(2, xg.dim())), center=True, l1_scale=l1_scale, eps=eps,
+                 norm_bits=norm_bits, grad_bits=grad_bits)[0]
+    return y.reshape(x.shape)
+
+
+def l1_rms_norm(x: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[torch.Tensor] = None,
+                eps: Optional[float] = None, *, l1_scale: float = L1_SCALE, norm_bits: Optional[int],
+                grad_bits: Optional[int] = None) -> torch.Tensor:
+    """L1 RMSNorm analogue, ``weight * x / (l1_scale * mean|x| + eps)`` over the trailing
+    ``normalized_shape`` dims, with the semantics of ``F.rms_norm`` (``eps=None``:
+    ``torch.finfo(x.dtype).eps``); one input/gradient scale per row (token)."""
+    dims = _normalized_dims(x, normalized_shape, "l1_rms_norm")
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    return _l1_norm(x, weight, None, dims, center=False, l1_scale=l1_scale, eps=eps,
+                    norm_bits=norm_bits, grad_bits=grad_bits)[0]

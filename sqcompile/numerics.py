@@ -1,0 +1,229 @@
+"""Reference quantizers in plain PyTorch: the single source of truth for the numerics.
+
+Every kernel (oneDNN, Triton) and every op in :mod:`sqcompile.ops` is tested against these
+functions.  They favour clarity over speed, but are vectorized (no Python loops over channels
+or groups) so they are also usable as the ``"simulate"`` implementation.
+
+Conventions
+-----------
+* Symmetric ``b``-bit quantization, ``2 <= b <= 8``: ``qmax = 2**(b-1) - 1``,
+  ``scale = amax / qmax``, ``q = clamp(round(x / scale), -qmax, qmax)``.
+* ``keep_dims``: the dims along which a scale varies (one scale per index of those dims);
+  the amax is taken over all the other dims.  ``()`` means one scale per tensor.
+* Rounding: ``"nearest"`` (round half to even) for weights and activations; ``"stochastic"``
+  (``floor(x / scale + u)`` with ``u`` uniform in [0, 1)) for gradients.
+* A zero tensor (or slice) has scale 0 and quantizes to 0 without dividing by zero.
+* A non-finite amax (NaN or Inf in the input) gives a NaN scale, so the dequantized tensor is
+  NaN and non-finite values propagate as in float training (a GradScaler sees them); they are
+  never silently zeroed.
+
+ShiftQuant
+----------
+Along the reduction axis ``k`` of the GEMM that consumes ``x`` (``channel_dims`` name the dims
+that index ``k``): channel range ``r_k = max |x[..., k, ...]|``, ``R = max_k r_k``; group
+``g(k) = min(G-1, floor(log2(R / r_k)))`` (zero channels go to ``G-1``); group scale
+``s_g = R / 2**g / qmax``.  In expanded integer form ``e = q << (G-1-g(k))`` with the single
+base scale ``s_{G-1}``: ``x ~= s_{G-1} * e``, so one plain integer GEMM on ``e`` computes the
+grouped product exactly.  ``e`` fits int8 iff ``qmax * 2**(G-1) <= 127``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def qmax(bits: int) -> int:
+    """Largest quantized magnitude of a symmetric ``bits``-bit integer: 4 bits -> 7."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def expanded_max(bits: int, groups: int) -> int:
+    """Largest magnitude of ShiftQuant's expanded integers: ``qmax * 2**(groups-1)``."""
+    return qmax(bits) * 2 ** (groups - 1)
+
+
+def fits_int8(bits: int, groups: int) -> bool:
+    """Can ShiftQuant's expanded form be stored in int8 (one plain int8 GEMM)?
+
+    4 bits: up to 5 groups; 5 bits: 4; 6 bits: 3; 7 and 8 bits: 1.
+    """
+    return expanded_max(bits, groups) <= 127
+
+
+def _reduce_dims(x: torch.Tensor, keep_dims: Sequence[int]) -> list:
+    keep = {d % x.dim() for d in keep_dims} if x.dim() else set()
+    return [d for d in range(x.dim()) if d not in keep]
+
+
+def amax(x: torch.Tensor, keep_dims: Sequence[int] = ()) -> torch.Tensor:
+    """max |x| over every dim but ``keep_dims`` (kept as size-1 dims), in float32."""
+    dims = _reduce_dims(x, keep_dims)
+    a = x.detach().abs().float()
+    if not dims:
+        return a
+    return a.amax(dim=dims, keepdim=True)
+
+
+def uniform_noise(shape, device=None) -> torch.Tensor:
+    """Cheap U[0, 1) noise for stochastic rounding, with 8 random bits per element.
+
+    ``torch.rand`` costs about as much as the whole quantizer on CPU, so we draw one int64
+    per 8 elements and use its bytes.  ``random_()`` leaves bit 63 at zero, which would bias
+    every eighth byte; ``r ^ (r << 1)`` makes every byte uniform again (each output byte is an
+    invertible or surjective linear function of independent uniform bits).  Values are
+    ``(k + 0.5) / 256`` so the mean is exactly 1/2 and rounding is biased by at most 2**-9 of a
+    quantization step.
+    """
+    shape = tuple(shape)
+    n = 1
+    for s in shape:
+        n *= s
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=device).random_()
+    words ^= words << 1
+    k = words.view(torch.uint8)[:n].view(shape)
+    return (k.float() + 0.5) * (1.0 / 256.0)
+
+
+def round_values(v: torch.Tensor, rounding: str, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if rounding == "nearest":
+        return torch.round(v)
+    if rounding == "stochastic":
+        u = uniform_noise(v.shape, v.device) if noise is None else noise
+        return torch.floor(v + u)
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def _safe_div_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Divisor that is 1 where the scale is 0 (the values there are 0 as well)."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def _finite_or_nan(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(scale), scale, torch.full_like(scale, float("nan")))
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, bits: int, rounding: str = "nearest",
+                        noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``clamp(round(x / scale), -qmax, qmax)`` as int8.  NaN inputs become 0 here; the
+    caller's NaN scale carries them (see the module docstring)."""
+    m = qmax(bits)
+    v = x.float() / _safe_div_scale(scale)
+    q = round_values(v, rounding, noise).clamp_(-m, m)
+    return torch.nan_to_num_(q, nan=0.0).to(torch.int8)
+
+
+def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int] = (), rounding: str = "nearest",
+             noise: Optional[torch.Tensor] = None):
+    """Symmetric quantization with one scale per index of ``keep_dims``.
+
+    Returns ``(q, scale)``: ``q`` int8 with ``x``'s shape, ``scale`` float32 broadcastable to
+    it (size 1 along the reduced dims), so ``dequantize(q, scale) ~= x``.
+    """
+    a = amax(x, keep_dims)
+    scale = a / qmax(bits)
+    q = quantize_with_scale(x, scale, bits, rounding, noise)
+    return q, _finite_or_nan(scale)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int] = (), rounding: str = "nearest",
+                  noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Quantize-dequantize in ``x``'s dtype."""
+    q, s = quantize(x, bits, keep_dims, rounding, noise)
+    return dequantize(q, s, x.dtype)
+
+
+@dataclass
+class ShiftQuantized:
+    """ShiftQuant's result.
+
+    ``expanded``: integers ``q << (G-1-g)`` (int8 when :func:`fits_int8`, else int16);
+    ``base_scale``: scalar float32 tensor ``s_{G-1}``; ``q``: the per-group integers
+    (int8, ``|q| <= qmax``); ``group``: each element's group index (int64, broadcastable
+    to ``x``, size 1 along the non-channel dims).
+    """
+
+    expanded: torch.Tensor
+    base_scale: torch.Tensor
+    q: torch.Tensor
+    group: torch.Tensor
+    bits: int
+    groups: int
+
+    def group_scales(self) -> torch.Tensor:
+        """``s_g`` for g = 0..G-1 (float32), each ``base_scale * 2**(G-1-g)`` exactly."""
+        shifts = torch.arange(self.groups - 1, -1, -1, device=self.base_scale.device)
+        return self.base_scale * torch.pow(2.0, shifts.float())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.expanded.float() * self.base_scale).to(dtype)
+
+
+def shift_groups(ranges: torch.Tensor, groups: int) -> torch.Tensor:
+    """Group index of each channel range: ``min(G-1, floor(log2(R / r)))``, exactly.
+
+    Computed from the binary exponents (``frexp``) rather than a float ``log2`` so channels
+    whose range sits exactly on a power-of-two boundary land in the right group:
+    ``r = mr * 2**er``, ``R = mR * 2**eR`` with mantissas in [0.5, 1) give
+    ``floor(log2(R/r)) = eR - er - (mR < mr)``.  Zero (or non-finite R) -> ``G-1``.
+    """
+    R = ranges.max() if ranges.numel() else ranges.new_zeros(())
+    mr, er = torch.frexp(ranges)
+    mR, eR = torch.frexp(R)
+    g = (eR - er).long() - (mR < mr).long()
+    g = g.clamp(0, groups - 1)
+    return torch.where((ranges > 0) & torch.isfinite(R), g, torch.full_like(g, groups - 1))
+
+
+def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int],
+               rounding: str = "stochastic", noise: Optional[torch.Tensor] = None) -> ShiftQuantized:
+    """ShiftQuant ``x`` with channels indexed by ``channel_dims`` (the GEMM's reduction axis).
+
+    Channels are grouped by range on a power-of-two ladder below the largest range ``R``;
+    group ``g`` uses the scale ``R / 2**g / qmax``.  See the module docstring.
+    """
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    m = qmax(bits)
+    r = amax(x, channel_dims)                      # per-channel ranges, size 1 elsewhere
+    R = r.max() if r.numel() else r.new_zeros(())
+    g = shift_groups(r, groups)
+    shift = (groups - 1) - g                       # expanded = q << shift
+    base = R / (2 ** (groups - 1)) / m             # s_{G-1}
+    scale = base * torch.pow(2.0, shift.float())   # s_g(k), exact powers of two times base
+    q = quantize_with_scale(x, scale, bits, rounding, noise)
+    edtype = torch.int8 if fits_int8(bits, groups) else torch.int16
+    expanded = (q.to(torch.int32) << shift.to(torch.int32)).to(edtype)
+    return ShiftQuantized(expanded, _finite_or_nan(base), q, g, bits, groups)
+
+
+def quantize_per_channel(x: torch.Tensor, bits: int, channel_dims: Sequence[int],
+                         rounding: str = "nearest", noise: Optional[torch.Tensor] = None):
+    """One scale per reduction channel: the error floor ShiftQuant approaches (no integer GEMM
+    can apply these scales, which is why ShiftQuant exists)."""
+    return quantize(x, bits, channel_dims, rounding, noise)
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).pow(2).mean())
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(|x|^2 / |x - x_q|^2)`` in dB."""
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum()
+    signal = ref.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return float(10 * torch.log10(signal / noise))

@@ -1,0 +1,506 @@
+"""Custom ops and the quantized autograd functions the rewrite passes call.
+
+Layering: this module knows the *op schemas*, their fake (meta) implementations and
+reference implementations built on :mod:`sqcompile.numerics`.  Faster device implementations
+are registered onto the same ops by :mod:`sqcompile.kernels` with
+``torch.library.register_kernel``; nothing here imports a kernel module.
+
+The ops stay visible as single nodes in the forward and backward ATen graphs that
+AOTAutograd produces (``torch.ops.sqcompile.quantize``, ``.shiftquant``, ``.int8_mm``, ...),
+so the report can show them and the lowering can fuse them.
+
+Training formulation (a GEMM ``C[m,n] = sum_k A[m,k] B[k,n]``, batched over a leading dim):
+
+* forward: ``A`` quantized per row (``act_bits``), ``B`` per column (``weight_bits`` for a
+  Linear/conv weight, ``act_bits`` for an activation), nearest rounding.  Both scales factor
+  out of the sum, and the int8 operands are what is saved for backward.
+* ``dA = dC B^T`` reduces over ``n``: ``B``'s per-column scale is folded into the gradient,
+  ``G = dC * s_B[n]``, which is then ShiftQuant-ed along ``n`` (stochastic rounding).
+* ``dB = A^T dC`` reduces over ``m``: ``G' = dC * s_A[m]``, ShiftQuant-ed along ``m``.
+
+So both backward GEMMs consume the saved int8 forward operands unchanged and the gradient in
+ShiftQuant's expanded integer form: every GEMM of training is an integer GEMM.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+
+from . import numerics as N
+
+LIB = "sqcompile"
+# int8 x int8 products summed in int32 overflow past this many terms (127*127*2**17 < 2**31).
+MAX_INT32_TERMS = 2 ** 17
+
+
+# --------------------------------------------------------------------------------------------
+# Primitive custom ops
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{LIB}::quantize", mutates_args=())
+def quantize(x: torch.Tensor, bits: int, keep_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric ``bits``-bit quantization, one scale per index of ``keep_dims``."""
+    return N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest")
+
+
+@quantize.register_fake
+def _(x, bits, keep_dims, stochastic):
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty(_scale_shape(x, keep_dims), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIB}::shiftquant", mutates_args=())
+def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ShiftQuant along ``channel_dims``; returns (expanded integers, base scale)."""
+    r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest")
+    return r.expanded, r.base_scale
+
+
+@shiftquant.register_fake
+def _(x, bits, groups, channel_dims, stochastic):
+    dtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
+    return torch.empty_like(x, dtype=dtype), x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIB}::dequantize", mutates_args=())
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q * scale`` in ``dtype``."""
+    return N.dequantize(q, scale, dtype)
+
+
+@dequantize.register_fake
+def _(q, scale, dtype):
+    return torch.empty(torch.broadcast_shapes(q.shape, scale.shape), dtype=dtype, device=q.device)
+
+
+@torch.library.custom_op(f"{LIB}::int8_mm", mutates_args=())
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact integer product of int8 (or int16) ``[..., M, K] @ [..., K, N]`` -> int32.
+
+    Reference implementation: float64 matmul, exact for every product this package forms
+    (the reduction is split so partial sums stay below 2**31).  Devices register faster
+    kernels (oneDNN ``torch._int_mm`` on CPU, Triton on CUDA).
+    """
+    return (a.double() @ b.double()).to(torch.int32)
+
+
+@int8_mm.register_fake
+def _(a, b):
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return a.new_empty((*batch, a.shape[-2], b.shape[-1]), dtype=torch.int32)
+
+
+class KernelSet(NamedTuple):
+    """The primitive ops one implementation family provides (same schemas as the ops above).
+
+    ``"torch"`` is the default family; :mod:`sqcompile.kernels` registers others (``"triton"``)
+    with :func:`register_kernel_set`.  The quantized autograd functions below look their
+    primitives up here, so the family chosen for a node shows in its graphs as op names."""
+
+    quantize: Callable
+    shiftquant: Callable
+    dequantize: Callable
+    int8_mm: Callable
+
+
+KERNEL_SETS: Dict[str, KernelSet] = {}
+
+
+def register_kernel_set(name: str, kernels: KernelSet) -> None:
+    KERNEL_SETS[name] = kernels
+
+
+def kernel_set(name: str) -> KernelSet:
+    try:
+        return KERNEL_SETS[name]
+    except KeyError:
+        raise ValueError(f"no kernel family {name!r} is registered (have: {sorted(KERNEL_SETS)}); "
+                         "import sqcompile.kernels to register the built-in ones") from None
+
+
+register_kernel_set("torch", KernelSet(
+    torch.ops.sqcompile.quantize, torch.ops.sqcompile.shiftquant, torch.ops.sqcompile.dequantize,
+    torch.ops.sqcompile.int8_mm))
+
+
+def _scale_shape(x: torch.Tensor, keep_dims: Sequence[int]) -> list:
+    keep = {d % x.dim() for d in keep_dims} if x.dim() else set()
+    return [s if d in keep else 1 for d, s in enumerate(x.shape)]
+
+
+# --------------------------------------------------------------------------------------------
+# Integer GEMM with int32 overflow protection and int16 operands
+# --------------------------------------------------------------------------------------------
+
+def integer_matmul(a: torch.Tensor, b: torch.Tensor, int8_mm: Callable = None) -> torch.Tensor:
+    """``a @ b`` for integer operands, returned as float32 holding the exact integer result.
+
+    * int16 operands (ShiftQuant's expanded form when it does not fit int8) are split in two
+      int8 digits, ``e = hi * 128 + lo``, and computed as two int8 GEMMs combined by a shift.
+    * Reductions longer than :data:`MAX_INT32_TERMS` are split and their int32 partial sums
+      added in float64 so int32 never overflows.
+
+    ``int8_mm`` is the kernel family's int8 GEMM (default ``torch.ops.sqcompile.int8_mm``).
+    """
+    mm = int8_mm or torch.ops.sqcompile.int8_mm
+    if a.dtype == torch.int16:
+        hi, lo = _split_int16(a)
+        return integer_matmul(hi, b, mm) * 128.0 + integer_matmul(lo, b, mm)
+    if b.dtype == torch.int16:
+        hi, lo = _split_int16(b)
+        return integer_matmul(a, hi, mm) * 128.0 + integer_matmul(a, lo, mm)
+    K = a.shape[-1]
+    if K <= MAX_INT32_TERMS:
+        return mm(a, b).float()
+    acc = None
+    for k0 in range(0, K, MAX_INT32_TERMS):
+        part = mm(a[..., k0:k0 + MAX_INT32_TERMS], b[..., k0:k0 + MAX_INT32_TERMS, :])
+        acc = part.double() if acc is None else acc + part.double()
+    return acc.float()
+
+
+def _split_int16(e: torch.Tensor):
+    """``e = hi * 128 + lo`` with int8 digits; |e| <= 127*128 keeps |hi| <= 127, |lo| <= 64."""
+    e32 = e.to(torch.int32)
+    hi = torch.div(e32 + 64, 128, rounding_mode="floor")
+    lo = e32 - hi * 128
+    return hi.to(torch.int8), lo.to(torch.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantized matmul (linear, matmul, bmm share it)
+# --------------------------------------------------------------------------------------------
+
+def _gemm(ks: KernelSet, qa, sa, qb, sb, integer: bool, dtype):
+    """``(sa * qa) @ (sb * qb)``: ``sa`` per row of ``qa``, ``sb`` per column of ``qb``
+    (``None``: the operand carries no scale, its gradient partner holds it)."""
+    if integer:
+        scale = sa if sb is None else sb if sa is None else sa * sb
+        return (integer_matmul(qa, qb, ks.int8_mm) * scale).to(dtype)
+    return _dequant(ks, qa, sa, dtype) @ _dequant(ks, qb, sb, dtype)
+
+
+def _dequant(ks: KernelSet, q, scale, dtype):
+    if scale is None:
+        return q.to(dtype)
+    return ks.dequantize(q, scale, dtype)
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """``a [B, M, K] @ b [B, K, N]`` with quantized operands and ShiftQuant-ed gradients."""
+
+    @staticmethod
+    def forward(ctx, a, b, a_bits, b_bits, grad_bits, groups, integer, kernels):
+        ks = kernel_set(kernels)
+        qa, sa = ks.quantize(a, a_bits, [0, 1], False)   # per (batch, row)
+        qb, sb = ks.quantize(b, b_bits, [0, 2], False)   # per (batch, column)
+        ctx.save_for_backward(qa, sa, qb, sb)
+        ctx.cfg = (grad_bits, groups, integer, ks, a.dtype, b.dtype)
+        ctx.needs = ctx.needs_input_grad[:2]
+        return _gemm(ks, qa, sa, qb, sb, integer, a.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        qa, sa, qb, sb = ctx.saved_tensors
+        grad_bits, groups, integer, ks, a_dtype, b_dtype = ctx.cfg
+        da = db = None
+        if ctx.needs[0]:   # dA = (dY * sB) @ qB^T, reduction over n
+            e, s = ks.shiftquant(dy * sb, grad_bits, groups, [0, 2], True)
+            da = _gemm(ks, e, s, qb.transpose(-1, -2), None, integer, a_dtype)
+        if ctx.needs[1]:   # dB = qA^T @ (dY * sA), reduction over m
+            e, s = ks.shiftquant(dy * sa, grad_bits, groups, [0, 1], True)
+            db = _gemm(ks, qa.transpose(-1, -2), None, e, s, integer, b_dtype)
+        return da, db, None, None, None, None, None, None
+
+
+def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: int, integer: bool,
+                     kernels: str = "torch"):
+    """``torch.matmul`` semantics (1-D operands, broadcasting batch dims) with quantization."""
+    if a.dim() == 0 or b.dim() == 0:
+        raise ValueError("quantized_matmul needs operands with at least one dim")
+    squeeze_m = a.dim() == 1
+    squeeze_n = b.dim() == 1
+    if squeeze_m:
+        a = a.unsqueeze(0)
+    if squeeze_n:
+        b = b.unsqueeze(-1)
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    if a3.shape[0] != b3.shape[0]:
+        raise RuntimeError("quantized_matmul: batch shapes do not broadcast")  # pragma: no cover
+    y = _QuantMatmul.apply(a3, b3, a_bits, b_bits, grad_bits, groups, integer, kernels)
+    y = y.reshape(*batch, y.shape[-2], y.shape[-1])
+    if squeeze_n:
+        y = y.squeeze(-1)
+    if squeeze_m:
+        y = y.squeeze(-2)
+    return y
+
+
+def quantized_linear(x, weight, bias=None, *, a_bits: int, w_bits: int, grad_bits: int, groups: int,
+                     integer: bool, kernels: str = "torch"):
+    """``F.linear`` with quantized activations (per token), weights (per output feature) and
+    ShiftQuant-ed gradients.  The bias is added in float."""
+    lead = x.shape[:-1]
+    x3 = x.reshape(1, -1, x.shape[-1])
+    y = _QuantMatmul.apply(x3, weight.t().unsqueeze(0), a_bits, w_bits, grad_bits, groups, integer, kernels)
+    y = y.reshape(*lead, weight.shape[0])
+    return y if bias is None else y + bias
+
+
+def quantized_addmm(inp, a, b, *, beta=1, alpha=1, a_bits, b_bits, grad_bits, groups, integer, kernels="torch"):
+    """``torch.addmm`` / ``torch.baddbmm``: ``beta * inp + alpha * (a @ b)``."""
+    y = quantized_matmul(a, b, a_bits=a_bits, b_bits=b_bits, grad_bits=grad_bits, groups=groups, integer=integer,
+                         kernels=kernels)
+    if alpha != 1:
+        y = y * alpha
+    if beta == 0:
+        return y
+    return y + (inp if beta == 1 else beta * inp)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantized convolution
+# --------------------------------------------------------------------------------------------
+
+class _QuantConv(torch.autograd.Function):
+    """N-d convolution with quantized input (per tensor), weight (per output channel) and
+    ShiftQuant-ed gradients: along output channels for ``dX``, along (batch, positions) for
+    ``dW``.  Integer execution uses an int8 im2col GEMM (``groups == 1``)."""
+
+    @staticmethod
+    def forward(ctx, x, w, a_bits, w_bits, grad_bits, groups, integer, kernels, stride, padding, dilation, conv_groups):
+        ks = kernel_set(kernels)
+        qx, sx = ks.quantize(x, a_bits, [], False)
+        qw, sw = ks.quantize(w, w_bits, [0], False)
+        ctx.save_for_backward(qx, sx, qw, sw)
+        ctx.cfg = (grad_bits, groups, integer, ks, stride, padding, dilation, conv_groups, x.dtype, w.dtype)
+        ctx.needs = ctx.needs_input_grad[:2]
+        if integer:
+            return (im2col_conv(ks, qx, qw, stride, padding, dilation) * (sx * sw.reshape(1, -1, *[1] * (x.dim() - 2)))).to(x.dtype)
+        xd = ks.dequantize(qx, sx, x.dtype)
+        wd = ks.dequantize(qw, sw, w.dtype)
+        return torch.ops.aten.convolution(xd, wd, None, stride, padding, dilation, False, [0] * len(stride), conv_groups)
+
+    @staticmethod
+    def backward(ctx, dy):
+        qx, sx, qw, sw = ctx.saved_tensors
+        grad_bits, groups, integer, ks, stride, padding, dilation, conv_groups, x_dtype, w_dtype = ctx.cfg
+        spatial = list(range(2, dy.dim()))
+        dx = dw = None
+        if ctx.needs[0]:   # reduction over output channels (and taps)
+            g = dy * sw.reshape(1, -1, *[1] * len(spatial))
+            e, s = ks.shiftquant(g, grad_bits, groups, [1], True)
+            if integer:
+                dx = (im2col_conv_input_grad(ks, e, qw, qx.shape, stride, padding, dilation) * s).to(x_dtype)
+            else:
+                dx = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), stride, padding,
+                                    dilation, conv_groups, (True, False))[0].to(x_dtype)
+        if ctx.needs[1]:   # reduction over (batch, output positions)
+            e, s = ks.shiftquant(dy * sx, grad_bits, groups, [0, *spatial], True)
+            if integer:
+                dw = (im2col_conv_weight_grad(ks, e, qx, qw.shape, stride, padding, dilation) * s).to(w_dtype)
+            else:
+                dw = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), stride, padding,
+                                    dilation, conv_groups, (False, True))[1].to(w_dtype)
+        return dx, dw, None, None, None, None, None, None, None, None, None, None
+
+
+def _conv_backward(dy, x, w, stride, padding, dilation, conv_groups, mask):
+    return torch.ops.aten.convolution_backward(
+        dy, x, w, None, stride, padding, dilation, False, [0] * len(stride), conv_groups, [*mask, False])
+
+
+def _im2col(q: torch.Tensor, kernel, stride, padding, dilation):
+    """int8 im2col: ``[N, C, *S]`` -> ``[N * L, C * prod(kernel)]`` without leaving int8."""
+    nd = len(kernel)
+    q = torch.nn.functional.pad(q, [p for pad in reversed(padding) for p in (pad, pad)]) if any(padding) else q
+    view = q
+    for d in range(nd):   # unfold each spatial dim: [N, C, O1.., k1..]
+        view = view.unfold(2 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d])
+    # view: [N, C, O1..On, W1..Wn] where W_d = dilated window; take every dilation-th tap
+    index = [slice(None)] * (2 + nd) + [slice(None, None, dilation[d]) for d in range(nd)]
+    view = view[tuple(index)]
+    n, c = view.shape[:2]
+    out_sizes = view.shape[2:2 + nd]
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    cols = view.permute(perm).reshape(n * _prod(out_sizes), c * _prod(kernel))
+    return cols, out_sizes
+
+
+def _prod(xs) -> int:
+    p = 1
+    for v in xs:
+        p *= int(v)
+    return p
+
+
+def im2col_conv(ks: KernelSet, qx, qw, stride, padding, dilation):
+    """Integer convolution (groups == 1) as one int8 GEMM; float32 holding exact integers."""
+    kernel = qw.shape[2:]
+    cols, out_sizes = _im2col(qx, kernel, stride, padding, dilation)
+    acc = integer_matmul(cols, qw.reshape(qw.shape[0], -1).t(), ks.int8_mm)           # [N*L, Cout]
+    n = qx.shape[0]
+    return acc.reshape(n, *out_sizes, qw.shape[0]).movedim(-1, 1)
+
+
+def im2col_conv_weight_grad(ks: KernelSet, e, qx, w_shape, stride, padding, dilation):
+    """``dW = e^T @ im2col(qx)`` as one integer GEMM (reduction over batch and positions)."""
+    cols, _ = _im2col(qx, w_shape[2:], stride, padding, dilation)         # [N*L, C*k]
+    e2 = e.movedim(1, -1).reshape(-1, e.shape[1])                          # [N*L, Cout]
+    return integer_matmul(e2.t(), cols, ks.int8_mm).reshape(w_shape)
+
+
+def im2col_conv_input_grad(ks: KernelSet, e, qw, x_shape, stride, padding, dilation):
+    """``dX = col2im(e @ W)``: one integer GEMM, then the overlapping taps are summed by
+    ``fold`` (conv1d/conv2d; the taps' sum stays exact in float32 for realistic sizes)."""
+    nd = len(x_shape) - 2
+    e2 = e.movedim(1, -1).reshape(-1, e.shape[1])                          # [N*L, Cout]
+    cols = integer_matmul(e2, qw.reshape(qw.shape[0], -1), ks.int8_mm)                 # [N*L, C*k]
+    n = x_shape[0]
+    L = cols.shape[0] // n
+    cols = cols.reshape(n, L, -1).transpose(1, 2)                          # [N, C*k, L]
+    if nd == 1:
+        out = torch.nn.functional.fold(cols, (x_shape[2], 1), (qw.shape[2], 1), dilation=(dilation[0], 1),
+                                       padding=(padding[0], 0), stride=(stride[0], 1))
+        return out.squeeze(-1)
+    return torch.nn.functional.fold(cols, tuple(x_shape[2:]), tuple(qw.shape[2:]), dilation=tuple(dilation),
+                                    padding=tuple(padding), stride=tuple(stride))
+
+
+def integer_conv_supported(nd: int, conv_groups: int, transposed: bool = False) -> Optional[str]:
+    """None if the integer conv path handles this conv, else the reason it does not."""
+    if transposed:
+        return "transposed convolution has no integer formulation yet"
+    if conv_groups != 1:
+        return f"grouped convolution (groups={conv_groups}) has no integer im2col formulation yet"
+    if nd not in (1, 2):
+        return f"conv{nd}d has no integer formulation yet (fold supports 1-d and 2-d)"
+    return None
+
+
+def _ntuple(v, n):
+    if isinstance(v, int):
+        return [v] * n
+    v = list(v)
+    return v * n if len(v) == 1 else v
+
+
+def quantized_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, nd: int,
+                   a_bits: int, w_bits: int, grad_bits: int, sq_groups: int, integer: bool,
+                   kernels: str = "torch"):
+    """``F.conv{nd}d`` with quantized input/weight and ShiftQuant-ed gradients.
+
+    ``padding`` may be an int, a tuple or ``"valid"``/``"same"`` as in PyTorch."""
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    stride, dilation = _ntuple(stride, nd), _ntuple(dilation, nd)
+    if isinstance(padding, str):
+        padding = _string_padding(padding, weight.shape[2:], dilation)
+    padding = _ntuple(padding, nd)
+    if isinstance(padding[0], tuple):  # "same" with uneven padding: pad explicitly
+        x = torch.nn.functional.pad(x, [p for lr in reversed(padding) for p in lr])
+        padding = [0] * nd
+    y = _QuantConv.apply(x, weight, a_bits, w_bits, grad_bits, sq_groups, integer, kernels, stride, padding, dilation,
+                         groups)
+    if bias is not None:
+        y = y + bias.reshape(1, -1, *[1] * nd)
+    return y.squeeze(0) if unbatched else y
+
+
+def _string_padding(mode: str, kernel, dilation):
+    if mode == "valid":
+        return [0] * len(kernel)
+    if mode != "same":
+        raise ValueError(f"padding must be 'valid', 'same' or numbers, got {mode!r}")
+    pads = []
+    for k, d in zip(kernel, dilation):
+        total = d * (k - 1)
+        left = total // 2
+        pads.append(left if total % 2 == 0 else (left, total - left))
+    if any(isinstance(p, tuple) for p in pads):
+        return [p if isinstance(p, tuple) else (p, p) for p in pads]
+    return pads
+
+
+# --------------------------------------------------------------------------------------------
+# Attention and einsum, expressed through quantized_matmul
+# --------------------------------------------------------------------------------------------
+
+def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, *, act_bits: int, grad_bits: int, groups: int, integer: bool,
+                   kernels: str = "torch"):
+    """``F.scaled_dot_product_attention`` in its math form, with both GEMMs (``Q K^T`` and
+    ``P V``) quantized at ``act_bits``; softmax, masking and dropout stay in float."""
+    q = dict(a_bits=act_bits, b_bits=act_bits, grad_bits=grad_bits, groups=groups, integer=integer,
+             kernels=kernels)
+    L, S = query.shape[-2], key.shape[-2]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    scores = quantized_matmul(query, key.transpose(-2, -1), **q) * scale
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, dropout_p, training=True)
+    return quantized_matmul(probs, value, **q)
+
+
+def parse_einsum(equation: str, n_operands: int):
+    """``(inputs, output)`` index strings of an einsum, or a string saying why the quantized
+    path does not handle it (it needs exactly two operands, no ellipsis, no repeated index
+    inside one operand)."""
+    eq = equation.replace(" ", "")
+    if n_operands != 2:
+        return f"einsum with {n_operands} operands (only two-operand contractions are GEMMs)"
+    if "..." in eq:
+        return "einsum with an ellipsis"
+    lhs, _, out = eq.partition("->")
+    inputs = lhs.split(",")
+    if len(inputs) != 2:
+        return "einsum equation does not name two operands"
+    if not _:
+        counts = {c: lhs.count(c) for c in lhs if c.isalpha()}
+        out = "".join(sorted(c for c, k in counts.items() if k == 1))
+    if any(len(set(s)) != len(s) for s in (*inputs, out)):
+        return "einsum with a repeated index inside one operand (a diagonal)"
+    return inputs, out
+
+
+def quantized_einsum(equation: str, a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: int,
+                     integer: bool, kernels: str = "torch"):
+    """Two-operand ``torch.einsum`` as one batched quantized GEMM: indices are sorted into
+    batch (both operands and output), contracted (both, not output) and free ones."""
+    parsed = parse_einsum(equation, 2)
+    if isinstance(parsed, str):
+        raise ValueError(parsed)
+    (ia, ib), out = parsed
+    for idx in [c for c in ia if c not in ib and c not in out]:   # summed in one operand only
+        a, ia = a.sum(ia.index(idx)), ia.replace(idx, "")
+    for idx in [c for c in ib if c not in ia and c not in out]:
+        b, ib = b.sum(ib.index(idx)), ib.replace(idx, "")
+    batch = [c for c in ia if c in ib and c in out]
+    contr = [c for c in ia if c in ib and c not in out]
+    a_free = [c for c in ia if c not in ib]
+    b_free = [c for c in ib if c not in ia]
+    size = {**{c: a.shape[ia.index(c)] for c in ia}, **{c: b.shape[ib.index(c)] for c in ib}}
+    A = a.permute([ia.index(c) for c in batch + a_free + contr]).reshape(
+        _prod(size[c] for c in batch), _prod(size[c] for c in a_free), _prod(size[c] for c in contr))
+    B = b.permute([ib.index(c) for c in batch + contr + b_free]).reshape(
+        _prod(size[c] for c in batch), _prod(size[c] for c in contr), _prod(size[c] for c in b_free))
+    y = quantized_matmul(A, B, a_bits=a_bits, b_bits=b_bits, grad_bits=grad_bits, groups=groups,
+                         integer=integer, kernels=kernels)
+    order = batch + a_free + b_free
+    y = y.reshape([size[c] for c in order])
+    return y.permute([order.index(c) for c in out])

@@ -1,0 +1,6 @@
+"""FX rewrite passes; each module has one entry function taking and returning a graph module."""
+from .l1_norms import l1_norms
+from .precision import check_overrides
+from .quantize_gemms import quantize_gemms
+
+__all__ = ["check_overrides", "l1_norms", "quantize_gemms"]

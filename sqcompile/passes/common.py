@@ -1,0 +1,111 @@
+"""Small helpers the rewrite passes share: module paths, shapes and argument binding."""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+_ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\]\.?")
+_INDEX = re.compile(r"\[(?:['\"])?([^\]'\"]+)(?:['\"])?\]")
+
+
+def normalize_path(raw: str) -> str:
+    """Dynamo's ``L['self'].layer1[0].conv1`` (or ``L['fn'].0.conv``) -> ``layer1.0.conv1``."""
+    path = _ROOT.sub("", raw)
+    path = _INDEX.sub(r".\1", path)
+    return path.strip(".").replace("..", ".")
+
+
+def module_path(node: fx.Node) -> str:
+    """Path of the innermost module ``node`` was traced in ("" for the root module)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1]
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    return normalize_path(str(raw))
+
+
+def module_paths(gm: fx.GraphModule) -> set:
+    """Every module path (and its parents) appearing in the graph."""
+    out = {""}
+    for node in gm.graph.nodes:
+        p = module_path(node)
+        parts = p.split(".") if p else []
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return out
+
+
+def example_value(node: Any) -> Optional[torch.Tensor]:
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("example_value", node.meta.get("val"))
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def shape_of(node: Any) -> Optional[List[int]]:
+    v = example_value(node)
+    if v is None:
+        return None
+    try:
+        return [int(s) for s in v.shape]
+    except (TypeError, ValueError):   # symbolic sizes under dynamic shapes
+        return [str(s) for s in v.shape]
+
+
+def is_float_tensor(node: Any) -> bool:
+    v = example_value(node)
+    return v is not None and v.is_floating_point()
+
+
+def is_parameter(node: Any) -> bool:
+    """Does this graph input hold an ``nn.Parameter`` (lifted by Dynamo as a placeholder)?"""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder":
+        return False
+    v = example_value(node)
+    return isinstance(v, torch.nn.Parameter) or "_parameters_" in node.name
+
+
+def bind(node: fx.Node, names: Sequence[str], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """Map a call's positional and keyword args onto ``names``; ``self`` for call_method is
+    the first name."""
+    out = dict(defaults)
+    for name, value in zip(names, node.args):
+        out[name] = value
+    for name, value in node.kwargs.items():
+        out[name] = value
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise TypeError(f"{node.format_node()}: missing arguments {missing}")
+    return out
+
+
+def call_name(node: fx.Node) -> Optional[str]:
+    """A stable name for what a call node calls: ``"linear"``, ``"conv2d"``, ``"matmul"``, ...
+    (both ``torch.matmul`` / ``operator.matmul`` / ``x.matmul`` give ``"matmul"``)."""
+    if node.op == "call_method":
+        return {"__matmul__": "matmul"}.get(node.target, node.target)
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t is operator.matmul:
+        return "matmul"
+    if not str(getattr(t, "__module__", None) or "").startswith("torch"):
+        return None   # a user function of the same name is not ours to rewrite
+    return getattr(t, "__name__", None)
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape or ():
+        if not isinstance(s, int):
+            return 0
+        n *= s
+    return n

@@ -1,0 +1,83 @@
+"""Decide each op's precision and execution from the config, overrides and the target.
+
+Matches nothing by itself: the rewrite passes call :func:`op_config` for every node they
+would rewrite, and :func:`choose_execution` to pick simulated / integer execution and the
+kernel family.  :func:`check_overrides` warns about override patterns that match no module.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch.fx as fx
+
+from ..config import Config, OpConfig, pattern_matches
+from ..decisions import EXEC_INT8_CPU, EXEC_INT8_TORCH, EXEC_SIMULATED, EXEC_TRITON, CompileRecord
+from .common import module_path, module_paths
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the compiled graph runs and which kernel families are usable there."""
+
+    device: str                      # "cpu" or "cuda"
+    triton_ok: bool
+    triton_reason: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Execution:
+    integer: bool
+    kernels: str                     # kernel family name in ops.KERNEL_SETS
+    label: str                       # what the report shows
+    reason: Optional[str] = None     # why simulated although integer was asked for
+
+
+def op_config(node: fx.Node, config: Config) -> Tuple[Optional[OpConfig], Optional[str]]:
+    """The options for ``node``'s module, or ``(None, reason)`` when overrides keep it float."""
+    path = module_path(node)
+    cfg = config.for_module(path)
+    if cfg is not None:
+        return cfg, None
+    pattern = [p for p, v in config.overrides.items() if v is None and pattern_matches(p, path)][-1]
+    return None, f"overrides[{pattern!r}] is None"
+
+
+def kernel_family(cfg: OpConfig, target: Target) -> str:
+    if cfg.kernels == "torch":
+        return "torch"
+    if cfg.kernels == "triton":
+        if not target.triton_ok:
+            raise ValueError(f"sqcompile option 'kernels': 'triton' is not usable here: {target.triton_reason}")
+        return "triton"
+    return "triton" if target.device == "cuda" and target.triton_ok else "torch"
+
+
+def choose_execution(cfg: OpConfig, target: Target, integer_unsupported: Optional[str] = None) -> Execution:
+    """Simulated or integer execution for one op.
+
+    ``integer_unsupported`` is the reason the integer formulation cannot run this op (e.g. a
+    grouped convolution), or None.  ``execution="integer"`` then falls back to simulation and
+    says why, rather than failing the whole compile: training goes on.
+    """
+    kernels = kernel_family(cfg, target)
+    if cfg.execution == "simulate":
+        return Execution(False, kernels, EXEC_SIMULATED)
+    if integer_unsupported:
+        return Execution(False, kernels, EXEC_SIMULATED, integer_unsupported)
+    if kernels == "triton":
+        return Execution(True, kernels, EXEC_TRITON)
+    return Execution(True, kernels, EXEC_INT8_CPU if target.device == "cpu" else EXEC_INT8_TORCH)
+
+
+def check_overrides(gm: fx.GraphModule, config: Config, record: CompileRecord) -> None:
+    """Warn (once per graph) about override patterns that match no module of this graph."""
+    if not config.overrides:
+        return
+    unmatched = config.unmatched_overrides(module_paths(gm))
+    if unmatched:
+        msg = (f"sqcompile option 'overrides': pattern(s) {unmatched} match no module in this graph "
+               f"(module paths look like 'layer1.0.conv1'; see sqcompile.explain(model, x) for them)")
+        record.warnings.append(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)

@@ -1,0 +1,177 @@
+"""Replace matrix products and convolutions by their quantized versions.
+
+Matches (Dynamo's torch-level graph): ``linear``, ``matmul`` / ``@`` / ``x.matmul``, ``mm``,
+``bmm``, ``addmm``, ``baddbmm``, two-operand ``einsum``, ``conv1d/2d/3d`` and
+``scaled_dot_product_attention`` (rewritten in math form so ``QK^T`` and ``PV`` are quantized).
+Each becomes a call of the matching ``sqcompile.ops.quantized_*`` function with the node's
+bits, groups and execution as plain keyword arguments, so the rewritten graph prints what was
+chosen.  Ops that cannot be quantized (transposed conv, embeddings, integer operands, einsum
+with more than two operands) stay as they are and get a "float: <reason>" decision.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+
+from .. import ops
+from ..config import Config
+from ..decisions import EXEC_FLOAT, CompileRecord, OpDecision
+from .common import bind, call_name, example_value, is_float_tensor, is_parameter, module_path, numel, shape_of
+from .precision import Target, choose_execution, op_config
+
+_MM_NAMES = {"matmul": ("input", "other"), "mm": ("input", "mat2"), "bmm": ("input", "mat2")}
+_ADDMM_NAMES = {"addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2")}
+_CONV = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+_FLOAT_ONLY = {
+    "conv_transpose1d": "transposed convolution is not quantized yet",
+    "conv_transpose2d": "transposed convolution is not quantized yet",
+    "conv_transpose3d": "transposed convolution is not quantized yet",
+    "embedding": "embedding lookups gather rows, they are not GEMMs; the table stays float",
+}
+GEMM_NAMES = {"linear", *(_MM_NAMES), *(_ADDMM_NAMES), "einsum", *(_CONV), "scaled_dot_product_attention"}
+
+
+def quantize_gemms(gm: fx.GraphModule, config: Config, target: Target, record: CompileRecord) -> fx.GraphModule:
+    for node in list(gm.graph.nodes):
+        name = call_name(node)
+        if name in _FLOAT_ONLY:
+            record.add(_decision(node, name, reason=_FLOAT_ONLY[name]))
+        elif name in GEMM_NAMES:
+            _rewrite(gm, node, name, config, target, record)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, record: CompileRecord) -> None:
+    if name == "einsum":
+        equation, operands = node.args[0], list(node.args[1:])
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
+        parsed = ops.parse_einsum(equation, len(operands)) if isinstance(equation, str) else "non-constant equation"
+        args = {"equation": equation, "a": operands[0] if operands else None, "b": operands[1] if len(operands) > 1 else None}
+        unsupported = parsed if isinstance(parsed, str) else None
+        tensors = operands
+    elif name == "linear":
+        args = bind(node, ("input", "weight", "bias"), {"bias": None})
+        tensors, unsupported = [args["input"], args["weight"]], None
+    elif name in _MM_NAMES:
+        a, b = _MM_NAMES[name]
+        args = bind(node, ("self", *_MM_NAMES[name][1:]), {}) if node.op == "call_method" else bind(node, (a, b), {})
+        args = {"a": list(args.values())[0], "b": list(args.values())[1]}
+        tensors, unsupported = [args["a"], args["b"]], None
+    elif name in _ADDMM_NAMES:
+        names = _ADDMM_NAMES[name]
+        if node.op == "call_method":
+            names = ("self", *names[1:])
+        raw = bind(node, names, {"beta": 1, "alpha": 1})
+        args = {"inp": raw[names[0]], "a": raw[names[1]], "b": raw[names[2]], "beta": raw["beta"], "alpha": raw["alpha"]}
+        tensors, unsupported = [args["a"], args["b"]], None
+    elif name in _CONV:
+        args = bind(node, _CONV_ARGS, _CONV_DEFAULTS)
+        tensors = [args["input"], args["weight"]]
+        unsupported = ops.integer_conv_supported(_CONV[name], args["groups"])
+    else:  # scaled_dot_product_attention
+        args = bind(node, _SDPA_ARGS, _SDPA_DEFAULTS)
+        tensors, unsupported = [args["query"], args["key"], args["value"]], None
+
+    decision = _decision(node, name, tensors)
+    float_reason = _float_reason(tensors)
+    if name == "einsum" and unsupported:
+        float_reason = unsupported
+    cfg, override_reason = op_config(node, config)
+    if float_reason or cfg is None:
+        decision.reason = float_reason or f"kept in float: {override_reason}"
+        record.add(decision)
+        return
+
+    ex = choose_execution(cfg, target, unsupported if name in _CONV else None)
+    weighty = name in ("linear", *_CONV) or is_parameter(tensors[1])
+    b_bits = cfg.weight_bits if weighty else cfg.act_bits
+    common = dict(grad_bits=cfg.grad_bits, groups=cfg.groups, integer=ex.integer, kernels=ex.kernels)
+    if name == "linear":
+        target_fn, new_args = ops.quantized_linear, (args["input"], args["weight"], args["bias"])
+        q = dict(a_bits=cfg.act_bits, w_bits=cfg.weight_bits, **common)
+    elif name in _CONV:
+        target_fn = ops.quantized_conv
+        new_args = tuple(args[k] for k in _CONV_ARGS)
+        common["sq_groups"] = common.pop("groups")
+        q = dict(nd=_CONV[name], a_bits=cfg.act_bits, w_bits=cfg.weight_bits, **common)
+    elif name == "scaled_dot_product_attention":
+        target_fn, new_args = ops.quantized_sdpa, tuple(args[k] for k in _SDPA_ARGS)
+        q = dict(act_bits=cfg.act_bits, **common)
+    elif name == "einsum":
+        target_fn, new_args = ops.quantized_einsum, (args["equation"], args["a"], args["b"])
+        q = dict(a_bits=cfg.act_bits, b_bits=b_bits, **common)
+    elif name in _ADDMM_NAMES:
+        target_fn, new_args = ops.quantized_addmm, (args["inp"], args["a"], args["b"])
+        q = dict(beta=args["beta"], alpha=args["alpha"], a_bits=cfg.act_bits, b_bits=b_bits, **common)
+    else:
+        target_fn, new_args = ops.quantized_matmul, (args["a"], args["b"])
+        q = dict(a_bits=cfg.act_bits, b_bits=b_bits, **common)
+
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target_fn, new_args, q)
+    new.meta.update(node.meta)
+    new.meta["sq_decision"] = decision
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+    decision.quantized = True
+    decision.execution = ex.label
+    decision.reason = ex.reason
+    decision.act_bits = cfg.act_bits
+    decision.act_quantizer = "per-tensor, nearest" if name in _CONV else "per-row, nearest"
+    decision.weight_bits = b_bits
+    decision.weight_quantizer = "per-output-channel, nearest" if weighty else "per-column, nearest (activation)"
+    decision.grad_bits = cfg.grad_bits
+    decision.groups = cfg.groups
+    decision.grad_quantizer = f"ShiftQuant G={cfg.groups}, stochastic"
+    decision.replacement = target_fn.__name__
+    record.add(decision)
+
+
+def _float_reason(tensors) -> Optional[str]:
+    for t in tensors:
+        v = example_value(t)
+        if v is None:
+            return "operand shape unknown at compile time"
+        if not is_float_tensor(t):
+            return f"operand dtype {v.dtype} is not floating point"
+    return None
+
+
+def _decision(node: fx.Node, name: str, tensors=()) -> OpDecision:
+    shapes = [shape_of(t) for t in tensors if shape_of(t) is not None]
+    d = OpDecision(node=node.name, module_path=module_path(node), op=name, kind="gemm", shapes=shapes,
+                   execution=EXEC_FLOAT)
+    d.flops = _flops(node, name, shapes)
+    return d
+
+
+def _flops(node: fx.Node, name: str, shapes) -> int:
+    """Forward FLOPs (2 x multiply-adds) of the op, from its input and output shapes."""
+    out = shape_of(node)
+    if not shapes or out is None:
+        return 0
+    if name == "linear":
+        return 2 * numel(out) * shapes[0][-1]
+    if name in _CONV:
+        w = shapes[1]
+        return 2 * numel(out) * numel(w[1:])
+    if name == "scaled_dot_product_attention":
+        q, k = shapes[0], shapes[1]
+        return 2 * 2 * numel(q[:-1]) * k[-2] * q[-1]
+    if name == "einsum":
+        parsed = ops.parse_einsum(node.args[0], len(shapes)) if isinstance(node.args[0], str) else None
+        if not isinstance(parsed, tuple):
+            return 0
+        size = {c: s for spec, shp in zip(parsed[0], shapes) for c, s in zip(spec, shp)}
+        return 2 * numel(list(size.values()))
+    a = shapes[0]
+    return 2 * numel(out) * (a[-1] if a else 1)
