@@ -83,6 +83,7 @@ _lock = threading.Lock()
 # id because tensors compare elementwise; the weak reference's callback drops dead entries.
 _by_tensor: Dict[int, tuple] = {}
 _all: List["weakref.ref[CompileRecord]"] = []
+_by_index: "weakref.WeakValueDictionary[int, CompileRecord]" = weakref.WeakValueDictionary()
 _strong_latest: List[CompileRecord] = []   # keep the latest few alive for sqcompile.report()
 
 
@@ -90,6 +91,7 @@ def new_record(config) -> CompileRecord:
     with _lock:
         rec = CompileRecord(index=next(_counter), config=config)
         _all.append(weakref.ref(rec))
+        _by_index[rec.index] = rec
         _strong_latest.append(rec)
         del _strong_latest[:-8]
     return rec
@@ -125,3 +127,22 @@ def records_for(tensors) -> List[CompileRecord]:
 def latest_records() -> List[CompileRecord]:
     with _lock:
         return list(_strong_latest)
+
+
+def stats_key(record: CompileRecord, node_name: str) -> str:
+    """The key the observing ops carry to find their record again at run time."""
+    return f"{record.index}:{node_name}"
+
+
+def observe(key: str, role: str, values: Dict[str, Any]) -> None:
+    """Store the latest measured statistics of one quantizer (``role``: "act", "weight",
+    "grad_dx", "grad_dw", "norm_in", "norm_grad") of the op named by ``key``."""
+    index, _, node = key.partition(":")
+    rec = _by_index.get(int(index))
+    if rec is None:
+        return
+    with _lock:
+        entry = rec.stats.setdefault(node, {"steps": 0})
+        entry[role] = values
+        if role in ("act", "norm_in"):
+            entry["steps"] += 1

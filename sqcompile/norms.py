@@ -217,15 +217,15 @@ def l1_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
         sigma = _channel_view(running_var, ndim).sqrt()
         return _l1_norm(x, w, b, dims, mean=mean, sigma=sigma, **kw)[0]
 
-    if x.numel() // x.shape[1] <= 1:
+    if math.prod(x.shape[:1] + x.shape[2:]) <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    if momentum is None and (running_mean is not None or running_var is not None):
+        raise ValueError("l1_batch_norm: momentum=None; pass the cumulative-average factor "
+                         "1 / num_batches_tracked as nn.BatchNorm does")
     y, mean, sigma = _l1_norm(x, w, b, dims, **kw)
     for buf, batch in ((running_mean, mean), (running_var, sigma * sigma)):
         if buf is None:
             continue
-        if momentum is None:
-            raise ValueError("l1_batch_norm: momentum=None; pass the cumulative-average factor "
-                             "1 / num_batches_tracked as nn.BatchNorm does")
         with torch.no_grad():
             buf.mul_(1.0 - momentum).add_(batch.reshape(-1).to(buf.dtype), alpha=momentum)
     return y

@@ -27,9 +27,13 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from . import decisions
 from . import numerics as N
 
 LIB = "sqcompile"
+# Quantizers may round stochastically: tag them so compilers never merge two calls or
+# recompute one in backward (the noise would differ).
+_RANDOM = (torch.Tag.nondeterministic_seeded,)
 # int8 x int8 products summed in int32 overflow past this many terms (127*127*2**17 < 2**31).
 MAX_INT32_TERMS = 2 ** 17
 
@@ -38,18 +42,18 @@ MAX_INT32_TERMS = 2 ** 17
 # Primitive custom ops
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{LIB}::quantize", mutates_args=())
+@torch.library.custom_op(f"{LIB}::quantize", mutates_args=(), tags=_RANDOM)
 def quantize(x: torch.Tensor, bits: int, keep_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric ``bits``-bit quantization, one scale per index of ``keep_dims``."""
     return N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest")
 
 
 @quantize.register_fake
-def _(x, bits, keep_dims, stochastic):
+def _quantize_fake(x, bits, keep_dims, stochastic):
     return torch.empty_like(x, dtype=torch.int8), x.new_empty(_scale_shape(x, keep_dims), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{LIB}::shiftquant", mutates_args=())
+@torch.library.custom_op(f"{LIB}::shiftquant", mutates_args=(), tags=_RANDOM)
 def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """ShiftQuant along ``channel_dims``; returns (expanded integers, base scale)."""
     r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest")
@@ -57,7 +61,7 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int],
 
 
 @shiftquant.register_fake
-def _(x, bits, groups, channel_dims, stochastic):
+def _shiftquant_fake(x, bits, groups, channel_dims, stochastic):
     dtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
     return torch.empty_like(x, dtype=dtype), x.new_empty((), dtype=torch.float32)
 
@@ -121,6 +125,56 @@ def kernel_set(name: str) -> KernelSet:
 register_kernel_set("torch", KernelSet(
     torch.ops.sqcompile.quantize, torch.ops.sqcompile.shiftquant, torch.ops.sqcompile.dequantize,
     torch.ops.sqcompile.int8_mm))
+
+
+# --------------------------------------------------------------------------------------------
+# Observing variants (collect_stats=True): same results, plus measured quality per op
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{LIB}::quantize_observed", mutates_args=(), tags=_RANDOM)
+def quantize_observed(x: torch.Tensor, bits: int, keep_dims: List[int], stochastic: bool, key: str,
+                      role: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize` that also records the SQNR of its result under ``key``/``role``."""
+    q, scale = N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest")
+    decisions.observe(key, role, {"sqnr_db": N.sqnr_db(x, N.dequantize(q, scale)), "bits": bits})
+    return q, scale
+
+
+quantize_observed.register_fake(lambda x, bits, keep_dims, stochastic, key, role:
+                                _quantize_fake(x, bits, keep_dims, stochastic))
+
+
+@torch.library.custom_op(f"{LIB}::shiftquant_observed", mutates_args=(), tags=_RANDOM)
+def shiftquant_observed(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool,
+                        key: str, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`shiftquant` that also records SQNR, the per-tensor SQNR at the same bits (the
+    baseline ShiftQuant must beat) and the fraction of channels in each group."""
+    rounding = "stochastic" if stochastic else "nearest"
+    r = N.shiftquant(x, bits, groups, channel_dims, rounding)
+    occupancy = torch.bincount(r.group.flatten(), minlength=groups).double()
+    decisions.observe(key, role, {
+        "sqnr_db": N.sqnr_db(x, r.dequantize()),
+        "per_tensor_sqnr_db": N.sqnr_db(x, N.fake_quantize(x.float(), bits, (), rounding)),
+        "group_occupancy": (occupancy / occupancy.sum().clamp_min(1)).tolist(),
+        "bits": bits, "groups": groups,
+    })
+    return r.expanded, r.base_scale
+
+
+shiftquant_observed.register_fake(lambda x, bits, groups, channel_dims, stochastic, key, role:
+                                  _shiftquant_fake(x, bits, groups, channel_dims, stochastic))
+
+
+def _quantize(ks: "KernelSet", stats: Optional[str], role: str, x, bits, keep_dims, stochastic):
+    if stats is None:
+        return ks.quantize(x, bits, keep_dims, stochastic)
+    return torch.ops.sqcompile.quantize_observed(x, bits, keep_dims, stochastic, stats, role)
+
+
+def _shiftquant(ks: "KernelSet", stats: Optional[str], role: str, x, bits, groups, channel_dims):
+    if stats is None:
+        return ks.shiftquant(x, bits, groups, channel_dims, True)
+    return torch.ops.sqcompile.shiftquant_observed(x, bits, groups, channel_dims, True, stats, role)
 
 
 def _scale_shape(x: torch.Tensor, keep_dims: Sequence[int]) -> list:
@@ -190,31 +244,31 @@ class _QuantMatmul(torch.autograd.Function):
     """``a [B, M, K] @ b [B, K, N]`` with quantized operands and ShiftQuant-ed gradients."""
 
     @staticmethod
-    def forward(ctx, a, b, a_bits, b_bits, grad_bits, groups, integer, kernels):
+    def forward(ctx, a, b, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, b_role):
         ks = kernel_set(kernels)
-        qa, sa = ks.quantize(a, a_bits, [0, 1], False)   # per (batch, row)
-        qb, sb = ks.quantize(b, b_bits, [0, 2], False)   # per (batch, column)
+        qa, sa = _quantize(ks, stats, "act", a, a_bits, [0, 1], False)     # per (batch, row)
+        qb, sb = _quantize(ks, stats, b_role, b, b_bits, [0, 2], False)    # per (batch, column)
         ctx.save_for_backward(qa, sa, qb, sb)
-        ctx.cfg = (grad_bits, groups, integer, ks, a.dtype, b.dtype)
+        ctx.cfg = (grad_bits, groups, integer, ks, stats, a.dtype, b.dtype)
         ctx.needs = ctx.needs_input_grad[:2]
         return _gemm(ks, qa, sa, qb, sb, integer, a.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         qa, sa, qb, sb = ctx.saved_tensors
-        grad_bits, groups, integer, ks, a_dtype, b_dtype = ctx.cfg
+        grad_bits, groups, integer, ks, stats, a_dtype, b_dtype = ctx.cfg
         da = db = None
         if ctx.needs[0]:   # dA = (dY * sB) @ qB^T, reduction over n
-            e, s = ks.shiftquant(dy * sb, grad_bits, groups, [0, 2], True)
+            e, s = _shiftquant(ks, stats, "grad_dx", dy * sb, grad_bits, groups, [0, 2])
             da = _gemm(ks, e, s, qb.transpose(-1, -2), None, integer, a_dtype)
         if ctx.needs[1]:   # dB = qA^T @ (dY * sA), reduction over m
-            e, s = ks.shiftquant(dy * sa, grad_bits, groups, [0, 1], True)
+            e, s = _shiftquant(ks, stats, "grad_dw", dy * sa, grad_bits, groups, [0, 1])
             db = _gemm(ks, qa.transpose(-1, -2), None, e, s, integer, b_dtype)
-        return da, db, None, None, None, None, None, None
+        return da, db, None, None, None, None, None, None, None, None
 
 
 def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: int, integer: bool,
-                     kernels: str = "torch"):
+                     kernels: str = "torch", stats: Optional[str] = None):
     """``torch.matmul`` semantics (1-D operands, broadcasting batch dims) with quantization."""
     if a.dim() == 0 or b.dim() == 0:
         raise ValueError("quantized_matmul needs operands with at least one dim")
@@ -229,7 +283,7 @@ def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: 
     b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     if a3.shape[0] != b3.shape[0]:
         raise RuntimeError("quantized_matmul: batch shapes do not broadcast")  # pragma: no cover
-    y = _QuantMatmul.apply(a3, b3, a_bits, b_bits, grad_bits, groups, integer, kernels)
+    y = _QuantMatmul.apply(a3, b3, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, "act_b")
     y = y.reshape(*batch, y.shape[-2], y.shape[-1])
     if squeeze_n:
         y = y.squeeze(-1)
@@ -239,20 +293,22 @@ def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: 
 
 
 def quantized_linear(x, weight, bias=None, *, a_bits: int, w_bits: int, grad_bits: int, groups: int,
-                     integer: bool, kernels: str = "torch"):
+                     integer: bool, kernels: str = "torch", stats: Optional[str] = None):
     """``F.linear`` with quantized activations (per token), weights (per output feature) and
     ShiftQuant-ed gradients.  The bias is added in float."""
     lead = x.shape[:-1]
     x3 = x.reshape(1, -1, x.shape[-1])
-    y = _QuantMatmul.apply(x3, weight.t().unsqueeze(0), a_bits, w_bits, grad_bits, groups, integer, kernels)
+    y = _QuantMatmul.apply(x3, weight.t().unsqueeze(0), a_bits, w_bits, grad_bits, groups, integer, kernels, stats,
+                          "weight")
     y = y.reshape(*lead, weight.shape[0])
     return y if bias is None else y + bias
 
 
-def quantized_addmm(inp, a, b, *, beta=1, alpha=1, a_bits, b_bits, grad_bits, groups, integer, kernels="torch"):
+def quantized_addmm(inp, a, b, *, beta=1, alpha=1, a_bits, b_bits, grad_bits, groups, integer, kernels="torch",
+                    stats=None):
     """``torch.addmm`` / ``torch.baddbmm``: ``beta * inp + alpha * (a @ b)``."""
     y = quantized_matmul(a, b, a_bits=a_bits, b_bits=b_bits, grad_bits=grad_bits, groups=groups, integer=integer,
-                         kernels=kernels)
+                         kernels=kernels, stats=stats)
     if alpha != 1:
         y = y * alpha
     if beta == 0:
@@ -270,12 +326,13 @@ class _QuantConv(torch.autograd.Function):
     ``dW``.  Integer execution uses an int8 im2col GEMM (``groups == 1``)."""
 
     @staticmethod
-    def forward(ctx, x, w, a_bits, w_bits, grad_bits, groups, integer, kernels, stride, padding, dilation, conv_groups):
+    def forward(ctx, x, w, a_bits, w_bits, grad_bits, groups, integer, kernels, stats, stride, padding, dilation,
+                conv_groups):
         ks = kernel_set(kernels)
-        qx, sx = ks.quantize(x, a_bits, [], False)
-        qw, sw = ks.quantize(w, w_bits, [0], False)
+        qx, sx = _quantize(ks, stats, "act", x, a_bits, [], False)
+        qw, sw = _quantize(ks, stats, "weight", w, w_bits, [0], False)
         ctx.save_for_backward(qx, sx, qw, sw)
-        ctx.cfg = (grad_bits, groups, integer, ks, stride, padding, dilation, conv_groups, x.dtype, w.dtype)
+        ctx.cfg = (grad_bits, groups, integer, ks, stats, stride, padding, dilation, conv_groups, x.dtype, w.dtype)
         ctx.needs = ctx.needs_input_grad[:2]
         if integer:
             return (im2col_conv(ks, qx, qw, stride, padding, dilation) * (sx * sw.reshape(1, -1, *[1] * (x.dim() - 2)))).to(x.dtype)
@@ -286,25 +343,25 @@ class _QuantConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         qx, sx, qw, sw = ctx.saved_tensors
-        grad_bits, groups, integer, ks, stride, padding, dilation, conv_groups, x_dtype, w_dtype = ctx.cfg
+        grad_bits, groups, integer, ks, stats, stride, padding, dilation, conv_groups, x_dtype, w_dtype = ctx.cfg
         spatial = list(range(2, dy.dim()))
         dx = dw = None
         if ctx.needs[0]:   # reduction over output channels (and taps)
             g = dy * sw.reshape(1, -1, *[1] * len(spatial))
-            e, s = ks.shiftquant(g, grad_bits, groups, [1], True)
+            e, s = _shiftquant(ks, stats, "grad_dx", g, grad_bits, groups, [1])
             if integer:
                 dx = (im2col_conv_input_grad(ks, e, qw, qx.shape, stride, padding, dilation) * s).to(x_dtype)
             else:
                 dx = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), stride, padding,
                                     dilation, conv_groups, (True, False))[0].to(x_dtype)
         if ctx.needs[1]:   # reduction over (batch, output positions)
-            e, s = ks.shiftquant(dy * sx, grad_bits, groups, [0, *spatial], True)
+            e, s = _shiftquant(ks, stats, "grad_dw", dy * sx, grad_bits, groups, [0, *spatial])
             if integer:
                 dw = (im2col_conv_weight_grad(ks, e, qx, qw.shape, stride, padding, dilation) * s).to(w_dtype)
             else:
                 dw = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), stride, padding,
                                     dilation, conv_groups, (False, True))[1].to(w_dtype)
-        return dx, dw, None, None, None, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _conv_backward(dy, x, w, stride, padding, dilation, conv_groups, mask):
@@ -389,7 +446,7 @@ def _ntuple(v, n):
 
 def quantized_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, nd: int,
                    a_bits: int, w_bits: int, grad_bits: int, sq_groups: int, integer: bool,
-                   kernels: str = "torch"):
+                   kernels: str = "torch", stats: Optional[str] = None):
     """``F.conv{nd}d`` with quantized input/weight and ShiftQuant-ed gradients.
 
     ``padding`` may be an int, a tuple or ``"valid"``/``"same"`` as in PyTorch."""
@@ -403,7 +460,8 @@ def quantized_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     if isinstance(padding[0], tuple):  # "same" with uneven padding: pad explicitly
         x = torch.nn.functional.pad(x, [p for lr in reversed(padding) for p in lr])
         padding = [0] * nd
-    y = _QuantConv.apply(x, weight, a_bits, w_bits, grad_bits, sq_groups, integer, kernels, stride, padding, dilation,
+    y = _QuantConv.apply(x, weight, a_bits, w_bits, grad_bits, sq_groups, integer, kernels, stats, stride, padding,
+                         dilation,
                          groups)
     if bias is not None:
         y = y + bias.reshape(1, -1, *[1] * nd)
@@ -431,11 +489,11 @@ def _string_padding(mode: str, kernel, dilation):
 
 def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, *, act_bits: int, grad_bits: int, groups: int, integer: bool,
-                   kernels: str = "torch"):
+                   kernels: str = "torch", stats: Optional[str] = None):
     """``F.scaled_dot_product_attention`` in its math form, with both GEMMs (``Q K^T`` and
     ``P V``) quantized at ``act_bits``; softmax, masking and dropout stay in float."""
     q = dict(a_bits=act_bits, b_bits=act_bits, grad_bits=grad_bits, groups=groups, integer=integer,
-             kernels=kernels)
+             kernels=kernels, stats=stats)
     L, S = query.shape[-2], key.shape[-2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
@@ -479,7 +537,7 @@ def parse_einsum(equation: str, n_operands: int):
 
 
 def quantized_einsum(equation: str, a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: int,
-                     integer: bool, kernels: str = "torch"):
+                     integer: bool, kernels: str = "torch", stats: Optional[str] = None):
     """Two-operand ``torch.einsum`` as one batched quantized GEMM: indices are sorted into
     batch (both operands and output), contracted (both, not output) and free ones."""
     parsed = parse_einsum(equation, 2)
@@ -500,7 +558,7 @@ def quantized_einsum(equation: str, a, b, *, a_bits: int, b_bits: int, grad_bits
     B = b.permute([ib.index(c) for c in batch + contr + b_free]).reshape(
         _prod(size[c] for c in batch), _prod(size[c] for c in contr), _prod(size[c] for c in b_free))
     y = quantized_matmul(A, B, a_bits=a_bits, b_bits=b_bits, grad_bits=grad_bits, groups=groups,
-                         integer=integer, kernels=kernels)
+                         integer=integer, kernels=kernels, stats=stats)
     order = batch + a_free + b_free
     y = y.reshape([size[c] for c in order])
     return y.permute([order.index(c) for c in out])

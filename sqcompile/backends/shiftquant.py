@@ -53,9 +53,11 @@ def shiftquant_backend(gm: fx.GraphModule, example_inputs: List[Any], options: O
 def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileRecord) -> fx.GraphModule:
     """Run the rewrite passes in order, keeping the graph before and after."""
     record.graphs["dynamo"] = format_graph(gm)
+    order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
     check_overrides(gm, config, record)
     quantize_gemms(gm, config, target, record)
     l1_norms(gm, config, target, record)
+    record.decisions.sort(key=lambda d: order.get(d.node, len(order)))   # graph order
     record.graphs["rewritten"] = format_graph(gm)
     return gm
 

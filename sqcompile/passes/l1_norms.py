@@ -1,8 +1,95 @@
-"""Replace BatchNorm / LayerNorm / GroupNorm / RMSNorm nodes by fully-quantized L1 norms."""
+"""Replace BatchNorm / LayerNorm / GroupNorm / RMSNorm nodes by fully-quantized L1 norms.
+
+Matches ``F.batch_norm``, ``F.layer_norm``, ``F.group_norm`` and ``F.rms_norm`` /
+``torch.rms_norm`` in Dynamo's graph and calls the matching :mod:`sqcompile.norms` function
+with the node's own arguments, so BatchNorm keeps updating the module's own running-stat
+buffers (``state_dict`` keys and meaning are unchanged; see :func:`sqcompile.norms.l1_batch_norm`
+for what ``running_var`` holds).
+
+``eps``: the L2 norm's ``eps`` sits under a square root (``sqrt(var + eps)``) and the L1 norm's
+does not (``sigma + eps``), so the rewritten node gets ``sqrt(eps)``: the denominator keeps the
+same floor, and a constant channel's gradient stays as bounded as in the L2 layer.
+
+``norm="keep"`` (globally or per module through ``overrides``) leaves a norm as it is;
+``instance_norm`` is always left in float and reported.
+"""
 from __future__ import annotations
+
+import math
 
 import torch.fx as fx
 
+from .. import norms
+from ..config import Config
+from ..decisions import EXEC_FLOAT, EXEC_SIMULATED, CompileRecord, OpDecision
+from .common import bind, call_name, is_float_tensor, module_path, shape_of
+from .precision import Target, op_config
 
-def l1_norms(gm: fx.GraphModule, config, target, record) -> fx.GraphModule:
+_NORMS = {
+    "batch_norm": (norms.l1_batch_norm,
+                   ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                   {"running_mean": None, "running_var": None, "weight": None, "bias": None, "training": False,
+                    "momentum": 0.1, "eps": 1e-5}),
+    "layer_norm": (norms.l1_layer_norm, ("input", "normalized_shape", "weight", "bias", "eps"),
+                   {"weight": None, "bias": None, "eps": 1e-5}),
+    "group_norm": (norms.l1_group_norm, ("input", "num_groups", "weight", "bias", "eps"),
+                   {"weight": None, "bias": None, "eps": 1e-5}),
+    "rms_norm": (norms.l1_rms_norm, ("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None}),
+}
+_FLOAT_ONLY = {"instance_norm": "instance norm has no L1 replacement yet"}
+
+
+def l1_norms(gm: fx.GraphModule, config: Config, target: Target, record: CompileRecord) -> fx.GraphModule:
+    for node in list(gm.graph.nodes):
+        name = call_name(node)
+        if name in _FLOAT_ONLY:
+            record.add(_decision(node, name, reason=_FLOAT_ONLY[name]))
+        elif name in _NORMS:
+            _rewrite(gm, node, name, config, record)
+    gm.graph.lint()
+    gm.recompile()
     return gm
+
+
+def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, record: CompileRecord) -> None:
+    fn, names, defaults = _NORMS[name]
+    args = bind(node, names, defaults)
+    cfg, override_reason = op_config(node, config)
+    decision = _decision(node, name)
+    if cfg is None or cfg.norm == "keep" or not is_float_tensor(args["input"]):
+        if cfg is None:
+            decision.reason = f"kept in float: {override_reason}"
+        elif cfg.norm == "keep":
+            decision.reason = "norm='keep'"
+        else:
+            decision.reason = "input is not a floating-point tensor"
+        record.add(decision)
+        return
+
+    eps = args["eps"]
+    if isinstance(eps, (int, float)):
+        args["eps"] = math.sqrt(eps)
+    positional = tuple(args[k] for k in names)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(fn, positional, {"l1_scale": cfg.l1_scale, "norm_bits": cfg.norm_bits,
+                                                      "grad_bits": cfg.norm_bits})
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+    decision.quantized = True
+    decision.execution = EXEC_SIMULATED
+    decision.norm_bits = cfg.norm_bits
+    decision.act_bits = cfg.norm_bits
+    decision.act_quantizer = "per-slice, nearest"
+    decision.grad_bits = cfg.norm_bits
+    decision.grad_quantizer = "per-slice, stochastic"
+    decision.replacement = fn.__name__
+    record.add(decision)
+
+
+def _decision(node: fx.Node, name: str, reason=None) -> OpDecision:
+    inp = node.args[0] if node.args else node.kwargs.get("input")
+    shape = shape_of(inp)
+    return OpDecision(node=node.name, module_path=module_path(node), op=name, kind="norm",
+                      shapes=[shape] if shape else [], execution=EXEC_FLOAT, reason=reason)

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .. import ops
 from ..config import Config
-from ..decisions import EXEC_FLOAT, CompileRecord, OpDecision
+from ..decisions import EXEC_FLOAT, CompileRecord, OpDecision, stats_key
 from .common import bind, call_name, example_value, is_float_tensor, is_parameter, module_path, numel, shape_of
 from .precision import Target, choose_execution, op_config
 
@@ -94,6 +94,8 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     weighty = name in ("linear", *_CONV) or is_parameter(tensors[1])
     b_bits = cfg.weight_bits if weighty else cfg.act_bits
     common = dict(grad_bits=cfg.grad_bits, groups=cfg.groups, integer=ex.integer, kernels=ex.kernels)
+    if config.collect_stats:
+        common["stats"] = stats_key(record, node.name)
     if name == "linear":
         target_fn, new_args = ops.quantized_linear, (args["input"], args["weight"], args["bias"])
         q = dict(a_bits=cfg.act_bits, w_bits=cfg.weight_bits, **common)
