@@ -27,6 +27,23 @@ from . import lowering
 
 BACKEND_NAME = "shiftquant"
 
+try:  # Dynamo re-raises ShortenTraceback subclasses unwrapped instead of BackendCompilerFailed.
+    from torch._dynamo.exc import ShortenTraceback as _Unwrapped
+except ImportError:  # pragma: no cover - a future torch without it: users get the wrapped error
+    _Unwrapped = None
+
+
+class OptionError(ValueError, *(() if _Unwrapped is None else (_Unwrapped,))):
+    """A bad ``options=`` value.  Raised from the first call of the compiled model (that is
+    when Dynamo calls the backend) as a ``ValueError``, not wrapped in Dynamo's
+    ``BackendCompilerFailed``, so ``except ValueError`` works as with any bad argument."""
+
+    def __init__(self, message: str):
+        if _Unwrapped is None:
+            ValueError.__init__(self, message)
+        else:
+            _Unwrapped.__init__(self, message, first_useful_frame=None)
+
 
 def shiftquant_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Mapping[str, Any]] = None,
                        **kwargs):
@@ -37,7 +54,10 @@ def shiftquant_backend(gm: fx.GraphModule, example_inputs: List[Any], options: O
     """
     if kwargs:
         options = {**(options or {}), **kwargs}
-    config = Config.from_options(options)
+    try:
+        config = Config.from_options(options)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
     record = new_record(config)
     attach(record, [t for t in example_inputs if isinstance(t, torch.Tensor)])
     target = detect_target(example_inputs)

@@ -148,10 +148,12 @@ def _float_reason(tensors) -> Optional[str]:
     return None
 
 
-def _decision(node: fx.Node, name: str, tensors=()) -> OpDecision:
+def _decision(node: fx.Node, name: str, tensors=None, reason: Optional[str] = None) -> OpDecision:
+    if tensors is None:
+        tensors = [a for a in node.args if isinstance(a, fx.Node)][:2]
     shapes = [shape_of(t) for t in tensors if shape_of(t) is not None]
     d = OpDecision(node=node.name, module_path=module_path(node), op=name, kind="gemm", shapes=shapes,
-                   execution=EXEC_FLOAT)
+                   execution=EXEC_FLOAT, reason=reason)
     d.flops = _flops(node, name, shapes)
     return d
 

@@ -1,0 +1,595 @@
+"""Triton quantizers: symmetric per-tensor / per-row / per-column quantization and ShiftQuant.
+
+The numerics are :mod:`sqcompile.numerics`' (the tests compare bit for bit with nearest
+rounding); this module only decides how to walk memory.
+
+Every quantizer sees its input as a 3-D view ``[A, C, L]`` with explicit strides:
+
+* ``C`` indexes the *channels*: one scale (quantize) or one range (ShiftQuant) each;
+* ``L`` is the reduced axis the channel's amax runs over;
+* ``A`` is an outer axis that is either *kept* (its index is part of the channel:
+  ``channel = a * C + c``) or *reduced* like ``L``.
+
+:func:`_plan` maps ``keep_dims`` / ``channel_dims`` onto that view by merging adjacent dims
+(size-1 dims are ignored).  The patterns the ops use all map without a copy, including
+transposed (``weight.t()``) operands:
+
+==========================================  ============  =====================================
+op call                                     pattern       view ``[A, C, L]``
+==========================================  ============  =====================================
+quantize keep ``[]``                        R             ``[1, 1, numel]`` over the storage
+quantize keep ``[0, 1]`` on ``[B, M, K]``   K R           ``[1, B*M, K]`` (per row)
+quantize keep ``[0, 2]`` on ``[B, K, N]``   K R K         ``[B, N, K]``, A kept (per column)
+quantize keep ``[0]`` on ``[Cout, ...]``    K R           ``[1, Cout, rest]``
+shiftquant ``[0, 2]`` on ``[B, M, N]``      K R K         ``[B, N, M]``, A kept
+shiftquant ``[0, 1]`` on ``[B, M, N]``      K R           ``[1, B*M, N]``
+shiftquant ``[1]`` on ``[N, C, H, W]``      R K R         ``[N, C, H*W]``, A reduced
+shiftquant ``[0, 2, 3]`` on ``[N, C, H, W]`` K R K        ``[N, H*W, C]``, A kept
+==========================================  ============  =====================================
+
+Anything else (four or more alternating segments, dims that do not merge) is permuted
+kept-dims-first and copied once, then handled as ``K R``.
+
+Kernels (one per function, block sizes as ``tl.constexpr``):
+
+* :func:`_quantize_fused_kernel` -- amax and quantization in one program per block of
+  channels: a first loop over ``L`` takes the amax, a second loop re-reads the same rows
+  (from L2 on a GPU) and quantizes them.  One pass over HBM; used when the batch axis is kept
+  and there are enough channel blocks to fill the device (per-row activations, weights).
+* :func:`_absmax_partial_kernel` -- one reduction pass that writes per-(split, channel)
+  partial maxima; the partials (a few per channel) are reduced with ``amax``.
+* :func:`_quantize_kernel` -- the quantize pass after :func:`_absmax_partial_kernel`.
+* :func:`_shiftquant_kernel` -- ShiftQuant's group assignment, quantization and expansion
+  ``q << (G-1-g)`` in one pass after :func:`_absmax_partial_kernel`.  ShiftQuant needs the
+  global range ``R`` before any element can be quantized, so it is always two passes.
+* :func:`_dequantize_kernel` -- ``q * scale`` with broadcasting, written in the output dtype.
+
+Conventions shared with :mod:`sqcompile.numerics`:
+
+* divisions are IEEE round-to-nearest (``tl.math.div_rn``; Triton's ``/`` is approximate on
+  CUDA), round-half-to-even uses the ``(v + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact for
+  ``|v| < 2**22``, and ``v`` is clamped to ``[-qmax, qmax]`` first: clamping to integer bounds
+  commutes with rounding), so nearest rounding is bit-exact with the reference;
+* a NaN in the input is mapped to ``+inf`` in the amax reductions, so the reductions never
+  depend on how the hardware's ``max`` treats NaN; a non-finite amax gives a NaN scale and
+  zero integers, exactly as the reference;
+* ShiftQuant's group ``min(G-1, floor(log2(R / r)))`` is computed as the number of
+  ``j in 1..G-1`` with ``r * 2**j <= R``: products by powers of two are exact, so this is
+  exactly :func:`sqcompile.numerics.shift_groups` (denormal ranges included) without a
+  ``log2`` or ``frexp``.
+
+Stochastic rounding draws 8 random bits per element, ``u = (k + 0.5) / 256`` like
+:func:`sqcompile.numerics.uniform_noise` (mean exactly 1/2, so rounding is unbiased to
+2**-9 of a step), from one Philox call (``tl.randint4x``: 128 bits) per 16 consecutive
+elements of a row: Philox per element would make the quantizers compute-bound on a GPU.
+The noise of an element is a function of ``(seed, its position in the [A, C, L] view)`` only,
+so it does not depend on block sizes or on which kernel path ran.  The seed is drawn from
+torch's default generator (:func:`draw_seed`), so ``torch.manual_seed`` makes runs
+reproducible.  (Counters are 32-bit: tensors beyond 2**36 elements would reuse noise.)
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import numerics as N
+from .. import ops
+
+_FLT_MAX = 3.4028234663852886e38
+_ROUND_MAGIC = 12582912.0   # 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22
+_MAX_GRID_YZ = 65535        # CUDA limit on grid dims 1 and 2
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device functions (the numerics, written once)
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _is_finite(x):
+    return tl.abs(x) <= _FLT_MAX
+
+
+@triton.jit
+def _abs_nan_as_inf(x):
+    """``|x|`` in float32 with NaN mapped to +inf, so max-reductions propagate it."""
+    a = tl.abs(x.to(tl.float32))
+    return tl.where(a == a, a, float("inf"))
+
+
+@triton.jit
+def _scale_of(amax, QMAX: tl.constexpr):
+    """numerics.quantize's scale: ``amax / qmax`` (IEEE division), NaN where not finite."""
+    scale = tl.math.div_rn(amax, QMAX * 1.0)
+    return tl.where(_is_finite(scale), scale, float("nan"))
+
+
+@triton.jit
+def _quantize_values(x, scale, noise, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """``clamp(round(x / scale), -qmax, qmax)`` as int32 (numerics.quantize_with_scale).
+
+    Divides by 1 where the scale is 0 (those values are 0), maps NaN to 0, clamps before
+    rounding (equivalent for integer bounds, and keeps the rounding identity exact)."""
+    divisor = tl.where(scale == 0.0, 1.0, scale)
+    v = tl.math.div_rn(x.to(tl.float32), divisor)
+    v = tl.where(v == v, v, 0.0)
+    v = tl.minimum(tl.maximum(v, -QMAX * 1.0), QMAX * 1.0)
+    if STOCHASTIC:
+        v = tl.floor(v + noise)
+    else:
+        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
+    return v.to(tl.int32)
+
+
+@triton.jit
+def _interleave4(w0, w1, w2, w3, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Four ``[ROWS, COLS]`` blocks -> ``[ROWS, 4 * COLS]`` with element ``4j + t`` = ``w_t[j]``."""
+    x = tl.join(tl.join(w0, w2), tl.join(w1, w3))          # [ROWS, COLS, 2, 2]
+    return tl.reshape(x, (ROWS, 4 * COLS))
+
+
+@triton.jit
+def _bytes_of(w, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """uint32 ``[ROWS, COLS]`` -> its bytes as ``[ROWS, 4 * COLS]`` (element ``4j + t``: byte t)."""
+    return _interleave4(w & 255, (w >> 8) & 255, (w >> 16) & 255, w >> 24, ROWS, COLS)
+
+
+@triton.jit
+def _uniform_noise(seed, rows, l0, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """U[0, 1) noise ``(k + 0.5) / 256`` for the tile ``rows x [l0, l0 + BLOCK_L)``.
+
+    ``rows`` are the tile's logical row ids ``a * C + c``; ``l0`` is a multiple of 16.  One
+    Philox call (128 bits) per 16 consecutive elements of a row."""
+    G: tl.constexpr = BLOCK_L // 16
+    n_groups = (L + 15) // 16
+    g = l0 // 16 + tl.arange(0, G)
+    ctr = (rows.to(tl.int64)[:, None] * n_groups + g[None, :]).to(tl.uint32)
+    r0, r1, r2, r3 = tl.randint4x(seed, ctr)
+    k = _interleave4(_bytes_of(r0, BLOCK_C, G), _bytes_of(r1, BLOCK_C, G), _bytes_of(r2, BLOCK_C, G),
+                     _bytes_of(r3, BLOCK_C, G), BLOCK_C, 4 * G)
+    return (k.to(tl.float32) + 0.5) * (1.0 / 256.0)
+
+
+@triton.jit
+def _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l):
+    """Element offsets (int64) of the tile ``offs_c x offs_l`` in batch ``a`` of the view."""
+    return (a.to(tl.int64) * stride_a + offs_c.to(tl.int64)[:, None] * stride_c
+            + offs_l.to(tl.int64)[None, :] * stride_l)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, seed,
+                           QMAX: tl.constexpr, STOCHASTIC: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Per-channel amax + quantize for ``BLOCK_C`` channels of batch ``a`` (A kept).
+
+    Grid: ``(cdiv(C, BLOCK_C), A)``.  ``q`` has ``x``'s strides."""
+    pid_c = tl.program_id(0)
+    a = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        mask = mask_c[:, None] & (offs_l < L)[None, :]
+        x = tl.load(x_ptr + _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l), mask=mask, other=0.0)
+        amax = tl.maximum(amax, tl.max(_abs_nan_as_inf(x), axis=1))
+    scale = _scale_of(amax, QMAX)
+    rows = a * C + offs_c
+    tl.store(scale_ptr + rows, scale, mask=mask_c)
+    for l0 in range(0, L, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        mask = mask_c[:, None] & (offs_l < L)[None, :]
+        offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if STOCHASTIC:
+            noise = _uniform_noise(seed, rows, l0, L, BLOCK_C, BLOCK_L)
+        else:
+            noise = 0.0
+        q = _quantize_values(x, scale[:, None], noise, QMAX, STOCHASTIC)
+        tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _absmax_partial_kernel(x_ptr, partial_ptr, C, L, stride_a, stride_c, stride_l, l_per_split, n_channels,
+                           A_KEPT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Partial channel amax (NaN as +inf) over ``[split * l_per_split, ...)`` of ``L``.
+
+    Grid: ``(cdiv(C, BLOCK_C), n_split, A)``.  Writes ``partial[row, channel]`` with
+    ``row = split`` (A kept, ``channel = a * C + c``) or ``row = a * n_split + split``
+    (A reduced, ``channel = c``); the caller reduces ``partial`` over rows."""
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    a = tl.program_id(2)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    l_start = split * l_per_split
+    l_end = tl.minimum(l_start + l_per_split, L)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for l0 in range(l_start, l_end, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        mask = mask_c[:, None] & (offs_l < l_end)[None, :]
+        x = tl.load(x_ptr + _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l), mask=mask, other=0.0)
+        acc = tl.maximum(acc, tl.max(_abs_nan_as_inf(x), axis=1))
+    if A_KEPT:
+        row = split
+        channel = a * C + offs_c
+    else:
+        row = a * tl.num_programs(1) + split
+        channel = offs_c
+    tl.store(partial_ptr + row.to(tl.int64) * n_channels + channel, acc, mask=mask_c)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, n_cblocks, seed,
+                     QMAX: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Quantize one ``[BLOCK_C, BLOCK_L]`` tile with its channels' ranges (from
+    :func:`_absmax_partial_kernel`); the first tile of each channel block writes the scales.
+
+    Grid: ``(n_cblocks * cdiv(L, BLOCK_L), A)``."""
+    pid = tl.program_id(0)
+    a = tl.program_id(1)
+    pid_c = pid % n_cblocks
+    pid_l = pid // n_cblocks
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_c = offs_c < C
+    if A_KEPT:
+        channel = a * C + offs_c
+    else:
+        channel = offs_c
+    scale = _scale_of(tl.load(range_ptr + channel, mask=mask_c, other=0.0), QMAX)
+    writer = pid_l                  # the first tile of each channel block writes the scales
+    if not A_KEPT:
+        writer += a
+    if writer == 0:
+        tl.store(scale_ptr + channel, scale, mask=mask_c)
+    mask = mask_c[:, None] & (offs_l < L)[None, :]
+    offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if STOCHASTIC:
+        noise = _uniform_noise(seed, a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
+    else:
+        noise = 0.0
+    q = _quantize_values(x, scale[:, None], noise, QMAX, STOCHASTIC)
+    tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _shift_group(r, R, GROUPS: tl.constexpr):
+    """numerics.shift_groups: ``min(G-1, floor(log2(R / r)))``, computed as the number of
+    ``j in 1..G-1`` with ``r * 2**j <= R`` (exact); zero ranges and non-finite R -> G-1."""
+    g = tl.zeros(r.shape, dtype=tl.int32)
+    rj = r
+    for _ in tl.static_range(1, GROUPS):
+        rj = rj * 2.0
+        g += (rj <= R).to(tl.int32)
+    g = tl.where(r > 0.0, g, GROUPS - 1)
+    return tl.where(_is_finite(R), g, GROUPS - 1)
+
+
+@triton.jit
+def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, C, L, stride_a, stride_c, stride_l,
+                       n_cblocks, seed,
+                       QMAX: tl.constexpr, GROUPS: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """ShiftQuant one tile: group of each channel, quantization with ``s_g = base * 2**(G-1-g)``
+    and expansion ``e = q << (G-1-g)`` written in ``e_ptr``'s dtype (int8 or int16).
+
+    Grid: ``(n_cblocks * cdiv(L, BLOCK_L), A)``; program (0, 0) writes the base scale."""
+    pid = tl.program_id(0)
+    a = tl.program_id(1)
+    pid_c = pid % n_cblocks
+    pid_l = pid // n_cblocks
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_c = offs_c < C
+    if A_KEPT:
+        channel = a * C + offs_c
+    else:
+        channel = offs_c
+    R = tl.load(rmax_ptr)
+    # numerics: base = R / 2**(G-1) / qmax, two IEEE divisions (the first is exact).
+    base = tl.math.div_rn(tl.math.div_rn(R, 2.0 ** (GROUPS - 1)), QMAX * 1.0)
+    if (pid == 0) & (a == 0):
+        tl.store(base_ptr, tl.where(_is_finite(base), base, float("nan")))
+    g = _shift_group(tl.load(range_ptr + channel, mask=mask_c, other=0.0), R, GROUPS)
+    shift = (GROUPS - 1) - g
+    scale = base * ((shift + 127) << 23).to(tl.float32, bitcast=True)    # base * 2**shift, exact
+    mask = mask_c[:, None] & (offs_l < L)[None, :]
+    offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if STOCHASTIC:
+        noise = _uniform_noise(seed, a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
+    else:
+        noise = 0.0
+    q = _quantize_values(x, scale[:, None], noise, QMAX, STOCHASTIC)
+    e = q << shift[:, None]
+    tl.store(e_ptr + offs, e.to(e_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, out_ptr, D1, D2, sq0, sq1, sq2, ss0, ss1, ss2, so0, so1, so2, n_blocks2,
+                       BLOCK_1: tl.constexpr, BLOCK_2: tl.constexpr):
+    """``out = q * s`` over a broadcast 3-D view ``[D0, D1, D2]`` (strides may be 0).
+
+    Grid: ``(cdiv(D1, BLOCK_1) * n_blocks2, D0)``."""
+    pid = tl.program_id(0)
+    i0 = tl.program_id(1).to(tl.int64)
+    offs_1 = (pid // n_blocks2) * BLOCK_1 + tl.arange(0, BLOCK_1)
+    offs_2 = (pid % n_blocks2) * BLOCK_2 + tl.arange(0, BLOCK_2)
+    mask = (offs_1 < D1)[:, None] & (offs_2 < D2)[None, :]
+    o1 = offs_1.to(tl.int64)[:, None]
+    o2 = offs_2.to(tl.int64)[None, :]
+    q = tl.load(q_ptr + i0 * sq0 + o1 * sq1 + o2 * sq2, mask=mask, other=0)
+    s = tl.load(s_ptr + i0 * ss0 + o1 * ss1 + o2 * ss2, mask=mask, other=0.0)
+    out = q.to(tl.float32) * s
+    tl.store(out_ptr + i0 * so0 + o1 * so1 + o2 * so2, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+INTERPRETED = type(_quantize_kernel).__name__ == "InterpretedFunction"
+"""Were the kernels defined for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)?"""
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: views, tiles, launchers
+# --------------------------------------------------------------------------------------------
+
+class _View(NamedTuple):
+    """``x`` as ``[A, C, L]`` (see the module docstring); ``perm``: the kept-first permutation
+    the work tensor was copied in (``None``: ``work`` is ``x`` or its dense copy)."""
+
+    work: torch.Tensor
+    shape: Tuple[int, int, int]
+    strides: Tuple[int, int, int]
+    a_kept: bool
+    perm: Optional[List[int]]
+
+    @property
+    def n_channels(self) -> int:
+        A, C, _ = self.shape
+        return A * C if self.a_kept else C
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of ``x``'s dims is contiguous."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _merge(x: torch.Tensor, dims: Sequence[int]) -> Optional[Tuple[int, int]]:
+    """(size, stride) of ``dims`` (adjacent among the non-size-1 dims) merged into one, or
+    ``None`` when their strides do not nest."""
+    size, stride = x.shape[dims[-1]], x.stride(dims[-1])
+    for d in reversed(dims[:-1]):
+        if x.stride(d) != stride * size:
+            return None
+        size *= x.shape[d]
+    return size, stride
+
+
+def _plan(x: torch.Tensor, keep_dims: Sequence[int]) -> _View:
+    nd = x.dim()
+    keep = {d % nd for d in keep_dims} if nd else set()
+    if not _dense(x):
+        x = x.contiguous()
+    dims = [d for d in range(nd) if x.shape[d] != 1]
+    if not any(d in keep for d in dims):
+        # One scale for the whole tensor: walk the (dense) storage flat.  Outputs made with
+        # empty_like(x) have the same strides, hence the same flat order.
+        return _View(x, (1, 1, x.numel()), (0, 0, 1), False, None)
+    segments: List[Tuple[bool, List[int]]] = []
+    for d in dims:
+        if segments and segments[-1][0] == (d in keep):
+            segments[-1][1].append(d)
+        else:
+            segments.append((d in keep, [d]))
+    merged = [_merge(x, ds) for _, ds in segments]
+    if len(segments) > 3 or any(m is None for m in merged):
+        kept = [d for d in range(nd) if d in keep]
+        perm = kept + [d for d in range(nd) if d not in keep]
+        view = _plan(x.permute(perm).contiguous(), range(len(kept)))
+        return view._replace(perm=perm)
+    pattern = "".join("K" if k else "R" for k, _ in segments)
+    (s0, t0), *rest = merged
+    if pattern == "K":
+        return _View(x, (1, s0, 1), (0, t0, 1), False, None)
+    (s1, t1), = rest[:1]
+    if pattern == "KR":
+        return _View(x, (1, s0, s1), (0, t0, t1), False, None)
+    if pattern == "RK":
+        return _View(x, (1, s1, s0), (0, t1, t0), False, None)
+    (s2, t2), = rest[1:]
+    if pattern == "KRK":
+        return _View(x, (s0, s2, s1), (t0, t2, t1), True, None)
+    return _View(x, (s0, s1, s2), (t0, t1, t2), False, None)   # "RKR"
+
+
+def _restore(view: _View, out_work: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The kernels' output in ``x``'s shape (and strides, as ``empty_like(x)`` gives them)."""
+    if view.perm is None:
+        return out_work
+    out = torch.empty_like(x, dtype=out_work.dtype)
+    inverse = [0] * len(view.perm)
+    for i, d in enumerate(view.perm):
+        inverse[d] = i
+    out.copy_(out_work.permute(inverse))
+    return out
+
+
+class _Tile(NamedTuple):
+    block_c: int
+    block_l: int
+    num_warps: int
+
+
+def _tile(view: _View) -> _Tile:
+    """Tile shape: 4096 elements on a GPU, long along whichever axis is contiguous in memory
+    (so loads coalesce); smaller in the interpreter, where every element costs CPU time.
+    ``block_l`` stays a multiple of 16 (the noise is drawn 16 elements at a time)."""
+    _, C, L = view.shape
+    _, stride_c, stride_l = view.strides
+    total = 512 if INTERPRETED else 4096
+    if C == 1:
+        block_c = 1
+    elif stride_c == 1 and stride_l != 1:
+        block_c = min(128 if not INTERPRETED else 32, triton.next_power_of_2(C))
+    else:
+        block_c = max(1, min(triton.next_power_of_2(C), total // min(1024, max(16, triton.next_power_of_2(L)))))
+    block_l = max(16, min(triton.next_power_of_2(L), total // block_c))
+    return _Tile(block_c, block_l, 4)
+
+
+def _device_programs(device: torch.device) -> int:
+    """How many programs keep the device busy (a few waves); small in the interpreter so
+    the tests exercise several splits."""
+    if INTERPRETED or device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def draw_seed() -> int:
+    """A Philox seed from torch's default generator (``torch.manual_seed`` reproduces it)."""
+    return int(torch.randint(0, 2 ** 31 - 1, ()))
+
+
+def _check_grid(view: _View) -> None:
+    if view.shape[0] > _MAX_GRID_YZ:
+        raise ValueError(f"triton quantizers: outer extent {view.shape[0]} exceeds the grid limit {_MAX_GRID_YZ}")
+
+
+def channel_ranges(view: _View, tile: _Tile) -> torch.Tensor:
+    """Per-channel amax of the view (float32 ``[n_channels]``, NaN reported as +inf)."""
+    A, C, L = view.shape
+    n_cblocks = triton.cdiv(C, tile.block_c)
+    n_lblocks = triton.cdiv(L, tile.block_l)
+    n_split = max(1, min(n_lblocks, _device_programs(view.work.device) // max(1, A * n_cblocks)))
+    l_per_split = triton.cdiv(n_lblocks, n_split) * tile.block_l
+    n_split = triton.cdiv(L, l_per_split)
+    rows = n_split if view.a_kept else A * n_split
+    partial = torch.empty((rows, view.n_channels), dtype=torch.float32, device=view.work.device)
+    _absmax_partial_kernel[(n_cblocks, n_split, A)](
+        view.work, partial, C, L, *view.strides, l_per_split, view.n_channels,
+        A_KEPT=view.a_kept, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, num_warps=tile.num_warps)
+    return partial.amax(0)
+
+
+def _use_fused(view: _View, tile: _Tile) -> bool:
+    """One-pass kernel when each program can own whole channels: the batch axis is kept,
+    there are several channels, and enough channel blocks to fill the device."""
+    A, C, L = view.shape
+    if C == 1 or (A > 1 and not view.a_kept):
+        return False
+    return A * triton.cdiv(C, tile.block_c) >= _device_programs(view.work.device) // 4 and L <= 2 ** 16
+
+
+def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: bool, *,
+             seed: Optional[int] = None, fused: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sqcompile.numerics.quantize` on Triton: ``(q int8 like x, scale float32)``.
+
+    ``seed``: Philox seed for stochastic rounding (default: :func:`draw_seed`); ``fused``:
+    force (True) or forbid (False) the one-pass kernel (default: :func:`_use_fused`)."""
+    qmax = N.qmax(bits)
+    scale_shape = ops._scale_shape(x, keep_dims)
+    if x.numel() == 0:   # nothing to launch; the reference handles the degenerate shapes
+        return N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest")
+    view = _plan(x, keep_dims)
+    _check_grid(view)
+    tile = _tile(view)
+    seed = (draw_seed() if seed is None else seed) if stochastic else 0
+    q = torch.empty_like(view.work, dtype=torch.int8)
+    scale = torch.empty(view.n_channels, dtype=torch.float32, device=x.device)
+    A, C, L = view.shape
+    n_cblocks = triton.cdiv(C, tile.block_c)
+    if fused is None:
+        fused = _use_fused(view, tile)
+    if fused and (A == 1 or view.a_kept):
+        _quantize_fused_kernel[(n_cblocks, A)](
+            view.work, q, scale, C, L, *view.strides, seed, QMAX=qmax, STOCHASTIC=stochastic,
+            BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, num_warps=tile.num_warps)
+    else:
+        ranges = channel_ranges(view, tile)
+        _quantize_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
+            view.work, q, ranges, scale, C, L, *view.strides, n_cblocks, seed, QMAX=qmax, A_KEPT=view.a_kept,
+            STOCHASTIC=stochastic, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, num_warps=tile.num_warps)
+    return _restore(view, q, x), scale.reshape(scale_shape)
+
+
+def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int], stochastic: bool, *,
+               seed: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sqcompile.numerics.shiftquant` on Triton: ``(expanded like x, base scale)``.
+
+    ``expanded`` is int8 when :func:`sqcompile.numerics.fits_int8` else int16; the base scale
+    is a float32 scalar tensor, NaN when the input holds NaN or Inf."""
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    qmax = N.qmax(bits)
+    if x.numel() == 0:
+        r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest")
+        return r.expanded, r.base_scale
+    edtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
+    view = _plan(x, channel_dims)
+    _check_grid(view)
+    tile = _tile(view)
+    seed = (draw_seed() if seed is None else seed) if stochastic else 0
+    ranges = channel_ranges(view, tile)
+    rmax = ranges.amax()
+    e = torch.empty_like(view.work, dtype=edtype)
+    base = torch.empty((), dtype=torch.float32, device=x.device)
+    A, C, L = view.shape
+    n_cblocks = triton.cdiv(C, tile.block_c)
+    _shiftquant_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
+        view.work, e, ranges, rmax, base, C, L, *view.strides, n_cblocks, seed, QMAX=qmax, GROUPS=groups,
+        A_KEPT=view.a_kept, STOCHASTIC=stochastic, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
+        num_warps=tile.num_warps)
+    return _restore(view, e, x), base
+
+
+def _collapse(shape: Sequence[int], strides: Sequence[Sequence[int]]) -> List[Tuple[int, List[int]]]:
+    """Merge adjacent dims whose strides nest in every tensor; drop size-1 dims."""
+    out: List[Tuple[int, List[int]]] = []
+    for d, size in enumerate(shape):
+        if size == 1:
+            continue
+        st = [s[d] for s in strides]
+        if out and all(prev == cur * size for prev, cur in zip(out[-1][1], st)):
+            out[-1] = (out[-1][0] * size, st)
+        else:
+            out.append((size, st))
+    return out
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q * scale`` (broadcasting, float32 arithmetic) in ``dtype``, contiguous."""
+    shape = torch.broadcast_shapes(q.shape, scale.shape)
+    out = torch.empty(shape, dtype=dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    qe, se = q.expand(shape), scale.expand(shape)
+    dims = _collapse(shape, [qe.stride(), se.stride(), out.stride()])
+    if len(dims) > 3 or (len(dims) == 3 and dims[0][0] > _MAX_GRID_YZ):
+        qe, se = qe.contiguous(), se.contiguous()
+        dims = _collapse(shape, [qe.stride(), se.stride(), out.stride()])
+    dims = [(1, [0, 0, 0])] * (3 - len(dims)) + dims
+    (d0, st0), (d1, st1), (d2, st2) = dims
+    block_2 = min(1024 if not INTERPRETED else 256, triton.next_power_of_2(d2))
+    block_1 = min(triton.next_power_of_2(d1), max(1, (4096 if not INTERPRETED else 512) // block_2))
+    n_blocks2 = triton.cdiv(d2, block_2)
+    _dequantize_kernel[(triton.cdiv(d1, block_1) * n_blocks2, d0)](
+        qe, se, out, d1, d2, st0[0], st1[0], st2[0], st0[1], st1[1], st2[1], st0[2], st1[2], st2[2], n_blocks2,
+        BLOCK_1=block_1, BLOCK_2=block_2, num_warps=4)
+    return out
+
+
+__all__ = ["quantize", "shiftquant", "dequantize", "channel_ranges", "draw_seed", "INTERPRETED"]

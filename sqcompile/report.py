@@ -1,0 +1,428 @@
+"""The per-op precision report: what the ``shiftquant`` backend did to every matmul, conv and norm.
+
+    cm = torch.compile(model, backend="shiftquant", options={"collect_stats": True})
+    cm(x).sum().backward()
+    print(sqcompile.report(cm))
+
+One row per matmul / conv / norm node the rewrite passes saw (quantized or left in float, with
+the reason), built from the :class:`~sqcompile.decisions.CompileRecord` of each compiled graph.
+The columns say where the op lives (module path), what it computes on (input shapes), at
+which precision each operand runs forward and backward, how it executes (``int8-cpu``,
+``int8-torch``, ``triton``, ``simulated`` or ``float: <reason>``) and, when the lowering fused
+it, its region.  With ``collect_stats=True`` it adds the measured quality of the latest step:
+SQNR (signal-to-quantization-noise ratio, dB; higher is better, each bit adds about 6 dB) of
+the weight, the activation and the gradient, and ShiftQuant's group occupancy.
+
+Reading the statistics columns
+------------------------------
+* ``SQNR W`` is the GEMM's second operand: the weight of a Linear / conv, or the activation
+  ``B`` of an activation-by-activation matmul (attention's ``K^T`` and ``V``).
+* ``SQNR grad`` shows both backward GEMMs, ``dx / dw`` (``dx = dy W``: gradient grouped along
+  the output channels; ``dW = dy^T x``: grouped along tokens / positions).  They are shown
+  apart, not averaged, because they differ by several dB and a first layer has no ``dx``; the
+  row dicts also carry their mean (``sqnr_grad_db``), which :meth:`Report.plot` draws.
+* ``groups %`` is the fraction of channels in each ShiftQuant group (group 0 holds the
+  largest ranges), ``dx | dw``: ``88/0/12/0`` means most channels are within 2x of the
+  largest and 12% sit 8x below it.
+* For norm rows, ``SQNR A`` is the norm's quantized input and ``SQNR grad`` the gradient into
+  its backward.
+* For ``scaled_dot_product_attention`` both GEMMs (``QK^T`` and ``PV``) share one row; the
+  statistics are those of the last one run (``PV`` forward, ``QK^T`` backward).
+
+Statistics are the latest step's values, measured by observing variants of the quantizer ops
+(``sqcompile::quantize_observed`` / ``shiftquant_observed``).  With ``collect_stats=False``
+(the default) the rewrite emits the plain ops: stats off adds no nodes to the forward or
+backward graph and costs nothing.
+
+Which records :func:`report` uses
+---------------------------------
+A model compiles to one Dynamo graph per frame (more than one after graph breaks), and each
+graph is compiled again when its guards fail (new input shapes, ``train()`` / ``eval()``,
+``no_grad``).  :func:`report` keeps the *newest* record of each graph, where two records are
+the same graph when their decisions name the same ``(module path, op, kind)`` sequence and
+their Dynamo graphs lift the same parameters and buffers.  So a recompile for a new batch size
+replaces the old record, graph breaks give one block of rows per graph, and a final
+``no_grad`` evaluation replaces a training compile (its statistics then have no gradient
+columns); build ``Report(records)`` from :func:`sqcompile.decisions.records_for` to pick
+records yourself.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+
+from . import decisions as D
+
+__all__ = ["Report", "report"]
+
+_FORMAT = "sqcompile.report/1"
+INTEGER_EXECUTIONS = (D.EXEC_INT8_CPU, D.EXEC_INT8_TORCH, D.EXEC_TRITON)
+
+# Row dict keys, in order (rows(), JSON and CSV use them).
+ROW_KEYS = (
+    "graph", "node", "module", "op", "kind", "shapes", "flops", "quantized", "execution",
+    "weight_bits", "weight_quantizer", "act_bits", "act_quantizer", "grad_bits", "grad_quantizer", "groups",
+    "norm_bits", "region", "steps",
+    "sqnr_weight_db", "sqnr_act_db", "sqnr_grad_dx_db", "sqnr_grad_dw_db", "sqnr_grad_db",
+    "sqnr_grad_dx_per_tensor_db", "sqnr_grad_dw_per_tensor_db", "occupancy_dx", "occupancy_dw",
+)
+_STAT_KEYS = ("sqnr_weight_db", "sqnr_act_db", "sqnr_grad_dx_db", "sqnr_grad_dw_db", "occupancy_dx", "occupancy_dw")
+
+
+class Report:
+    """Per-op precision report of one or more compiled graphs (see the module docstring).
+
+    ``print(report)`` renders the table and a summary; :meth:`rows` gives one dict per op,
+    :meth:`summary` the totals, :meth:`to_json` / :meth:`from_json`, :meth:`to_csv` and
+    :meth:`plot` export them.  Statistics columns appear only when stats were collected
+    (``collect_stats=True``; off, the compiled graphs carry no observing nodes at all and run
+    at full speed), the ``region`` column only when the lowering fused ops, the ``graph``
+    column only when the report spans several Dynamo graphs.
+    """
+
+    def __init__(self, records: Union[D.CompileRecord, Iterable[D.CompileRecord]] = ()):
+        if isinstance(records, D.CompileRecord):
+            records = [records]
+        self.records: List[D.CompileRecord] = sorted(records, key=lambda r: r.index)
+        self._rows = [_row(d, r, i) for i, r in enumerate(self.records) for d in _ordered(r)]
+        self._summary = _summarize(self._rows, self.records)
+
+    # -- data ------------------------------------------------------------------------------
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """One dict per matmul / conv / norm (keys: :data:`ROW_KEYS`); module ``""`` is the root."""
+        return [dict(r) for r in self._rows]
+
+    def summary(self) -> Dict[str, Any]:
+        """Totals: op counts, GEMM FLOP fractions in integer / quantized, graphs, warnings."""
+        return json.loads(json.dumps(self._summary))
+
+    def to_json(self, indent: Optional[int] = 1) -> str:
+        """JSON text with the rows and the summary; :meth:`from_json` reads it back.
+
+        Non-finite SQNR values (``inf``: the quantizer was exact) are written as ``Infinity``,
+        which Python's ``json`` reads back; NaN never occurs (it is stored as ``null``)."""
+        return json.dumps({"format": _FORMAT, "rows": self._rows, "summary": self._summary}, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise ValueError(f"not a sqcompile report (expected a JSON object with format {_FORMAT!r})")
+        rep = cls.__new__(cls)
+        rep.records = []
+        rep._rows = [{k: r.get(k) for k in ROW_KEYS} for r in data["rows"]]
+        rep._summary = data["summary"]
+        return rep
+
+    def to_csv(self, path: Optional[str] = None) -> str:
+        """CSV text (header + one line per op; list fields as JSON); written to ``path`` if given."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(ROW_KEYS), lineterminator="\n")
+        writer.writeheader()
+        for r in self._rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v)
+                             for k, v in r.items()})
+        text = buf.getvalue()
+        if path is not None:
+            with open(path, "w", newline="") as f:
+                f.write(text)
+        return text
+
+    # -- rendering -------------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        from tabulate import tabulate
+
+        rows = self._rows
+        has = {
+            "graph": len({r["graph"] for r in rows}) > 1,
+            "region": any(r["region"] for r in rows),
+            "stats": any(r[k] is not None for r in rows for k in _STAT_KEYS),
+            "occupancy": any(r["occupancy_dx"] or r["occupancy_dw"] for r in rows),
+        }
+        columns = [
+            ("graph", lambda r: r["graph"], has["graph"]),
+            ("module", lambda r: r["module"] or "<root>", True),
+            ("op", lambda r: r["op"], True),
+            ("inputs", lambda r: ", ".join("x".join(str(s) for s in shp) for shp in r["shapes"]), True),
+            ("forward", _forward_text, True),
+            ("gradient", _gradient_text, True),
+            ("execution", lambda r: r["execution"], True),
+            ("region", lambda r: r["region"] or "", has["region"]),
+            ("SQNR W", lambda r: _db(r["sqnr_weight_db"]), has["stats"]),
+            ("SQNR A", lambda r: _db(r["sqnr_act_db"]), has["stats"]),
+            ("SQNR grad dx/dw", _grad_sqnr_text, has["stats"]),
+            ("groups % dx | dw", _occupancy_text, has["occupancy"]),
+        ]
+        columns = [(h, f) for h, f, show in columns if show]
+        table = tabulate([[f(r) for _, f in columns] for r in rows], headers=[h for h, _ in columns],
+                         tablefmt="simple", disable_numparse=True) if rows else "(no matmul / conv / norm ops)"
+        lines = [table, "", self.summary_line()]
+        if has["stats"]:
+            lines.append("SQNR in dB (latest step); W = weight or second operand; grad = dx / dw GEMMs.")
+        lines += [f"warning: {w}" for w in self._summary["warnings"]]
+        return "\n".join(lines)
+
+    def summary_line(self) -> str:
+        s = self._summary
+        parts = [f"{s['quantized']} of {s['ops']} ops quantized (GEMMs {s['gemms_quantized']}/{s['gemms']}"
+                 + (f", norms {s['norms_quantized']}/{s['norms']}" if s["norms"] else "") + ")"]
+        if s["graphs"] != 1:
+            parts[0] += f" in {s['graphs']} graphs"
+        parts.append(f"GEMM FLOPs in integer: {_pct(s['integer_flops_fraction'])}, "
+                     f"quantized: {_pct(s['quantized_flops_fraction'])}")
+        return "Summary: " + "; ".join(parts)
+
+    def __repr__(self) -> str:
+        s = self._summary
+        return f"<sqcompile Report: {s['ops']} ops, {s['quantized']} quantized, {s['graphs']} graph(s)>"
+
+    def plot(self, path: str) -> str:
+        """Per-layer SQNR bars (weight / act / mean grad) and ShiftQuant group occupancy
+        (stacked, ``dx`` and ``dw`` side by side) as a PNG at ``path``; returns ``path``."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError as e:
+            raise ImportError("Report.plot needs matplotlib: pip install sqcompile[plot]  "
+                              "(or pip install matplotlib)") from e
+        rows = self._rows
+        labels = [f"{r['module'] or '<root>'}\n{r['op']}" for r in rows]
+        x = list(range(len(rows)))
+        fig = Figure(figsize=(max(6.0, 0.7 * len(rows) + 2), 7.5), layout="constrained")
+        ax1, ax2 = fig.subplots(2, 1, sharex=True)
+        width = 0.27
+        for j, (key, name) in enumerate((("sqnr_weight_db", "weight"), ("sqnr_act_db", "activation"),
+                                         ("sqnr_grad_db", "gradient (mean dx, dw)"))):
+            vals = [_finite_or_nan(r[key]) for r in rows]
+            ax1.bar([i + (j - 1) * width for i in x], vals, width, label=name)
+        ax1.set_ylabel("SQNR (dB)")
+        ax1.set_title("Quantization quality per op (latest step)")
+        ax1.legend(fontsize="small")
+        ax1.grid(axis="y", alpha=0.3)
+        if not any(r[k] is not None for r in rows for k in _STAT_KEYS):
+            ax1.text(0.5, 0.5, "no statistics: compile with options={'collect_stats': True}",
+                     transform=ax1.transAxes, ha="center", va="center")
+        n_groups = max((len(r[k] or []) for r in rows for k in ("occupancy_dx", "occupancy_dw")), default=0)
+        for side, key, hatch in ((-0.2, "occupancy_dx", None), (0.2, "occupancy_dw", "//")):
+            bottom = [0.0] * len(rows)
+            for g in range(n_groups):
+                vals = [100 * (r[key][g] if r[key] and g < len(r[key]) else 0.0) for r in rows]
+                ax2.bar([i + side for i in x], vals, 0.38, bottom=bottom, color=f"C{g}", hatch=hatch,
+                        label=f"group {g}" if key == "occupancy_dx" else None, edgecolor="white")
+                bottom = [b + v for b, v in zip(bottom, vals)]
+        ax2.set_ylabel("channels in group (%)")
+        ax2.set_title("ShiftQuant group occupancy (left bar dx, hatched right bar dw)")
+        if n_groups:
+            ax2.legend(fontsize="small", ncol=n_groups)
+        ax2.set_xticks(x)
+        ax2.set_xticklabels(labels, rotation=60, ha="right", fontsize="small")
+        fig.savefig(path, dpi=110)
+        return path
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the records of a model
+# --------------------------------------------------------------------------------------------
+
+def report(compiled_or_model=None) -> Report:
+    """The :class:`Report` of a model compiled with ``backend="shiftquant"``.
+
+    ``compiled_or_model`` is the ``torch.compile``-d module or the original ``nn.Module``
+    (records are found through its parameters and buffers), or None for the latest compiles
+    of any model.  Only the newest record of each Dynamo graph is kept (see the module
+    docstring).  Raises ``ValueError`` when nothing was compiled with this backend.
+    """
+    if compiled_or_model is None:
+        records = D.latest_records()
+        if not records:
+            raise ValueError('sqcompile.report(): nothing has been compiled with backend="shiftquant" yet '
+                             "(compilation happens at the first call of the compiled model)")
+        return Report(latest_per_graph(records))
+    model = getattr(compiled_or_model, "_orig_mod", compiled_or_model)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"sqcompile.report() takes a torch.nn.Module or its torch.compile-d version, "
+                         f"got {type(compiled_or_model).__name__}")
+    records = D.records_for([*model.parameters(), *model.buffers()])
+    if not records:
+        raise ValueError(f'sqcompile.report(): this {type(model).__name__} was not compiled with '
+                         f'backend="shiftquant", or was never run (compilation happens at the first call '
+                         f'of the compiled model)')
+    return Report(latest_per_graph(records))
+
+
+def latest_per_graph(records: Sequence[D.CompileRecord]) -> List[D.CompileRecord]:
+    """The newest record of each Dynamo graph among ``records`` (oldest first)."""
+    newest: Dict[Any, D.CompileRecord] = {}
+    for rec in sorted(records, key=lambda r: r.index):
+        newest[graph_key(rec)] = rec
+    return sorted(newest.values(), key=lambda r: r.index)
+
+
+_PLACEHOLDER = re.compile(r"^(\w+)\b.*#\s*input\b")
+
+
+def graph_key(record: D.CompileRecord):
+    """What stays the same when Dynamo recompiles one graph (new shapes, train/eval, no_grad):
+    the ``(module path, op, kind)`` of its decisions and the module state it lifts as inputs
+    (placeholder names like ``l_self_modules_fc_parameters_weight_`` come from the source)."""
+    ops = tuple((d.module_path, d.op, d.kind) for d in record.decisions)
+    state = []
+    for line in record.graphs.get("dynamo", "").splitlines():
+        m = _PLACEHOLDER.match(line)
+        if m and ("_parameters_" in m.group(1) or "_buffers_" in m.group(1)):
+            state.append(m.group(1))
+    return ops, tuple(sorted(state))
+
+
+# --------------------------------------------------------------------------------------------
+# Rows and summary
+# --------------------------------------------------------------------------------------------
+
+def _ordered(record: D.CompileRecord) -> List[D.OpDecision]:
+    """Decisions in graph order (the passes append GEMMs first, then norms)."""
+    position = {}
+    for i, line in enumerate(record.graphs.get("dynamo", "").splitlines()):
+        m = re.match(r"^(\w+)", line)
+        if m:
+            position.setdefault(m.group(1), i)
+    order = {id(d): k for k, d in enumerate(record.decisions)}
+    return sorted(record.decisions, key=lambda d: (position.get(d.node, math.inf), order[id(d)]))
+
+
+def _row(d: D.OpDecision, record: D.CompileRecord, graph: int) -> Dict[str, Any]:
+    st = record.stats.get(d.node, {})
+    norm = d.kind == "norm"
+    weight = st.get("weight") or st.get("act_b") or {}
+    act = st.get("norm_in" if norm else "act") or {}
+    dx, dw = ({}, {}) if norm else (st.get("grad_dx") or {}, st.get("grad_dw") or {})
+    grads = [v for v in (_num(dx.get("sqnr_db")), _num(dw.get("sqnr_db"))) if v is not None]
+    if norm:
+        grads = [v for v in (_num((st.get("norm_grad") or {}).get("sqnr_db")),) if v is not None]
+    row = {
+        "graph": graph, "node": d.node, "module": d.module_path, "op": d.op, "kind": d.kind,
+        "shapes": [list(s) for s in d.shapes], "flops": int(d.flops), "quantized": bool(d.quantized),
+        "execution": d.execution_label,
+        "weight_bits": d.weight_bits, "weight_quantizer": d.weight_quantizer,
+        "act_bits": d.act_bits, "act_quantizer": d.act_quantizer,
+        "grad_bits": d.grad_bits, "grad_quantizer": d.grad_quantizer, "groups": d.groups,
+        "norm_bits": d.norm_bits, "region": d.region, "steps": st.get("steps"),
+        "sqnr_weight_db": _num(weight.get("sqnr_db")), "sqnr_act_db": _num(act.get("sqnr_db")),
+        "sqnr_grad_dx_db": _num(dx.get("sqnr_db")), "sqnr_grad_dw_db": _num(dw.get("sqnr_db")),
+        "sqnr_grad_db": sum(grads) / len(grads) if grads else None,
+        "sqnr_grad_dx_per_tensor_db": _num(dx.get("per_tensor_sqnr_db")),
+        "sqnr_grad_dw_per_tensor_db": _num(dw.get("per_tensor_sqnr_db")),
+        "occupancy_dx": _fractions(dx.get("group_occupancy")), "occupancy_dw": _fractions(dw.get("group_occupancy")),
+    }
+    return row
+
+
+def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord]) -> Dict[str, Any]:
+    gemms = [r for r in rows if r["kind"] != "norm"]
+    norms = [r for r in rows if r["kind"] == "norm"]
+    total = sum(r["flops"] for r in gemms)
+    integer = sum(r["flops"] for r in gemms if r["execution"] in INTEGER_EXECUTIONS)
+    quantized = sum(r["flops"] for r in gemms if r["quantized"])
+    warnings: List[str] = []
+    for rec in records:
+        for w in rec.warnings:
+            if w not in warnings:
+                warnings.append(w)
+    return {
+        "ops": len(rows), "quantized": sum(r["quantized"] for r in rows),
+        "gemms": len(gemms), "gemms_quantized": sum(r["quantized"] for r in gemms),
+        "norms": len(norms), "norms_quantized": sum(r["quantized"] for r in norms),
+        "gemm_flops": total,
+        "integer_flops_fraction": integer / total if total else None,
+        "quantized_flops_fraction": quantized / total if total else None,
+        "graphs": len(records) if records else len({r["graph"] for r in rows}),
+        "records": [rec.index for rec in records],
+        "stats_collected": any(r[k] is not None for r in rows for k in _STAT_KEYS),
+        "warnings": warnings,
+    }
+
+
+def _num(v) -> Optional[float]:
+    """A JSON-safe float: NaN (undefined) becomes None, +-inf (exact / all-noise) stays."""
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def _fractions(v) -> Optional[List[float]]:
+    return None if v is None else [float(x) for x in v]
+
+
+def _finite_or_nan(v) -> float:
+    return v if v is not None and math.isfinite(v) else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Cell text
+# --------------------------------------------------------------------------------------------
+
+_SHORT = [(", nearest", ""), ("per-output-channel", "per-channel"), (", stochastic", " SR"),
+          ("per-column (activation)", "per-col"), (" (activation)", "")]
+
+
+def _short(quantizer: Optional[str]) -> str:
+    q = quantizer or ""
+    for old, new in _SHORT:
+        q = q.replace(old, new)
+    return q
+
+
+def _forward_text(r) -> str:
+    if r["kind"] == "norm":
+        bits = r["act_bits"] or r["norm_bits"]
+        return f"in{bits} {_short(r['act_quantizer'])}".strip() if bits else "-"
+    if r["weight_bits"] is None and r["act_bits"] is None:
+        return "-"
+    w = f"W{r['weight_bits']} {_short(r['weight_quantizer'])}".strip()
+    a = f"A{r['act_bits']} {_short(r['act_quantizer'])}".strip()
+    return f"{w} / {a}"
+
+
+def _gradient_text(r) -> str:
+    bits = r["grad_bits"] or (r["norm_bits"] if r["kind"] == "norm" and r["quantized"] else None)
+    if bits is None:
+        return "-"
+    q = _short(r["grad_quantizer"])
+    if r["groups"] and "G=" not in q:
+        q = f"{q} G={r['groups']}".strip()
+    return f"g{bits} {q}".strip()
+
+
+def _db(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:.1f}" if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+
+
+def _grad_sqnr_text(r) -> str:
+    if r["kind"] == "norm":
+        return _db(r["sqnr_grad_db"])
+    dx, dw = r["sqnr_grad_dx_db"], r["sqnr_grad_dw_db"]
+    if dx is None and dw is None:
+        return ""
+    return f"{_db(dx) or '-'} / {_db(dw) or '-'}"
+
+
+def _occupancy_text(r) -> str:
+    def one(fr):
+        return "/".join(str(round(100 * f)) for f in fr) if fr else "-"
+
+    if not (r["occupancy_dx"] or r["occupancy_dw"]):
+        return ""
+    return f"{one(r['occupancy_dx'])} | {one(r['occupancy_dw'])}"
+
+
+def _pct(v) -> str:
+    return "n/a (no GEMMs)" if v is None else f"{100 * v:.1f}%"

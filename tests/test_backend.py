@@ -1,0 +1,232 @@
+"""End-to-end: torch.compile(model, backend="shiftquant") against eager float PyTorch."""
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sqcompile
+from sqcompile.decisions import latest_records, records_for
+
+from models import Block, SmallCNN, rel
+
+EIGHT = dict(weight_bits=8, act_bits=8, grad_bits=8, groups=1, norm="keep")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _grads(model, x, backend_options=None, seed=0):
+    model = copy.deepcopy(model)
+    run = model if backend_options is None else torch.compile(model, backend="shiftquant", options=backend_options)
+    torch.manual_seed(seed)
+    out = run(x)
+    out.pow(2).mean().backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}, model
+
+
+def _record_for(model):
+    recs = records_for(list(model.parameters()))
+    assert recs, "the backend left no record for this model"
+    return recs[-1]
+
+
+@pytest.mark.parametrize("execution", ["simulate", "integer"])
+def test_cnn_every_conv_and_linear_is_quantized_and_8bit_grads_match_float(execution):
+    torch.manual_seed(0)
+    model = SmallCNN(norm=False)
+    x = torch.randn(16, 1, 12, 12)
+    ref_out, ref, _ = _grads(model, x)
+    out, got, m = _grads(model, x, dict(EIGHT, execution=execution))
+    rec = _record_for(m)
+    gemms = [d for d in rec.decisions if d.kind == "gemm"]
+    assert sorted(d.module_path for d in gemms) == ["conv1", "conv2", "down", "fc"]
+    assert all(d.quantized and d.weight_bits == 8 for d in gemms)
+    assert {d.execution for d in gemms} == {"int8-cpu" if execution == "integer" else "simulated"}
+    # the ops are single visible nodes in the AOT graphs
+    assert rec.graphs["forward"].count("sqcompile.quantize(") >= 8
+    assert rec.graphs["backward"].count("sqcompile.shiftquant(") >= 7   # conv1's input needs no grad
+    if execution == "integer":
+        assert rec.graphs["forward"].count("sqcompile.int8_mm(") == 4
+    # Tolerance: 8-bit per-channel weights / per-row activations give ~0.5% output error per
+    # layer; the gradients add 8-bit stochastic rounding (unbiased, ~1% noise per GEMM) through
+    # four layers, so 5% relative L2 error leaves room without hiding a wrong formula (a missing
+    # scale or a transposed grouping gives errors of order 100%).
+    assert rel(out, ref_out) < 0.02
+    for name in ref:
+        assert rel(got[name], ref[name]) < 0.05, name
+
+
+def test_transformer_block_quantized_at_every_matmul_and_close_at_8_bits():
+    torch.manual_seed(0)
+    block = Block()
+    x = torch.randn(4, 16, 32)
+    ref_out, ref, _ = _grads(block, x)
+    out, got, m = _grads(block, x, EIGHT)
+    rec = _record_for(m)
+    ops = sorted((d.module_path, d.op) for d in rec.decisions if d.kind == "gemm")
+    assert ops == [("", "matmul"), ("", "matmul"), ("fc1", "linear"), ("fc2", "linear"),
+                   ("proj", "linear"), ("qkv", "linear")]
+    assert all(d.quantized for d in rec.decisions if d.kind == "gemm")
+    # QK^T and PV quantize both operands at act_bits
+    attn = [d for d in rec.decisions if d.op == "matmul"]
+    assert all(d.weight_bits == d.act_bits == 8 for d in attn)
+    assert rec.graphs["forward"].count("sqcompile.int8_mm(") == 6
+    assert rel(out, ref_out) < 0.03
+    for name in ref:
+        if name.startswith("ln"):       # LayerNorm params see gradients of quantized GEMMs only
+            continue
+        assert rel(got[name], ref[name]) < 0.06, name
+
+
+def test_sdpa_is_decomposed_into_two_quantized_gemms():
+    torch.manual_seed(0)
+    block = Block(sdpa=True)
+    x = torch.randn(2, 8, 32)
+    ref_out, _, _ = _grads(block, x)
+    out, _, m = _grads(block, x, EIGHT)
+    rec = _record_for(m)
+    sdpa = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
+    assert len(sdpa) == 1 and sdpa[0].quantized
+    assert rec.graphs["forward"].count("sqcompile.int8_mm(") == 6
+    assert rel(out, ref_out) < 0.03
+
+
+def test_4_bit_gradients_differ_from_float_yet_training_converges():
+    torch.manual_seed(0)
+    model = SmallCNN(classes=4, norm=False)
+    x, y = _textures(128)
+    _, ref, _ = _grads(model, x)
+    _, got, _ = _grads(model, x, {})           # defaults: 4/4/4 bits, ShiftQuant G=4
+    assert max(rel(got[n], ref[n]) for n in ref) > 0.05   # quantization really happens
+
+    compiled = torch.compile(model, backend="shiftquant")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = F.cross_entropy(compiled(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def _textures(n):
+    """Four texture classes (horizontal / vertical stripes, checkerboard, flat) plus noise."""
+    i = torch.arange(8)
+    patterns = torch.stack([(i[:, None] % 2).expand(8, 8), (i[None, :] % 2).expand(8, 8),
+                            (i[:, None] + i[None, :]) % 2, torch.zeros(8, 8, dtype=torch.long)]).float()
+    y = torch.arange(n) % 4
+    x = patterns[y].unsqueeze(1) * 2 - 1 + 0.5 * torch.randn(n, 1, 8, 8)
+    return x, y
+
+
+def test_model_state_is_untouched():
+    model = SmallCNN()
+    keys = list(model.state_dict())
+    compiled = torch.compile(model, backend="shiftquant")
+    compiled(torch.randn(4, 1, 8, 8)).sum().backward()
+    assert list(model.state_dict()) == keys
+    assert list(compiled.state_dict()) == [f"_orig_mod.{k}" for k in keys]
+    assert all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in model.parameters())
+    assert isinstance(model.conv1, nn.Conv2d)   # nothing swapped in the user's module
+
+
+def test_overrides_keep_modules_in_float_and_other_bits():
+    model = SmallCNN(norm=False)
+    compiled = torch.compile(model, backend="shiftquant",
+                             options={"overrides": {"conv1": {"weight_bits": 8, "act_bits": 8}, "fc": None}})
+    compiled(torch.randn(2, 1, 8, 8))
+    by_path = {d.module_path: d for d in _record_for(model).decisions}
+    assert by_path["conv1"].weight_bits == 8 and by_path["conv2"].weight_bits == 4
+    assert not by_path["fc"].quantized and "overrides['fc']" in by_path["fc"].execution_label
+
+
+def test_unsupported_ops_stay_float_are_reported_and_train():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.up = nn.ConvTranspose1d(8, 8, 2, stride=2)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, idx):
+            h = self.up(self.emb(idx).transpose(1, 2)).transpose(1, 2)
+            return self.fc(h).mean(1)
+
+    model = M()
+    compiled = torch.compile(model, backend="shiftquant")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    idx = torch.randint(0, 10, (4, 5))
+    for _ in range(3):
+        loss = compiled(idx).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    by_op = {d.op: d for d in _record_for(model).decisions}
+    assert by_op["linear"].quantized
+    assert not by_op["embedding"].quantized and "embedding" in by_op["embedding"].reason
+    assert not by_op["conv_transpose1d"].quantized and "transposed" in by_op["conv_transpose1d"].reason
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_nan_and_inf_gradients_propagate():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    compiled = torch.compile(model, backend="shiftquant")
+    out = compiled(torch.randn(4, 8))
+    g = torch.ones_like(out)
+    g[0, 0] = float("inf")
+    out.backward(g)
+    w = model[2].weight.grad
+    assert not torch.isfinite(w).all()              # not silently zeroed
+    model.zero_grad()
+    out = compiled(torch.randn(4, 8))
+    out.backward(torch.full_like(out, float("nan")))
+    assert torch.isnan(model[0].weight.grad).any()
+
+
+def test_zero_inputs_give_zero_not_nan():
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 2, bias=False))
+    compiled = torch.compile(model, backend="shiftquant")
+    out = compiled(torch.zeros(3, 8))
+    assert torch.equal(out, torch.zeros(3, 2))
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_bf16_model_keeps_its_dtype():
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4)).to(torch.bfloat16)
+    compiled = torch.compile(model, backend="shiftquant", options={"weight_bits": 8, "act_bits": 8})
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    out = compiled(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+    assert rel(out.float(), model(x).float()) < 0.05
+
+
+def test_backend_resolves_in_a_fresh_process_without_importing_sqcompile():
+    script = textwrap.dedent("""
+        import sys, torch
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        out = torch.compile(model, backend="shiftquant")(torch.randn(4, 8))
+        out.sum().backward()
+        rec = sys.modules["sqcompile"].decisions.latest_records()[-1]
+        assert all(d.quantized for d in rec.decisions), rec.decisions
+        print("ok", len(rec.decisions))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)) + "/..", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "ok 2"

@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+import sqcompile
+from sqcompile.config import Config, pattern_matches
+
+
+def test_defaults():
+    c = Config()
+    assert (c.weight_bits, c.act_bits, c.grad_bits, c.groups) == (4, 4, 4, 4)
+    assert c.norm == "l1" and c.norm_bits == 8 and c.execution == "auto" and c.kernels == "auto"
+    assert math.isclose(c.l1_scale, math.sqrt(math.pi / 2))
+
+
+@pytest.mark.parametrize("name,value", [
+    ("weight_bits", 1), ("weight_bits", 9), ("act_bits", 0), ("grad_bits", 16), ("grad_bits", 4.0),
+    ("norm_bits", 1), ("weight_bits", True), ("groups", 0), ("groups", 9), ("groups", -1),
+    ("norm", "l2"), ("execution", "fast"), ("kernels", "cuda"), ("inner", "tvm"),
+    ("l1_scale", 0.0), ("l1_scale", float("nan")), ("collect_stats", "yes"),
+])
+def test_bad_values_name_the_option(name, value):
+    with pytest.raises(ValueError, match=repr(name)):
+        Config.from_options({name: value})
+
+
+def test_unknown_option_suggests_the_right_one():
+    with pytest.raises(ValueError, match="did you mean 'weight_bits'"):
+        Config.from_options({"weigth_bits": 4})
+    with pytest.raises(ValueError, match="unknown sqcompile option 'frobnicate'"):
+        Config.from_options({"frobnicate": 1})
+
+
+def test_override_values_are_validated():
+    with pytest.raises(ValueError, match="'grad_bits'"):
+        Config(overrides={"fc": {"grad_bits": 12}})
+    with pytest.raises(ValueError, match=r"overrides\['fc'\]"):
+        Config(overrides={"fc": {"overrides": {}}})   # not a per-op option
+    with pytest.raises(ValueError, match="'overrides'"):
+        Config(overrides=["fc"])
+
+
+def test_overrides_resolution():
+    c = Config(weight_bits=4, overrides={"layer1": {"weight_bits": 8}, "layer1.0.conv2": {"act_bits": 6},
+                                         "fc": None, "": {"grad_bits": 8}})
+    assert c.for_module("layer1.0.conv1").weight_bits == 8          # parent pattern covers children
+    both = c.for_module("layer1.0.conv2")
+    assert (both.weight_bits, both.act_bits) == (8, 6)              # later patterns add fields
+    assert c.for_module("layer2.0.conv1").weight_bits == 4
+    assert c.for_module("fc") is None                                # None = keep float
+    assert c.for_module("").grad_bits == 8                          # "" = ops of the root module
+    assert c.for_module("layer2").grad_bits == 4
+    assert pattern_matches("blocks.*.attn", "blocks.3.attn.q_proj")
+    assert not pattern_matches("fc", "fc2")
+
+
+def test_config_passes_through_and_combines():
+    c = Config(weight_bits=8)
+    assert Config.from_options(c) is c
+    merged = Config.from_options({"config": c, "act_bits": 6})
+    assert (merged.weight_bits, merged.act_bits) == (8, 6)
+
+
+def test_torch_compile_bad_option_is_a_value_error_at_first_call():
+    model = torch.nn.Linear(4, 4)
+    compiled = torch.compile(model, backend="shiftquant", options={"grad_bits": 1})
+    with pytest.raises(ValueError, match="'grad_bits'"):
+        compiled(torch.randn(2, 4))
+    torch._dynamo.reset()
+    # nothing was lost: the model still works
+    assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
+def test_unmatched_override_warns_with_the_pattern():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    compiled = torch.compile(model, backend="shiftquant", options={"overrides": {"classifier": None}})
+    with pytest.warns(UserWarning, match="'classifier'.*match no module"):
+        compiled(torch.randn(3, 4))
+
+
+def test_config_is_exported():
+    assert sqcompile.Config is Config
