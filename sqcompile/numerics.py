@@ -90,6 +90,28 @@ def uniform_noise(shape, device=None) -> torch.Tensor:
     return (k.float() + 0.5) * (1.0 / 256.0)
 
 
+def hash_noise(shape, seed, device=None) -> torch.Tensor:
+    """Counter-based U[0, 1) noise: a hash of (element index, ``seed``), 8 bits per element.
+
+    The same role as :func:`uniform_noise`, but computed from the index alone, so a fusing
+    compiler (Inductor) generates it inside the quantizer's loop with a few integer ops instead
+    of a separate random-number pass (Inductor's ``rand`` costs ~5x the whole quantizer on
+    CPU).  The hash is the 32-bit MurmurHash3 finalizer over ``index * golden + seed``; values
+    are ``(k + 0.5) / 256`` as in :func:`uniform_noise`.  ``seed`` is an int or an int64 tensor.
+    """
+    shape = tuple(shape)
+    n = 1
+    for s in shape:
+        n *= s
+    h = (torch.arange(n, dtype=torch.int64, device=device).view(shape) * 0x9E3779B1 + seed) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return ((h >> 24).float() + 0.5) * (1.0 / 256.0)
+
+
 def round_values(v: torch.Tensor, rounding: str, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     if rounding == "nearest":
         return torch.round(v)
@@ -114,8 +136,8 @@ def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, bits: int, roundin
     caller's NaN scale carries them (see the module docstring)."""
     m = qmax(bits)
     v = x.float() / _safe_div_scale(scale)
-    q = round_values(v, rounding, noise).clamp_(-m, m)
-    return torch.nan_to_num_(q, nan=0.0).to(torch.int8)
+    q = round_values(v, rounding, noise).clamp(-m, m)
+    return torch.nan_to_num(q, nan=0.0).to(torch.int8)
 
 
 def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int] = (), rounding: str = "nearest",
@@ -171,17 +193,17 @@ class ShiftQuantized:
 def shift_groups(ranges: torch.Tensor, groups: int) -> torch.Tensor:
     """Group index of each channel range: ``min(G-1, floor(log2(R / r)))``, exactly.
 
-    Computed from the binary exponents (``frexp``) rather than a float ``log2`` so channels
-    whose range sits exactly on a power-of-two boundary land in the right group:
-    ``r = mr * 2**er``, ``R = mR * 2**eR`` with mantissas in [0.5, 1) give
-    ``floor(log2(R/r)) = eR - er - (mR < mr)``.  Zero (or non-finite R) -> ``G-1``.
+    ``floor(log2(R / r))`` counts the rungs ``j >= 1`` with ``r * 2**j <= R``; multiplying by a
+    power of two is exact in floating point, so channels whose range sits exactly on a
+    boundary land in the right group (a float ``log2`` can miss by one there), and the
+    computation is a handful of compares that a fusing compiler vectorizes.  Zero ranges
+    satisfy every compare and land in ``G-1``, as does everything when ``R`` is not finite.
     """
     R = ranges.max() if ranges.numel() else ranges.new_zeros(())
-    mr, er = torch.frexp(ranges)
-    mR, eR = torch.frexp(R)
-    g = (eR - er).long() - (mR < mr).long()
-    g = g.clamp(0, groups - 1)
-    return torch.where((ranges > 0) & torch.isfinite(R), g, torch.full_like(g, groups - 1))
+    g = torch.zeros(ranges.shape, dtype=torch.int64, device=ranges.device)
+    for j in range(1, groups):
+        g = g + (ranges * (2.0 ** j) <= R).long()
+    return torch.where(torch.isfinite(R), g, torch.full_like(g, groups - 1))
 
 
 def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int],

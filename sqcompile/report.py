@@ -43,8 +43,9 @@ the same graph when their decisions name the same ``(module path, op, kind)`` se
 their Dynamo graphs lift the same parameters and buffers.  So a recompile for a new batch size
 replaces the old record, graph breaks give one block of rows per graph, and a final
 ``no_grad`` evaluation replaces a training compile (its statistics then have no gradient
-columns); build ``Report(records)`` from :func:`sqcompile.decisions.records_for` to pick
-records yourself.
+columns).  :func:`sqcompile.explain.explain` compiles the same module again, so its records
+become the newest too.  Build ``Report(records)`` from :func:`sqcompile.decisions.records_for`
+to pick records yourself.
 """
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ ROW_KEYS = (
     "sqnr_weight_db", "sqnr_act_db", "sqnr_grad_dx_db", "sqnr_grad_dw_db", "sqnr_grad_db",
     "sqnr_grad_dx_per_tensor_db", "sqnr_grad_dw_per_tensor_db", "occupancy_dx", "occupancy_dw",
 )
-_STAT_KEYS = ("sqnr_weight_db", "sqnr_act_db", "sqnr_grad_dx_db", "sqnr_grad_dw_db", "occupancy_dx", "occupancy_dw")
+_STAT_KEYS = ("sqnr_weight_db", "sqnr_act_db", "sqnr_grad_dx_db", "sqnr_grad_dw_db", "sqnr_grad_db", "occupancy_dx",
+              "occupancy_dw")
 
 
 class Report:
@@ -154,7 +156,7 @@ class Report:
             ("inputs", lambda r: ", ".join("x".join(str(s) for s in shp) for shp in r["shapes"]), True),
             ("forward", _forward_text, True),
             ("gradient", _gradient_text, True),
-            ("execution", lambda r: r["execution"], True),
+            ("execution", _execution_text, True),
             ("region", lambda r: r["region"] or "", has["region"]),
             ("SQNR W", lambda r: _db(r["sqnr_weight_db"]), has["stats"]),
             ("SQNR A", lambda r: _db(r["sqnr_act_db"]), has["stats"]),
@@ -204,7 +206,7 @@ class Report:
             ax1.bar([i + (j - 1) * width for i in x], vals, width, label=name)
         ax1.set_ylabel("SQNR (dB)")
         ax1.set_title("Quantization quality per op (latest step)")
-        ax1.legend(fontsize="small")
+        ax1.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax1.grid(axis="y", alpha=0.3)
         if not any(r[k] is not None for r in rows for k in _STAT_KEYS):
             ax1.text(0.5, 0.5, "no statistics: compile with options={'collect_stats': True}",
@@ -220,7 +222,7 @@ class Report:
         ax2.set_ylabel("channels in group (%)")
         ax2.set_title("ShiftQuant group occupancy (left bar dx, hatched right bar dw)")
         if n_groups:
-            ax2.legend(fontsize="small", ncol=n_groups)
+            ax2.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax2.set_xticks(x)
         ax2.set_xticklabels(labels, rotation=60, ha="right", fontsize="small")
         fig.savefig(path, dpi=110)
@@ -425,4 +427,15 @@ def _occupancy_text(r) -> str:
 
 
 def _pct(v) -> str:
-    return "n/a (no GEMMs)" if v is None else f"{100 * v:.1f}%"
+    if v is None:
+        return "n/a (no GEMMs)"
+    text = f"{100 * v:.1f}%"
+    if text == "100.0%" and v < 1:
+        return ">99.9%"
+    if text == "0.0%" and v > 0:
+        return "<0.1%"
+    return text
+
+
+def _execution_text(r) -> str:
+    return r["execution"].replace("float: kept in float: ", "float: ")

@@ -179,3 +179,26 @@ def test_sqnr():
     x = torch.randn(1000)
     assert N.sqnr_db(x, x) == float("inf")
     assert abs(N.sqnr_db(x, x * 1.1) - 20.0) < 1e-4   # noise = 0.1 x -> 20 dB (x * 1.1 rounds in float32)
+
+
+def test_hash_noise_is_uniform_and_seeded():
+    u = N.hash_noise((2**22,), seed=12345)
+    assert u.min() >= 0 and u.max() < 1
+    counts = torch.bincount(((u * 256) - 0.5).round().long(), minlength=256).double()
+    expected = u.numel() / 256
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 400            # 255 degrees of freedom: mean 255, sd ~23
+    assert abs(float(u.mean()) - 0.5) < 1e-3
+    assert torch.equal(N.hash_noise((100,), 7), N.hash_noise((100,), 7))
+    assert not torch.equal(N.hash_noise((100,), 7), N.hash_noise((100,), 8))
+    # neighbouring elements are not correlated
+    c = torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]
+    assert abs(float(c)) < 0.01
+
+
+def test_stochastic_rounding_with_hash_noise_is_unbiased():
+    x = torch.full((4096,), 0.3)
+    scale = torch.tensor(1.0)
+    means = [N.dequantize(N.quantize_with_scale(x, scale, 4, "stochastic", N.hash_noise(x.shape, s)), scale).mean()
+             for s in range(64)]
+    assert abs(float(torch.stack(means).mean()) - 0.3) < 0.005

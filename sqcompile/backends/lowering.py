@@ -1,13 +1,53 @@
 """Lowering of the forward / backward ATen graphs that AOTAutograd produces.
 
-Each graph is recorded for inspection, then handed to the inner compiler: plain eager
-execution of the graph, or Inductor (which fuses the float glue around our ops).
+Each graph is recorded for inspection (with the ``sqcompile.*`` ops as single nodes), then
+handed to the inner compiler:
+
+* ``"eager"``: the graph runs node by node; quantizers are the reference implementations.
+* ``"inductor"``: the quantizer ops are first replaced by their definitions in
+  :mod:`sqcompile.numerics` (stochastic rounding uses the counter-based
+  :func:`~sqcompile.numerics.hash_noise`, which Inductor computes inside the fused loop), so
+  Inductor fuses each quantizer with its
+  neighbours (the gradient scaling before it, the dequantize epilogue after the int8 GEMM) into
+  one pass over memory.  The int8 GEMMs stay calls of ``torch.ops.sqcompile.int8_mm``.
 """
 from __future__ import annotations
 
-from functorch.compile import make_boxed_func
+import contextlib
 
+import torch
+from functorch.compile import make_boxed_func
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .. import numerics as N
 from ..graphs import format_graph
+
+
+def _noise(x, stochastic):
+    if not stochastic:
+        return None
+    seed = torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64, device=x.device)
+    return N.hash_noise(x.shape, seed, x.device)
+
+
+def _quantize(x, bits, keep_dims, stochastic):
+    return N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest", _noise(x, stochastic))
+
+
+def _shiftquant(x, bits, groups, channel_dims, stochastic):
+    r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest", _noise(x, stochastic))
+    return r.expanded, r.base_scale
+
+
+def _dequantize(q, scale, dtype):
+    return N.dequantize(q, scale, dtype)
+
+
+def quantizer_decompositions() -> dict:
+    """The sqcompile quantizer ops -> their numerics definitions, for fusing compilers."""
+    ops = torch.ops.sqcompile
+    return {ops.quantize.default: _quantize, ops.shiftquant.default: _shiftquant,
+            ops.dequantize.default: _dequantize}
 
 
 def inner_compiler(config, target) -> str:
@@ -24,8 +64,28 @@ def compiler(stage: str, config, target, record):
         if inner_compiler(config, target) == "inductor":
             from torch._inductor.compile_fx import compile_fx_inner
 
+            gm = decompose_for_inductor(gm, example_inputs)
             return compile_fx_inner(gm, example_inputs, is_backward=stage == "backward",
                                     is_inference=stage == "inference")
         return make_boxed_func(gm.forward)
 
     return compile_graph
+
+
+def decompose_for_inductor(gm, example_inputs):
+    """Retrace ``gm`` with Inductor's decompositions plus the quantizer ops replaced by their
+    numerics definitions (AOTAutograd ran with no decompositions, to keep the graphs readable)."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = {**select_decomp_table(), **quantizer_decompositions()}
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    from torch._inductor.fx_passes.replace_random import replace_random_passes
+    from torch._inductor.virtualized import V
+
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        gm = make_fx(gm, decomposition_table=table)(*example_inputs)
+    # what Inductor's joint-graph passes would have done: rand -> Inductor's fused RNG
+    with V.set_fake_mode(fake_mode) if fake_mode is not None else contextlib.nullcontext():
+        replace_random_passes(gm)
+    gm.recompile()
+    return gm

@@ -78,8 +78,8 @@ import triton.language as tl
 from .. import numerics as N
 from .. import ops
 
-_FLT_MAX = 3.4028234663852886e38
-_ROUND_MAGIC = 12582912.0   # 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+_ROUND_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22
 _MAX_GRID_YZ = 65535        # CUDA limit on grid dims 1 and 2
 
 
@@ -150,6 +150,21 @@ def _uniform_noise(seed, rows, l0, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constex
     k = _interleave4(_bytes_of(r0, BLOCK_C, G), _bytes_of(r1, BLOCK_C, G), _bytes_of(r2, BLOCK_C, G),
                      _bytes_of(r3, BLOCK_C, G), BLOCK_C, 4 * G)
     return (k.to(tl.float32) + 0.5) * (1.0 / 256.0)
+
+
+@triton.jit
+def cast_rtne(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` with torch's rounding (to nearest even) on every backend.
+
+    float32 -> bfloat16 is rounded with integer ops: Triton's interpreter truncates that cast
+    (and its "rtne" mode does not round ties to even), while CUDA rounds correctly; the
+    integer form is exact on both, NaN kept NaN."""
+    if dtype == tl.bfloat16:
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        u = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16
+        u = tl.where(x == x, u, 0x7FC0)
+        return u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -331,7 +346,7 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, D1, D2, sq0, sq1, sq2, ss0, ss1, s
     q = tl.load(q_ptr + i0 * sq0 + o1 * sq1 + o2 * sq2, mask=mask, other=0)
     s = tl.load(s_ptr + i0 * ss0 + o1 * ss1 + o2 * ss2, mask=mask, other=0.0)
     out = q.to(tl.float32) * s
-    tl.store(out_ptr + i0 * so0 + o1 * so1 + o2 * so2, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + i0 * so0 + o1 * so1 + o2 * so2, cast_rtne(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 INTERPRETED = type(_quantize_kernel).__name__ == "InterpretedFunction"

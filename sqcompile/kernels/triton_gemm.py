@@ -1,0 +1,208 @@
+"""Triton int8 GEMM: ``int8 [B, M, K] @ int8 [B, K, N]`` accumulated exactly in int32.
+
+One kernel, :func:`_int8_gemm_kernel`, in the style of Triton's matmul tutorial (grouped
+program order for L2 reuse, ``tl.dot`` on int8 tiles with an int32 accumulator), with:
+
+* explicit strides for every operand, so transposed views (``q.t()``, ``weight.t()``) are
+  read in place, without copies;
+* masked loads and stores on all three dims, so ``M``, ``N`` and ``K`` need not be
+  multiples of the block sizes;
+* the batch as the second grid dim (strides 0 for broadcast operands);
+* one epilogue, :func:`_epilogue`, the single place where elementwise work after the integer
+  accumulation goes: nothing (int32 out), or dequantization ``acc * sa[m] * sb[n]``, an
+  optional bias ``+ bias[n]`` and an activation chosen by the ``ACTIVATION`` constexpr
+  (``"none"``, ``"relu"``, ``"gelu"``, ``"silu"``), written in the output dtype.  A code
+  generator fusing more epilogue ops (residual add, the next layer's quantizer) extends that
+  function and its arguments; the main loop never changes.
+
+On CUDA the kernel is autotuned over configs suited to Hopper's int8 tensor cores (128-256
+wide tiles, ``BLOCK_K`` 64-128, 3-4 stages, 4-8 warps); in the interpreter (CPU,
+``TRITON_INTERPRET=1``) one small fixed config keeps tests fast.  The dot's operand layout
+matters on Hopper: 8-bit wgmma wants both operands K-major, which is what a Linear's forward
+gets (``x`` rows and ``weight.t()`` columns are contiguous along K); the backward GEMMs read
+one operand transposed (see ``benchmarks/gpu.py`` for what that costs).
+
+Limits: each operand matrix (one batch entry) must hold fewer than 2**31 elements (in-matrix
+offsets are int32, the batch offset is int64); ``K`` up to :data:`sqcompile.ops.MAX_INT32_TERMS`
+keeps int32 from overflowing (``ops.integer_matmul`` splits longer reductions).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_quant import cast_rtne
+
+ACTIVATIONS = ("none", "relu", "gelu", "silu")
+_INT32_ELEMENTS = 2 ** 31
+
+
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "relu":
+        x = tl.maximum(x, 0.0)
+    elif ACTIVATION == "gelu":   # exact (erf) GELU, as torch.nn.functional.gelu's default
+        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "silu":
+        x = x * tl.sigmoid(x)
+    return x
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, batch, M, N, sa_ptr, sb_ptr, bias_ptr, stride_sab, stride_sam, stride_sbb,
+              stride_sbn, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+    """Everything between the int32 accumulator and the store (see the module docstring)."""
+    if SCALED:
+        sa = tl.load(sa_ptr + batch * stride_sab + offs_m * stride_sam, mask=offs_m < M, other=0.0)
+        sb = tl.load(sb_ptr + batch * stride_sbb + offs_n * stride_sbn, mask=offs_n < N, other=0.0)
+        out = acc.to(tl.float32) * sa.to(tl.float32)[:, None] * sb.to(tl.float32)[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        out = _activation(out, ACTIVATION)
+    else:
+        out = acc
+    return out
+
+
+@triton.jit
+def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+                      stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
+                      stride_cb, stride_cm, stride_cn, stride_sab, stride_sam, stride_sbb, stride_sbn,
+                      SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """``C[b] = epilogue(A[b] @ B[b])`` with an int32 accumulator.
+
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), batch)``."""
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    # Grouped order: GROUP_M row blocks share the B tiles they read while they are in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + batch * stride_ab + (offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_ptrs = b_ptr + batch * stride_bb + (offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn)
+    mask_m = offs_m[:, None] < M
+    mask_n = offs_n[None, :] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m & (offs_k[None, :] < k_left), other=0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    out = _epilogue(acc, offs_m, offs_n, batch, M, N, sa_ptr, sb_ptr, bias_ptr, stride_sab, stride_sam,
+                    stride_sbb, stride_sbn, SCALED, HAS_BIAS, ACTIVATION)
+    c_ptrs = c_ptr + batch * stride_cb + (offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn)
+    tl.store(c_ptrs, cast_rtne(out, c_ptr.dtype.element_ty), mask=mask_m & mask_n)
+
+
+INTERPRETED = type(_int8_gemm_kernel).__name__ == "InterpretedFunction"
+
+# Hopper int8 wgmma: 128-256 wide tiles, BLOCK_K 64-128, 3-4 stages in shared memory.
+CUDA_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
+]
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+if INTERPRETED:
+    _gemm = _int8_gemm_kernel
+else:
+    # The layout (which strides are 1) is part of the key: it decides the best config.
+    _gemm = triton.autotune(CUDA_CONFIGS, key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"])(
+        _int8_gemm_kernel)
+
+
+def _as_batched(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
+    """``[..., M, K]``, ``[..., K, N]`` -> ``[Bt, M, K]``, ``[Bt, K, N]`` views (batch dims
+    broadcast; a copy only when broadcast batch dims do not merge) and the batch shape."""
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(f"int8 GEMM needs operands with >= 2 dims, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"int8 GEMM: inner dims differ: {tuple(a.shape)} @ {tuple(b.shape)}")
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    bt = math.prod(batch)
+    a3 = a.expand(*batch, *a.shape[-2:]).reshape(bt, *a.shape[-2:])
+    b3 = b.expand(*batch, *b.shape[-2:]).reshape(bt, *b.shape[-2:])
+    for t in (a3, b3):
+        if t.shape[1] * t.shape[2] >= _INT32_ELEMENTS:
+            raise ValueError("int8 GEMM: one operand matrix holds 2**31 elements or more")
+    return a3, b3, tuple(batch)
+
+
+def _launch(a3, b3, c3, sa3=None, sb3=None, bias=None, activation: str = "none") -> None:
+    Bt, M, K = a3.shape
+    N = b3.shape[2]
+    if c3.numel() == 0:
+        return                      # (K == 0 runs no loop iteration: the epilogue sees 0)
+    scaled = sa3 is not None
+    dummy = c3
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), Bt)  # noqa: E731
+    extra = INTERPRETER_CONFIG if INTERPRETED else {}
+    _gemm[grid](
+        a3, b3, c3, sa3 if scaled else dummy, sb3 if scaled else dummy, bias if bias is not None else dummy,
+        M, N, K, *a3.stride(), *b3.stride(), *c3.stride(),
+        sa3.stride(0) if scaled else 0, sa3.stride(1) if scaled else 0,
+        sb3.stride(0) if scaled else 0, sb3.stride(2) if scaled else 0,
+        SCALED=scaled, HAS_BIAS=bias is not None, ACTIVATION=activation, **extra)
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``int8 [..., M, K] @ int8 [..., K, N]`` -> int32 ``[..., M, N]`` (contiguous)."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"int8_mm takes int8 operands, got {a.dtype} and {b.dtype}")
+    a3, b3, batch = _as_batched(a, b)
+    c3 = torch.empty((a3.shape[0], a3.shape[1], b3.shape[2]), dtype=torch.int32, device=a.device)
+    _launch(a3, b3, c3)
+    return c3.reshape(*batch, a3.shape[1], b3.shape[2])
+
+
+def scaled_int8_mm(qa: torch.Tensor, sa_row: torch.Tensor, qb: torch.Tensor, sb_col: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
+                   activation: str = "none") -> torch.Tensor:
+    """``activation((qa @ qb) * sa_row * sb_col + bias)`` in ``out_dtype``, dequantized in the
+    GEMM's epilogue (float32 arithmetic).
+
+    ``sa_row`` broadcasts to ``[..., M, 1]`` (e.g. the scale ``ops.quantize`` returns for
+    ``keep_dims=[0, 1]``; a scalar is a per-tensor scale; a 1-D tensor of length M is one
+    scale per row), ``sb_col`` to ``[..., 1, N]`` (1-D: one per column), ``bias`` is ``[N]``.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if qa.dtype != torch.int8 or qb.dtype != torch.int8:
+        raise TypeError(f"scaled_int8_mm takes int8 operands, got {qa.dtype} and {qb.dtype}")
+    a3, b3, batch = _as_batched(qa, qb)
+    Bt, M, _ = a3.shape
+    N = b3.shape[2]
+    if sa_row.dim() == 1 and sa_row.numel() == M:
+        sa_row = sa_row[:, None]
+    if sb_col.dim() == 1:
+        sb_col = sb_col[None, :]
+    sa3 = sa_row.expand(*batch, M, 1).reshape(Bt, M, 1)
+    sb3 = sb_col.expand(*batch, 1, N).reshape(Bt, 1, N)
+    if bias is not None:
+        bias = bias.reshape(N).contiguous()
+    c3 = torch.empty((Bt, M, N), dtype=out_dtype, device=qa.device)
+    _launch(a3, b3, c3, sa3, sb3, bias, activation)
+    return c3.reshape(*batch, M, N)
+
+
+__all__ = ["int8_mm", "scaled_int8_mm", "ACTIVATIONS", "CUDA_CONFIGS", "INTERPRETED"]

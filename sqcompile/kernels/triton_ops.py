@@ -1,0 +1,134 @@
+"""The Triton kernel family as custom ops, and the ``"triton"`` :class:`~sqcompile.ops.KernelSet`.
+
+``sqcompile::triton_quantize``, ``triton_shiftquant``, ``triton_dequantize`` and
+``triton_int8_mm`` have exactly the schemas and semantics of the generic ops in
+:mod:`sqcompile.ops` (``quantize``, ``shiftquant``, ``dequantize``, ``int8_mm``); their fake
+implementations *are* the generic ops' (the fake impl calls the generic op, which under
+FakeTensorMode dispatches to its own fake), so shapes, dtypes and strides cannot drift apart.
+They stay distinct ops, not kernels registered onto the generic ones, so a graph shows which
+family each node uses and the ``"torch"`` family stays available next to ``"triton"``.
+
+The kernels are launched from plain ``torch.library.custom_op`` bodies (``triton_op`` cannot
+be traced under Triton's CPU interpreter).  They run on CUDA tensors, and on CPU tensors only
+through Triton's interpreter (``TRITON_INTERPRET=1``, slow, meant for tests).  The kernel
+modules are imported on first use, not here: ``@triton.jit`` decides between compiled and
+interpreted kernels when the module defining them is imported, so importing this module early
+(``sqcompile.kernels`` does) never fixes that choice, and never fails on a CPU-only machine.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import List, Tuple
+
+import torch
+
+from .. import ops
+
+UNAVAILABLE = "Triton needs CUDA, or TRITON_INTERPRET=1 to run its interpreter on CPU"
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_available() -> Tuple[bool, str]:
+    """``(True, what runs the kernels)`` or ``(False, why not)``.
+
+    True on CUDA; on a CPU-only machine only when ``TRITON_INTERPRET=1`` is set (before the
+    kernel modules are first imported)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - triton is a dependency
+        return False, f"Triton is not importable: {e}"
+    if torch.cuda.is_available():
+        return True, f"CUDA ({torch.cuda.get_device_name()})"
+    if not _interpret_requested():
+        return False, UNAVAILABLE
+    quant = importlib.import_module(".triton_quant", __package__)
+    if not quant.INTERPRETED:
+        return False, ("TRITON_INTERPRET=1 was set after the Triton kernels were defined; set it before "
+                       "the first Triton op runs (e.g. in conftest.py or the environment)")
+    return True, "Triton interpreter on CPU (TRITON_INTERPRET=1; slow, for tests)"
+
+
+def _quant():
+    return importlib.import_module(".triton_quant", __package__)
+
+
+def _gemm():
+    return importlib.import_module(".triton_gemm", __package__)
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type == "cuda":
+            continue
+        ok, reason = triton_available() if t.device.type == "cpu" else (False, "only CUDA and CPU are supported")
+        if not ok:
+            raise RuntimeError(f"sqcompile Triton kernels cannot run on {t.device}: {reason}")
+
+
+@torch.library.custom_op("sqcompile::triton_quantize", mutates_args=())
+def triton_quantize(x: torch.Tensor, bits: int, keep_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sqcompile::quantize`` on Triton."""
+    _check_device(x)
+    return _quant().quantize(x, bits, keep_dims, stochastic)
+
+
+@triton_quantize.register_fake
+def _(x, bits, keep_dims, stochastic):
+    return torch.ops.sqcompile.quantize(x, bits, keep_dims, stochastic)
+
+
+@torch.library.custom_op("sqcompile::triton_shiftquant", mutates_args=())
+def triton_shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sqcompile::shiftquant`` on Triton."""
+    _check_device(x)
+    return _quant().shiftquant(x, bits, groups, channel_dims, stochastic)
+
+
+@triton_shiftquant.register_fake
+def _(x, bits, groups, channel_dims, stochastic):
+    return torch.ops.sqcompile.shiftquant(x, bits, groups, channel_dims, stochastic)
+
+
+@torch.library.custom_op("sqcompile::triton_dequantize", mutates_args=())
+def triton_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``sqcompile::dequantize`` on Triton."""
+    _check_device(q, scale)
+    return _quant().dequantize(q, scale, dtype)
+
+
+@triton_dequantize.register_fake
+def _(q, scale, dtype):
+    return torch.ops.sqcompile.dequantize(q, scale, dtype)
+
+
+@torch.library.custom_op("sqcompile::triton_int8_mm", mutates_args=())
+def triton_int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sqcompile::int8_mm`` on Triton (operands with >= 2 dims, batch dims broadcast)."""
+    _check_device(a, b)
+    return _int8_mm(a, b)
+
+
+def _int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int16 operands (ShiftQuant's wide expanded form) are split into int8 digits,
+    ``e = hi * 128 + lo`` (``ops._split_int16``), and the two products combined in int32."""
+    if a.dtype == torch.int16:
+        hi, lo = ops._split_int16(a)
+        return _int8_mm(hi, b) * 128 + _int8_mm(lo, b)
+    if b.dtype == torch.int16:
+        hi, lo = ops._split_int16(b)
+        return _int8_mm(a, hi) * 128 + _int8_mm(a, lo)
+    return _gemm().int8_mm(a, b)
+
+
+@triton_int8_mm.register_fake
+def _(a, b):
+    return torch.ops.sqcompile.int8_mm(a, b)
+
+
+ops.register_kernel_set("triton", ops.KernelSet(
+    torch.ops.sqcompile.triton_quantize, torch.ops.sqcompile.triton_shiftquant,
+    torch.ops.sqcompile.triton_dequantize, torch.ops.sqcompile.triton_int8_mm))

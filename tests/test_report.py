@@ -1,0 +1,453 @@
+"""The per-op precision report (sqcompile.report), explain() and the command line.
+
+Every test compiles a small model, runs a step or a few, and checks the report against what
+the model contains: one row per matmul / conv (and norm, once the L1 pass records norms),
+with the module paths, bits and execution the options ask for.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sqcompile  # noqa: F401  (registers the backend)
+from sqcompile.explain import Explanation, explain
+from sqcompile.report import ROW_KEYS, Report, report
+
+ROOT = Path(__file__).resolve().parents[1]
+NORM_TYPES = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ResNetish(nn.Module):
+    def __init__(self, c=8, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.layer1 = nn.Sequential(ResBlock(c))
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.layer1(F.relu(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads, sdpa):
+        super().__init__()
+        self.heads, self.sdpa = heads, sdpa
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            a = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1) @ v
+        return self.proj(a.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    def __init__(self, d=32, heads=4, sdpa=False):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, heads, sdpa)
+        self.ln2, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    """Block 0 writes attention as explicit matmuls, block 1 calls F.scaled_dot_product_attention."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(d, sdpa=False), Block(d, sdpa=True)])
+        self.head = nn.Linear(d, 8)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def compiled_step(model, x, steps=1, **options):
+    cm = torch.compile(model, backend="shiftquant", options=options)
+    for _ in range(steps):
+        cm(x).float().sum().backward()
+    return cm
+
+
+def gemm_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def check_norm_rows(rows, model):
+    """Norm rows appear once the L1 pass records norm decisions: one per norm module."""
+    norm_rows = [r for r in rows if r["kind"] == "norm"]
+    if norm_rows:
+        expected = {n for n, m in model.named_modules() if isinstance(m, NORM_TYPES)}
+        assert sorted(r["module"] for r in norm_rows) == sorted(expected)
+        for r in norm_rows:
+            assert r["norm_bits"] is not None and r["shapes"]
+
+
+@pytest.fixture(scope="module")
+def cnn_stats_report():
+    torch.manual_seed(0)
+    model = ResNetish()
+    cm = compiled_step(model, torch.randn(4, 3, 8, 8), steps=2, collect_stats=True)
+    return report(cm), model
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------
+
+def test_cnn_one_row_per_gemm_with_paths_bits_execution():
+    torch.manual_seed(0)
+    model = ResNetish()
+    cm = compiled_step(model, torch.randn(2, 3, 8, 8), weight_bits=4, act_bits=6, grad_bits=5, groups=3)
+    rows = report(cm).rows()
+    gemm_rows = [r for r in rows if r["kind"] == "gemm"]
+    expected = gemm_modules(model)
+    assert sorted(r["module"] for r in gemm_rows) == sorted(expected)      # exactly one row each
+    for r in gemm_rows:
+        op = "linear" if isinstance(expected[r["module"]], nn.Linear) else "conv2d"
+        assert r["op"] == op and r["quantized"] and r["execution"] == "int8-cpu"
+        assert (r["weight_bits"], r["act_bits"], r["grad_bits"], r["groups"]) == (4, 6, 5, 3)
+        assert "ShiftQuant" in r["grad_quantizer"] and r["flops"] > 0
+    stem = next(r for r in rows if r["module"] == "stem")
+    assert stem["shapes"] == [[2, 3, 8, 8], [8, 3, 3, 3]]
+    check_norm_rows(rows, model)
+    s = report(cm).summary()
+    assert s["integer_flops_fraction"] == 1.0 and s["quantized_flops_fraction"] == 1.0
+    assert s["ops"] == len(rows) and s["gemms"] == len(expected) and s["graphs"] == 1
+    text = str(report(cm))
+    assert "layer1.0.conv1" in text and "int8-cpu" in text and "Summary:" in text
+    assert "SQNR" not in text                       # no stats collected: no stats columns
+
+
+def test_transformer_rows_for_linears_matmuls_and_sdpa():
+    torch.manual_seed(0)
+    model = Transformer()
+    cm = compiled_step(model, torch.randn(2, 6, 32), weight_bits=4, act_bits=8)
+    rows = report(cm).rows()
+    gemm_rows = [r for r in rows if r["kind"] == "gemm"]
+    linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    assert sorted(r["module"] for r in gemm_rows if r["op"] == "linear") == linears
+    assert [r["module"] for r in gemm_rows if r["op"] == "matmul"] == ["blocks.0.attn"] * 2
+    assert [r["module"] for r in gemm_rows if r["op"] == "scaled_dot_product_attention"] == ["blocks.1.attn"]
+    assert len(gemm_rows) == len(linears) + 3
+    for r in gemm_rows:
+        assert r["execution"] == "int8-cpu" and r["act_bits"] == 8
+        # an activation-by-activation product quantizes its second operand at act_bits
+        assert r["weight_bits"] == (4 if r["op"] == "linear" else 8)
+    check_norm_rows(rows, model)
+    assert "blocks.1.attn" in str(report(cm))
+
+
+def test_float_fallbacks_carry_reasons_and_unmatched_overrides_warn():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, idx):
+            e = self.emb(idx)                                   # [B, 4, 4, 8]
+            y = self.conv(self.up(e.permute(0, 3, 1, 2)))
+            return self.fc(y.mean((2, 3)))
+
+    model = Mixed()
+    with pytest.warns(UserWarning, match="no_such_module"):
+        cm = compiled_step(model, torch.randint(0, 20, (2, 4, 4)), overrides={"fc": None, "no_such_module": None})
+    rep = report(cm)
+    by_op = {r["op"]: r for r in rep.rows()}
+    assert set(by_op) == {"embedding", "conv_transpose2d", "conv2d", "linear"}
+    for op in ("embedding", "conv_transpose2d", "linear"):
+        r = by_op[op]
+        assert not r["quantized"] and r["execution"].startswith("float: ") and len(r["execution"]) > 12
+    assert "overrides['fc']" in by_op["linear"]["execution"]
+    assert by_op["conv2d"]["execution"] == "int8-cpu"
+    s = rep.summary()
+    assert s["quantized"] == 1 and 0 < s["quantized_flops_fraction"] < 1
+    assert any("no_such_module" in w for w in s["warnings"])
+    text = str(rep)
+    assert "float: " in text and "warning:" in text and "no_such_module" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+def test_stats_are_finite_and_8_bits_beat_4_bits():
+    x = torch.randn(4, 3, 8, 8)
+    sqnr = {}
+    for bits in (8, 4):
+        torch.manual_seed(0)
+        model = ResNetish()
+        cm = compiled_step(model, x, weight_bits=bits, act_bits=bits, collect_stats=True)
+        rows = [r for r in report(cm).rows() if r["kind"] == "gemm"]
+        assert len(rows) == len(gemm_modules(model))
+        for r in rows:
+            for key in ("sqnr_weight_db", "sqnr_act_db", "sqnr_grad_dw_db"):
+                assert r[key] is not None and math.isfinite(r[key]), (r["module"], key)
+            assert r["steps"] == 1
+            assert abs(sum(r["occupancy_dw"]) - 1) < 1e-6
+        sqnr[bits] = {r["module"]: (r["sqnr_weight_db"], r["sqnr_act_db"]) for r in rows}
+    for module, (w8, a8) in sqnr[8].items():
+        w4, a4 = sqnr[4][module]
+        assert w8 > w4 + 10 and a8 > a4 + 10, module     # ~6 dB per bit
+
+
+def test_shiftquant_gradient_sqnr_beats_per_tensor_on_spread_channels():
+    """A layer whose 256 output channels get gradients of ranges spread over 2**6 (as real
+    layers do: a few channels carry most of the gradient).  ShiftQuant (4 groups) is compared
+    with per-tensor quantization (1 group) at the same 4 bits; both round stochastically, so
+    the SQNR is averaged over a few steps."""
+    torch.manual_seed(0)
+    spread = 2.0 ** -torch.empty(256).uniform_(0, 6)
+
+    class Spread(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc0 = nn.Linear(64, 256)
+            self.fc1 = nn.Linear(256, 256)
+            self.register_buffer("spread", spread)
+
+        def forward(self, x):
+            return self.fc1(F.relu(self.fc0(x))) * self.spread
+
+    x = torch.randn(64, 64)
+    mean_sqnr = {}
+    for groups in (4, 1):
+        torch.manual_seed(1)
+        cm = torch.compile(Spread(), backend="shiftquant", options={"grad_bits": 4, "groups": groups,
+                                                                    "collect_stats": True})
+        values, baseline = [], []
+        for _ in range(4):
+            (cm(x) * torch.randn(64, 256)).sum().backward()
+            row = next(r for r in report(cm).rows() if r["module"] == "fc1")
+            values.append(row["sqnr_grad_dx_db"])
+            baseline.append(row["sqnr_grad_dx_per_tensor_db"])
+        mean_sqnr[groups] = sum(values) / len(values)
+        if groups == 4:   # the in-op per-tensor baseline tells the same story
+            assert mean_sqnr[4] > sum(baseline) / len(baseline) + 2
+    assert mean_sqnr[4] > mean_sqnr[1] + 2, mean_sqnr
+
+
+def test_stats_off_adds_no_nodes():
+    x = torch.randn(2, 3, 8, 8)
+    for collect in (False, True):
+        torch.manual_seed(0)
+        cm = compiled_step(ResNetish(), x, collect_stats=collect)
+        rep = report(cm)
+        text = "".join(r.graphs["forward"] + r.graphs["backward"] for r in rep.records)
+        assert ("_observed" in text) is collect
+        assert rep.summary()["stats_collected"] is collect
+
+
+def test_stats_table_columns(cnn_stats_report):
+    rep, _ = cnn_stats_report
+    text = str(rep)
+    assert "SQNR W" in text and "SQNR grad dx/dw" in text and "groups % dx | dw" in text
+    fc = next(r for r in rep.rows() if r["module"] == "fc")
+    assert f"{fc['sqnr_weight_db']:.1f}" in text
+    assert fc["steps"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+def test_json_round_trip(cnn_stats_report):
+    rep, _ = cnn_stats_report
+    back = Report.from_json(rep.to_json())
+    assert back.rows() == rep.rows() and back.summary() == rep.summary()
+    assert str(back) == str(rep)
+    with pytest.raises(ValueError, match="not a sqcompile report"):
+        Report.from_json(json.dumps({"rows": []}))
+
+
+def test_csv_has_header_and_rows(cnn_stats_report, tmp_path):
+    rep, _ = cnn_stats_report
+    text = rep.to_csv(tmp_path / "r.csv")
+    lines = text.strip().splitlines()
+    assert lines[0].split(",") == list(ROW_KEYS)
+    assert len(lines) == 1 + len(rep.rows())
+    assert (tmp_path / "r.csv").read_text() == text
+
+
+def test_plot_writes_png(cnn_stats_report, tmp_path):
+    pytest.importorskip("matplotlib")
+    rep, _ = cnn_stats_report
+    path = rep.plot(str(tmp_path / "report.png"))
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Finding records
+# --------------------------------------------------------------------------------------------
+
+def test_report_of_uncompiled_model_or_non_module_raises():
+    with pytest.raises(ValueError, match='not compiled with backend="shiftquant"'):
+        report(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="nn.Module"):
+        report(lambda x: x)
+    cm = torch.compile(nn.Linear(3, 3), backend="shiftquant")
+    with pytest.raises(ValueError, match="never run"):                 # compiled lazily
+        report(cm)
+
+
+def test_recompiles_keep_the_newest_record_and_graph_breaks_keep_both():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    model = Broken()
+    cm = torch.compile(model, backend="shiftquant")
+    for batch in (2, 3, 5):                       # new shapes: recompiles of both graphs
+        cm(torch.randn(batch, 8)).sum().backward()
+    rep = report(model)                           # the original module works too
+    assert [r["module"] for r in rep.rows()] == ["a", "b"]
+    assert rep.summary()["graphs"] == 2 and [r["graph"] for r in rep.rows()] == [0, 1]
+    assert rep.rows()[0]["shapes"][0][0] != 2     # the newest compile
+    assert str(rep).splitlines()[0].split()[0] == "graph"
+    assert {"a", "b"} <= {r["module"] for r in report().rows()}     # no argument: the latest compiles
+    ex = explain(model, torch.randn(2, 8))
+    assert ex.graphs["forward"].count("# --- graph ") == 2 and "(backend call #" in ex.graphs["backward"]
+    assert [r["module"] for r in ex.report.rows()] == ["a", "b"]
+
+
+# --------------------------------------------------------------------------------------------
+# explain() and the command line
+# --------------------------------------------------------------------------------------------
+
+def test_explain_shows_graphs_and_leaves_the_model_unchanged():
+    torch.manual_seed(0)
+    model = ResNetish().eval()
+    model.fc.weight.grad = torch.ones_like(model.fc.weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    rng = torch.get_rng_state()
+    ex = explain(model, x, weight_bits=6, collect_stats=True)
+    assert isinstance(ex, Explanation)
+    assert set(ex.graphs) == {"dynamo", "rewritten", "forward", "backward"}
+    assert "torch.conv2d(" in ex.graphs["dynamo"] and "quantized_conv" in ex.graphs["rewritten"]
+    assert "sqcompile.int8_mm" in ex.graphs["forward"] and "shiftquant" in ex.graphs["backward"]
+    assert {r["weight_bits"] for r in ex.report.rows() if r["kind"] == "gemm"} == {6}
+    text = str(ex)
+    assert "Backward graph" in text and "Summary:" in text
+    # unchanged: training flag, buffers (BN running stats), grads, RNG
+    assert not any(m.training for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(model.fc.weight.grad, torch.ones_like(model.fc.weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "fc.weight")
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_explain_validates_options():
+    with pytest.raises(ValueError, match="weight_bits"):
+        explain(nn.Linear(4, 4), torch.randn(2, 4), weight_bits=13)
+    with pytest.raises(ValueError, match="did you mean 'act_bits'"):
+        explain(nn.Linear(4, 4), torch.randn(2, 4), act_bit=4)
+
+
+def test_explain_raises_the_models_own_error():
+    class ShapeBug(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(7, 2)   # 8 != 7
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x))
+
+    class MyError(Exception):
+        pass
+
+    class Raises(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.shape[0] > 1:
+                raise MyError("batch too large for this model")
+            return self.fc(x)
+
+    with pytest.raises(RuntimeError) as info:
+        explain(ShapeBug(), torch.randn(2, 4))
+    assert type(info.value) is RuntimeError and "mat1 and mat2 shapes cannot be multiplied" in str(info.value)
+    with pytest.raises(MyError, match="batch too large"):
+        explain(Raises(), torch.randn(2, 4))
+
+
+def _cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "sqcompile", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_explain_prints_the_report():
+    out = _cli("explain", "examples/explain_demo.py", "--options", '{"weight_bits": 6}')
+    assert out.returncode == 0, out.stderr
+    assert "layer1.0.conv1" in out.stdout and "W6" in out.stdout and "Summary:" in out.stdout
+    assert "Backward graph" not in out.stdout
+
+
+def test_cli_help_and_bad_input(capsys, tmp_path):
+    from sqcompile.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0 and "explain" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["explain", str(ROOT / "examples" / "explain_demo.py"), "--options", '{"weight_bits": 13}'])
+    assert info.value.code == 2 and "weight_bits" in capsys.readouterr().err
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(SystemExit, match="neither build"):
+        main(["explain", str(empty)])
+
+
+def test_plot_without_matplotlib_says_how_to_install(cnn_stats_report, monkeypatch, tmp_path):
+    rep, _ = cnn_stats_report
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"pip install sqcompile\[plot\]"):
+        rep.plot(str(tmp_path / "x.png"))

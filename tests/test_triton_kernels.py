@@ -1,0 +1,599 @@
+"""The Triton kernel family against :mod:`sqcompile.numerics` and the CPU integer GEMM.
+
+Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by
+conftest.py), so shapes are small but never multiples of the block sizes (masked edges),
+with batch 1 and 3 and transposed (non-contiguous) operands.  With CUDA the same checks run
+on the GPU, and :class:`TestOnGPU` repeats them on larger shapes.
+
+* nearest rounding: int8 values, scales, ShiftQuant's expanded integers and base scale are
+  bit-exact with the reference, including group boundaries (ranges exactly ``R / 2**j``),
+  denormal ranges, zero tensors, NaN / Inf inputs and the int16 expanded form;
+* stochastic rounding (different noise from the reference): reproducible for a seed, within
+  one step (floor or ceil), unbiased over many seeds;
+* integer GEMMs: bit-exact with ``torch._int_mm`` / ``ops.integer_matmul``; the scaled GEMM's
+  epilogue matches the dequantized reference (allclose);
+* the ``"triton"`` KernelSet end to end through ``ops.quantized_linear``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sqcompile import numerics as N
+from sqcompile import ops
+from sqcompile.kernels import triton_ops
+from sqcompile.kernels.triton_ops import triton_available
+
+AVAILABLE, WHY = triton_available()
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=WHY)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kernels():
+    from sqcompile.kernels import triton_gemm, triton_quant
+    return triton_quant, triton_gemm
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` with the same values in another memory layout."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "transposed":          # last two dims stored swapped (like weight.t())
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "strided":             # not dense: every other element of a wider tensor
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    raise ValueError(layout)
+
+
+def _same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-exact equality (NaN == NaN), same dtype and shape."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by the CPU (interpreter) tests and the GPU class
+# ---------------------------------------------------------------------------------------------
+
+def check_quantize_nearest(x, bits, keep_dims, fused=None):
+    tq, _ = _kernels()
+    q, s = tq.quantize(x, bits, keep_dims, False, fused=fused)
+    qr, sr = N.quantize(x.cpu(), bits, keep_dims, "nearest")
+    _same(q, qr)
+    _same(s, sr)
+    if tq._dense(x):   # the fake implementation's strides (empty_like)
+        assert q.stride() == torch.empty_like(x, dtype=torch.int8).stride()
+
+
+def check_shiftquant_nearest(x, bits, groups, channel_dims):
+    tq, _ = _kernels()
+    e, base = tq.shiftquant(x, bits, groups, channel_dims, False)
+    ref = N.shiftquant(x.cpu(), bits, groups, channel_dims, "nearest")
+    _same(e, ref.expanded)
+    _same(base, ref.base_scale)
+
+
+def check_stochastic_quantize(x, bits, keep_dims):
+    """Reproducible for a seed, every value floor or ceil of x / scale, fused == split."""
+    tq, _ = _kernels()
+    q1, s1 = tq.quantize(x, bits, keep_dims, True, seed=1234)
+    q2, s2 = tq.quantize(x, bits, keep_dims, True, seed=1234)
+    _same(q1, q2)
+    _same(s1, s2)
+    q3, _ = tq.quantize(x, bits, keep_dims, True, seed=4321)
+    assert not torch.equal(q1, q3)
+    _, sr = N.quantize(x.cpu(), bits, keep_dims, "nearest")
+    _same(s1, sr)                        # the scale does not depend on the rounding
+    v = (x.cpu().float() / torch.where(sr == 0, torch.ones_like(sr), sr)).clamp(-N.qmax(bits), N.qmax(bits))
+    q = q1.cpu().float()
+    assert bool(((q == v.floor()) | (q == v.ceil())).all())
+    qs, _ = tq.quantize(x, bits, keep_dims, True, seed=1234, fused=False)
+    qf, _ = tq.quantize(x, bits, keep_dims, True, seed=1234, fused=True)
+    _same(qs, qf)                        # the noise depends on the element only, not the kernel
+
+
+def check_stochastic_shiftquant(x, bits, groups, channel_dims):
+    """Reproducible; each element floor/ceil of x / s_g (s_g from the nearest reference)."""
+    tq, _ = _kernels()
+    e1, b1 = tq.shiftquant(x, bits, groups, channel_dims, True, seed=7)
+    e2, b2 = tq.shiftquant(x, bits, groups, channel_dims, True, seed=7)
+    _same(e1, e2)
+    _same(b1, b2)
+    ref = N.shiftquant(x.cpu(), bits, groups, channel_dims, "nearest")
+    _same(b1, ref.base_scale)
+    scale = ref.group_scales()[ref.group]                       # s_g(k), broadcast over x
+    shift = (groups - 1 - ref.group).to(torch.int32)
+    m = N.qmax(bits)
+    v = (x.cpu().float() / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp(-m, m)
+    e = e1.cpu().to(torch.int32)
+    q = e >> shift                                              # exact: e = q << shift
+    assert torch.equal(q << shift, e)
+    assert bool(((q.float() == v.floor()) | (q.float() == v.ceil())).all())
+
+
+def check_int8_mm(B, M, K, N_, transpose_a, transpose_b, device):
+    _, tg = _kernels()
+    g = torch.Generator().manual_seed(B * 1000 + M + K + N_)
+    a = torch.randint(-128, 128, (B, M, K), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (B, K, N_), dtype=torch.int8, generator=g)
+    a_dev, b_dev = a.to(device), b.to(device)
+    if transpose_a:
+        a_dev = _layout(a_dev, "transposed")
+    if transpose_b:
+        b_dev = _layout(b_dev, "transposed")
+    c = tg.int8_mm(a_dev, b_dev)
+    assert c.dtype == torch.int32 and c.shape == (B, M, N_)
+    expected = torch.stack([torch._int_mm(a[i], b[i]) for i in range(B)])   # oneDNN on CPU
+    _same(c, expected)
+    _same(torch.ops.sqcompile.triton_int8_mm(a_dev, b_dev), ops.integer_matmul(a, b).to(torch.int32))
+
+
+def check_scaled_int8_mm(B, M, K, N_, device, activation, out_dtype, with_bias):
+    _, tg = _kernels()
+    g = torch.Generator().manual_seed(M * N_ + K)
+    x = torch.randn(B, M, K, generator=g)
+    w = torch.randn(B, K, N_, generator=g)
+    qa, sa = N.quantize(x, 8, [0, 1])
+    qb, sb = N.quantize(w, 8, [0, 2])
+    bias = torch.randn(N_, generator=g) if with_bias else None
+    out = tg.scaled_int8_mm(qa.to(device), sa.to(device), _layout(qb.to(device), "transposed"), sb.to(device),
+                            None if bias is None else bias.to(device), out_dtype, activation)
+    assert out.dtype == out_dtype and out.shape == (B, M, N_)
+    ref = N.dequantize(qa, sa).double() @ N.dequantize(qb, sb).double()
+    if bias is not None:
+        ref = ref + bias.double()
+    ref = {"none": lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
+           "silu": torch.nn.functional.silu}[activation](ref)
+    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability
+# ---------------------------------------------------------------------------------------------
+
+def test_triton_available_says_what_runs_the_kernels():
+    ok, reason = triton_available()
+    assert ok and reason
+    if DEVICE == "cpu":
+        assert "interpreter" in reason
+
+
+def test_triton_kernel_set_is_registered():
+    ks = ops.kernel_set("triton")
+    assert ks.quantize is torch.ops.sqcompile.triton_quantize
+    assert ks.int8_mm is torch.ops.sqcompile.triton_int8_mm
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize (nearest): bit-exact
+# ---------------------------------------------------------------------------------------------
+
+# (shape, keep_dims, layout): the patterns ops.py uses, plus the fallbacks.
+QUANTIZE_CASES = [
+    ((3, 33, 45), [], "contiguous"),            # per tensor
+    ((1, 33, 45), [0, 1], "contiguous"),        # per row, batch 1
+    ((3, 33, 45), [0, 1], "contiguous"),        # per (batch, row)
+    ((3, 45, 17), [0, 2], "contiguous"),        # per (batch, column): K R K
+    ((1, 45, 17), [0, 2], "transposed"),        # weight.t().unsqueeze(0): reduced dim contiguous
+    ((3, 33, 45), [0, 1], "transposed"),        # per row of a transposed activation
+    ((6, 3, 3, 5), [0], "contiguous"),          # conv weight, per output channel
+    ((4, 6, 5, 7), [1], "contiguous"),          # R K R: batch axis reduced
+    ((2, 3, 5, 7), [0, 2], "contiguous"),       # K R K R: permuted, copied fallback
+    ((3, 33, 45), [0, 1], "strided"),           # not dense: contiguous copy fallback
+    ((5, 7), [0, 1], "contiguous"),             # every element its own scale
+]
+
+
+@pytest.mark.parametrize("shape,keep_dims,layout", QUANTIZE_CASES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_nearest_is_bit_exact(shape, keep_dims, layout, bits):
+    x = _layout(torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) + bits)).to(DEVICE), layout)
+    check_quantize_nearest(x, bits, keep_dims)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("keep_dims", [[0, 1], [0, 2]])
+def test_quantize_fused_and_split_paths_are_bit_exact(fused, keep_dims):
+    x = torch.randn(3, 33, 45, generator=torch.Generator().manual_seed(3)).to(DEVICE) * 5
+    check_quantize_nearest(x, 4, keep_dims, fused=fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_quantize_other_input_dtypes(dtype):
+    x = torch.randn(2, 17, 40, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    check_quantize_nearest(x, 6, [0, 1])
+    check_quantize_nearest(x, 3, [])
+
+
+def test_quantize_rounds_half_to_even():
+    # x / scale lands exactly on .5 for these values (amax 7 at 4 bits: scale 1).
+    x = torch.tensor([[7.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, -6.5, 0.0]], device=DEVICE)
+    check_quantize_nearest(x, 4, [0])
+    q, _ = _kernels()[0].quantize(x, 4, [0], False)
+    assert q.cpu().tolist() == [[7, 0, 2, 2, 0, -2, -2, 4, -6, 0]]
+
+
+@pytest.mark.parametrize("keep_dims", [[], [0, 1], [0, 2]])
+def test_quantize_zero_tensor(keep_dims):
+    x = torch.zeros(3, 33, 45, device=DEVICE)
+    check_quantize_nearest(x, 4, keep_dims)
+    q, s = _kernels()[0].quantize(x, 4, keep_dims, True, seed=3)
+    assert not q.any() and not s.any()
+
+
+def test_quantize_nan_and_inf_propagate_as_nan_scales():
+    x = torch.randn(3, 33, 45, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    x[1, 4, 7] = float("nan")
+    x[2, 30, 0] = float("inf")
+    for keep_dims in ([], [0, 1], [0, 2]):
+        check_quantize_nearest(x, 4, keep_dims)
+    _, s = _kernels()[0].quantize(x, 4, [0, 1], False)
+    assert torch.isnan(s[1, 4]) and torch.isnan(s[2, 30]) and int(torch.isnan(s).sum()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize (stochastic): reproducible, within one step, unbiased
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("keep_dims", [[], [0, 1], [0, 2]])
+def test_quantize_stochastic_is_reproducible_and_within_one_step(keep_dims):
+    x = torch.randn(3, 33, 45, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    check_stochastic_quantize(x, 4, keep_dims)
+
+
+def test_stochastic_seed_comes_from_torch_default_generator():
+    x = torch.randn(2, 20, 33, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    torch.manual_seed(0)
+    q1, _ = torch.ops.sqcompile.triton_quantize(x, 4, [0, 1], True)
+    e1, _ = torch.ops.sqcompile.triton_shiftquant(x, 4, 3, [0, 2], True)
+    torch.manual_seed(0)
+    q2, _ = torch.ops.sqcompile.triton_quantize(x, 4, [0, 1], True)
+    e2, _ = torch.ops.sqcompile.triton_shiftquant(x, 4, 3, [0, 2], True)
+    _same(q1, q2)
+    _same(e1, e2)
+    q3, _ = torch.ops.sqcompile.triton_quantize(x, 4, [0, 1], True)
+    assert not torch.equal(q1, q3)
+
+
+def test_stochastic_rounding_is_unbiased():
+    """Mean of the dequantized values over many seeds -> x (in units of one step)."""
+    tq, _ = _kernels()
+    x = torch.linspace(-1, 1, 200, device=DEVICE).reshape(4, 50)   # steps hit every fraction
+    seeds = 256
+    acc = torch.zeros(4, 50, dtype=torch.float64)
+    for seed in range(seeds):
+        q, s = tq.quantize(x, 4, [], True, seed=seed)
+        acc += N.dequantize(q.cpu(), s.cpu()).double()
+    step = float(s)
+    bias = (acc / seeds - x.cpu().double()) / step
+    # One sample's rounding error has std <= 1/2 step: the mean over 256 has std <= 1/32.
+    assert abs(float(bias.mean())) < 0.01
+    assert float(bias.abs().max()) < 0.2
+
+
+def test_stochastic_noise_bytes_are_uniform():
+    """The 8-bit noise: each fraction of a step rounds up with its own probability."""
+    tq, _ = _kernels()
+    frac = 0.3
+    x = torch.full((16, 64), frac, device=DEVICE)
+    x[0, 0] = 7.0                                          # scale 1 at 4 bits
+    ups = 0
+    for seed in range(16):
+        q, _ = tq.quantize(x, 4, [], True, seed=seed)
+        ups += int((q.cpu() == 1).sum()) - 0
+    total = 16 * (16 * 64 - 1)
+    assert abs(ups / total - frac) < 0.02                 # 16k samples: std 0.0036
+
+
+# ---------------------------------------------------------------------------------------------
+# ShiftQuant
+# ---------------------------------------------------------------------------------------------
+
+# (shape, channel_dims, layout): the gradients ops.py ShiftQuants.
+SHIFTQUANT_CASES = [
+    ((3, 33, 45), [0, 2], "contiguous"),      # dA = G @ qB^T, reduction over n
+    ((1, 33, 45), [0, 2], "contiguous"),
+    ((3, 33, 45), [0, 1], "contiguous"),      # dB = qA^T @ G, reduction over m
+    ((3, 33, 45), [0, 1], "transposed"),
+    ((4, 6, 5, 7), [1], "contiguous"),        # conv dX: output channels
+    ((4, 6, 5, 7), [0, 2, 3], "contiguous"),  # conv dW: (batch, positions)
+    ((4, 6, 9), [0, 2], "contiguous"),        # conv1d dW
+    ((3, 33, 45), [], "contiguous"),          # a single channel
+]
+# (bits, groups): int8 expanded forms and int16 ones (fits_int8 false).
+SHIFTQUANT_CONFIGS = [(4, 4), (8, 1), (6, 3), (4, 6), (8, 3), (2, 8)]
+
+
+@pytest.mark.parametrize("shape,channel_dims,layout", SHIFTQUANT_CASES)
+@pytest.mark.parametrize("bits,groups", SHIFTQUANT_CONFIGS)
+def test_shiftquant_nearest_is_bit_exact(shape, channel_dims, layout, bits, groups):
+    g = torch.Generator().manual_seed(bits * 10 + groups)
+    # Channel ranges spread over several octaves so every group is populated.
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-6, 1, shape, generator=g).float())
+    check_shiftquant_nearest(_layout(x.to(DEVICE), layout), bits, groups, channel_dims)
+
+
+def test_shiftquant_int16_expanded_form():
+    tq, _ = _kernels()
+    x = torch.randn(3, 33, 45, generator=torch.Generator().manual_seed(21)).to(DEVICE)
+    assert not N.fits_int8(4, 6)
+    e, _ = tq.shiftquant(x, 4, 6, [0, 2], False)
+    assert e.dtype == torch.int16 and int(e.abs().max()) > 127
+    check_shiftquant_nearest(x, 4, 6, [0, 2])
+
+
+def test_shiftquant_group_boundaries_are_exact():
+    """Channel ranges exactly R / 2**j, one ulp either side, denormal and zero channels."""
+    R = 3.0
+    ranges = [R]
+    for j in range(1, 6):
+        edge = R / 2 ** j
+        ranges += [edge, float(torch.nextafter(torch.tensor(edge), torch.tensor(0.0))),
+                   float(torch.nextafter(torch.tensor(edge), torch.tensor(R)))]
+    ranges += [1e-40, 3e-45, 0.0]                     # denormals and an empty channel
+    r = torch.tensor(ranges, dtype=torch.float32)
+    # channel k (a column of [M, K]) holds +r_k, -r_k / 3 and small values
+    x = torch.stack([r, -r / 3, r / 7, torch.zeros_like(r)]).unsqueeze(0)     # [1, 4, K]
+    groups_ref = N.shift_groups(r, 5)
+    assert set(groups_ref.tolist()) == {0, 1, 2, 3, 4}
+    for bits, groups in [(4, 5), (4, 3), (8, 4), (2, 2)]:
+        check_shiftquant_nearest(x.to(DEVICE), bits, groups, [0, 2])
+    # The expanded max element of each channel reveals its group: |e| = qmax << (G-1-g) when
+    # the channel range is exactly a group's top (r = R / 2**g).
+    tq, _ = _kernels()
+    e, _ = tq.shiftquant(x.to(DEVICE), 4, 5, [0, 2], False)
+    g = N.shift_groups(r, 5)
+    expected = N.shiftquant(x, 4, 5, [0, 2], "nearest").q[0, 0].to(torch.int32) << (4 - g).to(torch.int32)
+    _same(e[0, 0].cpu().to(torch.int32), expected)
+
+
+def test_shiftquant_zero_tensor():
+    tq, _ = _kernels()
+    x = torch.zeros(3, 33, 45, device=DEVICE)
+    check_shiftquant_nearest(x, 4, 4, [0, 2])
+    e, base = tq.shiftquant(x, 4, 4, [0, 1], True, seed=1)
+    assert not e.any() and float(base) == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_shiftquant_nan_and_inf_give_nan_base_and_finite_integers(bad):
+    tq, _ = _kernels()
+    x = torch.randn(3, 33, 45, generator=torch.Generator().manual_seed(22)).to(DEVICE)
+    x[2, 5, 8] = bad
+    check_shiftquant_nearest(x, 4, 4, [0, 2])
+    e, base = tq.shiftquant(x, 4, 4, [0, 1], True, seed=2)
+    assert torch.isnan(base) and not e.any()
+
+
+@pytest.mark.parametrize("channel_dims", [[0, 2], [0, 1], []])
+def test_shiftquant_stochastic_is_reproducible_and_within_one_step(channel_dims):
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(3, 33, 45, generator=g) * torch.exp2(torch.randint(-5, 1, (3, 1, 45), generator=g).float())
+    check_stochastic_shiftquant(x.to(DEVICE), 4, 4, channel_dims)
+    check_stochastic_shiftquant(x.to(DEVICE), 4, 6, channel_dims)     # int16
+
+
+def test_shiftquant_stochastic_is_unbiased():
+    tq, _ = _kernels()
+    x = torch.linspace(-1, 1, 192, device=DEVICE).reshape(1, 4, 48) * torch.tensor([1.0, 0.3, 0.1, 0.02], device=DEVICE)[None, :, None]
+    seeds = 192
+    acc = torch.zeros(1, 4, 48, dtype=torch.float64)
+    for seed in range(seeds):
+        e, base = tq.shiftquant(x, 4, 4, [0, 1], True, seed=seed)
+        acc += e.cpu().double() * float(base)
+    ref = N.shiftquant(x.cpu(), 4, 4, [0, 1], "nearest")
+    step = ref.group_scales()[ref.group].double()          # each row's own step
+    bias = (acc / seeds - x.cpu().double()) / step
+    assert abs(float(bias.mean())) < 0.015
+    assert float(bias.abs().max()) < 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantize
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("q_shape,scale_shape", [
+    ((3, 33, 45), ()), ((3, 33, 45), (3, 33, 1)), ((3, 33, 45), (3, 1, 45)), ((6, 3, 3, 5), (6, 1, 1, 1)),
+    ((4, 6, 5, 7), (1, 6, 1, 1)), ((33, 45), (1,)), ((2, 3, 4, 5), (2, 1, 4, 1)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_is_bit_exact(q_shape, scale_shape, dtype):
+    g = torch.Generator().manual_seed(31)
+    q = torch.randint(-127, 128, q_shape, dtype=torch.int8, generator=g)
+    s = torch.rand(scale_shape, generator=g)
+    out = torch.ops.sqcompile.triton_dequantize(q.to(DEVICE), s.to(DEVICE), dtype)
+    _same(out, N.dequantize(q, s, dtype))
+    assert out.is_contiguous()
+
+
+def test_dequantize_int16_transposed_and_nan_scale():
+    q = torch.randint(-2000, 2000, (3, 45, 33), dtype=torch.int16).transpose(-1, -2)
+    s = torch.tensor(float("nan"))
+    _same(torch.ops.sqcompile.triton_dequantize(q.to(DEVICE), s.to(DEVICE), torch.float32), N.dequantize(q, s))
+    s = torch.rand(3, 33, 1)
+    _same(torch.ops.sqcompile.triton_dequantize(q.to(DEVICE), s.to(DEVICE), torch.float32), N.dequantize(q, s))
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer GEMMs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_int8_mm_is_exact(B, transpose_a, transpose_b):
+    check_int8_mm(B, 33, 45, 17, transpose_a, transpose_b, DEVICE)
+
+
+def test_int8_mm_broadcast_batch_int16_and_long_extremes():
+    a = torch.randint(-128, 128, (3, 33, 45), dtype=torch.int8)
+    b = torch.randint(-128, 128, (45, 17), dtype=torch.int8)
+    expected = torch.stack([torch._int_mm(a[i], b) for i in range(3)])
+    _same(torch.ops.sqcompile.triton_int8_mm(a.to(DEVICE), b.to(DEVICE)), expected)
+    # int16 operand (ShiftQuant's wide form): split into int8 digits, combined in int32
+    e = torch.randint(-127 * 32, 127 * 32 + 1, (2, 33, 45), dtype=torch.int16)
+    b2 = torch.randint(-127, 128, (2, 45, 17), dtype=torch.int8)
+    _same(torch.ops.sqcompile.triton_int8_mm(e.to(DEVICE), b2.to(DEVICE)), ops.int8_mm(e, b2))
+    _same(torch.ops.sqcompile.triton_int8_mm(b2.transpose(-1, -2).to(DEVICE), e.transpose(-1, -2).to(DEVICE)),
+          ops.int8_mm(b2.transpose(-1, -2), e.transpose(-1, -2)))
+    # extreme values accumulate exactly in int32 (-128 * -128 * K)
+    full = torch.full((1, 20, 300), -128, dtype=torch.int8)
+    _same(torch.ops.sqcompile.triton_int8_mm(full.to(DEVICE), full.transpose(-1, -2).to(DEVICE)),
+          torch._int_mm(full[0], full[0].t().contiguous()).unsqueeze(0))
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu"])
+def test_scaled_int8_mm_epilogue_matches_dequantized_reference(activation):
+    check_scaled_int8_mm(3, 33, 45, 17, DEVICE, activation, torch.float32, with_bias=activation != "relu")
+
+
+def test_scaled_int8_mm_bf16_output_and_scalar_scales():
+    check_scaled_int8_mm(1, 33, 45, 17, DEVICE, "none", torch.bfloat16, with_bias=True)
+    _, tg = _kernels()
+    qa = torch.randint(-7, 8, (33, 45), dtype=torch.int8)
+    qb = torch.randint(-7, 8, (45, 17), dtype=torch.int8)
+    out = tg.scaled_int8_mm(qa.to(DEVICE), torch.tensor(0.5, device=DEVICE), qb.to(DEVICE),
+                            torch.full((17,), 0.25, device=DEVICE))
+    torch.testing.assert_close(out.cpu(), (qa.float() @ qb.float()) * 0.125)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: schemas and fake implementations (torch.library.opcheck)
+# ---------------------------------------------------------------------------------------------
+
+def test_custom_ops_pass_opcheck():
+    x = torch.randn(2, 9, 20, device=DEVICE)
+    q, s = torch.ops.sqcompile.triton_quantize(x, 4, [0, 1], False)
+    e = torch.randint(-127, 128, (2, 20, 9), dtype=torch.int8, device=DEVICE)
+    for op, args in [
+        (torch.ops.sqcompile.triton_quantize.default, (x, 4, [0, 1], False)),
+        (torch.ops.sqcompile.triton_quantize.default, (x.transpose(1, 2), 4, [0, 2], False)),
+        (torch.ops.sqcompile.triton_shiftquant.default, (x, 4, 4, [0, 2], False)),
+        (torch.ops.sqcompile.triton_shiftquant.default, (x, 4, 6, [0, 1], False)),
+        (torch.ops.sqcompile.triton_dequantize.default, (q, s, torch.bfloat16)),
+        (torch.ops.sqcompile.triton_int8_mm.default, (q, e)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The "triton" KernelSet end to end
+# ---------------------------------------------------------------------------------------------
+
+def test_quantized_linear_with_triton_kernels_matches_torch_kernels():
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(2, 13, 40, generator=g).to(DEVICE)
+    w = (torch.randn(24, 40, generator=g) / 6).to(DEVICE)
+    b = torch.randn(24, generator=g).to(DEVICE)
+    dy = torch.randn(2, 13, 24, generator=g).to(DEVICE)
+    kw = dict(a_bits=8, w_bits=8, grad_bits=8, groups=1, integer=True)
+
+    def run(kernels):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = ops.quantized_linear(xs, ws, b, kernels=kernels, **kw)
+        gx, gw = torch.autograd.grad(y, (xs, ws), dy)
+        return y.detach(), gx, gw
+
+    y_t, gx_t, gw_t = run("triton")
+    y_r, gx_r, gw_r = run("torch")
+    # Forward: same quantized operands (bit-exact quantizers), exact integer GEMM.
+    torch.testing.assert_close(y_t, y_r, rtol=1e-6, atol=1e-6)
+    # Backward: stochastic rounding differs between families; both track float autograd.
+    xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gx_f, gw_f = torch.autograd.grad(torch.nn.functional.linear(xf, wf, b), (xf, wf), dy)
+
+    def rel(a, ref):
+        return float((a - ref).norm() / ref.norm())
+
+    for got in (gx_t, gx_r):
+        assert rel(got, gx_f) < 0.03
+    for got in (gw_t, gw_r):
+        assert rel(got, gw_f) < 0.03
+    assert rel(gx_t, gx_r) < 0.04 and rel(gw_t, gw_r) < 0.04
+
+
+def test_quantized_linear_triton_sub8bit_shiftquant_grads():
+    """4-bit ShiftQuant gradients (int8 expanded, 4 groups) through the triton family."""
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(3, 11, 32, generator=g).to(DEVICE).requires_grad_()
+    w = (torch.randn(20, 32, generator=g) / 6).to(DEVICE).requires_grad_()
+    y = ops.quantized_linear(x, w, None, a_bits=4, w_bits=4, grad_bits=4, groups=4, integer=True, kernels="triton")
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    xf, wf = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    gx_f, gw_f = torch.autograd.grad(torch.nn.functional.linear(xf, wf).square().sum(), (xf, wf))
+    assert float(torch.nn.functional.cosine_similarity(gx.flatten(), gx_f.flatten(), 0)) > 0.8
+    assert float(torch.nn.functional.cosine_similarity(gw.flatten(), gw_f.flatten(), 0)) > 0.8
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the same checks on larger shapes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestOnGPU:
+    @pytest.mark.parametrize("shape,keep_dims,layout", [
+        ((4, 1000, 2049), [0, 1], "contiguous"), ((1, 4097, 1000), [0, 2], "transposed"),
+        ((4, 513, 1000), [0, 2], "contiguous"), ((8, 3000, 1001), [], "contiguous"),
+        ((64, 32, 3, 3), [0], "contiguous"), ((16, 64, 33, 31), [1], "contiguous"),
+    ])
+    def test_quantize_nearest_is_bit_exact(self, shape, keep_dims, layout):
+        x = _layout(torch.randn(shape, device="cuda") * 3, layout)
+        for fused in (None, False):
+            check_quantize_nearest(x, 4, keep_dims, fused=fused)
+        check_quantize_nearest(x.bfloat16(), 8, keep_dims)
+        check_stochastic_quantize(x, 4, keep_dims)
+
+    @pytest.mark.parametrize("shape,channel_dims", [
+        ((4, 1000, 2049), [0, 2]), ((4, 1000, 2049), [0, 1]), ((16, 64, 33, 31), [1]), ((16, 64, 33, 31), [0, 2, 3]),
+    ])
+    @pytest.mark.parametrize("bits,groups", [(4, 4), (8, 1), (4, 6)])
+    def test_shiftquant(self, shape, channel_dims, bits, groups):
+        x = torch.randn(shape, device="cuda") * torch.exp2(torch.randint(-6, 1, shape, device="cuda").float())
+        check_shiftquant_nearest(x, bits, groups, channel_dims)
+        check_shiftquant_nearest(x.bfloat16(), bits, groups, channel_dims)
+        check_stochastic_shiftquant(x, bits, groups, channel_dims)
+
+    def test_nan_zero_and_dequantize(self):
+        x = torch.randn(4, 1000, 2049, device="cuda")
+        x[3, 999, 2048] = float("nan")
+        check_quantize_nearest(x, 4, [0, 1])
+        check_quantize_nearest(x, 4, [])
+        check_shiftquant_nearest(x, 4, 4, [0, 2])
+        check_shiftquant_nearest(torch.zeros_like(x), 4, 4, [0, 1])
+        q = torch.randint(-127, 128, (4, 1000, 2049), dtype=torch.int8, device="cuda")
+        s = torch.rand(4, 1000, 1, device="cuda")
+        _same(torch.ops.sqcompile.triton_dequantize(q, s, torch.bfloat16), N.dequantize(q.cpu(), s.cpu(), torch.bfloat16))
+
+    @pytest.mark.parametrize("B,M,K,N_", [(1, 1000, 2049, 513), (3, 333, 4500, 1000), (1, 4096, 4096, 4096)])
+    def test_int8_mm(self, B, M, K, N_):
+        for ta, tb in [(False, True), (False, False), (True, False)]:
+            check_int8_mm(B, M, K, N_, ta, tb, "cuda")
+
+    def test_int8_mm_matches_cublas_int_mm(self):
+        _, tg = _kernels()
+        a = torch.randint(-128, 128, (2048, 4096), dtype=torch.int8, device="cuda")
+        b = torch.randint(-128, 128, (1024, 4096), dtype=torch.int8, device="cuda").t()
+        _same(tg.int8_mm(a, b), torch._int_mm(a, b))
+
+    @pytest.mark.parametrize("activation", ["none", "gelu"])
+    def test_scaled_int8_mm(self, activation):
+        check_scaled_int8_mm(2, 1000, 2049, 513, "cuda", activation, torch.float32, with_bias=True)
+        check_scaled_int8_mm(1, 4096, 1024, 1024, "cuda", activation, torch.bfloat16, with_bias=True)
+
+    def test_quantized_linear_end_to_end(self):
+        x = torch.randn(8, 512, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16) / 32).requires_grad_()
+        dy = torch.randn(8, 512, 2048, device="cuda", dtype=torch.bfloat16)
+        kw = dict(a_bits=8, w_bits=8, grad_bits=8, groups=1, integer=True)
+        y_t = ops.quantized_linear(x, w, None, kernels="triton", **kw)
+        y_r = ops.quantized_linear(x, w, None, kernels="torch", **kw)
+        torch.testing.assert_close(y_t, y_r, rtol=1e-2, atol=1e-2)
+        gx, gw = torch.autograd.grad(y_t, (x, w), dy)
+        gx_f, gw_f = torch.autograd.grad(torch.nn.functional.linear(x.float(), w.float()), (x, w), dy.float())
+        assert float((gx.float() - gx_f).norm() / gx_f.norm()) < 0.03
+        assert float((gw.float() - gw_f).norm() / gw_f.norm()) < 0.03
