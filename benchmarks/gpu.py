@@ -89,7 +89,6 @@ def part_linear(reps: int) -> None:
                f"{t['bf16_fwd'] / t['ours_fwd']:.2f}x")
         record("1 linear", f"fwd+bwd  {shape}: ours {t['ours']:.3f} ms, bf16 {t['bf16']:.3f} ms "
                f"({3 * flops / t['bf16'] / 1e9:.0f} TFLOP/s)", f"{t['bf16'] / t['ours']:.2f}x")
-        del x, w, dy
 
     print("\n[1] Pure GEMM 8192^3: int8 Triton vs bf16 torch.matmul", flush=True)
     from sqcompile.kernels import triton_gemm
@@ -120,14 +119,19 @@ def part_linear(reps: int) -> None:
 # 2. Quantizer throughput
 # ---------------------------------------------------------------------------------------------
 
+def copy_bandwidth(reps: int) -> float:
+    """GB/s of a device-to-device copy (bytes read + written) of 512 MiB, well past L2."""
+    src = torch.empty(2 ** 29, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench({"copy": lambda: dst.copy_(src)}, reps)["copy"]
+    bandwidth = 2 * src.numel() / ms / 1e6
+    record("2 quant", f"device-to-device copy (512 MiB): {ms:.3f} ms", f"{bandwidth:.0f} GB/s")
+    return bandwidth
+
+
 def part_quantizers(reps: int) -> None:
     print("\n[2] Quantizer throughput vs device-to-device copy", flush=True)
-    big = torch.empty(2 ** 29, dtype=torch.uint8, device="cuda")       # 512 MiB, well past L2
-    dst = torch.empty_like(big)
-    t_copy = bench({"copy": lambda: dst.copy_(big)}, reps)["copy"]
-    bandwidth = 2 * big.numel() / t_copy / 1e6                          # GB/s, read + write
-    record("2 quant", f"device-to-device copy (512 MiB): {t_copy:.3f} ms", f"{bandwidth:.0f} GB/s")
-    del big, dst
+    bandwidth = copy_bandwidth(reps)
 
     M = N = 8192
     q_ = torch.ops.sqcompile.triton_quantize
@@ -138,7 +142,6 @@ def part_quantizers(reps: int) -> None:
         e = x.element_size()
         n = x.numel()
         w = torch.randn(N, M, device="cuda", dtype=dtype).t().unsqueeze(0)   # weight.t(): [1, K, N]
-        xt = torch.randn(1, N, M, device="cuda", dtype=dtype).transpose(1, 2)  # K-contiguous columns
         name = str(dtype).replace("torch.", "")
         # (label, fn, essential bytes, traffic bytes)
         cases += [
@@ -157,7 +160,6 @@ def part_quantizers(reps: int) -> None:
                 (f"  torch ref: shiftquant (b,n) [{name}]",
                  lambda x=x: torch.ops.sqcompile.shiftquant(x, 4, 4, [0, 2], True), n * (e + 1), n * (e + 1)),
             ]
-        del xt
     t = bench({label: fn for label, fn, _, _ in cases}, reps)
     for label, _, essential, traffic in cases:
         ms = t[label]
@@ -263,7 +265,6 @@ def main() -> int:
 
     parts = {p.strip() for p in args.parts.split(",")}
     started = time.perf_counter()
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
     for key, run in [("1", lambda: part_linear(args.reps)), ("2", lambda: part_quantizers(args.reps)),
                      ("3", lambda: part_block(args.reps, args.block_timeout))]:
         if key not in parts:

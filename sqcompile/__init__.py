@@ -13,4 +13,12 @@ from .config import Config
 __version__ = "0.1.0"
 _register()
 
+# Dynamo graph-breaks on nn.LSTM / nn.GRU unless told to trace them; the RNN rewrite needs them
+# in the graph.  Importing sqcompile (which backend="shiftquant" does through its entry point,
+# before Dynamo traces anything) turns this on for the process; it changes nothing for models
+# without recurrent layers.  Set it back to False after the import to opt out.
+import torch._dynamo  # noqa: E402
+
+torch._dynamo.config.allow_rnn = True
+
 __all__ = ["Config", "shiftquant_backend", "__version__"]

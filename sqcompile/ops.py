@@ -562,3 +562,79 @@ def quantized_einsum(equation: str, a, b, *, a_bits: int, b_bits: int, grad_bits
     order = batch + a_free + b_free
     y = y.reshape([size[c] for c in order])
     return y.permute([order.index(c) for c in out])
+
+
+# --------------------------------------------------------------------------------------------
+# Recurrent layers (torch.lstm / torch.gru), unrolled over time with quantized GEMMs
+# --------------------------------------------------------------------------------------------
+
+def rnn_unsupported(mode: str, params, has_biases: bool, num_layers: int, bidirectional: bool) -> Optional[str]:
+    """None if :func:`quantized_rnn` handles this layer, else why it stays float."""
+    if mode not in ("lstm", "gru"):
+        return f"{mode} is not quantized"
+    per = (4 if has_biases else 2)
+    if len(params) != per * num_layers * (2 if bidirectional else 1):
+        return "LSTM with proj_size has no quantized formulation yet"
+    return None
+
+
+def quantized_rnn(mode: str, input, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
+                  bidirectional: bool, batch_first: bool, *, a_bits: int, w_bits: int, grad_bits: int, groups: int,
+                  integer: bool, kernels: str = "torch", stats: Optional[str] = None):
+    """``torch.lstm`` / ``torch.gru`` with every GEMM quantized: the input projection of all
+    time steps is one quantized linear per layer and direction, the recurrent projection one
+    per step.  Gates, cell state and nonlinearities stay in float.  Returns what the torch
+    function returns: ``(output, h_n, c_n)`` for LSTM, ``(output, h_n)`` for GRU."""
+    q = dict(a_bits=a_bits, w_bits=w_bits, grad_bits=grad_bits, groups=groups, integer=integer, kernels=kernels,
+             stats=stats)
+    lstm = mode == "lstm"
+    h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
+    unbatched = input.dim() == 2                                # [T, F] whatever batch_first says
+    x = input
+    if unbatched:
+        x, batch_first = input.unsqueeze(1), False
+        h0 = h0.unsqueeze(1)
+        c0 = c0.unsqueeze(1) if c0 is not None else None
+    if batch_first:
+        x = x.transpose(0, 1)                                   # [T, B, F]
+    dirs = 2 if bidirectional else 1
+    per = 4 if has_biases else 2
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            idx = layer * dirs + d
+            w_ih, w_hh, *b = params[idx * per:(idx + 1) * per]
+            b_ih, b_hh = (b[0], b[1]) if has_biases else (None, None)
+            seq = x.flip(0) if d == 1 else x
+            T, B = seq.shape[0], seq.shape[1]
+            gi = quantized_linear(seq.reshape(T * B, -1), w_ih, b_ih, **q).reshape(T, B, -1)
+            h, c = h0[idx], (c0[idx] if lstm else None)
+            ys = []
+            for t in range(T):
+                gh = quantized_linear(h, w_hh, b_hh, **q)
+                if lstm:
+                    i, f, g, o = (gi[t] + gh).chunk(4, dim=-1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                else:
+                    ir, iz, in_ = gi[t].chunk(3, dim=-1)
+                    hr, hz, hn = gh.chunk(3, dim=-1)
+                    r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+                    h = (1 - z) * torch.tanh(in_ + r * hn) + z * h
+                ys.append(h)
+            y = torch.stack(ys)
+            outs.append(y.flip(0) if d == 1 else y)
+            h_n.append(h)
+            if lstm:
+                c_n.append(c)
+        x = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
+        if dropout > 0 and train and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, training=True)
+    out = x.transpose(0, 1) if batch_first else x
+    h_n, c_n = torch.stack(h_n), (torch.stack(c_n) if lstm else None)   # [layers * dirs, B, H]
+    if unbatched:
+        out = out.squeeze(1)
+        h_n = h_n.squeeze(1)
+        c_n = c_n.squeeze(1) if lstm else None
+    return (out, h_n, c_n) if lstm else (out, h_n)

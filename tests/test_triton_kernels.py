@@ -21,7 +21,6 @@ import torch
 
 from sqcompile import numerics as N
 from sqcompile import ops
-from sqcompile.kernels import triton_ops
 from sqcompile.kernels.triton_ops import triton_available
 
 AVAILABLE, WHY = triton_available()
@@ -549,7 +548,7 @@ class TestOnGPU:
         check_stochastic_quantize(x, 4, keep_dims)
 
     @pytest.mark.parametrize("shape,channel_dims", [
-        ((4, 1000, 2049), [0, 2]), ((4, 1000, 2049), [0, 1]), ((16, 64, 33, 31), [1]), ((16, 64, 33, 31), [0, 2, 3]),
+        ((2, 1000, 2049), [0, 2]), ((2, 1000, 2049), [0, 1]), ((16, 64, 33, 31), [1]), ((16, 64, 33, 31), [0, 2, 3]),
     ])
     @pytest.mark.parametrize("bits,groups", [(4, 4), (8, 1), (4, 6)])
     def test_shiftquant(self, shape, channel_dims, bits, groups):
@@ -569,7 +568,7 @@ class TestOnGPU:
         s = torch.rand(4, 1000, 1, device="cuda")
         _same(torch.ops.sqcompile.triton_dequantize(q, s, torch.bfloat16), N.dequantize(q.cpu(), s.cpu(), torch.bfloat16))
 
-    @pytest.mark.parametrize("B,M,K,N_", [(1, 1000, 2049, 513), (3, 333, 4500, 1000), (1, 4096, 4096, 4096)])
+    @pytest.mark.parametrize("B,M,K,N_", [(1, 1000, 2049, 513), (3, 333, 4500, 1000), (1, 2048, 4096, 1536)])
     def test_int8_mm(self, B, M, K, N_):
         for ta, tb in [(False, True), (False, False), (True, False)]:
             check_int8_mm(B, M, K, N_, ta, tb, "cuda")

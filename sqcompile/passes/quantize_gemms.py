@@ -33,7 +33,9 @@ _FLOAT_ONLY = {
     "conv_transpose3d": "transposed convolution is not quantized yet",
     "embedding": "embedding lookups gather rows, they are not GEMMs; the table stays float",
 }
-GEMM_NAMES = {"linear", *(_MM_NAMES), *(_ADDMM_NAMES), "einsum", *(_CONV), "scaled_dot_product_attention"}
+_RNN_ARGS = ("input", "hx", "params", "has_biases", "num_layers", "dropout", "train", "bidirectional", "batch_first")
+GEMM_NAMES = {"linear", *(_MM_NAMES), *(_ADDMM_NAMES), "einsum", *(_CONV), "scaled_dot_product_attention",
+              "lstm", "gru"}
 
 
 def quantize_gemms(gm: fx.GraphModule, config: Config, target: Target, record: CompileRecord) -> fx.GraphModule:
@@ -76,13 +78,18 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         args = bind(node, _CONV_ARGS, _CONV_DEFAULTS)
         tensors = [args["input"], args["weight"]]
         unsupported = ops.integer_conv_supported(_CONV[name], args["groups"])
+    elif name in ("lstm", "gru"):
+        args = bind(node, _RNN_ARGS, {})
+        params = list(args["params"])
+        tensors = [args["input"], params[0] if params else None]
+        unsupported = ops.rnn_unsupported(name, params, args["has_biases"], args["num_layers"], args["bidirectional"])
     else:  # scaled_dot_product_attention
         args = bind(node, _SDPA_ARGS, _SDPA_DEFAULTS)
         tensors, unsupported = [args["query"], args["key"], args["value"]], None
 
     decision = _decision(node, name, tensors)
     float_reason = _float_reason(tensors)
-    if name == "einsum" and unsupported:
+    if name in ("einsum", "lstm", "gru") and unsupported:
         float_reason = unsupported
     cfg, override_reason = op_config(node, config)
     if float_reason or cfg is None:
@@ -91,7 +98,7 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         return
 
     ex = choose_execution(cfg, target, unsupported if name in _CONV else None)
-    weighty = name in ("linear", *_CONV) or is_parameter(tensors[1])
+    weighty = name in ("linear", "lstm", "gru", *_CONV) or is_parameter(tensors[1])
     b_bits = cfg.weight_bits if weighty else cfg.act_bits
     common = dict(grad_bits=cfg.grad_bits, groups=cfg.groups, integer=ex.integer, kernels=ex.kernels)
     if config.collect_stats:
@@ -107,6 +114,9 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     elif name == "scaled_dot_product_attention":
         target_fn, new_args = ops.quantized_sdpa, tuple(args[k] for k in _SDPA_ARGS)
         q = dict(act_bits=cfg.act_bits, **common)
+    elif name in ("lstm", "gru"):
+        target_fn, new_args = ops.quantized_rnn, (name, *(args[k] for k in _RNN_ARGS))
+        q = dict(a_bits=cfg.act_bits, w_bits=cfg.weight_bits, **common)
     elif name == "einsum":
         target_fn, new_args = ops.quantized_einsum, (args["equation"], args["a"], args["b"])
         q = dict(a_bits=cfg.act_bits, b_bits=b_bits, **common)
@@ -168,6 +178,8 @@ def _flops(node: fx.Node, name: str, shapes) -> int:
     if name in _CONV:
         w = shapes[1]
         return 2 * numel(out) * numel(w[1:])
+    if name in ("lstm", "gru"):
+        return 0   # reported per step GEMMs would need the unrolled length; left unknown
     if name == "scaled_dot_product_attention":
         q, k = shapes[0], shapes[1]
         return 2 * 2 * numel(q[:-1]) * k[-2] * q[-1]
