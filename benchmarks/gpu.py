@@ -103,7 +103,7 @@ def part_linear(reps: int) -> None:
     fns = {
         "bf16 torch.matmul": lambda: a16 @ b16,
         "int8 triton (B K-major)": lambda: triton_gemm.int8_mm(a8, b8_kmajor),
-        "int8 triton (B N-major)": lambda: triton_gemm.int8_mm(a8, b8_nmajor),
+        "int8 triton (B N-major: K-major copy + GEMM)": lambda: triton_gemm.int8_mm(a8, b8_nmajor),
         "int8 triton scaled -> bf16 (B K-major)": lambda: triton_gemm.scaled_int8_mm(a8, sa, b8_kmajor, sb,
                                                                                      out_dtype=torch.bfloat16),
         "int8 cuBLAS torch._int_mm (B K-major)": lambda: torch._int_mm(a8, b8_kmajor),

@@ -42,7 +42,7 @@ def build():
 
 
 if __name__ == "__main__":
-    import sqcompile.explain
+    from sqcompile.explain import explain
 
     model, inputs = build()
-    print(sqcompile.explain.explain(model, *inputs, collect_stats=True).report)
+    print(explain(model, *inputs, collect_stats=True).report)

@@ -4,11 +4,14 @@
 
 See README.md for the options, the numerics and the measured results.
 """
+from . import decisions  # noqa: F401
 from . import ops  # noqa: F401  (registers the torch.ops.sqcompile.* custom ops)
 from . import kernels  # noqa: F401  (registers their CPU / Triton implementations)
 from .backends import register as _register
 from .backends import shiftquant_backend
 from .config import Config
+from .explain import Explanation, explain
+from .report import Report, report
 
 __version__ = "0.1.0"
 _register()
@@ -21,4 +24,4 @@ import torch._dynamo  # noqa: E402
 
 torch._dynamo.config.allow_rnn = True
 
-__all__ = ["Config", "shiftquant_backend", "__version__"]
+__all__ = ["Config", "Explanation", "Report", "explain", "report", "shiftquant_backend", "__version__"]

@@ -96,20 +96,23 @@ def hash_noise(shape, seed, device=None) -> torch.Tensor:
     The same role as :func:`uniform_noise`, but computed from the index alone, so a fusing
     compiler (Inductor) generates it inside the quantizer's loop with a few integer ops instead
     of a separate random-number pass (Inductor's ``rand`` costs ~5x the whole quantizer on
-    CPU).  The hash is the 32-bit MurmurHash3 finalizer over ``index * golden + seed``; values
-    are ``(k + 0.5) / 256`` as in :func:`uniform_noise`.  ``seed`` is an int or an int64 tensor.
+    CPU).  The hash is the 32-bit MurmurHash3 finalizer over ``index * golden + seed`` in
+    int32 arithmetic (products wrap modulo 2**32; right shifts are made logical by masking);
+    values are ``(k + 0.5) / 256`` as in :func:`uniform_noise`.  ``seed``: an int or an int
+    tensor.  Indices wrap past 2**32 elements (harmless: the noise only needs to be uniform).
     """
     shape = tuple(shape)
     n = 1
     for s in shape:
         n *= s
-    h = (torch.arange(n, dtype=torch.int64, device=device).view(shape) * 0x9E3779B1 + seed) & 0xFFFFFFFF
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    h = h ^ (h >> 16)
-    return ((h >> 24).float() + 0.5) * (1.0 / 256.0)
+    seed = torch.as_tensor(seed, device=device).to(torch.int32)
+    h = torch.arange(n, dtype=torch.int32, device=device).view(shape) * -1640531535 + seed   # 0x9E3779B1
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * -2048144789                                                                      # 0x85EBCA6B
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * -1028477387                                                                      # 0xC2B2AE35
+    h = h ^ ((h >> 16) & 0xFFFF)
+    return (((h >> 24) & 0xFF).float() + 0.5) * (1.0 / 256.0)
 
 
 def round_values(v: torch.Tensor, rounding: str, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -121,23 +124,33 @@ def round_values(v: torch.Tensor, rounding: str, noise: Optional[torch.Tensor] =
     raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def _safe_div_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Divisor that is 1 where the scale is 0 (the values there are 0 as well)."""
-    return torch.where(scale == 0, torch.ones_like(scale), scale)
+    """The scale, raised to the smallest normal float where it is 0 (the values there are 0
+    too, so they still quantize to 0) -- one vectorizable op, unlike a ``where``."""
+    return scale.clamp_min(_TINY)
 
 
 def _finite_or_nan(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(scale), scale, torch.full_like(scale, float("nan")))
 
 
-def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, bits: int, rounding: str = "nearest",
-                        noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``clamp(round(x / scale), -qmax, qmax)`` as int8.  NaN inputs become 0 here; the
-    caller's NaN scale carries them (see the module docstring)."""
+def quantize_values(x: torch.Tensor, scale: torch.Tensor, bits: int, rounding: str = "nearest",
+                    noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``clamp(round(x / scale), -qmax, qmax)`` as float32 integers.  NaN inputs become 0
+    here; the caller's NaN scale carries them (see the module docstring)."""
     m = qmax(bits)
     v = x.float() / _safe_div_scale(scale)
     q = round_values(v, rounding, noise).clamp(-m, m)
-    return torch.nan_to_num(q, nan=0.0).to(torch.int8)
+    return torch.where(q == q, q, 0.0)            # NaN -> 0 (cheaper than nan_to_num)
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, bits: int, rounding: str = "nearest",
+                        noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`quantize_values` as int8."""
+    return quantize_values(x, scale, bits, rounding, noise).to(torch.int8)
 
 
 def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int] = (), rounding: str = "nearest",
@@ -206,6 +219,21 @@ def shift_groups(ranges: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.where(torch.isfinite(R), g, torch.full_like(g, groups - 1))
 
 
+def shift_params(ranges: torch.Tensor, bits: int, groups: int):
+    """Per-channel ShiftQuant parameters from the channel ranges.
+
+    Returns ``(group, multiplier, scale, base)``: each channel's group ``g``, its shift as a
+    float multiplier ``2**(G-1-g)`` (``expanded = q * multiplier``), its scale
+    ``s_g = base * multiplier`` (an exact power of two times the base) and the base scale
+    ``s_{G-1} = R / 2**(G-1) / qmax``.
+    """
+    R = ranges.max() if ranges.numel() else ranges.new_zeros(())
+    g = shift_groups(ranges, groups)
+    multiplier = torch.pow(2.0, ((groups - 1) - g).float())
+    base = R / (2 ** (groups - 1)) / qmax(bits)
+    return g, multiplier, base * multiplier, base
+
+
 def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int],
                rounding: str = "stochastic", noise: Optional[torch.Tensor] = None) -> ShiftQuantized:
     """ShiftQuant ``x`` with channels indexed by ``channel_dims`` (the GEMM's reduction axis).
@@ -215,17 +243,16 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
     """
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
-    m = qmax(bits)
-    r = amax(x, channel_dims)                      # per-channel ranges, size 1 elsewhere
-    R = r.max() if r.numel() else r.new_zeros(())
-    g = shift_groups(r, groups)
-    shift = (groups - 1) - g                       # expanded = q << shift
-    base = R / (2 ** (groups - 1)) / m             # s_{G-1}
-    scale = base * torch.pow(2.0, shift.float())   # s_g(k), exact powers of two times base
-    q = quantize_with_scale(x, scale, bits, rounding, noise)
+    g, multiplier, scale, base = shift_params(amax(x, channel_dims), bits, groups)
+    return shiftquant_with_params(x, bits, groups, g, multiplier, scale, base, rounding, noise)
+
+
+def shiftquant_with_params(x, bits, groups, g, multiplier, scale, base, rounding="stochastic", noise=None):
+    """The elementwise half of :func:`shiftquant`, given :func:`shift_params`' results."""
+    q = quantize_values(x, scale, bits, rounding, noise)
     edtype = torch.int8 if fits_int8(bits, groups) else torch.int16
-    expanded = (q.to(torch.int32) << shift.to(torch.int32)).to(edtype)
-    return ShiftQuantized(expanded, _finite_or_nan(base), q, g, bits, groups)
+    expanded = (q * multiplier).to(edtype)         # q << (G-1-g), exact in float
+    return ShiftQuantized(expanded, _finite_or_nan(base), q.to(torch.int8), g, bits, groups)
 
 
 def quantize_per_channel(x: torch.Tensor, bits: int, channel_dims: Sequence[int],

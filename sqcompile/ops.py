@@ -66,6 +66,19 @@ def _shiftquant_fake(x, bits, groups, channel_dims, stochastic):
     return torch.empty_like(x, dtype=dtype), x.new_empty((), dtype=torch.float32)
 
 
+@torch.library.custom_op(f"{LIB}::shift_params", mutates_args=())
+def shift_params(ranges: torch.Tensor, bits: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel ShiftQuant parameters (:func:`numerics.shift_params`) as one opaque op."""
+    g, multiplier, scale, base = N.shift_params(ranges, bits, groups)
+    return g, multiplier, scale, base.clone()
+
+
+@shift_params.register_fake
+def _(ranges, bits, groups):
+    return (torch.empty_like(ranges, dtype=torch.int64), torch.empty_like(ranges), torch.empty_like(ranges),
+            ranges.new_empty(()))
+
+
 @torch.library.custom_op(f"{LIB}::dequantize", mutates_args=())
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``q * scale`` in ``dtype``."""

@@ -161,10 +161,14 @@ def test_triton_available_says_what_runs_the_kernels():
         assert "interpreter" in reason
 
 
-def test_triton_kernel_set_is_registered():
+def test_triton_kernel_set_is_registered_with_the_generic_schemas():
     ks = ops.kernel_set("triton")
-    assert ks.quantize is torch.ops.sqcompile.triton_quantize
-    assert ks.int8_mm is torch.ops.sqcompile.triton_int8_mm
+    generic = ops.kernel_set("torch")
+    for name in ops.KernelSet._fields:
+        mine, theirs = getattr(ks, name).default, getattr(generic, name).default
+        assert mine.name() == f"sqcompile::triton_{name}"
+        assert str(mine._schema).split("(", 1)[1] == str(theirs._schema).split("(", 1)[1]
+        assert set(mine.tags) == set(theirs.tags)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,12 @@ def _quantize(x, bits, keep_dims, stochastic):
 
 
 def _shiftquant(x, bits, groups, channel_dims, stochastic):
-    r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest", _noise(x, stochastic))
+    # Two passes over x: Inductor fuses the range reduction into one loop; the per-channel
+    # parameters come from an opaque op, so they are computed once per channel instead of
+    # being inlined (recomputed) into every element of the quantize loop.
+    g, multiplier, scale, base = torch.ops.sqcompile.shift_params(N.amax(x, channel_dims), bits, groups)
+    r = N.shiftquant_with_params(x, bits, groups, g, multiplier, scale, base,
+                                 "stochastic" if stochastic else "nearest", _noise(x, stochastic))
     return r.expanded, r.base_scale
 
 

@@ -4,7 +4,8 @@
 ``triton_int8_mm`` have exactly the schemas and semantics of the generic ops in
 :mod:`sqcompile.ops` (``quantize``, ``shiftquant``, ``dequantize``, ``int8_mm``); their fake
 implementations *are* the generic ops' (the fake impl calls the generic op, which under
-FakeTensorMode dispatches to its own fake), so shapes, dtypes and strides cannot drift apart.
+FakeTensorMode dispatches to its own fake), so shapes, dtypes and strides cannot drift apart,
+and the quantizers carry the same ``nondeterministic_seeded`` tag (``ops._RANDOM``).
 They stay distinct ops, not kernels registered onto the generic ones, so a graph shows which
 family each node uses and the ``"torch"`` family stays available next to ``"triton"``.
 
@@ -69,7 +70,7 @@ def _check_device(*tensors: torch.Tensor) -> None:
             raise RuntimeError(f"sqcompile Triton kernels cannot run on {t.device}: {reason}")
 
 
-@torch.library.custom_op("sqcompile::triton_quantize", mutates_args=())
+@torch.library.custom_op("sqcompile::triton_quantize", mutates_args=(), tags=ops._RANDOM)
 def triton_quantize(x: torch.Tensor, bits: int, keep_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``sqcompile::quantize`` on Triton."""
     _check_device(x)
@@ -81,7 +82,7 @@ def _(x, bits, keep_dims, stochastic):
     return torch.ops.sqcompile.quantize(x, bits, keep_dims, stochastic)
 
 
-@torch.library.custom_op("sqcompile::triton_shiftquant", mutates_args=())
+@torch.library.custom_op("sqcompile::triton_shiftquant", mutates_args=(), tags=ops._RANDOM)
 def triton_shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``sqcompile::shiftquant`` on Triton."""
     _check_device(x)

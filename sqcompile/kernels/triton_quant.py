@@ -107,13 +107,36 @@ def _scale_of(amax, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _quantize_values(x, scale, noise, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """``clamp(round(x / scale), -qmax, qmax)`` as int32 (numerics.quantize_with_scale).
+def _multipliers(scale, STOCHASTIC: tl.constexpr):
+    """Per-channel ``(divisor, pre, inv)`` for :func:`_quantize_values`.
 
-    Divides by 1 where the scale is 0 (those values are 0), maps NaN to 0, clamps before
-    rounding (equivalent for integer bounds, and keeps the rounding identity exact)."""
+    ``divisor`` is the scale, or 1 where the scale is 0 (those values are 0), as
+    numerics.quantize_with_scale.  Nearest rounding divides by it (IEEE, bit-exact with the
+    reference).  Stochastic rounding cannot match the reference's noise anyway, so it
+    multiplies by the reciprocal instead of paying a division per element:
+    ``v = (x * pre) * inv`` with ``pre = 2**64`` for divisors below ``2**-100`` so the
+    reciprocal stays finite (``x * pre`` is exact: ``|x| <= qmax * scale``)."""
     divisor = tl.where(scale == 0.0, 1.0, scale)
-    v = tl.math.div_rn(x.to(tl.float32), divisor)
+    if STOCHASTIC:
+        pre = tl.where(divisor < 7.888609052210118e-31, 18446744073709551616.0, 1.0)
+        inv = tl.math.div_rn(1.0, divisor * pre)
+    else:
+        pre = divisor
+        inv = divisor
+    return divisor, pre, inv
+
+
+@triton.jit
+def _quantize_values(x, divisor, pre, inv, noise, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """``clamp(round(x / scale), -qmax, qmax)`` as int32 (numerics.quantize_with_scale), with
+    the per-channel multipliers of :func:`_multipliers` (broadcast to the tile).
+
+    Maps NaN to 0 and clamps before rounding (equivalent for integer bounds, and keeps the
+    rounding identity exact)."""
+    if STOCHASTIC:
+        v = (x.to(tl.float32) * pre) * inv
+    else:
+        v = tl.math.div_rn(x.to(tl.float32), divisor)
     v = tl.where(v == v, v, 0.0)
     v = tl.minimum(tl.maximum(v, -QMAX * 1.0), QMAX * 1.0)
     if STOCHASTIC:
@@ -168,10 +191,14 @@ def cast_rtne(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l):
-    """Element offsets (int64) of the tile ``offs_c x offs_l`` in batch ``a`` of the view."""
-    return (a.to(tl.int64) * stride_a + offs_c.to(tl.int64)[:, None] * stride_c
-            + offs_l.to(tl.int64)[None, :] * stride_l)
+def _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64: tl.constexpr):
+    """Element offsets of the tile ``offs_c x offs_l`` in batch ``a`` of the view; int32
+    arithmetic (cheaper) unless the view spans 2**31 elements."""
+    if INT64:
+        a = a.to(tl.int64)
+        offs_c = offs_c.to(tl.int64)
+        offs_l = offs_l.to(tl.int64)
+    return a * stride_a + offs_c[:, None] * stride_c + offs_l[None, :] * stride_l
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,40 +207,43 @@ def _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l):
 
 @triton.jit
 def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, seed,
-                           QMAX: tl.constexpr, STOCHASTIC: tl.constexpr,
+                           QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, INT64: tl.constexpr,
                            BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Per-channel amax + quantize for ``BLOCK_C`` channels of batch ``a`` (A kept).
 
-    Grid: ``(cdiv(C, BLOCK_C), A)``.  ``q`` has ``x``'s strides."""
+    Grid: ``(cdiv(C, BLOCK_C), A)``.  ``q`` has ``x``'s strides.  The first loop keeps the
+    rows in L2 (``evict_last``) for the second, which reads them for the last time."""
     pid_c = tl.program_id(0)
     a = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)      # reduced once, after the loop
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask = mask_c[:, None] & (offs_l < L)[None, :]
-        x = tl.load(x_ptr + _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l), mask=mask, other=0.0)
-        amax = tl.maximum(amax, tl.max(_abs_nan_as_inf(x), axis=1))
-    scale = _scale_of(amax, QMAX)
+        x = tl.load(x_ptr + _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64), mask=mask,
+                    other=0.0, eviction_policy="evict_last")
+        acc = tl.maximum(acc, _abs_nan_as_inf(x))
+    scale = _scale_of(tl.max(acc, axis=1), QMAX)
     rows = a * C + offs_c
     tl.store(scale_ptr + rows, scale, mask=mask_c)
+    divisor, pre, inv = _multipliers(scale, STOCHASTIC)
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask = mask_c[:, None] & (offs_l < L)[None, :]
-        offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
         if STOCHASTIC:
             noise = _uniform_noise(seed, rows, l0, L, BLOCK_C, BLOCK_L)
         else:
             noise = 0.0
-        q = _quantize_values(x, scale[:, None], noise, QMAX, STOCHASTIC)
+        q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
         tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
 
 
 @triton.jit
 def _absmax_partial_kernel(x_ptr, partial_ptr, C, L, stride_a, stride_c, stride_l, l_per_split, n_channels,
-                           A_KEPT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+                           A_KEPT: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Partial channel amax (NaN as +inf) over ``[split * l_per_split, ...)`` of ``L``.
 
     Grid: ``(cdiv(C, BLOCK_C), n_split, A)``.  Writes ``partial[row, channel]`` with
@@ -226,24 +256,26 @@ def _absmax_partial_kernel(x_ptr, partial_ptr, C, L, stride_a, stride_c, stride_
     mask_c = offs_c < C
     l_start = split * l_per_split
     l_end = tl.minimum(l_start + l_per_split, L)
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)      # reduced once, after the loop
     for l0 in range(l_start, l_end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask = mask_c[:, None] & (offs_l < l_end)[None, :]
-        x = tl.load(x_ptr + _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l), mask=mask, other=0.0)
-        acc = tl.maximum(acc, tl.max(_abs_nan_as_inf(x), axis=1))
+        x = tl.load(x_ptr + _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64), mask=mask,
+                    other=0.0)
+        acc = tl.maximum(acc, _abs_nan_as_inf(x))
+    amax = tl.max(acc, axis=1)
     if A_KEPT:
         row = split
         channel = a * C + offs_c
     else:
         row = a * tl.num_programs(1) + split
         channel = offs_c
-    tl.store(partial_ptr + row.to(tl.int64) * n_channels + channel, acc, mask=mask_c)
+    tl.store(partial_ptr + row.to(tl.int64) * n_channels + channel, amax, mask=mask_c)
 
 
 @triton.jit
 def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, n_cblocks, seed,
-                     QMAX: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr,
+                     QMAX: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr, INT64: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Quantize one ``[BLOCK_C, BLOCK_L]`` tile with its channels' ranges (from
     :func:`_absmax_partial_kernel`); the first tile of each channel block writes the scales.
@@ -266,14 +298,15 @@ def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_
         writer += a
     if writer == 0:
         tl.store(scale_ptr + channel, scale, mask=mask_c)
+    divisor, pre, inv = _multipliers(scale, STOCHASTIC)
     mask = mask_c[:, None] & (offs_l < L)[None, :]
-    offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l)
+    offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if STOCHASTIC:
         noise = _uniform_noise(seed, a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
     else:
         noise = 0.0
-    q = _quantize_values(x, scale[:, None], noise, QMAX, STOCHASTIC)
+    q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
     tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
 
 
@@ -294,7 +327,7 @@ def _shift_group(r, R, GROUPS: tl.constexpr):
 def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, C, L, stride_a, stride_c, stride_l,
                        n_cblocks, seed,
                        QMAX: tl.constexpr, GROUPS: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+                       INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """ShiftQuant one tile: group of each channel, quantization with ``s_g = base * 2**(G-1-g)``
     and expansion ``e = q << (G-1-g)`` written in ``e_ptr``'s dtype (int8 or int16).
 
@@ -318,14 +351,15 @@ def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, C, L, stride
     g = _shift_group(tl.load(range_ptr + channel, mask=mask_c, other=0.0), R, GROUPS)
     shift = (GROUPS - 1) - g
     scale = base * ((shift + 127) << 23).to(tl.float32, bitcast=True)    # base * 2**shift, exact
+    divisor, pre, inv = _multipliers(scale, STOCHASTIC)
     mask = mask_c[:, None] & (offs_l < L)[None, :]
-    offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l)
+    offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if STOCHASTIC:
         noise = _uniform_noise(seed, a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
     else:
         noise = 0.0
-    q = _quantize_values(x, scale[:, None], noise, QMAX, STOCHASTIC)
+    q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
     e = q << shift[:, None]
     tl.store(e_ptr + offs, e.to(e_ptr.dtype.element_ty), mask=mask)
 
@@ -371,6 +405,11 @@ class _View(NamedTuple):
     def n_channels(self) -> int:
         A, C, _ = self.shape
         return A * C if self.a_kept else C
+
+    @property
+    def int64(self) -> bool:
+        """Do element offsets reach 2**31 (int64 index arithmetic in the kernels)?"""
+        return sum((n - 1) * abs(s) for n, s in zip(self.shape, self.strides)) >= 2 ** 31
 
 
 def _dense(x: torch.Tensor) -> bool:
@@ -496,7 +535,7 @@ def channel_ranges(view: _View, tile: _Tile) -> torch.Tensor:
     partial = torch.empty((rows, view.n_channels), dtype=torch.float32, device=view.work.device)
     _absmax_partial_kernel[(n_cblocks, n_split, A)](
         view.work, partial, C, L, *view.strides, l_per_split, view.n_channels,
-        A_KEPT=view.a_kept, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, num_warps=tile.num_warps)
+        A_KEPT=view.a_kept, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, num_warps=tile.num_warps)
     return partial.amax(0)
 
 
@@ -531,13 +570,14 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
         fused = _use_fused(view, tile)
     if fused and (A == 1 or view.a_kept):
         _quantize_fused_kernel[(n_cblocks, A)](
-            view.work, q, scale, C, L, *view.strides, seed, QMAX=qmax, STOCHASTIC=stochastic,
+            view.work, q, scale, C, L, *view.strides, seed, QMAX=qmax, STOCHASTIC=stochastic, INT64=view.int64,
             BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, num_warps=tile.num_warps)
     else:
         ranges = channel_ranges(view, tile)
         _quantize_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
             view.work, q, ranges, scale, C, L, *view.strides, n_cblocks, seed, QMAX=qmax, A_KEPT=view.a_kept,
-            STOCHASTIC=stochastic, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, num_warps=tile.num_warps)
+            STOCHASTIC=stochastic, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
+            num_warps=tile.num_warps)
     return _restore(view, q, x), scale.reshape(scale_shape)
 
 
@@ -566,7 +606,7 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
     n_cblocks = triton.cdiv(C, tile.block_c)
     _shiftquant_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
         view.work, e, ranges, rmax, base, C, L, *view.strides, n_cblocks, seed, QMAX=qmax, GROUPS=groups,
-        A_KEPT=view.a_kept, STOCHASTIC=stochastic, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
+        A_KEPT=view.a_kept, STOCHASTIC=stochastic, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
         num_warps=tile.num_warps)
     return _restore(view, e, x), base
 

@@ -58,7 +58,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, recor
     decision = _decision(node, name)
     if cfg is None or cfg.norm == "keep" or not is_float_tensor(args["input"]):
         if cfg is None:
-            decision.reason = f"kept in float: {override_reason}"
+            decision.reason = override_reason
         elif cfg.norm == "keep":
             decision.reason = "norm='keep'"
         else:

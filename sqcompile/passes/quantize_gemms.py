@@ -93,7 +93,7 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         float_reason = unsupported
     cfg, override_reason = op_config(node, config)
     if float_reason or cfg is None:
-        decision.reason = float_reason or f"kept in float: {override_reason}"
+        decision.reason = float_reason or override_reason
         record.add(decision)
         return
 
