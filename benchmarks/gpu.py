@@ -113,6 +113,8 @@ def part_linear(reps: int) -> None:
     ref = t["bf16 torch.matmul"]
     for name, ms in t.items():
         record("1 gemm", f"{name}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s", f"{ref / ms:.2f}x bf16")
+    for key, config in getattr(triton_gemm._gemm, "cache", {}).items():   # what autotuning chose
+        print(f"  autotuned {key[:7]}: {config}")
 
 
 # ---------------------------------------------------------------------------------------------

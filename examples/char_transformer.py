@@ -36,13 +36,14 @@ from data import CharTokenizer, DatasetMissing, char_corpus, lm_batches  # noqa:
 FAMILY = "Transformer (char LM, lee)"
 
 
-def shiftquant_options(bits: int) -> dict:
+def shiftquant_options(bits: int, execution: str = "auto") -> dict:
     """W/A/G = ``bits`` with as many ShiftQuant groups (up to 4) as fit one int8 GEMM:
-    4 bits G=4, 6 bits G=3, 8 bits G=1; L1 norms (the default)."""
+    4 bits G=4, 6 bits G=3, 8 bits G=1; L1 norms (the default).  ``execution="simulate"``
+    computes the same numbers with float GEMMs on dequantized values (faster on CPU for convs)."""
     from sqcompile.numerics import fits_int8
 
     groups = max(g for g in range(1, 5) if fits_int8(bits, g))
-    return {"weight_bits": bits, "act_bits": bits, "grad_bits": bits, "groups": groups}
+    return {"weight_bits": bits, "act_bits": bits, "grad_bits": bits, "groups": groups, "execution": execution}
 
 
 class Attention(nn.Module):
@@ -157,7 +158,8 @@ def train_one(name: str, options: Optional[dict], train_ids, val_batches, vocab:
 def run(bits_list: Sequence[int] = (8, 6, 4), epochs: Optional[float] = None, seed: int = 0, *, steps: int = 600,
         corpus: str = "lee", limit_chars: Optional[int] = None, batch_size: int = 32, seq_len: int = 64,
         lr: float = 3e-3, d_model: int = 64, heads: int = 4, layers: int = 2, attention: str = "sdpa",
-        norm: str = "layer", val_batches: int = 20, include_float: bool = True, log_every: int = 100) -> List[dict]:
+        norm: str = "layer", val_batches: int = 20, execution: str = "auto", include_float: bool = True,
+        log_every: int = 100) -> List[dict]:
     """Train float (if ``include_float``) and one shiftquant run per entry of ``bits_list``;
     return one result dict per run (``value``: validation loss in nats/char).  ``epochs``, when
     given, sets the number of steps to that many passes over the training characters
@@ -180,7 +182,7 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: Optional[float] = None, se
               layers=layers, attention=attention, norm=norm, log_every=log_every)
     results = [train_one("float32", None, train_ids, val, tok.vocab_size, **kw)] if include_float else []
     for bits in bits_list:
-        opts = shiftquant_options(bits)
+        opts = shiftquant_options(bits, execution)
         results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, train_ids, val,
                                  tok.vocab_size, **kw))
     return results
@@ -215,13 +217,18 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4], help="W/A/G bit widths to compare with float")
+    p.add_argument("--execution", choices=["auto", "simulate", "integer"], default="auto",
+                   help="sqcompile's execution option (same numerics; 'simulate' is faster for convs on CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice; 1 is faster on a busy machine)")
     args = p.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         results = run(args.bits, args.epochs, args.seed, steps=args.steps, corpus=args.corpus,
                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, d_model=args.d_model,
                       heads=args.heads, layers=args.layers, attention=args.attention, norm=args.norm,
-                      val_batches=args.val_batches, log_every=args.log_every)
+                      val_batches=args.val_batches, log_every=args.log_every, execution=args.execution)
     except DatasetMissing as e:
         sys.exit(str(e))
     print_table(results)

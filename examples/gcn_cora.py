@@ -42,13 +42,14 @@ from data import DatasetMissing, cora  # noqa: E402
 FAMILY = "GNN (GCN, Cora)"
 
 
-def shiftquant_options(bits: int) -> dict:
+def shiftquant_options(bits: int, execution: str = "auto") -> dict:
     """W/A/G = ``bits`` with as many ShiftQuant groups (up to 4) as fit one int8 GEMM:
-    4 bits G=4, 6 bits G=3, 8 bits G=1; L1 norms (the default)."""
+    4 bits G=4, 6 bits G=3, 8 bits G=1; L1 norms (the default).  ``execution="simulate"``
+    computes the same numbers with float GEMMs on dequantized values (faster on CPU for convs)."""
     from sqcompile.numerics import fits_int8
 
     groups = max(g for g in range(1, 5) if fits_int8(bits, g))
-    return {"weight_bits": bits, "act_bits": bits, "grad_bits": bits, "groups": groups}
+    return {"weight_bits": bits, "act_bits": bits, "grad_bits": bits, "groups": groups, "execution": execution}
 
 
 def gcn_norm(edge_index: torch.Tensor, num_nodes: int):
@@ -130,7 +131,8 @@ def train_one(name: str, options: Optional[dict], data: dict, *, epochs: int, se
 
 def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 200, seed: int = 0, *, hidden: int = 16,
         lr: float = 0.01, weight_decay: float = 5e-4, dropout: float = 0.5, aggregation: str = "index",
-        num_nodes: Optional[int] = None, include_float: bool = True, log_every: int = 50) -> List[dict]:
+        num_nodes: Optional[int] = None, execution: str = "auto", include_float: bool = True,
+        log_every: int = 50) -> List[dict]:
     """Train float (if ``include_float``) and one shiftquant run per entry of ``bits_list``;
     return one result dict per run (``value``: test accuracy in percent).  ``seed`` sets both
     the initialization and the random train/val/test split.  ``num_nodes`` keeps the subgraph
@@ -149,7 +151,7 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 200, seed: int = 0, 
               aggregation=aggregation, log_every=log_every)
     results = [train_one("float32", None, data, **kw)] if include_float else []
     for bits in bits_list:
-        opts = shiftquant_options(bits)
+        opts = shiftquant_options(bits, execution)
         results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, data, **kw))
     return results
 
@@ -186,11 +188,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4], help="W/A/G bit widths to compare with float")
+    p.add_argument("--execution", choices=["auto", "simulate", "integer"], default="auto",
+                   help="sqcompile's execution option (same numerics; 'simulate' is faster for convs on CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice; 1 is faster on a busy machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         results = run(args.bits, args.epochs, args.seed, hidden=args.hidden, lr=args.lr,
                       weight_decay=args.weight_decay, dropout=args.dropout, aggregation=args.aggregation,
-                      log_every=args.log_every)
+                      log_every=args.log_every, execution=args.execution)
     except DatasetMissing as e:
         sys.exit(str(e))
     print_table(results)

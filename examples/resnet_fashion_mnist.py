@@ -31,13 +31,14 @@ from data import DatasetMissing, fashion_mnist  # noqa: E402
 FAMILY = "CNN (ResNet, Fashion-MNIST)"
 
 
-def shiftquant_options(bits: int) -> dict:
+def shiftquant_options(bits: int, execution: str = "auto") -> dict:
     """W/A/G = ``bits`` with as many ShiftQuant groups (up to 4) as fit one int8 GEMM:
-    4 bits G=4, 6 bits G=3, 8 bits G=1; L1 norms (the default)."""
+    4 bits G=4, 6 bits G=3, 8 bits G=1; L1 norms (the default).  ``execution="simulate"``
+    computes the same numbers with float GEMMs on dequantized values (faster on CPU for convs)."""
     from sqcompile.numerics import fits_int8
 
     groups = max(g for g in range(1, 5) if fits_int8(bits, g))
-    return {"weight_bits": bits, "act_bits": bits, "grad_bits": bits, "groups": groups}
+    return {"weight_bits": bits, "act_bits": bits, "grad_bits": bits, "groups": groups, "execution": execution}
 
 
 class BasicBlock(nn.Module):
@@ -128,7 +129,8 @@ def train_one(name: str, options: Optional[dict], data, *, epochs: int, seed: in
 def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 1, seed: int = 0, *, train_limit: int = 10000,
         test_limit: Optional[int] = None, batch_size: int = 128, lr: float = 0.1,
         blocks: Sequence[int] = (1, 1, 1, 1), widths: Sequence[int] = (16, 32, 64, 128),
-        max_steps: Optional[int] = None, include_float: bool = True, log_every: int = 50) -> List[dict]:
+        max_steps: Optional[int] = None, execution: str = "auto", include_float: bool = True,
+        log_every: int = 50) -> List[dict]:
     """Train float (if ``include_float``) and one shiftquant run per entry of ``bits_list``;
     return one result dict per run (``value`` is the test accuracy in percent).  Raises
     :class:`data.DatasetMissing` when Fashion-MNIST is not installed."""
@@ -141,7 +143,7 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 1, seed: int = 0, *,
               max_steps=max_steps, log_every=log_every)
     results = [train_one("float32", None, data, **kw)] if include_float else []
     for bits in bits_list:
-        opts = shiftquant_options(bits)
+        opts = shiftquant_options(bits, execution)
         results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, data, **kw))
     return results
 
@@ -162,16 +164,23 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--blocks", type=int, nargs=4, default=[1, 1, 1, 1], help="BasicBlocks per stage (ResNet-18: 2 2 2 2)")
+    p.add_argument("--blocks", type=int, nargs=4, default=[1, 1, 1, 1],
+                   help="BasicBlocks per stage (ResNet-18: 2 2 2 2)")
     p.add_argument("--widths", type=int, nargs=4, default=[16, 32, 64, 128])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4], help="W/A/G bit widths to compare with float")
+    p.add_argument("--execution", choices=["auto", "simulate", "integer"], default="auto",
+                   help="sqcompile's execution option (same numerics; 'simulate' is faster for convs on CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice; 1 is faster on a busy machine)")
     args = p.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         results = run(args.bits, args.epochs, args.seed, train_limit=args.train_limit, batch_size=args.batch_size,
-                      lr=args.lr, blocks=args.blocks, widths=args.widths, log_every=args.log_every)
+                      lr=args.lr, blocks=args.blocks, widths=args.widths, log_every=args.log_every,
+                      execution=args.execution)
     except DatasetMissing as e:
         sys.exit(str(e))
     print_table(results)

@@ -96,8 +96,10 @@ def hash_noise(shape, seed, device=None) -> torch.Tensor:
     The same role as :func:`uniform_noise`, but computed from the index alone, so a fusing
     compiler (Inductor) generates it inside the quantizer's loop with a few integer ops instead
     of a separate random-number pass (Inductor's ``rand`` costs ~5x the whole quantizer on
-    CPU).  The hash is the 32-bit MurmurHash3 finalizer over ``index * golden + seed`` in
-    int32 arithmetic (products wrap modulo 2**32; right shifts are made logical by masking);
+    CPU).  The hash is the 32-bit MurmurHash3 finalizer over ``(index ^ seed) * golden`` in
+    int32 arithmetic (products wrap modulo 2**32; right shifts are made logical by masking).
+    The xor comes first on purpose: Inductor folds ``arange * constant`` into an index
+    expression, which overflows int32 index math in its Triton code, but it cannot fold an xor;
     values are ``(k + 0.5) / 256`` as in :func:`uniform_noise`.  ``seed``: an int or an int
     tensor.  Indices wrap past 2**32 elements (harmless: the noise only needs to be uniform).
     """
@@ -106,7 +108,7 @@ def hash_noise(shape, seed, device=None) -> torch.Tensor:
     for s in shape:
         n *= s
     seed = torch.as_tensor(seed, device=device).to(torch.int32)
-    h = torch.arange(n, dtype=torch.int32, device=device).view(shape) * -1640531535 + seed   # 0x9E3779B1
+    h = (torch.arange(n, dtype=torch.int32, device=device).view(shape) ^ seed) * -1640531535   # 0x9E3779B1
     h = h ^ ((h >> 16) & 0xFFFF)
     h = h * -2048144789                                                                      # 0x85EBCA6B
     h = h ^ ((h >> 13) & 0x7FFFF)

@@ -491,18 +491,22 @@ class _Tile(NamedTuple):
 def _tile(view: _View) -> _Tile:
     """Tile shape: 4096 elements on a GPU, long along whichever axis is contiguous in memory
     (so loads coalesce); smaller in the interpreter, where every element costs CPU time.
-    ``block_l`` stays a multiple of 16 (the noise is drawn 16 elements at a time)."""
+    ``block_l`` stays a multiple of 16 (the noise is drawn 16 elements at a time).
+
+    Measured on an H200 (8192 x 8192 bf16, one of several sweeps): rows of 2 x 2048 with 4
+    warps beat 4 x 1024 by ~20% for per-row quantization; channel-contiguous views do best
+    at 128 x 32 with 4 warps; the per-tensor walk at 4096 with 8 warps."""
     _, C, L = view.shape
     _, stride_c, stride_l = view.strides
     total = 512 if INTERPRETED else 4096
-    if C == 1:
-        block_c = 1
-    elif stride_c == 1 and stride_l != 1:
-        block_c = min(128 if not INTERPRETED else 32, triton.next_power_of_2(C))
-    else:
-        block_c = max(1, min(triton.next_power_of_2(C), total // min(1024, max(16, triton.next_power_of_2(L)))))
-    block_l = max(16, min(triton.next_power_of_2(L), total // block_c))
-    return _Tile(block_c, block_l, 4)
+    np2_c, np2_l = triton.next_power_of_2(C), triton.next_power_of_2(L)
+    if C == 1:                                   # one scale for the tensor: long 1-D tiles
+        return _Tile(1, max(16, min(np2_l, total)), 4 if INTERPRETED else 8)
+    if stride_c == 1 and stride_l != 1:          # channels contiguous: wide along C
+        block_c = min(32 if INTERPRETED else 128, np2_c)
+        return _Tile(block_c, max(16, min(np2_l, total // block_c)), 4)
+    block_l = max(16, min(np2_l, total // 2))    # reduced axis contiguous (rows): 2 x 2048
+    return _Tile(max(1, min(np2_c, total // block_l)), block_l, 4)
 
 
 def _device_programs(device: torch.device) -> int:

@@ -1,0 +1,149 @@
+"""A full training step (forward, backward, SGD update) on CPU: fp32 eager vs the shiftquant
+backend, interleaved in one process, plus the bytes saved for backward (activation memory).
+
+* transformer: 4 pre-norm blocks, d_model 512, 8 heads, seq 256, batch 16 (SDPA attention,
+  LayerNorm -> L1 norm, GELU MLP);
+* resnet18: a ResNet-18-sized CNN (BasicBlocks 64-128-256-512, BatchNorm -> L1 norm) on 32x32
+  inputs, batch 32.
+
+    python benchmarks/train_step.py
+    python benchmarks/train_step.py --models transformer --rounds 7
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sqcompile  # noqa: E402,F401
+from _timing import interleaved, median_ms, median_ratio  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D)
+        x = x + self.proj(a)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    def __init__(self, d=512, heads=8, layers=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.head = nn.Linear(d, d)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                      if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.short(x))
+
+
+class ResNet18(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x):
+        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
+
+
+MODELS = {
+    "transformer": (Transformer, lambda: torch.randn(16, 256, 512), lambda out: out.pow(2).mean()),
+    "resnet18": (ResNet18, lambda: torch.randn(32, 3, 32, 32),
+                 lambda out: F.cross_entropy(out, torch.arange(out.shape[0]) % 10)),
+}
+
+
+def saved_bytes(step) -> int:
+    """Bytes of the tensors autograd saves for backward during one step."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--bits", type=int, default=4)
+    args = p.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; command: "
+          f"python benchmarks/train_step.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
+    rows = []
+    for name in args.models:
+        cls, make_input, loss_fn = MODELS[name]
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        x = make_input()
+        runs = {}
+        for label, options in (("fp32 eager", None),
+                               (f"shiftquant W{args.bits}A{args.bits}G{args.bits}",
+                                dict(weight_bits=args.bits, act_bits=args.bits, grad_bits=args.bits, inner="inductor"))):
+            torch.manual_seed(0)
+            model = cls()
+            run = model if options is None else torch.compile(model, backend="shiftquant", options=options)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+            def step(run=run, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(run(x)).backward()
+                opt.step()
+            runs[label] = step
+        times = interleaved(runs, rounds=args.rounds, warmup=2)
+        mem = {label: saved_bytes(step) for label, step in runs.items()}
+        base = "fp32 eager"
+        for label in runs:
+            rows.append([name, label, f"{median_ms(times[label]):.0f}", f"{median_ratio(times, base, label):.2f}x",
+                         f"{mem[label] / 2**20:.0f}", f"{mem[label] / mem[base]:.2f}"])
+        print(tabulate(rows[-len(runs):], tablefmt="github"), flush=True)
+    print()
+    print(tabulate(rows, headers=["model", "path", "median ms/step", "speed-up vs fp32", "saved for bwd MiB",
+                                  "vs fp32"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
