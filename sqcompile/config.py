@@ -31,7 +31,7 @@ INNER_CHOICES = ("auto", "eager", "inductor")
 
 # Options that may differ from module to module (the rest are global to one compile).
 PER_OP_FIELDS = (
-    "weight_bits", "act_bits", "grad_bits", "groups", "norm", "norm_bits", "l1_scale",
+    "quantize", "weight_bits", "act_bits", "grad_bits", "groups", "norm", "norm_bits", "l1_scale",
     "execution", "kernels",
 )
 
@@ -44,6 +44,7 @@ def _bad(name: str, value: Any, expected: str) -> ValueError:
 class OpConfig:
     """The resolved options that apply to one op (after overrides)."""
 
+    quantize: bool = True
     weight_bits: int = 4
     act_bits: int = 4
     grad_bits: int = 4
@@ -55,6 +56,8 @@ class OpConfig:
     kernels: str = "auto"
 
     def validate(self) -> None:
+        if not isinstance(self.quantize, bool):
+            raise _bad("quantize", self.quantize, "True or False")
         for name in ("weight_bits", "act_bits", "grad_bits", "norm_bits"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not MIN_BITS <= v <= MAX_BITS:
@@ -85,6 +88,8 @@ class Config(OpConfig):
     ==============  ========  ================================================================
     option          default   meaning
     ==============  ========  ================================================================
+    quantize        True      False keeps GEMMs in float and makes L1 norms unquantized (what
+                              is left is the norm replacement alone: "float L1" training)
     weight_bits     4         bits of weights in forward GEMMs (2..8), nearest rounding
     act_bits        4         bits of activations feeding GEMMs (2..8), nearest rounding
     grad_bits       4         bits of output gradients in backward GEMMs (2..8), ShiftQuant
@@ -104,7 +109,8 @@ class Config(OpConfig):
     overrides       {}        {module-path pattern: partial options or None (= float)}
     collect_stats   False     record SQNR and group occupancy per op each step (costs time)
     inner           "auto"    compiler for what remains: "eager", "inductor", or "auto"
-                              (Inductor on CUDA, eager on CPU)
+                              (Inductor on CUDA; on CPU Inductor for graphs whose quantized
+                              GEMMs exceed 0.5 GFLOP per call, eager for smaller ones)
     ==============  ========  ================================================================
     """
 

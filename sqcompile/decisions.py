@@ -70,6 +70,7 @@ class CompileRecord:
     graphs: Dict[str, str] = field(default_factory=dict)   # stage -> readable code
     warnings: List[str] = field(default_factory=list)
     stats: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # node -> latest stats
+    inner: Optional[str] = None          # the inner compiler lowering used ("eager" / "inductor")
 
     def add(self, decision: OpDecision) -> OpDecision:
         decision.graph = self.index

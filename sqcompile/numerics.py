@@ -107,7 +107,7 @@ def hash_noise(shape, seed, device=None) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
-    seed = torch.as_tensor(seed, device=device).to(torch.int32)
+    seed = torch.as_tensor(seed, device=device).to(torch.int32) * 668265263   # 0x27D4EB2F spreads nearby seeds
     h = (torch.arange(n, dtype=torch.int32, device=device).view(shape) ^ seed) * -1640531535   # 0x9E3779B1
     h = h ^ ((h >> 16) & 0xFFFF)
     h = h * -2048144789                                                                      # 0x85EBCA6B

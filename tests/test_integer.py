@@ -134,3 +134,31 @@ def test_integer_conv_support_rule():
     assert ops.integer_conv_supported(2, 1) is None
     assert "grouped" in ops.integer_conv_supported(2, 4)
     assert "conv3d" in ops.integer_conv_supported(3, 1)
+
+
+def test_inductor_lowering_matches_the_eager_path():
+    """inner="inductor" replaces the quantizer ops by their numerics definitions and lets
+    Inductor fuse them; forward (nearest rounding) must agree with the eager path to float
+    rounding, backward (different noise source) statistically."""
+    import copy
+
+    import sqcompile  # noqa: F401
+    from sqcompile.decisions import records_for
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    x = torch.randn(96, 48)
+    outs, grads = {}, {}
+    for inner in ("eager", "inductor"):
+        m = copy.deepcopy(model)
+        cm = torch.compile(m, backend="shiftquant", options=dict(weight_bits=8, act_bits=8, grad_bits=8, groups=1,
+                                                                 norm="keep", inner=inner))
+        out = cm(x)
+        out.pow(2).mean().backward()
+        outs[inner], grads[inner] = out.detach(), [p.grad for p in m.parameters()]
+        assert records_for(list(m.parameters()))[-1].inner == inner
+    assert rel(outs["inductor"], outs["eager"]) < 1e-5
+    for a, b in zip(grads["inductor"], grads["eager"]):
+        assert rel(a, b) < 0.05      # both are 8-bit stochastic estimates of the same gradient
+    torch._dynamo.reset()

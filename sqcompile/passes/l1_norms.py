@@ -70,13 +70,19 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, recor
     if isinstance(eps, (int, float)):
         args["eps"] = math.sqrt(eps)
     positional = tuple(args[k] for k in names)
+    bits = cfg.norm_bits if cfg.quantize else None        # quantize=False: float L1 norm
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(fn, positional, {"l1_scale": cfg.l1_scale, "norm_bits": cfg.norm_bits,
-                                                      "grad_bits": cfg.norm_bits})
+        new = gm.graph.call_function(fn, positional, {"l1_scale": cfg.l1_scale, "norm_bits": bits,
+                                                      "grad_bits": bits})
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
 
+    decision.replacement = fn.__name__
+    if bits is None:
+        decision.reason = "quantize=False (float L1 norm)"
+        record.add(decision)
+        return
     decision.quantized = True
     decision.execution = EXEC_SIMULATED
     decision.norm_bits = cfg.norm_bits
@@ -84,7 +90,6 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, recor
     decision.act_quantizer = "per-slice, nearest"
     decision.grad_bits = cfg.norm_bits
     decision.grad_quantizer = "per-slice, stochastic"
-    decision.replacement = fn.__name__
     record.add(decision)
 
 

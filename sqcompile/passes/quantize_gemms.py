@@ -92,7 +92,9 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     if name in ("einsum", "lstm", "gru") and unsupported:
         float_reason = unsupported
     cfg, override_reason = op_config(node, config)
-    if float_reason or cfg is None:
+    if cfg is not None and not cfg.quantize:
+        override_reason = "quantize=False"
+    if float_reason or cfg is None or not cfg.quantize:
         decision.reason = float_reason or override_reason
         record.add(decision)
         return
