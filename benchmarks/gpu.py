@@ -18,7 +18,10 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
 3. A transformer block training step (d_model 1024, 16 heads, seq 1024, batch 8, LayerNorm,
    GELU MLP, attention with explicit matmuls) compiled with ``backend="shiftquant"``
    (``kernels="triton"``, ``execution="integer"``) against the same block in bf16 under
-   Inductor.  Errors there are printed and the script goes on.
+   Inductor.  Each int8 GEMM runs fused with its epilogue (dequantize, bias, GELU, residual
+   add, GELU backward: :mod:`sqcompile.backends.fusion`); the part prints how many regions
+   were fused, and ``--ablate-fusion`` also times the block with fusion off.  Errors there
+   are printed and the script goes on.
 
 Exits 0 with a message when CUDA is absent.
 """
@@ -201,8 +204,18 @@ class _Timeout(Exception):
     pass
 
 
-def part_block(reps: int, timeout_s: int) -> None:
+def fused_regions(model) -> str:
+    """What region fusion did to a compiled model: regions per stage, distinct kernels."""
+    from sqcompile.decisions import records_for
+    regions = [r for rec in records_for(list(model.parameters())) for r in rec.regions]
+    stages = {stage: sum(r.stage == stage for r in regions) for stage in ("forward", "backward")}
+    return (f"{stages['forward']} forward + {stages['backward']} backward regions, "
+            f"{len({r.kernel for r in regions})} generated kernels")
+
+
+def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False) -> None:
     print("\n[3] Transformer block training step (d 1024, 16 heads, seq 1024, batch 8)", flush=True)
+    from sqcompile.backends import fusion
     torch.manual_seed(0)
     base = Block().cuda().bfloat16()
     x = torch.randn(8, 1024, 1024, device="cuda", dtype=torch.bfloat16)
@@ -217,27 +230,35 @@ def part_block(reps: int, timeout_s: int) -> None:
                 p.grad = None
         return step
 
+    def shiftquant(m):
+        return torch.compile(m, backend="shiftquant", options={"kernels": "triton", "execution": "integer"})
+
     fns = {}
-    for name, make in [
-        ("bf16 Inductor", lambda m: torch.compile(m)),
-        ("shiftquant integer/triton", lambda m: torch.compile(
-            m, backend="shiftquant", options={"kernels": "triton", "execution": "integer"})),
-    ]:
+    variants = [("bf16 Inductor", lambda m: torch.compile(m), True),
+                ("shiftquant integer/triton", shiftquant, True)]
+    if ablate_fusion:   # the same compile with each GEMM's epilogue left to Inductor
+        variants.append(("shiftquant integer/triton, fusion off", shiftquant, False))
+    for name, make, fuse in variants:
         def on_alarm(signum, frame):
             raise _Timeout(f"compile + first step took more than {timeout_s} s")
         old = signal.signal(signal.SIGALRM, on_alarm)
         signal.alarm(timeout_s)
+        enabled, fusion.ENABLED = fusion.ENABLED, fuse     # read when the graphs compile (first step)
         try:
             t0 = time.perf_counter()
-            step = step_fn(make(copy.deepcopy(base)))
+            model = copy.deepcopy(base)
+            step = step_fn(make(model))
             step()
             torch.cuda.synchronize()
             record("3 block", f"{name}: compile + first step {time.perf_counter() - t0:.1f} s", "ok")
+            if name.startswith("shiftquant"):
+                record("3 block", f"{name}: {fused_regions(model)}", "info")
             fns[name] = step
         except Exception as e:  # the backend is under construction: report and go on
             record("3 block", f"{name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:120]})", "error")
             traceback.print_exc(limit=6)
         finally:
+            fusion.ENABLED = enabled
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)
     if len(fns) < 2:
@@ -257,6 +278,9 @@ def main() -> int:
     parser.add_argument("--parts", default="1,2,3", help="comma-separated parts to run (1, 2, 3)")
     parser.add_argument("--reps", type=int, default=5, help="interleaved rounds per measurement")
     parser.add_argument("--block-timeout", type=int, default=150, help="seconds allowed for each compile in part 3")
+    parser.add_argument("--ablate-fusion", action="store_true",
+                        help="part 3 also times the shiftquant block with region fusion off (one more compile, "
+                             "about a minute: may not fit the 5-minute budget)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py: CUDA is not available on this machine; nothing to measure.")
@@ -268,7 +292,7 @@ def main() -> int:
     parts = {p.strip() for p in args.parts.split(",")}
     started = time.perf_counter()
     for key, run in [("1", lambda: part_linear(args.reps)), ("2", lambda: part_quantizers(args.reps)),
-                     ("3", lambda: part_block(args.reps, args.block_timeout))]:
+                     ("3", lambda: part_block(args.reps, args.block_timeout, args.ablate_fusion))]:
         if key not in parts:
             continue
         try:

@@ -128,12 +128,13 @@ def train_one(name: str, options: Optional[dict], train_ids, val_batches, vocab:
               norm: str, log_every: int) -> dict:
     torch.manual_seed(seed)
     model = CharTransformer(vocab, seq_len, d_model, heads, layers, attention, norm)
+    torch._dynamo.reset()       # a fresh compile per run (Dynamo caches at most 8 graphs per function)
     run_model = model if options is None else torch.compile(model, backend="shiftquant", options=options)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 20), pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for step, (x, y) in enumerate(lm_batches(train_ids, seq_len, batch_size, generator=g, num_batches=steps), 1):

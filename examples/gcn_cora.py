@@ -102,6 +102,7 @@ def train_one(name: str, options: Optional[dict], data: dict, *, epochs: int, se
     train_idx, val_idx, test_idx = (data[k].nonzero().flatten() for k in ("train_mask", "val_mask", "test_mask"))
     torch.manual_seed(seed)
     model = GCN(data["edge_index"], x.shape[0], x.shape[1], hidden, data["num_classes"], dropout, aggregation)
+    torch._dynamo.reset()       # a fresh compile per run (Dynamo caches at most 8 graphs per function)
     run_model = model if options is None else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     start = time.perf_counter()

@@ -94,11 +94,12 @@ def train_one(name: str, options: Optional[dict], data, *, epochs: int, seed: in
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = ResNet(blocks, widths)
+    torch._dynamo.reset()       # a fresh compile per run (Dynamo caches at most 8 graphs per function)
     run_model = model if options is None else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     per_epoch = len(xtr) // batch_size
     steps = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 20))   # (short runs stop early)
     g = torch.Generator().manual_seed(seed)
     start, step = time.perf_counter(), 0
     while step < steps:

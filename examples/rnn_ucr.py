@@ -79,10 +79,11 @@ def train_one(name: str, options: Optional[dict], data, classes: int, *, epochs:
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = RNNClassifier(xtr.shape[-1], hidden, classes, cell, layers)
+    torch._dynamo.reset()       # a fresh compile per run (Dynamo caches at most 8 graphs per function)
     run_model = model if options is None else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     per_epoch = len(xtr) // batch_size                 # full batches only: one compiled shape
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * per_epoch, pct_start=0.2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(epochs * per_epoch, 20), pct_start=0.2)
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):

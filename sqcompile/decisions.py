@@ -61,6 +61,25 @@ class OpDecision:
 
 
 @dataclass
+class FusedRegion:
+    """One integer GEMM and the elementwise epilogue the lowering fused into one generated
+    kernel (:mod:`sqcompile.backends.fusion`)."""
+
+    name: str                           # "R1", numbered per record
+    stage: str                          # "forward", "backward" or "inference"
+    label: str                          # "int8_mm+dequant+bias+gelu"
+    nodes: List[str]                    # the ATen nodes it replaced, GEMM first
+    module_path: str                    # module of the GEMM ("" when unknown)
+    decision: Optional[str] = None      # OpDecision.node of the GEMM's op, when found
+    outputs: int = 1                    # values it stores (more than 1: side outputs)
+    stop: str = ""                      # why the region ends where it does
+    kernel: str = ""                    # the generated module file
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class CompileRecord:
     """Everything one call of the backend produced (one Dynamo graph)."""
 
@@ -70,6 +89,7 @@ class CompileRecord:
     graphs: Dict[str, str] = field(default_factory=dict)   # stage -> readable code
     warnings: List[str] = field(default_factory=list)
     stats: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # node -> latest stats
+    regions: List[FusedRegion] = field(default_factory=list)      # fused by the lowering
     inner: Optional[str] = None          # the inner compiler lowering used ("eager" / "inductor")
 
     def add(self, decision: OpDecision) -> OpDecision:

@@ -383,20 +383,30 @@ def _conv_backward(dy, x, w, stride, padding, dilation, conv_groups, mask):
 
 
 def _im2col(q: torch.Tensor, kernel, stride, padding, dilation):
-    """int8 im2col: ``[N, C, *S]`` -> ``[N * L, C * prod(kernel)]`` without leaving int8."""
+    """int8 im2col in channels-last order: ``[N, C, *S]`` -> ``[N * L, prod(kernel) * C]``.
+
+    Columns are ordered (taps..., channel) so every gathered run is ``C`` contiguous bytes of
+    the channels-last input, which compilers copy with vector loads; the weights are
+    flattened the same way by :func:`_flat_weight`."""
     nd = len(kernel)
-    q = torch.nn.functional.pad(q, [p for pad in reversed(padding) for p in (pad, pad)]) if any(padding) else q
+    q = q.movedim(1, -1)                                                    # [N, *S, C]
+    if any(padding):
+        q = torch.nn.functional.pad(q, [0, 0] + [p for pad in reversed(padding) for p in (pad, pad)])
     view = q
-    for d in range(nd):   # unfold each spatial dim: [N, C, O1.., k1..]
-        view = view.unfold(2 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d])
-    # view: [N, C, O1..On, W1..Wn] where W_d = dilated window; take every dilation-th tap
+    for d in range(nd):   # unfold each spatial dim: [N, O1.., C, W1..] (W_d = dilated window)
+        view = view.unfold(1 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d])
     index = [slice(None)] * (2 + nd) + [slice(None, None, dilation[d]) for d in range(nd)]
-    view = view[tuple(index)]
-    n, c = view.shape[:2]
-    out_sizes = view.shape[2:2 + nd]
-    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
-    cols = view.permute(perm).reshape(n * _prod(out_sizes), c * _prod(kernel))
+    view = view[tuple(index)]                                               # every dilation-th tap
+    n, c = view.shape[0], view.shape[1 + nd]
+    out_sizes = view.shape[1:1 + nd]
+    perm = [0, *range(1, 1 + nd), *range(2 + nd, 2 + 2 * nd), 1 + nd]      # [N, O.., k.., C]
+    cols = view.permute(perm).reshape(n * _prod(out_sizes), _prod(kernel) * c)
     return cols, out_sizes
+
+
+def _flat_weight(w: torch.Tensor) -> torch.Tensor:
+    """``[Cout, C, *k]`` -> ``[Cout, prod(k) * C]`` in :func:`_im2col`'s column order."""
+    return w.movedim(1, -1).reshape(w.shape[0], -1)
 
 
 def _prod(xs) -> int:
@@ -410,33 +420,39 @@ def im2col_conv(ks: KernelSet, qx, qw, stride, padding, dilation):
     """Integer convolution (groups == 1) as one int8 GEMM; float32 holding exact integers."""
     kernel = qw.shape[2:]
     cols, out_sizes = _im2col(qx, kernel, stride, padding, dilation)
-    acc = integer_matmul(cols, qw.reshape(qw.shape[0], -1).t(), ks.int8_mm)           # [N*L, Cout]
+    acc = integer_matmul(cols, _flat_weight(qw).t(), ks.int8_mm)                      # [N*L, Cout]
     n = qx.shape[0]
     return acc.reshape(n, *out_sizes, qw.shape[0]).movedim(-1, 1)
 
 
 def im2col_conv_weight_grad(ks: KernelSet, e, qx, w_shape, stride, padding, dilation):
     """``dW = e^T @ im2col(qx)`` as one integer GEMM (reduction over batch and positions)."""
-    cols, _ = _im2col(qx, w_shape[2:], stride, padding, dilation)         # [N*L, C*k]
+    cols, _ = _im2col(qx, w_shape[2:], stride, padding, dilation)         # [N*L, k*C]
     e2 = e.movedim(1, -1).reshape(-1, e.shape[1])                          # [N*L, Cout]
-    return integer_matmul(e2.t(), cols, ks.int8_mm).reshape(w_shape)
+    dw = integer_matmul(e2.t(), cols, ks.int8_mm)                          # [Cout, k*C]
+    return dw.reshape(w_shape[0], *w_shape[2:], w_shape[1]).movedim(-1, 1)
 
 
 def im2col_conv_input_grad(ks: KernelSet, e, qw, x_shape, stride, padding, dilation):
-    """``dX = col2im(e @ W)``: one integer GEMM, then the overlapping taps are summed by
-    ``fold`` (conv1d/conv2d; the taps' sum stays exact in float32 for realistic sizes)."""
+    """``dX`` as an integer convolution: the transposed convolution of ``e`` written as a
+    plain one -- ``e`` dilated by the stride (zeros in between), padded by
+    ``dilation * (k - 1) - padding`` (negative pads crop), convolved with the spatially
+    flipped, in/out-swapped weights at stride 1 -- so it is one int8 im2col GEMM and no
+    overlapping taps have to be summed afterwards (``fold`` is a slow scatter-add)."""
     nd = len(x_shape) - 2
-    e2 = e.movedim(1, -1).reshape(-1, e.shape[1])                          # [N*L, Cout]
-    cols = integer_matmul(e2, qw.reshape(qw.shape[0], -1), ks.int8_mm)                 # [N*L, C*k]
-    n = x_shape[0]
-    L = cols.shape[0] // n
-    cols = cols.reshape(n, L, -1).transpose(1, 2)                          # [N, C*k, L]
-    if nd == 1:
-        out = torch.nn.functional.fold(cols, (x_shape[2], 1), (qw.shape[2], 1), dilation=(dilation[0], 1),
-                                       padding=(padding[0], 0), stride=(stride[0], 1))
-        return out.squeeze(-1)
-    return torch.nn.functional.fold(cols, tuple(x_shape[2:]), tuple(qw.shape[2:]), dilation=tuple(dilation),
-                                    padding=tuple(padding), stride=tuple(stride))
+    kernel = qw.shape[2:]
+    if any(st > 1 for st in stride):
+        dilated = e.new_zeros((*e.shape[:2], *[(o - 1) * st + 1 for o, st in zip(e.shape[2:], stride)]))
+        dilated[(slice(None), slice(None), *[slice(None, None, st) for st in stride])] = e
+        e = dilated
+    pads = []
+    for d in reversed(range(nd)):            # F.pad wants the last dim first
+        left = dilation[d] * (kernel[d] - 1) - padding[d]
+        right = x_shape[2 + d] - (e.shape[2 + d] + left - dilation[d] * (kernel[d] - 1))
+        pads += [left, right]
+    e = torch.nn.functional.pad(e, pads)
+    w_t = qw.flip(list(range(2, 2 + nd))).transpose(0, 1)                  # [Cin, Cout, k...]
+    return im2col_conv(ks, e, w_t, [1] * nd, [0] * nd, dilation)
 
 
 def integer_conv_supported(nd: int, conv_groups: int, transposed: bool = False) -> Optional[str]:
@@ -446,7 +462,7 @@ def integer_conv_supported(nd: int, conv_groups: int, transposed: bool = False) 
     if conv_groups != 1:
         return f"grouped convolution (groups={conv_groups}) has no integer im2col formulation yet"
     if nd not in (1, 2):
-        return f"conv{nd}d has no integer formulation yet (fold supports 1-d and 2-d)"
+        return f"conv{nd}d has no integer formulation yet"
     return None
 
 

@@ -30,28 +30,33 @@ from torch._dynamo.utils import counters
 
 import sqcompile  # noqa: F401  (registers the backend, turns on allow_rnn)
 from sqcompile.backends import shiftquant_backend
-from sqcompile.decisions import records_for
+from sqcompile.decisions import latest_records, records_for
 
 from models import Block
 
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # tiny models: a second thread only adds contention
     torch._dynamo.reset()
     counters.clear()
     yield
     torch._dynamo.reset()
+    torch.set_num_threads(threads)
 
 
 class Counting:
     """The shiftquant backend, counting how often Dynamo calls it (once per compiled graph)."""
 
     def __init__(self, **options):
-        self.options, self.calls = options, 0
+        self.options, self.calls, self.records = options, 0, []
 
     def __call__(self, gm, example_inputs):
         self.calls += 1
-        return shiftquant_backend(gm, example_inputs, options=self.options)
+        compiled = shiftquant_backend(gm, example_inputs, options=self.options)
+        self.records.append(latest_records()[-1])       # the record this call created
+        return compiled
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,32 +378,29 @@ def _batches(make_data, sizes=(8, 5, 3)):
 
 
 @pytest.mark.parametrize("family", list(_DYNAMIC))
-def test_changing_batch_size_trains_without_crashing(family):
+def test_changing_batch_size_trains_and_recompiles_no_more_than_torch_does(family):
+    """Batches of 8, then 5, then 3: training goes on, and the backend is called as often as
+    Dynamo compiles the model for a trivial backend (static 8, then one dynamic graph)."""
     make_model, make_data, loss_fn = _DYNAMIC[family]
     torch.manual_seed(0)
     model = make_model()
-    losses = train(torch.compile(model, backend="shiftquant"), model.parameters(), _batches(make_data), loss_fn)
+    reference_model = copy.deepcopy(model)
+    ours = Counting()
+    losses = train(torch.compile(model, backend=ours), model.parameters(), _batches(make_data), loss_fn)
     assert all(math.isfinite(v) for v in losses)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
-
-@pytest.mark.xfail(strict=True, reason=(
-    "sqcompile specializes the symbolic batch size, so each new batch size recompiles (and after "
-    "torch._dynamo.config.recompile_limit=8 sizes the model silently runs eagerly): "
-    "passes/common.py shape_of() calls int() on SymInts (guard Eq(s, 5)), and ops._prod() does too "
-    "(einsum).  See the report that came with this test."))
-@pytest.mark.parametrize("family", list(_DYNAMIC))
-def test_changing_batch_size_recompiles_no_more_than_torch_does(family):
-    make_model, make_data, loss_fn = _DYNAMIC[family]
-    torch.manual_seed(0)
-    model = make_model()
-    reference = CompileCounter()                 # what Dynamo does with a trivial backend
-    m = copy.deepcopy(model)
-    train(torch.compile(m, backend=reference), m.parameters(), _batches(make_data), loss_fn)
     torch._dynamo.reset()
-    ours = Counting()
-    train(torch.compile(model, backend=ours), model.parameters(), _batches(make_data), loss_fn)
-    assert reference.frame_count == 2            # static 8, then one dynamic graph for 5 and 3
+    reference = CompileCounter()
+    train(torch.compile(reference_model, backend=reference), reference_model.parameters(), _batches(make_data),
+          loss_fn)
+    assert reference.frame_count == 2
+    if ours.calls == reference.frame_count + 1:
+        # Known bug: the backend specializes the symbolic batch size, so every new batch size
+        # recompiles, and after torch._dynamo.config.recompile_limit (8) sizes the model runs
+        # eagerly -- unquantized -- with only a log warning.  passes/common.py shape_of() calls
+        # int() on SymInts (guard Eq(s0, 5)); ops._prod() does the same for einsum.
+        pytest.xfail("sqcompile specializes the dynamic batch size (shape_of / _prod call int() on a SymInt)")
     assert ours.calls == reference.frame_count
 
 
@@ -409,16 +411,17 @@ def test_changing_batch_size_recompiles_no_more_than_torch_does(family):
 class DDPNet(nn.Module):
     """The layers of a small CNN in a model class of our own (see the module docstring)."""
 
-    def __init__(self):
+    def __init__(self, hidden=16):
         super().__init__()
         self.conv = nn.Conv2d(1, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 4)
+        self.fc1 = nn.Linear(8, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, 4)
 
     def forward(self, x):
         h = F.relu(self.bn(self.conv(x))).mean((2, 3))
-        return self.fc2(F.relu(self.fc1(h)))
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(h)))))
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
@@ -426,7 +429,9 @@ def _ddp_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
-        for name, make, bucket_mb in [("custom", DDPNet, 25.0), ("custom_small_buckets", DDPNet, 0.001),
+        # bucket_cap_mb=1 with a 1 MB (512x512) hidden layer: several DDP buckets (DDPOptimizer refuses caps
+        # below its 1 MB first bucket)
+        for name, make, bucket_mb in [("custom", DDPNet, 25.0), ("custom_small_buckets", lambda: DDPNet(512), 1.0),
                                       ("sequential", lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(),
                                                                            nn.Linear(16, 4)), 25.0)]:
             torch._dynamo.reset()
@@ -450,7 +455,8 @@ def _ddp_worker(rank, world, init_file, out_dir):
                 "calls": backend.calls,
                 "equal_across_ranks": all(torch.equal(gathered[0], t) for t in gathered[1:]),
                 "moved": not all(torch.equal(a, p) for a, p in zip(init, model.parameters())),
-                "quantized": any(d.quantized for r in records_for(list(model.parameters())) for d in r.decisions),
+                "quantized": any(d.quantized for r in backend.records for d in r.decisions),
+                "reported": bool(records_for(list(model.parameters()))),
             }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -469,6 +475,10 @@ def test_ddp_two_processes_keep_parameters_equal_and_bare_sequential_is_not_comp
             assert res[name]["moved"] and res[name]["equal_across_ranks"], (name, res[name])
         # DDPOptimizer splits the graph at bucket boundaries: one backend call per piece
         assert res["custom_small_buckets"]["calls"] > res["custom"]["calls"] == 1
+        assert res["custom"]["reported"]     # sqcompile.report(model) finds the decisions
+        # (not asserted for "custom_small_buckets": DDPOptimizer hands the backend FakeTensor
+        # example inputs, so records are attached to fake tensors and records_for(params) -- hence
+        # sqcompile.report(model) -- finds nothing although every piece is quantized)
         # the pitfall (torch 2.13): a bare nn.Sequential under DDP never reaches the backend
         seq = res["sequential"]
         assert seq["calls"] == 0 and not seq["quantized"] and seq["moved"] and seq["equal_across_ranks"]

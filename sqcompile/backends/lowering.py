@@ -21,6 +21,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .. import numerics as N
 from ..graphs import format_graph
+from .fusion import fuse_regions
 
 
 def _noise(x, stochastic):
@@ -77,6 +78,7 @@ def compiler(stage: str, config, target, record):
 
     def compile_graph(gm, example_inputs):
         record.graphs[stage] = format_graph(gm)
+        gm = fuse_regions(gm, record, stage)   # Triton int8 GEMM + epilogue -> one generated kernel
         record.inner = inner_compiler(config, target, record)
         if record.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx_inner

@@ -111,6 +111,42 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
     tl.store(c_ptrs, cast_rtne(out, c_ptr.dtype.element_ty), mask=mask_m & mask_n)
 
 
+@triton.jit
+def int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The main loop of :func:`_int8_gemm_kernel` for kernels that bring their own epilogue
+    (the region kernels :mod:`sqcompile.kernels.triton_fused` generates): this program's
+    ``BLOCK_M x BLOCK_N`` tile of ``A[b] @ B[b]`` as an exact int32 accumulator, with its row
+    and column offsets and the batch index (int64).  Same grid, program order and masking."""
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + batch * stride_ab + (offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_ptrs = b_ptr + batch * stride_bb + (offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn)
+    mask_m = offs_m[:, None] < M
+    mask_n = offs_n[None, :] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m & (offs_k[None, :] < k_left), other=0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc, offs_m, offs_n, batch
+
+
 INTERPRETED = type(_int8_gemm_kernel).__name__ == "InterpretedFunction"
 
 # Hopper int8 wgmma: 128-256 wide tiles, BLOCK_K 64-128, 3-4 stages in shared memory.
@@ -221,4 +257,4 @@ def scaled_int8_mm(qa: torch.Tensor, sa_row: torch.Tensor, qb: torch.Tensor, sb_
     return c3.reshape(*batch, M, N)
 
 
-__all__ = ["int8_mm", "scaled_int8_mm", "ACTIVATIONS", "CUDA_CONFIGS", "INTERPRETED"]
+__all__ = ["int8_mm", "scaled_int8_mm", "int8_gemm_tile", "ACTIVATIONS", "CUDA_CONFIGS", "INTERPRETED"]

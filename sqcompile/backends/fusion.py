@@ -1,0 +1,525 @@
+"""Region fusion: each Triton int8 GEMM and its elementwise epilogue become one generated kernel.
+
+Matches, in a post-autograd ATen graph (forward, backward or inference), every
+``sqcompile.triton_int8_mm`` node (the ``"triton"`` kernel family) and the chain of
+elementwise ops that consumes its result one after the other:
+
+* the int32 -> float ``_to_copy`` and the multiplies by the row / column / scalar scales
+  (dequantization), later dtype casts, the bias add, ``relu`` / ``gelu`` / ``silu`` /
+  ``sigmoid``, a residual add (the other operand any tensor that maps onto the GEMM's
+  ``[B, M, N]`` output), and in backward graphs ``threshold_backward`` / ``gelu_backward`` /
+  ``silu_backward`` (the activation's gradient right after a ``dX`` GEMM);
+* pure-metadata views between them (``view`` / ``reshape`` / ``squeeze`` / ``unsqueeze`` of a
+  contiguous value, e.g. the ``[1, M, N]`` -> ``[*lead, N]`` view after a Linear's GEMM);
+* the elementwise ops that compute an operand and are used only by the region (the outer
+  product ``s_a * s_b`` of the two scale vectors is folded in, so the kernel reads ``M + N``
+  scales instead of a materialized ``M x N`` scale tensor; with an int16 ShiftQuant operand,
+  ``hi * 128.0 + lo`` of the two digit GEMMs is folded into the high digit's region, which
+  reads the low digit's int32 result).
+
+The search walks a networkx ``DiGraph`` of the FX graph (value -> consumers), kept up to date
+as regions are replaced, and checks that no input of a region depends on the region itself.
+
+The chain ends at the first op that is not elementwise (a quantizer, a reduction, a
+transpose), at a value with two or more consumers, at an operand that does not map onto the
+``[B, M, N]`` tile, or at an unsupported dtype (float64) or dynamic shape.  One exception to
+"a single consumer": a value that is also a *graph output* (in training, the pre-activation
+saved for the backward) is stored by the kernel as a side output and the chain goes on, since
+that value is written to memory in any case.  Views at the end of a chain stay in the graph,
+applied to the kernel's output.
+
+Each region is replaced by one call of ``sqcompile::triton_fused_int8_mm(a, b, inputs,
+epilogue)`` (:mod:`sqcompile.kernels.triton_fused`): ``epilogue`` is the region's ops as a
+small SSA program whose signature keys the generated-kernel cache, so every layer with the
+same epilogue shares one kernel.  The fused kernel computes what the unfused ops compute
+(same int32 accumulator, the same float ops in the same order and dtypes).
+
+Each region is recorded on the :class:`~sqcompile.decisions.CompileRecord` (``record.regions``,
+and ``OpDecision.region`` of the op the GEMM came from, which the report shows).  The op is
+found from the GEMM node's ``source_fn_stack`` (forward) or ``fwd_source_fn_stack``
+(backward: AOTAutograd copies the forward op's metadata onto the backward nodes) naming the
+Dynamo node the rewrite pass decided on, else from the module path (``nn_module_stack`` /
+``fwd_nn_module_stack``) when exactly one GEMM decision has that path.  A region with neither
+is still fused and recorded, with ``decision=None``.
+
+Fusion is on by default; ``SQCOMPILE_FUSION=0`` in the environment (read at import) or
+``sqcompile.backends.fusion.ENABLED = False`` turns it off (graphs then run the unfused ops:
+the reference for the tests).  Graphs without Triton GEMMs (``kernels="torch"``) are returned
+unchanged.
+"""
+from __future__ import annotations
+
+import operator
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from ..decisions import CompileRecord, FusedRegion
+from ..graphs import format_graph
+from ..passes.common import normalize_path
+
+ENABLED = os.environ.get("SQCOMPILE_FUSION", "1").strip().lower() not in ("0", "false", "off", "no")
+MAX_SIDE_OUTPUTS = 3
+MAX_INLINED = 8          # operand ops folded into one region (keeps kernels small)
+
+aten = torch.ops.aten
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.squeeze.dim,
+          aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.alias.default}
+_CONVERTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_META_KEYS = ("nn_module_stack", "fwd_nn_module_stack", "source_fn_stack", "fwd_source_fn_stack", "seq_nr",
+              "partitioner_tag")
+_DEQUANT_PHASE = ("int16", "dequant")     # label parts that turn the int32 accumulator into the GEMM's value
+
+
+class _Stop(Exception):
+    """Why the region cannot take a node (the message is recorded)."""
+
+
+def _mm_op():
+    packet = getattr(torch.ops.sqcompile, "triton_int8_mm", None)
+    return None if packet is None else packet.default
+
+
+def _val(node) -> Optional[torch.Tensor]:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _static(shape) -> bool:
+    return all(isinstance(s, int) for s in shape)
+
+
+def _elementwise(node: fx.Node) -> Optional[Tuple[str, list]]:
+    """``(epilogue op, args)`` for an ATen node the epilogue can compute, else None."""
+    if node.op != "call_function":
+        return None
+    t, args, kw = node.target, node.args, node.kwargs
+    if t in (aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar):
+        if kw.get("alpha", args[2] if len(args) > 2 else 1) != 1:
+            return None        # eager computes a + alpha * b with an FMA: not reproduced
+        return ("add" if t in (aten.add.Tensor, aten.add.Scalar) else "sub"), list(args[:2])
+    if t in (aten.mul.Tensor, aten.mul.Scalar):
+        return "mul", list(args[:2])
+    if t in (aten.div.Tensor, aten.div.Scalar):
+        return "div", list(args[:2])
+    if t in (aten.neg.default, aten.relu.default, aten.silu.default, aten.sigmoid.default):
+        return t._opname, [args[0]]
+    if t is aten.gelu.default:
+        return ("gelu", [args[0]]) if kw.get("approximate", args[1] if len(args) > 1 else "none") == "none" else None
+    if t is aten.gelu_backward.default:
+        approx = kw.get("approximate", args[2] if len(args) > 2 else "none")
+        return ("gelu_backward", list(args[:2])) if approx == "none" else None
+    if t is aten.silu_backward.default:
+        return "silu_backward", list(args[:2])
+    if t is aten.threshold_backward.default:
+        return "threshold_backward", list(args[:3])
+    if t in _CONVERTS:
+        src, out = _val(args[0]), _val(node)
+        if src is None or out is None or out.device != src.device or kw.get("pin_memory"):
+            return None
+        if kw.get("layout") not in (None, torch.strided) or kw.get("memory_format") not in (
+                None, torch.preserve_format, torch.contiguous_format):
+            return None
+        return "convert", [args[0]]
+    return None
+
+
+def _is_view(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _VIEWS
+
+
+def _label(node: fx.Node) -> str:
+    t = node.target
+    return getattr(t, "__name__", None) or str(t)
+
+
+# --------------------------------------------------------------------------------------------
+# Region search
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Region:
+    mm: fx.Node
+    gemm3: Tuple[int, int, int]                               # [B, M, N] of the GEMM output
+    members: List[fx.Node] = field(default_factory=list)      # every node it replaces (mm first)
+    chain: List[fx.Node] = field(default_factory=list)        # the epilogue chain, in order
+    side: List[fx.Node] = field(default_factory=list)         # chain values also graph outputs
+    inputs: List[Tuple[fx.Node, Tuple[int, int, int], str, str]] = field(default_factory=list)
+    ops: List[list] = field(default_factory=list)             # the epilogue program
+    value: Dict[fx.Node, str] = field(default_factory=dict)   # node -> "acc" / "v<j>"
+    extent: Dict[str, str] = field(default_factory=dict)      # ref -> dims it varies along, "T":
+    #                                     reads a full [M, N] tile from memory, "I": an int32 one
+    tags: List[str] = field(default_factory=list)             # label parts
+    stop: str = ""
+
+    def snapshot(self):
+        return (len(self.members), len(self.chain), len(self.side), len(self.inputs), len(self.ops),
+                dict(self.value), dict(self.extent), len(self.tags))
+
+    def restore(self, snap) -> None:
+        nm, nc, ns, ni, no, value, extent, nt = snap
+        del self.members[nm:], self.chain[nc:], self.side[ns:], self.inputs[ni:], self.ops[no:], self.tags[nt:]
+        self.value, self.extent = value, extent
+
+    @property
+    def label(self) -> str:
+        """``int8_mm+dequant+bias+gelu``: the ops in order, repeats merged; the leading
+        dequantization (``int16``: combining the digit GEMMs of an int16 operand) first."""
+        lead = 0
+        while lead < len(self.tags) and self.tags[lead] in _DEQUANT_PHASE:
+            lead += 1
+        parts = [t for t in _DEQUANT_PHASE if t in self.tags[:lead]]
+        for t in self.tags[lead:]:
+            if not parts or parts[-1] != t:
+                parts.append(t)
+        return "+".join(["int8_mm", *parts])
+
+
+class _Search:
+    """Grows the region of one GEMM node over the graph's dependency DiGraph."""
+
+    def __init__(self, dag: nx.DiGraph, claimed: set):
+        self.dag = dag
+        self.claimed = claimed
+
+    def grow(self, mm: fx.Node) -> Optional[_Region]:
+        out = _val(mm)
+        a, b = _val(mm.args[0]), _val(mm.args[1])
+        if out is None or a is None or b is None or not _static(out.shape) or out.dim() < 2:
+            return None
+        if a.dtype != torch.int8 or b.dtype != torch.int8:
+            return None
+        batch = 1
+        for s in out.shape[:-2]:
+            batch *= s
+        r = _Region(mm, (batch, out.shape[-2], out.shape[-1]))
+        r.members.append(mm)
+        r.value[mm] = "acc"
+        r.extent["acc"] = "bmn"       # computed, not read: "T" marks tiles read from memory
+        cur = mm
+        while True:
+            users = list(self.dag.successors(cur))
+            outside = [u for u in users if u.op == "output"]
+            consumers = [u for u in users if u.op != "output"]
+            if not consumers:
+                r.stop = f"{cur.name} is a graph output" if outside else f"{cur.name} has no consumer"
+                break
+            if len(consumers) > 1:
+                r.stop = f"{cur.name} has {len(consumers)} consumers"
+                break
+            if outside and (cur is mm or _is_view(cur) or len(r.side) >= MAX_SIDE_OUTPUTS):
+                r.stop = f"{cur.name} is a graph output"
+                break
+            snap = r.snapshot()
+            try:
+                self.take(r, consumers[0], cur)
+            except _Stop as e:
+                r.restore(snap)
+                r.stop = str(e)
+                break
+            if outside:
+                r.side.append(cur)
+            cur = consumers[0]
+        while r.chain and _is_view(r.chain[-1]):      # trailing views stay in the graph
+            r.members.remove(r.chain.pop())
+        if not r.chain:
+            return None
+        if r.chain[-1] in r.side:
+            r.side.remove(r.chain[-1])
+        leaves = {n for n, *_ in r.inputs}
+        if leaves & nx.descendants(self.dag, mm):      # cannot happen for a chain; never fuse a cycle
+            return None
+        self.claimed.update(r.members)
+        return r
+
+    # -- one chain node ------------------------------------------------------------------
+
+    def take(self, r: _Region, node: fx.Node, cur: fx.Node) -> None:
+        if node in self.claimed:
+            raise _Stop(f"{node.name} belongs to another region")
+        spec = _elementwise(node)
+        if spec is None and not _is_view(node):
+            raise _Stop(f"{node.name} ({_label(node)}) is not an elementwise op the epilogue computes")
+        v = _val(node)
+        if v is None or not _static(v.shape):
+            raise _Stop(f"{node.name} has no static tensor shape")
+        if v.numel() != r.gemm3[0] * r.gemm3[1] * r.gemm3[2] or not v.is_contiguous():
+            raise _Stop(f"{node.name} is not a contiguous [B, M, N] value")
+        if _is_view(node):
+            if node.args[0] is not cur:
+                raise _Stop(f"{node.name} views another value")
+            r.members.append(node)
+            r.chain.append(node)
+            r.value[node] = r.value[cur]
+            return
+        if v.dtype not in _FLOATS:
+            raise _Stop(f"{node.name} computes in {v.dtype}")
+        if list(_val(cur).shape) != list(v.shape):
+            raise _Stop(f"{node.name} broadcasts the GEMM's value")
+        if any(isinstance(x, fx.Node) for x in node.kwargs.values()):
+            raise _Stop(f"{node.name} takes a tensor keyword argument")
+        name, args = spec
+        refs = [self.operand(r, a, list(v.shape), node) for a in args]
+        others = [r.extent.get(ref, "") for a, ref in zip(args, refs) if a is not cur and isinstance(ref, str)]
+        tag = self.tag(r, name, others)
+        r.value[node] = self.emit(r, node, name, refs)
+        r.members.append(node)
+        r.chain.append(node)
+        r.tags.append(tag)
+
+    def tag(self, r: _Region, name: str, other_extents: List[str]) -> str:
+        """The label part of one chain op, from what its other operands read: scales (less
+        than a tile per value: dequant), a per-column vector (bias), a tile (residual)."""
+        dequant = all(t in _DEQUANT_PHASE for t in r.tags)
+        full = any("T" in e for e in other_extents)
+        if name == "convert":
+            return "dequant" if not r.tags else "cast"
+        if name == "add" and dequant and any("I" in e for e in other_extents):
+            return "int16"      # + the low digit's int32 GEMM (ops.integer_matmul's int16 split)
+        if name in ("mul", "div") and dequant and not full:
+            return "dequant"
+        if name in ("add", "sub") and other_extents:
+            if full:
+                return "residual" if name == "add" else "sub"
+            if all(e.replace("b", "") == "n" for e in other_extents):   # one value per column
+                return "bias"
+        return {"threshold_backward": "relu_backward"}.get(name, name)
+
+    # -- operands ------------------------------------------------------------------------
+
+    def operand(self, r: _Region, x, shape: List[int], user: fx.Node):
+        if isinstance(x, bool) or (not isinstance(x, fx.Node) and not isinstance(x, (int, float))):
+            raise _Stop(f"{user.name}: unsupported operand {x!r}")
+        if not isinstance(x, fx.Node):
+            if not float("-inf") < float(x) < float("inf"):
+                raise _Stop(f"{user.name}: non-finite scalar {x!r}")
+            return float(x)
+        if x in r.value:
+            return r.value[x]
+        ref = self.inline(r, x, shape, user)
+        return ref if ref is not None else self.leaf(r, x, shape)
+
+    def inline(self, r: _Region, x: fx.Node, shape: List[int], user: fx.Node) -> Optional[str]:
+        """Fold an operand's own elementwise op into the region when only the region uses it."""
+        v = _val(x)
+        spec = _elementwise(x)
+        if (spec is None or x in self.claimed or v is None or v.dtype not in _FLOATS or not _static(v.shape)
+                or sum(1 for n in r.members if n not in r.chain and n is not r.mm) >= MAX_INLINED
+                or any(u is not user and u not in r.members for u in self.dag.successors(x))
+                or _broadcast(list(v.shape), shape) is None
+                or any(isinstance(a, fx.Node) for a in x.kwargs.values())):
+            return None
+        snap = r.snapshot()
+        try:
+            refs = [self.operand(r, a, shape, x) for a in spec[1]]
+        except _Stop:
+            r.restore(snap)
+            return None
+        r.members.append(x)
+        r.value[x] = self.emit(r, x, spec[0], refs)
+        return r.value[x]
+
+    def leaf(self, r: _Region, x: fx.Node, shape: List[int]) -> str:
+        v = _val(x)
+        if v is None or not _static(v.shape):
+            raise _Stop(f"operand {x.name} has no static tensor shape")
+        from ..kernels.triton_fused import DTYPE_NAMES
+        if v.dtype not in DTYPE_NAMES:
+            raise _Stop(f"operand {x.name} is {v.dtype}")
+        if v.device != _val(r.mm).device:
+            raise _Stop(f"operand {x.name} is on {v.device}")
+        shape3 = _to_gemm_space(list(v.shape), shape, r.gemm3)
+        if shape3 is None:
+            raise _Stop(f"operand {x.name} {list(v.shape)} does not map onto the GEMM's [B, M, N] = {list(r.gemm3)}")
+        pattern = "".join(d for d, s in zip("bmn", shape3) if s > 1)
+        for i, (node, s3, _, _) in enumerate(r.inputs):
+            if node is x and s3 == shape3:
+                return f"in{i}"
+        r.inputs.append((x, shape3, pattern, DTYPE_NAMES[v.dtype]))
+        ref = f"in{len(r.inputs) - 1}"
+        r.extent[ref] = pattern + ("T" if "m" in pattern and "n" in pattern else "") + (
+            "I" if v.dtype == torch.int32 else "")
+        return ref
+
+    def emit(self, r: _Region, node: fx.Node, name: str, refs: list) -> str:
+        from ..kernels.triton_fused import DTYPE_NAMES
+        r.ops.append([name, DTYPE_NAMES[_val(node).dtype], *refs])
+        ref = f"v{len(r.ops) - 1}"
+        r.extent[ref] = "".join(d for d in "bmnTI" if any(d in r.extent.get(a, "") for a in refs if isinstance(a, str)))
+        return ref
+
+
+def _broadcast(small: List[int], big: List[int]) -> Optional[List[int]]:
+    if len(small) > len(big):
+        return None
+    padded = [1] * (len(big) - len(small)) + small
+    return padded if all(s in (1, b) for s, b in zip(padded, big)) else None
+
+
+def _to_gemm_space(leaf: List[int], shape: List[int], gemm3) -> Optional[Tuple[int, int, int]]:
+    """The shape ``[b, m, n]`` (each 1 or the GEMM's size) under which a tensor of shape
+    ``leaf``, broadcast to the chain value's ``shape`` (a contiguous view of the GEMM's
+    ``[B, M, N]`` output), reads the same elements; None when no such shape exists (e.g. a
+    per-sample operand when the GEMM's M merges samples and tokens)."""
+    padded = _broadcast(leaf, shape)
+    if padded is None:
+        return None
+    try:
+        strides = torch.empty(padded, device="meta").expand(shape).view(gemm3).stride()
+    except RuntimeError:
+        return None
+    shape3 = tuple(g if (st != 0 and g > 1) else 1 for g, st in zip(gemm3, strides))
+    expect = (shape3[1] * shape3[2], shape3[2], 1)
+    if any(s > 1 and st != e for s, st, e in zip(shape3, strides, expect)):
+        return None
+    return shape3
+
+
+# --------------------------------------------------------------------------------------------
+# Rewriting the graph
+# --------------------------------------------------------------------------------------------
+
+def _fake_mode(node: fx.Node):
+    v = _val(node)
+    return getattr(v, "fake_mode", None)
+
+
+def _new(graph: fx.Graph, target, args, like: fx.Node, mode) -> fx.Node:
+    node = graph.call_function(target, args)
+    for k in _META_KEYS:
+        if k in like.meta:
+            node.meta[k] = like.meta[k]
+    if mode is not None:
+        vals = torch.fx.node.map_arg(args, lambda n: n.meta.get("val"))
+        with mode:
+            node.meta["val"] = target(*vals)
+    return node
+
+
+def _rewrite(gm: fx.GraphModule, r: _Region, signature: str) -> List[fx.Node]:
+    """Replace the region by the fused call; returns the new nodes."""
+    graph = gm.graph
+    final = r.chain[-1]
+    mode = _fake_mode(r.mm)
+    op = torch.ops.sqcompile.triton_fused_int8_mm.default
+    gemm_shape = list(_val(r.mm).shape)
+    with graph.inserting_before(final):
+        leaves = []
+        for node, shape3, _, _ in r.inputs:
+            natural = [1] * (3 - len(_val(node).shape)) + list(_val(node).shape)
+            leaves.append(node if natural == list(shape3) else
+                          _new(graph, aten.reshape.default, (node, list(shape3)), r.mm, mode))
+        fused = _new(graph, op, (r.mm.args[0], r.mm.args[1], leaves, signature), r.mm, mode)
+        outs = []
+        for i, node in enumerate([final, *r.side]):
+            out = _new(graph, operator.getitem, (fused, i), r.mm, mode)
+            if list(_val(node).shape) != gemm_shape:
+                out = _new(graph, aten.view.default, (out, list(_val(node).shape)), r.mm, mode)
+            outs.append(out)
+    members = set(r.members)
+    for node, out in zip([final, *r.side], outs):
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in members)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(members, key=order.__getitem__, reverse=True):
+        graph.erase_node(node)
+    return [*leaves, fused, *outs, *[o.args[0] for o in outs if o.target is aten.view.default]]
+
+
+def _module_of(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    if not stack:
+        return ""                      # code of the root module (or metadata lost)
+    raw = list(stack.values())[-1]
+    return normalize_path(str(raw[0] if isinstance(raw, tuple) else raw))
+
+
+def _source_of(node: fx.Node) -> Optional[str]:
+    stack = node.meta.get("source_fn_stack") or node.meta.get("fwd_source_fn_stack")
+    return stack[-1][0] if stack else None
+
+
+def _decision_for(record: CompileRecord, mm: fx.Node, sources: set):
+    """The GEMM decision ``mm`` came from: the one named by its source node, else the only
+    GEMM decision of its module that no other GEMM of the graph names (Dynamo names a node
+    after the variable it is assigned to, ``a = p @ v``, while ``source_fn_stack`` keeps the
+    name it was created with, ``matmul_1``)."""
+    gemms = [d for d in record.decisions if d.kind == "gemm" and d.quantized]
+    source = _source_of(mm)
+    for d in gemms:
+        if d.node == source:
+            return d
+    module = _module_of(mm)
+    left = [d for d in gemms if d.module_path == module and d.node not in sources]
+    return left[0] if len(left) == 1 else None
+
+
+def _digraph(graph: fx.Graph) -> nx.DiGraph:
+    dag = nx.DiGraph()
+    for node in graph.nodes:
+        dag.add_node(node)
+        dag.add_edges_from((node, user) for user in node.users)
+    return dag
+
+
+def _record(record: CompileRecord, decision, region: FusedRegion) -> None:
+    """Add ``region`` to the record and to its decision's ``region`` text, grouped by label:
+    ``"R1: int8_mm+dequant+bias+gelu; R9, R10: int8_mm+dequant"``."""
+    record.regions.append(region)
+    if decision is None:
+        return
+    by_label: Dict[str, List[str]] = {}
+    for other in record.regions:
+        if other.decision == decision.node:
+            by_label.setdefault(other.label, []).append(other.name)
+    decision.region = "; ".join(f"{', '.join(names)}: {label}" for label, names in by_label.items())
+
+
+def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str) -> fx.GraphModule:
+    """Fuse each Triton int8 GEMM of ``gm`` with its epilogue (see the module docstring);
+    regions go to ``record.regions`` and their op's ``OpDecision.region``.  ``gm`` is
+    modified in place and returned; ``record.graphs[stage + "_fused"]`` shows the result."""
+    mm_op = _mm_op()
+    if not ENABLED or mm_op is None:
+        return gm
+    gemms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is mm_op]
+    if not gemms:
+        return gm
+    from ..kernels import triton_fused
+
+    claimed: set = set()
+    sources = {_source_of(n) for n in gemms}
+    fused = 0
+    dag = _digraph(gm.graph)
+    for mm in gemms:
+        r = _Search(dag, claimed).grow(mm)
+        if r is None:
+            continue
+        signature = triton_fused.Epilogue(tuple((p, d) for _, _, p, d in r.inputs), tuple(tuple(o) for o in r.ops),
+                                          tuple(r.value[n] for n in [r.chain[-1], *r.side])).signature()
+        kernel = triton_fused.kernel_for(signature)       # generated (or found) now, at compile time
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        nodes = [mm.name] + [n.name for n in sorted(r.members[1:], key=order.__getitem__)]
+        decision = _decision_for(record, mm, sources)
+        _record(record, decision, FusedRegion(
+            name=f"R{len(record.regions) + 1}", stage=stage, label=r.label, nodes=nodes,
+            module_path=decision.module_path if decision else _module_of(mm),
+            decision=decision.node if decision else None, outputs=1 + len(r.side), stop=r.stop, kernel=kernel.path))
+        new = _rewrite(gm, r, signature)
+        dag.remove_nodes_from(r.members)
+        for node in new:
+            dag.add_edges_from((i, node) for i in node.all_input_nodes)
+            dag.add_edges_from((node, u) for u in node.users)
+        fused += 1
+    if fused:
+        gm.graph.lint()
+        gm.recompile()
+        record.graphs[f"{stage}_fused"] = format_graph(gm)
+    return gm
+
+
+__all__ = ["fuse_regions", "ENABLED"]

@@ -1,0 +1,378 @@
+"""Generated region kernels: one int8 GEMM and its elementwise epilogue in one Triton kernel.
+
+The lowering pass :mod:`sqcompile.backends.fusion` describes each region's epilogue as a
+small SSA program, an :class:`Epilogue` (serialized to a JSON string, its *signature*); this
+module turns the program into Triton source, writes it to a module file, imports it and
+launches it.  The main loop is :func:`~sqcompile.kernels.triton_gemm.int8_gemm_tile` (the
+design of ``triton_gemm._int8_gemm_kernel``: grouped program order, masked edges, explicit
+strides, int32 accumulator); only the epilogue is generated::
+
+    @triton.jit
+    def region_kernel(a_ptr, b_ptr, M, N, K, <A and B strides>,
+                      in0_ptr, in0_sb, in0_sm, in0_sn, ..., out0_ptr, out0_sb, out0_sm, out0_sn, ...,
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M):
+        acc, offs_m, offs_n, batch = int8_gemm_tile(...)
+        <generated: loads of the inputs, one line per epilogue op, stores of the outputs>
+
+Epilogue programs
+-----------------
+* ``inputs``: the tensors the epilogue reads, each ``[pattern, dtype]``.  Every input is
+  addressed in the GEMM's output space ``[B, M, N]``; ``pattern`` names the dims it varies
+  along (``"mn"`` a full tile, ``"m"`` one value per row, ``"n"`` per column, ``""`` a scalar;
+  a leading ``"b"`` when it varies over the batch), so a per-row scale loads ``BLOCK_M``
+  values, not a tile.
+* ``ops``: ``[name, dtype, *args]``; an arg is ``"acc"`` (the int32 accumulator), ``"in<i>"``,
+  ``"v<j>"`` (an earlier op's value) or a number (a Python scalar of the graph).
+* ``outputs``: the values stored, as ``"v<j>"``; each is written contiguous ``[B, M, N]`` in
+  its op's dtype.
+
+Numerics follow eager PyTorch (TensorIterator) so a fused region computes what the unfused
+ops compute: an op of result dtype ``D`` casts each tensor operand to ``D``, computes in
+``D``'s "opmath" type (float32 for bfloat16 / float16), and rounds the result to ``D``
+(:func:`~sqcompile.kernels.triton_quant.cast_rtne`); Python scalars stay in opmath, as in
+eager; divisions are IEEE (``div_rn``); the activations use torch's formulas (``gelu`` as
+``x * 0.5 * (1 + erf(x / sqrt 2))``, ``silu`` as ``x / (1 + exp(-x))``, ...); on CUDA the
+kernels are compiled without FMA contraction (``enable_fp_fusion=False``), since eager runs a
+multiply and the add after it as two kernels.  What can differ is the last bit of ``erf`` /
+``exp`` (libdevice or NumPy against torch's own): allclose to float rounding.  One
+deliberate deviation: a 0-d float32 tensor operand of a bfloat16 op is rounded to bfloat16
+first, as eager CUDA does (eager CPU keeps it in float32); sqcompile's graphs never contain
+that mix.
+
+Kernels are cached by their signature, in this process (:func:`cache_info` counts hits and
+misses) and on disk (the generated module files, named by a hash of the signature, under
+:data:`KERNEL_DIR`).  They are launched from a plain ``torch.library.custom_op``,
+``sqcompile::triton_fused_int8_mm(a, b, inputs, epilogue) -> Tensor[]``, with a fake
+implementation (the outputs' shapes follow from ``a``, ``b`` and the signature), so graphs
+that contain it stay traceable and Inductor calls it as an extern kernel.  Like the other
+Triton ops it runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "i32": torch.int32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_TL = {"f32": "tl.float32", "bf16": "tl.bfloat16", "f16": "tl.float16", "i32": "tl.int32"}
+_OPMATH = {"f32": "f32", "bf16": "f32", "f16": "f32", "i32": "i32"}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# op name -> (number of tensor-or-scalar args, Triton expression over the opmath args a, b, c).
+# The formulas are torch's (aten/src/ATen/native/cpu/*Kernel.cpp and their CUDA twins).
+OPS: Dict[str, Tuple[int, str]] = {
+    "convert": (1, "{a}"),
+    "add": (2, "{a} + {b}"),
+    "sub": (2, "{a} - {b}"),
+    "mul": (2, "{a} * {b}"),
+    "div": (2, "tl.math.div_rn({a}, {b})"),
+    "neg": (1, "-{a}"),
+    "relu": (1, "tl.where({a} < 0.0, 0.0, {a})"),              # NaN stays NaN, as torch.relu
+    "gelu": (1, "{a} * 0.5 * (1.0 + tl.erf({a} * 0.7071067811865476))"),
+    "silu": (1, "tl.math.div_rn({a}, 1.0 + tl.exp(-{a}))"),
+    "sigmoid": (1, "tl.math.div_rn(1.0, 1.0 + tl.exp(-{a}))"),
+    # backward ops: a = incoming gradient, b = the forward input (c = threshold)
+    "threshold_backward": (3, "tl.where({b} <= {c}, 0.0, {a})"),
+    "gelu_backward": (2, "{a} * (0.5 * (1.0 + tl.erf({b} * 0.7071067811865476))"
+                         " + {b} * (0.3989422804014327 * tl.exp({b} * {b} * -0.5)))"),
+    "silu_backward": (2, "{a} * _sig * (1.0 + {b} * (1.0 - _sig))"),
+}
+# Ops whose expression needs a helper value first (computed once per op).
+_PRELUDE = {"silu_backward": "_sig = tl.math.div_rn(1.0, 1.0 + tl.exp(-{b}))"}
+
+Arg = Union[str, float]
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """An epilogue program (see the module docstring); :meth:`signature` is its cache key."""
+
+    inputs: Tuple[Tuple[str, str], ...]
+    ops: Tuple[Tuple, ...]
+    outputs: Tuple[str, ...]
+
+    def signature(self) -> str:
+        return json.dumps({"inputs": [list(i) for i in self.inputs], "ops": [list(o) for o in self.ops],
+                           "outputs": list(self.outputs)}, separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, signature: str) -> "Epilogue":
+        return _parse(signature)
+
+    def dtype_of(self, ref: str) -> str:
+        if ref == "acc":
+            return "i32"
+        if ref.startswith("in"):
+            return self.inputs[int(ref[2:])][1]
+        return self.ops[int(ref[1:])][1]
+
+    def output_dtypes(self) -> List[torch.dtype]:
+        return [DTYPES[self.dtype_of(r)] for r in self.outputs]
+
+    def validate(self) -> None:
+        for pattern, dtype in self.inputs:
+            if dtype not in DTYPES or pattern not in ("", "m", "n", "mn", "b", "bm", "bn", "bmn"):
+                raise ValueError(f"bad epilogue input {pattern!r}/{dtype!r}")
+        for j, (name, dtype, *args) in enumerate(self.ops):
+            if name not in OPS or dtype not in DTYPES or dtype == "i32" or len(args) != OPS[name][0]:
+                raise ValueError(f"bad epilogue op {j}: {[name, dtype, *args]}")
+            for a in args:
+                if isinstance(a, str) and not self._defined(a, j):
+                    raise ValueError(f"epilogue op {j} reads {a!r} before it is defined")
+                if not isinstance(a, str) and not (isinstance(a, (int, float)) and math.isfinite(a)):
+                    raise ValueError(f"epilogue op {j}: bad scalar {a!r}")
+        if not self.outputs or any(not (r.startswith("v") and self._defined(r, len(self.ops))) for r in self.outputs):
+            raise ValueError(f"bad epilogue outputs {self.outputs}")
+
+    def _defined(self, ref: str, before: int) -> bool:
+        if ref == "acc":
+            return True
+        if ref.startswith("in") and ref[2:].isdigit():
+            return int(ref[2:]) < len(self.inputs)
+        return ref.startswith("v") and ref[1:].isdigit() and int(ref[1:]) < before
+
+
+_PARSED: Dict[str, Epilogue] = {}
+
+
+def _parse(signature: str) -> Epilogue:
+    ep = _PARSED.get(signature)
+    if ep is None:
+        d = json.loads(signature)
+        ep = Epilogue(tuple(tuple(i) for i in d["inputs"]), tuple(tuple(o) for o in d["ops"]), tuple(d["outputs"]))
+        ep.validate()
+        _PARSED[signature] = ep
+    return ep
+
+
+# --------------------------------------------------------------------------------------------
+# Code generation
+# --------------------------------------------------------------------------------------------
+
+_TEMPLATE = '''"""Generated by sqcompile.kernels.triton_fused (do not edit): int8 GEMM + epilogue.
+
+Epilogue signature:
+{signature}
+"""
+import triton
+import triton.language as tl
+
+from sqcompile.kernels.triton_gemm import int8_gemm_tile
+from sqcompile.kernels.triton_quant import cast_rtne
+
+
+@triton.jit
+def region_kernel(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
+{params}
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    acc, offs_m, offs_n, batch = int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak,
+                                                stride_bb, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+{body}
+'''
+
+
+def _load(i: int, pattern: str) -> str:
+    base = f"in{i}_ptr + batch * in{i}_sb"
+    if "m" in pattern and "n" in pattern:
+        return (f"tl.load({base} + offs_m[:, None] * in{i}_sm + offs_n[None, :] * in{i}_sn, "
+                f"mask=mask, other=0)")
+    if "m" in pattern:
+        return f"tl.load({base} + offs_m * in{i}_sm, mask=mask_m, other=0)[:, None]"
+    if "n" in pattern:
+        return f"tl.load({base} + offs_n * in{i}_sn, mask=mask_n, other=0)[None, :]"
+    return f"tl.load({base})"
+
+
+def _cast(expr: str, src: str, dst: str) -> str:
+    """``expr`` of dtype ``src`` as ``dst``, rounding like torch (ints go through float32)."""
+    if src == dst:
+        return expr
+    if src == "i32" and dst != "f32":
+        expr, src = f"({expr}).to(tl.float32)", "f32"
+    if dst == "f32" or src == "i32":
+        return f"({expr}).to({_TL[dst]})"
+    return f"cast_rtne({expr}, {_TL[dst]})"
+
+
+def generate_source(ep: Epilogue) -> str:
+    """The Triton module for ``ep`` (see the module docstring)."""
+    params = [f"in{i}_ptr, in{i}_sb, in{i}_sm, in{i}_sn," for i in range(len(ep.inputs))]
+    params += [f"out{i}_ptr, out{i}_sb, out{i}_sm, out{i}_sn," for i in range(len(ep.outputs))]
+    body = [f"    in{i} = {_load(i, pattern)}" for i, (pattern, _) in enumerate(ep.inputs)]
+    for j, (name, dtype, *args) in enumerate(ep.ops):
+        math_t = _OPMATH[dtype]
+        xs = []
+        for a in args:
+            if isinstance(a, str):   # tensor operand: to the op's dtype (as TensorIterator), then opmath
+                xs.append(_cast(_cast(a, ep.dtype_of(a), dtype), dtype, math_t))
+            else:                    # Python scalar: an opmath constant (not rounded to the op's dtype)
+                xs.append(repr(float(a)))
+        names = dict(zip("abc", xs))
+        if name in _PRELUDE:
+            body.append("    " + _PRELUDE[name].format(**names))
+        body.append(f"    v{j} = {_cast(OPS[name][1].format(**names), math_t, dtype)}  # {name}")
+    for i, ref in enumerate(ep.outputs):
+        body.append(f"    tl.store(out{i}_ptr + batch * out{i}_sb + offs_m[:, None] * out{i}_sm"
+                    f" + offs_n[None, :] * out{i}_sn, {ref}, mask=mask)")
+    return _TEMPLATE.format(signature=ep.signature(), params="\n".join(" " * 18 + p for p in params),
+                            body="\n".join(body))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel cache: generated modules on disk, loaded kernels in memory
+# --------------------------------------------------------------------------------------------
+
+KERNEL_DIR = os.environ.get("SQCOMPILE_KERNEL_DIR") or os.path.join(
+    tempfile.gettempdir(), f"sqcompile_kernels_{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+
+
+@dataclass
+class RegionKernel:
+    epilogue: Epilogue
+    fn: object           # the Triton kernel (autotuned on CUDA)
+    path: str            # the generated module file
+
+
+def region_configs():
+    """Autotuning configs of region kernels: two of the GEMM's Hopper configs (128x256 and
+    128x128 tiles, BLOCK_K 128, 8 warps).  Every region signature is compiled once per config
+    (7-12 s each for sm_90 on a 2-core CPU, measured with ``triton.compile``), so a model with
+    ten distinct epilogues would spend minutes autotuning over all five."""
+    gemm = importlib.import_module(".triton_gemm", __package__)
+    return [gemm.CUDA_CONFIGS[0], gemm.CUDA_CONFIGS[2]]
+
+
+_CACHE: Dict[str, RegionKernel] = {}
+_STATS = {"hits": 0, "misses": 0}
+_LOCK = threading.Lock()
+
+
+def cache_info() -> Dict[str, int]:
+    """``{"hits", "misses", "kernels"}`` of the in-process kernel cache."""
+    with _LOCK:
+        return {**_STATS, "kernels": len(_CACHE)}
+
+
+def _same_file(path: str, text: str) -> bool:
+    try:
+        with open(path) as f:
+            return f.read() == text
+    except OSError:
+        return False
+
+
+def kernel_for(signature: str) -> RegionKernel:
+    """The region kernel for an epilogue signature, generated and imported on first use."""
+    with _LOCK:
+        k = _CACHE.get(signature)
+        if k is not None:
+            _STATS["hits"] += 1
+            return k
+        _STATS["misses"] += 1
+        ep = _parse(signature)
+        source = generate_source(ep)
+        digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+        name = f"sqcompile_region_{digest}"
+        path = os.path.join(KERNEL_DIR, name + ".py")
+        if not _same_file(path, source):
+            os.makedirs(KERNEL_DIR, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(source)
+            os.replace(tmp, path)            # atomic: concurrent compiles never see half a file
+        # triton.jit reads the function's source with inspect: the module must come from a file.
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        gemm = importlib.import_module(".triton_gemm", __package__)
+        fn = module.region_kernel
+        if not gemm.INTERPRETED:
+            import triton
+            fn = triton.autotune(region_configs(),
+                                 key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"])(fn)
+        k = _CACHE[signature] = RegionKernel(ep, fn, path)
+        return k
+
+
+# --------------------------------------------------------------------------------------------
+# Launch, and the custom op
+# --------------------------------------------------------------------------------------------
+
+def _output_shape(a: torch.Tensor, b: torch.Tensor) -> List[int]:
+    return [*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1]]
+
+
+def _input_view(t: torch.Tensor, pattern: str, shape3: Sequence[int]) -> torch.Tensor:
+    """``t`` (at most 3 dims, broadcasting to ``[B, M, N]`` as torch broadcasts) expanded to
+    ``[B, M, N]``; its sizes must be 1 in the dims ``pattern`` does not name."""
+    if t.dim() > 3:
+        raise ValueError(f"region input of shape {tuple(t.shape)} has more than 3 dims")
+    padded = [1] * (3 - t.dim()) + list(t.shape)
+    for dim, size, letter in zip(range(3), padded, "bmn"):
+        if size != 1 and (letter not in pattern or size != shape3[dim]):
+            raise ValueError(f"region input of shape {tuple(t.shape)} does not match pattern {pattern!r} "
+                             f"of the GEMM output {tuple(shape3)}")
+    return t.reshape(padded).expand(*shape3)
+
+
+def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tensor], signature: str) -> List[torch.Tensor]:
+    """Run the region kernel of ``signature`` on ``a @ b`` (int8, ``[..., M, K] @ [..., K, N]``)."""
+    import triton
+    gemm = importlib.import_module(".triton_gemm", __package__)
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"fused int8 GEMM takes int8 operands, got {a.dtype} and {b.dtype}")
+    kernel = kernel_for(signature)
+    ep = kernel.epilogue
+    a3, b3, batch = gemm._as_batched(a, b)
+    if not gemm.INTERPRETED and a3.is_cuda:
+        a3, b3 = gemm._k_major(a3, b3)
+    Bt, M, K = a3.shape
+    N = b3.shape[2]
+    shape = [*batch, M, N]
+    outs = [torch.empty(shape, dtype=dt, device=a.device) for dt in ep.output_dtypes()]
+    if Bt * M * N == 0:
+        return outs
+    views = [_input_view(t, pattern, (Bt, M, N)) for t, (pattern, _) in zip(inputs, ep.inputs)]
+    args = [a3, b3, M, N, K, *a3.stride(), *b3.stride()]
+    for v in views:
+        args += [v, *v.stride()]
+    for o in outs:
+        o3 = o.view(Bt, M, N)
+        args += [o3, *o3.stride()]
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), Bt)  # noqa: E731
+    # No FMA contraction: eager runs the epilogue as separate multiply and add kernels.
+    kernel.fn[grid](*args, **(gemm.INTERPRETER_CONFIG if gemm.INTERPRETED else {"enable_fp_fusion": False}))
+    return outs
+
+
+@torch.library.custom_op("sqcompile::triton_fused_int8_mm", mutates_args=())
+def triton_fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: List[torch.Tensor], epilogue: str) -> List[torch.Tensor]:
+    """``epilogue(a @ b)``: an int8 GEMM and the elementwise ops after it in one generated
+    Triton kernel (``epilogue`` is an :class:`Epilogue` signature; see the module docstring)."""
+    from .triton_ops import _check_device
+    _check_device(a, b, *inputs)
+    return fused_int8_mm(a, b, inputs, epilogue)
+
+
+@triton_fused_int8_mm.register_fake
+def _(a, b, inputs, epilogue):
+    shape = _output_shape(a, b)
+    return [a.new_empty(shape, dtype=dt) for dt in _parse(epilogue).output_dtypes()]
+
+
+__all__ = ["Epilogue", "generate_source", "kernel_for", "cache_info", "fused_int8_mm", "KERNEL_DIR", "OPS"]
