@@ -19,8 +19,9 @@ fully-quantized L1 norm (the default).  Targets from the paper (arXiv 2411.10948
 within 1 point of float, a 6-bit transformer within 1% (relative) of the float loss, a 6-bit GNN
 within 1 point.  The RNN has no stated target.
 
-The defaults are sized to finish in about a quarter of an hour on 2 busy CPU cores, which is
-far shorter training than the paper's; scale up with ``--epochs`` and ``--seeds``:
+The defaults took 24 minutes on 2 CPU cores shared with other work (one thread, load average
+about 3.5; CNN 12 min, transformer 6, GNN 3, RNN 2.5) -- far shorter training than the paper's.
+``--families`` runs a subset; scale up with ``--epochs`` and ``--seeds``:
 
     python benchmarks/accuracy.py --threads 1                              # all four families
     python benchmarks/accuracy.py --families cnn gnn --seeds 0 1 2 --epochs cnn=3 gnn=400

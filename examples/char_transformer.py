@@ -2,7 +2,7 @@
 "lee" news corpus, in float and with the shiftquant backend at several bit widths, and print
 the validation loss (nats per character) and perplexity side by side.
 
-    python examples/char_transformer.py                     # ~5 minutes on 2 CPU cores
+    python examples/char_transformer.py                     # ~6 minutes on 2 CPU cores
     python examples/char_transformer.py --steps 3000 --d-model 256 --layers 4 --seq-len 128
 
 The model: token embedding + learned positions, pre-norm blocks (LayerNorm, or RMSNorm with
@@ -156,7 +156,7 @@ def train_one(name: str, options: Optional[dict], train_ids, val_batches, vocab:
             "epochs": steps * batch_size * seq_len / len(train_ids), "seed": seed, "seconds": seconds}
 
 
-def run(bits_list: Sequence[int] = (8, 6, 4), epochs: Optional[float] = None, seed: int = 0, *, steps: int = 600,
+def run(bits_list: Sequence[int] = (8, 6, 4), epochs: Optional[float] = None, seed: int = 0, *, steps: int = 400,
         corpus: str = "lee", limit_chars: Optional[int] = None, batch_size: int = 32, seq_len: int = 64,
         lr: float = 3e-3, d_model: int = 64, heads: int = 4, layers: int = 2, attention: str = "sdpa",
         norm: str = "layer", val_batches: int = 20, execution: str = "auto", include_float: bool = True,
@@ -203,7 +203,7 @@ def print_table(results: List[dict]) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--epochs", type=float, default=None, help="passes over the training text (overrides --steps)")
     p.add_argument("--corpus", choices=["lee", "enwiki"], default="lee")
     p.add_argument("--batch-size", type=int, default=32)

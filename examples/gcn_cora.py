@@ -1,7 +1,7 @@
 """Train a 2-layer graph convolutional network (Kipf & Welling) on the Cora citation graph, in
 float and with the shiftquant backend at several bit widths, and print the test accuracies.
 
-    python examples/gcn_cora.py                         # ~1 minute on 2 CPU cores
+    python examples/gcn_cora.py                         # ~3 minutes on 2 CPU cores
     python examples/gcn_cora.py --epochs 400 --hidden 64 --aggregation dense
 
 The model is ``A_hat relu(A_hat X W1) W2`` with ``A_hat = D^-1/2 (A + I) D^-1/2``, dropout on

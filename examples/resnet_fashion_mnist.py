@@ -1,7 +1,8 @@
 """Train a ResNet-18-style network on Fashion-MNIST in float and with the shiftquant backend at
 several bit widths (weights, activations and gradients), and print the accuracies side by side.
 
-    python examples/resnet_fashion_mnist.py                  # ~5 minutes on 2 CPU cores
+    python examples/resnet_fashion_mnist.py                  # ~10 minutes on 2 CPU cores
+    python examples/resnet_fashion_mnist.py --execution simulate --threads 1    # about half that
     python examples/resnet_fashion_mnist.py --blocks 2 2 2 2 --train-limit 60000 --epochs 5
 
 The network is ResNet-18's layout scaled to 28x28 grey images: a 3x3 stem, four stages of

@@ -69,55 +69,13 @@ def _epilogue(acc, offs_m, offs_n, batch, M, N, sa_ptr, sb_ptr, bias_ptr, stride
 
 
 @triton.jit
-def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
-                      stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
-                      stride_cb, stride_cm, stride_cn, stride_sab, stride_sam, stride_sbb, stride_sbn,
-                      SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """``C[b] = epilogue(A[b] @ B[b])`` with an int32 accumulator.
-
-    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), batch)``."""
-    pid = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    # Grouped order: GROUP_M row blocks share the B tiles they read while they are in L2.
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + batch * stride_ab + (offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak)
-    b_ptrs = b_ptr + batch * stride_bb + (offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn)
-    mask_m = offs_m[:, None] < M
-    mask_n = offs_n[None, :] < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m & (offs_k[None, :] < k_left), other=0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n, other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
-    out = _epilogue(acc, offs_m, offs_n, batch, M, N, sa_ptr, sb_ptr, bias_ptr, stride_sab, stride_sam,
-                    stride_sbb, stride_sbn, SCALED, HAS_BIAS, ACTIVATION)
-    c_ptrs = c_ptr + batch * stride_cb + (offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn)
-    tl.store(c_ptrs, cast_rtne(out, c_ptr.dtype.element_ty), mask=mask_m & mask_n)
-
-
-@triton.jit
 def int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """The main loop of :func:`_int8_gemm_kernel` for kernels that bring their own epilogue
-    (the region kernels :mod:`sqcompile.kernels.triton_fused` generates): this program's
-    ``BLOCK_M x BLOCK_N`` tile of ``A[b] @ B[b]`` as an exact int32 accumulator, with its row
-    and column offsets and the batch index (int64).  Same grid, program order and masking."""
+    """The GEMM main loop shared by :func:`_int8_gemm_kernel` and the region kernels
+    :mod:`sqcompile.kernels.triton_fused` generates: this program's ``BLOCK_M x BLOCK_N``
+    tile of ``A[b] @ B[b]`` as an exact int32 accumulator, with its row and column offsets and
+    the batch index (int64).  Grouped program order: GROUP_M row blocks share the B tiles
+    they read while those are in L2."""
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -145,6 +103,23 @@ def int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, strid
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc, offs_m, offs_n, batch
+
+
+@triton.jit
+def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+                      stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
+                      stride_cb, stride_cm, stride_cn, stride_sab, stride_sam, stride_sbb, stride_sbn,
+                      SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """``C[b] = epilogue(A[b] @ B[b])`` with an int32 accumulator.
+
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), batch)``."""
+    acc, offs_m, offs_n, batch = int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb,
+                                                stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    out = _epilogue(acc, offs_m, offs_n, batch, M, N, sa_ptr, sb_ptr, bias_ptr, stride_sab, stride_sam,
+                    stride_sbb, stride_sbn, SCALED, HAS_BIAS, ACTIVATION)
+    c_ptrs = c_ptr + batch * stride_cb + (offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn)
+    tl.store(c_ptrs, cast_rtne(out, c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 INTERPRETED = type(_int8_gemm_kernel).__name__ == "InterpretedFunction"
