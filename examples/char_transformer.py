@@ -150,8 +150,8 @@ def train_one(name: str, options: Optional[dict], train_ids, val_batches, vocab:
     val = evaluate(run_model, val_batches)
     seconds = time.perf_counter() - start
     print(f"  [{name}] validation loss {val:.4f} nats/char, perplexity {math.exp(val):.3f}", flush=True)
-    return {"family": FAMILY, "run": name, "bits": None if options is None else options["weight_bits"],
-            "groups": None if options is None else options["groups"], "metric": "val loss (nats/char)",
+    return {"family": FAMILY, "run": name, "bits": None if options is None else options.get("weight_bits"),
+            "groups": None if options is None else options.get("groups"), "metric": "val loss (nats/char)",
             "value": val, "perplexity": math.exp(val), "higher_is_better": False, "steps": steps,
             "epochs": steps * batch_size * seq_len / len(train_ids), "seed": seed, "seconds": seconds}
 
@@ -198,7 +198,7 @@ def print_table(results: List[dict]) -> None:
             for r in results]
     print()
     print(tabulate(rows, headers=["run", "val loss (nats/char)", "perplexity", "loss vs float", "time s"],
-                   tablefmt="github"))
+                   tablefmt="github", disable_numparse=True))
 
 
 def main(argv=None):

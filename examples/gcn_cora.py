@@ -124,8 +124,8 @@ def train_one(name: str, options: Optional[dict], data: dict, *, epochs: int, se
     test, val = accuracy(logits, y, test_idx), accuracy(logits, y, val_idx)
     seconds = time.perf_counter() - start
     print(f"  [{name}] test accuracy {100 * test:.2f}%", flush=True)
-    return {"family": FAMILY, "run": name, "bits": None if options is None else options["weight_bits"],
-            "groups": None if options is None else options["groups"], "metric": "test acc %",
+    return {"family": FAMILY, "run": name, "bits": None if options is None else options.get("weight_bits"),
+            "groups": None if options is None else options.get("groups"), "metric": "test acc %",
             "value": 100 * test, "val": 100 * val, "higher_is_better": True, "epochs": epochs, "steps": epochs,
             "seed": seed, "seconds": seconds}
 
@@ -174,7 +174,7 @@ def print_table(results: List[dict]) -> None:
              f"{r['val']:.2f}", f"{r['seconds']:.0f}"] for r in results]
     print()
     print(tabulate(rows, headers=["run", "test acc %", "vs float (points)", "val acc %", "time s"],
-                   tablefmt="github"))
+                   tablefmt="github", disable_numparse=True))
 
 
 def main(argv=None):

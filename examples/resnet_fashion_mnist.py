@@ -122,8 +122,8 @@ def train_one(name: str, options: Optional[dict], data, *, epochs: int, seed: in
     acc = evaluate(run_model, xte, yte)
     seconds = time.perf_counter() - start
     print(f"  [{name}] test accuracy {100 * acc:.2f}%", flush=True)
-    return {"family": FAMILY, "run": name, "bits": None if options is None else options["weight_bits"],
-            "groups": None if options is None else options["groups"], "metric": "test acc %",
+    return {"family": FAMILY, "run": name, "bits": None if options is None else options.get("weight_bits"),
+            "groups": None if options is None else options.get("groups"), "metric": "test acc %",
             "value": 100 * acc, "higher_is_better": True, "epochs": epochs, "steps": steps, "seed": seed,
             "seconds": seconds}
 
@@ -157,7 +157,8 @@ def print_table(results: List[dict]) -> None:
     rows = [[r["run"], f"{r['value']:.2f}", "" if base is None else f"{r['value'] - base:+.2f}",
              f"{r['seconds']:.0f}"] for r in results]
     print()
-    print(tabulate(rows, headers=["run", "test acc %", "vs float (points)", "time s"], tablefmt="github"))
+    print(tabulate(rows, headers=["run", "test acc %", "vs float (points)", "time s"], tablefmt="github",
+                   disable_numparse=True))
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """Train a small CNN on Fashion-MNIST in float, then with the shiftquant backend at 8 and 4
 bits (weights, activations and gradients), and print the accuracies side by side.
 
-    python examples/train_cnn.py                 # ~4 minutes on 2 CPU cores
+    python examples/train_cnn.py                 # ~10 minutes on 2 CPU cores
     python examples/train_cnn.py --train-limit 60000 --epochs 3
 
 The quantized runs are exactly what a user writes:
