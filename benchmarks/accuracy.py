@@ -27,9 +27,9 @@ about 3.5; CNN 12 min, transformer 6, GNN 3, RNN 2.5) -- far shorter training th
     python benchmarks/accuracy.py --families cnn gnn --seeds 0 1 2 --epochs cnn=3 gnn=400
 
 ``--execution`` defaults to ``simulate`` for the CNN (same numbers as integer GEMMs, but on CPU
-the int8 im2col path of convolutions is about 2x slower than simulation) and ``auto`` (integer
-GEMMs) for the others.  A family whose dataset is not installed is skipped with the loader's
-message saying how to install it.
+the int8 im2col path of convolutions is 2-3x slower than simulation, measured at 1 thread) and
+``auto`` (integer GEMMs) for the others.  A family whose dataset is not installed is skipped
+with the loader's message saying how to install it.
 """
 from __future__ import annotations
 

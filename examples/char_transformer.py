@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -160,8 +160,9 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: Optional[float] = None, se
         corpus: str = "lee", limit_chars: Optional[int] = None, batch_size: int = 32, seq_len: int = 64,
         lr: float = 3e-3, d_model: int = 64, heads: int = 4, layers: int = 2, attention: str = "sdpa",
         norm: str = "layer", val_batches: int = 20, execution: str = "auto", include_float: bool = True,
-        log_every: int = 100) -> List[dict]:
-    """Train float (if ``include_float``) and one shiftquant run per entry of ``bits_list``;
+        extra_runs: Sequence[Tuple[str, dict]] = (), log_every: int = 100) -> List[dict]:
+    """Train float (if ``include_float``), one shiftquant run per entry of ``bits_list`` and one
+    per ``(name, options)`` in ``extra_runs``;
     return one result dict per run (``value``: validation loss in nats/char).  ``epochs``, when
     given, sets the number of steps to that many passes over the training characters
     (``epochs * train_chars / (batch_size * seq_len)``) instead of ``steps``.  Raises
@@ -186,6 +187,7 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: Optional[float] = None, se
         opts = shiftquant_options(bits, execution)
         results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, train_ids, val,
                                  tok.vocab_size, **kw))
+    results += [train_one(name, opts, train_ids, val, tok.vocab_size, **kw) for name, opts in extra_runs]
     return results
 
 

@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -132,8 +132,9 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 1, seed: int = 0, *,
         test_limit: Optional[int] = None, batch_size: int = 128, lr: float = 0.1,
         blocks: Sequence[int] = (1, 1, 1, 1), widths: Sequence[int] = (16, 32, 64, 128),
         max_steps: Optional[int] = None, execution: str = "auto", include_float: bool = True,
-        log_every: int = 50) -> List[dict]:
-    """Train float (if ``include_float``) and one shiftquant run per entry of ``bits_list``;
+        extra_runs: Sequence[Tuple[str, dict]] = (), log_every: int = 50) -> List[dict]:
+    """Train float (if ``include_float``), one shiftquant run per entry of ``bits_list`` and one
+    per ``(name, options)`` in ``extra_runs``;
     return one result dict per run (``value`` is the test accuracy in percent).  Raises
     :class:`data.DatasetMissing` when Fashion-MNIST is not installed."""
     xtr, ytr = fashion_mnist("train", limit=train_limit)
@@ -147,6 +148,7 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 1, seed: int = 0, *,
     for bits in bits_list:
         opts = shiftquant_options(bits, execution)
         results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, data, **kw))
+    results += [train_one(name, opts, data, **kw) for name, opts in extra_runs]
     return results
 
 

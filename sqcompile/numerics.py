@@ -51,7 +51,7 @@ def expanded_max(bits: int, groups: int) -> int:
 def fits_int8(bits: int, groups: int) -> bool:
     """Can ShiftQuant's expanded form be stored in int8 (one plain int8 GEMM)?
 
-    4 bits: up to 5 groups; 5 bits: 4; 6 bits: 3; 7 and 8 bits: 1.
+    4 bits: up to 5 groups; 5 bits: 4; 6 bits: 3; 7 bits: 2; 8 bits: 1.
     """
     return expanded_max(bits, groups) <= 127
 

@@ -409,10 +409,11 @@ def _flat_weight(w: torch.Tensor) -> torch.Tensor:
     return w.movedim(1, -1).reshape(w.shape[0], -1)
 
 
-def _prod(xs) -> int:
+def _prod(xs):
+    """Product of sizes; symbolic sizes stay symbolic (no int(): it would specialize)."""
     p = 1
     for v in xs:
-        p *= int(v)
+        p = p * v
     return p
 
 

@@ -50,10 +50,9 @@ def shape_of(node: Any) -> Optional[List[int]]:
     v = example_value(node)
     if v is None:
         return None
-    try:
-        return [int(s) for s in v.shape]
-    except (TypeError, ValueError):   # symbolic sizes under dynamic shapes
-        return [str(s) for s in v.shape]
+    # int() on a symbolic size would install a guard and specialize the graph to this batch
+    # size (recompiling for every new size); keep symbolic sizes as their names instead.
+    return [s if isinstance(s, int) else str(s) for s in v.shape]
 
 
 def is_float_tensor(node: Any) -> bool:
