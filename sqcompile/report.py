@@ -45,7 +45,9 @@ replaces the old record, graph breaks give one block of rows per graph, and a fi
 ``no_grad`` evaluation replaces a training compile (its statistics then have no gradient
 columns).  :func:`sqcompile.explain.explain` compiles the same module again, so its records
 become the newest too.  Build ``Report(records)`` from :func:`sqcompile.decisions.records_for`
-to pick records yourself.
+to pick records yourself.  Dynamo reuses a compiled graph for another instance of the same
+module class without calling the backend again; such instances share that graph's record
+(and its statistics, which are per graph).
 """
 from __future__ import annotations
 

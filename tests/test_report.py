@@ -120,6 +120,9 @@ def check_norm_rows(rows, model):
 
 @pytest.fixture(scope="module")
 def cnn_stats_report():
+    # A fresh compile: Dynamo would otherwise reuse the graph an earlier test compiled for
+    # another ResNetish instance, and the record (with its step count) is per graph.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = ResNetish()
     cm = compiled_step(model, torch.randn(4, 3, 8, 8), steps=2, collect_stats=True)

@@ -62,12 +62,31 @@ def shiftquant_backend(gm: fx.GraphModule, example_inputs: List[Any], options: O
     attach(record, [t for t in example_inputs if isinstance(t, torch.Tensor)])
     target = detect_target(example_inputs)
     rewrite(gm, config, target, record)
-    return aot_autograd(
+    compiled = aot_autograd(
         fw_compiler=lowering.compiler("forward", config, target, record),
         bw_compiler=lowering.compiler("backward", config, target, record),
         inference_compiler=lowering.compiler("inference", config, target, record),
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
+    return _attaching(compiled, record)
+
+
+def _attaching(compiled, record: CompileRecord):
+    """Dynamo reuses a compiled graph for another instance of the same module class (its
+    parameters are graph inputs), without calling the backend again; attach the record to the
+    tensors each call really receives, so ``sqcompile.report(model)`` finds it for every
+    instance.  Costs one tuple of ids per call."""
+    last = [None]
+
+    def run(*args):
+        key = tuple(map(id, args))
+        if key != last[0]:
+            attach(record, args)
+            last[0] = key
+        return compiled(*args)
+
+    run._boxed_call = getattr(compiled, "_boxed_call", False)
+    return run
 
 
 def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileRecord) -> fx.GraphModule:
