@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import shiftquant_options  # noqa: E402
 from data import DatasetMissing, fashion_mnist  # noqa: E402
 
 
@@ -105,8 +106,7 @@ def main(argv=None):
 
     results = [train("float32", None, data, args)]
     for bits in args.bits:
-        options = {"weight_bits": bits, "act_bits": bits, "grad_bits": bits, "groups": 4 if bits <= 5 else 1}
-        results.append(train(f"shiftquant W{bits}A{bits}G{bits}", options, data, args))
+        results.append(train(f"shiftquant W{bits}A{bits}G{bits}", shiftquant_options(bits), data, args))
 
     from tabulate import tabulate
 
