@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import DatasetMissing, ucr  # noqa: E402
+from common import print_accuracy_table as print_table  # noqa: E402
 from common import shiftquant_options  # noqa: E402
 
 FAMILY = "RNN (LSTM, UCR Trace)"
@@ -121,17 +122,6 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 40, seed: int = 0, *
         opts = shiftquant_options(bits, execution)
         results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, data, classes, **kw))
     return results
-
-
-def print_table(results: List[dict]) -> None:
-    from tabulate import tabulate
-
-    base = next((r["value"] for r in results if r["bits"] is None), None)
-    rows = [[r["run"], f"{r['value']:.2f}", "" if base is None else f"{r['value'] - base:+.2f}",
-             f"{r['seconds']:.0f}"] for r in results]
-    print()
-    print(tabulate(rows, headers=["run", "test acc %", "vs float (points)", "time s"], tablefmt="github",
-                   disable_numparse=True))
 
 
 def main(argv=None):
