@@ -3,7 +3,7 @@
 Layering: this module knows the *op schemas*, their fake (meta) implementations and
 reference implementations built on :mod:`sqcompile.numerics`.  Faster device implementations
 are registered onto the same ops by :mod:`sqcompile.kernels` with
-``torch.library.register_kernel``; nothing here imports a kernel module.
+``CustomOp.register_kernel``; nothing here imports a kernel module.
 
 The ops stay visible as single nodes in the forward and backward ATen graphs that
 AOTAutograd produces (``torch.ops.sqcompile.quantize``, ``.shiftquant``, ``.int8_mm``, ...),
@@ -39,10 +39,64 @@ MAX_INT32_TERMS = 2 ** 17
 
 
 # --------------------------------------------------------------------------------------------
+# Op registration
+# --------------------------------------------------------------------------------------------
+
+_LIBRARY = torch.library.Library(LIB, "FRAGMENT")
+
+
+class CustomOp:
+    """``sqcompile::<name>``, defined from a Python function with :class:`torch.library.Library`.
+
+    We do not use ``torch.library.custom_op``: its Python dispatch wrappers (autograd
+    wrapper, Dynamo-disable, argument checks) cost about 40 us per call, as much as our whole
+    quantizer launch and more than many of its kernels on a GPU.  Here the function is the
+    ``CompositeExplicitAutograd`` kernel (every device), :meth:`register_kernel` overrides it
+    for one device type, and :meth:`register_fake` gives the shape function compilers trace
+    with.  The ops are functional and have no autograd formula: they run inside our
+    ``autograd.Function`` s and compiled graphs, on tensors that do not require grad.
+    Calling the object calls the op through the dispatcher (``torch.ops.sqcompile.<name>``).
+    """
+
+    def __init__(self, fn: Callable, name: str, tags=()):
+        self.name = name
+        self.__doc__ = fn.__doc__
+        _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()), tags=tags)
+        _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+
+    @property
+    def op(self):
+        return getattr(torch.ops.sqcompile, self.name)
+
+    def __call__(self, *args, **kwargs):
+        return self.op(*args, **kwargs)
+
+    def register_fake(self, fake: Callable) -> Callable:
+        torch.library.register_fake(f"{LIB}::{self.name}", fake, lib=_LIBRARY)
+        return fake
+
+    def register_kernel(self, device_type: str) -> Callable:
+        """Decorator: ``fn`` runs the op for tensors on ``device_type`` ("cpu", "cuda")."""
+        def register(fn: Callable) -> Callable:
+            _LIBRARY.impl(self.name, fn, device_type.upper())
+            return fn
+        return register
+
+
+def custom_op(qualname: str, tags=()) -> Callable[[Callable], CustomOp]:
+    """Decorator: define the op ``qualname`` (``"sqcompile::name"``) from a type-annotated
+    function (schema inferred as by ``torch.library.custom_op``); see :class:`CustomOp`."""
+    namespace, name = qualname.split("::")
+    if namespace != LIB:
+        raise ValueError(f"sqcompile ops live in the {LIB!r} namespace, got {qualname!r}")
+    return lambda fn: CustomOp(fn, name, tags)
+
+
+# --------------------------------------------------------------------------------------------
 # Primitive custom ops
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{LIB}::quantize", mutates_args=(), tags=_RANDOM)
+@custom_op(f"{LIB}::quantize", tags=_RANDOM)
 def quantize(x: torch.Tensor, bits: int, keep_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric ``bits``-bit quantization, one scale per index of ``keep_dims``."""
     return N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest")
@@ -53,7 +107,7 @@ def _quantize_fake(x, bits, keep_dims, stochastic):
     return torch.empty_like(x, dtype=torch.int8), x.new_empty(_scale_shape(x, keep_dims), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{LIB}::shiftquant", mutates_args=(), tags=_RANDOM)
+@custom_op(f"{LIB}::shiftquant", tags=_RANDOM)
 def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """ShiftQuant along ``channel_dims``; returns (expanded integers, base scale)."""
     r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest")
@@ -66,7 +120,7 @@ def _shiftquant_fake(x, bits, groups, channel_dims, stochastic):
     return torch.empty_like(x, dtype=dtype), x.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{LIB}::shift_params", mutates_args=())
+@custom_op(f"{LIB}::shift_params")
 def shift_params(ranges: torch.Tensor, bits: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel ShiftQuant parameters (:func:`numerics.shift_params`) as one opaque op."""
     g, multiplier, scale, base = N.shift_params(ranges, bits, groups)
@@ -79,7 +133,7 @@ def _(ranges, bits, groups):
             ranges.new_empty(()))
 
 
-@torch.library.custom_op(f"{LIB}::dequantize", mutates_args=())
+@custom_op(f"{LIB}::dequantize")
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``q * scale`` in ``dtype``."""
     return N.dequantize(q, scale, dtype)
@@ -90,7 +144,7 @@ def _(q, scale, dtype):
     return torch.empty(torch.broadcast_shapes(q.shape, scale.shape), dtype=dtype, device=q.device)
 
 
-@torch.library.custom_op(f"{LIB}::int8_mm", mutates_args=())
+@custom_op(f"{LIB}::int8_mm")
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact integer product of int8 (or int16) ``[..., M, K] @ [..., K, N]`` -> int32.
 
@@ -144,7 +198,7 @@ register_kernel_set("torch", KernelSet(
 # Observing variants (collect_stats=True): same results, plus measured quality per op
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{LIB}::quantize_observed", mutates_args=(), tags=_RANDOM)
+@custom_op(f"{LIB}::quantize_observed", tags=_RANDOM)
 def quantize_observed(x: torch.Tensor, bits: int, keep_dims: List[int], stochastic: bool, key: str,
                       role: str) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize` that also records the SQNR of its result under ``key``/``role``."""
@@ -157,7 +211,7 @@ quantize_observed.register_fake(lambda x, bits, keep_dims, stochastic, key, role
                                 _quantize_fake(x, bits, keep_dims, stochastic))
 
 
-@torch.library.custom_op(f"{LIB}::shiftquant_observed", mutates_args=(), tags=_RANDOM)
+@custom_op(f"{LIB}::shiftquant_observed", tags=_RANDOM)
 def shiftquant_observed(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool,
                         key: str, role: str) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`shiftquant` that also records SQNR, the per-tensor SQNR at the same bits (the

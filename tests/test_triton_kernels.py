@@ -262,6 +262,30 @@ def test_stochastic_seed_comes_from_torch_default_generator():
     assert not torch.equal(q1, q3)
 
 
+def test_seed_tensor_on_device_equals_int_seed():
+    """Seeds live in device memory (graph-safe); a tensor seed gives the int seed's noise."""
+    tq, _ = _kernels()
+    x = torch.randn(2, 20, 33, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    seed = torch.tensor([4321], device=DEVICE)
+    _same(tq.quantize(x, 4, [0, 1], True, seed=4321)[0], tq.quantize(x, 4, [0, 1], True, seed=seed)[0])
+    _same(tq.shiftquant(x, 4, 3, [0, 2], True, seed=4321)[0], tq.shiftquant(x, 4, 3, [0, 2], True, seed=seed)[0])
+    drawn = tq.draw_seed(x.device)
+    assert drawn.device == x.device and drawn.dtype == torch.int64 and 0 <= int(drawn) < 2 ** 31 - 1
+
+
+def test_cached_plans_follow_each_inputs_layout():
+    """Plans are cached by layout: the same shape dense, transposed and strided (non-dense)
+    must each give the reference result, in whichever order they arrive."""
+    tq, _ = _kernels()
+    base = torch.randn(40, 34, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    for x in (base[:, :17], base.t()[:17], base[:, :17].contiguous(), base[::2, :17], base[:, :17]):
+        for keep in ([0], [1]):
+            q, s = tq.quantize(x, 4, keep, False)
+            ref_q, ref_s = N.quantize(x.cpu(), 4, keep, "nearest")
+            _same(q, ref_q)
+            _same(s, ref_s)
+            assert q.shape == x.shape
+
 def test_stochastic_rounding_is_unbiased():
     """Mean of the dequantized values over many seeds -> x (in units of one step)."""
     tq, _ = _kernels()

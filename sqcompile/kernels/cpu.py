@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops  # noqa: F401  (defines the ops this module registers kernels for)
+from .. import ops
 
 
-@torch.library.register_kernel("sqcompile::int8_mm", "cpu")
+@ops.int8_mm.register_kernel("cpu")
 def int8_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 ``[..., M, K] @ [..., K, N]`` -> int32 with ``torch._int_mm`` (2-D, so batched
     products loop over the batch; each slice is one oneDNN call)."""

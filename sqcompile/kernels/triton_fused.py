@@ -41,7 +41,7 @@ that mix.
 
 Kernels are cached by their signature, in this process (:func:`cache_info` counts hits and
 misses) and on disk (the generated module files, named by a hash of the signature, under
-:data:`KERNEL_DIR`).  They are launched from a plain ``torch.library.custom_op``,
+:data:`KERNEL_DIR`).  They are launched from a plain op (:func:`sqcompile.ops.custom_op`),
 ``sqcompile::triton_fused_int8_mm(a, b, inputs, epilogue) -> Tensor[]``, with a fake
 implementation (the outputs' shapes follow from ``a``, ``b`` and the signature), so graphs
 that contain it stay traceable and Inductor calls it as an extern kernel.  Like the other
@@ -62,6 +62,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
+
+from .. import ops
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "i32": torch.int32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -360,7 +362,7 @@ def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tenso
     return outs
 
 
-@torch.library.custom_op("sqcompile::triton_fused_int8_mm", mutates_args=())
+@ops.custom_op("sqcompile::triton_fused_int8_mm")
 def triton_fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: List[torch.Tensor], epilogue: str) -> List[torch.Tensor]:
     """``epilogue(a @ b)``: an int8 GEMM and the elementwise ops after it in one generated
     Triton kernel (``epilogue`` is an :class:`Epilogue` signature; see the module docstring)."""

@@ -9,8 +9,8 @@ and the quantizers carry the same ``nondeterministic_seeded`` tag (``ops._RANDOM
 They stay distinct ops, not kernels registered onto the generic ones, so a graph shows which
 family each node uses and the ``"torch"`` family stays available next to ``"triton"``.
 
-The kernels are launched from plain ``torch.library.custom_op`` bodies (``triton_op`` cannot
-be traced under Triton's CPU interpreter).  They run on CUDA tensors, and on CPU tensors only
+The kernels are launched from plain op bodies (:func:`sqcompile.ops.custom_op`, a low-overhead
+``torch.library`` registration; ``triton_op`` cannot be traced under Triton's CPU interpreter).  They run on CUDA tensors, and on CPU tensors only
 through Triton's interpreter (``TRITON_INTERPRET=1``, slow, meant for tests).  The kernel
 modules are imported on first use, not here: ``@triton.jit`` decides between compiled and
 interpreted kernels when the module defining them is imported, so importing this module early
@@ -70,7 +70,7 @@ def _check_device(*tensors: torch.Tensor) -> None:
             raise RuntimeError(f"sqcompile Triton kernels cannot run on {t.device}: {reason}")
 
 
-@torch.library.custom_op("sqcompile::triton_quantize", mutates_args=(), tags=ops._RANDOM)
+@ops.custom_op("sqcompile::triton_quantize", tags=ops._RANDOM)
 def triton_quantize(x: torch.Tensor, bits: int, keep_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``sqcompile::quantize`` on Triton."""
     _check_device(x)
@@ -82,7 +82,7 @@ def _(x, bits, keep_dims, stochastic):
     return torch.ops.sqcompile.quantize(x, bits, keep_dims, stochastic)
 
 
-@torch.library.custom_op("sqcompile::triton_shiftquant", mutates_args=(), tags=ops._RANDOM)
+@ops.custom_op("sqcompile::triton_shiftquant", tags=ops._RANDOM)
 def triton_shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``sqcompile::shiftquant`` on Triton."""
     _check_device(x)
@@ -94,7 +94,7 @@ def _(x, bits, groups, channel_dims, stochastic):
     return torch.ops.sqcompile.shiftquant(x, bits, groups, channel_dims, stochastic)
 
 
-@torch.library.custom_op("sqcompile::triton_dequantize", mutates_args=())
+@ops.custom_op("sqcompile::triton_dequantize")
 def triton_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``sqcompile::dequantize`` on Triton."""
     _check_device(q, scale)
@@ -106,7 +106,7 @@ def _(q, scale, dtype):
     return torch.ops.sqcompile.dequantize(q, scale, dtype)
 
 
-@torch.library.custom_op("sqcompile::triton_int8_mm", mutates_args=())
+@ops.custom_op("sqcompile::triton_int8_mm")
 def triton_int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sqcompile::int8_mm`` on Triton (operands with >= 2 dims, batch dims broadcast)."""
     _check_device(a, b)

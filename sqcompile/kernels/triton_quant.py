@@ -63,13 +63,15 @@ Stochastic rounding draws 8 random bits per element, ``u = (k + 0.5) / 256`` lik
 2**-9 of a step), from one Philox call (``tl.randint4x``: 128 bits) per 16 consecutive
 elements of a row: Philox per element would make the quantizers compute-bound on a GPU.
 The noise of an element is a function of ``(seed, its position in the [A, C, L] view)`` only,
-so it does not depend on block sizes or on which kernel path ran.  The seed is drawn from
-torch's default generator (:func:`draw_seed`), so ``torch.manual_seed`` makes runs
-reproducible.  (Counters are 32-bit: tensors beyond 2**36 elements would reuse noise.)
+so it does not depend on block sizes or on which kernel path ran.  The seed is drawn on the
+device from torch's generator (:func:`draw_seed`) and read by the kernels from memory, so
+``torch.manual_seed`` makes runs reproducible, no launch waits on the host, and CUDA-graph
+replays draw fresh seeds.  (Counters are 32-bit: tensors beyond 2**36 elements would reuse noise.)
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+import functools
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -206,7 +208,7 @@ def _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64: tl.con
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, seed,
+def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, seed_ptr,
                            QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, INT64: tl.constexpr,
                            BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Per-channel amax + quantize for ``BLOCK_C`` channels of batch ``a`` (A kept).
@@ -234,7 +236,7 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
         offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
         if STOCHASTIC:
-            noise = _uniform_noise(seed, rows, l0, L, BLOCK_C, BLOCK_L)
+            noise = _uniform_noise(tl.load(seed_ptr), rows, l0, L, BLOCK_C, BLOCK_L)
         else:
             noise = 0.0
         q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
@@ -274,7 +276,7 @@ def _absmax_partial_kernel(x_ptr, partial_ptr, C, L, stride_a, stride_c, stride_
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, n_cblocks, seed,
+def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, n_cblocks, seed_ptr,
                      QMAX: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr, INT64: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Quantize one ``[BLOCK_C, BLOCK_L]`` tile with its channels' ranges (from
@@ -303,7 +305,7 @@ def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_
     offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if STOCHASTIC:
-        noise = _uniform_noise(seed, a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
+        noise = _uniform_noise(tl.load(seed_ptr), a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
     else:
         noise = 0.0
     q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
@@ -325,7 +327,7 @@ def _shift_group(r, R, GROUPS: tl.constexpr):
 
 @triton.jit
 def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, C, L, stride_a, stride_c, stride_l,
-                       n_cblocks, seed,
+                       n_cblocks, seed_ptr,
                        QMAX: tl.constexpr, GROUPS: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr,
                        INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """ShiftQuant one tile: group of each channel, quantization with ``s_g = base * 2**(G-1-g)``
@@ -356,7 +358,7 @@ def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, C, L, stride
     offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if STOCHASTIC:
-        noise = _uniform_noise(seed, a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
+        noise = _uniform_noise(tl.load(seed_ptr), a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
     else:
         noise = 0.0
     q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
@@ -509,6 +511,7 @@ def _tile(view: _View) -> _Tile:
     return _Tile(max(1, min(np2_c, total // block_l)), block_l, 4)
 
 
+@functools.lru_cache(maxsize=None)
 def _device_programs(device: torch.device) -> int:
     """How many programs keep the device busy (a few waves); small in the interpreter so
     the tests exercise several splits."""
@@ -517,9 +520,45 @@ def _device_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def draw_seed() -> int:
-    """A Philox seed from torch's default generator (``torch.manual_seed`` reproduces it)."""
-    return int(torch.randint(0, 2 ** 31 - 1, ()))
+@functools.lru_cache(maxsize=4096)
+def _cached_plan(shape: Tuple[int, ...], strides: Tuple[int, ...], dims: Tuple[int, ...]) -> Tuple[_View, _Tile]:
+    """:func:`_plan` and :func:`_tile` for a layout, worked out once on a meta tensor (the
+    host side of a launch is what bounds small quantizers on a GPU)."""
+    view = _plan(torch.empty_strided(shape, strides, device="meta"), dims)
+    return view, _tile(view)
+
+
+def _view_and_tile(x: torch.Tensor, dims: Sequence[int]) -> Tuple[_View, _Tile]:
+    """``x`` as its ``[A, C, L]`` view (copied where the cached plan copies) and its tile."""
+    view, tile = _cached_plan(tuple(x.shape), tuple(x.stride()), tuple(dims))
+    if view.perm is not None:
+        work = x.permute(view.perm).contiguous()
+    elif view.work.stride() != x.stride():      # not dense: the plan walks a contiguous copy
+        work = x.contiguous()
+    else:
+        work = x
+    return view._replace(work=work), tile
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A Philox seed (int64 ``[1]`` in ``[0, 2**31 - 1)``) drawn *on* ``device`` from torch's
+    generator for it: ``torch.manual_seed`` reproduces it, nothing waits on the device, and
+    under CUDA-graph capture each replay draws a new seed (torch's CUDA generator is
+    graph-safe), so stochastic rounding stays stochastic in captured graphs."""
+    return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def _seed_arg(seed: Union[None, int, torch.Tensor], stochastic: bool, device: torch.device,
+              placeholder: torch.Tensor) -> torch.Tensor:
+    """The kernels' ``seed_ptr``: a drawn or given seed; for nearest rounding any tensor
+    (``placeholder``): the kernels compile the load away."""
+    if not stochastic:
+        return placeholder
+    if seed is None:
+        return draw_seed(device)
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=device, dtype=torch.int64).reshape(1)
+    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 def _check_grid(view: _View) -> None:
@@ -553,21 +592,21 @@ def _use_fused(view: _View, tile: _Tile) -> bool:
 
 
 def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: bool, *,
-             seed: Optional[int] = None, fused: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+             seed: Union[None, int, torch.Tensor] = None, fused: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`sqcompile.numerics.quantize` on Triton: ``(q int8 like x, scale float32)``.
 
-    ``seed``: Philox seed for stochastic rounding (default: :func:`draw_seed`); ``fused``:
+    ``seed``: Philox seed for stochastic rounding, an int or a device tensor (default:
+    :func:`draw_seed`); ``fused``:
     force (True) or forbid (False) the one-pass kernel (default: :func:`_use_fused`)."""
     qmax = N.qmax(bits)
     scale_shape = ops._scale_shape(x, keep_dims)
     if x.numel() == 0:   # nothing to launch; the reference handles the degenerate shapes
         return N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest")
-    view = _plan(x, keep_dims)
+    view, tile = _view_and_tile(x, keep_dims)
     _check_grid(view)
-    tile = _tile(view)
-    seed = (draw_seed() if seed is None else seed) if stochastic else 0
     q = torch.empty_like(view.work, dtype=torch.int8)
     scale = torch.empty(view.n_channels, dtype=torch.float32, device=x.device)
+    seed = _seed_arg(seed, stochastic, x.device, scale)
     A, C, L = view.shape
     n_cblocks = triton.cdiv(C, tile.block_c)
     if fused is None:
@@ -586,7 +625,7 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
 
 
 def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int], stochastic: bool, *,
-               seed: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               seed: Union[None, int, torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`sqcompile.numerics.shiftquant` on Triton: ``(expanded like x, base scale)``.
 
     ``expanded`` is int8 when :func:`sqcompile.numerics.fits_int8` else int16; the base scale
@@ -598,14 +637,13 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
         r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest")
         return r.expanded, r.base_scale
     edtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
-    view = _plan(x, channel_dims)
+    view, tile = _view_and_tile(x, channel_dims)
     _check_grid(view)
-    tile = _tile(view)
-    seed = (draw_seed() if seed is None else seed) if stochastic else 0
     ranges = channel_ranges(view, tile)
     rmax = ranges.amax()
     e = torch.empty_like(view.work, dtype=edtype)
     base = torch.empty((), dtype=torch.float32, device=x.device)
+    seed = _seed_arg(seed, stochastic, x.device, base)
     A, C, L = view.shape
     n_cblocks = triton.cdiv(C, tile.block_c)
     _shiftquant_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
