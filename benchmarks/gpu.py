@@ -12,13 +12,16 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
    our int8 Triton GEMM (and its dequantizing variant, and cuBLAS ``torch._int_mm`` for
    reference) against bf16 ``torch.matmul``, in TFLOP/s (target: int8 >= 1.3x bf16).
 2. Quantizer throughput in GB/s and as a fraction of the device's bandwidth, measured in the
-   same run with a device-to-device copy (target > 70%).  "essential" counts the bytes the
+   same run with a device-to-device copy (target > 70%), twice: launched from Python (what an
+   eager caller gets, host launch cost included) and replayed from a CUDA graph (the kernels
+   alone, what a captured training step gets).  "essential" counts the bytes the
    op must move (read x once, write q and the scales); "traffic" counts what the kernels do
    move (ShiftQuant and the split quantizer read x twice: a range pass, then the quantize pass).
 3. A transformer block training step (d_model 1024, 16 heads, seq 1024, batch 8, LayerNorm,
    GELU MLP, attention with explicit matmuls) compiled with ``backend="shiftquant"``
    (``kernels="triton"``, ``execution="integer"``) against the same block in bf16 under
-   Inductor.  Each int8 GEMM runs fused with its epilogue (dequantize, bias, GELU, residual
+   Inductor, each with and without CUDA graphs (``cudagraphs=True`` for us,
+   ``mode="reduce-overhead"`` for bf16).  Each int8 GEMM runs fused with its epilogue (dequantize, bias, GELU, residual
    add, GELU backward: :mod:`sqcompile.backends.fusion`); the part prints how many regions
    were fused, and ``--ablate-fusion`` also times the block with fusion off.  Errors there
    are printed and the script goes on.
@@ -42,10 +45,14 @@ import torch.nn.functional as F
 
 QUANT_BITS = dict(a_bits=4, w_bits=4, grad_bits=4, groups=4)
 SUMMARY: list = []
+PROFILE = False     # --profile
 
 
-def bench(fns: dict, reps: int) -> dict:
-    """Median time (ms) of each callable, rounds interleaved so clock and thermal drift hit all."""
+def bench(fns: dict, reps: int, cuda_graph: bool = False) -> dict:
+    """Median time (ms) of each callable, rounds interleaved so clock and thermal drift hit all.
+
+    ``cuda_graph``: time replays of a CUDA graph of the callable (``do_bench_cudagraph``),
+    which leaves out the host's launch cost: what the kernels themselves take."""
     import triton.testing
     times = {name: [] for name in fns}
     for fn in fns.values():      # warm up: compile, autotune, allocate
@@ -53,8 +60,42 @@ def bench(fns: dict, reps: int) -> dict:
     torch.cuda.synchronize()
     for _ in range(reps):
         for name, fn in fns.items():
-            times[name].append(triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median"))
+            if cuda_graph:
+                ms = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+            else:
+                ms = triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+            times[name].append(ms)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def profile(name: str, fn, steps: int = 3, rows: int = 14) -> None:
+    """Where the device time of ``fn`` goes: the top kernels over ``steps`` calls, the device
+    time per call against the wall time per call (their gap is host-bound idle time)."""
+    try:
+        _profile(name, fn, steps, rows)
+    except Exception as e:   # a profiler problem must not cost the measurements
+        print(f"  profile {name}: FAILED ({type(e).__name__}: {e})")
+
+
+def _profile(name: str, fn, steps: int, rows: int) -> None:
+    from torch.profiler import ProfilerActivity
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps * 1e3
+    events = prof.key_averages()
+    attr = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
+    kernels = [e for e in events if getattr(e, attr) > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    device = sum(getattr(e, attr) for e in kernels) / steps / 1e3
+    launches = sum(e.count for e in kernels) / steps
+    print(f"\n  profile {name}: wall {wall:.2f} ms per call, kernels {device:.2f} ms per call, "
+          f"{launches:.0f} kernel launches per call")
+    for e in sorted(kernels, key=lambda e: -getattr(e, attr))[:rows]:
+        print(f"    {getattr(e, attr) / steps / 1e3:8.3f} ms  x{e.count // steps:<4d} {e.key[:100]}")
 
 
 def record(part: str, what: str, value: str) -> None:
@@ -86,6 +127,8 @@ def part_linear(reps: int) -> None:
         with torch.no_grad():
             t = bench({"ours_fwd": ours_fwd, "bf16_fwd": lambda: F.linear(x, w)}, reps)
         t.update(bench({"ours": ours_step, "bf16": bf16_step}, reps))
+        if PROFILE and M == 8192:
+            profile(f"linear fwd+bwd {M}x{K}x{N} (ours)", ours_step)
         flops = 2 * M * N * K
         shape = f"{M}x{K}x{N}"
         record("1 linear", f"fwd      {shape}: ours {t['ours_fwd']:.3f} ms, bf16 {t['bf16_fwd']:.3f} ms",
@@ -165,12 +208,16 @@ def part_quantizers(reps: int) -> None:
                 (f"  torch ref: shiftquant (b,n) [{name}]",
                  lambda x=x: torch.ops.sqcompile.shiftquant(x, 4, 4, [0, 2], True), n * (e + 1), n * (e + 1)),
             ]
-    t = bench({label: fn for label, fn, _, _ in cases}, reps)
-    for label, _, essential, traffic in cases:
-        ms = t[label]
-        gbs = essential / ms / 1e6
-        extra = "" if traffic == essential else f", traffic {traffic / ms / 1e6:.0f} GB/s = {traffic / ms / 1e6 / bandwidth:.0%}"
-        record("2 quant", f"{label}: {ms:.3f} ms, {gbs:.0f} GB/s{extra}", f"{gbs / bandwidth:.0%} of copy")
+    for cuda_graph in (False, True):
+        how = "kernels (CUDA graph replay)" if cuda_graph else "launched from Python"
+        print(f"  -- {how}")
+        t = bench({label: fn for label, fn, _, _ in cases}, reps, cuda_graph=cuda_graph)
+        for label, _, essential, traffic in cases:
+            ms = t[label]
+            gbs = essential / ms / 1e6
+            extra = "" if traffic == essential else f", traffic {traffic / ms / 1e6 / bandwidth:.0%}"
+            record("2 quant" + (" graph" if cuda_graph else ""), f"{label}: {ms:.3f} ms, {gbs:.0f} GB/s{extra}",
+                   f"{gbs / bandwidth:.0%} of copy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,12 +277,15 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False) -> None:
                 p.grad = None
         return step
 
-    def shiftquant(m):
-        return torch.compile(m, backend="shiftquant", options={"kernels": "triton", "execution": "integer"})
+    def shiftquant(m, cudagraphs=False):
+        return torch.compile(m, backend="shiftquant",
+                             options={"kernels": "triton", "execution": "integer", "cudagraphs": cudagraphs})
 
     fns = {}
     variants = [("bf16 Inductor", lambda m: torch.compile(m), True),
-                ("shiftquant integer/triton", shiftquant, True)]
+                ("shiftquant integer/triton", shiftquant, True),
+                ("bf16 Inductor, CUDA graphs", lambda m: torch.compile(m, mode="reduce-overhead"), True),
+                ("shiftquant integer/triton, CUDA graphs", lambda m: shiftquant(m, cudagraphs=True), True)]
     if ablate_fusion:   # the same compile with each GEMM's epilogue left to Inductor
         variants.append(("shiftquant integer/triton, fusion off", shiftquant, False))
     for name, make, fuse in variants:
@@ -248,7 +298,8 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False) -> None:
             t0 = time.perf_counter()
             model = copy.deepcopy(base)
             step = step_fn(make(model))
-            step()
+            for _ in range(3):      # CUDA graphs: warm-up, record, first replay
+                step()
             torch.cuda.synchronize()
             record("3 block", f"{name}: compile + first step {time.perf_counter() - t0:.1f} s", "ok")
             if name.startswith("shiftquant"):
@@ -271,6 +322,9 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False) -> None:
     ref = t["bf16 Inductor"]
     for name, ms in t.items():
         record("3 block", f"{name}: {ms:.2f} ms per step", f"{ref / ms:.2f}x bf16")
+    if PROFILE:
+        for name, fn in fns.items():
+            profile(f"block {name}", fn)
 
 
 def main() -> int:
@@ -281,7 +335,12 @@ def main() -> int:
     parser.add_argument("--ablate-fusion", action="store_true",
                         help="part 3 also times the shiftquant block with region fusion off (one more compile, "
                              "about a minute: may not fit the 5-minute budget)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the device time goes (torch.profiler) for the 8192 linear and "
+                             "each block variant")
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py: CUDA is not available on this machine; nothing to measure.")
         return 0

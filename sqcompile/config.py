@@ -111,12 +111,20 @@ class Config(OpConfig):
     inner           "auto"    compiler for what remains: "eager", "inductor", or "auto"
                               (Inductor on CUDA; on CPU Inductor for graphs whose quantized
                               GEMMs exceed 0.5 GFLOP per call, eager for smaller ones)
+    cudagraphs      False     True: replay the compiled forward and backward as CUDA graphs
+                              (Inductor's cudagraph trees, as ``mode="reduce-overhead"``),
+                              which removes the host cost of launching each quantizer and
+                              GEMM; needs an Inductor inner compiler; no effect on CPU.
+                              Stochastic rounding stays stochastic: the Triton quantizers draw
+                              their seeds on the device.  The usual caveat applies: a compiled
+                              call's outputs are overwritten by its next replay
     ==============  ========  ================================================================
     """
 
     overrides: Mapping[str, Optional[Mapping[str, Any]]] = field(default_factory=dict)
     collect_stats: bool = False
     inner: str = "auto"
+    cudagraphs: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +144,14 @@ class Config(OpConfig):
             raise _bad("collect_stats", self.collect_stats, "True or False")
         if self.inner not in INNER_CHOICES:
             raise _bad("inner", self.inner, f"one of {INNER_CHOICES}")
+        if not isinstance(self.cudagraphs, bool):
+            raise _bad("cudagraphs", self.cudagraphs, "True or False")
+        if self.cudagraphs and self.inner == "eager":
+            raise _bad("cudagraphs", self.cudagraphs, "False with inner='eager' (CUDA graphs are captured by "
+                       "Inductor: use inner='inductor' or 'auto')")
+        if self.cudagraphs and self.collect_stats:
+            raise _bad("cudagraphs", self.cudagraphs, "False with collect_stats=True (the stats are read back to "
+                       "the host at every step, which a CUDA graph cannot replay)")
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None) -> "Config":

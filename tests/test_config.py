@@ -18,11 +18,18 @@ def test_defaults():
     ("weight_bits", 1), ("weight_bits", 9), ("act_bits", 0), ("grad_bits", 16), ("grad_bits", 4.0),
     ("norm_bits", 1), ("weight_bits", True), ("groups", 0), ("groups", 9), ("groups", -1),
     ("norm", "l2"), ("execution", "fast"), ("kernels", "cuda"), ("inner", "tvm"),
-    ("l1_scale", 0.0), ("l1_scale", float("nan")), ("collect_stats", "yes"),
+    ("l1_scale", 0.0), ("l1_scale", float("nan")), ("collect_stats", "yes"), ("cudagraphs", 1),
 ])
 def test_bad_values_name_the_option(name, value):
     with pytest.raises(ValueError, match=repr(name)):
         Config.from_options({name: value})
+
+
+@pytest.mark.parametrize("other", [{"inner": "eager"}, {"collect_stats": True}])
+def test_cudagraphs_refuses_what_cannot_be_captured(other):
+    with pytest.raises(ValueError, match="'cudagraphs'"):
+        Config.from_options({"cudagraphs": True, **other})
+    Config.from_options({"cudagraphs": True, "inner": "inductor"})   # fine
 
 
 def test_unknown_option_suggests_the_right_one():

@@ -73,7 +73,44 @@ def inner_compiler(config, target, record) -> str:
     return "inductor" if flops >= AUTO_INDUCTOR_MIN_FLOPS else "eager"
 
 
-def compiler(stage: str, config, target, record):
+class CudaGraphs:
+    """What Inductor's cudagraph trees need from the compilers of one Dynamo graph (the
+    ``cudagraphs`` option): one graph id, the forward's device, and a shared flag Inductor
+    clears when the forward cannot be captured (the backward then is not either).  Computed
+    the way ``torch._inductor.compile_fx`` does for its own graphs: parameters (and, in the
+    backward, the tensors saved by the forward) are static inputs, not copied at each replay."""
+
+    def __init__(self, num_dynamo_inputs: int):
+        from torch._inductor import compile_fx as cfx
+        from torch._inductor.utils import BoxedBool
+
+        self.num_dynamo_inputs = num_dynamo_inputs
+        self.enabled = BoxedBool(True)
+        self.forward_device = cfx.BoxedDeviceIndex(None)
+        self.graph_id = next(cfx._graph_counter)
+
+    def inner_kwargs(self, stage: str, gm, example_inputs) -> dict:
+        """``compile_fx_inner`` arguments for ``gm`` (as AOTAutograd made it: the backward's
+        placeholders are told apart by name)."""
+        from torch._inductor import compile_fx as cfx
+        from torch._inductor.utils import num_fw_fixed_arguments
+
+        if stage == "backward":
+            static = list(range(cfx.count_tangents(gm)))
+        else:
+            static = cfx.get_static_input_idxs(num_fw_fixed_arguments(self.num_dynamo_inputs, len(example_inputs)))
+        return dict(cudagraphs=self.enabled, static_input_idxs=static, graph_id=self.graph_id,
+                    boxed_forward_device_index=self.forward_device)
+
+
+def compilers(config, target, record, num_dynamo_inputs: int) -> dict:
+    """The compilers of AOTAutograd's forward, backward and inference graphs of one Dynamo
+    graph (they share the CUDA-graph state when ``config.cudagraphs`` applies)."""
+    graphs = CudaGraphs(num_dynamo_inputs) if config.cudagraphs and target.device == "cuda" else None
+    return {stage: compiler(stage, config, target, record, graphs) for stage in ("forward", "backward", "inference")}
+
+
+def compiler(stage: str, config, target, record, cuda_graphs: "CudaGraphs | None" = None):
     """A compiler for AOTAutograd's ``stage`` graph ("forward", "backward" or "inference")."""
 
     def compile_graph(gm, example_inputs):
@@ -83,9 +120,10 @@ def compiler(stage: str, config, target, record):
         if record.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx_inner
 
+            kwargs = {} if cuda_graphs is None else cuda_graphs.inner_kwargs(stage, gm, example_inputs)
             gm = decompose_for_inductor(gm, example_inputs)
             return compile_fx_inner(gm, example_inputs, is_backward=stage == "backward",
-                                    is_inference=stage == "inference")
+                                    is_inference=stage == "inference", **kwargs)
         return make_boxed_func(gm.forward)
 
     return compile_graph

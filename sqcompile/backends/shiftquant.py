@@ -62,10 +62,11 @@ def shiftquant_backend(gm: fx.GraphModule, example_inputs: List[Any], options: O
     attach(record, [t for t in example_inputs if isinstance(t, torch.Tensor)])
     target = detect_target(example_inputs)
     rewrite(gm, config, target, record)
+    compile_stage = lowering.compilers(config, target, record, len(example_inputs))
     compiled = aot_autograd(
-        fw_compiler=lowering.compiler("forward", config, target, record),
-        bw_compiler=lowering.compiler("backward", config, target, record),
-        inference_compiler=lowering.compiler("inference", config, target, record),
+        fw_compiler=compile_stage["forward"],
+        bw_compiler=compile_stage["backward"],
+        inference_compiler=compile_stage["inference"],
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
     return _attaching(compiled, record)
