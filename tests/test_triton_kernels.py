@@ -455,6 +455,25 @@ def test_int8_mm_is_exact(B, transpose_a, transpose_b):
     check_int8_mm(B, 33, 45, 17, transpose_a, transpose_b, DEVICE)
 
 
+@pytest.mark.parametrize("transpose_a,transpose_b", [(True, False), (False, True), (True, True), (False, False)])
+def test_k_major_operands_keep_their_values(transpose_a, transpose_b):
+    """What the CUDA launcher hands the GEMM: K contiguous in both operands, same values
+    (edges not multiples of the tile: 70 x 45 and 45 x 33)."""
+    _, tg = _kernels()
+    g = torch.Generator().manual_seed(21)
+    a = torch.randint(-128, 128, (3, 70, 45), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (3, 45, 33), dtype=torch.int8, generator=g)
+    a_in = a.transpose(1, 2).contiguous().transpose(1, 2) if transpose_a else a
+    b_in = b if transpose_b else b.transpose(1, 2).contiguous().transpose(1, 2)
+    a3, b3 = tg._k_major(a_in.to(DEVICE), b_in.to(DEVICE))
+    assert a3.stride(2) == 1 and b3.stride(1) == 1
+    _same(a3, a)
+    _same(b3, b)
+    x = torch.randint(-9, 9, (2, 40, 50), dtype=torch.int16, generator=g)     # any dtype, any two layouts
+    out = tg.relayout(x.to(DEVICE).transpose(1, 2), torch.empty(2, 50, 40, dtype=torch.int16, device=DEVICE))
+    _same(out, x.transpose(1, 2).contiguous())
+
+
 def test_int8_mm_broadcast_batch_int16_and_long_extremes():
     a = torch.randint(-128, 128, (3, 33, 45), dtype=torch.int8)
     b = torch.randint(-128, 128, (45, 17), dtype=torch.int8)

@@ -89,6 +89,14 @@ class CudaGraphs:
         self.forward_device = cfx.BoxedDeviceIndex(None)
         self.graph_id = next(cfx._graph_counter)
 
+    @staticmethod
+    def config():
+        """Inductor's own switch on while compiling: parts of Inductor read it rather than the
+        ``cudagraphs`` argument, and its FX graph cache keys on it (without it, a graph cached
+        by an earlier compile without CUDA graphs comes back without them, silently)."""
+        from torch._inductor import config as inductor_config
+        return inductor_config.patch({"triton.cudagraphs": True})
+
     def inner_kwargs(self, stage: str, gm, example_inputs) -> dict:
         """``compile_fx_inner`` arguments for ``gm`` (as AOTAutograd made it: the backward's
         placeholders are told apart by name)."""
@@ -122,8 +130,9 @@ def compiler(stage: str, config, target, record, cuda_graphs: "CudaGraphs | None
 
             kwargs = {} if cuda_graphs is None else cuda_graphs.inner_kwargs(stage, gm, example_inputs)
             gm = decompose_for_inductor(gm, example_inputs)
-            return compile_fx_inner(gm, example_inputs, is_backward=stage == "backward",
-                                    is_inference=stage == "inference", **kwargs)
+            with contextlib.nullcontext() if cuda_graphs is None else cuda_graphs.config():
+                return compile_fx_inner(gm, example_inputs, is_backward=stage == "backward",
+                                        is_inference=stage == "inference", **kwargs)
         return make_boxed_func(gm.forward)
 
     return compile_graph
