@@ -304,6 +304,10 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False) -> None:
             record("3 block", f"{name}: compile + first step {time.perf_counter() - t0:.1f} s", "ok")
             if name.startswith("shiftquant"):
                 record("3 block", f"{name}: {fused_regions(model)}", "info")
+            if "CUDA graphs" in name:   # Inductor logs why it skips a graph; count them here
+                from torch._dynamo.utils import counters
+                record("3 block", f"{name}: cudagraph skips so far: {counters['inductor']['cudagraph_skips']}",
+                       "info")
             fns[name] = step
         except Exception as e:  # the backend is under construction: report and go on
             record("3 block", f"{name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:120]})", "error")

@@ -172,6 +172,11 @@ class KernelSet(NamedTuple):
     shiftquant: Callable
     dequantize: Callable
     int8_mm: Callable
+    # ``(qa, sa, qb, sb, dtype) -> (qa @ qb) * sa * sb`` in ``dtype`` with the dequantization
+    # in the GEMM's epilogue (int8 operands, one int32-safe reduction).  Used in eager mode
+    # only: compiled graphs keep ``int8_mm`` + elementwise ops, which region fusion turns into
+    # one generated kernel with the whole epilogue chain.  ``None``: the family has none.
+    scaled_mm: Optional[Callable] = None
 
 
 KERNEL_SETS: Dict[str, KernelSet] = {}
@@ -296,6 +301,10 @@ def _gemm(ks: KernelSet, qa, sa, qb, sb, integer: bool, dtype):
     """``(sa * qa) @ (sb * qb)``: ``sa`` per row of ``qa``, ``sb`` per column of ``qb``
     (``None``: the operand carries no scale, its gradient partner holds it)."""
     if integer:
+        if ks.scaled_mm is not None and not torch.compiler.is_compiling() and qa.dtype == qb.dtype == torch.int8 \
+                and qa.shape[-1] <= MAX_INT32_TERMS:
+            one = None if sa is not None and sb is not None else torch.ones((), device=qa.device)
+            return ks.scaled_mm(qa, one if sa is None else sa, qb, one if sb is None else sb, dtype)
         scale = sa if sb is None else sb if sa is None else sa * sb
         return (integer_matmul(qa, qb, ks.int8_mm) * scale).to(dtype)
     return _dequant(ks, qa, sa, dtype) @ _dequant(ks, qb, sb, dtype)

@@ -164,7 +164,8 @@ def test_triton_available_says_what_runs_the_kernels():
 def test_triton_kernel_set_is_registered_with_the_generic_schemas():
     ks = ops.kernel_set("triton")
     generic = ops.kernel_set("torch")
-    for name in ops.KernelSet._fields:
+    assert generic.scaled_mm is None and ks.scaled_mm is torch.ops.sqcompile.triton_scaled_int8_mm
+    for name in ("quantize", "shiftquant", "dequantize", "int8_mm"):
         mine, theirs = getattr(ks, name).default, getattr(generic, name).default
         assert mine.name() == f"sqcompile::triton_{name}"
         assert str(mine._schema).split("(", 1)[1] == str(theirs._schema).split("(", 1)[1]
@@ -521,6 +522,8 @@ def test_custom_ops_pass_opcheck():
         (torch.ops.sqcompile.triton_shiftquant.default, (x, 4, 6, [0, 1], False)),
         (torch.ops.sqcompile.triton_dequantize.default, (q, s, torch.bfloat16)),
         (torch.ops.sqcompile.triton_int8_mm.default, (q, e)),
+        (torch.ops.sqcompile.triton_scaled_int8_mm.default, (q, s, e, torch.rand(2, 1, 9, device=DEVICE),
+                                                             torch.bfloat16)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 

@@ -130,6 +130,22 @@ def _(a, b):
     return torch.ops.sqcompile.int8_mm(a, b)
 
 
+@ops.custom_op("sqcompile::triton_scaled_int8_mm")
+def triton_scaled_int8_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """``(qa @ qb) * sa * sb`` in ``dtype``: int8 GEMM with the dequantization in its epilogue
+    (``sa`` broadcasts to ``[..., M, 1]``, ``sb`` to ``[..., 1, N]``; float32 arithmetic)."""
+    _check_device(qa, qb, sa, sb)
+    return _gemm().scaled_int8_mm(qa, sa, qb, sb, out_dtype=dtype)
+
+
+@triton_scaled_int8_mm.register_fake
+def _(qa, sa, qb, sb, dtype):
+    batch = torch.broadcast_shapes(qa.shape[:-2], qb.shape[:-2])
+    return qa.new_empty((*batch, qa.shape[-2], qb.shape[-1]), dtype=dtype)
+
+
 ops.register_kernel_set("triton", ops.KernelSet(
     torch.ops.sqcompile.triton_quantize, torch.ops.sqcompile.triton_shiftquant,
-    torch.ops.sqcompile.triton_dequantize, torch.ops.sqcompile.triton_int8_mm))
+    torch.ops.sqcompile.triton_dequantize, torch.ops.sqcompile.triton_int8_mm,
+    torch.ops.sqcompile.triton_scaled_int8_mm))
