@@ -23,6 +23,7 @@ ShiftQuant's expanded integer form: every GEMM of training is an integer GEMM.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -301,13 +302,26 @@ def _gemm(ks: KernelSet, qa, sa, qb, sb, integer: bool, dtype):
     """``(sa * qa) @ (sb * qb)``: ``sa`` per row of ``qa``, ``sb`` per column of ``qb``
     (``None``: the operand carries no scale, its gradient partner holds it)."""
     if integer:
-        if ks.scaled_mm is not None and not torch.compiler.is_compiling() and qa.dtype == qb.dtype == torch.int8 \
+        if ks.scaled_mm is not None and _epilogue_in_gemm() and qa.dtype == qb.dtype == torch.int8 \
                 and qa.shape[-1] <= MAX_INT32_TERMS:
             one = None if sa is not None and sb is not None else torch.ones((), device=qa.device)
             return ks.scaled_mm(qa, one if sa is None else sa, qb, one if sb is None else sb, dtype)
         scale = sa if sb is None else sb if sa is None else sa * sb
         return (integer_matmul(qa, qb, ks.int8_mm) * scale).to(dtype)
     return _dequant(ks, qa, sa, dtype) @ _dequant(ks, qb, sb, dtype)
+
+
+def _epilogue_in_gemm() -> bool:
+    """Dequantize in the GEMM's own epilogue (the family's ``scaled_mm``)?  Yes in eager mode
+    and in compiled graphs with region fusion off; no while a graph is traced for region
+    fusion (:mod:`sqcompile.backends.fusion`), which needs ``int8_mm`` and the elementwise ops
+    after it as separate nodes to fuse the whole chain (bias, activation, residual) into one
+    kernel.  Tracing is detected both ways torch versions expose it (Dynamo's flag; the
+    tracing context AOTAutograd runs in)."""
+    if not (torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None):
+        return True
+    fusion = sys.modules.get("sqcompile.backends.fusion")
+    return fusion is not None and not fusion.ENABLED
 
 
 def _dequant(ks: KernelSet, q, scale, dtype):

@@ -364,6 +364,11 @@ def test_torch_kernels_and_disabled_fusion_leave_graphs_alone():
     assert all(d.region is None for d in rec.decisions)
     _, _, rec, _ = _compile_and_step(model, x, fused=False)
     assert not rec.regions and all(d.region is None for d in rec.decisions)
+    # with fusion off, the dequantization moves into the GEMM's epilogue (scaled GEMM op);
+    # with it on, the graph keeps int8_mm + elementwise nodes for the region search
+    assert "triton_scaled_int8_mm" in rec.graphs["forward"] and "triton_int8_mm(" not in rec.graphs["forward"]
+    _, _, rec, _ = _compile_and_step(model, x, fused=True)
+    assert "triton_scaled_int8_mm" not in rec.graphs["forward"] and rec.regions
 
 
 # ---------------------------------------------------------------------------------------------

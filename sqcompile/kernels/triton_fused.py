@@ -251,11 +251,12 @@ class RegionKernel:
 
 def region_configs():
     """Autotuning configs of region kernels: two of the GEMM's Hopper configs (128x256 and
-    128x128 tiles, BLOCK_K 128, 8 warps).  Every region signature is compiled once per config
+    128x128 tiles, BLOCK_K 128, 8 warps), or for thin operands (N or K of 64, as in attention)
+    the small one (:func:`~sqcompile.kernels.triton_gemm.prune_configs` picks).  Every region signature is compiled once per config
     (7-12 s each for sm_90 on a 2-core CPU, measured with ``triton.compile``), so a model with
     ten distinct epilogues would spend minutes autotuning over all five."""
     gemm = importlib.import_module(".triton_gemm", __package__)
-    return [gemm.CUDA_CONFIGS[0], gemm.CUDA_CONFIGS[2]]
+    return [gemm.CUDA_CONFIGS[0], gemm.CUDA_CONFIGS[2], gemm.SMALL_CONFIG]
 
 
 _CACHE: Dict[str, RegionKernel] = {}
@@ -305,7 +306,7 @@ def kernel_for(signature: str) -> RegionKernel:
         fn = module.region_kernel
         if not gemm.INTERPRETED:
             import triton
-            fn = triton.autotune(region_configs(),
+            fn = triton.autotune(region_configs(), prune_configs_by={"early_config_prune": gemm.prune_configs},
                                  key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"])(fn)
         k = _CACHE[signature] = RegionKernel(ep, fn, path)
         return k

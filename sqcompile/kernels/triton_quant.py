@@ -33,8 +33,9 @@ kept-dims-first and copied once, then handled as ``K R``.
 Kernels (one per function, block sizes as ``tl.constexpr``):
 
 * :func:`_quantize_fused_kernel` -- amax and quantization in one program per block of
-  channels: a first loop over ``L`` takes the amax, a second loop re-reads the same rows
-  (from L2 on a GPU) and quantizes them.  One pass over HBM; used when the batch axis is kept
+  channels: rows of up to 8192 contiguous elements are loaded once and kept in registers
+  (:func:`_one_tile`); longer ones take two loops over ``L``, the amax, then a re-read of the
+  same rows (from L2 on a GPU) to quantize them.  One pass over HBM; used when the batch axis is kept
   and there are enough channel blocks to fill the device (per-row activations, weights).
 * :func:`_absmax_partial_kernel` -- one reduction pass that writes per-(split, channel)
   partial maxima; the partials (a few per channel) are reduced with ``amax``.
@@ -210,15 +211,32 @@ def _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64: tl.con
 @triton.jit
 def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, seed_ptr,
                            QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, INT64: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ONE_TILE: tl.constexpr):
     """Per-channel amax + quantize for ``BLOCK_C`` channels of batch ``a`` (A kept).
 
-    Grid: ``(cdiv(C, BLOCK_C), A)``.  ``q`` has ``x``'s strides.  The first loop keeps the
-    rows in L2 (``evict_last``) for the second, which reads them for the last time."""
+    Grid: ``(cdiv(C, BLOCK_C), A)``.  ``q`` has ``x``'s strides.  ``ONE_TILE`` (``BLOCK_L >=
+    L``): the channels are loaded once and stay in registers.  Otherwise the first loop keeps
+    the rows in L2 (``evict_last``) for the second, which reads them for the last time."""
     pid_c = tl.program_id(0)
     a = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    rows = a * C + offs_c
+    if ONE_TILE:
+        offs_l = tl.arange(0, BLOCK_L)
+        mask = mask_c[:, None] & (offs_l < L)[None, :]
+        offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+        scale = _scale_of(tl.max(_abs_nan_as_inf(x), axis=1), QMAX)
+        tl.store(scale_ptr + rows, scale, mask=mask_c)
+        divisor, pre, inv = _multipliers(scale, STOCHASTIC)
+        if STOCHASTIC:
+            noise = _uniform_noise(tl.load(seed_ptr), rows, 0, L, BLOCK_C, BLOCK_L)
+        else:
+            noise = 0.0
+        q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
+        tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
+        return
     acc = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)      # reduced once, after the loop
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
@@ -227,7 +245,6 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
                     other=0.0, eviction_policy="evict_last")
         acc = tl.maximum(acc, _abs_nan_as_inf(x))
     scale = _scale_of(tl.max(acc, axis=1), QMAX)
-    rows = a * C + offs_c
     tl.store(scale_ptr + rows, scale, mask=mask_c)
     divisor, pre, inv = _multipliers(scale, STOCHASTIC)
     for l0 in range(0, L, BLOCK_L):
@@ -511,6 +528,23 @@ def _tile(view: _View) -> _Tile:
     return _Tile(max(1, min(np2_c, total // block_l)), block_l, 4)
 
 
+def _one_tile(view: _View) -> Optional[_Tile]:
+    """A tile holding whole channels (``block_l >= L``), for rows contiguous along ``L`` up to
+    :data:`ONE_TILE_MAX` elements: the one-pass kernel then reads each element once, from
+    registers, instead of twice (the second time from L2, which still costs bandwidth)."""
+    _, C, L = view.shape
+    if view.strides[2] != 1 or L > ONE_TILE_MAX or C == 1:
+        return None
+    block_l = max(16, triton.next_power_of_2(L))
+    total = 512 if INTERPRETED else 4096
+    return _Tile(max(1, min(triton.next_power_of_2(C), total // block_l)), block_l, 8 if block_l >= 8192 else 4)
+
+
+# Longest row a one-tile program holds (8192: 32 values per thread with 8 warps); small in
+# the interpreter, so its tests run both kernels' paths.
+ONE_TILE_MAX = 64 if INTERPRETED else 8192
+
+
 @functools.lru_cache(maxsize=None)
 def _device_programs(device: torch.device) -> int:
     """How many programs keep the device busy (a few waves); small in the interpreter so
@@ -612,9 +646,11 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
     if fused is None:
         fused = _use_fused(view, tile)
     if fused and (A == 1 or view.a_kept):
-        _quantize_fused_kernel[(n_cblocks, A)](
+        one = _one_tile(view)
+        tile = one or tile
+        _quantize_fused_kernel[(triton.cdiv(C, tile.block_c), A)](
             view.work, q, scale, C, L, *view.strides, seed, QMAX=qmax, STOCHASTIC=stochastic, INT64=view.int64,
-            BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, num_warps=tile.num_warps)
+            BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, ONE_TILE=one is not None, num_warps=tile.num_warps)
     else:
         ranges = channel_ranges(view, tile)
         _quantize_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
