@@ -296,6 +296,10 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False) -> None:
         old = signal.signal(signal.SIGALRM, on_alarm)
         signal.alarm(timeout_s)
         enabled, fusion.ENABLED = fusion.ENABLED, fuse     # read when the graphs compile (first step)
+        if not fuse:
+            # Dynamo would reuse the fused compile of the same code with the same options; the
+            # variants compiled before recompile (fused again) in the timing's warm-up
+            torch._dynamo.reset()
         try:
             t0 = time.perf_counter()
             model = copy.deepcopy(base)
@@ -339,8 +343,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5, help="interleaved rounds per measurement")
     parser.add_argument("--block-timeout", type=int, default=150, help="seconds allowed for each compile in part 3")
     parser.add_argument("--ablate-fusion", action="store_true",
-                        help="part 3 also times the shiftquant block with region fusion off (one more compile, "
-                             "about a minute: may not fit the 5-minute budget)")
+                        help="part 3 also times the captured shiftquant block with region fusion off (resets "
+                             "Dynamo: every variant compiles twice; may not fit the 5-minute budget)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the device time goes (torch.profiler) for the 8192 linear and "
                              "each block variant")
