@@ -237,16 +237,42 @@ def shift_params(ranges: torch.Tensor, bits: int, groups: int):
 
 
 def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int],
-               rounding: str = "stochastic", noise: Optional[torch.Tensor] = None) -> ShiftQuantized:
+               rounding: str = "stochastic", noise: Optional[torch.Tensor] = None,
+               prescale: Optional[torch.Tensor] = None) -> ShiftQuantized:
     """ShiftQuant ``x`` with channels indexed by ``channel_dims`` (the GEMM's reduction axis).
 
     Channels are grouped by range on a power-of-two ladder below the largest range ``R``;
     group ``g`` uses the scale ``R / 2**g / qmax``.  See the module docstring.
+
+    ``prescale``: quantize ``x.float() * prescale`` instead, a float32 product; ``prescale``
+    holds one factor per channel (it broadcasts to ``x`` and is constant along the reduced
+    dims).  The backward GEMMs fold the other operand's per-channel scale into the gradient
+    this way, and a kernel can apply it on the fly instead of materializing the product.
     """
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
+    x = apply_prescale(x, prescale, channel_dims)
     g, multiplier, scale, base = shift_params(amax(x, channel_dims), bits, groups)
     return shiftquant_with_params(x, bits, groups, g, multiplier, scale, base, rounding, noise)
+
+
+def apply_prescale(x: torch.Tensor, prescale: Optional[torch.Tensor], channel_dims: Sequence[int]) -> torch.Tensor:
+    """``x.float() * prescale`` (``x`` when ``prescale`` is None), checking that ``prescale``
+    has one value per channel: size 1 on every dim outside ``channel_dims``, no extra dims."""
+    if prescale is None:
+        return x
+    check_prescale(x, prescale, channel_dims)
+    return x.float() * prescale.float()
+
+
+def check_prescale(x: torch.Tensor, prescale: torch.Tensor, channel_dims: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``prescale`` is one factor per channel of ``x``."""
+    keep = {d % x.dim() for d in channel_dims} if x.dim() else set()
+    lead = prescale.dim() - x.dim()
+    if lead > 0 or any(n != 1 and (d - lead not in keep or n != x.shape[d - lead])
+                       for d, n in enumerate(prescale.shape)):
+        raise ValueError(f"prescale of shape {tuple(prescale.shape)} is not one factor per channel of x "
+                         f"{tuple(x.shape)} with channel dims {list(channel_dims)}")
 
 
 def shiftquant_with_params(x, bits, groups, g, multiplier, scale, base, rounding="stochastic", noise=None):

@@ -15,7 +15,8 @@ Training formulation (a GEMM ``C[m,n] = sum_k A[m,k] B[k,n]``, batched over a le
   Linear/conv weight, ``act_bits`` for an activation), nearest rounding.  Both scales factor
   out of the sum, and the int8 operands are what is saved for backward.
 * ``dA = dC B^T`` reduces over ``n``: ``B``'s per-column scale is folded into the gradient,
-  ``G = dC * s_B[n]``, which is then ShiftQuant-ed along ``n`` (stochastic rounding).
+  ``G = dC * s_B[n]``, which is then ShiftQuant-ed along ``n`` (stochastic rounding); the
+  product is formed inside the quantizer (its ``prescale``), never written to memory.
 * ``dB = A^T dC`` reduces over ``m``: ``G' = dC * s_A[m]``, ShiftQuant-ed along ``m``.
 
 So both backward GEMMs consume the saved int8 forward operands unchanged and the gradient in
@@ -109,14 +110,18 @@ def _quantize_fake(x, bits, keep_dims, stochastic):
 
 
 @custom_op(f"{LIB}::shiftquant", tags=_RANDOM)
-def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """ShiftQuant along ``channel_dims``; returns (expanded integers, base scale)."""
-    r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest")
+def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool,
+               prescale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ShiftQuant along ``channel_dims`` of ``x`` (times ``prescale``, one float32 factor per
+    channel, when given); returns (expanded integers, base scale)."""
+    r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest", prescale=prescale)
     return r.expanded, r.base_scale
 
 
 @shiftquant.register_fake
-def _shiftquant_fake(x, bits, groups, channel_dims, stochastic):
+def _shiftquant_fake(x, bits, groups, channel_dims, stochastic, prescale=None):
+    if prescale is not None:
+        N.check_prescale(x, prescale, channel_dims)
     dtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
     return torch.empty_like(x, dtype=dtype), x.new_empty((), dtype=torch.float32)
 
@@ -132,6 +137,24 @@ def shift_params(ranges: torch.Tensor, bits: int, groups: int) -> tuple[torch.Te
 def _(ranges, bits, groups):
     return (torch.empty_like(ranges, dtype=torch.int64), torch.empty_like(ranges), torch.empty_like(ranges),
             ranges.new_empty(()))
+
+
+@custom_op(f"{LIB}::random_seed", tags=_RANDOM)
+def random_seed(device: torch.device) -> torch.Tensor:
+    """A fresh random int64 scalar in ``[0, 2**31 - 1)`` on ``device``, for the counter-based
+    noise of quantizers lowered to Inductor (:func:`sqcompile.numerics.hash_noise`).
+
+    An opaque op on purpose: as an inlined ``torch.randint``, Inductor's CPU code generator
+    recomputed the seed (one scalar Philox ``randint64_cpu`` call) inside the quantizer's loop
+    for every 16 elements, which made each stochastic quantizer ~2x slower; as an extern call
+    it is computed once into a buffer the fused loop reads.  It takes no tensor: one would
+    force the quantizer's input to be materialized instead of recomputed inside that loop."""
+    return torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64, device=device)
+
+
+@random_seed.register_fake
+def _(device):
+    return torch.empty((), dtype=torch.int64, device=device)
 
 
 @custom_op(f"{LIB}::dequantize")
@@ -219,10 +242,11 @@ quantize_observed.register_fake(lambda x, bits, keep_dims, stochastic, key, role
 
 @custom_op(f"{LIB}::shiftquant_observed", tags=_RANDOM)
 def shiftquant_observed(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool,
-                        key: str, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+                        key: str, role: str, prescale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`shiftquant` that also records SQNR, the per-tensor SQNR at the same bits (the
     baseline ShiftQuant must beat) and the fraction of channels in each group."""
     rounding = "stochastic" if stochastic else "nearest"
+    x = N.apply_prescale(x, prescale, channel_dims)
     r = N.shiftquant(x, bits, groups, channel_dims, rounding)
     occupancy = torch.bincount(r.group.flatten(), minlength=groups).double()
     decisions.observe(key, role, {
@@ -234,8 +258,8 @@ def shiftquant_observed(x: torch.Tensor, bits: int, groups: int, channel_dims: L
     return r.expanded, r.base_scale
 
 
-shiftquant_observed.register_fake(lambda x, bits, groups, channel_dims, stochastic, key, role:
-                                  _shiftquant_fake(x, bits, groups, channel_dims, stochastic))
+shiftquant_observed.register_fake(lambda x, bits, groups, channel_dims, stochastic, key, role, prescale=None:
+                                  _shiftquant_fake(x, bits, groups, channel_dims, stochastic, prescale))
 
 
 def _quantize(ks: "KernelSet", stats: Optional[str], role: str, x, bits, keep_dims, stochastic):
@@ -244,10 +268,11 @@ def _quantize(ks: "KernelSet", stats: Optional[str], role: str, x, bits, keep_di
     return torch.ops.sqcompile.quantize_observed(x, bits, keep_dims, stochastic, stats, role)
 
 
-def _shiftquant(ks: "KernelSet", stats: Optional[str], role: str, x, bits, groups, channel_dims):
+def _shiftquant(ks: "KernelSet", stats: Optional[str], role: str, x, bits, groups, channel_dims, prescale=None):
+    """Stochastic ShiftQuant of ``x * prescale`` (the product is formed inside the quantizer)."""
     if stats is None:
-        return ks.shiftquant(x, bits, groups, channel_dims, True)
-    return torch.ops.sqcompile.shiftquant_observed(x, bits, groups, channel_dims, True, stats, role)
+        return ks.shiftquant(x, bits, groups, channel_dims, True, prescale)
+    return torch.ops.sqcompile.shiftquant_observed(x, bits, groups, channel_dims, True, stats, role, prescale)
 
 
 def _scale_shape(x: torch.Tensor, keep_dims: Sequence[int]) -> list:
@@ -341,6 +366,7 @@ class _QuantMatmul(torch.autograd.Function):
         ctx.save_for_backward(qa, sa, qb, sb)
         ctx.cfg = (grad_bits, groups, integer, ks, stats, a.dtype, b.dtype)
         ctx.needs = ctx.needs_input_grad[:2]
+        ctx.col_major = (_col_major(a), _col_major(b))
         return _gemm(ks, qa, sa, qb, sb, integer, a.dtype)
 
     @staticmethod
@@ -348,13 +374,36 @@ class _QuantMatmul(torch.autograd.Function):
         qa, sa, qb, sb = ctx.saved_tensors
         grad_bits, groups, integer, ks, stats, a_dtype, b_dtype = ctx.cfg
         da = db = None
+        # Each gradient is produced in its input's memory order (a column-major input, such as
+        # a Linear's ``weight.t()`` or attention's ``K^T``, gets (dX^T)^T), so the view
+        # backward that follows is free instead of a transposing copy.
+        a_cm, b_cm = ctx.col_major
         if ctx.needs[0]:   # dA = (dY * sB) @ qB^T, reduction over n
-            e, s = _shiftquant(ks, stats, "grad_dx", dy * sb, grad_bits, groups, [0, 2])
-            da = _gemm(ks, e, s, qb.transpose(-1, -2), None, integer, a_dtype)
+            e, s = _shiftquant(ks, stats, "grad_dx", dy, grad_bits, groups, [0, 2], prescale=sb)
+            if a_cm:
+                da = _gemm(ks, qb, None, e.transpose(-1, -2), s, integer, a_dtype).transpose(-1, -2)
+            else:
+                da = _gemm(ks, e, s, qb.transpose(-1, -2), None, integer, a_dtype)
         if ctx.needs[1]:   # dB = qA^T @ (dY * sA), reduction over m
-            e, s = _shiftquant(ks, stats, "grad_dw", dy * sa, grad_bits, groups, [0, 1])
-            db = _gemm(ks, qa.transpose(-1, -2), None, e, s, integer, b_dtype)
+            e, s = _shiftquant(ks, stats, "grad_dw", dy, grad_bits, groups, [0, 1], prescale=sa)
+            if b_cm:
+                db = _gemm(ks, e.transpose(-1, -2), s, qa, None, integer, b_dtype).transpose(-1, -2)
+            else:
+                db = _gemm(ks, qa.transpose(-1, -2), None, e, s, integer, b_dtype)
         return da, db, None, None, None, None, None, None, None, None
+
+
+def _col_major(t: torch.Tensor) -> bool:
+    """Are ``t``'s matrices (last two dims) stored column by column (a transposed view)?"""
+    return t.dim() >= 2 and t.shape[-1] > 1 and t.shape[-2] > 1 and t.stride(-2) == 1 and t.stride(-1) != 1
+
+
+def _flatten_batch(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[B, M, K]``; column-major matrices (attention's ``K^T``) stay column-major
+    when the flattening has to copy, so no transposing copy is made in either direction."""
+    if _col_major(t):
+        return t.transpose(-1, -2).reshape(-1, t.shape[-1], t.shape[-2]).transpose(-1, -2)
+    return t.reshape(-1, *t.shape[-2:])
 
 
 def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: int, integer: bool,
@@ -369,8 +418,8 @@ def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: 
     if squeeze_n:
         b = b.unsqueeze(-1)
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-    b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    a3 = _flatten_batch(a.expand(*batch, *a.shape[-2:]))
+    b3 = _flatten_batch(b.expand(*batch, *b.shape[-2:]))
     if a3.shape[0] != b3.shape[0]:
         raise RuntimeError("quantized_matmul: batch shapes do not broadcast")  # pragma: no cover
     y = _QuantMatmul.apply(a3, b3, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, "act_b")
@@ -437,15 +486,15 @@ class _QuantConv(torch.autograd.Function):
         spatial = list(range(2, dy.dim()))
         dx = dw = None
         if ctx.needs[0]:   # reduction over output channels (and taps)
-            g = dy * sw.reshape(1, -1, *[1] * len(spatial))
-            e, s = _shiftquant(ks, stats, "grad_dx", g, grad_bits, groups, [1])
+            e, s = _shiftquant(ks, stats, "grad_dx", dy, grad_bits, groups, [1],
+                               prescale=sw.reshape(1, -1, *[1] * len(spatial)))
             if integer:
                 dx = (im2col_conv_input_grad(ks, e, qw, qx.shape, stride, padding, dilation) * s).to(x_dtype)
             else:
                 dx = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), stride, padding,
                                     dilation, conv_groups, (True, False))[0].to(x_dtype)
         if ctx.needs[1]:   # reduction over (batch, output positions)
-            e, s = _shiftquant(ks, stats, "grad_dw", dy * sx, grad_bits, groups, [0, *spatial])
+            e, s = _shiftquant(ks, stats, "grad_dw", dy, grad_bits, groups, [0, *spatial], prescale=sx)
             if integer:
                 dw = (im2col_conv_weight_grad(ks, e, qx, qw.shape, stride, padding, dilation) * s).to(w_dtype)
             else:
@@ -512,11 +561,22 @@ def im2col_conv_weight_grad(ks: KernelSet, e, qx, w_shape, stride, padding, dila
 
 
 def im2col_conv_input_grad(ks: KernelSet, e, qw, x_shape, stride, padding, dilation):
-    """``dX`` as an integer convolution: the transposed convolution of ``e`` written as a
-    plain one -- ``e`` dilated by the stride (zeros in between), padded by
-    ``dilation * (k - 1) - padding`` (negative pads crop), convolved with the spatially
-    flipped, in/out-swapped weights at stride 1 -- so it is one int8 im2col GEMM and no
-    overlapping taps have to be summed afterwards (``fold`` is a slow scatter-add)."""
+    """``dX`` as integer convolutions (float32 holding the exact integers).  Stride 1: one
+    im2col GEMM (:func:`_dilated_conv_input_grad`); larger strides: one GEMM per output
+    phase over only the taps that reach it (:func:`_strided_conv_input_grad`)."""
+    if any(st > 1 for st in stride):
+        return _strided_conv_input_grad(ks, e, qw, x_shape, stride, padding, dilation)
+    return _dilated_conv_input_grad(ks, e, qw, x_shape, stride, padding, dilation)
+
+
+def _dilated_conv_input_grad(ks: KernelSet, e, qw, x_shape, stride, padding, dilation):
+    """The transposed convolution of ``e`` written as a plain one -- ``e`` dilated by the
+    stride (zeros in between), padded by ``dilation * (k - 1) - padding`` (negative pads
+    crop), convolved with the spatially flipped, in/out-swapped weights at stride 1 -- so it
+    is one int8 im2col GEMM and no overlapping taps have to be summed afterwards (``fold`` is
+    a slow scatter-add).  Used for stride 1 (nothing to dilate); for larger strides it does
+    ``prod(stride)`` times the necessary work and stays as the reference the phase split is
+    tested against."""
     nd = len(x_shape) - 2
     kernel = qw.shape[2:]
     if any(st > 1 for st in stride):
@@ -531,6 +591,63 @@ def im2col_conv_input_grad(ks: KernelSet, e, qw, x_shape, stride, padding, dilat
     e = torch.nn.functional.pad(e, pads)
     w_t = qw.flip(list(range(2, 2 + nd))).transpose(0, 1)                  # [Cin, Cout, k...]
     return im2col_conv(ks, e, w_t, [1] * nd, [0] * nd, dilation)
+
+
+def _strided_conv_input_grad(ks: KernelSet, e, qw, x_shape, stride, padding, dilation):
+    """``dX`` of a strided convolution split by output phase (sub-pixel decomposition).
+
+    Along a dim with stride ``s``, padding ``p`` and dilation ``d``, ``dX[i]`` receives
+    ``e[o] * w[k]`` exactly when ``i = o*s + k*d - p``.  For the inputs of one phase
+    ``i = j*s + r`` only the taps with ``(r + p - k*d) % s == 0`` contribute, each reading
+    ``e[j + t_k]`` with ``t_k = (r + p - k*d) / s``: a stride-1 correlation of the undilated
+    gradient with a sub-kernel.  So each phase is one int8 im2col GEMM over its taps only,
+    and together they do ``1/prod(s)`` of the work of convolving the zero-dilated gradient
+    (whose gathers also cost Inductor per-element index arithmetic).  Same exact integers
+    as :func:`_dilated_conv_input_grad`; phases are written into their strided slices of
+    the (channels-last) result."""
+    nd = len(stride)
+    n, cin = x_shape[0], x_shape[1]
+    X, O, kernel = list(x_shape[2:]), list(e.shape[2:]), list(qw.shape[2:])
+    per_dim = []                                   # per dim: [(r, J, [(k, t), ...]), ...]
+    lo, hi = [], []                                # padding of e so every j + t is in range
+    for d in range(nd):
+        s, p, dl = stride[d], padding[d], dilation[d]
+        phases = []
+        for r in range(s):
+            J = (X[d] - r + s - 1) // s
+            taps = [(k, (r + p - k * dl) // s) for k in range(kernel[d]) if (r + p - k * dl) % s == 0]
+            phases.append((r, J, taps if J > 0 else []))
+        ts = [(t, J) for _, J, taps in phases for _, t in taps]
+        lo.append(max([0] + [-t for t, _ in ts]))
+        hi.append(max([0] + [t + J - O[d] for t, J in ts]))
+        per_dim.append(phases)
+    el = e.movedim(1, -1)                                                  # [N, O.., Cout]
+    if any(lo) or any(hi):
+        el = torch.nn.functional.pad(el, [0, 0] + [v for d in reversed(range(nd)) for v in (lo[d], hi[d])])
+    out = torch.zeros((n, *X, cin), dtype=torch.float32, device=e.device)
+    for combo in _product(per_dim):
+        sizes = [J for _, J, _ in combo]
+        tap_sets = [taps for _, _, taps in combo]
+        if any(not t for t in tap_sets):
+            continue                                 # no tap reaches this phase: stays zero
+        cols, weights = [], []
+        for taps in _product(tap_sets):
+            index = [slice(None)] + [slice(t + lo[d], t + lo[d] + sizes[d]) for d, (_, t) in enumerate(taps)]
+            cols.append(el[tuple(index)])                                  # [N, J.., Cout]
+            weights.append(qw[(slice(None), slice(None), *[k for k, _ in taps])])   # [Cout, Cin]
+        a = torch.stack(cols, dim=-2).reshape(n * _prod(sizes), len(cols) * qw.shape[0])
+        b = torch.stack(weights, dim=0).reshape(len(weights) * qw.shape[0], cin)
+        acc = integer_matmul(a, b, ks.int8_mm).reshape(n, *sizes, cin)
+        out[(slice(None), *[slice(r, None, stride[d]) for d, (r, _, _) in enumerate(combo)])] = acc
+    return out.movedim(-1, 1)
+
+
+def _product(lists):
+    """Cartesian product of lists, as lists (the order of :func:`itertools.product`)."""
+    result = [[]]
+    for items in lists:
+        result = [prev + [item] for prev in result for item in items]
+    return result
 
 
 def integer_conv_supported(nd: int, conv_groups: int, transposed: bool = False) -> Optional[str]:

@@ -162,3 +162,67 @@ def test_inductor_lowering_matches_the_eager_path():
     for a, b in zip(grads["inductor"], grads["eager"]):
         assert rel(a, b) < 0.05      # both are 8-bit stochastic estimates of the same gradient
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+@pytest.mark.parametrize("edtype", [torch.int8, torch.int16])
+def test_strided_conv_input_grad_phase_split_is_exact(nd, edtype):
+    """dX of a strided conv is computed per output phase (only the taps that reach it);
+    it must equal the float64 transposed convolution exactly, for kernels smaller than,
+    equal to and larger than the stride, paddings beyond the kernel and dilations."""
+    torch.manual_seed(5)
+    ks = ops.kernel_set("torch")
+    emax = 127 * 64 if edtype == torch.int16 else 56
+    checked = 0
+    for k, s, p, dl, X in [(1, 2, 0, 1, 8), (3, 2, 1, 1, 8), (3, 2, 1, 1, 9), (2, 2, 0, 1, 7), (4, 3, 2, 1, 10),
+                           (3, 3, 0, 2, 11), (5, 2, 2, 1, 9), (3, 2, 3, 2, 8), (1, 3, 1, 1, 7), (2, 3, 0, 1, 9)]:
+        sizes = [X, X + 1][:nd]
+        x_shape = (2, 3, *sizes)
+        out = [(v + 2 * p - dl * (k - 1) - 1) // s + 1 for v in sizes]
+        e = torch.randint(-emax, emax + 1, (2, 5, *out), dtype=torch.int32).to(edtype)
+        w = torch.randint(-7, 8, (5, 3, *[k] * nd), dtype=torch.int8)
+        args = ([s] * nd, [p] * nd, [dl] * nd)
+        ref = torch.ops.aten.convolution_backward(
+            e.double(), torch.zeros(x_shape, dtype=torch.float64), w.double(), None, *args, False, [0] * nd, 1,
+            [True, False, False])[0]
+        got = ops.im2col_conv_input_grad(ks, e, w, x_shape, *args)
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert torch.equal(got.double(), ref), (k, s, p, dl, X)
+        assert torch.equal(ops._dilated_conv_input_grad(ks, e, w, x_shape, *args).double(), ref)
+        checked += 1
+    assert checked == 10
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_column_major_operands_get_identical_gradients(integer):
+    """A column-major operand (attention's K^T, a Linear's weight.t()) keeps its memory order
+    through the batch flattening and its gradient is computed transposed; the values must be
+    those of the same product on row-major copies (same seed, same noise): exactly with
+    integer GEMMs, to float rounding when simulated (the float GEMM sums in another order)."""
+    torch.manual_seed(6)
+    a = torch.randn(2, 3, 17, 9).transpose(-1, -2)       # [2, 3, 9, 17], column-major matrices
+    b = torch.randn(2, 3, 5, 17).transpose(-1, -2)       # [2, 3, 17, 5], column-major (K^T-like)
+    assert ops._col_major(a) and ops._col_major(b)
+    kw = dict(a_bits=4, b_bits=4, grad_bits=4, groups=4)
+    out_t, g_t = _run(ops.quantized_matmul, [a, b], integer, **kw)
+    out_c, g_c = _run(ops.quantized_matmul, [a.contiguous(), b.contiguous()], integer, **kw)
+    assert torch.equal(out_t, out_c)
+    for x, y in zip(g_t, g_c):
+        assert torch.equal(x, y) if integer else rel(x, y) < 1e-6
+    assert ops._col_major(g_t[1])                         # produced in b's memory order
+
+
+def test_inductor_noise_seed_is_one_opaque_op_on_cpu():
+    """The lowering draws each stochastic quantizer's seed with ``sqcompile::random_seed`` (an
+    extern call computed once) instead of an inlined randint, which Inductor's C++ backend
+    recomputed inside the quantizer loop for every vector of 16 elements."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from sqcompile.backends import lowering
+
+    gm = make_fx(lambda x: lowering._shiftquant(x, 4, 4, [1], True)[0])(torch.randn(8, 16))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.sqcompile.random_seed.default) == 1
+    assert not any("randint" in str(t) for t in targets)
+    seeds = {int(torch.ops.sqcompile.random_seed(torch.device("cpu"))) for _ in range(4)}
+    assert len(seeds) > 1 and all(0 <= v < 2 ** 31 - 1 for v in seeds)

@@ -202,3 +202,23 @@ def test_stochastic_rounding_with_hash_noise_is_unbiased():
     means = [N.dequantize(N.quantize_with_scale(x, scale, 4, "stochastic", N.hash_noise(x.shape, s)), scale).mean()
              for s in range(64)]
     assert abs(float(torch.stack(means).mean()) - 0.3) < 0.005
+
+
+@given(x=tensor_st(), bits=bits_st, groups=groups_st, seed=st.integers(0, 2**31 - 1))
+def test_prescale_is_shiftquant_of_the_float32_product(x, bits, groups, seed):
+    """``prescale`` (one factor per channel, any sign, zeros included) = ShiftQuant of the
+    float32 product, computed by hand."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(x.shape[-1], generator=g) * torch.pow(2.0, torch.randint(-4, 4, (x.shape[-1],), generator=g))
+    m[0] = 0.0
+    got = N.shiftquant(x.bfloat16(), bits, groups, [x.dim() - 1], "nearest", prescale=m)
+    ref = N.shiftquant(x.bfloat16().float() * m, bits, groups, [x.dim() - 1], "nearest")
+    assert torch.equal(got.expanded, ref.expanded) and torch.equal(got.base_scale, ref.base_scale)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4), (1, 3, 5, 1), (5,), (2, 1, 4)])
+def test_prescale_must_be_one_factor_per_channel(shape):
+    x = torch.randn(3, 5, 4)
+    with pytest.raises(ValueError, match="prescale"):
+        N.shiftquant(x, 4, 4, [0, 2], prescale=torch.rand(shape))
+    N.shiftquant(x, 4, 4, [0, 2], prescale=torch.rand(3, 1, 4))      # fine

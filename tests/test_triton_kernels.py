@@ -345,6 +345,28 @@ def test_shiftquant_nearest_is_bit_exact(shape, channel_dims, layout, bits, grou
     check_shiftquant_nearest(_layout(x.to(DEVICE), layout), bits, groups, channel_dims)
 
 
+@pytest.mark.parametrize("shape,channel_dims,layout", SHIFTQUANT_CASES + [((2, 5, 3, 4), [0, 2], "contiguous")])
+@pytest.mark.parametrize("bits,groups", [(4, 4), (6, 4)])
+def test_shiftquant_prescale_is_bit_exact(shape, channel_dims, layout, bits, groups):
+    """``x * prescale`` formed in registers (bf16 x, factors of both signs and a zero, one
+    NaN in x) equals the reference on the float32 product; the last shape takes the
+    permute-and-copy path (kept dims do not merge)."""
+    tq, _ = _kernels()
+    g = torch.Generator().manual_seed(bits + groups + len(shape))
+    x = (torch.randn(shape, generator=g) * torch.exp2(torch.randint(-6, 1, shape, generator=g).float())).bfloat16()
+    m_shape = [s if d in channel_dims else 1 for d, s in enumerate(shape)]
+    m = torch.randn(m_shape, generator=g) * 3
+    m.view(-1)[0] = 0.0
+    for xs in (x, x.clone().index_put_((torch.tensor(0),) * len(shape), torch.tensor(float("nan")).bfloat16())):
+        e, base = tq.shiftquant(_layout(xs.to(DEVICE), layout), bits, groups, channel_dims, False, prescale=m.to(DEVICE))
+        ref = N.shiftquant(xs.float() * m, bits, groups, channel_dims, "nearest")
+        _same(e, ref.expanded)
+        _same(base, ref.base_scale)
+    e1, _ = tq.shiftquant(x.to(DEVICE), bits, groups, channel_dims, True, seed=5, prescale=m.to(DEVICE))
+    e2, _ = tq.shiftquant((x.float() * m).to(DEVICE), bits, groups, channel_dims, True, seed=5)
+    _same(e1, e2)                          # stochastic too: the same noise, the same product
+
+
 def test_shiftquant_int16_expanded_form():
     tq, _ = _kernels()
     x = torch.randn(3, 33, 45, generator=torch.Generator().manual_seed(21)).to(DEVICE)
@@ -520,6 +542,7 @@ def test_custom_ops_pass_opcheck():
         (torch.ops.sqcompile.triton_quantize.default, (x.transpose(1, 2), 4, [0, 2], False)),
         (torch.ops.sqcompile.triton_shiftquant.default, (x, 4, 4, [0, 2], False)),
         (torch.ops.sqcompile.triton_shiftquant.default, (x, 4, 6, [0, 1], False)),
+        (torch.ops.sqcompile.triton_shiftquant.default, (x, 4, 4, [0, 2], False, torch.rand(2, 1, 20, device=DEVICE))),
         (torch.ops.sqcompile.triton_dequantize.default, (q, s, torch.bfloat16)),
         (torch.ops.sqcompile.triton_int8_mm.default, (q, e)),
         (torch.ops.sqcompile.triton_scaled_int8_mm.default, (q, s, e, torch.rand(2, 1, 9, device=DEVICE),

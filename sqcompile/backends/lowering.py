@@ -27,7 +27,10 @@ from .fusion import fuse_regions
 def _noise(x, stochastic):
     if not stochastic:
         return None
-    seed = torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64, device=x.device)
+    if x.device.type == "cpu":
+        seed = torch.ops.sqcompile.random_seed(x.device)
+    else:   # Triton computes the inlined seed once per program: nothing to hoist
+        seed = torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64, device=x.device)
     return N.hash_noise(x.shape, seed, x.device)
 
 
@@ -35,7 +38,8 @@ def _quantize(x, bits, keep_dims, stochastic):
     return N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest", _noise(x, stochastic))
 
 
-def _shiftquant(x, bits, groups, channel_dims, stochastic):
+def _shiftquant(x, bits, groups, channel_dims, stochastic, prescale=None):
+    x = N.apply_prescale(x, prescale, channel_dims)     # fused by Inductor into both passes
     # Two passes over x: Inductor fuses the range reduction into one loop; the per-channel
     # parameters come from an opaque op, so they are computed once per channel instead of
     # being inlined (recomputed) into every element of the quantize loop.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -83,15 +83,16 @@ def _(x, bits, keep_dims, stochastic):
 
 
 @ops.custom_op("sqcompile::triton_shiftquant", tags=ops._RANDOM)
-def triton_shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], stochastic: bool,
+                      prescale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``sqcompile::shiftquant`` on Triton."""
     _check_device(x)
-    return _quant().shiftquant(x, bits, groups, channel_dims, stochastic)
+    return _quant().shiftquant(x, bits, groups, channel_dims, stochastic, prescale=prescale)
 
 
 @triton_shiftquant.register_fake
-def _(x, bits, groups, channel_dims, stochastic):
-    return torch.ops.sqcompile.shiftquant(x, bits, groups, channel_dims, stochastic)
+def _(x, bits, groups, channel_dims, stochastic, prescale=None):
+    return torch.ops.sqcompile.shiftquant(x, bits, groups, channel_dims, stochastic, prescale)
 
 
 @ops.custom_op("sqcompile::triton_dequantize")

@@ -343,12 +343,14 @@ def _shift_group(r, R, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, C, L, stride_a, stride_c, stride_l,
+def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr, C, L, stride_a, stride_c, stride_l,
                        n_cblocks, seed_ptr,
                        QMAX: tl.constexpr, GROUPS: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr,
-                       INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+                       PRESCALE: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """ShiftQuant one tile: group of each channel, quantization with ``s_g = base * 2**(G-1-g)``
     and expansion ``e = q << (G-1-g)`` written in ``e_ptr``'s dtype (int8 or int16).
+    ``PRESCALE``: the tile is first multiplied (float32) by its channels' factors; the
+    ranges passed in are already those of the product.
 
     Grid: ``(n_cblocks * cdiv(L, BLOCK_L), A)``; program (0, 0) writes the base scale."""
     pid = tl.program_id(0)
@@ -374,6 +376,8 @@ def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, C, L, stride
     mask = mask_c[:, None] & (offs_l < L)[None, :]
     offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if PRESCALE:
+        x = x.to(tl.float32) * tl.load(prescale_ptr + channel, mask=mask_c, other=0.0)[:, None]
     if STOCHASTIC:
         noise = _uniform_noise(tl.load(seed_ptr), a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
     else:
@@ -661,21 +665,31 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
 
 
 def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int], stochastic: bool, *,
-               seed: Union[None, int, torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               seed: Union[None, int, torch.Tensor] = None,
+               prescale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`sqcompile.numerics.shiftquant` on Triton: ``(expanded like x, base scale)``.
 
     ``expanded`` is int8 when :func:`sqcompile.numerics.fits_int8` else int16; the base scale
-    is a float32 scalar tensor, NaN when the input holds NaN or Inf."""
+    is a float32 scalar tensor, NaN when the input holds NaN or Inf.  ``prescale`` (one factor
+    per channel) is applied in registers: the ranges of ``x * prescale`` are ``x``'s ranges
+    times ``|prescale|`` exactly (rounding is monotone and symmetric), so neither pass reads
+    more than ``x``."""
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     qmax = N.qmax(bits)
     if x.numel() == 0:
-        r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest")
+        r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest", prescale=prescale)
         return r.expanded, r.base_scale
     edtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
     view, tile = _view_and_tile(x, channel_dims)
     _check_grid(view)
     ranges = channel_ranges(view, tile)
+    if prescale is not None:
+        N.check_prescale(x, prescale, channel_dims)
+        # one factor per channel, in the views' channel order (row-major over the kept dims)
+        prescale = prescale.to(device=x.device, dtype=torch.float32).expand(
+            ops._scale_shape(x, channel_dims)).reshape(-1).contiguous()
+        ranges = ranges * prescale.abs()
     rmax = ranges.amax()
     e = torch.empty_like(view.work, dtype=edtype)
     base = torch.empty((), dtype=torch.float32, device=x.device)
@@ -683,8 +697,9 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
     A, C, L = view.shape
     n_cblocks = triton.cdiv(C, tile.block_c)
     _shiftquant_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
-        view.work, e, ranges, rmax, base, C, L, *view.strides, n_cblocks, seed, QMAX=qmax, GROUPS=groups,
-        A_KEPT=view.a_kept, STOCHASTIC=stochastic, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
+        view.work, e, ranges, rmax, base, ranges if prescale is None else prescale, C, L, *view.strides, n_cblocks,
+        seed, QMAX=qmax, GROUPS=groups, A_KEPT=view.a_kept, STOCHASTIC=stochastic, PRESCALE=prescale is not None,
+        INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
         num_warps=tile.num_warps)
     return _restore(view, e, x), base
 
