@@ -179,6 +179,19 @@ def _uniform_noise(seed, rows, l0, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constex
 
 
 @triton.jit
+def _quantize_tile(x, q_ptrs, mask, divisor, pre, inv, seed_ptr, rows, l0, L, QMAX: tl.constexpr,
+                   STOCHASTIC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Quantize the loaded tile ``x`` (rows ``rows``, columns from ``l0``) with its channels'
+    multipliers and store it as int8 at ``q_ptrs``."""
+    if STOCHASTIC:
+        noise = _uniform_noise(tl.load(seed_ptr), rows, l0, L, BLOCK_C, BLOCK_L)
+    else:
+        noise = 0.0
+    q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
+    tl.store(q_ptrs, q.to(tl.int8), mask=mask)
+
+
+@triton.jit
 def cast_rtne(x, dtype: tl.constexpr):
     """``x.to(dtype)`` with torch's rounding (to nearest even) on every backend.
 
@@ -230,12 +243,8 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
         scale = _scale_of(tl.max(_abs_nan_as_inf(x), axis=1), QMAX)
         tl.store(scale_ptr + rows, scale, mask=mask_c)
         divisor, pre, inv = _multipliers(scale, STOCHASTIC)
-        if STOCHASTIC:
-            noise = _uniform_noise(tl.load(seed_ptr), rows, 0, L, BLOCK_C, BLOCK_L)
-        else:
-            noise = 0.0
-        q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
-        tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
+        _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, rows, 0, L, QMAX, STOCHASTIC,
+                       BLOCK_C, BLOCK_L)
         return
     acc = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)      # reduced once, after the loop
     for l0 in range(0, L, BLOCK_L):
@@ -252,12 +261,8 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
         mask = mask_c[:, None] & (offs_l < L)[None, :]
         offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
-        if STOCHASTIC:
-            noise = _uniform_noise(tl.load(seed_ptr), rows, l0, L, BLOCK_C, BLOCK_L)
-        else:
-            noise = 0.0
-        q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
-        tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
+        _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, rows, l0, L, QMAX, STOCHASTIC,
+                       BLOCK_C, BLOCK_L)
 
 
 @triton.jit
@@ -321,12 +326,8 @@ def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_
     mask = mask_c[:, None] & (offs_l < L)[None, :]
     offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if STOCHASTIC:
-        noise = _uniform_noise(tl.load(seed_ptr), a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
-    else:
-        noise = 0.0
-    q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
-    tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
+    _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, a * C + offs_c, pid_l * BLOCK_L, L, QMAX,
+                   STOCHASTIC, BLOCK_C, BLOCK_L)
 
 
 @triton.jit
