@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import CharTokenizer, DatasetMissing, char_corpus, lm_batches  # noqa: E402
-from common import shiftquant_options  # noqa: E402
+from data import CharTokenizer, char_corpus, lm_batches  # noqa: E402
+from common import add_run_arguments, run_cli, shiftquant_options  # noqa: E402
 
 FAMILY = "Transformer (char LM, lee)"
 
@@ -208,24 +208,14 @@ def main(argv=None):
     p.add_argument("--attention", choices=["sdpa", "matmul"], default="sdpa")
     p.add_argument("--norm", choices=["layer", "rms"], default="layer")
     p.add_argument("--val-batches", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4], help="W/A/G bit widths to compare with float")
-    p.add_argument("--execution", choices=["auto", "simulate", "integer"], default="auto",
-                   help="sqcompile's execution option (same numerics; 'simulate' is faster for convs on CPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: torch's choice; 1 is faster on a busy machine)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        results = run(args.bits, args.epochs, args.seed, steps=args.steps, corpus=args.corpus,
-                      batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, d_model=args.d_model,
-                      heads=args.heads, layers=args.layers, attention=args.attention, norm=args.norm,
-                      val_batches=args.val_batches, log_every=args.log_every, execution=args.execution)
-    except DatasetMissing as e:
-        sys.exit(str(e))
-    print_table(results)
+    add_run_arguments(p, log_every=100)
+    def run_args(args):
+        return run(args.bits, args.epochs, args.seed, steps=args.steps, corpus=args.corpus,
+                   batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, d_model=args.d_model,
+                   heads=args.heads, layers=args.layers, attention=args.attention, norm=args.norm,
+                   val_batches=args.val_batches, log_every=args.log_every, execution=args.execution)
+
+    run_cli(p, argv, run_args, print_table)
 
 
 if __name__ == "__main__":

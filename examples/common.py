@@ -1,7 +1,9 @@
 """Helpers the examples share."""
 from __future__ import annotations
 
-from typing import List
+import argparse
+import sys
+from typing import Callable, List, Optional, Sequence
 
 
 def shiftquant_options(bits: int, execution: str = "auto") -> dict:
@@ -24,3 +26,32 @@ def print_accuracy_table(results: List[dict]) -> None:
     print()
     print(tabulate(rows, headers=["run", "test acc %", "vs float (points)", "time s"], tablefmt="github",
                    disable_numparse=True))
+
+
+def add_run_arguments(p: argparse.ArgumentParser, log_every: int) -> None:
+    """The options every comparison example shares: seed, progress interval, bit widths,
+    sqcompile's execution option and the torch thread count."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=log_every)
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4], help="W/A/G bit widths to compare with float")
+    p.add_argument("--execution", choices=["auto", "simulate", "integer"], default="auto",
+                   help="sqcompile's execution option (same numerics; 'simulate' is faster for convs on CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice; 1 is faster on a busy machine)")
+
+
+def run_cli(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], run: Callable[[argparse.Namespace], list],
+            show: Callable[[list], None]) -> None:
+    """Parse ``argv``, apply ``--threads``, ``show(run(args))``; a missing dataset exits with
+    the message saying how to get it."""
+    import torch
+    from data import DatasetMissing
+
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        results = run(args)
+    except DatasetMissing as e:
+        sys.exit(str(e))
+    show(results)

@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import DatasetMissing, cora  # noqa: E402
-from common import shiftquant_options  # noqa: E402
+from data import cora  # noqa: E402
+from common import add_run_arguments, run_cli, shiftquant_options  # noqa: E402
 
 FAMILY = "GNN (GCN, Cora)"
 
@@ -177,23 +177,13 @@ def main(argv=None):
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--aggregation", choices=["index", "dense"], default="index",
                    help="index_add over the edges (float aggregation) or a dense A_hat @ H matmul (quantized)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4], help="W/A/G bit widths to compare with float")
-    p.add_argument("--execution", choices=["auto", "simulate", "integer"], default="auto",
-                   help="sqcompile's execution option (same numerics; 'simulate' is faster for convs on CPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: torch's choice; 1 is faster on a busy machine)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        results = run(args.bits, args.epochs, args.seed, hidden=args.hidden, lr=args.lr,
-                      weight_decay=args.weight_decay, dropout=args.dropout, aggregation=args.aggregation,
-                      log_every=args.log_every, execution=args.execution)
-    except DatasetMissing as e:
-        sys.exit(str(e))
-    print_table(results)
+    add_run_arguments(p, log_every=50)
+    def run_args(args):
+        return run(args.bits, args.epochs, args.seed, hidden=args.hidden, lr=args.lr,
+                   weight_decay=args.weight_decay, dropout=args.dropout, aggregation=args.aggregation,
+                   log_every=args.log_every, execution=args.execution)
+
+    run_cli(p, argv, run_args, print_table)
 
 
 if __name__ == "__main__":

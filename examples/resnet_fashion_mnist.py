@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import DatasetMissing, fashion_mnist  # noqa: E402
+from data import fashion_mnist  # noqa: E402
 from common import print_accuracy_table as print_table  # noqa: E402
-from common import shiftquant_options  # noqa: E402
+from common import add_run_arguments, run_cli, shiftquant_options  # noqa: E402
 
 FAMILY = "CNN (ResNet, Fashion-MNIST)"
 
@@ -153,23 +153,13 @@ def main(argv=None):
     p.add_argument("--blocks", type=int, nargs=4, default=[1, 1, 1, 1],
                    help="BasicBlocks per stage (ResNet-18: 2 2 2 2)")
     p.add_argument("--widths", type=int, nargs=4, default=[16, 32, 64, 128])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4], help="W/A/G bit widths to compare with float")
-    p.add_argument("--execution", choices=["auto", "simulate", "integer"], default="auto",
-                   help="sqcompile's execution option (same numerics; 'simulate' is faster for convs on CPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: torch's choice; 1 is faster on a busy machine)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        results = run(args.bits, args.epochs, args.seed, train_limit=args.train_limit, batch_size=args.batch_size,
-                      lr=args.lr, blocks=args.blocks, widths=args.widths, log_every=args.log_every,
-                      execution=args.execution)
-    except DatasetMissing as e:
-        sys.exit(str(e))
-    print_table(results)
+    add_run_arguments(p, log_every=20)
+    def run_args(args):
+        return run(args.bits, args.epochs, args.seed, train_limit=args.train_limit, batch_size=args.batch_size,
+                   lr=args.lr, blocks=args.blocks, widths=args.widths, log_every=args.log_every,
+                   execution=args.execution)
+
+    run_cli(p, argv, run_args, print_table)
 
 
 if __name__ == "__main__":
