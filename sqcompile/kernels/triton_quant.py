@@ -298,6 +298,23 @@ def _absmax_partial_kernel(x_ptr, partial_ptr, C, L, stride_a, stride_c, stride_
 
 
 @triton.jit
+def _split_tile(n_cblocks, C, A_KEPT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's tile in the split kernels' grid ``(n_cblocks * cdiv(L, BLOCK_L), A)``:
+    ``(pid, a, pid_l, offs_c, offs_l, mask_c, channel)``, ``channel`` the index into the
+    per-channel ranges (``a * C + c`` when the outer axis is kept)."""
+    pid = tl.program_id(0)
+    a = tl.program_id(1)
+    pid_l = pid // n_cblocks
+    offs_c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    if A_KEPT:
+        channel = a * C + offs_c
+    else:
+        channel = offs_c
+    return pid, a, pid_l, offs_c, offs_l, offs_c < C, channel
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, n_cblocks, seed_ptr,
                      QMAX: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr, INT64: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
@@ -305,17 +322,7 @@ def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_
     :func:`_absmax_partial_kernel`); the first tile of each channel block writes the scales.
 
     Grid: ``(n_cblocks * cdiv(L, BLOCK_L), A)``."""
-    pid = tl.program_id(0)
-    a = tl.program_id(1)
-    pid_c = pid % n_cblocks
-    pid_l = pid // n_cblocks
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_c = offs_c < C
-    if A_KEPT:
-        channel = a * C + offs_c
-    else:
-        channel = offs_c
+    pid, a, pid_l, offs_c, offs_l, mask_c, channel = _split_tile(n_cblocks, C, A_KEPT, BLOCK_C, BLOCK_L)
     scale = _scale_of(tl.load(range_ptr + channel, mask=mask_c, other=0.0), QMAX)
     writer = pid_l                  # the first tile of each channel block writes the scales
     if not A_KEPT:
@@ -354,17 +361,7 @@ def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr
     ranges passed in are already those of the product.
 
     Grid: ``(n_cblocks * cdiv(L, BLOCK_L), A)``; program (0, 0) writes the base scale."""
-    pid = tl.program_id(0)
-    a = tl.program_id(1)
-    pid_c = pid % n_cblocks
-    pid_l = pid // n_cblocks
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_c = offs_c < C
-    if A_KEPT:
-        channel = a * C + offs_c
-    else:
-        channel = offs_c
+    pid, a, pid_l, offs_c, offs_l, mask_c, channel = _split_tile(n_cblocks, C, A_KEPT, BLOCK_C, BLOCK_L)
     R = tl.load(rmax_ptr)
     # numerics: base = R / 2**(G-1) / qmax, two IEEE divisions (the first is exact).
     base = tl.math.div_rn(tl.math.div_rn(R, 2.0 ** (GROUPS - 1)), QMAX * 1.0)
