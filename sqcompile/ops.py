@@ -198,8 +198,9 @@ class KernelSet(NamedTuple):
     int8_mm: Callable
     # ``(qa, sa, qb, sb, dtype) -> (qa @ qb) * sa * sb`` in ``dtype`` with the dequantization
     # in the GEMM's epilogue (int8 operands, one int32-safe reduction).  Used in eager mode
-    # only: compiled graphs keep ``int8_mm`` + elementwise ops, which region fusion turns into
-    # one generated kernel with the whole epilogue chain.  ``None``: the family has none.
+    # and in graphs compiled with region fusion off (:func:`_epilogue_in_gemm`): with fusion
+    # on, graphs keep ``int8_mm`` + elementwise ops, which region fusion turns into one
+    # generated kernel with the whole epilogue chain.  ``None``: the family has none.
     scaled_mm: Optional[Callable] = None
 
 
