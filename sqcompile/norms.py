@@ -46,6 +46,9 @@ Quantization (``norm_bits`` / ``grad_bits``)
   it is used for ``dx``, ``dgamma`` and ``dbeta``.
 * ``norm_bits=None``: the float path (no input quantization), used by ``gradcheck``; a
   ``grad_bits`` given explicitly still quantizes the gradient.
+* ``stats``: a key from :func:`sqcompile.decisions.stats_key` (``collect_stats=True``): both
+  quantizers then also record their SQNR (roles ``norm_in`` and ``norm_grad``), which the
+  precision report shows on the norm's row.
 
 Statistics are computed in float32 for float16/bfloat16 inputs (float64 stays float64) and
 the output has the input's dtype.  A zero-deviation slice (constant, or all zero) gives
@@ -72,9 +75,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _quantize_dequantize(x: torch.Tensor, bits: int, keep: list, stochastic: bool, dtype: torch.dtype):
-    """(int8, scale, dequantized in ``dtype``) with one scale per index of ``keep``."""
-    q, scale = torch.ops.sqcompile.quantize(x, bits, keep, stochastic)
+def _quantize_dequantize(x: torch.Tensor, bits: int, keep: list, stochastic: bool, dtype: torch.dtype,
+                         stats: Optional[str] = None, role: str = ""):
+    """(int8, scale, dequantized in ``dtype``) with one scale per index of ``keep``; with a
+    ``stats`` key (``collect_stats=True``) the quantizer also records its SQNR as ``role``."""
+    if stats is None:
+        q, scale = torch.ops.sqcompile.quantize(x, bits, keep, stochastic)
+    else:
+        q, scale = torch.ops.sqcompile.quantize_observed(x, bits, keep, stochastic, stats, role)
     return q, scale, torch.ops.sqcompile.dequantize(q, scale, dtype)
 
 
@@ -89,14 +97,14 @@ class _L1Norm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, sigma, dims: Tuple[int, ...], center: bool, l1_scale: float,
-                eps: float, norm_bits: Optional[int], grad_bits: Optional[int]):
+                eps: float, norm_bits: Optional[int], grad_bits: Optional[int], stats: Optional[str]):
         cdtype = _compute_dtype(x.dtype)
         keep = [d for d in range(x.dim()) if d not in dims]
         if norm_bits is None:
             xc = x.to(cdtype)
             saved_x, saved_scale = x, None
         else:
-            saved_x, saved_scale, xc = _quantize_dequantize(x, norm_bits, keep, False, cdtype)
+            saved_x, saved_scale, xc = _quantize_dequantize(x, norm_bits, keep, False, cdtype, stats, "norm_in")
 
         batch_stats = sigma is None
         if batch_stats:
@@ -115,7 +123,7 @@ class _L1Norm(torch.autograd.Function):
 
         ctx.save_for_backward(saved_x, saved_scale, mean, inv, weight)
         bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        ctx.cfg = (dims, keep, center, l1_scale, batch_stats, grad_bits, x.dtype, cdtype, bias_meta)
+        ctx.cfg = (dims, keep, center, l1_scale, batch_stats, grad_bits, x.dtype, cdtype, bias_meta, stats)
         if not batch_stats:
             return y.to(x.dtype), None, None
         ctx.mark_non_differentiable(*[t for t in (mean, sigma) if t is not None])
@@ -124,7 +132,7 @@ class _L1Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dsigma):
         saved_x, saved_scale, mean, inv, weight = ctx.saved_tensors
-        dims, keep, center, l1_scale, batch_stats, grad_bits, x_dtype, cdtype, bias_meta = ctx.cfg
+        dims, keep, center, l1_scale, batch_stats, grad_bits, x_dtype, cdtype, bias_meta, stats = ctx.cfg
         if saved_scale is None:
             xc = saved_x.to(cdtype)
         else:
@@ -134,7 +142,7 @@ class _L1Norm(torch.autograd.Function):
         if grad_bits is None:
             dy = dy.to(cdtype)
         else:
-            dy = _quantize_dequantize(dy, grad_bits, keep, True, cdtype)[2]
+            dy = _quantize_dequantize(dy, grad_bits, keep, True, cdtype, stats, "norm_grad")[2]
 
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
@@ -152,7 +160,7 @@ class _L1Norm(torch.autograd.Function):
             dweight = (dy * xhat).sum_to_size(weight.shape).to(weight.dtype)
         if bias_meta is not None and ctx.needs_input_grad[2]:
             dbias = dy.sum_to_size(bias_meta[0]).to(bias_meta[1])
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,13 +174,14 @@ def _check_bits(name: str, bits) -> None:
         raise ValueError(f"{name} must be None or an int in 2..8, got {bits!r}")
 
 
-def _l1_norm(x, weight, bias, dims, *, center, l1_scale, eps, norm_bits, grad_bits, mean=None, sigma=None):
+def _l1_norm(x, weight, bias, dims, *, center, l1_scale, eps, norm_bits, grad_bits, mean=None, sigma=None,
+             stats=None):
     _check_bits("norm_bits", norm_bits)
     _check_bits("grad_bits", grad_bits)
     if grad_bits is None:
         grad_bits = norm_bits
     return _L1Norm.apply(x, weight, bias, mean, sigma, tuple(dims), center, float(l1_scale), float(eps),
-                         norm_bits, grad_bits)
+                         norm_bits, grad_bits, stats)
 
 
 def _channel_view(t: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor]:
@@ -183,8 +192,8 @@ def _channel_view(t: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor
 def l1_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                   weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                   training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5, *,
-                  l1_scale: float = L1_SCALE, norm_bits: Optional[int], grad_bits: Optional[int] = None
-                  ) -> torch.Tensor:
+                  l1_scale: float = L1_SCALE, norm_bits: Optional[int], grad_bits: Optional[int] = None,
+                  stats: Optional[str] = None) -> torch.Tensor:
     """L1 batch norm with the semantics of ``F.batch_norm`` (``x`` is ``[N, C]``, ``[N, C, L]``,
     ``[N, C, H, W]`` or ``[N, C, D, H, W]``): statistics per channel over (N, spatial).
 
@@ -209,7 +218,7 @@ def l1_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
         raise ValueError(f"l1_batch_norm expects an input with at least 2 dims [N, C, ...], got {tuple(x.shape)}")
     ndim = x.dim()
     dims = (0, *range(2, ndim))
-    kw = dict(center=True, l1_scale=l1_scale, eps=eps, norm_bits=norm_bits, grad_bits=grad_bits)
+    kw = dict(center=True, l1_scale=l1_scale, eps=eps, norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)
     w, b = _channel_view(weight, ndim), _channel_view(bias, ndim)
     use_batch_stats = training or running_mean is None or running_var is None
     if not use_batch_stats:
@@ -242,17 +251,19 @@ def _normalized_dims(x: torch.Tensor, normalized_shape: ShapeLike, fn: str) -> T
 
 def l1_layer_norm(x: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[torch.Tensor] = None,
                   bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, l1_scale: float = L1_SCALE,
-                  norm_bits: Optional[int], grad_bits: Optional[int] = None) -> torch.Tensor:
+                  norm_bits: Optional[int], grad_bits: Optional[int] = None,
+                  stats: Optional[str] = None) -> torch.Tensor:
     """L1 layer norm with the semantics of ``F.layer_norm``: statistics over the trailing
     ``normalized_shape`` dims, one input/gradient scale per row (token)."""
     dims = _normalized_dims(x, normalized_shape, "l1_layer_norm")
     return _l1_norm(x, weight, bias, dims, center=True, l1_scale=l1_scale, eps=eps,
-                    norm_bits=norm_bits, grad_bits=grad_bits)[0]
+                    norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)[0]
 
 
 def l1_group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                   bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, l1_scale: float = L1_SCALE,
-                  norm_bits: Optional[int], grad_bits: Optional[int] = None) -> torch.Tensor:
+                  norm_bits: Optional[int], grad_bits: Optional[int] = None,
+                  stats: Optional[str] = None) -> torch.Tensor:
     """L1 group norm with the semantics of ``F.group_norm`` (``x`` is ``[N, C, *S]``):
     statistics over (C / num_groups channels x spatial) per (N, group), affine per channel; one
     input/gradient scale per (N, group)."""
@@ -265,13 +276,13 @@ def l1_group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tenso
     w = None if weight is None else weight.reshape(grouped)
     b = None if bias is None else bias.reshape(grouped)
     y = _l1_norm(xg, w, b, tuple(range(2, xg.dim())), center=True, l1_scale=l1_scale, eps=eps,
-                 norm_bits=norm_bits, grad_bits=grad_bits)[0]
+                 norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)[0]
     return y.reshape(x.shape)
 
 
 def l1_rms_norm(x: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[torch.Tensor] = None,
                 eps: Optional[float] = None, *, l1_scale: float = L1_SCALE, norm_bits: Optional[int],
-                grad_bits: Optional[int] = None) -> torch.Tensor:
+                grad_bits: Optional[int] = None, stats: Optional[str] = None) -> torch.Tensor:
     """L1 RMSNorm analogue, ``weight * x / (l1_scale * mean|x| + eps)`` over the trailing
     ``normalized_shape`` dims, with the semantics of ``F.rms_norm`` (``eps=None``:
     ``torch.finfo(x.dtype).eps``); one input/gradient scale per row (token)."""
@@ -279,4 +290,4 @@ def l1_rms_norm(x: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[t
     if eps is None:
         eps = torch.finfo(x.dtype).eps
     return _l1_norm(x, weight, None, dims, center=False, l1_scale=l1_scale, eps=eps,
-                    norm_bits=norm_bits, grad_bits=grad_bits)[0]
+                    norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)[0]

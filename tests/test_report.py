@@ -279,6 +279,18 @@ def test_stats_off_adds_no_nodes():
         assert rep.summary()["stats_collected"] is collect
 
 
+def test_norm_rows_carry_their_quantizers_sqnr(cnn_stats_report):
+    """Each L1 norm reports the SQNR of its 8-bit input and gradient quantizers (per slice:
+    well above the ~25 dB a 4-bit GEMM operand gets, below the ~50 dB ceiling of 8 bits)."""
+    rep, model = cnn_stats_report
+    norm_rows = [r for r in rep.rows() if r["kind"] == "norm"]
+    assert norm_rows and len(norm_rows) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    for r in norm_rows:
+        assert r["steps"] == 2 and r["norm_bits"] == 8
+        assert 30 < r["sqnr_act_db"] < 60 and 25 < r["sqnr_grad_db"] < 60, r
+    assert f"{norm_rows[0]['sqnr_act_db']:.1f}" in str(rep)
+
+
 def test_stats_table_columns(cnn_stats_report):
     rep, _ = cnn_stats_report
     text = str(rep)

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from .. import norms
 from ..config import Config
-from ..decisions import EXEC_FLOAT, EXEC_SIMULATED, CompileRecord, OpDecision
+from ..decisions import EXEC_FLOAT, EXEC_SIMULATED, CompileRecord, OpDecision, stats_key
 from .common import bind, call_name, is_float_tensor, module_path, shape_of
 from .precision import Target, op_config
 
@@ -71,9 +71,11 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, recor
         args["eps"] = math.sqrt(eps)
     positional = tuple(args[k] for k in names)
     bits = cfg.norm_bits if cfg.quantize else None        # quantize=False: float L1 norm
+    kwargs = {"l1_scale": cfg.l1_scale, "norm_bits": bits, "grad_bits": bits}
+    if config.collect_stats and bits is not None:
+        kwargs["stats"] = stats_key(record, node.name)
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(fn, positional, {"l1_scale": cfg.l1_scale, "norm_bits": bits,
-                                                      "grad_bits": bits})
+        new = gm.graph.call_function(fn, positional, kwargs)
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
