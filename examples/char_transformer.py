@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import CharTokenizer, char_corpus, lm_batches  # noqa: E402
-from common import add_run_arguments, run_cli, shiftquant_options  # noqa: E402
+from common import add_run_arguments, result, run_cli, shiftquant_options  # noqa: E402
 
 FAMILY = "Transformer (char LM, lee)"
 
@@ -141,10 +141,8 @@ def train_one(name: str, options: Optional[dict], train_ids, val_batches, vocab:
     val = evaluate(run_model, val_batches)
     seconds = time.perf_counter() - start
     print(f"  [{name}] validation loss {val:.4f} nats/char, perplexity {math.exp(val):.3f}", flush=True)
-    return {"family": FAMILY, "run": name, "bits": None if options is None else options.get("weight_bits"),
-            "groups": None if options is None else options.get("groups"), "metric": "val loss (nats/char)",
-            "value": val, "perplexity": math.exp(val), "higher_is_better": False, "steps": steps,
-            "epochs": steps * batch_size * seq_len / len(train_ids), "seed": seed, "seconds": seconds}
+    return result(FAMILY, name, options, "val loss (nats/char)", val, False, perplexity=math.exp(val), steps=steps,
+                  epochs=steps * batch_size * seq_len / len(train_ids), seed=seed, seconds=seconds)
 
 
 def run(bits_list: Sequence[int] = (8, 6, 4), epochs: Optional[float] = None, seed: int = 0, *, steps: int = 400,

@@ -55,3 +55,24 @@ def run_cli(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], run: Call
     except DatasetMissing as e:
         sys.exit(str(e))
     show(results)
+
+
+def accuracy(model, x, y, batch: int = 1000) -> float:
+    """Fraction of ``x`` that ``model`` (switched to eval for the pass) classifies as ``y``."""
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
+    model.train()
+    return correct / len(x)
+
+
+def result(family: str, name: str, options: Optional[dict], metric: str, value: float, higher_is_better: bool,
+           **extra) -> dict:
+    """One run's result row, as ``benchmarks/accuracy.py`` and the tables read it."""
+    return {"family": family, "run": name, "bits": None if options is None else options.get("weight_bits"),
+            "groups": None if options is None else options.get("groups"), "metric": metric, "value": value,
+            "higher_is_better": higher_is_better, **extra}

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import cora  # noqa: E402
-from common import add_run_arguments, run_cli, shiftquant_options  # noqa: E402
+from common import add_run_arguments, result, run_cli, shiftquant_options  # noqa: E402
 
 FAMILY = "GNN (GCN, Cora)"
 
@@ -115,10 +115,8 @@ def train_one(name: str, options: Optional[dict], data: dict, *, epochs: int, se
     test, val = accuracy(logits, y, test_idx), accuracy(logits, y, val_idx)
     seconds = time.perf_counter() - start
     print(f"  [{name}] test accuracy {100 * test:.2f}%", flush=True)
-    return {"family": FAMILY, "run": name, "bits": None if options is None else options.get("weight_bits"),
-            "groups": None if options is None else options.get("groups"), "metric": "test acc %",
-            "value": 100 * test, "val": 100 * val, "higher_is_better": True, "epochs": epochs, "steps": epochs,
-            "seed": seed, "seconds": seconds}
+    return result(FAMILY, name, options, "test acc %", 100 * test, True, val=100 * val, epochs=epochs,
+                  steps=epochs, seed=seed, seconds=seconds)
 
 
 def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 200, seed: int = 0, *, hidden: int = 16,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import fashion_mnist  # noqa: E402
 from common import print_accuracy_table as print_table  # noqa: E402
-from common import add_run_arguments, run_cli, shiftquant_options  # noqa: E402
+from common import accuracy, add_run_arguments, result, run_cli, shiftquant_options  # noqa: E402
 
 FAMILY = "CNN (ResNet, Fashion-MNIST)"
 
@@ -71,16 +71,6 @@ class ResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def evaluate(model, x, y, batch: int = 500) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
-    model.train()
-    return correct / len(x)
-
-
 def train_one(name: str, options: Optional[dict], data, *, epochs: int, seed: int, batch_size: int, lr: float,
               blocks: Sequence[int], widths: Sequence[int], max_steps: Optional[int] = None,
               log_every: int = 50) -> dict:
@@ -111,13 +101,11 @@ def train_one(name: str, options: Optional[dict], data, *, epochs: int, seed: in
             if step % log_every == 0 or step == steps:
                 print(f"  [{name}] epoch {epoch + 1} step {step}/{steps} loss {loss.item():.3f} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
-    acc = evaluate(run_model, xte, yte)
+    acc = accuracy(run_model, xte, yte)
     seconds = time.perf_counter() - start
     print(f"  [{name}] test accuracy {100 * acc:.2f}%", flush=True)
-    return {"family": FAMILY, "run": name, "bits": None if options is None else options.get("weight_bits"),
-            "groups": None if options is None else options.get("groups"), "metric": "test acc %",
-            "value": 100 * acc, "higher_is_better": True, "epochs": epochs, "steps": steps, "seed": seed,
-            "seconds": seconds}
+    return result(FAMILY, name, options, "test acc %", 100 * acc, True, epochs=epochs, steps=steps, seed=seed,
+                  seconds=seconds)
 
 
 def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 1, seed: int = 0, *, train_limit: int = 10000,

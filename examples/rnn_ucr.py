@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import ucr  # noqa: E402
 from common import print_accuracy_table as print_table  # noqa: E402
-from common import add_run_arguments, run_cli, shiftquant_options  # noqa: E402
+from common import accuracy, add_run_arguments, result, run_cli, shiftquant_options  # noqa: E402
 
 FAMILY = "RNN (LSTM, UCR Trace)"
 
@@ -58,14 +58,6 @@ def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     return x[:, :t].reshape(n, t // factor, factor, c).mean(2)
 
 
-def evaluate(model, x, y) -> float:
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
-    model.train()
-    return acc
-
-
 def train_one(name: str, options: Optional[dict], data, classes: int, *, epochs: int, seed: int, hidden: int,
               cell: str, layers: int, batch_size: int, lr: float, log_every: int) -> dict:
     xtr, ytr, xte, yte = data
@@ -91,13 +83,11 @@ def train_one(name: str, options: Optional[dict], data, classes: int, *, epochs:
         if epoch % log_every == 0 or epoch == epochs:
             print(f"  [{name}] epoch {epoch}/{epochs} loss {loss.item():.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-    acc = evaluate(run_model, xte, yte)
+    acc = accuracy(run_model, xte, yte)
     seconds = time.perf_counter() - start
     print(f"  [{name}] test accuracy {100 * acc:.2f}%", flush=True)
-    return {"family": FAMILY, "run": name, "bits": None if options is None else options.get("weight_bits"),
-            "groups": None if options is None else options.get("groups"), "metric": "test acc %",
-            "value": 100 * acc, "higher_is_better": True, "epochs": epochs, "steps": epochs * per_epoch,
-            "seed": seed, "seconds": seconds}
+    return result(FAMILY, name, options, "test acc %", 100 * acc, True, epochs=epochs, steps=epochs * per_epoch,
+                  seed=seed, seconds=seconds)
 
 
 def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 40, seed: int = 0, *, dataset: str = "Trace",

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import shiftquant_options  # noqa: E402
+from common import accuracy, shiftquant_options  # noqa: E402
 from data import DatasetMissing, fashion_mnist  # noqa: E402
 
 
@@ -43,16 +43,6 @@ class CNN(nn.Module):
         x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)        # 7x7
         x = F.relu(self.bn3(self.conv3(x)))
         return self.fc(x.mean((2, 3)))
-
-
-def evaluate(model, x, y, batch=1000) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
-    model.train()
-    return correct / len(x)
 
 
 def train(name, options, data, args) -> dict:
@@ -78,7 +68,7 @@ def train(name, options, data, args) -> dict:
             if step % args.log_every == 0 or step == steps:
                 print(f"  [{name}] epoch {epoch + 1} step {step}/{steps} loss {loss.item():.3f} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
-    acc = evaluate(run, xte, yte)
+    acc = accuracy(run, xte, yte)
     print(f"  [{name}] test accuracy {100 * acc:.2f}%", flush=True)
     return {"run": name, "accuracy": acc, "seconds": time.perf_counter() - start}
 
