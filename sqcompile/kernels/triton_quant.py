@@ -557,23 +557,25 @@ def _device_programs(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_plan(shape: Tuple[int, ...], strides: Tuple[int, ...], dims: Tuple[int, ...]) -> Tuple[_View, _Tile]:
-    """:func:`_plan` and :func:`_tile` for a layout, worked out once on a meta tensor (the
-    host side of a launch is what bounds small quantizers on a GPU)."""
+def _cached_plan(shape: Tuple[int, ...], strides: Tuple[int, ...],
+                 dims: Tuple[int, ...]) -> Tuple[_View, _Tile, Optional[_Tile]]:
+    """:func:`_plan`, :func:`_tile` and :func:`_one_tile` for a layout, worked out once on a
+    meta tensor (the host side of a launch is what bounds small quantizers on a GPU)."""
     view = _plan(torch.empty_strided(shape, strides, device="meta"), dims)
-    return view, _tile(view)
+    return view, _tile(view), _one_tile(view)
 
 
-def _view_and_tile(x: torch.Tensor, dims: Sequence[int]) -> Tuple[_View, _Tile]:
-    """``x`` as its ``[A, C, L]`` view (copied where the cached plan copies) and its tile."""
-    view, tile = _cached_plan(tuple(x.shape), tuple(x.stride()), tuple(dims))
+def _view_and_tile(x: torch.Tensor, dims: Sequence[int]) -> Tuple[_View, _Tile, Optional[_Tile]]:
+    """``x`` as its ``[A, C, L]`` view (copied where the cached plan copies), its tile and its
+    one-tile tile (``None`` where rows do not fit one)."""
+    view, tile, one = _cached_plan(tuple(x.shape), tuple(x.stride()), tuple(dims))
     if view.perm is not None:
         work = x.permute(view.perm).contiguous()
     elif view.work.stride() != x.stride():      # not dense: the plan walks a contiguous copy
         work = x.contiguous()
     else:
         work = x
-    return view._replace(work=work), tile
+    return view._replace(work=work), tile, one
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:
@@ -638,23 +640,22 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
     scale_shape = ops._scale_shape(x, keep_dims)
     if x.numel() == 0:   # nothing to launch; the reference handles the degenerate shapes
         return N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest")
-    view, tile = _view_and_tile(x, keep_dims)
+    view, tile, one = _view_and_tile(x, keep_dims)
     _check_grid(view)
     q = torch.empty_like(view.work, dtype=torch.int8)
     scale = torch.empty(view.n_channels, dtype=torch.float32, device=x.device)
     seed = _seed_arg(seed, stochastic, x.device, scale)
     A, C, L = view.shape
-    n_cblocks = triton.cdiv(C, tile.block_c)
     if fused is None:
         fused = _use_fused(view, tile)
     if fused and (A == 1 or view.a_kept):
-        one = _one_tile(view)
         tile = one or tile
         _quantize_fused_kernel[(triton.cdiv(C, tile.block_c), A)](
             view.work, q, scale, C, L, *view.strides, seed, QMAX=qmax, STOCHASTIC=stochastic, INT64=view.int64,
             BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, ONE_TILE=one is not None, num_warps=tile.num_warps)
     else:
         ranges = channel_ranges(view, tile)
+        n_cblocks = triton.cdiv(C, tile.block_c)
         _quantize_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
             view.work, q, ranges, scale, C, L, *view.strides, n_cblocks, seed, QMAX=qmax, A_KEPT=view.a_kept,
             STOCHASTIC=stochastic, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
@@ -679,7 +680,7 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
         r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest", prescale=prescale)
         return r.expanded, r.base_scale
     edtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
-    view, tile = _view_and_tile(x, channel_dims)
+    view, tile, _ = _view_and_tile(x, channel_dims)
     _check_grid(view)
     ranges = channel_ranges(view, tile)
     if prescale is not None:
