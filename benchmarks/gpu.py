@@ -24,8 +24,10 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
    ``mode="reduce-overhead"`` for bf16).  Each int8 GEMM runs fused with its epilogue (dequantize, bias, GELU, residual
    add, GELU backward: :mod:`sqcompile.backends.fusion`); the part prints how many regions
    were fused, and ``--ablate-fusion`` also times the captured block with fusion off (each GEMM
-   then dequantizes in its own epilogue and Inductor runs the bias/activation/residual ops).  Errors there
-   are printed and the script goes on.
+   then dequantizes in its own epilogue and Inductor runs the bias/activation/residual ops);
+   ``--float-attention`` also times it with attention's two matmuls left in bf16
+   (``overrides={"*:matmul": None}``, the Linears int8).  Errors there are printed and the
+   script goes on.
 
 Exits 0 with a message when CUDA is absent.
 """
@@ -261,7 +263,7 @@ def fused_regions(model) -> str:
             f"{len({r.kernel for r in regions})} generated kernels")
 
 
-def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False) -> None:
+def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_attention: bool = False) -> None:
     print("\n[3] Transformer block training step (d 1024, 16 heads, seq 1024, batch 8)", flush=True)
     from sqcompile.backends import fusion
     torch.manual_seed(0)
@@ -278,9 +280,9 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False) -> None:
                 p.grad = None
         return step
 
-    def shiftquant(m, cudagraphs=False):
+    def shiftquant(m, cudagraphs=False, **options):
         return torch.compile(m, backend="shiftquant",
-                             options={"kernels": "triton", "execution": "integer", "cudagraphs": cudagraphs})
+                             options={"kernels": "triton", "execution": "integer", "cudagraphs": cudagraphs, **options})
 
     fns = {}
     variants = [("bf16 Inductor", lambda m: torch.compile(m), True),
@@ -290,6 +292,9 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False) -> None:
     if ablate_fusion:   # region fusion off: GEMMs dequantize in their own epilogue, the rest is Inductor's
         variants.append(("shiftquant integer/triton, CUDA graphs, fusion off", lambda m: shiftquant(m, cudagraphs=True),
                          False))
+    if float_attention:  # the block's only matmuls are attention's QK^T and PV; the Linears stay int8
+        variants.append(("shiftquant integer/triton, CUDA graphs, attention float",
+                         lambda m: shiftquant(m, cudagraphs=True, overrides={"*:matmul": None}), True))
     for name, make, fuse in variants:
         def on_alarm(signum, frame):
             raise _Timeout(f"compile + first step took more than {timeout_s} s")
@@ -345,6 +350,9 @@ def main() -> int:
     parser.add_argument("--ablate-fusion", action="store_true",
                         help="part 3 also times the captured shiftquant block with region fusion off (resets "
                              "Dynamo: every variant compiles twice; may not fit the 5-minute budget)")
+    parser.add_argument("--float-attention", action="store_true",
+                        help="part 3 also times the captured shiftquant block with attention's two matmuls in "
+                             "bf16 (overrides={'*:matmul': None}; the Linears stay int8)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the device time goes (torch.profiler) for the 8192 linear and "
                              "each block variant")
@@ -361,7 +369,7 @@ def main() -> int:
     parts = {p.strip() for p in args.parts.split(",")}
     started = time.perf_counter()
     for key, run in [("1", lambda: part_linear(args.reps)), ("2", lambda: part_quantizers(args.reps)),
-                     ("3", lambda: part_block(args.reps, args.block_timeout, args.ablate_fusion))]:
+                     ("3", lambda: part_block(args.reps, args.block_timeout, args.ablate_fusion, args.float_attention))]:
         if key not in parts:
             continue
         try:

@@ -8,6 +8,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
 
     python benchmarks/train_step.py
     python benchmarks/train_step.py --models transformer --rounds 7
+    python benchmarks/train_step.py --models transformer --float-attention
 """
 from __future__ import annotations
 
@@ -111,6 +112,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--float-attention", action="store_true",
+                   help="also time the shiftquant step with attention kept in float (overrides="
+                        "{'*:scaled_dot_product_attention': None}: PyTorch's fused attention, Linears quantized)")
     p.add_argument("--bf16", action="store_true",
                    help="also time fp32 eager under bf16 autocast: on CPUs with AMX-BF16 tiles its GEMMs are "
                         "several times faster than both fp32 and oneDNN's int8 GEMM as PyTorch reaches it")
@@ -129,6 +133,9 @@ def main(argv=None):
         variants = [("fp32 eager", None, False),
                     (f"shiftquant W{args.bits}A{args.bits}G{args.bits}",
                      dict(weight_bits=args.bits, act_bits=args.bits, grad_bits=args.bits, inner="inductor"), False)]
+        if args.float_attention and name == "transformer":
+            variants.append((f"shiftquant W{args.bits}A{args.bits}G{args.bits}, attention float",
+                             dict(variants[1][1], overrides={"*:scaled_dot_product_attention": None}), False))
         if args.bf16:
             variants.append(("bf16 autocast eager (reference)", None, True))
         for label, options, bf16 in variants:

@@ -12,6 +12,14 @@ float".  A pattern matches a module when it matches the module's path or the pat
 its parents, so ``"layer1"`` covers everything inside ``layer1``.  Patterns are applied in
 dict order and later ones win field by field.  Ops called directly in the root module's
 ``forward`` have the path ``""``; the empty pattern matches only those, ``"*"`` matches all.
+
+A key may also name the op: ``"module-pattern:op-pattern"`` applies only to ops whose name
+(the report's ``op`` column, one of :data:`OP_NAMES`) matches the second fnmatch pattern.
+``{"*:scaled_dot_product_attention": None}`` keeps attention's two GEMMs in float everywhere
+(so it keeps PyTorch's fused attention kernel) while every Linear stays quantized;
+``{"*": None, "*:linear": {}}`` quantizes Linear layers only.  Module paths never contain
+``":"``, so the first ``":"`` separates the two parts.  An op pattern that matches none of
+:data:`OP_NAMES` is refused with a ``ValueError``.
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ import difflib
 import fnmatch
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 MIN_BITS, MAX_BITS = 2, 8
 MAX_GROUPS = 8
@@ -28,6 +36,14 @@ NORM_CHOICES = ("l1", "keep")
 EXECUTION_CHOICES = ("auto", "simulate", "integer")
 KERNEL_CHOICES = ("auto", "torch", "triton")
 INNER_CHOICES = ("auto", "eager", "inductor")
+
+# The ops the rewrite passes handle, by the names decisions and reports give them: what the
+# op part of a ``"module:op"`` override key is matched against (tests check this list against
+# the passes' own tables).
+OP_NAMES = (
+    "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d",
+    "scaled_dot_product_attention", "lstm", "gru", "batch_norm", "layer_norm", "group_norm", "rms_norm",
+)
 
 # Options that may differ from module to module (the rest are global to one compile).
 PER_OP_FIELDS = (
@@ -106,7 +122,9 @@ class Config(OpConfig):
     kernels         "auto"    "torch": torch/oneDNN implementations; "triton": Triton
                               kernels (on CPU only under TRITON_INTERPRET=1); "auto": Triton on
                               CUDA, torch on CPU
-    overrides       {}        {module-path pattern: partial options or None (= float)}
+    overrides       {}        {module-path pattern: partial options or None (= float)}; a
+                              key "pattern:op" applies to ops of that name only (see the
+                              module docstring)
     collect_stats   False     record SQNR and group occupancy per op each step (costs time)
     inner           "auto"    compiler for what remains: "eager", "inductor", or "auto"
                               (Inductor on CUDA; on CPU Inductor for graphs whose quantized
@@ -134,6 +152,7 @@ class Config(OpConfig):
         for pattern, opts in self.overrides.items():
             if not isinstance(pattern, str):
                 raise _bad("overrides", pattern, "string patterns as keys")
+            _check_op_pattern(pattern)
             if opts is None:
                 continue
             if not isinstance(opts, Mapping):
@@ -176,11 +195,12 @@ class Config(OpConfig):
     def op_config(self) -> OpConfig:
         return OpConfig(**{name: getattr(self, name) for name in PER_OP_FIELDS})
 
-    def for_module(self, path: str) -> Optional[OpConfig]:
-        """Options for an op inside the module at ``path``; None means "keep in float"."""
+    def for_module(self, path: str, op: Optional[str] = None) -> Optional[OpConfig]:
+        """Options for an op named ``op`` (see :data:`OP_NAMES`) inside the module at ``path``;
+        None means "keep in float".  With ``op=None`` only plain module patterns apply."""
         cfg: Optional[OpConfig] = self.op_config()
         for pattern, opts in self.overrides.items():
-            if not pattern_matches(pattern, path):
+            if not override_matches(pattern, path, op):
                 continue
             if opts is None:
                 cfg = None
@@ -189,9 +209,11 @@ class Config(OpConfig):
         return cfg
 
     def unmatched_overrides(self, paths) -> list:
-        """Override patterns that match none of ``paths`` (module paths seen in a graph)."""
+        """Override patterns whose module part matches none of ``paths`` (module paths seen in
+        a graph)."""
         paths = list(paths)
-        return [p for p in self.overrides if not any(pattern_matches(p, q) for q in paths)]
+        return [p for p in self.overrides
+                if not any(pattern_matches(split_override(p)[0], q) for q in paths)]
 
 
 def _check_names(options: Mapping[str, Any], allowed, where: str) -> None:
@@ -200,6 +222,30 @@ def _check_names(options: Mapping[str, Any], allowed, where: str) -> None:
             close = difflib.get_close_matches(str(name), list(allowed), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(allowed)}"
             raise ValueError(f"unknown sqcompile option {name!r} in {where}{hint}")
+
+
+def split_override(key: str) -> Tuple[str, Optional[str]]:
+    """``"layer1.*:linear"`` -> ``("layer1.*", "linear")``; ``"layer1"`` -> ``("layer1", None)``."""
+    module, sep, op = key.partition(":")
+    return module, (op if sep else None)
+
+
+def override_matches(key: str, path: str, op: Optional[str] = None) -> bool:
+    """Does the override ``key`` apply to op ``op`` inside the module at ``path``?"""
+    module, op_pattern = split_override(key)
+    if op_pattern is not None and (op is None or not fnmatch.fnmatchcase(op, op_pattern)):
+        return False
+    return pattern_matches(module, path)
+
+
+def _check_op_pattern(key: str) -> None:
+    _, op_pattern = split_override(key)
+    if op_pattern is None or any(fnmatch.fnmatchcase(name, op_pattern) for name in OP_NAMES):
+        return
+    close = difflib.get_close_matches(op_pattern, OP_NAMES, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise _bad(f"overrides[{key!r}]", op_pattern,
+               f"an op name or fnmatch pattern after ':' that matches one of {', '.join(OP_NAMES)}{hint}")
 
 
 def module_ancestry(path: str) -> list:
@@ -218,4 +264,5 @@ def pattern_matches(pattern: str, path: str) -> bool:
     return any(fnmatch.fnmatchcase(p, pattern) for p in module_ancestry(path)[:-1])
 
 
-__all__ = ["Config", "OpConfig", "MIN_BITS", "MAX_BITS", "MAX_GROUPS", "pattern_matches"]
+__all__ = ["Config", "OpConfig", "MIN_BITS", "MAX_BITS", "MAX_GROUPS", "OP_NAMES", "pattern_matches",
+           "override_matches", "split_override"]

@@ -152,6 +152,29 @@ def test_overrides_keep_modules_in_float_and_other_bits():
     assert not by_path["fc"].quantized and "overrides['fc']" in by_path["fc"].execution_label
 
 
+def test_op_overrides_keep_attention_float_and_match_eager_attention():
+    torch.manual_seed(0)
+    model = Block(sdpa=True)
+    x = torch.randn(2, 8, 32)
+    key = "*:scaled_dot_product_attention"
+    out, grads, qmodel = _grads(model, x, {"overrides": {key: None}, "norm": "keep"})
+    decisions = _record_for(qmodel).decisions
+    by_op = {}
+    for d in decisions:
+        by_op.setdefault(d.op, []).append(d)
+    (sdpa,) = by_op["scaled_dot_product_attention"]
+    assert not sdpa.quantized and f"overrides[{key!r}]" in sdpa.execution_label
+    assert by_op["linear"] and all(d.quantized for d in by_op["linear"])
+    # Only the attention is float: with the Linears quantized too, the output differs from
+    # eager; with them kept float as well, it is eager's attention exactly.
+    ref_out, ref_grads, _ = _grads(model, x)
+    assert rel(out, ref_out) > 1e-3
+    torch._dynamo.reset()
+    out2, grads2, _ = _grads(model, x, {"overrides": {key: None, "*:linear": None}, "norm": "keep"})
+    torch.testing.assert_close(out2, ref_out)
+    torch.testing.assert_close(grads2, ref_grads)
+
+
 def test_unsupported_ops_stay_float_are_reported_and_train():
     class M(nn.Module):
         def __init__(self):

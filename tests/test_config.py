@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sqcompile
-from sqcompile.config import Config, pattern_matches
+from sqcompile.config import OP_NAMES, Config, pattern_matches
 
 
 def test_defaults():
@@ -60,6 +60,43 @@ def test_overrides_resolution():
     assert c.for_module("layer2").grad_bits == 4
     assert pattern_matches("blocks.*.attn", "blocks.3.attn.q_proj")
     assert not pattern_matches("fc", "fc2")
+
+
+def test_overrides_select_ops_by_name():
+    attn_float = Config(overrides={"*:scaled_dot_product_attention": None})
+    assert attn_float.for_module("blocks.0", "scaled_dot_product_attention") is None
+    assert attn_float.for_module("", "scaled_dot_product_attention") is None     # "*" covers the root too
+    assert attn_float.for_module("blocks.0", "linear") is not None
+    assert attn_float.for_module("blocks.0") is not None                         # no op: module patterns only
+
+    linear_only = Config(overrides={"*": None, "*:linear": {}})
+    assert linear_only.for_module("blocks.0.fc1", "linear").weight_bits == 4
+    assert linear_only.for_module("blocks.0", "matmul") is None
+
+    c = Config(overrides={"layer1:conv*": {"weight_bits": 8}, "layer1:linear": {"act_bits": 6}})
+    assert c.for_module("layer1.0.conv1", "conv2d").weight_bits == 8
+    assert c.for_module("layer1.0.conv1", "conv2d").act_bits == 4
+    assert c.for_module("layer1.fc", "linear").weight_bits == 4
+    assert c.for_module("layer2.0.conv1", "conv2d").weight_bits == 4
+    # the module part decides whether a pattern matches any module of a graph
+    assert c.unmatched_overrides(["layer1", "layer1.0.conv1", ""]) == []
+    assert c.unmatched_overrides(["layer2", ""]) == ["layer1:conv*", "layer1:linear"]
+
+
+def test_override_op_patterns_are_validated():
+    with pytest.raises(ValueError, match=r"overrides\['\*:sdpa'\].*scaled_dot_product_attention"):
+        Config(overrides={"*:sdpa": None})
+    with pytest.raises(ValueError, match="did you mean 'linear'"):
+        Config(overrides={"*:linaer": {"weight_bits": 8}})
+    with pytest.raises(ValueError, match=r"overrides\['fc:'\]"):
+        Config(overrides={"fc:": None})
+
+
+def test_op_names_are_the_ops_the_passes_rewrite():
+    import importlib
+    gemms, norms = (importlib.import_module(f"sqcompile.passes.{m}") for m in ("quantize_gemms", "l1_norms"))
+    assert set(OP_NAMES) == set(gemms.GEMM_NAMES) | set(norms._NORMS)
+    assert len(OP_NAMES) == len(set(OP_NAMES))
 
 
 def test_config_passes_through_and_combines():

@@ -54,7 +54,7 @@ def l1_norms(gm: fx.GraphModule, config: Config, target: Target, record: Compile
 def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, record: CompileRecord) -> None:
     fn, names, defaults = _NORMS[name]
     args = bind(node, names, defaults)
-    cfg, override_reason = op_config(node, config)
+    cfg, override_reason = op_config(node, config, name)
     decision = _decision(node, name)
     if cfg is None or cfg.norm == "keep" or not is_float_tensor(args["input"]):
         if cfg is None:

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch.fx as fx
 
-from ..config import Config, OpConfig, pattern_matches
+from ..config import Config, OpConfig, override_matches
 from ..decisions import EXEC_INT8_CPU, EXEC_INT8_TORCH, EXEC_SIMULATED, EXEC_TRITON, CompileRecord
 from .common import module_path, module_paths
 
@@ -34,13 +34,14 @@ class Execution:
     reason: Optional[str] = None     # why simulated although integer was asked for
 
 
-def op_config(node: fx.Node, config: Config) -> Tuple[Optional[OpConfig], Optional[str]]:
-    """The options for ``node``'s module, or ``(None, reason)`` when overrides keep it float."""
+def op_config(node: fx.Node, config: Config, op: str) -> Tuple[Optional[OpConfig], Optional[str]]:
+    """The options for ``node`` (an op named ``op``, see :data:`~sqcompile.config.OP_NAMES`)
+    in its module, or ``(None, reason)`` when overrides keep it float."""
     path = module_path(node)
-    cfg = config.for_module(path)
+    cfg = config.for_module(path, op)
     if cfg is not None:
         return cfg, None
-    pattern = [p for p, v in config.overrides.items() if v is None and pattern_matches(p, path)][-1]
+    pattern = [p for p, v in config.overrides.items() if v is None and override_matches(p, path, op)][-1]
     return None, f"overrides[{pattern!r}] is None"
 
 

@@ -91,7 +91,7 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     float_reason = _float_reason(tensors)
     if name in ("einsum", "lstm", "gru") and unsupported:
         float_reason = unsupported
-    cfg, override_reason = op_config(node, config)
+    cfg, override_reason = op_config(node, config, name)
     if cfg is not None and not cfg.quantize:
         override_reason = "quantize=False"
     if float_reason or cfg is None or not cfg.quantize:
