@@ -4,6 +4,7 @@ the validation loss (nats per character) and perplexity side by side.
 
     python examples/char_transformer.py                     # ~6 minutes on 2 CPU cores
     python examples/char_transformer.py --steps 3000 --d-model 256 --layers 4 --seq-len 128
+    python examples/char_transformer.py --bits 4 --float-attention   # attention kept in float too
 
 The model: token embedding + learned positions, pre-norm blocks (LayerNorm, or RMSNorm with
 ``--norm rms``; causal multi-head attention through ``F.scaled_dot_product_attention(...,
@@ -35,6 +36,9 @@ from data import CharTokenizer, char_corpus, lm_batches  # noqa: E402
 from common import add_run_arguments, result, run_cli, shiftquant_options  # noqa: E402
 
 FAMILY = "Transformer (char LM, lee)"
+# Keeps attention's QK^T and PV in float, whichever way the model computes them (the only
+# matmuls in this model are attention's; its Linears are "linear" ops and stay quantized).
+FLOAT_ATTENTION = {"*:scaled_dot_product_attention": None, "*:matmul": None}
 
 
 class Attention(nn.Module):
@@ -206,12 +210,22 @@ def main(argv=None):
     p.add_argument("--attention", choices=["sdpa", "matmul"], default="sdpa")
     p.add_argument("--norm", choices=["layer", "rms"], default="layer")
     p.add_argument("--val-batches", type=int, default=20)
+    p.add_argument("--float-attention", action="store_true",
+                   help="also train each bit width with attention's two products kept in float "
+                        f"(overrides={FLOAT_ATTENTION}; every Linear stays quantized)")
     add_run_arguments(p, log_every=100)
+
     def run_args(args):
+        extra = []
+        if args.float_attention:
+            for bits in args.bits:
+                opts = dict(shiftquant_options(bits, args.execution), overrides=FLOAT_ATTENTION)
+                extra.append((f"W{bits}A{bits}G{bits} (G={opts['groups']}), attention float", opts))
         return run(args.bits, args.epochs, args.seed, steps=args.steps, corpus=args.corpus,
                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, d_model=args.d_model,
                    heads=args.heads, layers=args.layers, attention=args.attention, norm=args.norm,
-                   val_batches=args.val_batches, log_every=args.log_every, execution=args.execution)
+                   val_batches=args.val_batches, log_every=args.log_every, execution=args.execution,
+                   extra_runs=extra)
 
     run_cli(p, argv, run_args, print_table)
 

@@ -155,6 +155,16 @@ def stats_key(record: CompileRecord, node_name: str) -> str:
     return f"{record.index}:{node_name}"
 
 
+# A quantized ``scaled_dot_product_attention`` runs two GEMMs; each records its statistics
+# under its own part (``stats[f"{node}#{part}"]``) and gets its own report row.
+SDPA_PARTS = ("QK^T", "PV")
+
+
+def part_key(key: str, part: str) -> str:
+    """The stats key (or node name) of one GEMM ``part`` of a multi-GEMM op."""
+    return f"{key}#{part}"
+
+
 def observe(key: str, role: str, values: Dict[str, Any]) -> None:
     """Store the latest measured statistics of one quantizer (``role``: "act", "weight",
     "grad_dx", "grad_dw", "norm_in", "norm_grad") of the op named by ``key``."""

@@ -90,6 +90,16 @@ def uniform_noise(shape, device=None) -> torch.Tensor:
     return (k.float() + 0.5) * (1.0 / 256.0)
 
 
+SEED_BOUND = 2 ** 31 - 1
+
+
+def draw_seed(device=None, shape=()) -> torch.Tensor:
+    """A fresh int64 seed in ``[0, SEED_BOUND)`` for :func:`hash_noise` and the Triton
+    quantizers, drawn from torch's generator for ``device`` (``torch.manual_seed`` reproduces
+    it; on CUDA it is drawn on the device, so nothing waits on it)."""
+    return torch.randint(0, SEED_BOUND, shape, dtype=torch.int64, device=device)
+
+
 def hash_noise(shape, seed, device=None) -> torch.Tensor:
     """Counter-based U[0, 1) noise: a hash of (element index, ``seed``), 8 bits per element.
 

@@ -149,7 +149,7 @@ def random_seed(device: torch.device) -> torch.Tensor:
     for every 16 elements, which made each stochastic quantizer ~2x slower; as an extern call
     it is computed once into a buffer the fused loop reads.  It takes no tensor: one would
     force the quantizer's input to be materialized instead of recomputed inside that loop."""
-    return torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64, device=device)
+    return N.draw_seed(device)
 
 
 @random_seed.register_fake
@@ -716,16 +716,19 @@ def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
                    enable_gqa=False, *, act_bits: int, grad_bits: int, groups: int, integer: bool,
                    kernels: str = "torch", stats: Optional[str] = None):
     """``F.scaled_dot_product_attention`` in its math form, with both GEMMs (``Q K^T`` and
-    ``P V``) quantized at ``act_bits``; softmax, masking and dropout stay in float."""
+    ``P V``) quantized at ``act_bits``; softmax, masking and dropout stay in float.  With
+    ``stats``, each GEMM records under its own part (:data:`sqcompile.decisions.SDPA_PARTS`)."""
     q = dict(a_bits=act_bits, b_bits=act_bits, grad_bits=grad_bits, groups=groups, integer=integer,
-             kernels=kernels, stats=stats)
+             kernels=kernels)
+    qk_stats, pv_stats = (None, None) if stats is None else \
+        (decisions.part_key(stats, part) for part in decisions.SDPA_PARTS)
     L, S = query.shape[-2], key.shape[-2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
         rep = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
-    scores = quantized_matmul(query, key.transpose(-2, -1), **q) * scale
+    scores = quantized_matmul(query, key.transpose(-2, -1), stats=qk_stats, **q) * scale
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
@@ -737,7 +740,7 @@ def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, dropout_p, training=True)
-    return quantized_matmul(probs, value, **q)
+    return quantized_matmul(probs, value, stats=pv_stats, **q)
 
 
 def parse_einsum(equation: str, n_operands: int):

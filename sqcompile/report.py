@@ -26,8 +26,10 @@ Reading the statistics columns
   largest and 12% sit 8x below it.
 * For norm rows, ``SQNR A`` is the norm's quantized input and ``SQNR grad`` the gradient into
   its backward.
-* For ``scaled_dot_product_attention`` both GEMMs (``QK^T`` and ``PV``) share one row; the
-  statistics are those of the last one run (``PV`` forward, ``QK^T`` backward).
+* A quantized ``scaled_dot_product_attention`` runs two GEMMs and gets two rows, ``part``
+  ``QK^T`` and ``PV`` (each with half the op's FLOPs and its own statistics: ``SQNR A`` is
+  ``Q`` resp. the probabilities ``P``, ``SQNR W`` is ``K^T`` resp. ``V``).  Left in float, it is
+  one fused kernel and one row.
 
 Statistics are the latest step's values, measured by observing variants of the quantizer ops
 (``sqcompile::quantize_observed`` / ``shiftquant_observed``).  With ``collect_stats=False``
@@ -69,7 +71,7 @@ INTEGER_EXECUTIONS = (D.EXEC_INT8_CPU, D.EXEC_INT8_TORCH, D.EXEC_TRITON)
 
 # Row dict keys, in order (rows(), JSON and CSV use them).
 ROW_KEYS = (
-    "graph", "node", "module", "op", "kind", "shapes", "flops", "quantized", "execution",
+    "graph", "node", "module", "op", "part", "kind", "shapes", "flops", "quantized", "execution",
     "weight_bits", "weight_quantizer", "act_bits", "act_quantizer", "grad_bits", "grad_quantizer", "groups",
     "norm_bits", "region", "steps",
     "sqnr_weight_db", "sqnr_act_db", "sqnr_grad_dx_db", "sqnr_grad_dw_db", "sqnr_grad_db",
@@ -99,13 +101,14 @@ class Report:
         if isinstance(records, D.CompileRecord):
             records = [records]
         self.records: List[D.CompileRecord] = sorted(records, key=lambda r: r.index)
-        self._rows = [_row(d, r, i) for i, r in enumerate(self.records) for d in _ordered(r)]
+        self._rows = [row for i, r in enumerate(self.records) for d in _ordered(r) for row in _rows_of(d, r, i)]
         self._summary = _summarize(self._rows, self.records)
 
     # -- data ------------------------------------------------------------------------------
 
     def rows(self) -> List[Dict[str, Any]]:
-        """One dict per matmul / conv / norm (keys: :data:`ROW_KEYS`); module ``""`` is the root."""
+        """One dict per matmul / conv / norm, and per GEMM of a quantized attention (keys:
+        :data:`ROW_KEYS`); module ``""`` is the root."""
         return [dict(r) for r in self._rows]
 
     def summary(self) -> Dict[str, Any]:
@@ -159,7 +162,7 @@ class Report:
         columns = [
             ("graph", lambda r: r["graph"], has["graph"]),
             ("module", lambda r: r["module"] or "<root>", True),
-            ("op", lambda r: r["op"], True),
+            ("op", _op_text, True),
             ("inputs", lambda r: ", ".join("x".join(str(s) for s in shp) for shp in r["shapes"]), True),
             ("forward", _forward_text, True),
             ("gradient", _gradient_text, True),
@@ -202,7 +205,7 @@ class Report:
             raise ImportError("Report.plot needs matplotlib: pip install sqcompile[plot]  "
                               "(or pip install matplotlib)") from e
         rows = self._rows
-        labels = [f"{r['module'] or '<root>'}\n{r['op']}" for r in rows]
+        labels = [f"{r['module'] or '<root>'}\n{_op_text(r)}" for r in rows]
         x = list(range(len(rows)))
         fig = Figure(figsize=(max(6.0, 0.7 * len(rows) + 2), 7.5), layout="constrained")
         ax1, ax2 = fig.subplots(2, 1, sharex=True)
@@ -305,8 +308,16 @@ def _ordered(record: D.CompileRecord) -> List[D.OpDecision]:
     return sorted(record.decisions, key=lambda d: (position.get(d.node, math.inf), order[id(d)]))
 
 
-def _row(d: D.OpDecision, record: D.CompileRecord, graph: int) -> Dict[str, Any]:
-    st = record.stats.get(d.node, {})
+def _rows_of(d: D.OpDecision, record: D.CompileRecord, graph: int) -> List[Dict[str, Any]]:
+    """The rows of one decision: one, or one per GEMM of a quantized attention."""
+    if d.op == "scaled_dot_product_attention" and d.quantized:
+        return [_row(d, record, graph, part, len(D.SDPA_PARTS)) for part in D.SDPA_PARTS]
+    return [_row(d, record, graph)]
+
+
+def _row(d: D.OpDecision, record: D.CompileRecord, graph: int, part: Optional[str] = None,
+         parts: int = 1) -> Dict[str, Any]:
+    st = record.stats.get(d.node if part is None else D.part_key(d.node, part), {})
     norm = d.kind == "norm"
     weight = st.get("weight") or st.get("act_b") or {}
     act = st.get("norm_in" if norm else "act") or {}
@@ -315,8 +326,8 @@ def _row(d: D.OpDecision, record: D.CompileRecord, graph: int) -> Dict[str, Any]
     if norm:
         grads = [v for v in (_num((st.get("norm_grad") or {}).get("sqnr_db")),) if v is not None]
     row = {
-        "graph": graph, "node": d.node, "module": d.module_path, "op": d.op, "kind": d.kind,
-        "shapes": [list(s) for s in d.shapes], "flops": int(d.flops), "quantized": bool(d.quantized),
+        "graph": graph, "node": d.node, "module": d.module_path, "op": d.op, "part": part, "kind": d.kind,
+        "shapes": [list(s) for s in d.shapes], "flops": int(d.flops) // parts, "quantized": bool(d.quantized),
         "execution": d.execution_label,
         "weight_bits": d.weight_bits, "weight_quantizer": d.weight_quantizer,
         "act_bits": d.act_bits, "act_quantizer": d.act_quantizer,
@@ -355,6 +366,11 @@ def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord]) -
         "stats_collected": any(r[k] is not None for r in rows for k in _STAT_KEYS),
         "warnings": warnings,
     }
+
+
+def _op_text(r: Dict[str, Any]) -> str:
+    """``linear``; ``scaled_dot_product_attention QK^T`` for one GEMM of a multi-GEMM op."""
+    return r["op"] + (f" {r['part']}" if r.get("part") else "")
 
 
 def _num(v) -> Optional[float]:

@@ -166,14 +166,36 @@ def test_transformer_rows_for_linears_matmuls_and_sdpa():
     linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
     assert sorted(r["module"] for r in gemm_rows if r["op"] == "linear") == linears
     assert [r["module"] for r in gemm_rows if r["op"] == "matmul"] == ["blocks.0.attn"] * 2
-    assert [r["module"] for r in gemm_rows if r["op"] == "scaled_dot_product_attention"] == ["blocks.1.attn"]
-    assert len(gemm_rows) == len(linears) + 3
+    sdpa = [r for r in gemm_rows if r["op"] == "scaled_dot_product_attention"]
+    assert [(r["module"], r["part"]) for r in sdpa] == [("blocks.1.attn", "QK^T"), ("blocks.1.attn", "PV")]
+    assert sdpa[0]["flops"] == sdpa[1]["flops"] == 2 * 2 * 6 * 6 * 8 * 4   # B*H*L*S*(d/H), each GEMM
+    assert len(gemm_rows) == len(linears) + 4
+    assert all(r["part"] is None for r in gemm_rows if r["op"] != "scaled_dot_product_attention")
     for r in gemm_rows:
         assert r["execution"] == "int8-cpu" and r["act_bits"] == 8
         # an activation-by-activation product quantizes its second operand at act_bits
         assert r["weight_bits"] == (4 if r["op"] == "linear" else 8)
     check_norm_rows(rows, model)
-    assert "blocks.1.attn" in str(report(cm))
+    assert "blocks.1.attn" in str(report(cm)) and "scaled_dot_product_attention PV" in str(report(cm))
+
+
+def test_attention_gemms_report_their_own_statistics():
+    """QK^T and PV of one attention are measured apart: their act operands are Q and the
+    softmax probabilities, so their SQNRs differ; a float attention stays one row."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Transformer()
+    cm = compiled_step(model, torch.randn(2, 6, 32), steps=1, collect_stats=True)
+    qk, pv = [r for r in report(cm).rows() if r["op"] == "scaled_dot_product_attention"]
+    for r in (qk, pv):
+        assert r["steps"] == 1
+        assert all(r[k] is not None for k in ("sqnr_act_db", "sqnr_weight_db", "sqnr_grad_dx_db", "sqnr_grad_dw_db"))
+    assert qk["sqnr_act_db"] != pv["sqnr_act_db"] and qk["sqnr_grad_dx_db"] != pv["sqnr_grad_dx_db"]
+    torch._dynamo.reset()
+    cm = compiled_step(Transformer(), torch.randn(2, 6, 32),
+                       overrides={"*:scaled_dot_product_attention": None})
+    (row,) = [r for r in report(cm).rows() if r["op"] == "scaled_dot_product_attention"]
+    assert row["part"] is None and not row["quantized"]
 
 
 def test_float_fallbacks_carry_reasons_and_unmatched_overrides_warn():

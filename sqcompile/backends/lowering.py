@@ -30,7 +30,7 @@ def _noise(x, stochastic):
     if x.device.type == "cpu":
         seed = torch.ops.sqcompile.random_seed(x.device)
     else:   # Triton computes the inlined seed once per program: nothing to hoist
-        seed = torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64, device=x.device)
+        seed = N.draw_seed(x.device)
     return N.hash_noise(x.shape, seed, x.device)
 
 

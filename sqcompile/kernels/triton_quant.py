@@ -583,7 +583,7 @@ def draw_seed(device: torch.device) -> torch.Tensor:
     generator for it: ``torch.manual_seed`` reproduces it, nothing waits on the device, and
     under CUDA-graph capture each replay draws a new seed (torch's CUDA generator is
     graph-safe), so stochastic rounding stays stochastic in captured graphs."""
-    return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
+    return N.draw_seed(device, (1,))
 
 
 def _seed_arg(seed: Union[None, int, torch.Tensor], stochastic: bool, device: torch.device,
