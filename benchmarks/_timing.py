@@ -7,9 +7,14 @@ median.  A single absolute time is never the result.
 """
 from __future__ import annotations
 
+import argparse
+import shlex
 import statistics
+import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
 
 
 def interleaved(candidates: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
@@ -37,3 +42,17 @@ def median_ratio(times: Dict[str, List[float]], baseline: str, name: str) -> flo
 
 def median_ms(samples: List[float]) -> float:
     return 1e3 * statistics.median(samples)
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def start(script: str, args: argparse.Namespace, argv: Optional[Sequence[str]]) -> None:
+    """Apply ``--threads`` and print the torch version, the thread count and the command line,
+    so a pasted result says how it was produced."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = list(argv) if argv is not None else sys.argv[1:]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; command: "
+          f"python benchmarks/{script} {shlex.join(given)}")

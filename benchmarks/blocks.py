@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 
 import torch
@@ -25,7 +24,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sqcompile  # noqa: E402,F401
-from _timing import interleaved, median_ms, median_ratio  # noqa: E402
+from _timing import add_threads_argument, interleaved, median_ms, median_ratio, start  # noqa: E402
 
 
 class Attention(nn.Module):
@@ -54,12 +53,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; command: "
-          f"python benchmarks/blocks.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
+    start("blocks.py", args, argv)
     options = dict(weight_bits=args.bits, act_bits=args.bits, grad_bits=args.bits, inner="inductor")
     torch.manual_seed(0)
     qkv = [torch.randn(16, 8, 256, 64, requires_grad=True) for _ in range(3)]

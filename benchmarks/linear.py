@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 
 import torch
@@ -19,7 +18,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sqcompile  # noqa: E402,F401
-from _timing import interleaved, median_ms, median_ratio  # noqa: E402
+from _timing import add_threads_argument, interleaved, median_ms, median_ratio, start  # noqa: E402
 
 
 def make_step(module, x, g):
@@ -51,13 +50,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--skip-inductor", action="store_true", help="leave out fp32 under Inductor")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start("linear.py", args, argv)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; command: "
-          f"python benchmarks/linear.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
     rows = []
     for spec in args.shapes:
         T, K, N = (int(v) for v in spec.split(","))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 
 import torch
@@ -25,7 +24,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sqcompile import norms  # noqa: E402
-from _timing import interleaved, median_ms, median_ratio  # noqa: E402
+from _timing import add_threads_argument, interleaved, median_ms, median_ratio, start  # noqa: E402
 
 CASES = {
     "BatchNorm2d [64,128,28,28]": (lambda: nn.BatchNorm2d(128), (64, 128, 28, 28)),
@@ -61,12 +60,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; command: "
-          f"python benchmarks/norm.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
+    start("norm.py", args, argv)
     rows = []
     for case in args.cases:
         make, shape = CASES[case]

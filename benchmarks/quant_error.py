@@ -26,7 +26,6 @@ is a geometric mean of the errors).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from collections import defaultdict

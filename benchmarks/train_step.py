@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 
 import torch
@@ -24,7 +23,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sqcompile  # noqa: E402,F401
-from _timing import interleaved, median_ms, median_ratio  # noqa: E402
+from _timing import add_threads_argument, interleaved, median_ms, median_ratio, start  # noqa: E402
 
 
 class Block(nn.Module):
@@ -111,7 +110,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    add_threads_argument(p)
     p.add_argument("--float-attention", action="store_true",
                    help="also time the shiftquant step with attention kept in float (overrides="
                         "{'*:scaled_dot_product_attention': None}: PyTorch's fused attention, Linears quantized)")
@@ -119,10 +118,7 @@ def main(argv=None):
                    help="also time fp32 eager under bf16 autocast: on CPUs with AMX-BF16 tiles its GEMMs are "
                         "several times faster than both fp32 and oneDNN's int8 GEMM as PyTorch reaches it")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; command: "
-          f"python benchmarks/train_step.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
+    start("train_step.py", args, argv)
     rows = []
     for name in args.models:
         cls, make_input, loss_fn = MODELS[name]
