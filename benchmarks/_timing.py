@@ -54,5 +54,6 @@ def start(script: str, args: argparse.Namespace, argv: Optional[Sequence[str]]) 
     if args.threads:
         torch.set_num_threads(args.threads)
     given = list(argv) if argv is not None else sys.argv[1:]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; command: "
+    from sqcompile.kernels import amx
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU int8 GEMMs on {amx.engine()}; command: "
           f"python benchmarks/{script} {shlex.join(given)}")

@@ -9,10 +9,12 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py
     python benchmarks/train_step.py --models transformer --rounds 7
     python benchmarks/train_step.py --models transformer --float-attention
+    python benchmarks/train_step.py --models transformer --onednn   # AMX kernel vs oneDNN _int_mm
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -23,6 +25,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sqcompile  # noqa: E402,F401
+from sqcompile.kernels import amx  # noqa: E402
 from _timing import add_threads_argument, interleaved, median_ms, median_ratio, start  # noqa: E402
 
 
@@ -91,6 +94,23 @@ MODELS = {
 }
 
 
+@contextlib.contextmanager
+def gemm_engine(engine):
+    """Run with ``SQCOMPILE_CPU_GEMM=engine`` (read at every int8 GEMM call); ``None``: as set."""
+    if engine is None:
+        yield
+        return
+    old = os.environ.get(amx.ENGINE_VARIABLE)
+    os.environ[amx.ENGINE_VARIABLE] = engine
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[amx.ENGINE_VARIABLE]
+        else:
+            os.environ[amx.ENGINE_VARIABLE] = old
+
+
 def saved_bytes(step) -> int:
     """Bytes of the tensors autograd saves for backward during one step."""
     total = 0
@@ -114,6 +134,9 @@ def main(argv=None):
     p.add_argument("--float-attention", action="store_true",
                    help="also time the shiftquant step with attention kept in float (overrides="
                         "{'*:scaled_dot_product_attention': None}: PyTorch's fused attention, Linears quantized)")
+    p.add_argument("--onednn", action="store_true",
+                   help="also time each shiftquant step with its int8 GEMMs on oneDNN's torch._int_mm "
+                        "(SQCOMPILE_CPU_GEMM=onednn) instead of the AMX kernel, in the same process")
     p.add_argument("--bf16", action="store_true",
                    help="also time fp32 eager under bf16 autocast: on CPUs with AMX-BF16 tiles its GEMMs are "
                         "several times faster than both fp32 and oneDNN's int8 GEMM as PyTorch reaches it")
@@ -132,20 +155,26 @@ def main(argv=None):
         if args.float_attention and name == "transformer":
             variants.append((f"shiftquant W{args.bits}A{args.bits}G{args.bits}, attention float",
                              dict(variants[1][1], overrides={"*:scaled_dot_product_attention": None}), False))
+        if args.onednn:
+            variants += [(f"{label}, oneDNN GEMMs", dict(options, _engine="onednn"), False)
+                         for label, options, _ in variants[1:]]
         if args.bf16:
             variants.append(("bf16 autocast eager (reference)", None, True))
         for label, options, bf16 in variants:
             torch.manual_seed(0)
             model = cls()
-            run = model if options is None else torch.compile(model, backend="shiftquant", options=options)
+            options = dict(options or {})
+            engine = options.pop("_engine", None)
+            run = model if not options else torch.compile(model, backend="shiftquant", options=options)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
-            def step(run=run, opt=opt, bf16=bf16):
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = loss_fn(run(x))
-                loss.backward()
-                opt.step()
+            def step(run=run, opt=opt, bf16=bf16, engine=engine):
+                with gemm_engine(engine):
+                    opt.zero_grad(set_to_none=True)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        loss = loss_fn(run(x))
+                    loss.backward()
+                    opt.step()
             runs[label] = step
         times = interleaved(runs, rounds=args.rounds, warmup=2)
         mem = {label: saved_bytes(step) for label, step in runs.items()}

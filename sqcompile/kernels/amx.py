@@ -1,0 +1,179 @@
+"""int8 GEMMs on Intel AMX tiles: our own kernel (``amx_int8.c``), built with the system C
+compiler on first use and called through ``ctypes``.
+
+Why our own: ``torch._int_mm`` on CPU is oneDNN's ``gemm_api`` s8s8s32, which stays on the
+AVX-512 VNNI units for most shapes; oneDNN reaches AMX-int8 only through its primitive API
+with prepacked weights (``qlinear_prepack``, about 5 ns per element per call, which training
+would pay on every step because every operand is new).  ``amx_int8.c`` packs both operands
+itself (one vectorized pass each, about as cheap as a copy) and runs ``TDPBSSD`` on 2x2 tile
+blocks, so every operand may be fresh on every call.  The result is the exact int32 product,
+bit-equal to ``torch._int_mm``.
+
+Engine choice: ``SQCOMPILE_CPU_GEMM`` in the environment, read at each call:
+
+* ``auto`` (default): AMX when :func:`status` says it is usable, else oneDNN ``_int_mm``;
+* ``amx``: AMX, and a ``RuntimeError`` saying why when it is not usable;
+* ``onednn``: always ``torch._int_mm``.
+
+Any other value raises a ``ValueError`` naming the variable.
+
+Outputs come from :data:`sqcompile.kernels.pool.OUTPUTS` (recycled buffers, no page faults).
+
+The built library is cached in
+:data:`~sqcompile.kernels.triton_fused.KERNEL_DIR` (``SQCOMPILE_KERNEL_DIR``) under a name
+that hashes the source and flags; building takes about a second.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional, Tuple
+
+import torch
+
+from . import pool
+
+ENGINE_VARIABLE = "SQCOMPILE_CPU_GEMM"
+ENGINE_CHOICES = ("auto", "amx", "onednn")
+SOURCE = os.path.join(os.path.dirname(__file__), "amx_int8.c")
+CFLAGS = ["-O2", "-fPIC", "-shared", "-fopenmp", "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw"]
+
+
+def requested_engine() -> str:
+    """The engine ``SQCOMPILE_CPU_GEMM`` asks for (``auto`` when unset)."""
+    value = os.environ.get(ENGINE_VARIABLE, "auto").strip().lower() or "auto"
+    if value not in ENGINE_CHOICES:
+        raise ValueError(f"environment variable {ENGINE_VARIABLE}={os.environ[ENGINE_VARIABLE]!r}: "
+                         f"expected one of {', '.join(ENGINE_CHOICES)}")
+    return value
+
+
+def engine() -> str:
+    """The engine CPU int8 GEMMs run on now: ``"amx"`` or ``"onednn"``."""
+    want = requested_engine()
+    if want == "onednn":
+        return "onednn"
+    ok, why = status()
+    if ok:
+        return "amx"
+    if want == "amx":
+        raise RuntimeError(f"{ENGINE_VARIABLE}=amx, but the AMX int8 kernel is not usable: {why}")
+    return "onednn"
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=None)
+def status() -> Tuple[bool, Optional[str]]:
+    """``(usable, reason)`` for the AMX kernel on this machine (checked and built once)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False, f"needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
+    missing = {"amx_tile", "amx_int8"} - _cpu_flags()
+    if missing:
+        return False, f"this CPU lacks {', '.join(sorted(missing))}"
+    try:
+        lib = _library()
+    except (OSError, RuntimeError) as e:
+        return False, str(e)
+    if lib.sq_amx_init() != 0:
+        return False, "the kernel refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; Linux >= 5.16)"
+    return True, None
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise RuntimeError("no C compiler found (set CC, or install gcc)")
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    from .triton_fused import KERNEL_DIR   # one cache folder for everything we generate
+
+    cc = _compiler()
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    # Link the OpenMP runtime torch already loaded (same soname), so both share one pool.
+    key = hashlib.sha256(source + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
+    path = os.path.join(KERNEL_DIR, f"amx_int8_{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(KERNEL_DIR, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=KERNEL_DIR)
+        os.close(fd)
+        result = subprocess.run([cc, *CFLAGS, "-o", tmp, SOURCE], capture_output=True, text=True)
+        if result.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"building the AMX kernel with {cc} failed: {result.stderr.strip()[-500:]}")
+        os.replace(tmp, path)   # atomic: concurrent builders never load a half-written file
+    lib = ctypes.CDLL(path)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.sq_amx_init.restype = ctypes.c_int
+    lib.sq_amx_int8_mm.restype = ctypes.c_int
+    lib.sq_amx_int8_mm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
+    return lib
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b`` for int8 ``[..., M, K]`` and ``[..., K, N]`` (batch dims broadcast) as
+    int32 ``[..., M, N]`` on the AMX kernel.  Each operand is read in place (the kernel packs
+    it) when its matrices are row- or column-major; other layouts are copied once.
+    The caller keeps ``K`` within :data:`sqcompile.ops.MAX_INT32_TERMS`."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"AMX int8_mm needs int8 operands, got {a.dtype} and {b.dtype}")
+    ok, why = status()          # also grants this process the AMX tile state
+    if not ok:
+        raise RuntimeError(f"the AMX int8 kernel is not usable: {why}")
+    M, K = a.shape[-2:]
+    K2, N = b.shape[-2:]
+    if K != K2:
+        raise ValueError(f"int8_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out = pool.OUTPUTS.empty((*batch, M, N))
+    if out.numel() == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    a3, sab = _batched(a, batch)
+    b3, sbb = _batched(b, batch)
+    rc = _library().sq_amx_int8_mm(
+        a3.data_ptr(), sab, a3.stride(-2), a3.stride(-1), b3.data_ptr(), sbb, b3.stride(-2), b3.stride(-1),
+        out.data_ptr(), out.numel() // (M * N), M, N, K, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"AMX int8_mm: could not allocate packing buffers for {M}x{K}x{N}")
+    return out
+
+
+def _batched(x: torch.Tensor, batch) -> Tuple[torch.Tensor, int]:
+    """``x`` as ``[B, rows, cols]`` with one unit stride in its matrices, over the broadcast
+    ``batch``, and the element stride between consecutive batch entries (0: one operand shared
+    by all).  Views, except when the matrices have no unit stride or the batch dims cannot be
+    flattened with one stride: then one copy."""
+    if x.stride(-1) != 1 and x.stride(-2) != 1:
+        x = x.contiguous()
+    x = x.expand(*batch, *x.shape[-2:])
+    if x.dim() == 2:
+        return x.unsqueeze(0), 0
+    if all(s == 0 for s in x.stride()[:-2]):
+        return x.reshape(-1, *x.shape[-2:])[:1], 0
+    try:
+        flat = x.view(-1, *x.shape[-2:])
+    except RuntimeError:
+        flat = x.reshape(-1, *x.shape[-2:]).contiguous()
+    return flat, flat.stride(0) if flat.shape[0] > 1 else 0
+

@@ -1,0 +1,304 @@
+/* int8 x int8 -> int32 GEMM on Intel AMX (TDPBSSD), for sqcompile's CPU integer path.
+ *
+ * C[b] = A[b] @ B[b] for a batch of products, A [M, K] with unit column stride, B [K, N]
+ * with either unit column stride ("row-major") or unit row stride ("column-major"), C [M, N]
+ * contiguous int32.  The result is the exact integer product: each int32 lane accumulates
+ * at most K products, and the caller keeps K * 127 * 128 below 2**31 (ops.MAX_INT32_TERMS).
+ *
+ * Layout.  An AMX tile holds at most 16 rows of 64 bytes.  TDPBSSD multiplies an A tile
+ * (16 rows x 64 int8 of K) by a B tile in "VNNI" order (16 rows, each holding 16 columns x 4
+ * consecutive k) into a 16 x 16 int32 C tile.  B is packed once per call into that order,
+ * padded with zeros to whole tiles; A is read in place (rows of an edge block that do not
+ * exist, and a K that is not a multiple of 64, go through a zero-padded copy of the tile).
+ * Each 32 x 32 block of C is held in four tile registers (2 A tiles x 2 B tiles) over the
+ * whole reduction and written once.
+ *
+ * Threads: OpenMP over (batch, M block, N panel); the library links the libgomp that torch
+ * loaded, so it shares torch's thread pool.  The caller passes torch.get_num_threads().
+ *
+ * Build: cc -O2 -fPIC -shared -fopenmp -mamx-tile -mamx-int8 -mavx512f -mavx512bw.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+#define TILE_K 64          /* bytes of K in one A tile row */
+#define TILE_N 16          /* int32 columns in one C tile */
+#define TILE_M 16          /* rows in one A / C tile */
+#define TILE_BYTES 1024    /* 16 rows x 64 bytes */
+#define PANEL_TILES 8      /* N panel = 8 x 16 = 128 columns per unit of parallel work */
+#ifndef KC_TILES
+#define KC_TILES 8         /* k tiles per reduction chunk: 32 x 512 bytes of A in L1 */
+#endif
+
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Ask the kernel for permission to use the AMX tile data state (Linux >= 5.16).
+ * Returns 0 on success. */
+int sq_amx_init(void) {
+    return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
+}
+
+static void load_config(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* The packed operands live in one workspace per calling thread that only grows: allocating
+ * and freeing it per call would page-fault it in anew every time (large blocks come straight
+ * from mmap), which costs as much as the packing itself. */
+static __thread int8_t *ws_ptr;
+static __thread size_t ws_size;
+
+static int8_t *workspace(size_t bytes) {
+    if (bytes > ws_size) {
+        free(ws_ptr);
+        ws_size = 0;
+        bytes = (bytes + (1 << 21) - 1) & ~((size_t)(1 << 21) - 1);   /* whole 2 MiB */
+        ws_ptr = aligned_alloc(64, bytes);
+        if (!ws_ptr) return NULL;
+        ws_size = bytes;
+    }
+    return ws_ptr;
+}
+
+/* Free the calling thread's workspace (tests; long-lived processes after a large call). */
+void sq_amx_release_workspace(void) {
+    free(ws_ptr);
+    ws_ptr = NULL;
+    ws_size = 0;
+}
+
+/* Pack one B [K, N] into VNNI tiles: tile (j, kb) at (j * KB + kb) * 1024 holds
+ * out[r * 64 + c * 4 + t] = B[kb * 64 + r * 4 + t][j * 16 + c], zero outside B. */
+static void pack_b(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int8_t *out) {
+    const int64_t KB = cdiv(K, TILE_K), NT = cdiv(N, TILE_N);
+    for (int64_t j = 0; j < NT; ++j) {
+        for (int64_t kb = 0; kb < KB; ++kb) {
+            int8_t *tile = out + (j * KB + kb) * TILE_BYTES;
+            const int64_t n0 = j * TILE_N, k0 = kb * TILE_K;
+            const int full = (n0 + TILE_N <= N) && (k0 + TILE_K <= K);
+            if (full && sn == 1) {
+                /* rows of B are contiguous: interleave 4 rows of 16 bytes into 64. */
+                for (int r = 0; r < 16; ++r) {
+                    const int8_t *p = B + (k0 + 4 * r) * sk + n0;
+                    __m128i a0 = _mm_loadu_si128((const __m128i *)p);
+                    __m128i a1 = _mm_loadu_si128((const __m128i *)(p + sk));
+                    __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * sk));
+                    __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * sk));
+                    __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
+                    __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+                    __m128i *o = (__m128i *)(tile + r * 64);
+                    _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
+                    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+                    _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
+                    _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+                }
+            } else if (full && sk == 1) {
+                /* columns of B are contiguous: 4 consecutive k of a column are one int32. */
+                for (int r = 0; r < 16; ++r) {
+                    int32_t *o = (int32_t *)(tile + r * 64);
+                    for (int c = 0; c < 16; ++c) {
+                        int32_t v;
+                        memcpy(&v, B + (n0 + c) * sn + k0 + 4 * r, 4);
+                        o[c] = v;
+                    }
+                }
+            } else {
+                for (int r = 0; r < 16; ++r)
+                    for (int c = 0; c < 16; ++c)
+                        for (int t = 0; t < 4; ++t) {
+                            const int64_t k = k0 + 4 * r + t, n = n0 + c;
+                            tile[r * 64 + c * 4 + t] = (k < K && n < N) ? B[k * sk + n * sn] : 0;
+                        }
+            }
+        }
+    }
+}
+
+/* Pack A [M, K] (strides sm, sk; one of them 1) into 32-row blocks of K tiles: block mb,
+ * tile kb at (mb * KB + kb) * 2048 holds rows mb * 32 .. + 32 of columns kb * 64 .. + 64,
+ * zero outside A.  A column-major A (sm == 1, a transposed view such as the dW GEMM's
+ * activations) is transposed on the way: 4 rows of k are interleaved into int32 lanes (as
+ * for B), then the 16 x 32 int32 block is transposed. */
+static void pack_a(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int64_t K, int64_t mb, int8_t *out) {
+    const int64_t KB = cdiv(K, TILE_K), m0 = mb * 32;
+    int8_t *blk = out + mb * KB * 2 * TILE_BYTES;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+        const int64_t k0 = kb * TILE_K;
+        const int kk = (int)(K - k0 < TILE_K ? K - k0 : TILE_K);
+        int8_t *t = blk + kb * 2 * TILE_BYTES;
+        if (sk == 1) {
+            for (int r = 0; r < 32; ++r) {
+                const int64_t m = m0 + r;
+                if (m < M && kk == TILE_K) {
+                    _mm512_storeu_si512(t + r * 64, _mm512_loadu_si512(A + m * sm + k0));
+                } else {
+                    memset(t + r * 64, 0, 64);
+                    if (m < M) memcpy(t + r * 64, A + m * sm + k0, kk);
+                }
+            }
+        } else if (m0 + 32 <= M && kk == TILE_K) {
+            int32_t quad[16][32] __attribute__((aligned(64)));   /* [k / 4][m]: 4 k per lane */
+            for (int g = 0; g < 16; ++g)
+                for (int h = 0; h < 2; ++h) {
+                    const int8_t *p = A + (k0 + 4 * g) * sk + m0 + 16 * h;
+                    __m128i a0 = _mm_loadu_si128((const __m128i *)p);
+                    __m128i a1 = _mm_loadu_si128((const __m128i *)(p + sk));
+                    __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * sk));
+                    __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * sk));
+                    __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
+                    __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+                    __m128i *o = (__m128i *)&quad[g][16 * h];
+                    _mm_store_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
+                    _mm_store_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+                    _mm_store_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
+                    _mm_store_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+                }
+            int32_t *t32 = (int32_t *)t;
+            for (int r = 0; r < 32; ++r)
+                for (int g = 0; g < 16; ++g) t32[r * 16 + g] = quad[g][r];
+        } else {
+            for (int r = 0; r < 32; ++r)
+                for (int c = 0; c < 64; ++c)
+                    t[r * 64 + c] = (m0 + r < M && c < kk) ? A[(m0 + r) * sm + (k0 + c) * sk] : 0;
+        }
+    }
+}
+
+/* Accumulate k tiles kb0 .. kb1 of one 32 x 32 block: packed A block ``ap`` times N tiles
+ * j0, j0 + 1 of packed B.  The four C tiles start from zero (``acc`` NULL) or from ``acc``
+ * (row stride ``ldacc`` int32) and end in ``out`` (row stride ``ldout``). */
+static inline void prefetch_step(const int8_t *a, const int8_t *b0, const int8_t *b1) {
+    for (int l = 0; l < 16; ++l) {
+        _mm_prefetch((const char *)(a + l * 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(a + TILE_BYTES + l * 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b0 + l * 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b1 + l * 64), _MM_HINT_T0);
+    }
+}
+
+static inline void block(const int8_t *ap, const int8_t *b0, const int8_t *b1, int64_t kb0, int64_t kb1,
+                         const int32_t *acc, int64_t ldacc, int32_t *out, int64_t ldout,
+                         const int8_t *next_a, const int8_t *next_b0, const int8_t *next_b1) {
+    if (acc) {
+        _tile_loadd(0, acc, ldacc * 4);
+        _tile_loadd(1, acc + 16, ldacc * 4);
+        _tile_loadd(2, acc + 16 * ldacc, ldacc * 4);
+        _tile_loadd(3, acc + 16 * ldacc + 16, ldacc * 4);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const int8_t *a = ap + kb * 2 * TILE_BYTES;
+        /* Bring the next step's tiles into L1 while this one computes (after the last step:
+         * the first step of the next block).  Measured: without it TILELOADD stalls even on
+         * lines already in L1, and the loop runs at a third of the TDPBSSD rate. */
+        if (kb + 1 < kb1)
+            prefetch_step(a + 2 * TILE_BYTES, b0 + (kb + 1) * TILE_BYTES, b1 + (kb + 1) * TILE_BYTES);
+        else if (next_a)
+            prefetch_step(next_a, next_b0, next_b1);
+        _tile_loadd(4, a, 64);
+        _tile_loadd(5, a + TILE_BYTES, 64);
+        _tile_loadd(6, b0 + kb * TILE_BYTES, 64);
+        _tile_loadd(7, b1 + kb * TILE_BYTES, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, out, ldout * 4);
+    _tile_stored(1, out + 16, ldout * 4);
+    _tile_stored(2, out + 16 * ldout, ldout * 4);
+    _tile_stored(3, out + 16 * ldout + 16, ldout * 4);
+}
+
+#define PANEL (PANEL_TILES * TILE_N)
+
+/* One unit of work: rows m0 .. m0 + 32 and the columns of N panel p of one product.  The
+ * reduction runs in chunks of KC_TILES k tiles so the A chunk (32 x 64 * KC_TILES bytes)
+ * stays in L1 while the panel's N tiles pass over it; partial sums wait in ``acc``. */
+static void unit(const int8_t *ap, const int8_t *Bp, int64_t KB, int64_t NT, int64_t p,
+                 int32_t *C, int64_t ldc, int rows, int64_t N, int32_t *acc) {
+    const int64_t j0 = p * PANEL_TILES, j1 = (j0 + PANEL_TILES < NT) ? j0 + PANEL_TILES : NT;
+    for (int64_t kb0 = 0; kb0 < KB; kb0 += KC_TILES) {
+        const int64_t kb1 = kb0 + KC_TILES < KB ? kb0 + KC_TILES : KB;
+        const int last = kb1 == KB;
+        for (int64_t j = j0; j < j1; j += 2) {
+            const int8_t *b0 = Bp + j * KB * TILE_BYTES;
+            const int8_t *b1 = (j + 1 < NT) ? b0 + KB * TILE_BYTES : b0;  /* lone last tile */
+            int32_t *a = acc + (j - j0) * TILE_N;
+            const int cols = (int)(N - j * TILE_N < 32 ? N - j * TILE_N : 32);
+            const int direct = last && rows == 32 && cols == 32;
+            /* the step after this block: the next N pair of this chunk, or the next chunk */
+            const int64_t nj = j + 2 < j1 ? j + 2 : j0, nk = j + 2 < j1 ? kb0 : kb1;
+            const int8_t *nb0 = Bp + nj * KB * TILE_BYTES + nk * TILE_BYTES;
+            const int8_t *na = (j + 2 < j1 || !last) ? ap + nk * 2 * TILE_BYTES : NULL;
+            block(ap, b0, b1, kb0, kb1, kb0 ? a : NULL, PANEL, direct ? C + j * TILE_N : a, direct ? ldc : PANEL,
+                  na, nb0, (nj + 1 < NT) ? nb0 + KB * TILE_BYTES : nb0);
+            if (last && !direct)
+                for (int r = 0; r < rows; ++r) memcpy(C + r * ldc + j * TILE_N, a + r * PANEL, cols * 4);
+        }
+    }
+}
+
+/* C[b] = A[b] @ B[b], b < batch.  Strides are in elements; A and B each need one unit stride
+ * (row- or column-major), C is contiguous [batch, M, N].  sab / sbb: batch strides of A and B (0 broadcasts). */
+int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
+                   const int8_t *B, int64_t sbb, int64_t sk, int64_t sn,
+                   int32_t *C, int64_t batch, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t KB = cdiv(K, TILE_K), NT = cdiv(N, TILE_N), MB = cdiv(M, 32);
+    const int64_t packed_b = KB * NT * TILE_BYTES, packed_a = MB * KB * 2 * TILE_BYTES;
+    const int64_t nb = sbb == 0 ? 1 : batch;           /* distinct B operands to pack */
+    const int64_t na = sab == 0 ? 1 : batch;
+    int8_t *Bp = workspace((size_t)(packed_b * nb + packed_a * na));
+    if (!Bp) return -1;
+    int8_t *Ap = Bp + packed_b * nb;
+    const int64_t NP = cdiv(NT, PANEL_TILES);
+    const int64_t units = batch * MB * NP;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < nb; ++b) pack_b(B + b * sbb, sk, sn, K, N, Bp + b * packed_b);
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < na * MB; ++u)
+            pack_a(A + (u / MB) * sab, sam, sak, M, K, u % MB, Ap + (u / MB) * packed_a);
+        load_config();
+        int32_t acc[32 * PANEL] __attribute__((aligned(64)));
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; ++u) {
+            /* panel-major: consecutive units of a thread share one packed B panel (in L2). */
+            const int64_t b = u / (MB * NP), rem = u % (MB * NP);
+            const int64_t p = rem / MB, mb = rem % MB;
+            const int8_t *ap = Ap + (sab == 0 ? 0 : b * packed_a) + mb * KB * 2 * TILE_BYTES;
+            const int8_t *bp = Bp + (sbb == 0 ? 0 : b * packed_b);
+            const int rows = (int)(M - mb * 32 < 32 ? M - mb * 32 : 32);
+            unit(ap, bp, KB, NT, p, C + b * M * N + mb * 32 * N, N, rows, N, acc);
+        }
+        _tile_release();
+    }
+    return 0;
+}

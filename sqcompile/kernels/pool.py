@@ -1,0 +1,84 @@
+"""Recycled int32 buffers for the outputs of large CPU GEMMs.
+
+A freshly allocated large tensor pays its page faults on first touch: about 0.5 ms per MiB on
+these VMs, more than the AMX GEMM itself takes for a 4096 x 2048 int32 result, and glibc maps
+blocks of 32 MiB and more anew on every allocation (they never come back from its free
+lists).  The integer GEMMs of a training step produce such outputs over and over, each
+consumed at once by the dequantizing kernel after it.  :class:`OutputPool` hands them out of
+buffers it keeps, and reuses a buffer only once no tensor refers to its memory any more.
+
+``SQCOMPILE_GEMM_POOL_MB`` in the environment (read at import) caps the memory kept
+(default 512; ``0`` turns recycling off); anything else raises a ``ValueError`` naming it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Optional
+
+import torch
+
+POOL_VARIABLE = "SQCOMPILE_GEMM_POOL_MB"
+
+
+class OutputPool:
+    """int32 buffers for large GEMM outputs, recycled once nothing refers to them.
+
+    A buffer is free again when its storage's only owner is the pool: every tensor handed out
+    is a view, and views (and anything else holding the memory: autograd's saved tensors,
+    Inductor's buffers) hold a reference to the storage.  Buffers are matched by size; at
+    most ``limit`` bytes are kept, beyond which outputs are plain ``torch.empty``.  Needs
+    ``torch._C._storage_Use_Count``; without it every output is a plain ``torch.empty``."""
+
+    MIN_BYTES = 1 << 20
+
+    def __init__(self, limit: Optional[int] = None):
+        self.limit = _pool_limit() if limit is None else limit
+        self.buffers: dict = {}        # nbytes -> [flat int32 tensors]
+        self.kept = 0
+        self.lock = threading.Lock()
+        count = getattr(torch._C, "_storage_Use_Count", None)
+        self._count = count
+        self._idle = _use_count(count, torch.empty(1)) if count is not None else None
+
+    def empty(self, shape) -> torch.Tensor:
+        numel = math.prod(shape)
+        nbytes = 4 * numel
+        if self._idle is None or nbytes < self.MIN_BYTES or nbytes > self.limit:
+            return torch.empty(shape, dtype=torch.int32)
+        with self.lock:
+            for buf in self.buffers.setdefault(nbytes, []):
+                if _use_count(self._count, buf) == self._idle:
+                    return buf.view(shape)
+            if self.kept + nbytes > self.limit:
+                return torch.empty(shape, dtype=torch.int32)
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=torch.int32)
+            self.buffers[nbytes].append(buf)
+            self.kept += nbytes
+            return buf.view(shape)
+
+    def clear(self) -> None:
+        """Drop every kept buffer (tensors still in use keep their memory until they die)."""
+        with self.lock:
+            self.buffers.clear()
+            self.kept = 0
+
+
+def _use_count(count, t: torch.Tensor) -> int:
+    return count(t.untyped_storage()._cdata)
+
+
+def _pool_limit() -> int:
+    raw = os.environ.get(POOL_VARIABLE, "512").strip()
+    try:
+        mib = int(raw)
+        if mib < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"environment variable {POOL_VARIABLE}={raw!r}: expected a number of MiB >= 0") from None
+    return mib << 20
+
+
+OUTPUTS = OutputPool()

@@ -1,0 +1,241 @@
+"""The CPU int8 GEMM engines (our AMX kernel and oneDNN's ``torch._int_mm``) against the exact
+float64 product, and the engine choice (``SQCOMPILE_CPU_GEMM``).
+
+The AMX tests skip on CPUs without AMX-int8 (or without a C compiler); the oneDNN ones run
+everywhere.  Shapes cover every edge the kernel handles separately: M, N and K that are not
+multiples of its 32-row block, 16-column tile and 64-byte tile row; K longer than one
+reduction chunk (512); batches, broadcast and strided operands.
+"""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sqcompile import ops
+from sqcompile.kernels import amx, cpu, pool
+
+AMX_OK, AMX_WHY = amx.status()
+needs_amx = pytest.mark.skipif(not AMX_OK, reason=f"AMX kernel not usable here: {AMX_WHY}")
+
+
+def exact(a, b):
+    return (a.double() @ b.double()).to(torch.int32)
+
+
+def rand8(*shape, gen):
+    return torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+
+
+SHAPES = [(1, 1, 1), (5, 7, 3), (32, 64, 32), (33, 65, 17), (31, 63, 15), (64, 128, 16),
+          (100, 1000, 130), (47, 1100, 129), (256, 64, 256)]
+
+
+@needs_amx
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_amx_equals_exact_product(M, K, N):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    a, b = rand8(M, K, gen=g), rand8(K, N, gen=g)
+    assert torch.equal(amx.int8_mm(a, b), exact(a, b))
+
+
+@needs_amx
+@pytest.mark.parametrize("layout", ["row", "col", "strided", "a_transposed", "a_strided", "a_sliced"])
+def test_amx_operand_layouts(layout):
+    g = torch.Generator().manual_seed(1)
+    a, b = rand8(70, 130, gen=g), rand8(130, 40, gen=g)
+    if layout == "col":                    # b = W.t() of a contiguous W: packed from columns
+        b = b.t().contiguous().t()
+    elif layout == "strided":              # neither dim of b contiguous: copied once
+        b = rand8(130, 80, gen=g)[:, ::2]
+    elif layout == "a_transposed":         # column-major a (dW's activations): transposed while packed
+        a = a.t().contiguous().t()
+    elif layout == "a_strided":            # no unit stride at all: copied once
+        a = rand8(70, 260, gen=g)[:, ::2]
+    elif layout == "a_sliced":             # row stride larger than K, used in place
+        a = rand8(70, 200, gen=g)[:, 10:140]
+    assert torch.equal(amx.int8_mm(a, b), exact(a, b))
+
+
+@needs_amx
+def test_amx_batched_and_broadcast():
+    g = torch.Generator().manual_seed(2)
+    a, b = rand8(2, 3, 33, 70, gen=g), rand8(2, 3, 70, 20, gen=g)
+    assert torch.equal(amx.int8_mm(a, b), exact(a, b))
+    w = rand8(70, 20, gen=g)                                   # one B for every batch entry
+    assert torch.equal(amx.int8_mm(a, w), exact(a, w))
+    a1 = rand8(33, 70, gen=g)                                  # one A for every batch entry
+    assert torch.equal(amx.int8_mm(a1, b), exact(a1, b))
+    mixed = rand8(2, 1, 70, 20, gen=g)                         # batch dims that do not flatten
+    assert torch.equal(amx.int8_mm(a, mixed), exact(a, mixed))
+    # attention's layout: per-head slices of one [B, T, H, D] tensor, transposed views
+    q = rand8(2, 40, 4, 64, gen=g).transpose(1, 2)
+    k = rand8(2, 40, 4, 64, gen=g).transpose(1, 2)
+    assert torch.equal(amx.int8_mm(q, k.transpose(-1, -2)), exact(q, k.transpose(-1, -2)))
+
+
+@needs_amx
+def test_amx_empty_and_extreme_values():
+    assert amx.int8_mm(torch.zeros(0, 5, dtype=torch.int8), torch.zeros(5, 3, dtype=torch.int8)).shape == (0, 3)
+    z = amx.int8_mm(torch.zeros(4, 0, dtype=torch.int8), torch.zeros(0, 3, dtype=torch.int8))
+    assert torch.equal(z, torch.zeros(4, 3, dtype=torch.int32))
+    # -128 * -128 summed over K = MAX_INT32_TERMS stays exact (the caller's split bound)
+    K = 4096
+    a = torch.full((33, K), -128, dtype=torch.int8)
+    b = torch.full((K, 17), -128, dtype=torch.int8)
+    assert torch.equal(amx.int8_mm(a, b), exact(a, b))
+
+
+@needs_amx
+def test_amx_with_two_threads_equals_one():
+    g = torch.Generator().manual_seed(3)
+    a, b = rand8(3, 130, 600, gen=g), rand8(600, 300, gen=g)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = amx.int8_mm(a, b)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(two, exact(a, b))
+
+
+@needs_amx
+@settings(max_examples=40, deadline=None)
+@given(M=st.integers(1, 80), K=st.integers(1, 300), N=st.integers(1, 80), batch=st.integers(0, 2),
+       transpose_a=st.booleans(), transpose_b=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_amx_property_exact(M, K, N, batch, transpose_a, transpose_b, seed):
+    g = torch.Generator().manual_seed(seed)
+    lead = (batch,) if batch else ()
+    a = rand8(*lead, K, M, gen=g).transpose(-1, -2) if transpose_a else rand8(*lead, M, K, gen=g)
+    b = rand8(*lead, N, K, gen=g).transpose(-1, -2) if transpose_b else rand8(*lead, K, N, gen=g)
+    assert torch.equal(amx.int8_mm(a, b), exact(a, b))
+
+
+def test_amx_refuses_wrong_operands():
+    with pytest.raises(TypeError, match="int8"):
+        amx.int8_mm(torch.zeros(2, 2), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="do not chain"):
+        amx.int8_mm(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(4, 2, dtype=torch.int8))
+
+
+def test_onednn_engine_equals_exact_product():
+    g = torch.Generator().manual_seed(4)
+    a, b = rand8(3, 33, 70, gen=g), rand8(70, 20, gen=g)
+    assert torch.equal(cpu.onednn_int8_mm(a, b), exact(a, b))
+    assert torch.equal(cpu.onednn_int8_mm(a[0], b), exact(a[0], b))
+
+
+# --------------------------------------------------------------------------------------------
+# engine choice
+# --------------------------------------------------------------------------------------------
+
+def test_engine_variable_is_validated(monkeypatch):
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, "mkl")
+    with pytest.raises(ValueError, match=amx.ENGINE_VARIABLE):
+        amx.engine()
+    a = torch.ones(2, 2, dtype=torch.int8)
+    with pytest.raises(ValueError, match=amx.ENGINE_VARIABLE):
+        torch.ops.sqcompile.int8_mm(a, a)
+
+
+@pytest.mark.parametrize("engine", ["onednn", "amx", "auto"])
+def test_engine_choice_routes_the_op(monkeypatch, engine):
+    calls = []
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, engine)
+    monkeypatch.setattr(amx, "int8_mm", lambda a, b: calls.append("amx") or exact(a, b))
+    monkeypatch.setattr(cpu, "onednn_int8_mm", lambda a, b: calls.append("onednn") or exact(a, b))
+    a = torch.ones(3, 5, dtype=torch.int8)
+    b = torch.ones(5, 2, dtype=torch.int8)
+    if engine == "amx" and not AMX_OK:
+        with pytest.raises(RuntimeError, match="not usable"):
+            torch.ops.sqcompile.int8_mm(a, b)
+        return
+    assert torch.equal(torch.ops.sqcompile.int8_mm(a, b), exact(a, b))
+    expected = "onednn" if engine == "onednn" or not AMX_OK else "amx"
+    assert calls == [expected]
+
+
+def test_unusable_amx_falls_back_with_a_reason(monkeypatch, tmp_path):
+    """A CPU without AMX or a failed build: ``auto`` takes oneDNN, ``amx`` says why not."""
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(amx, "SOURCE", str(broken))
+    amx.status.cache_clear()
+    amx._library.cache_clear()
+    try:
+        ok, why = amx.status()
+        assert not ok and why
+        monkeypatch.setenv(amx.ENGINE_VARIABLE, "auto")
+        assert amx.engine() == "onednn"
+        monkeypatch.setenv(amx.ENGINE_VARIABLE, "amx")
+        with pytest.raises(RuntimeError, match=amx.ENGINE_VARIABLE):
+            amx.engine()
+    finally:
+        amx.status.cache_clear()
+        amx._library.cache_clear()
+
+
+@pytest.mark.parametrize("engine", ["onednn", "amx"])
+def test_integer_matmul_on_each_engine_is_exact(monkeypatch, engine):
+    """The op the quantized layers call, including the int32 split of long reductions."""
+    if engine == "amx" and not AMX_OK:
+        pytest.skip(AMX_WHY)
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, engine)
+    g = torch.Generator().manual_seed(5)
+    K = ops.MAX_INT32_TERMS + 1000
+    a, b = rand8(9, K, gen=g), rand8(K, 7, gen=g)
+    assert torch.equal(ops.integer_matmul(a, b), (a.double() @ b.double()).float())
+
+
+# --------------------------------------------------------------------------------------------
+# output recycling
+# --------------------------------------------------------------------------------------------
+
+def test_output_pool_recycles_only_unreferenced_buffers():
+    outputs = pool.OutputPool(limit=64 << 20)
+    shape = (512, 1024)                                   # 2 MiB of int32: pooled
+    first = outputs.empty(shape)
+    first.fill_(7)
+    held = outputs.empty(shape)                           # first is alive: a second buffer
+    assert held.data_ptr() != first.data_ptr() and outputs.kept == 2 * 4 * 512 * 1024
+    view = first[:3]                                      # a view keeps the memory in use
+    ptr = first.data_ptr()
+    del first
+    assert outputs.empty(shape).data_ptr() != ptr
+    assert torch.equal(view, torch.full((3, 1024), 7, dtype=torch.int32))
+    del view
+    again = outputs.empty((1024, 512))                    # any shape of the same size
+    assert again.data_ptr() == ptr and again.shape == (1024, 512)
+
+
+def test_output_pool_limits():
+    small = pool.OutputPool(limit=64 << 20).empty((4, 4))  # below MIN_BYTES: plain tensor
+    assert small.shape == (4, 4) and small.dtype == torch.int32
+    outputs = pool.OutputPool(limit=4 << 20)
+    a, b = outputs.empty((512, 1024)), outputs.empty((512, 1024))   # 2 MiB each: both kept
+    c = outputs.empty((512, 1024))                                  # over the limit: not kept
+    assert outputs.kept == 4 << 20 and len({a.data_ptr(), b.data_ptr(), c.data_ptr()}) == 3
+    off = pool.OutputPool(limit=0)
+    off.empty((512, 1024))
+    assert off.kept == 0
+
+
+def test_output_pool_variable_is_validated(monkeypatch):
+    monkeypatch.setenv(pool.POOL_VARIABLE, "lots")
+    with pytest.raises(ValueError, match=pool.POOL_VARIABLE):
+        pool.OutputPool()
+    monkeypatch.setenv(pool.POOL_VARIABLE, "16")
+    assert pool.OutputPool().limit == 16 << 20
+
+
+@needs_amx
+def test_recycled_outputs_never_overwrite_live_results():
+    g = torch.Generator().manual_seed(6)
+    a1, b1 = rand8(600, 64, gen=g), rand8(64, 700, gen=g)       # 1.6 MiB outputs: pooled
+    a2, b2 = rand8(600, 64, gen=g), rand8(64, 700, gen=g)
+    c1 = amx.int8_mm(a1, b1)
+    c2 = amx.int8_mm(a2, b2)
+    assert c1.data_ptr() != c2.data_ptr()
+    assert torch.equal(c1, exact(a1, b1)) and torch.equal(c2, exact(a2, b2))
+    ptr = c1.data_ptr()
+    del c1
+    c3 = amx.int8_mm(a2, b1)
+    assert c3.data_ptr() == ptr and torch.equal(c3, exact(a2, b1)) and torch.equal(c2, exact(a2, b2))
