@@ -89,101 +89,118 @@ void sq_amx_release_workspace(void) {
     ws_size = 0;
 }
 
-/* Pack one B [K, N] into VNNI tiles: tile (j, kb) at (j * KB + kb) * 1024 holds
- * out[r * 64 + c * 4 + t] = B[kb * 64 + r * 4 + t][j * 16 + c], zero outside B. */
-static void pack_b(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int8_t *out) {
-    const int64_t KB = cdiv(K, TILE_K), NT = cdiv(N, TILE_N);
-    for (int64_t j = 0; j < NT; ++j) {
-        for (int64_t kb = 0; kb < KB; ++kb) {
-            int8_t *tile = out + (j * KB + kb) * TILE_BYTES;
-            const int64_t n0 = j * TILE_N, k0 = kb * TILE_K;
-            const int full = (n0 + TILE_N <= N) && (k0 + TILE_K <= K);
-            if (full && sn == 1) {
-                /* rows of B are contiguous: interleave 4 rows of 16 bytes into 64. */
-                for (int r = 0; r < 16; ++r) {
-                    const int8_t *p = B + (k0 + 4 * r) * sk + n0;
-                    __m128i a0 = _mm_loadu_si128((const __m128i *)p);
-                    __m128i a1 = _mm_loadu_si128((const __m128i *)(p + sk));
-                    __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * sk));
-                    __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * sk));
-                    __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
-                    __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
-                    __m128i *o = (__m128i *)(tile + r * 64);
-                    _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
-                    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
-                    _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
-                    _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
-                }
-            } else if (full && sk == 1) {
-                /* columns of B are contiguous: 4 consecutive k of a column are one int32. */
-                for (int r = 0; r < 16; ++r) {
-                    int32_t *o = (int32_t *)(tile + r * 64);
-                    for (int c = 0; c < 16; ++c) {
-                        int32_t v;
-                        memcpy(&v, B + (n0 + c) * sn + k0 + 4 * r, 4);
-                        o[c] = v;
-                    }
-                }
-            } else {
-                for (int r = 0; r < 16; ++r)
-                    for (int c = 0; c < 16; ++c)
-                        for (int t = 0; t < 4; ++t) {
-                            const int64_t k = k0 + 4 * r + t, n = n0 + c;
-                            tile[r * 64 + c * 4 + t] = (k < K && n < N) ? B[k * sk + n * sn] : 0;
-                        }
+/* Pack tile (j, kb) of one B [K, N] (strides sk, sn) into VNNI order: the tile at
+ * (j * KB + kb) * 1024 holds out[r * 64 + c * 4 + t] = B[kb * 64 + r * 4 + t][j * 16 + c],
+ * zero outside B. */
+static void pack_b_tile(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t j, int64_t kb,
+                        int8_t *out) {
+    int8_t *tile = out + (j * cdiv(K, TILE_K) + kb) * TILE_BYTES;
+    const int64_t n0 = j * TILE_N, k0 = kb * TILE_K;
+    const int full = (n0 + TILE_N <= N) && (k0 + TILE_K <= K);
+    if (full && sn == 1) {
+        /* rows of B are contiguous: interleave 4 rows of 16 bytes into 64. */
+        for (int r = 0; r < 16; ++r) {
+            const int8_t *p = B + (k0 + 4 * r) * sk + n0;
+            __m128i a0 = _mm_loadu_si128((const __m128i *)p);
+            __m128i a1 = _mm_loadu_si128((const __m128i *)(p + sk));
+            __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * sk));
+            __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * sk));
+            __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
+            __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+            __m128i *o = (__m128i *)(tile + r * 64);
+            _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
+            _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+            _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
+            _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+        }
+    } else if (full && sk == 1) {
+        /* columns of B are contiguous: 4 consecutive k of a column are one int32. */
+        for (int r = 0; r < 16; ++r) {
+            int32_t *o = (int32_t *)(tile + r * 64);
+            for (int c = 0; c < 16; ++c) {
+                int32_t v;
+                memcpy(&v, B + (n0 + c) * sn + k0 + 4 * r, 4);
+                o[c] = v;
             }
         }
+    } else {
+        for (int r = 0; r < 16; ++r)
+            for (int c = 0; c < 16; ++c)
+                for (int t = 0; t < 4; ++t) {
+                    const int64_t k = k0 + 4 * r + t, n = n0 + c;
+                    tile[r * 64 + c * 4 + t] = (k < K && n < N) ? B[k * sk + n * sn] : 0;
+                }
     }
 }
 
-/* Pack A [M, K] (strides sm, sk; one of them 1) into 32-row blocks of K tiles: block mb,
- * tile kb at (mb * KB + kb) * 2048 holds rows mb * 32 .. + 32 of columns kb * 64 .. + 64,
- * zero outside A.  A column-major A (sm == 1, a transposed view such as the dW GEMM's
- * activations) is transposed on the way: 4 rows of k are interleaved into int32 lanes (as
- * for B), then the 16 x 32 int32 block is transposed. */
-static void pack_a(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int64_t K, int64_t mb, int8_t *out) {
-    const int64_t KB = cdiv(K, TILE_K), m0 = mb * 32;
-    int8_t *blk = out + mb * KB * 2 * TILE_BYTES;
-    for (int64_t kb = 0; kb < KB; ++kb) {
-        const int64_t k0 = kb * TILE_K;
-        const int kk = (int)(K - k0 < TILE_K ? K - k0 : TILE_K);
-        int8_t *t = blk + kb * 2 * TILE_BYTES;
-        if (sk == 1) {
-            for (int r = 0; r < 32; ++r) {
-                const int64_t m = m0 + r;
-                if (m < M && kk == TILE_K) {
-                    _mm512_storeu_si512(t + r * 64, _mm512_loadu_si512(A + m * sm + k0));
-                } else {
-                    memset(t + r * 64, 0, 64);
-                    if (m < M) memcpy(t + r * 64, A + m * sm + k0, kk);
-                }
+/* Pack tile pair (mb, kb) of one A [M, K] (strides sm, sk): the 2 KiB at (mb * KB + kb) * 2048
+ * hold rows mb * 32 .. + 32 of columns kb * 64 .. + 64, zero outside A.  A column-major A
+ * (sm == 1: a transposed view, such as the dW GEMM's activations) is transposed on the way:
+ * 4 rows of k are interleaved into int32 lanes (as for B), then that 16 x 32 int32 block is
+ * transposed. */
+static void pack_a_tile(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int64_t K, int64_t mb, int64_t kb,
+                        int8_t *out) {
+    const int64_t m0 = mb * 32, k0 = kb * TILE_K;
+    const int kk = (int)(K - k0 < TILE_K ? K - k0 : TILE_K);
+    int8_t *t = out + (mb * cdiv(K, TILE_K) + kb) * 2 * TILE_BYTES;
+    if (sk == 1) {
+        for (int r = 0; r < 32; ++r) {
+            const int64_t m = m0 + r;
+            if (m < M && kk == TILE_K) {
+                _mm512_storeu_si512(t + r * 64, _mm512_loadu_si512(A + m * sm + k0));
+            } else {
+                memset(t + r * 64, 0, 64);
+                if (m < M) memcpy(t + r * 64, A + m * sm + k0, kk);
             }
-        } else if (m0 + 32 <= M && kk == TILE_K) {
-            int32_t quad[16][32] __attribute__((aligned(64)));   /* [k / 4][m]: 4 k per lane */
-            for (int g = 0; g < 16; ++g)
-                for (int h = 0; h < 2; ++h) {
-                    const int8_t *p = A + (k0 + 4 * g) * sk + m0 + 16 * h;
-                    __m128i a0 = _mm_loadu_si128((const __m128i *)p);
-                    __m128i a1 = _mm_loadu_si128((const __m128i *)(p + sk));
-                    __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * sk));
-                    __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * sk));
-                    __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
-                    __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
-                    __m128i *o = (__m128i *)&quad[g][16 * h];
-                    _mm_store_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
-                    _mm_store_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
-                    _mm_store_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
-                    _mm_store_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
-                }
-            int32_t *t32 = (int32_t *)t;
-            for (int r = 0; r < 32; ++r)
-                for (int g = 0; g < 16; ++g) t32[r * 16 + g] = quad[g][r];
-        } else {
-            for (int r = 0; r < 32; ++r)
-                for (int c = 0; c < 64; ++c)
-                    t[r * 64 + c] = (m0 + r < M && c < kk) ? A[(m0 + r) * sm + (k0 + c) * sk] : 0;
         }
+    } else if (m0 + 32 <= M && kk == TILE_K) {
+        int32_t quad[16][32] __attribute__((aligned(64)));   /* [k / 4][m]: 4 k per lane */
+        for (int g = 0; g < 16; ++g)
+            for (int h = 0; h < 2; ++h) {
+                const int8_t *p = A + (k0 + 4 * g) * sk + m0 + 16 * h;
+                __m128i a0 = _mm_loadu_si128((const __m128i *)p);
+                __m128i a1 = _mm_loadu_si128((const __m128i *)(p + sk));
+                __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * sk));
+                __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * sk));
+                __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
+                __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+                __m128i *o = (__m128i *)&quad[g][16 * h];
+                _mm_store_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
+                _mm_store_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+                _mm_store_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
+                _mm_store_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+            }
+        int32_t *t32 = (int32_t *)t;
+        for (int r = 0; r < 32; ++r)
+            for (int g = 0; g < 16; ++g) t32[r * 16 + g] = quad[g][r];
+    } else {
+        for (int r = 0; r < 32; ++r)
+            for (int c = 0; c < 64; ++c)
+                t[r * 64 + c] = (m0 + r < M && c < kk) ? A[(m0 + r) * sm + (k0 + c) * sk] : 0;
     }
+}
+
+/* Pack a whole operand, one "line" of tiles per call, in the order that reads its memory
+ * contiguously: a line runs along the operand's contiguous dimension (so consecutive tiles
+ * continue the same memory rows) and the lines are what threads share out.
+ *   A row-major: line = 32-row block mb, tiles along k;  A column-major: line = k tile kb,
+ *   tiles along m.  B row-major: line = k tile kb, tiles along n;  B column-major: line =
+ *   N tile j, tiles along k. */
+static int64_t a_lines(int64_t sk, int64_t M, int64_t K) { return sk == 1 ? cdiv(M, 32) : cdiv(K, TILE_K); }
+static int64_t b_lines(int64_t sn, int64_t K, int64_t N) { return sn == 1 ? cdiv(K, TILE_K) : cdiv(N, TILE_N); }
+
+static void pack_a_line(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int64_t K, int64_t line, int8_t *out) {
+    const int64_t along = sk == 1 ? cdiv(K, TILE_K) : cdiv(M, 32);
+    for (int64_t i = 0; i < along; ++i)
+        if (sk == 1) pack_a_tile(A, sm, sk, M, K, line, i, out);
+        else pack_a_tile(A, sm, sk, M, K, i, line, out);
+}
+
+static void pack_b_line(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t line, int8_t *out) {
+    const int64_t along = sn == 1 ? cdiv(N, TILE_N) : cdiv(K, TILE_K);
+    for (int64_t i = 0; i < along; ++i)
+        if (sn == 1) pack_b_tile(B, sk, sn, K, N, i, line, out);
+        else pack_b_tile(B, sk, sn, K, N, line, i, out);
 }
 
 /* Accumulate k tiles kb0 .. kb1 of one 32 x 32 block: packed A block ``ap`` times N tiles
@@ -279,13 +296,15 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
     int8_t *Ap = Bp + packed_b * nb;
     const int64_t NP = cdiv(NT, PANEL_TILES);
     const int64_t units = batch * MB * NP;
+    const int64_t la = a_lines(sak, M, K), lb = b_lines(sn, K, N);
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static) nowait
-        for (int64_t b = 0; b < nb; ++b) pack_b(B + b * sbb, sk, sn, K, N, Bp + b * packed_b);
+        for (int64_t u = 0; u < nb * lb; ++u)
+            pack_b_line(B + (u / lb) * sbb, sk, sn, K, N, u % lb, Bp + (u / lb) * packed_b);
         #pragma omp for schedule(static)
-        for (int64_t u = 0; u < na * MB; ++u)
-            pack_a(A + (u / MB) * sab, sam, sak, M, K, u % MB, Ap + (u / MB) * packed_a);
+        for (int64_t u = 0; u < na * la; ++u)
+            pack_a_line(A + (u / la) * sab, sam, sak, M, K, u % la, Ap + (u / la) * packed_a);
         load_config();
         int32_t acc[32 * PANEL] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
