@@ -177,6 +177,9 @@ class Report:
         table = tabulate([[f(r) for _, f in columns] for r in rows], headers=[h for h, _ in columns],
                          tablefmt="simple", disable_numparse=True) if rows else "(no matmul / conv / norm ops)"
         lines = [table, "", self.summary_line()]
+        if any(r["execution"] == D.EXEC_INT8_CPU for r in rows):
+            from .kernels import amx   # the engine is chosen at each call: say which one runs now
+            lines.append(f"{D.EXEC_INT8_CPU} GEMMs run on {amx.describe()}.")
         if has["stats"]:
             lines.append("SQNR in dB (latest step); W = weight or second operand; grad = dx / dw GEMMs.")
         lines += [f"warning: {w}" for w in self._summary["warnings"]]

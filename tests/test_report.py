@@ -157,6 +157,18 @@ def test_cnn_one_row_per_gemm_with_paths_bits_execution():
     assert "SQNR" not in text                       # no stats collected: no stats columns
 
 
+def test_text_names_the_cpu_gemm_engine(monkeypatch):
+    from sqcompile.kernels import amx
+    cm = compiled_step(ResNetish(), torch.randn(2, 3, 8, 8))
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, "onednn")
+    assert "int8-cpu GEMMs run on oneDNN torch._int_mm" in str(report(cm))
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, "auto")
+    expected = "AMX-int8 kernel" if amx.status()[0] else "oneDNN torch._int_mm"
+    assert "int8-cpu GEMMs run on" in str(report(cm)) and expected in str(report(cm))
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, "bogus")
+    assert "SQCOMPILE_CPU_GEMM='bogus'" in str(report(cm))        # a report still renders
+
+
 def test_transformer_rows_for_linears_matmuls_and_sdpa():
     torch.manual_seed(0)
     model = Transformer()

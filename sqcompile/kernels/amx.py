@@ -67,6 +67,19 @@ def engine() -> str:
     return "onednn"
 
 
+def describe() -> str:
+    """One line for reports: where CPU int8 GEMMs run now, and why not on AMX if they don't."""
+    try:
+        chosen = engine()
+    except (ValueError, RuntimeError) as e:
+        return f"not runnable: {e}"
+    if chosen == "amx":
+        return "sqcompile's AMX-int8 kernel (TDPBSSD)"
+    ok, why = status()
+    reason = f"{ENGINE_VARIABLE}=onednn" if ok else why
+    return f"oneDNN torch._int_mm (AVX-512 VNNI; not AMX: {reason})"
+
+
 def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:

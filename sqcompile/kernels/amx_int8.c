@@ -89,6 +89,22 @@ void sq_amx_release_workspace(void) {
     ws_size = 0;
 }
 
+/* 16 bytes from each of 4 rows (``p``, ``p + stride``, ...) interleaved into 64 bytes:
+ * out[4 * c + t] = row t [c], i.e. the 4 rows' bytes of column c form int32 lane c. */
+static inline void interleave4(const int8_t *p, int64_t stride, int8_t *out) {
+    __m128i a0 = _mm_loadu_si128((const __m128i *)p);
+    __m128i a1 = _mm_loadu_si128((const __m128i *)(p + stride));
+    __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * stride));
+    __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * stride));
+    __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
+    __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+    __m128i *o = (__m128i *)out;
+    _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
+    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+    _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
+    _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+}
+
 /* Pack tile (j, kb) of one B [K, N] (strides sk, sn) into VNNI order: the tile at
  * (j * KB + kb) * 1024 holds out[r * 64 + c * 4 + t] = B[kb * 64 + r * 4 + t][j * 16 + c],
  * zero outside B. */
@@ -99,20 +115,7 @@ static void pack_b_tile(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int6
     const int full = (n0 + TILE_N <= N) && (k0 + TILE_K <= K);
     if (full && sn == 1) {
         /* rows of B are contiguous: interleave 4 rows of 16 bytes into 64. */
-        for (int r = 0; r < 16; ++r) {
-            const int8_t *p = B + (k0 + 4 * r) * sk + n0;
-            __m128i a0 = _mm_loadu_si128((const __m128i *)p);
-            __m128i a1 = _mm_loadu_si128((const __m128i *)(p + sk));
-            __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * sk));
-            __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * sk));
-            __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
-            __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
-            __m128i *o = (__m128i *)(tile + r * 64);
-            _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
-            _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
-            _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
-            _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
-        }
+        for (int r = 0; r < 16; ++r) interleave4(B + (k0 + 4 * r) * sk + n0, sk, tile + r * 64);
     } else if (full && sk == 1) {
         /* columns of B are contiguous: 4 consecutive k of a column are one int32. */
         for (int r = 0; r < 16; ++r) {
@@ -156,20 +159,8 @@ static void pack_a_tile(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int6
     } else if (m0 + 32 <= M && kk == TILE_K) {
         int32_t quad[16][32] __attribute__((aligned(64)));   /* [k / 4][m]: 4 k per lane */
         for (int g = 0; g < 16; ++g)
-            for (int h = 0; h < 2; ++h) {
-                const int8_t *p = A + (k0 + 4 * g) * sk + m0 + 16 * h;
-                __m128i a0 = _mm_loadu_si128((const __m128i *)p);
-                __m128i a1 = _mm_loadu_si128((const __m128i *)(p + sk));
-                __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * sk));
-                __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * sk));
-                __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
-                __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
-                __m128i *o = (__m128i *)&quad[g][16 * h];
-                _mm_store_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
-                _mm_store_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
-                _mm_store_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
-                _mm_store_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
-            }
+            for (int h = 0; h < 2; ++h)
+                interleave4(A + (k0 + 4 * g) * sk + m0 + 16 * h, sk, (int8_t *)&quad[g][16 * h]);
         int32_t *t32 = (int32_t *)t;
         for (int r = 0; r < 32; ++r)
             for (int g = 0; g < 16; ++g) t32[r * 16 + g] = quad[g][r];
