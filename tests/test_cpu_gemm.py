@@ -26,7 +26,8 @@ def rand8(*shape, gen):
 
 
 SHAPES = [(1, 1, 1), (5, 7, 3), (32, 64, 32), (33, 65, 17), (31, 63, 15), (64, 128, 16),
-          (100, 1000, 130), (47, 1100, 129), (256, 64, 256)]
+          (100, 1000, 130), (47, 1100, 129), (256, 64, 256),
+          (5, 64, 7), (33, 128, 40), (100, 640, 50)]   # K whole tiles: A read in place, tail rows copied
 
 
 @needs_amx
@@ -38,7 +39,8 @@ def test_amx_equals_exact_product(M, K, N):
 
 
 @needs_amx
-@pytest.mark.parametrize("layout", ["row", "col", "strided", "a_transposed", "a_strided", "a_sliced"])
+@pytest.mark.parametrize("layout", ["row", "col", "strided", "a_transposed", "a_strided", "a_sliced",
+                                    "a_sliced_whole_tiles"])
 def test_amx_operand_layouts(layout):
     g = torch.Generator().manual_seed(1)
     a, b = rand8(70, 130, gen=g), rand8(130, 40, gen=g)
@@ -50,8 +52,10 @@ def test_amx_operand_layouts(layout):
         a = a.t().contiguous().t()
     elif layout == "a_strided":            # no unit stride at all: copied once
         a = rand8(70, 260, gen=g)[:, ::2]
-    elif layout == "a_sliced":             # row stride larger than K, used in place
+    elif layout == "a_sliced":             # row stride larger than K
         a = rand8(70, 200, gen=g)[:, 10:140]
+    elif layout == "a_sliced_whole_tiles":  # the same with K = 128: read in place, row stride 200
+        a, b = rand8(70, 200, gen=g)[:, 10:138], rand8(128, 40, gen=g)
     assert torch.equal(amx.int8_mm(a, b), exact(a, b))
 
 
@@ -99,7 +103,8 @@ def test_amx_with_two_threads_equals_one():
 
 @needs_amx
 @settings(max_examples=40, deadline=None)
-@given(M=st.integers(1, 80), K=st.integers(1, 300), N=st.integers(1, 80), batch=st.integers(0, 2),
+@given(M=st.integers(1, 80), K=st.one_of(st.integers(1, 300), st.sampled_from([64, 128, 192])),
+       N=st.integers(1, 80), batch=st.integers(0, 2),
        transpose_a=st.booleans(), transpose_b=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_amx_property_exact(M, K, N, batch, transpose_a, transpose_b, seed):
     g = torch.Generator().manual_seed(seed)

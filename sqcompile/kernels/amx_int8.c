@@ -136,16 +136,16 @@ static void pack_b_tile(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int6
     }
 }
 
-/* Pack tile pair (mb, kb) of one A [M, K] (strides sm, sk): the 2 KiB at (mb * KB + kb) * 2048
- * hold rows mb * 32 .. + 32 of columns kb * 64 .. + 64, zero outside A.  A column-major A
+/* Pack tile pair (mb, kb) of one A [M, K] (strides sm, sk) into the 2 KiB at ``t`` (packed
+ * operands keep it at (mb * KB + kb) * 2048): rows mb * 32 .. + 32 of columns kb * 64 .. + 64,
+ * zero outside A.  A column-major A
  * (sm == 1: a transposed view, such as the dW GEMM's activations) is transposed on the way:
  * 4 rows of k are interleaved into int32 lanes (as for B), then that 16 x 32 int32 block is
  * transposed. */
 static void pack_a_tile(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int64_t K, int64_t mb, int64_t kb,
-                        int8_t *out) {
+                        int8_t *t) {
     const int64_t m0 = mb * 32, k0 = kb * TILE_K;
     const int kk = (int)(K - k0 < TILE_K ? K - k0 : TILE_K);
-    int8_t *t = out + (mb * cdiv(K, TILE_K) + kb) * 2 * TILE_BYTES;
     if (sk == 1) {
         for (int r = 0; r < 32; ++r) {
             const int64_t m = m0 + r;
@@ -181,10 +181,11 @@ static int64_t a_lines(int64_t sk, int64_t M, int64_t K) { return sk == 1 ? cdiv
 static int64_t b_lines(int64_t sn, int64_t K, int64_t N) { return sn == 1 ? cdiv(K, TILE_K) : cdiv(N, TILE_N); }
 
 static void pack_a_line(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int64_t K, int64_t line, int8_t *out) {
-    const int64_t along = sk == 1 ? cdiv(K, TILE_K) : cdiv(M, 32);
-    for (int64_t i = 0; i < along; ++i)
-        if (sk == 1) pack_a_tile(A, sm, sk, M, K, line, i, out);
-        else pack_a_tile(A, sm, sk, M, K, i, line, out);
+    const int64_t KB = cdiv(K, TILE_K), along = sk == 1 ? KB : cdiv(M, 32);
+    for (int64_t i = 0; i < along; ++i) {
+        const int64_t mb = sk == 1 ? line : i, kb = sk == 1 ? i : line;
+        pack_a_tile(A, sm, sk, M, K, mb, kb, out + (mb * KB + kb) * 2 * TILE_BYTES);
+    }
 }
 
 static void pack_b_line(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t line, int8_t *out) {
@@ -194,19 +195,27 @@ static void pack_b_line(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int6
         else pack_b_tile(B, sk, sn, K, N, line, i, out);
 }
 
-/* Accumulate k tiles kb0 .. kb1 of one 32 x 32 block: packed A block ``ap`` times N tiles
- * j0, j0 + 1 of packed B.  The four C tiles start from zero (``acc`` NULL) or from ``acc``
- * (row stride ``ldacc`` int32) and end in ``out`` (row stride ``ldout``). */
-static inline void prefetch_step(const int8_t *a, const int8_t *b0, const int8_t *b1) {
+/* Where one 32-row block of A is read from: in place (a row-major A whose K is whole tiles:
+ * rows ``ld`` apart, the next k step 64 bytes on) or packed (rows 64 bytes apart, k steps of
+ * 2 KiB).  ``half``: offset of the block's second 16-row tile. */
+typedef struct {
+    const int8_t *p;
+    int64_t ld, kstep, half;
+} a_view;
+
+static inline void prefetch_step(const int8_t *a, int64_t ld, int64_t half, const int8_t *b0, const int8_t *b1) {
     for (int l = 0; l < 16; ++l) {
-        _mm_prefetch((const char *)(a + l * 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(a + TILE_BYTES + l * 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(a + l * ld), _MM_HINT_T0);
+        _mm_prefetch((const char *)(a + half + l * ld), _MM_HINT_T0);
         _mm_prefetch((const char *)(b0 + l * 64), _MM_HINT_T0);
         _mm_prefetch((const char *)(b1 + l * 64), _MM_HINT_T0);
     }
 }
 
-static inline void block(const int8_t *ap, const int8_t *b0, const int8_t *b1, int64_t kb0, int64_t kb1,
+/* Accumulate k tiles kb0 .. kb1 of one 32 x 32 block: A block ``A`` times N tiles
+ * j0, j0 + 1 of packed B.  The four C tiles start from zero (``acc`` NULL) or from ``acc``
+ * (row stride ``ldacc`` int32) and end in ``out`` (row stride ``ldout``). */
+static inline void block(a_view A, const int8_t *b0, const int8_t *b1, int64_t kb0, int64_t kb1,
                          const int32_t *acc, int64_t ldacc, int32_t *out, int64_t ldout,
                          const int8_t *next_a, const int8_t *next_b0, const int8_t *next_b1) {
     if (acc) {
@@ -221,16 +230,16 @@ static inline void block(const int8_t *ap, const int8_t *b0, const int8_t *b1, i
         _tile_zero(3);
     }
     for (int64_t kb = kb0; kb < kb1; ++kb) {
-        const int8_t *a = ap + kb * 2 * TILE_BYTES;
+        const int8_t *a = A.p + kb * A.kstep;
         /* Bring the next step's tiles into L1 while this one computes (after the last step:
          * the first step of the next block).  Measured: without it TILELOADD stalls even on
          * lines already in L1, and the loop runs at a third of the TDPBSSD rate. */
         if (kb + 1 < kb1)
-            prefetch_step(a + 2 * TILE_BYTES, b0 + (kb + 1) * TILE_BYTES, b1 + (kb + 1) * TILE_BYTES);
+            prefetch_step(a + A.kstep, A.ld, A.half, b0 + (kb + 1) * TILE_BYTES, b1 + (kb + 1) * TILE_BYTES);
         else if (next_a)
-            prefetch_step(next_a, next_b0, next_b1);
-        _tile_loadd(4, a, 64);
-        _tile_loadd(5, a + TILE_BYTES, 64);
+            prefetch_step(next_a, A.ld, A.half, next_b0, next_b1);
+        _tile_loadd(4, a, A.ld);
+        _tile_loadd(5, a + A.half, A.ld);
         _tile_loadd(6, b0 + kb * TILE_BYTES, 64);
         _tile_loadd(7, b1 + kb * TILE_BYTES, 64);
         _tile_dpbssd(0, 4, 6);
@@ -249,7 +258,7 @@ static inline void block(const int8_t *ap, const int8_t *b0, const int8_t *b1, i
 /* One unit of work: rows m0 .. m0 + 32 and the columns of N panel p of one product.  The
  * reduction runs in chunks of KC_TILES k tiles so the A chunk (32 x 64 * KC_TILES bytes)
  * stays in L1 while the panel's N tiles pass over it; partial sums wait in ``acc``. */
-static void unit(const int8_t *ap, const int8_t *Bp, int64_t KB, int64_t NT, int64_t p,
+static void unit(a_view A, const int8_t *Bp, int64_t KB, int64_t NT, int64_t p,
                  int32_t *C, int64_t ldc, int rows, int64_t N, int32_t *acc) {
     const int64_t j0 = p * PANEL_TILES, j1 = (j0 + PANEL_TILES < NT) ? j0 + PANEL_TILES : NT;
     for (int64_t kb0 = 0; kb0 < KB; kb0 += KC_TILES) {
@@ -264,8 +273,8 @@ static void unit(const int8_t *ap, const int8_t *Bp, int64_t KB, int64_t NT, int
             /* the step after this block: the next N pair of this chunk, or the next chunk */
             const int64_t nj = j + 2 < j1 ? j + 2 : j0, nk = j + 2 < j1 ? kb0 : kb1;
             const int8_t *nb0 = Bp + nj * KB * TILE_BYTES + nk * TILE_BYTES;
-            const int8_t *na = (j + 2 < j1 || !last) ? ap + nk * 2 * TILE_BYTES : NULL;
-            block(ap, b0, b1, kb0, kb1, kb0 ? a : NULL, PANEL, direct ? C + j * TILE_N : a, direct ? ldc : PANEL,
+            const int8_t *na = (j + 2 < j1 || !last) ? A.p + nk * A.kstep : NULL;
+            block(A, b0, b1, kb0, kb1, kb0 ? a : NULL, PANEL, direct ? C + j * TILE_N : a, direct ? ldc : PANEL,
                   na, nb0, (nj + 1 < NT) ? nb0 + KB * TILE_BYTES : nb0);
             if (last && !direct)
                 for (int r = 0; r < rows; ++r) memcpy(C + r * ldc + j * TILE_N, a + r * PANEL, cols * 4);
@@ -279,7 +288,15 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
                    const int8_t *B, int64_t sbb, int64_t sk, int64_t sn,
                    int32_t *C, int64_t batch, int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t KB = cdiv(K, TILE_K), NT = cdiv(N, TILE_N), MB = cdiv(M, 32);
-    const int64_t packed_b = KB * NT * TILE_BYTES, packed_a = MB * KB * 2 * TILE_BYTES;
+    /* A row-major A whose K is whole tiles is read in place (packing it costs a pass over A,
+     * as much as the products themselves when N is small: 2x on a 64-channel conv's GEMM);
+     * only a last block of fewer than 32 rows is copied, zero-padded.  Long rows that many
+     * N panels re-read are still packed (their tiles span pages: ~8% slower in place at
+     * K = 2048 with 4 panels). */
+    const int a_direct = sak == 1 && K % TILE_K == 0 && (K <= 1024 || NT <= 2 * PANEL_TILES);
+    const int64_t tail = a_direct && M % 32 ? MB - 1 : -1;   /* the copied block, if any */
+    const int64_t packed_b = KB * NT * TILE_BYTES;
+    const int64_t packed_a = a_direct ? (tail >= 0 ? KB * 2 * TILE_BYTES : 0) : MB * KB * 2 * TILE_BYTES;
     const int64_t nb = sbb == 0 ? 1 : batch;           /* distinct B operands to pack */
     const int64_t na = sab == 0 ? 1 : batch;
     int8_t *Bp = workspace((size_t)(packed_b * nb + packed_a * na));
@@ -287,15 +304,19 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
     int8_t *Ap = Bp + packed_b * nb;
     const int64_t NP = cdiv(NT, PANEL_TILES);
     const int64_t units = batch * MB * NP;
-    const int64_t la = a_lines(sak, M, K), lb = b_lines(sn, K, N);
+    const int64_t la = a_direct ? (tail >= 0 ? KB : 0) : a_lines(sak, M, K), lb = b_lines(sn, K, N);
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static) nowait
         for (int64_t u = 0; u < nb * lb; ++u)
             pack_b_line(B + (u / lb) * sbb, sk, sn, K, N, u % lb, Bp + (u / lb) * packed_b);
         #pragma omp for schedule(static)
-        for (int64_t u = 0; u < na * la; ++u)
-            pack_a_line(A + (u / la) * sab, sam, sak, M, K, u % la, Ap + (u / la) * packed_a);
+        for (int64_t u = 0; u < na * la; ++u) {
+            const int8_t *a = A + (u / la) * sab;
+            int8_t *out = Ap + (u / la) * packed_a;
+            if (a_direct) pack_a_tile(a, sam, sak, M, K, tail, u % la, out + (u % la) * 2 * TILE_BYTES);
+            else pack_a_line(a, sam, sak, M, K, u % la, out);
+        }
         load_config();
         int32_t acc[32 * PANEL] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
@@ -303,10 +324,13 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
             /* panel-major: consecutive units of a thread share one packed B panel (in L2). */
             const int64_t b = u / (MB * NP), rem = u % (MB * NP);
             const int64_t p = rem / MB, mb = rem % MB;
-            const int8_t *ap = Ap + (sab == 0 ? 0 : b * packed_a) + mb * KB * 2 * TILE_BYTES;
+            const int8_t *ap = Ap + (sab == 0 ? 0 : b * packed_a);
+            const a_view av = a_direct && mb != tail
+                ? (a_view){A + b * sab + mb * 32 * sam, sam, TILE_K, 16 * sam}
+                : (a_view){a_direct ? ap : ap + mb * KB * 2 * TILE_BYTES, 64, 2 * TILE_BYTES, TILE_BYTES};
             const int8_t *bp = Bp + (sbb == 0 ? 0 : b * packed_b);
             const int rows = (int)(M - mb * 32 < 32 ? M - mb * 32 : 32);
-            unit(ap, bp, KB, NT, p, C + b * M * N + mb * 32 * N, N, rows, N, acc);
+            unit(av, bp, KB, NT, p, C + b * M * N + mb * 32 * N, N, rows, N, acc);
         }
         _tile_release();
     }
