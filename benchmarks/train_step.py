@@ -10,12 +10,16 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --rounds 7
     python benchmarks/train_step.py --models transformer --float-attention
     python benchmarks/train_step.py --models transformer --onednn   # AMX kernel vs oneDNN _int_mm
+    python benchmarks/train_step.py --models transformer --peak-memory
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -125,6 +129,80 @@ def saved_bytes(step) -> int:
     return total
 
 
+def variants(args, name):
+    """``(label, compile options or None, bf16 autocast)`` of every path timed for ``name``."""
+    bits = dict(weight_bits=args.bits, act_bits=args.bits, grad_bits=args.bits, inner="inductor")
+    tag = f"shiftquant W{args.bits}A{args.bits}G{args.bits}"
+    out = [("fp32 eager", None, False), (tag, bits, False)]
+    if args.float_attention and name == "transformer":
+        out.append((f"{tag}, attention float", dict(bits, overrides={"*:scaled_dot_product_attention": None}), False))
+    if args.onednn:
+        out += [(f"{label}, oneDNN GEMMs", dict(options, _engine="onednn"), False) for label, options, _ in out[1:]]
+    if args.bf16:
+        out.append(("bf16 autocast eager (reference)", None, True))
+    return out
+
+
+def make_step(name, options, bf16, x):
+    """One training step (forward, backward, SGD) of a fresh ``name`` model on input ``x``."""
+    cls, _, loss_fn = MODELS[name]
+    torch.manual_seed(0)
+    model = cls()
+    options = dict(options or {})
+    engine = options.pop("_engine", None)
+    run = model if not options else torch.compile(model, backend="shiftquant", options=options)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        with gemm_engine(engine):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(run(x))
+            loss.backward()
+            opt.step()
+    return step
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_child(args, spec: str) -> None:
+    """``--_peak model:index``: warm one variant up, reset the process's RSS high-water mark,
+    run two steps and print the peak RSS during them (JSON, read by :func:`peak_memory`)."""
+    name, index = spec.split(":")
+    label, options, bf16 = variants(args, name)[int(index)]
+    torch.manual_seed(0)
+    step = make_step(name, options, bf16, MODELS[name][1]())
+    for _ in range(2):
+        step()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:   # Linux: reset VmHWM to the current RSS
+        f.write("5")
+    for _ in range(2):
+        step()
+    print(json.dumps({"label": label, "peak_mib": _status_mib("VmHWM")}))
+
+
+def peak_memory(args, argv, name):
+    """Peak resident memory of each variant's training step, each in a process of its own (a
+    high-water mark is per process).  It is the whole process: the Python and torch runtime,
+    parameters and optimizer state, and for compiled paths what compiling left resident
+    (Inductor's caches) and sqcompile's recycled GEMM outputs."""
+    rows = []
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--peak-memory"]
+    for i in range(len(variants(args, name))):
+        res = subprocess.run([sys.executable, os.path.abspath(__file__), *given, "--_peak", f"{name}:{i}"],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    base = rows[0]["peak_mib"]
+    return [[name, r["label"], f"{r['peak_mib']:.0f}", f"{r['peak_mib'] / base:.2f}"] for r in rows]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -140,42 +218,26 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true",
                    help="also time fp32 eager under bf16 autocast: on CPUs with AMX-BF16 tiles its GEMMs are "
                         "several times faster than both fp32 and oneDNN's int8 GEMM as PyTorch reaches it")
+    p.add_argument("--peak-memory", action="store_true",
+                   help="instead of timing, report each path's peak resident memory during two training "
+                        "steps, each path in a process of its own (Linux)")
+    p.add_argument("--_peak", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args._peak:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return peak_child(args, args._peak)
     start("train_step.py", args, argv)
+    if args.peak_memory:
+        rows = [row for name in args.models for row in peak_memory(args, argv, name)]
+        print(tabulate(rows, headers=["model", "path", "peak RSS MiB", "vs fp32"], tablefmt="github"))
+        return
     rows = []
     for name in args.models:
-        cls, make_input, loss_fn = MODELS[name]
         torch._dynamo.reset()
         torch.manual_seed(0)
-        x = make_input()
-        runs = {}
-        variants = [("fp32 eager", None, False),
-                    (f"shiftquant W{args.bits}A{args.bits}G{args.bits}",
-                     dict(weight_bits=args.bits, act_bits=args.bits, grad_bits=args.bits, inner="inductor"), False)]
-        if args.float_attention and name == "transformer":
-            variants.append((f"shiftquant W{args.bits}A{args.bits}G{args.bits}, attention float",
-                             dict(variants[1][1], overrides={"*:scaled_dot_product_attention": None}), False))
-        if args.onednn:
-            variants += [(f"{label}, oneDNN GEMMs", dict(options, _engine="onednn"), False)
-                         for label, options, _ in variants[1:]]
-        if args.bf16:
-            variants.append(("bf16 autocast eager (reference)", None, True))
-        for label, options, bf16 in variants:
-            torch.manual_seed(0)
-            model = cls()
-            options = dict(options or {})
-            engine = options.pop("_engine", None)
-            run = model if not options else torch.compile(model, backend="shiftquant", options=options)
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-            def step(run=run, opt=opt, bf16=bf16, engine=engine):
-                with gemm_engine(engine):
-                    opt.zero_grad(set_to_none=True)
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        loss = loss_fn(run(x))
-                    loss.backward()
-                    opt.step()
-            runs[label] = step
+        x = MODELS[name][1]()
+        runs = {label: make_step(name, options, bf16, x) for label, options, bf16 in variants(args, name)}
         times = interleaved(runs, rounds=args.rounds, warmup=2)
         mem = {label: saved_bytes(step) for label, step in runs.items()}
         base = "fp32 eager"

@@ -218,6 +218,8 @@ def test_output_pool_limits():
     a, b = outputs.empty((512, 1024)), outputs.empty((512, 1024))   # 2 MiB each: both kept
     c = outputs.empty((512, 1024))                                  # over the limit: not kept
     assert outputs.kept == 4 << 20 and len({a.data_ptr(), b.data_ptr(), c.data_ptr()}) == 3
+    outputs.clear()
+    assert outputs.kept == 0 and outputs.empty((512, 1024)).data_ptr() not in (a.data_ptr(), b.data_ptr())
     off = pool.OutputPool(limit=0)
     off.empty((512, 1024))
     assert off.kept == 0

@@ -4,10 +4,11 @@ compiler on first use and called through ``ctypes``.
 Why our own: ``torch._int_mm`` on CPU is oneDNN's ``gemm_api`` s8s8s32, which stays on the
 AVX-512 VNNI units for most shapes; oneDNN reaches AMX-int8 only through its primitive API
 with prepacked weights (``qlinear_prepack``, about 5 ns per element per call, which training
-would pay on every step because every operand is new).  ``amx_int8.c`` packs both operands
-itself (one vectorized pass each, about as cheap as a copy) and runs ``TDPBSSD`` on 2x2 tile
-blocks, so every operand may be fresh on every call.  The result is the exact int32 product,
-bit-equal to ``torch._int_mm``.
+would pay on every step because every operand is new).  ``amx_int8.c`` packs what it needs
+itself on every call (B into the tiles' VNNI order, A only when it cannot be read in place;
+vectorized passes, about as cheap as a copy) and runs ``TDPBSSD`` on 2x2 tile blocks, so every
+operand may be fresh on every call.  The result is the exact int32 product, bit-equal to
+``torch._int_mm``.
 
 Engine choice: ``SQCOMPILE_CPU_GEMM`` in the environment, read at each call:
 
@@ -18,10 +19,9 @@ Engine choice: ``SQCOMPILE_CPU_GEMM`` in the environment, read at each call:
 Any other value raises a ``ValueError`` naming the variable.
 
 Outputs come from :data:`sqcompile.kernels.pool.OUTPUTS` (recycled buffers, no page faults).
-
-The built library is cached in
-:data:`~sqcompile.kernels.triton_fused.KERNEL_DIR` (``SQCOMPILE_KERNEL_DIR``) under a name
-that hashes the source and flags; building takes about a second.
+The built library is cached in :data:`~sqcompile.kernels.triton_fused.KERNEL_DIR`
+(``SQCOMPILE_KERNEL_DIR``) under a name that hashes the source, compiler and flags; building
+takes about a second.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ from . import pool
 ENGINE_VARIABLE = "SQCOMPILE_CPU_GEMM"
 ENGINE_CHOICES = ("auto", "amx", "onednn")
 SOURCE = os.path.join(os.path.dirname(__file__), "amx_int8.c")
+# -fopenmp links libgomp.so.1: the copy torch already loaded has that soname, so the kernel
+# and torch share one OpenMP runtime and thread pool.
 CFLAGS = ["-O2", "-fPIC", "-shared", "-fopenmp", "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw"]
 
 
@@ -122,7 +124,6 @@ def _library() -> ctypes.CDLL:
     cc = _compiler()
     with open(SOURCE, "rb") as f:
         source = f.read()
-    # Link the OpenMP runtime torch already loaded (same soname), so both share one pool.
     key = hashlib.sha256(source + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
     path = os.path.join(KERNEL_DIR, f"amx_int8_{key}.so")
     if not os.path.exists(path):
