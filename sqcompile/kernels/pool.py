@@ -8,7 +8,7 @@ consumed at once by the dequantizing kernel after it.  :class:`OutputPool` hands
 buffers it keeps, and reuses a buffer only once no tensor refers to its memory any more.
 
 ``SQCOMPILE_GEMM_POOL_MB`` in the environment (read at import) caps the memory kept
-(default 512; ``0`` turns recycling off); anything else raises a ``ValueError`` naming it.
+(default 256; ``0`` turns recycling off); anything else raises a ``ValueError`` naming it.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _use_count(count, t: torch.Tensor) -> int:
 
 
 def _pool_limit() -> int:
-    raw = os.environ.get(POOL_VARIABLE, "512").strip()
+    raw = os.environ.get(POOL_VARIABLE, "256").strip()
     try:
         mib = int(raw)
         if mib < 0:
