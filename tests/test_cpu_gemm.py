@@ -142,20 +142,22 @@ def test_engine_variable_is_validated(monkeypatch):
 
 
 @pytest.mark.parametrize("engine", ["onednn", "amx", "auto"])
-def test_engine_choice_routes_the_op(monkeypatch, engine):
+@pytest.mark.parametrize("rows", [amx.MIN_ROWS - 1, amx.MIN_ROWS])
+def test_engine_choice_routes_the_op(monkeypatch, engine, rows):
     calls = []
     monkeypatch.setenv(amx.ENGINE_VARIABLE, engine)
     monkeypatch.setattr(amx, "int8_mm", lambda a, b: calls.append("amx") or exact(a, b))
     monkeypatch.setattr(cpu, "onednn_int8_mm", lambda a, b: calls.append("onednn") or exact(a, b))
-    a = torch.ones(3, 5, dtype=torch.int8)
+    a = torch.ones(2, rows, 5, dtype=torch.int8)
     b = torch.ones(5, 2, dtype=torch.int8)
     if engine == "amx" and not AMX_OK:
         with pytest.raises(RuntimeError, match="not usable"):
             torch.ops.sqcompile.int8_mm(a, b)
         return
     assert torch.equal(torch.ops.sqcompile.int8_mm(a, b), exact(a, b))
-    expected = "onednn" if engine == "onednn" or not AMX_OK else "amx"
-    assert calls == [expected]
+    # auto sends products with few rows to oneDNN (lower fixed cost); "amx" forces the kernel
+    use_amx = AMX_OK and (engine == "amx" or (engine == "auto" and rows >= amx.MIN_ROWS))
+    assert calls == ["amx" if use_amx else "onednn"]
 
 
 def test_unusable_amx_falls_back_with_a_reason(monkeypatch, tmp_path):

@@ -20,6 +20,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -116,16 +117,13 @@ static void pack_b_tile(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int6
     if (full && sn == 1) {
         /* rows of B are contiguous: interleave 4 rows of 16 bytes into 64. */
         for (int r = 0; r < 16; ++r) interleave4(B + (k0 + 4 * r) * sk + n0, sk, tile + r * 64);
-    } else if (full && sk == 1) {
-        /* columns of B are contiguous: 4 consecutive k of a column are one int32. */
-        for (int r = 0; r < 16; ++r) {
-            int32_t *o = (int32_t *)(tile + r * 64);
-            for (int c = 0; c < 16; ++c) {
-                int32_t v;
-                memcpy(&v, B + (n0 + c) * sn + k0 + 4 * r, 4);
-                o[c] = v;
-            }
-        }
+    } else if (full && sk == 1 && sn < (INT32_MAX / 16)) {
+        /* columns of B are contiguous: 4 consecutive k of a column are one int32, and a tile
+         * row gathers one such int32 from each of the 16 columns. */
+        const __m512i cols = _mm512_mullo_epi32(
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)sn));
+        for (int r = 0; r < 16; ++r)
+            _mm512_storeu_si512(tile + r * 64, _mm512_i32gather_epi32(cols, B + n0 * sn + k0 + 4 * r, 1));
     } else {
         for (int r = 0; r < 16; ++r)
             for (int c = 0; c < 16; ++c)
@@ -189,8 +187,19 @@ static void pack_a_line(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int6
 }
 
 static void pack_b_line(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t line, int8_t *out) {
-    const int64_t along = sn == 1 ? cdiv(N, TILE_N) : cdiv(K, TILE_K);
-    for (int64_t i = 0; i < along; ++i)
+    const int64_t KB = cdiv(K, TILE_K), NT = cdiv(N, TILE_N);
+    if (sn == 1 && (line + 1) * TILE_K <= K) {
+        /* a k tile of a row-major B: 4 rows at a time across all N tiles, so the 4 source
+         * rows stay in L1 (the tile's 64 rows of a wide B would not) */
+        for (int r = 0; r < 16; ++r)
+            for (int64_t j = 0; j + 1 <= N / TILE_N; ++j)
+                interleave4(B + (line * TILE_K + 4 * r) * sk + j * TILE_N, sk,
+                            out + (j * KB + line) * TILE_BYTES + r * 64);
+        if (N % TILE_N)
+            pack_b_tile(B, sk, sn, K, N, NT - 1, line, out);
+        return;
+    }
+    for (int64_t i = 0; i < (sn == 1 ? NT : KB); ++i)
         if (sn == 1) pack_b_tile(B, sk, sn, K, N, i, line, out);
         else pack_b_tile(B, sk, sn, K, N, line, i, out);
 }

@@ -14,7 +14,7 @@ def int8_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 ``[..., M, K] @ [..., K, N]`` -> int32."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         return (a.double() @ b.double()).to(torch.int32)   # int16 operands: exact reference
-    if amx.engine() == "amx":
+    if amx.engine(rows=a.shape[-2]) == "amx":
         return amx.int8_mm(a, b)
     return onednn_int8_mm(a, b)
 
