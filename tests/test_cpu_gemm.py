@@ -89,6 +89,15 @@ def test_amx_empty_and_extreme_values():
 
 
 @needs_amx
+def test_amx_after_releasing_the_workspace():
+    g = torch.Generator().manual_seed(7)
+    a, b = rand8(300, 640, gen=g), rand8(640, 90, gen=g)
+    amx.int8_mm(a, b)
+    amx.release_workspace()
+    assert torch.equal(amx.int8_mm(a, b), exact(a, b))
+
+
+@needs_amx
 def test_amx_with_two_threads_equals_one():
     g = torch.Generator().manual_seed(3)
     a, b = rand8(3, 130, 600, gen=g), rand8(600, 300, gen=g)

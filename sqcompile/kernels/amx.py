@@ -147,6 +147,7 @@ def _library() -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.sq_amx_init.restype = ctypes.c_int
+    lib.sq_amx_release_workspace.restype = None
     lib.sq_amx_int8_mm.restype = ctypes.c_int
     lib.sq_amx_int8_mm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
     return lib
@@ -183,6 +184,13 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if rc != 0:
         raise MemoryError(f"AMX int8_mm: could not allocate packing buffers for {M}x{K}x{N}")
     return out
+
+
+def release_workspace() -> None:
+    """Free the calling thread's packing workspace (it grows to the largest product packed so
+    far and is kept for the next call; this returns it after an unusually large one)."""
+    if status()[0]:
+        _library().sq_amx_release_workspace()
 
 
 def _batched(x: torch.Tensor, batch) -> Tuple[torch.Tensor, int]:

@@ -1,20 +1,22 @@
 /* int8 x int8 -> int32 GEMM on Intel AMX (TDPBSSD), for sqcompile's CPU integer path.
  *
- * C[b] = A[b] @ B[b] for a batch of products, A [M, K] with unit column stride, B [K, N]
- * with either unit column stride ("row-major") or unit row stride ("column-major"), C [M, N]
- * contiguous int32.  The result is the exact integer product: each int32 lane accumulates
- * at most K products, and the caller keeps K * 127 * 128 below 2**31 (ops.MAX_INT32_TERMS).
+ * C[b] = A[b] @ B[b] for a batch of products: A [M, K] and B [K, N] each row- or
+ * column-major (one unit stride, any other stride), C [M, N] contiguous int32.  The result
+ * is the exact integer product: each int32 lane accumulates at most K products, and the
+ * caller keeps K * 127 * 128 below 2**31 (ops.MAX_INT32_TERMS; quantized values are never
+ * -128).
  *
  * Layout.  An AMX tile holds at most 16 rows of 64 bytes.  TDPBSSD multiplies an A tile
  * (16 rows x 64 int8 of K) by a B tile in "VNNI" order (16 rows, each holding 16 columns x 4
- * consecutive k) into a 16 x 16 int32 C tile.  B is packed once per call into that order,
- * padded with zeros to whole tiles; A is read in place (rows of an edge block that do not
- * exist, and a K that is not a multiple of 64, go through a zero-padded copy of the tile).
- * Each 32 x 32 block of C is held in four tile registers (2 A tiles x 2 B tiles) over the
- * whole reduction and written once.
+ * consecutive k) into a 16 x 16 int32 C tile.  B is packed on every call into that order,
+ * zero-padded to whole tiles.  A row-major A whose K is whole tiles is read in place (only
+ * a last block of fewer than 32 rows is copied); any other A is packed into 32-row blocks
+ * (transposed on the way when column-major).  Each 32 x 32 block of C is held in four tile
+ * registers (2 A tiles x 2 B tiles) over a reduction chunk and stored straight into C.
  *
- * Threads: OpenMP over (batch, M block, N panel); the library links the libgomp that torch
- * loaded, so it shares torch's thread pool.  The caller passes torch.get_num_threads().
+ * Threads: OpenMP over (batch, 32-row block, 128-column panel), and over lines of tiles
+ * while packing; the library links the libgomp that torch loaded, so it shares torch's
+ * thread pool.  The caller passes torch.get_num_threads().
  *
  * Build: cc -O2 -fPIC -shared -fopenmp -mamx-tile -mamx-int8 -mavx512f -mavx512bw.
  */
@@ -31,7 +33,6 @@
 
 #define TILE_K 64          /* bytes of K in one A tile row */
 #define TILE_N 16          /* int32 columns in one C tile */
-#define TILE_M 16          /* rows in one A / C tile */
 #define TILE_BYTES 1024    /* 16 rows x 64 bytes */
 #define PANEL_TILES 8      /* N panel = 8 x 16 = 128 columns per unit of parallel work */
 #ifndef KC_TILES
