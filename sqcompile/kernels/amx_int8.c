@@ -109,16 +109,13 @@ static inline void interleave4(const int8_t *p, int64_t stride, int8_t *out) {
 
 /* Pack tile (j, kb) of one B [K, N] (strides sk, sn) into VNNI order: the tile at
  * (j * KB + kb) * 1024 holds out[r * 64 + c * 4 + t] = B[kb * 64 + r * 4 + t][j * 16 + c],
- * zero outside B. */
+ * zero outside B.  Whole tiles of a row-major B are packed by pack_b_line instead. */
 static void pack_b_tile(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t j, int64_t kb,
                         int8_t *out) {
     int8_t *tile = out + (j * cdiv(K, TILE_K) + kb) * TILE_BYTES;
     const int64_t n0 = j * TILE_N, k0 = kb * TILE_K;
     const int full = (n0 + TILE_N <= N) && (k0 + TILE_K <= K);
-    if (full && sn == 1) {
-        /* rows of B are contiguous: interleave 4 rows of 16 bytes into 64. */
-        for (int r = 0; r < 16; ++r) interleave4(B + (k0 + 4 * r) * sk + n0, sk, tile + r * 64);
-    } else if (full && sk == 1 && sn < (INT32_MAX / 16)) {
+    if (full && sk == 1 && sn < (INT32_MAX / 16)) {
         /* columns of B are contiguous: 4 consecutive k of a column are one int32, and a tile
          * row gathers one such int32 from each of the 16 columns. */
         const __m512i cols = _mm512_mullo_epi32(
@@ -269,7 +266,7 @@ static inline void block(a_view A, const int8_t *b0, const int8_t *b1, int64_t k
  * reduction runs in chunks of KC_TILES k tiles so the A chunk (32 x 64 * KC_TILES bytes)
  * stays in L1 while the panel's N tiles pass over it; partial sums wait in ``acc``. */
 static void unit(a_view A, const int8_t *Bp, int64_t KB, int64_t NT, int64_t p,
-                 int32_t *C, int64_t ldc, int rows, int64_t N, int32_t *acc) {
+                 int32_t *C, int rows, int64_t N, int32_t *acc) {
     const int64_t j0 = p * PANEL_TILES, j1 = (j0 + PANEL_TILES < NT) ? j0 + PANEL_TILES : NT;
     for (int64_t kb0 = 0; kb0 < KB; kb0 += KC_TILES) {
         const int64_t kb1 = kb0 + KC_TILES < KB ? kb0 + KC_TILES : KB;
@@ -284,10 +281,10 @@ static void unit(a_view A, const int8_t *Bp, int64_t KB, int64_t NT, int64_t p,
             const int64_t nj = j + 2 < j1 ? j + 2 : j0, nk = j + 2 < j1 ? kb0 : kb1;
             const int8_t *nb0 = Bp + nj * KB * TILE_BYTES + nk * TILE_BYTES;
             const int8_t *na = (j + 2 < j1 || !last) ? A.p + nk * A.kstep : NULL;
-            block(A, b0, b1, kb0, kb1, kb0 ? a : NULL, PANEL, direct ? C + j * TILE_N : a, direct ? ldc : PANEL,
+            block(A, b0, b1, kb0, kb1, kb0 ? a : NULL, PANEL, direct ? C + j * TILE_N : a, direct ? N : PANEL,
                   na, nb0, (nj + 1 < NT) ? nb0 + KB * TILE_BYTES : nb0);
             if (last && !direct)
-                for (int r = 0; r < rows; ++r) memcpy(C + r * ldc + j * TILE_N, a + r * PANEL, cols * 4);
+                for (int r = 0; r < rows; ++r) memcpy(C + r * N + j * TILE_N, a + r * PANEL, cols * 4);
         }
     }
 }
@@ -340,7 +337,7 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
                 : (a_view){a_direct ? ap : ap + mb * KB * 2 * TILE_BYTES, 64, 2 * TILE_BYTES, TILE_BYTES};
             const int8_t *bp = Bp + (sbb == 0 ? 0 : b * packed_b);
             const int rows = (int)(M - mb * 32 < 32 ? M - mb * 32 : 32);
-            unit(av, bp, KB, NT, p, C + b * M * N + mb * 32 * N, N, rows, N, acc);
+            unit(av, bp, KB, NT, p, C + b * M * N + mb * 32 * N, rows, N, acc);
         }
         _tile_release();
     }
