@@ -136,6 +136,13 @@ class Config(OpConfig):
                               Stochastic rounding stays stochastic: the Triton quantizers draw
                               their seeds on the device.  The usual caveat applies: a compiled
                               call's outputs are overwritten by its next replay
+    fusion          None      region fusion of the Triton kernel family (each int8 GEMM and
+                              its elementwise epilogue in one generated kernel; an L1 norm
+                              and the quantizer of the GEMM it feeds in one kernel): True /
+                              False, or None for the process default (on unless the
+                              environment sets ``SQCOMPILE_FUSION=0``).  Off, the graphs run
+                              the unfused ops: for debugging and for measuring what fusion
+                              gains.  No effect with ``kernels="torch"``
     ==============  ========  ================================================================
     """
 
@@ -143,6 +150,7 @@ class Config(OpConfig):
     collect_stats: bool = False
     inner: str = "auto"
     cudagraphs: bool = False
+    fusion: Optional[bool] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -165,6 +173,8 @@ class Config(OpConfig):
             raise _bad("inner", self.inner, f"one of {INNER_CHOICES}")
         if not isinstance(self.cudagraphs, bool):
             raise _bad("cudagraphs", self.cudagraphs, "True or False")
+        if self.fusion is not None and not isinstance(self.fusion, bool):
+            raise _bad("fusion", self.fusion, "True, False or None (the process default)")
         if self.cudagraphs and self.inner == "eager":
             raise _bad("cudagraphs", self.cudagraphs, "False with inner='eager' (CUDA graphs are captured by "
                        "Inductor: use inner='inductor' or 'auto')")

@@ -347,7 +347,7 @@ def _epilogue_in_gemm() -> bool:
     if not (torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None):
         return True
     fusion = sys.modules.get("sqcompile.backends.fusion")
-    return fusion is not None and not fusion.ENABLED
+    return fusion is not None and not fusion.enabled()
 
 
 def _dequant(ks: KernelSet, q, scale, dtype):

@@ -18,7 +18,7 @@ def test_defaults():
     ("weight_bits", 1), ("weight_bits", 9), ("act_bits", 0), ("grad_bits", 16), ("grad_bits", 4.0),
     ("norm_bits", 1), ("weight_bits", True), ("groups", 0), ("groups", 9), ("groups", -1),
     ("norm", "l2"), ("execution", "fast"), ("kernels", "cuda"), ("inner", "tvm"),
-    ("l1_scale", 0.0), ("l1_scale", float("nan")), ("collect_stats", "yes"), ("cudagraphs", 1),
+    ("l1_scale", 0.0), ("l1_scale", float("nan")), ("collect_stats", "yes"), ("cudagraphs", 1), ("fusion", 1), ("fusion", "off"),
 ])
 def test_bad_values_name_the_option(name, value):
     with pytest.raises(ValueError, match=repr(name)):

@@ -403,3 +403,18 @@ def test_training_with_fused_triton_kernels_tracks_torch_kernels():
     for lt, lr in zip(losses_t, losses_r):       # measured: 2e-4 relative at step 4
         assert abs(lt - lr) <= 0.005 * abs(lr)
     assert float((params_t - params_r).norm() / params_r.norm()) < 0.003   # measured: 3e-4
+
+
+def test_fusion_option_turns_fusion_off_for_one_compile():
+    """``options={"fusion": False}``: unfused graphs (GEMMs dequantizing in their own epilogue),
+    while the process default stays on; the results are the fused ones."""
+    torch.manual_seed(0)
+    model, x = Residual(), torch.randn(2, 5, 24)
+    out, grads, rec, _ = _compile_and_step(model, x, fused=True, options={"fusion": False})
+    assert fusion.ENABLED and not rec.regions and "forward_fused" not in rec.graphs
+    assert "triton_scaled_int8_mm" in rec.graphs["forward"]
+    ref_out, ref_grads, ref_rec, _ = _compile_and_step(model, x, fused=True)
+    assert ref_rec.regions
+    _assert_close(out, ref_out)
+    for name in grads:
+        _assert_close(grads[name], ref_grads[name])

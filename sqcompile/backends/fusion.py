@@ -42,15 +42,18 @@ Dynamo node the rewrite pass decided on, else from the module path (``nn_module_
 ``fwd_nn_module_stack``) when exactly one GEMM decision has that path.  A region with neither
 is still fused and recorded, with ``decision=None``.
 
-Fusion is on by default; ``SQCOMPILE_FUSION=0`` in the environment (read at import) or
-``sqcompile.backends.fusion.ENABLED = False`` turns it off (graphs then run the unfused ops:
+Fusion is on by default; the ``fusion=False`` option turns it off for one compile, and
+``SQCOMPILE_FUSION=0`` in the environment (read at import) or
+``sqcompile.backends.fusion.ENABLED = False`` changes the default (graphs then run the unfused ops:
 the reference for the tests).  Graphs without Triton GEMMs (``kernels="torch"``) are returned
 unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -63,6 +66,26 @@ from ..graphs import format_graph
 from ..passes.common import normalize_path
 
 ENABLED = os.environ.get("SQCOMPILE_FUSION", "1").strip().lower() not in ("0", "false", "off", "no")
+_COMPILE = threading.local()     # the ``fusion`` option of the compile this thread is tracing
+
+
+@contextlib.contextmanager
+def enabled_as(value: Optional[bool]):
+    """While a compile traces its graphs: its ``fusion`` option (``None``: the default)."""
+    previous = getattr(_COMPILE, "value", None)
+    _COMPILE.value = value
+    try:
+        yield
+    finally:
+        _COMPILE.value = previous
+
+
+def enabled(value: Optional[bool] = None) -> bool:
+    """Is fusion on: ``value`` if given, else the option of the compile being traced (see
+    :func:`enabled_as`), else :data:`ENABLED`."""
+    if value is None:
+        value = getattr(_COMPILE, "value", None)
+    return ENABLED if value is None else value
 MAX_SIDE_OUTPUTS = 3
 MAX_INLINED = 8          # operand ops folded into one region (keeps kernels small)
 
@@ -479,12 +502,14 @@ def _record(record: CompileRecord, decision, region: FusedRegion) -> None:
     decision.region = "; ".join(f"{', '.join(names)}: {label}" for label, names in by_label.items())
 
 
-def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str) -> fx.GraphModule:
+def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
+                 option: Optional[bool] = None) -> fx.GraphModule:
     """Fuse each Triton int8 GEMM of ``gm`` with its epilogue (see the module docstring);
     regions go to ``record.regions`` and their op's ``OpDecision.region``.  ``gm`` is
-    modified in place and returned; ``record.graphs[stage + "_fused"]`` shows the result."""
+    modified in place and returned; ``record.graphs[stage + "_fused"]`` shows the result.
+    ``option``: the compile's ``fusion`` option (``None``: :data:`ENABLED`)."""
     mm_op = _mm_op()
-    if not ENABLED or mm_op is None:
+    if not enabled(option) or mm_op is None:
         return gm
     gemms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is mm_op]
     if not gemms:
@@ -522,4 +547,4 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str) -> fx.Gr
     return gm
 
 
-__all__ = ["fuse_regions", "ENABLED"]
+__all__ = ["fuse_regions", "ENABLED", "enabled", "enabled_as"]

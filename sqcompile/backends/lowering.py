@@ -127,7 +127,7 @@ def compiler(stage: str, config, target, record, cuda_graphs: "CudaGraphs | None
 
     def compile_graph(gm, example_inputs):
         record.graphs[stage] = format_graph(gm)
-        gm = fuse_regions(gm, record, stage)   # Triton int8 GEMM + epilogue -> one generated kernel
+        gm = fuse_regions(gm, record, stage, config.fusion)   # Triton int8 GEMM + epilogue -> one generated kernel
         record.inner = inner_compiler(config, target, record)
         if record.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx_inner

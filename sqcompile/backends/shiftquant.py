@@ -23,7 +23,7 @@ from ..decisions import CompileRecord, attach, new_record
 from ..graphs import format_graph
 from ..passes import check_overrides, l1_norms, quantize_gemms
 from ..passes.precision import Target
-from . import lowering
+from . import fusion, lowering
 
 BACKEND_NAME = "shiftquant"
 
@@ -63,12 +63,13 @@ def shiftquant_backend(gm: fx.GraphModule, example_inputs: List[Any], options: O
     target = detect_target(example_inputs)
     rewrite(gm, config, target, record)
     compile_stage = lowering.compilers(config, target, record, len(example_inputs))
-    compiled = aot_autograd(
-        fw_compiler=compile_stage["forward"],
-        bw_compiler=compile_stage["backward"],
-        inference_compiler=compile_stage["inference"],
-        keep_inference_input_mutations=True,
-    )(gm, example_inputs)
+    with fusion.enabled_as(config.fusion):     # read while the graphs are traced (ops._epilogue_in_gemm)
+        compiled = aot_autograd(
+            fw_compiler=compile_stage["forward"],
+            bw_compiler=compile_stage["backward"],
+            inference_compiler=compile_stage["inference"],
+            keep_inference_input_mutations=True,
+        )(gm, example_inputs)
     return _attaching(compiled, record)
 
 
