@@ -164,6 +164,73 @@ class _L1Norm(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
+# The same norm over rows, on the Triton kernels (kernels="triton")
+# --------------------------------------------------------------------------------------------
+
+TRITON_MAX_ROW = 8192
+"""Longest row (elements per slice) the Triton L1 norm takes: one program holds whole rows."""
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_unsupported(dtype: torch.dtype, row: int, norm_bits: Optional[int], stats: Optional[str]) -> Optional[str]:
+    """Why a LayerNorm / RMSNorm-kind L1 norm with rows of ``row`` elements cannot run on the
+    Triton kernels (:mod:`sqcompile.kernels.triton_norm`), or ``None`` when it can."""
+    if norm_bits is None:
+        return "float L1 norm (quantize=False) has no Triton kernel"
+    if stats is not None:
+        return "collect_stats=True observes the quantizers one by one"
+    if dtype not in _TRITON_DTYPES:
+        return f"{dtype} input (the kernels take float32, bfloat16 and float16)"
+    if row > TRITON_MAX_ROW:
+        return f"rows of {row} elements (a program holds a whole row: at most {TRITON_MAX_ROW})"
+    return None
+
+
+class _TritonRowL1Norm(torch.autograd.Function):
+    """:class:`_L1Norm` over the trailing ``row`` elements (LayerNorm / RMSNorm kinds) as one
+    Triton kernel forward and one backward: the same formula and quantizers, the saved
+    tensors ``q, scale, mean, inv`` of the kernels instead of the int8 input and statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, row: int, center: bool, l1_scale: float, eps: float, norm_bits: int,
+                grad_bits: int):
+        flat = [None if t is None else t.reshape(row).contiguous() for t in (weight, bias)]
+        y, q, scale, mean, inv = torch.ops.sqcompile.triton_l1_norm(
+            x.reshape(-1, row).contiguous(), flat[0], flat[1], norm_bits, center, l1_scale, eps)
+        ctx.save_for_backward(q, scale, mean, inv, flat[0])
+        ctx.cfg = (x.shape, center, l1_scale, grad_bits,
+                   [None if t is None else (t.shape, t.dtype) for t in (weight, bias)])
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, scale, mean, inv, weight = ctx.saved_tensors
+        shape, center, l1_scale, grad_bits, metas = ctx.cfg
+        need = [meta is not None and ctx.needs_input_grad[i + 1] for i, meta in enumerate(metas)]
+        dx, dweight, dbias = torch.ops.sqcompile.triton_l1_norm_backward(
+            dy.reshape(q.shape), q, scale, mean, inv, weight, grad_bits, center, l1_scale, need[0], need[1])
+        grads = [g.view(meta[0]).to(meta[1]) if n else None for g, n, meta in zip((dweight, dbias), need, metas)]
+        return (dx.view(shape) if ctx.needs_input_grad[0] else None, *grads, None, None, None, None, None, None)
+
+
+def _row_norm(x, weight, bias, dims, *, center, l1_scale, eps, norm_bits, grad_bits, stats, kernels):
+    """A LayerNorm / RMSNorm-kind L1 norm on the kernel family ``kernels``."""
+    if kernels == "torch":
+        return _l1_norm(x, weight, bias, dims, center=center, l1_scale=l1_scale, eps=eps,
+                        norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)[0]
+    if kernels != "triton":
+        raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
+    _check_bits("norm_bits", norm_bits)
+    _check_bits("grad_bits", grad_bits)
+    row = math.prod(x.shape[d] for d in dims)
+    why = triton_unsupported(x.dtype, row, norm_bits, stats)
+    if why is not None:
+        raise ValueError(f"kernels='triton': {why}")
+    return _TritonRowL1Norm.apply(x, weight, bias, row, center, float(l1_scale), float(eps), norm_bits,
+                                  norm_bits if grad_bits is None else grad_bits)
+
+
+# --------------------------------------------------------------------------------------------
 # The four kinds: each is a view of x, weight and bias onto the layout of _L1Norm
 # --------------------------------------------------------------------------------------------
 
@@ -252,12 +319,14 @@ def _normalized_dims(x: torch.Tensor, normalized_shape: ShapeLike, fn: str) -> T
 def l1_layer_norm(x: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[torch.Tensor] = None,
                   bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, l1_scale: float = L1_SCALE,
                   norm_bits: Optional[int], grad_bits: Optional[int] = None,
-                  stats: Optional[str] = None) -> torch.Tensor:
+                  stats: Optional[str] = None, kernels: str = "torch") -> torch.Tensor:
     """L1 layer norm with the semantics of ``F.layer_norm``: statistics over the trailing
-    ``normalized_shape`` dims, one input/gradient scale per row (token)."""
+    ``normalized_shape`` dims, one input/gradient scale per row (token).  ``kernels="triton"``:
+    one Triton kernel forward and one backward (see :func:`triton_unsupported` for what they
+    take; anything else raises ``ValueError``)."""
     dims = _normalized_dims(x, normalized_shape, "l1_layer_norm")
-    return _l1_norm(x, weight, bias, dims, center=True, l1_scale=l1_scale, eps=eps,
-                    norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)[0]
+    return _row_norm(x, weight, bias, dims, center=True, l1_scale=l1_scale, eps=eps,
+                     norm_bits=norm_bits, grad_bits=grad_bits, stats=stats, kernels=kernels)
 
 
 def l1_group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
@@ -282,12 +351,13 @@ def l1_group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tenso
 
 def l1_rms_norm(x: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[torch.Tensor] = None,
                 eps: Optional[float] = None, *, l1_scale: float = L1_SCALE, norm_bits: Optional[int],
-                grad_bits: Optional[int] = None, stats: Optional[str] = None) -> torch.Tensor:
+                grad_bits: Optional[int] = None, stats: Optional[str] = None, kernels: str = "torch") -> torch.Tensor:
     """L1 RMSNorm analogue, ``weight * x / (l1_scale * mean|x| + eps)`` over the trailing
     ``normalized_shape`` dims, with the semantics of ``F.rms_norm`` (``eps=None``:
-    ``torch.finfo(x.dtype).eps``); one input/gradient scale per row (token)."""
+    ``torch.finfo(x.dtype).eps``); one input/gradient scale per row (token).  ``kernels``: as
+    :func:`l1_layer_norm`."""
     dims = _normalized_dims(x, normalized_shape, "l1_rms_norm")
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    return _l1_norm(x, weight, None, dims, center=False, l1_scale=l1_scale, eps=eps,
-                    norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)[0]
+    return _row_norm(x, weight, None, dims, center=False, l1_scale=l1_scale, eps=eps,
+                     norm_bits=norm_bits, grad_bits=grad_bits, stats=stats, kernels=kernels)

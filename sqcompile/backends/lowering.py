@@ -22,6 +22,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .. import numerics as N
 from ..graphs import format_graph
 from .fusion import fuse_regions
+from .norm_fusion import fuse_norm_quantizers
 
 
 def _noise(x, stochastic):
@@ -128,6 +129,7 @@ def compiler(stage: str, config, target, record, cuda_graphs: "CudaGraphs | None
     def compile_graph(gm, example_inputs):
         record.graphs[stage] = format_graph(gm)
         gm = fuse_regions(gm, record, stage, config.fusion)   # Triton int8 GEMM + epilogue -> one generated kernel
+        gm = fuse_norm_quantizers(gm, record, stage, config.fusion)   # L1 norm writes the GEMM's int8 input
         record.inner = inner_compiler(config, target, record)
         if record.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx_inner

@@ -8,6 +8,10 @@ FakeTensorMode dispatches to its own fake), so shapes, dtypes and strides cannot
 and the quantizers carry the same ``nondeterministic_seeded`` tag (``ops._RANDOM``).
 They stay distinct ops, not kernels registered onto the generic ones, so a graph shows which
 family each node uses and the ``"torch"`` family stays available next to ``"triton"``.
+``triton_l1_norm`` / ``triton_l1_norm_quantized`` / ``triton_l1_norm_backward`` have no
+generic twin: they are one-kernel versions of :mod:`sqcompile.norms`' L1 norm over rows,
+called by it when the norm's kernel family is ``"triton"``
+(:mod:`sqcompile.kernels.triton_norm`).
 
 The kernels are launched from plain op bodies (:func:`sqcompile.ops.custom_op`, a low-overhead
 ``torch.library`` registration; ``triton_op`` cannot be traced under Triton's CPU interpreter).  They run on CUDA tensors, and on CPU tensors only
@@ -144,6 +148,66 @@ def triton_scaled_int8_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, 
 def _(qa, sa, qb, sb, dtype):
     batch = torch.broadcast_shapes(qa.shape[:-2], qb.shape[:-2])
     return qa.new_empty((*batch, qa.shape[-2], qb.shape[-1]), dtype=dtype)
+
+
+def _norm():
+    return importlib.import_module(".triton_norm", __package__)
+
+
+@ops.custom_op("sqcompile::triton_l1_norm")
+def triton_l1_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], norm_bits: int,
+                   center: bool, l1_scale: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor, torch.Tensor]:
+    """Fully-quantized L1 norm of each row of ``x`` ``[R, L]``: ``(y, q, scale, mean, inv)``
+    (:mod:`sqcompile.kernels.triton_norm`)."""
+    _check_device(x)
+    return _norm().l1_norm(x, weight, bias, norm_bits, center, l1_scale, eps)
+
+
+def _rows_like(x: torch.Tensor, n: int) -> List[torch.Tensor]:
+    return [x.new_empty((x.shape[0], 1), dtype=torch.float32) for _ in range(n)]
+
+
+@triton_l1_norm.register_fake
+def _(x, weight, bias, norm_bits, center, l1_scale, eps):
+    return (torch.empty_like(x), torch.empty_like(x, dtype=torch.int8), *_rows_like(x, 3))
+
+
+@ops.custom_op("sqcompile::triton_l1_norm_quantized")
+def triton_l1_norm_quantized(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                             norm_bits: int, center: bool, l1_scale: float, eps: float,
+                             out_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor, torch.Tensor]:
+    """:func:`triton_l1_norm` whose output is quantized per row (nearest, ``out_bits``) in the
+    kernel: ``(qy, sy, q, scale, mean, inv)``; the float output is never written."""
+    _check_device(x)
+    return _norm().l1_norm_quantized(x, weight, bias, norm_bits, center, l1_scale, eps, out_bits)
+
+
+@triton_l1_norm_quantized.register_fake
+def _(x, weight, bias, norm_bits, center, l1_scale, eps, out_bits):
+    q = torch.empty_like(x, dtype=torch.int8)
+    qy, sy, scale, mean, inv = torch.empty_like(q), *_rows_like(x, 4)
+    return qy, sy, q, scale, mean, inv
+
+
+@ops.custom_op("sqcompile::triton_l1_norm_backward", tags=ops._RANDOM)
+def triton_l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                            inv: torch.Tensor, weight: Optional[torch.Tensor], grad_bits: int, center: bool,
+                            l1_scale: float, need_weight_grad: bool,
+                            need_bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)`` of :func:`triton_l1_norm` (the gradient quantized per row with
+    stochastic rounding first); ``dweight`` / ``dbias`` are float32 ``[L]``, empty when not needed."""
+    _check_device(dy)
+    return _norm().l1_norm_backward(dy, q, scale, mean, inv, weight, grad_bits, center, l1_scale,
+                                    need_weight_grad, need_bias_grad)
+
+
+@triton_l1_norm_backward.register_fake
+def _(dy, q, scale, mean, inv, weight, grad_bits, center, l1_scale, need_weight_grad, need_bias_grad):
+    L = dy.shape[-1]
+    sums = [dy.new_empty((L if need else 0,), dtype=torch.float32) for need in (need_weight_grad, need_bias_grad)]
+    return (torch.empty_like(dy, memory_format=torch.contiguous_format), *sums)
 
 
 ops.register_kernel_set("triton", ops.KernelSet(

@@ -10,20 +10,27 @@ for what ``running_var`` holds).
 does not (``sigma + eps``), so the rewritten node gets ``sqrt(eps)``: the denominator keeps the
 same floor, and a constant channel's gradient stays as bounded as in the L2 layer.
 
+With the ``"triton"`` kernel family (``kernels="triton"``, or ``"auto"`` on CUDA), LayerNorm
+and RMSNorm run on the one-kernel Triton L1 norm (:mod:`sqcompile.kernels.triton_norm`) when
+:func:`sqcompile.norms.triton_unsupported` allows (float32/bfloat16/float16 rows of at most
+8192 elements, quantized, no ``collect_stats``); their decision says ``triton``, or why not.
+BatchNorm and GroupNorm stay on the torch implementation.
+
 ``norm="keep"`` (globally or per module through ``overrides``) leaves a norm as it is;
 ``instance_norm`` is always left in float and reported.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch.fx as fx
 
 from .. import norms
 from ..config import Config
-from ..decisions import EXEC_FLOAT, EXEC_SIMULATED, CompileRecord, OpDecision, stats_key
-from .common import bind, call_name, is_float_tensor, module_path, shape_of
-from .precision import Target, op_config
+from ..decisions import EXEC_FLOAT, EXEC_SIMULATED, EXEC_TRITON, CompileRecord, OpDecision, stats_key
+from .common import bind, call_name, example_value, is_float_tensor, module_path, shape_of
+from .precision import Target, kernel_family, op_config
 
 _NORMS = {
     "batch_norm": (norms.l1_batch_norm,
@@ -45,13 +52,14 @@ def l1_norms(gm: fx.GraphModule, config: Config, target: Target, record: Compile
         if name in _FLOAT_ONLY:
             record.add(_decision(node, name, reason=_FLOAT_ONLY[name]))
         elif name in _NORMS:
-            _rewrite(gm, node, name, config, record)
+            _rewrite(gm, node, name, config, target, record)
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, record: CompileRecord) -> None:
+def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, target: Target,
+             record: CompileRecord) -> None:
     fn, names, defaults = _NORMS[name]
     args = bind(node, names, defaults)
     cfg, override_reason = op_config(node, config, name)
@@ -74,6 +82,9 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, recor
     kwargs = {"l1_scale": cfg.l1_scale, "norm_bits": bits, "grad_bits": bits}
     if config.collect_stats and bits is not None:
         kwargs["stats"] = stats_key(record, node.name)
+    triton_why = _triton_rows(name, args, cfg, target, bits, kwargs.get("stats"))
+    if triton_why is None:
+        kwargs["kernels"] = "triton"
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(fn, positional, kwargs)
     new.meta.update(node.meta)
@@ -86,13 +97,28 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, recor
         record.add(decision)
         return
     decision.quantized = True
-    decision.execution = EXEC_SIMULATED
+    decision.execution = EXEC_TRITON if triton_why is None else EXEC_SIMULATED
+    if triton_why:
+        decision.reason = f"not on the Triton kernels: {triton_why}"
     decision.norm_bits = cfg.norm_bits
     decision.act_bits = cfg.norm_bits
     decision.act_quantizer = "per-slice, nearest"
     decision.grad_bits = cfg.norm_bits
     decision.grad_quantizer = "per-slice, stochastic"
     record.add(decision)
+
+
+def _triton_rows(name: str, args: dict, cfg, target: Target, bits, stats) -> Optional[str]:
+    """``None`` when the norm runs on the Triton L1-norm kernels (LayerNorm / RMSNorm kinds,
+    kernel family ``"triton"``); else why not (``""`` when the family is not Triton at all)."""
+    if name not in ("layer_norm", "rms_norm") or kernel_family(cfg, target) != "triton":
+        return ""
+    x = example_value(args["input"])
+    shape = args["normalized_shape"]
+    shape = [shape] if isinstance(shape, int) else list(shape)
+    if x is None or not all(isinstance(s, int) for s in shape):
+        return "the row length is not static"
+    return norms.triton_unsupported(x.dtype, math.prod(shape), bits, stats)
 
 
 def _decision(node: fx.Node, name: str, reason=None) -> OpDecision:

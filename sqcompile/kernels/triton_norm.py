@@ -1,0 +1,256 @@
+"""Triton kernels of the fully-quantized L1 norm over rows (LayerNorm and RMSNorm kinds).
+
+:mod:`sqcompile.norms` defines the math (and the torch implementation every other case
+uses); these kernels compute the same thing for the case that matters on a GPU: the norm runs
+over the trailing ``L`` elements of each row of a contiguous ``[R, L]`` tensor, ``L`` up to
+:data:`sqcompile.norms.TRITON_MAX_ROW`, so one program holds whole rows in registers and reads each element once.
+
+Forward (:func:`l1_norm`), per row, in float32 whatever the input dtype:
+
+1. ``q, s = quantize(x, norm_bits)`` with one scale per row, nearest rounding: bit-exact with
+   :func:`sqcompile.numerics.quantize` (the device functions are
+   :mod:`~sqcompile.kernels.triton_quant`'s);
+2. ``xc = q * s``; ``mean = sum(xc) / L`` (centered kinds); ``sigma = c * sum|xc - mean| / L``;
+   ``inv = 1 / (sigma + eps)``; ``y = (xc - mean) * inv * weight + bias``, rounded to ``x``'s
+   dtype;
+3. with ``out_bits`` (:func:`l1_norm_quantized`, what the fusion pass uses when the norm's
+   only consumers quantize its output per row for a GEMM): ``y`` is not written; the kernel
+   quantizes the rounded ``y`` per row (nearest, ``out_bits``) and writes int8 and the row
+   scales, bit-exact with ``triton_quantize(y, out_bits, rows, nearest)`` on the ``y`` the
+   plain kernel writes.
+
+Written: ``q`` (int8) and the per-row ``scale``, ``mean``, ``inv`` (float32 ``[R, 1]``) that
+the backward reads, instead of the float input.
+
+Backward (:func:`l1_norm_backward`): the incoming gradient is quantized per row at
+``grad_bits`` with stochastic rounding (the noise of ``triton_quantize`` for the same seed and
+layout: element ``(r, l)`` of an ``[R, L]`` tensor gets the same draw), dequantized, and
+``dx = (g - mean(g) - c * mean(g * xhat) * (sign(xhat) - mean(sign xhat))) * inv`` with
+``g = dy * weight`` (the RMS kind drops the two mean corrections; :mod:`sqcompile.norms`
+derives it).  ``dweight = sum_rows dy * xhat`` and ``dbias = sum_rows dy`` are summed per
+program over its rows in registers, then over programs with ``torch.sum`` (deterministic).
+
+Reductions run in a different order than torch's, so ``y``, ``mean``, ``inv`` and the
+gradients agree with :mod:`sqcompile.norms` to float32 rounding, not bit for bit; the
+integers and scales of the input quantizer are exact.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import numerics as N
+from ..norms import triton_unsupported
+from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _multipliers, _quantize_values, _scale_of, _seed_arg,
+                           _uniform_noise, cast_rtne)
+
+
+
+@triton.jit
+def _quantize_rows(x, mask, QMAX: tl.constexpr):
+    """Per-row nearest quantization of the tile ``x``: ``(q int32, scale [BLOCK_R])``."""
+    scale = _scale_of(tl.max(tl.where(mask, _abs_nan_as_inf(x), 0.0), axis=1), QMAX)
+    divisor, pre, inv = _multipliers(scale, False)
+    q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], 0.0, QMAX, False)
+    return tl.where(mask, q, 0), scale
+
+
+@triton.jit
+def _l1_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, qy_ptr, sy_ptr, R, L,
+                    l1_scale, eps,
+                    QMAX: tl.constexpr, OUT_QMAX: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr, OUT_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Rows ``[pid * BLOCK_R, ...)``: see the module docstring.  ``OUT_Q``: write ``qy, sy``
+    (``y`` quantized per row with ``OUT_QMAX``) instead of ``y``."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_L)
+    mask_r = rows < R
+    mask_l = cols < L
+    mask = mask_r[:, None] & mask_l[None, :]
+    offs = rows.to(tl.int64)[:, None] * L + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    q, scale = _quantize_rows(x, mask, QMAX)
+    tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
+    tl.store(s_ptr + rows, scale, mask=mask_r)
+    xc = tl.where(mask, q.to(tl.float32) * scale[:, None], 0.0)          # numerics.dequantize
+    if CENTER:
+        mean = tl.math.div_rn(tl.sum(xc, axis=1), L * 1.0)
+        z = tl.where(mask, xc - mean[:, None], 0.0)
+    else:
+        mean = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        z = xc
+    sigma = l1_scale * tl.math.div_rn(tl.sum(tl.abs(z), axis=1), L * 1.0)
+    inv = tl.math.div_rn(1.0, sigma + eps)
+    tl.store(mean_ptr + rows, mean, mask=mask_r)
+    tl.store(inv_ptr + rows, inv, mask=mask_r)
+    y = z * inv[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=mask_l, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=mask_l, other=0.0).to(tl.float32)[None, :]
+    if OUT_Q:
+        # quantize y as the unfused graph would: y rounded to its dtype (x's) first
+        y = cast_rtne(y, x_ptr.dtype.element_ty)
+        qy, sy = _quantize_rows(y, mask, OUT_QMAX)
+        tl.store(qy_ptr + offs, qy.to(tl.int8), mask=mask)
+        tl.store(sy_ptr + rows, sy, mask=mask_r)
+    else:
+        tl.store(y_ptr + offs, cast_rtne(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, seed_ptr,
+                             R, L, l1_scale, n_programs,
+                             GQMAX: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr,
+                             NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Row blocks ``pid, pid + n_programs, ...``; writes ``dx`` and this program's partial
+    column sums ``dw[pid]`` / ``db[pid]`` (see the module docstring)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_L)
+    mask_l = cols < L
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=mask_l, other=0.0).to(tl.float32)
+    seed = tl.load(seed_ptr)
+    dw = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    for start in range(pid * BLOCK_R, R, n_programs * BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask_r = rows < R
+        mask = mask_r[:, None] & mask_l[None, :]
+        offs = rows.to(tl.int64)[:, None] * L + cols[None, :]
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+        # stochastic per-row quantization of the gradient (triton_quantize's noise), dequantized
+        gscale = _scale_of(tl.max(tl.where(mask, _abs_nan_as_inf(dy), 0.0), axis=1), GQMAX)
+        divisor, pre, ginv = _multipliers(gscale, True)
+        noise = _uniform_noise(seed, rows, 0, L, BLOCK_R, BLOCK_L)
+        dq = _quantize_values(dy, divisor[:, None], pre[:, None], ginv[:, None], noise, GQMAX, True)
+        dyc = tl.where(mask, dq.to(tl.float32) * gscale[:, None], 0.0)
+        # the saved input, dequantized, and xhat
+        xc = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32) * tl.load(s_ptr + rows, mask=mask_r,
+                                                                                 other=0.0)[:, None]
+        inv = tl.load(inv_ptr + rows, mask=mask_r, other=0.0)
+        if CENTER:
+            xc = xc - tl.load(mean_ptr + rows, mask=mask_r, other=0.0)[:, None]
+        xhat = tl.where(mask, xc * inv[:, None], 0.0)
+        if NEED_DW:
+            dw += tl.sum(dyc * xhat, axis=0)
+        if NEED_DB:
+            db += tl.sum(dyc, axis=0)
+        g = dyc
+        if HAS_W:
+            g = g * w[None, :]
+        proj = l1_scale * tl.math.div_rn(tl.sum(g * xhat, axis=1), L * 1.0)
+        sgn = tl.where(xhat > 0.0, 1.0, tl.where(xhat < 0.0, -1.0, 0.0))
+        if CENTER:
+            g = g - tl.math.div_rn(tl.sum(g, axis=1), L * 1.0)[:, None]
+            sgn = sgn - tl.math.div_rn(tl.sum(sgn, axis=1), L * 1.0)[:, None]
+        g = g - proj[:, None] * sgn
+        tl.store(dx_ptr + offs, cast_rtne(g * inv[:, None], dx_ptr.dtype.element_ty), mask=mask)
+    if NEED_DW:
+        tl.store(dw_ptr + pid * L + cols, dw, mask=mask_l)
+    if NEED_DB:
+        tl.store(db_ptr + pid * L + cols, db, mask=mask_l)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _programs(device: torch.device) -> int:
+    if INTERPRETED or device.type != "cuda":
+        return 3
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block(L: int, elements: int) -> Tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_L, num_warps)``: whole rows, about ``elements`` values a program
+    (fewer in the interpreter, where every element costs CPU time)."""
+    block_l = max(16, triton.next_power_of_2(L))
+    if INTERPRETED:
+        elements = 256
+    block_r = max(1, min(64, elements // block_l))
+    return block_r, block_l, 8 if block_r * block_l >= 8192 else 4
+
+
+def _check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Tuple[int, int]:
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"triton L1 norm: x must be a contiguous [rows, L] tensor, got {tuple(x.shape)} "
+                         f"with strides {x.stride()}")
+    R, L = x.shape
+    why = triton_unsupported(x.dtype, L, 8, None)
+    if why is not None:
+        raise ValueError(f"triton L1 norm: unsupported {why}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.shape != (L,) or not t.is_contiguous()):
+            raise ValueError(f"triton L1 norm: {name} must be a contiguous [{L}] tensor, got {tuple(t.shape)}")
+    return R, L
+
+
+def _forward(x, weight, bias, norm_bits, center, l1_scale, eps, out_bits):
+    R, L = _check(x, weight, bias)
+    dev = x.device
+    q = torch.empty_like(x, dtype=torch.int8)
+    scale, mean, inv = (torch.empty((R, 1), dtype=torch.float32, device=dev) for _ in range(3))
+    if out_bits is None:
+        y, qy, sy = torch.empty_like(x), q, scale           # qy / sy: unused pointers
+    else:
+        y = x                                               # unused pointer
+        qy = torch.empty_like(x, dtype=torch.int8)
+        sy = torch.empty((R, 1), dtype=torch.float32, device=dev)
+    if R:
+        block_r, block_l, warps = _block(L, 4096)
+        _l1_norm_kernel[(triton.cdiv(R, block_r),)](
+            x, x if weight is None else weight, x if bias is None else bias, y, q, scale, mean, inv, qy, sy, R, L,
+            float(l1_scale), float(eps), QMAX=N.qmax(norm_bits), OUT_QMAX=N.qmax(out_bits or 8), CENTER=center,
+            HAS_W=weight is not None, HAS_B=bias is not None, OUT_Q=out_bits is not None,
+            BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps)
+    return y, qy, sy, q, scale, mean, inv
+
+
+def l1_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], norm_bits: int,
+            center: bool, l1_scale: float, eps: float):
+    """``(y, q, scale, mean, inv)`` of the L1 norm of each row of ``x`` ``[R, L]`` (see the
+    module docstring); ``mean`` is 0 for the RMS kind (``center=False``)."""
+    y, _, _, q, scale, mean, inv = _forward(x, weight, bias, norm_bits, center, l1_scale, eps, None)
+    return y, q, scale, mean, inv
+
+
+def l1_norm_quantized(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      norm_bits: int, center: bool, l1_scale: float, eps: float, out_bits: int):
+    """``(qy, sy, q, scale, mean, inv)``: :func:`l1_norm` whose output is quantized per row
+    (nearest, ``out_bits``) in the kernel instead of being written."""
+    _, qy, sy, q, scale, mean, inv = _forward(x, weight, bias, norm_bits, center, l1_scale, eps, out_bits)
+    return qy, sy, q, scale, mean, inv
+
+
+def l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, inv: torch.Tensor,
+                     weight: Optional[torch.Tensor], grad_bits: int, center: bool, l1_scale: float,
+                     need_weight_grad: bool, need_bias_grad: bool, *,
+                     seed: Union[None, int, torch.Tensor] = None):
+    """``(dx, dweight, dbias)`` (float32 ``[L]`` sums, empty when not needed) from the saved
+    ``q, scale, mean, inv`` of :func:`l1_norm` (see the module docstring).  ``seed``: the
+    stochastic rounding's Philox seed (default: drawn on the device from torch's generator)."""
+    dy = dy.contiguous()
+    R, L = _check(dy, weight, None)
+    dev = dy.device
+    dx = torch.empty_like(dy)
+    empty = torch.empty((0,), dtype=torch.float32, device=dev)
+    if R == 0:
+        zeros = torch.zeros((L,), dtype=torch.float32, device=dev)
+        return dx, zeros if need_weight_grad else empty, zeros if need_bias_grad else empty
+    block_r, block_l, warps = _block(L, 2048)
+    programs = min(triton.cdiv(R, block_r), _programs(dev))
+    dw = torch.empty((programs, L), dtype=torch.float32, device=dev) if need_weight_grad else empty
+    db = torch.empty((programs, L), dtype=torch.float32, device=dev) if need_bias_grad else empty
+    seed = _seed_arg(seed, True, dev, empty)
+    _l1_norm_backward_kernel[(programs,)](
+        dy, q, scale, mean, inv, dy if weight is None else weight, dx, dw, db, seed, R, L, float(l1_scale), programs,
+        GQMAX=N.qmax(grad_bits), CENTER=center, HAS_W=weight is not None, NEED_DW=need_weight_grad,
+        NEED_DB=need_bias_grad, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps)
+    return dx, dw.sum(0) if need_weight_grad else empty, db.sum(0) if need_bias_grad else empty
