@@ -28,6 +28,10 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
    ``--float-attention`` also times it with attention's two matmuls left in bf16
    (``overrides={"*:matmul": None}``, the Linears int8).  Errors there are printed and the
    script goes on.
+4. The L1 norm at the block's LayerNorm shape ([8192, 1024] bf16), forward+backward: the Triton
+   kernels against the same norm fused by Inductor and against bf16 ``nn.LayerNorm`` under
+   Inductor (CUDA-graph replay); and the forward with its output quantized for a GEMM inside
+   the norm kernel against the norm plus a separate quantizer.
 
 Exits 0 with a message when CUDA is absent.
 """
@@ -49,6 +53,7 @@ import torch.nn.functional as F
 QUANT_BITS = dict(a_bits=4, w_bits=4, grad_bits=4, groups=4)
 SUMMARY: list = []
 PROFILE = False     # --profile
+_MEASURED: dict = {}
 
 
 def bench(fns: dict, reps: int, cuda_graph: bool = False) -> dict:
@@ -170,14 +175,16 @@ def part_linear(reps: int) -> None:
 # 2. Quantizer throughput
 # ---------------------------------------------------------------------------------------------
 
-def copy_bandwidth(reps: int) -> float:
-    """GB/s of a device-to-device copy (bytes read + written) of 512 MiB, well past L2."""
-    src = torch.empty(2 ** 29, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = bench({"copy": lambda: dst.copy_(src)}, reps)["copy"]
-    bandwidth = 2 * src.numel() / ms / 1e6
-    record("2 quant", f"device-to-device copy (512 MiB): {ms:.3f} ms", f"{bandwidth:.0f} GB/s")
-    return bandwidth
+def copy_bandwidth(reps: int, part: str = "2 quant") -> float:
+    """GB/s of a device-to-device copy (bytes read + written) of 512 MiB, well past L2
+    (measured once per run)."""
+    if "copy" not in _MEASURED:
+        src = torch.empty(2 ** 29, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        ms = bench({"copy": lambda: dst.copy_(src)}, reps)["copy"]
+        _MEASURED["copy"] = 2 * src.numel() / ms / 1e6
+        record(part, f"device-to-device copy (512 MiB): {ms:.3f} ms", f"{_MEASURED['copy']:.0f} GB/s")
+    return _MEASURED["copy"]
 
 
 def part_quantizers(reps: int) -> None:
@@ -339,9 +346,56 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_att
             profile(f"block {name}", fn)
 
 
+# ---------------------------------------------------------------------------------------------
+# 4. L1 norm forward+backward
+# ---------------------------------------------------------------------------------------------
+
+def part_norm(reps: int) -> None:
+    """The block's LayerNorm shape, [8192, 1024] bf16, forward + backward: sqcompile's Triton L1
+    norm (one kernel each way) against the same L1 norm as torch ops fused by Inductor (the
+    ``kernels="torch"`` path on CUDA) and against bf16 ``nn.LayerNorm`` under Inductor; and
+    the forward with its output quantized for a GEMM, fused in the norm kernel
+    (``triton_l1_norm_quantized``) against the norm followed by ``triton_quantize``."""
+    from sqcompile import norms
+    print("\n[4] L1 norm [8192, 1024] bf16 forward+backward", flush=True)
+    R, L = 8192, 1024
+    x = torch.randn(R, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ln = torch.nn.LayerNorm(L).cuda().bfloat16()
+    dy = torch.randn(R, L, device="cuda", dtype=torch.bfloat16)
+    inductor_l1 = torch.compile(ln, backend="shiftquant", options={"kernels": "torch", "inner": "inductor"})
+    inductor_l2 = torch.compile(ln)
+
+    def step(forward):
+        return lambda: torch.autograd.grad(forward(), (x, *ln.parameters()), dy, allow_unused=True)
+
+    def triton_l1():
+        return norms.l1_layer_norm(x, [L], ln.weight, ln.bias, eps=1e-3, norm_bits=8, kernels="triton")
+
+    fns = {"triton L1": step(triton_l1), "inductor L1": step(lambda: inductor_l1(x)),
+           "inductor L2 (nn.LayerNorm)": step(lambda: inductor_l2(x))}
+    try:                       # the kernels alone, as in a captured training step
+        t = bench(fns, reps, cuda_graph=True)
+    except Exception as e:     # capture refused: time launches from Python instead
+        record("4 norm", f"CUDA-graph timing failed ({type(e).__name__}); launched from Python", "info")
+        t = bench(fns, reps)
+    copy_gbs = copy_bandwidth(reps, "4 norm")
+    essential = R * L * (2 + 2 + 1) * 2          # fwd: x, y, q; bwd: dy, q, dx (bytes)
+    for name, ms in t.items():
+        extra = f", {essential / ms / 1e6 / copy_gbs:.0%} of copy" if name == "triton L1" else ""
+        record("4 norm", f"fwd+bwd {name}: {ms:.3f} ms{extra}", f"{t['inductor L1'] / ms:.2f}x inductor L1")
+
+    ops = torch.ops.sqcompile
+    xd, w, b = x.detach(), ln.weight.detach(), ln.bias.detach()
+    args = (xd, w, b, 8, True, 1.2533, 1e-3)
+    t = bench({"norm + quantize": lambda: ops.triton_quantize(ops.triton_l1_norm(*args)[0], 4, [0], False),
+               "norm with quantized output": lambda: ops.triton_l1_norm_quantized(*args, 4)}, reps, cuda_graph=True)
+    for name, ms in t.items():
+        record("4 norm", f"fwd {name}: {ms:.3f} ms", f"{t['norm + quantize'] / ms:.2f}x unfused")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="1,2,3", help="comma-separated parts to run (1, 2, 3)")
+    parser.add_argument("--parts", default="1,2,3,4", help="comma-separated parts to run (1, 2, 3, 4)")
     parser.add_argument("--reps", type=int, default=5, help="interleaved rounds per measurement")
     parser.add_argument("--block-timeout", type=int, default=150, help="seconds allowed for each compile in part 3")
     parser.add_argument("--ablate-fusion", action="store_true",
@@ -366,7 +420,8 @@ def main() -> int:
     parts = {p.strip() for p in args.parts.split(",")}
     started = time.perf_counter()
     for key, run in [("1", lambda: part_linear(args.reps)), ("2", lambda: part_quantizers(args.reps)),
-                     ("3", lambda: part_block(args.reps, args.block_timeout, args.ablate_fusion, args.float_attention))]:
+                     ("3", lambda: part_block(args.reps, args.block_timeout, args.ablate_fusion, args.float_attention)),
+                     ("4", lambda: part_norm(args.reps))]:
         if key not in parts:
             continue
         try:
