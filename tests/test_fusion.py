@@ -168,6 +168,67 @@ def test_generated_kernel_matches_the_ops_it_replaces(program):
             _assert_close(x.cpu(), y)
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_generated_kernel_computes_exact_channel_ranges(dtype):
+    """Range outputs: max |value| per column ("n") and per row ("m"), per batch, NaN as +inf,
+    exactly (a max does not depend on the order the tiles combine in)."""
+    from sqcompile.kernels import triton_fused as tf
+    ins = (("", "f32"), ("bmn", dtype))
+    ops = (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("convert", dtype, "v1"),
+           ("gelu_backward", dtype, "v2", "in1"))
+    ep = tf.Epilogue(ins, ops, ("v3",), (("v3", "n"), ("v3", "m"), ("v1", "n")))
+    B, M, K, N = 2, 37, 45, 19
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(-127, 128, (B, M, K), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (B, K, N), dtype=torch.int8, generator=g)
+    inputs = [torch.tensor(1e-3), torch.randn(B, M, N, generator=g).to(tf.DTYPES[dtype])]
+    inputs[1][1, 5, 7] = float("nan")                  # -> +inf in column 7 / row 5 of batch 1
+    out, cols, rows, cols_v1 = torch.ops.sqcompile.triton_fused_int8_mm(
+        a.to(DEVICE), b.to(DEVICE), [t.to(DEVICE) for t in inputs], ep.signature())
+    expected, v1 = _reference(ep, a, b, inputs), None
+    torch.testing.assert_close(out.cpu().float(), expected[0].float(), rtol=2 ** -7, atol=1e-6, equal_nan=True)
+    mag = out.cpu().float().abs().nan_to_num(nan=float("inf"))    # the kernel's own output
+    assert cols.dtype == torch.float32 and cols.shape == (B, N) and rows.shape == (B, M)
+    assert torch.equal(cols.cpu(), mag.amax(1)) and torch.equal(rows.cpu(), mag.amax(2))
+    assert cols[1, 7] == float("inf") and rows[1, 5] == float("inf") and torch.isfinite(cols[0]).all()
+    v1 = (torch.stack([torch._int_mm(a[i], b[i]) for i in range(B)]).float() * inputs[0]).abs()
+    assert torch.equal(cols_v1.cpu(), v1.amax(1))
+
+
+def test_range_axis_maps_shiftquant_channels_onto_the_gemm_output():
+    rng = fusion._range_axis
+    t = torch.empty
+    assert rng(t(1, 32, 128), [0, 2], (1, 32, 128)) == "n"
+    assert rng(t(1, 32, 128), [0, 1], (1, 32, 128)) == "m"
+    assert rng(t(2, 16, 128), [0, 1], (1, 32, 128)) == "m"        # the Linear's GEMM merged batch and tokens
+    assert rng(t(2, 16, 128), [2], (1, 32, 128)) == "n"
+    assert rng(t(2, 16, 128), [1], (1, 32, 128)) is None          # half of M kept, half reduced
+    assert rng(t(8, 16, 64), [0, 2], (8, 16, 64)) == "n"
+    assert rng(t(8, 16, 64), [2], (8, 16, 64)) is None            # channels merge batches
+    assert rng(t(1, 32, 128), [0, 1, 2], (1, 32, 128)) is None    # one range per element
+    assert rng(t(1, 128, 32).transpose(1, 2), [0, 2], (1, 32, 128)) is None    # not a plain view
+    assert rng(t(4, 8, 128), [0, 2], (1, 32, 128)) is None        # M split in two, one part kept
+    assert rng(t(1, 16, 256), [0, 2], (1, 32, 128)) is None        # dim 2 straddles M and N
+
+
+def test_region_ranges_are_exactly_the_shiftquant_range_pass(monkeypatch):
+    """The same training step with the ranges computed in the region and by the quantizers'
+    own range pass: bit-identical gradients."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(24, 24), Residual()), torch.randn(2, 5, 24)
+    _, grads, rec, _ = _compile_and_step(model, x, fused=True)
+    monkeypatch.setattr(fusion, "_find_ranges", lambda r, sq: None)
+    _, ref_grads, ref_rec, _ = _compile_and_step(model, x, fused=True)
+    assert "int8_mm+dequant+gelu_backward+ranges" in _labels(rec, "backward")
+    assert not any("ranges" in label for label in _labels(ref_rec, "backward"))
+    # fc1's output gradient: ranges along its columns (dX) and its rows (dW); the first
+    # Linear's (fc1's dX plus the residual's gradient): along its rows (dW; it has no dX)
+    assert rec.graphs["backward_fused"].count("sqcompile.triton_shiftquant_ranged(") == 3
+    assert "triton_shiftquant_ranged" not in ref_rec.graphs["backward_fused"]
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
 def test_generated_source_is_small_and_keyed_by_signature():
     from sqcompile.kernels import triton_fused as tf
     ins, ops, outs = PROGRAMS["f32-forward"]
@@ -259,9 +320,12 @@ def test_fused_regions_compute_what_the_unfused_graph_computes(dtype):
     fc1 = rec.regions[0]
     assert fc1.outputs == 2       # the pre-activation, saved for backward, is a side output
     assert "triton_int8_mm" in fc1.nodes and "gelu" in fc1.nodes
-    # backward: dX of fc2 takes gelu's backward along; the others end at the weight's transpose
-    assert _labels(rec, "backward") == [f"int8_mm+dequant{cast}+gelu_backward", f"int8_mm+dequant{cast}",
+    # backward: dX of fc2 takes gelu's backward along, and computes the row ranges of the
+    # ShiftQuant of fc1's output gradient for fc1's dW (fc1 has no dX: x needs no gradient);
+    # the others end at the weight's transpose
+    assert _labels(rec, "backward") == [f"int8_mm+dequant{cast}+gelu_backward+ranges", f"int8_mm+dequant{cast}",
                                         f"int8_mm+dequant{cast}"]
+    assert rec.graphs["backward_fused"].count("sqcompile.triton_shiftquant_ranged(") == 1
     fused_fw = rec.graphs["forward_fused"]
     assert fused_fw.count("sqcompile.triton_fused_int8_mm(") == 2 and "triton_int8_mm(" not in fused_fw
     assert rec.graphs["backward_fused"].count("sqcompile.triton_fused_int8_mm(") == 3
@@ -276,7 +340,7 @@ def test_int16_gradient_regions_fold_the_low_digit_gemm():
     options = dict(grad_bits=6, groups=4)
     out, grads, rec, _ = _compile_and_step(model, x, fused=True, options=options)
     ref_out, ref_grads, _, _ = _compile_and_step(model, x, fused=False, options=options)
-    assert _labels(rec, "backward") == ["int8_mm+int16+dequant+gelu_backward", "int8_mm+int16+dequant",
+    assert _labels(rec, "backward") == ["int8_mm+int16+dequant+gelu_backward+ranges", "int8_mm+int16+dequant",
                                         "int8_mm+int16+dequant"]
     _assert_close(out, ref_out)
     for name in grads:

@@ -367,6 +367,30 @@ def test_shiftquant_prescale_is_bit_exact(shape, channel_dims, layout, bits, gro
     _same(e1, e2)                          # stochastic too: the same noise, the same product
 
 
+@pytest.mark.parametrize("shape,channel_dims", [((1, 37, 45), [0, 2]), ((1, 37, 45), [0, 1]), ((3, 10, 20), [0, 2])])
+def test_shiftquant_with_given_ranges_is_shiftquant(shape, channel_dims):
+    """``ranges=`` (what a fused region computes): the raw channel amax, NaN as +inf, in the
+    channel order row-major over channel_dims; with a prescale and stochastic rounding the
+    result is bit-identical to the quantizer's own range pass."""
+    tq, _ = _kernels()
+    g = torch.Generator().manual_seed(len(shape) + channel_dims[-1])
+    x = (torch.randn(shape, generator=g) * torch.exp2(torch.randint(-6, 1, shape, generator=g).float())).bfloat16()
+    x.view(-1)[7] = float("nan")
+    m = torch.rand([s if d in channel_dims else 1 for d, s in enumerate(shape)], generator=g) + 0.5
+    reduce = [d for d in range(len(shape)) if d not in channel_dims]
+    ranges = x.float().abs().nan_to_num(nan=float("inf")).amax(reduce)
+    x, m, ranges = x.to(DEVICE), m.to(DEVICE), ranges.to(DEVICE)
+    for stochastic in (False, True):
+        got = tq.shiftquant(x, 4, 4, channel_dims, stochastic, seed=3, prescale=m, ranges=ranges)
+        want = tq.shiftquant(x, 4, 4, channel_dims, stochastic, seed=3, prescale=m)
+        _same(got[0], want[0])
+        _same(got[1], want[1])
+    op = torch.ops.sqcompile.triton_shiftquant_ranged           # the op the fusion pass inserts
+    _same(op(x, ranges, 4, 4, channel_dims, False, m)[0], tq.shiftquant(x, 4, 4, channel_dims, False, prescale=m)[0])
+    with pytest.raises(ValueError, match="ranges"):
+        tq.shiftquant(x, 4, 4, channel_dims, False, ranges=ranges[..., :-1])
+
+
 def test_shiftquant_int16_expanded_form():
     tq, _ = _kernels()
     x = torch.randn(3, 33, 45, generator=torch.Generator().manual_seed(21)).to(DEVICE)

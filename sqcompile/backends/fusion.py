@@ -20,6 +20,15 @@ elementwise ops that consumes its result one after the other:
 The search walks a networkx ``DiGraph`` of the FX graph (value -> consumers), kept up to date
 as regions are replaced, and checks that no input of a region depends on the region itself.
 
+When ShiftQuant quantizers (``triton_shiftquant``) read the region's final value (directly or
+through views) with channels that are the output's columns or rows (per batch), the region
+also computes their channel ranges in its epilogue (``max |value|`` per column or row: a tile
+max and an integer atomic max on the float bits, exact in any order), and the quantizers
+become ``triton_shiftquant_ranged``, which skip their own range pass over memory.  The
+label then ends in ``+ranges``.  This is the usual case for a gradient: the ``dX`` GEMM of one
+Linear (with the activation's backward) produces the output gradient of the Linear before
+it, which its two backward GEMMs ShiftQuant along its columns and along its rows.
+
 The chain ends at the first op that is not elementwise (a quantizer, a reduction, a
 transpose), at a value with two or more consumers, at an operand that does not map onto the
 ``[B, M, N]`` tile, or at an unsupported dtype (float64) or dynamic shape.  One exception to
@@ -179,6 +188,8 @@ class _Region:
     #                                     reads a full [M, N] tile from memory, "I": an int32 one
     tags: List[str] = field(default_factory=list)             # label parts
     stop: str = ""
+    ranges: List[Tuple[str, str]] = field(default_factory=list)  # [value, axis]: ShiftQuant ranges
+    range_users: List[Tuple[fx.Node, int]] = field(default_factory=list)   # (shiftquant node, range)
 
     def snapshot(self):
         return (len(self.members), len(self.chain), len(self.side), len(self.inputs), len(self.ops),
@@ -377,6 +388,56 @@ class _Search:
         return ref
 
 
+def _shiftquant_op():
+    packet = getattr(torch.ops.sqcompile, "triton_shiftquant", None)
+    return None if packet is None else packet.default
+
+
+def _range_axis(x: torch.Tensor, channel_dims, gemm3) -> Optional[str]:
+    """``"n"`` / ``"m"`` when ShiftQuant's channels of ``x`` (a contiguous view of a GEMM output
+    ``[B, M, N]``) over ``channel_dims`` are the output's (batch, column) / (batch, row) pairs,
+    in that row-major order; else None.  Each dim of ``x`` must lie within one of the output's
+    dims (in its flat index), and each output dim must be kept or reduced as a whole."""
+    B, M, N = gemm3
+    if not x.is_contiguous() or x.numel() != B * M * N or x.numel() == 0:
+        return None
+    nd = x.dim()
+    kept_dims = {d % nd for d in channel_dims}
+    spans = (("n", 1, N), ("m", N, N * M), ("b", N * M, N * M * B))
+    kept, reduced = set(), set()
+    for d, (size, stride) in enumerate(zip(x.shape, x.stride())):
+        if size == 1:
+            continue
+        inside = [name for name, lo, hi in spans if lo <= stride and stride * size <= hi]
+        if not inside:
+            return None          # straddles two output dims
+        (kept if d in kept_dims else reduced).add(inside[0])
+    if kept & reduced or (B > 1 and "b" not in kept) or ("m" in kept) == ("n" in kept):
+        return None
+    return "n" if "n" in kept else "m"
+
+
+def _find_ranges(r: _Region, shiftquant) -> None:
+    """Let the region also compute the channel ranges of each ShiftQuant that reads its final
+    value (through views): that quantizer then skips its own range pass."""
+    final = r.chain[-1]
+    ref, stack = r.value[final], [final]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if _is_view(user) and user.args[0] is node and _val(user) is not None and _val(user).is_contiguous():
+                stack.append(user)
+            elif user.target is shiftquant and user.args[0] is node:
+                axis = _range_axis(_val(node), user.args[3], r.gemm3)
+                if axis is None:
+                    continue
+                if [ref, axis] not in r.ranges:
+                    r.ranges.append([ref, axis])
+                r.range_users.append((user, r.ranges.index([ref, axis])))
+    if r.ranges:
+        r.tags.append("ranges")
+
+
 def _broadcast(small: List[int], big: List[int]) -> Optional[List[int]]:
     if len(small) > len(big):
         return None
@@ -425,7 +486,8 @@ def _new(graph: fx.Graph, target, args, like: fx.Node, mode) -> fx.Node:
 
 
 def _rewrite(gm: fx.GraphModule, r: _Region, signature: str) -> List[fx.Node]:
-    """Replace the region by the fused call; returns the new nodes."""
+    """Replace the region (and the ShiftQuants it computes the ranges of) by the fused call;
+    returns the new nodes."""
     graph = gm.graph
     final = r.chain[-1]
     mode = _fake_mode(r.mm)
@@ -447,10 +509,19 @@ def _rewrite(gm: fx.GraphModule, r: _Region, signature: str) -> List[fx.Node]:
     members = set(r.members)
     for node, out in zip([final, *r.side], outs):
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in members)
+    ranged_op = torch.ops.sqcompile.triton_shiftquant_ranged.default
+    extra = []
+    for sq, index in r.range_users:
+        with graph.inserting_before(sq):
+            ranges = _new(graph, operator.getitem, (fused, len(outs) + index), r.mm, mode)
+            ranged = _new(graph, ranged_op, (sq.args[0], ranges, *sq.args[1:]), sq, mode)
+        sq.replace_all_uses_with(ranged)
+        graph.erase_node(sq)
+        extra += [ranges, ranged]
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in sorted(members, key=order.__getitem__, reverse=True):
         graph.erase_node(node)
-    return [*leaves, fused, *outs, *[o.args[0] for o in outs if o.target is aten.view.default]]
+    return [*leaves, fused, *outs, *[o.args[0] for o in outs if o.target is aten.view.default], *extra]
 
 
 def _module_of(node: fx.Node) -> str:
@@ -517,6 +588,7 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
     from ..kernels import triton_fused
 
     claimed: set = set()
+    shiftquant = _shiftquant_op()
     sources = {_source_of(n) for n in gemms}
     fused = 0
     dag = _digraph(gm.graph)
@@ -524,8 +596,11 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
         r = _Search(dag, claimed).grow(mm)
         if r is None:
             continue
+        if shiftquant is not None:
+            _find_ranges(r, shiftquant)
         signature = triton_fused.Epilogue(tuple((p, d) for _, _, p, d in r.inputs), tuple(tuple(o) for o in r.ops),
-                                          tuple(r.value[n] for n in [r.chain[-1], *r.side])).signature()
+                                          tuple(r.value[n] for n in [r.chain[-1], *r.side]),
+                                          tuple(tuple(x) for x in r.ranges)).signature()
         kernel = triton_fused.kernel_for(signature)       # generated (or found) now, at compile time
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         nodes = [mm.name] + [n.name for n in sorted(r.members[1:], key=order.__getitem__)]
@@ -535,7 +610,7 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
             module_path=decision.module_path if decision else _module_of(mm),
             decision=decision.node if decision else None, outputs=1 + len(r.side), stop=r.stop, kernel=kernel.path))
         new = _rewrite(gm, r, signature)
-        dag.remove_nodes_from(r.members)
+        dag.remove_nodes_from(r.members + [sq for sq, _ in r.range_users])
         for node in new:
             dag.add_edges_from((i, node) for i in node.all_input_nodes)
             dag.add_edges_from((node, u) for u in node.users)

@@ -25,6 +25,12 @@ Epilogue programs
   ``"v<j>"`` (an earlier op's value) or a number (a Python scalar of the graph).
 * ``outputs``: the values stored, as ``"v<j>"``; each is written contiguous ``[B, M, N]`` in
   its op's dtype.
+* ``ranges`` (optional): ``[value, axis]`` pairs; each adds a float32 output ``[B, N]`` (axis
+  ``"n"``: the max of ``|value|`` over the rows of each column) or ``[B, M]`` (``"m"``: over the
+  columns of each row), NaN counted as +inf, combined across tiles with an integer atomic
+  max on the float bits (exact, so order does not matter).  These are the channel ranges of
+  a ShiftQuant of the value (:mod:`sqcompile.backends.fusion`), which then skips its own
+  range pass over memory.
 
 Numerics follow eager PyTorch (TensorIterator) so a fused region computes what the unfused
 ops compute: an op of result dtype ``D`` casts each tensor operand to ``D``, computes in
@@ -103,10 +109,14 @@ class Epilogue:
     inputs: Tuple[Tuple[str, str], ...]
     ops: Tuple[Tuple, ...]
     outputs: Tuple[str, ...]
+    ranges: Tuple[Tuple[str, str], ...] = ()
 
     def signature(self) -> str:
-        return json.dumps({"inputs": [list(i) for i in self.inputs], "ops": [list(o) for o in self.ops],
-                           "outputs": list(self.outputs)}, separators=(",", ":"))
+        d = {"inputs": [list(i) for i in self.inputs], "ops": [list(o) for o in self.ops],
+             "outputs": list(self.outputs)}
+        if self.ranges:
+            d["ranges"] = [list(r) for r in self.ranges]
+        return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def parse(cls, signature: str) -> "Epilogue":
@@ -136,6 +146,9 @@ class Epilogue:
                     raise ValueError(f"epilogue op {j}: bad scalar {a!r}")
         if not self.outputs or any(not (r.startswith("v") and self._defined(r, len(self.ops))) for r in self.outputs):
             raise ValueError(f"bad epilogue outputs {self.outputs}")
+        for ref, axis in self.ranges:
+            if axis not in ("m", "n") or not (ref.startswith("v") and self._defined(ref, len(self.ops))):
+                raise ValueError(f"bad epilogue range {[ref, axis]}")
 
     def _defined(self, ref: str, before: int) -> bool:
         if ref == "acc":
@@ -152,7 +165,8 @@ def _parse(signature: str) -> Epilogue:
     ep = _PARSED.get(signature)
     if ep is None:
         d = json.loads(signature)
-        ep = Epilogue(tuple(tuple(i) for i in d["inputs"]), tuple(tuple(o) for o in d["ops"]), tuple(d["outputs"]))
+        ep = Epilogue(tuple(tuple(i) for i in d["inputs"]), tuple(tuple(o) for o in d["ops"]), tuple(d["outputs"]),
+                      tuple(tuple(r) for r in d.get("ranges", ())))
         ep.validate()
         _PARSED[signature] = ep
     return ep
@@ -171,7 +185,7 @@ import triton
 import triton.language as tl
 
 from sqcompile.kernels.triton_gemm import int8_gemm_tile
-from sqcompile.kernels.triton_quant import cast_rtne
+from sqcompile.kernels.triton_quant import _abs_nan_as_inf, cast_rtne
 
 
 @triton.jit
@@ -214,6 +228,7 @@ def generate_source(ep: Epilogue) -> str:
     """The Triton module for ``ep`` (see the module docstring)."""
     params = [f"in{i}_ptr, in{i}_sb, in{i}_sm, in{i}_sn," for i in range(len(ep.inputs))]
     params += [f"out{i}_ptr, out{i}_sb, out{i}_sm, out{i}_sn," for i in range(len(ep.outputs))]
+    params += [f"rng{i}_ptr, rng{i}_sb," for i in range(len(ep.ranges))]
     body = [f"    in{i} = {_load(i, pattern)}" for i, (pattern, _) in enumerate(ep.inputs)]
     for j, (name, dtype, *args) in enumerate(ep.ops):
         math_t = _OPMATH[dtype]
@@ -230,6 +245,13 @@ def generate_source(ep: Epilogue) -> str:
     for i, ref in enumerate(ep.outputs):
         body.append(f"    tl.store(out{i}_ptr + batch * out{i}_sb + offs_m[:, None] * out{i}_sm"
                     f" + offs_n[None, :] * out{i}_sn, {ref}, mask=mask)")
+    for i, (ref, axis) in enumerate(ep.ranges):
+        # |value| (NaN as +inf) maxed over the tile's rows ("n") or columns ("m"); non-negative
+        # float32 orders like its int32 bits, so an integer atomic max combines the tiles
+        offs, reduce = ("offs_n", 0) if axis == "n" else ("offs_m", 1)
+        body.append(f"    r{i} = tl.max(tl.where(mask, _abs_nan_as_inf({ref}), 0.0), axis={reduce})")
+        body.append(f"    tl.atomic_max(rng{i}_ptr + batch * rng{i}_sb + {offs}, r{i}.to(tl.int32, bitcast=True), "
+                    f"mask=mask_{axis}, sem=\"relaxed\")")
     return _TEMPLATE.format(signature=ep.signature(), params="\n".join(" " * 18 + p for p in params),
                             body="\n".join(body))
 
@@ -348,8 +370,10 @@ def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tenso
     N = b3.shape[2]
     shape = [*batch, M, N]
     outs = [torch.empty(shape, dtype=dt, device=a.device) for dt in ep.output_dtypes()]
+    ranges = [torch.zeros((Bt, M if axis == "m" else N), dtype=torch.int32, device=a.device) for _, axis in ep.ranges]
+    results = outs + [r.view(torch.float32) for r in ranges]
     if Bt * M * N == 0:
-        return outs
+        return results
     views = [_input_view(t, pattern, (Bt, M, N)) for t, (pattern, _) in zip(inputs, ep.inputs)]
     args = [a3, b3, M, N, K, *a3.stride(), *b3.stride()]
     for v in views:
@@ -357,10 +381,12 @@ def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tenso
     for o in outs:
         o3 = o.view(Bt, M, N)
         args += [o3, *o3.stride()]
+    for r in ranges:
+        args += [r, r.stride(0)]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), Bt)  # noqa: E731
     # No FMA contraction: eager runs the epilogue as separate multiply and add kernels.
     kernel.fn[grid](*args, **(gemm.INTERPRETER_CONFIG if gemm.INTERPRETED else {"enable_fp_fusion": False}))
-    return outs
+    return results
 
 
 @ops.custom_op("sqcompile::triton_fused_int8_mm")
@@ -375,7 +401,11 @@ def triton_fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: List[torch.Te
 @triton_fused_int8_mm.register_fake
 def _(a, b, inputs, epilogue):
     shape = _output_shape(a, b)
-    return [a.new_empty(shape, dtype=dt) for dt in _parse(epilogue).output_dtypes()]
+    ep = _parse(epilogue)
+    batch = math.prod(shape[:-2])
+    return ([a.new_empty(shape, dtype=dt) for dt in ep.output_dtypes()] +
+            [a.new_empty((batch, shape[-2] if axis == "m" else shape[-1]), dtype=torch.float32)
+             for _, axis in ep.ranges])
 
 
 __all__ = ["Epilogue", "generate_source", "kernel_for", "cache_info", "fused_int8_mm", "KERNEL_DIR", "OPS"]

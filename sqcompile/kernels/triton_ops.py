@@ -99,6 +99,21 @@ def _(x, bits, groups, channel_dims, stochastic, prescale=None):
     return torch.ops.sqcompile.shiftquant(x, bits, groups, channel_dims, stochastic, prescale)
 
 
+@ops.custom_op("sqcompile::triton_shiftquant_ranged", tags=ops._RANDOM)
+def triton_shiftquant_ranged(x: torch.Tensor, ranges: torch.Tensor, bits: int, groups: int, channel_dims: List[int],
+                             stochastic: bool, prescale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sqcompile::shiftquant`` of ``x`` whose channel ranges (``max |x|`` per channel over the
+    other dims, NaN as +inf, float32, row-major over ``channel_dims``) were computed by its
+    producer, a fused GEMM region (:mod:`sqcompile.backends.fusion`): one pass over ``x``."""
+    _check_device(x, ranges)
+    return _quant().shiftquant(x, bits, groups, channel_dims, stochastic, prescale=prescale, ranges=ranges)
+
+
+@triton_shiftquant_ranged.register_fake
+def _(x, ranges, bits, groups, channel_dims, stochastic, prescale=None):
+    return torch.ops.sqcompile.shiftquant(x, bits, groups, channel_dims, stochastic, prescale)
+
+
 @ops.custom_op("sqcompile::triton_dequantize")
 def triton_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``sqcompile::dequantize`` on Triton."""

@@ -665,14 +665,17 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
 
 def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int], stochastic: bool, *,
                seed: Union[None, int, torch.Tensor] = None,
-               prescale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               prescale: Optional[torch.Tensor] = None,
+               ranges: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`sqcompile.numerics.shiftquant` on Triton: ``(expanded like x, base scale)``.
 
     ``expanded`` is int8 when :func:`sqcompile.numerics.fits_int8` else int16; the base scale
     is a float32 scalar tensor, NaN when the input holds NaN or Inf.  ``prescale`` (one factor
     per channel) is applied in registers: the ranges of ``x * prescale`` are ``x``'s ranges
     times ``|prescale|`` exactly (rounding is monotone and symmetric), so neither pass reads
-    more than ``x``."""
+    more than ``x``.  ``ranges``: ``x``'s channel ranges (``max |x|`` per channel, NaN as
+    +inf, float32, row-major over the channel dims) when the producer of ``x`` computed them
+    (a fused GEMM region's epilogue): the range pass is skipped."""
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     qmax = N.qmax(bits)
@@ -682,7 +685,12 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
     edtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
     view, tile, _ = _view_and_tile(x, channel_dims)
     _check_grid(view)
-    ranges = channel_ranges(view, tile)
+    if ranges is None:
+        ranges = channel_ranges(view, tile)
+    else:
+        if ranges.numel() != view.n_channels:
+            raise ValueError(f"shiftquant: {ranges.numel()} given ranges for {view.n_channels} channels")
+        ranges = ranges.reshape(-1).to(torch.float32)
     if prescale is not None:
         N.check_prescale(x, prescale, channel_dims)
         # one factor per channel, in the views' channel order (row-major over the kept dims)
