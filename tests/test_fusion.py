@@ -257,28 +257,38 @@ for kind, dtypes in (("in", [d for _, d in ep.inputs]), ("out", [ep.dtype_of(r) 
     for i, d in enumerate(dtypes):
         sig[f"{kind}{i}_ptr"] = ptr[d]
         sig.update({f"{kind}{i}_s{x}": "i32" for x in "bmn"})
+for i in range(len(ep.ranges)):
+    sig.update({f"rng{i}_ptr": "*i32", f"rng{i}_sb": "i32"})
 config = tf.region_configs()[0]
 sig.update({k: "constexpr" for k in config.kwargs})
 out = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=dict(config.kwargs)),
                      target=GPUTarget("cuda", 90, 32),
                      options={"num_warps": config.num_warps, "num_stages": config.num_stages,
                               "enable_fp_fusion": False})
-print(json.dumps({"wgmma": "wgmma" in out.asm["ptx"], "cubin": len(out.asm["cubin"])}))
+print(json.dumps({"wgmma": "wgmma" in out.asm["ptx"], "cubin": len(out.asm["cubin"]),
+                  "atomics": out.asm["ptx"].count("red.global.gpu.relaxed.max.s32")}))
 """
 
 
 @pytest.mark.slow
-def test_generated_kernel_compiles_for_hopper():
-    """The interpreter is lenient: compile one generated kernel for sm_90 (no GPU needed),
-    in a process without TRITON_INTERPRET, and check that the GEMM uses wgmma."""
+@pytest.mark.parametrize("program", ["bf16-forward", "backward+ranges"])
+def test_generated_kernel_compiles_for_hopper(program):
+    """The interpreter is lenient: compile generated kernels for sm_90 (no GPU needed), in a
+    process without TRITON_INTERPRET, and check that the GEMM uses wgmma (and the range
+    outputs a relaxed atomic max)."""
     import json
     import os
     import subprocess
     import sys
     pytest.importorskip("triton.backends.nvidia")
     from sqcompile.kernels import triton_fused as tf
-    ins, ops, outs = PROGRAMS["bf16-forward"]
-    sig = tf.Epilogue(tuple(map(tuple, ins)), tuple(map(tuple, ops)), tuple(outs)).signature()
+    if program == "backward+ranges":
+        sig = tf.Epilogue((("", "f32"), ("bmn", "bf16")),
+                          (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("convert", "bf16", "v1"),
+                           ("gelu_backward", "bf16", "v2", "in1")), ("v3",), (("v3", "n"), ("v3", "m"))).signature()
+    else:
+        ins, ops, outs = PROGRAMS[program]
+        sig = tf.Epilogue(tuple(map(tuple, ins)), tuple(map(tuple, ops)), tuple(outs)).signature()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "0"
     proc = subprocess.run([sys.executable, "-c", _HOPPER_SCRIPT, sig], env=env, capture_output=True, text=True,
@@ -286,6 +296,7 @@ def test_generated_kernel_compiles_for_hopper():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["wgmma"] and result["cubin"] > 0
+    assert (result["atomics"] > 0) == (program == "backward+ranges")
 
 
 def test_fused_op_passes_opcheck():

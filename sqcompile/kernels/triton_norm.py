@@ -161,6 +161,10 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
 # Host side
 # --------------------------------------------------------------------------------------------
 
+FORWARD_PER_THREAD = 8        # values of a tile per thread (see _block)
+BACKWARD_PER_THREAD = 8
+
+
 @functools.lru_cache(maxsize=None)
 def _programs(device: torch.device) -> int:
     if INTERPRETED or device.type != "cuda":
@@ -168,14 +172,21 @@ def _programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _block(L: int, elements: int) -> Tuple[int, int, int]:
+def _block(L: int, elements: int, per_thread: int) -> Tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_L, num_warps)``: whole rows, about ``elements`` values a program
-    (fewer in the interpreter, where every element costs CPU time)."""
+    (fewer in the interpreter, where every element costs CPU time), at most ``per_thread`` of
+    a tile's values in each thread (4 to 16 warps).
+
+    ``ptxas -v`` for sm_90 (``tests/test_triton_norms.py`` checks it): no spills for rows up
+    to 4096; registers per thread: forward 58-84, backward 100-120 (its Philox noise and the
+    saved values keep more alive).  At 8192 the 16 warps' 128-register limit spills a few
+    hundred bytes (to L1).  Not yet timed on a GPU: ``benchmarks/gpu.py --parts 4``."""
     block_l = max(16, triton.next_power_of_2(L))
     if INTERPRETED:
         elements = 256
     block_r = max(1, min(64, elements // block_l))
-    return block_r, block_l, 8 if block_r * block_l >= 8192 else 4
+    warps = min(16, max(4, block_r * block_l // (32 * per_thread)))
+    return block_r, block_l, warps
 
 
 def _check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Tuple[int, int]:
@@ -204,7 +215,7 @@ def _forward(x, weight, bias, norm_bits, center, l1_scale, eps, out_bits):
         qy = torch.empty_like(x, dtype=torch.int8)
         sy = torch.empty((R, 1), dtype=torch.float32, device=dev)
     if R:
-        block_r, block_l, warps = _block(L, 4096)
+        block_r, block_l, warps = _block(L, 4096, FORWARD_PER_THREAD)
         _l1_norm_kernel[(triton.cdiv(R, block_r),)](
             x, x if weight is None else weight, x if bias is None else bias, y, q, scale, mean, inv, qy, sy, R, L,
             float(l1_scale), float(eps), QMAX=N.qmax(norm_bits), OUT_QMAX=N.qmax(out_bits or 8), CENTER=center,
@@ -244,7 +255,7 @@ def l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mea
     if R == 0:
         zeros = torch.zeros((L,), dtype=torch.float32, device=dev)
         return dx, zeros if need_weight_grad else empty, zeros if need_bias_grad else empty
-    block_r, block_l, warps = _block(L, 2048)
+    block_r, block_l, warps = _block(L, 2048, BACKWARD_PER_THREAD)
     programs = min(triton.cdiv(R, block_r), _programs(dev))
     dw = torch.empty((programs, L), dtype=torch.float32, device=dev) if need_weight_grad else empty
     db = torch.empty((programs, L), dtype=torch.float32, device=dev) if need_bias_grad else empty
