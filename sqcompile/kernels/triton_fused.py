@@ -65,7 +65,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -271,14 +271,30 @@ class RegionKernel:
     path: str            # the generated module file
 
 
-def region_configs():
+_LIGHT_OPS = {"convert", "mul", "div", "add", "sub", "neg"}
+
+
+def wide_tile_fits(ep: Epilogue) -> bool:
+    """Does the 128x256 tile keep ``ep``'s epilogue in registers?  Yes for scale, bias and
+    cast epilogues with one output; no with an activation (or its backward), a full-tile
+    input (residual), a side output or range outputs: ``ptxas -v`` for sm_90 (Triton 3.9, the
+    kernels specialized as launched) shows 60-700 spilled bytes per thread for those at
+    128x256 and none at 128x128 (``tests/test_fusion.py`` checks both)."""
+    return (len(ep.outputs) == 1 and not ep.ranges and all(name in _LIGHT_OPS for name, *_ in ep.ops)
+            and not any("m" in p and "n" in p for p, _ in ep.inputs))
+
+
+def region_configs(ep: Optional[Epilogue] = None):
     """Autotuning configs of region kernels: two of the GEMM's Hopper configs (128x256 and
-    128x128 tiles, BLOCK_K 128, 8 warps), or for thin operands (N or K of 64, as in attention)
-    the small one (:func:`~sqcompile.kernels.triton_gemm.prune_configs` picks).  Every region signature is compiled once per config
-    (7-12 s each for sm_90 on a 2-core CPU, measured with ``triton.compile``), so a model with
-    ten distinct epilogues would spend minutes autotuning over all five."""
+    128x128 tiles, BLOCK_K 128, 8 warps; the 128x256 one only where :func:`wide_tile_fits`),
+    or for thin operands (N or K of 64, as in attention) the small one
+    (:func:`~sqcompile.kernels.triton_gemm.prune_configs` picks).  Every region signature is
+    compiled once per config (7-12 s each for sm_90 on a 2-core CPU, measured with
+    ``triton.compile``), so a model with ten distinct epilogues would spend minutes
+    autotuning over all five."""
     gemm = importlib.import_module(".triton_gemm", __package__)
-    return [gemm.CUDA_CONFIGS[0], gemm.CUDA_CONFIGS[2], gemm.SMALL_CONFIG]
+    wide = [gemm.CUDA_CONFIGS[0]] if ep is None or wide_tile_fits(ep) else []
+    return [*wide, gemm.CUDA_CONFIGS[2], gemm.SMALL_CONFIG]
 
 
 _CACHE: Dict[str, RegionKernel] = {}
@@ -328,7 +344,7 @@ def kernel_for(signature: str) -> RegionKernel:
         fn = module.region_kernel
         if not gemm.INTERPRETED:
             import triton
-            fn = triton.autotune(region_configs(), prune_configs_by={"early_config_prune": gemm.prune_configs},
+            fn = triton.autotune(region_configs(ep), prune_configs_by={"early_config_prune": gemm.prune_configs},
                                  key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"])(fn)
         k = _CACHE[signature] = RegionKernel(ep, fn, path)
         return k

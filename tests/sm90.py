@@ -1,0 +1,67 @@
+"""Compile Triton kernels for Hopper (sm_90) without a GPU, for the slow tests.
+
+Triton's CPU interpreter accepts code the GPU compiler may reject or compile badly, so the
+tests also compile the kernels for sm_90 in a subprocess without ``TRITON_INTERPRET`` and read
+what ``ptxas -v`` says of them (registers, spilled bytes).  The kernels are specialized the way
+Triton's JIT specializes a real launch: integer arguments equal to 1 become constants (a
+contiguous operand's unit stride), and every other pointer and ``i32`` argument carries the
+16-divisibility hint aligned tensors and sizes get.  Without those hints the same kernels show
+hundreds of spilled bytes that a real launch does not have.
+
+Use from a subprocess script: ``import sm90`` (:func:`run` puts this directory on the path).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, *, num_warps: int, num_stages: int = 3,
+            fp_fusion: bool = True) -> dict:
+    """``{"cubin": bytes, "ptx": str, "registers": int, "spilled": int}`` (registers / spilled
+    bytes -1 when Triton ships no ``ptxas-blackwell``).  ``signature``: argument -> Triton type
+    for the runtime arguments; ``constexprs``: argument -> value (unit strides included)."""
+    while not isinstance(fn, JITFunction):         # under an autotuner
+        fn = fn.fn
+    names = fn.arg_names
+    sig = {k: ("constexpr" if k in constexprs else v) for k, v in signature.items()}
+    sig.update({k: "constexpr" for k in constexprs})
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+             if v != "constexpr" and (v.startswith("*") or v == "i32")}
+    out = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                         target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": fp_fusion})
+    result = {"cubin": out.asm["cubin"], "ptx": out.asm["ptx"], "registers": -1, "spilled": -1}
+    if os.path.exists(PTXAS):
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(out.asm["ptx"])
+        try:
+            log = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True, check=True).stderr
+        finally:
+            os.unlink(f.name)
+        result["registers"] = max(int(n) for n in re.findall(r"Used (\d+) registers", log))
+        result["spilled"] = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+    return result
+
+
+def run(script: str, *args: str, timeout: int = 600) -> str:
+    """Run ``script`` (Python source that imports this module) in a process without
+    ``TRITON_INTERPRET``; its standard output."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc.stdout
