@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The prepared GPU check, for a session that is lent the H200 (about 8 minutes there):
+#   1. the Triton kernels' correctness tests on the GPU (kernels compiled for the device, not
+#      interpreted): quantizers, GEMMs, region fusion with ranges, the L1 norm kernels;
+#   2. benchmarks/gpu.py, every part, with profiles and the block with attention in bf16.
+# Writes env.txt, gpu-tests.txt and gpu.txt to the folder given (default: $OUT, else .).
+# From this machine, with the device tool:
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=590)
+set -uo pipefail
+out=${1:-${OUT:-.}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
+  2>&1 | tee "$out/env.txt"
+# no -x: one failure must not hide the others; slow tests (compiles for sm_90 without a GPU) are CPU checks
+timeout 200 python3 -m pytest -o addopts="" -q -p no:warnings -m "not slow" -n 4 \
+  tests/test_triton_norms.py tests/test_fusion.py tests/test_triton_kernels.py 2>&1 | tee "$out/gpu-tests.txt"
+timeout 330 python3 benchmarks/gpu.py --reps 3 --block-timeout 90 --profile --float-attention 2>&1 | tee "$out/gpu.txt"
