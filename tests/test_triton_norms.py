@@ -330,3 +330,12 @@ def test_norm_kernels_compile_for_hopper_without_spills():
     import sm90
     result = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
     assert len(result) == 6 and all(v <= 0 for v in result.values()), result
+
+
+def test_an_override_puts_a_norm_back_on_the_torch_implementation():
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 8))
+    _, _, rec = _step(model, torch.randn(2, 3, 16), {"overrides": {"*:layer_norm": {"kernels": "torch"}}})
+    norm = next(d for d in rec.decisions if d.kind == "norm")
+    gemm = next(d for d in rec.decisions if d.kind == "gemm")
+    assert norm.execution == "simulated" and gemm.execution == "triton"
+    assert "triton_l1_norm" not in rec.graphs["forward"]
