@@ -29,6 +29,13 @@ label then ends in ``+ranges``.  This is the usual case for a gradient: the ``dX
 Linear (with the activation's backward) produces the output gradient of the Linear before
 it, which its two backward GEMMs ShiftQuant along its columns and along its rows.
 
+Not fused, by design: the quantizer *before* a GEMM (its prologue) and the per-row quantizer
+of the next GEMM after it.  In training the int8 operand is saved for the backward, so it is
+written in any case; quantizing it again inside the GEMM would read the float operand once
+per column tile instead of the int8 one, for no saved write.  And a per-row scale needs the
+whole row, which a tile of the output does not hold (the L1 norm, whose program holds whole
+rows, does write its consumer's int8 operand: :mod:`sqcompile.backends.norm_fusion`).
+
 The chain ends at the first op that is not elementwise (a quantizer, a reduction, a
 transpose), at a value with two or more consumers, at an operand that does not map onto the
 ``[B, M, N]`` tile, or at an unsupported dtype (float64) or dynamic shape.  One exception to
