@@ -215,11 +215,11 @@ class _TritonRowL1Norm(torch.autograd.Function):
 
 def _row_norm(x, weight, bias, dims, *, center, l1_scale, eps, norm_bits, grad_bits, stats, kernels):
     """A LayerNorm / RMSNorm-kind L1 norm on the kernel family ``kernels``."""
+    if kernels not in ("torch", "triton"):
+        raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
     if kernels == "torch":
         return _l1_norm(x, weight, bias, dims, center=center, l1_scale=l1_scale, eps=eps,
                         norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)[0]
-    if kernels != "triton":
-        raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
     _check_bits("norm_bits", norm_bits)
     _check_bits("grad_bits", grad_bits)
     row = math.prod(x.shape[d] for d in dims)

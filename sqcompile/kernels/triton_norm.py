@@ -3,7 +3,8 @@
 :mod:`sqcompile.norms` defines the math (and the torch implementation every other case
 uses); these kernels compute the same thing for the case that matters on a GPU: the norm runs
 over the trailing ``L`` elements of each row of a contiguous ``[R, L]`` tensor, ``L`` up to
-:data:`sqcompile.norms.TRITON_MAX_ROW`, so one program holds whole rows in registers and reads each element once.
+:data:`sqcompile.norms.TRITON_MAX_ROW`, so one program holds whole rows in registers and reads
+each element once.
 
 Forward (:func:`l1_norm`), per row, in float32 whatever the input dtype:
 
@@ -36,7 +37,6 @@ integers and scales of the input quantizer are exact.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -45,9 +45,8 @@ import triton.language as tl
 
 from .. import numerics as N
 from ..norms import triton_unsupported
-from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _multipliers, _quantize_values, _scale_of, _seed_arg,
-                           _uniform_noise, cast_rtne)
-
+from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _device_programs, _multipliers, _quantize_values,
+                           _scale_of, _seed_arg, _uniform_noise, cast_rtne)
 
 
 @triton.jit
@@ -165,13 +164,6 @@ FORWARD_PER_THREAD = 8        # values of a tile per thread (see _block)
 BACKWARD_PER_THREAD = 8
 
 
-@functools.lru_cache(maxsize=None)
-def _programs(device: torch.device) -> int:
-    if INTERPRETED or device.type != "cuda":
-        return 3
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _block(L: int, elements: int, per_thread: int) -> Tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_L, num_warps)``: whole rows, about ``elements`` values a program
     (fewer in the interpreter, where every element costs CPU time), at most ``per_thread`` of
@@ -189,12 +181,12 @@ def _block(L: int, elements: int, per_thread: int) -> Tuple[int, int, int]:
     return block_r, block_l, warps
 
 
-def _check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Tuple[int, int]:
+def _check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int) -> Tuple[int, int]:
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"triton L1 norm: x must be a contiguous [rows, L] tensor, got {tuple(x.shape)} "
                          f"with strides {x.stride()}")
     R, L = x.shape
-    why = triton_unsupported(x.dtype, L, 8, None)
+    why = triton_unsupported(x.dtype, L, bits, None)
     if why is not None:
         raise ValueError(f"triton L1 norm: unsupported {why}")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -204,7 +196,7 @@ def _check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch
 
 
 def _forward(x, weight, bias, norm_bits, center, l1_scale, eps, out_bits):
-    R, L = _check(x, weight, bias)
+    R, L = _check(x, weight, bias, norm_bits)
     dev = x.device
     q = torch.empty_like(x, dtype=torch.int8)
     scale, mean, inv = (torch.empty((R, 1), dtype=torch.float32, device=dev) for _ in range(3))
@@ -248,7 +240,7 @@ def l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mea
     ``q, scale, mean, inv`` of :func:`l1_norm` (see the module docstring).  ``seed``: the
     stochastic rounding's Philox seed (default: drawn on the device from torch's generator)."""
     dy = dy.contiguous()
-    R, L = _check(dy, weight, None)
+    R, L = _check(dy, weight, None, grad_bits)
     dev = dy.device
     dx = torch.empty_like(dy)
     empty = torch.empty((0,), dtype=torch.float32, device=dev)
@@ -256,7 +248,7 @@ def l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mea
         zeros = torch.zeros((L,), dtype=torch.float32, device=dev)
         return dx, zeros if need_weight_grad else empty, zeros if need_bias_grad else empty
     block_r, block_l, warps = _block(L, 2048, BACKWARD_PER_THREAD)
-    programs = min(triton.cdiv(R, block_r), _programs(dev))
+    programs = min(triton.cdiv(R, block_r), _device_programs(dev))
     dw = torch.empty((programs, L), dtype=torch.float32, device=dev) if need_weight_grad else empty
     db = torch.empty((programs, L), dtype=torch.float32, device=dev) if need_bias_grad else empty
     seed = _seed_arg(seed, True, dev, empty)
