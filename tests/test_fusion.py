@@ -221,6 +221,12 @@ def test_range_axis_maps_shiftquant_channels_onto_the_gemm_output():
     assert rng(t(1, 16, 256), [0, 2], (1, 32, 128)) is None        # dim 2 straddles M and N
 
 
+def _ranged(rec) -> list:
+    """The backward graph's ShiftQuants that take their ranges from a region (a node, not None)."""
+    return [line for line in rec.graphs["backward_fused"].splitlines()
+            if "sqcompile.triton_shiftquant_fused(" in line and ", None, " not in line.split("(", 2)[-1][:40]]
+
+
 def test_region_ranges_are_exactly_the_shiftquant_range_pass(monkeypatch):
     """The same training step with the ranges computed in the region and by the quantizers'
     own range pass: bit-identical gradients."""
@@ -233,8 +239,24 @@ def test_region_ranges_are_exactly_the_shiftquant_range_pass(monkeypatch):
     assert not any("ranges" in label for label in _labels(ref_rec, "backward"))
     # fc1's output gradient: ranges along its columns (dX) and its rows (dW); the first
     # Linear's (fc1's dX plus the residual's gradient): along its rows (dW; it has no dX)
-    assert rec.graphs["backward_fused"].count("sqcompile.triton_shiftquant_ranged(") == 3
-    assert "triton_shiftquant_ranged" not in ref_rec.graphs["backward_fused"]
+    assert len(_ranged(rec)) == 3 and not _ranged(ref_rec)
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
+def test_dw_gradients_stored_transposed_change_no_value(monkeypatch):
+    """The ``dW`` GEMM's ShiftQuant stores its operand transposed (no copy into the GEMM's
+    layout): bit-identical gradients to the same step without that."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(24, 24), Residual()), torch.randn(2, 5, 24)
+    _, grads, rec, _ = _compile_and_step(model, x, fused=True)
+    monkeypatch.setattr(fusion, "_store_transposed", lambda graph, ops: 0)
+    _, ref_grads, ref_rec, _ = _compile_and_step(model, x, fused=True)
+    transposed = [line for line in rec.graphs["backward_fused"].splitlines()
+                  if "sqcompile.triton_shiftquant_fused(" in line and line.rstrip().endswith(", True)")]
+    assert len(transposed) == 3                        # one per Linear: its dW gradient
+    assert not any(line.rstrip().endswith(", True)") for line in ref_rec.graphs["backward_fused"].splitlines()
+                   if "sqcompile.triton_shiftquant_fused(" in line)
     for name in grads:
         assert torch.equal(grads[name], ref_grads[name]), name
 
@@ -353,7 +375,7 @@ def test_fused_regions_compute_what_the_unfused_graph_computes(dtype):
     # the others end at the weight's transpose
     assert _labels(rec, "backward") == [f"int8_mm+dequant{cast}+gelu_backward+ranges", f"int8_mm+dequant{cast}",
                                         f"int8_mm+dequant{cast}"]
-    assert rec.graphs["backward_fused"].count("sqcompile.triton_shiftquant_ranged(") == 1
+    assert len(_ranged(rec)) == 1
     fused_fw = rec.graphs["forward_fused"]
     assert fused_fw.count("sqcompile.triton_fused_int8_mm(") == 2 and "triton_int8_mm(" not in fused_fw
     assert rec.graphs["backward_fused"].count("sqcompile.triton_fused_int8_mm(") == 3

@@ -385,10 +385,31 @@ def test_shiftquant_with_given_ranges_is_shiftquant(shape, channel_dims):
         want = tq.shiftquant(x, 4, 4, channel_dims, stochastic, seed=3, prescale=m)
         _same(got[0], want[0])
         _same(got[1], want[1])
-    op = torch.ops.sqcompile.triton_shiftquant_ranged           # the op the fusion pass inserts
+    op = torch.ops.sqcompile.triton_shiftquant_fused            # the op the fusion pass inserts
     _same(op(x, ranges, 4, 4, channel_dims, False, m)[0], tq.shiftquant(x, 4, 4, channel_dims, False, prescale=m)[0])
     with pytest.raises(ValueError, match="ranges"):
         tq.shiftquant(x, 4, 4, channel_dims, False, ranges=ranges[..., :-1])
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 45), (37, 45), (1, 1, 45)])
+def test_shiftquant_stored_transposed_holds_the_same_values(shape):
+    """``transposed=True`` (the ``dW`` GEMM's operand): the same integers, stochastic draws
+    included, stored so that ``.mT`` is contiguous; refused where channels are not rows."""
+    tq, _ = _kernels()
+    g = torch.Generator().manual_seed(shape[-2])
+    x = (torch.randn(shape, generator=g) * torch.exp2(torch.randint(-6, 1, shape, generator=g).float())).to(DEVICE)
+    rows = list(range(len(shape) - 1))
+    for bits, groups, stochastic in ((4, 4, True), (6, 4, False)):       # int8 and int16 expanded forms
+        e, base = tq.shiftquant(x, bits, groups, rows, stochastic, seed=2, transposed=True)
+        ref, ref_base = tq.shiftquant(x, bits, groups, rows, stochastic, seed=2)
+        assert e.mT.is_contiguous() and e.dtype == ref.dtype
+        _same(e, ref)
+        _same(base, ref_base)
+    with pytest.raises(ValueError, match="one channel per row"):
+        tq.shiftquant(x, 4, 4, [len(shape) - 1], True, transposed=True)
+    if shape[-2] > 1:
+        with pytest.raises(ValueError, match="contiguous"):
+            tq.shiftquant(x.mT.contiguous().mT, 4, 4, rows, True, transposed=True)
 
 
 def test_shiftquant_int16_expanded_form():
@@ -644,12 +665,16 @@ sig = {"x_ptr": "*fp32", "q_ptr": "*i8", "range_ptr": "*fp32", "scale_ptr": "*fp
        "n_cblocks": "i32", "seed_ptr": "*i64"}
 sizes["split"] = spilled(tq._quantize_kernel, sig, dict(QMAX=7, A_KEPT=True, STOCHASTIC=True, INT64=False,
                                                         BLOCK_C=128, BLOCK_L=32))
+sq = {"x_ptr": "*bf16", "e_ptr": "*i8", "range_ptr": "*fp32", "rmax_ptr": "*fp32", "base_ptr": "*fp32",
+      "prescale_ptr": "*fp32", **view, "n_cblocks": "i32", "seed_ptr": "*i64"}
 for pre in (True, False):
-    sig = {"x_ptr": "*bf16", "e_ptr": "*i8", "range_ptr": "*fp32", "rmax_ptr": "*fp32", "base_ptr": "*fp32",
-           "prescale_ptr": "*fp32", **view, "n_cblocks": "i32", "seed_ptr": "*i64"}
-    sizes[f"shiftquant prescale={pre}"] = spilled(tq._shiftquant_kernel, sig, dict(
-        stride_l=1, QMAX=7, GROUPS=4, A_KEPT=False, STOCHASTIC=True, PRESCALE=pre, INT64=False, BLOCK_C=2,
-        BLOCK_L=2048))
+    sizes[f"shiftquant prescale={pre}"] = spilled(tq._shiftquant_kernel, dict(sq, out_stride_c="i32"), dict(
+        stride_l=1, out_stride_l=1, QMAX=7, GROUPS=4, A_KEPT=False, STOCHASTIC=True, PRESCALE=pre, INT64=False,
+        BLOCK_C=2, BLOCK_L=2048))
+t = tq._TRANSPOSED_TILE     # rows loaded, columns stored
+sizes["shiftquant transposed"] = spilled(tq._shiftquant_kernel, dict(sq, out_stride_l="i32"), dict(
+    stride_l=1, out_stride_c=1, QMAX=7, GROUPS=4, A_KEPT=False, STOCHASTIC=True, PRESCALE=True, INT64=False,
+    BLOCK_C=t.block_c, BLOCK_L=t.block_l), num_warps=t.num_warps)
 sig = {"x_ptr": "*i8", "y_ptr": "*i8", "R": "i32", "C": "i32", **{f"s{a}{b}": "i32" for a in "xy" for b in "brc"}}
 sizes["relayout"] = spilled(tg._relayout_kernel, sig, dict(BLOCK_R=64, BLOCK_C=64))
 print(json.dumps(sizes))
@@ -665,7 +690,7 @@ def test_quantizer_and_relayout_kernels_compile_for_hopper():
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     spills = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
-    assert len(spills) == 8 and all(n <= 0 for n in spills.values()), spills
+    assert len(spills) == 9 and all(n <= 0 for n in spills.values()), spills
 
 
 # ---------------------------------------------------------------------------------------------

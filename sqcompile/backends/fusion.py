@@ -24,7 +24,7 @@ When ShiftQuant quantizers (``triton_shiftquant``) read the region's final value
 through views) with channels that are the output's columns or rows (per batch), the region
 also computes their channel ranges in its epilogue (``max |value|`` per column or row: a tile
 max and an integer atomic max on the float bits, exact in any order), and the quantizers
-become ``triton_shiftquant_ranged``, which skip their own range pass over memory.  The
+become ``triton_shiftquant_fused``, which skip their own range pass over memory.  The
 label then ends in ``+ranges``.  This is the usual case for a gradient: the ``dX`` GEMM of one
 Linear (with the activation's backward) produces the output gradient of the Linear before
 it, which its two backward GEMMs ShiftQuant along its columns and along its rows.
@@ -516,7 +516,7 @@ def _rewrite(gm: fx.GraphModule, r: _Region, signature: str) -> List[fx.Node]:
     members = set(r.members)
     for node, out in zip([final, *r.side], outs):
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in members)
-    ranged_op = torch.ops.sqcompile.triton_shiftquant_ranged.default
+    ranged_op = torch.ops.sqcompile.triton_shiftquant_fused.default
     extra = []
     for sq, index in r.range_users:
         with graph.inserting_before(sq):
@@ -622,11 +622,60 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
             dag.add_edges_from((i, node) for i in node.all_input_nodes)
             dag.add_edges_from((node, u) for u in node.users)
         fused += 1
+    fused += _store_transposed(gm.graph, {mm_op, torch.ops.sqcompile.triton_fused_int8_mm.default})
     if fused:
         gm.graph.lint()
         gm.recompile()
         record.graphs[f"{stage}_fused"] = format_graph(gm)
     return gm
+
+
+def _refresh(node: fx.Node, mode) -> None:
+    """Recompute ``node``'s fake value after its inputs changed."""
+    if mode is not None:
+        with mode:
+            node.meta["val"] = node.target(*torch.fx.node.map_arg(node.args, lambda n: n.meta.get("val")),
+                                           **node.kwargs)
+
+
+def _store_transposed(graph: fx.Graph, gemm_ops: set) -> int:
+    """Each ShiftQuant whose expanded gradient is used only transposed, as the first operand
+    of int8 GEMMs (a Linear's ``dW = dY^T X``), stores it transposed
+    (``triton_shiftquant_fused(..., transposed=True)``): the GEMM then reads its reduction
+    dim contiguously instead of first copying the operand into that layout.  The same bytes
+    are written, in another order; the values are unchanged.  Returns how many."""
+    from ..kernels.triton_quant import transposed_unsupported
+    ops = torch.ops.sqcompile
+    plain, fused_op = ops.triton_shiftquant.default, ops.triton_shiftquant_fused.default
+    done = 0
+    for sq in [n for n in graph.nodes if n.op == "call_function" and n.target in (plain, fused_op)]:
+        if sq.target is fused_op:
+            x, ranges, bits, groups, dims, stochastic, *rest = [*sq.args, *sq.kwargs.values()]
+            if len(rest) > 1 and rest[1]:
+                continue                                 # already transposed
+        else:
+            x, bits, groups, dims, stochastic, *rest = [*sq.args, *sq.kwargs.values()]
+            ranges = None
+        prescale = rest[0] if rest else None
+        items = {u.args[1]: u for u in sq.users if u.target is operator.getitem}
+        e = items.get(0)
+        if e is None or len(e.users) != 1 or _val(x) is None or transposed_unsupported(_val(x), dims):
+            continue
+        t = next(iter(e.users))
+        nd = _val(e).dim()
+        if (t.target is not aten.transpose.int or {d % nd for d in t.args[1:3]} != {nd - 2, nd - 1} or not t.users
+                or any(u.target not in gemm_ops or u.args[0] is not t or t in u.args[1:] for u in t.users)):
+            continue
+        mode = _fake_mode(x)
+        with graph.inserting_before(sq):
+            new = _new(graph, fused_op, (x, ranges, bits, groups, dims, stochastic, prescale, True), sq, mode)
+        for item in items.values():
+            item.update_arg(0, new)
+            _refresh(item, mode)
+        _refresh(t, mode)
+        graph.erase_node(sq)
+        done += 1
+    return done
 
 
 __all__ = ["fuse_regions", "ENABLED", "enabled", "enabled_as"]

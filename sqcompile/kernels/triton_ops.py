@@ -99,19 +99,24 @@ def _(x, bits, groups, channel_dims, stochastic, prescale=None):
     return torch.ops.sqcompile.shiftquant(x, bits, groups, channel_dims, stochastic, prescale)
 
 
-@ops.custom_op("sqcompile::triton_shiftquant_ranged", tags=ops._RANDOM)
-def triton_shiftquant_ranged(x: torch.Tensor, ranges: torch.Tensor, bits: int, groups: int, channel_dims: List[int],
-                             stochastic: bool, prescale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sqcompile::shiftquant`` of ``x`` whose channel ranges (``max |x|`` per channel over the
-    other dims, NaN as +inf, float32, row-major over ``channel_dims``) were computed by its
-    producer, a fused GEMM region (:mod:`sqcompile.backends.fusion`): one pass over ``x``."""
-    _check_device(x, ranges)
-    return _quant().shiftquant(x, bits, groups, channel_dims, stochastic, prescale=prescale, ranges=ranges)
+@ops.custom_op("sqcompile::triton_shiftquant_fused", tags=ops._RANDOM)
+def triton_shiftquant_fused(x: torch.Tensor, ranges: Optional[torch.Tensor], bits: int, groups: int,
+                            channel_dims: List[int], stochastic: bool, prescale: Optional[torch.Tensor] = None,
+                            transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sqcompile::shiftquant`` as the lowering passes rewrite it (:mod:`sqcompile.backends.fusion`):
+    ``ranges``, when given, are ``x``'s channel ranges (``max |x|`` per channel over the other
+    dims, NaN as +inf, float32, row-major over ``channel_dims``) computed by its producer, a
+    fused GEMM region (one pass over ``x`` instead of two); ``transposed`` stores the result
+    with its last two dims swapped in memory, for the GEMM that reads it transposed."""
+    _check_device(x, *([] if ranges is None else [ranges]))
+    return _quant().shiftquant(x, bits, groups, channel_dims, stochastic, prescale=prescale, ranges=ranges,
+                               transposed=transposed)
 
 
-@triton_shiftquant_ranged.register_fake
-def _(x, ranges, bits, groups, channel_dims, stochastic, prescale=None):
-    return torch.ops.sqcompile.shiftquant(x, bits, groups, channel_dims, stochastic, prescale)
+@triton_shiftquant_fused.register_fake
+def _(x, ranges, bits, groups, channel_dims, stochastic, prescale=None, transposed=False):
+    e, base = torch.ops.sqcompile.shiftquant(x, bits, groups, channel_dims, stochastic, prescale)
+    return (e.mT.contiguous().mT if transposed else e), base
 
 
 @ops.custom_op("sqcompile::triton_dequantize")

@@ -352,11 +352,13 @@ def _shift_group(r, R, GROUPS: tl.constexpr):
 
 @triton.jit
 def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr, C, L, stride_a, stride_c, stride_l,
-                       n_cblocks, seed_ptr,
+                       out_stride_c, out_stride_l, n_cblocks, seed_ptr,
                        QMAX: tl.constexpr, GROUPS: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr,
                        PRESCALE: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """ShiftQuant one tile: group of each channel, quantization with ``s_g = base * 2**(G-1-g)``
-    and expansion ``e = q << (G-1-g)`` written in ``e_ptr``'s dtype (int8 or int16).
+    and expansion ``e = q << (G-1-g)`` written in ``e_ptr``'s dtype (int8 or int16), at the
+    output strides ``out_stride_c`` / ``out_stride_l`` (``x``'s, or its last two dims swapped
+    in memory: see :func:`shiftquant`'s ``transposed``).
     ``PRESCALE``: the tile is first multiplied (float32) by its channels' factors; the
     ranges passed in are already those of the product.
 
@@ -382,7 +384,8 @@ def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr
         noise = 0.0
     q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
     e = q << shift[:, None]
-    tl.store(e_ptr + offs, e.to(e_ptr.dtype.element_ty), mask=mask)
+    out = _tile_offsets(a, offs_c, offs_l, stride_a, out_stride_c, out_stride_l, INT64)
+    tl.store(e_ptr + out, e.to(e_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -665,8 +668,8 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
 
 def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int], stochastic: bool, *,
                seed: Union[None, int, torch.Tensor] = None,
-               prescale: Optional[torch.Tensor] = None,
-               ranges: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               prescale: Optional[torch.Tensor] = None, ranges: Optional[torch.Tensor] = None,
+               transposed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`sqcompile.numerics.shiftquant` on Triton: ``(expanded like x, base scale)``.
 
     ``expanded`` is int8 when :func:`sqcompile.numerics.fits_int8` else int16; the base scale
@@ -675,7 +678,11 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
     times ``|prescale|`` exactly (rounding is monotone and symmetric), so neither pass reads
     more than ``x``.  ``ranges``: ``x``'s channel ranges (``max |x|`` per channel, NaN as
     +inf, float32, row-major over the channel dims) when the producer of ``x`` computed them
-    (a fused GEMM region's epilogue): the range pass is skipped."""
+    (a fused GEMM region's epilogue): the range pass is skipped.  ``transposed``: ``expanded``
+    is stored with its last two dims swapped in memory (``.mT`` is contiguous), for a GEMM
+    that reads it transposed and wants its reduction dim contiguous (the ``dW`` GEMM's
+    gradient); only for a contiguous ``x`` whose leading dims have size 1, one channel per
+    row (what a Linear's gradient is), else ``ValueError``."""
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     qmax = N.qmax(bits)
@@ -685,6 +692,11 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
     edtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
     view, tile, _ = _view_and_tile(x, channel_dims)
     _check_grid(view)
+    if transposed:
+        why = transposed_unsupported(x, channel_dims)
+        if why:
+            raise ValueError(f"shiftquant(transposed=True): {why}")
+        tile = _TRANSPOSED_TILE
     if ranges is None:
         ranges = channel_ranges(view, tile)
     else:
@@ -698,17 +710,37 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
             ops._scale_shape(x, channel_dims)).reshape(-1).contiguous()
         ranges = ranges * prescale.abs()
     rmax = ranges.amax()
-    e = torch.empty_like(view.work, dtype=edtype)
+    A, C, L = view.shape
+    if transposed:       # [1, C, L] stored [L, C]: element (c, l) at l * C + c
+        e = torch.empty_like(x.mT, dtype=edtype, memory_format=torch.contiguous_format).mT
+        out_strides = (1, C)
+    else:
+        e = torch.empty_like(view.work, dtype=edtype)
+        out_strides = view.strides[1:]
     base = torch.empty((), dtype=torch.float32, device=x.device)
     seed = _seed_arg(seed, stochastic, x.device, base)
-    A, C, L = view.shape
     n_cblocks = triton.cdiv(C, tile.block_c)
     _shiftquant_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
-        view.work, e, ranges, rmax, base, ranges if prescale is None else prescale, C, L, *view.strides, n_cblocks,
-        seed, QMAX=qmax, GROUPS=groups, A_KEPT=view.a_kept, STOCHASTIC=stochastic, PRESCALE=prescale is not None,
-        INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
+        view.work, e, ranges, rmax, base, ranges if prescale is None else prescale, C, L, *view.strides,
+        *out_strides, n_cblocks, seed, QMAX=qmax, GROUPS=groups, A_KEPT=view.a_kept, STOCHASTIC=stochastic,
+        PRESCALE=prescale is not None, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
         num_warps=tile.num_warps)
-    return _restore(view, e, x), base
+    return (e if transposed else _restore(view, e, x)), base
+
+
+# Square tiles when the store runs along the other dim than the load: rows of 64 loaded
+# (128 bytes of bf16), columns of 64 stored; Triton converts between the two layouts.
+_TRANSPOSED_TILE = _Tile(16, 16, 4) if INTERPRETED else _Tile(64, 64, 4)
+
+
+def transposed_unsupported(x: torch.Tensor, channel_dims: Sequence[int]) -> Optional[str]:
+    """Why :func:`shiftquant` cannot store ``x``'s expanded form transposed (``None``: it can)."""
+    if x.dim() < 2 or not x.is_contiguous() or any(s != 1 for s in x.shape[:-2]):
+        return f"x must be a contiguous [..., M, N] tensor with leading dims of size 1, got {tuple(x.shape)}"
+    kept = {d % x.dim() for d in channel_dims}
+    if x.dim() - 1 in kept or (x.dim() - 2 not in kept and x.shape[-2] != 1):
+        return f"channel_dims {list(channel_dims)} are not one channel per row"
+    return None
 
 
 def _collapse(shape: Sequence[int], strides: Sequence[Sequence[int]]) -> List[Tuple[int, List[int]]]:
