@@ -29,6 +29,11 @@ label then ends in ``+ranges``.  This is the usual case for a gradient: the ``dX
 Linear (with the activation's backward) produces the output gradient of the Linear before
 it, which its two backward GEMMs ShiftQuant along its columns and along its rows.
 
+After the regions, each ShiftQuant whose expanded gradient is used only transposed, as the
+first operand of int8 GEMMs (a Linear's ``dW = dY^T X``, ``B = 1``), is told to store it
+transposed, so that operand reaches the GEMM with its reduction dim contiguous and needs no
+relayout copy (:func:`_store_transposed`).
+
 Not fused, by design: the quantizer *before* a GEMM (its prologue) and the per-row quantizer
 of the next GEMM after it.  In training the int8 operand is saved for the backward, so it is
 written in any case; quantizing it again inside the GEMM would read the float operand once
