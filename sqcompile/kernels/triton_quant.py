@@ -37,11 +37,12 @@ Kernels (one per function, block sizes as ``tl.constexpr``):
   (:func:`_one_tile`); longer ones take two loops over ``L``, the amax, then a re-read of the
   same rows (from L2 on a GPU) to quantize them.  One pass over HBM; used when the batch axis is kept
   and there are enough channel blocks to fill the device (per-row activations, weights).
-* :func:`_absmax_partial_kernel` -- one reduction pass that writes per-(split, channel)
-  partial maxima; the partials (a few per channel) are reduced with ``amax``.
-* :func:`_quantize_kernel` -- the quantize pass after :func:`_absmax_partial_kernel`.
+* :func:`_absmax_kernel` -- one reduction pass; programs split each channel's ``L`` and
+  combine their maxima (and the max over channels) with integer atomic maxima on the float
+  bits, which is exact in any order.
+* :func:`_quantize_kernel` -- the quantize pass after :func:`_absmax_kernel`.
 * :func:`_shiftquant_kernel` -- ShiftQuant's group assignment, quantization and expansion
-  ``q << (G-1-g)`` in one pass after :func:`_absmax_partial_kernel`.  ShiftQuant needs the
+  ``q << (G-1-g)`` in one pass after :func:`_absmax_kernel`.  ShiftQuant needs the
   global range ``R`` before any element can be quantized, so it is always two passes.
 * :func:`_dequantize_kernel` -- ``q * scale`` with broadcasting, written in the output dtype.
 
@@ -266,13 +267,17 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
 
 
 @triton.jit
-def _absmax_partial_kernel(x_ptr, partial_ptr, C, L, stride_a, stride_c, stride_l, l_per_split, n_channels,
-                           A_KEPT: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Partial channel amax (NaN as +inf) over ``[split * l_per_split, ...)`` of ``L``.
+def _absmax_kernel(x_ptr, ranges_ptr, prescale_ptr, C, L, stride_a, stride_c, stride_l, l_per_split, n_channels,
+                   A_KEPT: tl.constexpr, PRESCALE: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_L: tl.constexpr):
+    """Channel amax (NaN as +inf) over ``[split * l_per_split, ...)`` of ``L``, combined across
+    programs in ``ranges`` (int32 ``[n_channels + 1]``, zeroed, holding float32 bits) with an
+    integer atomic max: non-negative floats order like their bits, so the result is exact in
+    any order.  ``PRESCALE``: the amax times the channel's ``|prescale|`` (exactly the amax of
+    the product: rounding is monotone), NaN (``inf * 0``) as +inf.  The last slot gets the
+    max over all channels.
 
-    Grid: ``(cdiv(C, BLOCK_C), n_split, A)``.  Writes ``partial[row, channel]`` with
-    ``row = split`` (A kept, ``channel = a * C + c``) or ``row = a * n_split + split``
-    (A reduced, ``channel = c``); the caller reduces ``partial`` over rows."""
+    Grid: ``(cdiv(C, BLOCK_C), n_split, A)``; ``channel = a * C + c`` (A kept) or ``c``."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     a = tl.program_id(2)
@@ -289,12 +294,14 @@ def _absmax_partial_kernel(x_ptr, partial_ptr, C, L, stride_a, stride_c, stride_
         acc = tl.maximum(acc, _abs_nan_as_inf(x))
     amax = tl.max(acc, axis=1)
     if A_KEPT:
-        row = split
         channel = a * C + offs_c
     else:
-        row = a * tl.num_programs(1) + split
         channel = offs_c
-    tl.store(partial_ptr + row.to(tl.int64) * n_channels + channel, amax, mask=mask_c)
+    if PRESCALE:
+        amax = _abs_nan_as_inf(amax * tl.load(prescale_ptr + channel, mask=mask_c, other=0.0))
+    bits = tl.where(mask_c, amax, 0.0).to(tl.int32, bitcast=True)
+    tl.atomic_max(ranges_ptr + channel, bits, mask=mask_c, sem="relaxed")
+    tl.atomic_max(ranges_ptr + n_channels, tl.max(bits, axis=0), sem="relaxed")
 
 
 @triton.jit
@@ -319,7 +326,7 @@ def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_
                      QMAX: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr, INT64: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Quantize one ``[BLOCK_C, BLOCK_L]`` tile with its channels' ranges (from
-    :func:`_absmax_partial_kernel`); the first tile of each channel block writes the scales.
+    :func:`_absmax_kernel`); the first tile of each channel block writes the scales.
 
     Grid: ``(n_cblocks * cdiv(L, BLOCK_L), A)``."""
     pid, a, pid_l, offs_c, offs_l, mask_c, channel = _split_tile(n_cblocks, C, A_KEPT, BLOCK_C, BLOCK_L)
@@ -607,20 +614,24 @@ def _check_grid(view: _View) -> None:
         raise ValueError(f"triton quantizers: outer extent {view.shape[0]} exceeds the grid limit {_MAX_GRID_YZ}")
 
 
-def channel_ranges(view: _View, tile: _Tile) -> torch.Tensor:
-    """Per-channel amax of the view (float32 ``[n_channels]``, NaN reported as +inf)."""
+def channel_ranges(view: _View, tile: _Tile,
+                   prescale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(ranges, rmax)``: the per-channel amax of the view (float32 ``[n_channels]``, NaN as
+    +inf; times ``|prescale|`` per channel when given, a float32 ``[n_channels]`` in the view's
+    channel order) and their max (a 0-d tensor), from one pass and one zero fill."""
     A, C, L = view.shape
     n_cblocks = triton.cdiv(C, tile.block_c)
     n_lblocks = triton.cdiv(L, tile.block_l)
     n_split = max(1, min(n_lblocks, _device_programs(view.work.device) // max(1, A * n_cblocks)))
     l_per_split = triton.cdiv(n_lblocks, n_split) * tile.block_l
     n_split = triton.cdiv(L, l_per_split)
-    rows = n_split if view.a_kept else A * n_split
-    partial = torch.empty((rows, view.n_channels), dtype=torch.float32, device=view.work.device)
-    _absmax_partial_kernel[(n_cblocks, n_split, A)](
-        view.work, partial, C, L, *view.strides, l_per_split, view.n_channels,
-        A_KEPT=view.a_kept, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, num_warps=tile.num_warps)
-    return partial.amax(0)
+    bits = torch.zeros(view.n_channels + 1, dtype=torch.int32, device=view.work.device)
+    _absmax_kernel[(n_cblocks, n_split, A)](
+        view.work, bits, bits if prescale is None else prescale, C, L, *view.strides, l_per_split, view.n_channels,
+        A_KEPT=view.a_kept, PRESCALE=prescale is not None, INT64=view.int64, BLOCK_C=tile.block_c,
+        BLOCK_L=tile.block_l, num_warps=tile.num_warps)
+    ranges = bits.view(torch.float32)
+    return ranges[:-1], ranges[-1]
 
 
 def _use_fused(view: _View, tile: _Tile) -> bool:
@@ -657,7 +668,7 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
             view.work, q, scale, C, L, *view.strides, seed, QMAX=qmax, STOCHASTIC=stochastic, INT64=view.int64,
             BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, ONE_TILE=one is not None, num_warps=tile.num_warps)
     else:
-        ranges = channel_ranges(view, tile)
+        ranges = channel_ranges(view, tile)[0]
         n_cblocks = triton.cdiv(C, tile.block_c)
         _quantize_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
             view.work, q, ranges, scale, C, L, *view.strides, n_cblocks, seed, QMAX=qmax, A_KEPT=view.a_kept,
@@ -692,24 +703,27 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
     edtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
     view, tile, _ = _view_and_tile(x, channel_dims)
     _check_grid(view)
+    qtile = tile
     if transposed:
         why = transposed_unsupported(x, channel_dims)
         if why:
             raise ValueError(f"shiftquant(transposed=True): {why}")
-        tile = _TRANSPOSED_TILE
-    if ranges is None:
-        ranges = channel_ranges(view, tile)
-    else:
-        if ranges.numel() != view.n_channels:
-            raise ValueError(f"shiftquant: {ranges.numel()} given ranges for {view.n_channels} channels")
-        ranges = ranges.reshape(-1).to(torch.float32)
+        qtile = _TRANSPOSED_TILE
     if prescale is not None:
         N.check_prescale(x, prescale, channel_dims)
         # one factor per channel, in the views' channel order (row-major over the kept dims)
         prescale = prescale.to(device=x.device, dtype=torch.float32).expand(
             ops._scale_shape(x, channel_dims)).reshape(-1).contiguous()
-        ranges = ranges * prescale.abs()
-    rmax = ranges.amax()
+    if ranges is None:
+        ranges, rmax = channel_ranges(view, tile, prescale)
+    else:
+        if ranges.numel() != view.n_channels:
+            raise ValueError(f"shiftquant: {ranges.numel()} given ranges for {view.n_channels} channels")
+        ranges = ranges.reshape(-1).to(torch.float32)
+        if prescale is not None:
+            ranges = ranges * prescale.abs()
+        rmax = ranges.amax()
+    tile = qtile
     A, C, L = view.shape
     if transposed:       # [1, C, L] stored [L, C]: element (c, l) at l * C + c
         e = torch.empty_like(x.mT, dtype=edtype, memory_format=torch.contiguous_format).mT
