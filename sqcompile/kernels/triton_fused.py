@@ -386,7 +386,10 @@ def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tenso
     N = b3.shape[2]
     shape = [*batch, M, N]
     outs = [torch.empty(shape, dtype=dt, device=a.device) for dt in ep.output_dtypes()]
-    ranges = [torch.zeros((Bt, M if axis == "m" else N), dtype=torch.int32, device=a.device) for _, axis in ep.ranges]
+    ranges = []
+    if ep.ranges:            # one zero fill for all of them
+        sizes = [Bt * (M if axis == "m" else N) for _, axis in ep.ranges]
+        ranges = [r.view(Bt, -1) for r in torch.zeros(sum(sizes), dtype=torch.int32, device=a.device).split(sizes)]
     results = outs + [r.view(torch.float32) for r in ranges]
     if Bt * M * N == 0:
         return results
