@@ -766,3 +766,20 @@ class TestOnGPU:
         gx_f, gw_f = torch.autograd.grad(torch.nn.functional.linear(x.float(), w.float()), (x, w), dy.float())
         assert float((gx.float() - gx_f).norm() / gx_f.norm()) < 0.03
         assert float((gw.float() - gw_f).norm() / gw_f.norm()) < 0.03
+
+
+def test_autotuning_can_be_limited_to_the_first_fitting_config(monkeypatch):
+    """``SQCOMPILE_AUTOTUNE=0``: one config per problem, so nothing is timed; a wrong value is
+    refused with the variable's name."""
+    _, tg = _kernels()
+    configs = [*tg.CUDA_CONFIGS, tg.SMALL_CONFIG]
+    big, thin = {"N": 4096, "K": 4096}, {"N": 64, "K": 64}
+    monkeypatch.delenv("SQCOMPILE_AUTOTUNE", raising=False)
+    assert len(tg.prune_configs(configs, big)) == len(tg.CUDA_CONFIGS)
+    assert tg.prune_configs(configs, thin) == [tg.SMALL_CONFIG]
+    monkeypatch.setenv("SQCOMPILE_AUTOTUNE", "0")
+    assert tg.prune_configs(configs, big) == [tg.CUDA_CONFIGS[0]]
+    assert tg.prune_configs(configs, thin) == [tg.SMALL_CONFIG]
+    monkeypatch.setenv("SQCOMPILE_AUTOTUNE", "sometimes")
+    with pytest.raises(ValueError, match="SQCOMPILE_AUTOTUNE"):
+        tg.prune_configs(configs, big)

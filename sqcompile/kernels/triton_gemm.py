@@ -29,6 +29,7 @@ keeps int32 from overflowing (``ops.integer_matmul`` splits longer reductions).
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -154,17 +155,32 @@ SMALL_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GRO
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 
+def autotune_enabled() -> bool:
+    """``SQCOMPILE_AUTOTUNE`` (read at each new problem shape): ``1`` (default) times every
+    fitting config once per shape and layout and keeps the fastest; ``0`` takes the first
+    fitting one untimed, which cuts compile time (each config of each kernel is compiled
+    before it is timed) at some cost in speed: for tests and quick runs."""
+    value = os.environ.get("SQCOMPILE_AUTOTUNE", "1").strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"SQCOMPILE_AUTOTUNE must be 1 (autotune) or 0 (first fitting config), got {value!r}")
+
+
 def prune_configs(configs, named_args, **kwargs):
     """Autotuning candidates that fit the problem: tiles no wider than ``N`` and ``K`` (each
-    rounded up to a power of two, at least 64), else :data:`SMALL_CONFIG`.  A 128-wide tile
-    over a 64-wide operand wastes half of every MMA; measured on the H200, the attention GEMMs
-    of a transformer block ran slower than their bf16 counterparts with the large tiles."""
+    rounded up to a power of two, at least 64), else :data:`SMALL_CONFIG`; only the first of
+    them when :func:`autotune_enabled` says no.  A 128-wide tile over a 64-wide operand
+    wastes half of every MMA; measured on the H200, the attention GEMMs of a transformer
+    block ran slower than their bf16 counterparts with the large tiles."""
     N, K = named_args["N"], named_args["K"]
 
     def fits(c):
         return (c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(N))
                 and c.kwargs["BLOCK_K"] <= max(64, triton.next_power_of_2(K)))
-    return [c for c in configs if c is not SMALL_CONFIG and fits(c)] or [SMALL_CONFIG]
+    fitting = [c for c in configs if c is not SMALL_CONFIG and fits(c)] or [SMALL_CONFIG]
+    return fitting if autotune_enabled() else fitting[:1]
 
 if INTERPRETED:
     _gemm = _int8_gemm_kernel
