@@ -124,8 +124,9 @@ class _Stop(Exception):
     """Why the region cannot take a node (the message is recorded)."""
 
 
-def _mm_op():
-    packet = getattr(torch.ops.sqcompile, "triton_int8_mm", None)
+def _op(name: str):
+    """``torch.ops.sqcompile.<name>.default``, or None before the Triton family is registered."""
+    packet = getattr(torch.ops.sqcompile, name, None)
     return None if packet is None else packet.default
 
 
@@ -400,11 +401,6 @@ class _Search:
         return ref
 
 
-def _shiftquant_op():
-    packet = getattr(torch.ops.sqcompile, "triton_shiftquant", None)
-    return None if packet is None else packet.default
-
-
 def _range_axis(x: torch.Tensor, channel_dims, gemm3) -> Optional[str]:
     """``"n"`` / ``"m"`` when ShiftQuant's channels of ``x`` (a contiguous view of a GEMM output
     ``[B, M, N]``) over ``channel_dims`` are the output's (batch, column) / (batch, row) pairs,
@@ -485,15 +481,20 @@ def _fake_mode(node: fx.Node):
     return getattr(v, "fake_mode", None)
 
 
+def _refresh(node: fx.Node, mode) -> None:
+    """Recompute ``node``'s fake value after its inputs changed."""
+    if mode is not None:
+        with mode:
+            node.meta["val"] = node.target(*torch.fx.node.map_arg(node.args, lambda n: n.meta.get("val")),
+                                           **node.kwargs)
+
+
 def _new(graph: fx.Graph, target, args, like: fx.Node, mode) -> fx.Node:
     node = graph.call_function(target, args)
     for k in _META_KEYS:
         if k in like.meta:
             node.meta[k] = like.meta[k]
-    if mode is not None:
-        vals = torch.fx.node.map_arg(args, lambda n: n.meta.get("val"))
-        with mode:
-            node.meta["val"] = target(*vals)
+    _refresh(node, mode)
     return node
 
 
@@ -591,7 +592,7 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
     regions go to ``record.regions`` and their op's ``OpDecision.region``.  ``gm`` is
     modified in place and returned; ``record.graphs[stage + "_fused"]`` shows the result.
     ``option``: the compile's ``fusion`` option (``None``: :data:`ENABLED`)."""
-    mm_op = _mm_op()
+    mm_op = _op("triton_int8_mm")
     if not enabled(option) or mm_op is None:
         return gm
     gemms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is mm_op]
@@ -600,7 +601,7 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
     from ..kernels import triton_fused
 
     claimed: set = set()
-    shiftquant = _shiftquant_op()
+    shiftquant = torch.ops.sqcompile.triton_shiftquant.default     # registered with triton_int8_mm
     sources = {_source_of(n) for n in gemms}
     fused = 0
     dag = _digraph(gm.graph)
@@ -608,8 +609,7 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
         r = _Search(dag, claimed).grow(mm)
         if r is None:
             continue
-        if shiftquant is not None:
-            _find_ranges(r, shiftquant)
+        _find_ranges(r, shiftquant)
         signature = triton_fused.Epilogue(tuple((p, d) for _, _, p, d in r.inputs), tuple(tuple(o) for o in r.ops),
                                           tuple(r.value[n] for n in [r.chain[-1], *r.side]),
                                           tuple(tuple(x) for x in r.ranges)).signature()
@@ -635,14 +635,6 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
     return gm
 
 
-def _refresh(node: fx.Node, mode) -> None:
-    """Recompute ``node``'s fake value after its inputs changed."""
-    if mode is not None:
-        with mode:
-            node.meta["val"] = node.target(*torch.fx.node.map_arg(node.args, lambda n: n.meta.get("val")),
-                                           **node.kwargs)
-
-
 def _store_transposed(graph: fx.Graph, gemm_ops: set) -> int:
     """Each ShiftQuant whose expanded gradient is used only transposed, as the first operand
     of int8 GEMMs (a Linear's ``dW = dY^T X``), stores it transposed
@@ -654,14 +646,11 @@ def _store_transposed(graph: fx.Graph, gemm_ops: set) -> int:
     plain, fused_op = ops.triton_shiftquant.default, ops.triton_shiftquant_fused.default
     done = 0
     for sq in [n for n in graph.nodes if n.op == "call_function" and n.target in (plain, fused_op)]:
-        if sq.target is fused_op:
-            x, ranges, bits, groups, dims, stochastic, *rest = [*sq.args, *sq.kwargs.values()]
-            if len(rest) > 1 and rest[1]:
-                continue                                 # already transposed
-        else:
-            x, bits, groups, dims, stochastic, *rest = [*sq.args, *sq.kwargs.values()]
-            ranges = None
-        prescale = rest[0] if rest else None
+        arg = {a.name: a.default_value for a in sq.target._schema.arguments if a.has_default_value()}
+        arg.update(zip((a.name for a in sq.target._schema.arguments), sq.args), **sq.kwargs)
+        x, dims = arg["x"], arg["channel_dims"]
+        if arg.get("transposed"):
+            continue
         items = {u.args[1]: u for u in sq.users if u.target is operator.getitem}
         e = items.get(0)
         if e is None or len(e.users) != 1 or _val(x) is None or transposed_unsupported(_val(x), dims):
@@ -673,7 +662,8 @@ def _store_transposed(graph: fx.Graph, gemm_ops: set) -> int:
             continue
         mode = _fake_mode(x)
         with graph.inserting_before(sq):
-            new = _new(graph, fused_op, (x, ranges, bits, groups, dims, stochastic, prescale, True), sq, mode)
+            new = _new(graph, fused_op, (x, arg.get("ranges"), arg["bits"], arg["groups"], dims, arg["stochastic"],
+                                         arg.get("prescale"), True), sq, mode)
         for item in items.values():
             item.update_arg(0, new)
             _refresh(item, mode)

@@ -31,12 +31,6 @@ from . import fusion as F
 LABEL = "l1_norm+quantize"
 
 
-def _ops():
-    ops = torch.ops.sqcompile
-    names = ("triton_l1_norm", "triton_l1_norm_quantized", "triton_quantize")
-    if not all(hasattr(ops, n) for n in names):
-        return None
-    return tuple(getattr(ops, n).default for n in names)
 
 
 def _getitem(node: fx.Node, index: int) -> Optional[fx.Node]:
@@ -82,10 +76,11 @@ def fuse_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
                          option: Optional[bool] = None) -> fx.GraphModule:
     """Fuse each ``triton_l1_norm`` of ``gm`` with the per-row quantizers that are all its
     output's uses (see the module docstring).  ``option``: the compile's ``fusion`` option."""
-    ops = _ops()
-    if ops is None or not F.enabled(option):
+    norm_op = F._op("triton_l1_norm")
+    if norm_op is None or not F.enabled(option):
         return gm
-    norm_op, fused_op, quantize = ops
+    ops = torch.ops.sqcompile                 # registered with triton_l1_norm
+    fused_op, quantize = ops.triton_l1_norm_quantized.default, ops.triton_quantize.default
     graph = gm.graph
     fused = 0
     for norm in [n for n in graph.nodes if n.op == "call_function" and n.target is norm_op]:

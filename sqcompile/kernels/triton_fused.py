@@ -129,6 +129,10 @@ class Epilogue:
             return self.inputs[int(ref[2:])][1]
         return self.ops[int(ref[1:])][1]
 
+    def range_shapes(self, batch: int, M: int, N: int) -> List[Tuple[int, int]]:
+        """The float32 range outputs' shapes: ``[batch, M]`` per row, ``[batch, N]`` per column."""
+        return [(batch, M if axis == "m" else N) for _, axis in self.ranges]
+
     def output_dtypes(self) -> List[torch.dtype]:
         return [DTYPES[self.dtype_of(r)] for r in self.outputs]
 
@@ -388,8 +392,9 @@ def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tenso
     outs = [torch.empty(shape, dtype=dt, device=a.device) for dt in ep.output_dtypes()]
     ranges = []
     if ep.ranges:            # one zero fill for all of them
-        sizes = [Bt * (M if axis == "m" else N) for _, axis in ep.ranges]
-        ranges = [r.view(Bt, -1) for r in torch.zeros(sum(sizes), dtype=torch.int32, device=a.device).split(sizes)]
+        shapes = ep.range_shapes(Bt, M, N)
+        zeros = torch.zeros(sum(b * n for b, n in shapes), dtype=torch.int32, device=a.device)
+        ranges = [r.view(shape) for r, shape in zip(zeros.split([b * n for b, n in shapes]), shapes)]
     results = outs + [r.view(torch.float32) for r in ranges]
     if Bt * M * N == 0:
         return results
@@ -421,10 +426,8 @@ def triton_fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: List[torch.Te
 def _(a, b, inputs, epilogue):
     shape = _output_shape(a, b)
     ep = _parse(epilogue)
-    batch = math.prod(shape[:-2])
     return ([a.new_empty(shape, dtype=dt) for dt in ep.output_dtypes()] +
-            [a.new_empty((batch, shape[-2] if axis == "m" else shape[-1]), dtype=torch.float32)
-             for _, axis in ep.ranges])
+            [a.new_empty(s, dtype=torch.float32) for s in ep.range_shapes(math.prod(shape[:-2]), *shape[-2:])])
 
 
 __all__ = ["Epilogue", "generate_source", "kernel_for", "cache_info", "fused_int8_mm", "KERNEL_DIR", "OPS"]
