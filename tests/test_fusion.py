@@ -229,7 +229,8 @@ def _ranged(rec) -> list:
 
 def test_region_ranges_are_exactly_the_shiftquant_range_pass(monkeypatch):
     """The same training step with the ranges computed in the region and by the quantizers'
-    own range pass: bit-identical gradients."""
+    own range pass: bit-identical gradients (each quantizer on its own: no pairs)."""
+    monkeypatch.setattr(fusion, "_pair_shiftquants", lambda graph: 0)
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(24, 24), Residual()), torch.randn(2, 5, 24)
     _, grads, rec, _ = _compile_and_step(model, x, fused=True)
@@ -244,9 +245,35 @@ def test_region_ranges_are_exactly_the_shiftquant_range_pass(monkeypatch):
         assert torch.equal(grads[name], ref_grads[name]), name
 
 
+def test_shiftquant_pairs_change_no_value(monkeypatch):
+    """The two ShiftQuants of each Linear's output gradient (along its columns for ``dX``,
+    along its rows for ``dW``) become one ``triton_shiftquant_pair``, which takes the
+    region's ranges where the region computed them and stores the ``dW`` operand
+    transposed: bit-identical gradients, stochastic draws included, to the same step with
+    the quantizers on their own."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(24, 24), Residual()), torch.randn(2, 5, 24)
+    _, grads, rec, _ = _compile_and_step(model, x, fused=True)
+    monkeypatch.setattr(fusion, "_pair_shiftquants", lambda graph: 0)
+    _, ref_grads, ref_rec, _ = _compile_and_step(model, x, fused=True)
+    lines = rec.graphs["backward_fused"].splitlines()
+    pairs = [line.split("sqcompile.triton_shiftquant_pair(")[1] for line in lines
+             if "sqcompile.triton_shiftquant_pair(" in line]
+    # fc1's and fc2's output gradients are quantized twice; the first Linear's only along
+    # its rows (it has no dX).  fc1's gradient comes from fc2's dX region, with both ranges.
+    assert len(pairs) == 2 and all(p.rstrip().endswith(", True)") for p in pairs)
+    assert sum(", None, None, " not in p for p in pairs) == 1
+    assert not any("sqcompile.triton_shiftquant_pair(" in line for line in ref_rec.graphs["backward_fused"].splitlines())
+    assert sum("sqcompile.triton_shiftquant" in line for line in lines) == 3
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
 def test_dw_gradients_stored_transposed_change_no_value(monkeypatch):
     """The ``dW`` GEMM's ShiftQuant stores its operand transposed (no copy into the GEMM's
-    layout): bit-identical gradients to the same step without that."""
+    layout): bit-identical gradients to the same step without that (each quantizer on its
+    own: no pairs)."""
+    monkeypatch.setattr(fusion, "_pair_shiftquants", lambda graph: 0)
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(24, 24), Residual()), torch.randn(2, 5, 24)
     _, grads, rec, _ = _compile_and_step(model, x, fused=True)
@@ -538,7 +565,7 @@ def test_fusion_option_turns_fusion_off_for_one_compile():
 def test_gpu_benchmark_block_under_inductor_matches_the_eager_inner_compiler():
     """``benchmarks/gpu.py``'s transformer block, shrunk, with the Triton family under Inductor
     (what the GPU benchmark runs): every fusion pass applies (GEMM regions, ranges, the L1
-    norms with the GEMM quantizers) and the results equal those with the eager inner
+    norms with the GEMM quantizers, ShiftQuant pairs) and the results equal those with the eager inner
     compiler, except the bias gradients (Inductor sums them in another order)."""
     import importlib.util
     import os
@@ -554,6 +581,13 @@ def test_gpu_benchmark_block_under_inductor_matches_the_eager_inner_compiler():
     labels = _labels(rec)
     assert labels == _labels(ref_rec) and rec.inner == "inductor"
     assert labels.count("l1_norm+quantize") == 2 and "int8_mm+dequant+gelu_backward+ranges" in labels
+    # every gradient is quantized twice, along its columns and its rows (the four Linears'
+    # dY, attention's dS and dO): six pairs, each row operand stored in the layout its GEMM
+    # reads (dW's and dK's transposed as A, dV's dO as B); no ShiftQuant left on its own
+    backward = rec.graphs["backward_fused"].splitlines()
+    pairs = [line for line in backward if "sqcompile.triton_shiftquant_pair(" in line]
+    assert len(pairs) == 6 and all(line.rstrip().endswith(", True)") for line in pairs)
+    assert sum("sqcompile.triton_shiftquant" in line for line in backward) == 6
     assert {d.execution for d in rec.decisions} == {"triton"}
     assert torch.equal(out, ref_out)
     for name in grads:

@@ -113,6 +113,30 @@ def check_stochastic_shiftquant(x, bits, groups, channel_dims):
     assert bool(((q.float() == v.floor()) | (q.float() == v.ceil())).all())
 
 
+def check_shiftquant_pair(x, bits, groups, stochastic, rows_transposed, prescales=(None, None), given=False):
+    """``shiftquant_pair`` is the two ``shiftquant`` calls (same seeds) bit for bit, result
+    layouts included; and with nearest rounding both match the reference."""
+    from sqcompile.kernels.triton_ops import pair_dims
+    tq, _ = _kernels()
+    dims = pair_dims(x.dim())
+    ranges = [x.float().abs().nan_to_num(nan=float("inf")).amax([d for d in range(x.dim()) if d not in ds])
+              for ds in dims] if given else [None, None]
+    got = tq.shiftquant_pair(x, bits, groups, stochastic, seeds=(3, 4), prescales=prescales, ranges=ranges,
+                             rows_transposed=rows_transposed)
+    want = (*tq.shiftquant(x, bits, groups, dims[0], stochastic, seed=3, prescale=prescales[0]),
+            *tq.shiftquant(x, bits, groups, dims[1], stochastic, seed=4, prescale=prescales[1],
+                           transposed=rows_transposed))
+    for a, b in zip(got, want):
+        _same(a, b)
+        assert a.stride() == b.stride()
+    assert got[2].mT.is_contiguous() == rows_transposed or x.shape[-1] == 1 or x.shape[-2] == 1
+    if not stochastic:
+        for (e, base), ds, p in ((got[:2], dims[0], prescales[0]), (got[2:], dims[1], prescales[1])):
+            ref = N.shiftquant(x.cpu().float() * (1 if p is None else p.cpu()), bits, groups, ds, "nearest")
+            _same(e.cpu(), ref.expanded)
+            _same(base.cpu(), ref.base_scale)
+
+
 def check_int8_mm(B, M, K, N_, transpose_a, transpose_b, device):
     _, tg = _kernels()
     g = torch.Generator().manual_seed(B * 1000 + M + K + N_)
@@ -391,7 +415,7 @@ def test_shiftquant_with_given_ranges_is_shiftquant(shape, channel_dims):
         tq.shiftquant(x, 4, 4, channel_dims, False, ranges=ranges[..., :-1])
 
 
-@pytest.mark.parametrize("shape", [(1, 37, 45), (37, 45), (1, 1, 45)])
+@pytest.mark.parametrize("shape", [(1, 37, 45), (37, 45), (1, 1, 45), (3, 37, 45)])
 def test_shiftquant_stored_transposed_holds_the_same_values(shape):
     """``transposed=True`` (the ``dW`` GEMM's operand): the same integers, stochastic draws
     included, stored so that ``.mT`` is contiguous; refused where channels are not rows."""
@@ -410,6 +434,38 @@ def test_shiftquant_stored_transposed_holds_the_same_values(shape):
     if shape[-2] > 1:
         with pytest.raises(ValueError, match="contiguous"):
             tq.shiftquant(x.mT.contiguous().mT, 4, 4, rows, True, transposed=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 45), (3, 20, 33), (37, 45), (2, 2, 17, 50), (1, 1, 45)])
+@pytest.mark.parametrize("stochastic,rows_transposed", [(False, False), (True, True)])
+def test_shiftquant_pair_is_the_two_shiftquants(shape, stochastic, rows_transposed):
+    """``shiftquant_pair`` (a gradient quantized along its columns and its rows from one read
+    per pass): the two separate quantizers' results, with and without prescales, with the
+    ranges given (as a region computes them) or from its own range pass, NaN included."""
+    from sqcompile.kernels.triton_ops import pair_dims
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * torch.exp2(torch.randint(-6, 1, shape, generator=g).float())).bfloat16()
+    dc, dr = pair_dims(len(shape))
+    prescales = tuple((torch.rand([s if d in ds else 1 for d, s in enumerate(shape)], generator=g) + 0.5).to(DEVICE)
+                      for ds in (dc, dr))
+    x = x.to(DEVICE)
+    check_shiftquant_pair(x, 4, 4, stochastic, rows_transposed)
+    check_shiftquant_pair(x, 4, 4, stochastic, not rows_transposed, prescales)
+    x.view(-1)[x.numel() // 2] = float("nan")
+    check_shiftquant_pair(x, 4, 4, stochastic, rows_transposed, prescales, given=True)
+
+
+def test_shiftquant_pair_int16_zero_and_bad_input():
+    tq, _ = _kernels()
+    x = torch.randn(2, 33, 45, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    check_shiftquant_pair(x, 4, 6, True, True)                      # int16 expanded forms
+    check_shiftquant_pair(torch.zeros_like(x), 4, 4, False, True)
+    with pytest.raises(ValueError, match="contiguous"):
+        tq.shiftquant_pair(x.mT, 4, 4, True)
+    with pytest.raises(ValueError, match="groups"):
+        tq.shiftquant_pair(x, 4, 0, True)
+    with pytest.raises(ValueError, match="ranges"):
+        tq.shiftquant_pair(x, 4, 4, True, ranges=(torch.ones(2 * 45, device=DEVICE), torch.ones(3, device=DEVICE)))
 
 
 def test_shiftquant_int16_expanded_form():
@@ -588,6 +644,9 @@ def test_custom_ops_pass_opcheck():
         (torch.ops.sqcompile.triton_shiftquant.default, (x, 4, 4, [0, 2], False)),
         (torch.ops.sqcompile.triton_shiftquant.default, (x, 4, 6, [0, 1], False)),
         (torch.ops.sqcompile.triton_shiftquant.default, (x, 4, 4, [0, 2], False, torch.rand(2, 1, 20, device=DEVICE))),
+        (torch.ops.sqcompile.triton_shiftquant_pair.default, (x, None, None, 4, 4, False)),
+        (torch.ops.sqcompile.triton_shiftquant_pair.default, (x, None, None, 4, 6, True, torch.rand(2, 1, 20, device=DEVICE),
+                                                              torch.rand(2, 9, 1, device=DEVICE), True)),
         (torch.ops.sqcompile.triton_dequantize.default, (q, s, torch.bfloat16)),
         (torch.ops.sqcompile.triton_int8_mm.default, (q, e)),
         (torch.ops.sqcompile.triton_scaled_int8_mm.default, (q, s, e, torch.rand(2, 1, 9, device=DEVICE),
@@ -680,6 +739,20 @@ for pre in (True, False):
            "n_channels": "i32"}
     sizes[f"absmax prescale={pre}"] = spilled(tq._absmax_kernel, sig, dict(
         stride_l=1, A_KEPT=True, PRESCALE=pre, INT64=False, BLOCK_C=128, BLOCK_L=32))
+pair = {"x_ptr": "*bf16", "ec_ptr": "*i8", "er_ptr": "*i8", "rc_ptr": "*fp32", "rcmax_ptr": "*fp32",
+        "rr_ptr": "*fp32", "rrmax_ptr": "*fp32", "bc_ptr": "*fp32", "br_ptr": "*fp32", "pc_ptr": "*fp32",
+        "pr_ptr": "*fp32", "M": "i32", "N": "i32", "stride_a": "i32", "stride_m": "i32", "n_mblocks": "i32",
+        "seed_c_ptr": "*i64", "seed_r_ptr": "*i64"}
+for tr, t in tq._PAIR_TILES.items():
+    unit = "er_stride_m" if tr else "er_stride_n"
+    sizes[f"shiftquant pair transposed={tr}"] = spilled(tq._shiftquant_pair_kernel, dict(pair, **{
+        "er_stride_n" if tr else "er_stride_m": "i32"}), {unit: 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4,
+        "STOCHASTIC": True, "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False, "BLOCK_M": t.block_c,
+        "BLOCK_N": t.block_l}, num_warps=t.num_warps)
+sig = {"x_ptr": "*bf16", "ranges_ptr": "*i32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32",
+       "stride_a": "i32", "stride_m": "i32", "m_per_split": "i32"}
+sizes["absmax pair"] = spilled(tq._absmax_pair_kernel, sig, dict(stride_n=1, PRESCALE_C=True, PRESCALE_R=True,
+                                                                 INT64=False, BLOCK_M=16, BLOCK_N=256))
 sig = {"x_ptr": "*i8", "y_ptr": "*i8", "R": "i32", "C": "i32", **{f"s{a}{b}": "i32" for a in "xy" for b in "brc"}}
 sizes["relayout"] = spilled(tg._relayout_kernel, sig, dict(BLOCK_R=64, BLOCK_C=64))
 print(json.dumps(sizes))
@@ -695,7 +768,7 @@ def test_quantizer_and_relayout_kernels_compile_for_hopper():
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     spills = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
-    assert len(spills) == 11 and all(n <= 0 for n in spills.values()), spills
+    assert len(spills) == 14 and all(n <= 0 for n in spills.values()), spills
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,6 +799,13 @@ class TestOnGPU:
         check_shiftquant_nearest(x, bits, groups, channel_dims)
         check_shiftquant_nearest(x.bfloat16(), bits, groups, channel_dims)
         check_stochastic_shiftquant(x, bits, groups, channel_dims)
+
+    @pytest.mark.parametrize("shape", [(1, 4096, 3000), (16, 1024, 1024)])
+    def test_shiftquant_pair(self, shape):
+        """Hundreds of programs racing on both sets of range atomics; the tiles the GPU uses."""
+        x = (torch.randn(shape, device="cuda") * torch.exp2(torch.randint(-6, 1, shape, device="cuda").float())).bfloat16()
+        for stochastic, transposed in ((True, True), (False, False)):
+            check_shiftquant_pair(x, 4, 4, stochastic, transposed)
 
     def test_nan_zero_and_dequantize(self):
         x = torch.randn(4, 1000, 2049, device="cuda")

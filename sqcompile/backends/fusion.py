@@ -32,7 +32,10 @@ it, which its two backward GEMMs ShiftQuant along its columns and along its rows
 After the regions, each ShiftQuant whose expanded gradient is used only transposed, as the
 first operand of int8 GEMMs (a Linear's ``dW = dY^T X``, ``B = 1``), is told to store it
 transposed, so that operand reaches the GEMM with its reduction dim contiguous and needs no
-relayout copy (:func:`_store_transposed`).
+relayout copy (:func:`_store_transposed`).  Then the two ShiftQuants of one gradient, along
+its columns and along its rows (``dX`` and ``dW``; attention's ``dQ`` and ``dK``), become one
+``triton_shiftquant_pair`` that reads the gradient once per pass instead of twice
+(:func:`_pair_shiftquants`).
 
 Not fused, by design: the quantizer *before* a GEMM (its prologue) and the per-row quantizer
 of the next GEMM after it.  In training the int8 operand is saved for the backward, so it is
@@ -628,6 +631,7 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
             dag.add_edges_from((node, u) for u in node.users)
         fused += 1
     fused += _store_transposed(gm.graph, {mm_op, torch.ops.sqcompile.triton_fused_int8_mm.default})
+    fused += _pair_shiftquants(gm.graph)
     if fused:
         gm.graph.lint()
         gm.recompile()
@@ -635,30 +639,47 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
     return gm
 
 
+def _bound_args(node: fx.Node) -> Dict[str, object]:
+    """``node``'s arguments by name, defaults included (bound by its op's schema)."""
+    schema = node.target._schema.arguments
+    arg = {a.name: a.default_value for a in schema if a.has_default_value()}
+    arg.update(zip((a.name for a in schema), node.args), **node.kwargs)
+    return arg
+
+
+def _only_operand(user: fx.Node, node: fx.Node, index: int, gemm_ops: set) -> bool:
+    """Is ``user`` an int8 GEMM that reads ``node`` as its operand ``index`` (0: A, 1: B) only?"""
+    return (user.target in gemm_ops and user.args[index] is node and user.args[1 - index] is not node
+            and not any(a is node for a in (user.args[2] if len(user.args) > 2 else ())))
+
+
 def _store_transposed(graph: fx.Graph, gemm_ops: set) -> int:
-    """Each ShiftQuant whose expanded gradient is used only transposed, as the first operand
-    of int8 GEMMs (a Linear's ``dW = dY^T X``), stores it transposed
-    (``triton_shiftquant_fused(..., transposed=True)``): the GEMM then reads its reduction
-    dim contiguously instead of first copying the operand into that layout.  The same bytes
-    are written, in another order; the values are unchanged.  Returns how many."""
+    """Each ShiftQuant with one channel per row whose expanded gradient is used only where a
+    GEMM wants it with its rows contiguous stores it transposed
+    (``triton_shiftquant_fused(..., transposed=True)``): transposed, as the first operand
+    (a Linear's ``dW = dY^T X``, attention's ``dK = dS^T Q``), or as is, as the second one
+    (attention's ``dV = P^T dO``).  The GEMM then reads its reduction dim contiguously
+    instead of first copying the operand into that layout.  The same bytes are written, in
+    another order; the values are unchanged.  Returns how many."""
     from ..kernels.triton_quant import transposed_unsupported
     ops = torch.ops.sqcompile
     plain, fused_op = ops.triton_shiftquant.default, ops.triton_shiftquant_fused.default
     done = 0
     for sq in [n for n in graph.nodes if n.op == "call_function" and n.target in (plain, fused_op)]:
-        arg = {a.name: a.default_value for a in sq.target._schema.arguments if a.has_default_value()}
-        arg.update(zip((a.name for a in sq.target._schema.arguments), sq.args), **sq.kwargs)
+        arg = _bound_args(sq)
         x, dims = arg["x"], arg["channel_dims"]
         if arg.get("transposed"):
             continue
         items = {u.args[1]: u for u in sq.users if u.target is operator.getitem}
         e = items.get(0)
-        if e is None or len(e.users) != 1 or _val(x) is None or transposed_unsupported(_val(x), dims):
+        if e is None or not e.users or _val(x) is None or transposed_unsupported(_val(x), dims):
             continue
         t = next(iter(e.users))
         nd = _val(e).dim()
-        if (t.target is not aten.transpose.int or {d % nd for d in t.args[1:3]} != {nd - 2, nd - 1} or not t.users
-                or any(u.target not in gemm_ops or u.args[0] is not t or t in u.args[1:] for u in t.users)):
+        as_a = (len(e.users) == 1 and t.target is aten.transpose.int and t.users
+                and {d % nd for d in t.args[1:3]} == {nd - 2, nd - 1}
+                and all(_only_operand(u, t, 0, gemm_ops) for u in t.users))
+        if not as_a and not all(_only_operand(u, e, 1, gemm_ops) for u in e.users):
             continue
         mode = _fake_mode(x)
         with graph.inserting_before(sq):
@@ -667,9 +688,66 @@ def _store_transposed(graph: fx.Graph, gemm_ops: set) -> int:
         for item in items.values():
             item.update_arg(0, new)
             _refresh(item, mode)
-        _refresh(t, mode)
+        if as_a:
+            _refresh(t, mode)
         graph.erase_node(sq)
         done += 1
+    return done
+
+
+def _pair_shiftquants(graph: fx.Graph) -> int:
+    """Merge the two ShiftQuants of one gradient, along its columns and along its rows (a
+    Linear's ``dY`` for ``dX`` and ``dW``, attention's ``dS`` for ``dQ`` and ``dK``), into one
+    ``triton_shiftquant_pair`` that reads the gradient once per pass instead of twice: one
+    range pass for both (none when a region gave both ranges), one quantize pass writing both
+    results, the row quantizer's stored transposed when it was.  Bit for bit the two
+    quantizers' results, stochastic draws included when no other random op ran between them
+    (their seeds are drawn columns first, where the pair stands: at the earlier of the two).
+    Returns how many pairs."""
+    from ..kernels.triton_ops import pair_dims
+    from ..kernels.triton_quant import pair_unsupported
+    ops = torch.ops.sqcompile
+    quantizers = (ops.triton_shiftquant.default, ops.triton_shiftquant_fused.default)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    done = 0
+    for x in list(graph.nodes):
+        v = _val(x)
+        if v is None or not isinstance(v, torch.Tensor) or pair_unsupported(v) is not None:
+            continue
+        cols, rows = pair_dims(v.dim())
+        found: Dict[str, Tuple[fx.Node, dict]] = {}
+        for sq in x.users:
+            if sq.target not in quantizers:
+                continue
+            arg = _bound_args(sq)
+            dims = sorted(d % v.dim() for d in arg["channel_dims"])
+            which = "cols" if dims == cols else "rows" if dims == rows else None
+            if arg["x"] is x and which and which not in found:
+                found[which] = (sq, arg)
+        if len(found) != 2:
+            continue
+        (sq_c, c), (sq_r, r) = found["cols"], found["rows"]
+        if (any(c[k] != r[k] for k in ("bits", "groups", "stochastic")) or c.get("transposed")
+                or any(u.target is not operator.getitem for u in [*sq_c.users, *sq_r.users])):
+            continue
+        first = min(sq_c, sq_r, key=order.__getitem__)
+        late = [i for i in {*sq_c.all_input_nodes, *sq_r.all_input_nodes} if order[i] > order[first]]
+        if any(i.target is not operator.getitem or order[i.args[0]] > order[first] for i in late):
+            continue               # an input of the later one is computed after the earlier one
+        for item in late:          # a region's range output, taken out right before its quantizer
+            first.prepend(item)
+        mode = _fake_mode(x)
+        with graph.inserting_before(first):
+            pair = _new(graph, ops.triton_shiftquant_pair.default,
+                        (x, c.get("ranges"), r.get("ranges"), c["bits"], c["groups"], c["stochastic"],
+                         c.get("prescale"), r.get("prescale"), bool(r.get("transposed"))), first, mode)
+        for sq, offset in ((sq_c, 0), (sq_r, 2)):
+            for item in list(sq.users):
+                item.args = (pair, item.args[1] + offset)
+                _refresh(item, mode)
+            graph.erase_node(sq)
+        done += 1
+        order = {n: i for i, n in enumerate(graph.nodes)}
     return done
 
 

@@ -119,6 +119,38 @@ def _(x, ranges, bits, groups, channel_dims, stochastic, prescale=None, transpos
     return (e.mT.contiguous().mT if transposed else e), base
 
 
+def pair_dims(nd: int) -> Tuple[List[int], List[int]]:
+    """The channel dims of :func:`triton_shiftquant_pair`'s two quantizers of an ``nd``-dim
+    tensor: the columns of each matrix (every dim but the second to last) and its rows
+    (every dim but the last)."""
+    lead = list(range(nd - 2))
+    return lead + [nd - 1], lead + [nd - 2]
+
+
+@ops.custom_op("sqcompile::triton_shiftquant_pair", tags=ops._RANDOM)
+def triton_shiftquant_pair(x: torch.Tensor, cols_ranges: Optional[torch.Tensor], rows_ranges: Optional[torch.Tensor],
+                           bits: int, groups: int, stochastic: bool, cols_prescale: Optional[torch.Tensor] = None,
+                           rows_prescale: Optional[torch.Tensor] = None,
+                           rows_transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two ``sqcompile::shiftquant`` of one contiguous ``x`` ``[..., M, N]`` as the lowering
+    passes merge them (:mod:`sqcompile.backends.fusion`): along its columns (channel dims
+    every dim but the second to last) and along its rows (every dim but the last), reading
+    ``x`` once per pass: ``(e_cols, base_cols, e_rows, base_rows)``.  ``*_ranges`` and
+    ``rows_transposed`` as in :func:`triton_shiftquant_fused`."""
+    _check_device(x, *[r for r in (cols_ranges, rows_ranges) if r is not None])
+    return _quant().shiftquant_pair(x, bits, groups, stochastic, prescales=(cols_prescale, rows_prescale),
+                                    ranges=(cols_ranges, rows_ranges), rows_transposed=rows_transposed)
+
+
+@triton_shiftquant_pair.register_fake
+def _(x, cols_ranges, rows_ranges, bits, groups, stochastic, cols_prescale=None, rows_prescale=None,
+      rows_transposed=False):
+    cols, rows = pair_dims(x.dim())
+    e_cols, base_cols = torch.ops.sqcompile.shiftquant(x, bits, groups, cols, stochastic, cols_prescale)
+    e_rows, base_rows = torch.ops.sqcompile.shiftquant(x, bits, groups, rows, stochastic, rows_prescale)
+    return e_cols, base_cols, (e_rows.mT.contiguous().mT if rows_transposed else e_rows), base_rows
+
+
 @ops.custom_op("sqcompile::triton_dequantize")
 def triton_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``sqcompile::dequantize`` on Triton."""

@@ -81,6 +81,7 @@ import triton.language as tl
 
 from .. import numerics as N
 from .. import ops
+from .triton_ops import pair_dims
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _ROUND_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22
@@ -358,6 +359,23 @@ def _shift_group(r, R, GROUPS: tl.constexpr):
 
 
 @triton.jit
+def _base_of(R, GROUPS: tl.constexpr, QMAX: tl.constexpr):
+    """numerics' base scale ``R / 2**(G-1) / qmax``: two IEEE divisions (the first is exact)."""
+    return tl.math.div_rn(tl.math.div_rn(R, 2.0 ** (GROUPS - 1)), QMAX * 1.0)
+
+
+@triton.jit
+def _shift_expand(x, r, R, base, noise, QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """ShiftQuant's expanded integers ``q << (G-1-g)`` (int32) of the tile ``x`` whose channels
+    have the ranges ``r`` (broadcast along the reduced axis: ``[C, 1]`` or ``[1, C]``): group
+    ``g`` from ``r`` and ``R``, quantization with ``s_g = base * 2**(G-1-g)``."""
+    shift = (GROUPS - 1) - _shift_group(r, R, GROUPS)
+    scale = base * ((shift + 127) << 23).to(tl.float32, bitcast=True)    # base * 2**shift, exact
+    divisor, pre, inv = _multipliers(scale, STOCHASTIC)
+    return _quantize_values(x, divisor, pre, inv, noise, QMAX, STOCHASTIC) << shift
+
+
+@triton.jit
 def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr, C, L, stride_a, stride_c, stride_l,
                        out_stride_c, out_stride_l, n_cblocks, seed_ptr,
                        QMAX: tl.constexpr, GROUPS: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr,
@@ -372,14 +390,9 @@ def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr
     Grid: ``(n_cblocks * cdiv(L, BLOCK_L), A)``; program (0, 0) writes the base scale."""
     pid, a, pid_l, offs_c, offs_l, mask_c, channel = _split_tile(n_cblocks, C, A_KEPT, BLOCK_C, BLOCK_L)
     R = tl.load(rmax_ptr)
-    # numerics: base = R / 2**(G-1) / qmax, two IEEE divisions (the first is exact).
-    base = tl.math.div_rn(tl.math.div_rn(R, 2.0 ** (GROUPS - 1)), QMAX * 1.0)
+    base = _base_of(R, GROUPS, QMAX)
     if (pid == 0) & (a == 0):
         tl.store(base_ptr, tl.where(_is_finite(base), base, float("nan")))
-    g = _shift_group(tl.load(range_ptr + channel, mask=mask_c, other=0.0), R, GROUPS)
-    shift = (GROUPS - 1) - g
-    scale = base * ((shift + 127) << 23).to(tl.float32, bitcast=True)    # base * 2**shift, exact
-    divisor, pre, inv = _multipliers(scale, STOCHASTIC)
     mask = mask_c[:, None] & (offs_l < L)[None, :]
     offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -389,10 +402,113 @@ def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr
         noise = _uniform_noise(tl.load(seed_ptr), a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
     else:
         noise = 0.0
-    q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
-    e = q << shift[:, None]
+    e = _shift_expand(x, tl.load(range_ptr + channel, mask=mask_c, other=0.0)[:, None], R, base, noise, QMAX,
+                      GROUPS, STOCHASTIC)
     out = _tile_offsets(a, offs_c, offs_l, stride_a, out_stride_c, out_stride_l, INT64)
     tl.store(e_ptr + out, e.to(e_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, stride_m, stride_n, m_per_split,
+                        PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr, INT64: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Both channel ranges of ``x`` ``[A, M, N]`` from one read (:func:`shiftquant_pair`): the
+    column amax (channel ``a * N + n``, over ``m``) and the row amax (channel ``a * M + m``,
+    over ``n``), NaN as +inf, each times its ``|prescale|`` when given, combined across
+    programs with integer atomic maxima on the float bits (exact in any order) in
+    ``ranges`` (int32, zeroed): ``[A*N]`` column ranges, their max, ``[A*M]`` row ranges,
+    their max.  A program owns ``BLOCK_N`` columns over ``m_per_split`` rows: the column
+    maxima stay in registers over its loop, the row maxima of each tile go out by atomics.
+
+    Grid: ``(cdiv(N, BLOCK_N), n_split, A)``."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    a = tl.program_id(2)
+    A = tl.num_programs(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    m_start = split * m_per_split
+    m_end = tl.minimum(m_start + m_per_split, M)
+    rows_ptr = ranges_ptr + A * N + 1
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)      # column maxima, reduced after the loop
+    row_max = tl.full((), 0, tl.int32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        v = _abs_nan_as_inf(tl.load(x_ptr + _tile_offsets(a, offs_m, offs_n, stride_a, stride_m, stride_n, INT64),
+                                    mask=mask_m[:, None] & mask_n[None, :], other=0.0))
+        acc = tl.maximum(acc, v)
+        rm = tl.max(v, axis=1)
+        row = a * M + offs_m
+        if PRESCALE_R:
+            rm = _abs_nan_as_inf(rm * tl.load(pr_ptr + row, mask=mask_m, other=0.0))
+        bits = tl.where(mask_m, rm, 0.0).to(tl.int32, bitcast=True)
+        tl.atomic_max(rows_ptr + row, bits, mask=mask_m, sem="relaxed")
+        row_max = tl.maximum(row_max, tl.max(bits, axis=0))
+    tl.atomic_max(rows_ptr + A * M, row_max, sem="relaxed")
+    cm = tl.max(acc, axis=0)
+    col = a * N + offs_n
+    if PRESCALE_C:
+        cm = _abs_nan_as_inf(cm * tl.load(pc_ptr + col, mask=mask_n, other=0.0))
+    bits = tl.where(mask_n, cm, 0.0).to(tl.int32, bitcast=True)
+    tl.atomic_max(ranges_ptr + col, bits, mask=mask_n, sem="relaxed")
+    tl.atomic_max(ranges_ptr + A * N, tl.max(bits, axis=0), sem="relaxed")
+
+
+@triton.jit
+def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, rc_ptr, rcmax_ptr, rr_ptr, rrmax_ptr, bc_ptr, br_ptr, pc_ptr, pr_ptr,
+                            M, N, stride_a, stride_m, stride_n, er_stride_m, er_stride_n, n_mblocks, seed_c_ptr,
+                            seed_r_ptr, QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
+                            PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr, INT64: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Both ShiftQuants of one ``[BLOCK_M, BLOCK_N]`` tile of ``x`` ``[A, M, N]``, read once:
+    along its columns (channel ``a * N + n``; ``ec`` at ``x``'s strides) and along its rows
+    (channel ``a * M + m``; ``er`` at ``er_stride_m`` / ``er_stride_n``, ``x``'s or transposed).
+    Each is computed exactly as :func:`_shiftquant_kernel` computes it on its own ``[A, C, L]``
+    view, noise included (the column quantizer's view is ``[A, N, M]``, the row quantizer's
+    ``[1, A*M, N]``), so the results are the two separate calls' bit for bit.
+
+    Grid: ``(n_mblocks * cdiv(N, BLOCK_N), A)``; program (0, 0) writes the two base scales."""
+    pid = tl.program_id(0)
+    a = tl.program_id(1)
+    pid_m = pid % n_mblocks
+    pid_n = pid // n_mblocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    Rc = tl.load(rcmax_ptr)
+    Rr = tl.load(rrmax_ptr)
+    base_c = _base_of(Rc, GROUPS, QMAX)
+    base_r = _base_of(Rr, GROUPS, QMAX)
+    if (pid == 0) & (a == 0):
+        tl.store(bc_ptr, tl.where(_is_finite(base_c), base_c, float("nan")))
+        tl.store(br_ptr, tl.where(_is_finite(base_r), base_r, float("nan")))
+    x = tl.load(x_ptr + _tile_offsets(a, offs_m, offs_n, stride_a, stride_m, stride_n, INT64), mask=mask,
+                other=0.0).to(tl.float32)
+    col = a * N + offs_n
+    row = a * M + offs_m
+    xc = x
+    if PRESCALE_C:
+        xc = x * tl.load(pc_ptr + col, mask=mask_n, other=0.0)[None, :]
+    xr = x
+    if PRESCALE_R:
+        xr = x * tl.load(pr_ptr + row, mask=mask_m, other=0.0)[:, None]
+    if STOCHASTIC:
+        noise_c = tl.trans(_uniform_noise(tl.load(seed_c_ptr), col, pid_m * BLOCK_M, M, BLOCK_N, BLOCK_M))
+        noise_r = _uniform_noise(tl.load(seed_r_ptr), row, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N)
+    else:
+        noise_c = 0.0
+        noise_r = 0.0
+    ec = _shift_expand(xc, tl.load(rc_ptr + col, mask=mask_n, other=0.0)[None, :], Rc, base_c, noise_c, QMAX, GROUPS,
+                       STOCHASTIC)
+    tl.store(ec_ptr + _tile_offsets(a, offs_m, offs_n, stride_a, stride_m, stride_n, INT64),
+             ec.to(ec_ptr.dtype.element_ty), mask=mask)
+    er = _shift_expand(xr, tl.load(rr_ptr + row, mask=mask_m, other=0.0)[:, None], Rr, base_r, noise_r, QMAX, GROUPS,
+                       STOCHASTIC)
+    tl.store(er_ptr + _tile_offsets(a, offs_m, offs_n, stride_a, er_stride_m, er_stride_n, INT64),
+             er.to(er_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -691,9 +807,9 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
     +inf, float32, row-major over the channel dims) when the producer of ``x`` computed them
     (a fused GEMM region's epilogue): the range pass is skipped.  ``transposed``: ``expanded``
     is stored with its last two dims swapped in memory (``.mT`` is contiguous), for a GEMM
-    that reads it transposed and wants its reduction dim contiguous (the ``dW`` GEMM's
-    gradient); only for a contiguous ``x`` whose leading dims have size 1, one channel per
-    row (what a Linear's gradient is), else ``ValueError``."""
+    that reads it transposed and wants its reduction dim contiguous (a Linear's ``dW``
+    gradient, attention's ``dS`` for ``dK``); only for a contiguous ``x`` ``[..., M, N]``
+    with one channel per row of each matrix, else ``ValueError``."""
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     qmax = N.qmax(bits)
@@ -709,23 +825,15 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
         if why:
             raise ValueError(f"shiftquant(transposed=True): {why}")
         qtile = _TRANSPOSED_TILE
-    if prescale is not None:
-        N.check_prescale(x, prescale, channel_dims)
-        # one factor per channel, in the views' channel order (row-major over the kept dims)
-        prescale = prescale.to(device=x.device, dtype=torch.float32).expand(
-            ops._scale_shape(x, channel_dims)).reshape(-1).contiguous()
+    prescale = _prescale_vector(x, prescale, channel_dims)
     if ranges is None:
         ranges, rmax = channel_ranges(view, tile, prescale)
     else:
-        if ranges.numel() != view.n_channels:
-            raise ValueError(f"shiftquant: {ranges.numel()} given ranges for {view.n_channels} channels")
-        ranges = ranges.reshape(-1).to(torch.float32)
-        if prescale is not None:
-            ranges = ranges * prescale.abs()
-        rmax = ranges.amax()
-    tile = qtile
+        ranges, rmax = _given_ranges(ranges, view.n_channels, prescale)
     A, C, L = view.shape
-    if transposed:       # [1, C, L] stored [L, C]: element (c, l) at l * C + c
+    if transposed:       # [A, M, N] stored [A, N, M]: element (a, m, n) at a * M * N + n * M + m
+        view = _matrices(x)
+        A, C, L = view.shape
         e = torch.empty_like(x.mT, dtype=edtype, memory_format=torch.contiguous_format).mT
         out_strides = (1, C)
     else:
@@ -733,13 +841,46 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
         out_strides = view.strides[1:]
     base = torch.empty((), dtype=torch.float32, device=x.device)
     seed = _seed_arg(seed, stochastic, x.device, base)
-    n_cblocks = triton.cdiv(C, tile.block_c)
-    _shiftquant_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
+    n_cblocks = triton.cdiv(C, qtile.block_c)
+    _shiftquant_kernel[(n_cblocks * triton.cdiv(L, qtile.block_l), A)](
         view.work, e, ranges, rmax, base, ranges if prescale is None else prescale, C, L, *view.strides,
         *out_strides, n_cblocks, seed, QMAX=qmax, GROUPS=groups, A_KEPT=view.a_kept, STOCHASTIC=stochastic,
-        PRESCALE=prescale is not None, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
-        num_warps=tile.num_warps)
+        PRESCALE=prescale is not None, INT64=view.int64, BLOCK_C=qtile.block_c, BLOCK_L=qtile.block_l,
+        num_warps=qtile.num_warps)
     return (e if transposed else _restore(view, e, x)), base
+
+
+def _prescale_vector(x: torch.Tensor, prescale: Optional[torch.Tensor],
+                     channel_dims: Sequence[int]) -> Optional[torch.Tensor]:
+    """ShiftQuant's prescale as one float32 factor per channel, in the views' channel order
+    (row-major over the kept dims)."""
+    if prescale is None:
+        return None
+    N.check_prescale(x, prescale, channel_dims)
+    return prescale.to(device=x.device, dtype=torch.float32).expand(
+        ops._scale_shape(x, channel_dims)).reshape(-1).contiguous()
+
+
+def _given_ranges(ranges: torch.Tensor, n_channels: int,
+                  prescale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(ranges, rmax)`` from ranges a producer computed (times ``|prescale|``, exact)."""
+    if ranges.numel() != n_channels:
+        raise ValueError(f"shiftquant: {ranges.numel()} given ranges for {n_channels} channels")
+    ranges = ranges.reshape(-1).to(torch.float32)
+    if prescale is not None:
+        ranges = ranges * prescale.abs()
+    return ranges, ranges.amax()
+
+
+def _matrices(x: torch.Tensor) -> _View:
+    """A contiguous ``[..., M, N]`` tensor as ``[A, M, N]`` with the batch kept: channel
+    ``a * M + m`` and the noise of each element are those of the ``[1, A*M, N]`` view that
+    :func:`_plan` makes for per-row channels, so kernels may use either."""
+    M, N_ = x.shape[-2:]
+    A = x.numel() // max(1, M * N_)
+    if A > _MAX_GRID_YZ:
+        raise ValueError(f"triton quantizers: {A} matrices exceed the grid limit {_MAX_GRID_YZ}")
+    return _View(x, (A, M, N_), (M * N_, N_, 1), True, None)
 
 
 # Square tiles when the store runs along the other dim than the load: rows of 64 loaded
@@ -748,13 +889,106 @@ _TRANSPOSED_TILE = _Tile(16, 16, 4) if INTERPRETED else _Tile(64, 64, 4)
 
 
 def transposed_unsupported(x: torch.Tensor, channel_dims: Sequence[int]) -> Optional[str]:
-    """Why :func:`shiftquant` cannot store ``x``'s expanded form transposed (``None``: it can)."""
-    if x.dim() < 2 or not x.is_contiguous() or any(s != 1 for s in x.shape[:-2]):
-        return f"x must be a contiguous [..., M, N] tensor with leading dims of size 1, got {tuple(x.shape)}"
-    kept = {d % x.dim() for d in channel_dims}
-    if x.dim() - 1 in kept or (x.dim() - 2 not in kept and x.shape[-2] != 1):
+    """Why :func:`shiftquant` cannot store ``x``'s expanded form transposed (``None``: it can):
+    ``x`` must be a contiguous ``[..., M, N]`` tensor and its channels the rows of each matrix
+    (every dim but the last; dims of size 1 may be left out)."""
+    if x.dim() < 2 or not x.is_contiguous():
+        return f"x must be a contiguous [..., M, N] tensor, got shape {tuple(x.shape)} strides {tuple(x.stride())}"
+    nd = x.dim()
+    kept = {d % nd for d in channel_dims}
+    if nd - 1 in kept or any(d not in kept and x.shape[d] != 1 for d in range(nd - 1)):
         return f"channel_dims {list(channel_dims)} are not one channel per row"
     return None
+
+
+def pair_unsupported(x: torch.Tensor) -> Optional[str]:
+    """Why :func:`shiftquant_pair` cannot take ``x`` (``None``: it can)."""
+    if x.dim() < 2 or not x.is_contiguous():
+        return f"x must be a contiguous [..., M, N] tensor, got shape {tuple(x.shape)} strides {tuple(x.stride())}"
+    if x.numel() // max(1, x.shape[-2] * x.shape[-1]) > _MAX_GRID_YZ:
+        return f"{x.numel() // (x.shape[-2] * x.shape[-1])} matrices exceed the grid limit {_MAX_GRID_YZ}"
+    return None
+
+
+def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *,
+                    seeds: Tuple[Union[None, int, torch.Tensor], Union[None, int, torch.Tensor]] = (None, None),
+                    prescales: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
+                    ranges: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
+                    rows_transposed: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both ShiftQuants of a gradient that feeds two GEMMs, from one read of it per pass:
+    ``x`` ``[..., M, N]`` along its columns and along its rows (:func:`~sqcompile.kernels.triton_ops.pair_dims`), as
+    ``(e_cols, base_cols, e_rows, base_rows)``.
+
+    A Linear's output gradient ``dY`` is quantized along its columns for ``dX = dY W`` and
+    along its rows for ``dW = dY^T X``; attention's ``dS`` along its columns for ``dQ = dS K``
+    and along its rows for ``dK = dS^T Q``.  Two :func:`shiftquant` calls read ``x`` four
+    times (two range passes, two quantize passes); this reads it twice (one pass computes
+    both sets of ranges, one quantizes both ways), or once when the producer gave both
+    ``ranges``.  Each result is bit for bit what :func:`shiftquant` returns for its channel
+    dims with the same ``seeds`` / ``prescales`` / ``ranges`` entry (``rows_transposed`` as
+    its ``transposed``); seeds left ``None`` are drawn columns first.  ``x`` must be
+    contiguous (:func:`pair_unsupported`, else ``ValueError``)."""
+    why = pair_unsupported(x)
+    if why:
+        raise ValueError(f"shiftquant_pair: {why}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    dims = pair_dims(x.dim())
+    if x.numel() == 0:
+        return (*shiftquant(x, bits, groups, dims[0], stochastic, prescale=prescales[0]),
+                *shiftquant(x, bits, groups, dims[1], stochastic, prescale=prescales[1]))
+    view = _matrices(x)
+    A, M, N_ = view.shape
+    pre_c, pre_r = (_prescale_vector(x, p, d) for p, d in zip(prescales, dims))
+    base_c, base_r = (torch.empty((), dtype=torch.float32, device=x.device) for _ in range(2))
+    seed_c = _seed_arg(seeds[0], stochastic, x.device, base_c)
+    seed_r = _seed_arg(seeds[1], stochastic, x.device, base_r)
+    if ranges[0] is None or ranges[1] is None:
+        rc, rcmax, rr, rrmax = _pair_ranges(view, pre_c, pre_r)
+    else:
+        (rc, rcmax), (rr, rrmax) = _given_ranges(ranges[0], A * N_, pre_c), _given_ranges(ranges[1], A * M, pre_r)
+    edtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
+    e_cols = torch.empty_like(x, dtype=edtype)
+    if rows_transposed:
+        e_rows = torch.empty_like(x.mT, dtype=edtype, memory_format=torch.contiguous_format).mT
+        rows_strides = (1, M)
+    else:
+        e_rows = torch.empty_like(x, dtype=edtype)
+        rows_strides = (N_, 1)
+    tile = _PAIR_TILES[rows_transposed]
+    n_mblocks = triton.cdiv(M, tile.block_c)
+    _shiftquant_pair_kernel[(n_mblocks * triton.cdiv(N_, tile.block_l), A)](
+        x, e_cols, e_rows, rc, rcmax, rr, rrmax, base_c, base_r, base_c if pre_c is None else pre_c,
+        base_r if pre_r is None else pre_r, M, N_, *view.strides, *rows_strides, n_mblocks, seed_c, seed_r,
+        QMAX=N.qmax(bits), GROUPS=groups, STOCHASTIC=stochastic, PRESCALE_C=pre_c is not None,
+        PRESCALE_R=pre_r is not None, INT64=view.int64, BLOCK_M=tile.block_c, BLOCK_N=tile.block_l,
+        num_warps=tile.num_warps)
+    return e_cols, base_c, e_rows, base_r
+
+
+def _pair_ranges(view: _View, pre_c: Optional[torch.Tensor], pre_r: Optional[torch.Tensor]):
+    """``(column ranges, their max, row ranges, their max)`` of the ``[A, M, N]`` view, from
+    one pass (:func:`_absmax_pair_kernel`) and one zero fill."""
+    A, M, N_ = view.shape
+    block_n = max(16, min(triton.next_power_of_2(N_), 32 if INTERPRETED else 256))
+    block_m = (128 if INTERPRETED else 4096) // block_n
+    n_nblocks, n_mblocks = triton.cdiv(N_, block_n), triton.cdiv(M, block_m)
+    n_split = max(1, min(n_mblocks, _device_programs(view.work.device) // (A * n_nblocks)))
+    m_per_split = triton.cdiv(n_mblocks, n_split) * block_m
+    bits = torch.zeros(A * N_ + 1 + A * M + 1, dtype=torch.int32, device=view.work.device)
+    _absmax_pair_kernel[(n_nblocks, triton.cdiv(M, m_per_split), A)](
+        view.work, bits, bits if pre_c is None else pre_c, bits if pre_r is None else pre_r, M, N_, *view.strides,
+        m_per_split, PRESCALE_C=pre_c is not None, PRESCALE_R=pre_r is not None, INT64=view.int64,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    r = bits.view(torch.float32)
+    return r[:A * N_], r[A * N_], r[A * N_ + 1:-1], r[-1]
+
+
+# The pair kernel's tiles (block_c: rows M, block_l: columns N), by whether the row
+# quantizer's output is stored transposed: square then (see _TRANSPOSED_TILE), else wide
+# along the contiguous N.
+_PAIR_TILES = {True: _TRANSPOSED_TILE,
+               False: _Tile(16, 32, 4) if INTERPRETED else _Tile(32, 128, 4)}
 
 
 def _collapse(shape: Sequence[int], strides: Sequence[Sequence[int]]) -> List[Tuple[int, List[int]]]:
@@ -793,4 +1027,4 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return out
 
 
-__all__ = ["quantize", "shiftquant", "dequantize", "channel_ranges", "draw_seed", "INTERPRETED"]
+__all__ = ["quantize", "shiftquant", "shiftquant_pair", "dequantize", "channel_ranges", "draw_seed", "INTERPRETED"]
