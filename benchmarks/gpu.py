@@ -17,6 +17,9 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
    alone, what a captured training step gets).  "essential" counts the bytes the
    op must move (read x once, write q and the scales); "traffic" counts what the kernels do
    move (ShiftQuant and the split quantizer read x twice: a range pass, then the quantize pass).
+   Also a gradient's two ShiftQuants (along its columns and its rows, the rows' result stored
+   transposed, as the backward graph runs them) as one ``triton_shiftquant_pair`` against
+   two separate quantizers, at a Linear's ``dY`` and attention's ``dS`` shapes, as a ratio.
 3. A transformer block training step (d_model 1024, 16 heads, seq 1024, batch 8, LayerNorm,
    GELU MLP, attention with explicit matmuls) compiled with ``backend="shiftquant"``
    (``kernels="triton"``, ``execution="integer"``) against the same block in bf16 under
@@ -89,7 +92,7 @@ def _profile(name: str, fn, steps: int, rows: int) -> None:
     from torch.profiler import ProfilerActivity
     fn()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             fn()
@@ -104,6 +107,15 @@ def _profile(name: str, fn, steps: int, rows: int) -> None:
           f"{launches:.0f} kernel launches per call")
     for e in sorted(kernels, key=lambda e: -getattr(e, attr))[:rows]:
         print(f"    {getattr(e, attr) / steps / 1e3:8.3f} ms  x{e.count // steps:<4d} {e.key[:100]}")
+    # Launched from Python (not replayed), each sqcompile op's device time, by input shapes:
+    # which GEMM region or quantizer of the step is slow (the table above lumps them by kernel)
+    ours = [e for e in prof.key_averages(group_by_input_shape=True)
+            if e.key.startswith("sqcompile::") and getattr(e, attr) > 0]
+    if ours:
+        print("    -- sqcompile ops by input shapes (device time, kernels launched inside included)")
+    for e in sorted(ours, key=lambda e: -getattr(e, attr))[:rows]:
+        shapes = " ".join("x".join(map(str, sh)) for sh in e.input_shapes if sh)[:70]
+        print(f"    {getattr(e, attr) / steps / 1e3:8.3f} ms  x{e.count // steps:<4d} {e.key[11:]:28s} {shapes}")
 
 
 def record(part: str, what: str, value: str) -> None:
@@ -195,6 +207,7 @@ def part_quantizers(reps: int) -> None:
     q_ = torch.ops.sqcompile.triton_quantize
     sq_ = torch.ops.sqcompile.triton_shiftquant
     cases = []
+    pairs = []       # (pair label, two-quantizer label)
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(1, M, N, device="cuda", dtype=dtype)
         e = x.element_size()
@@ -212,6 +225,18 @@ def part_quantizers(reps: int) -> None:
             (f"shiftquant chan (b,m) stoch  [{name}]", lambda x=x: sq_(x, 4, 4, [0, 1], True), n * (e + 1), n * (2 * e + 1)),
         ]
         if dtype == torch.bfloat16:
+            pair_, fused_ = torch.ops.sqcompile.triton_shiftquant_pair, torch.ops.sqcompile.triton_shiftquant_fused
+            for shape in ((1, M, N), (128, 1024, 1024)):       # a Linear's dY; attention's dS
+                g = torch.randn(shape, device="cuda", dtype=dtype)
+                ng, tag = g.numel(), "x".join(map(str, shape))
+                two = f"two shiftquants cols+rows^T [{name} {tag}]"
+                one = f"shiftquant pair cols+rows^T [{name} {tag}]"
+                pairs.append((one, two))
+                cases += [   # both read the gradient, write two int8 results; two passes vs four
+                    (two, lambda g=g: (sq_(g, 4, 4, [0, 2], True), fused_(g, None, 4, 4, [0, 1], True, None, True)),
+                     ng * (e + 2), ng * (4 * e + 2)),
+                    (one, lambda g=g: pair_(g, None, None, 4, 4, True, None, None, True), ng * (e + 2), ng * (2 * e + 2)),
+                ]
             cases += [
                 (f"  torch ref: quantize per-row [{name}]",
                  lambda x=x: torch.ops.sqcompile.quantize(x, 4, [0, 1], False), n * (e + 1), n * (e + 1)),
@@ -228,6 +253,9 @@ def part_quantizers(reps: int) -> None:
             extra = "" if traffic == essential else f", traffic {traffic / ms / 1e6 / bandwidth:.0%}"
             record("2 quant" + (" graph" if cuda_graph else ""), f"{label}: {ms:.3f} ms, {gbs:.0f} GB/s{extra}",
                    f"{gbs / bandwidth:.0%} of copy")
+        for one, two in pairs:
+            record("2 pair" + (" graph" if cuda_graph else ""), f"{one} vs two quantizers",
+                   f"{t[two] / t[one]:.2f}x faster")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,10 +29,11 @@ label then ends in ``+ranges``.  This is the usual case for a gradient: the ``dX
 Linear (with the activation's backward) produces the output gradient of the Linear before
 it, which its two backward GEMMs ShiftQuant along its columns and along its rows.
 
-After the regions, each ShiftQuant whose expanded gradient is used only transposed, as the
-first operand of int8 GEMMs (a Linear's ``dW = dY^T X``, ``B = 1``), is told to store it
-transposed, so that operand reaches the GEMM with its reduction dim contiguous and needs no
-relayout copy (:func:`_store_transposed`).  Then the two ShiftQuants of one gradient, along
+After the regions, each ShiftQuant with one channel per row whose expanded gradient is used
+only where GEMMs want its rows contiguous (transposed as their first operand: a Linear's
+``dW = dY^T X``, attention's ``dK = dS^T Q``; as is as their second: ``dV = P^T dO``) is told
+to store it transposed, so that operand reaches the GEMM with its reduction dim contiguous
+and needs no relayout copy (:func:`_store_transposed`).  Then the two ShiftQuants of one gradient, along
 its columns and along its rows (``dX`` and ``dW``; attention's ``dQ`` and ``dK``), become one
 ``triton_shiftquant_pair`` that reads the gradient once per pass instead of twice
 (:func:`_pair_shiftquants`).

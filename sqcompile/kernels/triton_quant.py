@@ -44,6 +44,10 @@ Kernels (one per function, block sizes as ``tl.constexpr``):
 * :func:`_shiftquant_kernel` -- ShiftQuant's group assignment, quantization and expansion
   ``q << (G-1-g)`` in one pass after :func:`_absmax_kernel`.  ShiftQuant needs the
   global range ``R`` before any element can be quantized, so it is always two passes.
+* :func:`_absmax_pair_kernel` and :func:`_shiftquant_pair_kernel` -- both ShiftQuants of a
+  gradient that feeds two GEMMs (along its columns and along its rows,
+  :func:`shiftquant_pair`): one pass for both sets of ranges, one pass quantizing each tile
+  both ways, where two separate quantizers take two passes each.
 * :func:`_dequantize_kernel` -- ``q * scale`` with broadcasting, written in the output dtype.
 
 Conventions shared with :mod:`sqcompile.numerics`:
