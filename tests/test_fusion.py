@@ -324,7 +324,7 @@ result = []
 for config in tf.region_configs(ep):
     out = sm90.compile_sm90(tf.kernel_for(sys.argv[1]).fn, sig, {**ones, **config.kwargs}, num_warps=config.num_warps,
                             num_stages=config.num_stages, fp_fusion=False)
-    result.append({"tile": config.kwargs["BLOCK_N"], "wgmma": "wgmma" in out["ptx"], "cubin": len(out["cubin"]),
+    result.append({"tile": [config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]], "wgmma": "wgmma" in out["ptx"], "cubin": len(out["cubin"]),
                    "spilled": out["spilled"], "atomics": out["ptx"].count("red.global.gpu.relaxed.max.s32")})
 print(json.dumps(result))
 """
@@ -359,7 +359,7 @@ def test_generated_kernel_compiles_for_hopper(program):
     ep = tf.Epilogue(*spec)
     assert tf.wide_tile_fits(ep) == wide
     result = json.loads(sm90.run(_HOPPER_SCRIPT, ep.signature()).strip().splitlines()[-1])
-    assert [r["tile"] for r in result] == ([256] if wide else []) + [128, 64]
+    assert [r["tile"] for r in result] == ([[128, 256]] if wide else []) + [[128, 128], [64, 128], [128, 64]]
     for r in result:
         assert r["wgmma"] and r["cubin"] > 0 and r["spilled"] <= 0, r
         assert (r["atomics"] > 0) == bool(ep.ranges)

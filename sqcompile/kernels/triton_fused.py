@@ -289,16 +289,20 @@ def wide_tile_fits(ep: Epilogue) -> bool:
 
 
 def region_configs(ep: Optional[Epilogue] = None):
-    """Autotuning configs of region kernels: two of the GEMM's Hopper configs (128x256 and
-    128x128 tiles, BLOCK_K 128, 8 warps; the 128x256 one only where :func:`wide_tile_fits`),
+    """Autotuning configs of region kernels: three of the GEMM's Hopper configs (128x256,
+    128x128 and 64x128 tiles, BLOCK_K 128; the 128x256 one only where :func:`wide_tile_fits`),
     or for thin operands (N or K of 64, as in attention) the small one
-    (:func:`~sqcompile.kernels.triton_gemm.prune_configs` picks).  Every region signature is
+    (:func:`~sqcompile.kernels.triton_gemm.prune_configs` picks).  The 64x128 tile (4 warps)
+    gives outputs with few columns more programs per wave: a ``[8192, 1024]`` output is 512
+    tiles of 128x128, 3.9 waves on 132 SMs, or 1024 of 64x128, 7.8 (it spills for no
+    epilogue; the 128x128 tile with 4 warps and BLOCK_K 64, which the plain GEMM also tries,
+    spills 500-1100 bytes for heavy epilogues and is left out).  Every region signature is
     compiled once per config (7-12 s each for sm_90 on a 2-core CPU, measured with
     ``triton.compile``), so a model with ten distinct epilogues would spend minutes
-    autotuning over all five."""
+    autotuning over all six."""
     gemm = importlib.import_module(".triton_gemm", __package__)
     wide = [gemm.CUDA_CONFIGS[0]] if ep is None or wide_tile_fits(ep) else []
-    return [*wide, gemm.CUDA_CONFIGS[2], gemm.SMALL_CONFIG]
+    return [*wide, gemm.CUDA_CONFIGS[2], gemm.CUDA_CONFIGS[4], gemm.SMALL_CONFIG]
 
 
 _CACHE: Dict[str, RegionKernel] = {}
