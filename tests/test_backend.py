@@ -289,3 +289,36 @@ def test_cudagraphs_replays_train_with_fresh_stochastic_noise():
     assert not torch.equal(grads[0], grads[1])             # same weights and input, new noise
     assert rel(grads[1], grads[0]) < 0.2                    # ... but the same gradient
     assert losses[-1] < losses[0]
+
+
+def test_graphs_for_inductor_keep_each_ops_origin():
+    """The retrace that inlines the quantizers for Inductor keeps every node's ``original_aten``
+    (and stack): Inductor names its kernels after them, so a profile of a compiled step shows
+    ``..._softmax_backward_data_masked_fill_mul...`` instead of ``triton_per_fused_13``."""
+    from torch._inductor.utils import run_and_get_code
+    from sqcompile.backends import lowering
+
+    seen = []
+    original = lowering.decompose_for_inductor
+
+    def spy(gm, example_inputs):
+        out = original(gm, example_inputs)
+        seen.append([n for n in out.graph.nodes if n.op == "call_function"])
+        return out
+
+    class Attention(nn.Module):
+        def forward(self, q, k):
+            return (q @ k.transpose(-1, -2)).softmax(-1)
+
+    torch._dynamo.reset()
+    q, k = torch.randn(2, 8, 16, requires_grad=True), torch.randn(2, 8, 16)
+    model = torch.compile(Attention(), backend="shiftquant", options={"inner": "inductor", "execution": "simulate"})
+    lowering.decompose_for_inductor, saved = spy, lowering.decompose_for_inductor
+    try:
+        _, codes = run_and_get_code(lambda: model(q, k).square().sum().backward())
+    finally:
+        lowering.decompose_for_inductor = saved
+    assert len(seen) == 2 and all(n.meta.get("original_aten") is not None for nodes in seen for n in nodes)
+    import re                                     # the softmax's kernels are named after it
+    assert re.search(r"(cpp|triton_\w+)_fused_\w*_softmax", "\n".join(codes))
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 from functorch.compile import make_boxed_func
+from torch.fx import traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .. import numerics as N
@@ -154,8 +155,12 @@ def decompose_for_inductor(gm, example_inputs):
     from torch._inductor.fx_passes.replace_random import replace_random_passes
     from torch._inductor.virtualized import V
 
-    with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        gm = make_fx(gm, decomposition_table=table)(*example_inputs)
+    # Traced node by node with the nodes' metadata preserved, so the decomposed graph keeps
+    # each op's ``original_aten`` and stack: Inductor names its kernels after them
+    # (``triton_per_fused__softmax_backward_data_mul_...`` rather than ``triton_per_fused_13``),
+    # which is what a profile of a compiled step shows.
+    with fake_mode if fake_mode is not None else contextlib.nullcontext(), fx_traceback.preserve_node_meta():
+        gm = make_fx(torch.fx.Interpreter(gm).run, decomposition_table=table)(*example_inputs)
     # what Inductor's joint-graph passes would have done: rand -> Inductor's fused RNG
     with V.set_fake_mode(fake_mode) if fake_mode is not None else contextlib.nullcontext():
         replace_random_passes(gm)
