@@ -272,15 +272,26 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
 
 
 @triton.jit
+def _combine_ranges(ranges_ptr, channel, amax, mask, prescale_ptr, PRESCALE: tl.constexpr):
+    """Atomic max of the channel maxima ``amax`` (times ``|prescale|`` when given: exactly the
+    amax of the product, rounding being monotone; NaN from ``inf * 0`` as +inf) into the
+    int32 float bits at ``ranges_ptr + channel``; returns the largest of them, as bits.
+    Non-negative floats order like their bits, so the result is exact in any order."""
+    if PRESCALE:
+        amax = _abs_nan_as_inf(amax * tl.load(prescale_ptr + channel, mask=mask, other=0.0))
+    bits = tl.where(mask, amax, 0.0).to(tl.int32, bitcast=True)
+    tl.atomic_max(ranges_ptr + channel, bits, mask=mask, sem="relaxed")
+    return tl.max(bits, axis=0)
+
+
+@triton.jit
 def _absmax_kernel(x_ptr, ranges_ptr, prescale_ptr, C, L, stride_a, stride_c, stride_l, l_per_split, n_channels,
                    A_KEPT: tl.constexpr, PRESCALE: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_L: tl.constexpr):
     """Channel amax (NaN as +inf) over ``[split * l_per_split, ...)`` of ``L``, combined across
     programs in ``ranges`` (int32 ``[n_channels + 1]``, zeroed, holding float32 bits) with an
-    integer atomic max: non-negative floats order like their bits, so the result is exact in
-    any order.  ``PRESCALE``: the amax times the channel's ``|prescale|`` (exactly the amax of
-    the product: rounding is monotone), NaN (``inf * 0``) as +inf.  The last slot gets the
-    max over all channels.
+    integer atomic max, times ``|prescale|`` with ``PRESCALE`` (:func:`_combine_ranges`).  The
+    last slot gets the max over all channels.
 
     Grid: ``(cdiv(C, BLOCK_C), n_split, A)``; ``channel = a * C + c`` (A kept) or ``c``."""
     pid_c = tl.program_id(0)
@@ -302,11 +313,8 @@ def _absmax_kernel(x_ptr, ranges_ptr, prescale_ptr, C, L, stride_a, stride_c, st
         channel = a * C + offs_c
     else:
         channel = offs_c
-    if PRESCALE:
-        amax = _abs_nan_as_inf(amax * tl.load(prescale_ptr + channel, mask=mask_c, other=0.0))
-    bits = tl.where(mask_c, amax, 0.0).to(tl.int32, bitcast=True)
-    tl.atomic_max(ranges_ptr + channel, bits, mask=mask_c, sem="relaxed")
-    tl.atomic_max(ranges_ptr + n_channels, tl.max(bits, axis=0), sem="relaxed")
+    top = _combine_ranges(ranges_ptr, channel, amax, mask_c, prescale_ptr, PRESCALE)
+    tl.atomic_max(ranges_ptr + n_channels, top, sem="relaxed")
 
 
 @triton.jit
@@ -420,8 +428,8 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
     column amax (channel ``a * N + n``, over ``m``) and the row amax (channel ``a * M + m``,
     over ``n``), NaN as +inf, each times its ``|prescale|`` when given, combined across
     programs with integer atomic maxima on the float bits (exact in any order) in
-    ``ranges`` (int32, zeroed): ``[A*N]`` column ranges, their max, ``[A*M]`` row ranges,
-    their max.  A program owns ``BLOCK_N`` columns over ``m_per_split`` rows: the column
+    ``ranges`` (int32, zeroed; :func:`_combine_ranges`): ``[A*N]`` column ranges, their max,
+    ``[A*M]`` row ranges, their max.  A program owns ``BLOCK_N`` columns over ``m_per_split`` rows: the column
     maxima stay in registers over its loop, the row maxima of each tile go out by atomics.
 
     Grid: ``(cdiv(N, BLOCK_N), n_split, A)``."""
@@ -442,21 +450,11 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
         v = _abs_nan_as_inf(tl.load(x_ptr + _tile_offsets(a, offs_m, offs_n, stride_a, stride_m, stride_n, INT64),
                                     mask=mask_m[:, None] & mask_n[None, :], other=0.0))
         acc = tl.maximum(acc, v)
-        rm = tl.max(v, axis=1)
-        row = a * M + offs_m
-        if PRESCALE_R:
-            rm = _abs_nan_as_inf(rm * tl.load(pr_ptr + row, mask=mask_m, other=0.0))
-        bits = tl.where(mask_m, rm, 0.0).to(tl.int32, bitcast=True)
-        tl.atomic_max(rows_ptr + row, bits, mask=mask_m, sem="relaxed")
-        row_max = tl.maximum(row_max, tl.max(bits, axis=0))
+        top = _combine_ranges(rows_ptr, a * M + offs_m, tl.max(v, axis=1), mask_m, pr_ptr, PRESCALE_R)
+        row_max = tl.maximum(row_max, top)
     tl.atomic_max(rows_ptr + A * M, row_max, sem="relaxed")
-    cm = tl.max(acc, axis=0)
-    col = a * N + offs_n
-    if PRESCALE_C:
-        cm = _abs_nan_as_inf(cm * tl.load(pc_ptr + col, mask=mask_n, other=0.0))
-    bits = tl.where(mask_n, cm, 0.0).to(tl.int32, bitcast=True)
-    tl.atomic_max(ranges_ptr + col, bits, mask=mask_n, sem="relaxed")
-    tl.atomic_max(ranges_ptr + A * N, tl.max(bits, axis=0), sem="relaxed")
+    top = _combine_ranges(ranges_ptr, a * N + offs_n, tl.max(acc, axis=0), mask_n, pc_ptr, PRESCALE_C)
+    tl.atomic_max(ranges_ptr + A * N, top, sem="relaxed")
 
 
 @triton.jit
