@@ -55,6 +55,7 @@ Triton ops it runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -288,6 +289,13 @@ def wide_tile_fits(ep: Epilogue) -> bool:
             and not any("m" in p and "n" in p for p, _ in ep.inputs))
 
 
+@functools.lru_cache(maxsize=None)
+def _gemm():
+    """:mod:`sqcompile.kernels.triton_gemm`, imported on first use (it defines Triton kernels),
+    then looked up without ``importlib`` on every launch."""
+    return importlib.import_module(".triton_gemm", __package__)
+
+
 def region_configs(ep: Optional[Epilogue] = None):
     """Autotuning configs of region kernels: three of the GEMM's Hopper configs (128x256,
     128x128 and 64x128 tiles, BLOCK_K 128; the 128x256 one only where :func:`wide_tile_fits`),
@@ -300,7 +308,7 @@ def region_configs(ep: Optional[Epilogue] = None):
     compiled once per config (7-12 s each for sm_90 on a 2-core CPU, measured with
     ``triton.compile``), so a model with ten distinct epilogues would spend minutes
     autotuning over all six."""
-    gemm = importlib.import_module(".triton_gemm", __package__)
+    gemm = _gemm()
     wide = [gemm.CUDA_CONFIGS[0]] if ep is None or wide_tile_fits(ep) else []
     return [*wide, gemm.CUDA_CONFIGS[2], gemm.CUDA_CONFIGS[4], gemm.SMALL_CONFIG]
 
@@ -348,7 +356,7 @@ def kernel_for(signature: str) -> RegionKernel:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-        gemm = importlib.import_module(".triton_gemm", __package__)
+        gemm = _gemm()
         fn = module.region_kernel
         if not gemm.INTERPRETED:
             import triton
@@ -366,23 +374,28 @@ def _output_shape(a: torch.Tensor, b: torch.Tensor) -> List[int]:
     return [*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1]]
 
 
-def _input_view(t: torch.Tensor, pattern: str, shape3: Sequence[int]) -> torch.Tensor:
-    """``t`` (at most 3 dims, broadcasting to ``[B, M, N]`` as torch broadcasts) expanded to
-    ``[B, M, N]``; its sizes must be 1 in the dims ``pattern`` does not name."""
-    if t.dim() > 3:
-        raise ValueError(f"region input of shape {tuple(t.shape)} has more than 3 dims")
-    padded = [1] * (3 - t.dim()) + list(t.shape)
+@functools.lru_cache(maxsize=4096)
+def _input_strides(shape: Tuple[int, ...], strides: Tuple[int, ...], pattern: str,
+                   shape3: Tuple[int, int, int]) -> Tuple[int, int, int]:
+    """The ``[B, M, N]`` strides under which a region input of ``shape`` / ``strides`` (at most
+    3 dims, broadcasting to ``[B, M, N]`` as torch broadcasts; 0 along broadcast dims) is
+    read; its sizes must be 1 in the dims ``pattern`` does not name.  The kernel takes the
+    input's own pointer with these strides, so no view is made per launch."""
+    if len(shape) > 3:
+        raise ValueError(f"region input of shape {shape} has more than 3 dims")
+    pad = 3 - len(shape)
+    padded, padded_strides = [1] * pad + list(shape), [0] * pad + list(strides)
     for dim, size, letter in zip(range(3), padded, "bmn"):
         if size != 1 and (letter not in pattern or size != shape3[dim]):
-            raise ValueError(f"region input of shape {tuple(t.shape)} does not match pattern {pattern!r} "
-                             f"of the GEMM output {tuple(shape3)}")
-    return t.reshape(padded).expand(*shape3)
+            raise ValueError(f"region input of shape {shape} does not match pattern {pattern!r} "
+                             f"of the GEMM output {shape3}")
+    return tuple(st if size != 1 else 0 for size, st in zip(padded, padded_strides))
 
 
 def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tensor], signature: str) -> List[torch.Tensor]:
     """Run the region kernel of ``signature`` on ``a @ b`` (int8, ``[..., M, K] @ [..., K, N]``)."""
-    import triton
-    gemm = importlib.import_module(".triton_gemm", __package__)
+    from .triton_quant import cdiv
+    gemm = _gemm()
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"fused int8 GEMM takes int8 operands, got {a.dtype} and {b.dtype}")
     kernel = kernel_for(signature)
@@ -402,16 +415,14 @@ def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tenso
     results = outs + [r.view(torch.float32) for r in ranges]
     if Bt * M * N == 0:
         return results
-    views = [_input_view(t, pattern, (Bt, M, N)) for t, (pattern, _) in zip(inputs, ep.inputs)]
     args = [a3, b3, M, N, K, *a3.stride(), *b3.stride()]
-    for v in views:
-        args += [v, *v.stride()]
-    for o in outs:
-        o3 = o.view(Bt, M, N)
-        args += [o3, *o3.stride()]
+    for t, (pattern, _) in zip(inputs, ep.inputs):
+        args += [t, *_input_strides(tuple(t.shape), t.stride(), pattern, (Bt, M, N))]
+    for o in outs:               # contiguous [*batch, M, N]
+        args += [o, M * N, N, 1]
     for r in ranges:
         args += [r, r.stride(0)]
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), Bt)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), Bt)  # noqa: E731
     # No FMA contraction: eager runs the epilogue as separate multiply and add kernels.
     kernel.fn[grid](*args, **(gemm.INTERPRETER_CONFIG if gemm.INTERPRETED else {"enable_fp_fusion": False}))
     return results

@@ -28,6 +28,7 @@ keeps int32 from overflowing (``ops.integer_matmul`` splits longer reductions).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional, Tuple
@@ -36,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_quant import cast_rtne
+from .triton_quant import cast_rtne, cdiv, next_power_of_2
 
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
 _INT32_ELEMENTS = 2 ** 31
@@ -177,8 +178,8 @@ def prune_configs(configs, named_args, **kwargs):
     N, K = named_args["N"], named_args["K"]
 
     def fits(c):
-        return (c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(N))
-                and c.kwargs["BLOCK_K"] <= max(64, triton.next_power_of_2(K)))
+        return (c.kwargs["BLOCK_N"] <= max(64, next_power_of_2(N))
+                and c.kwargs["BLOCK_K"] <= max(64, next_power_of_2(K)))
     fitting = [c for c in configs if c is not SMALL_CONFIG and fits(c)] or [SMALL_CONFIG]
     return fitting if autotune_enabled() else fitting[:1]
 
@@ -190,6 +191,12 @@ else:
                             key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"])(_int8_gemm_kernel)
 
 
+@functools.lru_cache(maxsize=4096)
+def _batch_shape(a_batch: Tuple[int, ...], b_batch: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The broadcast batch shape (``torch.broadcast_shapes`` costs ~10 us a launch)."""
+    return tuple(torch.broadcast_shapes(a_batch, b_batch))
+
+
 def _as_batched(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
     """``[..., M, K]``, ``[..., K, N]`` -> ``[Bt, M, K]``, ``[Bt, K, N]`` views (batch dims
     broadcast; a copy only when broadcast batch dims do not merge) and the batch shape."""
@@ -197,10 +204,10 @@ def _as_batched(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.T
         raise ValueError(f"int8 GEMM needs operands with >= 2 dims, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"int8 GEMM: inner dims differ: {tuple(a.shape)} @ {tuple(b.shape)}")
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    batch = _batch_shape(tuple(a.shape[:-2]), tuple(b.shape[:-2]))
     bt = math.prod(batch)
-    a3 = a.expand(*batch, *a.shape[-2:]).reshape(bt, *a.shape[-2:])
-    b3 = b.expand(*batch, *b.shape[-2:]).reshape(bt, *b.shape[-2:])
+    a3, b3 = (t if t.dim() == 3 and tuple(t.shape[:1]) == batch else
+              t.expand(*batch, *t.shape[-2:]).reshape(bt, *t.shape[-2:]) for t in (a, b))
     for t in (a3, b3):
         if t.shape[1] * t.shape[2] >= _INT32_ELEMENTS:
             raise ValueError("int8 GEMM: one operand matrix holds 2**31 elements or more")
@@ -215,9 +222,9 @@ def relayout(x3: torch.Tensor, out3: torch.Tensor) -> torch.Tensor:
     if x3.numel() == 0:
         return out3
     block = 32 if INTERPRETED else 64
-    if triton.cdiv(C, block) > 65535 or B > 65535:     # grid dims 1 and 2 are 16-bit on CUDA
+    if cdiv(C, block) > 65535 or B > 65535:     # grid dims 1 and 2 are 16-bit on CUDA
         return out3.copy_(x3)
-    _relayout_kernel[(triton.cdiv(R, block), triton.cdiv(C, block), B)](
+    _relayout_kernel[(cdiv(R, block), cdiv(C, block), B)](
         x3, out3, R, C, *x3.stride(), *out3.stride(), BLOCK_R=block, BLOCK_C=block, num_warps=4)
     return out3
 
@@ -246,7 +253,7 @@ def _launch(a3, b3, c3, sa3=None, sb3=None, bias=None, activation: str = "none")
         return                      # (K == 0 runs no loop iteration: the epilogue sees 0)
     scaled = sa3 is not None
     dummy = c3
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), Bt)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), Bt)  # noqa: E731
     extra = INTERPRETER_CONFIG if INTERPRETED else {}
     _gemm[grid](
         a3, b3, c3, sa3 if scaled else dummy, sb3 if scaled else dummy, bias if bias is not None else dummy,

@@ -46,7 +46,7 @@ import triton.language as tl
 from .. import numerics as N
 from ..norms import triton_unsupported
 from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _device_programs, _multipliers, _quantize_values,
-                           _scale_of, _seed_arg, _uniform_noise, cast_rtne)
+                           _scale_of, _seed_arg, _uniform_noise, cast_rtne, cdiv, next_power_of_2)
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def _block(L: int, elements: int, per_thread: int) -> Tuple[int, int, int]:
     to 4096; registers per thread: forward 58-84, backward 100-120 (its Philox noise and the
     saved values keep more alive).  At 8192 the 16 warps' 128-register limit spills a few
     hundred bytes (to L1).  Not yet timed on a GPU: ``benchmarks/gpu.py --parts 4``."""
-    block_l = max(16, triton.next_power_of_2(L))
+    block_l = max(16, next_power_of_2(L))
     if INTERPRETED:
         elements = 256
     block_r = max(1, min(64, elements // block_l))
@@ -208,7 +208,7 @@ def _forward(x, weight, bias, norm_bits, center, l1_scale, eps, out_bits):
         sy = torch.empty((R, 1), dtype=torch.float32, device=dev)
     if R:
         block_r, block_l, warps = _block(L, 4096, FORWARD_PER_THREAD)
-        _l1_norm_kernel[(triton.cdiv(R, block_r),)](
+        _l1_norm_kernel[(cdiv(R, block_r),)](
             x, x if weight is None else weight, x if bias is None else bias, y, q, scale, mean, inv, qy, sy, R, L,
             float(l1_scale), float(eps), QMAX=N.qmax(norm_bits), OUT_QMAX=N.qmax(out_bits or 8), CENTER=center,
             HAS_W=weight is not None, HAS_B=bias is not None, OUT_Q=out_bits is not None,
@@ -248,7 +248,7 @@ def l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mea
         zeros = torch.zeros((L,), dtype=torch.float32, device=dev)
         return dx, zeros if need_weight_grad else empty, zeros if need_bias_grad else empty
     block_r, block_l, warps = _block(L, 2048, BACKWARD_PER_THREAD)
-    programs = min(triton.cdiv(R, block_r), _device_programs(dev))
+    programs = min(cdiv(R, block_r), _device_programs(dev))
     dw = torch.empty((programs, L), dtype=torch.float32, device=dev) if need_weight_grad else empty
     db = torch.empty((programs, L), dtype=torch.float32, device=dev) if need_bias_grad else empty
     seed = _seed_arg(seed, True, dev, empty)

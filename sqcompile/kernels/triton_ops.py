@@ -22,6 +22,7 @@ interpreted kernels when the module defining them is imported, so importing this
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import List, Optional, Tuple
@@ -57,10 +58,12 @@ def triton_available() -> Tuple[bool, str]:
     return True, "Triton interpreter on CPU (TRITON_INTERPRET=1; slow, for tests)"
 
 
+@functools.lru_cache(maxsize=None)      # looked up once: every op call goes through these
 def _quant():
     return importlib.import_module(".triton_quant", __package__)
 
 
+@functools.lru_cache(maxsize=None)
 def _gemm():
     return importlib.import_module(".triton_gemm", __package__)
 
@@ -202,6 +205,7 @@ def _(qa, sa, qb, sb, dtype):
     return qa.new_empty((*batch, qa.shape[-2], qb.shape[-1]), dtype=dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def _norm():
     return importlib.import_module(".triton_norm", __package__)
 

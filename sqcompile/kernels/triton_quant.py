@@ -558,7 +558,12 @@ class _View(NamedTuple):
     @property
     def int64(self) -> bool:
         """Do element offsets reach 2**31 (int64 index arithmetic in the kernels)?"""
-        return sum((n - 1) * abs(s) for n, s in zip(self.shape, self.strides)) >= 2 ** 31
+        return _reaches_2_31(self.shape, self.strides)
+
+
+@functools.lru_cache(maxsize=4096)
+def _reaches_2_31(shape: Tuple[int, ...], strides: Tuple[int, ...]) -> bool:
+    return sum((n - 1) * abs(s) for n, s in zip(shape, strides)) >= 2 ** 31
 
 
 def _dense(x: torch.Tensor) -> bool:
@@ -648,7 +653,7 @@ def _tile(view: _View) -> _Tile:
     _, C, L = view.shape
     _, stride_c, stride_l = view.strides
     total = 512 if INTERPRETED else 4096
-    np2_c, np2_l = triton.next_power_of_2(C), triton.next_power_of_2(L)
+    np2_c, np2_l = next_power_of_2(C), next_power_of_2(L)
     if C == 1:                                   # one scale for the tensor: long 1-D tiles
         return _Tile(1, max(16, min(np2_l, total)), 4 if INTERPRETED else 8)
     if stride_c == 1 and stride_l != 1:          # channels contiguous: wide along C
@@ -665,14 +670,27 @@ def _one_tile(view: _View) -> Optional[_Tile]:
     _, C, L = view.shape
     if view.strides[2] != 1 or L > ONE_TILE_MAX or C == 1:
         return None
-    block_l = max(16, triton.next_power_of_2(L))
+    block_l = max(16, next_power_of_2(L))
     total = 512 if INTERPRETED else 4096
-    return _Tile(max(1, min(triton.next_power_of_2(C), total // block_l)), block_l, 8 if block_l >= 8192 else 4)
+    return _Tile(max(1, min(next_power_of_2(C), total // block_l)), block_l, 8 if block_l >= 8192 else 4)
 
 
 # Longest row a one-tile program holds (8192: 32 values per thread with 8 warps); small in
 # the interpreter, so its tests run both kernels' paths.
 ONE_TILE_MAX = 64 if INTERPRETED else 8192
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the launchers.  ``triton.cdiv`` (like ``triton.next_power_of_2``) is
+    a constexpr function whose host-side wrapper costs ~3 us a call, and the launchers of a
+    quantizer made half a dozen such calls, on the path that bounds a GPU step without CUDA
+    graphs."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``), as :func:`cdiv`, without the wrapper."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -738,18 +756,26 @@ def channel_ranges(view: _View, tile: _Tile,
     +inf; times ``|prescale|`` per channel when given, a float32 ``[n_channels]`` in the view's
     channel order) and their max (a 0-d tensor), from one pass and one zero fill."""
     A, C, L = view.shape
-    n_cblocks = triton.cdiv(C, tile.block_c)
-    n_lblocks = triton.cdiv(L, tile.block_l)
-    n_split = max(1, min(n_lblocks, _device_programs(view.work.device) // max(1, A * n_cblocks)))
-    l_per_split = triton.cdiv(n_lblocks, n_split) * tile.block_l
-    n_split = triton.cdiv(L, l_per_split)
+    grid, l_per_split = _range_grid(view.shape, tile, view.work.device)
     bits = torch.zeros(view.n_channels + 1, dtype=torch.int32, device=view.work.device)
-    _absmax_kernel[(n_cblocks, n_split, A)](
+    _absmax_kernel[grid](
         view.work, bits, bits if prescale is None else prescale, C, L, *view.strides, l_per_split, view.n_channels,
         A_KEPT=view.a_kept, PRESCALE=prescale is not None, INT64=view.int64, BLOCK_C=tile.block_c,
         BLOCK_L=tile.block_l, num_warps=tile.num_warps)
     ranges = bits.view(torch.float32)
     return ranges[:-1], ranges[-1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _range_grid(shape: Tuple[int, int, int], tile: _Tile, device: torch.device) -> Tuple[Tuple[int, int, int], int]:
+    """:func:`_absmax_kernel`'s grid and ``l_per_split`` for a view shape: enough programs to
+    fill the device, each channel's ``L`` split between them."""
+    A, C, L = shape
+    n_cblocks = cdiv(C, tile.block_c)
+    n_lblocks = cdiv(L, tile.block_l)
+    n_split = max(1, min(n_lblocks, _device_programs(device) // max(1, A * n_cblocks)))
+    l_per_split = cdiv(n_lblocks, n_split) * tile.block_l
+    return (n_cblocks, cdiv(L, l_per_split), A), l_per_split
 
 
 def _use_fused(view: _View, tile: _Tile) -> bool:
@@ -758,7 +784,7 @@ def _use_fused(view: _View, tile: _Tile) -> bool:
     A, C, L = view.shape
     if C == 1 or (A > 1 and not view.a_kept):
         return False
-    return A * triton.cdiv(C, tile.block_c) >= _device_programs(view.work.device) // 4 and L <= 2 ** 16
+    return A * cdiv(C, tile.block_c) >= _device_programs(view.work.device) // 4 and L <= 2 ** 16
 
 
 def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: bool, *,
@@ -782,13 +808,13 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
         fused = _use_fused(view, tile)
     if fused and (A == 1 or view.a_kept):
         tile = one or tile
-        _quantize_fused_kernel[(triton.cdiv(C, tile.block_c), A)](
+        _quantize_fused_kernel[(cdiv(C, tile.block_c), A)](
             view.work, q, scale, C, L, *view.strides, seed, QMAX=qmax, STOCHASTIC=stochastic, INT64=view.int64,
             BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, ONE_TILE=one is not None, num_warps=tile.num_warps)
     else:
         ranges = channel_ranges(view, tile)[0]
-        n_cblocks = triton.cdiv(C, tile.block_c)
-        _quantize_kernel[(n_cblocks * triton.cdiv(L, tile.block_l), A)](
+        n_cblocks = cdiv(C, tile.block_c)
+        _quantize_kernel[(n_cblocks * cdiv(L, tile.block_l), A)](
             view.work, q, ranges, scale, C, L, *view.strides, n_cblocks, seed, QMAX=qmax, A_KEPT=view.a_kept,
             STOCHASTIC=stochastic, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
             num_warps=tile.num_warps)
@@ -843,8 +869,8 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
         out_strides = view.strides[1:]
     base = torch.empty((), dtype=torch.float32, device=x.device)
     seed = _seed_arg(seed, stochastic, x.device, base)
-    n_cblocks = triton.cdiv(C, qtile.block_c)
-    _shiftquant_kernel[(n_cblocks * triton.cdiv(L, qtile.block_l), A)](
+    n_cblocks = cdiv(C, qtile.block_c)
+    _shiftquant_kernel[(n_cblocks * cdiv(L, qtile.block_l), A)](
         view.work, e, ranges, rmax, base, ranges if prescale is None else prescale, C, L, *view.strides,
         *out_strides, n_cblocks, seed, QMAX=qmax, GROUPS=groups, A_KEPT=view.a_kept, STOCHASTIC=stochastic,
         PRESCALE=prescale is not None, INT64=view.int64, BLOCK_C=qtile.block_c, BLOCK_L=qtile.block_l,
@@ -855,12 +881,17 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
 def _prescale_vector(x: torch.Tensor, prescale: Optional[torch.Tensor],
                      channel_dims: Sequence[int]) -> Optional[torch.Tensor]:
     """ShiftQuant's prescale as one float32 factor per channel, in the views' channel order
-    (row-major over the kept dims)."""
+    (row-major over the kept dims).  The usual prescale (a GEMM operand's float32 scales,
+    shaped like the channels) is only viewed: this runs on every backward ShiftQuant."""
     if prescale is None:
         return None
-    N.check_prescale(x, prescale, channel_dims)
-    return prescale.to(device=x.device, dtype=torch.float32).expand(
-        ops._scale_shape(x, channel_dims)).reshape(-1).contiguous()
+    shape = ops._scale_shape(x, channel_dims)
+    if list(prescale.shape) != shape:
+        N.check_prescale(x, prescale, channel_dims)
+        prescale = prescale.expand(shape)
+    if prescale.dtype != torch.float32 or prescale.device != x.device:
+        prescale = prescale.to(device=x.device, dtype=torch.float32)
+    return prescale.reshape(-1).contiguous()
 
 
 def _given_ranges(ranges: torch.Tensor, n_channels: int,
@@ -958,8 +989,8 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
         e_rows = torch.empty_like(x, dtype=edtype)
         rows_strides = (N_, 1)
     tile = _PAIR_TILES[rows_transposed]
-    n_mblocks = triton.cdiv(M, tile.block_c)
-    _shiftquant_pair_kernel[(n_mblocks * triton.cdiv(N_, tile.block_l), A)](
+    n_mblocks = cdiv(M, tile.block_c)
+    _shiftquant_pair_kernel[(n_mblocks * cdiv(N_, tile.block_l), A)](
         x, e_cols, e_rows, rc, rcmax, rr, rrmax, base_c, base_r, base_c if pre_c is None else pre_c,
         base_r if pre_r is None else pre_r, M, N_, *view.strides, *rows_strides, n_mblocks, seed_c, seed_r,
         QMAX=N.qmax(bits), GROUPS=groups, STOCHASTIC=stochastic, PRESCALE_C=pre_c is not None,
@@ -972,13 +1003,13 @@ def _pair_ranges(view: _View, pre_c: Optional[torch.Tensor], pre_r: Optional[tor
     """``(column ranges, their max, row ranges, their max)`` of the ``[A, M, N]`` view, from
     one pass (:func:`_absmax_pair_kernel`) and one zero fill."""
     A, M, N_ = view.shape
-    block_n = max(16, min(triton.next_power_of_2(N_), 32 if INTERPRETED else 256))
+    block_n = max(16, min(next_power_of_2(N_), 32 if INTERPRETED else 256))
     block_m = (128 if INTERPRETED else 4096) // block_n
-    n_nblocks, n_mblocks = triton.cdiv(N_, block_n), triton.cdiv(M, block_m)
+    n_nblocks, n_mblocks = cdiv(N_, block_n), cdiv(M, block_m)
     n_split = max(1, min(n_mblocks, _device_programs(view.work.device) // (A * n_nblocks)))
-    m_per_split = triton.cdiv(n_mblocks, n_split) * block_m
+    m_per_split = cdiv(n_mblocks, n_split) * block_m
     bits = torch.zeros(A * N_ + 1 + A * M + 1, dtype=torch.int32, device=view.work.device)
-    _absmax_pair_kernel[(n_nblocks, triton.cdiv(M, m_per_split), A)](
+    _absmax_pair_kernel[(n_nblocks, cdiv(M, m_per_split), A)](
         view.work, bits, bits if pre_c is None else pre_c, bits if pre_r is None else pre_r, M, N_, *view.strides,
         m_per_split, PRESCALE_C=pre_c is not None, PRESCALE_R=pre_r is not None, INT64=view.int64,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
@@ -1020,10 +1051,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
         dims = _collapse(shape, [qe.stride(), se.stride(), out.stride()])
     dims = [(1, [0, 0, 0])] * (3 - len(dims)) + dims
     (d0, st0), (d1, st1), (d2, st2) = dims
-    block_2 = min(1024 if not INTERPRETED else 256, triton.next_power_of_2(d2))
-    block_1 = min(triton.next_power_of_2(d1), max(1, (4096 if not INTERPRETED else 512) // block_2))
-    n_blocks2 = triton.cdiv(d2, block_2)
-    _dequantize_kernel[(triton.cdiv(d1, block_1) * n_blocks2, d0)](
+    block_2 = min(1024 if not INTERPRETED else 256, next_power_of_2(d2))
+    block_1 = min(next_power_of_2(d1), max(1, (4096 if not INTERPRETED else 512) // block_2))
+    n_blocks2 = cdiv(d2, block_2)
+    _dequantize_kernel[(cdiv(d1, block_1) * n_blocks2, d0)](
         qe, se, out, d1, d2, st0[0], st1[0], st2[0], st0[1], st1[1], st2[1], st0[2], st1[2], st2[2], n_blocks2,
         BLOCK_1=block_1, BLOCK_2=block_2, num_warps=4)
     return out
