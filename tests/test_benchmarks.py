@@ -17,3 +17,12 @@ def test_linear_benchmark_runs_and_names_its_command():
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 64x32x48")]
     assert any("fp32 eager" in r and "1.00x" in r for r in rows)
     assert any("sqcompile int4 (inductor)" in r for r in rows) and any("eager glue" in r for r in rows)
+
+
+def test_host_overhead_benchmark_runs():
+    """``benchmarks/host_overhead.py`` times every op it lists (Triton launches stubbed out)."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "host_overhead.py"), "--rounds", "1",
+                          "--calls", "2"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| triton_")]
+    assert len(rows) == 6 and "less host time" in res.stdout
