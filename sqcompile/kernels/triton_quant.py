@@ -458,9 +458,9 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
 
 
 @triton.jit
-def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, rc_ptr, rcmax_ptr, rr_ptr, rrmax_ptr, bc_ptr, br_ptr, pc_ptr, pr_ptr,
-                            M, N, stride_a, stride_m, stride_n, er_stride_m, er_stride_n, n_mblocks, seed_c_ptr,
-                            seed_r_ptr, QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
+def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, pc_ptr, pr_ptr,
+                            M, N, stride_a, stride_m, stride_n, er_stride_m, er_stride_n, n_mblocks, seeds_ptr,
+                            QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
                             PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr, INT64: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Both ShiftQuants of one ``[BLOCK_M, BLOCK_N]`` tile of ``x`` ``[A, M, N]``, read once:
@@ -468,7 +468,9 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, rc_ptr, rcmax_ptr, rr_ptr, rr
     (channel ``a * M + m``; ``er`` at ``er_stride_m`` / ``er_stride_n``, ``x``'s or transposed).
     Each is computed exactly as :func:`_shiftquant_kernel` computes it on its own ``[A, C, L]``
     view, noise included (the column quantizer's view is ``[A, N, M]``, the row quantizer's
-    ``[1, A*M, N]``), so the results are the two separate calls' bit for bit.
+    ``[1, A*M, N]``), so the results are the two separate calls' bit for bit.  ``ranges``:
+    float32 ``[A*N]`` column ranges, their max, ``[A*M]`` row ranges, their max (the layout
+    :func:`_absmax_pair_kernel` fills); ``seeds``: the two quantizers' seeds.
 
     Grid: ``(n_mblocks * cdiv(N, BLOCK_N), A)``; program (0, 0) writes the two base scales."""
     pid = tl.program_id(0)
@@ -480,8 +482,11 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, rc_ptr, rcmax_ptr, rr_ptr, rr
     mask_m = offs_m < M
     mask_n = offs_n < N
     mask = mask_m[:, None] & mask_n[None, :]
-    Rc = tl.load(rcmax_ptr)
-    Rr = tl.load(rrmax_ptr)
+    A = tl.num_programs(1)
+    rc_ptr = ranges_ptr
+    rr_ptr = ranges_ptr + A * N + 1
+    Rc = tl.load(rc_ptr + A * N)
+    Rr = tl.load(rr_ptr + A * M)
     base_c = _base_of(Rc, GROUPS, QMAX)
     base_r = _base_of(Rr, GROUPS, QMAX)
     if (pid == 0) & (a == 0):
@@ -498,8 +503,8 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, rc_ptr, rcmax_ptr, rr_ptr, rr
     if PRESCALE_R:
         xr = x * tl.load(pr_ptr + row, mask=mask_m, other=0.0)[:, None]
     if STOCHASTIC:
-        noise_c = tl.trans(_uniform_noise(tl.load(seed_c_ptr), col, pid_m * BLOCK_M, M, BLOCK_N, BLOCK_M))
-        noise_r = _uniform_noise(tl.load(seed_r_ptr), row, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N)
+        noise_c = tl.trans(_uniform_noise(tl.load(seeds_ptr), col, pid_m * BLOCK_M, M, BLOCK_N, BLOCK_M))
+        noise_r = _uniform_noise(tl.load(seeds_ptr + 1), row, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N)
     else:
         noise_c = 0.0
         noise_r = 0.0
@@ -959,8 +964,8 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
     both sets of ranges, one quantizes both ways), or once when the producer gave both
     ``ranges``.  Each result is bit for bit what :func:`shiftquant` returns for its channel
     dims with the same ``seeds`` / ``prescales`` / ``ranges`` entry (``rows_transposed`` as
-    its ``transposed``); seeds left ``None`` are drawn columns first.  ``x`` must be
-    contiguous (:func:`pair_unsupported`, else ``ValueError``)."""
+    its ``transposed``); seeds left ``None`` are drawn, columns first (:func:`_pair_seeds`).
+    ``x`` must be contiguous (:func:`pair_unsupported`, else ``ValueError``)."""
     why = pair_unsupported(x)
     if why:
         raise ValueError(f"shiftquant_pair: {why}")
@@ -974,12 +979,13 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
     A, M, N_ = view.shape
     pre_c, pre_r = (_prescale_vector(x, p, d) for p, d in zip(prescales, dims))
     base_c, base_r = (torch.empty((), dtype=torch.float32, device=x.device) for _ in range(2))
-    seed_c = _seed_arg(seeds[0], stochastic, x.device, base_c)
-    seed_r = _seed_arg(seeds[1], stochastic, x.device, base_r)
+    seeds = _pair_seeds(seeds, stochastic, x.device, base_c)
+    geometry = _pair_geometry(view.shape, x.device, rows_transposed)
     if ranges[0] is None or ranges[1] is None:
-        rc, rcmax, rr, rrmax = _pair_ranges(view, pre_c, pre_r)
+        ranges = _pair_ranges(view, geometry, pre_c, pre_r)
     else:
         (rc, rcmax), (rr, rrmax) = _given_ranges(ranges[0], A * N_, pre_c), _given_ranges(ranges[1], A * M, pre_r)
+        ranges = torch.cat([rc, rcmax.reshape(1), rr, rrmax.reshape(1)])
     edtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
     e_cols = torch.empty_like(x, dtype=edtype)
     if rows_transposed:
@@ -988,33 +994,64 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
     else:
         e_rows = torch.empty_like(x, dtype=edtype)
         rows_strides = (N_, 1)
-    tile = _PAIR_TILES[rows_transposed]
-    n_mblocks = cdiv(M, tile.block_c)
-    _shiftquant_pair_kernel[(n_mblocks * cdiv(N_, tile.block_l), A)](
-        x, e_cols, e_rows, rc, rcmax, rr, rrmax, base_c, base_r, base_c if pre_c is None else pre_c,
-        base_r if pre_r is None else pre_r, M, N_, *view.strides, *rows_strides, n_mblocks, seed_c, seed_r,
+    tile = geometry.tile
+    _shiftquant_pair_kernel[geometry.grid](
+        x, e_cols, e_rows, ranges, base_c, base_r, base_c if pre_c is None else pre_c,
+        base_r if pre_r is None else pre_r, M, N_, *view.strides, *rows_strides, geometry.n_mblocks, seeds,
         QMAX=N.qmax(bits), GROUPS=groups, STOCHASTIC=stochastic, PRESCALE_C=pre_c is not None,
         PRESCALE_R=pre_r is not None, INT64=view.int64, BLOCK_M=tile.block_c, BLOCK_N=tile.block_l,
         num_warps=tile.num_warps)
     return e_cols, base_c, e_rows, base_r
 
 
-def _pair_ranges(view: _View, pre_c: Optional[torch.Tensor], pre_r: Optional[torch.Tensor]):
-    """``(column ranges, their max, row ranges, their max)`` of the ``[A, M, N]`` view, from
-    one pass (:func:`_absmax_pair_kernel`) and one zero fill."""
-    A, M, N_ = view.shape
+def _pair_seeds(seeds, stochastic: bool, device: torch.device, placeholder: torch.Tensor) -> torch.Tensor:
+    """The pair kernel's two seeds (int64 ``[2]``), the missing ones drawn on the device (both
+    in one draw, which on CPU gives what two single draws give, in that order)."""
+    if not stochastic:
+        return placeholder
+    if seeds[0] is None and seeds[1] is None:
+        return N.draw_seed(device, (2,))
+    return torch.cat([_seed_arg(s, True, device, placeholder) for s in seeds])
+
+
+class _PairGeometry(NamedTuple):
+    tile: _Tile                          # the quantize pass's tile (block_c: rows, block_l: columns)
+    grid: Tuple[int, int]                # its grid
+    n_mblocks: int
+    range_grid: Tuple[int, int, int]     # the range pass's grid, tile and rows per program
+    range_block: Tuple[int, int]         # (BLOCK_M, BLOCK_N)
+    m_per_split: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _pair_geometry(shape: Tuple[int, int, int], device: torch.device, rows_transposed: bool) -> _PairGeometry:
+    """Tiles and grids of :func:`shiftquant_pair`'s two kernels for an ``[A, M, N]`` shape,
+    worked out once per shape.  The range pass: strips of ``BLOCK_N`` columns, split along
+    the rows between enough programs to fill the device."""
+    A, M, N_ = shape
+    tile = _PAIR_TILES[rows_transposed]
+    n_mblocks = cdiv(M, tile.block_c)
     block_n = max(16, min(next_power_of_2(N_), 32 if INTERPRETED else 256))
     block_m = (128 if INTERPRETED else 4096) // block_n
-    n_nblocks, n_mblocks = cdiv(N_, block_n), cdiv(M, block_m)
-    n_split = max(1, min(n_mblocks, _device_programs(view.work.device) // (A * n_nblocks)))
-    m_per_split = cdiv(n_mblocks, n_split) * block_m
+    n_nblocks, n_rblocks = cdiv(N_, block_n), cdiv(M, block_m)
+    n_split = max(1, min(n_rblocks, _device_programs(device) // (A * n_nblocks)))
+    m_per_split = cdiv(n_rblocks, n_split) * block_m
+    return _PairGeometry(tile, (n_mblocks * cdiv(N_, tile.block_l), A), n_mblocks,
+                         (n_nblocks, cdiv(M, m_per_split), A), (block_m, block_n), m_per_split)
+
+
+def _pair_ranges(view: _View, geometry: _PairGeometry, pre_c: Optional[torch.Tensor],
+                 pre_r: Optional[torch.Tensor]) -> torch.Tensor:
+    """The column ranges, their max, the row ranges and their max of the ``[A, M, N]`` view in
+    one float32 tensor, from one pass (:func:`_absmax_pair_kernel`) and one zero fill."""
+    A, M, N_ = view.shape
     bits = torch.zeros(A * N_ + 1 + A * M + 1, dtype=torch.int32, device=view.work.device)
-    _absmax_pair_kernel[(n_nblocks, cdiv(M, m_per_split), A)](
+    block_m, block_n = geometry.range_block
+    _absmax_pair_kernel[geometry.range_grid](
         view.work, bits, bits if pre_c is None else pre_c, bits if pre_r is None else pre_r, M, N_, *view.strides,
-        m_per_split, PRESCALE_C=pre_c is not None, PRESCALE_R=pre_r is not None, INT64=view.int64,
+        geometry.m_per_split, PRESCALE_C=pre_c is not None, PRESCALE_R=pre_r is not None, INT64=view.int64,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-    r = bits.view(torch.float32)
-    return r[:A * N_], r[A * N_], r[A * N_ + 1:-1], r[-1]
+    return bits.view(torch.float32)
 
 
 # The pair kernel's tiles (block_c: rows M, block_l: columns N), by whether the row
