@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from sqcompile import numerics as N
 from sqcompile import ops
@@ -453,6 +454,20 @@ def test_shiftquant_pair_is_the_two_shiftquants(shape, stochastic, rows_transpos
     check_shiftquant_pair(x, 4, 4, stochastic, not rows_transposed, prescales)
     x.view(-1)[x.numel() // 2] = float("nan")
     check_shiftquant_pair(x, 4, 4, stochastic, rows_transposed, prescales, given=True)
+
+
+@settings(max_examples=15, deadline=None)
+@given(A=st.integers(1, 3), M=st.integers(1, 40), N_=st.integers(1, 40), bits=st.integers(2, 8),
+       groups=st.integers(1, 4), seed=st.integers(0, 2 ** 16), zero_rows=st.booleans())
+def test_shiftquant_pair_property(A, M, N_, bits, groups, seed, zero_rows):
+    """Any shape, bits and groups (int8 or int16 expanded forms), channels spanning many
+    powers of two, zero rows: with nearest rounding both results are the reference's bit for
+    bit (the columns' channels and the rows' channels, the latter stored transposed)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(A, M, N_, generator=g) * torch.exp2(torch.randint(-12, 4, (A, M, N_), generator=g).float())
+    if zero_rows:
+        x[:, ::3] = 0
+    check_shiftquant_pair(x.to(DEVICE), bits, groups, False, rows_transposed=True)
 
 
 def test_shiftquant_pair_int16_zero_and_bad_input():
