@@ -33,10 +33,10 @@ After the regions, each ShiftQuant with one channel per row whose expanded gradi
 only where GEMMs want its rows contiguous (transposed as their first operand: a Linear's
 ``dW = dY^T X``, attention's ``dK = dS^T Q``; as is as their second: ``dV = P^T dO``) is told
 to store it transposed, so that operand reaches the GEMM with its reduction dim contiguous
-and needs no relayout copy (:func:`_store_transposed`).  Then the two ShiftQuants of one gradient, along
-its columns and along its rows (``dX`` and ``dW``; attention's ``dQ`` and ``dK``), become one
-``triton_shiftquant_pair`` that reads the gradient once per pass instead of twice
-(:func:`_pair_shiftquants`).
+and needs no relayout copy (:func:`_store_transposed`).  Then the two ShiftQuants of one
+gradient, along its columns and along its rows (``dX`` and ``dW``; attention's ``dQ`` and
+``dK``), become one ``triton_shiftquant_pair`` that reads the gradient once per pass instead
+of twice (:func:`_pair_shiftquants`).
 
 Not fused, by design: the quantizer *before* a GEMM (its prologue) and the per-row quantizer
 of the next GEMM after it.  In training the int8 operand is saved for the backward, so it is
