@@ -322,3 +322,19 @@ def test_graphs_for_inductor_keep_each_ops_origin():
     import re                                     # the softmax's kernels are named after it
     assert re.search(r"(cpp|triton_\w+)_fused_\w*_softmax", "\n".join(codes))
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_cuda_compiles_without_cuda_graphs_get_one_hint():
+    """A CUDA compile that launches from Python (host-bound at transformer sizes) is told
+    about ``cudagraphs=True``; CPU compiles, CUDA-graph compiles and the configurations that
+    cannot use CUDA graphs (``collect_stats``, the eager inner compiler) are not."""
+    from sqcompile.backends.shiftquant import cudagraphs_hint
+    from sqcompile.config import Config
+    from sqcompile.passes.precision import Target
+    cuda, cpu = Target(device="cuda", triton_ok=True), Target(device="cpu", triton_ok=True)
+    hint = cudagraphs_hint(Config(), cuda)
+    assert hint and "cudagraphs" in hint and "overwritten" in hint
+    assert cudagraphs_hint(Config(), cpu) is None
+    assert cudagraphs_hint(Config(inner="inductor", cudagraphs=True), cuda) is None
+    assert cudagraphs_hint(Config(collect_stats=True), cuda) is None
+    assert cudagraphs_hint(Config(inner="eager"), cuda) is None
