@@ -429,8 +429,9 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
     over ``n``), NaN as +inf, each times its ``|prescale|`` when given, combined across
     programs with integer atomic maxima on the float bits (exact in any order) in
     ``ranges`` (int32, zeroed; :func:`_combine_ranges`): ``[A*N]`` column ranges, their max,
-    ``[A*M]`` row ranges, their max.  A program owns ``BLOCK_N`` columns over ``m_per_split`` rows: the column
-    maxima stay in registers over its loop, the row maxima of each tile go out by atomics.
+    ``[A*M]`` row ranges, their max.  A program owns ``BLOCK_N`` columns over ``m_per_split``
+    rows: the column maxima stay in registers over its loop, the row maxima of each tile go
+    out by atomics.
 
     Grid: ``(cdiv(N, BLOCK_N), n_split, A)``."""
     pid_n = tl.program_id(0)
