@@ -756,7 +756,7 @@ for pre in (True, False):
         stride_l=1, A_KEPT=True, PRESCALE=pre, INT64=False, BLOCK_C=128, BLOCK_L=32))
 pair = {"x_ptr": "*bf16", "ec_ptr": "*i8", "er_ptr": "*i8", "ranges_ptr": "*fp32", "bc_ptr": "*fp32",
         "br_ptr": "*fp32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32", "stride_a": "i32",
-        "stride_m": "i32", "n_mblocks": "i32", "seeds_ptr": "*i64"}
+        "stride_m": "i32", "n_mblocks": "i32", "seed_c_ptr": "*i64", "seed_r_ptr": "*i64"}
 for tr, t in tq._PAIR_TILES.items():
     unit = "er_stride_m" if tr else "er_stride_n"
     sizes[f"shiftquant pair transposed={tr}"] = spilled(tq._shiftquant_pair_kernel, dict(pair, **{

@@ -702,9 +702,8 @@ def _pair_shiftquants(graph: fx.Graph) -> int:
     ``triton_shiftquant_pair`` that reads the gradient once per pass instead of twice: one
     range pass for both (none when a region gave both ranges), one quantize pass writing both
     results, the row quantizer's stored transposed when it was.  Bit for bit the two
-    quantizers' results; with stochastic rounding too on CPU when no other random op ran
-    between them (the pair, at the earlier one's place, draws both seeds at once, columns
-    first: on CPU the values two draws give, on CUDA others from the same generator).
+    quantizers' results, stochastic draws included when no other random op ran between them
+    (their seeds are drawn columns first, where the pair stands: at the earlier of the two).
     Returns how many pairs."""
     from ..kernels.triton_ops import pair_dims
     from ..kernels.triton_quant import pair_unsupported

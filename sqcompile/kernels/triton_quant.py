@@ -460,8 +460,8 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
 
 @triton.jit
 def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, pc_ptr, pr_ptr,
-                            M, N, stride_a, stride_m, stride_n, er_stride_m, er_stride_n, n_mblocks, seeds_ptr,
-                            QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
+                            M, N, stride_a, stride_m, stride_n, er_stride_m, er_stride_n, n_mblocks, seed_c_ptr,
+                            seed_r_ptr, QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
                             PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr, INT64: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Both ShiftQuants of one ``[BLOCK_M, BLOCK_N]`` tile of ``x`` ``[A, M, N]``, read once:
@@ -471,7 +471,7 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, p
     view, noise included (the column quantizer's view is ``[A, N, M]``, the row quantizer's
     ``[1, A*M, N]``), so the results are the two separate calls' bit for bit.  ``ranges``:
     float32 ``[A*N]`` column ranges, their max, ``[A*M]`` row ranges, their max (the layout
-    :func:`_absmax_pair_kernel` fills); ``seeds``: the two quantizers' seeds.
+    :func:`_absmax_pair_kernel` fills).
 
     Grid: ``(n_mblocks * cdiv(N, BLOCK_N), A)``; program (0, 0) writes the two base scales."""
     pid = tl.program_id(0)
@@ -504,8 +504,8 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, p
     if PRESCALE_R:
         xr = x * tl.load(pr_ptr + row, mask=mask_m, other=0.0)[:, None]
     if STOCHASTIC:
-        noise_c = tl.trans(_uniform_noise(tl.load(seeds_ptr), col, pid_m * BLOCK_M, M, BLOCK_N, BLOCK_M))
-        noise_r = _uniform_noise(tl.load(seeds_ptr + 1), row, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N)
+        noise_c = tl.trans(_uniform_noise(tl.load(seed_c_ptr), col, pid_m * BLOCK_M, M, BLOCK_N, BLOCK_M))
+        noise_r = _uniform_noise(tl.load(seed_r_ptr), row, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N)
     else:
         noise_c = 0.0
         noise_r = 0.0
@@ -965,7 +965,7 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
     both sets of ranges, one quantizes both ways), or once when the producer gave both
     ``ranges``.  Each result is bit for bit what :func:`shiftquant` returns for its channel
     dims with the same ``seeds`` / ``prescales`` / ``ranges`` entry (``rows_transposed`` as
-    its ``transposed``); seeds left ``None`` are drawn, columns first (:func:`_pair_seeds`).
+    its ``transposed``); seeds left ``None`` are drawn, columns first.
     ``x`` must be contiguous (:func:`pair_unsupported`, else ``ValueError``)."""
     why = pair_unsupported(x)
     if why:
@@ -980,7 +980,8 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
     A, M, N_ = view.shape
     pre_c, pre_r = (_prescale_vector(x, p, d) for p, d in zip(prescales, dims))
     base_c, base_r = (torch.empty((), dtype=torch.float32, device=x.device) for _ in range(2))
-    seeds = _pair_seeds(seeds, stochastic, x.device, base_c)
+    seed_c = _seed_arg(seeds[0], stochastic, x.device, base_c)     # drawn as two separate calls draw them
+    seed_r = _seed_arg(seeds[1], stochastic, x.device, base_r)
     geometry = _pair_geometry(view.shape, x.device, rows_transposed)
     if ranges[0] is None or ranges[1] is None:
         ranges = _pair_ranges(view, geometry, pre_c, pre_r)
@@ -998,21 +999,11 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
     tile = geometry.tile
     _shiftquant_pair_kernel[geometry.grid](
         x, e_cols, e_rows, ranges, base_c, base_r, base_c if pre_c is None else pre_c,
-        base_r if pre_r is None else pre_r, M, N_, *view.strides, *rows_strides, geometry.n_mblocks, seeds,
+        base_r if pre_r is None else pre_r, M, N_, *view.strides, *rows_strides, geometry.n_mblocks, seed_c, seed_r,
         QMAX=N.qmax(bits), GROUPS=groups, STOCHASTIC=stochastic, PRESCALE_C=pre_c is not None,
         PRESCALE_R=pre_r is not None, INT64=view.int64, BLOCK_M=tile.block_c, BLOCK_N=tile.block_l,
         num_warps=tile.num_warps)
     return e_cols, base_c, e_rows, base_r
-
-
-def _pair_seeds(seeds, stochastic: bool, device: torch.device, placeholder: torch.Tensor) -> torch.Tensor:
-    """The pair kernel's two seeds (int64 ``[2]``), the missing ones drawn on the device (both
-    in one draw, which on CPU gives what two single draws give, in that order)."""
-    if not stochastic:
-        return placeholder
-    if seeds[0] is None and seeds[1] is None:
-        return N.draw_seed(device, (2,))
-    return torch.cat([_seed_arg(s, True, device, placeholder) for s in seeds])
 
 
 class _PairGeometry(NamedTuple):
