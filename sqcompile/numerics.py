@@ -56,6 +56,11 @@ def fits_int8(bits: int, groups: int) -> bool:
     return expanded_max(bits, groups) <= 127
 
 
+def expanded_dtype(bits: int, groups: int) -> torch.dtype:
+    """The dtype of ShiftQuant's expanded form: int8 where it fits (:func:`fits_int8`), else int16."""
+    return torch.int8 if fits_int8(bits, groups) else torch.int16
+
+
 def _reduce_dims(x: torch.Tensor, keep_dims: Sequence[int]) -> list:
     keep = {d % x.dim() for d in keep_dims} if x.dim() else set()
     return [d for d in range(x.dim()) if d not in keep]
@@ -288,7 +293,7 @@ def check_prescale(x: torch.Tensor, prescale: torch.Tensor, channel_dims: Sequen
 def shiftquant_with_params(x, bits, groups, g, multiplier, scale, base, rounding="stochastic", noise=None):
     """The elementwise half of :func:`shiftquant`, given :func:`shift_params`' results."""
     q = quantize_values(x, scale, bits, rounding, noise)
-    edtype = torch.int8 if fits_int8(bits, groups) else torch.int16
+    edtype = expanded_dtype(bits, groups)
     expanded = (q * multiplier).to(edtype)         # q << (G-1-g), exact in float
     return ShiftQuantized(expanded, _finite_or_nan(base), q.to(torch.int8), g, bits, groups)
 

@@ -122,8 +122,7 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int],
 def _shiftquant_fake(x, bits, groups, channel_dims, stochastic, prescale=None):
     if prescale is not None:
         N.check_prescale(x, prescale, channel_dims)
-    dtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
-    return torch.empty_like(x, dtype=dtype), x.new_empty((), dtype=torch.float32)
+    return torch.empty_like(x, dtype=N.expanded_dtype(bits, groups)), x.new_empty((), dtype=torch.float32)
 
 
 @custom_op(f"{LIB}::shift_params")

@@ -850,7 +850,7 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
     if x.numel() == 0:
         r = N.shiftquant(x, bits, groups, channel_dims, "stochastic" if stochastic else "nearest", prescale=prescale)
         return r.expanded, r.base_scale
-    edtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
+    edtype = N.expanded_dtype(bits, groups)
     view, tile, _ = _view_and_tile(x, channel_dims)
     _check_grid(view)
     qtile = tile
@@ -868,7 +868,7 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
     if transposed:       # [A, M, N] stored [A, N, M]: element (a, m, n) at a * M * N + n * M + m
         view = _matrices(x)
         A, C, L = view.shape
-        e = torch.empty_like(x.mT, dtype=edtype, memory_format=torch.contiguous_format).mT
+        e = _transposed_empty(x, edtype)
         out_strides = (1, C)
     else:
         e = torch.empty_like(view.work, dtype=edtype)
@@ -909,6 +909,12 @@ def _given_ranges(ranges: torch.Tensor, n_channels: int,
     if prescale is not None:
         ranges = ranges * prescale.abs()
     return ranges, ranges.amax()
+
+
+def _transposed_empty(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized tensor shaped like ``x`` whose last two dims are swapped in memory
+    (``.mT`` is contiguous): the output layout of the transposed ShiftQuant stores."""
+    return torch.empty_like(x.mT, dtype=dtype, memory_format=torch.contiguous_format).mT
 
 
 def _matrices(x: torch.Tensor) -> _View:
@@ -988,10 +994,10 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
     else:
         (rc, rcmax), (rr, rrmax) = _given_ranges(ranges[0], A * N_, pre_c), _given_ranges(ranges[1], A * M, pre_r)
         ranges = torch.cat([rc, rcmax.reshape(1), rr, rrmax.reshape(1)])
-    edtype = torch.int8 if N.fits_int8(bits, groups) else torch.int16
+    edtype = N.expanded_dtype(bits, groups)
     e_cols = torch.empty_like(x, dtype=edtype)
     if rows_transposed:
-        e_rows = torch.empty_like(x.mT, dtype=edtype, memory_format=torch.contiguous_format).mT
+        e_rows = _transposed_empty(x, edtype)
         rows_strides = (1, M)
     else:
         e_rows = torch.empty_like(x, dtype=edtype)
@@ -1010,9 +1016,9 @@ class _PairGeometry(NamedTuple):
     tile: _Tile                          # the quantize pass's tile (block_c: rows, block_l: columns)
     grid: Tuple[int, int]                # its grid
     n_mblocks: int
-    range_grid: Tuple[int, int, int]     # the range pass's grid, tile and rows per program
-    range_block: Tuple[int, int]         # (BLOCK_M, BLOCK_N)
-    m_per_split: int
+    range_grid: Tuple[int, int, int]     # the range pass's grid,
+    range_block: Tuple[int, int]         # its (BLOCK_M, BLOCK_N)
+    m_per_split: int                     # and its rows per program
 
 
 @functools.lru_cache(maxsize=4096)
