@@ -31,8 +31,6 @@ from . import fusion as F
 LABEL = "l1_norm+quantize"
 
 
-
-
 def _getitem(node: fx.Node, index: int) -> Optional[fx.Node]:
     for user in node.users:
         if user.target is operator.getitem and user.args[1] == index:
