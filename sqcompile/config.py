@@ -48,7 +48,7 @@ OP_NAMES = (
 # Options that may differ from module to module (the rest are global to one compile).
 PER_OP_FIELDS = (
     "quantize", "weight_bits", "act_bits", "grad_bits", "groups", "norm", "norm_bits", "l1_scale",
-    "execution", "kernels",
+    "execution", "kernels", "fused_attention",
 )
 
 
@@ -70,6 +70,7 @@ class OpConfig:
     l1_scale: float = math.sqrt(math.pi / 2)
     execution: str = "auto"
     kernels: str = "auto"
+    fused_attention: Optional[bool] = None
 
     def validate(self) -> None:
         if not isinstance(self.quantize, bool):
@@ -95,6 +96,11 @@ class OpConfig:
         if not isinstance(self.l1_scale, (int, float)) or isinstance(self.l1_scale, bool) \
                 or not math.isfinite(self.l1_scale) or self.l1_scale <= 0:
             raise _bad("l1_scale", self.l1_scale, "a finite positive number")
+        if self.fused_attention is not None and not isinstance(self.fused_attention, bool):
+            raise _bad("fused_attention", self.fused_attention, "True, False or None (fused on CUDA)")
+        if self.fused_attention and self.kernels == "torch":
+            raise _bad("fused_attention", self.fused_attention,
+                       "False or None with kernels='torch' (the fused attention is a Triton kernel)")
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,13 @@ class Config(OpConfig):
     kernels         "auto"    "torch": torch/oneDNN implementations; "triton": Triton
                               kernels (on CPU only under TRITON_INTERPRET=1); "auto": Triton on
                               CUDA, torch on CPU
+    fused_attention None      quantized scaled_dot_product_attention as fused Triton kernels
+                              (int8 ``QK^T`` and ``PV``, softmax and quantizers in registers,
+                              no ``[L, S]`` tensor in memory; numerics equal to the unfused
+                              ops up to float rounding): None fuses on CUDA, True also under
+                              the Triton interpreter, False never.  Needs Triton kernels;
+                              masks other than is_causal, dropout, head dims > 256 and
+                              collect_stats keep the unfused ops (the report says why)
     overrides       {}        {module-path pattern: partial options or None (= float)}; a
                               key "pattern:op" applies to ops of that name only (see the
                               module docstring)

@@ -711,22 +711,79 @@ def _string_padding(mode: str, kernel, dilation):
 # Attention and einsum, expressed through quantized_matmul
 # --------------------------------------------------------------------------------------------
 
+_FUSED_ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_FUSED_HEAD_DIM = 256
+
+
+def fused_attention_unsupported(query, key, value, attn_mask=None, dropout_p: float = 0.0, *, grad_bits: int,
+                                groups: int) -> Optional[str]:
+    """Why the fused attention kernels (:mod:`sqcompile.kernels.triton_attention`) cannot run
+    this ``scaled_dot_product_attention`` (``None``: they can).  Takes tensors or anything
+    with ``shape`` and ``dtype`` (the rewrite passes check example values)."""
+    if attn_mask is not None:
+        return "an explicit attn_mask (only is_causal is fused)"
+    if dropout_p:
+        return "dropout"
+    if query.dtype not in _FUSED_ATTENTION_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype} (all float32, bfloat16 or float16 fuse)"
+    if len(query.shape) < 2 or len(key.shape) < 2 or len(value.shape) < 2:
+        return "operands with fewer than two dims"
+    if value.shape[-1] != query.shape[-1]:
+        return f"a value head dim {value.shape[-1]} different from the query's {query.shape[-1]}"
+    if query.shape[-1] > MAX_FUSED_HEAD_DIM:
+        return f"head dim {query.shape[-1]} > {MAX_FUSED_HEAD_DIM}"
+    if not N.fits_int8(grad_bits, groups):
+        return f"grad_bits={grad_bits} with groups={groups} (ShiftQuant's expanded gradient would need int16)"
+    return None
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Quantized attention over ``[BH, L, D]`` operands as the fused Triton ops
+    ``sqcompile::triton_attention`` / ``triton_attention_backward``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, act_bits, grad_bits, groups):
+        out, *saved = torch.ops.sqcompile.triton_attention(q, k, v, scale, causal, act_bits)
+        ctx.save_for_backward(*saved)
+        ctx.cfg = (scale, causal, act_bits, grad_bits, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dq, dk, dv = torch.ops.sqcompile.triton_attention_backward(grad_out, *ctx.saved_tensors, *ctx.cfg)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _fused_sdpa(query, key, value, scale, is_causal, act_bits, grad_bits, groups):
+    batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    q3, k3, v3 = (t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:]) for t in (query, key, value))
+    out = _FusedAttention.apply(q3, k3, v3, float(scale), bool(is_causal), act_bits, grad_bits, groups)
+    return out.reshape(*batch, *out.shape[-2:])
+
+
 def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, *, act_bits: int, grad_bits: int, groups: int, integer: bool,
-                   kernels: str = "torch", stats: Optional[str] = None):
+                   kernels: str = "torch", stats: Optional[str] = None, fused: bool = False):
     """``F.scaled_dot_product_attention`` in its math form, with both GEMMs (``Q K^T`` and
     ``P V``) quantized at ``act_bits``; softmax, masking and dropout stay in float.  With
-    ``stats``, each GEMM records under its own part (:data:`sqcompile.decisions.SDPA_PARTS`)."""
-    q = dict(a_bits=act_bits, b_bits=act_bits, grad_bits=grad_bits, groups=groups, integer=integer,
-             kernels=kernels)
-    qk_stats, pv_stats = (None, None) if stats is None else \
-        (decisions.part_key(stats, part) for part in decisions.SDPA_PARTS)
+    ``stats``, each GEMM records under its own part (:data:`sqcompile.decisions.SDPA_PARTS`).
+
+    ``fused``: run it as the fused Triton attention (:mod:`sqcompile.kernels.triton_attention`)
+    where :func:`fused_attention_unsupported` allows (integer execution with the ``"triton"``
+    kernel family, no stats), else as the ops below."""
     L, S = query.shape[-2], key.shape[-2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
         rep = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
+    if fused and integer and kernels == "triton" and stats is None and fused_attention_unsupported(
+            query, key, value, attn_mask, dropout_p, grad_bits=grad_bits, groups=groups) is None:
+        return _fused_sdpa(query, key, value, scale, is_causal, act_bits, grad_bits, groups)
+    q = dict(a_bits=act_bits, b_bits=act_bits, grad_bits=grad_bits, groups=groups, integer=integer,
+             kernels=kernels)
+    qk_stats, pv_stats = (None, None) if stats is None else \
+        (decisions.part_key(stats, part) for part in decisions.SDPA_PARTS)
     scores = quantized_matmul(query, key.transpose(-2, -1), stats=qk_stats, **q) * scale
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()

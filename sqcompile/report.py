@@ -335,7 +335,7 @@ def _row(d: D.OpDecision, record: D.CompileRecord, graph: int, part: Optional[st
         "weight_bits": d.weight_bits, "weight_quantizer": d.weight_quantizer,
         "act_bits": d.act_bits, "act_quantizer": d.act_quantizer,
         "grad_bits": d.grad_bits, "grad_quantizer": d.grad_quantizer, "groups": d.groups,
-        "norm_bits": d.norm_bits, "region": d.region, "steps": st.get("steps"),
+        "norm_bits": d.norm_bits, "region": "; ".join(t for t in (d.region, d.note) if t) or None, "steps": st.get("steps"),
         "sqnr_weight_db": _num(weight.get("sqnr_db")), "sqnr_act_db": _num(act.get("sqnr_db")),
         "sqnr_grad_dx_db": _num(dx.get("sqnr_db")), "sqnr_grad_dw_db": _num(dw.get("sqnr_db")),
         "sqnr_grad_db": sum(grads) / len(grads) if grads else None,

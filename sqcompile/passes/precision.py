@@ -72,6 +72,16 @@ def choose_execution(cfg: OpConfig, target: Target, integer_unsupported: Optiona
     return Execution(True, kernels, EXEC_INT8_CPU if target.device == "cpu" else EXEC_INT8_TORCH)
 
 
+def attention_fusion(cfg: OpConfig, target: Target, ex: Execution) -> bool:
+    """Should a quantized ``scaled_dot_product_attention`` run as the fused Triton attention
+    (before checking its operands)?  ``fused_attention=None`` fuses on CUDA only, so the
+    Triton interpreter on CPU keeps the unfused ops, which are bit-exact with
+    :mod:`sqcompile.numerics` (the fused kernels equal them up to float rounding)."""
+    if not ex.integer or ex.kernels != "triton" or cfg.fused_attention is False:
+        return False
+    return cfg.fused_attention is True or target.device == "cuda"
+
+
 def check_overrides(gm: fx.GraphModule, config: Config, record: CompileRecord) -> None:
     """Warn (once per graph) about override patterns that match no module of this graph."""
     if not config.overrides:

@@ -18,7 +18,7 @@ from .. import ops
 from ..config import Config
 from ..decisions import EXEC_FLOAT, CompileRecord, OpDecision, stats_key
 from .common import bind, call_name, example_value, is_float_tensor, is_parameter, module_path, numel, shape_of
-from .precision import Target, choose_execution, op_config
+from .precision import Target, attention_fusion, choose_execution, op_config
 
 _MM_NAMES = {"matmul": ("input", "other"), "mm": ("input", "mat2"), "bmm": ("input", "mat2")}
 _ADDMM_NAMES = {"addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2")}
@@ -116,6 +116,12 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     elif name == "scaled_dot_product_attention":
         target_fn, new_args = ops.quantized_sdpa, tuple(args[k] for k in _SDPA_ARGS)
         q = dict(act_bits=cfg.act_bits, **common)
+        why_not = _attention_unfused(cfg, target, ex, config, args)
+        if why_not is None:
+            q["fused"] = True
+            decision.region = FUSED_ATTENTION
+        elif why_not:
+            decision.note = f"unfused attention: {why_not}"
     elif name in ("lstm", "gru"):
         target_fn, new_args = ops.quantized_rnn, (name, *(args[k] for k in _RNN_ARGS))
         q = dict(a_bits=cfg.act_bits, w_bits=cfg.weight_bits, **common)
@@ -148,6 +154,23 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     decision.grad_quantizer = f"ShiftQuant G={cfg.groups}, stochastic"
     decision.replacement = target_fn.__name__
     record.add(decision)
+
+
+FUSED_ATTENTION = "fused attention (Triton)"
+
+
+def _attention_unfused(cfg, target, ex, config, args) -> Optional[str]:
+    """``None`` when this attention runs as the fused Triton kernels; else why not, or ``""``
+    when fusion was not wanted (:func:`~sqcompile.passes.precision.attention_fusion`)."""
+    if not attention_fusion(cfg, target, ex):
+        return ""
+    if config.collect_stats:
+        return "collect_stats observes each GEMM's quantizers"
+    if isinstance(args["dropout_p"], fx.Node):
+        return "dropout_p is not a constant"
+    values = [example_value(args[k]) for k in ("query", "key", "value")]
+    return ops.fused_attention_unsupported(*values, args["attn_mask"], args["dropout_p"], grad_bits=cfg.grad_bits,
+                                           groups=cfg.groups)
 
 
 def _float_reason(tensors) -> Optional[str]:

@@ -1,0 +1,393 @@
+"""Fused integer attention: ``softmax(Q K^T * scale) V`` with both GEMMs in int8 and nothing
+of size ``[L, S]`` ever written to memory, forward and backward.
+
+The unfused quantized attention (:func:`sqcompile.ops.quantized_sdpa`) runs ``Q K^T`` and
+``P V`` as two quantized GEMMs with a float softmax between them, so the scores ``S``, the
+probabilities ``P`` and their int8 form, and in the backward ``dP``, ``dS`` and ShiftQuant's
+two results of ``dS`` all go through memory (about 27 bytes per score per training step in
+bf16).  These kernels keep every ``[L, S]`` tile in registers, in the manner of
+FlashAttention, recomputing ``Q K^T`` where a later pass needs it (int8 GEMMs run at twice
+the bf16 rate; memory does not):
+
+* :func:`_attention_fwd_kernel` (one program per block of queries): pass 1 over the keys finds
+  each row's max ``m`` and exponential sum ``l`` (online softmax); pass 2 recomputes the
+  scores, forms ``P = exp(S - m) / l`` and its per-row int8 quantization, and accumulates
+  ``qP @ qV`` in int32.  A row's largest probability is ``exp(0) / l = 1 / l``, so its
+  quantization scale is known before any of its probabilities are: this is what lets the
+  per-row quantizer of ``P`` live inside the kernel.  Writes ``O`` and ``(m, l, scale_P)``
+  per row.
+* :func:`_attention_ranges_kernel` (per block of queries): ShiftQuant of the score gradient
+  ``dS`` needs every channel's range before any element is quantized -- along keys for
+  ``dQ = dS K`` (a column's range runs over *all* queries) and along queries for
+  ``dK = dS^T Q``.  This pass recomputes ``P`` and ``dP = dO V^T`` to get each row's
+  ``delta = sum(P * dP)``, then ``dS = P * (dP - delta)`` tile by tile to get both sets of
+  ranges (row maxima in registers, column maxima by integer atomic max on the float bits,
+  exact in any order; the layout of :func:`~sqcompile.kernels.triton_quant.shiftquant_pair`).
+* :func:`_attention_bwd_kernel` (one program per block of keys): recomputes ``P``, ``qP``,
+  ``dP`` and ``dS`` per tile, ShiftQuants ``dS`` both ways with the global ranges (the
+  quantizers' own device functions, noise included), and accumulates ``dV = qP^T eO``,
+  ``dK = eS_rows^T qQ`` in registers and ``dQ = eS_cols qK`` by integer atomic adds (exact,
+  so the result does not depend on the order programs finish).
+
+Numerics: the unfused path's, operation by operation (quantizers, dequantization order,
+rounding to the input dtype wherever it rounds, IEEE divisions), except for the order in
+which a row's exponential sum ``l`` is accumulated (online, block by block) and the ``exp``
+implementation.  So an element of ``qP`` or of a ShiftQuant result differs from the unfused
+path only where its value sits within a rounding of a rounding boundary; the tests measure
+that against a reference built from :mod:`sqcompile.numerics` (``tests/test_triton_attention.py``).
+Stochastic rounding of ``dS`` draws exactly the noise the unfused pair of quantizers draws
+for the same element and seed.
+
+Limits (:func:`sqcompile.ops.fused_attention_unsupported` says which applies; the caller
+then takes the unfused path): no attention mask other than ``is_causal`` (top-left aligned,
+as PyTorch's), no dropout, equal query and value head dims up to 256, ShiftQuant's expanded
+gradient must fit int8 (:func:`sqcompile.numerics.fits_int8`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import numerics as N
+from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _base_of, _combine_ranges, _multipliers, _quantize_values,
+                           _scale_of, _seed_arg, _shift_expand, _uniform_noise, cast_rtne, cdiv, draw_seed,
+                           next_power_of_2, quantize, shiftquant_pair)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# Device functions: one tile of the recomputed forward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rounded(x, DTYPE: tl.constexpr):
+    """``x`` rounded to the attention's dtype (where the unfused path stores a tensor), as float32."""
+    return cast_rtne(x, DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL: tl.constexpr, DTYPE: tl.constexpr):
+    """The scores tile ``(qQ qK^T) * sQ * sK`` (the GEMM's epilogue, rounded to the dtype) times
+    ``scale`` (rounded again), ``-inf`` where masked: columns past ``S`` and, with
+    ``CAUSAL``, keys after the query (``n > m``)."""
+    acc = tl.dot(qq, tl.trans(kk))
+    s = _rounded(acc.to(tl.float32) * sq[:, None] * sk[None, :], DTYPE)
+    s = _rounded(s * scale, DTYPE)
+    valid = (offs_n < S)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _probabilities(s, m, l, DTYPE: tl.constexpr):
+    """``P = exp(S - m) / l`` rounded to the dtype (the unfused softmax's output)."""
+    return _rounded(tl.math.div_rn(tl.exp(s - m[:, None]), l[:, None]), DTYPE)
+
+
+@triton.jit
+def _p_scale(l, QMAX: tl.constexpr, DTYPE: tl.constexpr):
+    """The per-row scale of ``P``'s quantization: its largest value ``exp(0) / l`` over qmax."""
+    return _scale_of(_rounded(tl.math.div_rn(1.0, l), DTYPE), QMAX)
+
+
+@triton.jit
+def _quantized_p(p, sp, QMAX: tl.constexpr):
+    """``P``'s int8 per-row quantization (nearest) with the row scales ``sp``."""
+    divisor, pre, inv = _multipliers(sp, False)
+    return _quantize_values(p, divisor[:, None], pre[:, None], inv[:, None], 0.0, QMAX, False).to(tl.int8)
+
+
+@triton.jit
+def _score_grad(p, dp, delta, scale, DTYPE: tl.constexpr):
+    """The gradient of the GEMM ``Q K^T``'s output: the softmax backward ``P dP - P delta``
+    (PyTorch's decomposition, which Inductor compiles; rounded to the dtype) times ``scale``
+    (rounded again)."""
+    ds = _rounded(p * dp - p * delta[:, None], DTYPE)
+    return _rounded(ds * scale, DTYPE)
+
+
+@triton.jit
+def _prob_grad(eo_c, vv, base_o):
+    """``dP = eO_cols qV^T * base`` (the GEMM's epilogue), before rounding to the dtype."""
+    return tl.dot(eo_c, tl.trans(vv)).to(tl.float32) * base_o
+
+
+@triton.jit
+def _load_rows(ptr, b, offs, offs_d, stride_b, stride_r, stride_d, R, D):
+    mask = (offs < R)[:, None] & (offs_d < D)[None, :]
+    return tl.load(ptr + b * stride_b + offs[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, stats_ptr, L, S, D, BH,
+                          s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ob, s_om, s_od, scale,
+                          QMAX: tl.constexpr, CAUSAL: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One block of queries of one (batch, head): ``O`` and the row statistics ``(m, l, sP)``
+    in ``stats`` ``[3, BH, L]``.  Grid: ``(cdiv(L, BLOCK_M), BH)``."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < L
+    qq = _load_rows(q_ptr, b, offs_m, offs_d, s_qb, s_qm, s_qd, L, D)
+    sq = tl.load(sq_ptr + b * L + offs_m, mask=mask_m, other=0.0)
+    n_end = S
+    if CAUSAL:
+        n_end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
+        sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
+        s = _scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m = m_new
+    sp = _p_scale(l, QMAX, DTYPE)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
+    for n0 in range(0, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
+        sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
+        p = _probabilities(_scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE), m, l, DTYPE)
+        vv = _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D)
+        acc += tl.dot(_quantized_p(p, sp, QMAX), vv)
+    sv = tl.load(sv_ptr + b * D + offs_d, mask=offs_d < D, other=0.0)
+    out = acc.to(tl.float32) * sp[:, None] * sv[None, :]
+    o_mask = mask_m[:, None] & (offs_d < D)[None, :]
+    tl.store(o_ptr + b * s_ob + offs_m[:, None] * s_om + offs_d[None, :] * s_od, cast_rtne(out, DTYPE), mask=o_mask)
+    row = b * L + offs_m
+    tl.store(stats_ptr + row, m, mask=mask_m)
+    tl.store(stats_ptr + BH * L + row, l, mask=mask_m)
+    tl.store(stats_ptr + 2 * BH * L + row, sp, mask=mask_m)
+
+
+@triton.jit
+def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, stats_ptr, eo_ptr, bo_ptr, delta_ptr, ranges_ptr,
+                             L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_eb, s_em, s_ed,
+                             scale, CAUSAL: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One block of queries: ``delta = sum(P * dP)`` per row, then the ranges of ``dS`` (times
+    ``sK`` per key column, times ``sQ`` per query row) into ``ranges`` (int32 float bits,
+    zeroed): ``[BH*S]`` column ranges, their max, ``[BH*L]`` row ranges, their max.
+    Grid: ``(cdiv(L, BLOCK_M), BH)``."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < L
+    row = b * L + offs_m
+    qq = _load_rows(q_ptr, b, offs_m, offs_d, s_qb, s_qm, s_qd, L, D)
+    eo = _load_rows(eo_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
+    base_o = tl.load(bo_ptr)
+    sq = tl.load(sq_ptr + row, mask=mask_m, other=0.0)
+    m = tl.load(stats_ptr + row, mask=mask_m, other=0.0)
+    l = tl.load(stats_ptr + BH * L + row, mask=mask_m, other=1.0)
+    n_end = S
+    if CAUSAL:
+        n_end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    delta = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
+        sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
+        p = _probabilities(_scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE), m, l, DTYPE)
+        dp = _rounded(_prob_grad(eo, _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D), base_o), DTYPE)
+        delta += tl.sum(p * dp, axis=1)
+    tl.store(delta_ptr + row, delta, mask=mask_m)
+    row_amax = tl.zeros((BLOCK_M,), tl.float32)
+    cols_ptr = ranges_ptr
+    rows_ptr = ranges_ptr + BH * S + 1
+    cols_top = tl.full((), 0, tl.int32)
+    for n0 in range(0, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < S
+        kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
+        sk = tl.load(sk_ptr + b * S + offs_n, mask=mask_n, other=0.0)
+        p = _probabilities(_scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE), m, l, DTYPE)
+        dp = _rounded(_prob_grad(eo, _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D), base_o), DTYPE)
+        g = _abs_nan_as_inf(_score_grad(p, dp, delta, scale, DTYPE))
+        g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
+        row_amax = tl.maximum(row_amax, tl.max(g, axis=1))
+        top = _combine_ranges(cols_ptr, b * S + offs_n, tl.max(g, axis=0), mask_n, sk_ptr, True)
+        cols_top = tl.maximum(cols_top, top)
+    tl.atomic_max(cols_ptr + BH * S, cols_top, sem="relaxed")
+    top = _combine_ranges(rows_ptr, row, row_amax, mask_m, sq_ptr, True)
+    tl.atomic_max(rows_ptr + BH * L, top, sem="relaxed")
+
+
+@triton.jit
+def _attention_bwd_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, stats_ptr, eoc_ptr, boc_ptr, eor_ptr, bor_ptr,
+                          delta_ptr, ranges_ptr, seed_c_ptr, seed_r_ptr, dq_ptr, dk_ptr, dv_ptr, bsc_ptr, bsr_ptr,
+                          L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_eb, s_em, s_ed,
+                          s_rb, s_rm, s_rd, s_db, s_dn, s_dd, scale, QMAX: tl.constexpr, GRAD_QMAX: tl.constexpr,
+                          GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, CAUSAL: tl.constexpr, DTYPE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One block of keys: ``dK``, ``dV`` (written in the dtype) and this block's share of
+    ``dQ``'s int32 accumulator (atomic adds; scaled by the caller).  Program (0, 0) writes
+    the two base scales of ``dS``'s ShiftQuants.  Grid: ``(cdiv(S, BLOCK_N), BH)``."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < S
+    mask_d = offs_d < D
+    col = b * S + offs_n
+    kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
+    vv = _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D)
+    sk = tl.load(sk_ptr + col, mask=mask_n, other=0.0)
+    base_oc = tl.load(boc_ptr)
+    rc_ptr = ranges_ptr
+    rr_ptr = ranges_ptr + BH * S + 1
+    Rc = tl.load(rc_ptr + BH * S)
+    Rr = tl.load(rr_ptr + BH * L)
+    base_c = _base_of(Rc, GROUPS, GRAD_QMAX)
+    base_r = _base_of(Rr, GROUPS, GRAD_QMAX)
+    if (pid_n == 0) & (b == 0):
+        tl.store(bsc_ptr, tl.where(tl.abs(base_c) <= 3.4028234663852886e38, base_c, float("nan")))
+        tl.store(bsr_ptr, tl.where(tl.abs(base_r) <= 3.4028234663852886e38, base_r, float("nan")))
+    r_cols = tl.load(rc_ptr + col, mask=mask_n, other=0.0)
+    acc_dk = tl.zeros((BLOCK_N, BLOCK_D), tl.int32)
+    acc_dv = tl.zeros((BLOCK_N, BLOCK_D), tl.int32)
+    m_start = 0
+    if CAUSAL:
+        m_start = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+    for m0 in range(m_start, L, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < L
+        row = b * L + offs_m
+        qq = _load_rows(q_ptr, b, offs_m, offs_d, s_qb, s_qm, s_qd, L, D)
+        sq = tl.load(sq_ptr + row, mask=mask_m, other=0.0)
+        m = tl.load(stats_ptr + row, mask=mask_m, other=0.0)
+        l = tl.load(stats_ptr + BH * L + row, mask=mask_m, other=1.0)
+        sp = tl.load(stats_ptr + 2 * BH * L + row, mask=mask_m, other=0.0)
+        delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
+        p = _probabilities(_scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE), m, l, DTYPE)
+        p = tl.where(mask_m[:, None], p, 0.0)
+        eo_r = _load_rows(eor_ptr, b, offs_m, offs_d, s_rb, s_rm, s_rd, L, D)
+        acc_dv += tl.dot(tl.trans(_quantized_p(p, sp, QMAX)), eo_r)
+        eo_c = _load_rows(eoc_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
+        g = _score_grad(p, _rounded(_prob_grad(eo_c, vv, base_oc), DTYPE), delta, scale, DTYPE)
+        if STOCHASTIC:
+            noise_c = tl.trans(_uniform_noise(tl.load(seed_c_ptr), col, m0, L, BLOCK_N, BLOCK_M))
+            noise_r = _uniform_noise(tl.load(seed_r_ptr), row, pid_n * BLOCK_N, S, BLOCK_M, BLOCK_N)
+        else:
+            noise_c = 0.0
+            noise_r = 0.0
+        e_c = _shift_expand(g * sk[None, :], r_cols[None, :], Rc, base_c, noise_c, GRAD_QMAX, GROUPS, STOCHASTIC)
+        r_rows = tl.load(rr_ptr + row, mask=mask_m, other=0.0)
+        e_r = _shift_expand(g * sq[:, None], r_rows[:, None], Rr, base_r, noise_r, GRAD_QMAX, GROUPS, STOCHASTIC)
+        e_c = tl.where(mask_m[:, None] & mask_n[None, :], e_c, 0).to(tl.int8)
+        e_r = tl.where(mask_m[:, None] & mask_n[None, :], e_r, 0).to(tl.int8)
+        acc_dk += tl.dot(tl.trans(e_r), qq)
+        dq = tl.dot(e_c, kk)
+        tl.atomic_add(dq_ptr + b * L * D + offs_m[:, None] * D + offs_d[None, :], dq,
+                      mask=mask_m[:, None] & mask_d[None, :], sem="relaxed")
+    out_mask = mask_n[:, None] & mask_d[None, :]
+    out = b * s_db + offs_n[:, None] * s_dn + offs_d[None, :] * s_dd
+    tl.store(dk_ptr + out, cast_rtne(acc_dk.to(tl.float32) * base_r, DTYPE), mask=out_mask)
+    tl.store(dv_ptr + out, cast_rtne(acc_dv.to(tl.float32) * tl.load(bor_ptr), DTYPE), mask=out_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+class _Tiles(NamedTuple):
+    block_m: int          # queries per program (forward, ranges pass)
+    block_n: int          # keys per loop step (forward, ranges pass)
+    bwd_block_m: int      # queries per loop step (backward)
+    bwd_block_n: int      # keys per program (backward)
+    block_d: int          # the head dim rounded up to a power of two
+    num_warps: int
+    bwd_num_warps: int
+
+
+@functools.lru_cache(maxsize=None)
+def _tiles(D: int, device_type: str) -> _Tiles:
+    """16x16 tiles in the interpreter (fast tests, masked edges exercised).  On a GPU the
+    tiles ``ptxas`` compiles for sm_90 without spilling (``tests/test_triton_attention.py``
+    checks it): 64x64 for the forward and the ranges pass, 32 queries x 64 keys with 8 warps
+    for the backward (64x64 spills 300-550 bytes per thread there, at 4 or 8 warps).  An int8
+    ``tl.dot`` needs a reduction of at least 32 on the GPU, hence ``BLOCK_D >= 32`` there."""
+    if INTERPRETED or device_type != "cuda":
+        return _Tiles(16, 16, 16, 16, max(16, next_power_of_2(D)), 1, 1)
+    block_d = max(32, next_power_of_2(D))
+    return _Tiles(64, 64, 32, 64, block_d, 4 if block_d <= 64 else 8, 8)
+
+
+def _rows(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, causal: bool,
+                      bits: int, tiles: Optional[_Tiles] = None):
+    """``[BH, L, D]``, ``[BH, S, D]``, ``[BH, S, D]`` -> ``(out, qq, sq, qk, sk, qv, sv, stats)``:
+    the output and what the backward needs (the int8 operands, their float32 scales, and the
+    row statistics ``[3, BH, L]``: max, exponential sum, ``P``'s scale).  ``tiles``: block
+    sizes other than :func:`_tiles`' (tests)."""
+    BH, L, D = query.shape
+    S = key.shape[1]
+    qq, sq = quantize(query, bits, [0, 1], False)
+    qk, sk = quantize(key, bits, [0, 1], False)
+    qv, sv = quantize(value, bits, [0, 2], False)
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    stats = torch.empty((3, BH, L), dtype=torch.float32, device=query.device)
+    t = tiles or _tiles(D, query.device.type)
+    _attention_fwd_kernel[(cdiv(L, t.block_m), BH)](
+        qq, qk, qv, sq, sk, sv, out, stats, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv), *_rows(out), scale,
+        QMAX=N.qmax(bits), CAUSAL=causal, DTYPE=_TL_DTYPES[query.dtype], BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        BLOCK_D=t.block_d, num_warps=t.num_warps)
+    return out, qq, sq, qk, sk, qv, sv, stats
+
+
+def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, scale: float, causal: bool,
+                       bits: int, grad_bits: int, groups: int, stochastic: bool = True,
+                       seeds: Tuple = (None, None, None, None), tiles: Optional[_Tiles] = None):
+    """``(dq, dk, dv)`` of :func:`attention_forward`.  ``grad_out`` is ShiftQuant-ed both ways
+    first (:func:`~sqcompile.kernels.triton_quant.shiftquant_pair`: along ``D`` for
+    ``dP = dO V^T``, along queries for ``dV = P^T dO``), then the two kernels run.  ``seeds``:
+    ``dO``'s two quantizers', then ``dS``'s (columns, rows); ``None`` entries are drawn in
+    that order, as the unfused path draws them."""
+    BH, L, D = qq.shape
+    S = qk.shape[1]
+    dtype = grad_out.dtype
+    dev = grad_out.device
+    sp = stats[2].reshape(BH, L, 1)
+    eo_c, bo_c, eo_r, bo_r = shiftquant_pair(grad_out.contiguous(), grad_bits, groups, stochastic,
+                                             seeds=seeds[:2], prescales=(sv, sp))
+    placeholder = bo_c
+    seed_c = _seed_arg(seeds[2], stochastic, dev, placeholder)
+    seed_r = _seed_arg(seeds[3], stochastic, dev, placeholder)
+    ranges = torch.zeros(BH * S + 1 + BH * L + 1, dtype=torch.int32, device=dev)
+    delta = torch.empty((BH, L), dtype=torch.float32, device=dev)
+    t = tiles or _tiles(D, dev.type)
+    tl_dtype = _TL_DTYPES[dtype]
+    _attention_ranges_kernel[(cdiv(L, t.block_m), BH)](
+        qq, qk, qv, sq, sk, stats, eo_c, bo_c, delta, ranges, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv),
+        *_rows(eo_c), scale, CAUSAL=causal, DTYPE=tl_dtype, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        BLOCK_D=t.block_d, num_warps=t.num_warps)
+    ranges = ranges.view(torch.float32)
+    dq_acc = torch.zeros((BH, L, D), dtype=torch.int32, device=dev)
+    dk = torch.empty((BH, S, D), dtype=dtype, device=dev)
+    dv = torch.empty_like(dk)
+    base_c, base_r = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(2))
+    _attention_bwd_kernel[(cdiv(S, t.bwd_block_n), BH)](
+        qq, qk, qv, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, seed_c, seed_r, dq_acc, dk, dv, base_c,
+        base_r, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv), *_rows(eo_c), *_rows(eo_r), *_rows(dk), scale,
+        QMAX=N.qmax(bits), GRAD_QMAX=N.qmax(grad_bits), GROUPS=groups, STOCHASTIC=stochastic, CAUSAL=causal,
+        DTYPE=tl_dtype, BLOCK_M=t.bwd_block_m, BLOCK_N=t.bwd_block_n, BLOCK_D=t.block_d, num_warps=t.bwd_num_warps)
+    dq = (dq_acc.float() * base_c).to(dtype)
+    return dq, dk, dv

@@ -1,0 +1,308 @@
+"""The fused integer attention (:mod:`sqcompile.kernels.triton_attention`).
+
+References:
+
+* a quantized attention written here from :mod:`sqcompile.numerics` primitives and torch
+  float ops, with nearest rounding in the backward (the kernels' ``stochastic=False``), so
+  the comparison is value for value: it differs from the kernels only by the order of a
+  row's exponential sum and the ``exp`` implementation, i.e. float rounding;
+* the unfused quantized attention (``ops.quantized_sdpa`` with the same Triton quantizers
+  and GEMMs), with stochastic rounding and the same seeds: the fused backward draws the
+  noise the unfused quantizers draw, element for element.
+
+Without CUDA everything runs in Triton's CPU interpreter on small shapes that are not
+multiples of the tiles (masked edges); ``ptxas`` checks the GPU tiles for spills (slow).
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sqcompile
+from sqcompile import numerics as N
+from sqcompile import ops
+from sqcompile.decisions import records_for
+from sqcompile.kernels.triton_ops import triton_available
+from sqcompile.passes.quantize_gemms import FUSED_ATTENTION
+
+from models import Block, rel
+
+AVAILABLE, WHY = triton_available()
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=WHY)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _ta():
+    from sqcompile.kernels import triton_attention
+    return triton_attention
+
+
+def reference(q, k, v, do, scale, causal, bits, grad_bits, groups):
+    """Quantized attention forward and backward (nearest rounding) from numerics, in float32."""
+    qq, sq = N.quantize(q, bits, [0, 1])
+    qk, sk = N.quantize(k, bits, [0, 1])
+    qv, sv = N.quantize(v, bits, [0, 2])
+    s = (qq.float() @ qk.float().mT) * sq * sk.mT * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    qp, sp = N.quantize(p, bits, [0, 1])
+    o = (qp.float() @ qv.float()) * sp * sv
+    do_c = N.shiftquant(do, grad_bits, groups, [0, 2], "nearest", prescale=sv)
+    do_r = N.shiftquant(do, grad_bits, groups, [0, 1], "nearest", prescale=sp)
+    dp = (do_c.expanded.float() @ qv.float().mT) * do_c.base_scale
+    dv = (qp.float().mT @ do_r.expanded.float()) * do_r.base_scale
+    ds = (p * dp - p * (p * dp).sum(-1, keepdim=True)) * scale
+    ds_c = N.shiftquant(ds, grad_bits, groups, [0, 2], "nearest", prescale=sk.mT)
+    ds_r = N.shiftquant(ds, grad_bits, groups, [0, 1], "nearest", prescale=sq)
+    dq = (ds_c.expanded.float() @ qk.float()) * ds_c.base_scale
+    dk = (ds_r.expanded.float().mT @ qq.float()) * ds_r.base_scale
+    return o, dq, dk, dv
+
+
+def _assert_matches(actual, expected, name):
+    """Equal up to float rounding: every element within 1e-5 relative, but for the rare one a
+    rounding boundary moved by one quantization step (at most 1% of them, each within 5% of
+    the tensor's largest value)."""
+    actual, expected = actual.float().cpu(), expected.float().cpu()
+    err = (actual - expected).abs()
+    close = err <= 1e-5 * expected.abs() + 1e-6 * expected.abs().max()
+    assert close.float().mean() >= 0.99, (name, float(close.float().mean()))
+    assert float(err.max()) <= 0.05 * float(expected.abs().max()), (name, float(err.max()))
+
+
+def _tiles(fwd_m, fwd_n, bwd_m, bwd_n, d):
+    return _ta()._Tiles(fwd_m, fwd_n, bwd_m, bwd_n, d, 1, 1)
+
+
+@pytest.mark.parametrize("BH,L,S,D,causal,bits,tiles", [
+    (3, 37, 45, 24, False, 8, None),
+    (2, 40, 40, 16, True, 8, None),
+    (2, 33, 50, 40, False, 4, None),
+    (2, 45, 45, 16, True, 4, (16, 32, 32, 16, 16)),       # forward and backward tiles differ
+    (1, 50, 30, 8, True, 6, (32, 16, 16, 32, 16)),        # L > S, causal, head dim padded to 16
+])
+def test_kernels_match_the_numerics_reference(BH, L, S, D, causal, bits, tiles):
+    g = torch.Generator().manual_seed(BH * 100 + L)
+    q, k, v, do = (torch.randn(BH, n, D, generator=g) for n in (L, S, S, L))
+    scale = D ** -0.5
+    t = None if tiles is None else _tiles(*tiles)
+    ta = _ta()
+    out, *saved = ta.attention_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), scale, causal, bits, tiles=t)
+    grads = ta.attention_backward(do.to(DEVICE), *saved, scale, causal, bits, 4, 4, stochastic=False, tiles=t)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), reference(q, k, v, do, scale, causal, bits, 4, 4)):
+        _assert_matches(a, b, name)
+    stats = saved[-1]
+    s = (N.dequantize(*N.quantize(q, bits, [0, 1])) @ N.dequantize(*N.quantize(k, bits, [0, 1])).mT) * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(stats[0].cpu(), s.amax(-1), rtol=1e-6, atol=1e-6)                # row max
+    torch.testing.assert_close(stats[1].cpu(), torch.exp(s - s.amax(-1, keepdim=True)).sum(-1))  # exp sum
+
+
+def _sdpa(q, k, v, fused, seed, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(seed)
+    out = ops.quantized_sdpa(q, k, v, act_bits=4, grad_bits=4, groups=4, integer=True, kernels="triton", fused=fused,
+                             **kw)
+    weight = torch.linspace(-1, 1, out.shape[-1], device=out.device, dtype=out.dtype)
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    return (out.detach(), *grads)
+
+
+@pytest.mark.parametrize("dtype,causal,gqa", [(torch.float32, True, True), (torch.bfloat16, False, False)])
+def test_fused_equals_unfused_quantized_sdpa_with_the_same_seeds(dtype, causal, gqa):
+    """Stochastic rounding in both: the fused backward draws the unfused quantizers' seeds in
+    their order and each element's noise, so the results agree up to float rounding."""
+    g = torch.Generator().manual_seed(7)
+    B, H, L, D = 1, 4, 21, 16
+    qkv = torch.randn(B, L, 3, H, D, generator=g).to(DEVICE, dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))     # strided views, as after a qkv split
+    if gqa:
+        k, v = k[:, :2], v[:, :2]
+    fused = _sdpa(q, k, v, True, 3, is_causal=causal, enable_gqa=gqa)
+    unfused = _sdpa(q, k, v, False, 3, is_causal=causal, enable_gqa=gqa)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fused, unfused):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        _assert_matches(a, b, name)
+
+
+def test_stochastic_rounding_is_reproducible_and_seeded():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=g).to(DEVICE) for _ in range(3))
+    first, again, other = (_sdpa(q, k, v, True, seed) for seed in (11, 11, 12))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[1], other[1])        # dQ: dS's noise
+    assert torch.equal(first[0], other[0])            # the forward has no noise
+
+
+def test_unfused_when_the_kernels_cannot_run_it():
+    q, k, v = (torch.randn(1, 2, 20, 16, device=DEVICE) for _ in range(3))
+    mask = torch.rand(20, 20, device=DEVICE) > 0.3
+    kw = dict(grad_bits=4, groups=4)
+    assert ops.fused_attention_unsupported(q, k, v, **kw) is None
+    assert "attn_mask" in ops.fused_attention_unsupported(q, k, v, mask, **kw)
+    assert "dropout" in ops.fused_attention_unsupported(q, k, v, None, 0.1, **kw)
+    assert "int16" in ops.fused_attention_unsupported(q, k, v, grad_bits=8, groups=4)
+    assert "head dim" in ops.fused_attention_unsupported(q, k, v[..., :8], **kw)
+    assert "dtypes" in ops.fused_attention_unsupported(q, k.half(), v, **kw)
+    # quantized_sdpa asked to fuse such an attention runs the unfused ops, with the same result
+    fused, unfused = (_sdpa(q, k, v, f, 1, attn_mask=mask) for f in (True, False))
+    for a, b in zip(fused, unfused):
+        assert torch.equal(a, b)
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v = (torch.randn(3, n, 16, device=DEVICE) for n in (20, 24, 24))
+    out, *saved = torch.ops.sqcompile.triton_attention(q, k, v, 0.25, True, 4)
+    do = torch.randn_like(out)
+    for op, args in [
+        (torch.ops.sqcompile.triton_attention.default, (q, k, v, 0.25, True, 4)),
+        (torch.ops.sqcompile.triton_attention.default, (q.transpose(0, 1).contiguous().transpose(0, 1), k, v, 0.5,
+                                                        False, 8)),
+        (torch.ops.sqcompile.triton_attention_backward.default, (do, *saved, 0.25, True, 4, 4, 4)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend: option, rewrite, report
+# ---------------------------------------------------------------------------------------------
+
+def _compiled_step(model, x, **options):
+    torch._dynamo.reset()
+    model = copy.deepcopy(model).to(DEVICE)
+    compiled = torch.compile(model, backend="shiftquant",
+                             options={"kernels": "triton", "execution": "integer", "inner": "eager", **options})
+    torch.manual_seed(1)
+    out = compiled(x.to(DEVICE))
+    out.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.detach(), grads, records_for(list(model.parameters()))[-1], compiled
+
+
+def test_backend_runs_attention_fused_and_reports_it():
+    torch.manual_seed(0)
+    block, x = Block(sdpa=True), torch.randn(2, 16, 32)
+    out, grads, rec, compiled = _compiled_step(block, x, fused_attention=True)
+    ref_out, ref_grads, ref_rec, _ = _compiled_step(block, x, fused_attention=False)
+    assert "sqcompile.triton_attention(" in rec.graphs["forward"]
+    assert "sqcompile.triton_attention_backward(" in rec.graphs["backward"]
+    assert "triton_attention" not in ref_rec.graphs["forward"] + ref_rec.graphs["backward"]
+    (sdpa,) = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
+    assert sdpa.region == FUSED_ATTENTION and sdpa.execution == "triton"
+    assert FUSED_ATTENTION in str(sqcompile.report(compiled))
+    assert rel(out, ref_out) < 1e-5
+    for name in grads:
+        assert rel(grads[name], ref_grads[name]) < 1e-4, name
+
+
+class _MaskedAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril(-1)
+        mask[:, 0] = True
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_backend_keeps_an_unsupported_attention_unfused_and_says_why():
+    model, x = _MaskedAttention(), torch.randn(2, 12, 16)
+    out, grads, rec, _ = _compiled_step(model, x, fused_attention=True)
+    (sdpa,) = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
+    assert sdpa.quantized and sdpa.note == "unfused attention: an explicit attn_mask (only is_causal is fused)"
+    assert sdpa.region.endswith("int8_mm+dequant")       # its GEMMs run as fused GEMM regions instead
+    assert "triton_attention" not in rec.graphs["forward"]
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_option_defaults_and_errors():
+    torch.manual_seed(0)
+    block, x = Block(sdpa=True), torch.randn(2, 8, 32)
+    _, _, rec, _ = _compiled_step(block, x)                # None: fused on CUDA only
+    (sdpa,) = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
+    assert (sdpa.region == FUSED_ATTENTION) == (DEVICE == "cuda")
+    _, _, rec, _ = _compiled_step(block, x, collect_stats=True, fused_attention=True)
+    (sdpa,) = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
+    assert sdpa.note.startswith("unfused attention: collect_stats")
+    with pytest.raises(ValueError, match="fused_attention"):
+        sqcompile.Config(fused_attention="yes")
+    with pytest.raises(ValueError, match="fused_attention"):
+        sqcompile.Config(kernels="torch", fused_attention=True)
+    with pytest.raises(ValueError, match="fused_attention"):
+        sqcompile.Config(overrides={"attn": {"kernels": "torch", "fused_attention": True}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Hopper: the GPU tiles compile without spills (ptxas, no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+_HOPPER_SCRIPT = r"""
+import json, sm90
+import triton.language as tl
+from sqcompile.kernels import triton_attention as ta
+
+def strides(*names):
+    return {f"s_{p}{r}": "i32" for p in names for r in "b" + ("n" if p in "kvd" else "m")}
+
+def unit(*names):
+    return {f"s_{p}d": 1 for p in names}
+
+sizes = {"L": "i32", "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32"}
+result = {}
+for d in (64, 128):
+    t = ta._tiles(d, "cuda")
+    fwd = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d)
+    bwd = dict(BLOCK_M=t.bwd_block_m, BLOCK_N=t.bwd_block_n, BLOCK_D=t.block_d)
+    for causal in (False, True):
+        sig = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "sq_ptr": "*fp32", "sk_ptr": "*fp32",
+               "sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32", **sizes, **strides("q", "k", "v", "o")}
+        r = sm90.compile_sm90(ta._attention_fwd_kernel, sig, dict(unit("q", "k", "v", "o"), QMAX=7, CAUSAL=causal,
+                              DTYPE=tl.bfloat16, **fwd), num_warps=t.num_warps, num_stages=2)
+        result[f"fwd d={d} causal={causal}"] = r["spilled"]
+        sig = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "sq_ptr": "*fp32", "sk_ptr": "*fp32",
+               "stats_ptr": "*fp32", "eo_ptr": "*i8", "bo_ptr": "*fp32", "delta_ptr": "*fp32", "ranges_ptr": "*i32",
+               **sizes, **strides("q", "k", "v", "e")}
+        r = sm90.compile_sm90(ta._attention_ranges_kernel, sig, dict(unit("q", "k", "v", "e"), CAUSAL=causal,
+                              DTYPE=tl.bfloat16, **fwd), num_warps=t.num_warps, num_stages=2)
+        result[f"ranges d={d} causal={causal}"] = r["spilled"]
+        sig = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "sq_ptr": "*fp32", "sk_ptr": "*fp32",
+               "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32", "eor_ptr": "*i8", "bor_ptr": "*fp32",
+               "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_c_ptr": "*i64", "seed_r_ptr": "*i64",
+               "dq_ptr": "*i32", "dk_ptr": "*bf16", "dv_ptr": "*bf16", "bsc_ptr": "*fp32", "bsr_ptr": "*fp32",
+               **sizes, **strides("q", "k", "v", "e", "r", "d")}
+        r = sm90.compile_sm90(ta._attention_bwd_kernel, sig, dict(unit("q", "k", "v", "e", "r", "d"), QMAX=7,
+                              GRAD_QMAX=7, GROUPS=4, STOCHASTIC=True, CAUSAL=causal, DTYPE=tl.bfloat16, **bwd),
+                              num_warps=t.bwd_num_warps, num_stages=2)
+        result[f"bwd d={d} causal={causal}"] = r["spilled"]
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_gpu_tiles_compile_for_hopper_without_spills():
+    """What a real launch compiles, for sm_90: any spill is a defect (the 64x64 backward tile
+    spilled 300-550 bytes per thread, which is why the backward steps 32 queries at a time)."""
+    pytest.importorskip("triton.backends.nvidia")
+    import sm90
+    spills = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
+    assert len(spills) == 12 and all(n <= 0 for n in spills.values()), spills
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_gpu_fused_equals_unfused_at_a_real_shape():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 8, 300, 64, generator=g).cuda().bfloat16() for _ in range(3))
+    fused = _sdpa(q, k, v, True, 5, is_causal=True)
+    unfused = _sdpa(q, k, v, False, 5, is_causal=True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fused, unfused):
+        _assert_matches(a, b, name)
