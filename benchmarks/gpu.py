@@ -21,20 +21,26 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
    transposed, as the backward graph runs them) as one ``triton_shiftquant_pair`` against
    two separate quantizers, at a Linear's ``dY`` and attention's ``dS`` shapes, as a ratio.
 3. A transformer block training step (d_model 1024, 16 heads, seq 1024, batch 8, LayerNorm,
-   GELU MLP, attention with explicit matmuls) compiled with ``backend="shiftquant"``
+   GELU MLP, causal ``F.scaled_dot_product_attention``; until 2026-11-29 the attention was
+   written as explicit matmuls) compiled with ``backend="shiftquant"``
    (``kernels="triton"``, ``execution="integer"``) against the same block in bf16 under
    Inductor, each with and without CUDA graphs (``cudagraphs=True`` for us,
    ``mode="reduce-overhead"`` for bf16).  Each int8 GEMM runs fused with its epilogue (dequantize, bias, GELU, residual
    add, GELU backward: :mod:`sqcompile.backends.fusion`); the part prints how many regions
    were fused, and ``--ablate-fusion`` also times the captured block with fusion off (each GEMM
    then dequantizes in its own epilogue and Inductor runs the bias/activation/residual ops);
-   ``--float-attention`` also times it with attention's two matmuls left in bf16
-   (``overrides={"*:matmul": None}``, the Linears int8).  Errors there are printed and the
-   script goes on.
+   ``--float-attention`` also times it with attention left in bf16 (PyTorch's flash
+   attention: ``overrides={"*:scaled_dot_product_attention": None}``, the Linears int8), and
+   ``--unfused-attention`` with the quantized attention as separate ops instead of the fused
+   Triton kernels (``fused_attention=False``).  Errors there are printed and the script goes on.
 4. The L1 norm at the block's LayerNorm shape ([8192, 1024] bf16), forward+backward: the Triton
    kernels against the same norm fused by Inductor and against bf16 ``nn.LayerNorm`` under
    Inductor (CUDA-graph replay); and the forward with its output quantized for a GEMM inside
    the norm kernel against the norm plus a separate quantizer.
+5. Attention alone at the block's shape ([8, 16, 1024, 64] bf16, causal), forward+backward
+   (CUDA-graph replay): the fused integer attention (:mod:`sqcompile.kernels.triton_attention`)
+   against the same quantized attention as separate ops and against bf16
+   ``F.scaled_dot_product_attention`` (flash attention).
 
 Exits 0 with a message when CUDA is absent.
 """
@@ -277,10 +283,7 @@ class Block(torch.nn.Module):
         B, T, D = x.shape
         h = self.heads
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, h, D // h).permute(2, 0, 3, 1, 4)
-        att = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(D // h))
-        causal = torch.ones(T, T, device=x.device, dtype=torch.bool).tril()
-        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
-        y = torch.matmul(att, v).transpose(1, 2).reshape(B, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D)
         x = x + self.proj(y)
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
@@ -298,7 +301,8 @@ def fused_regions(model) -> str:
             f"{len({r.kernel for r in regions})} generated kernels")
 
 
-def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_attention: bool = False) -> None:
+def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_attention: bool = False,
+               unfused_attention: bool = False) -> None:
     print("\n[3] Transformer block training step (d 1024, 16 heads, seq 1024, batch 8)", flush=True)
     torch.manual_seed(0)
     base = Block().cuda().bfloat16()
@@ -326,9 +330,13 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_att
     if ablate_fusion:   # region fusion off: GEMMs dequantize in their own epilogue, the rest is Inductor's
         variants.append(("shiftquant integer/triton, CUDA graphs, fusion off",
                          lambda m: shiftquant(m, cudagraphs=True, fusion=False), False))
-    if float_attention:  # the block's only matmuls are attention's QK^T and PV; the Linears stay int8
+    if float_attention:  # flash attention in bf16; the Linears stay int8
         variants.append(("shiftquant integer/triton, CUDA graphs, attention float",
-                         lambda m: shiftquant(m, cudagraphs=True, overrides={"*:matmul": None}), True))
+                         lambda m: shiftquant(m, cudagraphs=True,
+                                              overrides={"*:scaled_dot_product_attention": None}), True))
+    if unfused_attention:  # the quantized attention as separate quantizers, GEMMs and softmax
+        variants.append(("shiftquant integer/triton, CUDA graphs, attention unfused",
+                         lambda m: shiftquant(m, cudagraphs=True, fused_attention=False), True))
     for name, make, fuse in variants:
         def on_alarm(signum, frame):
             raise _Timeout(f"compile + first step took more than {timeout_s} s")
@@ -421,17 +429,54 @@ def part_norm(reps: int) -> None:
         record("4 norm", f"fwd {name}: {ms:.3f} ms", f"{t['norm + quantize'] / ms:.2f}x unfused")
 
 
+# ---------------------------------------------------------------------------------------------
+# 5. Attention forward+backward
+# ---------------------------------------------------------------------------------------------
+
+def part_attention(reps: int) -> None:
+    """[8, 16, 1024, 64] bf16, causal, forward + backward as in the block: the fused integer
+    attention, the same quantized attention as separate ops, and bf16 flash attention."""
+    from sqcompile import ops
+    print("\n[5] Attention [8, 16, 1024, 64] bf16 causal forward+backward", flush=True)
+    q, k, v = (torch.randn(8, 16, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn_like(q)
+    bits = dict(act_bits=4, grad_bits=4, groups=4, integer=True, kernels="triton")
+
+    def step(attend):
+        return lambda: torch.autograd.grad(attend(), (q, k, v), do)
+
+    fns = {"bf16 flash (F.scaled_dot_product_attention)":
+               step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+           "int8 fused": step(lambda: ops.quantized_sdpa(q, k, v, is_causal=True, fused=True, **bits)),
+           "int8 unfused": step(lambda: ops.quantized_sdpa(q, k, v, is_causal=True, fused=False, **bits))}
+    try:                       # the kernels alone, as in a captured training step
+        t = bench(fns, reps, cuda_graph=True)
+    except Exception as e:     # capture refused: time launches from Python instead
+        record("5 attn", f"CUDA-graph timing failed ({type(e).__name__}); launched from Python", "info")
+        t = bench(fns, reps)
+    flash = t["bf16 flash (F.scaled_dot_product_attention)"]
+    for name, ms in t.items():
+        record("5 attn", f"fwd+bwd {name}: {ms:.3f} ms",
+               f"{flash / ms:.2f}x bf16 flash, {t['int8 unfused'] / ms:.2f}x unfused")
+    if PROFILE:
+        profile("attention int8 fused", fns["int8 fused"], rows=8)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="1,2,3,4", help="comma-separated parts to run (1, 2, 3, 4)")
+    parser.add_argument("--parts", default="1,2,3,4,5", help="comma-separated parts to run (1, 2, 3, 4, 5)")
     parser.add_argument("--reps", type=int, default=5, help="interleaved rounds per measurement")
     parser.add_argument("--block-timeout", type=int, default=150, help="seconds allowed for each compile in part 3")
     parser.add_argument("--ablate-fusion", action="store_true",
                         help="part 3 also times the captured shiftquant block with region fusion off "
                              "(options={'fusion': False}: one more compile)")
     parser.add_argument("--float-attention", action="store_true",
-                        help="part 3 also times the captured shiftquant block with attention's two matmuls in "
-                             "bf16 (overrides={'*:matmul': None}; the Linears stay int8)")
+                        help="part 3 also times the captured shiftquant block with attention in bf16 (flash "
+                             "attention; the Linears stay int8)")
+    parser.add_argument("--unfused-attention", action="store_true",
+                        help="part 3 also times the captured shiftquant block with the quantized attention as "
+                             "separate ops (fused_attention=False)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the device time goes (torch.profiler) for the 8192 linear and "
                              "each block variant")
@@ -448,8 +493,9 @@ def main() -> int:
     parts = {p.strip() for p in args.parts.split(",")}
     started = time.perf_counter()
     for key, run in [("1", lambda: part_linear(args.reps)), ("2", lambda: part_quantizers(args.reps)),
-                     ("3", lambda: part_block(args.reps, args.block_timeout, args.ablate_fusion, args.float_attention)),
-                     ("4", lambda: part_norm(args.reps))]:
+                     ("3", lambda: part_block(args.reps, args.block_timeout, args.ablate_fusion, args.float_attention,
+                                              args.unfused_attention)),
+                     ("4", lambda: part_norm(args.reps)), ("5", lambda: part_attention(args.reps))]:
         if key not in parts:
             continue
         try:

@@ -90,7 +90,7 @@ def test_kernels_match_the_numerics_reference(BH, L, S, D, causal, bits, tiles):
     g = torch.Generator().manual_seed(BH * 100 + L)
     q, k, v, do = (torch.randn(BH, n, D, generator=g) for n in (L, S, S, L))
     scale = D ** -0.5
-    t = None if tiles is None else _tiles(*tiles)
+    t = None if tiles is None or DEVICE == "cuda" else _tiles(*tiles)     # a GPU's int8 dot needs K >= 32
     ta = _ta()
     out, *saved = ta.attention_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), scale, causal, bits, tiles=t)
     grads = ta.attention_backward(do.to(DEVICE), *saved, scale, causal, bits, 4, 4, stochastic=False, tiles=t)
@@ -189,10 +189,10 @@ def _compiled_step(model, x, **options):
 def test_backend_runs_attention_fused_and_reports_it():
     torch.manual_seed(0)
     block, x = Block(sdpa=True), torch.randn(2, 16, 32)
-    out, grads, rec, compiled = _compiled_step(block, x, fused_attention=True)
+    out, grads, rec, compiled = _compiled_step(block, x, fused_attention=True, inner="inductor")
     ref_out, ref_grads, ref_rec, _ = _compiled_step(block, x, fused_attention=False)
     assert "sqcompile.triton_attention(" in rec.graphs["forward"]
-    assert "sqcompile.triton_attention_backward(" in rec.graphs["backward"]
+    assert "sqcompile.triton_attention_backward(" in rec.graphs["backward"] and rec.inner == "inductor"
     assert "triton_attention" not in ref_rec.graphs["forward"] + ref_rec.graphs["backward"]
     (sdpa,) = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
     assert sdpa.region == FUSED_ATTENTION and sdpa.execution == "triton"
