@@ -76,7 +76,7 @@ def _assert_matches(actual, expected, name):
 
 
 def _tiles(fwd_m, fwd_n, bwd_m, bwd_n, d):
-    return _ta()._Tiles(fwd_m, fwd_n, bwd_m, bwd_n, d, 1, 1)
+    return _ta()._Tiles(fwd_m, fwd_n, bwd_m, bwd_n, d, 1, 1, 1)
 
 
 @pytest.mark.parametrize("BH,L,S,D,causal,bits,tiles", [
@@ -250,51 +250,73 @@ import json, sm90
 import triton.language as tl
 from sqcompile.kernels import triton_attention as ta
 
-def strides(*names):
-    return {f"s_{p}{r}": "i32" for p in names for r in "b" + ("n" if p in "kvd" else "m")}
+def operands(*specs):
+    # (name, sequence dim, contiguous dim): runtime strides are i32 args, the unit one a constexpr
+    sig, unit = {}, {}
+    for p, seq, contiguous in specs:
+        sig[f"s_{p}b"] = "i32"
+        for dim in (seq, "d"):
+            if dim == contiguous:
+                unit[f"s_{p}{dim}"] = 1
+            else:
+                sig[f"s_{p}{dim}"] = "i32"
+    return sig, unit
 
-def unit(*names):
-    return {f"s_{p}d": 1 for p in names}
+def compiled(kernel, pointers, specs, constexprs, num_warps, num_stages):
+    st, unit = operands(*specs)
+    sig = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "sq_ptr": "*fp32", "sk_ptr": "*fp32", **pointers,
+           "L": "i32", "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32", **st}
+    r = sm90.compile_sm90(kernel, sig, {**unit, **constexprs, "DTYPE": tl.bfloat16}, num_warps=num_warps,
+                          num_stages=num_stages)
+    return r["spilled"], r["ptx"].count("mma.sync")
 
-sizes = {"L": "i32", "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32"}
+QKV = (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "d"))
 result = {}
 for d in (64, 128):
     t = ta._tiles(d, "cuda")
     fwd = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d)
-    bwd = dict(BLOCK_M=t.bwd_block_m, BLOCK_N=t.bwd_block_n, BLOCK_D=t.block_d)
+    quant = dict(GRAD_QMAX=7, GROUPS=4, STOCHASTIC=True)
     for causal in (False, True):
-        sig = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "sq_ptr": "*fp32", "sk_ptr": "*fp32",
-               "sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32", **sizes, **strides("q", "k", "v", "o")}
-        r = sm90.compile_sm90(ta._attention_fwd_kernel, sig, dict(unit("q", "k", "v", "o"), QMAX=7, CAUSAL=causal,
-                              DTYPE=tl.bfloat16, **fwd), num_warps=t.num_warps, num_stages=2)
-        result[f"fwd d={d} causal={causal}"] = r["spilled"]
-        sig = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "sq_ptr": "*fp32", "sk_ptr": "*fp32",
-               "stats_ptr": "*fp32", "eo_ptr": "*i8", "bo_ptr": "*fp32", "delta_ptr": "*fp32", "ranges_ptr": "*i32",
-               **sizes, **strides("q", "k", "v", "e")}
-        r = sm90.compile_sm90(ta._attention_ranges_kernel, sig, dict(unit("q", "k", "v", "e"), CAUSAL=causal,
-                              DTYPE=tl.bfloat16, **fwd), num_warps=t.num_warps, num_stages=2)
-        result[f"ranges d={d} causal={causal}"] = r["spilled"]
-        sig = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "sq_ptr": "*fp32", "sk_ptr": "*fp32",
-               "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32", "eor_ptr": "*i8", "bor_ptr": "*fp32",
-               "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_c_ptr": "*i64", "seed_r_ptr": "*i64",
-               "dq_ptr": "*i32", "dk_ptr": "*bf16", "dv_ptr": "*bf16", "bsc_ptr": "*fp32", "bsr_ptr": "*fp32",
-               **sizes, **strides("q", "k", "v", "e", "r", "d")}
-        r = sm90.compile_sm90(ta._attention_bwd_kernel, sig, dict(unit("q", "k", "v", "e", "r", "d"), QMAX=7,
-                              GRAD_QMAX=7, GROUPS=4, STOCHASTIC=True, CAUSAL=causal, DTYPE=tl.bfloat16, **bwd),
-                              num_warps=t.bwd_num_warps, num_stages=2)
-        result[f"bwd d={d} causal={causal}"] = r["spilled"]
+        # the forward reads qV with the keys contiguous (the K-major operand of qP qV)
+        result[f"fwd d={d} causal={causal}"] = compiled(
+            ta._attention_fwd_kernel, {"sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32"},
+            (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "n"), ("o", "m", "d")),
+            dict(fwd, QMAX=7, CAUSAL=causal), t.num_warps, 2)
+        result[f"ranges d={d} causal={causal}"] = compiled(
+            ta._attention_ranges_kernel, {"stats_ptr": "*fp32", "eo_ptr": "*i8", "bo_ptr": "*fp32",
+                                          "delta_ptr": "*fp32", "ranges_ptr": "*i32"},
+            (*QKV, ("e", "m", "d")), dict(fwd, CAUSAL=causal), t.num_warps, 2)
+        result[f"dk dv d={d} causal={causal}"] = compiled(
+            ta._attention_bwd_kv_kernel, {"qt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32",
+                                          "eor_ptr": "*i8", "bor_ptr": "*fp32", "delta_ptr": "*fp32",
+                                          "ranges_ptr": "*fp32", "seed_ptr": "*i64", "dk_ptr": "*bf16",
+                                          "dv_ptr": "*bf16"},
+            (*QKV, ("qt", "m", "m"), ("e", "m", "d"), ("r", "m", "m"), ("d", "n", "d")),
+            dict(quant, QMAX=7, CAUSAL=causal, BLOCK_M=t.bwd_block_m, BLOCK_N=t.bwd_block_n, BLOCK_D=t.block_d),
+            t.bwd_num_warps, t.bwd_num_stages)
+        result[f"dq d={d} causal={causal}"] = compiled(
+            ta._attention_bwd_q_kernel, {"kt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32",
+                                         "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_ptr": "*i64",
+                                         "dq_ptr": "*bf16"},
+            (*QKV, ("kt", "n", "n"), ("e", "m", "d"), ("d", "m", "d")), dict(quant, CAUSAL=causal, **fwd),
+            t.bwd_num_warps, 2)
 print(json.dumps(result))
 """
 
 
 @pytest.mark.slow
-def test_gpu_tiles_compile_for_hopper_without_spills():
-    """What a real launch compiles, for sm_90: any spill is a defect (the 64x64 backward tile
-    spilled 300-550 bytes per thread, which is why the backward steps 32 queries at a time)."""
+def test_gpu_tiles_compile_for_hopper_to_warpgroup_mma_without_spills():
+    """What a real launch compiles, for sm_90: every ``tl.dot`` a warpgroup MMA (no
+    ``mma.sync``: 32-row tiles and operands that are not K-major fall back to it) and no
+    register spills, but for the head-dim-128 ``dK``/``dV`` kernel's 4 bytes (one register;
+    the alternative, 32-row tiles, runs its five GEMMs on ``mma.sync``)."""
     pytest.importorskip("triton.backends.nvidia")
     import sm90
-    spills = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
-    assert len(spills) == 12 and all(n <= 0 for n in spills.values()), spills
+    result = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
+    assert len(result) == 16, result
+    for name, (spilled, legacy_mma) in result.items():
+        assert legacy_mma == 0, (name, result)
+        assert spilled <= (4 if name.startswith("dk dv d=128") else 0), (name, result)
 
 
 @pytest.mark.gpu

@@ -20,14 +20,22 @@ the bf16 rate; memory does not):
   ``dS`` needs every channel's range before any element is quantized -- along keys for
   ``dQ = dS K`` (a column's range runs over *all* queries) and along queries for
   ``dK = dS^T Q``.  This pass recomputes ``P`` and ``dP = dO V^T`` to get each row's
-  ``delta = sum(P * dP)``, then ``dS = P * (dP - delta)`` tile by tile to get both sets of
+  ``delta = sum(P * dP)``, then ``dS = P dP - P delta`` tile by tile to get both sets of
   ranges (row maxima in registers, column maxima by integer atomic max on the float bits,
   exact in any order; the layout of :func:`~sqcompile.kernels.triton_quant.shiftquant_pair`).
-* :func:`_attention_bwd_kernel` (one program per block of keys): recomputes ``P``, ``qP``,
-  ``dP`` and ``dS`` per tile, ShiftQuants ``dS`` both ways with the global ranges (the
-  quantizers' own device functions, noise included), and accumulates ``dV = qP^T eO``,
-  ``dK = eS_rows^T qQ`` in registers and ``dQ = eS_cols qK`` by integer atomic adds (exact,
-  so the result does not depend on the order programs finish).
+* :func:`_attention_bwd_kv_kernel` (one program per block of keys): recomputes ``P``, ``qP``,
+  ``dP`` and ``dS`` per tile, ShiftQuants ``dS`` along the queries with the global ranges
+  (the quantizers' own device functions, noise included), and accumulates ``dV = qP^T eO``
+  and ``dK = eS_rows^T qQ`` in int32 registers.
+* :func:`_attention_bwd_q_kernel` (one program per block of queries): the same recomputation,
+  ``dS`` ShiftQuant-ed along the keys, ``dQ = eS_cols qK``.  A separate kernel rather than
+  atomic adds from the key blocks: with both quantized ``dS`` tiles live the key-block kernel
+  spilled registers on sm_90, and one more ``Q K^T`` / ``dO V^T`` recomputation costs less
+  than ``L / 64`` atomic read-modify-writes of every ``dQ`` element.
+
+Every ``tl.dot`` reads its second operand K-major (Hopper's 8-bit MMA wants that): ``qV``
+for ``qP qV``, ``qQ``, ``qK`` and ``dO``'s row quantization for the backward GEMMs that
+reduce over the sequence are stored with the sequence contiguous (small int8 relayouts).
 
 Numerics: the unfused path's, operation by operation (quantizers, dequantization order,
 rounding to the input dtype wherever it rounds, IEEE divisions), except for the order in
@@ -54,8 +62,9 @@ import triton.language as tl
 
 from .. import numerics as N
 from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _base_of, _combine_ranges, _multipliers, _quantize_values,
-                           _scale_of, _seed_arg, _shift_expand, _uniform_noise, cast_rtne, cdiv, draw_seed,
+                           _scale_of, _seed_arg, _shift_expand, _uniform_noise, cast_rtne, cdiv,
                            next_power_of_2, quantize, shiftquant_pair)
+from .triton_gemm import relayout
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -229,36 +238,41 @@ def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, stats_ptr, eo_
 
 
 @triton.jit
-def _attention_bwd_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, stats_ptr, eoc_ptr, boc_ptr, eor_ptr, bor_ptr,
-                          delta_ptr, ranges_ptr, seed_c_ptr, seed_r_ptr, dq_ptr, dk_ptr, dv_ptr, bsc_ptr, bsr_ptr,
-                          L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_eb, s_em, s_ed,
-                          s_rb, s_rm, s_rd, s_db, s_dn, s_dd, scale, QMAX: tl.constexpr, GRAD_QMAX: tl.constexpr,
-                          GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, CAUSAL: tl.constexpr, DTYPE: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One block of keys: ``dK``, ``dV`` (written in the dtype) and this block's share of
-    ``dQ``'s int32 accumulator (atomic adds; scaled by the caller).  Program (0, 0) writes
-    the two base scales of ``dS``'s ShiftQuants.  Grid: ``(cdiv(S, BLOCK_N), BH)``."""
+def _row_stats(stats_ptr, delta_ptr, row, mask_m, BH, L):
+    """A block of rows' ``(m, l, scale_P, delta)``."""
+    m = tl.load(stats_ptr + row, mask=mask_m, other=0.0)
+    l = tl.load(stats_ptr + BH * L + row, mask=mask_m, other=1.0)
+    sp = tl.load(stats_ptr + 2 * BH * L + row, mask=mask_m, other=0.0)
+    delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
+    return m, l, sp, delta
+
+
+@triton.jit
+def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, qt_ptr, sq_ptr, sk_ptr, stats_ptr, eoc_ptr, boc_ptr, eor_ptr,
+                             bor_ptr, delta_ptr, ranges_ptr, seed_ptr, dk_ptr, dv_ptr, L, S, D, BH, s_qb, s_qm,
+                             s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb,
+                             s_rm, s_rd, s_db, s_dn, s_dd, scale, QMAX: tl.constexpr, GRAD_QMAX: tl.constexpr,
+                             GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, CAUSAL: tl.constexpr,
+                             DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+    """One block of keys: ``dV = qP^T eO_rows`` and ``dK = eS_rows^T qQ`` over all queries,
+    written in the dtype.  Grid: ``(cdiv(S, BLOCK_N), BH)``.
+
+    ``qt`` is ``qQ`` again, stored with the queries contiguous, and ``eor`` is stored that way
+    too: both GEMMs reduce over the queries, and Hopper's 8-bit MMA reads its second operand
+    K-major (``qQ`` as stored serves the scores, which reduce over ``D``)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < S
-    mask_d = offs_d < D
-    col = b * S + offs_n
     kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
     vv = _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D)
-    sk = tl.load(sk_ptr + col, mask=mask_n, other=0.0)
+    sk = tl.load(sk_ptr + b * S + offs_n, mask=mask_n, other=0.0)
     base_oc = tl.load(boc_ptr)
-    rc_ptr = ranges_ptr
     rr_ptr = ranges_ptr + BH * S + 1
-    Rc = tl.load(rc_ptr + BH * S)
     Rr = tl.load(rr_ptr + BH * L)
-    base_c = _base_of(Rc, GROUPS, GRAD_QMAX)
     base_r = _base_of(Rr, GROUPS, GRAD_QMAX)
-    if (pid_n == 0) & (b == 0):
-        tl.store(bsc_ptr, tl.where(tl.abs(base_c) <= 3.4028234663852886e38, base_c, float("nan")))
-        tl.store(bsr_ptr, tl.where(tl.abs(base_r) <= 3.4028234663852886e38, base_r, float("nan")))
-    r_cols = tl.load(rc_ptr + col, mask=mask_n, other=0.0)
     acc_dk = tl.zeros((BLOCK_N, BLOCK_D), tl.int32)
     acc_dv = tl.zeros((BLOCK_N, BLOCK_D), tl.int32)
     m_start = 0
@@ -270,10 +284,7 @@ def _attention_bwd_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, stats_ptr, eoc_pt
         row = b * L + offs_m
         qq = _load_rows(q_ptr, b, offs_m, offs_d, s_qb, s_qm, s_qd, L, D)
         sq = tl.load(sq_ptr + row, mask=mask_m, other=0.0)
-        m = tl.load(stats_ptr + row, mask=mask_m, other=0.0)
-        l = tl.load(stats_ptr + BH * L + row, mask=mask_m, other=1.0)
-        sp = tl.load(stats_ptr + 2 * BH * L + row, mask=mask_m, other=0.0)
-        delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
+        m, l, sp, delta = _row_stats(stats_ptr, delta_ptr, row, mask_m, BH, L)
         p = _probabilities(_scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE), m, l, DTYPE)
         p = tl.where(mask_m[:, None], p, 0.0)
         eo_r = _load_rows(eor_ptr, b, offs_m, offs_d, s_rb, s_rm, s_rd, L, D)
@@ -281,24 +292,68 @@ def _attention_bwd_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, stats_ptr, eoc_pt
         eo_c = _load_rows(eoc_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
         g = _score_grad(p, _rounded(_prob_grad(eo_c, vv, base_oc), DTYPE), delta, scale, DTYPE)
         if STOCHASTIC:
-            noise_c = tl.trans(_uniform_noise(tl.load(seed_c_ptr), col, m0, L, BLOCK_N, BLOCK_M))
-            noise_r = _uniform_noise(tl.load(seed_r_ptr), row, pid_n * BLOCK_N, S, BLOCK_M, BLOCK_N)
+            noise = _uniform_noise(tl.load(seed_ptr), row, pid_n * BLOCK_N, S, BLOCK_M, BLOCK_N)
         else:
-            noise_c = 0.0
-            noise_r = 0.0
-        e_c = _shift_expand(g * sk[None, :], r_cols[None, :], Rc, base_c, noise_c, GRAD_QMAX, GROUPS, STOCHASTIC)
+            noise = 0.0
         r_rows = tl.load(rr_ptr + row, mask=mask_m, other=0.0)
-        e_r = _shift_expand(g * sq[:, None], r_rows[:, None], Rr, base_r, noise_r, GRAD_QMAX, GROUPS, STOCHASTIC)
-        e_c = tl.where(mask_m[:, None] & mask_n[None, :], e_c, 0).to(tl.int8)
+        e_r = _shift_expand(g * sq[:, None], r_rows[:, None], Rr, base_r, noise, GRAD_QMAX, GROUPS, STOCHASTIC)
         e_r = tl.where(mask_m[:, None] & mask_n[None, :], e_r, 0).to(tl.int8)
-        acc_dk += tl.dot(tl.trans(e_r), qq)
-        dq = tl.dot(e_c, kk)
-        tl.atomic_add(dq_ptr + b * L * D + offs_m[:, None] * D + offs_d[None, :], dq,
-                      mask=mask_m[:, None] & mask_d[None, :], sem="relaxed")
-    out_mask = mask_n[:, None] & mask_d[None, :]
+        acc_dk += tl.dot(tl.trans(e_r), _load_rows(qt_ptr, b, offs_m, offs_d, s_qtb, s_qtm, s_qtd, L, D))
+    out_mask = mask_n[:, None] & (offs_d < D)[None, :]
     out = b * s_db + offs_n[:, None] * s_dn + offs_d[None, :] * s_dd
     tl.store(dk_ptr + out, cast_rtne(acc_dk.to(tl.float32) * base_r, DTYPE), mask=out_mask)
     tl.store(dv_ptr + out, cast_rtne(acc_dv.to(tl.float32) * tl.load(bor_ptr), DTYPE), mask=out_mask)
+
+
+@triton.jit
+def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, kt_ptr, sq_ptr, sk_ptr, stats_ptr, eoc_ptr, boc_ptr, delta_ptr,
+                            ranges_ptr, seed_ptr, dq_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb,
+                            s_vn, s_vd, s_ktb, s_ktn, s_ktd, s_eb, s_em, s_ed, s_db, s_dm, s_dd, scale,
+                            GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
+                            CAUSAL: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One block of queries: ``dQ = eS_cols qK`` over all keys, written in the dtype (a
+    separate kernel from :func:`_attention_bwd_kv_kernel`, which would otherwise add its
+    share of every ``dQ`` row by atomics and spill registers with both quantized ``dS`` tiles
+    live).  ``kt`` is ``qK`` stored with the keys contiguous (K-major for ``eS qK``).
+    Grid: ``(cdiv(L, BLOCK_M), BH)``."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < L
+    row = b * L + offs_m
+    qq = _load_rows(q_ptr, b, offs_m, offs_d, s_qb, s_qm, s_qd, L, D)
+    eo_c = _load_rows(eoc_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
+    sq = tl.load(sq_ptr + row, mask=mask_m, other=0.0)
+    m, l, sp, delta = _row_stats(stats_ptr, delta_ptr, row, mask_m, BH, L)
+    base_oc = tl.load(boc_ptr)
+    Rc = tl.load(ranges_ptr + BH * S)
+    base_c = _base_of(Rc, GROUPS, GRAD_QMAX)
+    n_end = S
+    if CAUSAL:
+        n_end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
+    for n0 in range(0, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < S
+        col = b * S + offs_n
+        kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
+        sk = tl.load(sk_ptr + col, mask=mask_n, other=0.0)
+        p = _probabilities(_scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE), m, l, DTYPE)
+        p = tl.where(mask_m[:, None], p, 0.0)
+        dp = _prob_grad(eo_c, _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D), base_oc)
+        g = _score_grad(p, _rounded(dp, DTYPE), delta, scale, DTYPE)
+        if STOCHASTIC:
+            noise = tl.trans(_uniform_noise(tl.load(seed_ptr), col, pid_m * BLOCK_M, L, BLOCK_N, BLOCK_M))
+        else:
+            noise = 0.0
+        r_cols = tl.load(ranges_ptr + col, mask=mask_n, other=0.0)
+        e_c = _shift_expand(g * sk[None, :], r_cols[None, :], Rc, base_c, noise, GRAD_QMAX, GROUPS, STOCHASTIC)
+        e_c = tl.where(mask_m[:, None] & mask_n[None, :], e_c, 0).to(tl.int8)
+        acc += tl.dot(e_c, _load_rows(kt_ptr, b, offs_n, offs_d, s_ktb, s_ktn, s_ktd, S, D))
+    out = b * s_db + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd
+    tl.store(dq_ptr + out, cast_rtne(acc.to(tl.float32) * base_c, DTYPE), mask=mask_m[:, None] & (offs_d < D)[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,26 +361,40 @@ def _attention_bwd_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, stats_ptr, eoc_pt
 # --------------------------------------------------------------------------------------------
 
 class _Tiles(NamedTuple):
-    block_m: int          # queries per program (forward, ranges pass)
-    block_n: int          # keys per loop step (forward, ranges pass)
-    bwd_block_m: int      # queries per loop step (backward)
-    bwd_block_n: int      # keys per program (backward)
+    block_m: int          # queries per program (forward, ranges pass, dQ)
+    block_n: int          # keys per loop step (forward, ranges pass, dQ)
+    bwd_block_m: int      # queries per loop step (dK, dV)
+    bwd_block_n: int      # keys per program (dK, dV)
     block_d: int          # the head dim rounded up to a power of two
-    num_warps: int
-    bwd_num_warps: int
+    num_warps: int        # forward, ranges pass
+    bwd_num_warps: int    # dK and dV, dQ
+    bwd_num_stages: int   # dK and dV
 
 
 @functools.lru_cache(maxsize=None)
 def _tiles(D: int, device_type: str) -> _Tiles:
-    """16x16 tiles in the interpreter (fast tests, masked edges exercised).  On a GPU the
-    tiles ``ptxas`` compiles for sm_90 without spilling (``tests/test_triton_attention.py``
-    checks it): 64x64 for the forward and the ranges pass, 32 queries x 64 keys with 8 warps
-    for the backward (64x64 spills 300-550 bytes per thread there, at 4 or 8 warps).  An int8
-    ``tl.dot`` needs a reduction of at least 32 on the GPU, hence ``BLOCK_D >= 32`` there."""
+    """16x16 tiles in the interpreter (fast tests, masked edges exercised).  On a GPU, 64x64
+    tiles, chosen from what ``ptxas`` makes of them for sm_90 (``tests/test_triton_attention.py``
+    checks it): every ``tl.dot`` becomes Hopper's warpgroup MMA (``wgmma``; a 32-row tile falls
+    back to ``mma.sync``), and no kernel spills registers, except the head-dim-128 ``dK``/``dV``
+    kernel's 4 bytes (with one pipeline stage; two stages spill 16).  Two pipeline stages
+    elsewhere.  An int8 ``tl.dot`` needs
+    a reduction of at least 32 on the GPU, hence ``BLOCK_D >= 32`` there."""
     if INTERPRETED or device_type != "cuda":
-        return _Tiles(16, 16, 16, 16, max(16, next_power_of_2(D)), 1, 1)
+        return _Tiles(16, 16, 16, 16, max(16, next_power_of_2(D)), 1, 1, 1)
     block_d = max(32, next_power_of_2(D))
-    return _Tiles(64, 64, 32, 64, block_d, 4 if block_d <= 64 else 8, 8)
+    return _Tiles(64, 64, 64, 64, block_d, 4 if block_d <= 64 else 8, 8, 2 if block_d <= 64 else 1)
+
+
+def _sequence_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[BH, R, D]`` copied so that its ``R`` dim is contiguous (a tiled relayout; a few
+    MB at transformer sizes), for the GEMMs that reduce over the sequence: Hopper's 8-bit
+    MMA reads its second operand K-major, and Triton transposes any other layout through
+    registers at a fraction of the speed (``triton_gemm._k_major``)."""
+    if x.stride(1) == 1:
+        return x
+    return relayout(x, torch.empty((x.shape[0], x.shape[2], x.shape[1]), dtype=x.dtype,
+                                   device=x.device).transpose(1, 2))
 
 
 def _rows(x: torch.Tensor):
@@ -343,13 +412,14 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     qq, sq = quantize(query, bits, [0, 1], False)
     qk, sk = quantize(key, bits, [0, 1], False)
     qv, sv = quantize(value, bits, [0, 2], False)
+    qv_t = _sequence_contiguous(qv)          # the second operand of qP qV, K-major
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     stats = torch.empty((3, BH, L), dtype=torch.float32, device=query.device)
     t = tiles or _tiles(D, query.device.type)
     _attention_fwd_kernel[(cdiv(L, t.block_m), BH)](
-        qq, qk, qv, sq, sk, sv, out, stats, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv), *_rows(out), scale,
+        qq, qk, qv_t, sq, sk, sv, out, stats, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv_t), *_rows(out), scale,
         QMAX=N.qmax(bits), CAUSAL=causal, DTYPE=_TL_DTYPES[query.dtype], BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_D=t.block_d, num_warps=t.num_warps)
+        BLOCK_D=t.block_d, num_warps=t.num_warps, num_stages=2)
     return out, qq, sq, qk, sk, qv, sv, stats
 
 
@@ -367,7 +437,7 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, sc
     dev = grad_out.device
     sp = stats[2].reshape(BH, L, 1)
     eo_c, bo_c, eo_r, bo_r = shiftquant_pair(grad_out.contiguous(), grad_bits, groups, stochastic,
-                                             seeds=seeds[:2], prescales=(sv, sp))
+                                             seeds=seeds[:2], prescales=(sv, sp), rows_transposed=True)
     placeholder = bo_c
     seed_c = _seed_arg(seeds[2], stochastic, dev, placeholder)
     seed_r = _seed_arg(seeds[3], stochastic, dev, placeholder)
@@ -378,16 +448,22 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, sc
     _attention_ranges_kernel[(cdiv(L, t.block_m), BH)](
         qq, qk, qv, sq, sk, stats, eo_c, bo_c, delta, ranges, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv),
         *_rows(eo_c), scale, CAUSAL=causal, DTYPE=tl_dtype, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_D=t.block_d, num_warps=t.num_warps)
+        BLOCK_D=t.block_d, num_warps=t.num_warps, num_stages=2)
     ranges = ranges.view(torch.float32)
-    dq_acc = torch.zeros((BH, L, D), dtype=torch.int32, device=dev)
+    dq = torch.empty((BH, L, D), dtype=dtype, device=dev)
     dk = torch.empty((BH, S, D), dtype=dtype, device=dev)
     dv = torch.empty_like(dk)
-    base_c, base_r = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(2))
-    _attention_bwd_kernel[(cdiv(S, t.bwd_block_n), BH)](
-        qq, qk, qv, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, seed_c, seed_r, dq_acc, dk, dv, base_c,
-        base_r, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv), *_rows(eo_c), *_rows(eo_r), *_rows(dk), scale,
-        QMAX=N.qmax(bits), GRAD_QMAX=N.qmax(grad_bits), GROUPS=groups, STOCHASTIC=stochastic, CAUSAL=causal,
-        DTYPE=tl_dtype, BLOCK_M=t.bwd_block_m, BLOCK_N=t.bwd_block_n, BLOCK_D=t.block_d, num_warps=t.bwd_num_warps)
-    dq = (dq_acc.float() * base_c).to(dtype)
+    qq_t, qk_t = _sequence_contiguous(qq), _sequence_contiguous(qk)
+    qmax, grad_qmax = N.qmax(bits), N.qmax(grad_bits)
+    _attention_bwd_kv_kernel[(cdiv(S, t.bwd_block_n), BH)](
+        qq, qk, qv, qq_t, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, seed_r, dk, dv, L, S, D, BH,
+        *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qq_t), *_rows(eo_c), *_rows(eo_r), *_rows(dk), scale,
+        QMAX=qmax, GRAD_QMAX=grad_qmax, GROUPS=groups, STOCHASTIC=stochastic, CAUSAL=causal, DTYPE=tl_dtype,
+        BLOCK_M=t.bwd_block_m, BLOCK_N=t.bwd_block_n, BLOCK_D=t.block_d, num_warps=t.bwd_num_warps,
+        num_stages=t.bwd_num_stages)
+    _attention_bwd_q_kernel[(cdiv(L, t.block_m), BH)](
+        qq, qk, qv, qk_t, sq, sk, stats, eo_c, bo_c, delta, ranges, seed_c, dq, L, S, D, BH, *_rows(qq), *_rows(qk),
+        *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_rows(dq), scale, GRAD_QMAX=grad_qmax, GROUPS=groups,
+        STOCHASTIC=stochastic, CAUSAL=causal, DTYPE=tl_dtype, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        BLOCK_D=t.block_d, num_warps=t.bwd_num_warps, num_stages=2)
     return dq, dk, dv
