@@ -37,8 +37,8 @@ class _NoLaunch:
 
 
 def _stub_kernels() -> None:
-    from sqcompile.kernels import triton_fused, triton_norm, triton_ops, triton_quant
-    for module in (triton_quant, triton_norm):
+    from sqcompile.kernels import triton_attention, triton_fused, triton_gemm, triton_norm, triton_ops, triton_quant
+    for module in (triton_quant, triton_norm, triton_attention, triton_gemm):
         for name in dir(module):
             if name.startswith("_") and name.endswith("_kernel"):
                 setattr(module, name, _NoLaunch())
@@ -73,6 +73,8 @@ def cases(device: str) -> dict:
     _, q, scale, mean, inv = ops.triton_l1_norm(x, w, b, 8, True, 1.25, 1e-5)
     dy = torch.randn_like(x)
     small = torch.ones(8, device=device)
+    qa, ka, va = (torch.randn(16, 128, 64, device=device) for _ in range(3))
+    att = ops.triton_attention(qa, ka, va, 0.125, True, 4)
     return {
         "torch.add (reference)": lambda: small.add(1),
         "triton_quantize (per-row)": lambda: ops.triton_quantize(x, 4, [0], False),
@@ -84,6 +86,8 @@ def cases(device: str) -> dict:
         "triton_l1_norm_quantized": lambda: ops.triton_l1_norm_quantized(x, w, b, 8, True, 1.25, 1e-5, 4),
         "triton_l1_norm_backward": lambda: ops.triton_l1_norm_backward(dy, q, scale, mean, inv, w, 8, True, 1.25,
                                                                        True, True),
+        "triton_attention (fused, causal)": lambda: ops.triton_attention(qa, ka, va, 0.125, True, 4),
+        "triton_attention_backward": lambda: ops.triton_attention_backward(att[0], *att[1:], 0.125, True, 4, 4, 4),
     }
 
 

@@ -27,8 +27,9 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 def compile_sm90(fn, signature: dict, constexprs: dict, *, num_warps: int, num_stages: int = 3,
             fp_fusion: bool = True) -> dict:
-    """``{"cubin": bytes, "ptx": str, "registers": int, "spilled": int}`` (registers / spilled
-    bytes -1 when Triton ships no ``ptxas-blackwell``).  ``signature``: argument -> Triton type
+    """``{"cubin": bytes, "ptx": str, "registers": int, "spilled": int, "shared": int}``
+    (registers / spilled bytes -1 when Triton ships no ``ptxas-blackwell``; shared memory per
+    program in bytes).  ``signature``: argument -> Triton type
     for the runtime arguments; ``constexprs``: argument -> value (unit strides included)."""
     while not isinstance(fn, JITFunction):         # under an autotuner
         fn = fn.fn
@@ -40,7 +41,8 @@ def compile_sm90(fn, signature: dict, constexprs: dict, *, num_warps: int, num_s
     out = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                          target=GPUTarget("cuda", 90, 32),
                          options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": fp_fusion})
-    result = {"cubin": out.asm["cubin"], "ptx": out.asm["ptx"], "registers": -1, "spilled": -1}
+    result = {"cubin": out.asm["cubin"], "ptx": out.asm["ptx"], "registers": -1, "spilled": -1,
+              "shared": out.metadata.shared}
     if os.path.exists(PTXAS):
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(out.asm["ptx"])

@@ -65,12 +65,13 @@ def reference(q, k, v, do, scale, causal, bits, grad_bits, groups):
 
 
 def _assert_matches(actual, expected, name):
-    """Equal up to float rounding: every element within 1e-5 relative, but for the rare one a
-    rounding boundary moved by one quantization step (at most 1% of them, each within 5% of
-    the tensor's largest value)."""
+    """Equal up to float rounding: every element within a few units of the dtype's last place
+    (1e-5 relative in float32), but for the rare one a rounding boundary moved by one
+    quantization step (at most 1% of them, each within 5% of the tensor's largest value)."""
+    rtol = 1e-5 if actual.dtype == torch.float32 else 2 * torch.finfo(actual.dtype).eps
     actual, expected = actual.float().cpu(), expected.float().cpu()
     err = (actual - expected).abs()
-    close = err <= 1e-5 * expected.abs() + 1e-6 * expected.abs().max()
+    close = err <= rtol * expected.abs() + 1e-6 * expected.abs().max()
     assert close.float().mean() >= 0.99, (name, float(close.float().mean()))
     assert float(err.max()) <= 0.05 * float(expected.abs().max()), (name, float(err.max()))
 
@@ -100,8 +101,9 @@ def test_kernels_match_the_numerics_reference(BH, L, S, D, causal, bits, tiles):
     s = (N.dequantize(*N.quantize(q, bits, [0, 1])) @ N.dequantize(*N.quantize(k, bits, [0, 1])).mT) * scale
     if causal:
         s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
-    torch.testing.assert_close(stats[0].cpu(), s.amax(-1), rtol=1e-6, atol=1e-6)                # row max
-    torch.testing.assert_close(stats[1].cpu(), torch.exp(s - s.amax(-1, keepdim=True)).sum(-1))  # exp sum
+    torch.testing.assert_close(stats[0].cpu(), s.amax(-1), rtol=1e-6, atol=1e-6)                  # row max
+    torch.testing.assert_close(stats[1].cpu(), torch.exp(s - s.amax(-1, keepdim=True)).sum(-1),   # exp sum
+                               rtol=1e-5, atol=0)
 
 
 def _sdpa(q, k, v, fused, seed, **kw):
@@ -268,7 +270,7 @@ def compiled(kernel, pointers, specs, constexprs, num_warps, num_stages):
            "L": "i32", "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32", **st}
     r = sm90.compile_sm90(kernel, sig, {**unit, **constexprs, "DTYPE": tl.bfloat16}, num_warps=num_warps,
                           num_stages=num_stages)
-    return r["spilled"], r["ptx"].count("mma.sync")
+    return r["spilled"], r["ptx"].count("mma.sync"), r["shared"]
 
 QKV = (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "d"))
 result = {}
@@ -309,13 +311,14 @@ def test_gpu_tiles_compile_for_hopper_to_warpgroup_mma_without_spills():
     """What a real launch compiles, for sm_90: every ``tl.dot`` a warpgroup MMA (no
     ``mma.sync``: 32-row tiles and operands that are not K-major fall back to it) and no
     register spills, but for the head-dim-128 ``dK``/``dV`` kernel's 4 bytes (one register;
-    the alternative, 32-row tiles, runs its five GEMMs on ``mma.sync``)."""
+    the alternative, 32-row tiles, runs its five GEMMs on ``mma.sync``); shared memory well
+    within a Hopper SM's, so two programs can share one."""
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     result = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
     assert len(result) == 16, result
-    for name, (spilled, legacy_mma) in result.items():
-        assert legacy_mma == 0, (name, result)
+    for name, (spilled, legacy_mma, shared) in result.items():
+        assert legacy_mma == 0 and shared <= 96 * 1024, (name, result)     # H100/H200: 227 KiB per block
         assert spilled <= (4 if name.startswith("dk dv d=128") else 0), (name, result)
 
 
