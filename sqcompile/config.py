@@ -133,7 +133,7 @@ class Config(OpConfig):
                               no ``[L, S]`` tensor in memory; numerics equal to the unfused
                               ops up to float rounding): None fuses on CUDA, True also under
                               the Triton interpreter, False never.  Needs Triton kernels;
-                              masks other than is_causal, dropout, head dims > 256 and
+                              dropout, learned (grad-requiring) masks, head dims > 256 and
                               collect_stats keep the unfused ops (the report says why)
     overrides       {}        {module-path pattern: partial options or None (= float)}; a
                               key "pattern:op" applies to ops of that name only (see the

@@ -721,7 +721,10 @@ def fused_attention_unsupported(query, key, value, attn_mask=None, dropout_p: fl
     this ``scaled_dot_product_attention`` (``None``: they can).  Takes tensors or anything
     with ``shape`` and ``dtype`` (the rewrite passes check example values)."""
     if attn_mask is not None:
-        return "an explicit attn_mask (only is_causal is fused)"
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            return f"an attn_mask of dtype {attn_mask.dtype} (bool masks and masks of the query's dtype fuse)"
+        if getattr(attn_mask, "requires_grad", False):
+            return "an attn_mask that requires grad (the fused kernels give it none)"
     if dropout_p:
         return "dropout"
     if query.dtype not in _FUSED_ATTENTION_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
@@ -742,22 +745,26 @@ class _FusedAttention(torch.autograd.Function):
     ``sqcompile::triton_attention`` / ``triton_attention_backward``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, act_bits, grad_bits, groups):
-        out, *saved = torch.ops.sqcompile.triton_attention(q, k, v, scale, causal, act_bits)
-        ctx.save_for_backward(*saved)
+    def forward(ctx, q, k, v, mask, scale, causal, act_bits, grad_bits, groups):
+        out, *saved = torch.ops.sqcompile.triton_attention(q, k, v, mask, scale, causal, act_bits)
+        ctx.save_for_backward(*saved, mask)
         ctx.cfg = (scale, causal, act_bits, grad_bits, groups)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         dq, dk, dv = torch.ops.sqcompile.triton_attention_backward(grad_out, *ctx.saved_tensors, *ctx.cfg)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def _fused_sdpa(query, key, value, scale, is_causal, act_bits, grad_bits, groups):
+def _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, grad_bits, groups):
     batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     q3, k3, v3 = (t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:]) for t in (query, key, value))
-    out = _FusedAttention.apply(q3, k3, v3, float(scale), bool(is_causal), act_bits, grad_bits, groups)
+    mask = None
+    if attn_mask is not None:   # [O, H, L, S] over the flattened batch, broadcast dims kept as strides 0
+        mask = attn_mask.expand(*batch, query.shape[-2], key.shape[-2])
+        mask = mask.reshape(-1, batch[-1], *mask.shape[-2:]) if batch else mask[None, None]
+    out = _FusedAttention.apply(q3, k3, v3, mask, float(scale), bool(is_causal), act_bits, grad_bits, groups)
     return out.reshape(*batch, *out.shape[-2:])
 
 
@@ -779,7 +786,7 @@ def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         value = value.repeat_interleave(rep, dim=-3)
     if fused and integer and kernels == "triton" and stats is None and fused_attention_unsupported(
             query, key, value, attn_mask, dropout_p, grad_bits=grad_bits, groups=groups) is None:
-        return _fused_sdpa(query, key, value, scale, is_causal, act_bits, grad_bits, groups)
+        return _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, grad_bits, groups)
     q = dict(a_bits=act_bits, b_bits=act_bits, grad_bits=grad_bits, groups=groups, integer=integer,
              kernels=kernels)
     qk_stats, pv_stats = (None, None) if stats is None else \

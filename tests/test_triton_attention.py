@@ -41,14 +41,17 @@ def _ta():
     return triton_attention
 
 
-def reference(q, k, v, do, scale, causal, bits, grad_bits, groups):
-    """Quantized attention forward and backward (nearest rounding) from numerics, in float32."""
+def reference(q, k, v, do, scale, causal, bits, grad_bits, groups, mask=None):
+    """Quantized attention forward and backward (nearest rounding) from numerics, in float32;
+    ``mask`` boolean (False: masked) or float (added), broadcastable to the scores."""
     qq, sq = N.quantize(q, bits, [0, 1])
     qk, sk = N.quantize(k, bits, [0, 1])
     qv, sv = N.quantize(v, bits, [0, 2])
     s = (qq.float() @ qk.float().mT) * sq * sk.mT * scale
     if causal:
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
     p = torch.softmax(s, dim=-1)
     qp, sp = N.quantize(p, bits, [0, 1])
     o = (qp.float() @ qv.float()) * sp * sv
@@ -80,28 +83,45 @@ def _tiles(fwd_m, fwd_n, bwd_m, bwd_n, d):
     return _ta()._Tiles(fwd_m, fwd_n, bwd_m, bwd_n, d, 1, 1, 1)
 
 
-@pytest.mark.parametrize("BH,L,S,D,causal,bits,tiles", [
-    (3, 37, 45, 24, False, 8, None),
-    (2, 40, 40, 16, True, 8, None),
-    (2, 33, 50, 40, False, 4, None),
-    (2, 45, 45, 16, True, 4, (16, 32, 32, 16, 16)),       # forward and backward tiles differ
-    (1, 50, 30, 8, True, 6, (32, 16, 16, 32, 16)),        # L > S, causal, head dim padded to 16
+def _mask(kind, BH, L, S, g):
+    """A mask for the kernels, ``[O, H, L, S]`` with broadcast dims as strides 0: a padding
+    mask per (batch, head) row of keys (boolean; key 0 always kept, so no row is fully
+    masked), or one additive float bias shared by all."""
+    if kind == "bool":
+        keep = torch.rand(BH, 1, 1, S, generator=g) > 0.3
+        keep[..., 0] = True
+        return keep.expand(BH, 1, L, S)
+    return torch.randn(1, 1, L, S, generator=g).expand(BH, 1, L, S)
+
+
+@pytest.mark.parametrize("BH,L,S,D,causal,bits,tiles,mask", [
+    (3, 37, 45, 24, False, 8, None, None),
+    (2, 40, 40, 16, True, 8, None, None),
+    (2, 33, 50, 40, False, 4, None, "bool"),
+    (2, 45, 45, 16, True, 4, (16, 32, 32, 16, 16), None),       # forward and backward tiles differ
+    (1, 50, 30, 8, True, 6, (32, 16, 16, 32, 16), "float"),     # L > S, causal, head dim padded to 16
 ])
-def test_kernels_match_the_numerics_reference(BH, L, S, D, causal, bits, tiles):
+def test_kernels_match_the_numerics_reference(BH, L, S, D, causal, bits, tiles, mask):
     g = torch.Generator().manual_seed(BH * 100 + L)
     q, k, v, do = (torch.randn(BH, n, D, generator=g) for n in (L, S, S, L))
+    m4 = None if mask is None else _mask(mask, BH, L, S, g)
     scale = D ** -0.5
     t = None if tiles is None or DEVICE == "cuda" else _tiles(*tiles)     # a GPU's int8 dot needs K >= 32
     ta = _ta()
-    out, *saved = ta.attention_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), scale, causal, bits, tiles=t)
-    grads = ta.attention_backward(do.to(DEVICE), *saved, scale, causal, bits, 4, 4, stochastic=False, tiles=t)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), reference(q, k, v, do, scale, causal, bits, 4, 4)):
+    dev = None if m4 is None else m4.to(DEVICE)
+    out, *saved = ta.attention_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), dev, scale, causal, bits, tiles=t)
+    grads = ta.attention_backward(do.to(DEVICE), *saved, dev, scale, causal, bits, 4, 4, stochastic=False, tiles=t)
+    ref = reference(q, k, v, do, scale, causal, bits, 4, 4, None if m4 is None else m4.reshape(BH, L, S))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), ref):
         _assert_matches(a, b, name)
     stats = saved[-1]
     s = (N.dequantize(*N.quantize(q, bits, [0, 1])) @ N.dequantize(*N.quantize(k, bits, [0, 1])).mT) * scale
     if causal:
         s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
-    torch.testing.assert_close(stats[0].cpu(), s.amax(-1), rtol=1e-6, atol=1e-6)                  # row max
+    if m4 is not None:
+        m3 = m4.reshape(BH, L, S)
+        s = s.masked_fill(~m3, float("-inf")) if m3.dtype == torch.bool else s + m3
+    torch.testing.assert_close(stats[0].cpu(), s.amax(-1), rtol=1e-5, atol=1e-5)                  # row max
     torch.testing.assert_close(stats[1].cpu(), torch.exp(s - s.amax(-1, keepdim=True)).sum(-1),   # exp sum
                                rtol=1e-5, atol=0)
 
@@ -116,18 +136,28 @@ def _sdpa(q, k, v, fused, seed, **kw):
     return (out.detach(), *grads)
 
 
-@pytest.mark.parametrize("dtype,causal,gqa", [(torch.float32, True, True), (torch.bfloat16, False, False)])
-def test_fused_equals_unfused_quantized_sdpa_with_the_same_seeds(dtype, causal, gqa):
+@pytest.mark.parametrize("dtype,causal,gqa,mask", [(torch.float32, True, True, None),
+                                                   (torch.bfloat16, False, False, "padding"),
+                                                   (torch.bfloat16, False, False, "bias")])
+def test_fused_equals_unfused_quantized_sdpa_with_the_same_seeds(dtype, causal, gqa, mask):
     """Stochastic rounding in both: the fused backward draws the unfused quantizers' seeds in
-    their order and each element's noise, so the results agree up to float rounding."""
+    their order and each element's noise, so the results agree up to float rounding.  Masks
+    as models pass them: a boolean padding mask ``[B, 1, 1, S]``, an additive bias ``[L, S]``."""
     g = torch.Generator().manual_seed(7)
-    B, H, L, D = 1, 4, 21, 16
+    B, H, L, D = 2, 2, 21, 16
     qkv = torch.randn(B, L, 3, H, D, generator=g).to(DEVICE, dtype)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))     # strided views, as after a qkv split
     if gqa:
-        k, v = k[:, :2], v[:, :2]
-    fused = _sdpa(q, k, v, True, 3, is_causal=causal, enable_gqa=gqa)
-    unfused = _sdpa(q, k, v, False, 3, is_causal=causal, enable_gqa=gqa)
+        k, v = k[:, :1], v[:, :1]
+    kw = dict(is_causal=causal, enable_gqa=gqa)
+    if mask == "padding":
+        keep = torch.ones(B, 1, 1, L, dtype=torch.bool)
+        keep[0, ..., 15:] = False
+        kw["attn_mask"] = keep.to(DEVICE)
+    elif mask == "bias":
+        kw["attn_mask"] = torch.randn(L, L, generator=g).to(DEVICE, dtype)
+    fused = _sdpa(q, k, v, True, 3, **kw)
+    unfused = _sdpa(q, k, v, False, 3, **kw)
     for name, a, b in zip(("out", "dq", "dk", "dv"), fused, unfused):
         assert a.shape == b.shape and a.dtype == b.dtype
         _assert_matches(a, b, name)
@@ -145,29 +175,40 @@ def test_stochastic_rounding_is_reproducible_and_seeded():
 
 def test_unfused_when_the_kernels_cannot_run_it():
     q, k, v = (torch.randn(1, 2, 20, 16, device=DEVICE) for _ in range(3))
-    mask = torch.rand(20, 20, device=DEVICE) > 0.3
+    bias = torch.randn(20, 20, device=DEVICE, requires_grad=True)
     kw = dict(grad_bits=4, groups=4)
     assert ops.fused_attention_unsupported(q, k, v, **kw) is None
-    assert "attn_mask" in ops.fused_attention_unsupported(q, k, v, mask, **kw)
+    assert ops.fused_attention_unsupported(q, k, v, bias.detach() > 0, **kw) is None
+    assert ops.fused_attention_unsupported(q, k, v, bias.detach(), **kw) is None
+    assert "requires grad" in ops.fused_attention_unsupported(q, k, v, bias, **kw)
+    assert "float64" in ops.fused_attention_unsupported(q, k, v, bias.detach().double(), **kw)
     assert "dropout" in ops.fused_attention_unsupported(q, k, v, None, 0.1, **kw)
     assert "int16" in ops.fused_attention_unsupported(q, k, v, grad_bits=8, groups=4)
     assert "head dim" in ops.fused_attention_unsupported(q, k, v[..., :8], **kw)
     assert "dtypes" in ops.fused_attention_unsupported(q, k.half(), v, **kw)
-    # quantized_sdpa asked to fuse such an attention runs the unfused ops, with the same result
-    fused, unfused = (_sdpa(q, k, v, f, 1, attn_mask=mask) for f in (True, False))
-    for a, b in zip(fused, unfused):
-        assert torch.equal(a, b)
+    # quantized_sdpa asked to fuse such an attention runs the unfused ops, with the same result,
+    # and the learned bias gets its gradient
+    results = []
+    for fused in (True, False):
+        bias.grad = None
+        torch.manual_seed(1)
+        out = ops.quantized_sdpa(q, k, v, bias, act_bits=4, grad_bits=4, groups=4, integer=True, kernels="triton",
+                                 fused=fused)
+        out.sum().backward()
+        results.append((out.detach(), bias.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_custom_ops_pass_opcheck():
     q, k, v = (torch.randn(3, n, 16, device=DEVICE) for n in (20, 24, 24))
-    out, *saved = torch.ops.sqcompile.triton_attention(q, k, v, 0.25, True, 4)
+    mask = (torch.rand(1, 1, 20, 24, device=DEVICE) > 0.3).expand(3, 1, 20, 24)
+    out, *saved = torch.ops.sqcompile.triton_attention(q, k, v, None, 0.25, True, 4)
     do = torch.randn_like(out)
     for op, args in [
-        (torch.ops.sqcompile.triton_attention.default, (q, k, v, 0.25, True, 4)),
-        (torch.ops.sqcompile.triton_attention.default, (q.transpose(0, 1).contiguous().transpose(0, 1), k, v, 0.5,
-                                                        False, 8)),
-        (torch.ops.sqcompile.triton_attention_backward.default, (do, *saved, 0.25, True, 4, 4, 4)),
+        (torch.ops.sqcompile.triton_attention.default, (q, k, v, None, 0.25, True, 4)),
+        (torch.ops.sqcompile.triton_attention.default, (q.transpose(0, 1).contiguous().transpose(0, 1), k, v, mask,
+                                                        0.5, False, 8)),
+        (torch.ops.sqcompile.triton_attention_backward.default, (do, *saved, None, 0.25, True, 4, 4, 4)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -204,26 +245,47 @@ def test_backend_runs_attention_fused_and_reports_it():
         assert rel(grads[name], ref_grads[name]) < 1e-4, name
 
 
-class _MaskedAttention(torch.nn.Module):
-    def __init__(self):
+class _BiasedAttention(torch.nn.Module):
+    """Attention with a padding mask, or with a learned additive bias (which the fused kernels
+    cannot give a gradient)."""
+
+    def __init__(self, learned_bias: bool):
         super().__init__()
         self.qkv = torch.nn.Linear(16, 48)
+        self.bias = torch.nn.Parameter(torch.randn(12, 12) / 4) if learned_bias else None
 
-    def forward(self, x):
+    def forward(self, x, keep):
         q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
-        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril(-1)
-        mask[:, 0] = True
+        mask = keep[:, None, None, :] if self.bias is None else self.bias
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def test_backend_keeps_an_unsupported_attention_unfused_and_says_why():
-    model, x = _MaskedAttention(), torch.randn(2, 12, 16)
-    out, grads, rec, _ = _compiled_step(model, x, fused_attention=True)
-    (sdpa,) = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
-    assert sdpa.quantized and sdpa.note == "unfused attention: an explicit attn_mask (only is_causal is fused)"
-    assert sdpa.region.endswith("int8_mm+dequant")       # its GEMMs run as fused GEMM regions instead
-    assert "triton_attention" not in rec.graphs["forward"]
-    assert all(torch.isfinite(g).all() for g in grads.values())
+def test_backend_fuses_a_padded_attention_and_keeps_a_learned_bias_unfused():
+    x, keep = torch.randn(2, 12, 16), torch.ones(2, 12, dtype=torch.bool)
+    keep[1, 9:] = False
+    results = {}
+    for learned in (False, True):
+        for fused in (True, False):
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = _BiasedAttention(learned).to(DEVICE)
+            compiled = torch.compile(model, backend="shiftquant", options={
+                "kernels": "triton", "execution": "integer", "inner": "eager", "fused_attention": fused})
+            torch.manual_seed(1)
+            out = compiled(x.to(DEVICE), keep.to(DEVICE))
+            out.square().mean().backward()
+            rec = records_for(list(model.parameters()))[-1]
+            (sdpa,) = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
+            results[learned, fused] = out.detach(), {n: p.grad for n, p in model.named_parameters()}, sdpa, rec
+    _, _, sdpa, rec = results[False, True]
+    assert sdpa.region == FUSED_ATTENTION and "sqcompile.triton_attention(" in rec.graphs["forward"]
+    _, grads, sdpa, rec = results[True, True]
+    assert sdpa.note == "unfused attention: an attn_mask that requires grad (the fused kernels give it none)"
+    assert "triton_attention" not in rec.graphs["forward"] and grads["bias"].abs().sum() > 0
+    for learned in (False, True):
+        (out, grads, _, _), (ref_out, ref_grads, _, _) = results[learned, True], results[learned, False]
+        assert rel(out, ref_out) < 1e-5
+        assert all(rel(grads[n], ref_grads[n]) < 1e-4 for n in grads)
 
 
 def test_option_defaults_and_errors():
@@ -266,10 +328,12 @@ def operands(*specs):
 
 def compiled(kernel, pointers, specs, constexprs, num_warps, num_stages):
     st, unit = operands(*specs)
-    sig = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "sq_ptr": "*fp32", "sk_ptr": "*fp32", **pointers,
+    # a boolean padding mask [B, 1, 1, S] as uint8: keys contiguous
+    mask = {"mask_ptr": "*u8", "H_in": "i32", "s_mo": "i32", "s_mi": "i32", "s_ml": "i32"}
+    sig = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", **mask, "sq_ptr": "*fp32", "sk_ptr": "*fp32", **pointers,
            "L": "i32", "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32", **st}
-    r = sm90.compile_sm90(kernel, sig, {**unit, **constexprs, "DTYPE": tl.bfloat16}, num_warps=num_warps,
-                          num_stages=num_stages)
+    r = sm90.compile_sm90(kernel, sig, {**unit, "s_ms": 1, **constexprs, "DTYPE": tl.bfloat16},
+                          num_warps=num_warps, num_stages=num_stages)
     return r["spilled"], r["ptx"].count("mma.sync"), r["shared"]
 
 QKV = (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "d"))
@@ -278,7 +342,8 @@ for d in (64, 128):
     t = ta._tiles(d, "cuda")
     fwd = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d)
     quant = dict(GRAD_QMAX=7, GROUPS=4, STOCHASTIC=True)
-    for causal in (False, True):
+    for causal, masked in ((False, 1), (True, 0)):
+        fwd["MASK"] = quant["MASK"] = masked
         # the forward reads qV with the keys contiguous (the K-major operand of qP qV)
         result[f"fwd d={d} causal={causal}"] = compiled(
             ta._attention_fwd_kernel, {"sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32"},
@@ -309,17 +374,17 @@ print(json.dumps(result))
 @pytest.mark.slow
 def test_gpu_tiles_compile_for_hopper_to_warpgroup_mma_without_spills():
     """What a real launch compiles, for sm_90: every ``tl.dot`` a warpgroup MMA (no
-    ``mma.sync``: 32-row tiles and operands that are not K-major fall back to it) and no
-    register spills, but for the head-dim-128 ``dK``/``dV`` kernel's 4 bytes (one register;
-    the alternative, 32-row tiles, runs its five GEMMs on ``mma.sync``); shared memory well
-    within a Hopper SM's, so two programs can share one."""
+    ``mma.sync``: 32-row tiles fall back to it) and no register spills, but for the
+    head-dim-128 ``dK``/``dV`` kernel's 4 bytes (12 with a mask: a few registers; the
+    alternative, 32-row tiles, runs its GEMMs on ``mma.sync``); shared memory well within a
+    Hopper SM's.  Compiled as launched with a boolean padding mask and without a mask."""
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     result = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
     assert len(result) == 16, result
     for name, (spilled, legacy_mma, shared) in result.items():
         assert legacy_mma == 0 and shared <= 96 * 1024, (name, result)     # H100/H200: 227 KiB per block
-        assert spilled <= (4 if name.startswith("dk dv d=128") else 0), (name, result)
+        assert spilled <= (16 if name.startswith("dk dv d=128") else 0), (name, result)
 
 
 @pytest.mark.gpu

@@ -46,10 +46,15 @@ that against a reference built from :mod:`sqcompile.numerics` (``tests/test_trit
 Stochastic rounding of ``dS`` draws exactly the noise the unfused pair of quantizers draws
 for the same element and seed.
 
+Masks: ``is_causal`` (top-left aligned, as PyTorch's) and an ``attn_mask``, boolean (False:
+masked) or additive of the query's dtype, broadcast over batch and heads by strides of 0
+(a padding mask ``[B, 1, 1, S]`` is read as such, never expanded in memory); every pass
+that recomputes the scores reads its tile of the mask.
+
 Limits (:func:`sqcompile.ops.fused_attention_unsupported` says which applies; the caller
-then takes the unfused path): no attention mask other than ``is_causal`` (top-left aligned,
-as PyTorch's), no dropout, equal query and value head dims up to 256, ShiftQuant's expanded
-gradient must fit int8 (:func:`sqcompile.numerics.fits_int8`).
+then takes the unfused path): no dropout, no float mask of another dtype or one that needs
+a gradient, equal query and value head dims up to 256, ShiftQuant's expanded gradient must
+fit int8 (:func:`sqcompile.numerics.fits_int8`).
 """
 from __future__ import annotations
 
@@ -80,16 +85,34 @@ def _rounded(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL: tl.constexpr, DTYPE: tl.constexpr):
+def _mask_base(mask_ptr, b, H_in, s_mo, s_mi):
+    """Where (batch, head) ``b`` of the flattened ``BH`` starts in the mask ``[O, H_in, L, S]``
+    (strides 0 along broadcast dims)."""
+    b = b.to(tl.int64)
+    return mask_ptr + (b // H_in) * s_mo + (b % H_in) * s_mi
+
+
+@triton.jit
+def _scores(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, CAUSAL: tl.constexpr,
+            MASK: tl.constexpr, DTYPE: tl.constexpr):
     """The scores tile ``(qQ qK^T) * sQ * sK`` (the GEMM's epilogue, rounded to the dtype) times
-    ``scale`` (rounded again), ``-inf`` where masked: columns past ``S`` and, with
-    ``CAUSAL``, keys after the query (``n > m``)."""
+    ``scale`` (rounded again), ``-inf`` where masked: columns past ``S``; with ``CAUSAL``,
+    keys after the query (``n > m``); with ``MASK == 1`` where the boolean mask (as uint8) is
+    0; with ``MASK == 2`` the float mask is added (rounded to the dtype), as the unfused ops
+    do."""
     acc = tl.dot(qq, tl.trans(kk))
     s = _rounded(acc.to(tl.float32) * sq[:, None] * sk[None, :], DTYPE)
     s = _rounded(s * scale, DTYPE)
     valid = (offs_n < S)[None, :]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    if MASK != 0:
+        inside = (offs_m < L)[:, None] & valid
+        m = tl.load(mask_base + offs_m[:, None] * s_ml + offs_n[None, :] * s_ms, mask=inside, other=0)
+        if MASK == 1:
+            valid = valid & (m != 0)
+        else:
+            s = _rounded(s + m.to(tl.float32), DTYPE)
     return tl.where(valid, s, float("-inf"))
 
 
@@ -97,6 +120,14 @@ def _scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL: tl.constexpr, DTYP
 def _probabilities(s, m, l, DTYPE: tl.constexpr):
     """``P = exp(S - m) / l`` rounded to the dtype (the unfused softmax's output)."""
     return _rounded(tl.math.div_rn(tl.exp(s - m[:, None]), l[:, None]), DTYPE)
+
+
+@triton.jit
+def _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, m, l, CAUSAL: tl.constexpr,
+                  MASK: tl.constexpr, DTYPE: tl.constexpr):
+    """The probabilities tile from the scores (:func:`_scores`) and the rows' ``m``, ``l``."""
+    s = _scores(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, CAUSAL, MASK, DTYPE)
+    return _probabilities(s, m, l, DTYPE)
 
 
 @triton.jit
@@ -138,14 +169,15 @@ def _load_rows(ptr, b, offs, offs_d, stride_b, stride_r, stride_d, R, D):
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, stats_ptr, L, S, D, BH,
-                          s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ob, s_om, s_od, scale,
-                          QMAX: tl.constexpr, CAUSAL: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, sq_ptr, sk_ptr, sv_ptr, o_ptr,
+                          stats_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ob, s_om,
+                          s_od, scale, QMAX: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                          DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of queries of one (batch, head): ``O`` and the row statistics ``(m, l, sP)``
     in ``stats`` ``[3, BH, L]``.  Grid: ``(cdiv(L, BLOCK_M), BH)``."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
+    mb = _mask_base(mask_ptr, b, H_in, s_mo, s_mi)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < L
@@ -160,7 +192,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, st
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
         sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
-        s = _scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE)
+        s = _scores(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, CAUSAL, MASK, DTYPE)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m = m_new
@@ -170,7 +202,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, st
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
         sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
-        p = _probabilities(_scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE), m, l, DTYPE)
+        p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
         vv = _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D)
         acc += tl.dot(_quantized_p(p, sp, QMAX), vv)
     sv = tl.load(sv_ptr + b * D + offs_d, mask=offs_d < D, other=0.0)
@@ -184,16 +216,18 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, st
 
 
 @triton.jit
-def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, stats_ptr, eo_ptr, bo_ptr, delta_ptr, ranges_ptr,
-                             L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_eb, s_em, s_ed,
-                             scale, CAUSAL: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, sq_ptr, sk_ptr, stats_ptr,
+                             eo_ptr, bo_ptr, delta_ptr, ranges_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd,
+                             s_vb, s_vn, s_vd, s_eb, s_em, s_ed, scale, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                             DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
     """One block of queries: ``delta = sum(P * dP)`` per row, then the ranges of ``dS`` (times
     ``sK`` per key column, times ``sQ`` per query row) into ``ranges`` (int32 float bits,
     zeroed): ``[BH*S]`` column ranges, their max, ``[BH*L]`` row ranges, their max.
     Grid: ``(cdiv(L, BLOCK_M), BH)``."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
+    mb = _mask_base(mask_ptr, b, H_in, s_mo, s_mi)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < L
@@ -212,7 +246,7 @@ def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, stats_ptr, eo_
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
         sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
-        p = _probabilities(_scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE), m, l, DTYPE)
+        p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
         dp = _rounded(_prob_grad(eo, _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D), base_o), DTYPE)
         delta += tl.sum(p * dp, axis=1)
     tl.store(delta_ptr + row, delta, mask=mask_m)
@@ -225,7 +259,7 @@ def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, stats_ptr, eo_
         mask_n = offs_n < S
         kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
         sk = tl.load(sk_ptr + b * S + offs_n, mask=mask_n, other=0.0)
-        p = _probabilities(_scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE), m, l, DTYPE)
+        p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
         dp = _rounded(_prob_grad(eo, _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D), base_o), DTYPE)
         g = _abs_nan_as_inf(_score_grad(p, dp, delta, scale, DTYPE))
         g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
@@ -248,13 +282,13 @@ def _row_stats(stats_ptr, delta_ptr, row, mask_m, BH, L):
 
 
 @triton.jit
-def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, qt_ptr, sq_ptr, sk_ptr, stats_ptr, eoc_ptr, boc_ptr, eor_ptr,
-                             bor_ptr, delta_ptr, ranges_ptr, seed_ptr, dk_ptr, dv_ptr, L, S, D, BH, s_qb, s_qm,
-                             s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb,
-                             s_rm, s_rd, s_db, s_dn, s_dd, scale, QMAX: tl.constexpr, GRAD_QMAX: tl.constexpr,
-                             GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, CAUSAL: tl.constexpr,
-                             DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, qt_ptr, sq_ptr, sk_ptr,
+                             stats_ptr, eoc_ptr, boc_ptr, eor_ptr, bor_ptr, delta_ptr, ranges_ptr, seed_ptr, dk_ptr,
+                             dv_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_qtb, s_qtm,
+                             s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, s_db, s_dn, s_dd, scale, QMAX: tl.constexpr,
+                             GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
+                             CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of keys: ``dV = qP^T eO_rows`` and ``dK = eS_rows^T qQ`` over all queries,
     written in the dtype.  Grid: ``(cdiv(S, BLOCK_N), BH)``.
 
@@ -263,6 +297,7 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, qt_ptr, sq_ptr, sk_ptr, stats_
     K-major (``qQ`` as stored serves the scores, which reduce over ``D``)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
+    mb = _mask_base(mask_ptr, b, H_in, s_mo, s_mi)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < S
@@ -285,7 +320,7 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, qt_ptr, sq_ptr, sk_ptr, stats_
         qq = _load_rows(q_ptr, b, offs_m, offs_d, s_qb, s_qm, s_qd, L, D)
         sq = tl.load(sq_ptr + row, mask=mask_m, other=0.0)
         m, l, sp, delta = _row_stats(stats_ptr, delta_ptr, row, mask_m, BH, L)
-        p = _probabilities(_scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE), m, l, DTYPE)
+        p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
         p = tl.where(mask_m[:, None], p, 0.0)
         eo_r = _load_rows(eor_ptr, b, offs_m, offs_d, s_rb, s_rm, s_rd, L, D)
         acc_dv += tl.dot(tl.trans(_quantized_p(p, sp, QMAX)), eo_r)
@@ -306,12 +341,12 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, qt_ptr, sq_ptr, sk_ptr, stats_
 
 
 @triton.jit
-def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, kt_ptr, sq_ptr, sk_ptr, stats_ptr, eoc_ptr, boc_ptr, delta_ptr,
-                            ranges_ptr, seed_ptr, dq_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb,
-                            s_vn, s_vd, s_ktb, s_ktn, s_ktd, s_eb, s_em, s_ed, s_db, s_dm, s_dd, scale,
-                            GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                            CAUSAL: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, kt_ptr, sq_ptr, sk_ptr,
+                            stats_ptr, eoc_ptr, boc_ptr, delta_ptr, ranges_ptr, seed_ptr, dq_ptr, L, S, D, BH, s_qb,
+                            s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, s_eb, s_em, s_ed,
+                            s_db, s_dm, s_dd, scale, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr,
+                            STOCHASTIC: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of queries: ``dQ = eS_cols qK`` over all keys, written in the dtype (a
     separate kernel from :func:`_attention_bwd_kv_kernel`, which would otherwise add its
     share of every ``dQ`` row by atomics and spill registers with both quantized ``dS`` tiles
@@ -319,6 +354,7 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, kt_ptr, sq_ptr, sk_ptr, stats_p
     Grid: ``(cdiv(L, BLOCK_M), BH)``."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
+    mb = _mask_base(mask_ptr, b, H_in, s_mo, s_mi)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < L
@@ -340,7 +376,7 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, kt_ptr, sq_ptr, sk_ptr, stats_p
         col = b * S + offs_n
         kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
         sk = tl.load(sk_ptr + col, mask=mask_n, other=0.0)
-        p = _probabilities(_scores(qq, sq, kk, sk, offs_m, offs_n, S, scale, CAUSAL, DTYPE), m, l, DTYPE)
+        p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
         p = tl.where(mask_m[:, None], p, 0.0)
         dp = _prob_grad(eo_c, _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D), base_oc)
         g = _score_grad(p, _rounded(dp, DTYPE), delta, scale, DTYPE)
@@ -377,7 +413,7 @@ def _tiles(D: int, device_type: str) -> _Tiles:
     tiles, chosen from what ``ptxas`` makes of them for sm_90 (``tests/test_triton_attention.py``
     checks it): every ``tl.dot`` becomes Hopper's warpgroup MMA (``wgmma``; a 32-row tile falls
     back to ``mma.sync``), and no kernel spills registers, except the head-dim-128 ``dK``/``dV``
-    kernel's 4 bytes (with one pipeline stage; two stages spill 16).  Two pipeline stages
+    kernel's 4 bytes, 12 with a mask (with one pipeline stage; two stages spill 16 without).  Two pipeline stages
     elsewhere.  An int8 ``tl.dot`` needs
     a reduction of at least 32 on the GPU, hence ``BLOCK_D >= 32`` there."""
     if INTERPRETED or device_type != "cuda":
@@ -401,12 +437,25 @@ def _rows(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, causal: bool,
-                      bits: int, tiles: Optional[_Tiles] = None):
+def _mask_args(mask: Optional[torch.Tensor], placeholder: torch.Tensor) -> Tuple[tuple, int]:
+    """The kernels' mask arguments ``(mask, H_in, s_mo, s_mi, s_ml, s_ms)`` and ``MASK`` kind
+    (0: none, 1: boolean, read as uint8; 2: float, added) for a mask ``[O, H_in, L, S]``."""
+    if mask is None:
+        return (placeholder, 1, 0, 0, 0, 0), 0
+    kind = 1 if mask.dtype == torch.bool else 2
+    if kind == 1:
+        mask = mask.view(torch.uint8)
+    return (mask, mask.shape[1], *mask.stride()), kind
+
+
+def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+                      scale: float, causal: bool, bits: int, tiles: Optional[_Tiles] = None):
     """``[BH, L, D]``, ``[BH, S, D]``, ``[BH, S, D]`` -> ``(out, qq, sq, qk, sk, qv, sv, stats)``:
     the output and what the backward needs (the int8 operands, their float32 scales, and the
-    row statistics ``[3, BH, L]``: max, exponential sum, ``P``'s scale).  ``tiles``: block
-    sizes other than :func:`_tiles`' (tests)."""
+    row statistics ``[3, BH, L]``: max, exponential sum, ``P``'s scale).  ``mask``: ``None``
+    or ``[O, H_in, L, S]`` with ``O * H_in == BH`` (strides 0 where it broadcasts), boolean
+    (False: masked) or of the query's dtype (added to the scores).  ``tiles``: block sizes
+    other than :func:`_tiles`' (tests)."""
     BH, L, D = query.shape
     S = key.shape[1]
     qq, sq = quantize(query, bits, [0, 1], False)
@@ -415,22 +464,23 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     qv_t = _sequence_contiguous(qv)          # the second operand of qP qV, K-major
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     stats = torch.empty((3, BH, L), dtype=torch.float32, device=query.device)
+    margs, kind = _mask_args(mask, stats)
     t = tiles or _tiles(D, query.device.type)
     _attention_fwd_kernel[(cdiv(L, t.block_m), BH)](
-        qq, qk, qv_t, sq, sk, sv, out, stats, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv_t), *_rows(out), scale,
-        QMAX=N.qmax(bits), CAUSAL=causal, DTYPE=_TL_DTYPES[query.dtype], BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_D=t.block_d, num_warps=t.num_warps, num_stages=2)
+        qq, qk, qv_t, *margs, sq, sk, sv, out, stats, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv_t), *_rows(out),
+        scale, QMAX=N.qmax(bits), CAUSAL=causal, MASK=kind, DTYPE=_TL_DTYPES[query.dtype], BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_D=t.block_d, num_warps=t.num_warps, num_stages=2)
     return out, qq, sq, qk, sk, qv, sv, stats
 
 
-def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, scale: float, causal: bool,
-                       bits: int, grad_bits: int, groups: int, stochastic: bool = True,
+def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, mask: Optional[torch.Tensor],
+                       scale: float, causal: bool, bits: int, grad_bits: int, groups: int, stochastic: bool = True,
                        seeds: Tuple = (None, None, None, None), tiles: Optional[_Tiles] = None):
-    """``(dq, dk, dv)`` of :func:`attention_forward`.  ``grad_out`` is ShiftQuant-ed both ways
-    first (:func:`~sqcompile.kernels.triton_quant.shiftquant_pair`: along ``D`` for
-    ``dP = dO V^T``, along queries for ``dV = P^T dO``), then the two kernels run.  ``seeds``:
-    ``dO``'s two quantizers', then ``dS``'s (columns, rows); ``None`` entries are drawn in
-    that order, as the unfused path draws them."""
+    """``(dq, dk, dv)`` of :func:`attention_forward` (the same ``mask``).  ``grad_out`` is
+    ShiftQuant-ed both ways first (:func:`~sqcompile.kernels.triton_quant.shiftquant_pair`:
+    along ``D`` for ``dP = dO V^T``, along queries for ``dV = P^T dO``), then the three
+    kernels run.  ``seeds``: ``dO``'s two quantizers', then ``dS``'s (columns, rows); ``None``
+    entries are drawn in that order, as the unfused path draws them."""
     BH, L, D = qq.shape
     S = qk.shape[1]
     dtype = grad_out.dtype
@@ -438,32 +488,29 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, sc
     sp = stats[2].reshape(BH, L, 1)
     eo_c, bo_c, eo_r, bo_r = shiftquant_pair(grad_out.contiguous(), grad_bits, groups, stochastic,
                                              seeds=seeds[:2], prescales=(sv, sp), rows_transposed=True)
-    placeholder = bo_c
-    seed_c = _seed_arg(seeds[2], stochastic, dev, placeholder)
-    seed_r = _seed_arg(seeds[3], stochastic, dev, placeholder)
+    seed_c = _seed_arg(seeds[2], stochastic, dev, bo_c)
+    seed_r = _seed_arg(seeds[3], stochastic, dev, bo_c)
     ranges = torch.zeros(BH * S + 1 + BH * L + 1, dtype=torch.int32, device=dev)
     delta = torch.empty((BH, L), dtype=torch.float32, device=dev)
+    margs, kind = _mask_args(mask, delta)
     t = tiles or _tiles(D, dev.type)
-    tl_dtype = _TL_DTYPES[dtype]
+    common = dict(CAUSAL=causal, MASK=kind, DTYPE=_TL_DTYPES[dtype], BLOCK_D=t.block_d)
     _attention_ranges_kernel[(cdiv(L, t.block_m), BH)](
-        qq, qk, qv, sq, sk, stats, eo_c, bo_c, delta, ranges, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv),
-        *_rows(eo_c), scale, CAUSAL=causal, DTYPE=tl_dtype, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_D=t.block_d, num_warps=t.num_warps, num_stages=2)
+        qq, qk, qv, *margs, sq, sk, stats, eo_c, bo_c, delta, ranges, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv),
+        *_rows(eo_c), scale, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=2, **common)
     ranges = ranges.view(torch.float32)
     dq = torch.empty((BH, L, D), dtype=dtype, device=dev)
     dk = torch.empty((BH, S, D), dtype=dtype, device=dev)
     dv = torch.empty_like(dk)
     qq_t, qk_t = _sequence_contiguous(qq), _sequence_contiguous(qk)
-    qmax, grad_qmax = N.qmax(bits), N.qmax(grad_bits)
+    common.update(GRAD_QMAX=N.qmax(grad_bits), GROUPS=groups, STOCHASTIC=stochastic)
     _attention_bwd_kv_kernel[(cdiv(S, t.bwd_block_n), BH)](
-        qq, qk, qv, qq_t, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, seed_r, dk, dv, L, S, D, BH,
+        qq, qk, qv, *margs, qq_t, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, seed_r, dk, dv, L, S, D, BH,
         *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qq_t), *_rows(eo_c), *_rows(eo_r), *_rows(dk), scale,
-        QMAX=qmax, GRAD_QMAX=grad_qmax, GROUPS=groups, STOCHASTIC=stochastic, CAUSAL=causal, DTYPE=tl_dtype,
-        BLOCK_M=t.bwd_block_m, BLOCK_N=t.bwd_block_n, BLOCK_D=t.block_d, num_warps=t.bwd_num_warps,
-        num_stages=t.bwd_num_stages)
+        QMAX=N.qmax(bits), BLOCK_M=t.bwd_block_m, BLOCK_N=t.bwd_block_n, num_warps=t.bwd_num_warps,
+        num_stages=t.bwd_num_stages, **common)
     _attention_bwd_q_kernel[(cdiv(L, t.block_m), BH)](
-        qq, qk, qv, qk_t, sq, sk, stats, eo_c, bo_c, delta, ranges, seed_c, dq, L, S, D, BH, *_rows(qq), *_rows(qk),
-        *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_rows(dq), scale, GRAD_QMAX=grad_qmax, GROUPS=groups,
-        STOCHASTIC=stochastic, CAUSAL=causal, DTYPE=tl_dtype, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_D=t.block_d, num_warps=t.bwd_num_warps, num_stages=2)
+        qq, qk, qv, *margs, qk_t, sq, sk, stats, eo_c, bo_c, delta, ranges, seed_c, dq, L, S, D, BH, *_rows(qq),
+        *_rows(qk), *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_rows(dq), scale, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, num_warps=t.bwd_num_warps, num_stages=2, **common)
     return dq, dk, dv

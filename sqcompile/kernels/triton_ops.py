@@ -272,18 +272,19 @@ def _attention():
 
 
 @ops.custom_op("sqcompile::triton_attention")
-def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-                     bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                         torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused quantized attention over ``[BH, L, D]`` / ``[BH, S, D]`` / ``[BH, S, D]``
-    (:mod:`sqcompile.kernels.triton_attention`): ``(out, qq, sq, qk, sk, qv, sv, stats)``,
-    the output and what :func:`triton_attention_backward` needs."""
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                     causal: bool, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused quantized attention over ``[BH, L, D]`` / ``[BH, S, D]`` / ``[BH, S, D]``, with an
+    optional boolean or additive ``mask`` ``[O, H, L, S]`` (``O * H == BH``; strides 0 where it
+    broadcasts) (:mod:`sqcompile.kernels.triton_attention`): ``(out, qq, sq, qk, sk, qv, sv,
+    stats)``, the output and what :func:`triton_attention_backward` needs."""
     _check_device(q, k, v)
-    return _attention().attention_forward(q, k, v, scale, causal, bits)
+    return _attention().attention_forward(q, k, v, mask, scale, causal, bits)
 
 
 @triton_attention.register_fake
-def _(q, k, v, scale, causal, bits):
+def _(q, k, v, mask, scale, causal, bits):
     quantize = torch.ops.sqcompile.quantize
     return (torch.empty_like(q, memory_format=torch.contiguous_format), *quantize(q, bits, [0, 1], False),
             *quantize(k, bits, [0, 1], False), *quantize(v, bits, [0, 2], False),
@@ -293,17 +294,17 @@ def _(q, k, v, scale, causal, bits):
 @ops.custom_op("sqcompile::triton_attention_backward", tags=ops._RANDOM)
 def triton_attention_backward(grad_out: torch.Tensor, qq: torch.Tensor, sq: torch.Tensor, qk: torch.Tensor,
                               sk: torch.Tensor, qv: torch.Tensor, sv: torch.Tensor, stats: torch.Tensor,
-                              scale: float, causal: bool, bits: int, grad_bits: int,
+                              mask: Optional[torch.Tensor], scale: float, causal: bool, bits: int, grad_bits: int,
                               groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`triton_attention`, its gradients ShiftQuant-ed with
     stochastic rounding."""
     _check_device(grad_out, qq, qk, qv)
-    return _attention().attention_backward(grad_out, qq, sq, qk, sk, qv, sv, stats, scale, causal, bits,
+    return _attention().attention_backward(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits,
                                            grad_bits, groups)
 
 
 @triton_attention_backward.register_fake
-def _(grad_out, qq, sq, qk, sk, qv, sv, stats, scale, causal, bits, grad_bits, groups):
+def _(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits, grad_bits, groups):
     return (qq.new_empty(qq.shape, dtype=grad_out.dtype), qk.new_empty(qk.shape, dtype=grad_out.dtype),
             qv.new_empty(qv.shape, dtype=grad_out.dtype))
 

@@ -169,7 +169,12 @@ def _attention_unfused(cfg, target, ex, config, args) -> Optional[str]:
     if isinstance(args["dropout_p"], fx.Node):
         return "dropout_p is not a constant"
     values = [example_value(args[k]) for k in ("query", "key", "value")]
-    return ops.fused_attention_unsupported(*values, args["attn_mask"], args["dropout_p"], grad_bits=cfg.grad_bits,
+    mask = args["attn_mask"]
+    if isinstance(mask, fx.Node):
+        mask = example_value(mask)
+        if mask is None:
+            return "attn_mask of unknown dtype at compile time"
+    return ops.fused_attention_unsupported(*values, mask, args["dropout_p"], grad_bits=cfg.grad_bits,
                                            groups=cfg.groups)
 
 
