@@ -74,7 +74,7 @@ def cases(device: str) -> dict:
     dy = torch.randn_like(x)
     small = torch.ones(8, device=device)
     qa, ka, va = (torch.randn(16, 128, 64, device=device) for _ in range(3))
-    att = ops.triton_attention(qa, ka, va, 0.125, True, 4)
+    att = ops.triton_attention(qa, ka, va, None, 0.125, True, 4)
     return {
         "torch.add (reference)": lambda: small.add(1),
         "triton_quantize (per-row)": lambda: ops.triton_quantize(x, 4, [0], False),
@@ -86,8 +86,9 @@ def cases(device: str) -> dict:
         "triton_l1_norm_quantized": lambda: ops.triton_l1_norm_quantized(x, w, b, 8, True, 1.25, 1e-5, 4),
         "triton_l1_norm_backward": lambda: ops.triton_l1_norm_backward(dy, q, scale, mean, inv, w, 8, True, 1.25,
                                                                        True, True),
-        "triton_attention (fused, causal)": lambda: ops.triton_attention(qa, ka, va, 0.125, True, 4),
-        "triton_attention_backward": lambda: ops.triton_attention_backward(att[0], *att[1:], 0.125, True, 4, 4, 4),
+        "triton_attention (fused, causal)": lambda: ops.triton_attention(qa, ka, va, None, 0.125, True, 4),
+        "triton_attention_backward": lambda: ops.triton_attention_backward(att[0], *att[1:], None, 0.125, True, 4, 4,
+                                                                           4),
     }
 
 
