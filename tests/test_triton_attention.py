@@ -217,11 +217,13 @@ def test_custom_ops_pass_opcheck():
 # The backend: option, rewrite, report
 # ---------------------------------------------------------------------------------------------
 
+_OPTIONS = {"kernels": "triton", "execution": "integer", "inner": "eager"}
+
+
 def _compiled_step(model, x, **options):
     torch._dynamo.reset()
     model = copy.deepcopy(model).to(DEVICE)
-    compiled = torch.compile(model, backend="shiftquant",
-                             options={"kernels": "triton", "execution": "integer", "inner": "eager", **options})
+    compiled = torch.compile(model, backend="shiftquant", options={**_OPTIONS, **options})
     torch.manual_seed(1)
     out = compiled(x.to(DEVICE))
     out.float().square().mean().backward()
@@ -286,6 +288,59 @@ def test_backend_fuses_a_padded_attention_and_keeps_a_learned_bias_unfused():
         (out, grads, _, _), (ref_out, ref_grads, _, _) = results[learned, True], results[learned, False]
         assert rel(out, ref_out) < 1e-5
         assert all(rel(grads[n], ref_grads[n]) < 1e-4 for n in grads)
+
+
+class _TimmAttention(torch.nn.Module):
+    """timm's ViT attention, written out: the scale on ``q``, a dropout of 0 on the weights;
+    ``weights=True`` also returns the attention weights (a second use: not rewritten)."""
+
+    def __init__(self, weights: bool = False):
+        super().__init__()
+        self.qkv, self.drop, self.weights = torch.nn.Linear(32, 96), torch.nn.Dropout(0.0), weights
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * 8 ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = self.drop(attn) @ v
+        return (out, attn) if self.weights else out
+
+
+def _attention_rows(rec):
+    return [(d.op, d.region, d.note) for d in rec.decisions if d.op in ("matmul", "scaled_dot_product_attention")]
+
+
+@pytest.mark.parametrize("model", ["block", "timm"])
+def test_attention_written_out_runs_fused(model):
+    """``softmax(q @ k^T * scale [masked]) @ v`` as two matmuls becomes one fused attention
+    (passes.attention), with the explicit ops' results up to float rounding."""
+    from sqcompile.passes.attention import NOTE
+    torch.manual_seed(0)
+    block, x = (Block(), torch.randn(2, 16, 32)) if model == "block" else (_TimmAttention(), torch.randn(2, 8, 32))
+    out, grads, rec, _ = _compiled_step(block, x, fused_attention=True)
+    ref_out, ref_grads, ref_rec, _ = _compiled_step(block, x, fused_attention=False)
+    assert _attention_rows(rec) == [("scaled_dot_product_attention", FUSED_ATTENTION, NOTE)]
+    assert [op for op, _, _ in _attention_rows(ref_rec)] == ["matmul", "matmul"]
+    assert "sqcompile.triton_attention(" in rec.graphs["forward"]
+    assert rel(out, ref_out) < 1e-5
+    for name in grads:
+        assert rel(grads[name], ref_grads[name]) < 1e-4, name
+
+
+def test_attention_written_out_stays_when_it_cannot_be_one_op():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 32)
+    # the weights are used twice (returned too)
+    torch._dynamo.reset()
+    model = _TimmAttention(weights=True)
+    torch.compile(model, backend="shiftquant", options={**_OPTIONS, "fused_attention": True})(x.to(DEVICE))
+    assert [r[0] for r in _attention_rows(records_for(list(model.parameters()))[-1])] == ["matmul", "matmul"]
+    # matmuls treated unlike attention by an override
+    torch._dynamo.reset()
+    model = _TimmAttention()
+    torch.compile(model, backend="shiftquant", options={**_OPTIONS, "fused_attention": True,
+                                                        "overrides": {"*:matmul": {"act_bits": 8}}})(x.to(DEVICE))
+    assert [r[0] for r in _attention_rows(records_for(list(model.parameters()))[-1])] == ["matmul", "matmul"]
 
 
 def test_option_defaults_and_errors():

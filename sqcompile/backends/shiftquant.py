@@ -1,8 +1,10 @@
 """The ``shiftquant`` torch.compile backend: the whole pipeline, top to bottom.
 
 1. Capture: Dynamo hands us a torch-level FX graph and example inputs.
-2. Rewrite: matmul/conv nodes become quantized ops (:mod:`sqcompile.passes.quantize_gemms`),
-   norms become L1 norms (:mod:`sqcompile.passes.l1_norms`); every decision is recorded.
+2. Rewrite: attention written as matmuls and a softmax becomes one attention node where the
+   fused integer attention will run it (:mod:`sqcompile.passes.attention`); matmul/conv nodes
+   become quantized ops (:mod:`sqcompile.passes.quantize_gemms`), norms become L1 norms
+   (:mod:`sqcompile.passes.l1_norms`); every decision is recorded.
 3. Autograd: AOTAutograd traces the rewritten graph into forward and backward ATen graphs in
    which ``sqcompile::quantize`` / ``shiftquant`` / ``int8_mm`` stay single nodes and the
    tensors saved for backward are the int8 ones.
@@ -22,7 +24,7 @@ from .. import kernels  # noqa: F401  (registers CPU / Triton implementations of
 from ..config import Config
 from ..decisions import CompileRecord, attach, new_record
 from ..graphs import format_graph
-from ..passes import check_overrides, l1_norms, quantize_gemms
+from ..passes import check_overrides, explicit_attention, l1_norms, quantize_gemms
 from ..passes.precision import Target
 from . import fusion, lowering
 
@@ -101,6 +103,7 @@ def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileR
     record.graphs["dynamo"] = format_graph(gm)
     order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
     check_overrides(gm, config, record)
+    explicit_attention(gm, config, target, record)
     quantize_gemms(gm, config, target, record)
     l1_norms(gm, config, target, record)
     record.decisions.sort(key=lambda d: order.get(d.node, len(order)))   # graph order

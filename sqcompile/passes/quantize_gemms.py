@@ -117,11 +117,13 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         target_fn, new_args = ops.quantized_sdpa, tuple(args[k] for k in _SDPA_ARGS)
         q = dict(act_bits=cfg.act_bits, **common)
         why_not = _attention_unfused(cfg, target, ex, config, args)
+        notes = [node.meta.get("sq_note")]      # set by passes.attention for attention written out
         if why_not is None:
             q["fused"] = True
             decision.region = FUSED_ATTENTION
         elif why_not:
-            decision.note = f"unfused attention: {why_not}"
+            notes.append(f"unfused attention: {why_not}")
+        decision.note = "; ".join(n for n in notes if n) or None
     elif name in ("lstm", "gru"):
         target_fn, new_args = ops.quantized_rnn, (name, *(args[k] for k in _RNN_ARGS))
         q = dict(a_bits=cfg.act_bits, w_bits=cfg.weight_bits, **common)
