@@ -85,11 +85,13 @@ def _tiles(fwd_m, fwd_n, bwd_m, bwd_n, d):
 
 def _mask(kind, BH, L, S, g):
     """A mask for the kernels, ``[O, H, L, S]`` with broadcast dims as strides 0: a padding
-    mask per (batch, head) row of keys (boolean; key 0 always kept, so no row is fully
-    masked), or one additive float bias shared by all."""
+    mask per (batch, head) row of keys (boolean; the first 20 keys masked in row 0, so its
+    first tiles are all masked; the last key always kept, so no row is fully masked), or
+    one additive float bias shared by all."""
     if kind == "bool":
         keep = torch.rand(BH, 1, 1, S, generator=g) > 0.3
-        keep[..., 0] = True
+        keep[0, ..., :20] = False
+        keep[..., -1] = True
         return keep.expand(BH, 1, L, S)
     return torch.randn(1, 1, L, S, generator=g).expand(BH, 1, L, S)
 
@@ -152,7 +154,8 @@ def test_fused_equals_unfused_quantized_sdpa_with_the_same_seeds(dtype, causal, 
     kw = dict(is_causal=causal, enable_gqa=gqa)
     if mask == "padding":
         keep = torch.ones(B, 1, 1, L, dtype=torch.bool)
-        keep[0, ..., 15:] = False
+        keep[0, ..., 15:] = False           # right padding
+        keep[1, ..., :17] = False           # left padding: whole tiles of keys masked
         kw["attn_mask"] = keep.to(DEVICE)
     elif mask == "bias":
         kw["attn_mask"] = torch.randn(L, L, generator=g).to(DEVICE, dtype)

@@ -107,10 +107,10 @@ def _scores(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, 
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
     if MASK != 0:
-        inside = (offs_m < L)[:, None] & valid
-        m = tl.load(mask_base + offs_m[:, None] * s_ml + offs_n[None, :] * s_ms, mask=inside, other=0)
+        outside = (offs_m >= L)[:, None]
+        m = tl.load(mask_base + offs_m[:, None] * s_ml + offs_n[None, :] * s_ms, mask=valid & ~outside, other=0)
         if MASK == 1:
-            valid = valid & (m != 0)
+            valid = valid & ((m != 0) | outside)     # rows past L (never stored) stay finite
         else:
             s = _rounded(s + m.to(tl.float32), DTYPE)
     return tl.where(valid, s, float("-inf"))
@@ -193,9 +193,12 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml,
         kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
         sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
         s = _scores(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, CAUSAL, MASK, DTYPE)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-        m = m_new
+        m_old = m
+        m = tl.maximum(m, tl.max(s, axis=1))
+        # while a row has seen only masked keys (m = -inf, l = 0), exponentiate against 0
+        # rather than -inf: exp(-inf - -inf) would make l NaN for good
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l = l * tl.exp(m_old - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
     sp = _p_scale(l, QMAX, DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
     for n0 in range(0, n_end, BLOCK_N):

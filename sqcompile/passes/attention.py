@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..config import Config
 from ..decisions import CompileRecord
-from .common import call_name, example_value
+from .common import call_name, example_value, shape_of
 from .precision import Target, attention_fusion, choose_execution, op_config
 
 NOTE = "written as matmul, softmax, matmul; run as scaled_dot_product_attention"
@@ -165,8 +165,10 @@ def _rewrite(gm: fx.GraphModule, out: fx.Node, config: Config, target: Target) -
     if scale == 1.0 and isinstance(q, fx.Node) and _scaled(q) is not None and _only_user(q, s):
         chain.append(q)
         q, scale = _scaled(q)
-    values = [example_value(t) if isinstance(t, fx.Node) else None for t in (q, k, v)]
-    if any(x is None or x.dim() < 3 for x in values) or len({tuple(x.shape[:-2]) for x in values}) != 1:
+    values = [example_value(t) for t in (q, k, v)]
+    if any(x is None or x.dim() < 3 for x in values):
+        return False
+    if len({tuple(shape_of(t)[:-2]) for t in (q, k, v)}) != 1:     # symbolic sizes compare by name
         return False
     cfg = _fused_options(out, s, config, target)
     if cfg is None:
