@@ -1,8 +1,8 @@
 """Attention written out as matmuls and a softmax, run as ``scaled_dot_product_attention``
 where the fused integer attention would run it.
 
-Models written before ``F.scaled_dot_product_attention`` (or for clarity, as in timm's ViT
-and minGPT) compute ``softmax(q @ k^T * scale [masked]) @ v`` op by op.  Quantized that way,
+Models written before ``F.scaled_dot_product_attention`` (or for clarity, as timm's ViT and
+minGPT) compute ``softmax(q @ k^T * scale [masked]) @ v`` op by op.  Quantized that way,
 the two matmuls become two GEMMs and the scores go through memory between them.  Where a
 quantized ``scaled_dot_product_attention`` would run as the fused Triton kernels
 (:func:`~sqcompile.passes.precision.attention_fusion`: the Triton family with integer
