@@ -11,7 +11,7 @@ the bf16 rate; memory does not):
 
 * :func:`_attention_fwd_kernel` (one program per block of queries): pass 1 over the keys finds
   each row's max ``m`` and exponential sum ``l`` (online softmax); pass 2 recomputes the
-  scores, forms ``P = exp(S - m) / l`` and its per-row int8 quantization, and accumulates
+  scores, forms ``P = exp(S - m) * (1 / l)`` and its per-row int8 quantization, and accumulates
   ``qP @ qV`` in int32.  A row's largest probability is ``exp(0) / l = 1 / l``, so its
   quantization scale is known before any of its probabilities are: this is what lets the
   per-row quantizer of ``P`` live inside the kernel.  Writes ``O`` and ``(m, l, scale_P)``
@@ -38,11 +38,13 @@ for ``qP qV``, ``qQ``, ``qK`` and ``dO``'s row quantization for the backward GEM
 reduce over the sequence are stored with the sequence contiguous (small int8 relayouts).
 
 Numerics: the unfused path's, operation by operation (quantizers, dequantization order,
-rounding to the input dtype wherever it rounds, IEEE divisions), except for the order in
-which a row's exponential sum ``l`` is accumulated (online, block by block) and the ``exp``
-implementation.  So an element of ``qP`` or of a ShiftQuant result differs from the unfused
-path only where its value sits within a rounding of a rounding boundary; the tests measure
-that against a reference built from :mod:`sqcompile.numerics` (``tests/test_triton_attention.py``).
+rounding to the input dtype wherever it rounds, IEEE divisions in the quantizers), except for
+the order in which a row's exponential sum ``l`` is accumulated (online, block by block), the
+``exp`` implementation and the softmax's division (a multiplication by ``1 / l``: within an
+ulp, see :func:`_probabilities`).  So an element of ``qP`` or of a ShiftQuant result differs
+from the unfused path only where its value sits within a rounding of a rounding boundary;
+the tests measure that against a reference built from :mod:`sqcompile.numerics`
+(``tests/test_triton_attention.py``).
 Stochastic rounding of ``dS`` draws exactly the noise the unfused pair of quantizers draws
 for the same element and seed.
 
@@ -118,8 +120,15 @@ def _scores(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, 
 
 @triton.jit
 def _probabilities(s, m, l, DTYPE: tl.constexpr):
-    """``P = exp(S - m) / l`` rounded to the dtype (the unfused softmax's output)."""
-    return _rounded(tl.math.div_rn(tl.exp(s - m[:, None]), l[:, None]), DTYPE)
+    """``P = exp(S - m) * (1 / l)`` rounded to the dtype (the unfused softmax's output).
+
+    One IEEE division per row instead of per element: an fp32 division is a long instruction
+    sequence on the GPU, and the kernels form ``P`` five times per score.  ``exp(...) * (1/l)``
+    is within an ulp of ``exp(...) / l`` before the rounding to the dtype (Inductor's softmax
+    divides with Triton's approximate ``/`` anyway), and the row's largest value is exactly
+    ``1/l``, the quantization scale's input (:func:`_p_scale`)."""
+    inv = tl.math.div_rn(1.0, l)
+    return _rounded(tl.exp(s - m[:, None]) * inv[:, None], DTYPE)
 
 
 @triton.jit
