@@ -168,6 +168,40 @@ def _prob_grad(eo_c, vv, base_o):
 
 
 @triton.jit
+def _query_block(q_ptr, eo_ptr, sq_ptr, mask_ptr, H_in, s_mo, s_mi, s_qb, s_qm, s_qd, s_eb, s_em, s_ed, L, S, D,
+                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a backward kernel over blocks of queries starts from: ``(b, mask base, offs_m,
+    offs_d, mask_m, row ids, qQ tile, eO_cols tile, sQ, end of the keys to visit)``."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < L
+    row = b * L + offs_m
+    qq = _load_rows(q_ptr, b, offs_m, offs_d, s_qb, s_qm, s_qd, L, D)
+    eo = _load_rows(eo_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
+    sq = tl.load(sq_ptr + row, mask=mask_m, other=0.0)
+    n_end = S
+    if CAUSAL:
+        n_end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    return b, _mask_base(mask_ptr, b, H_in, s_mo, s_mi), offs_m, offs_d, mask_m, row, qq, eo, sq, n_end
+
+
+@triton.jit
+def _key_tile(qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn,
+              s_vd, L, S, D, scale, mask_base, s_ml, s_ms, m, l, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+              DTYPE: tl.constexpr):
+    """For a query block's kernels, the key tile ``offs_n``: ``(P, dP, sK)`` with ``P``
+    recomputed (0 on rows past ``L``) and ``dP = eO_cols qV^T * base`` rounded to the dtype."""
+    kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
+    sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
+    p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
+    p = tl.where((offs_m < L)[:, None], p, 0.0)
+    dp = _rounded(_prob_grad(eo, _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D), base_o), DTYPE)
+    return p, dp, sk
+
+
+@triton.jit
 def _load_rows(ptr, b, offs, offs_d, stride_b, stride_r, stride_d, R, D):
     mask = (offs < R)[:, None] & (offs_d < D)[None, :]
     return tl.load(ptr + b * stride_b + offs[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0)
@@ -237,29 +271,17 @@ def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
     ``sK`` per key column, times ``sQ`` per query row) into ``ranges`` (int32 float bits,
     zeroed): ``[BH*S]`` column ranges, their max, ``[BH*L]`` row ranges, their max.
     Grid: ``(cdiv(L, BLOCK_M), BH)``."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    mb = _mask_base(mask_ptr, b, H_in, s_mo, s_mi)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < L
-    row = b * L + offs_m
-    qq = _load_rows(q_ptr, b, offs_m, offs_d, s_qb, s_qm, s_qd, L, D)
-    eo = _load_rows(eo_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
+    b, mb, offs_m, offs_d, mask_m, row, qq, eo, sq, n_end = _query_block(
+        q_ptr, eo_ptr, sq_ptr, mask_ptr, H_in, s_mo, s_mi, s_qb, s_qm, s_qd, s_eb, s_em, s_ed, L, S, D, CAUSAL, BLOCK_M,
+        BLOCK_D)
     base_o = tl.load(bo_ptr)
-    sq = tl.load(sq_ptr + row, mask=mask_m, other=0.0)
     m = tl.load(stats_ptr + row, mask=mask_m, other=0.0)
     l = tl.load(stats_ptr + BH * L + row, mask=mask_m, other=1.0)
-    n_end = S
-    if CAUSAL:
-        n_end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     delta = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
-        sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
-        p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
-        dp = _rounded(_prob_grad(eo, _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D), base_o), DTYPE)
+        p, dp, sk = _key_tile(qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N), offs_d,
+                              s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK,
+                              DTYPE)
         delta += tl.sum(p * dp, axis=1)
     tl.store(delta_ptr + row, delta, mask=mask_m)
     row_amax = tl.zeros((BLOCK_M,), tl.float32)
@@ -269,10 +291,8 @@ def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
     for n0 in range(0, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < S
-        kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
-        sk = tl.load(sk_ptr + b * S + offs_n, mask=mask_n, other=0.0)
-        p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
-        dp = _rounded(_prob_grad(eo, _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D), base_o), DTYPE)
+        p, dp, sk = _key_tile(qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd,
+                              s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
         g = _abs_nan_as_inf(_score_grad(p, dp, delta, scale, DTYPE))
         g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
         row_amax = tl.maximum(row_amax, tl.max(g, axis=1))
@@ -364,36 +384,23 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_m
     share of every ``dQ`` row by atomics and spill registers with both quantized ``dS`` tiles
     live).  ``kt`` is ``qK`` stored with the keys contiguous (K-major for ``eS qK``).
     Grid: ``(cdiv(L, BLOCK_M), BH)``."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    mb = _mask_base(mask_ptr, b, H_in, s_mo, s_mi)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < L
-    row = b * L + offs_m
-    qq = _load_rows(q_ptr, b, offs_m, offs_d, s_qb, s_qm, s_qd, L, D)
-    eo_c = _load_rows(eoc_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
-    sq = tl.load(sq_ptr + row, mask=mask_m, other=0.0)
+    b, mb, offs_m, offs_d, mask_m, row, qq, eo_c, sq, n_end = _query_block(
+        q_ptr, eoc_ptr, sq_ptr, mask_ptr, H_in, s_mo, s_mi, s_qb, s_qm, s_qd, s_eb, s_em, s_ed, L, S, D, CAUSAL,
+        BLOCK_M, BLOCK_D)
     m, l, sp, delta = _row_stats(stats_ptr, delta_ptr, row, mask_m, BH, L)
     base_oc = tl.load(boc_ptr)
     Rc = tl.load(ranges_ptr + BH * S)
     base_c = _base_of(Rc, GROUPS, GRAD_QMAX)
-    n_end = S
-    if CAUSAL:
-        n_end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
     for n0 in range(0, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < S
         col = b * S + offs_n
-        kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
-        sk = tl.load(sk_ptr + col, mask=mask_n, other=0.0)
-        p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
-        p = tl.where(mask_m[:, None], p, 0.0)
-        dp = _prob_grad(eo_c, _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D), base_oc)
-        g = _score_grad(p, _rounded(dp, DTYPE), delta, scale, DTYPE)
+        p, dp, sk = _key_tile(qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd,
+                              s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
+        g = _score_grad(p, dp, delta, scale, DTYPE)
         if STOCHASTIC:
-            noise = tl.trans(_uniform_noise(tl.load(seed_ptr), col, pid_m * BLOCK_M, L, BLOCK_N, BLOCK_M))
+            noise = tl.trans(_uniform_noise(tl.load(seed_ptr), col, tl.program_id(0) * BLOCK_M, L, BLOCK_N, BLOCK_M))
         else:
             noise = 0.0
         r_cols = tl.load(ranges_ptr + col, mask=mask_n, other=0.0)
