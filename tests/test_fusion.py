@@ -566,7 +566,9 @@ def test_gpu_benchmark_block_under_inductor_matches_the_eager_inner_compiler():
     """``benchmarks/gpu.py``'s transformer block, shrunk, with the Triton family under Inductor
     (what the GPU benchmark runs): every fusion pass applies (GEMM regions, ranges, the L1
     norms with the GEMM quantizers, ShiftQuant pairs) and the results equal those with the eager inner
-    compiler, except the bias gradients (Inductor sums them in another order)."""
+    compiler, except the bias gradients (Inductor sums them in another order).  The attention
+    stays unfused (``fused_attention=False``, also on a GPU), so its quantizers and GEMMs are
+    in the graph for these passes (the fused kernels: ``tests/test_triton_attention.py``)."""
     import importlib.util
     import os
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu.py")
@@ -575,7 +577,7 @@ def test_gpu_benchmark_block_under_inductor_matches_the_eager_inner_compiler():
     spec.loader.exec_module(gpu)
     torch.manual_seed(0)
     block, x = gpu.Block(d=32, heads=2), torch.randn(2, 16, 32)
-    options = {"execution": "integer"}
+    options = {"execution": "integer", "fused_attention": False}
     out, grads, rec, _ = _compile_and_step(block, x, fused=True, options={**options, "inner": "inductor"})
     ref_out, ref_grads, ref_rec, _ = _compile_and_step(block, x, fused=True, options=options)
     labels = _labels(rec)
