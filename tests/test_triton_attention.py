@@ -79,8 +79,11 @@ def _assert_matches(actual, expected, name):
     assert float(err.max()) <= 0.05 * float(expected.abs().max()), (name, float(err.max()))
 
 
-def _tiles(fwd_m, fwd_n, bwd_m, bwd_n, d):
-    return _ta()._Tiles(fwd_m, fwd_n, bwd_m, bwd_n, d, 1, 1, 1)
+def _tiles(fwd_m, fwd_n, bwd_m, bwd_n):
+    """Interpreter tiles other than the default 16x16: the query-block kernels' and dK/dV's."""
+    Tile = _ta().Tile
+    forward = Tile(fwd_m, fwd_n, 1, 1)
+    return {"fwd": forward, "ranges": forward, "dq": forward, "dkdv": Tile(bwd_m, bwd_n, 1, 1)}
 
 
 def _mask(kind, BH, L, S, g):
@@ -100,8 +103,8 @@ def _mask(kind, BH, L, S, g):
     (3, 37, 45, 24, False, 8, None, None),
     (2, 40, 40, 16, True, 8, None, None),
     (2, 33, 50, 40, False, 4, None, "bool"),
-    (2, 45, 45, 16, True, 4, (16, 32, 32, 16, 16), None),       # forward and backward tiles differ
-    (1, 50, 30, 8, True, 6, (32, 16, 16, 32, 16), "float"),     # L > S, causal, head dim padded to 16
+    (2, 45, 45, 16, True, 4, (16, 32, 32, 16), None),       # forward and backward tiles differ
+    (1, 50, 30, 8, True, 6, (32, 16, 16, 32), "float"),     # L > S, causal, head dim padded to 16
 ])
 def test_kernels_match_the_numerics_reference(BH, L, S, D, causal, bits, tiles, mask):
     g = torch.Generator().manual_seed(BH * 100 + L)
@@ -126,6 +129,22 @@ def test_kernels_match_the_numerics_reference(BH, L, S, D, causal, bits, tiles, 
     torch.testing.assert_close(stats[0].cpu(), s.amax(-1), rtol=1e-5, atol=1e-5)                  # row max
     torch.testing.assert_close(stats[1].cpu(), torch.exp(s - s.amax(-1, keepdim=True)).sum(-1),   # exp sum
                                rtol=1e-5, atol=0)
+
+
+def test_autotuned_launch_path(monkeypatch):
+    """The GPU's launch path (``triton.autotune`` over ``GPU_TILES``, grids from the chosen
+    tile), run in the interpreter with its first candidate (``SQCOMPILE_AUTOTUNE=0``: no
+    timing), against the reference."""
+    ta = _ta()
+    monkeypatch.setenv("SQCOMPILE_AUTOTUNE", "0")
+    monkeypatch.setattr(ta, "INTERPRETER_TILE", None)
+    g = torch.Generator().manual_seed(9)
+    BH, L, S, D = 1, 70, 70, 16
+    q, k, v, do = (torch.randn(BH, n, D, generator=g) for n in (L, S, S, L))
+    out, *saved = ta.attention_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, 0.25, True, 8)
+    grads = ta.attention_backward(do.to(DEVICE), *saved, None, 0.25, True, 8, 4, 4, stochastic=False)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), reference(q, k, v, do, 0.25, True, 8, 4, 4)):
+        _assert_matches(a, b, name)
 
 
 def _sdpa(q, k, v, fused, seed, **kw):
@@ -395,54 +414,50 @@ def compiled(kernel, pointers, specs, constexprs, num_warps, num_stages):
     return r["spilled"], r["ptx"].count("mma.sync"), r["shared"]
 
 QKV = (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "d"))
+KERNELS = {   # name -> (kernel, pointers, operand layouts, constexprs beyond the tiles)
+    # the forward reads qV with the keys contiguous (the K-major operand of qP qV)
+    "fwd": (ta._attention_fwd_kernel, {"sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32"},
+            (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "n"), ("o", "m", "d")), {"QMAX": 7}),
+    "ranges": (ta._attention_ranges_kernel, {"stats_ptr": "*fp32", "eo_ptr": "*i8", "bo_ptr": "*fp32",
+                                             "delta_ptr": "*fp32", "ranges_ptr": "*i32"},
+               (*QKV, ("e", "m", "d")), {}),
+    "dkdv": (ta._attention_bwd_kv_kernel, {"qt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32",
+                                           "eor_ptr": "*i8", "bor_ptr": "*fp32", "delta_ptr": "*fp32",
+                                           "ranges_ptr": "*fp32", "seed_ptr": "*i64", "dk_ptr": "*bf16",
+                                           "dv_ptr": "*bf16"},
+             (*QKV, ("qt", "m", "m"), ("e", "m", "d"), ("r", "m", "m"), ("d", "n", "d")),
+             {"QMAX": 7, "GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True}),
+    "dq": (ta._attention_bwd_q_kernel, {"kt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32",
+                                        "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_ptr": "*i64",
+                                        "dq_ptr": "*bf16"},
+           (*QKV, ("kt", "n", "n"), ("e", "m", "d"), ("d", "m", "d")), {"GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True}),
+}
 result = {}
 for d in (64, 128):
-    t = ta._tiles(d, "cuda")
-    fwd = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d)
-    quant = dict(GRAD_QMAX=7, GROUPS=4, STOCHASTIC=True)
-    for causal, masked in ((False, 1), (True, 0)):
-        fwd["MASK"] = quant["MASK"] = masked
-        # the forward reads qV with the keys contiguous (the K-major operand of qP qV)
-        result[f"fwd d={d} causal={causal}"] = compiled(
-            ta._attention_fwd_kernel, {"sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32"},
-            (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "n"), ("o", "m", "d")),
-            dict(fwd, QMAX=7, CAUSAL=causal), t.num_warps, 2)
-        result[f"ranges d={d} causal={causal}"] = compiled(
-            ta._attention_ranges_kernel, {"stats_ptr": "*fp32", "eo_ptr": "*i8", "bo_ptr": "*fp32",
-                                          "delta_ptr": "*fp32", "ranges_ptr": "*i32"},
-            (*QKV, ("e", "m", "d")), dict(fwd, CAUSAL=causal), t.num_warps, 2)
-        result[f"dk dv d={d} causal={causal}"] = compiled(
-            ta._attention_bwd_kv_kernel, {"qt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32",
-                                          "eor_ptr": "*i8", "bor_ptr": "*fp32", "delta_ptr": "*fp32",
-                                          "ranges_ptr": "*fp32", "seed_ptr": "*i64", "dk_ptr": "*bf16",
-                                          "dv_ptr": "*bf16"},
-            (*QKV, ("qt", "m", "m"), ("e", "m", "d"), ("r", "m", "m"), ("d", "n", "d")),
-            dict(quant, QMAX=7, CAUSAL=causal, BLOCK_M=t.bwd_block_m, BLOCK_N=t.bwd_block_n, BLOCK_D=t.block_d),
-            t.bwd_num_warps, t.bwd_num_stages)
-        result[f"dq d={d} causal={causal}"] = compiled(
-            ta._attention_bwd_q_kernel, {"kt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32",
-                                         "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_ptr": "*i64",
-                                         "dq_ptr": "*bf16"},
-            (*QKV, ("kt", "n", "n"), ("e", "m", "d"), ("d", "m", "d")), dict(quant, CAUSAL=causal, **fwd),
-            t.bwd_num_warps, 2)
+    for name, (kernel, pointers, specs, constexprs) in KERNELS.items():
+        for i, t in enumerate(ta.GPU_TILES[name][d > 64]):
+            # causal (a decoder), and for the first choice also with a boolean padding mask
+            for causal, masked in ((True, 0), (False, 1))[:2 if i == 0 else 1]:
+                key = f"{name} d={d} {t.block_m}x{t.block_n}/{t.num_warps}w/{t.num_stages}s{' mask' * masked}"
+                result[key] = compiled(kernel, pointers, specs, dict(constexprs, CAUSAL=causal, MASK=masked,
+                                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=d), t.num_warps, t.num_stages)
 print(json.dumps(result))
 """
 
 
 @pytest.mark.slow
 def test_gpu_tiles_compile_for_hopper_to_warpgroup_mma_without_spills():
-    """What a real launch compiles, for sm_90: every ``tl.dot`` a warpgroup MMA (no
-    ``mma.sync``: 32-row tiles fall back to it) and no register spills, but for the
-    head-dim-128 ``dK``/``dV`` kernel's 4 bytes (12 with a mask: a few registers; the
-    alternative, 32-row tiles, runs its GEMMs on ``mma.sync``); shared memory well within a
-    Hopper SM's.  Compiled as launched with a boolean padding mask and without a mask."""
+    """What a real launch compiles for sm_90, for every autotuning candidate (``GPU_TILES``):
+    every ``tl.dot`` a warpgroup MMA (no ``mma.sync``: 32-row tiles fall back to it) and no
+    register spills, but for 4 bytes (one register) in some head-dim-128 ``dK``/``dV``
+    variants; shared memory well within a Hopper SM's 227 KiB."""
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     result = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
-    assert len(result) == 16, result
+    assert len(result) == sum(len(tiles) + 1 for pair in _ta().GPU_TILES.values() for tiles in pair), result
     for name, (spilled, legacy_mma, shared) in result.items():
-        assert legacy_mma == 0 and shared <= 96 * 1024, (name, result)     # H100/H200: 227 KiB per block
-        assert spilled <= (16 if name.startswith("dk dv d=128") else 0), (name, result)
+        assert legacy_mma == 0 and shared <= 160 * 1024, (name, result)
+        assert spilled <= (4 if name.startswith("dkdv d=128") else 0), (name, result)
 
 
 @pytest.mark.gpu

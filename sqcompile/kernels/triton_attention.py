@@ -61,7 +61,7 @@ fit int8 (:func:`sqcompile.numerics.fits_int8`).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -71,7 +71,7 @@ from .. import numerics as N
 from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _base_of, _combine_ranges, _multipliers, _quantize_values,
                            _scale_of, _seed_arg, _shift_expand, _uniform_noise, cast_rtne, cdiv,
                            next_power_of_2, quantize, shiftquant_pair)
-from .triton_gemm import relayout
+from .triton_gemm import autotune_enabled, relayout
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -415,30 +415,65 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_m
 # Host side
 # --------------------------------------------------------------------------------------------
 
-class _Tiles(NamedTuple):
-    block_m: int          # queries per program (forward, ranges pass, dQ)
-    block_n: int          # keys per loop step (forward, ranges pass, dQ)
-    bwd_block_m: int      # queries per loop step (dK, dV)
-    bwd_block_n: int      # keys per program (dK, dV)
-    block_d: int          # the head dim rounded up to a power of two
-    num_warps: int        # forward, ranges pass
-    bwd_num_warps: int    # dK and dV, dQ
-    bwd_num_stages: int   # dK and dV
+class Tile(NamedTuple):
+    block_m: int          # queries: per program (forward, ranges, dQ) or per loop step (dK, dV)
+    block_n: int          # keys: per loop step (forward, ranges, dQ) or per program (dK, dV)
+    num_warps: int
+    num_stages: int
+
+
+# The candidate tiles on a GPU, per kernel and head-dim class (BLOCK_D <= 64, BLOCK_D > 64),
+# autotuned per (L, S, D) at the first call (``SQCOMPILE_AUTOTUNE=0``: the first one).  Each
+# compiles for sm_90 with every ``tl.dot`` a warpgroup MMA (``wgmma``; 32-row tiles fell back
+# to ``mma.sync``) and no register spills, but for 4 bytes in some head-dim-128 ``dK``/``dV``
+# variants (one pipeline stage there: two spill 16-112): ``tests/test_triton_attention.py``
+# checks it with ``ptxas``.  Not chosen from timings: the autotuner times them on the GPU.
+GPU_TILES = {
+    "fwd": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)]),
+    "ranges": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)]),
+    "dkdv": ([Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)], [Tile(128, 64, 8, 1), Tile(64, 64, 8, 1)]),
+    "dq": ([Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2)]),
+}
+# In Triton's interpreter (tests): small tiles, so masked edges and several blocks are exercised.
+INTERPRETER_TILE = Tile(16, 16, 1, 1)
+_KERNELS = {"fwd": _attention_fwd_kernel, "ranges": _attention_ranges_kernel, "dkdv": _attention_bwd_kv_kernel,
+            "dq": _attention_bwd_q_kernel}
+_PROGRAMS_ALONG = {"fwd": "BLOCK_M", "ranges": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N"}
+
+
+def _block_d(D: int, device: torch.device) -> int:
+    """The head dim rounded up to a power of two: at least 32 on a GPU (an int8 ``tl.dot``
+    needs a reduction of 32 there), 16 in the interpreter."""
+    return max(16 if INTERPRETED or device.type != "cuda" else 32, next_power_of_2(D))
+
+
+def _prune(configs, named_args, **kwargs):
+    return configs if autotune_enabled() else configs[:1]
 
 
 @functools.lru_cache(maxsize=None)
-def _tiles(D: int, device_type: str) -> _Tiles:
-    """16x16 tiles in the interpreter (fast tests, masked edges exercised).  On a GPU, 64x64
-    tiles, chosen from what ``ptxas`` makes of them for sm_90 (``tests/test_triton_attention.py``
-    checks it): every ``tl.dot`` becomes Hopper's warpgroup MMA (``wgmma``; a 32-row tile falls
-    back to ``mma.sync``), and no kernel spills registers, except the head-dim-128 ``dK``/``dV``
-    kernel's 4 bytes, 12 with a mask (with one pipeline stage; two stages spill 16 without).  Two pipeline stages
-    elsewhere.  An int8 ``tl.dot`` needs
-    a reduction of at least 32 on the GPU, hence ``BLOCK_D >= 32`` there."""
-    if INTERPRETED or device_type != "cuda":
-        return _Tiles(16, 16, 16, 16, max(16, next_power_of_2(D)), 1, 1, 1)
-    block_d = max(32, next_power_of_2(D))
-    return _Tiles(64, 64, 64, 64, block_d, 4 if block_d <= 64 else 8, 8, 2 if block_d <= 64 else 1)
+def _tuned(name: str, wide: bool):
+    configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
+                             num_stages=t.num_stages) for t in GPU_TILES[name][wide]]
+    return triton.autotune(configs, key=["L", "S", "D"], prune_configs_by={"early_config_prune": _prune})(
+        _KERNELS[name])
+
+
+def _launch(name: str, extent: int, BH: int, args: tuple, consts: dict, device: torch.device,
+            tiles: Optional[Dict[str, Tile]]) -> None:
+    """Launch kernel ``name`` over ``cdiv(extent, block) x BH`` programs: with ``tiles[name]``
+    when given (tests), the interpreter's tile on CPU, else autotuned over :data:`GPU_TILES`.
+    Every candidate is safe to run repeatedly while the autotuner times it (outputs are
+    overwritten; the ranges pass's atomic maxima give the same result again)."""
+    along = _PROGRAMS_ALONG[name]
+    tile = tiles[name] if tiles is not None else \
+        INTERPRETER_TILE if INTERPRETED or device.type != "cuda" else None
+    if tile is None:
+        _tuned(name, consts["BLOCK_D"] > 64)[lambda meta: (cdiv(extent, meta[along]), BH)](*args, **consts)
+        return
+    sizes = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}
+    _KERNELS[name][(cdiv(extent, sizes[along]), BH)](*args, **sizes, num_warps=tile.num_warps,
+                                                     num_stages=tile.num_stages, **consts)
 
 
 def _sequence_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -468,13 +503,13 @@ def _mask_args(mask: Optional[torch.Tensor], placeholder: torch.Tensor) -> Tuple
 
 
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
-                      scale: float, causal: bool, bits: int, tiles: Optional[_Tiles] = None):
+                      scale: float, causal: bool, bits: int, tiles: Optional[Dict[str, Tile]] = None):
     """``[BH, L, D]``, ``[BH, S, D]``, ``[BH, S, D]`` -> ``(out, qq, sq, qk, sk, qv, sv, stats)``:
     the output and what the backward needs (the int8 operands, their float32 scales, and the
     row statistics ``[3, BH, L]``: max, exponential sum, ``P``'s scale).  ``mask``: ``None``
     or ``[O, H_in, L, S]`` with ``O * H_in == BH`` (strides 0 where it broadcasts), boolean
-    (False: masked) or of the query's dtype (added to the scores).  ``tiles``: block sizes
-    other than :func:`_tiles`' (tests)."""
+    (False: masked) or of the query's dtype (added to the scores).  ``tiles``: a
+    :class:`Tile` per kernel name instead of the interpreter's or the autotuned ones (tests)."""
     BH, L, D = query.shape
     S = key.shape[1]
     qq, sq = quantize(query, bits, [0, 1], False)
@@ -484,17 +519,16 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     stats = torch.empty((3, BH, L), dtype=torch.float32, device=query.device)
     margs, kind = _mask_args(mask, stats)
-    t = tiles or _tiles(D, query.device.type)
-    _attention_fwd_kernel[(cdiv(L, t.block_m), BH)](
-        qq, qk, qv_t, *margs, sq, sk, sv, out, stats, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv_t), *_rows(out),
-        scale, QMAX=N.qmax(bits), CAUSAL=causal, MASK=kind, DTYPE=_TL_DTYPES[query.dtype], BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n, BLOCK_D=t.block_d, num_warps=t.num_warps, num_stages=2)
+    _launch("fwd", L, BH, (qq, qk, qv_t, *margs, sq, sk, sv, out, stats, L, S, D, BH, *_rows(qq), *_rows(qk),
+                           *_rows(qv_t), *_rows(out), scale),
+            dict(QMAX=N.qmax(bits), CAUSAL=causal, MASK=kind, DTYPE=_TL_DTYPES[query.dtype],
+                 BLOCK_D=_block_d(D, query.device)), query.device, tiles)
     return out, qq, sq, qk, sk, qv, sv, stats
 
 
 def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, mask: Optional[torch.Tensor],
                        scale: float, causal: bool, bits: int, grad_bits: int, groups: int, stochastic: bool = True,
-                       seeds: Tuple = (None, None, None, None), tiles: Optional[_Tiles] = None):
+                       seeds: Tuple = (None, None, None, None), tiles: Optional[Dict[str, Tile]] = None):
     """``(dq, dk, dv)`` of :func:`attention_forward` (the same ``mask``).  ``grad_out`` is
     ShiftQuant-ed both ways first (:func:`~sqcompile.kernels.triton_quant.shiftquant_pair`:
     along ``D`` for ``dP = dO V^T``, along queries for ``dV = P^T dO``), then the three
@@ -512,24 +546,19 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
     ranges = torch.zeros(BH * S + 1 + BH * L + 1, dtype=torch.int32, device=dev)
     delta = torch.empty((BH, L), dtype=torch.float32, device=dev)
     margs, kind = _mask_args(mask, delta)
-    t = tiles or _tiles(D, dev.type)
-    common = dict(CAUSAL=causal, MASK=kind, DTYPE=_TL_DTYPES[dtype], BLOCK_D=t.block_d)
-    _attention_ranges_kernel[(cdiv(L, t.block_m), BH)](
-        qq, qk, qv, *margs, sq, sk, stats, eo_c, bo_c, delta, ranges, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv),
-        *_rows(eo_c), scale, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=2, **common)
+    common = dict(CAUSAL=causal, MASK=kind, DTYPE=_TL_DTYPES[dtype], BLOCK_D=_block_d(D, dev))
+    _launch("ranges", L, BH, (qq, qk, qv, *margs, sq, sk, stats, eo_c, bo_c, delta, ranges, L, S, D, BH, *_rows(qq),
+                              *_rows(qk), *_rows(qv), *_rows(eo_c), scale), common, dev, tiles)
     ranges = ranges.view(torch.float32)
     dq = torch.empty((BH, L, D), dtype=dtype, device=dev)
     dk = torch.empty((BH, S, D), dtype=dtype, device=dev)
     dv = torch.empty_like(dk)
     qq_t, qk_t = _sequence_contiguous(qq), _sequence_contiguous(qk)
     common.update(GRAD_QMAX=N.qmax(grad_bits), GROUPS=groups, STOCHASTIC=stochastic)
-    _attention_bwd_kv_kernel[(cdiv(S, t.bwd_block_n), BH)](
-        qq, qk, qv, *margs, qq_t, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, seed_r, dk, dv, L, S, D, BH,
-        *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qq_t), *_rows(eo_c), *_rows(eo_r), *_rows(dk), scale,
-        QMAX=N.qmax(bits), BLOCK_M=t.bwd_block_m, BLOCK_N=t.bwd_block_n, num_warps=t.bwd_num_warps,
-        num_stages=t.bwd_num_stages, **common)
-    _attention_bwd_q_kernel[(cdiv(L, t.block_m), BH)](
-        qq, qk, qv, *margs, qk_t, sq, sk, stats, eo_c, bo_c, delta, ranges, seed_c, dq, L, S, D, BH, *_rows(qq),
-        *_rows(qk), *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_rows(dq), scale, BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n, num_warps=t.bwd_num_warps, num_stages=2, **common)
+    _launch("dkdv", S, BH, (qq, qk, qv, *margs, qq_t, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, seed_r, dk,
+                            dv, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qq_t), *_rows(eo_c),
+                            *_rows(eo_r), *_rows(dk), scale), dict(common, QMAX=N.qmax(bits)), dev, tiles)
+    _launch("dq", L, BH, (qq, qk, qv, *margs, qk_t, sq, sk, stats, eo_c, bo_c, delta, ranges, seed_c, dq, L, S, D, BH,
+                          *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_rows(dq), scale),
+            common, dev, tiles)
     return dq, dk, dv
