@@ -5,13 +5,15 @@ References:
 * a quantized attention written here from :mod:`sqcompile.numerics` primitives and torch
   float ops, with nearest rounding in the backward (the kernels' ``stochastic=False``), so
   the comparison is value for value: it differs from the kernels only by the order of a
-  row's exponential sum and the ``exp`` implementation, i.e. float rounding;
+  row's exponential sum, the ``exp`` implementation and the softmax's division (the kernels
+  multiply by ``1 / l``), i.e. float rounding;
 * the unfused quantized attention (``ops.quantized_sdpa`` with the same Triton quantizers
   and GEMMs), with stochastic rounding and the same seeds: the fused backward draws the
   noise the unfused quantizers draw, element for element.
 
 Without CUDA everything runs in Triton's CPU interpreter on small shapes that are not
-multiples of the tiles (masked edges); ``ptxas`` checks the GPU tiles for spills (slow).
+multiples of the tiles (masked edges); ``ptxas`` checks the GPU tile candidates for sm_90
+(warpgroup MMA, spills, shared memory; slow).
 """
 from __future__ import annotations
 
