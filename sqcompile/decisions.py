@@ -48,7 +48,7 @@ class OpDecision:
     norm_bits: Optional[int] = None
     replacement: Optional[str] = None   # the function the node was rewritten to
     region: Optional[str] = None        # fused region name, when lowering fused it
-    note: Optional[str] = None          # a fusion that was wanted and not done, and why
+    note: Optional[str] = None          # a rewrite it went through, or a fusion not done and why
     graph: int = 0                      # which Dynamo graph (frame) of the model it came from
 
     @property
