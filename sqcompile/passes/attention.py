@@ -5,7 +5,7 @@ Models written before ``F.scaled_dot_product_attention`` (or for clarity, as tim
 minGPT) compute ``softmax(q @ k^T * scale [masked]) @ v`` op by op.  Quantized that way,
 the two matmuls become two GEMMs and the scores go through memory between them.  Where a
 quantized ``scaled_dot_product_attention`` would run as the fused Triton kernels
-(:func:`~sqcompile.passes.precision.attention_fusion`: the Triton family with integer
+(:func:`~sqcompile.passes.precision.attention_unfused`: the Triton family with integer
 execution, on CUDA by default), this pass replaces the chain with one
 ``F.scaled_dot_product_attention`` node, which :mod:`~sqcompile.passes.quantize_gemms` then
 rewrites like any other; everywhere else the graph is left alone.
@@ -36,11 +36,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .. import ops
 from ..config import Config
 from ..decisions import CompileRecord
 from .common import call_name, example_value, shape_of
-from .precision import Target, attention_fusion, choose_execution, op_config
+from .precision import Target, attention_unfused, choose_execution, op_config
 
 NOTE = "written as matmul, softmax, matmul; run as scaled_dot_product_attention"
 
@@ -162,31 +161,26 @@ def _rewrite(gm: fx.GraphModule, out: fx.Node, config: Config, target: Target) -
     if k is None:
         return False
     chain.append(s)
-    if scale == 1.0 and isinstance(q, fx.Node) and _scaled(q) is not None and _only_user(q, s):
+    q_scaled = _scaled(q) if scale == 1.0 and _only_user(q, s) else None
+    if q_scaled is not None:
         chain.append(q)
-        q, scale = _scaled(q)
+        q, scale = q_scaled
     values = [example_value(t) for t in (q, k, v)]
     if any(x is None or x.dim() < 3 for x in values):
         return False
     if len({tuple(shape_of(t)[:-2]) for t in (q, k, v)}) != 1:     # symbolic sizes compare by name
         return False
-    cfg = _fused_options(out, s, config, target)
-    if cfg is None:
+    mask_node = keep_from if keep_from is not None else mask
+    mask_value = None if mask_node is None else example_value(mask_node)
+    if mask_node is not None and mask_value is None:
         return False
-    mask_value = torch.empty((), dtype=torch.bool) if keep_from is not None else \
-        None if mask is None else example_value(mask)
-    if mask is not None and mask_value is None or ops.fused_attention_unsupported(
-            *values, mask_value, grad_bits=cfg.grad_bits, groups=cfg.groups) is not None:
+    if not _fused(out, s, config, target, values, mask_value):
         return False
     with gm.graph.inserting_before(out):
-        if keep_from is not None:
+        if keep_from is not None:      # masked_fill's mask says what to drop; sdpa's what to keep
             mask = gm.graph.call_function(torch.logical_not, (keep_from,))
-            fill = example_value(keep_from)
-            if fill is None:
-                gm.graph.erase_node(mask)
-                return False
-            with fill.fake_mode:
-                mask.meta["example_value"] = torch.logical_not(fill)
+            with mask_value.fake_mode:
+                mask.meta["example_value"] = torch.logical_not(mask_value)
         sdpa = gm.graph.call_function(F.scaled_dot_product_attention, (q, k, v),
                                       {"attn_mask": mask, "scale": scale})
     sdpa.meta.update(out.meta)
@@ -199,16 +193,16 @@ def _rewrite(gm: fx.GraphModule, out: fx.Node, config: Config, target: Target) -
     return True
 
 
-def _fused_options(out: fx.Node, scores: fx.Node, config: Config, target: Target):
-    """The attention's options if it would run fused and both matmuls get the same ones
-    (else None: the explicit form stays)."""
+def _fused(out: fx.Node, scores: fx.Node, config: Config, target: Target, values, mask) -> bool:
+    """Would the attention run fused (:func:`~sqcompile.passes.precision.attention_unfused`),
+    with both matmuls getting the options it gets?  Else the explicit form stays."""
     cfg, _ = op_config(out, config, "scaled_dot_product_attention")
-    if cfg is None or not cfg.quantize or config.collect_stats:
-        return None
+    if cfg is None or not cfg.quantize:
+        return False
     if any(op_config(n, config, "matmul")[0] != cfg for n in (out, scores)):
-        return None
+        return False
     try:
         ex = choose_execution(cfg, target)
     except ValueError:          # kernels="triton" where Triton cannot run: quantize_gemms says so
-        return None
-    return cfg if attention_fusion(cfg, target, ex) else None
+        return False
+    return attention_unfused(cfg, target, ex, config, values, mask, 0.0) is None

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch.fx as fx
 
+from .. import ops
 from ..config import Config, OpConfig, override_matches
 from ..decisions import EXEC_INT8_CPU, EXEC_INT8_TORCH, EXEC_SIMULATED, EXEC_TRITON, CompileRecord
 from .common import module_path, module_paths
@@ -80,6 +81,20 @@ def attention_fusion(cfg: OpConfig, target: Target, ex: Execution) -> bool:
     if not ex.integer or ex.kernels != "triton" or cfg.fused_attention is False:
         return False
     return cfg.fused_attention is True or target.device == "cuda"
+
+
+def attention_unfused(cfg: OpConfig, target: Target, ex: Execution, config: Config, values, mask,
+                      dropout_p) -> Optional[str]:
+    """Why a quantized attention with example operands ``values`` (query, key, value), mask
+    example ``mask`` (or None) and ``dropout_p`` does not run as the fused Triton kernels:
+    ``None`` when it does, ``""`` when fusion is not wanted (:func:`attention_fusion`)."""
+    if not attention_fusion(cfg, target, ex):
+        return ""
+    if config.collect_stats:
+        return "collect_stats observes each GEMM's quantizers"
+    if isinstance(dropout_p, fx.Node):
+        return "dropout_p is not a constant"
+    return ops.fused_attention_unsupported(*values, mask, dropout_p, grad_bits=cfg.grad_bits, groups=cfg.groups)
 
 
 def check_overrides(gm: fx.GraphModule, config: Config, record: CompileRecord) -> None:

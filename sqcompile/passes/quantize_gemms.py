@@ -18,7 +18,7 @@ from .. import ops
 from ..config import Config
 from ..decisions import EXEC_FLOAT, CompileRecord, OpDecision, stats_key
 from .common import bind, call_name, example_value, is_float_tensor, is_parameter, module_path, numel, shape_of
-from .precision import Target, attention_fusion, choose_execution, op_config
+from .precision import Target, attention_unfused, choose_execution, op_config
 
 _MM_NAMES = {"matmul": ("input", "other"), "mm": ("input", "mat2"), "bmm": ("input", "mat2")}
 _ADDMM_NAMES = {"addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2")}
@@ -162,22 +162,14 @@ FUSED_ATTENTION = "fused attention (Triton)"
 
 
 def _attention_unfused(cfg, target, ex, config, args) -> Optional[str]:
-    """``None`` when this attention runs as the fused Triton kernels; else why not, or ``""``
-    when fusion was not wanted (:func:`~sqcompile.passes.precision.attention_fusion`)."""
-    if not attention_fusion(cfg, target, ex):
-        return ""
-    if config.collect_stats:
-        return "collect_stats observes each GEMM's quantizers"
-    if isinstance(args["dropout_p"], fx.Node):
-        return "dropout_p is not a constant"
-    values = [example_value(args[k]) for k in ("query", "key", "value")]
+    """:func:`~sqcompile.passes.precision.attention_unfused` for an sdpa node's arguments."""
     mask = args["attn_mask"]
     if isinstance(mask, fx.Node):
         mask = example_value(mask)
         if mask is None:
             return "attn_mask of unknown dtype at compile time"
-    return ops.fused_attention_unsupported(*values, mask, args["dropout_p"], grad_bits=cfg.grad_bits,
-                                           groups=cfg.groups)
+    values = [example_value(args[k]) for k in ("query", "key", "value")]
+    return attention_unfused(cfg, target, ex, config, values, mask, args["dropout_p"])
 
 
 def _float_reason(tensors) -> Optional[str]:
