@@ -32,7 +32,10 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
    ``--float-attention`` also times it with attention left in bf16 (PyTorch's flash
    attention: ``overrides={"*:scaled_dot_product_attention": None}``, the Linears int8), and
    ``--unfused-attention`` with the quantized attention as separate ops instead of the fused
-   Triton kernels (``fused_attention=False``).  Errors there are printed and the script goes on.
+   Triton kernels (``fused_attention=False``).  ``--block-dims 1024,4096`` also times a block of
+   width 4096 (32 heads of 128, as Llama-7B's; bf16 and ours with CUDA graphs), where the
+   GEMMs, which int8 speeds up, weigh 4x more against the per-element work (norms,
+   quantizers, attention) than at width 1024.  Errors there are printed and the script goes on.
 4. The L1 norm at the block's LayerNorm shape ([8192, 1024] bf16), forward+backward: the Triton
    kernels against the same norm fused by Inductor and against bf16 ``nn.LayerNorm`` under
    Inductor (CUDA-graph replay); and the forward with its output quantized for a GEMM inside
@@ -302,11 +305,17 @@ def fused_regions(model) -> str:
 
 
 def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_attention: bool = False,
-               unfused_attention: bool = False, launched: bool = False) -> None:
-    print("\n[3] Transformer block training step (d 1024, 16 heads, seq 1024, batch 8)", flush=True)
+               unfused_attention: bool = False, launched: bool = False, d: int = 1024) -> None:
+    """One block width ``d`` (heads of 64 up to d 1024, of 128 above, as in Llama-7B's d 4096).
+    The optional variants (``--ablate-fusion`` ...) run at ``d`` 1024 only."""
+    heads = d // 64 if d <= 1024 else d // 128
+    tag = "3 block" if d == 1024 else f"3 block{d}"
+    print(f"\n[3] Transformer block training step (d {d}, {heads} heads, seq 1024, batch 8)", flush=True)
+    if d != 1024:
+        ablate_fusion = float_attention = unfused_attention = launched = False
     torch.manual_seed(0)
-    base = Block().cuda().bfloat16()
-    x = torch.randn(8, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    base = Block(d, heads).cuda().bfloat16()
+    x = torch.randn(8, 1024, d, device="cuda", dtype=torch.bfloat16)
 
     def step_fn(model):
         params = list(model.parameters())
@@ -350,20 +359,20 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_att
             for _ in range(3):      # CUDA graphs: warm-up, record, first replay
                 step()
             torch.cuda.synchronize()
-            record("3 block", f"{name}: compile + first step {time.perf_counter() - t0:.1f} s", "ok")
+            record(tag, f"{name}: compile + first step {time.perf_counter() - t0:.1f} s", "ok")
             if name.startswith("shiftquant"):
                 regions = fused_regions(model)
                 # The 2026-11-28 ablation (a module flag flipped between compiles) still ran
                 # fused kernels; the option is part of the backend's identity, so it cannot.
                 ok = fuse or regions.startswith("0 forward + 0 backward")
-                record("3 block", f"{name}: {regions}", "info" if ok else "error: fusion was not off")
+                record(tag, f"{name}: {regions}", "info" if ok else "error: fusion was not off")
             if "CUDA graphs" in name:   # Inductor logs why it skips a graph; count them here
                 from torch._dynamo.utils import counters
-                record("3 block", f"{name}: cudagraph skips so far: {counters['inductor']['cudagraph_skips']}",
+                record(tag, f"{name}: cudagraph skips so far: {counters['inductor']['cudagraph_skips']}",
                        "info")
             fns[name] = step
         except Exception as e:  # the backend is under construction: report and go on
-            record("3 block", f"{name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:120]})", "error")
+            record(tag, f"{name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:120]})", "error")
             traceback.print_exc(limit=6)
         finally:
             signal.alarm(0)
@@ -373,15 +382,15 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_att
     try:
         t = bench(fns, reps)
     except Exception as e:
-        record("3 block", f"timing FAILED ({type(e).__name__}: {e})", "error")
+        record(tag, f"timing FAILED ({type(e).__name__}: {e})", "error")
         return
     ref, ref_graphs = t["bf16 Inductor"], t.get("bf16 Inductor, CUDA graphs")
     for name, ms in t.items():
         vs_graphs = f", {ref_graphs / ms:.2f}x bf16 CUDA graphs" if ref_graphs else ""
-        record("3 block", f"{name}: {ms:.2f} ms per step", f"{ref / ms:.2f}x bf16{vs_graphs}")
+        record(tag, f"{name}: {ms:.2f} ms per step", f"{ref / ms:.2f}x bf16{vs_graphs}")
     if PROFILE:
         for name, fn in fns.items():
-            profile(f"block {name}", fn)
+            profile(f"block d={d} {name}", fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,6 +479,9 @@ def main() -> int:
     parser.add_argument("--parts", default="1,2,3,4,5", help="comma-separated parts to run (1, 2, 3, 4, 5)")
     parser.add_argument("--reps", type=int, default=5, help="interleaved rounds per measurement")
     parser.add_argument("--block-timeout", type=int, default=150, help="seconds allowed for each compile in part 3")
+    parser.add_argument("--block-dims", default="1024",
+                        help="comma-separated model widths for part 3 (1024: 16 heads of 64; wider: heads of 128, "
+                             "e.g. 4096 as in Llama-7B), each after the one before")
     parser.add_argument("--ablate-fusion", action="store_true",
                         help="part 3 also times the captured shiftquant block with region fusion off "
                              "(options={'fusion': False}: one more compile)")
@@ -499,8 +511,9 @@ def main() -> int:
     # the block (part 3, several compiles) runs last, so a time limit costs the fewest figures
     for key, run in [("1", lambda: part_linear(args.reps)), ("2", lambda: part_quantizers(args.reps)),
                      ("4", lambda: part_norm(args.reps)), ("5", lambda: part_attention(args.reps)),
-                     ("3", lambda: part_block(args.reps, args.block_timeout, args.ablate_fusion, args.float_attention,
-                                              args.unfused_attention, args.launched))]:
+                     ("3", lambda: [part_block(args.reps, args.block_timeout, args.ablate_fusion, args.float_attention,
+                                               args.unfused_attention, args.launched, int(d))
+                                    for d in args.block_dims.split(",")])]:
         if key not in parts:
             continue
         try:

@@ -324,7 +324,7 @@ result = []
 for config in tf.region_configs(ep):
     out = sm90.compile_sm90(tf.kernel_for(sys.argv[1]).fn, sig, {**ones, **config.kwargs}, num_warps=config.num_warps,
                             num_stages=config.num_stages, fp_fusion=False)
-    result.append({"tile": [config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]], "wgmma": "wgmma" in out["ptx"], "cubin": len(out["cubin"]),
+    result.append({"tile": [config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")], "wgmma": "wgmma" in out["ptx"], "cubin": len(out["cubin"]), "shared": out["shared"],
                    "spilled": out["spilled"], "atomics": out["ptx"].count("red.global.gpu.relaxed.max.s32")})
 print(json.dumps(result))
 """
@@ -350,7 +350,10 @@ def test_generated_kernel_compiles_for_hopper(program):
     """The interpreter is lenient: compile generated kernels for sm_90 (no GPU needed), in a
     process without TRITON_INTERPRET, with every autotuning config they get: the GEMM uses
     wgmma, range outputs a relaxed atomic max, and (per ``ptxas -v``) nothing spills, which
-    is why heavy epilogues do not get the 128x256 tile."""
+    is why heavy epilogues do not get the 128x256 tile.  With Triton 3.9; Triton 3.6 (the H200
+    machine's, 2026-11) spills 476-604 bytes for ``gelu_backward+ranges`` at every tile: its
+    layout pass computes the GELU backward twice, once in the store's layout and once in the
+    range reduction's."""
     import json
     pytest.importorskip("triton.backends.nvidia")
     import sm90
@@ -359,9 +362,10 @@ def test_generated_kernel_compiles_for_hopper(program):
     ep = tf.Epilogue(*spec)
     assert tf.wide_tile_fits(ep) == wide
     result = json.loads(sm90.run(_HOPPER_SCRIPT, ep.signature()).strip().splitlines()[-1])
-    assert [r["tile"] for r in result] == ([[128, 256]] if wide else []) + [[128, 128], [64, 128], [128, 64]]
+    assert [r["tile"] for r in result] == ([[128, 256, 128]] if wide else []) + [
+        [128, 128, 128], [128, 128, 256], [64, 128, 128], [128, 64, 64]]
     for r in result:
-        assert r["wgmma"] and r["cubin"] > 0 and r["spilled"] <= 0, r
+        assert r["wgmma"] and r["cubin"] > 0 and r["spilled"] <= 0 and r["shared"] <= 227 * 1024, r
         assert (r["atomics"] > 0) == bool(ep.ranges)
 
 

@@ -297,8 +297,10 @@ def _gemm():
 
 
 def region_configs(ep: Optional[Epilogue] = None):
-    """Autotuning configs of region kernels: three of the GEMM's Hopper configs (128x256,
-    128x128 and 64x128 tiles, BLOCK_K 128; the 128x256 one only where :func:`wide_tile_fits`),
+    """Autotuning configs of region kernels: four of the GEMM's Hopper configs (128x256,
+    128x128 and 64x128 tiles, BLOCK_K 128, and 128x128 with BLOCK_K 256, which waits for its
+    MMAs half as often: :data:`~sqcompile.kernels.triton_gemm.CUDA_CONFIGS`; the 128x256 one
+    only where :func:`wide_tile_fits`),
     or for thin operands (N or K of 64, as in attention) the small one
     (:func:`~sqcompile.kernels.triton_gemm.prune_configs` picks).  The 64x128 tile (4 warps)
     gives outputs with few columns more programs per wave: a ``[8192, 1024]`` output is 512
@@ -307,10 +309,10 @@ def region_configs(ep: Optional[Epilogue] = None):
     spills 500-1100 bytes for heavy epilogues and is left out).  Every region signature is
     compiled once per config (7-12 s each for sm_90 on a 2-core CPU, measured with
     ``triton.compile``), so a model with ten distinct epilogues would spend minutes
-    autotuning over all six."""
+    autotuning over all of the plain GEMM's."""
     gemm = _gemm()
     wide = [gemm.CUDA_CONFIGS[0]] if ep is None or wide_tile_fits(ep) else []
-    return [*wide, gemm.CUDA_CONFIGS[2], gemm.CUDA_CONFIGS[4], gemm.SMALL_CONFIG]
+    return [*wide, gemm.CUDA_CONFIGS[2], gemm.CUDA_CONFIGS[6], gemm.CUDA_CONFIGS[4], gemm.SMALL_CONFIG]
 
 
 _CACHE: Dict[str, RegionKernel] = {}

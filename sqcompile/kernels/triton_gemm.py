@@ -16,7 +16,8 @@ program order for L2 reuse, ``tl.dot`` on int8 tiles with an int32 accumulator),
   function and its arguments; the main loop never changes.
 
 On CUDA the kernel is autotuned over configs suited to Hopper's int8 tensor cores (128-256
-wide tiles, ``BLOCK_K`` 64-128, 3-4 stages, 4-8 warps); in the interpreter (CPU,
+wide tiles, ``BLOCK_K`` 64-256, 2-4 stages, 4-8 warps; see :data:`CUDA_CONFIGS` for why
+``BLOCK_K`` 256); in the interpreter (CPU,
 ``TRITON_INTERPRET=1``) one small fixed config keeps tests fast.  The dot's operand layout
 matters on Hopper: 8-bit wgmma wants both operands K-major, which is what a Linear's forward
 gets (``x`` rows and ``weight.t()`` columns are contiguous along K); the backward GEMMs read
@@ -143,13 +144,22 @@ def _relayout_kernel(x_ptr, y_ptr, R, C, sxb, sxr, sxc, syb, syr, syc,
 
 INTERPRETED = type(_int8_gemm_kernel).__name__ == "InterpretedFunction"
 
-# Hopper int8 wgmma: 128-256 wide tiles, BLOCK_K 64-128, 3-4 stages in shared memory.
+# Hopper int8 wgmma: 128-256 wide tiles, BLOCK_K 64-256, 2-4 stages in shared memory.
+#
+# Triton issues an int8 wgmma synchronously: its pipeliner makes a dot "properly async" (the
+# next iteration's MMAs queued behind this one's) only for float32 accumulators, so every
+# iteration of the K loop ends by waiting for its MMAs to drain (``wgmma.wait_group 0`` in the
+# PTX, where an fp16 or fp8 GEMM waits with 1 outstanding; seen with Triton 3.6 and 3.9).
+# The BLOCK_K 256 configs halve the number of those waits per tile (twice the MMAs per wait)
+# at the cost of fewer stages in the 227 KB of shared memory; autotuning picks.
 CUDA_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8}, num_stages=2, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 256, "GROUP_M": 8}, num_stages=3, num_warps=8),
 ]
 # For operands too thin for any of those (attention's head dim of 64 as N or K).
 SMALL_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4)
