@@ -431,7 +431,11 @@ def _range_axis(x: torch.Tensor, channel_dims, gemm3) -> Optional[str]:
 
 def _find_ranges(r: _Region, shiftquant) -> None:
     """Let the region also compute the channel ranges of each ShiftQuant that reads its final
-    value (through views): that quantizer then skips its own range pass."""
+    value (through views): that quantizer then skips its own range pass.  Not where the
+    epilogue would spill with the installed Triton (:func:`~sqcompile.kernels.triton_fused.ranges_fit`)."""
+    from ..kernels import triton_fused
+    if not triton_fused.ranges_fit(r.ops):
+        return
     final = r.chain[-1]
     ref, stack = r.value[final], [final]
     while stack:

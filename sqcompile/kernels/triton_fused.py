@@ -289,6 +289,34 @@ def wide_tile_fits(ep: Epilogue) -> bool:
             and not any("m" in p and "n" in p for p, _ in ep.inputs))
 
 
+# Activation backwards whose transcendental formulas spill registers next to range outputs
+# with older Triton releases (see :func:`ranges_fit`).
+_HEAVY_BACKWARD_OPS = {"gelu_backward", "silu_backward"}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version() -> Tuple[int, int]:
+    """The installed Triton's (major, minor), read from its package metadata (no import)."""
+    from importlib import metadata
+    try:
+        major, minor, *_ = metadata.version("triton").split(".")
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    except (metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+def ranges_fit(ops: Sequence[Tuple]) -> bool:
+    """May an epilogue with these ops also compute ShiftQuant ranges without spilling?
+    Compiled for sm_90 as launched, a 16-bit GELU or SiLU backward with range outputs spills
+    264-604 bytes per thread at every region tile with Triton 3.6 (the H200 machine's,
+    2026-11: its layout pass computes the activation backward twice, once in the store's
+    layout and once in the reduction's) and nothing with Triton 3.9; the same epilogues
+    without ranges, and a residual add or ReLU backward with ranges, spill with neither.
+    Before 3.9 such regions therefore leave the ranges to ShiftQuant's own range pass (one
+    read of the gradient), which costs less than spilling every tile's epilogue."""
+    return _triton_version() >= (3, 9) or not any(name in _HEAVY_BACKWARD_OPS for name, *_ in ops)
+
+
 @functools.lru_cache(maxsize=None)
 def _gemm():
     """:mod:`sqcompile.kernels.triton_gemm`, imported on first use (it defines Triton kernels),
