@@ -141,13 +141,11 @@ def round_values(v: torch.Tensor, rounding: str, noise: Optional[torch.Tensor] =
     raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
-_TINY = torch.finfo(torch.float32).tiny
-
-
 def _safe_div_scale(scale: torch.Tensor) -> torch.Tensor:
-    """The scale, raised to the smallest normal float where it is 0 (the values there are 0
-    too, so they still quantize to 0) -- one vectorizable op, unlike a ``where``."""
-    return scale.clamp_min(_TINY)
+    """The scale, 1 where it is 0 (the values there are 0 too, so they still quantize to 0).
+    Subnormal scales (amax below ``qmax * 2**-126``) are divided by as they are: an earlier
+    clamp to the smallest normal float changed their quotients."""
+    return scale.masked_fill(scale == 0, 1.0)
 
 
 def _finite_or_nan(scale: torch.Tensor) -> torch.Tensor:

@@ -246,6 +246,39 @@ def test_quantize_rounds_half_to_even():
     assert q.cpu().tolist() == [[7, 0, 2, 2, 0, -2, -2, 4, -6, 0]]
 
 
+def _next_to_rounding_boundaries(amax: torch.Tensor, bits: int, ulps: int, g: torch.Generator) -> torch.Tensor:
+    """Rows whose values ``x`` make ``x / scale`` land on and within ``ulps`` ulps of the
+    half-integers ``k + 1/2`` (where nearest rounding turns), one row per ``amax`` (its first
+    value, so the row's scale is ``amax / qmax``), signs random."""
+    qmax = N.qmax(bits)
+    scale = amax / qmax                                             # what the quantizer computes
+    k = torch.randint(0, qmax, (amax.numel(), 2 * ulps + 1), generator=g).float()
+    x = (k + 0.5) * scale[:, None]                                  # a product rounded once
+    steps = torch.arange(-ulps, ulps + 1, dtype=torch.float32)
+    for _ in range(ulps):        # walk each value its own number of ulps away from the boundary
+        x = torch.where(steps[None] > 0, torch.nextafter(x, torch.full_like(x, float("inf"))), x)
+        x = torch.where(steps[None] < 0, torch.nextafter(x, torch.full_like(x, -float("inf"))), x)
+        steps = steps - steps.sign()
+    sign = torch.randint(0, 2, x.shape, generator=g).float() * 2 - 1
+    return torch.cat([amax[:, None], x * sign], 1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), bits=st.integers(2, 8),
+       exponent=st.sampled_from([-126, -110, -100, -60, -20, 0, 20, 60, 120]))
+def test_nearest_rounding_is_exact_next_to_every_rounding_boundary(seed, bits, exponent):
+    """Nearest rounding divides with a per-channel reciprocal and two FMAs (``_div_by``,
+    Markstein's correction) instead of an IEEE division per element; the quotients that
+    decide a rounding are those next to the half-integers, where an approximate quotient
+    would flip the result.  Against the reference (torch's division), bit for bit, for scales
+    from 2**-133 (prescaled by 2**64) to 2**117."""
+    g = torch.Generator().manual_seed(seed)
+    amax = (1 + torch.rand(64, generator=g)) * 2.0 ** exponent
+    x = _next_to_rounding_boundaries(amax, bits, 3, g)
+    check_quantize_nearest(x.to(DEVICE), bits, [0])
+    check_quantize_nearest(x.to(DEVICE), bits, [0], fused=False)
+
+
 @pytest.mark.parametrize("keep_dims", [[], [0, 1], [0, 2]])
 def test_quantize_zero_tensor(keep_dims):
     x = torch.zeros(3, 33, 45, device=DEVICE)

@@ -117,22 +117,38 @@ def _scale_of(amax, QMAX: tl.constexpr):
 
 @triton.jit
 def _multipliers(scale, STOCHASTIC: tl.constexpr):
-    """Per-channel ``(divisor, pre, inv)`` for :func:`_quantize_values`.
+    """Per-channel ``(divisor, pre, inv)`` for :func:`_quantize_values`: one IEEE division
+    per channel, none per element.
 
     ``divisor`` is the scale, or 1 where the scale is 0 (those values are 0), as
-    numerics.quantize_with_scale.  Nearest rounding divides by it (IEEE, bit-exact with the
-    reference).  Stochastic rounding cannot match the reference's noise anyway, so it
-    multiplies by the reciprocal instead of paying a division per element:
-    ``v = (x * pre) * inv`` with ``pre = 2**64`` for divisors below ``2**-100`` so the
-    reciprocal stays finite (``x * pre`` is exact: ``|x| <= qmax * scale``)."""
+    numerics.quantize_with_scale, times ``pre``: ``2**64`` for divisors below ``2**-100``,
+    else 1, so that the reciprocal ``inv = 1 / divisor`` (correctly rounded) and every
+    intermediate of :func:`_div_by` stay normal numbers (``x * pre`` is exact:
+    ``|x| <= qmax * scale``).  Both roundings use them: stochastic rounding multiplies by
+    ``inv`` (it cannot match the reference's noise anyway), nearest rounding divides exactly
+    with :func:`_div_by`."""
     divisor = tl.where(scale == 0.0, 1.0, scale)
-    if STOCHASTIC:
-        pre = tl.where(divisor < 7.888609052210118e-31, 18446744073709551616.0, 1.0)
-        inv = tl.math.div_rn(1.0, divisor * pre)
-    else:
-        pre = divisor
-        inv = divisor
+    pre = tl.where(divisor < 7.888609052210118e-31, 18446744073709551616.0, 1.0)
+    divisor = divisor * pre
+    inv = tl.math.div_rn(1.0, divisor)
     return divisor, pre, inv
+
+
+@triton.jit
+def _div_by(a, b, inv):
+    """``a / b`` correctly rounded (IEEE ``div.rn``), given ``inv``, the correctly rounded
+    ``1 / b``: ``q = a * inv`` is within an ulp of the quotient, the FMA gives its remainder
+    ``a - q * b`` exactly, and one more FMA ``q + r * inv`` rounds to the correctly rounded
+    quotient (Markstein's theorem; as IA-64 divides).  Holds while nothing under- or
+    overflows, which :func:`_multipliers`' ``pre`` ensures for the quotients that matter
+    (``|a / b| >= 2**-30``; smaller ones round to 0 either way).  Three FMA-pipe instructions
+    per element where ``div_rn`` costs a reciprocal on the special-function unit, a dozen
+    more and a slow-path branch: on a GPU the 16-bit per-row quantizer was
+    instruction-bound, not memory-bound.  ``tests/test_triton_kernels.py`` checks it
+    against torch's division on quotients next to every rounding boundary."""
+    q = a * inv
+    r = tl.fma(-q, b, a)
+    return tl.fma(r, inv, q)
 
 
 @triton.jit
@@ -145,7 +161,7 @@ def _quantize_values(x, divisor, pre, inv, noise, QMAX: tl.constexpr, STOCHASTIC
     if STOCHASTIC:
         v = (x.to(tl.float32) * pre) * inv
     else:
-        v = tl.math.div_rn(x.to(tl.float32), divisor)
+        v = _div_by(x.to(tl.float32) * pre, divisor, inv)
     v = tl.where(v == v, v, 0.0)
     v = tl.minimum(tl.maximum(v, -QMAX * 1.0), QMAX * 1.0)
     if STOCHASTIC:
