@@ -294,17 +294,6 @@ def wide_tile_fits(ep: Epilogue) -> bool:
 _HEAVY_BACKWARD_OPS = {"gelu_backward", "silu_backward"}
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_version() -> Tuple[int, int]:
-    """The installed Triton's (major, minor), read from its package metadata (no import)."""
-    from importlib import metadata
-    try:
-        major, minor, *_ = metadata.version("triton").split(".")
-        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-    except (metadata.PackageNotFoundError, ValueError):
-        return (0, 0)
-
-
 def ranges_fit(ops: Sequence[Tuple]) -> bool:
     """May an epilogue with these ops also compute ShiftQuant ranges without spilling?
     Compiled for sm_90 as launched, a 16-bit GELU or SiLU backward with range outputs spills
@@ -315,6 +304,11 @@ def ranges_fit(ops: Sequence[Tuple]) -> bool:
     Before 3.9 such regions therefore leave the ranges to ShiftQuant's own range pass (one
     read of the gradient), which costs less than spilling every tile's epilogue."""
     return _triton_version() >= (3, 9) or not any(name in _HEAVY_BACKWARD_OPS for name, *_ in ops)
+
+
+def _triton_version() -> Tuple[int, int]:
+    from .triton_ops import triton_version
+    return triton_version()
 
 
 @functools.lru_cache(maxsize=None)

@@ -34,6 +34,19 @@ from .. import ops
 UNAVAILABLE = "Triton needs CUDA, or TRITON_INTERPRET=1 to run its interpreter on CPU"
 
 
+@functools.lru_cache(maxsize=None)
+def triton_version() -> Tuple[int, int]:
+    """The installed Triton's ``(major, minor)``, read from its package metadata (no import;
+    ``(0, 0)`` when unknown).  Some kernel choices depend on it (``triton_fused.ranges_fit``,
+    ``triton_quant``'s division)."""
+    from importlib import metadata
+    try:
+        major, minor, *_ = metadata.version("triton").split(".")
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    except (metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
 def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 

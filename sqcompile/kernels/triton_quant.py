@@ -85,11 +85,14 @@ import triton.language as tl
 
 from .. import numerics as N
 from .. import ops
-from .triton_ops import pair_dims
+from .triton_ops import _interpret_requested, pair_dims, triton_version
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _ROUND_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22
 _MAX_GRID_YZ = 65535        # CUDA limit on grid dims 1 and 2
+# Nearest rounding divides with FMAs (:func:`_div_by`) where ``tl.fma`` rounds once: compiled
+# kernels, and Triton's interpreter from 3.9 on (3.6's computes ``x * y + z`` in two roundings).
+_FMA_DIVISION = tl.constexpr(not _interpret_requested() or triton_version() >= (3, 9))
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,13 +125,15 @@ def _multipliers(scale, STOCHASTIC: tl.constexpr):
 
     ``divisor`` is the scale, or 1 where the scale is 0 (those values are 0), as
     numerics.quantize_with_scale, times ``pre``: ``2**64`` for divisors below ``2**-100``,
-    else 1, so that the reciprocal ``inv = 1 / divisor`` (correctly rounded) and every
-    intermediate of :func:`_div_by` stay normal numbers (``x * pre`` is exact:
-    ``|x| <= qmax * scale``).  Both roundings use them: stochastic rounding multiplies by
-    ``inv`` (it cannot match the reference's noise anyway), nearest rounding divides exactly
-    with :func:`_div_by`."""
+    ``2**-64`` above ``2**100``, else 1, so that the reciprocal ``inv = 1 / divisor``
+    (correctly rounded) and every intermediate of :func:`_div_by` stay normal numbers
+    (``x * pre`` is exact where it matters: ``|x| <= qmax * scale``, and an ``x`` it makes
+    subnormal is below ``2**-60`` scales, which rounds to 0 either way).  Both roundings use
+    them: stochastic rounding multiplies by ``inv`` (it cannot match the reference's noise
+    anyway), nearest rounding divides exactly with :func:`_div_by`."""
     divisor = tl.where(scale == 0.0, 1.0, scale)
-    pre = tl.where(divisor < 7.888609052210118e-31, 18446744073709551616.0, 1.0)
+    pre = tl.where(divisor < 7.888609052210118e-31, 18446744073709551616.0,
+                   tl.where(divisor > 1.2676506002282294e30, 5.421010862427522e-20, 1.0))
     divisor = divisor * pre
     inv = tl.math.div_rn(1.0, divisor)
     return divisor, pre, inv
@@ -161,7 +166,10 @@ def _quantize_values(x, divisor, pre, inv, noise, QMAX: tl.constexpr, STOCHASTIC
     if STOCHASTIC:
         v = (x.to(tl.float32) * pre) * inv
     else:
-        v = _div_by(x.to(tl.float32) * pre, divisor, inv)
+        if _FMA_DIVISION:
+            v = _div_by(x.to(tl.float32) * pre, divisor, inv)
+        else:
+            v = tl.math.div_rn(x.to(tl.float32) * pre, divisor)
     v = tl.where(v == v, v, 0.0)
     v = tl.minimum(tl.maximum(v, -QMAX * 1.0), QMAX * 1.0)
     if STOCHASTIC:
