@@ -451,15 +451,17 @@ print(json.dumps(result))
 def test_gpu_tiles_compile_for_hopper_to_warpgroup_mma_without_spills():
     """What a real launch compiles for sm_90, for every autotuning candidate (``GPU_TILES``):
     every ``tl.dot`` a warpgroup MMA (no ``mma.sync``: 32-row tiles fall back to it) and no
-    register spills, but for 4 bytes (one register) in some head-dim-128 ``dK``/``dV``
-    variants; shared memory well within a Hopper SM's 227 KiB."""
+    register spills, but in the head-dim-128 ``dK``/``dV`` kernel: 4 bytes (one register) at
+    64x64, 44-52 at 128x64 (Triton 3.9; see ``triton_attention.GPU_TILES``); shared memory
+    well within a Hopper SM's 227 KiB."""
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     result = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
     assert len(result) == sum(len(tiles) + 1 for pair in _ta().GPU_TILES.values() for tiles in pair), result
     for name, (spilled, legacy_mma, shared) in result.items():
         assert legacy_mma == 0 and shared <= 160 * 1024, (name, result)
-        assert spilled <= (4 if name.startswith("dkdv d=128") else 0), (name, result)
+        allowed = 64 if name.startswith("dkdv d=128 128x64") else 4 if name.startswith("dkdv d=128") else 0
+        assert spilled <= allowed, (name, result)
 
 
 @pytest.mark.gpu

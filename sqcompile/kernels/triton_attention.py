@@ -425,13 +425,16 @@ class Tile(NamedTuple):
 # The candidate tiles on a GPU, per kernel and head-dim class (BLOCK_D <= 64, BLOCK_D > 64),
 # autotuned per (L, S, D) at the first call (``SQCOMPILE_AUTOTUNE=0``: the first one).  Each
 # compiles for sm_90 with every ``tl.dot`` a warpgroup MMA (``wgmma``; 32-row tiles fell back
-# to ``mma.sync``) and no register spills, but for 4 bytes in some head-dim-128 ``dK``/``dV``
-# variants (one pipeline stage there: two spill 16-112): ``tests/test_triton_attention.py``
-# checks it with ``ptxas``.  Not chosen from timings: the autotuner times them on the GPU.
+# to ``mma.sync``) and no register spills, but in the head-dim-128 ``dK``/``dV`` kernel (one
+# pipeline stage there: two spill 16-112): 4 bytes at 64x64 and 44-52 at 128x64, which held
+# none until ``P``'s quantizer divided with FMAs (``triton_quant._div_by``, a few more live
+# registers than ``div.rn``'s call; a dozen fewer instructions per element): the 64x64 tile
+# comes first, the autotuner weighs the other.  ``tests/test_triton_attention.py`` checks
+# it with ``ptxas``.  Not chosen from timings: the autotuner times them on the GPU.
 GPU_TILES = {
     "fwd": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)]),
     "ranges": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)]),
-    "dkdv": ([Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)], [Tile(128, 64, 8, 1), Tile(64, 64, 8, 1)]),
+    "dkdv": ([Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 1), Tile(128, 64, 8, 1)]),
     "dq": ([Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2)]),
 }
 # In Triton's interpreter (tests): small tiles, so masked edges and several blocks are exercised.
