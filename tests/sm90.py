@@ -56,6 +56,29 @@ def compile_sm90(fn, signature: dict, constexprs: dict, *, num_warps: int, num_s
     return result
 
 
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """``{"instructions", "MUFU", "CALL", "FFMA", ...}``: the SASS instructions of a compiled
+    kernel (``cuobjdump -sass``, which Triton ships) in all and by opcode, without modifiers
+    (``{}`` when there is no ``cuobjdump``).  Static counts: a loop body counts once."""
+    if not os.path.exists(CUOBJDUMP):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        listing = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0].rstrip(";").split(".")[0]
+           for line in listing.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    counts = {"instructions": len(ops)}
+    for op in ops:
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
 def run(script: str, *args: str, timeout: int = 600) -> str:
     """Run ``script`` (Python source that imports this module) in a process without
     ``TRITON_INTERPRET``; its standard output."""

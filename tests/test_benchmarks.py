@@ -1,8 +1,12 @@
 """The benchmark scripts still run: a tiny Linear step through ``benchmarks/linear.py``
-(speed itself is measured by the scripts, never asserted here)."""
+(speed itself is measured by the scripts, never asserted here), the host-cost table, and
+the sm_90 instruction counts (whose one structural property, no division per element in
+nearest rounding, is asserted)."""
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,3 +30,24 @@ def test_host_overhead_benchmark_runs():
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| triton_")]
     assert len(rows) == 8 and "less host time" in res.stdout
+
+
+@pytest.mark.slow
+def test_sass_counts_show_no_division_per_element_in_nearest_rounding():
+    """``benchmarks/sass_counts.py`` compiles kernels for sm_90 and counts their instructions.
+    The per-row nearest quantizer (32 values per thread) must not divide per element:
+    IEEE divisions put a MUFU reciprocal and a slow-path CALL per value into its code
+    (34 of each before nearest rounding divided with FMAs, 4 since: the per-row scales)."""
+    pytest.importorskip("triton.backends.nvidia")
+    import sm90
+    if not os.path.exists(sm90.CUOBJDUMP):
+        pytest.skip("this Triton ships no cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sass_counts.py"), "--only",
+                          "quantize per-row bf16, nearest"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = next(line for line in res.stdout.splitlines() if line.startswith("| quantize per-row bf16, nearest"))
+    instructions, per_element, mufu, calls, spilled = [c.strip() for c in row.split("|")[2:7]]
+    assert int(mufu) <= 8 and int(calls) <= 8 and int(spilled) == 0, row
+    assert float(per_element) < 30, row

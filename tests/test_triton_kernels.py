@@ -551,6 +551,20 @@ def test_shiftquant_group_boundaries_are_exact():
     _same(e[0, 0].cpu().to(torch.int32), expected)
 
 
+@pytest.mark.parametrize("exponent", [-149, -140, -126, -100, 0, 100, 120])
+def test_shiftquant_group_scales_at_the_ends_of_the_float_range(exponent):
+    """The group scales' reciprocals come from one division per call scaled by powers of two
+    (``_shift_multipliers``); at the ends of the float range that needs the base scale
+    brought into range first (a subnormal or huge ``base``).  Nearest rounding bit for bit
+    against the reference, channels spread over all groups."""
+    g = torch.Generator().manual_seed(exponent & 0xFFFF)
+    x = torch.randn(3, 40, 24, generator=g) * torch.exp2(torch.randint(-5, 1, (1, 1, 24), generator=g).float())
+    x = (x * 2.0 ** exponent).to(DEVICE)
+    for bits, groups in [(4, 4), (8, 1), (2, 5)]:
+        check_shiftquant_nearest(x, bits, groups, [0, 2])
+        check_shiftquant_nearest(x, bits, groups, [1])
+
+
 def test_shiftquant_zero_tensor():
     tq, _ = _kernels()
     x = torch.zeros(3, 33, 45, device=DEVICE)

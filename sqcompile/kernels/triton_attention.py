@@ -148,7 +148,7 @@ def _p_scale(l, QMAX: tl.constexpr, DTYPE: tl.constexpr):
 @triton.jit
 def _quantized_p(p, sp, QMAX: tl.constexpr):
     """``P``'s int8 per-row quantization (nearest) with the row scales ``sp``."""
-    divisor, pre, inv = _multipliers(sp, False)
+    divisor, pre, inv = _multipliers(sp)
     return _quantize_values(p, divisor[:, None], pre[:, None], inv[:, None], 0.0, QMAX, False).to(tl.int8)
 
 

@@ -53,7 +53,7 @@ from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _device_programs, _mult
 def _quantize_rows(x, mask, QMAX: tl.constexpr):
     """Per-row nearest quantization of the tile ``x``: ``(q int32, scale [BLOCK_R])``."""
     scale = _scale_of(tl.max(tl.where(mask, _abs_nan_as_inf(x), 0.0), axis=1), QMAX)
-    divisor, pre, inv = _multipliers(scale, False)
+    divisor, pre, inv = _multipliers(scale)
     q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], 0.0, QMAX, False)
     return tl.where(mask, q, 0), scale
 
@@ -125,7 +125,7 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
         # stochastic per-row quantization of the gradient (triton_quantize's noise), dequantized
         gscale = _scale_of(tl.max(tl.where(mask, _abs_nan_as_inf(dy), 0.0), axis=1), GQMAX)
-        divisor, pre, ginv = _multipliers(gscale, True)
+        divisor, pre, ginv = _multipliers(gscale)
         noise = _uniform_noise(seed, rows, 0, L, BLOCK_R, BLOCK_L)
         dq = _quantize_values(dy, divisor[:, None], pre[:, None], ginv[:, None], noise, GQMAX, True)
         dyc = tl.where(mask, dq.to(tl.float32) * gscale[:, None], 0.0)

@@ -119,7 +119,7 @@ def _scale_of(amax, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _multipliers(scale, STOCHASTIC: tl.constexpr):
+def _multipliers(scale):
     """Per-channel ``(divisor, pre, inv)`` for :func:`_quantize_values`: one IEEE division
     per channel, none per element.
 
@@ -272,7 +272,7 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
         x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
         scale = _scale_of(tl.max(_abs_nan_as_inf(x), axis=1), QMAX)
         tl.store(scale_ptr + rows, scale, mask=mask_c)
-        divisor, pre, inv = _multipliers(scale, STOCHASTIC)
+        divisor, pre, inv = _multipliers(scale)
         _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, rows, 0, L, QMAX, STOCHASTIC,
                        BLOCK_C, BLOCK_L)
         return
@@ -285,7 +285,7 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
         acc = tl.maximum(acc, _abs_nan_as_inf(x))
     scale = _scale_of(tl.max(acc, axis=1), QMAX)
     tl.store(scale_ptr + rows, scale, mask=mask_c)
-    divisor, pre, inv = _multipliers(scale, STOCHASTIC)
+    divisor, pre, inv = _multipliers(scale)
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask = mask_c[:, None] & (offs_l < L)[None, :]
@@ -373,7 +373,7 @@ def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_
         writer += a
     if writer == 0:
         tl.store(scale_ptr + channel, scale, mask=mask_c)
-    divisor, pre, inv = _multipliers(scale, STOCHASTIC)
+    divisor, pre, inv = _multipliers(scale)
     mask = mask_c[:, None] & (offs_l < L)[None, :]
     offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -401,13 +401,39 @@ def _base_of(R, GROUPS: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _pow2(e):
+    """``2.0 ** e`` for integer ``e`` in ``[-126, 127]``, exactly (built from its exponent bits)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _shift_multipliers(base, shift):
+    """:func:`_multipliers` of the group scales ``base * 2**shift`` (``shift`` in 0..G-1, per
+    channel) from one division per call instead of one per channel: each channel's
+    ``pre`` and divisor are powers of two times ``base``, so its reciprocal is
+    ``1 / (base * 2**e_b)`` times a power of two, exactly (scaling by a power of two commutes
+    with rounding while every value involved is normal: ``e_b`` = +-64 brings a subnormal or
+    huge ``base`` into range, and ``pre`` keeps ``1 / divisor`` within ``2**+-100``).  A zero
+    ``base`` gives divisor and reciprocal 1, a NaN or infinite one NaN or 0 quotients, which
+    the quantizer maps to 0, as the reference.  Per-channel divisions were replicated in
+    every thread holding a channel: 20 ``div.rn`` calls per thread in the pair kernel's
+    64 x 64 tile."""
+    scale = base * _pow2(shift)                                 # exact
+    divisor = tl.where(scale == 0.0, 1.0, scale)
+    e_pre = tl.where(divisor < 7.888609052210118e-31, 64, tl.where(divisor > 1.2676506002282294e30, -64, 0))
+    e_b = tl.where(base < 1.1754943508222875e-38, 64, tl.where(base > 8.507059173023462e37, -64, 0))
+    inv_base = tl.math.div_rn(1.0, base * _pow2(e_b))          # one division, a normal number
+    inv = tl.where(scale == 0.0, 1.0, inv_base * _pow2(e_b - shift - e_pre))
+    return divisor * _pow2(e_pre), _pow2(e_pre), inv
+
+
+@triton.jit
 def _shift_expand(x, r, R, base, noise, QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr):
     """ShiftQuant's expanded integers ``q << (G-1-g)`` (int32) of the tile ``x`` whose channels
     have the ranges ``r`` (broadcast along the reduced axis: ``[C, 1]`` or ``[1, C]``): group
     ``g`` from ``r`` and ``R``, quantization with ``s_g = base * 2**(G-1-g)``."""
     shift = (GROUPS - 1) - _shift_group(r, R, GROUPS)
-    scale = base * ((shift + 127) << 23).to(tl.float32, bitcast=True)    # base * 2**shift, exact
-    divisor, pre, inv = _multipliers(scale, STOCHASTIC)
+    divisor, pre, inv = _shift_multipliers(base, shift)
     return _quantize_values(x, divisor, pre, inv, noise, QMAX, STOCHASTIC) << shift
 
 

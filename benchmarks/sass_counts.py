@@ -1,0 +1,136 @@
+"""Instruction counts of sqcompile's hot Triton kernels compiled for Hopper (sm_90), no GPU needed.
+
+    python benchmarks/sass_counts.py                 # every kernel listed below
+    python benchmarks/sass_counts.py --only quant    # those whose name contains "quant"
+
+A session without a GPU can still see what a kernel change does to the code a GPU would run:
+each kernel is compiled as a real launch specializes it (``tests/sm90.py``: unit strides as
+constants, 16-divisible pointers and sizes), disassembled with the ``cuobjdump`` Triton ships,
+and counted.  Columns: SASS instructions in all; per element of the program's tile, for the
+elementwise kernels (a static count, the prologue included: a loop body counts once, so for
+the GEMM-like kernels only the totals compare); ``MUFU`` (the special-function unit: exp,
+reciprocal, ...; 16 per clock per SM on Hopper, an eighth of the FP32 rate); ``CALL`` (slow
+paths, e.g. of an IEEE division); spilled bytes per thread (``ptxas -v``).
+
+This is a proxy, not a timing.  For scale: a kernel that streams a bf16 tensor at the H200's
+~4.3 TB/s, reading 2 and writing 1 byte per element, has about 128 / 6.1 = 21 instruction
+issues per element per SM to spend (128 lanes per clock, 1.6e12 elements/s over 132 SMs at
+1.98 GHz); above that it is instruction-bound, whatever its memory traffic.  Whether a kernel
+is, ``benchmarks/gpu.py`` part 2 measures.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+os.environ.pop("TRITON_INTERPRET", None)      # compile for the GPU, never interpret
+
+
+def _cases():
+    """name -> (kernel, signature, constexprs, num_warps, num_stages, elements per program or 0)."""
+    import triton.language as tl
+    from sqcompile.kernels import triton_attention as ta
+    from sqcompile.kernels import triton_gemm as tg
+    from sqcompile.kernels import triton_norm as tn
+    from sqcompile.kernels import triton_quant as tq
+
+    cases = {}
+    view = {"C": "i32", "L": "i32", "stride_a": "i32", "stride_c": "i32"}
+    for st in (False, True):
+        sig = {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", **view, "seed_ptr": "*i64"}
+        cases[f"quantize per-row bf16, {'stochastic' if st else 'nearest'}"] = (
+            tq._quantize_fused_kernel, sig, dict(stride_l=1, QMAX=7, STOCHASTIC=st, INT64=False, BLOCK_C=2,
+                                                 BLOCK_L=2048, ONE_TILE=True), 4, 3, 2 * 2048)
+    sig = {"x_ptr": "*bf16", "e_ptr": "*i8", "range_ptr": "*fp32", "rmax_ptr": "*fp32", "base_ptr": "*fp32",
+           "prescale_ptr": "*fp32", **view, "n_cblocks": "i32", "seed_ptr": "*i64", "out_stride_c": "i32"}
+    cases["shiftquant rows bf16, stochastic"] = (
+        tq._shiftquant_kernel, sig, dict(stride_l=1, out_stride_l=1, QMAX=7, GROUPS=4, A_KEPT=False,
+                                         STOCHASTIC=True, PRESCALE=True, INT64=False, BLOCK_C=2, BLOCK_L=2048),
+        4, 3, 2 * 2048)
+    pair = {"x_ptr": "*bf16", "ec_ptr": "*i8", "er_ptr": "*i8", "ranges_ptr": "*fp32", "bc_ptr": "*fp32",
+            "br_ptr": "*fp32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32", "stride_a": "i32",
+            "stride_m": "i32", "n_mblocks": "i32", "seed_c_ptr": "*i64", "seed_r_ptr": "*i64"}
+    for transposed, t in tq._PAIR_TILES.items():
+        runtime, unit = ("er_stride_n", "er_stride_m") if transposed else ("er_stride_m", "er_stride_n")
+        cases[f"shiftquant pair bf16, stochastic{', rows transposed' if transposed else ''}"] = (
+            tq._shiftquant_pair_kernel, {**pair, runtime: "i32"},
+            {unit: 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "PRESCALE_C": True,
+             "PRESCALE_R": True, "INT64": False, "BLOCK_M": t.block_c, "BLOCK_N": t.block_l}, t.num_warps, 3,
+            t.block_c * t.block_l)
+    fwd = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32",
+           "mean_ptr": "*fp32", "inv_ptr": "*fp32", "qy_ptr": "*i8", "sy_ptr": "*fp32", "R": "i32", "L": "i32",
+           "l1_scale": "fp32", "eps": "fp32"}
+    br, bl, w = tn._block(1024, 4096, tn.FORWARD_PER_THREAD)
+    cases["L1 norm forward + output quantized, rows of 1024"] = (
+        tn._l1_norm_kernel, fwd, dict(QMAX=127, OUT_QMAX=7, CENTER=True, HAS_W=True, HAS_B=True, OUT_Q=True,
+                                      BLOCK_R=br, BLOCK_L=bl), w, 3, br * bl)
+    gemm = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+            "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+            **{s: "i32" for s in ("stride_ab", "stride_am", "stride_bb", "stride_bn", "stride_cb", "stride_cm",
+                                  "stride_sab", "stride_sam", "stride_sbb")}}
+    for c in tg.CUDA_CONFIGS[:1] + tg.CUDA_CONFIGS[5:6]:
+        tile = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        cases[f"int8 GEMM + dequant + bias, {tile}"] = (
+            tg._int8_gemm_kernel, gemm, dict(stride_ak=1, stride_bk=1, stride_cn=1, stride_sbn=1, SCALED=True,
+                                             HAS_BIAS=True, ACTIVATION="none", **c.kwargs),
+            c.num_warps, c.num_stages, 0)
+    # the fused attention at head dim 64, causal, its first candidate tiles
+    for name, kernel, pointers, layouts, consts in _attention_specs(ta):
+        t = ta.GPU_TILES[name][0][0]
+        sig, unit = {}, {"s_ms": 1}
+        for p, seq, contiguous in layouts:     # each operand's batch, sequence and head-dim strides
+            sig[f"s_{p}b"] = "i32"
+            for dim in (seq, "d"):
+                if dim == contiguous:
+                    unit[f"s_{p}{dim}"] = 1
+                else:
+                    sig[f"s_{p}{dim}"] = "i32"
+        full = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "mask_ptr": "*u8", "H_in": "i32", "s_mo": "i32",
+                "s_mi": "i32", "s_ml": "i32", "sq_ptr": "*fp32", "sk_ptr": "*fp32", **pointers, "L": "i32",
+                "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32", **sig}
+        cases[f"attention {name}, d 64, {t.block_m}x{t.block_n}"] = (
+            kernel, full, {**unit, **consts, "CAUSAL": True, "MASK": 0, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
+                           "BLOCK_D": 64, "DTYPE": tl.bfloat16}, t.num_warps, t.num_stages, 0)
+    return cases
+
+
+def _attention_specs(ta):
+    qkv = (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "d"))
+    return [
+        ("fwd", ta._attention_fwd_kernel, {"sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32"},
+         (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "n"), ("o", "m", "d")), {"QMAX": 7}),
+        ("dkdv", ta._attention_bwd_kv_kernel,
+         {"qt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32", "eor_ptr": "*i8",
+          "bor_ptr": "*fp32", "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_ptr": "*i64", "dk_ptr": "*bf16",
+          "dv_ptr": "*bf16"},
+         (*qkv, ("qt", "m", "m"), ("e", "m", "d"), ("r", "m", "m"), ("d", "n", "d")),
+         {"QMAX": 7, "GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True}),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="count only the kernels whose name contains this")
+    args = parser.parse_args()
+    import triton
+    import sm90
+    print(f"sm_90 SASS of sqcompile's Triton kernels (Triton {triton.__version__}; static counts)\n")
+    print(f"| {'kernel':58s} | instructions | per element | MUFU | CALL | spilled B |")
+    print(f"|{'-' * 60}|--------------|-------------|------|------|-----------|")
+    for name, (fn, sig, consts, warps, stages, elements) in _cases().items():
+        if args.only not in name:
+            continue
+        out = sm90.compile_sm90(fn, sig, consts, num_warps=warps, num_stages=stages)
+        counts = sm90.sass_counts(out["cubin"])
+        n = counts.get("instructions", 0)
+        per = f"{n / (elements / (32 * warps)):.1f}" if elements else "-"
+        print(f"| {name:58s} | {n:12d} | {per:>11s} | {counts.get('MUFU', 0):4d} | {counts.get('CALL', 0):4d} "
+              f"| {out['spilled']:9d} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
