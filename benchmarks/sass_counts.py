@@ -31,7 +31,7 @@ os.environ.pop("TRITON_INTERPRET", None)      # compile for the GPU, never inter
 
 def _cases():
     """name -> (kernel, signature, constexprs, num_warps, num_stages, elements per program or 0)."""
-    import triton.language as tl
+    import sm90
     from sqcompile.kernels import triton_attention as ta
     from sqcompile.kernels import triton_gemm as tg
     from sqcompile.kernels import triton_norm as tn
@@ -77,38 +77,14 @@ def _cases():
             tg._int8_gemm_kernel, gemm, dict(stride_ak=1, stride_bk=1, stride_cn=1, stride_sbn=1, SCALED=True,
                                              HAS_BIAS=True, ACTIVATION="none", **c.kwargs),
             c.num_warps, c.num_stages, 0)
-    # the fused attention at head dim 64, causal, its first candidate tiles
-    for name, kernel, pointers, layouts, consts in _attention_specs(ta):
-        t = ta.GPU_TILES[name][0][0]
-        sig, unit = {}, {"s_ms": 1}
-        for p, seq, contiguous in layouts:     # each operand's batch, sequence and head-dim strides
-            sig[f"s_{p}b"] = "i32"
-            for dim in (seq, "d"):
-                if dim == contiguous:
-                    unit[f"s_{p}{dim}"] = 1
-                else:
-                    sig[f"s_{p}{dim}"] = "i32"
-        full = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "mask_ptr": "*u8", "H_in": "i32", "s_mo": "i32",
-                "s_mi": "i32", "s_ml": "i32", "sq_ptr": "*fp32", "sk_ptr": "*fp32", **pointers, "L": "i32",
-                "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32", **sig}
-        cases[f"attention {name}, d 64, {t.block_m}x{t.block_n}"] = (
-            kernel, full, {**unit, **consts, "CAUSAL": True, "MASK": 0, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
-                           "BLOCK_D": 64, "DTYPE": tl.bfloat16}, t.num_warps, t.num_stages, 0)
+    # the fused attention at head dim 64, causal, the first candidate tiles (forward, dK/dV)
+    for name, (kernel, signature, consts) in sm90.attention_kernels().items():
+        if name in ("fwd", "dkdv"):
+            t = ta.GPU_TILES[name][0][0]
+            cases[f"attention {name}, d 64, {t.block_m}x{t.block_n}"] = (
+                kernel, signature, {**consts, "CAUSAL": True, "MASK": 0, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
+                                    "BLOCK_D": 64}, t.num_warps, t.num_stages, 0)
     return cases
-
-
-def _attention_specs(ta):
-    qkv = (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "d"))
-    return [
-        ("fwd", ta._attention_fwd_kernel, {"sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32"},
-         (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "n"), ("o", "m", "d")), {"QMAX": 7}),
-        ("dkdv", ta._attention_bwd_kv_kernel,
-         {"qt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32", "eor_ptr": "*i8",
-          "bor_ptr": "*fp32", "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_ptr": "*i64", "dk_ptr": "*bf16",
-          "dv_ptr": "*bf16"},
-         (*qkv, ("qt", "m", "m"), ("e", "m", "d"), ("r", "m", "m"), ("d", "n", "d")),
-         {"QMAX": 7, "GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True}),
-    ]
 
 
 def main() -> int:

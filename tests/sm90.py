@@ -79,6 +79,52 @@ def sass_counts(cubin: bytes) -> dict:
     return counts
 
 
+def attention_kernels() -> dict:
+    """The fused attention's kernels as launched: name -> ``(kernel, signature, constexprs)``
+    for the runtime arguments and the unit strides (add the tile, ``BLOCK_D``, ``CAUSAL`` and
+    ``MASK``).  A boolean padding mask ``[B, 1, 1, S]`` (uint8, keys contiguous); bf16 inputs;
+    each operand's strides as the launcher passes them, its contiguous one a constant: the
+    forward reads ``qV`` with the keys contiguous (the K-major operand of ``qP qV``), the
+    backward ``qQ`` / ``qK`` and ``dO``'s row quantization likewise."""
+    import triton.language as tl
+    from sqcompile.kernels import triton_attention as ta
+
+    qkv = (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "d"))
+    specs = {   # name -> (kernel, pointers, operand layouts (name, sequence dim, contiguous dim), constexprs)
+        "fwd": (ta._attention_fwd_kernel, {"sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32"},
+                (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "n"), ("o", "m", "d")), {"QMAX": 7}),
+        "ranges": (ta._attention_ranges_kernel, {"stats_ptr": "*fp32", "eo_ptr": "*i8", "bo_ptr": "*fp32",
+                                                 "delta_ptr": "*fp32", "ranges_ptr": "*i32"},
+                   (*qkv, ("e", "m", "d")), {}),
+        "dkdv": (ta._attention_bwd_kv_kernel, {"qt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8",
+                                               "boc_ptr": "*fp32", "eor_ptr": "*i8", "bor_ptr": "*fp32",
+                                               "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_ptr": "*i64",
+                                               "dk_ptr": "*bf16", "dv_ptr": "*bf16"},
+                 (*qkv, ("qt", "m", "m"), ("e", "m", "d"), ("r", "m", "m"), ("d", "n", "d")),
+                 {"QMAX": 7, "GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True}),
+        "dq": (ta._attention_bwd_q_kernel, {"kt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8",
+                                            "boc_ptr": "*fp32", "delta_ptr": "*fp32", "ranges_ptr": "*fp32",
+                                            "seed_ptr": "*i64", "dq_ptr": "*bf16"},
+               (*qkv, ("kt", "n", "n"), ("e", "m", "d"), ("d", "m", "d")),
+               {"GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True}),
+    }
+    kernels = {}
+    for name, (kernel, pointers, layouts, consts) in specs.items():
+        strides, unit = {}, {"s_ms": 1}
+        for p, seq, contiguous in layouts:
+            strides[f"s_{p}b"] = "i32"
+            for dim in (seq, "d"):
+                if dim == contiguous:
+                    unit[f"s_{p}{dim}"] = 1
+                else:
+                    strides[f"s_{p}{dim}"] = "i32"
+        signature = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "mask_ptr": "*u8", "H_in": "i32",
+                     "s_mo": "i32", "s_mi": "i32", "s_ml": "i32", "sq_ptr": "*fp32", "sk_ptr": "*fp32", **pointers,
+                     "L": "i32", "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32", **strides}
+        kernels[name] = (kernel, signature, {**unit, **consts, "DTYPE": tl.bfloat16})
+    return kernels
+
+
 def run(script: str, *args: str, timeout: int = 600) -> str:
     """Run ``script`` (Python source that imports this module) in a process without
     ``TRITON_INTERPRET``; its standard output."""

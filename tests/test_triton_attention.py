@@ -390,59 +390,18 @@ def test_option_defaults_and_errors():
 
 _HOPPER_SCRIPT = r"""
 import json, sm90
-import triton.language as tl
 from sqcompile.kernels import triton_attention as ta
 
-def operands(*specs):
-    # (name, sequence dim, contiguous dim): runtime strides are i32 args, the unit one a constexpr
-    sig, unit = {}, {}
-    for p, seq, contiguous in specs:
-        sig[f"s_{p}b"] = "i32"
-        for dim in (seq, "d"):
-            if dim == contiguous:
-                unit[f"s_{p}{dim}"] = 1
-            else:
-                sig[f"s_{p}{dim}"] = "i32"
-    return sig, unit
-
-def compiled(kernel, pointers, specs, constexprs, num_warps, num_stages):
-    st, unit = operands(*specs)
-    # a boolean padding mask [B, 1, 1, S] as uint8: keys contiguous
-    mask = {"mask_ptr": "*u8", "H_in": "i32", "s_mo": "i32", "s_mi": "i32", "s_ml": "i32"}
-    sig = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", **mask, "sq_ptr": "*fp32", "sk_ptr": "*fp32", **pointers,
-           "L": "i32", "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32", **st}
-    r = sm90.compile_sm90(kernel, sig, {**unit, "s_ms": 1, **constexprs, "DTYPE": tl.bfloat16},
-                          num_warps=num_warps, num_stages=num_stages)
-    return r["spilled"], r["ptx"].count("mma.sync"), r["shared"]
-
-QKV = (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "d"))
-KERNELS = {   # name -> (kernel, pointers, operand layouts, constexprs beyond the tiles)
-    # the forward reads qV with the keys contiguous (the K-major operand of qP qV)
-    "fwd": (ta._attention_fwd_kernel, {"sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32"},
-            (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "n"), ("o", "m", "d")), {"QMAX": 7}),
-    "ranges": (ta._attention_ranges_kernel, {"stats_ptr": "*fp32", "eo_ptr": "*i8", "bo_ptr": "*fp32",
-                                             "delta_ptr": "*fp32", "ranges_ptr": "*i32"},
-               (*QKV, ("e", "m", "d")), {}),
-    "dkdv": (ta._attention_bwd_kv_kernel, {"qt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32",
-                                           "eor_ptr": "*i8", "bor_ptr": "*fp32", "delta_ptr": "*fp32",
-                                           "ranges_ptr": "*fp32", "seed_ptr": "*i64", "dk_ptr": "*bf16",
-                                           "dv_ptr": "*bf16"},
-             (*QKV, ("qt", "m", "m"), ("e", "m", "d"), ("r", "m", "m"), ("d", "n", "d")),
-             {"QMAX": 7, "GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True}),
-    "dq": (ta._attention_bwd_q_kernel, {"kt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8", "boc_ptr": "*fp32",
-                                        "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_ptr": "*i64",
-                                        "dq_ptr": "*bf16"},
-           (*QKV, ("kt", "n", "n"), ("e", "m", "d"), ("d", "m", "d")), {"GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True}),
-}
 result = {}
 for d in (64, 128):
-    for name, (kernel, pointers, specs, constexprs) in KERNELS.items():
+    for name, (kernel, signature, constexprs) in sm90.attention_kernels().items():
         for i, t in enumerate(ta.GPU_TILES[name][d > 64]):
             # causal (a decoder), and for the first choice also with a boolean padding mask
             for causal, masked in ((True, 0), (False, 1))[:2 if i == 0 else 1]:
                 key = f"{name} d={d} {t.block_m}x{t.block_n}/{t.num_warps}w/{t.num_stages}s{' mask' * masked}"
-                result[key] = compiled(kernel, pointers, specs, dict(constexprs, CAUSAL=causal, MASK=masked,
-                                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=d), t.num_warps, t.num_stages)
+                r = sm90.compile_sm90(kernel, signature, dict(constexprs, CAUSAL=causal, MASK=masked, BLOCK_M=t.block_m,
+                                      BLOCK_N=t.block_n, BLOCK_D=d), num_warps=t.num_warps, num_stages=t.num_stages)
+                result[key] = r["spilled"], r["ptx"].count("mma.sync"), r["shared"]
 print(json.dumps(result))
 """
 
