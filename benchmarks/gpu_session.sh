@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check, for a session that is lent the H200 (about 9 minutes there), the
+# The prepared GPU check, for a session that is lent the H200 (at most 10 minutes there), the
 # figures first so that a time-out cannot cost them:
 #   1. benchmarks/gpu.py, every part, with profiles, and the block also with attention in bf16
 #      and with the quantized attention unfused, then at width 4096 (last: a time-out costs it first);
