@@ -90,6 +90,12 @@ from .triton_ops import _interpret_requested, pair_dims, triton_version
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _ROUND_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22
 _MAX_GRID_YZ = 65535        # CUDA limit on grid dims 1 and 2
+# Divisors outside [2**-100, 2**100] are prescaled by 2**+-64 (:func:`_multipliers`), bases
+# outside the normal reciprocals' range [2**-126, 2**126] likewise (:func:`_shift_multipliers`).
+_SMALL_DIVISOR = tl.constexpr(7.888609052210118e-31)
+_LARGE_DIVISOR = tl.constexpr(1.2676506002282294e30)
+_MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)
+_MAX_NORMAL_RECIPROCAL = tl.constexpr(8.507059173023462e37)
 # Nearest rounding divides with FMAs (:func:`_div_by`) where ``tl.fma`` rounds once: compiled
 # kernels, and Triton's interpreter from 3.9 on (3.6's computes ``x * y + z`` in two roundings).
 _FMA_DIVISION = tl.constexpr(not _interpret_requested() or triton_version() >= (3, 9))
@@ -132,8 +138,8 @@ def _multipliers(scale):
     them: stochastic rounding multiplies by ``inv`` (it cannot match the reference's noise
     anyway), nearest rounding divides exactly with :func:`_div_by`."""
     divisor = tl.where(scale == 0.0, 1.0, scale)
-    pre = tl.where(divisor < 7.888609052210118e-31, 18446744073709551616.0,
-                   tl.where(divisor > 1.2676506002282294e30, 5.421010862427522e-20, 1.0))
+    pre = tl.where(divisor < _SMALL_DIVISOR, 18446744073709551616.0,
+                   tl.where(divisor > _LARGE_DIVISOR, 5.421010862427522e-20, 1.0))
     divisor = divisor * pre
     inv = tl.math.div_rn(1.0, divisor)
     return divisor, pre, inv
@@ -420,8 +426,8 @@ def _shift_multipliers(base, shift):
     64 x 64 tile."""
     scale = base * _pow2(shift)                                 # exact
     divisor = tl.where(scale == 0.0, 1.0, scale)
-    e_pre = tl.where(divisor < 7.888609052210118e-31, 64, tl.where(divisor > 1.2676506002282294e30, -64, 0))
-    e_b = tl.where(base < 1.1754943508222875e-38, 64, tl.where(base > 8.507059173023462e37, -64, 0))
+    e_pre = tl.where(divisor < _SMALL_DIVISOR, 64, tl.where(divisor > _LARGE_DIVISOR, -64, 0))
+    e_b = tl.where(base < _MIN_NORMAL, 64, tl.where(base > _MAX_NORMAL_RECIPROCAL, -64, 0))
     inv_base = tl.math.div_rn(1.0, base * _pow2(e_b))          # one division, a normal number
     inv = tl.where(scale == 0.0, 1.0, inv_base * _pow2(e_b - shift - e_pre))
     return divisor * _pow2(e_pre), _pow2(e_pre), inv
