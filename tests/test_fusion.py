@@ -43,7 +43,7 @@ def _fresh(monkeypatch, request):
         # The regions these tests expect are Triton 3.9's: before 3.9 some leave their
         # ranges out (triton_fused.ranges_fit, tested on its own below)
         from sqcompile.kernels import triton_fused
-        monkeypatch.setattr(triton_fused, "_triton_version", lambda: (3, 9))
+        monkeypatch.setattr(triton_fused, "triton_version", lambda: (3, 9))
     yield
     torch._dynamo.reset()
 
@@ -255,13 +255,13 @@ def test_ranges_stay_out_of_epilogues_that_would_spill_with_older_triton(monkeyp
     """With Triton before 3.9 a GELU backward keeps its ranges out of the region (its epilogue
     would spill on sm_90: ``ranges_fit``); the gradients are the same bit for bit."""
     from sqcompile.kernels import triton_fused as tf
-    assert tf.ranges_fit([("gelu_backward", "bf16", "v0", "in0")]) == (tf._triton_version() >= (3, 9))
+    assert tf.ranges_fit([("gelu_backward", "bf16", "v0", "in0")]) == (tf.triton_version() >= (3, 9))
     monkeypatch.setattr(fusion, "_pair_shiftquants", lambda graph: 0)
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(24, 24), Residual()), torch.randn(2, 5, 24)
-    monkeypatch.setattr(tf, "_triton_version", lambda: (3, 9))
+    monkeypatch.setattr(tf, "triton_version", lambda: (3, 9))
     _, grads, rec, _ = _compile_and_step(model, x, fused=True)
-    monkeypatch.setattr(tf, "_triton_version", lambda: (3, 6))
+    monkeypatch.setattr(tf, "triton_version", lambda: (3, 6))
     assert not tf.ranges_fit([("gelu_backward", "bf16", "v0", "in0")])
     assert tf.ranges_fit([("threshold_backward", "bf16", "v0", "in0", 0.0), ("add", "bf16", "v1", "in1")])
     _, old_grads, old_rec, _ = _compile_and_step(model, x, fused=True)

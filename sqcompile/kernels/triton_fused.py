@@ -71,6 +71,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import ops
+from .triton_ops import triton_version
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "i32": torch.int32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -303,12 +304,7 @@ def ranges_fit(ops: Sequence[Tuple]) -> bool:
     without ranges, and a residual add or ReLU backward with ranges, spill with neither.
     Before 3.9 such regions therefore leave the ranges to ShiftQuant's own range pass (one
     read of the gradient), which costs less than spilling every tile's epilogue."""
-    return _triton_version() >= (3, 9) or not any(name in _HEAVY_BACKWARD_OPS for name, *_ in ops)
-
-
-def _triton_version() -> Tuple[int, int]:
-    from .triton_ops import triton_version
-    return triton_version()
+    return triton_version() >= (3, 9) or not any(name in _HEAVY_BACKWARD_OPS for name, *_ in ops)
 
 
 @functools.lru_cache(maxsize=None)
