@@ -160,8 +160,8 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
 # Host side
 # --------------------------------------------------------------------------------------------
 
-FORWARD_PER_THREAD = 8        # values of a tile per thread (see _block)
-BACKWARD_PER_THREAD = 8
+FORWARD_PER_THREAD = 32       # values of a tile per thread (see _block)
+BACKWARD_PER_THREAD = 16
 
 
 def _block(L: int, elements: int, per_thread: int) -> Tuple[int, int, int]:
@@ -169,10 +169,18 @@ def _block(L: int, elements: int, per_thread: int) -> Tuple[int, int, int]:
     (fewer in the interpreter, where every element costs CPU time), at most ``per_thread`` of
     a tile's values in each thread (4 to 16 warps).
 
-    ``ptxas -v`` for sm_90 (``tests/test_triton_norms.py`` checks it): no spills for rows up
-    to 4096; registers per thread: forward 58-84, backward 100-120 (its Philox noise and the
-    saved values keep more alive).  At 8192 the 16 warps' 128-register limit spills a few
-    hundred bytes (to L1).  Not yet timed on a GPU: ``benchmarks/gpu.py --parts 4``."""
+    Chosen from what the kernels compile to for sm_90 (``ptxas -v`` and ``cuobjdump``, rows of
+    64 to 8192; ``tests/test_triton_norms.py`` checks the spills), not yet from timings
+    (``benchmarks/gpu.py --parts 4``).  Each row's statistics (four reductions, a few IEEE
+    divisions) cost the same whatever the row holds per thread, so more values per thread
+    cost fewer instructions per value, and the norm kernels are instruction-bound before
+    they are memory-bound (a bf16 stream at the H200's bandwidth leaves ~21-28 issues per
+    value).  Forward: 32 values per thread (one warp per row of 1024) issue 67-70
+    instructions per value against 94-102 with 8, with 72-80 registers (no spills) and still
+    ~50 KB of loads in flight per SM (24 at 8 per thread), more than the bandwidth-latency
+    product (~22 KB).  Backward (its Philox noise and the saved values keep more alive):
+    16 values per thread, 85-102 instructions per value against 117-138 with 8, 123-168
+    registers, no spills, twice the bytes in flight; 32 would take 252 registers."""
     block_l = max(16, next_power_of_2(L))
     if INTERPRETED:
         elements = 256
