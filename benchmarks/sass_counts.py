@@ -37,45 +37,35 @@ def _cases():
     from sqcompile.kernels import triton_norm as tn
     from sqcompile.kernels import triton_quant as tq
 
+    sig = sm90.SIGNATURES
     cases = {}
-    view = {"C": "i32", "L": "i32", "stride_a": "i32", "stride_c": "i32"}
     for st in (False, True):
-        sig = {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", **view, "seed_ptr": "*i64"}
         cases[f"quantize per-row bf16, {'stochastic' if st else 'nearest'}"] = (
-            tq._quantize_fused_kernel, sig, dict(stride_l=1, QMAX=7, STOCHASTIC=st, INT64=False, BLOCK_C=2,
-                                                 BLOCK_L=2048, ONE_TILE=True), 4, 3, 2 * 2048)
-    sig = {"x_ptr": "*bf16", "e_ptr": "*i8", "range_ptr": "*fp32", "rmax_ptr": "*fp32", "base_ptr": "*fp32",
-           "prescale_ptr": "*fp32", **view, "n_cblocks": "i32", "seed_ptr": "*i64", "out_stride_c": "i32"}
+            tq._quantize_fused_kernel, sig["quantize_fused"],
+            dict(stride_l=1, QMAX=7, STOCHASTIC=st, INT64=False, BLOCK_C=2, BLOCK_L=2048, ONE_TILE=True),
+            4, 3, 2 * 2048)
     cases["shiftquant rows bf16, stochastic"] = (
-        tq._shiftquant_kernel, sig, dict(stride_l=1, out_stride_l=1, QMAX=7, GROUPS=4, A_KEPT=False,
-                                         STOCHASTIC=True, PRESCALE=True, INT64=False, BLOCK_C=2, BLOCK_L=2048),
+        tq._shiftquant_kernel, {**sig["shiftquant"], "out_stride_c": "i32"},
+        dict(stride_l=1, out_stride_l=1, QMAX=7, GROUPS=4, A_KEPT=False, STOCHASTIC=True, PRESCALE=True, INT64=False,
+             BLOCK_C=2, BLOCK_L=2048),
         4, 3, 2 * 2048)
-    pair = {"x_ptr": "*bf16", "ec_ptr": "*i8", "er_ptr": "*i8", "ranges_ptr": "*fp32", "bc_ptr": "*fp32",
-            "br_ptr": "*fp32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32", "stride_a": "i32",
-            "stride_m": "i32", "n_mblocks": "i32", "seed_c_ptr": "*i64", "seed_r_ptr": "*i64"}
     for transposed, t in tq._PAIR_TILES.items():
         runtime, unit = ("er_stride_n", "er_stride_m") if transposed else ("er_stride_m", "er_stride_n")
         cases[f"shiftquant pair bf16, stochastic{', rows transposed' if transposed else ''}"] = (
-            tq._shiftquant_pair_kernel, {**pair, runtime: "i32"},
+            tq._shiftquant_pair_kernel, {**sig["shiftquant_pair"], runtime: "i32"},
             {unit: 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "PRESCALE_C": True,
              "PRESCALE_R": True, "INT64": False, "BLOCK_M": t.block_c, "BLOCK_N": t.block_l}, t.num_warps, 3,
             t.block_c * t.block_l)
-    fwd = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32",
-           "mean_ptr": "*fp32", "inv_ptr": "*fp32", "qy_ptr": "*i8", "sy_ptr": "*fp32", "R": "i32", "L": "i32",
-           "l1_scale": "fp32", "eps": "fp32"}
     br, bl, w = tn._block(1024, 4096, tn.FORWARD_PER_THREAD)
     cases["L1 norm forward + output quantized, rows of 1024"] = (
-        tn._l1_norm_kernel, fwd, dict(QMAX=127, OUT_QMAX=7, CENTER=True, HAS_W=True, HAS_B=True, OUT_Q=True,
-                                      BLOCK_R=br, BLOCK_L=bl), w, 3, br * bl)
-    gemm = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
-            "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-            **{s: "i32" for s in ("stride_ab", "stride_am", "stride_bb", "stride_bn", "stride_cb", "stride_cm",
-                                  "stride_sab", "stride_sam", "stride_sbb")}}
+        tn._l1_norm_kernel, sig["l1_norm"],
+        dict(QMAX=127, OUT_QMAX=7, CENTER=True, HAS_W=True, HAS_B=True, OUT_Q=True, BLOCK_R=br, BLOCK_L=bl),
+        w, 3, br * bl)
     for c in tg.CUDA_CONFIGS[:1] + tg.CUDA_CONFIGS[5:6]:
         tile = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         cases[f"int8 GEMM + dequant + bias, {tile}"] = (
-            tg._int8_gemm_kernel, gemm, dict(stride_ak=1, stride_bk=1, stride_cn=1, stride_sbn=1, SCALED=True,
-                                             HAS_BIAS=True, ACTIVATION="none", **c.kwargs),
+            tg._int8_gemm_kernel, sig["int8_gemm"], dict(**sm90.GEMM_UNIT_STRIDES, SCALED=True, HAS_BIAS=True,
+                                                         ACTIVATION="none", **c.kwargs),
             c.num_warps, c.num_stages, 0)
     # the fused attention at head dim 64, causal, the first candidate tiles (forward, dK/dV)
     for name, (kernel, signature, consts) in sm90.attention_kernels().items():

@@ -79,6 +79,34 @@ def sass_counts(cubin: bytes) -> dict:
     return counts
 
 
+_VIEW = {"C": "i32", "L": "i32", "stride_a": "i32", "stride_c": "i32"}
+# Runtime arguments of the kernels that ptxas tests and benchmarks/sass_counts.py compile, as
+# launched (bf16 inputs); each kernel's unit strides are constexprs the caller adds.
+SIGNATURES = {
+    "quantize_fused": {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", **_VIEW, "seed_ptr": "*i64"},
+    # plus out_stride_c or out_stride_l (the other one is 1)
+    "shiftquant": {"x_ptr": "*bf16", "e_ptr": "*i8", "range_ptr": "*fp32", "rmax_ptr": "*fp32", "base_ptr": "*fp32",
+                   "prescale_ptr": "*fp32", **_VIEW, "n_cblocks": "i32", "seed_ptr": "*i64"},
+    # plus er_stride_m or er_stride_n (the other one is 1)
+    "shiftquant_pair": {"x_ptr": "*bf16", "ec_ptr": "*i8", "er_ptr": "*i8", "ranges_ptr": "*fp32", "bc_ptr": "*fp32",
+                        "br_ptr": "*fp32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32",
+                        "stride_a": "i32", "stride_m": "i32", "n_mblocks": "i32", "seed_c_ptr": "*i64",
+                        "seed_r_ptr": "*i64"},
+    "l1_norm": {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*i8",
+                "s_ptr": "*fp32", "mean_ptr": "*fp32", "inv_ptr": "*fp32", "qy_ptr": "*i8", "sy_ptr": "*fp32",
+                "R": "i32", "L": "i32", "l1_scale": "fp32", "eps": "fp32"},
+    "l1_norm_backward": {"dy_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "mean_ptr": "*fp32", "inv_ptr": "*fp32",
+                         "w_ptr": "*bf16", "dx_ptr": "*bf16", "dw_ptr": "*fp32", "db_ptr": "*fp32",
+                         "seed_ptr": "*i64", "R": "i32", "L": "i32", "l1_scale": "fp32", "n_programs": "i32"},
+    # K-major operands (stride_ak = stride_bk = 1), output and column scales contiguous along N
+    "int8_gemm": {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+                  "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+                  **{s: "i32" for s in ("stride_ab", "stride_am", "stride_bb", "stride_bn", "stride_cb", "stride_cm",
+                                        "stride_sab", "stride_sam", "stride_sbb")}},
+}
+GEMM_UNIT_STRIDES = {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "stride_sbn": 1}
+
+
 def attention_kernels() -> dict:
     """The fused attention's kernels as launched: name -> ``(kernel, signature, constexprs)``
     for the runtime arguments and the unit strides (add the tile, ``BLOCK_D``, ``CAUSAL`` and

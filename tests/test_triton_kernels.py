@@ -779,16 +779,14 @@ view = {"C": "i32", "L": "i32", "stride_a": "i32", "stride_c": "i32"}
 sizes = {}
 for one in (True, False):
     for st in (True, False):
-        sig = {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", **view, "seed_ptr": "*i64"}
-        sizes[f"fused one={one} st={st}"] = spilled(tq._quantize_fused_kernel, sig, dict(
+        sizes[f"fused one={one} st={st}"] = spilled(tq._quantize_fused_kernel, sm90.SIGNATURES["quantize_fused"], dict(
             stride_l=1, QMAX=7, STOCHASTIC=st, INT64=False, BLOCK_C=1 if one else 2, BLOCK_L=8192 if one else 2048,
             ONE_TILE=one), num_warps=8 if one else 4)
 sig = {"x_ptr": "*fp32", "q_ptr": "*i8", "range_ptr": "*fp32", "scale_ptr": "*fp32", **view, "stride_l": "i32",
        "n_cblocks": "i32", "seed_ptr": "*i64"}
 sizes["split"] = spilled(tq._quantize_kernel, sig, dict(QMAX=7, A_KEPT=True, STOCHASTIC=True, INT64=False,
                                                         BLOCK_C=128, BLOCK_L=32))
-sq = {"x_ptr": "*bf16", "e_ptr": "*i8", "range_ptr": "*fp32", "rmax_ptr": "*fp32", "base_ptr": "*fp32",
-      "prescale_ptr": "*fp32", **view, "n_cblocks": "i32", "seed_ptr": "*i64"}
+sq = sm90.SIGNATURES["shiftquant"]
 for pre in (True, False):
     sizes[f"shiftquant prescale={pre}"] = spilled(tq._shiftquant_kernel, dict(sq, out_stride_c="i32"), dict(
         stride_l=1, out_stride_l=1, QMAX=7, GROUPS=4, A_KEPT=False, STOCHASTIC=True, PRESCALE=pre, INT64=False,
@@ -802,9 +800,7 @@ for pre in (True, False):
            "n_channels": "i32"}
     sizes[f"absmax prescale={pre}"] = spilled(tq._absmax_kernel, sig, dict(
         stride_l=1, A_KEPT=True, PRESCALE=pre, INT64=False, BLOCK_C=128, BLOCK_L=32))
-pair = {"x_ptr": "*bf16", "ec_ptr": "*i8", "er_ptr": "*i8", "ranges_ptr": "*fp32", "bc_ptr": "*fp32",
-        "br_ptr": "*fp32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32", "stride_a": "i32",
-        "stride_m": "i32", "n_mblocks": "i32", "seed_c_ptr": "*i64", "seed_r_ptr": "*i64"}
+pair = sm90.SIGNATURES["shiftquant_pair"]
 for tr, t in tq._PAIR_TILES.items():
     unit = "er_stride_m" if tr else "er_stride_n"
     sizes[f"shiftquant pair transposed={tr}"] = spilled(tq._shiftquant_pair_kernel, dict(pair, **{
@@ -836,15 +832,11 @@ def test_quantizer_and_relayout_kernels_compile_for_hopper():
 _GEMM_HOPPER_SCRIPT = """
 import json, re, sm90
 from sqcompile.kernels import triton_gemm as tg
-sig = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*bf16",
-       "M": "i32", "N": "i32", "K": "i32", **{s: "i32" for s in ("stride_ab", "stride_am", "stride_bb", "stride_bn",
-                                                              "stride_cb", "stride_cm", "stride_sab", "stride_sam",
-                                                              "stride_sbb")}}
 result = []
 for c in [*tg.CUDA_CONFIGS, tg.SMALL_CONFIG]:      # K-major operands, as the launcher makes them
-    out = sm90.compile_sm90(tg._int8_gemm_kernel, sig, dict(stride_ak=1, stride_bk=1, stride_cn=1, stride_sbn=1,
-                            SCALED=True, HAS_BIAS=True, ACTIVATION="none", **c.kwargs),
-                            num_warps=c.num_warps, num_stages=c.num_stages)
+    out = sm90.compile_sm90(tg._int8_gemm_kernel, sm90.SIGNATURES["int8_gemm"], dict(
+        **sm90.GEMM_UNIT_STRIDES, SCALED=True, HAS_BIAS=True, ACTIVATION="none", **c.kwargs),
+        num_warps=c.num_warps, num_stages=c.num_stages)
     result.append({"tile": [c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")], "spilled": out["spilled"],
                    "shared": out["shared"], "wgmma": len(re.findall(r"wgmma.mma_async", out["ptx"])),
                    "mma_sync": out["ptx"].count("mma.sync"),
@@ -858,11 +850,11 @@ def test_gemm_configs_compile_for_hopper():
     """Every autotuning config of the plain GEMM (the eager Linear's, with its dequantize +
     bias epilogue), compiled for sm_90 as launched: warpgroup MMAs only, no spills, shared
     memory within a Hopper SM's 227 KB.  (With ``activation="gelu"``, which sqcompile itself
-    never passes, the 128x256 tile spills 32 bytes; region kernels carry activations.)  It also pins down why ``BLOCK_K`` 256 is among them:
-    Triton waits for an int8 MMA to drain at every K step (``wait_group 0`` only; a float32
-    accumulator would be pipelined with one group in flight), so the larger step waits half as
-    often.  If a Triton release pipelines int32 accumulators, the last assertion fails and
-    the configs deserve a new look."""
+    never passes, the 128x256 tile spills 32 bytes; region kernels carry activations.)  It
+    also pins down why ``BLOCK_K`` 256 is among them: Triton waits for an int8 MMA to drain
+    at every K step (``wait_group 0`` only; a float32 accumulator would be pipelined with one
+    group in flight), so the larger step waits half as often.  If a Triton release pipelines
+    int32 accumulators, the last assertion fails and the configs deserve a new look."""
     import json
     pytest.importorskip("triton.backends.nvidia")
     import sm90

@@ -324,12 +324,7 @@ def test_batch_norm_stays_on_the_torch_implementation():
 _HOPPER_SCRIPT = """
 import json, sm90
 from sqcompile.kernels import triton_norm as tn
-fwd = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32",
-       "mean_ptr": "*fp32", "inv_ptr": "*fp32", "qy_ptr": "*i8", "sy_ptr": "*fp32", "R": "i32", "L": "i32",
-       "l1_scale": "fp32", "eps": "fp32"}
-bwd = {"dy_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "mean_ptr": "*fp32", "inv_ptr": "*fp32",
-       "w_ptr": "*bf16", "dx_ptr": "*bf16", "dw_ptr": "*fp32", "db_ptr": "*fp32", "seed_ptr": "*i64", "R": "i32",
-       "L": "i32", "l1_scale": "fp32", "n_programs": "i32"}
+fwd, bwd = sm90.SIGNATURES["l1_norm"], sm90.SIGNATURES["l1_norm_backward"]
 result = {}
 for L in (1024, 4096):
     br, bl, w = tn._block(L, 4096, tn.FORWARD_PER_THREAD)
