@@ -42,20 +42,31 @@ def _cases():
     for st in (False, True):
         cases[f"quantize per-row bf16, {'stochastic' if st else 'nearest'}"] = (
             tq._quantize_fused_kernel, sig["quantize_fused"],
-            dict(stride_l=1, QMAX=7, STOCHASTIC=st, INT64=False, BLOCK_C=2, BLOCK_L=2048, ONE_TILE=True),
+            dict(stride_l=1, QMAX=7, STOCHASTIC=st, NOISE_ALONG_C=False, INT64=False, BLOCK_C=2, BLOCK_L=2048,
+                 ONE_TILE=True),
             4, 3, 2 * 2048)
-    cases["shiftquant rows bf16, stochastic"] = (
-        tq._shiftquant_kernel, {**sig["shiftquant"], "out_stride_c": "i32"},
-        dict(stride_l=1, out_stride_l=1, QMAX=7, GROUPS=4, A_KEPT=False, STOCHASTIC=True, PRESCALE=True, INT64=False,
-             BLOCK_C=2, BLOCK_L=2048),
-        4, 3, 2 * 2048)
+    # channels contiguous (a gradient's columns): the split kernel's 128 x 32 tile
+    cases["quantize per-column bf16, stochastic, channels contiguous"] = (
+        tq._quantize_kernel, {**sig["quantize_fused"], "range_ptr": "*fp32", "stride_l": "i32", "n_cblocks": "i32"},
+        dict(stride_c=1, QMAX=7, A_KEPT=True, STOCHASTIC=True, NOISE_ALONG_C=True, INT64=False, BLOCK_C=128,
+             BLOCK_L=32),
+        4, 3, 128 * 32)
+    for along_c in (False, True):
+        unit = "stride_c" if along_c else "stride_l"
+        cases[f"shiftquant {'columns' if along_c else 'rows'} bf16, stochastic"] = (
+            tq._shiftquant_kernel,
+            {**sig["shiftquant"], "stride_l": "i32", "out_stride_c": "i32", "out_stride_l": "i32"},
+            {unit: 1, "out_" + unit: 1, "QMAX": 7, "GROUPS": 4, "A_KEPT": False, "STOCHASTIC": True,
+             "NOISE_ALONG_C": along_c, "PRESCALE": True, "INT64": False,
+             "BLOCK_C": 128 if along_c else 2, "BLOCK_L": 32 if along_c else 2048},
+            4, 3, 4096)
     for transposed, t in tq._PAIR_TILES.items():
         runtime, unit = ("er_stride_n", "er_stride_m") if transposed else ("er_stride_m", "er_stride_n")
         cases[f"shiftquant pair bf16, stochastic{', rows transposed' if transposed else ''}"] = (
             tq._shiftquant_pair_kernel, {**sig["shiftquant_pair"], runtime: "i32"},
-            {unit: 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "PRESCALE_C": True,
-             "PRESCALE_R": True, "INT64": False, "BLOCK_M": t.block_c, "BLOCK_N": t.block_l}, t.num_warps, 3,
-            t.block_c * t.block_l)
+            {unit: 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_N": True,
+             "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False, "BLOCK_M": t.block_c, "BLOCK_N": t.block_l},
+            t.num_warps, 3, t.block_c * t.block_l)
     br, bl, w = tn._block(1024, 4096, tn.FORWARD_PER_THREAD)
     cases["L1 norm forward + output quantized, rows of 1024"] = (
         tn._l1_norm_kernel, sig["l1_norm"],
@@ -69,7 +80,7 @@ def _cases():
             c.num_warps, c.num_stages, 0)
     # the fused attention at head dim 64, causal, the first candidate tiles (forward, dK/dV)
     for name, (kernel, signature, consts) in sm90.attention_kernels().items():
-        if name in ("fwd", "dkdv"):
+        if name in ("fwd", "dkdv", "dq"):
             t = ta.GPU_TILES[name][0][0]
             cases[f"attention {name}, d 64, {t.block_m}x{t.block_n}"] = (
                 kernel, signature, {**consts, "CAUSAL": True, "MASK": 0, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,

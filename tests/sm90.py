@@ -134,7 +134,7 @@ def attention_kernels() -> dict:
                                             "boc_ptr": "*fp32", "delta_ptr": "*fp32", "ranges_ptr": "*fp32",
                                             "seed_ptr": "*i64", "dq_ptr": "*bf16"},
                (*qkv, ("kt", "n", "n"), ("e", "m", "d"), ("d", "m", "d")),
-               {"GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True}),
+               {"GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_S": True}),
     }
     kernels = {}
     for name, (kernel, pointers, layouts, consts) in specs.items():

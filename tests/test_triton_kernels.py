@@ -346,16 +346,21 @@ def test_cached_plans_follow_each_inputs_layout():
             _same(s, ref_s)
             assert q.shape == x.shape
 
-def test_stochastic_rounding_is_unbiased():
-    """Mean of the dequantized values over many seeds -> x (in units of one step)."""
+@pytest.mark.parametrize("keep_dims,channels_contiguous", [([], False), ([0], False), ([1], True)])
+def test_stochastic_rounding_is_unbiased(keep_dims, channels_contiguous):
+    """Mean of the dequantized values over many seeds -> x (in units of one step): one scale,
+    per row (the noise drawn along the rows), per column of a row-major tensor (drawn along
+    the channels, 16 at a time: 4 columns, 12 masked)."""
     tq, _ = _kernels()
     x = torch.linspace(-1, 1, 200, device=DEVICE).reshape(4, 50)   # steps hit every fraction
+    x = x.t().contiguous() if channels_contiguous else x
+    assert tq._view_and_tile(x, keep_dims)[0].noise_along_c == channels_contiguous
     seeds = 256
-    acc = torch.zeros(4, 50, dtype=torch.float64)
+    acc = torch.zeros(x.shape, dtype=torch.float64)
     for seed in range(seeds):
-        q, s = tq.quantize(x, 4, [], True, seed=seed)
+        q, s = tq.quantize(x, 4, keep_dims, True, seed=seed)
         acc += N.dequantize(q.cpu(), s.cpu()).double()
-    step = float(s)
+    step = s.cpu().double()
     bias = (acc / seeds - x.cpu().double()) / step
     # One sample's rounding error has std <= 1/2 step: the mean over 256 has std <= 1/32.
     assert abs(float(bias.mean())) < 0.01
@@ -471,7 +476,7 @@ def test_shiftquant_stored_transposed_holds_the_same_values(shape):
             tq.shiftquant(x.mT.contiguous().mT, 4, 4, rows, True, transposed=True)
 
 
-@pytest.mark.parametrize("shape", [(1, 37, 45), (3, 20, 33), (37, 45), (2, 2, 17, 50), (1, 1, 45)])
+@pytest.mark.parametrize("shape", [(1, 37, 45), (3, 20, 33), (37, 45), (2, 2, 17, 50), (1, 1, 45), (3, 20, 1)])
 @pytest.mark.parametrize("stochastic,rows_transposed", [(False, False), (True, True)])
 def test_shiftquant_pair_is_the_two_shiftquants(shape, stochastic, rows_transposed):
     """``shiftquant_pair`` (a gradient quantized along its columns and its rows from one read
@@ -551,7 +556,7 @@ def test_shiftquant_group_boundaries_are_exact():
     _same(e[0, 0].cpu().to(torch.int32), expected)
 
 
-@pytest.mark.parametrize("exponent", [-149, -140, -126, -100, 0, 100, 120])
+@pytest.mark.parametrize("exponent", [-149, -140, -126, -100, 0, 100, 120, 125])
 def test_shiftquant_group_scales_at_the_ends_of_the_float_range(exponent):
     """The group scales' reciprocals come from one division per call scaled by powers of two
     (``_shift_multipliers``); at the ends of the float range that needs the base scale
@@ -560,7 +565,7 @@ def test_shiftquant_group_scales_at_the_ends_of_the_float_range(exponent):
     g = torch.Generator().manual_seed(exponent & 0xFFFF)
     x = torch.randn(3, 40, 24, generator=g) * torch.exp2(torch.randint(-5, 1, (1, 1, 24), generator=g).float())
     x = (x * 2.0 ** exponent).to(DEVICE)
-    for bits, groups in [(4, 4), (8, 1), (2, 5)]:
+    for bits, groups in [(4, 4), (8, 1), (2, 5), (2, 1)]:       # (2, 1): base = R, up to 2**127
         check_shiftquant_nearest(x, bits, groups, [0, 2])
         check_shiftquant_nearest(x, bits, groups, [1])
 
@@ -780,20 +785,23 @@ sizes = {}
 for one in (True, False):
     for st in (True, False):
         sizes[f"fused one={one} st={st}"] = spilled(tq._quantize_fused_kernel, sm90.SIGNATURES["quantize_fused"], dict(
-            stride_l=1, QMAX=7, STOCHASTIC=st, INT64=False, BLOCK_C=1 if one else 2, BLOCK_L=8192 if one else 2048,
-            ONE_TILE=one), num_warps=8 if one else 4)
+            stride_l=1, QMAX=7, STOCHASTIC=st, NOISE_ALONG_C=False, INT64=False, BLOCK_C=1 if one else 2,
+            BLOCK_L=8192 if one else 2048, ONE_TILE=one), num_warps=8 if one else 4)
 sig = {"x_ptr": "*fp32", "q_ptr": "*i8", "range_ptr": "*fp32", "scale_ptr": "*fp32", **view, "stride_l": "i32",
        "n_cblocks": "i32", "seed_ptr": "*i64"}
-sizes["split"] = spilled(tq._quantize_kernel, sig, dict(QMAX=7, A_KEPT=True, STOCHASTIC=True, INT64=False,
-                                                        BLOCK_C=128, BLOCK_L=32))
+del sig["stride_c"]         # channels contiguous, as the split kernel's 128 x 32 tile is launched
+sizes["split"] = spilled(tq._quantize_kernel, sig, dict(stride_c=1, QMAX=7, A_KEPT=True, STOCHASTIC=True,
+                                                        NOISE_ALONG_C=True, INT64=False, BLOCK_C=128, BLOCK_L=32))
 sq = sm90.SIGNATURES["shiftquant"]
 for pre in (True, False):
     sizes[f"shiftquant prescale={pre}"] = spilled(tq._shiftquant_kernel, dict(sq, out_stride_c="i32"), dict(
-        stride_l=1, out_stride_l=1, QMAX=7, GROUPS=4, A_KEPT=False, STOCHASTIC=True, PRESCALE=pre, INT64=False,
+        stride_l=1, out_stride_l=1, QMAX=7, GROUPS=4, A_KEPT=False, STOCHASTIC=True, NOISE_ALONG_C=False,
+        PRESCALE=pre, INT64=False,
         BLOCK_C=2, BLOCK_L=2048))
 t = tq._TRANSPOSED_TILE     # rows loaded, columns stored
 sizes["shiftquant transposed"] = spilled(tq._shiftquant_kernel, dict(sq, out_stride_l="i32"), dict(
-    stride_l=1, out_stride_c=1, QMAX=7, GROUPS=4, A_KEPT=False, STOCHASTIC=True, PRESCALE=True, INT64=False,
+    stride_l=1, out_stride_c=1, QMAX=7, GROUPS=4, A_KEPT=False, STOCHASTIC=True, NOISE_ALONG_C=False, PRESCALE=True,
+    INT64=False,
     BLOCK_C=t.block_c, BLOCK_L=t.block_l), num_warps=t.num_warps)
 for pre in (True, False):
     sig = {"x_ptr": "*bf16", "ranges_ptr": "*i32", "prescale_ptr": "*fp32", **view, "l_per_split": "i32",
@@ -805,8 +813,8 @@ for tr, t in tq._PAIR_TILES.items():
     unit = "er_stride_m" if tr else "er_stride_n"
     sizes[f"shiftquant pair transposed={tr}"] = spilled(tq._shiftquant_pair_kernel, dict(pair, **{
         "er_stride_n" if tr else "er_stride_m": "i32"}), {unit: 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4,
-        "STOCHASTIC": True, "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False, "BLOCK_M": t.block_c,
-        "BLOCK_N": t.block_l}, num_warps=t.num_warps)
+        "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_N": True, "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False,
+        "BLOCK_M": t.block_c, "BLOCK_N": t.block_l}, num_warps=t.num_warps)
 sig = {"x_ptr": "*bf16", "ranges_ptr": "*i32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32",
        "stride_a": "i32", "stride_m": "i32", "m_per_split": "i32"}
 sizes["absmax pair"] = spilled(tq._absmax_pair_kernel, sig, dict(stride_n=1, PRESCALE_C=True, PRESCALE_R=True,

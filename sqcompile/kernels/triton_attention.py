@@ -69,8 +69,8 @@ import triton.language as tl
 
 from .. import numerics as N
 from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _base_of, _combine_ranges, _multipliers, _quantize_values,
-                           _scale_of, _seed_arg, _shift_expand, _uniform_noise, cast_rtne, cdiv,
-                           next_power_of_2, quantize, shiftquant_pair)
+                           _scale_of, _seed_arg, _shift_expand, _tile_noise, _uniform_noise, cast_rtne, cdiv,
+                           columns_noise_along_n, next_power_of_2, quantize, shiftquant_pair)
 from .triton_gemm import autotune_enabled, relayout
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -377,12 +377,16 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_m
                             stats_ptr, eoc_ptr, boc_ptr, delta_ptr, ranges_ptr, seed_ptr, dq_ptr, L, S, D, BH, s_qb,
                             s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, s_eb, s_em, s_ed,
                             s_db, s_dm, s_dd, scale, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr,
-                            STOCHASTIC: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                            STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_S: tl.constexpr, CAUSAL: tl.constexpr,
+                            MASK: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
     """One block of queries: ``dQ = eS_cols qK`` over all keys, written in the dtype (a
     separate kernel from :func:`_attention_bwd_kv_kernel`, which would otherwise add its
     share of every ``dQ`` row by atomics and spill registers with both quantized ``dS`` tiles
     live).  ``kt`` is ``qK`` stored with the keys contiguous (K-major for ``eS qK``).
+    ``COLUMNS_NOISE_ALONG_S``: ``dS``'s column quantizer draws its noise along the keys, as
+    :func:`~sqcompile.kernels.triton_quant.shiftquant` does on a ``[BH, L, S]`` tensor
+    (:func:`~sqcompile.kernels.triton_quant.columns_noise_along_n`).
     Grid: ``(cdiv(L, BLOCK_M), BH)``."""
     b, mb, offs_m, offs_d, mask_m, row, qq, eo_c, sq, n_end = _query_block(
         q_ptr, eoc_ptr, sq_ptr, mask_ptr, H_in, s_mo, s_mi, s_qb, s_qm, s_qd, s_eb, s_em, s_ed, L, S, D, CAUSAL,
@@ -400,7 +404,8 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_m
                               s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
         g = _score_grad(p, dp, delta, scale, DTYPE)
         if STOCHASTIC:
-            noise = tl.trans(_uniform_noise(tl.load(seed_ptr), col, tl.program_id(0) * BLOCK_M, L, BLOCK_N, BLOCK_M))
+            noise = tl.trans(_tile_noise(tl.load(seed_ptr), b, n0, tl.program_id(0) * BLOCK_M, S, L,
+                                         COLUMNS_NOISE_ALONG_S, BLOCK_N, BLOCK_M))
         else:
             noise = 0.0
         r_cols = tl.load(ranges_ptr + col, mask=mask_n, other=0.0)
@@ -426,15 +431,16 @@ class Tile(NamedTuple):
 # autotuned per (L, S, D) at the first call (``SQCOMPILE_AUTOTUNE=0``: the first one).  Each
 # compiles for sm_90 with every ``tl.dot`` a warpgroup MMA (``wgmma``; 32-row tiles fell back
 # to ``mma.sync``) and no register spills, but in the head-dim-128 ``dK``/``dV`` kernel (one
-# pipeline stage there: two spill 16-112): 4 bytes at 64x64 and 44-52 at 128x64, which held
-# none until ``P``'s quantizer divided with FMAs (``triton_quant._div_by``, a few more live
-# registers than ``div.rn``'s call; a dozen fewer instructions per element): the 64x64 tile
-# comes first, the autotuner weighs the other.  ``tests/test_triton_attention.py`` checks
-# it with ``ptxas``.  Not chosen from timings: the autotuner times them on the GPU.
+# pipeline stage there: two spill 16-112), which sits at the register limit and spills a
+# few bytes in one tile or the other as the quantizers' code changes (Triton 3.9: 128x64 none
+# and 64x64 28 bytes since ShiftQuant's per-channel work shrank; 64x64 4 and 128x64 44-52
+# before): the tile that does not spill comes first, the autotuner weighs the other.
+# ``tests/test_triton_attention.py`` checks it with ``ptxas``.  Not chosen from timings: the
+# autotuner times them on the GPU.
 GPU_TILES = {
     "fwd": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)]),
     "ranges": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)]),
-    "dkdv": ([Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 1), Tile(128, 64, 8, 1)]),
+    "dkdv": ([Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)], [Tile(128, 64, 8, 1), Tile(64, 64, 8, 1)]),
     "dq": ([Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2)]),
 }
 # In Triton's interpreter (tests): small tiles, so masked edges and several blocks are exercised.
@@ -563,5 +569,5 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
                             *_rows(eo_r), *_rows(dk), scale), dict(common, QMAX=N.qmax(bits)), dev, tiles)
     _launch("dq", L, BH, (qq, qk, qv, *margs, qk_t, sq, sk, stats, eo_c, bo_c, delta, ranges, seed_c, dq, L, S, D, BH,
                           *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_rows(dq), scale),
-            common, dev, tiles)
+            dict(common, COLUMNS_NOISE_ALONG_S=columns_noise_along_n(BH, L, S)), dev, tiles)
     return dq, dk, dv

@@ -59,17 +59,22 @@ Conventions shared with :mod:`sqcompile.numerics`:
 * a NaN in the input is mapped to ``+inf`` in the amax reductions, so the reductions never
   depend on how the hardware's ``max`` treats NaN; a non-finite amax gives a NaN scale and
   zero integers, exactly as the reference;
-* ShiftQuant's group ``min(G-1, floor(log2(R / r)))`` is computed as the number of
-  ``j in 1..G-1`` with ``r * 2**j <= R``: products by powers of two are exact, so this is
-  exactly :func:`sqcompile.numerics.shift_groups` (denormal ranges included) without a
-  ``log2`` or ``frexp``.
+* ShiftQuant's group ``min(G-1, floor(log2(R / r)))`` is the largest ``j <= G-1`` with
+  ``r * 2**j <= R``, read off the difference of the two ranges' float bits (the exponent
+  field counts powers of two; denormal ranges are scaled into the normal range first), so
+  this is exactly :func:`sqcompile.numerics.shift_groups` without a ``log2`` or ``frexp``.
 
 Stochastic rounding draws 8 random bits per element, ``u = (k + 0.5) / 256`` like
 :func:`sqcompile.numerics.uniform_noise` (mean exactly 1/2, so rounding is unbiased to
 2**-9 of a step), from one Philox call (``tl.randint4x``: 128 bits) per 16 consecutive
-elements of a row: Philox per element would make the quantizers compute-bound on a GPU.
-The noise of an element is a function of ``(seed, its position in the [A, C, L] view)`` only,
-so it does not depend on block sizes or on which kernel path ran.  The seed is drawn on the
+elements along the view's contiguous axis (``L``, or ``C`` where the channels are contiguous
+in memory: :attr:`_View.noise_along_c`): Philox per element would make the quantizers
+compute-bound on a GPU, and drawn along the other axis the noise would have to be transposed
+to the layout of the loaded tile, through shared memory.  The noise of an element is a
+function of ``(seed, its position in the [A, C, L] view, which axis is contiguous)`` only, so
+it does not depend on block sizes or on which kernel path ran: the fused kernels that
+quantize a tensor in registers (the ShiftQuant pair, the fused attention) draw what the
+standalone quantizers draw on the tensor in memory.  The seed is drawn on the
 device from torch's generator (:func:`draw_seed`) and read by the kernels from memory, so
 ``torch.manual_seed`` makes runs reproducible, no launch waits on the host, and CUDA-graph
 replays draw fresh seeds.  (Counters are 32-bit: tensors beyond 2**36 elements would reuse noise.)
@@ -90,12 +95,11 @@ from .triton_ops import _interpret_requested, pair_dims, triton_version
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _ROUND_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22
 _MAX_GRID_YZ = 65535        # CUDA limit on grid dims 1 and 2
-# Divisors outside [2**-100, 2**100] are prescaled by 2**+-64 (:func:`_multipliers`), bases
-# outside the normal reciprocals' range [2**-126, 2**126] likewise (:func:`_shift_multipliers`).
+# Divisors outside [2**-100, 2**100] are prescaled by 2**+-64 (:func:`_multipliers`);
+# ShiftQuant's base scales below 2**-100 or above 2**64 likewise (:func:`_shift_multipliers`).
 _SMALL_DIVISOR = tl.constexpr(7.888609052210118e-31)
 _LARGE_DIVISOR = tl.constexpr(1.2676506002282294e30)
-_MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)
-_MAX_NORMAL_RECIPROCAL = tl.constexpr(8.507059173023462e37)
+_LARGE_BASE = tl.constexpr(18446744073709551616.0)
 # Nearest rounding divides with FMAs (:func:`_div_by`) where ``tl.fma`` rounds once: compiled
 # kernels, and Triton's interpreter from 3.9 on (3.6's computes ``x * y + z`` in two roundings).
 _FMA_DIVISION = tl.constexpr(not _interpret_requested() or triton_version() >= (3, 9))
@@ -215,12 +219,25 @@ def _uniform_noise(seed, rows, l0, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constex
 
 
 @triton.jit
-def _quantize_tile(x, q_ptrs, mask, divisor, pre, inv, seed_ptr, rows, l0, L, QMAX: tl.constexpr,
-                   STOCHASTIC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Quantize the loaded tile ``x`` (rows ``rows``, columns from ``l0``) with its channels'
-    multipliers and store it as int8 at ``q_ptrs``."""
+def _tile_noise(seed, a, c0, l0, C, L, ALONG_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The noise of the tile ``[c0, c0 + BLOCK_C) x [l0, l0 + BLOCK_L)`` of batch ``a`` of an
+    ``[A, C, L]`` view, as ``[BLOCK_C, BLOCK_L]``: 16 elements per Philox call along ``L``, or
+    along ``C`` with ``ALONG_C`` (the view's contiguous axis; ``c0`` / ``l0`` multiples of 16
+    along it).  Drawn along the axis the tile's registers are laid out along, the transpose
+    is a relabelling, not a trip through shared memory."""
+    if ALONG_C:
+        return tl.trans(_uniform_noise(seed, a * L + l0 + tl.arange(0, BLOCK_L), c0, C, BLOCK_L, BLOCK_C))
+    return _uniform_noise(seed, a * C + c0 + tl.arange(0, BLOCK_C), l0, L, BLOCK_C, BLOCK_L)
+
+
+@triton.jit
+def _quantize_tile(x, q_ptrs, mask, divisor, pre, inv, seed_ptr, a, c0, l0, C, L, QMAX: tl.constexpr,
+                   STOCHASTIC: tl.constexpr, NOISE_ALONG_C: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_L: tl.constexpr):
+    """Quantize the loaded tile ``x`` (``[c0, ...) x [l0, ...)`` of batch ``a``) with its
+    channels' multipliers and store it as int8 at ``q_ptrs``."""
     if STOCHASTIC:
-        noise = _uniform_noise(tl.load(seed_ptr), rows, l0, L, BLOCK_C, BLOCK_L)
+        noise = _tile_noise(tl.load(seed_ptr), a, c0, l0, C, L, NOISE_ALONG_C, BLOCK_C, BLOCK_L)
     else:
         noise = 0.0
     q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], noise, QMAX, STOCHASTIC)
@@ -259,8 +276,9 @@ def _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64: tl.con
 
 @triton.jit
 def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, seed_ptr,
-                           QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, INT64: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ONE_TILE: tl.constexpr):
+                           QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, NOISE_ALONG_C: tl.constexpr,
+                           INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                           ONE_TILE: tl.constexpr):
     """Per-channel amax + quantize for ``BLOCK_C`` channels of batch ``a`` (A kept).
 
     Grid: ``(cdiv(C, BLOCK_C), A)``.  ``q`` has ``x``'s strides.  ``ONE_TILE`` (``BLOCK_L >=
@@ -279,8 +297,8 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
         scale = _scale_of(tl.max(_abs_nan_as_inf(x), axis=1), QMAX)
         tl.store(scale_ptr + rows, scale, mask=mask_c)
         divisor, pre, inv = _multipliers(scale)
-        _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, rows, 0, L, QMAX, STOCHASTIC,
-                       BLOCK_C, BLOCK_L)
+        _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, a, pid_c * BLOCK_C, 0, C, L, QMAX,
+                       STOCHASTIC, NOISE_ALONG_C, BLOCK_C, BLOCK_L)
         return
     acc = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)      # reduced once, after the loop
     for l0 in range(0, L, BLOCK_L):
@@ -297,8 +315,8 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
         mask = mask_c[:, None] & (offs_l < L)[None, :]
         offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
-        _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, rows, l0, L, QMAX, STOCHASTIC,
-                       BLOCK_C, BLOCK_L)
+        _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, a, pid_c * BLOCK_C, l0, C, L, QMAX,
+                       STOCHASTIC, NOISE_ALONG_C, BLOCK_C, BLOCK_L)
 
 
 @triton.jit
@@ -350,31 +368,33 @@ def _absmax_kernel(x_ptr, ranges_ptr, prescale_ptr, C, L, stride_a, stride_c, st
 @triton.jit
 def _split_tile(n_cblocks, C, A_KEPT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """This program's tile in the split kernels' grid ``(n_cblocks * cdiv(L, BLOCK_L), A)``:
-    ``(pid, a, pid_l, offs_c, offs_l, mask_c, channel)``, ``channel`` the index into the
-    per-channel ranges (``a * C + c`` when the outer axis is kept)."""
+    ``(pid, a, c0, l0, offs_c, offs_l, mask_c, channel)``: its first channel and position,
+    their ranges, and ``channel`` the index into the per-channel ranges (``a * C + c`` when
+    the outer axis is kept)."""
     pid = tl.program_id(0)
     a = tl.program_id(1)
-    pid_l = pid // n_cblocks
-    offs_c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    c0 = (pid % n_cblocks) * BLOCK_C
+    l0 = (pid // n_cblocks) * BLOCK_L
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    offs_l = l0 + tl.arange(0, BLOCK_L)
     if A_KEPT:
         channel = a * C + offs_c
     else:
         channel = offs_c
-    return pid, a, pid_l, offs_c, offs_l, offs_c < C, channel
+    return pid, a, c0, l0, offs_c, offs_l, offs_c < C, channel
 
 
 @triton.jit
 def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, n_cblocks, seed_ptr,
-                     QMAX: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr, INT64: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+                     QMAX: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr, NOISE_ALONG_C: tl.constexpr,
+                     INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Quantize one ``[BLOCK_C, BLOCK_L]`` tile with its channels' ranges (from
     :func:`_absmax_kernel`); the first tile of each channel block writes the scales.
 
     Grid: ``(n_cblocks * cdiv(L, BLOCK_L), A)``."""
-    pid, a, pid_l, offs_c, offs_l, mask_c, channel = _split_tile(n_cblocks, C, A_KEPT, BLOCK_C, BLOCK_L)
+    pid, a, c0, l0, offs_c, offs_l, mask_c, channel = _split_tile(n_cblocks, C, A_KEPT, BLOCK_C, BLOCK_L)
     scale = _scale_of(tl.load(range_ptr + channel, mask=mask_c, other=0.0), QMAX)
-    writer = pid_l                  # the first tile of each channel block writes the scales
+    writer = l0                     # the first tile of each channel block writes the scales
     if not A_KEPT:
         writer += a
     if writer == 0:
@@ -383,19 +403,23 @@ def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_
     mask = mask_c[:, None] & (offs_l < L)[None, :]
     offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, a * C + offs_c, pid_l * BLOCK_L, L, QMAX,
-                   STOCHASTIC, BLOCK_C, BLOCK_L)
+    _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, a, c0, l0, C, L, QMAX, STOCHASTIC,
+                   NOISE_ALONG_C, BLOCK_C, BLOCK_L)
 
 
 @triton.jit
 def _shift_group(r, R, GROUPS: tl.constexpr):
-    """numerics.shift_groups: ``min(G-1, floor(log2(R / r)))``, computed as the number of
-    ``j in 1..G-1`` with ``r * 2**j <= R`` (exact); zero ranges and non-finite R -> G-1."""
-    g = tl.zeros(r.shape, dtype=tl.int32)
-    rj = r
-    for _ in tl.static_range(1, GROUPS):
-        rj = rj * 2.0
-        g += (rj <= R).to(tl.int32)
+    """numerics.shift_groups: ``min(G-1, floor(log2(R / r)))``; zero ranges and non-finite
+    ``R`` -> G-1.  For positive normal floats ``r * 2**j <= R`` exactly when the bits satisfy
+    ``bits(r) + j * 2**23 <= bits(R)`` (a power of two adds to the exponent field; an
+    overflowing ``r * 2**j`` exceeds ``R`` either way), so the group is
+    ``min(G-1, (bits(R) - bits(r)) >> 23)``: three integer ops per channel instead of a
+    multiply and a compare per rung.  Ranges are first scaled by ``2**64`` (exact) when ``R``
+    is below ``2**-62``, which makes every nonzero one normal."""
+    f = tl.where(R < 2.168404344971009e-19, 18446744073709551616.0, 1.0)
+    Rb = (R * f).to(tl.int32, bitcast=True)
+    rb = (r * f).to(tl.int32, bitcast=True)
+    g = tl.minimum((Rb - rb) >> 23, GROUPS - 1)
     g = tl.where(r > 0.0, g, GROUPS - 1)
     return tl.where(_is_finite(R), g, GROUPS - 1)
 
@@ -414,23 +438,25 @@ def _pow2(e):
 
 @triton.jit
 def _shift_multipliers(base, shift):
-    """:func:`_multipliers` of the group scales ``base * 2**shift`` (``shift`` in 0..G-1, per
-    channel) from one division per call instead of one per channel: each channel's
-    ``pre`` and divisor are powers of two times ``base``, so its reciprocal is
-    ``1 / (base * 2**e_b)`` times a power of two, exactly (scaling by a power of two commutes
-    with rounding while every value involved is normal: ``e_b`` = +-64 brings a subnormal or
-    huge ``base`` into range, and ``pre`` keeps ``1 / divisor`` within ``2**+-100``).  A zero
-    ``base`` gives divisor and reciprocal 1, a NaN or infinite one NaN or 0 quotients, which
-    the quantizer maps to 0, as the reference.  Per-channel divisions were replicated in
-    every thread holding a channel: 20 ``div.rn`` calls per thread in the pair kernel's
-    64 x 64 tile."""
-    scale = base * _pow2(shift)                                 # exact
-    divisor = tl.where(scale == 0.0, 1.0, scale)
-    e_pre = tl.where(divisor < _SMALL_DIVISOR, 64, tl.where(divisor > _LARGE_DIVISOR, -64, 0))
-    e_b = tl.where(base < _MIN_NORMAL, 64, tl.where(base > _MAX_NORMAL_RECIPROCAL, -64, 0))
-    inv_base = tl.math.div_rn(1.0, base * _pow2(e_b))          # one division, a normal number
-    inv = tl.where(scale == 0.0, 1.0, inv_base * _pow2(e_b - shift - e_pre))
-    return divisor * _pow2(e_pre), _pow2(e_pre), inv
+    """:func:`_multipliers` of the group scales ``base * 2**shift`` (``shift`` in 0..G-1 per
+    channel, ``base`` one scalar per quantizer), with one division per program and a few
+    integer ops per channel.  ``pre`` is chosen once, from ``base``: ``2**64`` below
+    ``2**-100``, ``2**-64`` above ``2**64`` (``base * 2**shift`` then stays within ``2**100``
+    for every ``shift`` the groups allow), so every divisor ``base * pre * 2**shift`` and
+    reciprocal ``(1 / (base * pre)) * 2**-shift`` is a normal number, exactly a power of two
+    times the one correctly rounded division; with all values normal the quotient does not
+    depend on the prescale, so this is the per-channel rule's result bit for bit.  A zero
+    ``base`` (every range 0, so every value 0) divides by ``2**shift``, as the reference
+    divides zero scales by 1; a NaN or infinite one gives NaN or 0 quotients, which the
+    quantizer maps to 0, as the reference.  Per-channel work is what a tile replicates in
+    every thread holding a channel (a thread of the 64 x 64 pair tile holds 16 columns):
+    the earlier per-channel prescales cost ~30 instructions per channel, this 6."""
+    b = tl.where(base == 0.0, 1.0, base)
+    e_pre = tl.where(b < _SMALL_DIVISOR, 64, tl.where(b > _LARGE_BASE, -64, 0))
+    pre = _pow2(e_pre)
+    bp = b * pre                                                # exact, a normal number
+    inv_bp = tl.math.div_rn(1.0, bp)                            # the one division
+    return bp * _pow2(shift), pre, inv_bp * _pow2(-shift)
 
 
 @triton.jit
@@ -447,7 +473,8 @@ def _shift_expand(x, r, R, base, noise, QMAX: tl.constexpr, GROUPS: tl.constexpr
 def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr, C, L, stride_a, stride_c, stride_l,
                        out_stride_c, out_stride_l, n_cblocks, seed_ptr,
                        QMAX: tl.constexpr, GROUPS: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr,
-                       PRESCALE: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+                       NOISE_ALONG_C: tl.constexpr, PRESCALE: tl.constexpr, INT64: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """ShiftQuant one tile: group of each channel, quantization with ``s_g = base * 2**(G-1-g)``
     and expansion ``e = q << (G-1-g)`` written in ``e_ptr``'s dtype (int8 or int16), at the
     output strides ``out_stride_c`` / ``out_stride_l`` (``x``'s, or its last two dims swapped
@@ -456,7 +483,7 @@ def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr
     ranges passed in are already those of the product.
 
     Grid: ``(n_cblocks * cdiv(L, BLOCK_L), A)``; program (0, 0) writes the base scale."""
-    pid, a, pid_l, offs_c, offs_l, mask_c, channel = _split_tile(n_cblocks, C, A_KEPT, BLOCK_C, BLOCK_L)
+    pid, a, c0, l0, offs_c, offs_l, mask_c, channel = _split_tile(n_cblocks, C, A_KEPT, BLOCK_C, BLOCK_L)
     R = tl.load(rmax_ptr)
     base = _base_of(R, GROUPS, QMAX)
     if (pid == 0) & (a == 0):
@@ -467,7 +494,7 @@ def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr
     if PRESCALE:
         x = x.to(tl.float32) * tl.load(prescale_ptr + channel, mask=mask_c, other=0.0)[:, None]
     if STOCHASTIC:
-        noise = _uniform_noise(tl.load(seed_ptr), a * C + offs_c, pid_l * BLOCK_L, L, BLOCK_C, BLOCK_L)
+        noise = _tile_noise(tl.load(seed_ptr), a, c0, l0, C, L, NOISE_ALONG_C, BLOCK_C, BLOCK_L)
     else:
         noise = 0.0
     e = _shift_expand(x, tl.load(range_ptr + channel, mask=mask_c, other=0.0)[:, None], R, base, noise, QMAX,
@@ -518,14 +545,16 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
 def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, pc_ptr, pr_ptr,
                             M, N, stride_a, stride_m, stride_n, er_stride_m, er_stride_n, n_mblocks, seed_c_ptr,
                             seed_r_ptr, QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                            PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr, INT64: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                            COLUMNS_NOISE_ALONG_N: tl.constexpr, PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr,
+                            INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Both ShiftQuants of one ``[BLOCK_M, BLOCK_N]`` tile of ``x`` ``[A, M, N]``, read once:
     along its columns (channel ``a * N + n``; ``ec`` at ``x``'s strides) and along its rows
     (channel ``a * M + m``; ``er`` at ``er_stride_m`` / ``er_stride_n``, ``x``'s or transposed).
     Each is computed exactly as :func:`_shiftquant_kernel` computes it on its own ``[A, C, L]``
     view, noise included (the column quantizer's view is ``[A, N, M]``, the row quantizer's
-    ``[1, A*M, N]``), so the results are the two separate calls' bit for bit.  ``ranges``:
+    ``[A, M, N]``), so the results are the two separate calls' bit for bit
+    (``COLUMNS_NOISE_ALONG_N``: the column view's :attr:`_View.noise_along_c`, true unless
+    ``M`` or ``N`` is 1; then both quantizers draw along ``N``, as ``x`` is loaded).  ``ranges``:
     float32 ``[A*N]`` column ranges, their max, ``[A*M]`` row ranges, their max (the layout
     :func:`_absmax_pair_kernel` fills).
 
@@ -560,8 +589,9 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, p
     if PRESCALE_R:
         xr = x * tl.load(pr_ptr + row, mask=mask_m, other=0.0)[:, None]
     if STOCHASTIC:
-        noise_c = tl.trans(_uniform_noise(tl.load(seed_c_ptr), col, pid_m * BLOCK_M, M, BLOCK_N, BLOCK_M))
-        noise_r = _uniform_noise(tl.load(seed_r_ptr), row, pid_n * BLOCK_N, N, BLOCK_M, BLOCK_N)
+        noise_c = tl.trans(_tile_noise(tl.load(seed_c_ptr), a, pid_n * BLOCK_N, pid_m * BLOCK_M, N, M,
+                                       COLUMNS_NOISE_ALONG_N, BLOCK_N, BLOCK_M))
+        noise_r = _tile_noise(tl.load(seed_r_ptr), a, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, False, BLOCK_M, BLOCK_N)
     else:
         noise_c = 0.0
         noise_r = 0.0
@@ -621,6 +651,13 @@ class _View(NamedTuple):
     def int64(self) -> bool:
         """Do element offsets reach 2**31 (int64 index arithmetic in the kernels)?"""
         return _reaches_2_31(self.shape, self.strides)
+
+    @property
+    def noise_along_c(self) -> bool:
+        """Are the channels the contiguous axis in memory (``L`` is not)?  Then the kernels load
+        tiles laid out along ``C`` and draw stochastic rounding's noise 16 channels at a time
+        (the module docstring); otherwise 16 positions of ``L`` at a time."""
+        return self.strides[1] == 1 and self.strides[2] != 1
 
 
 @functools.lru_cache(maxsize=4096)
@@ -707,19 +744,19 @@ class _Tile(NamedTuple):
 def _tile(view: _View) -> _Tile:
     """Tile shape: 4096 elements on a GPU, long along whichever axis is contiguous in memory
     (so loads coalesce); smaller in the interpreter, where every element costs CPU time.
-    ``block_l`` stays a multiple of 16 (the noise is drawn 16 elements at a time).
+    The contiguous axis's block stays a multiple of 16 (the noise is drawn 16 elements at a
+    time along it).
 
     Measured on an H200 (8192 x 8192 bf16, one of several sweeps): rows of 2 x 2048 with 4
     warps beat 4 x 1024 by ~20% for per-row quantization; channel-contiguous views do best
     at 128 x 32 with 4 warps; the per-tensor walk at 4096 with 8 warps."""
     _, C, L = view.shape
-    _, stride_c, stride_l = view.strides
     total = 512 if INTERPRETED else 4096
     np2_c, np2_l = next_power_of_2(C), next_power_of_2(L)
     if C == 1:                                   # one scale for the tensor: long 1-D tiles
         return _Tile(1, max(16, min(np2_l, total)), 4 if INTERPRETED else 8)
-    if stride_c == 1 and stride_l != 1:          # channels contiguous: wide along C
-        block_c = min(32 if INTERPRETED else 128, np2_c)
+    if view.noise_along_c:                       # channels contiguous: wide along C
+        block_c = max(16, min(32 if INTERPRETED else 128, np2_c))
         return _Tile(block_c, max(16, min(np2_l, total // block_c)), 4)
     block_l = max(16, min(np2_l, total // 2))    # reduced axis contiguous (rows): 2 x 2048
     return _Tile(max(1, min(np2_c, total // block_l)), block_l, 4)
@@ -871,15 +908,16 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
     if fused and (A == 1 or view.a_kept):
         tile = one or tile
         _quantize_fused_kernel[(cdiv(C, tile.block_c), A)](
-            view.work, q, scale, C, L, *view.strides, seed, QMAX=qmax, STOCHASTIC=stochastic, INT64=view.int64,
-            BLOCK_C=tile.block_c, BLOCK_L=tile.block_l, ONE_TILE=one is not None, num_warps=tile.num_warps)
+            view.work, q, scale, C, L, *view.strides, seed, QMAX=qmax, STOCHASTIC=stochastic,
+            NOISE_ALONG_C=view.noise_along_c, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
+            ONE_TILE=one is not None, num_warps=tile.num_warps)
     else:
         ranges = channel_ranges(view, tile)[0]
         n_cblocks = cdiv(C, tile.block_c)
         _quantize_kernel[(n_cblocks * cdiv(L, tile.block_l), A)](
             view.work, q, ranges, scale, C, L, *view.strides, n_cblocks, seed, QMAX=qmax, A_KEPT=view.a_kept,
-            STOCHASTIC=stochastic, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
-            num_warps=tile.num_warps)
+            STOCHASTIC=stochastic, NOISE_ALONG_C=view.noise_along_c, INT64=view.int64, BLOCK_C=tile.block_c,
+            BLOCK_L=tile.block_l, num_warps=tile.num_warps)
     return _restore(view, q, x), scale.reshape(scale_shape)
 
 
@@ -935,8 +973,8 @@ def shiftquant(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[i
     _shiftquant_kernel[(n_cblocks * cdiv(L, qtile.block_l), A)](
         view.work, e, ranges, rmax, base, ranges if prescale is None else prescale, C, L, *view.strides,
         *out_strides, n_cblocks, seed, QMAX=qmax, GROUPS=groups, A_KEPT=view.a_kept, STOCHASTIC=stochastic,
-        PRESCALE=prescale is not None, INT64=view.int64, BLOCK_C=qtile.block_c, BLOCK_L=qtile.block_l,
-        num_warps=qtile.num_warps)
+        NOISE_ALONG_C=view.noise_along_c, PRESCALE=prescale is not None, INT64=view.int64, BLOCK_C=qtile.block_c,
+        BLOCK_L=qtile.block_l, num_warps=qtile.num_warps)
     return (e if transposed else _restore(view, e, x)), base
 
 
@@ -1062,7 +1100,8 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
     _shiftquant_pair_kernel[geometry.grid](
         x, e_cols, e_rows, ranges, base_c, base_r, base_c if pre_c is None else pre_c,
         base_r if pre_r is None else pre_r, M, N_, *view.strides, *rows_strides, geometry.n_mblocks, seed_c, seed_r,
-        QMAX=N.qmax(bits), GROUPS=groups, STOCHASTIC=stochastic, PRESCALE_C=pre_c is not None,
+        QMAX=N.qmax(bits), GROUPS=groups, STOCHASTIC=stochastic, COLUMNS_NOISE_ALONG_N=geometry.columns_noise_along_n,
+        PRESCALE_C=pre_c is not None,
         PRESCALE_R=pre_r is not None, INT64=view.int64, BLOCK_M=tile.block_c, BLOCK_N=tile.block_l,
         num_warps=tile.num_warps)
     return e_cols, base_c, e_rows, base_r
@@ -1075,6 +1114,7 @@ class _PairGeometry(NamedTuple):
     range_grid: Tuple[int, int, int]     # the range pass's grid,
     range_block: Tuple[int, int]         # its (BLOCK_M, BLOCK_N)
     m_per_split: int                     # and its rows per program
+    columns_noise_along_n: bool          # the column quantizer's view draws its noise along N
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1091,7 +1131,18 @@ def _pair_geometry(shape: Tuple[int, int, int], device: torch.device, rows_trans
     n_split = max(1, min(n_rblocks, _device_programs(device) // (A * n_nblocks)))
     m_per_split = cdiv(n_rblocks, n_split) * block_m
     return _PairGeometry(tile, (n_mblocks * cdiv(N_, tile.block_l), A), n_mblocks,
-                         (n_nblocks, cdiv(M, m_per_split), A), (block_m, block_n), m_per_split)
+                         (n_nblocks, cdiv(M, m_per_split), A), (block_m, block_n), m_per_split,
+                         columns_noise_along_n(A, M, N_))
+
+
+@functools.lru_cache(maxsize=4096)
+def columns_noise_along_n(A: int, M: int, N_: int) -> bool:
+    """Does :func:`shiftquant` along the columns of a contiguous ``[A, M, N]`` tensor (channel
+    ``a * N + n``) draw its noise along ``N`` (:attr:`_View.noise_along_c`)?  For kernels that
+    quantize such a tensor along its columns in registers (the ShiftQuant pair, the fused
+    attention's ``dS``) and must draw the noise :func:`shiftquant` draws: true unless ``M`` or
+    ``N`` is 1, read off the view :func:`_plan` makes so that the two cannot disagree."""
+    return _cached_plan((A, M, N_), (M * N_, N_, 1), (0, 2))[0].noise_along_c
 
 
 def _pair_ranges(view: _View, geometry: _PairGeometry, pre_c: Optional[torch.Tensor],
