@@ -206,8 +206,9 @@ def _bytes_of(w, ROWS: tl.constexpr, COLS: tl.constexpr):
 def _uniform_noise(seed, rows, l0, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """U[0, 1) noise ``(k + 0.5) / 256`` for the tile ``rows x [l0, l0 + BLOCK_L)``.
 
-    ``rows`` are the tile's logical row ids ``a * C + c``; ``l0`` is a multiple of 16.  One
-    Philox call (128 bits) per 16 consecutive elements of a row."""
+    ``rows`` are the tile's logical row ids (the index along the other axis, see
+    :func:`_tile_noise`); ``l0`` is a multiple of 16.  One Philox call (128 bits) per 16
+    consecutive elements of a row, counter ``row * cdiv(L, 16) + l // 16``."""
     G: tl.constexpr = BLOCK_L // 16
     n_groups = (L + 15) // 16
     g = l0 // 16 + tl.arange(0, G)
