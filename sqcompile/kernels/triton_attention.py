@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 
 from .. import numerics as N
-from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _base_of, _combine_ranges, _multipliers, _quantize_values,
+from .triton_quant import (INTERPRETED, _base_of, _combine_ranges, _max_nan, _multipliers, _quantize_values,
                            _scale_of, _seed_arg, _shift_expand, _tile_noise, _uniform_noise, cast_rtne, cdiv,
                            columns_noise_along_n, next_power_of_2, quantize, shiftquant_pair)
 from .triton_gemm import autotune_enabled, relayout
@@ -293,10 +293,10 @@ def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
         mask_n = offs_n < S
         p, dp, sk = _key_tile(qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd,
                               s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
-        g = _abs_nan_as_inf(_score_grad(p, dp, delta, scale, DTYPE))
+        g = tl.abs(_score_grad(p, dp, delta, scale, DTYPE).to(tl.float32))
         g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
-        row_amax = tl.maximum(row_amax, tl.max(g, axis=1))
-        top = _combine_ranges(cols_ptr, b * S + offs_n, tl.max(g, axis=0), mask_n, sk_ptr, True)
+        row_amax = _max_nan(row_amax, tl.reduce(g, 1, _max_nan))
+        top = _combine_ranges(cols_ptr, b * S + offs_n, tl.reduce(g, 0, _max_nan), mask_n, sk_ptr, True)
         cols_top = tl.maximum(cols_top, top)
     tl.atomic_max(cols_ptr + BH * S, cols_top, sem="relaxed")
     top = _combine_ranges(rows_ptr, row, row_amax, mask_m, sq_ptr, True)

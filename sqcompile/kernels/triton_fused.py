@@ -191,7 +191,7 @@ import triton
 import triton.language as tl
 
 from sqcompile.kernels.triton_gemm import int8_gemm_tile
-from sqcompile.kernels.triton_quant import _abs_nan_as_inf, cast_rtne
+from sqcompile.kernels.triton_quant import _abs_nan_as_inf, _absmax, cast_rtne
 
 
 @triton.jit
@@ -252,10 +252,11 @@ def generate_source(ep: Epilogue) -> str:
         body.append(f"    tl.store(out{i}_ptr + batch * out{i}_sb + offs_m[:, None] * out{i}_sm"
                     f" + offs_n[None, :] * out{i}_sn, {ref}, mask=mask)")
     for i, (ref, axis) in enumerate(ep.ranges):
-        # |value| (NaN as +inf) maxed over the tile's rows ("n") or columns ("m"); non-negative
-        # float32 orders like its int32 bits, so an integer atomic max combines the tiles
+        # |value| maxed over the tile's rows ("n") or columns ("m"), NaN propagated and then
+        # taken as +inf; non-negative float32 orders like its int32 bits, so an integer atomic
+        # max combines the tiles
         offs, reduce = ("offs_n", 0) if axis == "n" else ("offs_m", 1)
-        body.append(f"    r{i} = tl.max(tl.where(mask, _abs_nan_as_inf({ref}), 0.0), axis={reduce})")
+        body.append(f"    r{i} = _abs_nan_as_inf(_absmax(tl.where(mask, {ref}, 0.0), {reduce}))")
         body.append(f"    tl.atomic_max(rng{i}_ptr + batch * rng{i}_sb + {offs}, r{i}.to(tl.int32, bitcast=True), "
                     f"mask=mask_{axis}, sem=\"relaxed\")")
     return _TEMPLATE.format(signature=ep.signature(), params="\n".join(" " * 18 + p for p in params),

@@ -45,14 +45,14 @@ import triton.language as tl
 
 from .. import numerics as N
 from ..norms import triton_unsupported
-from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _device_programs, _multipliers, _quantize_values,
+from .triton_quant import (INTERPRETED, _absmax, _device_programs, _multipliers, _quantize_values,
                            _scale_of, _seed_arg, _uniform_noise, cast_rtne, cdiv, next_power_of_2)
 
 
 @triton.jit
 def _quantize_rows(x, mask, QMAX: tl.constexpr):
     """Per-row nearest quantization of the tile ``x``: ``(q int32, scale [BLOCK_R])``."""
-    scale = _scale_of(tl.max(tl.where(mask, _abs_nan_as_inf(x), 0.0), axis=1), QMAX)
+    scale = _scale_of(_absmax(tl.where(mask, x.to(tl.float32), 0.0), 1), QMAX)
     divisor, pre, inv = _multipliers(scale)
     q = _quantize_values(x, divisor[:, None], pre[:, None], inv[:, None], 0.0, QMAX, False)
     return tl.where(mask, q, 0), scale
@@ -124,7 +124,7 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
         offs = rows.to(tl.int64)[:, None] * L + cols[None, :]
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
         # stochastic per-row quantization of the gradient (triton_quantize's noise), dequantized
-        gscale = _scale_of(tl.max(tl.where(mask, _abs_nan_as_inf(dy), 0.0), axis=1), GQMAX)
+        gscale = _scale_of(_absmax(tl.where(mask, dy.to(tl.float32), 0.0), 1), GQMAX)
         divisor, pre, ginv = _multipliers(gscale)
         noise = _uniform_noise(seed, rows, 0, L, BLOCK_R, BLOCK_L)
         dq = _quantize_values(dy, divisor[:, None], pre[:, None], ginv[:, None], noise, GQMAX, True)

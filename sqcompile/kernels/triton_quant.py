@@ -56,9 +56,9 @@ Conventions shared with :mod:`sqcompile.numerics`:
   CUDA), round-half-to-even uses the ``(v + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact for
   ``|v| < 2**22``, and ``v`` is clamped to ``[-qmax, qmax]`` first: clamping to integer bounds
   commutes with rounding), so nearest rounding is bit-exact with the reference;
-* a NaN in the input is mapped to ``+inf`` in the amax reductions, so the reductions never
-  depend on how the hardware's ``max`` treats NaN; a non-finite amax gives a NaN scale and
-  zero integers, exactly as the reference;
+* the amax reductions use IEEE ``maximum`` (NaN-propagating, :func:`_max_nan`, on the GPU
+  and in the interpreter alike) and take a NaN amax as ``+inf``; a non-finite amax gives a
+  NaN scale and zero integers, exactly as the reference;
 * ShiftQuant's group ``min(G-1, floor(log2(R / r)))`` is the largest ``j <= G-1`` with
   ``r * 2**j <= R``, read off the difference of the two ranges' float bits (the exponent
   field counts powers of two; denormal ranges are scaled into the normal range first), so
@@ -116,9 +116,26 @@ def _is_finite(x):
 
 @triton.jit
 def _abs_nan_as_inf(x):
-    """``|x|`` in float32 with NaN mapped to +inf, so max-reductions propagate it."""
+    """``|x|`` in float32 with NaN mapped to +inf (for per-channel values)."""
     a = tl.abs(x.to(tl.float32))
     return tl.where(a == a, a, float("inf"))
+
+
+@triton.jit
+def _max_nan(a, b):
+    """``max(a, b)``, NaN when either is (IEEE 754-2019 ``maximum``): one ``max.NaN`` on a
+    GPU, and what Triton's interpreter computes too (a plain ``tl.maximum`` drops NaN on both).
+    Max-reductions of ``|x|`` with it are NaN when any value is, so NaN is mapped to +inf
+    per channel after the reduction, not per element before it (two instructions an element
+    in every range pass and quantizer)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _absmax(x, axis: tl.constexpr):
+    """``max |x|`` along ``axis`` in float32, NaN when any value is NaN (:func:`_max_nan`;
+    :func:`_scale_of` and :func:`_combine_ranges` map it)."""
+    return tl.reduce(tl.abs(x.to(tl.float32)), axis, _max_nan)
 
 
 @triton.jit
@@ -295,7 +312,7 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
         mask = mask_c[:, None] & (offs_l < L)[None, :]
         offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
-        scale = _scale_of(tl.max(_abs_nan_as_inf(x), axis=1), QMAX)
+        scale = _scale_of(_absmax(x, 1), QMAX)
         tl.store(scale_ptr + rows, scale, mask=mask_c)
         divisor, pre, inv = _multipliers(scale)
         _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, a, pid_c * BLOCK_C, 0, C, L, QMAX,
@@ -307,8 +324,8 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
         mask = mask_c[:, None] & (offs_l < L)[None, :]
         x = tl.load(x_ptr + _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64), mask=mask,
                     other=0.0, eviction_policy="evict_last")
-        acc = tl.maximum(acc, _abs_nan_as_inf(x))
-    scale = _scale_of(tl.max(acc, axis=1), QMAX)
+        acc = _max_nan(acc, tl.abs(x.to(tl.float32)))
+    scale = _scale_of(tl.reduce(acc, 1, _max_nan), QMAX)
     tl.store(scale_ptr + rows, scale, mask=mask_c)
     divisor, pre, inv = _multipliers(scale)
     for l0 in range(0, L, BLOCK_L):
@@ -322,12 +339,14 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
 
 @triton.jit
 def _combine_ranges(ranges_ptr, channel, amax, mask, prescale_ptr, PRESCALE: tl.constexpr):
-    """Atomic max of the channel maxima ``amax`` (times ``|prescale|`` when given: exactly the
-    amax of the product, rounding being monotone; NaN from ``inf * 0`` as +inf) into the
-    int32 float bits at ``ranges_ptr + channel``; returns the largest of them, as bits.
-    Non-negative floats order like their bits, so the result is exact in any order."""
+    """Atomic max of the channel maxima ``amax`` (NaN where a value was NaN; times
+    ``|prescale|`` when given: exactly the amax of the product, rounding being monotone) into
+    the int32 float bits at ``ranges_ptr + channel``, NaN (also from ``inf * 0``) as +inf;
+    returns the largest of them, as bits.  Non-negative floats order like their bits, so the
+    result is exact in any order."""
     if PRESCALE:
-        amax = _abs_nan_as_inf(amax * tl.load(prescale_ptr + channel, mask=mask, other=0.0))
+        amax = amax * tl.load(prescale_ptr + channel, mask=mask, other=0.0)
+    amax = _abs_nan_as_inf(amax)
     bits = tl.where(mask, amax, 0.0).to(tl.int32, bitcast=True)
     tl.atomic_max(ranges_ptr + channel, bits, mask=mask, sem="relaxed")
     return tl.max(bits, axis=0)
@@ -356,8 +375,8 @@ def _absmax_kernel(x_ptr, ranges_ptr, prescale_ptr, C, L, stride_a, stride_c, st
         mask = mask_c[:, None] & (offs_l < l_end)[None, :]
         x = tl.load(x_ptr + _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64), mask=mask,
                     other=0.0)
-        acc = tl.maximum(acc, _abs_nan_as_inf(x))
-    amax = tl.max(acc, axis=1)
+        acc = _max_nan(acc, tl.abs(x.to(tl.float32)))
+    amax = tl.reduce(acc, 1, _max_nan)
     if A_KEPT:
         channel = a * C + offs_c
     else:
@@ -532,13 +551,13 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        v = _abs_nan_as_inf(tl.load(x_ptr + _tile_offsets(a, offs_m, offs_n, stride_a, stride_m, stride_n, INT64),
-                                    mask=mask_m[:, None] & mask_n[None, :], other=0.0))
-        acc = tl.maximum(acc, v)
-        top = _combine_ranges(rows_ptr, a * M + offs_m, tl.max(v, axis=1), mask_m, pr_ptr, PRESCALE_R)
+        v = tl.abs(tl.load(x_ptr + _tile_offsets(a, offs_m, offs_n, stride_a, stride_m, stride_n, INT64),
+                           mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32))
+        acc = _max_nan(acc, v)
+        top = _combine_ranges(rows_ptr, a * M + offs_m, tl.reduce(v, 1, _max_nan), mask_m, pr_ptr, PRESCALE_R)
         row_max = tl.maximum(row_max, top)
     tl.atomic_max(rows_ptr + A * M, row_max, sem="relaxed")
-    top = _combine_ranges(ranges_ptr, a * N + offs_n, tl.max(acc, axis=0), mask_n, pc_ptr, PRESCALE_C)
+    top = _combine_ranges(ranges_ptr, a * N + offs_n, tl.reduce(acc, 0, _max_nan), mask_n, pc_ptr, PRESCALE_C)
     tl.atomic_max(ranges_ptr + A * N, top, sem="relaxed")
 
 
