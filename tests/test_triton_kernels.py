@@ -296,6 +296,12 @@ def test_quantize_nan_and_inf_propagate_as_nan_scales():
         check_quantize_nearest(x, 4, keep_dims)
     _, s = _kernels()[0].quantize(x, 4, [0, 1], False)
     assert torch.isnan(s[1, 4]) and torch.isnan(s[2, 30]) and int(torch.isnan(s).sum()) == 2
+    for keep_dims in ([0, 1], [0, 2]):      # stochastic: the channels with NaN scales are 0
+        q, s = _kernels()[0].quantize(x, 4, keep_dims, True, seed=3)
+        bad = torch.isnan(s).expand_as(q).cpu()
+        assert bool(bad.any()) and not q.cpu()[bad].any()
+        v = (x.cpu() / s.cpu())[~bad]                           # the other channels: floor or ceil
+        assert bool(((q.cpu()[~bad] == v.floor()) | (q.cpu()[~bad] == v.ceil())).all())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,8 +188,12 @@ def _quantize_values(x, divisor, pre, inv, noise, QMAX: tl.constexpr, STOCHASTIC
     """``clamp(round(x / scale), -qmax, qmax)`` as int32 (numerics.quantize_with_scale), with
     the per-channel multipliers of :func:`_multipliers` (broadcast to the tile).
 
-    Maps NaN to 0 and clamps before rounding (equivalent for integer bounds, and keeps the
-    rounding identity exact)."""
+    Clamps before rounding (equivalent for integer bounds, and keeps the rounding identity
+    exact).  A quotient is NaN only in a channel whose scale is NaN (a NaN or infinite value
+    makes its amax, hence its scale, non-finite), where the reference gives 0: such channels
+    are clamped to ``[0, 0]``, and ``tl.minimum`` / ``tl.maximum`` return the other operand
+    for a NaN (PTX ``min`` / ``max``, numpy's ``fmin`` / ``fmax`` in the interpreter), so the
+    bound, computed once per channel, is the whole NaN handling; no test per element."""
     if STOCHASTIC:
         v = (x.to(tl.float32) * pre) * inv
     else:
@@ -197,8 +201,8 @@ def _quantize_values(x, divisor, pre, inv, noise, QMAX: tl.constexpr, STOCHASTIC
             v = _div_by(x.to(tl.float32) * pre, divisor, inv)
         else:
             v = tl.math.div_rn(x.to(tl.float32) * pre, divisor)
-    v = tl.where(v == v, v, 0.0)
-    v = tl.minimum(tl.maximum(v, -QMAX * 1.0), QMAX * 1.0)
+    bound = tl.where(_is_finite(divisor), QMAX * 1.0, 0.0)
+    v = tl.minimum(tl.maximum(v, -bound), bound)
     if STOCHASTIC:
         v = tl.floor(v + noise)
     else:
