@@ -432,9 +432,10 @@ class Tile(NamedTuple):
 # compiles for sm_90 with every ``tl.dot`` a warpgroup MMA (``wgmma``; 32-row tiles fell back
 # to ``mma.sync``) and no register spills, but in the head-dim-128 ``dK``/``dV`` kernel (one
 # pipeline stage there: two spill 16-112), which sits at the register limit and spills a
-# few bytes in one tile or the other as the quantizers' code changes (Triton 3.9: 128x64 none
-# and 64x64 28 bytes since ShiftQuant's per-channel work shrank; 64x64 4 and 128x64 44-52
-# before): the tile that does not spill comes first, the autotuner weighs the other.
+# few bytes in one tile or the other as the quantizers' code changes (Triton 3.9, 2026-11-29:
+# 128x64 none, 4 bytes with a padding mask, 64x64 none; 64x64 4 and 128x64 44-52 before the
+# ShiftQuant and NaN changes; Triton 3.6: 128x64 none, 36 with a mask, 64x64 56): the tile
+# that spills least comes first, the autotuner weighs the other.
 # ``tests/test_triton_attention.py`` checks it with ``ptxas``.  Not chosen from timings: the
 # autotuner times them on the GPU.
 GPU_TILES = {
