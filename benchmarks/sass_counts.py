@@ -32,6 +32,7 @@ os.environ.pop("TRITON_INTERPRET", None)      # compile for the GPU, never inter
 def _cases():
     """name -> (kernel, signature, constexprs, num_warps, num_stages, elements per program or 0)."""
     import sm90
+    import torch
     from sqcompile.kernels import triton_attention as ta
     from sqcompile.kernels import triton_gemm as tg
     from sqcompile.kernels import triton_norm as tn
@@ -67,11 +68,25 @@ def _cases():
             {unit: 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_N": True,
              "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False, "BLOCK_M": t.block_c, "BLOCK_N": t.block_l},
             t.num_warps, 3, t.block_c * t.block_l)
+    # ShiftQuant's range passes (a loop over the reduced axis: its body once, per element of a step)
+    cases["shiftquant range pass, rows bf16"] = (
+        tq._absmax_kernel, {"x_ptr": "*bf16", "ranges_ptr": "*i32", "prescale_ptr": "*fp32", "C": "i32", "L": "i32",
+                            "stride_a": "i32", "stride_c": "i32", "l_per_split": "i32", "n_channels": "i32"},
+        dict(stride_l=1, A_KEPT=True, PRESCALE=True, INT64=False, BLOCK_C=2, BLOCK_L=2048), 4, 3, 2 * 2048)
+    bm, bn = tq._pair_geometry((1, 8192, 8192), torch.device("cpu"), False).range_block
+    cases["shiftquant pair range pass bf16 (both ways)"] = (
+        tq._absmax_pair_kernel, {"x_ptr": "*bf16", "ranges_ptr": "*i32", "pc_ptr": "*fp32", "pr_ptr": "*fp32",
+                                 "M": "i32", "N": "i32", "stride_a": "i32", "stride_m": "i32", "m_per_split": "i32"},
+        dict(stride_n=1, PRESCALE_C=True, PRESCALE_R=True, INT64=False, BLOCK_M=bm, BLOCK_N=bn), 4, 3, bm * bn)
     br, bl, w = tn._block(1024, 4096, tn.FORWARD_PER_THREAD)
     cases["L1 norm forward + output quantized, rows of 1024"] = (
         tn._l1_norm_kernel, sig["l1_norm"],
         dict(QMAX=127, OUT_QMAX=7, CENTER=True, HAS_W=True, HAS_B=True, OUT_Q=True, BLOCK_R=br, BLOCK_L=bl),
         w, 3, br * bl)
+    br, bl, w = tn._block(1024, 2048, tn.BACKWARD_PER_THREAD)
+    cases["L1 norm backward (gradient quantized), rows of 1024"] = (
+        tn._l1_norm_backward_kernel, sig["l1_norm_backward"],
+        dict(GQMAX=127, CENTER=True, HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_R=br, BLOCK_L=bl), w, 3, br * bl)
     for c in tg.CUDA_CONFIGS[:1] + tg.CUDA_CONFIGS[5:6]:
         tile = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         cases[f"int8 GEMM + dequant + bias, {tile}"] = (

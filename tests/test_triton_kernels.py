@@ -780,7 +780,7 @@ def test_quantized_linear_triton_sub8bit_shiftquant_grads():
 
 
 _HOPPER_SCRIPT = """
-import json, sm90
+import json, sm90, torch
 from sqcompile.kernels import triton_quant as tq, triton_gemm as tg
 
 def spilled(fn, sig, constexprs, num_warps=4):
@@ -823,8 +823,9 @@ for tr, t in tq._PAIR_TILES.items():
         "BLOCK_M": t.block_c, "BLOCK_N": t.block_l}, num_warps=t.num_warps)
 sig = {"x_ptr": "*bf16", "ranges_ptr": "*i32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32",
        "stride_a": "i32", "stride_m": "i32", "m_per_split": "i32"}
+bm, bn = tq._pair_geometry((1, 8192, 8192), torch.device("cpu"), False).range_block      # as on a GPU
 sizes["absmax pair"] = spilled(tq._absmax_pair_kernel, sig, dict(stride_n=1, PRESCALE_C=True, PRESCALE_R=True,
-                                                                 INT64=False, BLOCK_M=16, BLOCK_N=256))
+                                                                 INT64=False, BLOCK_M=bm, BLOCK_N=bn))
 sig = {"x_ptr": "*i8", "y_ptr": "*i8", "R": "i32", "C": "i32", **{f"s{a}{b}": "i32" for a in "xy" for b in "brc"}}
 sizes["relayout"] = spilled(tg._relayout_kernel, sig, dict(BLOCK_R=64, BLOCK_C=64))
 print(json.dumps(sizes))
