@@ -99,7 +99,11 @@ _MAX_GRID_YZ = 65535        # CUDA limit on grid dims 1 and 2
 # ShiftQuant's base scales below 2**-100 or above 2**64 likewise (:func:`_shift_multipliers`).
 _SMALL_DIVISOR = tl.constexpr(7.888609052210118e-31)
 _LARGE_DIVISOR = tl.constexpr(1.2676506002282294e30)
-_LARGE_BASE = tl.constexpr(18446744073709551616.0)
+_LARGE_BASE = tl.constexpr(18446744073709551616.0)                # 2**64
+# ShiftQuant's ranges below 2**-62 are scaled by 2**64 before their bits are compared
+# (:func:`_shift_group`): every nonzero one is then a normal number.
+_SMALL_RANGE = tl.constexpr(2.168404344971009e-19)
+_RANGE_PRESCALE = tl.constexpr(18446744073709551616.0)
 # Nearest rounding divides with FMAs (:func:`_div_by`) where ``tl.fma`` rounds once: compiled
 # kernels, and Triton's interpreter from 3.9 on (3.6's computes ``x * y + z`` in two roundings).
 _FMA_DIVISION = tl.constexpr(not _interpret_requested() or triton_version() >= (3, 9))
@@ -440,7 +444,7 @@ def _shift_group(r, R, GROUPS: tl.constexpr):
     ``min(G-1, (bits(R) - bits(r)) >> 23)``: three integer ops per channel instead of a
     multiply and a compare per rung.  Ranges are first scaled by ``2**64`` (exact) when ``R``
     is below ``2**-62``, which makes every nonzero one normal."""
-    f = tl.where(R < 2.168404344971009e-19, 18446744073709551616.0, 1.0)
+    f = tl.where(R < _SMALL_RANGE, _RANGE_PRESCALE, 1.0)
     Rb = (R * f).to(tl.int32, bitcast=True)
     rb = (r * f).to(tl.int32, bitcast=True)
     g = tl.minimum((Rb - rb) >> 23, GROUPS - 1)
@@ -577,8 +581,8 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, p
     Each is computed exactly as :func:`_shiftquant_kernel` computes it on its own ``[A, C, L]``
     view, noise included (the column quantizer's view is ``[A, N, M]``, the row quantizer's
     ``[A, M, N]``), so the results are the two separate calls' bit for bit
-    (``COLUMNS_NOISE_ALONG_N``: the column view's :attr:`_View.noise_along_c`, true unless
-    ``M`` or ``N`` is 1; then both quantizers draw along ``N``, as ``x`` is loaded).  ``ranges``:
+    (``COLUMNS_NOISE_ALONG_N``: the column view's :attr:`_View.noise_along_c`; true unless
+    ``M`` or ``N`` is 1, and then both quantizers draw along ``N``, as ``x`` is loaded).  ``ranges``:
     float32 ``[A*N]`` column ranges, their max, ``[A*M]`` row ranges, their max (the layout
     :func:`_absmax_pair_kernel` fills).
 
