@@ -19,7 +19,9 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
    move (ShiftQuant and the split quantizer read x twice: a range pass, then the quantize pass).
    Also a gradient's two ShiftQuants (along its columns and its rows, the rows' result stored
    transposed, as the backward graph runs them) as one ``triton_shiftquant_pair`` against
-   two separate quantizers, at a Linear's ``dY`` and attention's ``dS`` shapes, as a ratio.
+   two separate quantizers, at a Linear's ``dY`` and attention's ``dS`` shapes, as a ratio;
+   and the pair with its previous 64 x 64 tile (now 32 x 128; fewer instructions, shorter
+   transposed stores: which is faster is for this run to say).
 3. A transformer block training step (d_model 1024, 16 heads, seq 1024, batch 8, LayerNorm,
    GELU MLP, causal ``F.scaled_dot_product_attention``; until 2026-11-29 the attention was
    written as explicit matmuls) compiled with ``backend="shiftquant"``
@@ -208,6 +210,20 @@ def copy_bandwidth(reps: int, part: str = "2 quant") -> float:
     return _MEASURED["copy"]
 
 
+def _with_pair_tile(block_m: int, block_n: int, fn, *args):
+    """``fn(*args)`` with the ShiftQuant pair's transposed-store tile set to ``block_m x
+    block_n`` (the tile it used before 32 x 128, for comparison on the device)."""
+    from sqcompile.kernels import triton_quant as tq
+    saved = tq._PAIR_TILES[True]
+    tq._PAIR_TILES[True] = tq._Tile(block_m, block_n, 4)
+    tq._pair_geometry.cache_clear()
+    try:
+        return fn(*args)
+    finally:
+        tq._PAIR_TILES[True] = saved
+        tq._pair_geometry.cache_clear()
+
+
 def part_quantizers(reps: int) -> None:
     print("\n[2] Quantizer throughput vs device-to-device copy", flush=True)
     bandwidth = copy_bandwidth(reps)
@@ -245,6 +261,8 @@ def part_quantizers(reps: int) -> None:
                     (two, lambda g=g: (sq_(g, 4, 4, [0, 2], True), fused_(g, None, 4, 4, [0, 1], True, None, True)),
                      ng * (e + 2), ng * (4 * e + 2)),
                     (one, lambda g=g: pair_(g, None, None, 4, 4, True, None, None, True), ng * (e + 2), ng * (2 * e + 2)),
+                    (f"{one}, 64x64 tile", lambda g=g: _with_pair_tile(64, 64, pair_, g, None, None, 4, 4, True, None,
+                                                                       None, True), ng * (e + 2), ng * (2 * e + 2)),
                 ]
             cases += [
                 (f"  torch ref: quantize per-row [{name}]",

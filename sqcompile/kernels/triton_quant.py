@@ -1191,9 +1191,14 @@ def _pair_ranges(view: _View, geometry: _PairGeometry, pre_c: Optional[torch.Ten
 
 
 # The pair kernel's tiles (block_c: rows M, block_l: columns N), by whether the row
-# quantizer's output is stored transposed: square then (see _TRANSPOSED_TILE), else wide
-# along the contiguous N.
-_PAIR_TILES = {True: _TRANSPOSED_TILE,
+# quantizer's output is stored transposed: 32 x 128 either way on a GPU, wide along the
+# contiguous N.  Stored transposed, each column of the tile is then 32 contiguous bytes
+# (a whole memory sector) where the square 64 x 64 tile wrote 64; counted for sm_90 the
+# square tile issued 57.0 instructions per element against 51.0 (16 columns per thread, each
+# column's per-channel work replicated in every thread holding it).  Not timed yet: part 2
+# of benchmarks/gpu.py times the pair with both tiles.  The interpreter's keep the masked
+# edges of small tensors exercised.
+_PAIR_TILES = {True: _TRANSPOSED_TILE if INTERPRETED else _Tile(32, 128, 4),
                False: _Tile(16, 32, 4) if INTERPRETED else _Tile(32, 128, 4)}
 
 
