@@ -7,8 +7,9 @@ A session without a GPU can still see what a kernel change does to the code a GP
 each kernel is compiled as a real launch specializes it (``tests/sm90.py``: unit strides as
 constants, 16-divisible pointers and sizes), disassembled with the ``cuobjdump`` Triton ships,
 and counted.  Columns: SASS instructions in all; per element of the program's tile, for the
-elementwise kernels (a static count, the prologue included: a loop body counts once, so for
-the GEMM-like kernels only the totals compare); ``MUFU`` (the special-function unit: exp,
+elementwise kernels and the region kernels, whose epilogue runs once per output value (a
+static count, the prologue included: a loop body counts once, so for the other GEMM-like
+kernels only the totals compare); ``MUFU`` (the special-function unit: exp,
 reciprocal, ...; 16 per clock per SM on Hopper, an eighth of the FP32 rate); ``CALL`` (slow
 paths, e.g. of an IEEE division); spilled bytes per thread (``ptxas -v``).
 
@@ -30,7 +31,8 @@ os.environ.pop("TRITON_INTERPRET", None)      # compile for the GPU, never inter
 
 
 def _cases():
-    """name -> (kernel, signature, constexprs, num_warps, num_stages, elements per program or 0)."""
+    """name -> (kernel, signature, constexprs, num_warps, num_stages, elements per program or 0
+    [, FMA contraction: False for the region kernels, compiled without it])."""
     import sm90
     import torch
     from sqcompile.kernels import triton_attention as ta
@@ -93,6 +95,16 @@ def _cases():
             tg._int8_gemm_kernel, sig["int8_gemm"], dict(**sm90.GEMM_UNIT_STRIDES, SCALED=True, HAS_BIAS=True,
                                                          ACTIVATION="none", **c.kwargs),
             c.num_warps, c.num_stages, 0)
+    # the generated region kernels of a transformer block (sm90.REGION_PROGRAMS) at 128 x 128
+    # (8 warps: 64 accumulator values per thread), compiled as launched (no FMA contraction)
+    from sqcompile.kernels import triton_fused as tf
+    for name, (spec, _) in sm90.REGION_PROGRAMS.items():
+        ep = tf.Epilogue(*spec)
+        signature, unit = sm90.region_arguments(ep)
+        c = tg.CUDA_CONFIGS[2]
+        cases[f"region {name}, 128x128x128"] = (
+            tf.kernel_for(ep.signature()).fn, signature, {**unit, **c.kwargs}, c.num_warps, c.num_stages,
+            128 * 128, False)
     # the fused attention at head dim 64, causal, the first candidate tiles (forward, dK/dV)
     for name, (kernel, signature, consts) in sm90.attention_kernels().items():
         if name in ("fwd", "dkdv", "dq"):
@@ -112,10 +124,10 @@ def main() -> int:
     print(f"sm_90 SASS of sqcompile's Triton kernels (Triton {triton.__version__}; static counts)\n")
     print(f"| {'kernel':58s} | instructions | per element | MUFU | CALL | spilled B |")
     print(f"|{'-' * 60}|--------------|-------------|------|------|-----------|")
-    for name, (fn, sig, consts, warps, stages, elements) in _cases().items():
+    for name, (fn, sig, consts, warps, stages, elements, *fp_fusion) in _cases().items():
         if args.only not in name:
             continue
-        out = sm90.compile_sm90(fn, sig, consts, num_warps=warps, num_stages=stages)
+        out = sm90.compile_sm90(fn, sig, consts, num_warps=warps, num_stages=stages, fp_fusion=all(fp_fusion))
         counts = sm90.sass_counts(out["cubin"])
         n = counts.get("instructions", 0)
         per = f"{n / (elements / (32 * warps)):.1f}" if elements else "-"

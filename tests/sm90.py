@@ -107,6 +107,45 @@ SIGNATURES = {
 GEMM_UNIT_STRIDES = {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "stride_sbn": 1}
 
 
+# Generated region kernels (``sqcompile.kernels.triton_fused``) the slow tests and
+# ``benchmarks/sass_counts.py`` compile: name -> (epilogue program ``(inputs, ops, outputs[,
+# ranges])``, whether the 128x256 tile is among its configs).  The transformer block's
+# kinds: a Linear's dequantize + bias, ``fc1`` with its GELU (the pre-activation kept for the
+# backward), and ``fc1``'s gradient through the GELU backward with both ShiftQuant ranges.
+REGION_PROGRAMS = {
+    "dequant+bias": (((("bm", "f32"), ("n", "f32"), ("n", "bf16")),
+                      (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("mul", "f32", "v1", "in1"),
+                       ("convert", "bf16", "v2"), ("add", "bf16", "v3", "in2")), ("v4",)), True),
+    "bias+gelu, side output": (((("bm", "f32"), ("n", "f32"), ("n", "bf16")),
+                                (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("mul", "f32", "v1", "in1"),
+                                 ("convert", "bf16", "v2"), ("add", "bf16", "v3", "in2"), ("gelu", "bf16", "v4")),
+                                ("v5", "v4")), False),
+    "gelu_backward+ranges": (((("", "f32"), ("bmn", "bf16")),
+                              (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("convert", "bf16", "v1"),
+                               ("gelu_backward", "bf16", "v2", "in1")), ("v3",), (("v3", "n"), ("v3", "m"))), False),
+}
+
+
+def region_arguments(ep) -> tuple:
+    """``(signature, unit strides)`` of the region kernel for the epilogue ``ep`` as launched:
+    K-major int8 operands, every tensor input and output contiguous along N."""
+    ptr = {"f32": "*fp32", "bf16": "*bf16", "f16": "*fp16", "i32": "*i32"}
+    sig = {"a_ptr": "*i8", "b_ptr": "*i8", "M": "i32", "N": "i32", "K": "i32"}
+    sig.update({f"stride_{s}": "i32" for s in ("ab", "am", "bb", "bn")})
+    ones = {"stride_ak": 1, "stride_bk": 1}
+    for kind, specs in (("in", ep.inputs), ("out", [("bmn", ep.dtype_of(r)) for r in ep.outputs])):
+        for i, (pattern, dtype) in enumerate(specs):
+            sig[f"{kind}{i}_ptr"] = ptr[dtype]
+            for d in "bmn":             # strides of dims the value varies along; the rest are unused
+                if d == "n" and d in pattern:
+                    ones[f"{kind}{i}_sn"] = 1
+                else:
+                    sig[f"{kind}{i}_s{d}"] = "i32"
+    for i in range(len(ep.ranges)):
+        sig.update({f"rng{i}_ptr": "*i32", f"rng{i}_sb": "i32"})
+    return sig, ones
+
+
 def attention_kernels() -> dict:
     """The fused attention's kernels as launched: name -> ``(kernel, signature, constexprs)``
     for the runtime arguments and the unit strides (add the tile, ``BLOCK_D``, ``CAUSAL`` and

@@ -335,20 +335,7 @@ _HOPPER_SCRIPT = """
 import json, sys, sm90
 from sqcompile.kernels import triton_fused as tf
 ep = tf.Epilogue.parse(sys.argv[1])
-ptr = {"f32": "*fp32", "bf16": "*bf16", "f16": "*fp16", "i32": "*i32"}
-sig = {"a_ptr": "*i8", "b_ptr": "*i8", "M": "i32", "N": "i32", "K": "i32"}
-sig.update({f"stride_{s}": "i32" for s in ("ab", "am", "bb", "bn")})
-ones = {"stride_ak": 1, "stride_bk": 1}            # K-major operands, as the launcher makes them
-for kind, specs in (("in", ep.inputs), ("out", [("bmn", ep.dtype_of(r)) for r in ep.outputs])):
-    for i, (pattern, dtype) in enumerate(specs):
-        sig[f"{kind}{i}_ptr"] = ptr[dtype]
-        for d in "bmn":             # strides of dims the value varies along; the rest are unused
-            if d == "n" and d in pattern:
-                ones[f"{kind}{i}_sn"] = 1
-            else:
-                sig[f"{kind}{i}_s{d}"] = "i32"
-for i in range(len(ep.ranges)):
-    sig.update({f"rng{i}_ptr": "*i32", f"rng{i}_sb": "i32"})
+sig, ones = sm90.region_arguments(ep)
 result = []
 for config in tf.region_configs(ep):
     out = sm90.compile_sm90(tf.kernel_for(sys.argv[1]).fn, sig, {**ones, **config.kwargs}, num_warps=config.num_warps,
@@ -358,24 +345,12 @@ for config in tf.region_configs(ep):
 print(json.dumps(result))
 """
 
-# name -> (epilogue, whether the 128x256 tile is among its configs)
-_HOPPER_PROGRAMS = {
-    "dequant+bias": (((("bm", "f32"), ("n", "f32"), ("n", "bf16")),
-                      (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("mul", "f32", "v1", "in1"),
-                       ("convert", "bf16", "v2"), ("add", "bf16", "v3", "in2")), ("v4",)), True),
-    "bias+gelu, side output": (((("bm", "f32"), ("n", "f32"), ("n", "bf16")),
-                                (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("mul", "f32", "v1", "in1"),
-                                 ("convert", "bf16", "v2"), ("add", "bf16", "v3", "in2"), ("gelu", "bf16", "v4")),
-                                ("v5", "v4")), False),
-    "gelu_backward+ranges": (((("", "f32"), ("bmn", "bf16")),
-                              (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("convert", "bf16", "v1"),
-                               ("gelu_backward", "bf16", "v2", "in1")), ("v3",), (("v3", "n"), ("v3", "m"))), False),
-}
+_HOPPER_PROGRAMS = ("dequant+bias", "bias+gelu, side output", "gelu_backward+ranges")   # sm90.REGION_PROGRAMS
 
 
 @pytest.mark.slow
 @pytest.mark.installed_triton
-@pytest.mark.parametrize("program", sorted(_HOPPER_PROGRAMS))
+@pytest.mark.parametrize("program", _HOPPER_PROGRAMS)
 def test_generated_kernel_compiles_for_hopper(program):
     """The interpreter is lenient: compile generated kernels for sm_90 (no GPU needed), in a
     process without TRITON_INTERPRET, with every autotuning config they get: the GEMM uses
@@ -389,7 +364,8 @@ def test_generated_kernel_compiles_for_hopper(program):
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     from sqcompile.kernels import triton_fused as tf
-    spec, wide = _HOPPER_PROGRAMS[program]
+    assert set(_HOPPER_PROGRAMS) == set(sm90.REGION_PROGRAMS)
+    spec, wide = sm90.REGION_PROGRAMS[program]
     ep = tf.Epilogue(*spec)
     assert tf.wide_tile_fits(ep) == wide
     if ep.ranges and not tf.ranges_fit(ep.ops):

@@ -238,6 +238,11 @@ def generate_source(ep: Epilogue) -> str:
     body = [f"    in{i} = {_load(i, pattern)}" for i, (pattern, _) in enumerate(ep.inputs)]
     for j, (name, dtype, *args) in enumerate(ep.ops):
         math_t = _OPMATH[dtype]
+        if name == "convert" and isinstance(args[0], str):
+            # the cast itself: no round trip through opmath, whose rounding back to a 16-bit
+            # ``dtype`` is the identity on a value already of that dtype (NaN included)
+            body.append(f"    v{j} = {_cast(args[0], ep.dtype_of(args[0]), dtype)}  # convert")
+            continue
         xs = []
         for a in args:
             if isinstance(a, str):   # tensor operand: to the op's dtype (as TensorIterator), then opmath
