@@ -96,26 +96,39 @@ def _mask_base(mask_ptr, b, H_in, s_mo, s_mi):
 
 @triton.jit
 def _scores(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, CAUSAL: tl.constexpr,
-            MASK: tl.constexpr, DTYPE: tl.constexpr):
+            MASK: tl.constexpr, DTYPE: tl.constexpr, EDGE: tl.constexpr):
     """The scores tile ``(qQ qK^T) * sQ * sK`` (the GEMM's epilogue, rounded to the dtype) times
     ``scale`` (rounded again), ``-inf`` where masked: columns past ``S``; with ``CAUSAL``,
     keys after the query (``n > m``); with ``MASK == 1`` where the boolean mask (as uint8) is
     0; with ``MASK == 2`` the float mask is added (rounded to the dtype), as the unfused ops
-    do."""
+    do.  ``EDGE`` False: the caller knows that every key of the tile is below ``S`` and,
+    with ``CAUSAL``, at or before every query of it (an interior tile: no bounds or causal
+    test per score; see :func:`_interior_keys`)."""
     acc = tl.dot(qq, tl.trans(kk))
     s = _rounded(acc.to(tl.float32) * sq[:, None] * sk[None, :], DTYPE)
     s = _rounded(s * scale, DTYPE)
-    valid = (offs_n < S)[None, :]
-    if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    if EDGE:
+        valid = (offs_n < S)[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
     if MASK != 0:
         outside = (offs_m >= L)[:, None]
-        m = tl.load(mask_base + offs_m[:, None] * s_ml + offs_n[None, :] * s_ms, mask=valid & ~outside, other=0)
+        if EDGE:
+            inside = valid & ~outside
+        else:
+            inside = ~outside
+        m = tl.load(mask_base + offs_m[:, None] * s_ml + offs_n[None, :] * s_ms, mask=inside, other=0)
         if MASK == 1:
-            valid = valid & ((m != 0) | outside)     # rows past L (never stored) stay finite
+            keep = (m != 0) | outside                # rows past L (never stored) stay finite
+            if EDGE:
+                valid = valid & keep
+            else:
+                valid = keep
         else:
             s = _rounded(s + m.to(tl.float32), DTYPE)
-    return tl.where(valid, s, float("-inf"))
+    if EDGE or MASK == 1:
+        s = tl.where(valid, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -133,9 +146,9 @@ def _probabilities(s, m, l, DTYPE: tl.constexpr):
 
 @triton.jit
 def _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, m, l, CAUSAL: tl.constexpr,
-                  MASK: tl.constexpr, DTYPE: tl.constexpr):
+                  MASK: tl.constexpr, DTYPE: tl.constexpr, EDGE: tl.constexpr):
     """The probabilities tile from the scores (:func:`_scores`) and the rows' ``m``, ``l``."""
-    s = _scores(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, CAUSAL, MASK, DTYPE)
+    s = _scores(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, CAUSAL, MASK, DTYPE, EDGE)
     return _probabilities(s, m, l, DTYPE)
 
 
@@ -190,12 +203,13 @@ def _query_block(q_ptr, eo_ptr, sq_ptr, mask_ptr, H_in, s_mo, s_mi, s_qb, s_qm, 
 @triton.jit
 def _key_tile(qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn,
               s_vd, L, S, D, scale, mask_base, s_ml, s_ms, m, l, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-              DTYPE: tl.constexpr):
+              DTYPE: tl.constexpr, EDGE: tl.constexpr):
     """For a query block's kernels, the key tile ``offs_n``: ``(P, dP, sK)`` with ``P``
     recomputed (0 on rows past ``L``) and ``dP = eO_cols qV^T * base`` rounded to the dtype."""
     kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
     sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
-    p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
+    p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE,
+                      EDGE)
     p = tl.where((offs_m < L)[:, None], p, 0.0)
     dp = _rounded(_prob_grad(eo, _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D), base_o), DTYPE)
     return p, dp, sk
@@ -205,6 +219,157 @@ def _key_tile(qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_
 def _load_rows(ptr, b, offs, offs_d, stride_b, stride_r, stride_d, R, D):
     mask = (offs < R)[:, None] & (offs_d < D)[None, :]
     return tl.load(ptr + b * stride_b + offs[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0)
+
+
+@triton.jit
+def _interior_keys(pid_m, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where query block ``pid_m``'s interior key tiles end: tiles ``[0, end)`` of ``BLOCK_N``
+    keys hold no key past ``S`` and, with ``CAUSAL``, none after the block's first query, so
+    their scores need no masking (all but the diagonal and the last tiles: about 7 in 8 of a
+    causal 1024-token sequence's tiles); the kernels visit them first, as before, so every
+    row's running sums keep their order."""
+    end = S
+    if CAUSAL:
+        end = tl.minimum(S, pid_m * BLOCK_M + 1)
+    return end // BLOCK_N * BLOCK_N
+
+
+@triton.jit
+def _interior_queries(pid_n, m_start, L, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For key block ``pid_n``, whose query tiles start at ``m_start``: ``(lo, hi)``, both on
+    that grid of ``BLOCK_M``, such that the tiles in ``[lo, hi)`` need no masking (every
+    query below ``L`` and, with ``CAUSAL``, at or after the block's last key; none when the
+    block reaches past ``S``).  The edge tiles are those in ``[m_start, lo)`` (the
+    diagonal) and at most one partial tile from ``hi``."""
+    full = tl.maximum(L - m_start, 0) // BLOCK_M           # tiles wholly below L
+    first = 0
+    if CAUSAL:
+        first = tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - m_start + BLOCK_M - 1, 0) // BLOCK_M
+    if pid_n * BLOCK_N + BLOCK_N > S:
+        first = full
+    return m_start + tl.minimum(first, full) * BLOCK_M, m_start + full * BLOCK_M
+
+
+# --------------------------------------------------------------------------------------------
+# Loop bodies (each inlined twice by its kernel: for interior tiles and for edge tiles)
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_stats_step(m, l, qq, sq, k_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd, L, S, D, scale,
+                    mask_base, s_ml, s_ms, CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr,
+                    EDGE: tl.constexpr):
+    """The forward's first pass over a key tile: the rows' running max ``m`` and exponential
+    sum ``l`` updated."""
+    kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
+    sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
+    s = _scores(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, CAUSAL, MASK, DTYPE, EDGE)
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    # while a row has seen only masked keys (m = -inf, l = 0), exponentiate against 0
+    # rather than -inf: exp(-inf - -inf) would make l NaN for good
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+
+
+@triton.jit
+def _output_step(acc, qq, sq, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L,
+                 S, D, scale, mask_base, s_ml, s_ms, m, l, sp, QMAX: tl.constexpr, CAUSAL: tl.constexpr,
+                 MASK: tl.constexpr, DTYPE: tl.constexpr, EDGE: tl.constexpr):
+    """The forward's second pass over a key tile: ``qP qV`` added to ``acc``."""
+    kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
+    sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
+    p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE,
+                      EDGE)
+    vv = _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D)
+    return acc + tl.dot(_quantized_p(p, sp, QMAX), vv)
+
+
+@triton.jit
+def _delta_step(delta, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd, s_vb,
+                s_vn, s_vd, L, S, D, scale, mask_base, s_ml, s_ms, m, l, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                DTYPE: tl.constexpr, EDGE: tl.constexpr):
+    """The ranges kernel's first pass over a key tile: ``sum(P * dP)`` added to ``delta``."""
+    p, dp, sk = _key_tile(qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd, s_vb,
+                          s_vn, s_vd, L, S, D, scale, mask_base, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE, EDGE)
+    return delta + tl.sum(p * dp, axis=1)
+
+
+@triton.jit
+def _ranges_step(row_amax, cols_top, ranges_ptr, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, mask_m, offs_n,
+                 offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mask_base, s_ml, s_ms, m, l, delta,
+                 CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, EDGE: tl.constexpr):
+    """The ranges kernel's second pass over a key tile: ``|dS|`` maxed into the rows'
+    ``row_amax`` and, by atomics, into the key columns' ranges (``cols_top``: their max)."""
+    p, dp, sk = _key_tile(qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd, s_vb,
+                          s_vn, s_vd, L, S, D, scale, mask_base, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE, EDGE)
+    mask_n = offs_n < S
+    g = tl.abs(_score_grad(p, dp, delta, scale, DTYPE).to(tl.float32))
+    if EDGE:
+        g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
+    else:
+        g = tl.where(mask_m[:, None], g, 0.0)
+    top = _combine_ranges(ranges_ptr, b * S + offs_n, tl.reduce(g, 0, _max_nan), mask_n, sk_ptr, True)
+    return _max_nan(row_amax, tl.reduce(g, 1, _max_nan)), tl.maximum(cols_top, top)
+
+
+@triton.jit
+def _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, seed_ptr, b, n0, offs_m, mask_m,
+             offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale, mask_base, s_ml, s_ms, m,
+             l, delta, Rc, base_c, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
+             COLUMNS_NOISE_ALONG_S: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr):
+    """The ``dQ`` kernel over the key tile at ``n0``: ``eS_cols qK`` added to ``acc``."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < S
+    p, dp, sk = _key_tile(qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd,
+                          s_vb, s_vn, s_vd, L, S, D, scale, mask_base, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE, EDGE)
+    g = _score_grad(p, dp, delta, scale, DTYPE)
+    if STOCHASTIC:
+        noise = tl.trans(_tile_noise(tl.load(seed_ptr), b, n0, tl.program_id(0) * BLOCK_M, S, L,
+                                     COLUMNS_NOISE_ALONG_S, BLOCK_N, BLOCK_M))
+    else:
+        noise = 0.0
+    r_cols = tl.load(ranges_ptr + b * S + offs_n, mask=mask_n, other=0.0)
+    e_c = _shift_expand(g * sk[None, :], r_cols[None, :], Rc, base_c, noise, GRAD_QMAX, GROUPS, STOCHASTIC)
+    if EDGE:
+        e_c = tl.where(mask_m[:, None] & mask_n[None, :], e_c, 0)
+    else:
+        e_c = tl.where(mask_m[:, None], e_c, 0)
+    return acc + tl.dot(e_c.to(tl.int8), _load_rows(kt_ptr, b, offs_n, offs_d, s_ktb, s_ktn, s_ktd, S, D))
+
+
+@triton.jit
+def _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr, stats_ptr, eoc_ptr,
+               eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH, s_qb, s_qm, s_qd, s_qtb, s_qtm, s_qtd,
+               s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale, mask_base, s_ml, s_ms, base_oc, Rr, base_r,
+               QMAX: tl.constexpr, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
+               CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, EDGE: tl.constexpr):
+    """The ``dK``/``dV`` kernel over the query tile at ``m0``: ``qP^T eO_rows`` added to
+    ``acc_dv``, ``eS_rows^T qQ`` to ``acc_dk``."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < L
+    row = b * L + offs_m
+    qq = _load_rows(q_ptr, b, offs_m, offs_d, s_qb, s_qm, s_qd, L, D)
+    sq = tl.load(sq_ptr + row, mask=mask_m, other=0.0)
+    m, l, sp, delta = _row_stats(stats_ptr, delta_ptr, row, mask_m, BH, L)
+    p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE,
+                      EDGE)
+    if EDGE:
+        p = tl.where(mask_m[:, None], p, 0.0)
+    eo_r = _load_rows(eor_ptr, b, offs_m, offs_d, s_rb, s_rm, s_rd, L, D)
+    acc_dv += tl.dot(tl.trans(_quantized_p(p, sp, QMAX)), eo_r)
+    eo_c = _load_rows(eoc_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
+    g = _score_grad(p, _rounded(_prob_grad(eo_c, vv, base_oc), DTYPE), delta, scale, DTYPE)
+    if STOCHASTIC:
+        noise = _uniform_noise(tl.load(seed_ptr), row, pid_n * BLOCK_N, S, BLOCK_M, BLOCK_N)
+    else:
+        noise = 0.0
+    r_rows = tl.load(rr_ptr + row, mask=mask_m, other=0.0)
+    e_r = _shift_expand(g * sq[:, None], r_rows[:, None], Rr, base_r, noise, GRAD_QMAX, GROUPS, STOCHASTIC)
+    if EDGE:
+        e_r = tl.where(mask_m[:, None] & mask_n[None, :], e_r, 0)
+    acc_dk += tl.dot(tl.trans(e_r.to(tl.int8)), _load_rows(qt_ptr, b, offs_m, offs_d, s_qtb, s_qtm, s_qtd, L, D))
+    return acc_dk, acc_dv
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,28 +394,25 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml,
     n_end = S
     if CAUSAL:
         n_end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    n_mid = _interior_keys(pid_m, S, CAUSAL, BLOCK_M, BLOCK_N)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
-        sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
-        s = _scores(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, CAUSAL, MASK, DTYPE)
-        m_old = m
-        m = tl.maximum(m, tl.max(s, axis=1))
-        # while a row has seen only masked keys (m = -inf, l = 0), exponentiate against 0
-        # rather than -inf: exp(-inf - -inf) would make l NaN for good
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        l = l * tl.exp(m_old - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+    for n0 in range(0, n_mid, BLOCK_N):
+        m, l = _row_stats_step(m, l, qq, sq, k_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N), offs_d, s_kb, s_kn,
+                               s_kd, L, S, D, scale, mb, s_ml, s_ms, CAUSAL, MASK, DTYPE, False)
+    for n0 in range(n_mid, n_end, BLOCK_N):
+        m, l = _row_stats_step(m, l, qq, sq, k_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N), offs_d, s_kb, s_kn,
+                               s_kd, L, S, D, scale, mb, s_ml, s_ms, CAUSAL, MASK, DTYPE, True)
     sp = _p_scale(l, QMAX, DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
-    for n0 in range(0, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
-        sk = tl.load(sk_ptr + b * S + offs_n, mask=offs_n < S, other=0.0)
-        p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
-        vv = _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D)
-        acc += tl.dot(_quantized_p(p, sp, QMAX), vv)
+    for n0 in range(0, n_mid, BLOCK_N):
+        acc = _output_step(acc, qq, sq, k_ptr, v_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N), offs_d, s_kb, s_kn,
+                           s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, sp, QMAX, CAUSAL, MASK, DTYPE,
+                           False)
+    for n0 in range(n_mid, n_end, BLOCK_N):
+        acc = _output_step(acc, qq, sq, k_ptr, v_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N), offs_d, s_kb, s_kn,
+                           s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, sp, QMAX, CAUSAL, MASK, DTYPE,
+                           True)
     sv = tl.load(sv_ptr + b * D + offs_d, mask=offs_d < D, other=0.0)
     out = acc.to(tl.float32) * sp[:, None] * sv[None, :]
     o_mask = mask_m[:, None] & (offs_d < D)[None, :]
@@ -277,27 +439,31 @@ def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
     base_o = tl.load(bo_ptr)
     m = tl.load(stats_ptr + row, mask=mask_m, other=0.0)
     l = tl.load(stats_ptr + BH * L + row, mask=mask_m, other=1.0)
+    n_mid = _interior_keys(tl.program_id(0), S, CAUSAL, BLOCK_M, BLOCK_N)
     delta = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, n_end, BLOCK_N):
-        p, dp, sk = _key_tile(qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N), offs_d,
-                              s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK,
-                              DTYPE)
-        delta += tl.sum(p * dp, axis=1)
+    for n0 in range(0, n_mid, BLOCK_N):
+        delta = _delta_step(delta, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N),
+                            offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL,
+                            MASK, DTYPE, False)
+    for n0 in range(n_mid, n_end, BLOCK_N):
+        delta = _delta_step(delta, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N),
+                            offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL,
+                            MASK, DTYPE, True)
     tl.store(delta_ptr + row, delta, mask=mask_m)
     row_amax = tl.zeros((BLOCK_M,), tl.float32)
+    cols_top = tl.full((), 0, tl.int32)
+    for n0 in range(0, n_mid, BLOCK_N):
+        row_amax, cols_top = _ranges_step(row_amax, cols_top, ranges_ptr, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b,
+                                          offs_m, mask_m, n0 + tl.arange(0, BLOCK_N), offs_d, s_kb, s_kn, s_kd, s_vb,
+                                          s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, delta, CAUSAL, MASK, DTYPE,
+                                          False)
+    for n0 in range(n_mid, n_end, BLOCK_N):
+        row_amax, cols_top = _ranges_step(row_amax, cols_top, ranges_ptr, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b,
+                                          offs_m, mask_m, n0 + tl.arange(0, BLOCK_N), offs_d, s_kb, s_kn, s_kd, s_vb,
+                                          s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, delta, CAUSAL, MASK, DTYPE,
+                                          True)
     cols_ptr = ranges_ptr
     rows_ptr = ranges_ptr + BH * S + 1
-    cols_top = tl.full((), 0, tl.int32)
-    for n0 in range(0, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < S
-        p, dp, sk = _key_tile(qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd,
-                              s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
-        g = tl.abs(_score_grad(p, dp, delta, scale, DTYPE).to(tl.float32))
-        g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
-        row_amax = _max_nan(row_amax, tl.reduce(g, 1, _max_nan))
-        top = _combine_ranges(cols_ptr, b * S + offs_n, tl.reduce(g, 0, _max_nan), mask_n, sk_ptr, True)
-        cols_top = tl.maximum(cols_top, top)
     tl.atomic_max(cols_ptr + BH * S, cols_top, sem="relaxed")
     top = _combine_ranges(rows_ptr, row, row_amax, mask_m, sq_ptr, True)
     tl.atomic_max(rows_ptr + BH * L, top, sem="relaxed")
@@ -345,27 +511,33 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
     m_start = 0
     if CAUSAL:
         m_start = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
-    for m0 in range(m_start, L, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < L
-        row = b * L + offs_m
-        qq = _load_rows(q_ptr, b, offs_m, offs_d, s_qb, s_qm, s_qd, L, D)
-        sq = tl.load(sq_ptr + row, mask=mask_m, other=0.0)
-        m, l, sp, delta = _row_stats(stats_ptr, delta_ptr, row, mask_m, BH, L)
-        p = _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
-        p = tl.where(mask_m[:, None], p, 0.0)
-        eo_r = _load_rows(eor_ptr, b, offs_m, offs_d, s_rb, s_rm, s_rd, L, D)
-        acc_dv += tl.dot(tl.trans(_quantized_p(p, sp, QMAX)), eo_r)
-        eo_c = _load_rows(eoc_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
-        g = _score_grad(p, _rounded(_prob_grad(eo_c, vv, base_oc), DTYPE), delta, scale, DTYPE)
-        if STOCHASTIC:
-            noise = _uniform_noise(tl.load(seed_ptr), row, pid_n * BLOCK_N, S, BLOCK_M, BLOCK_N)
-        else:
-            noise = 0.0
-        r_rows = tl.load(rr_ptr + row, mask=mask_m, other=0.0)
-        e_r = _shift_expand(g * sq[:, None], r_rows[:, None], Rr, base_r, noise, GRAD_QMAX, GROUPS, STOCHASTIC)
-        e_r = tl.where(mask_m[:, None] & mask_n[None, :], e_r, 0).to(tl.int8)
-        acc_dk += tl.dot(tl.trans(e_r), _load_rows(qt_ptr, b, offs_m, offs_d, s_qtb, s_qtm, s_qtd, L, D))
+    if BLOCK_D > 64:
+        # at the register limit already (a second copy of the loop body spills): every tile
+        # takes the masked path
+        for m0 in range(m_start, L, BLOCK_M):
+            acc_dk, acc_dv = _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr,
+                                        stats_ptr, eoc_ptr, eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH,
+                                        s_qb, s_qm, s_qd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale,
+                                        mb, s_ml, s_ms, base_oc, Rr, base_r, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
+                                        MASK, DTYPE, BLOCK_M, BLOCK_N, True)
+    else:
+        # interior query tiles [lo, hi) unmasked; the edge ones (the diagonal before them,
+        # a partial tile after) in one more loop: integer sums, so the order does not matter
+        lo, hi = _interior_queries(pid_n, m_start, L, S, CAUSAL, BLOCK_M, BLOCK_N)
+        for m0 in range(lo, hi, BLOCK_M):
+            acc_dk, acc_dv = _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr,
+                                        stats_ptr, eoc_ptr, eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH,
+                                        s_qb, s_qm, s_qd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale,
+                                        mb, s_ml, s_ms, base_oc, Rr, base_r, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
+                                        MASK, DTYPE, BLOCK_M, BLOCK_N, False)
+        n_diagonal = (lo - m_start) // BLOCK_M
+        for i in range(0, n_diagonal + (L > hi).to(tl.int32)):      # the diagonal, then a partial tile
+            m0 = tl.where(i < n_diagonal, m_start + i * BLOCK_M, hi + (i - n_diagonal) * BLOCK_M)
+            acc_dk, acc_dv = _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr,
+                                        stats_ptr, eoc_ptr, eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH,
+                                        s_qb, s_qm, s_qd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale,
+                                        mb, s_ml, s_ms, base_oc, Rr, base_r, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
+                                        MASK, DTYPE, BLOCK_M, BLOCK_N, True)
     out_mask = mask_n[:, None] & (offs_d < D)[None, :]
     out = b * s_db + offs_n[:, None] * s_dn + offs_d[None, :] * s_dd
     tl.store(dk_ptr + out, cast_rtne(acc_dk.to(tl.float32) * base_r, DTYPE), mask=out_mask)
@@ -395,23 +567,18 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_m
     base_oc = tl.load(boc_ptr)
     Rc = tl.load(ranges_ptr + BH * S)
     base_c = _base_of(Rc, GROUPS, GRAD_QMAX)
+    n_mid = _interior_keys(tl.program_id(0), S, CAUSAL, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
-    for n0 in range(0, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < S
-        col = b * S + offs_n
-        p, dp, sk = _key_tile(qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd,
-                              s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE)
-        g = _score_grad(p, dp, delta, scale, DTYPE)
-        if STOCHASTIC:
-            noise = tl.trans(_tile_noise(tl.load(seed_ptr), b, n0, tl.program_id(0) * BLOCK_M, S, L,
-                                         COLUMNS_NOISE_ALONG_S, BLOCK_N, BLOCK_M))
-        else:
-            noise = 0.0
-        r_cols = tl.load(ranges_ptr + col, mask=mask_n, other=0.0)
-        e_c = _shift_expand(g * sk[None, :], r_cols[None, :], Rc, base_c, noise, GRAD_QMAX, GROUPS, STOCHASTIC)
-        e_c = tl.where(mask_m[:, None] & mask_n[None, :], e_c, 0).to(tl.int8)
-        acc += tl.dot(e_c, _load_rows(kt_ptr, b, offs_n, offs_d, s_ktb, s_ktn, s_ktd, S, D))
+    for n0 in range(0, n_mid, BLOCK_N):
+        acc = _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, seed_ptr, b, n0, offs_m,
+                       mask_m, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale, mb,
+                       s_ml, s_ms, m, l, delta, Rc, base_c, GRAD_QMAX, GROUPS, STOCHASTIC, COLUMNS_NOISE_ALONG_S,
+                       CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, False)
+    for n0 in range(n_mid, n_end, BLOCK_N):
+        acc = _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, seed_ptr, b, n0, offs_m,
+                       mask_m, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale, mb,
+                       s_ml, s_ms, m, l, delta, Rc, base_c, GRAD_QMAX, GROUPS, STOCHASTIC, COLUMNS_NOISE_ALONG_S,
+                       CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, True)
     out = b * s_db + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd
     tl.store(dq_ptr + out, cast_rtne(acc.to(tl.float32) * base_c, DTYPE), mask=mask_m[:, None] & (offs_d < D)[None, :])
 
