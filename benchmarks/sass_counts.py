@@ -8,8 +8,11 @@ each kernel is compiled as a real launch specializes it (``tests/sm90.py``: unit
 constants, 16-divisible pointers and sizes), disassembled with the ``cuobjdump`` Triton ships,
 and counted.  Columns: SASS instructions in all; per element of the program's tile, for the
 elementwise kernels and the region kernels, whose epilogue runs once per output value (a
-static count, the prologue included: a loop body counts once, so for the other GEMM-like
-kernels only the totals compare); ``MUFU`` (the special-function unit: exp,
+static count, the prologue included: a loop body counts once, so for the int8 GEMM only the
+totals compare); for the fused attention, each loop body (``tests/sm90.py:sass_loops``) per
+score of the tile an iteration covers, so per score and pass: the forward's two passes
+(interior tiles, then edge tiles, each), the ranges kernel's two, then ``dK``/``dV``'s and
+``dQ``'s one; ``MUFU`` (the special-function unit: exp,
 reciprocal, ...; 16 per clock per SM on Hopper, an eighth of the FP32 rate); ``CALL`` (slow
 paths, e.g. of an IEEE division); spilled bytes per thread (``ptxas -v``).
 
@@ -32,7 +35,8 @@ os.environ.pop("TRITON_INTERPRET", None)      # compile for the GPU, never inter
 
 def _cases():
     """name -> (kernel, signature, constexprs, num_warps, num_stages, elements per program or 0
-    [, FMA contraction: False for the region kernels, compiled without it])."""
+    [, "region": compiled without FMA contraction, as launched | "loops": the per-element
+    column counts each loop body per element of the tile one iteration covers])."""
     import sm90
     import torch
     from sqcompile.kernels import triton_attention as ta
@@ -104,14 +108,14 @@ def _cases():
         c = tg.CUDA_CONFIGS[2]
         cases[f"region {name}, 128x128x128"] = (
             tf.kernel_for(ep.signature()).fn, signature, {**unit, **c.kwargs}, c.num_warps, c.num_stages,
-            128 * 128, False)
-    # the fused attention at head dim 64, causal, the first candidate tiles (forward, dK/dV)
+            128 * 128, "region")
+    # the fused attention at head dim 64, causal, the first candidate tiles (each loop body: per score)
     for name, (kernel, signature, consts) in sm90.attention_kernels().items():
-        if name in ("fwd", "dkdv", "dq"):
+        if name in ("fwd", "ranges", "dkdv", "dq"):
             t = ta.GPU_TILES[name][0][0]
             cases[f"attention {name}, d 64, {t.block_m}x{t.block_n}"] = (
                 kernel, signature, {**consts, "CAUSAL": True, "MASK": 0, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
-                                    "BLOCK_D": 64}, t.num_warps, t.num_stages, 0)
+                                    "BLOCK_D": 64}, t.num_warps, t.num_stages, t.block_m * t.block_n, "loops")
     return cases
 
 
@@ -122,16 +126,20 @@ def main() -> int:
     import triton
     import sm90
     print(f"sm_90 SASS of sqcompile's Triton kernels (Triton {triton.__version__}; static counts)\n")
-    print(f"| {'kernel':58s} | instructions | per element | MUFU | CALL | spilled B |")
-    print(f"|{'-' * 60}|--------------|-------------|------|------|-----------|")
-    for name, (fn, sig, consts, warps, stages, elements, *fp_fusion) in _cases().items():
+    print(f"| {'kernel':58s} | instructions | per element       | MUFU | CALL | spilled B |")
+    print(f"|{'-' * 60}|--------------|-------------------|------|------|-----------|")
+    for name, (fn, sig, consts, warps, stages, elements, *kind) in _cases().items():
         if args.only not in name:
             continue
-        out = sm90.compile_sm90(fn, sig, consts, num_warps=warps, num_stages=stages, fp_fusion=all(fp_fusion))
+        out = sm90.compile_sm90(fn, sig, consts, num_warps=warps, num_stages=stages, fp_fusion=kind != ["region"])
         counts = sm90.sass_counts(out["cubin"])
         n = counts.get("instructions", 0)
-        per = f"{n / (elements / (32 * warps)):.1f}" if elements else "-"
-        print(f"| {name:58s} | {n:12d} | {per:>11s} | {counts.get('MUFU', 0):4d} | {counts.get('CALL', 0):4d} "
+        per_thread = elements / (32 * warps)
+        if kind == ["loops"]:
+            per = " / ".join(f"{k / per_thread:.0f}" for k in sm90.sass_loops(out["cubin"])) or "-"
+        else:
+            per = f"{n / per_thread:.1f}" if elements else "-"
+        print(f"| {name:58s} | {n:12d} | {per:>17s} | {counts.get('MUFU', 0):4d} | {counts.get('CALL', 0):4d} "
               f"| {out['spilled']:9d} |", flush=True)
     return 0
 

@@ -59,20 +59,42 @@ def compile_sm90(fn, signature: dict, constexprs: dict, *, num_warps: int, num_s
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def sass_counts(cubin: bytes) -> dict:
-    """``{"instructions", "MUFU", "CALL", "FFMA", ...}``: the SASS instructions of a compiled
-    kernel (``cuobjdump -sass``, which Triton ships) in all and by opcode, without modifiers
-    (``{}`` when there is no ``cuobjdump``).  Static counts: a loop body counts once."""
+def _sass(cubin: bytes) -> list:
+    """``[(address, instruction text)]`` of a compiled kernel (``cuobjdump -sass``, which
+    Triton ships); ``[]`` when there is no ``cuobjdump``."""
     if not os.path.exists(CUOBJDUMP):
-        return {}
+        return []
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
         listing = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
-    ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0].rstrip(";").split(".")[0]
-           for line in listing.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    return [(int(m.group(1), 16), m.group(2)) for m in
+            (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in listing.splitlines()) if m]
+
+
+def sass_loops(cubin: bytes) -> list:
+    """The instruction counts of a compiled kernel's loops, in code order: each backward
+    branch closes one, from its target to the branch (an outer loop's count includes its
+    inner loops')."""
+    sass = _sass(cubin)
+    loops = []
+    for address, text in sass:
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < address:
+            loops.append(sum(int(m.group(1), 16) <= a <= address for a, _ in sass))
+    return loops
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """``{"instructions", "MUFU", "CALL", "FFMA", ...}``: the SASS instructions of a compiled
+    kernel (:func:`_sass`) in all and by opcode, without modifiers (``{}`` when there is no
+    ``cuobjdump``).  Static counts: a loop body counts once (:func:`sass_loops` counts those)."""
+    sass = _sass(cubin)
+    if not sass:
+        return {}
+    ops = [re.sub(r"^(@!?U?P\w+\s+)", "", text).split()[0].split(".")[0] for _, text in sass]
     counts = {"instructions": len(ops)}
     for op in ops:
         counts[op] = counts.get(op, 0) + 1

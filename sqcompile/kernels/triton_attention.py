@@ -597,19 +597,21 @@ class Tile(NamedTuple):
 # The candidate tiles on a GPU, per kernel and head-dim class (BLOCK_D <= 64, BLOCK_D > 64),
 # autotuned per (L, S, D) at the first call (``SQCOMPILE_AUTOTUNE=0``: the first one).  Each
 # compiles for sm_90 with every ``tl.dot`` a warpgroup MMA (``wgmma``; 32-row tiles fell back
-# to ``mma.sync``) and no register spills, but in the head-dim-128 ``dK``/``dV`` kernel (one
-# pipeline stage there: two spill 16-112), which sits at the register limit and spills a
-# few bytes in one tile or the other as the quantizers' code changes (Triton 3.9, 2026-11-29:
-# 128x64 none, 4 bytes with a padding mask, 64x64 none; 64x64 4 and 128x64 44-52 before the
-# ShiftQuant and NaN changes; Triton 3.6: 128x64 none, 36 with a mask, 64x64 56): the tile
-# that spills least comes first, the autotuner weighs the other.
-# ``tests/test_triton_attention.py`` checks it with ``ptxas``.  Not chosen from timings: the
-# autotuner times them on the GPU.
+# to ``mma.sync``) and no register spills (Triton 3.9; Triton 3.6 spills 28-72 bytes in the
+# head-dim-128 ``dK``/``dV`` kernel, which sits at the register limit: one pipeline stage
+# there).  Where a kernel feeds a tile it computed to an MMA as the first operand (``P`` in the
+# forward's second pass, ``P^T`` and ``dS^T`` for ``dV``/``dK``, ``dS`` for ``dQ``), 8 warps
+# need 128 rows: over 64 rows both warpgroups compute the whole tile (the loop body issues as
+# many instructions as 128 x 64's, ``benchmarks/sass_counts.py``), so those kernels try
+# 128 x 64 / 8 warps first, but ``dQ`` at head dim 128, where it spills 40 bytes with a
+# padding mask (so it comes second); 64 x 64 over 4 warps does not repeat work either (the
+# forward's first choice at head dim 64).  ``tests/test_triton_attention.py`` checks them with
+# ``ptxas``.  Not chosen from timings: the autotuner times them on the GPU.
 GPU_TILES = {
-    "fwd": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)]),
+    "fwd": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(128, 64, 8, 2), Tile(64, 64, 8, 2)]),
     "ranges": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)]),
-    "dkdv": ([Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)], [Tile(128, 64, 8, 1), Tile(64, 64, 8, 1)]),
-    "dq": ([Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2)]),
+    "dkdv": ([Tile(128, 64, 8, 2), Tile(64, 64, 8, 2)], [Tile(128, 64, 8, 1), Tile(64, 64, 8, 1)]),
+    "dq": ([Tile(128, 64, 8, 2), Tile(64, 64, 8, 2)], [Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)]),
 }
 # In Triton's interpreter (tests): small tiles, so masked edges and several blocks are exercised.
 INTERPRETER_TILE = Tile(16, 16, 1, 1)
