@@ -246,6 +246,30 @@ def test_quantize_rounds_half_to_even():
     assert q.cpu().tolist() == [[7, 0, 2, 2, 0, -2, -2, 4, -6, 0]]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_results_round_as_torch_does(dtype):
+    """Every kernel that writes a 16-bit float rounds with ``cast_rtne``: integer operations in
+    the interpreter (which truncates the cast), the conversion instruction on a GPU.  Through
+    :func:`dequantize` (``q * scale`` in float32, then the cast): float32 values exactly
+    halfway between two 16-bit neighbours (ties to even, both ways), a hair either side,
+    overflow to infinity, subnormals, signed zeros and infinities bit for bit against torch's
+    own conversion on the same device, NaN as NaN (its bits differ between torch's own CPU
+    code paths)."""
+    tq = _kernels()[0]
+    f = torch.finfo(dtype)
+    base = torch.tensor([1.0, 3.0, 1.0 + 2 * f.eps, f.max, f.tiny, f.tiny * f.eps, 100.0], dtype=torch.float64)
+    half = (base * f.eps / 2).float()                            # half a 16-bit ulp above each
+    grid = base.float()
+    x = torch.cat([grid + half, grid + half * 0.999, grid + half * 1.001, -(grid + half), grid + 3 * half,
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, 3.0e38])])
+    x = x.to(DEVICE)
+    out = tq.dequantize(torch.ones_like(x, dtype=torch.int8), x, dtype)
+    ref = x.to(dtype)
+    nan = ref.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan].view(torch.int16), ref[~nan].view(torch.int16)), (out, ref)
+
+
 def _next_to_rounding_boundaries(amax: torch.Tensor, bits: int, ulps: int, g: torch.Generator) -> torch.Tensor:
     """Rows whose values ``x`` make ``x / scale`` land on and within ``ulps`` ulps of the
     half-integers ``k + 1/2`` (where nearest rounding turns), one row per ``amax`` (its first

@@ -513,7 +513,8 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
         m_start = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
     if BLOCK_D > 64:
         # at the register limit already (a second copy of the loop body spills): every tile
-        # takes the masked path
+        # takes the masked path.  (Folding this loop into the edge loop below, with lo = hi
+        # = m_start, spills 44-56 bytes here and 8 at head dim 64 with a mask: kept apart.)
         for m0 in range(m_start, L, BLOCK_M):
             acc_dk, acc_dv = _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr,
                                         stats_ptr, eoc_ptr, eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH,
