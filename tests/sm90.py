@@ -133,7 +133,8 @@ GEMM_UNIT_STRIDES = {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "stride_sbn
 # ``benchmarks/sass_counts.py`` compile: name -> (epilogue program ``(inputs, ops, outputs[,
 # ranges])``, whether the 128x256 tile is among its configs).  The transformer block's
 # kinds: a Linear's dequantize + bias, ``fc1`` with its GELU (the pre-activation kept for the
-# backward), and ``fc1``'s gradient through the GELU backward with both ShiftQuant ranges.
+# backward), ``fc1``'s gradient through the GELU backward with both ShiftQuant ranges, and
+# a Linear's ``dX`` (scaled) with both ranges.
 REGION_PROGRAMS = {
     "dequant+bias": (((("bm", "f32"), ("n", "f32"), ("n", "bf16")),
                       (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("mul", "f32", "v1", "in1"),
@@ -145,6 +146,8 @@ REGION_PROGRAMS = {
     "gelu_backward+ranges": (((("", "f32"), ("bmn", "bf16")),
                               (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("convert", "bf16", "v1"),
                                ("gelu_backward", "bf16", "v2", "in1")), ("v3",), (("v3", "n"), ("v3", "m"))), False),
+    "dequant+ranges": (((("", "f32"),), (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("convert", "bf16", "v1")),
+                        ("v2",), (("v2", "n"), ("v2", "m"))), False),
 }
 
 

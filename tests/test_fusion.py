@@ -340,12 +340,15 @@ result = []
 for config in tf.region_configs(ep):
     out = sm90.compile_sm90(tf.kernel_for(sys.argv[1]).fn, sig, {**ones, **config.kwargs}, num_warps=config.num_warps,
                             num_stages=config.num_stages, fp_fusion=False)
-    result.append({"tile": [config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")], "wgmma": "wgmma" in out["ptx"], "cubin": len(out["cubin"]), "shared": out["shared"],
-                   "spilled": out["spilled"], "atomics": out["ptx"].count("red.global.gpu.relaxed.max.s32")})
+    result.append({"tile": [*(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), config.num_stages],
+                   "wgmma": "wgmma" in out["ptx"], "cubin": len(out["cubin"]), "shared": out["shared"],
+                   "spilled": out["spilled"], "registers": out["registers"],
+                   "atomics": out["ptx"].count("red.global.gpu.relaxed.max.s32")})
 print(json.dumps(result))
 """
 
-_HOPPER_PROGRAMS = ("dequant+bias", "bias+gelu, side output", "gelu_backward+ranges")   # sm90.REGION_PROGRAMS
+_HOPPER_PROGRAMS = ("dequant+bias", "bias+gelu, side output", "gelu_backward+ranges",   # sm90.REGION_PROGRAMS
+                    "dequant+ranges")
 
 
 @pytest.mark.slow
@@ -355,7 +358,9 @@ def test_generated_kernel_compiles_for_hopper(program):
     """The interpreter is lenient: compile generated kernels for sm_90 (no GPU needed), in a
     process without TRITON_INTERPRET, with every autotuning config they get: the GEMM uses
     wgmma, range outputs a relaxed atomic max, and (per ``ptxas -v``) nothing spills, which
-    is why heavy epilogues do not get the 128x256 tile.  With Triton 3.9; Triton 3.6 (the H200
+    is why heavy epilogues do not get the 128x256 tile; light ones also get a 128x128 tile
+    with 3 stages that fits two programs on an SM (96 KB of shared memory, at most 128
+    registers a thread).  With Triton 3.9; Triton 3.6 (the H200
     machine's, 2026-11) spills 476-604 bytes for ``gelu_backward+ranges`` at every tile (its
     layout pass computes the GELU backward twice, once in the store's layout and once in the
     range reduction's), so there the fusion pass leaves such ranges out (``ranges_fit``) and
@@ -371,11 +376,15 @@ def test_generated_kernel_compiles_for_hopper(program):
     if ep.ranges and not tf.ranges_fit(ep.ops):
         pytest.skip("this Triton spills there, and the fusion pass leaves such ranges out (ranges_fit)")
     result = json.loads(sm90.run(_HOPPER_SCRIPT, ep.signature()).strip().splitlines()[-1])
-    assert [r["tile"] for r in result] == ([[128, 256, 128]] if wide else []) + [
-        [128, 128, 128], [128, 128, 256], [64, 128, 128], [128, 64, 64]]
+    two = tf.two_programs_fit(ep)
+    assert two == (program in ("dequant+bias", "dequant+ranges"))
+    assert [r["tile"] for r in result] == ([[128, 256, 128, 3]] if wide else []) + [[128, 128, 128, 4]] + (
+        [[128, 128, 128, 3]] if two else []) + [[128, 128, 256, 3], [64, 128, 128, 4], [128, 64, 64, 4]]
     for r in result:
         assert r["wgmma"] and r["cubin"] > 0 and r["spilled"] <= 0 and r["shared"] <= 227 * 1024, r
         assert (r["atomics"] > 0) == bool(ep.ranges)
+        if r["tile"] == [128, 128, 128, 3]:      # two programs per SM
+            assert r["shared"] <= 227 * 1024 // 2 and 0 < r["registers"] <= 128, r
 
 
 def test_fused_op_passes_opcheck():

@@ -292,8 +292,17 @@ def wide_tile_fits(ep: Epilogue) -> bool:
     input (residual), a side output or range outputs: ``ptxas -v`` for sm_90 (Triton 3.9, the
     kernels specialized as launched) shows 60-700 spilled bytes per thread for those at
     128x256 and none at 128x128 (``tests/test_fusion.py`` checks both)."""
-    return (len(ep.outputs) == 1 and not ep.ranges and all(name in _LIGHT_OPS for name, *_ in ep.ops)
-            and not any("m" in p and "n" in p for p, _ in ep.inputs))
+    return not ep.ranges and two_programs_fit(ep)
+
+
+def two_programs_fit(ep: Epilogue) -> bool:
+    """Does ``ep``'s 128x128 region kernel fit two programs on an SM
+    (:data:`~sqcompile.kernels.triton_gemm.TWO_PROGRAMS_CONFIG`: 128 registers a thread)?
+    Yes for scale, bias and cast epilogues with one output, range outputs included (127-128
+    registers, sm_90 ptxas, Triton 3.9); no with an activation (194-254), a full-tile input
+    (a residual: 134) or a side output."""
+    return len(ep.outputs) == 1 and all(name in _LIGHT_OPS for name, *_ in ep.ops) and \
+        not any("m" in p and "n" in p for p, _ in ep.inputs)
 
 
 # Activation backwards whose transcendental formulas spill registers next to range outputs
@@ -321,10 +330,11 @@ def _gemm():
 
 
 def region_configs(ep: Optional[Epilogue] = None):
-    """Autotuning configs of region kernels: four of the GEMM's Hopper configs (128x256,
-    128x128 and 64x128 tiles, BLOCK_K 128, and 128x128 with BLOCK_K 256, which waits for its
-    MMAs half as often: :data:`~sqcompile.kernels.triton_gemm.CUDA_CONFIGS`; the 128x256 one
-    only where :func:`wide_tile_fits`),
+    """Autotuning configs of region kernels: four to six of the GEMM's Hopper configs
+    (128x256, 128x128 and 64x128 tiles, BLOCK_K 128, and 128x128 with BLOCK_K 256, which
+    waits for its MMAs half as often: :data:`~sqcompile.kernels.triton_gemm.CUDA_CONFIGS`;
+    the 128x256 one only where :func:`wide_tile_fits`, the 128x128 one that fits two
+    programs on an SM only where :func:`two_programs_fit`),
     or for thin operands (N or K of 64, as in attention) the small one
     (:func:`~sqcompile.kernels.triton_gemm.prune_configs` picks).  The 64x128 tile (4 warps)
     gives outputs with few columns more programs per wave: a ``[8192, 1024]`` output is 512
@@ -336,7 +346,8 @@ def region_configs(ep: Optional[Epilogue] = None):
     autotuning over all of the plain GEMM's."""
     gemm = _gemm()
     wide = [gemm.CUDA_CONFIGS[0]] if ep is None or wide_tile_fits(ep) else []
-    return [*wide, gemm.CUDA_CONFIGS[2], gemm.CUDA_CONFIGS[6], gemm.CUDA_CONFIGS[4], gemm.SMALL_CONFIG]
+    two = [gemm.TWO_PROGRAMS_CONFIG] if ep is None or two_programs_fit(ep) else []
+    return [*wide, gemm.CUDA_CONFIGS[2], *two, gemm.CUDA_CONFIGS[6], gemm.CUDA_CONFIGS[4], gemm.SMALL_CONFIG]
 
 
 _CACHE: Dict[str, RegionKernel] = {}

@@ -160,7 +160,14 @@ CUDA_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8}, num_stages=2, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 256, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    # Two programs per SM: 96 KB of shared memory and, for a light epilogue (dequantize, bias,
+    # ShiftQuant ranges), 128 registers a thread (sm_90 ptxas), so one program's epilogue
+    # runs while the other's MMAs do.  With one program per SM (the configs above) the
+    # epilogue follows the MMAs on the same warps: at K 1024 a 128 x 128 tile's MMAs take
+    # ~2.2 us of an SM and its epilogue ~1-3 us.
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
 ]
+TWO_PROGRAMS_CONFIG = CUDA_CONFIGS[7]
 # For operands too thin for any of those (attention's head dim of 64 as N or K).
 SMALL_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4)
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
