@@ -47,6 +47,10 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
    against the same quantized attention as separate ops and against bf16
    ``F.scaled_dot_product_attention`` (flash attention).
 
+Parts 1, 3 and 5 also print what the autotuners chose per kernel and problem shape (the GEMM,
+each generated region kernel, the fused attention's kernels): their candidate tiles were
+chosen from compile-time counts, so which win here is what the next change needs.
+
 Exits 0 with a message when CUDA is absent.
 """
 from __future__ import annotations
@@ -129,6 +133,25 @@ def _profile(name: str, fn, steps: int, rows: int) -> None:
         print(f"    {getattr(e, attr) / steps / 1e3:8.3f} ms  x{e.count // steps:<4d} {e.key[11:]:28s} {shapes}")
 
 
+def print_autotuned(label: str) -> None:
+    """What the autotuners chose so far, per kernel and problem key (shapes, and strides
+    where they are part of the key): the plain GEMM, each generated region kernel (by its
+    epilogue's ops), the fused attention's kernels.  The tiles in ``CUDA_CONFIGS``,
+    ``region_configs`` and ``GPU_TILES`` were chosen from compile-time counts, so which win
+    on the device is what the next change needs."""
+    from sqcompile.kernels import triton_attention, triton_fused, triton_gemm
+    tuners = [("gemm", triton_gemm._gemm)]
+    for k in triton_fused._CACHE.values():
+        tuners.append(("region " + "+".join(op[0] for op in k.epilogue.ops) +
+                       ("+ranges" if k.epilogue.ranges else ""), k.fn))
+    tuners += [(f"attention {name}{' wide' if wide else ''}", triton_attention._tuned(name, wide))
+               for name in triton_attention.GPU_TILES for wide in (False, True)]
+    print(f"  autotuned ({label}):")
+    for name, tuner in tuners:
+        for key, config in getattr(tuner, "cache", {}).items():
+            print(f"    {name} {tuple(key[:7])}: {config}")
+
+
 def record(part: str, what: str, value: str) -> None:
     SUMMARY.append((part, what, value))
     print(f"  {what:58s} {value}", flush=True)
@@ -190,8 +213,7 @@ def part_linear(reps: int) -> None:
     ref = t["bf16 torch.matmul"]
     for name, ms in t.items():
         record("1 gemm", f"{name}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s", f"{ref / ms:.2f}x bf16")
-    for key, config in getattr(triton_gemm._gemm, "cache", {}).items():   # what autotuning chose
-        print(f"  autotuned {key[:7]}: {config}")
+    print_autotuned("GEMM")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +428,7 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_att
     for name, ms in t.items():
         vs_graphs = f", {ref_graphs / ms:.2f}x bf16 CUDA graphs" if ref_graphs else ""
         record(tag, f"{name}: {ms:.2f} ms per step", f"{ref / ms:.2f}x bf16{vs_graphs}")
+    print_autotuned(f"block d={d}")
     if PROFILE:
         for name, fn in fns.items():
             profile(f"block d={d} {name}", fn)
@@ -488,6 +511,7 @@ def part_attention(reps: int) -> None:
     for name, ms in t.items():
         record("5 attn", f"fwd+bwd {name}: {ms:.3f} ms",
                f"{flash / ms:.2f}x bf16 flash, {t['int8 unfused'] / ms:.2f}x unfused")
+    print_autotuned("attention")
     if PROFILE:
         profile("attention int8 fused", fns["int8 fused"], rows=8)
 

@@ -298,9 +298,9 @@ def wide_tile_fits(ep: Epilogue) -> bool:
 def two_programs_fit(ep: Epilogue) -> bool:
     """Does ``ep``'s 128x128 region kernel fit two programs on an SM
     (:data:`~sqcompile.kernels.triton_gemm.TWO_PROGRAMS_CONFIG`: 128 registers a thread)?
-    Yes for scale, bias and cast epilogues with one output, range outputs included (127-128
-    registers, sm_90 ptxas, Triton 3.9); no with an activation (194-254), a full-tile input
-    (a residual: 134) or a side output."""
+    Yes for scale, bias and cast epilogues with one output, range outputs included (118-128
+    registers, sm_90 ptxas, Triton 3.6 and 3.9); no with an activation (194-254), a
+    full-tile input (a residual: 134-136) or a side output."""
     return len(ep.outputs) == 1 and all(name in _LIGHT_OPS for name, *_ in ep.ops) and \
         not any("m" in p and "n" in p for p, _ in ep.inputs)
 

@@ -273,7 +273,7 @@ def _quantize_tile(x, q_ptrs, mask, divisor, pre, inv, seed_ptr, a, c0, l0, C, L
 @triton.jit
 def _cast_rtne_bits(x, dtype: tl.constexpr):
     """``x.to(dtype)`` with float32 -> bfloat16 rounded to nearest even by integer ops, NaN
-    kept NaN (as ``0x7FC0``, what torch's CPU conversion gives): the interpreter's
+    kept NaN (as ``0x7FC0``): the interpreter's
     :func:`cast_rtne`, since Triton's interpreter truncates that cast (and its "rtne" mode
     does not round ties to even)."""
     if dtype == tl.bfloat16:
@@ -293,8 +293,8 @@ def _cast_native(x, dtype: tl.constexpr):
 
 # ``x.to(dtype)`` with torch's rounding (to nearest even) on every backend: the native
 # conversion on a GPU, integer ops in the interpreter.  The integer form costs ~8 instructions
-# per value where the conversion costs half of one (sm_90 SASS), in every kernel that writes
-# a 16-bit float: region epilogues round after each op, as eager does.
+# per value where the conversion costs one or half of one (sm_90 SASS), in every kernel that
+# writes a 16-bit float: region epilogues round after each op, as eager does.
 cast_rtne = _cast_rtne_bits if type(_cast_native).__name__ == "InterpretedFunction" else _cast_native
 
 
