@@ -82,8 +82,9 @@ def sass_loops(cubin: bytes) -> list:
     loops = []
     for address, text in sass:
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < address:
-            loops.append(sum(int(m.group(1), 16) <= a <= address for a, _ in sass))
+        target = int(m.group(1), 16) if m else address
+        if target < address:
+            loops.append(sum(target <= a <= address for a, _ in sass))
     return loops
 
 
