@@ -50,13 +50,13 @@ def _cases():
         cases[f"quantize per-row bf16, {'stochastic' if st else 'nearest'}"] = (
             tq._quantize_fused_kernel, sig["quantize_fused"],
             dict(stride_l=1, QMAX=7, STOCHASTIC=st, NOISE_ALONG_C=False, INT64=False, BLOCK_C=2, BLOCK_L=2048,
-                 ONE_TILE=True),
+                 ONE_TILE=True, **sm90.QUANT_LAYOUT_CONSTANTS),
             4, 3, 2 * 2048)
     # channels contiguous (a gradient's columns): the split kernel's 128 x 32 tile
     cases["quantize per-column bf16, stochastic, channels contiguous"] = (
         tq._quantize_kernel, {**sig["quantize_fused"], "range_ptr": "*fp32", "stride_l": "i32", "n_cblocks": "i32"},
         dict(stride_c=1, QMAX=7, A_KEPT=True, STOCHASTIC=True, NOISE_ALONG_C=True, INT64=False, BLOCK_C=128,
-             BLOCK_L=32),
+             BLOCK_L=32, **sm90.QUANT_LAYOUT_CONSTANTS),
         4, 3, 128 * 32)
     for along_c in (False, True):
         unit = "stride_c" if along_c else "stride_l"
@@ -77,8 +77,9 @@ def _cases():
     # ShiftQuant's range passes (a loop over the reduced axis: its body once, per element of a step)
     cases["shiftquant range pass, rows bf16"] = (
         tq._absmax_kernel, {"x_ptr": "*bf16", "ranges_ptr": "*i32", "prescale_ptr": "*fp32", "C": "i32", "L": "i32",
-                            "stride_a": "i32", "stride_c": "i32", "l_per_split": "i32", "n_channels": "i32"},
-        dict(stride_l=1, A_KEPT=True, PRESCALE=True, INT64=False, BLOCK_C=2, BLOCK_L=2048), 4, 3, 2 * 2048)
+                            "stride_a": "i32", "stride_c": "i32", "stride_a2": "i32", "l_per_split": "i32",
+                            "n_channels": "i32"},
+        dict(stride_l=1, A2=1, A_KEPT=True, PRESCALE=True, INT64=False, BLOCK_C=2, BLOCK_L=2048), 4, 3, 2 * 2048)
     bm, bn = tq._pair_geometry((1, 8192, 8192), torch.device("cpu"), False).range_block
     cases["shiftquant pair range pass bf16 (both ways)"] = (
         tq._absmax_pair_kernel, {"x_ptr": "*bf16", "ranges_ptr": "*i32", "pc_ptr": "*fp32", "pr_ptr": "*fp32",

@@ -741,7 +741,7 @@ def fused_attention_unsupported(query, key, value, attn_mask=None, dropout_p: fl
 
 
 class _FusedAttention(torch.autograd.Function):
-    """Quantized attention over ``[BH, L, D]`` operands as the fused Triton ops
+    """Quantized attention over ``[B, H, L, D]`` operands as the fused Triton ops
     ``sqcompile::triton_attention`` / ``triton_attention_backward``."""
 
     @staticmethod
@@ -758,13 +758,17 @@ class _FusedAttention(torch.autograd.Function):
 
 
 def _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, grad_bits, groups):
+    # [B, H, L, D] with every outer batch dim in B: the kernels read the operands at their
+    # strides (the head split of a projection is not copied) and lay the output out as the
+    # query is (a transposed head split's output stored [B, L, H, D])
     batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    q3, k3, v3 = (t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:]) for t in (query, key, value))
+    heads = batch[-1] if batch else 1
+    q4, k4, v4 = (t.expand(*batch, *t.shape[-2:]).reshape(-1, heads, *t.shape[-2:]) for t in (query, key, value))
     mask = None
     if attn_mask is not None:   # [O, H, L, S] over the flattened batch, broadcast dims kept as strides 0
         mask = attn_mask.expand(*batch, query.shape[-2], key.shape[-2])
-        mask = mask.reshape(-1, batch[-1], *mask.shape[-2:]) if batch else mask[None, None]
-    out = _FusedAttention.apply(q3, k3, v3, mask, float(scale), bool(is_causal), act_bits, grad_bits, groups)
+        mask = mask.reshape(-1, heads, *mask.shape[-2:])
+    out = _FusedAttention.apply(q4, k4, v4, mask, float(scale), bool(is_causal), act_bits, grad_bits, groups)
     return out.reshape(*batch, *out.shape[-2:])
 
 

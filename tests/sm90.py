@@ -103,10 +103,17 @@ def sass_counts(cubin: bytes) -> dict:
 
 
 _VIEW = {"C": "i32", "L": "i32", "stride_a": "i32", "stride_c": "i32"}
+# The quantize kernels' other layout arguments as a launch over a dense view passes them: the
+# outer axis in one level (``A2`` 1, a constant after specialization), the output at the
+# input's strides (``SAME_LAYOUT``: its stride arguments unused).  ``_absmax_kernel`` takes
+# ``A2`` and ``stride_a2`` only.
+QUANT_LAYOUT = {"stride_a2": "i32", "q_stride_a": "i32", "q_stride_a2": "i32", "q_stride_c": "i32", "q_stride_l": "i32"}
+QUANT_LAYOUT_CONSTANTS = {"A2": 1, "SAME_LAYOUT": True}
 # Runtime arguments of the kernels that ptxas tests and benchmarks/sass_counts.py compile, as
 # launched (bf16 inputs); each kernel's unit strides are constexprs the caller adds.
 SIGNATURES = {
-    "quantize_fused": {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", **_VIEW, "seed_ptr": "*i64"},
+    "quantize_fused": {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", **_VIEW, **QUANT_LAYOUT,
+                       "seed_ptr": "*i64"},
     # plus out_stride_c or out_stride_l (the other one is 1)
     "shiftquant": {"x_ptr": "*bf16", "e_ptr": "*i8", "range_ptr": "*fp32", "rmax_ptr": "*fp32", "base_ptr": "*fp32",
                    "prescale_ptr": "*fp32", **_VIEW, "n_cblocks": "i32", "seed_ptr": "*i64"},
@@ -184,7 +191,8 @@ def attention_kernels() -> dict:
 
     qkv = (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "d"))
     specs = {   # name -> (kernel, pointers, operand layouts (name, sequence dim, contiguous dim), constexprs)
-        "fwd": (ta._attention_fwd_kernel, {"sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32"},
+        "fwd": (ta._attention_fwd_kernel, {"sv_ptr": "*fp32", "o_ptr": "*bf16", "stats_ptr": "*fp32", "H_o": "i32",
+                                            "s_oh": "i32"},     # the output stored [B, L, H, D]
                 (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "n"), ("o", "m", "d")), {"QMAX": 7}),
         "ranges": (ta._attention_ranges_kernel, {"stats_ptr": "*fp32", "eo_ptr": "*i8", "bo_ptr": "*fp32",
                                                  "delta_ptr": "*fp32", "ranges_ptr": "*i32"},
@@ -192,12 +200,12 @@ def attention_kernels() -> dict:
         "dkdv": (ta._attention_bwd_kv_kernel, {"qt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8",
                                                "boc_ptr": "*fp32", "eor_ptr": "*i8", "bor_ptr": "*fp32",
                                                "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_ptr": "*i64",
-                                               "dk_ptr": "*bf16", "dv_ptr": "*bf16"},
+                                               "dk_ptr": "*bf16", "dv_ptr": "*bf16", "H_d": "i32", "s_dh": "i32"},
                  (*qkv, ("qt", "m", "m"), ("e", "m", "d"), ("r", "m", "m"), ("d", "n", "d")),
                  {"QMAX": 7, "GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True}),
         "dq": (ta._attention_bwd_q_kernel, {"kt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8",
                                             "boc_ptr": "*fp32", "delta_ptr": "*fp32", "ranges_ptr": "*fp32",
-                                            "seed_ptr": "*i64", "dq_ptr": "*bf16"},
+                                            "seed_ptr": "*i64", "dq_ptr": "*bf16", "H_d": "i32", "s_dh": "i32"},
                (*qkv, ("kt", "n", "n"), ("e", "m", "d"), ("d", "m", "d")),
                {"GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_S": True}),
     }

@@ -149,6 +149,35 @@ def test_autotuned_launch_path(monkeypatch):
         _assert_matches(a, b, name)
 
 
+def test_kernels_read_a_head_split_in_place_and_write_gradients_where_asked():
+    """The operands as the q / k / v slices of a fused projection's heads (``[B, L, 3, H, D]``
+    seen as ``[B, H, L, D]``): the forward reads them where they lie and stores its output
+    ``[B, L, H, D]``; the backward takes that layout's gradient and writes ``dq``, ``dk``,
+    ``dv`` into one ``[B, L, 3, H, D]`` tensor.  Every value is the one contiguous ``[BH, L,
+    D]`` copies give, bit for bit, stochastic rounding included (the same seeds)."""
+    ta = _ta()
+    g = torch.Generator().manual_seed(11)
+    B, H, L, D = 2, 3, 29, 16
+    qkv = torch.randn(B, L, 3, H, D, generator=g).to(DEVICE)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    do = torch.randn(B, L, H, D, generator=g).to(DEVICE).transpose(1, 2)
+    out, *saved = ta.attention_forward(q, k, v, None, D ** -0.5, True, 4)
+    ref_out, *ref_saved = ta.attention_forward(*(t.reshape(B * H, L, D) for t in (q, k, v)), None, D ** -0.5, True, 4)
+    assert out.shape == (B, H, L, D) and out.transpose(1, 2).is_contiguous()
+    assert saved[0].is_contiguous() and saved[4].is_contiguous()
+    for a, b in zip((out, *saved), (ref_out, *ref_saved)):
+        assert torch.equal(a.reshape(b.shape), b)
+    packed = torch.full((B, L, 3, H, D), float("nan"), device=DEVICE)
+    grads = tuple(packed[:, :, i].transpose(1, 2) for i in range(3))
+    seeds = (1, 2, 3, 4)
+    ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, seeds=seeds, grads=grads)
+    ref = ta.attention_backward(do.reshape(B * H, L, D), *ref_saved, None, D ** -0.5, True, 4, 4, 4, seeds=seeds)
+    for a, b in zip(grads, ref):
+        assert torch.equal(a.reshape(b.shape), b)
+    with pytest.raises(ValueError, match="same strides"):
+        ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, grads=(grads[0], grads[1], ref[2]))
+
+
 def _sdpa(q, k, v, fused, seed, **kw):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     torch.manual_seed(seed)
@@ -239,6 +268,25 @@ def test_custom_ops_pass_opcheck():
         (torch.ops.sqcompile.triton_attention_backward.default, (do, *saved, None, 0.25, True, 4, 4, 4)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    # a fused projection's heads, read in place; the packed gradient [B, L, 3, H, D]
+    qkv = torch.randn(2, 20, 3, 2, 16, device=DEVICE)
+    heads = [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+    out, *saved = torch.ops.sqcompile.triton_attention(*heads, None, 0.25, True, 4)
+    do = torch.randn(2, 20, 2, 16, device=DEVICE).transpose(1, 2)
+    strides = [1920, 16, 96, 1] * 3      # (b, h, l, d) in [B, L, 3, H, D]
+    for op, args in [
+        (torch.ops.sqcompile.triton_attention.default, (*heads, None, 0.25, True, 4)),
+        (torch.ops.sqcompile.triton_attention_backward_packed.default,
+         (do, *saved, None, 0.25, True, 4, 4, 4, [2, 20, 3, 2, 16], [0, 32, 64], strides)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    packed = torch.ops.sqcompile.triton_attention_backward_packed
+    for size, offsets, strides, what in [([2, 20, 3, 2, 16], [0, 32, 2000], [1920, 16, 96, 1] * 3, "leaves"),
+                                         ([2, 20, 2, 2, 16], [0, 32, 64], [1920, 16, 96, 1] * 3, "cannot fill"),
+                                         ([2, 20, 3, 2, 16], [0, 32, 64], [1920, 16, 96, 1] * 2 + [1920, 96, 16, 1],
+                                          "same strides")]:
+        with pytest.raises(ValueError, match=what):
+            packed(do, *saved, None, 0.25, True, 4, 4, 4, size, offsets, strides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +321,50 @@ def test_backend_runs_attention_fused_and_reports_it():
     assert rel(out, ref_out) < 1e-5
     for name in grads:
         assert rel(grads[name], ref_grads[name]) < 1e-4, name
+
+
+class _FusedProjection(torch.nn.Module):
+    """q, k and v from one Linear, split into heads as timm does (``view`` + ``permute``) or
+    as nanoGPT does (``split`` + ``view`` + ``transpose``)."""
+
+    def __init__(self, style: str, d: int = 32, heads: int = 2):
+        super().__init__()
+        self.style, self.heads = style, heads
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        if self.style == "permute":
+            q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (t.view(B, L, self.heads, C // self.heads).transpose(1, 2) for t in self.qkv(x).split(C, 2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, L, C))
+
+
+@pytest.mark.parametrize("style", ["permute", "split"])
+def test_backend_reads_qkv_heads_in_place_and_writes_their_gradient_in_place(style, monkeypatch):
+    """With the fused attention nothing copies the heads: the forward graph has no copy of
+    q / k / v or of the output, and the backward's assembly of the projection's gradient
+    (``select_backward`` and adds, or ``cat``, and copies) becomes
+    ``triton_attention_backward_packed`` (:mod:`sqcompile.backends.attention_grads`).  The
+    results are those with the assembly left in the graph, bit for bit."""
+    from sqcompile.backends import attention_grads, lowering
+    torch.manual_seed(0)
+    model, x = _FusedProjection(style), torch.randn(2, 24, 32)
+    out, grads, rec, _ = _compiled_step(model, x, fused_attention=True)
+    assert "aten.clone" not in rec.graphs["forward"] and "sqcompile.triton_attention(" in rec.graphs["forward"]
+    backward = rec.graphs["backward_fused"]
+    assert "sqcompile.triton_attention_backward_packed(" in backward
+    assert not any(op in backward for op in ("select_backward", "aten.cat", "aten.clone", "triton_attention_backward("))
+    assert [r.label for r in rec.regions].count(attention_grads.LABEL) == 1
+    monkeypatch.setattr(lowering, "pack_attention_gradients", lambda gm, *args: gm)
+    ref_out, ref_grads, ref_rec, _ = _compiled_step(model, x, fused_attention=True)
+    assert ("select_backward" if style == "permute" else "aten.cat") in ref_rec.graphs["backward"]
+    assert attention_grads.LABEL not in [r.label for r in ref_rec.regions]
+    assert torch.equal(out, ref_out)
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
 
 
 class _BiasedAttention(torch.nn.Module):

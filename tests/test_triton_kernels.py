@@ -45,6 +45,11 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
         wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
         wide[..., ::2] = x
         return wide[..., ::2]
+    if layout == "heads":               # [B, H, L, D] as the k slice of a fused qkv projection's heads
+        B, H, L, D = x.shape
+        qkv = torch.zeros(B, L, 3, H, D, dtype=x.dtype, device=x.device)
+        qkv[:, :, 1] = x.transpose(1, 2)
+        return qkv[:, :, 1].transpose(1, 2)
     raise ValueError(layout)
 
 
@@ -64,8 +69,7 @@ def check_quantize_nearest(x, bits, keep_dims, fused=None):
     qr, sr = N.quantize(x.cpu(), bits, keep_dims, "nearest")
     _same(q, qr)
     _same(s, sr)
-    if tq._dense(x):   # the fake implementation's strides (empty_like)
-        assert q.stride() == torch.empty_like(x, dtype=torch.int8).stride()
+    assert q.stride() == torch.empty_like(x, dtype=torch.int8).stride()    # the fake implementation's
 
 
 def check_shiftquant_nearest(x, bits, groups, channel_dims):
@@ -76,15 +80,16 @@ def check_shiftquant_nearest(x, bits, groups, channel_dims):
     _same(base, ref.base_scale)
 
 
-def check_stochastic_quantize(x, bits, keep_dims):
-    """Reproducible for a seed, every value floor or ceil of x / scale, fused == split."""
+def check_stochastic_quantize(x, bits, keep_dims, seeded=True):
+    """Reproducible for a seed, every value floor or ceil of x / scale, fused == split;
+    ``seeded``: another seed changes some value (not for tensors too small to show it)."""
     tq, _ = _kernels()
     q1, s1 = tq.quantize(x, bits, keep_dims, True, seed=1234)
     q2, s2 = tq.quantize(x, bits, keep_dims, True, seed=1234)
     _same(q1, q2)
     _same(s1, s2)
     q3, _ = tq.quantize(x, bits, keep_dims, True, seed=4321)
-    assert not torch.equal(q1, q3)
+    assert not seeded or not torch.equal(q1, q3)
     _, sr = N.quantize(x.cpu(), bits, keep_dims, "nearest")
     _same(s1, sr)                        # the scale does not depend on the rounding
     v = (x.cpu().float() / torch.where(sr == 0, torch.ones_like(sr), sr)).clamp(-N.qmax(bits), N.qmax(bits))
@@ -212,7 +217,10 @@ QUANTIZE_CASES = [
     ((6, 3, 3, 5), [0], "contiguous"),          # conv weight, per output channel
     ((4, 6, 5, 7), [1], "contiguous"),          # R K R: batch axis reduced
     ((2, 3, 5, 7), [0, 2], "contiguous"),       # K R K R: permuted, copied fallback
-    ((3, 33, 45), [0, 1], "strided"),           # not dense: contiguous copy fallback
+    ((3, 33, 45), [0, 1], "strided"),           # not dense: read in place at stride 2
+    ((2, 3, 17, 24), [0, 1, 2], "heads"),       # per row of a head split: K K K R, A in two levels
+    ((2, 3, 17, 24), [0, 1, 3], "heads"),       # per column of it: K K R K
+    ((2, 3, 17, 24), [0, 1], "heads"),          # K K R R (no view): contiguous copy fallback
     ((5, 7), [0, 1], "contiguous"),             # every element its own scale
 ]
 
@@ -222,6 +230,44 @@ QUANTIZE_CASES = [
 def test_quantize_nearest_is_bit_exact(shape, keep_dims, layout, bits):
     x = _layout(torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) + bits)).to(DEVICE), layout)
     check_quantize_nearest(x, bits, keep_dims)
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=4, max_size=4), order=st.permutations(range(4)),
+       keep=st.sets(st.integers(0, 3)), slice_at=st.integers(-1, 4), fused=st.sampled_from([None, False]))
+def test_quantize_reads_any_layout_where_it_lies(shape, order, keep, slice_at, fused):
+    """A 4-D tensor stored in any dim order, dense or one slice of a wider tensor (as a head
+    split's q / k / v): nearest rounding is the reference's bit for bit, the output laid out
+    as the fake implementation says (``empty_like``), stochastic rounding reproducible and
+    within one step, and the views the kernels read in place do not copy the input."""
+    tq, _ = _kernels()
+    g = torch.Generator().manual_seed(sum(shape) + slice_at)
+    stored = [shape[d] for d in order]
+    if slice_at >= 0:       # a size-3 dim inserted into the storage, index 1 taken: not dense
+        wide = torch.randn(stored[:slice_at] + [3] + stored[slice_at:], generator=g)
+        y = wide.select(slice_at, 1)
+    else:
+        y = torch.randn(stored, generator=g)
+    x = y.permute([order.index(d) for d in range(4)]).to(DEVICE)
+    keep_dims = sorted(keep)
+    check_quantize_nearest(x, 5, keep_dims, fused=fused)
+    check_stochastic_quantize(x, 5, keep_dims, seeded=False)
+    view = tq._plan(x, keep_dims, in_place=True)
+    if view.out_strides is not None:
+        assert view.work is x
+
+
+def test_quantize_writes_the_given_output_layout():
+    """``out=``: the fused attention's int8 operands, contiguous whatever the input's layout."""
+    tq, _ = _kernels()
+    x = _layout(torch.randn(2, 3, 17, 24, generator=torch.Generator().manual_seed(4)).to(DEVICE), "heads")
+    for keep in ([0, 1, 2], [0, 1, 3], [0, 1]):
+        out = torch.full(x.shape, 99, dtype=torch.int8, device=DEVICE)
+        q, s = tq.quantize(x, 4, keep, False, out=out)
+        qr, sr = N.quantize(x.cpu(), 4, keep, "nearest")
+        assert q is out and q.is_contiguous()
+        _same(q, qr)
+        _same(s, sr)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -816,12 +862,20 @@ for one in (True, False):
     for st in (True, False):
         sizes[f"fused one={one} st={st}"] = spilled(tq._quantize_fused_kernel, sm90.SIGNATURES["quantize_fused"], dict(
             stride_l=1, QMAX=7, STOCHASTIC=st, NOISE_ALONG_C=False, INT64=False, BLOCK_C=1 if one else 2,
-            BLOCK_L=8192 if one else 2048, ONE_TILE=one), num_warps=8 if one else 4)
+            BLOCK_L=8192 if one else 2048, ONE_TILE=one, **sm90.QUANT_LAYOUT_CONSTANTS), num_warps=8 if one else 4)
 sig = {"x_ptr": "*fp32", "q_ptr": "*i8", "range_ptr": "*fp32", "scale_ptr": "*fp32", **view, "stride_l": "i32",
-       "n_cblocks": "i32", "seed_ptr": "*i64"}
+       **sm90.QUANT_LAYOUT, "n_cblocks": "i32", "seed_ptr": "*i64"}
 del sig["stride_c"]         # channels contiguous, as the split kernel's 128 x 32 tile is launched
 sizes["split"] = spilled(tq._quantize_kernel, sig, dict(stride_c=1, QMAX=7, A_KEPT=True, STOCHASTIC=True,
-                                                        NOISE_ALONG_C=True, INT64=False, BLOCK_C=128, BLOCK_L=32))
+                                                        NOISE_ALONG_C=True, INT64=False, BLOCK_C=128, BLOCK_L=32,
+                                                        **sm90.QUANT_LAYOUT_CONSTANTS))
+# per-row quantization of a transposed head split read in place (attention's q / k: rows of 64,
+# a two-level outer axis, the output at its own strides)
+sig = {**sm90.SIGNATURES["quantize_fused"], "A2": "i32"}
+del sig["q_stride_l"]
+sizes["fused, heads in place"] = spilled(tq._quantize_fused_kernel, sig, dict(
+    stride_l=1, q_stride_l=1, QMAX=7, STOCHASTIC=False, NOISE_ALONG_C=False, INT64=False, SAME_LAYOUT=False,
+    BLOCK_C=64, BLOCK_L=64, ONE_TILE=True))
 sq = sm90.SIGNATURES["shiftquant"]
 for pre in (True, False):
     sizes[f"shiftquant prescale={pre}"] = spilled(tq._shiftquant_kernel, dict(sq, out_stride_c="i32"), dict(
@@ -834,10 +888,10 @@ sizes["shiftquant transposed"] = spilled(tq._shiftquant_kernel, dict(sq, out_str
     INT64=False,
     BLOCK_C=t.block_c, BLOCK_L=t.block_l), num_warps=t.num_warps)
 for pre in (True, False):
-    sig = {"x_ptr": "*bf16", "ranges_ptr": "*i32", "prescale_ptr": "*fp32", **view, "l_per_split": "i32",
-           "n_channels": "i32"}
+    sig = {"x_ptr": "*bf16", "ranges_ptr": "*i32", "prescale_ptr": "*fp32", **view, "stride_a2": "i32",
+           "l_per_split": "i32", "n_channels": "i32"}
     sizes[f"absmax prescale={pre}"] = spilled(tq._absmax_kernel, sig, dict(
-        stride_l=1, A_KEPT=True, PRESCALE=pre, INT64=False, BLOCK_C=128, BLOCK_L=32))
+        stride_l=1, A2=1, A_KEPT=True, PRESCALE=pre, INT64=False, BLOCK_C=128, BLOCK_L=32))
 pair = sm90.SIGNATURES["shiftquant_pair"]
 for tr, t in tq._PAIR_TILES.items():
     unit = "er_stride_m" if tr else "er_stride_n"
@@ -865,7 +919,7 @@ def test_quantizer_and_relayout_kernels_compile_for_hopper():
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     spills = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
-    assert len(spills) == 14 and all(n <= 0 for n in spills.values()), spills
+    assert len(spills) == 15 and all(n <= 0 for n in spills.values()), spills
 
 
 _GEMM_HOPPER_SCRIPT = """

@@ -379,10 +379,12 @@ def _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt
 @triton.jit
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, sq_ptr, sk_ptr, sv_ptr, o_ptr,
                           stats_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ob, s_om,
-                          s_od, scale, QMAX: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                          s_od, H_o, s_oh, scale, QMAX: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
                           DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of queries of one (batch, head): ``O`` and the row statistics ``(m, l, sP)``
-    in ``stats`` ``[3, BH, L]``.  Grid: ``(cdiv(L, BLOCK_M), BH)``."""
+    in ``stats`` ``[3, BH, L]``.  Grid: ``(cdiv(L, BLOCK_M), BH)``.  ``O``'s (batch, head)
+    ``b`` lies at ``(b // H_o) * s_ob + (b % H_o) * s_oh`` (``H_o`` 1 for ``[BH, L, D]``;
+    the heads for an output stored ``[B, L, H, D]``, :func:`attention_out`)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     mb = _mask_base(mask_ptr, b, H_in, s_mo, s_mi)
@@ -416,7 +418,8 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml,
     sv = tl.load(sv_ptr + b * D + offs_d, mask=offs_d < D, other=0.0)
     out = acc.to(tl.float32) * sp[:, None] * sv[None, :]
     o_mask = mask_m[:, None] & (offs_d < D)[None, :]
-    tl.store(o_ptr + b * s_ob + offs_m[:, None] * s_om + offs_d[None, :] * s_od, cast_rtne(out, DTYPE), mask=o_mask)
+    o_base = (b // H_o) * s_ob + (b % H_o) * s_oh
+    tl.store(o_ptr + o_base + offs_m[:, None] * s_om + offs_d[None, :] * s_od, cast_rtne(out, DTYPE), mask=o_mask)
     row = b * L + offs_m
     tl.store(stats_ptr + row, m, mask=mask_m)
     tl.store(stats_ptr + BH * L + row, l, mask=mask_m)
@@ -483,12 +486,15 @@ def _row_stats(stats_ptr, delta_ptr, row, mask_m, BH, L):
 def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, qt_ptr, sq_ptr, sk_ptr,
                              stats_ptr, eoc_ptr, boc_ptr, eor_ptr, bor_ptr, delta_ptr, ranges_ptr, seed_ptr, dk_ptr,
                              dv_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_qtb, s_qtm,
-                             s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, s_db, s_dn, s_dd, scale, QMAX: tl.constexpr,
+                             s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, s_db, s_dn, s_dd, H_d, s_dh, scale,
+                             QMAX: tl.constexpr,
                              GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
                              CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of keys: ``dV = qP^T eO_rows`` and ``dK = eS_rows^T qQ`` over all queries,
-    written in the dtype.  Grid: ``(cdiv(S, BLOCK_N), BH)``.
+    written in the dtype (``dK`` and ``dV`` at the same strides; a (batch, head) ``b`` at
+    ``(b // H_d) * s_db + (b % H_d) * s_dh``, as the forward's output).  Grid:
+    ``(cdiv(S, BLOCK_N), BH)``.
 
     ``qt`` is ``qQ`` again, stored with the queries contiguous, and ``eor`` is stored that way
     too: both GEMMs reduce over the queries, and Hopper's 8-bit MMA reads its second operand
@@ -540,7 +546,7 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
                                         mb, s_ml, s_ms, base_oc, Rr, base_r, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
                                         MASK, DTYPE, BLOCK_M, BLOCK_N, True)
     out_mask = mask_n[:, None] & (offs_d < D)[None, :]
-    out = b * s_db + offs_n[:, None] * s_dn + offs_d[None, :] * s_dd
+    out = (b // H_d) * s_db + (b % H_d) * s_dh + offs_n[:, None] * s_dn + offs_d[None, :] * s_dd
     tl.store(dk_ptr + out, cast_rtne(acc_dk.to(tl.float32) * base_r, DTYPE), mask=out_mask)
     tl.store(dv_ptr + out, cast_rtne(acc_dv.to(tl.float32) * tl.load(bor_ptr), DTYPE), mask=out_mask)
 
@@ -549,7 +555,7 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
 def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, kt_ptr, sq_ptr, sk_ptr,
                             stats_ptr, eoc_ptr, boc_ptr, delta_ptr, ranges_ptr, seed_ptr, dq_ptr, L, S, D, BH, s_qb,
                             s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, s_eb, s_em, s_ed,
-                            s_db, s_dm, s_dd, scale, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr,
+                            s_db, s_dm, s_dd, H_d, s_dh, scale, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr,
                             STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_S: tl.constexpr, CAUSAL: tl.constexpr,
                             MASK: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr):
@@ -580,7 +586,7 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_m
                        mask_m, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale, mb,
                        s_ml, s_ms, m, l, delta, Rc, base_c, GRAD_QMAX, GROUPS, STOCHASTIC, COLUMNS_NOISE_ALONG_S,
                        CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, True)
-    out = b * s_db + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd
+    out = (b // H_d) * s_db + (b % H_d) * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd
     tl.store(dq_ptr + out, cast_rtne(acc.to(tl.float32) * base_c, DTYPE), mask=mask_m[:, None] & (offs_d < D)[None, :])
 
 
@@ -672,6 +678,14 @@ def _rows(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _outer_rows(x: torch.Tensor):
+    """The strides of ``[B, H, R, D]`` (or ``[BH, R, D]``) ``x`` as the kernels that write such
+    an output take them: ``(s_b, s_r, s_d, H, s_h)``, a (batch, head) ``b`` at ``(b // H) *
+    s_b + (b % H) * s_h``."""
+    x = _heads(x)
+    return x.stride(0), x.stride(2), x.stride(3), x.shape[1], x.stride(1)
+
+
 def _mask_args(mask: Optional[torch.Tensor], placeholder: torch.Tensor) -> Tuple[tuple, int]:
     """The kernels' mask arguments ``(mask, H_in, s_mo, s_mi, s_ml, s_ms)`` and ``MASK`` kind
     (0: none, 1: boolean, read as uint8; 2: float, added) for a mask ``[O, H_in, L, S]``."""
@@ -683,44 +697,79 @@ def _mask_args(mask: Optional[torch.Tensor], placeholder: torch.Tensor) -> Tuple
     return (mask, mask.shape[1], *mask.stride()), kind
 
 
+def attention_out(query: torch.Tensor) -> torch.Tensor:
+    """The output of :func:`attention_forward` for ``query`` ``[B, H, L, D]`` (uninitialized):
+    stored ``[B, L, H, D]`` (and returned as its ``[B, H, L, D]`` view) where the query's
+    heads lie inside its sequence, as in the head split of a projection,
+    ``x.view(B, L, H, D).transpose(1, 2)``; the model's ``out.transpose(1, 2).reshape(B, L,
+    H * D)`` is then a view, not a copy.  Else contiguous.  (Also the op's fake.)"""
+    B, H, L, D = query.shape
+    if H > 1 and L > 1 and query.stride(1) < query.stride(2):
+        return query.new_empty((B, L, H, D)).transpose(1, 2)
+    return query.new_empty((B, H, L, D))
+
+
+def _heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, D]`` as is; ``[BH, L, D]`` as ``[1, BH, L, D]``."""
+    return x if x.dim() == 4 else x.unsqueeze(0)
+
+
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
                       scale: float, causal: bool, bits: int, tiles: Optional[Dict[str, Tile]] = None):
-    """``[BH, L, D]``, ``[BH, S, D]``, ``[BH, S, D]`` -> ``(out, qq, sq, qk, sk, qv, sv, stats)``:
-    the output and what the backward needs (the int8 operands, their float32 scales, and the
-    row statistics ``[3, BH, L]``: max, exponential sum, ``P``'s scale).  ``mask``: ``None``
-    or ``[O, H_in, L, S]`` with ``O * H_in == BH`` (strides 0 where it broadcasts), boolean
-    (False: masked) or of the query's dtype (added to the scores).  ``tiles``: a
-    :class:`Tile` per kernel name instead of the interpreter's or the autotuned ones (tests)."""
-    BH, L, D = query.shape
-    S = key.shape[1]
-    qq, sq = quantize(query, bits, [0, 1], False)
-    qk, sk = quantize(key, bits, [0, 1], False)
-    qv, sv = quantize(value, bits, [0, 2], False)
-    qv_t = _sequence_contiguous(qv)          # the second operand of qP qV, K-major
-    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    """``[B, H, L, D]``, ``[B, H, S, D]``, ``[B, H, S, D]`` (or the same without ``B``) ->
+    ``(out, qq, sq, qk, sk, qv, sv, stats)``: the output and what the backward needs (the int8
+    operands, contiguous, their float32 scales, and the row statistics ``[3, B*H, L]``: max,
+    exponential sum, ``P``'s scale).  The operands are read where they lie, whatever their
+    strides (the q / k / v slices of a fused projection included); the output is laid out by
+    :func:`attention_out`.  ``mask``: ``None`` or ``[O, H_in, L, S]`` with ``O * H_in == B*H``
+    (strides 0 where it broadcasts), boolean (False: masked) or of the query's dtype (added
+    to the scores).  ``tiles``: a :class:`Tile` per kernel name instead of the interpreter's
+    or the autotuned ones (tests)."""
+    q4, k4, v4 = _heads(query), _heads(key), _heads(value)
+    B, H, L, D = q4.shape
+    S = k4.shape[2]
+    BH = B * H
+    quantized = [quantize(x, bits, dims, False, out=torch.empty(x.shape, dtype=torch.int8, device=x.device))
+                 for x, dims in ((q4, [0, 1, 2]), (k4, [0, 1, 2]), (v4, [0, 1, 3]))]
+    (qq, sq), (qk, sk), (qv, sv) = quantized
+    qq3, qk3 = qq.view(BH, L, D), qk.view(BH, S, D)
+    qv_t = _sequence_contiguous(qv.view(BH, S, D))          # the second operand of qP qV, K-major
+    out = attention_out(q4)
     stats = torch.empty((3, BH, L), dtype=torch.float32, device=query.device)
     margs, kind = _mask_args(mask, stats)
-    _launch("fwd", L, BH, (qq, qk, qv_t, *margs, sq, sk, sv, out, stats, L, S, D, BH, *_rows(qq), *_rows(qk),
-                           *_rows(qv_t), *_rows(out), scale),
+    _launch("fwd", L, BH, (qq3, qk3, qv_t, *margs, sq, sk, sv, out, stats, L, S, D, BH, *_rows(qq3), *_rows(qk3),
+                           *_rows(qv_t), *_outer_rows(out), scale),
             dict(QMAX=N.qmax(bits), CAUSAL=causal, MASK=kind, DTYPE=_TL_DTYPES[query.dtype],
                  BLOCK_D=_block_d(D, query.device)), query.device, tiles)
-    return out, qq, sq, qk, sk, qv, sv, stats
+    results = (out, qq, sq, qk, sk, qv, sv)
+    if query.dim() == 3:
+        results = tuple(t.squeeze(0) for t in results)
+    return (*results, stats)
 
 
 def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, mask: Optional[torch.Tensor],
                        scale: float, causal: bool, bits: int, grad_bits: int, groups: int, stochastic: bool = True,
-                       seeds: Tuple = (None, None, None, None), tiles: Optional[Dict[str, Tile]] = None):
+                       seeds: Tuple = (None, None, None, None), tiles: Optional[Dict[str, Tile]] = None,
+                       grads: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None):
     """``(dq, dk, dv)`` of :func:`attention_forward` (the same ``mask``).  ``grad_out`` is
     ShiftQuant-ed both ways first (:func:`~sqcompile.kernels.triton_quant.shiftquant_pair`:
     along ``D`` for ``dP = dO V^T``, along queries for ``dV = P^T dO``), then the three
     kernels run.  ``seeds``: ``dO``'s two quantizers', then ``dS``'s (columns, rows); ``None``
-    entries are drawn in that order, as the unfused path draws them."""
-    BH, L, D = qq.shape
-    S = qk.shape[1]
+    entries are drawn in that order, as the unfused path draws them.  ``grads``: the three
+    ``[B, H, L, D]`` tensors to write them into (any strides, ``dk``'s and ``dv``'s the same:
+    views of one fused projection's gradient, ``sqcompile::triton_attention_backward_packed``);
+    default contiguous."""
+    B, H, L, D = _heads(qq).shape
+    S = qk.shape[-2]
+    BH = B * H
+    qq, sq, qk, sk, qv = qq.view(BH, L, D), sq.view(BH, L, 1), qk.view(BH, S, D), sk.view(BH, S, 1), qv.view(BH, S, D)
+    sv = sv.view(BH, 1, D)
     dtype = grad_out.dtype
     dev = grad_out.device
     sp = stats[2].reshape(BH, L, 1)
-    eo_c, bo_c, eo_r, bo_r = shiftquant_pair(grad_out.contiguous(), grad_bits, groups, stochastic,
+    # A dO laid out [B, L, H, D] (the gradient of attention_out's layout) is copied here: the
+    # pair reads contiguous [..., M, N] tensors only (known limitation, README)
+    eo_c, bo_c, eo_r, bo_r = shiftquant_pair(grad_out.reshape(BH, L, D).contiguous(), grad_bits, groups, stochastic,
                                              seeds=seeds[:2], prescales=(sv, sp), rows_transposed=True)
     seed_c = _seed_arg(seeds[2], stochastic, dev, bo_c)
     seed_r = _seed_arg(seeds[3], stochastic, dev, bo_c)
@@ -731,15 +780,22 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
     _launch("ranges", L, BH, (qq, qk, qv, *margs, sq, sk, stats, eo_c, bo_c, delta, ranges, L, S, D, BH, *_rows(qq),
                               *_rows(qk), *_rows(qv), *_rows(eo_c), scale), common, dev, tiles)
     ranges = ranges.view(torch.float32)
-    dq = torch.empty((BH, L, D), dtype=dtype, device=dev)
-    dk = torch.empty((BH, S, D), dtype=dtype, device=dev)
-    dv = torch.empty_like(dk)
+    if grads is None:
+        shape = (B, H) if grad_out.dim() == 4 else (BH,)
+        dq = torch.empty((*shape, L, D), dtype=dtype, device=dev)
+        dk = torch.empty((*shape, S, D), dtype=dtype, device=dev)
+        dv = torch.empty_like(dk)
+    else:
+        dq, dk, dv = grads
+        if _heads(dk).stride() != _heads(dv).stride():
+            raise ValueError(f"attention_backward: dk and dv must have the same strides, got {dk.stride()} "
+                             f"and {dv.stride()}")
     qq_t, qk_t = _sequence_contiguous(qq), _sequence_contiguous(qk)
     common.update(GRAD_QMAX=N.qmax(grad_bits), GROUPS=groups, STOCHASTIC=stochastic)
     _launch("dkdv", S, BH, (qq, qk, qv, *margs, qq_t, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, seed_r, dk,
                             dv, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qq_t), *_rows(eo_c),
-                            *_rows(eo_r), *_rows(dk), scale), dict(common, QMAX=N.qmax(bits)), dev, tiles)
+                            *_rows(eo_r), *_outer_rows(dk), scale), dict(common, QMAX=N.qmax(bits)), dev, tiles)
     _launch("dq", L, BH, (qq, qk, qv, *margs, qk_t, sq, sk, stats, eo_c, bo_c, delta, ranges, seed_c, dq, L, S, D, BH,
-                          *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_rows(dq), scale),
+                          *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_outer_rows(dq), scale),
             dict(common, COLUMNS_NOISE_ALONG_S=columns_noise_along_n(BH, L, S)), dev, tiles)
     return dq, dk, dv

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from typing import List, Optional, Tuple
 
@@ -288,20 +289,25 @@ def _attention():
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
                      causal: bool, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused quantized attention over ``[BH, L, D]`` / ``[BH, S, D]`` / ``[BH, S, D]``, with an
-    optional boolean or additive ``mask`` ``[O, H, L, S]`` (``O * H == BH``; strides 0 where it
-    broadcasts) (:mod:`sqcompile.kernels.triton_attention`): ``(out, qq, sq, qk, sk, qv, sv,
-    stats)``, the output and what :func:`triton_attention_backward` needs."""
+    """Fused quantized attention over ``[B, H, L, D]`` / ``[B, H, S, D]`` / ``[B, H, S, D]`` (any
+    strides; or the same without ``B``), with an optional boolean or additive ``mask`` ``[O,
+    H_in, L, S]`` (``O * H_in == B * H``; strides 0 where it broadcasts)
+    (:mod:`sqcompile.kernels.triton_attention`): ``(out, qq, sq, qk, sk, qv, sv, stats)``, the
+    output (laid out by ``attention_out``) and what :func:`triton_attention_backward` needs
+    (the int8 operands contiguous)."""
     _check_device(q, k, v)
     return _attention().attention_forward(q, k, v, mask, scale, causal, bits)
 
 
 @triton_attention.register_fake
 def _(q, k, v, mask, scale, causal, bits):
-    quantize = torch.ops.sqcompile.quantize
-    return (torch.empty_like(q, memory_format=torch.contiguous_format), *quantize(q, bits, [0, 1], False),
-            *quantize(k, bits, [0, 1], False), *quantize(v, bits, [0, 2], False),
-            q.new_empty((3, q.shape[0], q.shape[1]), dtype=torch.float32))
+    out = _attention().attention_out(q if q.dim() == 4 else q.unsqueeze(0))
+    i8, f32 = torch.int8, torch.float32
+    return (out if q.dim() == 4 else out.squeeze(0), q.new_empty(q.shape, dtype=i8),
+            q.new_empty((*q.shape[:-1], 1), dtype=f32), k.new_empty(k.shape, dtype=i8),
+            k.new_empty((*k.shape[:-1], 1), dtype=f32), v.new_empty(v.shape, dtype=i8),
+            v.new_empty((*v.shape[:-2], 1, v.shape[-1]), dtype=f32),
+            q.new_empty((3, q.numel() // (q.shape[-2] * q.shape[-1]), q.shape[-2]), dtype=f32))
 
 
 @ops.custom_op("sqcompile::triton_attention_backward", tags=ops._RANDOM)
@@ -320,6 +326,55 @@ def triton_attention_backward(grad_out: torch.Tensor, qq: torch.Tensor, sq: torc
 def _(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits, grad_bits, groups):
     return (qq.new_empty(qq.shape, dtype=grad_out.dtype), qk.new_empty(qk.shape, dtype=grad_out.dtype),
             qv.new_empty(qv.shape, dtype=grad_out.dtype))
+
+
+@ops.custom_op("sqcompile::triton_attention_backward_packed", tags=ops._RANDOM)
+def triton_attention_backward_packed(grad_out: torch.Tensor, qq: torch.Tensor, sq: torch.Tensor, qk: torch.Tensor,
+                                     sk: torch.Tensor, qv: torch.Tensor, sv: torch.Tensor, stats: torch.Tensor,
+                                     mask: Optional[torch.Tensor], scale: float, causal: bool, bits: int,
+                                     grad_bits: int, groups: int, size: List[int], offsets: List[int],
+                                     strides: List[int]) -> torch.Tensor:
+    """:func:`triton_attention_backward`'s ``dq``, ``dk`` and ``dv`` written into one new
+    contiguous tensor of ``size``: gradient ``i`` (``dq``, ``dk``, ``dv``) at element offset
+    ``offsets[i]`` with strides ``strides[4 * i: 4 * i + 4]`` (``dk``'s and ``dv``'s the same),
+    the three covering it.  A fused ``qkv`` projection's output gradient, which autograd
+    otherwise assembles from the three with copies (``select_backward`` and adds, or
+    ``cat``, then a contiguous copy; :mod:`sqcompile.backends.attention_grads` puts this op
+    in their place)."""
+    _check_device(grad_out, qq, qk, qv)
+    _check_packing(qq, qk, size, offsets, strides)
+    packed = grad_out.new_empty(size)
+    grads = tuple(packed.as_strided(qq.shape, strides[4 * i: 4 * i + 4], offsets[i]) for i in range(3))
+    _attention().attention_backward(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits, grad_bits,
+                                    groups, grads=grads)
+    return packed
+
+
+@triton_attention_backward_packed.register_fake
+def _(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits, grad_bits, groups, size, offsets, strides):
+    return grad_out.new_empty(size)
+
+
+def _check_packing(qq: torch.Tensor, qk: torch.Tensor, size: List[int], offsets: List[int],
+                   strides: List[int]) -> None:
+    """``ValueError`` unless three gradients shaped like ``qq`` (4-D, as many keys as queries) can
+    fill a tensor of ``size`` at ``offsets`` / ``strides`` (element counts, non-negative
+    strides, every element in bounds, ``dk``'s strides ``dv``'s; overlaps are the caller's,
+    :mod:`sqcompile.backends.attention_grads`, to rule out)."""
+    numel = math.prod(size)
+    if qq.dim() != 4 or qq.shape != qk.shape or len(offsets) != 3 or len(strides) != 12 or 3 * qq.numel() != numel:
+        raise ValueError(f"triton_attention_backward_packed: 3 gradients of shape {tuple(qq.shape)} (keys "
+                         f"{tuple(qk.shape)}) cannot fill size {list(size)} with {len(offsets)} offsets and "
+                         f"{len(strides)} strides")
+    for i in range(3):
+        st = strides[4 * i: 4 * i + 4]
+        end = offsets[i] + sum((n - 1) * s for n, s in zip(qq.shape, st))
+        if offsets[i] < 0 or min(st) < 0 or end >= numel:
+            raise ValueError(f"triton_attention_backward_packed: gradient {i} at offset {offsets[i]}, strides {st} "
+                             f"leaves a tensor of size {list(size)}")
+    if strides[4:8] != strides[8:]:
+        raise ValueError(f"triton_attention_backward_packed: dk and dv need the same strides, got {strides[4:8]} "
+                         f"and {strides[8:]}")
 
 
 ops.register_kernel_set("triton", ops.KernelSet(

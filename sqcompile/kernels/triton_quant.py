@@ -309,20 +309,43 @@ def _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64: tl.con
     return a * stride_a + offs_c[:, None] * stride_c + offs_l[None, :] * stride_l
 
 
+@triton.jit
+def _outer_offsets(a, offs_c, offs_l, A2, stride_a, stride_a2, stride_c, stride_l, INT64: tl.constexpr):
+    """:func:`_tile_offsets` with a two-level outer axis: ``a = a1 * A2 + a2`` lies at
+    ``a1 * stride_a + a2 * stride_a2`` (``A2`` is 1, a constant after Triton's specialization,
+    for every view but a transposed head split's, :func:`_in_place_plan`)."""
+    if INT64:
+        a = a.to(tl.int64)
+        offs_c = offs_c.to(tl.int64)
+        offs_l = offs_l.to(tl.int64)
+    return (a // A2) * stride_a + (a % A2) * stride_a2 + offs_c[:, None] * stride_c + offs_l[None, :] * stride_l
+
+
+@triton.jit
+def _q_offsets(x_offs, a, offs_c, offs_l, A2, q_stride_a, q_stride_a2, q_stride_c, q_stride_l, INT64: tl.constexpr,
+               SAME_LAYOUT: tl.constexpr):
+    """The output's element offsets: the input's (``SAME_LAYOUT``) or at the output's strides."""
+    if SAME_LAYOUT:
+        return x_offs
+    return _outer_offsets(a, offs_c, offs_l, A2, q_stride_a, q_stride_a2, q_stride_c, q_stride_l, INT64)
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, seed_ptr,
-                           QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, NOISE_ALONG_C: tl.constexpr,
-                           INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-                           ONE_TILE: tl.constexpr):
+def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, A2, stride_a2, q_stride_a,
+                           q_stride_a2, q_stride_c, q_stride_l, seed_ptr, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr,
+                           NOISE_ALONG_C: tl.constexpr, INT64: tl.constexpr, SAME_LAYOUT: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ONE_TILE: tl.constexpr):
     """Per-channel amax + quantize for ``BLOCK_C`` channels of batch ``a`` (A kept).
 
-    Grid: ``(cdiv(C, BLOCK_C), A)``.  ``q`` has ``x``'s strides.  ``ONE_TILE`` (``BLOCK_L >=
-    L``): the channels are loaded once and stay in registers.  Otherwise the first loop keeps
-    the rows in L2 (``evict_last``) for the second, which reads them for the last time."""
+    Grid: ``(cdiv(C, BLOCK_C), A)``.  ``q`` has ``x``'s strides (``SAME_LAYOUT``) or its own
+    (``q_stride_*``); both may split ``A`` in two levels (:func:`_outer_offsets`).
+    ``ONE_TILE`` (``BLOCK_L >= L``): the channels are loaded once and stay in registers.
+    Otherwise the first loop keeps the rows in L2 (``evict_last``) for the second, which reads
+    them for the last time."""
     pid_c = tl.program_id(0)
     a = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -331,20 +354,22 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
     if ONE_TILE:
         offs_l = tl.arange(0, BLOCK_L)
         mask = mask_c[:, None] & (offs_l < L)[None, :]
-        offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
+        offs = _outer_offsets(a, offs_c, offs_l, A2, stride_a, stride_a2, stride_c, stride_l, INT64)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
         scale = _scale_of(_absmax(x, 1), QMAX)
         tl.store(scale_ptr + rows, scale, mask=mask_c)
         divisor, pre, inv = _multipliers(scale)
-        _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, a, pid_c * BLOCK_C, 0, C, L, QMAX,
+        q_offs = _q_offsets(offs, a, offs_c, offs_l, A2, q_stride_a, q_stride_a2, q_stride_c, q_stride_l, INT64,
+                            SAME_LAYOUT)
+        _quantize_tile(x, q_ptr + q_offs, mask, divisor, pre, inv, seed_ptr, a, pid_c * BLOCK_C, 0, C, L, QMAX,
                        STOCHASTIC, NOISE_ALONG_C, BLOCK_C, BLOCK_L)
         return
     acc = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)      # reduced once, after the loop
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask = mask_c[:, None] & (offs_l < L)[None, :]
-        x = tl.load(x_ptr + _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64), mask=mask,
-                    other=0.0, eviction_policy="evict_last")
+        x = tl.load(x_ptr + _outer_offsets(a, offs_c, offs_l, A2, stride_a, stride_a2, stride_c, stride_l, INT64),
+                    mask=mask, other=0.0, eviction_policy="evict_last")
         acc = _max_nan(acc, tl.abs(x.to(tl.float32)))
     scale = _scale_of(tl.reduce(acc, 1, _max_nan), QMAX)
     tl.store(scale_ptr + rows, scale, mask=mask_c)
@@ -352,9 +377,11 @@ def _quantize_fused_kernel(x_ptr, q_ptr, scale_ptr, C, L, stride_a, stride_c, st
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask = mask_c[:, None] & (offs_l < L)[None, :]
-        offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
+        offs = _outer_offsets(a, offs_c, offs_l, A2, stride_a, stride_a2, stride_c, stride_l, INT64)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
-        _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, a, pid_c * BLOCK_C, l0, C, L, QMAX,
+        q_offs = _q_offsets(offs, a, offs_c, offs_l, A2, q_stride_a, q_stride_a2, q_stride_c, q_stride_l, INT64,
+                            SAME_LAYOUT)
+        _quantize_tile(x, q_ptr + q_offs, mask, divisor, pre, inv, seed_ptr, a, pid_c * BLOCK_C, l0, C, L, QMAX,
                        STOCHASTIC, NOISE_ALONG_C, BLOCK_C, BLOCK_L)
 
 
@@ -374,15 +401,16 @@ def _combine_ranges(ranges_ptr, channel, amax, mask, prescale_ptr, PRESCALE: tl.
 
 
 @triton.jit
-def _absmax_kernel(x_ptr, ranges_ptr, prescale_ptr, C, L, stride_a, stride_c, stride_l, l_per_split, n_channels,
-                   A_KEPT: tl.constexpr, PRESCALE: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
+def _absmax_kernel(x_ptr, ranges_ptr, prescale_ptr, C, L, stride_a, stride_c, stride_l, A2, stride_a2, l_per_split,
+                   n_channels, A_KEPT: tl.constexpr, PRESCALE: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_L: tl.constexpr):
     """Channel amax (NaN as +inf) over ``[split * l_per_split, ...)`` of ``L``, combined across
     programs in ``ranges`` (int32 ``[n_channels + 1]``, zeroed, holding float32 bits) with an
     integer atomic max, times ``|prescale|`` with ``PRESCALE`` (:func:`_combine_ranges`).  The
     last slot gets the max over all channels.
 
-    Grid: ``(cdiv(C, BLOCK_C), n_split, A)``; ``channel = a * C + c`` (A kept) or ``c``."""
+    Grid: ``(cdiv(C, BLOCK_C), n_split, A)``; ``channel = a * C + c`` (A kept) or ``c``; ``A``
+    in two levels as :func:`_outer_offsets` reads it."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     a = tl.program_id(2)
@@ -394,8 +422,8 @@ def _absmax_kernel(x_ptr, ranges_ptr, prescale_ptr, C, L, stride_a, stride_c, st
     for l0 in range(l_start, l_end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask = mask_c[:, None] & (offs_l < l_end)[None, :]
-        x = tl.load(x_ptr + _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64), mask=mask,
-                    other=0.0)
+        x = tl.load(x_ptr + _outer_offsets(a, offs_c, offs_l, A2, stride_a, stride_a2, stride_c, stride_l, INT64),
+                    mask=mask, other=0.0)
         acc = _max_nan(acc, tl.abs(x.to(tl.float32)))
     amax = tl.reduce(acc, 1, _max_nan)
     if A_KEPT:
@@ -426,11 +454,13 @@ def _split_tile(n_cblocks, C, A_KEPT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, n_cblocks, seed_ptr,
-                     QMAX: tl.constexpr, A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr, NOISE_ALONG_C: tl.constexpr,
-                     INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_c, stride_l, A2, stride_a2,
+                     q_stride_a, q_stride_a2, q_stride_c, q_stride_l, n_cblocks, seed_ptr, QMAX: tl.constexpr,
+                     A_KEPT: tl.constexpr, STOCHASTIC: tl.constexpr, NOISE_ALONG_C: tl.constexpr, INT64: tl.constexpr,
+                     SAME_LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Quantize one ``[BLOCK_C, BLOCK_L]`` tile with its channels' ranges (from
-    :func:`_absmax_kernel`); the first tile of each channel block writes the scales.
+    :func:`_absmax_kernel`); the first tile of each channel block writes the scales.  The
+    layouts as in :func:`_quantize_fused_kernel`.
 
     Grid: ``(n_cblocks * cdiv(L, BLOCK_L), A)``."""
     pid, a, c0, l0, offs_c, offs_l, mask_c, channel = _split_tile(n_cblocks, C, A_KEPT, BLOCK_C, BLOCK_L)
@@ -442,9 +472,10 @@ def _quantize_kernel(x_ptr, q_ptr, range_ptr, scale_ptr, C, L, stride_a, stride_
         tl.store(scale_ptr + channel, scale, mask=mask_c)
     divisor, pre, inv = _multipliers(scale)
     mask = mask_c[:, None] & (offs_l < L)[None, :]
-    offs = _tile_offsets(a, offs_c, offs_l, stride_a, stride_c, stride_l, INT64)
+    offs = _outer_offsets(a, offs_c, offs_l, A2, stride_a, stride_a2, stride_c, stride_l, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    _quantize_tile(x, q_ptr + offs, mask, divisor, pre, inv, seed_ptr, a, c0, l0, C, L, QMAX, STOCHASTIC,
+    q_offs = _q_offsets(offs, a, offs_c, offs_l, A2, q_stride_a, q_stride_a2, q_stride_c, q_stride_l, INT64, SAME_LAYOUT)
+    _quantize_tile(x, q_ptr + q_offs, mask, divisor, pre, inv, seed_ptr, a, c0, l0, C, L, QMAX, STOCHASTIC,
                    NOISE_ALONG_C, BLOCK_C, BLOCK_L)
 
 
@@ -682,6 +713,12 @@ class _View(NamedTuple):
     strides: Tuple[int, int, int]
     a_kept: bool
     perm: Optional[List[int]]
+    # :func:`_in_place_plan`'s views only: ``A`` split in two levels, ``a = a1 * a2 + i2``
+    # (``a2`` inner indices at ``stride_a2``, of the input then of the output), and the
+    # output's ``(a, c, l)`` strides where they are not the input's.
+    a2: int = 1
+    stride_a2: Tuple[int, int] = (0, 0)
+    out_strides: Optional[Tuple[int, int, int]] = None
 
     @property
     def n_channels(self) -> int:
@@ -691,7 +728,19 @@ class _View(NamedTuple):
     @property
     def int64(self) -> bool:
         """Do element offsets reach 2**31 (int64 index arithmetic in the kernels)?"""
-        return _reaches_2_31(self.shape, self.strides)
+        A, C, L = self.shape
+        if self.out_strides is None:
+            return _reaches_2_31(self.shape, self.strides)
+        shape = (A // self.a2, self.a2, C, L)
+        (sa, sc, sl), (oa, oc, ol) = self.strides, self.out_strides
+        return _reaches_2_31(shape, (sa, self.stride_a2[0], sc, sl)) or \
+            _reaches_2_31(shape, (oa, self.stride_a2[1], oc, ol))
+
+    def layout_args(self) -> tuple:
+        """The quantize kernels' layout arguments after ``C, L``: the input's strides, the
+        two-level ``A``, the output's strides (unused where ``SAME_LAYOUT``)."""
+        out = self.strides if self.out_strides is None else self.out_strides
+        return (*self.strides, self.a2, self.stride_a2[0], out[0], self.stride_a2[1], *out[1:])
 
     @property
     def noise_along_c(self) -> bool:
@@ -727,11 +776,74 @@ def _merge(x: torch.Tensor, dims: Sequence[int]) -> Optional[Tuple[int, int]]:
     return size, stride
 
 
-def _plan(x: torch.Tensor, keep_dims: Sequence[int]) -> _View:
+def _plan(x: torch.Tensor, keep_dims: Sequence[int], in_place: bool = False,
+          out_strides: Optional[Tuple[int, ...]] = None) -> _View:
+    """``x`` as its ``[A, C, L]`` view; ``in_place``: where that view would take a copy, read
+    ``x`` where it lies if :func:`_in_place_plan` can (the quantize kernels only), and with
+    ``out_strides`` (an output's layout other than ``empty_like(x)``'s) always try that."""
+    nd = x.dim()
+    if out_strides is not None:
+        view = _in_place_plan(x, {d % nd for d in keep_dims}, out_strides)
+        if view is not None:
+            return view
+    view = _dense_plan(x, keep_dims)
+    if in_place and (view.perm is not None or view.work.stride() != x.stride()):
+        return _in_place_plan(x, {d % nd for d in keep_dims}) or view
+    return view
+
+
+def _in_place_plan(x: torch.Tensor, keep: set, out_strides: Optional[Tuple[int, ...]] = None) -> Optional[_View]:
+    """A view of ``x`` read where it lies, written to an output at ``out_strides`` (default
+    ``empty_like(x)``'s: ``x``'s own when it is dense, else dense in the order of ``x``'s
+    strides), with ``A`` in up to two levels, or ``None``.  Adjacent dims merge where they
+    nest in both layouts, then::
+
+        K K K R  ->  A = (K, K) kept, C = K, L = R    per row of [B, H, L, D] heads split
+        K K R K  ->  A = (K, K) kept, C = K, L = R    per column of the same
+        K K R    ->  A = K kept, C = K, L = R
+        K R K, K R, R K  as :func:`_plan`
+
+    The head split of a ``[B, L, H*D]`` projection, ``.view(B, L, H, D).transpose(1, 2)`` (or
+    the q/k/v slices of a fused ``qkv`` projection) is ``[B, H, L, D]`` with ``B`` and ``H``
+    not nesting: the copy the other views take of it reads and writes the whole tensor once
+    more before the quantizer reads it.  The noise of stochastic rounding is that of the same
+    ``[A, C, L]`` view of a contiguous copy wherever the contiguous axis is the same."""
+    out = torch.empty_like(x) if out_strides is None else torch.empty_strided(x.shape, out_strides, device="meta")
+    groups: List[List] = []       # [kept, size, x stride, out stride]
+    for d in range(x.dim()):
+        size = x.shape[d]
+        if size == 1:
+            continue
+        kept, xs, os_ = d in keep, x.stride(d), out.stride(d)
+        last = groups[-1] if groups else None
+        if last and last[0] == kept and last[2] == xs * size and last[3] == os_ * size:
+            last[1:] = [last[1] * size, xs, os_]
+        else:
+            groups.append([kept, size, xs, os_])
+    pattern = "".join("K" if g[0] else "R" for g in groups)
+    outer = None
+    if pattern in ("KKKR", "KKRK"):
+        outer, inner, *rest = groups
+        c, l = rest if pattern == "KKKR" else rest[::-1]
+    elif pattern in ("KKR", "KRK"):
+        inner, *rest = groups
+        c, l = rest if pattern == "KKR" else rest[::-1]
+    elif pattern in ("KR", "RK"):
+        c, l = groups if pattern == "KR" else groups[::-1]
+        return _View(x, (1, c[1], l[1]), (0, c[2], l[2]), False, None, out_strides=(0, c[3], l[3]))
+    else:
+        return None
+    if outer is None:
+        return _View(x, (inner[1], c[1], l[1]), (inner[2], c[2], l[2]), True, None, out_strides=(inner[3], c[3], l[3]))
+    return _View(x, (outer[1] * inner[1], c[1], l[1]), (outer[2], c[2], l[2]), True, None, a2=inner[1],
+                 stride_a2=(inner[2], inner[3]), out_strides=(outer[3], c[3], l[3]))
+
+
+def _dense_plan(x: torch.Tensor, keep_dims: Sequence[int]) -> _View:
     nd = x.dim()
     keep = {d % nd for d in keep_dims} if nd else set()
-    if not _dense(x):
-        x = x.contiguous()
+    if not _dense(x):       # walk a dense copy laid out as empty_like(x), the outputs' layout
+        x = torch.empty_like(x)
     dims = [d for d in range(nd) if x.shape[d] != 1]
     if not any(d in keep for d in dims):
         # One scale for the whole tensor: walk the (dense) storage flat.  Outputs made with
@@ -747,7 +859,7 @@ def _plan(x: torch.Tensor, keep_dims: Sequence[int]) -> _View:
     if len(segments) > 3 or any(m is None for m in merged):
         kept = [d for d in range(nd) if d in keep]
         perm = kept + [d for d in range(nd) if d not in keep]
-        view = _plan(x.permute(perm).contiguous(), range(len(kept)))
+        view = _dense_plan(x.permute(perm).contiguous(), range(len(kept)))
         return view._replace(perm=perm)
     pattern = "".join("K" if k else "R" for k, _ in segments)
     (s0, t0), *rest = merged
@@ -843,22 +955,26 @@ def _device_programs(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_plan(shape: Tuple[int, ...], strides: Tuple[int, ...],
-                 dims: Tuple[int, ...]) -> Tuple[_View, _Tile, Optional[_Tile]]:
+def _cached_plan(shape: Tuple[int, ...], strides: Tuple[int, ...], dims: Tuple[int, ...],
+                 in_place: bool = False, out_strides: Optional[Tuple[int, ...]] = None
+                 ) -> Tuple[_View, _Tile, Optional[_Tile]]:
     """:func:`_plan`, :func:`_tile` and :func:`_one_tile` for a layout, worked out once on a
     meta tensor (the host side of a launch is what bounds small quantizers on a GPU)."""
-    view = _plan(torch.empty_strided(shape, strides, device="meta"), dims)
+    view = _plan(torch.empty_strided(shape, strides, device="meta"), dims, in_place, out_strides)
     return view, _tile(view), _one_tile(view)
 
 
-def _view_and_tile(x: torch.Tensor, dims: Sequence[int]) -> Tuple[_View, _Tile, Optional[_Tile]]:
+def _view_and_tile(x: torch.Tensor, dims: Sequence[int], in_place: bool = False,
+                   out_strides: Optional[Tuple[int, ...]] = None) -> Tuple[_View, _Tile, Optional[_Tile]]:
     """``x`` as its ``[A, C, L]`` view (copied where the cached plan copies), its tile and its
     one-tile tile (``None`` where rows do not fit one)."""
-    view, tile, one = _cached_plan(tuple(x.shape), tuple(x.stride()), tuple(dims))
-    if view.perm is not None:
+    view, tile, one = _cached_plan(tuple(x.shape), tuple(x.stride()), tuple(dims), in_place, out_strides)
+    if view.out_strides is not None:
+        work = x
+    elif view.perm is not None:
         work = x.permute(view.perm).contiguous()
-    elif view.work.stride() != x.stride():      # not dense: the plan walks a contiguous copy
-        work = x.contiguous()
+    elif view.work.stride() != x.stride():      # not dense: the plan walks a dense copy
+        work = torch.empty_like(x).copy_(x)
     else:
         work = x
     return view._replace(work=work), tile, one
@@ -899,7 +1015,8 @@ def channel_ranges(view: _View, tile: _Tile,
     grid, l_per_split = _range_grid(view.shape, tile, view.work.device)
     bits = torch.zeros(view.n_channels + 1, dtype=torch.int32, device=view.work.device)
     _absmax_kernel[grid](
-        view.work, bits, bits if prescale is None else prescale, C, L, *view.strides, l_per_split, view.n_channels,
+        view.work, bits, bits if prescale is None else prescale, C, L, *view.strides, view.a2, view.stride_a2[0],
+        l_per_split, view.n_channels,
         A_KEPT=view.a_kept, PRESCALE=prescale is not None, INT64=view.int64, BLOCK_C=tile.block_c,
         BLOCK_L=tile.block_l, num_warps=tile.num_warps)
     ranges = bits.view(torch.float32)
@@ -928,19 +1045,28 @@ def _use_fused(view: _View, tile: _Tile) -> bool:
 
 
 def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: bool, *,
-             seed: Union[None, int, torch.Tensor] = None, fused: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+             seed: Union[None, int, torch.Tensor] = None, fused: Optional[bool] = None,
+             out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`sqcompile.numerics.quantize` on Triton: ``(q int8 like x, scale float32)``.
 
+    ``x`` is read where it lies wherever :func:`_in_place_plan` maps it (a transposed head
+    split ``[B, H, L, D]`` included), else copied first.  ``q`` has ``empty_like(x)``'s
+    layout, or is ``out`` (an int8 tensor shaped like ``x``, any strides) when given.
     ``seed``: Philox seed for stochastic rounding, an int or a device tensor (default:
     :func:`draw_seed`); ``fused``:
     force (True) or forbid (False) the one-pass kernel (default: :func:`_use_fused`)."""
     qmax = N.qmax(bits)
     scale_shape = ops._scale_shape(x, keep_dims)
     if x.numel() == 0:   # nothing to launch; the reference handles the degenerate shapes
-        return N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest")
-    view, tile, one = _view_and_tile(x, keep_dims)
+        q, scale = N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest")
+        return (q if out is None else out.copy_(q)), scale
+    view, tile, one = _view_and_tile(x, keep_dims, True, None if out is None else tuple(out.stride()))
     _check_grid(view)
-    q = torch.empty_like(view.work, dtype=torch.int8)
+    if out is not None and view.out_strides is None:      # no in-place view: quantize, then copy
+        q, scale = quantize(x, bits, keep_dims, stochastic, seed=seed, fused=fused)
+        return out.copy_(q), scale
+    # x's layout (:func:`_in_place_plan`), the work copy's, or the given one
+    q = torch.empty_like(view.work, dtype=torch.int8) if out is None else out
     scale = torch.empty(view.n_channels, dtype=torch.float32, device=x.device)
     seed = _seed_arg(seed, stochastic, x.device, scale)
     A, C, L = view.shape
@@ -949,15 +1075,17 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
     if fused and (A == 1 or view.a_kept):
         tile = one or tile
         _quantize_fused_kernel[(cdiv(C, tile.block_c), A)](
-            view.work, q, scale, C, L, *view.strides, seed, QMAX=qmax, STOCHASTIC=stochastic,
-            NOISE_ALONG_C=view.noise_along_c, INT64=view.int64, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
+            view.work, q, scale, C, L, *view.layout_args(), seed, QMAX=qmax, STOCHASTIC=stochastic,
+            NOISE_ALONG_C=view.noise_along_c, INT64=view.int64, SAME_LAYOUT=view.out_strides is None,
+            BLOCK_C=tile.block_c, BLOCK_L=tile.block_l,
             ONE_TILE=one is not None, num_warps=tile.num_warps)
     else:
         ranges = channel_ranges(view, tile)[0]
         n_cblocks = cdiv(C, tile.block_c)
         _quantize_kernel[(n_cblocks * cdiv(L, tile.block_l), A)](
-            view.work, q, ranges, scale, C, L, *view.strides, n_cblocks, seed, QMAX=qmax, A_KEPT=view.a_kept,
-            STOCHASTIC=stochastic, NOISE_ALONG_C=view.noise_along_c, INT64=view.int64, BLOCK_C=tile.block_c,
+            view.work, q, ranges, scale, C, L, *view.layout_args(), n_cblocks, seed, QMAX=qmax, A_KEPT=view.a_kept,
+            STOCHASTIC=stochastic, NOISE_ALONG_C=view.noise_along_c, INT64=view.int64,
+            SAME_LAYOUT=view.out_strides is None, BLOCK_C=tile.block_c,
             BLOCK_L=tile.block_l, num_warps=tile.num_warps)
     return _restore(view, q, x), scale.reshape(scale_shape)
 
