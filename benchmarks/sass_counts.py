@@ -72,7 +72,8 @@ def _cases():
         cases[f"shiftquant pair bf16, stochastic{', rows transposed' if transposed else ''}"] = (
             tq._shiftquant_pair_kernel, {**sig["shiftquant_pair"], runtime: "i32"},
             {unit: 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_N": True,
-             "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False, "BLOCK_M": t.block_c, "BLOCK_N": t.block_l},
+             "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False, "BLOCK_M": t.block_c, "BLOCK_N": t.block_l,
+             **sm90.QUANT_LAYOUT_CONSTANTS},
             t.num_warps, 3, t.block_c * t.block_l)
     # ShiftQuant's range passes (a loop over the reduced axis: its body once, per element of a step)
     cases["shiftquant range pass, rows bf16"] = (
@@ -83,8 +84,9 @@ def _cases():
     bm, bn = tq._pair_geometry((1, 8192, 8192), torch.device("cpu"), False).range_block
     cases["shiftquant pair range pass bf16 (both ways)"] = (
         tq._absmax_pair_kernel, {"x_ptr": "*bf16", "ranges_ptr": "*i32", "pc_ptr": "*fp32", "pr_ptr": "*fp32",
-                                 "M": "i32", "N": "i32", "stride_a": "i32", "stride_m": "i32", "m_per_split": "i32"},
-        dict(stride_n=1, PRESCALE_C=True, PRESCALE_R=True, INT64=False, BLOCK_M=bm, BLOCK_N=bn), 4, 3, bm * bn)
+                                 "M": "i32", "N": "i32", "stride_a": "i32", "stride_m": "i32", "stride_a2": "i32",
+                                 "m_per_split": "i32"},
+        dict(stride_n=1, A2=1, PRESCALE_C=True, PRESCALE_R=True, INT64=False, BLOCK_M=bm, BLOCK_N=bn), 4, 3, bm * bn)
     br, bl, w = tn._block(1024, 4096, tn.FORWARD_PER_THREAD)
     cases["L1 norm forward + output quantized, rows of 1024"] = (
         tn._l1_norm_kernel, sig["l1_norm"],

@@ -108,7 +108,7 @@ _VIEW = {"C": "i32", "L": "i32", "stride_a": "i32", "stride_c": "i32"}
 # input's strides (``SAME_LAYOUT``: its stride arguments unused).  ``_absmax_kernel`` takes
 # ``A2`` and ``stride_a2`` only.
 QUANT_LAYOUT = {"stride_a2": "i32", "q_stride_a": "i32", "q_stride_a2": "i32", "q_stride_c": "i32", "q_stride_l": "i32"}
-QUANT_LAYOUT_CONSTANTS = {"A2": 1, "SAME_LAYOUT": True}
+QUANT_LAYOUT_CONSTANTS = {"A2": 1, "SAME_LAYOUT": True}     # also the ShiftQuant pair's, as a Linear's dY launches it
 # Runtime arguments of the kernels that ptxas tests and benchmarks/sass_counts.py compile, as
 # launched (bf16 inputs); each kernel's unit strides are constexprs the caller adds.
 SIGNATURES = {
@@ -120,8 +120,8 @@ SIGNATURES = {
     # plus er_stride_m or er_stride_n (the other one is 1)
     "shiftquant_pair": {"x_ptr": "*bf16", "ec_ptr": "*i8", "er_ptr": "*i8", "ranges_ptr": "*fp32", "bc_ptr": "*fp32",
                         "br_ptr": "*fp32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32",
-                        "stride_a": "i32", "stride_m": "i32", "n_mblocks": "i32", "seed_c_ptr": "*i64",
-                        "seed_r_ptr": "*i64"},
+                        "stride_a": "i32", "stride_m": "i32", "stride_a2": "i32", "out_stride_a": "i32",
+                        "ec_stride_m": "i32", "n_mblocks": "i32", "seed_c_ptr": "*i64", "seed_r_ptr": "*i64"},
     "l1_norm": {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*i8",
                 "s_ptr": "*fp32", "mean_ptr": "*fp32", "inv_ptr": "*fp32", "qy_ptr": "*i8", "sy_ptr": "*fp32",
                 "R": "i32", "L": "i32", "l1_scale": "fp32", "eps": "fp32"},

@@ -571,6 +571,29 @@ def test_shiftquant_pair_is_the_two_shiftquants(shape, stochastic, rows_transpos
     check_shiftquant_pair(x, 4, 4, stochastic, rows_transposed, prescales, given=True)
 
 
+@pytest.mark.parametrize("rows_transposed", [True, False])
+def test_shiftquant_pair_reads_a_head_split_in_place(rows_transposed):
+    """The fused attention's ``dO``, ``[B, H, L, D]`` stored ``[B, L, H, D]``: the pair reads
+    it where it lies (two-level batch) and gives what it gives for a contiguous copy, bit for
+    bit, stochastic rounding and prescales included, written contiguous."""
+    tq, _ = _kernels()
+    g = torch.Generator().manual_seed(8)
+    B, H, L, D = 2, 3, 21, 40
+    x = torch.randn(B, L, H, D, generator=g).to(DEVICE).transpose(1, 2)
+    prescales = (torch.rand(B, H, 1, D, generator=g).to(DEVICE) + 0.5, torch.rand(B, H, L, 1, generator=g).to(DEVICE))
+    from sqcompile.kernels.triton_ops import pair_dims
+    for given in (False, True):     # from its own range pass, or given (as a producer computes them)
+        ranges = [x.float().abs().amax([d for d in range(4) if d not in ds]) for ds in pair_dims(4)] if given \
+            else [None, None]
+        got = tq.shiftquant_pair(x, 4, 4, True, seeds=(3, 4), prescales=prescales, ranges=ranges,
+                                 rows_transposed=rows_transposed)
+        want = tq.shiftquant_pair(x.contiguous(), 4, 4, True, seeds=(3, 4), prescales=prescales, ranges=ranges,
+                                  rows_transposed=rows_transposed)
+        for a, b in zip(got, want):
+            _same(a, b)
+            assert a.stride() == b.stride()
+
+
 @settings(max_examples=15, deadline=None)
 @given(A=st.integers(1, 3), M=st.integers(1, 40), N_=st.integers(1, 40), bits=st.integers(2, 8),
        groups=st.integers(1, 4), seed=st.integers(0, 2 ** 16), zero_rows=st.booleans())
@@ -898,11 +921,17 @@ for tr, t in tq._PAIR_TILES.items():
     sizes[f"shiftquant pair transposed={tr}"] = spilled(tq._shiftquant_pair_kernel, dict(pair, **{
         "er_stride_n" if tr else "er_stride_m": "i32"}), {unit: 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4,
         "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_N": True, "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False,
-        "BLOCK_M": t.block_c, "BLOCK_N": t.block_l}, num_warps=t.num_warps)
+        "BLOCK_M": t.block_c, "BLOCK_N": t.block_l, **sm90.QUANT_LAYOUT_CONSTANTS}, num_warps=t.num_warps)
+# the fused attention's dO, read in place ([B, L, H, D]: A in two levels) and written contiguous
+t = tq._PAIR_TILES[True]
+sizes["shiftquant pair, heads in place"] = spilled(tq._shiftquant_pair_kernel, dict(pair, er_stride_n="i32", A2="i32"), {
+    "er_stride_m": 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_N": True,
+    "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False, "SAME_LAYOUT": False, "BLOCK_M": t.block_c,
+    "BLOCK_N": t.block_l}, num_warps=t.num_warps)
 sig = {"x_ptr": "*bf16", "ranges_ptr": "*i32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32",
-       "stride_a": "i32", "stride_m": "i32", "m_per_split": "i32"}
+       "stride_a": "i32", "stride_m": "i32", "stride_a2": "i32", "m_per_split": "i32"}
 bm, bn = tq._pair_geometry((1, 8192, 8192), torch.device("cpu"), False).range_block      # as on a GPU
-sizes["absmax pair"] = spilled(tq._absmax_pair_kernel, sig, dict(stride_n=1, PRESCALE_C=True, PRESCALE_R=True,
+sizes["absmax pair"] = spilled(tq._absmax_pair_kernel, sig, dict(stride_n=1, A2=1, PRESCALE_C=True, PRESCALE_R=True,
                                                                  INT64=False, BLOCK_M=bm, BLOCK_N=bn))
 sig = {"x_ptr": "*i8", "y_ptr": "*i8", "R": "i32", "C": "i32", **{f"s{a}{b}": "i32" for a in "xy" for b in "brc"}}
 sizes["relayout"] = spilled(tg._relayout_kernel, sig, dict(BLOCK_R=64, BLOCK_C=64))
@@ -919,7 +948,7 @@ def test_quantizer_and_relayout_kernels_compile_for_hopper():
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     spills = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
-    assert len(spills) == 15 and all(n <= 0 for n in spills.values()), spills
+    assert len(spills) == 16 and all(n <= 0 for n in spills.values()), spills
 
 
 _GEMM_HOPPER_SCRIPT = """

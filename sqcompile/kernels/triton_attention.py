@@ -767,10 +767,15 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
     dtype = grad_out.dtype
     dev = grad_out.device
     sp = stats[2].reshape(BH, L, 1)
-    # A dO laid out [B, L, H, D] (the gradient of attention_out's layout) is copied here: the
-    # pair reads contiguous [..., M, N] tensors only (known limitation, README)
-    eo_c, bo_c, eo_r, bo_r = shiftquant_pair(grad_out.reshape(BH, L, D).contiguous(), grad_bits, groups, stochastic,
-                                             seeds=seeds[:2], prescales=(sv, sp), rows_transposed=True)
+    # dO read where it lies ([B, L, H, D] as the gradient of attention_out's layout), quantized
+    # into contiguous [B, H, L, D] (rows transposed)
+    go = _heads(grad_out)
+    if go.stride(-1) != 1:
+        go = go.contiguous()
+    eo_c, bo_c, eo_r, bo_r = shiftquant_pair(go, grad_bits, groups, stochastic, seeds=seeds[:2],
+                                             prescales=(sv.view(B, H, 1, D), sp.view(B, H, L, 1)),
+                                             rows_transposed=True)
+    eo_c, eo_r = eo_c.view(BH, L, D), eo_r.view(BH, L, D)
     seed_c = _seed_arg(seeds[2], stochastic, dev, bo_c)
     seed_r = _seed_arg(seeds[3], stochastic, dev, bo_c)
     ranges = torch.zeros(BH * S + 1 + BH * L + 1, dtype=torch.int32, device=dev)

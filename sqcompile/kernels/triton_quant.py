@@ -576,8 +576,8 @@ def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr
 
 
 @triton.jit
-def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, stride_m, stride_n, m_per_split,
-                        PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr, INT64: tl.constexpr,
+def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, stride_m, stride_n, A2, stride_a2,
+                        m_per_split, PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr, INT64: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Both channel ranges of ``x`` ``[A, M, N]`` from one read (:func:`shiftquant_pair`): the
     column amax (channel ``a * N + n``, over ``m``) and the row amax (channel ``a * M + m``,
@@ -588,7 +588,8 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
     rows: the column maxima stay in registers over its loop, the row maxima of each tile go
     out by atomics.
 
-    Grid: ``(cdiv(N, BLOCK_N), n_split, A)``."""
+    Grid: ``(cdiv(N, BLOCK_N), n_split, A)``; ``A`` in two levels as :func:`_outer_offsets`
+    reads it."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     a = tl.program_id(2)
@@ -603,7 +604,7 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        v = tl.abs(tl.load(x_ptr + _tile_offsets(a, offs_m, offs_n, stride_a, stride_m, stride_n, INT64),
+        v = tl.abs(tl.load(x_ptr + _outer_offsets(a, offs_m, offs_n, A2, stride_a, stride_a2, stride_m, stride_n, INT64),
                            mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32))
         acc = _max_nan(acc, v)
         top = _combine_ranges(rows_ptr, a * M + offs_m, tl.reduce(v, 1, _max_nan), mask_m, pr_ptr, PRESCALE_R)
@@ -615,13 +616,17 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
 
 @triton.jit
 def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, pc_ptr, pr_ptr,
-                            M, N, stride_a, stride_m, stride_n, er_stride_m, er_stride_n, n_mblocks, seed_c_ptr,
-                            seed_r_ptr, QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                            COLUMNS_NOISE_ALONG_N: tl.constexpr, PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr,
-                            INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                            M, N, stride_a, stride_m, stride_n, er_stride_m, er_stride_n, A2, stride_a2,
+                            out_stride_a, ec_stride_m, n_mblocks, seed_c_ptr, seed_r_ptr, QMAX: tl.constexpr,
+                            GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_N: tl.constexpr,
+                            PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr, INT64: tl.constexpr,
+                            SAME_LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Both ShiftQuants of one ``[BLOCK_M, BLOCK_N]`` tile of ``x`` ``[A, M, N]``, read once:
-    along its columns (channel ``a * N + n``; ``ec`` at ``x``'s strides) and along its rows
-    (channel ``a * M + m``; ``er`` at ``er_stride_m`` / ``er_stride_n``, ``x``'s or transposed).
+    along its columns (channel ``a * N + n``; ``ec`` at ``x``'s strides with ``SAME_LAYOUT``,
+    else at ``out_stride_a`` / ``ec_stride_m`` / ``x``'s ``stride_n``) and along its rows
+    (channel ``a * M + m``; ``er`` at ``out_stride_a`` / ``er_stride_m`` / ``er_stride_n``,
+    ``x``'s or transposed).  ``x``'s ``A`` may lie in two levels (:func:`_outer_offsets`: a
+    transposed head split's gradient, read in place).
     Each is computed exactly as :func:`_shiftquant_kernel` computes it on its own ``[A, C, L]``
     view, noise included (the column quantizer's view is ``[A, N, M]``, the row quantizer's
     ``[A, M, N]``), so the results are the two separate calls' bit for bit
@@ -650,8 +655,8 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, p
     if (pid == 0) & (a == 0):
         tl.store(bc_ptr, tl.where(_is_finite(base_c), base_c, float("nan")))
         tl.store(br_ptr, tl.where(_is_finite(base_r), base_r, float("nan")))
-    x = tl.load(x_ptr + _tile_offsets(a, offs_m, offs_n, stride_a, stride_m, stride_n, INT64), mask=mask,
-                other=0.0).to(tl.float32)
+    x_offs = _outer_offsets(a, offs_m, offs_n, A2, stride_a, stride_a2, stride_m, stride_n, INT64)
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
     col = a * N + offs_n
     row = a * M + offs_m
     xc = x
@@ -669,11 +674,14 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, p
         noise_r = 0.0
     ec = _shift_expand(xc, tl.load(rc_ptr + col, mask=mask_n, other=0.0)[None, :], Rc, base_c, noise_c, QMAX, GROUPS,
                        STOCHASTIC)
-    tl.store(ec_ptr + _tile_offsets(a, offs_m, offs_n, stride_a, stride_m, stride_n, INT64),
-             ec.to(ec_ptr.dtype.element_ty), mask=mask)
+    if SAME_LAYOUT:
+        ec_offs = x_offs
+    else:
+        ec_offs = _tile_offsets(a, offs_m, offs_n, out_stride_a, ec_stride_m, stride_n, INT64)
+    tl.store(ec_ptr + ec_offs, ec.to(ec_ptr.dtype.element_ty), mask=mask)
     er = _shift_expand(xr, tl.load(rr_ptr + row, mask=mask_m, other=0.0)[:, None], Rr, base_r, noise_r, QMAX, GROUPS,
                        STOCHASTIC)
-    tl.store(er_ptr + _tile_offsets(a, offs_m, offs_n, stride_a, er_stride_m, er_stride_n, INT64),
+    tl.store(er_ptr + _tile_offsets(a, offs_m, offs_n, out_stride_a, er_stride_m, er_stride_n, INT64),
              er.to(er_ptr.dtype.element_ty), mask=mask)
 
 
@@ -1235,8 +1243,11 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
     ``ranges``.  Each result is bit for bit what :func:`shiftquant` returns for its channel
     dims with the same ``seeds`` / ``prescales`` / ``ranges`` entry (``rows_transposed`` as
     its ``transposed``); seeds left ``None`` are drawn, columns first.
-    ``x`` must be contiguous (:func:`pair_unsupported`, else ``ValueError``)."""
-    why = pair_unsupported(x)
+    ``x`` must be contiguous (:func:`pair_unsupported`, else ``ValueError``), or (the fused
+    attention's ``dO``) ``[B, H, M, N]`` with ``N`` contiguous and any other strides, read
+    where it lies; the results are then contiguous (``e_rows`` transposed)."""
+    heads = x.dim() == 4 and not x.is_contiguous() and x.stride(-1) == 1 and x.numel() > 0
+    why = None if heads else pair_unsupported(x)
     if why:
         raise ValueError(f"shiftquant_pair: {why}")
     if groups < 1:
@@ -1245,7 +1256,14 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
     if x.numel() == 0:
         return (*shiftquant(x, bits, groups, dims[0], stochastic, prescale=prescales[0]),
                 *shiftquant(x, bits, groups, dims[1], stochastic, prescale=prescales[1]))
-    view = _matrices(x)
+    if heads:   # [A, M, N] with A = B * H in two levels; written contiguous
+        B, H, M, N_ = x.shape
+        view = _View(x, (B * H, M, N_), (x.stride(0), x.stride(2), 1), True, None, a2=H,
+                     stride_a2=(x.stride(1), 0), out_strides=(M * N_, N_, 1))
+        if B * H > _MAX_GRID_YZ:
+            raise ValueError(f"shiftquant_pair: {B * H} matrices exceed the grid limit {_MAX_GRID_YZ}")
+    else:
+        view = _matrices(x)
     A, M, N_ = view.shape
     pre_c, pre_r = (_prescale_vector(x, p, d) for p, d in zip(prescales, dims))
     base_c, base_r = (torch.empty((), dtype=torch.float32, device=x.device) for _ in range(2))
@@ -1258,20 +1276,21 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
         (rc, rcmax), (rr, rrmax) = _given_ranges(ranges[0], A * N_, pre_c), _given_ranges(ranges[1], A * M, pre_r)
         ranges = torch.cat([rc, rcmax.reshape(1), rr, rrmax.reshape(1)])
     edtype = N.expanded_dtype(bits, groups)
-    e_cols = torch.empty_like(x, dtype=edtype)
+    e_cols = torch.empty(x.shape, dtype=edtype, device=x.device) if heads else torch.empty_like(x, dtype=edtype)
     if rows_transposed:
         e_rows = _transposed_empty(x, edtype)
         rows_strides = (1, M)
     else:
-        e_rows = torch.empty_like(x, dtype=edtype)
+        e_rows = torch.empty_like(e_cols)
         rows_strides = (N_, 1)
     tile = geometry.tile
     _shiftquant_pair_kernel[geometry.grid](
         x, e_cols, e_rows, ranges, base_c, base_r, base_c if pre_c is None else pre_c,
-        base_r if pre_r is None else pre_r, M, N_, *view.strides, *rows_strides, geometry.n_mblocks, seed_c, seed_r,
-        QMAX=N.qmax(bits), GROUPS=groups, STOCHASTIC=stochastic, COLUMNS_NOISE_ALONG_N=geometry.columns_noise_along_n,
-        PRESCALE_C=pre_c is not None,
-        PRESCALE_R=pre_r is not None, INT64=view.int64, BLOCK_M=tile.block_c, BLOCK_N=tile.block_l,
+        base_r if pre_r is None else pre_r, M, N_, *view.strides, *rows_strides, view.a2, view.stride_a2[0], M * N_, N_,
+        geometry.n_mblocks, seed_c, seed_r, QMAX=N.qmax(bits), GROUPS=groups, STOCHASTIC=stochastic,
+        COLUMNS_NOISE_ALONG_N=geometry.columns_noise_along_n, PRESCALE_C=pre_c is not None,
+        PRESCALE_R=pre_r is not None, INT64=view.int64, SAME_LAYOUT=not heads, BLOCK_M=tile.block_c,
+        BLOCK_N=tile.block_l,
         num_warps=tile.num_warps)
     return e_cols, base_c, e_rows, base_r
 
@@ -1326,7 +1345,7 @@ def _pair_ranges(view: _View, geometry: _PairGeometry, pre_c: Optional[torch.Ten
     block_m, block_n = geometry.range_block
     _absmax_pair_kernel[geometry.range_grid](
         view.work, bits, bits if pre_c is None else pre_c, bits if pre_r is None else pre_r, M, N_, *view.strides,
-        geometry.m_per_split, PRESCALE_C=pre_c is not None, PRESCALE_R=pre_r is not None, INT64=view.int64,
+        view.a2, view.stride_a2[0], geometry.m_per_split, PRESCALE_C=pre_c is not None, PRESCALE_R=pre_r is not None, INT64=view.int64,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return bits.view(torch.float32)
 
