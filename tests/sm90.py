@@ -185,7 +185,9 @@ def attention_kernels() -> dict:
     ``MASK``).  A boolean padding mask ``[B, 1, 1, S]`` (uint8, keys contiguous); bf16 inputs;
     each operand's strides as the launcher passes them, its contiguous one a constant: the
     forward reads ``qV`` with the keys contiguous (the K-major operand of ``qP qV``), the
-    backward ``qQ`` / ``qK`` and ``dO``'s row quantization likewise."""
+    backward ``qQ`` / ``qK`` and ``dO``'s row quantization likewise; the backward writes a fused
+    projection's gradient with its ShiftQuant ranges (``RANGES``, head dims up to 64), as in a
+    transformer block."""
     import triton.language as tl
     from sqcompile.kernels import triton_attention as ta
 
@@ -200,14 +202,16 @@ def attention_kernels() -> dict:
         "dkdv": (ta._attention_bwd_kv_kernel, {"qt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8",
                                                "boc_ptr": "*fp32", "eor_ptr": "*i8", "bor_ptr": "*fp32",
                                                "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_ptr": "*i64",
-                                               "dk_ptr": "*bf16", "dv_ptr": "*bf16", "H_d": "i32", "s_dh": "i32"},
+                                               "dk_ptr": "*bf16", "dv_ptr": "*bf16", "H_d": "i32", "s_dh": "i32",
+                                               "rng_ptr": "*i32", "N_feat": "i32", "f0_k": "i32", "f0_v": "i32"},
                  (*qkv, ("qt", "m", "m"), ("e", "m", "d"), ("r", "m", "m"), ("d", "n", "d")),
-                 {"QMAX": 7, "GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True}),
+                 {"QMAX": 7, "GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "RANGES": True}),
         "dq": (ta._attention_bwd_q_kernel, {"kt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8",
                                             "boc_ptr": "*fp32", "delta_ptr": "*fp32", "ranges_ptr": "*fp32",
-                                            "seed_ptr": "*i64", "dq_ptr": "*bf16", "H_d": "i32", "s_dh": "i32"},
+                                            "seed_ptr": "*i64", "dq_ptr": "*bf16", "H_d": "i32", "s_dh": "i32",
+                                            "rng_ptr": "*i32", "N_feat": "i32", "f0_q": "i32"},
                (*qkv, ("kt", "n", "n"), ("e", "m", "d"), ("d", "m", "d")),
-               {"GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_S": True}),
+               {"GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_S": True, "RANGES": True}),
     }
     kernels = {}
     for name, (kernel, pointers, layouts, consts) in specs.items():

@@ -149,15 +149,17 @@ def test_autotuned_launch_path(monkeypatch):
         _assert_matches(a, b, name)
 
 
-def test_kernels_read_a_head_split_in_place_and_write_gradients_where_asked():
+@pytest.mark.parametrize("H,L,D", [(3, 29, 16), (2, 17, 72)])
+def test_kernels_read_a_head_split_in_place_and_write_gradients_where_asked(H, L, D):
     """The operands as the q / k / v slices of a fused projection's heads (``[B, L, 3, H, D]``
     seen as ``[B, H, L, D]``): the forward reads them where they lie and stores its output
     ``[B, L, H, D]``; the backward takes that layout's gradient and writes ``dq``, ``dk``,
-    ``dv`` into one ``[B, L, 3, H, D]`` tensor.  Every value is the one contiguous ``[BH, L,
-    D]`` copies give, bit for bit, stochastic rounding included (the same seeds)."""
+    ``dv`` into one ``[B, L, 3, H, D]`` tensor, with its ShiftQuant ranges (in the kernels'
+    epilogues up to head dim 64, by a range pass above).  Every value is the one contiguous
+    ``[BH, L, D]`` copies give, bit for bit, stochastic rounding included (the same seeds)."""
     ta = _ta()
     g = torch.Generator().manual_seed(11)
-    B, H, L, D = 2, 3, 29, 16
+    B = 2
     qkv = torch.randn(B, L, 3, H, D, generator=g).to(DEVICE)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     do = torch.randn(B, L, H, D, generator=g).to(DEVICE).transpose(1, 2)
@@ -170,10 +172,16 @@ def test_kernels_read_a_head_split_in_place_and_write_gradients_where_asked():
     packed = torch.full((B, L, 3, H, D), float("nan"), device=DEVICE)
     grads = tuple(packed[:, :, i].transpose(1, 2) for i in range(3))
     seeds = (1, 2, 3, 4)
-    ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, seeds=seeds, grads=grads)
+    ranges = torch.zeros(3 * H * D + B * L, dtype=torch.int32, device=DEVICE)
+    ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, seeds=seeds, grads=grads, grad_ranges=ranges)
     ref = ta.attention_backward(do.reshape(B * H, L, D), *ref_saved, None, D ** -0.5, True, 4, 4, 4, seeds=seeds)
     for a, b in zip(grads, ref):
         assert torch.equal(a.reshape(b.shape), b)
+    # the ShiftQuant ranges of the packed gradient as [tokens, features]: exact maxima
+    flat, ranges = packed.reshape(B * L, 3 * H * D).abs(), ranges.view(torch.float32)
+    assert torch.equal(ranges[:3 * H * D], flat.amax(0)) and torch.equal(ranges[3 * H * D:], flat.amax(1))
+    with pytest.raises(ValueError, match="tokens, features"):
+        ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, grad_ranges=ranges)
     with pytest.raises(ValueError, match="same strides"):
         ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, grads=(grads[0], grads[1], ref[2]))
 
@@ -278,6 +286,8 @@ def test_custom_ops_pass_opcheck():
         (torch.ops.sqcompile.triton_attention.default, (*heads, None, 0.25, True, 4)),
         (torch.ops.sqcompile.triton_attention_backward_packed.default,
          (do, *saved, None, 0.25, True, 4, 4, 4, [2, 20, 3, 2, 16], [0, 32, 64], strides)),
+        (torch.ops.sqcompile.triton_attention_backward_packed.default,
+         (do, *saved, None, 0.25, True, 4, 4, 4, [2, 20, 3, 2, 16], [0, 32, 64], strides, True)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     packed = torch.ops.sqcompile.triton_attention_backward_packed
@@ -330,10 +340,11 @@ class _FusedProjection(torch.nn.Module):
     def __init__(self, style: str, d: int = 32, heads: int = 2):
         super().__init__()
         self.style, self.heads = style, heads
-        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.inp, self.qkv, self.proj = torch.nn.Linear(d, d), torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
 
     def forward(self, x):
         B, L, C = x.shape
+        x = self.inp(x)             # so that qkv's input gradient is needed: its dY quantized both ways
         if self.style == "permute":
             q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         else:
@@ -357,6 +368,9 @@ def test_backend_reads_qkv_heads_in_place_and_writes_their_gradient_in_place(sty
     backward = rec.graphs["backward_fused"]
     assert "sqcompile.triton_attention_backward_packed(" in backward
     assert not any(op in backward for op in ("select_backward", "aten.cat", "aten.clone", "triton_attention_backward("))
+    # the projection's dY pair takes its ranges from the attention's kernels, proj's dY has none
+    pairs = [line for line in backward.splitlines() if "sqcompile.triton_shiftquant_pair(" in line]
+    assert len(pairs) == 2 and sum(", None, None, " in line for line in pairs) == 1
     assert [r.label for r in rec.regions].count(attention_grads.LABEL) == 1
     monkeypatch.setattr(lowering, "pack_attention_gradients", lambda gm, *args: gm)
     ref_out, ref_grads, ref_rec, _ = _compiled_step(model, x, fused_attention=True)
@@ -495,8 +509,10 @@ for d in (64, 128):
             # causal (a decoder), and for the first choice also with a boolean padding mask
             for causal, masked in ((True, 0), (False, 1))[:2 if i == 0 else 1]:
                 key = f"{name} d={d} {t.block_m}x{t.block_n}/{t.num_warps}w/{t.num_stages}s{' mask' * masked}"
-                r = sm90.compile_sm90(kernel, signature, dict(constexprs, CAUSAL=causal, MASK=masked, BLOCK_M=t.block_m,
-                                      BLOCK_N=t.block_n, BLOCK_D=d), num_warps=t.num_warps, num_stages=t.num_stages)
+                consts = dict(constexprs, CAUSAL=causal, MASK=masked, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=d)
+                if "RANGES" in consts:      # a fused projection's gradient ranges: in the epilogue up to d 64
+                    consts["RANGES"] = d <= 64
+                r = sm90.compile_sm90(kernel, signature, consts, num_warps=t.num_warps, num_stages=t.num_stages)
                 result[key] = r["spilled"], r["ptx"].count("mma.sync"), r["shared"]
 print(json.dumps(result))
 """

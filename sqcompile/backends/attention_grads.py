@@ -32,6 +32,12 @@ three, or three ``select_backward`` of dim 0 at distinct indices summed by two a
 only by a permute and a contiguous clone; ``dk`` and ``dv`` landing at the same strides.
 Each rewrite is recorded as a :class:`~sqcompile.decisions.FusedRegion` labelled
 ``attention_backward+qkv_gradient`` and follows the ``fusion`` option.
+
+The ShiftQuants that then read the assembled gradient as ``[tokens, features]`` (the
+projection's ``dX`` and ``dW`` quantizers, which the lowering pairs) get its channel ranges
+from the kernels' epilogues (``ranges=True``: per feature and per token, atomic maxima of the
+stored values, as a GEMM region's epilogue computes them), so neither reads it for a range
+pass.
 """
 from __future__ import annotations
 
@@ -136,6 +142,34 @@ def _select_slots(selects: List[fx.Node]) -> Optional[Tuple[fx.Node, List[fx.Nod
     return clone, [permute, outer, inner], [total.select(0, s.args[3] % 3) for s in selects]
 
 
+def _shiftquants(result: fx.Node, grad_shape) -> List[Tuple[fx.Node, int]]:
+    """``[(quantizer, 1 or 2)]``: the ShiftQuants of the assembled gradient seen as ``[tokens,
+    features]`` (through contiguous views; an outer dim of 1 allowed), along its features (the
+    ranges output 1) or its tokens (output 2), whose ranges the kernels can compute."""
+    B, H, L, D = grad_shape
+    tokens = B * L
+    shiftquant = F._op("triton_shiftquant")
+    found, stack = [], [result]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            v = F._val(user)
+            if F._is_view(user) and user.args[0] is node and v is not None and v.is_contiguous():
+                stack.append(user)
+            elif user.target is shiftquant and user.args[0] is node and not user.kwargs:
+                x = F._val(node)
+                nd = x.dim()
+                if nd < 2 or x.shape[-2] != tokens or x.numel() != tokens * x.shape[-1]:
+                    continue
+                dims = sorted(d % nd for d in user.args[3])
+                outer = list(range(nd - 2))
+                if dims == outer + [nd - 1]:
+                    found.append((user, 1))
+                elif dims == outer + [nd - 2]:
+                    found.append((user, 2))
+    return found
+
+
 def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: str,
                              option: Optional[bool] = None) -> fx.GraphModule:
     """Replace each matched gradient assembly of ``gm`` (see the module docstring)."""
@@ -172,11 +206,20 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
         if any(p is None for p in places) or places[1].stride() != places[2].stride():
             continue
         mode = F._fake_mode(bwd.args[0])
+        quantizers = _shiftquants(result, F._val(grads[0]).shape)
         args = (*bwd.args, list(F._val(result).shape), [p.storage_offset() for p in places],
-                [s for p in places for s in p.stride()])
+                [s for p in places for s in p.stride()], bool(quantizers))
         with graph.inserting_before(result):
             new = F._new(graph, packed_op, args, bwd, mode)
-        result.replace_all_uses_with(new)
+            value = F._new(graph, operator.getitem, (new, 0), bwd, mode)
+        result.replace_all_uses_with(value)
+        for sq, index in quantizers:        # given the ranges the kernels computed: no range pass
+            with graph.inserting_before(sq):
+                rng = F._new(graph, operator.getitem, (new, index), bwd, mode)
+                ranged = F._new(graph, torch.ops.sqcompile.triton_shiftquant_fused.default,
+                                (sq.args[0], rng, *sq.args[1:]), sq, mode)
+            sq.replace_all_uses_with(ranged)
+            graph.erase_node(sq)
         removed = [result, *between, *(op for ops, _ in chains for op in reversed(ops)), *grads, bwd]
         for node in removed:                    # last use first
             graph.erase_node(node)

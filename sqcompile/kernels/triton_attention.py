@@ -68,9 +68,10 @@ import triton
 import triton.language as tl
 
 from .. import numerics as N
-from .triton_quant import (INTERPRETED, _base_of, _combine_ranges, _max_nan, _multipliers, _quantize_values,
-                           _scale_of, _seed_arg, _shift_expand, _tile_noise, _uniform_noise, cast_rtne, cdiv,
-                           columns_noise_along_n, next_power_of_2, quantize, shiftquant_pair)
+from .triton_quant import (INTERPRETED, _base_of, _combine_ranges, _matrices, _max_nan, _multipliers,
+                           _pair_geometry, _pair_ranges, _quantize_values, _scale_of, _seed_arg, _shift_expand,
+                           _tile_noise, _uniform_noise, cast_rtne, cdiv, columns_noise_along_n, next_power_of_2,
+                           quantize, shiftquant_pair)
 from .triton_gemm import autotune_enabled, relayout
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -483,14 +484,27 @@ def _row_stats(stats_ptr, delta_ptr, row, mask_m, BH, L):
 
 
 @triton.jit
+def _gradient_ranges(rng_ptr, v, b, offs_r, offs_d, mask_r, H_d, s_dh, R, D, N_feat, f0):
+    """The ShiftQuant ranges of a fused projection's gradient, ``[tokens, N_feat]`` (the packed
+    ``dq`` / ``dk`` / ``dv``, a token's features contiguous), from the stored tile ``v``
+    ``[rows, D]`` of (batch, head) ``b``: integer atomic maxima of ``|v|`` (NaN as +inf,
+    :func:`~sqcompile.kernels.triton_quant._combine_ranges`) per feature column ``f0 + head *
+    s_dh + d`` at ``rng_ptr`` and per token ``batch * R + row`` at ``rng_ptr + N_feat``."""
+    mask_d = offs_d < D
+    a = tl.where(mask_r[:, None] & mask_d[None, :], tl.abs(v), 0.0)
+    _combine_ranges(rng_ptr, f0 + (b % H_d) * s_dh + offs_d, tl.reduce(a, 0, _max_nan), mask_d, rng_ptr, False)
+    _combine_ranges(rng_ptr + N_feat, (b // H_d) * R + offs_r, tl.reduce(a, 1, _max_nan), mask_r, rng_ptr, False)
+
+
+@triton.jit
 def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, qt_ptr, sq_ptr, sk_ptr,
                              stats_ptr, eoc_ptr, boc_ptr, eor_ptr, bor_ptr, delta_ptr, ranges_ptr, seed_ptr, dk_ptr,
                              dv_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_qtb, s_qtm,
-                             s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, s_db, s_dn, s_dd, H_d, s_dh, scale,
-                             QMAX: tl.constexpr,
+                             s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, s_db, s_dn, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_k,
+                             f0_v, scale, QMAX: tl.constexpr,
                              GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                             CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                             CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, RANGES: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of keys: ``dV = qP^T eO_rows`` and ``dK = eS_rows^T qQ`` over all queries,
     written in the dtype (``dK`` and ``dV`` at the same strides; a (batch, head) ``b`` at
     ``(b // H_d) * s_db + (b % H_d) * s_dh``, as the forward's output).  Grid:
@@ -547,17 +561,24 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
                                         MASK, DTYPE, BLOCK_M, BLOCK_N, True)
     out_mask = mask_n[:, None] & (offs_d < D)[None, :]
     out = (b // H_d) * s_db + (b % H_d) * s_dh + offs_n[:, None] * s_dn + offs_d[None, :] * s_dd
-    tl.store(dk_ptr + out, cast_rtne(acc_dk.to(tl.float32) * base_r, DTYPE), mask=out_mask)
-    tl.store(dv_ptr + out, cast_rtne(acc_dv.to(tl.float32) * tl.load(bor_ptr), DTYPE), mask=out_mask)
+    dk = cast_rtne(acc_dk.to(tl.float32) * base_r, DTYPE)
+    tl.store(dk_ptr + out, dk, mask=out_mask)
+    if RANGES:      # dk's ranges before dv is formed: fewer values live (both at once spilled)
+        _gradient_ranges(rng_ptr, dk.to(tl.float32), b, offs_n, offs_d, mask_n, H_d, s_dh, S, D, N_feat, f0_k)
+    dv = cast_rtne(acc_dv.to(tl.float32) * tl.load(bor_ptr), DTYPE)
+    tl.store(dv_ptr + out, dv, mask=out_mask)
+    if RANGES:
+        _gradient_ranges(rng_ptr, dv.to(tl.float32), b, offs_n, offs_d, mask_n, H_d, s_dh, S, D, N_feat, f0_v)
 
 
 @triton.jit
 def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, kt_ptr, sq_ptr, sk_ptr,
                             stats_ptr, eoc_ptr, boc_ptr, delta_ptr, ranges_ptr, seed_ptr, dq_ptr, L, S, D, BH, s_qb,
                             s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, s_eb, s_em, s_ed,
-                            s_db, s_dm, s_dd, H_d, s_dh, scale, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr,
-                            STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_S: tl.constexpr, CAUSAL: tl.constexpr,
-                            MASK: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            s_db, s_dm, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_q, scale, GRAD_QMAX: tl.constexpr,
+                            GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_S: tl.constexpr,
+                            CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, RANGES: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr):
     """One block of queries: ``dQ = eS_cols qK`` over all keys, written in the dtype (a
     separate kernel from :func:`_attention_bwd_kv_kernel`, which would otherwise add its
@@ -587,7 +608,10 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_m
                        s_ml, s_ms, m, l, delta, Rc, base_c, GRAD_QMAX, GROUPS, STOCHASTIC, COLUMNS_NOISE_ALONG_S,
                        CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, True)
     out = (b // H_d) * s_db + (b % H_d) * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd
-    tl.store(dq_ptr + out, cast_rtne(acc.to(tl.float32) * base_c, DTYPE), mask=mask_m[:, None] & (offs_d < D)[None, :])
+    dq = cast_rtne(acc.to(tl.float32) * base_c, DTYPE)
+    tl.store(dq_ptr + out, dq, mask=mask_m[:, None] & (offs_d < D)[None, :])
+    if RANGES:
+        _gradient_ranges(rng_ptr, dq.to(tl.float32), b, offs_m, offs_d, mask_m, H_d, s_dh, L, D, N_feat, f0_q)
 
 
 # --------------------------------------------------------------------------------------------
@@ -750,7 +774,8 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, mask: Optional[torch.Tensor],
                        scale: float, causal: bool, bits: int, grad_bits: int, groups: int, stochastic: bool = True,
                        seeds: Tuple = (None, None, None, None), tiles: Optional[Dict[str, Tile]] = None,
-                       grads: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None):
+                       grads: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                       grad_ranges: Optional[torch.Tensor] = None):
     """``(dq, dk, dv)`` of :func:`attention_forward` (the same ``mask``).  ``grad_out`` is
     ShiftQuant-ed both ways first (:func:`~sqcompile.kernels.triton_quant.shiftquant_pair`:
     along ``D`` for ``dP = dO V^T``, along queries for ``dV = P^T dO``), then the three
@@ -758,7 +783,12 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
     entries are drawn in that order, as the unfused path draws them.  ``grads``: the three
     ``[B, H, L, D]`` tensors to write them into (any strides, ``dk``'s and ``dv``'s the same:
     views of one fused projection's gradient, ``sqcompile::triton_attention_backward_packed``);
-    default contiguous."""
+    default contiguous.  ``grad_ranges``: with ``grads`` laid out as one ``[tokens, N]``
+    gradient at storage offset 0 (a token's ``N`` features contiguous, ``N`` the grads'
+    sequence stride), an int32
+    ``[N + tokens]`` zeroed tensor that gets the float bits of its ShiftQuant ranges (per
+    feature, then per token; :func:`_gradient_ranges`), as a GEMM region's epilogue gives
+    them, so that its quantizers skip their range pass."""
     B, H, L, D = _heads(qq).shape
     S = qk.shape[-2]
     BH = B * H
@@ -795,12 +825,35 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
         if _heads(dk).stride() != _heads(dv).stride():
             raise ValueError(f"attention_backward: dk and dv must have the same strides, got {dk.stride()} "
                              f"and {dv.stride()}")
+    n_feat = _heads(dq).stride(2)
+    rng = grad_ranges
+    if rng is not None:
+        if grads is None or any(_heads(t).stride(0) != L * n_feat or t.stride(-1) != 1 or t.storage_offset() +
+                                (H - 1) * _heads(t).stride(1) + D > n_feat for t in grads) or L != S:
+            raise ValueError("attention_backward: grad_ranges need grads laid out as one [tokens, features] gradient")
+        offsets = [t.storage_offset() for t in grads]
+    # In the epilogues, but at head dims above 64: there the dK/dV kernel sits at the register
+    # limit and its ranges epilogue spilled (16 bytes, a reload per loop step, Triton 3.9);
+    # one range pass over the packed gradient after the kernels instead (what the quantizers'
+    # own range pass would read).
+    in_kernel = rng is not None and common["BLOCK_D"] <= 64
+    if not in_kernel:
+        rng, offsets = delta, (0, 0, 0)       # RANGES off: any pointer
     qq_t, qk_t = _sequence_contiguous(qq), _sequence_contiguous(qk)
     common.update(GRAD_QMAX=N.qmax(grad_bits), GROUPS=groups, STOCHASTIC=stochastic)
     _launch("dkdv", S, BH, (qq, qk, qv, *margs, qq_t, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, seed_r, dk,
                             dv, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qq_t), *_rows(eo_c),
-                            *_rows(eo_r), *_outer_rows(dk), scale), dict(common, QMAX=N.qmax(bits)), dev, tiles)
+                            *_rows(eo_r), *_outer_rows(dk), rng, n_feat, *offsets[1:], scale),
+            dict(common, QMAX=N.qmax(bits), RANGES=in_kernel), dev, tiles)
     _launch("dq", L, BH, (qq, qk, qv, *margs, qk_t, sq, sk, stats, eo_c, bo_c, delta, ranges, seed_c, dq, L, S, D, BH,
-                          *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_outer_rows(dq), scale),
-            dict(common, COLUMNS_NOISE_ALONG_S=columns_noise_along_n(BH, L, S)), dev, tiles)
+                          *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_outer_rows(dq), rng, n_feat,
+                          offsets[0], scale),
+            dict(common, COLUMNS_NOISE_ALONG_S=columns_noise_along_n(BH, L, S), RANGES=in_kernel), dev, tiles)
+    if grad_ranges is not None and not in_kernel:
+        tokens = B * L
+        flat = dq.as_strided((1, tokens, n_feat), (tokens * n_feat, n_feat, 1), 0)     # the packed gradient
+        found = _pair_ranges(_matrices(flat), _pair_geometry((1, tokens, n_feat), dev, False), None, None)
+        out = grad_ranges.view(torch.float32)
+        out[:n_feat] = found[:n_feat]
+        out[n_feat:] = found[n_feat + 1: n_feat + 1 + tokens]
     return dq, dk, dv
