@@ -48,7 +48,6 @@ import torch
 import torch.fx as fx
 
 from ..decisions import CompileRecord, FusedRegion
-from ..graphs import format_graph
 from . import fusion as F
 
 LABEL = "attention_backward+qkv_gradient"
@@ -228,11 +227,7 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
             module_path=F._module_of(bwd), outputs=1,
             kernel="sqcompile/kernels/triton_attention.py:_attention_bwd_kv_kernel, _attention_bwd_q_kernel"))
         packed += 1
-    if packed:
-        graph.lint()
-        gm.recompile()
-        record.graphs[f"{stage}_fused"] = format_graph(gm)
-    return gm
+    return F.finished(gm, record, stage, packed)
 
 
 __all__ = ["pack_attention_gradients", "LABEL"]

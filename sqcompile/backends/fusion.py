@@ -637,7 +637,13 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
         fused += 1
     fused += _store_transposed(gm.graph, {mm_op, torch.ops.sqcompile.triton_fused_int8_mm.default})
     fused += _pair_shiftquants(gm.graph)
-    if fused:
+    return finished(gm, record, stage, fused)
+
+
+def finished(gm: fx.GraphModule, record: CompileRecord, stage: str, changed: int) -> fx.GraphModule:
+    """``gm`` after a lowering pass: linted, recompiled and recorded as the stage's fused graph
+    when the pass changed it."""
+    if changed:
         gm.graph.lint()
         gm.recompile()
         record.graphs[f"{stage}_fused"] = format_graph(gm)

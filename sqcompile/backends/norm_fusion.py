@@ -25,7 +25,6 @@ import torch
 import torch.fx as fx
 
 from ..decisions import CompileRecord, FusedRegion
-from ..graphs import format_graph
 from . import fusion as F
 
 LABEL = "l1_norm+quantize"
@@ -116,11 +115,7 @@ def fuse_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
             decision=decision.node if decision else None, outputs=2, stop="",
             kernel="sqcompile/kernels/triton_norm.py:_l1_norm_kernel"))
         fused += 1
-    if fused:
-        graph.lint()
-        gm.recompile()
-        record.graphs[f"{stage}_fused"] = format_graph(gm)
-    return gm
+    return F.finished(gm, record, stage, fused)
 
 
 def _norm_decision(record: CompileRecord, norm: fx.Node):

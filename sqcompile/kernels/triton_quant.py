@@ -790,7 +790,7 @@ def _plan(x: torch.Tensor, keep_dims: Sequence[int], in_place: bool = False,
     ``x`` where it lies if :func:`_in_place_plan` can (the quantize kernels only), and with
     ``out_strides`` (an output's layout other than ``empty_like(x)``'s) always try that."""
     nd = x.dim()
-    if out_strides is not None:
+    if out_strides is not None and (not _dense(x) or tuple(out_strides) != tuple(x.stride())):
         view = _in_place_plan(x, {d % nd for d in keep_dims}, out_strides)
         if view is not None:
             return view
@@ -1070,8 +1070,8 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int], stochastic: b
         return (q if out is None else out.copy_(q)), scale
     view, tile, one = _view_and_tile(x, keep_dims, True, None if out is None else tuple(out.stride()))
     _check_grid(view)
-    if out is not None and view.out_strides is None:      # no in-place view: quantize, then copy
-        q, scale = quantize(x, bits, keep_dims, stochastic, seed=seed, fused=fused)
+    if out is not None and view.out_strides is None and (view.perm is not None or out.stride() != view.work.stride()):
+        q, scale = quantize(x, bits, keep_dims, stochastic, seed=seed, fused=fused)    # no view writes out
         return out.copy_(q), scale
     # x's layout (:func:`_in_place_plan`), the work copy's, or the given one
     q = torch.empty_like(view.work, dtype=torch.int8) if out is None else out
