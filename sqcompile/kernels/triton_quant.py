@@ -28,7 +28,11 @@ shiftquant ``[0, 2, 3]`` on ``[N, C, H, W]`` K R K        ``[N, H*W, C]``, A kep
 ==========================================  ============  =====================================
 
 Anything else (four or more alternating segments, dims that do not merge) is permuted
-kept-dims-first and copied once, then handled as ``K R``.
+kept-dims-first and copied once, then handled as ``K R`` -- except by :func:`quantize`, which
+first tries to read ``x`` where it lies with an outer axis in two levels
+(:func:`_in_place_plan`): the ``[B, H, L, D]`` heads split off a projection, whose ``B`` and
+``H`` do not nest in memory, per row (``K K K R``) or per column (``K K R K``), written to the
+layout ``empty_like(x)`` gives (what the ops' fake implementations say) or to a given ``out``.
 
 Kernels (one per function, block sizes as ``tl.constexpr``):
 
@@ -721,9 +725,9 @@ class _View(NamedTuple):
     strides: Tuple[int, int, int]
     a_kept: bool
     perm: Optional[List[int]]
-    # :func:`_in_place_plan`'s views only: ``A`` split in two levels, ``a = a1 * a2 + i2``
-    # (``a2`` inner indices at ``stride_a2``, of the input then of the output), and the
-    # output's ``(a, c, l)`` strides where they are not the input's.
+    # :func:`_in_place_plan`'s views only: ``A`` in two levels, ``a = i1 * a2 + i2`` with
+    # ``i1`` at ``strides[0]`` and ``i2 < a2`` at ``stride_a2`` (the input's, the output's),
+    # and the output's ``(a, c, l)`` strides where they are not the input's.
     a2: int = 1
     stride_a2: Tuple[int, int] = (0, 0)
     out_strides: Optional[Tuple[int, int, int]] = None
