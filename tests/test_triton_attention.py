@@ -149,7 +149,7 @@ def test_autotuned_launch_path(monkeypatch):
         _assert_matches(a, b, name)
 
 
-@pytest.mark.parametrize("H,L,D", [(3, 29, 16), (2, 17, 72)])
+@pytest.mark.parametrize("H,L,D", [(3, 29, 16), (2, 11, 72)])
 def test_kernels_read_a_head_split_in_place_and_write_gradients_where_asked(H, L, D):
     """The operands as the q / k / v slices of a fused projection's heads (``[B, L, 3, H, D]``
     seen as ``[B, H, L, D]``): the forward reads them where they lie and stores its output
@@ -284,9 +284,7 @@ def test_custom_ops_pass_opcheck():
     strides = [1920, 16, 96, 1] * 3      # (b, h, l, d) in [B, L, 3, H, D]
     for op, args in [
         (torch.ops.sqcompile.triton_attention.default, (*heads, None, 0.25, True, 4)),
-        (torch.ops.sqcompile.triton_attention_backward_packed.default,
-         (do, *saved, None, 0.25, True, 4, 4, 4, [2, 20, 3, 2, 16], [0, 32, 64], strides)),
-        (torch.ops.sqcompile.triton_attention_backward_packed.default,
+        (torch.ops.sqcompile.triton_attention_backward_packed.default,      # with its ranges
          (do, *saved, None, 0.25, True, 4, 4, 4, [2, 20, 3, 2, 16], [0, 32, 64], strides, True)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
