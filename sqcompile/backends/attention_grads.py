@@ -147,25 +147,18 @@ def _shiftquants(result: fx.Node, grad_shape) -> List[Tuple[fx.Node, int]]:
     ranges output 1) or its tokens (output 2), whose ranges the kernels can compute."""
     B, H, L, D = grad_shape
     tokens = B * L
-    shiftquant = F._op("triton_shiftquant")
-    found, stack = [], [result]
-    while stack:
-        node = stack.pop()
-        for user in node.users:
-            v = F._val(user)
-            if F._is_view(user) and user.args[0] is node and v is not None and v.is_contiguous():
-                stack.append(user)
-            elif user.target is shiftquant and user.args[0] is node and not user.kwargs:
-                x = F._val(node)
-                nd = x.dim()
-                if nd < 2 or x.shape[-2] != tokens or x.numel() != tokens * x.shape[-1]:
-                    continue
-                dims = sorted(d % nd for d in user.args[3])
-                outer = list(range(nd - 2))
-                if dims == outer + [nd - 1]:
-                    found.append((user, 1))
-                elif dims == outer + [nd - 2]:
-                    found.append((user, 2))
+    found = []
+    for sq in F.shiftquants_of(result, F._op("triton_shiftquant")):
+        x = F._val(sq.args[0])
+        nd = x.dim()
+        if sq.kwargs or nd < 2 or x.shape[-2] != tokens or x.numel() != tokens * x.shape[-1]:
+            continue
+        dims = sorted(d % nd for d in sq.args[3])
+        outer = list(range(nd - 2))
+        if dims == outer + [nd - 1]:
+            found.append((sq, 1))
+        elif dims == outer + [nd - 2]:
+            found.append((sq, 2))
     return found
 
 
@@ -215,10 +208,7 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
         for sq, index in quantizers:        # given the ranges the kernels computed: no range pass
             with graph.inserting_before(sq):
                 rng = F._new(graph, operator.getitem, (new, index), bwd, mode)
-                ranged = F._new(graph, torch.ops.sqcompile.triton_shiftquant_fused.default,
-                                (sq.args[0], rng, *sq.args[1:]), sq, mode)
-            sq.replace_all_uses_with(ranged)
-            graph.erase_node(sq)
+            F.given_ranges(graph, sq, rng, mode)
         removed = [result, *between, *(op for ops, _ in chains for op in reversed(ops)), *grads, bwd]
         for node in removed:                    # last use first
             graph.erase_node(node)

@@ -437,21 +437,41 @@ def _find_ranges(r: _Region, shiftquant) -> None:
     if not triton_fused.ranges_fit(r.ops):
         return
     final = r.chain[-1]
-    ref, stack = r.value[final], [final]
+    ref = r.value[final]
+    for user in shiftquants_of(final, shiftquant):
+        axis = _range_axis(_val(user.args[0]), user.args[3], r.gemm3)
+        if axis is None:
+            continue
+        if [ref, axis] not in r.ranges:
+            r.ranges.append([ref, axis])
+        r.range_users.append((user, r.ranges.index([ref, axis])))
+    if r.ranges:
+        r.tags.append("ranges")
+
+
+def shiftquants_of(node: fx.Node, shiftquant) -> List[fx.Node]:
+    """The ShiftQuants (calls of ``shiftquant``) that read ``node``'s value, directly or through
+    contiguous views (each one's input is its ``args[0]``)."""
+    found, stack = [], [node]
     while stack:
         node = stack.pop()
         for user in node.users:
             if _is_view(user) and user.args[0] is node and _val(user) is not None and _val(user).is_contiguous():
                 stack.append(user)
             elif user.target is shiftquant and user.args[0] is node:
-                axis = _range_axis(_val(node), user.args[3], r.gemm3)
-                if axis is None:
-                    continue
-                if [ref, axis] not in r.ranges:
-                    r.ranges.append([ref, axis])
-                r.range_users.append((user, r.ranges.index([ref, axis])))
-    if r.ranges:
-        r.tags.append("ranges")
+                found.append(user)
+    return found
+
+
+def given_ranges(graph: fx.Graph, sq: fx.Node, ranges: fx.Node, mode) -> fx.Node:
+    """Replace the ShiftQuant ``sq`` by ``triton_shiftquant_fused`` taking the channel ranges
+    ``ranges`` (a node computed before ``sq``): no range pass."""
+    with graph.inserting_before(sq):
+        ranged = _new(graph, torch.ops.sqcompile.triton_shiftquant_fused.default, (sq.args[0], ranges, *sq.args[1:]),
+                      sq, mode)
+    sq.replace_all_uses_with(ranged)
+    graph.erase_node(sq)
+    return ranged
 
 
 def _broadcast(small: List[int], big: List[int]) -> Optional[List[int]]:
@@ -530,15 +550,11 @@ def _rewrite(gm: fx.GraphModule, r: _Region, signature: str) -> List[fx.Node]:
     members = set(r.members)
     for node, out in zip([final, *r.side], outs):
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in members)
-    ranged_op = torch.ops.sqcompile.triton_shiftquant_fused.default
     extra = []
     for sq, index in r.range_users:
         with graph.inserting_before(sq):
             ranges = _new(graph, operator.getitem, (fused, len(outs) + index), r.mm, mode)
-            ranged = _new(graph, ranged_op, (sq.args[0], ranges, *sq.args[1:]), sq, mode)
-        sq.replace_all_uses_with(ranged)
-        graph.erase_node(sq)
-        extra += [ranges, ranged]
+        extra += [ranges, given_ranges(graph, sq, ranges, mode)]
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in sorted(members, key=order.__getitem__, reverse=True):
         graph.erase_node(node)
