@@ -143,7 +143,7 @@ def print_autotuned(label: str) -> None:
     tuners = [("gemm", triton_gemm._gemm)]
     for k in triton_fused._CACHE.values():
         tuners.append(("region " + "+".join(op[0] for op in k.epilogue.ops) +
-                       ("+ranges" if k.epilogue.ranges else ""), k.fn))
+                       ("+ranges" if k.epilogue.ranges else "") + ("+sum" if k.epilogue.sums else ""), k.fn))
     tuners += [(f"attention {name}{' wide' if wide else ''}", triton_attention._tuned(name, wide))
                for name in triton_attention.GPU_TILES for wide in (False, True)]
     print(f"  autotuned ({label}):")

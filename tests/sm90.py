@@ -142,7 +142,8 @@ GEMM_UNIT_STRIDES = {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "stride_sbn
 # ranges])``, whether the 128x256 tile is among its configs).  The transformer block's
 # kinds: a Linear's dequantize + bias, ``fc1`` with its GELU (the pre-activation kept for the
 # backward), ``fc1``'s gradient through the GELU backward with both ShiftQuant ranges, and
-# a Linear's ``dX`` (scaled) with both ranges.
+# a Linear's ``dX`` (scaled) with both ranges.  ``fc1``'s gradient region also sums it over
+# the tokens (``fc1``'s bias gradient).
 REGION_PROGRAMS = {
     "dequant+bias": (((("bm", "f32"), ("n", "f32"), ("n", "bf16")),
                       (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("mul", "f32", "v1", "in1"),
@@ -151,9 +152,10 @@ REGION_PROGRAMS = {
                                 (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("mul", "f32", "v1", "in1"),
                                  ("convert", "bf16", "v2"), ("add", "bf16", "v3", "in2"), ("gelu", "bf16", "v4")),
                                 ("v5", "v4")), False),
-    "gelu_backward+ranges": (((("", "f32"), ("bmn", "bf16")),
-                              (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("convert", "bf16", "v1"),
-                               ("gelu_backward", "bf16", "v2", "in1")), ("v3",), (("v3", "n"), ("v3", "m"))), False),
+    "gelu_backward+ranges+sum": (((("", "f32"), ("bmn", "bf16")),
+                                  (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("convert", "bf16", "v1"),
+                                   ("gelu_backward", "bf16", "v2", "in1")), ("v3",), (("v3", "n"), ("v3", "m")),
+                                  (("v3", "bf16"),)), False),
     "dequant+ranges": (((("", "f32"),), (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("convert", "bf16", "v1")),
                         ("v2",), (("v2", "n"), ("v2", "m"))), False),
 }
@@ -176,6 +178,8 @@ def region_arguments(ep) -> tuple:
                     sig[f"{kind}{i}_s{d}"] = "i32"
     for i in range(len(ep.ranges)):
         sig.update({f"rng{i}_ptr": "*i32", f"rng{i}_sb": "i32"})
+    if ep.sums:
+        sig.update({"part_ptr": "*fp32", "part_ss": "i32"})
     return sig, ones
 
 

@@ -211,6 +211,77 @@ def test_channel_ranges_are_exact_with_concurrent_tiles_on_gpu():
     check_ranges(2, 2048, 512, 1536, "bf16")
 
 
+def check_sums(B, M, K, N, dtype):
+    """Column-sum outputs: the region's value summed over the batch and the rows in float32,
+    rounded once to the sum's dtype (torch's ``sum``); NaN propagates; the same on every run
+    (per-tile partial sums, no atomics)."""
+    from sqcompile.kernels import triton_fused as tf
+    ins = (("", "f32"), ("bmn", dtype))
+    ops = (("convert", "f32", "acc"), ("mul", "f32", "v0", "in0"), ("convert", dtype, "v1"),
+           ("gelu_backward", dtype, "v2", "in1"))
+    ep = tf.Epilogue(ins, ops, ("v3",), (("v3", "n"),), (("v3", dtype), ("v1", "f32")))
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(-127, 128, (B, M, K), dtype=torch.int8, generator=g).to(DEVICE)
+    b = torch.randint(-127, 128, (B, K, N), dtype=torch.int8, generator=g).to(DEVICE)
+    inputs = [torch.tensor(1e-3), torch.randn(B, M, N, generator=g).to(tf.DTYPES[dtype])]
+    inputs[1][1, M - 1, 7] = float("nan")             # the last row of the last batch's tiles
+    inputs = [t.to(DEVICE) for t in inputs]
+    out, cols, total, total_v1 = torch.ops.sqcompile.triton_fused_int8_mm(a, b, inputs, ep.signature())
+    again = torch.ops.sqcompile.triton_fused_int8_mm(a, b, inputs, ep.signature())
+    for x, y in zip((total, total_v1), again[2:]):                      # run to run, bit for bit
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+    assert total.shape == (N,) and total.dtype == tf.DTYPES[dtype] and total_v1.dtype == torch.float32
+    # against float64 sums of what the kernel stored (``out``) and of the float32 value ``v1``
+    expected = out.double().sum((0, 1))
+    assert total[7].isnan() and expected[7].isnan() and not total[torch.arange(N) != 7].isnan().any()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "f32" else dict(rtol=2 ** -8, atol=0)   # bf16: its last bit
+    torch.testing.assert_close(total.double(), expected.to(total.dtype).double(), equal_nan=True, **tol)
+    v1 = torch.stack([torch._int_mm(a[i].cpu(), b[i].cpu()) for i in range(B)]).double() * 1e-3
+    torch.testing.assert_close(total_v1.cpu().double(), v1.float().double().sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_generated_kernel_sums_columns(dtype):
+    check_sums(2, 70, 45, 19, dtype)             # M: two full 32-row tiles and a partial one per batch
+    from sqcompile.kernels import triton_fused as tf
+    ep = tf.Epilogue((), (("convert", "f32", "acc"),), ("v0",), (), (("v0", "bf16"),))
+    empty = torch.ops.sqcompile.triton_fused_int8_mm(torch.ones(1, 0, 8, dtype=torch.int8, device=DEVICE),
+                                                     torch.ones(8, 5, dtype=torch.int8, device=DEVICE), [],
+                                                     ep.signature())
+    assert torch.equal(empty[1].cpu(), torch.zeros(5, dtype=torch.bfloat16))     # a sum over no rows
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_column_sums_on_gpu():
+    """Autotuned tile sizes: the partial sums the chosen tile wrote, and only those."""
+    check_sums(2, 2048, 512, 1536, "bf16")
+
+
+def test_column_sum_finds_bias_gradients():
+    """``sum`` nodes over a contiguous view of a GEMM output that keep its columns, in order."""
+    def node(x, dims, keepdim=False, dtype=None):
+        graph = torch.fx.Graph()
+        p = graph.placeholder("x")
+        p.meta["val"] = x
+        kw = {} if dtype is None else {"dtype": dtype}
+        n = graph.call_function(torch.ops.aten.sum.dim_IntList, (p, dims, keepdim), kw)
+        n.meta["val"] = torch.ops.aten.sum.dim_IntList(x, dims, keepdim, **kw)
+        return n
+    t = lambda *shape: torch.empty(shape, device="meta", dtype=torch.bfloat16)     # noqa: E731
+    col = fusion._column_sum
+    assert col(node(t(2, 16, 128), [0, 1], True), (1, 32, 128)) == "bf16"          # a Linear's bias gradient
+    assert col(node(t(32, 128), [0]), (1, 32, 128)) == "bf16"
+    assert col(node(t(2, 16, 128), [0, 1], dtype=torch.float32), (1, 32, 128)) == "f32"
+    assert col(node(t(4, 8, 128), [-3, -2]), (4, 8, 128)) == "bf16"                # batched GEMM: b and m
+    assert col(node(t(2, 16, 128), [1]), (1, 32, 128)) is None                     # per-sample sums
+    assert col(node(t(2, 16, 128), [2]), (1, 32, 128)) is None                     # row sums
+    assert col(node(t(4, 8, 128), [1]), (4, 8, 128)) is None                       # keeps the batch
+    assert col(node(t(1, 16, 256), [1]), (1, 32, 128)) is None                     # dim 2 straddles M and N
+    assert col(node(t(2, 16, 2, 64), [0, 1]), (1, 32, 128)) == "bf16"              # N kept as two dims, in order
+    assert col(node(t(1, 32, 128).transpose(1, 2), [0, 2]), (1, 32, 128)) is None  # not a plain view
+
+
 def test_range_axis_maps_shiftquant_channels_onto_the_gemm_output():
     rng = fusion._range_axis
     t = torch.empty
@@ -242,7 +313,7 @@ def test_region_ranges_are_exactly_the_shiftquant_range_pass(monkeypatch):
     _, grads, rec, _ = _compile_and_step(model, x, fused=True)
     monkeypatch.setattr(fusion, "_find_ranges", lambda r, sq: None)
     _, ref_grads, ref_rec, _ = _compile_and_step(model, x, fused=True)
-    assert "int8_mm+dequant+gelu_backward+ranges" in _labels(rec, "backward")
+    assert "int8_mm+dequant+gelu_backward+ranges+sum" in _labels(rec, "backward")
     assert not any("ranges" in label for label in _labels(ref_rec, "backward"))
     # fc1's output gradient: ranges along its columns (dX) and its rows (dW); the first
     # Linear's (fc1's dX plus the residual's gradient): along its rows (dW; it has no dX)
@@ -251,10 +322,38 @@ def test_region_ranges_are_exactly_the_shiftquant_range_pass(monkeypatch):
         assert torch.equal(grads[name], ref_grads[name]), name
 
 
+def test_region_sums_are_the_bias_gradients(monkeypatch):
+    """The same training step with each bias gradient summed in the region that computes the
+    Linear's output gradient and by the graph's own ``sum``: the bias gradients agree to
+    float32 rounding (the additions' order differs), every other gradient bit for bit, and
+    the graph no longer reads those output gradients for their sums."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(24, 24), Residual()), torch.randn(2, 5, 24)
+    _, grads, rec, _ = _compile_and_step(model, x, fused=True)
+    monkeypatch.setattr(fusion, "_find_sums", lambda r: None)
+    _, ref_grads, ref_rec, _ = _compile_and_step(model, x, fused=True)
+    # fc1's output gradient (fc2's dX region) and the first Linear's (fc1's dX region, with
+    # the residual's gradient added); fc2's is the graph's input, which no region computes
+    assert _labels(rec, "backward")[::2] == ["int8_mm+dequant+gelu_backward+ranges+sum",
+                                             "int8_mm+dequant+residual+ranges+sum", "int8_mm+dequant"]
+    assert not any("sum" in label for label in _labels(ref_rec, "backward"))
+
+    def sums(record):
+        return sum("aten.sum.dim_IntList(" in line for line in record.graphs["backward_fused"].splitlines())
+    assert sums(ref_rec) == 3 and sums(rec) == 1
+    for name in grads:
+        if name.endswith("bias") and name != "1.fc2.bias":
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6)
+            assert not torch.equal(grads[name], torch.zeros_like(grads[name]))
+        else:
+            assert torch.equal(grads[name], ref_grads[name]), name
+
+
 @pytest.mark.installed_triton
 def test_ranges_stay_out_of_epilogues_that_would_spill_with_older_triton(monkeypatch):
-    """With Triton before 3.9 a GELU backward keeps its ranges out of the region (its epilogue
-    would spill on sm_90: ``ranges_fit``); the gradients are the same bit for bit."""
+    """With Triton before 3.9 a GELU backward keeps its ranges and its column sum out of the
+    region (its epilogue would spill on sm_90: ``ranges_fit``); the gradients are the same
+    bit for bit, but for the bias gradient the graph then sums."""
     from sqcompile.kernels import triton_fused as tf
     assert tf.ranges_fit([("gelu_backward", "bf16", "v0", "in0")]) == (tf.triton_version() >= (3, 9))
     monkeypatch.setattr(fusion, "_pair_shiftquants", lambda graph: 0)
@@ -266,13 +365,16 @@ def test_ranges_stay_out_of_epilogues_that_would_spill_with_older_triton(monkeyp
     assert not tf.ranges_fit([("gelu_backward", "bf16", "v0", "in0")])
     assert tf.ranges_fit([("threshold_backward", "bf16", "v0", "in0", 0.0), ("add", "bf16", "v1", "in1")])
     _, old_grads, old_rec, _ = _compile_and_step(model, x, fused=True)
-    assert "int8_mm+dequant+gelu_backward+ranges" in _labels(rec, "backward")
-    assert "int8_mm+dequant+gelu_backward" in _labels(old_rec, "backward")
+    assert "int8_mm+dequant+gelu_backward+ranges+sum" in _labels(rec, "backward")
+    assert "int8_mm+dequant+gelu_backward" in _labels(old_rec, "backward")   # no ranges, no sum
     assert not any("gelu_backward+ranges" in label for label in _labels(old_rec, "backward"))
     # fc1's output gradient loses its two region ranges; the first Linear's (a residual add) keeps its one
     assert len(_ranged(rec)) == 3 and len(_ranged(old_rec)) == 1
-    for name in grads:
-        assert torch.equal(grads[name], old_grads[name]), name
+    for name in grads:      # fc1's bias gradient: the graph's own sum, in another order
+        if name == "1.fc1.bias":
+            torch.testing.assert_close(grads[name], old_grads[name], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(grads[name], old_grads[name]), name
 
 
 def test_shiftquant_pairs_change_no_value(monkeypatch):
@@ -392,6 +494,10 @@ def test_fused_op_passes_opcheck():
               torch.randn(1, 9, 11, device=DEVICE).bfloat16()]
     torch.library.opcheck(torch.ops.sqcompile.triton_fused_int8_mm.default, (a, b, inputs, sig),
                           test_utils=("test_schema", "test_faketensor"))
+    summed = tf.Epilogue(tuple(map(tuple, ins)), tuple(map(tuple, ops)), tuple(outs), (("v3", "n"),),
+                         (("v6", "bf16"), ("v0", "f32"))).signature()        # with ranges and column sums
+    torch.library.opcheck(torch.ops.sqcompile.triton_fused_int8_mm.default, (a, b, inputs, summed),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,9 +521,10 @@ def test_fused_regions_compute_what_the_unfused_graph_computes(dtype):
     assert fc1.outputs == 2       # the pre-activation, saved for backward, is a side output
     assert "triton_int8_mm" in fc1.nodes and "gelu" in fc1.nodes
     # backward: dX of fc2 takes gelu's backward along, and computes the row ranges of the
-    # ShiftQuant of fc1's output gradient for fc1's dW (fc1 has no dX: x needs no gradient);
-    # the others end at the weight's transpose
-    assert _labels(rec, "backward") == [f"int8_mm+dequant{cast}+gelu_backward+ranges", f"int8_mm+dequant{cast}",
+    # ShiftQuant of fc1's output gradient for fc1's dW (fc1 has no dX: x needs no gradient)
+    # and fc1's bias gradient (that gradient summed over the tokens); the others end at the
+    # weight's transpose
+    assert _labels(rec, "backward") == [f"int8_mm+dequant{cast}+gelu_backward+ranges+sum", f"int8_mm+dequant{cast}",
                                         f"int8_mm+dequant{cast}"]
     assert len(_ranged(rec)) == 1
     fused_fw = rec.graphs["forward_fused"]
@@ -434,7 +541,7 @@ def test_int16_gradient_regions_fold_the_low_digit_gemm():
     options = dict(grad_bits=6, groups=4)
     out, grads, rec, _ = _compile_and_step(model, x, fused=True, options=options)
     ref_out, ref_grads, _, _ = _compile_and_step(model, x, fused=False, options=options)
-    assert _labels(rec, "backward") == ["int8_mm+int16+dequant+gelu_backward+ranges", "int8_mm+int16+dequant",
+    assert _labels(rec, "backward") == ["int8_mm+int16+dequant+gelu_backward+ranges+sum", "int8_mm+int16+dequant",
                                         "int8_mm+int16+dequant"]
     _assert_close(out, ref_out)
     for name in grads:
@@ -599,7 +706,7 @@ def test_gpu_benchmark_block_under_inductor_matches_the_eager_inner_compiler():
     ref_out, ref_grads, ref_rec, _ = _compile_and_step(block, x, fused=True, options=options)
     labels = _labels(rec)
     assert labels == _labels(ref_rec) and rec.inner == "inductor"
-    assert labels.count("l1_norm+quantize") == 2 and "int8_mm+dequant+gelu_backward+ranges" in labels
+    assert labels.count("l1_norm+quantize") == 2 and "int8_mm+dequant+gelu_backward+ranges+sum" in labels
     # every gradient is quantized twice, along its columns and its rows (the four Linears'
     # dY, attention's dS and dO): six pairs, each row operand stored in the layout its GEMM
     # reads (dW's and dK's transposed as A, dV's dO as B); no ShiftQuant left on its own

@@ -148,7 +148,7 @@ def _shiftquants(result: fx.Node, grad_shape) -> List[Tuple[fx.Node, int]]:
     B, H, L, D = grad_shape
     tokens = B * L
     found = []
-    for sq in F.shiftquants_of(result, F._op("triton_shiftquant")):
+    for sq in F.readers_of(result, F._op("triton_shiftquant")):
         x = F._val(sq.args[0])
         nd = x.dim()
         if sq.kwargs or nd < 2 or x.shape[-2] != tokens or x.numel() != tokens * x.shape[-1]:

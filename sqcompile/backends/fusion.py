@@ -29,6 +29,12 @@ label then ends in ``+ranges``.  This is the usual case for a gradient: the ``dX
 Linear (with the activation's backward) produces the output gradient of the Linear before
 it, which its two backward GEMMs ShiftQuant along its columns and along its rows.
 
+Likewise a ``sum`` of the region's final value over the batch and the rows (through views),
+keeping the columns: that Linear's bias gradient.  The region writes per-tile float32
+column sums and the op finishes the sum (:mod:`~sqcompile.kernels.triton_fused`), so the
+gradient is not read again for it; the label then ends in ``+sum``.  The result agrees with
+the graph's ``sum`` up to the order of the float32 additions (not bit for bit).
+
 After the regions, each ShiftQuant with one channel per row whose expanded gradient is used
 only where GEMMs want its rows contiguous (transposed as their first operand: a Linear's
 ``dW = dY^T X``, attention's ``dK = dS^T Q``; as is as their second: ``dV = P^T dO``) is told
@@ -207,6 +213,9 @@ class _Region:
     stop: str = ""
     ranges: List[Tuple[str, str]] = field(default_factory=list)  # [value, axis]: ShiftQuant ranges
     range_users: List[Tuple[fx.Node, int]] = field(default_factory=list)   # (shiftquant node, range)
+    sums: List[Tuple[str, str]] = field(default_factory=list)    # [value, dtype]: column sums
+    sum_users: List[fx.Node] = field(default_factory=list)       # the ``sum`` node of each
+    erased: List[fx.Node] = field(default_factory=list)          # other nodes the rewrite erased
 
     def snapshot(self):
         return (len(self.members), len(self.chain), len(self.side), len(self.inputs), len(self.ops),
@@ -405,16 +414,16 @@ class _Search:
         return ref
 
 
-def _range_axis(x: torch.Tensor, channel_dims, gemm3) -> Optional[str]:
-    """``"n"`` / ``"m"`` when ShiftQuant's channels of ``x`` (a contiguous view of a GEMM output
-    ``[B, M, N]``) over ``channel_dims`` are the output's (batch, column) / (batch, row) pairs,
-    in that row-major order; else None.  Each dim of ``x`` must lie within one of the output's
-    dims (in its flat index), and each output dim must be kept or reduced as a whole."""
+def _split(x: torch.Tensor, kept_dims, gemm3) -> Optional[Tuple[set, set]]:
+    """``(kept, reduced)``: which of a GEMM output's dims ``"b"``, ``"m"``, ``"n"`` a reduction
+    of ``x`` (a contiguous view of the output ``[B, M, N]``) over all dims but ``kept_dims``
+    keeps and which it reduces; None when a dim of ``x`` straddles two output dims (in its
+    flat index) or an output dim is partly kept, partly reduced.  Dims of size 1 are neither."""
     B, M, N = gemm3
     if not x.is_contiguous() or x.numel() != B * M * N or x.numel() == 0:
         return None
     nd = x.dim()
-    kept_dims = {d % nd for d in channel_dims}
+    kept_dims = {d % nd for d in kept_dims}
     spans = (("n", 1, N), ("m", N, N * M), ("b", N * M, N * M * B))
     kept, reduced = set(), set()
     for d, (size, stride) in enumerate(zip(x.shape, x.stride())):
@@ -424,9 +433,37 @@ def _range_axis(x: torch.Tensor, channel_dims, gemm3) -> Optional[str]:
         if not inside:
             return None          # straddles two output dims
         (kept if d in kept_dims else reduced).add(inside[0])
-    if kept & reduced or (B > 1 and "b" not in kept) or ("m" in kept) == ("n" in kept):
+    return None if kept & reduced else (kept, reduced)
+
+
+def _range_axis(x: torch.Tensor, channel_dims, gemm3) -> Optional[str]:
+    """``"n"`` / ``"m"`` when ShiftQuant's channels of ``x`` (a contiguous view of a GEMM output
+    ``[B, M, N]``) over ``channel_dims`` are the output's (batch, column) / (batch, row) pairs,
+    in that row-major order; else None.  Each dim of ``x`` must lie within one of the output's
+    dims (in its flat index), and each output dim must be kept or reduced as a whole."""
+    split = _split(x, channel_dims, gemm3)
+    if split is None:
+        return None
+    kept, _ = split
+    if (gemm3[0] > 1 and "b" not in kept) or ("m" in kept) == ("n" in kept):
         return None
     return "n" if "n" in kept else "m"
+
+
+def _column_sum(node: fx.Node, gemm3) -> Optional[str]:
+    """The result dtype's name when ``node`` (an ``aten.sum.dim_IntList`` of a contiguous view
+    of a GEMM output ``[B, M, N]``) sums over the batch and the rows, keeping the ``N``
+    columns in order (a Linear's bias gradient); else None."""
+    from ..kernels.triton_fused import DTYPE_NAMES
+    x, out = _val(node.args[0]), _val(node)
+    dims = _bound_args(node)["dim"]
+    if x is None or out is None or not dims or x.dim() == 0 or out.dtype not in _FLOATS:
+        return None
+    summed = {d % x.dim() for d in dims}
+    split = _split(x, [d for d in range(x.dim()) if d not in summed], gemm3)
+    if split is None or split[0] != {"n"} or out.numel() != gemm3[2]:
+        return None
+    return DTYPE_NAMES[out.dtype]
 
 
 def _find_ranges(r: _Region, shiftquant) -> None:
@@ -438,7 +475,7 @@ def _find_ranges(r: _Region, shiftquant) -> None:
         return
     final = r.chain[-1]
     ref = r.value[final]
-    for user in shiftquants_of(final, shiftquant):
+    for user in readers_of(final, shiftquant):
         axis = _range_axis(_val(user.args[0]), user.args[3], r.gemm3)
         if axis is None:
             continue
@@ -449,16 +486,33 @@ def _find_ranges(r: _Region, shiftquant) -> None:
         r.tags.append("ranges")
 
 
-def shiftquants_of(node: fx.Node, shiftquant) -> List[fx.Node]:
-    """The ShiftQuants (calls of ``shiftquant``) that read ``node``'s value, directly or through
-    contiguous views (each one's input is its ``args[0]``)."""
+def _find_sums(r: _Region) -> None:
+    """Let the region also compute each ``sum`` of its final value over the batch and the
+    rows (through views): a Linear's bias gradient, which then reads no gradient from
+    memory.  Gated like the ranges (:func:`~sqcompile.kernels.triton_fused.ranges_fit`)."""
+    from ..kernels import triton_fused
+    if not triton_fused.ranges_fit(r.ops):
+        return
+    final = r.chain[-1]
+    for user in readers_of(final, aten.sum.dim_IntList):
+        dtype = _column_sum(user, r.gemm3)
+        if dtype is not None:
+            r.sums.append([r.value[final], dtype])
+            r.sum_users.append(user)
+    if r.sums:
+        r.tags.append("sum")
+
+
+def readers_of(node: fx.Node, target) -> List[fx.Node]:
+    """The calls of ``target`` that read ``node``'s value as their first argument, directly or
+    through contiguous views (each one's input is its ``args[0]``)."""
     found, stack = [], [node]
     while stack:
         node = stack.pop()
         for user in node.users:
             if _is_view(user) and user.args[0] is node and _val(user) is not None and _val(user).is_contiguous():
                 stack.append(user)
-            elif user.target is shiftquant and user.args[0] is node:
+            elif user.target is target and user.args[0] is node:
                 found.append(user)
     return found
 
@@ -555,6 +609,19 @@ def _rewrite(gm: fx.GraphModule, r: _Region, signature: str) -> List[fx.Node]:
         with graph.inserting_before(sq):
             ranges = _new(graph, operator.getitem, (fused, len(outs) + index), r.mm, mode)
         extra += [ranges, given_ranges(graph, sq, ranges, mode)]
+    for index, node in enumerate(r.sum_users, len(outs) + len(r.ranges)):
+        with graph.inserting_before(node):
+            total = _new(graph, operator.getitem, (fused, index), r.mm, mode)
+            extra.append(total)
+            if list(_val(node).shape) != [r.gemm3[2]]:
+                extra.append(total := _new(graph, aten.view.default, (total, list(_val(node).shape)), r.mm, mode))
+        node.replace_all_uses_with(total)
+        view = node.args[0]
+        graph.erase_node(node)
+        while _is_view(view) and not view.users:     # the views only the sum read
+            r.erased.append(view)
+            view = view.args[0]
+            graph.erase_node(r.erased[-1])
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in sorted(members, key=order.__getitem__, reverse=True):
         graph.erase_node(node)
@@ -634,9 +701,10 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
         if r is None:
             continue
         _find_ranges(r, shiftquant)
+        _find_sums(r)
         signature = triton_fused.Epilogue(tuple((p, d) for _, _, p, d in r.inputs), tuple(tuple(o) for o in r.ops),
                                           tuple(r.value[n] for n in [r.chain[-1], *r.side]),
-                                          tuple(tuple(x) for x in r.ranges)).signature()
+                                          tuple(tuple(x) for x in r.ranges), tuple(tuple(x) for x in r.sums)).signature()
         kernel = triton_fused.kernel_for(signature)       # generated (or found) now, at compile time
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         nodes = [mm.name] + [n.name for n in sorted(r.members[1:], key=order.__getitem__)]
@@ -646,7 +714,7 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
             module_path=decision.module_path if decision else _module_of(mm),
             decision=decision.node if decision else None, outputs=1 + len(r.side), stop=r.stop, kernel=kernel.path))
         new = _rewrite(gm, r, signature)
-        dag.remove_nodes_from(r.members + [sq for sq, _ in r.range_users])
+        dag.remove_nodes_from(r.members + [sq for sq, _ in r.range_users] + r.sum_users + r.erased)
         for node in new:
             dag.add_edges_from((i, node) for i in node.all_input_nodes)
             dag.add_edges_from((node, u) for u in node.users)

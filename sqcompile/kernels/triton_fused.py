@@ -10,8 +10,8 @@ strides, int32 accumulator); only the epilogue is generated::
     @triton.jit
     def region_kernel(a_ptr, b_ptr, M, N, K, <A and B strides>,
                       in0_ptr, in0_sb, in0_sm, in0_sn, ..., out0_ptr, out0_sb, out0_sm, out0_sn, ...,
-                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M):
-        acc, offs_m, offs_n, batch = int8_gemm_tile(...)
+                      [rng0_ptr, rng0_sb, ...,] [part_ptr, part_ss,] BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M):
+        acc, offs_m, offs_n, batch, pid_m = int8_gemm_tile(...)
         <generated: loads of the inputs, one line per epilogue op, stores of the outputs>
 
 Epilogue programs
@@ -31,6 +31,13 @@ Epilogue programs
   max on the float bits (exact, so order does not matter).  These are the channel ranges of
   a ShiftQuant of the value (:mod:`sqcompile.backends.fusion`), which then skips its own
   range pass over memory.
+* ``sums`` (optional): ``[value, dtype]`` pairs; each adds an output ``[N]`` of ``dtype``: the
+  sum of the value over the batch and the rows of each column (a Linear's bias gradient,
+  ``dY.sum((0, 1))``), accumulated in float32 and rounded once to ``dtype``, as torch's
+  ``sum`` does.  Each tile writes its float32 column sums to its own row of a partial-sum
+  buffer ``[B * cdiv(M, BLOCK_M), N]``; one ``sum`` over those rows finishes it.  No atomics,
+  so the result is the same on every run; it differs from the unfused ``sum`` only in the
+  order of the float32 additions.
 
 Numerics follow eager PyTorch (TensorIterator) so a fused region computes what the unfused
 ops compute: an op of result dtype ``D`` casts each tensor operand to ``D``, computes in
@@ -112,12 +119,15 @@ class Epilogue:
     ops: Tuple[Tuple, ...]
     outputs: Tuple[str, ...]
     ranges: Tuple[Tuple[str, str], ...] = ()
+    sums: Tuple[Tuple[str, str], ...] = ()
 
     def signature(self) -> str:
         d = {"inputs": [list(i) for i in self.inputs], "ops": [list(o) for o in self.ops],
              "outputs": list(self.outputs)}
         if self.ranges:
             d["ranges"] = [list(r) for r in self.ranges]
+        if self.sums:
+            d["sums"] = [list(r) for r in self.sums]
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
@@ -134,6 +144,10 @@ class Epilogue:
     def range_shapes(self, batch: int, M: int, N: int) -> List[Tuple[int, int]]:
         """The float32 range outputs' shapes: ``[batch, M]`` per row, ``[batch, N]`` per column."""
         return [(batch, M if axis == "m" else N) for _, axis in self.ranges]
+
+    def sum_dtypes(self) -> List[torch.dtype]:
+        """The dtypes of the column-sum outputs (each ``[N]``)."""
+        return [DTYPES[d] for _, d in self.sums]
 
     def output_dtypes(self) -> List[torch.dtype]:
         return [DTYPES[self.dtype_of(r)] for r in self.outputs]
@@ -155,6 +169,9 @@ class Epilogue:
         for ref, axis in self.ranges:
             if axis not in ("m", "n") or not (ref.startswith("v") and self._defined(ref, len(self.ops))):
                 raise ValueError(f"bad epilogue range {[ref, axis]}")
+        for ref, dtype in self.sums:
+            if DTYPES.get(dtype) not in FLOAT_DTYPES or not (ref.startswith("v") and self._defined(ref, len(self.ops))):
+                raise ValueError(f"bad epilogue sum {[ref, dtype]}")
 
     def _defined(self, ref: str, before: int) -> bool:
         if ref == "acc":
@@ -172,7 +189,7 @@ def _parse(signature: str) -> Epilogue:
     if ep is None:
         d = json.loads(signature)
         ep = Epilogue(tuple(tuple(i) for i in d["inputs"]), tuple(tuple(o) for o in d["ops"]), tuple(d["outputs"]),
-                      tuple(tuple(r) for r in d.get("ranges", ())))
+                      tuple(tuple(r) for r in d.get("ranges", ())), tuple(tuple(r) for r in d.get("sums", ())))
         ep.validate()
         _PARSED[signature] = ep
     return ep
@@ -198,8 +215,9 @@ from sqcompile.kernels.triton_quant import _abs_nan_as_inf, _absmax, cast_rtne
 def region_kernel(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
 {params}
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    acc, offs_m, offs_n, batch = int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak,
-                                                stride_bb, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    acc, offs_m, offs_n, batch, pid_m = int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak,
+                                                       stride_bb, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K,
+                                                       GROUP_M)
     mask_m = offs_m < M
     mask_n = offs_n < N
     mask = mask_m[:, None] & mask_n[None, :]
@@ -235,6 +253,7 @@ def generate_source(ep: Epilogue) -> str:
     params = [f"in{i}_ptr, in{i}_sb, in{i}_sm, in{i}_sn," for i in range(len(ep.inputs))]
     params += [f"out{i}_ptr, out{i}_sb, out{i}_sm, out{i}_sn," for i in range(len(ep.outputs))]
     params += [f"rng{i}_ptr, rng{i}_sb," for i in range(len(ep.ranges))]
+    params += ["part_ptr, part_ss,"] if ep.sums else []
     body = [f"    in{i} = {_load(i, pattern)}" for i, (pattern, _) in enumerate(ep.inputs)]
     for j, (name, dtype, *args) in enumerate(ep.ops):
         math_t = _OPMATH[dtype]
@@ -264,6 +283,11 @@ def generate_source(ep: Epilogue) -> str:
         body.append(f"    r{i} = _abs_nan_as_inf(_absmax(tl.where(mask, {ref}, 0.0), {reduce}))")
         body.append(f"    tl.atomic_max(rng{i}_ptr + batch * rng{i}_sb + {offs}, r{i}.to(tl.int32, bitcast=True), "
                     f"mask=mask_{axis}, sem=\"relaxed\")")
+    if ep.sums:   # this tile's float32 column sums, to its own row of the partial-sum buffer
+        body.append("    part_row = (batch * tl.cdiv(M, BLOCK_M) + pid_m) * N")
+    for i, (ref, _) in enumerate(ep.sums):
+        body.append(f"    s{i} = tl.sum(tl.where(mask, {_cast(ref, ep.dtype_of(ref), 'f32')}, 0.0), 0)")
+        body.append(f"    tl.store(part_ptr + {i} * part_ss + part_row + offs_n, s{i}, mask=mask_n)")
     return _TEMPLATE.format(signature=ep.signature(), params="\n".join(" " * 18 + p for p in params),
                             body="\n".join(body))
 
@@ -289,10 +313,10 @@ _LIGHT_OPS = {"convert", "mul", "div", "add", "sub", "neg"}
 def wide_tile_fits(ep: Epilogue) -> bool:
     """Does the 128x256 tile keep ``ep``'s epilogue in registers?  Yes for scale, bias and
     cast epilogues with one output; no with an activation (or its backward), a full-tile
-    input (residual), a side output or range outputs: ``ptxas -v`` for sm_90 (Triton 3.9, the
-    kernels specialized as launched) shows 60-700 spilled bytes per thread for those at
-    128x256 and none at 128x128 (``tests/test_fusion.py`` checks both)."""
-    return not ep.ranges and two_programs_fit(ep)
+    input (residual), a side output, range or column-sum outputs: ``ptxas -v`` for sm_90
+    (Triton 3.9, the kernels specialized as launched) shows 60-700 spilled bytes per thread
+    for those at 128x256 and none at 128x128 (``tests/test_fusion.py`` checks both)."""
+    return not ep.ranges and not ep.sums and two_programs_fit(ep)
 
 
 def two_programs_fit(ep: Epilogue) -> bool:
@@ -300,8 +324,9 @@ def two_programs_fit(ep: Epilogue) -> bool:
     (:data:`~sqcompile.kernels.triton_gemm.TWO_PROGRAMS_CONFIG`: 128 registers a thread)?
     Yes for scale, bias and cast epilogues with one output, range outputs included (118-128
     registers, sm_90 ptxas, Triton 3.6 and 3.9); no with an activation (194-254), a
-    full-tile input (a residual: 134-136) or a side output."""
-    return len(ep.outputs) == 1 and all(name in _LIGHT_OPS for name, *_ in ep.ops) and \
+    full-tile input (a residual: 134-136), a side output or a column sum (``dequant+ranges``
+    with a sum: 205 registers, Triton 3.9)."""
+    return len(ep.outputs) == 1 and not ep.sums and all(name in _LIGHT_OPS for name, *_ in ep.ops) and \
         not any("m" in p and "n" in p for p, _ in ep.inputs)
 
 
@@ -318,7 +343,9 @@ def ranges_fit(ops: Sequence[Tuple]) -> bool:
     layout and once in the reduction's) and nothing with Triton 3.9; the same epilogues
     without ranges, and a residual add or ReLU backward with ranges, spill with neither.
     Before 3.9 such regions therefore leave the ranges to ShiftQuant's own range pass (one
-    read of the gradient), which costs less than spilling every tile's epilogue."""
+    read of the gradient), which costs less than spilling every tile's epilogue.  Column
+    sums are reductions over the same axis, and the fusion pass gates them the same way
+    (they then stay the graph's own ``sum``)."""
     return triton_version() >= (3, 9) or not any(name in _HEAVY_BACKWARD_OPS for name, *_ in ops)
 
 
@@ -451,7 +478,11 @@ def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tenso
         ranges = [r.view(shape) for r, shape in zip(zeros.split([b * n for b, n in shapes]), shapes)]
     results = outs + [r.view(torch.float32) for r in ranges]
     if Bt * M * N == 0:
-        return results
+        return results + [torch.zeros(N, dtype=dt, device=a.device) for dt in ep.sum_dtypes()]
+    # Column sums: a row of float32 partial sums per tile, enough rows for the smallest BLOCK_M
+    # the kernel may run with (the rows the chosen one writes are summed after the launch).
+    parts = (torch.empty(len(ep.sums), Bt * cdiv(M, _smallest_block_m(ep)), N, dtype=torch.float32, device=a.device)
+             if ep.sums else None)
     args = [a3, b3, M, N, K, *a3.stride(), *b3.stride()]
     for t, (pattern, _) in zip(inputs, ep.inputs):
         args += [t, *_input_strides(tuple(t.shape), t.stride(), pattern, (Bt, M, N))]
@@ -459,16 +490,31 @@ def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tenso
         args += [o, M * N, N, 1]
     for r in ranges:
         args += [r, r.stride(0)]
-    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), Bt)  # noqa: E731
+    if ep.sums:
+        args += [parts, parts.stride(0)]
+    block_m = []
+
+    def grid(meta):
+        block_m.append(meta["BLOCK_M"])     # the last call is the launch's (after any autotuning)
+        return cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), Bt
     # No FMA contraction: eager runs the epilogue as separate multiply and add kernels.
     kernel.fn[grid](*args, **(gemm.INTERPRETER_CONFIG if gemm.INTERPRETED else {"enable_fp_fusion": False}))
-    return results
+    rows = Bt * cdiv(M, block_m[-1]) if ep.sums else 0
+    return results + [parts[i, :rows].sum(0).to(dt) for i, dt in enumerate(ep.sum_dtypes())]
+
+
+def _smallest_block_m(ep: Epilogue) -> int:
+    gemm = _gemm()
+    if gemm.INTERPRETED:
+        return gemm.INTERPRETER_CONFIG["BLOCK_M"]
+    return min(c.kwargs["BLOCK_M"] for c in region_configs(ep))
 
 
 @ops.custom_op("sqcompile::triton_fused_int8_mm")
 def triton_fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: List[torch.Tensor], epilogue: str) -> List[torch.Tensor]:
     """``epilogue(a @ b)``: an int8 GEMM and the elementwise ops after it in one generated
-    Triton kernel (``epilogue`` is an :class:`Epilogue` signature; see the module docstring)."""
+    Triton kernel (``epilogue`` is an :class:`Epilogue` signature; see the module docstring).
+    Returns the outputs, then the range outputs, then the column sums."""
     from .triton_ops import _check_device
     _check_device(a, b, *inputs)
     return fused_int8_mm(a, b, inputs, epilogue)
@@ -479,7 +525,8 @@ def _(a, b, inputs, epilogue):
     shape = _output_shape(a, b)
     ep = _parse(epilogue)
     return ([a.new_empty(shape, dtype=dt) for dt in ep.output_dtypes()] +
-            [a.new_empty(s, dtype=torch.float32) for s in ep.range_shapes(math.prod(shape[:-2]), *shape[-2:])])
+            [a.new_empty(s, dtype=torch.float32) for s in ep.range_shapes(math.prod(shape[:-2]), *shape[-2:])] +
+            [a.new_empty(shape[-1], dtype=dt) for dt in ep.sum_dtypes()])
 
 
 __all__ = ["Epilogue", "generate_source", "kernel_for", "cache_info", "fused_int8_mm", "KERNEL_DIR", "OPS"]

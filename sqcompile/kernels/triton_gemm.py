@@ -76,9 +76,10 @@ def int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, strid
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The GEMM main loop shared by :func:`_int8_gemm_kernel` and the region kernels
     :mod:`sqcompile.kernels.triton_fused` generates: this program's ``BLOCK_M x BLOCK_N``
-    tile of ``A[b] @ B[b]`` as an exact int32 accumulator, with its row and column offsets and
-    the batch index (int64).  Grouped program order: GROUP_M row blocks share the B tiles
-    they read while those are in L2."""
+    tile of ``A[b] @ B[b]`` as an exact int32 accumulator, with its row and column offsets,
+    the batch index (int64) and its row block's index ``pid_m`` (the tile's first row over
+    ``BLOCK_M``).  Grouped program order: GROUP_M row blocks share the B tiles they read
+    while those are in L2."""
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -105,7 +106,7 @@ def int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, strid
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    return acc, offs_m, offs_n, batch
+    return acc, offs_m, offs_n, batch, pid_m
 
 
 @triton.jit
@@ -117,8 +118,8 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
     """``C[b] = epilogue(A[b] @ B[b])`` with an int32 accumulator.
 
     Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), batch)``."""
-    acc, offs_m, offs_n, batch = int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb,
-                                                stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    acc, offs_m, offs_n, batch, _ = int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb,
+                                                   stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     out = _epilogue(acc, offs_m, offs_n, batch, M, N, sa_ptr, sb_ptr, bias_ptr, stride_sab, stride_sam,
                     stride_sbb, stride_sbn, SCALED, HAS_BIAS, ACTIVATION)
     c_ptrs = c_ptr + batch * stride_cb + (offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn)
