@@ -12,6 +12,7 @@ Use from a subprocess script: ``import sm90`` (:func:`run` puts this directory o
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import subprocess
@@ -54,6 +55,31 @@ def compile_sm90(fn, signature: dict, constexprs: dict, *, num_warps: int, num_s
         result["registers"] = max(int(n) for n in re.findall(r"Used (\d+) registers", log))
         result["spilled"] = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
     return result
+
+
+_JOBS: list = []
+
+
+def _run_job(i: int):
+    fn, item = _JOBS[i]
+    return fn(item)
+
+
+def parallel(fn, items) -> list:
+    """``[fn(item) for item in items]``, in forked worker processes, one per CPU: compiling for
+    sm_90 is CPU-bound and each kernel compiles on its own (the slow tests' compiles take
+    half the time on two cores).  ``fn`` and ``items`` reach the workers through the fork, so
+    they need not be picklable; the results must be."""
+    items = list(items)
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(item) for item in items]
+    _JOBS[:] = [(fn, item) for item in items]
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return pool.map(_run_job, range(len(items)), chunksize=1)
+    finally:
+        _JOBS.clear()
 
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -190,8 +216,8 @@ def attention_kernels() -> dict:
     each operand's strides as the launcher passes them, its contiguous one a constant: the
     forward reads ``qV`` with the keys contiguous (the K-major operand of ``qP qV``), the
     backward ``qQ`` / ``qK`` and ``dO``'s row quantization likewise; the backward writes a fused
-    projection's gradient with its ShiftQuant ranges (``RANGES``, head dims up to 64), as in a
-    transformer block."""
+    projection's gradient with its ShiftQuant ranges and its bias gradient's partial sums
+    (``RANGES``, ``SUMS``, head dims up to 64), as in a transformer block."""
     import triton.language as tl
     from sqcompile.kernels import triton_attention as ta
 
@@ -207,15 +233,19 @@ def attention_kernels() -> dict:
                                                "boc_ptr": "*fp32", "eor_ptr": "*i8", "bor_ptr": "*fp32",
                                                "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_ptr": "*i64",
                                                "dk_ptr": "*bf16", "dv_ptr": "*bf16", "H_d": "i32", "s_dh": "i32",
-                                               "rng_ptr": "*i32", "N_feat": "i32", "f0_k": "i32", "f0_v": "i32"},
+                                               "rng_ptr": "*i32", "N_feat": "i32", "f0_k": "i32", "f0_v": "i32",
+                                               "sum_ptr": "*fp32", "n_slots": "i32"},
                  (*qkv, ("qt", "m", "m"), ("e", "m", "d"), ("r", "m", "m"), ("d", "n", "d")),
-                 {"QMAX": 7, "GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "RANGES": True}),
+                 {"QMAX": 7, "GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "RANGES": True, "SUMS": True,
+                  "SLOT": 64}),
         "dq": (ta._attention_bwd_q_kernel, {"kt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8",
                                             "boc_ptr": "*fp32", "delta_ptr": "*fp32", "ranges_ptr": "*fp32",
                                             "seed_ptr": "*i64", "dq_ptr": "*bf16", "H_d": "i32", "s_dh": "i32",
-                                            "rng_ptr": "*i32", "N_feat": "i32", "f0_q": "i32"},
+                                            "rng_ptr": "*i32", "N_feat": "i32", "f0_q": "i32", "sum_ptr": "*fp32",
+                                            "n_slots": "i32"},
                (*qkv, ("kt", "n", "n"), ("e", "m", "d"), ("d", "m", "d")),
-               {"GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_S": True, "RANGES": True}),
+               {"GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_S": True, "RANGES": True,
+                "SUMS": True, "SLOT": 64}),
     }
     kernels = {}
     for name, (kernel, pointers, layouts, consts) in specs.items():

@@ -439,15 +439,19 @@ import json, sys, sm90
 from sqcompile.kernels import triton_fused as tf
 ep = tf.Epilogue.parse(sys.argv[1])
 sig, ones = sm90.region_arguments(ep)
-result = []
-for config in tf.region_configs(ep):
-    out = sm90.compile_sm90(tf.kernel_for(sys.argv[1]).fn, sig, {**ones, **config.kwargs}, num_warps=config.num_warps,
+fn = tf.kernel_for(sys.argv[1]).fn
+
+
+def compile_one(config):
+    out = sm90.compile_sm90(fn, sig, {**ones, **config.kwargs}, num_warps=config.num_warps,
                             num_stages=config.num_stages, fp_fusion=False)
-    result.append({"tile": [*(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), config.num_stages],
-                   "wgmma": "wgmma" in out["ptx"], "cubin": len(out["cubin"]), "shared": out["shared"],
-                   "spilled": out["spilled"], "registers": out["registers"],
-                   "atomics": out["ptx"].count("red.global.gpu.relaxed.max.s32")})
-print(json.dumps(result))
+    return {"tile": [*(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), config.num_stages],
+            "wgmma": "wgmma" in out["ptx"], "cubin": len(out["cubin"]), "shared": out["shared"],
+            "spilled": out["spilled"], "registers": out["registers"],
+            "atomics": out["ptx"].count("red.global.gpu.relaxed.max.s32")}
+
+
+print(json.dumps(sm90.parallel(compile_one, tf.region_configs(ep))))
 """
 
 @pytest.mark.slow

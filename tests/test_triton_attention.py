@@ -154,9 +154,11 @@ def test_kernels_read_a_head_split_in_place_and_write_gradients_where_asked(H, L
     """The operands as the q / k / v slices of a fused projection's heads (``[B, L, 3, H, D]``
     seen as ``[B, H, L, D]``): the forward reads them where they lie and stores its output
     ``[B, L, H, D]``; the backward takes that layout's gradient and writes ``dq``, ``dk``,
-    ``dv`` into one ``[B, L, 3, H, D]`` tensor, with its ShiftQuant ranges (in the kernels'
-    epilogues up to head dim 64, by a range pass above).  Every value is the one contiguous
-    ``[BH, L, D]`` copies give, bit for bit, stochastic rounding included (the same seeds)."""
+    ``dv`` into one ``[B, L, 3, H, D]`` tensor, with its ShiftQuant ranges and its sum over
+    the tokens (in the kernels' epilogues up to head dim 64, by a pass over it above).  Every
+    value is the one contiguous ``[BH, L, D]`` copies give, bit for bit, stochastic rounding
+    included (the same seeds); the sums agree with float64 ones to float32 rounding, also
+    when the ``dQ`` programs cover two partial-sum slots (the second written as zeros)."""
     ta = _ta()
     g = torch.Generator().manual_seed(11)
     B = 2
@@ -173,17 +175,30 @@ def test_kernels_read_a_head_split_in_place_and_write_gradients_where_asked(H, L
     grads = tuple(packed[:, :, i].transpose(1, 2) for i in range(3))
     seeds = (1, 2, 3, 4)
     ranges = torch.zeros(3 * H * D + B * L, dtype=torch.int32, device=DEVICE)
-    ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, seeds=seeds, grads=grads, grad_ranges=ranges)
+    sums = torch.full((3 * H * D,), float("nan"), device=DEVICE)
+    ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, seeds=seeds, grads=grads, grad_ranges=ranges,
+                          grad_sums=sums)
     ref = ta.attention_backward(do.reshape(B * H, L, D), *ref_saved, None, D ** -0.5, True, 4, 4, 4, seeds=seeds)
     for a, b in zip(grads, ref):
         assert torch.equal(a.reshape(b.shape), b)
     # the ShiftQuant ranges of the packed gradient as [tokens, features]: exact maxima
-    flat, ranges = packed.reshape(B * L, 3 * H * D).abs(), ranges.view(torch.float32)
-    assert torch.equal(ranges[:3 * H * D], flat.amax(0)) and torch.equal(ranges[3 * H * D:], flat.amax(1))
+    flat, ranges = packed.reshape(B * L, 3 * H * D), ranges.view(torch.float32)
+    assert torch.equal(ranges[:3 * H * D], flat.abs().amax(0)) and torch.equal(ranges[3 * H * D:], flat.abs().amax(1))
+    # its sum over the tokens (the projection's bias gradient)
+    torch.testing.assert_close(sums.double(), flat.double().sum(0), rtol=1e-5, atol=1e-5)
+    if D <= 64:      # dQ over 32 queries a program, dK/dV over 16 keys: slots of 16, two per dQ program
+        tile = ta.INTERPRETER_TILE
+        again = torch.full_like(sums, float("nan"))
+        ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, seeds=seeds, grads=grads, grad_sums=again,
+                              tiles={"ranges": tile, "dkdv": tile, "dq": tile._replace(block_m=32)})
+        assert torch.equal(packed.reshape(B * L, -1), flat)
+        torch.testing.assert_close(again.double(), flat.double().sum(0), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="tokens, features"):
         ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, grad_ranges=ranges)
     with pytest.raises(ValueError, match="same strides"):
         ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, grads=(grads[0], grads[1], ref[2]))
+    with pytest.raises(ValueError, match="grad_sums must be float32"):
+        ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, grads=grads, grad_sums=sums[1:])
 
 
 def _sdpa(q, k, v, fused, seed, **kw):
@@ -284,8 +299,8 @@ def test_custom_ops_pass_opcheck():
     strides = [1920, 16, 96, 1] * 3      # (b, h, l, d) in [B, L, 3, H, D]
     for op, args in [
         (torch.ops.sqcompile.triton_attention.default, (*heads, None, 0.25, True, 4)),
-        (torch.ops.sqcompile.triton_attention_backward_packed.default,      # with its ranges
-         (do, *saved, None, 0.25, True, 4, 4, 4, [2, 20, 3, 2, 16], [0, 32, 64], strides, True)),
+        (torch.ops.sqcompile.triton_attention_backward_packed.default,      # with its ranges and sums
+         (do, *saved, None, 0.25, True, 4, 4, 4, [2, 20, 3, 2, 16], [0, 32, 64], strides, True, True)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     packed = torch.ops.sqcompile.triton_attention_backward_packed
@@ -370,13 +385,20 @@ def test_backend_reads_qkv_heads_in_place_and_writes_their_gradient_in_place(sty
     pairs = [line for line in backward.splitlines() if "sqcompile.triton_shiftquant_pair(" in line]
     assert len(pairs) == 2 and sum(", None, None, " in line for line in pairs) == 1
     assert [r.label for r in rec.regions].count(attention_grads.LABEL) == 1
+    # the bias gradients: qkv's from the attention's kernels, inp's from qkv's dX region,
+    # proj's (of the graph's input gradient) the graph's own sum
+    assert backward.count("aten.sum.dim_IntList(") == 1
     monkeypatch.setattr(lowering, "pack_attention_gradients", lambda gm, *args: gm)
     ref_out, ref_grads, ref_rec, _ = _compiled_step(model, x, fused_attention=True)
     assert ("select_backward" if style == "permute" else "aten.cat") in ref_rec.graphs["backward"]
     assert attention_grads.LABEL not in [r.label for r in ref_rec.regions]
+    assert ref_rec.graphs["backward_fused"].count("aten.sum.dim_IntList(") == 2
     assert torch.equal(out, ref_out)
     for name in grads:
-        assert torch.equal(grads[name], ref_grads[name]), name
+        if name == "qkv.bias":          # summed in another order
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(grads[name], ref_grads[name]), name
 
 
 class _BiasedAttention(torch.nn.Module):
@@ -500,7 +522,7 @@ _HOPPER_SCRIPT = r"""
 import json, sm90
 from sqcompile.kernels import triton_attention as ta
 
-result = {}
+jobs = []
 for d in (64, 128):
     for name, (kernel, signature, constexprs) in sm90.attention_kernels().items():
         for i, t in enumerate(ta.GPU_TILES[name][d > 64]):
@@ -508,11 +530,18 @@ for d in (64, 128):
             for causal, masked in ((True, 0), (False, 1))[:2 if i == 0 else 1]:
                 key = f"{name} d={d} {t.block_m}x{t.block_n}/{t.num_warps}w/{t.num_stages}s{' mask' * masked}"
                 consts = dict(constexprs, CAUSAL=causal, MASK=masked, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=d)
-                if "RANGES" in consts:      # a fused projection's gradient ranges: in the epilogue up to d 64
-                    consts["RANGES"] = d <= 64
-                r = sm90.compile_sm90(kernel, signature, consts, num_warps=t.num_warps, num_stages=t.num_stages)
-                result[key] = r["spilled"], r["ptx"].count("mma.sync"), r["shared"]
-print(json.dumps(result))
+                if "RANGES" in consts:      # a fused projection's gradient ranges and bias sums: up to d 64
+                    consts["RANGES"] = consts["SUMS"] = d <= 64
+                jobs.append((key, kernel, signature, consts, t))
+
+
+def compile_one(job):
+    key, kernel, signature, consts, t = job
+    r = sm90.compile_sm90(kernel, signature, consts, num_warps=t.num_warps, num_stages=t.num_stages)
+    return key, (r["spilled"], r["ptx"].count("mma.sync"), r["shared"])
+
+
+print(json.dumps(dict(sm90.parallel(compile_one, jobs))))
 """
 
 

@@ -876,8 +876,8 @@ _HOPPER_SCRIPT = """
 import json, sm90, torch
 from sqcompile.kernels import triton_quant as tq, triton_gemm as tg
 
-def spilled(fn, sig, constexprs, num_warps=4):
-    return sm90.compile_sm90(fn, sig, constexprs, num_warps=num_warps)["spilled"]
+def spilled(fn, sig, constexprs, num_warps=4):      # compiled below, all at once
+    return fn, sig, constexprs, num_warps
 
 view = {"C": "i32", "L": "i32", "stride_a": "i32", "stride_c": "i32"}
 sizes = {}
@@ -935,7 +935,8 @@ sizes["absmax pair"] = spilled(tq._absmax_pair_kernel, sig, dict(stride_n=1, A2=
                                                                  INT64=False, BLOCK_M=bm, BLOCK_N=bn))
 sig = {"x_ptr": "*i8", "y_ptr": "*i8", "R": "i32", "C": "i32", **{f"s{a}{b}": "i32" for a in "xy" for b in "brc"}}
 sizes["relayout"] = spilled(tg._relayout_kernel, sig, dict(BLOCK_R=64, BLOCK_C=64))
-print(json.dumps(sizes))
+found = sm90.parallel(lambda job: sm90.compile_sm90(*job[:3], num_warps=job[3])["spilled"], sizes.values())
+print(json.dumps(dict(zip(sizes, found))))
 """
 
 
@@ -954,16 +955,19 @@ def test_quantizer_and_relayout_kernels_compile_for_hopper():
 _GEMM_HOPPER_SCRIPT = """
 import json, re, sm90
 from sqcompile.kernels import triton_gemm as tg
-result = []
-for c in [*tg.CUDA_CONFIGS, tg.SMALL_CONFIG]:      # K-major operands, as the launcher makes them
+
+
+def compile_one(c):      # K-major operands, as the launcher makes them
     out = sm90.compile_sm90(tg._int8_gemm_kernel, sm90.SIGNATURES["int8_gemm"], dict(
         **sm90.GEMM_UNIT_STRIDES, SCALED=True, HAS_BIAS=True, ACTIVATION="none", **c.kwargs),
         num_warps=c.num_warps, num_stages=c.num_stages)
-    result.append({"tile": [c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")], "spilled": out["spilled"],
-                   "shared": out["shared"], "wgmma": len(re.findall(r"wgmma.mma_async", out["ptx"])),
-                   "mma_sync": out["ptx"].count("mma.sync"),
-                   "waits": sorted(set(re.findall(r"wgmma.wait_group.sync.aligned (\\d+)", out["ptx"])))})
-print(json.dumps(result))
+    return {"tile": [c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")], "spilled": out["spilled"],
+            "shared": out["shared"], "wgmma": len(re.findall(r"wgmma.mma_async", out["ptx"])),
+            "mma_sync": out["ptx"].count("mma.sync"),
+            "waits": sorted(set(re.findall(r"wgmma.wait_group.sync.aligned (\\d+)", out["ptx"])))}
+
+
+print(json.dumps(sm90.parallel(compile_one, [*tg.CUDA_CONFIGS, tg.SMALL_CONFIG])))
 """
 
 

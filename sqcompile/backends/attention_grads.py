@@ -37,7 +37,9 @@ The ShiftQuants that then read the assembled gradient as ``[tokens, features]`` 
 projection's ``dX`` and ``dW`` quantizers, which the lowering pairs) get its channel ranges
 from the kernels' epilogues (``ranges=True``: per feature and per token, atomic maxima of the
 stored values, as a GEMM region's epilogue computes them), so neither reads it for a range
-pass.
+pass.  Likewise a ``sum`` of it over the tokens (the projection's bias gradient, in its
+dtype): the kernels write per-tile float32 column sums (``sums=True``), so the sum does not
+read it either; it agrees with the graph's ``sum`` up to the order of the float32 additions.
 """
 from __future__ import annotations
 
@@ -162,6 +164,15 @@ def _shiftquants(result: fx.Node, grad_shape) -> List[Tuple[fx.Node, int]]:
     return found
 
 
+def _bias_sums(result: fx.Node, grad_shape) -> List[fx.Node]:
+    """The ``sum`` nodes of the assembled gradient over its tokens, in its dtype (through
+    contiguous views): the projection's bias gradient, which the kernels can compute."""
+    B, H, L, D = grad_shape
+    tokens, dtype = B * L, F._val(result).dtype
+    return [node for node in F.readers_of(result, aten.sum.dim_IntList)
+            if F._val(node).dtype == dtype and F._column_sum(node, (1, tokens, 3 * H * D)) is not None]
+
+
 def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: str,
                              option: Optional[bool] = None) -> fx.GraphModule:
     """Replace each matched gradient assembly of ``gm`` (see the module docstring)."""
@@ -199,8 +210,9 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
             continue
         mode = F._fake_mode(bwd.args[0])
         quantizers = _shiftquants(result, F._val(grads[0]).shape)
+        sums = _bias_sums(result, F._val(grads[0]).shape)
         args = (*bwd.args, list(F._val(result).shape), [p.storage_offset() for p in places],
-                [s for p in places for s in p.stride()], bool(quantizers))
+                [s for p in places for s in p.stride()], bool(quantizers), bool(sums))
         with graph.inserting_before(result):
             new = F._new(graph, packed_op, args, bwd, mode)
             value = F._new(graph, operator.getitem, (new, 0), bwd, mode)
@@ -209,6 +221,8 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
             with graph.inserting_before(sq):
                 rng = F._new(graph, operator.getitem, (new, index), bwd, mode)
             F.given_ranges(graph, sq, rng, mode)
+        for node in sums:
+            F.given_sum(graph, node, new, 3, bwd, mode, [])
         removed = [result, *between, *(op for ops, _ in chains for op in reversed(ops)), *grads, bwd]
         for node in removed:                    # last use first
             graph.erase_node(node)

@@ -528,6 +528,25 @@ def given_ranges(graph: fx.Graph, sq: fx.Node, ranges: fx.Node, mode) -> fx.Node
     return ranged
 
 
+def given_sum(graph: fx.Graph, node: fx.Node, source: fx.Node, index: int, like: fx.Node, mode,
+              erased: List[fx.Node]) -> List[fx.Node]:
+    """Replace the column ``sum`` ``node`` (:func:`_column_sum`) by output ``index`` of
+    ``source`` (the sum computed by a kernel, ``[N]``), viewed as ``node``'s shape; ``node``
+    and the views only it read are erased (appended to ``erased``).  Returns the new nodes."""
+    with graph.inserting_before(node):
+        new = [_new(graph, operator.getitem, (source, index), like, mode)]
+        if list(_val(node).shape) != list(_val(new[0]).shape):
+            new.append(_new(graph, aten.view.default, (new[0], list(_val(node).shape)), like, mode))
+    node.replace_all_uses_with(new[-1])
+    view = node.args[0]
+    graph.erase_node(node)
+    while _is_view(view) and not view.users:
+        erased.append(view)
+        view = view.args[0]
+        graph.erase_node(erased[-1])
+    return new
+
+
 def _broadcast(small: List[int], big: List[int]) -> Optional[List[int]]:
     if len(small) > len(big):
         return None
@@ -610,18 +629,7 @@ def _rewrite(gm: fx.GraphModule, r: _Region, signature: str) -> List[fx.Node]:
             ranges = _new(graph, operator.getitem, (fused, len(outs) + index), r.mm, mode)
         extra += [ranges, given_ranges(graph, sq, ranges, mode)]
     for index, node in enumerate(r.sum_users, len(outs) + len(r.ranges)):
-        with graph.inserting_before(node):
-            total = _new(graph, operator.getitem, (fused, index), r.mm, mode)
-            extra.append(total)
-            if list(_val(node).shape) != [r.gemm3[2]]:
-                extra.append(total := _new(graph, aten.view.default, (total, list(_val(node).shape)), r.mm, mode))
-        node.replace_all_uses_with(total)
-        view = node.args[0]
-        graph.erase_node(node)
-        while _is_view(view) and not view.users:     # the views only the sum read
-            r.erased.append(view)
-            view = view.args[0]
-            graph.erase_node(r.erased[-1])
+        extra += given_sum(graph, node, fused, index, r.mm, mode, r.erased)
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in sorted(members, key=order.__getitem__, reverse=True):
         graph.erase_node(node)

@@ -497,13 +497,35 @@ def _gradient_ranges(rng_ptr, v, b, offs_r, offs_d, mask_r, H_d, s_dh, R, D, N_f
 
 
 @triton.jit
+def _gradient_sums(sum_ptr, v, b, pid, offs_r, offs_d, mask_r, H_d, s_dh, D, N_feat, f0, n_slots,
+                   BLOCK: tl.constexpr, SLOT: tl.constexpr):
+    """The bias gradient of a fused projection (its packed gradient summed over the tokens):
+    this program's float32 column sums of the stored tile ``v`` ``[BLOCK rows, D]`` of (batch,
+    head) ``b``, for features ``f0 + head * s_dh + d``, in slot ``pid * BLOCK // SLOT`` of its
+    batch's ``n_slots = cdiv(rows, SLOT)`` rows of ``[B * n_slots, N_feat]`` partial sums; the
+    program's other slots get zeros.  So every launch writes every slot whatever its
+    ``BLOCK`` (a multiple of ``SLOT``, the smallest candidate): the autotuner's runs leave no
+    stale partials, and no zero fill is needed.  One ``sum`` over the slots finishes it
+    (deterministic: no atomics)."""
+    total = tl.sum(tl.where(mask_r[:, None] & (offs_d < D)[None, :], v, 0.0), 0)
+    first = pid * (BLOCK // SLOT)
+    ptrs = sum_ptr + ((b // H_d) * n_slots + first) * N_feat + f0 + (b % H_d) * s_dh + offs_d
+    # (the slot test folded into the column bound: the interpreter rejects a block mask and'd
+    # with a scalar one)
+    tl.store(ptrs, total, mask=offs_d < tl.where(first < n_slots, D, 0))
+    for j in tl.static_range(1, BLOCK // SLOT):
+        tl.store(ptrs + j * N_feat, tl.zeros_like(total), mask=offs_d < tl.where(first + j < n_slots, D, 0))
+
+
+@triton.jit
 def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, qt_ptr, sq_ptr, sk_ptr,
                              stats_ptr, eoc_ptr, boc_ptr, eor_ptr, bor_ptr, delta_ptr, ranges_ptr, seed_ptr, dk_ptr,
                              dv_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_qtb, s_qtm,
                              s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, s_db, s_dn, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_k,
-                             f0_v, scale, QMAX: tl.constexpr,
+                             f0_v, sum_ptr, n_slots, scale, QMAX: tl.constexpr,
                              GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
                              CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, RANGES: tl.constexpr,
+                             SUMS: tl.constexpr, SLOT: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of keys: ``dV = qP^T eO_rows`` and ``dK = eS_rows^T qQ`` over all queries,
     written in the dtype (``dK`` and ``dV`` at the same strides; a (batch, head) ``b`` at
@@ -565,20 +587,27 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
     tl.store(dk_ptr + out, dk, mask=out_mask)
     if RANGES:      # dk's ranges before dv is formed: fewer values live (both at once spilled)
         _gradient_ranges(rng_ptr, dk.to(tl.float32), b, offs_n, offs_d, mask_n, H_d, s_dh, S, D, N_feat, f0_k)
+    if SUMS:
+        _gradient_sums(sum_ptr, dk.to(tl.float32), b, pid_n, offs_n, offs_d, mask_n, H_d, s_dh, D, N_feat, f0_k,
+                       n_slots, BLOCK_N, SLOT)
     dv = cast_rtne(acc_dv.to(tl.float32) * tl.load(bor_ptr), DTYPE)
     tl.store(dv_ptr + out, dv, mask=out_mask)
     if RANGES:
         _gradient_ranges(rng_ptr, dv.to(tl.float32), b, offs_n, offs_d, mask_n, H_d, s_dh, S, D, N_feat, f0_v)
+    if SUMS:
+        _gradient_sums(sum_ptr, dv.to(tl.float32), b, pid_n, offs_n, offs_d, mask_n, H_d, s_dh, D, N_feat, f0_v,
+                       n_slots, BLOCK_N, SLOT)
 
 
 @triton.jit
 def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, kt_ptr, sq_ptr, sk_ptr,
                             stats_ptr, eoc_ptr, boc_ptr, delta_ptr, ranges_ptr, seed_ptr, dq_ptr, L, S, D, BH, s_qb,
                             s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, s_eb, s_em, s_ed,
-                            s_db, s_dm, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_q, scale, GRAD_QMAX: tl.constexpr,
+                            s_db, s_dm, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_q, sum_ptr, n_slots, scale,
+                            GRAD_QMAX: tl.constexpr,
                             GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_S: tl.constexpr,
                             CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, RANGES: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            SUMS: tl.constexpr, SLOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr):
     """One block of queries: ``dQ = eS_cols qK`` over all keys, written in the dtype (a
     separate kernel from :func:`_attention_bwd_kv_kernel`, which would otherwise add its
@@ -612,6 +641,9 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_m
     tl.store(dq_ptr + out, dq, mask=mask_m[:, None] & (offs_d < D)[None, :])
     if RANGES:
         _gradient_ranges(rng_ptr, dq.to(tl.float32), b, offs_m, offs_d, mask_m, H_d, s_dh, L, D, N_feat, f0_q)
+    if SUMS:
+        _gradient_sums(sum_ptr, dq.to(tl.float32), b, tl.program_id(0), offs_m, offs_d, mask_m, H_d, s_dh, D, N_feat,
+                       f0_q, n_slots, BLOCK_M, SLOT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -677,14 +709,21 @@ def _launch(name: str, extent: int, BH: int, args: tuple, consts: dict, device: 
     Every candidate is safe to run repeatedly while the autotuner times it (outputs are
     overwritten; the ranges pass's atomic maxima give the same result again)."""
     along = _PROGRAMS_ALONG[name]
-    tile = tiles[name] if tiles is not None else \
-        INTERPRETER_TILE if INTERPRETED or device.type != "cuda" else None
+    tile = _tile_for(name, device, tiles)
     if tile is None:
         _tuned(name, consts["BLOCK_D"] > 64)[lambda meta: (cdiv(extent, meta[along]), BH)](*args, **consts)
         return
     sizes = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}
     _KERNELS[name][(cdiv(extent, sizes[along]), BH)](*args, **sizes, num_warps=tile.num_warps,
                                                      num_stages=tile.num_stages, **consts)
+
+
+def _tile_for(name: str, device: torch.device, tiles: Optional[Dict[str, Tile]]) -> Optional[Tile]:
+    """Kernel ``name``'s tile: ``tiles[name]`` when given (tests), the interpreter's on CPU,
+    ``None`` where :func:`_launch` autotunes over :data:`GPU_TILES`."""
+    if tiles is not None:
+        return tiles[name]
+    return INTERPRETER_TILE if INTERPRETED or device.type != "cuda" else None
 
 
 def _sequence_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -775,7 +814,7 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
                        scale: float, causal: bool, bits: int, grad_bits: int, groups: int, stochastic: bool = True,
                        seeds: Tuple = (None, None, None, None), tiles: Optional[Dict[str, Tile]] = None,
                        grads: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
-                       grad_ranges: Optional[torch.Tensor] = None):
+                       grad_ranges: Optional[torch.Tensor] = None, grad_sums: Optional[torch.Tensor] = None):
     """``(dq, dk, dv)`` of :func:`attention_forward` (the same ``mask``).  ``grad_out`` is
     ShiftQuant-ed both ways first (:func:`~sqcompile.kernels.triton_quant.shiftquant_pair`:
     along ``D`` for ``dP = dO V^T``, along queries for ``dV = P^T dO``), then the three
@@ -788,7 +827,9 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
     sequence stride), an int32
     ``[N + tokens]`` zeroed tensor that gets the float bits of its ShiftQuant ranges (per
     feature, then per token; :func:`_gradient_ranges`), as a GEMM region's epilogue gives
-    them, so that its quantizers skip their range pass."""
+    them, so that its quantizers skip their range pass.  ``grad_sums``: with ``grads`` laid
+    out so and covering all ``N`` features, a float32 ``[N]`` tensor that gets that gradient
+    summed over the tokens (the projection's bias gradient; :func:`_gradient_sums`)."""
     B, H, L, D = _heads(qq).shape
     S = qk.shape[-2]
     BH = B * H
@@ -827,33 +868,60 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
                              f"and {dv.stride()}")
     n_feat = _heads(dq).stride(2)
     rng = grad_ranges
-    if rng is not None:
+    offsets = (0, 0, 0)
+    if rng is not None or grad_sums is not None:
         if grads is None or any(_heads(t).stride(0) != L * n_feat or t.stride(-1) != 1 or t.storage_offset() +
                                 (H - 1) * _heads(t).stride(1) + D > n_feat for t in grads) or L != S:
-            raise ValueError("attention_backward: grad_ranges need grads laid out as one [tokens, features] gradient")
+            raise ValueError("attention_backward: grad_ranges and grad_sums need grads laid out as one "
+                             "[tokens, features] gradient")
+        if grad_sums is not None and (3 * H * D != n_feat or grad_sums.shape != (n_feat,)
+                                      or grad_sums.dtype != torch.float32):
+            raise ValueError(f"attention_backward: grad_sums must be float32 [{n_feat}] and the three gradients "
+                             f"must cover all {n_feat} features")
         offsets = [t.storage_offset() for t in grads]
     # In the epilogues, but at head dims above 64: there the dK/dV kernel sits at the register
     # limit and its ranges epilogue spilled (16 bytes, a reload per loop step, Triton 3.9);
     # one range pass over the packed gradient after the kernels instead (what the quantizers'
-    # own range pass would read).
-    in_kernel = rng is not None and common["BLOCK_D"] <= 64
-    if not in_kernel:
-        rng, offsets = delta, (0, 0, 0)       # RANGES off: any pointer
+    # own range pass would read), and likewise one sum.
+    in_kernel = common["BLOCK_D"] <= 64
+    ranges_in_kernel = rng is not None and in_kernel
+    if not ranges_in_kernel:
+        rng = delta                             # RANGES off: any pointer
+    sums_in_kernel = grad_sums is not None and in_kernel
+    slot = _sum_slot(tiles, dev, common["BLOCK_D"] > 64)
+    n_slots = cdiv(L, slot)
+    parts = torch.empty((B * n_slots, n_feat), dtype=torch.float32, device=dev) if sums_in_kernel else delta
     qq_t, qk_t = _sequence_contiguous(qq), _sequence_contiguous(qk)
     common.update(GRAD_QMAX=N.qmax(grad_bits), GROUPS=groups, STOCHASTIC=stochastic)
     _launch("dkdv", S, BH, (qq, qk, qv, *margs, qq_t, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, seed_r, dk,
                             dv, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qq_t), *_rows(eo_c),
-                            *_rows(eo_r), *_outer_rows(dk), rng, n_feat, *offsets[1:], scale),
-            dict(common, QMAX=N.qmax(bits), RANGES=in_kernel), dev, tiles)
+                            *_rows(eo_r), *_outer_rows(dk), rng, n_feat, *offsets[1:], parts, n_slots, scale),
+            dict(common, QMAX=N.qmax(bits), RANGES=ranges_in_kernel, SUMS=sums_in_kernel, SLOT=slot), dev, tiles)
     _launch("dq", L, BH, (qq, qk, qv, *margs, qk_t, sq, sk, stats, eo_c, bo_c, delta, ranges, seed_c, dq, L, S, D, BH,
                           *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_outer_rows(dq), rng, n_feat,
-                          offsets[0], scale),
-            dict(common, COLUMNS_NOISE_ALONG_S=columns_noise_along_n(BH, L, S), RANGES=in_kernel), dev, tiles)
-    if grad_ranges is not None and not in_kernel:
-        tokens = B * L
-        flat = dq.as_strided((1, tokens, n_feat), (tokens * n_feat, n_feat, 1), 0)     # the packed gradient
+                          offsets[0], parts, n_slots, scale),
+            dict(common, COLUMNS_NOISE_ALONG_S=columns_noise_along_n(BH, L, S), RANGES=ranges_in_kernel,
+                 SUMS=sums_in_kernel, SLOT=slot), dev, tiles)
+    tokens = B * L
+    flat = dq.as_strided((1, tokens, n_feat), (tokens * n_feat, n_feat, 1), 0) if grads is not None else None
+    if grad_ranges is not None and not ranges_in_kernel:      # the packed gradient's ranges, in one pass
         found = _pair_ranges(_matrices(flat), _pair_geometry((1, tokens, n_feat), dev, False), None, None)
         out = grad_ranges.view(torch.float32)
         out[:n_feat] = found[:n_feat]
         out[n_feat:] = found[n_feat + 1: n_feat + 1 + tokens]
+    if grad_sums is not None:
+        torch.sum(parts if sums_in_kernel else flat[0], 0, dtype=torch.float32, out=grad_sums)
     return dq, dk, dv
+
+
+def _sum_slot(tiles: Optional[Dict[str, Tile]], device: torch.device, wide: bool) -> int:
+    """The rows of one partial-sum slot of :func:`_gradient_sums`: the smallest block of rows a
+    ``dQ`` or ``dK``/``dV`` program may cover (every candidate a multiple of it)."""
+    blocks = []
+    for name in ("dq", "dkdv"):
+        tile = _tile_for(name, device, tiles)
+        field = _PROGRAMS_ALONG[name].lower()      # "block_m" / "block_n"
+        blocks += [getattr(t, field) for t in ([tile] if tile else GPU_TILES[name][wide])]
+    slot = min(blocks)
+    assert all(b % slot == 0 for b in blocks), blocks
+    return slot

@@ -333,30 +333,35 @@ def triton_attention_backward_packed(grad_out: torch.Tensor, qq: torch.Tensor, s
                                      sk: torch.Tensor, qv: torch.Tensor, sv: torch.Tensor, stats: torch.Tensor,
                                      mask: Optional[torch.Tensor], scale: float, causal: bool, bits: int,
                                      grad_bits: int, groups: int, size: List[int], offsets: List[int],
-                                     strides: List[int], ranges: bool = False
-                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                     strides: List[int], ranges: bool = False, sums: bool = False
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`triton_attention_backward`'s ``dq``, ``dk`` and ``dv`` written into one new
     contiguous tensor of ``size``: gradient ``i`` (``dq``, ``dk``, ``dv``) at element offset
     ``offsets[i]`` with strides ``strides[4 * i: 4 * i + 4]`` (``dk``'s and ``dv``'s the same),
     the three covering it.  A fused ``qkv`` projection's output gradient, which autograd
     otherwise assembles from the three with copies (``select_backward`` and adds, or
     ``cat``, then a contiguous copy; :mod:`sqcompile.backends.attention_grads` puts this op
-    in their place).  ``(packed, feature ranges, token ranges)``: with ``ranges``, the
-    ShiftQuant ranges of ``packed`` seen as ``[tokens, features]`` (float32 ``[features]``,
-    ``[tokens]``, NaN as +inf) from the kernels' epilogues, for its two quantizers
-    (``triton_shiftquant_fused``), else two empty tensors."""
+    in their place).  ``(packed, feature ranges, token ranges, feature sums)``: with
+    ``ranges``, the ShiftQuant ranges of ``packed`` seen as ``[tokens, features]`` (float32
+    ``[features]``, ``[tokens]``, NaN as +inf) from the kernels' epilogues, for its two
+    quantizers (``triton_shiftquant_fused``), else two empty tensors; with ``sums``,
+    ``packed`` summed over the tokens (``[features]`` in its dtype, accumulated in float32:
+    the projection's bias gradient), else an empty tensor."""
     _check_device(grad_out, qq, qk, qv)
     _check_packing(qq, qk, size, offsets, strides)
     packed = grad_out.new_empty(size)
     grads = tuple(packed.as_strided(qq.shape, strides[4 * i: 4 * i + 4], offsets[i]) for i in range(3))
     tokens, features = _packed_ranges_shape(qq, size)
-    found = torch.zeros(features + tokens, dtype=torch.int32, device=grad_out.device) if ranges else None
+    dev, f32 = grad_out.device, torch.float32
+    found = torch.zeros(features + tokens, dtype=torch.int32, device=dev) if ranges else None
+    total = torch.empty(features, dtype=f32, device=dev) if sums else None
     _attention().attention_backward(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits, grad_bits,
-                                    groups, grads=grads, grad_ranges=found)
+                                    groups, grads=grads, grad_ranges=found, grad_sums=total)
+    total = total.to(grad_out.dtype) if sums else grad_out.new_empty((0,))
     if not ranges:
-        return packed, grad_out.new_empty((0,), dtype=torch.float32), grad_out.new_empty((0,), dtype=torch.float32)
-    found = found.view(torch.float32)
-    return packed, found[:features].clone(), found[features:].clone()     # outputs must not alias
+        return packed, grad_out.new_empty((0,), dtype=f32), grad_out.new_empty((0,), dtype=f32), total
+    found = found.view(f32)
+    return packed, found[:features].clone(), found[features:].clone(), total     # outputs must not alias
 
 
 def _packed_ranges_shape(qq: torch.Tensor, size: List[int]) -> Tuple[int, int]:
@@ -367,11 +372,11 @@ def _packed_ranges_shape(qq: torch.Tensor, size: List[int]) -> Tuple[int, int]:
 
 @triton_attention_backward_packed.register_fake
 def _(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits, grad_bits, groups, size, offsets, strides,
-      ranges=False):
+      ranges=False, sums=False):
     tokens, features = _packed_ranges_shape(qq, size)
     f32 = torch.float32
     return (grad_out.new_empty(size), grad_out.new_empty((features if ranges else 0,), dtype=f32),
-            grad_out.new_empty((tokens if ranges else 0,), dtype=f32))
+            grad_out.new_empty((tokens if ranges else 0,), dtype=f32), grad_out.new_empty((features if sums else 0,)))
 
 
 def _check_packing(qq: torch.Tensor, qk: torch.Tensor, size: List[int], offsets: List[int],
