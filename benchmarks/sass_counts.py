@@ -93,9 +93,11 @@ def _cases():
         dict(QMAX=127, OUT_QMAX=7, CENTER=True, HAS_W=True, HAS_B=True, OUT_Q=True, BLOCK_R=br, BLOCK_L=bl),
         w, 3, br * bl)
     br, bl, w = tn._block(1024, 2048, tn.BACKWARD_PER_THREAD)
-    cases["L1 norm backward (gradient quantized), rows of 1024"] = (
-        tn._l1_norm_backward_kernel, sig["l1_norm_backward"],
-        dict(GQMAX=127, CENTER=True, HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_R=br, BLOCK_L=bl), w, 3, br * bl)
+    for res in (False, True):
+        cases["L1 norm backward (gradient quantized), rows of 1024" + (", + residual, ranges, sum" if res else "")] = (
+            tn._l1_norm_backward_kernel, sig["l1_norm_backward"],
+            dict(GQMAX=127, CENTER=True, HAS_W=True, NEED_DW=True, NEED_DB=True, RESIDUAL=res, RANGES=res, SUMS=res,
+                 BLOCK_R=br, BLOCK_L=bl), w, 3, br * bl)
     for c in tg.CUDA_CONFIGS[:1] + tg.CUDA_CONFIGS[5:6]:
         tile = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         cases[f"int8 GEMM + dequant + bias, {tile}"] = (

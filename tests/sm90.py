@@ -153,7 +153,8 @@ SIGNATURES = {
                 "R": "i32", "L": "i32", "l1_scale": "fp32", "eps": "fp32"},
     "l1_norm_backward": {"dy_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "mean_ptr": "*fp32", "inv_ptr": "*fp32",
                          "w_ptr": "*bf16", "dx_ptr": "*bf16", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-                         "seed_ptr": "*i64", "R": "i32", "L": "i32", "l1_scale": "fp32", "n_programs": "i32"},
+                         "seed_ptr": "*i64", "res_ptr": "*bf16", "cr_ptr": "*i32", "rr_ptr": "*fp32",
+                         "cs_ptr": "*fp32", "R": "i32", "L": "i32", "l1_scale": "fp32", "n_programs": "i32"},
     # K-major operands (stride_ak = stride_bk = 1), output and column scales contiguous along N
     "int8_gemm": {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
                   "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",

@@ -567,6 +567,28 @@ def test_gpu_tiles_compile_for_hopper_to_warpgroup_mma_without_spills():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_gpu_packed_gradient_sums_with_autotuned_tiles(monkeypatch):
+    """The bias gradient of a packed ``qkv`` gradient with every candidate tile timed by the
+    autotuner first (each writes the partial-sum slots its rows cover): float64 sums of the
+    packed gradient, to float32 rounding."""
+    monkeypatch.setenv("SQCOMPILE_AUTOTUNE", "1")
+    ta = _ta()
+    g = torch.Generator().manual_seed(12)
+    B, H, L, D = 2, 8, 300, 64
+    qkv = torch.randn(B, L, 3, H, D, generator=g).cuda().bfloat16()
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    do = torch.randn(B, L, H, D, generator=g).cuda().bfloat16().transpose(1, 2)
+    out, *saved = ta.attention_forward(q, k, v, None, D ** -0.5, True, 4)
+    packed = torch.empty(B, L, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    sums = torch.empty(3 * H * D, device="cuda")
+    ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, grads=tuple(
+        packed[:, :, i].transpose(1, 2) for i in range(3)), grad_sums=sums)
+    expected = packed.reshape(B * L, -1).double().sum(0)
+    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_gpu_fused_equals_unfused_at_a_real_shape():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 8, 300, 64, generator=g).cuda().bfloat16() for _ in range(3))

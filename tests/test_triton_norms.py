@@ -180,6 +180,38 @@ def test_backward_rounding_is_seeded_and_unbiased():
     assert mean_of_many < one / 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_with_the_residual_added_is_the_add(dtype):
+    """``l1_norm_backward_residual``: bit for bit ``dx + residual`` of the plain backward (the
+    same seed), the same weight / bias gradients; the sum's ShiftQuant ranges per column and
+    per row exactly (NaN as +inf) and its column sums to float32 rounding, once rounded to
+    the dtype."""
+    tn, _ = _kernels()
+    x, w, b = _case((13, 45), dtype, True, True, seed=3)
+    _, q, scale, mean, inv = tn.l1_norm(x, w, b, 8, True, C, EPS)
+    g = torch.Generator().manual_seed(4)
+    dy, res = (torch.randn(13, 45, generator=g).to(DEVICE, dtype) for _ in range(2))
+    res[4, 7] = float("nan")
+    dx, dw, db = tn.l1_norm_backward(dy, q, scale, mean, inv, w, 4, True, C, True, True, seed=9)
+    out, dw2, db2, cols, rows, sums = tn.l1_norm_backward_residual(dy, q, scale, mean, inv, w, res, 4, True, C, True,
+                                                                   True, True, True, seed=9)
+    expected = dx + res
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num()) and out.isnan().sum() == 1
+    assert torch.equal(dw, dw2) and torch.equal(db, db2)
+    mag = expected.float().abs().nan_to_num(nan=float("inf"))
+    assert torch.equal(cols, mag.amax(0)) and torch.equal(rows, mag.amax(1)) and cols[7] == float("inf")
+    assert sums.dtype == dtype and sums[7].isnan()
+    finite = torch.arange(45, device=DEVICE) != 7
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=0)
+    torch.testing.assert_close(sums[finite].double(), expected.double().sum(0)[finite].to(dtype).double(), **tol)
+    # neither ranges nor sums asked: empty; a residual of another shape: refused
+    _, _, _, cols, rows, sums = tn.l1_norm_backward_residual(dy, q, scale, mean, inv, w, res, 4, True, C, False,
+                                                             False, False, False, seed=9)
+    assert cols.numel() == rows.numel() == sums.numel() == 0
+    with pytest.raises(ValueError, match="residual"):
+        tn.l1_norm_backward_residual(dy, q, scale, mean, inv, w, res[:, :5], 4, True, C, True, True, True, True)
+
+
 def test_kernels_refuse_what_they_cannot_take():
     tn, _ = _kernels()
     with pytest.raises(ValueError, match="contiguous"):
@@ -205,8 +237,12 @@ def test_norm_api_names_the_kernels_argument():
 def test_forward_ops_pass_opcheck():
     x, w, b = _case((5, 12), torch.float32, True, True)
     ops = torch.ops.sqcompile
+    _, q, scale, mean, inv = ops.triton_l1_norm(x, w, b, 8, True, C, EPS)
+    dy, res = torch.randn_like(x), torch.randn_like(x)
     for op, args in ((ops.triton_l1_norm.default, (x, w, b, 8, True, C, EPS)),
-                     (ops.triton_l1_norm_quantized.default, (x, w, b, 8, True, C, EPS, 4))):
+                     (ops.triton_l1_norm_quantized.default, (x, w, b, 8, True, C, EPS, 4)),
+                     (ops.triton_l1_norm_backward_residual.default,
+                      (dy, q, scale, mean, inv, w, res, 4, True, C, True, False, True, True))):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -284,6 +320,52 @@ def test_compiled_norms_run_on_triton_and_fuse_with_the_gemm_quantizers():
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * float(ref_grads[name].abs().max()))
 
 
+class PreNormResidual(nn.Module):
+    """``y = lin(x); y + fc(ln(y))``: ``lin``'s output gradient is the residual's plus the
+    norm's input gradient, which ``lin`` ShiftQuants both ways (``x`` comes from a Linear
+    too) and sums for its bias."""
+
+    def __init__(self, d=24):
+        super().__init__()
+        self.inp, self.lin, self.ln, self.fc = nn.Linear(d, d), nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.lin(self.inp(x))
+        return y + self.fc(self.ln(y))
+
+
+def test_norm_backward_takes_the_residual_add_its_ranges_and_its_sum(monkeypatch):
+    """``fuse_norm_residuals``: the add after the norm's backward, the range pass of the pair
+    that quantizes the sum and its column sum move into the norm's backward kernel; the
+    gradients are those of the same compile without it, bit for bit but ``lin``'s bias
+    gradient (summed in another order)."""
+    from sqcompile.backends import lowering, norm_fusion
+
+    torch.manual_seed(0)
+    model, x = PreNormResidual(), torch.randn(2, 5, 24)
+    _, grads, rec = _step(model, x, {})
+    backward = rec.graphs["backward_fused"]
+    assert "triton_l1_norm_backward_residual(" in backward and "triton_l1_norm_backward(" not in backward
+    assert [r.label for r in rec.regions if r.module_path == "ln" and r.stage == "backward"] == [
+        norm_fusion.RESIDUAL_LABEL + "+ranges+sum"]
+    def pairs(graph):           # the ShiftQuant pairs, and how many take no given ranges
+        found = [line for line in graph.splitlines() if "triton_shiftquant_pair(" in line]
+        return len(found), sum(", None, None, " in line for line in found)
+    monkeypatch.setattr(lowering, "fuse_norm_residuals", lambda gm, *args: gm)
+    torch._dynamo.reset()
+    _, ref_grads, ref_rec = _step(model, x, {})
+    assert "triton_l1_norm_backward_residual(" not in ref_rec.graphs["backward_fused"]
+    assert backward.count("aten.sum.dim_IntList(") == ref_rec.graphs["backward_fused"].count("aten.sum.dim_IntList(") - 1
+    assert backward.count("aten.add.Tensor(") == ref_rec.graphs["backward_fused"].count("aten.add.Tensor(") - 1
+    # fc's output gradient (the loss's) and lin's (now with the kernel's ranges)
+    assert pairs(backward) == (2, 1) and pairs(ref_rec.graphs["backward_fused"]) == (2, 2)
+    for name in grads:
+        if name == "lin.bias":
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(grads[name], ref_grads[name]), name
+
+
 def test_norm_quantizer_fusion_is_bit_exact(monkeypatch):
     """Only the norm fusion differs (the GEMM regions are the same): identical int8 operands,
     so identical outputs."""
@@ -333,8 +415,10 @@ for L in (1024, 4096):
             QMAX=127, OUT_QMAX=7, CENTER=True, HAS_W=True, HAS_B=True, OUT_Q=out_q, BLOCK_R=br, BLOCK_L=bl),
             num_warps=w)["spilled"]
     br, bl, w = tn._block(L, 2048, tn.BACKWARD_PER_THREAD)
-    result[f"bwd {L}"] = sm90.compile_sm90(tn._l1_norm_backward_kernel, bwd, dict(
-        GQMAX=127, CENTER=True, HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_R=br, BLOCK_L=bl), num_warps=w)["spilled"]
+    for res in (False, True):     # with the residual add, the sum's ranges and its column sums
+        result[f"bwd {L} residual={res}"] = sm90.compile_sm90(tn._l1_norm_backward_kernel, bwd, dict(
+            GQMAX=127, CENTER=True, HAS_W=True, NEED_DW=True, NEED_DB=True, RESIDUAL=res, RANGES=res, SUMS=res,
+            BLOCK_R=br, BLOCK_L=bl), num_warps=w)["spilled"]
 print(json.dumps(result))
 """
 
@@ -348,7 +432,7 @@ def test_norm_kernels_compile_for_hopper_without_spills():
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     result = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
-    assert len(result) == 6 and all(v <= 0 for v in result.values()), result
+    assert len(result) == 8 and all(v <= 0 for v in result.values()), result
 
 
 def test_an_override_puts_a_norm_back_on_the_torch_implementation():

@@ -24,7 +24,7 @@ from .. import numerics as N
 from ..graphs import format_graph
 from .attention_grads import pack_attention_gradients
 from .fusion import fuse_regions
-from .norm_fusion import fuse_norm_quantizers
+from .norm_fusion import fuse_norm_quantizers, fuse_norm_residuals
 
 
 def _noise(x, stochastic):
@@ -131,6 +131,7 @@ def compiler(stage: str, config, target, record, cuda_graphs: "CudaGraphs | None
     def compile_graph(gm, example_inputs):
         record.graphs[stage] = format_graph(gm)
         gm = pack_attention_gradients(gm, record, stage, config.fusion)   # fused attention writes dqkv in place
+        gm = fuse_norm_residuals(gm, record, stage, config.fusion)   # norm backward adds the residual gradient
         gm = fuse_regions(gm, record, stage, config.fusion)   # Triton int8 GEMM + epilogue -> one generated kernel
         gm = fuse_norm_quantizers(gm, record, stage, config.fusion)   # L1 norm writes the GEMM's int8 input
         record.inner = inner_compiler(config, target, record)

@@ -15,6 +15,19 @@ quantizer is not per row or rounds stochastically, or when the quantizers disagr
 bits.  Each fusion is recorded as a :class:`~sqcompile.decisions.FusedRegion` labelled
 ``l1_norm+quantize`` on the norm's decision, next to the GEMM regions of
 :mod:`sqcompile.backends.fusion`, and follows the same ``fusion`` option.
+
+In a backward graph, a pre-norm residual block adds the norm's input gradient to the
+residual stream's: ``g = residual + dx`` right after ``triton_l1_norm_backward``, and that
+sum is what the Linear before the norm takes as its output gradient (ShiftQuant-ed along
+its columns and its rows, and summed over the tokens for its bias).  When ``dx`` has no other
+use (through views) and the other operand is a contiguous tensor of its shape and dtype,
+:func:`fuse_norm_residuals` replaces both by ``sqcompile::triton_l1_norm_backward_residual``:
+the kernel adds the residual gradient (bit for bit the add: each rounded to the dtype) and
+writes only the sum, and also gives the ShiftQuants that read it their channel ranges and
+the ``sum`` over its rows its value (per-program float32 partial sums, as the norm's own
+weight gradient; equal to the graph's sum up to the order of the additions).  Recorded as
+``l1_norm_backward+residual`` (``+ranges``, ``+sum``).  It runs before the GEMM regions so
+that the ShiftQuant pairs take those ranges.
 """
 from __future__ import annotations
 
@@ -28,6 +41,7 @@ from ..decisions import CompileRecord, FusedRegion
 from . import fusion as F
 
 LABEL = "l1_norm+quantize"
+RESIDUAL_LABEL = "l1_norm_backward+residual"
 
 
 def _getitem(node: fx.Node, index: int) -> Optional[fx.Node]:
@@ -118,6 +132,88 @@ def fuse_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
     return F.finished(gm, record, stage, fused)
 
 
+def _residual_add(dx: fx.Node) -> Tuple[Optional[fx.Node], List[fx.Node], Optional[fx.Node]]:
+    """``(add, views between, other operand)`` when ``dx``'s only use, through single-use
+    views, is an ``aten.add.Tensor`` with a contiguous tensor of the add's shape and dtype."""
+    node, views = dx, []
+    while len(node.users) == 1:
+        (user,) = node.users
+        if F._is_view(user) and user.args[0] is node:
+            node = user
+            views.append(user)
+            continue
+        if user.target is not torch.ops.aten.add.Tensor or len(user.args) != 2 or user.kwargs or \
+                sum(a is node for a in user.args) != 1:
+            break
+        other = user.args[1] if user.args[0] is node else user.args[0]
+        out, val = F._val(user), F._val(other) if isinstance(other, fx.Node) else None
+        if val is None or out is None or val.shape != out.shape or val.dtype != out.dtype or \
+                F._val(node).dtype != out.dtype or not val.is_contiguous() or not F._static(out.shape):
+            break
+        return user, views, other
+    return None, views, None
+
+
+def fuse_norm_residuals(gm: fx.GraphModule, record: CompileRecord, stage: str,
+                        option: Optional[bool] = None) -> fx.GraphModule:
+    """Fuse each ``triton_l1_norm_backward`` of ``gm`` with the residual add after it, the
+    ranges of the ShiftQuants and the column sums that read the result (see the module
+    docstring).  ``option``: the compile's ``fusion`` option."""
+    bwd_op = F._op("triton_l1_norm_backward")
+    if bwd_op is None or not F.enabled(option):
+        return gm
+    ops, aten = torch.ops.sqcompile, torch.ops.aten
+    graph = gm.graph
+    fused = 0
+    for bwd in [n for n in graph.nodes if n.op == "call_function" and n.target is bwd_op]:
+        dx = _getitem(bwd, 0)
+        add, views, other = _residual_add(dx) if dx is not None else (None, [], None)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        if add is None or (other.op != "placeholder" and order[other] > order[bwd]):
+            continue                # the residual gradient must exist where the norm's backward runs
+        args = F._bound_args(bwd)
+        R, L = F._val(args["dy"]).shape
+        gemm3, dtype = (1, R, L), F._val(add).dtype
+        ranged = [(sq, F._range_axis(F._val(sq.args[0]), sq.args[3], gemm3))
+                  for sq in F.readers_of(add, ops.triton_shiftquant.default)]
+        ranged = [(sq, 3 if axis == "n" else 4) for sq, axis in ranged if axis is not None]
+        sums = [n for n in F.readers_of(add, aten.sum.dim_IntList)
+                if F._val(n).dtype == dtype and F._column_sum(n, gemm3) is not None]
+        mode = F._fake_mode(args["dy"])
+        with graph.inserting_before(bwd):
+            residual = F._new(graph, aten.view.default, (other, [R, L]), bwd, mode)
+            new = F._new(graph, ops.triton_l1_norm_backward_residual.default, (
+                args["dy"], args["q"], args["scale"], args["mean"], args["inv"], args["weight"], residual,
+                args["grad_bits"], args["center"], args["l1_scale"], args["need_weight_grad"], args["need_bias_grad"],
+                bool(ranged), bool(sums)), bwd, mode)
+            outs = [F._new(graph, operator.getitem, (new, i), bwd, mode) for i in range(3)]
+        for i in (1, 2):                                       # dweight, dbias
+            old = _getitem(bwd, i)
+            if old is not None:
+                old.replace_all_uses_with(outs[i])
+        with graph.inserting_before(add):
+            total = F._new(graph, aten.view.default, (outs[0], list(F._val(add).shape)), bwd, mode)
+        add.replace_all_uses_with(total)
+        for sq, index in ranged:
+            with graph.inserting_before(sq):
+                found = F._new(graph, operator.getitem, (new, index), bwd, mode)
+            F.given_ranges(graph, sq, found, mode)
+        for node in sums:
+            F.given_sum(graph, node, new, 5, bwd, mode, [])
+        removed = [add, *reversed(views), dx, *[u for u in bwd.users if u is not dx], bwd]
+        for node in removed:
+            graph.erase_node(node)
+        label = RESIDUAL_LABEL + ("+ranges" if ranged else "") + ("+sum" if sums else "")
+        decision = _norm_decision(record, bwd)
+        F._record(record, decision, FusedRegion(
+            name=f"R{len(record.regions) + 1}", stage=stage, label=label, nodes=[n.name for n in reversed(removed)],
+            module_path=decision.module_path if decision else F._module_of(bwd),
+            decision=decision.node if decision else None, outputs=1, stop="",
+            kernel="sqcompile/kernels/triton_norm.py:_l1_norm_backward_kernel"))
+        fused += 1
+    return F.finished(gm, record, stage, fused)
+
+
 def _norm_decision(record: CompileRecord, norm: fx.Node):
     """The norm decision ``norm`` came from: the only quantized norm of its module."""
     module = F._module_of(norm)
@@ -125,4 +221,4 @@ def _norm_decision(record: CompileRecord, norm: fx.Node):
     return found[0] if len(found) == 1 else None
 
 
-__all__ = ["fuse_norm_quantizers", "LABEL"]
+__all__ = ["fuse_norm_quantizers", "fuse_norm_residuals", "LABEL", "RESIDUAL_LABEL"]

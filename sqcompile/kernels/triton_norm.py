@@ -30,6 +30,11 @@ layout: element ``(r, l)`` of an ``[R, L]`` tensor gets the same draw), dequanti
 ``g = dy * weight`` (the RMS kind drops the two mean corrections; :mod:`sqcompile.norms`
 derives it).  ``dweight = sum_rows dy * xhat`` and ``dbias = sum_rows dy`` are summed per
 program over its rows in registers, then over programs with ``torch.sum`` (deterministic).
+:func:`l1_norm_backward_residual` also adds the residual stream's gradient to ``dx`` in the
+kernel (a pre-norm block's ``residual + dx``, which is all that is written) and can give that
+sum's ShiftQuant ranges (per row, and per column by an integer atomic max) and its column
+sums (per program, like ``dbias``), for the Linear whose output gradient it is
+(:mod:`sqcompile.backends.norm_fusion`).
 
 Reductions run in a different order than torch's, so ``y``, ``mean``, ``inv`` and the
 gradients agree with :mod:`sqcompile.norms` to float32 rounding, not bit for bit; the
@@ -45,8 +50,8 @@ import triton.language as tl
 
 from .. import numerics as N
 from ..norms import triton_unsupported
-from .triton_quant import (INTERPRETED, _absmax, _device_programs, _multipliers, _quantize_values,
-                           _scale_of, _seed_arg, _uniform_noise, cast_rtne, cdiv, next_power_of_2)
+from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _absmax, _device_programs, _multipliers,
+                           _quantize_values, _scale_of, _seed_arg, _uniform_noise, cast_rtne, cdiv, next_power_of_2)
 
 
 @triton.jit
@@ -103,12 +108,17 @@ def _l1_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr,
 
 @triton.jit
 def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, seed_ptr,
-                             R, L, l1_scale, n_programs,
+                             res_ptr, cr_ptr, rr_ptr, cs_ptr, R, L, l1_scale, n_programs,
                              GQMAX: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr,
-                             NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                             NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, RESIDUAL: tl.constexpr,
+                             RANGES: tl.constexpr, SUMS: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """Row blocks ``pid, pid + n_programs, ...``; writes ``dx`` and this program's partial
-    column sums ``dw[pid]`` / ``db[pid]`` (see the module docstring)."""
+    column sums ``dw[pid]`` / ``db[pid]`` (see the module docstring).  ``RESIDUAL``: writes
+    ``dx + residual`` (each rounded to the dtype, as the add after the norm's backward does)
+    instead of ``dx``; ``RANGES``: that output's ``max |.|`` per column (an integer atomic
+    max of the float bits into ``cr``, NaN as +inf) and per row (``rr``); ``SUMS``: its
+    partial column sums ``cs[pid]``."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_L)
     mask_l = cols < L
@@ -117,6 +127,8 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
     seed = tl.load(seed_ptr)
     dw = tl.zeros((BLOCK_L,), dtype=tl.float32)
     db = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    cmax = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)     # reduced over the rows once, at the end
+    csum = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)
     for start in range(pid * BLOCK_R, R, n_programs * BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask_r = rows < R
@@ -149,11 +161,26 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
             g = g - tl.math.div_rn(tl.sum(g, axis=1), L * 1.0)[:, None]
             sgn = sgn - tl.math.div_rn(tl.sum(sgn, axis=1), L * 1.0)[:, None]
         g = g - proj[:, None] * sgn
-        tl.store(dx_ptr + offs, cast_rtne(g * inv[:, None], dx_ptr.dtype.element_ty), mask=mask)
+        dx = cast_rtne(g * inv[:, None], dx_ptr.dtype.element_ty)
+        if RESIDUAL:
+            dx = cast_rtne(dx.to(tl.float32) + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32),
+                           dx_ptr.dtype.element_ty)
+        tl.store(dx_ptr + offs, dx, mask=mask)
+        if RANGES or SUMS:
+            out = tl.where(mask, dx.to(tl.float32), 0.0)
+            if RANGES:
+                tl.store(rr_ptr + rows, _abs_nan_as_inf(_absmax(out, 1)), mask=mask_r)
+                cmax = tl.maximum(cmax, _abs_nan_as_inf(out))
+            if SUMS:
+                csum += out
     if NEED_DW:
         tl.store(dw_ptr + pid * L + cols, dw, mask=mask_l)
     if NEED_DB:
         tl.store(db_ptr + pid * L + cols, db, mask=mask_l)
+    if RANGES:      # non-negative float32 orders like its int32 bits
+        tl.atomic_max(cr_ptr + cols, tl.max(cmax, axis=0).to(tl.int32, bitcast=True), mask=mask_l, sem="relaxed")
+    if SUMS:
+        tl.store(cs_ptr + pid * L + cols, tl.sum(csum, axis=0), mask=mask_l)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,21 +274,53 @@ def l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mea
     """``(dx, dweight, dbias)`` (float32 ``[L]`` sums, empty when not needed) from the saved
     ``q, scale, mean, inv`` of :func:`l1_norm` (see the module docstring).  ``seed``: the
     stochastic rounding's Philox seed (default: drawn on the device from torch's generator)."""
+    return _backward(dy, q, scale, mean, inv, weight, grad_bits, center, l1_scale, need_weight_grad,
+                     need_bias_grad, None, False, False, seed)[:3]
+
+
+def l1_norm_backward_residual(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                              inv: torch.Tensor, weight: Optional[torch.Tensor], residual: torch.Tensor,
+                              grad_bits: int, center: bool, l1_scale: float, need_weight_grad: bool,
+                              need_bias_grad: bool, ranges: bool, sums: bool, *,
+                              seed: Union[None, int, torch.Tensor] = None):
+    """``(dx + residual, dweight, dbias, column ranges, row ranges, column sums)``:
+    :func:`l1_norm_backward` with the residual gradient added in the kernel (``residual``
+    ``[R, L]`` of ``dy``'s dtype; ``dx`` itself is not written), bit for bit the unfused add.
+    With ``ranges``, that output's ShiftQuant ranges (float32 ``[L]`` per column and ``[R]``
+    per row, ``max |.|``, NaN as +inf, exact); with ``sums``, its sum over the rows (``[L]``,
+    float32 accumulation rounded once to its dtype: a Linear's bias gradient).  Empty where
+    not asked."""
+    if residual.shape != dy.shape or residual.dtype != dy.dtype:
+        raise ValueError(f"l1_norm_backward_residual: residual must be {tuple(dy.shape)} {dy.dtype} like dy, "
+                         f"got {tuple(residual.shape)} {residual.dtype}")
+    return _backward(dy, q, scale, mean, inv, weight, grad_bits, center, l1_scale, need_weight_grad,
+                     need_bias_grad, residual.contiguous(), ranges, sums, seed)
+
+
+def _backward(dy, q, scale, mean, inv, weight, grad_bits, center, l1_scale, need_weight_grad, need_bias_grad,
+              residual, ranges, sums, seed):
     dy = dy.contiguous()
     R, L = _check(dy, weight, None, grad_bits)
-    dev = dy.device
+    dev, f32 = dy.device, torch.float32
     dx = torch.empty_like(dy)
-    empty = torch.empty((0,), dtype=torch.float32, device=dev)
+    empty = torch.empty((0,), dtype=f32, device=dev)
+    cols = torch.zeros((L,), dtype=torch.int32, device=dev) if ranges else empty
+    rows = torch.empty((R,), dtype=f32, device=dev) if ranges else empty
     if R == 0:
-        zeros = torch.zeros((L,), dtype=torch.float32, device=dev)
-        return dx, zeros if need_weight_grad else empty, zeros if need_bias_grad else empty
+        zeros = torch.zeros((L,), dtype=f32, device=dev)
+        return (dx if residual is None else residual.clone(), zeros if need_weight_grad else empty,
+                zeros if need_bias_grad else empty, cols.view(f32), rows,
+                zeros.to(dy.dtype) if sums else empty.to(dy.dtype))
     block_r, block_l, warps = _block(L, 2048, BACKWARD_PER_THREAD)
     programs = min(cdiv(R, block_r), _device_programs(dev))
-    dw = torch.empty((programs, L), dtype=torch.float32, device=dev) if need_weight_grad else empty
-    db = torch.empty((programs, L), dtype=torch.float32, device=dev) if need_bias_grad else empty
+    dw, db, cs = (torch.empty((programs, L), dtype=f32, device=dev) if need else empty
+                  for need in (need_weight_grad, need_bias_grad, sums))
     seed = _seed_arg(seed, True, dev, empty)
     _l1_norm_backward_kernel[(programs,)](
-        dy, q, scale, mean, inv, dy if weight is None else weight, dx, dw, db, seed, R, L, float(l1_scale), programs,
+        dy, q, scale, mean, inv, dy if weight is None else weight, dx, dw, db, seed,
+        dy if residual is None else residual, cols, rows, cs, R, L, float(l1_scale), programs,
         GQMAX=N.qmax(grad_bits), CENTER=center, HAS_W=weight is not None, NEED_DW=need_weight_grad,
-        NEED_DB=need_bias_grad, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps)
-    return dx, dw.sum(0) if need_weight_grad else empty, db.sum(0) if need_bias_grad else empty
+        NEED_DB=need_bias_grad, RESIDUAL=residual is not None, RANGES=ranges, SUMS=sums,
+        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps)
+    return (dx, dw.sum(0) if need_weight_grad else empty, db.sum(0) if need_bias_grad else empty, cols.view(f32),
+            rows, cs.sum(0).to(dy.dtype) if sums else empty.to(dy.dtype))

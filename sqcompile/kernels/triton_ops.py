@@ -280,6 +280,34 @@ def _(dy, q, scale, mean, inv, weight, grad_bits, center, l1_scale, need_weight_
     return (torch.empty_like(dy, memory_format=torch.contiguous_format), *sums)
 
 
+@ops.custom_op("sqcompile::triton_l1_norm_backward_residual", tags=ops._RANDOM)
+def triton_l1_norm_backward_residual(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                                     inv: torch.Tensor, weight: Optional[torch.Tensor], residual: torch.Tensor,
+                                     grad_bits: int, center: bool, l1_scale: float, need_weight_grad: bool,
+                                     need_bias_grad: bool, ranges: bool, sums: bool
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor]:
+    """:func:`triton_l1_norm_backward` with the residual gradient added in the kernel, as the
+    lowering puts it in place of the norm's backward and the add after it
+    (:mod:`sqcompile.backends.norm_fusion`): ``(dx + residual, dweight, dbias, column ranges,
+    row ranges, column sums)``, the last three of the sum (ShiftQuant ranges, float32; its
+    sum over the rows in its dtype) where ``ranges`` / ``sums`` ask, else empty."""
+    _check_device(dy, residual)
+    return _norm().l1_norm_backward_residual(dy, q, scale, mean, inv, weight, residual, grad_bits, center, l1_scale,
+                                             need_weight_grad, need_bias_grad, ranges, sums)
+
+
+@triton_l1_norm_backward_residual.register_fake
+def _(dy, q, scale, mean, inv, weight, residual, grad_bits, center, l1_scale, need_weight_grad, need_bias_grad,
+      ranges, sums):
+    R, L = dy.shape
+    f32 = torch.float32
+    return (torch.empty_like(dy, memory_format=torch.contiguous_format),
+            *[dy.new_empty((L if need else 0,), dtype=f32) for need in (need_weight_grad, need_bias_grad)],
+            dy.new_empty((L if ranges else 0,), dtype=f32), dy.new_empty((R if ranges else 0,), dtype=f32),
+            dy.new_empty((L if sums else 0,)))
+
+
 @functools.lru_cache(maxsize=None)
 def _attention():
     return importlib.import_module(".triton_attention", __package__)
