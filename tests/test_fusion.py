@@ -8,6 +8,8 @@ conftest.py), on small shapes whose M, N and K are not multiples of the 32-wide 
   own ops (every op the generator knows, float32 and bfloat16, all input patterns);
 * compiled models with fusion on against fusion off (``fusion.ENABLED``): same forward and
   gradients, regions in the forward and the backward graphs, in the decisions and the report;
+* ShiftQuant ranges and bias-gradient column sums computed in the epilogues, against the
+  quantizers' own range pass and the graph's own ``sum``;
 * where a region must stop: a value with two consumers, a non-elementwise op;
 * int16 ShiftQuant gradients (two digit GEMMs) and Inductor as the inner compiler;
 * the kernel cache hits on a second compile; ``kernels="torch"`` is left alone;

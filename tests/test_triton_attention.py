@@ -297,12 +297,12 @@ def test_custom_ops_pass_opcheck():
     out, *saved = torch.ops.sqcompile.triton_attention(*heads, None, 0.25, True, 4)
     do = torch.randn(2, 20, 2, 16, device=DEVICE).transpose(1, 2)
     strides = [1920, 16, 96, 1] * 3      # (b, h, l, d) in [B, L, 3, H, D]
-    for op, args in [
-        (torch.ops.sqcompile.triton_attention.default, (*heads, None, 0.25, True, 4)),
-        (torch.ops.sqcompile.triton_attention_backward_packed.default,      # with its ranges and sums
-         (do, *saved, None, 0.25, True, 4, 4, 4, [2, 20, 3, 2, 16], [0, 32, 64], strides, True, True)),
-    ]:
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(torch.ops.sqcompile.triton_attention.default, (*heads, None, 0.25, True, 4),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    # with its ranges and sums; put in place after AOTAutograd (a lowering pass), so never traced by it
+    torch.library.opcheck(torch.ops.sqcompile.triton_attention_backward_packed.default,
+                          (do, *saved, None, 0.25, True, 4, 4, 4, [2, 20, 3, 2, 16], [0, 32, 64], strides, True, True),
+                          test_utils=("test_schema", "test_faketensor"))
     packed = torch.ops.sqcompile.triton_attention_backward_packed
     for size, offsets, strides, what in [([2, 20, 3, 2, 16], [0, 32, 2000], [1920, 16, 96, 1] * 3, "leaves"),
                                          ([2, 20, 2, 2, 16], [0, 32, 64], [1920, 16, 96, 1] * 3, "cannot fill"),
@@ -497,13 +497,22 @@ def test_attention_written_out_stays_when_it_cannot_be_one_op():
     assert [r[0] for r in _attention_rows(records_for(list(model.parameters()))[-1])] == ["matmul", "matmul"]
 
 
+def _forward_record(model, x, **options):
+    """The compile record of ``model``'s forward alone (the decisions are taken there)."""
+    torch._dynamo.reset()
+    model = copy.deepcopy(model).to(DEVICE)
+    with torch.no_grad():
+        torch.compile(model, backend="shiftquant", options={**_OPTIONS, **options})(x.to(DEVICE))
+    return records_for(list(model.parameters()))[-1]
+
+
 def test_option_defaults_and_errors():
     torch.manual_seed(0)
     block, x = Block(sdpa=True), torch.randn(2, 8, 32)
-    _, _, rec, _ = _compiled_step(block, x)                # None: fused on CUDA only
+    rec = _forward_record(block, x)                        # None: fused on CUDA only
     (sdpa,) = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
     assert (sdpa.region == FUSED_ATTENTION) == (DEVICE == "cuda")
-    _, _, rec, _ = _compiled_step(block, x, collect_stats=True, fused_attention=True)
+    rec = _forward_record(block, x, collect_stats=True, fused_attention=True)
     (sdpa,) = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
     assert sdpa.note.startswith("unfused attention: collect_stats")
     with pytest.raises(ValueError, match="fused_attention"):

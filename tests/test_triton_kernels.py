@@ -431,16 +431,17 @@ def test_stochastic_rounding_is_unbiased(keep_dims, channels_contiguous):
     x = torch.linspace(-1, 1, 200, device=DEVICE).reshape(4, 50)   # steps hit every fraction
     x = x.t().contiguous() if channels_contiguous else x
     assert tq._view_and_tile(x, keep_dims)[0].noise_along_c == channels_contiguous
-    seeds = 256
+    seeds = 128
     acc = torch.zeros(x.shape, dtype=torch.float64)
     for seed in range(seeds):
         q, s = tq.quantize(x, 4, keep_dims, True, seed=seed)
         acc += N.dequantize(q.cpu(), s.cpu()).double()
     step = s.cpu().double()
     bias = (acc / seeds - x.cpu().double()) / step
-    # One sample's rounding error has std <= 1/2 step: the mean over 256 has std <= 1/32.
+    # One sample's rounding error has std <= 1/2 step: the mean over 128 has std <= 0.044 (the
+    # mean over the 200 values, <= 0.0031); a rounding biased by a tenth of a step fails both.
     assert abs(float(bias.mean())) < 0.01
-    assert float(bias.abs().max()) < 0.2
+    assert float(bias.abs().max()) < 0.25
 
 
 def test_stochastic_noise_bytes_are_uniform():
