@@ -168,9 +168,7 @@ def _bias_sums(result: fx.Node, grad_shape) -> List[fx.Node]:
     """The ``sum`` nodes of the assembled gradient over its tokens, in its dtype (through
     contiguous views): the projection's bias gradient, which the kernels can compute."""
     B, H, L, D = grad_shape
-    tokens, dtype = B * L, F._val(result).dtype
-    return [node for node in F.readers_of(result, aten.sum.dim_IntList)
-            if F._val(node).dtype == dtype and F._column_sum(node, (1, tokens, 3 * H * D)) is not None]
+    return [node for node, _ in F.column_sums(result, (1, B * L, 3 * H * D), F._val(result).dtype)]
 
 
 def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: str,

@@ -494,13 +494,21 @@ def _find_sums(r: _Region) -> None:
     if not triton_fused.ranges_fit(r.ops):
         return
     final = r.chain[-1]
-    for user in readers_of(final, aten.sum.dim_IntList):
-        dtype = _column_sum(user, r.gemm3)
-        if dtype is not None:
-            r.sums.append([r.value[final], dtype])
-            r.sum_users.append(user)
+    for user, dtype in column_sums(final, r.gemm3):
+        r.sums.append([r.value[final], dtype])
+        r.sum_users.append(user)
     if r.sums:
         r.tags.append("sum")
+
+
+def column_sums(node: fx.Node, gemm3, dtype: Optional[torch.dtype] = None) -> List[Tuple[fx.Node, str]]:
+    """``[(sum node, its dtype's name)]``: the ``sum`` nodes that read ``node``'s value (a
+    contiguous ``[B, M, N]`` value, through contiguous views) over the batch and the rows,
+    keeping the columns (:func:`_column_sum`); with ``dtype``, only those with that result
+    dtype."""
+    found = [(user, _column_sum(user, gemm3)) for user in readers_of(node, aten.sum.dim_IntList)
+             if dtype is None or _val(user).dtype == dtype]
+    return [(user, name) for user, name in found if name is not None]
 
 
 def readers_of(node: fx.Node, target) -> List[fx.Node]:

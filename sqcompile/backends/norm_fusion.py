@@ -173,12 +173,11 @@ def fuse_norm_residuals(gm: fx.GraphModule, record: CompileRecord, stage: str,
             continue                # the residual gradient must exist where the norm's backward runs
         args = F._bound_args(bwd)
         R, L = F._val(args["dy"]).shape
-        gemm3, dtype = (1, R, L), F._val(add).dtype
+        gemm3 = (1, R, L)
         ranged = [(sq, F._range_axis(F._val(sq.args[0]), sq.args[3], gemm3))
                   for sq in F.readers_of(add, ops.triton_shiftquant.default)]
         ranged = [(sq, 3 if axis == "n" else 4) for sq, axis in ranged if axis is not None]
-        sums = [n for n in F.readers_of(add, aten.sum.dim_IntList)
-                if F._val(n).dtype == dtype and F._column_sum(n, gemm3) is not None]
+        sums = [node for node, _ in F.column_sums(add, gemm3, F._val(add).dtype)]
         mode = F._fake_mode(args["dy"])
         with graph.inserting_before(bwd):
             residual = F._new(graph, aten.view.default, (other, [R, L]), bwd, mode)
