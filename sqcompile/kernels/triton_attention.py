@@ -888,7 +888,7 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
     if not ranges_in_kernel:
         rng = delta                             # RANGES off: any pointer
     sums_in_kernel = grad_sums is not None and in_kernel
-    slot = _sum_slot(tiles, dev, common["BLOCK_D"] > 64)
+    slot = _sum_slot(tiles, dev, common["BLOCK_D"] > 64) if sums_in_kernel else 1     # SLOT: unused without
     n_slots = cdiv(L, slot)
     parts = torch.empty((B * n_slots, n_feat), dtype=torch.float32, device=dev) if sums_in_kernel else delta
     qq_t, qk_t = _sequence_contiguous(qq), _sequence_contiguous(qk)

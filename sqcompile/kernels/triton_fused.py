@@ -305,6 +305,7 @@ class RegionKernel:
     epilogue: Epilogue
     fn: object           # the Triton kernel (autotuned on CUDA)
     path: str            # the generated module file
+    min_block_m: int     # the smallest BLOCK_M it may run with (sizes the column-sum buffer)
 
 
 _LIGHT_OPS = {"convert", "mul", "div", "add", "sub", "neg"}
@@ -422,11 +423,15 @@ def kernel_for(signature: str) -> RegionKernel:
         spec.loader.exec_module(module)
         gemm = _gemm()
         fn = module.region_kernel
-        if not gemm.INTERPRETED:
+        if gemm.INTERPRETED:
+            min_block_m = gemm.INTERPRETER_CONFIG["BLOCK_M"]
+        else:
             import triton
-            fn = triton.autotune(region_configs(ep), prune_configs_by={"early_config_prune": gemm.prune_configs},
+            configs = region_configs(ep)
+            min_block_m = min(c.kwargs["BLOCK_M"] for c in configs)
+            fn = triton.autotune(configs, prune_configs_by={"early_config_prune": gemm.prune_configs},
                                  key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"])(fn)
-        k = _CACHE[signature] = RegionKernel(ep, fn, path)
+        k = _CACHE[signature] = RegionKernel(ep, fn, path, min_block_m)
         return k
 
 
@@ -481,7 +486,7 @@ def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tenso
         return results + [torch.zeros(N, dtype=dt, device=a.device) for dt in ep.sum_dtypes()]
     # Column sums: a row of float32 partial sums per tile, enough rows for the smallest BLOCK_M
     # the kernel may run with (the rows the chosen one writes are summed after the launch).
-    parts = (torch.empty(len(ep.sums), Bt * cdiv(M, _smallest_block_m(ep)), N, dtype=torch.float32, device=a.device)
+    parts = (torch.empty(len(ep.sums), Bt * cdiv(M, kernel.min_block_m), N, dtype=torch.float32, device=a.device)
              if ep.sums else None)
     args = [a3, b3, M, N, K, *a3.stride(), *b3.stride()]
     for t, (pattern, _) in zip(inputs, ep.inputs):
@@ -501,13 +506,6 @@ def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tenso
     kernel.fn[grid](*args, **(gemm.INTERPRETER_CONFIG if gemm.INTERPRETED else {"enable_fp_fusion": False}))
     rows = Bt * cdiv(M, block_m[-1]) if ep.sums else 0
     return results + [parts[i, :rows].sum(0).to(dt) for i, dt in enumerate(ep.sum_dtypes())]
-
-
-def _smallest_block_m(ep: Epilogue) -> int:
-    gemm = _gemm()
-    if gemm.INTERPRETED:
-        return gemm.INTERPRETER_CONFIG["BLOCK_M"]
-    return min(c.kwargs["BLOCK_M"] for c in region_configs(ep))
 
 
 @ops.custom_op("sqcompile::triton_fused_int8_mm")

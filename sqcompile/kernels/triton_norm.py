@@ -50,8 +50,9 @@ import triton.language as tl
 
 from .. import numerics as N
 from ..norms import triton_unsupported
-from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _absmax, _device_programs, _multipliers,
-                           _quantize_values, _scale_of, _seed_arg, _uniform_noise, cast_rtne, cdiv, next_power_of_2)
+from .triton_quant import (INTERPRETED, _abs_nan_as_inf, _absmax, _combine_ranges, _device_programs, _max_nan,
+                           _multipliers, _quantize_values, _scale_of, _seed_arg, _uniform_noise, cast_rtne, cdiv,
+                           next_power_of_2)
 
 
 @triton.jit
@@ -127,7 +128,7 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
     seed = tl.load(seed_ptr)
     dw = tl.zeros((BLOCK_L,), dtype=tl.float32)
     db = tl.zeros((BLOCK_L,), dtype=tl.float32)
-    cmax = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)     # reduced over the rows once, at the end
+    cmax = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)     # |.| maxima, reduced over the rows at the end
     csum = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)
     for start in range(pid * BLOCK_R, R, n_programs * BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
@@ -170,15 +171,15 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
             out = tl.where(mask, dx.to(tl.float32), 0.0)
             if RANGES:
                 tl.store(rr_ptr + rows, _abs_nan_as_inf(_absmax(out, 1)), mask=mask_r)
-                cmax = tl.maximum(cmax, _abs_nan_as_inf(out))
+                cmax = _max_nan(cmax, tl.abs(out))
             if SUMS:
                 csum += out
     if NEED_DW:
         tl.store(dw_ptr + pid * L + cols, dw, mask=mask_l)
     if NEED_DB:
         tl.store(db_ptr + pid * L + cols, db, mask=mask_l)
-    if RANGES:      # non-negative float32 orders like its int32 bits
-        tl.atomic_max(cr_ptr + cols, tl.max(cmax, axis=0).to(tl.int32, bitcast=True), mask=mask_l, sem="relaxed")
+    if RANGES:
+        _combine_ranges(cr_ptr, cols, tl.reduce(cmax, 0, _max_nan), mask_l, cr_ptr, False)
     if SUMS:
         tl.store(cs_ptr + pid * L + cols, tl.sum(csum, axis=0), mask=mask_l)
 
