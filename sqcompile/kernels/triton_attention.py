@@ -160,10 +160,11 @@ def _p_scale(l, QMAX: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _quantized_p(p, sp, QMAX: tl.constexpr):
-    """``P``'s int8 per-row quantization (nearest) with the row scales ``sp``."""
+def _quantized_p(p, sp, QMAX: tl.constexpr, CVT: tl.constexpr = True):
+    """``P``'s int8 per-row quantization (nearest) with the row scales ``sp`` (``CVT``: see
+    :func:`triton_quant._quantize_clamped`)."""
     divisor, pre, inv = _multipliers(sp)
-    return _quantize_values(p, divisor[:, None], pre[:, None], inv[:, None], 0.0, QMAX, False).to(tl.int8)
+    return _quantize_values(p, divisor[:, None], pre[:, None], inv[:, None], 0.0, QMAX, False, CVT).to(tl.int8)
 
 
 @triton.jit
@@ -358,7 +359,9 @@ def _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt
     if EDGE:
         p = tl.where(mask_m[:, None], p, 0.0)
     eo_r = _load_rows(eor_ptr, b, offs_m, offs_d, s_rb, s_rm, s_rd, L, D)
-    acc_dv += tl.dot(tl.trans(_quantized_p(p, sp, QMAX)), eo_r)
+    # at head dim 128 this kernel is at the register limit, where Triton 3.9 spills 16 bytes
+    # with P rounded by the conversion instruction: the magic-number rounding there
+    acc_dv += tl.dot(tl.trans(_quantized_p(p, sp, QMAX, offs_d.shape[0] <= 64)), eo_r)
     eo_c = _load_rows(eoc_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
     g = _score_grad(p, _rounded(_prob_grad(eo_c, vv, base_oc), DTYPE), delta, scale, DTYPE)
     if STOCHASTIC:

@@ -57,9 +57,10 @@ Kernels (one per function, block sizes as ``tl.constexpr``):
 Conventions shared with :mod:`sqcompile.numerics`:
 
 * divisions are IEEE round-to-nearest (``tl.math.div_rn``; Triton's ``/`` is approximate on
-  CUDA), round-half-to-even uses the ``(v + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact for
-  ``|v| < 2**22``, and ``v`` is clamped to ``[-qmax, qmax]`` first: clamping to integer bounds
-  commutes with rounding), so nearest rounding is bit-exact with the reference;
+  CUDA), round-half-to-even is the GPU's ``cvt.rni`` conversion, in the interpreter the
+  ``(v + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact for ``|v| < 2**22``; ``v`` is clamped
+  to ``[-qmax, qmax]`` first: clamping to integer bounds commutes with rounding), so nearest
+  rounding is bit-exact with the reference (:func:`round_half_even`);
 * the amax reductions use IEEE ``maximum`` (NaN-propagating, :func:`_max_nan`, on the GPU
   and in the interpreter alike) and take a NaN amax as ``+inf``; a non-finite amax gives a
   NaN scale and zero integers, exactly as the reference;
@@ -98,6 +99,7 @@ from .triton_ops import _interpret_requested, pair_dims, triton_version
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _ROUND_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22
+_NOISE_OFFSET = tl.constexpr(0.001953125)  # 2**-9: half of a noise byte's step (1/256)
 _MAX_GRID_YZ = 65535        # CUDA limit on grid dims 1 and 2
 # Divisors outside [2**-100, 2**100] are prescaled by 2**+-64 (:func:`_multipliers`);
 # ShiftQuant's base scales below 2**-100 or above 2**64 likewise (:func:`_shift_multipliers`).
@@ -192,30 +194,67 @@ def _div_by(a, b, inv):
 
 
 @triton.jit
-def _quantize_values(x, divisor, pre, inv, noise, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr):
+def _round_magic(v):
+    """``v`` (``|v| < 2**22``) rounded half to even, as int32: ``(v + 1.5 * 2**23) - 1.5 * 2**23``
+    (three instructions; what Triton's interpreter can run)."""
+    return ((v + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int32)
+
+
+@triton.jit
+def _round_cvt(v):
+    """``v`` rounded half to even, as int32: one ``cvt.rni.s32.f32`` on a GPU, where the
+    identity costs three instructions.  Inline PTX: libdevice's ``float2int_rn`` is the same
+    instruction, but the call left the ``dK``/``dV`` attention kernel 8 bytes of spills."""
+    return tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+
+
+# Round half to even to int32: the conversion instruction on a GPU, the magic-number identity
+# (the same integers for the clamped quotients it sees) in the interpreter.
+round_half_even = _round_magic if type(_round_cvt).__name__ == "InterpretedFunction" else _round_cvt
+
+
+@triton.jit
+def _quantize_values(x, divisor, pre, inv, noise, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr,
+                     CVT: tl.constexpr = True):
     """``clamp(round(x / scale), -qmax, qmax)`` as int32 (numerics.quantize_with_scale), with
     the per-channel multipliers of :func:`_multipliers` (broadcast to the tile).
 
+    A quotient is NaN only in a channel whose scale is NaN (a NaN or infinite value makes its
+    amax, hence its scale, non-finite), where the reference gives 0: such channels are
+    clamped to ``[0, 0]`` (:func:`_quantize_clamped`), so the bound, computed once per
+    channel, is the whole NaN handling; no test per element."""
+    return _quantize_clamped(x, divisor, pre, inv, tl.where(_is_finite(divisor), QMAX * 1.0, 0.0), noise, STOCHASTIC,
+                             CVT)
+
+
+@triton.jit
+def _quantize_clamped(x, divisor, pre, inv, bound, noise, STOCHASTIC: tl.constexpr, CVT: tl.constexpr = True):
+    """:func:`_quantize_values` with the clamp's ``bound`` given: ``qmax``, or 0 where the
+    divisor is not finite (per channel, or one scalar where the caller knows it for all).
+
     Clamps before rounding (equivalent for integer bounds, and keeps the rounding identity
-    exact).  A quotient is NaN only in a channel whose scale is NaN (a NaN or infinite value
-    makes its amax, hence its scale, non-finite), where the reference gives 0: such channels
-    are clamped to ``[0, 0]``, and ``tl.minimum`` / ``tl.maximum`` return the other operand
-    for a NaN (PTX ``min`` / ``max``, numpy's ``fmin`` / ``fmax`` in the interpreter), so the
-    bound, computed once per channel, is the whole NaN handling; no test per element."""
+    exact); ``tl.minimum`` / ``tl.maximum`` return the other operand for a NaN (PTX ``min`` /
+    ``max``, numpy's ``fmin`` / ``fmax`` in the interpreter), so NaN quotients, which only a
+    zero bound sees, become 0.  Stochastic rounding adds the noise bytes ``k``
+    (:func:`_uniform_noise`) as ``floor(v + (k + 0.5) / 256)``, computed as
+    ``floor((v + 2**-9) + k / 256)``: the half-step offset rides on the scaling multiply
+    (one FMA, one rounding) and the clamp's bounds move with it (the floor stays within
+    ``[-bound, bound]``), so the noise costs one FMA per element, not an add, a multiply and
+    an add.  Nearest rounding is :func:`round_half_even`, or with ``CVT`` false the
+    magic-number identity on the GPU too (the same integers: for a kernel at the register
+    limit whose allocation the conversion instruction happens to upset)."""
     if STOCHASTIC:
-        v = (x.to(tl.float32) * pre) * inv
+        v = tl.fma(x.to(tl.float32) * pre, inv, _NOISE_OFFSET)
+        v = tl.minimum(tl.maximum(v, _NOISE_OFFSET - bound), bound + _NOISE_OFFSET)
+        return tl.floor(tl.fma(noise, 1.0 / 256.0, v)).to(tl.int32)
+    if _FMA_DIVISION:
+        v = _div_by(x.to(tl.float32) * pre, divisor, inv)
     else:
-        if _FMA_DIVISION:
-            v = _div_by(x.to(tl.float32) * pre, divisor, inv)
-        else:
-            v = tl.math.div_rn(x.to(tl.float32) * pre, divisor)
-    bound = tl.where(_is_finite(divisor), QMAX * 1.0, 0.0)
+        v = tl.math.div_rn(x.to(tl.float32) * pre, divisor)
     v = tl.minimum(tl.maximum(v, -bound), bound)
-    if STOCHASTIC:
-        v = tl.floor(v + noise)
-    else:
-        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
-    return v.to(tl.int32)
+    if CVT:
+        return round_half_even(v)
+    return _round_magic(v)
 
 
 @triton.jit
@@ -233,7 +272,8 @@ def _bytes_of(w, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def _uniform_noise(seed, rows, l0, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """U[0, 1) noise ``(k + 0.5) / 256`` for the tile ``rows x [l0, l0 + BLOCK_L)``.
+    """The noise bytes ``k`` (0..255, as float32) of the tile ``rows x [l0, l0 + BLOCK_L)``:
+    the U[0, 1) noise ``(k + 0.5) / 256`` that :func:`_quantize_values` adds.
 
     ``rows`` are the tile's logical row ids (the index along the other axis, see
     :func:`_tile_noise`); ``l0`` is a multiple of 16.  One Philox call (128 bits) per 16
@@ -245,7 +285,7 @@ def _uniform_noise(seed, rows, l0, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constex
     r0, r1, r2, r3 = tl.randint4x(seed, ctr)
     k = _interleave4(_bytes_of(r0, BLOCK_C, G), _bytes_of(r1, BLOCK_C, G), _bytes_of(r2, BLOCK_C, G),
                      _bytes_of(r3, BLOCK_C, G), BLOCK_C, 4 * G)
-    return (k.to(tl.float32) + 0.5) * (1.0 / 256.0)
+    return k.to(tl.float32)
 
 
 @triton.jit
@@ -502,8 +542,10 @@ def _shift_group(r, R, GROUPS: tl.constexpr):
 
 @triton.jit
 def _base_of(R, GROUPS: tl.constexpr, QMAX: tl.constexpr):
-    """numerics' base scale ``R / 2**(G-1) / qmax``: two IEEE divisions (the first is exact)."""
-    return tl.math.div_rn(tl.math.div_rn(R, 2.0 ** (GROUPS - 1)), QMAX * 1.0)
+    """numerics' base scale ``R / 2**(G-1) / qmax``: the first division a multiplication by
+    ``2**-(G-1)`` (both are the correctly rounded ``R * 2**-(G-1)``, subnormal results
+    included), the second an IEEE division."""
+    return tl.math.div_rn(R * (0.5 ** (GROUPS - 1)), QMAX * 1.0)
 
 
 @triton.jit
@@ -542,7 +584,10 @@ def _shift_expand(x, r, R, base, noise, QMAX: tl.constexpr, GROUPS: tl.constexpr
     ``g`` from ``r`` and ``R``, quantization with ``s_g = base * 2**(G-1-g)``."""
     shift = (GROUPS - 1) - _shift_group(r, R, GROUPS)
     divisor, pre, inv = _shift_multipliers(base, shift)
-    return _quantize_values(x, divisor, pre, inv, noise, QMAX, STOCHASTIC) << shift
+    # every group's divisor is finite exactly when the base is (:func:`_shift_multipliers`):
+    # one bound for the tile
+    bound = tl.where(_is_finite(base), QMAX * 1.0, 0.0)
+    return _quantize_clamped(x, divisor, pre, inv, bound, noise, STOCHASTIC) << shift
 
 
 @triton.jit
