@@ -43,8 +43,9 @@ def _fresh(monkeypatch, request):
     torch._dynamo.reset()
     monkeypatch.setattr(fusion, "ENABLED", True)
     if request.node.get_closest_marker("installed_triton") is None:
-        # The regions these tests expect are Triton 3.9's: before 3.9 some leave their
-        # ranges out (triton_fused.ranges_fit, tested on its own below)
+        # The generated code these tests run is Triton 3.9's: before 3.9 a value that is
+        # both stored and reduced after an exp or erf is stored from the reduced form
+        # (triton_fused.store_from_reduced, tested on its own below)
         from sqcompile.kernels import triton_fused
         monkeypatch.setattr(triton_fused, "triton_version", lambda: (3, 9))
     yield
@@ -355,31 +356,31 @@ def test_region_sums_are_the_bias_gradients(monkeypatch):
 
 
 @pytest.mark.installed_triton
-def test_ranges_stay_out_of_epilogues_that_would_spill_with_older_triton(monkeypatch):
-    """With Triton before 3.9 a GELU backward keeps its ranges and its column sum out of the
-    region (its epilogue would spill on sm_90: ``ranges_fit``); the gradients are the same
-    bit for bit, but for the bias gradient the graph then sums."""
+def test_values_stored_and_reduced_are_stored_from_the_reduced_form_before_triton_3_9(monkeypatch):
+    """Before Triton 3.9 a region with an exp or erf stores a value that it also reduces
+    (ranges, column sums) from the reduced float32 form (``store_from_reduced``: else Triton
+    3.6 computes a GELU backward twice and spills on sm_90); both forms give the same
+    gradients bit for bit, with the same regions (ranges and sums included)."""
     from sqcompile.kernels import triton_fused as tf
-    assert tf.ranges_fit([("gelu_backward", "bf16", "v0", "in0")]) == (tf.triton_version() >= (3, 9))
+    ep = tf.Epilogue(*sm90.REGION_PROGRAMS["gelu_backward+ranges+sum"][0])
+    light = tf.Epilogue(*sm90.REGION_PROGRAMS["dequant+ranges"][0])
+    assert tf.store_from_reduced(ep.ops) == (tf.triton_version() < (3, 9)) and not tf.store_from_reduced(light.ops)
+    old, new = tf.generate_source(ep, True), tf.generate_source(ep, False)
+    assert "cast_rtne(z_v3, tl.bfloat16), mask=mask)" in old and ", v3, mask=mask)" in new
+    assert old.count("tl.where(mask,") == new.count("tl.where(mask,") == 1     # one masked value for all reductions
     monkeypatch.setattr(fusion, "_pair_shiftquants", lambda graph: 0)
-    torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(24, 24), Residual()), torch.randn(2, 5, 24)
-    monkeypatch.setattr(tf, "triton_version", lambda: (3, 9))
-    _, grads, rec, _ = _compile_and_step(model, x, fused=True)
-    monkeypatch.setattr(tf, "triton_version", lambda: (3, 6))
-    assert not tf.ranges_fit([("gelu_backward", "bf16", "v0", "in0")])
-    assert tf.ranges_fit([("threshold_backward", "bf16", "v0", "in0", 0.0), ("add", "bf16", "v1", "in1")])
-    _, old_grads, old_rec, _ = _compile_and_step(model, x, fused=True)
-    assert "int8_mm+dequant+gelu_backward+ranges+sum" in _labels(rec, "backward")
-    assert "int8_mm+dequant+gelu_backward" in _labels(old_rec, "backward")   # no ranges, no sum
-    assert not any("gelu_backward+ranges" in label for label in _labels(old_rec, "backward"))
-    # fc1's output gradient loses its two region ranges; the first Linear's (a residual add) keeps its one
-    assert len(_ranged(rec)) == 3 and len(_ranged(old_rec)) == 1
-    for name in grads:      # fc1's bias gradient: the graph's own sum, in another order
-        if name == "1.fc1.bias":
-            torch.testing.assert_close(grads[name], old_grads[name], rtol=1e-5, atol=1e-6)
-        else:
-            assert torch.equal(grads[name], old_grads[name]), name
+    results = {}
+    for version in ((3, 9), (3, 6)):
+        monkeypatch.setattr(tf, "triton_version", lambda: version)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        _, grads, rec, _ = _compile_and_step(model, x, fused=True)
+        assert "int8_mm+dequant+gelu_backward+ranges+sum" in _labels(rec, "backward")
+        assert len(_ranged(rec)) == 3       # fc1's output gradient: both ranges; the first Linear's: one
+        results[version] = grads
+    for name, grad in results[3, 9].items():
+        assert torch.equal(grad, results[3, 6][name]), name
 
 
 def test_shiftquant_pairs_change_no_value(monkeypatch):
@@ -453,7 +454,8 @@ def compile_one(config):
     return {"tile": [*(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), config.num_stages],
             "wgmma": "wgmma" in out["ptx"], "cubin": len(out["cubin"]), "shared": out["shared"],
             "spilled": out["spilled"], "registers": out["registers"],
-            "atomics": out["ptx"].count("red.global.gpu.relaxed.max.s32")}
+            # a relaxed integer atomic max: "red" (Triton 3.9), "atom" with its result unused (3.6)
+            "atomics": sum(out["ptx"].count(f"{op}.global.gpu.relaxed.max.s32") for op in ("red", "atom"))}
 
 
 print(json.dumps(sm90.parallel(compile_one, tf.region_configs(ep))))
@@ -468,19 +470,15 @@ def test_generated_kernel_compiles_for_hopper(program):
     wgmma, range outputs a relaxed atomic max, and (per ``ptxas -v``) nothing spills, which
     is why heavy epilogues do not get the 128x256 tile; light ones also get a 128x128 tile
     with 3 stages that fits two programs on an SM (96 KB of shared memory, at most 128
-    registers a thread).  With Triton 3.9; Triton 3.6 (the H200
-    machine's, 2026-11) spills 476-604 bytes for ``gelu_backward+ranges`` at every tile (its
-    layout pass computes the GELU backward twice, once in the store's layout and once in the
-    range reduction's), so there the fusion pass leaves such ranges out (``ranges_fit``) and
-    this test skips that program."""
+    registers a thread).  With the installed Triton: 3.9, or 3.6 (the H200 machine's), which
+    spilled 264-604 bytes at every tile for ``gelu_backward+ranges`` until the stored value
+    came from the reduced one (``store_from_reduced``)."""
     import json
     pytest.importorskip("triton.backends.nvidia")
     from sqcompile.kernels import triton_fused as tf
     spec, wide = sm90.REGION_PROGRAMS[program]
     ep = tf.Epilogue(*spec)
     assert tf.wide_tile_fits(ep) == wide
-    if ep.ranges and not tf.ranges_fit(ep.ops):
-        pytest.skip("this Triton spills there, and the fusion pass leaves such ranges out (ranges_fit)")
     result = json.loads(sm90.run(_HOPPER_SCRIPT, ep.signature()).strip().splitlines()[-1])
     two = tf.two_programs_fit(ep)
     assert two == (program in ("dequant+bias", "dequant+ranges"))

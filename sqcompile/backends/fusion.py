@@ -468,11 +468,7 @@ def _column_sum(node: fx.Node, gemm3) -> Optional[str]:
 
 def _find_ranges(r: _Region, shiftquant) -> None:
     """Let the region also compute the channel ranges of each ShiftQuant that reads its final
-    value (through views): that quantizer then skips its own range pass.  Not where the
-    epilogue would spill with the installed Triton (:func:`~sqcompile.kernels.triton_fused.ranges_fit`)."""
-    from ..kernels import triton_fused
-    if not triton_fused.ranges_fit(r.ops):
-        return
+    value (through views): that quantizer then skips its own range pass."""
     final = r.chain[-1]
     ref = r.value[final]
     for user in readers_of(final, shiftquant):
@@ -489,10 +485,7 @@ def _find_ranges(r: _Region, shiftquant) -> None:
 def _find_sums(r: _Region) -> None:
     """Let the region also compute each ``sum`` of its final value over the batch and the
     rows (through views): a Linear's bias gradient, which then reads no gradient from
-    memory.  Gated like the ranges (:func:`~sqcompile.kernels.triton_fused.ranges_fit`)."""
-    from ..kernels import triton_fused
-    if not triton_fused.ranges_fit(r.ops):
-        return
+    memory."""
     final = r.chain[-1]
     for user, dtype in column_sums(final, r.gemm3):
         r.sums.append([r.value[final], dtype])

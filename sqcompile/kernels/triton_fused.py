@@ -248,8 +248,11 @@ def _cast(expr: str, src: str, dst: str) -> str:
     return f"cast_rtne({expr}, {_TL[dst]})"
 
 
-def generate_source(ep: Epilogue) -> str:
-    """The Triton module for ``ep`` (see the module docstring)."""
+def generate_source(ep: Epilogue, store_reduced: Optional[bool] = None) -> str:
+    """The Triton module for ``ep`` (see the module docstring); ``store_reduced``: see
+    :func:`store_from_reduced` (its answer when None)."""
+    if store_reduced is None:
+        store_reduced = store_from_reduced(ep.ops)
     params = [f"in{i}_ptr, in{i}_sb, in{i}_sm, in{i}_sn," for i in range(len(ep.inputs))]
     params += [f"out{i}_ptr, out{i}_sb, out{i}_sm, out{i}_sn," for i in range(len(ep.outputs))]
     params += [f"rng{i}_ptr, rng{i}_sb," for i in range(len(ep.ranges))]
@@ -272,21 +275,28 @@ def generate_source(ep: Epilogue) -> str:
         if name in _PRELUDE:
             body.append("    " + _PRELUDE[name].format(**names))
         body.append(f"    v{j} = {_cast(OPS[name][1].format(**names), math_t, dtype)}  # {name}")
+    # Each value that is reduced (ranges, column sums) is taken once in float32 with the
+    # tile's masked edges zeroed; with ``store_reduced`` an output that is also reduced is
+    # stored from there (the same values: a 16-bit one goes to float32 and back exactly).
+    reduced = list(dict.fromkeys([ref for ref, _ in ep.ranges] + [ref for ref, _ in ep.sums]))
+    for ref in reduced:
+        body.append(f"    z_{ref} = tl.where(mask, {_cast(ref, ep.dtype_of(ref), 'f32')}, 0.0)")
     for i, ref in enumerate(ep.outputs):
+        value = _cast(f"z_{ref}", "f32", ep.dtype_of(ref)) if store_reduced and ref in reduced else ref
         body.append(f"    tl.store(out{i}_ptr + batch * out{i}_sb + offs_m[:, None] * out{i}_sm"
-                    f" + offs_n[None, :] * out{i}_sn, {ref}, mask=mask)")
+                    f" + offs_n[None, :] * out{i}_sn, {value}, mask=mask)")
     for i, (ref, axis) in enumerate(ep.ranges):
         # |value| maxed over the tile's rows ("n") or columns ("m"), NaN propagated and then
         # taken as +inf; non-negative float32 orders like its int32 bits, so an integer atomic
         # max combines the tiles
         offs, reduce = ("offs_n", 0) if axis == "n" else ("offs_m", 1)
-        body.append(f"    r{i} = _abs_nan_as_inf(_absmax(tl.where(mask, {ref}, 0.0), {reduce}))")
+        body.append(f"    r{i} = _abs_nan_as_inf(_absmax(z_{ref}, {reduce}))")
         body.append(f"    tl.atomic_max(rng{i}_ptr + batch * rng{i}_sb + {offs}, r{i}.to(tl.int32, bitcast=True), "
                     f"mask=mask_{axis}, sem=\"relaxed\")")
     if ep.sums:   # this tile's float32 column sums, to its own row of the partial-sum buffer
         body.append("    part_row = (batch * tl.cdiv(M, BLOCK_M) + pid_m) * N")
     for i, (ref, _) in enumerate(ep.sums):
-        body.append(f"    s{i} = tl.sum(tl.where(mask, {_cast(ref, ep.dtype_of(ref), 'f32')}, 0.0), 0)")
+        body.append(f"    s{i} = tl.sum(z_{ref}, 0)")
         body.append(f"    tl.store(part_ptr + {i} * part_ss + part_row + offs_n, s{i}, mask=mask_n)")
     return _TEMPLATE.format(signature=ep.signature(), params="\n".join(" " * 18 + p for p in params),
                             body="\n".join(body))
@@ -331,23 +341,24 @@ def two_programs_fit(ep: Epilogue) -> bool:
         not any("m" in p and "n" in p for p, _ in ep.inputs)
 
 
-# Activation backwards whose transcendental formulas spill registers next to range outputs
-# with older Triton releases (see :func:`ranges_fit`).
-_HEAVY_BACKWARD_OPS = {"gelu_backward", "silu_backward"}
+# Ops whose formulas call exp / erf (see :func:`store_from_reduced`).
+_TRANSCENDENTAL_OPS = {"gelu", "silu", "sigmoid", "gelu_backward", "silu_backward"}
 
 
-def ranges_fit(ops: Sequence[Tuple]) -> bool:
-    """May an epilogue with these ops also compute ShiftQuant ranges without spilling?
-    Compiled for sm_90 as launched, a 16-bit GELU or SiLU backward with range outputs spills
-    264-604 bytes per thread at every region tile with Triton 3.6 (the H200 machine's,
-    2026-11: its layout pass computes the activation backward twice, once in the store's
-    layout and once in the reduction's) and nothing with Triton 3.9; the same epilogues
-    without ranges, and a residual add or ReLU backward with ranges, spill with neither.
-    Before 3.9 such regions therefore leave the ranges to ShiftQuant's own range pass (one
-    read of the gradient), which costs less than spilling every tile's epilogue.  Column
-    sums are reductions over the same axis, and the fusion pass gates them the same way
-    (they then stay the graph's own ``sum``)."""
-    return triton_version() >= (3, 9) or not any(name in _HEAVY_BACKWARD_OPS for name, *_ in ops)
+def store_from_reduced(ops: Sequence[Tuple]) -> bool:
+    """Does a generated epilogue with these ops store a value that it also reduces
+    (ShiftQuant ranges, column sums) from the reduced float32 form (:func:`generate_source`)?
+    Only with Triton before 3.9 (3.6 is the H200 machine's) and an exp or erf in the chain.
+    Storing the value itself, that Triton's layout pass computes the epilogue twice, once in
+    the store's layout and once in the reductions': for a 16-bit GELU or SiLU backward with
+    ranges that spilled 264-604 bytes per thread on sm_90 at every region tile (``ptxas
+    -v``); from the one reduced value it is computed once (GELU backward + ranges + sum at
+    128 x 128: 7912 -> 4824 instructions, 426 -> 0 spilled bytes; no spills at any tile, SiLU
+    likewise).  A light chain is cheaper computed twice than moved between layouts
+    (dequantize + ranges: 1584 instructions against 1720), and Triton 3.9 computes it once
+    either way, allocating fewer registers when the value itself is stored (192 against 255
+    at 128 x 128 x 256 for the GELU backward, where the other form spills 4 bytes)."""
+    return triton_version() < (3, 9) and any(name in _TRANSCENDENTAL_OPS for name, *_ in ops)
 
 
 @functools.lru_cache(maxsize=None)
@@ -378,7 +389,7 @@ def region_configs(ep: Optional[Epilogue] = None):
     return [*wide, gemm.CUDA_CONFIGS[2], *two, gemm.CUDA_CONFIGS[6], gemm.CUDA_CONFIGS[4], gemm.SMALL_CONFIG]
 
 
-_CACHE: Dict[str, RegionKernel] = {}
+_CACHE: Dict[Tuple[str, Tuple[int, int]], RegionKernel] = {}
 _STATS = {"hits": 0, "misses": 0}
 _LOCK = threading.Lock()
 
@@ -399,14 +410,16 @@ def _same_file(path: str, text: str) -> bool:
 
 def kernel_for(signature: str) -> RegionKernel:
     """The region kernel for an epilogue signature, generated and imported on first use."""
+    version = triton_version()      # the generated code depends on it (store_from_reduced)
     with _LOCK:
-        k = _CACHE.get(signature)
+        k = _CACHE.get((signature, version))
         if k is not None:
             _STATS["hits"] += 1
             return k
         _STATS["misses"] += 1
         ep = _parse(signature)
-        source = generate_source(ep)
+        store_reduced = store_from_reduced(ep.ops)
+        source = generate_source(ep, store_reduced)
         digest = hashlib.sha256(source.encode()).hexdigest()[:20]
         name = f"sqcompile_region_{digest}"
         path = os.path.join(KERNEL_DIR, name + ".py")
@@ -431,7 +444,7 @@ def kernel_for(signature: str) -> RegionKernel:
             min_block_m = min(c.kwargs["BLOCK_M"] for c in configs)
             fn = triton.autotune(configs, prune_configs_by={"early_config_prune": gemm.prune_configs},
                                  key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"])(fn)
-        k = _CACHE[signature] = RegionKernel(ep, fn, path, min_block_m)
+        k = _CACHE[signature, version] = RegionKernel(ep, fn, path, min_block_m)
         return k
 
 

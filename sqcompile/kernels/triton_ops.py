@@ -38,7 +38,7 @@ UNAVAILABLE = "Triton needs CUDA, or TRITON_INTERPRET=1 to run its interpreter o
 @functools.lru_cache(maxsize=None)
 def triton_version() -> Tuple[int, int]:
     """The installed Triton's ``(major, minor)``, read from its package metadata (no import;
-    ``(0, 0)`` when unknown).  Some kernel choices depend on it (``triton_fused.ranges_fit``,
+    ``(0, 0)`` when unknown).  Some kernel choices depend on it (``triton_fused.store_from_reduced``,
     ``triton_quant``'s division)."""
     from importlib import metadata
     try:
