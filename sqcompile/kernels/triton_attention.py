@@ -73,8 +73,13 @@ from .triton_quant import (INTERPRETED, _base_of, _combine_ranges, _matrices, _m
                            _tile_noise, _uniform_noise, cast_rtne, cdiv, columns_noise_along_n, next_power_of_2,
                            quantize, shiftquant_pair)
 from .triton_gemm import autotune_enabled, relayout
+from .triton_ops import triton_version
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# The head-dim-128 dK/dV kernel is at the register limit, where how P is rounded moves spills
+# (sm_90 ptxas, a padding mask, the 128 x 64 tile): with the conversion instruction Triton 3.9
+# spills 16 bytes and 3.6 none; with the magic-number identity 3.9 none and 3.6 76.
+_P_CVT_AT_D128 = tl.constexpr(triton_version() < (3, 9))
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,9 +364,7 @@ def _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt
     if EDGE:
         p = tl.where(mask_m[:, None], p, 0.0)
     eo_r = _load_rows(eor_ptr, b, offs_m, offs_d, s_rb, s_rm, s_rd, L, D)
-    # at head dim 128 this kernel is at the register limit, where Triton 3.9 spills 16 bytes
-    # with P rounded by the conversion instruction: the magic-number rounding there
-    acc_dv += tl.dot(tl.trans(_quantized_p(p, sp, QMAX, offs_d.shape[0] <= 64)), eo_r)
+    acc_dv += tl.dot(tl.trans(_quantized_p(p, sp, QMAX, (offs_d.shape[0] <= 64) or _P_CVT_AT_D128)), eo_r)
     eo_c = _load_rows(eoc_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
     g = _score_grad(p, _rounded(_prob_grad(eo_c, vv, base_oc), DTYPE), delta, scale, DTYPE)
     if STOCHASTIC:
@@ -663,9 +666,9 @@ class Tile(NamedTuple):
 # The candidate tiles on a GPU, per kernel and head-dim class (BLOCK_D <= 64, BLOCK_D > 64),
 # autotuned per (L, S, D) at the first call (``SQCOMPILE_AUTOTUNE=0``: the first one).  Each
 # compiles for sm_90 with every ``tl.dot`` a warpgroup MMA (``wgmma``; 32-row tiles fell back
-# to ``mma.sync``) and no register spills (Triton 3.9; Triton 3.6 spills 28-72 bytes in the
-# head-dim-128 ``dK``/``dV`` kernel, which sits at the register limit: one pipeline stage
-# there).  Where a kernel feeds a tile it computed to an MMA as the first operand (``P`` in the
+# to ``mma.sync``) and no register spills (Triton 3.9; Triton 3.6 spills 36-52 bytes in the
+# head-dim-128 ``dK``/``dV`` kernel's 64 x 64 tile, which sits at the register limit: one
+# pipeline stage there; see ``_P_CVT_AT_D128``).  Where a kernel feeds a tile it computed to an MMA as the first operand (``P`` in the
 # forward's second pass, ``P^T`` and ``dS^T`` for ``dV``/``dK``, ``dS`` for ``dQ``), 8 warps
 # need 128 rows: over 64 rows both warpgroups compute the whole tile (the loop body issues as
 # many instructions as 128 x 64's, ``benchmarks/sass_counts.py``), so those kernels try
