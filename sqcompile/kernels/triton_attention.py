@@ -670,8 +670,9 @@ class Tile(NamedTuple):
 # head-dim-128 ``dK``/``dV`` kernel's 64 x 64 tile, which sits at the register limit: one
 # pipeline stage there; see ``_P_CVT_AT_D128``).  Where a kernel feeds a tile it computed to
 # an MMA as the first operand (``P`` in the forward's second pass, ``P^T`` and ``dS^T`` for
-# ``dV``/``dK``, ``dS`` for ``dQ``), 8 warps need 128 rows: over 64 rows both warpgroups compute the whole tile (the loop body issues as
-# many instructions as 128 x 64's, ``benchmarks/sass_counts.py``), so those kernels try
+# ``dV``/``dK``, ``dS`` for ``dQ``), 8 warps need 128 rows: over 64 rows both warpgroups
+# compute the whole tile (the loop body issues as many instructions as 128 x 64's,
+# ``benchmarks/sass_counts.py``), so those kernels try
 # 128 rows / 8 warps first: 128 x 64, but 128 x 32 for ``dQ`` at head dim 128, where 128 x 64
 # spills 40 bytes with a padding mask (72 instructions per score against 122 for 64 x 64);
 # 64 x 64 over 4 warps does not repeat work either (the forward's first choice at head dim
