@@ -39,15 +39,9 @@ EIGHT = dict(weight_bits=8, act_bits=8, grad_bits=8, groups=1)
 
 
 @pytest.fixture(autouse=True)
-def _fresh(monkeypatch, request):
+def _fresh(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(fusion, "ENABLED", True)
-    if request.node.get_closest_marker("installed_triton") is None:
-        # The generated code these tests run is Triton 3.9's: before 3.9 a value that is
-        # both stored and reduced after an exp or erf is stored from the reduced form
-        # (triton_fused.store_from_reduced, tested on its own below)
-        from sqcompile.kernels import triton_fused
-        monkeypatch.setattr(triton_fused, "triton_version", lambda: (3, 9))
     yield
     torch._dynamo.reset()
 
@@ -355,7 +349,6 @@ def test_region_sums_are_the_bias_gradients(monkeypatch):
             assert torch.equal(grads[name], ref_grads[name]), name
 
 
-@pytest.mark.installed_triton
 def test_values_stored_and_reduced_are_stored_from_the_reduced_form_before_triton_3_9(monkeypatch):
     """Before Triton 3.9 a region with an exp or erf stores a value that it also reduces
     (ranges, column sums) from the reduced float32 form (``store_from_reduced``: else Triton
@@ -462,7 +455,6 @@ print(json.dumps(sm90.parallel(compile_one, tf.region_configs(ep))))
 """
 
 @pytest.mark.slow
-@pytest.mark.installed_triton
 @pytest.mark.parametrize("program", list(sm90.REGION_PROGRAMS))
 def test_generated_kernel_compiles_for_hopper(program):
     """The interpreter is lenient: compile generated kernels for sm_90 (no GPU needed), in a

@@ -418,8 +418,7 @@ def kernel_for(signature: str) -> RegionKernel:
             return k
         _STATS["misses"] += 1
         ep = _parse(signature)
-        store_reduced = store_from_reduced(ep.ops)
-        source = generate_source(ep, store_reduced)
+        source = generate_source(ep)
         digest = hashlib.sha256(source.encode()).hexdigest()[:20]
         name = f"sqcompile_region_{digest}"
         path = os.path.join(KERNEL_DIR, name + ".py")
