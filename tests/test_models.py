@@ -31,6 +31,7 @@ from torch._dynamo.utils import counters
 import sqcompile  # noqa: F401  (registers the backend, turns on allow_rnn)
 from sqcompile.backends import shiftquant_backend
 from sqcompile.decisions import latest_records, records_for
+from sqcompile.report import Report
 
 from models import Block
 
@@ -398,6 +399,38 @@ def test_changing_batch_size_trains_and_recompiles_no_more_than_torch_does(famil
     # The backend must not specialize the symbolic batch size (an int() on a SymInt installs
     # a guard): it recompiles exactly as often as torch does with a counting backend.
     assert ours.calls == reference.frame_count
+
+
+@pytest.mark.parametrize("family", list(_DYNAMIC))
+def test_dynamic_true_compiles_as_often_as_torch_and_counts_flops_at_the_compiled_sizes(family):
+    """``torch.compile(..., dynamic=True)`` makes every size symbolic, also the ones Dynamo then
+    fixes by a guard (in-features matching a weight): training goes on, the backend compiles
+    as many graphs as Dynamo does for a counting backend, and the report's GEMM FLOPs (what
+    ``inner="auto"`` decides by) are those of a static compile at the first batch's sizes,
+    not zero or garbage.  (Dynamic-mode compiles may also be restarted by AOTAutograd to
+    specialize float scalars; only the compiles that finish count.)"""
+    make_model, make_data, loss_fn = _DYNAMIC[family]
+    torch.manual_seed(0)
+    model = make_model()
+    static_model, reference_model = copy.deepcopy(model), copy.deepcopy(model)
+    batches = _batches(make_data, (6, 5, 3))      # no batch equal to another size: no duck-sizing guard
+    ours = Counting()
+    losses = train(torch.compile(model, backend=ours, dynamic=True), model.parameters(), batches, loss_fn)
+    assert all(math.isfinite(v) for v in losses)
+
+    torch._dynamo.reset()
+    reference = CompileCounter()
+    train(torch.compile(reference_model, backend=reference, dynamic=True), reference_model.parameters(), batches,
+          loss_fn)
+    assert len(ours.records) == reference.frame_count == 1
+
+    torch._dynamo.reset()
+    static = Counting()
+    train(torch.compile(static_model, backend=static, dynamic=False), static_model.parameters(), batches[:1],
+          loss_fn)
+    flops = Report(ours.records[:1]).summary()["gemm_flops"]
+    assert flops == Report(static.records).summary()["gemm_flops"]
+    assert flops > 0
 
 
 # --------------------------------------------------------------------------------------------

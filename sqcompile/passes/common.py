@@ -51,8 +51,29 @@ def shape_of(node: Any) -> Optional[List[int]]:
     if v is None:
         return None
     # int() on a symbolic size would install a guard and specialize the graph to this batch
-    # size (recompiling for every new size); keep symbolic sizes as their names instead.
-    return [s if isinstance(s, int) else str(s) for s in v.shape]
+    # size (recompiling for every new size); keep symbolic sizes as their names instead.  A
+    # size Dynamo already specialized (``dynamic=True`` makes every size symbolic, and matching
+    # a weight fixes the in-features) is a constant expression: that one is its int.
+    return [_constant(s) for s in v.shape]
+
+
+def _constant(s) -> Any:
+    """``s`` as an int when it is one or a symbolic size fixed to a constant, else its name."""
+    if isinstance(s, int):
+        return s
+    value = s.node.maybe_as_int()
+    return value if value is not None else str(s)
+
+
+def size_hints(node: Any) -> Optional[List[int]]:
+    """The node's shape at the sizes it was compiled for: a symbolic size counts as the value
+    Dynamo saw (its hint; no guard is installed), ``None`` when a size has no hint (data-
+    dependent).  For estimates only (FLOPs in the report, the ``inner="auto"`` choice)."""
+    v = example_value(node)
+    if v is None:
+        return None
+    hints = [s if isinstance(s, int) else s.node.hint for s in v.shape]
+    return None if any(h is None for h in hints) else [int(h) for h in hints]
 
 
 def is_float_tensor(node: Any) -> bool:
@@ -101,10 +122,8 @@ def call_name(node: fx.Node) -> Optional[str]:
     return getattr(t, "__name__", None)
 
 
-def numel(shape) -> int:
+def numel(shape: Sequence[int]) -> int:
     n = 1
-    for s in shape or ():
-        if not isinstance(s, int):
-            return 0
+    for s in shape:
         n *= s
     return n

@@ -17,7 +17,8 @@ import torch.fx as fx
 from .. import ops
 from ..config import Config
 from ..decisions import EXEC_FLOAT, CompileRecord, OpDecision, stats_key
-from .common import bind, call_name, example_value, is_float_tensor, is_parameter, module_path, numel, shape_of
+from .common import (bind, call_name, example_value, is_float_tensor, is_parameter, module_path, numel, shape_of,
+                     size_hints)
 from .precision import Target, attention_unfused, choose_execution, op_config
 
 _MM_NAMES = {"matmul": ("input", "other"), "mm": ("input", "mat2"), "bmm": ("input", "mat2")}
@@ -188,14 +189,15 @@ def _decision(node: fx.Node, name: str, tensors=None, reason: Optional[str] = No
     shapes = [shape_of(t) for t in tensors if shape_of(t) is not None]
     d = OpDecision(node=node.name, module_path=module_path(node), op=name, kind="gemm", shapes=shapes,
                    execution=EXEC_FLOAT, reason=reason)
-    d.flops = _flops(node, name, shapes)
+    d.flops = _flops(node, name, [size_hints(t) for t in tensors])
     return d
 
 
 def _flops(node: fx.Node, name: str, shapes) -> int:
-    """Forward FLOPs (2 x multiply-adds) of the op, from its input and output shapes."""
-    out = shape_of(node)
-    if not shapes or out is None:
+    """Forward FLOPs (2 x multiply-adds) of the op, from its input and output shapes (symbolic
+    sizes at the values they were compiled for); 0 when a shape is unknown."""
+    out = size_hints(node)
+    if not shapes or out is None or any(s is None for s in shapes):
         return 0
     if name == "linear":
         return 2 * numel(out) * shapes[0][-1]
