@@ -116,6 +116,28 @@ def test_torch_compile_bad_option_is_a_value_error_at_first_call():
     assert model(torch.randn(2, 4)).shape == (2, 4)
 
 
+@pytest.mark.parametrize("mode, cudagraphs", [("reduce-overhead", True), ("max-autotune", True),
+                                              ("max-autotune-no-cudagraphs", False)])
+def test_torch_compile_mode_means_cuda_graphs_or_nothing(mode, cudagraphs):
+    """``torch.compile(..., mode=...)`` (torch hands it to a custom backend as a keyword, not in
+    ``options``): Inductor's CUDA-graph modes turn on ``cudagraphs``, the others change nothing."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    torch.compile(model, backend="shiftquant", mode=mode)(torch.randn(3, 4)).sum().backward()
+    record = sqcompile.report(model).records[-1]
+    assert record.config.cudagraphs is cudagraphs
+    assert record.config.weight_bits == Config().weight_bits
+
+
+def test_torch_compile_unknown_mode_is_a_value_error_naming_it():
+    torch._dynamo.reset()
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="mode='fastest'.*reduce-overhead"):
+        torch.compile(model, backend="shiftquant", mode="fastest")(torch.randn(2, 4))
+    torch._dynamo.reset()
+    assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
 def test_unmatched_override_warns_with_the_pattern():
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))

@@ -48,15 +48,36 @@ class OptionError(ValueError, *(() if _Unwrapped is None else (_Unwrapped,))):
             _Unwrapped.__init__(self, message, first_useful_frame=None)
 
 
+# torch.compile's ``mode=`` (which torch hands a custom backend as a ``mode`` keyword) -> the
+# options it means here.  The Triton kernels autotune in every mode; what the Inductor modes
+# add beyond that is CUDA graphs, which is this backend's ``cudagraphs`` option.
+MODES = {
+    "default": {},
+    "reduce-overhead": {"cudagraphs": True},
+    "max-autotune": {"cudagraphs": True},
+    "max-autotune-no-cudagraphs": {},
+}
+
+
 def shiftquant_backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Mapping[str, Any]] = None,
-                       **kwargs):
+                       mode: Optional[str] = None, **kwargs):
     """``torch.compile(model, backend="shiftquant", options={...})`` lands here.
 
     ``options`` (or keyword arguments, when called directly) are :class:`sqcompile.Config`
     fields; unknown names or bad values raise ``ValueError`` naming the option.
+    ``torch.compile(model, backend="shiftquant", mode=...)`` takes Inductor's mode names
+    (:data:`MODES`): ``"reduce-overhead"`` and ``"max-autotune"`` turn on ``cudagraphs``
+    (no effect on CPU), the others change nothing; what ``options`` set themselves wins (torch
+    refuses both at once; a :class:`~sqcompile.Config` passed directly is taken as it is).
     """
     if kwargs:
         options = {**(options or {}), **kwargs}
+    if mode is not None:
+        if mode not in MODES:
+            raise OptionError(f"unknown torch.compile mode={mode!r} for backend={BACKEND_NAME!r}; "
+                              f"one of {sorted(MODES)}")
+        if not isinstance(options, Config):
+            options = {**MODES[mode], **(options or {})}
     try:
         config = Config.from_options(options)
     except ValueError as e:
