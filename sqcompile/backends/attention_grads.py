@@ -182,9 +182,9 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
     for bwd in [n for n in graph.nodes if n.op == "call_function" and n.target is backward_op]:
         grads = [next((u for u in bwd.users if u.target is operator.getitem and u.args[1] == i), None)
                  for i in range(3)]
-        if any(g is None or F._val(g) is None for g in grads) or len(bwd.users) != 3 or \
-                len({tuple(F._val(g).shape) for g in grads}) != 1:
-            continue
+        if any(g is None or F._val(g) is None or not F._static(F._val(g).shape) for g in grads) or \
+                len(bwd.users) != 3 or len({tuple(F._val(g).shape) for g in grads}) != 1:
+            continue      # (symbolic sizes, as every fusion pass: the autograd assembly stays)
         chains = [_chain(g) for g in grads]
         ends = [end for _, end in chains]
         if any(e is None for e in ends):
