@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import sqcompile
 from sqcompile import numerics as N
 from sqcompile import ops
+from sqcompile.backends.fusion import SYMBOLIC_SIZES
 from sqcompile.decisions import records_for
 from sqcompile.kernels.triton_ops import triton_available
 from sqcompile.passes.quantize_gemms import FUSED_ATTENTION
@@ -425,6 +426,7 @@ def test_backend_compiles_a_symbolic_sequence_length_with_the_fused_attention():
     records = records_for(list(dynamic.parameters()))
     assert len(records) == 1 and "sqcompile.triton_attention(" in records[0].graphs["forward"]
     assert "sqcompile.triton_attention_backward(" in records[0].graphs["backward"]
+    assert SYMBOLIC_SIZES in records[0].warnings and SYMBOLIC_SIZES in str(sqcompile.report(dynamic))
 
 
 class _BiasedAttention(torch.nn.Module):

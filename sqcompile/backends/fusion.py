@@ -85,6 +85,7 @@ import contextlib
 import operator
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -686,6 +687,11 @@ def _record(record: CompileRecord, decision, region: FusedRegion) -> None:
     decision.region = "; ".join(f"{', '.join(names)}: {label}" for label, names in by_label.items())
 
 
+SYMBOLIC_SIZES = ("region fusion needs static sizes: this graph's int8 GEMMs have symbolic ones (dynamic=True, or "
+                  "Dynamo's recompile after a size changed), so they run unfused (each quantizer, range pass and "
+                  "epilogue op its own kernel); torch.compile(..., dynamic=False) compiles each size fused")
+
+
 def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
                  option: Optional[bool] = None) -> fx.GraphModule:
     """Fuse each Triton int8 GEMM of ``gm`` with its epilogue (see the module docstring);
@@ -700,6 +706,10 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
         return gm
     from ..kernels import triton_fused
 
+    symbolic = [n for n in gemms if _val(n) is not None and not _static(_val(n).shape)]
+    if symbolic and SYMBOLIC_SIZES not in record.warnings:
+        record.warnings.append(SYMBOLIC_SIZES)
+        warnings.warn(SYMBOLIC_SIZES, UserWarning, stacklevel=2)
     claimed: set = set()
     shiftquant = torch.ops.sqcompile.triton_shiftquant.default     # registered with triton_int8_mm
     sources = {_source_of(n) for n in gemms}
