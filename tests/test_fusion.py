@@ -532,6 +532,49 @@ def test_fused_regions_compute_what_the_unfused_graph_computes(dtype):
     assert "triton_int8_mm(" in rec.graphs["forward"]       # the recorded ATen graph stays unfused
 
 
+class PreNorm(nn.Module):
+    """A pre-norm MLP block after a Linear: the L1 norm writes fc1's int8 operand (forward);
+    its backward adds the residual's gradient and computes the ShiftQuant ranges and the bias
+    sum of ``inp``'s output gradient (backward)."""
+
+    def __init__(self, d=24, hidden=40):
+        super().__init__()
+        self.inp, self.ln, self.fc1, self.fc2 = nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        x = self.inp(x)
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+@pytest.mark.parametrize("model", [Residual, PreNorm])
+def test_symbolic_sizes_fuse_as_static_ones_without_specializing(model):
+    """``dynamic=True`` (and Dynamo's dynamic recompile after a size change, which then serves
+    every size): the token dim is symbolic.  The regions are those of a static compile, the
+    values equal a static compile's at each size bit for bit (the same kernels, the size a
+    runtime argument), and one graph serves both sizes (no guard specializes it)."""
+    from test_models import Counting
+    torch.manual_seed(0)
+    model = model()
+    xs = [torch.randn(3, 5, 24), torch.randn(2, 7, 24)]
+    static = [_compile_and_step(model, x, fused=True) for x in xs]
+    torch._dynamo.reset()
+    dynamic = copy.deepcopy(model).to(DEVICE)
+    backend = Counting(**TRITON)
+    compiled = torch.compile(dynamic, backend=backend, dynamic=True)
+    for x, (ref_out, ref_grads, ref_rec, _) in zip(xs, static):
+        dynamic.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = compiled(x.to(DEVICE))
+        out.float().square().mean().backward()
+        assert torch.equal(out.detach(), ref_out)
+        for name, p in dynamic.named_parameters():
+            assert torch.equal(p.grad, ref_grads[name]), name
+    (rec,) = backend.records
+    assert any(isinstance(s, str) for d in rec.decisions for shape in d.shapes for s in shape)   # symbolic
+    assert _labels(rec) == _labels(static[0][2]) and rec.regions
+    assert "triton_int8_mm(" not in rec.graphs["forward_fused"] + rec.graphs["backward_fused"]
+
+
 def test_int16_gradient_regions_fold_the_low_digit_gemm():
     """6-bit ShiftQuant with 4 groups does not fit int8: the gradient GEMM is two int8 GEMMs
     (high and low digit); the low one's int32 result is read by the high one's region."""

@@ -53,11 +53,17 @@ rows, does write its consumer's int8 operand: :mod:`sqcompile.backends.norm_fusi
 
 The chain ends at the first op that is not elementwise (a quantizer, a reduction, a
 transpose), at a value with two or more consumers, at an operand that does not map onto the
-``[B, M, N]`` tile, or at an unsupported dtype (float64) or dynamic shape.  One exception to
+``[B, M, N]`` tile, or at an unsupported dtype (float64).  One exception to
 "a single consumer": a value that is also a *graph output* (in training, the pre-activation
 saved for the backward) is stored by the kernel as a side output and the chain goes on, since
 that value is written to memory in any case.  Views at the end of a chain stay in the graph,
 applied to the kernel's output.
+
+Graphs compiled for dynamic shapes fuse as static ones do: the analysis works on the sizes'
+hints and confirms each equality it needs on the symbolic sizes (see "Sizes" below; nothing
+installs a guard, so one graph keeps serving every size), and the views the rewrite adds
+take their symbolic sizes from nodes of the graph (``sym_size``).  The kernels take ``M``,
+``N`` and ``K`` at run time.
 
 Each region is replaced by one call of ``sqcompile::triton_fused_int8_mm(a, b, inputs,
 epilogue)`` (:mod:`sqcompile.kernels.triton_fused`): ``epilogue`` is the region's ops as a
@@ -85,11 +91,11 @@ import contextlib
 import operator
 import os
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import networkx as nx
+import sympy
 import torch
 import torch.fx as fx
 
@@ -150,6 +156,135 @@ def _static(shape) -> bool:
     return all(isinstance(s, int) for s in shape)
 
 
+# Sizes.  A graph compiled for dynamic shapes carries symbolic sizes (``torch.SymInt``); any
+# comparison of one that sympy cannot decide, or an ``int()`` of it, would install a guard and
+# specialize the compiled graph to the sizes at hand.  So the region analysis reasons on each
+# size's hint (its value in the example inputs: ``_hint``) and confirms every equality it
+# relies on symbolically (``_key``: the expanded expression, compared exactly; never a guard).
+# A symbolic size is at least 2 (Dynamo specializes 0 and 1), so a broadcast dim's 1 is a 1.
+
+def _hint(size) -> Optional[int]:
+    if isinstance(size, int):
+        return size
+    constant = size.node.maybe_as_int()
+    if constant is not None:
+        return constant
+    hint = size.node.hint
+    return None if hint is None else int(hint)
+
+
+def _hints(sizes) -> Optional[List[int]]:
+    """The sizes' hints, or None when one has none (a data-dependent size)."""
+    out = [_hint(s) for s in sizes]
+    return None if any(h is None for h in out) else out
+
+
+def _key(size):
+    """A size (int, ``SymInt`` or a key already) to compare exactly without a guard: the int,
+    or its expanded sympy expression."""
+    if isinstance(size, (int, sympy.Basic)):
+        return size
+    constant = size.node.maybe_as_int()
+    return constant if constant is not None else sympy.expand(size.node.expr)
+
+
+def _same(a, b) -> bool:
+    """Are two sizes (or keys) equal for every value of their symbols?"""
+    a, b = _key(a), _key(b)
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+def _product(sizes):
+    """The product of sizes (or keys), as a key."""
+    out = 1
+    for s in sizes:
+        out = out * _key(s)
+    return out if isinstance(out, int) else sympy.expand(out)
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def _contiguous(v: torch.Tensor) -> bool:
+    """``v.is_contiguous()`` decided without a guard (size-1 dims' strides do not matter)."""
+    expect = 1
+    for size, stride in reversed(list(zip(v.shape, v.stride()))):
+        if not _same(size, 1) and not _same(stride, expect):
+            return False
+        expect = _product([expect, size])
+    return True
+
+
+def _shape_arg(graph: fx.Graph, sizes, before: fx.Node, emit: bool = True, avoid=frozenset()) -> Optional[list]:
+    """``sizes`` as the shape argument of a new ``view`` / ``reshape`` inserted before
+    ``before``: the ints, and for each symbolic size a node computing it, defined before
+    ``before``: a SymInt of the graph (a ``sym_size``, a SymInt input), else a new
+    ``sym_size`` of a tensor that has that size as a dim (``emit=False``: only check that
+    one exists), else ``-1`` for one size; None when no shape argument can be made.  Nodes
+    in ``avoid`` are not used."""
+    if all(isinstance(_key(s), int) for s in sizes):
+        return [_key(s) for s in sizes]
+    nodes, dims = {}, {}
+    for node in graph.nodes:
+        if node is before:
+            break
+        v = node.meta.get("val")
+        if node in avoid:
+            continue
+        if isinstance(v, torch.SymInt):
+            nodes.setdefault(_key(v), node)
+        elif isinstance(v, torch.Tensor):
+            for d, size in enumerate(v.shape):
+                if not isinstance(size, int):
+                    dims.setdefault(_key(size), (node, d, size))
+    out, inferred = [], False
+    for size in sizes:
+        key = _key(size)
+        if isinstance(key, int):
+            out.append(key)
+        elif key in nodes:
+            out.append(nodes[key])
+        elif key in dims:
+            tensor, d, value = dims[key]
+            if emit:
+                with graph.inserting_before(before):
+                    nodes[key] = graph.call_function(aten.sym_size.int, (tensor, d))
+                nodes[key].meta["val"] = value
+            out.append(nodes.get(key, key))
+        elif not inferred:
+            out.append(-1)
+            inferred = True
+        else:
+            return None
+    return out
+
+
+def _is_sym_size(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is aten.sym_size.int
+
+
+def rehome_sym_sizes(graph: fx.Graph, doomed, emit: bool = True) -> bool:
+    """Point each ``sym_size`` that reads a size of a node in ``doomed`` (nodes a rewrite
+    erases) at another node giving that size (:func:`_shape_arg`), so the rewrite can erase
+    them; with ``emit=False`` only check that each can be.  In dynamic-shape graphs AOTAutograd
+    reads sizes off intermediate values; the passes treat such reads as no use."""
+    doomed = set(doomed)
+    for node in list(doomed):
+        for sym in [u for u in node.users if _is_sym_size(u)]:
+            found = _shape_arg(graph, [sym.meta["val"]], sym, emit, avoid=doomed | {sym})
+            if found is None or found == [-1]:
+                return False
+            if emit:
+                for user in list(sym.users):
+                    user.args = fx.node.map_arg(user.args, lambda n: found[0] if n is sym else n)
+                    user.kwargs = fx.node.map_arg(user.kwargs, lambda n: found[0] if n is sym else n)
+                graph.erase_node(sym)
+    return True
+
+
 def _elementwise(node: fx.Node) -> Optional[Tuple[str, list]]:
     """``(epilogue op, args)`` for an ATen node the epilogue can compute, else None."""
     if node.op != "call_function":
@@ -201,7 +336,8 @@ def _label(node: fx.Node) -> str:
 @dataclass
 class _Region:
     mm: fx.Node
-    gemm3: Tuple[int, int, int]                               # [B, M, N] of the GEMM output
+    gemm3: tuple                                              # [B, M, N] of the GEMM output
+    #                                     (ints, or symbolic sizes in a dynamic-shape graph)
     members: List[fx.Node] = field(default_factory=list)      # every node it replaces (mm first)
     chain: List[fx.Node] = field(default_factory=list)        # the epilogue chain, in order
     side: List[fx.Node] = field(default_factory=list)         # chain values also graph outputs
@@ -251,13 +387,13 @@ class _Search:
     def grow(self, mm: fx.Node) -> Optional[_Region]:
         out = _val(mm)
         a, b = _val(mm.args[0]), _val(mm.args[1])
-        if out is None or a is None or b is None or not _static(out.shape) or out.dim() < 2:
+        if out is None or a is None or b is None or _hints(out.shape) is None or out.dim() < 2:
             return None
         if a.dtype != torch.int8 or b.dtype != torch.int8:
             return None
         batch = 1
         for s in out.shape[:-2]:
-            batch *= s
+            batch = batch * s                  # a SymInt product when sizes are symbolic: no guard
         r = _Region(mm, (batch, out.shape[-2], out.shape[-1]))
         r.members.append(mm)
         r.value[mm] = "acc"
@@ -295,6 +431,8 @@ class _Search:
         leaves = {n for n, *_ in r.inputs}
         if leaves & nx.descendants(self.dag, mm):      # cannot happen for a chain; never fuse a cycle
             return None
+        if not _rewritable(mm.graph, r):               # a symbolic size no node of the graph computes
+            return None
         self.claimed.update(r.members)
         return r
 
@@ -307,9 +445,9 @@ class _Search:
         if spec is None and not _is_view(node):
             raise _Stop(f"{node.name} ({_label(node)}) is not an elementwise op the epilogue computes")
         v = _val(node)
-        if v is None or not _static(v.shape):
-            raise _Stop(f"{node.name} has no static tensor shape")
-        if v.numel() != r.gemm3[0] * r.gemm3[1] * r.gemm3[2] or not v.is_contiguous():
+        if v is None or _hints(v.shape) is None:
+            raise _Stop(f"{node.name} has no tensor shape with known sizes")
+        if not _same(_product(v.shape), _product(r.gemm3)) or not _contiguous(v):
             raise _Stop(f"{node.name} is not a contiguous [B, M, N] value")
         if _is_view(node):
             if node.args[0] is not cur:
@@ -320,12 +458,12 @@ class _Search:
             return
         if v.dtype not in _FLOATS:
             raise _Stop(f"{node.name} computes in {v.dtype}")
-        if list(_val(cur).shape) != list(v.shape):
+        if not _same_shape(_val(cur).shape, v.shape):
             raise _Stop(f"{node.name} broadcasts the GEMM's value")
         if any(isinstance(x, fx.Node) for x in node.kwargs.values()):
             raise _Stop(f"{node.name} takes a tensor keyword argument")
         name, args = spec
-        refs = [self.operand(r, a, list(v.shape), node) for a in args]
+        refs = [self.operand(r, a, tuple(v.shape), node) for a in args]
         others = [r.extent.get(ref, "") for a, ref in zip(args, refs) if a is not cur and isinstance(ref, str)]
         tag = self.tag(r, name, others)
         r.value[node] = self.emit(r, node, name, refs)
@@ -353,7 +491,7 @@ class _Search:
 
     # -- operands ------------------------------------------------------------------------
 
-    def operand(self, r: _Region, x, shape: List[int], user: fx.Node):
+    def operand(self, r: _Region, x, shape: tuple, user: fx.Node):
         if isinstance(x, bool) or (not isinstance(x, fx.Node) and not isinstance(x, (int, float))):
             raise _Stop(f"{user.name}: unsupported operand {x!r}")
         if not isinstance(x, fx.Node):
@@ -365,14 +503,14 @@ class _Search:
         ref = self.inline(r, x, shape, user)
         return ref if ref is not None else self.leaf(r, x, shape)
 
-    def inline(self, r: _Region, x: fx.Node, shape: List[int], user: fx.Node) -> Optional[str]:
+    def inline(self, r: _Region, x: fx.Node, shape: tuple, user: fx.Node) -> Optional[str]:
         """Fold an operand's own elementwise op into the region when only the region uses it."""
         v = _val(x)
         spec = _elementwise(x)
-        if (spec is None or x in self.claimed or v is None or v.dtype not in _FLOATS or not _static(v.shape)
+        if (spec is None or x in self.claimed or v is None or v.dtype not in _FLOATS or _hints(v.shape) is None
                 or sum(1 for n in r.members if n not in r.chain and n is not r.mm) >= MAX_INLINED
                 or any(u is not user and u not in r.members for u in self.dag.successors(x))
-                or _broadcast(list(v.shape), shape) is None
+                or _broadcast(v.shape, shape) is None
                 or any(isinstance(a, fx.Node) for a in x.kwargs.values())):
             return None
         snap = r.snapshot()
@@ -385,16 +523,16 @@ class _Search:
         r.value[x] = self.emit(r, x, spec[0], refs)
         return r.value[x]
 
-    def leaf(self, r: _Region, x: fx.Node, shape: List[int]) -> str:
+    def leaf(self, r: _Region, x: fx.Node, shape: tuple) -> str:
         v = _val(x)
-        if v is None or not _static(v.shape):
-            raise _Stop(f"operand {x.name} has no static tensor shape")
+        if v is None or _hints(v.shape) is None:
+            raise _Stop(f"operand {x.name} has no tensor shape with known sizes")
         from ..kernels.triton_fused import DTYPE_NAMES
         if v.dtype not in DTYPE_NAMES:
             raise _Stop(f"operand {x.name} is {v.dtype}")
         if v.device != _val(r.mm).device:
             raise _Stop(f"operand {x.name} is on {v.device}")
-        shape3 = _to_gemm_space(list(v.shape), shape, r.gemm3)
+        shape3 = _to_gemm_space(v.shape, shape, r.gemm3)
         if shape3 is None:
             raise _Stop(f"operand {x.name} {list(v.shape)} does not map onto the GEMM's [B, M, N] = {list(r.gemm3)}")
         pattern = "".join(d for d, s in zip("bmn", shape3) if s > 1)
@@ -420,14 +558,16 @@ def _split(x: torch.Tensor, kept_dims, gemm3) -> Optional[Tuple[set, set]]:
     of ``x`` (a contiguous view of the output ``[B, M, N]``) over all dims but ``kept_dims``
     keeps and which it reduces; None when a dim of ``x`` straddles two output dims (in its
     flat index) or an output dim is partly kept, partly reduced.  Dims of size 1 are neither."""
-    B, M, N = gemm3
-    if not x.is_contiguous() or x.numel() != B * M * N or x.numel() == 0:
+    hints, sizes, strides = _hints(gemm3), _hints(x.shape), _hints(x.stride())
+    if hints is None or sizes is None or strides is None or not _contiguous(x) or \
+            not _same(_product(x.shape), _product(gemm3)) or 0 in sizes:
         return None
+    B, M, N = hints
     nd = x.dim()
     kept_dims = {d % nd for d in kept_dims}
     spans = (("n", 1, N), ("m", N, N * M), ("b", N * M, N * M * B))
     kept, reduced = set(), set()
-    for d, (size, stride) in enumerate(zip(x.shape, x.stride())):
+    for d, (size, stride) in enumerate(zip(sizes, strides)):
         if size == 1:
             continue
         inside = [name for name, lo, hi in spans if lo <= stride and stride * size <= hi]
@@ -446,7 +586,7 @@ def _range_axis(x: torch.Tensor, channel_dims, gemm3) -> Optional[str]:
     if split is None:
         return None
     kept, _ = split
-    if (gemm3[0] > 1 and "b" not in kept) or ("m" in kept) == ("n" in kept):
+    if (not _same(gemm3[0], 1) and "b" not in kept) or ("m" in kept) == ("n" in kept):
         return None
     return "n" if "n" in kept else "m"
 
@@ -458,11 +598,11 @@ def _column_sum(node: fx.Node, gemm3) -> Optional[str]:
     from ..kernels.triton_fused import DTYPE_NAMES
     x, out = _val(node.args[0]), _val(node)
     dims = _bound_args(node)["dim"]
-    if x is None or out is None or not dims or x.dim() == 0 or out.dtype not in _FLOATS:
+    if x is None or out is None or not dims or x.dim() == 0 or out.dtype not in _FLOATS or not _static(out.shape):
         return None
     summed = {d % x.dim() for d in dims}
     split = _split(x, [d for d in range(x.dim()) if d not in summed], gemm3)
-    if split is None or split[0] != {"n"} or out.numel() != gemm3[2]:
+    if split is None or split[0] != {"n"} or not _same(_product(out.shape), gemm3[2]):
         return None
     return DTYPE_NAMES[out.dtype]
 
@@ -512,7 +652,7 @@ def readers_of(node: fx.Node, target) -> List[fx.Node]:
     while stack:
         node = stack.pop()
         for user in node.users:
-            if _is_view(user) and user.args[0] is node and _val(user) is not None and _val(user).is_contiguous():
+            if _is_view(user) and user.args[0] is node and _val(user) is not None and _contiguous(_val(user)):
                 stack.append(user)
             elif user.target is target and user.args[0] is node:
                 found.append(user)
@@ -537,8 +677,8 @@ def given_sum(graph: fx.Graph, node: fx.Node, source: fx.Node, index: int, like:
     and the views only it read are erased (appended to ``erased``).  Returns the new nodes."""
     with graph.inserting_before(node):
         new = [_new(graph, operator.getitem, (source, index), like, mode)]
-        if list(_val(node).shape) != list(_val(new[0]).shape):
-            new.append(_new(graph, aten.view.default, (new[0], list(_val(node).shape)), like, mode))
+        if not _same_shape(_val(node).shape, _val(new[0]).shape):
+            new.append(_new(graph, aten.view.default, (new[0], _shape_arg(graph, _val(node).shape, node)), like, mode))
     node.replace_all_uses_with(new[-1])
     view = node.args[0]
     graph.erase_node(node)
@@ -549,28 +689,36 @@ def given_sum(graph: fx.Graph, node: fx.Node, source: fx.Node, index: int, like:
     return new
 
 
-def _broadcast(small: List[int], big: List[int]) -> Optional[List[int]]:
+def _broadcast(small, big) -> Optional[List[int]]:
+    """``small`` padded with leading 1s to ``big``'s length when it broadcasts to ``big`` (each
+    size 1 or the same as ``big``'s), as hints; else None."""
     if len(small) > len(big):
         return None
-    padded = [1] * (len(big) - len(small)) + small
-    return padded if all(s in (1, b) for s, b in zip(padded, big)) else None
+    padded = [1] * (len(big) - len(small)) + list(small)
+    if not all(_same(s, 1) or _same(s, b) for s, b in zip(padded, big)):
+        return None
+    return _hints(padded)
 
 
-def _to_gemm_space(leaf: List[int], shape: List[int], gemm3) -> Optional[Tuple[int, int, int]]:
-    """The shape ``[b, m, n]`` (each 1 or the GEMM's size) under which a tensor of shape
-    ``leaf``, broadcast to the chain value's ``shape`` (a contiguous view of the GEMM's
+def _to_gemm_space(leaf, shape, gemm3) -> Optional[Tuple[int, int, int]]:
+    """The shape ``[b, m, n]`` (each 1 or the GEMM's size, as hints) under which a tensor of
+    shape ``leaf``, broadcast to the chain value's ``shape`` (a contiguous view of the GEMM's
     ``[B, M, N]`` output), reads the same elements; None when no such shape exists (e.g. a
-    per-sample operand when the GEMM's M merges samples and tokens)."""
-    padded = _broadcast(leaf, shape)
-    if padded is None:
+    per-sample operand when the GEMM's M merges samples and tokens).  Worked out on the
+    sizes' hints, then confirmed symbolically: the leaf's elements are those of the GEMM dims
+    it is read along."""
+    padded, big, hints = _broadcast(leaf, shape), _hints(shape), _hints(gemm3)
+    if padded is None or big is None or hints is None:
         return None
     try:
-        strides = torch.empty(padded, device="meta").expand(shape).view(gemm3).stride()
+        strides = torch.empty(padded, device="meta").expand(big).view(hints).stride()
     except RuntimeError:
         return None
-    shape3 = tuple(g if (st != 0 and g > 1) else 1 for g, st in zip(gemm3, strides))
+    shape3 = tuple(g if (st != 0 and g > 1) else 1 for g, st in zip(hints, strides))
     expect = (shape3[1] * shape3[2], shape3[2], 1)
     if any(s > 1 and st != e for s, st, e in zip(shape3, strides, expect)):
+        return None
+    if not _same(_product(leaf), _product(g for g, s in zip(gemm3, shape3) if s > 1)):
         return None
     return shape3
 
@@ -601,6 +749,28 @@ def _new(graph: fx.Graph, target, args, like: fx.Node, mode) -> fx.Node:
     return node
 
 
+def _reshaped_inputs(r: _Region) -> List[Tuple[fx.Node, Optional[tuple]]]:
+    """Each region input with the ``[b, m, n]`` shape (sizes, ints or symbolic) it must be
+    reshaped to first, or None when its own shape (padded to 3 dims) is that already."""
+    out = []
+    for node, shape3, _, _ in r.inputs:
+        shape = tuple(_val(node).shape)
+        natural = (1,) * (3 - len(shape)) + shape
+        target = tuple(g if s > 1 else 1 for g, s in zip(r.gemm3, shape3))
+        out.append((node, None if _same_shape(natural, target) else target))
+    return out
+
+
+def _rewritable(graph: fx.Graph, r: _Region) -> bool:
+    """Can :func:`_rewrite` express every view and reshape it needs (see :func:`_shape_arg`)?
+    Always, when the sizes are static."""
+    final = r.chain[-1]
+    shapes = [shape3 for _, shape3 in _reshaped_inputs(r) if shape3 is not None]
+    shapes += [_val(n).shape for n in [final, *r.side] if not _same_shape(_val(n).shape, _val(r.mm).shape)]
+    return (all(_shape_arg(graph, shape, final, emit=False) is not None for shape in shapes)
+            and rehome_sym_sizes(graph, r.members, emit=False))
+
+
 def _rewrite(gm: fx.GraphModule, r: _Region, signature: str) -> List[fx.Node]:
     """Replace the region (and the ShiftQuants it computes the ranges of) by the fused call;
     returns the new nodes."""
@@ -608,19 +778,17 @@ def _rewrite(gm: fx.GraphModule, r: _Region, signature: str) -> List[fx.Node]:
     final = r.chain[-1]
     mode = _fake_mode(r.mm)
     op = torch.ops.sqcompile.triton_fused_int8_mm.default
-    gemm_shape = list(_val(r.mm).shape)
     with graph.inserting_before(final):
         leaves = []
-        for node, shape3, _, _ in r.inputs:
-            natural = [1] * (3 - len(_val(node).shape)) + list(_val(node).shape)
-            leaves.append(node if natural == list(shape3) else
-                          _new(graph, aten.reshape.default, (node, list(shape3)), r.mm, mode))
+        for node, shape3 in _reshaped_inputs(r):
+            leaves.append(node if shape3 is None else
+                          _new(graph, aten.reshape.default, (node, _shape_arg(graph, shape3, final)), r.mm, mode))
         fused = _new(graph, op, (r.mm.args[0], r.mm.args[1], leaves, signature), r.mm, mode)
         outs = []
         for i, node in enumerate([final, *r.side]):
             out = _new(graph, operator.getitem, (fused, i), r.mm, mode)
-            if list(_val(node).shape) != gemm_shape:
-                out = _new(graph, aten.view.default, (out, list(_val(node).shape)), r.mm, mode)
+            if not _same_shape(_val(node).shape, _val(r.mm).shape):
+                out = _new(graph, aten.view.default, (out, _shape_arg(graph, _val(node).shape, final)), r.mm, mode)
             outs.append(out)
     members = set(r.members)
     for node, out in zip([final, *r.side], outs):
@@ -632,6 +800,7 @@ def _rewrite(gm: fx.GraphModule, r: _Region, signature: str) -> List[fx.Node]:
         extra += [ranges, given_ranges(graph, sq, ranges, mode)]
     for index, node in enumerate(r.sum_users, len(outs) + len(r.ranges)):
         extra += given_sum(graph, node, fused, index, r.mm, mode, r.erased)
+    rehome_sym_sizes(graph, members)
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in sorted(members, key=order.__getitem__, reverse=True):
         graph.erase_node(node)
@@ -670,7 +839,7 @@ def _digraph(graph: fx.Graph) -> nx.DiGraph:
     dag = nx.DiGraph()
     for node in graph.nodes:
         dag.add_node(node)
-        dag.add_edges_from((node, user) for user in node.users)
+        dag.add_edges_from((node, user) for user in node.users if not _is_sym_size(user))
     return dag
 
 
@@ -687,11 +856,6 @@ def _record(record: CompileRecord, decision, region: FusedRegion) -> None:
     decision.region = "; ".join(f"{', '.join(names)}: {label}" for label, names in by_label.items())
 
 
-SYMBOLIC_SIZES = ("region fusion needs static sizes: this graph's int8 GEMMs have symbolic ones (dynamic=True, or "
-                  "Dynamo's recompile after a size changed), so they run unfused (each quantizer, range pass and "
-                  "epilogue op its own kernel); torch.compile(..., dynamic=False) compiles each size fused")
-
-
 def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
                  option: Optional[bool] = None) -> fx.GraphModule:
     """Fuse each Triton int8 GEMM of ``gm`` with its epilogue (see the module docstring);
@@ -706,10 +870,6 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
         return gm
     from ..kernels import triton_fused
 
-    symbolic = [n for n in gemms if _val(n) is not None and not _static(_val(n).shape)]
-    if symbolic and SYMBOLIC_SIZES not in record.warnings:
-        record.warnings.append(SYMBOLIC_SIZES)
-        warnings.warn(SYMBOLIC_SIZES, UserWarning, stacklevel=2)
     claimed: set = set()
     shiftquant = torch.ops.sqcompile.triton_shiftquant.default     # registered with triton_int8_mm
     sources = {_source_of(n) for n in gemms}
@@ -736,7 +896,7 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
         dag.remove_nodes_from(r.members + [sq for sq, _ in r.range_users] + r.sum_users + r.erased)
         for node in new:
             dag.add_edges_from((i, node) for i in node.all_input_nodes)
-            dag.add_edges_from((node, u) for u in node.users)
+            dag.add_edges_from((node, u) for u in node.users if not _is_sym_size(u))
         fused += 1
     fused += _store_transposed(gm.graph, {mm_op, torch.ops.sqcompile.triton_fused_int8_mm.default})
     fused += _pair_shiftquants(gm.graph)

@@ -55,11 +55,11 @@ def _per_row(q: fx.Node) -> bool:
     """Is the quantizer ``q`` nearest-rounding with one scale per row (every dim but the last)?"""
     x = F._val(q.args[0])
     _, bits, keep, stochastic = q.args[:4]
-    if x is None or x.dim() < 1 or stochastic or not F._static(x.shape):
+    if x is None or x.dim() < 1 or stochastic or F._hints(x.shape) is None:
         return False
     nd = x.dim()
     keep = {d % nd for d in keep}
-    return (nd - 1) not in keep and all(d in keep for d in range(nd - 1) if x.shape[d] > 1)
+    return (nd - 1) not in keep and all(d in keep for d in range(nd - 1) if not F._same(x.shape[d], 1))
 
 
 def _consumers(y: fx.Node, quantize) -> Tuple[Optional[List[fx.Node]], set]:
@@ -74,6 +74,8 @@ def _consumers(y: fx.Node, quantize) -> Tuple[Optional[List[fx.Node]], set]:
             seen.add(user)
             if user.op == "output":
                 return None, seen
+            if F._is_sym_size(user):
+                continue            # a read of a size (dynamic shapes): re-homed when fused
             if F._is_view(user) and user.args[0] is node:
                 stack.append(user)
             elif user.target is quantize and user.args[0] is node and _per_row(user):
@@ -99,6 +101,10 @@ def fuse_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
         quantizers, between = _consumers(y, quantize) if y is not None else (None, set())
         if not quantizers or len({q.args[1] for q in quantizers}) != 1:
             continue
+        if any(F._shape_arg(graph, F._val(old).shape, old, emit=False) is None
+               for q in quantizers for old in (_getitem(q, 0), _getitem(q, 1)) if old is not None) or \
+                not F.rehome_sym_sizes(graph, {y, *between} - {u for u in between if F._is_sym_size(u)}, emit=False):
+            continue                # a symbolic size the graph cannot compute
         mode = F._fake_mode(norm.args[0])
         with graph.inserting_before(norm):
             new = F._new(graph, fused_op, (*norm.args, quantizers[0].args[1]), norm, mode)
@@ -114,11 +120,14 @@ def fuse_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
                 if old is None:
                     continue
                 with graph.inserting_before(old):
-                    view = F._new(graph, torch.ops.aten.view.default, (outs[i], list(F._val(old).shape)), norm, mode)
+                    view = F._new(graph, torch.ops.aten.view.default,
+                                  (outs[i], F._shape_arg(graph, F._val(old).shape, old)), norm, mode)
                 old.replace_all_uses_with(view)
             replaced.append(q.name)
         removed = [norm.name, *replaced]
         dead = {norm, y, *between, *[u for n in (norm, *quantizers) for u in n.users]}
+        dead -= {u for u in dead if F._is_sym_size(u)}
+        F.rehome_sym_sizes(graph, dead)
         for node in reversed(list(graph.nodes)):               # the replaced nodes, last first
             if node in dead and not node.users:
                 graph.erase_node(node)
@@ -147,8 +156,8 @@ def _residual_add(dx: fx.Node) -> Tuple[Optional[fx.Node], List[fx.Node], Option
             break
         other = user.args[1] if user.args[0] is node else user.args[0]
         out, val = F._val(user), F._val(other) if isinstance(other, fx.Node) else None
-        if val is None or out is None or val.shape != out.shape or val.dtype != out.dtype or \
-                F._val(node).dtype != out.dtype or not val.is_contiguous() or not F._static(out.shape):
+        if val is None or out is None or not F._same_shape(val.shape, out.shape) or val.dtype != out.dtype or \
+                F._val(node).dtype != out.dtype or not F._contiguous(val) or F._hints(out.shape) is None:
             break
         return user, views, other
     return None, views, None
@@ -174,13 +183,16 @@ def fuse_norm_residuals(gm: fx.GraphModule, record: CompileRecord, stage: str,
         args = F._bound_args(bwd)
         R, L = F._val(args["dy"]).shape
         gemm3 = (1, R, L)
+        if F._shape_arg(graph, (R, L), bwd, emit=False) is None or \
+                F._shape_arg(graph, F._val(add).shape, add, emit=False) is None:
+            continue                # a symbolic size the graph cannot compute
         ranged = [(sq, F._range_axis(F._val(sq.args[0]), sq.args[3], gemm3))
                   for sq in F.readers_of(add, ops.triton_shiftquant.default)]
         ranged = [(sq, 3 if axis == "n" else 4) for sq, axis in ranged if axis is not None]
         sums = [node for node, _ in F.column_sums(add, gemm3, F._val(add).dtype)]
         mode = F._fake_mode(args["dy"])
         with graph.inserting_before(bwd):
-            residual = F._new(graph, aten.view.default, (other, [R, L]), bwd, mode)
+            residual = F._new(graph, aten.view.default, (other, F._shape_arg(graph, (R, L), bwd)), bwd, mode)
             new = F._new(graph, ops.triton_l1_norm_backward_residual.default, (
                 args["dy"], args["q"], args["scale"], args["mean"], args["inv"], args["weight"], residual,
                 args["grad_bits"], args["center"], args["l1_scale"], args["need_weight_grad"], args["need_bias_grad"],
@@ -191,7 +203,7 @@ def fuse_norm_residuals(gm: fx.GraphModule, record: CompileRecord, stage: str,
             if old is not None:
                 old.replace_all_uses_with(outs[i])
         with graph.inserting_before(add):
-            total = F._new(graph, aten.view.default, (outs[0], list(F._val(add).shape)), bwd, mode)
+            total = F._new(graph, aten.view.default, (outs[0], F._shape_arg(graph, F._val(add).shape, add)), bwd, mode)
         add.replace_all_uses_with(total)
         for sq, index in ranged:
             with graph.inserting_before(sq):
