@@ -231,9 +231,9 @@ def _shape_arg(graph: fx.Graph, sizes, before: fx.Node, emit: bool = True, avoid
     for node in graph.nodes:
         if node is before:
             break
-        v = node.meta.get("val")
         if node in avoid:
             continue
+        v = node.meta.get("val")
         if isinstance(v, torch.SymInt):
             nodes.setdefault(_key(v), node)
         elif isinstance(v, torch.Tensor):
@@ -274,7 +274,8 @@ def rehome_sym_sizes(graph: fx.Graph, doomed, emit: bool = True) -> bool:
     doomed = set(doomed)
     for node in list(doomed):
         for sym in [u for u in node.users if _is_sym_size(u)]:
-            found = _shape_arg(graph, [sym.meta["val"]], sym, emit, avoid=doomed | {sym})
+            value = sym.meta.get("val")
+            found = None if value is None else _shape_arg(graph, [value], sym, emit, avoid=doomed | {sym})
             if found is None or found == [-1]:
                 return False
             if emit:
