@@ -159,7 +159,7 @@ SIGNATURES = {
     "int8_gemm": {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
                   "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
                   **{s: "i32" for s in ("stride_ab", "stride_am", "stride_bb", "stride_bn", "stride_cb", "stride_cm",
-                                        "stride_sab", "stride_sam", "stride_sbb")}},
+                                        "stride_sab", "stride_sam", "stride_sbb", "tune_key")}},
 }
 GEMM_UNIT_STRIDES = {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "stride_sbn": 1}
 
@@ -193,7 +193,7 @@ def region_arguments(ep) -> tuple:
     K-major int8 operands, every tensor input and output contiguous along N."""
     ptr = {"f32": "*fp32", "bf16": "*bf16", "f16": "*fp16", "i32": "*i32"}
     sig = {"a_ptr": "*i8", "b_ptr": "*i8", "M": "i32", "N": "i32", "K": "i32"}
-    sig.update({f"stride_{s}": "i32" for s in ("ab", "am", "bb", "bn")})
+    sig.update({f"stride_{s}": "i32" for s in ("ab", "am", "bb", "bn")}, tune_key="i32")
     ones = {"stride_ak": 1, "stride_bk": 1}
     for kind, specs in (("in", ep.inputs), ("out", [("bmn", ep.dtype_of(r)) for r in ep.outputs])):
         for i, (pattern, dtype) in enumerate(specs):

@@ -8,7 +8,7 @@ design of ``triton_gemm._int8_gemm_kernel``: grouped program order, masked edges
 strides, int32 accumulator); only the epilogue is generated::
 
     @triton.jit
-    def region_kernel(a_ptr, b_ptr, M, N, K, <A and B strides>,
+    def region_kernel(a_ptr, b_ptr, M, N, K, <A and B strides>, tune_key,
                       in0_ptr, in0_sb, in0_sm, in0_sn, ..., out0_ptr, out0_sb, out0_sm, out0_sn, ...,
                       [rng0_ptr, rng0_sb, ...,] [part_ptr, part_ss,] BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M):
         acc, offs_m, offs_n, batch, pid_m = int8_gemm_tile(...)
@@ -211,8 +211,8 @@ from sqcompile.kernels.triton_gemm import int8_gemm_tile
 from sqcompile.kernels.triton_quant import _abs_nan_as_inf, _absmax, cast_rtne
 
 
-@triton.jit
-def region_kernel(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
+@triton.jit(do_not_specialize=["tune_key"])
+def region_kernel(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn, tune_key,
 {params}
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     acc, offs_m, offs_n, batch, pid_m = int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak,
@@ -442,7 +442,7 @@ def kernel_for(signature: str) -> RegionKernel:
             configs = region_configs(ep)
             min_block_m = min(c.kwargs["BLOCK_M"] for c in configs)
             fn = triton.autotune(configs, prune_configs_by={"early_config_prune": gemm.prune_configs},
-                                 key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"])(fn)
+                                 key=["N", "tune_key"])(fn)
         k = _CACHE[signature, version] = RegionKernel(ep, fn, path, min_block_m)
         return k
 
@@ -500,7 +500,7 @@ def fused_int8_mm(a: torch.Tensor, b: torch.Tensor, inputs: Sequence[torch.Tenso
     # the kernel may run with (the rows the chosen one writes are summed after the launch).
     parts = (torch.empty(len(ep.sums), Bt * cdiv(M, kernel.min_block_m), N, dtype=torch.float32, device=a.device)
              if ep.sums else None)
-    args = [a3, b3, M, N, K, *a3.stride(), *b3.stride()]
+    args = [a3, b3, M, N, K, *a3.stride(), *b3.stride(), gemm.tune_key(M, K, a3.stride(), b3.stride())]
     for t, (pattern, _) in zip(inputs, ep.inputs):
         args += [t, *_input_strides(tuple(t.shape), t.stride(), pattern, (Bt, M, N))]
     for o in outs:               # contiguous [*batch, M, N]

@@ -109,15 +109,16 @@ def int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, strid
     return acc, offs_m, offs_n, batch, pid_m
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_key"])
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
                       stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
-                      stride_cb, stride_cm, stride_cn, stride_sab, stride_sam, stride_sbb, stride_sbn,
+                      stride_cb, stride_cm, stride_cn, stride_sab, stride_sam, stride_sbb, stride_sbn, tune_key,
                       SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """``C[b] = epilogue(A[b] @ B[b])`` with an int32 accumulator.
 
-    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), batch)``."""
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), batch)``.  ``tune_key``: the autotuning key
+    (:func:`tune_key`), unused by the kernel."""
     acc, offs_m, offs_n, batch, _ = int8_gemm_tile(a_ptr, b_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb,
                                                    stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     out = _epilogue(acc, offs_m, offs_n, batch, M, N, sa_ptr, sb_ptr, bias_ptr, stride_sab, stride_sam,
@@ -201,12 +202,22 @@ def prune_configs(configs, named_args, **kwargs):
     fitting = [c for c in configs if c is not SMALL_CONFIG and fits(c)] or [SMALL_CONFIG]
     return fitting if autotune_enabled() else fitting[:1]
 
+def tune_key(M: int, K: int, a_strides, b_strides) -> int:
+    """With ``N``, the autotuning key of an int8 GEMM (and of a region kernel): ``M`` and
+    ``K`` rounded up to powers of two and the operands' layout (which of A's and B's two
+    inner strides are 1: it decides the best config), packed into one small int.  ``M``
+    counts tokens, and ``K`` does in a ``dW`` GEMM: with dynamic shapes (batches of changing
+    length) an exact key would time every config again for each new size; rounded, each
+    power of two autotunes once.  ``N``, a layer's width, stays exact."""
+    layout = sum(1 << i for i, st in enumerate((*a_strides[-2:], *b_strides[-2:])) if st == 1)
+    return ((max(M, 1) - 1).bit_length() * 64 + (max(K, 1) - 1).bit_length()) * 16 + layout
+
+
 if INTERPRETED:
     _gemm = _int8_gemm_kernel
 else:
-    # The layout (which strides are 1) is part of the key: it decides the best config.
     _gemm = triton.autotune([*CUDA_CONFIGS, SMALL_CONFIG], prune_configs_by={"early_config_prune": prune_configs},
-                            key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"])(_int8_gemm_kernel)
+                            key=["N", "tune_key"])(_int8_gemm_kernel)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -277,7 +288,7 @@ def _launch(a3, b3, c3, sa3=None, sb3=None, bias=None, activation: str = "none")
         a3, b3, c3, sa3 if scaled else dummy, sb3 if scaled else dummy, bias if bias is not None else dummy,
         M, N, K, *a3.stride(), *b3.stride(), *c3.stride(),
         sa3.stride(0) if scaled else 0, sa3.stride(1) if scaled else 0,
-        sb3.stride(0) if scaled else 0, sb3.stride(2) if scaled else 0,
+        sb3.stride(0) if scaled else 0, sb3.stride(2) if scaled else 0, tune_key(M, K, a3.stride(), b3.stride()),
         SCALED=scaled, HAS_BIAS=bias is not None, ACTIVATION=activation, **extra)
 
 
