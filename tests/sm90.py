@@ -260,7 +260,8 @@ def attention_kernels() -> dict:
                     strides[f"s_{p}{dim}"] = "i32"
         signature = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "mask_ptr": "*u8", "H_in": "i32",
                      "s_mo": "i32", "s_mi": "i32", "s_ml": "i32", "sq_ptr": "*fp32", "sk_ptr": "*fp32", **pointers,
-                     "L": "i32", "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32", **strides}
+                     "L": "i32", "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32", "tune_key": "i32",
+                     **strides}
         kernels[name] = (kernel, signature, {**unit, **consts, "DTYPE": tl.bfloat16})
     return kernels
 

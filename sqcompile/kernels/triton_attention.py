@@ -383,10 +383,10 @@ def _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt
 # Kernels
 # --------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_key"])
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, sq_ptr, sk_ptr, sv_ptr, o_ptr,
                           stats_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ob, s_om,
-                          s_od, H_o, s_oh, scale, QMAX: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                          s_od, H_o, s_oh, scale, tune_key, QMAX: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
                           DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of queries of one (batch, head): ``O`` and the row statistics ``(m, l, sP)``
     in ``stats`` ``[3, BH, L]``.  Grid: ``(cdiv(L, BLOCK_M), BH)``.  ``O``'s (batch, head)
@@ -433,10 +433,10 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml,
     tl.store(stats_ptr + 2 * BH * L + row, sp, mask=mask_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_key"])
 def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, sq_ptr, sk_ptr, stats_ptr,
                              eo_ptr, bo_ptr, delta_ptr, ranges_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd,
-                             s_vb, s_vn, s_vd, s_eb, s_em, s_ed, scale, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                             s_vb, s_vn, s_vd, s_eb, s_em, s_ed, scale, tune_key, CAUSAL: tl.constexpr, MASK: tl.constexpr,
                              DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_D: tl.constexpr):
     """One block of queries: ``delta = sum(P * dP)`` per row, then the ranges of ``dS`` (times
@@ -523,12 +523,12 @@ def _gradient_sums(sum_ptr, v, b, pid, offs_r, offs_d, mask_r, H_d, s_dh, D, N_f
         tl.store(ptrs + j * N_feat, tl.zeros_like(total), mask=offs_d < tl.where(first + j < n_slots, D, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_key"])
 def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, qt_ptr, sq_ptr, sk_ptr,
                              stats_ptr, eoc_ptr, boc_ptr, eor_ptr, bor_ptr, delta_ptr, ranges_ptr, seed_ptr, dk_ptr,
                              dv_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_qtb, s_qtm,
                              s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, s_db, s_dn, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_k,
-                             f0_v, sum_ptr, n_slots, scale, QMAX: tl.constexpr,
+                             f0_v, sum_ptr, n_slots, scale, tune_key, QMAX: tl.constexpr,
                              GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
                              CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, RANGES: tl.constexpr,
                              SUMS: tl.constexpr, SLOT: tl.constexpr,
@@ -605,11 +605,11 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
                        n_slots, BLOCK_N, SLOT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_key"])
 def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, kt_ptr, sq_ptr, sk_ptr,
                             stats_ptr, eoc_ptr, boc_ptr, delta_ptr, ranges_ptr, seed_ptr, dq_ptr, L, S, D, BH, s_qb,
                             s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, s_eb, s_em, s_ed,
-                            s_db, s_dm, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_q, sum_ptr, n_slots, scale,
+                            s_db, s_dm, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_q, sum_ptr, n_slots, scale, tune_key,
                             GRAD_QMAX: tl.constexpr,
                             GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_S: tl.constexpr,
                             CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, RANGES: tl.constexpr,
@@ -689,6 +689,7 @@ INTERPRETER_TILE = Tile(16, 16, 1, 1)
 _KERNELS = {"fwd": _attention_fwd_kernel, "ranges": _attention_ranges_kernel, "dkdv": _attention_bwd_kv_kernel,
             "dq": _attention_bwd_q_kernel}
 _PROGRAMS_ALONG = {"fwd": "BLOCK_M", "ranges": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N"}
+_ARG_NAMES = {name: kernel.arg_names for name, kernel in _KERNELS.items()}
 
 
 def _block_d(D: int, device: torch.device) -> int:
@@ -705,8 +706,15 @@ def _prune(configs, named_args, **kwargs):
 def _tuned(name: str, wide: bool):
     configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
                              num_stages=t.num_stages) for t in GPU_TILES[name][wide]]
-    return triton.autotune(configs, key=["L", "S", "D"], prune_configs_by={"early_config_prune": _prune})(
+    return triton.autotune(configs, key=["D", "tune_key"], prune_configs_by={"early_config_prune": _prune})(
         _KERNELS[name])
+
+
+def _tune_key(L: int, S: int) -> int:
+    """With ``D``, the kernels' autotuning key (an argument they do not read): the query and
+    key lengths rounded up to powers of two, so that training on sequences of changing length
+    autotunes once per power of two, not once per length."""
+    return (max(L, 1) - 1).bit_length() * 64 + (max(S, 1) - 1).bit_length()
 
 
 def _launch(name: str, extent: int, BH: int, args: tuple, consts: dict, device: torch.device,
@@ -716,6 +724,8 @@ def _launch(name: str, extent: int, BH: int, args: tuple, consts: dict, device: 
     Every candidate is safe to run repeatedly while the autotuner times it (outputs are
     overwritten; the ranges pass's atomic maxima give the same result again)."""
     along = _PROGRAMS_ALONG[name]
+    names = _ARG_NAMES[name]
+    args = (*args, _tune_key(args[names.index("L")], args[names.index("S")]))     # ``args`` end at ``scale``
     tile = _tile_for(name, device, tiles)
     if tile is None:
         _tuned(name, consts["BLOCK_D"] > 64)[lambda meta: (cdiv(extent, meta[along]), BH)](*args, **consts)
