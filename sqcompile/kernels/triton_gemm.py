@@ -209,7 +209,8 @@ def tune_key(M: int, K: int, a_strides, b_strides) -> int:
     counts tokens, and ``K`` does in a ``dW`` GEMM: with dynamic shapes (batches of changing
     length) an exact key would time every config again for each new size; rounded, each
     power of two autotunes once.  ``N``, a layer's width, stays exact."""
-    layout = sum(1 << i for i, st in enumerate((*a_strides[-2:], *b_strides[-2:])) if st == 1)
+    layout = ((a_strides[-2] == 1) | (a_strides[-1] == 1) << 1 | (b_strides[-2] == 1) << 2
+              | (b_strides[-1] == 1) << 3)
     return ((max(M, 1) - 1).bit_length() * 64 + (max(K, 1) - 1).bit_length()) * 16 + layout
 
 
