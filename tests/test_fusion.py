@@ -539,7 +539,8 @@ class PreNorm(nn.Module):
 
     def __init__(self, d=24, hidden=40):
         super().__init__()
-        self.inp, self.ln, self.fc1, self.fc2 = nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.inp, self.ln = nn.Linear(d, d), nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
 
     def forward(self, x):
         x = self.inp(x)

@@ -386,8 +386,9 @@ def _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt
 @triton.jit(do_not_specialize=["tune_key"])
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, sq_ptr, sk_ptr, sv_ptr, o_ptr,
                           stats_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ob, s_om,
-                          s_od, H_o, s_oh, scale, tune_key, QMAX: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-                          DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                          s_od, H_o, s_oh, scale, tune_key, QMAX: tl.constexpr, CAUSAL: tl.constexpr,
+                          MASK: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
     """One block of queries of one (batch, head): ``O`` and the row statistics ``(m, l, sP)``
     in ``stats`` ``[3, BH, L]``.  Grid: ``(cdiv(L, BLOCK_M), BH)``.  ``O``'s (batch, head)
     ``b`` lies at ``(b // H_o) * s_ob + (b % H_o) * s_oh`` (``H_o`` 1 for ``[BH, L, D]``;
@@ -436,8 +437,8 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml,
 @triton.jit(do_not_specialize=["tune_key"])
 def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, sq_ptr, sk_ptr, stats_ptr,
                              eo_ptr, bo_ptr, delta_ptr, ranges_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd,
-                             s_vb, s_vn, s_vd, s_eb, s_em, s_ed, scale, tune_key, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-                             DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             s_vb, s_vn, s_vd, s_eb, s_em, s_ed, scale, tune_key, CAUSAL: tl.constexpr,
+                             MASK: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_D: tl.constexpr):
     """One block of queries: ``delta = sum(P * dP)`` per row, then the ranges of ``dS`` (times
     ``sK`` per key column, times ``sQ`` per query row) into ``ranges`` (int32 float bits,
