@@ -101,7 +101,7 @@ import torch.fx as fx
 
 from ..decisions import CompileRecord, FusedRegion
 from ..graphs import format_graph
-from ..passes.common import normalize_path
+from ..passes.common import hints as _hints, normalize_path
 
 ENABLED = os.environ.get("SQCOMPILE_FUSION", "1").strip().lower() not in ("0", "false", "off", "no")
 _COMPILE = threading.local()     # the ``fusion`` option of the compile this thread is tracing
@@ -159,25 +159,9 @@ def _static(shape) -> bool:
 # Sizes.  A graph compiled for dynamic shapes carries symbolic sizes (``torch.SymInt``); any
 # comparison of one that sympy cannot decide, or an ``int()`` of it, would install a guard and
 # specialize the compiled graph to the sizes at hand.  So the region analysis reasons on each
-# size's hint (its value in the example inputs: ``_hint``) and confirms every equality it
+# size's hint (its value in the example inputs: ``_hints``) and confirms every equality it
 # relies on symbolically (``_key``: the expanded expression, compared exactly; never a guard).
 # A symbolic size is at least 2 (Dynamo specializes 0 and 1), so a broadcast dim's 1 is a 1.
-
-def _hint(size) -> Optional[int]:
-    if isinstance(size, int):
-        return size
-    constant = size.node.maybe_as_int()
-    if constant is not None:
-        return constant
-    hint = size.node.hint
-    return None if hint is None else int(hint)
-
-
-def _hints(sizes) -> Optional[List[int]]:
-    """The sizes' hints, or None when one has none (a data-dependent size)."""
-    out = [_hint(s) for s in sizes]
-    return None if any(h is None for h in out) else out
-
 
 def _key(size):
     """A size (int, ``SymInt`` or a key already) to compare exactly without a guard: the int,

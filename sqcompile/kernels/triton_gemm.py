@@ -202,6 +202,7 @@ def prune_configs(configs, named_args, **kwargs):
     fitting = [c for c in configs if c is not SMALL_CONFIG and fits(c)] or [SMALL_CONFIG]
     return fitting if autotune_enabled() else fitting[:1]
 
+
 def tune_key(M: int, K: int, a_strides, b_strides) -> int:
     """With ``N``, the autotuning key of an int8 GEMM (and of a region kernel): ``M`` and
     ``K`` rounded up to powers of two and the operands' layout (which of A's and B's two

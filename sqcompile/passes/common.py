@@ -65,15 +65,29 @@ def _constant(s) -> Any:
     return value if value is not None else str(s)
 
 
+def size_hint(s) -> Optional[int]:
+    """A size as an int without a guard: itself, the constant a symbolic size was fixed to, or
+    the value Dynamo saw for it (its hint); ``None`` for a data-dependent size."""
+    if isinstance(s, int):
+        return s
+    value = s.node.maybe_as_int()
+    if value is None:
+        value = s.node.hint
+    return None if value is None else int(value)
+
+
+def hints(sizes) -> Optional[List[int]]:
+    """:func:`size_hint` of each size, or ``None`` when one has no hint."""
+    out = [size_hint(s) for s in sizes]
+    return None if any(h is None for h in out) else out
+
+
 def size_hints(node: Any) -> Optional[List[int]]:
-    """The node's shape at the sizes it was compiled for: a symbolic size counts as the value
-    Dynamo saw (its hint; no guard is installed), ``None`` when a size has no hint (data-
-    dependent).  For estimates only (FLOPs in the report, the ``inner="auto"`` choice)."""
+    """The node's shape at the sizes it was compiled for (:func:`hints`).  For estimates only
+    (FLOPs in the report, the ``inner="auto"`` choice) and analyses that confirm what they
+    rely on symbolically (:mod:`sqcompile.backends.fusion`)."""
     v = example_value(node)
-    if v is None:
-        return None
-    hints = [s if isinstance(s, int) else s.node.hint for s in v.shape]
-    return None if any(h is None for h in hints) else [int(h) for h in hints]
+    return None if v is None else hints(v.shape)
 
 
 def is_float_tensor(node: Any) -> bool:
