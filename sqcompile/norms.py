@@ -38,8 +38,8 @@ Quantization (``norm_bits`` / ``grad_bits``)
 ---------------------------------------------
 * Forward: the norm's input is quantized with ``torch.ops.sqcompile.quantize`` (nearest
   rounding, ``norm_bits``) with one scale per slice; the statistics and the output are computed
-  from the dequantized values, and the int8 tensor and its scale are what is saved for
-  backward (not the float input).
+  from the dequantized values, and the int8 tensor and its channel maxima are what is saved
+  for backward (not the float input).
 * Backward: straight-through for the input quantizer (the gradient is the one of the float
   formula evaluated at the quantized input), and the incoming ``grad_output`` is quantized with
   stochastic rounding at ``grad_bits`` (default ``norm_bits``), again one scale per slice, before
@@ -63,6 +63,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import numerics as N
 from . import ops as _ops  # noqa: F401  (registers torch.ops.sqcompile.quantize / dequantize)
 
 L1_SCALE = math.sqrt(math.pi / 2)
@@ -93,6 +94,15 @@ class _L1Norm(torch.autograd.Function):
     use the slice's own.  Returns ``(y, mean, sigma)``: the statistics actually computed
     (``keepdim`` shape, compute dtype, non-differentiable) or ``None`` when they were given or,
     for ``mean``, when ``center`` is False.
+
+    What is saved for backward are the slices' reductions as the forward computed them -- the
+    input's channel maxima (not its quantization scale), the sum and the absolute-deviation
+    sum (not the mean and ``1 / (sigma + eps)``) -- and the backward derives the rest with the
+    forward's own expressions, so the values are the same bits.  Saving derived per-slice
+    values made them outputs of the compiled forward, and Inductor's CPU code generator then
+    computed each of them in a loop of its own between the row passes: four passes over the
+    whole input (two of them reading it in float from memory) instead of one loop over rows
+    that reads each row once.
     """
 
     @staticmethod
@@ -102,28 +112,34 @@ class _L1Norm(torch.autograd.Function):
         keep = [d for d in range(x.dim()) if d not in dims]
         if norm_bits is None:
             xc = x.to(cdtype)
-            saved_x, saved_scale = x, None
+            saved_x, saved_amax = x, None
         else:
-            saved_x, saved_scale, xc = _quantize_dequantize(x, norm_bits, keep, False, cdtype, stats, "norm_in")
+            saved_x, _, xc = _quantize_dequantize(x, norm_bits, keep, False, cdtype, stats, "norm_in")
+            saved_amax = N.amax(x, keep)     # the quantizer's own maxima (a compiler computes them once)
 
         batch_stats = sigma is None
         if batch_stats:
-            mean = xc.mean(dims, keepdim=True) if center else None
+            n = math.prod([x.shape[d] for d in dims])
+            total = xc.sum(dims, keepdim=True) if center else None
+            mean = total / n if center else None
             z = xc - mean if center else xc
-            sigma = l1_scale * z.abs().mean(dims, keepdim=True)
+            deviation = z.abs().sum(dims, keepdim=True)
+            sigma = l1_scale * (deviation / n)
+            saved_stats = (total, deviation)
         else:
             mean, sigma = mean.to(cdtype), sigma.to(cdtype)
             z = xc - mean
-        inv = 1.0 / (sigma + eps)
-        xhat = z * inv
+            saved_stats = (mean, sigma)
+        xhat = z * (1.0 / (sigma + eps))
 
         y = xhat if weight is None else xhat * weight.to(cdtype)
         if bias is not None:
             y = y + bias.to(cdtype)
 
-        ctx.save_for_backward(saved_x, saved_scale, mean, inv, weight)
+        ctx.save_for_backward(saved_x, saved_amax, *saved_stats, weight)
         bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        ctx.cfg = (dims, keep, center, l1_scale, batch_stats, grad_bits, x.dtype, cdtype, bias_meta, stats)
+        ctx.cfg = (dims, keep, center, l1_scale, eps, batch_stats, norm_bits, grad_bits, x.dtype, cdtype, bias_meta,
+                   stats)
         if not batch_stats:
             return y.to(x.dtype), None, None
         ctx.mark_non_differentiable(*[t for t in (mean, sigma) if t is not None])
@@ -131,12 +147,20 @@ class _L1Norm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dsigma):
-        saved_x, saved_scale, mean, inv, weight = ctx.saved_tensors
-        dims, keep, center, l1_scale, batch_stats, grad_bits, x_dtype, cdtype, bias_meta, stats = ctx.cfg
-        if saved_scale is None:
+        saved_x, saved_amax, first, second, weight = ctx.saved_tensors
+        dims, keep, center, l1_scale, eps, batch_stats, norm_bits, grad_bits, x_dtype, cdtype, bias_meta, stats = \
+            ctx.cfg
+        if saved_amax is None:
             xc = saved_x.to(cdtype)
         else:
-            xc = torch.ops.sqcompile.dequantize(saved_x, saved_scale, cdtype)
+            xc = torch.ops.sqcompile.dequantize(saved_x, N.scale_of_amax(saved_amax, norm_bits), cdtype)
+        if batch_stats:         # the forward's expressions, on its sums
+            n = math.prod([saved_x.shape[d] for d in dims])
+            mean = first / n if center else None
+            sigma = l1_scale * (second / n)
+        else:
+            mean, sigma = first, second
+        inv = 1.0 / (sigma + eps)
         xhat = (xc - mean if mean is not None else xc) * inv
 
         if grad_bits is None:
@@ -222,7 +246,7 @@ def _row_norm(x, weight, bias, dims, *, center, l1_scale, eps, norm_bits, grad_b
                         norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)[0]
     _check_bits("norm_bits", norm_bits)
     _check_bits("grad_bits", grad_bits)
-    row = math.prod(x.shape[d] for d in dims)
+    row = math.prod([x.shape[d] for d in dims])
     why = triton_unsupported(x.dtype, row, norm_bits, stats)
     if why is not None:
         raise ValueError(f"kernels='triton': {why}")

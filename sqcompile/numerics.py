@@ -181,6 +181,12 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int] = (), rounding
     return q, _finite_or_nan(scale)
 
 
+def scale_of_amax(a: torch.Tensor, bits: int) -> torch.Tensor:
+    """The scale :func:`quantize` returns for channel maxima ``a`` (:func:`amax`), bit for
+    bit: for callers that keep the maxima (a reduction's result) rather than the scale."""
+    return _finite_or_nan(a / qmax(bits))
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.float() * scale).to(dtype)
 

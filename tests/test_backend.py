@@ -324,6 +324,33 @@ def test_graphs_for_inductor_keep_each_ops_origin():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+def test_int8_tensors_read_twice_are_marked_to_be_stored():
+    """``lowering.materialize_integers``: an int8 tensor the graph computes and then reads more
+    than once (through its dequantize) gets an identity ``as_strided``, which makes Inductor
+    store the int8 values; one read once, or an int8 input, is left alone; values unchanged."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from sqcompile.backends.lowering import materialize_integers
+
+    def twice(x, s, q_in):
+        d = ((x / s).round().clamp(-127, 127).to(torch.int8).float() * s)
+        return d.sum(0), d.sum(1), q_in.float() * s + q_in.float()
+
+    def once(x, s):
+        return ((x / s).round().clamp(-127, 127).to(torch.int8).float() * s).sum()
+
+    x, s, q_in = torch.randn(6, 5), torch.rand(6, 1) + 0.1, torch.randint(-9, 9, (6, 5), dtype=torch.int8)
+    for fn, args, marked in ((twice, (x, s, q_in), 1), (once, (x, s), 0)):
+        gm = make_fx(fn, decomposition_table=select_decomp_table())(*args)
+        want = gm(*args)
+        assert materialize_integers(gm.graph) == marked
+        gm.recompile()
+        views = [n for n in gm.graph.nodes if n.target is torch.ops.aten.as_strided.default]
+        assert len(views) == marked and all(v.args[0].meta["val"].dtype == torch.int8 for v in views)
+        leaves = torch.utils._pytree.tree_leaves
+        assert all(torch.equal(a, b) for a, b in zip(leaves(gm(*args)), leaves(want), strict=True))
+
+
 def test_cuda_compiles_without_cuda_graphs_get_one_hint():
     """A CUDA compile that launches from Python (host-bound at transformer sizes) is told
     about ``cudagraphs=True``; CPU compiles, CUDA-graph compiles and the configurations that

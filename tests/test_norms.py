@@ -414,3 +414,43 @@ def test_aot_graphs_show_quantize_nodes():
     assert {"sqcompile.quantize.default", "sqcompile.dequantize.default"} <= fwd
     assert {"sqcompile.quantize.default", "sqcompile.dequantize.default"} <= bwd
     torch.testing.assert_close(x.grad.sum(-1), torch.zeros(4), atol=1e-4, rtol=0)
+
+
+def test_inductor_reads_a_rows_input_once_and_stores_its_gradient_as_int8():
+    """Compiled for the CPU with Inductor, the 8-bit L1 LayerNorm's forward is one loop over the
+    rows (each row's maximum, quantization, sums and output while it is in cache), and its
+    backward keeps the stochastically rounded gradient as int8 for the weight and bias sums.
+    Saving the derived statistics (scale, mean, ``1 / (sigma + eps)``) made them outputs that
+    Inductor computed in loops of their own, four passes over the input; the quantized gradient
+    was stored as the float32 values before the int8 conversion."""
+    import re
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    layer = torch.nn.LayerNorm(256)
+    model = torch.compile(layer, backend="shiftquant", options={"inner": "inductor"})
+    x = torch.randn(64, 256, requires_grad=True)
+    _, (forward, backward) = run_and_get_code(lambda: model(x).backward(torch.randn(64, 256)))
+    assert forward.count("#pragma omp for") == 1, forward
+    full = re.compile(r"empty_strided_cpu\(\(64, 256\), \(256, 1\), torch\.(\w+)\)")
+    assert sorted(full.findall(backward)) == ["float32", "int8"], backward     # dx, and the gradient's integers
+    y = l1_layer_norm(x.detach(), (256,), layer.weight, layer.bias, layer.eps ** 0.5, norm_bits=8)
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in (x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+@pytest.mark.parametrize("case", [CASES[2], CASES[5], CASES[6], CASES[9], CASES[10]], ids=lambda c: c.id)
+def test_torch_compile_traces_each_norm_whole(case, bits):
+    """Called inside a user's ``torch.compile``d code, every kind traces as one graph (a graph
+    break would leave the norm to eager PyTorch, several times slower than Inductor's fused
+    loops) and gives eager's values and gradients."""
+    x, w, b = case.inputs(dtype=torch.float32, requires_grad=True)
+    dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for fn in (case.run, torch.compile(case.run, backend="eager", fullgraph=True)):
+        torch.manual_seed(2)                                       # the same gradient rounding noise
+        results.append([fn(x, w, b, norm_bits=bits).detach(), *grads(fn(x, w, b, norm_bits=bits), (x, w, b), dy)])
+    torch._dynamo.reset()
+    for got, want in zip(*results):
+        assert torch.equal(got, want)

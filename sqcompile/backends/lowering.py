@@ -14,6 +14,7 @@ handed to the inner compiler:
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 from functorch.compile import make_boxed_func
@@ -23,7 +24,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .. import numerics as N
 from ..graphs import format_graph
 from .attention_grads import pack_attention_gradients
-from .fusion import fuse_regions
+from .fusion import _contiguous, fuse_regions
 from .norm_fusion import fuse_norm_quantizers, fuse_norm_residuals
 
 
@@ -167,5 +168,81 @@ def decompose_for_inductor(gm, example_inputs):
     # what Inductor's joint-graph passes would have done: rand -> Inductor's fused RNG
     with V.set_fake_mode(fake_mode) if fake_mode is not None else contextlib.nullcontext():
         replace_random_passes(gm)
+    materialize_integers(gm.graph)
     gm.recompile()
     return gm
+
+
+_DEQUANTIZE_STEPS = (torch.ops.prims.convert_element_type.default, torch.ops.aten.mul.Tensor)
+
+
+def _readers(q: torch.fx.Node) -> int:
+    """How many nodes read ``q``'s values: a dequantize (the conversion to float, then single-use
+    scale multiplies or conversions) counts as the readers of its result."""
+    count = 0
+    for user in q.users:
+        if user.target is not torch.ops.prims.convert_element_type.default:
+            count += 1
+            continue
+        node = user
+        while len(node.users) == 1:
+            step = next(iter(node.users))
+            if step.target not in _DEQUANTIZE_STEPS or step.args[0] is not node:
+                break
+            node = step
+        count += len(node.users)
+    return count
+
+
+def _contiguous_layout(graph: torch.fx.Graph, q: torch.fx.Node):
+    """``(sizes, strides)`` arguments of a contiguous view of ``q``, for nodes inserted at the
+    graph's insertion point: ints, and ``sym_size`` nodes of ``q`` and their products for
+    symbolic sizes."""
+    shape = q.meta["val"].shape
+    sizes = []
+    for d, size in enumerate(shape):
+        sizes.append(size if isinstance(size, int) else graph.call_function(torch.ops.aten.sym_size.int, (q, d)))
+        if isinstance(sizes[-1], torch.fx.Node):
+            sizes[-1].meta["val"] = size
+    strides, stride, value = [], 1, 1
+    for d in reversed(range(len(shape))):
+        strides.append(stride)
+        value = value * shape[d]
+        if isinstance(stride, torch.fx.Node) or isinstance(sizes[d], torch.fx.Node):
+            stride = graph.call_function(operator.mul, (stride, sizes[d]))
+            stride.meta["val"] = value
+        else:
+            stride = value
+    return sizes, strides[::-1]
+
+
+def materialize_integers(graph: torch.fx.Graph) -> int:
+    """Have a fusing compiler store each int8 tensor that the graph computes and reads more
+    than once -- not the float32 values it is converted from, nor its dequantization.
+
+    A quantizer computed in the graph (the stochastically rounded gradient in an L1 norm's
+    backward) is dequantized and read by several loops: the norm's row reductions and its
+    ``weight`` / ``bias`` gradients' column sums.  Inductor keeps in memory a value whose
+    expression grows past its size limit (the rounding noise's hash does) and reads it back
+    where it is used, and that value was the float32 one before the int8 conversion: 4 bytes
+    an element written and read twice (the CPU norm's backward stored the whole quantized
+    gradient so).  An identity ``as_strided`` after the int8 conversion makes Inductor store
+    the int8 tensor (1 byte an element); the float32 value then lives only inside the loop
+    that converts it.  Returns how many tensors were so marked."""
+    marked = 0
+    for q in list(graph.nodes):
+        if q.target is not torch.ops.prims.convert_element_type.default or q.args[1] is not torch.int8 \
+                or not isinstance(q.args[0], torch.fx.Node) or q.args[0].op == "placeholder" \
+                or not isinstance(q.meta.get("val"), torch.Tensor) or not _contiguous(q.meta["val"]) \
+                or _readers(q) < 2:
+            continue
+        users = list(q.users)
+        first = next(n for n in graph.nodes if n in q.users)
+        with graph.inserting_before(first):
+            sizes, strides = _contiguous_layout(graph, q)
+            kept = graph.call_function(torch.ops.aten.as_strided.default, (q, sizes, strides))
+        kept.meta = dict(q.meta)
+        for user in users:
+            user.replace_input_with(q, kept)
+        marked += 1
+    return marked
