@@ -25,7 +25,11 @@ Where each gradient lands is worked out by running its chain of ops backwards on
 tensor of the assembled gradient's layout (a view back to a view's input shape, a transpose or
 permute undone, a clone as is, then the ``select`` or the slice of the ``cat``), so any mix
 of views, transposes, permutes and clones between the two is handled; the kernels take the
-result as strides with the (batch, head) axis in two levels.  Only exact assemblies are
+result as strides with the (batch, head) axis in two levels.  With symbolic sizes
+(``dynamic=True``, or Dynamo's recompile after a new sequence length) the meta tensor has the
+symbolic sizes, the places' strides and offsets are expressions in them, and the op gets
+nodes computing those (:func:`~sqcompile.backends.fusion.int_arg`): one graph serves every
+length.  Only exact assemblies are
 replaced: the three gradients of one ``triton_attention_backward`` (as many queries as keys)
 used by nothing else, each through single-use ops of those kinds, into one ``cat`` of the
 three, or three ``select_backward`` of dim 0 at distinct indices summed by two adds and used
@@ -97,7 +101,7 @@ def _undo(region: torch.Tensor, ops: List[fx.Node]) -> Optional[torch.Tensor]:
                 region = region.view(src.shape)
             except RuntimeError:
                 return None
-        if tuple(region.shape) != tuple(src.shape):
+        if not F._same_shape(region.shape, src.shape):
             return None
     return region
 
@@ -143,6 +147,20 @@ def _select_slots(selects: List[fx.Node]) -> Optional[Tuple[fx.Node, List[fx.Nod
     return clone, [permute, outer, inner], [total.select(0, s.args[3] % 3) for s in selects]
 
 
+def _layout_args(graph: fx.Graph, result: fx.Node, places: List[torch.Tensor], removed: List[fx.Node]):
+    """``(size, offsets, strides)`` arguments of the packed op (inserted before ``result``):
+    ints, and with symbolic sizes nodes computing them from the graph's sizes, none of them
+    reading a node the rewrite erases; None when one cannot be computed (nothing is inserted
+    then)."""
+    avoid = set(removed)
+    values = [list(F._val(result).shape), [p.storage_offset() for p in places],
+              [s for p in places for s in p.stride()]]
+    if not F.rehome_sym_sizes(graph, removed, emit=False) or \
+            any(F.int_arg(graph, v, result, avoid, emit=False) is None for group in values for v in group):
+        return None
+    return [[F.int_arg(graph, v, result, avoid) for v in group] for group in values]
+
+
 def _shiftquants(result: fx.Node, grad_shape) -> List[Tuple[fx.Node, int]]:
     """``[(quantizer, 1 or 2)]``: the ShiftQuants of the assembled gradient seen as ``[tokens,
     features]`` (through contiguous views; an outer dim of 1 allowed), along its features (the
@@ -153,7 +171,8 @@ def _shiftquants(result: fx.Node, grad_shape) -> List[Tuple[fx.Node, int]]:
     for sq in F.readers_of(result, F._op("triton_shiftquant")):
         x = F._val(sq.args[0])
         nd = x.dim()
-        if sq.kwargs or nd < 2 or x.shape[-2] != tokens or x.numel() != tokens * x.shape[-1]:
+        if sq.kwargs or nd < 2 or not F._same(x.shape[-2], tokens) or \
+                not F._same(F._product(x.shape), F._product([tokens, x.shape[-1]])):
             continue
         dims = sorted(d % nd for d in sq.args[3])
         outer = list(range(nd - 2))
@@ -182,9 +201,9 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
     for bwd in [n for n in graph.nodes if n.op == "call_function" and n.target is backward_op]:
         grads = [next((u for u in bwd.users if u.target is operator.getitem and u.args[1] == i), None)
                  for i in range(3)]
-        if any(g is None or F._val(g) is None or not F._static(F._val(g).shape) for g in grads) or \
-                len(bwd.users) != 3 or len({tuple(F._val(g).shape) for g in grads}) != 1:
-            continue      # (symbolic sizes, as every fusion pass: the autograd assembly stays)
+        if any(g is None or F._val(g) is None for g in grads) or len(bwd.users) != 3 or \
+                not all(F._same_shape(F._val(g).shape, F._val(grads[0]).shape) for g in grads[1:]):
+            continue
         chains = [_chain(g) for g in grads]
         ends = [end for _, end in chains]
         if any(e is None for e in ends):
@@ -204,13 +223,16 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
         if slots is None:
             continue
         places = [_undo(slot, ops) for slot, (ops, _) in zip(slots, chains)]
-        if any(p is None for p in places) or places[1].stride() != places[2].stride():
+        if any(p is None for p in places) or not F._same_shape(places[1].stride(), places[2].stride()):
+            continue
+        removed = [result, *between, *(op for ops, _ in chains for op in reversed(ops)), *grads, bwd]
+        layout = _layout_args(graph, result, places, removed)
+        if layout is None:
             continue
         mode = F._fake_mode(bwd.args[0])
         quantizers = _shiftquants(result, F._val(grads[0]).shape)
         sums = _bias_sums(result, F._val(grads[0]).shape)
-        args = (*bwd.args, list(F._val(result).shape), [p.storage_offset() for p in places],
-                [s for p in places for s in p.stride()], bool(quantizers), bool(sums))
+        args = (*bwd.args, *layout, bool(quantizers), bool(sums))
         with graph.inserting_before(result):
             new = F._new(graph, packed_op, args, bwd, mode)
             value = F._new(graph, operator.getitem, (new, 0), bwd, mode)
@@ -221,7 +243,7 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
             F.given_ranges(graph, sq, rng, mode)
         for node in sums:
             F.given_sum(graph, node, new, 3, bwd, mode, [])
-        removed = [result, *between, *(op for ops, _ in chains for op in reversed(ops)), *grads, bwd]
+        F.rehome_sym_sizes(graph, removed)
         for node in removed:                    # last use first
             graph.erase_node(node)
         F._record(record, None, FusedRegion(

@@ -246,6 +246,53 @@ def _shape_arg(graph: fx.Graph, sizes, before: fx.Node, emit: bool = True, avoid
     return out
 
 
+def int_arg(graph: fx.Graph, value, before: fx.Node, avoid=frozenset(), emit: bool = True):
+    """``value`` (an int or a ``SymInt``: a size, a stride, an offset) as an argument of a node
+    inserted before ``before``: the int, or a node computing it from the graph's sizes (each
+    symbol through :func:`_shape_arg`, then the sums and products of the expression, inserted
+    before ``before``); None when the expression is not a polynomial in sizes the graph has
+    (nothing is inserted then).  ``emit=False``: only check (True for a symbolic value)."""
+    key = _key(value)
+    if isinstance(key, int):
+        return key
+    symbols = sorted(key.free_symbols, key=str)
+    found = _shape_arg(graph, symbols, before, emit=False, avoid=avoid)
+    if found is None or -1 in found or not _polynomial(key):
+        return None
+    if not emit:
+        return True
+    leaves = dict(zip(symbols, _shape_arg(graph, symbols, before, avoid=avoid)))
+    values = {sym: node.meta["val"] for sym, node in leaves.items()}
+
+    def emit(expr):
+        if expr.is_Integer:
+            return int(expr), int(expr)
+        if expr.is_Symbol:
+            return leaves[expr], values[expr]
+        if expr.is_Pow:
+            expr = sympy.Mul(*[expr.base] * int(expr.exp), evaluate=False)
+        combine = operator.add if expr.is_Add else operator.mul
+        out, val = emit(expr.args[0])
+        for arg in expr.args[1:]:
+            node, v = emit(arg)
+            with graph.inserting_before(before):
+                out = graph.call_function(combine, (out, node))
+            val = combine(val, v)
+            out.meta["val"] = val
+        return out, val
+
+    return emit(key)[0]
+
+
+def _polynomial(expr) -> bool:
+    """Is ``expr`` built of integers, symbols, sums, products and positive integer powers?"""
+    if expr.is_Integer or expr.is_Symbol:
+        return True
+    if expr.is_Pow:
+        return expr.exp.is_Integer and expr.exp > 0 and _polynomial(expr.base)
+    return (expr.is_Add or expr.is_Mul) and all(_polynomial(a) for a in expr.args)
+
+
 def _is_sym_size(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is aten.sym_size.int
 

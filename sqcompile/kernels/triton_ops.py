@@ -395,7 +395,7 @@ def triton_attention_backward_packed(grad_out: torch.Tensor, qq: torch.Tensor, s
 def _packed_ranges_shape(qq: torch.Tensor, size: List[int]) -> Tuple[int, int]:
     """``(tokens, features)`` of a packed gradient of ``size`` for ``qq`` ``[B, H, L, D]``."""
     tokens = qq.shape[0] * qq.shape[2]
-    return tokens, math.prod(size) // max(1, tokens)
+    return tokens, math.prod(size) // tokens if isinstance(tokens, torch.SymInt) or tokens else 0
 
 
 @triton_attention_backward_packed.register_fake
