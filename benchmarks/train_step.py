@@ -10,6 +10,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --rounds 7
     python benchmarks/train_step.py --models transformer --float-attention
     python benchmarks/train_step.py --models transformer --onednn   # AMX kernel vs oneDNN _int_mm
+    python benchmarks/train_step.py --models transformer --saved-scales   # GEMMs saving scales, not maxima
     python benchmarks/train_step.py --models transformer --peak-memory
 """
 from __future__ import annotations
@@ -129,6 +130,22 @@ def saved_bytes(step) -> int:
     return total
 
 
+@contextlib.contextmanager
+def saved_scales(on: bool):
+    """While ``on``, quantized GEMMs traced for Inductor save their operands' scales for backward
+    (as before 2026-11-30) rather than their channel maxima (``sqcompile.ops._saves_maxima``):
+    the comparison the ``--saved-scales`` variant makes.  Read when a graph is traced, i.e. at
+    the variant's first steps."""
+    from sqcompile import ops
+    saves = ops._saves_maxima
+    if on:
+        ops._saves_maxima = lambda ks: False
+    try:
+        yield
+    finally:
+        ops._saves_maxima = saves
+
+
 def variants(args, name):
     """``(label, compile options or None, bf16 autocast)`` of every path timed for ``name``."""
     bits = dict(weight_bits=args.bits, act_bits=args.bits, grad_bits=args.bits, inner="inductor")
@@ -138,6 +155,8 @@ def variants(args, name):
         out.append((f"{tag}, attention float", dict(bits, overrides={"*:scaled_dot_product_attention": None}), False))
     if args.onednn:
         out += [(f"{label}, oneDNN GEMMs", dict(options, _engine="onednn"), False) for label, options, _ in out[1:]]
+    if args.saved_scales:
+        out.append((f"{tag}, GEMMs save scales", dict(bits, _saved_scales=True), False))
     if args.bf16:
         out.append(("bf16 autocast eager (reference)", None, True))
     return out
@@ -150,11 +169,12 @@ def make_step(name, options, bf16, x):
     model = cls()
     options = dict(options or {})
     engine = options.pop("_engine", None)
+    scales = options.pop("_saved_scales", False)
     run = model if not options else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
-        with gemm_engine(engine):
+        with gemm_engine(engine), saved_scales(scales):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(run(x))
@@ -215,6 +235,10 @@ def main(argv=None):
     p.add_argument("--onednn", action="store_true",
                    help="also time each shiftquant step with its int8 GEMMs on oneDNN's torch._int_mm "
                         "(SQCOMPILE_CPU_GEMM=onednn) instead of the AMX kernel, in the same process")
+    p.add_argument("--saved-scales", action="store_true",
+                   help="also time the shiftquant step with its quantized GEMMs saving their operands' scales "
+                        "for backward instead of their channel maxima (which let Inductor keep a norm or a "
+                        "softmax and the next GEMM's quantizer in one loop over rows), in the same process")
     p.add_argument("--bf16", action="store_true",
                    help="also time fp32 eager under bf16 autocast: on CPUs with AMX-BF16 tiles its GEMMs are "
                         "several times faster than both fp32 and oneDNN's int8 GEMM as PyTorch reaches it")

@@ -349,6 +349,19 @@ def _epilogue_in_gemm() -> bool:
     return fusion is not None and not fusion.enabled()
 
 
+def _saves_maxima(ks: KernelSet) -> bool:
+    """Does a quantized GEMM save its operands' channel maxima for backward, rather than their
+    scales?  Yes for the torch family while a graph is traced: a fusing compiler (Inductor)
+    computes the maxima in the quantizer's own loop, whereas a saved scale (a per-row value
+    derived from them) is an output of the compiled forward, which Inductor's CPU code
+    generator computes in a loop of its own that splits the loop over rows it shares with
+    the operand's producer -- the L1 norm before a Linear, the softmax before ``P @ V`` --
+    into one pass over memory per reduction.  The backward derives the scales with the
+    quantizer's own expression (:func:`numerics.scale_of_amax`): the same bits."""
+    return ks.quantize is torch.ops.sqcompile.quantize and (
+        torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None)
+
+
 def _dequant(ks: KernelSet, q, scale, dtype):
     if scale is None:
         return q.to(dtype)
@@ -363,7 +376,11 @@ class _QuantMatmul(torch.autograd.Function):
         ks = kernel_set(kernels)
         qa, sa = _quantize(ks, stats, "act", a, a_bits, [0, 1], False)     # per (batch, row)
         qb, sb = _quantize(ks, stats, b_role, b, b_bits, [0, 2], False)    # per (batch, column)
-        ctx.save_for_backward(qa, sa, qb, sb)
+        ctx.maxima = (a_bits, b_bits) if _saves_maxima(ks) else None
+        if ctx.maxima is None:
+            ctx.save_for_backward(qa, sa, qb, sb)
+        else:
+            ctx.save_for_backward(qa, N.amax(a, [0, 1]), qb, N.amax(b, [0, 2]))
         ctx.cfg = (grad_bits, groups, integer, ks, stats, a.dtype, b.dtype)
         ctx.needs = ctx.needs_input_grad[:2]
         ctx.col_major = (_col_major(a), _col_major(b))
@@ -372,6 +389,8 @@ class _QuantMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         qa, sa, qb, sb = ctx.saved_tensors
+        if ctx.maxima is not None:
+            sa, sb = (N.scale_of_amax(m, bits) for m, bits in zip((sa, sb), ctx.maxima))
         grad_bits, groups, integer, ks, stats, a_dtype, b_dtype = ctx.cfg
         da = db = None
         # Each gradient is produced in its input's memory order (a column-major input, such as

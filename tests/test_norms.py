@@ -454,3 +454,33 @@ def test_torch_compile_traces_each_norm_whole(case, bits):
     torch._dynamo.reset()
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+def test_inductor_fuses_a_norm_and_the_next_linears_quantizer_into_one_loop_over_rows(monkeypatch):
+    """A quantized GEMM saves its operands' channel maxima, not their scales, while Inductor
+    compiles it (``ops._saves_maxima``): a saved scale is a per-row output that Inductor
+    computes in a loop of its own, which split a transformer block's first L1 norm and the
+    ``qkv`` Linear's activation quantizer into one pass over the rows per reduction (six).
+    The gradients are the same bits either way."""
+    import re
+    from torch._inductor.utils import run_and_get_code
+    from models import Block
+    from sqcompile import ops
+
+    def run():
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = Block(d=64, heads=4, sdpa=True)
+        compiled = torch.compile(model, backend="shiftquant", options={"inner": "inductor"})
+        x = torch.randn(8, 128, 64, requires_grad=True)
+        torch.manual_seed(1)
+        _, (forward, _) = run_and_get_code(lambda: compiled(x).square().sum().backward())
+        first = forward.split("async_compile.cpp_pybinding")[1]       # ln1, its quantizers, qkv's weight's
+        return len(re.findall(r"x0<static_cast<int64_t>\(1024L\)", first)), [x.grad, *(p.grad for p in
+                                                                                     model.parameters())]
+
+    loops, grads = run()
+    monkeypatch.setattr(ops, "_saves_maxima", lambda ks: False)
+    loops_with_scales, grads_with_scales = run()
+    assert loops == 1 and loops_with_scales > 1, (loops, loops_with_scales)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_with_scales, strict=True))
