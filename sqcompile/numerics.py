@@ -176,9 +176,8 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int] = (), rounding
     it (size 1 along the reduced dims), so ``dequantize(q, scale) ~= x``.
     """
     a = amax(x, keep_dims)
-    scale = a / qmax(bits)
-    q = quantize_with_scale(x, scale, bits, rounding, noise)
-    return q, _finite_or_nan(scale)
+    q = quantize_with_scale(x, a / qmax(bits), bits, rounding, noise)
+    return q, scale_of_amax(a, bits)
 
 
 def scale_of_amax(a: torch.Tensor, bits: int) -> torch.Tensor:
