@@ -52,3 +52,16 @@ class Block(nn.Module):
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30))
+
+
+def assert_steps_match(compiled, model: nn.Module, xs, references, device) -> None:
+    """One training step of ``compiled`` (``model`` compiled) per input of ``xs`` (seeded, loss
+    ``mean(out**2)``), each bit-identical to its reference ``(output, {name: gradient})``."""
+    for x, (ref_out, ref_grads) in zip(xs, references, strict=True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = compiled(x.to(device))
+        out.float().square().mean().backward()
+        assert torch.equal(out.detach(), ref_out)
+        for name, p in model.named_parameters():
+            assert torch.equal(p.grad, ref_grads[name]), name

@@ -29,6 +29,7 @@ import sqcompile
 from sqcompile.backends import fusion
 from sqcompile.decisions import records_for
 from sqcompile.kernels.triton_ops import triton_available
+from models import assert_steps_match
 
 AVAILABLE, WHY = triton_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=WHY)
@@ -562,14 +563,7 @@ def test_symbolic_sizes_fuse_as_static_ones_without_specializing(model):
     dynamic = copy.deepcopy(model).to(DEVICE)
     backend = Counting(**TRITON)
     compiled = torch.compile(dynamic, backend=backend, dynamic=True)
-    for x, (ref_out, ref_grads, ref_rec, _) in zip(xs, static):
-        dynamic.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        out = compiled(x.to(DEVICE))
-        out.float().square().mean().backward()
-        assert torch.equal(out.detach(), ref_out)
-        for name, p in dynamic.named_parameters():
-            assert torch.equal(p.grad, ref_grads[name]), name
+    assert_steps_match(compiled, dynamic, xs, [(out, grads) for out, grads, *_ in static], DEVICE)
     (rec,) = backend.records
     assert any(isinstance(s, str) for d in rec.decisions for shape in d.shapes for s in shape)   # symbolic
     assert _labels(rec) == _labels(static[0][2]) and rec.regions

@@ -31,7 +31,7 @@ from sqcompile.decisions import records_for
 from sqcompile.kernels.triton_ops import triton_available
 from sqcompile.passes.quantize_gemms import FUSED_ATTENTION
 
-from models import Block, rel
+from models import Block, assert_steps_match, rel
 
 AVAILABLE, WHY = triton_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=WHY)
@@ -416,14 +416,7 @@ def test_backend_compiles_a_symbolic_sequence_length_with_the_fused_attention(st
     dynamic = copy.deepcopy(model).to(DEVICE)
     compiled = torch.compile(dynamic, backend="shiftquant", dynamic=True,
                              options={**_OPTIONS, "fused_attention": True})
-    for x, (ref_out, ref_grads) in zip(xs, references):
-        dynamic.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        out = compiled(x.to(DEVICE))
-        out.float().square().mean().backward()
-        assert torch.equal(out.detach(), ref_out)
-        for name, p in dynamic.named_parameters():
-            assert torch.equal(p.grad, ref_grads[name]), name
+    assert_steps_match(compiled, dynamic, xs, references, DEVICE)
     records = records_for(list(dynamic.parameters()))
     assert len(records) == 1 and "sqcompile.triton_attention(" in records[0].graphs["forward"]
     assert "sqcompile.triton_attention_backward(" in records[0].graphs["backward"]
