@@ -351,6 +351,33 @@ def test_int8_tensors_read_twice_are_marked_to_be_stored():
         assert all(torch.equal(a, b) for a, b in zip(leaves(gm(*args)), leaves(want), strict=True))
 
 
+def test_tall_column_sums_are_split_into_chunks_of_rows():
+    """``lowering.split_column_sums``: a sum of a tall contiguous CPU tensor over its leading
+    dims (a bias or norm-weight gradient) becomes partial sums over chunks of 64 rows, then
+    their sum (Inductor's one-step code walks the whole height per column block); the values
+    agree up to float order.  Sums it cannot or need not split are left: too few rows, rows
+    not a multiple of the chunk, a trailing dim reduced, a non-float tensor."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from sqcompile.backends.lowering import COLUMN_SUM_CHUNK, split_column_sums
+
+    def sums(x, y, z, i):
+        return x.sum(0), x.sum((0, 1), keepdim=True), y.sum(0), x.sum(2), z.sum(0), i.sum(0)
+
+    rows = 4 * COLUMN_SUM_CHUNK
+    args = (torch.randn(rows // 4, 4, 32), torch.randn(rows - 1, 32), torch.randn(2 * COLUMN_SUM_CHUNK, 32),
+            torch.randint(0, 9, (rows, 32)))
+    gm = make_fx(sums, decomposition_table=select_decomp_table())(*args)
+    want = gm(*args)
+    assert split_column_sums(gm.graph) == 1            # only x.sum((0, 1)): x.sum(0) has 64 rows
+    gm.recompile()
+    got = gm(*args)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.aten.sum.dim_IntList].count([1]) == 1
+
+
 def test_cuda_compiles_without_cuda_graphs_get_one_hint():
     """A CUDA compile that launches from Python (host-bound at transformer sizes) is told
     about ``cudagraphs=True``; CPU compiles, CUDA-graph compiles and the configurations that

@@ -14,6 +14,7 @@ handed to the inner compiler:
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 
 import torch
@@ -169,8 +170,57 @@ def decompose_for_inductor(gm, example_inputs):
     with V.set_fake_mode(fake_mode) if fake_mode is not None else contextlib.nullcontext():
         replace_random_passes(gm)
     materialize_integers(gm.graph)
+    split_column_sums(gm.graph, fake_mode)
     gm.recompile()
     return gm
+
+
+COLUMN_SUM_CHUNK = 64
+"""Rows per partial sum in :func:`split_column_sums` (64 ran fastest of 64 and 256)."""
+
+
+def split_column_sums(graph: torch.fx.Graph, fake_mode=None) -> int:
+    """On CPU, sum a tall tensor over its leading dims in two steps: chunks of
+    :data:`COLUMN_SUM_CHUNK` rows first, then the chunks' sums.
+
+    Such sums are the gradients of every bias and norm weight (``dY.sum(0)`` over the tokens;
+    the L1 norm's ``weight`` / ``bias`` sums of its quantized gradient).  Inductor's CPU code
+    walks the whole height of the tensor for each block of 16 columns, a strided pass that
+    misses the cache on every row; over chunks of 64 rows the walk stays in the cache and the
+    chunks run in parallel.  Measured on one core, a ``[8192, 1024]`` float32 column sum: 6.7 ms
+    in one step, 1.6 ms in two (eager PyTorch: 2.3 ms).  The sum's float order changes
+    (within chunks, then across them), as any reduction order does.  Static sizes only;
+    returns how many sums were split."""
+    aten, chunk, split = torch.ops.aten, COLUMN_SUM_CHUNK, 0
+    for node in list(graph.nodes):
+        if node.target is not aten.sum.dim_IntList or len(node.args) < 2:
+            continue
+        x = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        out = node.meta.get("val")
+        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.device.type != "cpu" \
+                or not x.dtype.is_floating_point or not all(isinstance(n, int) for n in x.shape) \
+                or not x.is_contiguous():
+            continue
+        dims = sorted(d % x.dim() for d in node.args[1])
+        lead = len(dims)
+        rows, cols = math.prod(x.shape[:lead]), math.prod(x.shape[lead:])
+        if dims != list(range(lead)) or lead == x.dim() or rows % chunk or rows < 4 * chunk or cols < 16:
+            continue
+        with graph.inserting_before(node):
+            steps = [graph.call_function(aten.view.default, (node.args[0], [rows // chunk, chunk, cols]))]
+            steps.append(graph.call_function(aten.sum.dim_IntList, (steps[-1], [1]), dict(node.kwargs)))
+            steps.append(graph.call_function(aten.sum.dim_IntList, (steps[-1], [0])))
+            steps.append(graph.call_function(aten.view.default, (steps[-1], list(out.shape))))
+        for step in steps:
+            step.meta = {k: v for k, v in node.meta.items() if k != "val"}
+            if fake_mode is not None:
+                with fake_mode:
+                    step.meta["val"] = step.target(*torch.fx.node.map_arg(step.args, lambda n: n.meta["val"]),
+                                                   **step.kwargs)
+        node.replace_all_uses_with(steps[-1])
+        graph.erase_node(node)
+        split += 1
+    return split
 
 
 _DEQUANTIZE_STEPS = (torch.ops.prims.convert_element_type.default, torch.ops.aten.mul.Tensor)
