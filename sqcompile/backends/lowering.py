@@ -25,7 +25,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .. import numerics as N
 from ..graphs import format_graph
 from .attention_grads import pack_attention_gradients
-from .fusion import _contiguous, fuse_regions
+from .fusion import _contiguous, _refresh, fuse_regions
 from .norm_fusion import fuse_norm_quantizers, fuse_norm_residuals
 
 
@@ -193,7 +193,7 @@ def split_column_sums(graph: torch.fx.Graph, fake_mode=None) -> int:
     returns how many sums were split."""
     aten, chunk, split = torch.ops.aten, COLUMN_SUM_CHUNK, 0
     for node in list(graph.nodes):
-        if node.target is not aten.sum.dim_IntList or len(node.args) < 2:
+        if node.target is not aten.sum.dim_IntList or len(node.args) < 2 or not node.args[1]:
             continue
         x = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
         out = node.meta.get("val")
@@ -213,10 +213,7 @@ def split_column_sums(graph: torch.fx.Graph, fake_mode=None) -> int:
             steps.append(graph.call_function(aten.view.default, (steps[-1], list(out.shape))))
         for step in steps:
             step.meta = {k: v for k, v in node.meta.items() if k != "val"}
-            if fake_mode is not None:
-                with fake_mode:
-                    step.meta["val"] = step.target(*torch.fx.node.map_arg(step.args, lambda n: n.meta["val"]),
-                                                   **step.kwargs)
+            _refresh(step, fake_mode)
         node.replace_all_uses_with(steps[-1])
         graph.erase_node(node)
         split += 1
