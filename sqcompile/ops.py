@@ -336,14 +336,19 @@ def _gemm(ks: KernelSet, qa, sa, qb, sb, integer: bool, dtype):
     return _dequant(ks, qa, sa, dtype) @ _dequant(ks, qb, sb, dtype)
 
 
+def _tracing() -> bool:
+    """Is a graph being traced?  Detected both ways torch versions expose it (Dynamo's flag;
+    the tracing context AOTAutograd runs in)."""
+    return torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None
+
+
 def _epilogue_in_gemm() -> bool:
     """Dequantize in the GEMM's own epilogue (the family's ``scaled_mm``)?  Yes in eager mode
     and in compiled graphs with region fusion off; no while a graph is traced for region
     fusion (:mod:`sqcompile.backends.fusion`), which needs ``int8_mm`` and the elementwise ops
     after it as separate nodes to fuse the whole chain (bias, activation, residual) into one
-    kernel.  Tracing is detected both ways torch versions expose it (Dynamo's flag; the
-    tracing context AOTAutograd runs in)."""
-    if not (torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None):
+    kernel."""
+    if not _tracing():
         return True
     fusion = sys.modules.get("sqcompile.backends.fusion")
     return fusion is not None and not fusion.enabled()
@@ -358,8 +363,7 @@ def _saves_maxima(ks: KernelSet) -> bool:
     the operand's producer -- the L1 norm before a Linear, the softmax before ``P @ V`` --
     into one pass over memory per reduction.  The backward derives the scales with the
     quantizer's own expression (:func:`numerics.scale_of_amax`): the same bits."""
-    return ks.quantize is torch.ops.sqcompile.quantize and (
-        torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None)
+    return ks.quantize is torch.ops.sqcompile.quantize and _tracing()
 
 
 def _dequant(ks: KernelSet, q, scale, dtype):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 
 import torch
 from functorch.compile import make_boxed_func
@@ -25,7 +24,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .. import numerics as N
 from ..graphs import format_graph
 from .attention_grads import pack_attention_gradients
-from .fusion import _contiguous, _refresh, fuse_regions
+from .fusion import _contiguous, _refresh, _static, fuse_regions, int_arg
 from .norm_fusion import fuse_norm_quantizers, fuse_norm_residuals
 
 
@@ -198,8 +197,7 @@ def split_column_sums(graph: torch.fx.Graph, fake_mode=None) -> int:
         x = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
         out = node.meta.get("val")
         if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.device.type != "cpu" \
-                or not x.dtype.is_floating_point or not all(isinstance(n, int) for n in x.shape) \
-                or not x.is_contiguous():
+                or not x.dtype.is_floating_point or not _static(x.shape) or not x.is_contiguous():
             continue
         dims = sorted(d % x.dim() for d in node.args[1])
         lead = len(dims)
@@ -241,28 +239,6 @@ def _readers(q: torch.fx.Node) -> int:
     return count
 
 
-def _contiguous_layout(graph: torch.fx.Graph, q: torch.fx.Node):
-    """``(sizes, strides)`` arguments of a contiguous view of ``q``, for nodes inserted at the
-    graph's insertion point: ints, and ``sym_size`` nodes of ``q`` and their products for
-    symbolic sizes."""
-    shape = q.meta["val"].shape
-    sizes = []
-    for d, size in enumerate(shape):
-        sizes.append(size if isinstance(size, int) else graph.call_function(torch.ops.aten.sym_size.int, (q, d)))
-        if isinstance(sizes[-1], torch.fx.Node):
-            sizes[-1].meta["val"] = size
-    strides, stride, value = [], 1, 1
-    for d in reversed(range(len(shape))):
-        strides.append(stride)
-        value = value * shape[d]
-        if isinstance(stride, torch.fx.Node) or isinstance(sizes[d], torch.fx.Node):
-            stride = graph.call_function(operator.mul, (stride, sizes[d]))
-            stride.meta["val"] = value
-        else:
-            stride = value
-    return sizes, strides[::-1]
-
-
 def materialize_integers(graph: torch.fx.Graph) -> int:
     """Have a fusing compiler store each int8 tensor that the graph computes and reads more
     than once -- not the float32 values it is converted from, nor its dequantization.
@@ -285,9 +261,13 @@ def materialize_integers(graph: torch.fx.Graph) -> int:
             continue
         users = list(q.users)
         first = next(n for n in graph.nodes if n in q.users)
+        val = q.meta["val"]
+        # sizes and strides: ints, or nodes computing them from q's own symbolic sizes
+        if any(int_arg(graph, v, first, emit=False) is None for v in (*val.shape, *val.stride())):
+            continue
+        layout = [[int_arg(graph, v, first) for v in values] for values in (val.shape, val.stride())]
         with graph.inserting_before(first):
-            sizes, strides = _contiguous_layout(graph, q)
-            kept = graph.call_function(torch.ops.aten.as_strided.default, (q, sizes, strides))
+            kept = graph.call_function(torch.ops.aten.as_strided.default, (q, *layout))
         kept.meta = dict(q.meta)
         for user in users:
             user.replace_input_with(q, kept)
