@@ -497,7 +497,8 @@ class _QuantConv(torch.autograd.Function):
         ctx.cfg = (grad_bits, groups, integer, ks, stats, stride, padding, dilation, conv_groups, x.dtype, w.dtype)
         ctx.needs = ctx.needs_input_grad[:2]
         if integer:
-            return (im2col_conv(ks, qx, qw, stride, padding, dilation) * (sx * sw.reshape(1, -1, *[1] * (x.dim() - 2)))).to(x.dtype)
+            y = im2col_conv(ks, qx, qw, stride, padding, dilation) * (sx * sw.reshape(1, -1, *[1] * (x.dim() - 2)))
+            return y.to(x.dtype).contiguous(memory_format=_conv_memory_format(x, w))
         xd = ks.dequantize(qx, sx, x.dtype)
         wd = ks.dequantize(qw, sw, w.dtype)
         return torch.ops.aten.convolution(xd, wd, None, stride, padding, dilation, False, [0] * len(stride), conv_groups)
@@ -513,6 +514,7 @@ class _QuantConv(torch.autograd.Function):
                                prescale=sw.reshape(1, -1, *[1] * len(spatial)))
             if integer:
                 dx = (im2col_conv_input_grad(ks, e, qw, qx.shape, stride, padding, dilation) * s).to(x_dtype)
+                dx = dx.contiguous(memory_format=_conv_memory_format(dy, qw))
             else:
                 dx = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), stride, padding,
                                     dilation, conv_groups, (True, False))[0].to(x_dtype)
@@ -524,6 +526,22 @@ class _QuantConv(torch.autograd.Function):
                 dw = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), stride, padding,
                                     dilation, conv_groups, (False, True))[1].to(w_dtype)
         return dx, dw, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _conv_memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format:
+    """The memory format PyTorch's own convolution gives its output (and input gradient):
+    channels-last when a 4-d input or weight is stored channels-last, else contiguous.
+
+    The int8 im2col GEMM produces channels-last values (``[N * L, Cout]``), and returning
+    them as such was wrong twice over: user code that views a conv's output
+    (``y.view(n, -1)``) failed, and AOTAutograd, which coerces incoming gradients only to
+    the standard memory formats, handed the backward graph a gradient whose strides were
+    not the traced ones (a 3-d ``[N, C, L]`` tensor has no channels-last format).  Under
+    Inductor the layout change fuses into the dequantize; run eagerly it is one copy."""
+    if x.dim() == 4 and any(t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+                            for t in (x, w)):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _conv_backward(dy, x, w, stride, padding, dilation, conv_groups, mask):

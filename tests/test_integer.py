@@ -130,6 +130,52 @@ def test_conv_integer_equals_simulate(conv):
     assert rel(out_i, ref) < 0.06
 
 
+@pytest.mark.parametrize("nd,channels_last", [(1, False), (2, False), (2, True)])
+def test_integer_conv_output_and_input_gradient_have_pytorchs_memory_format(nd, channels_last):
+    """The int8 im2col GEMM computes channels-last values; the op returns them in the layout
+    ``F.conv*d`` gives (a ``view`` of the output, as LeNet-style code flattens it, must work)."""
+    torch.manual_seed(0)
+    x = torch.randn((2, 3, 8, 8) if nd == 2 else (2, 3, 8))
+    w = torch.randn((4, 3, 3, 3) if nd == 2 else (4, 3, 3))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    conv_fn = F.conv2d if nd == 2 else F.conv1d
+    y = ops.quantized_conv(x, w, None, 1, 1, 1, 1, nd=nd, a_bits=8, w_bits=8, grad_bits=8, sq_groups=1, integer=True)
+    ref = conv_fn(x, w, None, 1, 1)
+    assert y.stride() == ref.stride()
+    y.backward(torch.ones_like(ref))
+    ref_dx, = torch.autograd.grad(conv_fn(x, w, None, 1, 1), x, torch.ones_like(ref))
+    assert x.grad.stride() == ref_dx.stride()
+    if not channels_last:   # (PyTorch's own channels-last output cannot be viewed so either)
+        assert y.view(2, -1).shape == (2, ref.numel() // 2)
+
+
+def test_compiled_conv_outputs_can_be_viewed_and_feed_kept_norms():
+    """User-level: ``view`` after a conv, and a conv whose gradient comes back through a kept
+    BatchNorm1d (AOTAutograd coerces incoming gradients to standard layouts only)."""
+    import sqcompile  # noqa: F401  (registers the backend)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(x))
+            return self.fc(x.view(x.size(0), -1))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = Net()
+    torch.compile(net, backend="shiftquant")(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert net.conv.weight.grad is not None and torch.isfinite(net.conv.weight.grad).all()
+    seq = torch.nn.Sequential(torch.nn.Conv1d(4, 16, 5, padding=2), torch.nn.BatchNorm1d(16))
+    torch.compile(seq, backend="shiftquant", options={"norm": "keep"})(torch.randn(8, 4, 32)).sum().backward()
+    assert torch.isfinite(seq[0].weight.grad).all()
+    torch._dynamo.reset()
+
+
 def test_integer_conv_support_rule():
     assert ops.integer_conv_supported(2, 1) is None
     assert "grouped" in ops.integer_conv_supported(2, 4)
