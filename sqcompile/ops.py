@@ -845,7 +845,9 @@ def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    probs = torch.softmax(scores, dim=-1)
+    # PyTorch's attention gives a query row whose every key is masked probabilities of 0
+    # (``_safe_softmax``), where a plain softmax gives NaN that reaches every gradient of V
+    probs = torch.softmax(scores, dim=-1) if attn_mask is None else torch.ops.aten._safe_softmax(scores, -1)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, dropout_p, training=True)
     return quantized_matmul(probs, value, stats=pv_stats, **q)

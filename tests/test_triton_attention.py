@@ -243,6 +243,40 @@ def test_fused_equals_unfused_quantized_sdpa_with_the_same_seeds(dtype, causal, 
         _assert_matches(a, b, name)
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_query_rows_with_every_key_masked_are_zero_as_in_pytorch(mask_dtype):
+    """Left padding with a causal mask leaves the padded queries no key: PyTorch's attention
+    gives those rows 0 and finite gradients everywhere (``_safe_softmax``); so do the unfused
+    quantized attention (both kernel families) and the fused kernels, which agree with each
+    other as in the test above.  (A plain softmax gives NaN rows, and the NaN reached every
+    element of ``dV``.)"""
+    g = torch.Generator().manual_seed(11)
+    B, H, L, D = 2, 2, 21, 16
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEVICE) for _ in range(3))
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[0, :18] = False                                   # more than a whole tile of padded queries
+    keep = torch.ones(L, L, dtype=torch.bool).tril() & valid[:, None, None, :]      # [B, 1, L, L]
+    mask = keep if mask_dtype == torch.bool else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    mask = mask.to(DEVICE)
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    eager = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask)
+    weight = torch.linspace(-1, 1, D, device=DEVICE)
+    eager_grads = torch.autograd.grad((eager * weight).sum(), (qr, kr, vr))
+    assert not eager[0, :, :18].any()
+    fused = _sdpa(q, k, v, True, 3, attn_mask=mask)
+    unfused = _sdpa(q, k, v, False, 3, attn_mask=mask)
+    torch.manual_seed(3)
+    torch_family = ops.quantized_sdpa(*(t.detach().clone().requires_grad_() for t in (q, k, v)), attn_mask=mask,
+                                      act_bits=8, grad_bits=8, groups=1, integer=True, kernels="torch")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fused, unfused):
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), name
+        _assert_matches(a, b, name)
+    for out in (fused[0], unfused[0], torch_family):
+        assert not out[0, :, :18].any()
+    assert rel(torch_family.detach(), eager.detach()) < 0.05
+    assert all(rel(a, b) < 0.5 for a, b in zip(fused[1:], eager_grads))     # 4-bit gradients: loose
+
+
 def test_stochastic_rounding_is_reproducible_and_seeded():
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, 20, 16, generator=g).to(DEVICE) for _ in range(3))

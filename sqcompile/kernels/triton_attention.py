@@ -146,8 +146,16 @@ def _probabilities(s, m, l, DTYPE: tl.constexpr):
     is within an ulp of ``exp(...) / l`` before the rounding to the dtype (Inductor's softmax
     divides with Triton's approximate ``/`` anyway), and the row's largest value is exactly
     ``1/l``, the quantization scale's input (:func:`_p_scale`)."""
-    inv = tl.math.div_rn(1.0, l)
-    return _rounded(tl.exp(s - m[:, None]) * inv[:, None], DTYPE)
+    inv = _inverse_sum(l)
+    return _rounded(tl.exp(s - tl.where(l == 0.0, 0.0, m)[:, None]) * inv[:, None], DTYPE)
+
+
+@triton.jit
+def _inverse_sum(l):
+    """``1 / l`` per row, 0 for a row whose every key is masked (``l = 0``, ``m = -inf``):
+    such a row's probabilities are 0, as PyTorch's attention softmax (``_safe_softmax``)
+    gives them, not NaN, and so are its output and its gradients.  Per row, not per score."""
+    return tl.where(l == 0.0, 0.0, tl.math.div_rn(1.0, l))
 
 
 @triton.jit
@@ -161,7 +169,7 @@ def _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, 
 @triton.jit
 def _p_scale(l, QMAX: tl.constexpr, DTYPE: tl.constexpr):
     """The per-row scale of ``P``'s quantization: its largest value ``exp(0) / l`` over qmax."""
-    return _scale_of(_rounded(tl.math.div_rn(1.0, l), DTYPE), QMAX)
+    return _scale_of(_rounded(_inverse_sum(l), DTYPE), QMAX)
 
 
 @triton.jit
