@@ -158,8 +158,11 @@ def _(device):
 
 @custom_op(f"{LIB}::dequantize")
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q * scale`` in ``dtype``."""
-    return N.dequantize(q, scale, dtype)
+    """``q * scale`` in ``dtype``, contiguous whatever ``q``'s layout, in every kernel family
+    and in compiled graphs (``backends/lowering.py``): a traced graph views the result at the
+    strides the fake implementation gives, and an L1 norm's backward dequantized a
+    transposed gradient into a transposed tensor the Linear before it then failed to view."""
+    return N.dequantize(q, scale, dtype).contiguous()
 
 
 @dequantize.register_fake

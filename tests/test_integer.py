@@ -176,6 +176,48 @@ def test_compiled_conv_outputs_can_be_viewed_and_feed_kept_norms():
     torch._dynamo.reset()
 
 
+def test_torch_family_ops_pass_opcheck_on_transposed_inputs():
+    """Fake implementations give the layouts the real ops give, also for inputs that are not
+    contiguous (a traced graph views results at the fake strides): dequantize of a transposed
+    tensor returned a transposed result, which the backward of a Linear before an L1 norm
+    whose gradient arrived transposed then failed to view."""
+    x = torch.randn(2, 20, 9).transpose(1, 2)                           # [2, 9, 20], not contiguous
+    q, s = torch.ops.sqcompile.quantize(x, 4, [0, 1], False)
+    e = torch.randint(-7, 8, (2, 20, 9), dtype=torch.int8).transpose(1, 2)
+    for op, args in [
+        (torch.ops.sqcompile.quantize.default, (x, 4, [0, 1], False)),
+        (torch.ops.sqcompile.quantize.default, (x, 4, [0, 2], False)),
+        (torch.ops.sqcompile.shiftquant.default, (x, 4, 4, [0, 2], False, torch.rand(2, 1, 20))),
+        (torch.ops.sqcompile.dequantize.default, (q, s, torch.float32)),
+        (torch.ops.sqcompile.dequantize.default, (e, torch.rand(2, 9, 1), torch.bfloat16)),
+        (torch.ops.sqcompile.int8_mm.default, (q, e.transpose(1, 2))),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_l1_norm_gradient_arriving_transposed_reaches_the_linear_before_it():
+    """Linear -> LayerNorm -> transpose -> depthwise Conv1d (a Conformer / ConvNeXt-1d
+    block): the norm's gradient arrives transposed; both inner compilers train it."""
+    import sqcompile  # noqa: F401  (registers the backend)
+
+    class ConvModule(torch.nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.proj, self.ln = torch.nn.Linear(d, d), torch.nn.LayerNorm(d)
+            self.dw = torch.nn.Conv1d(d, d, 3, padding=1, groups=d)
+
+        def forward(self, x):
+            return self.dw(self.ln(self.proj(x)).transpose(1, 2))
+
+    for inner in ("eager", "inductor"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = ConvModule()
+        torch.compile(m, backend="shiftquant", options={"inner": inner})(torch.randn(4, 8, 32)).square().sum().backward()
+        assert torch.isfinite(m.proj.weight.grad).all() and m.proj.weight.grad.abs().sum() > 0
+    torch._dynamo.reset()
+
+
 def test_integer_conv_support_rule():
     assert ops.integer_conv_supported(2, 1) is None
     assert "grouped" in ops.integer_conv_supported(2, 4)

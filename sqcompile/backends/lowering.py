@@ -54,7 +54,7 @@ def _shiftquant(x, bits, groups, channel_dims, stochastic, prescale=None):
 
 
 def _dequantize(q, scale, dtype):
-    return N.dequantize(q, scale, dtype)
+    return N.dequantize(q, scale, dtype).contiguous()     # the op's layout (ops.dequantize)
 
 
 def quantizer_decompositions() -> dict:
