@@ -24,6 +24,7 @@ ShiftQuant's expanded integer form: every GEMM of training is an integer GEMM.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
@@ -432,6 +433,26 @@ def _flatten_batch(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[-2:])
 
 
+def _autocast_like(fn):
+    """Give a quantized op's result the dtype PyTorch gives it under ``torch.autocast``: every
+    op decorated here (linear, matmul / mm / bmm, addmm / baddbmm, einsum, conv, attention)
+    is on autocast's lower-precision list, so inside an enabled autocast region its result is
+    in the autocast dtype (bfloat16 on CPU by default), and code after it (a dtype check, a
+    bf16 activation kept for memory) sees what it would see in eager mode.  The quantizers
+    and GEMMs run with autocast off: the integer products are exact whatever the float
+    dtype, and a simulated GEMM would otherwise be cast to bfloat16 before it multiplies."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            y = fn(*args, **kwargs)
+        return y.to(torch.get_autocast_dtype(device)) if y.is_floating_point() else y
+    return wrapped
+
+
+@_autocast_like
 def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: int, integer: bool,
                      kernels: str = "torch", stats: Optional[str] = None):
     """``torch.matmul`` semantics (1-D operands, broadcasting batch dims) with quantization."""
@@ -457,6 +478,7 @@ def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: 
     return y
 
 
+@_autocast_like
 def quantized_linear(x, weight, bias=None, *, a_bits: int, w_bits: int, grad_bits: int, groups: int,
                      integer: bool, kernels: str = "torch", stats: Optional[str] = None):
     """``F.linear`` with quantized activations (per token), weights (per output feature) and
@@ -469,6 +491,7 @@ def quantized_linear(x, weight, bias=None, *, a_bits: int, w_bits: int, grad_bit
     return y if bias is None else y + bias
 
 
+@_autocast_like
 def quantized_addmm(inp, a, b, *, beta=1, alpha=1, a_bits, b_bits, grad_bits, groups, integer, kernels="torch",
                     stats=None):
     """``torch.addmm`` / ``torch.baddbmm``: ``beta * inp + alpha * (a @ b)``."""
@@ -712,6 +735,7 @@ def _ntuple(v, n):
     return v * n if len(v) == 1 else v
 
 
+@_autocast_like
 def quantized_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, nd: int,
                    a_bits: int, w_bits: int, grad_bits: int, sq_groups: int, integer: bool,
                    kernels: str = "torch", stats: Optional[str] = None):
@@ -816,6 +840,7 @@ def _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, grad_b
     return out.reshape(*batch, *out.shape[-2:])
 
 
+@_autocast_like
 def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, *, act_bits: int, grad_bits: int, groups: int, integer: bool,
                    kernels: str = "torch", stats: Optional[str] = None, fused: bool = False):
@@ -877,6 +902,7 @@ def parse_einsum(equation: str, n_operands: int):
     return inputs, out
 
 
+@_autocast_like
 def quantized_einsum(equation: str, a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: int,
                      integer: bool, kernels: str = "torch", stats: Optional[str] = None):
     """Two-operand ``torch.einsum`` as one batched quantized GEMM: indices are sorted into

@@ -238,6 +238,38 @@ def test_bf16_model_keeps_its_dtype():
     assert rel(out.float(), model(x).float()) < 0.05
 
 
+class _Mixed(nn.Module):
+    """A conv, a Linear, attention, an einsum and a bmm: every GEMM spelling autocast casts."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.lin = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(8, 8)
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        h = self.lin(self.conv(x).transpose(1, 2))                                   # [B, T, 8]
+        q = h.view(h.shape[0], -1, 2, 4).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(h.shape)
+        return torch.einsum("btd,de->bte", a, self.w) + torch.bmm(h.mT, h)[:, :h.shape[1]]
+
+
+@pytest.mark.parametrize("options", [{}, {"execution": "simulate"}, {"inner": "inductor"}])
+def test_autocast_gives_quantized_ops_the_dtype_it_gives_eager_ops(options):
+    """Under ``torch.autocast`` every GEMM's result is in the autocast dtype in eager mode; the
+    quantized ops return the same dtype (they returned float32), with values as close to the
+    eager autocast result as 8-bit quantization allows, and float32 parameter gradients."""
+    torch.manual_seed(0)
+    model = _Mixed()
+    x = torch.randn(2, 4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)
+        out = torch.compile(model, backend="shiftquant", options={**EIGHT, **options})(x)
+    assert ref.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    assert rel(out.float(), ref.float()) < 0.05
+    out.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_backend_resolves_in_a_fresh_process_without_importing_sqcompile():
     script = textwrap.dedent("""
         import sys, torch
