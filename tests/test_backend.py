@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -268,6 +269,46 @@ def test_autocast_gives_quantized_ops_the_dtype_it_gives_eager_ops(options):
     assert rel(out.float(), ref.float()) < 0.05
     out.float().sum().backward()
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, mode=None):
+        super().__init__()
+        self.mode = mode
+        self.a, self.ln, self.c = nn.Linear(32, 64), nn.LayerNorm(64), nn.Linear(64, 10)
+
+    def body(self, t):
+        return F.relu(self.ln(self.a(t)))
+
+    def forward(self, x):
+        if self.mode is None:
+            return self.c(self.body(x))
+        return self.c(torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=self.mode == "reentrant"))
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_ops_inside_an_activation_checkpoint_are_quantized_and_reported(mode):
+    """Dynamo puts a checkpointed region in a subgraph that a higher-order op runs; its Linear
+    and LayerNorm stayed float L2 ops and left the report.  Now they are rewritten like the
+    rest, reported in graph order, and the step's gradients are the uncheckpointed compiled
+    model's bit for bit (the recomputed forward quantizes as the first one did); override
+    patterns see the modules inside."""
+    torch.manual_seed(0)
+    plain, ckpt = _Checkpointed(), _Checkpointed(mode)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(64, 32)
+    for model in (plain, ckpt):
+        torch.manual_seed(1)
+        torch.compile(model, backend="shiftquant", options=EIGHT | {"norm": "l1"})(x).pow(2).sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    rows = [(d.module_path, d.op, d.quantized) for d in _record_for(ckpt).decisions]
+    assert rows == [("a", "linear", True), ("ln", "layer_norm", True), ("c", "linear", True)]
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # "a" matches a module inside the checkpoint
+        torch.compile(ckpt, backend="shiftquant", options={"overrides": {"a": None}})(x)
+    assert [d.quantized for d in _record_for(ckpt).decisions] == [False, True, True]
 
 
 def test_backend_resolves_in_a_fresh_process_without_importing_sqcompile():

@@ -121,15 +121,60 @@ def _attaching(compiled, record: CompileRecord):
 
 def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileRecord) -> fx.GraphModule:
     """Run the rewrite passes in order, keeping the graph before and after."""
-    record.graphs["dynamo"] = format_graph(gm)
-    order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
+    graphs = [gm, *subgraphs(gm)]
+    record.graphs["dynamo"] = _format_graphs(gm, graphs)
+    order = {node.name: i for i, node in enumerate(_execution_order(gm))}
     check_overrides(gm, config, record)
-    explicit_attention(gm, config, target, record)
-    quantize_gemms(gm, config, target, record)
-    l1_norms(gm, config, target, record)
+    for graph in graphs:
+        explicit_attention(graph, config, target, record)
+        quantize_gemms(graph, config, target, record)
+        l1_norms(graph, config, target, record)
     record.decisions.sort(key=lambda d: order.get(d.node, len(order)))   # graph order
-    record.graphs["rewritten"] = format_graph(gm)
+    record.graphs["rewritten"] = _format_graphs(gm, graphs)
     return gm
+
+
+def _format_graphs(gm: fx.GraphModule, graphs: List[fx.GraphModule]) -> str:
+    """The graph, then each subgraph under a ``# <attribute>:`` line."""
+    names = {id(sub): name for name, sub in gm.named_modules() if isinstance(sub, fx.GraphModule)}
+    return "\n".join([format_graph(gm)] + [f"\n# {names.get(id(g), 'subgraph')}:\n{format_graph(g)}" for g in graphs[1:]])
+
+
+def _execution_order(gm: fx.GraphModule):
+    """``gm``'s nodes with each subgraph's nodes where the higher-order op that runs it is."""
+    for node in gm.graph.nodes:
+        for arg in node.args:
+            sub = _attribute(gm, arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+            if isinstance(sub, fx.GraphModule):
+                yield from _execution_order(sub)
+        yield node
+
+
+def subgraphs(gm: fx.GraphModule) -> List[fx.GraphModule]:
+    """The graph modules that ``gm``'s higher-order ops run (the body of an activation
+    checkpoint, ``torch.utils.checkpoint(..., use_reentrant=False)``, or of a ``wrap``), nested
+    ones too.  Their ops are rewritten like the rest (AOTAutograd traces the bodies, and a
+    checkpoint's recomputation runs the quantized forward again, deterministically: forward
+    quantizers round to nearest).  A body's nodes are renamed ``<attribute>_<name>`` first, so
+    the decisions (and the statistics keys) of every graph in one record stay distinct."""
+    found = []
+    for node in gm.graph.nodes:
+        sub = _attribute(gm, node.target) if node.op == "get_attr" else None
+        if isinstance(sub, fx.GraphModule) and all(sub is not f for f in found):
+            prefix = str(node.target).replace(".", "_")
+            for n in sub.graph.nodes:
+                if n.op != "output" and not n.name.startswith(prefix + "_"):
+                    n._rename(f"{prefix}_{n.name}")
+            sub.recompile()
+            found += [sub, *subgraphs(sub)]
+    return found
+
+
+def _attribute(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in str(target).split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 _HINTED: List[str] = []      # the CUDA-graph hint is given once per process

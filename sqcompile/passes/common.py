@@ -30,12 +30,16 @@ def module_path(node: fx.Node) -> str:
 
 
 def module_paths(gm: fx.GraphModule) -> set:
-    """Every module path (and its parents) appearing in the graph."""
+    """Every module path (and its parents) appearing in the graph, or in the graph modules its
+    higher-order ops run (an activation checkpoint's body)."""
     out = {""}
     for node in gm.graph.nodes:
         p = module_path(node)
         parts = p.split(".") if p else []
         out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        sub = getattr(gm, str(node.target), None) if node.op == "get_attr" else None
+        if isinstance(sub, fx.GraphModule):
+            out |= module_paths(sub)
     return out
 
 
