@@ -301,14 +301,15 @@ def graph_key(record: D.CompileRecord):
 # --------------------------------------------------------------------------------------------
 
 def _ordered(record: D.CompileRecord) -> List[D.OpDecision]:
-    """Decisions in graph order (the passes append GEMMs first, then norms)."""
+    """Decisions in graph order (the passes append GEMMs first, then norms; a GEMM split off a
+    composite op, ``"<node>#<part>"``, sits where its node was)."""
     position = {}
     for i, line in enumerate(record.graphs.get("dynamo", "").splitlines()):
         m = re.match(r"^(\w+)", line)
         if m:
             position.setdefault(m.group(1), i)
     order = {id(d): k for k, d in enumerate(record.decisions)}
-    return sorted(record.decisions, key=lambda d: (position.get(d.node, math.inf), order[id(d)]))
+    return sorted(record.decisions, key=lambda d: (position.get(d.node.partition("#")[0], math.inf), order[id(d)]))
 
 
 def _rows_of(d: D.OpDecision, record: D.CompileRecord, graph: int) -> List[Dict[str, Any]]:
