@@ -196,6 +196,22 @@ def test_mha_dropout_in_training_is_applied():
                model(x, None, None, None)) < 1e-5
 
 
+def test_mha_with_dynamic_shapes_is_split_once_for_all_sizes():
+    """dynamic=True makes dropout_p a symbolic float input; the split takes it as it is."""
+    torch.manual_seed(0)
+    model = MHA("masks", batch_first=True)
+    cm = torch.compile(model, backend="shiftquant", dynamic=True, options=FLOAT)
+    for n, length in ((2, 5), (3, 7)):
+        x = torch.randn(n, length, E)
+        mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+        kpm = torch.zeros(n, length, dtype=torch.bool)
+        kpm[:, -1] = True
+        assert rel(cm(x, None, mask, kpm), model(x, None, mask, kpm)) < 1e-5
+    rep = report(cm)
+    assert rep.summary()["graphs"] == 1
+    assert gemm_ops(rep) == PACKED
+
+
 @pytest.mark.parametrize("overrides,float_rows", [
     ({"*:scaled_dot_product_attention": None}, [("attn", "scaled_dot_product_attention", None)]),
     ({"attn.out_proj": None}, [("attn.out_proj", "linear", None)]),

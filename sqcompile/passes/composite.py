@@ -159,7 +159,7 @@ def mha_unmapped(node: fx.Node, a: Dict[str, Any]) -> Optional[str]:
     for k in ("embed_dim_to_check", "num_heads"):
         if not isinstance(a[k], int):
             return f"non-constant {k}"
-    if not isinstance(a["dropout_p"], (int, float)):
+    if not isinstance(a["dropout_p"], (int, float, fx.Node)):   # a node: a symbolic float (dynamic=True)
         return "non-constant dropout_p"
     return _unknown_shape(*(a[k] for k in ("query", "key", "value", "attn_mask", "key_padding_mask")))
 
@@ -215,7 +215,8 @@ def _split_mha(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     merged = None
     if not causal and (mask is not None or kpm is not None):
         merged = b(ops.mha_attention_mask, mask, kpm, query, key, H)
-    dropout_p = float(a["dropout_p"]) if a["training"] else 0.0
+    dropout_p = a["dropout_p"] if isinstance(a["dropout_p"], fx.Node) else float(a["dropout_p"])
+    dropout_p = dropout_p if a["training"] else 0.0
     attn = b(F.scaled_dot_product_attention, *heads, attn_mask=merged, dropout_p=dropout_p, is_causal=causal,
              sq_name=part_key(name, "attention"), sq_note=f"{_NOTE_MHA} attention")
     out = b(torch._C._nn.linear, b(ops.mha_merge_heads, attn), a["out_proj_weight"], a["out_proj_bias"],
