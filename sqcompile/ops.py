@@ -881,6 +881,54 @@ def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     return quantized_matmul(probs, value, stats=pv_stats, **q)
 
 
+# Glue of nn.MultiheadAttention split into quantized GEMMs (sqcompile.passes.composite): the
+# projections are linear nodes and the attention an sdpa node; these functions connect them.
+
+def mha_heads(x, num_heads: int):
+    """``[L, N, E]`` -> ``[N, H, L, E / H]`` as a view (no copy: the quantizers read any layout)."""
+    return x.unflatten(-1, (num_heads, -1)).permute(1, 2, 0, 3)
+
+
+def mha_merge_heads(x):
+    """``[N, H, L, D]`` -> ``[L, N, H * D]``, the layout ``F.multi_head_attention_forward``'s
+    output projection reads."""
+    return x.permute(2, 0, 1, 3).flatten(-2)
+
+
+def mha_attention_mask(attn_mask, key_padding_mask, query, key, num_heads: int):
+    """``attn_mask`` and ``key_padding_mask`` merged as ``F.multi_head_attention_forward``
+    merges them, for ``scaled_dot_product_attention`` over ``[N, H, L, S]``: both canonicalized
+    to additive masks of ``query``'s dtype (``True`` / ``-inf`` = masked out) and summed; a
+    2-d ``attn_mask`` ``[L, S]`` or ``[N * H, L, S]`` is shaped ``[1 | N, H, L, S]`` and the
+    padding mask ``[N, 1, 1, S]`` (broadcast, not expanded).  ``query`` ``[L, N, E]`` and
+    ``key`` ``[S, N, E_k]`` are the batched inputs."""
+    bsz, src_len = query.shape[1], key.shape[0]
+    if key_padding_mask is not None and key_padding_mask.dim() == 1:      # an unbatched call
+        key_padding_mask = key_padding_mask.unsqueeze(0)
+    F = torch.nn.functional
+    kpm = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                            other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                            target_type=query.dtype)
+    mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                             target_type=query.dtype, check_other=False)
+    if kpm is not None:
+        kpm = kpm.view(bsz, 1, 1, src_len)
+    if mask is None:
+        return kpm
+    if mask.dim() == 2:
+        mask = mask.view(1, 1, *mask.shape)
+    elif mask.size(0) == 1:
+        mask = mask.unsqueeze(0)
+    else:
+        mask = mask.view(bsz, num_heads, -1, src_len)
+    return mask if kpm is None else mask + kpm
+
+
+def mha_result(out):
+    """What ``F.multi_head_attention_forward`` returns without attention weights."""
+    return out, None
+
+
 def parse_einsum(equation: str, n_operands: int):
     """``(inputs, output)`` index strings of an einsum, or a string saying why the quantized
     path does not handle it (it needs exactly two operands, no ellipsis, no repeated index
@@ -932,13 +980,18 @@ def quantized_einsum(equation: str, a, b, *, a_bits: int, b_bits: int, grad_bits
 
 
 # --------------------------------------------------------------------------------------------
-# Recurrent layers (torch.lstm / torch.gru), unrolled over time with quantized GEMMs
+# Recurrent layers (torch.lstm / gru / rnn_tanh / rnn_relu), unrolled over time with quantized GEMMs
 # --------------------------------------------------------------------------------------------
+
+RNN_MODES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
 
 def rnn_unsupported(mode: str, params, has_biases: bool, num_layers: int, bidirectional: bool) -> Optional[str]:
     """None if :func:`quantized_rnn` handles this layer, else why it stays float."""
-    if mode not in ("lstm", "gru"):
+    if mode not in RNN_MODES:
         return f"{mode} is not quantized"
+    if not isinstance(params, (list, tuple)) or not isinstance(has_biases, bool):   # the (data, batch_sizes, ...) form
+        return "packed sequences (PackedSequence input) are not unrolled"
     per = (4 if has_biases else 2)
     if len(params) != per * num_layers * (2 if bidirectional else 1):
         return "LSTM with proj_size has no quantized formulation yet"
@@ -948,10 +1001,11 @@ def rnn_unsupported(mode: str, params, has_biases: bool, num_layers: int, bidire
 def quantized_rnn(mode: str, input, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
                   bidirectional: bool, batch_first: bool, *, a_bits: int, w_bits: int, grad_bits: int, groups: int,
                   integer: bool, kernels: str = "torch", stats: Optional[str] = None):
-    """``torch.lstm`` / ``torch.gru`` with every GEMM quantized: the input projection of all
-    time steps is one quantized linear per layer and direction, the recurrent projection one
-    per step.  Gates, cell state and nonlinearities stay in float.  Returns what the torch
-    function returns: ``(output, h_n, c_n)`` for LSTM, ``(output, h_n)`` for GRU."""
+    """``torch.lstm`` / ``torch.gru`` / ``torch.rnn_tanh`` / ``torch.rnn_relu`` with every GEMM
+    quantized: the input projection of all time steps is one quantized linear per layer and
+    direction, the recurrent projection one per step.  Gates, cell state and nonlinearities
+    stay in float.  Returns what the torch function returns: ``(output, h_n, c_n)`` for LSTM,
+    ``(output, h_n)`` for the others."""
     q = dict(a_bits=a_bits, w_bits=w_bits, grad_bits=grad_bits, groups=groups, integer=integer, kernels=kernels,
              stats=stats)
     lstm = mode == "lstm"
@@ -984,11 +1038,15 @@ def quantized_rnn(mode: str, input, hx, params, has_biases: bool, num_layers: in
                     i, f, g, o = (gi[t] + gh).chunk(4, dim=-1)
                     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                     h = torch.sigmoid(o) * torch.tanh(c)
-                else:
+                elif mode == "gru":
                     ir, iz, in_ = gi[t].chunk(3, dim=-1)
                     hr, hz, hn = gh.chunk(3, dim=-1)
                     r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
                     h = (1 - z) * torch.tanh(in_ + r * hn) + z * h
+                elif mode == "rnn_tanh":
+                    h = torch.tanh(gi[t] + gh)
+                else:   # rnn_relu
+                    h = torch.relu(gi[t] + gh)
                 ys.append(h)
             y = torch.stack(ys)
             outs.append(y.flip(0) if d == 1 else y)

@@ -301,8 +301,9 @@ def graph_key(record: D.CompileRecord):
 # --------------------------------------------------------------------------------------------
 
 def _ordered(record: D.CompileRecord) -> List[D.OpDecision]:
-    """Decisions in graph order, an activation checkpoint's ops where it runs them (the
-    backend sorts them so once every pass has run: ``shiftquant.rewrite``)."""
+    """Decisions in graph order, an activation checkpoint's ops where it runs them and a GEMM
+    split off a composite op (``"<node>#<part>"``) where its node was: the backend sorts them
+    so once every pass has run (``shiftquant.rewrite``)."""
     return list(record.decisions)
 
 

@@ -177,7 +177,10 @@ class GCN(nn.Module):
 class RNNClassifier(nn.Module):
     def __init__(self, cell="lstm", features=3, hidden=16, classes=2):
         super().__init__()
-        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell](features, hidden, batch_first=True)
+        if cell.startswith("rnn_"):
+            self.rnn = nn.RNN(features, hidden, nonlinearity=cell[4:], batch_first=True)
+        else:
+            self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell](features, hidden, batch_first=True)
         self.fc = nn.Linear(hidden, classes)
 
     def forward(self, x):
@@ -346,7 +349,7 @@ def test_gcn_is_one_graph_and_trains(dense):
     assert all(d.quantized for d in gemms(rec))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 def test_rnn_classifier_is_one_graph_with_quantized_recurrence(cell):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

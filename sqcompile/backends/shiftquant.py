@@ -1,7 +1,9 @@
 """The ``shiftquant`` torch.compile backend: the whole pipeline, top to bottom.
 
 1. Capture: Dynamo hands us a torch-level FX graph and example inputs.
-2. Rewrite: attention written as matmuls and a softmax becomes one attention node where the
+2. Rewrite: composite ops that hide GEMMs in one call (multi-head attention, tensordot, inner,
+   multi_dot) are split into linear / attention / matmul / einsum nodes
+   (:mod:`sqcompile.passes.composite`); attention written as matmuls and a softmax becomes one attention node where the
    fused integer attention will run it (:mod:`sqcompile.passes.attention`); matmul/conv nodes
    become quantized ops (:mod:`sqcompile.passes.quantize_gemms`), norms become L1 norms
    (:mod:`sqcompile.passes.l1_norms`); every decision is recorded.
@@ -24,7 +26,7 @@ from .. import kernels  # noqa: F401  (registers CPU / Triton implementations of
 from ..config import Config
 from ..decisions import CompileRecord, attach, new_record
 from ..graphs import format_graph
-from ..passes import check_overrides, explicit_attention, l1_norms, quantize_gemms
+from ..passes import check_overrides, composite_gemms, explicit_attention, l1_norms, quantize_gemms
 from ..passes.precision import Target
 from . import fusion, lowering
 
@@ -124,12 +126,15 @@ def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileR
     graphs = [gm, *subgraphs(gm)]
     record.graphs["dynamo"] = _format_graphs(gm, graphs)
     order = {node.name: i for i, node in enumerate(_execution_order(gm))}
+    for graph in graphs:
+        composite_gemms(graph, config, target, record)
     check_overrides(gm, config, record)
     for graph in graphs:
         explicit_attention(graph, config, target, record)
         quantize_gemms(graph, config, target, record)
         l1_norms(graph, config, target, record)
-    record.decisions.sort(key=lambda d: order.get(d.node, len(order)))   # graph order
+    # graph order; a GEMM split off a composite op is named "<its node>#<part>"
+    record.decisions.sort(key=lambda d: order.get(d.node.partition("#")[0], len(order)))
     record.graphs["rewritten"] = _format_graphs(gm, graphs)
     return gm
 

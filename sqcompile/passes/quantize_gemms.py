@@ -2,11 +2,17 @@
 
 Matches (Dynamo's torch-level graph): ``linear``, ``matmul`` / ``@`` / ``x.matmul``, ``mm``,
 ``bmm``, ``addmm``, ``baddbmm``, two-operand ``einsum``, ``conv1d/2d/3d`` and
-``scaled_dot_product_attention`` (rewritten in math form so ``QK^T`` and ``PV`` are quantized).
+``scaled_dot_product_attention`` (rewritten in math form so ``QK^T`` and ``PV`` are quantized)
+and the recurrent layers ``lstm``, ``gru``, ``rnn_tanh``, ``rnn_relu`` (unrolled).
 Each becomes a call of the matching ``sqcompile.ops.quantized_*`` function with the node's
 bits, groups and execution as plain keyword arguments, so the rewritten graph prints what was
-chosen.  Ops that cannot be quantized (transposed conv, embeddings, integer operands, einsum
-with more than two operands) stay as they are and get a "float: <reason>" decision.
+chosen.  Ops that cannot be quantized (transposed conv, embeddings, ``bilinear``, PyTorch's fused
+transformer inference kernels, integer operands, einsum with more than two operands) stay as
+they are and get a "float: <reason>" decision with their FLOPs.  Composite ops that hide their
+GEMMs inside one call (multi-head attention, ``tensordot``, ``inner``, ``multi_dot``) were
+split into these ops before (:mod:`sqcompile.passes.composite`); a node that carries
+``meta["sq_name"]`` is recorded under that name (``<original node>#<part>``) and one with
+``meta["sq_note"]`` says where it came from.
 """
 from __future__ import annotations
 
@@ -33,10 +39,17 @@ _FLOAT_ONLY = {
     "conv_transpose2d": "transposed convolution is not quantized yet",
     "conv_transpose3d": "transposed convolution is not quantized yet",
     "embedding": "embedding lookups gather rows, they are not GEMMs; the table stays float",
+    "bilinear": "bilinear forms (x1^T A x2) are not quantized",
+    "_transformer_encoder_layer_fwd": (
+        "PyTorch's fused inference kernel of nn.TransformerEncoderLayer (eval and no_grad); "
+        "torch.backends.mha.set_fastpath_enabled(False) before compiling makes its GEMMs quantizable"),
+    "_native_multi_head_attention": (
+        "PyTorch's fused inference kernel of nn.MultiheadAttention (eval and no_grad); "
+        "torch.backends.mha.set_fastpath_enabled(False) before compiling makes its GEMMs quantizable"),
 }
 _RNN_ARGS = ("input", "hx", "params", "has_biases", "num_layers", "dropout", "train", "bidirectional", "batch_first")
 GEMM_NAMES = {"linear", *(_MM_NAMES), *(_ADDMM_NAMES), "einsum", *(_CONV), "scaled_dot_product_attention",
-              "lstm", "gru"}
+              *ops.RNN_MODES}
 
 
 def quantize_gemms(gm: fx.GraphModule, config: Config, target: Target, record: CompileRecord) -> fx.GraphModule:
@@ -79,9 +92,9 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         args = bind(node, _CONV_ARGS, _CONV_DEFAULTS)
         tensors = [args["input"], args["weight"]]
         unsupported = ops.integer_conv_supported(_CONV[name], args["groups"])
-    elif name in ("lstm", "gru"):
+    elif name in ops.RNN_MODES:
         args = bind(node, _RNN_ARGS, {})
-        params = list(args["params"])
+        params = list(args["params"]) if isinstance(args["params"], (list, tuple)) else []
         tensors = [args["input"], params[0] if params else None]
         unsupported = ops.rnn_unsupported(name, params, args["has_biases"], args["num_layers"], args["bidirectional"])
     else:  # scaled_dot_product_attention
@@ -90,7 +103,7 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
 
     decision = _decision(node, name, tensors)
     float_reason = _float_reason(tensors)
-    if name in ("einsum", "lstm", "gru") and unsupported:
+    if (name == "einsum" or name in ops.RNN_MODES) and unsupported:
         float_reason = unsupported
     cfg, override_reason = op_config(node, config, name)
     if cfg is not None and not cfg.quantize:
@@ -101,11 +114,11 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         return
 
     ex = choose_execution(cfg, target, unsupported if name in _CONV else None)
-    weighty = name in ("linear", "lstm", "gru", *_CONV) or is_parameter(tensors[1])
+    weighty = name in ("linear", *ops.RNN_MODES, *_CONV) or is_parameter(tensors[1])
     b_bits = cfg.weight_bits if weighty else cfg.act_bits
     common = dict(grad_bits=cfg.grad_bits, groups=cfg.groups, integer=ex.integer, kernels=ex.kernels)
     if config.collect_stats:
-        common["stats"] = stats_key(record, node.name)
+        common["stats"] = stats_key(record, decision.node)
     if name == "linear":
         target_fn, new_args = ops.quantized_linear, (args["input"], args["weight"], args["bias"])
         q = dict(a_bits=cfg.act_bits, w_bits=cfg.weight_bits, **common)
@@ -118,14 +131,14 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         target_fn, new_args = ops.quantized_sdpa, tuple(args[k] for k in _SDPA_ARGS)
         q = dict(act_bits=cfg.act_bits, **common)
         why_not = _attention_unfused(cfg, target, ex, config, args)
-        notes = [node.meta.get("sq_note")]      # set by passes.attention for attention written out
+        notes = [decision.note]     # set by passes.attention / passes.composite
         if why_not is None:
             q["fused"] = True
             decision.region = FUSED_ATTENTION
         elif why_not:
             notes.append(f"unfused attention: {why_not}")
         decision.note = "; ".join(n for n in notes if n) or None
-    elif name in ("lstm", "gru"):
+    elif name in ops.RNN_MODES:
         target_fn, new_args = ops.quantized_rnn, (name, *(args[k] for k in _RNN_ARGS))
         q = dict(a_bits=cfg.act_bits, w_bits=cfg.weight_bits, **common)
     elif name == "einsum":
@@ -187,8 +200,8 @@ def _decision(node: fx.Node, name: str, tensors=None, reason: Optional[str] = No
     if tensors is None:
         tensors = [a for a in node.args if isinstance(a, fx.Node)][:2]
     shapes = [shape_of(t) for t in tensors if shape_of(t) is not None]
-    d = OpDecision(node=node.name, module_path=module_path(node), op=name, kind="gemm", shapes=shapes,
-                   execution=EXEC_FLOAT, reason=reason)
+    d = OpDecision(node=node.meta.get("sq_name", node.name), module_path=module_path(node), op=name, kind="gemm",
+                   shapes=shapes, execution=EXEC_FLOAT, reason=reason, note=node.meta.get("sq_note"))
     d.flops = _flops(node, name, [size_hints(t) for t in tensors])
     return d
 
@@ -196,6 +209,11 @@ def _decision(node: fx.Node, name: str, tensors=None, reason: Optional[str] = No
 def _flops(node: fx.Node, name: str, shapes) -> int:
     """Forward FLOPs (2 x multiply-adds) of the op, from its input and output shapes (symbolic
     sizes at the values they were compiled for); 0 when a shape is unknown."""
+    if name in ops.RNN_MODES:      # every weight times one vector per step and sequence
+        weights = [size_hints(w) for w in _rnn_weights(node)]
+        if not shapes or shapes[0] is None or any(w is None for w in weights):
+            return 0
+        return 2 * numel(shapes[0][:-1]) * sum(numel(w) for w in weights)
     out = size_hints(node)
     if not shapes or out is None or any(s is None for s in shapes):
         return 0
@@ -204,8 +222,17 @@ def _flops(node: fx.Node, name: str, shapes) -> int:
     if name in _CONV:
         w = shapes[1]
         return 2 * numel(out) * numel(w[1:])
-    if name in ("lstm", "gru"):
-        return 0   # reported per step GEMMs would need the unrolled length; left unknown
+    if name == "bilinear":
+        return 2 * numel(out) * shapes[0][-1] * shapes[1][-1]
+    if name == "_transformer_encoder_layer_fwd":
+        return _encoder_layer_flops(node, shapes[0])
+    if name == "_native_multi_head_attention":
+        q, k = shapes[0], shapes[1]
+        qkv, proj = (size_hints(node.args[i]) for i in (5, 7))
+        if qkv is None or proj is None:
+            return 0
+        e = q[-1]
+        return 2 * numel(q[:-1]) * e * (e + proj[0]) + 2 * 2 * numel(k[:-1]) * e * e + 2 * 2 * numel(q[:-1]) * k[-2] * e
     if name == "scaled_dot_product_attention":
         q, k = shapes[0], shapes[1]
         return 2 * 2 * numel(q[:-1]) * k[-2] * q[-1]
@@ -217,3 +244,21 @@ def _flops(node: fx.Node, name: str, shapes) -> int:
         return 2 * numel(list(size.values()))
     a = shapes[0]
     return 2 * numel(out) * (a[-1] if a else 1)
+
+
+def _rnn_weights(node: fx.Node):
+    """The weight matrices (``w_ih``, ``w_hh`` of every layer and direction) of an RNN node."""
+    args = bind(node, _RNN_ARGS, {})
+    params = args["params"] if isinstance(args["params"], (list, tuple)) else []
+    per = 4 if args["has_biases"] else 2
+    return [p for i, p in enumerate(params) if i % per < 2]
+
+
+def _encoder_layer_flops(node: fx.Node, src) -> int:
+    """``_transformer_encoder_layer_fwd(src [N, L, E], E, H, qkv_w, qkv_b, proj_w, proj_b,
+    ..., ffn_w1, ffn_b1, ffn_w2, ...)``: its four projections and the attention's two GEMMs."""
+    weights = [size_hints(node.args[i]) if len(node.args) > i else None for i in (3, 5, 14, 16)]
+    if any(w is None for w in weights):
+        return 0
+    tokens, seq = numel(src[:-1]), (src[-2] if len(src) > 1 else 1)
+    return 2 * tokens * sum(numel(w) for w in weights) + 2 * 2 * tokens * seq * src[-1]
