@@ -92,6 +92,7 @@ class CompileRecord:
     stats: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # node -> latest stats
     regions: List[FusedRegion] = field(default_factory=list)      # fused by the lowering
     inner: Optional[str] = None          # the inner compiler lowering used ("eager" / "inductor")
+    options_id: Optional[int] = None     # id() of the options object torch.compile passed (report(compiled))
 
     def add(self, decision: OpDecision) -> OpDecision:
         decision.graph = self.index
@@ -109,9 +110,9 @@ _by_index: "weakref.WeakValueDictionary[int, CompileRecord]" = weakref.WeakValue
 _strong_latest: List[CompileRecord] = []   # keep the latest few alive for sqcompile.report()
 
 
-def new_record(config) -> CompileRecord:
+def new_record(config, options_id: Optional[int] = None) -> CompileRecord:
     with _lock:
-        rec = CompileRecord(index=next(_counter), config=config)
+        rec = CompileRecord(index=next(_counter), config=config, options_id=options_id)
         _all.append(weakref.ref(rec))
         _by_index[rec.index] = rec
         _strong_latest.append(rec)

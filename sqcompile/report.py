@@ -68,6 +68,7 @@ __all__ = ["Report", "report"]
 
 _FORMAT = "sqcompile.report/1"
 INTEGER_EXECUTIONS = (D.EXEC_INT8_CPU, D.EXEC_INT8_TORCH, D.EXEC_TRITON)
+NOT_GEMMS = ("embedding",)      # reported with the GEMMs (they stay float), counted as none
 
 # Row dict keys, in order (rows(), JSON and CSV use them).
 ROW_KEYS = (
@@ -190,7 +191,8 @@ class Report:
         parts = [f"{s['quantized']} of {s['ops']} ops quantized (GEMMs {s['gemms_quantized']}/{s['gemms']}"
                  + (f", norms {s['norms_quantized']}/{s['norms']}" if s["norms"] else "") + ")"]
         if s["graphs"] != 1:
-            parts[0] += f" in {s['graphs']} graphs"
+            inference = s.get("inference_graphs", 0)
+            parts[0] += f" in {s['graphs']} graphs" + (f" ({inference} compiled for inference)" if inference else "")
         parts.append(f"GEMM FLOPs in integer: {_pct(s['integer_flops_fraction'])}, "
                      f"quantized: {_pct(s['quantized_flops_fraction'])}")
         return "Summary: " + "; ".join(parts)
@@ -266,10 +268,27 @@ def report(compiled_or_model=None) -> Report:
                          f"got {type(compiled_or_model).__name__}")
     records = D.records_for([*model.parameters(), *model.buffers()])
     if not records:
-        raise ValueError(f'sqcompile.report(): this {type(model).__name__} was not compiled with '
-                         f'backend="shiftquant", or was never run (compilation happens at the first call '
-                         f'of the compiled model)')
-    return Report(latest_per_graph(records))
+        raise ValueError(f'sqcompile.report(): no graph of this {type(model).__name__} reached '
+                         f'backend="shiftquant": it was not compiled with it, or never run (compilation '
+                         f'happens at the first call), or Dynamo traced no graph of it (a frame it skips '
+                         f'or breaks up runs in eager PyTorch; TORCH_LOGS="graph_breaks" shows why)')
+    options_id = _options_id(compiled_or_model)
+    own = [r for r in records if options_id is not None and r.options_id == options_id]
+    return Report(latest_per_graph(own or records))
+
+
+def _options_id(compiled) -> Optional[int]:
+    """``id()`` of the ``options`` object a ``torch.compile``-d module was made with, so that
+    ``report(compiled)`` shows that compile's graphs when the same module was also compiled
+    with other options (or inspected by :func:`sqcompile.explain`).  Read from Dynamo's
+    wrappers of the backend, which are internal: ``None`` (all the module's graphs) if this
+    torch lays them out otherwise."""
+    try:
+        backend = compiled.dynamo_ctx.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
+        options = backend.kwargs.get("options")
+    except AttributeError:
+        return None
+    return None if options is None else id(options)
 
 
 def latest_per_graph(records: Sequence[D.CompileRecord]) -> List[D.CompileRecord]:
@@ -284,16 +303,19 @@ _PLACEHOLDER = re.compile(r"^(\w+)\b.*#\s*input\b")
 
 
 def graph_key(record: D.CompileRecord):
-    """What stays the same when Dynamo recompiles one graph (new shapes, train/eval, no_grad):
-    the ``(module path, op, kind)`` of its decisions and the module state it lifts as inputs
-    (placeholder names like ``l_self_modules_fc_parameters_weight_`` come from the source)."""
+    """What stays the same when Dynamo recompiles one graph (new shapes, train/eval): the
+    ``(module path, op, kind)`` of its decisions, the parameters it lifts as inputs
+    (placeholder names like ``l_self_modules_fc_parameters_weight_`` come from the source;
+    buffers not: an eval-mode BatchNorm lifts other ones) and whether it was compiled for
+    inference (under ``no_grad``) or training, so that a model's training graph and its
+    inference graph are both reported."""
     ops = tuple((d.module_path, d.op, d.kind) for d in record.decisions)
     state = []
     for line in record.graphs.get("dynamo", "").splitlines():
         m = _PLACEHOLDER.match(line)
-        if m and ("_parameters_" in m.group(1) or "_buffers_" in m.group(1)):
+        if m and "_parameters_" in m.group(1):
             state.append(m.group(1))
-    return ops, tuple(sorted(state))
+    return ops, tuple(sorted(state)), "inference" in record.graphs
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +366,7 @@ def _row(d: D.OpDecision, record: D.CompileRecord, graph: int, part: Optional[st
 
 
 def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord]) -> Dict[str, Any]:
-    gemms = [r for r in rows if r["kind"] != "norm"]
+    gemms = [r for r in rows if r["kind"] == "gemm" and r["op"] not in NOT_GEMMS]
     norms = [r for r in rows if r["kind"] == "norm"]
     total = sum(r["flops"] for r in gemms)
     integer = sum(r["flops"] for r in gemms if r["execution"] in INTEGER_EXECUTIONS)
@@ -362,6 +384,7 @@ def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord]) -
         "integer_flops_fraction": integer / total if total else None,
         "quantized_flops_fraction": quantized / total if total else None,
         "graphs": len(records) if records else len({r["graph"] for r in rows}),
+        "inference_graphs": sum("inference" in rec.graphs for rec in records),
         "records": [rec.index for rec in records],
         "stats_collected": any(r[k] is not None for r in rows for k in _STAT_KEYS),
         "warnings": warnings,
@@ -416,7 +439,7 @@ def _forward_text(r) -> str:
 
 
 def _gradient_text(r) -> str:
-    bits = r["grad_bits"] or (r["norm_bits"] if r["kind"] == "norm" and r["quantized"] else None)
+    bits = r["grad_bits"]
     if bits is None:
         return "-"
     q = _short(r["grad_quantizer"])

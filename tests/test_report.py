@@ -368,7 +368,7 @@ def test_plot_writes_png(cnn_stats_report, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 def test_report_of_uncompiled_model_or_non_module_raises():
-    with pytest.raises(ValueError, match='not compiled with backend="shiftquant"'):
+    with pytest.raises(ValueError, match=r"no graph of this Linear reached backend=\"shiftquant\".*graph_breaks"):
         report(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="nn.Module"):
         report(lambda x: x)
@@ -500,3 +500,97 @@ def test_plot_without_matplotlib_says_how_to_install(cnn_stats_report, monkeypat
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"pip install sqcompile\[plot\]"):
         rep.plot(str(tmp_path / "x.png"))
+
+
+# --------------------------------------------------------------------------------------------
+# Which graphs a report shows, and what it says of ops without gradients (user-level findings)
+# --------------------------------------------------------------------------------------------
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_report_of_a_compiled_module_shows_its_own_options_not_another_compiles():
+    """The same module compiled twice with other options, then inspected by explain() at a
+    third setting: ``report(compiled)`` shows the graphs that compile made."""
+    torch._dynamo.reset()
+    m, x = _mlp(), torch.randn(8, 32)
+    ca = torch.compile(m, backend="shiftquant", options={"weight_bits": 8, "act_bits": 8})
+    cb = torch.compile(m, backend="shiftquant", options={"weight_bits": 2, "act_bits": 2})
+    ca(x).sum().backward()
+    cb(x).sum().backward()
+    explain(m, x, weight_bits=6)
+    for compiled, bits in ((ca, 8), (cb, 2)):
+        assert {r["weight_bits"] for r in report(compiled).rows() if r["op"] == "linear"} == {bits}
+    torch._dynamo.reset()
+
+
+def test_frozen_layers_report_no_gradient_quantizers():
+    """Fine-tuning the head only: no gradient flows through the first Linear and the norm, so
+    no gradient quantizer of theirs runs; the report says "-" there, not "g4 ..."."""
+    torch._dynamo.reset()
+    m = _mlp()
+    for p in [*m[0].parameters(), *m[1].parameters()]:
+        p.requires_grad_(False)
+    compiled = torch.compile(m, backend="shiftquant")
+    compiled(torch.randn(8, 32)).sum().backward()
+    rows = {r["module"]: r for r in report(compiled).rows()}
+    assert rows["0"]["grad_bits"] is None and rows["1"]["grad_bits"] is None
+    assert "no gradient" in rows["0"]["region"]
+    assert rows["3"]["grad_bits"] == 4
+    text = str(report(compiled))
+    line = next(ln for ln in text.splitlines() if ln.startswith("0 "))
+    assert "ShiftQuant" not in line
+    torch._dynamo.reset()
+
+
+def test_a_batchnorm_models_training_and_inference_graphs_are_reported_once_each():
+    """After eval() + no_grad, a BatchNorm model's inference graph (which lifts other buffers)
+    is reported next to the training graph, once each and labelled, with no gradient
+    quantizers for the inference graph; a second training step recompiles nothing new."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    compiled = torch.compile(m, backend="shiftquant")
+    x = torch.randn(32, 16)
+    compiled(x).sum().backward()
+    compiled.eval()
+    with torch.no_grad():
+        compiled(x)
+    compiled.train()
+    compiled(x).sum().backward()
+    rep = report(compiled)
+    assert rep.summary()["graphs"] == 2 and rep.summary()["inference_graphs"] == 1
+    assert "in 2 graphs (1 compiled for inference)" in rep.summary_line()
+    by_graph = {}
+    for r in rep.rows():
+        by_graph.setdefault(r["graph"], []).append(r)
+    assert sorted(len(v) for v in by_graph.values()) == [3, 3]
+    assert sorted(all(r["grad_bits"] is None for r in v) for v in by_graph.values()) == [False, True]
+    torch._dynamo.reset()
+
+
+def test_embeddings_are_not_counted_as_gemms_and_fused_attention_asked_for_says_why_not():
+    torch._dynamo.reset()
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 16), nn.Linear(16, 16)
+
+        def forward(self, ids):
+            h = self.fc(self.emb(ids))
+            q = h.view(2, 5, 2, 8).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q, q)
+
+    model = Tiny()
+    compiled = torch.compile(model, backend="shiftquant", options={"fused_attention": True})
+    compiled(torch.randint(0, 50, (2, 5))).sum().backward()
+    rep = report(compiled)
+    emb = next(r for r in rep.rows() if r["op"] == "embedding")
+    assert emb["flops"] == 0
+    assert rep.summary()["gemms"] == len([r for r in rep.rows() if r["op"] != "embedding"])
+    attention = [r for r in rep.rows() if r["op"] == "scaled_dot_product_attention"]
+    assert attention and all("fused_attention=True needs the Triton kernel family" in r["region"] for r in attention)
+    torch._dynamo.reset()

@@ -72,6 +72,7 @@ def shiftquant_backend(gm: fx.GraphModule, example_inputs: List[Any], options: O
     (no effect on CPU), the others change nothing; what ``options`` set themselves wins (torch
     refuses both at once; a :class:`~sqcompile.Config` passed directly is taken as it is).
     """
+    given = options       # the object torch.compile(options=...) holds: report(compiled) finds it
     if kwargs:
         options = {**(options or {}), **kwargs}
     if mode is not None:
@@ -84,7 +85,7 @@ def shiftquant_backend(gm: fx.GraphModule, example_inputs: List[Any], options: O
         config = Config.from_options(options)
     except ValueError as e:
         raise OptionError(str(e)) from None
-    record = new_record(config)
+    record = new_record(config, options_id=None if given is None else id(given))
     attach(record, [t for t in example_inputs if isinstance(t, torch.Tensor)])
     target = detect_target(example_inputs)
     hint = cudagraphs_hint(config, target)
@@ -133,10 +134,24 @@ def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileR
         explicit_attention(graph, config, target, record)
         quantize_gemms(graph, config, target, record)
         l1_norms(graph, config, target, record)
+    _gradient_free(graphs)
     # graph order; a GEMM split off a composite op is named "<its node>#<part>"
     record.decisions.sort(key=lambda d: order.get(d.node.partition("#")[0], len(order)))
     record.graphs["rewritten"] = _format_graphs(gm, graphs)
     return gm
+
+
+def _gradient_free(graphs: List[fx.GraphModule]) -> None:
+    """An op whose result needs no gradient (its parameters frozen and its inputs needing
+    none, as in the first layers of a fine-tuned model, or a graph traced under ``no_grad``)
+    runs no gradient quantizer: its decision says so instead of describing quantizers that
+    never run (the report's gradient column shows ``-``)."""
+    for graph in graphs:
+        for node in graph.graph.nodes:
+            d, value = node.meta.get("sq_decision"), node.meta.get("example_value")
+            if d is not None and d.quantized and isinstance(value, torch.Tensor) and not value.requires_grad:
+                d.grad_bits = d.grad_quantizer = d.groups = None
+                d.note = "; ".join(t for t in (d.note, "no gradient: nothing before or in it is trained") if t)
 
 
 def _format_graphs(gm: fx.GraphModule, graphs: List[fx.GraphModule]) -> str:

@@ -146,16 +146,21 @@ def _probabilities(s, m, l, DTYPE: tl.constexpr):
     is within an ulp of ``exp(...) / l`` before the rounding to the dtype (Inductor's softmax
     divides with Triton's approximate ``/`` anyway), and the row's largest value is exactly
     ``1/l``, the quantization scale's input (:func:`_p_scale`)."""
-    inv = _inverse_sum(l)
-    return _rounded(tl.exp(s - tl.where(l == 0.0, 0.0, m)[:, None]) * inv[:, None], DTYPE)
+    inv = tl.math.div_rn(1.0, l)
+    return _rounded(tl.exp(s - m[:, None]) * inv[:, None], DTYPE)
 
 
 @triton.jit
-def _inverse_sum(l):
-    """``1 / l`` per row, 0 for a row whose every key is masked (``l = 0``, ``m = -inf``):
-    such a row's probabilities are 0, as PyTorch's attention softmax (``_safe_softmax``)
-    gives them, not NaN, and so are its output and its gradients.  Per row, not per score."""
-    return tl.where(l == 0.0, 0.0, tl.math.div_rn(1.0, l))
+def _empty_rows_as_zeros(m, l):
+    """The row statistics ``(m, l)`` with a row whose every key is masked (``m = -inf``,
+    ``l = 0``) given ``(0, +inf)``: :func:`_probabilities` then computes ``exp(-inf) * 0 = 0``
+    and :func:`_p_scale` a zero scale, so such a row's probabilities, output and gradients are
+    0, as PyTorch's attention softmax (``_safe_softmax``) gives them, not NaN.  Applied once
+    per row where the forward has reduced them, before they are used or stored for the
+    backward kernels (which then need no test of their own: an earlier per-tile test spilled
+    the head-dim-128 ``dK``/``dV`` kernel)."""
+    empty = l == 0.0
+    return tl.where(empty, 0.0, m), tl.where(empty, float("inf"), l)
 
 
 @triton.jit
@@ -169,7 +174,7 @@ def _recomputed_p(qq, sq, kk, sk, offs_m, offs_n, L, S, scale, mask_base, s_ml, 
 @triton.jit
 def _p_scale(l, QMAX: tl.constexpr, DTYPE: tl.constexpr):
     """The per-row scale of ``P``'s quantization: its largest value ``exp(0) / l`` over qmax."""
-    return _scale_of(_rounded(_inverse_sum(l), DTYPE), QMAX)
+    return _scale_of(_rounded(tl.math.div_rn(1.0, l), DTYPE), QMAX)
 
 
 @triton.jit
@@ -421,6 +426,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml,
     for n0 in range(n_mid, n_end, BLOCK_N):
         m, l = _row_stats_step(m, l, qq, sq, k_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N), offs_d, s_kb, s_kn,
                                s_kd, L, S, D, scale, mb, s_ml, s_ms, CAUSAL, MASK, DTYPE, True)
+    m, l = _empty_rows_as_zeros(m, l)
     sp = _p_scale(l, QMAX, DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
     for n0 in range(0, n_mid, BLOCK_N):

@@ -88,6 +88,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, targe
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(fn, positional, kwargs)
     new.meta.update(node.meta)
+    new.meta["sq_decision"] = decision
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
 

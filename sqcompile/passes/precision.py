@@ -89,6 +89,9 @@ def attention_unfused(cfg: OpConfig, target: Target, ex: Execution, config: Conf
     example ``mask`` (or None) and ``dropout_p`` does not run as the fused Triton kernels:
     ``None`` when it does, ``""`` when fusion is not wanted (:func:`attention_fusion`)."""
     if not attention_fusion(cfg, target, ex):
+        if cfg.fused_attention is True and ex.integer and ex.kernels != "triton":
+            # asked for by name, so say why not (on CPU, kernels="auto" is the torch family)
+            return f"fused_attention=True needs the Triton kernel family, this op runs on {ex.kernels!r}"
         return ""
     if config.collect_stats:
         return "collect_stats observes each GEMM's quantizers"

@@ -217,6 +217,10 @@ def _flops(node: fx.Node, name: str, shapes) -> int:
     out = size_hints(node)
     if not shapes or out is None or any(s is None for s in shapes):
         return 0
+    if name == "embedding":
+        return 0    # a gather, no multiply-adds
+    if name.startswith("conv_transpose") and len(shapes) > 1:
+        return 2 * numel(shapes[0]) * numel(shapes[1][1:])    # every input value times a [Cout/g, k..] slice
     if name == "linear":
         return 2 * numel(out) * shapes[0][-1]
     if name in _CONV:
