@@ -2,7 +2,8 @@
 
 1. Capture: Dynamo hands us a torch-level FX graph and example inputs.
 2. Rewrite: attention written as matmuls and a softmax becomes one attention node where the
-   fused integer attention will run it (:mod:`sqcompile.passes.attention`); matmul/conv nodes
+   fused integer attention will run it (:mod:`sqcompile.passes.attention`), RMSNorm written
+   out becomes one ``rms_norm`` node (:mod:`sqcompile.passes.rms_norm`); matmul/conv nodes
    become quantized ops (:mod:`sqcompile.passes.quantize_gemms`), norms become L1 norms
    (:mod:`sqcompile.passes.l1_norms`); every decision is recorded.
 3. Autograd: AOTAutograd traces the rewritten graph into forward and backward ATen graphs in
@@ -24,7 +25,7 @@ from .. import kernels  # noqa: F401  (registers CPU / Triton implementations of
 from ..config import Config
 from ..decisions import CompileRecord, attach, new_record
 from ..graphs import format_graph
-from ..passes import check_overrides, explicit_attention, l1_norms, quantize_gemms
+from ..passes import check_overrides, explicit_attention, explicit_rms_norm, l1_norms, quantize_gemms
 from ..passes.precision import Target
 from . import fusion, lowering
 
@@ -125,6 +126,7 @@ def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileR
     order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
     check_overrides(gm, config, record)
     explicit_attention(gm, config, target, record)
+    explicit_rms_norm(gm)
     quantize_gemms(gm, config, target, record)
     l1_norms(gm, config, target, record)
     record.decisions.sort(key=lambda d: order.get(d.node, len(order)))   # graph order
