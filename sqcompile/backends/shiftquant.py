@@ -3,8 +3,9 @@
 1. Capture: Dynamo hands us a torch-level FX graph and example inputs.
 2. Rewrite: composite ops that hide GEMMs in one call (multi-head attention, tensordot, inner,
    multi_dot) are split into linear / attention / matmul / einsum nodes
-   (:mod:`sqcompile.passes.composite`); attention written as matmuls and a softmax becomes one attention node where the
-   fused integer attention will run it (:mod:`sqcompile.passes.attention`); matmul/conv nodes
+   (:mod:`sqcompile.passes.composite`); attention written as matmuls and a softmax becomes one
+   attention node where the fused integer attention will run it (:mod:`sqcompile.passes.attention`),
+   RMSNorm written out becomes one ``rms_norm`` node (:mod:`sqcompile.passes.rms_norm`); matmul/conv nodes
    become quantized ops (:mod:`sqcompile.passes.quantize_gemms`), norms become L1 norms
    (:mod:`sqcompile.passes.l1_norms`); every decision is recorded.
 3. Autograd: AOTAutograd traces the rewritten graph into forward and backward ATen graphs in
@@ -26,7 +27,8 @@ from .. import kernels  # noqa: F401  (registers CPU / Triton implementations of
 from ..config import Config
 from ..decisions import CompileRecord, attach, new_record
 from ..graphs import format_graph
-from ..passes import check_overrides, composite_gemms, explicit_attention, l1_norms, quantize_gemms
+from ..passes import (check_overrides, composite_gemms, explicit_attention, explicit_rms_norm, l1_norms,
+                      quantize_gemms)
 from ..passes.precision import Target
 from . import fusion, lowering
 
@@ -132,6 +134,7 @@ def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileR
     check_overrides(gm, config, record)
     for graph in graphs:
         explicit_attention(graph, config, target, record)
+        explicit_rms_norm(graph)
         quantize_gemms(graph, config, target, record)
         l1_norms(graph, config, target, record)
     _gradient_free(graphs)

@@ -29,7 +29,6 @@ it was rewritten.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional
 
 import torch
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..decisions import CompileRecord
-from .common import call_name, example_value, shape_of
+from .common import arithmetic, call_name, example_value, only_user, shape_of
 from .precision import Target, attention_unfused, choose_execution, op_config
 
 NOTE = "written as matmul, softmax, matmul; run as scaled_dot_product_attention"
@@ -56,33 +55,13 @@ def explicit_attention(gm: fx.GraphModule, config: Config, target: Target, recor
     return gm
 
 
-def _only_user(node, user) -> bool:
-    return isinstance(node, fx.Node) and list(node.users) == [user]
-
-
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x != 0
 
 
-_ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
-               torch.true_divide: "div", operator.add: "add", torch.add: "add"}
-
-
-def _arithmetic(node) -> Optional[str]:
-    """``"mul"``, ``"div"`` or ``"add"`` for those operators in any spelling (``a * b``,
-    ``torch.mul``, ``a.mul(b)``), else None."""
-    if not isinstance(node, fx.Node):
-        return None
-    if node.op == "call_function":
-        return _ARITHMETIC.get(node.target)
-    if node.op == "call_method":
-        return {"mul": "mul", "div": "div", "add": "add"}.get(node.target)
-    return None
-
-
 def _scaled(node):
     """``(x, c)`` for ``x * c`` / ``c * x`` (``c`` a number), ``(x, 1 / c)`` for ``x / c``; else None."""
-    name = _arithmetic(node)
+    name = arithmetic(node)
     if name == "mul" and len(node.args) == 2 and not node.kwargs:
         a, b = node.args
         if isinstance(a, fx.Node) and _number(b):
@@ -127,32 +106,32 @@ def _rewrite(gm: fx.GraphModule, out: fx.Node, config: Config, target: Target) -
         return False
     p, v = out.args
     chain = [out]
-    if call_name(p) == "dropout" and _only_user(p, out):
+    if call_name(p) == "dropout" and only_user(p, out):
         rate = p.kwargs.get("p", p.args[1] if len(p.args) > 1 else 0.5)
         if rate != 0:
             return False
         chain.append(p)
         p = p.args[0]
-    s = _softmax_input(p) if _only_user(p, chain[-1]) else None
+    s = _softmax_input(p) if only_user(p, chain[-1]) else None
     if s is None:
         return False
     chain.append(p)
     mask = keep_from = None
-    if call_name(s) == "masked_fill" and _only_user(s, p) and len(s.args) == 3 and s.args[2] == -math.inf:
+    if call_name(s) == "masked_fill" and only_user(s, p) and len(s.args) == 3 and s.args[2] == -math.inf:
         chain.append(s)
         s, keep_from = s.args[0], s.args[1]
-    elif _arithmetic(s) == "add" and _only_user(s, p) and len(s.args) == 2 and not s.kwargs \
+    elif arithmetic(s) == "add" and only_user(s, p) and len(s.args) == 2 and not s.kwargs \
             and all(isinstance(a, fx.Node) for a in s.args):
         chain.append(s)
         s, mask = s.args
-    if not _only_user(s, chain[-1]):
+    if not only_user(s, chain[-1]):
         return False
     scale = 1.0
     scaled = _scaled(s)
     if scaled is not None:
         chain.append(s)
         s, scale = scaled
-        if not _only_user(s, chain[-1]):
+        if not only_user(s, chain[-1]):
             return False
     if call_name(s) != "matmul" or len(s.args) != 2 or s.kwargs:
         return False
@@ -161,7 +140,7 @@ def _rewrite(gm: fx.GraphModule, out: fx.Node, config: Config, target: Target) -
     if k is None:
         return False
     chain.append(s)
-    q_scaled = _scaled(q) if scale == 1.0 and _only_user(q, s) else None
+    q_scaled = _scaled(q) if scale == 1.0 and only_user(q, s) else None
     if q_scaled is not None:
         chain.append(q)
         q, scale = q_scaled

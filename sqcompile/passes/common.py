@@ -140,6 +140,28 @@ def call_name(node: fx.Node) -> Optional[str]:
     return getattr(t, "__name__", None)
 
 
+def only_user(node: Any, user: fx.Node) -> bool:
+    """Is ``node`` a graph value whose one and only user is ``user``?"""
+    return isinstance(node, fx.Node) and list(node.users) == [user]
+
+
+_ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+               torch.true_divide: "div", operator.add: "add", torch.add: "add", operator.pow: "pow",
+               torch.pow: "pow"}
+
+
+def arithmetic(node: Any) -> Optional[str]:
+    """``"mul"``, ``"div"``, ``"add"`` or ``"pow"`` for those operators in any spelling
+    (``a * b``, ``torch.mul``, ``a.mul(b)``), else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function":
+        return _ARITHMETIC.get(node.target)
+    if node.op == "call_method":
+        return {"mul": "mul", "div": "div", "add": "add", "pow": "pow"}.get(node.target)
+    return None
+
+
 def numel(shape: Sequence[int]) -> int:
     n = 1
     for s in shape:

@@ -126,4 +126,5 @@ def _decision(node: fx.Node, name: str, reason=None) -> OpDecision:
     inp = node.args[0] if node.args else node.kwargs.get("input")
     shape = shape_of(inp)
     return OpDecision(node=node.name, module_path=module_path(node), op=name, kind="norm",
-                      shapes=[shape] if shape else [], execution=EXEC_FLOAT, reason=reason)
+                      shapes=[shape] if shape else [], execution=EXEC_FLOAT, reason=reason,
+                      note=node.meta.get("sq_note"))    # set by passes.rms_norm for RMSNorm written out
