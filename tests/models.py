@@ -65,3 +65,16 @@ def assert_steps_match(compiled, model: nn.Module, xs, references, device) -> No
         assert torch.equal(out.detach(), ref_out)
         for name, p in model.named_parameters():
             assert torch.equal(p.grad, ref_grads[name]), name
+
+
+def train(run, params, batches, loss_fn, lr=1e-2):
+    """Adam steps of ``loss_fn(run(x), y)`` over ``batches``; the losses."""
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for x, y in batches:
+        loss = loss_fn(run(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import sqcompile
 from sqcompile.decisions import latest_records, records_for
 
-from models import Block, SmallCNN, rel
+from models import Block, SmallCNN, rel, train
 
 EIGHT = dict(weight_bits=8, act_bits=8, grad_bits=8, groups=1, norm="keep")
 
@@ -111,14 +111,7 @@ def test_4_bit_gradients_differ_from_float_yet_training_converges():
     assert max(rel(got[n], ref[n]) for n in ref) > 0.05   # quantization really happens
 
     compiled = torch.compile(model, backend="shiftquant")
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(60):
-        loss = F.cross_entropy(compiled(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(compiled, model.parameters(), [(x, y)] * 60, F.cross_entropy, lr=3e-3)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
 
 

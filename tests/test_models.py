@@ -33,7 +33,7 @@ from sqcompile.backends import shiftquant_backend
 from sqcompile.decisions import latest_records, records_for
 from sqcompile.report import Report
 
-from models import Block
+from models import Block, train
 
 
 @pytest.fixture(autouse=True)
@@ -236,18 +236,6 @@ def lm_loss(logits, y):
 
 def cls_loss(logits, y):
     return F.cross_entropy(logits, y)
-
-
-def train(run, params, batches, loss_fn, lr=1e-2):
-    opt = torch.optim.Adam(params, lr=lr)
-    losses = []
-    for x, y in batches:
-        loss = loss_fn(run(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def compile_train_check(model, x, y, loss_fn, steps=12, lr=1e-2, **options):

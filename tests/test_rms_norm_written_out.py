@@ -18,6 +18,8 @@ from sqcompile.decisions import latest_records
 from sqcompile.norms import l1_rms_norm
 from sqcompile.passes.rms_norm import NOTE
 
+from models import train
+
 D, EPS = 8, 0.05
 
 
@@ -261,15 +263,7 @@ def test_llama_style_model_trains_with_every_norm_an_l1_norm():
     model = TinyLlama()
     x = torch.randn(64, 4)
     y = (x[:, :1] * x[:, 1:2]).sin()
-    run = torch.compile(model, backend="shiftquant")
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = F.mse_loss(run(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(torch.compile(model, backend="shiftquant"), model.parameters(), [(x, y)] * 15, F.mse_loss)
     assert not counters["graph_break"] and all(map(math.isfinite, losses))
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
     summary = sqcompile.report(model).summary()
