@@ -137,6 +137,57 @@ def test_onednn_engine_equals_exact_product():
     assert torch.equal(cpu.onednn_int8_mm(a[0], b), exact(a[0], b))
 
 
+def _size1_views(gen):
+    """int8 ``[1, n]`` / ``[m, 1]`` views with every stride a view can have along the size-1
+    dim (below, equal to and above the other dim's length), as im2col views give them."""
+    out = []
+    for m, n in ((1, 18), (18, 1), (1, 1)):
+        base = rand8(64, gen=gen)
+        for s_unit in (1, 2):
+            for s_other in (1, 3, 9, 18, 40):
+                strides = (s_other, s_unit) if m == 1 else (s_unit, s_other)
+                out.append(base.as_strided((m, n), strides))
+    return out
+
+
+@pytest.mark.parametrize("engine", ["onednn", "amx"])
+def test_operands_with_a_size_1_dim_at_any_stride_are_exact(monkeypatch, engine):
+    """oneDNN reads a size-1 dim's stride as the leading dimension: a ``[1, 18]`` row with
+    stride 9 came back as other memory (a conv with one output channel got garbage weight
+    gradients).  Both engines, 2-d and batched."""
+    if engine == "amx" and not AMX_OK:
+        pytest.skip(AMX_WHY)
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, engine)
+    g = torch.Generator().manual_seed(9)
+    for a in _size1_views(g):
+        m, k = a.shape
+        for b in (rand8(k, 5, gen=g), rand8(5, k, gen=g).t(), *[v for v in _size1_views(g) if v.shape[0] == k]):
+            assert torch.equal(torch.ops.sqcompile.int8_mm(a, b), exact(a, b)), (a.shape, a.stride(), b.stride())
+            a3, b3 = a.expand(3, m, k), b.expand(3, *b.shape)
+            assert torch.equal(torch.ops.sqcompile.int8_mm(a3, b3), exact(a3, b3))
+
+
+@pytest.mark.parametrize("engine", ["onednn", "auto"])
+def test_conv_with_one_output_or_input_channel_matches_float(monkeypatch, engine):
+    import copy
+
+    import sqcompile  # noqa: F401  (registers the backend)
+
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, engine)
+    eight = {"weight_bits": 8, "act_bits": 8, "grad_bits": 8, "groups": 1}
+    for conv, shape in ((torch.nn.Conv2d(2, 1, 3), (2, 2, 5, 5)), (torch.nn.Conv1d(1, 4, 1), (2, 1, 1)),
+                        (torch.nn.Conv2d(1, 4, 1), (2, 1, 6, 6))):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        ref, x = copy.deepcopy(conv), torch.randn(shape)
+        out = torch.compile(conv, backend="shiftquant", options=eight)(x)
+        out.sum().backward()
+        ref(x).sum().backward()
+        assert (out - ref(x)).norm() <= 0.03 * ref(x).norm()
+        assert (conv.weight.grad - ref.weight.grad).norm() <= 0.03 * ref.weight.grad.norm()
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------------------------
 # engine choice
 # --------------------------------------------------------------------------------------------

@@ -23,11 +23,28 @@ def onednn_int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch._int_mm`` (2-D, so batched products loop over the batch; each slice is one
     oneDNN call)."""
     if a.dim() == 2 and b.dim() == 2:
-        return torch._int_mm(a, b, out=pool.OUTPUTS.empty((a.shape[0], b.shape[1])))
+        return torch._int_mm(_dense_strides(a), _dense_strides(b), out=pool.OUTPUTS.empty((a.shape[0], b.shape[1])))
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
     b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     out = pool.OUTPUTS.empty((a3.shape[0], a3.shape[1], b3.shape[2]))
     for i in range(a3.shape[0]):
-        torch._int_mm(a3[i], b3[i], out=out[i])
+        torch._int_mm(_dense_strides(a3[i]), _dense_strides(b3[i]), out=out[i])
     return out.reshape(*batch, a.shape[-2], b.shape[-1])
+
+
+def _dense_strides(t: torch.Tensor) -> torch.Tensor:
+    """The 2-D ``t`` with the stride of a size-1 dim set to what a dense layout gives it (a
+    view of the same memory: that stride addresses nothing).  oneDNN takes an operand's stride
+    as its leading dimension even along a dim of size 1, and one below the row (or column)
+    length made it read other memory: a ``[1, 18]`` row with stride 9, as the im2col views of
+    a convolution with one output channel or one input tap give, came back as garbage."""
+    m, n = t.shape
+    if m != 1 and n != 1:
+        return t
+    s0, s1 = t.stride()
+    if m == 1 and n == 1:
+        return t.as_strided((1, 1), (1, 1))
+    if m == 1:                    # one row: row-major if its elements are adjacent, else column-major
+        return t.as_strided((1, n), (n, 1) if s1 == 1 else (1, s1))
+    return t.as_strided((m, 1), (1, m) if s0 == 1 else (s0, 1))
