@@ -72,6 +72,8 @@ def amax(x: torch.Tensor, keep_dims: Sequence[int] = ()) -> torch.Tensor:
     a = x.detach().abs().float()
     if not dims:
         return a
+    if any(x.shape[d] == 0 for d in dims):    # an empty batch: nothing to scale, maxima 0 (scale 0)
+        return a.new_zeros([1 if d in dims else s for d, s in enumerate(x.shape)])
     return a.amax(dim=dims, keepdim=True)
 
 

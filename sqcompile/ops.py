@@ -482,7 +482,12 @@ def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: 
 def quantized_linear(x, weight, bias=None, *, a_bits: int, w_bits: int, grad_bits: int, groups: int,
                      integer: bool, kernels: str = "torch", stats: Optional[str] = None):
     """``F.linear`` with quantized activations (per token), weights (per output feature) and
-    ShiftQuant-ed gradients.  The bias is added in float."""
+    ShiftQuant-ed gradients.  The bias is added in float.  A 1-d ``weight`` ``[in]`` is
+    ``F.linear``'s dot-product form (``[..., in] -> [...]``): one output feature."""
+    if weight.dim() == 1:
+        y = quantized_linear(x, weight.unsqueeze(0), None, a_bits=a_bits, w_bits=w_bits, grad_bits=grad_bits,
+                             groups=groups, integer=integer, kernels=kernels, stats=stats).squeeze(-1)
+        return y if bias is None else y + bias
     lead = x.shape[:-1]
     x3 = x.reshape(1, -1, x.shape[-1])
     y = _QuantMatmul.apply(x3, weight.t().unsqueeze(0), a_bits, w_bits, grad_bits, groups, integer, kernels, stats,

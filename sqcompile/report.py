@@ -271,7 +271,9 @@ def report(compiled_or_model=None) -> Report:
         raise ValueError(f'sqcompile.report(): no graph of this {type(model).__name__} reached '
                          f'backend="shiftquant": it was not compiled with it, or never run (compilation '
                          f'happens at the first call), or Dynamo traced no graph of it (a frame it skips '
-                         f'or breaks up runs in eager PyTorch; TORCH_LOGS="graph_breaks" shows why)')
+                         f'or breaks up runs in eager PyTorch; TORCH_LOGS="graph_breaks" shows why); a '
+                         f'model without parameters or buffers cannot be found this way (report() with no '
+                         f'argument shows the latest graphs of any model)')
     options_id = _options_id(compiled_or_model)
     own = [r for r in records if options_id is not None and r.options_id == options_id]
     return Report(latest_per_graph(own or records))

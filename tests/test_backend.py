@@ -304,6 +304,46 @@ def test_ops_inside_an_activation_checkpoint_are_quantized_and_reported(mode):
     assert [d.quantized for d in _record_for(ckpt).decisions] == [False, True, True]
 
 
+@pytest.mark.parametrize("options", [{}, {"execution": "simulate"}, {"inner": "inductor"}])
+def test_empty_batches_give_empty_outputs_and_zero_gradients(options):
+    """A batch of 0 rows (or 0 positions): PyTorch returns empty outputs and zero weight
+    gradients; the quantizers' maxima over nothing are 0 (scale 0), not an error."""
+    for m, x in ((nn.Linear(16, 8), torch.randn(0, 16)), (nn.Linear(16, 8), torch.randn(2, 0, 16)),
+                 (nn.Conv2d(3, 4, 3), torch.randn(0, 3, 5, 5))):
+        torch._dynamo.reset()
+        y = torch.compile(m, backend="shiftquant", options=options)(x)
+        assert y.shape == m(x).shape
+        y.sum().backward()
+        assert torch.equal(m.weight.grad, torch.zeros_like(m.weight))
+
+
+def test_linear_with_a_1d_weight_is_the_dot_product_form():
+    """``F.linear(x, w)`` with ``w`` of shape ``[in]`` gives ``[...]``, one value per row."""
+    torch.manual_seed(0)
+    w = torch.randn(16, requires_grad=True)
+    x = torch.randn(4, 16)
+    y = torch.compile(lambda x, w: F.linear(x, w), backend="shiftquant", options=EIGHT)(x, w)
+    ref = F.linear(x, w)
+    assert y.shape == ref.shape and rel(y.detach(), ref.detach()) < 0.02
+    y.sum().backward()
+    assert w.grad.shape == w.shape and rel(w.grad, x.sum(0)) < 0.02
+
+
+def test_rms_norm_without_eps_gets_the_root_of_the_dtypes_epsilon():
+    """``nn.RMSNorm(eps=None)`` means eps = finfo(dtype).eps in PyTorch: the L1 norm gets its
+    square root, as for the same eps given explicitly (a row of zeros bounded the same)."""
+    x = torch.randn(3, 8) * 1e-5
+    x[1] = 0
+    results = []
+    for eps in (None, torch.finfo(torch.float32).eps):
+        torch._dynamo.reset()
+        xx = x.clone().requires_grad_()
+        y = torch.compile(nn.RMSNorm(8, eps=eps), backend="shiftquant", options={"quantize": False})(xx)
+        y.sum().backward()
+        results.append((y.detach(), xx.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def test_backend_resolves_in_a_fresh_process_without_importing_sqcompile():
     script = textwrap.dedent("""
         import sys, torch

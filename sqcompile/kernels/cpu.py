@@ -3,6 +3,8 @@ and on oneDNN's ``torch._int_mm`` (AVX-512 VNNI) elsewhere; ``SQCOMPILE_CPU_GEMM
 (:func:`.amx.engine`).  Large outputs come from recycled buffers (:mod:`.pool`)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import ops
@@ -25,8 +27,8 @@ def onednn_int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dim() == 2 and b.dim() == 2:
         return torch._int_mm(_dense_strides(a), _dense_strides(b), out=pool.OUTPUTS.empty((a.shape[0], b.shape[1])))
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-    b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    a3 = a.expand(*batch, *a.shape[-2:]).reshape(math.prod(batch), *a.shape[-2:])
+    b3 = b.expand(*batch, *b.shape[-2:]).reshape(math.prod(batch), *b.shape[-2:])
     out = pool.OUTPUTS.empty((a3.shape[0], a3.shape[1], b3.shape[2]))
     for i in range(a3.shape[0]):
         torch._int_mm(_dense_strides(a3[i]), _dense_strides(b3[i]), out=out[i])

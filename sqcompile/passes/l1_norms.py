@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 from .. import norms
@@ -75,6 +76,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, targe
         return
 
     eps = args["eps"]
+    if eps is None and name == "rms_norm":     # PyTorch's default: the input dtype's machine epsilon
+        eps = torch.finfo(example_value(args["input"]).dtype).eps
     if isinstance(eps, (int, float)):
         args["eps"] = math.sqrt(eps)
     positional = tuple(args[k] for k in names)
