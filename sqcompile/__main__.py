@@ -73,6 +73,11 @@ def main(argv=None) -> int:
         parser.error("--options must be a JSON object")
     if args.stats:
         options["collect_stats"] = True
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib (pip install matplotlib, or the package's [plot] extra)")
 
     from .explain import explain
 

@@ -56,6 +56,24 @@ def _bad(name: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"sqcompile option {name!r}: got {value!r}, expected {expected}")
 
 
+try:  # Dynamo re-raises ShortenTraceback subclasses unwrapped instead of BackendCompilerFailed.
+    from torch._dynamo.exc import ShortenTraceback as _Unwrapped
+except ImportError:  # pragma: no cover - a future torch without it: users get the wrapped error
+    _Unwrapped = None
+
+
+class OptionError(ValueError, *(() if _Unwrapped is None else (_Unwrapped,))):
+    """A bad ``options=`` value.  Raised from the first call of the compiled model (that is
+    when Dynamo calls the backend) as a ``ValueError``, not wrapped in Dynamo's
+    ``BackendCompilerFailed``, so ``except ValueError`` works as with any bad argument."""
+
+    def __init__(self, message: str):
+        if _Unwrapped is None:
+            ValueError.__init__(self, message)
+        else:
+            _Unwrapped.__init__(self, message, first_useful_frame=None)
+
+
 @dataclass(frozen=True)
 class OpConfig:
     """The resolved options that apply to one op (after overrides)."""

@@ -53,8 +53,8 @@ class OpDecision:
 
     @property
     def execution_label(self) -> str:
-        if self.execution == EXEC_FLOAT and self.reason:
-            return f"float: {self.reason}"
+        if self.execution in (EXEC_FLOAT, EXEC_SIMULATED) and self.reason:
+            return f"{self.execution}: {self.reason}"
         return self.execution
 
     def to_dict(self) -> Dict[str, Any]:
@@ -93,6 +93,7 @@ class CompileRecord:
     regions: List[FusedRegion] = field(default_factory=list)      # fused by the lowering
     inner: Optional[str] = None          # the inner compiler lowering used ("eager" / "inductor")
     options_id: Optional[int] = None     # id() of the options object torch.compile passed (report(compiled))
+    last_run: int = -1                   # when its compiled graph last ran (RUNS), for report()
 
     def add(self, decision: OpDecision) -> OpDecision:
         decision.graph = self.index
@@ -101,6 +102,7 @@ class CompileRecord:
 
 
 _counter = itertools.count()
+RUNS = itertools.count()      # a clock of compiled-graph calls: CompileRecord.last_run
 _lock = threading.Lock()
 # id(parameter/buffer) -> (weak reference to it, records of the graphs that used it).  Keyed by
 # id because tensors compare elementwise; the weak reference's callback drops dead entries.

@@ -40,13 +40,16 @@ Which records :func:`report` uses
 ---------------------------------
 A model compiles to one Dynamo graph per frame (more than one after graph breaks), and each
 graph is compiled again when its guards fail (new input shapes, ``train()`` / ``eval()``,
-``no_grad``).  :func:`report` keeps the *newest* record of each graph, where two records are
-the same graph when their decisions name the same ``(module path, op, kind)`` sequence and
-their Dynamo graphs lift the same parameters and buffers.  So a recompile for a new batch size
-replaces the old record, graph breaks give one block of rows per graph, and a final
-``no_grad`` evaluation replaces a training compile (its statistics then have no gradient
-columns).  :func:`sqcompile.explain.explain` compiles the same module again, so its records
-become the newest too.  Build ``Report(records)`` from :func:`sqcompile.decisions.records_for`
+``no_grad``).  :func:`report` keeps one record of each graph, the one whose compiled graph ran
+last (the newest if none ran), where two records are the same graph when their decisions name
+the same ``(module path, op, kind)`` sequence, their Dynamo graphs lift the same parameters
+and both were compiled for training or both for inference (``no_grad``).  So a recompile for a
+new batch size replaces the old record, graph breaks give one block of rows per graph, a
+``no_grad`` evaluation adds its inference graph next to the training one, and an ``eval()``
+forward with gradients on (a validation loss) shows until training runs its cached graph
+again.  ``report(compiled)`` keeps to the graphs of that ``torch.compile`` call (the same
+``options`` object), so other compiles of the module and :func:`sqcompile.explain.explain`
+(which compiles it again) do not change it; ``report(module)`` sees them all.  Build ``Report(records)`` from :func:`sqcompile.decisions.records_for`
 to pick records yourself.  Dynamo reuses a compiled graph for another instance of the same
 module class without calling the backend again; such instances share that graph's record
 (and its statistics, which are per graph).
@@ -58,7 +61,7 @@ import io
 import json
 import math
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -274,29 +277,32 @@ def report(compiled_or_model=None) -> Report:
                          f'or breaks up runs in eager PyTorch; TORCH_LOGS="graph_breaks" shows why); a '
                          f'model without parameters or buffers cannot be found this way (report() with no '
                          f'argument shows the latest graphs of any model)')
-    options_id = _options_id(compiled_or_model)
-    own = [r for r in records if options_id is not None and r.options_id == options_id]
+    found, options = _compile_options(compiled_or_model)
+    own = [r for r in records if found and r.options_id == (None if options is None else id(options))]
     return Report(latest_per_graph(own or records))
 
 
-def _options_id(compiled) -> Optional[int]:
-    """``id()`` of the ``options`` object a ``torch.compile``-d module was made with, so that
-    ``report(compiled)`` shows that compile's graphs when the same module was also compiled
-    with other options (or inspected by :func:`sqcompile.explain`).  Read from Dynamo's
-    wrappers of the backend, which are internal: ``None`` (all the module's graphs) if this
+def _compile_options(compiled) -> Tuple[bool, Any]:
+    """``(True, options)``: the ``options`` object (or ``None``) a ``torch.compile``-d module
+    was made with, so that ``report(compiled)`` shows that compile's graphs when the same
+    module was also compiled with other options or inspected by :func:`sqcompile.explain`
+    (the backend records ``id(options)``).  Read from Dynamo's wrappers of the backend, which
+    are internal: ``(False, None)`` (all the module's graphs) for a plain module or if this
     torch lays them out otherwise."""
     try:
         backend = compiled.dynamo_ctx.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
-        options = backend.kwargs.get("options")
+        return True, backend.kwargs.get("options")
     except AttributeError:
-        return None
-    return None if options is None else id(options)
+        return False, None
 
 
 def latest_per_graph(records: Sequence[D.CompileRecord]) -> List[D.CompileRecord]:
-    """The newest record of each Dynamo graph among ``records`` (oldest first)."""
+    """Of each Dynamo graph among ``records``, the record whose compiled graph ran last (the
+    newest one if none ran): a module compiled again for ``eval()`` (a validation loss
+    with gradients on) and then trained on its cached training graph shows the training
+    graph again.  Oldest first."""
     newest: Dict[Any, D.CompileRecord] = {}
-    for rec in sorted(records, key=lambda r: r.index):
+    for rec in sorted(records, key=lambda r: (r.last_run, r.index)):
         newest[graph_key(rec)] = rec
     return sorted(newest.values(), key=lambda r: r.index)
 

@@ -594,3 +594,56 @@ def test_embeddings_are_not_counted_as_gemms_and_fused_attention_asked_for_says_
     attention = [r for r in rep.rows() if r["op"] == "scaled_dot_product_attention"]
     assert attention and all("fused_attention=True needs the Triton kernel family" in r["region"] for r in attention)
     torch._dynamo.reset()
+
+
+def test_a_validation_loss_in_eval_mode_does_not_hide_the_training_graph():
+    """``eval()`` forward with gradients on (a validation loss) recompiles a graph with the
+    same ops; training then runs its cached graph, and the report shows that one again, with
+    its statistics, rather than the single eval step."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1), nn.Linear(8, 2))
+    x = torch.randn(16, 8)
+    compiled = torch.compile(m, backend="shiftquant", options={"collect_stats": True})
+    for _ in range(3):
+        compiled(x).sum().backward()
+    m.eval()
+    compiled(x).sum()
+    m.train()
+    for _ in range(3):
+        compiled(x).sum().backward()
+    rows = report(compiled).rows()
+    assert len(rows) == 2 and all(r["steps"] == 6 and r["sqnr_grad_dw_db"] is not None for r in rows)
+    torch._dynamo.reset()
+
+
+def test_report_of_a_compile_without_options_ignores_explain_and_other_compiles():
+    torch._dynamo.reset()
+    m, x = _mlp(), torch.randn(8, 32)
+    compiled = torch.compile(m, backend="shiftquant")                 # the README's one-liner
+    compiled(x).sum().backward()
+    explain(m, x, weight_bits=8)
+    torch.compile(m, backend="shiftquant", options={"weight_bits": 2})(x)
+    assert {r["weight_bits"] for r in report(compiled).rows() if r["op"] == "linear"} == {4}
+    torch._dynamo.reset()
+
+
+def test_simulated_rows_say_why_and_unusable_triton_is_a_value_error():
+    torch._dynamo.reset()
+    rep = explain(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), torch.randn(2, 4, 6, 6), execution="integer").report
+    assert rep.rows()[0]["execution"] == "simulated: grouped convolution (groups=4) has no integer im2col formulation yet"
+    assert "simulated: grouped convolution" in str(rep)
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        compiled = torch.compile(nn.Linear(4, 2), backend="shiftquant", options={"kernels": "triton"})
+        with pytest.raises(ValueError, match="option 'kernels': 'triton' is not usable here"):
+            compiled(torch.randn(3, 4))
+    torch._dynamo.reset()
+
+
+def test_cli_plot_without_matplotlib_is_a_clean_error_before_compiling(capsys, monkeypatch, tmp_path):
+    from sqcompile.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib -> ImportError
+    with pytest.raises(SystemExit) as e:
+        main(["explain", str(ROOT / "examples" / "explain_demo.py"), "--plot", str(tmp_path / "p.png")])
+    assert e.value.code == 2 and "--plot needs matplotlib" in capsys.readouterr().err

@@ -24,8 +24,8 @@ import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
 
 from .. import kernels  # noqa: F401  (registers CPU / Triton implementations of the ops)
-from ..config import Config
-from ..decisions import CompileRecord, attach, new_record
+from ..config import Config, OptionError
+from ..decisions import RUNS, CompileRecord, attach, new_record
 from ..graphs import format_graph
 from ..passes import (check_overrides, composite_gemms, explicit_attention, explicit_rms_norm, l1_norms,
                       quantize_gemms)
@@ -33,24 +33,6 @@ from ..passes.precision import Target
 from . import fusion, lowering
 
 BACKEND_NAME = "shiftquant"
-
-try:  # Dynamo re-raises ShortenTraceback subclasses unwrapped instead of BackendCompilerFailed.
-    from torch._dynamo.exc import ShortenTraceback as _Unwrapped
-except ImportError:  # pragma: no cover - a future torch without it: users get the wrapped error
-    _Unwrapped = None
-
-
-class OptionError(ValueError, *(() if _Unwrapped is None else (_Unwrapped,))):
-    """A bad ``options=`` value.  Raised from the first call of the compiled model (that is
-    when Dynamo calls the backend) as a ``ValueError``, not wrapped in Dynamo's
-    ``BackendCompilerFailed``, so ``except ValueError`` works as with any bad argument."""
-
-    def __init__(self, message: str):
-        if _Unwrapped is None:
-            ValueError.__init__(self, message)
-        else:
-            _Unwrapped.__init__(self, message, first_useful_frame=None)
-
 
 # torch.compile's ``mode=`` (which torch hands a custom backend as a ``mode`` keyword) -> the
 # options it means here.  The Triton kernels autotune in every mode; what the Inductor modes
@@ -110,7 +92,9 @@ def _attaching(compiled, record: CompileRecord):
     """Dynamo reuses a compiled graph for another instance of the same module class (its
     parameters are graph inputs), without calling the backend again; attach the record to the
     tensors each call really receives, so ``sqcompile.report(model)`` finds it for every
-    instance.  Costs one tuple of ids per call."""
+    instance, and note when it ran (of two graphs of one module, e.g. Dynamo's recompile for
+    ``eval()`` and the training graph it goes back to, the report shows the one that ran
+    last).  Costs one tuple of ids and one counter step per call."""
     last = [None]
 
     def run(*args):
@@ -118,6 +102,7 @@ def _attaching(compiled, record: CompileRecord):
         if key != last[0]:
             attach(record, args)
             last[0] = key
+        record.last_run = next(RUNS)      # report() shows the graph of a module that ran last
         return compiled(*args)
 
     run._boxed_call = getattr(compiled, "_boxed_call", False)
@@ -154,7 +139,8 @@ def _gradient_free(graphs: List[fx.GraphModule]) -> None:
             d, value = node.meta.get("sq_decision"), node.meta.get("example_value")
             if d is not None and d.quantized and isinstance(value, torch.Tensor) and not value.requires_grad:
                 d.grad_bits = d.grad_quantizer = d.groups = None
-                d.note = "; ".join(t for t in (d.note, "no gradient: nothing before or in it is trained") if t)
+                d.note = "; ".join(t for t in (d.note, "no gradient flows through it (frozen parameters and "
+                                                          "inputs, or a graph compiled under no_grad)") if t)
 
 
 def _format_graphs(gm: fx.GraphModule, graphs: List[fx.GraphModule]) -> str:

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch.fx as fx
 
 from .. import ops
-from ..config import Config, OpConfig, override_matches
+from ..config import Config, OpConfig, OptionError, override_matches
 from ..decisions import EXEC_INT8_CPU, EXEC_INT8_TORCH, EXEC_SIMULATED, EXEC_TRITON, CompileRecord
 from .common import module_path, module_paths
 
@@ -51,7 +51,7 @@ def kernel_family(cfg: OpConfig, target: Target) -> str:
         return "torch"
     if cfg.kernels == "triton":
         if not target.triton_ok:
-            raise ValueError(f"sqcompile option 'kernels': 'triton' is not usable here: {target.triton_reason}")
+            raise OptionError(f"sqcompile option 'kernels': 'triton' is not usable here: {target.triton_reason}")
         return "triton"
     return "triton" if target.device == "cuda" and target.triton_ok else "torch"
 
