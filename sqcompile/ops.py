@@ -707,11 +707,20 @@ def _strided_conv_input_grad(ks: KernelSet, e, qw, x_shape, stride, padding, dil
             index = [slice(None)] + [slice(t + lo[d], t + lo[d] + sizes[d]) for d, (_, t) in enumerate(taps)]
             cols.append(el[tuple(index)])                                  # [N, J.., Cout]
             weights.append(qw[(slice(None), slice(None), *[k for k, _ in taps])])   # [Cout, Cin]
-        a = torch.stack(cols, dim=-2).reshape(n * _prod(sizes), len(cols) * qw.shape[0])
-        b = torch.stack(weights, dim=0).reshape(len(weights) * qw.shape[0], cin)
+        a = _stack(cols, -2).reshape(n * _prod(sizes), len(cols) * qw.shape[0])
+        b = _stack(weights, 0).reshape(len(weights) * qw.shape[0], cin)
         acc = integer_matmul(a, b, ks.int8_mm).reshape(n, *sizes, cin)
         out[(slice(None), *[slice(r, None, stride[d]) for d, (r, _, _) in enumerate(combo)])] = acc
     return out.movedim(-1, 1)
+
+
+def _stack(tensors, dim: int) -> torch.Tensor:
+    """``torch.stack``, but one tensor is unsqueezed: PyTorch's stack copies it into a
+    contiguous result while Inductor's decomposition (``unsqueeze`` + ``cat``) returns a view
+    at the input's strides, so a ``reshape`` traced as a view of the one became a view the
+    other cannot take (``decompose_for_inductor`` retraces the graph with it): a strided
+    conv whose phase has one tap, once its gradient arrived NCHW."""
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim=dim)
 
 
 def _product(lists):
@@ -1053,7 +1062,7 @@ def quantized_rnn(mode: str, input, hx, params, has_biases: bool, num_layers: in
                 else:   # rnn_relu
                     h = torch.relu(gi[t] + gh)
                 ys.append(h)
-            y = torch.stack(ys)
+            y = _stack(ys, 0)
             outs.append(y.flip(0) if d == 1 else y)
             h_n.append(h)
             if lstm:
@@ -1062,7 +1071,7 @@ def quantized_rnn(mode: str, input, hx, params, has_biases: bool, num_layers: in
         if dropout > 0 and train and layer < num_layers - 1:
             x = torch.nn.functional.dropout(x, dropout, training=True)
     out = x.transpose(0, 1) if batch_first else x
-    h_n, c_n = torch.stack(h_n), (torch.stack(c_n) if lstm else None)   # [layers * dirs, B, H]
+    h_n, c_n = _stack(h_n, 0), (_stack(c_n, 0) if lstm else None)   # [layers * dirs, B, H]
     if unbatched:
         out = out.squeeze(1)
         h_n = h_n.squeeze(1)

@@ -9,6 +9,7 @@ from sqcompile import ops
 from models import rel
 
 Q8 = dict(grad_bits=8, groups=1)
+EIGHT = dict(weight_bits=8, act_bits=8, grad_bits=8, groups=1)
 
 
 def _run(fn, inputs, integer, seed=0, **kw):
@@ -215,6 +216,28 @@ def test_l1_norm_gradient_arriving_transposed_reaches_the_linear_before_it():
         m = ConvModule()
         torch.compile(m, backend="shiftquant", options={"inner": inner})(torch.randn(4, 8, 32)).square().sum().backward()
         assert torch.isfinite(m.proj.weight.grad).all() and m.proj.weight.grad.abs().sum() > 0
+    torch._dynamo.reset()
+
+
+def test_strided_conv_block_compiles_for_inductor_with_nchw_gradients():
+    """A stride-2 conv whose input-gradient phases have one tap each (the 1x1 shortcut of a
+    ResNet block), compiled for Inductor now that its gradient arrives NCHW: the retrace with
+    Inductor's decompositions (where ``stack`` of one tensor is a view, not a copy) must
+    take every view the first trace took."""
+    import sqcompile  # noqa: F401  (registers the backend)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 1, 1, bias=False), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 16, 1, 2, bias=False))
+    x = torch.randn(4, 3, 8, 8)
+    out = torch.compile(model, backend="shiftquant", options={"inner": "inductor", **dict(EIGHT)})(x)
+    out.square().sum().backward()
+    ref = torch.nn.Sequential(*[m for m in model])
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref(x).square().sum().backward()
+    assert all(rel(g, p.grad) < 0.05 for g, p in zip(grads, model.parameters()))
     torch._dynamo.reset()
 
 
