@@ -192,6 +192,8 @@ def test_torch_family_ops_pass_opcheck_on_transposed_inputs():
         (torch.ops.sqcompile.dequantize.default, (q, s, torch.float32)),
         (torch.ops.sqcompile.dequantize.default, (e, torch.rand(2, 9, 1), torch.bfloat16)),
         (torch.ops.sqcompile.int8_mm.default, (q, e.transpose(1, 2))),
+        (torch.ops.sqcompile.channels_last.default, (e,)),
+        (torch.ops.sqcompile.channels_last.default, (torch.randint(-7, 8, (2, 3, 4, 5), dtype=torch.int8),)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
