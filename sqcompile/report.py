@@ -131,10 +131,13 @@ class Report:
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ValueError(f"not a sqcompile report (expected a JSON object with format {_FORMAT!r})")
+        rows, summary = data.get("rows"), data.get("summary")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows) or not isinstance(summary, dict):
+            raise ValueError("an incomplete sqcompile report: it needs a 'rows' list of objects and a 'summary' object")
         rep = cls.__new__(cls)
         rep.records = []
-        rep._rows = [{k: r.get(k) for k in ROW_KEYS} for r in data["rows"]]
-        rep._summary = data["summary"]
+        rep._rows = [{k: r.get(k) for k in ROW_KEYS} for r in rows]
+        rep._summary = summary
         return rep
 
     def to_csv(self, path: Optional[str] = None) -> str:

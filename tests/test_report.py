@@ -345,6 +345,11 @@ def test_json_round_trip(cnn_stats_report):
     assert str(back) == str(rep)
     with pytest.raises(ValueError, match="not a sqcompile report"):
         Report.from_json(json.dumps({"rows": []}))
+    whole = json.loads(rep.to_json())
+    for missing in ("rows", "summary"):
+        cut = {k: v for k, v in whole.items() if k != missing}
+        with pytest.raises(ValueError, match="incomplete sqcompile report"):
+            Report.from_json(json.dumps(cut))
 
 
 def test_csv_has_header_and_rows(cnn_stats_report, tmp_path):
