@@ -29,6 +29,7 @@ from ..decisions import RUNS, CompileRecord, attach, new_record
 from ..graphs import format_graph
 from ..passes import (check_overrides, composite_gemms, explicit_attention, explicit_rms_norm, l1_norms,
                       quantize_gemms)
+from ..passes.common import subgraph_of
 from ..passes.precision import Target
 from . import fusion, lowering
 
@@ -153,8 +154,8 @@ def _execution_order(gm: fx.GraphModule):
     """``gm``'s nodes with each subgraph's nodes where the higher-order op that runs it is."""
     for node in gm.graph.nodes:
         for arg in node.args:
-            sub = _attribute(gm, arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
-            if isinstance(sub, fx.GraphModule):
+            sub = subgraph_of(gm, arg)
+            if sub is not None:
                 yield from _execution_order(sub)
         yield node
 
@@ -168,8 +169,8 @@ def subgraphs(gm: fx.GraphModule) -> List[fx.GraphModule]:
     the decisions (and the statistics keys) of every graph in one record stay distinct."""
     found = []
     for node in gm.graph.nodes:
-        sub = _attribute(gm, node.target) if node.op == "get_attr" else None
-        if isinstance(sub, fx.GraphModule) and all(sub is not f for f in found):
+        sub = subgraph_of(gm, node)
+        if sub is not None and all(sub is not f for f in found):
             prefix = str(node.target).replace(".", "_")
             for n in sub.graph.nodes:
                 if n.op != "output" and not n.name.startswith(prefix + "_"):
@@ -177,13 +178,6 @@ def subgraphs(gm: fx.GraphModule) -> List[fx.GraphModule]:
             sub.recompile()
             found += [sub, *subgraphs(sub)]
     return found
-
-
-def _attribute(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in str(target).split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 _HINTED: List[str] = []      # the CUDA-graph hint is given once per process

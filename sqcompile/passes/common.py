@@ -37,10 +37,21 @@ def module_paths(gm: fx.GraphModule) -> set:
         p = module_path(node)
         parts = p.split(".") if p else []
         out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-        sub = getattr(gm, str(node.target), None) if node.op == "get_attr" else None
-        if isinstance(sub, fx.GraphModule):
+        sub = subgraph_of(gm, node)
+        if sub is not None:
             out |= module_paths(sub)
     return out
+
+
+def subgraph_of(gm: fx.GraphModule, node: Any) -> Optional[fx.GraphModule]:
+    """The graph module a ``get_attr`` node of ``gm`` names (the body a higher-order op such
+    as an activation checkpoint runs), else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, fx.GraphModule) else None
 
 
 def example_value(node: Any) -> Optional[torch.Tensor]:
