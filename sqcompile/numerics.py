@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -289,7 +290,8 @@ def check_prescale(x: torch.Tensor, prescale: torch.Tensor, channel_dims: Sequen
     """Raise ``ValueError`` unless ``prescale`` is one factor per channel of ``x``."""
     keep = {d % x.dim() for d in channel_dims} if x.dim() else set()
     lead = prescale.dim() - x.dim()
-    if lead > 0 or any(n != 1 and (d - lead not in keep or n != x.shape[d - lead])
+    # raise only for sizes known to be wrong (a data-dependent size is not checked while traced)
+    if lead > 0 or any(guard_or_false(n != 1) and (d - lead not in keep or guard_or_false(n != x.shape[d - lead]))
                        for d, n in enumerate(prescale.shape)):
         raise ValueError(f"prescale of shape {tuple(prescale.shape)} is not one factor per channel of x "
                          f"{tuple(x.shape)} with channel dims {list(channel_dims)}")

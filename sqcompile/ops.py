@@ -29,6 +29,7 @@ import sys
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import decisions
 from . import numerics as N
@@ -435,8 +436,12 @@ class _QuantMatmul(torch.autograd.Function):
 
 
 def _col_major(t: torch.Tensor) -> bool:
-    """Are ``t``'s matrices (last two dims) stored column by column (a transposed view)?"""
-    return t.dim() >= 2 and t.shape[-1] > 1 and t.shape[-2] > 1 and t.stride(-2) == 1 and t.stride(-1) != 1
+    """Are ``t``'s matrices (last two dims) stored column by column (a transposed view)?
+
+    A layout preference only, so a size or stride not known at trace time (the data-dependent
+    row count of a mixture-of-experts' routed tokens) answers "no" instead of guarding."""
+    return t.dim() >= 2 and all(guard_or_false(c) for c in (
+        t.shape[-1] > 1, t.shape[-2] > 1, t.stride(-2) == 1, t.stride(-1) != 1))
 
 
 def _flatten_batch(t: torch.Tensor) -> torch.Tensor:

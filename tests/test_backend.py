@@ -317,6 +317,39 @@ def test_empty_batches_give_empty_outputs_and_zero_gradients(options):
         assert torch.equal(m.weight.grad, torch.zeros_like(m.weight))
 
 
+@pytest.mark.parametrize("options", [{}, {"inner": "inductor"}])
+def test_routed_experts_with_data_dependent_token_counts_are_quantized(options):
+    """Token-choice mixture of experts: ``nonzero`` -> ``index_select`` -> expert Linear ->
+    ``index_add`` (traced with ``capture_dynamic_output_shape_ops``): the expert's row count
+    is unknown until run time, and the layout and prescale checks on the GEMM path guarded
+    on it (``GuardOnDataDependentSymNode``)."""
+    class Routed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.expert = nn.Linear(16, 2), nn.Linear(16, 16)
+
+        def forward(self, x):
+            tokens = torch.nonzero(self.gate(x).argmax(-1) == 0).squeeze(1)
+            return torch.zeros_like(x).index_add(0, tokens, self.expert(x.index_select(0, tokens)))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m, x = Routed(), torch.randn(32, 16)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(m, backend="shiftquant", options={**EIGHT, **options})
+        y = compiled(x)
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in m.expert.parameters()]
+        m.zero_grad()
+        ref = m(x)
+        ref.square().sum().backward()
+        assert rel(y, ref) < 0.02
+        assert all(rel(g, p.grad) < 0.05 for g, p in zip(grads, m.expert.parameters()))
+        rows = {d.module_path: d for d in _record_for(m).decisions}
+        assert rows["expert"].quantized and rows["gate"].quantized
+    torch._dynamo.reset()
+
+
 def test_linear_with_a_1d_weight_is_the_dot_product_form():
     """``F.linear(x, w)`` with ``w`` of shape ``[in]`` gives ``[...]``, one value per row."""
     torch.manual_seed(0)
