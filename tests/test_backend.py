@@ -174,12 +174,13 @@ def test_unsupported_ops_stay_float_are_reported_and_train():
         def __init__(self):
             super().__init__()
             self.emb = nn.Embedding(10, 8)
+            self.bag = nn.EmbeddingBag(10, 3, mode="sum")
             self.up = nn.ConvTranspose1d(8, 8, 2, stride=2)
             self.fc = nn.Linear(8, 3)
 
         def forward(self, idx):
             h = self.up(self.emb(idx).transpose(1, 2)).transpose(1, 2)
-            return self.fc(h).mean(1)
+            return self.fc(h).mean(1) + self.bag(idx)
 
     model = M()
     compiled = torch.compile(model, backend="shiftquant")
@@ -193,6 +194,7 @@ def test_unsupported_ops_stay_float_are_reported_and_train():
     by_op = {d.op: d for d in _record_for(model).decisions}
     assert by_op["linear"].quantized
     assert not by_op["embedding"].quantized and "embedding" in by_op["embedding"].reason
+    assert not by_op["embedding_bag"].quantized and "embedding" in by_op["embedding_bag"].reason
     assert not by_op["conv_transpose1d"].quantized and "transposed" in by_op["conv_transpose1d"].reason
     assert all(p.grad is not None for p in model.parameters())
 

@@ -39,6 +39,7 @@ _FLOAT_ONLY = {
     "conv_transpose2d": "transposed convolution is not quantized yet",
     "conv_transpose3d": "transposed convolution is not quantized yet",
     "embedding": "embedding lookups gather rows, they are not GEMMs; the table stays float",
+    "embedding_bag": "embedding-bag lookups gather and sum rows, they are not dense GEMMs; the table stays float",
     "bilinear": "bilinear forms (x1^T A x2) are not quantized",
     "_transformer_encoder_layer_fwd": (
         "PyTorch's fused inference kernel of nn.TransformerEncoderLayer (eval and no_grad); "
