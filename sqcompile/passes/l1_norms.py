@@ -22,6 +22,7 @@ BatchNorm and GroupNorm stay on the torch implementation.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -80,6 +81,9 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, targe
         eps = torch.finfo(example_value(args["input"]).dtype).eps
     if isinstance(eps, (int, float)):
         args["eps"] = math.sqrt(eps)
+    elif isinstance(eps, fx.Node):    # a graph input under dynamic shapes (an unspecialized float)
+        with gm.graph.inserting_before(node):
+            args["eps"] = gm.graph.call_function(operator.pow, (eps, 0.5))
     positional = tuple(args[k] for k in names)
     bits = cfg.norm_bits if cfg.quantize else None        # quantize=False: float L1 norm
     kwargs = {"l1_scale": cfg.l1_scale, "norm_bits": bits, "grad_bits": bits}
