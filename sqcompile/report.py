@@ -32,7 +32,11 @@ Reading the statistics columns
   one fused kernel and one row.
 
 Statistics are the latest step's values, measured by observing variants of the quantizer ops
-(``sqcompile::quantize_observed`` / ``shiftquant_observed``).  With ``collect_stats=False``
+(``sqcompile::quantize_observed`` / ``shiftquant_observed``).  ``steps`` counts the training
+steps (runs of the compiled graph) in which the op ran and ``calls`` its forward calls in the
+latest one (an RNN's recurrence runs once per time step, a checkpointed layer twice); the
+statistics of an op that runs several times per step pool all the calls of that step (summed
+signal over summed noise power; summed group counts), see :func:`sqcompile.decisions.observe`.  With ``collect_stats=False``
 (the default) the rewrite emits the plain ops: stats off adds no nodes to the forward or
 backward graph and costs nothing.
 
@@ -77,7 +81,7 @@ NOT_GEMMS = ("embedding",)      # reported with the GEMMs (they stay float), cou
 ROW_KEYS = (
     "graph", "node", "module", "op", "part", "kind", "shapes", "flops", "quantized", "execution",
     "weight_bits", "weight_quantizer", "act_bits", "act_quantizer", "grad_bits", "grad_quantizer", "groups",
-    "norm_bits", "region", "steps",
+    "norm_bits", "region", "steps", "calls",
     "sqnr_weight_db", "sqnr_act_db", "sqnr_grad_dx_db", "sqnr_grad_dw_db", "sqnr_grad_db",
     "sqnr_grad_dx_per_tensor_db", "sqnr_grad_dw_per_tensor_db", "occupancy_dx", "occupancy_dw",
 )
@@ -365,7 +369,7 @@ def _row(d: D.OpDecision, record: D.CompileRecord, graph: int, part: Optional[st
         "act_bits": d.act_bits, "act_quantizer": d.act_quantizer,
         "grad_bits": d.grad_bits, "grad_quantizer": d.grad_quantizer, "groups": d.groups,
         "norm_bits": d.norm_bits, "region": "; ".join(t for t in (d.region, d.note) if t) or None,
-        "steps": st.get("steps"),
+        "steps": st.get("steps"), "calls": st.get("calls"),
         "sqnr_weight_db": _num(weight.get("sqnr_db")), "sqnr_act_db": _num(act.get("sqnr_db")),
         "sqnr_grad_dx_db": _num(dx.get("sqnr_db")), "sqnr_grad_dw_db": _num(dw.get("sqnr_db")),
         "sqnr_grad_db": sum(grads) / len(grads) if grads else None,

@@ -302,6 +302,60 @@ def test_shiftquant_gradient_sqnr_beats_per_tensor_on_spread_channels():
     assert mean_sqnr[4] > mean_sqnr[1] + 2, mean_sqnr
 
 
+def test_steps_count_training_steps_and_calls_count_an_ops_runs_in_one():
+    """An LSTM's GEMMs run once for the input projection and once per time step, a layer
+    inside an activation checkpoint twice (its forward is recomputed in the backward): the
+    row's ``steps`` is the number of training steps all the same, ``calls`` the forward calls
+    in the latest step."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 8, batch_first=True)
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y, _ = self.rnn(x)
+            return self.head(checkpoint(self.fc, y, use_reentrant=False))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cm = compiled_step(Recurrent(), torch.randn(3, 5, 4), steps=3, collect_stats=True)
+    rows = {r["module"]: r for r in report(cm).rows()}
+    assert {m: (r["steps"], r["calls"]) for m, r in rows.items()} == {"rnn": (3, 1 + 5), "fc": (3, 2), "head": (3, 1)}
+    for r in rows.values():
+        assert all(r[k] is not None and math.isfinite(r[k]) for k in ("sqnr_act_db", "sqnr_weight_db", "sqnr_grad_dw_db"))
+    torch._dynamo.reset()
+
+
+def test_statistics_pool_the_calls_of_the_latest_step():
+    """Calls of one run of the graph are pooled (summed signal over summed noise, summed
+    group counts), as the SQNR of all their tensors together; the next run starts over."""
+    from sqcompile import decisions as D
+
+    rec = D.new_record(None)
+    key = D.stats_key(rec, "mm")
+    rec.last_run = 100
+    D.observe(key, "act", (1.0, 0.0), bits=4)                 # exact (a zero h0 would be too)
+    D.observe(key, "act", (3.0, 0.03), bits=4)
+    D.observe(key, "grad_dw", (1.0, 0.01), bits=4, groups=2, per_tensor=(1.0, 0.1), occupancy=[3, 1])
+    D.observe(key, "grad_dw", (1.0, 0.03), bits=4, groups=2, per_tensor=(1.0, 0.1), occupancy=[1, 3])
+    st = rec.stats["mm"]
+    assert (st["steps"], st["calls"]) == (1, 2)
+    assert st["act"]["sqnr_db"] == pytest.approx(10 * math.log10(4.0 / 0.03))
+    assert st["grad_dw"]["sqnr_db"] == pytest.approx(10 * math.log10(2.0 / 0.04))
+    assert st["grad_dw"]["per_tensor_sqnr_db"] == pytest.approx(10.0)
+    assert st["grad_dw"]["group_occupancy"] == [0.5, 0.5]
+    rec.last_run = 101
+    D.observe(key, "act", (1.0, 0.1), bits=4)
+    assert (st["steps"], st["calls"]) == (2, 1) and st["act"]["sqnr_db"] == pytest.approx(10.0)
+    row = next(r for r in Report(rec.__class__(index=rec.index, config=None, stats=rec.stats, decisions=[
+        D.OpDecision(node="mm", module_path="", op="mm", kind="gemm")])).rows())
+    assert (row["steps"], row["calls"]) == (2, 1)
+
+
 def test_stats_off_adds_no_nodes():
     x = torch.randn(2, 3, 8, 8)
     for collect in (False, True):
