@@ -46,7 +46,8 @@ class Explanation:
     """The result of :func:`explain`; ``print()`` it.
 
     ``graphs``: ``{"dynamo", "rewritten", "forward", "backward"}`` -> readable text, joined
-    over the Dynamo graphs (with a header per graph) when the model compiled to several;
+    over the Dynamo graphs when the model compiled to several, each under a header
+    ``# --- graph i of graphs 0-n ...`` numbered from 0 as the report's ``graph`` column;
     ``report``: the :class:`~sqcompile.report.Report`; ``records``: the underlying
     :class:`~sqcompile.decisions.CompileRecord` objects.
     """
@@ -158,6 +159,6 @@ def _joined(records: List[D.CompileRecord], stage: str, backward_note: str) -> s
         if text is None:
             text = f"({backward_note or 'no ' + stage + ' graph'})" if stage == "backward" else f"(no {stage} graph)"
         if len(records) > 1:
-            text = f"# --- graph {i + 1} of {len(records)} (backend call #{rec.index}) ---\n{text}"
+            text = f"# --- graph {i} of graphs 0-{len(records) - 1} (backend call #{rec.index}) ---\n{text}"
         texts.append(text)
     return "\n\n".join(texts)

@@ -96,7 +96,8 @@ class Report:
     :meth:`summary` the totals, :meth:`to_json` / :meth:`from_json`, :meth:`to_csv` and
     :meth:`plot` export them.  Statistics columns appear only when stats were collected
     (``collect_stats=True``), the ``region`` column only when the lowering fused ops, the
-    ``graph`` column only when the report spans several Dynamo graphs.
+    ``graph`` column only when the report spans several Dynamo graphs (numbered from 0, the
+    index into :attr:`records`; :func:`sqcompile.explain`'s graph headings use the same numbers).
 
     Statistics cost time only when asked for: with ``collect_stats=False`` (the default) the
     backend adds no nodes to the forward or backward graph (no ``*_observed`` op; the report

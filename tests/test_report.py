@@ -460,6 +460,11 @@ def test_recompiles_keep_the_newest_record_and_graph_breaks_keep_both():
     ex = explain(model, torch.randn(2, 8))
     assert ex.graphs["forward"].count("# --- graph ") == 2 and "(backend call #" in ex.graphs["backward"]
     assert [r["module"] for r in ex.report.rows()] == ["a", "b"]
+    # explain's headings number the graphs as the report's graph column does, from 0
+    for stage in ("dynamo", "forward", "backward"):
+        headings = [line.split()[3] for line in ex.graphs[stage].splitlines() if line.startswith("# --- graph ")]
+        assert headings == [str(r["graph"]) for r in ex.report.rows()] == ["0", "1"]
+    assert "# --- graph 0 of graphs 0-1" in str(ex) and str(ex.report).splitlines()[2].split()[0] == "0"
 
 
 # --------------------------------------------------------------------------------------------
