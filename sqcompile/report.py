@@ -112,6 +112,10 @@ class Report:
         self.records: List[D.CompileRecord] = sorted(records, key=lambda r: r.index)
         self._rows = [row for i, r in enumerate(self.records) for d in _ordered(r) for row in _rows_of(d, r, i)]
         self._summary = _summarize(self._rows, self.records)
+        self._loaded = False
+        if any(r["execution"] == D.EXEC_INT8_CPU for r in self._rows):
+            from .kernels import amx   # the engine is chosen at each GEMM call: name the one that runs now
+            self._summary["int8_cpu_kernel"] = amx.describe()
 
     # -- data ------------------------------------------------------------------------------
 
@@ -121,11 +125,16 @@ class Report:
         return [dict(r) for r in self._rows]
 
     def summary(self) -> Dict[str, Any]:
-        """Totals: op counts, GEMM FLOP fractions in integer / quantized, graphs, warnings."""
+        """Totals: op counts, GEMM FLOP fractions in integer / quantized, graphs, warnings and,
+        when rows run ``int8-cpu``, ``int8_cpu_kernel``: the CPU int8 GEMM kernel they run on
+        (taken when the report is made; a report read by :meth:`from_json` keeps the saving
+        machine's, and says so when printed)."""
         return json.loads(json.dumps(self._summary))
 
     def to_json(self, indent: Optional[int] = 1) -> str:
-        """JSON text with the rows and the summary; :meth:`from_json` reads it back.
+        """JSON text with the rows and the summary; :meth:`from_json` reads it back.  The summary
+        carries the CPU int8 kernel description of this machine (``int8_cpu_kernel``), which a
+        report read back elsewhere shows instead of the reading machine's.
 
         Non-finite SQNR values (``inf``: the quantizer was exact) are written as ``Infinity``,
         which Python's ``json`` reads back; NaN never occurs (it is stored as ``null``)."""
@@ -143,6 +152,7 @@ class Report:
         rep.records = []
         rep._rows = [{k: r.get(k) for k in ROW_KEYS} for r in rows]
         rep._summary = summary
+        rep._loaded = True     # its int8_cpu_kernel is the saving machine's, not this one's
         return rep
 
     def to_csv(self, path: Optional[str] = None) -> str:
@@ -190,8 +200,14 @@ class Report:
                          tablefmt="simple", disable_numparse=True) if rows else "(no matmul / conv / norm ops)"
         lines = [table, "", self.summary_line()]
         if any(r["execution"] == D.EXEC_INT8_CPU for r in rows):
-            from .kernels import amx   # the engine is chosen at each call: say which one runs now
-            lines.append(f"{D.EXEC_INT8_CPU} GEMMs run on {amx.describe()}.")
+            kernel = self._summary.get("int8_cpu_kernel")
+            if not self._loaded:
+                lines.append(f"{D.EXEC_INT8_CPU} GEMMs run on {kernel}.")
+            elif kernel:
+                lines.append(f"{D.EXEC_INT8_CPU} GEMMs ran on {kernel} (where this report was saved).")
+            else:
+                lines.append(f"{D.EXEC_INT8_CPU} GEMMs ran on a CPU kernel this report does not name "
+                             f"(saved by an older sqcompile).")
         if has["stats"]:
             lines.append("SQNR in dB (latest step); W = weight or second operand; grad = dx / dw GEMMs.")
         lines += [f"warning: {w}" for w in self._summary["warnings"]]

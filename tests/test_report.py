@@ -396,7 +396,8 @@ def test_json_round_trip(cnn_stats_report):
     rep, _ = cnn_stats_report
     back = Report.from_json(rep.to_json())
     assert back.rows() == rep.rows() and back.summary() == rep.summary()
-    assert str(back) == str(rep)
+    kernel = rep.summary()["int8_cpu_kernel"]
+    assert str(back) == str(rep).replace(f"GEMMs run on {kernel}.", f"GEMMs ran on {kernel} (where this report was saved).")
     with pytest.raises(ValueError, match="not a sqcompile report"):
         Report.from_json(json.dumps({"rows": []}))
     whole = json.loads(rep.to_json())
@@ -404,6 +405,24 @@ def test_json_round_trip(cnn_stats_report):
         cut = {k: v for k, v in whole.items() if k != missing}
         with pytest.raises(ValueError, match="incomplete sqcompile report"):
             Report.from_json(json.dumps(cut))
+
+
+def test_a_loaded_report_names_the_saving_machines_cpu_kernel(cnn_stats_report, monkeypatch):
+    """A report saved to JSON and read on another machine describes the int8 kernel of the
+    machine that ran the GEMMs, not the reader's."""
+    from sqcompile.kernels import amx
+
+    rep, _ = cnn_stats_report
+    saved = amx.describe()
+    text = rep.to_json()
+    assert json.loads(text)["summary"]["int8_cpu_kernel"] == saved
+    monkeypatch.setattr(amx, "describe", lambda: "the reading machine's kernel")
+    back = Report.from_json(text)
+    assert f"int8-cpu GEMMs ran on {saved} (where this report was saved)." in str(back)
+    assert "reading machine" not in str(back) and back.summary()["int8_cpu_kernel"] == saved
+    old = json.loads(text)
+    del old["summary"]["int8_cpu_kernel"]                   # saved before the kernel was recorded
+    assert "a CPU kernel this report does not name" in str(Report.from_json(json.dumps(old)))
 
 
 def test_csv_has_header_and_rows(cnn_stats_report, tmp_path):
