@@ -70,7 +70,10 @@ def explain(model: torch.nn.Module, *example_inputs, **options) -> Explanation:
     """Compile ``model`` with the ``shiftquant`` backend and ``options`` (the keys of
     :class:`sqcompile.Config`; a bad one raises its ``ValueError``), run one forward and one
     backward on ``example_inputs`` and explain what the backend did.  The model is unchanged
-    afterwards (see the module docstring)."""
+    afterwards (see the module docstring).  When Dynamo captures no graph of the model (a
+    forward without tensor operations, or one Dynamo gives up on before its first operation),
+    the backend is never called and this raises a ``ValueError`` saying so, with the graph
+    breaks Dynamo counted during the call as the reason."""
     config = Config.from_options(options)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"sqcompile.explain() takes a torch.nn.Module, got {type(model).__name__}")
@@ -84,15 +87,17 @@ def explain(model: torch.nn.Module, *example_inputs, **options) -> Explanation:
                 model(*example_inputs)   # the model's own errors surface here, unwrapped
             state.restore_buffers()
             torch._dynamo.reset()
-            before = _last_index()
+            before, breaks = _last_index(), _graph_breaks()
             compiled = torch.compile(model, backend="shiftquant", options=config)
             outputs = compiled(*example_inputs)
             note = _backward(model, outputs, example_inputs)
+            fresh = [r for r in _candidates(model) if r.index > before]
+            why = "" if fresh else _why_no_graph(breaks)
         finally:
             state.restore()
-    fresh = [r for r in _candidates(model) if r.index > before]
-    if not fresh:  # pragma: no cover - Dynamo always compiles after a reset
-        raise RuntimeError("sqcompile.explain(): the backend was not called (did Dynamo skip the model?)")
+    if not fresh:
+        raise ValueError(f"sqcompile.explain(): Dynamo captured no graph of this {type(model).__name__}, so "
+                         f'backend="shiftquant" had nothing to compile and the model ran in eager PyTorch: {why}')
     return Explanation(latest_per_graph(fresh), note)
 
 
@@ -134,6 +139,27 @@ def _backward(model: torch.nn.Module, outputs, example_inputs) -> str:
     loss = sum(t.float().sum() for t in floats)
     torch.autograd.grad(loss, leaves, allow_unused=True)
     return ""
+
+
+def _graph_breaks() -> Dict[str, int]:
+    """Dynamo's count of graph breaks by reason, so far in this process."""
+    from torch._dynamo.utils import counters
+    return dict(counters["graph_break"])
+
+
+def _why_no_graph(breaks_before: Dict[str, int]) -> str:
+    """Why Dynamo captured no graph: the graph breaks it counted since ``breaks_before`` (each
+    reason's first line and hint), or, with none, that there was no tensor operation to capture."""
+    reasons = []
+    for reason, n in _graph_breaks().items():
+        if n > breaks_before.get(reason, 0):
+            lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+            hint = next((line for line in lines[1:] if line.startswith("Hint:")), None)
+            reasons.append(lines[0] + (f" ({hint})" if hint else "") if lines else reason)
+    if reasons:
+        return ("Dynamo broke the graph where it could not trace: " + "; ".join(reasons)
+                + ' (TORCH_LOGS="graph_breaks" shows where)')
+    return "the forward has no tensor operation for Dynamo to capture (it returns its inputs or Python values)"
 
 
 def _last_index() -> int:

@@ -490,6 +490,31 @@ def test_recompiles_keep_the_newest_record_and_graph_breaks_keep_both():
 # explain() and the command line
 # --------------------------------------------------------------------------------------------
 
+def test_explain_of_a_model_dynamo_captures_no_graph_of_says_so_and_why():
+    class Passthrough(nn.Module):           # no tensor operation to capture
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x
+
+    class BreaksFirst(Passthrough):         # a graph break, and nothing to capture around it
+        def forward(self, x):
+            torch._dynamo.graph_break()
+            return x
+
+    for make, why in ((Passthrough, "no tensor operation for Dynamo to capture"),
+                      (BreaksFirst, "graph_break()"),
+                      (lambda: nn.BatchNorm1d(4, momentum=None), "Tensor.item()")):   # Dynamo breaks its frame
+        model = make().eval()
+        with pytest.raises(ValueError, match="Dynamo captured no graph") as e:
+            explain(model, torch.randn(3, 4))
+        assert why in str(e.value) and type(model).__name__ in str(e.value)
+        assert not model.training                      # the model is left as it was
+    torch._dynamo.reset()
+
+
 def test_explain_shows_graphs_and_leaves_the_model_unchanged():
     torch.manual_seed(0)
     model = ResNetish().eval()
