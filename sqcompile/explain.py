@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 
 from . import decisions as D
 from .config import Config
-from .report import Report, latest_per_graph
+from .report import Report, latest_per_graph, module_of
 
 __all__ = ["Explanation", "explain"]
 
@@ -75,9 +75,11 @@ def explain(model: torch.nn.Module, *example_inputs, **options) -> Explanation:
     the backend is never called and this raises a ``ValueError`` saying so, with the graph
     breaks Dynamo counted during the call as the reason."""
     config = Config.from_options(options)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"sqcompile.explain() takes a torch.nn.Module, got {type(model).__name__}")
-    model = getattr(model, "_orig_mod", model)
+    module = module_of(model)     # a torch.compile-d module (of a compiled module, too): the module inside
+    if module is None:
+        raise TypeError(f"sqcompile.explain() takes a torch.nn.Module or its torch.compile-d version, "
+                        f"got {type(model).__name__}")
+    model = module
     state = _ModelState(model)
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda):

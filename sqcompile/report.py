@@ -278,9 +278,10 @@ class Report:
 def report(compiled_or_model=None) -> Report:
     """The :class:`Report` of a model compiled with ``backend="shiftquant"``.
 
-    ``compiled_or_model`` is the ``torch.compile``-d module or the original ``nn.Module``
-    (records are found through its parameters and buffers), or None for the latest compiles
-    of any model.  Only the newest record of each Dynamo graph is kept (see the module
+    ``compiled_or_model`` is the ``torch.compile``-d module (or what ``torch.compile`` of it
+    returns again, a function wrapping its forward: the outer compile is the one Dynamo runs)
+    or the original ``nn.Module`` (records are found through its parameters and buffers), or
+    None for the latest compiles of any model.  Only the newest record of each Dynamo graph is kept (see the module
     docstring).  Raises ``ValueError`` when nothing was compiled with this backend.
     """
     if compiled_or_model is None:
@@ -289,8 +290,8 @@ def report(compiled_or_model=None) -> Report:
             raise ValueError('sqcompile.report(): nothing has been compiled with backend="shiftquant" yet '
                              "(compilation happens at the first call of the compiled model)")
         return Report(latest_per_graph(records))
-    model = getattr(compiled_or_model, "_orig_mod", compiled_or_model)
-    if not isinstance(model, torch.nn.Module):
+    model = module_of(compiled_or_model)
+    if model is None:
         raise ValueError(f"sqcompile.report() takes a torch.nn.Module or its torch.compile-d version, "
                          f"got {type(compiled_or_model).__name__}")
     records = D.records_for([*model.parameters(), *model.buffers()])
@@ -306,6 +307,25 @@ def report(compiled_or_model=None) -> Report:
     return Report(latest_per_graph(own or records))
 
 
+def module_of(obj) -> Optional[torch.nn.Module]:
+    """The ``nn.Module`` behind ``obj``: ``obj`` itself, the module a ``torch.compile``-d
+    module wraps (``_orig_mod``), or the one behind what ``torch.compile`` returns for an
+    already compiled module (a function wrapping its ``forward``: Dynamo's
+    ``_torchdynamo_orig_callable`` / ``__wrapped__``, then the bound method's ``__self__``).
+    None when there is none (a compiled plain function)."""
+    for _ in range(32):
+        if isinstance(obj, torch.nn.Module) and not isinstance(getattr(obj, "_orig_mod", None), torch.nn.Module):
+            return obj
+        for attr in ("_orig_mod", "_torchdynamo_orig_callable", "__wrapped__", "__self__"):
+            inner = getattr(obj, attr, None)
+            if inner is not None and inner is not obj:
+                obj = inner
+                break
+        else:
+            return None
+    return None
+
+
 def _compile_options(compiled) -> Tuple[bool, Any]:
     """``(True, options)``: the ``options`` object (or ``None``) a ``torch.compile``-d module
     was made with, so that ``report(compiled)`` shows that compile's graphs when the same
@@ -313,8 +333,12 @@ def _compile_options(compiled) -> Tuple[bool, Any]:
     (the backend records ``id(options)``).  Read from Dynamo's wrappers of the backend, which
     are internal: ``(False, None)`` (all the module's graphs) for a plain module or if this
     torch lays them out otherwise."""
+    context = getattr(compiled, "dynamo_ctx", None)
+    if context is None:       # torch.compile of a compiled module: a function holding its context
+        cells = [c.cell_contents for c in getattr(compiled, "__closure__", None) or () if c.cell_contents is not None]
+        context = next((c for c in cells if hasattr(c, "callback") and hasattr(c, "compiler_config")), None)
     try:
-        backend = compiled.dynamo_ctx.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
+        backend = context.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
         return True, backend.kwargs.get("options")
     except AttributeError:
         return False, None

@@ -736,6 +736,22 @@ def test_report_of_a_compile_without_options_ignores_explain_and_other_compiles(
     torch._dynamo.reset()
 
 
+def test_report_and_explain_take_a_compile_of_a_compiled_module():
+    """``torch.compile`` of an already compiled module returns a function wrapping its forward;
+    the outer compile's backend is the one Dynamo calls, and report() shows its graphs."""
+    torch._dynamo.reset()
+    m, x = _mlp(), torch.randn(8, 32)
+    inner = torch.compile(m, backend="shiftquant", options={"weight_bits": 8})
+    outer = torch.compile(inner, backend="shiftquant", options={"weight_bits": 6})
+    outer(x).sum().backward()
+    torch.compile(m, backend="shiftquant", options={"weight_bits": 2})(x)       # another compile of m
+    assert {r["weight_bits"] for r in report(outer).rows() if r["op"] == "linear"} == {6}
+    assert {r["weight_bits"] for r in explain(outer, x, weight_bits=5).report.rows() if r["op"] == "linear"} == {5}
+    with pytest.raises(ValueError, match="takes a torch.nn.Module or its torch.compile-d version"):
+        report(torch.compile(lambda t: t @ t, backend="shiftquant"))
+    torch._dynamo.reset()
+
+
 def test_simulated_rows_say_why_and_unusable_triton_is_a_value_error():
     torch._dynamo.reset()
     rep = explain(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), torch.randn(2, 4, 6, 6), execution="integer").report
