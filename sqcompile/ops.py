@@ -481,10 +481,10 @@ def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: 
         raise RuntimeError("quantized_matmul: batch shapes do not broadcast")  # pragma: no cover
     y = _QuantMatmul.apply(a3, b3, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, "act_b")
     y = y.reshape(*batch, y.shape[-2], y.shape[-1])
+    if squeeze_m:        # before n: a 1-d by 1-d product (a dot) leaves a 0-dim result
+        y = y.squeeze(-2)
     if squeeze_n:
         y = y.squeeze(-1)
-    if squeeze_m:
-        y = y.squeeze(-2)
     return y
 
 
