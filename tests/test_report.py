@@ -601,6 +601,10 @@ def test_cli_help_and_bad_input(capsys, tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(SystemExit, match="neither build"):
         main(["explain", str(empty)])
+    passthrough = tmp_path / "passthrough.py"
+    passthrough.write_text("import torch\nmodel = torch.nn.Identity()\nexample_inputs = torch.randn(2, 3)\n")
+    with pytest.raises(SystemExit, match=r"sqcompile explain: sqcompile.explain\(\): Dynamo captured no graph"):
+        main(["explain", str(passthrough)])
 
 
 def test_plot_without_matplotlib_says_how_to_install(cnn_stats_report, monkeypatch, tmp_path):
