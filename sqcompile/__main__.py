@@ -84,9 +84,11 @@ def main(argv=None) -> int:
     model, inputs = load_script(args.script)
     try:
         result = explain(model, *inputs, **options)
-    except ValueError as e:   # a bad option: say so without a traceback
+    except ValueError as e:   # a bad option, or no graph to explain: say so without a traceback
         if str(e).startswith(("sqcompile option", "unknown sqcompile option", "sqcompile options")):
             parser.error(str(e))
+        if str(e).startswith("sqcompile.explain(): Dynamo captured no graph"):
+            raise SystemExit(f"sqcompile explain: {e}") from None
         raise
     print(result if args.graphs else result.report)
     if args.json:

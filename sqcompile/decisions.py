@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .numerics import sqnr_from
+
 # Execution labels shown in the report.
 EXEC_INT8_CPU = "int8-cpu"
 EXEC_INT8_TORCH = "int8-torch"
@@ -169,15 +171,45 @@ def part_key(key: str, part: str) -> str:
     return f"{key}#{part}"
 
 
-def observe(key: str, role: str, values: Dict[str, Any]) -> None:
-    """Store the latest measured statistics of one quantizer (``role``: "act", "weight",
-    "grad_dx", "grad_dw", "norm_in", "norm_grad") of the op named by ``key``."""
+FORWARD_ROLES = ("act", "norm_in")   # the quantizer every forward call of an op runs once
+
+
+def observe(key: str, role: str, terms, *, bits: int, groups: Optional[int] = None, per_tensor=None,
+            occupancy: Optional[List[int]] = None) -> None:
+    """Record one call of a quantizer (``role``: "act", "weight", "act_b", "grad_dx",
+    "grad_dw", "norm_in", "norm_grad") of the op named by ``key``: ``terms`` is its
+    ``(signal, noise)`` power (:func:`sqcompile.numerics.sqnr_terms`), ``per_tensor`` the same
+    for the per-tensor baseline and ``occupancy`` ShiftQuant's channel count per group.
+
+    An op can run several times in one training step: an RNN's recurrence once per time
+    step, a layer inside an activation checkpoint again in the backward pass.  ``steps``
+    counts the runs of the compiled graph (training steps) in which the op ran and ``calls``
+    its forward calls in the latest of them; a role's statistics pool all its calls of the
+    latest step: the SQNR of the summed signal over the summed noise (the SQNR of all the
+    call's tensors taken together, so a zero ``h0`` adds nothing rather than an ``inf``), the
+    occupancy of the summed channel counts.  A run is :attr:`CompileRecord.last_run`, which
+    the compiled graph sets when its forward starts (its backward runs under the same)."""
     index, _, node = key.partition(":")
     rec = _by_index.get(int(index))
     if rec is None:
         return
+    run = rec.last_run
     with _lock:
-        entry = rec.stats.setdefault(node, {"steps": 0})
-        entry[role] = values
-        if role in ("act", "norm_in"):
-            entry["steps"] += 1
+        entry = rec.stats.setdefault(node, {"steps": 0, "calls": 0, "run": None})
+        if role in FORWARD_ROLES:
+            if entry["run"] != run:
+                entry.update(steps=entry["steps"] + 1, calls=0, run=run)
+            entry["calls"] += 1
+        acc = entry.get(role)
+        if acc is None or acc["run"] != run:
+            acc = entry[role] = {"run": run, "bits": bits, "groups": groups, "calls": 0, "terms": [0.0, 0.0],
+                                 "per_tensor_terms": [0.0, 0.0], "counts": None}
+        acc["calls"] += 1
+        acc["terms"] = [a + b for a, b in zip(acc["terms"], terms)]
+        acc["sqnr_db"] = sqnr_from(*acc["terms"])
+        if per_tensor is not None:
+            acc["per_tensor_terms"] = [a + b for a, b in zip(acc["per_tensor_terms"], per_tensor)]
+            acc["per_tensor_sqnr_db"] = sqnr_from(*acc["per_tensor_terms"])
+        if occupancy is not None:
+            counts = acc["counts"] = [a + b for a, b in zip(acc["counts"] or [0] * len(occupancy), occupancy)]
+            acc["group_occupancy"] = [c / max(1, sum(counts)) for c in counts]

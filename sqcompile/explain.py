@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 
 from . import decisions as D
 from .config import Config
-from .report import Report, latest_per_graph
+from .report import Report, latest_per_graph, module_of
 
 __all__ = ["Explanation", "explain"]
 
@@ -46,7 +46,8 @@ class Explanation:
     """The result of :func:`explain`; ``print()`` it.
 
     ``graphs``: ``{"dynamo", "rewritten", "forward", "backward"}`` -> readable text, joined
-    over the Dynamo graphs (with a header per graph) when the model compiled to several;
+    over the Dynamo graphs when the model compiled to several, each under a header
+    ``# --- graph i of graphs 0-n ...`` numbered from 0 as the report's ``graph`` column;
     ``report``: the :class:`~sqcompile.report.Report`; ``records``: the underlying
     :class:`~sqcompile.decisions.CompileRecord` objects.
     """
@@ -69,11 +70,16 @@ def explain(model: torch.nn.Module, *example_inputs, **options) -> Explanation:
     """Compile ``model`` with the ``shiftquant`` backend and ``options`` (the keys of
     :class:`sqcompile.Config`; a bad one raises its ``ValueError``), run one forward and one
     backward on ``example_inputs`` and explain what the backend did.  The model is unchanged
-    afterwards (see the module docstring)."""
+    afterwards (see the module docstring).  When Dynamo captures no graph of the model (a
+    forward without tensor operations, or one Dynamo gives up on before its first operation),
+    the backend is never called and this raises a ``ValueError`` saying so, with the graph
+    breaks Dynamo counted during the call as the reason."""
     config = Config.from_options(options)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"sqcompile.explain() takes a torch.nn.Module, got {type(model).__name__}")
-    model = getattr(model, "_orig_mod", model)
+    module = module_of(model)     # a torch.compile-d module (of a compiled module, too): the module inside
+    if module is None:
+        raise TypeError(f"sqcompile.explain() takes a torch.nn.Module or its torch.compile-d version, "
+                        f"got {type(model).__name__}")
+    model = module
     state = _ModelState(model)
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda):
@@ -83,15 +89,17 @@ def explain(model: torch.nn.Module, *example_inputs, **options) -> Explanation:
                 model(*example_inputs)   # the model's own errors surface here, unwrapped
             state.restore_buffers()
             torch._dynamo.reset()
-            before = _last_index()
+            before, breaks = _last_index(), _graph_breaks()
             compiled = torch.compile(model, backend="shiftquant", options=config)
             outputs = compiled(*example_inputs)
             note = _backward(model, outputs, example_inputs)
+            fresh = [r for r in _candidates(model) if r.index > before]
+            why = "" if fresh else _why_no_graph(breaks)
         finally:
             state.restore()
-    fresh = [r for r in _candidates(model) if r.index > before]
-    if not fresh:  # pragma: no cover - Dynamo always compiles after a reset
-        raise RuntimeError("sqcompile.explain(): the backend was not called (did Dynamo skip the model?)")
+    if not fresh:
+        raise ValueError(f"sqcompile.explain(): Dynamo captured no graph of this {type(model).__name__}, so "
+                         f'backend="shiftquant" had nothing to compile and the model ran in eager PyTorch: {why}')
     return Explanation(latest_per_graph(fresh), note)
 
 
@@ -135,6 +143,27 @@ def _backward(model: torch.nn.Module, outputs, example_inputs) -> str:
     return ""
 
 
+def _graph_breaks() -> Dict[str, int]:
+    """Dynamo's count of graph breaks by reason, so far in this process."""
+    from torch._dynamo.utils import counters
+    return dict(counters["graph_break"])
+
+
+def _why_no_graph(breaks_before: Dict[str, int]) -> str:
+    """Why Dynamo captured no graph: the graph breaks it counted since ``breaks_before`` (each
+    reason's first line and hint), or, with none, that there was no tensor operation to capture."""
+    reasons = []
+    for reason, n in _graph_breaks().items():
+        if n > breaks_before.get(reason, 0):
+            lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+            hint = next((line for line in lines[1:] if line.startswith("Hint:")), None)
+            reasons.append(lines[0] + (f" ({hint})" if hint else "") if lines else reason)
+    if reasons:
+        return ("Dynamo broke the graph where it could not trace: " + "; ".join(reasons)
+                + ' (TORCH_LOGS="graph_breaks" shows where)')
+    return "the forward has no tensor operation for Dynamo to capture (it returns its inputs or Python values)"
+
+
 def _last_index() -> int:
     latest = D.latest_records()
     return latest[-1].index if latest else -1
@@ -158,6 +187,6 @@ def _joined(records: List[D.CompileRecord], stage: str, backward_note: str) -> s
         if text is None:
             text = f"({backward_note or 'no ' + stage + ' graph'})" if stage == "backward" else f"(no {stage} graph)"
         if len(records) > 1:
-            text = f"# --- graph {i + 1} of {len(records)} (backend call #{rec.index}) ---\n{text}"
+            text = f"# --- graph {i} of graphs 0-{len(records) - 1} (backend call #{rec.index}) ---\n{text}"
         texts.append(text)
     return "\n\n".join(texts)

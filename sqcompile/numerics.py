@@ -28,8 +28,9 @@ grouped product exactly.  ``e`` fits int8 iff ``qmax * 2**(G-1) <= 127``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
@@ -316,13 +317,23 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).pow(2).mean())
 
 
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(|x|^2 / |x - x_q|^2)`` in dB."""
+def sqnr_terms(reference: torch.Tensor, approx: torch.Tensor) -> Tuple[float, float]:
+    """``(|x|^2, |x - x_q|^2)``, in float64: the two sums :func:`sqnr_db` divides (the
+    statistics pool them over the calls of one step before dividing, :func:`sqnr_from`)."""
     ref = reference.detach().double()
-    noise = (ref - approx.detach().double()).pow(2).sum()
-    signal = ref.pow(2).sum()
+    return float(ref.pow(2).sum()), float((ref - approx.detach().double()).pow(2).sum())
+
+
+def sqnr_from(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)`` in dB; ``inf`` when there is no noise (an exact
+    quantization, a zero tensor), ``-inf`` for noise on a zero signal."""
     if noise == 0:
         return float("inf")
     if signal == 0:
         return float("-inf")
-    return float(10 * torch.log10(signal / noise))
+    return 10 * math.log10(signal / noise) if signal > 0 and noise > 0 else float("nan")
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(|x|^2 / |x - x_q|^2)`` in dB."""
+    return sqnr_from(*sqnr_terms(reference, approx))

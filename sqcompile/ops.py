@@ -251,7 +251,7 @@ def quantize_observed(x: torch.Tensor, bits: int, keep_dims: List[int], stochast
                       role: str) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize` that also records the SQNR of its result under ``key``/``role``."""
     q, scale = N.quantize(x, bits, keep_dims, "stochastic" if stochastic else "nearest")
-    decisions.observe(key, role, {"sqnr_db": N.sqnr_db(x, N.dequantize(q, scale)), "bits": bits})
+    decisions.observe(key, role, N.sqnr_terms(x, N.dequantize(q, scale)), bits=bits)
     return q, scale
 
 
@@ -267,13 +267,9 @@ def shiftquant_observed(x: torch.Tensor, bits: int, groups: int, channel_dims: L
     rounding = "stochastic" if stochastic else "nearest"
     x = N.apply_prescale(x, prescale, channel_dims)
     r = N.shiftquant(x, bits, groups, channel_dims, rounding)
-    occupancy = torch.bincount(r.group.flatten(), minlength=groups).double()
-    decisions.observe(key, role, {
-        "sqnr_db": N.sqnr_db(x, r.dequantize()),
-        "per_tensor_sqnr_db": N.sqnr_db(x, N.fake_quantize(x.float(), bits, (), rounding)),
-        "group_occupancy": (occupancy / occupancy.sum().clamp_min(1)).tolist(),
-        "bits": bits, "groups": groups,
-    })
+    decisions.observe(key, role, N.sqnr_terms(x, r.dequantize()), bits=bits, groups=groups,
+                      per_tensor=N.sqnr_terms(x, N.fake_quantize(x.float(), bits, (), rounding)),
+                      occupancy=torch.bincount(r.group.flatten(), minlength=groups).tolist())
     return r.expanded, r.base_scale
 
 
@@ -490,10 +486,10 @@ def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: 
         raise RuntimeError("quantized_matmul: batch shapes do not broadcast")  # pragma: no cover
     y = _QuantMatmul.apply(a3, b3, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, "act_b")
     y = y.reshape(*batch, y.shape[-2], y.shape[-1])
+    if squeeze_m:        # before n: a 1-d by 1-d product (a dot) leaves a 0-dim result
+        y = y.squeeze(-2)
     if squeeze_n:
         y = y.squeeze(-1)
-    if squeeze_m:
-        y = y.squeeze(-2)
     return y
 
 

@@ -32,7 +32,11 @@ Reading the statistics columns
   one fused kernel and one row.
 
 Statistics are the latest step's values, measured by observing variants of the quantizer ops
-(``sqcompile::quantize_observed`` / ``shiftquant_observed``).  With ``collect_stats=False``
+(``sqcompile::quantize_observed`` / ``shiftquant_observed``).  ``steps`` counts the training
+steps (runs of the compiled graph) in which the op ran and ``calls`` its forward calls in the
+latest one (an RNN's recurrence runs once per time step, a checkpointed layer twice); the
+statistics of an op that runs several times per step pool all the calls of that step (summed
+signal over summed noise power; summed group counts), see :func:`sqcompile.decisions.observe`.  With ``collect_stats=False``
 (the default) the rewrite emits the plain ops: stats off adds no nodes to the forward or
 backward graph and costs nothing.
 
@@ -77,7 +81,7 @@ NOT_GEMMS = ("embedding",)      # reported with the GEMMs (they stay float), cou
 ROW_KEYS = (
     "graph", "node", "module", "op", "part", "kind", "shapes", "flops", "quantized", "execution",
     "weight_bits", "weight_quantizer", "act_bits", "act_quantizer", "grad_bits", "grad_quantizer", "groups",
-    "norm_bits", "region", "steps",
+    "norm_bits", "region", "steps", "calls",
     "sqnr_weight_db", "sqnr_act_db", "sqnr_grad_dx_db", "sqnr_grad_dw_db", "sqnr_grad_db",
     "sqnr_grad_dx_per_tensor_db", "sqnr_grad_dw_per_tensor_db", "occupancy_dx", "occupancy_dw",
 )
@@ -92,7 +96,8 @@ class Report:
     :meth:`summary` the totals, :meth:`to_json` / :meth:`from_json`, :meth:`to_csv` and
     :meth:`plot` export them.  Statistics columns appear only when stats were collected
     (``collect_stats=True``), the ``region`` column only when the lowering fused ops, the
-    ``graph`` column only when the report spans several Dynamo graphs.
+    ``graph`` column only when the report spans several Dynamo graphs (numbered from 0, the
+    index into :attr:`records`; :func:`sqcompile.explain`'s graph headings use the same numbers).
 
     Statistics cost time only when asked for: with ``collect_stats=False`` (the default) the
     backend adds no nodes to the forward or backward graph (no ``*_observed`` op; the report
@@ -107,6 +112,10 @@ class Report:
         self.records: List[D.CompileRecord] = sorted(records, key=lambda r: r.index)
         self._rows = [row for i, r in enumerate(self.records) for d in _ordered(r) for row in _rows_of(d, r, i)]
         self._summary = _summarize(self._rows, self.records)
+        self._loaded = False
+        if any(r["execution"] == D.EXEC_INT8_CPU for r in self._rows):
+            from .kernels import amx   # the engine is chosen at each GEMM call: name the one that runs now
+            self._summary["int8_cpu_kernel"] = amx.describe()
 
     # -- data ------------------------------------------------------------------------------
 
@@ -116,11 +125,16 @@ class Report:
         return [dict(r) for r in self._rows]
 
     def summary(self) -> Dict[str, Any]:
-        """Totals: op counts, GEMM FLOP fractions in integer / quantized, graphs, warnings."""
+        """Totals: op counts, GEMM FLOP fractions in integer / quantized, graphs, warnings and,
+        when rows run ``int8-cpu``, ``int8_cpu_kernel``: the CPU int8 GEMM kernel they run on
+        (taken when the report is made; a report read by :meth:`from_json` keeps the saving
+        machine's, and says so when printed)."""
         return json.loads(json.dumps(self._summary))
 
     def to_json(self, indent: Optional[int] = 1) -> str:
-        """JSON text with the rows and the summary; :meth:`from_json` reads it back.
+        """JSON text with the rows and the summary; :meth:`from_json` reads it back.  The summary
+        carries the CPU int8 kernel description of this machine (``int8_cpu_kernel``), which a
+        report read back elsewhere shows instead of the reading machine's.
 
         Non-finite SQNR values (``inf``: the quantizer was exact) are written as ``Infinity``,
         which Python's ``json`` reads back; NaN never occurs (it is stored as ``null``)."""
@@ -138,6 +152,7 @@ class Report:
         rep.records = []
         rep._rows = [{k: r.get(k) for k in ROW_KEYS} for r in rows]
         rep._summary = summary
+        rep._loaded = True     # its int8_cpu_kernel is the saving machine's, not this one's
         return rep
 
     def to_csv(self, path: Optional[str] = None) -> str:
@@ -185,8 +200,14 @@ class Report:
                          tablefmt="simple", disable_numparse=True) if rows else "(no matmul / conv / norm ops)"
         lines = [table, "", self.summary_line()]
         if any(r["execution"] == D.EXEC_INT8_CPU for r in rows):
-            from .kernels import amx   # the engine is chosen at each call: say which one runs now
-            lines.append(f"{D.EXEC_INT8_CPU} GEMMs run on {amx.describe()}.")
+            kernel = self._summary.get("int8_cpu_kernel")
+            if not self._loaded:
+                lines.append(f"{D.EXEC_INT8_CPU} GEMMs run on {kernel}.")
+            elif kernel:
+                lines.append(f"{D.EXEC_INT8_CPU} GEMMs ran on {kernel} (where this report was saved).")
+            else:
+                lines.append(f"{D.EXEC_INT8_CPU} GEMMs ran on a CPU kernel this report does not name "
+                             f"(saved by an older sqcompile).")
         if has["stats"]:
             lines.append("SQNR in dB (latest step); W = weight or second operand; grad = dx / dw GEMMs.")
         lines += [f"warning: {w}" for w in self._summary["warnings"]]
@@ -257,9 +278,10 @@ class Report:
 def report(compiled_or_model=None) -> Report:
     """The :class:`Report` of a model compiled with ``backend="shiftquant"``.
 
-    ``compiled_or_model`` is the ``torch.compile``-d module or the original ``nn.Module``
-    (records are found through its parameters and buffers), or None for the latest compiles
-    of any model.  Only the newest record of each Dynamo graph is kept (see the module
+    ``compiled_or_model`` is the ``torch.compile``-d module (or what ``torch.compile`` of it
+    returns again, a function wrapping its forward: the outer compile is the one Dynamo runs)
+    or the original ``nn.Module`` (records are found through its parameters and buffers), or
+    None for the latest compiles of any model.  Only the newest record of each Dynamo graph is kept (see the module
     docstring).  Raises ``ValueError`` when nothing was compiled with this backend.
     """
     if compiled_or_model is None:
@@ -268,8 +290,8 @@ def report(compiled_or_model=None) -> Report:
             raise ValueError('sqcompile.report(): nothing has been compiled with backend="shiftquant" yet '
                              "(compilation happens at the first call of the compiled model)")
         return Report(latest_per_graph(records))
-    model = getattr(compiled_or_model, "_orig_mod", compiled_or_model)
-    if not isinstance(model, torch.nn.Module):
+    model = module_of(compiled_or_model)
+    if model is None:
         raise ValueError(f"sqcompile.report() takes a torch.nn.Module or its torch.compile-d version, "
                          f"got {type(compiled_or_model).__name__}")
     records = D.records_for([*model.parameters(), *model.buffers()])
@@ -285,6 +307,25 @@ def report(compiled_or_model=None) -> Report:
     return Report(latest_per_graph(own or records))
 
 
+def module_of(obj) -> Optional[torch.nn.Module]:
+    """The ``nn.Module`` behind ``obj``: ``obj`` itself, the module a ``torch.compile``-d
+    module wraps (``_orig_mod``), or the one behind what ``torch.compile`` returns for an
+    already compiled module (a function wrapping its ``forward``: Dynamo's
+    ``_torchdynamo_orig_callable`` / ``__wrapped__``, then the bound method's ``__self__``).
+    None when there is none (a compiled plain function)."""
+    for _ in range(32):
+        if isinstance(obj, torch.nn.Module) and not isinstance(getattr(obj, "_orig_mod", None), torch.nn.Module):
+            return obj
+        for attr in ("_orig_mod", "_torchdynamo_orig_callable", "__wrapped__", "__self__"):
+            inner = getattr(obj, attr, None)
+            if inner is not None and inner is not obj:
+                obj = inner
+                break
+        else:
+            return None
+    return None
+
+
 def _compile_options(compiled) -> Tuple[bool, Any]:
     """``(True, options)``: the ``options`` object (or ``None``) a ``torch.compile``-d module
     was made with, so that ``report(compiled)`` shows that compile's graphs when the same
@@ -292,8 +333,12 @@ def _compile_options(compiled) -> Tuple[bool, Any]:
     (the backend records ``id(options)``).  Read from Dynamo's wrappers of the backend, which
     are internal: ``(False, None)`` (all the module's graphs) for a plain module or if this
     torch lays them out otherwise."""
+    context = getattr(compiled, "dynamo_ctx", None)
+    if context is None:       # torch.compile of a compiled module: a function holding its context
+        cells = [c.cell_contents for c in getattr(compiled, "__closure__", None) or () if c.cell_contents is not None]
+        context = next((c for c in cells if hasattr(c, "callback") and hasattr(c, "compiler_config")), None)
     try:
-        backend = compiled.dynamo_ctx.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
+        backend = context.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
         return True, backend.kwargs.get("options")
     except AttributeError:
         return False, None
@@ -365,7 +410,7 @@ def _row(d: D.OpDecision, record: D.CompileRecord, graph: int, part: Optional[st
         "act_bits": d.act_bits, "act_quantizer": d.act_quantizer,
         "grad_bits": d.grad_bits, "grad_quantizer": d.grad_quantizer, "groups": d.groups,
         "norm_bits": d.norm_bits, "region": "; ".join(t for t in (d.region, d.note) if t) or None,
-        "steps": st.get("steps"),
+        "steps": st.get("steps"), "calls": st.get("calls"),
         "sqnr_weight_db": _num(weight.get("sqnr_db")), "sqnr_act_db": _num(act.get("sqnr_db")),
         "sqnr_grad_dx_db": _num(dx.get("sqnr_db")), "sqnr_grad_dw_db": _num(dw.get("sqnr_db")),
         "sqnr_grad_db": sum(grads) / len(grads) if grads else None,

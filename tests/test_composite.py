@@ -1,6 +1,7 @@
 """Ops that hide their GEMMs inside one call: nn.MultiheadAttention (and the attention of
 nn.TransformerEncoderLayer / DecoderLayer), torch.tensordot, torch.inner,
-torch.linalg.multi_dot, F.bilinear, and the plain nn.RNN (tanh and relu).
+torch.linalg.multi_dot, torch.chain_matmul, the vector products (mv, dot, vdot, addmv,
+addbmm), F.bilinear, and the plain nn.RNN (tanh and relu).
 
 Each mapped configuration is checked twice against eager PyTorch: with ``quantize=False`` the
 split graph must give PyTorch's own outputs and gradients (float rounding only: this checks
@@ -384,6 +385,61 @@ def test_multi_dot_takes_the_cheapest_order():
     assert _chain_plan([10, 2, 10, 2]) == (80, (0, (1, 2)))
     assert _chain_plan([2, 10, 2, 10]) == (80, ((0, 1), 2))
     assert _chain_plan([3, 4]) == (0, 0)
+
+
+class VectorProducts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 5) / 3)
+        self.b = nn.Parameter(torch.randn(6) / 3)
+        self.bw = nn.Parameter(torch.randn(3, 5, 4) / 3)
+        self.m = nn.Parameter(torch.randn(4, 4) / 2)
+
+    def forward(self, x, v, b1):
+        u = torch.mv(self.w, v)                                     # [6]
+        return torch.cat([
+            u, self.w.mv(v),
+            torch.dot(u, u).reshape(1), u.dot(v.new_ones(6)).reshape(1), torch.vdot(v, v).reshape(1),
+            torch.addmv(self.b, self.w, v), torch.addmv(self.b, self.w, v, beta=0.5, alpha=2.0),
+            self.b.addmv(self.w, v, beta=0),
+            torch.addbmm(x, b1, self.bw).flatten(), x.addbmm(b1, self.bw, beta=2, alpha=0.5).flatten(),
+            torch.chain_matmul(x, self.m, self.m.t()).flatten(),
+            (self.w @ v), (v @ self.w.t()), (v @ v).reshape(1)])
+
+
+def test_mv_dot_addmv_addbmm_chain_matmul_are_quantized_gemms():
+    torch.manual_seed(0)
+    model = VectorProducts()
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(6, 4, generator=g), torch.randn(5, generator=g), torch.randn(3, 6, 5, generator=g)]
+    fwd, grad, rep = compare(model, inputs, FLOAT)
+    assert fwd < 1e-5 and grad < 1e-5, (fwd, grad)
+    torch._dynamo.reset()
+    fwd, grad, rep = compare(model, inputs, Q8)
+    assert fwd < 0.03 and grad < 0.05, (fwd, grad)
+    rows = rep.rows()
+    assert [(r["op"], r["region"]) for r in rows] == [
+        ("matmul", "torch.mv, run as matmul"), ("matmul", "torch.mv, run as matmul"),
+        ("matmul", "torch.dot, run as matmul"), ("matmul", "torch.dot, run as matmul"),
+        ("matmul", "torch.vdot, run as matmul"),
+        *[("matmul", "torch.addmv, run as matmul + add")] * 3,
+        *[("einsum", "torch.addbmm, run as einsum('bnm,bmp->np') + add")] * 2,
+        ("matmul", "torch.chain_matmul, product 1 of 2"), ("matmul", "torch.chain_matmul, product 2 of 2"),
+        ("matmul", None), ("matmul", None), ("matmul", None)]
+    assert all(r["quantized"] and r["execution"] == "int8-cpu" for r in rows)
+    assert [r["flops"] for r in rows[:5]] == [2 * 6 * 5] * 2 + [2 * 6] * 2 + [2 * 5]
+    assert rows[8]["flops"] == 2 * 3 * 6 * 5 * 4 and rows[8]["weight_quantizer"] == "per-output-channel, nearest"
+    assert rep.summary()["integer_flops_fraction"] == 1.0
+
+
+def test_addmv_beta_zero_ignores_nan_input_as_pytorch_does():
+    class AddMv(nn.Module):
+        def forward(self, inp, m, v):
+            return torch.addmv(inp, m, v, beta=0)
+
+    inp, m, v = torch.full((3,), float("nan")), torch.randn(3, 4), torch.randn(4)
+    out = torch.compile(AddMv(), backend="shiftquant", options=Q8)(inp, m, v)
+    assert torch.isfinite(out).all() and rel(out, m @ v) < 0.03
 
 
 def test_bilinear_and_scalar_inner_stay_float_with_a_row():

@@ -302,6 +302,60 @@ def test_shiftquant_gradient_sqnr_beats_per_tensor_on_spread_channels():
     assert mean_sqnr[4] > mean_sqnr[1] + 2, mean_sqnr
 
 
+def test_steps_count_training_steps_and_calls_count_an_ops_runs_in_one():
+    """An LSTM's GEMMs run once for the input projection and once per time step, a layer
+    inside an activation checkpoint twice (its forward is recomputed in the backward): the
+    row's ``steps`` is the number of training steps all the same, ``calls`` the forward calls
+    in the latest step."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 8, batch_first=True)
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y, _ = self.rnn(x)
+            return self.head(checkpoint(self.fc, y, use_reentrant=False))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cm = compiled_step(Recurrent(), torch.randn(3, 5, 4), steps=3, collect_stats=True)
+    rows = {r["module"]: r for r in report(cm).rows()}
+    assert {m: (r["steps"], r["calls"]) for m, r in rows.items()} == {"rnn": (3, 1 + 5), "fc": (3, 2), "head": (3, 1)}
+    for r in rows.values():
+        assert all(r[k] is not None and math.isfinite(r[k]) for k in ("sqnr_act_db", "sqnr_weight_db", "sqnr_grad_dw_db"))
+    torch._dynamo.reset()
+
+
+def test_statistics_pool_the_calls_of_the_latest_step():
+    """Calls of one run of the graph are pooled (summed signal over summed noise, summed
+    group counts), as the SQNR of all their tensors together; the next run starts over."""
+    from sqcompile import decisions as D
+
+    rec = D.new_record(None)
+    key = D.stats_key(rec, "mm")
+    rec.last_run = 100
+    D.observe(key, "act", (1.0, 0.0), bits=4)                 # exact (a zero h0 would be too)
+    D.observe(key, "act", (3.0, 0.03), bits=4)
+    D.observe(key, "grad_dw", (1.0, 0.01), bits=4, groups=2, per_tensor=(1.0, 0.1), occupancy=[3, 1])
+    D.observe(key, "grad_dw", (1.0, 0.03), bits=4, groups=2, per_tensor=(1.0, 0.1), occupancy=[1, 3])
+    st = rec.stats["mm"]
+    assert (st["steps"], st["calls"]) == (1, 2)
+    assert st["act"]["sqnr_db"] == pytest.approx(10 * math.log10(4.0 / 0.03))
+    assert st["grad_dw"]["sqnr_db"] == pytest.approx(10 * math.log10(2.0 / 0.04))
+    assert st["grad_dw"]["per_tensor_sqnr_db"] == pytest.approx(10.0)
+    assert st["grad_dw"]["group_occupancy"] == [0.5, 0.5]
+    rec.last_run = 101
+    D.observe(key, "act", (1.0, 0.1), bits=4)
+    assert (st["steps"], st["calls"]) == (2, 1) and st["act"]["sqnr_db"] == pytest.approx(10.0)
+    row = next(r for r in Report(rec.__class__(index=rec.index, config=None, stats=rec.stats, decisions=[
+        D.OpDecision(node="mm", module_path="", op="mm", kind="gemm")])).rows())
+    assert (row["steps"], row["calls"]) == (2, 1)
+
+
 def test_stats_off_adds_no_nodes():
     x = torch.randn(2, 3, 8, 8)
     for collect in (False, True):
@@ -342,7 +396,8 @@ def test_json_round_trip(cnn_stats_report):
     rep, _ = cnn_stats_report
     back = Report.from_json(rep.to_json())
     assert back.rows() == rep.rows() and back.summary() == rep.summary()
-    assert str(back) == str(rep)
+    kernel = rep.summary()["int8_cpu_kernel"]
+    assert str(back) == str(rep).replace(f"GEMMs run on {kernel}.", f"GEMMs ran on {kernel} (where this report was saved).")
     with pytest.raises(ValueError, match="not a sqcompile report"):
         Report.from_json(json.dumps({"rows": []}))
     whole = json.loads(rep.to_json())
@@ -350,6 +405,24 @@ def test_json_round_trip(cnn_stats_report):
         cut = {k: v for k, v in whole.items() if k != missing}
         with pytest.raises(ValueError, match="incomplete sqcompile report"):
             Report.from_json(json.dumps(cut))
+
+
+def test_a_loaded_report_names_the_saving_machines_cpu_kernel(cnn_stats_report, monkeypatch):
+    """A report saved to JSON and read on another machine describes the int8 kernel of the
+    machine that ran the GEMMs, not the reader's."""
+    from sqcompile.kernels import amx
+
+    rep, _ = cnn_stats_report
+    saved = amx.describe()
+    text = rep.to_json()
+    assert json.loads(text)["summary"]["int8_cpu_kernel"] == saved
+    monkeypatch.setattr(amx, "describe", lambda: "the reading machine's kernel")
+    back = Report.from_json(text)
+    assert f"int8-cpu GEMMs ran on {saved} (where this report was saved)." in str(back)
+    assert "reading machine" not in str(back) and back.summary()["int8_cpu_kernel"] == saved
+    old = json.loads(text)
+    del old["summary"]["int8_cpu_kernel"]                   # saved before the kernel was recorded
+    assert "a CPU kernel this report does not name" in str(Report.from_json(json.dumps(old)))
 
 
 def test_csv_has_header_and_rows(cnn_stats_report, tmp_path):
@@ -406,11 +479,41 @@ def test_recompiles_keep_the_newest_record_and_graph_breaks_keep_both():
     ex = explain(model, torch.randn(2, 8))
     assert ex.graphs["forward"].count("# --- graph ") == 2 and "(backend call #" in ex.graphs["backward"]
     assert [r["module"] for r in ex.report.rows()] == ["a", "b"]
+    # explain's headings number the graphs as the report's graph column does, from 0
+    for stage in ("dynamo", "forward", "backward"):
+        headings = [line.split()[3] for line in ex.graphs[stage].splitlines() if line.startswith("# --- graph ")]
+        assert headings == [str(r["graph"]) for r in ex.report.rows()] == ["0", "1"]
+    assert "# --- graph 0 of graphs 0-1" in str(ex) and str(ex.report).splitlines()[2].split()[0] == "0"
 
 
 # --------------------------------------------------------------------------------------------
 # explain() and the command line
 # --------------------------------------------------------------------------------------------
+
+def test_explain_of_a_model_dynamo_captures_no_graph_of_says_so_and_why():
+    class Passthrough(nn.Module):           # no tensor operation to capture
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x
+
+    class BreaksFirst(Passthrough):         # a graph break, and nothing to capture around it
+        def forward(self, x):
+            torch._dynamo.graph_break()
+            return x
+
+    for make, why in ((Passthrough, "no tensor operation for Dynamo to capture"),
+                      (BreaksFirst, "graph_break()"),
+                      (lambda: nn.BatchNorm1d(4, momentum=None), "Tensor.item()")):   # Dynamo breaks its frame
+        model = make().eval()
+        with pytest.raises(ValueError, match="Dynamo captured no graph") as e:
+            explain(model, torch.randn(3, 4))
+        assert why in str(e.value) and type(model).__name__ in str(e.value)
+        assert not model.training                      # the model is left as it was
+    torch._dynamo.reset()
+
 
 def test_explain_shows_graphs_and_leaves_the_model_unchanged():
     torch.manual_seed(0)
@@ -498,6 +601,10 @@ def test_cli_help_and_bad_input(capsys, tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(SystemExit, match="neither build"):
         main(["explain", str(empty)])
+    passthrough = tmp_path / "passthrough.py"
+    passthrough.write_text("import torch\nmodel = torch.nn.Identity()\nexample_inputs = torch.randn(2, 3)\n")
+    with pytest.raises(SystemExit, match=r"sqcompile explain: sqcompile.explain\(\): Dynamo captured no graph"):
+        main(["explain", str(passthrough)])
 
 
 def test_plot_without_matplotlib_says_how_to_install(cnn_stats_report, monkeypatch, tmp_path):
@@ -630,6 +737,22 @@ def test_report_of_a_compile_without_options_ignores_explain_and_other_compiles(
     explain(m, x, weight_bits=8)
     torch.compile(m, backend="shiftquant", options={"weight_bits": 2})(x)
     assert {r["weight_bits"] for r in report(compiled).rows() if r["op"] == "linear"} == {4}
+    torch._dynamo.reset()
+
+
+def test_report_and_explain_take_a_compile_of_a_compiled_module():
+    """``torch.compile`` of an already compiled module returns a function wrapping its forward;
+    the outer compile's backend is the one Dynamo calls, and report() shows its graphs."""
+    torch._dynamo.reset()
+    m, x = _mlp(), torch.randn(8, 32)
+    inner = torch.compile(m, backend="shiftquant", options={"weight_bits": 8})
+    outer = torch.compile(inner, backend="shiftquant", options={"weight_bits": 6})
+    outer(x).sum().backward()
+    torch.compile(m, backend="shiftquant", options={"weight_bits": 2})(x)       # another compile of m
+    assert {r["weight_bits"] for r in report(outer).rows() if r["op"] == "linear"} == {6}
+    assert {r["weight_bits"] for r in explain(outer, x, weight_bits=5).report.rows() if r["op"] == "linear"} == {5}
+    with pytest.raises(ValueError, match="takes a torch.nn.Module or its torch.compile-d version"):
+        report(torch.compile(lambda t: t @ t, backend="shiftquant"))
     torch._dynamo.reset()
 
 

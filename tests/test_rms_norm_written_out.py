@@ -292,3 +292,32 @@ def test_a_changed_batch_size_recompiles_with_the_norm_matched_again():
     for rec in (static, dynamic):
         assert [(d.op, d.quantized, d.note) for d in _norm_rows(rec)] == [("rms_norm", True, NOTE)]
     assert isinstance(_norm_rows(dynamic)[0].shapes[0][0], str)          # a symbolic batch size
+
+
+# (two_trailing_dims normalizes over the sequence too, a symbolic size under dynamic=True: not matched)
+@pytest.mark.parametrize("spelling", [s for s in SPELLINGS if s != "two_trailing_dims"])
+def test_dynamic_true_matches_with_eps_a_graph_input(spelling):
+    """Under ``dynamic=True`` Dynamo passes ``self.eps`` as a 0-dim tensor input read with
+    ``.item()``; the pass reads its value, which makes Dynamo guard on it and compile the
+    graph with that ``eps`` a constant: the norm is matched, and another instance with another
+    ``eps`` compiles again instead of running with the wrong one."""
+    x = _inputs()
+    for eps in (EPS, 0.5):
+        model = Net(SPELLINGS[spelling][0])       # (fc1 makes the normalized size static)
+        model.norm.eps = eps
+        run = torch.compile(model, backend="shiftquant", options={"norm": "keep", "quantize": False}, dynamic=True)
+        for batch in (2, 5):
+            xb = _inputs(shape=(batch, 3, D))
+            torch.testing.assert_close(run(xb), model(xb), rtol=1e-5, atol=1e-6)
+        rec = latest_records()[-1]
+        assert [(d.op, d.note) for d in _norm_rows(rec)] == [("rms_norm", NOTE)], spelling
+        assert "F.rms_norm(" in rec.graphs["rewritten"] and f", {eps})" in rec.graphs["rewritten"]
+        assert isinstance(_norm_rows(rec)[0].shapes[0][0], str)            # a symbolic batch size
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # and the L1 norm by default, with sqrt(eps)
+    model = Net(SPELLINGS[spelling][0])
+    run = torch.compile(model, backend="shiftquant", dynamic=True)
+    run(x).sum().backward()
+    (norm,) = _norm_rows(latest_records()[-1])
+    assert norm.op == "rms_norm" and norm.quantized and norm.note == NOTE
+    assert f"{math.sqrt(EPS):g}" in latest_records()[-1].graphs["rewritten"]

@@ -15,8 +15,14 @@ left alone, would run in float with no report row:
   ``is_causal`` passed on as PyTorch does, dropout only in training.  The call's result
   becomes ``(out, None)``.
 * ``torch.tensordot`` and ``torch.inner`` / ``Tensor.inner`` become a two-operand ``einsum``
-  (one batched GEMM after a permute and reshape); ``torch.linalg.multi_dot`` a chain of
-  ``matmul`` nodes, multiplied in the order of least work as PyTorch does.
+  (one batched GEMM after a permute and reshape); ``torch.linalg.multi_dot`` and
+  ``torch.chain_matmul`` a chain of ``matmul`` nodes, multiplied in the order of least work as
+  PyTorch does.
+* ``torch.mv``, ``torch.dot`` and ``torch.vdot`` (real operands), and their ``Tensor``
+  methods, become ``matmul`` with 1-d operands; ``torch.addmv`` a ``matmul`` and
+  ``torch.addbmm`` an ``einsum('bnm,bmp->np')`` (one GEMM reducing over the batch and the
+  inner dim), each followed by ``alpha * product + beta * input`` as PyTorch computes it
+  (``beta=0`` ignores ``input``).
 
 Design: the pieces are ordinary graph nodes rather than one ``quantized_*`` function, so each
 GEMM gets the decision, report row, ``overrides`` match (``"*:linear"``,
@@ -33,7 +39,7 @@ Left as one float node with one report row ``"float: <reason>"`` and its forward
 multi-head attention whose weights are used (``need_weights=True`` and the second output read),
 with ``bias_k``/``bias_v``, ``add_zero_attn``, ``static_k``/``static_v``, or non-constant
 flags; ``tensordot`` with ``dims`` given as a tensor; ``inner`` with a 0-dim operand (a scaling,
-not a GEMM).
+not a GEMM); ``vdot`` of complex operands; any of them with ``out=``.
 """
 from __future__ import annotations
 
@@ -353,11 +359,21 @@ def _chain_plan(dims: List[int]):
 
 def _split_multi_dot(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     a = bind(node, ("tensors", "out"), {"out": None})
-    tensors = a["tensors"]
     if a["out"] is not None:
         return "multi_dot with out= is not rewritten"
+    return _split_chain(gm, node, a["tensors"], "torch.linalg.multi_dot")
+
+
+def _split_chain_matmul(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    if node.kwargs.get("out") is not None:
+        return "chain_matmul with out= is not rewritten"
+    return _split_chain(gm, node, list(node.args), "torch.chain_matmul")
+
+
+def _split_chain(gm: fx.GraphModule, node: fx.Node, tensors, what: str) -> Optional[str]:
+    """A chain of matrix products as ``matmul`` nodes in the cheapest order."""
     if not isinstance(tensors, (list, tuple)) or len(tensors) < 2:
-        return "multi_dot of fewer than two tensors or a non-constant list"
+        return f"{what} of fewer than two tensors or a non-constant list"
     reason = _unknown_shape(*tensors)
     if reason:
         return reason
@@ -374,15 +390,84 @@ def _split_multi_dot(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         left, right = build(t[0]), build(t[1])
         count[0] += 1
         return b(torch.matmul, left, right, sq_name=part_key(node.name, str(count[0])),
-                 sq_note=f"torch.linalg.multi_dot, product {count[0]} of {len(tensors) - 1}")
+                 sq_note=f"{what}, product {count[0]} of {len(tensors) - 1}")
 
     node.replace_all_uses_with(build(_chain_order(dims)))
     gm.graph.erase_node(node)
     return None
 
 
+# --------------------------------------------------------------------------------------------
+# mv, dot, vdot, addmv, addbmm
+# --------------------------------------------------------------------------------------------
+
+# The two GEMM operands of each (the names of torch's signature; a method's first is ``self``).
+_OPERANDS = {"mv": ("input", "vec"), "dot": ("input", "tensor"), "vdot": ("input", "other"),
+             "addmv": ("mat", "vec"), "addbmm": ("batch1", "batch2")}
+
+
+def _operands(node: fx.Node, name: str) -> Dict[str, Any]:
+    """The call's arguments by the names of torch's signature (a method's ``self`` is ``input``)."""
+    names = (("input",) if name in ("addmv", "addbmm") else ()) + _OPERANDS[name]
+    return bind(node, names, {"beta": 1, "alpha": 1, "out": None})
+
+
+def _split_vector_product(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """``mv``, ``dot`` and ``vdot`` (real operands) are ``matmul`` with 1-d operands."""
+    name = call_name(node)
+    a = _operands(node, name)
+    x, y = (a[k] for k in _OPERANDS[name])
+    if a["out"] is not None:
+        return f"{name} with out= is not rewritten"
+    reason = _unknown_shape(x, y)
+    if reason:
+        return reason
+    if name == "vdot" and (example_value(x).is_complex() or example_value(y).is_complex()):
+        return "vdot of complex operands conjugates its first operand; not rewritten"
+    b = _Builder(gm, node)
+    new = b(torch.matmul, x, y, sq_name=node.name, sq_note=f"torch.{name}, run as matmul")
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return None
+
+
+def _split_add_product(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """``addmv(input, mat, vec)`` is ``matmul(mat, vec)``, ``addbmm(input, b1, b2)`` the sum of
+    the batch's products, one GEMM reducing over the batch and the inner dim:
+    ``einsum('bnm,bmp->np')``; then ``alpha * product + beta * input`` as PyTorch computes it
+    (``beta=0`` ignores ``input``, NaN included)."""
+    name = call_name(node)
+    a = _operands(node, name)
+    x, y = (a[k] for k in _OPERANDS[name])
+    if a["out"] is not None:
+        return f"{name} with out= is not rewritten"
+    reason = _unknown_shape(x, y)
+    if reason:
+        return reason
+    b = _Builder(gm, node)
+    if name == "addmv":
+        product = b(torch.matmul, x, y, sq_name=node.name, sq_note="torch.addmv, run as matmul + add")
+    else:
+        product = b(torch.einsum, "bnm,bmp->np", x, y, sq_name=node.name,
+                    sq_note="torch.addbmm, run as einsum('bnm,bmp->np') + add")
+    alpha, beta = a["alpha"], a["beta"]
+    if not (isinstance(alpha, (int, float)) and alpha == 1):
+        product = b(operator.mul, product, alpha)
+    if isinstance(beta, (int, float)) and beta == 0:
+        result = product
+    elif isinstance(beta, (int, float)) and beta == 1:
+        result = b(operator.add, product, a["input"])
+    else:
+        result = b(torch.add, product, a["input"], alpha=beta)
+    node.replace_all_uses_with(result)
+    gm.graph.erase_node(node)
+    return None
+
+
 _SPLITS = {MHA: _split_mha, "tensordot": _split_tensordot, "inner": _split_inner,
-           "linalg_multi_dot": _split_multi_dot}
+           "linalg_multi_dot": _split_multi_dot, "chain_matmul": _split_chain_matmul,
+           "mv": _split_vector_product, "dot": _split_vector_product, "vdot": _split_vector_product,
+           "addmv": _split_add_product, "addbmm": _split_add_product}
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,6 +483,9 @@ def _float_decision(node: fx.Node, name: str, reason: str) -> OpDecision:
         tensors = [t for t in node.args if isinstance(t, fx.Node)]
         if name == "linalg_multi_dot" and node.args and isinstance(node.args[0], (list, tuple)):
             tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
+        if name in _OPERANDS:
+            a = _operands(node, name)
+            tensors = [a[k] for k in _OPERANDS[name] if isinstance(a[k], fx.Node)]
         flops = _plain_flops(node, tensors)
     shapes = [shape_of(t) for t in tensors if shape_of(t) is not None]
     return OpDecision(node=node.name, module_path=module_path(node), op=name, kind="gemm", shapes=shapes,
@@ -412,6 +500,6 @@ def _plain_flops(node: fx.Node, tensors) -> int:
     out = size_hints(node)
     if out is None or len(shapes) < 2 or any(s is None for s in shapes):
         return 0
-    if call_name(node) == "linalg_multi_dot":
+    if call_name(node) in ("linalg_multi_dot", "chain_matmul"):
         return 2 * _chain_cost(_chain_dims(shapes))
     return 2 * numel(out) * math.isqrt(numel(shapes[0]) * numel(shapes[1]) // max(1, numel(out)))

@@ -13,9 +13,15 @@ Matched, each intermediate used only by the next op::
 
     s = x.pow(2) | x ** 2 | torch.pow(x, 2) | x * x | x.square() | torch.square(x)
     m = s.mean(dims, keepdim=True) | torch.mean(s, dims, keepdim=True)   # dims: the trailing ones
-    d = m + eps  |  eps + m  |  m.add(eps)                               # eps a number >= 0
+    d = m + eps  |  eps + m  |  m.add(eps)                               # eps a number >= 0 (*)
     y = x * torch.rsqrt(d)   (d.rsqrt(), d ** -0.5)   |   x / torch.sqrt(d)   (d.sqrt(), d ** 0.5)
     y = y * w                                          # optional, the factors in any order
+
+(*) Or, under ``dynamic=True``, a float attribute (``self.eps``) that Dynamo passes as a 0-dim
+tensor input read with ``.item()``: the pass reads its value, which makes Dynamo guard on it
+and compile the graph again with ``eps`` a constant (so another module instance with another
+``eps`` gets its own graph, not this one with the wrong ``eps``); the second compile matches
+as a static one.
 
 ``x`` in the numerator and in the square may differ by widening casts (``x.float()`` in one,
 ``x`` in the other: the same values; Gemma casts each separately).  ``w`` is any floating
@@ -30,12 +36,11 @@ weight and the rest stays as written.
 
 Not matched (left as written, in float, and not a norm in the report): the mean over leading
 dims, over dims that are not all the trailing ones, without ``keepdim`` or with a ``dtype``;
-the mean written as ``sum / n``; ``eps`` a tensor or outside the root (``sqrt(m) + eps``), or
-a float attribute that ``dynamic=True`` makes a graph input (``self.eps`` becomes ``.item()``
-of a tensor: its value may differ between the module instances that share the graph);
+the mean written as ``sum / n``; ``eps`` a tensor or outside the root (``sqrt(m) + eps``);
 ``1 / sqrt(d)``; a square, mean, sum or root also used elsewhere (e.g. the inverse RMS
 returned); numerator and square from different values or related by a narrowing cast; a
-``normalized_shape`` with symbolic sizes.
+``normalized_shape`` with symbolic sizes (under ``dynamic=True`` a normalized dim that no weight
+or Linear fixes).
 """
 from __future__ import annotations
 
@@ -82,16 +87,37 @@ def _eps(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
 
 
-def _plus_eps(d: fx.Node) -> Optional[Tuple[fx.Node, float]]:
-    """``(m, eps)`` for ``m + eps`` / ``eps + m`` with ``eps`` a number >= 0, else None."""
+def _symbolic_float(x) -> bool:
+    """Is ``x`` a graph value that is a float with a known value: under ``dynamic=True`` Dynamo
+    passes a float attribute (``self.eps``) as a 0-dim tensor input and reads it with
+    ``.item()``, a ``SymFloat`` whose hint is the value it was compiled with?"""
+    if not isinstance(x, fx.Node) or call_name(x) != "item" or len(x.args) != 1 \
+            or not isinstance(x.args[0], fx.Node) or x.args[0].op != "placeholder":
+        return False
+    v = x.meta.get("example_value")
+    return isinstance(v, torch.SymFloat) and v.node.hint is not None
+
+
+def _plus_eps(d: fx.Node):
+    """``(m, eps)`` for ``m + eps`` / ``eps + m`` with ``eps`` a number >= 0 or a symbolic
+    float (:func:`_symbolic_float`, the node; :func:`_eps_value` reads it), else None."""
     if arithmetic(d) != "add" or len(d.args) != 2 or d.kwargs:
         return None
     a, b = d.args
-    if isinstance(a, fx.Node) and _eps(b):
-        return a, float(b)
-    if isinstance(b, fx.Node) and _eps(a):
-        return b, float(a)
+    for m, eps in ((a, b), (b, a)):
+        if isinstance(m, fx.Node) and example_value(m) is not None and (_eps(eps) or _symbolic_float(eps)):
+            return m, eps
     return None
+
+
+def _eps_value(eps) -> Optional[float]:
+    """``eps`` as a number.  A symbolic float is read with ``float()``, which makes Dynamo
+    guard on its value: another value (another module instance with another ``eps``)
+    recompiles the graph rather than run this one with the wrong ``eps``.  Called only once
+    the whole chain matched, so that no other float is specialized."""
+    if isinstance(eps, fx.Node):
+        eps = float(eps.meta["example_value"])
+    return float(eps) if _eps(eps) else None
 
 
 def _mean_dims(m: fx.Node) -> Optional[Tuple[fx.Node, List[int]]]:
@@ -164,7 +190,7 @@ def _rewrite(gm: fx.GraphModule, root: fx.Node) -> bool:
     value = example_value(x_sq)
     if value is None or not value.is_floating_point():
         return False
-    m, eps = plus
+    m, eps_arg = plus
     s, dims = mean
     nd, k = value.dim(), len(dims)
     if sorted(dim % nd for dim in dims if -nd <= dim < nd) != list(range(nd - k, nd)):
@@ -209,6 +235,9 @@ def _rewrite(gm: fx.GraphModule, root: fx.Node) -> bool:
             end = (user, len(chain), w)
     if end is None:
         return False
+    eps = _eps_value(eps_arg)
+    if eps is None:
+        return False
     end, n, w = end
     chain = chain[:n]
 
@@ -229,6 +258,8 @@ def _rewrite(gm: fx.GraphModule, root: fx.Node) -> bool:
     for node in dict.fromkeys(_widened_from(x) + _widened_from(x_sq)):      # casts left without a user
         if _cast_source(node) is not None and not node.users:
             gm.graph.erase_node(node)
+    if isinstance(eps_arg, fx.Node) and not eps_arg.users and call_name(eps_arg) == "item":
+        gm.graph.erase_node(eps_arg)     # the .item() of dynamic=True's eps input, now unused
     return True
 
 
