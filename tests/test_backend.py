@@ -146,6 +146,74 @@ def test_overrides_keep_modules_in_float_and_other_bits():
     assert not by_path["fc"].quantized and "overrides['fc']" in by_path["fc"].execution_label
 
 
+@pytest.mark.parametrize("compile_how", ["torch.compile", "in place", "inner of an eager wrapper"])
+def test_overrides_and_paths_hold_across_a_graph_break(compile_how):
+    """A full backward hook on ``fc2`` breaks the graph; Dynamo compiles the rest of the
+    forward as a frame of its own, where ``fc3`` is a stack value (its module path was ""):
+    ``overrides={"fc3": None}`` matched nothing, warned, and the classifier ran at 4 bits."""
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+    class Wrapper(nn.Module):      # not compiled; its compiled child is the root of the paths
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = MLP()
+    m.fc2.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    options = {"overrides": {"fc3": None}}
+    if compile_how == "in place":
+        m.compile(backend="shiftquant", options=options)
+        run = m
+    elif compile_how == "torch.compile":
+        run = torch.compile(m, backend="shiftquant", options=options)
+    else:
+        run = Wrapper(torch.compile(m, backend="shiftquant", options=options))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(torch.randn(16, 32)).sum().backward()
+    assert not [w for w in caught if "overrides" in str(w.message)]     # "pattern matches no module"
+    rows = {d.module_path: d for r in records_for(list(m.parameters())) for d in r.decisions}
+    assert rows["fc1"].quantized
+    assert not rows["fc3"].quantized and "overrides" in rows["fc3"].reason
+    assert "" not in rows
+    torch._dynamo.reset()
+
+
+def test_torch_func_transforms_run_in_float_with_a_reason():
+    """Per-sample gradients (``vmap(grad(loss))``) under the backend: the quantized autograd
+    functions cannot run inside a ``torch.func`` transform (they raised "must override the
+    setup_context staticmethod"), so the graph stays float, equal to eager, with report rows
+    that say why."""
+    from torch.func import functional_call, grad, vmap
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x[None],)), y[None])
+
+    x, y = torch.randn(5, 8), torch.randint(0, 3, (5,))
+    per_sample = torch.compile(vmap(grad(loss), in_dims=(None, 0, 0)), backend="shiftquant")(params, x, y)
+    ref = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    assert all(torch.allclose(per_sample[k], ref[k], atol=1e-6) for k in ref)
+    rows = [d for r in records_for(list(params.values())) for d in r.decisions]
+    assert len(rows) == 2 and all(not d.quantized and "torch.func.vmap" in d.reason for d in rows)
+    torch._dynamo.reset()
+
+
 def test_op_overrides_keep_attention_float_and_match_eager_attention():
     torch.manual_seed(0)
     model = Block(sdpa=True)

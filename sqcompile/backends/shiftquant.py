@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, List, Mapping, Optional
 
@@ -30,8 +31,8 @@ from ..decisions import RUNS, CompileRecord, attach, new_record
 from ..graphs import format_graph
 from ..passes import (check_overrides, composite_gemms, explicit_attention, explicit_rms_norm, l1_norms,
                       quantize_gemms)
-from ..passes.common import subgraph_of
-from ..passes.precision import Target
+from ..passes.common import anchor_module_paths, subgraph_of
+from ..passes.precision import FLOAT_GRAPH, Target
 from . import fusion, lowering
 
 BACKEND_NAME = "shiftquant"
@@ -114,11 +115,18 @@ def _attaching(compiled, record: CompileRecord):
 def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileRecord) -> fx.GraphModule:
     """Run the rewrite passes in order, keeping the graph before and after."""
     graphs = [gm, *subgraphs(gm)]
+    root = compiled_root()
+    anchor_module_paths(graphs, root)
+    transform = functorch_transform(graphs)
+    if transform:
+        for graph in graphs:
+            graph.meta[FLOAT_GRAPH] = (f"inside torch.func.{transform}: sqcompile's quantized autograd functions "
+                                       f"do not support torch.func transforms")
     record.graphs["dynamo"] = _format_graphs(gm, graphs)
     order = {node.name: i for i, node in enumerate(_execution_order(gm))}
     for graph in graphs:
         composite_gemms(graph, config, target, record)
-    check_overrides(gm, config, record)
+    check_overrides(gm, config, record, root)
     for graph in graphs:
         explicit_attention(graph, config, target, record)
         explicit_rms_norm(graph)
@@ -129,6 +137,34 @@ def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileR
     record.decisions.sort(key=lambda d: order.get(d.node.partition("#")[0], len(order)))
     record.graphs["rewritten"] = _format_graphs(gm, graphs)
     return gm
+
+
+def functorch_transform(graphs: List[fx.GraphModule]) -> Optional[str]:
+    """The ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) a graph traced through, if any:
+    Dynamo inlines each as calls that enter and leave its level (``_grad_increment_nesting``)."""
+    for graph in graphs:
+        for node in graph.graph.nodes:
+            name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+            if name.endswith("_increment_nesting"):
+                return name.lstrip("_").partition("_")[0]
+    return None
+
+
+def compiled_root() -> Optional[torch.nn.Module]:
+    """The module ``torch.compile`` was given, whose call is compiling this graph: the
+    innermost caller's frame whose ``self`` is a ``torch.compile``-d module (its ``_orig_mod``)
+    or a module compiled in place (``module.compile()``); None when a function was compiled.
+    Read off the Python stack, since Dynamo hands the backend only the frame's graph."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module):
+            if isinstance(owner, torch._dynamo.eval_frame.OptimizedModule):
+                return owner._orig_mod
+            if getattr(owner, "_compiled_call_impl", None) is not None:
+                return owner
+        frame = frame.f_back
+    return None
 
 
 def _gradient_free(graphs: List[fx.GraphModule]) -> None:

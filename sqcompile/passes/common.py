@@ -29,6 +29,77 @@ def module_path(node: fx.Node) -> str:
     return normalize_path(str(raw))
 
 
+_SOURCE_MODULE = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
+_SOURCE_TENSOR = re.compile(r"\._(?:parameters|buffers)\[['\"]([^'\"]+)['\"]\]$")
+
+
+def anchor_module_paths(graphs: Sequence[fx.GraphModule], root: Optional[torch.nn.Module]) -> int:
+    """Make the module paths of ``graphs`` (a Dynamo graph and its subgraphs) paths in ``root``,
+    the module ``torch.compile`` was given; returns how many nodes changed.
+
+    Dynamo writes each node's module path relative to the frame it compiled.  That frame is
+    ``root.forward`` unless a graph break made Dynamo compile another one: the rest of a
+    forward resumed after the break, where a submodule already fetched is a stack value
+    (``L['___stack0']`` for ``root.fc3``), or a submodule's own ``forward``.  Its paths then
+    lose their prefix (``fc3`` became the root ``""``), so ``overrides={"fc3": None}`` matched
+    nothing and the layer was quantized.  A module's place in ``root`` is known from its
+    parameters and buffers (graph inputs whose sources name the module's expression in the
+    frame, and whose objects ``root`` names): each expression and its ancestors that lie
+    within the same frame value are mapped to their path in ``root``, and every node's
+    ``nn_module_stack`` entry under a mapped expression is rewritten to the full path."""
+    if root is None:
+        return 0
+    names = {id(t): n for n, t in [*root.named_parameters(remove_duplicate=False),
+                                   *root.named_buffers(remove_duplicate=False)]}
+    full: Dict[str, str] = {}      # Dynamo's module expression -> path in root
+    for node in graphs[0].graph.nodes:
+        arg = node.meta.get("grapharg") if node.op == "placeholder" else None
+        source = getattr(getattr(arg, "source", None), "name", None)
+        value = getattr(arg, "example", None) if arg is not None else None
+        name = names.get(id(value)) if isinstance(value, torch.Tensor) else None
+        if not isinstance(source, str) or name is None or not _SOURCE_TENSOR.search(source):
+            continue
+        expr = _SOURCE_MODULE.sub(r".\1", _SOURCE_TENSOR.sub("", source))      # L['s'].blocks.0.a
+        head = _ROOT.match(expr)
+        if head is None:
+            continue
+        base, parts = head.group(0).rstrip("."), [p for p in expr[head.end():].split(".") if p]
+        path = name.split(".")[:-1]                                          # the tensor's module in root
+        if len(parts) > len(path) or path[len(path) - len(parts):] != parts:
+            continue
+        for i in range(len(parts) + 1):       # the expression and its ancestors within the frame value
+            full.setdefault(".".join([base, *parts[:i]]), ".".join(path[:len(path) - len(parts) + i]))
+    changed = 0
+    for graph in graphs:
+        for node in graph.graph.nodes:
+            stack = node.meta.get("nn_module_stack")
+            if not stack:
+                continue
+            new = {}
+            for key, value in stack.items():
+                mapped = _anchored(str(value[0] if isinstance(value, tuple) else value), full)
+                if mapped is not None:
+                    value = (mapped, *value[1:]) if isinstance(value, tuple) else mapped
+                new[key] = value
+            if new != stack:
+                node.meta["nn_module_stack"] = new
+                changed += 1
+    return changed
+
+
+def _anchored(raw: str, full: Dict[str, str]) -> Optional[str]:
+    """``raw`` under the longest mapped expression, as ``L['self'].<path in root>``; None if
+    no mapped expression covers it."""
+    expr = _SOURCE_MODULE.sub(r".\1", raw)
+    best = max((e for e in full if expr == e or expr.startswith(e + ".") or expr.startswith(e + "[")),
+               key=len, default=None)
+    if best is None:
+        return None
+    rest = normalize_path("L['self']" + expr[len(best):])
+    path = ".".join(p for p in (full[best], rest) if p)
+    return f"L['self'].{path}" if path else "L['self']"
+
+
 def module_paths(gm: fx.GraphModule) -> set:
     """Every module path (and its parents) appearing in the graph, or in the graph modules its
     higher-order ops run (an activation checkpoint's body)."""

@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import torch
 import torch.fx as fx
 
 from .. import ops
@@ -35,9 +36,17 @@ class Execution:
     reason: Optional[str] = None     # why simulated although integer was asked for
 
 
+FLOAT_GRAPH = "sq_float_graph"
+"""Key of a graph module's ``meta``: the reason every op of the graph stays float."""
+
+
 def op_config(node: fx.Node, config: Config, op: str) -> Tuple[Optional[OpConfig], Optional[str]]:
     """The options for ``node`` (an op named ``op``, see :data:`~sqcompile.config.OP_NAMES`)
-    in its module, or ``(None, reason)`` when overrides keep it float."""
+    in its module, or ``(None, reason)`` when overrides keep it float, or the whole graph is
+    (:data:`FLOAT_GRAPH`)."""
+    forced = node.graph.owning_module.meta.get(FLOAT_GRAPH) if node.graph.owning_module is not None else None
+    if forced:
+        return None, forced
     path = module_path(node)
     cfg = config.for_module(path, op)
     if cfg is not None:
@@ -100,13 +109,18 @@ def attention_unfused(cfg: OpConfig, target: Target, ex: Execution, config: Conf
     return ops.fused_attention_unsupported(*values, mask, dropout_p, grad_bits=cfg.grad_bits, groups=cfg.groups)
 
 
-def check_overrides(gm: fx.GraphModule, config: Config, record: CompileRecord) -> None:
-    """Warn (once per graph) about override patterns that match no module of this graph."""
+def check_overrides(gm: fx.GraphModule, config: Config, record: CompileRecord,
+                    root: Optional[torch.nn.Module] = None) -> None:
+    """Warn (once per graph) about override patterns that match no module: of ``root``, the
+    module ``torch.compile`` was given, when known (a graph break splits a model into graphs
+    that each hold some of its modules), else of this graph."""
     if not config.overrides:
         return
-    unmatched = config.unmatched_overrides(module_paths(gm))
+    paths = module_paths(gm) | ({name for name, _ in root.named_modules()} if root is not None else set())
+    unmatched = config.unmatched_overrides(paths)
     if unmatched:
-        msg = (f"sqcompile option 'overrides': pattern(s) {unmatched} match no module in this graph "
+        where = f"of the compiled {type(root).__name__}" if root is not None else "in this graph"
+        msg = (f"sqcompile option 'overrides': pattern(s) {unmatched} match no module {where} "
                f"(module paths look like 'layer1.0.conv1'; see sqcompile.explain(model, x) for them)")
         record.warnings.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
