@@ -17,6 +17,10 @@ left alone, would run in float with no report row:
 * ``torch.tensordot`` and ``torch.inner`` / ``Tensor.inner`` become a two-operand ``einsum``
   (one batched GEMM after a permute and reshape); ``torch.linalg.multi_dot`` a chain of
   ``matmul`` nodes, multiplied in the order of least work as PyTorch does.
+* ``lstm_cell`` / ``gru_cell`` / ``rnn_tanh_cell`` / ``rnn_relu_cell`` (``nn.LSTMCell``,
+  ``nn.GRUCell``, ``nn.RNNCell`` called step by step) become the input and the recurrent
+  projection as ``linear`` nodes (``<node>#ih``, ``<node>#hh``, under the cell's module path)
+  and :func:`sqcompile.ops.rnn_cell_step` for the gates, in PyTorch's order of operations.
 
 Design: the pieces are ordinary graph nodes rather than one ``quantized_*`` function, so each
 GEMM gets the decision, report row, ``overrides`` match (``"*:linear"``,
@@ -33,7 +37,7 @@ Left as one float node with one report row ``"float: <reason>"`` and its forward
 multi-head attention whose weights are used (``need_weights=True`` and the second output read),
 with ``bias_k``/``bias_v``, ``add_zero_attn``, ``static_k``/``static_v``, or non-constant
 flags; ``tensordot`` with ``dims`` given as a tensor; ``inner`` with a 0-dim operand (a scaling,
-not a GEMM).
+not a GEMM); an LSTM cell whose ``(h, c)`` is not a pair of graph values.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ bits, groups and execution as plain keyword arguments, so the rewritten graph pr
 chosen.  Ops that cannot be quantized (transposed conv, embeddings, ``bilinear``, PyTorch's fused
 transformer inference kernels, integer operands, einsum with more than two operands) stay as
 they are and get a "float: <reason>" decision with their FLOPs.  Composite ops that hide their
-GEMMs inside one call (multi-head attention, ``tensordot``, ``inner``, ``multi_dot``) were
+GEMMs inside one call (multi-head attention, ``tensordot``, ``inner``, ``multi_dot``, RNN cells) were
 split into these ops before (:mod:`sqcompile.passes.composite`); a node that carries
 ``meta["sq_name"]`` is recorded under that name (``<original node>#<part>``) and one with
 ``meta["sq_note"]`` says where it came from.
