@@ -1040,6 +1040,30 @@ def rnn_unsupported(mode: str, params, has_biases: bool, num_layers: int, bidire
     return None
 
 
+def rnn_cell_step(mode: str, gi, gh, hx):
+    """One step of a recurrent cell from its two projections ``gi = x W_ih^T + b_ih`` and
+    ``gh = h W_hh^T + b_hh``, in the order of operations of PyTorch's cells (``aten/src/ATen/
+    native/RNN.cpp``: ``LSTMCell``, ``GRUCell``, ``SimpleCell``).  ``hx`` is ``(h, c)`` for
+    ``"lstm"`` (returns ``(h', c')``), else ``h`` (returns ``h'``).  Gates and nonlinearities
+    are float; also the glue of ``nn.LSTMCell`` / ``GRUCell`` / ``RNNCell`` split into two
+    quantized linears (:mod:`sqcompile.passes.composite`)."""
+    if mode == "lstm":
+        i, f, g, o = (gh + gi).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * hx[1] + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "gru":                                   # b_hn inside r * (h W_hn^T + b_hn)
+        ir, iz, in_ = gi.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(hr + ir), torch.sigmoid(hz + iz)
+        n = torch.tanh(in_ + hn * r)
+        return (hx - n) * z + n
+    if mode == "rnn_tanh":
+        return torch.tanh(gh + gi)
+    if mode == "rnn_relu":
+        return torch.relu(gh + gi)
+    raise ValueError(f"unknown recurrent cell mode {mode!r}")
+
+
 def quantized_rnn(mode: str, input, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
                   bidirectional: bool, batch_first: bool, *, a_bits: int, w_bits: int, grad_bits: int, groups: int,
                   integer: bool, kernels: str = "torch", stats: Optional[str] = None):
@@ -1077,18 +1101,9 @@ def quantized_rnn(mode: str, input, hx, params, has_biases: bool, num_layers: in
             for t in range(T):
                 gh = quantized_linear(h, w_hh, b_hh, **q)
                 if lstm:
-                    i, f, g, o = (gi[t] + gh).chunk(4, dim=-1)
-                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                    h = torch.sigmoid(o) * torch.tanh(c)
-                elif mode == "gru":
-                    ir, iz, in_ = gi[t].chunk(3, dim=-1)
-                    hr, hz, hn = gh.chunk(3, dim=-1)
-                    r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-                    h = (1 - z) * torch.tanh(in_ + r * hn) + z * h
-                elif mode == "rnn_tanh":
-                    h = torch.tanh(gi[t] + gh)
-                else:   # rnn_relu
-                    h = torch.relu(gi[t] + gh)
+                    h, c = rnn_cell_step(mode, gi[t], gh, (h, c))
+                else:
+                    h = rnn_cell_step(mode, gi[t], gh, h)
                 ys.append(h)
             y = _stack(ys, 0)
             outs.append(y.flip(0) if d == 1 else y)

@@ -2,8 +2,8 @@
 
 1. Capture: Dynamo hands us a torch-level FX graph and example inputs.
 2. Rewrite: composite ops that hide GEMMs in one call (multi-head attention, tensordot, inner,
-   multi_dot, chain_matmul) and the vector products (mv, dot, addmv, addbmm) are split into
-   linear / attention / matmul / einsum nodes
+   multi_dot, chain_matmul, RNN cells) and the vector products (mv, dot, addmv, addbmm) are
+   split into linear / attention / matmul / einsum nodes
    (:mod:`sqcompile.passes.composite`); attention written as matmuls and a softmax becomes one
    attention node where the fused integer attention will run it (:mod:`sqcompile.passes.attention`),
    RMSNorm written out becomes one ``rms_norm`` node (:mod:`sqcompile.passes.rms_norm`); matmul/conv nodes

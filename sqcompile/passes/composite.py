@@ -23,6 +23,10 @@ left alone, would run in float with no report row:
   ``torch.addbmm`` an ``einsum('bnm,bmp->np')`` (one GEMM reducing over the batch and the
   inner dim), each followed by ``alpha * product + beta * input`` as PyTorch computes it
   (``beta=0`` ignores ``input``).
+* ``lstm_cell`` / ``gru_cell`` / ``rnn_tanh_cell`` / ``rnn_relu_cell`` (``nn.LSTMCell``,
+  ``nn.GRUCell``, ``nn.RNNCell`` called step by step) become the input and the recurrent
+  projection as ``linear`` nodes (``<node>#ih``, ``<node>#hh``, under the cell's module path)
+  and :func:`sqcompile.ops.rnn_cell_step` for the gates, in PyTorch's order of operations.
 
 Design: the pieces are ordinary graph nodes rather than one ``quantized_*`` function, so each
 GEMM gets the decision, report row, ``overrides`` match (``"*:linear"``,
@@ -39,7 +43,8 @@ Left as one float node with one report row ``"float: <reason>"`` and its forward
 multi-head attention whose weights are used (``need_weights=True`` and the second output read),
 with ``bias_k``/``bias_v``, ``add_zero_attn``, ``static_k``/``static_v``, or non-constant
 flags; ``tensordot`` with ``dims`` given as a tensor; ``inner`` with a 0-dim operand (a scaling,
-not a GEMM); ``vdot`` of complex operands; any of them with ``out=``.
+not a GEMM); ``vdot`` of complex operands; any of them with ``out=``; an LSTM cell whose
+``(h, c)`` is not a pair of graph values.
 """
 from __future__ import annotations
 
@@ -471,10 +476,73 @@ _SPLITS = {MHA: _split_mha, "tensordot": _split_tensordot, "inner": _split_inner
 
 
 # --------------------------------------------------------------------------------------------
+# Recurrent cells (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+# --------------------------------------------------------------------------------------------
+
+RNN_CELLS = {"lstm_cell": "nn.LSTMCell", "gru_cell": "nn.GRUCell", "rnn_tanh_cell": "nn.RNNCell (tanh)",
+             "rnn_relu_cell": "nn.RNNCell (relu)"}
+_CELL_ARGS = ("input", "hx", "w_ih", "w_hh", "b_ih", "b_hh")
+_CELL_DEFAULTS = {"b_ih": None, "b_hh": None}
+
+
+def _cell_hidden(name: str, hx: Any) -> Any:
+    """The state the recurrent GEMM reads: ``h`` of an LSTM's ``(h, c)``, else ``hx`` itself
+    (``None`` when an LSTM's ``hx`` is not a pair of graph values)."""
+    if name != "lstm_cell":
+        return hx
+    if isinstance(hx, (list, tuple)) and len(hx) == 2 and all(isinstance(t, fx.Node) for t in hx):
+        return hx[0]
+    return None
+
+
+def rnn_cell_unmapped(name: str, a: Dict[str, Any]) -> Optional[str]:
+    """Why this ``lstm_cell`` / ``gru_cell`` / ``rnn_*_cell`` call stays float (``None``: it is split)."""
+    if _cell_hidden(name, a["hx"]) is None:
+        return "hx is not a pair (h, c) of tensors in the graph"
+    return _unknown_shape(a["input"], _cell_hidden(name, a["hx"]), a["w_ih"], a["w_hh"])
+
+
+def _split_rnn_cell(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """One step of a cell as two ``linear`` nodes and the float gates of
+    :func:`sqcompile.ops.rnn_cell_step`; a zero ``hx`` (the module's default) is multiplied as
+    PyTorch does, so ``w_hh`` gets the zero gradient eager gives it, not none."""
+    name = call_name(node)
+    a = bind(node, _CELL_ARGS, _CELL_DEFAULTS)
+    reason = rnn_cell_unmapped(name, a)
+    if reason:
+        return reason
+    b, what = _Builder(gm, node), RNN_CELLS[name]
+    gi = b(torch._C._nn.linear, a["input"], a["w_ih"], a["b_ih"], sq_name=part_key(node.name, "ih"),
+           sq_note=f"{what} input projection")
+    gh = b(torch._C._nn.linear, _cell_hidden(name, a["hx"]), a["w_hh"], a["b_hh"], sq_name=part_key(node.name, "hh"),
+           sq_note=f"{what} recurrent projection")
+    hx = tuple(a["hx"]) if name == "lstm_cell" else a["hx"]
+    step = b(ops.rnn_cell_step, name[:-len("_cell")], gi, gh, hx)
+    node.replace_all_uses_with(step)
+    gm.graph.erase_node(node)
+    return None
+
+
+def _rnn_cell_float_decision(node: fx.Node, name: str, reason: str) -> OpDecision:
+    """A cell kept whole: its forward FLOPs are both projections of every row of the batch."""
+    a = bind(node, _CELL_ARGS, _CELL_DEFAULTS)
+    x, weights = size_hints(a["input"]), [size_hints(a[k]) for k in ("w_ih", "w_hh")]
+    flops = 0 if x is None or None in weights else 2 * numel(x[:-1]) * sum(numel(w) for w in weights)
+    return OpDecision(node=node.name, module_path=module_path(node), op=name, kind="gemm",
+                      shapes=[s for s in (shape_of(a["input"]), shape_of(a["w_ih"])) if s is not None],
+                      flops=flops, execution=EXEC_FLOAT, reason=reason)
+
+
+_SPLITS.update(dict.fromkeys(RNN_CELLS, _split_rnn_cell))
+
+
+# --------------------------------------------------------------------------------------------
 # Float rows
 # --------------------------------------------------------------------------------------------
 
 def _float_decision(node: fx.Node, name: str, reason: str) -> OpDecision:
+    if name in RNN_CELLS:
+        return _rnn_cell_float_decision(node, name, reason)
     if name == MHA:
         a = bind(node, _MHA_ARGS, _MHA_DEFAULTS)
         tensors = [a["query"], a["key"], a["value"]]

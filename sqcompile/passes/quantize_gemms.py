@@ -10,7 +10,8 @@ chosen.  Ops that cannot be quantized (transposed conv, embeddings, ``bilinear``
 transformer inference kernels, integer operands, einsum with more than two operands) stay as
 they are and get a "float: <reason>" decision with their FLOPs.  Composite ops that hide their
 GEMMs inside one call (multi-head attention, ``tensordot``, ``inner``, ``multi_dot``,
-``chain_matmul``) or that have no node of their own here (``mv``, ``dot``, ``addmv``, ``addbmm``) were
+``chain_matmul``, RNN cells) or that have no node of their own here (``mv``, ``dot``,
+``addmv``, ``addbmm``) were
 split into these ops before (:mod:`sqcompile.passes.composite`); a node that carries
 ``meta["sq_name"]`` is recorded under that name (``<original node>#<part>``) and one with
 ``meta["sq_note"]`` says where it came from.
