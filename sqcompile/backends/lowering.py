@@ -57,11 +57,26 @@ def _dequantize(q, scale, dtype):
     return N.dequantize(q, scale, dtype).contiguous()     # the op's layout (ops.dequantize)
 
 
+def _channels_last(q):
+    """``ops.channels_last`` for a fusing compiler: the quantizer that computes ``q`` writes its
+    integers channels-last itself, in one loop, and they are stored.
+
+    The copy is a clone in the permuted order, so Inductor fuses the quantizer (and whatever
+    feeds it: a norm's output, a gradient's prescale) into the loop that writes it; the
+    identity ``as_strided`` after it makes Inductor store that buffer (see
+    :func:`materialize_integers`).  Without it the int8 values would be inlined into the
+    im2col gather that reads them and recomputed once per kernel tap, as they were when
+    the conv asked for a plain ``contiguous()``; kept as an opaque op, they are written by
+    the quantizer and copied once more, on the host's thread, outside the fused loops."""
+    c = q.movedim(1, -1).contiguous()
+    return torch.ops.aten.as_strided(c, c.shape, c.stride()).movedim(-1, 1)
+
+
 def quantizer_decompositions() -> dict:
     """The sqcompile quantizer ops -> their numerics definitions, for fusing compilers."""
     ops = torch.ops.sqcompile
     return {ops.quantize.default: _quantize, ops.shiftquant.default: _shiftquant,
-            ops.dequantize.default: _dequantize}
+            ops.dequantize.default: _dequantize, ops.channels_last.default: _channels_last}
 
 
 # Forward GEMM FLOPs per call above which inner="auto" picks Inductor on CPU.  Inductor's
