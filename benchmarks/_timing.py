@@ -4,6 +4,12 @@ These machines are noisy (other processes share 2 cores), so every candidate is 
 the same process, round-robin: each round runs every candidate once, and the reported figure
 is the median over rounds, with ratios taken against a baseline per round and then their
 median.  A single absolute time is never the result.
+
+``--cpu-time`` (every script that takes ``--threads``) times each call by the process's CPU
+time instead of the wall clock: when other processes share the cores, a call that is
+preempted is charged only for what it ran, so ratios stay put where wall-clock medians
+swing by 2x.  With one thread it is that thread's busy time; with several it sums them
+(total work, not latency), so use it with ``--threads 1``.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+_clock = time.perf_counter   # start() switches it to time.process_time for --cpu-time
 
 
 def interleaved(candidates: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
@@ -28,10 +36,10 @@ def interleaved(candidates: Dict[str, Callable[[], object]], rounds: int, warmup
     for _ in range(rounds):
         for name, fn in candidates.items():
             sync()
-            t0 = time.perf_counter()
+            t0 = _clock()
             fn()
             sync()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(_clock() - t0)
     return times
 
 
@@ -46,14 +54,23 @@ def median_ms(samples: List[float]) -> float:
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time calls by process CPU time, not wall time: robust to other processes "
+                        "sharing the cores (use with --threads 1; with more threads it sums their work)")
 
 
 def start(script: str, args: argparse.Namespace, argv: Optional[Sequence[str]]) -> None:
     """Apply ``--threads`` and print the torch version, the thread count and the command line,
     so a pasted result says how it was produced."""
+    global _clock
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "cpu_time", False):
+        if torch.get_num_threads() != 1:
+            print("note: --cpu-time with more than one thread sums the threads' CPU time (total work, not latency)")
+        _clock = time.process_time
     given = list(argv) if argv is not None else sys.argv[1:]
     from sqcompile.kernels import amx
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU int8 GEMMs on {amx.engine()}; command: "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU int8 GEMMs on {amx.engine()}"
+          f"{', times in process CPU time' if _clock is time.process_time else ''}; command: "
           f"python benchmarks/{script} {shlex.join(given)}")

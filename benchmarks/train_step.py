@@ -162,11 +162,14 @@ def variants(args, name):
     return out
 
 
-def make_step(name, options, bf16, x):
-    """One training step (forward, backward, SGD) of a fresh ``name`` model on input ``x``."""
+def make_step(name, options, bf16, x, channels_last=False):
+    """One training step (forward, backward, SGD) of a fresh ``name`` model on input ``x``
+    (with ``channels_last``, a CNN's parameters are stored channels-last, as ``x`` then is)."""
     cls, _, loss_fn = MODELS[name]
     torch.manual_seed(0)
     model = cls()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     options = dict(options or {})
     engine = options.pop("_engine", None)
     scales = options.pop("_saved_scales", False)
@@ -191,13 +194,20 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def model_input(args, name):
+    """``(x, channels_last)`` for ``name``: ``--channels-last`` applies to the 4-d CNN input."""
+    x = MODELS[name][1]()
+    cl = args.channels_last and x.dim() == 4
+    return (x.contiguous(memory_format=torch.channels_last) if cl else x), cl
+
+
 def peak_child(args, spec: str) -> None:
     """``--_peak model:index``: warm one variant up, reset the process's RSS high-water mark,
     run two steps and print the peak RSS during them (JSON, read by :func:`peak_memory`)."""
     name, index = spec.split(":")
     label, options, bf16 = variants(args, name)[int(index)]
     torch.manual_seed(0)
-    step = make_step(name, options, bf16, MODELS[name][1]())
+    step = make_step(name, options, bf16, *model_input(args, name))
     for _ in range(2):
         step()
     gc.collect()
@@ -242,6 +252,9 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true",
                    help="also time fp32 eager under bf16 autocast: on CPUs with AMX-BF16 tiles its GEMMs are "
                         "several times faster than both fp32 and oneDNN's int8 GEMM as PyTorch reaches it")
+    p.add_argument("--channels-last", action="store_true",
+                   help="store the CNN's parameters and input channels-last (torch.channels_last), every path: "
+                        "PyTorch's convs then return channels-last outputs, and so do the integer convs")
     p.add_argument("--peak-memory", action="store_true",
                    help="instead of timing, report each path's peak resident memory during two training "
                         "steps, each path in a process of its own (Linux)")
@@ -260,8 +273,8 @@ def main(argv=None):
     for name in args.models:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        x = MODELS[name][1]()
-        runs = {label: make_step(name, options, bf16, x) for label, options, bf16 in variants(args, name)}
+        x, cl = model_input(args, name)
+        runs = {label: make_step(name, options, bf16, x, cl) for label, options, bf16 in variants(args, name)}
         times = interleaved(runs, rounds=args.rounds, warmup=2)
         mem = {label: saved_bytes(step) for label, step in runs.items()}
         base = "fp32 eager"
