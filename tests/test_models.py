@@ -461,7 +461,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
             torch.manual_seed(0)                     # the same initial weights on every rank
             model = make()
             init = [p.detach().clone() for p in model.parameters()]
-            backend = Counting()
+            backend = Counting(overrides={"fc3": None})       # a path in the wrapped model, not "module.fc3"
             run = torch.compile(nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb), backend=backend)
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             g = torch.Generator().manual_seed(100 + rank)   # different data on each rank
@@ -480,6 +480,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
                 "moved": not all(torch.equal(a, p) for a, p in zip(init, model.parameters())),
                 "quantized": any(d.quantized for r in backend.records for d in r.decisions),
                 "reported": bool(records_for(list(model.parameters()))),
+                "float_paths": sorted({d.module_path for r in backend.records for d in r.decisions if not d.quantized}),
             }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -496,6 +497,7 @@ def test_ddp_two_processes_keep_parameters_equal_and_bare_sequential_is_not_comp
         for name in ("custom", "custom_small_buckets"):
             assert res[name]["calls"] >= 1 and res[name]["quantized"], (name, res[name])
             assert res[name]["moved"] and res[name]["equal_across_ranks"], (name, res[name])
+            assert res[name]["float_paths"] == ["fc3"], (name, res[name])
         # DDPOptimizer splits the graph at bucket boundaries: one backend call per piece
         assert res["custom_small_buckets"]["calls"] > res["custom"]["calls"] == 1
         assert res["custom"]["reported"]     # sqcompile.report(model) finds the decisions

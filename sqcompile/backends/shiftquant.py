@@ -154,15 +154,21 @@ def compiled_root() -> Optional[torch.nn.Module]:
     """The module ``torch.compile`` was given, whose call is compiling this graph: the
     innermost caller's frame whose ``self`` is a ``torch.compile``-d module (its ``_orig_mod``)
     or a module compiled in place (``module.compile()``); None when a function was compiled.
-    Read off the Python stack, since Dynamo hands the backend only the frame's graph."""
+    Read off the Python stack, since Dynamo hands the backend only the frame's graph.  A
+    ``DistributedDataParallel`` / ``DataParallel`` wrapper stands for the module it wraps
+    (paths are ``fc1``, not ``module.fc1``, as Dynamo's own are: it compiles the wrapped
+    module's ``forward``)."""
     frame = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, torch.nn.Module):
             if isinstance(owner, torch._dynamo.eval_frame.OptimizedModule):
-                return owner._orig_mod
-            if getattr(owner, "_compiled_call_impl", None) is not None:
-                return owner
+                owner = owner._orig_mod
+            elif getattr(owner, "_compiled_call_impl", None) is None:
+                owner = None
+            if owner is not None:
+                wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+                return owner.module if isinstance(owner, wrappers) else owner
         frame = frame.f_back
     return None
 
