@@ -46,17 +46,22 @@ A model compiles to one Dynamo graph per frame (more than one after graph breaks
 graph is compiled again when its guards fail (new input shapes, ``train()`` / ``eval()``,
 ``no_grad``).  :func:`report` keeps one record of each graph, the one whose compiled graph ran
 last (the newest if none ran), where two records are the same graph when their decisions name
-the same ``(module path, op, kind)`` sequence, their Dynamo graphs lift the same parameters
-and both were compiled for training or both for inference (``no_grad``).  So a recompile for a
-new batch size replaces the old record, graph breaks give one block of rows per graph, a
-``no_grad`` evaluation adds its inference graph next to the training one, and an ``eval()``
-forward with gradients on (a validation loss) shows until training runs its cached graph
-again.  ``report(compiled)`` keeps to the graphs of that ``torch.compile`` call (the same
-``options`` object), so other compiles of the module and :func:`sqcompile.explain.explain`
-(which compiles it again) do not change it; ``report(module)`` sees them all.  Build ``Report(records)`` from :func:`sqcompile.decisions.records_for`
-to pick records yourself.  Dynamo reuses a compiled graph for another instance of the same
-module class without calling the backend again; such instances share that graph's record
-(and its statistics, which are per graph).
+the same ``(module path, op, kind)`` sequence, their Dynamo graphs lift the same parameters,
+both were compiled for training or both for inference (``no_grad``), and both with the same
+options (:class:`~sqcompile.Config`).  So a recompile for a new batch size replaces the old
+record, graph breaks give one block of rows per graph, a ``no_grad`` evaluation adds its
+inference graph next to the training one, and an ``eval()`` forward with gradients on (a
+validation loss) shows until training runs its cached graph again.
+
+``report(compiled)`` keeps to the graphs compiled with options equal to that ``torch.compile``
+call's: Dynamo runs a graph that another call with equal options compiled (for another
+instance of the module class, or before a freeze / unfreeze) without calling the backend
+again, so such a graph is this call's too, while other compiles of the module and
+:func:`sqcompile.explain.explain` (which compiles it again) do not change the report.
+``report(module)`` shows the graphs of every compile, each set of options apart.  Build
+``Report(records)`` from :func:`sqcompile.decisions.records_for` to pick records yourself.
+Instances of one module class that run the same graph share its record (and its statistics,
+which are per graph).
 """
 from __future__ import annotations
 
@@ -65,11 +70,12 @@ import io
 import json
 import math
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
 from . import decisions as D
+from .config import Config
 
 __all__ = ["Report", "report"]
 
@@ -125,7 +131,9 @@ class Report:
         return [dict(r) for r in self._rows]
 
     def summary(self) -> Dict[str, Any]:
-        """Totals: op counts, GEMM FLOP fractions in integer / quantized, graphs, warnings and,
+        """Totals: op counts, GEMM FLOP fractions in integer / quantized, graphs
+        (``inference_graphs``: those compiled under ``no_grad`` that have rows;
+        ``option_sets``: how many different options they were compiled with), warnings and,
         when rows run ``int8-cpu``, ``int8_cpu_kernel``: the CPU int8 GEMM kernel they run on
         (taken when the report is made; a report read by :meth:`from_json` keeps the saving
         machine's, and says so when printed)."""
@@ -220,6 +228,8 @@ class Report:
         if s["graphs"] != 1:
             inference = s.get("inference_graphs", 0)
             parts[0] += f" in {s['graphs']} graphs" + (f" ({inference} compiled for inference)" if inference else "")
+        if s.get("option_sets", 1) > 1:
+            parts[0] += f" compiled with {s['option_sets']} different option sets"
         parts.append(f"GEMM FLOPs in integer: {_pct(s['integer_flops_fraction'])}, "
                      f"quantized: {_pct(s['quantized_flops_fraction'])}")
         return "Summary: " + "; ".join(parts)
@@ -280,9 +290,20 @@ def report(compiled_or_model=None) -> Report:
 
     ``compiled_or_model`` is the ``torch.compile``-d module (or what ``torch.compile`` of it
     returns again, a function wrapping its forward: the outer compile is the one Dynamo runs)
-    or the original ``nn.Module`` (records are found through its parameters and buffers), or
-    None for the latest compiles of any model.  Only the newest record of each Dynamo graph is kept (see the module
-    docstring).  Raises ``ValueError`` when nothing was compiled with this backend.
+    or the original ``nn.Module`` (records are found through its parameters and buffers, by
+    identity), or None for the latest compiles of any model (also the way to see a
+    ``torch.compile``-d plain function).  Only the newest record of each Dynamo graph is kept
+    (see the module docstring).
+
+    Which compiles count: for a ``torch.compile``-d module, the graphs compiled with options
+    equal to its own (the same resolved :class:`~sqcompile.Config`, ``mode`` included).
+    Dynamo runs a graph compiled by another ``torch.compile`` call whose options compare
+    equal (for another instance of the class, or compiled before a freeze / unfreeze) without
+    calling the backend again, so that graph is this compile's too; of such graphs the one
+    that ran last is shown.  Graphs compiled with other options (another compile of the
+    module, :func:`sqcompile.explain`) are not.  For the plain module, every compile's.
+
+    Raises ``ValueError`` when nothing was compiled with this backend.
     """
     if compiled_or_model is None:
         records = D.latest_records()
@@ -294,7 +315,12 @@ def report(compiled_or_model=None) -> Report:
     if model is None:
         raise ValueError(f"sqcompile.report() takes a torch.nn.Module or its torch.compile-d version, "
                          f"got {type(compiled_or_model).__name__}")
+    backend = _compile_backend(compiled_or_model)
     records = D.records_for([*model.parameters(), *model.buffers()])
+    if backend is not None:
+        config = _config_of(backend)
+        options_id = id(backend.kwargs.get("options"))
+        records = [r for r in records if r.options_id == options_id or (config is not None and r.config == config)]
     if not records:
         raise ValueError(f'sqcompile.report(): no graph of this {type(model).__name__} reached '
                          f'backend="shiftquant": it was not compiled with it, or never run (compilation '
@@ -302,9 +328,7 @@ def report(compiled_or_model=None) -> Report:
                          f'or breaks up runs in eager PyTorch; TORCH_LOGS="graph_breaks" shows why); a '
                          f'model without parameters or buffers cannot be found this way (report() with no '
                          f'argument shows the latest graphs of any model)')
-    found, options = _compile_options(compiled_or_model)
-    own = [r for r in records if found and r.options_id == (None if options is None else id(options))]
-    return Report(latest_per_graph(own or records))
+    return Report(latest_per_graph(records))
 
 
 def module_of(obj) -> Optional[torch.nn.Module]:
@@ -326,22 +350,37 @@ def module_of(obj) -> Optional[torch.nn.Module]:
     return None
 
 
-def _compile_options(compiled) -> Tuple[bool, Any]:
-    """``(True, options)``: the ``options`` object (or ``None``) a ``torch.compile``-d module
-    was made with, so that ``report(compiled)`` shows that compile's graphs when the same
-    module was also compiled with other options or inspected by :func:`sqcompile.explain`
-    (the backend records ``id(options)``).  Read from Dynamo's wrappers of the backend, which
-    are internal: ``(False, None)`` (all the module's graphs) for a plain module or if this
-    torch lays them out otherwise."""
+def _compile_backend(compiled):
+    """The backend object (``torch._TorchCompileWrapper``: ``kwargs`` holds the ``options`` and
+    ``mode`` it was given) of a ``torch.compile``-d module, or of ``torch.compile`` of one, so
+    that ``report(compiled)`` shows that compile's graphs when the same module was also
+    compiled with other options or inspected by :func:`sqcompile.explain`.  Read from Dynamo's
+    wrappers of the backend, which are internal: None (all the module's graphs) for a plain
+    module or if this torch lays them out otherwise."""
     context = getattr(compiled, "dynamo_ctx", None)
     if context is None:       # torch.compile of a compiled module: a function holding its context
         cells = [c.cell_contents for c in getattr(compiled, "__closure__", None) or () if c.cell_contents is not None]
         context = next((c for c in cells if hasattr(c, "callback") and hasattr(c, "compiler_config")), None)
+    backend = getattr(context, "callback", None)
+    for _ in range(8):      # CatchErrorsWrapper -> ConvertFrame -> WrapBackendDebug -> the wrapper
+        inner = getattr(backend, "_torchdynamo_orig_backend", None)
+        if inner is None:
+            break
+        backend = inner
+    return backend if isinstance(getattr(backend, "kwargs", None), dict) else None
+
+
+def _config_of(backend) -> Optional[Config]:
+    """The :class:`Config` the backend builds from a compile's ``options`` and ``mode`` (as
+    :func:`sqcompile.backends.shiftquant.shiftquant_backend` does), None if they are invalid."""
+    from .backends.shiftquant import MODES
+    options, mode = backend.kwargs.get("options"), backend.kwargs.get("mode")
+    if mode in MODES and not isinstance(options, Config):
+        options = {**MODES[mode], **(options or {})}
     try:
-        backend = context.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
-        return True, backend.kwargs.get("options")
-    except AttributeError:
-        return False, None
+        return Config.from_options(options)
+    except (TypeError, ValueError):
+        return None
 
 
 def latest_per_graph(records: Sequence[D.CompileRecord]) -> List[D.CompileRecord]:
@@ -362,16 +401,18 @@ def graph_key(record: D.CompileRecord):
     """What stays the same when Dynamo recompiles one graph (new shapes, train/eval): the
     ``(module path, op, kind)`` of its decisions, the parameters it lifts as inputs
     (placeholder names like ``l_self_modules_fc_parameters_weight_`` come from the source;
-    buffers not: an eval-mode BatchNorm lifts other ones) and whether it was compiled for
+    buffers not: an eval-mode BatchNorm lifts other ones), whether it was compiled for
     inference (under ``no_grad``) or training, so that a model's training graph and its
-    inference graph are both reported."""
+    inference graph are both reported, and the options it was compiled with (its
+    :class:`~sqcompile.Config`), so that compiles of one module with other options are
+    different graphs: ``report(module)`` shows each, not the one that ran last."""
     ops = tuple((d.module_path, d.op, d.kind) for d in record.decisions)
     state = []
     for line in record.graphs.get("dynamo", "").splitlines():
         m = _PLACEHOLDER.match(line)
         if m and "_parameters_" in m.group(1):
             state.append(m.group(1))
-    return ops, tuple(sorted(state)), "inference" in record.graphs
+    return ops, tuple(sorted(state)), "inference" in record.graphs, repr(record.config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,7 +481,10 @@ def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord]) -
         "integer_flops_fraction": integer / total if total else None,
         "quantized_flops_fraction": quantized / total if total else None,
         "graphs": len(records) if records else len({r["graph"] for r in rows}),
-        "inference_graphs": sum("inference" in rec.graphs for rec in records),
+        # a graph with no matmul / conv / norm (an optimizer step compiled under no_grad) is no
+        # inference graph of the model
+        "inference_graphs": sum("inference" in rec.graphs and bool(rec.decisions) for rec in records),
+        "option_sets": len({repr(rec.config) for rec in records}),
         "records": [rec.index for rec in records],
         "stats_collected": any(r[k] is not None for r in rows for k in _STAT_KEYS),
         "warnings": warnings,

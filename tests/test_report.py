@@ -775,3 +775,102 @@ def test_cli_plot_without_matplotlib_is_a_clean_error_before_compiling(capsys, m
     with pytest.raises(SystemExit) as e:
         main(["explain", str(ROOT / "examples" / "explain_demo.py"), "--plot", str(tmp_path / "p.png")])
     assert e.value.code == 2 and "--plot needs matplotlib" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Graphs other compiles made, modules left out of every graph, Dynamo's recompile limit
+# --------------------------------------------------------------------------------------------
+
+class _HookedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def test_report_of_a_compile_shows_the_graph_dynamo_reuses_from_a_compile_with_equal_options():
+    """Dynamo runs a graph that another ``torch.compile`` call compiled for another instance of
+    the class when their options compare equal, without calling the backend: that graph is the
+    one that runs, so the report shows it next to the inference graph compiled here."""
+    torch._dynamo.reset()
+    options = {"weight_bits": 8, "act_bits": 8}
+    x = torch.randn(8, 32)
+    torch.compile(_mlp(), backend="shiftquant", options=dict(options))(x).sum().backward()   # an earlier run
+    m = _mlp()
+    compiled = torch.compile(m, backend="shiftquant", options=dict(options))
+    m.eval()
+    with torch.no_grad():
+        compiled(x)                                   # an inference graph, compiled under this call's options
+    m.train()
+    compiled(x).sum().backward()                      # the earlier run's training graph
+    rep = report(compiled)
+    assert rep.summary()["graphs"] == 2 and rep.summary()["inference_graphs"] == 1
+    assert sorted(r["grad_bits"] is None for r in rep.rows() if r["op"] == "linear") == [False, False, True, True]
+    torch._dynamo.reset()
+
+
+def test_report_of_a_compile_shows_the_graph_it_runs_again_after_an_unfreeze():
+    """Frozen, the model compiles a graph of its own; unfrozen, Dynamo runs the graph an earlier
+    compile with equal options made: the report shows that one, with layer 0's gradient."""
+    torch._dynamo.reset()
+    options = {"weight_bits": 8, "act_bits": 8}
+    x = torch.randn(8, 32)
+    torch.compile(_mlp(), backend="shiftquant", options=dict(options))(x).sum().backward()   # an earlier run
+    m = _mlp()
+    compiled = torch.compile(m, backend="shiftquant", options=dict(options))
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    compiled(x).sum().backward()                      # compiled here: no gradient through layer 0
+    frozen = report(compiled).rows()[0]
+    for p in m[0].parameters():
+        p.requires_grad_(True)
+    compiled(x).sum().backward()                      # the earlier run's graph again
+    rows = report(compiled).rows()
+    assert frozen["grad_bits"] is None and "no gradient" in frozen["region"]
+    assert [r["module"] for r in rows] == ["0", "1", "3"] and rows[0]["grad_bits"] == 4
+    torch._dynamo.reset()
+
+
+def test_a_compiled_train_steps_update_graph_is_no_inference_graph():
+    """A compiled training step whose parameter update (under no_grad) is a graph of its own,
+    with no matmul / conv / norm: not counted as a graph compiled for inference."""
+    torch._dynamo.reset()
+    m = _HookedMLP()
+
+    def train_step(x):
+        m(x).sum().backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.sub_(0.1 * p.grad)
+                p.grad = None
+
+    step = torch.compile(train_step, backend="shiftquant")
+    for _ in range(2):
+        step(torch.randn(8, 32))
+    rep = report(m)
+    assert len(rep.rows()) == 3 and rep.summary()["inference_graphs"] == 0
+    assert "inference" not in rep.summary_line()
+    torch._dynamo.reset()
+
+
+def test_report_of_the_plain_module_shows_every_compiles_graphs():
+    """After ``torch._dynamo.reset()`` and a compile with other options, ``report(module)``
+    shows both compiles' graphs (the summary says they had different options);
+    ``report(compiled)`` each its own."""
+    torch._dynamo.reset()
+    m, x = _HookedMLP(), torch.randn(8, 32)
+    first = torch.compile(m, backend="shiftquant", options={"weight_bits": 8})
+    first(x).sum().backward()
+    torch._dynamo.reset()
+    second = torch.compile(m, backend="shiftquant", options={"weight_bits": 4})
+    second(x).sum().backward()
+    rep = report(m)
+    assert [(r["module"], r["weight_bits"]) for r in rep.rows()] == [
+        ("fc1", 8), ("fc2", 8), ("fc3", 8), ("fc1", 4), ("fc2", 4), ("fc3", 4)]
+    assert rep.summary()["option_sets"] == 2
+    assert "in 2 graphs compiled with 2 different option sets" in rep.summary_line()
+    assert {r["weight_bits"] for r in report(first).rows()} == {8}
+    assert {r["weight_bits"] for r in report(second).rows()} == {4}
+    torch._dynamo.reset()
