@@ -62,6 +62,12 @@ again, so such a graph is this call's too, while other compiles of the module an
 ``Report(records)`` from :func:`sqcompile.decisions.records_for` to pick records yourself.
 Instances of one module class that run the same graph share its record (and its statistics,
 which are per graph).
+
+With the model at hand (``report(compiled)``, ``report(module)``), the report also lists, as
+``float`` rows without a graph, the Linear / conv / norm / attention / RNN modules whose
+parameters none of its graphs used: Dynamo ran them eagerly (a module with a full backward
+hook, a graph break around it) or they did not run.  Their FLOPs are unknown, and the summary's
+FLOP fractions are those of the captured graphs.
 """
 from __future__ import annotations
 
@@ -73,6 +79,7 @@ import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
 
 from . import decisions as D
 from .config import Config
@@ -104,6 +111,8 @@ class Report:
     (``collect_stats=True``), the ``region`` column only when the lowering fused ops, the
     ``graph`` column only when the report spans several Dynamo graphs (numbered from 0, the
     index into :attr:`records`; :func:`sqcompile.explain`'s graph headings use the same numbers).
+    Given ``model``, its modules that none of ``records`` used get a float row with graph
+    ``None`` (see the module docstring).
 
     Statistics cost time only when asked for: with ``collect_stats=False`` (the default) the
     backend adds no nodes to the forward or backward graph (no ``*_observed`` op; the report
@@ -112,11 +121,14 @@ class Report:
     about 2.4x the step time of a small MLP on CPU, so use it to inspect, not to train.
     """
 
-    def __init__(self, records: Union[D.CompileRecord, Iterable[D.CompileRecord]] = ()):
+    def __init__(self, records: Union[D.CompileRecord, Iterable[D.CompileRecord]] = (),
+                 model: Optional[torch.nn.Module] = None):
         if isinstance(records, D.CompileRecord):
             records = [records]
         self.records: List[D.CompileRecord] = sorted(records, key=lambda r: r.index)
         self._rows = [row for i, r in enumerate(self.records) for d in _ordered(r) for row in _rows_of(d, r, i)]
+        if model is not None:
+            self._rows += _uncaptured_rows(model, self.records)
         self._summary = _summarize(self._rows, self.records)
         self._loaded = False
         if any(r["execution"] == D.EXEC_INT8_CPU for r in self._rows):
@@ -127,11 +139,13 @@ class Report:
 
     def rows(self) -> List[Dict[str, Any]]:
         """One dict per matmul / conv / norm, and per GEMM of a quantized attention (keys:
-        :data:`ROW_KEYS`); module ``""`` is the root."""
+        :data:`ROW_KEYS`); module ``""`` is the root.  A module of the model in none of the
+        graphs has ``graph`` None, no shapes and ``flops`` None (unknown)."""
         return [dict(r) for r in self._rows]
 
     def summary(self) -> Dict[str, Any]:
-        """Totals: op counts, GEMM FLOP fractions in integer / quantized, graphs
+        """Totals: op counts, GEMM FLOP fractions in integer / quantized (of the GEMMs in the
+        graphs: ``not_captured`` counts the modules in none, whose FLOPs are unknown), graphs
         (``inference_graphs``: those compiled under ``no_grad`` that have rows;
         ``option_sets``: how many different options they were compiled with), warnings and,
         when rows run ``int8-cpu``, ``int8_cpu_kernel``: the CPU int8 GEMM kernel they run on
@@ -190,10 +204,10 @@ class Report:
             "occupancy": any(r["occupancy_dx"] or r["occupancy_dw"] for r in rows),
         }
         columns = [
-            ("graph", lambda r: r["graph"], has["graph"]),
+            ("graph", lambda r: "-" if r["graph"] is None else r["graph"], has["graph"]),
             ("module", lambda r: r["module"] or "<root>", True),
             ("op", _op_text, True),
-            ("inputs", lambda r: ", ".join("x".join(str(s) for s in shp) for shp in r["shapes"]), True),
+            ("inputs", lambda r: ", ".join("x".join(str(s) for s in shp) for shp in r["shapes"]) or "?", True),
             ("forward", _forward_text, True),
             ("gradient", _gradient_text, True),
             ("execution", lambda r: r["execution"], True),
@@ -230,8 +244,13 @@ class Report:
             parts[0] += f" in {s['graphs']} graphs" + (f" ({inference} compiled for inference)" if inference else "")
         if s.get("option_sets", 1) > 1:
             parts[0] += f" compiled with {s['option_sets']} different option sets"
+        missing = s.get("not_captured", 0)
         parts.append(f"GEMM FLOPs in integer: {_pct(s['integer_flops_fraction'])}, "
-                     f"quantized: {_pct(s['quantized_flops_fraction'])}")
+                     f"quantized: {_pct(s['quantized_flops_fraction'])}"
+                     + (" of the captured graphs' FLOPs" if missing else ""))
+        if missing:
+            parts.append(f"{missing} module{'s' if missing > 1 else ''} in no captured graph "
+                         f"run{'' if missing > 1 else 's'} in float (FLOPs unknown, not counted)")
         return "Summary: " + "; ".join(parts)
 
     def __repr__(self) -> str:
@@ -303,6 +322,11 @@ def report(compiled_or_model=None) -> Report:
     that ran last is shown.  Graphs compiled with other options (another compile of the
     module, :func:`sqcompile.explain`) are not.  For the plain module, every compile's.
 
+    The modules of the model that the backend quantizes or replaces (Linear, conv, norm,
+    attention and RNN modules) whose parameters and buffers appear in none of the reported
+    graphs get a row too, ``float``, with the reason: Dynamo left them out of its graphs (a
+    module hook it does not trace, a graph break around it), or they did not run.
+
     Raises ``ValueError`` when nothing was compiled with this backend.
     """
     if compiled_or_model is None:
@@ -328,7 +352,7 @@ def report(compiled_or_model=None) -> Report:
                          f'or breaks up runs in eager PyTorch; TORCH_LOGS="graph_breaks" shows why); a '
                          f'model without parameters or buffers cannot be found this way (report() with no '
                          f'argument shows the latest graphs of any model)')
-    return Report(latest_per_graph(records))
+    return Report(latest_per_graph(records), model=model)
 
 
 def module_of(obj) -> Optional[torch.nn.Module]:
@@ -462,12 +486,55 @@ def _row(d: D.OpDecision, record: D.CompileRecord, graph: int, part: Optional[st
     return row
 
 
+# The modules whose ops the backend quantizes or replaces, by the op name their report rows
+# carry: one of them that no reported graph used runs in eager PyTorch, in float.
+_MODULE_OPS = (
+    (nn.Linear, "linear", "gemm"), (nn.Bilinear, "bilinear", "gemm"),
+    (nn.Conv1d, "conv1d", "gemm"), (nn.Conv2d, "conv2d", "gemm"), (nn.Conv3d, "conv3d", "gemm"),
+    (nn.ConvTranspose1d, "conv_transpose1d", "gemm"), (nn.ConvTranspose2d, "conv_transpose2d", "gemm"),
+    (nn.ConvTranspose3d, "conv_transpose3d", "gemm"),
+    (nn.MultiheadAttention, "multi_head_attention", "gemm"),
+    (nn.LSTM, "lstm", "gemm"), (nn.GRU, "gru", "gemm"), (nn.RNN, "rnn", "gemm"),
+    (nn.modules.batchnorm._BatchNorm, "batch_norm", "norm"), (nn.LayerNorm, "layer_norm", "norm"),
+    (nn.GroupNorm, "group_norm", "norm"), (nn.RMSNorm, "rms_norm", "norm"),
+    (nn.modules.instancenorm._InstanceNorm, "instance_norm", "norm"),
+)
+NOT_CAPTURED = ("not in any graph Dynamo captured (it ran eagerly, e.g. after a graph break or with a module "
+                "hook Dynamo does not trace, or it did not run)")
+
+
+def _uncaptured_rows(model: torch.nn.Module, records: Sequence[D.CompileRecord]) -> List[Dict[str, Any]]:
+    """A float row (``graph`` None, FLOPs unknown) for each module of ``model`` of a kind the
+    backend quantizes or replaces (:data:`_MODULE_OPS`) whose parameters and buffers none of
+    ``records`` used.  Matched by tensor identity, not by path: a frame Dynamo compiled for a
+    submodule names its modules relative to that submodule.  A module without parameters or
+    buffers cannot be matched and gets no row; nor do the submodules of a listed one (an
+    attention's ``out_proj``)."""
+    shown = {r.index for r in records}
+    rows: List[Dict[str, Any]] = []
+    listed: List[str] = []
+    for path, module in model.named_modules():
+        kind = next(((op, k) for cls, op, k in _MODULE_OPS if isinstance(module, cls)), None)
+        if kind is None or any(path.startswith(p + ".") for p in listed):
+            continue
+        tensors = [*module.parameters(), *module.buffers()]
+        if not tensors or any(r.index in shown for r in D.records_for(tensors)):
+            continue
+        listed.append(path)
+        row = dict.fromkeys(ROW_KEYS)
+        row.update(module=path, op=kind[0], kind=kind[1], shapes=[], flops=None, quantized=False,
+                   execution=f"{D.EXEC_FLOAT}: {NOT_CAPTURED}")
+        rows.append(row)
+    return rows
+
+
 def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord]) -> Dict[str, Any]:
     gemms = [r for r in rows if r["kind"] == "gemm" and r["op"] not in NOT_GEMMS]
     norms = [r for r in rows if r["kind"] == "norm"]
-    total = sum(r["flops"] for r in gemms)
-    integer = sum(r["flops"] for r in gemms if r["execution"] in INTEGER_EXECUTIONS)
-    quantized = sum(r["flops"] for r in gemms if r["quantized"])
+    known = [r for r in gemms if r["flops"] is not None]      # a module in no graph: FLOPs unknown
+    total = sum(r["flops"] for r in known)
+    integer = sum(r["flops"] for r in known if r["execution"] in INTEGER_EXECUTIONS)
+    quantized = sum(r["flops"] for r in known if r["quantized"])
     warnings: List[str] = []
     for rec in records:
         for w in rec.warnings:
@@ -477,10 +544,11 @@ def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord]) -
         "ops": len(rows), "quantized": sum(r["quantized"] for r in rows),
         "gemms": len(gemms), "gemms_quantized": sum(r["quantized"] for r in gemms),
         "norms": len(norms), "norms_quantized": sum(r["quantized"] for r in norms),
+        "not_captured": sum(r["graph"] is None for r in rows),
         "gemm_flops": total,
         "integer_flops_fraction": integer / total if total else None,
         "quantized_flops_fraction": quantized / total if total else None,
-        "graphs": len(records) if records else len({r["graph"] for r in rows}),
+        "graphs": len(records) if records else len({r["graph"] for r in rows if r["graph"] is not None}),
         # a graph with no matmul / conv / norm (an optimizer step compiled under no_grad) is no
         # inference graph of the model
         "inference_graphs": sum("inference" in rec.graphs and bool(rec.decisions) for rec in records),

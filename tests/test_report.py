@@ -833,6 +833,30 @@ def test_report_of_a_compile_shows_the_graph_it_runs_again_after_an_unfreeze():
     torch._dynamo.reset()
 
 
+def test_a_module_dynamo_leaves_out_of_its_graphs_gets_a_float_row():
+    """A full backward hook makes Dynamo run ``fc2`` eagerly (in float) and compile ``fc3`` as a
+    frame of its own (where its path reads ``<root>``): ``fc2`` is listed as not captured, ``fc3``
+    is not (matched by its parameters), and the summary says the FLOP fractions leave it out."""
+    torch._dynamo.reset()
+    m = _HookedMLP()
+    m.fc2.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    compiled = torch.compile(m, backend="shiftquant")
+    compiled(torch.randn(16, 32)).sum().backward()
+    for rep in (report(compiled), report(m)):
+        missing = [r for r in rep.rows() if r["graph"] is None]
+        assert [(r["module"], r["op"], r["quantized"], r["flops"]) for r in missing] == [
+            ("fc2", "linear", False, None)]
+        assert missing[0]["execution"].startswith("float: not in any graph Dynamo captured (it ran eagerly")
+        assert len(rep.rows()) == 3 and rep.summary()["not_captured"] == 1
+        assert rep.summary()["gemms"] == 3 and rep.summary()["gemms_quantized"] == 2
+        assert rep.summary()["quantized_flops_fraction"] == 1.0
+        assert "1 module in no captured graph runs in float (FLOPs unknown, not counted)" in rep.summary_line()
+        line = next(ln for ln in str(rep).splitlines() if " fc2 " in ln)
+        assert line.split()[0] == "-" and "not in any graph" in line
+        assert Report.from_json(rep.to_json()).rows() == rep.rows()
+    torch._dynamo.reset()
+
+
 def test_a_compiled_train_steps_update_graph_is_no_inference_graph():
     """A compiled training step whose parameter update (under no_grad) is a graph of its own,
     with no matmul / conv / norm: not counted as a graph compiled for inference."""
