@@ -76,6 +76,7 @@ import io
 import json
 import math
 import re
+import types
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -112,7 +113,7 @@ class Report:
     ``graph`` column only when the report spans several Dynamo graphs (numbered from 0, the
     index into :attr:`records`; :func:`sqcompile.explain`'s graph headings use the same numbers).
     Given ``model``, its modules that none of ``records`` used get a float row with graph
-    ``None`` (see the module docstring).
+    ``None`` (see the module docstring); ``warnings`` are shown with the records' own.
 
     Statistics cost time only when asked for: with ``collect_stats=False`` (the default) the
     backend adds no nodes to the forward or backward graph (no ``*_observed`` op; the report
@@ -122,14 +123,14 @@ class Report:
     """
 
     def __init__(self, records: Union[D.CompileRecord, Iterable[D.CompileRecord]] = (),
-                 model: Optional[torch.nn.Module] = None):
+                 model: Optional[torch.nn.Module] = None, warnings: Iterable[str] = ()):
         if isinstance(records, D.CompileRecord):
             records = [records]
         self.records: List[D.CompileRecord] = sorted(records, key=lambda r: r.index)
         self._rows = [row for i, r in enumerate(self.records) for d in _ordered(r) for row in _rows_of(d, r, i)]
         if model is not None:
             self._rows += _uncaptured_rows(model, self.records)
-        self._summary = _summarize(self._rows, self.records)
+        self._summary = _summarize(self._rows, self.records, list(warnings))
         self._loaded = False
         if any(r["execution"] == D.EXEC_INT8_CPU for r in self._rows):
             from .kernels import amx   # the engine is chosen at each GEMM call: name the one that runs now
@@ -311,8 +312,9 @@ def report(compiled_or_model=None) -> Report:
     returns again, a function wrapping its forward: the outer compile is the one Dynamo runs)
     or the original ``nn.Module`` (records are found through its parameters and buffers, by
     identity), or None for the latest compiles of any model (also the way to see a
-    ``torch.compile``-d plain function).  Only the newest record of each Dynamo graph is kept
-    (see the module docstring).
+    ``torch.compile``-d plain function, or a model called with other tensors than its own,
+    e.g. through ``torch.func.functional_call``).  Only the newest record of each Dynamo graph
+    is kept (see the module docstring).
 
     Which compiles count: for a ``torch.compile``-d module, the graphs compiled with options
     equal to its own (the same resolved :class:`~sqcompile.Config`, ``mode`` included).
@@ -327,7 +329,10 @@ def report(compiled_or_model=None) -> Report:
     graphs get a row too, ``float``, with the reason: Dynamo left them out of its graphs (a
     module hook it does not trace, a graph break around it), or they did not run.
 
-    Raises ``ValueError`` when nothing was compiled with this backend.
+    Raises ``ValueError`` when nothing was compiled with this backend, saying why where it can
+    tell (Dynamo's cache for the model's ``forward`` full at ``recompile_limit``; the model
+    called with other tensors than its parameters).  A cache that is full while records exist
+    adds a warning to the report: calls that none of its graphs accepts run in eager PyTorch.
     """
     if compiled_or_model is None:
         records = D.latest_records()
@@ -338,21 +343,43 @@ def report(compiled_or_model=None) -> Report:
     model = module_of(compiled_or_model)
     if model is None:
         raise ValueError(f"sqcompile.report() takes a torch.nn.Module or its torch.compile-d version, "
-                         f"got {type(compiled_or_model).__name__}")
+                         f"got {type(compiled_or_model).__name__}; for a torch.compile-d function call "
+                         f"sqcompile.report() with no argument (the latest graphs of any model or function)")
     backend = _compile_backend(compiled_or_model)
     records = D.records_for([*model.parameters(), *model.buffers()])
     if backend is not None:
         config = _config_of(backend)
         options_id = id(backend.kwargs.get("options"))
         records = [r for r in records if r.options_id == options_id or (config is not None and r.config == config)]
+    cache = _DynamoCache.of(model)
     if not records:
-        raise ValueError(f'sqcompile.report(): no graph of this {type(model).__name__} reached '
-                         f'backend="shiftquant": it was not compiled with it, or never run (compilation '
-                         f'happens at the first call), or Dynamo traced no graph of it (a frame it skips '
-                         f'or breaks up runs in eager PyTorch; TORCH_LOGS="graph_breaks" shows why); a '
-                         f'model without parameters or buffers cannot be found this way (report() with no '
-                         f'argument shows the latest graphs of any model)')
-    return Report(latest_per_graph(records), model=model)
+        raise ValueError(_why_no_records(model, backend, cache))
+    warning = cache.warning(backend) if cache is not None else None
+    return Report(latest_per_graph(records), model=model, warnings=[warning] if warning else ())
+
+
+def _why_no_records(model: torch.nn.Module, backend, cache: Optional["_DynamoCache"]) -> str:
+    """The message of ``report(model)`` finding no record: why, where it can tell."""
+    name = type(model).__name__
+    head = f'sqcompile.report(): no graph of this {name} reached backend="shiftquant"'
+    if cache is not None and cache.full and backend is None:
+        return (f"{head}: {cache.full_text()}; if it was compiled, its calls that none of these graphs "
+                f"accepts ran in eager PyTorch, in float.  {cache.advice()}.")
+    if cache is not None and cache.full and not cache.holds(backend):
+        return (f"{head}: {cache.full_text()} and none of them is this torch.compile call's, so Dynamo "
+                f"runs the model in eager PyTorch, in float.  {cache.advice()}.")
+    if backend is not None and cache is not None and cache.holds(backend):
+        return (f"{head} with its own parameters and buffers: Dynamo holds graphs of its forward compiled "
+                f"with this torch.compile call's options, but report() finds records by the identity of "
+                f"the tensors the graphs ran with, and they ran with others (torch.func.functional_call, "
+                f"or parameters replaced after compiling); sqcompile.report() with no argument shows the "
+                f"latest graphs of any model")
+    return (f'{head}: it was not compiled with it, or never run (compilation happens at the first call), '
+            f'or Dynamo traced no graph of it (a frame it skips or breaks up runs in eager PyTorch; '
+            f'TORCH_LOGS="graph_breaks" shows why), or it ran with other tensors than its own parameters '
+            f'(records are found by the identity of the tensors the graphs ran with, so '
+            f'torch.func.functional_call or a model without parameters or buffers cannot be found this '
+            f'way; report() with no argument shows the latest graphs of any model)')
 
 
 def module_of(obj) -> Optional[torch.nn.Module]:
@@ -405,6 +432,78 @@ def _config_of(backend) -> Optional[Config]:
         return Config.from_options(options)
     except (TypeError, ValueError):
         return None
+
+
+class _DynamoCache:
+    """Dynamo's cache of compiled graphs for a model's ``forward`` (one entry per compile of
+    that code object: other shapes, ``train()`` / ``eval()``, ``no_grad``, and every
+    ``torch.compile`` with other options; for torch.nn's own classes, such as ``Sequential``,
+    the cache of the wrapper frame Dynamo enters all of them through).  Once it holds
+    ``torch._dynamo.config.recompile_limit`` entries, a call that none of them accepts runs in
+    eager PyTorch: unquantized, and in no record.  Read through Dynamo's debugging accessor,
+    which is internal: :meth:`of` gives None where this torch has none."""
+
+    def __init__(self, frame: str, backends: List[Any], limit_name: str, limit: int):
+        self.frame = frame              # what the cache belongs to, in words
+        self.backends = backends        # of each entry: the backend object it was compiled by
+        self.limit_name, self.limit = limit_name, limit     # the limit it is full at; "", 0: not full
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Optional["_DynamoCache"]:
+        try:
+            from torch._dynamo import config, external_utils, trace_rules
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+            forward = model.forward
+            if config.wrap_top_frame or (isinstance(forward, types.MethodType) and trace_rules.check(forward)):
+                # torch.nn's own classes: Dynamo enters them through a wrapper frame (as
+                # OptimizedModule does), whose one cache holds the graphs of all of them
+                code = external_utils.wrap_inline(model).__code__
+                name = (f"the wrapper frame it enters {type(model).__name__} and every other torch.nn "
+                        f"class through (torch._dynamo.external_utils.wrap_inline)")
+            else:
+                code = getattr(forward, "__func__", forward).__code__
+                name = f"{type(model).__name__}.forward"
+            entries = _debug_get_cache_entry_list(code)
+            limits = [("recompile_limit", int(config.recompile_limit)),
+                      ("accumulated_recompile_limit", int(config.accumulated_recompile_limit))]
+            # Dynamo counts toward recompile_limit the entries whose ID_MATCH-guarded locals
+            # (a module after a graph break) are this call's: ``self`` is the model
+            own = [e for e in entries if all(ref() is None or local != "self" or ref() is model
+                                             for local, ref in e.guard_manager.id_matched_objs.items())]
+            backends = [e.backend for e in entries]
+        except (ImportError, AttributeError, TypeError, RuntimeError):
+            return None
+        counts = {"recompile_limit": len(own), "accumulated_recompile_limit": len(entries)}
+        full = next(((n, v) for n, v in limits if counts[n] >= v), ("", 0))
+        return cls(name, backends, *full)
+
+    @property
+    def full(self) -> bool:
+        return bool(self.limit_name)
+
+    def holds(self, backend) -> bool:
+        """Whether a graph of this compile (a backend comparing equal, as Dynamo matches them) is cached."""
+        return any(b == backend for b in self.backends)
+
+    def full_text(self) -> str:
+        return (f"Dynamo's cache for {self.frame} is full ({self.limit} graphs, "
+                f"torch._dynamo.config.{self.limit_name} = {self.limit}; every torch.compile with other "
+                f"options counts, as do input shapes, train()/eval() and no_grad)")
+
+    def advice(self) -> str:
+        return (f"Call torch._dynamo.reset() between the compiles of an options sweep, or raise "
+                f"torch._dynamo.config.{self.limit_name}")
+
+    def warning(self, backend) -> Optional[str]:
+        if not self.full:
+            return None
+        if backend is not None and not self.holds(backend):
+            what = ("none of its graphs was compiled by this torch.compile call, so its calls run in "
+                    "eager PyTorch, unquantized; the graphs shown are others' with equal options")
+        else:
+            what = ("a call that none of its graphs accepts (new input shapes, train()/eval(), no_grad) "
+                    "runs in eager PyTorch, unquantized and not in this report")
+        return f"{self.full_text()}: {what}.  {self.advice()}."
 
 
 def latest_per_graph(records: Sequence[D.CompileRecord]) -> List[D.CompileRecord]:
@@ -528,14 +627,15 @@ def _uncaptured_rows(model: torch.nn.Module, records: Sequence[D.CompileRecord])
     return rows
 
 
-def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord]) -> Dict[str, Any]:
+def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord],
+               warnings: Optional[List[str]] = None) -> Dict[str, Any]:
     gemms = [r for r in rows if r["kind"] == "gemm" and r["op"] not in NOT_GEMMS]
     norms = [r for r in rows if r["kind"] == "norm"]
     known = [r for r in gemms if r["flops"] is not None]      # a module in no graph: FLOPs unknown
     total = sum(r["flops"] for r in known)
     integer = sum(r["flops"] for r in known if r["execution"] in INTEGER_EXECUTIONS)
     quantized = sum(r["flops"] for r in known if r["quantized"])
-    warnings: List[str] = []
+    warnings = list(warnings or [])
     for rec in records:
         for w in rec.warnings:
             if w not in warnings:

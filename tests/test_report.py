@@ -857,6 +857,77 @@ def test_a_module_dynamo_leaves_out_of_its_graphs_gets_a_float_row():
     torch._dynamo.reset()
 
 
+class _Sweep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_past_dynamos_recompile_limit_report_names_it():
+    """Each ``torch.compile`` with other options recompiles the same ``forward``; past
+    ``recompile_limit`` Dynamo runs the model eagerly, in float, and report() says why."""
+    import torch._dynamo.config as dynamo_config
+
+    torch._dynamo.reset()
+    x = torch.randn(4, 16)
+    with dynamo_config.patch(recompile_limit=2):
+        for bits in (8, 6, 4):                                         # an options sweep, no reset
+            m = _Sweep()
+            compiled = torch.compile(m, backend="shiftquant", options={"weight_bits": bits})
+            compiled(x).sum().backward()
+        with pytest.raises(ValueError, match=r"_Sweep.forward is full .*recompile_limit = 2.*in eager PyTorch, in "
+                                             r"float.*torch._dynamo.reset\(\) between the compiles"):
+            report(compiled)
+        assert torch.equal(compiled(x), m(x))                          # it did run in float
+        with pytest.raises(ValueError, match="recompile_limit"):       # the plain module too
+            report(m)
+    torch._dynamo.reset()
+
+
+def test_a_report_warns_when_dynamos_cache_of_the_forward_is_full():
+    """A call that none of the cached graphs accepts runs eagerly: the report says so."""
+    import torch._dynamo.config as dynamo_config
+
+    torch._dynamo.reset()
+    with dynamo_config.patch(recompile_limit=2):
+        m = _Sweep()
+        compiled = torch.compile(m, backend="shiftquant", dynamic=False)
+        for batch in (2, 3):
+            compiled(torch.randn(batch, 16)).sum().backward()
+        warnings = report(compiled).summary()["warnings"]
+        assert any("_Sweep.forward is full" in w and "none of its graphs accepts" in w for w in warnings)
+        assert "recompile_limit" in str(report(compiled)).splitlines()[-1]
+    torch._dynamo.reset()
+
+
+def test_report_of_a_compiled_function_points_to_report_without_argument():
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: t @ t, backend="shiftquant")
+    f(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"got function; for a torch.compile-d function call sqcompile.report\(\) "
+                                         r"with no argument"):
+        report(f)
+    assert report().rows()[-1]["op"] == "matmul"
+    torch._dynamo.reset()
+
+
+def test_report_of_a_model_called_with_other_parameters_says_how_records_are_found():
+    torch._dynamo.reset()
+    m = _HookedMLP()
+    compiled = torch.compile(m, backend="shiftquant")
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in m.named_parameters()}
+    torch.func.functional_call(compiled, params, (torch.randn(8, 32),)).sum().backward()
+    with pytest.raises(ValueError, match=r"finds records by the identity of the tensors.*functional_call.*"
+                                         r"report\(\) with no argument") as e:
+        report(compiled)
+    assert "not compiled" not in str(e.value)
+    assert {"fc1", "fc2", "fc3"} <= {r["module"] for r in report().rows()}
+    torch._dynamo.reset()
+
+
 def test_a_compiled_train_steps_update_graph_is_no_inference_graph():
     """A compiled training step whose parameter update (under no_grad) is a graph of its own,
     with no matmul / conv / norm: not counted as a graph compiled for inference."""
