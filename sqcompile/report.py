@@ -46,17 +46,28 @@ A model compiles to one Dynamo graph per frame (more than one after graph breaks
 graph is compiled again when its guards fail (new input shapes, ``train()`` / ``eval()``,
 ``no_grad``).  :func:`report` keeps one record of each graph, the one whose compiled graph ran
 last (the newest if none ran), where two records are the same graph when their decisions name
-the same ``(module path, op, kind)`` sequence, their Dynamo graphs lift the same parameters
-and both were compiled for training or both for inference (``no_grad``).  So a recompile for a
-new batch size replaces the old record, graph breaks give one block of rows per graph, a
-``no_grad`` evaluation adds its inference graph next to the training one, and an ``eval()``
-forward with gradients on (a validation loss) shows until training runs its cached graph
-again.  ``report(compiled)`` keeps to the graphs of that ``torch.compile`` call (the same
-``options`` object), so other compiles of the module and :func:`sqcompile.explain.explain`
-(which compiles it again) do not change it; ``report(module)`` sees them all.  Build ``Report(records)`` from :func:`sqcompile.decisions.records_for`
-to pick records yourself.  Dynamo reuses a compiled graph for another instance of the same
-module class without calling the backend again; such instances share that graph's record
-(and its statistics, which are per graph).
+the same ``(module path, op, kind)`` sequence, their Dynamo graphs lift the same parameters,
+both were compiled for training or both for inference (``no_grad``), and both with the same
+options (:class:`~sqcompile.Config`).  So a recompile for a new batch size replaces the old
+record, graph breaks give one block of rows per graph, a ``no_grad`` evaluation adds its
+inference graph next to the training one, and an ``eval()`` forward with gradients on (a
+validation loss) shows until training runs its cached graph again.
+
+``report(compiled)`` keeps to the graphs compiled with options equal to that ``torch.compile``
+call's: Dynamo runs a graph that another call with equal options compiled (for another
+instance of the module class, or before a freeze / unfreeze) without calling the backend
+again, so such a graph is this call's too, while other compiles of the module and
+:func:`sqcompile.explain.explain` (which compiles it again) do not change the report.
+``report(module)`` shows the graphs of every compile, each set of options apart.  Build
+``Report(records)`` from :func:`sqcompile.decisions.records_for` to pick records yourself.
+Instances of one module class that run the same graph share its record (and its statistics,
+which are per graph).
+
+With the model at hand (``report(compiled)``, ``report(module)``), the report also lists, as
+``float`` rows without a graph, the Linear / conv / norm / attention / RNN modules whose
+parameters none of its graphs used: Dynamo ran them eagerly (a module with a full backward
+hook, a graph break around it) or they did not run.  Their FLOPs are unknown, and the summary's
+FLOP fractions are those of the captured graphs.
 """
 from __future__ import annotations
 
@@ -65,11 +76,14 @@ import io
 import json
 import math
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+import types
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
 
 from . import decisions as D
+from .config import Config
 
 __all__ = ["Report", "report"]
 
@@ -98,6 +112,8 @@ class Report:
     (``collect_stats=True``), the ``region`` column only when the lowering fused ops, the
     ``graph`` column only when the report spans several Dynamo graphs (numbered from 0, the
     index into :attr:`records`; :func:`sqcompile.explain`'s graph headings use the same numbers).
+    Given ``model``, its modules that none of ``records`` used get a float row with graph
+    ``None`` (see the module docstring); ``warnings`` are shown with the records' own.
 
     Statistics cost time only when asked for: with ``collect_stats=False`` (the default) the
     backend adds no nodes to the forward or backward graph (no ``*_observed`` op; the report
@@ -106,12 +122,15 @@ class Report:
     about 2.4x the step time of a small MLP on CPU, so use it to inspect, not to train.
     """
 
-    def __init__(self, records: Union[D.CompileRecord, Iterable[D.CompileRecord]] = ()):
+    def __init__(self, records: Union[D.CompileRecord, Iterable[D.CompileRecord]] = (),
+                 model: Optional[torch.nn.Module] = None, warnings: Iterable[str] = ()):
         if isinstance(records, D.CompileRecord):
             records = [records]
         self.records: List[D.CompileRecord] = sorted(records, key=lambda r: r.index)
         self._rows = [row for i, r in enumerate(self.records) for d in _ordered(r) for row in _rows_of(d, r, i)]
-        self._summary = _summarize(self._rows, self.records)
+        if model is not None:
+            self._rows += _uncaptured_rows(model, self.records)
+        self._summary = _summarize(self._rows, self.records, list(warnings))
         self._loaded = False
         if any(r["execution"] == D.EXEC_INT8_CPU for r in self._rows):
             from .kernels import amx   # the engine is chosen at each GEMM call: name the one that runs now
@@ -121,11 +140,15 @@ class Report:
 
     def rows(self) -> List[Dict[str, Any]]:
         """One dict per matmul / conv / norm, and per GEMM of a quantized attention (keys:
-        :data:`ROW_KEYS`); module ``""`` is the root."""
+        :data:`ROW_KEYS`); module ``""`` is the root.  A module of the model in none of the
+        graphs has ``graph`` None, no shapes and ``flops`` None (unknown)."""
         return [dict(r) for r in self._rows]
 
     def summary(self) -> Dict[str, Any]:
-        """Totals: op counts, GEMM FLOP fractions in integer / quantized, graphs, warnings and,
+        """Totals: op counts, GEMM FLOP fractions in integer / quantized (of the GEMMs in the
+        graphs: ``not_captured`` counts the modules in none, whose FLOPs are unknown), graphs
+        (``inference_graphs``: those compiled under ``no_grad`` that have rows;
+        ``option_sets``: how many different options they were compiled with), warnings and,
         when rows run ``int8-cpu``, ``int8_cpu_kernel``: the CPU int8 GEMM kernel they run on
         (taken when the report is made; a report read by :meth:`from_json` keeps the saving
         machine's, and says so when printed)."""
@@ -182,10 +205,10 @@ class Report:
             "occupancy": any(r["occupancy_dx"] or r["occupancy_dw"] for r in rows),
         }
         columns = [
-            ("graph", lambda r: r["graph"], has["graph"]),
+            ("graph", lambda r: "-" if r["graph"] is None else r["graph"], has["graph"]),
             ("module", lambda r: r["module"] or "<root>", True),
             ("op", _op_text, True),
-            ("inputs", lambda r: ", ".join("x".join(str(s) for s in shp) for shp in r["shapes"]), True),
+            ("inputs", lambda r: ", ".join("x".join(str(s) for s in shp) for shp in r["shapes"]) or "?", True),
             ("forward", _forward_text, True),
             ("gradient", _gradient_text, True),
             ("execution", lambda r: r["execution"], True),
@@ -220,8 +243,15 @@ class Report:
         if s["graphs"] != 1:
             inference = s.get("inference_graphs", 0)
             parts[0] += f" in {s['graphs']} graphs" + (f" ({inference} compiled for inference)" if inference else "")
+        if s.get("option_sets", 1) > 1:
+            parts[0] += f" compiled with {s['option_sets']} different option sets"
+        missing = s.get("not_captured", 0)
         parts.append(f"GEMM FLOPs in integer: {_pct(s['integer_flops_fraction'])}, "
-                     f"quantized: {_pct(s['quantized_flops_fraction'])}")
+                     f"quantized: {_pct(s['quantized_flops_fraction'])}"
+                     + (" of the captured graphs' FLOPs" if missing else ""))
+        if missing:
+            parts.append(f"{missing} module{'s' if missing > 1 else ''} in no captured graph "
+                         f"run{'' if missing > 1 else 's'} in float (FLOPs unknown, not counted)")
         return "Summary: " + "; ".join(parts)
 
     def __repr__(self) -> str:
@@ -280,9 +310,29 @@ def report(compiled_or_model=None) -> Report:
 
     ``compiled_or_model`` is the ``torch.compile``-d module (or what ``torch.compile`` of it
     returns again, a function wrapping its forward: the outer compile is the one Dynamo runs)
-    or the original ``nn.Module`` (records are found through its parameters and buffers), or
-    None for the latest compiles of any model.  Only the newest record of each Dynamo graph is kept (see the module
-    docstring).  Raises ``ValueError`` when nothing was compiled with this backend.
+    or the original ``nn.Module`` (records are found through its parameters and buffers, by
+    identity), or None for the latest compiles of any model (also the way to see a
+    ``torch.compile``-d plain function, or a model called with other tensors than its own,
+    e.g. through ``torch.func.functional_call``).  Only the newest record of each Dynamo graph
+    is kept (see the module docstring).
+
+    Which compiles count: for a ``torch.compile``-d module, the graphs compiled with options
+    equal to its own (the same resolved :class:`~sqcompile.Config`, ``mode`` included).
+    Dynamo runs a graph compiled by another ``torch.compile`` call whose options compare
+    equal (for another instance of the class, or compiled before a freeze / unfreeze) without
+    calling the backend again, so that graph is this compile's too; of such graphs the one
+    that ran last is shown.  Graphs compiled with other options (another compile of the
+    module, :func:`sqcompile.explain`) are not.  For the plain module, every compile's.
+
+    The modules of the model that the backend quantizes or replaces (Linear, conv, norm,
+    attention and RNN modules) whose parameters and buffers appear in none of the reported
+    graphs get a row too, ``float``, with the reason: Dynamo left them out of its graphs (a
+    module hook it does not trace, a graph break around it), or they did not run.
+
+    Raises ``ValueError`` when nothing was compiled with this backend, saying why where it can
+    tell (Dynamo's cache for the model's ``forward`` full at ``recompile_limit``; the model
+    called with other tensors than its parameters).  A cache that is full while records exist
+    adds a warning to the report: calls that none of its graphs accepts run in eager PyTorch.
     """
     if compiled_or_model is None:
         records = D.latest_records()
@@ -293,18 +343,43 @@ def report(compiled_or_model=None) -> Report:
     model = module_of(compiled_or_model)
     if model is None:
         raise ValueError(f"sqcompile.report() takes a torch.nn.Module or its torch.compile-d version, "
-                         f"got {type(compiled_or_model).__name__}")
+                         f"got {type(compiled_or_model).__name__}; for a torch.compile-d function call "
+                         f"sqcompile.report() with no argument (the latest graphs of any model or function)")
+    backend = _compile_backend(compiled_or_model)
     records = D.records_for([*model.parameters(), *model.buffers()])
+    if backend is not None:
+        config = _config_of(backend)
+        options_id = id(backend.kwargs.get("options"))
+        records = [r for r in records if r.options_id == options_id or (config is not None and r.config == config)]
+    cache = _DynamoCache.of(model)
     if not records:
-        raise ValueError(f'sqcompile.report(): no graph of this {type(model).__name__} reached '
-                         f'backend="shiftquant": it was not compiled with it, or never run (compilation '
-                         f'happens at the first call), or Dynamo traced no graph of it (a frame it skips '
-                         f'or breaks up runs in eager PyTorch; TORCH_LOGS="graph_breaks" shows why); a '
-                         f'model without parameters or buffers cannot be found this way (report() with no '
-                         f'argument shows the latest graphs of any model)')
-    found, options = _compile_options(compiled_or_model)
-    own = [r for r in records if found and r.options_id == (None if options is None else id(options))]
-    return Report(latest_per_graph(own or records))
+        raise ValueError(_why_no_records(model, backend, cache))
+    warning = cache.warning(backend) if cache is not None else None
+    return Report(latest_per_graph(records), model=model, warnings=[warning] if warning else ())
+
+
+def _why_no_records(model: torch.nn.Module, backend, cache: Optional["_DynamoCache"]) -> str:
+    """The message of ``report(model)`` finding no record: why, where it can tell."""
+    name = type(model).__name__
+    head = f'sqcompile.report(): no graph of this {name} reached backend="shiftquant"'
+    if cache is not None and cache.full and backend is None:
+        return (f"{head}: {cache.full_text()}; if it was compiled, its calls that none of these graphs "
+                f"accepts ran in eager PyTorch, in float.  {cache.advice()}.")
+    if cache is not None and cache.full and not cache.holds(backend):
+        return (f"{head}: {cache.full_text()} and none of them is this torch.compile call's, so Dynamo "
+                f"runs the model in eager PyTorch, in float.  {cache.advice()}.")
+    if backend is not None and cache is not None and cache.holds(backend):
+        return (f"{head} with its own parameters and buffers: Dynamo holds graphs of its forward compiled "
+                f"with this torch.compile call's options, but report() finds records by the identity of "
+                f"the tensors the graphs ran with, and they ran with others (torch.func.functional_call, "
+                f"or parameters replaced after compiling); sqcompile.report() with no argument shows the "
+                f"latest graphs of any model")
+    return (f'{head}: it was not compiled with it, or never run (compilation happens at the first call), '
+            f'or Dynamo traced no graph of it (a frame it skips or breaks up runs in eager PyTorch; '
+            f'TORCH_LOGS="graph_breaks" shows why), or it ran with other tensors than its own parameters '
+            f'(records are found by the identity of the tensors the graphs ran with, so '
+            f'torch.func.functional_call or a model without parameters or buffers cannot be found this '
+            f'way; report() with no argument shows the latest graphs of any model)')
 
 
 def module_of(obj) -> Optional[torch.nn.Module]:
@@ -326,22 +401,109 @@ def module_of(obj) -> Optional[torch.nn.Module]:
     return None
 
 
-def _compile_options(compiled) -> Tuple[bool, Any]:
-    """``(True, options)``: the ``options`` object (or ``None``) a ``torch.compile``-d module
-    was made with, so that ``report(compiled)`` shows that compile's graphs when the same
-    module was also compiled with other options or inspected by :func:`sqcompile.explain`
-    (the backend records ``id(options)``).  Read from Dynamo's wrappers of the backend, which
-    are internal: ``(False, None)`` (all the module's graphs) for a plain module or if this
-    torch lays them out otherwise."""
+def _compile_backend(compiled):
+    """The backend object (``torch._TorchCompileWrapper``: ``kwargs`` holds the ``options`` and
+    ``mode`` it was given) of a ``torch.compile``-d module, or of ``torch.compile`` of one, so
+    that ``report(compiled)`` shows that compile's graphs when the same module was also
+    compiled with other options or inspected by :func:`sqcompile.explain`.  Read from Dynamo's
+    wrappers of the backend, which are internal: None (all the module's graphs) for a plain
+    module or if this torch lays them out otherwise."""
     context = getattr(compiled, "dynamo_ctx", None)
     if context is None:       # torch.compile of a compiled module: a function holding its context
         cells = [c.cell_contents for c in getattr(compiled, "__closure__", None) or () if c.cell_contents is not None]
         context = next((c for c in cells if hasattr(c, "callback") and hasattr(c, "compiler_config")), None)
+    backend = getattr(context, "callback", None)
+    for _ in range(8):      # CatchErrorsWrapper -> ConvertFrame -> WrapBackendDebug -> the wrapper
+        inner = getattr(backend, "_torchdynamo_orig_backend", None)
+        if inner is None:
+            break
+        backend = inner
+    return backend if isinstance(getattr(backend, "kwargs", None), dict) else None
+
+
+def _config_of(backend) -> Optional[Config]:
+    """The :class:`Config` the backend builds from a compile's ``options`` and ``mode`` (as
+    :func:`sqcompile.backends.shiftquant.shiftquant_backend` does), None if they are invalid."""
+    from .backends.shiftquant import MODES
+    options, mode = backend.kwargs.get("options"), backend.kwargs.get("mode")
+    if mode in MODES and not isinstance(options, Config):
+        options = {**MODES[mode], **(options or {})}
     try:
-        backend = context.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
-        return True, backend.kwargs.get("options")
-    except AttributeError:
-        return False, None
+        return Config.from_options(options)
+    except (TypeError, ValueError):
+        return None
+
+
+class _DynamoCache:
+    """Dynamo's cache of compiled graphs for a model's ``forward`` (one entry per compile of
+    that code object: other shapes, ``train()`` / ``eval()``, ``no_grad``, and every
+    ``torch.compile`` with other options; for torch.nn's own classes, such as ``Sequential``,
+    the cache of the wrapper frame Dynamo enters all of them through).  Once it holds
+    ``torch._dynamo.config.recompile_limit`` entries, a call that none of them accepts runs in
+    eager PyTorch: unquantized, and in no record.  Read through Dynamo's debugging accessor,
+    which is internal: :meth:`of` gives None where this torch has none."""
+
+    def __init__(self, frame: str, backends: List[Any], limit_name: str, limit: int):
+        self.frame = frame              # what the cache belongs to, in words
+        self.backends = backends        # of each entry: the backend object it was compiled by
+        self.limit_name, self.limit = limit_name, limit     # the limit it is full at; "", 0: not full
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Optional["_DynamoCache"]:
+        try:
+            from torch._dynamo import config, external_utils, trace_rules
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+            forward = model.forward
+            if config.wrap_top_frame or (isinstance(forward, types.MethodType) and trace_rules.check(forward)):
+                # torch.nn's own classes: Dynamo enters them through a wrapper frame (as
+                # OptimizedModule does), whose one cache holds the graphs of all of them
+                code = external_utils.wrap_inline(model).__code__
+                name = (f"the wrapper frame it enters {type(model).__name__} and every other torch.nn "
+                        f"class through (torch._dynamo.external_utils.wrap_inline)")
+            else:
+                code = getattr(forward, "__func__", forward).__code__
+                name = f"{type(model).__name__}.forward"
+            entries = _debug_get_cache_entry_list(code)
+            limits = [("recompile_limit", int(config.recompile_limit)),
+                      ("accumulated_recompile_limit", int(config.accumulated_recompile_limit))]
+            # Dynamo counts toward recompile_limit the entries whose ID_MATCH-guarded locals
+            # (a module after a graph break) are this call's: ``self`` is the model
+            own = [e for e in entries if all(ref() is None or local != "self" or ref() is model
+                                             for local, ref in e.guard_manager.id_matched_objs.items())]
+            backends = [e.backend for e in entries]
+        except (ImportError, AttributeError, TypeError, RuntimeError):
+            return None
+        counts = {"recompile_limit": len(own), "accumulated_recompile_limit": len(entries)}
+        full = next(((n, v) for n, v in limits if counts[n] >= v), ("", 0))
+        return cls(name, backends, *full)
+
+    @property
+    def full(self) -> bool:
+        return bool(self.limit_name)
+
+    def holds(self, backend) -> bool:
+        """Whether a graph of this compile (a backend comparing equal, as Dynamo matches them) is cached."""
+        return any(b == backend for b in self.backends)
+
+    def full_text(self) -> str:
+        return (f"Dynamo's cache for {self.frame} is full ({self.limit} graphs, "
+                f"torch._dynamo.config.{self.limit_name} = {self.limit}; every torch.compile with other "
+                f"options counts, as do input shapes, train()/eval() and no_grad)")
+
+    def advice(self) -> str:
+        return (f"Call torch._dynamo.reset() between the compiles of an options sweep, or raise "
+                f"torch._dynamo.config.{self.limit_name}")
+
+    def warning(self, backend) -> Optional[str]:
+        if not self.full:
+            return None
+        if backend is not None and not self.holds(backend):
+            what = ("none of its graphs was compiled by this torch.compile call, so its calls run in "
+                    "eager PyTorch, unquantized; the graphs shown are others' with equal options")
+        else:
+            what = ("a call that none of its graphs accepts (new input shapes, train()/eval(), no_grad) "
+                    "runs in eager PyTorch, unquantized and not in this report")
+        return f"{self.full_text()}: {what}.  {self.advice()}."
 
 
 def latest_per_graph(records: Sequence[D.CompileRecord]) -> List[D.CompileRecord]:
@@ -362,16 +524,18 @@ def graph_key(record: D.CompileRecord):
     """What stays the same when Dynamo recompiles one graph (new shapes, train/eval): the
     ``(module path, op, kind)`` of its decisions, the parameters it lifts as inputs
     (placeholder names like ``l_self_modules_fc_parameters_weight_`` come from the source;
-    buffers not: an eval-mode BatchNorm lifts other ones) and whether it was compiled for
+    buffers not: an eval-mode BatchNorm lifts other ones), whether it was compiled for
     inference (under ``no_grad``) or training, so that a model's training graph and its
-    inference graph are both reported."""
+    inference graph are both reported, and the options it was compiled with (its
+    :class:`~sqcompile.Config`), so that compiles of one module with other options are
+    different graphs: ``report(module)`` shows each, not the one that ran last."""
     ops = tuple((d.module_path, d.op, d.kind) for d in record.decisions)
     state = []
     for line in record.graphs.get("dynamo", "").splitlines():
         m = _PLACEHOLDER.match(line)
         if m and "_parameters_" in m.group(1):
             state.append(m.group(1))
-    return ops, tuple(sorted(state)), "inference" in record.graphs
+    return ops, tuple(sorted(state)), "inference" in record.graphs, repr(record.config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,13 +585,57 @@ def _row(d: D.OpDecision, record: D.CompileRecord, graph: int, part: Optional[st
     return row
 
 
-def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord]) -> Dict[str, Any]:
+# The modules whose ops the backend quantizes or replaces, by the op name their report rows
+# carry: one of them that no reported graph used runs in eager PyTorch, in float.
+_MODULE_OPS = (
+    (nn.Linear, "linear", "gemm"), (nn.Bilinear, "bilinear", "gemm"),
+    (nn.Conv1d, "conv1d", "gemm"), (nn.Conv2d, "conv2d", "gemm"), (nn.Conv3d, "conv3d", "gemm"),
+    (nn.ConvTranspose1d, "conv_transpose1d", "gemm"), (nn.ConvTranspose2d, "conv_transpose2d", "gemm"),
+    (nn.ConvTranspose3d, "conv_transpose3d", "gemm"),
+    (nn.MultiheadAttention, "multi_head_attention", "gemm"),
+    (nn.LSTM, "lstm", "gemm"), (nn.GRU, "gru", "gemm"), (nn.RNN, "rnn", "gemm"),
+    (nn.modules.batchnorm._BatchNorm, "batch_norm", "norm"), (nn.LayerNorm, "layer_norm", "norm"),
+    (nn.GroupNorm, "group_norm", "norm"), (nn.RMSNorm, "rms_norm", "norm"),
+    (nn.modules.instancenorm._InstanceNorm, "instance_norm", "norm"),
+)
+NOT_CAPTURED = ("not in any graph Dynamo captured (it ran eagerly, e.g. after a graph break or with a module "
+                "hook Dynamo does not trace, or it did not run)")
+
+
+def _uncaptured_rows(model: torch.nn.Module, records: Sequence[D.CompileRecord]) -> List[Dict[str, Any]]:
+    """A float row (``graph`` None, FLOPs unknown) for each module of ``model`` of a kind the
+    backend quantizes or replaces (:data:`_MODULE_OPS`) whose parameters and buffers none of
+    ``records`` used.  Matched by tensor identity, not by path: a frame Dynamo compiled for a
+    submodule names its modules relative to that submodule.  A module without parameters or
+    buffers cannot be matched and gets no row; nor do the submodules of a listed one (an
+    attention's ``out_proj``)."""
+    shown = {r.index for r in records}
+    rows: List[Dict[str, Any]] = []
+    listed: List[str] = []
+    for path, module in model.named_modules():
+        kind = next(((op, k) for cls, op, k in _MODULE_OPS if isinstance(module, cls)), None)
+        if kind is None or any(path.startswith(p + ".") for p in listed):
+            continue
+        tensors = [*module.parameters(), *module.buffers()]
+        if not tensors or any(r.index in shown for r in D.records_for(tensors)):
+            continue
+        listed.append(path)
+        row = dict.fromkeys(ROW_KEYS)
+        row.update(module=path, op=kind[0], kind=kind[1], shapes=[], flops=None, quantized=False,
+                   execution=f"{D.EXEC_FLOAT}: {NOT_CAPTURED}")
+        rows.append(row)
+    return rows
+
+
+def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord],
+               warnings: Optional[List[str]] = None) -> Dict[str, Any]:
     gemms = [r for r in rows if r["kind"] == "gemm" and r["op"] not in NOT_GEMMS]
     norms = [r for r in rows if r["kind"] == "norm"]
-    total = sum(r["flops"] for r in gemms)
-    integer = sum(r["flops"] for r in gemms if r["execution"] in INTEGER_EXECUTIONS)
-    quantized = sum(r["flops"] for r in gemms if r["quantized"])
-    warnings: List[str] = []
+    known = [r for r in gemms if r["flops"] is not None]      # a module in no graph: FLOPs unknown
+    total = sum(r["flops"] for r in known)
+    integer = sum(r["flops"] for r in known if r["execution"] in INTEGER_EXECUTIONS)
+    quantized = sum(r["flops"] for r in known if r["quantized"])
+    warnings = list(warnings or [])
     for rec in records:
         for w in rec.warnings:
             if w not in warnings:
@@ -436,11 +644,15 @@ def _summarize(rows: List[Dict[str, Any]], records: Sequence[D.CompileRecord]) -
         "ops": len(rows), "quantized": sum(r["quantized"] for r in rows),
         "gemms": len(gemms), "gemms_quantized": sum(r["quantized"] for r in gemms),
         "norms": len(norms), "norms_quantized": sum(r["quantized"] for r in norms),
+        "not_captured": sum(r["graph"] is None for r in rows),
         "gemm_flops": total,
         "integer_flops_fraction": integer / total if total else None,
         "quantized_flops_fraction": quantized / total if total else None,
-        "graphs": len(records) if records else len({r["graph"] for r in rows}),
-        "inference_graphs": sum("inference" in rec.graphs for rec in records),
+        "graphs": len(records) if records else len({r["graph"] for r in rows if r["graph"] is not None}),
+        # a graph with no matmul / conv / norm (an optimizer step compiled under no_grad) is no
+        # inference graph of the model
+        "inference_graphs": sum("inference" in rec.graphs and bool(rec.decisions) for rec in records),
+        "option_sets": len({repr(rec.config) for rec in records}),
         "records": [rec.index for rec in records],
         "stats_collected": any(r[k] is not None for r in rows for k in _STAT_KEYS),
         "warnings": warnings,

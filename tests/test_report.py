@@ -775,3 +775,197 @@ def test_cli_plot_without_matplotlib_is_a_clean_error_before_compiling(capsys, m
     with pytest.raises(SystemExit) as e:
         main(["explain", str(ROOT / "examples" / "explain_demo.py"), "--plot", str(tmp_path / "p.png")])
     assert e.value.code == 2 and "--plot needs matplotlib" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Graphs other compiles made, modules left out of every graph, Dynamo's recompile limit
+# --------------------------------------------------------------------------------------------
+
+class _HookedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def test_report_of_a_compile_shows_the_graph_dynamo_reuses_from_a_compile_with_equal_options():
+    """Dynamo runs a graph that another ``torch.compile`` call compiled for another instance of
+    the class when their options compare equal, without calling the backend: that graph is the
+    one that runs, so the report shows it next to the inference graph compiled here."""
+    torch._dynamo.reset()
+    options = {"weight_bits": 8, "act_bits": 8}
+    x = torch.randn(8, 32)
+    torch.compile(_mlp(), backend="shiftquant", options=dict(options))(x).sum().backward()   # an earlier run
+    m = _mlp()
+    compiled = torch.compile(m, backend="shiftquant", options=dict(options))
+    m.eval()
+    with torch.no_grad():
+        compiled(x)                                   # an inference graph, compiled under this call's options
+    m.train()
+    compiled(x).sum().backward()                      # the earlier run's training graph
+    rep = report(compiled)
+    assert rep.summary()["graphs"] == 2 and rep.summary()["inference_graphs"] == 1
+    assert sorted(r["grad_bits"] is None for r in rep.rows() if r["op"] == "linear") == [False, False, True, True]
+    torch._dynamo.reset()
+
+
+def test_report_of_a_compile_shows_the_graph_it_runs_again_after_an_unfreeze():
+    """Frozen, the model compiles a graph of its own; unfrozen, Dynamo runs the graph an earlier
+    compile with equal options made: the report shows that one, with layer 0's gradient."""
+    torch._dynamo.reset()
+    options = {"weight_bits": 8, "act_bits": 8}
+    x = torch.randn(8, 32)
+    torch.compile(_mlp(), backend="shiftquant", options=dict(options))(x).sum().backward()   # an earlier run
+    m = _mlp()
+    compiled = torch.compile(m, backend="shiftquant", options=dict(options))
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    compiled(x).sum().backward()                      # compiled here: no gradient through layer 0
+    frozen = report(compiled).rows()[0]
+    for p in m[0].parameters():
+        p.requires_grad_(True)
+    compiled(x).sum().backward()                      # the earlier run's graph again
+    rows = report(compiled).rows()
+    assert frozen["grad_bits"] is None and "no gradient" in frozen["region"]
+    assert [r["module"] for r in rows] == ["0", "1", "3"] and rows[0]["grad_bits"] == 4
+    torch._dynamo.reset()
+
+
+def test_a_module_dynamo_leaves_out_of_its_graphs_gets_a_float_row():
+    """A full backward hook makes Dynamo run ``fc2`` eagerly (in float) and compile ``fc3`` as a
+    frame of its own (where its path reads ``<root>``): ``fc2`` is listed as not captured, ``fc3``
+    is not (matched by its parameters), and the summary says the FLOP fractions leave it out."""
+    torch._dynamo.reset()
+    m = _HookedMLP()
+    m.fc2.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    compiled = torch.compile(m, backend="shiftquant")
+    compiled(torch.randn(16, 32)).sum().backward()
+    for rep in (report(compiled), report(m)):
+        missing = [r for r in rep.rows() if r["graph"] is None]
+        assert [(r["module"], r["op"], r["quantized"], r["flops"]) for r in missing] == [
+            ("fc2", "linear", False, None)]
+        assert missing[0]["execution"].startswith("float: not in any graph Dynamo captured (it ran eagerly")
+        assert len(rep.rows()) == 3 and rep.summary()["not_captured"] == 1
+        assert rep.summary()["gemms"] == 3 and rep.summary()["gemms_quantized"] == 2
+        assert rep.summary()["quantized_flops_fraction"] == 1.0
+        assert "1 module in no captured graph runs in float (FLOPs unknown, not counted)" in rep.summary_line()
+        line = next(ln for ln in str(rep).splitlines() if " fc2 " in ln)
+        assert line.split()[0] == "-" and "not in any graph" in line
+        assert Report.from_json(rep.to_json()).rows() == rep.rows()
+    torch._dynamo.reset()
+
+
+class _Sweep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_past_dynamos_recompile_limit_report_names_it():
+    """Each ``torch.compile`` with other options recompiles the same ``forward``; past
+    ``recompile_limit`` Dynamo runs the model eagerly, in float, and report() says why."""
+    import torch._dynamo.config as dynamo_config
+
+    torch._dynamo.reset()
+    x = torch.randn(4, 16)
+    with dynamo_config.patch(recompile_limit=2):
+        for bits in (8, 6, 4):                                         # an options sweep, no reset
+            m = _Sweep()
+            compiled = torch.compile(m, backend="shiftquant", options={"weight_bits": bits})
+            compiled(x).sum().backward()
+        with pytest.raises(ValueError, match=r"_Sweep.forward is full .*recompile_limit = 2.*in eager PyTorch, in "
+                                             r"float.*torch._dynamo.reset\(\) between the compiles"):
+            report(compiled)
+        assert torch.equal(compiled(x), m(x))                          # it did run in float
+        with pytest.raises(ValueError, match="recompile_limit"):       # the plain module too
+            report(m)
+    torch._dynamo.reset()
+
+
+def test_a_report_warns_when_dynamos_cache_of_the_forward_is_full():
+    """A call that none of the cached graphs accepts runs eagerly: the report says so."""
+    import torch._dynamo.config as dynamo_config
+
+    torch._dynamo.reset()
+    with dynamo_config.patch(recompile_limit=2):
+        m = _Sweep()
+        compiled = torch.compile(m, backend="shiftquant", dynamic=False)
+        for batch in (2, 3):
+            compiled(torch.randn(batch, 16)).sum().backward()
+        warnings = report(compiled).summary()["warnings"]
+        assert any("_Sweep.forward is full" in w and "none of its graphs accepts" in w for w in warnings)
+        assert "recompile_limit" in str(report(compiled)).splitlines()[-1]
+    torch._dynamo.reset()
+
+
+def test_report_of_a_compiled_function_points_to_report_without_argument():
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: t @ t, backend="shiftquant")
+    f(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"got function; for a torch.compile-d function call sqcompile.report\(\) "
+                                         r"with no argument"):
+        report(f)
+    assert report().rows()[-1]["op"] == "matmul"
+    torch._dynamo.reset()
+
+
+def test_report_of_a_model_called_with_other_parameters_says_how_records_are_found():
+    torch._dynamo.reset()
+    m = _HookedMLP()
+    compiled = torch.compile(m, backend="shiftquant")
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in m.named_parameters()}
+    torch.func.functional_call(compiled, params, (torch.randn(8, 32),)).sum().backward()
+    with pytest.raises(ValueError, match=r"finds records by the identity of the tensors.*functional_call.*"
+                                         r"report\(\) with no argument") as e:
+        report(compiled)
+    assert "not compiled" not in str(e.value)
+    assert {"fc1", "fc2", "fc3"} <= {r["module"] for r in report().rows()}
+    torch._dynamo.reset()
+
+
+def test_a_compiled_train_steps_update_graph_is_no_inference_graph():
+    """A compiled training step whose parameter update (under no_grad) is a graph of its own,
+    with no matmul / conv / norm: not counted as a graph compiled for inference."""
+    torch._dynamo.reset()
+    m = _HookedMLP()
+
+    def train_step(x):
+        m(x).sum().backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.sub_(0.1 * p.grad)
+                p.grad = None
+
+    step = torch.compile(train_step, backend="shiftquant")
+    for _ in range(2):
+        step(torch.randn(8, 32))
+    rep = report(m)
+    assert len(rep.rows()) == 3 and rep.summary()["inference_graphs"] == 0
+    assert "inference" not in rep.summary_line()
+    torch._dynamo.reset()
+
+
+def test_report_of_the_plain_module_shows_every_compiles_graphs():
+    """After ``torch._dynamo.reset()`` and a compile with other options, ``report(module)``
+    shows both compiles' graphs (the summary says they had different options);
+    ``report(compiled)`` each its own."""
+    torch._dynamo.reset()
+    m, x = _HookedMLP(), torch.randn(8, 32)
+    first = torch.compile(m, backend="shiftquant", options={"weight_bits": 8})
+    first(x).sum().backward()
+    torch._dynamo.reset()
+    second = torch.compile(m, backend="shiftquant", options={"weight_bits": 4})
+    second(x).sum().backward()
+    rep = report(m)
+    assert [(r["module"], r["weight_bits"]) for r in rep.rows()] == [
+        ("fc1", 8), ("fc2", 8), ("fc3", 8), ("fc1", 4), ("fc2", 4), ("fc3", 4)]
+    assert rep.summary()["option_sets"] == 2
+    assert "in 2 graphs compiled with 2 different option sets" in rep.summary_line()
+    assert {r["weight_bits"] for r in report(first).rows()} == {8}
+    assert {r["weight_bits"] for r in report(second).rows()} == {4}
+    torch._dynamo.reset()
