@@ -22,7 +22,7 @@ Two things to know:
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -49,12 +49,14 @@ class Explanation:
     over the Dynamo graphs when the model compiled to several, each under a header
     ``# --- graph i of graphs 0-n ...`` numbered from 0 as the report's ``graph`` column;
     ``report``: the :class:`~sqcompile.report.Report`; ``records``: the underlying
-    :class:`~sqcompile.decisions.CompileRecord` objects.
+    :class:`~sqcompile.decisions.CompileRecord` objects.  Given ``model``, the report also
+    lists its modules that no graph captured (as :func:`sqcompile.report` does).
     """
 
-    def __init__(self, records: List[D.CompileRecord], backward_note: str = ""):
+    def __init__(self, records: List[D.CompileRecord], backward_note: str = "",
+                 model: Optional[torch.nn.Module] = None):
         self.records = records
-        self.report = Report(records)
+        self.report = Report(records, model=model)
         self.graphs: Dict[str, str] = {stage: _joined(records, stage, backward_note) for stage in STAGES}
 
     def __str__(self) -> str:
@@ -100,7 +102,7 @@ def explain(model: torch.nn.Module, *example_inputs, **options) -> Explanation:
     if not fresh:
         raise ValueError(f"sqcompile.explain(): Dynamo captured no graph of this {type(model).__name__}, so "
                          f'backend="shiftquant" had nothing to compile and the model ran in eager PyTorch: {why}')
-    return Explanation(latest_per_graph(fresh), note)
+    return Explanation(latest_per_graph(fresh), note, model)
 
 
 # --------------------------------------------------------------------------------------------
