@@ -417,14 +417,19 @@ def _operands(node: fx.Node, name: str) -> Dict[str, Any]:
     return bind(node, names, {"beta": 1, "alpha": 1, "out": None})
 
 
-def _split_vector_product(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
-    """``mv``, ``dot`` and ``vdot`` (real operands) are ``matmul`` with 1-d operands."""
+def _product_operands(node: fx.Node):
+    """``(name, arguments, x, y, reason)``: the call's two GEMM operands, and why it is not
+    rewritten (``out=``, an operand of unknown shape) or None."""
     name = call_name(node)
     a = _operands(node, name)
     x, y = (a[k] for k in _OPERANDS[name])
-    if a["out"] is not None:
-        return f"{name} with out= is not rewritten"
-    reason = _unknown_shape(x, y)
+    reason = f"{name} with out= is not rewritten" if a["out"] is not None else _unknown_shape(x, y)
+    return name, a, x, y, reason
+
+
+def _split_vector_product(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """``mv``, ``dot`` and ``vdot`` (real operands) are ``matmul`` with 1-d operands."""
+    name, _, x, y, reason = _product_operands(node)
     if reason:
         return reason
     if name == "vdot" and (example_value(x).is_complex() or example_value(y).is_complex()):
@@ -441,12 +446,7 @@ def _split_add_product(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     the batch's products, one GEMM reducing over the batch and the inner dim:
     ``einsum('bnm,bmp->np')``; then ``alpha * product + beta * input`` as PyTorch computes it
     (``beta=0`` ignores ``input``, NaN included)."""
-    name = call_name(node)
-    a = _operands(node, name)
-    x, y = (a[k] for k in _OPERANDS[name])
-    if a["out"] is not None:
-        return f"{name} with out= is not rewritten"
-    reason = _unknown_shape(x, y)
+    name, a, x, y, reason = _product_operands(node)
     if reason:
         return reason
     b = _Builder(gm, node)
