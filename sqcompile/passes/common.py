@@ -49,24 +49,26 @@ def anchor_module_paths(graphs: Sequence[fx.GraphModule], root: Optional[torch.n
     ``nn_module_stack`` entry under a mapped expression is rewritten to the full path."""
     if root is None:
         return 0
-    names = {id(t): n for n, t in [*root.named_parameters(remove_duplicate=False),
-                                   *root.named_buffers(remove_duplicate=False)]}
+    names: Dict[int, List[str]] = {}     # a tied tensor has several
+    for n, t in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(n)
     full: Dict[str, str] = {}      # Dynamo's module expression -> path in root
     for node in graphs[0].graph.nodes:
         arg = node.meta.get("grapharg") if node.op == "placeholder" else None
         source = getattr(getattr(arg, "source", None), "name", None)
         value = getattr(arg, "example", None) if arg is not None else None
-        name = names.get(id(value)) if isinstance(value, torch.Tensor) else None
-        if not isinstance(source, str) or name is None or not _SOURCE_TENSOR.search(source):
+        if not isinstance(source, str) or not isinstance(value, torch.Tensor) or not _SOURCE_TENSOR.search(source):
             continue
         expr = _SOURCE_MODULE.sub(r".\1", _SOURCE_TENSOR.sub("", source))      # L['s'].blocks.0.a
         head = _ROOT.match(expr)
         if head is None:
             continue
         base, parts = head.group(0).rstrip("."), [p for p in expr[head.end():].split(".") if p]
-        path = name.split(".")[:-1]                                          # the tensor's module in root
-        if len(parts) > len(path) or path[len(path) - len(parts):] != parts:
+        paths = [n.split(".")[:-1] for n in names.get(id(value), ())]       # the tensor's module(s) in root
+        paths = [p for p in paths if len(parts) <= len(p) and p[len(p) - len(parts):] == parts]
+        if len(paths) != 1:       # not in root, or tied between modules the expression cannot tell apart
             continue
+        path = paths[0]
         for i in range(len(parts) + 1):       # the expression and its ancestors within the frame value
             full.setdefault(".".join([base, *parts[:i]]), ".".join(path[:len(path) - len(parts) + i]))
     changed = 0
