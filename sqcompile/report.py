@@ -594,6 +594,7 @@ _MODULE_OPS = (
     (nn.ConvTranspose3d, "conv_transpose3d", "gemm"),
     (nn.MultiheadAttention, "multi_head_attention", "gemm"),
     (nn.LSTM, "lstm", "gemm"), (nn.GRU, "gru", "gemm"), (nn.RNN, "rnn", "gemm"),
+    (nn.LSTMCell, "lstm_cell", "gemm"), (nn.GRUCell, "gru_cell", "gemm"), (nn.RNNCell, "rnn_cell", "gemm"),
     (nn.modules.batchnorm._BatchNorm, "batch_norm", "norm"), (nn.LayerNorm, "layer_norm", "norm"),
     (nn.GroupNorm, "group_norm", "norm"), (nn.RMSNorm, "rms_norm", "norm"),
     (nn.modules.instancenorm._InstanceNorm, "instance_norm", "norm"),

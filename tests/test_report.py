@@ -969,3 +969,26 @@ def test_report_of_the_plain_module_shows_every_compiles_graphs():
     assert {r["weight_bits"] for r in report(first).rows()} == {8}
     assert {r["weight_bits"] for r in report(second).rows()} == {4}
     torch._dynamo.reset()
+
+
+def test_a_recurrent_cell_dynamo_leaves_out_gets_a_float_row_too():
+    """``nn.LSTMCell`` / ``GRUCell`` are quantized when captured, so one Dynamo runs eagerly
+    (here: a full backward hook) is listed as not captured, as a Linear would be."""
+    torch._dynamo.reset()
+
+    class Cells(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.gru, self.fc = nn.LSTMCell(8, 8), nn.GRUCell(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h, _ = self.lstm(x)
+            return self.fc(self.gru(h))
+
+    m = Cells()
+    m.gru.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    compiled = torch.compile(m, backend="shiftquant")
+    compiled(torch.randn(4, 8)).sum().backward()
+    missing = [(r["module"], r["op"]) for r in report(compiled).rows() if r["graph"] is None]
+    assert missing == [("gru", "gru_cell")]
+    torch._dynamo.reset()
