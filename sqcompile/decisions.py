@@ -124,6 +124,18 @@ def new_record(config, options_id: Optional[int] = None) -> CompileRecord:
     return rec
 
 
+def discard(record: CompileRecord) -> None:
+    """Forget ``record``: its graph was abandoned before it could run (Dynamo restarts the
+    trace when AOTAutograd specializes a float graph input, and compiles the graph again)."""
+    with _lock:
+        _all[:] = [r for r in _all if r() is not record]
+        _by_index.pop(record.index, None)
+        _strong_latest[:] = [r for r in _strong_latest if r is not record]
+        for _, records in _by_tensor.values():
+            if record in records:
+                records.remove(record)
+
+
 def attach(record: CompileRecord, tensors) -> None:
     """Remember that ``record`` came from a graph that used these parameters/buffers."""
     with _lock:

@@ -992,3 +992,25 @@ def test_a_recurrent_cell_dynamo_leaves_out_gets_a_float_row_too():
     missing = [(r["module"], r["op"]) for r in report(compiled).rows() if r["graph"] is None]
     assert missing == [("gru", "gru_cell")]
     torch._dynamo.reset()
+
+
+def test_a_graph_dynamo_restarts_is_not_reported():
+    """Under ``dynamic=True`` a norm's ``eps`` is first a float graph input; AOTAutograd
+    specializes it and Dynamo restarts the trace, calling the backend a second time.  The
+    first graph never runs: the report showed every row twice (two inference graphs)."""
+    torch._dynamo.reset()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.ln, self.out = nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(self.ln(self.fc(x)))
+
+    compiled = torch.compile(Net(), backend="shiftquant", dynamic=True)
+    with torch.no_grad():
+        compiled(torch.randn(8, 16))
+    rep = report(compiled)
+    assert [r["module"] for r in rep.rows()] == ["fc", "ln", "out"] and rep.summary()["graphs"] == 1
+    torch._dynamo.reset()

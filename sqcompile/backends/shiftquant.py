@@ -27,7 +27,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 from .. import kernels  # noqa: F401  (registers CPU / Triton implementations of the ops)
 from ..config import Config, OptionError
-from ..decisions import RUNS, CompileRecord, attach, new_record
+from ..decisions import RUNS, CompileRecord, attach, discard, new_record
 from ..graphs import format_graph
 from ..passes import (check_overrides, composite_gemms, explicit_attention, explicit_rms_norm, l1_norms,
                       quantize_gemms)
@@ -81,13 +81,20 @@ def shiftquant_backend(gm: fx.GraphModule, example_inputs: List[Any], options: O
         warnings.warn(hint, stacklevel=2)
     rewrite(gm, config, target, record)
     compile_stage = lowering.compilers(config, target, record, len(example_inputs))
-    with fusion.enabled_as(config.fusion):     # read while the graphs are traced (ops._epilogue_in_gemm)
-        compiled = aot_autograd(
-            fw_compiler=compile_stage["forward"],
-            bw_compiler=compile_stage["backward"],
-            inference_compiler=compile_stage["inference"],
-            keep_inference_input_mutations=True,
-        )(gm, example_inputs)
+    try:
+        with fusion.enabled_as(config.fusion):     # read while the graphs are traced (ops._epilogue_in_gemm)
+            compiled = aot_autograd(
+                fw_compiler=compile_stage["forward"],
+                bw_compiler=compile_stage["backward"],
+                inference_compiler=compile_stage["inference"],
+                keep_inference_input_mutations=True,
+            )(gm, example_inputs)
+    except torch._dynamo.exc.RestartAnalysis:
+        # Dynamo traces the frame again and calls the backend anew (under dynamic=True a
+        # norm's eps is first a float graph input, which AOTAutograd specializes): this
+        # graph never runs, so the report must not show it next to the one that does
+        discard(record)
+        raise
     return _attaching(compiled, record)
 
 
