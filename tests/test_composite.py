@@ -23,14 +23,7 @@ Q8 = dict(weight_bits=8, act_bits=8, grad_bits=8, groups=1)
 FLOAT = dict(quantize=False)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_dynamo")
 
 
 def rel(a, b) -> float:

@@ -18,14 +18,7 @@ import rnn_ucr  # noqa: E402
 from data import DatasetMissing  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # tiny models: a second thread only adds contention
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_dynamo")
 
 
 def run_or_skip(module, *args, **kwargs):

@@ -36,15 +36,7 @@ from sqcompile.report import Report
 from models import Block, train
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # tiny models: a second thread only adds contention
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_dynamo")
 
 
 class Counting:

@@ -23,15 +23,7 @@ from models import train
 D, EPS = 8, 0.05
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_dynamo")
 
 
 def _rsqrt_ms(x, eps, dims=-1):

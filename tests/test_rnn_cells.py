@@ -30,14 +30,7 @@ NOTE = {"lstm": "nn.LSTMCell", "gru": "nn.GRUCell", "rnn_tanh": "nn.RNNCell (tan
 T, B, IN, HID = 3, 2, 3, 6
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_dynamo")
 
 
 def make_cell(kind: str, bias: bool = True, in_features: int = IN) -> nn.Module:
