@@ -10,6 +10,9 @@ Conventions
   ``scale = amax / qmax``, ``q = clamp(round(x / scale), -qmax, qmax)``.
 * ``keep_dims``: the dims along which a scale varies (one scale per index of those dims);
   the amax is taken over all the other dims.  ``()`` means one scale per tensor.
+* Unsigned ``b``-bit quantization of a tensor without negative values (a ReLU's output;
+  :mod:`sqcompile.passes.signs`): ``qmax = 2**b - 1``, which is ``qmax(b + 1)``, so on such a
+  tensor it *is* the symmetric ``(b + 1)``-bit quantizer; callers pass ``bits = b + 1``.
 * Rounding: ``"nearest"`` (round half to even) for weights and activations; ``"stochastic"``
   (``floor(x / scale + u)`` with ``u`` uniform in [0, 1)) for gradients.
 * A zero tensor (or slice) has scale 0 and quantizes to 0 without dividing by zero.

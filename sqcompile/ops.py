@@ -855,19 +855,19 @@ class _FusedAttention(torch.autograd.Function):
     ``sqcompile::triton_attention`` / ``triton_attention_backward``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, causal, act_bits, grad_bits, groups):
-        out, *saved = torch.ops.sqcompile.triton_attention(q, k, v, mask, scale, causal, act_bits)
+    def forward(ctx, q, k, v, mask, scale, causal, act_bits, p_bits, grad_bits, groups):
+        out, *saved = torch.ops.sqcompile.triton_attention(q, k, v, mask, scale, causal, act_bits, p_bits)
         ctx.save_for_backward(*saved, mask)
-        ctx.cfg = (scale, causal, act_bits, grad_bits, groups)
+        ctx.cfg = (scale, causal, p_bits, grad_bits, groups)       # the backward quantizes P only
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         dq, dk, dv = torch.ops.sqcompile.triton_attention_backward(grad_out, *ctx.saved_tensors, *ctx.cfg)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, grad_bits, groups):
+def _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, p_bits, grad_bits, groups):
     # [B, H, L, D] with every outer batch dim in B: the kernels read the operands at their
     # strides (the head split of a projection is not copied) and lay the output out as the
     # query is (a transposed head split's output stored [B, L, H, D])
@@ -878,16 +878,19 @@ def _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, grad_b
     if attn_mask is not None:   # [O, H, L, S] over the flattened batch, broadcast dims kept as strides 0
         mask = attn_mask.expand(*batch, query.shape[-2], key.shape[-2])
         mask = mask.reshape(-1, heads, *mask.shape[-2:])
-    out = _FusedAttention.apply(q4, k4, v4, mask, float(scale), bool(is_causal), act_bits, grad_bits, groups)
+    out = _FusedAttention.apply(q4, k4, v4, mask, float(scale), bool(is_causal), act_bits, p_bits, grad_bits, groups)
     return out.reshape(*batch, *out.shape[-2:])
 
 
 @_autocast_like
 def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, *, act_bits: int, grad_bits: int, groups: int, integer: bool,
-                   kernels: str = "torch", stats: Optional[str] = None, fused: bool = False):
+                   kernels: str = "torch", stats: Optional[str] = None, fused: bool = False,
+                   p_bits: Optional[int] = None):
     """``F.scaled_dot_product_attention`` in its math form, with both GEMMs (``Q K^T`` and
-    ``P V``) quantized at ``act_bits``; softmax, masking and dropout stay in float.  With
+    ``P V``) quantized at ``act_bits``, the probabilities ``P`` at ``p_bits`` (default
+    ``act_bits``; ``act_bits + 1`` is their unsigned ``act_bits``-bit quantizer, see
+    :mod:`sqcompile.passes.signs`); softmax, masking and dropout stay in float.  With
     ``stats``, each GEMM records under its own part (:data:`sqcompile.decisions.SDPA_PARTS`).
 
     ``fused``: run it as the fused Triton attention (:mod:`sqcompile.kernels.triton_attention`)
@@ -895,18 +898,19 @@ def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     kernel family, no stats), else as the ops below."""
     L, S = query.shape[-2], key.shape[-2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    p_bits = act_bits if p_bits is None else p_bits
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
         rep = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
     if fused and integer and kernels == "triton" and stats is None and fused_attention_unsupported(
             query, key, value, attn_mask, dropout_p, grad_bits=grad_bits, groups=groups) is None:
-        return _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, grad_bits, groups)
-    q = dict(a_bits=act_bits, b_bits=act_bits, grad_bits=grad_bits, groups=groups, integer=integer,
-             kernels=kernels)
+        return _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, p_bits, grad_bits, groups)
+    q = dict(grad_bits=grad_bits, groups=groups, integer=integer, kernels=kernels)
     qk_stats, pv_stats = (None, None) if stats is None else \
         (decisions.part_key(stats, part) for part in decisions.SDPA_PARTS)
-    scores = quantized_matmul(query, key.transpose(-2, -1), stats=qk_stats, **q) * scale
+    scores = quantized_matmul(query, key.transpose(-2, -1), a_bits=act_bits, b_bits=act_bits, stats=qk_stats,
+                              **q) * scale
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
@@ -920,7 +924,7 @@ def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     probs = torch.softmax(scores, dim=-1) if attn_mask is None else torch.ops.aten._safe_softmax(scores, -1)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, dropout_p, training=True)
-    return quantized_matmul(probs, value, stats=pv_stats, **q)
+    return quantized_matmul(probs, value, a_bits=p_bits, b_bits=act_bits, stats=pv_stats, **q)
 
 
 # Glue of nn.MultiheadAttention split into quantized GEMMs (sqcompile.passes.composite): the

@@ -243,6 +243,20 @@ def test_fused_equals_unfused_quantized_sdpa_with_the_same_seeds(dtype, causal, 
         _assert_matches(a, b, name)
 
 
+@pytest.mark.parametrize("p_bits", [5, 8])
+def test_fused_equals_unfused_with_unsigned_probabilities(p_bits):
+    """``P`` quantized unsigned at 4 bits (``p_bits=5``: levels ``0..15``) or at 7 (``8``)
+    with ``Q``, ``K``, ``V`` at 4 bits, fused as unfused; and not as with ``P`` at 4 bits."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 19, 16, generator=g).to(DEVICE) for _ in range(3))
+    fused = _sdpa(q, k, v, True, 3, is_causal=True, p_bits=p_bits)
+    unfused = _sdpa(q, k, v, False, 3, is_causal=True, p_bits=p_bits)
+    signed = _sdpa(q, k, v, False, 3, is_causal=True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fused, unfused):
+        _assert_matches(a, b, name)
+    assert not torch.allclose(fused[0], signed[0])
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 def test_query_rows_with_every_key_masked_are_zero_as_in_pytorch(mask_dtype):
     """Left padding with a causal mask leaves the padded queries no key: PyTorch's attention

@@ -810,7 +810,8 @@ def _heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
-                      scale: float, causal: bool, bits: int, tiles: Optional[Dict[str, Tile]] = None):
+                      scale: float, causal: bool, bits: int, tiles: Optional[Dict[str, Tile]] = None,
+                      p_bits: Optional[int] = None):
     """``[B, H, L, D]``, ``[B, H, S, D]``, ``[B, H, S, D]`` (or the same without ``B``) ->
     ``(out, qq, sq, qk, sk, qv, sv, stats)``: the output and what the backward needs (the int8
     operands, contiguous, their float32 scales, and the row statistics ``[3, B*H, L]``: max,
@@ -818,8 +819,9 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     strides (the q / k / v slices of a fused projection included); the output is laid out by
     :func:`attention_out`.  ``mask``: ``None`` or ``[O, H_in, L, S]`` with ``O * H_in == B*H``
     (strides 0 where it broadcasts), boolean (False: masked) or of the query's dtype (added
-    to the scores).  ``tiles``: a :class:`Tile` per kernel name instead of the interpreter's
-    or the autotuned ones (tests)."""
+    to the scores).  ``bits``: ``Q``'s, ``K``'s and ``V``'s; ``p_bits``: the probabilities'
+    (default ``bits``; :func:`attention_backward` takes them as its ``bits``).  ``tiles``: a
+    :class:`Tile` per kernel name instead of the interpreter's or the autotuned ones (tests)."""
     q4, k4, v4 = _heads(query), _heads(key), _heads(value)
     B, H, L, D = q4.shape
     S = k4.shape[2]
@@ -834,7 +836,7 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     margs, kind = _mask_args(mask, stats)
     _launch("fwd", L, BH, (qq3, qk3, qv_t, *margs, sq, sk, sv, out, stats, L, S, D, BH, *_rows(qq3), *_rows(qk3),
                            *_rows(qv_t), *_outer_rows(out), scale),
-            dict(QMAX=N.qmax(bits), CAUSAL=causal, MASK=kind, DTYPE=_TL_DTYPES[query.dtype],
+            dict(QMAX=N.qmax(bits if p_bits is None else p_bits), CAUSAL=causal, MASK=kind, DTYPE=_TL_DTYPES[query.dtype],
                  BLOCK_D=_block_d(D, query.device)), query.device, tiles)
     results = (out, qq, sq, qk, sk, qv, sv)
     if query.dim() == 3:

@@ -315,20 +315,22 @@ def _attention():
 
 @ops.custom_op("sqcompile::triton_attention")
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-                     causal: bool, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     causal: bool, bits: int, p_bits: Optional[int] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor, torch.Tensor]:
     """Fused quantized attention over ``[B, H, L, D]`` / ``[B, H, S, D]`` / ``[B, H, S, D]`` (any
     strides; or the same without ``B``), with an optional boolean or additive ``mask`` ``[O,
     H_in, L, S]`` (``O * H_in == B * H``; strides 0 where it broadcasts)
     (:mod:`sqcompile.kernels.triton_attention`): ``(out, qq, sq, qk, sk, qv, sv, stats)``, the
     output (laid out by ``attention_out``) and what :func:`triton_attention_backward` needs
-    (the int8 operands contiguous)."""
+    (the int8 operands contiguous).  ``bits``: ``Q``, ``K`` and ``V``'s; ``p_bits``: the
+    probabilities' (default ``bits``)."""
     _check_device(q, k, v)
-    return _attention().attention_forward(q, k, v, mask, scale, causal, bits)
+    return _attention().attention_forward(q, k, v, mask, scale, causal, bits, p_bits=p_bits)
 
 
 @triton_attention.register_fake
-def _(q, k, v, mask, scale, causal, bits):
+def _(q, k, v, mask, scale, causal, bits, p_bits=None):
     out = _attention().attention_out(q if q.dim() == 4 else q.unsqueeze(0))
     i8, f32 = torch.int8, torch.float32
     return (out if q.dim() == 4 else out.squeeze(0), q.new_empty(q.shape, dtype=i8),
@@ -344,7 +346,7 @@ def triton_attention_backward(grad_out: torch.Tensor, qq: torch.Tensor, sq: torc
                               mask: Optional[torch.Tensor], scale: float, causal: bool, bits: int, grad_bits: int,
                               groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`triton_attention`, its gradients ShiftQuant-ed with
-    stochastic rounding."""
+    stochastic rounding; ``bits`` are the probabilities' (``Q``, ``K``, ``V`` come quantized)."""
     _check_device(grad_out, qq, qk, qv)
     return _attention().attention_backward(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits,
                                            grad_bits, groups)

@@ -23,11 +23,12 @@ from typing import Optional
 import torch.fx as fx
 
 from .. import ops
-from ..config import Config
+from ..config import MAX_BITS, Config
 from ..decisions import EXEC_FLOAT, CompileRecord, OpDecision, stats_key
 from .common import (bind, call_name, example_value, is_float_tensor, is_parameter, module_path, numel, shape_of,
                      size_hints)
 from .precision import Target, attention_unfused, choose_execution, op_config
+from .signs import activation_bits
 
 _MM_NAMES = {"matmul": ("input", "other"), "mm": ("input", "mat2"), "bmm": ("input", "mat2")}
 _ADDMM_NAMES = {"addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2")}
@@ -118,21 +119,28 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
 
     ex = choose_execution(cfg, target, unsupported if name in _CONV else None)
     weighty = name in ("linear", *ops.RNN_MODES, *_CONV) or is_parameter(tensors[1])
-    b_bits = cfg.weight_bits if weighty else cfg.act_bits
+    # activations that are non-negative by construction are quantized unsigned (passes.signs)
+    a_bits, a_unsigned = activation_bits(tensors[0], cfg.act_bits, cfg.unsigned_acts and name not in ops.RNN_MODES
+                                         and name != "scaled_dot_product_attention")
+    b_bits, b_unsigned = (cfg.weight_bits, None) if weighty else activation_bits(tensors[1], cfg.act_bits,
+                                                                                 cfg.unsigned_acts)
     common = dict(grad_bits=cfg.grad_bits, groups=cfg.groups, integer=ex.integer, kernels=ex.kernels)
     if config.collect_stats:
         common["stats"] = stats_key(record, decision.node)
     if name == "linear":
         target_fn, new_args = ops.quantized_linear, (args["input"], args["weight"], args["bias"])
-        q = dict(a_bits=cfg.act_bits, w_bits=cfg.weight_bits, **common)
+        q = dict(a_bits=a_bits, w_bits=cfg.weight_bits, **common)
     elif name in _CONV:
         target_fn = ops.quantized_conv
         new_args = tuple(args[k] for k in _CONV_ARGS)
         common["sq_groups"] = common.pop("groups")
-        q = dict(nd=_CONV[name], a_bits=cfg.act_bits, w_bits=cfg.weight_bits, **common)
+        q = dict(nd=_CONV[name], a_bits=a_bits, w_bits=cfg.weight_bits, **common)
     elif name == "scaled_dot_product_attention":
         target_fn, new_args = ops.quantized_sdpa, tuple(args[k] for k in _SDPA_ARGS)
         q = dict(act_bits=cfg.act_bits, **common)
+        if cfg.unsigned_acts and cfg.act_bits < MAX_BITS:      # probabilities are never negative
+            q["p_bits"] = cfg.act_bits + 1
+            decision.note = "; ".join(n for n in (decision.note, "probabilities quantized unsigned") if n)
         why_not = _attention_unfused(cfg, target, ex, config, args)
         notes = [decision.note]     # set by passes.attention / passes.composite
         if why_not is None:
@@ -146,13 +154,13 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         q = dict(a_bits=cfg.act_bits, w_bits=cfg.weight_bits, **common)
     elif name == "einsum":
         target_fn, new_args = ops.quantized_einsum, (args["equation"], args["a"], args["b"])
-        q = dict(a_bits=cfg.act_bits, b_bits=b_bits, **common)
+        q = dict(a_bits=a_bits, b_bits=b_bits, **common)
     elif name in _ADDMM_NAMES:
         target_fn, new_args = ops.quantized_addmm, (args["inp"], args["a"], args["b"])
-        q = dict(beta=args["beta"], alpha=args["alpha"], a_bits=cfg.act_bits, b_bits=b_bits, **common)
+        q = dict(beta=args["beta"], alpha=args["alpha"], a_bits=a_bits, b_bits=b_bits, **common)
     else:
         target_fn, new_args = ops.quantized_matmul, (args["a"], args["b"])
-        q = dict(a_bits=cfg.act_bits, b_bits=b_bits, **common)
+        q = dict(a_bits=a_bits, b_bits=b_bits, **common)
 
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(target_fn, new_args, q)
@@ -165,9 +173,10 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     decision.execution = ex.label
     decision.reason = ex.reason
     decision.act_bits = cfg.act_bits
-    decision.act_quantizer = "per-tensor, nearest" if name in _CONV else "per-row, nearest"
-    decision.weight_bits = b_bits
-    decision.weight_quantizer = "per-output-channel, nearest" if weighty else "per-column, nearest (activation)"
+    decision.act_quantizer = ("per-tensor, nearest" if name in _CONV else "per-row, nearest") + _unsigned(a_unsigned)
+    decision.weight_bits = cfg.weight_bits if weighty else cfg.act_bits
+    decision.weight_quantizer = "per-output-channel, nearest" if weighty else \
+        "per-column, nearest (activation)" + _unsigned(b_unsigned)
     decision.grad_bits = cfg.grad_bits
     decision.groups = cfg.groups
     decision.grad_quantizer = f"ShiftQuant G={cfg.groups}, stochastic"
@@ -176,6 +185,10 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
 
 
 FUSED_ATTENTION = "fused attention (Triton)"
+
+
+def _unsigned(source: Optional[str]) -> str:
+    return f", unsigned ({source} output)" if source else ""
 
 
 def _attention_unfused(cfg, target, ex, config, args) -> Optional[str]:
