@@ -10,7 +10,8 @@ Per-module overrides
 ``"blocks.*.attn"``) to a partial option dict, or to ``None`` meaning "leave this module in
 float".  A pattern matches a module when it matches the module's path or the path of any of
 its parents, so ``"layer1"`` covers everything inside ``layer1``.  Patterns are applied in
-dict order and later ones win field by field.  Ops called directly in the root module's
+dict order and later ones win field by field; after a ``None``, a later dict starts again from
+the global options.  Ops called directly in the root module's
 ``forward`` have the path ``""``; the empty pattern matches only those, ``"*"`` matches all.
 
 A key may also name the op: ``"module-pattern:op-pattern"`` applies only to ops whose name
@@ -47,7 +48,7 @@ OP_NAMES = (
 
 # Options that may differ from module to module (the rest are global to one compile).
 PER_OP_FIELDS = (
-    "quantize", "weight_bits", "act_bits", "grad_bits", "groups", "norm", "norm_bits", "l1_scale",
+    "quantize", "weight_bits", "act_bits", "grad_bits", "groups", "unsigned_acts", "norm", "norm_bits", "l1_scale",
     "execution", "kernels", "fused_attention",
 )
 
@@ -83,6 +84,7 @@ class OpConfig:
     act_bits: int = 4
     grad_bits: int = 4
     groups: int = 4
+    unsigned_acts: bool = True
     norm: str = "l1"
     norm_bits: int = 8
     l1_scale: float = math.sqrt(math.pi / 2)
@@ -105,6 +107,8 @@ class OpConfig:
                 f"past {MAX_GROUPS} rungs the smallest group's scale is below 2**-{MAX_GROUPS} of "
                 "the largest and its channels round to zero at any bit width)",
             )
+        if not isinstance(self.unsigned_acts, bool):
+            raise _bad("unsigned_acts", self.unsigned_acts, "True or False")
         if self.norm not in NORM_CHOICES:
             raise _bad("norm", self.norm, f"one of {NORM_CHOICES}")
         if self.execution not in EXECUTION_CHOICES:
@@ -136,6 +140,12 @@ class Config(OpConfig):
                               with stochastic rounding
     groups          4         ShiftQuant groups on the power-of-two ladder (1..8); 1 is
                               per-tensor quantization
+    unsigned_acts   True      activations that are non-negative by construction (a ReLU's,
+                              a softmax's or a sigmoid's output, pooled or reshaped) are
+                              quantized unsigned: ``act_bits`` 4 gives them 16 levels
+                              ``0..15`` instead of ``0..7`` (up to 7 bits; 8-bit
+                              activations stay signed, as int8 holds them).  False: every
+                              activation symmetric
     norm            "l1"      "l1" replaces Batch/Layer/Group/RMS norms by L1 norms, "keep"
                               leaves them alone
     norm_bits       8         bits of a norm's input and of the gradient into its backward
@@ -197,7 +207,10 @@ class Config(OpConfig):
             if not isinstance(opts, Mapping):
                 raise _bad(f"overrides[{pattern!r}]", opts, "an option dict or None")
             _check_names(opts, PER_OP_FIELDS, where=f"overrides[{pattern!r}]")
-            replace(self.op_config(), **opts).validate()
+            try:
+                replace(self.op_config(), **opts).validate()
+            except ValueError as e:
+                raise ValueError(f"{e} (in overrides[{pattern!r}])") from None
         if not isinstance(self.collect_stats, bool):
             raise _bad("collect_stats", self.collect_stats, "True or False")
         if self.inner not in INNER_CHOICES:
@@ -245,7 +258,7 @@ class Config(OpConfig):
                 continue
             if opts is None:
                 cfg = None
-            else:
+            else:       # after a None, a dict starts again from the global options
                 cfg = replace(cfg or self.op_config(), **opts)
         return cfg
 
@@ -255,6 +268,19 @@ class Config(OpConfig):
         paths = list(paths)
         return [p for p in self.overrides
                 if not any(pattern_matches(split_override(p)[0], q) for q in paths)]
+
+
+_dataclass_init = Config.__init__
+
+
+def _config_init(self, *args, **kwargs) -> None:
+    """``Config(...)`` with a wrong option name raises the ``ValueError`` (with a "did you
+    mean") that ``options={...}`` gives, not the dataclass's ``TypeError``."""
+    _check_names(kwargs, [f.name for f in fields(Config)], where="Config(...)")
+    _dataclass_init(self, *args, **kwargs)
+
+
+Config.__init__ = _config_init
 
 
 def _check_names(options: Mapping[str, Any], allowed, where: str) -> None:

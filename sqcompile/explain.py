@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 
 from . import decisions as D
 from .config import Config
-from .report import Report, latest_per_graph, module_of
+from .report import Report, compiled_config, latest_per_graph, module_of
 
 __all__ = ["Explanation", "explain"]
 
@@ -70,13 +70,16 @@ class Explanation:
 
 def explain(model: torch.nn.Module, *example_inputs, **options) -> Explanation:
     """Compile ``model`` with the ``shiftquant`` backend and ``options`` (the keys of
-    :class:`sqcompile.Config`; a bad one raises its ``ValueError``), run one forward and one
+    :class:`sqcompile.Config`; a bad one raises its ``ValueError``; for a model that is
+    ``torch.compile(m, backend="shiftquant", options=...)``, its options with ``options`` on
+    top, so that ``explain(compiled, x)`` shows what training runs), run one forward and one
     backward on ``example_inputs`` and explain what the backend did.  The model is unchanged
     afterwards (see the module docstring).  When Dynamo captures no graph of the model (a
     forward without tensor operations, or one Dynamo gives up on before its first operation),
     the backend is never called and this raises a ``ValueError`` saying so, with the graph
     breaks Dynamo counted during the call as the reason."""
-    config = Config.from_options(options)
+    compiled = compiled_config(model)     # a compiled model's own options, the given ones on top
+    config = Config.from_options(options if compiled is None else {"config": compiled, **options})
     module = module_of(model)     # a torch.compile-d module (of a compiled module, too): the module inside
     if module is None:
         raise TypeError(f"sqcompile.explain() takes a torch.nn.Module or its torch.compile-d version, "

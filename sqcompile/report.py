@@ -421,6 +421,13 @@ def _compile_backend(compiled):
     return backend if isinstance(getattr(backend, "kwargs", None), dict) else None
 
 
+def compiled_config(compiled) -> Optional[Config]:
+    """The :class:`Config` a ``torch.compile(..., backend="shiftquant", options=...)``-d module
+    was compiled with; None for a plain module, another backend, or invalid options."""
+    backend = _compile_backend(compiled)
+    return None if backend is None else _config_of(backend)
+
+
 def _config_of(backend) -> Optional[Config]:
     """The :class:`Config` the backend builds from a compile's ``options`` and ``mode`` (as
     :func:`sqcompile.backends.shiftquant.shiftquant_backend` does), None if they are invalid."""

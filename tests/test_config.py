@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -37,10 +38,12 @@ def test_unknown_option_suggests_the_right_one():
         Config.from_options({"weigth_bits": 4})
     with pytest.raises(ValueError, match="unknown sqcompile option 'frobnicate'"):
         Config.from_options({"frobnicate": 1})
+    with pytest.raises(ValueError, match=r"'weight_bit' in Config\(\.\.\.\); did you mean 'weight_bits'"):
+        Config(weight_bit=4)         # not the dataclass's TypeError
 
 
 def test_override_values_are_validated():
-    with pytest.raises(ValueError, match="'grad_bits'"):
+    with pytest.raises(ValueError, match=r"'grad_bits': got 12.*\(in overrides\['fc'\]\)"):
         Config(overrides={"fc": {"grad_bits": 12}})
     with pytest.raises(ValueError, match=r"overrides\['fc'\]"):
         Config(overrides={"fc": {"overrides": {}}})   # not a per-op option
@@ -144,6 +147,19 @@ def test_unmatched_override_warns_with_the_pattern():
     compiled = torch.compile(model, backend="shiftquant", options={"overrides": {"classifier": None}})
     with pytest.warns(UserWarning, match="'classifier'.*match no module"):
         compiled(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("key, warns", [("0:conv2d", True), ("*:conv*", True), ("*:linear", False),
+                                        ("2:lin*", False)])
+def test_an_op_pattern_that_matches_no_op_of_its_modules_warns(key, warns):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    compiled = torch.compile(model, backend="shiftquant", options={"overrides": {key: None}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(3, 4))
+    found = [str(w.message) for w in caught if "none of their ops" in str(w.message)]
+    assert bool(found) == warns and (not warns or repr(key) in found[0])
 
 
 def test_config_is_exported():

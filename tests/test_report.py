@@ -546,6 +546,21 @@ def test_explain_validates_options():
         explain(nn.Linear(4, 4), torch.randn(2, 4), act_bit=4)
 
 
+def test_explain_of_a_compiled_model_uses_its_options_with_the_given_ones_on_top():
+    """The Quickstart's ``explain(model, x)`` after ``model = torch.compile(..., options=...)``
+    explains what training runs, not a default compile."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    compiled = torch.compile(model, backend="shiftquant", options={"overrides": {"2": None}, "weight_bits": 6})
+    compiled(torch.randn(4, 8)).sum().backward()
+
+    def bits(exp):
+        return {r["module"]: r["weight_bits"] for r in exp.report.rows()}
+
+    assert bits(explain(compiled, torch.randn(4, 8))) == {"0": 6, "2": None}
+    assert bits(explain(compiled, torch.randn(4, 8), weight_bits=8)) == {"0": 8, "2": None}
+    assert bits(explain(model, torch.randn(4, 8))) == {"0": 4, "2": 4}
+
+
 def test_explain_raises_the_models_own_error():
     class ShapeBug(nn.Module):
         def __init__(self):

@@ -133,12 +133,12 @@ def rewrite(gm: fx.GraphModule, config: Config, target: Target, record: CompileR
     order = {node.name: i for i, node in enumerate(_execution_order(gm))}
     for graph in graphs:
         composite_gemms(graph, config, target, record)
-    check_overrides(gm, config, record, root)
     for graph in graphs:
         explicit_attention(graph, config, target, record)
         explicit_rms_norm(graph)
         quantize_gemms(graph, config, target, record)
         l1_norms(graph, config, target, record)
+    check_overrides(gm, config, record, root)
     _gradient_free(graphs)
     # graph order; a GEMM split off a composite op is named "<its node>#<part>"
     record.decisions.sort(key=lambda d: order.get(d.node.partition("#")[0], len(order)))

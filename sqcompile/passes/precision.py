@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from ..config import Config, OpConfig, OptionError, override_matches
+from ..config import Config, OpConfig, OptionError, override_matches, pattern_matches, split_override
 from ..decisions import EXEC_INT8_CPU, EXEC_INT8_TORCH, EXEC_SIMULATED, EXEC_TRITON, CompileRecord
 from .common import module_path, module_paths
 
@@ -111,16 +111,32 @@ def attention_unfused(cfg: OpConfig, target: Target, ex: Execution, config: Conf
 
 def check_overrides(gm: fx.GraphModule, config: Config, record: CompileRecord,
                     root: Optional[torch.nn.Module] = None) -> None:
-    """Warn (once per graph) about override patterns that match no module: of ``root``, the
-    module ``torch.compile`` was given, when known (a graph break splits a model into graphs
-    that each hold some of its modules), else of this graph."""
+    """Warn (once per graph, after the passes recorded its ops) about override patterns that
+    match no module: of ``root``, the module ``torch.compile`` was given, when known (a graph
+    break splits a model into graphs that each hold some of its modules), else of this graph;
+    and about ``"module:op"`` patterns whose modules are all in this graph but have no op of
+    that name (``{"fc1:conv2d": None}`` on a Linear does nothing)."""
     if not config.overrides:
         return
-    paths = module_paths(gm) | ({name for name, _ in root.named_modules()} if root is not None else set())
+    in_graph = module_paths(gm)
+    paths = in_graph | ({name for name, _ in root.named_modules()} if root is not None else set())
     unmatched = config.unmatched_overrides(paths)
+    where = f"of the compiled {type(root).__name__}" if root is not None else "in this graph"
     if unmatched:
-        where = f"of the compiled {type(root).__name__}" if root is not None else "in this graph"
-        msg = (f"sqcompile option 'overrides': pattern(s) {unmatched} match no module {where} "
-               f"(module paths look like 'layer1.0.conv1'; see sqcompile.explain(model, x) for them)")
-        record.warnings.append(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        _warn(record, f"sqcompile option 'overrides': pattern(s) {unmatched} match no module {where} "
+                      f"(module paths look like 'layer1.0.conv1'; see sqcompile.explain(model, x) for them)")
+    leaves = [name for name, m in root.named_modules() if next(m.children(), None) is None] \
+        if root is not None else sorted(in_graph)
+    ops_here = {(d.module_path, d.op) for d in record.decisions}
+    no_op = [key for key in config.overrides if key not in unmatched and split_override(key)[1] is not None
+             and not any(override_matches(key, path, op) for path, op in ops_here)
+             and all(path in in_graph for path in leaves if pattern_matches(split_override(key)[0], path))]
+    if no_op:
+        _warn(record, f"sqcompile option 'overrides': pattern(s) {no_op} match modules {where} but none of "
+                      f"their ops (the op after ':' is the report's op column: linear, conv2d, matmul, "
+                      f"layer_norm, ...)")
+
+
+def _warn(record: CompileRecord, msg: str) -> None:
+    record.warnings.append(msg)
+    warnings.warn(msg, UserWarning, stacklevel=3)
