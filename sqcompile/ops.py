@@ -24,6 +24,7 @@ ShiftQuant's expanded integer form: every GEMM of training is an integer GEMM.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import sys
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -455,16 +456,40 @@ def _autocast_like(fn):
     in the autocast dtype (bfloat16 on CPU by default), and code after it (a dtype check, a
     bf16 activation kept for memory) sees what it would see in eager mode.  The quantizers
     and GEMMs run with autocast off: the integer products are exact whatever the float
-    dtype, and a simulated GEMM would otherwise be cast to bfloat16 before it multiplies."""
+    dtype, and a simulated GEMM would otherwise be cast to bfloat16 before it multiplies.
+
+    Outside autocast, float operands of different dtypes are refused as PyTorch's op refuses
+    them (a float32 batch into a bfloat16 model): quantized, they would otherwise run.  Only
+    a graph's call is checked, not these ops' calls of each other (autocast is off in those)."""
+    operands = 3 if fn.__name__ == "quantized_sdpa" else None        # not the attention mask
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
-        if not torch.is_autocast_enabled(device):
+        if _NESTED.get():
             return fn(*args, **kwargs)
-        with torch.autocast(device, enabled=False):
-            y = fn(*args, **kwargs)
-        return y.to(torch.get_autocast_dtype(device)) if y.is_floating_point() else y
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        token = _NESTED.set(True)
+        try:
+            if not torch.is_autocast_enabled(device):
+                _check_dtypes(fn.__name__, args[:operands])
+                return fn(*args, **kwargs)
+            with torch.autocast(device, enabled=False):
+                y = fn(*args, **kwargs)
+            return y.to(torch.get_autocast_dtype(device)) if y.is_floating_point() else y
+        finally:
+            _NESTED.reset(token)
     return wrapped
+
+
+_NESTED = contextvars.ContextVar("sqcompile_quantized_op_nested", default=False)
+
+
+def _check_dtypes(name: str, args) -> None:
+    dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if len(set(dtypes)) > 1:
+        raise RuntimeError(f"expected the operands of {name[len('quantized_'):]} to have the same dtype (as "
+                           f"PyTorch requires without autocast), but got "
+                           f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}")
 
 
 @_autocast_like

@@ -302,6 +302,16 @@ def test_bf16_model_keeps_its_dtype():
     assert rel(out.float(), model(x).float()) < 0.05
 
 
+def test_operands_of_different_dtypes_are_refused_as_eager_refuses_them():
+    """A float32 batch into a bfloat16 model: eager PyTorch raises; quantized, the op would
+    run (the quantizers take any float dtype), so it raises too, naming the dtypes."""
+    model = nn.Linear(16, 4).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 must have the same dtype"):
+        model(torch.randn(2, 16))
+    with pytest.raises(Exception, match="operands of linear to have the same dtype.*float32, bfloat16"):
+        torch.compile(model, backend="shiftquant")(torch.randn(2, 16))
+
+
 class _Mixed(nn.Module):
     """A conv, a Linear, attention, an einsum and a bmm: every GEMM spelling autocast casts."""
 

@@ -86,11 +86,13 @@ def _derive(node: fx.Node, memo, depth: int) -> Optional[str]:
     if name == "hardtanh":
         low = _arg(node, 1, "min_val", -1.0)
         return name if _nonneg_number(low) else None
-    if name in ("clamp", "clip", "clamp_min", "threshold"):
-        low = _arg(node, 1, "min" if name != "threshold" else "threshold", None)
-        if name == "threshold":
-            value = _arg(node, 2, "value", None)
-            return name if _nonneg_number(low) and _nonneg_number(value) else source_of(first)
+    if name == "threshold":         # x > threshold ? x : value
+        low, value = _arg(node, 1, "threshold", None), _arg(node, 2, "value", None)
+        return name if _nonneg_number(low) and _nonneg_number(value) else None
+    if name in ("clamp", "clip", "clamp_min"):
+        low, high = _arg(node, 1, "min", None), _arg(node, 2, "max", None) if name != "clamp_min" else None
+        if high is not None and not _nonneg_number(high):       # a negative max makes every value negative
+            return None
         return name if _nonneg_number(low) else source_of(first)
     if name in ("interpolate", "upsample"):        # bicubic interpolation overshoots
         mode = _arg(node, 3, "mode", "nearest")
