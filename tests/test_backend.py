@@ -211,7 +211,18 @@ def test_torch_func_transforms_run_in_float_with_a_reason():
     assert all(torch.allclose(per_sample[k], ref[k], atol=1e-6) for k in ref)
     rows = [d for r in records_for(list(params.values())) for d in r.decisions]
     assert len(rows) == 2 and all(not d.quantized and "torch.func.vmap" in d.reason for d in rows)
+    assert sorted(d.module_path for d in rows) == ["0", "2"]        # not the closure cells' names
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("raw, path", [("L['self'].layer1[0].conv1", "layer1.0.conv1"), ("L['fn'].0.conv", "0.conv"),
+                                       ("G['model'].fc", "model.fc"), ("G['__import___main__'].m.fc", "m.fc"),
+                                       ("getattr(L['func'].__closure__[1].cell_contents, '0')", "0")])
+def test_module_paths_drop_dynamos_frame_and_global_names(raw, path):
+    """A module a compiled function reaches as a global read ``G.__import___main__.m``."""
+    from sqcompile.passes.common import normalize_path
+
+    assert normalize_path(raw) == path
 
 
 def test_op_overrides_keep_attention_float_and_match_eager_attention():

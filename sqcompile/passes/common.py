@@ -9,12 +9,23 @@ import torch
 import torch.fx as fx
 
 _ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\]\.?")
+# a module reached through a global of the compiled function: G['model'].fc, or through a
+# module's global, which Dynamo names G['__import_<module>'].model
+_GLOBAL = re.compile(r"^G\[['\"](?:__import_[^'\"]*|([^'\"]*))['\"]\]\.?")
+_GETATTR = re.compile(r"getattr\(([^()]*), ['\"]([^'\"]+)['\"]\)")
+_CLOSURE = re.compile(r"^.*\.cell_contents\.?")      # a module captured by a closure: its own paths
 _INDEX = re.compile(r"\[(?:['\"])?([^\]'\"]+)(?:['\"])?\]")
 
 
 def normalize_path(raw: str) -> str:
-    """Dynamo's ``L['self'].layer1[0].conv1`` (or ``L['fn'].0.conv``) -> ``layer1.0.conv1``."""
-    path = _ROOT.sub("", raw)
+    """Dynamo's ``L['self'].layer1[0].conv1`` (or ``L['fn'].0.conv``) -> ``layer1.0.conv1``;
+    a module that a compiled function reaches as a global: ``G['model'].fc`` -> ``model.fc``
+    (``G['__import___main__'].model.fc`` likewise); one captured by a closure of the compiled
+    function (``getattr(L['fn'].__closure__[1].cell_contents, '0')``) -> its own path (``0``)."""
+    while _GETATTR.search(raw):
+        raw = _GETATTR.sub(r"\1.\2", raw)
+    raw = _CLOSURE.sub("", raw)
+    path = _GLOBAL.sub(lambda m: f"{m.group(1)}." if m.group(1) else "", _ROOT.sub("", raw))
     path = _INDEX.sub(r".\1", path)
     return path.strip(".").replace("..", ".")
 
