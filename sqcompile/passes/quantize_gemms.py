@@ -23,12 +23,12 @@ from typing import Optional
 import torch.fx as fx
 
 from .. import ops
-from ..config import MAX_BITS, Config
+from ..config import Config
 from ..decisions import EXEC_FLOAT, CompileRecord, OpDecision, stats_key
 from .common import (bind, call_name, example_value, is_float_tensor, is_parameter, module_path, numel, shape_of,
                      size_hints)
 from .precision import Target, attention_unfused, choose_execution, op_config
-from .signs import activation_bits
+from .signs import activation_bits, unsigned_bits
 
 _MM_NAMES = {"matmul": ("input", "other"), "mm": ("input", "mat2"), "bmm": ("input", "mat2")}
 _ADDMM_NAMES = {"addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2")}
@@ -119,11 +119,12 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
 
     ex = choose_execution(cfg, target, unsupported if name in _CONV else None)
     weighty = name in ("linear", *ops.RNN_MODES, *_CONV) or is_parameter(tensors[1])
-    # activations that are non-negative by construction are quantized unsigned (passes.signs)
-    a_bits, a_unsigned = activation_bits(tensors[0], cfg.act_bits, cfg.unsigned_acts and name not in ops.RNN_MODES
-                                         and name != "scaled_dot_product_attention")
-    b_bits, b_unsigned = (cfg.weight_bits, None) if weighty else activation_bits(tensors[1], cfg.act_bits,
-                                                                                 cfg.unsigned_acts)
+    # activations that are non-negative by construction are quantized unsigned (passes.signs);
+    # an RNN's input and attention's q are inputs of ops that quantize more than them
+    whole_input = name not in ops.RNN_MODES and name != "scaled_dot_product_attention"
+    a_bits, a_unsigned = activation_bits(tensors[0], cfg.act_bits, cfg.unsigned_acts and whole_input)
+    b_bits, b_unsigned = (cfg.weight_bits, None) if weighty else \
+        activation_bits(tensors[1], cfg.act_bits, cfg.unsigned_acts)
     common = dict(grad_bits=cfg.grad_bits, groups=cfg.groups, integer=ex.integer, kernels=ex.kernels)
     if config.collect_stats:
         common["stats"] = stats_key(record, decision.node)
@@ -138,8 +139,8 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     elif name == "scaled_dot_product_attention":
         target_fn, new_args = ops.quantized_sdpa, tuple(args[k] for k in _SDPA_ARGS)
         q = dict(act_bits=cfg.act_bits, **common)
-        if cfg.unsigned_acts and cfg.act_bits < MAX_BITS:      # probabilities are never negative
-            q["p_bits"] = cfg.act_bits + 1
+        if cfg.unsigned_acts and unsigned_bits(cfg.act_bits):      # probabilities are never negative
+            q["p_bits"] = unsigned_bits(cfg.act_bits)
             decision.note = "; ".join(n for n in (decision.note, "probabilities quantized unsigned") if n)
         why_not = _attention_unfused(cfg, target, ex, config, args)
         notes = [decision.note]     # set by passes.attention / passes.composite

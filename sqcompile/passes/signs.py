@@ -54,8 +54,14 @@ def activation_bits(node: Any, bits: int, enabled: bool) -> Tuple[int, Optional[
     """``(bits the quantized op is given, source)`` for an activation operand ``node`` quantized
     at ``bits``: ``(bits + 1, "relu")`` where it is non-negative (its unsigned ``bits``-bit
     quantizer, see the module docstring), else ``(bits, None)``."""
-    source = nonnegative_source(node) if enabled and bits < MAX_BITS else None
-    return (bits + 1, source) if source else (bits, None)
+    source = nonnegative_source(node) if enabled and unsigned_bits(bits) else None
+    return (unsigned_bits(bits), source) if source else (bits, None)
+
+
+def unsigned_bits(bits: int) -> Optional[int]:
+    """The ``bits`` argument that makes a quantized op quantize a non-negative operand
+    unsigned at ``bits`` (``bits + 1``), or None where int8 cannot hold it (8 bits)."""
+    return bits + 1 if bits < MAX_BITS else None
 
 
 def nonnegative_source(node: Any) -> Optional[str]:
