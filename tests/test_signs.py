@@ -42,7 +42,8 @@ W = torch.randn(3, 8)
     (lambda x: x ** 2, "pow"),
     (lambda x: F.relu(x) ** 3, "relu"),
     (lambda x: x.clamp(min=0.0), "clamp"),
-    (lambda x: F.hardtanh(x, 0.0, 6.0), "hardtanh"),
+    (lambda x: F.hardtanh(x, 0.0, 6.0), "relu6"),
+    (lambda x: F.hardtanh(x, 0.0, 1.0), "hardtanh"),
     (lambda x: F.threshold(x, 0.5, 0.0), "threshold"),
     (lambda x: F.dropout(F.relu(x), 0.5, training=True), "relu"),
     (lambda x: F.relu(x).view(2, 2, 8).flatten(0, 1), "relu"),
@@ -203,3 +204,17 @@ def test_unsigned_acts_must_be_a_bool(value):
     with pytest.raises(ValueError, match="unsigned_acts"):
         sqcompile.Config(overrides={"fc": {"unsigned_acts": value}})
 
+
+
+def test_module_activations_as_models_write_them():
+    """``nn.ReLU(inplace=True)`` (torchvision's ResNets), ``nn.ReLU6`` (MobileNets, which Dynamo
+    sees as ``hardtanh(x, 0, 6)``), a max-pool and a flatten between an activation and the
+    next GEMM; a GELU's output stays signed."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3),
+                          nn.ReLU6(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.GELU(),
+                          nn.Linear(16, 2))
+    compiled = torch.compile(model, backend="shiftquant")
+    compiled(torch.randn(2, 3, 12, 12)).sum().backward()
+    unsigned = {d.module_path: d.act_quantizer.partition("unsigned ")[2] for d in latest_records()[-1].decisions
+                if d.kind == "gemm"}
+    assert unsigned == {"0": "", "3": "(relu output)", "7": "(relu6 output)", "9": ""}

@@ -89,9 +89,9 @@ def _derive(node: fx.Node, memo, depth: int) -> Optional[str]:
 
     if name in _SOURCES:
         return name
-    if name == "hardtanh":
-        low = _arg(node, 1, "min_val", -1.0)
-        return name if _nonneg_number(low) else None
+    if name == "hardtanh":      # nn.ReLU6 is hardtanh(x, 0, 6)
+        low, high = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
+        return ("relu6" if (low, high) == (0, 6) else name) if _nonneg_number(low) else None
     if name == "threshold":         # x > threshold ? x : value
         low, value = _arg(node, 1, "threshold", None), _arg(node, 2, "value", None)
         return name if _nonneg_number(low) and _nonneg_number(value) else None
