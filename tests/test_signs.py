@@ -218,3 +218,14 @@ def test_module_activations_as_models_write_them():
     unsigned = {d.module_path: d.act_quantizer.partition("unsigned ")[2] for d in latest_records()[-1].decisions
                 if d.kind == "gemm"}
     assert unsigned == {"0": "", "3": "(relu output)", "7": "(relu6 output)", "9": ""}
+
+
+def test_attention_probabilities_are_unsigned_below_8_bits():
+    q = torch.randn(2, 2, 8, 8, requires_grad=True)
+    for bits, expected in ((4, "per-row, nearest; P unsigned (softmax output)"), (8, "per-row, nearest")):
+        torch._dynamo.reset()
+        attend = torch.compile(lambda t: F.scaled_dot_product_attention(t, t, t), backend="shiftquant",
+                               options={"act_bits": bits})
+        attend(q).sum().backward()
+        (sdpa,) = latest_records()[-1].decisions
+        assert sdpa.act_quantizer == expected

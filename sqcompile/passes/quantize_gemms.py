@@ -141,7 +141,7 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         q = dict(act_bits=cfg.act_bits, **common)
         if cfg.unsigned_acts and unsigned_bits(cfg.act_bits):      # probabilities are never negative
             q["p_bits"] = unsigned_bits(cfg.act_bits)
-            decision.note = "; ".join(n for n in (decision.note, "probabilities quantized unsigned") if n)
+            a_unsigned = "softmax"
         why_not = _attention_unfused(cfg, target, ex, config, args)
         notes = [decision.note]     # set by passes.attention / passes.composite
         if why_not is None:
@@ -174,7 +174,8 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     decision.execution = ex.label
     decision.reason = ex.reason
     decision.act_bits = cfg.act_bits
-    decision.act_quantizer = ("per-tensor, nearest" if name in _CONV else "per-row, nearest") + _unsigned(a_unsigned)
+    decision.act_quantizer = ("per-tensor, nearest" if name in _CONV else "per-row, nearest") + \
+        _unsigned(a_unsigned, "; P " if name == "scaled_dot_product_attention" else ", ")
     decision.weight_bits = cfg.weight_bits if weighty else cfg.act_bits
     decision.weight_quantizer = "per-output-channel, nearest" if weighty else \
         "per-column, nearest (activation)" + _unsigned(b_unsigned)
@@ -188,8 +189,8 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
 FUSED_ATTENTION = "fused attention (Triton)"
 
 
-def _unsigned(source: Optional[str]) -> str:
-    return f", unsigned ({source} output)" if source else ""
+def _unsigned(source: Optional[str], lead: str = ", ") -> str:
+    return f"{lead}unsigned ({source} output)" if source else ""
 
 
 def _attention_unfused(cfg, target, ex, config, args) -> Optional[str]:
