@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional, Tuple
 
@@ -281,6 +282,18 @@ def _config_init(self, *args, **kwargs) -> None:
 
 
 Config.__init__ = _config_init
+
+
+def env_flag(name: str, default: bool, meaning: str) -> bool:
+    """An on/off environment variable: ``1``/``true``/``on``/``yes`` or ``0``/``false``/``off``/
+    ``no`` (any case); unset gives ``default``; anything else raises a ``ValueError`` naming
+    the variable (``meaning``: what 1 and 0 do)."""
+    value = os.environ.get(name, "1" if default else "0").strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"environment variable {name}={value!r}: expected 1 or 0 ({meaning})")
 
 
 def _check_names(options: Mapping[str, Any], allowed, where: str) -> None:

@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -160,6 +163,21 @@ def test_an_op_pattern_that_matches_no_op_of_its_modules_warns(key, warns):
         compiled(torch.randn(3, 4))
     found = [str(w.message) for w in caught if "none of their ops" in str(w.message)]
     assert bool(found) == warns and (not warns or repr(key) in found[0])
+
+
+def test_on_off_environment_variables_refuse_other_values(monkeypatch):
+    """``SQCOMPILE_FUSION=disable`` left fusion on; a typo in such a variable is an error
+    naming it (at import for the variables read then)."""
+    from sqcompile.config import env_flag
+
+    for value, expected in (("0", False), ("off", False), ("YES", True), (" 1 ", True)):
+        monkeypatch.setenv("SQCOMPILE_SOMETHING", value)
+        assert env_flag("SQCOMPILE_SOMETHING", True, "") is expected
+    monkeypatch.delenv("SQCOMPILE_SOMETHING")
+    assert env_flag("SQCOMPILE_SOMETHING", False, "") is False
+    run = subprocess.run([sys.executable, "-c", "import sqcompile"], capture_output=True, text=True,
+                         env={**os.environ, "SQCOMPILE_FUSION": "disable"})
+    assert run.returncode != 0 and "SQCOMPILE_FUSION='disable'" in run.stderr
 
 
 def test_config_is_exported():

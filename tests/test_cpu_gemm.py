@@ -287,6 +287,26 @@ def test_output_pool_limits():
     assert off.kept == 0
 
 
+def test_output_pool_makes_room_for_new_sizes_from_the_least_recently_used_free_buffers():
+    """Shapes that change every step (a last smaller batch, variable sequence lengths) must
+    not fill the pool with sizes that never come back."""
+    outputs = pool.OutputPool(limit=6 << 20)
+    mib = 1 << 18                                                       # int32 elements in 1 MiB
+    a, b = outputs.empty((2 * mib,)), outputs.empty((2 * mib,))         # 4 MiB kept, both in use
+    pa, pb = a.data_ptr(), b.data_ptr()
+    del a, b
+    again = outputs.empty((2 * mib,))                                   # a's buffer again: b is the older
+    assert again.data_ptr() == pa
+    c = outputs.empty((3 * mib,))                                       # 3 MiB more: b makes room
+    assert outputs.kept == 5 << 20 and sorted(outputs.buffers) == [2 << 20, 3 << 20]
+    held = outputs.empty((3 * mib,))                    # a's and c's buffers in use: a plain tensor
+    assert outputs.kept == 5 << 20 and len(outputs.buffers[3 << 20]) == 1
+    del again                                           # a's buffer free: it makes room for 3 MiB
+    assert outputs.empty((3 * mib,)) is not None and outputs.kept == 6 << 20
+    assert sorted(outputs.buffers) == [3 << 20] and len(outputs.buffers[3 << 20]) == 2
+    del held, c
+
+
 def test_output_pool_variable_is_validated(monkeypatch):
     monkeypatch.setenv(pool.POOL_VARIABLE, "lots")
     with pytest.raises(ValueError, match=pool.POOL_VARIABLE):

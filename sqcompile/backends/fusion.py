@@ -89,7 +89,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -99,11 +98,12 @@ import sympy
 import torch
 import torch.fx as fx
 
+from ..config import env_flag
 from ..decisions import CompileRecord, FusedRegion
 from ..graphs import format_graph
 from ..passes.common import hints as _hints, normalize_path
 
-ENABLED = os.environ.get("SQCOMPILE_FUSION", "1").strip().lower() not in ("0", "false", "off", "no")
+ENABLED = env_flag("SQCOMPILE_FUSION", True, "1: fuse regions of the Triton kernel family, 0: run the unfused ops")
 _COMPILE = threading.local()     # the ``fusion`` option of the compile this thread is tracing
 
 

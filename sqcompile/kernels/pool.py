@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -28,7 +29,9 @@ class OutputPool:
     A buffer is free again when its storage's only owner is the pool: every tensor handed out
     is a view, and views (and anything else holding the memory: autograd's saved tensors,
     Inductor's buffers) hold a reference to the storage.  Buffers are matched by size; at
-    most ``limit`` bytes are kept, beyond which outputs are plain ``torch.empty``.  Needs
+    most ``limit`` bytes are kept: a size the pool has no room for takes the room of the free
+    buffers used longest ago (shapes that change from step to step, a last smaller batch, do
+    not keep sizes that never come back), else it is a plain ``torch.empty``.  Needs
     ``torch._C._storage_Use_Count``; without it every output is a plain ``torch.empty``."""
 
     MIN_BYTES = 1 << 20
@@ -36,6 +39,7 @@ class OutputPool:
     def __init__(self, limit: Optional[int] = None):
         self.limit = _pool_limit() if limit is None else limit
         self.buffers: dict = {}        # nbytes -> [flat int32 tensors]
+        self.recent: "OrderedDict[int, torch.Tensor]" = OrderedDict()     # id -> buffer, last used last
         self.kept = 0
         self.lock = threading.Lock()
         count = getattr(torch._C, "_storage_Use_Count", None)
@@ -48,21 +52,48 @@ class OutputPool:
         if self._idle is None or nbytes < self.MIN_BYTES or nbytes > self.limit:
             return torch.empty(shape, dtype=torch.int32)
         with self.lock:
-            for buf in self.buffers.setdefault(nbytes, []):
-                if _use_count(self._count, buf) == self._idle:
+            for buf in self.buffers.get(nbytes, ()):
+                if self._free(buf):
+                    self.recent.move_to_end(id(buf))
                     return buf.view(shape)
-            if self.kept + nbytes > self.limit:
+            if self.kept + nbytes > self.limit and not self._evict(self.kept + nbytes - self.limit):
                 return torch.empty(shape, dtype=torch.int32)
             with torch.inference_mode(False):
                 buf = torch.empty(numel, dtype=torch.int32)
-            self.buffers[nbytes].append(buf)
+            self.buffers.setdefault(nbytes, []).append(buf)
+            self.recent[id(buf)] = buf
             self.kept += nbytes
             return buf.view(shape)
+
+    def _free(self, buf: torch.Tensor) -> bool:
+        return _use_count(self._count, buf) == self._idle
+
+    def _evict(self, need: int) -> bool:
+        """Drop free buffers, least recently used first, until ``need`` bytes are released;
+        False (nothing dropped) when the free ones do not add up to ``need``."""
+        victims, found = [], 0
+        for buf in self.recent.values():
+            if found >= need:
+                break
+            if self._free(buf):
+                victims.append(buf)
+                found += 4 * buf.numel()
+        if found < need:
+            return False
+        for buf in victims:
+            nbytes = 4 * buf.numel()
+            del self.recent[id(buf)]
+            same = [t for t in self.buffers.pop(nbytes) if t is not buf]
+            if same:
+                self.buffers[nbytes] = same
+            self.kept -= nbytes
+        return True
 
     def clear(self) -> None:
         """Drop every kept buffer (tensors still in use keep their memory until they die)."""
         with self.lock:
             self.buffers.clear()
+            self.recent.clear()
             self.kept = 0
 
 

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..config import env_flag
 from .triton_quant import cast_rtne, cdiv, next_power_of_2
 
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
@@ -180,12 +180,7 @@ def autotune_enabled() -> bool:
     fitting config once per shape and layout and keeps the fastest; ``0`` takes the first
     fitting one untimed, which cuts compile time (each config of each kernel is compiled
     before it is timed) at some cost in speed: for tests and quick runs."""
-    value = os.environ.get("SQCOMPILE_AUTOTUNE", "1").strip().lower()
-    if value in ("1", "true", "on", "yes"):
-        return True
-    if value in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"SQCOMPILE_AUTOTUNE must be 1 (autotune) or 0 (first fitting config), got {value!r}")
+    return env_flag("SQCOMPILE_AUTOTUNE", True, "1: autotune, 0: the first fitting config")
 
 
 def prune_configs(configs, named_args, **kwargs):
