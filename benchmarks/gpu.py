@@ -499,7 +499,7 @@ def part_attention(reps: int) -> None:
     q, k, v = (torch.randn(8, 16, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     do = torch.randn_like(q)
-    bits = dict(act_bits=4, grad_bits=4, groups=4, integer=True, kernels="triton")
+    bits = dict(act_bits=4, p_bits=5, grad_bits=4, groups=4, integer=True, kernels="triton")   # P unsigned, as models run it
 
     def step(attend):
         return lambda: torch.autograd.grad(attend(), (q, k, v), do)
