@@ -554,15 +554,17 @@ def quantized_addmm(inp, a, b, *, beta=1, alpha=1, a_bits, b_bits, grad_bits, gr
 # --------------------------------------------------------------------------------------------
 
 class _QuantConv(torch.autograd.Function):
-    """N-d convolution with quantized input (per tensor), weight (per output channel) and
-    ShiftQuant-ed gradients: along output channels for ``dX``, along (batch, positions) for
-    ``dW``.  Integer execution uses an int8 im2col GEMM (``groups == 1``)."""
+    """N-d convolution with quantized input (one scale per sample: each row of the im2col
+    GEMM belongs to one sample, so the scale factors out of its sums as a row scale), weight
+    (per output channel) and ShiftQuant-ed gradients: along output channels for ``dX``, along
+    (batch, positions) for ``dW`` (the input's per-sample scale folded in first, as a Linear's
+    per-row scale).  Integer execution uses an int8 im2col GEMM (``groups == 1``)."""
 
     @staticmethod
     def forward(ctx, x, w, a_bits, w_bits, grad_bits, groups, integer, kernels, stats, stride, padding, dilation,
                 conv_groups):
         ks = kernel_set(kernels)
-        qx, sx = _quantize(ks, stats, "act", x, a_bits, [], False)
+        qx, sx = _quantize(ks, stats, "act", x, a_bits, [0], False)     # one scale per sample
         if integer:
             qx = _channels_last(qx)
         qw, sw = _quantize(ks, stats, "weight", w, w_bits, [0], False)

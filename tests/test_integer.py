@@ -131,6 +131,25 @@ def test_conv_integer_equals_simulate(conv):
     assert rel(out_i, ref) < 0.06
 
 
+@pytest.mark.parametrize("integer", [True, False])
+def test_conv_input_has_one_scale_per_sample(integer):
+    """The forward against a conv of per-sample fake-quantized inputs, written out here: a
+    sample 100x smaller than the others keeps its own resolution (with one scale per tensor
+    it rounded to zero: relative error 1.0)."""
+    torch.manual_seed(2)
+    x = torch.randn(3, 4, 8, 8) * torch.tensor([1.0, 0.01, 3.0]).view(3, 1, 1, 1)
+    w = torch.randn(6, 4, 3, 3)
+    m = 2 ** 5 - 1                                                  # 6 bits
+    sx = x.abs().amax((1, 2, 3), keepdim=True) / m
+    xq = torch.round(x / sx).clamp(-m, m) * sx
+    sw = w.abs().amax((1, 2, 3), keepdim=True) / m
+    wq = torch.round(w / sw).clamp(-m, m) * sw
+    out = ops.quantized_conv(x, w, None, 1, 1, 1, 1, nd=2, a_bits=6, w_bits=6, grad_bits=8, sq_groups=1,
+                             integer=integer)
+    torch.testing.assert_close(out, F.conv2d(xq, wq, None, 1, 1), rtol=1e-5, atol=1e-5)
+    assert rel(out[1], F.conv2d(x, w, None, 1, 1)[1]) < 0.05        # the small sample too
+
+
 @pytest.mark.parametrize("nd,channels_last", [(1, False), (2, False), (2, True)])
 def test_integer_conv_output_and_input_gradient_have_pytorchs_memory_format(nd, channels_last):
     """The int8 im2col GEMM computes channels-last values; the op returns them in the layout

@@ -174,7 +174,7 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     decision.execution = ex.label
     decision.reason = ex.reason
     decision.act_bits = cfg.act_bits
-    decision.act_quantizer = ("per-tensor, nearest" if name in _CONV else "per-row, nearest") + \
+    decision.act_quantizer = ("per-sample, nearest" if name in _CONV else "per-row, nearest") + \
         _unsigned(a_unsigned, "; P " if name == "scaled_dot_product_attention" else ", ")
     decision.weight_bits = cfg.weight_bits if weighty else cfg.act_bits
     decision.weight_quantizer = "per-output-channel, nearest" if weighty else \
