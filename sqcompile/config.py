@@ -150,8 +150,9 @@ class Config(OpConfig):
     norm            "l1"      "l1" replaces Batch/Layer/Group/RMS norms by L1 norms, "keep"
                               leaves them alone
     norm_bits       8         bits of a norm's input and of the gradient into its backward
-    l1_scale        1.2533    c in ``(x - mean) / (c * mean|x - mean| + eps)``; sqrt(pi/2)
-                              matches the L2 norm's scale on Gaussian inputs
+    l1_scale        1.2533    c in the L1 norm's ``sigma = c * mean|x - mean|``, which takes
+                              the standard deviation's place in ``sqrt(sigma**2 + eps)``;
+                              sqrt(pi/2) matches the L2 norm's scale on Gaussian inputs
     execution       "auto"    "simulate": quantize-dequantize around float ops; "integer":
                               int8 GEMMs; "auto": integer where available, else simulate
     kernels         "auto"    "torch": torch/oneDNN implementations; "triton": Triton

@@ -453,9 +453,9 @@ def test_linear_with_a_1d_weight_is_the_dot_product_form():
     assert w.grad.shape == w.shape and rel(w.grad, x.sum(0)) < 0.02
 
 
-def test_rms_norm_without_eps_gets_the_root_of_the_dtypes_epsilon():
-    """``nn.RMSNorm(eps=None)`` means eps = finfo(dtype).eps in PyTorch: the L1 norm gets its
-    square root, as for the same eps given explicitly (a row of zeros bounded the same)."""
+def test_rms_norm_without_eps_gets_the_dtypes_epsilon():
+    """``nn.RMSNorm(eps=None)`` means eps = finfo(dtype).eps in PyTorch: the L1 norm gets the
+    same, as for that eps given explicitly (a row of zeros bounded the same)."""
     x = torch.randn(3, 8) * 1e-5
     x[1] = 0
     results = []

@@ -25,9 +25,10 @@ EPS = 1e-5
 # --------------------------------------------------------------------------------------------
 
 def ref_l1(x, dims, center=True, eps=EPS):
-    """(x - mean) / (c * mean|x - mean| + eps) over ``dims``, or x / (c * mean|x| + eps)."""
+    """(x - mean) / sqrt(sigma**2 + eps), sigma = c * mean|x - mean| over ``dims`` (the RMS
+    kind: x and c * mean|x|)."""
     z = x - x.mean(dims, keepdim=True) if center else x
-    return z / (C * z.abs().mean(dims, keepdim=True) + eps)
+    return z / torch.sqrt((C * z.abs().mean(dims, keepdim=True)) ** 2 + eps)
 
 
 def affine(y, w, b, shape):
@@ -89,7 +90,7 @@ def bn_eval_case(shape):
 
     def ref(x, w, b):
         rm, rv = running_stats(c, torch.promote_types(x.dtype, torch.float32))
-        y = (x - rm.reshape(channel_shape(x))) / (rv.sqrt().reshape(channel_shape(x)) + EPS)
+        y = (x - rm.reshape(channel_shape(x))) / (rv.reshape(channel_shape(x)) + EPS).sqrt()   # PyTorch's eval
         return affine(y, w, b, channel_shape(x))
 
     return Case(f"bn{len(shape)}d_eval", shape, (c,), True, run, ref,
@@ -298,7 +299,7 @@ def test_running_stats_follow_momentum_and_eval_uses_them(bits):
     y = l1_batch_norm(x, rm, rv, w, b, False, 0.1, EPS, norm_bits=bits)
     xs = x if bits is None else numerics.fake_quantize(x, bits, (1,))
     shape = channel_shape(x)
-    want = (xs - em.reshape(shape)) / (ev.sqrt().reshape(shape) + EPS) * w.reshape(shape) + b.reshape(shape)
+    want = (xs - em.reshape(shape)) / (ev.reshape(shape) + EPS).sqrt() * w.reshape(shape) + b.reshape(shape)
     torch.testing.assert_close(y, want)
     torch.testing.assert_close(rm, em)                                     # eval: no update
     torch.testing.assert_close(rv, ev)
@@ -420,7 +421,7 @@ def test_inductor_reads_a_rows_input_once_and_stores_its_gradient_as_int8():
     """Compiled for the CPU with Inductor, the 8-bit L1 LayerNorm's forward is one loop over the
     rows (each row's maximum, quantization, sums and output while it is in cache), and its
     backward keeps the stochastically rounded gradient as int8 for the weight and bias sums.
-    Saving the derived statistics (scale, mean, ``1 / (sigma + eps)``) made them outputs that
+    Saving the derived statistics (scale, mean, ``1 / sqrt(sigma**2 + eps)``) made them outputs that
     Inductor computed in loops of their own, four passes over the input; the quantized gradient
     was stored as the float32 values before the int8 conversion."""
     import re
@@ -434,7 +435,7 @@ def test_inductor_reads_a_rows_input_once_and_stores_its_gradient_as_int8():
     assert forward.count("#pragma omp for") == 1, forward
     full = re.compile(r"empty_strided_cpu\(\(64, 256\), \(256, 1\), torch\.(\w+)\)")
     assert sorted(full.findall(backward)) == ["float32", "int8"], backward     # dx, and the gradient's integers
-    y = l1_layer_norm(x.detach(), (256,), layer.weight, layer.bias, layer.eps ** 0.5, norm_bits=8)
+    y = l1_layer_norm(x.detach(), (256,), layer.weight, layer.bias, layer.eps, norm_bits=8)
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in (x, layer.weight, layer.bias))
 

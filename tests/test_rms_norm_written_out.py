@@ -157,7 +157,7 @@ def test_kept_norm_computes_what_the_written_out_form_computes(spelling, options
 
 @pytest.mark.parametrize("spelling", list(SPELLINGS))
 def test_default_options_give_the_l1_rms_norm_where_the_norm_is(spelling):
-    """Output and gradients are those of ``sqcompile.norms.l1_rms_norm`` (8 bits, ``sqrt(eps)``,
+    """Output and gradients are those of ``sqcompile.norms.l1_rms_norm`` (8 bits, the module's ``eps``,
     the written weight) applied to the input, with the same gradient rounding noise."""
     _, weight, k = SPELLINGS[spelling]
     model = Net(SPELLINGS[spelling][0], linears=False)
@@ -168,7 +168,7 @@ def test_default_options_give_the_l1_rms_norm_where_the_norm_is(spelling):
     w = model.norm.weight.detach().clone().requires_grad_(True)
     gamma = {None: None, "w": w, "1+w": 1.0 + w}[weight]
     torch.manual_seed(7)
-    want = l1_rms_norm(xr, x.shape[-k:], gamma, math.sqrt(EPS), norm_bits=8)
+    want = l1_rms_norm(xr, x.shape[-k:], gamma, EPS, norm_bits=8)
     want.backward(torch.linspace(-1, 1, want.numel()).reshape(want.shape))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], xr.grad, rtol=1e-5, atol=1e-5)
@@ -306,10 +306,10 @@ def test_dynamic_true_matches_with_eps_a_graph_input(spelling):
         assert "F.rms_norm(" in rec.graphs["rewritten"] and f", {eps})" in rec.graphs["rewritten"]
         assert isinstance(_norm_rows(rec)[0].shapes[0][0], str)            # a symbolic batch size
     assert not counters["graph_break"], dict(counters["graph_break"])
-    # and the L1 norm by default, with sqrt(eps)
+    # and the L1 norm by default, with the module's eps
     model = Net(SPELLINGS[spelling][0])
     run = torch.compile(model, backend="shiftquant", dynamic=True)
     run(x).sum().backward()
     (norm,) = _norm_rows(latest_records()[-1])
     assert norm.op == "rms_norm" and norm.quantized and norm.note == NOTE
-    assert f"{math.sqrt(EPS):g}" in latest_records()[-1].graphs["rewritten"]
+    assert f"{EPS:g}" in latest_records()[-1].graphs["rewritten"]

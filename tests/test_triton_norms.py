@@ -69,7 +69,7 @@ def _float_reference(xc, w, b, center, dy):
     wf = None if w is None else w.detach().float().requires_grad_()
     bf = None if b is None else b.detach().float().requires_grad_()
     z = xc - xc.mean(1, keepdim=True) if center else xc
-    y = z / (C * z.abs().mean(1, keepdim=True) + EPS)
+    y = z / torch.sqrt((C * z.abs().mean(1, keepdim=True)) ** 2 + EPS)
     y = y if wf is None else y * wf
     y = y if bf is None else y + bf
     y.backward(dy)
@@ -97,7 +97,7 @@ def check_forward(shape, dtype, center, affine, seed=0):
     mean_ref = xc.mean(1, keepdim=True) if center else torch.zeros_like(mean)
     sigma = C * (xc - mean_ref).abs().mean(1, keepdim=True)
     torch.testing.assert_close(mean, mean_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(inv, 1.0 / (sigma + EPS), rtol=1e-5, atol=0)
+    torch.testing.assert_close(inv, 1.0 / torch.sqrt(sigma * sigma + EPS), rtol=1e-5, atol=0)
 
 
 def check_output_quantized(shape, dtype, out_bits):

@@ -12,7 +12,7 @@ Forward (:func:`l1_norm`), per row, in float32 whatever the input dtype:
    :func:`sqcompile.numerics.quantize` (the device functions are
    :mod:`~sqcompile.kernels.triton_quant`'s);
 2. ``xc = q * s``; ``mean = sum(xc) / L`` (centered kinds); ``sigma = c * sum|xc - mean| / L``;
-   ``inv = 1 / (sigma + eps)``; ``y = (xc - mean) * inv * weight + bias``, rounded to ``x``'s
+   ``inv = 1 / sqrt(sigma**2 + eps)``; ``y = (xc - mean) * inv * weight + bias``, rounded to ``x``'s
    dtype;
 3. with ``out_bits`` (:func:`l1_norm_quantized`, what the fusion pass uses when the norm's
    only consumers quantize its output per row for a GEMM): ``y`` is not written; the kernel
@@ -26,9 +26,9 @@ the backward reads, instead of the float input.
 Backward (:func:`l1_norm_backward`): the incoming gradient is quantized per row at
 ``grad_bits`` with stochastic rounding (the noise of ``triton_quantize`` for the same seed and
 layout: element ``(r, l)`` of an ``[R, L]`` tensor gets the same draw), dequantized, and
-``dx = (g - mean(g) - c * mean(g * xhat) * (sign(xhat) - mean(sign xhat))) * inv`` with
-``g = dy * weight`` (the RMS kind drops the two mean corrections; :mod:`sqcompile.norms`
-derives it).  ``dweight = sum_rows dy * xhat`` and ``dbias = sum_rows dy`` are summed per
+``dx = (g - mean(g) - c * (sigma * inv) * mean(g * xhat) * (sign(xhat) - mean(sign xhat))) * inv``
+with ``g = dy * weight`` and ``sigma * inv = c * mean|xhat|`` (the RMS kind drops the two mean
+corrections; :mod:`sqcompile.norms` derives it).  ``dweight = sum_rows dy * xhat`` and ``dbias = sum_rows dy`` are summed per
 program over its rows in registers, then over programs with ``torch.sum`` (deterministic).
 :func:`l1_norm_backward_residual` also adds the residual stream's gradient to ``dx`` in the
 kernel (a pre-norm block's ``residual + dx``, which is all that is written) and can give that
@@ -89,7 +89,7 @@ def _l1_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr,
         mean = tl.zeros((BLOCK_R,), dtype=tl.float32)
         z = xc
     sigma = l1_scale * tl.math.div_rn(tl.sum(tl.abs(z), axis=1), L * 1.0)
-    inv = tl.math.div_rn(1.0, sigma + eps)
+    inv = tl.math.div_rn(1.0, tl.sqrt_rn(sigma * sigma + eps))
     tl.store(mean_ptr + rows, mean, mask=mask_r)
     tl.store(inv_ptr + rows, inv, mask=mask_r)
     y = z * inv[:, None]
@@ -156,7 +156,9 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
         g = dyc
         if HAS_W:
             g = g * w[None, :]
-        proj = l1_scale * tl.math.div_rn(tl.sum(g * xhat, axis=1), L * 1.0)
+        # ds / d mean|z| = c * sigma / s, and sigma / s = c * mean|xhat| (xhat = z / s)
+        ratio = l1_scale * tl.math.div_rn(tl.sum(tl.abs(xhat), axis=1), L * 1.0)
+        proj = l1_scale * ratio * tl.math.div_rn(tl.sum(g * xhat, axis=1), L * 1.0)
         sgn = tl.where(xhat > 0.0, 1.0, tl.where(xhat < 0.0, -1.0, 0.0))
         if CENTER:
             g = g - tl.math.div_rn(tl.sum(g, axis=1), L * 1.0)[:, None]

@@ -6,9 +6,9 @@ with the node's own arguments, so BatchNorm keeps updating the module's own runn
 buffers (``state_dict`` keys and meaning are unchanged; see :func:`sqcompile.norms.l1_batch_norm`
 for what ``running_var`` holds).
 
-``eps``: the L2 norm's ``eps`` sits under a square root (``sqrt(var + eps)``) and the L1 norm's
-does not (``sigma + eps``), so the rewritten node gets ``sqrt(eps)``: the denominator keeps the
-same floor, and a constant channel's gradient stays as bounded as in the L2 layer.
+``eps`` is passed as the node has it (a number, ``None`` for RMSNorm's dtype default, or under
+``dynamic=True`` a graph input): the L1 norm puts it under the root as the L2 norm does,
+``sqrt(sigma**2 + eps)`` (see :mod:`sqcompile.norms`).
 
 With the ``"triton"`` kernel family (``kernels="triton"``, or ``"auto"`` on CUDA), LayerNorm
 and RMSNorm run on the one-kernel Triton L1 norm (:mod:`sqcompile.kernels.triton_norm`) when
@@ -22,10 +22,8 @@ BatchNorm and GroupNorm stay on the torch implementation.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional
 
-import torch
 import torch.fx as fx
 
 from .. import norms
@@ -76,14 +74,6 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, targe
         record.add(decision)
         return
 
-    eps = args["eps"]
-    if eps is None and name == "rms_norm":     # PyTorch's default: the input dtype's machine epsilon
-        eps = torch.finfo(example_value(args["input"]).dtype).eps
-    if isinstance(eps, (int, float)):
-        args["eps"] = math.sqrt(eps)
-    elif isinstance(eps, fx.Node):    # a graph input under dynamic shapes (an unspecialized float)
-        with gm.graph.inserting_before(node):
-            args["eps"] = gm.graph.call_function(operator.pow, (eps, 0.5))
     positional = tuple(args[k] for k in names)
     bits = cfg.norm_bits if cfg.quantize else None        # quantize=False: float L1 norm
     kwargs = {"l1_scale": cfg.l1_scale, "norm_bits": bits, "grad_bits": bits}
