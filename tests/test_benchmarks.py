@@ -1,7 +1,7 @@
 """The benchmark scripts still run: a tiny Linear step through ``benchmarks/linear.py``
-(speed itself is measured by the scripts, never asserted here), the host-cost table, and
-the sm_90 instruction counts (whose one structural property, no division per element in
-nearest rounding, is asserted)."""
+(speed itself is measured by the scripts, never asserted here), the host-cost table, the
+gradient-scale diagnosis, and the sm_90 instruction counts (whose one structural property, no
+division per element in nearest rounding, is asserted)."""
 import os
 import subprocess
 import sys
@@ -51,3 +51,14 @@ def test_sass_counts_show_no_division_per_element_in_nearest_rounding():
     instructions, per_element, mufu, calls, spilled = [c.strip() for c in row.split("|")[2:7]]
     assert int(mufu) <= 8 and int(calls) <= 8 and int(spilled) == 0, row
     assert float(per_element) < 30, row
+
+
+def test_grad_scales_benchmark_runs():
+    """``benchmarks/grad_scales.py`` prints one row per Linear of the char transformer and a mean."""
+    pytest.importorskip("gensim")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "grad_scales.py"), "--steps", "1",
+                          "--draws", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "Linear" not in line]
+    assert len(rows) == 10 and rows[-1].startswith("| mean"), res.stdout
+    assert res.stdout.rstrip().endswith("python benchmarks/grad_scales.py --steps 1 --draws 1")
