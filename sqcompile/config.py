@@ -49,8 +49,8 @@ OP_NAMES = (
 
 # Options that may differ from module to module (the rest are global to one compile).
 PER_OP_FIELDS = (
-    "quantize", "weight_bits", "act_bits", "grad_bits", "groups", "unsigned_acts", "norm", "norm_bits", "l1_scale",
-    "execution", "kernels", "fused_attention",
+    "quantize", "weight_bits", "act_bits", "grad_bits", "groups", "grad_outer_scale", "unsigned_acts", "norm",
+    "norm_bits", "l1_scale", "execution", "kernels", "fused_attention",
 )
 
 
@@ -85,6 +85,7 @@ class OpConfig:
     act_bits: int = 4
     grad_bits: int = 4
     groups: int = 4
+    grad_outer_scale: bool = False
     unsigned_acts: bool = True
     norm: str = "l1"
     norm_bits: int = 8
@@ -108,6 +109,8 @@ class OpConfig:
                 f"past {MAX_GROUPS} rungs the smallest group's scale is below 2**-{MAX_GROUPS} of "
                 "the largest and its channels round to zero at any bit width)",
             )
+        if not isinstance(self.grad_outer_scale, bool):
+            raise _bad("grad_outer_scale", self.grad_outer_scale, "True or False")
         if not isinstance(self.unsigned_acts, bool):
             raise _bad("unsigned_acts", self.unsigned_acts, "True or False")
         if self.norm not in NORM_CHOICES:
@@ -141,6 +144,17 @@ class Config(OpConfig):
                               with stochastic rounding
     groups          4         ShiftQuant groups on the power-of-two ladder (1..8); 1 is
                               per-tensor quantization
+    grad_outer_scale False    True: each backward GEMM's gradient also gets one float scale
+                              per index of its free axis (per token for ``dX = dY W``, per
+                              output feature for ``dW = dY^T X``), applied in the GEMM's
+                              epilogue; ShiftQuant then groups the reduction axis of the
+                              gradient divided by it.  Same integer GEMMs, one more pass
+                              over the gradient (its free-axis maxima).  Linear / matmul /
+                              einsum / attention / RNN GEMMs; convolutions ignore it (their
+                              ``dX`` sums over positions, so a per-position scale does not
+                              factor out).  Attention takes the unfused ops (the fused
+                              kernels' ShiftQuant has no outer scale); with collect_stats
+                              the gradient SQNR is the divided gradient's
     unsigned_acts   True      activations that are non-negative by construction (a ReLU's,
                               a softmax's or a sigmoid's output, pooled or reshaped) are
                               quantized unsigned: ``act_bits`` 4 gives them 16 levels

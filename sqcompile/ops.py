@@ -392,7 +392,7 @@ class _QuantMatmul(torch.autograd.Function):
     """``a [B, M, K] @ b [B, K, N]`` with quantized operands and ShiftQuant-ed gradients."""
 
     @staticmethod
-    def forward(ctx, a, b, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, b_role):
+    def forward(ctx, a, b, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, b_role, outer=False):
         ks = kernel_set(kernels)
         qa, sa = _quantize(ks, stats, "act", a, a_bits, [0, 1], False)     # per (batch, row)
         qb, sb = _quantize(ks, stats, b_role, b, b_bits, [0, 2], False)    # per (batch, column)
@@ -401,7 +401,7 @@ class _QuantMatmul(torch.autograd.Function):
             ctx.save_for_backward(qa, sa, qb, sb)
         else:
             ctx.save_for_backward(qa, N.amax(a, [0, 1]), qb, N.amax(b, [0, 2]))
-        ctx.cfg = (grad_bits, groups, integer, ks, stats, a.dtype, b.dtype)
+        ctx.cfg = (grad_bits, groups, integer, ks, stats, a.dtype, b.dtype, outer)
         ctx.needs = ctx.needs_input_grad[:2]
         ctx.col_major = (_col_major(a), _col_major(b))
         return _gemm(ks, qa, sa, qb, sb, integer, a.dtype)
@@ -411,25 +411,50 @@ class _QuantMatmul(torch.autograd.Function):
         qa, sa, qb, sb = ctx.saved_tensors
         if ctx.maxima is not None:
             sa, sb = (N.scale_of_amax(m, bits) for m, bits in zip((sa, sb), ctx.maxima))
-        grad_bits, groups, integer, ks, stats, a_dtype, b_dtype = ctx.cfg
+        grad_bits, groups, integer, ks, stats, a_dtype, b_dtype, outer = ctx.cfg
         da = db = None
         # Each gradient is produced in its input's memory order (a column-major input, such as
         # a Linear's ``weight.t()`` or attention's ``K^T``, gets (dX^T)^T), so the view
         # backward that follows is free instead of a transposing copy.
         a_cm, b_cm = ctx.col_major
         if ctx.needs[0]:   # dA = (dY * sB) @ qB^T, reduction over n
-            e, s = _shiftquant(ks, stats, "grad_dx", dy, grad_bits, groups, [0, 2], prescale=sb)
+            e, s = _gradient(ks, stats, "grad_dx", dy, grad_bits, groups, [0, 2], sb, [0, 1] if outer else None)
             if a_cm:
-                da = _gemm(ks, qb, None, e.transpose(-1, -2), s, integer, a_dtype).transpose(-1, -2)
+                da = _gemm(ks, qb, None, e.transpose(-1, -2), _t(s), integer, a_dtype).transpose(-1, -2)
             else:
                 da = _gemm(ks, e, s, qb.transpose(-1, -2), None, integer, a_dtype)
         if ctx.needs[1]:   # dB = qA^T @ (dY * sA), reduction over m
-            e, s = _shiftquant(ks, stats, "grad_dw", dy, grad_bits, groups, [0, 1], prescale=sa)
+            e, s = _gradient(ks, stats, "grad_dw", dy, grad_bits, groups, [0, 1], sa, [0, 2] if outer else None)
             if b_cm:
-                db = _gemm(ks, e.transpose(-1, -2), s, qa, None, integer, b_dtype).transpose(-1, -2)
+                db = _gemm(ks, e.transpose(-1, -2), _t(s), qa, None, integer, b_dtype).transpose(-1, -2)
             else:
                 db = _gemm(ks, qa.transpose(-1, -2), None, e, s, integer, b_dtype)
-        return da, db, None, None, None, None, None, None, None, None
+        return da, db, None, None, None, None, None, None, None, None, None
+
+
+def _gradient(ks: KernelSet, stats: Optional[str], role: str, dy, bits, groups, channel_dims, prescale,
+              outer_dims: Optional[List[int]]):
+    """``(e, s)``: ShiftQuant of ``dy * prescale`` for a backward GEMM whose reduction runs
+    over ``channel_dims``; ``s`` is the GEMM's scale for ``e``.
+
+    ``outer_dims`` (``grad_outer_scale=True``): the dims that stay in the GEMM's output (the
+    batch and the free axis: tokens for ``dX``, output features for ``dW``).  The gradient is
+    first divided by its maximum ``r`` per index of those dims, ShiftQuant'd, and ``s = base *
+    r`` is one factor per row (``dX``) or column (``dW``) of the product, which the GEMM
+    applies in its epilogue as it does the forward's per-row scales: the integer GEMM is the
+    same, and a token whose gradient is small no longer shares its steps with the largest."""
+    if outer_dims is None:
+        return _shiftquant(ks, stats, role, dy, bits, groups, channel_dims, prescale=prescale)
+    y = N.apply_prescale(dy.float(), prescale, channel_dims)
+    r = N.amax(y, outer_dims)
+    r = torch.where(r > 0, r, torch.ones_like(r))       # an all-zero row stays zero
+    e, s = _shiftquant(ks, stats, role, y / r, bits, groups, channel_dims)
+    return e, s * r
+
+
+def _t(s: torch.Tensor) -> torch.Tensor:
+    """A GEMM scale for the transposed operand: rows become columns (a scalar stays)."""
+    return s.transpose(-1, -2) if s.dim() >= 2 else s
 
 
 def _col_major(t: torch.Tensor) -> bool:
@@ -494,7 +519,7 @@ def _check_dtypes(name: str, args) -> None:
 
 @_autocast_like
 def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: int, integer: bool,
-                     kernels: str = "torch", stats: Optional[str] = None):
+                     kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False):
     """``torch.matmul`` semantics (1-D operands, broadcasting batch dims) with quantization."""
     if a.dim() == 0 or b.dim() == 0:
         raise ValueError("quantized_matmul needs operands with at least one dim")
@@ -509,7 +534,7 @@ def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: 
     b3 = _flatten_batch(b.expand(*batch, *b.shape[-2:]))
     if a3.shape[0] != b3.shape[0]:
         raise RuntimeError("quantized_matmul: batch shapes do not broadcast")  # pragma: no cover
-    y = _QuantMatmul.apply(a3, b3, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, "act_b")
+    y = _QuantMatmul.apply(a3, b3, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, "act_b", outer_scale)
     y = y.reshape(*batch, y.shape[-2], y.shape[-1])
     if squeeze_m:        # before n: a 1-d by 1-d product (a dot) leaves a 0-dim result
         y = y.squeeze(-2)
@@ -520,28 +545,29 @@ def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: 
 
 @_autocast_like
 def quantized_linear(x, weight, bias=None, *, a_bits: int, w_bits: int, grad_bits: int, groups: int,
-                     integer: bool, kernels: str = "torch", stats: Optional[str] = None):
+                     integer: bool, kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False):
     """``F.linear`` with quantized activations (per token), weights (per output feature) and
     ShiftQuant-ed gradients.  The bias is added in float.  A 1-d ``weight`` ``[in]`` is
     ``F.linear``'s dot-product form (``[..., in] -> [...]``): one output feature."""
     if weight.dim() == 1:
         y = quantized_linear(x, weight.unsqueeze(0), None, a_bits=a_bits, w_bits=w_bits, grad_bits=grad_bits,
-                             groups=groups, integer=integer, kernels=kernels, stats=stats).squeeze(-1)
+                             groups=groups, integer=integer, kernels=kernels, stats=stats,
+                             outer_scale=outer_scale).squeeze(-1)
         return y if bias is None else y + bias
     lead = x.shape[:-1]
     x3 = x.reshape(1, -1, x.shape[-1])
     y = _QuantMatmul.apply(x3, weight.t().unsqueeze(0), a_bits, w_bits, grad_bits, groups, integer, kernels, stats,
-                          "weight")
+                          "weight", outer_scale)
     y = y.reshape(*lead, weight.shape[0])
     return y if bias is None else y + bias
 
 
 @_autocast_like
 def quantized_addmm(inp, a, b, *, beta=1, alpha=1, a_bits, b_bits, grad_bits, groups, integer, kernels="torch",
-                    stats=None):
+                    stats=None, outer_scale=False):
     """``torch.addmm`` / ``torch.baddbmm``: ``beta * inp + alpha * (a @ b)``."""
     y = quantized_matmul(a, b, a_bits=a_bits, b_bits=b_bits, grad_bits=grad_bits, groups=groups, integer=integer,
-                         kernels=kernels, stats=stats)
+                         kernels=kernels, stats=stats, outer_scale=outer_scale)
     if alpha != 1:
         y = y * alpha
     if beta == 0:
@@ -913,7 +939,7 @@ def _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, p_bits
 def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, *, act_bits: int, grad_bits: int, groups: int, integer: bool,
                    kernels: str = "torch", stats: Optional[str] = None, fused: bool = False,
-                   p_bits: Optional[int] = None):
+                   p_bits: Optional[int] = None, outer_scale: bool = False):
     """``F.scaled_dot_product_attention`` in its math form, with both GEMMs (``Q K^T`` and
     ``P V``) quantized at ``act_bits``, the probabilities ``P`` at ``p_bits`` (default
     ``act_bits``; ``act_bits + 1`` is their unsigned ``act_bits``-bit quantizer, see
@@ -930,10 +956,11 @@ def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         rep = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
-    if fused and integer and kernels == "triton" and stats is None and fused_attention_unsupported(
-            query, key, value, attn_mask, dropout_p, grad_bits=grad_bits, groups=groups) is None:
+    if fused and integer and kernels == "triton" and stats is None and not outer_scale and \
+            fused_attention_unsupported(query, key, value, attn_mask, dropout_p, grad_bits=grad_bits,
+                                        groups=groups) is None:
         return _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, p_bits, grad_bits, groups)
-    q = dict(grad_bits=grad_bits, groups=groups, integer=integer, kernels=kernels)
+    q = dict(grad_bits=grad_bits, groups=groups, integer=integer, kernels=kernels, outer_scale=outer_scale)
     qk_stats, pv_stats = (None, None) if stats is None else \
         (decisions.part_key(stats, part) for part in decisions.SDPA_PARTS)
     scores = quantized_matmul(query, key.transpose(-2, -1), a_bits=act_bits, b_bits=act_bits, stats=qk_stats,
@@ -1025,7 +1052,7 @@ def parse_einsum(equation: str, n_operands: int):
 
 @_autocast_like
 def quantized_einsum(equation: str, a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: int,
-                     integer: bool, kernels: str = "torch", stats: Optional[str] = None):
+                     integer: bool, kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False):
     """Two-operand ``torch.einsum`` as one batched quantized GEMM: indices are sorted into
     batch (both operands and output), contracted (both, not output) and free ones."""
     parsed = parse_einsum(equation, 2)
@@ -1046,7 +1073,7 @@ def quantized_einsum(equation: str, a, b, *, a_bits: int, b_bits: int, grad_bits
     B = b.permute([ib.index(c) for c in batch + contr + b_free]).reshape(
         _prod(size[c] for c in batch), _prod(size[c] for c in contr), _prod(size[c] for c in b_free))
     y = quantized_matmul(A, B, a_bits=a_bits, b_bits=b_bits, grad_bits=grad_bits, groups=groups,
-                         integer=integer, kernels=kernels, stats=stats)
+                         integer=integer, kernels=kernels, stats=stats, outer_scale=outer_scale)
     order = batch + a_free + b_free
     y = y.reshape([size[c] for c in order])
     return y.permute([order.index(c) for c in out])
@@ -1097,14 +1124,14 @@ def rnn_cell_step(mode: str, gi, gh, hx):
 
 def quantized_rnn(mode: str, input, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
                   bidirectional: bool, batch_first: bool, *, a_bits: int, w_bits: int, grad_bits: int, groups: int,
-                  integer: bool, kernels: str = "torch", stats: Optional[str] = None):
+                  integer: bool, kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False):
     """``torch.lstm`` / ``torch.gru`` / ``torch.rnn_tanh`` / ``torch.rnn_relu`` with every GEMM
     quantized: the input projection of all time steps is one quantized linear per layer and
     direction, the recurrent projection one per step.  Gates, cell state and nonlinearities
     stay in float.  Returns what the torch function returns: ``(output, h_n, c_n)`` for LSTM,
     ``(output, h_n)`` for the others."""
     q = dict(a_bits=a_bits, w_bits=w_bits, grad_bits=grad_bits, groups=groups, integer=integer, kernels=kernels,
-             stats=stats)
+             stats=stats, outer_scale=outer_scale)
     lstm = mode == "lstm"
     h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
     unbatched = input.dim() == 2                                # [T, F] whatever batch_first says
