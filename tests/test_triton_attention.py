@@ -578,6 +578,16 @@ def _forward_record(model, x, **options):
     return records_for(list(model.parameters()))[-1]
 
 
+def test_outer_gradient_scale_takes_the_unfused_ops():
+    """``grad_outer_scale=True``: the fused kernels' ShiftQuant has no outer scale, so the
+    attention runs as the unfused ops (whose GEMMs take it) and the report says why."""
+    torch.manual_seed(0)
+    block, x = Block(sdpa=True), torch.randn(2, 8, 32)
+    rec = _forward_record(block, x, fused_attention=True, grad_outer_scale=True)
+    (sdpa,) = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
+    assert sdpa.region != FUSED_ATTENTION and sdpa.note.startswith("unfused attention: grad_outer_scale")
+
+
 def test_option_defaults_and_errors():
     torch.manual_seed(0)
     block, x = Block(sdpa=True), torch.randn(2, 8, 32)

@@ -1,0 +1,148 @@
+"""``grad_outer_scale=True``: one float scale per free index of each backward GEMM's gradient
+(per token for ``dX = dY W``, per output feature for ``dW = dY^T X``), applied in the GEMM's
+epilogue, with ShiftQuant on the gradient divided by it.
+
+Checked against float autograd: a token (or output feature) whose gradient is 1e4x smaller than
+the others keeps its resolution with the outer scale, where the per-tensor base scale rounds it
+to noise; both executions (simulated and int8 GEMMs); the option's validation, report and
+the ops it does not apply to (convolutions).  Both kernel families (Triton under
+``TRITON_INTERPRET=1`` on CPU)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sqcompile
+from sqcompile import ops
+from sqcompile.decisions import records_for
+from sqcompile.kernels.triton_ops import triton_available
+
+TRITON, WHY = triton_available()
+FAMILIES = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason=WHY))]
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _linear_grads(outer: bool, integer: bool, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                  kernels: str = "torch"):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    y = ops.quantized_linear(x, w, None, a_bits=8, w_bits=8, grad_bits=6, groups=3, integer=integer,
+                             kernels=kernels, outer_scale=outer)
+    y.backward(dy)
+    return x.grad, w.grad
+
+
+@pytest.mark.parametrize("kernels", FAMILIES)
+@pytest.mark.parametrize("integer", [True, False])
+def test_a_small_tokens_input_gradient_keeps_its_resolution(integer, kernels):
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 48), torch.randn(32, 48)
+    dy = torch.randn(64, 32)
+    dy[5] *= 1e-4                                          # one token with a tiny gradient
+    want = dy @ w                                          # float dX
+    errors = {}
+    for outer in (False, True):
+        draws = [_linear_grads(outer, integer, dy, x, w, kernels)[0] for _ in range(3)]
+        errors[outer] = max(rel(dx[5], want[5]) for dx in draws)
+        assert all(rel(dx, want) < 0.1 for dx in draws)    # the whole product is fine either way
+    assert errors[True] < 0.1 < 0.5 < errors[False], errors
+
+
+@pytest.mark.parametrize("kernels", FAMILIES)
+@pytest.mark.parametrize("integer", [True, False])
+def test_a_small_output_features_weight_gradient_keeps_its_resolution(integer, kernels):
+    torch.manual_seed(1)
+    x, w = torch.randn(64, 48), torch.randn(32, 48)
+    dy = torch.randn(64, 32)
+    dy[:, 7] *= 1e-4                                       # one output feature with a tiny gradient
+    want = dy.t() @ x                                      # float dW
+    errors = {}
+    for outer in (False, True):
+        draws = [_linear_grads(outer, integer, dy, x, w, kernels)[1] for _ in range(3)]
+        errors[outer] = max(rel(dw[7], want[7]) for dw in draws)
+    assert errors[True] < 0.1 < 0.5 < errors[False], errors
+
+
+def test_batched_and_transposed_operands():
+    """Attention's products: a batched matmul with a column-major second operand (``K^T``);
+    the outer scales are per (batch, row) and per (batch, column), also for the transposed
+    gradient layouts."""
+    torch.manual_seed(2)
+    a = torch.randn(3, 16, 8, requires_grad=True)
+    k = torch.randn(3, 20, 8, requires_grad=True)
+    dy = torch.randn(3, 16, 20)
+    dy[1, 4] *= 1e-4
+    dy[2, :, 3] *= 1e-4
+    y = ops.quantized_matmul(a, k.transpose(-1, -2), a_bits=8, b_bits=8, grad_bits=6, groups=3, integer=True,
+                             outer_scale=True)
+    y.backward(dy)
+    want_da, want_dk = dy @ k, (a.transpose(-1, -2) @ dy).transpose(-1, -2)
+    assert rel(a.grad, want_da.detach()) < 0.1 and rel(k.grad, want_dk.detach()) < 0.1
+    assert rel(a.grad[1, 4], want_da[1, 4].detach()) < 0.1       # the small token
+    assert rel(k.grad[2, 3], want_dk[2, 3].detach()) < 0.1       # the small key (a column of dY)
+
+
+def test_zero_gradient_rows_stay_zero():
+    x, w = torch.randn(8, 16), torch.randn(4, 16)
+    dy = torch.randn(8, 4)
+    dy[2] = 0
+    dx, dw = _linear_grads(True, True, dy, x, w)
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and not dx[2].any()
+
+
+def test_option_is_validated():
+    with pytest.raises(ValueError, match="grad_outer_scale"):
+        sqcompile.Config(grad_outer_scale=1)
+    with pytest.raises(ValueError, match="grad_outer_scale"):
+        sqcompile.Config(overrides={"fc": {"grad_outer_scale": "yes"}})
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+def test_report_says_where_it_applies_and_training_runs():
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    model = _ConvNet()
+    compiled = torch.compile(model, backend="shiftquant", options={"grad_outer_scale": True})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, target = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(compiled(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    rows = {d.op: d for d in records_for(list(model.parameters()))[-1].decisions}
+    assert rows["linear"].grad_quantizer.endswith("outer scale")
+    assert "outer" not in rows["conv2d"].grad_quantizer and "not for convolutions" in rows["conv2d"].note
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_compiled_linear_keeps_a_small_tokens_gradient(inner):
+    """Through the backend (the quantizers inlined into Inductor's loops or run op by op)."""
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    layer = nn.Linear(48, 32)
+    x = torch.randn(64, 48, requires_grad=True)
+    dy = torch.randn(64, 32)
+    dy[9] *= 1e-4
+    want = dy @ layer.weight.detach()
+    compiled = torch.compile(layer, backend="shiftquant", options={
+        "weight_bits": 8, "act_bits": 8, "grad_bits": 6, "groups": 3, "grad_outer_scale": True, "inner": inner})
+    compiled(x).backward(dy)
+    assert rel(x.grad, want) < 0.1 and rel(x.grad[9], want[9]) < 0.1
+    torch._dynamo.reset()
