@@ -35,34 +35,34 @@ def _linear_grads(outer: bool, integer: bool, dy: torch.Tensor, x: torch.Tensor,
     return x.grad, w.grad
 
 
+def _worst_errors(integer, kernels, which: int, index, seed: int):
+    """Worst relative error of the gradient slice ``index`` of ``dX`` (``which`` 0) or ``dW``
+    (1) over three stochastic-rounding draws, without and with the outer scale, when that
+    slice's ``dY`` entries are 1e-4 of the others."""
+    torch.manual_seed(seed)
+    x, w = torch.randn(64, 48), torch.randn(32, 48)
+    dy = torch.randn(64, 32)
+    dy[index if which == 0 else (slice(None), index)] *= 1e-4
+    want = dy @ w if which == 0 else dy.t() @ x            # float dX / dW
+    errors = {}
+    for outer in (False, True):
+        draws = [_linear_grads(outer, integer, dy, x, w, kernels)[which] for _ in range(3)]
+        assert all(rel(g, want) < 0.1 for g in draws)       # the whole product is fine either way
+        errors[outer] = max(rel(g[index], want[index]) for g in draws)
+    return errors
+
+
 @pytest.mark.parametrize("kernels", FAMILIES)
 @pytest.mark.parametrize("integer", [True, False])
 def test_a_small_tokens_input_gradient_keeps_its_resolution(integer, kernels):
-    torch.manual_seed(0)
-    x, w = torch.randn(64, 48), torch.randn(32, 48)
-    dy = torch.randn(64, 32)
-    dy[5] *= 1e-4                                          # one token with a tiny gradient
-    want = dy @ w                                          # float dX
-    errors = {}
-    for outer in (False, True):
-        draws = [_linear_grads(outer, integer, dy, x, w, kernels)[0] for _ in range(3)]
-        errors[outer] = max(rel(dx[5], want[5]) for dx in draws)
-        assert all(rel(dx, want) < 0.1 for dx in draws)    # the whole product is fine either way
+    errors = _worst_errors(integer, kernels, 0, 5, seed=0)   # token 5's row of dX
     assert errors[True] < 0.1 < 0.5 < errors[False], errors
 
 
 @pytest.mark.parametrize("kernels", FAMILIES)
 @pytest.mark.parametrize("integer", [True, False])
 def test_a_small_output_features_weight_gradient_keeps_its_resolution(integer, kernels):
-    torch.manual_seed(1)
-    x, w = torch.randn(64, 48), torch.randn(32, 48)
-    dy = torch.randn(64, 32)
-    dy[:, 7] *= 1e-4                                       # one output feature with a tiny gradient
-    want = dy.t() @ x                                      # float dW
-    errors = {}
-    for outer in (False, True):
-        draws = [_linear_grads(outer, integer, dy, x, w, kernels)[1] for _ in range(3)]
-        errors[outer] = max(rel(dw[7], want[7]) for dw in draws)
+    errors = _worst_errors(integer, kernels, 1, 7, seed=1)   # output feature 7's row of dW
     assert errors[True] < 0.1 < 0.5 < errors[False], errors
 
 
