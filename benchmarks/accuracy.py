@@ -25,6 +25,9 @@ about 3.5; CNN 12 min, transformer 6, GNN 3, RNN 2.5) -- far shorter training th
 
     python benchmarks/accuracy.py --threads 1                              # all four families
     python benchmarks/accuracy.py --families cnn gnn --seeds 0 1 2 --epochs cnn=3 gnn=400
+    python benchmarks/accuracy.py --families transformer --options '{"grad_outer_scale": true}'
+
+``--options`` adds sqcompile options to every quantized run (validated before any training).
 
 ``--execution`` defaults to ``simulate`` for the CNN (same numbers as integer GEMMs, but on CPU
 the int8 im2col path of convolutions is 2-3x slower than simulation, measured at 1 thread) and
@@ -48,6 +51,8 @@ from tabulate import tabulate
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+import common  # noqa: E402
+import sqcompile  # noqa: E402
 from data import DatasetMissing  # noqa: E402
 
 # family -> (example module, unit of --epochs, default epochs, default execution, extra run() kwargs)
@@ -128,7 +133,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice; 1 is much faster on a busy machine)")
     p.add_argument("--json", type=Path, default=None, help="also write every run's result dict here")
+    p.add_argument("--options", type=json.loads, default={}, metavar="JSON",
+                   help='more sqcompile options for every quantized run, e.g. \'{"grad_outer_scale": true}\'')
     args = p.parse_args(argv)
+    if not isinstance(args.options, dict):
+        raise SystemExit(f"--options takes a JSON object, got {args.options!r}")
+    sqcompile.Config(**args.options)            # a bad name or value fails here, before any training
+    common.EXTRA_OPTIONS.update(args.options)
     epochs = {f: v[2] for f, v in FAMILIES.items()}
     epochs.update(parse_epochs(args.epochs))
     if args.threads:

@@ -6,14 +6,21 @@ import sys
 from typing import Callable, List, Optional, Sequence
 
 
+# Options added to every quantized run's (``benchmarks/accuracy.py --options``), e.g.
+# ``{"grad_outer_scale": True}``: one process-wide setting instead of a parameter of every example.
+EXTRA_OPTIONS: dict = {}
+
+
 def shiftquant_options(bits: int, execution: str = "auto") -> dict:
     """W/A/G = ``bits`` with as many ShiftQuant groups (up to 4) as fit one int8 GEMM:
     4 bits G=4, 6 bits G=3, 8 bits G=1; L1 norms (the default).  ``execution="simulate"``
-    computes the same numbers with float GEMMs on dequantized values (faster on CPU for convs)."""
+    computes the same numbers with float GEMMs on dequantized values (faster on CPU for convs).
+    :data:`EXTRA_OPTIONS` is merged in last."""
     from sqcompile.numerics import fits_int8
 
     groups = max(g for g in range(1, 5) if fits_int8(bits, g))
-    return {"weight_bits": bits, "act_bits": bits, "grad_bits": bits, "groups": groups, "execution": execution}
+    return {"weight_bits": bits, "act_bits": bits, "grad_bits": bits, "groups": groups, "execution": execution,
+            **EXTRA_OPTIONS}
 
 
 def print_accuracy_table(results: List[dict]) -> None:

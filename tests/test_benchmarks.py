@@ -62,3 +62,9 @@ def test_grad_scales_benchmark_runs():
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "Linear" not in line]
     assert len(rows) == 10 and rows[-1].startswith("| mean"), res.stdout
     assert res.stdout.rstrip().endswith("python benchmarks/grad_scales.py --steps 1 --draws 1")
+
+
+def test_accuracy_benchmark_refuses_a_bad_option_before_training():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accuracy.py"), "--options",
+                          '{"grad_outer_scal": true}'], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode != 0 and "did you mean 'grad_outer_scale'" in res.stderr and "===" not in res.stdout
