@@ -158,7 +158,7 @@ class Config(OpConfig):
                               until the Triton quantizers and the fused attention implement
                               it (on CUDA it costs the attention's fusion and the GEMM
                               regions' range outputs); the char transformer's 6-bit loss
-                              gap fell from ~1.5% to ~0.4% with it (README, "Accuracy")
+                              gap fell from 1.5% to 0.6% with it (README, "Accuracy")
     unsigned_acts   True      activations that are non-negative by construction (a ReLU's,
                               a softmax's or a sigmoid's output, pooled or reshaped) are
                               quantized unsigned: ``act_bits`` 4 gives them 16 levels

@@ -28,8 +28,9 @@ Backward (:func:`l1_norm_backward`): the incoming gradient is quantized per row 
 layout: element ``(r, l)`` of an ``[R, L]`` tensor gets the same draw), dequantized, and
 ``dx = (g - mean(g) - c * (sigma * inv) * mean(g * xhat) * (sign(xhat) - mean(sign xhat))) * inv``
 with ``g = dy * weight`` and ``sigma * inv = c * mean|xhat|`` (the RMS kind drops the two mean
-corrections; :mod:`sqcompile.norms` derives it).  ``dweight = sum_rows dy * xhat`` and ``dbias = sum_rows dy`` are summed per
-program over its rows in registers, then over programs with ``torch.sum`` (deterministic).
+corrections; :mod:`sqcompile.norms` derives it).  ``dweight = sum_rows dy * xhat`` and
+``dbias = sum_rows dy`` are summed per program over its rows in registers, then over programs
+with ``torch.sum`` (deterministic).
 :func:`l1_norm_backward_residual` also adds the residual stream's gradient to ``dx`` in the
 kernel (a pre-norm block's ``residual + dx``, which is all that is written) and can give that
 sum's ShiftQuant ranges (per row, and per column by an integer atomic max) and its column
