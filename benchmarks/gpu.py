@@ -36,7 +36,9 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
    ``--unfused-attention`` with the quantized attention as separate ops instead of the fused
    Triton kernels (``fused_attention=False``); ``--dynamic`` compiled with symbolic sizes
    (``dynamic=True``, the graph Dynamo compiles after a size change; it should time as the
-   static one).  ``--block-dims 1024,4096`` also times a block of
+   static one); ``--outer-scale`` with ``grad_outer_scale=True`` (what its accuracy costs on a
+   GPU: attention unfused, the gradients' outer maxima as separate passes).  ``--block-dims
+   1024,4096`` also times a block of
    width 4096 (32 heads of 128, as Llama-7B's; bf16 and ours with CUDA graphs), where the
    GEMMs, which int8 speeds up, weigh 4x more against the per-element work (norms,
    quantizers, attention) than at width 1024.  Errors there are printed and the script goes on.
@@ -348,14 +350,14 @@ def fused_regions(model) -> str:
 
 def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_attention: bool = False,
                unfused_attention: bool = False, launched: bool = False, d: int = 1024,
-               dynamic: bool = False) -> None:
+               dynamic: bool = False, outer_scale: bool = False) -> None:
     """One block width ``d`` (heads of 64 up to d 1024, of 128 above, as in Llama-7B's d 4096).
     The optional variants (``--ablate-fusion`` ...) run at ``d`` 1024 only."""
     heads = d // 64 if d <= 1024 else d // 128
     tag = "3 block" if d == 1024 else f"3 block{d}"
     print(f"\n[3] Transformer block training step (d {d}, {heads} heads, seq 1024, batch 8)", flush=True)
     if d != 1024:
-        ablate_fusion = float_attention = unfused_attention = launched = dynamic = False
+        ablate_fusion = float_attention = unfused_attention = launched = dynamic = outer_scale = False
     torch.manual_seed(0)
     base = Block(d, heads).cuda().bfloat16()
     x = torch.randn(8, 1024, d, device="cuda", dtype=torch.bfloat16)
@@ -393,6 +395,9 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_att
     if unfused_attention:  # the quantized attention as separate quantizers, GEMMs and softmax
         variants.append(("shiftquant integer/triton, CUDA graphs, attention unfused",
                          lambda m: shiftquant(m, cudagraphs=True, fused_attention=False), True))
+    if outer_scale:  # grad_outer_scale=True: its cost (unfused attention, no region ranges, one more pass)
+        variants.append(("shiftquant integer/triton, CUDA graphs, grad_outer_scale",
+                         lambda m: shiftquant(m, cudagraphs=True, grad_outer_scale=True), True))
     for name, make, fuse in variants:
         def on_alarm(signum, frame):
             raise _Timeout(f"compile + first step took more than {timeout_s} s")
@@ -543,6 +548,9 @@ def main() -> int:
                              "separate ops (fused_attention=False)")
     parser.add_argument("--dynamic", action="store_true",
                         help="part 3 also times the captured shiftquant block compiled with dynamic=True")
+    parser.add_argument("--outer-scale", action="store_true",
+                        help="part 3 also times the captured shiftquant block with grad_outer_scale=True "
+                             "(attention unfused, the gradients' outer maxima as separate passes)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the device time goes (torch.profiler) for the 8192 linear and "
                              "each block variant")
@@ -562,7 +570,8 @@ def main() -> int:
     for key, run in [("1", lambda: part_linear(args.reps)), ("2", lambda: part_quantizers(args.reps)),
                      ("4", lambda: part_norm(args.reps)), ("5", lambda: part_attention(args.reps)),
                      ("3", lambda: [part_block(args.reps, args.block_timeout, args.ablate_fusion, args.float_attention,
-                                               args.unfused_attention, args.launched, int(d), args.dynamic)
+                                               args.unfused_attention, args.launched, int(d), args.dynamic,
+                                               args.outer_scale)
                                     for d in args.block_dims.split(",")])]:
         if key not in parts:
             continue
