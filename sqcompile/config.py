@@ -149,8 +149,8 @@ class Config(OpConfig):
                               output feature for ``dW = dY^T X``), applied in the GEMM's
                               epilogue; ShiftQuant then groups the reduction axis of the
                               gradient divided by it.  Same integer GEMMs, one more pass
-                              over the gradient (its free-axis maxima).  Linear / matmul /
-                              einsum / attention / RNN GEMMs; convolutions ignore it (their
+                              over the gradient (its free-axis maxima).  Every quantized
+                              GEMM; convolutions for ``dW`` only (per output channel: their
                               ``dX`` sums over positions, so a per-position scale does not
                               factor out).  Attention takes the unfused ops (the fused
                               kernels' ShiftQuant has no outer scale); with collect_stats

@@ -588,14 +588,15 @@ class _QuantConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, a_bits, w_bits, grad_bits, groups, integer, kernels, stats, stride, padding, dilation,
-                conv_groups):
+                conv_groups, outer=False):
         ks = kernel_set(kernels)
         qx, sx = _quantize(ks, stats, "act", x, a_bits, [0], False)     # one scale per sample
         if integer:
             qx = _channels_last(qx)
         qw, sw = _quantize(ks, stats, "weight", w, w_bits, [0], False)
         ctx.save_for_backward(qx, sx, qw, sw)
-        ctx.cfg = (grad_bits, groups, integer, ks, stats, stride, padding, dilation, conv_groups, x.dtype, w.dtype)
+        ctx.cfg = (grad_bits, groups, integer, ks, stats, stride, padding, dilation, conv_groups, x.dtype, w.dtype,
+                   outer)
         ctx.needs = ctx.needs_input_grad[:2]
         if integer:
             y = im2col_conv(ks, qx, qw, stride, padding, dilation) * (sx * sw.reshape(1, -1, *[1] * (x.dim() - 2)))
@@ -607,7 +608,8 @@ class _QuantConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         qx, sx, qw, sw = ctx.saved_tensors
-        grad_bits, groups, integer, ks, stats, stride, padding, dilation, conv_groups, x_dtype, w_dtype = ctx.cfg
+        grad_bits, groups, integer, ks, stats, stride, padding, dilation, conv_groups, x_dtype, w_dtype, outer = \
+            ctx.cfg
         spatial = list(range(2, dy.dim()))
         dx = dw = None
         if ctx.needs[0]:   # reduction over output channels (and taps)
@@ -620,15 +622,15 @@ class _QuantConv(torch.autograd.Function):
             else:
                 dx = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), stride, padding,
                                     dilation, conv_groups, (True, False))[0].to(x_dtype)
-        if ctx.needs[1]:   # reduction over (batch, output positions)
-            e, s = _shiftquant(ks, stats, "grad_dw", dy, grad_bits, groups, [0, *spatial], prescale=sx)
+        if ctx.needs[1]:   # reduction over (batch, output positions); with ``outer``, a scale per output channel
+            e, s = _gradient(ks, stats, "grad_dw", dy, grad_bits, groups, [0, *spatial], sx, [1] if outer else None)
             if integer:
                 dw = (im2col_conv_weight_grad(ks, _channels_last(e), qx, qw.shape, stride, padding, dilation)
-                      * s).to(w_dtype)
+                      * s.reshape(-1, *[1] * (qw.dim() - 1))).to(w_dtype)
             else:
                 dw = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), stride, padding,
                                     dilation, conv_groups, (False, True))[1].to(w_dtype)
-        return dx, dw, None, None, None, None, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _channels_last(q: torch.Tensor) -> torch.Tensor:
@@ -833,10 +835,13 @@ def _ntuple(v, n):
 @_autocast_like
 def quantized_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, nd: int,
                    a_bits: int, w_bits: int, grad_bits: int, sq_groups: int, integer: bool,
-                   kernels: str = "torch", stats: Optional[str] = None):
+                   kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False):
     """``F.conv{nd}d`` with quantized input/weight and ShiftQuant-ed gradients.
 
-    ``padding`` may be an int, a tuple or ``"valid"``/``"same"`` as in PyTorch."""
+    ``padding`` may be an int, a tuple or ``"valid"``/``"same"`` as in PyTorch.  ``outer_scale``
+    (``grad_outer_scale``): the ``dW`` GEMM's gradient gets one scale per output channel (its
+    free axis); ``dX``'s does not (its convolution sums over positions, so a per-position scale
+    would not factor out)."""
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
@@ -848,8 +853,7 @@ def quantized_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         x = torch.nn.functional.pad(x, [p for lr in reversed(padding) for p in lr])
         padding = [0] * nd
     y = _QuantConv.apply(x, weight, a_bits, w_bits, grad_bits, sq_groups, integer, kernels, stats, stride, padding,
-                         dilation,
-                         groups)
+                         dilation, groups, outer_scale)
     if bias is not None:
         y = y + bias.reshape(1, -1, *[1] * nd)
     return y.squeeze(0) if unbatched else y

@@ -5,7 +5,7 @@ epilogue, with ShiftQuant on the gradient divided by it.
 Checked against float autograd: a token (or output feature) whose gradient is 1e4x smaller than
 the others keeps its resolution with the outer scale, where the per-tensor base scale rounds it
 to noise; both executions (simulated and int8 GEMMs); the option's validation, report and
-the ops it does not apply to (convolutions).  Both kernel families (Triton under
+convolutions (``dW`` only).  Both kernel families (Triton under
 ``TRITON_INTERPRET=1`` on CPU)."""
 import pytest
 import torch
@@ -127,7 +127,7 @@ def test_report_says_where_it_applies_and_training_runs():
     assert losses[-1] < losses[0]
     rows = {d.op: d for d in records_for(list(model.parameters()))[-1].decisions}
     assert rows["linear"].grad_quantizer.endswith("outer scale")
-    assert "outer" not in rows["conv2d"].grad_quantizer and "not for convolutions" in rows["conv2d"].note
+    assert rows["conv2d"].grad_quantizer.endswith("outer scale (dW)")
     torch._dynamo.reset()
 
 
@@ -146,3 +146,25 @@ def test_compiled_linear_keeps_a_small_tokens_gradient(inner):
     compiled(x).backward(dy)
     assert rel(x.grad, want) < 0.1 and rel(x.grad[9], want[9]) < 0.1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_a_small_output_channels_conv_weight_gradient_keeps_its_resolution(integer):
+    """A conv's ``dW`` GEMM reduces over (batch, positions): the outer scale is per output
+    channel, as for a Linear's output feature."""
+    torch.manual_seed(5)
+    x, w = torch.randn(4, 3, 8, 8), torch.randn(6, 3, 3, 3)
+    dy = torch.randn(4, 6, 8, 8)
+    dy[:, 2] *= 1e-4
+    want = torch.nn.grad.conv2d_weight(x, w.shape, dy, padding=1)
+    errors = {}
+    for outer in (False, True):
+        draws = []
+        for _ in range(3):
+            ww = w.clone().requires_grad_(True)
+            ops.quantized_conv(x, ww, None, 1, 1, 1, 1, nd=2, a_bits=8, w_bits=8, grad_bits=6, sq_groups=3,
+                               integer=integer, outer_scale=outer).backward(dy)
+            draws.append(ww.grad)
+        assert all(rel(g, want) < 0.1 for g in draws)
+        errors[outer] = max(rel(g[2], want[2]) for g in draws)
+    assert errors[True] < 0.1 < 0.5 < errors[False], errors

@@ -126,8 +126,7 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     b_bits, b_unsigned = (cfg.weight_bits, None) if weighty else \
         activation_bits(tensors[1], cfg.act_bits, cfg.unsigned_acts)
     common = dict(grad_bits=cfg.grad_bits, groups=cfg.groups, integer=ex.integer, kernels=ex.kernels)
-    outer = cfg.grad_outer_scale and name not in _CONV
-    if outer:
+    if cfg.grad_outer_scale:
         common["outer_scale"] = True
     if config.collect_stats:
         common["stats"] = stats_key(record, decision.node)
@@ -184,9 +183,8 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         "per-column, nearest (activation)" + _unsigned(b_unsigned)
     decision.grad_bits = cfg.grad_bits
     decision.groups = cfg.groups
-    decision.grad_quantizer = f"ShiftQuant G={cfg.groups}, stochastic" + (", outer scale" if outer else "")
-    if cfg.grad_outer_scale and not outer:
-        decision.note = "; ".join(n for n in (decision.note, "grad_outer_scale: not for convolutions") if n)
+    decision.grad_quantizer = f"ShiftQuant G={cfg.groups}, stochastic" + \
+        ((", outer scale (dW)" if name in _CONV else ", outer scale") if cfg.grad_outer_scale else "")
     decision.replacement = target_fn.__name__
     record.add(decision)
 
