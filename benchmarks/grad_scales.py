@@ -87,8 +87,7 @@ def quantized(dy: torch.Tensor, variant: str, bits: int, groups: int, reduction:
         return N.fake_quantize(dy.float(), bits, (reduction,), "stochastic")
     if variant == "ShiftQuant":
         return N.shiftquant(dy, bits, groups, [reduction], "stochastic").dequantize()
-    outer = N.amax(dy, [1 - reduction])                      # one factor per free index
-    outer = torch.where(outer > 0, outer, torch.ones_like(outer))
+    outer = N.safe_div_scale(N.amax(dy, [1 - reduction]))    # one factor per free index
     return N.shiftquant(dy / outer, bits, groups, [reduction], "stochastic").dequantize() * outer
 
 

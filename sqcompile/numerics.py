@@ -148,7 +148,7 @@ def round_values(v: torch.Tensor, rounding: str, noise: Optional[torch.Tensor] =
     raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
-def _safe_div_scale(scale: torch.Tensor) -> torch.Tensor:
+def safe_div_scale(scale: torch.Tensor) -> torch.Tensor:
     """The scale, 1 where it is 0 (the values there are 0 too, so they still quantize to 0).
     Subnormal scales (amax below ``qmax * 2**-126``) are divided by as they are: an earlier
     clamp to the smallest normal float changed their quotients."""
@@ -164,7 +164,7 @@ def quantize_values(x: torch.Tensor, scale: torch.Tensor, bits: int, rounding: s
     """``clamp(round(x / scale), -qmax, qmax)`` as float32 integers.  NaN inputs become 0
     here; the caller's NaN scale carries them (see the module docstring)."""
     m = qmax(bits)
-    v = x.float() / _safe_div_scale(scale)
+    v = x.float() / safe_div_scale(scale)
     q = round_values(v, rounding, noise).clamp(-m, m)
     return torch.where(q == q, q, 0.0)            # NaN -> 0 (cheaper than nan_to_num)
 

@@ -446,8 +446,7 @@ def _gradient(ks: KernelSet, stats: Optional[str], role: str, dy, bits, groups, 
     if outer_dims is None:
         return _shiftquant(ks, stats, role, dy, bits, groups, channel_dims, prescale=prescale)
     y = N.apply_prescale(dy, prescale, channel_dims).float()
-    r = N.amax(y, outer_dims)
-    r = torch.where(r > 0, r, torch.ones_like(r))       # an all-zero row stays zero
+    r = N.safe_div_scale(N.amax(y, outer_dims))          # an all-zero row stays zero
     e, s = _shiftquant(ks, stats, role, y / r, bits, groups, channel_dims)
     return e, s * r
 
