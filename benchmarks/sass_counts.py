@@ -67,13 +67,14 @@ def _cases():
              "NOISE_ALONG_C": along_c, "PRESCALE": True, "INT64": False,
              "BLOCK_C": 128 if along_c else 2, "BLOCK_L": 32 if along_c else 2048},
             4, 3, 4096)
-    for transposed, t in tq._PAIR_TILES.items():
+    for (transposed, t), outer in [*zip(tq._PAIR_TILES.items(), (False, False)), ((True, tq._PAIR_TILES[True]), True)]:
         runtime, unit = ("er_stride_n", "er_stride_m") if transposed else ("er_stride_m", "er_stride_n")
-        cases[f"shiftquant pair bf16, stochastic{', rows transposed' if transposed else ''}"] = (
+        cases[f"shiftquant pair bf16, stochastic{', rows transposed' if transposed else ''}"
+              f"{', outer scales' if outer else ''}"] = (
             tq._shiftquant_pair_kernel, {**sig["shiftquant_pair"], runtime: "i32"},
             {unit: 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_N": True,
              "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False, "BLOCK_M": t.block_c, "BLOCK_N": t.block_l,
-             **sm90.QUANT_LAYOUT_CONSTANTS},
+             **sm90.QUANT_LAYOUT_CONSTANTS, **dict(sm90.PAIR_CONSTANTS, OUTER=outer)},
             t.num_warps, 3, t.block_c * t.block_l)
     # ShiftQuant's range passes (a loop over the reduced axis: its body once, per element of a step)
     cases["shiftquant range pass, rows bf16"] = (
@@ -82,11 +83,11 @@ def _cases():
                             "n_channels": "i32"},
         dict(stride_l=1, A2=1, A_KEPT=True, PRESCALE=True, INT64=False, BLOCK_C=2, BLOCK_L=2048), 4, 3, 2 * 2048)
     bm, bn = tq._pair_geometry((1, 8192, 8192), torch.device("cpu"), False).range_block
-    cases["shiftquant pair range pass bf16 (both ways)"] = (
-        tq._absmax_pair_kernel, {"x_ptr": "*bf16", "ranges_ptr": "*i32", "pc_ptr": "*fp32", "pr_ptr": "*fp32",
-                                 "M": "i32", "N": "i32", "stride_a": "i32", "stride_m": "i32", "stride_a2": "i32",
-                                 "m_per_split": "i32"},
-        dict(stride_n=1, A2=1, PRESCALE_C=True, PRESCALE_R=True, INT64=False, BLOCK_M=bm, BLOCK_N=bn), 4, 3, bm * bn)
+    for outer, what in ((0, ""), (1, ", outer maxima"), (2, ", outer-scaled quotients")):
+        cases[f"shiftquant pair range pass bf16 (both ways){what}"] = (
+            tq._absmax_pair_kernel, sm90.PAIR_RANGE_SIGNATURE,
+            dict(sm90.PAIR_RANGE_CONSTANTS, stride_n=1, A2=1, PRESCALE_C=True, PRESCALE_R=True, INT64=False,
+                 BLOCK_M=bm, BLOCK_N=bn, OUTER=outer), 4, 3, bm * bn)
     br, bl, w = tn._block(1024, 4096, tn.FORWARD_PER_THREAD)
     cases["L1 norm forward + output quantized, rows of 1024"] = (
         tn._l1_norm_kernel, sig["l1_norm"],

@@ -11,6 +11,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --float-attention
     python benchmarks/train_step.py --models transformer --onednn   # AMX kernel vs oneDNN _int_mm
     python benchmarks/train_step.py --models transformer --saved-scales   # GEMMs saving scales, not maxima
+    python benchmarks/train_step.py --models transformer --outer-scale    # grad_outer_scale flipped too
     python benchmarks/train_step.py --models transformer --peak-memory
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sqcompile  # noqa: E402,F401
+from sqcompile.config import OpConfig  # noqa: E402
 from sqcompile.kernels import amx  # noqa: E402
 from _timing import add_threads_argument, interleaved, median_ms, median_ratio, start  # noqa: E402
 
@@ -157,6 +159,9 @@ def variants(args, name):
         out += [(f"{label}, oneDNN GEMMs", dict(options, _engine="onednn"), False) for label, options, _ in out[1:]]
     if args.saved_scales:
         out.append((f"{tag}, GEMMs save scales", dict(bits, _saved_scales=True), False))
+    if args.outer_scale:
+        flipped = not OpConfig().grad_outer_scale
+        out.append((f"{tag}, grad_outer_scale={flipped}", dict(bits, grad_outer_scale=flipped), False))
     if args.bf16:
         out.append(("bf16 autocast eager (reference)", None, True))
     return out
@@ -249,6 +254,9 @@ def main(argv=None):
                    help="also time the shiftquant step with its quantized GEMMs saving their operands' scales "
                         "for backward instead of their channel maxima (which let Inductor keep a norm or a "
                         "softmax and the next GEMM's quantizer in one loop over rows), in the same process")
+    p.add_argument("--outer-scale", action="store_true",
+                   help="also time the shiftquant step with grad_outer_scale the other way than its default, "
+                        "in the same process")
     p.add_argument("--bf16", action="store_true",
                    help="also time fp32 eager under bf16 autocast: on CPUs with AMX-BF16 tiles its GEMMs are "
                         "several times faster than both fp32 and oneDNN's int8 GEMM as PyTorch reaches it")

@@ -221,6 +221,11 @@ class KernelSet(NamedTuple):
     # on, graphs keep ``int8_mm`` + elementwise ops, which region fusion turns into one
     # generated kernel with the whole epilogue chain.  ``None``: the family has none.
     scaled_mm: Optional[Callable] = None
+    # ``(x, bits, groups, channel_dims, outer_dims, stochastic, prescale) -> (e, s)``:
+    # :func:`shiftquant_outer` in the family's own kernels.  ``None``: the composition of
+    # :func:`shiftquant_outer` over the family's ``shiftquant`` (the torch family: a fusing
+    # compiler makes its elementwise ops and reductions into loops of its own).
+    shiftquant_outer: Optional[Callable] = None
 
 
 KERNEL_SETS: Dict[str, KernelSet] = {}
@@ -438,16 +443,36 @@ def _gradient(ks: KernelSet, stats: Optional[str], role: str, dy, bits, groups, 
     over ``channel_dims``; ``s`` is the GEMM's scale for ``e``.
 
     ``outer_dims`` (``grad_outer_scale=True``): the dims that stay in the GEMM's output (the
-    batch and the free axis: tokens for ``dX``, output features for ``dW``).  The gradient is
-    first divided by its maximum ``r`` per index of those dims, ShiftQuant'd, and ``s = base *
-    r`` is one factor per row (``dX``) or column (``dW``) of the product, which the GEMM
-    applies in its epilogue as it does the forward's per-row scales: the integer GEMM is the
-    same, and a token whose gradient is small no longer shares its steps with the largest."""
+    batch and the free axis: tokens for ``dX``, output features for ``dW``), for
+    :func:`shiftquant_outer`: ``s`` is then one factor per row (``dX``) or column (``dW``) of
+    the product, which the GEMM applies in its epilogue as it does the forward's per-row
+    scales."""
     if outer_dims is None:
         return _shiftquant(ks, stats, role, dy, bits, groups, channel_dims, prescale=prescale)
-    y = N.apply_prescale(dy, prescale, channel_dims).float()
-    r = N.safe_div_scale(N.amax(y, outer_dims))          # an all-zero row stays zero
-    e, s = _shiftquant(ks, stats, role, y / r, bits, groups, channel_dims)
+    if stats is None and ks.shiftquant_outer is not None:
+        return ks.shiftquant_outer(dy, bits, groups, channel_dims, outer_dims, True, prescale)
+    quantizer = functools.partial(_shiftquant_as, ks, stats, role)
+    return shiftquant_outer(quantizer, dy, bits, groups, channel_dims, outer_dims, True, prescale)
+
+
+def _shiftquant_as(ks, stats, role, x, bits, groups, channel_dims, stochastic, prescale=None):
+    return _shiftquant(ks, stats, role, x, bits, groups, channel_dims, prescale=prescale)
+
+
+def shiftquant_outer(quantizer: Callable, x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int],
+                     outer_dims: Sequence[int], stochastic: bool, prescale: Optional[torch.Tensor] = None):
+    """ShiftQuant with an outer scale (``grad_outer_scale``): ``(e, base * r)`` for
+    ``y = x * prescale``, ``r`` the maximum of ``|y|`` per index of ``outer_dims`` (the dims a
+    GEMM's output keeps; 0 taken as 1, so an all-zero row stays zero) and ``(e, base)`` the
+    ShiftQuant (``quantizer``, :func:`shiftquant`'s signature) of ``y / r``.
+
+    ShiftQuant groups the *reduction* axis under one base scale for the whole tensor; a scale
+    per *free* index (per token for ``dX = dY W``, per output feature for ``dW = dY^T X``)
+    factors out of the integer GEMM into its epilogue, so the integer GEMM is the same and a
+    token whose gradient is small no longer shares its steps with the largest."""
+    y = N.apply_prescale(x, prescale, channel_dims).float()
+    r = N.safe_div_scale(N.amax(y, outer_dims))
+    e, s = quantizer(y / r, bits, groups, channel_dims, stochastic)
     return e, s * r
 
 
@@ -911,19 +936,19 @@ class _FusedAttention(torch.autograd.Function):
     ``sqcompile::triton_attention`` / ``triton_attention_backward``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, causal, act_bits, p_bits, grad_bits, groups):
+    def forward(ctx, q, k, v, mask, scale, causal, act_bits, p_bits, grad_bits, groups, outer):
         out, *saved = torch.ops.sqcompile.triton_attention(q, k, v, mask, scale, causal, act_bits, p_bits)
         ctx.save_for_backward(*saved, mask)
-        ctx.cfg = (scale, causal, p_bits, grad_bits, groups)       # the backward quantizes P only
+        ctx.cfg = (scale, causal, p_bits, grad_bits, groups, outer)       # the backward quantizes P only
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         dq, dk, dv = torch.ops.sqcompile.triton_attention_backward(grad_out, *ctx.saved_tensors, *ctx.cfg)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, p_bits, grad_bits, groups):
+def _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, p_bits, grad_bits, groups, outer):
     # [B, H, L, D] with every outer batch dim in B: the kernels read the operands at their
     # strides (the head split of a projection is not copied) and lay the output out as the
     # query is (a transposed head split's output stored [B, L, H, D])
@@ -934,7 +959,8 @@ def _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, p_bits
     if attn_mask is not None:   # [O, H, L, S] over the flattened batch, broadcast dims kept as strides 0
         mask = attn_mask.expand(*batch, query.shape[-2], key.shape[-2])
         mask = mask.reshape(-1, heads, *mask.shape[-2:])
-    out = _FusedAttention.apply(q4, k4, v4, mask, float(scale), bool(is_causal), act_bits, p_bits, grad_bits, groups)
+    out = _FusedAttention.apply(q4, k4, v4, mask, float(scale), bool(is_causal), act_bits, p_bits, grad_bits, groups,
+                                bool(outer))
     return out.reshape(*batch, *out.shape[-2:])
 
 
@@ -959,10 +985,11 @@ def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         rep = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
-    if fused and integer and kernels == "triton" and stats is None and not outer_scale and \
+    if fused and integer and kernels == "triton" and stats is None and \
             fused_attention_unsupported(query, key, value, attn_mask, dropout_p, grad_bits=grad_bits,
                                         groups=groups) is None:
-        return _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, p_bits, grad_bits, groups)
+        return _fused_sdpa(query, key, value, attn_mask, scale, is_causal, act_bits, p_bits, grad_bits, groups,
+                           outer_scale)
     q = dict(grad_bits=grad_bits, groups=groups, integer=integer, kernels=kernels, outer_scale=outer_scale)
     qk_stats, pv_stats = (None, None) if stats is None else \
         (decisions.part_key(stats, part) for part in decisions.SDPA_PARTS)

@@ -135,6 +135,14 @@ _VIEW = {"C": "i32", "L": "i32", "stride_a": "i32", "stride_c": "i32"}
 # ``A2`` and ``stride_a2`` only.
 QUANT_LAYOUT = {"stride_a2": "i32", "q_stride_a": "i32", "q_stride_a2": "i32", "q_stride_c": "i32", "q_stride_l": "i32"}
 QUANT_LAYOUT_CONSTANTS = {"A2": 1, "SAME_LAYOUT": True}     # also the ShiftQuant pair's, as a Linear's dY launches it
+# The ShiftQuant pair's kernels as shiftquant_pair launches them without grad_outer_scale
+# (both quantizers; ``OUTER`` 1 or 2 for the range kernel's passes, True for the quantize
+# kernel, with it).
+PAIR_CONSTANTS = {"OUTER": False, "COLS": True, "ROWS": True}
+PAIR_RANGE_CONSTANTS = {"OUTER": 0, "COL_MAX": True, "ROW_MAX": True}
+PAIR_RANGE_SIGNATURE = {"x_ptr": "*bf16", "ranges_ptr": "*i32", "pc_ptr": "*fp32", "pr_ptr": "*fp32",
+                        "outer_ptr": "*fp32", "M": "i32", "N": "i32", "stride_a": "i32", "stride_m": "i32",
+                        "stride_a2": "i32", "m_per_split": "i32"}
 # Runtime arguments of the kernels that ptxas tests and benchmarks/sass_counts.py compile, as
 # launched (bf16 inputs); each kernel's unit strides are constexprs the caller adds.
 SIGNATURES = {
@@ -145,7 +153,8 @@ SIGNATURES = {
                    "prescale_ptr": "*fp32", **_VIEW, "n_cblocks": "i32", "seed_ptr": "*i64"},
     # plus er_stride_m or er_stride_n (the other one is 1)
     "shiftquant_pair": {"x_ptr": "*bf16", "ec_ptr": "*i8", "er_ptr": "*i8", "ranges_ptr": "*fp32", "bc_ptr": "*fp32",
-                        "br_ptr": "*fp32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32",
+                        "br_ptr": "*fp32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "outer_ptr": "*fp32",
+                        "sc_ptr": "*fp32", "sr_ptr": "*fp32", "M": "i32", "N": "i32",
                         "stride_a": "i32", "stride_m": "i32", "stride_a2": "i32", "out_stride_a": "i32",
                         "ec_stride_m": "i32", "n_mblocks": "i32", "seed_c_ptr": "*i64", "seed_r_ptr": "*i64"},
     "l1_norm": {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*i8",
@@ -218,7 +227,9 @@ def attention_kernels() -> dict:
     forward reads ``qV`` with the keys contiguous (the K-major operand of ``qP qV``), the
     backward ``qQ`` / ``qK`` and ``dO``'s row quantization likewise; the backward writes a fused
     projection's gradient with its ShiftQuant ranges and its bias gradient's partial sums
-    (``RANGES``, ``SUMS``, head dims up to 64), as in a transformer block."""
+    (``RANGES``, ``SUMS``, head dims up to 64), as in a transformer block; without
+    ``grad_outer_scale`` (``OUTER``: set it to 2 for the ranges kernel's second pass with it,
+    True for ``dq``), but for ``dkdv_outer``, the ``dK``/``dV`` kernel with it."""
     import triton.language as tl
     from sqcompile.kernels import triton_attention as ta
 
@@ -228,25 +239,25 @@ def attention_kernels() -> dict:
                                             "s_oh": "i32"},     # the output stored [B, L, H, D]
                 (("q", "m", "d"), ("k", "n", "d"), ("v", "n", "n"), ("o", "m", "d")), {"QMAX": 7}),
         "ranges": (ta._attention_ranges_kernel, {"stats_ptr": "*fp32", "eo_ptr": "*i8", "bo_ptr": "*fp32",
-                                                 "delta_ptr": "*fp32", "ranges_ptr": "*i32"},
-                   (*qkv, ("e", "m", "d")), {}),
+                                                 "delta_ptr": "*fp32", "ranges_ptr": "*i32", "outer_ptr": "*fp32"},
+                   (*qkv, ("e", "m", "d")), {"OUTER": 0}),
         "dkdv": (ta._attention_bwd_kv_kernel, {"qt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8",
                                                "boc_ptr": "*fp32", "eor_ptr": "*i8", "bor_ptr": "*fp32",
-                                               "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "seed_ptr": "*i64",
-                                               "dk_ptr": "*bf16", "dv_ptr": "*bf16", "H_d": "i32", "s_dh": "i32",
+                                               "delta_ptr": "*fp32", "ranges_ptr": "*fp32", "outer_ptr": "*fp32",
+                                               "seed_ptr": "*i64", "dk_ptr": "*bf16", "dv_ptr": "*bf16", "H_d": "i32", "s_dh": "i32",
                                                "rng_ptr": "*i32", "N_feat": "i32", "f0_k": "i32", "f0_v": "i32",
                                                "sum_ptr": "*fp32", "n_slots": "i32"},
                  (*qkv, ("qt", "m", "m"), ("e", "m", "d"), ("r", "m", "m"), ("d", "n", "d")),
                  {"QMAX": 7, "GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "RANGES": True, "SUMS": True,
-                  "SLOT": 64}),
+                  "SLOT": 64, "OUTER": False}),
         "dq": (ta._attention_bwd_q_kernel, {"kt_ptr": "*i8", "stats_ptr": "*fp32", "eoc_ptr": "*i8",
                                             "boc_ptr": "*fp32", "delta_ptr": "*fp32", "ranges_ptr": "*fp32",
-                                            "seed_ptr": "*i64", "dq_ptr": "*bf16", "H_d": "i32", "s_dh": "i32",
+                                            "outer_ptr": "*fp32", "seed_ptr": "*i64", "dq_ptr": "*bf16", "H_d": "i32", "s_dh": "i32",
                                             "rng_ptr": "*i32", "N_feat": "i32", "f0_q": "i32", "sum_ptr": "*fp32",
                                             "n_slots": "i32"},
                (*qkv, ("kt", "n", "n"), ("e", "m", "d"), ("d", "m", "d")),
                {"GRAD_QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_S": True, "RANGES": True,
-                "SUMS": True, "SLOT": 64}),
+                "SUMS": True, "SLOT": 64, "OUTER": False}),
     }
     kernels = {}
     for name, (kernel, pointers, layouts, consts) in specs.items():
@@ -263,6 +274,8 @@ def attention_kernels() -> dict:
                      "L": "i32", "S": "i32", "D": "i32", "BH": "i32", "scale": "fp32", "tune_key": "i32",
                      **strides}
         kernels[name] = (kernel, signature, {**unit, **consts, "DTYPE": tl.bfloat16})
+    kernel, signature, consts = kernels["dkdv"]      # its own tiles (``triton_attention.GPU_TILES``)
+    kernels["dkdv_outer"] = (kernel, signature, dict(consts, OUTER=True))
     return kernels
 
 

@@ -401,6 +401,37 @@ def test_shiftquant_pairs_change_no_value(monkeypatch):
         assert torch.equal(grads[name], ref_grads[name]), name
 
 
+def test_outer_scaled_shiftquants_pair_and_change_no_value(monkeypatch):
+    """With ``grad_outer_scale`` the two ShiftQuants of each Linear's output gradient are
+    ``triton_shiftquant_outer`` (one scale per token for ``dX``, per output feature for
+    ``dW``), which also become one pair (``outer=True``: three reads of the gradient for both
+    instead of three each), the ``dW`` operand stored transposed: bit-identical gradients,
+    stochastic draws included, to the same step with each quantizer on its own, and to
+    the eager composition of float ops around the plain ShiftQuant (the torch family's)."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(24, 24), Residual()), torch.randn(2, 5, 24)
+    opts = {"grad_outer_scale": True}
+    _, grads, rec, _ = _compile_and_step(model, x, fused=True, options=opts)
+    lines = rec.graphs["backward_fused"].splitlines()
+    pairs = [line for line in lines if "sqcompile.triton_shiftquant_pair(" in line]
+    assert len(pairs) == 2 and all(p.rstrip().endswith(", True, True)") for p in pairs), pairs
+    singles = [line for line in lines if "sqcompile.triton_shiftquant_outer(" in line]
+    assert len(singles) == 1 and singles[0].rstrip().endswith(", True)")     # the first Linear's dW, transposed
+    assert not any("sqcompile.triton_shiftquant(" in line or "triton_shiftquant_fused(" in line for line in lines)
+    monkeypatch.setattr(fusion, "_pair_shiftquants", lambda graph: 0)
+    _, ref_grads, ref_rec, _ = _compile_and_step(model, x, fused=True, options=opts)
+    assert sum("sqcompile.triton_shiftquant_outer(" in line for line in ref_rec.graphs["backward_fused"].splitlines()) == 5
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+    from sqcompile import ops
+    triton = ops.kernel_set("triton")
+    monkeypatch.setitem(ops.KERNEL_SETS, "triton", triton._replace(shiftquant_outer=None))
+    _, composed, comp_rec, _ = _compile_and_step(model, x, fused=True, options=opts)
+    assert not any("triton_shiftquant_outer(" in line for line in comp_rec.graphs["backward_fused"].splitlines())
+    for name in grads:
+        assert torch.equal(grads[name], composed[name]), name
+
+
 def test_dw_gradients_stored_transposed_change_no_value(monkeypatch):
     """The ``dW`` GEMM's ShiftQuant stores its operand transposed (no copy into the GEMM's
     layout): bit-identical gradients to the same step without that (each quantizer on its

@@ -43,9 +43,21 @@ def _ta():
     return triton_attention
 
 
-def reference(q, k, v, do, scale, causal, bits, grad_bits, groups, mask=None):
+def _shiftquant(x, bits, groups, dims, prescale, outer):
+    """``(expanded, scale)``: nearest-rounding ShiftQuant from numerics, with ``outer`` (the
+    other matrix dim's index) through ``ops.shiftquant_outer``'s composition."""
+    def plain(y, b, g, d, stochastic, prescale=None):
+        r = N.shiftquant(y, b, g, d, "nearest", prescale=prescale)
+        return r.expanded, r.base_scale
+    if not outer:
+        return plain(x, bits, groups, dims, False, prescale)
+    return ops.shiftquant_outer(plain, x, bits, groups, dims, [0, 3 - dims[1]], False, prescale)
+
+
+def reference(q, k, v, do, scale, causal, bits, grad_bits, groups, mask=None, outer=False):
     """Quantized attention forward and backward (nearest rounding) from numerics, in float32;
-    ``mask`` boolean (False: masked) or float (added), broadcastable to the scores."""
+    ``mask`` boolean (False: masked) or float (added), broadcastable to the scores; ``outer``:
+    every gradient quantizer with ``grad_outer_scale``'s outer scale."""
     qq, sq = N.quantize(q, bits, [0, 1])
     qk, sk = N.quantize(k, bits, [0, 1])
     qv, sv = N.quantize(v, bits, [0, 2])
@@ -57,15 +69,15 @@ def reference(q, k, v, do, scale, causal, bits, grad_bits, groups, mask=None):
     p = torch.softmax(s, dim=-1)
     qp, sp = N.quantize(p, bits, [0, 1])
     o = (qp.float() @ qv.float()) * sp * sv
-    do_c = N.shiftquant(do, grad_bits, groups, [0, 2], "nearest", prescale=sv)
-    do_r = N.shiftquant(do, grad_bits, groups, [0, 1], "nearest", prescale=sp)
-    dp = (do_c.expanded.float() @ qv.float().mT) * do_c.base_scale
-    dv = (qp.float().mT @ do_r.expanded.float()) * do_r.base_scale
+    do_c, do_cs = _shiftquant(do, grad_bits, groups, [0, 2], sv, outer)
+    do_r, do_rs = _shiftquant(do, grad_bits, groups, [0, 1], sp, outer)
+    dp = (do_c.float() @ qv.float().mT) * do_cs
+    dv = (qp.float().mT @ do_r.float()) * do_rs
     ds = (p * dp - p * (p * dp).sum(-1, keepdim=True)) * scale
-    ds_c = N.shiftquant(ds, grad_bits, groups, [0, 2], "nearest", prescale=sk.mT)
-    ds_r = N.shiftquant(ds, grad_bits, groups, [0, 1], "nearest", prescale=sq)
-    dq = (ds_c.expanded.float() @ qk.float()) * ds_c.base_scale
-    dk = (ds_r.expanded.float().mT @ qq.float()) * ds_r.base_scale
+    ds_c, ds_cs = _shiftquant(ds, grad_bits, groups, [0, 2], sk.mT, outer)
+    ds_r, ds_rs = _shiftquant(ds, grad_bits, groups, [0, 1], sq, outer)
+    dq = (ds_c.float() @ qk.float()) * ds_cs
+    dk = (ds_r.float().mT @ qq.float()) * ds_rs.mT
     return o, dq, dk, dv
 
 
@@ -101,14 +113,16 @@ def _mask(kind, BH, L, S, g):
     return torch.randn(1, 1, L, S, generator=g).expand(BH, 1, L, S)
 
 
-@pytest.mark.parametrize("BH,L,S,D,causal,bits,tiles,mask", [
-    (3, 37, 45, 24, False, 8, None, None),
-    (2, 40, 40, 16, True, 8, None, None),
-    (2, 33, 50, 40, False, 4, None, "bool"),
-    (2, 45, 45, 16, True, 4, (16, 32, 32, 16), None),       # forward and backward tiles differ
-    (1, 50, 30, 8, True, 6, (32, 16, 16, 32), "float"),     # L > S, causal, head dim padded to 16
+@pytest.mark.parametrize("BH,L,S,D,causal,bits,tiles,mask,outer", [
+    (3, 37, 45, 24, False, 8, None, None, False),
+    (2, 40, 40, 16, True, 8, None, None, False),
+    (2, 33, 50, 40, False, 4, None, "bool", False),
+    (2, 45, 45, 16, True, 4, (16, 32, 32, 16), None, False),       # forward and backward tiles differ
+    (1, 50, 30, 8, True, 6, (32, 16, 16, 32), "float", False),     # L > S, causal, head dim padded to 16
+    (2, 33, 50, 40, False, 4, None, "bool", True),                 # grad_outer_scale
+    (2, 45, 45, 16, True, 6, (16, 32, 32, 16), None, True),
 ])
-def test_kernels_match_the_numerics_reference(BH, L, S, D, causal, bits, tiles, mask):
+def test_kernels_match_the_numerics_reference(BH, L, S, D, causal, bits, tiles, mask, outer):
     g = torch.Generator().manual_seed(BH * 100 + L)
     q, k, v, do = (torch.randn(BH, n, D, generator=g) for n in (L, S, S, L))
     m4 = None if mask is None else _mask(mask, BH, L, S, g)
@@ -117,10 +131,17 @@ def test_kernels_match_the_numerics_reference(BH, L, S, D, causal, bits, tiles, 
     ta = _ta()
     dev = None if m4 is None else m4.to(DEVICE)
     out, *saved = ta.attention_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), dev, scale, causal, bits, tiles=t)
-    grads = ta.attention_backward(do.to(DEVICE), *saved, dev, scale, causal, bits, 4, 4, stochastic=False, tiles=t)
-    ref = reference(q, k, v, do, scale, causal, bits, 4, 4, None if m4 is None else m4.reshape(BH, L, S))
+    if outer:       # tokens whose gradient is far below the others', which the outer scale resolves
+        do[:, ::4] *= 1e-3
+    grads = ta.attention_backward(do.to(DEVICE), *saved, dev, scale, causal, bits, 4, 4, stochastic=False, tiles=t,
+                                  outer=outer)
+    ref = reference(q, k, v, do, scale, causal, bits, 4, 4, None if m4 is None else m4.reshape(BH, L, S), outer)
     for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), ref):
         _assert_matches(a, b, name)
+    if outer:       # and not the plain quantizers' result (on the small tokens' rows of dQ)
+        plain = reference(q, k, v, do, scale, causal, bits, 4, 4, None if m4 is None else m4.reshape(BH, L, S))
+        small = (slice(None), slice(None, None, 4))
+        assert rel(grads[0].cpu()[small], plain[1][small]) > 2 * rel(grads[0].cpu()[small], ref[1][small]) + 1e-3
     stats = saved[-1]
     s = (N.dequantize(*N.quantize(q, bits, [0, 1])) @ N.dequantize(*N.quantize(k, bits, [0, 1])).mT) * scale
     if causal:
@@ -211,16 +232,18 @@ def _sdpa(q, k, v, fused, seed, **kw):
     return (out.detach(), *grads)
 
 
-@pytest.mark.parametrize("dtype,causal,gqa,mask,queries", [(torch.float32, True, True, None, 21),
-                                                           (torch.bfloat16, False, False, "padding", 21),
-                                                           (torch.bfloat16, False, False, "bias", 21),
-                                                           (torch.float32, False, False, None, 1)])
-def test_fused_equals_unfused_quantized_sdpa_with_the_same_seeds(dtype, causal, gqa, mask, queries):
+@pytest.mark.parametrize("dtype,causal,gqa,mask,queries,outer", [(torch.float32, True, True, None, 21, False),
+                                                                 (torch.bfloat16, False, False, "padding", 21, False),
+                                                                 (torch.bfloat16, False, False, "bias", 21, False),
+                                                                 (torch.float32, False, False, None, 1, False),
+                                                                 (torch.bfloat16, True, False, "padding", 21, True)])
+def test_fused_equals_unfused_quantized_sdpa_with_the_same_seeds(dtype, causal, gqa, mask, queries, outer):
     """Stochastic rounding in both: the fused backward draws the unfused quantizers' seeds in
     their order and each element's noise, so the results agree up to float rounding.  Masks
     as models pass them: a boolean padding mask ``[B, 1, 1, S]``, an additive bias ``[L, S]``.
     One query: ``dS`` ``[BH, 1, S]``, whose column quantizer draws its noise along the queries
-    (``columns_noise_along_n``), not along the keys as for longer sequences."""
+    (``columns_noise_along_n``), not along the keys as for longer sequences.  With
+    ``grad_outer_scale`` (``outer_scale``) both take the outer scales."""
     g = torch.Generator().manual_seed(7)
     B, H, L, D = 2, 2, 21, 16
     qkv = torch.randn(B, L, 3, H, D, generator=g).to(DEVICE, dtype)
@@ -228,7 +251,7 @@ def test_fused_equals_unfused_quantized_sdpa_with_the_same_seeds(dtype, causal, 
     if gqa:
         k, v = k[:, :1], v[:, :1]
     q = q[:, :, :queries]
-    kw = dict(is_causal=causal, enable_gqa=gqa)
+    kw = dict(is_causal=causal, enable_gqa=gqa, outer_scale=outer)
     if mask == "padding":
         keep = torch.ones(B, 1, 1, L, dtype=torch.bool)
         keep[0, ..., 15:] = False           # right padding
@@ -578,14 +601,28 @@ def _forward_record(model, x, **options):
     return records_for(list(model.parameters()))[-1]
 
 
-def test_outer_gradient_scale_takes_the_unfused_ops():
-    """``grad_outer_scale=True``: the fused kernels' ShiftQuant has no outer scale, so the
-    attention runs as the unfused ops (whose GEMMs take it) and the report says why."""
+def test_outer_gradient_scale_runs_fused():
+    """``grad_outer_scale=True``: the fused kernels take the outer scales too (the report says
+    ``outer scale``), and a compiled training step with them matches the unfused ops'
+    (stochastic rounding, the same seeds) up to float rounding; with a packed ``qkv``
+    projection the attention gradient is still written in place."""
     torch.manual_seed(0)
-    block, x = Block(sdpa=True), torch.randn(2, 8, 32)
-    rec = _forward_record(block, x, fused_attention=True, grad_outer_scale=True)
+    block, x = Block(sdpa=True), torch.randn(2, 16, 32)
+    out, grads, rec, compiled = _compiled_step(block, x, fused_attention=True, grad_outer_scale=True)
+    ref_out, ref_grads, ref_rec, _ = _compiled_step(block, x, fused_attention=False, grad_outer_scale=True)
+    assert "sqcompile.triton_attention_backward(" in rec.graphs["backward"]
+    assert "triton_attention" not in ref_rec.graphs["backward"]
     (sdpa,) = [d for d in rec.decisions if d.op == "scaled_dot_product_attention"]
-    assert sdpa.region != FUSED_ATTENTION and sdpa.note.startswith("unfused attention: grad_outer_scale")
+    assert sdpa.region == FUSED_ATTENTION and sdpa.grad_quantizer.endswith(", outer scale")
+    assert rel(out, ref_out) < 1e-5
+    for name in grads:
+        assert rel(grads[name], ref_grads[name]) < 1e-4, name
+    model, x = _FusedProjection("split"), torch.randn(2, 16, 32)
+    _, grads, rec, _ = _compiled_step(model, x, fused_attention=True, grad_outer_scale=True)
+    _, ref_grads, _, _ = _compiled_step(model, x, fused_attention=False, grad_outer_scale=True)
+    assert "sqcompile.triton_attention_backward_packed(" in rec.graphs["backward_fused"]
+    for name in grads:
+        assert rel(grads[name], ref_grads[name]) < 1e-4, name
 
 
 def test_option_defaults_and_errors():
@@ -623,6 +660,15 @@ for d in (64, 128):
                 consts = dict(constexprs, CAUSAL=causal, MASK=masked, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=d)
                 if "RANGES" in consts:      # a fused projection's gradient ranges and bias sums: up to d 64
                     consts["RANGES"] = consts["SUMS"] = d <= 64
+                    if consts["OUTER"]:     # (with grad_outer_scale its quantizers take no ranges)
+                        consts["RANGES"] = False
+                jobs.append((key, kernel, signature, consts, t))
+            if i == 0 and name in ("ranges", "dq"):      # with grad_outer_scale, on their own tiles
+                consts = dict(constexprs, CAUSAL=True, MASK=0, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=d,
+                              OUTER=2 if name == "ranges" else True)
+                if "RANGES" in consts:
+                    consts["RANGES"], consts["SUMS"] = False, d <= 64
+                key = f"{name} d={d} {t.block_m}x{t.block_n}/{t.num_warps}w/{t.num_stages}s outer"
                 jobs.append((key, kernel, signature, consts, t))
 
 
@@ -642,16 +688,17 @@ def test_gpu_tiles_compile_for_hopper_to_warpgroup_mma_without_spills():
     every ``tl.dot`` a warpgroup MMA (no ``mma.sync``: 32-row tiles fall back to it) and no
     register spills, but in the head-dim-128 ``dK``/``dV`` kernel, at the register limit: its
     first candidate (the one used without autotuning) at most one register, the other at most
-    64 bytes (see ``triton_attention.GPU_TILES``); shared memory well within a Hopper SM's
-    227 KiB."""
+    64 bytes, and its ``grad_outer_scale`` variant (``dkdv_outer``) at most 64 bytes (see
+    ``triton_attention.GPU_TILES``); shared memory well within a Hopper SM's 227 KiB."""
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     result = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
-    assert len(result) == sum(len(tiles) + 1 for pair in _ta().GPU_TILES.values() for tiles in pair), result
+    assert len(result) == sum(len(tiles) + 1 + (name in ("ranges", "dq")) for name, pair in _ta().GPU_TILES.items()
+                              for tiles in pair), result
     for name, (spilled, legacy_mma, shared) in result.items():
         assert legacy_mma == 0 and shared <= 160 * 1024, (name, result)
         first = _ta().GPU_TILES["dkdv"][1][0]
-        allowed = 0 if not name.startswith("dkdv d=128") else (
+        allowed = 0 if not name.startswith(("dkdv d=128", "dkdv_outer")) else (
             4 if name.startswith(f"dkdv d=128 {first.block_m}x{first.block_n}/") else 64)
         assert spilled <= allowed, (name, result)
 

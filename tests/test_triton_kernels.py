@@ -622,6 +622,111 @@ def test_shiftquant_pair_int16_zero_and_bad_input():
         tq.shiftquant_pair(x, 4, 4, True, ranges=(torch.ones(2 * 45, device=DEVICE), torch.ones(3, device=DEVICE)))
 
 
+def _outer_reference(x, bits, groups, dims, outer, stochastic, prescale, seed):
+    """``ops.shiftquant_outer``'s composition over the Triton ShiftQuant (same seed) and, with
+    nearest rounding, over :func:`sqcompile.numerics.shiftquant`."""
+    tq, _ = _kernels()
+    composed = ops.shiftquant_outer(lambda z, b, g, d, st: tq.shiftquant(z, b, g, d, st, seed=seed), x, bits, groups,
+                                    dims, outer, stochastic, prescale)
+    if stochastic:
+        return composed, None
+
+    def numerics(z, b, g, d, st):
+        r = N.shiftquant(z.cpu(), b, g, d, "nearest")
+        return r.expanded, r.base_scale
+    return composed, ops.shiftquant_outer(numerics, x.cpu(), bits, groups, dims, outer, False,
+                                          None if prescale is None else prescale.cpu())
+
+
+def check_shiftquant_outer(x, bits, groups, stochastic, prescales=(None, None)):
+    """``shiftquant_outer`` along the columns (a scale per row) and along the rows (per column)
+    is the composition bit for bit, noise included; ``shiftquant_pair(outer=True)`` is the two
+    calls, result layouts included (the rows' stored transposed)."""
+    from sqcompile.kernels.triton_ops import pair_dims
+    tq, _ = _kernels()
+    cols, rows = pair_dims(x.dim())
+    singles = []
+    for dims, outer, p, seed in ((cols, rows, prescales[0], 3), (rows, cols, prescales[1], 4)):
+        got = tq.shiftquant_outer(x, bits, groups, dims, outer, stochastic, seed=seed, prescale=p)
+        composed, ref = _outer_reference(x, bits, groups, dims, outer, stochastic, p, seed)
+        for a, b in zip(got, composed):
+            _same(a, b)
+        if ref is not None:
+            for a, b in zip(got, ref):
+                _same(a.cpu(), b)
+        singles += got
+    pair = tq.shiftquant_pair(x, bits, groups, stochastic, seeds=(3, 4), prescales=prescales, outer=True,
+                              rows_transposed=True)
+    transposed = tq.shiftquant_outer(x, bits, groups, rows, cols, stochastic, seed=4, prescale=prescales[1],
+                                     transposed=True)
+    _same(transposed[0], singles[2])
+    for a, b in zip(pair, [*singles[:2], *transposed]):
+        _same(a, b)
+        assert a.stride() == b.stride()
+    return singles
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 33), (37, 45), (2, 1, 17, 40), (1, 1, 45), (3, 20, 1)])
+def test_shiftquant_outer_is_the_composition(shape):
+    """``grad_outer_scale``'s quantizer (each row or column divided by its max, ShiftQuant'd,
+    the scale ``base * max`` per row or column), fused into three passes that form the
+    quotients in registers: the composition of float ops around ShiftQuant bit for bit,
+    nearest and stochastic, with and without prescales, zero rows (scale ``base``, integers
+    0), and NaN (NaN scales, zero integers, as the composition)."""
+    from sqcompile.kernels.triton_ops import pair_dims
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-6, 1, shape, generator=g).float())
+    x[..., ::3, :] *= 1e-4           # rows (tokens) whose gradient is far below the others'
+    x = x.bfloat16()
+    if shape[-2] > 2:
+        x[..., 1, :] = 0
+    prescales = tuple((torch.rand([s if d in ds else 1 for d, s in enumerate(shape)], generator=g) + 0.5).to(DEVICE)
+                      for ds in pair_dims(len(shape)))
+    x = x.to(DEVICE)
+    e, s, _, _ = check_shiftquant_outer(x, 6, 3, False)
+    if shape[-2] > 2:
+        row = s[..., 1, :]               # scale base * 1: the same for every matrix
+        assert not e[..., 1, :].any() and torch.equal(row, row.flatten()[:1].expand_as(row))
+    check_shiftquant_outer(x, 4, 4, True, prescales)
+    x.view(-1)[x.numel() // 2] = float("nan")
+    e, s, _, _ = check_shiftquant_outer(x, 4, 4, False, prescales)
+    assert s.isnan().all() and not e.any()
+
+
+@settings(max_examples=8, deadline=None)
+@given(A=st.integers(1, 2), M=st.integers(1, 40), N_=st.integers(1, 40), bits=st.integers(2, 8),
+       groups=st.integers(1, 4), seed=st.integers(0, 2 ** 16), zero_rows=st.booleans())
+def test_shiftquant_outer_property(A, M, N_, bits, groups, seed, zero_rows):
+    """Any shape, bits and groups (int8 or int16 expanded forms), values spanning many powers
+    of two: with nearest rounding the fused quantizer is the reference composition bit for
+    bit (quotients next to rounding boundaries included: the division is exact)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(A, M, N_, generator=g) * torch.exp2(torch.randint(-30, 30, (A, M, N_), generator=g).float())
+    if zero_rows:
+        x[:, ::3] = 0
+    check_shiftquant_outer(x.to(DEVICE), bits, groups, False)
+
+
+def test_shiftquant_outer_other_layouts_and_bad_input():
+    """Layouts the fused kernels do not take (a transposed view; a conv gradient's ``dW``, one
+    scale per output channel) run as the composition; wrong arguments raise."""
+    tq, _ = _kernels()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 33, 45, generator=g).to(DEVICE)
+    for args in ((x.mT, [0, 2], [0, 1]), (torch.randn(2, 5, 3, 4, generator=g).to(DEVICE), [0, 2, 3], [1])):
+        got = tq.shiftquant_outer(args[0], 4, 4, args[1], args[2], True, seed=7)
+        for a, b in zip(got, _outer_reference(args[0], 4, 4, args[1], args[2], True, None, 7)[0]):
+            _same(a, b)
+    with pytest.raises(ValueError, match="transposed"):
+        tq.shiftquant_outer(x, 4, 4, [0, 2], [0, 1], True, transposed=True)
+    with pytest.raises(ValueError, match="groups"):
+        tq.shiftquant_outer(x, 4, 0, [0, 2], [0, 1], True)
+    with pytest.raises(ValueError, match="ranges"):
+        tq.shiftquant_pair(x, 4, 4, True, outer=True, ranges=(torch.ones(90, device=DEVICE), torch.ones(66, device=DEVICE)))
+    with pytest.raises(ValueError, match="contiguous"):
+        tq.shiftquant_pair(x.mT, 4, 4, True, outer=True)
+
+
 def test_shiftquant_int16_expanded_form():
     tq, _ = _kernels()
     x = torch.randn(3, 33, 45, generator=torch.Generator().manual_seed(21)).to(DEVICE)
@@ -922,18 +1027,19 @@ for tr, t in tq._PAIR_TILES.items():
     sizes[f"shiftquant pair transposed={tr}"] = spilled(tq._shiftquant_pair_kernel, dict(pair, **{
         "er_stride_n" if tr else "er_stride_m": "i32"}), {unit: 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4,
         "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_N": True, "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False,
-        "BLOCK_M": t.block_c, "BLOCK_N": t.block_l, **sm90.QUANT_LAYOUT_CONSTANTS}, num_warps=t.num_warps)
+        "BLOCK_M": t.block_c, "BLOCK_N": t.block_l, **sm90.QUANT_LAYOUT_CONSTANTS,
+        **dict(sm90.PAIR_CONSTANTS, OUTER=tr)}, num_warps=t.num_warps)       # transposed rows: grad_outer_scale's too
 # the fused attention's dO, read in place ([B, L, H, D]: A in two levels) and written contiguous
 t = tq._PAIR_TILES[True]
 sizes["shiftquant pair, heads in place"] = spilled(tq._shiftquant_pair_kernel, dict(pair, er_stride_n="i32", A2="i32"), {
     "er_stride_m": 1, "stride_n": 1, "QMAX": 7, "GROUPS": 4, "STOCHASTIC": True, "COLUMNS_NOISE_ALONG_N": True,
     "PRESCALE_C": True, "PRESCALE_R": True, "INT64": False, "SAME_LAYOUT": False, "BLOCK_M": t.block_c,
-    "BLOCK_N": t.block_l}, num_warps=t.num_warps)
-sig = {"x_ptr": "*bf16", "ranges_ptr": "*i32", "pc_ptr": "*fp32", "pr_ptr": "*fp32", "M": "i32", "N": "i32",
-       "stride_a": "i32", "stride_m": "i32", "stride_a2": "i32", "m_per_split": "i32"}
+    "BLOCK_N": t.block_l, **sm90.PAIR_CONSTANTS}, num_warps=t.num_warps)
 bm, bn = tq._pair_geometry((1, 8192, 8192), torch.device("cpu"), False).range_block      # as on a GPU
-sizes["absmax pair"] = spilled(tq._absmax_pair_kernel, sig, dict(stride_n=1, A2=1, PRESCALE_C=True, PRESCALE_R=True,
-                                                                 INT64=False, BLOCK_M=bm, BLOCK_N=bn))
+for outer in (0, 2):        # grad_outer_scale's second range pass: the quotients' ranges
+    sizes[f"absmax pair outer={outer}"] = spilled(tq._absmax_pair_kernel, sm90.PAIR_RANGE_SIGNATURE, dict(
+        sm90.PAIR_RANGE_CONSTANTS, stride_n=1, A2=1, PRESCALE_C=True, PRESCALE_R=True, INT64=False, BLOCK_M=bm,
+        BLOCK_N=bn, OUTER=outer))
 sig = {"x_ptr": "*i8", "y_ptr": "*i8", "R": "i32", "C": "i32", **{f"s{a}{b}": "i32" for a in "xy" for b in "brc"}}
 sizes["relayout"] = spilled(tg._relayout_kernel, sig, dict(BLOCK_R=64, BLOCK_C=64))
 found = sm90.parallel(lambda job: sm90.compile_sm90(*job[:3], num_warps=job[3])["spilled"], sizes.values())
@@ -950,7 +1056,7 @@ def test_quantizer_and_relayout_kernels_compile_for_hopper():
     pytest.importorskip("triton.backends.nvidia")
     import sm90
     spills = json.loads(sm90.run(_HOPPER_SCRIPT).strip().splitlines()[-1])
-    assert len(spills) == 16 and all(n <= 0 for n in spills.values()), spills
+    assert len(spills) == 17 and all(n <= 0 for n in spills.values()), spills
 
 
 _GEMM_HOPPER_SCRIPT = """

@@ -232,7 +232,8 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
         mode = F._fake_mode(bwd.args[0])
         quantizers = _shiftquants(result, F._val(grads[0]).shape)
         sums = _bias_sums(result, F._val(grads[0]).shape)
-        args = (*bwd.args, *layout, bool(quantizers), bool(sums))
+        outer = F._bound_args(bwd).get("outer", False)
+        args = (*bwd.args[:14], *layout, bool(quantizers), bool(sums), *[True] * outer)
         with graph.inserting_before(result):
             new = F._new(graph, packed_op, args, bwd, mode)
             value = F._new(graph, operator.getitem, (new, 0), bwd, mode)

@@ -42,7 +42,10 @@ to store it transposed, so that operand reaches the GEMM with its reduction dim 
 and needs no relayout copy (:func:`_store_transposed`).  Then the two ShiftQuants of one
 gradient, along its columns and along its rows (``dX`` and ``dW``; attention's ``dQ`` and
 ``dK``), become one ``triton_shiftquant_pair`` that reads the gradient once per pass instead
-of twice (:func:`_pair_shiftquants`).
+of twice (:func:`_pair_shiftquants`).  With ``grad_outer_scale`` the quantizers are
+``triton_shiftquant_outer`` (one scale per row or column besides ShiftQuant's): they are
+stored transposed and paired the same way (``outer=True``: three passes for both); their
+ranges are those of the gradient divided by its outer maxima, which no region computes.
 
 Not fused, by design: the quantizer *before* a GEMM (its prologue) and the per-row quantizer
 of the next GEMM after it.  In training the int8 operand is saved for the backward, so it is
@@ -962,16 +965,18 @@ def _only_operand(user: fx.Node, node: fx.Node, index: int, gemm_ops: set) -> bo
 def _store_transposed(graph: fx.Graph, gemm_ops: set) -> int:
     """Each ShiftQuant with one channel per row whose expanded gradient is used only where a
     GEMM wants it with its rows contiguous stores it transposed
-    (``triton_shiftquant_fused(..., transposed=True)``): transposed, as the first operand
+    (``triton_shiftquant_fused(..., transposed=True)``, or ``triton_shiftquant_outer`` with
+    ``transposed=True``): transposed, as the first operand
     (a Linear's ``dW = dY^T X``, attention's ``dK = dS^T Q``), or as is, as the second one
     (attention's ``dV = P^T dO``).  The GEMM then reads its reduction dim contiguously
     instead of first copying the operand into that layout.  The same bytes are written, in
     another order; the values are unchanged.  Returns how many."""
     from ..kernels.triton_quant import transposed_unsupported
     ops = torch.ops.sqcompile
-    plain, fused_op = ops.triton_shiftquant.default, ops.triton_shiftquant_fused.default
+    plain, fused_op, outer = ops.triton_shiftquant.default, ops.triton_shiftquant_fused.default, \
+        ops.triton_shiftquant_outer.default
     done = 0
-    for sq in [n for n in graph.nodes if n.op == "call_function" and n.target in (plain, fused_op)]:
+    for sq in [n for n in graph.nodes if n.op == "call_function" and n.target in (plain, fused_op, outer)]:
         arg = _bound_args(sq)
         x, dims = arg["x"], arg["channel_dims"]
         if arg.get("transposed"):
@@ -988,9 +993,14 @@ def _store_transposed(graph: fx.Graph, gemm_ops: set) -> int:
         if not as_a and not all(_only_operand(u, e, 1, gemm_ops) for u in e.users):
             continue
         mode = _fake_mode(x)
+        if sq.target is outer:
+            target, args = outer, (x, arg["bits"], arg["groups"], dims, arg["outer_dims"], arg["stochastic"],
+                                   arg.get("prescale"), True)
+        else:
+            target, args = fused_op, (x, arg.get("ranges"), arg["bits"], arg["groups"], dims, arg["stochastic"],
+                                      arg.get("prescale"), True)
         with graph.inserting_before(sq):
-            new = _new(graph, fused_op, (x, arg.get("ranges"), arg["bits"], arg["groups"], dims, arg["stochastic"],
-                                         arg.get("prescale"), True), sq, mode)
+            new = _new(graph, target, args, sq, mode)
         for item in items.values():
             item.update_arg(0, new)
             _refresh(item, mode)
@@ -1009,11 +1019,14 @@ def _pair_shiftquants(graph: fx.Graph) -> int:
     results, the row quantizer's stored transposed when it was.  Bit for bit the two
     quantizers' results, stochastic draws included when no other random op ran between them
     (their seeds are drawn columns first, where the pair stands: at the earlier of the two).
-    Returns how many pairs."""
+    Two ``triton_shiftquant_outer`` (``grad_outer_scale``) pair as well, into one with
+    ``outer=True``.  Returns how many pairs."""
     from ..kernels.triton_ops import pair_dims
     from ..kernels.triton_quant import pair_unsupported
     ops = torch.ops.sqcompile
-    quantizers = (ops.triton_shiftquant.default, ops.triton_shiftquant_fused.default)
+    quantizers = (ops.triton_shiftquant.default, ops.triton_shiftquant_fused.default,
+                  ops.triton_shiftquant_outer.default)
+    outer_op = ops.triton_shiftquant_outer.default
     order = {n: i for i, n in enumerate(graph.nodes)}
     done = 0
     for x in list(graph.nodes):
@@ -1033,7 +1046,10 @@ def _pair_shiftquants(graph: fx.Graph) -> int:
         if len(found) != 2:
             continue
         (sq_c, c), (sq_r, r) = found["cols"], found["rows"]
+        outer = sq_c.target is outer_op
         if (any(c[k] != r[k] for k in ("bits", "groups", "stochastic")) or c.get("transposed")
+                or (sq_r.target is outer_op) != outer
+                or (outer and [sorted(d % v.dim() for d in q["outer_dims"]) for q in (c, r)] != [rows, cols])
                 or any(u.target is not operator.getitem for u in [*sq_c.users, *sq_r.users])):
             continue
         first = min(sq_c, sq_r, key=order.__getitem__)
@@ -1046,7 +1062,8 @@ def _pair_shiftquants(graph: fx.Graph) -> int:
         with graph.inserting_before(first):
             pair = _new(graph, ops.triton_shiftquant_pair.default,
                         (x, c.get("ranges"), r.get("ranges"), c["bits"], c["groups"], c["stochastic"],
-                         c.get("prescale"), r.get("prescale"), bool(r.get("transposed"))), first, mode)
+                         c.get("prescale"), r.get("prescale"), bool(r.get("transposed")), *[True] * outer), first,
+                        mode)
         for sq, offset in ((sq_c, 0), (sq_r, 2)):
             for item in list(sq.users):
                 item.args = (pair, item.args[1] + offset)

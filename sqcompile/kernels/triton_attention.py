@@ -48,6 +48,15 @@ the tests measure that against a reference built from :mod:`sqcompile.numerics`
 Stochastic rounding of ``dS`` draws exactly the noise the unfused pair of quantizers draws
 for the same element and seed.
 
+``grad_outer_scale`` (``outer=True``, ``OUTER`` in the kernels): ``dO``'s pair of quantizers
+takes its outer scales (:func:`~sqcompile.kernels.triton_quant.shiftquant_pair`), so ``dP``'s
+rows and ``dV``'s columns are scaled per row / column; ``dS``'s need its maxima per query row
+and per key column before its channel ranges, hence two range passes (one more recomputation
+of ``S`` and ``dP`` per tile), and the backward kernels divide each tile by them -- by
+multiplying with their reciprocals (within an ulp of the unfused path's quotient; a
+correctly rounded division per element spilled the ``dK``/``dV`` kernel's registers) -- and
+scale ``dQ``'s and ``dK``'s rows by them.
+
 Masks: ``is_causal`` (top-left aligned, as PyTorch's) and an ``attn_mask``, boolean (False:
 masked) or additive of the query's dtype, broadcast over batch and heads by strides of 0
 (a padding mask ``[B, 1, 1, S]`` is read as such, never expanded in memory); every pass
@@ -71,7 +80,7 @@ from .. import numerics as N
 from .triton_quant import (INTERPRETED, _base_of, _combine_ranges, _matrices, _max_nan, _multipliers,
                            _pair_geometry, _pair_ranges, _quantize_values, _scale_of, _seed_arg, _shift_expand,
                            _tile_noise, _uniform_noise, cast_rtne, cdiv, columns_noise_along_n, next_power_of_2,
-                           quantize, shiftquant_pair)
+                           outer_reciprocals, quantize, shiftquant_pair)
 from .triton_gemm import autotune_enabled, relayout
 from .triton_ops import triton_version
 
@@ -201,6 +210,44 @@ def _prob_grad(eo_c, vv, base_o):
 
 
 @triton.jit
+def _o_scale(bo_ptr, row, mask_m, OUTER: tl.constexpr):
+    """The scale of ``dO``'s column quantizer for ``dP``: its base (a scalar), or with ``OUTER``
+    one per query row (``[rows, 1]``)."""
+    if OUTER:
+        scale = tl.load(bo_ptr + row, mask=mask_m, other=0.0)[:, None]
+    else:
+        scale = tl.load(bo_ptr)
+    return scale
+
+
+@triton.jit
+def _by_outer(x, outer_ptr, index, mask, n, ROWS: tl.constexpr):
+    """``x`` times the reciprocals of the outer maxima of its rows (``ROWS``) or columns at
+    ``index`` (``grad_outer_scale``; row 1 of the ``[2, n]`` of
+    :func:`~sqcompile.kernels.triton_quant.outer_reciprocals`): within an ulp of the
+    quotient the unfused path's quantizer forms, as the fused attention is within float
+    rounding of it elsewhere (the exponential sum's order, ``exp``, the softmax's division)."""
+    inv = tl.load(outer_ptr + n + index, mask=mask, other=1.0)
+    if ROWS:
+        y = x * inv[:, None]
+    else:
+        y = x * inv[None, :]
+    return y
+
+
+@triton.jit
+def _outer_scale(base, outer_ptr, index, mask, OUTER: tl.constexpr):
+    """A backward GEMM's output scale for its rows at ``index``: the ShiftQuant base, times
+    each row's outer maximum (0 taken as 1: row 0 of :func:`~sqcompile.kernels.triton_quant.outer_reciprocals`)
+    with ``OUTER`` (``[rows, 1]``)."""
+    if OUTER:
+        scale = (base * tl.load(outer_ptr + index, mask=mask, other=1.0))[:, None]
+    else:
+        scale = base
+    return scale
+
+
+@triton.jit
 def _query_block(q_ptr, eo_ptr, sq_ptr, mask_ptr, H_in, s_mo, s_mi, s_qb, s_qm, s_qd, s_eb, s_em, s_ed, L, S, D,
                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """What a backward kernel over blocks of queries starts from: ``(b, mask base, offs_m,
@@ -314,30 +361,50 @@ def _delta_step(delta, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, offs
 
 
 @triton.jit
-def _ranges_step(row_amax, cols_top, ranges_ptr, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, mask_m, offs_n,
-                 offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mask_base, s_ml, s_ms, m, l, delta,
-                 CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, EDGE: tl.constexpr):
+def _ranges_step(row_amax, cols_top, ranges_ptr, outer_ptr, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m,
+                 mask_m, offs_n, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mask_base, s_ml, s_ms, m,
+                 l, delta, CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, EDGE: tl.constexpr,
+                 OUTER: tl.constexpr):
     """The ranges kernel's second pass over a key tile: ``|dS|`` maxed into the rows'
-    ``row_amax`` and, by atomics, into the key columns' ranges (``cols_top``: their max)."""
+    ``row_amax`` and, by atomics, into the key columns' ranges (``cols_top``: their max).
+
+    ``OUTER`` (``grad_outer_scale``, :func:`~sqcompile.kernels.triton_quant.shiftquant_outer`'s
+    passes, the prescales applied in the tile): 1, the outer maxima -- of ``dS sQ`` (the row
+    quantizer's values) per key column, of ``dS sK`` (the column quantizer's) per query row;
+    2, the ranges of the quotients by them (:func:`_by_outer`): of ``dS sK`` divided per row,
+    per column, and of ``dS sQ`` divided per column, per row."""
     p, dp, sk = _key_tile(qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd, s_vb,
                           s_vn, s_vd, L, S, D, scale, mask_base, s_ml, s_ms, m, l, CAUSAL, MASK, DTYPE, EDGE)
     mask_n = offs_n < S
-    g = tl.abs(_score_grad(p, dp, delta, scale, DTYPE).to(tl.float32))
+    g = _score_grad(p, dp, delta, scale, DTYPE).to(tl.float32)
     if EDGE:
         g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
     else:
         g = tl.where(mask_m[:, None], g, 0.0)
-    top = _combine_ranges(ranges_ptr, b * S + offs_n, tl.reduce(g, 0, _max_nan), mask_n, sk_ptr, True)
-    return _max_nan(row_amax, tl.reduce(g, 1, _max_nan)), tl.maximum(cols_top, top)
+    if OUTER == 0:
+        gc = tl.abs(g)
+        gr = gc
+    elif OUTER == 1:
+        gc = tl.abs(g * sq[:, None])
+        gr = tl.abs(g * sk[None, :])
+    else:
+        n = (S + L) * tl.num_programs(1) + 2
+        gc = tl.abs(_by_outer(g * sk[None, :], outer_ptr, S * tl.num_programs(1) + 1 + b * L + offs_m, mask_m, n, True))
+        gr = tl.abs(_by_outer(g * sq[:, None], outer_ptr, b * S + offs_n, mask_n, n, False))
+    top = _combine_ranges(ranges_ptr, b * S + offs_n, tl.reduce(gc, 0, _max_nan), mask_n, sk_ptr, OUTER == 0)
+    return _max_nan(row_amax, tl.reduce(gr, 1, _max_nan)), tl.maximum(cols_top, top)
 
 
 @triton.jit
-def _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, seed_ptr, b, n0, offs_m, mask_m,
+def _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, outer_ptr, seed_ptr, b, n0, offs_m,
+             mask_m,
              offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale, mask_base, s_ml, s_ms, m,
-             l, delta, Rc, base_c, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
-             COLUMNS_NOISE_ALONG_S: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr):
-    """The ``dQ`` kernel over the key tile at ``n0``: ``eS_cols qK`` added to ``acc``."""
+             l, delta, Rc, base_c, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr,
+             STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_S: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+             DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
+             OUTER: tl.constexpr):
+    """The ``dQ`` kernel over the key tile at ``n0``: ``eS_cols qK`` added to ``acc``
+    (``OUTER``: ``dS sK`` divided by its rows' outer maxima first, ``outer_ptr``)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < S
     p, dp, sk = _key_tile(qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, b, offs_m, offs_n, offs_d, s_kb, s_kn, s_kd,
@@ -349,7 +416,11 @@ def _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_pt
     else:
         noise = 0.0
     r_cols = tl.load(ranges_ptr + b * S + offs_n, mask=mask_n, other=0.0)
-    e_c = _shift_expand(g * sk[None, :], r_cols[None, :], Rc, base_c, noise, GRAD_QMAX, GROUPS, STOCHASTIC)
+    x = g * sk[None, :]
+    if OUTER:
+        x = _by_outer(x, outer_ptr, S * tl.num_programs(1) + 1 + b * L + offs_m, mask_m,
+                      (S + L) * tl.num_programs(1) + 2, True)
+    e_c = _shift_expand(x, r_cols[None, :], Rc, base_c, noise, GRAD_QMAX, GROUPS, STOCHASTIC)
     if EDGE:
         e_c = tl.where(mask_m[:, None] & mask_n[None, :], e_c, 0)
     else:
@@ -360,12 +431,13 @@ def _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_pt
 @triton.jit
 def _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr, stats_ptr, eoc_ptr,
                eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH, s_qb, s_qm, s_qd, s_qtb, s_qtm, s_qtd,
-               s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale, mask_base, s_ml, s_ms, base_oc, Rr, base_r,
-               QMAX: tl.constexpr, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
-               CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, EDGE: tl.constexpr):
+               s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale, mask_base, s_ml, s_ms, boc_ptr, Rr, base_r, outer_ptr,
+               QMAX: tl.constexpr, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr,
+               STOCHASTIC: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, OUTER: tl.constexpr):
     """The ``dK``/``dV`` kernel over the query tile at ``m0``: ``qP^T eO_rows`` added to
-    ``acc_dv``, ``eS_rows^T qQ`` to ``acc_dk``."""
+    ``acc_dv``, ``eS_rows^T qQ`` to ``acc_dk`` (``OUTER``: ``dS sQ`` divided by its columns'
+    outer maxima first, ``outer_ptr``; ``dO``'s column quantizer's scales are per row)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < L
     row = b * L + offs_m
@@ -379,13 +451,17 @@ def _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt
     eo_r = _load_rows(eor_ptr, b, offs_m, offs_d, s_rb, s_rm, s_rd, L, D)
     acc_dv += tl.dot(tl.trans(_quantized_p(p, sp, QMAX, (offs_d.shape[0] <= 64) or _P_CVT_AT_D128)), eo_r)
     eo_c = _load_rows(eoc_ptr, b, offs_m, offs_d, s_eb, s_em, s_ed, L, D)
-    g = _score_grad(p, _rounded(_prob_grad(eo_c, vv, base_oc), DTYPE), delta, scale, DTYPE)
+    g = _score_grad(p, _rounded(_prob_grad(eo_c, vv, _o_scale(boc_ptr, row, mask_m, OUTER)), DTYPE), delta, scale,
+                    DTYPE)
     if STOCHASTIC:
         noise = _uniform_noise(tl.load(seed_ptr), row, pid_n * BLOCK_N, S, BLOCK_M, BLOCK_N)
     else:
         noise = 0.0
     r_rows = tl.load(rr_ptr + row, mask=mask_m, other=0.0)
-    e_r = _shift_expand(g * sq[:, None], r_rows[:, None], Rr, base_r, noise, GRAD_QMAX, GROUPS, STOCHASTIC)
+    x = g * sq[:, None]
+    if OUTER:
+        x = _by_outer(x, outer_ptr, b * S + offs_n, mask_n, (S + L) * BH + 2, False)
+    e_r = _shift_expand(x, r_rows[:, None], Rr, base_r, noise, GRAD_QMAX, GROUPS, STOCHASTIC)
     if EDGE:
         e_r = tl.where(mask_m[:, None] & mask_n[None, :], e_r, 0)
     acc_dk += tl.dot(tl.trans(e_r.to(tl.int8)), _load_rows(qt_ptr, b, offs_m, offs_d, s_qtb, s_qtm, s_qtd, L, D))
@@ -450,47 +526,56 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml,
 
 @triton.jit(do_not_specialize=["tune_key"])
 def _attention_ranges_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, sq_ptr, sk_ptr, stats_ptr,
-                             eo_ptr, bo_ptr, delta_ptr, ranges_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd,
-                             s_vb, s_vn, s_vd, s_eb, s_em, s_ed, scale, tune_key, CAUSAL: tl.constexpr,
-                             MASK: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+                             eo_ptr, bo_ptr, delta_ptr, ranges_ptr, outer_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb,
+                             s_kn, s_kd, s_vb, s_vn, s_vd, s_eb, s_em, s_ed, scale, tune_key, CAUSAL: tl.constexpr,
+                             MASK: tl.constexpr, DTYPE: tl.constexpr, OUTER: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of queries: ``delta = sum(P * dP)`` per row, then the ranges of ``dS`` (times
     ``sK`` per key column, times ``sQ`` per query row) into ``ranges`` (int32 float bits,
     zeroed): ``[BH*S]`` column ranges, their max, ``[BH*L]`` row ranges, their max.
-    Grid: ``(cdiv(L, BLOCK_M), BH)``."""
+    Grid: ``(cdiv(L, BLOCK_M), BH)``.
+
+    ``OUTER`` (``grad_outer_scale``): 1, the outer maxima in that layout instead (per key
+    column those of the row quantizer, per query row the column quantizer's:
+    :func:`_ranges_step`), ``dO``'s column scales one per row; 2, the ranges of the
+    quotients by them (``outer_ptr``: pass 1's maxima and their reciprocals,
+    :func:`~sqcompile.kernels.triton_quant.outer_reciprocals`), ``delta`` read from pass 1."""
     b, mb, offs_m, offs_d, mask_m, row, qq, eo, sq, n_end = _query_block(
         q_ptr, eo_ptr, sq_ptr, mask_ptr, H_in, s_mo, s_mi, s_qb, s_qm, s_qd, s_eb, s_em, s_ed, L, S, D, CAUSAL, BLOCK_M,
         BLOCK_D)
-    base_o = tl.load(bo_ptr)
+    base_o = _o_scale(bo_ptr, row, mask_m, OUTER)
     m = tl.load(stats_ptr + row, mask=mask_m, other=0.0)
     l = tl.load(stats_ptr + BH * L + row, mask=mask_m, other=1.0)
     n_mid = _interior_keys(tl.program_id(0), S, CAUSAL, BLOCK_M, BLOCK_N)
-    delta = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, n_mid, BLOCK_N):
-        delta = _delta_step(delta, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N),
-                            offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL,
-                            MASK, DTYPE, False)
-    for n0 in range(n_mid, n_end, BLOCK_N):
-        delta = _delta_step(delta, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N),
-                            offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, CAUSAL,
-                            MASK, DTYPE, True)
-    tl.store(delta_ptr + row, delta, mask=mask_m)
+    if OUTER == 2:
+        delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
+    else:
+        delta = tl.zeros((BLOCK_M,), tl.float32)
+        for n0 in range(0, n_mid, BLOCK_N):
+            delta = _delta_step(delta, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N),
+                                offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l,
+                                CAUSAL, MASK, DTYPE, False)
+        for n0 in range(n_mid, n_end, BLOCK_N):
+            delta = _delta_step(delta, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b, offs_m, n0 + tl.arange(0, BLOCK_N),
+                                offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l,
+                                CAUSAL, MASK, DTYPE, True)
+        tl.store(delta_ptr + row, delta, mask=mask_m)
     row_amax = tl.zeros((BLOCK_M,), tl.float32)
     cols_top = tl.full((), 0, tl.int32)
     for n0 in range(0, n_mid, BLOCK_N):
-        row_amax, cols_top = _ranges_step(row_amax, cols_top, ranges_ptr, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b,
-                                          offs_m, mask_m, n0 + tl.arange(0, BLOCK_N), offs_d, s_kb, s_kn, s_kd, s_vb,
-                                          s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, delta, CAUSAL, MASK, DTYPE,
-                                          False)
+        row_amax, cols_top = _ranges_step(row_amax, cols_top, ranges_ptr, outer_ptr, qq, sq, eo, base_o, k_ptr, v_ptr,
+                                          sk_ptr, b, offs_m, mask_m, n0 + tl.arange(0, BLOCK_N), offs_d, s_kb, s_kn,
+                                          s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, delta, CAUSAL,
+                                          MASK, DTYPE, False, OUTER)
     for n0 in range(n_mid, n_end, BLOCK_N):
-        row_amax, cols_top = _ranges_step(row_amax, cols_top, ranges_ptr, qq, sq, eo, base_o, k_ptr, v_ptr, sk_ptr, b,
-                                          offs_m, mask_m, n0 + tl.arange(0, BLOCK_N), offs_d, s_kb, s_kn, s_kd, s_vb,
-                                          s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, delta, CAUSAL, MASK, DTYPE,
-                                          True)
+        row_amax, cols_top = _ranges_step(row_amax, cols_top, ranges_ptr, outer_ptr, qq, sq, eo, base_o, k_ptr, v_ptr,
+                                          sk_ptr, b, offs_m, mask_m, n0 + tl.arange(0, BLOCK_N), offs_d, s_kb, s_kn,
+                                          s_kd, s_vb, s_vn, s_vd, L, S, D, scale, mb, s_ml, s_ms, m, l, delta, CAUSAL,
+                                          MASK, DTYPE, True, OUTER)
     cols_ptr = ranges_ptr
     rows_ptr = ranges_ptr + BH * S + 1
     tl.atomic_max(cols_ptr + BH * S, cols_top, sem="relaxed")
-    top = _combine_ranges(rows_ptr, row, row_amax, mask_m, sq_ptr, True)
+    top = _combine_ranges(rows_ptr, row, row_amax, mask_m, sq_ptr, OUTER == 0)
     tl.atomic_max(rows_ptr + BH * L, top, sem="relaxed")
 
 
@@ -540,13 +625,13 @@ def _gradient_sums(sum_ptr, v, b, pid, offs_r, offs_d, mask_r, H_d, s_dh, D, N_f
 
 @triton.jit(do_not_specialize=["tune_key"])
 def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, qt_ptr, sq_ptr, sk_ptr,
-                             stats_ptr, eoc_ptr, boc_ptr, eor_ptr, bor_ptr, delta_ptr, ranges_ptr, seed_ptr, dk_ptr,
-                             dv_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_qtb, s_qtm,
+                             stats_ptr, eoc_ptr, boc_ptr, eor_ptr, bor_ptr, delta_ptr, ranges_ptr, outer_ptr,
+                             seed_ptr, dk_ptr, dv_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_qtb, s_qtm,
                              s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, s_db, s_dn, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_k,
                              f0_v, sum_ptr, n_slots, scale, tune_key, QMAX: tl.constexpr,
                              GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
                              CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, RANGES: tl.constexpr,
-                             SUMS: tl.constexpr, SLOT: tl.constexpr,
+                             SUMS: tl.constexpr, SLOT: tl.constexpr, OUTER: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of keys: ``dV = qP^T eO_rows`` and ``dK = eS_rows^T qQ`` over all queries,
     written in the dtype (``dK`` and ``dV`` at the same strides; a (batch, head) ``b`` at
@@ -555,7 +640,12 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
 
     ``qt`` is ``qQ`` again, stored with the queries contiguous, and ``eor`` is stored that way
     too: both GEMMs reduce over the queries, and Hopper's 8-bit MMA reads its second operand
-    K-major (``qQ`` as stored serves the scores, which reduce over ``D``)."""
+    K-major (``qQ`` as stored serves the scores, which reduce over ``D``).
+
+    ``OUTER`` (``grad_outer_scale``): ``dS``'s row quantizer divides by the outer maxima per
+    key (``outer_ptr``), ``dK``'s rows are scaled by them, ``dV``'s columns by ``dO``'s row
+    quantizer's scales (``bor``, one per head-dim column) and ``dP``'s rows by its column
+    quantizer's (``boc``, one per query)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     mb = _mask_base(mask_ptr, b, H_in, s_mo, s_mi)
@@ -565,7 +655,6 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
     kk = _load_rows(k_ptr, b, offs_n, offs_d, s_kb, s_kn, s_kd, S, D)
     vv = _load_rows(v_ptr, b, offs_n, offs_d, s_vb, s_vn, s_vd, S, D)
     sk = tl.load(sk_ptr + b * S + offs_n, mask=mask_n, other=0.0)
-    base_oc = tl.load(boc_ptr)
     rr_ptr = ranges_ptr + BH * S + 1
     Rr = tl.load(rr_ptr + BH * L)
     base_r = _base_of(Rr, GROUPS, GRAD_QMAX)
@@ -582,8 +671,8 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
             acc_dk, acc_dv = _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr,
                                         stats_ptr, eoc_ptr, eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH,
                                         s_qb, s_qm, s_qd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale,
-                                        mb, s_ml, s_ms, base_oc, Rr, base_r, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
-                                        MASK, DTYPE, BLOCK_M, BLOCK_N, True)
+                                        mb, s_ml, s_ms, boc_ptr, Rr, base_r, outer_ptr, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
+                                        MASK, DTYPE, BLOCK_M, BLOCK_N, True, OUTER)
     else:
         # interior query tiles [lo, hi) unmasked; the edge ones (the diagonal before them,
         # a partial tile after) in one more loop: integer sums, so the order does not matter
@@ -592,26 +681,30 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
             acc_dk, acc_dv = _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr,
                                         stats_ptr, eoc_ptr, eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH,
                                         s_qb, s_qm, s_qd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale,
-                                        mb, s_ml, s_ms, base_oc, Rr, base_r, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
-                                        MASK, DTYPE, BLOCK_M, BLOCK_N, False)
+                                        mb, s_ml, s_ms, boc_ptr, Rr, base_r, outer_ptr, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
+                                        MASK, DTYPE, BLOCK_M, BLOCK_N, False, OUTER)
         n_diagonal = (lo - m_start) // BLOCK_M
         for i in range(0, n_diagonal + (L > hi).to(tl.int32)):      # the diagonal, then a partial tile
             m0 = tl.where(i < n_diagonal, m_start + i * BLOCK_M, hi + (i - n_diagonal) * BLOCK_M)
             acc_dk, acc_dv = _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr,
                                         stats_ptr, eoc_ptr, eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH,
                                         s_qb, s_qm, s_qd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale,
-                                        mb, s_ml, s_ms, base_oc, Rr, base_r, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
-                                        MASK, DTYPE, BLOCK_M, BLOCK_N, True)
+                                        mb, s_ml, s_ms, boc_ptr, Rr, base_r, outer_ptr, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
+                                        MASK, DTYPE, BLOCK_M, BLOCK_N, True, OUTER)
     out_mask = mask_n[:, None] & (offs_d < D)[None, :]
     out = (b // H_d) * s_db + (b % H_d) * s_dh + offs_n[:, None] * s_dn + offs_d[None, :] * s_dd
-    dk = cast_rtne(acc_dk.to(tl.float32) * base_r, DTYPE)
+    dk = cast_rtne(acc_dk.to(tl.float32) * _outer_scale(base_r, outer_ptr, b * S + offs_n, mask_n, OUTER), DTYPE)
     tl.store(dk_ptr + out, dk, mask=out_mask)
     if RANGES:      # dk's ranges before dv is formed: fewer values live (both at once spilled)
         _gradient_ranges(rng_ptr, dk.to(tl.float32), b, offs_n, offs_d, mask_n, H_d, s_dh, S, D, N_feat, f0_k)
     if SUMS:
         _gradient_sums(sum_ptr, dk.to(tl.float32), b, pid_n, offs_n, offs_d, mask_n, H_d, s_dh, D, N_feat, f0_k,
                        n_slots, BLOCK_N, SLOT)
-    dv = cast_rtne(acc_dv.to(tl.float32) * tl.load(bor_ptr), DTYPE)
+    if OUTER:
+        dv_scale = tl.load(bor_ptr + b * D + offs_d, mask=offs_d < D, other=0.0)[None, :]
+    else:
+        dv_scale = tl.load(bor_ptr)
+    dv = cast_rtne(acc_dv.to(tl.float32) * dv_scale, DTYPE)
     tl.store(dv_ptr + out, dv, mask=out_mask)
     if RANGES:
         _gradient_ranges(rng_ptr, dv.to(tl.float32), b, offs_n, offs_d, mask_n, H_d, s_dh, S, D, N_feat, f0_v)
@@ -622,14 +715,15 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
 
 @triton.jit(do_not_specialize=["tune_key"])
 def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, kt_ptr, sq_ptr, sk_ptr,
-                            stats_ptr, eoc_ptr, boc_ptr, delta_ptr, ranges_ptr, seed_ptr, dq_ptr, L, S, D, BH, s_qb,
+                            stats_ptr, eoc_ptr, boc_ptr, delta_ptr, ranges_ptr, outer_ptr, seed_ptr, dq_ptr, L, S, D,
+                            BH, s_qb,
                             s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, s_eb, s_em, s_ed,
                             s_db, s_dm, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_q, sum_ptr, n_slots, scale, tune_key,
                             GRAD_QMAX: tl.constexpr,
                             GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_S: tl.constexpr,
                             CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, RANGES: tl.constexpr,
-                            SUMS: tl.constexpr, SLOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_D: tl.constexpr):
+                            SUMS: tl.constexpr, SLOT: tl.constexpr, OUTER: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of queries: ``dQ = eS_cols qK`` over all keys, written in the dtype (a
     separate kernel from :func:`_attention_bwd_kv_kernel`, which would otherwise add its
     share of every ``dQ`` row by atomics and spill registers with both quantized ``dS`` tiles
@@ -637,28 +731,32 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_m
     ``COLUMNS_NOISE_ALONG_S``: ``dS``'s column quantizer draws its noise along the keys, as
     :func:`~sqcompile.kernels.triton_quant.shiftquant` does on a ``[BH, L, S]`` tensor
     (:func:`~sqcompile.kernels.triton_quant.columns_noise_along_n`).
+    ``OUTER`` (``grad_outer_scale``): ``dS``'s column quantizer divides by the outer maxima
+    per query (``outer_ptr``), ``dQ``'s rows are scaled by them, ``dP``'s by ``dO``'s.
     Grid: ``(cdiv(L, BLOCK_M), BH)``."""
     b, mb, offs_m, offs_d, mask_m, row, qq, eo_c, sq, n_end = _query_block(
         q_ptr, eoc_ptr, sq_ptr, mask_ptr, H_in, s_mo, s_mi, s_qb, s_qm, s_qd, s_eb, s_em, s_ed, L, S, D, CAUSAL,
         BLOCK_M, BLOCK_D)
     m, l, sp, delta = _row_stats(stats_ptr, delta_ptr, row, mask_m, BH, L)
-    base_oc = tl.load(boc_ptr)
+    base_oc = _o_scale(boc_ptr, row, mask_m, OUTER)
     Rc = tl.load(ranges_ptr + BH * S)
     base_c = _base_of(Rc, GROUPS, GRAD_QMAX)
     n_mid = _interior_keys(tl.program_id(0), S, CAUSAL, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
     for n0 in range(0, n_mid, BLOCK_N):
-        acc = _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, seed_ptr, b, n0, offs_m,
+        acc = _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, outer_ptr, seed_ptr, b, n0,
+                       offs_m,
                        mask_m, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale, mb,
                        s_ml, s_ms, m, l, delta, Rc, base_c, GRAD_QMAX, GROUPS, STOCHASTIC, COLUMNS_NOISE_ALONG_S,
-                       CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, False)
+                       CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, False, OUTER)
     for n0 in range(n_mid, n_end, BLOCK_N):
-        acc = _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, seed_ptr, b, n0, offs_m,
+        acc = _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, outer_ptr, seed_ptr, b, n0,
+                       offs_m,
                        mask_m, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale, mb,
                        s_ml, s_ms, m, l, delta, Rc, base_c, GRAD_QMAX, GROUPS, STOCHASTIC, COLUMNS_NOISE_ALONG_S,
-                       CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, True)
+                       CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, True, OUTER)
     out = (b // H_d) * s_db + (b % H_d) * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd
-    dq = cast_rtne(acc.to(tl.float32) * base_c, DTYPE)
+    dq = cast_rtne(acc.to(tl.float32) * _outer_scale(base_c, outer_ptr, BH * S + 1 + row, mask_m, OUTER), DTYPE)
     tl.store(dq_ptr + out, dq, mask=mask_m[:, None] & (offs_d < D)[None, :])
     if RANGES:
         _gradient_ranges(rng_ptr, dq.to(tl.float32), b, offs_m, offs_d, mask_m, H_d, s_dh, L, D, N_feat, f0_q)
@@ -698,12 +796,17 @@ GPU_TILES = {
     "ranges": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)]),
     "dkdv": ([Tile(128, 64, 8, 2), Tile(64, 64, 8, 2)], [Tile(128, 64, 8, 1), Tile(64, 64, 8, 1)]),
     "dq": ([Tile(128, 64, 8, 2), Tile(64, 64, 8, 2)], [Tile(128, 32, 8, 2), Tile(64, 64, 8, 2)]),
+    # with grad_outer_scale (``OUTER``): its per-key reciprocals (one more value per column of
+    # the tile) spill 100 bytes at head dim 64 in 128 x 64 / 2 stages, none in 64 x 64 / 1 stage
+    # (8 with a padding mask); at head dim 128 every candidate spills, 48 bytes the least
+    # (sm_90, Triton 3.9).  Not timed on a GPU.
+    "dkdv_outer": ([Tile(64, 64, 8, 1), Tile(128, 64, 8, 1)], [Tile(128, 64, 8, 1), Tile(64, 64, 8, 2)]),
 }
 # In Triton's interpreter (tests): small tiles, so masked edges and several blocks are exercised.
 INTERPRETER_TILE = Tile(16, 16, 1, 1)
 _KERNELS = {"fwd": _attention_fwd_kernel, "ranges": _attention_ranges_kernel, "dkdv": _attention_bwd_kv_kernel,
-            "dq": _attention_bwd_q_kernel}
-_PROGRAMS_ALONG = {"fwd": "BLOCK_M", "ranges": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N"}
+            "dq": _attention_bwd_q_kernel, "dkdv_outer": _attention_bwd_kv_kernel}
+_PROGRAMS_ALONG = {"fwd": "BLOCK_M", "ranges": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N", "dkdv_outer": "BLOCK_N"}
 _ARG_NAMES = {name: kernel.arg_names for name, kernel in _KERNELS.items()}
 
 
@@ -754,7 +857,7 @@ def _tile_for(name: str, device: torch.device, tiles: Optional[Dict[str, Tile]])
     """Kernel ``name``'s tile: ``tiles[name]`` when given (tests), the interpreter's on CPU,
     ``None`` where :func:`_launch` autotunes over :data:`GPU_TILES`."""
     if tiles is not None:
-        return tiles[name]
+        return tiles[name] if name in tiles else tiles[name.split("_")[0]]
     return INTERPRETER_TILE if INTERPRETED or device.type != "cuda" else None
 
 
@@ -848,7 +951,8 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
                        scale: float, causal: bool, bits: int, grad_bits: int, groups: int, stochastic: bool = True,
                        seeds: Tuple = (None, None, None, None), tiles: Optional[Dict[str, Tile]] = None,
                        grads: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
-                       grad_ranges: Optional[torch.Tensor] = None, grad_sums: Optional[torch.Tensor] = None):
+                       grad_ranges: Optional[torch.Tensor] = None, grad_sums: Optional[torch.Tensor] = None,
+                       outer: bool = False):
     """``(dq, dk, dv)`` of :func:`attention_forward` (the same ``mask``).  ``grad_out`` is
     ShiftQuant-ed both ways first (:func:`~sqcompile.kernels.triton_quant.shiftquant_pair`:
     along ``D`` for ``dP = dO V^T``, along queries for ``dV = P^T dO``), then the three
@@ -863,7 +967,13 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
     feature, then per token; :func:`_gradient_ranges`), as a GEMM region's epilogue gives
     them, so that its quantizers skip their range pass.  ``grad_sums``: with ``grads`` laid
     out so and covering all ``N`` features, a float32 ``[N]`` tensor that gets that gradient
-    summed over the tokens (the projection's bias gradient; :func:`_gradient_sums`)."""
+    summed over the tokens (the projection's bias gradient; :func:`_gradient_sums`).
+
+    ``outer`` (``grad_outer_scale``): every gradient quantizer with its outer scale
+    (:func:`~sqcompile.kernels.triton_quant.shiftquant_outer`), as the unfused path's GEMMs
+    take it: ``dO``'s pair with ``outer=True``; ``dS``'s outer maxima and then the ranges of
+    its quotients by them take two range passes over the tiles (one more recomputation of
+    the scores and of ``dP``)."""
     B, H, L, D = _heads(qq).shape
     S = qk.shape[-2]
     BH = B * H
@@ -879,7 +989,7 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
         go = go.contiguous()
     eo_c, bo_c, eo_r, bo_r = shiftquant_pair(go, grad_bits, groups, stochastic, seeds=seeds[:2],
                                              prescales=(sv.view(B, H, 1, D), sp.view(B, H, L, 1)),
-                                             rows_transposed=True)
+                                             rows_transposed=True, outer=outer)
     eo_c, eo_r = eo_c.view(BH, L, D), eo_r.view(BH, L, D)
     seed_c = _seed_arg(seeds[2], stochastic, dev, bo_c)
     seed_r = _seed_arg(seeds[3], stochastic, dev, bo_c)
@@ -887,8 +997,15 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
     delta = torch.empty((BH, L), dtype=torch.float32, device=dev)
     margs, kind = _mask_args(mask, delta)
     common = dict(CAUSAL=causal, MASK=kind, DTYPE=_TL_DTYPES[dtype], BLOCK_D=_block_d(D, dev))
-    _launch("ranges", L, BH, (qq, qk, qv, *margs, sq, sk, stats, eo_c, bo_c, delta, ranges, L, S, D, BH, *_rows(qq),
-                              *_rows(qk), *_rows(qv), *_rows(eo_c), scale), common, dev, tiles)
+    outer_maxima = torch.zeros_like(ranges) if outer else ranges       # OUTER 0: any pointer
+    # grad_outer_scale: the outer maxima (into their buffer), then the quotients' ranges
+    passes = ((1, outer_maxima), (2, ranges)) if outer else ((0, ranges),)
+    for pass_, found in passes:
+        if pass_ == 2:      # the maxima as the kernels divide by them
+            outer_maxima = outer_reciprocals(outer_maxima.view(torch.float32))
+        _launch("ranges", L, BH, (qq, qk, qv, *margs, sq, sk, stats, eo_c, bo_c, delta, found,
+                                  outer_maxima.view(torch.float32), L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv),
+                                  *_rows(eo_c), scale), dict(common, OUTER=pass_), dev, tiles)
     ranges = ranges.view(torch.float32)
     if grads is None:
         shape = (B, H) if grad_out.dim() == 4 else (BH,)
@@ -922,16 +1039,19 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
     if not ranges_in_kernel:
         rng = delta                             # RANGES off: any pointer
     sums_in_kernel = grad_sums is not None and in_kernel
-    slot = _sum_slot(tiles, dev, common["BLOCK_D"] > 64) if sums_in_kernel else 1     # SLOT: unused without
+    dkdv = "dkdv_outer" if outer else "dkdv"
+    slot = _sum_slot(tiles, dev, common["BLOCK_D"] > 64, dkdv) if sums_in_kernel else 1     # SLOT: unused without
     n_slots = cdiv(L, slot)
     parts = torch.empty((B * n_slots, n_feat), dtype=torch.float32, device=dev) if sums_in_kernel else delta
     qq_t, qk_t = _sequence_contiguous(qq), _sequence_contiguous(qk)
-    common.update(GRAD_QMAX=N.qmax(grad_bits), GROUPS=groups, STOCHASTIC=stochastic)
-    _launch("dkdv", S, BH, (qq, qk, qv, *margs, qq_t, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, seed_r, dk,
+    common.update(GRAD_QMAX=N.qmax(grad_bits), GROUPS=groups, STOCHASTIC=stochastic, OUTER=outer)
+    _launch(dkdv, S, BH, (qq, qk, qv, *margs, qq_t, sq, sk, stats, eo_c, bo_c, eo_r, bo_r, delta, ranges, outer_maxima,
+                            seed_r, dk,
                             dv, L, S, D, BH, *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qq_t), *_rows(eo_c),
                             *_rows(eo_r), *_outer_rows(dk), rng, n_feat, *offsets[1:], parts, n_slots, scale),
             dict(common, QMAX=N.qmax(bits), RANGES=ranges_in_kernel, SUMS=sums_in_kernel, SLOT=slot), dev, tiles)
-    _launch("dq", L, BH, (qq, qk, qv, *margs, qk_t, sq, sk, stats, eo_c, bo_c, delta, ranges, seed_c, dq, L, S, D, BH,
+    _launch("dq", L, BH, (qq, qk, qv, *margs, qk_t, sq, sk, stats, eo_c, bo_c, delta, ranges, outer_maxima, seed_c, dq,
+                          L, S, D, BH,
                           *_rows(qq), *_rows(qk), *_rows(qv), *_rows(qk_t), *_rows(eo_c), *_outer_rows(dq), rng, n_feat,
                           offsets[0], parts, n_slots, scale),
             dict(common, COLUMNS_NOISE_ALONG_S=columns_noise_along_n(BH, L, S), RANGES=ranges_in_kernel,
@@ -948,11 +1068,12 @@ def attention_backward(grad_out: torch.Tensor, qq, sq, qk, sk, qv, sv, stats, ma
     return dq, dk, dv
 
 
-def _sum_slot(tiles: Optional[Dict[str, Tile]], device: torch.device, wide: bool) -> int:
+def _sum_slot(tiles: Optional[Dict[str, Tile]], device: torch.device, wide: bool, dkdv: str = "dkdv") -> int:
     """The rows of one partial-sum slot of :func:`_gradient_sums`: the smallest block of rows a
-    ``dQ`` or ``dK``/``dV`` program may cover (every candidate a multiple of it)."""
+    ``dQ`` or ``dK``/``dV`` program (kernel ``dkdv``'s tiles) may cover (every candidate a
+    multiple of it)."""
     blocks = []
-    for name in ("dq", "dkdv"):
+    for name in ("dq", dkdv):
         tile = _tile_for(name, device, tiles)
         field = _PROGRAMS_ALONG[name].lower()      # "block_m" / "block_n"
         blocks += [getattr(t, field) for t in ([tile] if tile else GPU_TILES[name][wide])]

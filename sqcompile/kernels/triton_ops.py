@@ -144,25 +144,60 @@ def pair_dims(nd: int) -> Tuple[List[int], List[int]]:
     return lead + [nd - 1], lead + [nd - 2]
 
 
+@ops.custom_op("sqcompile::triton_shiftquant_outer", tags=ops._RANDOM)
+def triton_shiftquant_outer(x: torch.Tensor, bits: int, groups: int, channel_dims: List[int], outer_dims: List[int],
+                            stochastic: bool, prescale: Optional[torch.Tensor] = None,
+                            transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sqcompile.ops.shiftquant_outer` on Triton (``grad_outer_scale``;
+    :func:`~sqcompile.kernels.triton_quant.shiftquant_outer`): ``(expanded, base * r)``.
+    ``transposed`` as in :func:`triton_shiftquant_fused`."""
+    _check_device(x)
+    return _quant().shiftquant_outer(x, bits, groups, channel_dims, outer_dims, stochastic, prescale=prescale,
+                                     transposed=transposed)
+
+
+@triton_shiftquant_outer.register_fake
+def _(x, bits, groups, channel_dims, outer_dims, stochastic, prescale=None, transposed=False):
+    quantizer = torch.ops.sqcompile.shiftquant
+    e, s = ops.shiftquant_outer(quantizer, x, bits, groups, channel_dims, outer_dims, stochastic, prescale)
+    return (e.mT.contiguous().mT if transposed else e), s
+
+
+def pair_dims(nd: int) -> Tuple[List[int], List[int]]:
+    """The channel dims of :func:`triton_shiftquant_pair`'s two quantizers of an ``nd``-dim
+    tensor: the columns of each matrix (every dim but the second to last) and its rows
+    (every dim but the last)."""
+    lead = list(range(nd - 2))
+    return lead + [nd - 1], lead + [nd - 2]
+
+
 @ops.custom_op("sqcompile::triton_shiftquant_pair", tags=ops._RANDOM)
 def triton_shiftquant_pair(x: torch.Tensor, cols_ranges: Optional[torch.Tensor], rows_ranges: Optional[torch.Tensor],
                            bits: int, groups: int, stochastic: bool, cols_prescale: Optional[torch.Tensor] = None,
-                           rows_prescale: Optional[torch.Tensor] = None,
-                           rows_transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                           rows_prescale: Optional[torch.Tensor] = None, rows_transposed: bool = False,
+                           outer: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two ``sqcompile::shiftquant`` of one contiguous ``x`` ``[..., M, N]`` as the lowering
     passes merge them (:mod:`sqcompile.backends.fusion`): along its columns (channel dims
     every dim but the second to last) and along its rows (every dim but the last), reading
     ``x`` once per pass: ``(e_cols, base_cols, e_rows, base_rows)``.  ``*_ranges`` and
-    ``rows_transposed`` as in :func:`triton_shiftquant_fused`."""
+    ``rows_transposed`` as in :func:`triton_shiftquant_fused`.  ``outer``: two
+    :func:`triton_shiftquant_outer` instead (one scale per row for the columns' quantizer,
+    per column for the rows'; no ranges given)."""
     _check_device(x, *[r for r in (cols_ranges, rows_ranges) if r is not None])
     return _quant().shiftquant_pair(x, bits, groups, stochastic, prescales=(cols_prescale, rows_prescale),
-                                    ranges=(cols_ranges, rows_ranges), rows_transposed=rows_transposed)
+                                    ranges=(cols_ranges, rows_ranges), rows_transposed=rows_transposed, outer=outer)
 
 
 @triton_shiftquant_pair.register_fake
 def _(x, cols_ranges, rows_ranges, bits, groups, stochastic, cols_prescale=None, rows_prescale=None,
-      rows_transposed=False):
+      rows_transposed=False, outer=False):
     cols, rows = pair_dims(x.dim())
+    if outer:
+        e_cols, s_cols = torch.ops.sqcompile.triton_shiftquant_outer(x, bits, groups, cols, rows, stochastic,
+                                                                     cols_prescale)
+        e_rows, s_rows = torch.ops.sqcompile.triton_shiftquant_outer(x, bits, groups, rows, cols, stochastic,
+                                                                     rows_prescale, rows_transposed)
+        return e_cols, s_cols, e_rows, s_rows
     e_cols, base_cols = torch.ops.sqcompile.shiftquant(x, bits, groups, cols, stochastic, cols_prescale)
     e_rows, base_rows = torch.ops.sqcompile.shiftquant(x, bits, groups, rows, stochastic, rows_prescale)
     return e_cols, base_cols, (e_rows.mT.contiguous().mT if rows_transposed else e_rows), base_rows
@@ -344,16 +379,17 @@ def _(q, k, v, mask, scale, causal, bits, p_bits=None):
 def triton_attention_backward(grad_out: torch.Tensor, qq: torch.Tensor, sq: torch.Tensor, qk: torch.Tensor,
                               sk: torch.Tensor, qv: torch.Tensor, sv: torch.Tensor, stats: torch.Tensor,
                               mask: Optional[torch.Tensor], scale: float, causal: bool, bits: int, grad_bits: int,
-                              groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              groups: int, outer: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`triton_attention`, its gradients ShiftQuant-ed with
-    stochastic rounding; ``bits`` are the probabilities' (``Q``, ``K``, ``V`` come quantized)."""
+    stochastic rounding (``outer``: with ``grad_outer_scale``'s outer scales); ``bits`` are
+    the probabilities' (``Q``, ``K``, ``V`` come quantized)."""
     _check_device(grad_out, qq, qk, qv)
     return _attention().attention_backward(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits,
-                                           grad_bits, groups)
+                                           grad_bits, groups, outer=outer)
 
 
 @triton_attention_backward.register_fake
-def _(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits, grad_bits, groups):
+def _(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits, grad_bits, groups, outer=False):
     return (qq.new_empty(qq.shape, dtype=grad_out.dtype), qk.new_empty(qk.shape, dtype=grad_out.dtype),
             qv.new_empty(qv.shape, dtype=grad_out.dtype))
 
@@ -363,8 +399,8 @@ def triton_attention_backward_packed(grad_out: torch.Tensor, qq: torch.Tensor, s
                                      sk: torch.Tensor, qv: torch.Tensor, sv: torch.Tensor, stats: torch.Tensor,
                                      mask: Optional[torch.Tensor], scale: float, causal: bool, bits: int,
                                      grad_bits: int, groups: int, size: List[int], offsets: List[int],
-                                     strides: List[int], ranges: bool = False, sums: bool = False
-                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                     strides: List[int], ranges: bool = False, sums: bool = False,
+                                     outer: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`triton_attention_backward`'s ``dq``, ``dk`` and ``dv`` written into one new
     contiguous tensor of ``size``: gradient ``i`` (``dq``, ``dk``, ``dv``) at element offset
     ``offsets[i]`` with strides ``strides[4 * i: 4 * i + 4]`` (``dk``'s and ``dv``'s the same),
@@ -376,7 +412,8 @@ def triton_attention_backward_packed(grad_out: torch.Tensor, qq: torch.Tensor, s
     ``[features]``, ``[tokens]``, NaN as +inf) from the kernels' epilogues, for its two
     quantizers (``triton_shiftquant_fused``), else two empty tensors; with ``sums``,
     ``packed`` summed over the tokens (``[features]`` in its dtype, accumulated in float32:
-    the projection's bias gradient), else an empty tensor."""
+    the projection's bias gradient), else an empty tensor.  ``outer`` as in
+    :func:`triton_attention_backward`."""
     _check_device(grad_out, qq, qk, qv)
     _check_packing(qq, qk, size, offsets, strides)
     packed = grad_out.new_empty(size)
@@ -386,7 +423,7 @@ def triton_attention_backward_packed(grad_out: torch.Tensor, qq: torch.Tensor, s
     found = torch.zeros(features + tokens, dtype=torch.int32, device=dev) if ranges else None
     total = torch.empty(features, dtype=f32, device=dev) if sums else None
     _attention().attention_backward(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits, grad_bits,
-                                    groups, grads=grads, grad_ranges=found, grad_sums=total)
+                                    groups, grads=grads, grad_ranges=found, grad_sums=total, outer=outer)
     total = total.to(grad_out.dtype) if sums else grad_out.new_empty((0,))
     if not ranges:
         return packed, grad_out.new_empty((0,), dtype=f32), grad_out.new_empty((0,), dtype=f32), total
@@ -402,7 +439,7 @@ def _packed_ranges_shape(qq: torch.Tensor, size: List[int]) -> Tuple[int, int]:
 
 @triton_attention_backward_packed.register_fake
 def _(grad_out, qq, sq, qk, sk, qv, sv, stats, mask, scale, causal, bits, grad_bits, groups, size, offsets, strides,
-      ranges=False, sums=False):
+      ranges=False, sums=False, outer=False):
     tokens, features = _packed_ranges_shape(qq, size)
     f32 = torch.float32
     return (grad_out.new_empty(size), grad_out.new_empty((features if ranges else 0,), dtype=f32),
@@ -434,4 +471,4 @@ def _check_packing(qq: torch.Tensor, qk: torch.Tensor, size: List[int], offsets:
 ops.register_kernel_set("triton", ops.KernelSet(
     torch.ops.sqcompile.triton_quantize, torch.ops.sqcompile.triton_shiftquant,
     torch.ops.sqcompile.triton_dequantize, torch.ops.sqcompile.triton_int8_mm,
-    torch.ops.sqcompile.triton_scaled_int8_mm))
+    torch.ops.sqcompile.triton_scaled_int8_mm, torch.ops.sqcompile.triton_shiftquant_outer))

@@ -52,6 +52,11 @@ Kernels (one per function, block sizes as ``tl.constexpr``):
   gradient that feeds two GEMMs (along its columns and along its rows,
   :func:`shiftquant_pair`): one pass for both sets of ranges, one pass quantizing each tile
   both ways, where two separate quantizers take two passes each.
+* The same two kernels run ``grad_outer_scale``'s quantizer (:func:`shiftquant_outer`, and
+  :func:`shiftquant_pair` with ``outer=True``): the range kernel twice (``OUTER`` 1: each
+  row's and column's maximum of the prescaled gradient; 2: the channel ranges of the
+  quotients by them), the pair kernel quantizing the quotients it forms in registers and
+  writing the scales ``base * r``; for one quantizer only one side runs (``COLS`` / ``ROWS``).
 * :func:`_dequantize_kernel` -- ``q * scale`` with broadcasting, written in the output dtype.
 
 Conventions shared with :mod:`sqcompile.numerics`:
@@ -625,8 +630,45 @@ def _shiftquant_kernel(x_ptr, e_ptr, range_ptr, rmax_ptr, base_ptr, prescale_ptr
 
 
 @triton.jit
-def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, stride_m, stride_n, A2, stride_a2,
-                        m_per_split, PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr, INT64: tl.constexpr,
+def _pair_tiles(x, a, offs_m, offs_n, mask_m, mask_n, M, N, A, pc_ptr, pr_ptr, outer_ptr, PRESCALE_C: tl.constexpr,
+                PRESCALE_R: tl.constexpr, DIVIDE: tl.constexpr):
+    """``(xc, xr)``: the float32 tile as the column quantizer sees it (times its per-column
+    prescale) and as the row quantizer sees it (times its per-row prescale).  ``DIVIDE``
+    (:func:`shiftquant_outer`): each is then divided (IEEE) by its outer maximum, ``xc`` by
+    its row's (the row maxima of ``x * pc``), ``xr`` by its column's (the column maxima of
+    ``x * pr``), read from ``outer_ptr`` (float32, :func:`_absmax_pair_kernel`'s layout,
+    filled by its ``OUTER == 1`` pass), 0 taken as 1 (:func:`sqcompile.numerics.safe_div_scale`),
+    with one IEEE division per row and column and three FMAs per element (:func:`_divide`)."""
+    xc = x
+    if PRESCALE_C:
+        xc = x * tl.load(pc_ptr + a * N + offs_n, mask=mask_n, other=0.0)[None, :]
+    xr = x
+    if PRESCALE_R:
+        xr = x * tl.load(pr_ptr + a * M + offs_m, mask=mask_m, other=0.0)[:, None]
+    if DIVIDE:
+        dc, prc, ic = _multipliers(tl.load(outer_ptr + A * N + 1 + a * M + offs_m, mask=mask_m, other=1.0))
+        dr, prr, ir = _multipliers(tl.load(outer_ptr + a * N + offs_n, mask=mask_n, other=1.0))
+        xc = _divide(xc * prc[:, None], dc[:, None], ic[:, None])
+        xr = _divide(xr * prr[None, :], dr[None, :], ir[None, :])
+    return xc, xr
+
+
+@triton.jit
+def _divide(a, divisor, inv):
+    """``a / divisor`` correctly rounded, with :func:`_multipliers`' ``divisor`` and ``inv``
+    (``a`` already times its ``pre``): :func:`_div_by` where FMAs round once, else ``div_rn``.
+    Exact where it matters: for quotients below ``2**-30`` (which every quantizer rounds to
+    0, and which only ever decide a channel's group where it is the last one already),
+    and for infinite divisors (a non-finite gradient, whose scales are NaN in any case)."""
+    if _FMA_DIVISION:
+        return _div_by(a, divisor, inv)
+    return tl.math.div_rn(a, divisor)
+
+
+@triton.jit
+def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, outer_ptr, M, N, stride_a, stride_m, stride_n, A2,
+                        stride_a2, m_per_split, PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr,
+                        OUTER: tl.constexpr, COL_MAX: tl.constexpr, ROW_MAX: tl.constexpr, INT64: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Both channel ranges of ``x`` ``[A, M, N]`` from one read (:func:`shiftquant_pair`): the
     column amax (channel ``a * N + n``, over ``m``) and the row amax (channel ``a * M + m``,
@@ -635,7 +677,12 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
     ``ranges`` (int32, zeroed; :func:`_combine_ranges`): ``[A*N]`` column ranges, their max,
     ``[A*M]`` row ranges, their max.  A program owns ``BLOCK_N`` columns over ``m_per_split``
     rows: the column maxima stay in registers over its loop, the row maxima of each tile go
-    out by atomics.
+    out by atomics.  ``COL_MAX`` / ``ROW_MAX``: which of the two are computed.
+
+    ``OUTER`` (:func:`shiftquant_outer`'s two range passes, the prescales applied in the
+    tile): 1, the outer maxima -- the column maxima of ``x * pr`` (the row quantizer's, one
+    per column) and the row maxima of ``x * pc`` (the column quantizer's, one per row); 2,
+    the channel ranges of the quotients :func:`_pair_tiles` forms with them (``outer_ptr``).
 
     Grid: ``(cdiv(N, BLOCK_N), n_split, A)``; ``A`` in two levels as :func:`_outer_offsets`
     reads it."""
@@ -653,29 +700,48 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, M, N, stride_a, strid
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        v = tl.abs(tl.load(x_ptr + _outer_offsets(a, offs_m, offs_n, A2, stride_a, stride_a2, stride_m, stride_n, INT64),
-                           mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32))
-        acc = _max_nan(acc, v)
-        top = _combine_ranges(rows_ptr, a * M + offs_m, tl.reduce(v, 1, _max_nan), mask_m, pr_ptr, PRESCALE_R)
-        row_max = tl.maximum(row_max, top)
-    tl.atomic_max(rows_ptr + A * M, row_max, sem="relaxed")
-    top = _combine_ranges(ranges_ptr, a * N + offs_n, tl.reduce(acc, 0, _max_nan), mask_n, pc_ptr, PRESCALE_C)
-    tl.atomic_max(ranges_ptr + A * N, top, sem="relaxed")
+        x = tl.load(x_ptr + _outer_offsets(a, offs_m, offs_n, A2, stride_a, stride_a2, stride_m, stride_n, INT64),
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        if OUTER == 0:
+            vc = tl.abs(x)
+            vr = vc
+        else:
+            xc, xr = _pair_tiles(x, a, offs_m, offs_n, mask_m, mask_n, M, N, A, pc_ptr, pr_ptr, outer_ptr,
+                                 PRESCALE_C, PRESCALE_R, OUTER == 2)
+            if OUTER == 1:
+                vc = tl.abs(xr)
+                vr = tl.abs(xc)
+            else:
+                vc = tl.abs(xc)
+                vr = tl.abs(xr)
+        if COL_MAX:
+            acc = _max_nan(acc, vc)
+        if ROW_MAX:
+            top = _combine_ranges(rows_ptr, a * M + offs_m, tl.reduce(vr, 1, _max_nan), mask_m, pr_ptr,
+                                  PRESCALE_R and OUTER == 0)
+            row_max = tl.maximum(row_max, top)
+    if ROW_MAX:
+        tl.atomic_max(rows_ptr + A * M, row_max, sem="relaxed")
+    if COL_MAX:
+        top = _combine_ranges(ranges_ptr, a * N + offs_n, tl.reduce(acc, 0, _max_nan), mask_n, pc_ptr,
+                              PRESCALE_C and OUTER == 0)
+        tl.atomic_max(ranges_ptr + A * N, top, sem="relaxed")
 
 
 @triton.jit
-def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, pc_ptr, pr_ptr,
+def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, pc_ptr, pr_ptr, outer_ptr, sc_ptr, sr_ptr,
                             M, N, stride_a, stride_m, stride_n, er_stride_m, er_stride_n, A2, stride_a2,
                             out_stride_a, ec_stride_m, n_mblocks, seed_c_ptr, seed_r_ptr, QMAX: tl.constexpr,
                             GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_N: tl.constexpr,
-                            PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr, INT64: tl.constexpr,
+                            PRESCALE_C: tl.constexpr, PRESCALE_R: tl.constexpr, OUTER: tl.constexpr,
+                            COLS: tl.constexpr, ROWS: tl.constexpr, INT64: tl.constexpr,
                             SAME_LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Both ShiftQuants of one ``[BLOCK_M, BLOCK_N]`` tile of ``x`` ``[A, M, N]``, read once:
     along its columns (channel ``a * N + n``; ``ec`` at ``x``'s strides with ``SAME_LAYOUT``,
     else at ``out_stride_a`` / ``ec_stride_m`` / ``x``'s ``stride_n``) and along its rows
     (channel ``a * M + m``; ``er`` at ``out_stride_a`` / ``er_stride_m`` / ``er_stride_n``,
     ``x``'s or transposed).  ``x``'s ``A`` may lie in two levels (:func:`_outer_offsets`: a
-    transposed head split's gradient, read in place).
+    transposed head split's gradient, read in place).  ``COLS`` / ``ROWS``: which of the two.
     Each is computed exactly as :func:`_shiftquant_kernel` computes it on its own ``[A, C, L]``
     view, noise included (the column quantizer's view is ``[A, N, M]``, the row quantizer's
     ``[A, M, N]``), so the results are the two separate calls' bit for bit
@@ -683,6 +749,11 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, p
     ``M`` or ``N`` is 1, and then both quantizers draw along ``N``, as ``x`` is loaded).  ``ranges``:
     float32 ``[A*N]`` column ranges, their max, ``[A*M]`` row ranges, their max (the layout
     :func:`_absmax_pair_kernel` fills).
+
+    ``OUTER`` (:func:`shiftquant_outer`): each quantizes its tile divided by its outer maxima
+    (``outer_ptr``, :func:`_pair_tiles`), and the programs of the first column block (row
+    block) write the column quantizer's row scales ``sc = base_c * r`` (the row quantizer's
+    column scales ``sr``).
 
     Grid: ``(n_mblocks * cdiv(N, BLOCK_N), A)``; program (0, 0) writes the two base scales."""
     pid = tl.program_id(0)
@@ -697,41 +768,51 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, p
     A = tl.num_programs(1)
     rc_ptr = ranges_ptr
     rr_ptr = ranges_ptr + A * N + 1
-    Rc = tl.load(rc_ptr + A * N)
-    Rr = tl.load(rr_ptr + A * M)
-    base_c = _base_of(Rc, GROUPS, QMAX)
-    base_r = _base_of(Rr, GROUPS, QMAX)
-    if (pid == 0) & (a == 0):
-        tl.store(bc_ptr, tl.where(_is_finite(base_c), base_c, float("nan")))
-        tl.store(br_ptr, tl.where(_is_finite(base_r), base_r, float("nan")))
     x_offs = _outer_offsets(a, offs_m, offs_n, A2, stride_a, stride_a2, stride_m, stride_n, INT64)
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
-    col = a * N + offs_n
-    row = a * M + offs_m
-    xc = x
-    if PRESCALE_C:
-        xc = x * tl.load(pc_ptr + col, mask=mask_n, other=0.0)[None, :]
-    xr = x
-    if PRESCALE_R:
-        xr = x * tl.load(pr_ptr + row, mask=mask_m, other=0.0)[:, None]
-    if STOCHASTIC:
-        noise_c = tl.trans(_tile_noise(tl.load(seed_c_ptr), a, pid_n * BLOCK_N, pid_m * BLOCK_M, N, M,
-                                       COLUMNS_NOISE_ALONG_N, BLOCK_N, BLOCK_M))
-        noise_r = _tile_noise(tl.load(seed_r_ptr), a, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, False, BLOCK_M, BLOCK_N)
-    else:
-        noise_c = 0.0
-        noise_r = 0.0
-    ec = _shift_expand(xc, tl.load(rc_ptr + col, mask=mask_n, other=0.0)[None, :], Rc, base_c, noise_c, QMAX, GROUPS,
-                       STOCHASTIC)
-    if SAME_LAYOUT:
-        ec_offs = x_offs
-    else:
-        ec_offs = _tile_offsets(a, offs_m, offs_n, out_stride_a, ec_stride_m, stride_n, INT64)
-    tl.store(ec_ptr + ec_offs, ec.to(ec_ptr.dtype.element_ty), mask=mask)
-    er = _shift_expand(xr, tl.load(rr_ptr + row, mask=mask_m, other=0.0)[:, None], Rr, base_r, noise_r, QMAX, GROUPS,
-                       STOCHASTIC)
-    tl.store(er_ptr + _tile_offsets(a, offs_m, offs_n, out_stride_a, er_stride_m, er_stride_n, INT64),
-             er.to(er_ptr.dtype.element_ty), mask=mask)
+    xc, xr = _pair_tiles(x, a, offs_m, offs_n, mask_m, mask_n, M, N, A, pc_ptr, pr_ptr, outer_ptr, PRESCALE_C,
+                         PRESCALE_R, OUTER)
+    if COLS:
+        Rc = tl.load(rc_ptr + A * N)
+        base_c = _base_of(Rc, GROUPS, QMAX)
+        stored_c = tl.where(_is_finite(base_c), base_c, float("nan"))
+        if (pid == 0) & (a == 0):
+            tl.store(bc_ptr, stored_c)
+        if OUTER:
+            if pid_n == 0:
+                r = tl.load(outer_ptr + A * N + 1 + a * M + offs_m, mask=mask_m, other=1.0)
+                tl.store(sc_ptr + a * M + offs_m, stored_c * tl.where(r == 0, 1.0, r), mask=mask_m)
+        if STOCHASTIC:
+            noise_c = tl.trans(_tile_noise(tl.load(seed_c_ptr), a, pid_n * BLOCK_N, pid_m * BLOCK_M, N, M,
+                                           COLUMNS_NOISE_ALONG_N, BLOCK_N, BLOCK_M))
+        else:
+            noise_c = 0.0
+        ec = _shift_expand(xc, tl.load(rc_ptr + a * N + offs_n, mask=mask_n, other=0.0)[None, :], Rc,
+                           base_c, noise_c, QMAX, GROUPS, STOCHASTIC)
+        if SAME_LAYOUT:
+            ec_offs = x_offs
+        else:
+            ec_offs = _tile_offsets(a, offs_m, offs_n, out_stride_a, ec_stride_m, stride_n, INT64)
+        tl.store(ec_ptr + ec_offs, ec.to(ec_ptr.dtype.element_ty), mask=mask)
+    if ROWS:
+        Rr = tl.load(rr_ptr + A * M)
+        base_r = _base_of(Rr, GROUPS, QMAX)
+        stored_r = tl.where(_is_finite(base_r), base_r, float("nan"))
+        if (pid == 0) & (a == 0):
+            tl.store(br_ptr, stored_r)
+        if OUTER:
+            if pid_m == 0:
+                r = tl.load(outer_ptr + a * N + offs_n, mask=mask_n, other=1.0)
+                tl.store(sr_ptr + a * N + offs_n, stored_r * tl.where(r == 0, 1.0, r), mask=mask_n)
+        if STOCHASTIC:
+            noise_r = _tile_noise(tl.load(seed_r_ptr), a, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, False, BLOCK_M,
+                                  BLOCK_N)
+        else:
+            noise_r = 0.0
+        er = _shift_expand(xr, tl.load(rr_ptr + a * M + offs_m, mask=mask_m, other=0.0)[:, None], Rr,
+                           base_r, noise_r, QMAX, GROUPS, STOCHASTIC)
+        tl.store(er_ptr + _tile_offsets(a, offs_m, offs_n, out_stride_a, er_stride_m, er_stride_n, INT64),
+                 er.to(er_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -1279,7 +1360,8 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
                     seeds: Tuple[Union[None, int, torch.Tensor], Union[None, int, torch.Tensor]] = (None, None),
                     prescales: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
                     ranges: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
-                    rows_transposed: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    rows_transposed: bool = False,
+                    outer: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both ShiftQuants of a gradient that feeds two GEMMs, from one read of it per pass:
     ``x`` ``[..., M, N]`` along its columns and along its rows (:func:`~sqcompile.kernels.triton_ops.pair_dims`), as
     ``(e_cols, base_cols, e_rows, base_rows)``.
@@ -1294,15 +1376,24 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
     its ``transposed``); seeds left ``None`` are drawn, columns first.
     ``x`` must be contiguous (:func:`pair_unsupported`, else ``ValueError``), or (the fused
     attention's ``dO``) ``[B, H, M, N]`` with ``N`` contiguous and any other strides, read
-    where it lies; the results are then contiguous (``e_rows`` transposed)."""
+    where it lies; the results are then contiguous (``e_rows`` transposed).
+
+    ``outer=True``: the two :func:`shiftquant_outer` of ``x`` instead, ``(e_cols, s_cols,
+    e_rows, s_rows)`` with their outer scales (``[..., M, 1]`` and ``[..., 1, N]``), bit for
+    bit the two separate calls, from three reads of ``x`` (``ranges`` must be left ``None``)."""
     heads = x.dim() == 4 and not x.is_contiguous() and x.stride(-1) == 1 and x.numel() > 0
     why = None if heads else pair_unsupported(x)
     if why:
         raise ValueError(f"shiftquant_pair: {why}")
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
+    if outer and (ranges[0] is not None or ranges[1] is not None):
+        raise ValueError("shiftquant_pair: ranges cannot be given with outer=True (they are those of x / its outer maxima)")
     dims = pair_dims(x.dim())
     if x.numel() == 0:
+        if outer:
+            return (*shiftquant_outer(x, bits, groups, dims[0], dims[1], stochastic, prescale=prescales[0]),
+                    *shiftquant_outer(x, bits, groups, dims[1], dims[0], stochastic, prescale=prescales[1]))
         return (*shiftquant(x, bits, groups, dims[0], stochastic, prescale=prescales[0]),
                 *shiftquant(x, bits, groups, dims[1], stochastic, prescale=prescales[1]))
     if heads:   # [A, M, N] with A = B * H in two levels; written contiguous
@@ -1313,35 +1404,126 @@ def shiftquant_pair(x: torch.Tensor, bits: int, groups: int, stochastic: bool, *
             raise ValueError(f"shiftquant_pair: {B * H} matrices exceed the grid limit {_MAX_GRID_YZ}")
     else:
         view = _matrices(x)
+    return _pair(x, view, bits, groups, stochastic, seeds, prescales, ranges, rows_transposed, outer, (True, True))
+
+
+def _pair(x: torch.Tensor, view: _View, bits: int, groups: int, stochastic: bool, seeds, prescales, ranges,
+          rows_transposed: bool, outer: bool, sides: Tuple[bool, bool]) -> tuple:
+    """The launches of :func:`shiftquant_pair` (both ``sides``) and :func:`shiftquant_outer`
+    (one side: ``(e, scale)`` of the columns or of the rows; the other side's outputs are
+    neither allocated nor written)."""
     A, M, N_ = view.shape
-    pre_c, pre_r = (_prescale_vector(x, p, d) for p, d in zip(prescales, dims))
+    cols, rows = sides
+    dims = pair_dims(x.dim())
+    pre_c, pre_r = (_prescale_vector(x, p, d) if side else None for p, d, side in zip(prescales, dims, sides))
     base_c, base_r = (torch.empty((), dtype=torch.float32, device=x.device) for _ in range(2))
-    seed_c = _seed_arg(seeds[0], stochastic, x.device, base_c)     # drawn as two separate calls draw them
-    seed_r = _seed_arg(seeds[1], stochastic, x.device, base_r)
+    seed_c = _seed_arg(seeds[0], stochastic and cols, x.device, base_c)     # drawn as two separate calls draw them
+    seed_r = _seed_arg(seeds[1], stochastic and rows, x.device, base_r)
     geometry = _pair_geometry(view.shape, x.device, rows_transposed)
-    if ranges[0] is None or ranges[1] is None:
-        ranges = _pair_ranges(view, geometry, pre_c, pre_r)
+    outer_maxima = base_c
+    if outer:
+        outer_maxima = _pair_ranges(view, geometry, pre_c, pre_r, 1, (rows, cols))
+        ranges = _pair_ranges(view, geometry, pre_c, pre_r, 2, sides, outer_maxima)
+    elif ranges[0] is None or ranges[1] is None:
+        ranges = _pair_ranges(view, geometry, pre_c, pre_r, 0, sides)
     else:
         (rc, rcmax), (rr, rrmax) = _given_ranges(ranges[0], A * N_, pre_c), _given_ranges(ranges[1], A * M, pre_r)
         ranges = torch.cat([rc, rcmax.reshape(1), rr, rrmax.reshape(1)])
     edtype = N.expanded_dtype(bits, groups)
-    e_cols = torch.empty(x.shape, dtype=edtype, device=x.device) if heads else torch.empty_like(x, dtype=edtype)
-    if rows_transposed:
+    heads = view.a2 > 1
+    e_cols = e_rows = None
+    if cols:
+        e_cols = torch.empty(x.shape, dtype=edtype, device=x.device) if heads else torch.empty_like(x, dtype=edtype)
+    if not rows:
+        rows_strides = (N_, 1)
+    elif rows_transposed:
         e_rows = _transposed_empty(x, edtype)
         rows_strides = (1, M)
     else:
-        e_rows = torch.empty_like(e_cols)
+        e_rows = torch.empty(x.shape, dtype=edtype, device=x.device) if heads else torch.empty_like(x, dtype=edtype)
         rows_strides = (N_, 1)
+    s_cols = s_rows = base_c
+    if outer:
+        lead = list(x.shape[:-2])
+        s_cols = torch.empty(lead + [M, 1], dtype=torch.float32, device=x.device) if cols else base_c
+        s_rows = torch.empty(lead + [1, N_], dtype=torch.float32, device=x.device) if rows else base_r
     tile = geometry.tile
     _shiftquant_pair_kernel[geometry.grid](
-        x, e_cols, e_rows, ranges, base_c, base_r, base_c if pre_c is None else pre_c,
-        base_r if pre_r is None else pre_r, M, N_, *view.strides, *rows_strides, view.a2, view.stride_a2[0], M * N_, N_,
-        geometry.n_mblocks, seed_c, seed_r, QMAX=N.qmax(bits), GROUPS=groups, STOCHASTIC=stochastic,
+        x, base_c if e_cols is None else e_cols, base_c if e_rows is None else e_rows, ranges, base_c, base_r,
+        base_c if pre_c is None else pre_c, base_r if pre_r is None else pre_r, outer_maxima, s_cols, s_rows,
+        M, N_, *view.strides, *rows_strides, view.a2, view.stride_a2[0], M * N_, N_, geometry.n_mblocks, seed_c,
+        seed_r, QMAX=N.qmax(bits), GROUPS=groups, STOCHASTIC=stochastic,
         COLUMNS_NOISE_ALONG_N=geometry.columns_noise_along_n, PRESCALE_C=pre_c is not None,
-        PRESCALE_R=pre_r is not None, INT64=view.int64, SAME_LAYOUT=not heads, BLOCK_M=tile.block_c,
-        BLOCK_N=tile.block_l,
-        num_warps=tile.num_warps)
-    return e_cols, base_c, e_rows, base_r
+        PRESCALE_R=pre_r is not None, OUTER=outer, COLS=cols, ROWS=rows, INT64=view.int64, SAME_LAYOUT=not heads,
+        BLOCK_M=tile.block_c, BLOCK_N=tile.block_l, num_warps=tile.num_warps)
+    if not outer:
+        s_cols, s_rows = base_c, base_r
+    if cols and rows:
+        return e_cols, s_cols, e_rows, s_rows
+    return (e_cols, s_cols) if cols else (e_rows, s_rows)
+
+
+def outer_reciprocals(maxima: torch.Tensor) -> torch.Tensor:
+    """``[2, n]`` float32 for outer maxima ``[n]``: each one with 0 taken as 1 (the outer
+    scale's factor, :func:`sqcompile.numerics.safe_div_scale`) and its correctly rounded
+    reciprocal (of at least the smallest normal float, so that it is finite), for the fused
+    attention's backward, which multiplies by it where :func:`shiftquant_outer` divides: a
+    correctly rounded division per element there (three more values live per element of a
+    tile, or a per-column divisor, pre-factor and reciprocal) spilled the ``dK``/``dV``
+    kernel's registers on sm_90.  The product is within an ulp of the quotient."""
+    r = torch.where(maxima == 0, torch.ones_like(maxima), maxima)
+    return torch.stack([r, 1.0 / r.clamp_min(torch.finfo(torch.float32).tiny)])
+
+
+def outer_unsupported(x: torch.Tensor, channel_dims: Sequence[int], outer_dims: Sequence[int]) -> Optional[str]:
+    """Why :func:`shiftquant_outer` runs on ``x`` only by composition (``None``: it runs its
+    own kernels): ``x`` must be a contiguous ``[..., M, N]`` tensor quantized along its columns
+    (``outer_dims`` its rows: the batch dims and ``M``) or along its rows (``outer_dims`` the
+    batch dims and ``N``; :func:`~sqcompile.kernels.triton_ops.pair_dims`)."""
+    why = pair_unsupported(x)
+    if why:
+        return why
+    nd = x.dim()
+    dims, outer = sorted(d % nd for d in channel_dims), sorted(d % nd for d in outer_dims)
+    cols, rows = pair_dims(nd)
+    if (dims, outer) not in ((cols, rows), (rows, cols)):
+        return (f"channel_dims {list(channel_dims)} and outer_dims {list(outer_dims)} are not the columns and rows "
+                f"(or rows and columns) of x {tuple(x.shape)}")
+    return None
+
+
+def shiftquant_outer(x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int], outer_dims: Sequence[int],
+                     stochastic: bool, *, seed: Union[None, int, torch.Tensor] = None,
+                     prescale: Optional[torch.Tensor] = None, transposed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sqcompile.ops.shiftquant_outer` on Triton (``grad_outer_scale``): ShiftQuant of
+    ``y / r``, ``y = x * prescale`` and ``r`` the maximum of ``|y|`` per index of
+    ``outer_dims`` (0 taken as 1), returned as ``(expanded, base * r)``.
+
+    For a contiguous ``[..., M, N]`` ``x`` quantized along its columns with one ``r`` per row,
+    or the other way round (:func:`outer_unsupported`), three passes, each reading ``x`` once:
+    the outer maxima, the channel ranges of the quotients, and the quantization (the
+    programs of the first block also write the scales ``base * r``); the quotients are
+    formed in registers, never stored.  Bit for bit the composition
+    :func:`sqcompile.ops.shiftquant_outer` over :func:`shiftquant` (same ``seed``: the noise of
+    an element depends on its position only), which runs for any other layout.
+    ``transposed`` as :func:`shiftquant`'s (channels the rows, ``x`` contiguous)."""
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if transposed:
+        why = transposed_unsupported(x, channel_dims)
+        if why:
+            raise ValueError(f"shiftquant_outer(transposed=True): {why}")
+    if x.numel() == 0 or outer_unsupported(x, channel_dims, outer_dims):
+        quantizer = functools.partial(_seeded_shiftquant, seed=seed, transposed=transposed)
+        return ops.shiftquant_outer(quantizer, x, bits, groups, channel_dims, outer_dims, stochastic, prescale)
+    cols = sorted(d % x.dim() for d in channel_dims) == pair_dims(x.dim())[0]
+    return _pair(x, _matrices(x), bits, groups, stochastic, (seed, seed), (prescale, prescale), (None, None),
+                 transposed, True, (cols, not cols))
+
+
+def _seeded_shiftquant(x, bits, groups, channel_dims, stochastic, prescale=None, *, seed=None, transposed=False):
+    """:func:`shiftquant` with the quantizer signature :func:`sqcompile.ops.shiftquant_outer` calls."""
+    return shiftquant(x, bits, groups, channel_dims, stochastic, seed=seed, prescale=prescale, transposed=transposed)
 
 
 class _PairGeometry(NamedTuple):
@@ -1385,17 +1567,21 @@ def columns_noise_along_n(A: int, M: int, N_: int) -> bool:
     return _cached_plan((A, M, N_), (M * N_, N_, 1), (0, 2))[0].noise_along_c
 
 
-def _pair_ranges(view: _View, geometry: _PairGeometry, pre_c: Optional[torch.Tensor],
-                 pre_r: Optional[torch.Tensor]) -> torch.Tensor:
+def _pair_ranges(view: _View, geometry: _PairGeometry, pre_c: Optional[torch.Tensor], pre_r: Optional[torch.Tensor],
+                 outer: int = 0, sides: Tuple[bool, bool] = (True, True),
+                 outer_maxima: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The column ranges, their max, the row ranges and their max of the ``[A, M, N]`` view in
-    one float32 tensor, from one pass (:func:`_absmax_pair_kernel`) and one zero fill."""
+    one float32 tensor, from one pass (:func:`_absmax_pair_kernel`, its ``OUTER``
+    pass ``outer``) and one zero fill; ``sides``: whether the column maxima and the row
+    maxima are computed (the others stay 0)."""
     A, M, N_ = view.shape
     bits = torch.zeros(A * N_ + 1 + A * M + 1, dtype=torch.int32, device=view.work.device)
     block_m, block_n = geometry.range_block
     _absmax_pair_kernel[geometry.range_grid](
-        view.work, bits, bits if pre_c is None else pre_c, bits if pre_r is None else pre_r, M, N_, *view.strides,
-        view.a2, view.stride_a2[0], geometry.m_per_split, PRESCALE_C=pre_c is not None, PRESCALE_R=pre_r is not None, INT64=view.int64,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        view.work, bits, bits if pre_c is None else pre_c, bits if pre_r is None else pre_r,
+        bits if outer_maxima is None else outer_maxima, M, N_, *view.strides, view.a2, view.stride_a2[0],
+        geometry.m_per_split, PRESCALE_C=pre_c is not None, PRESCALE_R=pre_r is not None, OUTER=outer,
+        COL_MAX=sides[0], ROW_MAX=sides[1], INT64=view.int64, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return bits.view(torch.float32)
 
 
@@ -1447,4 +1633,4 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return out
 
 
-__all__ = ["quantize", "shiftquant", "shiftquant_pair", "dequantize", "channel_ranges", "draw_seed", "INTERPRETED"]
+__all__ = ["quantize", "shiftquant", "shiftquant_pair", "shiftquant_outer", "dequantize", "channel_ranges", "draw_seed", "INTERPRETED"]

@@ -104,8 +104,6 @@ def attention_unfused(cfg: OpConfig, target: Target, ex: Execution, config: Conf
         return ""
     if config.collect_stats:
         return "collect_stats observes each GEMM's quantizers"
-    if cfg.grad_outer_scale:
-        return "grad_outer_scale (the fused kernels' ShiftQuant has no outer scale)"
     if isinstance(dropout_p, fx.Node):
         return "dropout_p is not a constant"
     return ops.fused_attention_unsupported(*values, mask, dropout_p, grad_bits=cfg.grad_bits, groups=cfg.groups)
