@@ -37,7 +37,8 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
    Triton kernels (``fused_attention=False``); ``--dynamic`` compiled with symbolic sizes
    (``dynamic=True``, the graph Dynamo compiles after a size change; it should time as the
    static one); ``--outer-scale`` with ``grad_outer_scale=True`` (what its accuracy costs on a
-   GPU: attention unfused, the gradients' outer maxima as separate passes).  ``--block-dims
+   GPU: three passes per gradient ShiftQuant pair instead of one or two, none of its ranges
+   from a GEMM region, two range passes in the fused attention's backward).  ``--block-dims
    1024,4096`` also times a block of
    width 4096 (32 heads of 128, as Llama-7B's; bf16 and ours with CUDA graphs), where the
    GEMMs, which int8 speeds up, weigh 4x more against the per-element work (norms,
@@ -289,6 +290,9 @@ def part_quantizers(reps: int) -> None:
                     (one, lambda g=g: pair_(g, None, None, 4, 4, True, None, None, True), ng * (e + 2), ng * (2 * e + 2)),
                     (f"{one}, 64x64 tile", lambda g=g: _with_pair_tile(64, 64, pair_, g, None, None, 4, 4, True, None,
                                                                        None, True), ng * (e + 2), ng * (2 * e + 2)),
+                    # grad_outer_scale's pair: three reads (outer maxima, quotient ranges, quantize)
+                    (f"{one}, outer scales", lambda g=g: pair_(g, None, None, 4, 4, True, None, None, True, True),
+                     ng * (e + 2), ng * (3 * e + 2)),
                 ]
             cases += [
                 (f"  torch ref: quantize per-row [{name}]",
@@ -395,7 +399,7 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_att
     if unfused_attention:  # the quantized attention as separate quantizers, GEMMs and softmax
         variants.append(("shiftquant integer/triton, CUDA graphs, attention unfused",
                          lambda m: shiftquant(m, cudagraphs=True, fused_attention=False), True))
-    if outer_scale:  # grad_outer_scale=True: its cost (unfused attention, no region ranges, one more pass)
+    if outer_scale:  # grad_outer_scale=True: its cost (no region ranges, a third pass, the attention's 2nd range pass)
         variants.append(("shiftquant integer/triton, CUDA graphs, grad_outer_scale",
                          lambda m: shiftquant(m, cudagraphs=True, grad_outer_scale=True), True))
     for name, make, fuse in variants:
@@ -550,7 +554,8 @@ def main() -> int:
                         help="part 3 also times the captured shiftquant block compiled with dynamic=True")
     parser.add_argument("--outer-scale", action="store_true",
                         help="part 3 also times the captured shiftquant block with grad_outer_scale=True "
-                             "(attention unfused, the gradients' outer maxima as separate passes)")
+                             "(the gradients' outer maxima: one more pass per ShiftQuant pair, one more in the "
+                             "fused attention's backward)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the device time goes (torch.profiler) for the 8192 linear and "
                              "each block variant")

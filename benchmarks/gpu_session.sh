@@ -2,8 +2,8 @@
 # The prepared GPU check, for a session that is lent the H200 (at most 10 minutes there), the
 # figures first so that a time-out cannot cost them:
 #   1. benchmarks/gpu.py, every part, with profiles, and the block also with attention in bf16,
-#      with the quantized attention unfused and with symbolic sizes, then at width 4096 (last: a
-#      time-out costs it first);
+#      with the quantized attention unfused, with symbolic sizes and with grad_outer_scale (its
+#      cost decides its default), then at width 4096 (last: a time-out costs it first);
 #   2. the Triton kernels' correctness tests on the GPU (kernels compiled for the device, not
 #      interpreted): quantizers, GEMMs, region fusion with ranges, the L1 norm kernels, the
 #      fused attention;
@@ -18,6 +18,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
   2>&1 | tee "$out/env.txt"
 timeout 330 python3 benchmarks/gpu.py --reps 3 --block-timeout 90 --profile --float-attention --unfused-attention --dynamic \
+  --outer-scale \
   --block-dims 1024,4096 \
   2>&1 | tee "$out/gpu.txt"
 # no -x: one failure must not hide the others; slow tests (compiles for sm_90 without a GPU) are CPU checks;

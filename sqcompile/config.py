@@ -152,13 +152,14 @@ class Config(OpConfig):
                               over the gradient (its free-axis maxima).  Every quantized
                               GEMM; convolutions for ``dW`` only (per output channel: their
                               ``dX`` sums over positions, so a per-position scale does not
-                              factor out).  Attention takes the unfused ops (the fused
-                              kernels' ShiftQuant has no outer scale); with collect_stats
-                              the gradient SQNR is the divided gradient's.  Off by default
-                              until the Triton quantizers and the fused attention implement
-                              it (on CUDA it costs the attention's fusion and the GEMM
-                              regions' range outputs); the char transformer's 6-bit loss
-                              gap fell from 1.5% to 0.6% with it (README, "Accuracy")
+                              factor out).  The Triton kernels and the fused attention
+                              implement it; with collect_stats the gradient SQNR is the
+                              divided gradient's.  Off by default until its GPU cost is
+                              measured (on CPU 7-10% of a transformer step; on CUDA the
+                              GEMM regions no longer give the gradients' ranges and the
+                              fused attention takes one more pass); the char transformer's
+                              6-bit loss gap fell from 1.5% to 0.6% with it (README,
+                              "Accuracy")
     unsigned_acts   True      activations that are non-negative by construction (a ReLU's,
                               a softmax's or a sigmoid's output, pooled or reshaped) are
                               quantized unsigned: ``act_bits`` 4 gives them 16 levels

@@ -360,6 +360,7 @@ def test_custom_ops_pass_opcheck():
         (torch.ops.sqcompile.triton_attention.default, (q.transpose(0, 1).contiguous().transpose(0, 1), k, v, mask,
                                                         0.5, False, 8)),
         (torch.ops.sqcompile.triton_attention_backward.default, (do, *saved, None, 0.25, True, 4, 4, 4)),
+        (torch.ops.sqcompile.triton_attention_backward.default, (do, *saved, None, 0.25, True, 4, 4, 4, True)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     # a fused projection's heads, read in place; the packed gradient [B, L, 3, H, D]

@@ -163,14 +163,6 @@ def _(x, bits, groups, channel_dims, outer_dims, stochastic, prescale=None, tran
     return (e.mT.contiguous().mT if transposed else e), s
 
 
-def pair_dims(nd: int) -> Tuple[List[int], List[int]]:
-    """The channel dims of :func:`triton_shiftquant_pair`'s two quantizers of an ``nd``-dim
-    tensor: the columns of each matrix (every dim but the second to last) and its rows
-    (every dim but the last)."""
-    lead = list(range(nd - 2))
-    return lead + [nd - 1], lead + [nd - 2]
-
-
 @ops.custom_op("sqcompile::triton_shiftquant_pair", tags=ops._RANDOM)
 def triton_shiftquant_pair(x: torch.Tensor, cols_ranges: Optional[torch.Tensor], rows_ranges: Optional[torch.Tensor],
                            bits: int, groups: int, stochastic: bool, cols_prescale: Optional[torch.Tensor] = None,
