@@ -729,6 +729,25 @@ def _absmax_pair_kernel(x_ptr, ranges_ptr, pc_ptr, pr_ptr, outer_ptr, M, N, stri
 
 
 @triton.jit
+def _pair_base(rmax_ptr, base_ptr, outer_ptr, scale_ptr, index, mask, store_base, store_scales, QMAX: tl.constexpr,
+               GROUPS: tl.constexpr, OUTER: tl.constexpr):
+    """One quantizer of :func:`_shiftquant_pair_kernel`: ``(R, base)`` from its ranges' max at
+    ``rmax_ptr``; ``store_base``: stores the base (NaN where not finite, as numerics) at
+    ``base_ptr``; with ``OUTER`` and ``store_scales``, the scales ``base * r`` of the outer
+    indices ``index`` (``r`` at ``outer_ptr``, 0 taken as 1) at ``scale_ptr``."""
+    R = tl.load(rmax_ptr)
+    base = _base_of(R, GROUPS, QMAX)
+    stored = tl.where(_is_finite(base), base, float("nan"))
+    if store_base:
+        tl.store(base_ptr, stored)
+    if OUTER:
+        if store_scales:
+            r = tl.load(outer_ptr + index, mask=mask, other=1.0)
+            tl.store(scale_ptr + index, stored * tl.where(r == 0, 1.0, r), mask=mask)
+    return R, base
+
+
+@triton.jit
 def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, pc_ptr, pr_ptr, outer_ptr, sc_ptr, sr_ptr,
                             M, N, stride_a, stride_m, stride_n, er_stride_m, er_stride_n, A2, stride_a2,
                             out_stride_a, ec_stride_m, n_mblocks, seed_c_ptr, seed_r_ptr, QMAX: tl.constexpr,
@@ -773,15 +792,8 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, p
     xc, xr = _pair_tiles(x, a, offs_m, offs_n, mask_m, mask_n, M, N, A, pc_ptr, pr_ptr, outer_ptr, PRESCALE_C,
                          PRESCALE_R, OUTER)
     if COLS:
-        Rc = tl.load(rc_ptr + A * N)
-        base_c = _base_of(Rc, GROUPS, QMAX)
-        stored_c = tl.where(_is_finite(base_c), base_c, float("nan"))
-        if (pid == 0) & (a == 0):
-            tl.store(bc_ptr, stored_c)
-        if OUTER:
-            if pid_n == 0:
-                r = tl.load(outer_ptr + A * N + 1 + a * M + offs_m, mask=mask_m, other=1.0)
-                tl.store(sc_ptr + a * M + offs_m, stored_c * tl.where(r == 0, 1.0, r), mask=mask_m)
+        Rc, base_c = _pair_base(rc_ptr + A * N, bc_ptr, outer_ptr + A * N + 1, sc_ptr, a * M + offs_m, mask_m,
+                                (pid == 0) & (a == 0), pid_n == 0, QMAX, GROUPS, OUTER)
         if STOCHASTIC:
             noise_c = tl.trans(_tile_noise(tl.load(seed_c_ptr), a, pid_n * BLOCK_N, pid_m * BLOCK_M, N, M,
                                            COLUMNS_NOISE_ALONG_N, BLOCK_N, BLOCK_M))
@@ -795,15 +807,8 @@ def _shiftquant_pair_kernel(x_ptr, ec_ptr, er_ptr, ranges_ptr, bc_ptr, br_ptr, p
             ec_offs = _tile_offsets(a, offs_m, offs_n, out_stride_a, ec_stride_m, stride_n, INT64)
         tl.store(ec_ptr + ec_offs, ec.to(ec_ptr.dtype.element_ty), mask=mask)
     if ROWS:
-        Rr = tl.load(rr_ptr + A * M)
-        base_r = _base_of(Rr, GROUPS, QMAX)
-        stored_r = tl.where(_is_finite(base_r), base_r, float("nan"))
-        if (pid == 0) & (a == 0):
-            tl.store(br_ptr, stored_r)
-        if OUTER:
-            if pid_m == 0:
-                r = tl.load(outer_ptr + a * N + offs_n, mask=mask_n, other=1.0)
-                tl.store(sr_ptr + a * N + offs_n, stored_r * tl.where(r == 0, 1.0, r), mask=mask_n)
+        Rr, base_r = _pair_base(rr_ptr + A * M, br_ptr, outer_ptr, sr_ptr, a * N + offs_n, mask_n,
+                                (pid == 0) & (a == 0), pid_m == 0, QMAX, GROUPS, OUTER)
         if STOCHASTIC:
             noise_r = _tile_noise(tl.load(seed_r_ptr), a, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, False, BLOCK_M,
                                   BLOCK_N)
