@@ -397,12 +397,10 @@ def _ranges_step(row_amax, cols_top, ranges_ptr, outer_ptr, qq, sq, eo, base_o, 
 
 @triton.jit
 def _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, outer_ptr, seed_ptr, b, n0, offs_m,
-             mask_m,
-             offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale, mask_base, s_ml, s_ms, m,
-             l, delta, Rc, base_c, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr,
-             STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_S: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-             DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
-             OUTER: tl.constexpr):
+             mask_m, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale, mask_base, s_ml,
+             s_ms, m, l, delta, Rc, base_c, GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
+             COLUMNS_NOISE_ALONG_S: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, OUTER: tl.constexpr):
     """The ``dQ`` kernel over the key tile at ``n0``: ``eS_cols qK`` added to ``acc``
     (``OUTER``: ``dS sK`` divided by its rows' outer maxima first, ``outer_ptr``)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -626,9 +624,9 @@ def _gradient_sums(sum_ptr, v, b, pid, offs_r, offs_d, mask_r, H_d, s_dh, D, N_f
 @triton.jit(do_not_specialize=["tune_key"])
 def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, qt_ptr, sq_ptr, sk_ptr,
                              stats_ptr, eoc_ptr, boc_ptr, eor_ptr, bor_ptr, delta_ptr, ranges_ptr, outer_ptr,
-                             seed_ptr, dk_ptr, dv_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_qtb, s_qtm,
-                             s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, s_db, s_dn, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_k,
-                             f0_v, sum_ptr, n_slots, scale, tune_key, QMAX: tl.constexpr,
+                             seed_ptr, dk_ptr, dv_ptr, L, S, D, BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn,
+                             s_vd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, s_db, s_dn, s_dd, H_d, s_dh,
+                             rng_ptr, N_feat, f0_k, f0_v, sum_ptr, n_slots, scale, tune_key, QMAX: tl.constexpr,
                              GRAD_QMAX: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr,
                              CAUSAL: tl.constexpr, MASK: tl.constexpr, DTYPE: tl.constexpr, RANGES: tl.constexpr,
                              SUMS: tl.constexpr, SLOT: tl.constexpr, OUTER: tl.constexpr,
@@ -671,8 +669,8 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
             acc_dk, acc_dv = _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr,
                                         stats_ptr, eoc_ptr, eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH,
                                         s_qb, s_qm, s_qd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale,
-                                        mb, s_ml, s_ms, boc_ptr, Rr, base_r, outer_ptr, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
-                                        MASK, DTYPE, BLOCK_M, BLOCK_N, True, OUTER)
+                                        mb, s_ml, s_ms, boc_ptr, Rr, base_r, outer_ptr, QMAX, GRAD_QMAX,
+                                        GROUPS, STOCHASTIC, CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, True, OUTER)
     else:
         # interior query tiles [lo, hi) unmasked; the edge ones (the diagonal before them,
         # a partial tile after) in one more loop: integer sums, so the order does not matter
@@ -681,16 +679,16 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
             acc_dk, acc_dv = _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr,
                                         stats_ptr, eoc_ptr, eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH,
                                         s_qb, s_qm, s_qd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale,
-                                        mb, s_ml, s_ms, boc_ptr, Rr, base_r, outer_ptr, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
-                                        MASK, DTYPE, BLOCK_M, BLOCK_N, False, OUTER)
+                                        mb, s_ml, s_ms, boc_ptr, Rr, base_r, outer_ptr, QMAX, GRAD_QMAX,
+                                        GROUPS, STOCHASTIC, CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, False, OUTER)
         n_diagonal = (lo - m_start) // BLOCK_M
         for i in range(0, n_diagonal + (L > hi).to(tl.int32)):      # the diagonal, then a partial tile
             m0 = tl.where(i < n_diagonal, m_start + i * BLOCK_M, hi + (i - n_diagonal) * BLOCK_M)
             acc_dk, acc_dv = _dkdv_step(acc_dk, acc_dv, m0, kk, vv, sk, offs_n, mask_n, offs_d, q_ptr, qt_ptr, sq_ptr,
                                         stats_ptr, eoc_ptr, eor_ptr, delta_ptr, rr_ptr, seed_ptr, b, pid_n, L, S, D, BH,
                                         s_qb, s_qm, s_qd, s_qtb, s_qtm, s_qtd, s_eb, s_em, s_ed, s_rb, s_rm, s_rd, scale,
-                                        mb, s_ml, s_ms, boc_ptr, Rr, base_r, outer_ptr, QMAX, GRAD_QMAX, GROUPS, STOCHASTIC, CAUSAL,
-                                        MASK, DTYPE, BLOCK_M, BLOCK_N, True, OUTER)
+                                        mb, s_ml, s_ms, boc_ptr, Rr, base_r, outer_ptr, QMAX, GRAD_QMAX,
+                                        GROUPS, STOCHASTIC, CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, True, OUTER)
     out_mask = mask_n[:, None] & (offs_d < D)[None, :]
     out = (b // H_d) * s_db + (b % H_d) * s_dh + offs_n[:, None] * s_dn + offs_d[None, :] * s_dd
     dk = cast_rtne(acc_dk.to(tl.float32) * _outer_scale(base_r, outer_ptr, b * S + offs_n, mask_n, OUTER), DTYPE)
@@ -716,8 +714,8 @@ def _attention_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_
 @triton.jit(do_not_specialize=["tune_key"])
 def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_ml, s_ms, kt_ptr, sq_ptr, sk_ptr,
                             stats_ptr, eoc_ptr, boc_ptr, delta_ptr, ranges_ptr, outer_ptr, seed_ptr, dq_ptr, L, S, D,
-                            BH, s_qb,
-                            s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, s_eb, s_em, s_ed,
+                            BH, s_qb, s_qm, s_qd, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, s_eb, s_em,
+                            s_ed,
                             s_db, s_dm, s_dd, H_d, s_dh, rng_ptr, N_feat, f0_q, sum_ptr, n_slots, scale, tune_key,
                             GRAD_QMAX: tl.constexpr,
                             GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, COLUMNS_NOISE_ALONG_S: tl.constexpr,
@@ -745,15 +743,13 @@ def _attention_bwd_q_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, H_in, s_mo, s_mi, s_m
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.int32)
     for n0 in range(0, n_mid, BLOCK_N):
         acc = _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, outer_ptr, seed_ptr, b, n0,
-                       offs_m,
-                       mask_m, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale, mb,
-                       s_ml, s_ms, m, l, delta, Rc, base_c, GRAD_QMAX, GROUPS, STOCHASTIC, COLUMNS_NOISE_ALONG_S,
+                       offs_m, mask_m, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale,
+                       mb, s_ml, s_ms, m, l, delta, Rc, base_c, GRAD_QMAX, GROUPS, STOCHASTIC, COLUMNS_NOISE_ALONG_S,
                        CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, False, OUTER)
     for n0 in range(n_mid, n_end, BLOCK_N):
         acc = _dq_step(acc, qq, sq, eo_c, base_oc, k_ptr, v_ptr, sk_ptr, kt_ptr, ranges_ptr, outer_ptr, seed_ptr, b, n0,
-                       offs_m,
-                       mask_m, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale, mb,
-                       s_ml, s_ms, m, l, delta, Rc, base_c, GRAD_QMAX, GROUPS, STOCHASTIC, COLUMNS_NOISE_ALONG_S,
+                       offs_m, mask_m, offs_d, s_kb, s_kn, s_kd, s_vb, s_vn, s_vd, s_ktb, s_ktn, s_ktd, L, S, D, scale,
+                       mb, s_ml, s_ms, m, l, delta, Rc, base_c, GRAD_QMAX, GROUPS, STOCHASTIC, COLUMNS_NOISE_ALONG_S,
                        CAUSAL, MASK, DTYPE, BLOCK_M, BLOCK_N, True, OUTER)
     out = (b // H_d) * s_db + (b % H_d) * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd
     dq = cast_rtne(acc.to(tl.float32) * _outer_scale(base_c, outer_ptr, BH * S + 1 + row, mask_m, OUTER), DTYPE)
