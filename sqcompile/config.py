@@ -155,7 +155,7 @@ class Config(OpConfig):
                               factor out).  The Triton kernels and the fused attention
                               implement it; with collect_stats the gradient SQNR is the
                               divided gradient's.  Off by default until its GPU cost is
-                              measured (on CPU 7-10% of a transformer step; on CUDA the
+                              measured (on CPU 10-18% of a transformer step; on CUDA the
                               GEMM regions no longer give the gradients' ranges and the
                               fused attention takes one more pass); the char transformer's
                               6-bit loss gap fell from 1.5% to 0.6% with it (README,
