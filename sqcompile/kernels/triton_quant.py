@@ -1436,33 +1436,27 @@ def _pair(x: torch.Tensor, view: _View, bits: int, groups: int, stochastic: bool
         ranges = torch.cat([rc, rcmax.reshape(1), rr, rrmax.reshape(1)])
     edtype = N.expanded_dtype(bits, groups)
     heads = view.a2 > 1
-    e_cols = e_rows = None
-    if cols:
-        e_cols = torch.empty(x.shape, dtype=edtype, device=x.device) if heads else torch.empty_like(x, dtype=edtype)
-    if not rows:
-        rows_strides = (N_, 1)
-    elif rows_transposed:
-        e_rows = _transposed_empty(x, edtype)
-        rows_strides = (1, M)
-    else:
-        e_rows = torch.empty(x.shape, dtype=edtype, device=x.device) if heads else torch.empty_like(x, dtype=edtype)
-        rows_strides = (N_, 1)
-    s_cols = s_rows = base_c
-    if outer:
+
+    def expanded() -> torch.Tensor:       # at x's strides, contiguous for heads read in place
+        return torch.empty(x.shape, dtype=edtype, device=x.device) if heads else torch.empty_like(x, dtype=edtype)
+    e_cols = expanded() if cols else base_c                     # base_c: a pointer the kernel does not write
+    e_rows = (_transposed_empty(x, edtype) if rows_transposed else expanded()) if rows else base_c
+    rows_strides = (1, M) if rows and rows_transposed else (N_, 1)
+    if outer:       # the outer scales; without them, the base scales
         lead = list(x.shape[:-2])
         s_cols = torch.empty(lead + [M, 1], dtype=torch.float32, device=x.device) if cols else base_c
         s_rows = torch.empty(lead + [1, N_], dtype=torch.float32, device=x.device) if rows else base_r
+    else:
+        s_cols, s_rows = base_c, base_r
     tile = geometry.tile
     _shiftquant_pair_kernel[geometry.grid](
-        x, base_c if e_cols is None else e_cols, base_c if e_rows is None else e_rows, ranges, base_c, base_r,
+        x, e_cols, e_rows, ranges, base_c, base_r,
         base_c if pre_c is None else pre_c, base_r if pre_r is None else pre_r, outer_maxima, s_cols, s_rows,
         M, N_, *view.strides, *rows_strides, view.a2, view.stride_a2[0], M * N_, N_, geometry.n_mblocks, seed_c,
         seed_r, QMAX=N.qmax(bits), GROUPS=groups, STOCHASTIC=stochastic,
         COLUMNS_NOISE_ALONG_N=geometry.columns_noise_along_n, PRESCALE_C=pre_c is not None,
         PRESCALE_R=pre_r is not None, OUTER=outer, COLS=cols, ROWS=rows, INT64=view.int64, SAME_LAYOUT=not heads,
         BLOCK_M=tile.block_c, BLOCK_N=tile.block_l, num_warps=tile.num_warps)
-    if not outer:
-        s_cols, s_rows = base_c, base_r
     if cols and rows:
         return e_cols, s_cols, e_rows, s_rows
     return (e_cols, s_cols) if cols else (e_rows, s_rows)
