@@ -15,6 +15,10 @@ per-tensor (one scale: what a plain integer GEMM accepts, the baseline), ShiftQu
 G = 1..5 power-of-two groups along the reduction channels, and per-channel (one scale per
 reduction channel: the error floor, which no integer GEMM can apply).
 
+A last table compares groupings of the convs' ``dX`` operand: ranges per output channel
+against ranges per (sample, output channel), which sqcompile uses (one base scale either way,
+so the same integer GEMM), with and without one scale per sample first.
+
 Metrics, per captured tensor and averaged over tensors and stochastic-rounding draws:
 normalized MSE ``mean((x - x_q)^2) / mean(x^2)`` (arithmetic mean, so dominated by the worst
 tensors) and SQNR in dB (``-10 log10`` of the normalized MSE per draw; the mean of dB values
@@ -159,6 +163,43 @@ def measure(captured, args):
     return results
 
 
+def conv_input_grad_table(captured, args) -> str:
+    """SQNR (dB) of the convs' ``dY`` as it feeds ``dX = dY W``, by how ShiftQuant groups it:
+    ranges per output channel, per (sample, output channel) (what sqcompile does: the expanded
+    integers share one base scale whatever the grouping, so the GEMM is the same), that with
+    one scale per sample first (``grad_outer_scale``), and the per-channel floors of both
+    groupings.  G is the most groups that fit int8 (4 bits: 4, 6 bits: 3), as in training."""
+    torch.manual_seed(args.seed)
+
+    def outer(x, b, g):
+        r = numerics.safe_div_scale(numerics.amax(x, [0]))
+        return numerics.shiftquant(x / r, b, g, (0, 1), "stochastic").dequantize() * r
+
+    rows = {
+        "ShiftQuant, ranges per output channel": lambda x, b, g: numerics.shiftquant(
+            x, b, g, (1,), "stochastic").dequantize(),
+        "ShiftQuant, ranges per (sample, channel) (sqcompile)": lambda x, b, g: numerics.shiftquant(
+            x, b, g, (0, 1), "stochastic").dequantize(),
+        "  + one scale per sample (grad_outer_scale)": outer,
+        "per output channel (floor of the first)": lambda x, b, g: numerics.dequantize(
+            *numerics.quantize_per_channel(x, b, (1,), "stochastic")),
+        "per (sample, channel) (floor of the second)": lambda x, b, g: numerics.dequantize(
+            *numerics.quantize_per_channel(x, b, (0, 1), "stochastic")),
+    }
+    convs = [dy for _, _, dy in captured if dy.dim() == 4 and dy.abs().amax() > 0]
+    body = []
+    for row, fn in rows.items():
+        line = [row]
+        for bits in args.bits:
+            g = max(g for g in range(1, 5) if numerics.fits_int8(bits, g))
+            sqnrs = [numerics.sqnr_db(dy, fn(dy, bits, g)) for dy in convs for _ in range(args.draws)]
+            line.append(f"{sum(sqnrs) / len(sqnrs):.1f}")
+        body.append(line)
+    headers = ["conv dX operand"] + [
+        f"{b}-bit G={max(g for g in range(1, 5) if numerics.fits_int8(b, g))}" for b in args.bits]
+    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
+
+
 def table(results, key, args, metric):
     rows = [r for r, b, _ in quantizers(args.bits[:1], args.groups)]
     headers = ["quantizer"] + [f"{b}-bit {g}" for b in args.bits for g in GEMMS]
@@ -221,6 +262,8 @@ def main(argv=None):
         print(table(results, key, args, "nmse"))
         print(f"\nSQNR in dB, mean over tensors, {scope} (higher is better):\n")
         print(table(results, key, args, "sqnr"))
+    print("\nSQNR in dB of the convs' dY for dX = dY W by grouping, mean over tensors (higher is better):\n")
+    print(conv_input_grad_table(captured, args))
     print(f"\nTotal {time.perf_counter() - t0:.1f} s")
 
 

@@ -150,9 +150,10 @@ class Config(OpConfig):
                               epilogue; ShiftQuant then groups the reduction axis of the
                               gradient divided by it.  Same integer GEMMs, one more pass
                               over the gradient (its free-axis maxima).  Every quantized
-                              GEMM; convolutions for ``dW`` only (per output channel: their
-                              ``dX`` sums over positions, so a per-position scale does not
-                              factor out).  The Triton kernels and the fused attention
+                              GEMM; for a convolution per output channel (``dW``) and per
+                              sample (``dX``: each output position sums several input
+                              positions, so a per-position scale would not factor out).
+                              The Triton kernels and the fused attention
                               implement it; with collect_stats the gradient SQNR is the
                               divided gradient's.  Off by default until its GPU cost is
                               measured (on CPU 10-18% of a transformer step; on CUDA the

@@ -608,7 +608,17 @@ class _QuantConv(torch.autograd.Function):
     GEMM belongs to one sample, so the scale factors out of its sums as a row scale), weight
     (per output channel) and ShiftQuant-ed gradients: along output channels for ``dX``, along
     (batch, positions) for ``dW`` (the input's per-sample scale folded in first, as a Linear's
-    per-row scale).  Integer execution uses an int8 im2col GEMM (``groups == 1``)."""
+    per-row scale).  Integer execution uses an int8 im2col GEMM (``groups == 1``).
+
+    ``dX``'s ShiftQuant takes one range per (sample, output channel), not per output channel:
+    the expanded integers share one base scale whatever the grouping, so the integer GEMM is
+    the same, and a sample whose gradient is a few times smaller than the batch's largest (a
+    well-classified one, under cross-entropy) gets its own rungs of the ladder instead of the
+    steps of the largest sample's channels.  On the ResNet-style CNN's conv gradients at 4
+    bits, G=4, this took the SQNR of ``dY`` from 3.8 to 11.6 dB (per output channel exactly,
+    no integer GEMM can do it: 6.2 dB).  With ``outer`` (``grad_outer_scale``) ``dX`` also
+    gets one scale per sample (a row scale of its GEMM; per position it would not factor,
+    every output position sums several input positions) and ``dW`` one per output channel."""
 
     @staticmethod
     def forward(ctx, x, w, a_bits, w_bits, grad_bits, groups, integer, kernels, stats, stride, padding, dilation,
@@ -636,9 +646,9 @@ class _QuantConv(torch.autograd.Function):
             ctx.cfg
         spatial = list(range(2, dy.dim()))
         dx = dw = None
-        if ctx.needs[0]:   # reduction over output channels (and taps)
-            e, s = _shiftquant(ks, stats, "grad_dx", dy, grad_bits, groups, [1],
-                               prescale=sw.reshape(1, -1, *[1] * len(spatial)))
+        if ctx.needs[0]:   # reduction over output channels (and taps): ranges per (sample, channel)
+            e, s = _gradient(ks, stats, "grad_dx", dy, grad_bits, groups, [0, 1],
+                             sw.reshape(1, -1, *[1] * len(spatial)), [0] if outer else None)
             if integer:
                 e = _channels_last(e)
                 dx = (im2col_conv_input_grad(ks, e, qw, qx.shape, stride, padding, dilation) * s).to(x_dtype)
@@ -864,8 +874,8 @@ def quantized_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
 
     ``padding`` may be an int, a tuple or ``"valid"``/``"same"`` as in PyTorch.  ``outer_scale``
     (``grad_outer_scale``): the ``dW`` GEMM's gradient gets one scale per output channel (its
-    free axis); ``dX``'s does not (its convolution sums over positions, so a per-position scale
-    would not factor out)."""
+    free axis), ``dX``'s one per sample (not per position: each output position sums several
+    input positions, so a per-position scale would not factor out)."""
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)

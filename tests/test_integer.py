@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from sqcompile import numerics as N
 from sqcompile import ops
+from sqcompile.kernels.triton_ops import triton_available
 
 from models import rel
 
@@ -148,6 +149,28 @@ def test_conv_input_has_one_scale_per_sample(integer):
                              integer=integer)
     torch.testing.assert_close(out, F.conv2d(xq, wq, None, 1, 1), rtol=1e-5, atol=1e-5)
     assert rel(out[1], F.conv2d(x, w, None, 1, 1)[1]) < 0.05        # the small sample too
+
+
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_available()[0], reason=triton_available()[1]))])
+@pytest.mark.parametrize("integer", [True, False])
+def test_conv_input_gradient_groups_its_channels_per_sample(integer, kernels):
+    """``dX``'s ShiftQuant takes one range per (sample, output channel): a sample whose
+    gradient is 8x smaller than the others' keeps the others' relative error (against float
+    autograd).  Ranges per output channel alone (``numerics``, the control) put it on the
+    large samples' steps: 4-bit steps of 1/7 of their range, about its whole range."""
+    torch.manual_seed(5)
+    x, w = torch.randn(4, 3, 8, 8), torch.randn(6, 3, 3, 3)
+    dy = torch.randn(4, 6, 8, 8)
+    dy[1] /= 8
+    want = torch.nn.grad.conv2d_input(x.shape, w, dy, padding=1)
+    for _ in range(3):
+        xx = x.clone().requires_grad_(True)
+        ops.quantized_conv(xx, w, None, 1, 1, 1, 1, nd=2, a_bits=8, w_bits=8, grad_bits=4, sq_groups=4,
+                           integer=integer, kernels=kernels).backward(dy)
+        assert rel(xx.grad, want) < 0.3 and rel(xx.grad[1], want[1]) < 0.35
+    per_channel = N.shiftquant(dy, 4, 4, [1], "stochastic").dequantize()
+    assert rel(torch.nn.grad.conv2d_input(x.shape, w, per_channel, padding=1)[1], want[1]) > 1.0
 
 
 @pytest.mark.parametrize("nd,channels_last", [(1, False), (2, False), (2, True)])

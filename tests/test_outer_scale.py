@@ -5,7 +5,7 @@ epilogue, with ShiftQuant on the gradient divided by it.
 Checked against float autograd: a token (or output feature) whose gradient is 1e4x smaller than
 the others keeps its resolution with the outer scale, where the per-tensor base scale rounds it
 to noise; both executions (simulated and int8 GEMMs); the option's validation, report and
-convolutions (``dW`` only).  Both kernel families (Triton under
+convolutions (per output channel for ``dW``, per sample for ``dX``).  Both kernel families (Triton under
 ``TRITON_INTERPRET=1`` on CPU)."""
 import pytest
 import torch
@@ -127,7 +127,7 @@ def test_report_says_where_it_applies_and_training_runs():
     assert losses[-1] < losses[0]
     rows = {d.op: d for d in records_for(list(model.parameters()))[-1].decisions}
     assert rows["linear"].grad_quantizer.endswith("outer scale")
-    assert rows["conv2d"].grad_quantizer.endswith("outer scale (dW)")
+    assert rows["conv2d"].grad_quantizer.endswith("groups per sample (dX), outer scale")
     torch._dynamo.reset()
 
 
@@ -168,3 +168,26 @@ def test_a_small_output_channels_conv_weight_gradient_keeps_its_resolution(integ
         assert all(rel(g, want) < 0.1 for g in draws)
         errors[outer] = max(rel(g[2], want[2]) for g in draws)
     assert errors[True] < 0.1 < 0.5 < errors[False], errors
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_a_small_samples_conv_input_gradient_keeps_its_resolution(integer):
+    """A conv's ``dX`` GEMM keeps the batch: the outer scale is per sample.  Its ShiftQuant
+    groups per (sample, channel) already, but a sample 1e-4 of the others lies far below the
+    last rung of the ladder (1/8 at G=4) and rounds to noise without it."""
+    torch.manual_seed(6)
+    x, w = torch.randn(4, 3, 8, 8), torch.randn(6, 3, 3, 3)
+    dy = torch.randn(4, 6, 8, 8)
+    dy[2] *= 1e-4
+    want = torch.nn.grad.conv2d_input(x.shape, w, dy, padding=1)
+    errors = {}
+    for outer in (False, True):
+        draws = []
+        for _ in range(3):
+            xx = x.clone().requires_grad_(True)
+            ops.quantized_conv(xx, w, None, 1, 1, 1, 1, nd=2, a_bits=8, w_bits=8, grad_bits=4, sq_groups=4,
+                               integer=integer, outer_scale=outer).backward(dy)
+            draws.append(xx.grad)
+        assert all(rel(g, want) < 0.3 for g in draws)
+        errors[outer] = max(rel(g[2], want[2]) for g in draws)
+    assert errors[True] < 0.3 < 0.5 < errors[False], errors

@@ -468,7 +468,8 @@ SHIFTQUANT_CASES = [
     ((1, 33, 45), [0, 2], "contiguous"),
     ((3, 33, 45), [0, 1], "contiguous"),      # dB = qA^T @ G, reduction over m
     ((3, 33, 45), [0, 1], "transposed"),
-    ((4, 6, 5, 7), [1], "contiguous"),        # conv dX: output channels
+    ((4, 6, 5, 7), [0, 1], "contiguous"),     # conv dX: (sample, output channel)
+    ((4, 6, 5, 7), [1], "contiguous"),        # output channels alone
     ((4, 6, 5, 7), [0, 2, 3], "contiguous"),  # conv dW: (batch, positions)
     ((4, 6, 9), [0, 2], "contiguous"),        # conv1d dW
     ((3, 33, 45), [], "contiguous"),          # a single channel

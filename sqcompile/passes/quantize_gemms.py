@@ -184,7 +184,7 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     decision.grad_bits = cfg.grad_bits
     decision.groups = cfg.groups
     decision.grad_quantizer = f"ShiftQuant G={cfg.groups}, stochastic" + \
-        ((", outer scale (dW)" if name in _CONV else ", outer scale") if cfg.grad_outer_scale else "")
+        (", groups per sample (dX)" if name in _CONV else "") + (", outer scale" if cfg.grad_outer_scale else "")
     decision.replacement = target_fn.__name__
     record.add(decision)
 
