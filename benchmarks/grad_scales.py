@@ -13,7 +13,11 @@ compares the two backward products computed from quantized ``dY`` against the fl
 * ``ShiftQuant``: what sqcompile does now (``numerics.shiftquant``, per-tensor base);
 * ``+ outer``: ``dY`` divided by its maximum per free index first, ShiftQuant'd, multiplied
   back (one float per token for ``dX``, per output feature for ``dW``);
-* ``per-channel``: one scale per reduction channel (the floor ShiftQuant approaches).
+* ``per-channel``: one scale per reduction channel (the floor ShiftQuant approaches);
+* ``per sequence`` (``dX`` only, not what sqcompile does for Linears yet): ShiftQuant's ranges
+  per (sequence, output feature) instead of per output feature, which needs no other pass or
+  GEMM (the expanded integers share one base scale however the ranges are grouped; conv input
+  gradients are grouped per (sample, channel) so).
 
     python benchmarks/grad_scales.py                        # 6-bit, G=3; about a minute
     python benchmarks/grad_scales.py --bits 4 --groups 4
@@ -41,7 +45,8 @@ from sqcompile import numerics as N  # noqa: E402
 
 
 def capture(steps: int, seed: int):
-    """Train ``steps`` float steps, then one more batch's ``{linear: (X, dY, W)}`` (2-D)."""
+    """Train ``steps`` float steps, then one more batch's ``{linear: (X, dY, W, L)}`` (2-D, ``L``
+    the sequence length: rows ``i * L .. (i + 1) * L - 1`` are sequence ``i``)."""
     torch.manual_seed(seed)
     text = char_corpus("lee")
     tok = CharTokenizer(text)
@@ -71,7 +76,7 @@ def _hook(name, captured):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
 
         def grad_hook(dy):
-            captured[name] = (x, dy.detach().reshape(-1, dy.shape[-1]), mod.weight.detach())
+            captured[name] = (x, dy.detach().reshape(-1, dy.shape[-1]), mod.weight.detach(), dy.shape[-2])
         out.register_hook(grad_hook)
     return forward_hook
 
@@ -81,8 +86,14 @@ def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
     return 10 * math.log10(float((ref ** 2).sum() / err))
 
 
-def quantized(dy: torch.Tensor, variant: str, bits: int, groups: int, reduction: int) -> torch.Tensor:
-    """``dy`` quantized for a GEMM that reduces over ``dy``'s dim ``reduction``, dequantized."""
+def quantized(dy: torch.Tensor, variant: str, bits: int, groups: int, reduction: int, seq: int):
+    """``dy`` quantized for a GEMM that reduces over ``dy``'s dim ``reduction``, dequantized
+    (None: the variant does not apply)."""
+    if variant == "per sequence":
+        if reduction == 0:
+            return None
+        v = dy.reshape(-1, seq, dy.shape[-1])
+        return N.shiftquant(v, bits, groups, [0, 2], "stochastic").dequantize().reshape(dy.shape)
     if variant == "per-channel":
         return N.fake_quantize(dy.float(), bits, (reduction,), "stochastic")
     if variant == "ShiftQuant":
@@ -91,7 +102,7 @@ def quantized(dy: torch.Tensor, variant: str, bits: int, groups: int, reduction:
     return N.shiftquant(dy / outer, bits, groups, [reduction], "stochastic").dequantize() * outer
 
 
-VARIANTS = ("ShiftQuant", "+ outer", "per-channel")
+VARIANTS = ("ShiftQuant", "per sequence", "+ outer", "per-channel")
 
 
 def main(argv=None):
@@ -105,18 +116,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     captured = capture(args.steps, args.seed)
-    rows, sums = [], [0.0] * 6
-    for name, (x, dy, w) in captured.items():
+    rows, sums = [], [0.0] * (2 * len(VARIANTS))
+    for name, (x, dy, w, seq) in captured.items():
         dx, dw = dy @ w, dy.t() @ x
         row = [name]
         for col, (ref, reduction, product) in enumerate(((dx, 1, lambda q: q @ w), (dw, 0, lambda q: q.t() @ x))):
             for i, variant in enumerate(VARIANTS):
-                v = sum(sqnr_db(ref, product(quantized(dy, variant, args.bits, args.groups, reduction)))
-                        for _ in range(args.draws)) / args.draws
+                draws = [quantized(dy, variant, args.bits, args.groups, reduction, seq) for _ in range(args.draws)]
+                if draws[0] is None:
+                    row.append("-")
+                    sums[len(VARIANTS) * col + i] = None
+                    continue
+                v = sum(sqnr_db(ref, product(q)) for q in draws) / args.draws
                 row.append(f"{v:.1f}")
-                sums[3 * col + i] += v / len(captured)
+                sums[len(VARIANTS) * col + i] += v / len(captured)
         rows.append(row)
-    rows.append(["mean"] + [f"{v:.1f}" for v in sums])
+    rows.append(["mean"] + ["-" if v is None else f"{v:.1f}" for v in sums])
     headers = ["Linear"] + [f"{g}: {v}" for g in ("dX", "dW") for v in VARIANTS]
     print(f"\n{args.bits}-bit gradients, G={args.groups}: SQNR (dB) of the backward products after "
           f"{args.steps} float steps, mean of {args.draws} draws\n")
