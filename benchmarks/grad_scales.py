@@ -14,7 +14,8 @@ compares the two backward products computed from quantized ``dY`` against the fl
 * ``+ outer``: ``dY`` divided by its maximum per free index first, ShiftQuant'd, multiplied
   back (one float per token for ``dX``, per output feature for ``dW``);
 * ``per-channel``: one scale per reduction channel (the floor ShiftQuant approaches);
-* ``per sequence`` (``dX`` only, not what sqcompile does for Linears yet): ShiftQuant's ranges
+* ``per sequence`` (``dX`` only; not what sqcompile does for Linears: in training the char
+  transformer gained less than seed noise, see the README): ShiftQuant's ranges
   per (sequence, output feature) instead of per output feature, which needs no other pass or
   GEMM (the expanded integers share one base scale however the ranges are grouped; conv input
   gradients are grouped per (sample, channel) so).
