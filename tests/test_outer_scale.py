@@ -148,25 +148,36 @@ def test_compiled_linear_keeps_a_small_tokens_gradient(inner):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("integer", [True, False])
-def test_a_small_output_channels_conv_weight_gradient_keeps_its_resolution(integer):
-    """A conv's ``dW`` GEMM reduces over (batch, positions): the outer scale is per output
-    channel, as for a Linear's output feature."""
-    torch.manual_seed(5)
+def _conv_errors(integer: bool, which: int, index, bits: int, groups: int, seed: int, bound: float):
+    """Worst relative error, without and with the outer scale, of the slice ``index`` of a
+    conv's ``dX`` (``which`` 0) or ``dW`` (1) against float autograd, when that slice's ``dY``
+    entries are 1e-4 of the others' (three stochastic-rounding draws; the whole gradient must
+    stay within ``bound`` either way)."""
+    torch.manual_seed(seed)
     x, w = torch.randn(4, 3, 8, 8), torch.randn(6, 3, 3, 3)
     dy = torch.randn(4, 6, 8, 8)
-    dy[:, 2] *= 1e-4
-    want = torch.nn.grad.conv2d_weight(x, w.shape, dy, padding=1)
+    dy[index] *= 1e-4
+    want = torch.nn.grad.conv2d_input(x.shape, w, dy, padding=1) if which == 0 else \
+        torch.nn.grad.conv2d_weight(x, w.shape, dy, padding=1)
+    slice_of = (lambda g: g[index]) if which == 0 else (lambda g: g[index[1]])
     errors = {}
     for outer in (False, True):
         draws = []
         for _ in range(3):
-            ww = w.clone().requires_grad_(True)
-            ops.quantized_conv(x, ww, None, 1, 1, 1, 1, nd=2, a_bits=8, w_bits=8, grad_bits=6, sq_groups=3,
+            xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            ops.quantized_conv(xx, ww, None, 1, 1, 1, 1, nd=2, a_bits=8, w_bits=8, grad_bits=bits, sq_groups=groups,
                                integer=integer, outer_scale=outer).backward(dy)
-            draws.append(ww.grad)
-        assert all(rel(g, want) < 0.1 for g in draws)
-        errors[outer] = max(rel(g[2], want[2]) for g in draws)
+            draws.append((xx.grad, ww.grad)[which])
+        assert all(rel(g, want) < bound for g in draws)
+        errors[outer] = max(rel(slice_of(g), slice_of(want)) for g in draws)
+    return errors
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_a_small_output_channels_conv_weight_gradient_keeps_its_resolution(integer):
+    """A conv's ``dW`` GEMM reduces over (batch, positions): the outer scale is per output
+    channel, as for a Linear's output feature."""
+    errors = _conv_errors(integer, 1, (slice(None), 2), bits=6, groups=3, seed=5, bound=0.1)
     assert errors[True] < 0.1 < 0.5 < errors[False], errors
 
 
@@ -175,19 +186,5 @@ def test_a_small_samples_conv_input_gradient_keeps_its_resolution(integer):
     """A conv's ``dX`` GEMM keeps the batch: the outer scale is per sample.  Its ShiftQuant
     groups per (sample, channel) already, but a sample 1e-4 of the others lies far below the
     last rung of the ladder (1/8 at G=4) and rounds to noise without it."""
-    torch.manual_seed(6)
-    x, w = torch.randn(4, 3, 8, 8), torch.randn(6, 3, 3, 3)
-    dy = torch.randn(4, 6, 8, 8)
-    dy[2] *= 1e-4
-    want = torch.nn.grad.conv2d_input(x.shape, w, dy, padding=1)
-    errors = {}
-    for outer in (False, True):
-        draws = []
-        for _ in range(3):
-            xx = x.clone().requires_grad_(True)
-            ops.quantized_conv(xx, w, None, 1, 1, 1, 1, nd=2, a_bits=8, w_bits=8, grad_bits=4, sq_groups=4,
-                               integer=integer, outer_scale=outer).backward(dy)
-            draws.append(xx.grad)
-        assert all(rel(g, want) < 0.3 for g in draws)
-        errors[outer] = max(rel(g[2], want[2]) for g in draws)
+    errors = _conv_errors(integer, 0, 2, bits=4, groups=4, seed=6, bound=0.3)
     assert errors[True] < 0.3 < 0.5 < errors[False], errors
