@@ -180,7 +180,7 @@ def conv_input_grad_table(captured, args) -> str:
             x, b, g, (1,), "stochastic").dequantize(),
         "ShiftQuant, ranges per (sample, channel) (sqcompile)": lambda x, b, g: numerics.shiftquant(
             x, b, g, (0, 1), "stochastic").dequantize(),
-        "  + one scale per sample (grad_outer_scale)": outer,
+        "the same, one scale per sample first (grad_outer_scale)": outer,
         "per output channel (floor of the first)": lambda x, b, g: numerics.dequantize(
             *numerics.quantize_per_channel(x, b, (1,), "stochastic")),
         "per (sample, channel) (floor of the second)": lambda x, b, g: numerics.dequantize(

@@ -5,8 +5,8 @@ epilogue, with ShiftQuant on the gradient divided by it.
 Checked against float autograd: a token (or output feature) whose gradient is 1e4x smaller than
 the others keeps its resolution with the outer scale, where the per-tensor base scale rounds it
 to noise; both executions (simulated and int8 GEMMs); the option's validation, report and
-convolutions (per output channel for ``dW``, per sample for ``dX``).  Both kernel families (Triton under
-``TRITON_INTERPRET=1`` on CPU)."""
+convolutions (per output channel for ``dW``, per sample for ``dX``).  Both kernel families
+(Triton under ``TRITON_INTERPRET=1`` on CPU)."""
 import pytest
 import torch
 import torch.nn as nn
