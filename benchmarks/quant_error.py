@@ -187,16 +187,15 @@ def conv_input_grad_table(captured, args) -> str:
             *numerics.quantize_per_channel(x, b, (0, 1), "stochastic")),
     }
     convs = [dy for _, _, dy in captured if dy.dim() == 4 and dy.abs().amax() > 0]
+    groups = {b: max(g for g in range(1, 5) if numerics.fits_int8(b, g)) for b in args.bits}
     body = []
     for row, fn in rows.items():
         line = [row]
-        for bits in args.bits:
-            g = max(g for g in range(1, 5) if numerics.fits_int8(bits, g))
+        for bits, g in groups.items():
             sqnrs = [numerics.sqnr_db(dy, fn(dy, bits, g)) for dy in convs for _ in range(args.draws)]
             line.append(f"{sum(sqnrs) / len(sqnrs):.1f}")
         body.append(line)
-    headers = ["conv dX operand"] + [
-        f"{b}-bit G={max(g for g in range(1, 5) if numerics.fits_int8(b, g))}" for b in args.bits]
+    headers = ["conv dX operand"] + [f"{b}-bit G={g}" for b, g in groups.items()]
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
