@@ -1,6 +1,6 @@
 """The benchmark scripts still run: a tiny Linear step through ``benchmarks/linear.py``
 (speed itself is measured by the scripts, never asserted here), the host-cost table, the
-gradient-scale diagnosis, and the sm_90 instruction counts (whose one structural property, no
+gradient-scale diagnoses (transformer and CNN), and the sm_90 instruction counts (whose one structural property, no
 division per element in nearest rounding, is asserted)."""
 import os
 import subprocess
@@ -62,6 +62,27 @@ def test_grad_scales_benchmark_runs():
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "Linear" not in line]
     assert len(rows) == 10 and rows[-1].startswith("| mean"), res.stdout
     assert res.stdout.rstrip().endswith("python benchmarks/grad_scales.py --steps 1 --draws 1")
+
+
+def test_quant_error_benchmark_compares_conv_input_gradient_groupings():
+    """``benchmarks/quant_error.py`` ends with the conv ``dX`` operand's table: on real conv
+    gradients (a few float steps of its CNN on Fashion-MNIST) ShiftQuant with ranges per
+    (sample, channel), what sqcompile does, beats ranges per output channel at both widths."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from data import DatasetMissing, fashion_mnist
+    try:
+        fashion_mnist("test", limit=1)
+    except DatasetMissing as e:
+        pytest.skip(f"dataset missing: {e}")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quant_error.py"), "--steps", "10",
+                          "--captures", "2", "--draws", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cells = {line.split("|")[1].strip(): [float(c) for c in line.split("|")[2:4]]
+             for line in res.stdout.split("dX = dY W by grouping")[1].splitlines() if line.startswith("| ")
+             and not line.startswith("| conv")}
+    per_channel = cells["ShiftQuant, ranges per output channel"]
+    per_sample = cells["ShiftQuant, ranges per (sample, channel) (sqcompile)"]
+    assert len(cells) == 5 and all(a > b for a, b in zip(per_sample, per_channel)), res.stdout
 
 
 def test_accuracy_benchmark_refuses_a_bad_option_before_training():
