@@ -573,15 +573,19 @@ def test_shiftquant_pair_is_the_two_shiftquants(shape, stochastic, rows_transpos
     check_shiftquant_pair(x, 4, 4, stochastic, rows_transposed, prescales, given=True)
 
 
+@pytest.mark.parametrize("heads", [2, 1])
 @pytest.mark.parametrize("rows_transposed", [True, False])
-def test_shiftquant_pair_reads_a_head_split_in_place(rows_transposed):
-    """The fused attention's ``dO``, ``[B, H, L, D]`` stored ``[B, L, H, D]``: the pair reads
-    it where it lies (two-level batch) and gives what it gives for a contiguous copy, bit for
-    bit, stochastic rounding and prescales included, written contiguous."""
+def test_shiftquant_pair_reads_a_head_split_in_place(rows_transposed, heads):
+    """The fused attention's ``dO``, ``[B, H, L, D]`` stored ``[B, L, H, D]`` (with one head:
+    a slice of a wider tensor, not contiguous either): the pair reads it where it lies
+    (two-level batch) and gives what it gives for a contiguous copy, bit for bit, stochastic
+    rounding and prescales included, written contiguous."""
     tq, _ = _kernels()
     g = torch.Generator().manual_seed(8)
-    B, H, L, D = 2, 2, 13, 40
+    B, H, L, D = 2, heads, 13, 40
     x = torch.randn(B, L, H, D, generator=g).to(DEVICE).transpose(1, 2)
+    if H == 1:
+        x = _layout(x, "heads")
     prescales = (torch.rand(B, H, 1, D, generator=g).to(DEVICE) + 0.5, torch.rand(B, H, L, 1, generator=g).to(DEVICE))
     from sqcompile.kernels.triton_ops import pair_dims
     for given in (False, True):     # from its own range pass, or given (as a producer computes them)

@@ -1435,7 +1435,7 @@ def _pair(x: torch.Tensor, view: _View, bits: int, groups: int, stochastic: bool
         (rc, rcmax), (rr, rrmax) = _given_ranges(ranges[0], A * N_, pre_c), _given_ranges(ranges[1], A * M, pre_r)
         ranges = torch.cat([rc, rcmax.reshape(1), rr, rrmax.reshape(1)])
     edtype = N.expanded_dtype(bits, groups)
-    heads = view.a2 > 1
+    heads = view.out_strides is not None     # read where it lies, written contiguous (one head too)
 
     def expanded() -> torch.Tensor:       # at x's strides, contiguous for heads read in place
         return torch.empty(x.shape, dtype=edtype, device=x.device) if heads else torch.empty_like(x, dtype=edtype)
