@@ -232,8 +232,10 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
         mode = F._fake_mode(bwd.args[0])
         quantizers = _shiftquants(result, F._val(grads[0]).shape)
         sums = _bias_sums(result, F._val(grads[0]).shape)
-        outer = F._bound_args(bwd).get("outer", False)
-        args = (*bwd.args[:14], *layout, bool(quantizers), bool(sums), *[True] * outer)
+        # the packed op takes the backward's arguments by name, and the layout in place of nothing
+        given = {**F._bound_args(bwd), **dict(zip(("size", "offsets", "strides"), layout)),
+                 "ranges": bool(quantizers), "sums": bool(sums)}
+        args = tuple(given[a.name] for a in packed_op._schema.arguments)
         with graph.inserting_before(result):
             new = F._new(graph, packed_op, args, bwd, mode)
             value = F._new(graph, operator.getitem, (new, 0), bwd, mode)
