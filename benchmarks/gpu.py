@@ -36,9 +36,10 @@ L2 flushed between calls, median of the medians of ``--reps`` rounds):
    ``--unfused-attention`` with the quantized attention as separate ops instead of the fused
    Triton kernels (``fused_attention=False``); ``--dynamic`` compiled with symbolic sizes
    (``dynamic=True``, the graph Dynamo compiles after a size change; it should time as the
-   static one); ``--outer-scale`` with ``grad_outer_scale=True`` (what its accuracy costs on a
-   GPU: three passes per gradient ShiftQuant pair instead of one or two, none of its ranges
-   from a GEMM region, two range passes in the fused attention's backward).  ``--block-dims
+   static one); ``--outer-scale`` with ``grad_outer_scale`` the other way than its default
+   (on by default: the difference is what its accuracy costs on a GPU, three passes per
+   gradient ShiftQuant pair instead of one or two, none of its ranges from a GEMM region, two
+   range passes in the fused attention's backward).  ``--block-dims
    1024,4096`` also times a block of
    width 4096 (32 heads of 128, as Llama-7B's; bf16 and ours with CUDA graphs), where the
    GEMMs, which int8 speeds up, weigh 4x more against the per-element work (norms,
@@ -399,9 +400,11 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_att
     if unfused_attention:  # the quantized attention as separate quantizers, GEMMs and softmax
         variants.append(("shiftquant integer/triton, CUDA graphs, attention unfused",
                          lambda m: shiftquant(m, cudagraphs=True, fused_attention=False), True))
-    if outer_scale:  # grad_outer_scale=True: its cost (no region ranges, a third pass, the attention's 2nd range pass)
-        variants.append(("shiftquant integer/triton, CUDA graphs, grad_outer_scale",
-                         lambda m: shiftquant(m, cudagraphs=True, grad_outer_scale=True), True))
+    if outer_scale:  # grad_outer_scale flipped: its cost (no region ranges, a third pass, the attention's 2nd range pass)
+        from sqcompile.config import OpConfig
+        flipped = not OpConfig().grad_outer_scale
+        variants.append((f"shiftquant integer/triton, CUDA graphs, grad_outer_scale={flipped}",
+                         lambda m: shiftquant(m, cudagraphs=True, grad_outer_scale=flipped), True))
     for name, make, fuse in variants:
         def on_alarm(signum, frame):
             raise _Timeout(f"compile + first step took more than {timeout_s} s")
@@ -553,9 +556,9 @@ def main() -> int:
     parser.add_argument("--dynamic", action="store_true",
                         help="part 3 also times the captured shiftquant block compiled with dynamic=True")
     parser.add_argument("--outer-scale", action="store_true",
-                        help="part 3 also times the captured shiftquant block with grad_outer_scale=True "
-                             "(the gradients' outer maxima: one more pass per ShiftQuant pair, one more in the "
-                             "fused attention's backward)")
+                        help="part 3 also times the captured shiftquant block with grad_outer_scale the other "
+                             "way than its default (its outer maxima: one more pass per ShiftQuant pair, one "
+                             "more in the fused attention's backward)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the device time goes (torch.profiler) for the 8192 linear and "
                              "each block variant")

@@ -2,8 +2,8 @@
 # The prepared GPU check, for a session that is lent the H200 (at most 10 minutes there), the
 # figures first so that a time-out cannot cost them:
 #   1. benchmarks/gpu.py, every part, with profiles, and the block also with attention in bf16,
-#      with the quantized attention unfused, with symbolic sizes and with grad_outer_scale (its
-#      cost decides its default), then at width 4096 (last: a time-out costs it first);
+#      with the quantized attention unfused, with symbolic sizes and without grad_outer_scale (on
+#      by default: what its accuracy costs), then at width 4096 (last: a time-out costs it first);
 #   2. the Triton kernels' correctness tests on the GPU (kernels compiled for the device, not
 #      interpreted): quantizers, GEMMs, region fusion with ranges, the L1 norm kernels, the
 #      fused attention;
