@@ -77,8 +77,15 @@ def amax(x: torch.Tensor, keep_dims: Sequence[int] = ()) -> torch.Tensor:
     a = x.detach().abs().float()
     if not dims:
         return a
-    if any(x.shape[d] == 0 for d in dims):    # an empty batch: nothing to scale, maxima 0 (scale 0)
+    if any(guard_or_false(x.shape[d] == 0) for d in dims):    # an empty batch: maxima 0 (scale 0)
         return a.new_zeros([1 if d in dims else s for d, s in enumerate(x.shape)])
+    unknown = [d for d in dims if not guard_or_false(x.shape[d] != 0)]
+    if unknown:
+        # a size known only at run time (a data-dependent count of tokens, as a routed
+        # expert's), which may be 0: the max over the values and one slice of zeros, which is
+        # the same for |x| >= 0 and 0 for no values, without guarding on the size
+        d = unknown[0]
+        a = torch.cat([a, a.new_zeros([1 if i == d else s for i, s in enumerate(a.shape)])], dim=d)
     return a.amax(dim=dims, keepdim=True)
 
 

@@ -412,8 +412,9 @@ def test_empty_batches_give_empty_outputs_and_zero_gradients(options):
 def test_routed_experts_with_data_dependent_token_counts_are_quantized(options):
     """Token-choice mixture of experts: ``nonzero`` -> ``index_select`` -> expert Linear ->
     ``index_add`` (traced with ``capture_dynamic_output_shape_ops``): the expert's row count
-    is unknown until run time, and the layout and prescale checks on the GEMM path guarded
-    on it (``GuardOnDataDependentSymNode``)."""
+    is unknown until run time, and the layout and prescale checks on the GEMM path, and the
+    outer scales' maxima over the tokens, guarded on it (``GuardOnDataDependentSymNode``);
+    the same graph then runs an expert that no token chose."""
     class Routed(nn.Module):
         def __init__(self):
             super().__init__()
@@ -438,6 +439,13 @@ def test_routed_experts_with_data_dependent_token_counts_are_quantized(options):
         assert all(rel(g, p.grad) < 0.05 for g, p in zip(grads, m.expert.parameters()))
         rows = {d.module_path: d for d in _record_for(m).decisions}
         assert rows["expert"].quantized and rows["gate"].quantized
+        with torch.no_grad():      # no token for the expert: the same graph with 0 rows
+            m.gate.bias.copy_(torch.tensor([-1e4, 1e4]))
+        m.zero_grad()
+        y = compiled(x)
+        y.square().sum().backward()
+        assert torch.equal(y, torch.zeros_like(x))
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in m.expert.parameters())
     torch._dynamo.reset()
 
 

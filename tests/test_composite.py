@@ -492,7 +492,7 @@ def test_rnn_tanh_relu_unrolled_and_quantized(kw, x_shape, h_shape):
     (row,) = rep.rows()
     mode = "rnn_" + kw["nonlinearity"]
     assert (row["module"], row["op"], row["quantized"], row["execution"]) == ("rnn", mode, True, "int8-cpu")
-    assert row["grad_quantizer"] == "ShiftQuant G=1, stochastic" and row["weight_bits"] == 8
+    assert row["grad_quantizer"] == "ShiftQuant G=1, stochastic, outer scale" and row["weight_bits"] == 8
     steps = x_shape[0] * (x_shape[1] if len(x_shape) == 3 else 1)
     weights = sum(p.numel() for n, p in model.named_parameters() if "weight" in n)
     assert row["flops"] == 2 * steps * weights

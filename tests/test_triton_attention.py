@@ -444,11 +444,13 @@ def test_backend_reads_qkv_heads_in_place_and_writes_their_gradient_in_place(sty
     q / k / v or of the output, and the backward's assembly of the projection's gradient
     (``select_backward`` and adds, or ``cat``, and copies) becomes
     ``triton_attention_backward_packed`` (:mod:`sqcompile.backends.attention_grads`).  The
-    results are those with the assembly left in the graph, bit for bit."""
+    results are those with the assembly left in the graph, bit for bit.  (ShiftQuant alone, so
+    that the attention's kernels also give the ranges of the projection's gradient; with
+    ``grad_outer_scale``: :func:`test_outer_gradient_scale_runs_fused`.)"""
     from sqcompile.backends import attention_grads, lowering
     torch.manual_seed(0)
     model, x = _FusedProjection(style), torch.randn(2, 24, 32)
-    out, grads, rec, _ = _compiled_step(model, x, fused_attention=True)
+    out, grads, rec, _ = _compiled_step(model, x, fused_attention=True, grad_outer_scale=False)
     assert "aten.clone" not in rec.graphs["forward"] and "sqcompile.triton_attention(" in rec.graphs["forward"]
     backward = rec.graphs["backward_fused"]
     assert "sqcompile.triton_attention_backward_packed(" in backward
@@ -461,7 +463,7 @@ def test_backend_reads_qkv_heads_in_place_and_writes_their_gradient_in_place(sty
     # proj's (of the graph's input gradient) the graph's own sum
     assert backward.count("aten.sum.dim_IntList(") == 1
     monkeypatch.setattr(lowering, "pack_attention_gradients", lambda gm, *args: gm)
-    ref_out, ref_grads, ref_rec, _ = _compiled_step(model, x, fused_attention=True)
+    ref_out, ref_grads, ref_rec, _ = _compiled_step(model, x, fused_attention=True, grad_outer_scale=False)
     assert ("select_backward" if style == "permute" else "aten.cat") in ref_rec.graphs["backward"]
     assert attention_grads.LABEL not in [r.label for r in ref_rec.regions]
     assert ref_rec.graphs["backward_fused"].count("aten.sum.dim_IntList(") == 2
