@@ -25,7 +25,7 @@ about 3.5; CNN 12 min, transformer 6, GNN 3, RNN 2.5) -- far shorter training th
 
     python benchmarks/accuracy.py --threads 1                              # all four families
     python benchmarks/accuracy.py --families cnn gnn --seeds 0 1 2 --epochs cnn=3 gnn=400
-    python benchmarks/accuracy.py --families transformer --options '{"grad_outer_scale": true}'
+    python benchmarks/accuracy.py --families transformer --options '{"grad_outer_scale": false}'
 
 ``--options`` adds sqcompile options to every quantized run (validated before any training).
 
@@ -134,7 +134,7 @@ def main(argv=None):
                    help="torch.set_num_threads (default: torch's choice; 1 is much faster on a busy machine)")
     p.add_argument("--json", type=Path, default=None, help="also write every run's result dict here")
     p.add_argument("--options", type=json.loads, default={}, metavar="JSON",
-                   help='more sqcompile options for every quantized run, e.g. \'{"grad_outer_scale": true}\'')
+                   help='more sqcompile options for every quantized run, e.g. \'{"grad_outer_scale": false}\'')
     args = p.parse_args(argv)
     if not isinstance(args.options, dict):
         raise SystemExit(f"--options takes a JSON object, got {args.options!r}")

@@ -7,7 +7,7 @@ from typing import Callable, List, Optional, Sequence
 
 
 # Options added to every quantized run's (``benchmarks/accuracy.py --options``), e.g.
-# ``{"grad_outer_scale": True}``: one process-wide setting instead of a parameter of every example.
+# ``{"grad_outer_scale": False}``: one process-wide setting instead of a parameter of every example.
 EXTRA_OPTIONS: dict = {}
 
 
