@@ -33,6 +33,15 @@ from typing import Any, Mapping, Optional, Tuple
 
 MIN_BITS, MAX_BITS = 2, 8
 MAX_GROUPS = 8
+DEFAULT_GROUPS = 4        # ``groups=None``: this many, or fewer where they would not fit int8
+
+
+def default_groups(grad_bits: int) -> int:
+    """The ShiftQuant groups ``groups=None`` gives gradients of ``grad_bits``: the most, up to
+    :data:`DEFAULT_GROUPS`, whose expanded integers ``qmax << (G - 1)`` fit int8, so each
+    backward GEMM stays one int8 GEMM (4 at 4 and 5 bits, 3 at 6, 2 at 7, 1 at 8)."""
+    from .numerics import fits_int8
+    return max(g for g in range(1, DEFAULT_GROUPS + 1) if fits_int8(grad_bits, g))
 
 NORM_CHOICES = ("l1", "keep")
 EXECUTION_CHOICES = ("auto", "simulate", "integer")
@@ -84,7 +93,7 @@ class OpConfig:
     weight_bits: int = 4
     act_bits: int = 4
     grad_bits: int = 4
-    groups: int = 4
+    groups: Optional[int] = None
     grad_outer_scale: bool = True
     unsigned_acts: bool = True
     norm: str = "l1"
@@ -102,12 +111,13 @@ class OpConfig:
             if isinstance(v, bool) or not isinstance(v, int) or not MIN_BITS <= v <= MAX_BITS:
                 raise _bad(name, v, f"an integer in {MIN_BITS}..{MAX_BITS}")
         g = self.groups
-        if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= MAX_GROUPS:
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= MAX_GROUPS):
             raise _bad(
                 "groups", g,
-                f"an integer in 1..{MAX_GROUPS} (ShiftQuant groups sit on a power-of-two ladder; "
-                f"past {MAX_GROUPS} rungs the smallest group's scale is below 2**-{MAX_GROUPS} of "
-                "the largest and its channels round to zero at any bit width)",
+                f"None (as many as fit int8 at grad_bits, up to {DEFAULT_GROUPS}) or an integer in "
+                f"1..{MAX_GROUPS} (ShiftQuant groups sit on a power-of-two ladder; past {MAX_GROUPS} "
+                f"rungs the smallest group's scale is below 2**-{MAX_GROUPS} of the largest and its "
+                "channels round to zero at any bit width)",
             )
         if not isinstance(self.grad_outer_scale, bool):
             raise _bad("grad_outer_scale", self.grad_outer_scale, "True or False")
@@ -142,8 +152,11 @@ class Config(OpConfig):
     act_bits        4         bits of activations feeding GEMMs (2..8), nearest rounding
     grad_bits       4         bits of output gradients in backward GEMMs (2..8), ShiftQuant
                               with stochastic rounding
-    groups          4         ShiftQuant groups on the power-of-two ladder (1..8); 1 is
-                              per-tensor quantization
+    groups          None      ShiftQuant groups on the power-of-two ladder (1..8); 1 is
+                              per-tensor quantization.  None: the most, up to 4, whose
+                              expanded integers fit int8 at ``grad_bits`` (4 at 4 and 5
+                              bits, 3 at 6, 2 at 7, 1 at 8), so every backward GEMM is one
+                              int8 GEMM; more groups than that run as two (int16 digits)
     grad_outer_scale True     each backward GEMM's gradient also gets one float scale per
                               index of its free axis (per token for ``dX = dY W``, per
                               output feature for ``dW = dY^T X``), applied in the GEMM's
@@ -274,7 +287,9 @@ class Config(OpConfig):
 
     def for_module(self, path: str, op: Optional[str] = None) -> Optional[OpConfig]:
         """Options for an op named ``op`` (see :data:`OP_NAMES`) inside the module at ``path``;
-        None means "keep in float".  With ``op=None`` only plain module patterns apply."""
+        None means "keep in float".  With ``op=None`` only plain module patterns apply.
+        ``groups=None`` is resolved here, from the op's own ``grad_bits``
+        (:func:`default_groups`)."""
         cfg: Optional[OpConfig] = self.op_config()
         for pattern, opts in self.overrides.items():
             if not override_matches(pattern, path, op):
@@ -283,6 +298,8 @@ class Config(OpConfig):
                 cfg = None
             else:       # after a None, a dict starts again from the global options
                 cfg = replace(cfg or self.op_config(), **opts)
+        if cfg is not None and cfg.groups is None:
+            cfg = replace(cfg, groups=default_groups(cfg.grad_bits))
         return cfg
 
     def unmatched_overrides(self, paths) -> list:
@@ -366,5 +383,5 @@ def pattern_matches(pattern: str, path: str) -> bool:
     return any(fnmatch.fnmatchcase(p, pattern) for p in module_ancestry(path)[:-1])
 
 
-__all__ = ["Config", "OpConfig", "MIN_BITS", "MAX_BITS", "MAX_GROUPS", "OP_NAMES", "pattern_matches",
+__all__ = ["Config", "OpConfig", "MIN_BITS", "MAX_BITS", "MAX_GROUPS", "DEFAULT_GROUPS", "default_groups", "OP_NAMES", "pattern_matches",
            "override_matches", "split_override"]

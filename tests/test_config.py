@@ -13,7 +13,8 @@ from sqcompile.config import OP_NAMES, Config, pattern_matches
 
 def test_defaults():
     c = Config()
-    assert (c.weight_bits, c.act_bits, c.grad_bits, c.groups) == (4, 4, 4, 4)
+    assert (c.weight_bits, c.act_bits, c.grad_bits, c.groups) == (4, 4, 4, None)
+    assert c.for_module("fc").groups == 4 and c.grad_outer_scale and c.unsigned_acts
     assert c.norm == "l1" and c.norm_bits == 8 and c.execution == "auto" and c.kernels == "auto"
     assert math.isclose(c.l1_scale, math.sqrt(math.pi / 2))
 
@@ -43,6 +44,20 @@ def test_unknown_option_suggests_the_right_one():
         Config.from_options({"frobnicate": 1})
     with pytest.raises(ValueError, match=r"'weight_bit' in Config\(\.\.\.\); did you mean 'weight_bits'"):
         Config(weight_bit=4)         # not the dataclass's TypeError
+
+
+@pytest.mark.parametrize("bits,groups", [(2, 4), (4, 4), (5, 4), (6, 3), (7, 2), (8, 1)])
+def test_default_groups_are_the_most_that_fit_int8(bits, groups):
+    """``groups=None`` (the default) resolves per op, from its own ``grad_bits``: the most
+    groups, up to 4, whose expanded integers ``qmax << (G - 1)`` fit int8 (checked here
+    against the integers themselves), so no backward GEMM needs int16 digits."""
+    qmax = 2 ** (bits - 1) - 1
+    assert qmax << (groups - 1) <= 127 and (groups == 4 or qmax << groups > 127)
+    assert Config(grad_bits=bits).for_module("fc").groups == groups
+    c = Config(overrides={"head": {"grad_bits": bits}, "fixed": {"grad_bits": bits, "groups": 2}})
+    assert c.for_module("head.proj").groups == groups and c.for_module("body").groups == 4
+    assert c.for_module("fixed").groups == 2                          # given: kept, int16 or not
+    assert Config(grad_bits=bits, groups=5).for_module("fc").groups == 5
 
 
 def test_override_values_are_validated():
