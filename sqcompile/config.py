@@ -383,5 +383,5 @@ def pattern_matches(pattern: str, path: str) -> bool:
     return any(fnmatch.fnmatchcase(p, pattern) for p in module_ancestry(path)[:-1])
 
 
-__all__ = ["Config", "OpConfig", "MIN_BITS", "MAX_BITS", "MAX_GROUPS", "DEFAULT_GROUPS", "default_groups", "OP_NAMES", "pattern_matches",
-           "override_matches", "split_override"]
+__all__ = ["Config", "OpConfig", "MIN_BITS", "MAX_BITS", "MAX_GROUPS", "DEFAULT_GROUPS", "default_groups", "OP_NAMES",
+           "pattern_matches", "override_matches", "split_override"]

@@ -232,7 +232,7 @@ def pack_attention_gradients(gm: fx.GraphModule, record: CompileRecord, stage: s
         mode = F._fake_mode(bwd.args[0])
         quantizers = _shiftquants(result, F._val(grads[0]).shape)
         sums = _bias_sums(result, F._val(grads[0]).shape)
-        # the packed op takes the backward's arguments by name, and the layout in place of nothing
+        # the packed op's arguments by name: the backward's, the packed layout, what else it computes
         given = {**F._bound_args(bwd), **dict(zip(("size", "offsets", "strides"), layout)),
                  "ranges": bool(quantizers), "sums": bool(sums)}
         args = tuple(given[a.name] for a in packed_op._schema.arguments)
