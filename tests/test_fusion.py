@@ -760,8 +760,9 @@ def test_fusion_option_turns_fusion_off_for_one_compile():
 def test_gpu_benchmark_block_under_inductor_matches_the_eager_inner_compiler(outer):
     """``benchmarks/gpu.py``'s transformer block, shrunk, with the Triton family under Inductor
     (what the GPU benchmark runs): every fusion pass applies (GEMM regions, ranges without
-    ``grad_outer_scale``, the L1 norms with the GEMM quantizers, ShiftQuant pairs) and the results equal those with the eager inner
-    compiler, except the bias gradients (Inductor sums them in another order).  The attention
+    ``grad_outer_scale``, the L1 norms with the GEMM quantizers, ShiftQuant pairs) and the
+    results equal those with the eager inner compiler, except the bias gradients (Inductor sums
+    them in another order) and with outer scales the gradients before attention (below).  The attention
     stays unfused (``fused_attention=False``, also on a GPU), so its quantizers and GEMMs are
     in the graph for these passes (the fused kernels: ``tests/test_triton_attention.py``)."""
     import importlib.util
