@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from examples.data import fashion_mnist  # noqa: E402
 from sqcompile import numerics  # noqa: E402
+from sqcompile.config import default_groups  # noqa: E402
 
 GEMMS = ("dX = dY W", "dW = dY^T X")
 
@@ -168,7 +169,7 @@ def conv_input_grad_table(captured, args) -> str:
     ranges per output channel, per (sample, output channel) (what sqcompile does: the expanded
     integers share one base scale whatever the grouping, so the GEMM is the same), that with
     one scale per sample first (``grad_outer_scale``), and the per-channel floors of both
-    groupings.  G is the most groups that fit int8 (4 bits: 4, 6 bits: 3), as in training."""
+    groupings.  G is the default (``config.default_groups``: 4 at 4 bits, 3 at 6), as in training."""
     torch.manual_seed(args.seed)
 
     def outer(x, b, g):
@@ -187,7 +188,7 @@ def conv_input_grad_table(captured, args) -> str:
             *numerics.quantize_per_channel(x, b, (0, 1), "stochastic")),
     }
     convs = [dy for _, _, dy in captured if dy.dim() == 4 and dy.abs().amax() > 0]
-    groups = {b: max(g for g in range(1, 5) if numerics.fits_int8(b, g)) for b in args.bits}
+    groups = {b: default_groups(b) for b in args.bits}
     body = []
     for row, fn in rows.items():
         line = [row]

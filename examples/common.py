@@ -15,12 +15,12 @@ def shiftquant_options(bits: int, execution: str = "auto") -> dict:
     """W/A/G = ``bits`` with as many ShiftQuant groups (up to 4) as fit one int8 GEMM:
     4 bits G=4, 6 bits G=3, 8 bits G=1; L1 norms (the default).  ``execution="simulate"``
     computes the same numbers with float GEMMs on dequantized values (faster on CPU for convs).
-    :data:`EXTRA_OPTIONS` is merged in last."""
-    from sqcompile.numerics import fits_int8
+    :data:`EXTRA_OPTIONS` is merged in last.  (``groups`` is what the backend's default gives;
+    it is passed so that each run's options name it.)"""
+    from sqcompile.config import default_groups
 
-    groups = max(g for g in range(1, 5) if fits_int8(bits, g))
-    return {"weight_bits": bits, "act_bits": bits, "grad_bits": bits, "groups": groups, "execution": execution,
-            **EXTRA_OPTIONS}
+    return {"weight_bits": bits, "act_bits": bits, "grad_bits": bits, "groups": default_groups(bits),
+            "execution": execution, **EXTRA_OPTIONS}
 
 
 def print_accuracy_table(results: List[dict]) -> None:
