@@ -53,7 +53,8 @@ INNER_CHOICES = ("auto", "eager", "inductor")
 # the passes' own tables).
 OP_NAMES = (
     "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d",
-    "scaled_dot_product_attention", "lstm", "gru", "rnn_tanh", "rnn_relu", "batch_norm", "layer_norm", "group_norm", "rms_norm",
+    "scaled_dot_product_attention", "lstm", "gru", "rnn_tanh", "rnn_relu", "batch_norm", "layer_norm", "group_norm", "instance_norm",
+    "rms_norm",
 )
 
 # Options that may differ from module to module (the rest are global to one compile).

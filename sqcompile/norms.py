@@ -1,4 +1,4 @@
-"""Fully-quantized L1 normalization: BatchNorm, LayerNorm, GroupNorm and RMSNorm.
+"""Fully-quantized L1 normalization: BatchNorm, LayerNorm, GroupNorm, InstanceNorm and RMSNorm.
 
 The L1 norm replaces the standard deviation by the mean absolute deviation (the paper's
 "fully-quantized L1 normalization"):
@@ -35,6 +35,7 @@ kind        layout given to the math       reduction dims one slice (= one input
 batch norm  ``x [N, C, *S]``               ``0, 2, ...``  a channel
 layer norm  ``x [*, *normalized_shape]``   trailing       a row / token
 group norm  ``x [N, G, C/G, *S]``          ``2, 3, ...``  an (N, group) pair
+instance    ``x [N, C, *S]``               ``2, 3, ...``  an (N, channel) pair
 rms norm    ``x [*, *normalized_shape]``   trailing       a row / token (not centered)
 =========== ============================== ============== =================================
 
@@ -391,6 +392,52 @@ def l1_group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tenso
     y = _l1_norm(xg, w, b, tuple(range(2, xg.dim())), center=True, l1_scale=l1_scale, eps=eps,
                  norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)[0]
     return y.reshape(x.shape)
+
+
+def l1_instance_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor] = None,
+                     running_var: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                     bias: Optional[torch.Tensor] = None, use_input_stats: bool = True, momentum: Optional[float] = 0.1,
+                     eps: float = 1e-5, *, l1_scale: float = L1_SCALE, norm_bits: Optional[int],
+                     grad_bits: Optional[int] = None, stats: Optional[str] = None) -> torch.Tensor:
+    """L1 instance norm with the semantics of ``F.instance_norm`` (``x`` is ``[N, C, *S]`` with
+    at least one spatial dim): statistics per (sample, channel) over the spatial dims, affine per
+    channel; one input/gradient scale per (sample, channel).
+
+    * ``use_input_stats`` (``nn.InstanceNorm`` passes ``training or not track_running_stats``):
+      each instance's own statistics.  Given buffers are then updated in place with the batch's
+      mean of the instances' statistics, ``running = (1 - momentum) * running + momentum *
+      mean_n(stat)``, as PyTorch does; ``running_var`` holds the square of the L1 scale estimate,
+      as :func:`l1_batch_norm`'s does (PyTorch's holds the unbiased variance).
+    * Otherwise (eval of a module with ``track_running_stats=True``) the running statistics,
+      per channel: ``(x - running_mean) / sqrt(running_var + eps)``, and nothing is updated.
+    """
+    if x.dim() < 3:
+        raise ValueError(f"l1_instance_norm expects an input [N, C, *spatial] with at least one spatial dim, "
+                         f"got {tuple(x.shape)}")
+    ndim = x.dim()
+    dims = tuple(range(2, ndim))
+    kw = dict(center=True, l1_scale=l1_scale, eps=eps, norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)
+    w, b = _channel_view(weight, ndim), _channel_view(bias, ndim)
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError("l1_instance_norm: use_input_stats=False needs running_mean and running_var")
+        mean = _channel_view(running_mean, ndim)
+        sigma = _channel_view(running_var, ndim).sqrt()
+        return _l1_norm(x, w, b, dims, mean=mean, sigma=sigma, **kw)[0]
+
+    if math.prod(x.shape[2:]) <= 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}")
+    if momentum is None and (running_mean is not None or running_var is not None):
+        raise ValueError("l1_instance_norm: momentum=None with running buffers; pass a float factor "
+                         "(nn.InstanceNorm passes 0.0 for momentum=None)")
+    y, mean, sigma = _l1_norm(x, w, b, dims, **kw)
+    for buf, per_instance in ((running_mean, mean), (running_var, sigma * sigma)):
+        if buf is None:
+            continue
+        with torch.no_grad():
+            batch = per_instance.reshape(x.shape[0], x.shape[1]).mean(0)
+            buf.mul_(1.0 - momentum).add_(batch.to(buf.dtype), alpha=momentum)
+    return y
 
 
 def l1_rms_norm(x: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[torch.Tensor] = None,

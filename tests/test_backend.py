@@ -278,6 +278,38 @@ def test_unsupported_ops_stay_float_are_reported_and_train():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("track", [True, False])
+def test_instance_norm_becomes_an_l1_instance_norm_and_keeps_its_buffers_semantics(track):
+    """``nn.InstanceNorm2d`` runs as :func:`sqcompile.norms.l1_instance_norm` with the module's
+    own buffers: the compiled training step gives the function's output and updates
+    ``running_mean`` / ``running_var`` as the function does on a copy; in eval the running
+    statistics normalize (with ``track_running_stats``), else each instance's own."""
+    from sqcompile.norms import l1_instance_norm
+
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm2d(3, affine=True, track_running_stats=track, momentum=0.3)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    ref_buffers = [b.clone() for b in (norm.running_mean, norm.running_var)] if track else [None, None]
+    compiled = torch.compile(norm, backend="shiftquant", options={"norm_bits": 8})
+    for step in range(2):
+        x = (torch.randn(4, 3, 5, 6) * (step + 1) + step).requires_grad_()
+        want = l1_instance_norm(x.detach(), *ref_buffers, norm.weight, norm.bias, True, 0.3, norm.eps, norm_bits=8)
+        y = compiled(x)
+        torch.testing.assert_close(y, want)
+        y.square().sum().backward()
+    if track:
+        torch.testing.assert_close(norm.running_mean, ref_buffers[0])
+        torch.testing.assert_close(norm.running_var, ref_buffers[1])
+    (row,) = sqcompile.report(compiled).rows()
+    assert (row["op"], row["quantized"], row["norm_bits"]) == ("instance_norm", True, 8)
+    assert all(torch.isfinite(t.grad).all() for t in (x, norm.weight, norm.bias))
+    norm.eval()
+    x = torch.randn(2, 3, 5, 6)
+    want = l1_instance_norm(x, *ref_buffers, norm.weight, norm.bias, not track, 0.3, norm.eps, norm_bits=8)
+    torch.testing.assert_close(compiled(x), want)
+
+
 def test_nan_and_inf_gradients_propagate():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     compiled = torch.compile(model, backend="shiftquant")

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from sqcompile import numerics
-from sqcompile.norms import l1_batch_norm, l1_group_norm, l1_layer_norm, l1_rms_norm
+from sqcompile.norms import l1_batch_norm, l1_group_norm, l1_instance_norm, l1_layer_norm, l1_rms_norm
 
 C = math.sqrt(math.pi / 2)
 EPS = 1e-5
@@ -123,6 +123,35 @@ def gn_case(shape, groups):
         lambda x, bits: numerics.fake_quantize(x.reshape(n, groups, -1), bits, (0, 1)).reshape(x.shape))
 
 
+def instance_dims(x):
+    return tuple(range(2, x.dim()))
+
+
+def in_train_case(shape, affine_=True):
+    c = shape[1]
+    return Case(
+        f"in{len(shape) - 2}d_train" + ("" if affine_ else "_noaffine"), shape, (c,) if affine_ else None, affine_,
+        lambda x, w, b, **kw: l1_instance_norm(x, None, None, w, b, True, 0.1, EPS, **kw),
+        lambda x, w, b: affine(ref_l1(x, instance_dims(x)), w, b, channel_shape(x)),
+        lambda x, bits: numerics.fake_quantize(x, bits, (0, 1)))
+
+
+def in_eval_case(shape):
+    c = shape[1]
+
+    def run(x, w, b, **kw):
+        rm, rv = running_stats(c, torch.promote_types(x.dtype, torch.float32))
+        return l1_instance_norm(x, rm, rv, w, b, False, 0.1, EPS, **kw)
+
+    def ref(x, w, b):
+        rm, rv = running_stats(c, torch.promote_types(x.dtype, torch.float32))
+        y = (x - rm.reshape(channel_shape(x))) / (rv.reshape(channel_shape(x)) + EPS).sqrt()   # PyTorch's eval
+        return affine(y, w, b, channel_shape(x))
+
+    return Case(f"in{len(shape) - 2}d_eval", shape, (c,), True, run, ref,
+                lambda x, bits: numerics.fake_quantize(x, bits, (0, 1)))
+
+
 def rms_case(shape):
     ns = shape[-1:]
     return Case(
@@ -144,6 +173,9 @@ CASES = [
     gn_case((2, 6, 5), 3),
     gn_case((2, 4, 3, 3), 2),
     rms_case((3, 4, 8)),
+    in_train_case((3, 4, 6)),
+    in_train_case((2, 3, 3, 4), affine_=False),
+    in_eval_case((2, 3, 3, 4)),
 ]
 CASE_IDS = [c.id for c in CASES]
 
@@ -323,6 +355,42 @@ def test_momentum_semantics():
         l1_batch_norm(xs[0], rm, rv, None, None, True, None, EPS, norm_bits=None)
 
 
+@pytest.mark.parametrize("bits", [None, 8])
+def test_instance_norm_running_stats_follow_pytorchs_instance_norm(bits):
+    """``running_mean`` is the batch mean of the instances' means, updated with the momentum
+    exactly as PyTorch's ``nn.InstanceNorm2d(track_running_stats=True)`` updates it (checked
+    against that module); ``running_var`` holds the batch mean of the instances' squared L1
+    scales (PyTorch's holds unbiased variances).  Eval uses them per channel."""
+    torch.manual_seed(0)
+    ref = torch.nn.InstanceNorm2d(3, track_running_stats=True, momentum=0.2)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    ev = rv.clone()
+    for step in range(3):
+        x = torch.randn(4, 3, 2, 5) * (step + 1) + step
+        l1_instance_norm(x, rm, rv, None, None, True, 0.2, EPS, norm_bits=bits)
+        xs = x if bits is None else numerics.fake_quantize(x, bits, (0, 1))  # stats of what was normalized
+        ref(xs)
+        z = xs - xs.mean((2, 3), keepdim=True)
+        ev = 0.8 * ev + 0.2 * (C * z.abs().mean((2, 3))).square().mean(0)
+    torch.testing.assert_close(rm, ref.running_mean)
+    torch.testing.assert_close(rv, ev)
+
+    x = torch.randn(2, 3, 2, 5)
+    y = l1_instance_norm(x, rm, rv, None, None, False, 0.2, EPS, norm_bits=bits)
+    xs = x if bits is None else numerics.fake_quantize(x, bits, (0, 1))
+    want = (xs - rm.reshape(1, 3, 1, 1)) / (rv.reshape(1, 3, 1, 1) + EPS).sqrt()
+    torch.testing.assert_close(y, want)
+
+
+def test_instance_norm_refuses_what_pytorch_refuses():
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        l1_instance_norm(torch.randn(2, 3, 1), norm_bits=None)
+    with pytest.raises(ValueError, match="spatial dim"):
+        l1_instance_norm(torch.randn(2, 3), norm_bits=None)
+    with pytest.raises(ValueError, match="running_mean"):
+        l1_instance_norm(torch.randn(2, 3, 4), use_input_stats=False, norm_bits=None)
+
+
 def test_without_running_stats_uses_batch_stats_in_eval():
     x = torch.randn(4, 3, 5)
     y = l1_batch_norm(x, None, None, None, None, False, 0.1, EPS, norm_bits=None)
@@ -377,6 +445,7 @@ def test_centered_norms_are_shift_and_scale_invariant(seed, scale, shift):
     x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     for f in (lambda t: l1_layer_norm(t, (6,), None, None, 0.0, norm_bits=None),
               lambda t: l1_group_norm(t, 2, None, None, 0.0, norm_bits=None),
+              lambda t: l1_instance_norm(t, eps=0.0, norm_bits=None),
               lambda t: l1_batch_norm(t, None, None, None, None, True, 0.1, 0.0, norm_bits=None)):
         torch.testing.assert_close(f(x * scale + shift), f(x), rtol=1e-9, atol=1e-9)
 

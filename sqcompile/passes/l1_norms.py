@@ -1,9 +1,9 @@
-"""Replace BatchNorm / LayerNorm / GroupNorm / RMSNorm nodes by fully-quantized L1 norms.
+"""Replace BatchNorm / LayerNorm / GroupNorm / InstanceNorm / RMSNorm nodes by fully-quantized L1 norms.
 
-Matches ``F.batch_norm``, ``F.layer_norm``, ``F.group_norm`` and ``F.rms_norm`` /
-``torch.rms_norm`` in Dynamo's graph and calls the matching :mod:`sqcompile.norms` function
-with the node's own arguments, so BatchNorm keeps updating the module's own running-stat
-buffers (``state_dict`` keys and meaning are unchanged; see :func:`sqcompile.norms.l1_batch_norm`
+Matches ``F.batch_norm``, ``F.layer_norm``, ``F.group_norm``, ``F.instance_norm`` and
+``F.rms_norm`` / ``torch.rms_norm`` in Dynamo's graph and calls the matching
+:mod:`sqcompile.norms` function with the node's own arguments, so BatchNorm and InstanceNorm
+keep updating the module's own running-stat buffers (``state_dict`` keys and meaning are unchanged; see :func:`sqcompile.norms.l1_batch_norm`
 for what ``running_var`` holds).
 
 ``eps`` is passed as the node has it (a number, ``None`` for RMSNorm's dtype default, or under
@@ -14,10 +14,9 @@ With the ``"triton"`` kernel family (``kernels="triton"``, or ``"auto"`` on CUDA
 and RMSNorm run on the one-kernel Triton L1 norm (:mod:`sqcompile.kernels.triton_norm`) when
 :func:`sqcompile.norms.triton_unsupported` allows (float32/bfloat16/float16 rows of at most
 8192 elements, quantized, no ``collect_stats``); their decision says ``triton``, or why not.
-BatchNorm and GroupNorm stay on the torch implementation.
+BatchNorm, GroupNorm and InstanceNorm stay on the torch implementation.
 
-``norm="keep"`` (globally or per module through ``overrides``) leaves a norm as it is;
-``instance_norm`` is always left in float and reported.
+``norm="keep"`` (globally or per module through ``overrides``) leaves a norm as it is.
 """
 from __future__ import annotations
 
@@ -41,17 +40,18 @@ _NORMS = {
                    {"weight": None, "bias": None, "eps": 1e-5}),
     "group_norm": (norms.l1_group_norm, ("input", "num_groups", "weight", "bias", "eps"),
                    {"weight": None, "bias": None, "eps": 1e-5}),
+    "instance_norm": (norms.l1_instance_norm,
+                      ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+                      {"running_mean": None, "running_var": None, "weight": None, "bias": None,
+                       "use_input_stats": True, "momentum": 0.1, "eps": 1e-5}),
     "rms_norm": (norms.l1_rms_norm, ("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None}),
 }
-_FLOAT_ONLY = {"instance_norm": "instance norm has no L1 replacement yet"}
 
 
 def l1_norms(gm: fx.GraphModule, config: Config, target: Target, record: CompileRecord) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         name = call_name(node)
-        if name in _FLOAT_ONLY:
-            record.add(_decision(node, name, reason=_FLOAT_ONLY[name]))
-        elif name in _NORMS:
+        if name in _NORMS:
             _rewrite(gm, node, name, config, target, record)
     gm.graph.lint()
     gm.recompile()
