@@ -618,53 +618,91 @@ class _QuantConv(torch.autograd.Function):
     gradients at 4 bits, G=4: SQNR 5.2 -> 11.1 dB, past the 7.0 dB of exact per-channel
     scales, which no integer GEMM can apply).  With ``outer`` (``grad_outer_scale``) ``dX`` also
     gets one scale per sample (a row scale of its GEMM; per position it would not factor,
-    every output position sums several input positions) and ``dW`` one per output channel."""
+    every output position sums several input positions) and ``dW`` one per output channel.
+
+    ``transposed`` (``conv_transpose``, weight ``[Cin, Cout / groups, *k]``): the same
+    quantizers on the same tensors -- the output gradient plays the same two roles -- with the
+    products exchanged: the forward is a convolution's input gradient
+    (:func:`im2col_conv_input_grad` of ``x`` through ``W`` read as a ``Cout -> Cin``
+    convolution's weight), ``dX`` that convolution's forward (:func:`im2col_conv` of ``dY``)
+    and ``dW`` its weight gradient with the operands' roles swapped (``x`` the gradient side,
+    ``dY`` the im2col side).  The weight's scale is per index of its dim 1, the output channel
+    (the scale that factors out of the forward's sums); with ``groups > 1`` (simulated) the
+    output channels at the same index of each group share it."""
 
     @staticmethod
     def forward(ctx, x, w, a_bits, w_bits, grad_bits, groups, integer, kernels, stats, stride, padding, dilation,
-                conv_groups, outer=False):
+                conv_groups, outer=False, transposed=False, output_padding=None):
         ks = kernel_set(kernels)
         qx, sx = _quantize(ks, stats, "act", x, a_bits, [0], False)     # one scale per sample
         if integer:
             qx = _channels_last(qx)
-        qw, sw = _quantize(ks, stats, "weight", w, w_bits, [0], False)
+        qw, sw = _quantize(ks, stats, "weight", w, w_bits, [1] if transposed else [0], False)
         ctx.save_for_backward(qx, sx, qw, sw)
+        output_padding = list(output_padding or [0] * len(stride))
         ctx.cfg = (grad_bits, groups, integer, ks, stats, stride, padding, dilation, conv_groups, x.dtype, w.dtype,
-                   outer)
+                   outer, transposed, output_padding)
         ctx.needs = ctx.needs_input_grad[:2]
         if integer:
-            y = im2col_conv(ks, qx, qw, stride, padding, dilation) * (sx * sw.reshape(1, -1, *[1] * (x.dim() - 2)))
-            return y.to(x.dtype).contiguous(memory_format=_conv_memory_format(x, w))
+            channel_scale = sx * sw.reshape(1, -1, *[1] * (x.dim() - 2))     # per sample x per output channel
+            if transposed:
+                out_shape = [x.shape[0], w.shape[1], *_conv_transpose_sizes(x.shape[2:], w.shape[2:], stride,
+                                                                            padding, dilation, output_padding)]
+                acc = im2col_conv_input_grad(ks, qx, qw, out_shape, stride, padding, dilation)
+            else:
+                acc = im2col_conv(ks, qx, qw, stride, padding, dilation)
+            return (acc * channel_scale).to(x.dtype).contiguous(memory_format=_conv_memory_format(x, w))
         xd = ks.dequantize(qx, sx, x.dtype)
         wd = ks.dequantize(qw, sw, w.dtype)
-        return torch.ops.aten.convolution(xd, wd, None, stride, padding, dilation, False, [0] * len(stride), conv_groups)
+        return torch.ops.aten.convolution(xd, wd, None, stride, padding, dilation, transposed, output_padding,
+                                          conv_groups)
 
     @staticmethod
     def backward(ctx, dy):
         qx, sx, qw, sw = ctx.saved_tensors
-        grad_bits, groups, integer, ks, stats, stride, padding, dilation, conv_groups, x_dtype, w_dtype, outer = \
-            ctx.cfg
+        (grad_bits, groups, integer, ks, stats, stride, padding, dilation, conv_groups, x_dtype, w_dtype, outer,
+         transposed, output_padding) = ctx.cfg
+        sw = sw.reshape(-1)
+        if transposed and conv_groups > 1:        # one scale per index within a group: per output channel
+            sw = sw.repeat(conv_groups)
         spatial = list(range(2, dy.dim()))
+        conv = dict(stride=stride, padding=padding, dilation=dilation, transposed=transposed,
+                    output_padding=output_padding, conv_groups=conv_groups)
         dx = dw = None
         if ctx.needs[0]:   # reduction over output channels (and taps): ranges per (sample, channel)
             e, s = _gradient(ks, stats, "grad_dx", dy, grad_bits, groups, [0, 1],
                              sw.reshape(1, -1, *[1] * len(spatial)), [0] if outer else None)
             if integer:
                 e = _channels_last(e)
-                dx = (im2col_conv_input_grad(ks, e, qw, qx.shape, stride, padding, dilation) * s).to(x_dtype)
-                dx = dx.contiguous(memory_format=_conv_memory_format(dy, qw))
+                if transposed:
+                    acc = im2col_conv(ks, e, qw, stride, padding, dilation)
+                else:
+                    acc = im2col_conv_input_grad(ks, e, qw, qx.shape, stride, padding, dilation)
+                dx = (acc * s).to(x_dtype).contiguous(memory_format=_conv_memory_format(dy, qw))
             else:
-                dx = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), stride, padding,
-                                    dilation, conv_groups, (True, False))[0].to(x_dtype)
+                dx = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), mask=(True, False),
+                                    **conv)[0].to(x_dtype)
         if ctx.needs[1]:   # reduction over (batch, output positions); with ``outer``, a scale per output channel
             e, s = _gradient(ks, stats, "grad_dw", dy, grad_bits, groups, [0, *spatial], sx, [1] if outer else None)
             if integer:
-                dw = (im2col_conv_weight_grad(ks, _channels_last(e), qx, qw.shape, stride, padding, dilation)
-                      * s.reshape(-1, *[1] * (qw.dim() - 1))).to(w_dtype)
+                e = _channels_last(e)
+                if transposed:   # dW[ci, co, k] = sum over (n, l) of x[n, ci, l] dY[n, co, l*s + k*d - p]
+                    dw = im2col_conv_weight_grad(ks, qx, e, qw.shape, stride, padding, dilation)
+                    dw = dw * s.reshape(1, -1, *[1] * len(spatial))
+                else:
+                    dw = im2col_conv_weight_grad(ks, e, qx, qw.shape, stride, padding, dilation)
+                    dw = dw * s.reshape(-1, *[1] * len(spatial) + [1])
+                dw = dw.to(w_dtype)
             else:
-                dw = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), stride, padding,
-                                    dilation, conv_groups, (False, True))[1].to(w_dtype)
-        return dx, dw, None, None, None, None, None, None, None, None, None, None, None, None
+                dw = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), mask=(False, True),
+                                    **conv)[1].to(w_dtype)
+        return dx, dw, *[None] * 14
+
+
+def _conv_transpose_sizes(sizes, kernel, stride, padding, dilation, output_padding):
+    """Spatial output sizes of a transposed convolution (PyTorch's formula)."""
+    return [(i - 1) * s - 2 * p + d * (k - 1) + op + 1
+            for i, k, s, p, d, op in zip(sizes, kernel, stride, padding, dilation, output_padding)]
 
 
 def _channels_last(q: torch.Tensor) -> torch.Tensor:
@@ -692,9 +730,9 @@ def _conv_memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format
     return torch.contiguous_format
 
 
-def _conv_backward(dy, x, w, stride, padding, dilation, conv_groups, mask):
+def _conv_backward(dy, x, w, *, stride, padding, dilation, transposed, output_padding, conv_groups, mask):
     return torch.ops.aten.convolution_backward(
-        dy, x, w, None, stride, padding, dilation, False, [0] * len(stride), conv_groups, [*mask, False])
+        dy, x, w, None, stride, padding, dilation, transposed, output_padding, conv_groups, [*mask, False])
 
 
 def _im2col(q: torch.Tensor, kernel, stride, padding, dilation):
@@ -848,14 +886,17 @@ def _product(lists):
     return result
 
 
-def integer_conv_supported(nd: int, conv_groups: int, transposed: bool = False) -> Optional[str]:
+def integer_conv_supported(nd: int, conv_groups: int, transposed: bool = False, stride=None,
+                           output_padding=None) -> Optional[str]:
     """None if the integer conv path handles this conv, else the reason it does not."""
-    if transposed:
-        return "transposed convolution has no integer formulation yet"
+    kind = "transposed convolution" if transposed else "convolution"
     if conv_groups != 1:
-        return f"grouped convolution (groups={conv_groups}) has no integer im2col formulation yet"
+        return f"grouped {kind} (groups={conv_groups}) has no integer im2col formulation yet"
     if nd not in (1, 2):
-        return f"conv{nd}d has no integer formulation yet"
+        return f"{'conv_transpose' if transposed else 'conv'}{nd}d has no integer formulation yet"
+    if transposed and stride is not None and output_padding is not None and any(
+            op >= st for op, st in zip(_ntuple(output_padding, nd), _ntuple(stride, nd))):
+        return "transposed convolution with output_padding >= stride has no integer formulation yet"
     return None
 
 
@@ -888,6 +929,30 @@ def quantized_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         padding = [0] * nd
     y = _QuantConv.apply(x, weight, a_bits, w_bits, grad_bits, sq_groups, integer, kernels, stats, stride, padding,
                          dilation, groups, outer_scale)
+    if bias is not None:
+        y = y + bias.reshape(1, -1, *[1] * nd)
+    return y.squeeze(0) if unbatched else y
+
+
+@_autocast_like
+def quantized_conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
+                             nd: int, a_bits: int, w_bits: int, grad_bits: int, sq_groups: int, integer: bool,
+                             kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False):
+    """``F.conv_transpose{nd}d`` (same arguments, same order) with the quantizers of
+    :func:`quantized_conv`: input per sample, weight per output channel, the output gradient
+    ShiftQuant-ed with ranges per (sample, channel) for ``dX`` and per (sample, position) for
+    ``dW``.  ``integer``: int8 im2col GEMMs (``groups == 1``, 1-d and 2-d, ``output_padding <
+    stride``; :func:`integer_conv_supported` says why not otherwise)."""
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    stride, padding, dilation = _ntuple(stride, nd), _ntuple(padding, nd), _ntuple(dilation, nd)
+    output_padding = _ntuple(output_padding, nd)
+    if integer and integer_conv_supported(nd, groups, True, stride, output_padding):
+        raise ValueError(f"quantized_conv_transpose(integer=True): "
+                         f"{integer_conv_supported(nd, groups, True, stride, output_padding)}")
+    y = _QuantConv.apply(x, weight, a_bits, w_bits, grad_bits, sq_groups, integer, kernels, stats, stride, padding,
+                         dilation, groups, outer_scale, True, output_padding)
     if bias is not None:
         y = y + bias.reshape(1, -1, *[1] * nd)
     return y.squeeze(0) if unbatched else y

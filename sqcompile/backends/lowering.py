@@ -185,8 +185,53 @@ def decompose_for_inductor(gm, example_inputs):
         replace_random_passes(gm)
     materialize_integers(gm.graph)
     split_column_sums(gm.graph, fake_mode)
+    no_symbolic_view_outputs(gm.graph)
     gm.recompile()
     return gm
+
+
+def no_symbolic_view_outputs(graph: torch.fx.Graph) -> int:
+    """Make every graph output whose strides are symbolic a tensor of its own, not a view.
+
+    Inductor (2.13) orders a view output's strides with plain sympy comparisons, which fail on
+    symbolic ones it cannot decide (``4*s1*s2 < 4``: a tensor ``[N, 4, H, W]`` under
+    ``dynamic=True``, or after an image size changed, whose layout it prefers channels-last
+    because a convolution reads it; or a ``ValueRangeError`` on the ``(H - 1)//2 + 1`` sizes
+    after a strided convolution).  Our graphs make such outputs where an int8 tensor is saved
+    for the backward: the identity ``as_strided`` that :func:`materialize_integers` and
+    :func:`_channels_last` put after a quantizer to have it stored, and the channels-last
+    operand of an integer convolution.  An identity ``as_strided`` output is replaced by the
+    tensor it views (the same buffer; the graph's readers keep the view); any other view is
+    copied (``clone``, same strides) -- an int8 copy per such saved tensor, only when its
+    strides are symbolic.  Returns how many outputs were changed."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    changed = 0
+
+    def fix(arg):
+        nonlocal changed
+        val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor) or not _is_view(arg) or _static(val.stride()):
+            return arg
+        changed += 1
+        base = arg.args[0] if arg.target is torch.ops.aten.as_strided.default else None
+        base_val = base.meta.get("val") if isinstance(base, torch.fx.Node) else None
+        if isinstance(base_val, torch.Tensor) and not _is_view(base) and base.op != "placeholder" \
+                and base_val.shape == val.shape and base_val.stride() == val.stride():
+            return base
+        with graph.inserting_before(output):    # not a clone: Inductor removes those as no-ops
+            copy = graph.call_function(torch.ops.aten.mul.Tensor, (arg, 1))
+        copy.meta = dict(arg.meta)
+        copy.meta["val"] = val.clone()
+        return copy
+
+    output.args = torch.fx.node.map_arg(output.args, fix)
+    return changed
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    """Does ``node`` call a view op (its result aliases its input)?  Decided by the op's
+    schema: the fake values of our identity ``as_strided`` nodes do not say so."""
+    return node.op == "call_function" and bool(getattr(node.target, "is_view", False))
 
 
 COLUMN_SUM_CHUNK = 64

@@ -1,12 +1,13 @@
 """Replace matrix products and convolutions by their quantized versions.
 
 Matches (Dynamo's torch-level graph): ``linear``, ``matmul`` / ``@`` / ``x.matmul``, ``mm``,
-``bmm``, ``addmm``, ``baddbmm``, two-operand ``einsum``, ``conv1d/2d/3d`` and
+``bmm``, ``addmm``, ``baddbmm``, two-operand ``einsum``, ``conv1d/2d/3d``,
+``conv_transpose1d/2d/3d`` and
 ``scaled_dot_product_attention`` (rewritten in math form so ``QK^T`` and ``PV`` are quantized)
 and the recurrent layers ``lstm``, ``gru``, ``rnn_tanh``, ``rnn_relu`` (unrolled).
 Each becomes a call of the matching ``sqcompile.ops.quantized_*`` function with the node's
 bits, groups and execution as plain keyword arguments, so the rewritten graph prints what was
-chosen.  Ops that cannot be quantized (transposed conv, embeddings, ``bilinear``, PyTorch's fused
+chosen.  Ops that cannot be quantized (embeddings, ``bilinear``, PyTorch's fused
 transformer inference kernels, integer operands, einsum with more than two operands) stay as
 they are and get a "float: <reason>" decision with their FLOPs.  Composite ops that hide their
 GEMMs inside one call (multi-head attention, ``tensordot``, ``inner``, ``multi_dot``,
@@ -35,12 +36,13 @@ _ADDMM_NAMES = {"addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1
 _CONV = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_CONV_T = {"conv_transpose1d": 1, "conv_transpose2d": 2, "conv_transpose3d": 3}
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_T_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+_CONVS = {**_CONV, **_CONV_T}
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 _FLOAT_ONLY = {
-    "conv_transpose1d": "transposed convolution is not quantized yet",
-    "conv_transpose2d": "transposed convolution is not quantized yet",
-    "conv_transpose3d": "transposed convolution is not quantized yet",
     "embedding": "embedding lookups gather rows, they are not GEMMs; the table stays float",
     "embedding_bag": "embedding-bag lookups gather and sum rows, they are not dense GEMMs; the table stays float",
     "bilinear": "bilinear forms (x1^T A x2) are not quantized",
@@ -52,7 +54,7 @@ _FLOAT_ONLY = {
         "torch.backends.mha.set_fastpath_enabled(False) before compiling makes its GEMMs quantizable"),
 }
 _RNN_ARGS = ("input", "hx", "params", "has_biases", "num_layers", "dropout", "train", "bidirectional", "batch_first")
-GEMM_NAMES = {"linear", *(_MM_NAMES), *(_ADDMM_NAMES), "einsum", *(_CONV), "scaled_dot_product_attention",
+GEMM_NAMES = {"linear", *(_MM_NAMES), *(_ADDMM_NAMES), "einsum", *(_CONVS), "scaled_dot_product_attention",
               *ops.RNN_MODES}
 
 
@@ -96,6 +98,11 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         args = bind(node, _CONV_ARGS, _CONV_DEFAULTS)
         tensors = [args["input"], args["weight"]]
         unsupported = ops.integer_conv_supported(_CONV[name], args["groups"])
+    elif name in _CONV_T:
+        args = bind(node, _CONV_T_ARGS, _CONV_T_DEFAULTS)
+        tensors = [args["input"], args["weight"]]
+        unsupported = ops.integer_conv_supported(_CONV_T[name], args["groups"], True, args["stride"],
+                                                 args["output_padding"])
     elif name in ops.RNN_MODES:
         args = bind(node, _RNN_ARGS, {})
         params = list(args["params"]) if isinstance(args["params"], (list, tuple)) else []
@@ -117,8 +124,8 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         record.add(decision)
         return
 
-    ex = choose_execution(cfg, target, unsupported if name in _CONV else None)
-    weighty = name in ("linear", *ops.RNN_MODES, *_CONV) or is_parameter(tensors[1])
+    ex = choose_execution(cfg, target, unsupported if name in _CONVS else None)
+    weighty = name in ("linear", *ops.RNN_MODES, *_CONVS) or is_parameter(tensors[1])
     # activations that are non-negative by construction are quantized unsigned (passes.signs);
     # an RNN's input and attention's q are inputs of ops that quantize more than them
     whole_input = name not in ops.RNN_MODES and name != "scaled_dot_product_attention"
@@ -133,11 +140,11 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     if name == "linear":
         target_fn, new_args = ops.quantized_linear, (args["input"], args["weight"], args["bias"])
         q = dict(a_bits=a_bits, w_bits=cfg.weight_bits, **common)
-    elif name in _CONV:
-        target_fn = ops.quantized_conv
-        new_args = tuple(args[k] for k in _CONV_ARGS)
+    elif name in _CONVS:
+        target_fn = ops.quantized_conv if name in _CONV else ops.quantized_conv_transpose
+        new_args = tuple(args[k] for k in (_CONV_ARGS if name in _CONV else _CONV_T_ARGS))
         common["sq_groups"] = common.pop("groups")
-        q = dict(nd=_CONV[name], a_bits=a_bits, w_bits=cfg.weight_bits, **common)
+        q = dict(nd=_CONVS[name], a_bits=a_bits, w_bits=cfg.weight_bits, **common)
     elif name == "scaled_dot_product_attention":
         target_fn, new_args = ops.quantized_sdpa, tuple(args[k] for k in _SDPA_ARGS)
         q = dict(act_bits=cfg.act_bits, **common)
@@ -176,7 +183,7 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     decision.execution = ex.label
     decision.reason = ex.reason
     decision.act_bits = cfg.act_bits
-    decision.act_quantizer = ("per-sample, nearest" if name in _CONV else "per-row, nearest") + \
+    decision.act_quantizer = ("per-sample, nearest" if name in _CONVS else "per-row, nearest") + \
         _unsigned(a_unsigned, "; P " if name == "scaled_dot_product_attention" else ", ")
     decision.weight_bits = cfg.weight_bits if weighty else cfg.act_bits
     decision.weight_quantizer = "per-output-channel, nearest" if weighty else \
@@ -184,7 +191,7 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     decision.grad_bits = cfg.grad_bits
     decision.groups = cfg.groups
     decision.grad_quantizer = f"ShiftQuant G={cfg.groups}, stochastic" + \
-        (", groups per sample (dX)" if name in _CONV else "") + (", outer scale" if cfg.grad_outer_scale else "")
+        (", groups per sample (dX)" if name in _CONVS else "") + (", outer scale" if cfg.grad_outer_scale else "")
     decision.replacement = target_fn.__name__
     record.add(decision)
 
