@@ -15,6 +15,7 @@ import char_transformer  # noqa: E402
 import gcn_cora  # noqa: E402
 import resnet_fashion_mnist  # noqa: E402
 import rnn_ucr  # noqa: E402
+import unet_denoise_fashion_mnist  # noqa: E402
 from data import DatasetMissing  # noqa: E402
 
 
@@ -49,6 +50,13 @@ def test_resnet_fashion_mnist(capsys):
                           max_steps=3, widths=(4, 8, 8, 8), log_every=1)
     check_results(results, [4], "test acc %", True, capsys, resnet_fashion_mnist)
     assert results[0]["steps"] == 3
+
+
+def test_unet_denoise_fashion_mnist(capsys):
+    results = run_or_skip(unet_denoise_fashion_mnist, [4], 1, 0, train_limit=32, test_limit=8, batch_size=8,
+                          max_steps=2, width=4, log_every=1, execution="integer")
+    check_results(results, [4], "test PSNR dB", True, capsys, unet_denoise_fashion_mnist)
+    assert all(r["value"] > 5 for r in results)          # the noisy inputs alone: ~13 dB
 
 
 @pytest.mark.parametrize("attention, norm", [("sdpa", "layer"), ("matmul", "rms")])

@@ -202,8 +202,8 @@ def no_symbolic_view_outputs(graph: torch.fx.Graph) -> int:
     :func:`_channels_last` put after a quantizer to have it stored, and the channels-last
     operand of an integer convolution.  An identity ``as_strided`` output is replaced by the
     tensor it views (the same buffer; the graph's readers keep the view); any other view is
-    copied (``clone``, same strides) -- an int8 copy per such saved tensor, only when its
-    strides are symbolic.  Returns how many outputs were changed."""
+    copied at its strides (a multiply by 1: Inductor drops a ``clone`` as a no-op) -- an int8
+    copy per such saved tensor, only when its strides are symbolic.  Returns how many outputs were changed."""
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     changed = 0
 
