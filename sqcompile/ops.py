@@ -716,7 +716,8 @@ def _channels_last(q: torch.Tensor) -> torch.Tensor:
 
 def _conv_memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format:
     """The memory format PyTorch's own convolution gives its output (and input gradient):
-    channels-last when a 4-d input or weight is stored channels-last, else contiguous.
+    channels-last when a 4-d (5-d) input or weight is stored channels-last (channels-last-3d),
+    else contiguous.
 
     The int8 im2col GEMM produces channels-last values (``[N * L, Cout]``), and returning
     them as such was wrong twice over: user code that views a conv's output
@@ -724,9 +725,10 @@ def _conv_memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format
     the standard memory formats, handed the backward graph a gradient whose strides were
     not the traced ones (a 3-d ``[N, C, L]`` tensor has no channels-last format).  Under
     Inductor the layout change fuses into the dequantize; run eagerly it is one copy."""
-    if x.dim() == 4 and any(t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-                            for t in (x, w)):
-        return torch.channels_last
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and any(t.dim() == x.dim() and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+                               for t in (x, w)):
+        return fmt
     return torch.contiguous_format
 
 
@@ -892,8 +894,6 @@ def integer_conv_supported(nd: int, conv_groups: int, transposed: bool = False, 
     kind = "transposed convolution" if transposed else "convolution"
     if conv_groups != 1:
         return f"grouped {kind} (groups={conv_groups}) has no integer im2col formulation yet"
-    if nd not in (1, 2):
-        return f"{'conv_transpose' if transposed else 'conv'}{nd}d has no integer formulation yet"
     if transposed and stride is not None and output_padding is not None and any(
             op >= st for op, st in zip(_ntuple(output_padding, nd), _ntuple(stride, nd))):
         return "transposed convolution with output_padding >= stride has no integer formulation yet"
@@ -941,8 +941,7 @@ def quantized_conv_transpose(x, weight, bias=None, stride=1, padding=0, output_p
     """``F.conv_transpose{nd}d`` (same arguments, same order) with the quantizers of
     :func:`quantized_conv`: input per sample, weight per output channel, the output gradient
     ShiftQuant-ed with ranges per (sample, channel) for ``dX`` and per (sample, position) for
-    ``dW``.  ``integer``: int8 im2col GEMMs (``groups == 1``, 1-d and 2-d, ``output_padding <
-    stride``; :func:`integer_conv_supported` says why not otherwise)."""
+    ``dW``.  ``integer``: int8 im2col GEMMs (``groups == 1``, ``output_padding < stride``; :func:`integer_conv_supported` says why not otherwise)."""
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)

@@ -113,6 +113,7 @@ def test_groups_beyond_int8_use_the_int16_path_in_backward():
     dict(nd=2, x=(1, 4, 10, 10), w=(6, 4, 3, 2), stride=2, padding=(1, 0), dilation=1),
     dict(nd=2, x=(2, 2, 12, 12), w=(3, 2, 3, 3), stride=1, padding=2, dilation=2),
     dict(nd=1, x=(3, 4, 17), w=(7, 4, 5), stride=2, padding=2, dilation=1),
+    dict(nd=3, x=(2, 3, 5, 6, 7), w=(4, 3, 3, 2, 3), stride=(1, 2, 2), padding=(1, 0, 1), dilation=(1, 1, 2)),
 ])
 def test_conv_integer_equals_simulate(conv):
     torch.manual_seed(4)
@@ -127,7 +128,7 @@ def test_conv_integer_equals_simulate(conv):
     _assert_same(out_i, out_s, 1e-5)
     for a, c in zip(g_i, g_s):
         _assert_same(a, c, 1e-5)
-    conv_fn = F.conv1d if conv["nd"] == 1 else F.conv2d
+    conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[conv["nd"]]
     ref = conv_fn(x, w, b, conv["stride"], conv["padding"], conv["dilation"])
     assert rel(out_i, ref) < 0.06
 
@@ -173,17 +174,17 @@ def test_conv_input_gradient_groups_its_channels_per_sample(integer, kernels):
     assert rel(torch.nn.grad.conv2d_input(x.shape, w, per_channel, padding=1)[1], want[1]) > 1.0
 
 
-@pytest.mark.parametrize("nd,channels_last", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("nd,channels_last", [(1, False), (2, False), (2, True), (3, False), (3, True)])
 def test_integer_conv_output_and_input_gradient_have_pytorchs_memory_format(nd, channels_last):
     """The int8 im2col GEMM computes channels-last values; the op returns them in the layout
     ``F.conv*d`` gives (a ``view`` of the output, as LeNet-style code flattens it, must work)."""
     torch.manual_seed(0)
-    x = torch.randn((2, 3, 8, 8) if nd == 2 else (2, 3, 8))
-    w = torch.randn((4, 3, 3, 3) if nd == 2 else (4, 3, 3))
+    x = torch.randn((2, 3, *[6] * nd))
+    w = torch.randn((4, 3, *[3] * nd))
     if channels_last:
-        x = x.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
     x.requires_grad_(True)
-    conv_fn = F.conv2d if nd == 2 else F.conv1d
+    conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
     y = ops.quantized_conv(x, w, None, 1, 1, 1, 1, nd=nd, a_bits=8, w_bits=8, grad_bits=8, sq_groups=1, integer=True)
     ref = conv_fn(x, w, None, 1, 1)
     assert y.stride() == ref.stride()
@@ -312,7 +313,7 @@ def test_convs_compile_for_inductor_with_symbolic_image_sizes():
 def test_integer_conv_support_rule():
     assert ops.integer_conv_supported(2, 1) is None
     assert "grouped" in ops.integer_conv_supported(2, 4)
-    assert "conv3d" in ops.integer_conv_supported(3, 1)
+    assert ops.integer_conv_supported(3, 1) is None                 # simulated until 2026-11-30
 
 
 CONV_T = [
@@ -320,6 +321,7 @@ CONV_T = [
     dict(nd=2, x=(1, 4, 4, 5), w=(4, 6, 3, 2), stride=(2, 3), padding=(1, 0), output_padding=(1, 2), dilation=1),
     dict(nd=2, x=(2, 2, 6, 6), w=(2, 3, 3, 3), stride=1, padding=2, output_padding=0, dilation=2),
     dict(nd=1, x=(3, 4, 9), w=(4, 7, 5), stride=3, padding=2, output_padding=1, dilation=2),
+    dict(nd=3, x=(2, 3, 3, 4, 4), w=(3, 2, 3, 2, 3), stride=2, padding=1, output_padding=(1, 0, 1), dilation=1),
 ]
 
 
@@ -332,7 +334,7 @@ def _conv_t(conv, outer=False, **kw):
 
 
 def _conv_t_ref(conv, x, w, b=None):
-    fn = F.conv_transpose1d if conv["nd"] == 1 else F.conv_transpose2d
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[conv["nd"]]
     return fn(x, w, b, conv["stride"], conv["padding"], conv["output_padding"], 1, conv["dilation"])
 
 
@@ -409,7 +411,7 @@ def test_grouped_conv_transpose_runs_simulated_close_to_float():
 def test_integer_conv_transpose_support_rule():
     assert ops.integer_conv_supported(2, 1, True, 2, 1) is None
     assert "grouped transposed" in ops.integer_conv_supported(2, 2, True, 2, 1)
-    assert "conv_transpose3d" in ops.integer_conv_supported(3, 1, True, 1, 0)
+    assert ops.integer_conv_supported(3, 1, True, 1, 0) is None
     # output_padding may reach the stride when below the dilation: the sizes no longer match a conv's
     assert "output_padding" in ops.integer_conv_supported(1, 1, True, 1, 1)
 
