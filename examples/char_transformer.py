@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import CharTokenizer, char_corpus, lm_batches  # noqa: E402
-from common import add_run_arguments, result, run_cli, shiftquant_options  # noqa: E402
+from common import add_run_arguments, float_and_quantized_runs, result, run_cli, shiftquant_options  # noqa: E402
 
 FAMILY = "Transformer (char LM, lee)"
 # Keeps attention's QK^T and PV in float, whichever way the model computes them (the only
@@ -175,11 +175,8 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: Optional[float] = None, se
           f"({steps * batch_size * seq_len / len(train_ids):.2f} epochs), seed {seed}", flush=True)
     kw = dict(steps=steps, seed=seed, batch_size=batch_size, seq_len=seq_len, lr=lr, d_model=d_model, heads=heads,
               layers=layers, attention=attention, norm=norm, log_every=log_every)
-    results = [train_one("float32", None, train_ids, val, tok.vocab_size, **kw)] if include_float else []
-    for bits in bits_list:
-        opts = shiftquant_options(bits, execution)
-        results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, train_ids, val,
-                                 tok.vocab_size, **kw))
+    results = float_and_quantized_runs(train_one, bits_list, execution, include_float, train_ids, val,
+                                       tok.vocab_size, **kw)
     results += [train_one(name, opts, train_ids, val, tok.vocab_size, **kw) for name, opts in extra_runs]
     return results
 

@@ -23,6 +23,18 @@ def shiftquant_options(bits: int, execution: str = "auto") -> dict:
             "execution": execution, **EXTRA_OPTIONS}
 
 
+def float_and_quantized_runs(train_one: Callable, bits_list: Sequence[int], execution: str, include_float: bool,
+                             *args, **kwargs) -> List[dict]:
+    """``train_one(name, options, *args, **kwargs)`` in float (``options=None``, if
+    ``include_float``) and once per W/A/G width of ``bits_list`` (:func:`shiftquant_options`);
+    the results in that order."""
+    results = [train_one("float32", None, *args, **kwargs)] if include_float else []
+    for bits in bits_list:
+        opts = shiftquant_options(bits, execution)
+        results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, *args, **kwargs))
+    return results
+
+
 def print_accuracy_table(results: List[dict]) -> None:
     """The run / test accuracy / gap to float / time table of the classification examples."""
     from tabulate import tabulate
@@ -62,6 +74,39 @@ def run_cli(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], run: Call
     except DatasetMissing as e:
         sys.exit(str(e))
     show(results)
+
+
+def train_minibatches(name: str, batch_loss: Callable, n: int, opt, lr: float, *, epochs: int, batch_size: int,
+                      max_steps: Optional[int], generator, log_every: int, start: float, digits: int = 3) -> int:
+    """Train over ``n`` examples: ``epochs`` passes in a fresh random order (``generator``) of
+    ``batch_size`` examples, at most ``max_steps`` steps, with a one-cycle learning rate peaking
+    at ``lr``; ``batch_loss(idx)`` is the loss of the examples at ``idx`` (``opt`` steps on its
+    gradient).  Prints the loss every ``log_every`` steps (with the time since ``start``);
+    returns the number of steps."""
+    import time
+
+    import torch
+
+    per_epoch = n // batch_size
+    steps = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 20))   # (short runs stop early)
+    step = 0
+    while step < steps:
+        epoch = step // per_epoch
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, per_epoch * batch_size, batch_size):
+            if step >= steps:
+                break
+            loss = batch_loss(perm[i:i + batch_size])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step % log_every == 0 or step == steps:
+                print(f"  [{name}] epoch {epoch + 1} step {step}/{steps} loss {loss.item():.{digits}f} "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return steps
 
 
 def accuracy(model, x, y, batch: int = 1000) -> float:

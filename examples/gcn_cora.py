@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import cora  # noqa: E402
-from common import add_run_arguments, result, run_cli, shiftquant_options  # noqa: E402
+from common import add_run_arguments, float_and_quantized_runs, result, run_cli  # noqa: E402
 
 FAMILY = "GNN (GCN, Cora)"
 
@@ -139,11 +139,7 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 200, seed: int = 0, 
           flush=True)
     kw = dict(epochs=epochs, seed=seed, hidden=hidden, lr=lr, weight_decay=weight_decay, dropout=dropout,
               aggregation=aggregation, log_every=log_every)
-    results = [train_one("float32", None, data, **kw)] if include_float else []
-    for bits in bits_list:
-        opts = shiftquant_options(bits, execution)
-        results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, data, **kw))
-    return results
+    return float_and_quantized_runs(train_one, bits_list, execution, include_float, data, **kw)
 
 
 def _subgraph(data: dict, n: int) -> dict:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import fashion_mnist  # noqa: E402
 from common import print_accuracy_table as print_table  # noqa: E402
-from common import accuracy, add_run_arguments, result, run_cli, shiftquant_options  # noqa: E402
+from common import (  # noqa: E402
+    accuracy, add_run_arguments, float_and_quantized_runs, result, run_cli, train_minibatches)
 
 FAMILY = "CNN (ResNet, Fashion-MNIST)"
 
@@ -80,27 +81,10 @@ def train_one(name: str, options: Optional[dict], data, *, epochs: int, seed: in
     torch._dynamo.reset()       # a fresh compile per run (Dynamo caches at most 8 graphs per function)
     run_model = model if options is None else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    per_epoch = len(xtr) // batch_size
-    steps = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 20))   # (short runs stop early)
-    g = torch.Generator().manual_seed(seed)
-    start, step = time.perf_counter(), 0
-    while step < steps:
-        epoch = step // per_epoch
-        perm = torch.randperm(len(xtr), generator=g)
-        for i in range(0, per_epoch * batch_size, batch_size):
-            if step >= steps:
-                break
-            idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(run_model(xtr[idx]), ytr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step % log_every == 0 or step == steps:
-                print(f"  [{name}] epoch {epoch + 1} step {step}/{steps} loss {loss.item():.3f} "
-                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+    start = time.perf_counter()
+    steps = train_minibatches(name, lambda idx: F.cross_entropy(run_model(xtr[idx]), ytr[idx]), len(xtr), opt, lr,
+                              epochs=epochs, batch_size=batch_size, max_steps=max_steps,
+                              generator=torch.Generator().manual_seed(seed), log_every=log_every, start=start)
     acc = accuracy(run_model, xte, yte)
     seconds = time.perf_counter() - start
     print(f"  [{name}] test accuracy {100 * acc:.2f}%", flush=True)
@@ -124,10 +108,7 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 1, seed: int = 0, *,
     data = (xtr, ytr, xte, yte)
     kw = dict(epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, blocks=blocks, widths=widths,
               max_steps=max_steps, log_every=log_every)
-    results = [train_one("float32", None, data, **kw)] if include_float else []
-    for bits in bits_list:
-        opts = shiftquant_options(bits, execution)
-        results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, data, **kw))
+    results = float_and_quantized_runs(train_one, bits_list, execution, include_float, data, **kw)
     results += [train_one(name, opts, data, **kw) for name, opts in extra_runs]
     return results
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import ucr  # noqa: E402
 from common import print_accuracy_table as print_table  # noqa: E402
-from common import accuracy, add_run_arguments, result, run_cli, shiftquant_options  # noqa: E402
+from common import accuracy, add_run_arguments, float_and_quantized_runs, result, run_cli  # noqa: E402
 
 FAMILY = "RNN (LSTM, UCR Trace)"
 
@@ -107,11 +107,7 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 40, seed: int = 0, *
     data = (xtr, ytr, xte, yte)
     kw = dict(epochs=epochs, seed=seed, hidden=hidden, cell=cell, layers=layers,
               batch_size=min(batch_size, len(xtr)), lr=lr, log_every=log_every)
-    results = [train_one("float32", None, data, classes, **kw)] if include_float else []
-    for bits in bits_list:
-        opts = shiftquant_options(bits, execution)
-        results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, data, classes, **kw))
-    return results
+    return float_and_quantized_runs(train_one, bits_list, execution, include_float, data, classes, **kw)
 
 
 def main(argv=None):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist  # noqa: E402
-from common import add_run_arguments, result, run_cli, shiftquant_options  # noqa: E402
+from common import add_run_arguments, float_and_quantized_runs, result, run_cli, train_minibatches  # noqa: E402
 
 FAMILY = "U-Net denoiser (Fashion-MNIST)"
 METRIC = "test PSNR dB"
@@ -99,27 +99,15 @@ def train_one(name: str, options: Optional[dict], data, *, epochs: int, seed: in
     torch._dynamo.reset()       # a fresh compile per run (Dynamo caches at most 8 graphs per function)
     run_model = model if options is None else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    per_epoch = len(xtr) // batch_size
-    steps = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 20))   # (short runs stop early)
     g = torch.Generator().manual_seed(seed)
-    start, step = time.perf_counter(), 0
-    while step < steps:
-        epoch = step // per_epoch
-        perm = torch.randperm(len(xtr), generator=g)
-        for i in range(0, per_epoch * batch_size, batch_size):
-            if step >= steps:
-                break
-            clean = xtr[perm[i:i + batch_size]]
-            loss = F.mse_loss(run_model(noisy(clean, noise, g)), clean)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step % log_every == 0 or step == steps:
-                print(f"  [{name}] epoch {epoch + 1} step {step}/{steps} loss {loss.item():.4f} "
-                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+    def batch_loss(idx):
+        clean = xtr[idx]
+        return F.mse_loss(run_model(noisy(clean, noise, g)), clean)
+
+    start = time.perf_counter()
+    steps = train_minibatches(name, batch_loss, len(xtr), opt, lr, epochs=epochs, batch_size=batch_size,
+                              max_steps=max_steps, generator=g, log_every=log_every, start=start, digits=4)
     value = psnr(run_model, xte_noisy, xte)
     seconds = time.perf_counter() - start
     print(f"  [{name}] test PSNR {value:.2f} dB", flush=True)
@@ -142,11 +130,7 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 1, seed: int = 0, *,
     data = (xtr, xte, xte_noisy)
     kw = dict(epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, width=width, noise=noise,
               max_steps=max_steps, log_every=log_every)
-    results = [train_one("float32", None, data, **kw)] if include_float else []
-    for bits in bits_list:
-        opts = shiftquant_options(bits, execution)
-        results.append(train_one(f"W{bits}A{bits}G{bits} (G={opts['groups']})", opts, data, **kw))
-    return results
+    return float_and_quantized_runs(train_one, bits_list, execution, include_float, data, **kw)
 
 
 def print_table(results: List[dict]) -> None:

@@ -54,8 +54,8 @@ INNER_CHOICES = ("auto", "eager", "inductor")
 OP_NAMES = (
     "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d",
     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-    "scaled_dot_product_attention", "lstm", "gru", "rnn_tanh", "rnn_relu", "batch_norm", "layer_norm", "group_norm", "instance_norm",
-    "rms_norm",
+    "scaled_dot_product_attention", "lstm", "gru", "rnn_tanh", "rnn_relu",
+    "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
 )
 
 # Options that may differ from module to module (the rest are global to one compile).

@@ -301,6 +301,24 @@ def _channel_view(t: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor
     return None if t is None else t.reshape(1, -1, *[1] * (ndim - 2))
 
 
+def _with_running_stats(x, w, b, dims, running_mean, running_var, kw) -> torch.Tensor:
+    """``x`` normalized with fixed per-channel statistics (eval): ``(x - running_mean) /
+    sqrt(running_var + eps)``, ``running_var`` holding the squared L1 scale."""
+    mean = _channel_view(running_mean, x.dim())
+    sigma = _channel_view(running_var, x.dim()).sqrt()
+    return _l1_norm(x, w, b, dims, mean=mean, sigma=sigma, **kw)[0]
+
+
+def _update_running_stats(running_mean, running_var, mean, sigma, momentum: float, per_channel) -> None:
+    """``running = (1 - momentum) * running + momentum * batch`` in place for each buffer given,
+    the batch's values being ``per_channel(mean)`` and ``per_channel(sigma**2)`` (``[C]``)."""
+    for buf, stat in ((running_mean, mean), (running_var, sigma * sigma)):
+        if buf is None:
+            continue
+        with torch.no_grad():
+            buf.mul_(1.0 - momentum).add_(per_channel(stat).to(buf.dtype), alpha=momentum)
+
+
 def l1_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                   weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                   training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5, *,
@@ -334,9 +352,7 @@ def l1_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
     w, b = _channel_view(weight, ndim), _channel_view(bias, ndim)
     use_batch_stats = training or running_mean is None or running_var is None
     if not use_batch_stats:
-        mean = _channel_view(running_mean, ndim)
-        sigma = _channel_view(running_var, ndim).sqrt()
-        return _l1_norm(x, w, b, dims, mean=mean, sigma=sigma, **kw)[0]
+        return _with_running_stats(x, w, b, dims, running_mean, running_var, kw)
 
     if math.prod(x.shape[:1] + x.shape[2:]) <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
@@ -344,11 +360,7 @@ def l1_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
         raise ValueError("l1_batch_norm: momentum=None; pass the cumulative-average factor "
                          "1 / num_batches_tracked as nn.BatchNorm does")
     y, mean, sigma = _l1_norm(x, w, b, dims, **kw)
-    for buf, batch in ((running_mean, mean), (running_var, sigma * sigma)):
-        if buf is None:
-            continue
-        with torch.no_grad():
-            buf.mul_(1.0 - momentum).add_(batch.reshape(-1).to(buf.dtype), alpha=momentum)
+    _update_running_stats(running_mean, running_var, mean, sigma, momentum, lambda stat: stat.reshape(-1))
     return y
 
 
@@ -421,9 +433,7 @@ def l1_instance_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor] = Non
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("l1_instance_norm: use_input_stats=False needs running_mean and running_var")
-        mean = _channel_view(running_mean, ndim)
-        sigma = _channel_view(running_var, ndim).sqrt()
-        return _l1_norm(x, w, b, dims, mean=mean, sigma=sigma, **kw)[0]
+        return _with_running_stats(x, w, b, dims, running_mean, running_var, kw)
 
     if math.prod(x.shape[2:]) <= 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}")
@@ -431,12 +441,8 @@ def l1_instance_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor] = Non
         raise ValueError("l1_instance_norm: momentum=None with running buffers; pass a float factor "
                          "(nn.InstanceNorm passes 0.0 for momentum=None)")
     y, mean, sigma = _l1_norm(x, w, b, dims, **kw)
-    for buf, per_instance in ((running_mean, mean), (running_var, sigma * sigma)):
-        if buf is None:
-            continue
-        with torch.no_grad():
-            batch = per_instance.reshape(x.shape[0], x.shape[1]).mean(0)
-            buf.mul_(1.0 - momentum).add_(batch.to(buf.dtype), alpha=momentum)
+    _update_running_stats(running_mean, running_var, mean, sigma, momentum,
+                          lambda stat: stat.reshape(x.shape[0], x.shape[1]).mean(0))    # the batch's mean
     return y
 
 

@@ -941,7 +941,8 @@ def quantized_conv_transpose(x, weight, bias=None, stride=1, padding=0, output_p
     """``F.conv_transpose{nd}d`` (same arguments, same order) with the quantizers of
     :func:`quantized_conv`: input per sample, weight per output channel, the output gradient
     ShiftQuant-ed with ranges per (sample, channel) for ``dX`` and per (sample, position) for
-    ``dW``.  ``integer``: int8 im2col GEMMs (``groups == 1``, ``output_padding < stride``; :func:`integer_conv_supported` says why not otherwise)."""
+    ``dW``.  ``integer``: int8 im2col GEMMs (``groups == 1``, ``output_padding < stride``;
+    :func:`integer_conv_supported` says why not otherwise)."""
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)

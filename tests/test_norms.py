@@ -81,20 +81,25 @@ def bn_train_case(shape, affine_=True):
         lambda x, bits: numerics.fake_quantize(x, bits, (1,)))
 
 
-def bn_eval_case(shape):
+def eval_case(name, shape, norm, fake_dims):
+    """A norm normalizing with running statistics (eval): ``norm(x, rm, rv, w, b, **kw)``."""
     c = shape[1]
 
     def run(x, w, b, **kw):
         rm, rv = running_stats(c, torch.promote_types(x.dtype, torch.float32))
-        return l1_batch_norm(x, rm, rv, w, b, False, 0.1, EPS, **kw)
+        return norm(x, rm, rv, w, b, **kw)
 
     def ref(x, w, b):
         rm, rv = running_stats(c, torch.promote_types(x.dtype, torch.float32))
         y = (x - rm.reshape(channel_shape(x))) / (rv.reshape(channel_shape(x)) + EPS).sqrt()   # PyTorch's eval
         return affine(y, w, b, channel_shape(x))
 
-    return Case(f"bn{len(shape)}d_eval", shape, (c,), True, run, ref,
-                lambda x, bits: numerics.fake_quantize(x, bits, (1,)))
+    return Case(name, shape, (c,), True, run, ref, lambda x, bits: numerics.fake_quantize(x, bits, fake_dims))
+
+
+def bn_eval_case(shape):
+    return eval_case(f"bn{len(shape)}d_eval", shape,
+                     lambda x, rm, rv, w, b, **kw: l1_batch_norm(x, rm, rv, w, b, False, 0.1, EPS, **kw), (1,))
 
 
 def rows(x, k):
@@ -137,19 +142,8 @@ def in_train_case(shape, affine_=True):
 
 
 def in_eval_case(shape):
-    c = shape[1]
-
-    def run(x, w, b, **kw):
-        rm, rv = running_stats(c, torch.promote_types(x.dtype, torch.float32))
-        return l1_instance_norm(x, rm, rv, w, b, False, 0.1, EPS, **kw)
-
-    def ref(x, w, b):
-        rm, rv = running_stats(c, torch.promote_types(x.dtype, torch.float32))
-        y = (x - rm.reshape(channel_shape(x))) / (rv.reshape(channel_shape(x)) + EPS).sqrt()   # PyTorch's eval
-        return affine(y, w, b, channel_shape(x))
-
-    return Case(f"in{len(shape) - 2}d_eval", shape, (c,), True, run, ref,
-                lambda x, bits: numerics.fake_quantize(x, bits, (0, 1)))
+    return eval_case(f"in{len(shape) - 2}d_eval", shape,
+                     lambda x, rm, rv, w, b, **kw: l1_instance_norm(x, rm, rv, w, b, False, 0.1, EPS, **kw), (0, 1))
 
 
 def rms_case(shape):
