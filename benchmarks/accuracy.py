@@ -22,10 +22,11 @@ within 1 point.  The RNN and the U-Net denoiser (transposed convs, InstanceNorm)
 target.
 
 The defaults took 24 minutes on 2 CPU cores shared with other work (one thread, load average
-about 3.5; CNN 12 min, transformer 6, GNN 3, RNN 2.5) -- far shorter training than the paper's.
+about 3.5; CNN 12 min, transformer 6, GNN 3, RNN 2.5; the U-Net family, added later, 8 min)
+-- far shorter training than the paper's.
 ``--families`` runs a subset; scale up with ``--epochs`` and ``--seeds``:
 
-    python benchmarks/accuracy.py --threads 1                              # all four families
+    python benchmarks/accuracy.py --threads 1                              # all five families
     python benchmarks/accuracy.py --families cnn gnn --seeds 0 1 2 --epochs cnn=3 gnn=400
     python benchmarks/accuracy.py --families transformer --options '{"grad_outer_scale": false}'
 
@@ -102,8 +103,8 @@ def summarize(family: str, results, epochs, unit: str, execution: str):
         delta, target, met = "", "", ""
         if bits is not None and base is not None:
             d = mean - base if higher else (mean - base) / base
-            unit = " dB" if "dB" in runs[0]["metric"] else " pt"
-            delta = f"{d:+.2f}{unit}" if higher else f"{100 * d:+.2f}%"
+            delta_unit = " dB" if "dB" in runs[0]["metric"] else " pt"
+            delta = f"{d:+.2f}{delta_unit}" if higher else f"{100 * d:+.2f}%"
             if (family, bits) in TARGETS:
                 target, check = TARGETS[(family, bits)]
                 met = "yes" if check(d) else "NO"
