@@ -4,7 +4,9 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
 * transformer: 4 pre-norm blocks, d_model 512, 8 heads, seq 256, batch 16 (SDPA attention,
   LayerNorm -> L1 norm, GELU MLP);
 * resnet18: a ResNet-18-sized CNN (BasicBlocks 64-128-256-512, BatchNorm -> L1 norm) on 32x32
-  inputs, batch 32.
+  inputs, batch 32;
+* unet: ``examples/unet_denoise_fashion_mnist.py``'s U-Net at width 32 (convs down, transposed
+  convs up, InstanceNorm -> L1 instance norm) on 64x64 grey images, batch 16.
 
     python benchmarks/train_step.py
     python benchmarks/train_step.py --models transformer --rounds 7
@@ -13,6 +15,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --saved-scales   # GEMMs saving scales, not maxima
     python benchmarks/train_step.py --models transformer --outer-scale    # grad_outer_scale flipped too
     python benchmarks/train_step.py --models transformer --peak-memory
+    python benchmarks/train_step.py --models unet
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ import sqcompile  # noqa: E402,F401
 from sqcompile.config import OpConfig  # noqa: E402
 from sqcompile.kernels import amx  # noqa: E402
 from _timing import add_threads_argument, interleaved, median_ms, median_ratio, start  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from unet_denoise_fashion_mnist import UNet  # noqa: E402
 
 
 class Block(nn.Module):
@@ -98,6 +104,7 @@ MODELS = {
     "transformer": (Transformer, lambda: torch.randn(16, 256, 512), lambda out: out.pow(2).mean()),
     "resnet18": (ResNet18, lambda: torch.randn(32, 3, 32, 32),
                  lambda out: F.cross_entropy(out, torch.arange(out.shape[0]) % 10)),
+    "unet": (lambda: UNet(32), lambda: torch.randn(16, 1, 64, 64), lambda out: out.pow(2).mean()),
 }
 
 
@@ -240,7 +247,8 @@ def peak_memory(args, argv, name):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=["transformer", "resnet18"], choices=list(MODELS),
+                   help="models to time (default: transformer resnet18)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bits", type=int, default=4)
     add_threads_argument(p)
