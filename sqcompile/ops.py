@@ -654,8 +654,8 @@ class _QuantConv(torch.autograd.Function):
             return (acc * channel_scale).to(x.dtype).contiguous(memory_format=_conv_memory_format(x, w))
         xd = ks.dequantize(qx, sx, x.dtype)
         wd = ks.dequantize(qw, sw, w.dtype)
-        return torch.ops.aten.convolution(xd, wd, None, stride, padding, dilation, transposed, output_padding,
-                                          conv_groups)
+        y = torch.ops.aten.convolution(xd, wd, None, stride, padding, dilation, transposed, output_padding, conv_groups)
+        return y.contiguous(memory_format=_conv_memory_format(x, w))     # xd is contiguous whatever x was
 
     @staticmethod
     def backward(ctx, dy):
@@ -681,7 +681,7 @@ class _QuantConv(torch.autograd.Function):
                 dx = (acc * s).to(x_dtype).contiguous(memory_format=_conv_memory_format(dy, qw))
             else:
                 dx = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), mask=(True, False),
-                                    **conv)[0].to(x_dtype)
+                                    **conv)[0].to(x_dtype).contiguous(memory_format=_conv_memory_format(dy, qw))
         if ctx.needs[1]:   # reduction over (batch, output positions); with ``outer``, a scale per output channel
             e, s = _gradient(ks, stats, "grad_dw", dy, grad_bits, groups, [0, *spatial], sx, [1] if outer else None)
             if integer:

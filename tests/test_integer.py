@@ -174,18 +174,27 @@ def test_conv_input_gradient_groups_its_channels_per_sample(integer, kernels):
     assert rel(torch.nn.grad.conv2d_input(x.shape, w, per_channel, padding=1)[1], want[1]) > 1.0
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("integer", [True, False])
 @pytest.mark.parametrize("nd,channels_last", [(1, False), (2, False), (2, True), (3, False), (3, True)])
-def test_integer_conv_output_and_input_gradient_have_pytorchs_memory_format(nd, channels_last):
-    """The int8 im2col GEMM computes channels-last values; the op returns them in the layout
-    ``F.conv*d`` gives (a ``view`` of the output, as LeNet-style code flattens it, must work)."""
+def test_conv_output_and_input_gradient_have_pytorchs_memory_format(nd, channels_last, integer, transposed):
+    """The int8 im2col GEMM computes channels-last values, and the simulated path convolves
+    contiguous dequantized operands; either way the op returns the layout ``F.conv*d`` /
+    ``F.conv_transpose*d`` gives (a ``view`` of the output, as LeNet-style code flattens it,
+    must work)."""
     torch.manual_seed(0)
     x = torch.randn((2, 3, *[6] * nd))
-    w = torch.randn((4, 3, *[3] * nd))
+    w = torch.randn((3 if transposed else 4, 4 if transposed else 3, *[3] * nd))
     if channels_last:
         x = x.to(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
     x.requires_grad_(True)
-    conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-    y = ops.quantized_conv(x, w, None, 1, 1, 1, 1, nd=nd, a_bits=8, w_bits=8, grad_bits=8, sq_groups=1, integer=True)
+    kw = dict(nd=nd, a_bits=8, w_bits=8, grad_bits=8, sq_groups=1, integer=integer)
+    if transposed:
+        conv_fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+        y = ops.quantized_conv_transpose(x, w, None, 1, 1, **kw)
+    else:
+        conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+        y = ops.quantized_conv(x, w, None, 1, 1, 1, 1, **kw)
     ref = conv_fn(x, w, None, 1, 1)
     assert y.stride() == ref.stride()
     y.backward(torch.ones_like(ref))
