@@ -1,7 +1,7 @@
 """Train a small U-Net to denoise Fashion-MNIST images, in float and with the shiftquant backend
 at several bit widths, and print the test PSNR side by side.
 
-    python examples/unet_denoise_fashion_mnist.py --threads 1           # ~6 minutes on 2 CPU cores
+    python examples/unet_denoise_fashion_mnist.py --threads 1           # ~8 minutes on one CPU core
     python examples/unet_denoise_fashion_mnist.py --bits 4 --epochs 3 --train-limit 60000
 
 The network is an image-to-image model of the kind the classification examples do not cover:
