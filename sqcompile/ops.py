@@ -948,9 +948,9 @@ def quantized_conv_transpose(x, weight, bias=None, stride=1, padding=0, output_p
         x = x.unsqueeze(0)
     stride, padding, dilation = _ntuple(stride, nd), _ntuple(padding, nd), _ntuple(dilation, nd)
     output_padding = _ntuple(output_padding, nd)
-    if integer and integer_conv_supported(nd, groups, True, stride, output_padding):
-        raise ValueError(f"quantized_conv_transpose(integer=True): "
-                         f"{integer_conv_supported(nd, groups, True, stride, output_padding)}")
+    why_not = integer_conv_supported(nd, groups, True, stride, output_padding) if integer else None
+    if why_not:
+        raise ValueError(f"quantized_conv_transpose(integer=True): {why_not}")
     y = _QuantConv.apply(x, weight, a_bits, w_bits, grad_bits, sq_groups, integer, kernels, stats, stride, padding,
                          dilation, groups, outer_scale, True, output_padding)
     if bias is not None:
