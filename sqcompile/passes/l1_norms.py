@@ -3,8 +3,8 @@
 Matches ``F.batch_norm``, ``F.layer_norm``, ``F.group_norm``, ``F.instance_norm`` and
 ``F.rms_norm`` / ``torch.rms_norm`` in Dynamo's graph and calls the matching
 :mod:`sqcompile.norms` function with the node's own arguments, so BatchNorm and InstanceNorm
-keep updating the module's own running-stat buffers (``state_dict`` keys and meaning are unchanged; see :func:`sqcompile.norms.l1_batch_norm`
-for what ``running_var`` holds).
+keep updating the module's own running-stat buffers (``state_dict`` keys and meaning are
+unchanged; see :func:`sqcompile.norms.l1_batch_norm` for what ``running_var`` holds).
 
 ``eps`` is passed as the node has it (a number, ``None`` for RMSNorm's dtype default, or under
 ``dynamic=True`` a graph input): the L1 norm puts it under the root as the L2 norm does,
