@@ -72,13 +72,18 @@ class Case:
         return [t if t is None else t.requires_grad_(requires_grad) for t in (x, w, b)]
 
 
-def bn_train_case(shape, affine_=True):
-    c = shape[1]
+def train_case(name, shape, affine_, norm, dims, fake_dims):
+    """A channel-affine norm using its batch's statistics: ``norm(x, None, None, w, b, True,
+    0.1, EPS, **kw)``, whose reference normalizes over ``dims(x)``."""
     return Case(
-        f"bn{len(shape)}d_train" + ("" if affine_ else "_noaffine"), shape, (c,) if affine_ else None, affine_,
-        lambda x, w, b, **kw: l1_batch_norm(x, None, None, w, b, True, 0.1, EPS, **kw),
-        lambda x, w, b: affine(ref_l1(x, bn_dims(x)), w, b, channel_shape(x)),
-        lambda x, bits: numerics.fake_quantize(x, bits, (1,)))
+        name + ("" if affine_ else "_noaffine"), shape, (shape[1],) if affine_ else None, affine_,
+        lambda x, w, b, **kw: norm(x, None, None, w, b, True, 0.1, EPS, **kw),
+        lambda x, w, b: affine(ref_l1(x, dims(x)), w, b, channel_shape(x)),
+        lambda x, bits: numerics.fake_quantize(x, bits, fake_dims))
+
+
+def bn_train_case(shape, affine_=True):
+    return train_case(f"bn{len(shape)}d_train", shape, affine_, l1_batch_norm, bn_dims, (1,))
 
 
 def eval_case(name, shape, norm, fake_dims):
@@ -128,17 +133,9 @@ def gn_case(shape, groups):
         lambda x, bits: numerics.fake_quantize(x.reshape(n, groups, -1), bits, (0, 1)).reshape(x.shape))
 
 
-def instance_dims(x):
-    return tuple(range(2, x.dim()))
-
-
 def in_train_case(shape, affine_=True):
-    c = shape[1]
-    return Case(
-        f"in{len(shape) - 2}d_train" + ("" if affine_ else "_noaffine"), shape, (c,) if affine_ else None, affine_,
-        lambda x, w, b, **kw: l1_instance_norm(x, None, None, w, b, True, 0.1, EPS, **kw),
-        lambda x, w, b: affine(ref_l1(x, instance_dims(x)), w, b, channel_shape(x)),
-        lambda x, bits: numerics.fake_quantize(x, bits, (0, 1)))
+    return train_case(f"in{len(shape) - 2}d_train", shape, affine_, l1_instance_norm,
+                      lambda x: tuple(range(2, x.dim())), (0, 1))
 
 
 def in_eval_case(shape):
