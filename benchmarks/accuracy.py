@@ -15,7 +15,7 @@ unet           unet_denoise_fashion_mnist.py  Fashion-MNIST + noise (20k, 2k tes
 
 Quantized runs use the paper's recipe as sqcompile implements it: weights and activations with
 nearest rounding, gradients with ShiftQuant (stochastic rounding) with as many groups as fit one
-int8 GEMM (4 bits: G=4, 6 bits: G=3, 8 bits: G=1), and every Batch/LayerNorm replaced by a
+int8 GEMM (4 bits: G=4, 6 bits: G=3, 8 bits: G=1), and every Batch/Layer/InstanceNorm replaced by a
 fully-quantized L1 norm (the default).  Targets from the paper (arXiv 2411.10948): a 4-bit CNN
 within 1 point of float, a 6-bit transformer within 1% (relative) of the float loss, a 6-bit GNN
 within 1 point.  The RNN and the U-Net denoiser (transposed convs, InstanceNorm) have no stated
