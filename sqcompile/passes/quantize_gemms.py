@@ -94,15 +94,12 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         raw = bind(node, names, {"beta": 1, "alpha": 1})
         args = {"inp": raw[names[0]], "a": raw[names[1]], "b": raw[names[2]], "beta": raw["beta"], "alpha": raw["alpha"]}
         tensors, unsupported = [args["a"], args["b"]], None
-    elif name in _CONV:
-        args = bind(node, _CONV_ARGS, _CONV_DEFAULTS)
+    elif name in _CONVS:
+        transposed = name in _CONV_T
+        args = bind(node, *((_CONV_T_ARGS, _CONV_T_DEFAULTS) if transposed else (_CONV_ARGS, _CONV_DEFAULTS)))
         tensors = [args["input"], args["weight"]]
-        unsupported = ops.integer_conv_supported(_CONV[name], args["groups"])
-    elif name in _CONV_T:
-        args = bind(node, _CONV_T_ARGS, _CONV_T_DEFAULTS)
-        tensors = [args["input"], args["weight"]]
-        unsupported = ops.integer_conv_supported(_CONV_T[name], args["groups"], True, args["stride"],
-                                                 args["output_padding"])
+        unsupported = ops.integer_conv_supported(_CONVS[name], args["groups"], transposed, args["stride"],
+                                                 args.get("output_padding"))
     elif name in ops.RNN_MODES:
         args = bind(node, _RNN_ARGS, {})
         params = list(args["params"]) if isinstance(args["params"], (list, tuple)) else []
