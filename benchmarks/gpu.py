@@ -422,6 +422,8 @@ def part_block(reps: int, timeout_s: int, ablate_fusion: bool = False, float_att
                 regions = fused_regions(model)
                 # The 2026-11-28 ablation (a module flag flipped between compiles) still ran
                 # fused kernels; the option is part of the backend's identity, so it cannot.
+                if regions.startswith("0 forward + 0 backward") and fuse:
+                    raise RuntimeError(f"not compiled by the backend ({regions}): Dynamo fell back to eager")
                 ok = fuse or regions.startswith("0 forward + 0 backward")
                 record(tag, f"{name}: {regions}", "info" if ok else "error: fusion was not off")
             if "CUDA graphs" in name:   # Inductor logs why it skips a graph; count them here
@@ -490,6 +492,8 @@ def part_norm(reps: int) -> None:
         extra = f", {essential / ms / 1e6 / copy_gbs:.0%} of copy" if name == "triton L1" else ""
         record("4 norm", f"fwd+bwd {name}: {ms:.3f} ms{extra}", f"{t['inductor L1'] / ms:.2f}x inductor L1")
 
+    norm_backward_sweep(x.detach(), ln.weight.detach(), ln.bias.detach(), dy, reps, copy_gbs)
+
     ops = torch.ops.sqcompile
     xd, w, b = x.detach(), ln.weight.detach(), ln.bias.detach()
     args = (xd, w, b, 8, True, 1.2533, 1e-3)
@@ -497,6 +501,34 @@ def part_norm(reps: int) -> None:
                "norm with quantized output": lambda: ops.triton_l1_norm_quantized(*args, 4)}, reps, cuda_graph=True)
     for name, ms in t.items():
         record("4 norm", f"fwd {name}: {ms:.3f} ms", f"{t['norm + quantize'] / ms:.2f}x unfused")
+
+
+def norm_backward_sweep(x, weight, bias, dy, reps: int, copy_gbs: float) -> None:
+    """The L1 norm's backward kernel alone (weight and bias gradients), over its launch
+    geometry: values per thread (``BACKWARD_PER_THREAD``, which sets the warps) and programs
+    per SM (``BACKWARD_PROGRAMS_PER_SM``: beyond it, programs loop over row blocks)."""
+    from sqcompile.kernels import triton_norm as tn
+    R, L = x.shape
+    _, q, scale, mean, inv = tn.l1_norm(x, weight, bias, 8, True, 1.2533, 1e-3)
+    default = (tn.BACKWARD_PER_THREAD, tn.BACKWARD_PROGRAMS_PER_SM)
+
+    def backward(per_thread, per_sm):
+        def run():
+            tn.BACKWARD_PER_THREAD, tn.BACKWARD_PROGRAMS_PER_SM = per_thread, per_sm
+            try:
+                return tn.l1_norm_backward(dy, q, scale, mean, inv, weight, 4, True, 1.2533, True, True)
+            finally:
+                tn.BACKWARD_PER_THREAD, tn.BACKWARD_PROGRAMS_PER_SM = default
+        return run
+
+    configs = {f"{per_thread} per thread, <= {per_sm} programs/SM": backward(per_thread, per_sm)
+               for per_thread in (4, 8, 16) for per_sm in (4, 16)}
+    t = bench(configs, reps, cuda_graph=True)
+    essential = R * L * (2 + 1 + 2)              # dy, q, dx (bytes)
+    ref = t[f"{default[0]} per thread, <= {default[1]} programs/SM"]
+    for name, ms in t.items():
+        record("4 norm bwd", f"{name}: {ms:.3f} ms, {essential / ms / 1e6 / copy_gbs:.0%} of copy",
+               f"{ref / ms:.2f}x default")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,6 +603,11 @@ def main() -> int:
     import triton
 
     import sqcompile  # noqa: F401  (registers the ops, the kernels and the backend)
+
+    # Part 3 compiles the same Block.forward once per variant and width; past Dynamo's
+    # recompile limit (8) it runs the code *uncompiled* (as happened at d 4096 on 2026-11-30,
+    # timed as if it were ours), so allow every variant its own entry.
+    torch._dynamo.config.recompile_limit = 64
 
     parts = {p.strip() for p in args.parts.split(",")}
     started = time.perf_counter()

@@ -162,6 +162,15 @@ def safe_div_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.masked_fill(scale == 0, 1.0)
 
 
+def divide(a: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``a / divisor`` correctly rounded (IEEE) on every device.  PyTorch's CUDA kernels
+    multiply by the reciprocal when the divisor is a Python number (``a * (1 / d)``, one
+    ulp off for some ``a``: seen on an H200 as scales one ulp from the Triton kernels',
+    2026-11-30); dividing by a tensor divides.  The divisor tensor is filled on the device
+    (no host copy, so CUDA graph capture works)."""
+    return a / a.new_full((), divisor)
+
+
 def _finite_or_nan(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(scale), scale, torch.full_like(scale, float("nan")))
 
@@ -190,14 +199,14 @@ def quantize(x: torch.Tensor, bits: int, keep_dims: Sequence[int] = (), rounding
     it (size 1 along the reduced dims), so ``dequantize(q, scale) ~= x``.
     """
     a = amax(x, keep_dims)
-    q = quantize_with_scale(x, a / qmax(bits), bits, rounding, noise)
+    q = quantize_with_scale(x, divide(a, qmax(bits)), bits, rounding, noise)
     return q, scale_of_amax(a, bits)
 
 
 def scale_of_amax(a: torch.Tensor, bits: int) -> torch.Tensor:
     """The scale :func:`quantize` returns for channel maxima ``a`` (:func:`amax`), bit for
     bit: for callers that keep the maxima (a reduction's result) rather than the scale."""
-    return _finite_or_nan(a / qmax(bits))
+    return _finite_or_nan(divide(a, qmax(bits)))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -264,7 +273,7 @@ def shift_params(ranges: torch.Tensor, bits: int, groups: int):
     R = ranges.max() if ranges.numel() else ranges.new_zeros(())
     g = shift_groups(ranges, groups)
     multiplier = torch.pow(2.0, ((groups - 1) - g).float())
-    base = R / (2 ** (groups - 1)) / qmax(bits)
+    base = divide(R / (2 ** (groups - 1)), qmax(bits))   # / 2**k: exact either way
     return g, multiplier, base * multiplier, base
 
 

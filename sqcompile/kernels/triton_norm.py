@@ -109,6 +109,16 @@ def _l1_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr,
 
 
 @triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
 def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, seed_ptr,
                              res_ptr, cr_ptr, rr_ptr, cs_ptr, R, L, l1_scale, n_programs,
                              GQMAX: tl.constexpr, CENTER: tl.constexpr, HAS_W: tl.constexpr,
@@ -127,8 +137,12 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=mask_l, other=0.0).to(tl.float32)
     seed = tl.load(seed_ptr)
-    dw = tl.zeros((BLOCK_L,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    # per-element partial sums, reduced over the rows once at the end: a reduction across
+    # warps costs a shared-memory round trip and barriers, and the H200 showed this kernel
+    # waiting on such latency (see BACKWARD_PER_THREAD); the row statistics likewise go
+    # through one reduction of four values instead of four
+    dw = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)
+    db = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)
     cmax = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)     # |.| maxima, reduced over the rows at the end
     csum = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)
     for start in range(pid * BLOCK_R, R, n_programs * BLOCK_R):
@@ -151,19 +165,22 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
             xc = xc - tl.load(mean_ptr + rows, mask=mask_r, other=0.0)[:, None]
         xhat = tl.where(mask, xc * inv[:, None], 0.0)
         if NEED_DW:
-            dw += tl.sum(dyc * xhat, axis=0)
+            dw += dyc * xhat
         if NEED_DB:
-            db += tl.sum(dyc, axis=0)
+            db += dyc
         g = dyc
         if HAS_W:
             g = g * w[None, :]
-        # ds / d mean|z| = c * sigma / s, and sigma / s = c * mean|xhat| (xhat = z / s)
-        ratio = l1_scale * tl.math.div_rn(tl.sum(tl.abs(xhat), axis=1), L * 1.0)
-        proj = l1_scale * ratio * tl.math.div_rn(tl.sum(g * xhat, axis=1), L * 1.0)
         sgn = tl.where(xhat > 0.0, 1.0, tl.where(xhat < 0.0, -1.0, 0.0))
         if CENTER:
-            g = g - tl.math.div_rn(tl.sum(g, axis=1), L * 1.0)[:, None]
-            sgn = sgn - tl.math.div_rn(tl.sum(sgn, axis=1), L * 1.0)[:, None]
+            abs_sum, proj_sum, g_sum, sgn_sum = tl.reduce((tl.abs(xhat), g * xhat, g, sgn), 1, _add4)
+            g = g - tl.math.div_rn(g_sum, L * 1.0)[:, None]
+            sgn = sgn - tl.math.div_rn(sgn_sum, L * 1.0)[:, None]
+        else:
+            abs_sum, proj_sum = tl.reduce((tl.abs(xhat), g * xhat), 1, _add2)
+        # ds / d mean|z| = c * sigma / s, and sigma / s = c * mean|xhat| (xhat = z / s)
+        ratio = l1_scale * tl.math.div_rn(abs_sum, L * 1.0)
+        proj = l1_scale * ratio * tl.math.div_rn(proj_sum, L * 1.0)
         g = g - proj[:, None] * sgn
         dx = cast_rtne(g * inv[:, None], dx_ptr.dtype.element_ty)
         if RESIDUAL:
@@ -178,9 +195,9 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
             if SUMS:
                 csum += out
     if NEED_DW:
-        tl.store(dw_ptr + pid * L + cols, dw, mask=mask_l)
+        tl.store(dw_ptr + pid * L + cols, tl.sum(dw, axis=0), mask=mask_l)
     if NEED_DB:
-        tl.store(db_ptr + pid * L + cols, db, mask=mask_l)
+        tl.store(db_ptr + pid * L + cols, tl.sum(db, axis=0), mask=mask_l)
     if RANGES:
         _combine_ranges(cr_ptr, cols, tl.reduce(cmax, 0, _max_nan), mask_l, cr_ptr, False)
     if SUMS:
@@ -192,7 +209,14 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
 # --------------------------------------------------------------------------------------------
 
 FORWARD_PER_THREAD = 32       # values of a tile per thread (see _block)
-BACKWARD_PER_THREAD = 16
+# The backward's launch geometry, from ``benchmarks/gpu.py --parts 4`` on the H200
+# (2026-11-30; [8192, 1024] bf16, weight and bias gradients, kernel alone): 8 values per
+# thread (8 warps over two rows) 0.143 ms, 16 (4 warps) 0.216-0.271 ms; at most 4, 16 or 64
+# programs per SM (each looping over row blocks beyond that, one partial row of the weight /
+# bias / column sums per program) 0.143 / 0.148 / 0.163 ms at 8 per thread.  Still only ~7%
+# of copy bandwidth (the forward: ~1.7 TB/s): the README's GPU section says what is left.
+BACKWARD_PER_THREAD = 8
+BACKWARD_PROGRAMS_PER_SM = 4
 
 
 def _block(L: int, elements: int, per_thread: int) -> Tuple[int, int, int]:
@@ -210,14 +234,29 @@ def _block(L: int, elements: int, per_thread: int) -> Tuple[int, int, int]:
     instructions per value against 94-102 with 8, with 72-80 registers (no spills) and still
     ~50 KB of loads in flight per SM (24 at 8 per thread), more than the bandwidth-latency
     product (~22 KB).  Backward (its Philox noise and the saved values keep more alive):
-    16 values per thread, 85-102 instructions per value against 117-138 with 8, 123-168
-    registers, no spills, twice the bytes in flight; 32 would take 252 registers."""
+    16 values per thread issue 85-102 instructions per value against 117-138 with 8 (123-168
+    registers, no spills; 32 would take 252), yet 8 ran 1.5x faster on the H200: the
+    backward waits on latency, not on issue (see BACKWARD_PER_THREAD)."""
     block_l = max(16, next_power_of_2(L))
     if INTERPRETED:
         elements = 256
     block_r = max(1, min(64, elements // block_l))
     warps = min(16, max(4, block_r * block_l // (32 * per_thread)))
     return block_r, block_l, warps
+
+
+# No FMA contraction (Triton contracts ``a * b + c`` by default): the unfused graph rounds the
+# product first, e.g. the backward's ``dx = g * inv`` before ``dx + residual``, which an H200
+# run (2026-11-30) showed one ulp off in float32 with contraction on.
+_EXACT = {} if INTERPRETED else {"enable_fp_fusion": False}
+
+
+def _backward_programs(device: torch.device) -> int:
+    """At most this many backward programs (see BACKWARD_PROGRAMS_PER_SM); the interpreter's
+    few (:func:`_device_programs`) make the tests' programs loop over several row blocks."""
+    if INTERPRETED or device.type != "cuda":
+        return _device_programs(device)
+    return BACKWARD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int) -> Tuple[int, int]:
@@ -251,7 +290,7 @@ def _forward(x, weight, bias, norm_bits, center, l1_scale, eps, out_bits):
             x, x if weight is None else weight, x if bias is None else bias, y, q, scale, mean, inv, qy, sy, R, L,
             float(l1_scale), float(eps), QMAX=N.qmax(norm_bits), OUT_QMAX=N.qmax(out_bits or 8), CENTER=center,
             HAS_W=weight is not None, HAS_B=bias is not None, OUT_Q=out_bits is not None,
-            BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps)
+            BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps, **_EXACT)
     return y, qy, sy, q, scale, mean, inv
 
 
@@ -316,7 +355,7 @@ def _backward(dy, q, scale, mean, inv, weight, grad_bits, center, l1_scale, need
                 zeros if need_bias_grad else empty, cols.view(f32), rows,
                 zeros.to(dy.dtype) if sums else empty.to(dy.dtype))
     block_r, block_l, warps = _block(L, 2048, BACKWARD_PER_THREAD)
-    programs = min(cdiv(R, block_r), _device_programs(dev))
+    programs = min(cdiv(R, block_r), _backward_programs(dev))
     dw, db, cs = (torch.empty((programs, L), dtype=f32, device=dev) if need else empty
                   for need in (need_weight_grad, need_bias_grad, sums))
     seed = _seed_arg(seed, True, dev, empty)
@@ -325,6 +364,6 @@ def _backward(dy, q, scale, mean, inv, weight, grad_bits, center, l1_scale, need
         dy if residual is None else residual, cols, rows, cs, R, L, float(l1_scale), programs,
         GQMAX=N.qmax(grad_bits), CENTER=center, HAS_W=weight is not None, NEED_DW=need_weight_grad,
         NEED_DB=need_bias_grad, RESIDUAL=residual is not None, RANGES=ranges, SUMS=sums,
-        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps)
+        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps, **_EXACT)
     return (dx, dw.sum(0) if need_weight_grad else empty, db.sum(0) if need_bias_grad else empty, cols.view(f32),
             rows, cs.sum(0).to(dy.dtype) if sums else empty.to(dy.dtype))
