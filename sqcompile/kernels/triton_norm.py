@@ -154,7 +154,7 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
         # stochastic per-row quantization of the gradient (triton_quantize's noise), dequantized
         gscale = _scale_of(_absmax(tl.where(mask, dy.to(tl.float32), 0.0), 1), GQMAX)
         divisor, pre, ginv = _multipliers(gscale)
-        noise = _uniform_noise(seed, rows, 0, L, BLOCK_R, BLOCK_L)
+        noise = _uniform_noise(seed, rows, 0, L, BLOCK_R, BLOCK_L, True)    # in registers (see there)
         dq = _quantize_values(dy, divisor[:, None], pre[:, None], ginv[:, None], noise, GQMAX, True)
         dyc = tl.where(mask, dq.to(tl.float32) * gscale[:, None], 0.0)
         # the saved input, dequantized, and xhat
@@ -210,11 +210,14 @@ def _l1_norm_backward_kernel(dy_ptr, q_ptr, s_ptr, mean_ptr, inv_ptr, w_ptr, dx_
 
 FORWARD_PER_THREAD = 32       # values of a tile per thread (see _block)
 # The backward's launch geometry, from ``benchmarks/gpu.py --parts 4`` on the H200
-# (2026-11-30; [8192, 1024] bf16, weight and bias gradients, kernel alone): 8 values per
-# thread (8 warps over two rows) 0.143 ms, 16 (4 warps) 0.216-0.271 ms; at most 4, 16 or 64
-# programs per SM (each looping over row blocks beyond that, one partial row of the weight /
-# bias / column sums per program) 0.143 / 0.148 / 0.163 ms at 8 per thread.  Still only ~7%
-# of copy bandwidth (the forward: ~1.7 TB/s): the README's GPU section says what is left.
+# (2026-11-30; [8192, 1024] bf16, weight and bias gradients, the kernel alone).  Before its
+# per-iteration reductions and noise moved to registers: 8 values per thread (8 warps over
+# two rows) 0.143 ms, 16 (4 warps) 0.216-0.271 ms.  Since: 4 / 8 / 16 values per thread
+# 0.077 / 0.072 / 0.068 ms with at most 4 programs per SM (each looping over row blocks
+# beyond that, one partial row of the weight / bias / column sums per program), 0.093-0.122
+# ms with up to 16 (64 had been slower too).  8 keeps half of 16's registers for the
+# residual / ranges / sums variant.  That is ~14% of copy bandwidth for its essential
+# traffic (the forward: ~40%): the README's GPU section.
 BACKWARD_PER_THREAD = 8
 BACKWARD_PROGRAMS_PER_SM = 4
 

@@ -263,28 +263,56 @@ def _quantize_clamped(x, divisor, pre, inv, bound, noise, STOCHASTIC: tl.constex
 
 
 @triton.jit
-def _uniform_noise(seed, rows, l0, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+def _interleave4(w0, w1, w2, w3, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Four ``[ROWS, COLS]`` blocks -> ``[ROWS, 4 * COLS]`` with element ``4j + t`` = ``w_t[j]``."""
+    x = tl.join(tl.join(w0, w2), tl.join(w1, w3))          # [ROWS, COLS, 2, 2]
+    return tl.reshape(x, (ROWS, 4 * COLS))
+
+
+@triton.jit
+def _bytes_of(w, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """uint32 ``[ROWS, COLS]`` -> its bytes as ``[ROWS, 4 * COLS]`` (element ``4j + t``: byte t)."""
+    return _interleave4(w & 255, (w >> 8) & 255, (w >> 16) & 255, w >> 24, ROWS, COLS)
+
+
+@triton.jit
+def _uniform_noise(seed, rows, l0, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                   BROADCAST: tl.constexpr = False):
     """The noise bytes ``k`` (0..255, as float32) of the tile ``rows x [l0, l0 + BLOCK_L)``:
     the U[0, 1) noise ``(k + 0.5) / 256`` that :func:`_quantize_values` adds.
 
     ``rows`` are the tile's logical row ids (the index along the other axis, see
     :func:`_tile_noise`); ``l0`` is a multiple of 16.  One Philox call (128 bits) per 16
-    consecutive elements of a row, counter ``row * cdiv(L, 16) + l // 16``."""
+    consecutive elements of a row, counter ``row * cdiv(L, 16) + l // 16``.
+
+    Element ``16 j + 4 b + t`` of the tile is byte ``b`` of word ``t`` of call ``j``, put in
+    place two ways, the same bytes either way:
+
+    * ``tl.join`` and a reshape (the default): register moves where the tile's layout
+      matches, but the L1 norm backward's ``[2, 1024]`` over 8 warps moved them through
+      shared memory (23 barriers a tile in its sm_90 code);
+    * ``BROADCAST``: each call's words broadcast over its 16 elements and selected per
+      element, never through shared memory, but with Triton 3.6 (the H200 machine's) it
+      doubled the transposed ShiftQuant pair's code (1640 -> 3576 SASS instructions; ran
+      2-3x slower there, 2026-11-30) and added ~8 instructions a score to the attention's
+      backward with 3.9.  Only the L1 norm backward takes it.
+    """
     G: tl.constexpr = BLOCK_L // 16
     n_groups = (L + 15) // 16
     g = l0 // 16 + tl.arange(0, G)
     ctr = (rows.to(tl.int64)[:, None] * n_groups + g[None, :]).to(tl.uint32)
     r0, r1, r2, r3 = tl.randint4x(seed, ctr)
-    # element 16 j + 4 b + t of the tile is byte b of word t of call j: each call's words
-    # broadcast over its 16 elements and selected per element, in registers.  (Built with
-    # ``tl.join`` and a reshape instead, the same bytes went through shared memory: 23
-    # barriers a tile in the sm_90 code, none this way.)
-    e = tl.arange(0, 16)
-    t = (e % 4)[None, None, :]
-    shift = ((e // 4) * 8).to(tl.uint32)[None, None, :]
-    w = tl.where(t == 0, r0[:, :, None],
-                 tl.where(t == 1, r1[:, :, None], tl.where(t == 2, r2[:, :, None], r3[:, :, None])))
-    return tl.reshape((w >> shift) & 255, (BLOCK_C, BLOCK_L)).to(tl.float32)
+    if BROADCAST:
+        e = tl.arange(0, 16)
+        t = (e % 4)[None, None, :]
+        shift = ((e // 4) * 8).to(tl.uint32)[None, None, :]
+        w = tl.where(t == 0, r0[:, :, None],
+                     tl.where(t == 1, r1[:, :, None], tl.where(t == 2, r2[:, :, None], r3[:, :, None])))
+        k = tl.reshape((w >> shift) & 255, (BLOCK_C, BLOCK_L))
+    else:
+        k = _interleave4(_bytes_of(r0, BLOCK_C, G), _bytes_of(r1, BLOCK_C, G), _bytes_of(r2, BLOCK_C, G),
+                         _bytes_of(r3, BLOCK_C, G), BLOCK_C, 4 * G)
+    return k.to(tl.float32)
 
 
 @triton.jit
