@@ -458,34 +458,12 @@ def test_stochastic_noise_bytes_are_uniform():
     assert abs(ups / total - frac) < 0.02                 # 16k samples: std 0.0036
 
 
-def _noise_tile_kernel():
-    """A kernel that stores ``_uniform_noise``'s tile (defined on first use: Triton resolves a
-    kernel's names in its module's globals)."""
-    global _NOISE_TILE, tl, _uniform_noise
-    if _NOISE_TILE is None:
-        import triton
-        import triton.language as tl
-        from sqcompile.kernels.triton_quant import _uniform_noise
-
-        @triton.jit
-        def noise(out_ptr, seed_ptr, l0, L, BROADCAST: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-            r = tl.arange(0, ROWS)
-            c = tl.arange(0, COLS)
-            k = _uniform_noise(tl.load(seed_ptr), r + 3, l0, L, ROWS, COLS, BROADCAST)
-            tl.store(out_ptr + r[:, None] * COLS + c[None, :], k)
-        _NOISE_TILE = noise
-    return _NOISE_TILE
-
-
-_NOISE_TILE = None
-
-
 @pytest.mark.parametrize("rows,cols,L", [(2, 64, 64), (4, 32, 40), (1, 128, 1000)])
 def test_noise_bytes_are_the_same_expanded_either_way(rows, cols, L):
     """``_uniform_noise``'s two ways of putting each Philox call's 16 bytes in place (joins and
     a reshape; ``BROADCAST``: selected per element, which only the L1 norm's backward uses)
     give the same tile, for tiles wider than the row (``L`` < ``cols``: masked by callers)."""
-    noise = _noise_tile_kernel()
+    from triton_probes import noise_tile as noise
     seed = torch.tensor([987654321], dtype=torch.int64, device=DEVICE)
     a, b = (torch.full((rows, cols), -1.0, device=DEVICE) for _ in range(2))
     noise[(1,)](a, seed, 16, L, False, rows, cols)
