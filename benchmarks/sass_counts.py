@@ -87,7 +87,7 @@ def _cases():
         cases[f"shiftquant pair range pass bf16 (both ways){what}"] = (
             tq._absmax_pair_kernel, sm90.PAIR_RANGE_SIGNATURE,
             dict(sm90.PAIR_RANGE_CONSTANTS, stride_n=1, A2=1, PRESCALE_C=True, PRESCALE_R=True, INT64=False,
-                 BLOCK_M=bm, BLOCK_N=bn, OUTER=outer), 4, 3, bm * bn)
+                 BLOCK_M=bm, BLOCK_N=bn, OUTER=outer), tq.pair_range_warps(outer), 3, bm * bn)
     br, bl, w = tn._block(1024, 4096, tn.FORWARD_PER_THREAD)
     cases["L1 norm forward + output quantized, rows of 1024"] = (
         tn._l1_norm_kernel, sig["l1_norm"],

@@ -1064,7 +1064,7 @@ bm, bn = tq._pair_geometry((1, 8192, 8192), torch.device("cpu"), False).range_bl
 for outer in (0, 2):        # grad_outer_scale's second range pass: the quotients' ranges
     sizes[f"absmax pair outer={outer}"] = spilled(tq._absmax_pair_kernel, sm90.PAIR_RANGE_SIGNATURE, dict(
         sm90.PAIR_RANGE_CONSTANTS, stride_n=1, A2=1, PRESCALE_C=True, PRESCALE_R=True, INT64=False, BLOCK_M=bm,
-        BLOCK_N=bn, OUTER=outer))
+        BLOCK_N=bn, OUTER=outer), num_warps=tq.pair_range_warps(outer))
 sig = {"x_ptr": "*i8", "y_ptr": "*i8", "R": "i32", "C": "i32", **{f"s{a}{b}": "i32" for a in "xy" for b in "brc"}}
 sizes["relayout"] = spilled(tg._relayout_kernel, sig, dict(BLOCK_R=64, BLOCK_C=64))
 found = sm90.parallel(lambda job: sm90.compile_sm90(*job[:3], num_warps=job[3])["spilled"], sizes.values())

@@ -1602,8 +1602,19 @@ def _pair_ranges(view: _View, geometry: _PairGeometry, pre_c: Optional[torch.Ten
         view.work, bits, bits if pre_c is None else pre_c, bits if pre_r is None else pre_r,
         bits if outer_maxima is None else outer_maxima, M, N_, *view.strides, view.a2, view.stride_a2[0],
         geometry.m_per_split, PRESCALE_C=pre_c is not None, PRESCALE_R=pre_r is not None, OUTER=outer,
-        COL_MAX=sides[0], ROW_MAX=sides[1], INT64=view.int64, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        COL_MAX=sides[0], ROW_MAX=sides[1], INT64=view.int64, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=pair_range_warps(outer))
     return bits.view(torch.float32)
+
+
+def pair_range_warps(outer: int) -> int:
+    """Warps of :func:`_absmax_pair_kernel`'s programs (steps of 32 x 256 values on a GPU).
+    The pass over ``grad_outer_scale``'s quotients (``outer`` 2) keeps more alive: over 4
+    warps it needs 255 registers a thread, and Triton 3.6 (the H200 machine's) spills 56 bytes
+    there; over 8 it takes 178 (3.6: 196), no spills, the same instructions per value in its
+    loop (21.8-22.0 with 3.9, 23.9-24.1 with 3.6) and the same 8 warps per SM (one program of
+    8 warps where two of 4 fitted).  ``python benchmarks/sass_counts.py --only "range pass"``."""
+    return 8 if outer == 2 else 4
 
 
 # The pair kernel's tiles (block_c: rows M, block_l: columns N), by whether the row
