@@ -785,13 +785,16 @@ class Tile(NamedTuple):
 # 128 rows / 8 warps first: 128 x 64, but 128 x 32 for ``dQ`` at head dim 128, where 128 x 64
 # spills 40 bytes with a padding mask (72 instructions per score against 122 for 64 x 64);
 # 64 x 64 over 4 warps does not repeat work either (the forward's first choice at head dim
-# 64).  ``tests/test_triton_attention.py`` checks them with
+# 64; ``dQ``'s second at head dim 64 since 2026-11-30, in place of 64 x 64 over 8 warps,
+# which repeats it: 113 instructions a score against 59-61, 244-246 registers, no spills with
+# Triton 3.6 or 3.9, two programs per SM where 128 x 64 fits one; ``dK``/``dV`` over 4 warps
+# spills 36-160 bytes).  ``tests/test_triton_attention.py`` checks them with
 # ``ptxas``.  Not chosen from timings: the autotuner times them on the GPU.
 GPU_TILES = {
     "fwd": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(128, 64, 8, 2), Tile(64, 64, 8, 2)]),
     "ranges": ([Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], [Tile(64, 64, 8, 2), Tile(128, 64, 8, 2)]),
     "dkdv": ([Tile(128, 64, 8, 2), Tile(64, 64, 8, 2)], [Tile(128, 64, 8, 1), Tile(64, 64, 8, 1)]),
-    "dq": ([Tile(128, 64, 8, 2), Tile(64, 64, 8, 2)], [Tile(128, 32, 8, 2), Tile(64, 64, 8, 2)]),
+    "dq": ([Tile(128, 64, 8, 2), Tile(64, 64, 4, 2)], [Tile(128, 32, 8, 2), Tile(64, 64, 8, 2)]),
     # with grad_outer_scale (``OUTER``): its per-key reciprocals (one more value per column of
     # the tile) spill 100 bytes at head dim 64 in 128 x 64 / 2 stages, none in 64 x 64 / 1 stage
     # (8 with a padding mask); at head dim 128 every candidate spills, 48 bytes the least
