@@ -190,7 +190,7 @@ def decompose_for_inductor(gm, example_inputs):
     return gm
 
 
-def no_symbolic_view_outputs(graph: torch.fx.Graph) -> int:
+def no_symbolic_view_outputs(graph: torch.fx.Graph) -> None:
     """Make every graph output whose strides are symbolic a tensor of its own, not a view.
 
     Inductor (2.13) orders a view output's strides with plain sympy comparisons, which fail on
@@ -203,16 +203,13 @@ def no_symbolic_view_outputs(graph: torch.fx.Graph) -> int:
     operand of an integer convolution.  An identity ``as_strided`` output is replaced by the
     tensor it views (the same buffer; the graph's readers keep the view); any other view is
     copied at its strides (a multiply by 1: Inductor drops a ``clone`` as a no-op) -- an int8
-    copy per such saved tensor, only when its strides are symbolic.  Returns how many outputs were changed."""
+    copy per such saved tensor, only when its strides are symbolic."""
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    changed = 0
 
     def fix(arg):
-        nonlocal changed
         val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
         if not isinstance(val, torch.Tensor) or not _is_view(arg) or _static(val.stride()):
             return arg
-        changed += 1
         base = arg.args[0] if arg.target is torch.ops.aten.as_strided.default else None
         base_val = base.meta.get("val") if isinstance(base, torch.fx.Node) else None
         if isinstance(base_val, torch.Tensor) and not _is_view(base) and base.op != "placeholder" \
@@ -225,7 +222,6 @@ def no_symbolic_view_outputs(graph: torch.fx.Graph) -> int:
         return copy
 
     output.args = torch.fx.node.map_arg(output.args, fix)
-    return changed
 
 
 def _is_view(node: torch.fx.Node) -> bool:

@@ -254,14 +254,6 @@ def _block(L: int, elements: int, per_thread: int) -> Tuple[int, int, int]:
 _EXACT = {} if INTERPRETED else {"enable_fp_fusion": False}
 
 
-def _backward_programs(device: torch.device) -> int:
-    """At most this many backward programs (see BACKWARD_PROGRAMS_PER_SM); the interpreter's
-    few (:func:`_device_programs`) make the tests' programs loop over several row blocks."""
-    if INTERPRETED or device.type != "cuda":
-        return _device_programs(device)
-    return BACKWARD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int) -> Tuple[int, int]:
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"triton L1 norm: x must be a contiguous [rows, L] tensor, got {tuple(x.shape)} "
@@ -358,7 +350,7 @@ def _backward(dy, q, scale, mean, inv, weight, grad_bits, center, l1_scale, need
                 zeros if need_bias_grad else empty, cols.view(f32), rows,
                 zeros.to(dy.dtype) if sums else empty.to(dy.dtype))
     block_r, block_l, warps = _block(L, 2048, BACKWARD_PER_THREAD)
-    programs = min(cdiv(R, block_r), _backward_programs(dev))
+    programs = min(cdiv(R, block_r), _device_programs(dev, BACKWARD_PROGRAMS_PER_SM))
     dw, db, cs = (torch.empty((programs, L), dtype=f32, device=dev) if need else empty
                   for need in (need_weight_grad, need_bias_grad, sums))
     seed = _seed_arg(seed, True, dev, empty)

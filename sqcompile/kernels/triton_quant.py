@@ -1111,12 +1111,12 @@ def next_power_of_2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_programs(device: torch.device) -> int:
-    """How many programs keep the device busy (a few waves); small in the interpreter so
-    the tests exercise several splits."""
+def _device_programs(device: torch.device, per_sm: int = 4) -> int:
+    """How many programs keep the device busy (``per_sm`` per multiprocessor: a few waves);
+    4 in the interpreter, so the tests exercise several splits."""
     if INTERPRETED or device.type != "cuda":
         return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=4096)
