@@ -6,7 +6,9 @@ d_model 512, 8 heads):
 
 * ``attention``: causal ``F.scaled_dot_product_attention`` on ``[16, 8, 256, 64]`` q, k, v.
   fp32 eager is PyTorch's fused (flash) CPU kernel; shiftquant rewrites it in math form with
-  both GEMMs int8 (the default) on materialized ``[128, 256, 256]`` scores.
+  both GEMMs int8 (the default) on materialized ``[128, 256, 256]`` scores, the softmax and
+  ``P``'s quantizer in one C kernel, the softmax's backward in another
+  (:mod:`sqcompile.backends.cpu_attention`); "fusion off" runs them as Inductor's loops.
 * ``mlp``: ``fc2(gelu(fc1(x)))`` with 512 -> 2048 -> 512 on 4096 tokens (int8 Linears).
 
     python benchmarks/blocks.py --threads 1
@@ -65,6 +67,9 @@ def main(argv=None):
     runs = {
         ("attention", "fp32 eager"): _step(Attention(), qkv, []),
         ("attention", ours): _step(torch.compile(Attention(), backend="shiftquant", options=options), qkv, []),
+        # the softmax, its backward and P's quantizer as Inductor's loops, not our C kernels
+        ("attention", f"{ours}, fusion off"): _step(torch.compile(Attention(), backend="shiftquant",
+                                                                  options=dict(options, fusion=False)), qkv, []),
         ("mlp", "fp32 eager"): _step(mlp, x, list(mlp.parameters())),
         ("mlp", ours): _step(torch.compile(mlp, backend="shiftquant", options=options), x, list(mlp.parameters())),
     }

@@ -14,6 +14,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --onednn   # AMX kernel vs oneDNN _int_mm
     python benchmarks/train_step.py --models transformer --saved-scales   # GEMMs saving scales, not maxima
     python benchmarks/train_step.py --models transformer --outer-scale    # grad_outer_scale flipped too
+    python benchmarks/train_step.py --models transformer --unfused-softmax   # attention softmax in Inductor loops
     python benchmarks/train_step.py --models transformer --peak-memory
     python benchmarks/train_step.py --models unet
 """
@@ -166,6 +167,8 @@ def variants(args, name):
         out += [(f"{label}, oneDNN GEMMs", dict(options, _engine="onednn"), False) for label, options, _ in out[1:]]
     if args.saved_scales:
         out.append((f"{tag}, GEMMs save scales", dict(bits, _saved_scales=True), False))
+    if args.unfused_softmax and name == "transformer":
+        out.append((f"{tag}, attention softmax unfused (fusion off)", dict(bits, fusion=False), False))
     if args.outer_scale:
         flipped = not OpConfig().grad_outer_scale
         out.append((f"{tag}, grad_outer_scale={flipped}", dict(bits, grad_outer_scale=flipped), False))
@@ -262,6 +265,9 @@ def main(argv=None):
                    help="also time the shiftquant step with its quantized GEMMs saving their operands' scales "
                         "for backward instead of their channel maxima (which let Inductor keep a norm or a "
                         "softmax and the next GEMM's quantizer in one loop over rows), in the same process")
+    p.add_argument("--unfused-softmax", action="store_true",
+                   help="also time the step with fusion=False: attention's softmax and P quantizer as "
+                        "Inductor's loops instead of the C kernel (sqcompile.backends.cpu_attention)")
     p.add_argument("--outer-scale", action="store_true",
                    help="also time the shiftquant step with grad_outer_scale the other way than its default, "
                         "in the same process")

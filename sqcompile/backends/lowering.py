@@ -24,6 +24,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .. import numerics as N
 from ..graphs import format_graph
 from .attention_grads import pack_attention_gradients
+from .cpu_attention import fuse_attention_probs
 from .fusion import _contiguous, _refresh, _static, fuse_regions, int_arg
 from .norm_fusion import fuse_norm_quantizers, fuse_norm_residuals
 
@@ -150,6 +151,7 @@ def compiler(stage: str, config, target, record, cuda_graphs: "CudaGraphs | None
         gm = fuse_norm_residuals(gm, record, stage, config.fusion)   # norm backward adds the residual gradient
         gm = fuse_regions(gm, record, stage, config.fusion)   # Triton int8 GEMM + epilogue -> one generated kernel
         gm = fuse_norm_quantizers(gm, record, stage, config.fusion)   # L1 norm writes the GEMM's int8 input
+        gm = fuse_attention_probs(gm, record, stage, config.fusion)   # CPU attention's softmax + P quantizer in C
         record.inner = inner_compiler(config, target, record)
         if record.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx_inner

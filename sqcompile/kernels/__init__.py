@@ -1,6 +1,7 @@
 """Device implementations of the ops in :mod:`sqcompile.ops`.
 
-Importing this package registers them: oneDNN int8 GEMMs for CPU (``cpu``) and, when Triton
+Importing this package registers them: int8 GEMMs and attention's softmax for CPU (``cpu``,
+``cpu_attention``) and, when Triton
 is importable, the Triton kernel family (``triton``).
 """
 import os
@@ -8,6 +9,7 @@ import os
 import torch
 
 from . import cpu  # noqa: F401  (registers torch.ops.sqcompile.int8_mm for CPU)
+from . import cpu_attention  # noqa: F401  (defines torch.ops.sqcompile.attention_probs)
 
 try:  # Triton is a dependency, but a broken GPU toolchain must not take the CPU path down.
     from . import triton_ops  # noqa: F401

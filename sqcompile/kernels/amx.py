@@ -20,25 +20,19 @@ Engine choice: ``SQCOMPILE_CPU_GEMM`` in the environment, read at each call:
 Any other value raises a ``ValueError`` naming the variable.
 
 Outputs come from :data:`sqcompile.kernels.pool.OUTPUTS` (recycled buffers, no page faults).
-The built library is cached in :data:`~sqcompile.kernels.triton_fused.KERNEL_DIR`
-(``SQCOMPILE_KERNEL_DIR``) under a name that hashes the source, compiler and flags; building
-takes about a second.
+Built and cached as :mod:`.native` builds our C kernels (about a second, once).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from typing import Optional, Tuple
 
 import torch
 
-from . import pool
+from . import native, pool
 
 ENGINE_VARIABLE = "SQCOMPILE_CPU_GEMM"
 ENGINE_CHOICES = ("auto", "amx", "onednn")
@@ -91,23 +85,12 @@ def describe() -> str:
     return f"oneDNN torch._int_mm (AVX-512 VNNI; not AMX: {reason})"
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @functools.lru_cache(maxsize=None)
 def status() -> Tuple[bool, Optional[str]]:
     """``(usable, reason)`` for the AMX kernel on this machine (checked and built once)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False, f"needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
-    missing = {"amx_tile", "amx_int8"} - _cpu_flags()
+    missing = {"amx_tile", "amx_int8"} - native.cpu_flags()
     if missing:
         return False, f"this CPU lacks {', '.join(sorted(missing))}"
     try:
@@ -119,32 +102,9 @@ def status() -> Tuple[bool, Optional[str]]:
     return True, None
 
 
-def _compiler() -> str:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    raise RuntimeError("no C compiler found (set CC, or install gcc)")
-
-
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    from .triton_fused import KERNEL_DIR   # one cache folder for everything we generate
-
-    cc = _compiler()
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(source + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
-    path = os.path.join(KERNEL_DIR, f"amx_int8_{key}.so")
-    if not os.path.exists(path):
-        os.makedirs(KERNEL_DIR, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=KERNEL_DIR)
-        os.close(fd)
-        result = subprocess.run([cc, *CFLAGS, "-o", tmp, SOURCE], capture_output=True, text=True)
-        if result.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"building the AMX kernel with {cc} failed: {result.stderr.strip()[-500:]}")
-        os.replace(tmp, path)   # atomic: concurrent builders never load a half-written file
-    lib = ctypes.CDLL(path)
+    lib = native.build(SOURCE, CFLAGS, "the AMX kernel")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.sq_amx_init.restype = ctypes.c_int
     lib.sq_amx_release_workspace.restype = None

@@ -1,0 +1,362 @@
+"""Quantized attention's softmax on CPU as one kernel (``sqcompile::attention_probs``).
+
+In a forward (or inference) graph of the torch kernel family on CPU, quantized attention
+(:func:`sqcompile.ops.quantized_sdpa`) is the int8 GEMM ``Q K^T``, then::
+
+    x = int8_mm.float() * (sa * sb)        # dequantize: Q's row scales times K's column scales
+    x = x.view(...) * c                    # the attention scale
+    x = x.masked_fill(~ones(L, S).tril(), -inf)    # is_causal (optional)
+    p = x.softmax(-1)
+    q, q_scale = quantize(p.view(...), bits, rows, nearest)   # P's quantizer for P V
+    amax = p.view(...).abs().amax(-1, keepdim=True)          # its maxima, saved for the backward
+
+This pass replaces that chain (each value used only by the next op, ``p`` used by anything)
+with one :func:`~sqcompile.kernels.cpu_attention.attention_probs` call whose outputs take
+the place of ``p``, ``q``, ``q_scale`` and ``amax``: one pass over each row of scores in cache
+where Inductor's loops wrote and re-read the float scores (see that module).  The saved
+tensors and the backward graph do not change.
+
+Nothing happens on other devices, with other kernel families or a ``stats`` quantizer, with
+a mask other than the causal one or an additive bias, for a softmax not over the last dim or
+not in float32, when the kernel cannot run here
+(:func:`~sqcompile.kernels.cpu_attention.status`), or with ``fusion=False``.  Each fusion is
+recorded as a :class:`~sqcompile.decisions.FusedRegion` on the attention's decision (label
+``dequant+scale[+causal]+softmax+quantize``), as the GEMM regions of
+:mod:`sqcompile.backends.fusion` are.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.fx as fx
+
+from ..decisions import CompileRecord, FusedRegion
+from . import fusion as F
+
+aten = torch.ops.aten
+KERNEL = "sqcompile/kernels/cpu_attention.c:sq_attention_probs"
+BACKWARD_KERNEL = "sqcompile/kernels/cpu_attention.c:sq_attention_probs_backward"
+
+
+class _Match(NamedTuple):
+    softmax: fx.Node
+    mm: fx.Node
+    sa: fx.Node
+    sb: fx.Node
+    scale: float
+    causal: bool
+    quantizer: fx.Node
+    amax: Optional[fx.Node]
+    chain: List[fx.Node]          # the nodes from the GEMM's conversion to the softmax
+
+
+def _single_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
+
+
+def _causal_mask(mask, L, S) -> bool:
+    """Is ``mask`` ``~ones(L, S, dtype=bool).tril()`` (the entries ``is_causal`` hides)?"""
+    if not isinstance(mask, fx.Node) or mask.target is not aten.bitwise_not.default:
+        return False
+    tril = mask.args[0]
+    if not isinstance(tril, fx.Node) or tril.target is not aten.tril.default or tril.args[1:] not in ((), (0,)):
+        return False
+    ones = tril.args[0]
+    if not isinstance(ones, fx.Node) or ones.target is not aten.ones.default or ones.kwargs.get("dtype") is not torch.bool:
+        return False
+    v = F._val(ones)
+    return v is not None and F._same_shape(v.shape, (L, S))
+
+
+def _row_vector(v: torch.Tensor, like: torch.Tensor, dim: int) -> bool:
+    """Does ``v`` broadcast to ``like`` ``[..., L, S]`` with size 1 along ``dim`` (-1: one
+    value per row, -2: one per column)?"""
+    if v.dim() > like.dim() or v.dtype != torch.float32:
+        return False
+    pad = [1] * (like.dim() - v.dim()) + list(v.shape)
+    return F._same(pad[dim], 1) and all(F._same(a, 1) or F._same(a, b) for a, b in zip(pad, like.shape))
+
+
+def _dequantized(x: fx.Node, L, S) -> Optional[tuple]:
+    """``(mm, sa, sb, nodes)`` when ``x`` is, through single-use views, a CPU ``int8_mm``'s int32
+    ``[..., L, S]`` result converted to float32 and multiplied by its scales: one row vector
+    (``[..., L, 1]``), one column vector (``[..., 1, S]``) or their product, each broadcasting
+    to the result (``sa`` / ``sb`` None where there is none); ``nodes``: the views, the
+    multiply, the conversion (and the scales' product)."""
+    nodes = []
+    while F._is_view(x) and _single_user(x):
+        nodes.append(x)
+        x = x.args[0]
+    if x.target is not aten.mul.Tensor or not _single_user(x) or len(x.args) != 2:
+        return None
+    nodes.append(x)
+    convert = next((a for a in x.args if isinstance(a, fx.Node) and a.target is aten._to_copy.default), None)
+    scales = next((a for a in x.args if a is not convert), None)
+    if convert is None or not isinstance(scales, fx.Node) or convert.kwargs.get("dtype") is not torch.float32 or \
+            set(convert.kwargs) - {"dtype"} or not _single_user(convert):
+        return None
+    nodes.append(convert)
+    mm = convert.args[0]
+    acc = F._val(mm)
+    if mm.target is not torch.ops.sqcompile.int8_mm.default or not _single_user(mm) or acc is None or \
+            acc.dtype != torch.int32 or acc.device.type != "cpu" or not F._same_shape(acc.shape[-2:], (L, S)):
+        return None
+    v = F._val(scales)
+    if v is not None and _row_vector(v, acc, -1):
+        return mm, scales, None, nodes
+    if v is not None and _row_vector(v, acc, -2):
+        return mm, None, scales, nodes
+    if scales.target is not aten.mul.Tensor or len(scales.args) != 2:
+        return None
+    a, b = scales.args
+    va, vb = F._val(a), F._val(b)
+    if va is None or vb is None:
+        return None
+    if not (_row_vector(va, acc, -1) and _row_vector(vb, acc, -2)):
+        a, b, va, vb = b, a, vb, va
+        if not (_row_vector(va, acc, -1) and _row_vector(vb, acc, -2)):
+            return None
+    return mm, a, b, nodes + [scales]
+
+
+def _scaled(x: fx.Node) -> Optional[float]:
+    """``c`` when ``x`` is ``aten.mul.Tensor(y, c)`` with ``c`` a number."""
+    if x.target is not aten.mul.Tensor or len(x.args) != 2 or not isinstance(x.args[1], (int, float)) or \
+            isinstance(x.args[1], bool):
+        return None
+    return float(x.args[1])
+
+
+def _chain(softmax: fx.Node) -> Optional[tuple]:
+    """``(mm, sa, sb, c, causal, nodes)`` when ``softmax``'s input is the dequantized, scaled
+    and (causally) masked int32 product of a CPU ``int8_mm`` (the module docstring)."""
+    x, nodes, causal = softmax.args[0], [], False
+    out = F._val(softmax)
+    if out is None or out.dtype != torch.float32 or out.dim() < 2 or softmax.args[1] not in (-1, out.dim() - 1) \
+            or softmax.args[2]:
+        return None
+    L, S = out.shape[-2:]
+    if x.target is aten.masked_fill.Scalar and _single_user(x) and x.args[2] == -math.inf and \
+            _causal_mask(x.args[1], L, S):
+        nodes.append(x)
+        x, causal = x.args[0], True
+    c = _scaled(x)
+    if c is None or not _single_user(x):
+        return None
+    nodes.append(x)
+    found = _dequantized(x.args[0], L, S)
+    if found is None or found[1] is None or found[2] is None:
+        return None
+    mm, sa, sb, more = found
+    return mm, sa, sb, c, causal, nodes + more
+
+
+def _views_of(node: fx.Node) -> List[fx.Node]:
+    """``node`` and the values that view it as a whole (views, same-shape ``expand``)."""
+    found, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        found.append(n)
+        for user in n.users:
+            if user.args and user.args[0] is n and (F._is_view(user) or (
+                    user.target is aten.expand.default and F._same_shape(F._val(user).shape, F._val(n).shape))):
+                stack.append(user)
+    return found
+
+
+def _per_row(q: fx.Node) -> bool:
+    """Is ``q`` a nearest-rounding ``sqcompile.quantize`` with one scale per row (every dim
+    but the last kept)?"""
+    if q.target is not torch.ops.sqcompile.quantize.default:
+        return False
+    x, bits, keep, stochastic = q.args[:4]
+    v = F._val(x)
+    if v is None or stochastic or v.dim() < 1:
+        return False
+    nd = v.dim()
+    keep = {d % nd for d in keep}
+    return (nd - 1) not in keep and all(d in keep for d in range(nd - 1) if not F._same(v.shape[d], 1))
+
+
+def _row_amax(node: fx.Node) -> Optional[fx.Node]:
+    """The ``amax(abs(detach(node)), [last], keepdim=True)`` of ``node``, if any."""
+    nd = F._val(node).dim()
+    for d in node.users:
+        if d.target is not aten.detach.default or not _single_user(d):
+            continue
+        (a,) = d.users
+        if a.target is not aten.abs.default or not _single_user(a):
+            continue
+        (m,) = a.users
+        if m.target is aten.amax.default and [x % nd for x in m.args[1]] == [nd - 1] and \
+                (m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)):
+            return m
+    return None
+
+
+def _match(softmax: fx.Node) -> Optional[_Match]:
+    found = _chain(softmax)
+    if found is None:
+        return None
+    mm, sa, sb, c, causal, chain = found
+    views = _views_of(softmax)
+    quantizers = [u for v in views for u in v.users if _per_row(u) and u.args[0] is v]
+    if len(quantizers) != 1:
+        return None
+    quantizer = quantizers[0]
+    return _Match(softmax, mm, sa, sb, c, causal, quantizer, _row_amax(quantizer.args[0]), chain)
+
+
+def _getitem(node: fx.Node, index: int) -> Optional[fx.Node]:
+    return next((u for u in node.users if u.target is operator.getitem and u.args[1] == index), None)
+
+
+def fuse_attention_probs(gm: fx.GraphModule, record: CompileRecord, stage: str,
+                         option: Optional[bool] = None) -> fx.GraphModule:
+    """Replace each quantized attention's dequantize ... ``P`` quantizer chain in ``gm`` (a
+    forward or inference graph) by one ``sqcompile::attention_probs`` (the module docstring).
+    ``option``: the compile's ``fusion`` option."""
+    if not F.enabled(option):
+        return gm
+    from ..kernels import cpu_attention
+
+    if stage == "backward":
+        if not any(n.target is aten._softmax_backward_data.default for n in gm.graph.nodes) or \
+                not cpu_attention.status()[0]:
+            return gm
+        gemms = [n for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default]
+        return F.finished(gm, record, stage, _fuse_backward(gm, record, stage, {F._source_of(n) for n in gemms}))
+    softmaxes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten._softmax.default]
+    matches = [m for m in map(_match, softmaxes) if m is not None]
+    if not matches or not cpu_attention.status()[0]:
+        return gm
+    graph = gm.graph
+    sources = {F._source_of(m.mm) for m in matches}
+    fused = 0
+    for m in matches:
+        bits = m.quantizer.args[1]
+        mode = F._fake_mode(m.mm)
+        acc_shape = F._val(m.mm).shape
+        shapes = [F._val(n).shape for n in (m.softmax, _getitem(m.quantizer, 0), _getitem(m.quantizer, 1), m.amax)
+                  if n is not None]
+        if any(F._shape_arg(graph, s, m.softmax, emit=False) is None for s in shapes):
+            continue                # a symbolic size the graph cannot compute
+        with graph.inserting_before(m.softmax):
+            new = F._new(graph, torch.ops.sqcompile.attention_probs.default,
+                         (m.mm, m.sa, m.sb, m.scale, m.causal, bits), m.mm, mode)
+            outs = [F._new(graph, operator.getitem, (new, i), m.mm, mode) for i in range(4)]
+
+        doomed = {m.softmax, *m.chain, *_views_of(m.softmax), *m.quantizer.users, m.quantizer}
+        if m.causal:            # ~ones(L, S).tril()
+            mask = m.chain[0].args[1]
+            doomed |= {mask, mask.args[0], mask.args[0].args[0]}
+        if m.amax is not None:
+            doomed |= {m.amax, m.amax.args[0], m.amax.args[0].args[0]}
+
+        def take(old: Optional[fx.Node], out: fx.Node) -> None:
+            if old is None:
+                return
+            value = out
+            if not F._same_shape(F._val(old).shape, acc_shape):
+                shape = F._shape_arg(graph, F._val(old).shape, new)
+                with graph.inserting_after(out):
+                    value = F._new(graph, aten.view.default, (out, shape), m.mm, mode)
+            old.replace_all_uses_with(value)
+
+        take(m.softmax, outs[0])
+        take(_getitem(m.quantizer, 0), outs[1])
+        take(_getitem(m.quantizer, 1), outs[2])
+        take(m.amax, outs[3])
+        for node in reversed(list(graph.nodes)):      # users before the values they read
+            if node in doomed and not node.users:
+                graph.erase_node(node)
+        decision = F._decision_for(record, m.mm, sources)
+        F._record(record, decision, FusedRegion(
+            name=f"R{len(record.regions) + 1}", stage=stage,
+            label=f"dequant+scale{'+causal' if m.causal else ''}+softmax+quantize",
+            nodes=[n.name for n in reversed(m.chain)] + [m.softmax.name, m.quantizer.name],
+            module_path=decision.module_path if decision else F._module_of(m.mm),
+            decision=decision.node if decision else None, outputs=4, stop="", kernel=KERNEL))
+        fused += 1
+    return F.finished(gm, record, stage, fused)
+
+
+class _BackwardMatch(NamedTuple):
+    sbd: fx.Node                  # aten._softmax_backward_data
+    ds: fx.Node                   # the scale's multiply: dS
+    mm: fx.Node
+    sa: Optional[fx.Node]
+    sb: Optional[fx.Node]
+    probs: fx.Node
+    mask: Optional[fx.Node]
+    scale: float
+    chain: List[fx.Node]          # the nodes from the GEMM's conversion to dS
+
+
+def _match_backward(sbd: fx.Node) -> Optional[_BackwardMatch]:
+    """The backward graph's ``dS = softmax_backward(dP, P) [masked_fill(mask, 0)] * c`` with
+    ``dP`` a dequantized CPU ``int8_mm`` (:func:`_dequantized`), ``P`` float32 and ``mask`` a
+    boolean ``[L, S]`` tensor."""
+    grad, probs, dim, dtype = sbd.args
+    out, p = F._val(sbd), F._val(probs)
+    if out is None or p is None or out.dtype != torch.float32 or dtype != torch.float32 or out.dim() < 2 or \
+            dim not in (-1, out.dim() - 1) or p.dtype != torch.float32 or not F._same_shape(p.shape, out.shape) or \
+            not _single_user(sbd):
+        return None
+    L, S = out.shape[-2:]
+    x, chain, mask = next(iter(sbd.users)), [sbd], None
+    if x.target is aten.masked_fill.Scalar and x.args[2] == 0 and _single_user(x):
+        m = F._val(x.args[1])
+        if m is None or m.dtype != torch.bool or any(not F._same(n, 1) for n in m.shape[:-2]) or \
+                not F._same_shape(m.shape[-2:], (L, S)):
+            return None
+        mask, chain = x.args[1], chain + [x]
+        x = next(iter(x.users))
+    c = _scaled(x)
+    if c is None or x.args[0] is not chain[-1]:
+        return None
+    found = _dequantized(grad, L, S)
+    if found is None:
+        return None
+    mm, sa, sb, more = found
+    return _BackwardMatch(sbd, x, mm, sa, sb, probs, mask, c, chain + [x] + more)
+
+
+def _fuse_backward(gm: fx.GraphModule, record: CompileRecord, stage: str, sources: set) -> int:
+    """Replace each :func:`_match_backward` chain by one ``sqcompile::attention_probs_backward``."""
+    graph = gm.graph
+    fused = 0
+    for sbd in [n for n in graph.nodes if n.op == "call_function" and n.target is aten._softmax_backward_data.default]:
+        m = _match_backward(sbd)
+        if m is None or F._shape_arg(graph, F._val(m.mm).shape, m.sbd, emit=False) is None or \
+                F._shape_arg(graph, F._val(m.ds).shape, m.sbd, emit=False) is None:
+            continue
+        mode = F._fake_mode(m.mm)
+        acc_shape = F._val(m.mm).shape
+        with graph.inserting_before(m.ds):
+            probs = F._new(graph, aten.reshape.default, (m.probs, F._shape_arg(graph, acc_shape, m.ds)), m.mm, mode)
+            mask = None if m.mask is None else F._new(
+                graph, aten.reshape.default, (m.mask, F._shape_arg(graph, F._val(m.mask).shape[-2:], m.ds)), m.mm, mode)
+            new = F._new(graph, torch.ops.sqcompile.attention_probs_backward.default,
+                         (m.mm, m.sa, m.sb, probs, mask, m.scale), m.mm, mode)
+            ds = new if F._same_shape(F._val(m.ds).shape, acc_shape) else F._new(
+                graph, aten.view.default, (new, F._shape_arg(graph, F._val(m.ds).shape, m.ds)), m.mm, mode)
+        m.ds.replace_all_uses_with(ds)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for node in sorted(m.chain, key=order.__getitem__, reverse=True):   # users before what they read
+            if not node.users:
+                graph.erase_node(node)
+        decision = F._decision_for(record, m.mm, sources)
+        F._record(record, decision, FusedRegion(
+            name=f"R{len(record.regions) + 1}", stage=stage,
+            label=f"dequant+softmax_backward{'+mask' if m.mask is not None else ''}+scale",
+            nodes=[n.name for n in reversed(m.chain)], module_path=decision.module_path if decision else F._module_of(m.mm),
+            decision=decision.node if decision else None, outputs=1, stop="", kernel=BACKWARD_KERNEL))
+        fused += 1
+    return fused
+
+
+__all__ = ["fuse_attention_probs", "KERNEL", "BACKWARD_KERNEL"]
