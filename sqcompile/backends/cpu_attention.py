@@ -1,4 +1,5 @@
-"""Quantized attention's softmax on CPU as one kernel (``sqcompile::attention_probs``).
+"""Quantized attention's softmax, and its backward, on CPU as C kernels
+(``sqcompile::attention_probs``, ``sqcompile::attention_probs_backward``).
 
 In a forward (or inference) graph of the torch kernel family on CPU, quantized attention
 (:func:`sqcompile.ops.quantized_sdpa`) is the int8 GEMM ``Q K^T``, then::
@@ -14,14 +15,22 @@ This pass replaces that chain (each value used only by the next op, ``p`` used b
 with one :func:`~sqcompile.kernels.cpu_attention.attention_probs` call whose outputs take
 the place of ``p``, ``q``, ``q_scale`` and ``amax``: one pass over each row of scores in cache
 where Inductor's loops wrote and re-read the float scores (see that module).  The saved
-tensors and the backward graph do not change.
+tensors do not change.
 
-Nothing happens on other devices, with other kernel families or a ``stats`` quantizer, with
-a mask other than the causal one or an additive bias, for a softmax not over the last dim or
-not in float32, when the kernel cannot run here
-(:func:`~sqcompile.kernels.cpu_attention.status`), or with ``fusion=False``.  Each fusion is
-recorded as a :class:`~sqcompile.decisions.FusedRegion` on the attention's decision (label
-``dequant+scale[+causal]+softmax+quantize``), as the GEMM regions of
+In a backward graph it replaces ``dS = softmax_backward(dP, P) [.masked_fill(mask, 0)] * c``,
+with ``dP`` the dequantized result of a CPU ``int8_mm`` (times its row scales, its column
+scales or both) and ``mask`` any boolean ``[L, S]`` tensor (the causal mask, a user's), by
+:func:`~sqcompile.kernels.cpu_attention.attention_probs_backward`: ``dS`` is written once,
+where Inductor's loops recomputed the softmax backward in each pass of the quantizers that
+read it.
+
+Nothing happens on other devices, with other kernel families, with a ``stats`` quantizer of
+``P``, with a forward mask other than the causal one (a boolean or additive ``attn_mask``:
+the backward still fuses), for a softmax not over the last dim or not in float32, when the
+kernels cannot run here (:func:`~sqcompile.kernels.cpu_attention.status`), or with
+``fusion=False``.  Each fusion is recorded as a :class:`~sqcompile.decisions.FusedRegion`
+on the attention's decision (labels ``dequant+scale[+causal]+softmax+quantize`` and
+``dequant+softmax_backward[+mask]+scale``), as the GEMM regions of
 :mod:`sqcompile.backends.fusion` are.
 """
 from __future__ import annotations
@@ -33,12 +42,14 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.fx as fx
 
+from .. import numerics as N
 from ..decisions import CompileRecord, FusedRegion
 from . import fusion as F
 
 aten = torch.ops.aten
 KERNEL = "sqcompile/kernels/cpu_attention.c:sq_attention_probs"
 BACKWARD_KERNEL = "sqcompile/kernels/cpu_attention.c:sq_attention_probs_backward"
+DS_KERNEL = "sqcompile/kernels/cpu_attention.c:sq_ds_ranges, sq_ds_quantize"
 
 
 class _Match(NamedTuple):
@@ -214,11 +225,106 @@ def _getitem(node: fx.Node, index: int) -> Optional[fx.Node]:
     return next((u for u in node.users if u.target is operator.getitem and u.args[1] == index), None)
 
 
+class _OuterQuantizer(NamedTuple):
+    """One ``shiftquant_outer`` composition of the graph over ``dS`` (see :func:`_outer_quantizer`)."""
+    prescale: fx.Node
+    outer: fx.Node                # the outer maxima, 0 taken as 1
+    quantizer: fx.Node            # sqcompile.shiftquant of dS * prescale / outer
+    nodes: List[fx.Node]          # everything between dS and the quantizer's results
+
+
+def _outer_quantizer(mul: fx.Node, ds: fx.Node) -> Optional[tuple]:
+    """``("cols" | "rows", _OuterQuantizer)`` when ``mul`` is ``dS * prescale`` feeding
+    :func:`sqcompile.ops.shiftquant_outer`'s composition as AOTAutograd traces it::
+
+        y = dS * p;  r = amax(abs(detach(y)), [d], keepdim);  r = r.masked_fill(r == 0, 1)
+        e, base = sqcompile.shiftquant(y / r, bits, groups, channels, stochastic=True)
+
+    along the columns (``p`` ``[..., 1, S]``, ``d`` the last dim, channels every dim but the
+    second to last) or the rows (``p`` ``[..., L, 1]``, ``d`` the second to last)."""
+    v = F._val(ds)
+    if mul.target is not aten.mul.Tensor or len(mul.args) != 2 or mul.args[0] is not ds or \
+            not isinstance(mul.args[1], fx.Node) or len(mul.users) != 2:
+        return None
+    pre = mul.args[1]
+    pv, nd = F._val(pre), v.dim()
+    side = "cols" if pv is not None and _row_vector(pv, v, -2) else \
+        "rows" if pv is not None and _row_vector(pv, v, -1) else None
+    detach = next((u for u in mul.users if u.target is aten.detach.default), None)
+    div = next((u for u in mul.users if u.target is aten.div.Tensor and u.args[0] is mul), None)
+    if side is None or detach is None or div is None or not _single_user(detach):
+        return None
+    (a,) = detach.users
+    if a.target is not aten.abs.default or not _single_user(a):
+        return None
+    (amax,) = a.users
+    dim = nd - 1 if side == "cols" else nd - 2
+    if amax.target is not aten.amax.default or [d % nd for d in amax.args[1]] != [dim] or \
+            not (amax.args[2] if len(amax.args) > 2 else amax.kwargs.get("keepdim", False)):
+        return None
+    eq = next((u for u in amax.users if u.target is aten.eq.Scalar and u.args[1] == 0), None)
+    outer = div.args[1]
+    if eq is None or len(amax.users) != 2 or not _single_user(eq) or outer.target is not aten.masked_fill.Scalar or \
+            outer.args[:3] != (amax, eq, 1) or not _single_user(div):
+        return None
+    (sq,) = div.users
+    channels = list(range(nd - 2)) + ([nd - 1] if side == "cols" else [nd - 2])
+    if sq.target is not torch.ops.sqcompile.shiftquant.default or sq.args[0] is not div or \
+            sorted(d % nd for d in sq.args[3]) != channels or sq.args[4] is not True or \
+            (len(sq.args) > 5 and sq.args[5] is not None) or sq.kwargs:
+        return None
+    return side, _OuterQuantizer(pre, outer, sq, [mul, detach, a, amax, eq, div, sq])
+
+
+def _fuse_ds_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str, sources: set) -> int:
+    """Replace the two outer-scaled ShiftQuants of each fused attention backward's ``dS`` (the
+    output of ``sqcompile::attention_probs_backward``, through views) by one
+    ``sqcompile::attention_ds_quantize``."""
+    graph = gm.graph
+    fused = 0
+    for bwd in [n for n in graph.nodes if n.target is torch.ops.sqcompile.attention_probs_backward.default]:
+        ds = bwd
+        while len(ds.users) == 1 and F._is_view(next(iter(ds.users))):
+            ds = next(iter(ds.users))
+        found = dict(filter(None, (_outer_quantizer(u, ds) for u in list(ds.users))))
+        if set(found) != {"cols", "rows"} or len(ds.users) != 2:
+            continue
+        c, r = found["cols"], found["rows"]
+        bits, groups = c.quantizer.args[1:3]
+        if r.quantizer.args[1:3] != (bits, groups) or not N.fits_int8(bits, groups):
+            continue
+        mode = F._fake_mode(ds)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        if max(order[c.prescale], order[r.prescale]) > order[min(c.nodes[0], r.nodes[0], key=order.__getitem__)]:
+            continue            # a prescale computed after dS's first use: keep the graph
+        with graph.inserting_before(min(c.nodes[0], r.nodes[0], key=order.__getitem__)):
+            new = F._new(graph, torch.ops.sqcompile.attention_ds_quantize.default,
+                         (ds, c.prescale, r.prescale, bits, groups), bwd, mode)
+            outs = [F._new(graph, operator.getitem, (new, i), bwd, mode) for i in range(6)]
+        for q, base in ((c, 0), (r, 3)):
+            for item in [u for u in q.quantizer.users if u.target is operator.getitem]:
+                item.replace_all_uses_with(outs[base + item.args[1]])
+            q.outer.replace_all_uses_with(outs[base + 2])
+        doomed = {*c.nodes, *r.nodes, c.outer, r.outer, *c.quantizer.users, *r.quantizer.users}
+        for node in reversed(list(graph.nodes)):
+            if node in doomed and not node.users:
+                graph.erase_node(node)
+        decision = F._decision_for(record, bwd.args[0], sources)
+        F._record(record, decision, FusedRegion(
+            name=f"R{len(record.regions) + 1}", stage=stage, label="shiftquant_outer(dS) x2",
+            nodes=[n.name for n in (*c.nodes, c.outer, *r.nodes, r.outer)],
+            module_path=decision.module_path if decision else F._module_of(bwd),
+            decision=decision.node if decision else None, outputs=6, stop="", kernel=DS_KERNEL))
+        fused += 1
+    return fused
+
+
 def fuse_attention_probs(gm: fx.GraphModule, record: CompileRecord, stage: str,
-                         option: Optional[bool] = None) -> fx.GraphModule:
+                         option: Optional[bool] = None, inner: str = "inductor") -> fx.GraphModule:
     """Replace each quantized attention's dequantize ... ``P`` quantizer chain in ``gm`` (a
-    forward or inference graph) by one ``sqcompile::attention_probs`` (the module docstring).
-    ``option``: the compile's ``fusion`` option."""
+    forward or inference graph) by one ``sqcompile::attention_probs``, and each softmax
+    backward chain (a backward graph) by one ``sqcompile::attention_probs_backward`` (the
+    module docstring).  ``option``: the compile's ``fusion`` option."""
     if not F.enabled(option):
         return gm
     from ..kernels import cpu_attention
@@ -227,8 +333,11 @@ def fuse_attention_probs(gm: fx.GraphModule, record: CompileRecord, stage: str,
         if not any(n.target is aten._softmax_backward_data.default for n in gm.graph.nodes) or \
                 not cpu_attention.status()[0]:
             return gm
-        gemms = [n for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default]
-        return F.finished(gm, record, stage, _fuse_backward(gm, record, stage, {F._source_of(n) for n in gemms}))
+        sources = {F._source_of(n) for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default}
+        fused = _fuse_backward(gm, record, stage, sources)
+        if fused and inner == "inductor":    # the quantizers' noise is then numerics.hash_noise, as ours
+            fused += _fuse_ds_quantizers(gm, record, stage, sources)
+        return F.finished(gm, record, stage, fused)
     softmaxes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten._softmax.default]
     matches = [m for m in map(_match, softmaxes) if m is not None]
     if not matches or not cpu_attention.status()[0]:
@@ -359,4 +468,4 @@ def _fuse_backward(gm: fx.GraphModule, record: CompileRecord, stage: str, source
     return fused
 
 
-__all__ = ["fuse_attention_probs", "KERNEL", "BACKWARD_KERNEL"]
+__all__ = ["fuse_attention_probs", "KERNEL", "BACKWARD_KERNEL", "DS_KERNEL"]

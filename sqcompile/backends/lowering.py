@@ -151,8 +151,8 @@ def compiler(stage: str, config, target, record, cuda_graphs: "CudaGraphs | None
         gm = fuse_norm_residuals(gm, record, stage, config.fusion)   # norm backward adds the residual gradient
         gm = fuse_regions(gm, record, stage, config.fusion)   # Triton int8 GEMM + epilogue -> one generated kernel
         gm = fuse_norm_quantizers(gm, record, stage, config.fusion)   # L1 norm writes the GEMM's int8 input
-        gm = fuse_attention_probs(gm, record, stage, config.fusion)   # CPU attention's softmax + P quantizer in C
         record.inner = inner_compiler(config, target, record)
+        gm = fuse_attention_probs(gm, record, stage, config.fusion, record.inner)   # CPU attention's softmax in C
         if record.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx_inner
 

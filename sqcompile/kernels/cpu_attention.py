@@ -1,19 +1,23 @@
-"""Quantized attention's softmax on CPU as one kernel: ``sqcompile::attention_probs``.
+"""Quantized attention's softmax on CPU as C kernels: ``sqcompile::attention_probs`` and
+``sqcompile::attention_probs_backward``.
 
 The unfused quantized attention (:func:`sqcompile.ops.quantized_sdpa`) dequantizes the int32
 scores of ``Q K^T``, scales, masks and softmaxes them, and quantizes the probabilities ``P``
 per row for ``P V``.  Inductor compiles that chain into five loop nests over the scores
 (their causal mask and the row/column scales keep them apart; see the README's "CPU speed"),
-which write and re-read the float scores several times: on a transformer step (4 heads of
-64, sequence 256) that loop was 15% of the step and took 8x what this kernel takes.
-``cpu_attention.c`` does the whole chain one row at a time, in cache, with AVX-512; the
-lowering pass :mod:`sqcompile.backends.cpu_attention` puts it in the forward graphs.
+which write and re-read the float scores several times: on a transformer step (8 heads of
+64, sequence 256) that loop was 15% of the step and took 8x what :func:`attention_probs`
+takes.  Its backward (dequantize ``dP``, softmax backward, mask, scale) was recomputed by
+each loop of the ``dS`` quantizers that read it; :func:`attention_probs_backward` writes
+``dS`` once.  ``cpu_attention.c`` does each one row at a time, in cache, with AVX-512; the
+lowering pass :mod:`sqcompile.backends.cpu_attention` puts them in the graphs.
 
 The results are the unfused ops' except for ``exp``, which is within an ulp of the exact
 value but not bit for bit PyTorch's (Inductor's and eager PyTorch's differ from each other
-the same way): ``P`` agrees to a few ulps, and its int8 quantization only where a value
-lands that close to a rounding boundary.  :func:`attention_probs_reference` is the unfused
-computation, which the op runs where the kernel cannot (:func:`status`).
+the same way), and the order of each row's sum: ``P`` and ``dS`` agree to a few ulps, and
+``P``'s int8 quantization only where a value lands that close to a rounding boundary.  The
+``*_reference`` functions are the unfused computations, which the ops run where the
+kernels cannot (:func:`status`).
 """
 from __future__ import annotations
 
@@ -57,6 +61,11 @@ def _library() -> ctypes.CDLL:
     lib.sq_attention_probs.argtypes = [ptr, ptr, ptr, f32, i64, i64, i64, i32, f32, ptr, ptr, ptr, ptr, i32]
     lib.sq_attention_probs_backward.restype = None
     lib.sq_attention_probs_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, f32, i64, i64, i64, ptr, i32]
+    lib.sq_ds_ranges.restype = None
+    lib.sq_ds_ranges.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i32]
+    lib.sq_ds_quantize.restype = None
+    lib.sq_ds_quantize.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, f32, i64, i64, i64, ptr, ptr,
+                                   i32]
     return lib
 
 
@@ -190,5 +199,83 @@ def _(dp, sa, sb, p, mask, scale):
     return dp.new_empty(dp.shape, dtype=torch.float32)
 
 
+def _spread_seed(seed: torch.Tensor) -> int:
+    """:func:`sqcompile.numerics.hash_noise`'s seed as it enters the hash: the int32 seed times
+    its spreading constant, wrapped to int32."""
+    v = (int(seed) & 0xFFFFFFFF) * 668265263 & 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def ds_quantize_reference(ds: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int, groups: int,
+                          seeds: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """The graph's two ShiftQuants of attention's ``dS`` ``[..., L, S]`` with outer scales,
+    as lowered for Inductor (:func:`sqcompile.ops.shiftquant_outer` over
+    :func:`sqcompile.numerics.shiftquant` with :func:`~sqcompile.numerics.hash_noise` noise of
+    ``seeds``): along the columns with prescale ``pk`` (``[..., 1, S]``) and one outer maximum
+    per row, along the rows with prescale ``pq`` (``[..., L, 1]``) and one per column.
+    ``(e_cols, base_cols, outer_cols, e_rows, base_rows, outer_rows)``."""
+    nd = ds.dim()
+    cols, rows = list(range(nd - 2)) + [nd - 1], list(range(nd - 1))
+    out = []
+    for pre, channels, outer_dims, seed in ((pk, cols, rows, seeds[0]), (pq, rows, cols, seeds[1])):
+        y = ds * pre
+        r = N.safe_div_scale(N.amax(y, outer_dims))
+        x = y / r
+        g, mult, scale, base = N.shift_params(N.amax(x, channels), bits, groups)
+        q = N.shiftquant_with_params(x, bits, groups, g, mult, scale, base, "stochastic",
+                                     N.hash_noise(x.shape, seed, x.device))
+        out += [q.expanded, q.base_scale, r]
+    return tuple(out)
+
+
+def ds_quantize(ds: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int, groups: int,
+                seeds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, ...]:
+    """:func:`ds_quantize_reference` on the AVX-512 kernels, bit for bit, in three passes over
+    ``dS`` (the outer maxima, the quotients' channel ranges, both quantizations) with
+    ``shift_params`` between the second and the third; ``seeds`` default to two drawn from
+    torch's generator, columns first (as the graph's two quantizers draw them)."""
+    if seeds is None:
+        seeds = (N.draw_seed(ds.device), N.draw_seed(ds.device))
+    if ds.device.type != "cpu" or ds.dtype != torch.float32 or not status()[0] or ds.numel() == 0 or \
+            not N.fits_int8(bits, groups):
+        return ds_quantize_reference(ds, pk, pq, bits, groups, seeds)
+    (B, L, S), pq2, pk2 = _rows(ds, pq, pk)
+    x = ds.contiguous()
+    f32 = dict(dtype=torch.float32)
+    outer_c, ranges_r = torch.empty(B, L, **f32), torch.empty(B, L, **f32)
+    outer_r, ranges_c = torch.empty(B, S, **f32), torch.empty(B, S, **f32)
+    lib, threads = _library(), torch.get_num_threads()
+    lib.sq_ds_ranges(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), B, L, S, outer_c.data_ptr(), outer_r.data_ptr(),
+                     ranges_c.data_ptr(), ranges_r.data_ptr(), threads)
+    *lead, _, _ = ds.shape
+    _, mult_c, scale_c, base_c = torch.ops.sqcompile.shift_params(ranges_c.view(*lead, 1, S), bits, groups)
+    _, mult_r, scale_r, base_r = torch.ops.sqcompile.shift_params(ranges_r.view(*lead, L, 1), bits, groups)
+    e_c = pool.OUTPUTS.empty(((x.numel() + 3) // 4,)).view(torch.int8)[:x.numel()].view(ds.shape)
+    e_r = pool.OUTPUTS.empty(((x.numel() + 3) // 4,)).view(torch.int8)[:x.numel()].view(ds.shape)
+    c = [t.contiguous() for t in (scale_c, mult_c, scale_r, mult_r)]
+    lib.sq_ds_quantize(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), outer_c.data_ptr(), outer_r.data_ptr(),
+                       *(t.data_ptr() for t in c), _spread_seed(seeds[0]), _spread_seed(seeds[1]),
+                       float(N.qmax(bits)), B, L, S, e_c.data_ptr(), e_r.data_ptr(), threads)
+    return (e_c, N._finite_or_nan(base_c), outer_c.view(*lead, L, 1), e_r, N._finite_or_nan(base_r),
+            outer_r.view(*lead, 1, S))
+
+
+@ops.custom_op("sqcompile::attention_ds_quantize", tags=ops._RANDOM)
+def ds_quantize_op(ds: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int,
+                   groups: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention's ``dS`` ShiftQuant-ed both ways with outer scales (:func:`ds_quantize`), its
+    two seeds drawn from torch's generator: ``(e_cols, base_cols, outer_cols, e_rows,
+    base_rows, outer_rows)``."""
+    return ds_quantize(ds, pk, pq, bits, groups)
+
+
+@ds_quantize_op.register_fake
+def _(ds, pk, pq, bits, groups):
+    *lead, L, S = ds.shape
+    e = ds.new_empty(ds.shape, dtype=N.expanded_dtype(bits, groups))
+    f = ds.new_empty((), dtype=torch.float32)
+    return (e, f, ds.new_empty((*lead, L, 1)), torch.empty_like(e), torch.empty_like(f), ds.new_empty((*lead, 1, S)))
+
+
 __all__ = ["attention_probs", "attention_probs_reference", "attention_probs_backward",
-           "attention_probs_backward_reference", "status", "SOURCE"]
+           "attention_probs_backward_reference", "ds_quantize", "ds_quantize_reference", "status", "SOURCE"]
