@@ -22,7 +22,12 @@ with ``dP`` the dequantized result of a CPU ``int8_mm`` (times its row scales, i
 scales or both) and ``mask`` any boolean ``[L, S]`` tensor (the causal mask, a user's), by
 :func:`~sqcompile.kernels.cpu_attention.attention_probs_backward`: ``dS`` is written once,
 where Inductor's loops recomputed the softmax backward in each pass of the quantizers that
-read it.
+read it.  Then, with ``inner="inductor"`` (whose quantizers draw
+:func:`~sqcompile.numerics.hash_noise`, as the kernel does), ``dS``'s two ShiftQuants with
+outer scales (``grad_outer_scale``: along its columns for ``dQ``, along its rows for ``dK``,
+each prescaled by the other operand's scales) become one
+:func:`~sqcompile.kernels.cpu_attention.ds_quantize`, bit for bit what they compute (label
+``shiftquant_outer(dS) x2``).
 
 Nothing happens on other devices, with other kernel families, with a ``stats`` quantizer of
 ``P``, with a forward mask other than the causal one (a boolean or additive ``attn_mask``:

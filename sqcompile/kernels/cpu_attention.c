@@ -1,7 +1,10 @@
-/* Quantized attention's probabilities on CPU, one row of scores at a time (AVX-512F).
+/* Quantized attention on CPU, one row of scores at a time (AVX-512 F/BW/VL): the softmax and
+ * P's quantizer (sq_attention_probs), the softmax's backward (sq_attention_probs_backward)
+ * and dS's two outer-scaled ShiftQuants (sq_ds_ranges, sq_ds_quantize); see
+ * sqcompile/kernels/cpu_attention.py.
  *
- * For each row of int32 scores acc[row, 0:S] (the int8 product Q K^T), with the row's scale
- * sa[row] and the columns' scales sb[batch, s]:
+ * sq_attention_probs: for each row of int32 scores acc[row, 0:S] (the int8 product Q K^T),
+ * with the row's scale sa[row] and the columns' scales sb[batch, s]:
  *
  *     x = (float(acc) * (sa * sb)) * c        the dequantized, scaled scores
  *     x = -inf where s > l (causal)           the mask

@@ -1,5 +1,5 @@
-"""Quantized attention's softmax on CPU as C kernels: ``sqcompile::attention_probs`` and
-``sqcompile::attention_probs_backward``.
+"""Quantized attention's softmax on CPU as C kernels: ``sqcompile::attention_probs``,
+``sqcompile::attention_probs_backward`` and ``sqcompile::attention_ds_quantize``.
 
 The unfused quantized attention (:func:`sqcompile.ops.quantized_sdpa`) dequantizes the int32
 scores of ``Q K^T``, scales, masks and softmaxes them, and quantizes the probabilities ``P``
@@ -9,13 +9,15 @@ which write and re-read the float scores several times: on a transformer step (8
 64, sequence 256) that loop was 15% of the step and took 8x what :func:`attention_probs`
 takes.  Its backward (dequantize ``dP``, softmax backward, mask, scale) was recomputed by
 each loop of the ``dS`` quantizers that read it; :func:`attention_probs_backward` writes
-``dS`` once.  ``cpu_attention.c`` does each one row at a time, in cache, with AVX-512; the
+``dS`` once, and :func:`ds_quantize` runs its two outer-scaled ShiftQuants in three passes
+over it.  ``cpu_attention.c`` does each one row at a time, in cache, with AVX-512; the
 lowering pass :mod:`sqcompile.backends.cpu_attention` puts them in the graphs.
 
 The results are the unfused ops' except for ``exp``, which is within an ulp of the exact
 value but not bit for bit PyTorch's (Inductor's and eager PyTorch's differ from each other
 the same way), and the order of each row's sum: ``P`` and ``dS`` agree to a few ulps, and
-``P``'s int8 quantization only where a value lands that close to a rounding boundary.  The
+``P``'s int8 quantization only where a value lands that close to a rounding boundary.
+:func:`ds_quantize` has no ``exp``: it is the graph's composition bit for bit.  The
 ``*_reference`` functions are the unfused computations, which the ops run where the
 kernels cannot (:func:`status`).
 """
