@@ -230,6 +230,16 @@ def _getitem(node: fx.Node, index: int) -> Optional[fx.Node]:
     return next((u for u in node.users if u.target is operator.getitem and u.args[1] == index), None)
 
 
+def _viewed(graph: fx.Graph, out: fx.Node, shape, new: fx.Node, mode) -> fx.Node:
+    """``out`` (``new`` or one of its outputs) viewed as ``shape`` (itself when it has that
+    shape), the view right after it; symbolic sizes are computed before ``new``."""
+    if F._same_shape(F._val(out).shape, shape):
+        return out
+    arg = F._shape_arg(graph, shape, new)
+    with graph.inserting_after(out):
+        return F._new(graph, aten.view.default, (out, arg), new, mode)
+
+
 class _OuterQuantizer(NamedTuple):
     """One ``shiftquant_outer`` composition of the graph over ``dS`` (see :func:`_outer_quantizer`)."""
     prescale: fx.Node
@@ -324,80 +334,6 @@ def _fuse_ds_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str, s
     return fused
 
 
-def fuse_attention_probs(gm: fx.GraphModule, record: CompileRecord, stage: str,
-                         option: Optional[bool] = None, inner: str = "inductor") -> fx.GraphModule:
-    """Replace each quantized attention's dequantize ... ``P`` quantizer chain in ``gm`` (a
-    forward or inference graph) by one ``sqcompile::attention_probs``, and each softmax
-    backward chain (a backward graph) by one ``sqcompile::attention_probs_backward`` (the
-    module docstring).  ``option``: the compile's ``fusion`` option."""
-    if not F.enabled(option):
-        return gm
-    from ..kernels import cpu_attention
-
-    if stage == "backward":
-        if not any(n.target is aten._softmax_backward_data.default for n in gm.graph.nodes) or \
-                not cpu_attention.status()[0]:
-            return gm
-        sources = {F._source_of(n) for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default}
-        fused = _fuse_backward(gm, record, stage, sources)
-        if fused and inner == "inductor":    # the quantizers' noise is then numerics.hash_noise, as ours
-            fused += _fuse_ds_quantizers(gm, record, stage, sources)
-        return F.finished(gm, record, stage, fused)
-    softmaxes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten._softmax.default]
-    matches = [m for m in map(_match, softmaxes) if m is not None]
-    if not matches or not cpu_attention.status()[0]:
-        return gm
-    graph = gm.graph
-    sources = {F._source_of(m.mm) for m in matches}
-    fused = 0
-    for m in matches:
-        bits = m.quantizer.args[1]
-        mode = F._fake_mode(m.mm)
-        acc_shape = F._val(m.mm).shape
-        shapes = [F._val(n).shape for n in (m.softmax, _getitem(m.quantizer, 0), _getitem(m.quantizer, 1), m.amax)
-                  if n is not None]
-        if any(F._shape_arg(graph, s, m.softmax, emit=False) is None for s in shapes):
-            continue                # a symbolic size the graph cannot compute
-        with graph.inserting_before(m.softmax):
-            new = F._new(graph, torch.ops.sqcompile.attention_probs.default,
-                         (m.mm, m.sa, m.sb, m.scale, m.causal, bits), m.mm, mode)
-            outs = [F._new(graph, operator.getitem, (new, i), m.mm, mode) for i in range(4)]
-
-        doomed = {m.softmax, *m.chain, *_views_of(m.softmax), *m.quantizer.users, m.quantizer}
-        if m.causal:            # ~ones(L, S).tril()
-            mask = m.chain[0].args[1]
-            doomed |= {mask, mask.args[0], mask.args[0].args[0]}
-        if m.amax is not None:
-            doomed |= {m.amax, m.amax.args[0], m.amax.args[0].args[0]}
-
-        def take(old: Optional[fx.Node], out: fx.Node) -> None:
-            if old is None:
-                return
-            value = out
-            if not F._same_shape(F._val(old).shape, acc_shape):
-                shape = F._shape_arg(graph, F._val(old).shape, new)
-                with graph.inserting_after(out):
-                    value = F._new(graph, aten.view.default, (out, shape), m.mm, mode)
-            old.replace_all_uses_with(value)
-
-        take(m.softmax, outs[0])
-        take(_getitem(m.quantizer, 0), outs[1])
-        take(_getitem(m.quantizer, 1), outs[2])
-        take(m.amax, outs[3])
-        for node in reversed(list(graph.nodes)):      # users before the values they read
-            if node in doomed and not node.users:
-                graph.erase_node(node)
-        decision = F._decision_for(record, m.mm, sources)
-        F._record(record, decision, FusedRegion(
-            name=f"R{len(record.regions) + 1}", stage=stage,
-            label=f"dequant+scale{'+causal' if m.causal else ''}+softmax+quantize",
-            nodes=[n.name for n in reversed(m.chain)] + [m.softmax.name, m.quantizer.name],
-            module_path=decision.module_path if decision else F._module_of(m.mm),
-            decision=decision.node if decision else None, outputs=4, stop="", kernel=KERNEL))
-        fused += 1
-    return F.finished(gm, record, stage, fused)
-
-
 class _BackwardMatch(NamedTuple):
     sbd: fx.Node                  # aten._softmax_backward_data
     ds: fx.Node                   # the scale's multiply: dS
@@ -456,9 +392,7 @@ def _fuse_backward(gm: fx.GraphModule, record: CompileRecord, stage: str, source
                 graph, aten.reshape.default, (m.mask, F._shape_arg(graph, F._val(m.mask).shape[-2:], m.ds)), m.mm, mode)
             new = F._new(graph, torch.ops.sqcompile.attention_probs_backward.default,
                          (m.mm, m.sa, m.sb, probs, mask, m.scale), m.mm, mode)
-            ds = new if F._same_shape(F._val(m.ds).shape, acc_shape) else F._new(
-                graph, aten.view.default, (new, F._shape_arg(graph, F._val(m.ds).shape, m.ds)), m.mm, mode)
-        m.ds.replace_all_uses_with(ds)
+        m.ds.replace_all_uses_with(_viewed(graph, new, F._val(m.ds).shape, new, mode))
         order = {n: i for i, n in enumerate(graph.nodes)}
         for node in sorted(m.chain, key=order.__getitem__, reverse=True):   # users before what they read
             if not node.users:
@@ -471,6 +405,74 @@ def _fuse_backward(gm: fx.GraphModule, record: CompileRecord, stage: str, source
             decision=decision.node if decision else None, outputs=1, stop="", kernel=BACKWARD_KERNEL))
         fused += 1
     return fused
+
+
+def _fuse_forward(gm: fx.GraphModule, record: CompileRecord, stage: str, sources: set) -> int:
+    """Replace each :func:`_match` chain by one ``sqcompile::attention_probs``."""
+    softmaxes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten._softmax.default]
+    matches = [m for m in map(_match, softmaxes) if m is not None]
+    graph = gm.graph
+    fused = 0
+    for m in matches:
+        bits = m.quantizer.args[1]
+        mode = F._fake_mode(m.mm)
+        shapes = [F._val(n).shape for n in (m.softmax, _getitem(m.quantizer, 0), _getitem(m.quantizer, 1), m.amax)
+                  if n is not None]
+        if any(F._shape_arg(graph, s, m.softmax, emit=False) is None for s in shapes):
+            continue                # a symbolic size the graph cannot compute
+        with graph.inserting_before(m.softmax):
+            new = F._new(graph, torch.ops.sqcompile.attention_probs.default,
+                         (m.mm, m.sa, m.sb, m.scale, m.causal, bits), m.mm, mode)
+            outs = [F._new(graph, operator.getitem, (new, i), m.mm, mode) for i in range(4)]
+
+        doomed = {m.softmax, *m.chain, *_views_of(m.softmax), *m.quantizer.users, m.quantizer}
+        if m.causal:            # ~ones(L, S).tril()
+            mask = m.chain[0].args[1]
+            doomed |= {mask, mask.args[0], mask.args[0].args[0]}
+        if m.amax is not None:
+            doomed |= {m.amax, m.amax.args[0], m.amax.args[0].args[0]}
+
+        for old, out in ((m.softmax, outs[0]), (_getitem(m.quantizer, 0), outs[1]),
+                         (_getitem(m.quantizer, 1), outs[2]), (m.amax, outs[3])):
+            if old is not None:
+                old.replace_all_uses_with(_viewed(graph, out, F._val(old).shape, new, mode))
+        for node in reversed(list(graph.nodes)):      # users before the values they read
+            if node in doomed and not node.users:
+                graph.erase_node(node)
+        decision = F._decision_for(record, m.mm, sources)
+        F._record(record, decision, FusedRegion(
+            name=f"R{len(record.regions) + 1}", stage=stage,
+            label=f"dequant+scale{'+causal' if m.causal else ''}+softmax+quantize",
+            nodes=[n.name for n in reversed(m.chain)] + [m.softmax.name, m.quantizer.name],
+            module_path=decision.module_path if decision else F._module_of(m.mm),
+            decision=decision.node if decision else None, outputs=4, stop="", kernel=KERNEL))
+        fused += 1
+    return fused
+
+
+def fuse_attention_probs(gm: fx.GraphModule, record: CompileRecord, stage: str,
+                         option: Optional[bool] = None, inner: str = "eager") -> fx.GraphModule:
+    """Replace each quantized attention's dequantize ... ``P`` quantizer chain in ``gm`` (a
+    forward or inference graph) by one ``sqcompile::attention_probs``, and in a backward
+    graph each softmax backward chain by one ``sqcompile::attention_probs_backward`` and,
+    when ``inner`` (the compiler the graph goes to) is ``"inductor"``, the two ShiftQuants
+    of its result by one ``sqcompile::attention_ds_quantize`` (the module docstring).
+    ``option``: the compile's ``fusion`` option."""
+    if not F.enabled(option):
+        return gm
+    from ..kernels import cpu_attention
+
+    backward = stage == "backward"
+    softmax = aten._softmax_backward_data.default if backward else aten._softmax.default
+    if not any(n.target is softmax for n in gm.graph.nodes) or not cpu_attention.status()[0]:
+        return gm
+    sources = {F._source_of(n) for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default}
+    if not backward:
+        return F.finished(gm, record, stage, _fuse_forward(gm, record, stage, sources))
+    fused = _fuse_backward(gm, record, stage, sources)
+    if fused and inner == "inductor":    # the quantizers' noise is then numerics.hash_noise, as ours
+        fused += _fuse_ds_quantizers(gm, record, stage, sources)
+    return F.finished(gm, record, stage, fused)
 
 
 __all__ = ["fuse_attention_probs", "KERNEL", "BACKWARD_KERNEL", "DS_KERNEL"]
