@@ -15,6 +15,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --saved-scales   # GEMMs saving scales, not maxima
     python benchmarks/train_step.py --models transformer --outer-scale    # grad_outer_scale flipped too
     python benchmarks/train_step.py --models transformer --unfused-softmax   # attention softmax in Inductor loops
+    python benchmarks/train_step.py --models transformer --no-ds-kernel      # dS quantizers in Inductor loops
     python benchmarks/train_step.py --models transformer --peak-memory
     python benchmarks/train_step.py --models unet
 """
@@ -156,6 +157,22 @@ def saved_scales(on: bool):
         ops._saves_maxima = saves
 
 
+@contextlib.contextmanager
+def ds_kernel(on: bool):
+    """While not ``on``, the lowering leaves attention's ``dS`` quantizers to Inductor
+    (``sqcompile.backends.cpu_attention._fuse_ds_quantizers`` fuses nothing): the comparison
+    the ``--no-ds-kernel`` variant makes.  Read when the backward graph is compiled, i.e. at
+    the variant's first step."""
+    from sqcompile.backends import cpu_attention
+    fuse = cpu_attention._fuse_ds_quantizers
+    if not on:
+        cpu_attention._fuse_ds_quantizers = lambda *args: 0
+    try:
+        yield
+    finally:
+        cpu_attention._fuse_ds_quantizers = fuse
+
+
 def variants(args, name):
     """``(label, compile options or None, bf16 autocast)`` of every path timed for ``name``."""
     bits = dict(weight_bits=args.bits, act_bits=args.bits, grad_bits=args.bits, inner="inductor")
@@ -169,6 +186,10 @@ def variants(args, name):
         out.append((f"{tag}, GEMMs save scales", dict(bits, _saved_scales=True), False))
     if args.unfused_softmax and name == "transformer":
         out.append((f"{tag}, attention softmax unfused (fusion off)", dict(bits, fusion=False), False))
+    if args.no_ds_kernel and name == "transformer":
+        # fusion=True spelled out: options unlike the default row's, so that Dynamo compiles
+        # the model anew instead of reusing that row's graphs
+        out.append((f"{tag}, dS quantizers as Inductor loops", dict(bits, fusion=True, _no_ds_kernel=True), False))
     if args.outer_scale:
         flipped = not OpConfig().grad_outer_scale
         out.append((f"{tag}, grad_outer_scale={flipped}", dict(bits, grad_outer_scale=flipped), False))
@@ -188,11 +209,12 @@ def make_step(name, options, bf16, x, channels_last=False):
     options = dict(options or {})
     engine = options.pop("_engine", None)
     scales = options.pop("_saved_scales", False)
+    no_ds = options.pop("_no_ds_kernel", False)
     run = model if not options else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
-        with gemm_engine(engine), saved_scales(scales):
+        with gemm_engine(engine), saved_scales(scales), ds_kernel(not no_ds):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(run(x))
@@ -268,6 +290,9 @@ def main(argv=None):
     p.add_argument("--unfused-softmax", action="store_true",
                    help="also time the step with fusion=False: attention's softmax and P quantizer as "
                         "Inductor's loops instead of the C kernel (sqcompile.backends.cpu_attention)")
+    p.add_argument("--no-ds-kernel", action="store_true",
+                   help="also time the step with attention's dS quantizers as Inductor's loops (the "
+                        "attention_ds_quantize C kernel off, the other attention kernels on)")
     p.add_argument("--outer-scale", action="store_true",
                    help="also time the shiftquant step with grad_outer_scale the other way than its default, "
                         "in the same process")

@@ -185,8 +185,9 @@ def test_ops_schema_and_fake_implementation():
         torch.library.opcheck(torch.ops.sqcompile.attention_probs_backward.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     ds, pk, pq = _ds_inputs((2, 6, 9), 5)
-    torch.library.opcheck(torch.ops.sqcompile.attention_ds_quantize.default, (ds, pk, pq, 4, 4),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.sqcompile.attention_ds_quantize.default,
+                          (ds, pk, pq, torch.tensor(3), torch.tensor(4), 4, 4),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def test_ops_run_the_reference_where_the_kernel_cannot(monkeypatch):

@@ -313,8 +313,13 @@ def _fuse_ds_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str, s
         if max(order[c.prescale], order[r.prescale]) > order[min(c.nodes[0], r.nodes[0], key=order.__getitem__)]:
             continue            # a prescale computed after dS's first use: keep the graph
         with graph.inserting_before(min(c.nodes[0], r.nodes[0], key=order.__getitem__)):
+            # the two seeds as graph nodes, columns first: drawn in the graph's order of random
+            # ops, as the two quantizers' own are once lowered (drawn inside the op, Inductor's
+            # order of extern calls decided which seed each got)
+            seeds = [F._new(graph, torch.ops.sqcompile.random_seed.default, (F._val(ds).device,), bwd, mode)
+                     for _ in range(2)]
             new = F._new(graph, torch.ops.sqcompile.attention_ds_quantize.default,
-                         (ds, c.prescale, r.prescale, bits, groups), bwd, mode)
+                         (ds, c.prescale, r.prescale, *seeds, bits, groups), bwd, mode)
             outs = [F._new(graph, operator.getitem, (new, i), bwd, mode) for i in range(6)]
         for q, base in ((c, 0), (r, 3)):
             for item in [u for u in q.quantizer.users if u.target is operator.getitem]:

@@ -262,17 +262,18 @@ def ds_quantize(ds: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int,
             outer_r.view(*lead, 1, S))
 
 
-@ops.custom_op("sqcompile::attention_ds_quantize", tags=ops._RANDOM)
-def ds_quantize_op(ds: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int,
+@ops.custom_op("sqcompile::attention_ds_quantize")
+def ds_quantize_op(ds: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, seed_cols: torch.Tensor,
+                   seed_rows: torch.Tensor, bits: int,
                    groups: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention's ``dS`` ShiftQuant-ed both ways with outer scales (:func:`ds_quantize`), its
-    two seeds drawn from torch's generator: ``(e_cols, base_cols, outer_cols, e_rows,
-    base_rows, outer_rows)``."""
-    return ds_quantize(ds, pk, pq, bits, groups)
+    """Attention's ``dS`` ShiftQuant-ed both ways with outer scales (:func:`ds_quantize`) with
+    the seeds given (``sqcompile::random_seed`` nodes of the graph, drawn where the two
+    quantizers drew theirs): ``(e_cols, base_cols, outer_cols, e_rows, base_rows, outer_rows)``."""
+    return ds_quantize(ds, pk, pq, bits, groups, (seed_cols, seed_rows))
 
 
 @ds_quantize_op.register_fake
-def _(ds, pk, pq, bits, groups):
+def _(ds, pk, pq, seed_cols, seed_rows, bits, groups):
     *lead, L, S = ds.shape
     e = ds.new_empty(ds.shape, dtype=N.expanded_dtype(bits, groups))
     f = ds.new_empty((), dtype=torch.float32)
