@@ -42,7 +42,7 @@ CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
 
 @functools.lru_cache(maxsize=None)
 def status() -> Tuple[bool, Optional[str]]:
-    """``(usable, reason)`` for the kernel on this machine (checked and built once)."""
+    """``(usable, reason)`` for the kernels on this machine (checked and built once)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False, f"needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
     missing = CPU_FLAGS - native.cpu_flags()
@@ -85,6 +85,16 @@ def _rows(scores: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.T
     return (B, L, S), sa, sb
 
 
+def _recycled(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous ``shape`` tensor of ``dtype`` (4 or 1 bytes) from the pool of
+    recycled outputs (:mod:`.pool`: no page faults on the large per-step tensors)."""
+    n = 1
+    for size in shape:
+        n *= size
+    words = n if dtype.itemsize == 4 else (n + 3) // 4
+    return pool.OUTPUTS.empty((words,)).view(dtype)[:n].view(shape)
+
+
 def _dequantized(acc: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.Tensor]) -> torch.Tensor:
     """``acc.float() * (sa * sb)`` as the unfused graph computes it (with one of the two
     scales, by that one alone)."""
@@ -116,8 +126,8 @@ def attention_probs(scores: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, sc
         return attention_probs_reference(scores, sa, sb, scale, causal, bits)
     (B, L, S), sa2, sb2 = _rows(scores, sa, sb)
     acc = scores.contiguous()
-    p = pool.OUTPUTS.empty(scores.shape).view(torch.float32)      # recycled: no page faults
-    q = pool.OUTPUTS.empty(((acc.numel() + 3) // 4,)).view(torch.int8)[:acc.numel()].view(scores.shape)
+    p = _recycled(scores.shape, torch.float32)
+    q = _recycled(scores.shape, torch.int8)
     row_shape = (*scores.shape[:-1], 1)
     q_scale = torch.empty(row_shape, dtype=torch.float32)
     amax = torch.empty(row_shape, dtype=torch.float32)
@@ -181,7 +191,7 @@ def attention_probs_backward(dp: torch.Tensor, sa: Optional[torch.Tensor], sb: O
     (B, L, S), sa2, sb2 = _rows(dp, sa, sb)
     acc, probs = dp.contiguous(), p.contiguous()
     m, m_stride = _mask_rows(mask, dp.shape)
-    ds = pool.OUTPUTS.empty(dp.shape).view(torch.float32)
+    ds = _recycled(dp.shape, torch.float32)
     _library().sq_attention_probs_backward(acc.data_ptr(), sa2.data_ptr(), sb2.data_ptr(), probs.data_ptr(),
                                            None if m is None else m.data_ptr(), m_stride, float(scale), B, L, S,
                                            ds.data_ptr(), torch.get_num_threads())
@@ -252,8 +262,7 @@ def ds_quantize(ds: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int,
     *lead, _, _ = ds.shape
     _, mult_c, scale_c, base_c = torch.ops.sqcompile.shift_params(ranges_c.view(*lead, 1, S), bits, groups)
     _, mult_r, scale_r, base_r = torch.ops.sqcompile.shift_params(ranges_r.view(*lead, L, 1), bits, groups)
-    e_c = pool.OUTPUTS.empty(((x.numel() + 3) // 4,)).view(torch.int8)[:x.numel()].view(ds.shape)
-    e_r = pool.OUTPUTS.empty(((x.numel() + 3) // 4,)).view(torch.int8)[:x.numel()].view(ds.shape)
+    e_c, e_r = _recycled(ds.shape, torch.int8), _recycled(ds.shape, torch.int8)
     c = [t.contiguous() for t in (scale_c, mult_c, scale_r, mult_r)]
     lib.sq_ds_quantize(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), outer_c.data_ptr(), outer_r.data_ptr(),
                        *(t.data_ptr() for t in c), _spread_seed(seeds[0]), _spread_seed(seeds[1]),
