@@ -469,9 +469,12 @@ def fuse_attention_probs(gm: fx.GraphModule, record: CompileRecord, stage: str,
 
     backward = stage == "backward"
     softmax = aten._softmax_backward_data.default if backward else aten._softmax.default
-    if not any(n.target is softmax for n in gm.graph.nodes) or not cpu_attention.status()[0]:
+    gemms = [n for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default]
+    on_cpu = any(F._val(n) is not None and F._val(n).device.type == "cpu" for n in gemms)
+    # the kernels are built at the first graph that could take them, not on a GPU's graphs
+    if not on_cpu or not any(n.target is softmax for n in gm.graph.nodes) or not cpu_attention.status()[0]:
         return gm
-    sources = {F._source_of(n) for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default}
+    sources = {F._source_of(n) for n in gemms}
     if not backward:
         return F.finished(gm, record, stage, _fuse_forward(gm, record, stage, sources))
     fused = _fuse_backward(gm, record, stage, sources)
