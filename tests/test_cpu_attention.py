@@ -172,8 +172,12 @@ def test_ds_quantizers_with_zero_nan_and_infinite_gradients():
     ds[0, 5, 6] = float("nan")
     ds[1, 3, 2] = float("inf")
     seeds = (torch.tensor(5), torch.tensor(6))
-    for a, b in zip(CA.ds_quantize(ds, pk, pq, 4, 4, seeds), CA.ds_quantize_reference(ds, pk, pq, 4, 4, seeds)):
+    got = CA.ds_quantize(ds, pk, pq, 4, 4, seeds)
+    for a, b in zip(got, CA.ds_quantize_reference(ds, pk, pq, 4, 4, seeds)):
         assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    e_cols, base_cols, outer_cols, e_rows, base_rows, outer_rows = got
+    assert base_cols.isnan() and base_rows.isnan()          # the NaN reaches every range's maximum
+    assert outer_cols[0, 2, 0] == 1.0 and outer_rows[1, 0, 4] == 1.0      # the zero row and column
 
 
 def test_ops_schema_and_fake_implementation():
