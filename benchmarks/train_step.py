@@ -288,8 +288,9 @@ def main(argv=None):
                         "for backward instead of their channel maxima (which let Inductor keep a norm or a "
                         "softmax and the next GEMM's quantizer in one loop over rows), in the same process")
     p.add_argument("--unfused-softmax", action="store_true",
-                   help="also time the step with fusion=False: attention's softmax and P quantizer as "
-                        "Inductor's loops instead of the C kernel (sqcompile.backends.cpu_attention)")
+                   help="also time the step with fusion=False: attention's softmax, P quantizer, softmax "
+                        "backward and dS quantizers as Inductor's loops instead of the C kernels "
+                        "(sqcompile.backends.cpu_attention)")
     p.add_argument("--no-ds-kernel", action="store_true",
                    help="also time the step with attention's dS quantizers as Inductor's loops (the "
                         "attention_ds_quantize C kernel off, the other attention kernels on)")
