@@ -183,20 +183,6 @@ def _views_of(node: fx.Node) -> List[fx.Node]:
     return found
 
 
-def _per_row(q: fx.Node) -> bool:
-    """Is ``q`` a nearest-rounding ``sqcompile.quantize`` with one scale per row (every dim
-    but the last kept)?"""
-    if q.target is not torch.ops.sqcompile.quantize.default:
-        return False
-    x, bits, keep, stochastic = q.args[:4]
-    v = F._val(x)
-    if v is None or stochastic or v.dim() < 1:
-        return False
-    nd = v.dim()
-    keep = {d % nd for d in keep}
-    return (nd - 1) not in keep and all(d in keep for d in range(nd - 1) if not F._same(v.shape[d], 1))
-
-
 def _row_amax(node: fx.Node) -> Optional[fx.Node]:
     """The ``amax(abs(detach(node)), [last], keepdim=True)`` of ``node``, if any."""
     nd = F._val(node).dim()
@@ -219,15 +205,11 @@ def _match(softmax: fx.Node) -> Optional[_Match]:
         return None
     mm, sa, sb, c, causal, chain = found
     views = _views_of(softmax)
-    quantizers = [u for v in views for u in v.users if _per_row(u) and u.args[0] is v]
+    quantizers = [u for v in views for u in v.users if u.target is torch.ops.sqcompile.quantize.default and F.per_row_quantizer(u) and u.args[0] is v]
     if len(quantizers) != 1:
         return None
     quantizer = quantizers[0]
     return _Match(softmax, mm, sa, sb, c, causal, quantizer, _row_amax(quantizer.args[0]), chain)
-
-
-def _getitem(node: fx.Node, index: int) -> Optional[fx.Node]:
-    return next((u for u in node.users if u.target is operator.getitem and u.args[1] == index), None)
 
 
 def _viewed(graph: fx.Graph, out: fx.Node, shape, new: fx.Node, mode) -> fx.Node:
@@ -310,9 +292,10 @@ def _fuse_ds_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str, s
             continue
         mode = F._fake_mode(ds)
         order = {n: i for i, n in enumerate(graph.nodes)}
-        if max(order[c.prescale], order[r.prescale]) > order[min(c.nodes[0], r.nodes[0], key=order.__getitem__)]:
+        first_use = min(c.nodes[0], r.nodes[0], key=order.__getitem__)
+        if max(order[c.prescale], order[r.prescale]) > order[first_use]:
             continue            # a prescale computed after dS's first use: keep the graph
-        with graph.inserting_before(min(c.nodes[0], r.nodes[0], key=order.__getitem__)):
+        with graph.inserting_before(first_use):
             # the two seeds as graph nodes, columns first: drawn in the graph's order of random
             # ops, as the two quantizers' own are once lowered (drawn inside the op, Inductor's
             # order of extern calls decided which seed each got)
@@ -421,7 +404,7 @@ def _fuse_forward(gm: fx.GraphModule, record: CompileRecord, stage: str, sources
     for m in matches:
         bits = m.quantizer.args[1]
         mode = F._fake_mode(m.mm)
-        shapes = [F._val(n).shape for n in (m.softmax, _getitem(m.quantizer, 0), _getitem(m.quantizer, 1), m.amax)
+        shapes = [F._val(n).shape for n in (m.softmax, F.output_item(m.quantizer, 0), F.output_item(m.quantizer, 1), m.amax)
                   if n is not None]
         if any(F._shape_arg(graph, s, m.softmax, emit=False) is None for s in shapes):
             continue                # a symbolic size the graph cannot compute
@@ -437,8 +420,8 @@ def _fuse_forward(gm: fx.GraphModule, record: CompileRecord, stage: str, sources
         if m.amax is not None:
             doomed |= {m.amax, m.amax.args[0], m.amax.args[0].args[0]}
 
-        for old, out in ((m.softmax, outs[0]), (_getitem(m.quantizer, 0), outs[1]),
-                         (_getitem(m.quantizer, 1), outs[2]), (m.amax, outs[3])):
+        for old, out in ((m.softmax, outs[0]), (F.output_item(m.quantizer, 0), outs[1]),
+                         (F.output_item(m.quantizer, 1), outs[2]), (m.amax, outs[3])):
             if old is not None:
                 old.replace_all_uses_with(_viewed(graph, out, F._val(old).shape, new, mode))
         for node in reversed(list(graph.nodes)):      # users before the values they read

@@ -680,6 +680,23 @@ def column_sums(node: fx.Node, gemm3, dtype: Optional[torch.dtype] = None) -> Li
     return [(user, name) for user, name in found if name is not None]
 
 
+def output_item(node: fx.Node, index: int) -> Optional[fx.Node]:
+    """The ``getitem`` of ``node`` that takes its output ``index``, if any."""
+    return next((u for u in node.users if u.target is operator.getitem and u.args[1] == index), None)
+
+
+def per_row_quantizer(q: fx.Node) -> bool:
+    """Is the quantizer call ``q`` (``(x, bits, keep_dims, stochastic, ...)``) nearest-rounding
+    with one scale per row (every dim but the last kept)?"""
+    x = _val(q.args[0])
+    _, bits, keep, stochastic = q.args[:4]
+    if x is None or x.dim() < 1 or stochastic or _hints(x.shape) is None:
+        return False
+    nd = x.dim()
+    keep = {d % nd for d in keep}
+    return (nd - 1) not in keep and all(d in keep for d in range(nd - 1) if not _same(x.shape[d], 1))
+
+
 def readers_of(node: fx.Node, target) -> List[fx.Node]:
     """The calls of ``target`` that read ``node``'s value as their first argument, directly or
     through contiguous views (each one's input is its ``args[0]``)."""

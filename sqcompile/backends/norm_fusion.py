@@ -44,24 +44,6 @@ LABEL = "l1_norm+quantize"
 RESIDUAL_LABEL = "l1_norm_backward+residual"
 
 
-def _getitem(node: fx.Node, index: int) -> Optional[fx.Node]:
-    for user in node.users:
-        if user.target is operator.getitem and user.args[1] == index:
-            return user
-    return None
-
-
-def _per_row(q: fx.Node) -> bool:
-    """Is the quantizer ``q`` nearest-rounding with one scale per row (every dim but the last)?"""
-    x = F._val(q.args[0])
-    _, bits, keep, stochastic = q.args[:4]
-    if x is None or x.dim() < 1 or stochastic or F._hints(x.shape) is None:
-        return False
-    nd = x.dim()
-    keep = {d % nd for d in keep}
-    return (nd - 1) not in keep and all(d in keep for d in range(nd - 1) if not F._same(x.shape[d], 1))
-
-
 def _consumers(y: fx.Node, quantize) -> Tuple[Optional[List[fx.Node]], set]:
     """``(quantizers, nodes between)``: the quantizers that are all of ``y``'s uses (through
     views), or ``None``."""
@@ -78,7 +60,7 @@ def _consumers(y: fx.Node, quantize) -> Tuple[Optional[List[fx.Node]], set]:
                 continue            # a read of a size (dynamic shapes): re-homed when fused
             if F._is_view(user) and user.args[0] is node:
                 stack.append(user)
-            elif user.target is quantize and user.args[0] is node and _per_row(user):
+            elif user.target is quantize and user.args[0] is node and F.per_row_quantizer(user):
                 found.append(user)
             else:
                 return None, seen
@@ -97,12 +79,12 @@ def fuse_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
     graph = gm.graph
     fused = 0
     for norm in [n for n in graph.nodes if n.op == "call_function" and n.target is norm_op]:
-        y = _getitem(norm, 0)
+        y = F.output_item(norm, 0)
         quantizers, between = _consumers(y, quantize) if y is not None else (None, set())
         if not quantizers or len({q.args[1] for q in quantizers}) != 1:
             continue
         if any(F._shape_arg(graph, F._val(old).shape, old, emit=False) is None
-               for q in quantizers for old in (_getitem(q, 0), _getitem(q, 1)) if old is not None) or \
+               for q in quantizers for old in (F.output_item(q, 0), F.output_item(q, 1)) if old is not None) or \
                 not F.rehome_sym_sizes(graph, {y, *between} - {u for u in between if F._is_sym_size(u)}, emit=False):
             continue                # a symbolic size the graph cannot compute
         mode = F._fake_mode(norm.args[0])
@@ -110,13 +92,13 @@ def fuse_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
             new = F._new(graph, fused_op, (*norm.args, quantizers[0].args[1]), norm, mode)
             outs = [F._new(graph, operator.getitem, (new, i), norm, mode) for i in range(6)]
         for i in range(1, 5):                                  # q, scale, mean, inv
-            old = _getitem(norm, i)
+            old = F.output_item(norm, i)
             if old is not None:
                 old.replace_all_uses_with(outs[i + 1])
         replaced = []
         for q in quantizers:
             for i in (0, 1):                                   # int8 operand, row scales
-                old = _getitem(q, i)
+                old = F.output_item(q, i)
                 if old is None:
                     continue
                 with graph.inserting_before(old):
@@ -175,7 +157,7 @@ def fuse_norm_residuals(gm: fx.GraphModule, record: CompileRecord, stage: str,
     graph = gm.graph
     fused = 0
     for bwd in [n for n in graph.nodes if n.op == "call_function" and n.target is bwd_op]:
-        dx = _getitem(bwd, 0)
+        dx = F.output_item(bwd, 0)
         add, views, other = _residual_add(dx) if dx is not None else (None, [], None)
         order = {n: i for i, n in enumerate(graph.nodes)}
         if add is None or (other.op != "placeholder" and order[other] > order[bwd]):
@@ -199,7 +181,7 @@ def fuse_norm_residuals(gm: fx.GraphModule, record: CompileRecord, stage: str,
                 bool(ranged), bool(sums)), bwd, mode)
             outs = [F._new(graph, operator.getitem, (new, i), bwd, mode) for i in range(3)]
         for i in (1, 2):                                       # dweight, dbias
-            old = _getitem(bwd, i)
+            old = F.output_item(bwd, i)
             if old is not None:
                 old.replace_all_uses_with(outs[i])
         with graph.inserting_before(add):

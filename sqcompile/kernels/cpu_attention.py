@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import platform
 from typing import Optional, Tuple
@@ -76,9 +77,7 @@ def _rows(scores: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.T
     ``[B, S]`` float32 (``sa`` broadcasts to ``[..., L, 1]``, ``sb`` to ``[..., 1, S]``; None:
     ones, by which the kernels multiply exactly)."""
     *lead, L, S = scores.shape
-    B = 1
-    for n in lead:
-        B *= n
+    B = math.prod(lead)
     one = torch.ones((), dtype=torch.float32)
     sa = (one if sa is None else sa.to(torch.float32)).expand(*lead, L, 1).reshape(B, L).contiguous()
     sb = (one if sb is None else sb.to(torch.float32)).expand(*lead, 1, S).reshape(B, S).contiguous()
@@ -88,9 +87,7 @@ def _rows(scores: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.T
 def _recycled(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized contiguous ``shape`` tensor of ``dtype`` (4 or 1 bytes) from the pool of
     recycled outputs (:mod:`.pool`: no page faults on the large per-step tensors)."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     words = n if dtype.itemsize == 4 else (n + 3) // 4
     return pool.OUTPUTS.empty((words,)).view(dtype)[:n].view(shape)
 
