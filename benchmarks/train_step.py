@@ -14,8 +14,8 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --onednn   # AMX kernel vs oneDNN _int_mm
     python benchmarks/train_step.py --models transformer --saved-scales   # GEMMs saving scales, not maxima
     python benchmarks/train_step.py --models transformer --outer-scale    # grad_outer_scale flipped too
-    python benchmarks/train_step.py --models transformer --unfused-softmax   # attention softmax in Inductor loops
-    python benchmarks/train_step.py --models transformer --no-ds-kernel      # dS quantizers in Inductor loops
+    python benchmarks/train_step.py --fusion-off        # attention softmax, gradient quantizers in Inductor loops
+    python benchmarks/train_step.py --no-grad-kernel    # gradients' quantizers in Inductor loops
     python benchmarks/train_step.py --models transformer --peak-memory
     python benchmarks/train_step.py --models unet
 """
@@ -158,19 +158,19 @@ def saved_scales(on: bool):
 
 
 @contextlib.contextmanager
-def ds_kernel(on: bool):
-    """While not ``on``, the lowering leaves attention's ``dS`` quantizers to Inductor
-    (``sqcompile.backends.cpu_attention._fuse_ds_quantizers`` fuses nothing): the comparison
-    the ``--no-ds-kernel`` variant makes.  Read when the backward graph is compiled, i.e. at
+def grad_kernel(on: bool):
+    """While not ``on``, the lowering leaves the gradients' outer-scaled ShiftQuants to Inductor
+    (``sqcompile.backends.cpu_quant.fuse_gradient_quantizers`` fuses nothing): the comparison
+    the ``--no-grad-kernel`` variant makes.  Read when the backward graph is compiled, i.e. at
     the variant's first step."""
-    from sqcompile.backends import cpu_attention
-    fuse = cpu_attention._fuse_ds_quantizers
+    from sqcompile.backends import lowering
+    fuse = lowering.fuse_gradient_quantizers
     if not on:
-        cpu_attention._fuse_ds_quantizers = lambda *args: 0
+        lowering.fuse_gradient_quantizers = lambda gm, *args: gm
     try:
         yield
     finally:
-        cpu_attention._fuse_ds_quantizers = fuse
+        lowering.fuse_gradient_quantizers = fuse
 
 
 def variants(args, name):
@@ -184,12 +184,13 @@ def variants(args, name):
         out += [(f"{label}, oneDNN GEMMs", dict(options, _engine="onednn"), False) for label, options, _ in out[1:]]
     if args.saved_scales:
         out.append((f"{tag}, GEMMs save scales", dict(bits, _saved_scales=True), False))
-    if args.unfused_softmax and name == "transformer":
-        out.append((f"{tag}, attention softmax unfused (fusion off)", dict(bits, fusion=False), False))
-    if args.no_ds_kernel and name == "transformer":
+    if args.fusion_off:
+        out.append((f"{tag}, fusion off", dict(bits, fusion=False), False))
+    if args.no_grad_kernel:
         # fusion=True spelled out: options unlike the default row's, so that Dynamo compiles
         # the model anew instead of reusing that row's graphs
-        out.append((f"{tag}, dS quantizers as Inductor loops", dict(bits, fusion=True, _no_ds_kernel=True), False))
+        out.append((f"{tag}, gradient quantizers as Inductor loops", dict(bits, fusion=True, _no_grad_kernel=True),
+                    False))
     if args.outer_scale:
         flipped = not OpConfig().grad_outer_scale
         out.append((f"{tag}, grad_outer_scale={flipped}", dict(bits, grad_outer_scale=flipped), False))
@@ -209,12 +210,12 @@ def make_step(name, options, bf16, x, channels_last=False):
     options = dict(options or {})
     engine = options.pop("_engine", None)
     scales = options.pop("_saved_scales", False)
-    no_ds = options.pop("_no_ds_kernel", False)
+    no_grad_kernel = options.pop("_no_grad_kernel", False)
     run = model if not options else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
-        with gemm_engine(engine), saved_scales(scales), ds_kernel(not no_ds):
+        with gemm_engine(engine), saved_scales(scales), grad_kernel(not no_grad_kernel):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(run(x))
@@ -287,13 +288,13 @@ def main(argv=None):
                    help="also time the shiftquant step with its quantized GEMMs saving their operands' scales "
                         "for backward instead of their channel maxima (which let Inductor keep a norm or a "
                         "softmax and the next GEMM's quantizer in one loop over rows), in the same process")
-    p.add_argument("--unfused-softmax", action="store_true",
-                   help="also time the step with fusion=False: attention's softmax, P quantizer, softmax "
-                        "backward and dS quantizers as Inductor's loops instead of the C kernels "
-                        "(sqcompile.backends.cpu_attention)")
-    p.add_argument("--no-ds-kernel", action="store_true",
-                   help="also time the step with attention's dS quantizers as Inductor's loops (the "
-                        "attention_ds_quantize C kernel off, the other attention kernels on)")
+    p.add_argument("--fusion-off", action="store_true",
+                   help="also time the step with fusion=False: attention's softmax, P quantizer and softmax "
+                        "backward (sqcompile.backends.cpu_attention) and the gradients' quantizers "
+                        "(sqcompile.backends.cpu_quant) as Inductor's loops instead of C kernels")
+    p.add_argument("--no-grad-kernel", action="store_true",
+                   help="also time the step with the gradients' outer-scaled ShiftQuants as Inductor's loops "
+                        "(the shiftquant_outer_pair C kernel off, attention's kernels on)")
     p.add_argument("--outer-scale", action="store_true",
                    help="also time the shiftquant step with grad_outer_scale the other way than its default, "
                         "in the same process")

@@ -22,12 +22,8 @@ with ``dP`` the dequantized result of a CPU ``int8_mm`` (times its row scales, i
 scales or both) and ``mask`` any boolean ``[L, S]`` tensor (the causal mask, a user's), by
 :func:`~sqcompile.kernels.cpu_attention.attention_probs_backward`: ``dS`` is written once,
 where Inductor's loops recomputed the softmax backward in each pass of the quantizers that
-read it.  Then, with ``inner="inductor"`` (whose quantizers draw
-:func:`~sqcompile.numerics.hash_noise`, as the kernel does), ``dS``'s two ShiftQuants with
-outer scales (``grad_outer_scale``: along its columns for ``dQ``, along its rows for ``dK``,
-each prescaled by the other operand's scales) become one
-:func:`~sqcompile.kernels.cpu_attention.ds_quantize`, bit for bit what they compute (label
-``shiftquant_outer(dS) x2``).
+read it (and :mod:`sqcompile.backends.cpu_quant` then quantizes it for ``dQ`` and ``dK`` in
+one kernel, as every GEMM's output gradient).
 
 Nothing happens on other devices, with other kernel families, with a ``stats`` quantizer of
 ``P``, with a forward mask other than the causal one (a boolean or additive ``attn_mask``:
@@ -47,14 +43,12 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.fx as fx
 
-from .. import numerics as N
 from ..decisions import CompileRecord, FusedRegion
 from . import fusion as F
 
 aten = torch.ops.aten
 KERNEL = "sqcompile/kernels/cpu_attention.c:sq_attention_probs"
 BACKWARD_KERNEL = "sqcompile/kernels/cpu_attention.c:sq_attention_probs_backward"
-DS_KERNEL = "sqcompile/kernels/cpu_attention.c:sq_ds_ranges, sq_ds_quantize"
 
 
 class _Match(NamedTuple):
@@ -67,10 +61,6 @@ class _Match(NamedTuple):
     quantizer: fx.Node
     amax: Optional[fx.Node]
     chain: List[fx.Node]          # the nodes from the GEMM's conversion to the softmax
-
-
-def _single_user(node: fx.Node) -> bool:
-    return len(node.users) == 1
 
 
 def _causal_mask(mask, L, S) -> bool:
@@ -87,15 +77,6 @@ def _causal_mask(mask, L, S) -> bool:
     return v is not None and F._same_shape(v.shape, (L, S))
 
 
-def _row_vector(v: torch.Tensor, like: torch.Tensor, dim: int) -> bool:
-    """Does ``v`` broadcast to ``like`` ``[..., L, S]`` with size 1 along ``dim`` (-1: one
-    value per row, -2: one per column)?"""
-    if v.dim() > like.dim() or v.dtype != torch.float32:
-        return False
-    pad = [1] * (like.dim() - v.dim()) + list(v.shape)
-    return F._same(pad[dim], 1) and all(F._same(a, 1) or F._same(a, b) for a, b in zip(pad, like.shape))
-
-
 def _dequantized(x: fx.Node, L, S) -> Optional[tuple]:
     """``(mm, sa, sb, nodes)`` when ``x`` is, through single-use views, a CPU ``int8_mm``'s int32
     ``[..., L, S]`` result converted to float32 and multiplied by its scales: one row vector
@@ -103,27 +84,27 @@ def _dequantized(x: fx.Node, L, S) -> Optional[tuple]:
     to the result (``sa`` / ``sb`` None where there is none); ``nodes``: the views, the
     multiply, the conversion (and the scales' product)."""
     nodes = []
-    while F._is_view(x) and _single_user(x):
+    while F._is_view(x) and F.single_user(x):
         nodes.append(x)
         x = x.args[0]
-    if x.target is not aten.mul.Tensor or not _single_user(x) or len(x.args) != 2:
+    if x.target is not aten.mul.Tensor or not F.single_user(x) or len(x.args) != 2:
         return None
     nodes.append(x)
     convert = next((a for a in x.args if isinstance(a, fx.Node) and a.target is aten._to_copy.default), None)
     scales = next((a for a in x.args if a is not convert), None)
     if convert is None or not isinstance(scales, fx.Node) or convert.kwargs.get("dtype") is not torch.float32 or \
-            set(convert.kwargs) - {"dtype"} or not _single_user(convert):
+            set(convert.kwargs) - {"dtype"} or not F.single_user(convert):
         return None
     nodes.append(convert)
     mm = convert.args[0]
     acc = F._val(mm)
-    if mm.target is not torch.ops.sqcompile.int8_mm.default or not _single_user(mm) or acc is None or \
+    if mm.target is not torch.ops.sqcompile.int8_mm.default or not F.single_user(mm) or acc is None or \
             acc.dtype != torch.int32 or acc.device.type != "cpu" or not F._same_shape(acc.shape[-2:], (L, S)):
         return None
     v = F._val(scales)
-    if v is not None and _row_vector(v, acc, -1):
+    if v is not None and F.row_vector(v, acc, -1):
         return mm, scales, None, nodes
-    if v is not None and _row_vector(v, acc, -2):
+    if v is not None and F.row_vector(v, acc, -2):
         return mm, None, scales, nodes
     if scales.target is not aten.mul.Tensor or len(scales.args) != 2:
         return None
@@ -131,9 +112,9 @@ def _dequantized(x: fx.Node, L, S) -> Optional[tuple]:
     va, vb = F._val(a), F._val(b)
     if va is None or vb is None:
         return None
-    if not (_row_vector(va, acc, -1) and _row_vector(vb, acc, -2)):
+    if not (F.row_vector(va, acc, -1) and F.row_vector(vb, acc, -2)):
         a, b, va, vb = b, a, vb, va
-        if not (_row_vector(va, acc, -1) and _row_vector(vb, acc, -2)):
+        if not (F.row_vector(va, acc, -1) and F.row_vector(vb, acc, -2)):
             return None
     return mm, a, b, nodes + [scales]
 
@@ -155,12 +136,12 @@ def _chain(softmax: fx.Node) -> Optional[tuple]:
             or softmax.args[2]:
         return None
     L, S = out.shape[-2:]
-    if x.target is aten.masked_fill.Scalar and _single_user(x) and x.args[2] == -math.inf and \
+    if x.target is aten.masked_fill.Scalar and F.single_user(x) and x.args[2] == -math.inf and \
             _causal_mask(x.args[1], L, S):
         nodes.append(x)
         x, causal = x.args[0], True
     c = _scaled(x)
-    if c is None or not _single_user(x):
+    if c is None or not F.single_user(x):
         return None
     nodes.append(x)
     found = _dequantized(x.args[0], L, S)
@@ -187,10 +168,10 @@ def _row_amax(node: fx.Node) -> Optional[fx.Node]:
     """The ``amax(abs(detach(node)), [last], keepdim=True)`` of ``node``, if any."""
     nd = F._val(node).dim()
     for d in node.users:
-        if d.target is not aten.detach.default or not _single_user(d):
+        if d.target is not aten.detach.default or not F.single_user(d):
             continue
         (a,) = d.users
-        if a.target is not aten.abs.default or not _single_user(a):
+        if a.target is not aten.abs.default or not F.single_user(a):
             continue
         (m,) = a.users
         if m.target is aten.amax.default and [x % nd for x in m.args[1]] == [nd - 1] and \
@@ -222,106 +203,6 @@ def _viewed(graph: fx.Graph, out: fx.Node, shape, new: fx.Node, mode) -> fx.Node
         return F._new(graph, aten.view.default, (out, arg), new, mode)
 
 
-class _OuterQuantizer(NamedTuple):
-    """One ``shiftquant_outer`` composition of the graph over ``dS`` (see :func:`_outer_quantizer`)."""
-    prescale: fx.Node
-    outer: fx.Node                # the outer maxima, 0 taken as 1
-    quantizer: fx.Node            # sqcompile.shiftquant of dS * prescale / outer
-    nodes: List[fx.Node]          # everything between dS and the quantizer's results
-
-
-def _outer_quantizer(mul: fx.Node, ds: fx.Node) -> Optional[tuple]:
-    """``("cols" | "rows", _OuterQuantizer)`` when ``mul`` is ``dS * prescale`` feeding
-    :func:`sqcompile.ops.shiftquant_outer`'s composition as AOTAutograd traces it::
-
-        y = dS * p;  r = amax(abs(detach(y)), [d], keepdim);  r = r.masked_fill(r == 0, 1)
-        e, base = sqcompile.shiftquant(y / r, bits, groups, channels, stochastic=True)
-
-    along the columns (``p`` ``[..., 1, S]``, ``d`` the last dim, channels every dim but the
-    second to last) or the rows (``p`` ``[..., L, 1]``, ``d`` the second to last)."""
-    v = F._val(ds)
-    if mul.target is not aten.mul.Tensor or len(mul.args) != 2 or mul.args[0] is not ds or \
-            not isinstance(mul.args[1], fx.Node) or len(mul.users) != 2:
-        return None
-    pre = mul.args[1]
-    pv, nd = F._val(pre), v.dim()
-    side = "cols" if pv is not None and _row_vector(pv, v, -2) else \
-        "rows" if pv is not None and _row_vector(pv, v, -1) else None
-    detach = next((u for u in mul.users if u.target is aten.detach.default), None)
-    div = next((u for u in mul.users if u.target is aten.div.Tensor and u.args[0] is mul), None)
-    if side is None or detach is None or div is None or not _single_user(detach):
-        return None
-    (a,) = detach.users
-    if a.target is not aten.abs.default or not _single_user(a):
-        return None
-    (amax,) = a.users
-    dim = nd - 1 if side == "cols" else nd - 2
-    if amax.target is not aten.amax.default or [d % nd for d in amax.args[1]] != [dim] or \
-            not (amax.args[2] if len(amax.args) > 2 else amax.kwargs.get("keepdim", False)):
-        return None
-    eq = next((u for u in amax.users if u.target is aten.eq.Scalar and u.args[1] == 0), None)
-    outer = div.args[1]
-    if eq is None or len(amax.users) != 2 or not _single_user(eq) or outer.target is not aten.masked_fill.Scalar or \
-            outer.args[:3] != (amax, eq, 1) or not _single_user(div):
-        return None
-    (sq,) = div.users
-    channels = list(range(nd - 2)) + ([nd - 1] if side == "cols" else [nd - 2])
-    if sq.target is not torch.ops.sqcompile.shiftquant.default or sq.args[0] is not div or \
-            sorted(d % nd for d in sq.args[3]) != channels or sq.args[4] is not True or \
-            (len(sq.args) > 5 and sq.args[5] is not None) or sq.kwargs:
-        return None
-    return side, _OuterQuantizer(pre, outer, sq, [mul, detach, a, amax, eq, div, sq])
-
-
-def _fuse_ds_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str, sources: set) -> int:
-    """Replace the two outer-scaled ShiftQuants of each fused attention backward's ``dS`` (the
-    output of ``sqcompile::attention_probs_backward``, through views) by one
-    ``sqcompile::attention_ds_quantize``."""
-    graph = gm.graph
-    fused = 0
-    for bwd in [n for n in graph.nodes if n.target is torch.ops.sqcompile.attention_probs_backward.default]:
-        ds = bwd
-        while len(ds.users) == 1 and F._is_view(next(iter(ds.users))):
-            ds = next(iter(ds.users))
-        found = dict(filter(None, (_outer_quantizer(u, ds) for u in list(ds.users))))
-        if set(found) != {"cols", "rows"} or len(ds.users) != 2:
-            continue
-        c, r = found["cols"], found["rows"]
-        bits, groups = c.quantizer.args[1:3]
-        if r.quantizer.args[1:3] != (bits, groups) or not N.fits_int8(bits, groups):
-            continue
-        mode = F._fake_mode(ds)
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        first_use = min(c.nodes[0], r.nodes[0], key=order.__getitem__)
-        if max(order[c.prescale], order[r.prescale]) > order[first_use]:
-            continue            # a prescale computed after dS's first use: keep the graph
-        with graph.inserting_before(first_use):
-            # the two seeds as graph nodes, columns first: drawn in the graph's order of random
-            # ops, as the two quantizers' own are once lowered (drawn inside the op, Inductor's
-            # order of extern calls decided which seed each got)
-            seeds = [F._new(graph, torch.ops.sqcompile.random_seed.default, (F._val(ds).device,), bwd, mode)
-                     for _ in range(2)]
-            new = F._new(graph, torch.ops.sqcompile.attention_ds_quantize.default,
-                         (ds, c.prescale, r.prescale, *seeds, bits, groups), bwd, mode)
-            outs = [F._new(graph, operator.getitem, (new, i), bwd, mode) for i in range(6)]
-        for q, base in ((c, 0), (r, 3)):
-            for item in [u for u in q.quantizer.users if u.target is operator.getitem]:
-                item.replace_all_uses_with(outs[base + item.args[1]])
-            q.outer.replace_all_uses_with(outs[base + 2])
-        doomed = {*c.nodes, *r.nodes, c.outer, r.outer, *c.quantizer.users, *r.quantizer.users}
-        for node in reversed(list(graph.nodes)):
-            if node in doomed and not node.users:
-                graph.erase_node(node)
-        decision = F._decision_for(record, bwd.args[0], sources)
-        F._record(record, decision, FusedRegion(
-            name=f"R{len(record.regions) + 1}", stage=stage, label="shiftquant_outer(dS) x2",
-            nodes=[n.name for n in (*c.nodes, c.outer, *r.nodes, r.outer)],
-            module_path=decision.module_path if decision else F._module_of(bwd),
-            decision=decision.node if decision else None, outputs=6, stop="", kernel=DS_KERNEL))
-        fused += 1
-    return fused
-
-
 class _BackwardMatch(NamedTuple):
     sbd: fx.Node                  # aten._softmax_backward_data
     ds: fx.Node                   # the scale's multiply: dS
@@ -342,11 +223,11 @@ def _match_backward(sbd: fx.Node) -> Optional[_BackwardMatch]:
     out, p = F._val(sbd), F._val(probs)
     if out is None or p is None or out.dtype != torch.float32 or dtype != torch.float32 or out.dim() < 2 or \
             dim not in (-1, out.dim() - 1) or p.dtype != torch.float32 or not F._same_shape(p.shape, out.shape) or \
-            not _single_user(sbd):
+            not F.single_user(sbd):
         return None
     L, S = out.shape[-2:]
     x, chain, mask = next(iter(sbd.users)), [sbd], None
-    if x.target is aten.masked_fill.Scalar and x.args[2] == 0 and _single_user(x):
+    if x.target is aten.masked_fill.Scalar and x.args[2] == 0 and F.single_user(x):
         m = F._val(x.args[1])
         if m is None or m.dtype != torch.bool or any(not F._same(n, 1) for n in m.shape[:-2]) or \
                 not F._same_shape(m.shape[-2:], (L, S)):
@@ -439,13 +320,11 @@ def _fuse_forward(gm: fx.GraphModule, record: CompileRecord, stage: str, sources
 
 
 def fuse_attention_probs(gm: fx.GraphModule, record: CompileRecord, stage: str,
-                         option: Optional[bool] = None, inner: str = "eager") -> fx.GraphModule:
+                         option: Optional[bool] = None) -> fx.GraphModule:
     """Replace each quantized attention's dequantize ... ``P`` quantizer chain in ``gm`` (a
     forward or inference graph) by one ``sqcompile::attention_probs``, and in a backward
-    graph each softmax backward chain by one ``sqcompile::attention_probs_backward`` and,
-    when ``inner`` (the compiler the graph goes to) is ``"inductor"``, the two ShiftQuants
-    of its result by one ``sqcompile::attention_ds_quantize`` (the module docstring).
-    ``option``: the compile's ``fusion`` option."""
+    graph each softmax backward chain by one ``sqcompile::attention_probs_backward`` (the
+    module docstring).  ``option``: the compile's ``fusion`` option."""
     if not F.enabled(option):
         return gm
     from ..kernels import cpu_attention
@@ -460,10 +339,7 @@ def fuse_attention_probs(gm: fx.GraphModule, record: CompileRecord, stage: str,
     sources = {F._source_of(n) for n in gemms}
     if not backward:
         return F.finished(gm, record, stage, _fuse_forward(gm, record, stage, sources))
-    fused = _fuse_backward(gm, record, stage, sources)
-    if fused and inner == "inductor":    # the quantizers' noise is then numerics.hash_noise, as ours
-        fused += _fuse_ds_quantizers(gm, record, stage, sources)
-    return F.finished(gm, record, stage, fused)
+    return F.finished(gm, record, stage, _fuse_backward(gm, record, stage, sources))
 
 
-__all__ = ["fuse_attention_probs", "KERNEL", "BACKWARD_KERNEL", "DS_KERNEL"]
+__all__ = ["fuse_attention_probs", "KERNEL", "BACKWARD_KERNEL"]

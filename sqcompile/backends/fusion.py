@@ -685,6 +685,19 @@ def output_item(node: fx.Node, index: int) -> Optional[fx.Node]:
     return next((u for u in node.users if u.target is operator.getitem and u.args[1] == index), None)
 
 
+def single_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
+
+
+def row_vector(v: torch.Tensor, like: torch.Tensor, dim: int) -> bool:
+    """Does ``v`` (float32) broadcast to ``like`` ``[..., L, S]`` with size 1 along ``dim``
+    (-1: one value per row, -2: one per column)?"""
+    if v.dim() > like.dim() or v.dtype != torch.float32:
+        return False
+    pad = [1] * (like.dim() - v.dim()) + list(v.shape)
+    return _same(pad[dim], 1) and all(_same(a, 1) or _same(a, b) for a, b in zip(pad, like.shape))
+
+
 def per_row_quantizer(q: fx.Node) -> bool:
     """Is the quantizer call ``q`` (``(x, bits, keep_dims, stochastic, ...)``) nearest-rounding
     with one scale per row (every dim but the last kept)?"""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import platform
 from typing import Optional, Tuple
 
 import torch
@@ -88,16 +87,10 @@ def describe() -> str:
 @functools.lru_cache(maxsize=None)
 def status() -> Tuple[bool, Optional[str]]:
     """``(usable, reason)`` for the AMX kernel on this machine (checked and built once)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False, f"needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
-    missing = {"amx_tile", "amx_int8"} - native.cpu_flags()
-    if missing:
-        return False, f"this CPU lacks {', '.join(sorted(missing))}"
-    try:
-        lib = _library()
-    except (OSError, RuntimeError) as e:
-        return False, str(e)
-    if lib.sq_amx_init() != 0:
+    usable = native.status({"amx_tile", "amx_int8"}, _library)
+    if not usable[0]:
+        return usable
+    if _library().sq_amx_init() != 0:
         return False, "the kernel refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; Linux >= 5.16)"
     return True, None
 

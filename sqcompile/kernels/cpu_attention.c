@@ -1,7 +1,7 @@
 /* Quantized attention on CPU, one row of scores at a time (AVX-512 F/BW/VL): the softmax and
- * P's quantizer (sq_attention_probs), the softmax's backward (sq_attention_probs_backward)
- * and dS's two outer-scaled ShiftQuants (sq_ds_ranges, sq_ds_quantize); see
- * sqcompile/kernels/cpu_attention.py.
+ * P's quantizer (sq_attention_probs) and the softmax's backward (sq_attention_probs_backward);
+ * see sqcompile/kernels/cpu_attention.py.  (dS's two outer-scaled ShiftQuants are
+ * cpu_quant.c's, which quantizes every GEMM's output gradient so.)
  *
  * sq_attention_probs: for each row of int32 scores acc[row, 0:S] (the int8 product Q K^T),
  * with the row's scale sa[row] and the columns' scales sb[batch, s]:
@@ -24,9 +24,9 @@
  * Rows are shared among `threads` OpenMP threads (torch's own pool: -fopenmp links the
  * libgomp torch loaded).
  */
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
+
+#include "avx512.h"
 
 static inline __m512 exp_nonpositive(__m512 x) {
     /* exp(x) for x <= 0 or x = -inf; below -104 the result is 0 (the float32 exp underflows
@@ -48,12 +48,6 @@ static inline __m512 exp_nonpositive(__m512 x) {
     __m512 y = _mm512_scalef_ps(p, n);                 /* p * 2**n, subnormals rounded */
     __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     return _mm512_mask_blend_ps(under, y, _mm512_setzero_ps());
-}
-
-static inline __mmask16 lanes(int64_t from, int64_t to) {
-    /* the lanes of the 16 elements at `from` that lie below `to` */
-    int64_t n = to - from;
-    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
 }
 
 static void one_row(const int32_t *a, float sa, const float *sb, float c, int64_t S, int64_t n, float qmax,
@@ -173,127 +167,5 @@ void sq_attention_probs_backward(const int32_t *acc, const float *sa, const floa
         int64_t b = row / L, l = row % L;
         const uint8_t *m = mask ? mask + b * mask_bstride + l * S : 0;
         one_row_backward(acc + row * S, sa[row], sb + b * S, P + row * S, m, c, S, dS + row * S);
-    }
-}
-
-/* The two ShiftQuants of attention's dS with their outer scales (grad_outer_scale), as the
-   graph composes them (sqcompile.ops.shiftquant_outer over numerics.shiftquant, lowered for
-   Inductor with numerics.hash_noise): for dQ = dS K along its columns, with K's column scales
-   pk as prescale and one outer maximum per row; for dK = dS^T Q along its rows, with Q's row
-   scales pq and one outer maximum per column.  Each value is computed as those ops compute
-   it (the same multiplies, IEEE divisions, NaN-propagating maxima, the same hash), so the
-   results are theirs bit for bit.  ds [B, L, S], pk [B, S], pq [B, L] float32; the batch
-   entries are spread over the threads, one entry's rows in order within a thread. */
-static inline __m512 max_nan(__m512 acc, __m512 v) {
-    /* max(acc, v), NaN once either has been NaN (torch's amax) */
-    __m512 m = _mm512_max_ps(v, acc);                  /* acc where either is NaN */
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), m, v);
-}
-
-static inline float one_if_zero(float r) { return r == 0.0f ? 1.0f : r; }
-
-static inline float reduce_max_nan(__m512 v) {
-    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q))
-        return NAN;
-    return _mm512_reduce_max_ps(v);
-}
-
-/* Pass 1: outer maxima (rows of |dS pk|, columns of |dS pq|; 0 taken as 1); pass 2: the
-   channel ranges of the quotients (columns of |dS pk / outer_c|, rows of |dS pq / outer_r|). */
-void sq_ds_ranges(const float *ds, const float *pk, const float *pq, int64_t B, int64_t L, int64_t S,
-                  float *outer_c, float *outer_r, float *ranges_c, float *ranges_r, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; b++) {
-        const float *pkb = pk + b * S;
-        float *oc = outer_c + b * L, *orr = outer_r + b * S, *rc = ranges_c + b * S, *rr = ranges_r + b * L;
-        int64_t s;
-        for (s = 0; s < S; s += 16)
-            _mm512_mask_storeu_ps(orr + s, lanes(s, S), _mm512_setzero_ps());
-        for (int64_t l = 0; l < L; l++) {
-            const float *row = ds + (b * L + l) * S;
-            __m512 vq = _mm512_set1_ps(pq[b * L + l]), mc = _mm512_setzero_ps();
-            for (s = 0; s < S; s += 16) {
-                __mmask16 m = lanes(s, S);
-                __m512 x = _mm512_maskz_loadu_ps(m, row + s);
-                __m512 yc = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, pkb + s)));
-                __m512 yr = _mm512_abs_ps(_mm512_mul_ps(x, vq));
-                mc = max_nan(mc, _mm512_maskz_mov_ps(m, yc));
-                _mm512_mask_storeu_ps(orr + s, m, max_nan(_mm512_maskz_loadu_ps(m, orr + s), yr));
-            }
-            oc[l] = one_if_zero(reduce_max_nan(mc));
-        }
-        for (s = 0; s < S; s++) {
-            orr[s] = one_if_zero(orr[s]);
-            rc[s] = 0.0f;
-        }
-        for (int64_t l = 0; l < L; l++) {
-            const float *row = ds + (b * L + l) * S;
-            __m512 vq = _mm512_set1_ps(pq[b * L + l]), voc = _mm512_set1_ps(oc[l]), mr = _mm512_setzero_ps();
-            for (s = 0; s < S; s += 16) {
-                __mmask16 m = lanes(s, S);
-                __m512 x = _mm512_maskz_loadu_ps(m, row + s);
-                __m512 qc = _mm512_div_ps(_mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, pkb + s)), voc);
-                __m512 qr = _mm512_div_ps(_mm512_mul_ps(x, vq), _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, orr + s));
-                _mm512_mask_storeu_ps(rc + s, m, max_nan(_mm512_maskz_loadu_ps(m, rc + s), _mm512_abs_ps(qc)));
-                mr = max_nan(mr, _mm512_maskz_mov_ps(m, _mm512_abs_ps(qr)));
-            }
-            rr[l] = reduce_max_nan(mr);
-        }
-    }
-}
-
-static inline __m512 hash_noise(__m512i index, __m512i seed) {
-    /* numerics.hash_noise: MurmurHash3's finalizer over (index ^ seed) * golden, in int32 */
-    __m512i h = _mm512_mullo_epi32(_mm512_xor_si512(index, seed), _mm512_set1_epi32((int32_t)0x9E3779B1));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0x85EBCA6B));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
-    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0xC2B2AE35));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    __m512 k = _mm512_cvtepi32_ps(_mm512_srli_epi32(h, 24));
-    return _mm512_mul_ps(_mm512_add_ps(k, _mm512_set1_ps(0.5f)), _mm512_set1_ps(1.0f / 256.0f));
-}
-
-static inline __m512i expand(__m512 x, __m512 scale, __m512 mult, __m512 u, __m512 qmax) {
-    /* numerics.quantize_values (stochastic) then q * multiplier: floor(x / scale + u),
-       clamped, NaN -> 0 (scale 0 divides as 1) */
-    __m512 d = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_EQ_OQ), scale,
-                                    _mm512_set1_ps(1.0f));
-    __m512 q = _mm512_roundscale_ps(_mm512_add_ps(_mm512_div_ps(x, d), u), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __mmask16 nan = _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
-    q = _mm512_min_ps(_mm512_max_ps(q, _mm512_sub_ps(_mm512_setzero_ps(), qmax)), qmax);
-    q = _mm512_mask_blend_ps(nan, q, _mm512_setzero_ps());
-    return _mm512_cvtps_epi32(_mm512_mul_ps(q, mult));
-}
-
-/* Pass 3: both quantizations; scale_* and mult_* are shift_params' per-channel scales and
-   multipliers (columns [B, S], rows [B, L]); seed_* numerics.hash_noise's seeds, already
-   multiplied by its spreading constant. */
-void sq_ds_quantize(const float *ds, const float *pk, const float *pq, const float *outer_c, const float *outer_r,
-                    const float *scale_c, const float *mult_c, const float *scale_r, const float *mult_r,
-                    int32_t seed_c, int32_t seed_r, float qmax, int64_t B, int64_t L, int64_t S, int8_t *e_c,
-                    int8_t *e_r, int threads) {
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512i vsc = _mm512_set1_epi32(seed_c), vsr = _mm512_set1_epi32(seed_r);
-    const __m512 vqmax = _mm512_set1_ps(qmax);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 16)
-    for (int64_t row = 0; row < B * L; row++) {
-        int64_t b = row / L;
-        const float *x = ds + row * S, *pkb = pk + b * S, *orr = outer_r + b * S;
-        const float *sc = scale_c + b * S, *mc = mult_c + b * S;
-        const __m512 vq = _mm512_set1_ps(pq[row]), voc = _mm512_set1_ps(outer_c[row]);
-        const __m512 vsr_ = _mm512_set1_ps(scale_r[row]), vmr = _mm512_set1_ps(mult_r[row]);
-        for (int64_t s = 0; s < S; s += 16) {
-            __mmask16 m = lanes(s, S);
-            __m512 v = _mm512_maskz_loadu_ps(m, x + s);
-            __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)(row * S + s)), lane);
-            __m512 qc = _mm512_div_ps(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, pkb + s)), voc);
-            __m512i ec = expand(qc, _mm512_maskz_loadu_ps(m, sc + s), _mm512_maskz_loadu_ps(m, mc + s),
-                                hash_noise(index, vsc), vqmax);
-            _mm512_mask_cvtepi32_storeu_epi8(e_c + row * S + s, m, ec);
-            __m512 qr = _mm512_div_ps(_mm512_mul_ps(v, vq), _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, orr + s));
-            __m512i er = expand(qr, vsr_, vmr, hash_noise(index, vsr), vqmax);
-            _mm512_mask_cvtepi32_storeu_epi8(e_r + row * S + s, m, er);
-        }
     }
 }

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 import os
-import platform
 from typing import Optional, Tuple
 
 import torch
@@ -35,6 +33,7 @@ import torch
 from .. import numerics as N
 from .. import ops
 from . import native, pool
+from .cpu_quant import batched
 
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.c")
 CFLAGS = ["-O2", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
@@ -44,16 +43,7 @@ CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
 @functools.lru_cache(maxsize=None)
 def status() -> Tuple[bool, Optional[str]]:
     """``(usable, reason)`` for the kernels on this machine (checked and built once)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False, f"needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
-    missing = CPU_FLAGS - native.cpu_flags()
-    if missing:
-        return False, f"this CPU lacks {', '.join(sorted(missing))}"
-    try:
-        _library()
-    except (OSError, RuntimeError) as e:
-        return False, str(e)
-    return True, None
+    return native.status(CPU_FLAGS, _library)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,32 +54,7 @@ def _library() -> ctypes.CDLL:
     lib.sq_attention_probs.argtypes = [ptr, ptr, ptr, f32, i64, i64, i64, i32, f32, ptr, ptr, ptr, ptr, i32]
     lib.sq_attention_probs_backward.restype = None
     lib.sq_attention_probs_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, f32, i64, i64, i64, ptr, i32]
-    lib.sq_ds_ranges.restype = None
-    lib.sq_ds_ranges.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i32]
-    lib.sq_ds_quantize.restype = None
-    lib.sq_ds_quantize.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, f32, i64, i64, i64, ptr, ptr,
-                                   i32]
     return lib
-
-
-def _rows(scores: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.Tensor]):
-    """``(B, L, S)`` of the scores ``[..., L, S]``, and the scales as contiguous ``[B, L]`` /
-    ``[B, S]`` float32 (``sa`` broadcasts to ``[..., L, 1]``, ``sb`` to ``[..., 1, S]``; None:
-    ones, by which the kernels multiply exactly)."""
-    *lead, L, S = scores.shape
-    B = math.prod(lead)
-    one = torch.ones((), dtype=torch.float32)
-    sa = (one if sa is None else sa.to(torch.float32)).expand(*lead, L, 1).reshape(B, L).contiguous()
-    sb = (one if sb is None else sb.to(torch.float32)).expand(*lead, 1, S).reshape(B, S).contiguous()
-    return (B, L, S), sa, sb
-
-
-def _recycled(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized contiguous ``shape`` tensor of ``dtype`` (4 or 1 bytes) from the pool of
-    recycled outputs (:mod:`.pool`: no page faults on the large per-step tensors)."""
-    n = math.prod(shape)
-    words = n if dtype.itemsize == 4 else (n + 3) // 4
-    return pool.OUTPUTS.empty((words,)).view(dtype)[:n].view(shape)
 
 
 def _dequantized(acc: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.Tensor]) -> torch.Tensor:
@@ -121,10 +86,10 @@ def attention_probs(scores: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, sc
     1, S]``.  Runs the reference where :func:`status` says the kernel cannot."""
     if scores.device.type != "cpu" or scores.dtype != torch.int32 or not status()[0] or scores.numel() == 0:
         return attention_probs_reference(scores, sa, sb, scale, causal, bits)
-    (B, L, S), sa2, sb2 = _rows(scores, sa, sb)
+    (B, L, S), sa2, sb2 = batched(scores, sa, sb)
     acc = scores.contiguous()
-    p = _recycled(scores.shape, torch.float32)
-    q = _recycled(scores.shape, torch.int8)
+    p = pool.OUTPUTS.empty(scores.shape, torch.float32)
+    q = pool.OUTPUTS.empty(scores.shape, torch.int8)
     row_shape = (*scores.shape[:-1], 1)
     q_scale = torch.empty(row_shape, dtype=torch.float32)
     amax = torch.empty(row_shape, dtype=torch.float32)
@@ -185,10 +150,10 @@ def attention_probs_backward(dp: torch.Tensor, sa: Optional[torch.Tensor], sb: O
     if dp.device.type != "cpu" or dp.dtype != torch.int32 or p.dtype != torch.float32 or not status()[0] or \
             dp.numel() == 0:
         return attention_probs_backward_reference(dp, sa, sb, p, mask, scale)
-    (B, L, S), sa2, sb2 = _rows(dp, sa, sb)
+    (B, L, S), sa2, sb2 = batched(dp, sa, sb)
     acc, probs = dp.contiguous(), p.contiguous()
     m, m_stride = _mask_rows(mask, dp.shape)
-    ds = _recycled(dp.shape, torch.float32)
+    ds = pool.OUTPUTS.empty(dp.shape, torch.float32)
     _library().sq_attention_probs_backward(acc.data_ptr(), sa2.data_ptr(), sb2.data_ptr(), probs.data_ptr(),
                                            None if m is None else m.data_ptr(), m_stride, float(scale), B, L, S,
                                            ds.data_ptr(), torch.get_num_threads())
@@ -208,83 +173,5 @@ def _(dp, sa, sb, p, mask, scale):
     return dp.new_empty(dp.shape, dtype=torch.float32)
 
 
-def _spread_seed(seed: torch.Tensor) -> int:
-    """:func:`sqcompile.numerics.hash_noise`'s seed as it enters the hash: the int32 seed times
-    its spreading constant, wrapped to int32."""
-    v = (int(seed) & 0xFFFFFFFF) * 668265263 & 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
-def ds_quantize_reference(ds: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int, groups: int,
-                          seeds: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    """The graph's two ShiftQuants of attention's ``dS`` ``[..., L, S]`` with outer scales,
-    as lowered for Inductor (:func:`sqcompile.ops.shiftquant_outer` over
-    :func:`sqcompile.numerics.shiftquant` with :func:`~sqcompile.numerics.hash_noise` noise of
-    ``seeds``): along the columns with prescale ``pk`` (``[..., 1, S]``) and one outer maximum
-    per row, along the rows with prescale ``pq`` (``[..., L, 1]``) and one per column.
-    ``(e_cols, base_cols, outer_cols, e_rows, base_rows, outer_rows)``."""
-    nd = ds.dim()
-    cols, rows = list(range(nd - 2)) + [nd - 1], list(range(nd - 1))
-    out = []
-    for pre, channels, outer_dims, seed in ((pk, cols, rows, seeds[0]), (pq, rows, cols, seeds[1])):
-        y = ds * pre
-        r = N.safe_div_scale(N.amax(y, outer_dims))
-        x = y / r
-        g, mult, scale, base = N.shift_params(N.amax(x, channels), bits, groups)
-        q = N.shiftquant_with_params(x, bits, groups, g, mult, scale, base, "stochastic",
-                                     N.hash_noise(x.shape, seed, x.device))
-        out += [q.expanded, q.base_scale, r]
-    return tuple(out)
-
-
-def ds_quantize(ds: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int, groups: int,
-                seeds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, ...]:
-    """:func:`ds_quantize_reference` on the AVX-512 kernels, bit for bit, in three passes over
-    ``dS`` (the outer maxima, the quotients' channel ranges, both quantizations) with
-    ``shift_params`` between the second and the third; ``seeds`` default to two drawn from
-    torch's generator, columns first (as the graph's two quantizers draw them)."""
-    if seeds is None:
-        seeds = (N.draw_seed(ds.device), N.draw_seed(ds.device))
-    if ds.device.type != "cpu" or ds.dtype != torch.float32 or not status()[0] or ds.numel() == 0 or \
-            not N.fits_int8(bits, groups):
-        return ds_quantize_reference(ds, pk, pq, bits, groups, seeds)
-    (B, L, S), pq2, pk2 = _rows(ds, pq, pk)
-    x = ds.contiguous()
-    f32 = dict(dtype=torch.float32)
-    outer_c, ranges_r = torch.empty(B, L, **f32), torch.empty(B, L, **f32)
-    outer_r, ranges_c = torch.empty(B, S, **f32), torch.empty(B, S, **f32)
-    lib, threads = _library(), torch.get_num_threads()
-    lib.sq_ds_ranges(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), B, L, S, outer_c.data_ptr(), outer_r.data_ptr(),
-                     ranges_c.data_ptr(), ranges_r.data_ptr(), threads)
-    *lead, _, _ = ds.shape
-    _, mult_c, scale_c, base_c = torch.ops.sqcompile.shift_params(ranges_c.view(*lead, 1, S), bits, groups)
-    _, mult_r, scale_r, base_r = torch.ops.sqcompile.shift_params(ranges_r.view(*lead, L, 1), bits, groups)
-    e_c, e_r = _recycled(ds.shape, torch.int8), _recycled(ds.shape, torch.int8)
-    c = [t.contiguous() for t in (scale_c, mult_c, scale_r, mult_r)]
-    lib.sq_ds_quantize(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), outer_c.data_ptr(), outer_r.data_ptr(),
-                       *(t.data_ptr() for t in c), _spread_seed(seeds[0]), _spread_seed(seeds[1]),
-                       float(N.qmax(bits)), B, L, S, e_c.data_ptr(), e_r.data_ptr(), threads)
-    return (e_c, N._finite_or_nan(base_c), outer_c.view(*lead, L, 1), e_r, N._finite_or_nan(base_r),
-            outer_r.view(*lead, 1, S))
-
-
-@ops.custom_op("sqcompile::attention_ds_quantize")
-def ds_quantize_op(ds: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, seed_cols: torch.Tensor,
-                   seed_rows: torch.Tensor, bits: int,
-                   groups: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention's ``dS`` ShiftQuant-ed both ways with outer scales (:func:`ds_quantize`) with
-    the seeds given (``sqcompile::random_seed`` nodes of the graph, drawn where the two
-    quantizers drew theirs): ``(e_cols, base_cols, outer_cols, e_rows, base_rows, outer_rows)``."""
-    return ds_quantize(ds, pk, pq, bits, groups, (seed_cols, seed_rows))
-
-
-@ds_quantize_op.register_fake
-def _(ds, pk, pq, seed_cols, seed_rows, bits, groups):
-    *lead, L, S = ds.shape
-    e = ds.new_empty(ds.shape, dtype=N.expanded_dtype(bits, groups))
-    f = ds.new_empty((), dtype=torch.float32)
-    return (e, f, ds.new_empty((*lead, L, 1)), torch.empty_like(e), torch.empty_like(f), ds.new_empty((*lead, 1, S)))
-
-
 __all__ = ["attention_probs", "attention_probs_reference", "attention_probs_backward",
-           "attention_probs_backward_reference", "ds_quantize", "ds_quantize_reference", "status", "SOURCE"]
+           "attention_probs_backward_reference", "status", "SOURCE"]

@@ -1,20 +1,23 @@
 """Our C kernels: built with the system C compiler on first use, loaded with ``ctypes``.
 
-Each source file (``amx_int8.c``, ``cpu_attention.c``) becomes one shared library in
-:data:`~sqcompile.kernels.triton_fused.KERNEL_DIR` (``SQCOMPILE_KERNEL_DIR``), under a name
-that hashes the source, the compiler and its flags, so an edit or another compiler builds
-anew and an unchanged one loads what is there (building takes about a second).  The
+Each source file (``amx_int8.c``, ``cpu_attention.c``, ``cpu_quant.c``) becomes one shared
+library in :data:`~sqcompile.kernels.triton_fused.KERNEL_DIR` (``SQCOMPILE_KERNEL_DIR``),
+under a name that hashes the source, the headers beside it (``avx512.h``), the compiler and
+its flags, so an edit or another compiler builds anew and an unchanged one loads what is
+there (building takes about a second).  The
 compiler is ``$CC``, else ``cc``, ``gcc`` or ``clang``, the first found.
 """
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
-from typing import Sequence, Set
+from typing import Callable, Optional, Sequence, Set, Tuple
 
 
 def cpu_flags() -> Set[str]:
@@ -44,8 +47,10 @@ def build(source: str, cflags: Sequence[str], what: str) -> ctypes.CDLL:
     from .triton_fused import KERNEL_DIR   # one cache folder for everything we generate
 
     cc = compiler()
-    with open(source, "rb") as f:
-        text = f.read()
+    text = b""
+    for path in [source, *sorted(glob.glob(os.path.join(os.path.dirname(source), "*.h")))]:
+        with open(path, "rb") as f:
+            text += f.read()
     key = hashlib.sha256(text + " ".join([cc, *cflags]).encode()).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(source))[0]
     path = os.path.join(KERNEL_DIR, f"{stem}_{key}.so")
@@ -61,4 +66,19 @@ def build(source: str, cflags: Sequence[str], what: str) -> ctypes.CDLL:
     return ctypes.CDLL(path)
 
 
-__all__ = ["build", "compiler", "cpu_flags"]
+def status(flags: Set[str], load: Callable[[], object]) -> Tuple[bool, Optional[str]]:
+    """``(usable, reason)`` for a kernel that needs Linux on x86-64, the CPU ``flags`` and
+    ``load()`` (its build and load) to succeed."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False, f"needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
+    missing = flags - cpu_flags()
+    if missing:
+        return False, f"this CPU lacks {', '.join(sorted(missing))}"
+    try:
+        load()
+    except (OSError, RuntimeError) as e:
+        return False, str(e)
+    return True, None
+
+
+__all__ = ["build", "compiler", "cpu_flags", "status"]

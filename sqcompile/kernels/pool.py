@@ -46,24 +46,27 @@ class OutputPool:
         self._count = count
         self._idle = _use_count(count, torch.empty(1)) if count is not None else None
 
-    def empty(self, shape) -> torch.Tensor:
+    def empty(self, shape, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        """An uninitialized contiguous ``shape`` tensor of ``dtype`` (4 or 1 bytes an element),
+        recycled when it is large enough."""
         numel = math.prod(shape)
-        nbytes = 4 * numel
+        words = numel if dtype.itemsize == 4 else (numel + 3) // 4
+        nbytes = 4 * words
         if self._idle is None or nbytes < self.MIN_BYTES or nbytes > self.limit:
-            return torch.empty(shape, dtype=torch.int32)
+            return torch.empty(shape, dtype=dtype)
         with self.lock:
             for buf in self.buffers.get(nbytes, ()):
                 if self._free(buf):
                     self.recent.move_to_end(id(buf))
-                    return buf.view(shape)
+                    return _typed(buf, dtype, numel, shape)
             if self.kept + nbytes > self.limit and not self._evict(self.kept + nbytes - self.limit):
-                return torch.empty(shape, dtype=torch.int32)
+                return torch.empty(shape, dtype=dtype)
             with torch.inference_mode(False):
-                buf = torch.empty(numel, dtype=torch.int32)
+                buf = torch.empty(words, dtype=torch.int32)
             self.buffers.setdefault(nbytes, []).append(buf)
             self.recent[id(buf)] = buf
             self.kept += nbytes
-            return buf.view(shape)
+            return _typed(buf, dtype, numel, shape)
 
     def _free(self, buf: torch.Tensor) -> bool:
         return _use_count(self._count, buf) == self._idle
@@ -95,6 +98,10 @@ class OutputPool:
             self.buffers.clear()
             self.recent.clear()
             self.kept = 0
+
+
+def _typed(buf: torch.Tensor, dtype: torch.dtype, numel: int, shape) -> torch.Tensor:
+    return buf.view(shape) if dtype == torch.int32 else buf.view(dtype)[:numel].view(shape)
 
 
 def _use_count(count, t: torch.Tensor) -> int:

@@ -1,0 +1,177 @@
+"""A GEMM output's gradient quantized for both backward GEMMs by one C kernel
+(``sqcompile::shiftquant_outer_pair``).
+
+With ``grad_outer_scale`` (the default), the backward of each quantized GEMM ``Y = A B``
+quantizes ``dY`` twice (:func:`sqcompile.ops.shiftquant_outer`): along its columns for
+``dA = dY B^T``, prescaled by ``B``'s scales, and along its rows for ``dB = A^T dY``,
+prescaled by ``A``'s.  In a backward graph of the torch kernel family on CPU that Inductor
+compiles (``inner="inductor"``, whose quantizers draw
+:func:`~sqcompile.numerics.hash_noise`, as the kernel does), this pass replaces each such
+pair over one float32 ``dY`` -- a Linear's or a conv's output gradient, after a GELU's or a
+norm's backward, attention's ``dS`` -- by one
+:func:`~sqcompile.kernels.cpu_quant.shiftquant_outer_pair`, bit for bit what the two
+compute.  Inductor then writes ``dY`` once, where its six loops over the two quantizers each
+recomputed ``dY``'s producer (the GELU backward's ``erf``, a dequantized GEMM result); the
+kernel makes three passes over it.  Its two seeds become ``sqcompile::random_seed`` nodes of
+the graph, drawn where the quantizers drew theirs, in their order.
+
+Nothing happens on other devices, with other kernel families, under ``inner="eager"``
+(whose quantizers draw their noise another way), without ``grad_outer_scale``, for bit
+widths beyond int8's range, when the kernel cannot run here
+(:func:`~sqcompile.kernels.cpu_quant.status`), or with ``fusion=False``.  Each fusion is
+recorded as a :class:`~sqcompile.decisions.FusedRegion` (label ``shiftquant_outer(dY) x2``)
+on the decision of the GEMM that ``dY``'s column quantization feeds.
+"""
+from __future__ import annotations
+
+import operator
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.fx as fx
+
+from .. import numerics as N
+from ..decisions import CompileRecord, FusedRegion
+from . import fusion as F
+
+aten = torch.ops.aten
+KERNEL = "sqcompile/kernels/cpu_quant.c:sq_outer_pair_ranges, sq_outer_pair_quantize"
+LABEL = "shiftquant_outer(dY) x2"
+
+
+class _OuterQuantizer(NamedTuple):
+    """One ``shiftquant_outer`` composition of the graph over ``dY`` (see :func:`_outer_quantizer`)."""
+    prescale: fx.Node
+    outer: fx.Node                # the outer maxima, 0 taken as 1
+    quantizer: fx.Node            # sqcompile.shiftquant of dY * prescale / outer
+    nodes: List[fx.Node]          # everything between dY and the quantizer's results
+
+
+def _outer_quantizer(mul: fx.Node, dy: fx.Node) -> Optional[tuple]:
+    """``("cols" | "rows", _OuterQuantizer)`` when ``mul`` is ``dY * prescale`` feeding
+    :func:`sqcompile.ops.shiftquant_outer`'s composition as AOTAutograd traces it::
+
+        y = dY * p;  r = amax(abs(detach(y)), [d], keepdim);  r = r.masked_fill(r == 0, 1)
+        e, base = sqcompile.shiftquant(y / r, bits, groups, channels, stochastic=True)
+
+    along the columns (``p`` ``[..., 1, S]``, ``d`` the last dim, channels every dim but the
+    second to last) or the rows (``p`` ``[..., L, 1]``, ``d`` the second to last)."""
+    v = F._val(dy)
+    if mul.target is not aten.mul.Tensor or len(mul.args) != 2 or mul.args[0] is not dy or \
+            not isinstance(mul.args[1], fx.Node) or len(mul.users) != 2:
+        return None
+    pre = mul.args[1]
+    pv, nd = F._val(pre), v.dim()
+    side = "cols" if pv is not None and F.row_vector(pv, v, -2) else \
+        "rows" if pv is not None and F.row_vector(pv, v, -1) else None
+    detach = next((u for u in mul.users if u.target is aten.detach.default), None)
+    div = next((u for u in mul.users if u.target is aten.div.Tensor and u.args[0] is mul), None)
+    if side is None or detach is None or div is None or not F.single_user(detach):
+        return None
+    (a,) = detach.users
+    if a.target is not aten.abs.default or not F.single_user(a):
+        return None
+    (amax,) = a.users
+    dim = nd - 1 if side == "cols" else nd - 2
+    if amax.target is not aten.amax.default or [d % nd for d in amax.args[1]] != [dim] or \
+            not (amax.args[2] if len(amax.args) > 2 else amax.kwargs.get("keepdim", False)):
+        return None
+    eq = next((u for u in amax.users if u.target is aten.eq.Scalar and u.args[1] == 0), None)
+    outer = div.args[1]
+    if eq is None or len(amax.users) != 2 or not F.single_user(eq) or outer.target is not aten.masked_fill.Scalar or \
+            outer.args[:3] != (amax, eq, 1) or not F.single_user(div):
+        return None
+    (sq,) = div.users
+    channels = list(range(nd - 2)) + ([nd - 1] if side == "cols" else [nd - 2])
+    if sq.target is not torch.ops.sqcompile.shiftquant.default or sq.args[0] is not div or \
+            sorted(d % nd for d in sq.args[3]) != channels or sq.args[4] is not True or \
+            (len(sq.args) > 5 and sq.args[5] is not None) or sq.kwargs:
+        return None
+    return side, _OuterQuantizer(pre, outer, sq, [mul, detach, a, amax, eq, div, sq])
+
+
+def _gemm_fed_by(node: fx.Node) -> Optional[fx.Node]:
+    """The ``int8_mm`` that ``node`` (an integer tensor) reaches through views and transposes."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user.target is torch.ops.sqcompile.int8_mm.default:
+                return user
+            if user not in seen and user.args and user.args[0] is n and (
+                    F._is_view(user) or user.target in (aten.transpose.int, aten.t.default, aten.permute.default)):
+                seen.add(user)
+                stack.append(user)
+    return None
+
+
+def _fuse(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
+    graph = gm.graph
+    sources = {F._source_of(n) for n in graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default}
+    fused = 0
+    for dy in list(graph.nodes):
+        v = F._val(dy)
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.dim() < 2 or v.device.type != "cpu":
+            continue
+        found = dict(filter(None, (_outer_quantizer(u, dy) for u in list(dy.users))))
+        if set(found) != {"cols", "rows"}:
+            continue
+        c, r = found["cols"], found["rows"]
+        bits, groups = c.quantizer.args[1:3]
+        if r.quantizer.args[1:3] != (bits, groups) or not N.fits_int8(bits, groups):
+            continue
+        mode = F._fake_mode(dy)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first_use = min(c.nodes[0], r.nodes[0], key=order.__getitem__)
+        if max(order[c.prescale], order[r.prescale]) > order[first_use]:
+            continue            # a prescale computed after dY's first use: keep the graph
+        with graph.inserting_before(first_use):
+            # the seeds as graph nodes, drawn in the quantizers' order: as the two quantizers'
+            # own are once lowered (drawn inside the op, Inductor's order of extern calls would
+            # decide which seed each got)
+            seeds = [F._new(graph, torch.ops.sqcompile.random_seed.default, (v.device,), c.quantizer, mode)
+                     for _ in range(2)]
+            if order[r.quantizer] < order[c.quantizer]:
+                seeds.reverse()
+            new = F._new(graph, torch.ops.sqcompile.shiftquant_outer_pair.default,
+                         (dy, c.prescale, r.prescale, *seeds, bits, groups), c.quantizer, mode)
+            outs = [F._new(graph, operator.getitem, (new, i), c.quantizer, mode) for i in range(6)]
+        for q, base in ((c, 0), (r, 3)):
+            for item in [u for u in q.quantizer.users if u.target is operator.getitem]:
+                item.replace_all_uses_with(outs[base + item.args[1]])
+            q.outer.replace_all_uses_with(outs[base + 2])
+        doomed = {*c.nodes, *r.nodes, c.outer, r.outer, *c.quantizer.users, *r.quantizer.users}
+        for node in reversed(list(graph.nodes)):
+            if node in doomed and not node.users:
+                graph.erase_node(node)
+        mm = _gemm_fed_by(outs[0])
+        decision = F._decision_for(record, mm, sources) if mm is not None else None
+        F._record(record, decision, FusedRegion(
+            name=f"R{len(record.regions) + 1}", stage=stage, label=LABEL,
+            nodes=[n.name for n in (*c.nodes, c.outer, *r.nodes, r.outer)],
+            module_path=decision.module_path if decision else F._module_of(new),
+            decision=decision.node if decision else None, outputs=6, stop="", kernel=KERNEL))
+        fused += 1
+    return fused
+
+
+def fuse_gradient_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
+                             option: Optional[bool] = None, inner: str = "eager") -> fx.GraphModule:
+    """Replace each pair of outer-scaled ShiftQuants of one gradient in ``gm`` (a backward
+    graph for ``inner``, the compiler it goes to, ``"inductor"``) by one
+    ``sqcompile::shiftquant_outer_pair`` (the module docstring).  ``option``: the compile's
+    ``fusion`` option."""
+    if not F.enabled(option) or stage != "backward" or inner != "inductor":
+        return gm
+    from ..kernels import cpu_quant
+
+    gemms = [n for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default]
+    # the kernel is built at the first graph that could take it, not on a GPU's graphs
+    if not any(F._val(n) is not None and F._val(n).device.type == "cpu" for n in gemms) or \
+            not any(n.target is torch.ops.sqcompile.shiftquant.default for n in gm.graph.nodes) or \
+            not cpu_quant.status()[0]:
+        return gm
+    return F.finished(gm, record, stage, _fuse(gm, record, stage))
+
+
+__all__ = ["fuse_gradient_quantizers", "KERNEL", "LABEL"]

@@ -1,0 +1,180 @@
+/* A GEMM output's gradient quantized for both of its backward GEMMs (AVX-512 F/BW/VL): the
+ * two ShiftQuants with outer scales (grad_outer_scale) of dY [B, L, S], as the graph composes
+ * them (sqcompile.ops.shiftquant_outer over numerics.shiftquant, lowered for Inductor with
+ * numerics.hash_noise); see sqcompile/kernels/cpu_quant.py.
+ *
+ *   "cols", for dX = dY W (the product over S):  y = dY * pk (the other operand's scales per
+ *       column, pk [B, S]); outer_c = max |y| per row (0 taken as 1); x = y / outer_c;
+ *       ShiftQuant of x with one channel per column (ranges_c = max |x| per column);
+ *   "rows", for dW = dY^T X (the product over L): y = dY * pq (per row, pq [B, L]);
+ *       outer_r = max |y| per column; x = y / outer_r; one channel per row.
+ *
+ * Each value is computed as those ops compute it (the same multiplies, IEEE divisions,
+ * NaN-propagating maxima, the same hash), so the results are theirs bit for bit.  Three
+ * passes over dY: the outer maxima (sq_outer_pair_ranges, pass 1), the channel ranges of the
+ * quotients (pass 2), and, after numerics.shift_params has turned the ranges into
+ * per-channel scales and multipliers, both quantizations (sq_outer_pair_quantize).
+ *
+ * The passes that reduce over rows (column maxima) give each thread a chunk of rows and a
+ * partial maximum per column in `work` [B, chunks, S], combined afterwards: a maximum does
+ * not depend on the order, so any number of threads gives the same bits.
+ */
+#include <math.h>
+
+#include "avx512.h"
+
+static inline __m512 max_nan(__m512 acc, __m512 v) {
+    /* max(acc, v), NaN once either has been NaN (torch's amax) */
+    __m512 m = _mm512_max_ps(v, acc);                  /* acc where either is NaN */
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), m, v);
+}
+
+static inline float one_if_zero(float r) { return r == 0.0f ? 1.0f : r; }
+
+static inline float reduce_max_nan(__m512 v) {
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q))
+        return NAN;
+    return _mm512_reduce_max_ps(v);
+}
+
+static void fill(float *p, int64_t n, float value) {
+    for (int64_t s = 0; s < n; s += 16)
+        _mm512_mask_storeu_ps(p + s, lanes(s, n), _mm512_set1_ps(value));
+}
+
+/* out[b, s] = max over the chunks of work[b, chunk, s] (then 0 -> 1 when `ones`). */
+static void combine(const float *work, int64_t B, int64_t chunks, int64_t S, int ones, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t s = 0; s < S; s += 16) {
+            __mmask16 m = lanes(s, S);
+            __m512 acc = _mm512_maskz_loadu_ps(m, work + b * chunks * S + s);
+            for (int64_t c = 1; c < chunks; c++)
+                acc = max_nan(acc, _mm512_maskz_loadu_ps(m, work + (b * chunks + c) * S + s));
+            if (ones)
+                acc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(acc, _mm512_setzero_ps(), _CMP_EQ_OQ), acc,
+                                           _mm512_set1_ps(1.0f));
+            _mm512_mask_storeu_ps(out + b * S + s, m, acc);
+        }
+    }
+}
+
+/* Rows [first, last) of batch entry b; `chunks` split each entry's L rows. */
+static inline void chunk_rows(int64_t task, int64_t L, int64_t chunks, int64_t *b, int64_t *first, int64_t *last) {
+    int64_t c = task % chunks;
+    *b = task / chunks;
+    *first = L * c / chunks;
+    *last = L * (c + 1) / chunks;
+}
+
+/* Pass 1: outer maxima (rows of |dY pk| -> outer_c [B, L], columns of |dY pq| -> outer_r
+   [B, S]; 0 taken as 1); pass 2: the channel ranges of the quotients (columns of
+   |dY pk / outer_c| -> ranges_c [B, S], rows of |dY pq / outer_r| -> ranges_r [B, L]).
+   work: chunks * B * S floats. */
+void sq_outer_pair_ranges(const float *dy, const float *pk, const float *pq, int64_t B, int64_t L, int64_t S,
+                          int64_t chunks, float *work, float *outer_c, float *outer_r, float *ranges_c,
+                          float *ranges_r, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * chunks; task++) {
+        int64_t b, first, last;
+        chunk_rows(task, L, chunks, &b, &first, &last);
+        const float *pkb = pk + b * S;
+        float *col = work + task * S;
+        fill(col, S, 0.0f);
+        for (int64_t l = first; l < last; l++) {
+            const float *row = dy + (b * L + l) * S;
+            __m512 vq = _mm512_set1_ps(pq[b * L + l]), mc = _mm512_setzero_ps();
+            for (int64_t s = 0; s < S; s += 16) {
+                __mmask16 m = lanes(s, S);
+                __m512 x = _mm512_maskz_loadu_ps(m, row + s);
+                __m512 yc = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, pkb + s)));
+                __m512 yr = _mm512_abs_ps(_mm512_mul_ps(x, vq));
+                mc = max_nan(mc, _mm512_maskz_mov_ps(m, yc));
+                _mm512_mask_storeu_ps(col + s, m, max_nan(_mm512_maskz_loadu_ps(m, col + s), yr));
+            }
+            outer_c[b * L + l] = one_if_zero(reduce_max_nan(mc));
+        }
+    }
+    combine(work, B, chunks, S, 1, outer_r, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * chunks; task++) {
+        int64_t b, first, last;
+        chunk_rows(task, L, chunks, &b, &first, &last);
+        const float *pkb = pk + b * S, *orr = outer_r + b * S;
+        float *col = work + task * S;
+        fill(col, S, 0.0f);
+        for (int64_t l = first; l < last; l++) {
+            const float *row = dy + (b * L + l) * S;
+            __m512 vq = _mm512_set1_ps(pq[b * L + l]), voc = _mm512_set1_ps(outer_c[b * L + l]);
+            __m512 mr = _mm512_setzero_ps();
+            for (int64_t s = 0; s < S; s += 16) {
+                __mmask16 m = lanes(s, S);
+                __m512 x = _mm512_maskz_loadu_ps(m, row + s);
+                __m512 qc = _mm512_div_ps(_mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, pkb + s)), voc);
+                __m512 qr = _mm512_div_ps(_mm512_mul_ps(x, vq), _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, orr + s));
+                _mm512_mask_storeu_ps(col + s, m, max_nan(_mm512_maskz_loadu_ps(m, col + s), _mm512_abs_ps(qc)));
+                mr = max_nan(mr, _mm512_maskz_mov_ps(m, _mm512_abs_ps(qr)));
+            }
+            ranges_r[b * L + l] = reduce_max_nan(mr);
+        }
+    }
+    combine(work, B, chunks, S, 0, ranges_c, threads);
+}
+
+static inline __m512 hash_noise(__m512i index, __m512i seed) {
+    /* numerics.hash_noise: MurmurHash3's finalizer over (index ^ seed) * golden, in int32 */
+    __m512i h = _mm512_mullo_epi32(_mm512_xor_si512(index, seed), _mm512_set1_epi32((int32_t)0x9E3779B1));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0x85EBCA6B));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0xC2B2AE35));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    __m512 k = _mm512_cvtepi32_ps(_mm512_srli_epi32(h, 24));
+    return _mm512_mul_ps(_mm512_add_ps(k, _mm512_set1_ps(0.5f)), _mm512_set1_ps(1.0f / 256.0f));
+}
+
+static inline __m512i expand(__m512 x, __m512 scale, __m512 mult, __m512 u, __m512 qmax) {
+    /* numerics.quantize_values (stochastic) then q * multiplier: floor(x / scale + u),
+       clamped, NaN -> 0 (scale 0 divides as 1).  IEEE divisions, as the graph's: a reciprocal
+       with one FMA correction (Markstein's, exact where nothing underflows) and a range check
+       per vector measured 30% slower on this CPU's divider. */
+    __m512 d = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_EQ_OQ), scale,
+                                    _mm512_set1_ps(1.0f));
+    __m512 q = _mm512_roundscale_ps(_mm512_add_ps(_mm512_div_ps(x, d), u), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __mmask16 nan = _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+    q = _mm512_min_ps(_mm512_max_ps(q, _mm512_sub_ps(_mm512_setzero_ps(), qmax)), qmax);
+    q = _mm512_mask_blend_ps(nan, q, _mm512_setzero_ps());
+    return _mm512_cvtps_epi32(_mm512_mul_ps(q, mult));
+}
+
+/* Pass 3: both quantizations; scale_* and mult_* are shift_params' per-channel scales and
+   multipliers (columns [B, S], rows [B, L]); seed_* numerics.hash_noise's seeds, already
+   multiplied by its spreading constant.  e_c, e_r [B, L, S] int8. */
+void sq_outer_pair_quantize(const float *dy, const float *pk, const float *pq, const float *outer_c,
+                            const float *outer_r, const float *scale_c, const float *mult_c, const float *scale_r,
+                            const float *mult_r, int32_t seed_c, int32_t seed_r, float qmax, int64_t B, int64_t L,
+                            int64_t S, int8_t *e_c, int8_t *e_r, int threads) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i vsc = _mm512_set1_epi32(seed_c), vsr = _mm512_set1_epi32(seed_r);
+    const __m512 vqmax = _mm512_set1_ps(qmax);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 16)
+    for (int64_t row = 0; row < B * L; row++) {
+        int64_t b = row / L;
+        const float *x = dy + row * S, *pkb = pk + b * S, *orr = outer_r + b * S;
+        const float *sc = scale_c + b * S, *mc = mult_c + b * S;
+        const __m512 vq = _mm512_set1_ps(pq[row]), voc = _mm512_set1_ps(outer_c[row]);
+        const __m512 vsr_ = _mm512_set1_ps(scale_r[row]), vmr = _mm512_set1_ps(mult_r[row]);
+        for (int64_t s = 0; s < S; s += 16) {
+            __mmask16 m = lanes(s, S);
+            __m512 v = _mm512_maskz_loadu_ps(m, x + s);
+            __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)(row * S + s)), lane);
+            __m512 qc = _mm512_div_ps(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, pkb + s)), voc);
+            __m512i ec = expand(qc, _mm512_maskz_loadu_ps(m, sc + s), _mm512_maskz_loadu_ps(m, mc + s),
+                                hash_noise(index, vsc), vqmax);
+            _mm512_mask_cvtepi32_storeu_epi8(e_c + row * S + s, m, ec);
+            __m512 qr = _mm512_div_ps(_mm512_mul_ps(v, vq), _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, orr + s));
+            __m512i er = expand(qr, vsr_, vmr, hash_noise(index, vsr), vqmax);
+            _mm512_mask_cvtepi32_storeu_epi8(e_r + row * S + s, m, er);
+        }
+    }
+}

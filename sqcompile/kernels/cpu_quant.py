@@ -1,0 +1,156 @@
+"""A GEMM output's gradient quantized for both backward GEMMs, on CPU as one C kernel:
+``sqcompile::shiftquant_outer_pair``.
+
+With ``grad_outer_scale`` (the default), the backward of a quantized GEMM ``Y = A B``
+quantizes ``dY`` twice (:func:`sqcompile.ops.shiftquant_outer`): for ``dA = dY B^T`` with
+ShiftQuant channels along ``dY``'s columns, prescaled by ``B``'s scales, with one outer
+maximum per row; for ``dB = A^T dY`` along its rows, prescaled by ``A``'s, one maximum per
+column.  Inductor compiles each into three loops over ``dY`` (outer maxima, the quotients'
+channel ranges, the quantization: six in all), and fuses ``dY``'s producer into each of
+them: a GELU's backward (with its ``erf``), a softmax's, the dequantization of the next
+GEMM's gradient -- recomputed six times.  :func:`shiftquant_outer_pair` computes both from
+``dY`` written once, in three passes (``cpu_quant.c``, AVX-512), bit for bit what the graph's
+ops compute (the same multiplies, IEEE divisions, NaN-propagating maxima and
+:func:`~sqcompile.numerics.hash_noise` noise with the same two seeds).  The lowering pass
+:mod:`sqcompile.backends.cpu_quant` puts it in backward graphs.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .. import numerics as N
+from .. import ops
+from . import native, pool
+
+SOURCE = os.path.join(os.path.dirname(__file__), "cpu_quant.c")
+CFLAGS = ["-O2", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+
+
+@functools.lru_cache(maxsize=None)
+def status() -> Tuple[bool, Optional[str]]:
+    """``(usable, reason)`` for the kernel on this machine (checked and built once)."""
+    return native.status(CPU_FLAGS, _library)
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    lib = native.build(SOURCE, CFLAGS, "the CPU gradient quantizer")
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    lib.sq_outer_pair_ranges.restype = None
+    lib.sq_outer_pair_ranges.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.sq_outer_pair_quantize.restype = None
+    lib.sq_outer_pair_quantize.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, f32, i64, i64,
+                                           i64, ptr, ptr, i32]
+    return lib
+
+
+def batched(x: torch.Tensor, row_scale: Optional[torch.Tensor], col_scale: Optional[torch.Tensor]):
+    """``(B, L, S)`` of ``x`` ``[..., L, S]``, and the scales as contiguous ``[B, L]`` /
+    ``[B, S]`` float32 (``row_scale`` broadcasts to ``[..., L, 1]``, ``col_scale`` to ``[...,
+    1, S]``; None: ones, by which the kernels multiply exactly)."""
+    *lead, L, S = x.shape
+    B = math.prod(lead)
+    one = torch.ones((), dtype=torch.float32)
+    rows = (one if row_scale is None else row_scale.to(torch.float32)).expand(*lead, L, 1).reshape(B, L).contiguous()
+    cols = (one if col_scale is None else col_scale.to(torch.float32)).expand(*lead, 1, S).reshape(B, S).contiguous()
+    return (B, L, S), rows, cols
+
+
+def _spread_seed(seed: torch.Tensor) -> int:
+    """:func:`sqcompile.numerics.hash_noise`'s seed as it enters the hash: the int32 seed times
+    its spreading constant, wrapped to int32."""
+    v = (int(seed) & 0xFFFFFFFF) * 668265263 & 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def shiftquant_outer_pair_reference(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int, groups: int,
+                                    seeds: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """The graph's two ShiftQuants of ``dY`` ``[..., L, S]`` with outer scales, as lowered for
+    Inductor (:func:`sqcompile.ops.shiftquant_outer` over :func:`sqcompile.numerics.shiftquant`
+    with :func:`~sqcompile.numerics.hash_noise` noise of ``seeds``): along the columns with
+    prescale ``pk`` (``[..., 1, S]``) and one outer maximum per row, along the rows with
+    prescale ``pq`` (``[..., L, 1]``) and one per column; the leading dims are channels of
+    both.  ``(e_cols, base_cols, outer_cols, e_rows, base_rows, outer_rows)``."""
+    nd = dy.dim()
+    cols, rows = list(range(nd - 2)) + [nd - 1], list(range(nd - 1))
+    out = []
+    for pre, channels, outer_dims, seed in ((pk, cols, rows, seeds[0]), (pq, rows, cols, seeds[1])):
+        y = dy * pre
+        r = N.safe_div_scale(N.amax(y, outer_dims))
+        x = y / r
+        g, mult, scale, base = N.shift_params(N.amax(x, channels), bits, groups)
+        q = N.shiftquant_with_params(x, bits, groups, g, mult, scale, base, "stochastic",
+                                     N.hash_noise(x.shape, seed, x.device))
+        out += [q.expanded, q.base_scale, r]
+    return tuple(out)
+
+
+def _chunks(B: int, L: int, threads: int) -> int:
+    """Row chunks per batch entry for the passes that reduce over rows: enough for two
+    tasks a thread, never fewer than 16 rows a chunk."""
+    return max(1, min(-(-2 * threads // B), L // 16))
+
+
+def shiftquant_outer_pair(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int, groups: int,
+                          seeds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, ...]:
+    """:func:`shiftquant_outer_pair_reference` on the AVX-512 kernel, bit for bit, in three
+    passes over ``dy`` (float32 ``[..., L, S]`` on CPU): the outer maxima, the quotients'
+    channel ranges, both quantizations, with ``shift_params`` between the second and the
+    third.  ``seeds`` default to two drawn from torch's generator, columns first.  Runs the
+    reference where :func:`status` says the kernel cannot, or where ``bits`` / ``groups`` do
+    not fit int8."""
+    if seeds is None:
+        seeds = (N.draw_seed(dy.device), N.draw_seed(dy.device))
+    if dy.device.type != "cpu" or dy.dtype != torch.float32 or dy.dim() < 2 or not status()[0] or \
+            dy.numel() == 0 or not N.fits_int8(bits, groups):
+        return shiftquant_outer_pair_reference(dy, pk, pq, bits, groups, seeds)
+    (B, L, S), pq2, pk2 = batched(dy, pq, pk)
+    x = dy.contiguous()
+    threads = torch.get_num_threads()
+    chunks = _chunks(B, L, threads)
+    f32 = dict(dtype=torch.float32)
+    outer_c, ranges_r = torch.empty(B, L, **f32), torch.empty(B, L, **f32)
+    outer_r, ranges_c = torch.empty(B, S, **f32), torch.empty(B, S, **f32)
+    work = torch.empty(chunks * B * S, **f32)      # the row chunks' column maxima
+    lib = _library()
+    lib.sq_outer_pair_ranges(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), B, L, S, chunks, work.data_ptr(),
+                             outer_c.data_ptr(), outer_r.data_ptr(), ranges_c.data_ptr(), ranges_r.data_ptr(), threads)
+    *lead, _, _ = dy.shape
+    _, mult_c, scale_c, base_c = torch.ops.sqcompile.shift_params(ranges_c.view(*lead, 1, S), bits, groups)
+    _, mult_r, scale_r, base_r = torch.ops.sqcompile.shift_params(ranges_r.view(*lead, L, 1), bits, groups)
+    e_c, e_r = pool.OUTPUTS.empty(dy.shape, torch.int8), pool.OUTPUTS.empty(dy.shape, torch.int8)
+    c = [t.contiguous() for t in (scale_c, mult_c, scale_r, mult_r)]
+    lib.sq_outer_pair_quantize(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), outer_c.data_ptr(), outer_r.data_ptr(),
+                               *(t.data_ptr() for t in c), _spread_seed(seeds[0]), _spread_seed(seeds[1]),
+                               float(N.qmax(bits)), B, L, S, e_c.data_ptr(), e_r.data_ptr(), threads)
+    return (e_c, N._finite_or_nan(base_c), outer_c.view(*lead, L, 1), e_r, N._finite_or_nan(base_r),
+            outer_r.view(*lead, 1, S))
+
+
+@ops.custom_op("sqcompile::shiftquant_outer_pair")
+def shiftquant_outer_pair_op(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, seed_cols: torch.Tensor,
+                             seed_rows: torch.Tensor, bits: int, groups: int
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]:
+    """``dY`` ShiftQuant-ed both ways with outer scales (:func:`shiftquant_outer_pair`) with the
+    seeds given (``sqcompile::random_seed`` nodes of the graph, drawn where the two quantizers
+    drew theirs): ``(e_cols, base_cols, outer_cols, e_rows, base_rows, outer_rows)``."""
+    return shiftquant_outer_pair(dy, pk, pq, bits, groups, (seed_cols, seed_rows))
+
+
+@shiftquant_outer_pair_op.register_fake
+def _(dy, pk, pq, seed_cols, seed_rows, bits, groups):
+    *lead, L, S = dy.shape
+    e = dy.new_empty(dy.shape, dtype=N.expanded_dtype(bits, groups))
+    f = dy.new_empty((), dtype=torch.float32)
+    return (e, f, dy.new_empty((*lead, L, 1)), torch.empty_like(e), torch.empty_like(f), dy.new_empty((*lead, 1, S)))
+
+
+__all__ = ["batched", "shiftquant_outer_pair", "shiftquant_outer_pair_reference", "status", "SOURCE"]

@@ -1,0 +1,261 @@
+"""A GEMM output's gradient quantized for both backward GEMMs by one C kernel
+(``sqcompile::shiftquant_outer_pair``, :mod:`sqcompile.kernels.cpu_quant`) and the pass that
+puts it in backward graphs (:mod:`sqcompile.backends.cpu_quant`).
+
+* the kernel bit for bit against the graph's composition of the two outer-scaled
+  ShiftQuants as lowered for Inductor (``hash_noise`` with the same seeds), over shapes and
+  magnitudes (hypothesis), at several thread counts (the row chunks of the column maxima),
+  with zero, NaN and infinite gradients;
+* the op's schema and fake implementation (``opcheck``), its fallback to the reference;
+* compiled models with the pass against ``fusion=False``: the same outputs and gradients
+  bit for bit (a Linear-GELU-Linear block, a conv net, dynamic shapes; the biases' sums to
+  rounding), the regions recorded on the GEMMs' decisions; where the pass must leave the
+  graph alone.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sqcompile.backends import cpu_quant as pass_module
+from sqcompile.decisions import records_for
+from sqcompile.kernels import cpu_quant as CQ
+from sqcompile.kernels import native
+
+OK, WHY = CQ.status()
+needs_kernel = pytest.mark.skipif(not OK, reason=f"the CPU gradient quantizer cannot run here: {WHY}")
+
+
+def test_kernel_builds_where_the_cpu_can_run_it():
+    """Skipping the kernel's tests is for machines without AVX-512, not for a kernel that
+    fails to build or load."""
+    if native.status(CQ.CPU_FLAGS, lambda: None)[0]:
+        assert OK, WHY
+
+
+def _inputs(shape, seed, spread=50.0):
+    g = torch.Generator().manual_seed(seed)
+    *lead, L, S = shape
+    dy = torch.randn(shape, generator=g) * 1e-3
+    dy[..., ::3] *= spread                             # channels of several magnitudes: all groups
+    pk = torch.rand(*lead, 1, S, generator=g)
+    pq = torch.rand(*lead, L, 1, generator=g)
+    return dy, pk, pq
+
+
+def _assert_bitwise(got, ref):
+    assert len(got) == len(ref) == 6
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(3, 17, 19), (2, 3, 7, 33), (2, 64, 256), (1, 1, 1), (40, 24), (1, 300, 48)])
+@pytest.mark.parametrize("bits, groups", [(4, 4), (8, 1), (5, 3)])
+def test_kernel_matches_the_graphs_composition_bit_for_bit(shape, bits, groups):
+    dy, pk, pq = _inputs(shape, sum(shape) + bits)
+    seeds = (torch.tensor(12345), torch.tensor(2 ** 31 - 2))
+    got = CQ.shiftquant_outer_pair(dy, pk, pq, bits, groups, seeds)
+    _assert_bitwise(got, CQ.shiftquant_outer_pair_reference(dy, pk, pq, bits, groups, seeds))
+    swapped = CQ.shiftquant_outer_pair(dy, pk, pq, bits, groups, (seeds[1], seeds[0]))
+    assert not torch.equal(got[0], swapped[0]) or dy.numel() < 9     # the seeds reach the noise
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(lead=st.sampled_from([(), (1,), (3,), (2, 2)]), L=st.integers(1, 90), S=st.integers(1, 70),
+       bits=st.integers(2, 8), spread=st.sampled_from([1.0, 1e3, 1e-20]), threads=st.integers(1, 3),
+       seed=st.integers(0, 2 ** 16))
+def test_kernel_matches_the_reference_on_random_shapes(lead, L, S, bits, spread, threads, seed):
+    """Tails of the 16-lane vectors, one or several batch entries, magnitudes down to
+    subnormal products, and 1-3 threads (the column maxima's row chunks)."""
+    dy, pk, pq = _inputs((*lead, L, S), seed, spread)
+    dy *= spread
+    seeds = (torch.tensor(seed), torch.tensor(seed + 1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = CQ.shiftquant_outer_pair(dy, pk, pq, bits, 4 if bits <= 5 else 1, seeds)
+    finally:
+        torch.set_num_threads(before)
+    _assert_bitwise(got, CQ.shiftquant_outer_pair_reference(dy, pk, pq, bits, 4 if bits <= 5 else 1, seeds))
+
+
+@needs_kernel
+def test_magnitudes_over_the_whole_float_range_bit_for_bit():
+    """Gradients from 2^-140 (subnormal) to 2^120 in one tensor, large enough that every
+    rounding path of the divisions and the noise is taken many times."""
+    g = torch.Generator().manual_seed(11)
+    dy = torch.randn(3, 160, 96, generator=g) * torch.exp2(torch.randint(-140, 120, (3, 160, 96), generator=g).float())
+    pk = torch.rand(3, 1, 96, generator=g) * 2
+    pq = torch.rand(3, 160, 1, generator=g) * 2
+    for bits, groups in ((4, 4), (8, 1)):
+        seeds = (torch.tensor(bits), torch.tensor(-bits))
+        _assert_bitwise(CQ.shiftquant_outer_pair(dy, pk, pq, bits, groups, seeds),
+                        CQ.shiftquant_outer_pair_reference(dy, pk, pq, bits, groups, seeds))
+
+
+@needs_kernel
+def test_thread_counts_give_the_same_bits():
+    """One batch entry of many rows: its column maxima are reduced over row chunks, as many as
+    the threads need; any split gives the same maxima."""
+    dy, pk, pq = _inputs((1, 517, 80), 3)
+    seeds = (torch.tensor(1), torch.tensor(2))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(CQ.shiftquant_outer_pair(dy, pk, pq, 4, 4, seeds))
+    finally:
+        torch.set_num_threads(before)
+    assert CQ._chunks(1, 517, 3) == 6 and CQ._chunks(128, 256, 2) == 1
+    for other in results[1:]:
+        _assert_bitwise(other, results[0])
+
+
+@needs_kernel
+def test_zero_nan_and_infinite_gradients():
+    """A zero row and column (outer maximum 0, taken as 1), a NaN and an infinity: what the
+    graph's composition gives, bit for bit (NaN bases, zero integers where it has them)."""
+    dy, pk, pq = _inputs((2, 9, 21), 7)
+    dy[0, 2] = 0.0
+    dy[1, :, 4] = 0.0
+    dy[0, 5, 6] = float("nan")
+    dy[1, 3, 2] = float("inf")
+    seeds = (torch.tensor(5), torch.tensor(6))
+    got = CQ.shiftquant_outer_pair(dy, pk, pq, 4, 4, seeds)
+    _assert_bitwise(got, CQ.shiftquant_outer_pair_reference(dy, pk, pq, 4, 4, seeds))
+    e_cols, base_cols, outer_cols, e_rows, base_rows, outer_rows = got
+    assert base_cols.isnan() and base_rows.isnan()          # the NaN reaches every range's maximum
+    assert outer_cols[0, 2, 0] == 1.0 and outer_rows[1, 0, 4] == 1.0      # the zero row and column
+
+
+def test_op_schema_and_fake_implementation():
+    dy, pk, pq = _inputs((2, 6, 9), 5)
+    torch.library.opcheck(torch.ops.sqcompile.shiftquant_outer_pair.default,
+                          (dy, pk, pq, torch.tensor(3), torch.tensor(4), 4, 4),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_op_runs_the_reference_where_the_kernel_cannot(monkeypatch):
+    monkeypatch.setattr(CQ, "status", lambda: (False, "no AVX-512 here"))
+    dy, pk, pq = _inputs((2, 6, 9), 6)
+    seeds = (torch.tensor(7), torch.tensor(8))
+    got = torch.ops.sqcompile.shiftquant_outer_pair(dy, pk, pq, *seeds, 4, 4)
+    _assert_bitwise(got, CQ.shiftquant_outer_pair_reference(dy, pk, pq, 4, 4, seeds))
+
+
+# ---------------------------------------------------------------------------------------------
+# The lowering pass
+# ---------------------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """A transformer's feed-forward block with its residual: Linear, GELU, Linear."""
+
+    def __init__(self, d=48, hidden=96):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _step(model, x, options, dynamic=None):
+    torch._dynamo.reset()
+    model = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="shiftquant", options=options, dynamic=dynamic)
+    x = x.clone().requires_grad_()     # every GEMM's dX is computed: dY quantized both ways
+    torch.manual_seed(1)               # the same stochastic-rounding seeds in both runs
+    out = compiled(x)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.detach(), dict(grads, input=x.grad), records_for(list(model.parameters()))[-1]
+
+
+def _regions(record):
+    return [r for r in record.regions if r.label == pass_module.LABEL]
+
+
+def _assert_same_training(model, x, options=None, dynamic=None):
+    """The step with the pass and with ``fusion=False``: equal bit for bit (but the order of
+    the biases' sums); the record."""
+    options = dict(options or {}, inner="inductor")
+    out, grads, rec = _step(model, x, options, dynamic)
+    ref_out, ref_grads, ref_rec = _step(model, x, dict(options, fusion=False), dynamic)
+    assert not _regions(ref_rec)
+    assert torch.equal(out, ref_out)
+    for name in grads:
+        if name.endswith("bias"):       # a sum over dY, which Inductor may order another way
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-9)   # once dY is written
+        else:
+            assert torch.equal(grads[name], ref_grads[name]), name
+    return rec
+
+
+@needs_kernel
+def test_mlp_trains_bit_for_bit_as_unfused_with_a_region_per_gemm():
+    torch.manual_seed(0)
+    rec = _assert_same_training(MLP(), torch.randn(2, 37, 48))
+    regions = _regions(rec)
+    assert len(regions) == 2                                  # fc2's dY, fc1's (after GELU's backward)
+    assert {r.stage for r in regions} == {"backward"} and {r.kernel for r in regions} == {pass_module.KERNEL}
+    assert {r.module_path for r in regions} == {"fc1", "fc2"}
+    decided = {d.node: d for d in rec.decisions}
+    for r in regions:
+        assert r.decision in decided and decided[r.decision].module_path == r.module_path
+        assert pass_module.LABEL in decided[r.decision].region
+    graph = rec.graphs["backward_fused"]
+    assert graph.count("sqcompile.shiftquant_outer_pair(") == 2 and "sqcompile.shiftquant(" not in graph
+
+
+@needs_kernel
+def test_conv_net_trains_bit_for_bit_as_unfused():
+    torch.manual_seed(0)
+    rec = _assert_same_training(ConvNet(), torch.randn(2, 3, 12, 12))
+    # the Linear's dY; a conv's has one outer scale per sample (another composition): left alone
+    assert [r.module_path for r in _regions(rec)] == ["fc"]
+
+
+@needs_kernel
+def test_dynamic_shapes_train_bit_for_bit_as_unfused():
+    torch.manual_seed(0)
+    model = MLP()
+    for T in (17, 29):
+        rec = _assert_same_training(model, torch.randn(2, T, 48), dynamic=True)
+        assert len(_regions(rec)) == 2
+
+
+@pytest.mark.parametrize("case", ["eager", "no outer scale", "fusion off", "no kernel"])
+def test_graph_left_alone(case, monkeypatch):
+    """Under ``inner="eager"`` (the quantizers draw their noise another way), without
+    ``grad_outer_scale`` (no outer-scaled pair), with ``fusion=False``, or on a machine where
+    the kernel cannot run: no region, no op."""
+    options = {"inner": "eager"} if case == "eager" else \
+        {"inner": "inductor", "grad_outer_scale": False} if case == "no outer scale" else \
+        {"inner": "inductor", "fusion": False} if case == "fusion off" else {"inner": "inductor"}
+    if case == "no kernel":
+        monkeypatch.setattr(CQ, "status", lambda: (False, "no AVX-512 here"))
+    torch.manual_seed(0)
+    _, grads, rec = _step(MLP(), torch.randn(2, 9, 48), options)
+    assert not _regions(rec)
+    assert "shiftquant_outer_pair" not in rec.graphs.get("backward_fused", "")
+    assert all(g.isfinite().all() for g in grads.values())
