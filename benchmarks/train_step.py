@@ -16,6 +16,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --outer-scale    # grad_outer_scale flipped too
     python benchmarks/train_step.py --fusion-off        # attention softmax, gradient quantizers in Inductor loops
     python benchmarks/train_step.py --no-grad-kernel    # gradients' quantizers in Inductor loops
+    python benchmarks/train_step.py --models transformer --no-gelu-kernel   # GELU + quantizer in Inductor
     python benchmarks/train_step.py --models transformer --peak-memory
     python benchmarks/train_step.py --models unet
 """
@@ -158,19 +159,20 @@ def saved_scales(on: bool):
 
 
 @contextlib.contextmanager
-def grad_kernel(on: bool):
-    """While not ``on``, the lowering leaves the gradients' outer-scaled ShiftQuants to Inductor
-    (``sqcompile.backends.cpu_quant.fuse_gradient_quantizers`` fuses nothing): the comparison
-    the ``--no-grad-kernel`` variant makes.  Read when the backward graph is compiled, i.e. at
-    the variant's first step."""
+def passes_off(names):
+    """While active, the lowering passes ``names`` (functions of ``sqcompile.backends.lowering``,
+    e.g. ``fuse_gradient_quantizers``) leave the graphs alone: the comparisons the
+    ``--no-grad-kernel`` and ``--no-gelu-kernel`` variants make.  Read when a graph is
+    compiled, i.e. at the variant's first step."""
     from sqcompile.backends import lowering
-    fuse = lowering.fuse_gradient_quantizers
-    if not on:
-        lowering.fuse_gradient_quantizers = lambda gm, *args: gm
+    saved = {name: getattr(lowering, name) for name in names}
+    for name in names:
+        setattr(lowering, name, lambda gm, *args: gm)
     try:
         yield
     finally:
-        lowering.fuse_gradient_quantizers = fuse
+        for name, fn in saved.items():
+            setattr(lowering, name, fn)
 
 
 def variants(args, name):
@@ -186,11 +188,15 @@ def variants(args, name):
         out.append((f"{tag}, GEMMs save scales", dict(bits, _saved_scales=True), False))
     if args.fusion_off:
         out.append((f"{tag}, fusion off", dict(bits, fusion=False), False))
+    # default options spelled out (fusion=True, collect_stats=False), different for each row:
+    # options equal to another row's would make Dynamo reuse that row's compiled graphs
+    # (torch.compile's backend wrappers compare equal by their options)
     if args.no_grad_kernel:
-        # fusion=True spelled out: options unlike the default row's, so that Dynamo compiles
-        # the model anew instead of reusing that row's graphs
-        out.append((f"{tag}, gradient quantizers as Inductor loops", dict(bits, fusion=True, _no_grad_kernel=True),
-                    False))
+        out.append((f"{tag}, gradient quantizers as Inductor loops",
+                    dict(bits, fusion=True, _passes_off=("fuse_gradient_quantizers",)), False))
+    if args.no_gelu_kernel and name == "transformer":
+        out.append((f"{tag}, GELU + quantizer as Inductor loops",
+                    dict(bits, fusion=True, collect_stats=False, _passes_off=("fuse_gelu_quantizers",)), False))
     if args.outer_scale:
         flipped = not OpConfig().grad_outer_scale
         out.append((f"{tag}, grad_outer_scale={flipped}", dict(bits, grad_outer_scale=flipped), False))
@@ -210,12 +216,12 @@ def make_step(name, options, bf16, x, channels_last=False):
     options = dict(options or {})
     engine = options.pop("_engine", None)
     scales = options.pop("_saved_scales", False)
-    no_grad_kernel = options.pop("_no_grad_kernel", False)
+    off = options.pop("_passes_off", ())
     run = model if not options else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
-        with gemm_engine(engine), saved_scales(scales), grad_kernel(not no_grad_kernel):
+        with gemm_engine(engine), saved_scales(scales), passes_off(off):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(run(x))
@@ -295,6 +301,9 @@ def main(argv=None):
     p.add_argument("--no-grad-kernel", action="store_true",
                    help="also time the step with the gradients' outer-scaled ShiftQuants as Inductor's loops "
                         "(the shiftquant_outer_pair C kernel off, attention's kernels on)")
+    p.add_argument("--no-gelu-kernel", action="store_true",
+                   help="also time the transformer step with its Linear's dequantize + bias + GELU + the next "
+                        "quantizer as Inductor's loop (the gelu_quantize C kernel off, the others on)")
     p.add_argument("--outer-scale", action="store_true",
                    help="also time the shiftquant step with grad_outer_scale the other way than its default, "
                         "in the same process")

@@ -1,6 +1,7 @@
-"""A GEMM output's gradient quantized for both backward GEMMs by one C kernel
-(``sqcompile::shiftquant_outer_pair``, :mod:`sqcompile.kernels.cpu_quant`) and the pass that
-puts it in backward graphs (:mod:`sqcompile.backends.cpu_quant`).
+"""The CPU quantizer kernels (:mod:`sqcompile.kernels.cpu_quant`) and the passes that put
+them in the graphs (:mod:`sqcompile.backends.cpu_quant`): a GEMM output's gradient quantized
+for both backward GEMMs (``sqcompile::shiftquant_outer_pair``), and a Linear's GELU with
+the next GEMM's input quantizer (``sqcompile::gelu_quantize``).
 
 * the kernel bit for bit against the graph's composition of the two outer-scaled
   ShiftQuants as lowered for Inductor (``hash_noise`` with the same seeds), over shapes and
@@ -10,7 +11,12 @@ puts it in backward graphs (:mod:`sqcompile.backends.cpu_quant`).
 * compiled models with the pass against ``fusion=False``: the same outputs and gradients
   bit for bit (a Linear-GELU-Linear block, a conv net, dynamic shapes; the biases' sums to
   rounding), the regions recorded on the GEMMs' decisions; where the pass must leave the
-  graph alone.
+  graph alone;
+* ``gelu_quantize`` against the unfused ops (dequantize, bias, ``F.gelu``, ``numerics.quantize``):
+  the pre-activation bit for bit, the quantized GELU equal but at rounding boundaries, over
+  shapes (hypothesis), without a bias, with non-finite rows; compiled MLPs with its pass
+  against ``fusion=False``, and where it must not apply (``tanh`` GELU, the GELU read by
+  something else).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sqcompile import numerics as N
 from sqcompile.backends import cpu_quant as pass_module
 from sqcompile.decisions import records_for
 from sqcompile.kernels import cpu_quant as CQ
@@ -160,9 +167,9 @@ def test_op_runs_the_reference_where_the_kernel_cannot(monkeypatch):
 class MLP(nn.Module):
     """A transformer's feed-forward block with its residual: Linear, GELU, Linear."""
 
-    def __init__(self, d=48, hidden=96):
+    def __init__(self, d=48, hidden=96, bias=True):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.fc1, self.fc2 = nn.Linear(d, hidden, bias=bias), nn.Linear(hidden, d, bias=bias)
 
     def forward(self, x):
         return x + self.fc2(F.gelu(self.fc1(x)))
@@ -195,6 +202,14 @@ def _regions(record):
     return [r for r in record.regions if r.label == pass_module.LABEL]
 
 
+@pytest.fixture
+def no_gelu_kernel(monkeypatch):
+    """The GELU kernel off (its ``erf`` differs from Inductor's by ulps), so that a step with
+    the gradient quantizer kernel can be compared bit for bit with ``fusion=False``."""
+    from sqcompile.backends import lowering
+    monkeypatch.setattr(lowering, "fuse_gelu_quantizers", lambda gm, *args: gm)
+
+
 def _assert_same_training(model, x, options=None, dynamic=None):
     """The step with the pass and with ``fusion=False``: equal bit for bit (but the order of
     the biases' sums); the record."""
@@ -212,7 +227,7 @@ def _assert_same_training(model, x, options=None, dynamic=None):
 
 
 @needs_kernel
-def test_mlp_trains_bit_for_bit_as_unfused_with_a_region_per_gemm():
+def test_mlp_trains_bit_for_bit_as_unfused_with_a_region_per_gemm(no_gelu_kernel):
     torch.manual_seed(0)
     rec = _assert_same_training(MLP(), torch.randn(2, 37, 48))
     regions = _regions(rec)
@@ -236,7 +251,7 @@ def test_conv_net_trains_bit_for_bit_as_unfused():
 
 
 @needs_kernel
-def test_dynamic_shapes_train_bit_for_bit_as_unfused():
+def test_dynamic_shapes_train_bit_for_bit_as_unfused(no_gelu_kernel):
     torch.manual_seed(0)
     model = MLP()
     for T in (17, 29):
@@ -258,4 +273,137 @@ def test_graph_left_alone(case, monkeypatch):
     _, grads, rec = _step(MLP(), torch.randn(2, 9, 48), options)
     assert not _regions(rec)
     assert "shiftquant_outer_pair" not in rec.graphs.get("backward_fused", "")
+    assert all(g.isfinite().all() for g in grads.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The GELU kernel
+# ---------------------------------------------------------------------------------------------
+
+def _gelu_inputs(shape, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    *lead, M, N = shape
+    acc = torch.randint(-3000, 3000, shape, dtype=torch.int32, generator=g)
+    sa = torch.rand(*lead, M, 1, generator=g) * 1e-3
+    sb = torch.rand(*lead, 1, N, generator=g) * 1e-3
+    return acc, sa, sb, (torch.randn(N, generator=g) * 0.5 if bias else None)
+
+
+def _assert_gelu_close(got, ref, bits):
+    pre, q, scale, amax = got
+    assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(got, ref))
+    # the multiplies and the add, as unfused: bit for bit (NaN where the unfused has NaN)
+    torch.testing.assert_close(pre, ref[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(scale, ref[2], rtol=1e-6, atol=0, equal_nan=True)   # GELU's ulps
+    torch.testing.assert_close(amax, ref[3], rtol=1e-6, atol=0, equal_nan=True)
+    differ = q != ref[1]
+    # a value this close to a rounding boundary moves one step; about 1 in 10^6
+    assert (q.int() - ref[1].int()).abs().max() <= 1 and differ.sum() <= max(2, q.numel() // 100000)
+    assert q.abs().max() <= N.qmax(bits)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 300, 97), (2, 7, 33), (3, 5, 16), (1, 1, 1), (40, 2048)])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gelu_kernel_matches_the_unfused_ops(shape, bits, bias):
+    args = _gelu_inputs(shape, sum(shape) + bits, bias)
+    _assert_gelu_close(CQ.gelu_quantize(*args, bits), CQ.gelu_quantize_reference(*args, bits), bits)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(lead=st.sampled_from([(), (1,), (2,)]), M=st.integers(1, 40), N_=st.integers(1, 90), bits=st.integers(2, 8),
+       spread=st.sampled_from([1e-6, 1e-3, 1e-1]), seed=st.integers(0, 2 ** 16))
+def test_gelu_kernel_on_random_shapes_and_ranges(lead, M, N_, bits, spread, seed):
+    """Vector tails, batch entries, pre-activations from ~0 (GELU's linear part) to large
+    (its saturated parts, where erf's exp underflows)."""
+    acc, sa, sb, bias = _gelu_inputs((*lead, M, N_), seed)
+    sa = sa * spread * 1e3
+    _assert_gelu_close(CQ.gelu_quantize(acc, sa, sb, bias, bits), CQ.gelu_quantize_reference(acc, sa, sb, bias, bits),
+                       bits)
+
+
+@needs_kernel
+def test_gelu_kernel_rows_with_non_finite_values():
+    """A NaN and an infinite scale: those rows give q 0 and NaN scales, as numerics.quantize."""
+    acc, sa, sb, bias = _gelu_inputs((2, 6, 37), 9)
+    sa[0, 2, 0] = float("nan")
+    sa[1, 4, 0] = float("inf")
+    got, ref = CQ.gelu_quantize(acc, sa, sb, bias, 4), CQ.gelu_quantize_reference(acc, sa, sb, bias, 4)
+    _assert_gelu_close(got, ref, 4)
+    assert got[2][0, 2].isnan() and got[2][1, 4].isnan() and (got[1][0, 2] == 0).all()
+
+
+def test_gelu_op_schema_fake_implementation_and_fallback(monkeypatch):
+    args = _gelu_inputs((2, 6, 9), 5)
+    for a in (args, (*args[:3], None)):
+        torch.library.opcheck(torch.ops.sqcompile.gelu_quantize.default, (*a, 4),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    monkeypatch.setattr(CQ, "status", lambda: (False, "no AVX-512 here"))
+    for a, b in zip(torch.ops.sqcompile.gelu_quantize(*args, 4), CQ.gelu_quantize_reference(*args, 4)):
+        assert torch.equal(a, b)
+
+
+class GeluUsedTwice(MLP):
+    def forward(self, x):
+        h = F.gelu(self.fc1(x))
+        return x + self.fc2(h) + h[..., :48]
+
+
+class TanhMLP(MLP):
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def _gelu_regions(record):
+    return [r for r in record.regions if r.label.endswith("gelu+quantize")]
+
+
+@needs_kernel
+@pytest.mark.parametrize("inner, bias", [("eager", True), ("inductor", True), ("inductor", False)])
+def test_compiled_mlp_takes_the_gelu_kernel_and_trains_as_unfused(inner, bias):
+    torch.manual_seed(0)
+    model, x = MLP(bias=bias), torch.randn(2, 37, 48)
+    out, grads, rec = _step(model, x, {"inner": inner})
+    ref_out, ref_grads, ref_rec = _step(model, x, {"inner": inner, "fusion": False})
+    (region,) = _gelu_regions(rec)
+    assert not _gelu_regions(ref_rec)
+    label = "dequant+bias+gelu+quantize" if bias else "dequant+gelu+quantize"
+    assert (region.label, region.stage, region.module_path, region.kernel) == \
+        (label, "forward", "fc1", pass_module.GELU_KERNEL)
+    assert region.decision is not None and "gelu+quantize" in {d.node: d for d in rec.decisions}[region.decision].region
+    assert "sqcompile.gelu_quantize(" in rec.graphs["forward_fused"] and "aten.gelu(" not in rec.graphs["forward_fused"]
+    # GELU's ulps reach the outputs and gradients
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+
+
+@needs_kernel
+def test_inference_and_dynamic_shapes_take_the_gelu_kernel():
+    torch.manual_seed(0)
+    model = MLP()
+    compiled = torch.compile(copy.deepcopy(model), backend="shiftquant", dynamic=True)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for T in (17, 29):
+            x = torch.randn(2, T, 48)
+            torch.testing.assert_close(compiled(x), _unfused(model, x), rtol=1e-5, atol=1e-6)
+    rec = records_for(list(compiled.parameters()))[-1]
+    assert [r.stage for r in _gelu_regions(rec)] == ["inference"]
+
+
+def _unfused(model, x):
+    """The same compile with ``fusion=False``."""
+    ref = torch.compile(copy.deepcopy(model), backend="shiftquant", options={"fusion": False}, dynamic=True)
+    return ref(x)
+
+
+@pytest.mark.parametrize("model", [GeluUsedTwice, TanhMLP])
+def test_gelu_left_alone(model):
+    """The GELU's output read by something besides the quantizer, or the tanh GELU: no region."""
+    torch.manual_seed(0)
+    _, grads, rec = _step(model(), torch.randn(2, 9, 48), {})
+    assert not _gelu_regions(rec) and "gelu_quantize" not in rec.graphs.get("forward_fused", "")
     assert all(g.isfinite().all() for g in grads.values())

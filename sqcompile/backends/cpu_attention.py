@@ -77,48 +77,6 @@ def _causal_mask(mask, L, S) -> bool:
     return v is not None and F._same_shape(v.shape, (L, S))
 
 
-def _dequantized(x: fx.Node, L, S) -> Optional[tuple]:
-    """``(mm, sa, sb, nodes)`` when ``x`` is, through single-use views, a CPU ``int8_mm``'s int32
-    ``[..., L, S]`` result converted to float32 and multiplied by its scales: one row vector
-    (``[..., L, 1]``), one column vector (``[..., 1, S]``) or their product, each broadcasting
-    to the result (``sa`` / ``sb`` None where there is none); ``nodes``: the views, the
-    multiply, the conversion (and the scales' product)."""
-    nodes = []
-    while F._is_view(x) and F.single_user(x):
-        nodes.append(x)
-        x = x.args[0]
-    if x.target is not aten.mul.Tensor or not F.single_user(x) or len(x.args) != 2:
-        return None
-    nodes.append(x)
-    convert = next((a for a in x.args if isinstance(a, fx.Node) and a.target is aten._to_copy.default), None)
-    scales = next((a for a in x.args if a is not convert), None)
-    if convert is None or not isinstance(scales, fx.Node) or convert.kwargs.get("dtype") is not torch.float32 or \
-            set(convert.kwargs) - {"dtype"} or not F.single_user(convert):
-        return None
-    nodes.append(convert)
-    mm = convert.args[0]
-    acc = F._val(mm)
-    if mm.target is not torch.ops.sqcompile.int8_mm.default or not F.single_user(mm) or acc is None or \
-            acc.dtype != torch.int32 or acc.device.type != "cpu" or not F._same_shape(acc.shape[-2:], (L, S)):
-        return None
-    v = F._val(scales)
-    if v is not None and F.row_vector(v, acc, -1):
-        return mm, scales, None, nodes
-    if v is not None and F.row_vector(v, acc, -2):
-        return mm, None, scales, nodes
-    if scales.target is not aten.mul.Tensor or len(scales.args) != 2:
-        return None
-    a, b = scales.args
-    va, vb = F._val(a), F._val(b)
-    if va is None or vb is None:
-        return None
-    if not (F.row_vector(va, acc, -1) and F.row_vector(vb, acc, -2)):
-        a, b, va, vb = b, a, vb, va
-        if not (F.row_vector(va, acc, -1) and F.row_vector(vb, acc, -2)):
-            return None
-    return mm, a, b, nodes + [scales]
-
-
 def _scaled(x: fx.Node) -> Optional[float]:
     """``c`` when ``x`` is ``aten.mul.Tensor(y, c)`` with ``c`` a number."""
     if x.target is not aten.mul.Tensor or len(x.args) != 2 or not isinstance(x.args[1], (int, float)) or \
@@ -144,40 +102,11 @@ def _chain(softmax: fx.Node) -> Optional[tuple]:
     if c is None or not F.single_user(x):
         return None
     nodes.append(x)
-    found = _dequantized(x.args[0], L, S)
+    found = F.dequantized_gemm(x.args[0], L, S)
     if found is None or found[1] is None or found[2] is None:
         return None
     mm, sa, sb, more = found
     return mm, sa, sb, c, causal, nodes + more
-
-
-def _views_of(node: fx.Node) -> List[fx.Node]:
-    """``node`` and the values that view it as a whole (views, same-shape ``expand``)."""
-    found, stack = [], [node]
-    while stack:
-        n = stack.pop()
-        found.append(n)
-        for user in n.users:
-            if user.args and user.args[0] is n and (F._is_view(user) or (
-                    user.target is aten.expand.default and F._same_shape(F._val(user).shape, F._val(n).shape))):
-                stack.append(user)
-    return found
-
-
-def _row_amax(node: fx.Node) -> Optional[fx.Node]:
-    """The ``amax(abs(detach(node)), [last], keepdim=True)`` of ``node``, if any."""
-    nd = F._val(node).dim()
-    for d in node.users:
-        if d.target is not aten.detach.default or not F.single_user(d):
-            continue
-        (a,) = d.users
-        if a.target is not aten.abs.default or not F.single_user(a):
-            continue
-        (m,) = a.users
-        if m.target is aten.amax.default and [x % nd for x in m.args[1]] == [nd - 1] and \
-                (m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)):
-            return m
-    return None
 
 
 def _match(softmax: fx.Node) -> Optional[_Match]:
@@ -185,22 +114,12 @@ def _match(softmax: fx.Node) -> Optional[_Match]:
     if found is None:
         return None
     mm, sa, sb, c, causal, chain = found
-    views = _views_of(softmax)
+    views = F.views_of(softmax)
     quantizers = [u for v in views for u in v.users if u.target is torch.ops.sqcompile.quantize.default and F.per_row_quantizer(u) and u.args[0] is v]
     if len(quantizers) != 1:
         return None
     quantizer = quantizers[0]
-    return _Match(softmax, mm, sa, sb, c, causal, quantizer, _row_amax(quantizer.args[0]), chain)
-
-
-def _viewed(graph: fx.Graph, out: fx.Node, shape, new: fx.Node, mode) -> fx.Node:
-    """``out`` (``new`` or one of its outputs) viewed as ``shape`` (itself when it has that
-    shape), the view right after it; symbolic sizes are computed before ``new``."""
-    if F._same_shape(F._val(out).shape, shape):
-        return out
-    arg = F._shape_arg(graph, shape, new)
-    with graph.inserting_after(out):
-        return F._new(graph, aten.view.default, (out, arg), new, mode)
+    return _Match(softmax, mm, sa, sb, c, causal, quantizer, F.row_amax(quantizer.args[0]), chain)
 
 
 class _BackwardMatch(NamedTuple):
@@ -237,7 +156,7 @@ def _match_backward(sbd: fx.Node) -> Optional[_BackwardMatch]:
     c = _scaled(x)
     if c is None or x.args[0] is not chain[-1]:
         return None
-    found = _dequantized(grad, L, S)
+    found = F.dequantized_gemm(grad, L, S)
     if found is None:
         return None
     mm, sa, sb, more = found
@@ -261,7 +180,7 @@ def _fuse_backward(gm: fx.GraphModule, record: CompileRecord, stage: str, source
                 graph, aten.reshape.default, (m.mask, F._shape_arg(graph, F._val(m.mask).shape[-2:], m.ds)), m.mm, mode)
             new = F._new(graph, torch.ops.sqcompile.attention_probs_backward.default,
                          (m.mm, m.sa, m.sb, probs, mask, m.scale), m.mm, mode)
-        m.ds.replace_all_uses_with(_viewed(graph, new, F._val(m.ds).shape, new, mode))
+        m.ds.replace_all_uses_with(F.viewed(graph, new, F._val(m.ds).shape, new, mode))
         order = {n: i for i, n in enumerate(graph.nodes)}
         for node in sorted(m.chain, key=order.__getitem__, reverse=True):   # users before what they read
             if not node.users:
@@ -294,7 +213,7 @@ def _fuse_forward(gm: fx.GraphModule, record: CompileRecord, stage: str, sources
                          (m.mm, m.sa, m.sb, m.scale, m.causal, bits), m.mm, mode)
             outs = [F._new(graph, operator.getitem, (new, i), m.mm, mode) for i in range(4)]
 
-        doomed = {m.softmax, *m.chain, *_views_of(m.softmax), *m.quantizer.users, m.quantizer}
+        doomed = {m.softmax, *m.chain, *F.views_of(m.softmax), *m.quantizer.users, m.quantizer}
         if m.causal:            # ~ones(L, S).tril()
             mask = m.chain[0].args[1]
             doomed |= {mask, mask.args[0], mask.args[0].args[0]}
@@ -304,7 +223,7 @@ def _fuse_forward(gm: fx.GraphModule, record: CompileRecord, stage: str, sources
         for old, out in ((m.softmax, outs[0]), (F.output_item(m.quantizer, 0), outs[1]),
                          (F.output_item(m.quantizer, 1), outs[2]), (m.amax, outs[3])):
             if old is not None:
-                old.replace_all_uses_with(_viewed(graph, out, F._val(old).shape, new, mode))
+                old.replace_all_uses_with(F.viewed(graph, out, F._val(old).shape, new, mode))
         for node in reversed(list(graph.nodes)):      # users before the values they read
             if node in doomed and not node.users:
                 graph.erase_node(node)

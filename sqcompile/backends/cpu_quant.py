@@ -1,26 +1,38 @@
-"""A GEMM output's gradient quantized for both backward GEMMs by one C kernel
-(``sqcompile::shiftquant_outer_pair``).
+"""CPU quantizers fused with what produces their input, as C kernels
+(:mod:`sqcompile.kernels.cpu_quant`).
 
-With ``grad_outer_scale`` (the default), the backward of each quantized GEMM ``Y = A B``
-quantizes ``dY`` twice (:func:`sqcompile.ops.shiftquant_outer`): along its columns for
-``dA = dY B^T``, prescaled by ``B``'s scales, and along its rows for ``dB = A^T dY``,
-prescaled by ``A``'s.  In a backward graph of the torch kernel family on CPU that Inductor
-compiles (``inner="inductor"``, whose quantizers draw
-:func:`~sqcompile.numerics.hash_noise`, as the kernel does), this pass replaces each such
-pair over one float32 ``dY`` -- a Linear's or a conv's output gradient, after a GELU's or a
-norm's backward, attention's ``dS`` -- by one
-:func:`~sqcompile.kernels.cpu_quant.shiftquant_outer_pair`, bit for bit what the two
-compute.  Inductor then writes ``dY`` once, where its six loops over the two quantizers each
-recomputed ``dY``'s producer (the GELU backward's ``erf``, a dequantized GEMM result); the
-kernel makes three passes over it.  Its two seeds become ``sqcompile::random_seed`` nodes of
-the graph, drawn where the quantizers drew theirs, in their order.
+**Gradients** (``sqcompile::shiftquant_outer_pair``).  With ``grad_outer_scale`` (the
+default), the backward of each quantized GEMM ``Y = A B`` quantizes ``dY`` twice
+(:func:`sqcompile.ops.shiftquant_outer`): along its columns for ``dA = dY B^T``, prescaled by
+``B``'s scales, and along its rows for ``dB = A^T dY``, prescaled by ``A``'s.  In a backward
+graph of the torch kernel family on CPU that Inductor compiles (``inner="inductor"``, whose
+quantizers draw :func:`~sqcompile.numerics.hash_noise`, as the kernel does),
+:func:`fuse_gradient_quantizers` replaces each such pair over one float32 ``dY`` -- a
+Linear's or a matmul's output gradient, after a GELU's or a norm's backward, attention's
+``dS`` -- by one :func:`~sqcompile.kernels.cpu_quant.shiftquant_outer_pair`, bit for bit what
+the two compute.  Inductor then writes ``dY`` once, where its six loops over the two
+quantizers each recomputed ``dY``'s producer (the GELU backward's ``erf``, a dequantized GEMM
+result); the kernel makes three passes over it.  Its two seeds become
+``sqcompile::random_seed`` nodes of the graph, drawn where the quantizers drew theirs, in
+their order.  A convolution's gradient is quantized another way (one outer maximum per
+sample for ``dX``) and keeps the graph's ops.  Label ``shiftquant_outer(dY) x2``, on the
+decision of the GEMM that ``dY``'s column quantization feeds.
 
-Nothing happens on other devices, with other kernel families, under ``inner="eager"``
-(whose quantizers draw their noise another way), without ``grad_outer_scale``, for bit
-widths beyond int8's range, when the kernel cannot run here
-(:func:`~sqcompile.kernels.cpu_quant.status`), or with ``fusion=False``.  Each fusion is
-recorded as a :class:`~sqcompile.decisions.FusedRegion` (label ``shiftquant_outer(dY) x2``)
-on the decision of the GEMM that ``dY``'s column quantization feeds.
+**A Linear's GELU** (``sqcompile::gelu_quantize``).  In a forward or inference graph,
+:func:`fuse_gelu_quantizers` replaces ``gelu(int8_mm.float() * (sa * sb) [+ bias])`` whose
+output only the next GEMM's per-row quantizer (and its saved maxima) read by one
+:func:`~sqcompile.kernels.cpu_quant.gelu_quantize`: one pass over each row, where Inductor's
+loop evaluated the GELU (two ``erf``\ s) once for the row's maximum and again to quantize.
+The pre-activation (saved for the backward) is the graph's bit for bit; the GELU's ``erf`` is
+PyTorch's vectorized formula over our ``exp``, a few ulps from Inductor's.  Label
+``dequant[+bias]+gelu+quantize``, on the Linear's decision.  The ``tanh`` GELU, and a GELU
+whose output something else reads, keep the graph's ops.
+
+Neither pass does anything on other devices, with other kernel families, when the kernels
+cannot run here (:func:`~sqcompile.kernels.cpu_quant.status`: AVX-512 F/BW/VL and a C
+compiler), or with ``fusion=False``; the gradient pass also not without ``grad_outer_scale``,
+under ``inner="eager"`` (whose quantizers draw their noise another way), or for bit widths
+beyond int8's range.  Each fusion is recorded as a :class:`~sqcompile.decisions.FusedRegion`.
 """
 from __future__ import annotations
 
@@ -37,6 +49,7 @@ from . import fusion as F
 aten = torch.ops.aten
 KERNEL = "sqcompile/kernels/cpu_quant.c:sq_outer_pair_ranges, sq_outer_pair_quantize"
 LABEL = "shiftquant_outer(dY) x2"
+GELU_KERNEL = "sqcompile/kernels/cpu_quant.c:sq_gelu_quantize"
 
 
 class _OuterQuantizer(NamedTuple):
@@ -174,4 +187,104 @@ def fuse_gradient_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: s
     return F.finished(gm, record, stage, _fuse(gm, record, stage))
 
 
-__all__ = ["fuse_gradient_quantizers", "KERNEL", "LABEL"]
+# ---------------------------------------------------------------------------------------------
+# Forward: a Linear's GELU and the next GEMM's input quantizer
+# ---------------------------------------------------------------------------------------------
+
+class _GeluMatch(NamedTuple):
+    gelu: fx.Node
+    pre: fx.Node                  # the GELU's input (saved for backward): dequantized [+ bias]
+    mm: fx.Node
+    sa: fx.Node
+    sb: fx.Node
+    bias: Optional[fx.Node]
+    quantizer: fx.Node
+    amax: Optional[fx.Node]
+    chain: List[fx.Node]          # the nodes from the GEMM's conversion to the GELU's input
+
+
+def _match_gelu(gelu: fx.Node) -> Optional[_GeluMatch]:
+    """``gelu(int8_mm.float() * (sa * sb) [+ bias])`` (views between; ``bias`` float32 along
+    the last dim) whose only readers are one per-row nearest quantizer and its maxima."""
+    approximate = gelu.args[1] if len(gelu.args) > 1 else gelu.kwargs.get("approximate", "none")
+    out = F._val(gelu)
+    if approximate != "none" or out is None or out.dtype != torch.float32 or out.dim() < 1:
+        return None
+    pre, x, bias, chain = gelu.args[0], gelu.args[0], None, []
+    if x.target is aten.add.Tensor and len(x.args) == 2 and isinstance(x.args[1], fx.Node) and not x.kwargs:
+        b = F._val(x.args[1])
+        if b is None or b.dtype != torch.float32 or any(not F._same(n, 1) for n in b.shape[:-1]) or \
+                not F._same(b.shape[-1], out.shape[-1]) or not F._same_shape(F._val(x).shape, out.shape):
+            return None
+        bias, chain, x = x.args[1], [x], x.args[0]
+    found = F.dequantized_gemm(x, shared=bias is None)     # without a bias, x is pre: saved too
+    if found is None or found[1] is None or found[2] is None or \
+            not F._same(F._val(found[0]).shape[-1], out.shape[-1]):
+        return None
+    mm, sa, sb, nodes = found
+    views = F.views_of(gelu)
+    quantizers = [u for v in views for u in v.users
+                  if u.target is torch.ops.sqcompile.quantize.default and u.args[0] is v and F.per_row_quantizer(u)]
+    if len(quantizers) != 1:
+        return None
+    quantizer = quantizers[0]
+    amax = F.row_amax(quantizer.args[0])
+    allowed = {*views, quantizer} | ({amax.args[0].args[0]} if amax is not None else set())
+    if any(u not in allowed for v in views for u in v.users):
+        return None                 # the GELU's output is read by something else: keep it
+    return _GeluMatch(gelu, pre, mm, sa, sb, bias, quantizer, amax, chain + nodes)
+
+
+def _fuse_gelus(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
+    graph = gm.graph
+    sources = {F._source_of(n) for n in graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default}
+    fused = 0
+    for gelu in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.gelu.default]:
+        m = _match_gelu(gelu)
+        if m is None:
+            continue
+        mode = F._fake_mode(m.mm)
+        olds = [m.pre, F.output_item(m.quantizer, 0), F.output_item(m.quantizer, 1), m.amax]
+        if any(o is not None and F._shape_arg(graph, F._val(o).shape, gelu, emit=False) is None for o in olds):
+            continue                # a symbolic size the graph cannot compute
+        with graph.inserting_before(gelu):
+            new = F._new(graph, torch.ops.sqcompile.gelu_quantize.default,
+                         (m.mm, m.sa, m.sb, m.bias, m.quantizer.args[1]), m.mm, mode)
+            outs = [F._new(graph, operator.getitem, (new, i), m.mm, mode) for i in range(4)]
+        for old, out in zip(olds, outs):
+            if old is not None:
+                old.replace_all_uses_with(F.viewed(graph, out, F._val(old).shape, new, mode))
+        doomed = {gelu, *m.chain, *F.views_of(gelu), m.quantizer, *m.quantizer.users}
+        if m.amax is not None:
+            doomed |= {m.amax, m.amax.args[0], m.amax.args[0].args[0]}
+        for node in reversed(list(graph.nodes)):      # users before the values they read
+            if node in doomed and not node.users:
+                graph.erase_node(node)
+        decision = F._decision_for(record, m.mm, sources)
+        F._record(record, decision, FusedRegion(
+            name=f"R{len(record.regions) + 1}", stage=stage,
+            label=f"dequant{'+bias' if m.bias is not None else ''}+gelu+quantize",
+            nodes=[n.name for n in reversed(m.chain)] + [gelu.name, m.quantizer.name],
+            module_path=decision.module_path if decision else F._module_of(m.mm),
+            decision=decision.node if decision else None, outputs=4, stop="", kernel=GELU_KERNEL))
+        fused += 1
+    return fused
+
+
+def fuse_gelu_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
+                         option: Optional[bool] = None) -> fx.GraphModule:
+    """Replace each CPU Linear's dequantize [+ bias] + GELU + the next GEMM's per-row quantizer
+    in ``gm`` (a forward or inference graph) by one ``sqcompile::gelu_quantize`` (the module
+    docstring).  ``option``: the compile's ``fusion`` option."""
+    if not F.enabled(option) or stage == "backward" or \
+            not any(n.target is aten.gelu.default for n in gm.graph.nodes):
+        return gm
+    from ..kernels import cpu_quant
+
+    gemms = [n for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default]
+    if not any(F._val(n) is not None and F._val(n).device.type == "cpu" for n in gemms) or not cpu_quant.status()[0]:
+        return gm
+    return F.finished(gm, record, stage, _fuse_gelus(gm, record, stage))
+
+
+__all__ = ["fuse_gelu_quantizers", "fuse_gradient_quantizers", "GELU_KERNEL", "KERNEL", "LABEL"]

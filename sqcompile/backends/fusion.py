@@ -698,6 +698,94 @@ def row_vector(v: torch.Tensor, like: torch.Tensor, dim: int) -> bool:
     return _same(pad[dim], 1) and all(_same(a, 1) or _same(a, b) for a, b in zip(pad, like.shape))
 
 
+def dequantized_gemm(x: fx.Node, L=None, S=None, shared: bool = False) -> Optional[tuple]:
+    """``(mm, sa, sb, nodes)`` when ``x`` is, through single-use views, a CPU ``int8_mm``'s int32
+    ``[..., L, S]`` result (any shape when ``L`` is None) converted to float32 and multiplied
+    by its scales: one row vector
+    (``[..., L, 1]``), one column vector (``[..., 1, S]``) or their product, each broadcasting
+    to the result (``sa`` / ``sb`` None where there is none); ``nodes``: the views, the
+    multiply, the conversion (and the scales' product).  With ``shared``, ``x`` itself may have
+    other readers (the caller replaces all its uses)."""
+    top, nodes = x, []
+
+    def only_reader(n):
+        return single_user(n) or (shared and n is top)
+
+    while _is_view(x) and only_reader(x):
+        nodes.append(x)
+        x = x.args[0]
+    if x.target is not aten.mul.Tensor or not only_reader(x) or len(x.args) != 2:
+        return None
+    nodes.append(x)
+    convert = next((a for a in x.args if isinstance(a, fx.Node) and a.target is aten._to_copy.default), None)
+    scales = next((a for a in x.args if a is not convert), None)
+    if convert is None or not isinstance(scales, fx.Node) or convert.kwargs.get("dtype") is not torch.float32 or \
+            set(convert.kwargs) - {"dtype"} or not single_user(convert):
+        return None
+    nodes.append(convert)
+    mm = convert.args[0]
+    acc = _val(mm)
+    if mm.target is not torch.ops.sqcompile.int8_mm.default or not single_user(mm) or acc is None or \
+            acc.dtype != torch.int32 or acc.device.type != "cpu" or \
+            (L is not None and not _same_shape(acc.shape[-2:], (L, S))):
+        return None
+    v = _val(scales)
+    if v is not None and row_vector(v, acc, -1):
+        return mm, scales, None, nodes
+    if v is not None and row_vector(v, acc, -2):
+        return mm, None, scales, nodes
+    if scales.target is not aten.mul.Tensor or len(scales.args) != 2:
+        return None
+    a, b = scales.args
+    va, vb = _val(a), _val(b)
+    if va is None or vb is None:
+        return None
+    if not (row_vector(va, acc, -1) and row_vector(vb, acc, -2)):
+        a, b, va, vb = b, a, vb, va
+        if not (row_vector(va, acc, -1) and row_vector(vb, acc, -2)):
+            return None
+    return mm, a, b, nodes + [scales]
+
+
+def views_of(node: fx.Node) -> List[fx.Node]:
+    """``node`` and the values that view it as a whole (views, same-shape ``expand``)."""
+    found, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        found.append(n)
+        for user in n.users:
+            if user.args and user.args[0] is n and (_is_view(user) or (
+                    user.target is aten.expand.default and _same_shape(_val(user).shape, _val(n).shape))):
+                stack.append(user)
+    return found
+
+
+def row_amax(node: fx.Node) -> Optional[fx.Node]:
+    """The ``amax(abs(detach(node)), [last], keepdim=True)`` of ``node``, if any."""
+    nd = _val(node).dim()
+    for d in node.users:
+        if d.target is not aten.detach.default or not single_user(d):
+            continue
+        (a,) = d.users
+        if a.target is not aten.abs.default or not single_user(a):
+            continue
+        (m,) = a.users
+        if m.target is aten.amax.default and [x % nd for x in m.args[1]] == [nd - 1] and \
+                (m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)):
+            return m
+    return None
+
+
+def viewed(graph: fx.Graph, out: fx.Node, shape, new: fx.Node, mode) -> fx.Node:
+    """``out`` (``new`` or one of its outputs) viewed as ``shape`` (itself when it has that
+    shape), the view right after it; symbolic sizes are computed before ``new``."""
+    if _same_shape(_val(out).shape, shape):
+        return out
+    arg = _shape_arg(graph, shape, new)
+    with graph.inserting_after(out):
+        return _new(graph, aten.view.default, (out, arg), new, mode)
+
+
 def per_row_quantizer(q: fx.Node) -> bool:
     """Is the quantizer call ``q`` (``(x, bits, keep_dims, stochastic, ...)``) nearest-rounding
     with one scale per row (every dim but the last kept)?"""

@@ -25,7 +25,7 @@ from .. import numerics as N
 from ..graphs import format_graph
 from .attention_grads import pack_attention_gradients
 from .cpu_attention import fuse_attention_probs
-from .cpu_quant import fuse_gradient_quantizers
+from .cpu_quant import fuse_gelu_quantizers, fuse_gradient_quantizers
 from .fusion import _contiguous, _refresh, _static, fuse_regions, int_arg
 from .norm_fusion import fuse_norm_quantizers, fuse_norm_residuals
 
@@ -154,6 +154,7 @@ def compiler(stage: str, config, target, record, cuda_graphs: "CudaGraphs | None
         gm = fuse_norm_quantizers(gm, record, stage, config.fusion)   # L1 norm writes the GEMM's int8 input
         record.inner = inner_compiler(config, target, record)
         gm = fuse_attention_probs(gm, record, stage, config.fusion)   # CPU attention's softmax in C
+        gm = fuse_gelu_quantizers(gm, record, stage, config.fusion)   # CPU Linear's GELU + next quantizer in C
         gm = fuse_gradient_quantizers(gm, record, stage, config.fusion, record.inner)   # CPU dY quantizers in C
         if record.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx_inner

@@ -1,7 +1,10 @@
-/* A GEMM output's gradient quantized for both of its backward GEMMs (AVX-512 F/BW/VL): the
- * two ShiftQuants with outer scales (grad_outer_scale) of dY [B, L, S], as the graph composes
- * them (sqcompile.ops.shiftquant_outer over numerics.shiftquant, lowered for Inductor with
- * numerics.hash_noise); see sqcompile/kernels/cpu_quant.py.
+/* CPU quantizers fused with what produces their input (AVX-512 F/BW/VL); see
+ * sqcompile/kernels/cpu_quant.py.  First a GEMM output's gradient quantized for both of its
+ * backward GEMMs (sq_outer_pair_ranges, sq_outer_pair_quantize): the two ShiftQuants with
+ * outer scales (grad_outer_scale) of dY [B, L, S], as the graph composes them
+ * (sqcompile.ops.shiftquant_outer over numerics.shiftquant, lowered for Inductor with
+ * numerics.hash_noise).  Then a Linear's GELU with the next GEMM's input quantizer
+ * (sq_gelu_quantize, further down).
  *
  *   "cols", for dX = dY W (the product over S):  y = dY * pk (the other operand's scales per
  *       column, pk [B, S]); outer_c = max |y| per row (0 taken as 1); x = y / outer_c;
@@ -20,6 +23,7 @@
  * not depend on the order, so any number of threads gives the same bits.
  */
 #include <math.h>
+#include <stdlib.h>
 
 #include "avx512.h"
 
@@ -177,4 +181,99 @@ void sq_outer_pair_quantize(const float *dy, const float *pk, const float *pq, c
             _mm512_mask_cvtepi32_storeu_epi8(e_r + row * S + s, m, er);
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * A Linear's GELU and the next GEMM's input quantizer (sq_gelu_quantize): for each row of
+ * int32 accumulators acc[row, 0:N] (the int8 product X W), with the row's scale sa[row], the
+ * columns' scales sb[batch, n] and the bias (may be NULL):
+ *
+ *     pre = float(acc) * (sa * sb) + bias                 -> pre (float32, saved for backward)
+ *     h = (pre * 0.5) * (1 + erf(pre * sqrt(1/2)))        GELU, as Inductor decomposes it
+ *     amax = max |h|; scale = amax / qmax; q = clamp(rne(h / (scale or 1)), -qmax, qmax)
+ *                                                         -> q (int8), scale, amax per row
+ *
+ * in the order and precision of the unfused ops (each multiply and add rounded: built with
+ * -ffp-contract=off), except for erf: PyTorch's vectorized CPU erf (Abramowitz & Stegun
+ * 7.1.26 with its coefficients, as at::vec computes it) over our exp, within an ulp of
+ * Sleef's, so h agrees to a few ulps and q but where a value lies that close to a rounding
+ * boundary.  A row holding a NaN gives q 0, scale and amax NaN, as numerics.quantize does.
+ * h lives in a row buffer in cache; pre and q are written once.
+ * ------------------------------------------------------------------------------------------ */
+static inline __m512 xor_ps(__m512 a, __m512 b) {            /* without AVX512-DQ's _mm512_xor_ps */
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+}
+
+static inline __m512 erf_vec(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f), neg_zero = _mm512_set1_ps(-0.0f);
+    __m512 ax = _mm512_abs_ps(x), sign = xor_ps(x, ax);
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), ax, one));
+    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+    __m512 e = exp_nonpositive(xor_ps(neg_zero, _mm512_mul_ps(x, x)));
+    __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(xor_ps(neg_zero, e), t), r, one);
+    return xor_ps(sign, v);
+}
+
+static void gelu_row(const int32_t *a, float sa, const float *sb, const float *bias, int64_t N, float qmax,
+                     float *pre, float *h, int8_t *q, float *scale_out, float *amax_out) {
+    const __m512 vsa = _mm512_set1_ps(sa), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    const __m512 alpha = _mm512_set1_ps(0.70710678118654752440f);
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    int64_t n;
+    for (n = 0; n < N; n += 16) {
+        __mmask16 m = lanes(n, N);
+        __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, a + n)),
+                                 _mm512_mul_ps(vsa, _mm512_maskz_loadu_ps(m, sb + n)));
+        if (bias)
+            x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + n));
+        _mm512_mask_storeu_ps(pre + n, m, x);
+        __m512 g = _mm512_mul_ps(_mm512_mul_ps(x, half), _mm512_add_ps(one, erf_vec(_mm512_mul_ps(x, alpha))));
+        g = _mm512_maskz_mov_ps(m, g);
+        _mm512_storeu_ps(h + n, g);
+        nan |= _mm512_cmp_ps_mask(g, g, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(g));
+    }
+    float amax = nan ? NAN : _mm512_reduce_max_ps(vmax);
+    float scale = amax / qmax;
+    const __m512 vd = _mm512_set1_ps(scale == 0.0f ? 1.0f : scale);
+    const __m512 hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
+    for (n = 0; n < N; n += 16) {
+        __mmask16 m = lanes(n, N);
+        __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(h + n), vd),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __mmask16 bad = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        v = _mm512_mask_blend_ps(bad, _mm512_min_ps(_mm512_max_ps(v, lo), hi), _mm512_setzero_ps());
+        _mm512_mask_cvtepi32_storeu_epi8(q + n, m, _mm512_cvtps_epi32(v));
+    }
+    *scale_out = isfinite(scale) ? scale : NAN;
+    *amax_out = amax;
+}
+
+/* acc [B, M, N] int32, sa [B, M], sb [B, N], bias [N] or NULL; pre [B, M, N], q [B, M, N],
+   scale_out and amax_out [B, M]. */
+int sq_gelu_quantize(const int32_t *acc, const float *sa, const float *sb, const float *bias, int64_t B, int64_t M,
+                     int64_t N, float qmax, float *pre, int8_t *q, float *scale_out, float *amax_out, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *h = aligned_alloc(64, (size_t)((N + 15) / 16 * 16) * sizeof(float));
+        if (!h) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t row = 0; row < B * M; row++) {
+            if (!h)
+                continue;
+            int64_t b = row / M;
+            gelu_row(acc + row * N, sa[row], sb + b * N, bias, N, qmax, pre + row * N, h, q + row * N,
+                     scale_out + row, amax_out + row);
+        }
+        free(h);
+    }
+    return failed ? -1 : 0;
 }

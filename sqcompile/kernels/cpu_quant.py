@@ -1,18 +1,23 @@
-"""A GEMM output's gradient quantized for both backward GEMMs, on CPU as one C kernel:
-``sqcompile::shiftquant_outer_pair``.
+"""CPU quantizers fused with what produces their input, as C kernels (``cpu_quant.c``,
+AVX-512): ``sqcompile::shiftquant_outer_pair`` and ``sqcompile::gelu_quantize``.
 
-With ``grad_outer_scale`` (the default), the backward of a quantized GEMM ``Y = A B``
-quantizes ``dY`` twice (:func:`sqcompile.ops.shiftquant_outer`): for ``dA = dY B^T`` with
-ShiftQuant channels along ``dY``'s columns, prescaled by ``B``'s scales, with one outer
-maximum per row; for ``dB = A^T dY`` along its rows, prescaled by ``A``'s, one maximum per
-column.  Inductor compiles each into three loops over ``dY`` (outer maxima, the quotients'
-channel ranges, the quantization: six in all), and fuses ``dY``'s producer into each of
-them: a GELU's backward (with its ``erf``), a softmax's, the dequantization of the next
-GEMM's gradient -- recomputed six times.  :func:`shiftquant_outer_pair` computes both from
-``dY`` written once, in three passes (``cpu_quant.c``, AVX-512), bit for bit what the graph's
-ops compute (the same multiplies, IEEE divisions, NaN-propagating maxima and
-:func:`~sqcompile.numerics.hash_noise` noise with the same two seeds).  The lowering pass
-:mod:`sqcompile.backends.cpu_quant` puts it in backward graphs.
+:func:`shiftquant_outer_pair`: with ``grad_outer_scale`` (the default), the backward of a
+quantized GEMM ``Y = A B`` quantizes ``dY`` twice (:func:`sqcompile.ops.shiftquant_outer`):
+for ``dA = dY B^T`` with ShiftQuant channels along ``dY``'s columns, prescaled by ``B``'s
+scales, with one outer maximum per row; for ``dB = A^T dY`` along its rows, prescaled by
+``A``'s, one maximum per column.  Inductor compiles each into three loops over ``dY`` (outer
+maxima, the quotients' channel ranges, the quantization: six in all), and fuses ``dY``'s
+producer into each of them: a GELU's backward (with its ``erf``), a softmax's, the
+dequantization of the next GEMM's gradient -- recomputed six times.  The kernel computes both
+from ``dY`` written once, in three passes, bit for bit what the graph's ops compute (the same
+multiplies, IEEE divisions, NaN-propagating maxima and
+:func:`~sqcompile.numerics.hash_noise` noise with the same two seeds).
+
+:func:`gelu_quantize`: a Linear's dequantize + bias + GELU + the next GEMM's per-row
+quantizer, one row at a time in cache (Inductor's loop evaluated the GELU twice per value:
+once for the row's maximum, once to quantize).
+
+The lowering passes of :mod:`sqcompile.backends.cpu_quant` put them in the graphs.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from .. import ops
 from . import native, pool
 
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_quant.c")
-CFLAGS = ["-O2", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
+CFLAGS = ["-O2", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
 
 
@@ -48,6 +53,8 @@ def _library() -> ctypes.CDLL:
     lib.sq_outer_pair_quantize.restype = None
     lib.sq_outer_pair_quantize.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, f32, i64, i64,
                                            i64, ptr, ptr, i32]
+    lib.sq_gelu_quantize.restype = ctypes.c_int
+    lib.sq_gelu_quantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, ptr, ptr, i32]
     return lib
 
 
@@ -153,4 +160,58 @@ def _(dy, pk, pq, seed_cols, seed_rows, bits, groups):
     return (e, f, dy.new_empty((*lead, L, 1)), torch.empty_like(e), torch.empty_like(f), dy.new_empty((*lead, 1, S)))
 
 
-__all__ = ["batched", "shiftquant_outer_pair", "shiftquant_outer_pair_reference", "status", "SOURCE"]
+def gelu_quantize_reference(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor],
+                            bits: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unfused ops :func:`gelu_quantize` stands for: ``pre = acc.float() * (sa * sb) [+
+    bias]``, ``h = gelu(pre)``, ``(q, q_scale) = numerics.quantize(h, bits, rows, nearest)``,
+    ``amax = max |h|`` per row: ``(pre, q, q_scale, amax)``."""
+    pre = acc.to(torch.float32) * (sa * sb)
+    if bias is not None:
+        pre = pre + bias
+    h = torch.nn.functional.gelu(pre)
+    rows = list(range(h.dim() - 1))
+    q, q_scale = N.quantize(h, bits, rows, "nearest")
+    return pre, q, q_scale, N.amax(h, rows)
+
+
+def gelu_quantize(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor],
+                  bits: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gelu_quantize_reference` on the AVX-512 kernel (``cpu_quant.c``) for int32 ``acc``
+    ``[..., M, N]`` on CPU (``sa`` broadcasting to ``[..., M, 1]``, ``sb`` to ``[..., 1, N]``,
+    ``bias`` ``[N]`` or None): ``pre`` bit for bit, the GELU to a few ulps (its ``erf`` is
+    PyTorch's vectorized CPU formula over our ``exp``), so ``q`` equal but where a value lies
+    that close to a rounding boundary.  Runs the reference where the kernel cannot."""
+    if acc.device.type != "cpu" or acc.dtype != torch.int32 or acc.dim() < 2 or not status()[0] or \
+            acc.numel() == 0 or (bias is not None and bias.dtype != torch.float32):
+        return gelu_quantize_reference(acc, sa, sb, bias, bits)
+    (B, M, cols), sa2, sb2 = batched(acc, sa, sb)
+    a = acc.contiguous()
+    b = None if bias is None else bias.reshape(cols).contiguous()
+    pre = pool.OUTPUTS.empty(acc.shape, torch.float32)
+    q = pool.OUTPUTS.empty(acc.shape, torch.int8)
+    row_shape = (*acc.shape[:-1], 1)
+    q_scale, amax = torch.empty(row_shape, dtype=torch.float32), torch.empty(row_shape, dtype=torch.float32)
+    if _library().sq_gelu_quantize(a.data_ptr(), sa2.data_ptr(), sb2.data_ptr(), None if b is None else b.data_ptr(),
+                                   B, M, cols, float(N.qmax(bits)), pre.data_ptr(), q.data_ptr(), q_scale.data_ptr(),
+                                   amax.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError(f"sqcompile::gelu_quantize: no memory for a row buffer of {cols} floats")
+    return pre, q, q_scale, amax
+
+
+@ops.custom_op("sqcompile::gelu_quantize")
+def gelu_quantize_op(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor],
+                     bits: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Linear's dequantize + bias + GELU + the next GEMM's per-row quantizer as one op
+    (:func:`gelu_quantize`): ``(pre, q, q_scale, amax)``."""
+    return gelu_quantize(acc, sa, sb, bias, bits)
+
+
+@gelu_quantize_op.register_fake
+def _(acc, sa, sb, bias, bits):
+    row_shape = (*acc.shape[:-1], 1)
+    return (acc.new_empty(acc.shape, dtype=torch.float32), acc.new_empty(acc.shape, dtype=torch.int8),
+            acc.new_empty(row_shape, dtype=torch.float32), acc.new_empty(row_shape, dtype=torch.float32))
+
+
+__all__ = ["batched", "gelu_quantize", "gelu_quantize_reference", "shiftquant_outer_pair",
+           "shiftquant_outer_pair_reference", "status", "SOURCE"]
