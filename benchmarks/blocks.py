@@ -9,7 +9,9 @@ d_model 512, 8 heads):
   both GEMMs int8 (the default) on materialized ``[128, 256, 256]`` scores, the softmax and
   ``P``'s quantizer in one C kernel, the softmax's backward in another
   (:mod:`sqcompile.backends.cpu_attention`); "fusion off" runs them as Inductor's loops.
-* ``mlp``: ``fc2(gelu(fc1(x)))`` with 512 -> 2048 -> 512 on 4096 tokens (int8 Linears).
+* ``mlp``: ``fc2(gelu(fc1(x)))`` with 512 -> 2048 -> 512 on 4096 tokens (int8 Linears); the
+  GELU with ``fc2``'s input quantizer in one C kernel, each output gradient's two quantizers
+  in another (:mod:`sqcompile.backends.cpu_quant`); "fusion off" runs them as Inductor's loops.
 
     python benchmarks/blocks.py --threads 1
 """
@@ -72,6 +74,9 @@ def main(argv=None):
                                                                   options=dict(options, fusion=False)), qkv, []),
         ("mlp", "fp32 eager"): _step(mlp, x, list(mlp.parameters())),
         ("mlp", ours): _step(torch.compile(mlp, backend="shiftquant", options=options), x, list(mlp.parameters())),
+        ("mlp", f"{ours}, fusion off"): _step(torch.compile(mlp, backend="shiftquant",
+                                                            options=dict(options, fusion=False)),
+                                              x, list(mlp.parameters())),
     }
     times = interleaved({f"{part}/{path}": fn for (part, path), fn in runs.items()}, rounds=args.rounds, warmup=2)
     rows = [[part, path, f"{median_ms(times[f'{part}/{path}']):.1f}",
