@@ -43,7 +43,7 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.fx as fx
 
-from ..decisions import CompileRecord, FusedRegion
+from ..decisions import CompileRecord
 from . import fusion as F
 
 aten = torch.ops.aten
@@ -181,16 +181,11 @@ def _fuse_backward(gm: fx.GraphModule, record: CompileRecord, stage: str, source
             new = F._new(graph, torch.ops.sqcompile.attention_probs_backward.default,
                          (m.mm, m.sa, m.sb, probs, mask, m.scale), m.mm, mode)
         m.ds.replace_all_uses_with(F.viewed(graph, new, F._val(m.ds).shape, new, mode))
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        for node in sorted(m.chain, key=order.__getitem__, reverse=True):   # users before what they read
-            if not node.users:
-                graph.erase_node(node)
-        decision = F._decision_for(record, m.mm, sources)
-        F._record(record, decision, FusedRegion(
-            name=f"R{len(record.regions) + 1}", stage=stage,
-            label=f"dequant+softmax_backward{'+mask' if m.mask is not None else ''}+scale",
-            nodes=[n.name for n in reversed(m.chain)], module_path=decision.module_path if decision else F._module_of(m.mm),
-            decision=decision.node if decision else None, outputs=1, stop="", kernel=BACKWARD_KERNEL))
+        names = [n.name for n in reversed(m.chain)]
+        F.erase_dead(graph, set(m.chain))
+        F.record_region(record, stage, F._decision_for(record, m.mm, sources),
+                        f"dequant+softmax_backward{'+mask' if m.mask is not None else ''}+scale", names, m.mm, 1,
+                        BACKWARD_KERNEL)
         fused += 1
     return fused
 
@@ -224,16 +219,10 @@ def _fuse_forward(gm: fx.GraphModule, record: CompileRecord, stage: str, sources
                          (F.output_item(m.quantizer, 1), outs[2]), (m.amax, outs[3])):
             if old is not None:
                 old.replace_all_uses_with(F.viewed(graph, out, F._val(old).shape, new, mode))
-        for node in reversed(list(graph.nodes)):      # users before the values they read
-            if node in doomed and not node.users:
-                graph.erase_node(node)
-        decision = F._decision_for(record, m.mm, sources)
-        F._record(record, decision, FusedRegion(
-            name=f"R{len(record.regions) + 1}", stage=stage,
-            label=f"dequant+scale{'+causal' if m.causal else ''}+softmax+quantize",
-            nodes=[n.name for n in reversed(m.chain)] + [m.softmax.name, m.quantizer.name],
-            module_path=decision.module_path if decision else F._module_of(m.mm),
-            decision=decision.node if decision else None, outputs=4, stop="", kernel=KERNEL))
+        names = [n.name for n in reversed(m.chain)] + [m.softmax.name, m.quantizer.name]
+        F.erase_dead(graph, doomed)
+        F.record_region(record, stage, F._decision_for(record, m.mm, sources),
+                        f"dequant+scale{'+causal' if m.causal else ''}+softmax+quantize", names, m.mm, 4, KERNEL)
         fused += 1
     return fused
 

@@ -43,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from .. import numerics as N
-from ..decisions import CompileRecord, FusedRegion
+from ..decisions import CompileRecord
 from . import fusion as F
 
 aten = torch.ops.aten
@@ -153,17 +153,11 @@ def _fuse(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
             for item in [u for u in q.quantizer.users if u.target is operator.getitem]:
                 item.replace_all_uses_with(outs[base + item.args[1]])
             q.outer.replace_all_uses_with(outs[base + 2])
-        doomed = {*c.nodes, *r.nodes, c.outer, r.outer, *c.quantizer.users, *r.quantizer.users}
-        for node in reversed(list(graph.nodes)):
-            if node in doomed and not node.users:
-                graph.erase_node(node)
+        names = [n.name for n in (*c.nodes, c.outer, *r.nodes, r.outer)]
+        F.erase_dead(graph, {*c.nodes, *r.nodes, c.outer, r.outer, *c.quantizer.users, *r.quantizer.users})
         mm = _gemm_fed_by(outs[0])
         decision = F._decision_for(record, mm, sources) if mm is not None else None
-        F._record(record, decision, FusedRegion(
-            name=f"R{len(record.regions) + 1}", stage=stage, label=LABEL,
-            nodes=[n.name for n in (*c.nodes, c.outer, *r.nodes, r.outer)],
-            module_path=decision.module_path if decision else F._module_of(new),
-            decision=decision.node if decision else None, outputs=6, stop="", kernel=KERNEL))
+        F.record_region(record, stage, decision, LABEL, names, new, 6, KERNEL)
         fused += 1
     return fused
 
@@ -254,19 +248,13 @@ def _fuse_gelus(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
         for old, out in zip(olds, outs):
             if old is not None:
                 old.replace_all_uses_with(F.viewed(graph, out, F._val(old).shape, new, mode))
+        names = [n.name for n in reversed(m.chain)] + [gelu.name, m.quantizer.name]
         doomed = {gelu, *m.chain, *F.views_of(gelu), m.quantizer, *m.quantizer.users}
         if m.amax is not None:
             doomed |= {m.amax, m.amax.args[0], m.amax.args[0].args[0]}
-        for node in reversed(list(graph.nodes)):      # users before the values they read
-            if node in doomed and not node.users:
-                graph.erase_node(node)
-        decision = F._decision_for(record, m.mm, sources)
-        F._record(record, decision, FusedRegion(
-            name=f"R{len(record.regions) + 1}", stage=stage,
-            label=f"dequant{'+bias' if m.bias is not None else ''}+gelu+quantize",
-            nodes=[n.name for n in reversed(m.chain)] + [gelu.name, m.quantizer.name],
-            module_path=decision.module_path if decision else F._module_of(m.mm),
-            decision=decision.node if decision else None, outputs=4, stop="", kernel=GELU_KERNEL))
+        F.erase_dead(graph, doomed)
+        F.record_region(record, stage, F._decision_for(record, m.mm, sources),
+                        f"dequant{'+bias' if m.bias is not None else ''}+gelu+quantize", names, m.mm, 4, GELU_KERNEL)
         fused += 1
     return fused
 

@@ -1009,6 +1009,23 @@ def _record(record: CompileRecord, decision, region: FusedRegion) -> None:
     decision.region = "; ".join(f"{', '.join(names)}: {label}" for label, names in by_label.items())
 
 
+def erase_dead(graph: fx.Graph, doomed) -> None:
+    """Erase the nodes of ``doomed`` that nothing reads any more, users before what they read."""
+    for node in reversed(list(graph.nodes)):
+        if node in doomed and not node.users:
+            graph.erase_node(node)
+
+
+def record_region(record: CompileRecord, stage: str, decision, label: str, nodes, anchor: fx.Node, outputs: int,
+                  kernel: str) -> None:
+    """Record a region of our kernels that replaced the nodes named ``nodes`` on ``decision`` (a
+    GEMM decision, or None: then the module path is ``anchor``'s)."""
+    _record(record, decision, FusedRegion(
+        name=f"R{len(record.regions) + 1}", stage=stage, label=label, nodes=list(nodes),
+        module_path=decision.module_path if decision else _module_of(anchor),
+        decision=decision.node if decision else None, outputs=outputs, stop="", kernel=kernel))
+
+
 def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
                  option: Optional[bool] = None) -> fx.GraphModule:
     """Fuse each Triton int8 GEMM of ``gm`` with its epilogue (see the module docstring);

@@ -36,8 +36,8 @@ from . import native, pool
 from .cpu_quant import batched
 
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.c")
-CFLAGS = ["-O2", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off"]
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+CFLAGS = native.AVX512_CFLAGS
+CPU_FLAGS = native.AVX512_CPU_FLAGS
 
 
 @functools.lru_cache(maxsize=None)

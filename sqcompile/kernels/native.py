@@ -20,6 +20,13 @@ import tempfile
 from typing import Callable, Optional, Sequence, Set, Tuple
 
 
+AVX512_CFLAGS = ["-O2", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off"]
+"""Flags of the AVX-512 kernels (``cpu_attention.c``, ``cpu_quant.c``): OpenMP on torch's own
+libgomp; no contraction of a multiply and an add into an FMA, which would round once where
+the graph's ops round twice."""
+AVX512_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
+
+
 def cpu_flags() -> Set[str]:
     """The instruction-set flags of this CPU (``/proc/cpuinfo``; empty where there is none)."""
     try:
@@ -81,4 +88,4 @@ def status(flags: Set[str], load: Callable[[], object]) -> Tuple[bool, Optional[
     return True, None
 
 
-__all__ = ["build", "compiler", "cpu_flags", "status"]
+__all__ = ["AVX512_CFLAGS", "AVX512_CPU_FLAGS", "build", "compiler", "cpu_flags", "status"]
