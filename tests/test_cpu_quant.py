@@ -36,7 +36,7 @@ from sqcompile.kernels import cpu_quant as CQ
 from sqcompile.kernels import native
 
 OK, WHY = CQ.status()
-needs_kernel = pytest.mark.skipif(not OK, reason=f"the CPU gradient quantizer cannot run here: {WHY}")
+needs_kernel = pytest.mark.skipif(not OK, reason=f"the CPU quantizer kernels cannot run here: {WHY}")
 
 
 def test_kernel_builds_where_the_cpu_can_run_it():

@@ -40,13 +40,13 @@ CPU_FLAGS = native.AVX512_CPU_FLAGS
 
 @functools.lru_cache(maxsize=None)
 def status() -> Tuple[bool, Optional[str]]:
-    """``(usable, reason)`` for the kernel on this machine (checked and built once)."""
+    """``(usable, reason)`` for the kernels on this machine (checked and built once)."""
     return native.status(CPU_FLAGS, _library)
 
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    lib = native.build(SOURCE, CFLAGS, "the CPU gradient quantizer")
+    lib = native.build(SOURCE, CFLAGS, "the CPU quantizer kernels")
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.sq_outer_pair_ranges.restype = None
     lib.sq_outer_pair_ranges.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
