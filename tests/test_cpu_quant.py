@@ -35,6 +35,8 @@ from sqcompile.decisions import records_for
 from sqcompile.kernels import cpu_quant as CQ
 from sqcompile.kernels import native
 
+from models import Block
+
 OK, WHY = CQ.status()
 needs_kernel = pytest.mark.skipif(not OK, reason=f"the CPU quantizer kernels cannot run here: {WHY}")
 
@@ -240,6 +242,25 @@ def test_mlp_trains_bit_for_bit_as_unfused_with_a_region_per_gemm(no_gelu_kernel
         assert pass_module.LABEL in decided[r.decision].region
     graph = rec.graphs["backward_fused"]
     assert graph.count("sqcompile.shiftquant_outer_pair(") == 2 and "sqcompile.shiftquant(" not in graph
+
+
+@needs_kernel
+def test_transformer_block_trains_bit_for_bit_with_and_without_the_kernel(no_gelu_kernel, monkeypatch):
+    """A pre-norm block (L1 norms, causal SDPA with the attention kernels, GELU MLP): the
+    gradients of qkv, proj, fc1, fc2, ``dS`` and the attention's output quantized in pairs,
+    every other fusion the same in both runs: the pair kernel changes no bit, and its seeds
+    are drawn in the graph's order of random ops."""
+    from sqcompile.backends import lowering
+    torch.manual_seed(0)
+    model, x = Block(d=32, heads=2, sdpa=True), torch.randn(2, 19, 32)
+    out, grads, rec = _step(model, x, {"inner": "inductor"})
+    assert len(_regions(rec)) >= 5
+    monkeypatch.setattr(lowering, "fuse_gradient_quantizers", lambda gm, *args: gm)
+    ref_out, ref_grads, ref_rec = _step(model, x, {"inner": "inductor"})
+    assert not _regions(ref_rec)
+    assert torch.equal(out, ref_out)
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
 
 
 @needs_kernel
