@@ -403,22 +403,17 @@ def test_compiled_mlp_takes_the_gelu_kernel_and_trains_as_unfused(inner, bias):
 
 @needs_kernel
 def test_inference_and_dynamic_shapes_take_the_gelu_kernel():
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = MLP()
     compiled = torch.compile(copy.deepcopy(model), backend="shiftquant", dynamic=True)
-    torch._dynamo.reset()
+    unfused = torch.compile(copy.deepcopy(model), backend="shiftquant", options={"fusion": False}, dynamic=True)
     with torch.no_grad():
         for T in (17, 29):
             x = torch.randn(2, T, 48)
-            torch.testing.assert_close(compiled(x), _unfused(model, x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(compiled(x), unfused(x), rtol=1e-5, atol=1e-6)
     rec = records_for(list(compiled.parameters()))[-1]
     assert [r.stage for r in _gelu_regions(rec)] == ["inference"]
-
-
-def _unfused(model, x):
-    """The same compile with ``fusion=False``."""
-    ref = torch.compile(copy.deepcopy(model), backend="shiftquant", options={"fusion": False}, dynamic=True)
-    return ref(x)
 
 
 @pytest.mark.parametrize("model", [GeluUsedTwice, TanhMLP])
