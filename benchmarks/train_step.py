@@ -19,6 +19,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --no-gelu-kernel   # GELU + quantizer in Inductor
     python benchmarks/train_step.py --models transformer --peak-memory
     python benchmarks/train_step.py --models unet
+    python benchmarks/train_step.py --models unet resnet18 --no-implicit-conv   # convs as im2col GEMMs too
 """
 from __future__ import annotations
 
@@ -175,6 +176,21 @@ def passes_off(names):
             setattr(lowering, name, fn)
 
 
+@contextlib.contextmanager
+def im2col_convs(on):
+    """While ``on``, the torch kernel family has no ``int8_conv``: stride-1 integer convs are
+    traced as im2col GEMMs, as before the implicit-GEMM kernel (``--no-implicit-conv``).
+    Read when a graph is traced, i.e. at the variant's first step."""
+    from sqcompile import ops
+    family = ops.KERNEL_SETS["torch"]
+    if on:
+        ops.register_kernel_set("torch", family._replace(int8_conv=None, int8_conv_weight=None))
+    try:
+        yield
+    finally:
+        ops.register_kernel_set("torch", family)
+
+
 def variants(args, name):
     """``(label, compile options or None, bf16 autocast)`` of every path timed for ``name``."""
     bits = dict(weight_bits=args.bits, act_bits=args.bits, grad_bits=args.bits, inner="inductor")
@@ -197,6 +213,9 @@ def variants(args, name):
     if args.no_gelu_kernel and name == "transformer":
         out.append((f"{tag}, GELU + quantizer as Inductor loops",
                     dict(bits, fusion=True, collect_stats=False, _passes_off=("fuse_gelu_quantizers",)), False))
+    if args.no_implicit_conv and name != "transformer":
+        out.append((f"{tag}, convs as im2col GEMMs",
+                    dict(bits, fusion=True, execution="auto", _im2col=True), False))
     if args.outer_scale:
         flipped = not OpConfig().grad_outer_scale
         out.append((f"{tag}, grad_outer_scale={flipped}", dict(bits, grad_outer_scale=flipped), False))
@@ -217,11 +236,12 @@ def make_step(name, options, bf16, x, channels_last=False):
     engine = options.pop("_engine", None)
     scales = options.pop("_saved_scales", False)
     off = options.pop("_passes_off", ())
+    im2col = options.pop("_im2col", False)
     run = model if not options else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
-        with gemm_engine(engine), saved_scales(scales), passes_off(off):
+        with gemm_engine(engine), saved_scales(scales), passes_off(off), im2col_convs(im2col):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(run(x))
@@ -298,6 +318,9 @@ def main(argv=None):
                    help="also time the step with fusion=False: attention's softmax, P quantizer and softmax "
                         "backward (sqcompile.backends.cpu_attention) and the gradients' quantizers "
                         "(sqcompile.backends.cpu_quant) as Inductor's loops instead of C kernels")
+    p.add_argument("--no-implicit-conv", action="store_true",
+                   help="CNNs: also time the step with stride-1 convs as im2col GEMMs (before the "
+                        "implicit-GEMM conv kernel)")
     p.add_argument("--no-grad-kernel", action="store_true",
                    help="also time the step with the gradients' outer-scaled ShiftQuants as Inductor's loops "
                         "(the shiftquant_outer_pair C kernel off, attention's kernels on)")

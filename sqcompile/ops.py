@@ -204,6 +204,79 @@ def _(q):
     return torch.empty_like(q.movedim(1, -1), memory_format=torch.contiguous_format).movedim(-1, 1)
 
 
+@custom_op(f"{LIB}::int8_conv")
+def int8_conv(x: torch.Tensor, w: torch.Tensor, padding: List[int], dilation: List[int]) -> torch.Tensor:
+    """Exact integer convolution at stride 1 (groups 1): int8 ``x`` ``[N, C, *S]`` and ``w``
+    ``[Cout, C, *k]``, zero padding ``padding`` on both sides of each spatial dim, ->
+    int32 ``[N, Cout, *O]``, ``O = S + 2 p - d (k - 1)``.
+
+    The result is a view into the output grid of the padded input (``[N, *(S + 2 p), Cout]``,
+    channels innermost; strides :func:`conv_grid_strides`), as the implicit-GEMM kernel
+    computes it (:func:`sqcompile.kernels.amx.int8_conv`: every grid position is a row of
+    its product, those in the padding are computed and left unread).  This reference
+    implementation is the im2col GEMM, placed in the same layout (:func:`im2col_int8_conv`)."""
+    return im2col_int8_conv(x, w, padding, dilation)
+
+
+def im2col_int8_conv(x: torch.Tensor, w: torch.Tensor, padding, dilation) -> torch.Tensor:
+    """:func:`int8_conv` as an im2col GEMM on ``int8_mm`` (the reference; any device)."""
+    n, cout, out_sizes = x.shape[0], w.shape[0], conv_output_sizes(x.shape[2:], w.shape[2:], padding, dilation)
+    cols, _ = _im2col(x, w.shape[2:], [1] * len(padding), padding, dilation)
+    acc = int8_mm(cols, _flat_weight(w).t()).reshape(n, *out_sizes, cout).movedim(-1, 1)
+    out = conv_grid_output(x, w, padding, dilation, torch.empty)
+    return out.copy_(acc)
+
+
+@int8_conv.register_fake
+def _(x, w, padding, dilation):
+    return conv_grid_output(x, w, padding, dilation, torch.empty)
+
+
+@custom_op(f"{LIB}::int8_conv_weight")
+def int8_conv_weight(e: torch.Tensor, x: torch.Tensor, kernel: List[int], padding: List[int],
+                     dilation: List[int]) -> torch.Tensor:
+    """The exact integer weight gradient of a stride-1 convolution (groups 1): int8 ``e``
+    (the output gradient, ``[N, Cout, *O]``) and ``x`` (``[N, C, *S]``) -> int32
+    ``[Cout, C, *kernel]`` (contiguous), ``dW[co, c, k] = sum over n, o of e[n, co, o] *
+    x_padded[n, c, o + k d]``.  The caller keeps ``N * prod(S + 2 p)`` within
+    :data:`MAX_INT32_TERMS`.  Reference: the im2col GEMM on ``int8_mm``; on CPUs with AMX an
+    implicit GEMM (:func:`sqcompile.kernels.amx.int8_conv_weight`)."""
+    return im2col_int8_conv_weight(e, x, kernel, padding, dilation)
+
+
+def im2col_int8_conv_weight(e: torch.Tensor, x: torch.Tensor, kernel, padding, dilation) -> torch.Tensor:
+    """:func:`int8_conv_weight` as an im2col GEMM on ``int8_mm`` (the reference; any device)."""
+    cols, _ = _im2col(x, kernel, [1] * len(kernel), padding, dilation)     # [N*L, k*C]
+    e2 = e.movedim(1, -1).reshape(-1, e.shape[1])                          # [N*L, Cout]
+    dw = int8_mm(e2.t(), cols)                                             # [Cout, k*C]
+    return dw.reshape(e.shape[1], *kernel, x.shape[1]).movedim(-1, 1).contiguous()
+
+
+@int8_conv_weight.register_fake
+def _(e, x, kernel, padding, dilation):
+    return e.new_empty((e.shape[1], x.shape[1], *kernel), dtype=torch.int32)
+
+
+def conv_output_sizes(sizes, kernel, padding, dilation) -> list:
+    """Spatial output sizes of a stride-1 convolution."""
+    return [s + 2 * p - d * (k - 1) for s, k, p, d in zip(sizes, kernel, padding, dilation)]
+
+
+def conv_grid_output(x: torch.Tensor, w: torch.Tensor, padding, dilation, alloc: Callable,
+                     extra: int = 0) -> torch.Tensor:
+    """:func:`int8_conv`'s int32 result for ``x`` and ``w``: a ``[N, Cout, *O]`` view of
+    a buffer ``alloc((numel,), dtype=torch.int32, device=...)`` holding the whole padded grid
+    ``[N, *(S + 2 p), Cout]`` and ``extra`` more elements."""
+    n, cout = x.shape[0], w.shape[0]
+    grid = [s + 2 * p for s, p in zip(x.shape[2:], padding)]
+    out_sizes = conv_output_sizes(x.shape[2:], w.shape[2:], padding, dilation)
+    strides = [cout] * len(grid)                          # grid strides, channels innermost
+    for d in reversed(range(len(grid) - 1)):
+        strides[d] = strides[d + 1] * grid[d + 1]
+    buf = alloc((_prod(grid) * n * cout + extra,), dtype=torch.int32, device=x.device)
+    return buf.as_strided((n, cout, *out_sizes), (_prod(grid) * cout, 1, *strides))
+
+
 class KernelSet(NamedTuple):
     """The primitive ops one implementation family provides (same schemas as the ops above).
 
@@ -226,6 +299,15 @@ class KernelSet(NamedTuple):
     # :func:`shiftquant_outer` over the family's ``shiftquant`` (the torch family: a fusing
     # compiler makes its elementwise ops and reductions into loops of its own).
     shiftquant_outer: Optional[Callable] = None
+    # ``(qx, qw, padding, dilation) -> int32``: :func:`int8_conv`, a stride-1 integer
+    # convolution without im2col columns, for CPU tensors (its kernel is the AMX implicit
+    # GEMM; without AMX the reference im2col GEMM runs inside the op).  ``None``: stride-1
+    # convolutions are im2col GEMMs on ``int8_mm`` (the Triton family: its region fusion
+    # works on ``int8_mm`` graphs).
+    int8_conv: Optional[Callable] = None
+    # ``(e, qx, kernel, padding, dilation) -> int32``: :func:`int8_conv_weight`, the
+    # stride-1 weight gradient without im2col columns.  ``None``: an im2col GEMM.
+    int8_conv_weight: Optional[Callable] = None
 
 
 KERNEL_SETS: Dict[str, KernelSet] = {}
@@ -245,7 +327,8 @@ def kernel_set(name: str) -> KernelSet:
 
 register_kernel_set("torch", KernelSet(
     torch.ops.sqcompile.quantize, torch.ops.sqcompile.shiftquant, torch.ops.sqcompile.dequantize,
-    torch.ops.sqcompile.int8_mm))
+    torch.ops.sqcompile.int8_mm, int8_conv=torch.ops.sqcompile.int8_conv,
+    int8_conv_weight=torch.ops.sqcompile.int8_conv_weight))
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,7 +856,15 @@ def _prod(xs):
 
 
 def im2col_conv(ks: KernelSet, qx, qw, stride, padding, dilation):
-    """Integer convolution (groups == 1) as one int8 GEMM; float32 holding exact integers."""
+    """Integer convolution (groups == 1) as one int8 GEMM; float32 holding exact integers.
+    At stride 1 the family's :func:`int8_conv` when it has one (an implicit GEMM on CPUs
+    with AMX: no columns written)."""
+    if ks.int8_conv is not None and qx.device.type == "cpu" and all(st == 1 for st in stride) \
+            and qx.dtype == qw.dtype == torch.int8 and _prod(qw.shape[1:]) <= MAX_INT32_TERMS:
+        # the weight channels-innermost, as the kernel's k steps read it: made by the compiled
+        # graph's loop that quantizes (forward) or flips (input gradient) the weight
+        qw = qw.movedim(1, -1).contiguous().movedim(-1, 1)
+        return ks.int8_conv(qx, qw, list(padding), list(dilation)).float()
     kernel = qw.shape[2:]
     cols, out_sizes = _im2col(qx, kernel, stride, padding, dilation)
     acc = integer_matmul(cols, _flat_weight(qw).t(), ks.int8_mm)                      # [N*L, Cout]
@@ -782,7 +873,18 @@ def im2col_conv(ks: KernelSet, qx, qw, stride, padding, dilation):
 
 
 def im2col_conv_weight_grad(ks: KernelSet, e, qx, w_shape, stride, padding, dilation):
-    """``dW = e^T @ im2col(qx)`` as one integer GEMM (reduction over batch and positions)."""
+    """``dW = e^T @ im2col(qx)`` as one integer GEMM (reduction over batch and positions).
+    At stride 1 the family's :func:`int8_conv_weight` when it has one (no columns), over
+    slices of the batch whose grids keep the int32 sums exact."""
+    per_sample = _prod([s + 2 * p for s, p in zip(qx.shape[2:], padding)])
+    if ks.int8_conv_weight is not None and qx.device.type == "cpu" and all(st == 1 for st in stride) \
+            and e.dtype == qx.dtype == torch.int8 and per_sample <= MAX_INT32_TERMS:
+        args = (list(w_shape[2:]), list(padding), list(dilation))
+        if qx.shape[0] * per_sample <= MAX_INT32_TERMS:
+            return ks.int8_conv_weight(e, qx, *args).float()
+        step = MAX_INT32_TERMS // per_sample
+        return sum(ks.int8_conv_weight(e[i:i + step], qx[i:i + step], *args).double()
+                   for i in range(0, qx.shape[0], step)).float()
     cols, _ = _im2col(qx, w_shape[2:], stride, padding, dilation)         # [N*L, k*C]
     e2 = e.movedim(1, -1).reshape(-1, e.shape[1])                          # [N*L, Cout]
     dw = integer_matmul(e2.t(), cols, ks.int8_mm)                          # [Cout, k*C]
@@ -817,8 +919,10 @@ def _dilated_conv_input_grad(ks: KernelSet, e, qw, x_shape, stride, padding, dil
         left = dilation[d] * (kernel[d] - 1) - padding[d]
         right = x_shape[2 + d] - (e.shape[2 + d] + left - dilation[d] * (kernel[d] - 1))
         pads += [left, right]
-    e = torch.nn.functional.pad(e, pads)
     w_t = qw.flip(list(range(2, 2 + nd))).transpose(0, 1)                  # [Cin, Cout, k...]
+    if all(v >= 0 for v in pads) and pads[::2] == pads[1::2]:     # stride 1: the conv pads symmetrically
+        return im2col_conv(ks, e, w_t, [1] * nd, pads[::2][::-1], dilation)
+    e = torch.nn.functional.pad(e, pads)
     return im2col_conv(ks, e, w_t, [1] * nd, [0] * nd, dilation)
 
 

@@ -22,7 +22,7 @@ decision of the GEMM that ``dY``'s column quantization feeds.
 :func:`fuse_gelu_quantizers` replaces ``gelu(int8_mm.float() * (sa * sb) [+ bias])`` whose
 output only the next GEMM's per-row quantizer (and its saved maxima) read by one
 :func:`~sqcompile.kernels.cpu_quant.gelu_quantize`: one pass over each row, where Inductor's
-loop evaluated the GELU (two ``erf``\ s) once for the row's maximum and again to quantize.
+loop evaluated the GELU (two ``erf`` calls) once for the row's maximum and again to quantize.
 The pre-activation (saved for the backward) is the graph's bit for bit; the GELU's ``erf`` is
 PyTorch's vectorized formula over our ``exp``, a few ulps from Inductor's.  Label
 ``dequant[+bias]+gelu+quantize``, on the Linear's decision.  The ``tanh`` GELU, and a GELU

@@ -14,7 +14,10 @@ handed to the inner compiler:
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import math
+import os
 
 import torch
 from functorch.compile import make_boxed_func
@@ -161,12 +164,37 @@ def compiler(stage: str, config, target, record, cuda_graphs: "CudaGraphs | None
 
             kwargs = {} if cuda_graphs is None else cuda_graphs.inner_kwargs(stage, gm, example_inputs)
             gm = decompose_for_inductor(gm, example_inputs)
-            with contextlib.nullcontext() if cuda_graphs is None else cuda_graphs.config():
+            with contextlib.nullcontext() if cuda_graphs is None else cuda_graphs.config(), cache_tag():
                 return compile_fx_inner(gm, example_inputs, is_backward=stage == "backward",
                                         is_inference=stage == "inference", **kwargs)
         return make_boxed_func(gm.forward)
 
     return compile_graph
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash() -> str:
+    """A hash of this package's sources (Python, C, headers)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith((".py", ".c", ".h")):
+                digest.update(name.encode())
+                with open(os.path.join(folder, name), "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def cache_tag():
+    """Inductor's FX graph cache keyed on sqcompile's sources as well (added to
+    ``torch.compiler.config.cache_key_tag``, the documented way to break caches).  The
+    cache keys on the graph's code and inputs, not on what our ops do: a graph compiled
+    before an op's output layout changed came back from the cache and failed its stride
+    assertions at run time."""
+    from torch.compiler import config as compiler_config
+    return compiler_config.patch(cache_key_tag=f"{compiler_config.cache_key_tag}|sqcompile-{source_hash()}")
 
 
 def decompose_for_inductor(gm, example_inputs):

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
+import math
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -103,6 +105,12 @@ def _library() -> ctypes.CDLL:
     lib.sq_amx_release_workspace.restype = None
     lib.sq_amx_int8_mm.restype = ctypes.c_int
     lib.sq_amx_int8_mm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.sq_amx_int8_implicit.restype = ctypes.c_int
+    lib.sq_copy_layout.restype = None
+    lib.sq_wgrad_layout.restype = None
+    lib.sq_wgrad_layout.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
+    lib.sq_copy_layout.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int]
+    lib.sq_amx_int8_implicit.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     return lib
 
 
@@ -137,6 +145,137 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if rc != 0:
         raise MemoryError(f"AMX int8_mm: could not allocate packing buffers for {M}x{K}x{N}")
     return out
+
+
+def _grid_strides(grid: Sequence[int]) -> List[int]:
+    """Grid positions between neighbours along each dim of a row-major ``grid``."""
+    strides = [1] * len(grid)
+    for d in reversed(range(len(grid) - 1)):
+        strides[d] = strides[d + 1] * grid[d + 1]
+    return strides
+
+
+def _tap_offsets(grid: Sequence[int], kernel: Sequence[int], dilation: Sequence[int], last_step: int) -> List[int]:
+    """Grid offsets of the taps, row-major, the last dim's taps every ``last_step``-th."""
+    strides = _grid_strides(grid)
+    return [sum(t * dl * st for t, dl, st in zip(tap, dilation, strides))
+            for tap in itertools.product(*[range(k) for k in kernel[:-1]], range(0, kernel[-1], last_step))]
+
+
+def conv_steps(channels: int, sizes: Sequence[int], kernel: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int]) -> Tuple[List[int], int]:
+    """The k steps of :func:`int8_conv`'s implicit GEMM: ``(offsets, run)``.
+
+    The flattened weight (:func:`sqcompile.ops._flat_weight`: taps row-major, then channels)
+    is cut into runs of ``run`` bytes whose input bytes are adjacent in memory: along the
+    last spatial dim at dilation 1 its ``k`` taps (``k * channels`` bytes), else one tap.
+    Each run takes ``ceil(run / 64)`` k steps of 64 bytes (its weights zero-padded);
+    ``offsets[kb]`` is the byte offset of step ``kb`` from its output row's position in the
+    padded channels-last input (a grid position is ``channels`` bytes)."""
+    grid = [s + 2 * p for s, p in zip(sizes, padding)]
+    taps = kernel[-1] if dilation[-1] == 1 else 1
+    run = taps * channels
+    offsets = []
+    for base in _tap_offsets(grid, kernel, dilation, taps):
+        offsets += range(base * channels, (base * channels) + run, 64)
+    return offsets, run
+
+
+def _implicit(x: torch.Tensor, ld: int, moff: Sequence[int], koff: Sequence[int], b: torch.Tensor,
+              out: torch.Tensor) -> torch.Tensor:
+    """``sq_amx_int8_implicit`` (see ``amx_int8.c``): ``out`` [len(moff) * 32, N] int32 from
+    the int8 buffer ``x`` read at the tables' offsets and B ``b`` [len(koff) * 64, N]."""
+    ok, why = status()
+    if not ok:
+        raise RuntimeError(f"the AMX int8 kernel is not usable: {why}")
+    assert (b.stride(0) == 1 or b.stride(1) == 1) and out.is_contiguous()
+    mt, kt = torch.tensor(moff, dtype=torch.int64), torch.tensor(koff, dtype=torch.int64)
+    rc = _library().sq_amx_int8_implicit(x.data_ptr(), ld, mt.data_ptr(), len(moff), kt.data_ptr(), len(koff),
+                                         b.data_ptr(), b.stride(0), b.stride(1), out.data_ptr(), b.shape[1],
+                                         torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("AMX implicit GEMM: could not allocate the packed operand")
+    return out
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for int8 ``[N, C, *S]`` views (``sq_copy_layout``: rows of memory
+    copied whole, transposes in cached blocks; torch's strided copy is several times slower
+    at the transposes these layouts need)."""
+    assert dst.shape == src.shape and dst.dtype == src.dtype == torch.int8 and src.dim() >= 3
+    if src.numel() == 0:
+        return
+    sizes = torch.tensor(src.shape, dtype=torch.int64)
+    sstr = torch.tensor(src.stride(), dtype=torch.int64)
+    dstr = torch.tensor(dst.stride(), dtype=torch.int64)
+    _library().sq_copy_layout(src.data_ptr(), sizes.data_ptr(), sstr.data_ptr(), src.dim() - 2, dst.data_ptr(),
+                              dstr.data_ptr(), torch.get_num_threads())
+
+
+def _check_int8(what: str, *tensors: torch.Tensor) -> None:
+    if any(t.dtype != torch.int8 for t in tensors):
+        raise TypeError(f"AMX {what} needs int8 operands, got {', '.join(str(t.dtype) for t in tensors)}")
+
+
+def int8_conv(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """:func:`sqcompile.ops.int8_conv` (stride-1 integer convolution, exact int32) as one
+    implicit GEMM on the AMX tiles: the input is copied once into a zero-padded channels-last
+    buffer and the tiles read its rows in place, tap by tap -- no im2col columns.  The
+    weights are cut into the runs of :func:`conv_steps`."""
+    _check_int8("int8_conv", x, w)
+    from .. import ops
+    n, c, sizes, cout = x.shape[0], x.shape[1], list(x.shape[2:]), w.shape[0]
+    offsets, run = conv_steps(c, sizes, list(w.shape[2:]), padding, dilation)
+    grid = [s + 2 * p for s, p in zip(sizes, padding)]
+    m = n * math.prod(grid)
+    mb = -(-m // 32)
+    out = ops.conv_grid_output(x, w, padding, dilation, lambda shape, **_: pool.OUTPUTS.empty(shape),
+                               extra=(32 * mb - m) * cout)
+    if out.numel() == 0:
+        return out
+    # the grid, zero-padded, with room for the reads of the last 32-row block's taps
+    xp = torch.zeros(32 * mb * c + max(offsets) + 64, dtype=torch.int8)
+    inner = tuple(slice(p, p + s) for p, s in zip(padding, sizes))
+    _copy_into(xp[:m * c].view(n, *grid, c)[(slice(None), *inner)].movedim(-1, 1), x)
+    # B [K, Cout], column-major: each output channel's runs, each zero-padded to whole steps
+    padded = -(-run // 64) * 64
+    if padded == run and w.movedim(1, -1).is_contiguous():      # the weight as it is (ops.im2col_conv's layout)
+        b = w.movedim(1, -1).reshape(cout, -1).t()
+    else:
+        b = (torch.zeros if padded != run else torch.empty)((cout, len(offsets) * 64 // padded, padded),
+                                                             dtype=torch.int8)
+        _copy_into(b[..., :run].view(cout, *w.shape[2:], c).movedim(-1, 1), w)
+        b = b.view(cout, -1).t()
+    _implicit(xp, c, [32 * i * c for i in range(mb)], offsets, b, out.as_strided((32 * mb, cout), (cout, 1)))
+    return out
+
+
+def int8_conv_weight(e: torch.Tensor, x: torch.Tensor, kernel: Sequence[int], padding: Sequence[int],
+                     dilation: Sequence[int]) -> torch.Tensor:
+    """:func:`sqcompile.ops.int8_conv_weight` (a stride-1 convolution's exact int32 weight
+    gradient) as one implicit GEMM on the AMX tiles: the input copied channel-major onto the
+    padded grid, ``e`` row-major onto the same grid (zero where no output is), and each
+    block of 32 channels of one tap read in place at that tap's offset -- no im2col columns.
+    Needs ``N * prod(S + 2 p)`` within :data:`sqcompile.ops.MAX_INT32_TERMS` (the caller
+    splits the batch)."""
+    _check_int8("int8_conv_weight", e, x)
+    n, c, sizes, cout = x.shape[0], x.shape[1], list(x.shape[2:]), e.shape[1]
+    grid = [s + 2 * p for s, p in zip(sizes, padding)]
+    m = n * math.prod(grid)
+    kb = -(-m // 64)
+    offsets = _tap_offsets(grid, kernel, dilation, 1)
+    cb = -(-c // 32)
+    ld = 64 * kb + max(offsets) + 64        # a channel's row: the grid, then room for the last step's reads
+    xc = torch.zeros(32 * cb, ld, dtype=torch.int8)
+    inner = tuple(slice(p, p + s) for p, s in zip(padding, sizes))
+    _copy_into(xc[:c, :m].view(c, n, *grid)[(slice(None), slice(None), *inner)].transpose(0, 1), x)
+    eg = torch.zeros(64 * kb, cout, dtype=torch.int8)
+    _copy_into(eg[:m].view(n, *grid, cout)[(slice(None), *[slice(0, o) for o in e.shape[2:]])].movedim(-1, 1), e)
+    moff = [ci * 32 * ld + off for off in offsets for ci in range(cb)]
+    out = _implicit(xc, ld, moff, [64 * i for i in range(kb)], eg, pool.OUTPUTS.empty((len(moff) * 32, cout)))
+    dw = torch.empty((cout, c, *kernel), dtype=torch.int32)          # [taps, 32 cb, Cout] -> [Cout, C, taps]
+    _library().sq_wgrad_layout(out.data_ptr(), len(offsets), c, 32 * cb, cout, dw.data_ptr(), torch.get_num_threads())
+    return dw
 
 
 def release_workspace() -> None:

@@ -208,7 +208,12 @@ static void pack_b_line(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int6
 typedef struct {
     const int8_t *p;
     int64_t ld, kstep, half;
+    const int64_t *koff;    /* implicit-GEMM convolutions: byte offset of k step kb (else kb * kstep) */
 } a_view;
+
+static inline const int8_t *a_step(a_view A, int64_t kb) {
+    return A.koff ? A.p + A.koff[kb] : A.p + kb * A.kstep;
+}
 
 static inline void prefetch_step(const int8_t *a, int64_t ld, int64_t half, const int8_t *b0, const int8_t *b1) {
     for (int l = 0; l < 16; ++l) {
@@ -237,12 +242,12 @@ static inline void block(a_view A, const int8_t *b0, const int8_t *b1, int64_t k
         _tile_zero(3);
     }
     for (int64_t kb = kb0; kb < kb1; ++kb) {
-        const int8_t *a = A.p + kb * A.kstep;
+        const int8_t *a = a_step(A, kb);
         /* Bring the next step's tiles into L1 while this one computes (after the last step:
          * the first step of the next block).  Measured: without it TILELOADD stalls even on
          * lines already in L1, and the loop runs at a third of the TDPBSSD rate. */
         if (kb + 1 < kb1)
-            prefetch_step(a + A.kstep, A.ld, A.half, b0 + (kb + 1) * TILE_BYTES, b1 + (kb + 1) * TILE_BYTES);
+            prefetch_step(a_step(A, kb + 1), A.ld, A.half, b0 + (kb + 1) * TILE_BYTES, b1 + (kb + 1) * TILE_BYTES);
         else if (next_a)
             prefetch_step(next_a, A.ld, A.half, next_b0, next_b1);
         _tile_loadd(4, a, A.ld);
@@ -280,7 +285,7 @@ static void unit(a_view A, const int8_t *Bp, int64_t KB, int64_t NT, int64_t p,
             /* the step after this block: the next N pair of this chunk, or the next chunk */
             const int64_t nj = j + 2 < j1 ? j + 2 : j0, nk = j + 2 < j1 ? kb0 : kb1;
             const int8_t *nb0 = Bp + nj * KB * TILE_BYTES + nk * TILE_BYTES;
-            const int8_t *na = (j + 2 < j1 || !last) ? A.p + nk * A.kstep : NULL;
+            const int8_t *na = (j + 2 < j1 || !last) ? a_step(A, nk) : NULL;
             block(A, b0, b1, kb0, kb1, kb0 ? a : NULL, PANEL, direct ? C + j * TILE_N : a, direct ? N : PANEL,
                   na, nb0, (nj + 1 < NT) ? nb0 + KB * TILE_BYTES : nb0);
             if (last && !direct)
@@ -333,8 +338,8 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
             const int64_t p = rem / MB, mb = rem % MB;
             const int8_t *ap = Ap + (sab == 0 ? 0 : b * packed_a);
             const a_view av = a_direct && mb != tail
-                ? (a_view){A + b * sab + mb * 32 * sam, sam, TILE_K, 16 * sam}
-                : (a_view){a_direct ? ap : ap + mb * KB * 2 * TILE_BYTES, 64, 2 * TILE_BYTES, TILE_BYTES};
+                ? (a_view){A + b * sab + mb * 32 * sam, sam, TILE_K, 16 * sam, NULL}
+                : (a_view){a_direct ? ap : ap + mb * KB * 2 * TILE_BYTES, 64, 2 * TILE_BYTES, TILE_BYTES, NULL};
             const int8_t *bp = Bp + (sbb == 0 ? 0 : b * packed_b);
             const int rows = (int)(M - mb * 32 < 32 ? M - mb * 32 : 32);
             unit(av, bp, KB, NT, p, C + b * M * N + mb * 32 * N, rows, N, acc);
@@ -342,4 +347,114 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
         _tile_release();
     }
     return 0;
+}
+
+/* Implicit GEMMs: products whose A is read in place from an operand it is not laid out as,
+ * the convolutions' products without im2col columns (sqcompile/kernels/amx.py builds the
+ * tables).  C [MB * 32, N] = A B, where the 32-row block mb of A starts at byte moff[mb]
+ * of X, its rows ``ld`` bytes apart, and its k step kb (64 bytes of each row) koff[kb]
+ * bytes further on.  B [KB * 64, N] (strides sk, sn) holds zero rows wherever a step's bytes
+ * do not belong to the product.  Every byte read -- up to moff[mb] + 31 * ld + koff[kb] +
+ * 64 -- must lie inside X: the caller pads.
+ *
+ *   Forward (and input gradient) at stride 1: row m of the product is position m of the
+ *   zero-padded input's grid ([N, *padded sizes], channels innermost, ld = C), and the input
+ *   under tap t is position m + off(t): moff[mb] = 32 * mb * C, koff = the taps' byte
+ *   offsets (the k taps of the last dim at dilation 1 are adjacent: k * C bytes share steps).
+ *   Grid positions in the padding are computed and ignored.
+ *
+ *   Weight gradient at stride 1: dW[t, c, :] = sum over positions m of X[c, m + off(t)] *
+ *   dY[m, :] with X channel-major ([C, grid positions], ld bytes a channel) and dY on the
+ *   same grid (zero where no output is): row block mb is 32 channels of one tap, moff[mb] =
+ *   c0 * ld + off(t), koff[kb] = 64 * kb. */
+int sq_amx_int8_implicit(const int8_t *X, int64_t ld, const int64_t *moff, int64_t MB, const int64_t *koff,
+                         int64_t KB, const int8_t *B, int64_t sk, int64_t sn, int32_t *C, int64_t N, int threads) {
+    const int64_t K = KB * TILE_K, NT = cdiv(N, TILE_N), NP = cdiv(NT, PANEL_TILES);
+    const int64_t lb = b_lines(sn, K, N);
+    int8_t *Bp = workspace((size_t)(KB * NT * TILE_BYTES));
+    if (!Bp) return -1;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < lb; ++u) pack_b_line(B, sk, sn, K, N, u, Bp);
+        load_config();
+        int32_t acc[32 * PANEL] __attribute__((aligned(64)));
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < MB * NP; ++u) {
+            const int64_t p = u / MB, mb = u % MB;
+            const a_view av = {X + moff[mb], ld, 0, 16 * ld, koff};
+            unit(av, Bp, KB, NT, p, C + mb * 32 * N, 32, N, acc);
+        }
+        _tile_release();
+    }
+    return 0;
+}
+
+/* dst[w * dw + c * dc] = src[w * sw + c * sc] for w < W, c < C: one [W, C] slab of int8,
+ * either side channels-innermost or not.  Contiguous rows are copied whole; a transposing
+ * slab goes through 64 x 64 blocks that stay in L1. */
+static void copy_slab(const int8_t *src, int64_t sw, int64_t sc, int8_t *dst, int64_t dw, int64_t dc,
+                      int64_t W, int64_t C) {
+    if (sc == 1 && dc == 1) {
+        if (sw == C && dw == C) memcpy(dst, src, (size_t)(W * C));
+        else for (int64_t w = 0; w < W; ++w) memcpy(dst + w * dw, src + w * sw, (size_t)C);
+        return;
+    }
+    if (sw == 1 && dw == 1) {
+        for (int64_t c = 0; c < C; ++c) memcpy(dst + c * dc, src + c * sc, (size_t)W);
+        return;
+    }
+    for (int64_t w0 = 0; w0 < W; w0 += 64)
+        for (int64_t c0 = 0; c0 < C; c0 += 64) {
+            const int64_t w1 = w0 + 64 < W ? w0 + 64 : W, c1 = c0 + 64 < C ? c0 + 64 : C;
+            if (dc == 1)
+                for (int64_t w = w0; w < w1; ++w)
+                    for (int64_t c = c0; c < c1; ++c) dst[w * dw + c] = src[w * sw + c * sc];
+            else
+                for (int64_t c = c0; c < c1; ++c)
+                    for (int64_t w = w0; w < w1; ++w) dst[w * dw + c * dc] = src[w * sw + c * sc];
+        }
+}
+
+/* Copy int8 x [N, C, S_0 .. S_{nd-1}] (element strides ``sstr`` in that order) to ``dst``
+ * (element strides ``dstr``, same order): the layout changes around the implicit GEMMs (into
+ * the zero-padded grid channels-last, or channel-major), one [S_last, C] slab per thread
+ * step.  torch's strided copy took 10 ms for a transposing [16, 64, 64, 64] copy that this
+ * does in a fraction of that. */
+void sq_copy_layout(const int8_t *src, const int64_t *sizes, const int64_t *sstr, int nd, int8_t *dst,
+                    const int64_t *dstr, int threads) {
+    int64_t rows = sizes[0];
+    for (int d = 0; d < nd - 1; ++d) rows *= sizes[2 + d];
+    const int64_t W = sizes[1 + nd], C = sizes[1];
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        int64_t rem = r, so = 0, doff = 0;
+        for (int d = nd - 2; d >= 0; --d) {       /* the leading spatial dims, last first */
+            const int64_t i = rem % sizes[2 + d];
+            rem /= sizes[2 + d];
+            so += i * sstr[2 + d];
+            doff += i * dstr[2 + d];
+        }
+        so += rem * sstr[0];
+        doff += rem * dstr[0];
+        copy_slab(src + so, sstr[1 + nd], sstr[1], dst + doff, dstr[1 + nd], dstr[1], W, C);
+    }
+}
+
+/* The weight gradient's implicit GEMM computes dW as [taps, Cp, Cout] (Cp >= C rows a tap);
+ * PyTorch's weights are [Cout, C, taps]: dst[(co * C + c) * taps + t] = src[(t * Cp + c) * Cout + co].
+ * Sixteen channels at a time: for each output channel their 16 x taps values are one
+ * contiguous run of dst, read from 16 x taps source lines that stay in L1 while co moves
+ * along them. */
+void sq_wgrad_layout(const int32_t *src, int64_t taps, int64_t C, int64_t Cp, int64_t Cout, int32_t *dst,
+                     int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int64_t c1 = c0 + 16 < C ? c0 + 16 : C;
+        for (int64_t co = 0; co < Cout; ++co) {
+            int32_t *d = dst + (co * C + c0) * taps;
+            for (int64_t c = c0; c < c1; ++c)
+                for (int64_t t = 0; t < taps; ++t) *d++ = src[(t * Cp + c) * Cout + co];
+        }
+    }
 }

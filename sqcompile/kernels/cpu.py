@@ -21,6 +21,24 @@ def int8_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return onednn_int8_mm(a, b)
 
 
+@ops.int8_conv.register_kernel("cpu")
+def int8_conv_cpu(x: torch.Tensor, w: torch.Tensor, padding, dilation) -> torch.Tensor:
+    """Stride-1 integer convolution: an implicit GEMM on the AMX kernel when the engine is
+    AMX, else the reference im2col GEMM (on oneDNN ``_int_mm``)."""
+    if x.dtype == w.dtype == torch.int8 and amx.engine(rows=x.shape[0] * math.prod(x.shape[2:])) == "amx":
+        return amx.int8_conv(x, w, padding, dilation)
+    return ops.im2col_int8_conv(x, w, padding, dilation)
+
+
+@ops.int8_conv_weight.register_kernel("cpu")
+def int8_conv_weight_cpu(e: torch.Tensor, x: torch.Tensor, kernel, padding, dilation) -> torch.Tensor:
+    """A stride-1 convolution's weight gradient: an implicit GEMM on the AMX kernel when the
+    engine is AMX, else the reference im2col GEMM."""
+    if e.dtype == x.dtype == torch.int8 and amx.engine(rows=x.shape[1] * math.prod(kernel)) == "amx":
+        return amx.int8_conv_weight(e, x, kernel, padding, dilation)
+    return ops.im2col_int8_conv_weight(e, x, kernel, padding, dilation)
+
+
 def onednn_int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch._int_mm`` (2-D, so batched products loop over the batch; each slice is one
     oneDNN call)."""

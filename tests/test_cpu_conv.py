@@ -1,0 +1,196 @@
+"""Stride-1 integer convolutions without im2col columns: ``sqcompile::int8_conv`` and
+``sqcompile::int8_conv_weight`` (implicit GEMMs on the AMX tiles, ``kernels/amx_int8.c``).
+
+Checked against the exact float64 convolution (its output and, through autograd, its weight
+gradient): shapes over 1-3 spatial dims, channel counts below, at and past the 64-byte k step
+(runs zero-padded), output channels that are not whole tiles, padding, dilation (the last
+dim's taps then take steps of their own), batches, and input layouts (NCHW, channels-last,
+sliced); a hypothesis search over the same space; the ops' fake implementations
+(``opcheck``), the reference path without AMX, the batch split that keeps the weight
+gradient's int32 sums exact; and a compiled CNN trained with the implicit convolutions and
+with im2col GEMMs (the same integers: the same outputs and gradients bit for bit).
+
+The AMX tests skip on CPUs without AMX-int8; the reference ones run everywhere.
+"""
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from sqcompile import ops
+from sqcompile.decisions import records_for
+from sqcompile.kernels import amx
+
+AMX_OK, AMX_WHY = amx.status()
+needs_amx = pytest.mark.skipif(not AMX_OK, reason=f"AMX kernel not usable here: {AMX_WHY}")
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def exact(x, w, padding, dilation, e=None):
+    """The float64 convolution (exact for these integers), and with ``e`` its weight gradient."""
+    xd, wd = x.double(), w.double().requires_grad_(e is not None)
+    out = CONV[x.dim() - 2](xd, wd, padding=padding, dilation=dilation)
+    if e is None:
+        return out.to(torch.int32)
+    out.backward(e.double())
+    return wd.grad.to(torch.int32)
+
+
+def rand8(*shape, gen, low=-127):
+    return torch.randint(low, 128, shape, dtype=torch.int8, generator=gen)
+
+
+def layout(t, kind):
+    if kind == "channels_last":
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    if kind == "sliced":                  # a view into a wider tensor: no dense strides
+        wide = torch.zeros((*t.shape[:-1], t.shape[-1] + 3), dtype=t.dtype)
+        wide[..., 1:-2] = t
+        return wide[..., 1:-2]
+    return t.contiguous()
+
+
+CASES = [   # (x shape, w shape, padding, dilation)
+    ((2, 64, 9, 11), (32, 64, 3, 3), [1, 1], [1, 1]),       # k steps of whole channels
+    ((2, 32, 9, 11), (40, 32, 3, 3), [1, 1], [1, 1]),       # run of 96 bytes: 2 steps, padded
+    ((1, 3, 8, 8), (17, 3, 3, 3), [1, 1], [1, 1]),          # few channels: 9 bytes a row of taps
+    ((1, 1, 6, 7), (5, 1, 3, 3), [1, 1], [1, 1]),
+    ((2, 24, 7, 12), (16, 24, 3, 5), [2, 0], [1, 2]),       # dilated last dim: one tap a run
+    ((2, 64, 10), (33, 64, 5), [2], [2]),                   # 1-d
+    ((1, 16, 4, 5, 6), (8, 16, 3, 3, 3), [1, 1, 1], [1, 1, 1]),   # 3-d
+    ((3, 130, 5, 5), (70, 130, 1, 1), [0, 0], [1, 1]),      # 1x1, channels past two steps
+    ((2, 64, 6, 6), (20, 64, 3, 3), [0, 0], [1, 1]),        # no padding
+    ((5, 8, 3, 3), (3, 8, 3, 3), [2, 2], [1, 1]),           # padding wider than the image's half
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("xs,ws,padding,dilation", CASES)
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "sliced"])
+def test_implicit_conv_and_weight_gradient_are_exact(xs, ws, padding, dilation, kind):
+    g = torch.Generator().manual_seed(sum(xs) * 100 + sum(ws))
+    x, w = layout(rand8(*xs, gen=g), kind), layout(rand8(*ws, gen=g), kind)
+    ref = exact(x, w, padding, dilation)
+    out = amx.int8_conv(x, w, padding, dilation)
+    assert torch.equal(out, ref)
+    assert out.stride() == ops.int8_conv(x, w, padding, dilation).stride()   # the fake's / reference's layout
+    e = layout(rand8(*ref.shape, gen=g), kind)
+    dw = amx.int8_conv_weight(e, x, list(ws[2:]), padding, dilation)
+    assert dw.is_contiguous() and torch.equal(dw, exact(x, w, padding, dilation, e))
+
+
+@pytest.mark.parametrize("xs,ws,padding,dilation", CASES[:3] + CASES[4:6])
+def test_reference_ops_are_exact(xs, ws, padding, dilation, monkeypatch):
+    """The ops on a CPU without AMX (the engine forced to oneDNN): the im2col GEMMs, the same
+    integers in the same layouts."""
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, "onednn")
+    g = torch.Generator().manual_seed(7)
+    x, w = rand8(*xs, gen=g), rand8(*ws, gen=g)
+    out = ops.int8_conv(x, w, padding, dilation)
+    assert torch.equal(out, exact(x, w, padding, dilation))
+    e = rand8(*out.shape, gen=g)
+    assert torch.equal(ops.int8_conv_weight(e, x, list(ws[2:]), padding, dilation), exact(x, w, padding, dilation, e))
+
+
+@needs_amx
+@settings(max_examples=40, deadline=None)
+@given(nd=st.integers(1, 3), n=st.integers(1, 3), c=st.integers(1, 70), cout=st.integers(1, 40),
+       data=st.data(), seed=st.integers(0, 2 ** 31 - 1))
+def test_implicit_conv_property(nd, n, c, cout, data, seed):
+    kernel = [data.draw(st.integers(1, 3)) for _ in range(nd)]
+    dilation = [data.draw(st.integers(1, 2)) for _ in range(nd)]
+    padding = [data.draw(st.integers(0, 2)) for _ in range(nd)]
+    sizes = [data.draw(st.integers(max(1, d * (k - 1) + 1 - 2 * p), 7)) for k, d, p in zip(kernel, dilation, padding)]
+    kind = data.draw(st.sampled_from(["contiguous", "channels_last", "sliced"]))
+    g = torch.Generator().manual_seed(seed)
+    x, w = layout(rand8(n, c, *sizes, gen=g), kind), rand8(cout, c, *kernel, gen=g)
+    ref = exact(x, w, padding, dilation)
+    assert torch.equal(amx.int8_conv(x, w, padding, dilation), ref)
+    e = rand8(*ref.shape, gen=g)
+    assert torch.equal(amx.int8_conv_weight(e, x, kernel, padding, dilation), exact(x, w, padding, dilation, e))
+
+
+def test_ops_fake_implementations():
+    g = torch.Generator().manual_seed(3)
+    x, w = rand8(2, 24, 7, 12, gen=g), rand8(16, 24, 3, 5, gen=g)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.sqcompile.int8_conv.default, (x, w, [2, 0], [1, 2]), test_utils=utils)
+    e = rand8(2, 16, 11, 4, gen=g)
+    torch.library.opcheck(torch.ops.sqcompile.int8_conv_weight.default, (e, x, [3, 5], [2, 0], [1, 2]),
+                          test_utils=utils)
+
+
+@needs_amx
+def test_weight_gradient_splits_the_batch_to_keep_int32_exact(monkeypatch):
+    """Past ``MAX_INT32_TERMS`` grid positions the batch is cut into slices, each one exact
+    product, their sums added in float64 (here the limit is lowered to force three slices)."""
+    g = torch.Generator().manual_seed(5)
+    x, e = rand8(5, 8, 6, 6, gen=g, low=-128), rand8(5, 4, 6, 6, gen=g, low=-128)
+    w = torch.zeros(4, 8, 3, 3)
+    calls = []
+    real = torch.ops.sqcompile.int8_conv_weight
+    ks = ops.kernel_set("torch")._replace(int8_conv_weight=lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(ops, "MAX_INT32_TERMS", 2 * 8 * 8)
+    dw = ops.im2col_conv_weight_grad(ks, e, x, w.shape, [1, 1], [1, 1], [1, 1])
+    assert calls == [2, 2, 1]
+    assert torch.equal(dw.double(), exact(x, w.to(torch.int8), [1, 1], [1, 1], e).double())
+
+
+@contextlib.contextmanager
+def im2col_family():
+    """The torch kernel family without its implicit convolutions (stride-1 convs as im2col
+    GEMMs), while compiling and running."""
+    family = ops.kernel_set("torch")
+    ops.register_kernel_set("torch", family._replace(int8_conv=None, int8_conv_weight=None))
+    try:
+        yield
+    finally:
+        ops.register_kernel_set("torch", family)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(32, 64, 3, padding=2, dilation=2)
+        self.down = torch.nn.Conv2d(64, 64, 3, stride=2, padding=1)
+        self.c3 = torch.nn.Conv2d(64, 40, 1)
+        self.up = torch.nn.ConvTranspose2d(40, 16, 3, padding=1)       # stride 1: a conv's input gradient
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.c2(F.relu(self.c1(x))))
+        x = F.relu(self.up(F.relu(self.c3(F.relu(self.down(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _train(model, x, family):
+    torch.manual_seed(1)
+    with family:
+        m = torch.compile(model, backend="shiftquant", options={"inner": "inductor"})
+        out = m(x)
+        out.pow(2).mean().backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+@needs_amx
+def test_compiled_cnn_trains_as_with_im2col_gemms():
+    """The same integer products either way, so a compiled step gives the same outputs and
+    gradients bit for bit; the implicit ops are in the graphs (forward, input and weight
+    gradients of the stride-1 convs), the strided conv keeps its GEMMs."""
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 12, 12)
+    ref_out, ref_grads = _train(copy.deepcopy(model), x, im2col_family())
+    torch._dynamo.reset()
+    out, grads = _train(model, x, contextlib.nullcontext())
+    assert torch.equal(out, ref_out)
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+    rec = records_for(list(model.parameters()))[-1]
+    assert rec.graphs["forward"].count("sqcompile.int8_conv(") == 4           # c1, c2, c3, up
+    assert rec.graphs["backward"].count("sqcompile.int8_conv_weight(") == 4
+    assert rec.graphs["backward"].count("sqcompile.int8_conv(") == 3          # dX of c2, c3, up (c1's input needs none)
+
