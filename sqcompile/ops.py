@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import math
 import sys
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
@@ -859,8 +860,7 @@ def im2col_conv(ks: KernelSet, qx, qw, stride, padding, dilation):
     """Integer convolution (groups == 1) as one int8 GEMM; float32 holding exact integers.
     At stride 1 the family's :func:`int8_conv` when it has one (an implicit GEMM on CPUs
     with AMX: no columns written)."""
-    if ks.int8_conv is not None and qx.device.type == "cpu" and all(st == 1 for st in stride) \
-            and qx.dtype == qw.dtype == torch.int8 and _prod(qw.shape[1:]) <= MAX_INT32_TERMS:
+    if _implicit_conv(ks, qx, qw, stride):
         # the weight channels-innermost, as the kernel's k steps read it: made by the compiled
         # graph's loop that quantizes (forward) or flips (input gradient) the weight
         qw = qw.movedim(1, -1).contiguous().movedim(-1, 1)
@@ -963,16 +963,46 @@ def _strided_conv_input_grad(ks: KernelSet, e, qw, x_shape, stride, padding, dil
         tap_sets = [taps for _, _, taps in combo]
         if any(not t for t in tap_sets):
             continue                                 # no tap reaches this phase: stays zero
-        cols, weights = [], []
-        for taps in _product(tap_sets):
-            index = [slice(None)] + [slice(t + lo[d], t + lo[d] + sizes[d]) for d, (_, t) in enumerate(taps)]
-            cols.append(el[tuple(index)])                                  # [N, J.., Cout]
-            weights.append(qw[(slice(None), slice(None), *[k for k, _ in taps])])   # [Cout, Cin]
-        a = _stack(cols, -2).reshape(n * _prod(sizes), len(cols) * qw.shape[0])
-        b = _stack(weights, 0).reshape(len(weights) * qw.shape[0], cin)
-        acc = integer_matmul(a, b, ks.int8_mm).reshape(n, *sizes, cin)
+        if _implicit_conv(ks, el, qw.transpose(0, 1), len(qw.shape[2:]) * [1]):
+            acc = _phase_conv(ks, el, qw, tap_sets, sizes, lo, stride, dilation)
+        else:
+            cols, weights = [], []
+            for taps in _product(tap_sets):
+                index = [slice(None)] + [slice(t + lo[d], t + lo[d] + sizes[d]) for d, (_, t) in enumerate(taps)]
+                cols.append(el[tuple(index)])                                  # [N, J.., Cout]
+                weights.append(qw[(slice(None), slice(None), *[k for k, _ in taps])])   # [Cout, Cin]
+            a = _stack(cols, -2).reshape(n * _prod(sizes), len(cols) * qw.shape[0])
+            b = _stack(weights, 0).reshape(len(weights) * qw.shape[0], cin)
+            acc = integer_matmul(a, b, ks.int8_mm).reshape(n, *sizes, cin)
         out[(slice(None), *[slice(r, None, stride[d]) for d, (r, _, _) in enumerate(combo)])] = acc
     return out.movedim(-1, 1)
+
+
+def _phase_conv(ks: KernelSet, el, qw, tap_sets, sizes, lo, stride, dilation):
+    """One phase of :func:`_strided_conv_input_grad` as the family's stride-1 ``int8_conv``
+    (no columns): along each dim the phase's taps read ``e[j + t_k]`` with ``t_k`` an
+    arithmetic progression (step ``dilation / gcd(stride, dilation)`` as ``k`` steps by
+    ``stride / gcd``), so the phase is a correlation of a slice of ``e`` with those taps of
+    the weight, in order of ``t``, at that dilation.  ``[N, J.., Cin]`` float32."""
+    index, ks_per_dim, dil = [slice(None)], [], []
+    for d, taps in enumerate(tap_sets):
+        taps = sorted(taps, key=lambda kt: kt[1])                         # t ascending
+        step = dilation[d] // math.gcd(stride[d], dilation[d])
+        start = taps[0][1] + lo[d]
+        index.append(slice(start, start + sizes[d] + step * (len(taps) - 1)))
+        ks_per_dim.append([k for k, _ in taps])
+        dil.append(step)
+    w = qw
+    for d, kd in enumerate(ks_per_dim):                                   # [Cout, Cin, taps..]
+        w = w.index_select(2 + d, torch.tensor(kd, device=qw.device)) if kd != list(range(qw.shape[2 + d])) else w
+    acc = im2col_conv(ks, el[tuple(index)].movedim(-1, 1), w.transpose(0, 1), [1] * len(sizes), [0] * len(sizes), dil)
+    return acc.movedim(1, -1)
+
+
+def _implicit_conv(ks: KernelSet, qx, qw, stride) -> bool:
+    """Whether :func:`im2col_conv` runs the family's ``int8_conv`` for these operands."""
+    return ks.int8_conv is not None and qx.device.type == "cpu" and all(st == 1 for st in stride) \
+        and qx.dtype == qw.dtype == torch.int8 and _prod(qw.shape[1:]) <= MAX_INT32_TERMS
 
 
 def _stack(tensors, dim: int) -> torch.Tensor:
