@@ -1,5 +1,5 @@
 """The benchmark scripts still run: a tiny Linear step through ``benchmarks/linear.py``
-(speed itself is measured by the scripts, never asserted here), the host-cost table, the
+(speed itself is measured by the scripts, never asserted here), the CPU convolutions, the host-cost table, the
 gradient-scale diagnoses (transformer and CNN), and the sm_90 instruction counts (whose one structural property, no
 division per element in nearest rounding, is asserted)."""
 import os
@@ -21,6 +21,18 @@ def test_linear_benchmark_runs_and_names_its_command():
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 64x32x48")]
     assert any("fp32 eager" in r and "1.00x" in r for r in rows)
     assert any("sqcompile int4 (inductor)" in r for r in rows) and any("eager glue" in r for r in rows)
+
+
+def test_cpu_conv_benchmark_runs():
+    """``benchmarks/cpu_conv.py`` checks the implicit convolutions against im2col and times
+    both passes of each shape (or says why it cannot, without AMX)."""
+    args = ["--shapes", "2,8,6,5", "--rounds", "1", "--threads", "1"]
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "cpu_conv.py"), *args],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    if "AMX kernel not usable" not in res.stdout:
+        rows = [line for line in res.stdout.splitlines() if line.startswith("| N2 C8 6x6 -> 5")]
+        assert any("forward" in r for r in rows) and any("weight gradient" in r for r in rows)
 
 
 def test_host_overhead_benchmark_runs():
