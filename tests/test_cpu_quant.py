@@ -315,8 +315,17 @@ def _assert_gelu_close(got, ref, bits):
     assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(got, ref))
     # the multiplies and the add, as unfused: bit for bit (NaN where the unfused has NaN)
     torch.testing.assert_close(pre, ref[0], rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(scale, ref[2], rtol=1e-6, atol=0, equal_nan=True)   # GELU's ulps
-    torch.testing.assert_close(amax, ref[3], rtol=1e-6, atol=0, equal_nan=True)
+    # GELU is x (1 + erf(x / sqrt 2)) / 2, and two erfs -- ours (A&S 7.1.26, 1.5e-7 from the
+    # exact erf, evaluated in float over our exp) and PyTorch's (the same formula over its exp
+    # in vectors, libm's erf in a scalar tail) -- differ by up to ~5.4e-7 (2400 random rows),
+    # which for negative x, where 1 + erf cancels, is many ulps of the result.  So the row
+    # maximum and the scale may move by 1e-6 |x| (erf within 2e-6) on top of 1e-6 relative;
+    # a wrong formula misses by orders of magnitude more.
+    row_x = pre.abs().nan_to_num(0, 0, 0).amax(-1, keepdim=True)
+    for got_v, ref_v, per in ((amax, ref[3], 1.0), (scale, ref[2], float(N.qmax(bits)))):
+        both_nan = got_v.isnan() & ref_v.isnan()
+        bound = 1e-6 * ref_v.abs() + 1e-6 * row_x / per
+        assert ((got_v - ref_v).abs() <= bound).logical_or(both_nan).all(), (got_v - ref_v).abs().max()
     differ = q != ref[1]
     # a value this close to a rounding boundary moves one step; about 1 in 10^6
     assert (q.int() - ref[1].int()).abs().max() <= 1 and differ.sum() <= max(2, q.numel() // 100000)

@@ -212,6 +212,12 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
                               dstr.data_ptr(), torch.get_num_threads())
 
 
+def _zeros(shape) -> torch.Tensor:
+    """A zeroed int8 buffer for the implicit GEMMs' grids, recycled (:mod:`.pool`): a fresh
+    one of a few MiB pays its page faults on every call."""
+    return pool.OUTPUTS.empty(shape, torch.int8).zero_()
+
+
 def _check_int8(what: str, *tensors: torch.Tensor) -> None:
     if any(t.dtype != torch.int8 for t in tensors):
         raise TypeError(f"AMX {what} needs int8 operands, got {', '.join(str(t.dtype) for t in tensors)}")
@@ -234,7 +240,7 @@ def int8_conv(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], dilation
     if out.numel() == 0:
         return out
     # the grid, zero-padded, with room for the reads of the last 32-row block's taps
-    xp = torch.zeros(32 * mb * c + max(offsets) + 64, dtype=torch.int8)
+    xp = _zeros((32 * mb * c + max(offsets) + 64,))
     inner = tuple(slice(p, p + s) for p, s in zip(padding, sizes))
     _copy_into(xp[:m * c].view(n, *grid, c)[(slice(None), *inner)].movedim(-1, 1), x)
     # B [K, Cout], column-major: each output channel's runs, each zero-padded to whole steps
@@ -266,14 +272,14 @@ def int8_conv_weight(e: torch.Tensor, x: torch.Tensor, kernel: Sequence[int], pa
     offsets = _tap_offsets(grid, kernel, dilation, 1)
     cb = -(-c // 32)
     ld = 64 * kb + max(offsets) + 64        # a channel's row: the grid, then room for the last step's reads
-    xc = torch.zeros(32 * cb, ld, dtype=torch.int8)
+    xc = _zeros((32 * cb, ld))
     inner = tuple(slice(p, p + s) for p, s in zip(padding, sizes))
     _copy_into(xc[:c, :m].view(c, n, *grid)[(slice(None), slice(None), *inner)].transpose(0, 1), x)
-    eg = torch.zeros(64 * kb, cout, dtype=torch.int8)
+    eg = _zeros((64 * kb, cout))
     _copy_into(eg[:m].view(n, *grid, cout)[(slice(None), *[slice(0, o) for o in e.shape[2:]])].movedim(-1, 1), e)
     moff = [ci * 32 * ld + off for off in offsets for ci in range(cb)]
     out = _implicit(xc, ld, moff, [64 * i for i in range(kb)], eg, pool.OUTPUTS.empty((len(moff) * 32, cout)))
-    dw = torch.empty((cout, c, *kernel), dtype=torch.int32)          # [taps, 32 cb, Cout] -> [Cout, C, taps]
+    dw = pool.OUTPUTS.empty((cout, c, *kernel))                      # [taps, 32 cb, Cout] -> [Cout, C, taps]
     _library().sq_wgrad_layout(out.data_ptr(), len(offsets), c, 32 * cb, cout, dw.data_ptr(), torch.get_num_threads())
     return dw
 
