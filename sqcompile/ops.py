@@ -212,7 +212,7 @@ def int8_conv(x: torch.Tensor, w: torch.Tensor, padding: List[int], dilation: Li
     int32 ``[N, Cout, *O]``, ``O = S + 2 p - d (k - 1)``.
 
     The result is a view into the output grid of the padded input (``[N, *(S + 2 p), Cout]``,
-    channels innermost; strides :func:`conv_grid_strides`), as the implicit-GEMM kernel
+    channels innermost; :func:`conv_grid_output`), as the implicit-GEMM kernel
     computes it (:func:`sqcompile.kernels.amx.int8_conv`: every grid position is a row of
     its product, those in the padding are computed and left unread).  This reference
     implementation is the im2col GEMM, placed in the same layout (:func:`im2col_int8_conv`)."""

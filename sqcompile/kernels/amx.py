@@ -106,11 +106,11 @@ def _library() -> ctypes.CDLL:
     lib.sq_amx_int8_mm.restype = ctypes.c_int
     lib.sq_amx_int8_mm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
     lib.sq_amx_int8_implicit.restype = ctypes.c_int
+    lib.sq_amx_int8_implicit.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.sq_copy_layout.restype = None
+    lib.sq_copy_layout.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.sq_wgrad_layout.restype = None
     lib.sq_wgrad_layout.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
-    lib.sq_copy_layout.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int]
-    lib.sq_amx_int8_implicit.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     return lib
 
 

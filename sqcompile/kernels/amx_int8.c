@@ -14,6 +14,10 @@
  * (transposed on the way when column-major).  Each 32 x 32 block of C is held in four tile
  * registers (2 A tiles x 2 B tiles) over a reduction chunk and stored straight into C.
  *
+ * Implicit GEMMs (sq_amx_int8_implicit, below): the same blocks with A read in place at
+ * offsets from tables, which is how convolutions run without im2col columns; and the layout
+ * copies around them (sq_copy_layout, sq_wgrad_layout).
+ *
  * Threads: OpenMP over (batch, 32-row block, 128-column panel), and over lines of tiles
  * while packing; the library links the libgomp that torch loaded, so it shares torch's
  * thread pool.  The caller passes torch.get_num_threads().
