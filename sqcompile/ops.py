@@ -271,11 +271,16 @@ def conv_grid_output(x: torch.Tensor, w: torch.Tensor, padding, dilation, alloc:
     n, cout = x.shape[0], w.shape[0]
     grid = [s + 2 * p for s, p in zip(x.shape[2:], padding)]
     out_sizes = conv_output_sizes(x.shape[2:], w.shape[2:], padding, dilation)
-    strides = [cout] * len(grid)                          # grid strides, channels innermost
-    for d in reversed(range(len(grid) - 1)):
-        strides[d] = strides[d + 1] * grid[d + 1]
     buf = alloc((_prod(grid) * n * cout + extra,), dtype=torch.int32, device=x.device)
-    return buf.as_strided((n, cout, *out_sizes), (_prod(grid) * cout, 1, *strides))
+    return buf.as_strided((n, cout, *out_sizes), (_prod(grid) * cout, 1, *row_major_strides(grid, cout)))
+
+
+def row_major_strides(sizes, inner: int = 1) -> list:
+    """Strides of a row-major array of ``sizes`` whose elements are ``inner`` apart."""
+    strides = [inner] * len(sizes)
+    for d in reversed(range(len(sizes) - 1)):
+        strides[d] = strides[d + 1] * sizes[d + 1]
+    return strides
 
 
 class KernelSet(NamedTuple):

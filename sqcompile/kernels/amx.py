@@ -33,6 +33,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import ops
 from . import native, pool
 
 ENGINE_VARIABLE = "SQCOMPILE_CPU_GEMM"
@@ -147,17 +148,9 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _grid_strides(grid: Sequence[int]) -> List[int]:
-    """Grid positions between neighbours along each dim of a row-major ``grid``."""
-    strides = [1] * len(grid)
-    for d in reversed(range(len(grid) - 1)):
-        strides[d] = strides[d + 1] * grid[d + 1]
-    return strides
-
-
 def _tap_offsets(grid: Sequence[int], kernel: Sequence[int], dilation: Sequence[int], last_step: int) -> List[int]:
     """Grid offsets of the taps, row-major, the last dim's taps every ``last_step``-th."""
-    strides = _grid_strides(grid)
+    strides = ops.row_major_strides(grid)
     return [sum(t * dl * st for t, dl, st in zip(tap, dilation, strides))
             for tap in itertools.product(*[range(k) for k in kernel[:-1]], range(0, kernel[-1], last_step))]
 
@@ -229,7 +222,6 @@ def int8_conv(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], dilation
     buffer and the tiles read its rows in place, tap by tap -- no im2col columns.  The
     weights are cut into the runs of :func:`conv_steps`."""
     _check_int8("int8_conv", x, w)
-    from .. import ops
     n, c, sizes, cout = x.shape[0], x.shape[1], list(x.shape[2:]), w.shape[0]
     offsets, run = conv_steps(c, sizes, list(w.shape[2:]), padding, dilation)
     grid = [s + 2 * p for s, p in zip(sizes, padding)]
