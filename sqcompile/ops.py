@@ -882,8 +882,7 @@ def im2col_conv_weight_grad(ks: KernelSet, e, qx, w_shape, stride, padding, dila
     At stride 1 the family's :func:`int8_conv_weight` when it has one (no columns), over
     slices of the batch whose grids keep the int32 sums exact."""
     per_sample = _prod([s + 2 * p for s, p in zip(qx.shape[2:], padding)])
-    if ks.int8_conv_weight is not None and qx.device.type == "cpu" and all(st == 1 for st in stride) \
-            and e.dtype == qx.dtype == torch.int8 and per_sample <= MAX_INT32_TERMS:
+    if _implicit(ks.int8_conv_weight, e, qx, stride) and per_sample <= MAX_INT32_TERMS:
         args = (list(w_shape[2:]), list(padding), list(dilation))
         if qx.shape[0] * per_sample <= MAX_INT32_TERMS:
             return ks.int8_conv_weight(e, qx, *args).float()
@@ -1006,8 +1005,14 @@ def _phase_conv(ks: KernelSet, el, qw, tap_sets, sizes, lo, stride, dilation):
 
 def _implicit_conv(ks: KernelSet, qx, qw, stride) -> bool:
     """Whether :func:`im2col_conv` runs the family's ``int8_conv`` for these operands."""
-    return ks.int8_conv is not None and qx.device.type == "cpu" and all(st == 1 for st in stride) \
-        and qx.dtype == qw.dtype == torch.int8 and _prod(qw.shape[1:]) <= MAX_INT32_TERMS
+    return _implicit(ks.int8_conv, qx, qw, stride) and _prod(qw.shape[1:]) <= MAX_INT32_TERMS
+
+
+def _implicit(op: Optional[Callable], a, b, stride) -> bool:
+    """Whether the family's implicit-GEMM conv ``op`` (``int8_conv`` / ``int8_conv_weight``)
+    takes this stride-1 product of the int8 CPU tensors ``a`` and ``b``."""
+    return op is not None and a.device.type == "cpu" and all(st == 1 for st in stride) \
+        and a.dtype == b.dtype == torch.int8
 
 
 def _stack(tensors, dim: int) -> torch.Tensor:

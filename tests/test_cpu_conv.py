@@ -82,6 +82,19 @@ def test_implicit_conv_and_weight_gradient_are_exact(xs, ws, padding, dilation, 
     assert dw.is_contiguous() and torch.equal(dw, exact(x, w, padding, dilation, e))
 
 
+@needs_amx
+def test_empty_batch_and_channels_give_zeros():
+    """An empty batch (nothing to sum for the weight gradient) and no input channels (empty
+    sums): zeros of the convolution's shapes, not a failed product.  (PyTorch's float conv2d
+    returns the input's shape for zero channels, so the reference is written out.)"""
+    for xs, ws in [((0, 8, 5, 5), (4, 8, 3, 3)), ((2, 0, 5, 5), (4, 0, 3, 3))]:
+        x, w = torch.zeros(xs, dtype=torch.int8), torch.zeros(ws, dtype=torch.int8)
+        out = amx.int8_conv(x, w, [1, 1], [1, 1])
+        assert torch.equal(out, torch.zeros(xs[0], ws[0], 5, 5, dtype=torch.int32))
+        e = torch.ones(out.shape, dtype=torch.int8)
+        assert torch.equal(amx.int8_conv_weight(e, x, [3, 3], [1, 1], [1, 1]), torch.zeros(ws, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("xs,ws,padding,dilation", CASES[:3] + CASES[4:6])
 def test_reference_ops_are_exact(xs, ws, padding, dilation, monkeypatch):
     """The ops on a CPU without AMX (the engine forced to oneDNN): the im2col GEMMs, the same

@@ -229,8 +229,8 @@ def int8_conv(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], dilation
     mb = -(-m // 32)
     out = ops.conv_grid_output(x, w, padding, dilation, lambda shape, **_: pool.OUTPUTS.empty(shape),
                                extra=(32 * mb - m) * cout)
-    if out.numel() == 0:
-        return out
+    if out.numel() == 0 or c == 0:
+        return out.zero_()
     # the grid, zero-padded, with room for the reads of the last 32-row block's taps
     xp = _zeros((32 * mb * c + max(offsets) + 64,))
     inner = tuple(slice(p, p + s) for p, s in zip(padding, sizes))
@@ -258,6 +258,8 @@ def int8_conv_weight(e: torch.Tensor, x: torch.Tensor, kernel: Sequence[int], pa
     splits the batch)."""
     _check_int8("int8_conv_weight", e, x)
     n, c, sizes, cout = x.shape[0], x.shape[1], list(x.shape[2:]), e.shape[1]
+    if e.numel() == 0 or x.numel() == 0:             # nothing to sum (an empty batch): no product to run
+        return torch.zeros((cout, c, *kernel), dtype=torch.int32)
     grid = [s + 2 * p for s, p in zip(sizes, padding)]
     m = n * math.prod(grid)
     kb = -(-m // 64)
