@@ -208,6 +208,39 @@ class _L1Norm(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
+class _CpuL1Norm(torch.autograd.Function):
+    """:class:`_L1Norm` with batch statistics on the C kernels of
+    :mod:`sqcompile.kernels.cpu_norm` (``kernels="cpu"``): the same formula, quantizers and
+    saved values (the int8 input, its maxima, the sums), one op forward and one backward.
+    The gradient's stochastic rounding draws :func:`~sqcompile.numerics.hash_noise` noise from a
+    ``sqcompile::random_seed`` of the backward graph."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dims: Tuple[int, ...], center: bool, l1_scale: float, eps: float,
+                norm_bits: int, grad_bits: int):
+        y, q, amax, total, deviation = torch.ops.sqcompile.cpu_l1_norm(x, weight, bias, list(dims), center, l1_scale,
+                                                                       eps, norm_bits)
+        ctx.save_for_backward(q, amax, total, deviation, weight)
+        ctx.cfg = (dims, center, l1_scale, eps, norm_bits, grad_bits, None if bias is None else bias.shape)
+        n = math.prod([x.shape[d] for d in dims])
+        mean = total / n if center else None
+        sigma = l1_scale * (deviation / n)
+        ctx.mark_non_differentiable(*[t for t in (mean, sigma) if t is not None])
+        return y, mean, sigma
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dsigma):
+        q, amax, total, deviation, weight = ctx.saved_tensors
+        dims, center, l1_scale, eps, norm_bits, grad_bits, bias_shape = ctx.cfg
+        seed = torch.ops.sqcompile.random_seed(dy.device)
+        dx, sum_dy, sum_dyx = torch.ops.sqcompile.cpu_l1_norm_backward(
+            dy, q, amax, total, deviation, weight, seed, list(dims), center, l1_scale, eps, norm_bits, grad_bits,
+            ctx.needs_input_grad[0])
+        dweight = sum_dyx.sum_to_size(weight.shape) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = sum_dy.sum_to_size(bias_shape) if bias_shape is not None and ctx.needs_input_grad[2] else None
+        return dx if ctx.needs_input_grad[0] else None, dweight, dbias, None, None, None, None, None, None
+
+
 # --------------------------------------------------------------------------------------------
 # The same norm over rows, on the Triton kernels (kernels="triton")
 # --------------------------------------------------------------------------------------------
@@ -260,11 +293,10 @@ class _TritonRowL1Norm(torch.autograd.Function):
 
 def _row_norm(x, weight, bias, dims, *, center, l1_scale, eps, norm_bits, grad_bits, stats, kernels):
     """A LayerNorm / RMSNorm-kind L1 norm on the kernel family ``kernels``."""
-    if kernels not in ("torch", "triton"):
-        raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
-    if kernels == "torch":
+    _check_kernels(kernels, ("torch", "cpu", "triton"))
+    if kernels != "triton":
         return _l1_norm(x, weight, bias, dims, center=center, l1_scale=l1_scale, eps=eps,
-                        norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)[0]
+                        norm_bits=norm_bits, grad_bits=grad_bits, stats=stats, kernels=kernels)[0]
     _check_bits("norm_bits", norm_bits)
     _check_bits("grad_bits", grad_bits)
     row = math.prod([x.shape[d] for d in dims])
@@ -279,6 +311,41 @@ def _row_norm(x, weight, bias, dims, *, center, l1_scale, eps, norm_bits, grad_b
 # The four kinds: each is a view of x, weight and bias onto the layout of _L1Norm
 # --------------------------------------------------------------------------------------------
 
+def _check_kernels(kernels, allowed) -> None:
+    if kernels not in allowed:
+        raise ValueError(f"kernels must be one of {', '.join(map(repr, allowed))}, got {kernels!r}")
+
+
+def cpu_unsupported(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    dims: Sequence[int], norm_bits: Optional[int], stats: Optional[str]) -> Optional[str]:
+    """Why the L1 norm of ``x`` over ``dims`` (``weight`` / ``bias`` viewed to broadcast
+    against it) cannot run on the C kernels (``kernels="cpu"``), or ``None`` when it can
+    (:func:`sqcompile.kernels.cpu_norm.unsupported`)."""
+    from .kernels import cpu_norm
+    return cpu_norm.unsupported(x, weight, bias, dims, norm_bits, stats)
+
+
+def cpu_kernel_unsupported(kind: str, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                           norm_bits: Optional[int], stats: Optional[str], *, num_groups: Optional[int] = None,
+                           normalized_shape: Optional[ShapeLike] = None) -> Optional[str]:
+    """:func:`cpu_unsupported` for the norm ``kind`` (``"batch_norm"``, ``"instance_norm"``,
+    ``"group_norm"`` with ``num_groups``, ``"layer_norm"`` / ``"rms_norm"`` with
+    ``normalized_shape``) of ``x`` with the module's ``weight`` / ``bias``, viewed as that
+    kind's function views them: what the rewriting pass asks before it passes
+    ``kernels="cpu"``."""
+    nd = x.dim()
+    if kind in ("batch_norm", "instance_norm"):
+        dims = (0, *range(2, nd)) if kind == "batch_norm" else tuple(range(2, nd))
+        return cpu_unsupported(x, _channel_view(weight, nd), _channel_view(bias, nd), dims, norm_bits, stats)
+    if kind == "group_norm":
+        n, c = x.shape[0], x.shape[1]
+        grouped = [1, num_groups, c // num_groups, *[1] * (nd - 2)]
+        w, b = (None if t is None else t.reshape(grouped) for t in (weight, bias))
+        xg = x.reshape(n, num_groups, c // num_groups, *x.shape[2:])
+        return cpu_unsupported(xg, w, b, tuple(range(2, nd + 1)), norm_bits, stats)
+    return cpu_unsupported(x, weight, bias, _normalized_dims(x, normalized_shape, kind), norm_bits, stats)
+
+
 def _check_bits(name: str, bits) -> None:
     if bits is None:
         return
@@ -287,11 +354,18 @@ def _check_bits(name: str, bits) -> None:
 
 
 def _l1_norm(x, weight, bias, dims, *, center, l1_scale, eps, norm_bits, grad_bits, mean=None, sigma=None,
-             stats=None):
+             stats=None, kernels="torch"):
+    """``(y, mean, sigma)``; ``kernels="cpu"``: on the C kernels when the norm uses batch
+    statistics and :func:`cpu_unsupported` allows, else (eval, or a shape they do not take)
+    on the ops of :class:`_L1Norm`."""
+    _check_kernels(kernels, ("torch", "cpu"))
     _check_bits("norm_bits", norm_bits)
     _check_bits("grad_bits", grad_bits)
     if grad_bits is None:
         grad_bits = norm_bits
+    if kernels == "cpu" and sigma is None and cpu_unsupported(x, weight, bias, dims, norm_bits, stats) is None:
+        return _CpuL1Norm.apply(x, weight, bias, tuple(dims), center, float(l1_scale), float(eps), norm_bits,
+                                grad_bits)
     return _L1Norm.apply(x, weight, bias, mean, sigma, tuple(dims), center, float(l1_scale), float(eps),
                          norm_bits, grad_bits, stats)
 
@@ -323,7 +397,7 @@ def l1_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
                   weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                   training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5, *,
                   l1_scale: float = L1_SCALE, norm_bits: Optional[int], grad_bits: Optional[int] = None,
-                  stats: Optional[str] = None) -> torch.Tensor:
+                  stats: Optional[str] = None, kernels: str = "torch") -> torch.Tensor:
     """L1 batch norm with the semantics of ``F.batch_norm`` (``x`` is ``[N, C]``, ``[N, C, L]``,
     ``[N, C, H, W]`` or ``[N, C, D, H, W]``): statistics per channel over (N, spatial).
 
@@ -343,12 +417,15 @@ def l1_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
     ``bias`` may be ``None`` (``affine=False``).
 
     Quantization (``norm_bits``, ``grad_bits``): one scale per channel; see the module docstring.
+    ``kernels="cpu"``: batch statistics on the C kernels where they take the input
+    (:func:`cpu_unsupported`); ``"torch"``: the ops of :class:`_L1Norm`.
     """
     if x.dim() < 2:
         raise ValueError(f"l1_batch_norm expects an input with at least 2 dims [N, C, ...], got {tuple(x.shape)}")
     ndim = x.dim()
     dims = (0, *range(2, ndim))
-    kw = dict(center=True, l1_scale=l1_scale, eps=eps, norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)
+    kw = dict(center=True, l1_scale=l1_scale, eps=eps, norm_bits=norm_bits, grad_bits=grad_bits, stats=stats,
+              kernels=kernels)
     w, b = _channel_view(weight, ndim), _channel_view(bias, ndim)
     use_batch_stats = training or running_mean is None or running_var is None
     if not use_batch_stats:
@@ -380,7 +457,8 @@ def l1_layer_norm(x: torch.Tensor, normalized_shape: ShapeLike, weight: Optional
     """L1 layer norm with the semantics of ``F.layer_norm``: statistics over the trailing
     ``normalized_shape`` dims, one input/gradient scale per row (token).  ``kernels="triton"``:
     one Triton kernel forward and one backward (see :func:`triton_unsupported` for what they
-    take; anything else raises ``ValueError``)."""
+    take; anything else raises ``ValueError``); ``"cpu"``: the C kernels where they take the
+    norm (:func:`cpu_unsupported`: without affine), else the ops of :class:`_L1Norm`."""
     dims = _normalized_dims(x, normalized_shape, "l1_layer_norm")
     return _row_norm(x, weight, bias, dims, center=True, l1_scale=l1_scale, eps=eps,
                      norm_bits=norm_bits, grad_bits=grad_bits, stats=stats, kernels=kernels)
@@ -389,10 +467,11 @@ def l1_layer_norm(x: torch.Tensor, normalized_shape: ShapeLike, weight: Optional
 def l1_group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                   bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, l1_scale: float = L1_SCALE,
                   norm_bits: Optional[int], grad_bits: Optional[int] = None,
-                  stats: Optional[str] = None) -> torch.Tensor:
+                  stats: Optional[str] = None, kernels: str = "torch") -> torch.Tensor:
     """L1 group norm with the semantics of ``F.group_norm`` (``x`` is ``[N, C, *S]``):
     statistics over (C / num_groups channels x spatial) per (N, group), affine per channel; one
-    input/gradient scale per (N, group)."""
+    input/gradient scale per (N, group).  ``kernels``: as :func:`l1_batch_norm` (the C kernels
+    take a group norm without affine)."""
     if x.dim() < 2 or x.shape[1] % num_groups != 0:
         raise ValueError(f"l1_group_norm: {num_groups} groups do not divide the channels of an input "
                          f"of shape {tuple(x.shape)}")
@@ -402,7 +481,7 @@ def l1_group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tenso
     w = None if weight is None else weight.reshape(grouped)
     b = None if bias is None else bias.reshape(grouped)
     y = _l1_norm(xg, w, b, tuple(range(2, xg.dim())), center=True, l1_scale=l1_scale, eps=eps,
-                 norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)[0]
+                 norm_bits=norm_bits, grad_bits=grad_bits, stats=stats, kernels=kernels)[0]
     return y.reshape(x.shape)
 
 
@@ -410,7 +489,8 @@ def l1_instance_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor] = Non
                      running_var: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
                      bias: Optional[torch.Tensor] = None, use_input_stats: bool = True, momentum: Optional[float] = 0.1,
                      eps: float = 1e-5, *, l1_scale: float = L1_SCALE, norm_bits: Optional[int],
-                     grad_bits: Optional[int] = None, stats: Optional[str] = None) -> torch.Tensor:
+                     grad_bits: Optional[int] = None, stats: Optional[str] = None,
+                     kernels: str = "torch") -> torch.Tensor:
     """L1 instance norm with the semantics of ``F.instance_norm`` (``x`` is ``[N, C, *S]`` with
     at least one spatial dim): statistics per (sample, channel) over the spatial dims, affine per
     channel; one input/gradient scale per (sample, channel).
@@ -422,13 +502,16 @@ def l1_instance_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor] = Non
       as :func:`l1_batch_norm`'s does (PyTorch's holds the unbiased variance).
     * Otherwise (eval of a module with ``track_running_stats=True``) the running statistics,
       per channel: ``(x - running_mean) / sqrt(running_var + eps)``, and nothing is updated.
+
+    ``kernels``: as :func:`l1_batch_norm`.
     """
     if x.dim() < 3:
         raise ValueError(f"l1_instance_norm expects an input [N, C, *spatial] with at least one spatial dim, "
                          f"got {tuple(x.shape)}")
     ndim = x.dim()
     dims = tuple(range(2, ndim))
-    kw = dict(center=True, l1_scale=l1_scale, eps=eps, norm_bits=norm_bits, grad_bits=grad_bits, stats=stats)
+    kw = dict(center=True, l1_scale=l1_scale, eps=eps, norm_bits=norm_bits, grad_bits=grad_bits, stats=stats,
+              kernels=kernels)
     w, b = _channel_view(weight, ndim), _channel_view(bias, ndim)
     if not use_input_stats:
         if running_mean is None or running_var is None:

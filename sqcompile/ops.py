@@ -725,7 +725,7 @@ class _QuantConv(torch.autograd.Function):
         ks = kernel_set(kernels)
         qx, sx = _quantize(ks, stats, "act", x, a_bits, [0], False)     # one scale per sample
         if integer:
-            qx = _channels_last(qx)
+            qx = _gather_layout(ks, qx, stride)
         qw, sw = _quantize(ks, stats, "weight", w, w_bits, [1] if transposed else [0], False)
         ctx.save_for_backward(qx, sx, qw, sw)
         output_padding = list(output_padding or [0] * len(stride))
@@ -762,7 +762,7 @@ class _QuantConv(torch.autograd.Function):
             e, s = _gradient(ks, stats, "grad_dx", dy, grad_bits, groups, [0, 1],
                              sw.reshape(1, -1, *[1] * len(spatial)), [0] if outer else None)
             if integer:
-                e = _channels_last(e)
+                e = _gather_layout(ks, e, stride)
                 if transposed:
                     acc = im2col_conv(ks, e, qw, stride, padding, dilation)
                 else:
@@ -774,7 +774,7 @@ class _QuantConv(torch.autograd.Function):
         if ctx.needs[1]:   # reduction over (batch, output positions); with ``outer``, a scale per output channel
             e, s = _gradient(ks, stats, "grad_dw", dy, grad_bits, groups, [0, *spatial], sx, [1] if outer else None)
             if integer:
-                e = _channels_last(e)
+                e = _gather_layout(ks, e, stride)
                 if transposed:   # dW[ci, co, k] = sum over (n, l) of x[n, ci, l] dY[n, co, l*s + k*d - p]
                     dw = im2col_conv_weight_grad(ks, qx, e, qw.shape, stride, padding, dilation)
                     dw = dw * s.reshape(1, -1, *[1] * len(spatial))
@@ -792,6 +792,21 @@ def _conv_transpose_sizes(sizes, kernel, stride, padding, dilation, output_paddi
     """Spatial output sizes of a transposed convolution (PyTorch's formula)."""
     return [(i - 1) * s - 2 * p + d * (k - 1) + op + 1
             for i, k, s, p, d, op in zip(sizes, kernel, stride, padding, dilation, output_padding)]
+
+
+def _gather_layout(ks: KernelSet, q: torch.Tensor, stride) -> torch.Tensor:
+    """The int8 conv operand ``q`` in the layout its products read: as it is when the
+    family's implicit-GEMM ops take every product of a stride-1 conv (``int8_conv`` and
+    ``int8_conv_weight`` copy their operands onto their padded grids from any layout, in C),
+    else channels-last (:func:`_channels_last`, for the im2col gathers).
+
+    Decision: the quantizer that makes ``q`` writes it in its source's layout.  Asked for
+    channels-last, Inductor fused the quantizer of an NCHW norm's output into a loop that
+    stored its int8 values one byte at a time, 64 bytes apart (a U-Net's 64-channel maps),
+    for a copy the implicit ops make again anyway."""
+    if _implicit(ks.int8_conv, q, q, stride) and _implicit(ks.int8_conv_weight, q, q, stride):
+        return q
+    return _channels_last(q)
 
 
 def _channels_last(q: torch.Tensor) -> torch.Tensor:

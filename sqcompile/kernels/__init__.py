@@ -1,7 +1,7 @@
 """Device implementations of the ops in :mod:`sqcompile.ops`.
 
-Importing this package registers them: int8 GEMMs, attention's softmax and the gradients'
-quantizer for CPU (``cpu``, ``cpu_attention``, ``cpu_quant``) and, when Triton is importable,
+Importing this package registers them: int8 GEMMs, attention's softmax, the L1 norm and the
+gradients' quantizer for CPU (``cpu``, ``cpu_attention``, ``cpu_norm``, ``cpu_quant``) and, when Triton is importable,
 the Triton kernel family (``triton``).
 """
 import os
@@ -10,6 +10,7 @@ import torch
 
 from . import cpu  # noqa: F401  (registers torch.ops.sqcompile.int8_mm for CPU)
 from . import cpu_attention  # noqa: F401  (defines torch.ops.sqcompile.attention_probs)
+from . import cpu_norm  # noqa: F401  (defines torch.ops.sqcompile.cpu_l1_norm, cpu_l1_norm_backward)
 from . import cpu_quant  # noqa: F401  (defines torch.ops.sqcompile.shiftquant_outer_pair)
 
 try:  # Triton is a dependency, but a broken GPU toolchain must not take the CPU path down.

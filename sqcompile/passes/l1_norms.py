@@ -80,8 +80,11 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, targe
     if config.collect_stats and bits is not None:
         kwargs["stats"] = stats_key(record, node.name)
     triton_why = _triton_rows(name, args, cfg, target, bits, kwargs.get("stats"))
+    on_cpu_kernels = triton_why == "" and _cpu_kernels(name, args, cfg, target, bits, kwargs.get("stats"))
     if triton_why is None:
         kwargs["kernels"] = "triton"
+    elif on_cpu_kernels:
+        kwargs["kernels"] = "cpu"
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(fn, positional, kwargs)
     new.meta.update(node.meta)
@@ -98,6 +101,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, targe
     decision.execution = EXEC_TRITON if triton_why is None else EXEC_SIMULATED
     if triton_why:
         decision.reason = f"not on the Triton kernels: {triton_why}"
+    if on_cpu_kernels:
+        decision.note = _join(decision.note, CPU_KERNEL_NOTE)
     decision.norm_bits = cfg.norm_bits
     decision.act_bits = cfg.norm_bits
     decision.act_quantizer = "per-slice, nearest"
@@ -117,6 +122,27 @@ def _triton_rows(name: str, args: dict, cfg, target: Target, bits, stats) -> Opt
     if x is None or not all(isinstance(s, int) for s in shape):
         return "the row length is not static"
     return norms.triton_unsupported(x.dtype, math.prod(shape), bits, stats)
+
+
+CPU_KERNEL_NOTE = "batch statistics on the CPU L1-norm kernels (kernels/cpu_norm.c)"
+
+
+def _cpu_kernels(name: str, args: dict, cfg, target: Target, bits, stats) -> bool:
+    """Whether the norm runs on the C kernels of :mod:`sqcompile.kernels.cpu_norm` (torch
+    kernel family on CPU, when :func:`sqcompile.norms.cpu_kernel_unsupported` allows)."""
+    if target.device != "cpu" or kernel_family(cfg, target) != "torch":
+        return False
+    x = example_value(args["input"])
+    params = [example_value(args[k]) if args.get(k) is not None else None for k in ("weight", "bias")]
+    if x is None or any(args.get(k) is not None and p is None for k, p in zip(("weight", "bias"), params)):
+        return False
+    extra = {"num_groups": args["num_groups"]} if name == "group_norm" else \
+        {"normalized_shape": args["normalized_shape"]} if name in ("layer_norm", "rms_norm") else {}
+    return norms.cpu_kernel_unsupported(name, x, *params, bits, stats, **extra) is None
+
+
+def _join(note: Optional[str], more: str) -> str:
+    return more if not note else f"{note}; {more}"
 
 
 def _decision(node: fx.Node, name: str, reason=None) -> OpDecision:

@@ -1,0 +1,374 @@
+"""The L1 norm's C kernels (:mod:`sqcompile.kernels.cpu_norm`) and where they run.
+
+* the ops against their PyTorch references (``l1_norm_reference`` /
+  ``l1_norm_backward_reference``: :mod:`sqcompile.numerics`' quantizers, ``hash_noise``
+  with the same seed): the int8 input, its maxima and the quantized gradient bit for bit,
+  everything computed from sums to float32 rounding; over the norm kinds' layouts, with
+  and without affine, centered or not, 2-8 bits, and over random shapes and slicings
+  (hypothesis), at several thread counts, with constant slices and NaNs;
+* the references against an independent float64 formula of the L1 norm and its gradient;
+* the autograd function against :class:`sqcompile.norms._L1Norm` (the ops the norm is
+  otherwise made of) and against float64 autograd of the unquantized formula;
+* the ops' schemas and fake implementations (``opcheck``);
+* which norms the rewriting pass puts on the kernels (BatchNorm / InstanceNorm / a norm
+  without affine on CPU, float32, contiguous), the decision's note, and that a compiled
+  CNN trains with them as with the graph of ops.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sqcompile
+from sqcompile import norms
+from sqcompile import numerics as N
+from sqcompile.decisions import records_for
+from sqcompile.kernels import cpu_norm as CN
+from sqcompile.kernels import native
+
+l1_norms_pass = importlib.import_module("sqcompile.passes.l1_norms")
+
+OK, WHY = CN.status()
+needs_kernel = pytest.mark.skipif(not OK, reason=f"the CPU L1-norm kernels cannot run here: {WHY}")
+C = norms.L1_SCALE
+EPS = 1e-5
+
+
+def test_kernel_builds_where_the_cpu_can_run_it():
+    """Skipping is for machines without AVX-512, not for a kernel that fails to build."""
+    if native.status(native.AVX512_CPU_FLAGS, lambda: None)[0]:
+        assert OK, WHY
+
+
+@pytest.mark.parametrize("shape, dims, expected", [
+    ((16, 32, 8, 8), (2, 3), [1, 1, 512, 64]),          # instance norm
+    ((16, 32, 8, 8), (0, 2, 3), [1, 16, 32, 64]),       # batch norm
+    ((4, 2, 8, 16), (2, 3), [1, 1, 8, 128]),            # group norm's view
+    ((7, 5, 96), (2,), [1, 1, 35, 96]),                 # layer norm
+    ((8, 12), (0,), [1, 8, 12, 1]),                     # batch norm over [N, C]: runs of 1
+    ((2, 3, 4, 5), (0, 1), [1, 6, 20, 1]),
+    ((2, 3, 4, 5), (1, 3), [2, 3, 4, 5]),
+    ((2, 3, 4, 5), (0, 2), None),                       # kept, reduced, kept, reduced, kept: no
+])
+def test_slice_layout(shape, dims, expected):
+    assert CN.slice_layout(shape, dims) == expected
+
+
+def _case(shape, dims, affine, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * scale
+    pshape = [1 if d in dims else s for d, s in enumerate(shape)]
+    w = torch.rand(pshape, generator=g) + 0.5 if affine else None
+    b = torch.randn(pshape, generator=g) if affine else None
+    return x, w, b, torch.randn(shape, generator=g)
+
+
+def _check_forward(out, ref, msg=""):
+    y, q, amax, total, deviation = out
+    ry, rq, ramax, rtotal, rdev = ref
+    assert torch.equal(q, rq), msg
+    assert torch.equal(amax, ramax), msg
+    n = q.numel() // amax.numel()        # the sums are of n values: their rounding grows with n
+    torch.testing.assert_close(total, rtotal, rtol=1e-5, atol=1e-6 * n * ramax.max().item(), msg=msg)
+    torch.testing.assert_close(deviation, rdev, rtol=1e-5, atol=1e-6, msg=msg)
+    torch.testing.assert_close(y, ry, rtol=1e-5, atol=2e-5, msg=msg)
+
+
+def _check_backward(out, ref, msg=""):
+    for a, r in zip(out, ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5 * max(1.0, r.abs().max().item()), msg=msg)
+
+
+LAYOUTS = [((16, 32, 8, 8), (2, 3)), ((16, 32, 8, 8), (0, 2, 3)), ((4, 2, 8, 16), (2, 3)), ((7, 5, 100), (2,)),
+           ((3, 6, 5, 7, 9), (0, 2, 3, 4))]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, dims", LAYOUTS)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("center", [True, False])
+def test_ops_match_the_references(shape, dims, affine, center):
+    x, w, b, dy = _case(shape, dims, affine)
+    dims = list(dims)
+    out = torch.ops.sqcompile.cpu_l1_norm(x, w, b, dims, center, C, EPS, 8)
+    _check_forward(out, CN.l1_norm_reference(x, w, b, dims, center, C, EPS, 8))
+    seed = torch.tensor(123456)
+    saved = out[1:]
+    got = torch.ops.sqcompile.cpu_l1_norm_backward(dy, *saved, w, seed, dims, center, C, EPS, 8, 6, True)
+    _check_backward(got, CN.l1_norm_backward_reference(dy, *saved, w, seed, dims, center, C, EPS, 8, 6))
+    # without dx: the same sums, and no dx
+    dx, s1, s2 = torch.ops.sqcompile.cpu_l1_norm_backward(dy, *saved, w, seed, dims, center, C, EPS, 8, 6, False)
+    assert dx.numel() == 0 and torch.equal(s1, got[1]) and torch.equal(s2, got[2])
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_quantized_gradient_is_the_references_bit_for_bit(bits):
+    """At few bits the gradient's rounding dominates dx: an off-by-one integer anywhere would
+    show as a whole quantization step, far outside the tolerance of the sums."""
+    x, w, b, dy = _case((8, 16, 6, 6), (2, 3), True, seed=bits)
+    dims = [2, 3]
+    out = torch.ops.sqcompile.cpu_l1_norm(x, w, b, dims, True, C, EPS, bits)
+    _check_forward(out, CN.l1_norm_reference(x, w, b, dims, True, C, EPS, bits))
+    seed = torch.tensor(99 + bits)
+    got = torch.ops.sqcompile.cpu_l1_norm_backward(dy, *out[1:], w, seed, dims, True, C, EPS, bits, bits, True)
+    ref = CN.l1_norm_backward_reference(dy, *out[1:], w, seed, dims, True, C, EPS, bits, bits)
+    _check_backward(got, ref)
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=2, max_size=4), st.integers(16, 70), st.data(),
+       st.booleans(), st.booleans(), st.sampled_from([1.0, 1e-3, 1e3]))
+def test_ops_on_random_shapes(lead, row, data, affine, center, scale):
+    shape = (*lead, row)
+    nd = len(shape)
+    kept = data.draw(st.lists(st.integers(0, nd - 2), unique=True, max_size=nd - 1), label="kept")
+    # the trailing dim is reduced; every other dim kept or reduced as long as the layout holds
+    dims = tuple(d for d in range(nd) if d not in kept)
+    if CN.slice_layout(shape, dims) is None:
+        return
+    x, w, b, dy = _case(shape, dims, affine, seed=len(kept), scale=scale)
+    out = torch.ops.sqcompile.cpu_l1_norm(x, w, b, list(dims), center, C, EPS, 8)
+    _check_forward(out, CN.l1_norm_reference(x, w, b, list(dims), center, C, EPS, 8), str((shape, dims)))
+    seed = torch.tensor(7)
+    got = torch.ops.sqcompile.cpu_l1_norm_backward(dy, *out[1:], w, seed, list(dims), center, C, EPS, 8, 8, True)
+    _check_backward(got, CN.l1_norm_backward_reference(dy, *out[1:], w, seed, list(dims), center, C, EPS, 8, 8),
+                    str((shape, dims)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_results_do_not_depend_on_the_thread_count(threads):
+    x, w, b, dy = _case((4, 24, 9, 9), (0, 2, 3), True)
+    dims = [0, 2, 3]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.sqcompile.cpu_l1_norm(x, w, b, dims, True, C, EPS, 8)
+        one_b = torch.ops.sqcompile.cpu_l1_norm_backward(dy, *one[1:], w, torch.tensor(3), dims, True, C, EPS, 8, 8,
+                                                         True)
+        torch.set_num_threads(threads)
+        many = torch.ops.sqcompile.cpu_l1_norm(x, w, b, dims, True, C, EPS, 8)
+        many_b = torch.ops.sqcompile.cpu_l1_norm_backward(dy, *many[1:], w, torch.tensor(3), dims, True, C, EPS, 8,
+                                                          8, True)
+    finally:
+        torch.set_num_threads(before)
+    for a, m in zip((*one, *one_b), (*many, *many_b)):
+        assert torch.equal(a, m)
+
+
+@needs_kernel
+def test_constant_zero_and_nan_slices():
+    x, w, b, dy = _case((2, 4, 32), (2,), True)
+    x[0, 0] = 0.0                    # all zero: scale 0 (divides as 1), output = bias
+    x[0, 1] = 2.5                    # constant: no deviation, output = bias
+    x[1, 2, 5] = float("nan")        # NaN: the slice's maxima and everything after NaN
+    dy[1, 3] = 0.0                   # a zero gradient slice: quantizes to zeros
+    dims = [2]
+    out = torch.ops.sqcompile.cpu_l1_norm(x, w, b, dims, True, C, EPS, 8)
+    ref = CN.l1_norm_reference(x, w, b, dims, True, C, EPS, 8)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=2e-5, equal_nan=True)
+    torch.testing.assert_close(out[0][0, :2], b[0, :2].expand(2, 32), rtol=0, atol=1e-6)
+    assert torch.equal(out[1], ref[1])
+    assert torch.isnan(out[2][1, 2]).all() and torch.isnan(out[0][1, 2]).all()
+    got = torch.ops.sqcompile.cpu_l1_norm_backward(dy, *out[1:], w, torch.tensor(1), dims, True, C, EPS, 8, 8, True)
+    ref_b = CN.l1_norm_backward_reference(dy, *out[1:], w, torch.tensor(1), dims, True, C, EPS, 8, 8)
+    for a, r in zip(got, ref_b):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert torch.equal(got[0][1, 3], torch.zeros(32))           # no gradient, no dx
+
+
+def test_references_are_the_l1_norm():
+    """The references against an independent float64 writing of the norm and of its gradient
+    (autograd through the float formula at the quantized input, the gradient quantized as
+    the reference does)."""
+    x, w, b, dy = _case((3, 4, 5, 20), (0, 2, 3), True)
+    dims = [0, 2, 3]
+    y, q, amax, total, deviation = CN.l1_norm_reference(x, w, b, dims, True, C, EPS, 8)
+    xq = (q.double() * (amax.double() / 127)).requires_grad_()
+    mean = xq.mean(dims, keepdim=True)
+    sigma = C * (xq - mean).abs().mean(dims, keepdim=True)
+    y64 = (xq - mean) / torch.sqrt(sigma ** 2 + EPS) * w.double() + b.double()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    seed = torch.tensor(5)
+    dq, ds = N.quantize(dy, 8, [1], "stochastic", N.hash_noise(dy.shape, seed))
+    y64.backward(N.dequantize(dq, ds).double())
+    dx, s1, s2 = CN.l1_norm_backward_reference(dy, q, amax, total, deviation, w, seed, dims, True, C, EPS, 8, 8)
+    torch.testing.assert_close(dx.double(), xq.grad, rtol=1e-4, atol=1e-5)
+
+
+def _compare_autograd(kind, shape, kwargs, seed=0):
+    """The norm ``kind`` with ``kernels="cpu"`` against ``kernels="torch"``: the outputs
+    to rounding; the gradients with the same noise seed to rounding of the sums."""
+    fn = getattr(norms, f"l1_{kind}")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2
+    c = shape[1]
+    w = (torch.rand(c, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(c, generator=g).requires_grad_()
+    dy = torch.randn(shape, generator=g)
+    results = []
+    for kernels in ("cpu", "torch"):
+        xi = x.clone().requires_grad_()
+        y = fn(xi, **kwargs(w, b), norm_bits=8, kernels=kernels)
+        torch.manual_seed(11)       # the backward's seed
+        y.backward(dy)
+        results.append((y.detach(), xi.grad, w.grad.clone(), b.grad.clone()))
+        w.grad = b.grad = None
+    return results
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind, shape, kwargs", [
+    ("batch_norm", (8, 6, 10, 10), lambda w, b: dict(running_mean=None, running_var=None, weight=w, bias=b,
+                                                     training=True)),
+    ("instance_norm", (4, 6, 12, 12), lambda w, b: dict(weight=w, bias=b)),
+])
+def test_autograd_function_matches_the_ops_of_the_norm(kind, shape, kwargs):
+    """The graph's ops draw their noise with ``uniform_noise`` in eager mode, the kernel with
+    ``hash_noise``: the gradients agree in expectation.  So dx is compared against the graph's
+    ops with the *same* quantized gradient: the reference backward with the seed drawn."""
+    (y, dx, dw, db), (ry, rdx, rdw, rdb) = _compare_autograd(kind, shape, kwargs)
+    torch.testing.assert_close(y, ry, rtol=1e-5, atol=2e-5)
+    # quantized gradients with different noise: close, not equal (8 bits: within a few %)
+    for a, r in ((dx, rdx), (dw, rdw), (db, rdb)):
+        assert (a - r).norm() / r.norm() < 0.05
+
+
+@needs_kernel
+def test_autograd_function_gradient_is_the_reference_with_its_seed():
+    x, w, b, dy = _case((6, 5, 8, 8), (0, 2, 3), True, seed=3)
+    xi, wi, bi = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    y, mean, sigma = norms._l1_norm(xi, wi, bi, (0, 2, 3), center=True, l1_scale=C, eps=EPS, norm_bits=8,
+                                    grad_bits=5, kernels="cpu")
+    assert y.grad_fn is not None and "CpuL1Norm" in type(y.grad_fn).__name__
+    torch.manual_seed(21)
+    y.backward(dy)
+    torch.manual_seed(21)
+    seed = N.draw_seed("cpu")
+    _, q, amax, total, deviation = CN.l1_norm_reference(x, w, b, [0, 2, 3], True, C, EPS, 8)
+    dx, s1, s2 = CN.l1_norm_backward_reference(dy, q, amax, total, deviation, w, seed, [0, 2, 3], True, C, EPS, 8, 5)
+    torch.testing.assert_close(xi.grad, dx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(wi.grad, s2, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bi.grad, s1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean, total / 6 / 64)
+    torch.testing.assert_close(sigma, C * deviation / 6 / 64)
+
+
+@needs_kernel
+def test_gradient_is_unbiased():
+    """Stochastic rounding of the gradient: the mean of dx over many seeds approaches the
+    gradient of the unquantized dy (the input quantizer's forward is the same for both)."""
+    x, w, b, dy = _case((2, 3, 40), (2,), True, seed=5)
+    dims = [2]
+    out = torch.ops.sqcompile.cpu_l1_norm(x, w, b, dims, True, C, EPS, 8)
+    runs = 400
+    acc = torch.zeros_like(x, dtype=torch.float64)
+    for s in range(runs):
+        acc += torch.ops.sqcompile.cpu_l1_norm_backward(dy, *out[1:], w, torch.tensor(s), dims, True, C, EPS, 8, 3,
+                                                        True)[0].double()
+    exact = CN.l1_norm_backward_reference(dy, *out[1:], w, torch.tensor(0), dims, True, C, EPS, 8, 8)[0]
+    # 3-bit gradients: one draw is off by up to a third of the range; the mean of 400 by ~1/60
+    coarse = torch.ops.sqcompile.cpu_l1_norm_backward(dy, *out[1:], w, torch.tensor(0), dims, True, C, EPS, 8, 3,
+                                                      True)[0]
+    err_mean = (acc / runs - exact.double()).norm() / exact.norm()
+    err_one = (coarse - exact).norm() / exact.norm()
+    assert err_mean < err_one / 5, (err_mean, err_one)
+
+
+@needs_kernel
+def test_opcheck():
+    x, w, b, dy = _case((4, 6, 20), (0, 2), True)
+    args = (x, w, b, [0, 2], True, C, EPS, 8)
+    torch.library.opcheck(torch.ops.sqcompile.cpu_l1_norm.default, args)
+    out = torch.ops.sqcompile.cpu_l1_norm(*args)
+    for need in (True, False):
+        torch.library.opcheck(torch.ops.sqcompile.cpu_l1_norm_backward.default,
+                              (dy, *out[1:], w, torch.tensor(4), [0, 2], True, C, EPS, 8, 8, need))
+
+
+def test_unsupported_says_why():
+    x = torch.randn(4, 8, 16, 16)
+    dims = (0, 2, 3)
+    w = torch.ones(1, 8, 1, 1)
+    assert "quantize=False" in CN.unsupported(x, w, None, dims, None, None)
+    assert "collect_stats" in CN.unsupported(x, w, None, dims, 8, "k")
+    assert "float64" in CN.unsupported(x.double(), w, None, dims, 8, None)
+    assert "contiguous" in CN.unsupported(x.to(memory_format=torch.channels_last), w, None, dims, 8, None)
+    assert "runs of 1" in CN.unsupported(torch.randn(4, 8), None, None, (0,), 8, None)
+    assert "weight" in CN.unsupported(torch.randn(4, 8, 32), torch.ones(32), None, (2,), 8, None)
+    assert "bias" in CN.unsupported(x, w, torch.ones(1, 8, 16, 1), dims, 8, None)
+    assert "layout" in CN.unsupported(torch.randn(2, 3, 4, 32), None, None, (0, 2), 8, None)
+    if OK:
+        assert CN.unsupported(x, w, w, dims, 8, None) is None
+
+
+def test_kernels_option_is_checked():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="kernels"):
+        norms.l1_instance_norm(x, norm_bits=8, kernels="gpu")
+    with pytest.raises(ValueError, match="kernels"):
+        norms.l1_batch_norm(x, None, None, training=True, norm_bits=8, kernels="triton")
+
+
+class _Net(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.n1 = norm(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.n2 = nn.GroupNorm(4, 16)             # with affine per channel: stays on the ops
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.n1(self.conv1(x)))
+        h = torch.relu(self.n2(self.conv2(h)))
+        return self.head(h.mean((2, 3)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, lambda c: nn.InstanceNorm2d(c, affine=True)])
+def test_compiled_cnn_runs_its_norms_on_the_kernels(norm):
+    torch.manual_seed(0)
+    model = _Net(norm)
+    reference = _Net(norm)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 12, 12)
+    target = torch.randint(0, 5, (4,))
+    opts = dict(inner="inductor")
+    compiled = torch.compile(model, backend="shiftquant", options=opts)
+    saved = l1_norms_pass._cpu_kernels
+    l1_norms_pass._cpu_kernels = lambda *a: False            # the same model on the graph's ops
+    try:
+        ref_compiled = torch.compile(reference, backend="shiftquant", options=dict(opts, fusion=True))
+        ref_out = ref_compiled(x)
+    finally:
+        l1_norms_pass._cpu_kernels = saved
+    out = compiled(x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+
+    records = records_for(list(model.parameters()))
+    norms_ = [d for r in records for d in r.decisions if d.kind == "norm"]
+    on_kernel = [d for d in norms_ if d.note and l1_norms_pass.CPU_KERNEL_NOTE in d.note]
+    assert [d.op for d in on_kernel] == ["batch_norm" if isinstance(model.n1, nn.BatchNorm2d) else "instance_norm"]
+    assert any(d.op == "group_norm" and not d.note for d in norms_)
+    graphs = "\n".join(text for r in records for text in r.graphs.values())
+    assert "sqcompile.cpu_l1_norm(" in graphs
+
+    # training goes on: the loss falls
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(compiled(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] * 0.8, losses
