@@ -14,6 +14,7 @@ swing by 2x.  With one thread it is that thread's busy time; with several it sum
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import statistics
 import sys
@@ -50,6 +51,22 @@ def median_ratio(times: Dict[str, List[float]], baseline: str, name: str) -> flo
 
 def median_ms(samples: List[float]) -> float:
     return 1e3 * statistics.median(samples)
+
+
+@contextlib.contextmanager
+def norm_kernels_off(off: bool = True):
+    """While ``off``, the L1-norm rewriting pass leaves every norm on the graph's ops instead
+    of the C kernels of ``sqcompile.kernels.cpu_norm`` (read when a graph is traced, i.e. at a
+    compiled model's first call)."""
+    import importlib
+    l1_norms = importlib.import_module("sqcompile.passes.l1_norms")
+    saved = l1_norms._cpu_kernels
+    if off:
+        l1_norms._cpu_kernels = lambda *args: False
+    try:
+        yield
+    finally:
+        l1_norms._cpu_kernels = saved
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,11 @@ For BatchNorm2d and LayerNorm at realistic shapes it times:
 * ``L1 float inductor``: :mod:`sqcompile.norms`' L1 norm without quantization under Inductor,
   the like-for-like arithmetic comparison with ``L2 inductor``;
 * ``L1 8-bit shiftquant``: the layer compiled with ``backend="shiftquant"`` (the fully
-  quantized L1 norm the backend puts in place of the L2 one, Inductor inner compiler).
+  quantized L1 norm the backend puts in place of the L2 one, Inductor inner compiler; on
+  CPUs with AVX-512 BatchNorm and InstanceNorm run on the C kernels of
+  ``sqcompile.kernels.cpu_norm``);
+* ``L1 8-bit, graph ops``: the same with the norm left as the graph's ops under Inductor
+  (the C kernels off), for the kinds the kernels take.
 
     python benchmarks/norm.py
     python benchmarks/norm.py --rounds 15
@@ -24,11 +28,12 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sqcompile import norms  # noqa: E402
-from _timing import add_threads_argument, interleaved, median_ms, median_ratio, start  # noqa: E402
+from _timing import add_threads_argument, interleaved, median_ms, median_ratio, norm_kernels_off, start  # noqa: E402
 
 CASES = {
     "BatchNorm2d [64,128,28,28]": (lambda: nn.BatchNorm2d(128), (64, 128, 28, 28)),
     "BatchNorm2d [128,64,56,56]": (lambda: nn.BatchNorm2d(64), (128, 64, 56, 56)),
+    "InstanceNorm2d [16,32,64,64]": (lambda: nn.InstanceNorm2d(32, affine=True), (16, 32, 64, 64)),
     "LayerNorm [8192,1024]": (lambda: nn.LayerNorm(1024), (8192, 1024)),
     "LayerNorm [16384,768]": (lambda: nn.LayerNorm(768), (16384, 768)),
 }
@@ -43,16 +48,19 @@ class L1Float(nn.Module):
 
     def forward(self, x):
         m = self.layer
+        if isinstance(m, nn.InstanceNorm2d):
+            return norms.l1_instance_norm(x, None, None, m.weight, m.bias, eps=m.eps, norm_bits=None)
         if isinstance(m, nn.BatchNorm2d):
             return norms.l1_batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, True, 0.1, m.eps ** 0.5,
                                        norm_bits=None)
         return norms.l1_layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps ** 0.5, norm_bits=None)
 
 
-def step_fn(module, x, g):
+def step_fn(module, x, g, norm_ops=False):
     def step():
-        x.grad = None
-        module(x).backward(g)
+        with norm_kernels_off(norm_ops):
+            x.grad = None
+            module(x).backward(g)
     return step
 
 
@@ -78,6 +86,11 @@ def main(argv=None):
             "L1 8-bit shiftquant": step_fn(torch.compile(layer, backend="shiftquant", options={"inner": "inductor"}),
                                            x, g),
         }
+        if not isinstance(layer, nn.LayerNorm):      # the kinds the pass puts on the C kernels
+            # other options than the row above: equal ones would make Dynamo reuse its graphs
+            cands["L1 8-bit, graph ops"] = step_fn(torch.compile(layer, backend="shiftquant",
+                                                                 options={"inner": "inductor", "fusion": True}),
+                                                   x, g, norm_ops=True)
         times = interleaved(cands, rounds=args.rounds, warmup=2)
         for name in cands:
             rows.append([case, name, f"{median_ms(times[name]):.2f}", f"{median_ratio(times, 'L2 eager', name):.2f}x",

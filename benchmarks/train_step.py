@@ -20,6 +20,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --peak-memory
     python benchmarks/train_step.py --models unet
     python benchmarks/train_step.py --models unet resnet18 --no-implicit-conv   # convs as im2col GEMMs too
+    python benchmarks/train_step.py --models unet resnet18 --no-norm-kernel     # norms as Inductor's loops too
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sqcompile  # noqa: E402,F401
 from sqcompile.config import OpConfig  # noqa: E402
 from sqcompile.kernels import amx  # noqa: E402
-from _timing import add_threads_argument, interleaved, median_ms, median_ratio, start  # noqa: E402
+from _timing import add_threads_argument, interleaved, median_ms, median_ratio, norm_kernels_off, start  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 from unet_denoise_fashion_mnist import UNet  # noqa: E402
@@ -216,6 +217,9 @@ def variants(args, name):
     if args.no_implicit_conv and name != "transformer":
         out.append((f"{tag}, convs as im2col GEMMs",
                     dict(bits, fusion=True, execution="auto", _im2col=True), False))
+    if args.no_norm_kernel and name != "transformer":
+        out.append((f"{tag}, norms as Inductor loops",
+                    dict(bits, fusion=True, execution="auto", collect_stats=False, _norm_ops=True), False))
     if args.outer_scale:
         flipped = not OpConfig().grad_outer_scale
         out.append((f"{tag}, grad_outer_scale={flipped}", dict(bits, grad_outer_scale=flipped), False))
@@ -237,11 +241,13 @@ def make_step(name, options, bf16, x, channels_last=False):
     scales = options.pop("_saved_scales", False)
     off = options.pop("_passes_off", ())
     im2col = options.pop("_im2col", False)
+    norm_ops = options.pop("_norm_ops", False)
     run = model if not options else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
-        with gemm_engine(engine), saved_scales(scales), passes_off(off), im2col_convs(im2col):
+        with gemm_engine(engine), saved_scales(scales), passes_off(off), im2col_convs(im2col), \
+                norm_kernels_off(norm_ops):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(run(x))
@@ -321,6 +327,9 @@ def main(argv=None):
     p.add_argument("--no-implicit-conv", action="store_true",
                    help="CNNs: also time the step with stride-1 convs as im2col GEMMs (before the "
                         "implicit-GEMM conv kernel)")
+    p.add_argument("--no-norm-kernel", action="store_true",
+                   help="CNNs: also time the step with the L1 norms as the graph's ops under Inductor (the "
+                        "cpu_l1_norm C kernels off)")
     p.add_argument("--no-grad-kernel", action="store_true",
                    help="also time the step with the gradients' outer-scaled ShiftQuants as Inductor's loops "
                         "(the shiftquant_outer_pair C kernel off, attention's kernels on)")

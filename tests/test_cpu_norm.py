@@ -25,7 +25,6 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import sqcompile
 from sqcompile import norms
 from sqcompile import numerics as N
 from sqcompile.decisions import records_for
@@ -60,10 +59,10 @@ def test_slice_layout(shape, dims, expected):
     assert CN.slice_layout(shape, dims) == expected
 
 
-def _case(shape, dims, affine, seed=0, scale=3.0):
+def _case(shape, dims, affine, seed=0, scale=3.0, row=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * scale
-    pshape = [1 if d in dims else s for d, s in enumerate(shape)]
+    pshape = [s for d, s in enumerate(shape) if d in dims] if row else [1 if d in dims else s for d, s in enumerate(shape)]
     w = torch.rand(pshape, generator=g) + 0.5 if affine else None
     b = torch.randn(pshape, generator=g) if affine else None
     return x, w, b, torch.randn(shape, generator=g)
@@ -87,6 +86,7 @@ def _check_backward(out, ref, msg=""):
 
 LAYOUTS = [((16, 32, 8, 8), (2, 3)), ((16, 32, 8, 8), (0, 2, 3)), ((4, 2, 8, 16), (2, 3)), ((7, 5, 100), (2,)),
            ((3, 6, 5, 7, 9), (0, 2, 3, 4))]
+ROW_LAYOUTS = [((7, 5, 100), (2,)), ((300, 48), (1,)), ((3, 4, 6, 20), (2, 3))]      # LayerNorm-like affine
 
 
 @needs_kernel
@@ -105,6 +105,24 @@ def test_ops_match_the_references(shape, dims, affine, center):
     # without dx: the same sums, and no dx
     dx, s1, s2 = torch.ops.sqcompile.cpu_l1_norm_backward(dy, *saved, w, seed, dims, center, C, EPS, 8, 6, False)
     assert dx.numel() == 0 and torch.equal(s1, got[1]) and torch.equal(s2, got[2])
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, dims", ROW_LAYOUTS)
+@pytest.mark.parametrize("center", [True, False])
+def test_row_affine_ops_match_the_references(shape, dims, center):
+    """A LayerNorm's affine, one value per position along the rows: the backward's
+    parameter sums run over all slices, in chunks added in order."""
+    x, w, b, dy = _case(shape, dims, True, row=True)
+    assert CN.affine_mode(shape, dims, w) == "row"
+    dims = list(dims)
+    out = torch.ops.sqcompile.cpu_l1_norm(x, w, b, dims, center, C, EPS, 8)
+    _check_forward(out, CN.l1_norm_reference(x, w, b, dims, center, C, EPS, 8))
+    seed = torch.tensor(77)
+    got = torch.ops.sqcompile.cpu_l1_norm_backward(dy, *out[1:], w, seed, dims, center, C, EPS, 8, 8, True)
+    ref = CN.l1_norm_backward_reference(dy, *out[1:], w, seed, dims, center, C, EPS, 8, 8)
+    assert got[1].shape == ref[1].shape == torch.Size([s if d in dims else 1 for d, s in enumerate(shape)])
+    _check_backward(got, ref)
 
 
 @needs_kernel
@@ -145,9 +163,9 @@ def test_ops_on_random_shapes(lead, row, data, affine, center, scale):
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_results_do_not_depend_on_the_thread_count(threads):
-    x, w, b, dy = _case((4, 24, 9, 9), (0, 2, 3), True)
-    dims = [0, 2, 3]
+@pytest.mark.parametrize("shape, dims, row", [((4, 24, 9, 9), [0, 2, 3], False), ((200, 40), [1], True)])
+def test_results_do_not_depend_on_the_thread_count(threads, shape, dims, row):
+    x, w, b, dy = _case(shape, dims, True, row=row)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -303,11 +321,27 @@ def test_unsupported_says_why():
     assert "float64" in CN.unsupported(x.double(), w, None, dims, 8, None)
     assert "contiguous" in CN.unsupported(x.to(memory_format=torch.channels_last), w, None, dims, 8, None)
     assert "runs of 1" in CN.unsupported(torch.randn(4, 8), None, None, (0,), 8, None)
-    assert "weight" in CN.unsupported(torch.randn(4, 8, 32), torch.ones(32), None, (2,), 8, None)
+    assert "weight" in CN.unsupported(torch.randn(4, 8, 32), torch.ones(4, 1, 32), None, (2,), 8, None)
+    assert "both" in CN.unsupported(torch.randn(4, 8, 32), torch.ones(32), torch.ones(4, 8, 1), (2,), 8, None)
+    assert "both" in CN.unsupported(torch.randn(4, 8, 32), None, torch.ones(32), (2,), 8, None)
     assert "bias" in CN.unsupported(x, w, torch.ones(1, 8, 16, 1), dims, 8, None)
     assert "layout" in CN.unsupported(torch.randn(2, 3, 4, 32), None, None, (0, 2), 8, None)
     if OK:
         assert CN.unsupported(x, w, w, dims, 8, None) is None
+        assert CN.unsupported(torch.randn(4, 8, 32), torch.ones(32), torch.ones(32), (2,), 8, None) is None
+
+
+@pytest.mark.parametrize("shape, dims, pshape, mode", [
+    ((4, 8, 6, 6), (0, 2, 3), (1, 8, 1, 1), "slice"),
+    ((4, 8, 6, 6), (2, 3), (1, 8, 1, 1), "slice"),
+    ((4, 8, 32), (2,), (32,), "row"),
+    ((4, 8, 32), (2,), (1, 1, 32), "row"),
+    ((4, 2, 8, 16), (2, 3), (8, 16), "row"),
+    ((4, 2, 8, 16), (2, 3), (1, 2, 8, 1), None),       # a group norm's affine: per channel of a group
+    ((4, 8, 32), (2,), (4, 1, 32), None),
+])
+def test_affine_mode(shape, dims, pshape, mode):
+    assert CN.affine_mode(shape, dims, torch.ones(pshape)) == mode
 
 
 def test_kernels_option_is_checked():
@@ -372,3 +406,36 @@ def test_compiled_cnn_runs_its_norms_on_the_kernels(norm):
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] * 0.8, losses
+
+
+@needs_kernel
+def test_layer_norm_on_the_kernels_when_asked():
+    """``l1_layer_norm(kernels="cpu")``: the row-affine kernels, gradients as the reference
+    with the seed the backward drew."""
+    x, w, b, dy = _case((6, 10, 48), (2,), True, seed=8, row=True)
+    xi, wi, bi = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    y = norms.l1_layer_norm(xi, 48, wi, bi, EPS, norm_bits=8, grad_bits=6, kernels="cpu")
+    assert "CpuL1Norm" in type(y.grad_fn).__name__
+    torch.manual_seed(4)
+    y.backward(dy)
+    torch.manual_seed(4)
+    seed = N.draw_seed("cpu")
+    ry, q, amax, total, deviation = CN.l1_norm_reference(x, w, b, [2], True, C, EPS, 8)
+    torch.testing.assert_close(y.detach(), ry, rtol=1e-5, atol=2e-5)
+    dx, s1, s2 = CN.l1_norm_backward_reference(dy, q, amax, total, deviation, w, seed, [2], True, C, EPS, 8, 6)
+    torch.testing.assert_close(xi.grad, dx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(wi.grad, s2.reshape(48), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bi.grad, s1.reshape(48), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_pass_leaves_layer_norms_on_the_graphs_ops():
+    """LayerNorm keeps the ops that Inductor fuses with the next Linear's quantizer (see
+    ``passes.l1_norms._cpu_kernels``)."""
+    model = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 32))
+    compiled = torch.compile(model, backend="shiftquant", options=dict(inner="inductor"))
+    compiled(torch.randn(64, 32, requires_grad=True)).sum().backward()
+    record = records_for(list(model.parameters()))[-1]
+    norm = next(d for d in record.decisions if d.kind == "norm")
+    assert norm.quantized and not norm.note
+    assert "cpu_l1_norm" not in "\n".join(record.graphs.values())

@@ -3,8 +3,10 @@
  * x is viewed as [A, R1, B, R2] (contiguous float32); one slice is the pair (a, b), reduced
  * over r1 and r2: its n = R1 * R2 elements are R1 rows of R2 adjacent values, B * R2 apart.
  * BatchNorm on [N, C, *S] is [1, N, C, prod S], InstanceNorm [N * C, 1, 1, prod S], a
- * LayerNorm / RMSNorm without affine over a row [rows, 1, 1, D].  The affine (w, bias) is one
- * value per slice.  The formulas are sqcompile.norms._L1Norm's:
+ * LayerNorm / RMSNorm over a row [1, 1, rows, D].  The affine (w, bias) is either one value
+ * per slice (row_affine = 0: BatchNorm, InstanceNorm) or one per position r2 along the rows,
+ * the same for every slice (row_affine = 1: LayerNorm, RMSNorm).  The formulas are
+ * sqcompile.norms._L1Norm's:
  *
  *   forward   amax = max |x|; scale = amax / qmax (NaN where not finite); q = clamp(rne(x /
  *             (scale or 1)), -qmax, qmax), NaN -> 0; xc = q * scale;
@@ -13,12 +15,15 @@
  *             y = (xc - mean) * inv * w + bias
  *   backward  dy quantized per slice at grad bits with stochastic rounding (the noise of
  *             numerics.hash_noise over x's flat index): dyd = floor(dy / s + u) * s;
- *             xhat = (xc - mean) * inv; S1 = sum dyd, S2 = sum dyd * xhat, S3 = sum sign(xhat);
- *             g = dyd * w; proj = (l1_scale * sigma * inv) * (w * S2 / n);
- *             dx = (g - w * S1 / n - proj * (sign(xhat) - S3 / n)) * inv   (centered)
- *             dx = (g - proj * sign(xhat)) * inv                          (not centered)
- *             S1 and S2 per slice are the bias's and the weight's gradients before they are
- *             summed over the slices that share a parameter.
+ *             xhat = (xc - mean) * inv; g = dyd * w;
+ *             Sg = sum g, Sgx = sum g * xhat, Ss = sum sign(xhat); proj = (l1_scale * sigma * inv) * Sgx / n;
+ *             dx = (g - Sg / n - proj * (sign(xhat) - Ss / n)) * inv   (centered)
+ *             dx = (g - proj * sign(xhat)) * inv                      (not centered)
+ *             and the parameters' gradients: sum dyd (bias) and sum dyd * xhat (weight), per
+ *             slice (row_affine = 0; the caller sums the slices that share a parameter) or
+ *             per position r2 over all slices (row_affine = 1: each chunk of slices sums
+ *             into its own row of `work`, then the chunks are added in order, so the result
+ *             does not depend on the thread count).
  *
  * The quantizers are numerics.quantize's bit for bit (IEEE divisions, round half to even /
  * floor, NaN-propagating maxima); the sums run in float32 lanes added into a double per row,
@@ -107,8 +112,8 @@ static inline float inv_denominator(float deviation, float n, float l1_scale, fl
     return 1.0f / sqrtf(*sigma * *sigma + eps);
 }
 
-void sq_l1_norm_forward(const float *x, const float *w, const float *bias, int64_t A, int64_t R1, int64_t B,
-                        int64_t R2, int center, float l1_scale, float eps, float qmax, float *y, int8_t *q,
+void sq_l1_norm_forward(const float *x, const float *w, const float *bias, int row_affine, int64_t A, int64_t R1,
+                        int64_t B, int64_t R2, int center, float l1_scale, float eps, float qmax, float *y, int8_t *q,
                         float *amax, float *total, float *deviation, int threads) {
     const layout L = {A, R1, B, R2};
     const float n = (float)(R1 * R2);
@@ -145,17 +150,18 @@ void sq_l1_norm_forward(const float *x, const float *w, const float *bias, int64
         }
         float sigma;
         const float d = (float)dev, inv = inv_denominator(d, n, l1_scale, eps, &sigma);
-        const __m512 vinv = _mm512_set1_ps(inv), vw = _mm512_set1_ps(w ? w[s] : 1.0f);
-        const __m512 vb = _mm512_set1_ps(bias ? bias[s] : 0.0f);
+        const __m512 vinv = _mm512_set1_ps(inv);
+        const __m512 vw = _mm512_set1_ps(w && !row_affine ? w[s] : 1.0f);
+        const __m512 vb = _mm512_set1_ps(bias && !row_affine ? bias[s] : 0.0f);
         for (int64_t r = 0; r < R1; r++) {
             for (int64_t i = 0; i < R2; i += 16) {
                 __mmask16 m = lanes(i, R2);
                 int64_t o = base + r * step + i;
                 __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(load_q(q + o, m), vs), vmean), vinv);
                 if (w)
-                    v = _mm512_mul_ps(v, vw);
+                    v = _mm512_mul_ps(v, row_affine ? _mm512_maskz_loadu_ps(m, w + i) : vw);
                 if (bias)
-                    v = _mm512_add_ps(v, vb);
+                    v = _mm512_add_ps(v, row_affine ? _mm512_maskz_loadu_ps(m, bias + i) : vb);
                 _mm512_mask_storeu_ps(y + o, m, v);
             }
         }
@@ -165,84 +171,133 @@ void sq_l1_norm_forward(const float *x, const float *w, const float *bias, int64
     }
 }
 
-/* seed: numerics.hash_noise's seed times its spreading constant, wrapped to int32.
-   dx may be NULL (only the parameter sums); sum_dy, sum_dyx: S1 and S2 per slice. */
+static inline void add_to_doubles(double *col, __m512 v, __mmask16 m) {
+    /* col[0:16] += v, in double, the lanes of m */
+    __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __mmask8 ml = (__mmask8)(m & 0xFF), mh = (__mmask8)(m >> 8);
+    _mm512_mask_storeu_pd(col, ml, _mm512_add_pd(_mm512_maskz_loadu_pd(ml, col), lo));
+    _mm512_mask_storeu_pd(col + 8, mh, _mm512_add_pd(_mm512_maskz_loadu_pd(mh, col + 8), hi));
+}
+
+static inline __m512 affine_of(const float *w, int row_affine, float per_slice, int64_t i, __mmask16 m) {
+    return row_affine ? _mm512_maskz_loadu_ps(m, w + i) : _mm512_set1_ps(per_slice);
+}
+
+/* seed: numerics.hash_noise's seed times its spreading constant, wrapped to int32.  dx may be
+   NULL (only the parameter sums).  Parameter sums: row_affine = 0: sum_dy, sum_dyx [A * B]
+   per slice; row_affine = 1: work [chunks, 2, R2] doubles, zeroed by the caller, each chunk's
+   column sums (dyd, then dyd * xhat), which sq_l1_norm_chunk_sums adds up.  Returns nonzero
+   when a thread's buffer could not be allocated. */
 int sq_l1_norm_backward(const float *dy, const int8_t *q, const float *amax, const float *total,
-                        const float *deviation, const float *w, int64_t A, int64_t R1, int64_t B, int64_t R2,
-                        int center, float l1_scale, float eps, float qmax_x, float qmax_g, int32_t seed, float *dx,
-                        float *sum_dy, float *sum_dyx, int threads) {
+                        const float *deviation, const float *w, int row_affine, int64_t A, int64_t R1, int64_t B,
+                        int64_t R2, int center, float l1_scale, float eps, float qmax_x, float qmax_g, int32_t seed,
+                        float *dx, float *sum_dy, float *sum_dyx, double *work, int64_t chunks, int threads) {
     const layout L = {A, R1, B, R2};
     const float n = (float)(R1 * R2);
+    const int64_t slices = A * B;
     const __m512 vqmax = _mm512_set1_ps(qmax_g);
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i vseed = _mm512_set1_epi32(seed);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        int8_t *dq = dx ? (int8_t *)malloc((size_t)(R1 * R2)) : NULL;
-        if (dx && !dq) {
+        /* the slice's quantized gradient (int8), and its g = dyd * w in row-affine mode */
+        int8_t *dq = (int8_t *)malloc((size_t)(R1 * R2));
+        if (!dq) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t s = 0; s < A * B; s++) {
-            if (dx && !dq)
+        for (int64_t c = 0; c < chunks; c++) {
+            if (!dq)
                 continue;
-            const int64_t base = slice_base(L, s), step = B * R2;
-            const float xs = finite_or_nan(amax[s] / qmax_x), mean = center ? total[s] / n : 0.0f;
-            float sigma;
-            const float inv = inv_denominator(deviation[s], n, l1_scale, eps, &sigma);
-            const __m512 vxs = _mm512_set1_ps(xs), vmean = _mm512_set1_ps(mean), vinv = _mm512_set1_ps(inv);
-            const float ga = slice_amax(dy, L, base), gscale = ga / qmax_g;
-            const __m512 vdiv = _mm512_set1_ps(gscale == 0.0f ? 1.0f : gscale);
-            const __m512 vgs = _mm512_set1_ps(finite_or_nan(gscale));
-            double s1 = 0.0, s2 = 0.0, s3 = 0.0;
-            for (int64_t r = 0; r < R1; r++) {
-                __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-                for (int64_t i = 0; i < R2; i += 16) {
-                    __mmask16 m = lanes(i, R2);
-                    int64_t o = base + r * step + i;
-                    __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)o), lane);
-                    __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, dy + o), vdiv);
-                    v = _mm512_add_ps(v, hash_noise(index, vseed));
-                    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-                    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-                    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), vqmax)), vqmax);
-                    v = _mm512_mask_blend_ps(nan, v, _mm512_setzero_ps());
-                    if (dq)
+            double *col_dy = row_affine ? work + c * 2 * R2 : NULL, *col_dyx = row_affine ? col_dy + R2 : NULL;
+            for (int64_t s = slices * c / chunks; s < slices * (c + 1) / chunks; s++) {
+                const int64_t base = slice_base(L, s), step = B * R2;
+                const float xs = finite_or_nan(amax[s] / qmax_x), mean = center ? total[s] / n : 0.0f;
+                float sigma;
+                const float inv = inv_denominator(deviation[s], n, l1_scale, eps, &sigma);
+                const __m512 vxs = _mm512_set1_ps(xs), vmean = _mm512_set1_ps(mean), vinv = _mm512_set1_ps(inv);
+                const float ga = slice_amax(dy, L, base), gscale = ga / qmax_g;
+                const __m512 vdiv = _mm512_set1_ps(gscale == 0.0f ? 1.0f : gscale);
+                const __m512 vgs = _mm512_set1_ps(finite_or_nan(gscale));
+                const float ws = w && !row_affine ? w[s] : 1.0f;
+                double s1 = 0.0, s2 = 0.0, sg = 0.0, sgx = 0.0, ss = 0.0;
+                for (int64_t r = 0; r < R1; r++) {
+                    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+                    __m512 a4 = _mm512_setzero_ps(), a5 = _mm512_setzero_ps();
+                    for (int64_t i = 0; i < R2; i += 16) {
+                        __mmask16 m = lanes(i, R2);
+                        int64_t o = base + r * step + i;
+                        __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)o), lane);
+                        __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, dy + o), vdiv);
+                        v = _mm512_add_ps(v, hash_noise(index, vseed));
+                        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+                        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                        v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), vqmax)), vqmax);
+                        v = _mm512_mask_blend_ps(nan, v, _mm512_setzero_ps());
                         _mm_mask_storeu_epi8(dq + r * R2 + i, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
-                    __m512 g = _mm512_maskz_mov_ps(m, _mm512_mul_ps(v, vgs));
-                    __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(load_q(q + o, m), vxs), vmean), vinv);
-                    a1 = _mm512_add_ps(a1, g);
-                    a2 = _mm512_add_ps(a2, _mm512_maskz_mov_ps(m, _mm512_mul_ps(g, xh)));
-                    a3 = _mm512_add_ps(a3, _mm512_maskz_mov_ps(m, sign_ps(xh)));
+                        __m512 d = _mm512_maskz_mov_ps(m, _mm512_mul_ps(v, vgs));
+                        __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(load_q(q + o, m), vxs), vmean), vinv);
+                        __m512 dxh = _mm512_maskz_mov_ps(m, _mm512_mul_ps(d, xh));
+                        a1 = _mm512_add_ps(a1, d);
+                        a2 = _mm512_add_ps(a2, dxh);
+                        a3 = _mm512_add_ps(a3, _mm512_maskz_mov_ps(m, sign_ps(xh)));
+                        if (row_affine) {       /* g = dyd * w varies along the row */
+                            __m512 wv = affine_of(w, 1, 1.0f, i, m);
+                            a4 = _mm512_add_ps(a4, _mm512_mul_ps(d, wv));
+                            a5 = _mm512_add_ps(a5, _mm512_mul_ps(dxh, wv));
+                            add_to_doubles(col_dy + i, d, m);
+                            add_to_doubles(col_dyx + i, dxh, m);
+                        }
+                    }
+                    s1 += _mm512_reduce_add_ps(a1);
+                    s2 += _mm512_reduce_add_ps(a2);
+                    ss += _mm512_reduce_add_ps(a3);
+                    if (row_affine) {
+                        sg += _mm512_reduce_add_ps(a4);
+                        sgx += _mm512_reduce_add_ps(a5);
+                    }
                 }
-                s1 += _mm512_reduce_add_ps(a1);
-                s2 += _mm512_reduce_add_ps(a2);
-                s3 += _mm512_reduce_add_ps(a3);
-            }
-            sum_dy[s] = (float)s1;
-            sum_dyx[s] = (float)s2;
-            if (!dx)
-                continue;
-            const float wv = w ? w[s] : 1.0f;
-            const float mean_g = center ? wv * (float)s1 / n : 0.0f, mean_sgn = center ? (float)s3 / n : 0.0f;
-            const float proj = (l1_scale * sigma * inv) * (wv * (float)s2 / n);
-            const __m512 vw = _mm512_set1_ps(wv), vmg = _mm512_set1_ps(mean_g), vms = _mm512_set1_ps(mean_sgn);
-            const __m512 vproj = _mm512_set1_ps(proj);
-            for (int64_t r = 0; r < R1; r++) {
-                for (int64_t i = 0; i < R2; i += 16) {
-                    __mmask16 m = lanes(i, R2);
-                    int64_t o = base + r * step + i;
-                    __m512 g = _mm512_mul_ps(_mm512_mul_ps(load_q(dq + r * R2 + i, m), vgs), vw);
-                    __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(load_q(q + o, m), vxs), vmean), vinv);
-                    __m512 sg = _mm512_sub_ps(sign_ps(xh), vms);
-                    g = _mm512_sub_ps(_mm512_sub_ps(g, vmg), _mm512_mul_ps(vproj, sg));
-                    _mm512_mask_storeu_ps(dx + o, m, _mm512_mul_ps(g, vinv));
+                if (!row_affine) {
+                    sum_dy[s] = (float)s1;
+                    sum_dyx[s] = (float)s2;
+                    sg = ws * (float)s1;        /* g = dyd * w with w constant over the slice */
+                    sgx = ws * (float)s2;
+                }
+                if (!dx)
+                    continue;
+                const float mean_g = center ? (float)sg / n : 0.0f, mean_sgn = center ? (float)ss / n : 0.0f;
+                const float proj = (l1_scale * sigma * inv) * ((float)sgx / n);
+                const __m512 vmg = _mm512_set1_ps(mean_g), vms = _mm512_set1_ps(mean_sgn);
+                const __m512 vproj = _mm512_set1_ps(proj);
+                for (int64_t r = 0; r < R1; r++) {
+                    for (int64_t i = 0; i < R2; i += 16) {
+                        __mmask16 m = lanes(i, R2);
+                        int64_t o = base + r * step + i;
+                        __m512 g = _mm512_mul_ps(_mm512_mul_ps(load_q(dq + r * R2 + i, m), vgs),
+                                                 w ? affine_of(w, row_affine, ws, i, m) : _mm512_set1_ps(1.0f));
+                        __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(load_q(q + o, m), vxs), vmean), vinv);
+                        __m512 sgn = _mm512_sub_ps(sign_ps(xh), vms);
+                        g = _mm512_sub_ps(_mm512_sub_ps(g, vmg), _mm512_mul_ps(vproj, sgn));
+                        _mm512_mask_storeu_ps(dx + o, m, _mm512_mul_ps(g, vinv));
+                    }
                 }
             }
         }
         free(dq);
     }
     return failed;
+}
+
+/* sum_dy[r2], sum_dyx[r2] = sums over the chunks, in order, of work[c, 0 / 1, r2] */
+void sq_l1_norm_chunk_sums(const double *work, int64_t chunks, int64_t R2, float *sum_dy, float *sum_dyx) {
+    for (int64_t k = 0; k < 2; k++)
+        for (int64_t i = 0; i < R2; i++) {
+            double acc = 0.0;
+            for (int64_t c = 0; c < chunks; c++)
+                acc += work[(c * 2 + k) * R2 + i];
+            (k ? sum_dyx : sum_dy)[i] = (float)acc;
+        }
 }

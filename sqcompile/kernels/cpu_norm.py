@@ -10,9 +10,13 @@ while it is in cache: four passes over it forward, three backward.
 
 The input is viewed as ``[A, R1, B, R2]`` (:func:`slice_layout`): a slice is an index
 ``(a, b)``, reduced over ``r1`` and ``r2``, its rows of ``R2`` adjacent values.  The affine
-must be one value per slice (BatchNorm / InstanceNorm, a LayerNorm without affine);
-:func:`unsupported` says when a norm cannot run here, and :mod:`sqcompile.norms` then keeps
-its graph of ops.
+is one value per slice (BatchNorm, InstanceNorm) or one per position along the rows
+(LayerNorm, RMSNorm: :func:`affine_mode`); :func:`unsupported` says when a norm cannot run
+here (a GroupNorm's per-channel affine, channels-last inputs, ...), and
+:mod:`sqcompile.norms` then keeps its graph of ops.  The rewriting pass puts BatchNorm,
+InstanceNorm and GroupNorm without affine on the kernels, not LayerNorm / RMSNorm (see
+:func:`sqcompile.passes.l1_norms._cpu_kernels` for why); ``kernels="cpu"`` asks for them
+in :mod:`sqcompile.norms`' functions.
 
 :func:`l1_norm_reference` / :func:`l1_norm_backward_reference` are what the kernels compute,
 in PyTorch ops (the quantizers of :mod:`sqcompile.numerics`, the gradient's noise
@@ -38,6 +42,9 @@ from .cpu_quant import _spread_seed
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_norm.c")
 MIN_ROW = 16
 """Shortest run of adjacent values (``R2``) the kernels take: they vectorize along it."""
+CHUNKS = 64
+"""Chunks of slices whose column sums a LayerNorm-like backward adds separately (then in
+order): the parameter gradients do not depend on the thread count."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,12 +58,26 @@ def _library() -> ctypes.CDLL:
     lib = native.build(SOURCE, native.AVX512_CFLAGS, "the CPU L1-norm kernels")
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.sq_l1_norm_forward.restype = None
-    lib.sq_l1_norm_forward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, f32, f32, f32, ptr, ptr, ptr, ptr,
-                                       ptr, i32]
+    lib.sq_l1_norm_forward.argtypes = [ptr, ptr, ptr, i32, i64, i64, i64, i64, i32, f32, f32, f32, ptr, ptr, ptr,
+                                       ptr, ptr, i32]
     lib.sq_l1_norm_backward.restype = ctypes.c_int
-    lib.sq_l1_norm_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, f32, f32, f32, f32,
-                                        ctypes.c_int32, ptr, ptr, ptr, i32]
+    lib.sq_l1_norm_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i32, f32, f32, f32,
+                                        f32, ctypes.c_int32, ptr, ptr, ptr, ptr, i64, i32]
+    lib.sq_l1_norm_chunk_sums.restype = None
+    lib.sq_l1_norm_chunk_sums.argtypes = [ptr, i64, i64, ptr, ptr]
     return lib
+
+
+def _blocks(shape: Sequence[int], dims: Sequence[int]) -> Optional[List[int]]:
+    """Each dim's block in ``[A, R1, B, R2]`` (0-3, see :func:`slice_layout`), or ``None``."""
+    pattern, block, k = [True, False, True, False], [], 0      # R2, B, R1, A: from the last dim
+    for d in reversed(range(len(shape))):
+        while k < 4 and pattern[k] != (d in dims):
+            k += 1
+        if k == 4:
+            return None
+        block.append(3 - k)
+    return block[::-1]
 
 
 def slice_layout(shape: Sequence[int], dims: Sequence[int]) -> Optional[List[int]]:
@@ -64,15 +85,35 @@ def slice_layout(shape: Sequence[int], dims: Sequence[int]) -> Optional[List[int
     trailing reduced dims are ``R2``, the kept dims before them ``B``, the reduced dims before
     those ``R1`` and the rest ``A`` (each 1 when it has no dims).  ``None`` when the dims do
     not fall into those four blocks."""
-    blocks, sizes = [True, False, True, False], [1, 1, 1, 1]      # R2, B, R1, A: from the last dim
-    k = 0
-    for d in reversed(range(len(shape))):
-        while k < 4 and blocks[k] != (d in dims):
-            k += 1
-        if k == 4:
-            return None
+    block = _blocks(shape, dims)
+    if block is None:
+        return None
+    sizes = [1, 1, 1, 1]
+    for d, k in enumerate(block):
         sizes[k] *= shape[d]
-    return sizes[::-1]
+    return sizes
+
+
+def param_sum_shape(shape: Sequence[int], dims: Sequence[int], row: bool) -> List[int]:
+    """The shape of the backward's parameter sums: per slice (``dims`` kept as 1), or with
+    ``row`` per position along the rows (1 everywhere but the ``R2`` dims)."""
+    block = _blocks(shape, dims)
+    return [s if (block[d] == 3 if row else d not in dims) else 1 for d, s in enumerate(shape)]
+
+
+def affine_mode(shape: Sequence[int], dims: Sequence[int], t: Optional[torch.Tensor]) -> Optional[str]:
+    """``"slice"`` when the parameter ``t`` (broadcasting against ``shape``) is one value per
+    slice, ``"row"`` when it is one per position along the rows (``R2``) shared by all
+    slices (a LayerNorm's), ``None`` otherwise (or when there is no parameter)."""
+    if t is None or t.dim() > len(shape):
+        return None
+    full = [1] * (len(shape) - t.dim()) + list(t.shape)
+    block = _blocks(shape, dims)
+    if all(full[d] == 1 for d in dims):
+        return "slice"
+    if block is not None and all(full[d] == (shape[d] if block[d] == 3 else 1) for d in range(len(shape))):
+        return "row"
+    return None
 
 
 def unsupported(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -95,20 +136,27 @@ def unsupported(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
         return f"runs of {layout[3]} adjacent values (the kernels vectorize along runs of at least {MIN_ROW})"
     if x.numel() >= 2 ** 31:
         return "2**31 elements or more (the gradient's noise indexes in int32)"
+    modes = set()
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dtype != torch.float32 or t.dim() != x.dim() or any(t.shape[d] != 1 for d in dims)):
-            return f"the {name} is not one float32 value per slice"
+        if t is None:
+            continue
+        mode = affine_mode(x.shape, dims, t)
+        if t.dtype != torch.float32 or mode is None:
+            return f"the {name} is neither one float32 value per slice nor one per position along the rows"
+        modes.add(mode)
+    if len(modes) > 1 or (modes == {"row"} and weight is None):
+        return "the weight and the bias are not both per slice or both per position along the rows"
     usable, why = status()
     return None if usable else why
 
 
-def _per_slice(t: Optional[torch.Tensor], shape, dims) -> Optional[torch.Tensor]:
-    """A per-slice parameter (broadcasting to ``shape``, size 1 along ``dims``) as a
-    contiguous ``[A * B]`` vector."""
+def _flat(t: Optional[torch.Tensor], shape, dims) -> Tuple[Optional[torch.Tensor], bool]:
+    """``(values, row)``: a parameter as the kernels read it, a contiguous ``[A * B]`` vector
+    (per slice) or ``[R2]`` (per position along the rows, ``row``)."""
     if t is None:
-        return None
-    keep = [1 if d in dims else s for d, s in enumerate(shape)]
-    return t.expand(keep).contiguous().reshape(-1)
+        return None, False
+    row = affine_mode(shape, dims, t) == "row"
+    return t.expand(param_sum_shape(shape, dims, row)).contiguous().reshape(-1), row
 
 
 def l1_norm_reference(x, weight, bias, dims: List[int], center: bool, l1_scale: float, eps: float, bits: int):
@@ -135,8 +183,9 @@ def l1_norm_backward_reference(dy, q, amax, total, deviation, weight, seed, dims
                                l1_scale: float, eps: float, norm_bits: int, grad_bits: int):
     """``(dx, sum_dy, sum_dyx)``: :class:`sqcompile.norms._L1Norm`'s backward from the
     forward's saved values, ``dy`` quantized with :func:`~sqcompile.numerics.hash_noise` of
-    ``seed``; the sums per slice (``dims`` kept), before they are summed over the slices that
-    share a parameter."""
+    ``seed``; the sums (the bias's and the weight's gradients) of :func:`param_sum_shape`:
+    per slice, or per position along the rows when ``weight`` is a LayerNorm's (summed
+    over the slices that share a parameter by the caller)."""
     keep = [d for d in range(dy.dim()) if d not in dims]
     n = math.prod([dy.shape[d] for d in dims])
     xc = N.dequantize(q, N.scale_of_amax(amax, norm_bits))
@@ -152,11 +201,8 @@ def l1_norm_backward_reference(dy, q, amax, total, deviation, weight, seed, dims
         g = g - g.mean(dims, keepdim=True)
         sgn = sgn - sgn.mean(dims, keepdim=True)
     dx = (g - proj * sgn) * inv
-    return dx, dyd.sum(dims, keepdim=True), (dyd * xhat).sum(dims, keepdim=True)
-
-
-def _stat_shape(shape, dims) -> List[int]:
-    return [1 if d in dims else s for d, s in enumerate(shape)]
+    shape = param_sum_shape(dy.shape, dims, affine_mode(dy.shape, dims, weight) == "row")
+    return dx, dyd.sum_to_size(shape), (dyd * xhat).sum_to_size(shape)
 
 
 @ops.custom_op("sqcompile::cpu_l1_norm")
@@ -171,12 +217,12 @@ def cpu_l1_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     x = x.contiguous()
     y = torch.empty_like(x)
     q = pool.OUTPUTS.empty(x.shape, torch.int8)
-    stat = [torch.empty(_stat_shape(x.shape, dims), dtype=torch.float32) for _ in range(3)]
+    stat = [torch.empty(param_sum_shape(x.shape, dims, False), dtype=torch.float32) for _ in range(3)]
     if x.numel() == 0:
         return (y, q, *(t.zero_() for t in stat))
-    w, b = _per_slice(weight, x.shape, dims), _per_slice(bias, x.shape, dims)
+    (w, row), (b, _) = _flat(weight, x.shape, dims), _flat(bias, x.shape, dims)
     _library().sq_l1_norm_forward(
-        x.data_ptr(), None if w is None else w.data_ptr(), None if b is None else b.data_ptr(), *layout,
+        x.data_ptr(), None if w is None else w.data_ptr(), None if b is None else b.data_ptr(), int(row), *layout,
         int(center), l1_scale, eps, float(N.qmax(bits)), y.data_ptr(), q.data_ptr(), *(t.data_ptr() for t in stat),
         torch.get_num_threads())
     return (y, q, *stat)
@@ -184,7 +230,7 @@ def cpu_l1_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
 
 @cpu_l1_norm.register_fake
 def _(x, weight, bias, dims, center, l1_scale, eps, bits):
-    stat = _stat_shape(x.shape, dims)
+    stat = param_sum_shape(x.shape, dims, False)
     return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=torch.int8),
             x.new_empty(stat), x.new_empty(stat), x.new_empty(stat))
 
@@ -199,26 +245,32 @@ def cpu_l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, amax: torch.Tensor, 
     layout = slice_layout(dy.shape, dims)
     dy = dy.contiguous()
     dx = torch.empty_like(dy) if need_dx else dy.new_empty((0,))
-    s1, s2 = (torch.empty(_stat_shape(dy.shape, dims), dtype=torch.float32) for _ in range(2))
+    w, row = _flat(weight, dy.shape, dims)
+    sum_dy, sum_dyx = (torch.zeros(param_sum_shape(dy.shape, dims, row), dtype=torch.float32) for _ in range(2))
     if dy.numel() == 0:
-        return dx, s1.zero_(), s2.zero_()
-    w = _per_slice(weight, dy.shape, dims)
-    failed = _library().sq_l1_norm_backward(
+        return dx, sum_dy, sum_dyx
+    slices = layout[0] * layout[2]
+    chunks = min(slices, CHUNKS) if row else slices
+    work = torch.zeros((chunks, 2, layout[3]) if row else (0,), dtype=torch.float64)
+    lib = _library()
+    failed = lib.sq_l1_norm_backward(
         dy.data_ptr(), q.contiguous().data_ptr(), *(t.contiguous().data_ptr() for t in (amax, total, deviation)),
-        None if w is None else w.data_ptr(), *layout, int(center), l1_scale, eps, float(N.qmax(norm_bits)),
-        float(N.qmax(grad_bits)), _spread_seed(seed), dx.data_ptr() if need_dx else None, s1.data_ptr(),
-        s2.data_ptr(), torch.get_num_threads())
+        None if w is None else w.data_ptr(), int(row), *layout, int(center), l1_scale, eps,
+        float(N.qmax(norm_bits)), float(N.qmax(grad_bits)), _spread_seed(seed), dx.data_ptr() if need_dx else None,
+        sum_dy.data_ptr(), sum_dyx.data_ptr(), work.data_ptr(), chunks, torch.get_num_threads())
     if failed:
-        raise MemoryError(f"sqcompile::cpu_l1_norm_backward: no memory for a slice of {dy.numel() // s1.numel()} bytes")
-    return dx, s1, s2
+        raise MemoryError(f"sqcompile::cpu_l1_norm_backward: no memory for a slice of {layout[1] * layout[3]} bytes")
+    if row:
+        lib.sq_l1_norm_chunk_sums(work.data_ptr(), chunks, layout[3], sum_dy.data_ptr(), sum_dyx.data_ptr())
+    return dx, sum_dy, sum_dyx
 
 
 @cpu_l1_norm_backward.register_fake
 def _(dy, q, amax, total, deviation, weight, seed, dims, center, l1_scale, eps, norm_bits, grad_bits, need_dx):
-    stat = _stat_shape(dy.shape, dims)
+    shape = param_sum_shape(dy.shape, dims, affine_mode(dy.shape, dims, weight) == "row")
     dx = torch.empty_like(dy, memory_format=torch.contiguous_format) if need_dx else dy.new_empty((0,))
-    return dx, dy.new_empty(stat), dy.new_empty(stat)
+    return dx, dy.new_empty(shape), dy.new_empty(shape)
 
 
-__all__ = ["cpu_l1_norm", "cpu_l1_norm_backward", "l1_norm_backward_reference", "l1_norm_reference", "slice_layout",
-           "status", "unsupported", "SOURCE"]
+__all__ = ["affine_mode", "cpu_l1_norm", "cpu_l1_norm_backward", "l1_norm_backward_reference", "l1_norm_reference",
+           "param_sum_shape", "slice_layout", "status", "unsupported", "SOURCE"]

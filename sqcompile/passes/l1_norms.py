@@ -128,16 +128,25 @@ CPU_KERNEL_NOTE = "batch statistics on the CPU L1-norm kernels (kernels/cpu_norm
 
 
 def _cpu_kernels(name: str, args: dict, cfg, target: Target, bits, stats) -> bool:
-    """Whether the norm runs on the C kernels of :mod:`sqcompile.kernels.cpu_norm` (torch
-    kernel family on CPU, when :func:`sqcompile.norms.cpu_kernel_unsupported` allows)."""
-    if target.device != "cpu" or kernel_family(cfg, target) != "torch":
+    """Whether the norm runs on the C kernels of :mod:`sqcompile.kernels.cpu_norm`: a
+    BatchNorm, InstanceNorm or GroupNorm (without affine) of the torch kernel family on CPU,
+    when :func:`sqcompile.norms.cpu_kernel_unsupported` allows.
+
+    Decision: LayerNorm and RMSNorm stay on the graph's ops although the kernels take them
+    (1.26-1.31x faster alone, ``[8192, 1024]`` / ``[16384, 768]``): a LayerNorm's output
+    feeds the next Linear's per-row quantizer, which Inductor fuses with the norm into one
+    loop over each row, and its gradient the residual add and the ShiftQuants; as an opaque
+    op the norm writes its output and the quantizer reads it again, and the transformer of
+    ``benchmarks/train_step.py`` trained 4% slower (A/B, 2026-12-01).  A convolution's
+    per-sample input quantizer spans every channel of a sample, so there is no such loop
+    to lose for the other kinds."""
+    if name in ("layer_norm", "rms_norm") or target.device != "cpu" or kernel_family(cfg, target) != "torch":
         return False
     x = example_value(args["input"])
     params = [example_value(args[k]) if args.get(k) is not None else None for k in ("weight", "bias")]
     if x is None or any(args.get(k) is not None and p is None for k, p in zip(("weight", "bias"), params)):
         return False
-    extra = {"num_groups": args["num_groups"]} if name == "group_norm" else \
-        {"normalized_shape": args["normalized_shape"]} if name in ("layer_norm", "rms_norm") else {}
+    extra = {"num_groups": args["num_groups"]} if name == "group_norm" else {}
     return norms.cpu_kernel_unsupported(name, x, *params, bits, stats, **extra) is None
 
 
