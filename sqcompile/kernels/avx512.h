@@ -1,4 +1,4 @@
-/* Helpers shared by our AVX-512 kernels (cpu_attention.c, cpu_quant.c). */
+/* Helpers shared by our AVX-512 kernels (cpu_attention.c, cpu_norm.c, cpu_quant.c). */
 #ifndef SQCOMPILE_AVX512_H
 #define SQCOMPILE_AVX512_H
 #include <immintrin.h>
@@ -30,6 +30,18 @@ static inline __m512 exp_nonpositive(__m512 x) {
     __m512 y = _mm512_scalef_ps(p, n);                 /* p * 2**n, subnormals rounded */
     __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     return _mm512_mask_blend_ps(under, y, _mm512_setzero_ps());
+}
+
+static inline __m512 hash_noise(__m512i index, __m512i seed) {
+    /* numerics.hash_noise: MurmurHash3's finalizer over (index ^ seed) * golden, in int32 */
+    __m512i h = _mm512_mullo_epi32(_mm512_xor_si512(index, seed), _mm512_set1_epi32((int32_t)0x9E3779B1));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0x85EBCA6B));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0xC2B2AE35));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    __m512 k = _mm512_cvtepi32_ps(_mm512_srli_epi32(h, 24));
+    return _mm512_mul_ps(_mm512_add_ps(k, _mm512_set1_ps(0.5f)), _mm512_set1_ps(1.0f / 256.0f));
 }
 
 #endif

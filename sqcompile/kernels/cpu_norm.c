@@ -59,18 +59,6 @@ static inline __m512 sign_ps(__m512 v) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), s, v);
 }
 
-static inline __m512 hash_noise(__m512i index, __m512i seed) {
-    /* numerics.hash_noise: MurmurHash3's finalizer over (index ^ seed) * golden, in int32 */
-    __m512i h = _mm512_mullo_epi32(_mm512_xor_si512(index, seed), _mm512_set1_epi32((int32_t)0x9E3779B1));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0x85EBCA6B));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
-    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0xC2B2AE35));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    __m512 k = _mm512_cvtepi32_ps(_mm512_srli_epi32(h, 24));
-    return _mm512_mul_ps(_mm512_add_ps(k, _mm512_set1_ps(0.5f)), _mm512_set1_ps(1.0f / 256.0f));
-}
-
 static inline __m512 quantize(__m512 x, __m512 div, __m512 qmax, int rounding) {
     /* numerics.quantize_values: clamp(round(x / div), -qmax, qmax), NaN -> 0 */
     __m512 q = _mm512_roundscale_ps(_mm512_div_ps(x, div), rounding | _MM_FROUND_NO_EXC);

@@ -125,18 +125,6 @@ void sq_outer_pair_ranges(const float *dy, const float *pk, const float *pq, int
     combine(work, B, chunks, S, 0, ranges_c, threads);
 }
 
-static inline __m512 hash_noise(__m512i index, __m512i seed) {
-    /* numerics.hash_noise: MurmurHash3's finalizer over (index ^ seed) * golden, in int32 */
-    __m512i h = _mm512_mullo_epi32(_mm512_xor_si512(index, seed), _mm512_set1_epi32((int32_t)0x9E3779B1));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0x85EBCA6B));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
-    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0xC2B2AE35));
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    __m512 k = _mm512_cvtepi32_ps(_mm512_srli_epi32(h, 24));
-    return _mm512_mul_ps(_mm512_add_ps(k, _mm512_set1_ps(0.5f)), _mm512_set1_ps(1.0f / 256.0f));
-}
-
 static inline __m512i expand(__m512 x, __m512 scale, __m512 mult, __m512 u, __m512 qmax) {
     /* numerics.quantize_values (stochastic) then q * multiplier: floor(x / scale + u),
        clamped, NaN -> 0 (scale 0 divides as 1).  IEEE divisions, as the graph's: a reciprocal
