@@ -2,12 +2,25 @@
 #ifndef SQCOMPILE_AVX512_H
 #define SQCOMPILE_AVX512_H
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 static inline __mmask16 lanes(int64_t from, int64_t to) {
     /* the lanes of the 16 elements at `from` that lie below `to` */
     int64_t n = to - from;
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+static inline __m512 max_nan(__m512 acc, __m512 v) {
+    /* max(acc, v), NaN once either has been NaN (torch's amax) */
+    __m512 m = _mm512_max_ps(v, acc);                  /* acc where either is NaN */
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), m, v);
+}
+
+static inline float reduce_max_nan(__m512 v) {
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q))
+        return NAN;
+    return _mm512_reduce_max_ps(v);
 }
 
 static inline __m512 exp_nonpositive(__m512 x) {

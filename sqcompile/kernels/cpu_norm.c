@@ -40,17 +40,6 @@
 
 #include "avx512.h"
 
-static inline __m512 max_nan(__m512 acc, __m512 v) {
-    __m512 m = _mm512_max_ps(v, acc);
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), m, v);
-}
-
-static inline float reduce_max_nan(__m512 v) {
-    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q))
-        return NAN;
-    return _mm512_reduce_max_ps(v);
-}
-
 static inline __m512 sign_ps(__m512 v) {
     /* torch.sign: -1, 0, 1, NaN for NaN */
     __m512 one = _mm512_set1_ps(1.0f);

@@ -27,19 +27,7 @@
 
 #include "avx512.h"
 
-static inline __m512 max_nan(__m512 acc, __m512 v) {
-    /* max(acc, v), NaN once either has been NaN (torch's amax) */
-    __m512 m = _mm512_max_ps(v, acc);                  /* acc where either is NaN */
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), m, v);
-}
-
 static inline float one_if_zero(float r) { return r == 0.0f ? 1.0f : r; }
-
-static inline float reduce_max_nan(__m512 v) {
-    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q))
-        return NAN;
-    return _mm512_reduce_max_ps(v);
-}
 
 static void fill(float *p, int64_t n, float value) {
     for (int64_t s = 0; s < n; s += 16)
