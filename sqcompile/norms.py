@@ -326,20 +326,22 @@ def cpu_unsupported(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
 
 
 def cpu_kernel_unsupported(kind: str, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                           norm_bits: Optional[int], stats: Optional[str], *,
-                           num_groups: Optional[int] = None) -> Optional[str]:
+                           norm_bits: Optional[int], stats: Optional[str], *, num_groups: Optional[int] = None,
+                           normalized_shape: Optional[ShapeLike] = None) -> Optional[str]:
     """:func:`cpu_unsupported` for the norm ``kind`` (``"batch_norm"``, ``"instance_norm"``,
-    ``"group_norm"`` with ``num_groups``) of ``x`` with the module's ``weight`` / ``bias``,
-    viewed as that kind's function views them: what the rewriting pass asks before it passes
-    ``kernels="cpu"`` (it leaves LayerNorm / RMSNorm on the ops; see
-    :func:`sqcompile.passes.l1_norms._cpu_kernels`)."""
+    ``"group_norm"`` with ``num_groups``, ``"layer_norm"`` / ``"rms_norm"`` with
+    ``normalized_shape``) of ``x`` with the module's ``weight`` / ``bias``, viewed as that
+    kind's function views them: what the rewriting pass asks before it passes
+    ``kernels="cpu"``."""
     nd = x.dim()
     if kind in ("batch_norm", "instance_norm"):
         dims = (0, *range(2, nd)) if kind == "batch_norm" else tuple(range(2, nd))
         return cpu_unsupported(x, _channel_view(weight, nd), _channel_view(bias, nd), dims, norm_bits, stats)
+    if kind in ("layer_norm", "rms_norm"):
+        return cpu_unsupported(x, weight, bias, _normalized_dims(x, normalized_shape, kind), norm_bits, stats)
     if kind != "group_norm":
-        raise ValueError(f"cpu_kernel_unsupported: kind must be 'batch_norm', 'instance_norm' or 'group_norm', "
-                         f"got {kind!r}")
+        raise ValueError(f"cpu_kernel_unsupported: kind must be 'batch_norm', 'instance_norm', 'group_norm', "
+                         f"'layer_norm' or 'rms_norm', got {kind!r}")
     n, c = x.shape[0], x.shape[1]
     grouped = [1, num_groups, c // num_groups, *[1] * (nd - 2)]
     w, b = (None if t is None else t.reshape(grouped) for t in (weight, bias))

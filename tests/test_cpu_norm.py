@@ -126,6 +126,54 @@ def test_row_affine_ops_match_the_references(shape, dims, center):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape, dims", ROW_LAYOUTS + [((2, 3, 16), (2,))])
+@pytest.mark.parametrize("out_bits", [4, 8])
+@pytest.mark.parametrize("write_y", [True, False])
+def test_quantized_output_is_the_next_quantizer_bit_for_bit(shape, dims, out_bits, write_y):
+    """``cpu_l1_norm_quantized``: ``y`` through ``numerics.quantize`` per row (what the next
+    Linear's quantizer computes) and the row maxima, bit for bit, with a zero row and a row
+    holding a NaN; the statistics and ``y`` as ``cpu_l1_norm``'s."""
+    x, w, b, _ = _case(shape, dims, True, row=True)
+    row = CN.slice_layout(shape, dims)[3]
+    x.view(-1, row)[0] = 0.0
+    x.view(-1, row)[-1, 3] = float("nan")
+    dims = list(dims)
+    y, *stats = torch.ops.sqcompile.cpu_l1_norm(x, w, b, dims, True, C, EPS, 8)
+    yq, ys, ya, y2, *stats2 = torch.ops.sqcompile.cpu_l1_norm_quantized(x, w, b, dims, True, C, EPS, 8, out_bits,
+                                                                         write_y)
+    rq, rs = N.quantize(y.reshape(-1, row), out_bits, [0])
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(yq.reshape(-1, row), rq, **exact)
+    torch.testing.assert_close(ys.reshape(-1, 1), rs, **exact)
+    torch.testing.assert_close(ya.reshape(-1, 1), N.amax(y.reshape(-1, row), [0]), **exact)
+    assert torch.isnan(ys.reshape(-1)[-1]) and not yq.reshape(-1, row)[-1].any()
+    for a, r in zip(stats2, stats):
+        torch.testing.assert_close(a, r, **exact)
+    if write_y:
+        torch.testing.assert_close(y2, y, **exact)
+    else:
+        assert y2.numel() == 0
+    with pytest.raises(ValueError, match="not rows"):
+        torch.ops.sqcompile.cpu_l1_norm_quantized(torch.randn(4, 8, 32), None, None, [0, 2], True, C, EPS, 8, 8, True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, dims, row", [((7, 5, 100), (2,), True), ((4, 24, 9, 9), (0, 2, 3), False)])
+def test_backward_adds_the_residual_bit_for_bit(shape, dims, row):
+    """``residual``: ``dx + residual`` as one add of the two float32 tensors, the sums unchanged."""
+    x, w, b, dy = _case(shape, dims, True, row=row)
+    dims = list(dims)
+    saved = torch.ops.sqcompile.cpu_l1_norm(x, w, b, dims, True, C, EPS, 8)[1:]
+    residual = torch.randn(shape)
+    args = (dy, *saved, w, torch.tensor(9), dims, True, C, EPS, 8, 8, True)
+    dx, s1, s2 = torch.ops.sqcompile.cpu_l1_norm_backward(*args)
+    total, t1, t2 = torch.ops.sqcompile.cpu_l1_norm_backward(*args, residual)
+    assert torch.equal(total, dx + residual) and torch.equal(t1, s1) and torch.equal(t2, s2)
+    with pytest.raises(ValueError, match="residual"):
+        torch.ops.sqcompile.cpu_l1_norm_backward(*args, residual[:1])
+
+
+@needs_kernel
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])
 def test_quantized_gradient_is_the_references_bit_for_bit(bits):
     """At few bits the gradient's rounding dominates dx: an off-by-one integer anywhere would
@@ -310,6 +358,12 @@ def test_opcheck():
     for need in (True, False):
         torch.library.opcheck(torch.ops.sqcompile.cpu_l1_norm_backward.default,
                               (dy, *out[1:], w, torch.tensor(4), [0, 2], True, C, EPS, 8, 8, need))
+    torch.library.opcheck(torch.ops.sqcompile.cpu_l1_norm_backward.default,
+                          (dy, *out[1:], w, torch.tensor(4), [0, 2], True, C, EPS, 8, 8, True, torch.randn(4, 6, 20)))
+    x, w, b, _ = _case((4, 6, 20), (2,), True, row=True)
+    for write_y in (True, False):
+        torch.library.opcheck(torch.ops.sqcompile.cpu_l1_norm_quantized.default,
+                              (x, w, b, [2], True, C, EPS, 8, 6, write_y))
 
 
 def test_unsupported_says_why():
@@ -428,14 +482,96 @@ def test_layer_norm_on_the_kernels_when_asked():
     torch.testing.assert_close(bi.grad, s1.reshape(48), rtol=1e-4, atol=1e-4)
 
 
+class _PreNorm(nn.Module):
+    """Pre-norm residual blocks: a LayerNorm feeding one Linear, an RMSNorm feeding two."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.ln1, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.ln2, self.q, self.k = nn.RMSNorm(d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = x + self.fc2(torch.relu(self.fc1(self.ln1(x))))
+        h = self.ln2(x)
+        return x + self.q(h) * self.k(h)
+
+
+class _PostNorm(nn.Module):
+    """A post-norm block: the norm's output feeds a Linear and the next residual add."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.ln(x + self.fc1(x))
+        return y + self.fc2(y)
+
+
+def _train_step(model, x, opts, seed=0):
+    compiled = torch.compile(model, backend="shiftquant", options=opts)
+    xi = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = compiled(xi)
+    out.square().sum().backward()
+    grads = [xi.grad] + [p.grad for p in model.parameters()]
+    return out.detach(), grads, records_for(list(model.parameters()))[-1]
+
+
+_lowering = importlib.import_module("sqcompile.backends.lowering")
+
+
 @needs_kernel
-def test_pass_leaves_layer_norms_on_the_graphs_ops():
-    """LayerNorm keeps the ops that Inductor fuses with the next Linear's quantizer (see
-    ``passes.l1_norms._cpu_kernels``)."""
-    model = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 32))
-    compiled = torch.compile(model, backend="shiftquant", options=dict(inner="inductor"))
-    compiled(torch.randn(64, 32, requires_grad=True)).sum().backward()
-    record = records_for(list(model.parameters()))[-1]
-    norm = next(d for d in record.decisions if d.kind == "norm")
-    assert norm.quantized and not norm.note
-    assert "cpu_l1_norm" not in "\n".join(record.graphs.values())
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("block, labels", [
+    (_PreNorm, {"ln1": ["l1_norm+quantize", "l1_norm_backward+residual"],
+                "ln2": ["l1_norm+quantize", "l1_norm_backward+residual"]}),
+    (_PostNorm, {"ln": ["l1_norm+quantize+y"]}),
+])
+def test_row_norms_fuse_with_their_quantizers_and_residual_adds(block, labels, inner, monkeypatch):
+    """LayerNorm / RMSNorm on the kernels (fusion on): the kernel quantizes the output for the
+    Linears that read it and adds the residual gradient; outputs and every gradient equal the
+    same compile without those fusions bit for bit.  Under Inductor the reference keeps the
+    residual fusion (without it Inductor orders the seed draws of the backward's quantizers
+    differently); two Linears reading one norm's int8 output make saved tensors alias, which
+    AOTAutograd's donated buffers must not reuse (``fusion.no_donation_of_aliases``)."""
+    torch.manual_seed(0)
+    model = block()
+    x = torch.randn(3, 24, 32)
+    out, grads, record = _train_step(model, x, dict(inner=inner))
+    norms_ = {d.module_path: d for d in record.decisions if d.kind == "norm"}
+    assert set(norms_) == set(labels)
+    for path, decision in norms_.items():
+        assert l1_norms_pass.CPU_KERNEL_NOTE in decision.note
+        found = [r.label for r in record.regions if r.module_path == path]
+        assert found == labels[path], found
+    assert "sqcompile.cpu_l1_norm_quantized(" in record.graphs["forward_fused"]
+
+    model.zero_grad()
+    monkeypatch.setattr(_lowering, "fuse_cpu_norm_quantizers", lambda gm, *a: gm)
+    if inner == "eager":
+        monkeypatch.setattr(_lowering, "fuse_cpu_norm_residuals", lambda gm, *a: gm)
+    torch._dynamo.reset()
+    ref_out, ref_grads, ref_record = _train_step(model, x, dict(inner=inner))
+    assert all(r.label != "l1_norm+quantize" for r in ref_record.regions)
+    assert "sqcompile.cpu_l1_norm(" in ref_record.graphs["forward"]
+    assert torch.equal(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+
+
+@needs_kernel
+def test_row_norms_stay_on_the_ops_without_fusion():
+    """``fusion=False``: LayerNorm / RMSNorm keep the graph's ops (the bare kernel, writing its
+    output for the quantizer to read again, trained slower); the results agree with the fused
+    kernels to the float32 rounding of the norms' sums."""
+    torch.manual_seed(0)
+    model = _PreNorm()
+    x = torch.randn(3, 24, 32)
+    out, grads, record = _train_step(model, x, dict(inner="inductor"))
+    model.zero_grad()
+    ref_out, ref_grads, ref_record = _train_step(model, x, dict(inner="inductor", fusion=False))
+    assert all(not d.note for d in ref_record.decisions if d.kind == "norm")
+    assert "cpu_l1_norm" not in "\n".join(ref_record.graphs.values())
+    for a, r in zip([out] + grads, [ref_out] + ref_grads):
+        assert ((a - r).norm() / r.norm()).item() < 1e-2

@@ -483,13 +483,14 @@ def test_inductor_reads_a_rows_input_once_and_stores_its_gradient_as_int8():
     backward keeps the stochastically rounded gradient as int8 for the weight and bias sums.
     Saving the derived statistics (scale, mean, ``1 / sqrt(sigma**2 + eps)``) made them outputs that
     Inductor computed in loops of their own, four passes over the input; the quantized gradient
-    was stored as the float32 values before the int8 conversion."""
+    was stored as the float32 values before the int8 conversion.  (``fusion=False``: with
+    fusion on, a LayerNorm on CPU runs on the C kernels of ``kernels/cpu_norm.c``.)"""
     import re
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     layer = torch.nn.LayerNorm(256)
-    model = torch.compile(layer, backend="shiftquant", options={"inner": "inductor"})
+    model = torch.compile(layer, backend="shiftquant", options={"inner": "inductor", "fusion": False})
     x = torch.randn(64, 256, requires_grad=True)
     _, (forward, backward) = run_and_get_code(lambda: model(x).backward(torch.randn(64, 256)))
     assert forward.count("#pragma omp for") == 1, forward
@@ -522,7 +523,8 @@ def test_inductor_fuses_a_norm_and_the_next_linears_quantizer_into_one_loop_over
     compiles it (``ops._saves_maxima``): a saved scale is a per-row output that Inductor
     computes in a loop of its own, which split a transformer block's first L1 norm and the
     ``qkv`` Linear's activation quantizer into one pass over the rows per reduction (six).
-    The gradients are the same bits either way."""
+    The gradients are the same bits either way.  (``fusion=False``: with fusion on, the norm
+    and that quantizer are one C kernel, ``sqcompile::cpu_l1_norm_quantized``.)"""
     import re
     from torch._inductor.utils import run_and_get_code
     from models import Block
@@ -532,7 +534,7 @@ def test_inductor_fuses_a_norm_and_the_next_linears_quantizer_into_one_loop_over
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = Block(d=64, heads=4, sdpa=True)
-        compiled = torch.compile(model, backend="shiftquant", options={"inner": "inductor"})
+        compiled = torch.compile(model, backend="shiftquant", options={"inner": "inductor", "fusion": False})
         x = torch.randn(8, 128, 64, requires_grad=True)
         torch.manual_seed(1)
         _, (forward, _) = run_and_get_code(lambda: compiled(x).square().sum().backward())

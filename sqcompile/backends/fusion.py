@@ -1073,6 +1073,34 @@ def fuse_regions(gm: fx.GraphModule, record: CompileRecord, stage: str,
     return finished(gm, record, stage, fused)
 
 
+def _storage_base(node):
+    """The node whose result ``node`` views (through view ops), or ``node`` itself."""
+    while isinstance(node, fx.Node) and _is_view(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def no_donation_of_aliases(gm: fx.GraphModule) -> bool:
+    """Keep the backward from reusing the memory of saved tensors that alias each other.
+
+    AOTAutograd marks the saved tensors that nothing else refers to as "donated": the
+    backward compiled by Inductor may write into their memory once it has read them.  It
+    decides so on the forward graph before our passes run; a pass that makes two saved
+    values views of one result (an L1 norm's int8 output read by separate q, k and v
+    Linears, or one row maxima for all three) would let the backward overwrite one through
+    the other.  When ``gm``'s (a forward graph's) outputs alias each other, this clears the
+    donation for the graph (the flag AOTAutograd itself clears when saved tensors may be
+    used twice).  Returns whether it did."""
+    (output,) = gm.graph.find_nodes(op="output")
+    bases = [_storage_base(n) for n in output.args[0] if isinstance(n, fx.Node) and isinstance(_val(n), torch.Tensor)]
+    if len(set(bases)) == len(bases):
+        return False
+    context = torch._guards.TracingContext.try_get()
+    if context is not None and getattr(context, "fw_metadata", None) is not None:
+        context.fw_metadata.bw_donated_idxs = []
+    return True
+
+
 def finished(gm: fx.GraphModule, record: CompileRecord, stage: str, changed: int) -> fx.GraphModule:
     """``gm`` after a lowering pass: linted, recompiled and recorded as the stage's fused graph
     when the pass changed it."""

@@ -29,8 +29,8 @@ from ..graphs import format_graph
 from .attention_grads import pack_attention_gradients
 from .cpu_attention import fuse_attention_probs
 from .cpu_quant import fuse_gelu_quantizers, fuse_gradient_quantizers
-from .fusion import _contiguous, _refresh, _static, fuse_regions, int_arg
-from .norm_fusion import fuse_norm_quantizers, fuse_norm_residuals
+from .fusion import _contiguous, _refresh, _static, fuse_regions, int_arg, no_donation_of_aliases
+from .norm_fusion import fuse_cpu_norm_quantizers, fuse_cpu_norm_residuals, fuse_norm_quantizers, fuse_norm_residuals
 
 
 def _noise(x, stochastic):
@@ -153,12 +153,16 @@ def compiler(stage: str, config, target, record, cuda_graphs: "CudaGraphs | None
         record.graphs[stage] = format_graph(gm)
         gm = pack_attention_gradients(gm, record, stage, config.fusion)   # fused attention writes dqkv in place
         gm = fuse_norm_residuals(gm, record, stage, config.fusion)   # norm backward adds the residual gradient
+        gm = fuse_cpu_norm_residuals(gm, record, stage, config.fusion)   # the same on the CPU norm kernel
         gm = fuse_regions(gm, record, stage, config.fusion)   # Triton int8 GEMM + epilogue -> one generated kernel
         gm = fuse_norm_quantizers(gm, record, stage, config.fusion)   # L1 norm writes the GEMM's int8 input
+        gm = fuse_cpu_norm_quantizers(gm, record, stage, config.fusion)   # the same on the CPU norm kernel
         record.inner = inner_compiler(config, target, record)
         gm = fuse_attention_probs(gm, record, stage, config.fusion)   # CPU attention's softmax in C
         gm = fuse_gelu_quantizers(gm, record, stage, config.fusion)   # CPU Linear's GELU + next quantizer in C
         gm = fuse_gradient_quantizers(gm, record, stage, config.fusion, record.inner)   # CPU dY quantizers in C
+        if stage == "forward":
+            no_donation_of_aliases(gm)      # fused results saved for backward under several names
         if record.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx_inner
 

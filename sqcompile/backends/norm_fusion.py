@@ -207,6 +207,134 @@ def fuse_norm_residuals(gm: fx.GraphModule, record: CompileRecord, stage: str,
     return F.finished(gm, record, stage, fused)
 
 
+# ---------------------------------------------------------------------------------------------
+# The same two fusions for the CPU L1-norm kernels (kernels/cpu_norm.c)
+# ---------------------------------------------------------------------------------------------
+
+CPU_KERNEL = "sqcompile/kernels/cpu_norm.c:sq_l1_norm_forward"
+CPU_BACKWARD_KERNEL = "sqcompile/kernels/cpu_norm.c:sq_l1_norm_backward"
+
+
+def _cpu_consumers(y: fx.Node, row: int) -> Tuple[List[fx.Node], List[fx.Node], List[fx.Node], bool]:
+    """``(quantizers, row maxima, nodes between, other uses)`` of ``y``: the per-row nearest
+    ``sqcompile.quantize`` calls over rows of ``row`` values that read it (through views), of
+    one bit width, with the ``amax(abs(detach(.)))`` of their inputs that the GEMMs save, and
+    whether anything else reads ``y`` too."""
+    views = F.views_of(y)
+    quantizers, maxima, between, other = [], [], [], False
+    for v in views:
+        rows = F._same(F._val(v).shape[-1], row)
+        for user in v.users:
+            if user in views or F._is_sym_size(user):
+                continue
+            if rows and user.target is torch.ops.sqcompile.quantize.default and user.args[0] is v and \
+                    F.per_row_quantizer(user) and (not quantizers or quantizers[0].args[1] == user.args[1]):
+                quantizers.append(user)
+                continue
+            amax = F.row_amax(v) if rows else None
+            if amax is not None and user is amax.args[0].args[0]:
+                maxima.append(amax)
+                between += [amax.args[0].args[0], amax.args[0]]
+            else:
+                other = True
+    inputs = {q.args[0] for q in quantizers}
+    kept = [m for m in maxima if m.args[0].args[0].args[0] in inputs]
+    other = other or len(kept) < len(maxima)            # a maximum of no fused quantizer's input
+    return quantizers, kept, [b for m in kept for b in (m.args[0].args[0], m.args[0])], other
+
+
+def fuse_cpu_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
+                             option: Optional[bool] = None) -> fx.GraphModule:
+    """Replace each ``sqcompile::cpu_l1_norm`` over rows whose output the next GEMMs' per-row
+    quantizers read (with the row maxima they save) by one
+    ``sqcompile::cpu_l1_norm_quantized`` (:mod:`sqcompile.kernels.cpu_norm`): the kernel
+    quantizes each row of ``y`` while it is in cache, bit for bit what the quantizers compute,
+    and writes ``y`` itself only when something else reads it too (a post-norm block's
+    residual).  Label ``l1_norm+quantize``, on the norm's decision."""
+    if not F.enabled(option) or stage == "backward":
+        return gm
+    ops = torch.ops.sqcompile
+    norm_op = getattr(ops, "cpu_l1_norm", None)
+    if norm_op is None:
+        return gm
+    from ..kernels import cpu_norm
+
+    graph = gm.graph
+    fused = 0
+    for norm in [n for n in graph.nodes if n.op == "call_function" and n.target is norm_op.default]:
+        x, dims, y = F._val(norm.args[0]), norm.args[3], F.output_item(norm, 0)
+        if y is None or x is None or not cpu_norm.rows_only(x.shape, dims):
+            continue
+        quantizers, maxima, between, other = _cpu_consumers(y, cpu_norm.slice_layout(x.shape, dims)[3])
+        if not quantizers:
+            continue
+        mode = F._fake_mode(norm.args[0])
+        with graph.inserting_before(norm):
+            new = F._new(graph, ops.cpu_l1_norm_quantized.default, (*norm.args, quantizers[0].args[1], other),
+                         norm, mode)
+            outs = [F._new(graph, operator.getitem, (new, i), norm, mode) for i in range(8)]
+        olds = [(F.output_item(q, i), outs[i]) for q in quantizers for i in (0, 1)] + [(m, outs[2]) for m in maxima]
+        for old, out in olds:
+            if old is not None:
+                old.replace_all_uses_with(F.viewed(graph, out, F._val(old).shape, new, mode))
+        doomed = {norm, *norm.users, *F.views_of(y), *between, *quantizers, *maxima,
+                  *[u for q in quantizers for u in q.users]}
+        for i in range(0 if other else 1, 5):                  # y (when read elsewhere), q, amax, total, deviation
+            old = F.output_item(norm, i)
+            if old is not None:
+                old.replace_all_uses_with(outs[i + 3])
+        names = [norm.name, *[q.name for q in quantizers], *[m.name for m in maxima]]
+        F.erase_dead(graph, doomed)
+        F._record(record, *_cpu_region(record, stage, norm, LABEL + ("+y" if other else ""), names, 3, CPU_KERNEL))
+        fused += 1
+    return F.finished(gm, record, stage, fused)
+
+
+def fuse_cpu_norm_residuals(gm: fx.GraphModule, record: CompileRecord, stage: str,
+                            option: Optional[bool] = None) -> fx.GraphModule:
+    """Give each ``sqcompile::cpu_l1_norm_backward`` whose ``dx`` only the residual add after
+    it reads (a pre-norm block's) that add's other operand: the kernel writes ``dx +
+    residual`` (bit for bit the add) and ``dx`` itself is never written.  Label
+    ``l1_norm_backward+residual``, on the norm's decision."""
+    bwd_op = getattr(torch.ops.sqcompile, "cpu_l1_norm_backward", None)
+    if bwd_op is None or not F.enabled(option) or stage != "backward":
+        return gm
+    graph = gm.graph
+    fused = 0
+    for bwd in [n for n in graph.nodes if n.op == "call_function" and n.target is bwd_op.default]:
+        dx = F.output_item(bwd, 0)
+        add, views, other = _residual_add(dx) if dx is not None else (None, [], None)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        if add is None or len(bwd.args) > 14 or bwd.kwargs or F._val(add).dtype != torch.float32 or \
+                (other.op != "placeholder" and order[other] > order[bwd]):
+            continue                # the residual gradient must exist where the norm's backward runs
+        shape = F._val(bwd.args[0]).shape
+        mode = F._fake_mode(bwd.args[0])
+        with graph.inserting_before(bwd):
+            residual = F.viewed(graph, other, shape, bwd, mode) if F._same_shape(F._val(other).shape, shape) else \
+                F._new(graph, torch.ops.aten.view.default, (other, F._shape_arg(graph, shape, bwd)), bwd, mode)
+            new = F._new(graph, bwd_op.default, (*bwd.args, residual), bwd, mode)
+            outs = [F._new(graph, operator.getitem, (new, i), bwd, mode) for i in range(3)]
+        for i in (1, 2):                                       # the parameters' sums
+            old = F.output_item(bwd, i)
+            if old is not None:
+                old.replace_all_uses_with(outs[i])
+        add.replace_all_uses_with(F.viewed(graph, outs[0], F._val(add).shape, new, mode))
+        names = [bwd.name, *[v.name for v in views], add.name]
+        F.erase_dead(graph, {add, *views, dx, *bwd.users, bwd})
+        F._record(record, *_cpu_region(record, stage, bwd, RESIDUAL_LABEL, names, 1, CPU_BACKWARD_KERNEL))
+        fused += 1
+    return F.finished(gm, record, stage, fused)
+
+
+def _cpu_region(record: CompileRecord, stage: str, norm: fx.Node, label: str, names, outputs: int, kernel: str):
+    decision = _norm_decision(record, norm)
+    return decision, FusedRegion(
+        name=f"R{len(record.regions) + 1}", stage=stage, label=label, nodes=names,
+        module_path=decision.module_path if decision else F._module_of(norm),
+        decision=decision.node if decision else None, outputs=outputs, stop="", kernel=kernel)
+
+
 def _norm_decision(record: CompileRecord, norm: fx.Node):
     """The norm decision ``norm`` came from: the only quantized norm of its module."""
     module = F._module_of(norm)
@@ -214,4 +342,5 @@ def _norm_decision(record: CompileRecord, norm: fx.Node):
     return found[0] if len(found) == 1 else None
 
 
-__all__ = ["fuse_norm_quantizers", "fuse_norm_residuals", "LABEL", "RESIDUAL_LABEL"]
+__all__ = ["fuse_cpu_norm_quantizers", "fuse_cpu_norm_residuals", "fuse_norm_quantizers", "fuse_norm_residuals",
+           "LABEL", "RESIDUAL_LABEL"]

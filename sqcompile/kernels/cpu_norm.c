@@ -89,63 +89,98 @@ static inline float inv_denominator(float deviation, float n, float l1_scale, fl
     return 1.0f / sqrtf(*sigma * *sigma + eps);
 }
 
-void sq_l1_norm_forward(const float *x, const float *w, const float *bias, int row_affine, int64_t A, int64_t R1,
-                        int64_t B, int64_t R2, int center, float l1_scale, float eps, float qmax, float *y, int8_t *q,
-                        float *amax, float *total, float *deviation, int threads) {
+/* y_out: where y goes (may be NULL when yq is set).  With yq (then R1 must be 1), y is also
+   quantized per slice at qmax_y, as the next GEMM's per-row quantizer would: yq (int8), its
+   maxima to y_amax and scales to y_scale.  Returns nonzero when a thread's row buffer could
+   not be allocated. */
+int sq_l1_norm_forward(const float *x, const float *w, const float *bias, int row_affine, int64_t A, int64_t R1,
+                       int64_t B, int64_t R2, int center, float l1_scale, float eps, float qmax, float *y_out,
+                       int8_t *q, float *amax, float *total, float *deviation, int8_t *yq, float qmax_y,
+                       float *y_amax, float *y_scale, int threads) {
     const layout L = {A, R1, B, R2};
     const float n = (float)(R1 * R2);
-    const __m512 vqmax = _mm512_set1_ps(qmax);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t s = 0; s < A * B; s++) {
-        const int64_t base = slice_base(L, s), step = B * R2;
-        const float a = slice_amax(x, L, base);
-        const float scale = a / qmax, out_scale = finite_or_nan(scale);
-        const __m512 vdiv = _mm512_set1_ps(scale == 0.0f ? 1.0f : scale), vs = _mm512_set1_ps(out_scale);
-        double sum = 0.0;
-        for (int64_t r = 0; r < R1; r++) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t i = 0; i < R2; i += 16) {
-                __mmask16 m = lanes(i, R2);
-                int64_t o = base + r * step + i;
-                __m512 v = quantize(_mm512_maskz_loadu_ps(m, x + o), vdiv, vqmax, _MM_FROUND_TO_NEAREST_INT);
-                _mm512_mask_cvtepi32_storeu_epi8(q + o, m, _mm512_cvtps_epi32(v));
-                acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, _mm512_mul_ps(v, vs)));
-            }
-            sum += _mm512_reduce_add_ps(acc);
+    const __m512 vqmax = _mm512_set1_ps(qmax), vqmax_y = _mm512_set1_ps(qmax_y);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *row = yq ? (float *)malloc((size_t)R2 * sizeof(float)) : NULL;
+        if (yq && !row) {
+#pragma omp atomic write
+            failed = 1;
         }
-        const float t = (float)sum, mean = center ? t / n : 0.0f;
-        const __m512 vmean = _mm512_set1_ps(mean);
-        double dev = 0.0;
-        for (int64_t r = 0; r < R1; r++) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t i = 0; i < R2; i += 16) {
-                __mmask16 m = lanes(i, R2);
-                __m512 z = _mm512_sub_ps(_mm512_mul_ps(load_q(q + base + r * step + i, m), vs), vmean);
-                acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, _mm512_abs_ps(z)));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t s = 0; s < A * B; s++) {
+            if (yq && !row)
+                continue;
+            const int64_t base = slice_base(L, s), step = B * R2;
+            const float a = slice_amax(x, L, base);
+            const float scale = a / qmax, out_scale = finite_or_nan(scale);
+            const __m512 vdiv = _mm512_set1_ps(scale == 0.0f ? 1.0f : scale), vs = _mm512_set1_ps(out_scale);
+            double sum = 0.0;
+            for (int64_t r = 0; r < R1; r++) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t i = 0; i < R2; i += 16) {
+                    __mmask16 m = lanes(i, R2);
+                    int64_t o = base + r * step + i;
+                    __m512 v = quantize(_mm512_maskz_loadu_ps(m, x + o), vdiv, vqmax, _MM_FROUND_TO_NEAREST_INT);
+                    _mm512_mask_cvtepi32_storeu_epi8(q + o, m, _mm512_cvtps_epi32(v));
+                    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, _mm512_mul_ps(v, vs)));
+                }
+                sum += _mm512_reduce_add_ps(acc);
             }
-            dev += _mm512_reduce_add_ps(acc);
-        }
-        float sigma;
-        const float d = (float)dev, inv = inv_denominator(d, n, l1_scale, eps, &sigma);
-        const __m512 vinv = _mm512_set1_ps(inv);
-        const __m512 vw = _mm512_set1_ps(w && !row_affine ? w[s] : 1.0f);
-        const __m512 vb = _mm512_set1_ps(bias && !row_affine ? bias[s] : 0.0f);
-        for (int64_t r = 0; r < R1; r++) {
-            for (int64_t i = 0; i < R2; i += 16) {
-                __mmask16 m = lanes(i, R2);
-                int64_t o = base + r * step + i;
-                __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(load_q(q + o, m), vs), vmean), vinv);
-                if (w)
-                    v = _mm512_mul_ps(v, row_affine ? _mm512_maskz_loadu_ps(m, w + i) : vw);
-                if (bias)
-                    v = _mm512_add_ps(v, row_affine ? _mm512_maskz_loadu_ps(m, bias + i) : vb);
-                _mm512_mask_storeu_ps(y + o, m, v);
+            const float t = (float)sum, mean = center ? t / n : 0.0f;
+            const __m512 vmean = _mm512_set1_ps(mean);
+            double dev = 0.0;
+            for (int64_t r = 0; r < R1; r++) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t i = 0; i < R2; i += 16) {
+                    __mmask16 m = lanes(i, R2);
+                    __m512 z = _mm512_sub_ps(_mm512_mul_ps(load_q(q + base + r * step + i, m), vs), vmean);
+                    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, _mm512_abs_ps(z)));
+                }
+                dev += _mm512_reduce_add_ps(acc);
             }
+            float sigma;
+            const float d = (float)dev, inv = inv_denominator(d, n, l1_scale, eps, &sigma);
+            const __m512 vinv = _mm512_set1_ps(inv);
+            const __m512 vw = _mm512_set1_ps(w && !row_affine ? w[s] : 1.0f);
+            const __m512 vb = _mm512_set1_ps(bias && !row_affine ? bias[s] : 0.0f);
+            __m512 yacc = _mm512_setzero_ps();
+            for (int64_t r = 0; r < R1; r++) {
+                for (int64_t i = 0; i < R2; i += 16) {
+                    __mmask16 m = lanes(i, R2);
+                    int64_t o = base + r * step + i;
+                    __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(load_q(q + o, m), vs), vmean), vinv);
+                    if (w)
+                        v = _mm512_mul_ps(v, row_affine ? _mm512_maskz_loadu_ps(m, w + i) : vw);
+                    if (bias)
+                        v = _mm512_add_ps(v, row_affine ? _mm512_maskz_loadu_ps(m, bias + i) : vb);
+                    if (yq) {
+                        _mm512_mask_storeu_ps(row + i, m, v);
+                        yacc = max_nan(yacc, _mm512_maskz_mov_ps(m, _mm512_abs_ps(v)));
+                    }
+                    if (y_out)
+                        _mm512_mask_storeu_ps(y_out + o, m, v);
+                }
+            }
+            if (yq) {       /* numerics.quantize of the row y, as the next GEMM's per-row quantizer */
+                const float ya = reduce_max_nan(yacc), ys = ya / qmax_y;
+                const __m512 ydiv = _mm512_set1_ps(ys == 0.0f ? 1.0f : ys);
+                for (int64_t i = 0; i < R2; i += 16) {
+                    __mmask16 m = lanes(i, R2);
+                    __m512 v = quantize(_mm512_maskz_loadu_ps(m, row + i), ydiv, vqmax_y, _MM_FROUND_TO_NEAREST_INT);
+                    _mm512_mask_cvtepi32_storeu_epi8(yq + base + i, m, _mm512_cvtps_epi32(v));
+                }
+                y_amax[s] = ya;
+                y_scale[s] = finite_or_nan(ys);
+            }
+            amax[s] = a;
+            total[s] = t;
+            deviation[s] = d;
         }
-        amax[s] = a;
-        total[s] = t;
-        deviation[s] = d;
+        free(row);
     }
+    return failed;
 }
 
 static inline void add_to_doubles(double *col, __m512 v, __mmask16 m) {
@@ -162,14 +197,16 @@ static inline __m512 affine_of(const float *w, int row_affine, float per_slice, 
 }
 
 /* seed: numerics.hash_noise's seed times its spreading constant, wrapped to int32.  dx may be
-   NULL (only the parameter sums).  Parameter sums: row_affine = 0: sum_dy, sum_dyx [A * B]
+   NULL (only the parameter sums); with `residual` (same layout as dx) dx is written with it
+   added (a pre-norm block's residual gradient).  Parameter sums: row_affine = 0: sum_dy, sum_dyx [A * B]
    per slice; row_affine = 1: work [chunks, 2, R2] doubles, zeroed by the caller, each chunk's
    column sums (dyd, then dyd * xhat), which sq_l1_norm_chunk_sums adds up.  Returns nonzero
    when a thread's buffer could not be allocated. */
 int sq_l1_norm_backward(const float *dy, const int8_t *q, const float *amax, const float *total,
                         const float *deviation, const float *w, int row_affine, int64_t A, int64_t R1, int64_t B,
                         int64_t R2, int center, float l1_scale, float eps, float qmax_x, float qmax_g, int32_t seed,
-                        float *dx, float *sum_dy, float *sum_dyx, double *work, int64_t chunks, int threads) {
+                        const float *residual, float *dx, float *sum_dy, float *sum_dyx, double *work, int64_t chunks,
+                        int threads) {
     const layout L = {A, R1, B, R2};
     const float n = (float)(R1 * R2);
     const int64_t slices = A * B;
@@ -258,7 +295,10 @@ int sq_l1_norm_backward(const float *dy, const int8_t *q, const float *amax, con
                         __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(load_q(q + o, m), vxs), vmean), vinv);
                         __m512 sgn = _mm512_sub_ps(sign_ps(xh), vms);
                         g = _mm512_sub_ps(_mm512_sub_ps(g, vmg), _mm512_mul_ps(vproj, sgn));
-                        _mm512_mask_storeu_ps(dx + o, m, _mm512_mul_ps(g, vinv));
+                        g = _mm512_mul_ps(g, vinv);
+                        if (residual)
+                            g = _mm512_add_ps(g, _mm512_maskz_loadu_ps(m, residual + o));
+                        _mm512_mask_storeu_ps(dx + o, m, g);
                     }
                 }
             }

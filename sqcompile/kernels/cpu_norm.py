@@ -57,12 +57,12 @@ def status() -> Tuple[bool, Optional[str]]:
 def _library() -> ctypes.CDLL:
     lib = native.build(SOURCE, native.AVX512_CFLAGS, "the CPU L1-norm kernels")
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    lib.sq_l1_norm_forward.restype = None
+    lib.sq_l1_norm_forward.restype = ctypes.c_int
     lib.sq_l1_norm_forward.argtypes = [ptr, ptr, ptr, i32, i64, i64, i64, i64, i32, f32, f32, f32, ptr, ptr, ptr,
-                                       ptr, ptr, i32]
+                                       ptr, ptr, ptr, f32, ptr, ptr, i32]
     lib.sq_l1_norm_backward.restype = ctypes.c_int
     lib.sq_l1_norm_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i32, f32, f32, f32,
-                                        f32, ctypes.c_int32, ptr, ptr, ptr, ptr, i64, i32]
+                                        f32, ctypes.c_int32, ptr, ptr, ptr, ptr, ptr, i64, i32]
     lib.sq_l1_norm_chunk_sums.restype = None
     lib.sq_l1_norm_chunk_sums.argtypes = [ptr, i64, i64, ptr, ptr]
     return lib
@@ -205,6 +205,37 @@ def l1_norm_backward_reference(dy, q, amax, total, deviation, weight, seed, dims
     return dx, dyd.sum_to_size(shape), (dyd * xhat).sum_to_size(shape)
 
 
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _forward(x, weight, bias, dims, center, l1_scale, eps, bits, out_bits: Optional[int], write_y: bool = True):
+    """Run the forward kernel: ``(y, q, amax, total, deviation)``, or with ``out_bits``
+    ``(yq, y_scale, y_amax, y, q, amax, total, deviation)``, ``y`` quantized per slice
+    (``y`` empty unless ``write_y``)."""
+    layout = slice_layout(x.shape, dims)
+    x = x.contiguous()
+    q = pool.OUTPUTS.empty(x.shape, torch.int8)
+    stat_shape = param_sum_shape(x.shape, dims, False)
+    stat = [torch.empty(stat_shape, dtype=torch.float32) for _ in range(3)]
+    y = torch.empty_like(x) if write_y else x.new_empty((0,))
+    if out_bits is None:
+        outs = (y,)
+    else:
+        outs = (torch.empty(x.shape, dtype=torch.int8), torch.empty(stat_shape), torch.empty(stat_shape), y)
+    if x.numel() == 0:
+        return (*(t.zero_() for t in outs), q, *(t.zero_() for t in stat))
+    yq, y_scale, y_amax = outs[:3] if out_bits is not None else (None, None, None)
+    (w, row), (b, _) = _flat(weight, x.shape, dims), _flat(bias, x.shape, dims)
+    failed = _library().sq_l1_norm_forward(
+        x.data_ptr(), _ptr(w), _ptr(b), int(row), *layout, int(center), l1_scale, eps, float(N.qmax(bits)),
+        y.data_ptr() if write_y else None, q.data_ptr(), *(t.data_ptr() for t in stat), _ptr(yq),
+        float(N.qmax(out_bits or bits)), _ptr(y_amax), _ptr(y_scale), torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"sqcompile::cpu_l1_norm_quantized: no memory for a row of {layout[3]} floats")
+    return (*outs, q, *stat)
+
+
 @ops.custom_op("sqcompile::cpu_l1_norm")
 def cpu_l1_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], dims: List[int],
                 center: bool, l1_scale: float, eps: float, bits: int
@@ -212,20 +243,9 @@ def cpu_l1_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     """The quantized L1 norm's forward on the C kernel: ``(y, q, amax, total, deviation)`` as
     :func:`l1_norm_reference` (the input's int8 ``q`` and per-slice maxima, sum and absolute
     deviation are what the backward takes).  ``x`` float32, contiguous, with
-    :func:`slice_layout`; ``weight`` / ``bias`` one value per slice or None."""
-    layout = slice_layout(x.shape, dims)
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    q = pool.OUTPUTS.empty(x.shape, torch.int8)
-    stat = [torch.empty(param_sum_shape(x.shape, dims, False), dtype=torch.float32) for _ in range(3)]
-    if x.numel() == 0:
-        return (y, q, *(t.zero_() for t in stat))
-    (w, row), (b, _) = _flat(weight, x.shape, dims), _flat(bias, x.shape, dims)
-    _library().sq_l1_norm_forward(
-        x.data_ptr(), None if w is None else w.data_ptr(), None if b is None else b.data_ptr(), int(row), *layout,
-        int(center), l1_scale, eps, float(N.qmax(bits)), y.data_ptr(), q.data_ptr(), *(t.data_ptr() for t in stat),
-        torch.get_num_threads())
-    return (y, q, *stat)
+    :func:`slice_layout`; ``weight`` / ``bias`` one value per slice or per position along the
+    rows (:func:`affine_mode`), or None."""
+    return _forward(x, weight, bias, dims, center, l1_scale, eps, bits, None)
 
 
 @cpu_l1_norm.register_fake
@@ -235,13 +255,45 @@ def _(x, weight, bias, dims, center, l1_scale, eps, bits):
             x.new_empty(stat), x.new_empty(stat), x.new_empty(stat))
 
 
+def rows_only(shape: Sequence[int], dims: Sequence[int]) -> bool:
+    """Is each slice of the L1 norm over ``dims`` one run of adjacent values (``R1 == 1``:
+    a LayerNorm's or RMSNorm's rows), what :func:`cpu_l1_norm_quantized` takes?"""
+    layout = slice_layout(shape, dims)
+    return layout is not None and layout[1] == 1
+
+
+@ops.custom_op("sqcompile::cpu_l1_norm_quantized")
+def cpu_l1_norm_quantized(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                          dims: List[int], center: bool, l1_scale: float, eps: float, bits: int, out_bits: int,
+                          write_y: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cpu_l1_norm` whose output ``y`` also goes straight into the next GEMM's
+    per-row quantizer (``numerics.quantize(y, out_bits, rows)``, nearest): ``(yq, y_scale,
+    y_amax, y, q, amax, total, deviation)``, ``yq`` / ``y_scale`` that quantizer's results bit
+    for bit, ``y_amax`` its row maxima, ``y`` written only when ``write_y`` (else empty: the
+    quantizer was its only reader).  The slices must be rows (:func:`rows_only`)."""
+    if not rows_only(x.shape, dims):
+        raise ValueError(f"cpu_l1_norm_quantized: dims {list(dims)} of a {tuple(x.shape)} input are not rows")
+    return _forward(x, weight, bias, dims, center, l1_scale, eps, bits, out_bits, write_y)
+
+
+@cpu_l1_norm_quantized.register_fake
+def _(x, weight, bias, dims, center, l1_scale, eps, bits, out_bits, write_y):
+    stat = param_sum_shape(x.shape, dims, False)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format) if write_y else x.new_empty((0,))
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(stat), x.new_empty(stat), y,
+            x.new_empty(x.shape, dtype=torch.int8), x.new_empty(stat), x.new_empty(stat), x.new_empty(stat))
+
+
 @ops.custom_op("sqcompile::cpu_l1_norm_backward")
 def cpu_l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, amax: torch.Tensor, total: torch.Tensor,
                          deviation: torch.Tensor, weight: Optional[torch.Tensor], seed: torch.Tensor, dims: List[int],
-                         center: bool, l1_scale: float, eps: float, norm_bits: int, grad_bits: int, need_dx: bool
-                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         center: bool, l1_scale: float, eps: float, norm_bits: int, grad_bits: int, need_dx: bool,
+                         residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The quantized L1 norm's backward on the C kernel: ``(dx, sum_dy, sum_dyx)`` as
-    :func:`l1_norm_backward_reference` (``dx`` empty when not ``need_dx``)."""
+    :func:`l1_norm_backward_reference` (``dx`` empty when not ``need_dx``).  With
+    ``residual`` (float32, ``dy``'s shape), ``dx + residual`` in place of ``dx``: the add of a
+    pre-norm block's residual gradient, bit for bit, without writing ``dx`` first."""
     layout = slice_layout(dy.shape, dims)
     dy = dy.contiguous()
     dx = torch.empty_like(dy) if need_dx else dy.new_empty((0,))
@@ -249,15 +301,19 @@ def cpu_l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, amax: torch.Tensor, 
     sum_dy, sum_dyx = (torch.zeros(param_sum_shape(dy.shape, dims, row), dtype=torch.float32) for _ in range(2))
     if dy.numel() == 0:
         return dx, sum_dy, sum_dyx
+    if residual is not None and (not need_dx or residual.shape != dy.shape or residual.dtype != torch.float32):
+        raise ValueError(f"cpu_l1_norm_backward: residual must be a float32 tensor of dy's shape {tuple(dy.shape)} "
+                         f"(and need_dx true), got {residual.dtype} {tuple(residual.shape)}")
+    residual = None if residual is None else residual.contiguous()
     slices = layout[0] * layout[2]
     chunks = min(slices, CHUNKS) if row else slices
     work = torch.zeros((chunks, 2, layout[3]) if row else (0,), dtype=torch.float64)
     lib = _library()
     failed = lib.sq_l1_norm_backward(
         dy.data_ptr(), q.contiguous().data_ptr(), *(t.contiguous().data_ptr() for t in (amax, total, deviation)),
-        None if w is None else w.data_ptr(), int(row), *layout, int(center), l1_scale, eps,
-        float(N.qmax(norm_bits)), float(N.qmax(grad_bits)), _spread_seed(seed), dx.data_ptr() if need_dx else None,
-        sum_dy.data_ptr(), sum_dyx.data_ptr(), work.data_ptr(), chunks, torch.get_num_threads())
+        _ptr(w), int(row), *layout, int(center), l1_scale, eps, float(N.qmax(norm_bits)), float(N.qmax(grad_bits)),
+        _spread_seed(seed), _ptr(residual), dx.data_ptr() if need_dx else None, sum_dy.data_ptr(), sum_dyx.data_ptr(),
+        work.data_ptr(), chunks, torch.get_num_threads())
     if failed:
         raise MemoryError(f"sqcompile::cpu_l1_norm_backward: no memory for a slice of {layout[1] * layout[3]} bytes")
     if row:
@@ -266,11 +322,12 @@ def cpu_l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, amax: torch.Tensor, 
 
 
 @cpu_l1_norm_backward.register_fake
-def _(dy, q, amax, total, deviation, weight, seed, dims, center, l1_scale, eps, norm_bits, grad_bits, need_dx):
+def _(dy, q, amax, total, deviation, weight, seed, dims, center, l1_scale, eps, norm_bits, grad_bits, need_dx,
+      residual=None):
     shape = param_sum_shape(dy.shape, dims, affine_mode(dy.shape, dims, weight) == "row")
     dx = torch.empty_like(dy, memory_format=torch.contiguous_format) if need_dx else dy.new_empty((0,))
     return dx, dy.new_empty(shape), dy.new_empty(shape)
 
 
-__all__ = ["affine_mode", "cpu_l1_norm", "cpu_l1_norm_backward", "l1_norm_backward_reference", "l1_norm_reference",
-           "param_sum_shape", "slice_layout", "status", "unsupported", "SOURCE"]
+__all__ = ["affine_mode", "cpu_l1_norm", "cpu_l1_norm_backward", "cpu_l1_norm_quantized", "l1_norm_backward_reference",
+           "l1_norm_reference", "param_sum_shape", "rows_only", "slice_layout", "status", "unsupported", "SOURCE"]

@@ -80,7 +80,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, name: str, config: Config, targe
     if config.collect_stats and bits is not None:
         kwargs["stats"] = stats_key(record, node.name)
     triton_why = _triton_rows(name, args, cfg, target, bits, kwargs.get("stats"))
-    on_cpu_kernels = triton_why == "" and _cpu_kernels(name, args, cfg, target, bits, kwargs.get("stats"))
+    on_cpu_kernels = triton_why == "" and _cpu_kernels(name, args, cfg, target, bits, kwargs.get("stats"),
+                                                       config.fusion)
     if triton_why is None:
         kwargs["kernels"] = "triton"
     elif on_cpu_kernels:
@@ -127,26 +128,32 @@ def _triton_rows(name: str, args: dict, cfg, target: Target, bits, stats) -> Opt
 CPU_KERNEL_NOTE = "batch statistics on the CPU L1-norm kernels (kernels/cpu_norm.c)"
 
 
-def _cpu_kernels(name: str, args: dict, cfg, target: Target, bits, stats) -> bool:
-    """Whether the norm runs on the C kernels of :mod:`sqcompile.kernels.cpu_norm`: a
-    BatchNorm, InstanceNorm or GroupNorm (without affine) of the torch kernel family on CPU,
-    when :func:`sqcompile.norms.cpu_kernel_unsupported` allows.
+def _cpu_kernels(name: str, args: dict, cfg, target: Target, bits, stats, fusion: Optional[bool]) -> bool:
+    """Whether the norm runs on the C kernels of :mod:`sqcompile.kernels.cpu_norm`: any L1
+    norm of the torch kernel family on CPU that :func:`sqcompile.norms.cpu_kernel_unsupported`
+    allows (a GroupNorm's per-channel affine, channels-last inputs, symbolic sizes, ... keep the
+    graph's ops), a LayerNorm / RMSNorm only with ``fusion`` on.
 
-    Decision: LayerNorm and RMSNorm stay on the graph's ops although the kernels take them
-    (1.26-1.31x faster alone, ``[8192, 1024]`` / ``[16384, 768]``): a LayerNorm's output
-    feeds the next Linear's per-row quantizer, which Inductor fuses with the norm into one
-    loop over each row, and its gradient the residual add and the ShiftQuants; as an opaque
-    op the norm writes its output and the quantizer reads it again, and the transformer of
-    ``benchmarks/train_step.py`` trained 4% slower (A/B, 2026-12-01).  A convolution's
-    per-sample input quantizer spans every channel of a sample, so there is no such loop
-    to lose for the other kinds."""
-    if name in ("layer_norm", "rms_norm") or target.device != "cpu" or kernel_family(cfg, target) != "torch":
+    Decision: a LayerNorm's output feeds the next Linear's per-row quantizer, and its input
+    gradient a residual add.  As graph ops Inductor fuses the norm with both; as the bare
+    kernel (1.26-1.31x faster alone) the norm wrote its output for the quantizer to read
+    again, and the transformer of ``benchmarks/train_step.py`` trained 4% slower (A/B,
+    2026-12-01).  With fusion on, :mod:`sqcompile.backends.norm_fusion` hands the kernel the
+    quantizer and the residual add (``l1_norm+quantize``, ``l1_norm_backward+residual``);
+    with ``fusion=False`` LayerNorm / RMSNorm stay on the ops."""
+    if target.device != "cpu" or kernel_family(cfg, target) != "torch":
         return False
+    row = name in ("layer_norm", "rms_norm")
+    if row:
+        from ..backends import fusion as F
+        if not F.enabled(fusion):
+            return False
     x = example_value(args["input"])
     params = [example_value(args[k]) if args.get(k) is not None else None for k in ("weight", "bias")]
     if x is None or any(args.get(k) is not None and p is None for k, p in zip(("weight", "bias"), params)):
         return False
-    extra = {"num_groups": args["num_groups"]} if name == "group_norm" else {}
+    extra = {"num_groups": args["num_groups"]} if name == "group_norm" else \
+        {"normalized_shape": args["normalized_shape"]} if row else {}
     return norms.cpu_kernel_unsupported(name, x, *params, bits, stats, **extra) is None
 
 
