@@ -8,10 +8,10 @@ For BatchNorm2d and LayerNorm at realistic shapes it times:
   the like-for-like arithmetic comparison with ``L2 inductor``;
 * ``L1 8-bit shiftquant``: the layer compiled with ``backend="shiftquant"`` (the fully
   quantized L1 norm the backend puts in place of the L2 one, Inductor inner compiler; on
-  CPUs with AVX-512 BatchNorm and InstanceNorm run on the C kernels of
+  CPUs with AVX-512 the norms run on the C kernels of
   ``sqcompile.kernels.cpu_norm``);
 * ``L1 8-bit, graph ops``: the same with the norm left as the graph's ops under Inductor
-  (the C kernels off), for the kinds the kernels take.
+  (the C kernels off).
 
     python benchmarks/norm.py
     python benchmarks/norm.py --rounds 15
@@ -86,11 +86,10 @@ def main(argv=None):
             "L1 8-bit shiftquant": step_fn(torch.compile(layer, backend="shiftquant", options={"inner": "inductor"}),
                                            x, g),
         }
-        if not isinstance(layer, nn.LayerNorm):      # the kinds the pass puts on the C kernels
-            # other options than the row above: equal ones would make Dynamo reuse its graphs
-            cands["L1 8-bit, graph ops"] = step_fn(torch.compile(layer, backend="shiftquant",
-                                                                 options={"inner": "inductor", "fusion": True}),
-                                                   x, g, norm_ops=True)
+        # other options than the row above: equal ones would make Dynamo reuse its graphs
+        cands["L1 8-bit, graph ops"] = step_fn(torch.compile(layer, backend="shiftquant",
+                                                             options={"inner": "inductor", "fusion": True}),
+                                               x, g, norm_ops=True)
         times = interleaved(cands, rounds=args.rounds, warmup=2)
         for name in cands:
             rows.append([case, name, f"{median_ms(times[name]):.2f}", f"{median_ratio(times, 'L2 eager', name):.2f}x",

@@ -217,7 +217,7 @@ def variants(args, name):
     if args.no_implicit_conv and name != "transformer":
         out.append((f"{tag}, convs as im2col GEMMs",
                     dict(bits, fusion=True, execution="auto", _im2col=True), False))
-    if args.no_norm_kernel and name != "transformer":
+    if args.no_norm_kernel:
         out.append((f"{tag}, norms as Inductor loops",
                     dict(bits, fusion=True, execution="auto", collect_stats=False, _norm_ops=True), False))
     if args.outer_scale:
@@ -328,7 +328,7 @@ def main(argv=None):
                    help="CNNs: also time the step with stride-1 convs as im2col GEMMs (before the "
                         "implicit-GEMM conv kernel)")
     p.add_argument("--no-norm-kernel", action="store_true",
-                   help="CNNs: also time the step with the L1 norms as the graph's ops under Inductor (the "
+                   help="also time the step with the L1 norms as the graph's ops under Inductor (the "
                         "cpu_l1_norm C kernels off)")
     p.add_argument("--no-grad-kernel", action="store_true",
                    help="also time the step with the gradients' outer-scaled ShiftQuants as Inductor's loops "

@@ -221,7 +221,11 @@ class Config(OpConfig):
                               False, or None for the process default (on unless the
                               environment sets ``SQCOMPILE_FUSION=0``).  Off, the graphs run
                               the unfused ops: for debugging and for measuring what fusion
-                              gains.  No effect with ``kernels="torch"``
+                              gains.  On CPU (``kernels="torch"``) it turns on the C kernels
+                              that replace groups of graph ops: attention's softmax, the
+                              gradients' outer-scaled ShiftQuants, a Linear's GELU with the
+                              next quantizer, and a LayerNorm / RMSNorm with the quantizers
+                              of the Linears it feeds (off, those norms stay graph ops)
     ==============  ========  ================================================================
     """
 
