@@ -384,6 +384,29 @@ def test_norm_quantizer_fusion_is_bit_exact(monkeypatch):
     assert torch.equal(out, ref)
 
 
+def test_norm_feeding_three_linears_under_inductor_gives_the_unfused_gradients(monkeypatch):
+    """One norm's int8 output read by the q, k and v Linears, compiled by Inductor (the tests
+    above run the graphs eagerly): the fused graph saves three views of one tensor for the
+    backward, and the gradients equal those of the same compile without the norm fusion, bit
+    for bit (the GEMM regions are the same).  Such aliases must not be AOTAutograd's donated
+    buffers (``fusion.no_donation_of_aliases``); the CPU kernels' test
+    ``test_row_norms_fuse_with_their_quantizers_and_residual_adds`` is the one where Inductor
+    did reuse one."""
+    from sqcompile.backends import lowering
+
+    torch.manual_seed(0)
+    model = NormFeedsLinears()
+    x = torch.randn(2, 8, 24)
+    out, grads, rec = _step(model, x, {"inner": "inductor"})
+    assert "l1_norm+quantize" in [r.label for r in rec.regions]
+    monkeypatch.setattr(lowering, "fuse_norm_quantizers", lambda gm, *args: gm)
+    torch._dynamo.reset()
+    ref, ref_grads, _ = _step(model, x, {"inner": "inductor"})
+    assert torch.equal(out, ref)
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
 @pytest.mark.parametrize("module,options,reason", [
     (nn.LayerNorm(8193), {}, "rows of 8193 elements"),
     (nn.LayerNorm(16).double(), {}, "torch.float64 input"),
