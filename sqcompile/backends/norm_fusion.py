@@ -221,7 +221,7 @@ def _cpu_consumers(y: fx.Node, row: int) -> Tuple[List[fx.Node], List[fx.Node], 
     one bit width, with the ``amax(abs(detach(.)))`` of their inputs that the GEMMs save, and
     whether anything else reads ``y`` too."""
     views = F.views_of(y)
-    quantizers, maxima, between, other = [], [], [], False
+    quantizers, maxima, other = [], [], False
     for v in views:
         rows = F._same(F._val(v).shape[-1], row)
         for user in v.users:
@@ -234,7 +234,6 @@ def _cpu_consumers(y: fx.Node, row: int) -> Tuple[List[fx.Node], List[fx.Node], 
             amax = F.row_amax(v) if rows else None
             if amax is not None and user is amax.args[0].args[0]:
                 maxima.append(amax)
-                between += [amax.args[0].args[0], amax.args[0]]
             else:
                 other = True
     inputs = {q.args[0] for q in quantizers}
@@ -305,14 +304,12 @@ def fuse_cpu_norm_residuals(gm: fx.GraphModule, record: CompileRecord, stage: st
         dx = F.output_item(bwd, 0)
         add, views, other = _residual_add(dx) if dx is not None else (None, [], None)
         order = {n: i for i, n in enumerate(graph.nodes)}
-        if add is None or len(bwd.args) > 14 or bwd.kwargs or F._val(add).dtype != torch.float32 or \
+        if add is None or F._bound_args(bwd)["residual"] is not None or F._val(add).dtype != torch.float32 or \
                 (other.op != "placeholder" and order[other] > order[bwd]):
             continue                # the residual gradient must exist where the norm's backward runs
-        shape = F._val(bwd.args[0]).shape
         mode = F._fake_mode(bwd.args[0])
+        residual = F.viewed(graph, other, F._val(bwd.args[0]).shape, bwd, mode)     # as dy
         with graph.inserting_before(bwd):
-            residual = F.viewed(graph, other, shape, bwd, mode) if F._same_shape(F._val(other).shape, shape) else \
-                F._new(graph, torch.ops.aten.view.default, (other, F._shape_arg(graph, shape, bwd)), bwd, mode)
             new = F._new(graph, bwd_op.default, (*bwd.args, residual), bwd, mode)
             outs = [F._new(graph, operator.getitem, (new, i), bwd, mode) for i in range(3)]
         for i in (1, 2):                                       # the parameters' sums

@@ -29,6 +29,11 @@
  * floor, NaN-propagating maxima); the sums run in float32 lanes added into a double per row,
  * so they differ from the graph's (another order of additions) by rounding only.
  *
+ * Fused with the next GEMM's per-row quantizer (sq_l1_norm_forward with yq; a LayerNorm's
+ * slices are rows, R1 = 1): y, held in a row buffer, is also quantized per slice as
+ * numerics.quantize does (nearest), and written only when something else reads it.  With a
+ * residual, the backward writes dx + residual (a pre-norm block's residual add).
+ *
  * One slice is one task (OpenMP over the A * B slices).  The forward makes four passes over
  * a slice (maxima; quantize and sum; deviation; output), the backward three (maxima of dy;
  * quantize dy and the three sums; dx): a slice of an image's channel (a few KiB to a few
