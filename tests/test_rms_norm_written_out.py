@@ -5,6 +5,7 @@ overrides; anything norm-like that is not exactly an RMS norm stays as written.
 
 ``eps`` is large (0.05) so that passing the wrong one would show in the values.
 """
+import importlib
 import math
 
 import pytest
@@ -15,8 +16,12 @@ from torch._dynamo.utils import counters
 
 import sqcompile
 from sqcompile.decisions import latest_records
+from sqcompile import norms
+from sqcompile.kernels import cpu_norm
 from sqcompile.norms import l1_rms_norm
 from sqcompile.passes.rms_norm import NOTE
+
+l1_norms_pass = importlib.import_module("sqcompile.passes.l1_norms")
 
 from models import train
 
@@ -120,6 +125,18 @@ def _norm_rows(rec):
     return [d for d in rec.decisions if d.kind == "norm"]
 
 
+def _kernels(spelling, x):
+    """``"cpu"`` where the norm runs on the C kernels of :mod:`sqcompile.kernels.cpu_norm` (rows
+    of at least 16 adjacent values, on a machine that builds them), else ``"torch"``: the
+    ``kernels`` of the reference :func:`l1_rms_norm`.  The two draw their gradient noise
+    differently (``hash_noise`` from a drawn seed, ``uniform_noise``), so each is compared
+    with its own."""
+    _, weight, k = SPELLINGS[spelling]
+    w = None if weight is None else torch.ones(D)
+    fits = norms.cpu_kernel_unsupported("rms_norm", x, w, None, 8, None, normalized_shape=x.shape[-k:]) is None
+    return "cpu" if cpu_norm.status()[0] and fits else "torch"
+
+
 def _inputs(seed=0, shape=(2, 3, D), dtype=torch.float32):
     torch.manual_seed(seed)
     return torch.randn(shape).to(dtype)
@@ -132,7 +149,8 @@ def test_written_out_rms_norm_is_an_l1_rms_norm_in_the_report(spelling):
     row = [r for r in sqcompile.report(model).rows() if r["kind"] == "norm"]
     assert len(row) == 1, row
     assert row[0]["op"] == "rms_norm" and row[0]["module"] == "norm" and row[0]["quantized"]
-    assert row[0]["execution"] == "simulated" and row[0]["norm_bits"] == 8 and row[0]["region"] == NOTE
+    note = NOTE if _kernels(spelling, _inputs()) == "torch" else f"{NOTE}; {l1_norms_pass.CPU_KERNEL_NOTE}"
+    assert row[0]["execution"] == "simulated" and row[0]["norm_bits"] == 8 and row[0]["region"] == note
     assert sqcompile.report(model).summary()["quantized"] == 3          # fc1, the norm, fc2
     assert "rsqrt" not in rec.graphs["rewritten"] and "sqrt" not in rec.graphs["rewritten"]
     assert rec.graphs["rewritten"].count("sqcompile.l1_rms_norm(") == 1
@@ -158,7 +176,8 @@ def test_kept_norm_computes_what_the_written_out_form_computes(spelling, options
 @pytest.mark.parametrize("spelling", list(SPELLINGS))
 def test_default_options_give_the_l1_rms_norm_where_the_norm_is(spelling):
     """Output and gradients are those of ``sqcompile.norms.l1_rms_norm`` (8 bits, the module's ``eps``,
-    the written weight) applied to the input, with the same gradient rounding noise."""
+    the written weight, the same ``kernels``) applied to the input, with the same gradient
+    rounding noise."""
     _, weight, k = SPELLINGS[spelling]
     model = Net(SPELLINGS[spelling][0], linears=False)
     x = _inputs()
@@ -168,7 +187,7 @@ def test_default_options_give_the_l1_rms_norm_where_the_norm_is(spelling):
     w = model.norm.weight.detach().clone().requires_grad_(True)
     gamma = {None: None, "w": w, "1+w": 1.0 + w}[weight]
     torch.manual_seed(7)
-    want = l1_rms_norm(xr, x.shape[-k:], gamma, EPS, norm_bits=8)
+    want = l1_rms_norm(xr, x.shape[-k:], gamma, EPS, norm_bits=8, kernels=_kernels(spelling, x))
     want.backward(torch.linspace(-1, 1, want.numel()).reshape(want.shape))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], xr.grad, rtol=1e-5, atol=1e-5)

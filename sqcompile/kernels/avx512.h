@@ -1,7 +1,13 @@
-/* Helpers shared by our AVX-512 kernels (cpu_attention.c, cpu_norm.c, cpu_quant.c). */
+/* Helpers shared by our AVX-512 kernels (cpu_attention.c, cpu_norm.c, cpu_quant.c).  Built
+   with -DSQCOMPILE_PORTABLE, the intrinsics come from avx512_portable.h (portable C) instead
+   of the compiler's AVX-512 ones: the build for CPUs without AVX-512 (kernels/native.py). */
 #ifndef SQCOMPILE_AVX512_H
 #define SQCOMPILE_AVX512_H
+#ifdef SQCOMPILE_PORTABLE
+#include "avx512_portable.h"
+#else
 #include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 

@@ -50,12 +50,13 @@ order): the parameter gradients do not depend on the thread count."""
 @functools.lru_cache(maxsize=None)
 def status() -> Tuple[bool, Optional[str]]:
     """``(usable, reason)`` for the kernels on this machine (checked and built once)."""
-    return native.status(native.AVX512_CPU_FLAGS, _library)
+    return native.status(native.simd_build()[2], _library)
 
 
 @functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL:
-    lib = native.build(SOURCE, native.AVX512_CFLAGS, "the CPU L1-norm kernels")
+def _library(cflags: Optional[Tuple[str, ...]] = None) -> ctypes.CDLL:
+    """The kernels built with ``cflags`` (``None``: those of :func:`~.native.simd_build`)."""
+    lib = native.build(SOURCE, list(cflags) if cflags else native.simd_build()[1], "the CPU L1-norm kernels")
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.sq_l1_norm_forward.restype = ctypes.c_int
     lib.sq_l1_norm_forward.argtypes = [ptr, ptr, ptr, i32, i64, i64, i64, i64, i32, f32, f32, f32, ptr, ptr, ptr,

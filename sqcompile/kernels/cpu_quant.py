@@ -34,19 +34,18 @@ from .. import ops
 from . import native, pool
 
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_quant.c")
-CFLAGS = native.AVX512_CFLAGS
-CPU_FLAGS = native.AVX512_CPU_FLAGS
 
 
 @functools.lru_cache(maxsize=None)
 def status() -> Tuple[bool, Optional[str]]:
     """``(usable, reason)`` for the kernels on this machine (checked and built once)."""
-    return native.status(CPU_FLAGS, _library)
+    return native.status(native.simd_build()[2], _library)
 
 
 @functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL:
-    lib = native.build(SOURCE, CFLAGS, "the CPU quantizer kernels")
+def _library(cflags: Optional[Tuple[str, ...]] = None) -> ctypes.CDLL:
+    """The kernels built with ``cflags`` (``None``: those of :func:`~.native.simd_build`)."""
+    lib = native.build(SOURCE, list(cflags) if cflags else native.simd_build()[1], "the CPU quantizer kernels")
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.sq_outer_pair_ranges.restype = None
     lib.sq_outer_pair_ranges.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]

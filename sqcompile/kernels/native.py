@@ -1,11 +1,18 @@
 """Our C kernels: built with the system C compiler on first use, loaded with ``ctypes``.
 
-Each source file (``amx_int8.c``, ``cpu_attention.c``, ``cpu_quant.c``) becomes one shared
-library in :data:`~sqcompile.kernels.triton_fused.KERNEL_DIR` (``SQCOMPILE_KERNEL_DIR``),
-under a name that hashes the source, the headers beside it (``avx512.h``), the compiler and
-its flags, so an edit or another compiler builds anew and an unchanged one loads what is
-there (building takes about a second).  The
-compiler is ``$CC``, else ``cc``, ``gcc`` or ``clang``, the first found.
+Each source file (``amx_int8.c``, ``cpu_attention.c``, ``cpu_norm.c``, ``cpu_quant.c``) becomes
+one shared library in :data:`~sqcompile.kernels.triton_fused.KERNEL_DIR`
+(``SQCOMPILE_KERNEL_DIR``), under a name that hashes the source, the headers beside it
+(``avx512.h``, ``avx512_portable.h``), the compiler and its flags, so an edit or another
+compiler builds anew and an unchanged one loads what is there (building takes about a
+second).  The compiler is ``$CC``, else ``cc``, ``gcc`` or ``clang``, the first found.
+
+The attention, norm and quantizer kernels are written with AVX-512 intrinsics and come in two
+builds (:func:`simd_build`): ``"avx512"`` (the compiler's intrinsics; CPUs with AVX-512
+F/BW/VL) and ``"portable"`` (the same source over ``avx512_portable.h``, plain C vectors
+that the compiler maps onto AVX2 or whatever the CPU has; bit for bit the same results).
+``SQCOMPILE_CPU_SIMD=auto|avx512|portable`` in the environment, read when a kernel is first
+used, chooses; ``auto`` (the default) takes ``avx512`` where the CPU has it.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from typing import Callable, Optional, Sequence, Set, Tuple
+from typing import Callable, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 
 AVX512_CFLAGS = ["-O2", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off"]
@@ -25,6 +32,31 @@ AVX512_CFLAGS = ["-O2", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw
 libgomp; no contraction of a multiply and an add into an FMA, which would round once where
 the graph's ops round twice."""
 AVX512_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
+PORTABLE_CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-Wno-psabi", "-DSQCOMPILE_PORTABLE"]
+"""Flags of the portable build (``-mavx2 -mfma`` are added where the CPU has them): the
+16-lane loops of ``avx512_portable.h`` need ``-O3`` to become vector code."""
+SIMD_VARIABLE = "SQCOMPILE_CPU_SIMD"
+SIMD_CHOICES = ("auto", "avx512", "portable")
+
+
+def simd_build() -> Tuple[str, List[str], FrozenSet[str]]:
+    """``(name, cflags, cpu_flags)`` of the build of the AVX-512-style kernels this machine
+    takes: ``"avx512"`` where the CPU has :data:`AVX512_CPU_FLAGS`, else ``"portable"``, unless
+    ``SQCOMPILE_CPU_SIMD`` names one (``avx512`` on a CPU without it: the kernels report that
+    the CPU lacks the flags, and the graphs' ops run).  ``ValueError`` naming the variable for
+    another value."""
+    value = os.environ.get(SIMD_VARIABLE, "auto").strip().lower() or "auto"
+    if value not in SIMD_CHOICES:
+        raise ValueError(f"environment variable {SIMD_VARIABLE}={os.environ[SIMD_VARIABLE]!r}: "
+                         f"expected one of {', '.join(SIMD_CHOICES)}")
+    if value == "avx512" or (value == "auto" and AVX512_CPU_FLAGS <= cpu_flags()):
+        return "avx512", list(AVX512_CFLAGS), AVX512_CPU_FLAGS
+    return "portable", portable_cflags(), frozenset()
+
+
+def portable_cflags() -> List[str]:
+    """:data:`PORTABLE_CFLAGS`, with ``-mavx2 -mfma`` where this CPU has them."""
+    return PORTABLE_CFLAGS + (["-mavx2", "-mfma"] if {"avx2", "fma"} <= cpu_flags() else [])
 
 
 def cpu_flags() -> Set[str]:
@@ -88,4 +120,5 @@ def status(flags: Set[str], load: Callable[[], object]) -> Tuple[bool, Optional[
     return True, None
 
 
-__all__ = ["AVX512_CFLAGS", "AVX512_CPU_FLAGS", "build", "compiler", "cpu_flags", "status"]
+__all__ = ["AVX512_CFLAGS", "AVX512_CPU_FLAGS", "PORTABLE_CFLAGS", "SIMD_CHOICES", "SIMD_VARIABLE", "build", "compiler",
+           "cpu_flags", "portable_cflags", "simd_build", "status"]
