@@ -2,12 +2,12 @@
 
 * ``SQCOMPILE_CPU_SIMD`` chooses the build (``auto`` / ``avx512`` / ``portable``) and any other
   value is a ``ValueError`` naming the variable;
-* the portable build (``avx512_portable.h``: plain C vectors) gives the AVX-512 build's results
-  bit for bit -- the attention, norm and quantizer kernels on inputs with NaN, infinities,
-  zeros and rows that are not whole multiples of 16 lanes.  This needs a CPU with AVX-512;
-  elsewhere the portable build *is* the default one, and the kernels' own test files
-  (test_cpu_norm.py, test_cpu_quant.py, test_cpu_attention.py) hold it to the ``numerics``
-  references.
+* every build gives the same results bit for bit: the AVX-512 one, the portable one
+  (``avx512_portable.h`` over AVX2) and the portable one without vector ISA flags (its plain C
+  path) -- the attention, norm and quantizer kernels on inputs with NaN, infinities, zeros and
+  rows that are not whole multiples of 16 lanes, each compared with this machine's default
+  build (which the kernels' own test files, test_cpu_norm.py, test_cpu_quant.py and
+  test_cpu_attention.py, hold to the ``numerics`` references).
 """
 import functools
 
@@ -54,21 +54,29 @@ def test_the_portable_build_compiles_here():
     assert ok, why
 
 
-needs_avx512 = pytest.mark.skipif(
-    native.simd_build()[0] != "avx512" or not all(m.status()[0] for m in MODULES),
-    reason="the AVX-512 build does not run here: the portable build is the default one (see the docstring)")
+BUILDS = {
+    "portable": lambda: tuple(native.portable_cflags()),       # -mavx2 -mfma where the CPU has them
+    "plain C": lambda: tuple(native.PORTABLE_CFLAGS),          # no vector ISA flags: the generic C path
+}
 
 
-@pytest.fixture
-def portable(monkeypatch):
-    """A context switch: inside ``with portable():`` the three modules run the portable build."""
+@pytest.fixture(params=list(BUILDS))
+def other_build(request, monkeypatch):
+    """A context switch: inside ``with other_build():`` the three modules run another build than
+    this machine's default one.  Skips when that build *is* the default one."""
     import contextlib
+
+    cflags = BUILDS[request.param]()
+    if list(cflags) == native.simd_build()[1]:
+        pytest.skip(f"the {request.param} build is this machine's default build")
+    if not all(m.status()[0] for m in MODULES):
+        pytest.skip("the kernels do not run here")
 
     @contextlib.contextmanager
     def use():
         with monkeypatch.context() as m:
             for mod in MODULES:
-                m.setattr(mod, "_library", functools.partial(mod._library, tuple(native.portable_cflags())))
+                m.setattr(mod, "_library", functools.partial(mod._library, cflags))
             yield
     return use
 
@@ -86,11 +94,11 @@ def _same_bits(a, b):
     assert torch.equal(a, b), (a != b).sum()
 
 
-def _both(portable, fn):
-    """``fn()`` on the default (AVX-512) build and on the portable one, outputs copied."""
+def _both(other_build, fn):
+    """``fn()`` on the default build and on the other one, outputs copied."""
     clone = lambda out: tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()  # noqa: E731
     ref = clone(fn())
-    with portable():
+    with other_build():
         got = clone(fn())
     return ref, got
 
@@ -106,7 +114,6 @@ def _awkward(shape, seed, scale=1.0):
     return x
 
 
-@needs_avx512
 @pytest.mark.parametrize("shape, dims, center, out_bits", [
     ((3, 37, 21), [2], True, None),            # LayerNorm rows of 21: a full and a partial vector
     ((3, 37, 21), [2], False, 6),              # RMSNorm, quantized for the next Linear
@@ -114,33 +121,32 @@ def _awkward(shape, seed, scale=1.0):
     ((4, 6, 5, 13), [2, 3], True, 8),          # InstanceNorm
 ])
 @pytest.mark.parametrize("awkward", [False, True])
-def test_norm_kernels_give_the_same_bits(portable, shape, dims, center, out_bits, awkward):
+def test_norm_kernels_give_the_same_bits(other_build, shape, dims, center, out_bits, awkward):
     x = _awkward(shape, 0) if awkward else torch.randn(shape, generator=torch.Generator().manual_seed(0))
     if len(dims) == 1:
         w, b = torch.randn(shape[-1]), torch.randn(shape[-1])
     else:
         w, b = None, None
-    ref, got = _both(portable, lambda: CN._forward(x, w, b, dims, center, C, EPS, 8, out_bits))
+    ref, got = _both(other_build, lambda: CN._forward(x, w, b, dims, center, C, EPS, 8, out_bits))
     _same_bits(ref, got)
     _, q, amax, total, deviation = CN._forward(x, w, b, dims, center, C, EPS, 8, None)
     dy = _awkward(shape, 1) if awkward else torch.randn(shape, generator=torch.Generator().manual_seed(1))
     residual = torch.randn(shape)
     seed = torch.tensor(12345, dtype=torch.int64)
     res = residual if len(dims) == 1 else None
-    _same_bits(*_both(portable, lambda: CN.cpu_l1_norm_backward(dy, q, amax, total, deviation, w, seed, dims, center,
+    _same_bits(*_both(other_build, lambda: CN.cpu_l1_norm_backward(dy, q, amax, total, deviation, w, seed, dims, center,
                                                                 C, EPS, 8, 5, True, res)))
 
 
-@needs_avx512
 @pytest.mark.parametrize("shape", [(2, 19, 45), (33, 17)])
 @pytest.mark.parametrize("awkward", [False, True])
-def test_quantizer_kernels_give_the_same_bits(portable, shape, awkward):
+def test_quantizer_kernels_give_the_same_bits(other_build, shape, awkward):
     g = torch.Generator().manual_seed(2)
     dy = _awkward(shape, 2) if awkward else torch.randn(shape, generator=g)
     pk = torch.rand(*shape[:-2], 1, shape[-1], generator=g) + 0.5      # [..., 1, S]
     pq = torch.rand(*shape[:-1], 1, generator=g) + 0.5                 # [..., L, 1]
     seeds = (torch.tensor(7, dtype=torch.int64), torch.tensor(99, dtype=torch.int64))
-    _same_bits(*_both(portable, lambda: CQ.shiftquant_outer_pair(dy, pk, pq, 5, 3, seeds)))
+    _same_bits(*_both(other_build, lambda: CQ.shiftquant_outer_pair(dy, pk, pq, 5, 3, seeds)))
 
     acc = torch.randint(-5000, 5001, shape, dtype=torch.int32, generator=g)
     sa = torch.rand(*shape[:-1], 1, generator=g) * 1e-3
@@ -149,13 +155,12 @@ def test_quantizer_kernels_give_the_same_bits(portable, shape, awkward):
         sa.view(-1)[0] = float("nan")
         sb.view(-1)[1] = float("inf")
     bias = torch.randn(shape[-1], generator=g)
-    _same_bits(*_both(portable, lambda: CQ.gelu_quantize(acc, sa, sb, bias, 8)))
+    _same_bits(*_both(other_build, lambda: CQ.gelu_quantize(acc, sa, sb, bias, 8)))
 
 
-@needs_avx512
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("awkward", [False, True])
-def test_attention_kernels_give_the_same_bits(portable, causal, awkward):
+def test_attention_kernels_give_the_same_bits(other_build, causal, awkward):
     g = torch.Generator().manual_seed(3)
     shape = (2, 3, 23, 37)
     scores = torch.randint(-3000, 3001, shape, dtype=torch.int32, generator=g)
@@ -164,12 +169,12 @@ def test_attention_kernels_give_the_same_bits(portable, causal, awkward):
     if awkward:
         sa.view(-1)[4] = float("nan")
         scores[..., 5, :] = 0
-    ref, got = _both(portable, lambda: CA.attention_probs(scores, sa, sb, 0.125, causal, 8))
+    ref, got = _both(other_build, lambda: CA.attention_probs(scores, sa, sb, 0.125, causal, 8))
     _same_bits(ref, got)
     p = ref[0]
     dp = torch.randint(-3000, 3001, shape, dtype=torch.int32, generator=g)
     mask = torch.rand(23, 37, generator=g) < 0.2
-    _same_bits(*_both(portable, lambda: CA.attention_probs_backward(dp, sa, sb, p, mask, 0.125)))
+    _same_bits(*_both(other_build, lambda: CA.attention_probs_backward(dp, sa, sb, p, mask, 0.125)))
 
 
 def test_hash_noise_of_the_portable_build_is_the_reference():

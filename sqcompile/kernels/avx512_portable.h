@@ -1,156 +1,265 @@
-/* The AVX-512 intrinsics our C kernels use (cpu_attention.c, cpu_norm.c, cpu_quant.c), in
-   portable C over GCC / clang vector extensions: the "portable" build of those kernels
-   (sqcompile/kernels/native.py), for CPUs without AVX-512 (AVX2 machines: AMD Zen 2 / 3,
-   Intel client parts), where the compiler maps each 16-lane operation onto the vector units it
-   has.
+/* The AVX-512 intrinsics our C kernels use (cpu_attention.c, cpu_norm.c, cpu_quant.c), for
+   CPUs without AVX-512: the "portable" build of those kernels (sqcompile/kernels/native.py).
+   A 512-bit vector is two 256-bit halves; with -mavx2 -mfma each operation is one or two AVX2
+   instructions (movemask, maskload / maskstore, round, cvtps2dq, fmadd, max), elsewhere plain
+   C over GCC / clang vector extensions.  The AVX-512 names are macros for the sq_* functions
+   below, so the kernels' source is unchanged.
 
-   Each function computes what the instruction computes, lane by lane, so that the portable
-   build gives the AVX-512 build's results bit for bit (tests/test_native.py compares the two
-   where the CPU has AVX-512):
+   Each function computes what the AVX-512 instruction computes, lane by lane, so that the
+   portable build gives the AVX-512 build's results bit for bit (tests/test_native.py compares
+   the two where the CPU has AVX-512):
    - max / min return the second operand when either is NaN or both are equal (MAXPS);
    - a float -> int32 conversion rounds to nearest even and gives INT32_MIN where the value is
      NaN or out of range (CVTPS2DQ);
    - masked loads read, and masked stores write, only the lanes in the mask (the kernels rely on
      it at the end of a row);
    - the horizontal reductions combine the lanes in the order of GCC's _mm512_reduce_*_ps;
-   - fmadd rounds once (fmaf).
+   - fmadd rounds once;
+   - scalef(a, b) = a * 2**floor(b) rounded once, for the range the kernels use (|a| within
+     2**+-40, floor(b) in [-150, 60]: exp's 2**n).
    Only the predicates and rounding modes the kernels use are defined: another one is a
-   compile error (an undeclared name), not a silent wrong answer. */
+   compile error (an undeclared name) or an abort, not a silent wrong answer. */
 #ifndef SQCOMPILE_AVX512_PORTABLE_H
 #define SQCOMPILE_AVX512_PORTABLE_H
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#define SQ_AVX2 1
+#include <immintrin.h>
+#endif
 
-typedef float __m512 __attribute__((vector_size(64)));
-typedef int32_t __m512i __attribute__((vector_size(64)));
-typedef double __m512d __attribute__((vector_size(64)));
-typedef float __m256 __attribute__((vector_size(32)));
-typedef double __m256d __attribute__((vector_size(32)));
-typedef int8_t __m128i __attribute__((vector_size(16)));
-typedef uint8_t sq_u8x16 __attribute__((vector_size(16)));
-typedef uint32_t sq_u32x16 __attribute__((vector_size(64)));
-typedef uint16_t __mmask16;
-typedef uint8_t __mmask8;
-
+#ifndef _MM_FROUND_TO_NEAREST_INT
 #define _MM_FROUND_TO_NEAREST_INT 0x00
 #define _MM_FROUND_TO_NEG_INF 0x01
 #define _MM_FROUND_TO_POS_INF 0x02
 #define _MM_FROUND_TO_ZERO 0x03
 #define _MM_FROUND_NO_EXC 0x08
+#endif
+#ifndef _CMP_EQ_OQ
 #define _CMP_EQ_OQ 0x00
 #define _CMP_UNORD_Q 0x03
 #define _CMP_LT_OQ 0x11
 #define _CMP_GT_OQ 0x1e
+#endif
 
-#define SQ_INLINE static inline __attribute__((always_inline))
-#define SQ_LANES16(e) {e(0), e(1), e(2), e(3), e(4), e(5), e(6), e(7), e(8), e(9), e(10), e(11), e(12), e(13), \
-                       e(14), e(15)}
+typedef float sq_f8 __attribute__((vector_size(32)));
+typedef float sq_f4 __attribute__((vector_size(16)));
+typedef int32_t sq_i8 __attribute__((vector_size(32)));
+typedef uint32_t sq_u8 __attribute__((vector_size(32)));
+typedef double sq_d4 __attribute__((vector_size(32)));
+typedef int64_t sq_l4 __attribute__((vector_size(32)));
+typedef int8_t sq_b16 __attribute__((vector_size(16)));
+typedef int8_t sq_b8 __attribute__((vector_size(8)));
+typedef uint8_t sq_ub8 __attribute__((vector_size(8)));
+typedef struct { sq_f8 h[2]; } sq_m512;
+typedef struct { sq_i8 h[2]; } sq_m512i;
+typedef struct { sq_d4 h[2]; } sq_m512d;
+typedef uint16_t sq_mask16;
+typedef uint8_t sq_mask8;
 
-/* ---- masks: a 16-bit mask <-> a lane selector (-1 / 0 per lane) ---- */
-#define SQ_BIT(i) (1 << (i))
-SQ_INLINE __m512i sq_selector16(unsigned m) {
-    const __m512i bit = SQ_LANES16(SQ_BIT);
-    return (((__m512i){0} + (int32_t)m) & bit) != 0;
+#define SQ static inline __attribute__((always_inline))
+#define SQ_HALVES(k) for (int k = 0; k < 2; k++)
+
+/* ---- masks: bits <-> lane selectors (-1 / 0 per lane) ---- */
+SQ sq_i8 sq_sel8(unsigned bits) {
+    const sq_i8 bit = {1, 2, 4, 8, 16, 32, 64, 128};
+    return (((sq_i8){0} + (int32_t)bits) & bit) != 0;
 }
-SQ_INLINE __mmask16 sq_mask16(__m512i lanes) {
-    /* the mask of the lanes that are -1 (a comparison's result) */
-    const __m512i bit = SQ_LANES16(SQ_BIT);
-    __m512i b = lanes & bit;
+SQ sq_l4 sq_sel4(unsigned bits) {
+    const sq_l4 bit = {1, 2, 4, 8};
+    return (((sq_l4){0} + (int64_t)bits) & bit) != 0;
+}
+SQ unsigned sq_bits8(sq_i8 lanes) {
+#ifdef SQ_AVX2
+    return (unsigned)_mm256_movemask_ps((__m256)lanes);
+#else
     unsigned m = 0;
-    for (int i = 0; i < 16; i++)
-        m |= (unsigned)b[i];
-    return (__mmask16)m;
+    for (int i = 0; i < 8; i++)
+        m |= (unsigned)(lanes[i] & 1) << i;
+    return m;
+#endif
 }
-#undef SQ_BIT
+SQ sq_mask16 sq_bits16(sq_i8 lo, sq_i8 hi) { return (sq_mask16)(sq_bits8(lo) | sq_bits8(hi) << 8); }
+SQ sq_f8 sq_select(sq_i8 s, sq_f8 a, sq_f8 b) { return (sq_f8)((s & (sq_i8)b) | (~s & (sq_i8)a)); }  /* s ? b : a */
 
 /* ---- set, load, store ---- */
-SQ_INLINE __m512 _mm512_setzero_ps(void) { return (__m512){0}; }
-SQ_INLINE __m512i _mm512_setzero_si512(void) { return (__m512i){0}; }
-#define SQ_SAME(i) x
-SQ_INLINE __m512 _mm512_set1_ps(float x) { return (__m512)SQ_LANES16(SQ_SAME); }
-SQ_INLINE __m512i _mm512_set1_epi32(int32_t x) { return (__m512i)SQ_LANES16(SQ_SAME); }
-#undef SQ_SAME
-SQ_INLINE __m512i _mm512_set_epi32(int e15, int e14, int e13, int e12, int e11, int e10, int e9, int e8, int e7,
-                                   int e6, int e5, int e4, int e3, int e2, int e1, int e0) {
-    return (__m512i){e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15};
-}
-SQ_INLINE __m512 _mm512_loadu_ps(const void *p) { __m512 r; memcpy(&r, p, sizeof r); return r; }
-SQ_INLINE void _mm512_storeu_ps(void *p, __m512 v) { memcpy(p, &v, sizeof v); }
-
-#define SQ_MASKED_LOAD(name, vec, mask_t, elem, full, lanes)                                         \
-    SQ_INLINE vec name(vec src, mask_t m, const void *p) {                                       \
-        if (m == (mask_t)(full)) { vec r; memcpy(&r, p, sizeof r); return r; }                   \
-        for (int i = 0; i < (lanes); i++)                                                        \
-            if (m >> i & 1) src[i] = ((const elem *)p)[i];                                       \
-        return src;                                                                              \
-    }
-SQ_MASKED_LOAD(_mm512_mask_loadu_ps, __m512, __mmask16, float, 0xFFFF, 16)
-SQ_MASKED_LOAD(sq_mask_loadu_epi32, __m512i, __mmask16, int32_t, 0xFFFF, 16)
-SQ_MASKED_LOAD(sq_mask_loadu_pd, __m512d, __mmask8, double, 0xFF, 8)
-SQ_MASKED_LOAD(sq_mask_loadu_epi8, __m128i, __mmask16, int8_t, 0xFFFF, 16)
-#undef SQ_MASKED_LOAD
-SQ_INLINE __m512 _mm512_maskz_loadu_ps(__mmask16 m, const void *p) { return _mm512_mask_loadu_ps((__m512){0}, m, p); }
-SQ_INLINE __m512i _mm512_maskz_loadu_epi32(__mmask16 m, const void *p) { return sq_mask_loadu_epi32((__m512i){0}, m, p); }
-SQ_INLINE __m512d _mm512_maskz_loadu_pd(__mmask8 m, const void *p) { return sq_mask_loadu_pd((__m512d){0}, m, p); }
-SQ_INLINE __m128i _mm_maskz_loadu_epi8(__mmask16 m, const void *p) { return sq_mask_loadu_epi8((__m128i){0}, m, p); }
-
-#define SQ_MASKED_STORE(name, vec, mask_t, elem, full, lanes)                                        \
-    SQ_INLINE void name(void *p, mask_t m, vec v) {                                              \
-        if (m == (mask_t)(full)) { memcpy(p, &v, sizeof v); return; }                            \
-        for (int i = 0; i < (lanes); i++)                                                        \
-            if (m >> i & 1) ((elem *)p)[i] = v[i];                                               \
-    }
-SQ_MASKED_STORE(_mm512_mask_storeu_ps, __m512, __mmask16, float, 0xFFFF, 16)
-SQ_MASKED_STORE(_mm512_mask_storeu_pd, __m512d, __mmask8, double, 0xFF, 8)
-SQ_MASKED_STORE(_mm_mask_storeu_epi8, __m128i, __mmask16, int8_t, 0xFFFF, 16)
-#undef SQ_MASKED_STORE
-
-/* ---- moves, blends, casts ---- */
-SQ_INLINE __m512 _mm512_castsi512_ps(__m512i v) { return (__m512)v; }
-SQ_INLINE __m512i _mm512_castps_si512(__m512 v) { return (__m512i)v; }
-SQ_INLINE __m512d _mm512_castps_pd(__m512 v) { return (__m512d)v; }
-SQ_INLINE __m256 _mm256_castpd_ps(__m256d v) { return (__m256)v; }
-SQ_INLINE __m256 _mm512_castps512_ps256(__m512 v) { __m256 r; memcpy(&r, &v, sizeof r); return r; }
-SQ_INLINE __m256d _mm512_extractf64x4_pd(__m512d v, int hi) {
-    __m256d r;
-    memcpy(&r, (const char *)&v + (hi & 1) * sizeof r, sizeof r);
+SQ sq_m512 sq_setzero_ps(void) { sq_m512 r = {{{0}, {0}}}; return r; }
+SQ sq_m512i sq_setzero_si512(void) { sq_m512i r = {{{0}, {0}}}; return r; }
+SQ sq_m512 sq_set1_ps(float x) { sq_f8 v = {x, x, x, x, x, x, x, x}; sq_m512 r = {{v, v}}; return r; }
+SQ sq_m512i sq_set1_epi32(int32_t x) { sq_i8 v = {x, x, x, x, x, x, x, x}; sq_m512i r = {{v, v}}; return r; }
+SQ sq_m512i sq_set_epi32(int e15, int e14, int e13, int e12, int e11, int e10, int e9, int e8, int e7, int e6, int e5,
+                         int e4, int e3, int e2, int e1, int e0) {
+    sq_m512i r = {{{e0, e1, e2, e3, e4, e5, e6, e7}, {e8, e9, e10, e11, e12, e13, e14, e15}}};
     return r;
 }
-SQ_INLINE __m512 _mm512_mask_blend_ps(__mmask16 m, __m512 a, __m512 b) {
-    __m512i s = sq_selector16(m);
-    return (__m512)((s & (__m512i)b) | (~s & (__m512i)a));
-}
-SQ_INLINE __m512 _mm512_maskz_mov_ps(__mmask16 m, __m512 a) { return (__m512)(sq_selector16(m) & (__m512i)a); }
+SQ sq_m512 sq_loadu_ps(const void *p) { sq_m512 r; memcpy(&r, p, sizeof r); return r; }
+SQ void sq_storeu_ps(void *p, sq_m512 v) { memcpy(p, &v, sizeof v); }
 
-/* ---- float arithmetic ---- */
-SQ_INLINE __m512 _mm512_add_ps(__m512 a, __m512 b) { return a + b; }
-SQ_INLINE __m512 _mm512_sub_ps(__m512 a, __m512 b) { return a - b; }
-SQ_INLINE __m512 _mm512_mul_ps(__m512 a, __m512 b) { return a * b; }
-SQ_INLINE __m512 _mm512_div_ps(__m512 a, __m512 b) { return a / b; }
-SQ_INLINE __m512d _mm512_add_pd(__m512d a, __m512d b) { return a + b; }
-SQ_INLINE __m512 _mm512_abs_ps(__m512 a) { return (__m512)((__m512i)a & 0x7FFFFFFF); }
-SQ_INLINE __m512 _mm512_xor_ps(__m512 a, __m512 b) { return (__m512)((__m512i)a ^ (__m512i)b); }
-SQ_INLINE __m512 _mm512_max_ps(__m512 a, __m512 b) { return _mm512_mask_blend_ps(sq_mask16(a > b), b, a); }
-SQ_INLINE __m512 _mm512_min_ps(__m512 a, __m512 b) { return _mm512_mask_blend_ps(sq_mask16(a < b), b, a); }
-SQ_INLINE __m512 _mm512_fmadd_ps(__m512 a, __m512 b, __m512 c) {
-    for (int i = 0; i < 16; i++)
-        c[i] = fmaf(a[i], b[i], c[i]);
-    return c;
-}
-SQ_INLINE __m512 _mm512_fnmadd_ps(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(-a, b, c); }
-SQ_INLINE __m512 _mm512_scalef_ps(__m512 a, __m512 b) {
-    /* a * 2**floor(b), rounded once (the kernels pass integral b of modest size) */
-    for (int i = 0; i < 16; i++) {
-        float e = floorf(b[i]);
-        a[i] = isnan(e) ? NAN : ldexpf(a[i], e < -1000.0f ? -1000 : e > 1000.0f ? 1000 : (int)e);
+SQ sq_m512 sq_mask_loadu_ps(sq_m512 src, sq_mask16 m, const void *p) {
+    const float *f = (const float *)p;
+    SQ_HALVES(k) {
+        unsigned bits = m >> 8 * k & 0xFF;
+        if (bits == 0xFF) {
+            memcpy(&src.h[k], f + 8 * k, sizeof src.h[k]);
+        } else if (bits) {
+#ifdef SQ_AVX2
+            sq_i8 s = sq_sel8(bits);
+            src.h[k] = sq_select(s, src.h[k], (sq_f8)_mm256_maskload_ps(f + 8 * k, (__m256i)s));
+#else
+            for (int i = 0; i < 8; i++)
+                if (bits >> i & 1) src.h[k][i] = f[8 * k + i];
+#endif
+        }
     }
+    return src;
+}
+SQ sq_m512 sq_maskz_loadu_ps(sq_mask16 m, const void *p) { return sq_mask_loadu_ps(sq_setzero_ps(), m, p); }
+SQ sq_m512i sq_maskz_loadu_epi32(sq_mask16 m, const void *p) {
+    sq_m512 r = sq_maskz_loadu_ps(m, p);
+    sq_m512i i = {{(sq_i8)r.h[0], (sq_i8)r.h[1]}};
+    return i;
+}
+SQ void sq_mask_storeu_ps(void *p, sq_mask16 m, sq_m512 v) {
+    float *f = (float *)p;
+    SQ_HALVES(k) {
+        unsigned bits = m >> 8 * k & 0xFF;
+        if (bits == 0xFF) {
+            memcpy(f + 8 * k, &v.h[k], sizeof v.h[k]);
+        } else if (bits) {
+#ifdef SQ_AVX2
+            _mm256_maskstore_ps(f + 8 * k, (__m256i)sq_sel8(bits), (__m256)v.h[k]);
+#else
+            for (int i = 0; i < 8; i++)
+                if (bits >> i & 1) f[8 * k + i] = v.h[k][i];
+#endif
+        }
+    }
+}
+SQ sq_m512d sq_maskz_loadu_pd(sq_mask8 m, const void *p) {
+    const double *d = (const double *)p;
+    sq_m512d r = {{{0}, {0}}};
+    SQ_HALVES(k) {
+        unsigned bits = m >> 4 * k & 0xF;
+        if (bits == 0xF) {
+            memcpy(&r.h[k], d + 4 * k, sizeof r.h[k]);
+        } else if (bits) {
+#ifdef SQ_AVX2
+            r.h[k] = (sq_d4)_mm256_maskload_pd(d + 4 * k, (__m256i)sq_sel4(bits));
+#else
+            for (int i = 0; i < 4; i++)
+                if (bits >> i & 1) r.h[k][i] = d[4 * k + i];
+#endif
+        }
+    }
+    return r;
+}
+SQ void sq_mask_storeu_pd(void *p, sq_mask8 m, sq_m512d v) {
+    double *d = (double *)p;
+    SQ_HALVES(k) {
+        unsigned bits = m >> 4 * k & 0xF;
+        if (bits == 0xF) {
+            memcpy(d + 4 * k, &v.h[k], sizeof v.h[k]);
+        } else if (bits) {
+#ifdef SQ_AVX2
+            _mm256_maskstore_pd(d + 4 * k, (__m256i)sq_sel4(bits), (__m256d)v.h[k]);
+#else
+            for (int i = 0; i < 4; i++)
+                if (bits >> i & 1) d[4 * k + i] = v.h[k][i];
+#endif
+        }
+    }
+}
+SQ sq_b16 sq_maskz_loadu_epi8(sq_mask16 m, const void *p) {
+    sq_b16 r = {0};
+    if (m == 0xFFFF)
+        memcpy(&r, p, sizeof r);
+    else
+        for (int i = 0; i < 16; i++)
+            if (m >> i & 1) r[i] = ((const int8_t *)p)[i];
+    return r;
+}
+SQ void sq_mask_storeu_epi8(void *p, sq_mask16 m, sq_b16 v) {
+    if (m == 0xFFFF)
+        memcpy(p, &v, sizeof v);
+    else
+        for (int i = 0; i < 16; i++)
+            if (m >> i & 1) ((int8_t *)p)[i] = v[i];
+}
+
+/* ---- moves, blends, casts ---- */
+SQ sq_m512 sq_castsi512_ps(sq_m512i v) { sq_m512 r = {{(sq_f8)v.h[0], (sq_f8)v.h[1]}}; return r; }
+SQ sq_m512i sq_castps_si512(sq_m512 v) { sq_m512i r = {{(sq_i8)v.h[0], (sq_i8)v.h[1]}}; return r; }
+SQ sq_m512d sq_castps_pd(sq_m512 v) { sq_m512d r = {{(sq_d4)v.h[0], (sq_d4)v.h[1]}}; return r; }
+SQ sq_f8 sq_castpd_ps256(sq_d4 v) { return (sq_f8)v; }
+SQ sq_f8 sq_castps512_ps256(sq_m512 v) { return v.h[0]; }
+SQ sq_d4 sq_extractf64x4_pd(sq_m512d v, int hi) { return v.h[hi & 1]; }
+SQ sq_m512 sq_mask_blend_ps(sq_mask16 m, sq_m512 a, sq_m512 b) {
+    SQ_HALVES(k) a.h[k] = sq_select(sq_sel8(m >> 8 * k & 0xFF), a.h[k], b.h[k]);
     return a;
 }
-SQ_INLINE __m512 _mm512_roundscale_ps(__m512 a, int mode) {
-    /* only the rounding mode (scale 0): nearest even, down, up, toward zero */
-    for (int i = 0; i < 16; i++)
+SQ sq_m512 sq_maskz_mov_ps(sq_mask16 m, sq_m512 a) {
+    SQ_HALVES(k) a.h[k] = (sq_f8)(sq_sel8(m >> 8 * k & 0xFF) & (sq_i8)a.h[k]);
+    return a;
+}
+
+/* ---- float arithmetic ---- */
+#define SQ_LANEWISE(name, type, op) \
+    SQ type name(type a, type b) { SQ_HALVES(k) a.h[k] = a.h[k] op b.h[k]; return a; }
+SQ_LANEWISE(sq_add_ps, sq_m512, +)
+SQ_LANEWISE(sq_sub_ps, sq_m512, -)
+SQ_LANEWISE(sq_mul_ps, sq_m512, *)
+SQ_LANEWISE(sq_div_ps, sq_m512, /)
+SQ_LANEWISE(sq_add_pd, sq_m512d, +)
+SQ_LANEWISE(sq_xor_si512, sq_m512i, ^)
+#undef SQ_LANEWISE
+SQ sq_m512 sq_abs_ps(sq_m512 a) {
+    SQ_HALVES(k) a.h[k] = (sq_f8)((sq_i8)a.h[k] & 0x7FFFFFFF);
+    return a;
+}
+SQ sq_m512 sq_xor_ps(sq_m512 a, sq_m512 b) {
+    SQ_HALVES(k) a.h[k] = (sq_f8)((sq_i8)a.h[k] ^ (sq_i8)b.h[k]);
+    return a;
+}
+SQ sq_m512 sq_max_ps(sq_m512 a, sq_m512 b) {
+#ifdef SQ_AVX2
+    SQ_HALVES(k) a.h[k] = (sq_f8)_mm256_max_ps((__m256)a.h[k], (__m256)b.h[k]);
+#else
+    SQ_HALVES(k) a.h[k] = sq_select(a.h[k] > b.h[k], b.h[k], a.h[k]);
+#endif
+    return a;
+}
+SQ sq_m512 sq_min_ps(sq_m512 a, sq_m512 b) {
+#ifdef SQ_AVX2
+    SQ_HALVES(k) a.h[k] = (sq_f8)_mm256_min_ps((__m256)a.h[k], (__m256)b.h[k]);
+#else
+    SQ_HALVES(k) a.h[k] = sq_select(a.h[k] < b.h[k], b.h[k], a.h[k]);
+#endif
+    return a;
+}
+SQ sq_m512 sq_fmadd_ps(sq_m512 a, sq_m512 b, sq_m512 c) {
+#ifdef SQ_AVX2
+    SQ_HALVES(k) c.h[k] = (sq_f8)_mm256_fmadd_ps((__m256)a.h[k], (__m256)b.h[k], (__m256)c.h[k]);
+#else
+    SQ_HALVES(k) for (int i = 0; i < 8; i++) c.h[k][i] = fmaf(a.h[k][i], b.h[k][i], c.h[k][i]);
+#endif
+    return c;
+}
+SQ sq_m512 sq_fnmadd_ps(sq_m512 a, sq_m512 b, sq_m512 c) {
+    SQ_HALVES(k) a.h[k] = -a.h[k];
+    return sq_fmadd_ps(a, b, c);
+}
+SQ sq_f8 sq_round8(sq_f8 a, int mode) {
+#ifdef SQ_AVX2
+    switch (mode & 3) {     /* constant where the kernels call it: one instruction */
+        case _MM_FROUND_TO_NEAREST_INT: return (sq_f8)_mm256_round_ps((__m256)a, 0x08);
+        case _MM_FROUND_TO_NEG_INF: return (sq_f8)_mm256_round_ps((__m256)a, 0x09);
+        case _MM_FROUND_TO_POS_INF: return (sq_f8)_mm256_round_ps((__m256)a, 0x0A);
+        default: return (sq_f8)_mm256_round_ps((__m256)a, 0x0B);
+    }
+#else
+    for (int i = 0; i < 8; i++)
         switch (mode & 3) {
             case _MM_FROUND_TO_NEAREST_INT: a[i] = nearbyintf(a[i]); break;
             case _MM_FROUND_TO_NEG_INF: a[i] = floorf(a[i]); break;
@@ -158,66 +267,174 @@ SQ_INLINE __m512 _mm512_roundscale_ps(__m512 a, int mode) {
             default: a[i] = truncf(a[i]); break;
         }
     return a;
+#endif
 }
-SQ_INLINE __mmask16 _mm512_cmp_ps_mask(__m512 a, __m512 b, int predicate) {
+SQ sq_m512 sq_roundscale_ps(sq_m512 a, int mode) {
+    /* only the rounding mode (scale 0): nearest even, down, up, toward zero */
+    SQ_HALVES(k) a.h[k] = sq_round8(a.h[k], mode);
+    return a;
+}
+SQ sq_m512 sq_scalef_ps(sq_m512 a, sq_m512 b) {
+    /* a * 2**(n + 64) is exact (a power of two in the normal range), the * 2**-64 rounds once */
+    const sq_f8 lo = {-150, -150, -150, -150, -150, -150, -150, -150}, hi = {60, 60, 60, 60, 60, 60, 60, 60};
+    const sq_f8 down = {0x1p-64f, 0x1p-64f, 0x1p-64f, 0x1p-64f, 0x1p-64f, 0x1p-64f, 0x1p-64f, 0x1p-64f};
+    SQ_HALVES(k) {
+        sq_f8 n = sq_round8(b.h[k], _MM_FROUND_TO_NEG_INF);
+        n = sq_select(n < lo, n, lo);
+        n = sq_select(n > hi, n, hi);
+        sq_i8 e = (__builtin_convertvector(n, sq_i8) + (127 + 64)) << 23;
+        a.h[k] = a.h[k] * (sq_f8)e * down;
+    }
+    return a;
+}
+SQ sq_mask16 sq_cmp_ps_mask(sq_m512 a, sq_m512 b, int predicate) {
     switch (predicate) {
-        case _CMP_EQ_OQ: return sq_mask16(a == b);
-        case _CMP_LT_OQ: return sq_mask16(a < b);
-        case _CMP_GT_OQ: return sq_mask16(a > b);
-        case _CMP_UNORD_Q: return sq_mask16((a != a) | (b != b));
+        case _CMP_EQ_OQ: return sq_bits16(a.h[0] == b.h[0], a.h[1] == b.h[1]);
+        case _CMP_LT_OQ: return sq_bits16(a.h[0] < b.h[0], a.h[1] < b.h[1]);
+        case _CMP_GT_OQ: return sq_bits16(a.h[0] > b.h[0], a.h[1] > b.h[1]);
+        case _CMP_UNORD_Q:
+            return sq_bits16((a.h[0] != a.h[0]) | (b.h[0] != b.h[0]), (a.h[1] != a.h[1]) | (b.h[1] != b.h[1]));
         default: abort();       /* a predicate the kernels do not use */
     }
 }
-SQ_INLINE __mmask16 _mm512_mask_cmp_ps_mask(__mmask16 m, __m512 a, __m512 b, int predicate) {
-    return m & _mm512_cmp_ps_mask(a, b, predicate);
+SQ sq_mask16 sq_mask_cmp_ps_mask(sq_mask16 m, sq_m512 a, sq_m512 b, int predicate) {
+    return m & sq_cmp_ps_mask(a, b, predicate);
 }
 
 /* ---- horizontal reductions, in the order of GCC's _mm512_reduce_{add,max}_ps ---- */
-SQ_INLINE float _mm512_reduce_add_ps(__m512 v) {
-    float t3[8], t6[4];
-    for (int i = 0; i < 8; i++)
-        t3[i] = v[i + 8] + v[i];
-    for (int i = 0; i < 4; i++)
-        t6[i] = t3[i + 4] + t3[i];
+SQ float sq_reduce_add_ps(sq_m512 v) {
+    sq_f8 t3 = v.h[1] + v.h[0];
+    float t6[4] = {t3[4] + t3[0], t3[5] + t3[1], t3[6] + t3[2], t3[7] + t3[3]};
     return (t6[0] + t6[2]) + (t6[1] + t6[3]);
 }
-SQ_INLINE float sq_maxps(float a, float b) { return a > b ? a : b; }
-SQ_INLINE float _mm512_reduce_max_ps(__m512 v) {
-    float t3[8], t6[4];
-    for (int i = 0; i < 8; i++)
-        t3[i] = sq_maxps(v[i + 8], v[i]);
+SQ float sq_max1(float a, float b) { return a > b ? a : b; }
+SQ float sq_reduce_max_ps(sq_m512 v) {
+    float t6[4];
     for (int i = 0; i < 4; i++)
-        t6[i] = sq_maxps(t3[i + 4], t3[i]);
-    return sq_maxps(sq_maxps(t6[0], t6[2]), sq_maxps(t6[1], t6[3]));
+        t6[i] = sq_max1(sq_max1(v.h[1][i + 4], v.h[0][i + 4]), sq_max1(v.h[1][i], v.h[0][i]));
+    return sq_max1(sq_max1(t6[0], t6[2]), sq_max1(t6[1], t6[3]));
 }
 
 /* ---- integers and conversions ---- */
-SQ_INLINE __m512i _mm512_add_epi32(__m512i a, __m512i b) { return (__m512i)((sq_u32x16)a + (sq_u32x16)b); }
-SQ_INLINE __m512i _mm512_mullo_epi32(__m512i a, __m512i b) { return (__m512i)((sq_u32x16)a * (sq_u32x16)b); }
-SQ_INLINE __m512i _mm512_xor_si512(__m512i a, __m512i b) { return a ^ b; }
-SQ_INLINE __m512i _mm512_srli_epi32(__m512i a, unsigned n) {
-    return n > 31 ? (__m512i){0} : (__m512i)((sq_u32x16)a >> n);
+SQ sq_m512i sq_add_epi32(sq_m512i a, sq_m512i b) {
+    SQ_HALVES(k) a.h[k] = (sq_i8)((sq_u8)a.h[k] + (sq_u8)b.h[k]);
+    return a;
 }
-SQ_INLINE __mmask16 _mm512_mask_cmpeq_epi32_mask(__mmask16 m, __m512i a, __m512i b) { return m & sq_mask16(a == b); }
-SQ_INLINE __m512 _mm512_cvtepi32_ps(__m512i a) { return __builtin_convertvector(a, __m512); }
-SQ_INLINE __m512i _mm512_cvtps_epi32(__m512 a) {
-    __m512i r;
-    for (int i = 0; i < 16; i++) {
-        float x = nearbyintf(a[i]);
-        r[i] = x >= -2147483648.0f && x < 2147483648.0f ? (int32_t)x : INT32_MIN;
-    }
+SQ sq_m512i sq_mullo_epi32(sq_m512i a, sq_m512i b) {
+    SQ_HALVES(k) a.h[k] = (sq_i8)((sq_u8)a.h[k] * (sq_u8)b.h[k]);
+    return a;
+}
+SQ sq_m512i sq_srli_epi32(sq_m512i a, unsigned n) {
+    SQ_HALVES(k) a.h[k] = n > 31 ? (sq_i8){0} : (sq_i8)((sq_u8)a.h[k] >> n);
+    return a;
+}
+SQ sq_mask16 sq_mask_cmpeq_epi32_mask(sq_mask16 m, sq_m512i a, sq_m512i b) {
+    return m & sq_bits16(a.h[0] == b.h[0], a.h[1] == b.h[1]);
+}
+SQ sq_m512 sq_cvtepi32_ps(sq_m512i a) {
+    sq_m512 r;
+    SQ_HALVES(k) r.h[k] = __builtin_convertvector(a.h[k], sq_f8);
     return r;
 }
-SQ_INLINE __m512d _mm512_cvtps_pd(__m256 a) { return __builtin_convertvector(a, __m512d); }
-SQ_INLINE __m512i _mm512_cvtepi8_epi32(__m128i a) { return __builtin_convertvector(a, __m512i); }
-SQ_INLINE __m512i _mm512_cvtepu8_epi32(__m128i a) { return __builtin_convertvector((sq_u8x16)a, __m512i); }
-SQ_INLINE __m128i _mm512_cvtepi32_epi8(__m512i a) {
+SQ sq_m512i sq_cvtps_epi32(sq_m512 a) {
+    sq_m512i r;
+#ifdef SQ_AVX2
+    SQ_HALVES(k) r.h[k] = (sq_i8)_mm256_cvtps_epi32((__m256)a.h[k]);
+#else
+    SQ_HALVES(k) for (int i = 0; i < 8; i++) {
+        float x = nearbyintf(a.h[k][i]);
+        r.h[k][i] = x >= -2147483648.0f && x < 2147483648.0f ? (int32_t)x : INT32_MIN;
+    }
+#endif
+    return r;
+}
+SQ sq_m512d sq_cvtps_pd(sq_f8 a) {
+    sq_f4 half[2];
+    memcpy(half, &a, sizeof half);
+    sq_m512d r = {{__builtin_convertvector(half[0], sq_d4), __builtin_convertvector(half[1], sq_d4)}};
+    return r;
+}
+SQ sq_m512i sq_cvtepi8_epi32(sq_b16 a) {
+    sq_b8 half[2];
+    memcpy(half, &a, sizeof half);
+    sq_m512i r = {{__builtin_convertvector(half[0], sq_i8), __builtin_convertvector(half[1], sq_i8)}};
+    return r;
+}
+SQ sq_m512i sq_cvtepu8_epi32(sq_b16 a) {
+    sq_ub8 half[2];
+    memcpy(half, &a, sizeof half);
+    sq_m512i r = {{__builtin_convertvector(half[0], sq_i8), __builtin_convertvector(half[1], sq_i8)}};
+    return r;
+}
+SQ sq_b16 sq_cvtepi32_epi8(sq_m512i a) {
     /* truncation to the low byte (VPMOVDB) */
-    return (__m128i)__builtin_convertvector((sq_u32x16)a & 0xFF, sq_u8x16);
+    sq_ub8 half[2];
+    SQ_HALVES(k) half[k] = __builtin_convertvector((sq_u8)a.h[k] & 0xFF, sq_ub8);
+    sq_b16 r;
+    memcpy(&r, half, sizeof r);
+    return r;
 }
-SQ_INLINE void _mm512_mask_cvtepi32_storeu_epi8(void *p, __mmask16 m, __m512i a) {
-    _mm_mask_storeu_epi8(p, m, _mm512_cvtepi32_epi8(a));
-}
+SQ void sq_mask_cvtepi32_storeu_epi8(void *p, sq_mask16 m, sq_m512i a) { sq_mask_storeu_epi8(p, m, sq_cvtepi32_epi8(a)); }
 
-#undef SQ_LANES16
+#undef SQ_HALVES
+#undef SQ
+
+/* The AVX-512 names the kernels use. */
+#define __m512 sq_m512
+#define __m512i sq_m512i
+#define __m512d sq_m512d
+#define __mmask16 sq_mask16
+#define __mmask8 sq_mask8
+#define _mm512_setzero_ps sq_setzero_ps
+#define _mm512_setzero_si512 sq_setzero_si512
+#define _mm512_set1_ps sq_set1_ps
+#define _mm512_set1_epi32 sq_set1_epi32
+#define _mm512_set_epi32 sq_set_epi32
+#define _mm512_loadu_ps sq_loadu_ps
+#define _mm512_storeu_ps sq_storeu_ps
+#define _mm512_mask_loadu_ps sq_mask_loadu_ps
+#define _mm512_maskz_loadu_ps sq_maskz_loadu_ps
+#define _mm512_maskz_loadu_epi32 sq_maskz_loadu_epi32
+#define _mm512_mask_storeu_ps sq_mask_storeu_ps
+#define _mm512_maskz_loadu_pd sq_maskz_loadu_pd
+#define _mm512_mask_storeu_pd sq_mask_storeu_pd
+#define _mm_maskz_loadu_epi8 sq_maskz_loadu_epi8
+#define _mm_mask_storeu_epi8 sq_mask_storeu_epi8
+#define _mm512_castsi512_ps sq_castsi512_ps
+#define _mm512_castps_si512 sq_castps_si512
+#define _mm512_castps_pd sq_castps_pd
+#define _mm256_castpd_ps sq_castpd_ps256
+#define _mm512_castps512_ps256 sq_castps512_ps256
+#define _mm512_extractf64x4_pd sq_extractf64x4_pd
+#define _mm512_mask_blend_ps sq_mask_blend_ps
+#define _mm512_maskz_mov_ps sq_maskz_mov_ps
+#define _mm512_add_ps sq_add_ps
+#define _mm512_sub_ps sq_sub_ps
+#define _mm512_mul_ps sq_mul_ps
+#define _mm512_div_ps sq_div_ps
+#define _mm512_add_pd sq_add_pd
+#define _mm512_abs_ps sq_abs_ps
+#define _mm512_xor_ps sq_xor_ps
+#define _mm512_max_ps sq_max_ps
+#define _mm512_min_ps sq_min_ps
+#define _mm512_fmadd_ps sq_fmadd_ps
+#define _mm512_fnmadd_ps sq_fnmadd_ps
+#define _mm512_roundscale_ps sq_roundscale_ps
+#define _mm512_scalef_ps sq_scalef_ps
+#define _mm512_cmp_ps_mask sq_cmp_ps_mask
+#define _mm512_mask_cmp_ps_mask sq_mask_cmp_ps_mask
+#define _mm512_reduce_add_ps sq_reduce_add_ps
+#define _mm512_reduce_max_ps sq_reduce_max_ps
+#define _mm512_add_epi32 sq_add_epi32
+#define _mm512_mullo_epi32 sq_mullo_epi32
+#define _mm512_xor_si512 sq_xor_si512
+#define _mm512_srli_epi32 sq_srli_epi32
+#define _mm512_mask_cmpeq_epi32_mask sq_mask_cmpeq_epi32_mask
+#define _mm512_cvtepi32_ps sq_cvtepi32_ps
+#define _mm512_cvtps_epi32 sq_cvtps_epi32
+#define _mm512_cvtps_pd sq_cvtps_pd
+#define _mm512_cvtepi8_epi32 sq_cvtepi8_epi32
+#define _mm512_cvtepu8_epi32 sq_cvtepu8_epi32
+#define _mm512_cvtepi32_epi8 sq_cvtepi32_epi8
+#define _mm512_mask_cvtepi32_storeu_epi8 sq_mask_cvtepi32_storeu_epi8
 #endif
