@@ -21,6 +21,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models unet
     python benchmarks/train_step.py --models unet resnet18 --no-implicit-conv   # convs as im2col GEMMs too
     python benchmarks/train_step.py --models unet resnet18 --no-norm-kernel     # norms as Inductor's loops too
+    python benchmarks/train_step.py --no-c-kernels      # none of the C kernels but the GEMMs' (a portable-build A/B)
 """
 from __future__ import annotations
 
@@ -220,6 +221,9 @@ def variants(args, name):
     if args.no_norm_kernel:
         out.append((f"{tag}, norms as Inductor loops",
                     dict(bits, fusion=True, execution="auto", collect_stats=False, _norm_ops=True), False))
+    if args.no_c_kernels:
+        out.append((f"{tag}, no C kernels but the GEMMs'",
+                    dict(bits, fusion=False, execution="auto", _norm_ops=True), False))
     if args.outer_scale:
         flipped = not OpConfig().grad_outer_scale
         out.append((f"{tag}, grad_outer_scale={flipped}", dict(bits, grad_outer_scale=flipped), False))
@@ -330,6 +334,9 @@ def main(argv=None):
     p.add_argument("--no-norm-kernel", action="store_true",
                    help="also time the step with the L1 norms as the graph's ops under Inductor (the "
                         "cpu_l1_norm C kernels off)")
+    p.add_argument("--no-c-kernels", action="store_true",
+                   help="also time the step with none of the attention / quantizer / GELU / norm C kernels "
+                        "(fusion=False and the norms on the graph's ops): what a CPU without them runs")
     p.add_argument("--no-grad-kernel", action="store_true",
                    help="also time the step with the gradients' outer-scaled ShiftQuants as Inductor's loops "
                         "(the shiftquant_outer_pair C kernel off, attention's kernels on)")

@@ -245,8 +245,21 @@ def int8_conv_weight(e: torch.Tensor, x: torch.Tensor, kernel: List[int], paddin
     return im2col_int8_conv_weight(e, x, kernel, padding, dilation)
 
 
+def check_conv_weight_operands(e: torch.Tensor, x: torch.Tensor, kernel, padding, dilation) -> None:
+    """``ValueError`` unless ``e`` has the shape of the output gradient of ``x``'s stride-1
+    convolution with ``kernel`` (every implementation of :func:`int8_conv_weight` asks: the
+    implicit GEMM would otherwise read ``e`` on the wrong grid)."""
+    want = [x.shape[0], e.shape[1] if e.dim() > 1 else -1, *conv_output_sizes(list(x.shape[2:]), kernel, padding,
+                                                                                dilation)]
+    if e.dim() != x.dim() or list(e.shape) != want:
+        raise ValueError(f"int8_conv_weight: e has shape {tuple(e.shape)}, but the output gradient of the convolution "
+                         f"of x {tuple(x.shape)} with kernel {list(kernel)}, padding {list(padding)} and dilation "
+                         f"{list(dilation)} has shape {tuple(want)} ([N, Cout, *O])")
+
+
 def im2col_int8_conv_weight(e: torch.Tensor, x: torch.Tensor, kernel, padding, dilation) -> torch.Tensor:
     """:func:`int8_conv_weight` as an im2col GEMM on ``int8_mm`` (the reference; any device)."""
+    check_conv_weight_operands(e, x, kernel, padding, dilation)
     cols, _ = _im2col(x, kernel, [1] * len(kernel), padding, dilation)     # [N*L, k*C]
     e2 = e.movedim(1, -1).reshape(-1, e.shape[1])                          # [N*L, Cout]
     dw = int8_mm(e2.t(), cols)                                             # [Cout, k*C]

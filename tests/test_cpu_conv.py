@@ -131,9 +131,18 @@ def test_ops_fake_implementations():
     x, w = rand8(2, 24, 7, 12, gen=g), rand8(16, 24, 3, 5, gen=g)
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.sqcompile.int8_conv.default, (x, w, [2, 0], [1, 2]), test_utils=utils)
-    e = rand8(2, 16, 11, 4, gen=g)
+    e = rand8(2, 16, 9, 4, gen=g)       # the output gradient: 7 + 2*2 - 2 rows, 12 - 4*2 columns
     torch.library.opcheck(torch.ops.sqcompile.int8_conv_weight.default, (e, x, [3, 5], [2, 0], [1, 2]),
                           test_utils=utils)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 11, 4), (2, 16, 9, 5), (3, 16, 9, 4), (2, 16, 36)])
+def test_weight_gradient_refuses_an_output_gradient_of_another_shape(shape):
+    """On every engine (the AMX kernel would read ``e`` on the wrong grid)."""
+    g = torch.Generator().manual_seed(3)
+    x, e = rand8(2, 24, 7, 12, gen=g), rand8(*shape, gen=g)
+    with pytest.raises(ValueError, match=r"int8_conv_weight: e has shape .* has shape \(2, 16, 9, 4\)"):
+        torch.ops.sqcompile.int8_conv_weight(e, x, [3, 5], [2, 0], [1, 2])
 
 
 @needs_amx

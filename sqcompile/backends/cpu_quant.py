@@ -29,7 +29,7 @@ PyTorch's vectorized formula over our ``exp``, a few ulps from Inductor's.  Labe
 whose output something else reads, keep the graph's ops.
 
 Neither pass does anything on other devices, with other kernel families, when the kernels
-cannot run here (:func:`~sqcompile.kernels.cpu_quant.status`: AVX-512 F/BW/VL and a C
+cannot run here (:func:`~sqcompile.kernels.cpu_quant.status`: Linux on x86-64 and a C
 compiler), or with ``fusion=False``; the gradient pass also not without ``grad_outer_scale``,
 under ``inner="eager"`` (whose quantizers draw their noise another way), or for bit widths
 beyond int8's range.  Each fusion is recorded as a :class:`~sqcompile.decisions.FusedRegion`.

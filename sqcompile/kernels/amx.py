@@ -122,13 +122,13 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     The caller keeps ``K`` within :data:`sqcompile.ops.MAX_INT32_TERMS`."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"AMX int8_mm needs int8 operands, got {a.dtype} and {b.dtype}")
-    ok, why = status()          # also grants this process the AMX tile state
-    if not ok:
-        raise RuntimeError(f"the AMX int8 kernel is not usable: {why}")
     M, K = a.shape[-2:]
     K2, N = b.shape[-2:]
     if K != K2:
         raise ValueError(f"int8_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+    ok, why = status()          # also grants this process the AMX tile state
+    if not ok:
+        raise RuntimeError(f"the AMX int8 kernel is not usable: {why}")
     plain = a.dim() == 2 and b.dim() == 2       # the common case, without the batch bookkeeping
     batch = () if plain else torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     out = pool.OUTPUTS.empty((*batch, M, N))

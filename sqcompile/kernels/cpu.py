@@ -34,6 +34,7 @@ def int8_conv_cpu(x: torch.Tensor, w: torch.Tensor, padding, dilation) -> torch.
 def int8_conv_weight_cpu(e: torch.Tensor, x: torch.Tensor, kernel, padding, dilation) -> torch.Tensor:
     """A stride-1 convolution's weight gradient: an implicit GEMM on the AMX kernel when the
     engine is AMX, else the reference im2col GEMM."""
+    ops.check_conv_weight_operands(e, x, kernel, padding, dilation)
     if e.dtype == x.dtype == torch.int8 and amx.engine(rows=x.shape[1] * math.prod(kernel)) == "amx":
         return amx.int8_conv_weight(e, x, kernel, padding, dilation)
     return ops.im2col_int8_conv_weight(e, x, kernel, padding, dilation)

@@ -10,7 +10,7 @@ which write and re-read the float scores several times: on a transformer step (8
 takes.  Its backward (dequantize ``dP``, softmax backward, mask, scale) was recomputed by
 each loop of the ``dS`` quantizers that read it; :func:`attention_probs_backward` writes
 ``dS`` once, and :func:`ds_quantize` runs its two outer-scaled ShiftQuants in three passes
-over it.  ``cpu_attention.c`` does each one row at a time, in cache, with AVX-512; the
+over it.  ``cpu_attention.c`` does each one row at a time, in cache, with AVX-512 (or its portable build: :mod:`~.native`); the
 lowering pass :mod:`sqcompile.backends.cpu_attention` puts them in the graphs.
 
 The results are the unfused ops' except for ``exp``, which is within an ulp of the exact
@@ -80,7 +80,7 @@ def attention_probs_reference(scores: torch.Tensor, sa: torch.Tensor, sb: torch.
 
 def attention_probs(scores: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, scale: float, causal: bool,
                     bits: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`attention_probs_reference` on the AVX-512 kernel (``cpu_attention.c``) for int32
+    """:func:`attention_probs_reference` on the C kernel (``cpu_attention.c``) for int32
     ``scores`` ``[..., L, S]`` on CPU; ``sa`` broadcasts to ``[..., L, 1]``, ``sb`` to ``[...,
     1, S]``.  Runs the reference where :func:`status` says the kernel cannot."""
     if scores.device.type != "cpu" or scores.dtype != torch.int32 or not status()[0] or scores.numel() == 0:
@@ -142,7 +142,7 @@ def attention_probs_backward_reference(dp: torch.Tensor, sa: Optional[torch.Tens
 
 def attention_probs_backward(dp: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.Tensor], p: torch.Tensor,
                              mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """:func:`attention_probs_backward_reference` on the AVX-512 kernel for int32 ``dp`` ``[...,
+    """:func:`attention_probs_backward_reference` on the C kernel for int32 ``dp`` ``[...,
     L, S]`` (``sa`` broadcasting to ``[..., L, 1]``, ``sb`` to ``[..., 1, S]``, ``p`` float32 of
     ``dp``'s shape, ``mask`` boolean broadcasting to it or None): the gradient of attention's
     scores, ``dS``, in one pass over each row.  The reference where the kernel cannot run."""

@@ -1,4 +1,5 @@
-"""The fully-quantized L1 norm as two C kernels (``cpu_norm.c``, AVX-512): the forward
+"""The fully-quantized L1 norm as two C kernels (``cpu_norm.c``, AVX-512 or the portable build of
+:mod:`~sqcompile.kernels.native`): the forward
 ``sqcompile::cpu_l1_norm`` and the backward ``sqcompile::cpu_l1_norm_backward``.
 
 Under Inductor the L1 norm of :mod:`sqcompile.norms` (its input quantizer, statistics,

@@ -1,5 +1,6 @@
 """CPU quantizers fused with what produces their input, as C kernels (``cpu_quant.c``,
-AVX-512): ``sqcompile::shiftquant_outer_pair`` and ``sqcompile::gelu_quantize``.
+AVX-512 or the portable build of :mod:`~.native`): ``sqcompile::shiftquant_outer_pair`` and
+``sqcompile::gelu_quantize``.
 
 :func:`shiftquant_outer_pair`: with ``grad_outer_scale`` (the default), the backward of a
 quantized GEMM ``Y = A B`` quantizes ``dY`` twice (:func:`sqcompile.ops.shiftquant_outer`):
@@ -106,7 +107,7 @@ def _chunks(B: int, L: int, threads: int) -> int:
 
 def shiftquant_outer_pair(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int, groups: int,
                           seeds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, ...]:
-    """:func:`shiftquant_outer_pair_reference` on the AVX-512 kernel, bit for bit, in three
+    """:func:`shiftquant_outer_pair_reference` on the C kernel, bit for bit, in three
     passes over ``dy`` (float32 ``[..., L, S]`` on CPU): the outer maxima, the quotients'
     channel ranges, both quantizations, with ``shift_params`` between the second and the
     third.  ``seeds`` default to two drawn from torch's generator, columns first.  Runs the
@@ -175,7 +176,7 @@ def gelu_quantize_reference(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tenso
 
 def gelu_quantize(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor],
                   bits: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`gelu_quantize_reference` on the AVX-512 kernel (``cpu_quant.c``) for int32 ``acc``
+    """:func:`gelu_quantize_reference` on the C kernel (``cpu_quant.c``) for int32 ``acc``
     ``[..., M, N]`` on CPU (``sa`` broadcasting to ``[..., M, 1]``, ``sb`` to ``[..., 1, N]``,
     ``bias`` ``[N]`` or None): ``pre`` bit for bit, the GELU to a few ulps (its ``erf`` is
     PyTorch's vectorized CPU formula over our ``exp``), so ``q`` equal but where a value lies
