@@ -97,79 +97,52 @@ SQ sq_m512i sq_set_epi32(int e15, int e14, int e13, int e12, int e11, int e10, i
 SQ sq_m512 sq_loadu_ps(const void *p) { sq_m512 r; memcpy(&r, p, sizeof r); return r; }
 SQ void sq_storeu_ps(void *p, sq_m512 v) { memcpy(p, &v, sizeof v); }
 
-SQ sq_m512 sq_mask_loadu_ps(sq_m512 src, sq_mask16 m, const void *p) {
-    const float *f = (const float *)p;
-    SQ_HALVES(k) {
-        unsigned bits = m >> 8 * k & 0xFF;
-        if (bits == 0xFF) {
-            memcpy(&src.h[k], f + 8 * k, sizeof src.h[k]);
-        } else if (bits) {
+/* masked loads and stores of float / double halves: whole halves copied, partial ones through
+   AVX2's maskload / maskstore (which touch only the lanes in the mask) or lane by lane */
 #ifdef SQ_AVX2
-            sq_i8 s = sq_sel8(bits);
-            src.h[k] = sq_select(s, src.h[k], (sq_f8)_mm256_maskload_ps(f + 8 * k, (__m256i)s));
+#define SQ_PART_LOAD(dst, src, bits, lanes, sel, maskload) dst = (__typeof__(dst))maskload(src, (__m256i)sel(bits))
+#define SQ_PART_STORE(dst, v, bits, lanes, sel, maskstore, vtype) maskstore(dst, (__m256i)sel(bits), (vtype)(v))
 #else
-            for (int i = 0; i < 8; i++)
-                if (bits >> i & 1) src.h[k][i] = f[8 * k + i];
+#define SQ_PART_LOAD(dst, src, bits, lanes, sel, maskload) \
+    for (int i = 0; i < (lanes); i++) if ((bits) >> i & 1) dst[i] = (src)[i]
+#define SQ_PART_STORE(dst, v, bits, lanes, sel, maskstore, vtype) \
+    for (int i = 0; i < (lanes); i++) if ((bits) >> i & 1) (dst)[i] = (v)[i]
 #endif
-        }
+#define SQ_MASKED(name_load, name_store, vec, mask_t, elem, lanes, sel, maskload, maskstore, vtype)        \
+    SQ vec name_load(mask_t m, const void *p) {                                                       \
+        const elem *f = (const elem *)p;                                                              \
+        vec r;                                                                                        \
+        memset(&r, 0, sizeof r);                                                                      \
+        SQ_HALVES(k) {                                                                                \
+            unsigned bits = m >> (lanes) * k & ((1u << (lanes)) - 1);                                 \
+            if (bits == (1u << (lanes)) - 1)                                                          \
+                memcpy(&r.h[k], f + (lanes) * k, sizeof r.h[k]);                                      \
+            else if (bits)                                                                            \
+                SQ_PART_LOAD(r.h[k], f + (lanes) * k, bits, lanes, sel, maskload);                    \
+        }                                                                                             \
+        return r;                                                                                     \
+    }                                                                                                 \
+    SQ void name_store(void *p, mask_t m, vec v) {                                                    \
+        elem *f = (elem *)p;                                                                          \
+        SQ_HALVES(k) {                                                                                \
+            unsigned bits = m >> (lanes) * k & ((1u << (lanes)) - 1);                                 \
+            if (bits == (1u << (lanes)) - 1)                                                          \
+                memcpy(f + (lanes) * k, &v.h[k], sizeof v.h[k]);                                      \
+            else if (bits)                                                                            \
+                SQ_PART_STORE(f + (lanes) * k, v.h[k], bits, lanes, sel, maskstore, vtype);           \
+        }                                                                                             \
     }
-    return src;
-}
-SQ sq_m512 sq_maskz_loadu_ps(sq_mask16 m, const void *p) { return sq_mask_loadu_ps(sq_setzero_ps(), m, p); }
+SQ_MASKED(sq_maskz_loadu_ps, sq_mask_storeu_ps, sq_m512, sq_mask16, float, 8, sq_sel8, _mm256_maskload_ps,
+          _mm256_maskstore_ps, __m256)
+SQ_MASKED(sq_maskz_loadu_pd, sq_mask_storeu_pd, sq_m512d, sq_mask8, double, 4, sq_sel4, _mm256_maskload_pd,
+          _mm256_maskstore_pd, __m256d)
+#undef SQ_MASKED
+#undef SQ_PART_LOAD
+#undef SQ_PART_STORE
 SQ sq_m512i sq_maskz_loadu_epi32(sq_mask16 m, const void *p) {
     sq_m512 r = sq_maskz_loadu_ps(m, p);
     sq_m512i i = {{(sq_i8)r.h[0], (sq_i8)r.h[1]}};
     return i;
-}
-SQ void sq_mask_storeu_ps(void *p, sq_mask16 m, sq_m512 v) {
-    float *f = (float *)p;
-    SQ_HALVES(k) {
-        unsigned bits = m >> 8 * k & 0xFF;
-        if (bits == 0xFF) {
-            memcpy(f + 8 * k, &v.h[k], sizeof v.h[k]);
-        } else if (bits) {
-#ifdef SQ_AVX2
-            _mm256_maskstore_ps(f + 8 * k, (__m256i)sq_sel8(bits), (__m256)v.h[k]);
-#else
-            for (int i = 0; i < 8; i++)
-                if (bits >> i & 1) f[8 * k + i] = v.h[k][i];
-#endif
-        }
-    }
-}
-SQ sq_m512d sq_maskz_loadu_pd(sq_mask8 m, const void *p) {
-    const double *d = (const double *)p;
-    sq_m512d r = {{{0}, {0}}};
-    SQ_HALVES(k) {
-        unsigned bits = m >> 4 * k & 0xF;
-        if (bits == 0xF) {
-            memcpy(&r.h[k], d + 4 * k, sizeof r.h[k]);
-        } else if (bits) {
-#ifdef SQ_AVX2
-            r.h[k] = (sq_d4)_mm256_maskload_pd(d + 4 * k, (__m256i)sq_sel4(bits));
-#else
-            for (int i = 0; i < 4; i++)
-                if (bits >> i & 1) r.h[k][i] = d[4 * k + i];
-#endif
-        }
-    }
-    return r;
-}
-SQ void sq_mask_storeu_pd(void *p, sq_mask8 m, sq_m512d v) {
-    double *d = (double *)p;
-    SQ_HALVES(k) {
-        unsigned bits = m >> 4 * k & 0xF;
-        if (bits == 0xF) {
-            memcpy(d + 4 * k, &v.h[k], sizeof v.h[k]);
-        } else if (bits) {
-#ifdef SQ_AVX2
-            _mm256_maskstore_pd(d + 4 * k, (__m256i)sq_sel4(bits), (__m256d)v.h[k]);
-#else
-            for (int i = 0; i < 4; i++)
-                if (bits >> i & 1) d[4 * k + i] = v.h[k][i];
-#endif
-        }
-    }
 }
 SQ sq_b16 sq_maskz_loadu_epi8(sq_mask16 m, const void *p) {
     sq_b16 r = {0};
@@ -198,6 +171,9 @@ SQ sq_d4 sq_extractf64x4_pd(sq_m512d v, int hi) { return v.h[hi & 1]; }
 SQ sq_m512 sq_mask_blend_ps(sq_mask16 m, sq_m512 a, sq_m512 b) {
     SQ_HALVES(k) a.h[k] = sq_select(sq_sel8(m >> 8 * k & 0xFF), a.h[k], b.h[k]);
     return a;
+}
+SQ sq_m512 sq_mask_loadu_ps(sq_m512 src, sq_mask16 m, const void *p) {
+    return sq_mask_blend_ps(m, src, sq_maskz_loadu_ps(m, p));
 }
 SQ sq_m512 sq_maskz_mov_ps(sq_mask16 m, sq_m512 a) {
     SQ_HALVES(k) a.h[k] = (sq_f8)(sq_sel8(m >> 8 * k & 0xFF) & (sq_i8)a.h[k]);
@@ -348,24 +324,18 @@ SQ sq_m512i sq_cvtps_epi32(sq_m512 a) {
 #endif
     return r;
 }
-SQ sq_m512d sq_cvtps_pd(sq_f8 a) {
-    sq_f4 half[2];
-    memcpy(half, &a, sizeof half);
-    sq_m512d r = {{__builtin_convertvector(half[0], sq_d4), __builtin_convertvector(half[1], sq_d4)}};
-    return r;
-}
-SQ sq_m512i sq_cvtepi8_epi32(sq_b16 a) {
-    sq_b8 half[2];
-    memcpy(half, &a, sizeof half);
-    sq_m512i r = {{__builtin_convertvector(half[0], sq_i8), __builtin_convertvector(half[1], sq_i8)}};
-    return r;
-}
-SQ sq_m512i sq_cvtepu8_epi32(sq_b16 a) {
-    sq_ub8 half[2];
-    memcpy(half, &a, sizeof half);
-    sq_m512i r = {{__builtin_convertvector(half[0], sq_i8), __builtin_convertvector(half[1], sq_i8)}};
-    return r;
-}
+/* widening conversions: each half of the input to one half of the output */
+#define SQ_WIDEN(name, out_t, in_t, half_t, lane_t)                                                        \
+    SQ out_t name(in_t a) {                                                                            \
+        half_t half[2];                                                                                \
+        memcpy(half, &a, sizeof half);                                                                 \
+        out_t r = {{__builtin_convertvector(half[0], lane_t), __builtin_convertvector(half[1], lane_t)}}; \
+        return r;                                                                                      \
+    }
+SQ_WIDEN(sq_cvtps_pd, sq_m512d, sq_f8, sq_f4, sq_d4)
+SQ_WIDEN(sq_cvtepi8_epi32, sq_m512i, sq_b16, sq_b8, sq_i8)
+SQ_WIDEN(sq_cvtepu8_epi32, sq_m512i, sq_b16, sq_ub8, sq_i8)
+#undef SQ_WIDEN
 SQ sq_b16 sq_cvtepi32_epi8(sq_m512i a) {
     /* truncation to the low byte (VPMOVDB) */
     sq_ub8 half[2];
