@@ -130,6 +130,28 @@ def test_amx_refuses_wrong_operands():
         amx.int8_mm(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(4, 2, dtype=torch.int8))
 
 
+@pytest.mark.parametrize("a_shape, b_shape", [
+    ((9, 2500), (2500, 7)),                 # three chunks of the reduction, the last partial
+    ((2, 33, 1024), (1024, 17)),            # exactly one chunk, a batch broadcast against 2-D
+    ((1, 5, 3000), (3, 3000, 4)),           # batch dims broadcast both ways
+    ((4, 0), (0, 3)),                       # nothing to sum: zeros
+])
+def test_float_engine_equals_exact_product(a_shape, b_shape):
+    g = torch.Generator().manual_seed(6)
+    a, b = rand8(*a_shape, gen=g), rand8(*b_shape, gen=g)
+    assert torch.equal(cpu.float_int8_mm(a, b), exact(a, b))
+    assert torch.equal(cpu.float_int8_mm(a.mT.contiguous().mT, b.mT.contiguous().mT), exact(a, b))
+
+
+def test_float_engine_is_exact_at_the_largest_sums():
+    """Every product -128 * -128 = 2**14: a chunk of 1024 sums to 2**24, the largest integer
+    below which float32 holds them all; 2500 of them overflow no chunk."""
+    a, b = torch.full((3, 2500), -128, dtype=torch.int8), torch.full((2500, 2), -128, dtype=torch.int8)
+    assert torch.equal(cpu.float_int8_mm(a, b), torch.full((3, 2), 2500 * 2**14, dtype=torch.int32))
+    with pytest.raises(ValueError, match="do not chain"):
+        cpu.float_int8_mm(a, a)
+
+
 def test_onednn_engine_equals_exact_product():
     g = torch.Generator().manual_seed(4)
     a, b = rand8(3, 33, 70, gen=g), rand8(70, 20, gen=g)
@@ -201,13 +223,16 @@ def test_engine_variable_is_validated(monkeypatch):
         torch.ops.sqcompile.int8_mm(a, a)
 
 
-@pytest.mark.parametrize("engine", ["onednn", "amx", "auto"])
+@pytest.mark.parametrize("vnni", [True, False])
+@pytest.mark.parametrize("engine", ["onednn", "amx", "auto", "float"])
 @pytest.mark.parametrize("rows", [amx.MIN_ROWS - 1, amx.MIN_ROWS])
-def test_engine_choice_routes_the_op(monkeypatch, engine, rows):
+def test_engine_choice_routes_the_op(monkeypatch, engine, rows, vnni):
     calls = []
     monkeypatch.setenv(amx.ENGINE_VARIABLE, engine)
+    monkeypatch.setattr(amx, "has_vnni", lambda: vnni)
     monkeypatch.setattr(amx, "int8_mm", lambda a, b: calls.append("amx") or exact(a, b))
     monkeypatch.setattr(cpu, "onednn_int8_mm", lambda a, b: calls.append("onednn") or exact(a, b))
+    monkeypatch.setattr(cpu, "float_int8_mm", lambda a, b: calls.append("float") or exact(a, b))
     a = torch.ones(2, rows, 5, dtype=torch.int8)
     b = torch.ones(5, 2, dtype=torch.int8)
     if engine == "amx" and not AMX_OK:
@@ -215,9 +240,11 @@ def test_engine_choice_routes_the_op(monkeypatch, engine, rows):
             torch.ops.sqcompile.int8_mm(a, b)
         return
     assert torch.equal(torch.ops.sqcompile.int8_mm(a, b), exact(a, b))
-    # auto sends products with few rows to oneDNN (lower fixed cost); "amx" forces the kernel
+    # auto sends products with few rows to oneDNN (lower fixed cost) where the CPU has VNNI, else
+    # to float32 GEMMs; "amx" forces the kernel
     use_amx = AMX_OK and (engine == "amx" or (engine == "auto" and rows >= amx.MIN_ROWS))
-    assert calls == ["amx" if use_amx else "onednn"]
+    other = engine if engine in ("onednn", "float") else "onednn" if vnni else "float"
+    assert calls == ["amx" if use_amx else other]
 
 
 def test_unusable_amx_falls_back_with_a_reason(monkeypatch, tmp_path):
@@ -231,7 +258,8 @@ def test_unusable_amx_falls_back_with_a_reason(monkeypatch, tmp_path):
         ok, why = amx.status()
         assert not ok and why
         monkeypatch.setenv(amx.ENGINE_VARIABLE, "auto")
-        assert amx.engine() == "onednn"
+        assert amx.engine() == ("onednn" if amx.has_vnni() else "float")
+        assert why in amx.describe()
         monkeypatch.setenv(amx.ENGINE_VARIABLE, "amx")
         with pytest.raises(RuntimeError, match=amx.ENGINE_VARIABLE):
             amx.engine()
@@ -240,7 +268,7 @@ def test_unusable_amx_falls_back_with_a_reason(monkeypatch, tmp_path):
         amx._library.cache_clear()
 
 
-@pytest.mark.parametrize("engine", ["onednn", "amx"])
+@pytest.mark.parametrize("engine", ["onednn", "amx", "float"])
 def test_integer_matmul_on_each_engine_is_exact(monkeypatch, engine):
     """The op the quantized layers call, including the int32 split of long reductions."""
     if engine == "amx" and not AMX_OK:

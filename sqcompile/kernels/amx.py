@@ -13,9 +13,15 @@ operand may be fresh on every call.  The result is the exact int32 product, bit-
 Engine choice: ``SQCOMPILE_CPU_GEMM`` in the environment, read at each call:
 
 * ``auto`` (default): AMX when :func:`status` says it is usable and the product has at least
-  :data:`MIN_ROWS` rows, else oneDNN ``_int_mm``;
+  :data:`MIN_ROWS` rows, else oneDNN ``_int_mm`` where the CPU has VNNI (its int8 dot
+  products), else ``float``;
 * ``amx``: AMX, and a ``RuntimeError`` saying why when it is not usable;
-* ``onednn``: always ``torch._int_mm``.
+* ``onednn``: always ``torch._int_mm``;
+* ``float``: the exact product as float32 GEMMs (:func:`sqcompile.kernels.cpu.float_int8_mm`).
+  Decision: without VNNI, oneDNN's s8s8 ``_int_mm`` has no int8 units to run on and takes
+  35x the float32 GEMM's time (``[4096, 512] @ [512, 2048]``, 1 thread, AMD EPYC with AVX2:
+  7.8 s against 0.22 s, 2026-12-02); int8 values and their products are exact in float32, and
+  so are sums of up to 1024 of them, so the float GEMM gives the same int32 result.
 
 Any other value raises a ``ValueError`` naming the variable.
 
@@ -37,7 +43,9 @@ from .. import ops
 from . import native, pool
 
 ENGINE_VARIABLE = "SQCOMPILE_CPU_GEMM"
-ENGINE_CHOICES = ("auto", "amx", "onednn")
+ENGINE_CHOICES = ("auto", "amx", "onednn", "float")
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+"""CPU flags (either one) of the int8 dot-product instructions oneDNN's ``_int_mm`` runs on."""
 SOURCE = os.path.join(os.path.dirname(__file__), "amx_int8.c")
 # -fopenmp links libgomp.so.1: the copy torch already loaded has that soname, so the kernel
 # and torch share one OpenMP runtime and thread pool.
@@ -59,18 +67,26 @@ def requested_engine() -> str:
 MIN_ROWS = 32
 
 
+def has_vnni() -> bool:
+    """Whether this CPU has the int8 dot products (:data:`VNNI_FLAGS`) oneDNN's ``_int_mm`` needs
+    to be fast."""
+    return bool(VNNI_FLAGS & native.cpu_flags())
+
+
 def engine(rows: Optional[int] = None) -> str:
-    """The engine CPU int8 GEMMs run on now: ``"amx"`` or ``"onednn"`` (for a product with
-    ``rows`` rows per matrix, when given)."""
+    """The engine CPU int8 GEMMs run on now: ``"amx"``, ``"onednn"`` or ``"float"`` (for a
+    product with ``rows`` rows per matrix, when given)."""
     want = requested_engine()
-    if want == "onednn" or (want == "auto" and rows is not None and rows < MIN_ROWS):
-        return "onednn"
-    ok, why = status()
-    if ok:
-        return "amx"
-    if want == "amx":
-        raise RuntimeError(f"{ENGINE_VARIABLE}=amx, but the AMX int8 kernel is not usable: {why}")
-    return "onednn"
+    if want in ("onednn", "float"):
+        return want
+    small = want == "auto" and rows is not None and rows < MIN_ROWS
+    if not small:
+        ok, why = status()
+        if ok:
+            return "amx"
+        if want == "amx":
+            raise RuntimeError(f"{ENGINE_VARIABLE}=amx, but the AMX int8 kernel is not usable: {why}")
+    return "onednn" if has_vnni() else "float"
 
 
 def describe() -> str:
@@ -79,12 +95,16 @@ def describe() -> str:
         chosen = engine()
     except (ValueError, RuntimeError) as e:
         return f"not runnable: {e}"
+    fallback = "oneDNN _int_mm" if has_vnni() else "float32 GEMMs"
     if chosen == "amx":
-        small = "" if requested_engine() == "amx" else f"; products of fewer than {MIN_ROWS} rows on oneDNN _int_mm"
+        small = "" if requested_engine() == "amx" else f"; products of fewer than {MIN_ROWS} rows on {fallback}"
         return f"sqcompile's AMX-int8 kernel (TDPBSSD{small})"
     ok, why = status()
-    reason = f"{ENGINE_VARIABLE}=onednn" if ok else why
-    return f"oneDNN torch._int_mm (AVX-512 VNNI; not AMX: {reason})"
+    reason = f"{ENGINE_VARIABLE}={chosen}" if ok or requested_engine() != "auto" else why
+    if chosen == "float":
+        vnni = "" if has_vnni() else "; no VNNI for oneDNN's _int_mm"
+        return f"exact int8 products as float32 GEMMs (K in chunks of 1024; not AMX: {reason}{vnni})"
+    return f"oneDNN torch._int_mm (VNNI; not AMX: {reason})"
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,6 +1,7 @@
-"""CPU kernels: exact int8 GEMMs, on our AMX kernel (:mod:`.amx`) where the CPU has AMX-int8
-and on oneDNN's ``torch._int_mm`` (AVX-512 VNNI) elsewhere; ``SQCOMPILE_CPU_GEMM`` chooses
-(:func:`.amx.engine`).  Large outputs come from recycled buffers (:mod:`.pool`)."""
+"""CPU kernels: exact int8 GEMMs, on our AMX kernel (:mod:`.amx`) where the CPU has AMX-int8,
+on oneDNN's ``torch._int_mm`` where it has VNNI, else as float32 GEMMs
+(:func:`float_int8_mm`); ``SQCOMPILE_CPU_GEMM`` chooses (:func:`.amx.engine`).  Large
+outputs come from recycled buffers (:mod:`.pool`)."""
 from __future__ import annotations
 
 import math
@@ -16,8 +17,11 @@ def int8_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 ``[..., M, K] @ [..., K, N]`` -> int32."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         return (a.double() @ b.double()).to(torch.int32)   # int16 operands: exact reference
-    if amx.engine(rows=a.shape[-2]) == "amx":
+    chosen = amx.engine(rows=a.shape[-2])
+    if chosen == "amx":
         return amx.int8_mm(a, b)
+    if chosen == "float":
+        return float_int8_mm(a, b)
     return onednn_int8_mm(a, b)
 
 
@@ -38,6 +42,34 @@ def int8_conv_weight_cpu(e: torch.Tensor, x: torch.Tensor, kernel, padding, dila
     if e.dtype == x.dtype == torch.int8 and amx.engine(rows=x.shape[1] * math.prod(kernel)) == "amx":
         return amx.int8_conv_weight(e, x, kernel, padding, dilation)
     return ops.im2col_int8_conv_weight(e, x, kernel, padding, dilation)
+
+
+FLOAT_CHUNK = 1024
+"""Longest reduction :func:`float_int8_mm` gives one float32 GEMM: 1024 products of int8
+values, each at most ``128 * 128 = 2**14`` in magnitude, sum to at most ``2**24``, and float32
+holds every integer up to ``2**24``: each partial sum the GEMM forms, in whatever order, is
+exact."""
+
+
+def float_int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 ``[..., M, K] @ [..., K, N]`` -> int32 as float32 GEMMs (the ``float``
+    engine: CPUs whose oneDNN ``_int_mm`` has no int8 units): the reduction in chunks of
+    :data:`FLOAT_CHUNK`, each chunk's exact result converted to int32 and added, so the result
+    is ``torch._int_mm``'s bit for bit."""
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"int8_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+    K = a.shape[-1]
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out = pool.OUTPUTS.empty((*batch, a.shape[-2], b.shape[-1]))
+    if K == 0 or out.numel() == 0:
+        return out.zero_()
+    for k in range(0, K, FLOAT_CHUNK):
+        part = torch.matmul(a[..., k:k + FLOAT_CHUNK].float(), b[..., k:k + FLOAT_CHUNK, :].float())
+        if k == 0:
+            out.copy_(part)
+        else:
+            out.add_(part.to(torch.int32))
+    return out
 
 
 def onednn_int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
