@@ -1,6 +1,8 @@
 """The CPU int8 GEMM engines on the products a training step makes: fp32 ``torch.matmul``
-against oneDNN's ``torch._int_mm`` and sqcompile's AMX kernel (``sqcompile.kernels.amx``),
-interleaved in one process, medians and ratios against fp32.
+against oneDNN's ``torch._int_mm``, sqcompile's AMX kernel (``sqcompile.kernels.amx``) and
+the float engine (``sqcompile.kernels.cpu.float_int8_mm``: exact int8 products as float32
+GEMMs, for CPUs with neither AMX nor VNNI), interleaved in one process, medians and ratios
+against fp32.
 
 Default shapes: the transformer of ``train_step.py`` (16 x 256 tokens, d_model 512, 8 heads):
 each Linear's forward (``x @ W^T``), input gradient (``g @ W``) and weight gradient
@@ -10,6 +12,7 @@ and attention's two batched products over 128 heads.
     python benchmarks/cpu_gemm.py
     python benchmarks/cpu_gemm.py --threads 1 --rounds 9
     python benchmarks/cpu_gemm.py --shapes 4096,1024,1024 4096,4096,4096
+    python benchmarks/cpu_gemm.py --no-onednn     # a CPU without VNNI: _int_mm takes ~35x fp32
 """
 from __future__ import annotations
 
@@ -47,12 +50,14 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", default=None,
                    help="M,K,N products (row-major operands) instead of the transformer's")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--no-onednn", action="store_true",
+                   help="leave oneDNN's _int_mm out (without VNNI it is too slow to time in full)")
     add_threads_argument(p)
     args = p.parse_args(argv)
     start("cpu_gemm.py", args, argv)
     ok, why = amx.status()
     if not ok:
-        print(f"AMX kernel not usable here ({why}): only fp32 and oneDNN are timed")
+        print(f"AMX kernel not usable here ({why}): it is not timed")
     if args.shapes:
         cases = []
         for s in args.shapes:
@@ -64,10 +69,15 @@ def main(argv=None):
     rows, total = [], {}
     for name, a, b in cases:
         af, bf = a.float(), b.float()
-        runs = {"fp32 matmul": lambda: af @ bf, "oneDNN _int_mm": lambda: cpu.onednn_int8_mm(a, b)}
+        runs = {"fp32 matmul": lambda: af @ bf, "float engine": lambda: cpu.float_int8_mm(a, b)}
+        want = (a.double() @ b.double()).to(torch.int32)
+        assert torch.equal(cpu.float_int8_mm(a, b), want), name
+        if not args.no_onednn:
+            runs["oneDNN _int_mm"] = lambda: cpu.onednn_int8_mm(a, b)
+            assert torch.equal(cpu.onednn_int8_mm(a, b), want), name
         if ok:
             runs["AMX kernel"] = lambda: amx.int8_mm(a, b)
-            assert torch.equal(amx.int8_mm(a, b), cpu.onednn_int8_mm(a, b)), name
+            assert torch.equal(amx.int8_mm(a, b), want), name
         times = interleaved(runs, rounds=args.rounds, warmup=1)
         for label in runs:
             total[label] = total.get(label, 0.0) + median_ms(times[label])
