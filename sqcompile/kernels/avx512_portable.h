@@ -15,8 +15,9 @@
      it at the end of a row);
    - the horizontal reductions combine the lanes in the order of GCC's _mm512_reduce_*_ps;
    - fmadd rounds once;
-   - scalef(a, b) = a * 2**floor(b) rounded once, for the range the kernels use (|a| within
-     2**+-40, floor(b) in [-150, 60]: exp's 2**n).
+   - scalef(a, b) = a * 2**floor(b) rounded once wherever a * 2**(floor(b) + 64) is a normal
+     float, floor(b) clamped to [-150, 60]: the kernels' exp, with |a| near 1 and floor(b) in
+     [-150, 0], is inside that range.
    Only the predicates and rounding modes the kernels use are defined: another one is a
    compile error (an undeclared name) or an abort, not a silent wrong answer. */
 #ifndef SQCOMPILE_AVX512_PORTABLE_H

@@ -9,8 +9,9 @@ second).  The compiler is ``$CC``, else ``cc``, ``gcc`` or ``clang``, the first 
 
 The attention, norm and quantizer kernels are written with AVX-512 intrinsics and come in two
 builds (:func:`simd_build`): ``"avx512"`` (the compiler's intrinsics; CPUs with AVX-512
-F/BW/VL) and ``"portable"`` (the same source over ``avx512_portable.h``, plain C vectors
-that the compiler maps onto AVX2 or whatever the CPU has; bit for bit the same results).
+F/BW/VL) and ``"portable"`` (the same source over ``avx512_portable.h``: each 512-bit
+operation as two AVX2 halves, or plain C where the CPU lacks AVX2 / FMA; bit for bit the same
+results).
 ``SQCOMPILE_CPU_SIMD=auto|avx512|portable`` in the environment, read when a kernel is first
 used, chooses; ``auto`` (the default) takes ``avx512`` where the CPU has it.
 """
@@ -33,8 +34,8 @@ libgomp; no contraction of a multiply and an add into an FMA, which would round 
 the graph's ops round twice."""
 AVX512_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 PORTABLE_CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-Wno-psabi", "-DSQCOMPILE_PORTABLE"]
-"""Flags of the portable build (``-mavx2 -mfma`` are added where the CPU has them): the
-16-lane loops of ``avx512_portable.h`` need ``-O3`` to become vector code."""
+"""Flags of the portable build (``-mavx2 -mfma`` are added where the CPU has them, which
+selects ``avx512_portable.h``'s AVX2 path; ``-O3`` vectorizes its plain C path's lane loops)."""
 SIMD_VARIABLE = "SQCOMPILE_CPU_SIMD"
 SIMD_CHOICES = ("auto", "avx512", "portable")
 
