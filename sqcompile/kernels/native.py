@@ -18,6 +18,7 @@ used, chooses; ``auto`` (the default) takes ``avx512`` where the CPU has it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import hashlib
 import os
@@ -60,16 +61,18 @@ def portable_cflags() -> List[str]:
     return PORTABLE_CFLAGS + (["-mavx2", "-mfma"] if {"avx2", "fma"} <= cpu_flags() else [])
 
 
-def cpu_flags() -> Set[str]:
-    """The instruction-set flags of this CPU (``/proc/cpuinfo``; empty where there is none)."""
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> FrozenSet[str]:
+    """The instruction-set flags of this CPU (``/proc/cpuinfo``, read once: the CPU engine's
+    choice asks on every GEMM; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def compiler() -> str:
