@@ -1,5 +1,6 @@
-"""The CPU int8 GEMM engines (our AMX kernel and oneDNN's ``torch._int_mm``) against the exact
-float64 product, and the engine choice (``SQCOMPILE_CPU_GEMM``).
+"""The CPU int8 GEMM engines (our AMX kernel, oneDNN's ``torch._int_mm``, the float engine)
+against the exact float64 product, and the engine choice (``SQCOMPILE_CPU_GEMM``); our AVX2
+kernel has its own file (``test_cpu_gemm_avx2.py``).
 
 The AMX tests skip on CPUs without AMX-int8 (or without a C compiler); the oneDNN ones run
 everywhere.  Shapes cover every edge the kernel handles separately: M, N and K that are not
@@ -11,7 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from sqcompile import ops
-from sqcompile.kernels import amx, cpu, pool
+from sqcompile.kernels import amx, avx2, cpu, pool
 
 AMX_OK, AMX_WHY = amx.status()
 needs_amx = pytest.mark.skipif(not AMX_OK, reason=f"AMX kernel not usable here: {AMX_WHY}")
@@ -223,27 +224,30 @@ def test_engine_variable_is_validated(monkeypatch):
         torch.ops.sqcompile.int8_mm(a, a)
 
 
+@pytest.mark.parametrize("avx2_ok", [True, False])
 @pytest.mark.parametrize("vnni", [True, False])
-@pytest.mark.parametrize("engine", ["onednn", "amx", "auto", "float"])
+@pytest.mark.parametrize("engine", ["onednn", "amx", "auto", "avx2", "float"])
 @pytest.mark.parametrize("rows", [amx.MIN_ROWS - 1, amx.MIN_ROWS])
-def test_engine_choice_routes_the_op(monkeypatch, engine, rows, vnni):
+def test_engine_choice_routes_the_op(monkeypatch, engine, rows, vnni, avx2_ok):
     calls = []
     monkeypatch.setenv(amx.ENGINE_VARIABLE, engine)
     monkeypatch.setattr(amx, "has_vnni", lambda: vnni)
+    monkeypatch.setattr(avx2, "status", lambda: (True, None) if avx2_ok else (False, "no AVX2 here"))
     monkeypatch.setattr(amx, "int8_mm", lambda a, b: calls.append("amx") or exact(a, b))
+    monkeypatch.setattr(avx2, "int8_mm", lambda a, b: calls.append("avx2") or exact(a, b))
     monkeypatch.setattr(cpu, "onednn_int8_mm", lambda a, b: calls.append("onednn") or exact(a, b))
     monkeypatch.setattr(cpu, "float_int8_mm", lambda a, b: calls.append("float") or exact(a, b))
     a = torch.ones(2, rows, 5, dtype=torch.int8)
     b = torch.ones(5, 2, dtype=torch.int8)
-    if engine == "amx" and not AMX_OK:
+    if (engine == "amx" and not AMX_OK) or (engine == "avx2" and not avx2_ok):
         with pytest.raises(RuntimeError, match="not usable"):
             torch.ops.sqcompile.int8_mm(a, b)
         return
     assert torch.equal(torch.ops.sqcompile.int8_mm(a, b), exact(a, b))
     # auto sends products with few rows to oneDNN (lower fixed cost) where the CPU has VNNI, else
-    # to float32 GEMMs; "amx" forces the kernel
+    # to our AVX2 kernel, else to float32 GEMMs; "amx" and "avx2" force their kernels
     use_amx = AMX_OK and (engine == "amx" or (engine == "auto" and rows >= amx.MIN_ROWS))
-    other = engine if engine in ("onednn", "float") else "onednn" if vnni else "float"
+    other = engine if engine in ("onednn", "avx2", "float") else "onednn" if vnni else "avx2" if avx2_ok else "float"
     assert calls == ["amx" if use_amx else other]
 
 
@@ -258,7 +262,7 @@ def test_unusable_amx_falls_back_with_a_reason(monkeypatch, tmp_path):
         ok, why = amx.status()
         assert not ok and why
         monkeypatch.setenv(amx.ENGINE_VARIABLE, "auto")
-        assert amx.engine() == ("onednn" if amx.has_vnni() else "float")
+        assert amx.engine() == ("onednn" if amx.has_vnni() else "avx2" if avx2.status()[0] else "float")
         assert why in amx.describe()
         monkeypatch.setenv(amx.ENGINE_VARIABLE, "amx")
         with pytest.raises(RuntimeError, match=amx.ENGINE_VARIABLE):

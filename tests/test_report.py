@@ -164,9 +164,13 @@ def test_text_names_the_cpu_gemm_engine(monkeypatch):
     assert "int8-cpu GEMMs run on oneDNN torch._int_mm" in str(report(cm))
     monkeypatch.setenv(amx.ENGINE_VARIABLE, "float")
     assert "int8-cpu GEMMs run on exact int8 products as float32 GEMMs" in str(report(cm))
+    from sqcompile.kernels import avx2
+    if avx2.status()[0]:
+        monkeypatch.setenv(amx.ENGINE_VARIABLE, "avx2")
+        assert "int8-cpu GEMMs run on sqcompile's AVX2 int8 kernel (VPMADDUBSW" in str(report(cm))
     monkeypatch.setenv(amx.ENGINE_VARIABLE, "auto")
     expected = "AMX-int8 kernel" if amx.status()[0] else "oneDNN torch._int_mm" if amx.has_vnni() else \
-        "float32 GEMMs (K in chunks of 1024; not AMX: "
+        "AVX2 int8 kernel" if avx2.status()[0] else "float32 GEMMs (K in chunks of 1024; not AMX: "
     assert "int8-cpu GEMMs run on" in str(report(cm)) and expected in str(report(cm))
     monkeypatch.setenv(amx.ENGINE_VARIABLE, "bogus")
     assert "SQCOMPILE_CPU_GEMM='bogus'" in str(report(cm))        # a report still renders

@@ -14,14 +14,18 @@ Engine choice: ``SQCOMPILE_CPU_GEMM`` in the environment, read at each call:
 
 * ``auto`` (default): AMX when :func:`status` says it is usable and the product has at least
   :data:`MIN_ROWS` rows, else oneDNN ``_int_mm`` where the CPU has VNNI (its int8 dot
-  products), else ``float``;
+  products), else ``avx2`` where the CPU has AVX2, else ``float``;
 * ``amx``: AMX, and a ``RuntimeError`` saying why when it is not usable;
 * ``onednn``: always ``torch._int_mm``;
+* ``avx2``: our AVX2 kernel (:mod:`.avx2`, ``VPMADDUBSW``), and a ``RuntimeError`` when it
+  is not usable; products of two 8-bit operands, which it refuses, on ``float``;
 * ``float``: the exact product as float32 GEMMs (:func:`sqcompile.kernels.cpu.float_int8_mm`).
-  Decision: without VNNI, oneDNN's s8s8 ``_int_mm`` has no int8 units to run on and takes
-  35x the float32 GEMM's time (``[4096, 512] @ [512, 2048]``, 1 thread, AMD EPYC with AVX2:
-  7.8 s against 0.22 s, 2026-12-02); int8 values and their products are exact in float32, and
-  so are sums of up to 1024 of them, so the float GEMM gives the same int32 result.
+
+Decision: without VNNI, oneDNN's s8s8 ``_int_mm`` has no int8 units to run on and takes 35x
+the float32 GEMM's time (``[4096, 512] @ [512, 2048]``, 1 thread, AMD EPYC with AVX2: 7.8 s
+against 0.22 s, 2026-12-02), so ``auto`` takes ``avx2`` there (about 3x the float32 GEMM),
+else ``float`` (int8 values and their products are exact in float32, and so are sums of up to
+1024 of them, so the float GEMM gives the same int32 result).
 
 Any other value raises a ``ValueError`` naming the variable.
 
@@ -40,10 +44,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import ops
-from . import native, pool
+from . import avx2, native, pool
 
 ENGINE_VARIABLE = "SQCOMPILE_CPU_GEMM"
-ENGINE_CHOICES = ("auto", "amx", "onednn", "float")
+ENGINE_CHOICES = ("auto", "amx", "onednn", "avx2", "float")
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 """CPU flags (either one) of the int8 dot-product instructions oneDNN's ``_int_mm`` runs on."""
 SOURCE = os.path.join(os.path.dirname(__file__), "amx_int8.c")
@@ -74,10 +78,15 @@ def has_vnni() -> bool:
 
 
 def engine(rows: Optional[int] = None) -> str:
-    """The engine CPU int8 GEMMs run on now: ``"amx"``, ``"onednn"`` or ``"float"`` (for a
-    product with ``rows`` rows per matrix, when given)."""
+    """The engine CPU int8 GEMMs run on now: ``"amx"``, ``"onednn"``, ``"avx2"`` or
+    ``"float"`` (for a product with ``rows`` rows per matrix, when given)."""
     want = requested_engine()
     if want in ("onednn", "float"):
+        return want
+    if want == "avx2":
+        ok, why = avx2.status()
+        if not ok:
+            raise RuntimeError(f"{ENGINE_VARIABLE}=avx2, but the AVX2 int8 kernel is not usable: {why}")
         return want
     small = want == "auto" and rows is not None and rows < MIN_ROWS
     if not small:
@@ -86,7 +95,14 @@ def engine(rows: Optional[int] = None) -> str:
             return "amx"
         if want == "amx":
             raise RuntimeError(f"{ENGINE_VARIABLE}=amx, but the AMX int8 kernel is not usable: {why}")
-    return "onednn" if has_vnni() else "float"
+    return _without_amx()
+
+
+def _without_amx() -> str:
+    """What ``auto`` takes when AMX is not: oneDNN with VNNI, else our AVX2 kernel, else float."""
+    if has_vnni():
+        return "onednn"
+    return "avx2" if avx2.status()[0] else "float"
 
 
 def describe() -> str:
@@ -95,7 +111,7 @@ def describe() -> str:
         chosen = engine()
     except (ValueError, RuntimeError) as e:
         return f"not runnable: {e}"
-    fallback = "oneDNN _int_mm" if has_vnni() else "float32 GEMMs"
+    fallback = {"onednn": "oneDNN _int_mm", "avx2": "the AVX2 kernel", "float": "float32 GEMMs"}[_without_amx()]
     if chosen == "amx":
         small = "" if requested_engine() == "amx" else f"; products of fewer than {MIN_ROWS} rows on {fallback}"
         return f"sqcompile's AMX-int8 kernel (TDPBSSD{small})"
@@ -104,6 +120,9 @@ def describe() -> str:
     if chosen == "float":
         vnni = "" if has_vnni() else "; no VNNI for oneDNN's _int_mm"
         return f"exact int8 products as float32 GEMMs (K in chunks of 1024; not AMX: {reason}{vnni})"
+    if chosen == "avx2":
+        return (f"sqcompile's AVX2 int8 kernel (VPMADDUBSW; products of two 8-bit operands on float32 GEMMs; "
+                f"not AMX: {reason}; no VNNI for oneDNN's _int_mm)")
     return f"oneDNN torch._int_mm (VNNI; not AMX: {reason})"
 
 
@@ -159,7 +178,7 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if plain and (a.stride(1) == 1 or a.stride(0) == 1) and (b.stride(1) == 1 or b.stride(0) == 1):
         a3, sab, b3, sbb = a, 0, b, 0
     else:
-        (a3, sab), (b3, sbb) = _batched(a, batch), _batched(b, batch)
+        (a3, sab), (b3, sbb) = batched_operand(a, batch), batched_operand(b, batch)
     rc = _library().sq_amx_int8_mm(
         a3.data_ptr(), sab, a3.stride(-2), a3.stride(-1), b3.data_ptr(), sbb, b3.stride(-2), b3.stride(-1),
         out.data_ptr(), out.numel() // (M * N), M, N, K, torch.get_num_threads())
@@ -305,12 +324,12 @@ def release_workspace() -> None:
         _library().sq_amx_release_workspace()
 
 
-def _batched(x: torch.Tensor, batch) -> Tuple[torch.Tensor, int]:
-    """``x`` as ``[B, rows, cols]`` with one unit stride in its matrices, over the broadcast
-    ``batch``, and the element stride between consecutive batch entries (0: one operand shared
-    by all).  Views, except when the matrices have no unit stride or the batch dims cannot be
-    flattened with one stride: then one copy."""
-    if x.stride(-1) != 1 and x.stride(-2) != 1:
+def batched_operand(x: torch.Tensor, batch, unit_stride: bool = True) -> Tuple[torch.Tensor, int]:
+    """``x`` as ``[B, rows, cols]`` over the broadcast ``batch``, and the element stride
+    between consecutive batch entries (0: one operand shared by all), for our C GEMMs.  Views,
+    except when the batch dims cannot be flattened with one stride, or, with ``unit_stride``
+    (the AMX kernel's need), the matrices have no unit stride: then one copy."""
+    if unit_stride and x.stride(-1) != 1 and x.stride(-2) != 1:
         x = x.contiguous()
     x = x.expand(*batch, *x.shape[-2:])
     if x.dim() == 2:

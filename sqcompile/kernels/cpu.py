@@ -1,6 +1,6 @@
 """CPU kernels: exact int8 GEMMs, on our AMX kernel (:mod:`.amx`) where the CPU has AMX-int8,
-on oneDNN's ``torch._int_mm`` where it has VNNI, else as float32 GEMMs
-(:func:`float_int8_mm`); ``SQCOMPILE_CPU_GEMM`` chooses (:func:`.amx.engine`).  Large
+on oneDNN's ``torch._int_mm`` where it has VNNI, else on our AVX2 kernel (:mod:`.avx2`), else
+as float32 GEMMs (:func:`float_int8_mm`); ``SQCOMPILE_CPU_GEMM`` chooses (:func:`.amx.engine`).  Large
 outputs come from recycled buffers (:mod:`.pool`)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import torch
 
 from .. import ops
-from . import amx, pool
+from . import amx, avx2, pool
 
 
 @ops.int8_mm.register_kernel("cpu")
@@ -20,6 +20,9 @@ def int8_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     chosen = amx.engine(rows=a.shape[-2])
     if chosen == "amx":
         return amx.int8_mm(a, b)
+    if chosen == "avx2":
+        out = avx2.int8_mm(a, b)
+        return out if out is not None else float_int8_mm(a, b)   # two 8-bit operands: beyond its int16 sums
     if chosen == "float":
         return float_int8_mm(a, b)
     return onednn_int8_mm(a, b)

@@ -1,0 +1,94 @@
+"""int8 GEMMs on AVX2's byte multiply-adds (``VPMADDUBSW``): our own kernel
+(``avx2_int8.c``) for CPUs with neither AMX nor VNNI, where oneDNN's s8s8 ``_int_mm`` has no
+int8 units to run on (35x slower than float32 there).
+
+``VPMADDUBSW`` multiplies unsigned by signed bytes, 32 multiply-adds an instruction, into
+saturating int16 pair sums.  The kernel offsets B by its own ``max |B|`` (and takes the
+offset back out with A's row sums) and adds pair sums in int16 only as many times as the
+operands' magnitudes allow, so the result is exact -- bit-equal to ``torch._int_mm`` -- for
+every product with ``max|A| * max|B| <= 8191`` (:data:`MAX_MAGNITUDE_PRODUCT`): every GEMM
+of sub-8-bit training (a 4-bit operand against any int8 one, a 6-bit against a 6-bit).  It
+measures both magnitudes first and refuses a product above the bound (two 8-bit operands),
+which :func:`sqcompile.kernels.cpu.int8_mm_cpu` then runs on the float engine.
+
+Measured on an AMD EPYC (Zen 3) core, 2026-12-02: 80-90 G multiply-adds/s on the
+transformer block's shapes, about 3x torch's float32 ``matmul`` there (see
+``benchmarks/cpu_gemm.py``).  Built like our other C kernels (:mod:`.native`).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import native, pool
+
+SOURCE = os.path.join(os.path.dirname(__file__), "avx2_int8.c")
+CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx2"]
+CPU_FLAGS = frozenset({"avx2"})
+MAX_MAGNITUDE_PRODUCT = 8191
+"""The kernel runs a product exactly when ``max|A| * max|B|`` is at most this: then one
+``VPMADDUBSW`` lane, ``2 * (2 max|B|) * max|A|``, fits int16."""
+_REFUSED = 2
+
+
+@functools.lru_cache(maxsize=None)
+def status() -> Tuple[bool, Optional[str]]:
+    """``(usable, reason)`` for the AVX2 kernel on this machine (checked and built once)."""
+    return native.status(set(CPU_FLAGS), _library)
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    lib = native.build(SOURCE, CFLAGS, "the AVX2 int8 kernel")
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.sq_avx2_int8_mm.restype = ctypes.c_int
+    lib.sq_avx2_int8_mm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.sq_avx2_release_workspace.restype = None
+    return lib
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    """Exact ``a @ b`` for int8 ``[..., M, K]`` and ``[..., K, N]`` (batch dims broadcast) as
+    int32 ``[..., M, N]``, or ``None`` when ``max|a| * max|b|`` exceeds
+    :data:`MAX_MAGNITUDE_PRODUCT` (the caller runs it elsewhere).  Operands of any strides
+    are read in place.  The caller keeps ``K`` within :data:`sqcompile.ops.MAX_INT32_TERMS`."""
+    from .amx import batched_operand
+
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"AVX2 int8_mm needs int8 operands, got {a.dtype} and {b.dtype}")
+    M, K = a.shape[-2:]
+    K2, N = b.shape[-2:]
+    if K != K2:
+        raise ValueError(f"int8_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+    ok, why = status()
+    if not ok:
+        raise RuntimeError(f"the AVX2 int8 kernel is not usable: {why}")
+    plain = a.dim() == 2 and b.dim() == 2
+    batch = () if plain else torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out = pool.OUTPUTS.empty((*batch, M, N))
+    if out.numel() == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    if plain:
+        a3, sab, b3, sbb = a, 0, b, 0
+    else:
+        (a3, sab), (b3, sbb) = batched_operand(a, batch, unit_stride=False), batched_operand(b, batch, unit_stride=False)
+    rc = _library().sq_avx2_int8_mm(
+        a3.data_ptr(), sab, a3.stride(-2), a3.stride(-1), b3.data_ptr(), sbb, b3.stride(-2), b3.stride(-1),
+        out.data_ptr(), out.numel() // (M * N), M, N, K, torch.get_num_threads())
+    if rc == _REFUSED:
+        return None
+    if rc != 0:
+        raise MemoryError(f"AVX2 int8_mm: could not allocate packing buffers for {M}x{K}x{N}")
+    return out
+
+
+def release_workspace() -> None:
+    """Free the calling thread's packing workspace (kept between calls, as the AMX kernel's)."""
+    if status()[0]:
+        _library().sq_avx2_release_workspace()

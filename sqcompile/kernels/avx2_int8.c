@@ -1,0 +1,340 @@
+/* int8 x int8 -> int32 GEMM on AVX2 (VPMADDUBSW), for CPUs without VNNI or AMX.
+ *
+ * C[b] = A[b] @ B[b] for a batch of products: A [M, K] and B [K, N] with any strides, C
+ * [M, N] contiguous int32.  The result is the exact integer product, bit-equal to
+ * torch._int_mm -- or the call refuses (returns 2) and the caller takes another engine.
+ *
+ * Why: VPMADDUBSW multiplies 32 unsigned bytes by 32 signed bytes and adds adjacent pairs
+ * into 16 int16 lanes -- 32 multiply-adds an instruction, four times an AVX2 float32 FMA's 8
+ * (measured on an AMD EPYC (Zen 3) core: 138 G multiply-adds/s with VPADDW against 47 for
+ * VFMADD231PS).  Two catches, both handled exactly:
+ *
+ * * one operand must be unsigned.  B is stored offset by its own magnitude bound
+ *   ``off = max |B|``: ``B + off`` lies in [0, 2 off] <= 254, and
+ *   ``A (B + off) = A B + off * rowsum(A)``, so each C row starts from ``-off * rowsum(A)``;
+ * * the int16 pair sums saturate.  A pair is at most ``2 * 2 off * max |A|`` in magnitude;
+ *   the call refuses unless that is <= 32767, i.e. ``max|A| * max|B| <= 8191``, which every
+ *   product of sub-8-bit training meets (a 4-bit operand against any int8 one; 6-bit
+ *   against 6-bit ...).  8-bit x 8-bit values refuse: the caller runs them elsewhere.
+ *   Within the bound, ``T = 32767 / pair bound`` pair sums may be added in int16 before they
+ *   are widened to int32 (VPMADDWD by ones) -- one widening per T steps, not per step.
+ *
+ * Layout.  B is packed (offset, as unsigned bytes) into strips of 16 columns: for each group
+ * of 4 consecutive k, 64 bytes [16 columns][4 k] -- two YMM registers of 8 columns, each
+ * int32 lane one column's 4 bytes, so VPMADDUBSW then VPMADDWD sum 4 k of one column.  A is
+ * packed into blocks of MR rows: for each group of 4 k, MR x 4 bytes, each row's 4 bytes
+ * broadcast to every lane.  K is zero-padded to whole groups (A's zeros cancel B's offset),
+ * M and N to whole blocks (computed, not stored).
+ *
+ * Blocking: a unit of work is MC rows x one N panel of PANEL strips; the reduction runs in
+ * chunks of KC groups so a strip's chunk (KC x 64 bytes) stays in L1 while the unit's row
+ * blocks pass over it.  The micro-kernel holds MR x 16 int16 sums in 2 MR registers and
+ * the int32 sums in a small array (in L1 when it does not fit the registers).
+ *
+ * Threads: OpenMP (the libgomp torch loaded) over rows and strips while measuring and
+ * packing, and over (batch, row block, panel) units while multiplying.
+ *
+ * Build: cc -O3 -fPIC -shared -fopenmp -mavx2.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MR 6               /* rows of the micro-kernel (micro_pass): 12 int16 registers + 2 of B + 2 */
+#define NR 16              /* columns of a strip */
+#define GROUP_BYTES (NR * 4)
+#ifndef KC
+#define KC 128             /* 4-k groups per reduction chunk: 8 KiB of a strip */
+#endif
+#ifndef MC
+#define MC (8 * MR)        /* rows of a unit of work */
+#endif
+#ifndef PANEL
+#define PANEL 8            /* strips of a unit of work (128 columns) */
+#endif
+
+#define REFUSED 2
+
+static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* One workspace per calling thread that only grows (as amx_int8.c's: a fresh large block
+ * would be page-faulted in on every call). */
+static __thread uint8_t *ws_ptr;
+static __thread size_t ws_size;
+
+static uint8_t *workspace(size_t bytes) {
+    if (bytes > ws_size) {
+        free(ws_ptr);
+        ws_size = 0;
+        bytes = (bytes + (1 << 21) - 1) & ~((size_t)(1 << 21) - 1);
+        ws_ptr = aligned_alloc(64, bytes);
+        if (!ws_ptr) return NULL;
+        ws_size = bytes;
+    }
+    return ws_ptr;
+}
+
+void sq_avx2_release_workspace(void) {
+    free(ws_ptr);
+    ws_ptr = NULL;
+    ws_size = 0;
+}
+
+static inline int abs8(int8_t v) { return v < 0 ? -v : v; }
+
+/* Row sums of A (int32, exact: K <= 2**24) and the largest |A|, for rows m0 .. m1. */
+static int a_rows(const int8_t *A, int64_t sm, int64_t sk, int64_t m0, int64_t m1, int64_t K, int32_t *sums) {
+    int best = 0;
+    if (sk == 1) {
+        for (int64_t m = m0; m < m1; ++m) {
+            const int8_t *row = A + m * sm;
+            int32_t s = 0;
+            int top = 0;
+            for (int64_t k = 0; k < K; ++k) {
+                s += row[k];
+                top = abs8(row[k]) > top ? abs8(row[k]) : top;
+            }
+            sums[m] = s;
+            best = top > best ? top : best;
+        }
+        return best;
+    }
+    for (int64_t m = m0; m < m1; ++m) sums[m] = 0;
+    for (int64_t k = 0; k < K; ++k) {       /* columns of A: contiguous over m when sm == 1 */
+        const int8_t *col = A + k * sk;
+        for (int64_t m = m0; m < m1; ++m) {
+            const int8_t v = col[m * sm];
+            sums[m] += v;
+            best = abs8(v) > best ? abs8(v) : best;
+        }
+    }
+    return best;
+}
+
+/* The largest |B| over columns n0 .. n1. */
+static int b_max(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t n0, int64_t n1) {
+    int best = 0;
+    if (sn == 1) {
+        for (int64_t k = 0; k < K; ++k) {
+            const int8_t *row = B + k * sk;
+            for (int64_t n = n0; n < n1; ++n) best = abs8(row[n]) > best ? abs8(row[n]) : best;
+        }
+    } else {
+        for (int64_t n = n0; n < n1; ++n) {
+            const int8_t *col = B + n * sn;
+            for (int64_t k = 0; k < K; ++k) best = abs8(col[k * sk]) > best ? abs8(col[k * sk]) : best;
+        }
+    }
+    return best;
+}
+
+/* Pack strip s of B (columns 16 s ..) into ``out`` [G groups][16][4] as B + off, unsigned;
+ * zero (then offset) outside B -- those columns are never stored, those k meet A's zeros. */
+static void pack_b_strip(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t s, int off,
+                         uint8_t *out) {
+    const int64_t G = cdiv(K, 4), n0 = s * NR;
+    const int cols = (int)min64(NR, N - n0);
+    if (sn == 1 && cols == NR) {
+        const __m128i o = _mm_set1_epi8((char)off);
+        for (int64_t g = 0; g < G; ++g) {
+            __m128i r[4];
+            for (int t = 0; t < 4; ++t)
+                r[t] = 4 * g + t < K ? _mm_add_epi8(_mm_loadu_si128((const __m128i *)(B + (4 * g + t) * sk + n0)), o) : o;
+            const __m128i t0 = _mm_unpacklo_epi8(r[0], r[1]), t1 = _mm_unpackhi_epi8(r[0], r[1]);
+            const __m128i t2 = _mm_unpacklo_epi8(r[2], r[3]), t3 = _mm_unpackhi_epi8(r[2], r[3]);
+            __m128i *p = (__m128i *)(out + g * GROUP_BYTES);
+            _mm_storeu_si128(p + 0, _mm_unpacklo_epi16(t0, t2));
+            _mm_storeu_si128(p + 1, _mm_unpackhi_epi16(t0, t2));
+            _mm_storeu_si128(p + 2, _mm_unpacklo_epi16(t1, t3));
+            _mm_storeu_si128(p + 3, _mm_unpackhi_epi16(t1, t3));
+        }
+        return;
+    }
+    if (sk == 1 && K % 4 == 0) {            /* column-major: each column's 4 k are one int32 */
+        for (int c = 0; c < NR; ++c) {
+            if (c < cols) {
+                const int8_t *col = B + (n0 + c) * sn;
+                for (int64_t g = 0; g < G; ++g) {
+                    uint32_t v;
+                    memcpy(&v, col + 4 * g, 4);
+                    v = ((v & 0x7f7f7f7fu) + 0x01010101u * (uint32_t)off) ^ (v & 0x80808080u);  /* bytewise + off */
+                    memcpy(out + g * GROUP_BYTES + 4 * c, &v, 4);
+                }
+            } else {
+                for (int64_t g = 0; g < G; ++g) memset(out + g * GROUP_BYTES + 4 * c, off, 4);
+            }
+        }
+        return;
+    }
+    for (int64_t g = 0; g < G; ++g)
+        for (int c = 0; c < NR; ++c)
+            for (int t = 0; t < 4; ++t) {
+                const int64_t k = 4 * g + t;
+                const int v = (c < cols && k < K) ? B[k * sk + (n0 + c) * sn] : 0;
+                out[g * GROUP_BYTES + 4 * c + t] = (uint8_t)(v + off);
+            }
+}
+
+/* Pack row block mb of A (rows MR mb ..) into ``out`` [G groups][MR][4], zero outside A. */
+static void pack_a_block(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int64_t K, int64_t mb, int8_t *out) {
+    const int64_t G = cdiv(K, 4), m0 = mb * MR;
+    const int rows = (int)min64(MR, M - m0);
+    if (sk == 1) {
+        for (int r = 0; r < MR; ++r) {
+            const int8_t *row = A + (m0 + r) * sm;
+            if (r >= rows) {
+                for (int64_t g = 0; g < G; ++g) memset(out + (g * MR + r) * 4, 0, 4);
+                continue;
+            }
+            for (int64_t g = 0; g < K / 4; ++g) memcpy(out + (g * MR + r) * 4, row + 4 * g, 4);
+            if (K % 4) {
+                int8_t last[4] = {0, 0, 0, 0};
+                memcpy(last, row + 4 * (K / 4), K % 4);
+                memcpy(out + ((G - 1) * MR + r) * 4, last, 4);
+            }
+        }
+        return;
+    }
+    for (int64_t g = 0; g < G; ++g)
+        for (int r = 0; r < MR; ++r)
+            for (int t = 0; t < 4; ++t) {
+                const int64_t k = 4 * g + t;
+                out[(g * MR + r) * 4 + t] = (r < rows && k < K) ? A[(m0 + r) * sm + k * sk] : 0;
+            }
+}
+
+/* One pass of the micro-kernel, written out in assembly: GCC kept too few of the 12 int16
+ * sums in registers (it hoists the 6 broadcasts) and spilled the rest every step, at half
+ * this speed.  Registers: ymm0-11 the int16 sums of rows 0-5 (even: columns 0-7, odd:
+ * 8-15), ymm12-13 the strip's 64 bytes of one group, ymm14 a row's broadcast 4 bytes, ymm15
+ * the product (then VPMADDWD's ones).  Runs ``n`` >= 1 groups from zero, then adds the sums,
+ * widened, into ``acc`` [6][16] int32. */
+#define SQ_ROW(off, even, odd) \
+    "vpbroadcastd " #off "(%[a]), %%ymm14\n\t" \
+    "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t" \
+    "vpaddw %%ymm15, %%ymm" #even ", %%ymm" #even "\n\t" \
+    "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t" \
+    "vpaddw %%ymm15, %%ymm" #odd ", %%ymm" #odd "\n\t"
+#define SQ_ZERO(i) "vpxor %%ymm" #i ", %%ymm" #i ", %%ymm" #i "\n\t"
+#define SQ_WIDEN(i, off) \
+    "vpmaddwd %%ymm15, %%ymm" #i ", %%ymm" #i "\n\t" \
+    "vpaddd " #off "(%[acc]), %%ymm" #i ", %%ymm" #i "\n\t" \
+    "vmovdqu %%ymm" #i ", " #off "(%[acc])\n\t"
+
+static inline void micro_pass(const int8_t *a, const uint8_t *b, int64_t n, int32_t *acc) {
+    __asm__ volatile(
+        SQ_ZERO(0) SQ_ZERO(1) SQ_ZERO(2) SQ_ZERO(3) SQ_ZERO(4) SQ_ZERO(5)
+        SQ_ZERO(6) SQ_ZERO(7) SQ_ZERO(8) SQ_ZERO(9) SQ_ZERO(10) SQ_ZERO(11)
+        "1:\n\t"
+        "vmovdqa (%[b]), %%ymm12\n\t"
+        "vmovdqa 32(%[b]), %%ymm13\n\t"
+        SQ_ROW(0, 0, 1) SQ_ROW(4, 2, 3) SQ_ROW(8, 4, 5) SQ_ROW(12, 6, 7) SQ_ROW(16, 8, 9) SQ_ROW(20, 10, 11)
+        "add $24, %[a]\n\t"
+        "add $64, %[b]\n\t"
+        "dec %[n]\n\t"
+        "jnz 1b\n\t"
+        "vpcmpeqw %%ymm15, %%ymm15, %%ymm15\n\t"
+        "vpsrlw $15, %%ymm15, %%ymm15\n\t"
+        SQ_WIDEN(0, 0) SQ_WIDEN(1, 32) SQ_WIDEN(2, 64) SQ_WIDEN(3, 96) SQ_WIDEN(4, 128) SQ_WIDEN(5, 160)
+        SQ_WIDEN(6, 192) SQ_WIDEN(7, 224) SQ_WIDEN(8, 256) SQ_WIDEN(9, 288) SQ_WIDEN(10, 320) SQ_WIDEN(11, 352)
+        : [a] "+r"(a), [b] "+r"(b), [n] "+r"(n)
+        : [acc] "r"(acc)
+        : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+          "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+}
+
+/* acc[r][0..15] += sum over groups g < G of A block row r x strip columns, in int16 for up
+ * to ``T`` groups at a time between widenings. */
+static inline void micro(const int8_t *a, const uint8_t *b, int64_t G, int T, int32_t acc[MR][NR]) {
+    for (int64_t g0 = 0; g0 < G; g0 += T)
+        micro_pass(a + g0 * MR * 4, b + g0 * GROUP_BYTES, min64(T, G - g0), &acc[0][0]);
+}
+
+/* One unit: row blocks mb0 .. mb1 and strips s0 .. s1 of one product, the reduction in chunks
+ * of KC groups; accumulators wait in ``acc`` [MC / MR][PANEL][MR][NR]. */
+static void unit(const int8_t *Ap, const uint8_t *Bp, const int32_t *rowsum, int off, int64_t G, int T,
+                 int64_t mb0, int64_t mb1, int64_t s0, int64_t s1, int32_t *C, int64_t M, int64_t N,
+                 int32_t (*acc)[PANEL][MR][NR]) {
+    for (int64_t mb = mb0; mb < mb1; ++mb)
+        for (int64_t s = s0; s < s1; ++s)
+            for (int r = 0; r < MR; ++r) {
+                const int64_t m = mb * MR + r;
+                /* A (B + off) - off rowsum(A): wrapping int32 arithmetic, exact mod 2**32, and
+                 * the true product fits int32 */
+                const int32_t start = m < M ? (int32_t)(0u - (uint32_t)off * (uint32_t)rowsum[m]) : 0;
+                for (int c = 0; c < NR; ++c) acc[mb - mb0][s - s0][r][c] = start;
+            }
+    for (int64_t g0 = 0; g0 < G; g0 += KC) {
+        const int64_t g1 = min64(g0 + KC, G);
+        for (int64_t s = s0; s < s1; ++s)
+            for (int64_t mb = mb0; mb < mb1; ++mb)
+                micro(Ap + (mb * G + g0) * MR * 4, Bp + (s * G + g0) * GROUP_BYTES, g1 - g0, T,
+                      acc[mb - mb0][s - s0]);
+    }
+    for (int64_t mb = mb0; mb < mb1; ++mb)
+        for (int64_t s = s0; s < s1; ++s) {
+            const int cols = (int)min64(NR, N - s * NR);
+            for (int r = 0; r < MR && mb * MR + r < M; ++r)
+                memcpy(C + (mb * MR + r) * N + s * NR, acc[mb - mb0][s - s0][r], cols * 4);
+        }
+}
+
+/* C[b] = A[b] @ B[b], b < batch.  Strides in elements, any (sab / sbb: batch strides, 0
+ * broadcasts one operand); C contiguous [batch, M, N].  Returns 0, -1 when the workspace
+ * cannot be allocated, REFUSED (2) when max|A| * max|B| > 8191 (nothing written). */
+int sq_avx2_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
+                    const int8_t *B, int64_t sbb, int64_t sk, int64_t sn,
+                    int32_t *C, int64_t batch, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t G = cdiv(K, 4), MB = cdiv(M, MR), S = cdiv(N, NR);
+    const int64_t na = sab == 0 ? 1 : batch, nb = sbb == 0 ? 1 : batch;
+    const size_t packed_a = (size_t)(MB * G * MR * 4), packed_b = (size_t)(S * G * GROUP_BYTES);
+    const size_t sums = (size_t)(na * M) * sizeof(int32_t);
+    uint8_t *ws = workspace(packed_b * nb + packed_a * na + sums + 64);
+    if (!ws) return -1;
+    uint8_t *Bp = ws;
+    int8_t *Ap = (int8_t *)(ws + packed_b * nb);
+    int32_t *rowsum = (int32_t *)(((uintptr_t)(Ap + packed_a * na) + 63) & ~(uintptr_t)63);
+    /* 1. max |A|, max |B|, A's row sums: rows of A and strips of B in parallel */
+    const int64_t arows = 64, la = cdiv(M, arows);
+    int amax = 0, bmax = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : amax)
+    for (int64_t u = 0; u < na * la; ++u) {
+        const int64_t b = u / la, m0 = (u % la) * arows;
+        const int v = a_rows(A + b * sab, sam, sak, m0, min64(m0 + arows, M), K, rowsum + b * M);
+        amax = v > amax ? v : amax;
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : bmax)
+    for (int64_t u = 0; u < nb * S; ++u) {
+        const int64_t b = u / S, s = u % S;
+        const int v = b_max(B + b * sbb, sk, sn, K, s * NR, min64(s * NR + NR, N));
+        bmax = v > bmax ? v : bmax;
+    }
+    if ((int64_t)amax * bmax > 8191) return REFUSED;
+    const int off = bmax;
+    const int pair = 4 * amax * bmax;                 /* |one VPMADDUBSW lane| <= pair <= 32764 */
+    const int T = pair == 0 ? 1 << 30 : 32767 / pair;
+    const int64_t units_m = cdiv(MB, MC / MR), units_n = cdiv(S, PANEL);
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static) nowait
+        for (int64_t u = 0; u < nb * S; ++u)
+            pack_b_strip(B + (u / S) * sbb, sk, sn, K, N, u % S, off, Bp + (u / S) * packed_b + (u % S) * G * GROUP_BYTES);
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < na * MB; ++u)
+            pack_a_block(A + (u / MB) * sab, sam, sak, M, K, u % MB, Ap + (u / MB) * packed_a + (u % MB) * G * MR * 4);
+        static __thread int32_t acc[MC / MR][PANEL][MR][NR] __attribute__((aligned(64)));
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < batch * units_n * units_m; ++u) {
+            /* panel-major: a thread's consecutive units share one panel of B */
+            const int64_t b = u / (units_n * units_m), rem = u % (units_n * units_m);
+            const int64_t p = rem / units_m, q = rem % units_m;
+            const int64_t mb0 = q * (MC / MR), s0 = p * PANEL;
+            unit(Ap + (sab == 0 ? 0 : b * packed_a), Bp + (sbb == 0 ? 0 : b * packed_b),
+                 rowsum + (sab == 0 ? 0 : b * M), off, G, T, mb0, min64(mb0 + MC / MR, MB), s0, min64(s0 + PANEL, S),
+                 C + b * M * N, M, N, acc);
+        }
+    }
+    return 0;
+}
