@@ -1,13 +1,15 @@
 """The CPU int8 GEMM engines on the products a training step makes: fp32 ``torch.matmul``
-against oneDNN's ``torch._int_mm``, sqcompile's AMX kernel (``sqcompile.kernels.amx``) and
-the float engine (``sqcompile.kernels.cpu.float_int8_mm``: exact int8 products as float32
-GEMMs, for CPUs with neither AMX nor VNNI), interleaved in one process, medians and ratios
-against fp32.
+against oneDNN's ``torch._int_mm``, sqcompile's AMX kernel (``sqcompile.kernels.amx``), its
+AVX2 kernel (``sqcompile.kernels.avx2``: CPUs with neither AMX nor VNNI) and the float engine
+(``sqcompile.kernels.cpu.float_int8_mm``: exact int8 products as float32 GEMMs), interleaved
+in one process, medians and ratios against fp32.  Kernels the CPU cannot run are left out.
 
 Default shapes: the transformer of ``train_step.py`` (16 x 256 tokens, d_model 512, 8 heads):
 each Linear's forward (``x @ W^T``), input gradient (``g @ W``) and weight gradient
 (``g^T @ x``, the reduction over tokens, operands in the layouts the backward hands over),
-and attention's two batched products over 128 heads.
+and attention's two batched products over 128 heads.  Values as at 4 bits: activations and
+weights in [-8, 8), gradients (ShiftQuant's expanded integers ``q << shift``) in [-56, 56]
+(the AVX2 kernel's int16 sums depend on the magnitudes; the other engines' time does not).
 
     python benchmarks/cpu_gemm.py
     python benchmarks/cpu_gemm.py --threads 1 --rounds 9
@@ -25,19 +27,19 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import add_threads_argument, interleaved, median_ms, median_ratio, start  # noqa: E402
-from sqcompile.kernels import amx, cpu  # noqa: E402
+from sqcompile.kernels import amx, avx2, cpu  # noqa: E402
 
 T = 16 * 256
 
 
 def transformer_cases():
     """``(name, a, b)`` int8 operand pairs, laid out as the quantized layers hand them over."""
-    def r(*shape):
-        return torch.randint(-8, 8, shape, dtype=torch.int8)
+    def r(*shape, low=-8, high=8):
+        return torch.randint(low, high, shape, dtype=torch.int8)
 
     cases = []
     for name, (k, n) in {"qkv": (512, 1536), "proj": (512, 512), "fc1": (512, 2048), "fc2": (2048, 512)}.items():
-        x, w, g = r(T, k), r(n, k), r(T, n)
+        x, w, g = r(T, k), r(n, k), r(T, n, low=-56, high=57)
         cases += [(f"{name} fwd x@W^T", x, w.t()), (f"{name} dX g@W", g, w), (f"{name} dW g^T@x", g.t(), x)]
     q, kk, v = r(16, 8, 256, 64), r(16, 8, 256, 64), r(16, 8, 256, 64)
     cases += [("attn QK^T (128 heads)", q, kk.transpose(-1, -2)),
@@ -58,6 +60,9 @@ def main(argv=None):
     ok, why = amx.status()
     if not ok:
         print(f"AMX kernel not usable here ({why}): it is not timed")
+    avx2_ok, why = avx2.status()
+    if not avx2_ok:
+        print(f"AVX2 kernel not usable here ({why}): it is not timed")
     if args.shapes:
         cases = []
         for s in args.shapes:
@@ -78,6 +83,9 @@ def main(argv=None):
         if ok:
             runs["AMX kernel"] = lambda: amx.int8_mm(a, b)
             assert torch.equal(amx.int8_mm(a, b), want), name
+        if avx2_ok:
+            runs["AVX2 kernel"] = lambda: avx2.int8_mm(a, b)
+            assert torch.equal(avx2.int8_mm(a, b), want), name
         times = interleaved(runs, rounds=args.rounds, warmup=1)
         for label in runs:
             total[label] = total.get(label, 0.0) + median_ms(times[label])

@@ -23,13 +23,15 @@
  * of 4 consecutive k, 64 bytes [16 columns][4 k] -- two YMM registers of 8 columns, each
  * int32 lane one column's 4 bytes, so VPMADDUBSW then VPMADDWD sum 4 k of one column.  A is
  * packed into blocks of MR rows: for each group of 4 k, MR x 4 bytes, each row's 4 bytes
- * broadcast to every lane.  K is zero-padded to whole groups (A's zeros cancel B's offset),
- * M and N to whole blocks (computed, not stored).
+ * broadcast to every lane; its row sums are taken from the packed blocks.  K is zero-padded
+ * to whole groups (A's zeros cancel B's offset), M and N to whole blocks (computed, not
+ * stored).  Any strides: row-major B and column-major A (a weight gradient's) are packed 16
+ * bytes at a time, other layouts byte by byte.
  *
  * Blocking: a unit of work is MC rows x one N panel of PANEL strips; the reduction runs in
  * chunks of KC groups so a strip's chunk (KC x 64 bytes) stays in L1 while the unit's row
- * blocks pass over it.  The micro-kernel holds MR x 16 int16 sums in 2 MR registers and
- * the int32 sums in a small array (in L1 when it does not fit the registers).
+ * blocks pass over it.  The micro-kernel (assembly) holds MR x 16 int16 sums in 2 MR
+ * registers and adds them, widened, into int32 sums in a small array in L1.
  *
  * Threads: OpenMP (the libgomp torch loaded) over rows and strips while measuring and
  * packing, and over (batch, row block, panel) units while multiplying.
@@ -41,7 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MR 6               /* rows of the micro-kernel (micro_pass): 12 int16 registers + 2 of B + 2 */
+#define MR 6               /* rows of the micro-kernel (micro_pass, block_sums): 12 int16 registers + 2 of B + 2 */
 #define NR 16              /* columns of a strip */
 #define GROUP_BYTES (NR * 4)
 #ifndef KC
@@ -84,33 +86,41 @@ void sq_avx2_release_workspace(void) {
 
 static inline int abs8(int8_t v) { return v < 0 ? -v : v; }
 
-/* Row sums of A (int32, exact: K <= 2**24) and the largest |A|, for rows m0 .. m1. */
-static int a_rows(const int8_t *A, int64_t sm, int64_t sk, int64_t m0, int64_t m1, int64_t K, int32_t *sums) {
+/* The largest |A| over rows m0 .. m1 (loops the compiler vectorizes for either unit stride). */
+static int a_max(const int8_t *A, int64_t sm, int64_t sk, int64_t m0, int64_t m1, int64_t K) {
     int best = 0;
     if (sk == 1) {
         for (int64_t m = m0; m < m1; ++m) {
             const int8_t *row = A + m * sm;
-            int32_t s = 0;
-            int top = 0;
-            for (int64_t k = 0; k < K; ++k) {
-                s += row[k];
-                top = abs8(row[k]) > top ? abs8(row[k]) : top;
-            }
-            sums[m] = s;
-            best = top > best ? top : best;
+            for (int64_t k = 0; k < K; ++k) best = abs8(row[k]) > best ? abs8(row[k]) : best;
         }
-        return best;
-    }
-    for (int64_t m = m0; m < m1; ++m) sums[m] = 0;
-    for (int64_t k = 0; k < K; ++k) {       /* columns of A: contiguous over m when sm == 1 */
-        const int8_t *col = A + k * sk;
-        for (int64_t m = m0; m < m1; ++m) {
-            const int8_t v = col[m * sm];
-            sums[m] += v;
-            best = abs8(v) > best ? abs8(v) : best;
+    } else {
+        for (int64_t k = 0; k < K; ++k) {
+            const int8_t *col = A + k * sk;
+            for (int64_t m = m0; m < m1; ++m) best = abs8(col[m * sm]) > best ? abs8(col[m * sm]) : best;
         }
     }
     return best;
+}
+
+/* The row sums of one packed A block ([G][MR][4] bytes) into ``sums`` [MR] (exact: K <= 2**24).
+ * Four groups are 24 int32 words, three registers in which word w always holds row w % 6:
+ * each word's 4 bytes summed by VPMADDUBSW with ones then VPMADDWD with ones. */
+static void block_sums(const int8_t *blk, int64_t G, int32_t *sums) {
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    __m256i acc[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4)
+        for (int i = 0; i < 3; ++i) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(blk + g * MR * 4 + 32 * i));
+            acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16));
+        }
+    int32_t lanes[24];
+    for (int i = 0; i < 3; ++i) _mm256_storeu_si256((__m256i *)(lanes + 8 * i), acc[i]);
+    for (int r = 0; r < MR; ++r) sums[r] = lanes[r] + lanes[r + 6] + lanes[r + 12] + lanes[r + 18];
+    for (; g < G; ++g)
+        for (int r = 0; r < MR; ++r)
+            for (int t = 0; t < 4; ++t) sums[r] += blk[(g * MR + r) * 4 + t];
 }
 
 /* The largest |B| over columns n0 .. n1. */
@@ -175,6 +185,36 @@ static void pack_b_strip(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int
                 const int v = (c < cols && k < K) ? B[k * sk + (n0 + c) * sn] : 0;
                 out[g * GROUP_BYTES + 4 * c + t] = (uint8_t)(v + off);
             }
+}
+
+/* 16 bytes from each of 4 rows (``p``, ``p + stride``, ...) interleaved into 64 bytes:
+ * out[4 * c + t] = row t [c], i.e. the 4 rows' bytes of column c form int32 lane c. */
+static inline void interleave4(const int8_t *p, int64_t stride, uint8_t *out) {
+    const __m128i a0 = _mm_loadu_si128((const __m128i *)p);
+    const __m128i a1 = _mm_loadu_si128((const __m128i *)(p + stride));
+    const __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * stride));
+    const __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * stride));
+    const __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
+    const __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+    __m128i *o = (__m128i *)out;
+    _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
+    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+    _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
+    _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+}
+
+#define A_CHUNK 48         /* rows of A a column-major pack step takes: 8 blocks, 3 x 16 bytes */
+
+/* Pack the A_CHUNK rows from block mb on of a column-major A (``sm == 1``, all of them in A,
+ * K a multiple of 4): each group's 4 columns interleaved 16 rows at a time, every block's
+ * 6 rows then one 24-byte copy. */
+static void pack_a_chunk_colmajor(const int8_t *A, int64_t sk, int64_t K, int64_t mb, int8_t *out) {
+    const int64_t G = K / 4, m0 = mb * MR;
+    uint8_t t[A_CHUNK * 4];
+    for (int64_t g = 0; g < G; ++g) {
+        for (int i = 0; i < A_CHUNK / 16; ++i) interleave4(A + m0 + 16 * i + 4 * g * sk, sk, t + 64 * i);
+        for (int j = 0; j < A_CHUNK / MR; ++j) memcpy(out + ((mb + j) * G + g) * MR * 4, t + j * MR * 4, MR * 4);
+    }
 }
 
 /* Pack row block mb of A (rows MR mb ..) into ``out`` [G groups][MR][4], zero outside A. */
@@ -290,19 +330,19 @@ int sq_avx2_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
     const int64_t G = cdiv(K, 4), MB = cdiv(M, MR), S = cdiv(N, NR);
     const int64_t na = sab == 0 ? 1 : batch, nb = sbb == 0 ? 1 : batch;
     const size_t packed_a = (size_t)(MB * G * MR * 4), packed_b = (size_t)(S * G * GROUP_BYTES);
-    const size_t sums = (size_t)(na * M) * sizeof(int32_t);
+    const size_t sums = (size_t)(na * MB * MR) * sizeof(int32_t);
     uint8_t *ws = workspace(packed_b * nb + packed_a * na + sums + 64);
     if (!ws) return -1;
     uint8_t *Bp = ws;
     int8_t *Ap = (int8_t *)(ws + packed_b * nb);
     int32_t *rowsum = (int32_t *)(((uintptr_t)(Ap + packed_a * na) + 63) & ~(uintptr_t)63);
-    /* 1. max |A|, max |B|, A's row sums: rows of A and strips of B in parallel */
+    /* 1. max |A| and max |B|: rows of A and strips of B in parallel */
     const int64_t arows = 64, la = cdiv(M, arows);
     int amax = 0, bmax = 0;
     #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : amax)
     for (int64_t u = 0; u < na * la; ++u) {
-        const int64_t b = u / la, m0 = (u % la) * arows;
-        const int v = a_rows(A + b * sab, sam, sak, m0, min64(m0 + arows, M), K, rowsum + b * M);
+        const int64_t m0 = (u % la) * arows;
+        const int v = a_max(A + (u / la) * sab, sam, sak, m0, min64(m0 + arows, M), K);
         amax = v > amax ? v : amax;
     }
     #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : bmax)
@@ -321,9 +361,18 @@ int sq_avx2_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
         #pragma omp for schedule(static) nowait
         for (int64_t u = 0; u < nb * S; ++u)
             pack_b_strip(B + (u / S) * sbb, sk, sn, K, N, u % S, off, Bp + (u / S) * packed_b + (u % S) * G * GROUP_BYTES);
+        /* a column-major A goes A_CHUNK rows at a time where whole chunks lie in A */
+        const int chunked = sam == 1 && K % 4 == 0;
+        const int64_t per = A_CHUNK / MR, chunks = chunked ? M / A_CHUNK : 0, lone = MB - chunks * per;
         #pragma omp for schedule(static)
-        for (int64_t u = 0; u < na * MB; ++u)
-            pack_a_block(A + (u / MB) * sab, sam, sak, M, K, u % MB, Ap + (u / MB) * packed_a + (u % MB) * G * MR * 4);
+        for (int64_t u = 0; u < na * (chunks + lone); ++u) {
+            const int64_t b = u / (chunks + lone), i = u % (chunks + lone);
+            const int64_t mb0 = i < chunks ? i * per : chunks * per + (i - chunks), mb1 = i < chunks ? mb0 + per : mb0 + 1;
+            if (i < chunks) pack_a_chunk_colmajor(A + b * sab, sak, K, mb0, Ap + b * packed_a);
+            else pack_a_block(A + b * sab, sam, sak, M, K, mb0, Ap + b * packed_a + mb0 * G * MR * 4);
+            for (int64_t mb = mb0; mb < mb1; ++mb)
+                block_sums(Ap + b * packed_a + mb * G * MR * 4, G, rowsum + (b * MB + mb) * MR);
+        }
         static __thread int32_t acc[MC / MR][PANEL][MR][NR] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
         for (int64_t u = 0; u < batch * units_n * units_m; ++u) {
@@ -332,7 +381,7 @@ int sq_avx2_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
             const int64_t p = rem / units_m, q = rem % units_m;
             const int64_t mb0 = q * (MC / MR), s0 = p * PANEL;
             unit(Ap + (sab == 0 ? 0 : b * packed_a), Bp + (sbb == 0 ? 0 : b * packed_b),
-                 rowsum + (sab == 0 ? 0 : b * M), off, G, T, mb0, min64(mb0 + MC / MR, MB), s0, min64(s0 + PANEL, S),
+                 rowsum + (sab == 0 ? 0 : b * MB * MR), off, G, T, mb0, min64(mb0 + MC / MR, MB), s0, min64(s0 + PANEL, S),
                  C + b * M * N, M, N, acc);
         }
     }
