@@ -32,6 +32,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "int8_pack.h"
+
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -95,22 +97,6 @@ void sq_amx_release_workspace(void) {
     ws_size = 0;
 }
 
-/* 16 bytes from each of 4 rows (``p``, ``p + stride``, ...) interleaved into 64 bytes:
- * out[4 * c + t] = row t [c], i.e. the 4 rows' bytes of column c form int32 lane c. */
-static inline void interleave4(const int8_t *p, int64_t stride, int8_t *out) {
-    __m128i a0 = _mm_loadu_si128((const __m128i *)p);
-    __m128i a1 = _mm_loadu_si128((const __m128i *)(p + stride));
-    __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * stride));
-    __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * stride));
-    __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
-    __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
-    __m128i *o = (__m128i *)out;
-    _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
-    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
-    _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
-    _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
-}
-
 /* Pack tile (j, kb) of one B [K, N] (strides sk, sn) into VNNI order: the tile at
  * (j * KB + kb) * 1024 holds out[r * 64 + c * 4 + t] = B[kb * 64 + r * 4 + t][j * 16 + c],
  * zero outside B.  Whole tiles of a row-major B are packed by pack_b_line instead. */
@@ -160,7 +146,7 @@ static void pack_a_tile(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int6
         int32_t quad[16][32] __attribute__((aligned(64)));   /* [k / 4][m]: 4 k per lane */
         for (int g = 0; g < 16; ++g)
             for (int h = 0; h < 2; ++h)
-                interleave4(A + (k0 + 4 * g) * sk + m0 + 16 * h, sk, (int8_t *)&quad[g][16 * h]);
+                sq_interleave4(A + (k0 + 4 * g) * sk + m0 + 16 * h, sk, (int8_t *)&quad[g][16 * h]);
         int32_t *t32 = (int32_t *)t;
         for (int r = 0; r < 32; ++r)
             for (int g = 0; g < 16; ++g) t32[r * 16 + g] = quad[g][r];
@@ -195,7 +181,7 @@ static void pack_b_line(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int6
          * rows stay in L1 (the tile's 64 rows of a wide B would not) */
         for (int r = 0; r < 16; ++r)
             for (int64_t j = 0; j + 1 <= N / TILE_N; ++j)
-                interleave4(B + (line * TILE_K + 4 * r) * sk + j * TILE_N, sk,
+                sq_interleave4(B + (line * TILE_K + 4 * r) * sk + j * TILE_N, sk,
                             out + (j * KB + line) * TILE_BYTES + r * 64);
         if (N % TILE_N)
             pack_b_tile(B, sk, sn, K, N, NT - 1, line, out);

@@ -43,6 +43,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "int8_pack.h"
+
 #define MR 6               /* rows of the micro-kernel (micro_pass, block_sums): 12 int16 registers + 2 of B + 2 */
 #define NR 16              /* columns of a strip */
 #define GROUP_BYTES (NR * 4)
@@ -187,22 +189,6 @@ static void pack_b_strip(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int
             }
 }
 
-/* 16 bytes from each of 4 rows (``p``, ``p + stride``, ...) interleaved into 64 bytes:
- * out[4 * c + t] = row t [c], i.e. the 4 rows' bytes of column c form int32 lane c. */
-static inline void interleave4(const int8_t *p, int64_t stride, uint8_t *out) {
-    const __m128i a0 = _mm_loadu_si128((const __m128i *)p);
-    const __m128i a1 = _mm_loadu_si128((const __m128i *)(p + stride));
-    const __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * stride));
-    const __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * stride));
-    const __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
-    const __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
-    __m128i *o = (__m128i *)out;
-    _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
-    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
-    _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
-    _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
-}
-
 #define A_CHUNK 48         /* rows of A a column-major pack step takes: 8 blocks, 3 x 16 bytes */
 
 /* Pack the A_CHUNK rows from block mb on of a column-major A (``sm == 1``, all of them in A,
@@ -212,7 +198,7 @@ static void pack_a_chunk_colmajor(const int8_t *A, int64_t sk, int64_t K, int64_
     const int64_t G = K / 4, m0 = mb * MR;
     uint8_t t[A_CHUNK * 4];
     for (int64_t g = 0; g < G; ++g) {
-        for (int i = 0; i < A_CHUNK / 16; ++i) interleave4(A + m0 + 16 * i + 4 * g * sk, sk, t + 64 * i);
+        for (int i = 0; i < A_CHUNK / 16; ++i) sq_interleave4(A + m0 + 16 * i + 4 * g * sk, sk, t + 64 * i);
         for (int j = 0; j < A_CHUNK / MR; ++j) memcpy(out + ((mb + j) * G + g) * MR * 4, t + j * MR * 4, MR * 4);
     }
 }

@@ -339,11 +339,23 @@ SQ_WIDEN(sq_cvtepu8_epi32, sq_m512i, sq_b16, sq_ub8, sq_i8)
 #undef SQ_WIDEN
 SQ sq_b16 sq_cvtepi32_epi8(sq_m512i a) {
     /* truncation to the low byte (VPMOVDB) */
+#ifdef SQ_AVX2
+    /* each 128-bit lane's four low bytes to its first 4 bytes, then those words together */
+    const __m256i low = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                         0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i words = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    __m128i half[2];
+    SQ_HALVES(k) half[k] = _mm256_castsi256_si128(
+        _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8((__m256i)a.h[k], low), words));
+    sq_b16 r = (sq_b16)_mm_unpacklo_epi64(half[0], half[1]);
+    return r;
+#else
     sq_ub8 half[2];
     SQ_HALVES(k) half[k] = __builtin_convertvector((sq_u8)a.h[k] & 0xFF, sq_ub8);
     sq_b16 r;
     memcpy(&r, half, sizeof r);
     return r;
+#endif
 }
 SQ void sq_mask_cvtepi32_storeu_epi8(void *p, sq_mask16 m, sq_m512i a) { sq_mask_storeu_epi8(p, m, sq_cvtepi32_epi8(a)); }
 

@@ -45,7 +45,7 @@
 
 #include "avx512.h"
 
-static inline __m512 sign_ps(__m512 v) {
+SQ_VEC __m512 sign_ps(__m512 v) {
     /* torch.sign: -1, 0, 1, NaN for NaN */
     __m512 one = _mm512_set1_ps(1.0f);
     __m512 s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_setzero_ps(), one);
@@ -53,7 +53,7 @@ static inline __m512 sign_ps(__m512 v) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), s, v);
 }
 
-static inline __m512 quantize(__m512 x, __m512 div, __m512 qmax, int rounding) {
+SQ_VEC __m512 quantize(__m512 x, __m512 div, __m512 qmax, int rounding) {
     /* numerics.quantize_values: clamp(round(x / div), -qmax, qmax), NaN -> 0 */
     __m512 q = _mm512_roundscale_ps(_mm512_div_ps(x, div), rounding | _MM_FROUND_NO_EXC);
     __mmask16 nan = _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
@@ -63,7 +63,7 @@ static inline __m512 quantize(__m512 x, __m512 div, __m512 qmax, int rounding) {
 
 static inline float finite_or_nan(float s) { return isfinite(s) ? s : NAN; }
 
-static inline __m512 load_q(const int8_t *p, __mmask16 m) {
+SQ_VEC __m512 load_q(const int8_t *p, __mmask16 m) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
@@ -188,7 +188,7 @@ int sq_l1_norm_forward(const float *x, const float *w, const float *bias, int ro
     return failed;
 }
 
-static inline void add_to_doubles(double *col, __m512 v, __mmask16 m) {
+SQ_VEC void add_to_doubles(double *col, __m512 v, __mmask16 m) {
     /* col[0:16] += v, in double, the lanes of m */
     __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
     __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
@@ -197,7 +197,7 @@ static inline void add_to_doubles(double *col, __m512 v, __mmask16 m) {
     _mm512_mask_storeu_pd(col + 8, mh, _mm512_add_pd(_mm512_maskz_loadu_pd(mh, col + 8), hi));
 }
 
-static inline __m512 affine_of(const float *w, int row_affine, float per_slice, int64_t i, __mmask16 m) {
+SQ_VEC __m512 affine_of(const float *w, int row_affine, float per_slice, int64_t i, __mmask16 m) {
     return row_affine ? _mm512_maskz_loadu_ps(m, w + i) : _mm512_set1_ps(per_slice);
 }
 

@@ -113,7 +113,7 @@ void sq_outer_pair_ranges(const float *dy, const float *pk, const float *pq, int
     combine(work, B, chunks, S, 0, ranges_c, threads);
 }
 
-static inline __m512i expand(__m512 x, __m512 scale, __m512 mult, __m512 u, __m512 qmax) {
+SQ_VEC __m512i expand(__m512 x, __m512 scale, __m512 mult, __m512 u, __m512 qmax) {
     /* numerics.quantize_values (stochastic) then q * multiplier: floor(x / scale + u),
        clamped, NaN -> 0 (scale 0 divides as 1).  IEEE divisions, as the graph's: a reciprocal
        with one FMA correction (Markstein's, exact where nothing underflows) and a range check
@@ -176,11 +176,11 @@ void sq_outer_pair_quantize(const float *dy, const float *pk, const float *pq, c
  * boundary.  A row holding a NaN gives q 0, scale and amax NaN, as numerics.quantize does.
  * h lives in a row buffer in cache; pre and q are written once.
  * ------------------------------------------------------------------------------------------ */
-static inline __m512 xor_ps(__m512 a, __m512 b) {            /* without AVX512-DQ's _mm512_xor_ps */
+SQ_VEC __m512 xor_ps(__m512 a, __m512 b) {            /* without AVX512-DQ's _mm512_xor_ps */
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
 }
 
-static inline __m512 erf_vec(__m512 x) {
+SQ_VEC __m512 erf_vec(__m512 x) {
     const __m512 one = _mm512_set1_ps(1.0f), neg_zero = _mm512_set1_ps(-0.0f);
     __m512 ax = _mm512_abs_ps(x), sign = xor_ps(x, ax);
     __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), ax, one));

@@ -1,9 +1,9 @@
 """Our C kernels: built with the system C compiler on first use, loaded with ``ctypes``.
 
-Each source file (``amx_int8.c``, ``cpu_attention.c``, ``cpu_norm.c``, ``cpu_quant.c``) becomes
-one shared library in :data:`~sqcompile.kernels.triton_fused.KERNEL_DIR`
+Each source file (``amx_int8.c``, ``avx2_int8.c``, ``cpu_attention.c``, ``cpu_norm.c``,
+``cpu_quant.c``) becomes one shared library in :data:`~sqcompile.kernels.triton_fused.KERNEL_DIR`
 (``SQCOMPILE_KERNEL_DIR``), under a name that hashes the source, the headers beside it
-(``avx512.h``, ``avx512_portable.h``), the compiler and its flags, so an edit or another
+(``avx512.h``, ``avx512_portable.h``, ``int8_pack.h``), the compiler and its flags, so an edit or another
 compiler builds anew and an unchanged one loads what is there (building takes about a
 second).  The compiler is ``$CC``, else ``cc``, ``gcc`` or ``clang``, the first found.
 

@@ -1,0 +1,25 @@
+/* Packing helper shared by the int8 GEMM kernels (amx_int8.c, avx2_int8.c). */
+#ifndef SQCOMPILE_INT8_PACK_H
+#define SQCOMPILE_INT8_PACK_H
+
+#include <immintrin.h>
+#include <stdint.h>
+
+/* 16 bytes from each of 4 rows (``p``, ``p + stride``, ...) interleaved into 64 bytes:
+ * out[4 * c + t] = row t [c], i.e. the 4 rows' bytes of column c form int32 lane c (the
+ * "VNNI" order both kernels' packed operands use). */
+static inline void sq_interleave4(const int8_t *p, int64_t stride, void *out) {
+    const __m128i a0 = _mm_loadu_si128((const __m128i *)p);
+    const __m128i a1 = _mm_loadu_si128((const __m128i *)(p + stride));
+    const __m128i a2 = _mm_loadu_si128((const __m128i *)(p + 2 * stride));
+    const __m128i a3 = _mm_loadu_si128((const __m128i *)(p + 3 * stride));
+    const __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
+    const __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+    __m128i *o = (__m128i *)out;
+    _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
+    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+    _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
+    _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+}
+
+#endif
