@@ -1,5 +1,6 @@
 """Stride-1 integer convolutions without im2col columns: ``sqcompile::int8_conv`` and
-``sqcompile::int8_conv_weight`` (implicit GEMMs on the AMX tiles, ``kernels/amx_int8.c``).
+``sqcompile::int8_conv_weight`` (implicit GEMMs on the AMX tiles, ``kernels/amx_int8.c``, or
+on the AVX2 kernel, ``kernels/avx2_int8.c``, with the same tables).
 
 Checked against the exact float64 convolution (its output and, through autograd, its weight
 gradient): shapes over 1-3 spatial dims, channel counts below, at and past the 64-byte k step
@@ -10,7 +11,10 @@ sliced); a hypothesis search over the same space; the ops' fake implementations
 gradient's int32 sums exact; and a compiled CNN trained with the implicit convolutions and
 with im2col GEMMs (the same integers: the same outputs and gradients bit for bit).
 
-The AMX tests skip on CPUs without AMX-int8; the reference ones run everywhere.
+The AMX tests skip on CPUs without AMX-int8, the AVX2 ones without AVX2; the reference ones
+run everywhere.  The AVX2 kernel is exact within ``max|A| * max|B| <= 8191`` and refuses
+above, so its operands are drawn within that bound (inputs up to 15, as 4-bit activations)
+and its refusal is tested on its own.
 """
 import contextlib
 import copy
@@ -22,10 +26,15 @@ from hypothesis import given, settings, strategies as st
 
 from sqcompile import ops
 from sqcompile.decisions import records_for
-from sqcompile.kernels import amx
+from sqcompile.kernels import amx, avx2
 
 AMX_OK, AMX_WHY = amx.status()
 needs_amx = pytest.mark.skipif(not AMX_OK, reason=f"AMX kernel not usable here: {AMX_WHY}")
+AVX2_OK, AVX2_WHY = avx2.status()
+GEMMS = [pytest.param("amx", marks=needs_amx),
+         pytest.param("avx2", marks=pytest.mark.skipif(not AVX2_OK, reason=f"AVX2 kernel not usable: {AVX2_WHY}"))]
+X_BOUND = {"amx": 127, "avx2": 15}
+"""The largest |input| each kernel's tests draw (weights and output gradients: 127)."""
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -39,8 +48,8 @@ def exact(x, w, padding, dilation, e=None):
     return wd.grad.to(torch.int32)
 
 
-def rand8(*shape, gen, low=-127):
-    return torch.randint(low, 128, shape, dtype=torch.int8, generator=gen)
+def rand8(*shape, gen, low=-127, high=127):
+    return torch.randint(low, high + 1, shape, dtype=torch.int8, generator=gen)
 
 
 def layout(t, kind):
@@ -67,32 +76,52 @@ CASES = [   # (x shape, w shape, padding, dilation)
 ]
 
 
-@needs_amx
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("xs,ws,padding,dilation", CASES)
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last", "sliced"])
-def test_implicit_conv_and_weight_gradient_are_exact(xs, ws, padding, dilation, kind):
+def test_implicit_conv_and_weight_gradient_are_exact(xs, ws, padding, dilation, kind, gemm):
     g = torch.Generator().manual_seed(sum(xs) * 100 + sum(ws))
-    x, w = layout(rand8(*xs, gen=g), kind), layout(rand8(*ws, gen=g), kind)
+    bound = X_BOUND[gemm]
+    x, w = layout(rand8(*xs, gen=g, low=-bound, high=bound), kind), layout(rand8(*ws, gen=g), kind)
     ref = exact(x, w, padding, dilation)
-    out = amx.int8_conv(x, w, padding, dilation)
+    out = amx.int8_conv(x, w, padding, dilation, gemm=gemm)
     assert torch.equal(out, ref)
     assert out.stride() == ops.int8_conv(x, w, padding, dilation).stride()   # the fake's / reference's layout
     e = layout(rand8(*ref.shape, gen=g), kind)
-    dw = amx.int8_conv_weight(e, x, list(ws[2:]), padding, dilation)
+    dw = amx.int8_conv_weight(e, x, list(ws[2:]), padding, dilation, gemm=gemm)
     assert dw.is_contiguous() and torch.equal(dw, exact(x, w, padding, dilation, e))
 
 
-@needs_amx
-def test_empty_batch_and_channels_give_zeros():
+@pytest.mark.skipif(not AVX2_OK, reason=f"AVX2 kernel not usable: {AVX2_WHY}")
+def test_avx2_convs_refuse_two_8_bit_operands_and_the_op_runs_them_as_im2col(monkeypatch):
+    """8-bit inputs against 8-bit weights could saturate the AVX2 kernel's int16 sums: it
+    refuses (``None``), and the CPU op then runs the im2col GEMM (on the float engine), exact."""
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, "avx2")
+    g = torch.Generator().manual_seed(11)
+    x, w = rand8(2, 16, 7, 7, gen=g), rand8(8, 16, 3, 3, gen=g)
+    x[0, 0, 0, 0], w[0, 0, 0, 0] = 127, 127
+    assert amx.int8_conv(x, w, [1, 1], [1, 1], gemm="avx2") is None
+    out = ops.int8_conv(x, w, [1, 1], [1, 1])
+    assert torch.equal(out, exact(x, w, [1, 1], [1, 1]))
+    e = rand8(*out.shape, gen=g)
+    assert amx.int8_conv_weight(e, x, [3, 3], [1, 1], [1, 1], gemm="avx2") is None
+    assert torch.equal(ops.int8_conv_weight(e, x, [3, 3], [1, 1], [1, 1]), exact(x, w, [1, 1], [1, 1], e))
+    with pytest.raises(ValueError, match="gemm='mkl'"):
+        amx.int8_conv(x, w, [1, 1], [1, 1], gemm="mkl")
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_empty_batch_and_channels_give_zeros(gemm):
     """An empty batch (nothing to sum for the weight gradient) and no input channels (empty
     sums): zeros of the convolution's shapes, not a failed product.  (PyTorch's float conv2d
     returns the input's shape for zero channels, so the reference is written out.)"""
     for xs, ws in [((0, 8, 5, 5), (4, 8, 3, 3)), ((2, 0, 5, 5), (4, 0, 3, 3))]:
         x, w = torch.zeros(xs, dtype=torch.int8), torch.zeros(ws, dtype=torch.int8)
-        out = amx.int8_conv(x, w, [1, 1], [1, 1])
+        out = amx.int8_conv(x, w, [1, 1], [1, 1], gemm=gemm)
         assert torch.equal(out, torch.zeros(xs[0], ws[0], 5, 5, dtype=torch.int32))
         e = torch.ones(out.shape, dtype=torch.int8)
-        assert torch.equal(amx.int8_conv_weight(e, x, [3, 3], [1, 1], [1, 1]), torch.zeros(ws, dtype=torch.int32))
+        assert torch.equal(amx.int8_conv_weight(e, x, [3, 3], [1, 1], [1, 1], gemm=gemm),
+                           torch.zeros(ws, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("xs,ws,padding,dilation", CASES[:3] + CASES[4:6])
@@ -108,22 +137,24 @@ def test_reference_ops_are_exact(xs, ws, padding, dilation, monkeypatch):
     assert torch.equal(ops.int8_conv_weight(e, x, list(ws[2:]), padding, dilation), exact(x, w, padding, dilation, e))
 
 
-@needs_amx
+@pytest.mark.parametrize("gemm", GEMMS)
 @settings(max_examples=40, deadline=None)
 @given(nd=st.integers(1, 3), n=st.integers(1, 3), c=st.integers(1, 70), cout=st.integers(1, 40),
        data=st.data(), seed=st.integers(0, 2 ** 31 - 1))
-def test_implicit_conv_property(nd, n, c, cout, data, seed):
+def test_implicit_conv_property(gemm, nd, n, c, cout, data, seed):
     kernel = [data.draw(st.integers(1, 3)) for _ in range(nd)]
     dilation = [data.draw(st.integers(1, 2)) for _ in range(nd)]
     padding = [data.draw(st.integers(0, 2)) for _ in range(nd)]
     sizes = [data.draw(st.integers(max(1, d * (k - 1) + 1 - 2 * p), 7)) for k, d, p in zip(kernel, dilation, padding)]
     kind = data.draw(st.sampled_from(["contiguous", "channels_last", "sliced"]))
     g = torch.Generator().manual_seed(seed)
-    x, w = layout(rand8(n, c, *sizes, gen=g), kind), rand8(cout, c, *kernel, gen=g)
+    bound = X_BOUND[gemm]
+    x, w = layout(rand8(n, c, *sizes, gen=g, low=-bound, high=bound), kind), rand8(cout, c, *kernel, gen=g)
     ref = exact(x, w, padding, dilation)
-    assert torch.equal(amx.int8_conv(x, w, padding, dilation), ref)
+    assert torch.equal(amx.int8_conv(x, w, padding, dilation, gemm=gemm), ref)
     e = rand8(*ref.shape, gen=g)
-    assert torch.equal(amx.int8_conv_weight(e, x, kernel, padding, dilation), exact(x, w, padding, dilation, e))
+    assert torch.equal(amx.int8_conv_weight(e, x, kernel, padding, dilation, gemm=gemm),
+                       exact(x, w, padding, dilation, e))
 
 
 def test_ops_fake_implementations():
@@ -198,12 +229,13 @@ def _train(model, x, family):
     return out, {n: p.grad for n, p in model.named_parameters()}
 
 
-@needs_amx
-def test_compiled_cnn_trains_as_with_im2col_gemms():
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_compiled_cnn_trains_as_with_im2col_gemms(gemm, monkeypatch):
     """The same integer products either way, so a compiled step gives the same outputs and
     gradients bit for bit; the implicit ops are in the graphs (forward, input and weight
     gradients of the stride-1 convs, the strided conv's input gradient by output phase);
     the strided conv's forward and weight gradient keep their im2col GEMMs."""
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, gemm)
     torch.manual_seed(0)
     model, x = Net(), torch.randn(2, 3, 12, 12)
     ref_out, ref_grads = _train(copy.deepcopy(model), x, im2col_family())

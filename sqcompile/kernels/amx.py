@@ -213,24 +213,44 @@ def conv_steps(channels: int, sizes: Sequence[int], kernel: Sequence[int], paddi
     return offsets, run
 
 
-def _implicit(x: torch.Tensor, ld: int, moff: Sequence[int], koff: Sequence[int], b: torch.Tensor,
-              out: torch.Tensor) -> torch.Tensor:
-    """``sq_amx_int8_implicit`` (see ``amx_int8.c``): ``out`` [len(moff) * 32, N] int32 from
-    the int8 buffer ``x`` read at the tables' offsets and B ``b`` [len(koff) * 64, N]."""
-    ok, why = status()
+CONV_KERNELS = ("amx", "avx2")
+"""The GEMM kernels :func:`int8_conv` and :func:`int8_conv_weight` run their implicit GEMMs on:
+the AMX one here, or the AVX2 one (:mod:`.avx2`, the same tables)."""
+
+
+def _conv_library(gemm: str) -> ctypes.CDLL:
+    """The library of the GEMM kernel ``gemm``, usable (both export the layout copies,
+    ``sq_copy_layout`` and ``sq_wgrad_layout``, built with their own flags)."""
+    if gemm not in CONV_KERNELS:
+        raise ValueError(f"gemm={gemm!r}: expected one of {', '.join(CONV_KERNELS)}")
+    ok, why = status() if gemm == "amx" else avx2.status()
     if not ok:
-        raise RuntimeError(f"the AMX int8 kernel is not usable: {why}")
+        raise RuntimeError(f"the {gemm.upper()} int8 kernel is not usable: {why}")
+    return _library() if gemm == "amx" else avx2._library()
+
+
+def _implicit(x: torch.Tensor, ld: int, moff: Sequence[int], koff: Sequence[int], b: torch.Tensor,
+              out: torch.Tensor, gemm: str = "amx") -> Optional[torch.Tensor]:
+    """``sq_amx_int8_implicit`` (see ``amx_int8.c``) or ``sq_avx2_int8_implicit``: ``out``
+    [len(moff) * 32, N] int32 from the int8 buffer ``x`` read at the tables' offsets and B
+    ``b`` [len(koff) * 64, N]; ``None`` where the AVX2 kernel refuses the magnitudes."""
+    lib = _conv_library(gemm)
     assert (b.stride(0) == 1 or b.stride(1) == 1) and out.is_contiguous()
     mt, kt = torch.tensor(moff, dtype=torch.int64), torch.tensor(koff, dtype=torch.int64)
-    rc = _library().sq_amx_int8_implicit(x.data_ptr(), ld, mt.data_ptr(), len(moff), kt.data_ptr(), len(koff),
-                                         b.data_ptr(), b.stride(0), b.stride(1), out.data_ptr(), b.shape[1],
-                                         torch.get_num_threads())
+    tables = (ld, mt.data_ptr(), len(moff), kt.data_ptr(), len(koff), b.data_ptr(), b.stride(0), b.stride(1),
+              out.data_ptr(), b.shape[1], torch.get_num_threads())
+    if gemm == "amx":
+        rc = lib.sq_amx_int8_implicit(x.data_ptr(), *tables)
+    else:
+        rc = lib.sq_avx2_int8_implicit(x.data_ptr(), x.numel(), *tables)
+        if rc == avx2.REFUSED:
+            return None
     if rc != 0:
-        raise MemoryError("AMX implicit GEMM: could not allocate the packed operand")
+        raise MemoryError(f"{gemm.upper()} implicit GEMM: could not allocate the packed operand")
     return out
 
 
-def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+def _copy_into(dst: torch.Tensor, src: torch.Tensor, gemm: str = "amx") -> None:
     """``dst.copy_(src)`` for int8 ``[N, C, *S]`` views (``sq_copy_layout``: rows of memory
     copied whole, transposes in cached blocks; torch's strided copy is several times slower
     at the transposes these layouts need)."""
@@ -240,8 +260,8 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     sizes = torch.tensor(src.shape, dtype=torch.int64)
     sstr = torch.tensor(src.stride(), dtype=torch.int64)
     dstr = torch.tensor(dst.stride(), dtype=torch.int64)
-    _library().sq_copy_layout(src.data_ptr(), sizes.data_ptr(), sstr.data_ptr(), src.dim() - 2, dst.data_ptr(),
-                              dstr.data_ptr(), torch.get_num_threads())
+    _conv_library(gemm).sq_copy_layout(src.data_ptr(), sizes.data_ptr(), sstr.data_ptr(), src.dim() - 2,
+                                         dst.data_ptr(), dstr.data_ptr(), torch.get_num_threads())
 
 
 def _zeros(shape) -> torch.Tensor:
@@ -255,10 +275,12 @@ def _check_int8(what: str, *tensors: torch.Tensor) -> None:
         raise TypeError(f"AMX {what} needs int8 operands, got {', '.join(str(t.dtype) for t in tensors)}")
 
 
-def int8_conv(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+def int8_conv(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], dilation: Sequence[int],
+              gemm: str = "amx") -> Optional[torch.Tensor]:
     """:func:`sqcompile.ops.int8_conv` (stride-1 integer convolution, exact int32) as one
-    implicit GEMM on the AMX tiles: the input is copied once into a zero-padded channels-last
-    buffer and the tiles read its rows in place, tap by tap -- no im2col columns.  The
+    implicit GEMM on the AMX tiles (``gemm="avx2"``: on the AVX2 kernel, ``None`` where it
+    refuses the magnitudes): the input is copied once into a zero-padded channels-last
+    buffer and the GEMM reads its rows in place, tap by tap -- no im2col columns.  The
     weights are cut into the runs of :func:`conv_steps`."""
     _check_int8("int8_conv", x, w)
     n, c, sizes, cout = x.shape[0], x.shape[1], list(x.shape[2:]), w.shape[0]
@@ -273,7 +295,7 @@ def int8_conv(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], dilation
     # the grid, zero-padded, with room for the reads of the last 32-row block's taps
     xp = _zeros((32 * mb * c + max(offsets) + 64,))
     inner = tuple(slice(p, p + s) for p, s in zip(padding, sizes))
-    _copy_into(xp[:m * c].view(n, *grid, c)[(slice(None), *inner)].movedim(-1, 1), x)
+    _copy_into(xp[:m * c].view(n, *grid, c)[(slice(None), *inner)].movedim(-1, 1), x, gemm)
     # B [K, Cout], column-major: each output channel's runs, each zero-padded to whole steps
     padded = -(-run // 64) * 64
     if padded == run and w.movedim(1, -1).is_contiguous():      # the weight as it is (ops.im2col_conv's layout)
@@ -281,16 +303,19 @@ def int8_conv(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], dilation
     else:
         b = (torch.zeros if padded != run else torch.empty)((cout, len(offsets) * 64 // padded, padded),
                                                              dtype=torch.int8)
-        _copy_into(b[..., :run].view(cout, *w.shape[2:], c).movedim(-1, 1), w)
+        _copy_into(b[..., :run].view(cout, *w.shape[2:], c).movedim(-1, 1), w, gemm)
         b = b.view(cout, -1).t()
-    _implicit(xp, c, [32 * i * c for i in range(mb)], offsets, b, out.as_strided((32 * mb, cout), (cout, 1)))
+    if _implicit(xp, c, [32 * i * c for i in range(mb)], offsets, b, out.as_strided((32 * mb, cout), (cout, 1)),
+                 gemm) is None:
+        return None
     return out
 
 
 def int8_conv_weight(e: torch.Tensor, x: torch.Tensor, kernel: Sequence[int], padding: Sequence[int],
-                     dilation: Sequence[int]) -> torch.Tensor:
+                     dilation: Sequence[int], gemm: str = "amx") -> Optional[torch.Tensor]:
     """:func:`sqcompile.ops.int8_conv_weight` (a stride-1 convolution's exact int32 weight
-    gradient) as one implicit GEMM on the AMX tiles: the input copied channel-major onto the
+    gradient) as one implicit GEMM on the AMX tiles (``gemm="avx2"``: on the AVX2 kernel,
+    ``None`` where it refuses the magnitudes): the input copied channel-major onto the
     padded grid, ``e`` row-major onto the same grid (zero where no output is), and each
     block of 32 channels of one tap read in place at that tap's offset -- no im2col columns.
     Needs ``N * prod(S + 2 p)`` within :data:`sqcompile.ops.MAX_INT32_TERMS` (the caller
@@ -307,13 +332,16 @@ def int8_conv_weight(e: torch.Tensor, x: torch.Tensor, kernel: Sequence[int], pa
     ld = 64 * kb + max(offsets) + 64        # a channel's row: the grid, then room for the last step's reads
     xc = _zeros((32 * cb, ld))
     inner = tuple(slice(p, p + s) for p, s in zip(padding, sizes))
-    _copy_into(xc[:c, :m].view(c, n, *grid)[(slice(None), slice(None), *inner)].transpose(0, 1), x)
+    _copy_into(xc[:c, :m].view(c, n, *grid)[(slice(None), slice(None), *inner)].transpose(0, 1), x, gemm)
     eg = _zeros((64 * kb, cout))
-    _copy_into(eg[:m].view(n, *grid, cout)[(slice(None), *[slice(0, o) for o in e.shape[2:]])].movedim(-1, 1), e)
+    _copy_into(eg[:m].view(n, *grid, cout)[(slice(None), *[slice(0, o) for o in e.shape[2:]])].movedim(-1, 1), e,
+               gemm)
     moff = [ci * 32 * ld + off for off in offsets for ci in range(cb)]
-    out = _implicit(xc, ld, moff, [64 * i for i in range(kb)], eg, pool.OUTPUTS.empty((len(moff) * 32, cout)))
+    out = _implicit(xc, ld, moff, [64 * i for i in range(kb)], eg, pool.OUTPUTS.empty((len(moff) * 32, cout)), gemm)
+    if out is None:
+        return None
     dw = pool.OUTPUTS.empty((cout, c, *kernel))                      # [taps, 32 cb, Cout] -> [Cout, C, taps]
-    _library().sq_wgrad_layout(out.data_ptr(), len(offsets), c, 32 * cb, cout, dw.data_ptr(), torch.get_num_threads())
+    _conv_library(gemm).sq_wgrad_layout(out.data_ptr(), len(offsets), c, 32 * cb, cout, dw.data_ptr(), torch.get_num_threads())
     return dw
 
 

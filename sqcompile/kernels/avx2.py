@@ -11,8 +11,13 @@ of sub-8-bit training (a 4-bit operand against any int8 one, a 6-bit against a 6
 measures both magnitudes first and refuses a product above the bound (two 8-bit operands),
 which :func:`sqcompile.kernels.cpu.int8_mm_cpu` then runs on the float engine.
 
+The same library runs the stride-1 convolutions' implicit GEMMs
+(``sq_avx2_int8_implicit``: :func:`sqcompile.kernels.amx.int8_conv` and ``int8_conv_weight``
+with ``gemm="avx2"``, the tables the AMX kernel takes), so convolutions need no im2col
+columns on these CPUs either.
+
 Measured on an AMD EPYC (Zen 3) core, 2026-12-02: 80-90 G multiply-adds/s on the
-transformer block's shapes, about 3x torch's float32 ``matmul`` there (see
+transformer block's shapes, about 2.5x torch's float32 ``matmul`` there (see
 ``benchmarks/cpu_gemm.py``).  Built like our other C kernels (:mod:`.native`).
 """
 from __future__ import annotations
@@ -32,7 +37,8 @@ CPU_FLAGS = frozenset({"avx2"})
 MAX_MAGNITUDE_PRODUCT = 8191
 """The kernel runs a product exactly when ``max|A| * max|B|`` is at most this: then one
 ``VPMADDUBSW`` lane, ``2 * (2 max|B|) * max|A|``, fits int16."""
-_REFUSED = 2
+REFUSED = 2
+"""What the kernel returns for a product above :data:`MAX_MAGNITUDE_PRODUCT` (nothing written)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,6 +54,12 @@ def _library() -> ctypes.CDLL:
     lib.sq_avx2_int8_mm.restype = ctypes.c_int
     lib.sq_avx2_int8_mm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
     lib.sq_avx2_release_workspace.restype = None
+    lib.sq_avx2_int8_implicit.restype = ctypes.c_int
+    lib.sq_avx2_int8_implicit.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
+    lib.sq_copy_layout.restype = None               # the implicit convolutions' layout copies (amx.py)
+    lib.sq_copy_layout.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int]
+    lib.sq_wgrad_layout.restype = None
+    lib.sq_wgrad_layout.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
     return lib
 
 
@@ -81,7 +93,7 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     rc = _library().sq_avx2_int8_mm(
         a3.data_ptr(), sab, a3.stride(-2), a3.stride(-1), b3.data_ptr(), sbb, b3.stride(-2), b3.stride(-1),
         out.data_ptr(), out.numel() // (M * N), M, N, K, torch.get_num_threads())
-    if rc == _REFUSED:
+    if rc == REFUSED:
         return None
     if rc != 0:
         raise MemoryError(f"AVX2 int8_mm: could not allocate packing buffers for {M}x{K}x{N}")

@@ -43,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "conv_layout.h"
 #include "int8_pack.h"
 
 #define MR 6               /* rows of the micro-kernel (micro_pass, block_sums): 12 int16 registers + 2 of B + 2 */
@@ -307,30 +308,38 @@ static void unit(const int8_t *Ap, const uint8_t *Bp, const int32_t *rowsum, int
         }
 }
 
-/* C[b] = A[b] @ B[b], b < batch.  Strides in elements, any (sab / sbb: batch strides, 0
- * broadcasts one operand); C contiguous [batch, M, N].  Returns 0, -1 when the workspace
- * cannot be allocated, REFUSED (2) when max|A| * max|B| > 8191 (nothing written). */
-int sq_avx2_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
-                    const int8_t *B, int64_t sbb, int64_t sk, int64_t sn,
-                    int32_t *C, int64_t batch, int64_t M, int64_t N, int64_t K, int threads) {
+/* Where the rows of A come from: a strided matrix (p, sm, sk), or, for the implicit GEMMs
+ * (``moff`` set), tables as sq_amx_int8_implicit's: row m at p + moff[m / 32] + (m % 32) * ld,
+ * its 64-byte k step kb koff[kb] bytes further on. */
+typedef struct {
+    const int8_t *p;
+    int64_t sm, sk;
+    const int64_t *moff, *koff;
+    int64_t ld;
+} a_src;
+
+/* Pack row block mb of an implicit A (K whole 64-byte steps) like pack_a_block. */
+static void pack_a_implicit(const a_src *A, int64_t M, int64_t K, int64_t mb, int8_t *out) {
+    const int64_t KB = K / 64;
+    for (int r = 0; r < MR; ++r) {
+        const int64_t m = mb * MR + r;
+        if (m >= M) {
+            for (int64_t g = 0; g < K / 4; ++g) memset(out + (g * MR + r) * 4, 0, 4);
+            continue;
+        }
+        const int8_t *row = A->p + A->moff[m / 32] + (m % 32) * A->ld;
+        for (int64_t kb = 0; kb < KB; ++kb)
+            for (int j = 0; j < 16; ++j) memcpy(out + ((kb * 16 + j) * MR + r) * 4, row + A->koff[kb] + 4 * j, 4);
+    }
+}
+
+/* The product once max |A| is known (every call measures max |B| itself): refuses above the
+ * bound, packs, multiplies.  sab: A's batch stride (0: shared; always 0 for an implicit A). */
+static int gemm(a_src A, int64_t sab, int amax, const int8_t *B, int64_t sbb, int64_t sk, int64_t sn,
+                int32_t *C, int64_t batch, int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t G = cdiv(K, 4), MB = cdiv(M, MR), S = cdiv(N, NR);
     const int64_t na = sab == 0 ? 1 : batch, nb = sbb == 0 ? 1 : batch;
-    const size_t packed_a = (size_t)(MB * G * MR * 4), packed_b = (size_t)(S * G * GROUP_BYTES);
-    const size_t sums = (size_t)(na * MB * MR) * sizeof(int32_t);
-    uint8_t *ws = workspace(packed_b * nb + packed_a * na + sums + 64);
-    if (!ws) return -1;
-    uint8_t *Bp = ws;
-    int8_t *Ap = (int8_t *)(ws + packed_b * nb);
-    int32_t *rowsum = (int32_t *)(((uintptr_t)(Ap + packed_a * na) + 63) & ~(uintptr_t)63);
-    /* 1. max |A| and max |B|: rows of A and strips of B in parallel */
-    const int64_t arows = 64, la = cdiv(M, arows);
-    int amax = 0, bmax = 0;
-    #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : amax)
-    for (int64_t u = 0; u < na * la; ++u) {
-        const int64_t m0 = (u % la) * arows;
-        const int v = a_max(A + (u / la) * sab, sam, sak, m0, min64(m0 + arows, M), K);
-        amax = v > amax ? v : amax;
-    }
+    int bmax = 0;
     #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : bmax)
     for (int64_t u = 0; u < nb * S; ++u) {
         const int64_t b = u / S, s = u % S;
@@ -338,6 +347,13 @@ int sq_avx2_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
         bmax = v > bmax ? v : bmax;
     }
     if ((int64_t)amax * bmax > 8191) return REFUSED;
+    const size_t packed_a = (size_t)(MB * G * MR * 4), packed_b = (size_t)(S * G * GROUP_BYTES);
+    const size_t sums = (size_t)(na * MB * MR) * sizeof(int32_t);
+    uint8_t *ws = workspace(packed_b * nb + packed_a * na + sums + 64);
+    if (!ws) return -1;
+    uint8_t *Bp = ws;
+    int8_t *Ap = (int8_t *)(ws + packed_b * nb);
+    int32_t *rowsum = (int32_t *)(((uintptr_t)(Ap + packed_a * na) + 63) & ~(uintptr_t)63);
     const int off = bmax;
     const int pair = 4 * amax * bmax;                 /* |one VPMADDUBSW lane| <= pair <= 32764 */
     const int T = pair == 0 ? 1 << 30 : 32767 / pair;
@@ -348,16 +364,18 @@ int sq_avx2_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
         for (int64_t u = 0; u < nb * S; ++u)
             pack_b_strip(B + (u / S) * sbb, sk, sn, K, N, u % S, off, Bp + (u / S) * packed_b + (u % S) * G * GROUP_BYTES);
         /* a column-major A goes A_CHUNK rows at a time where whole chunks lie in A */
-        const int chunked = sam == 1 && K % 4 == 0;
+        const int chunked = !A.moff && A.sm == 1 && K % 4 == 0;
         const int64_t per = A_CHUNK / MR, chunks = chunked ? M / A_CHUNK : 0, lone = MB - chunks * per;
         #pragma omp for schedule(static)
         for (int64_t u = 0; u < na * (chunks + lone); ++u) {
             const int64_t b = u / (chunks + lone), i = u % (chunks + lone);
             const int64_t mb0 = i < chunks ? i * per : chunks * per + (i - chunks), mb1 = i < chunks ? mb0 + per : mb0 + 1;
-            if (i < chunks) pack_a_chunk_colmajor(A + b * sab, sak, K, mb0, Ap + b * packed_a);
-            else pack_a_block(A + b * sab, sam, sak, M, K, mb0, Ap + b * packed_a + mb0 * G * MR * 4);
+            int8_t *out = Ap + b * packed_a;
+            if (A.moff) pack_a_implicit(&A, M, K, mb0, out + mb0 * G * MR * 4);
+            else if (i < chunks) pack_a_chunk_colmajor(A.p + b * sab, A.sk, K, mb0, out);
+            else pack_a_block(A.p + b * sab, A.sm, A.sk, M, K, mb0, out + mb0 * G * MR * 4);
             for (int64_t mb = mb0; mb < mb1; ++mb)
-                block_sums(Ap + b * packed_a + mb * G * MR * 4, G, rowsum + (b * MB + mb) * MR);
+                block_sums(out + mb * G * MR * 4, G, rowsum + (b * MB + mb) * MR);
         }
         static __thread int32_t acc[MC / MR][PANEL][MR][NR] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
@@ -372,4 +390,40 @@ int sq_avx2_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
         }
     }
     return 0;
+}
+
+/* C[b] = A[b] @ B[b], b < batch.  Strides in elements, any (sab / sbb: batch strides, 0
+ * broadcasts one operand); C contiguous [batch, M, N].  Returns 0, -1 when the workspace
+ * cannot be allocated, REFUSED (2) when max|A| * max|B| > 8191 (nothing written). */
+int sq_avx2_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
+                    const int8_t *B, int64_t sbb, int64_t sk, int64_t sn,
+                    int32_t *C, int64_t batch, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t na = sab == 0 ? 1 : batch, arows = 64, la = cdiv(M, arows);
+    int amax = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : amax)
+    for (int64_t u = 0; u < na * la; ++u) {
+        const int64_t m0 = (u % la) * arows;
+        const int v = a_max(A + (u / la) * sab, sam, sak, m0, min64(m0 + arows, M), K);
+        amax = v > amax ? v : amax;
+    }
+    const a_src src = {A, sam, sak, NULL, NULL, 0};
+    return gemm(src, sab, amax, B, sbb, sk, sn, C, batch, M, N, K, threads);
+}
+
+/* Implicit GEMMs, as sq_amx_int8_implicit (amx_int8.c, whose comment describes the tables
+ * the convolutions pass): C [MB * 32, N] = A B with A's 32-row block mb at X + moff[mb], rows
+ * ``ld`` bytes apart, its 64-byte k step kb koff[kb] bytes on; B [KB * 64, N].  ``xlen``:
+ * the bytes of X, whose largest magnitude bounds A's.  Returns as sq_avx2_int8_mm. */
+int sq_avx2_int8_implicit(const int8_t *X, int64_t xlen, int64_t ld, const int64_t *moff, int64_t MB,
+                          const int64_t *koff, int64_t KB, const int8_t *B, int64_t sk, int64_t sn, int32_t *C,
+                          int64_t N, int threads) {
+    int amax = 0;
+    const int64_t step = 1 << 16;
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : amax)
+    for (int64_t u = 0; u < cdiv(xlen, step); ++u) {
+        const int v = a_max(X + u * step, 0, 1, 0, 1, min64(step, xlen - u * step));
+        amax = v > amax ? v : amax;
+    }
+    const a_src src = {X, 0, 0, moff, koff, ld};
+    return gemm(src, 0, amax, B, 0, sk, sn, C, 1, MB * 32, N, KB * 64, threads);
 }

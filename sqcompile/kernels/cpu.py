@@ -30,20 +30,29 @@ def int8_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @ops.int8_conv.register_kernel("cpu")
 def int8_conv_cpu(x: torch.Tensor, w: torch.Tensor, padding, dilation) -> torch.Tensor:
-    """Stride-1 integer convolution: an implicit GEMM on the AMX kernel when the engine is
-    AMX, else the reference im2col GEMM (on oneDNN ``_int_mm``)."""
-    if x.dtype == w.dtype == torch.int8 and amx.engine(rows=x.shape[0] * math.prod(x.shape[2:])) == "amx":
-        return amx.int8_conv(x, w, padding, dilation)
+    """Stride-1 integer convolution: an implicit GEMM on the AMX or the AVX2 kernel when the
+    engine is one of them (the AVX2 one within its magnitude bound), else the reference im2col
+    GEMM."""
+    if x.dtype == w.dtype == torch.int8:
+        chosen = amx.engine(rows=x.shape[0] * math.prod(x.shape[2:]))
+        if chosen in amx.CONV_KERNELS:
+            out = amx.int8_conv(x, w, padding, dilation, gemm=chosen)
+            if out is not None:
+                return out
     return ops.im2col_int8_conv(x, w, padding, dilation)
 
 
 @ops.int8_conv_weight.register_kernel("cpu")
 def int8_conv_weight_cpu(e: torch.Tensor, x: torch.Tensor, kernel, padding, dilation) -> torch.Tensor:
-    """A stride-1 convolution's weight gradient: an implicit GEMM on the AMX kernel when the
-    engine is AMX, else the reference im2col GEMM."""
+    """A stride-1 convolution's weight gradient: an implicit GEMM on the AMX or the AVX2
+    kernel when the engine is one of them, else the reference im2col GEMM."""
     ops.check_conv_weight_operands(e, x, kernel, padding, dilation)
-    if e.dtype == x.dtype == torch.int8 and amx.engine(rows=x.shape[1] * math.prod(kernel)) == "amx":
-        return amx.int8_conv_weight(e, x, kernel, padding, dilation)
+    if e.dtype == x.dtype == torch.int8:
+        chosen = amx.engine(rows=x.shape[1] * math.prod(kernel))
+        if chosen in amx.CONV_KERNELS:
+            out = amx.int8_conv_weight(e, x, kernel, padding, dilation, gemm=chosen)
+            if out is not None:
+                return out
     return ops.im2col_int8_conv_weight(e, x, kernel, padding, dilation)
 
 
