@@ -29,6 +29,10 @@ else ``float`` (int8 values and their products are exact in float32, and so are 
 
 Any other value raises a ``ValueError`` naming the variable.
 
+The stride-1 convolutions' implicit GEMMs (:func:`int8_conv`, :func:`int8_conv_weight`: tap
+tables instead of im2col columns) are built here and run on this kernel or, with
+``gemm="avx2"``, on the AVX2 one, which takes the same tables.
+
 Outputs come from :data:`sqcompile.kernels.pool.OUTPUTS` (recycled buffers, no page faults).
 Built and cached as :mod:`.native` builds our C kernels (about a second, once).
 """
