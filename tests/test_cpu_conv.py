@@ -110,6 +110,43 @@ def test_avx2_convs_refuse_two_8_bit_operands_and_the_op_runs_them_as_im2col(mon
         amx.int8_conv(x, w, [1, 1], [1, 1], gemm="mkl")
 
 
+def test_implicit_waste_counts_the_padded_work():
+    """The implicit GEMM's size over im2col's, written out: grid positions over output positions,
+    runs of taps padded to 64 bytes over the taps' bytes (weight gradient: channels padded to
+    32, grid positions to 64)."""
+    from sqcompile.kernels import cpu
+    # 3x3 at padding 1 on 32x32, 64 channels: runs of 3 * 64 bytes need no padding
+    assert cpu.implicit_waste((2, 64, 32, 32), [3, 3], [1, 1], [1, 1]) == pytest.approx(34 * 34 / (32 * 32))
+    # 32 channels: each run of 96 bytes takes two 64-byte steps
+    assert cpu.implicit_waste((2, 32, 32, 32), [3, 3], [1, 1], [1, 1]) == pytest.approx(34 * 34 * 384 / (32 * 32 * 288))
+    # weight gradient of 40 channels: 64 rows a tap, and 2 * 34 * 34 = 2312 positions padded to 2368
+    assert cpu.implicit_waste((2, 40, 32, 32), [3, 3], [1, 1], [1, 1], weight=True) == \
+        pytest.approx((64 / 40) * 2368 / (2 * 32 * 32))
+
+
+@pytest.mark.skipif(not AVX2_OK, reason=f"AVX2 kernel not usable: {AVX2_WHY}")
+def test_avx2_engine_takes_the_implicit_gemm_only_where_it_wastes_little(monkeypatch):
+    """Where the padded grid and runs would make the implicit GEMM much larger than im2col's
+    (a ResNet's 4x4 stage, a 1-channel input), the AVX2 engine runs the im2col GEMM; the
+    results are the exact convolution either way."""
+    from sqcompile.kernels import cpu
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, "avx2")
+    calls = []
+    real_conv, real_weight = amx.int8_conv, amx.int8_conv_weight
+    monkeypatch.setattr(amx, "int8_conv", lambda *a, **k: calls.append("conv") or real_conv(*a, **k))
+    monkeypatch.setattr(amx, "int8_conv_weight", lambda *a, **k: calls.append("weight") or real_weight(*a, **k))
+    g = torch.Generator().manual_seed(12)
+    for xs, implicit in [((2, 64, 16, 16), True), ((2, 64, 4, 4), False), ((2, 1, 16, 16), False)]:
+        assert (cpu.implicit_waste(xs, [3, 3], [1, 1], [1, 1]) <= cpu.AVX2_MAX_WASTE) == implicit
+        x, w = rand8(*xs, gen=g, low=-15, high=15), rand8(8, xs[1], 3, 3, gen=g)
+        calls.clear()
+        out = ops.int8_conv(x, w, [1, 1], [1, 1])
+        assert torch.equal(out, exact(x, w, [1, 1], [1, 1]))
+        e = rand8(*out.shape, gen=g)
+        assert torch.equal(ops.int8_conv_weight(e, x, [3, 3], [1, 1], [1, 1]), exact(x, w, [1, 1], [1, 1], e))
+        assert calls == (["conv", "weight"] if implicit else []), xs
+
+
 @pytest.mark.parametrize("gemm", GEMMS)
 def test_empty_batch_and_channels_give_zeros(gemm):
     """An empty batch (nothing to sum for the weight gradient) and no input channels (empty

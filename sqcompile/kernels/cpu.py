@@ -28,14 +28,47 @@ def int8_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return onednn_int8_mm(a, b)
 
 
+AVX2_MAX_WASTE = 1.45
+"""The AVX2 kernel runs a convolution as an implicit GEMM only when that GEMM is at most this
+many times the im2col GEMM's size (:func:`implicit_waste`): the implicit one computes every
+position of the padded grid and pads each run of taps to 64 bytes (the weight gradient: the
+channels to 32), and saves writing the columns.  Measured on an AMD EPYC (Zen 3) core,
+``benchmarks/cpu_conv.py`` (2026-12-02): at 1.06-1.41 the implicit GEMMs were 1.1-2.7x faster
+than im2col's, at 1.27 level, at 1.56 and above (the 8x8 and 4x4 grids of a ResNet's last
+stages, a 1-channel first layer) slower, up to 2x.  The AMX kernel always takes them."""
+
+
+def implicit_waste(x_shape, kernel, padding, dilation, weight: bool = False) -> float:
+    """How many times the im2col GEMM's multiply-adds the implicit GEMM of a stride-1
+    convolution of an ``x_shape`` input with ``kernel`` makes (``weight``: of its weight
+    gradient) -- the padded grid's positions, the taps' runs padded to 64-byte steps
+    (:func:`.amx.conv_steps`), the weight gradient's channels padded to 32."""
+    n, c, sizes = x_shape[0], x_shape[1], list(x_shape[2:])
+    grid = math.prod(s + 2 * p for s, p in zip(sizes, padding))
+    out = math.prod(ops.conv_output_sizes(sizes, kernel, padding, dilation))
+    if n * c * out == 0:
+        return 1.0
+    if weight:
+        return (32 * -(-c // 32) / c) * (64 * -(-(n * grid) // 64)) / (n * out)
+    offsets, _ = amx.conv_steps(c, sizes, kernel, padding, dilation)
+    return grid * len(offsets) * 64 / (out * c * math.prod(kernel))
+
+
+def _implicit_gemm(engine: str, x_shape, kernel, padding, dilation, weight: bool) -> bool:
+    """Whether the CPU op runs this convolution as an implicit GEMM on ``engine``."""
+    if engine == "amx":
+        return True
+    return engine == "avx2" and implicit_waste(x_shape, kernel, padding, dilation, weight) <= AVX2_MAX_WASTE
+
+
 @ops.int8_conv.register_kernel("cpu")
 def int8_conv_cpu(x: torch.Tensor, w: torch.Tensor, padding, dilation) -> torch.Tensor:
     """Stride-1 integer convolution: an implicit GEMM on the AMX or the AVX2 kernel when the
-    engine is one of them (the AVX2 one within its magnitude bound), else the reference im2col
-    GEMM."""
+    engine is one of them (the AVX2 one where :func:`implicit_waste` is small and within its
+    magnitude bound), else the reference im2col GEMM."""
     if x.dtype == w.dtype == torch.int8:
         chosen = amx.engine(rows=x.shape[0] * math.prod(x.shape[2:]))
-        if chosen in amx.CONV_KERNELS:
+        if _implicit_gemm(chosen, x.shape, list(w.shape[2:]), padding, dilation, weight=False):
             out = amx.int8_conv(x, w, padding, dilation, gemm=chosen)
             if out is not None:
                 return out
@@ -45,11 +78,11 @@ def int8_conv_cpu(x: torch.Tensor, w: torch.Tensor, padding, dilation) -> torch.
 @ops.int8_conv_weight.register_kernel("cpu")
 def int8_conv_weight_cpu(e: torch.Tensor, x: torch.Tensor, kernel, padding, dilation) -> torch.Tensor:
     """A stride-1 convolution's weight gradient: an implicit GEMM on the AMX or the AVX2
-    kernel when the engine is one of them, else the reference im2col GEMM."""
+    kernel as :func:`int8_conv_cpu` decides, else the reference im2col GEMM."""
     ops.check_conv_weight_operands(e, x, kernel, padding, dilation)
     if e.dtype == x.dtype == torch.int8:
         chosen = amx.engine(rows=x.shape[1] * math.prod(kernel))
-        if chosen in amx.CONV_KERNELS:
+        if _implicit_gemm(chosen, x.shape, list(kernel), padding, dilation, weight=True):
             out = amx.int8_conv_weight(e, x, kernel, padding, dilation, gemm=chosen)
             if out is not None:
                 return out
