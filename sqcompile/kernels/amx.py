@@ -158,27 +158,31 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+def int8_mm_output(a: torch.Tensor, b: torch.Tensor, kernel: str) -> Tuple[torch.Tensor, tuple]:
+    """What our C int8 GEMMs check first (``kernel`` names them in errors): int8 operands
+    whose shapes chain; then their output (recycled, uninitialized) and the broadcast batch
+    dims (``()`` for two matrices, the common case, without the batch bookkeeping)."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"{kernel} int8_mm needs int8 operands, got {a.dtype} and {b.dtype}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"int8_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+    batch = () if a.dim() == 2 and b.dim() == 2 else tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    return pool.OUTPUTS.empty((*batch, a.shape[-2], b.shape[-1])), batch
+
+
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ b`` for int8 ``[..., M, K]`` and ``[..., K, N]`` (batch dims broadcast) as
     int32 ``[..., M, N]`` on the AMX kernel.  Each operand is read in place (the kernel packs
     it) when its matrices are row- or column-major; other layouts are copied once.
     The caller keeps ``K`` within :data:`sqcompile.ops.MAX_INT32_TERMS`."""
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"AMX int8_mm needs int8 operands, got {a.dtype} and {b.dtype}")
-    M, K = a.shape[-2:]
-    K2, N = b.shape[-2:]
-    if K != K2:
-        raise ValueError(f"int8_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+    out, batch = int8_mm_output(a, b, "AMX")
     ok, why = status()          # also grants this process the AMX tile state
     if not ok:
         raise RuntimeError(f"the AMX int8 kernel is not usable: {why}")
-    plain = a.dim() == 2 and b.dim() == 2       # the common case, without the batch bookkeeping
-    batch = () if plain else torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    out = pool.OUTPUTS.empty((*batch, M, N))
-    if out.numel() == 0:
-        return out
-    if K == 0:
+    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    if out.numel() == 0 or K == 0:
         return out.zero_()
+    plain = not batch
     if plain and (a.stride(1) == 1 or a.stride(0) == 1) and (b.stride(1) == 1 or b.stride(0) == 1):
         a3, sab, b3, sbb = a, 0, b, 0
     else:
@@ -345,7 +349,8 @@ def int8_conv_weight(e: torch.Tensor, x: torch.Tensor, kernel: Sequence[int], pa
     if out is None:
         return None
     dw = pool.OUTPUTS.empty((cout, c, *kernel))                      # [taps, 32 cb, Cout] -> [Cout, C, taps]
-    _conv_library(gemm).sq_wgrad_layout(out.data_ptr(), len(offsets), c, 32 * cb, cout, dw.data_ptr(), torch.get_num_threads())
+    _conv_library(gemm).sq_wgrad_layout(out.data_ptr(), len(offsets), c, 32 * cb, cout, dw.data_ptr(),
+                                        torch.get_num_threads())
     return dw
 
 

@@ -73,30 +73,7 @@ static void load_config(void) {
 
 static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-/* The packed operands live in one workspace per calling thread that only grows: allocating
- * and freeing it per call would page-fault it in anew every time (large blocks come straight
- * from mmap), which costs as much as the packing itself. */
-static __thread int8_t *ws_ptr;
-static __thread size_t ws_size;
-
-static int8_t *workspace(size_t bytes) {
-    if (bytes > ws_size) {
-        free(ws_ptr);
-        ws_size = 0;
-        bytes = (bytes + (1 << 21) - 1) & ~((size_t)(1 << 21) - 1);   /* whole 2 MiB */
-        ws_ptr = aligned_alloc(64, bytes);
-        if (!ws_ptr) return NULL;
-        ws_size = bytes;
-    }
-    return ws_ptr;
-}
-
-/* Free the calling thread's workspace (tests; long-lived processes after a large call). */
-void sq_amx_release_workspace(void) {
-    free(ws_ptr);
-    ws_ptr = NULL;
-    ws_size = 0;
-}
+void sq_amx_release_workspace(void) { release_workspace(); }
 
 /* Pack tile (j, kb) of one B [K, N] (strides sk, sn) into VNNI order: the tile at
  * (j * KB + kb) * 1024 holds out[r * 64 + c * 4 + t] = B[kb * 64 + r * 4 + t][j * 16 + c],

@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import native, pool
+from . import native
 
 SOURCE = os.path.join(os.path.dirname(__file__), "avx2_int8.c")
 CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx2"]
@@ -68,28 +68,19 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     int32 ``[..., M, N]``, or ``None`` when ``max|a| * max|b|`` exceeds
     :data:`MAX_MAGNITUDE_PRODUCT` (the caller runs it elsewhere).  Operands of any strides
     are read in place.  The caller keeps ``K`` within :data:`sqcompile.ops.MAX_INT32_TERMS`."""
-    from .amx import batched_operand
+    from .amx import batched_operand, int8_mm_output
 
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"AVX2 int8_mm needs int8 operands, got {a.dtype} and {b.dtype}")
-    M, K = a.shape[-2:]
-    K2, N = b.shape[-2:]
-    if K != K2:
-        raise ValueError(f"int8_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+    out, batch = int8_mm_output(a, b, "AVX2")
     ok, why = status()
     if not ok:
         raise RuntimeError(f"the AVX2 int8 kernel is not usable: {why}")
-    plain = a.dim() == 2 and b.dim() == 2
-    batch = () if plain else torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    out = pool.OUTPUTS.empty((*batch, M, N))
-    if out.numel() == 0:
-        return out
-    if K == 0:
+    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    if out.numel() == 0 or K == 0:
         return out.zero_()
-    if plain:
+    if not batch:
         a3, sab, b3, sbb = a, 0, b, 0
     else:
-        (a3, sab), (b3, sbb) = batched_operand(a, batch, unit_stride=False), batched_operand(b, batch, unit_stride=False)
+        (a3, sab), (b3, sbb) = (batched_operand(t, batch, unit_stride=False) for t in (a, b))
     rc = _library().sq_avx2_int8_mm(
         a3.data_ptr(), sab, a3.stride(-2), a3.stride(-1), b3.data_ptr(), sbb, b3.stride(-2), b3.stride(-1),
         out.data_ptr(), out.numel() // (M * N), M, N, K, torch.get_num_threads())

@@ -64,28 +64,7 @@
 static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* One workspace per calling thread that only grows (as amx_int8.c's: a fresh large block
- * would be page-faulted in on every call). */
-static __thread uint8_t *ws_ptr;
-static __thread size_t ws_size;
-
-static uint8_t *workspace(size_t bytes) {
-    if (bytes > ws_size) {
-        free(ws_ptr);
-        ws_size = 0;
-        bytes = (bytes + (1 << 21) - 1) & ~((size_t)(1 << 21) - 1);
-        ws_ptr = aligned_alloc(64, bytes);
-        if (!ws_ptr) return NULL;
-        ws_size = bytes;
-    }
-    return ws_ptr;
-}
-
-void sq_avx2_release_workspace(void) {
-    free(ws_ptr);
-    ws_ptr = NULL;
-    ws_size = 0;
-}
+void sq_avx2_release_workspace(void) { release_workspace(); }
 
 static inline int abs8(int8_t v) { return v < 0 ? -v : v; }
 

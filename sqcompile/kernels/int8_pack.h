@@ -1,9 +1,36 @@
-/* Packing helper shared by the int8 GEMM kernels (amx_int8.c, avx2_int8.c). */
+/* Helpers shared by the int8 GEMM kernels (amx_int8.c, avx2_int8.c): the packing workspace
+ * and the VNNI-order interleave.  Each library gets its own copy (static). */
 #ifndef SQCOMPILE_INT8_PACK_H
 #define SQCOMPILE_INT8_PACK_H
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
+
+/* The packed operands live in one workspace per calling thread that only grows: allocating
+ * and freeing it per call would page-fault it in anew every time (large blocks come straight
+ * from mmap), which costs as much as the packing itself. */
+static __thread void *sq_ws_ptr;
+static __thread size_t sq_ws_size;
+
+static void *workspace(size_t bytes) {
+    if (bytes > sq_ws_size) {
+        free(sq_ws_ptr);
+        sq_ws_size = 0;
+        bytes = (bytes + (1 << 21) - 1) & ~((size_t)(1 << 21) - 1);   /* whole 2 MiB */
+        sq_ws_ptr = aligned_alloc(64, bytes);
+        if (!sq_ws_ptr) return NULL;
+        sq_ws_size = bytes;
+    }
+    return sq_ws_ptr;
+}
+
+/* Free the calling thread's workspace (tests; long-lived processes after a large call). */
+static void release_workspace(void) {
+    free(sq_ws_ptr);
+    sq_ws_ptr = NULL;
+    sq_ws_size = 0;
+}
 
 /* 16 bytes from each of 4 rows (``p``, ``p + stride``, ...) interleaved into 64 bytes:
  * out[4 * c + t] = row t [c], i.e. the 4 rows' bytes of column c form int32 lane c (the
