@@ -1,7 +1,8 @@
 """CPU kernels: exact int8 GEMMs, on our AMX kernel (:mod:`.amx`) where the CPU has AMX-int8,
 on oneDNN's ``torch._int_mm`` where it has VNNI, else on our AVX2 kernel (:mod:`.avx2`), else
-as float32 GEMMs (:func:`float_int8_mm`); ``SQCOMPILE_CPU_GEMM`` chooses (:func:`.amx.engine`).  Large
-outputs come from recycled buffers (:mod:`.pool`)."""
+as float32 GEMMs (:func:`float_int8_mm`); ``SQCOMPILE_CPU_GEMM`` chooses
+(:func:`.amx.engine`).  Stride-1 convolutions as implicit GEMMs on the AMX or AVX2 kernel, or
+as im2col GEMMs.  Large outputs come from recycled buffers (:mod:`.pool`)."""
 from __future__ import annotations
 
 import math
@@ -33,9 +34,10 @@ AVX2_MAX_WASTE = 1.45
 many times the im2col GEMM's size (:func:`implicit_waste`): the implicit one computes every
 position of the padded grid and pads each run of taps to 64 bytes (the weight gradient: the
 channels to 32), and saves writing the columns.  Measured on an AMD EPYC (Zen 3) core,
-``benchmarks/cpu_conv.py`` (2026-12-02): at 1.06-1.41 the implicit GEMMs were 1.1-2.7x faster
-than im2col's, at 1.27 level, at 1.56 and above (the 8x8 and 4x4 grids of a ResNet's last
-stages, a 1-channel first layer) slower, up to 2x.  The AMX kernel always takes them."""
+``benchmarks/cpu_conv.py`` (2026-12-02): at 1.06-1.42 the implicit GEMMs were up to 2.9x
+faster than im2col's (level with them at 1.27, a 16x16 stage), at 1.56 and above (the 8x8
+and 4x4 grids of a ResNet's last stages, a 1-channel first layer) slower, up to 2.5x.  The
+AMX kernel always takes them."""
 
 
 def implicit_waste(x_shape, kernel, padding, dilation, weight: bool = False) -> float:
