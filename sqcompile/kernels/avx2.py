@@ -7,9 +7,10 @@ saturating int16 pair sums.  The kernel offsets B by its own ``max |B|`` (and ta
 offset back out with A's row sums) and adds pair sums in int16 only as many times as the
 operands' magnitudes allow, so the result is exact -- bit-equal to ``torch._int_mm`` -- for
 every product with ``max|A| * max|B| <= 8191`` (:data:`MAX_MAGNITUDE_PRODUCT`): every GEMM
-of sub-8-bit training (a 4-bit operand against any int8 one, a 6-bit against a 6-bit).  It
-measures both magnitudes first and refuses a product above the bound (two 8-bit operands),
-which :func:`sqcompile.kernels.cpu.int8_mm_cpu` then runs on the float engine.
+of 4- to 6-bit training (a 4-bit operand against any int8 one; at 6 bits the largest, a
+weight gradient's, is ShiftQuant's 124 against unsigned activations' 63).  It measures both
+magnitudes first and refuses a product above the bound (at 7 and 8 bits: 126 x 127, 127 x
+127), which :func:`sqcompile.kernels.cpu.int8_mm_cpu` then runs on the float engine.
 
 The same library runs the stride-1 convolutions' implicit GEMMs
 (``sq_avx2_int8_implicit``: :func:`sqcompile.kernels.amx.int8_conv` and ``int8_conv_weight``

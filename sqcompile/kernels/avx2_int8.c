@@ -14,8 +14,9 @@
  *   ``A (B + off) = A B + off * rowsum(A)``, so each C row starts from ``-off * rowsum(A)``;
  * * the int16 pair sums saturate.  A pair is at most ``2 * 2 off * max |A|`` in magnitude;
  *   the call refuses unless that is <= 32767, i.e. ``max|A| * max|B| <= 8191``, which every
- *   product of sub-8-bit training meets (a 4-bit operand against any int8 one; 6-bit
- *   against 6-bit ...).  8-bit x 8-bit values refuse: the caller runs them elsewhere.
+ *   product of 4- to 6-bit training meets (a 4-bit operand against any int8 one; at 6 bits
+ *   ShiftQuant's 124 against unsigned activations' 63).  7- and 8-bit products can refuse
+ *   (126 x 127, 127 x 127): the caller runs them elsewhere.
  *   Within the bound, ``T = 32767 / pair bound`` pair sums may be added in int16 before they
  *   are widened to int32 (VPMADDWD by ones) -- one widening per T steps, not per step.
  *
