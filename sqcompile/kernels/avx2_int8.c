@@ -132,16 +132,18 @@ static void pack_b_strip(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int
     if (sn == 1 && cols == NR) {
         const __m128i o = _mm_set1_epi8((char)off);
         for (int64_t g = 0; g < G; ++g) {
-            __m128i r[4];
-            for (int t = 0; t < 4; ++t)
-                r[t] = 4 * g + t < K ? _mm_add_epi8(_mm_loadu_si128((const __m128i *)(B + (4 * g + t) * sk + n0)), o) : o;
-            const __m128i t0 = _mm_unpacklo_epi8(r[0], r[1]), t1 = _mm_unpackhi_epi8(r[0], r[1]);
-            const __m128i t2 = _mm_unpacklo_epi8(r[2], r[3]), t3 = _mm_unpackhi_epi8(r[2], r[3]);
-            __m128i *p = (__m128i *)(out + g * GROUP_BYTES);
-            _mm_storeu_si128(p + 0, _mm_unpacklo_epi16(t0, t2));
-            _mm_storeu_si128(p + 1, _mm_unpackhi_epi16(t0, t2));
-            _mm_storeu_si128(p + 2, _mm_unpacklo_epi16(t1, t3));
-            _mm_storeu_si128(p + 3, _mm_unpackhi_epi16(t1, t3));
+            uint8_t *dst = out + g * GROUP_BYTES;
+            if (4 * g + 4 <= K) {
+                sq_interleave4(B + 4 * g * sk + n0, sk, dst);
+            } else {                        /* the last, partial group: its rows past K are zeros */
+                int8_t rows[4][NR] = {{0}};
+                for (int64_t k = 4 * g; k < K; ++k) memcpy(rows[k - 4 * g], B + k * sk + n0, NR);
+                sq_interleave4(&rows[0][0], NR, dst);
+            }
+            for (int i = 0; i < 4; ++i) {   /* the offset, bytewise: the interleave only moves bytes */
+                __m128i *q = (__m128i *)dst + i;
+                _mm_storeu_si128(q, _mm_add_epi8(_mm_loadu_si128(q), o));
+            }
         }
         return;
     }
