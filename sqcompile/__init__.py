@@ -11,6 +11,7 @@ from .backends import register as _register
 from .backends import shiftquant_backend
 from .config import Config
 from .explain import Explanation, explain
+from .kernels.pool import empty_cache
 from .report import Report, report
 
 __version__ = "0.1.0"
@@ -24,4 +25,4 @@ import torch._dynamo  # noqa: E402
 
 torch._dynamo.config.allow_rnn = True
 
-__all__ = ["Config", "Explanation", "Report", "explain", "report", "shiftquant_backend", "__version__"]
+__all__ = ["Config", "Explanation", "Report", "empty_cache", "explain", "report", "shiftquant_backend", "__version__"]

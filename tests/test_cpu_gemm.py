@@ -7,10 +7,13 @@ everywhere.  Shapes cover every edge the kernel handles separately: M, N and K t
 multiples of its 32-row block, 16-column tile and 64-byte tile row; K longer than one
 reduction chunk (512); batches, broadcast and strided operands.
 """
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import sqcompile
 from sqcompile import ops
 from sqcompile.kernels import amx, avx2, cpu, pool
 
@@ -345,6 +348,33 @@ def test_output_pool_variable_is_validated(monkeypatch):
         pool.OutputPool()
     monkeypatch.setenv(pool.POOL_VARIABLE, "16")
     assert pool.OutputPool().limit == 16 << 20
+
+
+def test_output_pool_default_cap_is_an_eighth_of_physical_memory(monkeypatch):
+    monkeypatch.delenv(pool.POOL_VARIABLE, raising=False)
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert pool.OutputPool().limit == min(physical // 8, 4 << 30)
+    # a step of the README's transformer keeps 432 MiB of outputs alive at once
+    assert pool.OutputPool().limit >= 432 << 20 or physical < 4 << 30
+
+    def unreadable(name):
+        raise ValueError(name)
+    monkeypatch.setattr(os, "sysconf", unreadable)
+    assert pool.OutputPool().limit == 1 << 30
+
+
+def test_empty_cache_gives_back_free_buffers_and_keeps_used_ones(monkeypatch):
+    outputs = pool.OutputPool(limit=64 << 20)
+    monkeypatch.setattr(pool, "OUTPUTS", outputs)
+    used, free = outputs.empty((512, 1024)), outputs.empty((512, 1024))
+    used.fill_(3)
+    del free
+    assert outputs.kept == 4 << 20
+    sqcompile.empty_cache()
+    assert outputs.kept == 0 and not outputs.buffers
+    assert torch.equal(used, torch.full((512, 1024), 3, dtype=torch.int32))   # still the caller's
+    outputs.empty((512, 1024))                    # a fresh buffer, the only one counted
+    assert outputs.kept == 2 << 20
 
 
 @needs_amx

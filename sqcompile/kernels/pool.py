@@ -1,14 +1,21 @@
-"""Recycled int32 buffers for the outputs of large CPU GEMMs.
+"""Recycled buffers for the large outputs of the CPU kernels (GEMMs, quantizers, norms).
 
 A freshly allocated large tensor pays its page faults on first touch: about 0.5 ms per MiB on
 these VMs, more than the AMX GEMM itself takes for a 4096 x 2048 int32 result, and glibc maps
 blocks of 32 MiB and more anew on every allocation (they never come back from its free
-lists).  The integer GEMMs of a training step produce such outputs over and over, each
-consumed at once by the dequantizing kernel after it.  :class:`OutputPool` hands them out of
-buffers it keeps, and reuses a buffer only once no tensor refers to its memory any more.
+lists).  The integer GEMMs of a training step produce such outputs over and over, and so
+do the C kernels around them (a GELU's saved input, attention's probabilities, the
+gradients' int8 operands).  :class:`OutputPool` hands them out of buffers it keeps, and
+reuses a buffer only once no tensor refers to its memory any more.
 
-``SQCOMPILE_GEMM_POOL_MB`` in the environment (read at import) caps the memory kept
-(default 256; ``0`` turns recycling off); anything else raises a ``ValueError`` naming it.
+``SQCOMPILE_GEMM_POOL_MB`` in the environment (read at import) caps the memory kept, in MiB
+(``0`` turns recycling off); anything but a whole number >= 0 raises a ``ValueError`` naming
+it.  The default is an eighth of the machine's physical memory (3 GiB on 24 GiB), at most
+4 GiB, and 1 GiB where the physical memory cannot be read: enough for every output a
+step of the README's transformer keeps alive at once (432 MiB), which a 256 MiB cap (the
+default before 2026-12-02) sent back to page-faulting ``torch.empty`` calls.  Buffers in use
+count towards the cap as much as free ones, so the pool never holds more than the cap;
+:func:`sqcompile.empty_cache` drops the free ones (after training, say).
 """
 from __future__ import annotations
 
@@ -108,8 +115,21 @@ def _use_count(count, t: torch.Tensor) -> int:
     return count(t.untyped_storage()._cdata)
 
 
+def default_limit() -> int:
+    """The cap in bytes without ``SQCOMPILE_GEMM_POOL_MB``: an eighth of physical memory, at
+    most 4 GiB (1 GiB where ``os.sysconf`` cannot tell the memory size)."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return 1 << 30
+    return min(physical // 8, 4 << 30) if physical > 0 else 1 << 30
+
+
 def _pool_limit() -> int:
-    raw = os.environ.get(POOL_VARIABLE, "256").strip()
+    raw = os.environ.get(POOL_VARIABLE)
+    if raw is None:
+        return default_limit()
+    raw = raw.strip()
     try:
         mib = int(raw)
         if mib < 0:
@@ -120,3 +140,11 @@ def _pool_limit() -> int:
 
 
 OUTPUTS = OutputPool()
+
+
+def empty_cache() -> None:
+    """Give back the memory of the CPU kernels' recycled output buffers (as
+    ``torch.cuda.empty_cache`` does for CUDA's caching allocator): buffers still in use keep
+    their memory until the tensors on them die, the rest goes back to the C allocator now.
+    The next training step allocates (and page-faults) its outputs afresh."""
+    OUTPUTS.clear()
