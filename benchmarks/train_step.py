@@ -17,6 +17,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --fusion-off        # attention softmax, gradient quantizers in Inductor loops
     python benchmarks/train_step.py --no-grad-kernel    # gradients' quantizers in Inductor loops
     python benchmarks/train_step.py --models transformer --no-gelu-kernel   # GELU + quantizer in Inductor
+    python benchmarks/train_step.py --models transformer --no-gelu-backward-kernel   # GELU backward in Inductor
     python benchmarks/train_step.py --models transformer --peak-memory
     python benchmarks/train_step.py --models unet
     python benchmarks/train_step.py --models unet resnet18 --no-implicit-conv   # convs as im2col GEMMs too
@@ -215,6 +216,9 @@ def variants(args, name):
     if args.no_gelu_kernel and name == "transformer":
         out.append((f"{tag}, GELU + quantizer as Inductor loops",
                     dict(bits, fusion=True, collect_stats=False, _passes_off=("fuse_gelu_quantizers",)), False))
+    if args.no_gelu_backward_kernel and name == "transformer":
+        out.append((f"{tag}, GELU backward as Inductor's loop",
+                    dict(bits, fusion=True, cudagraphs=False, _passes_off=("fuse_gelu_backwards",)), False))
     if args.no_implicit_conv and name != "transformer":
         out.append((f"{tag}, convs as im2col GEMMs",
                     dict(bits, fusion=True, execution="auto", _im2col=True), False))
@@ -343,6 +347,9 @@ def main(argv=None):
     p.add_argument("--no-gelu-kernel", action="store_true",
                    help="also time the transformer step with its Linear's dequantize + bias + GELU + the next "
                         "quantizer as Inductor's loop (the gelu_quantize C kernel off, the others on)")
+    p.add_argument("--no-gelu-backward-kernel", action="store_true",
+                   help="also time the transformer step with its GELU's backward (dequantize + GELU backward + "
+                        "the bias gradient's sums) as Inductor's loops (the gelu_backward C kernel off)")
     p.add_argument("--outer-scale", action="store_true",
                    help="also time the shiftquant step with grad_outer_scale the other way than its default, "
                         "in the same process")

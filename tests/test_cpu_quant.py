@@ -206,10 +206,11 @@ def _regions(record):
 
 @pytest.fixture
 def no_gelu_kernel(monkeypatch):
-    """The GELU kernel off (its ``erf`` differs from Inductor's by ulps), so that a step with
+    """The GELU kernels off (their ``erf`` differs from Inductor's by ulps), so that a step with
     the gradient quantizer kernel can be compared bit for bit with ``fusion=False``."""
     from sqcompile.backends import lowering
     monkeypatch.setattr(lowering, "fuse_gelu_quantizers", lambda gm, *args: gm)
+    monkeypatch.setattr(lowering, "fuse_gelu_backwards", lambda gm, *args: gm)
 
 
 def _assert_same_training(model, x, options=None, dynamic=None):
@@ -431,4 +432,140 @@ def test_gelu_left_alone(model):
     torch.manual_seed(0)
     _, grads, rec = _step(model(), torch.randn(2, 9, 48), {})
     assert not _gelu_regions(rec) and "gelu_quantize" not in rec.graphs.get("forward_fused", "")
+    assert all(g.isfinite().all() for g in grads.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The GELU backward kernel
+# ---------------------------------------------------------------------------------------------
+
+def _gelu_backward_inputs(shape, seed, spread=2.0):
+    g = torch.Generator().manual_seed(seed)
+    *lead, M, N = shape
+    acc = torch.randint(-3000, 3000, shape, dtype=torch.int32, generator=g)
+    sa = torch.rand(*lead, M, 1, generator=g) * 1e-3
+    sb = torch.rand(*lead, 1, N, generator=g) * 1e-3
+    return acc, sa, sb, torch.randn(shape, generator=g) * spread
+
+
+def _assert_gelu_backward_close(got, ref, acc, sa, sb):
+    dx, sums = got
+    assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(got, ref))
+    # GELU's derivative Phi(x) + x phi(x) through two erfs 1.5e-7 from the exact one (ours and
+    # PyTorch's, see _assert_gelu_close) and an exp an ulp or two apart in its argument: within
+    # 5e-7 of the gradient it multiplies (measured up to 3.3e-7); a wrong dequantization or
+    # formula misses by orders of magnitude more
+    g = acc.double() * (1.0 if sa is None else sa.double()) * (1.0 if sb is None else sb.double())
+    ok = (dx.double() - ref[0].double()).abs() <= 5e-7 * g.abs()
+    assert ok.logical_or(dx.isnan() & ref[0].isnan()).all(), (dx - ref[0]).abs().max()
+    # the column sums: within the terms' own bounds plus float32 rounding of their magnitudes
+    per_column = (5e-7 * g.abs().expand(dx.shape) + 1e-6 * dx.abs().double()).reshape(-1, dx.shape[-1]).sum(0)
+    assert ((sums.double() - ref[1].double()).abs() <= per_column).logical_or(sums.isnan() & ref[1].isnan()).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 300, 97), (2, 7, 33), (3, 5, 16), (1, 1, 1), (130, 2048)])
+@pytest.mark.parametrize("scales", ["both", "rows", "cols"])
+def test_gelu_backward_kernel_matches_the_unfused_ops(shape, scales):
+    acc, sa, sb, pre = _gelu_backward_inputs(shape, sum(shape))
+    sa, sb = (None if scales == "cols" else sa), (None if scales == "rows" else sb)
+    _assert_gelu_backward_close(CQ.gelu_backward(acc, sa, sb, pre), CQ.gelu_backward_reference(acc, sa, sb, pre),
+                                acc, sa, sb)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(lead=st.sampled_from([(), (1,), (3,)]), M=st.integers(1, 150), N_=st.integers(1, 90),
+       spread=st.sampled_from([1e-3, 1.0, 30.0]), seed=st.integers(0, 2 ** 16))
+def test_gelu_backward_kernel_on_random_shapes_and_ranges(lead, M, N_, spread, seed):
+    """Vector tails, batch entries, more than one 64-row chunk of the sums, pre-activations
+    from ~0 to GELU's saturated parts (where the exp underflows)."""
+    acc, sa, sb, pre = _gelu_backward_inputs((*lead, M, N_), seed, spread)
+    _assert_gelu_backward_close(CQ.gelu_backward(acc, sa, sb, pre), CQ.gelu_backward_reference(acc, sa, sb, pre),
+                                acc, sa, sb)
+
+
+@needs_kernel
+def test_gelu_backward_sums_are_the_same_bits_for_any_thread_count():
+    acc, sa, sb, pre = _gelu_backward_inputs((1, 1000, 70), 3)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(CQ.gelu_backward(acc, sa, sb, pre))
+    finally:
+        torch.set_num_threads(threads)
+    for dx, sums in results[1:]:
+        assert torch.equal(dx, results[0][0]) and torch.equal(sums, results[0][1])
+
+
+@needs_kernel
+def test_gelu_backward_non_finite_values():
+    """A NaN or infinite pre-activation or scale gives what the unfused ops give there."""
+    acc, sa, sb, pre = _gelu_backward_inputs((2, 6, 37), 9)
+    pre[0, 1, 3], pre[1, 2, 5], pre[1, 3, 6] = float("nan"), float("inf"), -float("inf")
+    sa[0, 4, 0] = float("nan")
+    dx, sums = CQ.gelu_backward(acc, sa, sb, pre)
+    ref, ref_sums = CQ.gelu_backward_reference(acc, sa, sb, pre)
+    assert torch.equal(dx.isnan(), ref.isnan()) and torch.equal(sums.isnan(), ref_sums.isnan())
+    finite = ref.isfinite()
+    assert torch.equal(dx.isfinite(), finite)
+    torch.testing.assert_close(dx[finite], ref[finite], rtol=1e-5, atol=1e-9)
+
+
+def test_gelu_backward_op_schema_fake_implementation_and_fallback(monkeypatch):
+    acc, sa, sb, pre = _gelu_backward_inputs((2, 6, 9), 5)
+    for a in ((acc, sa, sb, pre), (acc, sa, None, pre), (acc, None, sb, pre)):
+        torch.library.opcheck(torch.ops.sqcompile.gelu_backward.default, a,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    monkeypatch.setattr(CQ, "status", lambda: (False, "no AVX-512 here"))
+    for a, b in zip(torch.ops.sqcompile.gelu_backward(acc, sa, sb, pre), CQ.gelu_backward_reference(acc, sa, sb, pre)):
+        assert torch.equal(a, b)
+
+
+def _gelu_backward_regions(record):
+    return [r for r in record.regions if "gelu_backward" in r.label]
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_mlp_takes_the_gelu_backward_kernel_and_trains_as_unfused(bias):
+    torch.manual_seed(0)
+    model, x = MLP(bias=bias), torch.randn(2, 37, 48)
+    out, grads, rec = _step(model, x, {"inner": "inductor"})
+    ref_out, ref_grads, ref_rec = _step(model, x, {"inner": "inductor", "fusion": False})
+    (region,) = _gelu_backward_regions(rec)
+    assert not _gelu_backward_regions(ref_rec)
+    # fc2's input gradient, dequantized into the GELU's backward; fc1's bias gradient summed there
+    label = "dequant+gelu_backward+sum" if bias else "dequant+gelu_backward"
+    assert (region.label, region.stage, region.module_path, region.kernel) == \
+        (label, "backward", "fc2", pass_module.GELU_BACKWARD_KERNEL)
+    graph = rec.graphs["backward_fused"]
+    assert "sqcompile.gelu_backward(" in graph and "aten.gelu_backward(" not in graph
+    assert "sqcompile.shiftquant_outer_pair(" in graph           # the result quantized as before
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for name in grads:                                           # GELU's ulps reach the gradients
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+
+
+@needs_kernel
+def test_dynamic_shapes_take_the_gelu_backward_kernel():
+    """Symbolic token counts: the kernel, without the sums (Inductor's sum stays)."""
+    torch.manual_seed(0)
+    model = MLP()
+    for T in (17, 29):
+        x = torch.randn(2, T, 48)
+        _, grads, rec = _step(model, x, {"inner": "inductor"}, dynamic=True)
+        _, ref_grads, _ = _step(model, x, {"inner": "inductor", "fusion": False}, dynamic=True)
+        assert [r.label for r in _gelu_backward_regions(rec)] == ["dequant+gelu_backward"]
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_tanh_gelu_backward_left_alone(inner):
+    torch.manual_seed(0)
+    _, grads, rec = _step(TanhMLP(), torch.randn(2, 9, 48), {"inner": inner})
+    assert not _gelu_backward_regions(rec) and "sqcompile.gelu_backward(" not in rec.graphs.get("backward_fused", "")
     assert all(g.isfinite().all() for g in grads.values())

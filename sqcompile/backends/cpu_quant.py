@@ -28,7 +28,18 @@ PyTorch's vectorized formula over our ``exp``, a few ulps from Inductor's.  Labe
 ``dequant[+bias]+gelu+quantize``, on the Linear's decision.  The ``tanh`` GELU, and a GELU
 whose output something else reads, keep the graph's ops.
 
-Neither pass does anything on other devices, with other kernel families, when the kernels
+**That GELU's backward** (``sqcompile::gelu_backward``).  In a backward graph,
+:func:`fuse_gelu_backwards` replaces ``gelu_backward(int8_mm.float() * scales, pre)`` -- the
+exact GELU's backward on the dequantized gradient of the next GEMM's input -- and the
+column sums of its result (the bias gradient) by one
+:func:`~sqcompile.kernels.cpu_quant.gelu_backward`: Inductor's loop evaluated ``erf`` and a
+second ``exp`` per value and summed the columns in another pass over the result.  The
+gradient is the graph's to a few ulps of the GELU's derivative (PyTorch's ``erf`` formula, the
+density's ``exp`` shared with it), the sums in the order of the graph's split column sums.
+Label ``dequant+gelu_backward`` (``+sum`` with the sums), on the decision of the GEMM whose
+gradient it dequantizes.  Runs before the gradient pass, which then quantizes the result.
+
+None of these passes does anything on other devices, with other kernel families, when the kernels
 cannot run here (:func:`~sqcompile.kernels.cpu_quant.status`: Linux on x86-64 and a C
 compiler), or with ``fusion=False``; the gradient pass also not without ``grad_outer_scale``,
 under ``inner="eager"`` (whose quantizers draw their noise another way), or for bit widths
@@ -36,6 +47,7 @@ beyond int8's range.  Each fusion is recorded as a :class:`~sqcompile.decisions.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import List, NamedTuple, Optional
 
@@ -50,6 +62,7 @@ aten = torch.ops.aten
 KERNEL = "sqcompile/kernels/cpu_quant.c:sq_outer_pair_ranges, sq_outer_pair_quantize"
 LABEL = "shiftquant_outer(dY) x2"
 GELU_KERNEL = "sqcompile/kernels/cpu_quant.c:sq_gelu_quantize"
+GELU_BACKWARD_KERNEL = "sqcompile/kernels/cpu_quant.c:sq_gelu_backward"
 
 
 class _OuterQuantizer(NamedTuple):
@@ -160,6 +173,60 @@ def _fuse(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
         F.record_region(record, stage, decision, LABEL, names, new, 6, KERNEL)
         fused += 1
     return fused
+
+
+def _fuse_gelu_backwards(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
+    graph = gm.graph
+    sources = {F._source_of(n) for n in graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default}
+    fused = 0
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.gelu_backward.default]:
+        if len(node.args) != 2 or F._bound_args(node)["approximate"] != "none":
+            continue
+        grad, pre = node.args
+        out, pv = F._val(node), F._val(pre)
+        if out is None or pv is None or out.dtype != torch.float32 or pv.dtype != torch.float32 or \
+                not F._same_shape(pv.shape, out.shape):
+            continue
+        found = F.dequantized_gemm(grad)
+        if found is None:
+            continue
+        mm, sa, sb, nodes = found
+        acc = F._val(mm)
+        if F._shape_arg(graph, out.shape, node, emit=False) is None:
+            continue                # a symbolic size the graph cannot compute
+        sums = []
+        if F._static(acc.shape):
+            gemm3 = (math.prod(acc.shape[:-2]), acc.shape[-2], acc.shape[-1])
+            sums = [user for user, _ in F.column_sums(node, gemm3, torch.float32)]
+        mode = F._fake_mode(mm)
+        with graph.inserting_before(node):
+            new = F._new(graph, torch.ops.sqcompile.gelu_backward.default, (mm, sa, sb, pre), mm, mode)
+            outs = [F._new(graph, operator.getitem, (new, i), mm, mode) for i in range(2)]
+        node.replace_all_uses_with(F.viewed(graph, outs[0], out.shape, new, mode))
+        for user in sums:
+            user.replace_all_uses_with(F.viewed(graph, outs[1], F._val(user).shape, new, mode))
+        names = [n.name for n in reversed(nodes)] + [node.name] + [u.name for u in sums]
+        F.erase_dead(graph, {node, *nodes, *sums})
+        F.record_region(record, stage, F._decision_for(record, mm, sources),
+                        "dequant+gelu_backward" + ("+sum" if sums else ""), names, mm, 2, GELU_BACKWARD_KERNEL)
+        fused += 1
+    return fused
+
+
+def fuse_gelu_backwards(gm: fx.GraphModule, record: CompileRecord, stage: str,
+                        option: Optional[bool] = None) -> fx.GraphModule:
+    """Replace each CPU GELU backward on a dequantized GEMM gradient in ``gm`` (a backward
+    graph), with the column sums of its result, by one ``sqcompile::gelu_backward`` (the module
+    docstring).  ``option``: the compile's ``fusion`` option."""
+    if not F.enabled(option) or stage != "backward" or \
+            not any(n.target is aten.gelu_backward.default for n in gm.graph.nodes):
+        return gm
+    from ..kernels import cpu_quant
+
+    gemms = [n for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default]
+    if not any(F._val(n) is not None and F._val(n).device.type == "cpu" for n in gemms) or not cpu_quant.status()[0]:
+        return gm
+    return F.finished(gm, record, stage, _fuse_gelu_backwards(gm, record, stage))
 
 
 def fuse_gradient_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
@@ -275,4 +342,5 @@ def fuse_gelu_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
     return F.finished(gm, record, stage, _fuse_gelus(gm, record, stage))
 
 
-__all__ = ["fuse_gelu_quantizers", "fuse_gradient_quantizers", "GELU_KERNEL", "KERNEL", "LABEL"]
+__all__ = ["fuse_gelu_backwards", "fuse_gelu_quantizers", "fuse_gradient_quantizers", "GELU_BACKWARD_KERNEL",
+           "GELU_KERNEL", "KERNEL", "LABEL"]

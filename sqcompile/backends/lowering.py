@@ -28,7 +28,7 @@ from .. import numerics as N
 from ..graphs import format_graph
 from .attention_grads import pack_attention_gradients
 from .cpu_attention import fuse_attention_probs
-from .cpu_quant import fuse_gelu_quantizers, fuse_gradient_quantizers
+from .cpu_quant import fuse_gelu_backwards, fuse_gelu_quantizers, fuse_gradient_quantizers
 from .fusion import _contiguous, _refresh, _static, fuse_regions, int_arg, no_donation_of_aliases
 from .norm_fusion import fuse_cpu_norm_quantizers, fuse_cpu_norm_residuals, fuse_norm_quantizers, fuse_norm_residuals
 
@@ -160,6 +160,7 @@ def compiler(stage: str, config, target, record, cuda_graphs: "CudaGraphs | None
         record.inner = inner_compiler(config, target, record)
         gm = fuse_attention_probs(gm, record, stage, config.fusion)   # CPU attention's softmax in C
         gm = fuse_gelu_quantizers(gm, record, stage, config.fusion)   # CPU Linear's GELU + next quantizer in C
+        gm = fuse_gelu_backwards(gm, record, stage, config.fusion)   # CPU GELU backward (+ bias sums) in C
         gm = fuse_gradient_quantizers(gm, record, stage, config.fusion, record.inner)   # CPU dY quantizers in C
         if stage == "forward":
             no_donation_of_aliases(gm)      # fused results saved for backward under several names

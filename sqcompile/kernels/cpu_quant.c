@@ -253,3 +253,75 @@ int sq_gelu_quantize(const int32_t *acc, const float *sa, const float *sb, const
     }
     return failed ? -1 : 0;
 }
+
+/* ------------------------------------------------------------------------------------------
+ * A GELU's backward on a dequantized GEMM result (sq_gelu_backward): for int32 accumulators
+ * acc[row, 0:N] (the int8 product giving the GELU output's gradient), the row's scale
+ * sa[row], the columns' scales sb[batch, n] and the GELU's saved input pre[row, n]:
+ *
+ *     g = float(acc) * (sa * sb)                          the gradient, as the graph dequantizes it
+ *     dx = g * (0.5 * (1 + erf(pre / sqrt 2)) + pre * exp(-pre^2 / 2) / sqrt(2 pi))
+ *                                                         -> out (float32)
+ *     sums[n] = sum over every row of dx[row, n]          (a bias gradient; sums may be NULL)
+ *
+ * g bit for bit; the GELU's derivative to a few ulps: erf is PyTorch's vectorized CPU formula
+ * (as in sq_gelu_quantize), and the density's exp is the one erf computes, exp(-(pre/sqrt 2)^2),
+ * where the graph evaluates exp(pre * pre * -0.5) again (an ulp or two apart in the argument).
+ * The sums run over fixed chunks of SUM_ROWS rows (rows in order within a chunk, then the
+ * chunks in order), so any thread count gives the same bits; work holds chunks * N floats.
+ * ------------------------------------------------------------------------------------------ */
+#define SUM_ROWS 64
+
+SQ_VEC __m512 gelu_derivative(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f), neg_zero = _mm512_set1_ps(-0.0f);
+    __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f));
+    __m512 az = _mm512_abs_ps(z), sign = xor_ps(z, az);
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az, one));
+    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+    __m512 e = exp_nonpositive(xor_ps(neg_zero, _mm512_mul_ps(z, z)));
+    __m512 erf = xor_ps(sign, _mm512_fmadd_ps(_mm512_mul_ps(xor_ps(neg_zero, e), t), r, one));
+    __m512 cdf = _mm512_mul_ps(_mm512_add_ps(erf, one), _mm512_set1_ps(0.5f));
+    __m512 pdf = _mm512_mul_ps(e, _mm512_set1_ps(0.3989422804014327f));
+    return _mm512_add_ps(cdf, _mm512_mul_ps(x, pdf));
+}
+
+/* acc, pre, out [B, M, N]; sa [B, M], sb [B, N]; sums [N] or NULL; work [cdiv(B * M, SUM_ROWS), N]. */
+void sq_gelu_backward(const int32_t *acc, const float *sa, const float *sb, const float *pre, int64_t B, int64_t M,
+                      int64_t N, float *out, float *sums, float *work, int threads) {
+    const int64_t rows = B * M, chunks = (rows + SUM_ROWS - 1) / SUM_ROWS;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t first = c * SUM_ROWS, last = first + SUM_ROWS < rows ? first + SUM_ROWS : rows;
+        float *col = work + c * N;
+        if (sums)
+            fill(col, N, 0.0f);
+        for (int64_t row = first; row < last; row++) {
+            const int32_t *a = acc + row * N;
+            const float *p = pre + row * N, *sbb = sb + (row / M) * N;
+            float *o = out + row * N;
+            const __m512 vsa = _mm512_set1_ps(sa[row]);
+            for (int64_t n = 0; n < N; n += 16) {
+                __mmask16 m = lanes(n, N);
+                __m512 g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, a + n)),
+                                         _mm512_mul_ps(vsa, _mm512_maskz_loadu_ps(m, sbb + n)));
+                __m512 dx = _mm512_mul_ps(g, gelu_derivative(_mm512_maskz_loadu_ps(m, p + n)));
+                _mm512_mask_storeu_ps(o + n, m, dx);
+                if (sums)
+                    _mm512_mask_storeu_ps(col + n, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, col + n), dx));
+            }
+        }
+    }
+    if (!sums)
+        return;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n += 16) {
+        __mmask16 m = lanes(n, N);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; c++)
+            total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(m, work + c * N + n));
+        _mm512_mask_storeu_ps(sums + n, m, total);
+    }
+}

@@ -1,6 +1,6 @@
 """CPU quantizers fused with what produces their input, as C kernels (``cpu_quant.c``,
-AVX-512 or the portable build of :mod:`~.native`): ``sqcompile::shiftquant_outer_pair`` and
-``sqcompile::gelu_quantize``.
+AVX-512 or the portable build of :mod:`~.native`): ``sqcompile::shiftquant_outer_pair``,
+``sqcompile::gelu_quantize`` and ``sqcompile::gelu_backward``.
 
 :func:`shiftquant_outer_pair`: with ``grad_outer_scale`` (the default), the backward of a
 quantized GEMM ``Y = A B`` quantizes ``dY`` twice (:func:`sqcompile.ops.shiftquant_outer`):
@@ -17,6 +17,10 @@ multiplies, IEEE divisions, NaN-propagating maxima and
 :func:`gelu_quantize`: a Linear's dequantize + bias + GELU + the next GEMM's per-row
 quantizer, one row at a time in cache (Inductor's loop evaluated the GELU twice per value:
 once for the row's maximum, once to quantize).
+
+:func:`gelu_backward`: that GELU's backward on the dequantized gradient the next GEMM's
+backward produces, with the bias gradient's column sums on the way (Inductor's loop evaluated
+``erf`` and a second ``exp`` per value, then summed the columns in a pass of its own).
 
 The lowering passes of :mod:`sqcompile.backends.cpu_quant` put them in the graphs.
 """
@@ -55,6 +59,8 @@ def _library(cflags: Optional[Tuple[str, ...]] = None) -> ctypes.CDLL:
                                            i64, ptr, ptr, i32]
     lib.sq_gelu_quantize.restype = ctypes.c_int
     lib.sq_gelu_quantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, ptr, ptr, i32]
+    lib.sq_gelu_backward.restype = None
+    lib.sq_gelu_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i32]
     return lib
 
 
@@ -213,5 +219,53 @@ def _(acc, sa, sb, bias, bits):
             acc.new_empty(row_shape, dtype=torch.float32), acc.new_empty(row_shape, dtype=torch.float32))
 
 
-__all__ = ["batched", "gelu_quantize", "gelu_quantize_reference", "shiftquant_outer_pair",
+def gelu_backward_reference(acc: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.Tensor],
+                            pre: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The unfused ops :func:`gelu_backward` stands for: ``g = acc.float() * (sa * sb)``
+    (a missing scale is 1), ``dx = gelu_backward(g, pre)`` (the exact GELU's), and ``dx``
+    summed over every dim but the last: ``(dx, sums)``."""
+    g = acc.to(torch.float32)
+    scale = sa if sb is None else sb if sa is None else sa * sb
+    if scale is not None:
+        g = g * scale
+    dx = torch.ops.aten.gelu_backward(g, pre.reshape(acc.shape))
+    return dx, dx.sum(list(range(dx.dim() - 1)))
+
+
+def gelu_backward(acc: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.Tensor],
+                  pre: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gelu_backward_reference` on the C kernel (``cpu_quant.c``) for int32 ``acc``
+    ``[..., M, N]`` on CPU (``sa`` broadcasting to ``[..., M, 1]``, ``sb`` to ``[..., 1, N]``,
+    ``pre`` float32 with ``acc``'s number of elements, read in ``acc``'s row-major order): the
+    dequantized gradient bit for bit, the GELU's derivative to a few ulps (PyTorch's vectorized
+    ``erf`` formula, and its ``exp`` shared with the density), the sums over fixed chunks of 64
+    rows, then the chunks (the order of the graph's split column sums), the same for any thread
+    count.  Runs the reference where the kernel cannot."""
+    if acc.device.type != "cpu" or acc.dtype != torch.int32 or acc.dim() < 2 or not status()[0] or \
+            acc.numel() == 0 or pre.dtype != torch.float32 or pre.numel() != acc.numel():
+        return gelu_backward_reference(acc, sa, sb, pre)
+    (B, M, cols), sa2, sb2 = batched(acc, sa, sb)
+    a, p = acc.contiguous(), pre.contiguous()
+    out = pool.OUTPUTS.empty(acc.shape, torch.float32)
+    sums = torch.empty(cols, dtype=torch.float32)
+    work = torch.empty(-(-(B * M) // 64) * cols, dtype=torch.float32)
+    _library().sq_gelu_backward(a.data_ptr(), sa2.data_ptr(), sb2.data_ptr(), p.data_ptr(), B, M, cols,
+                                out.data_ptr(), sums.data_ptr(), work.data_ptr(), torch.get_num_threads())
+    return out, sums
+
+
+@ops.custom_op("sqcompile::gelu_backward")
+def gelu_backward_op(acc: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.Tensor],
+                     pre: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A GELU's backward on a dequantized GEMM gradient, with its column sums, as one op
+    (:func:`gelu_backward`): ``(dx, sums)``, ``dx`` shaped as ``acc``, ``sums`` ``[N]``."""
+    return gelu_backward(acc, sa, sb, pre)
+
+
+@gelu_backward_op.register_fake
+def _(acc, sa, sb, pre):
+    return acc.new_empty(acc.shape, dtype=torch.float32), acc.new_empty((acc.shape[-1],), dtype=torch.float32)
+
+
+__all__ = ["batched", "gelu_backward", "gelu_backward_reference", "gelu_quantize", "gelu_quantize_reference", "shiftquant_outer_pair",
            "shiftquant_outer_pair_reference", "status", "SOURCE"]
