@@ -175,6 +175,15 @@ def _fuse(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
     return fused
 
 
+def _cpu_kernels_apply(gm: fx.GraphModule) -> bool:
+    """Does ``gm`` hold a CPU ``int8_mm``, and can the kernels run here?  (Checked in that
+    order: the kernels are built at the first graph that could take them, not on a GPU's.)"""
+    from ..kernels import cpu_quant
+
+    gemms = [n for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default]
+    return any(F._val(n) is not None and F._val(n).device.type == "cpu" for n in gemms) and cpu_quant.status()[0]
+
+
 def _fuse_gelu_backwards(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
     graph = gm.graph
     sources = {F._source_of(n) for n in graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default}
@@ -221,10 +230,7 @@ def fuse_gelu_backwards(gm: fx.GraphModule, record: CompileRecord, stage: str,
     if not F.enabled(option) or stage != "backward" or \
             not any(n.target is aten.gelu_backward.default for n in gm.graph.nodes):
         return gm
-    from ..kernels import cpu_quant
-
-    gemms = [n for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default]
-    if not any(F._val(n) is not None and F._val(n).device.type == "cpu" for n in gemms) or not cpu_quant.status()[0]:
+    if not _cpu_kernels_apply(gm):
         return gm
     return F.finished(gm, record, stage, _fuse_gelu_backwards(gm, record, stage))
 
@@ -237,13 +243,8 @@ def fuse_gradient_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: s
     ``fusion`` option."""
     if not F.enabled(option) or stage != "backward" or inner != "inductor":
         return gm
-    from ..kernels import cpu_quant
-
-    gemms = [n for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default]
-    # the kernel is built at the first graph that could take it, not on a GPU's graphs
-    if not any(F._val(n) is not None and F._val(n).device.type == "cpu" for n in gemms) or \
-            not any(n.target is torch.ops.sqcompile.shiftquant.default for n in gm.graph.nodes) or \
-            not cpu_quant.status()[0]:
+    if not any(n.target is torch.ops.sqcompile.shiftquant.default for n in gm.graph.nodes) or \
+            not _cpu_kernels_apply(gm):
         return gm
     return F.finished(gm, record, stage, _fuse(gm, record, stage))
 
@@ -334,10 +335,7 @@ def fuse_gelu_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
     if not F.enabled(option) or stage == "backward" or \
             not any(n.target is aten.gelu.default for n in gm.graph.nodes):
         return gm
-    from ..kernels import cpu_quant
-
-    gemms = [n for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default]
-    if not any(F._val(n) is not None and F._val(n).device.type == "cpu" for n in gemms) or not cpu_quant.status()[0]:
+    if not _cpu_kernels_apply(gm):
         return gm
     return F.finished(gm, record, stage, _fuse_gelus(gm, record, stage))
 

@@ -180,7 +180,8 @@ SQ_VEC __m512 xor_ps(__m512 a, __m512 b) {            /* without AVX512-DQ's _mm
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
 }
 
-SQ_VEC __m512 erf_vec(__m512 x) {
+/* erf(x), and in *e the exp(-x^2) it is computed from */
+SQ_VEC __m512 erf_exp(__m512 x, __m512 *e) {
     const __m512 one = _mm512_set1_ps(1.0f), neg_zero = _mm512_set1_ps(-0.0f);
     __m512 ax = _mm512_abs_ps(x), sign = xor_ps(x, ax);
     __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), ax, one));
@@ -188,9 +189,14 @@ SQ_VEC __m512 erf_vec(__m512 x) {
     r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
     r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
     r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
-    __m512 e = exp_nonpositive(xor_ps(neg_zero, _mm512_mul_ps(x, x)));
-    __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(xor_ps(neg_zero, e), t), r, one);
+    *e = exp_nonpositive(xor_ps(neg_zero, _mm512_mul_ps(x, x)));
+    __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(xor_ps(neg_zero, *e), t), r, one);
     return xor_ps(sign, v);
+}
+
+SQ_VEC __m512 erf_vec(__m512 x) {
+    __m512 e;
+    return erf_exp(x, &e);
 }
 
 static void gelu_row(const int32_t *a, float sa, const float *sb, const float *bias, int64_t N, float qmax,
@@ -273,17 +279,8 @@ int sq_gelu_quantize(const int32_t *acc, const float *sa, const float *sb, const
 #define SUM_ROWS 64
 
 SQ_VEC __m512 gelu_derivative(__m512 x) {
-    const __m512 one = _mm512_set1_ps(1.0f), neg_zero = _mm512_set1_ps(-0.0f);
-    __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f));
-    __m512 az = _mm512_abs_ps(z), sign = xor_ps(z, az);
-    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az, one));
-    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
-    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
-    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
-    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
-    __m512 e = exp_nonpositive(xor_ps(neg_zero, _mm512_mul_ps(z, z)));
-    __m512 erf = xor_ps(sign, _mm512_fmadd_ps(_mm512_mul_ps(xor_ps(neg_zero, e), t), r, one));
-    __m512 cdf = _mm512_mul_ps(_mm512_add_ps(erf, one), _mm512_set1_ps(0.5f));
+    __m512 e, erf = erf_exp(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f)), &e);
+    __m512 cdf = _mm512_mul_ps(_mm512_add_ps(erf, _mm512_set1_ps(1.0f)), _mm512_set1_ps(0.5f));
     __m512 pdf = _mm512_mul_ps(e, _mm512_set1_ps(0.3989422804014327f));
     return _mm512_add_ps(cdf, _mm512_mul_ps(x, pdf));
 }
