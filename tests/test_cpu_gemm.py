@@ -31,7 +31,10 @@ def rand8(*shape, gen):
 
 SHAPES = [(1, 1, 1), (5, 7, 3), (32, 64, 32), (33, 65, 17), (31, 63, 15), (64, 128, 16),
           (100, 1000, 130), (47, 1100, 129), (256, 64, 256),
-          (5, 64, 7), (33, 128, 40), (100, 640, 50)]   # K whole tiles: A read in place, tail rows copied
+          (5, 64, 7), (33, 128, 40), (100, 640, 50),   # K whole tiles: A read in place, tail rows copied
+          # panels wider than 128 columns (amx_int8.c's panel_tiles): one reduction chunk and an
+          # odd N tile count; several chunks with a second, partial panel of two tiles
+          (70, 64, 1000), (200, 512, 4000), (65, 1100, 530)]
 
 
 @needs_amx

@@ -41,7 +41,9 @@
 #define TILE_K 64          /* bytes of K in one A tile row */
 #define TILE_N 16          /* int32 columns in one C tile */
 #define TILE_BYTES 1024    /* 16 rows x 64 bytes */
-#define PANEL_TILES 8      /* N panel = 8 x 16 = 128 columns per unit of parallel work */
+#define PANEL_BYTES (1 << 20)   /* packed B per N panel (a unit of parallel work): see panel_tiles */
+#define MIN_PANEL_TILES 8       /* 128 columns */
+#define ACC_PANEL_TILES 32      /* the widest panel whose partial sums wait in acc (64 KiB) */
 #ifndef KC_TILES
 #define KC_TILES 8         /* k tiles per reduction chunk: 32 x 512 bytes of A in L1 */
 #endif
@@ -233,31 +235,48 @@ static inline void block(a_view A, const int8_t *b0, const int8_t *b1, int64_t k
     _tile_stored(3, out + 16 * ldout + 16, ldout * 4);
 }
 
-#define PANEL (PANEL_TILES * TILE_N)
+/* N tiles per panel.  A thread's consecutive units share one panel of packed B (in L2) and
+ * each writes 32 rows of it into C; a wider panel writes longer runs of each C row, which
+ * costs fewer TLB misses and write streams (C rows are 4-8 KiB apart: a 128-column panel
+ * stored 512 bytes to each of 32 pages a block).  Measured, one core, 1 thread: a panel of
+ * about 1 MiB of packed B (2048 columns at K = 512, 512 at K = 2048, 256 at K = 4096) ran
+ * 1.2-1.6x faster than 128 columns on the transformer's products; 2 MiB (L2's size) was
+ * slower again.  Never narrower than 128 columns, no wider than ACC_PANEL_TILES when partial
+ * sums must wait (K beyond one chunk), and narrowed while there are fewer than four units a
+ * thread. */
+static int64_t panel_tiles(int64_t KB, int64_t NT, int64_t row_units, int threads) {
+    int64_t p = PANEL_BYTES / (KB * TILE_BYTES);
+    if (KB > KC_TILES && p > ACC_PANEL_TILES) p = ACC_PANEL_TILES;
+    p &= ~(int64_t)1;
+    while (p > MIN_PANEL_TILES && row_units * cdiv(NT, p) < 4 * (int64_t)threads) p /= 2;
+    return p < MIN_PANEL_TILES ? MIN_PANEL_TILES : p & ~(int64_t)1;
+}
 
-/* One unit of work: rows m0 .. m0 + 32 and the columns of N panel p of one product.  The
- * reduction runs in chunks of KC_TILES k tiles so the A chunk (32 x 64 * KC_TILES bytes)
- * stays in L1 while the panel's N tiles pass over it; partial sums wait in ``acc``. */
-static void unit(a_view A, const int8_t *Bp, int64_t KB, int64_t NT, int64_t p,
+/* One unit of work: rows m0 .. m0 + 32 and N tiles j0 .. j1 of one product.  The reduction
+ * runs in chunks of KC_TILES k tiles so the A chunk (32 x 64 * KC_TILES bytes) stays in L1
+ * while the panel's N tiles pass over it; partial sums wait in ``acc`` (32 rows of the
+ * panel's columns; with a single chunk, 32 x 32 for a block at the edges of C). */
+static void unit(a_view A, const int8_t *Bp, int64_t KB, int64_t NT, int64_t j0, int64_t j1,
                  int32_t *C, int rows, int64_t N, int32_t *acc) {
-    const int64_t j0 = p * PANEL_TILES, j1 = (j0 + PANEL_TILES < NT) ? j0 + PANEL_TILES : NT;
+    /* a lone last N tile is computed as a pair too: room for whole pairs */
+    const int64_t ldacc = KB > KC_TILES ? ((j1 - j0 + 1) & ~(int64_t)1) * TILE_N : 32;
     for (int64_t kb0 = 0; kb0 < KB; kb0 += KC_TILES) {
         const int64_t kb1 = kb0 + KC_TILES < KB ? kb0 + KC_TILES : KB;
         const int last = kb1 == KB;
         for (int64_t j = j0; j < j1; j += 2) {
             const int8_t *b0 = Bp + j * KB * TILE_BYTES;
             const int8_t *b1 = (j + 1 < NT) ? b0 + KB * TILE_BYTES : b0;  /* lone last tile */
-            int32_t *a = acc + (j - j0) * TILE_N;
+            int32_t *a = KB > KC_TILES ? acc + (j - j0) * TILE_N : acc;
             const int cols = (int)(N - j * TILE_N < 32 ? N - j * TILE_N : 32);
             const int direct = last && rows == 32 && cols == 32;
             /* the step after this block: the next N pair of this chunk, or the next chunk */
             const int64_t nj = j + 2 < j1 ? j + 2 : j0, nk = j + 2 < j1 ? kb0 : kb1;
             const int8_t *nb0 = Bp + nj * KB * TILE_BYTES + nk * TILE_BYTES;
             const int8_t *na = (j + 2 < j1 || !last) ? a_step(A, nk) : NULL;
-            block(A, b0, b1, kb0, kb1, kb0 ? a : NULL, PANEL, direct ? C + j * TILE_N : a, direct ? N : PANEL,
+            block(A, b0, b1, kb0, kb1, kb0 ? a : NULL, ldacc, direct ? C + j * TILE_N : a, direct ? N : ldacc,
                   na, nb0, (nj + 1 < NT) ? nb0 + KB * TILE_BYTES : nb0);
             if (last && !direct)
-                for (int r = 0; r < rows; ++r) memcpy(C + r * N + j * TILE_N, a + r * PANEL, cols * 4);
+                for (int r = 0; r < rows; ++r) memcpy(C + r * N + j * TILE_N, a + r * ldacc, cols * 4);
         }
     }
 }
@@ -273,7 +292,8 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
      * only a last block of fewer than 32 rows is copied, zero-padded.  Long rows that many
      * N panels re-read are still packed (their tiles span pages: ~8% slower in place at
      * K = 2048 with 4 panels). */
-    const int a_direct = sak == 1 && K % TILE_K == 0 && (K <= 1024 || NT <= 2 * PANEL_TILES);
+    const int64_t PT = panel_tiles(KB, NT, batch * MB, threads);
+    const int a_direct = sak == 1 && K % TILE_K == 0 && (K <= 1024 || NT <= 2 * PT);
     const int64_t tail = a_direct && M % 32 ? MB - 1 : -1;   /* the copied block, if any */
     const int64_t packed_b = KB * NT * TILE_BYTES;
     const int64_t packed_a = a_direct ? (tail >= 0 ? KB * 2 * TILE_BYTES : 0) : MB * KB * 2 * TILE_BYTES;
@@ -282,7 +302,7 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
     int8_t *Bp = workspace((size_t)(packed_b * nb + packed_a * na));
     if (!Bp) return -1;
     int8_t *Ap = Bp + packed_b * nb;
-    const int64_t NP = cdiv(NT, PANEL_TILES);
+    const int64_t NP = cdiv(NT, PT);
     const int64_t units = batch * MB * NP;
     const int64_t la = a_direct ? (tail >= 0 ? KB : 0) : a_lines(sak, M, K), lb = b_lines(sn, K, N);
     #pragma omp parallel num_threads(threads)
@@ -298,7 +318,7 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
             else pack_a_line(a, sam, sak, M, K, u % la, out);
         }
         load_config();
-        int32_t acc[32 * PANEL] __attribute__((aligned(64)));
+        int32_t acc[32 * ACC_PANEL_TILES * TILE_N] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
         for (int64_t u = 0; u < units; ++u) {
             /* panel-major: consecutive units of a thread share one packed B panel (in L2). */
@@ -310,7 +330,8 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
                 : (a_view){a_direct ? ap : ap + mb * KB * 2 * TILE_BYTES, 64, 2 * TILE_BYTES, TILE_BYTES, NULL};
             const int8_t *bp = Bp + (sbb == 0 ? 0 : b * packed_b);
             const int rows = (int)(M - mb * 32 < 32 ? M - mb * 32 : 32);
-            unit(av, bp, KB, NT, p, C + b * M * N + mb * 32 * N, rows, N, acc);
+            unit(av, bp, KB, NT, p * PT, p * PT + PT < NT ? p * PT + PT : NT, C + b * M * N + mb * 32 * N, rows, N,
+                 acc);
         }
         _tile_release();
     }
@@ -337,7 +358,7 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
  *   c0 * ld + off(t), koff[kb] = 64 * kb. */
 int sq_amx_int8_implicit(const int8_t *X, int64_t ld, const int64_t *moff, int64_t MB, const int64_t *koff,
                          int64_t KB, const int8_t *B, int64_t sk, int64_t sn, int32_t *C, int64_t N, int threads) {
-    const int64_t K = KB * TILE_K, NT = cdiv(N, TILE_N), NP = cdiv(NT, PANEL_TILES);
+    const int64_t K = KB * TILE_K, NT = cdiv(N, TILE_N), PT = panel_tiles(KB, NT, MB, threads), NP = cdiv(NT, PT);
     const int64_t lb = b_lines(sn, K, N);
     int8_t *Bp = workspace((size_t)(KB * NT * TILE_BYTES));
     if (!Bp) return -1;
@@ -346,12 +367,12 @@ int sq_amx_int8_implicit(const int8_t *X, int64_t ld, const int64_t *moff, int64
         #pragma omp for schedule(static)
         for (int64_t u = 0; u < lb; ++u) pack_b_line(B, sk, sn, K, N, u, Bp);
         load_config();
-        int32_t acc[32 * PANEL] __attribute__((aligned(64)));
+        int32_t acc[32 * ACC_PANEL_TILES * TILE_N] __attribute__((aligned(64)));
         #pragma omp for schedule(static)
         for (int64_t u = 0; u < MB * NP; ++u) {
             const int64_t p = u / MB, mb = u % MB;
             const a_view av = {X + moff[mb], ld, 0, 16 * ld, koff};
-            unit(av, Bp, KB, NT, p, C + mb * 32 * N, 32, N, acc);
+            unit(av, Bp, KB, NT, p * PT, p * PT + PT < NT ? p * PT + PT : NT, C + mb * 32 * N, 32, N, acc);
         }
         _tile_release();
     }
