@@ -698,16 +698,18 @@ def test_generated_kernels_are_cached_across_compiles():
 
 
 def test_torch_kernels_and_disabled_fusion_leave_graphs_alone():
-    """No Triton region with the torch kernel family; on CPU the family's own C kernel takes
-    ``fc1``'s GELU and ``fc2``'s quantizer (:mod:`sqcompile.backends.cpu_quant`), nothing else."""
+    """No Triton region with the torch kernel family; on CPU the family's own C kernels take
+    ``fc1``'s GELU and ``fc2``'s quantizer, and that GELU's backward on ``fc2``'s input gradient
+    (:mod:`sqcompile.backends.cpu_quant`), nothing else."""
     model, x = Residual(), torch.randn(2, 5, 24)
     compiled = torch.compile(model.to(DEVICE), backend="shiftquant", options={"kernels": "torch", "inner": "eager"})
     compiled(x.to(DEVICE)).sum().backward()
     rec = records_for(list(model.parameters()))[-1]
     cpu = DEVICE == "cpu" and cpu_quant.status()[0]
-    assert [r.label for r in rec.regions] == (["dequant+bias+gelu+quantize"] if cpu else [])
-    assert ("forward_fused" in rec.graphs) == cpu
-    assert all(d.region is None for d in rec.decisions if d.module_path != "fc1" or not cpu)
+    assert [r.label for r in rec.regions] == (["dequant+bias+gelu+quantize", "dequant+gelu_backward+sum"]
+                                              if cpu else [])
+    assert ("forward_fused" in rec.graphs) == ("backward_fused" in rec.graphs) == cpu
+    assert all(d.region is None for d in rec.decisions if d.module_path not in ("fc1", "fc2") or not cpu)
     _, _, rec, _ = _compile_and_step(model, x, fused=False)
     assert not rec.regions and all(d.region is None for d in rec.decisions)
     # with fusion off, the dequantization moves into the GEMM's epilogue (scaled GEMM op);

@@ -231,6 +231,10 @@ def test_quantized_saves_int8_input(case):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_gradients_at_8_bits_close_to_float(case):
+    # the gradient's stochastic rounding draws from torch's generator: seeded, so the noise does
+    # not depend on which tests ran before in the worker (200 seeds: in2d_eval's worst 2.8%; one
+    # suite run drew 3.6% for its 3-element weight gradient)
+    torch.manual_seed(0)
     x, w, b = case.inputs(dtype=torch.float32, requires_grad=True)
     dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(1))
     q = grads(case.run(x, w, b, norm_bits=8), (x, w, b), dy)
