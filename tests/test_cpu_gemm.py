@@ -105,6 +105,32 @@ def test_amx_after_releasing_the_workspace():
 
 
 @needs_amx
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["row-major B", "column-major B", "batched B", "transposed A"])
+def test_amx_packs_a_large_b_a_panel_at_a_time(threads, layout):
+    """A B whose packed tiles pass 4 MiB (amx_int8.c's LAZY_B_BYTES) is packed one panel at a
+    time by the thread that needs it: ragged K and N (a partial k tile, an odd N tile count,
+    a partial last tile), one B per batch entry or one for all, any thread count."""
+    g = torch.Generator().manual_seed(threads)
+    M, K, N = 70, 2100, 2050                      # 33 k tiles x 129 N tiles: 4.2 MiB packed
+    if layout == "batched B":
+        a, b = rand8(2, M, K, gen=g), rand8(2, K, N // 2 + 1100, gen=g)      # 2.3 MiB each
+    elif layout == "column-major B":
+        a, b = rand8(M, K, gen=g), rand8(N, K, gen=g).t()
+    elif layout == "transposed A":
+        a, b = rand8(K, M, gen=g).t(), rand8(K, N, gen=g)
+    else:
+        a, b = rand8(M, K, gen=g), rand8(K, N, gen=g)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = amx.int8_mm(a, b)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got, exact(a, b))
+
+
+@needs_amx
 def test_amx_with_two_threads_equals_one():
     g = torch.Generator().manual_seed(3)
     a, b = rand8(3, 130, 600, gen=g), rand8(600, 300, gen=g)

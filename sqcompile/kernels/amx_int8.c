@@ -44,6 +44,7 @@
 #define PANEL_BYTES (1 << 20)   /* packed B per N panel (a unit of parallel work): see panel_tiles */
 #define MIN_PANEL_TILES 8       /* 128 columns */
 #define ACC_PANEL_TILES 32      /* the widest panel whose partial sums wait in acc (64 KiB) */
+#define LAZY_B_BYTES (4 << 20)  /* packed B beyond this is packed a panel at a time */
 #ifndef KC_TILES
 #define KC_TILES 8         /* k tiles per reduction chunk: 32 x 512 bytes of A in L1 */
 #endif
@@ -77,12 +78,12 @@ static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 void sq_amx_release_workspace(void) { release_workspace(); }
 
-/* Pack tile (j, kb) of one B [K, N] (strides sk, sn) into VNNI order: the tile at
- * (j * KB + kb) * 1024 holds out[r * 64 + c * 4 + t] = B[kb * 64 + r * 4 + t][j * 16 + c],
- * zero outside B.  Whole tiles of a row-major B are packed by pack_b_line instead. */
+/* Pack tile (j, kb) of one B [K, N] (strides sk, sn) into VNNI order: ``tile`` (1 KiB) holds
+ * tile[r * 64 + c * 4 + t] = B[kb * 64 + r * 4 + t][j * 16 + c], zero outside B.  Whole tiles
+ * of a row-major B are packed by pack_b_kline instead.  Packed B keeps the tiles of N tiles
+ * j0 .. j1 (a panel, or all of B) in order, tile (j, kb) at ((j - j0) * KB + kb) * 1024. */
 static void pack_b_tile(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t j, int64_t kb,
-                        int8_t *out) {
-    int8_t *tile = out + (j * cdiv(K, TILE_K) + kb) * TILE_BYTES;
+                        int8_t *tile) {
     const int64_t n0 = j * TILE_N, k0 = kb * TILE_K;
     const int full = (n0 + TILE_N <= N) && (k0 + TILE_K <= K);
     if (full && sk == 1 && sn < (INT32_MAX / 16)) {
@@ -154,22 +155,45 @@ static void pack_a_line(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int6
     }
 }
 
+/* The tiles (j, kb) of N tiles j0 .. j1 and one k tile kb of a row-major B into packed B
+ * ``out`` (starting at N tile j0).  A whole k tile goes 4 rows at a time across the N tiles,
+ * so the 4 source rows stay in L1 (the tile's 64 rows of a wide B would not). */
+static void pack_b_kline(const int8_t *B, int64_t sk, int64_t K, int64_t N, int64_t kb, int64_t j0, int64_t j1,
+                         int8_t *out) {
+    const int64_t KB = cdiv(K, TILE_K);
+    int64_t j = j0;
+    if ((kb + 1) * TILE_K <= K) {
+        const int64_t whole = j1 < N / TILE_N ? j1 : N / TILE_N;    /* N tiles without a ragged edge */
+        for (int r = 0; r < 16; ++r)
+            for (int64_t jj = j0; jj < whole; ++jj)
+                sq_interleave4(B + (kb * TILE_K + 4 * r) * sk + jj * TILE_N, sk,
+                               out + ((jj - j0) * KB + kb) * TILE_BYTES + r * 64);
+        if (whole > j) j = whole;
+    }
+    for (; j < j1; ++j)
+        pack_b_tile(B, sk, 1, K, N, j, kb, out + ((j - j0) * KB + kb) * TILE_BYTES);
+}
+
 static void pack_b_line(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t line, int8_t *out) {
     const int64_t KB = cdiv(K, TILE_K), NT = cdiv(N, TILE_N);
-    if (sn == 1 && (line + 1) * TILE_K <= K) {
-        /* a k tile of a row-major B: 4 rows at a time across all N tiles, so the 4 source
-         * rows stay in L1 (the tile's 64 rows of a wide B would not) */
-        for (int r = 0; r < 16; ++r)
-            for (int64_t j = 0; j + 1 <= N / TILE_N; ++j)
-                sq_interleave4(B + (line * TILE_K + 4 * r) * sk + j * TILE_N, sk,
-                            out + (j * KB + line) * TILE_BYTES + r * 64);
-        if (N % TILE_N)
-            pack_b_tile(B, sk, sn, K, N, NT - 1, line, out);
+    if (sn == 1) {
+        pack_b_kline(B, sk, K, N, line, 0, NT, out);
         return;
     }
-    for (int64_t i = 0; i < (sn == 1 ? NT : KB); ++i)
-        if (sn == 1) pack_b_tile(B, sk, sn, K, N, i, line, out);
-        else pack_b_tile(B, sk, sn, K, N, line, i, out);
+    for (int64_t kb = 0; kb < KB; ++kb)
+        pack_b_tile(B, sk, sn, K, N, line, kb, out + (line * KB + kb) * TILE_BYTES);
+}
+
+/* Packed B of N tiles j0 .. j1 (one panel) into ``out``. */
+static void pack_b_panel(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t j0, int64_t j1,
+                         int8_t *out) {
+    const int64_t KB = cdiv(K, TILE_K);
+    if (sn == 1)
+        for (int64_t kb = 0; kb < KB; ++kb) pack_b_kline(B, sk, K, N, kb, j0, j1, out);
+    else
+        for (int64_t j = j0; j < j1; ++j)
+            for (int64_t kb = 0; kb < KB; ++kb)
+                pack_b_tile(B, sk, sn, K, N, j, kb, out + ((j - j0) * KB + kb) * TILE_BYTES);
 }
 
 /* Where one 32-row block of A is read from: in place (a row-major A whose K is whole tiles:
@@ -252,10 +276,11 @@ static int64_t panel_tiles(int64_t KB, int64_t NT, int64_t row_units, int thread
     return p < MIN_PANEL_TILES ? MIN_PANEL_TILES : p & ~(int64_t)1;
 }
 
-/* One unit of work: rows m0 .. m0 + 32 and N tiles j0 .. j1 of one product.  The reduction
- * runs in chunks of KC_TILES k tiles so the A chunk (32 x 64 * KC_TILES bytes) stays in L1
- * while the panel's N tiles pass over it; partial sums wait in ``acc`` (32 rows of the
- * panel's columns; with a single chunk, 32 x 32 for a block at the edges of C). */
+/* One unit of work: rows m0 .. m0 + 32 and N tiles j0 .. j1 of one product, ``Bp`` their
+ * packed B (tile (j, kb) at ((j - j0) * KB + kb) * 1024).  The reduction runs in chunks of
+ * KC_TILES k tiles so the A chunk (32 x 64 * KC_TILES bytes) stays in L1 while the panel's N
+ * tiles pass over it; partial sums wait in ``acc`` (32 rows of the panel's columns; with a
+ * single chunk, 32 x 32 for a block at the edges of C). */
 static void unit(a_view A, const int8_t *Bp, int64_t KB, int64_t NT, int64_t j0, int64_t j1,
                  int32_t *C, int rows, int64_t N, int32_t *acc) {
     /* a lone last N tile is computed as a pair too: room for whole pairs */
@@ -264,14 +289,14 @@ static void unit(a_view A, const int8_t *Bp, int64_t KB, int64_t NT, int64_t j0,
         const int64_t kb1 = kb0 + KC_TILES < KB ? kb0 + KC_TILES : KB;
         const int last = kb1 == KB;
         for (int64_t j = j0; j < j1; j += 2) {
-            const int8_t *b0 = Bp + j * KB * TILE_BYTES;
+            const int8_t *b0 = Bp + (j - j0) * KB * TILE_BYTES;
             const int8_t *b1 = (j + 1 < NT) ? b0 + KB * TILE_BYTES : b0;  /* lone last tile */
             int32_t *a = KB > KC_TILES ? acc + (j - j0) * TILE_N : acc;
             const int cols = (int)(N - j * TILE_N < 32 ? N - j * TILE_N : 32);
             const int direct = last && rows == 32 && cols == 32;
             /* the step after this block: the next N pair of this chunk, or the next chunk */
             const int64_t nj = j + 2 < j1 ? j + 2 : j0, nk = j + 2 < j1 ? kb0 : kb1;
-            const int8_t *nb0 = Bp + nj * KB * TILE_BYTES + nk * TILE_BYTES;
+            const int8_t *nb0 = Bp + (nj - j0) * KB * TILE_BYTES + nk * TILE_BYTES;
             const int8_t *na = (j + 2 < j1 || !last) ? a_step(A, nk) : NULL;
             block(A, b0, b1, kb0, kb1, kb0 ? a : NULL, ldacc, direct ? C + j * TILE_N : a, direct ? N : ldacc,
                   na, nb0, (nj + 1 < NT) ? nb0 + KB * TILE_BYTES : nb0);
@@ -299,12 +324,18 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
     const int64_t packed_a = a_direct ? (tail >= 0 ? KB * 2 * TILE_BYTES : 0) : MB * KB * 2 * TILE_BYTES;
     const int64_t nb = sbb == 0 ? 1 : batch;           /* distinct B operands to pack */
     const int64_t na = sab == 0 ? 1 : batch;
-    int8_t *Bp = workspace((size_t)(packed_b * nb + packed_a * na));
-    if (!Bp) return -1;
-    int8_t *Ap = Bp + packed_b * nb;
+    /* A B larger than L2 is packed a panel at a time, by the thread that needs it, into a
+     * buffer of its own that stays in L2: packed all at once, it went out to memory and came
+     * back (1.4 of the 4.6 ms of a 512 x 4096 x 2048 dW product). */
+    const int lazy = packed_b * nb > LAZY_B_BYTES;
+    const size_t ws = (size_t)((lazy ? 0 : packed_b * nb) + packed_a * na);
+    int8_t *Bp = ws ? workspace(ws) : NULL;
+    if (ws && !Bp) return -1;
+    int8_t *Ap = Bp + (lazy ? 0 : packed_b * nb);
     const int64_t NP = cdiv(NT, PT);
     const int64_t units = batch * MB * NP;
-    const int64_t la = a_direct ? (tail >= 0 ? KB : 0) : a_lines(sak, M, K), lb = b_lines(sn, K, N);
+    const int64_t la = a_direct ? (tail >= 0 ? KB : 0) : a_lines(sak, M, K), lb = lazy ? 0 : b_lines(sn, K, N);
+    int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static) nowait
@@ -319,23 +350,37 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
         }
         load_config();
         int32_t acc[32 * ACC_PANEL_TILES * TILE_N] __attribute__((aligned(64)));
+        int8_t *panel = lazy ? sq_grow(&sq_panel, (size_t)(PT * KB * TILE_BYTES)) : NULL;
+        int64_t packed = -1;                            /* the (B operand, panel) in ``panel`` */
+        if (lazy && !panel) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (int64_t u = 0; u < units; ++u) {
             /* panel-major: consecutive units of a thread share one packed B panel (in L2). */
             const int64_t b = u / (MB * NP), rem = u % (MB * NP);
             const int64_t p = rem / MB, mb = rem % MB;
+            const int64_t j0 = p * PT, j1 = j0 + PT < NT ? j0 + PT : NT, bb = sbb == 0 ? 0 : b;
             const int8_t *ap = Ap + (sab == 0 ? 0 : b * packed_a);
             const a_view av = a_direct && mb != tail
                 ? (a_view){A + b * sab + mb * 32 * sam, sam, TILE_K, 16 * sam, NULL}
                 : (a_view){a_direct ? ap : ap + mb * KB * 2 * TILE_BYTES, 64, 2 * TILE_BYTES, TILE_BYTES, NULL};
-            const int8_t *bp = Bp + (sbb == 0 ? 0 : b * packed_b);
+            const int8_t *bp = Bp + bb * packed_b + j0 * KB * TILE_BYTES;
+            if (lazy) {
+                if (!panel) continue;
+                if (packed != bb * NP + p) {
+                    pack_b_panel(B + bb * sbb, sk, sn, K, N, j0, j1, panel);
+                    packed = bb * NP + p;
+                }
+                bp = panel;
+            }
             const int rows = (int)(M - mb * 32 < 32 ? M - mb * 32 : 32);
-            unit(av, bp, KB, NT, p * PT, p * PT + PT < NT ? p * PT + PT : NT, C + b * M * N + mb * 32 * N, rows, N,
-                 acc);
+            unit(av, bp, KB, NT, j0, j1, C + b * M * N + mb * 32 * N, rows, N, acc);
         }
         _tile_release();
     }
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* Implicit GEMMs: products whose A is read in place from an operand it is not laid out as,
@@ -372,7 +417,8 @@ int sq_amx_int8_implicit(const int8_t *X, int64_t ld, const int64_t *moff, int64
         for (int64_t u = 0; u < MB * NP; ++u) {
             const int64_t p = u / MB, mb = u % MB;
             const a_view av = {X + moff[mb], ld, 0, 16 * ld, koff};
-            unit(av, Bp, KB, NT, p * PT, p * PT + PT < NT ? p * PT + PT : NT, C + mb * 32 * N, 32, N, acc);
+            const int64_t j0 = p * PT;
+            unit(av, Bp + j0 * KB * TILE_BYTES, KB, NT, j0, j0 + PT < NT ? j0 + PT : NT, C + mb * 32 * N, 32, N, acc);
         }
         _tile_release();
     }

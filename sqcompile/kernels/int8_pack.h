@@ -10,26 +10,34 @@
 /* The packed operands live in one workspace per calling thread that only grows: allocating
  * and freeing it per call would page-fault it in anew every time (large blocks come straight
  * from mmap), which costs as much as the packing itself. */
-static __thread void *sq_ws_ptr;
-static __thread size_t sq_ws_size;
+typedef struct {
+    void *ptr;
+    size_t size;
+} sq_buffer;
 
-static void *workspace(size_t bytes) {
-    if (bytes > sq_ws_size) {
-        free(sq_ws_ptr);
-        sq_ws_size = 0;
+static __thread sq_buffer sq_ws;      /* the packed operands of the calling thread's call */
+static __thread sq_buffer sq_panel;   /* a thread's packed B panel (amx_int8.c packs them lazily) */
+
+static inline void *sq_grow(sq_buffer *buf, size_t bytes) {
+    if (bytes > buf->size) {
+        free(buf->ptr);
+        buf->size = 0;
         bytes = (bytes + (1 << 21) - 1) & ~((size_t)(1 << 21) - 1);   /* whole 2 MiB */
-        sq_ws_ptr = aligned_alloc(64, bytes);
-        if (!sq_ws_ptr) return NULL;
-        sq_ws_size = bytes;
+        buf->ptr = aligned_alloc(64, bytes);
+        if (!buf->ptr) return NULL;
+        buf->size = bytes;
     }
-    return sq_ws_ptr;
+    return buf->ptr;
 }
 
-/* Free the calling thread's workspace (tests; long-lived processes after a large call). */
-static void release_workspace(void) {
-    free(sq_ws_ptr);
-    sq_ws_ptr = NULL;
-    sq_ws_size = 0;
+static inline void *workspace(size_t bytes) { return sq_grow(&sq_ws, bytes); }
+
+/* Free the calling thread's buffers (tests; long-lived processes after a large call). */
+static inline void release_workspace(void) {
+    free(sq_ws.ptr);
+    free(sq_panel.ptr);
+    sq_ws = (sq_buffer){NULL, 0};
+    sq_panel = (sq_buffer){NULL, 0};
 }
 
 /* 16 bytes from each of 4 rows (``p``, ``p + stride``, ...) interleaved into 64 bytes:
