@@ -324,9 +324,9 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
     const int64_t packed_a = a_direct ? (tail >= 0 ? KB * 2 * TILE_BYTES : 0) : MB * KB * 2 * TILE_BYTES;
     const int64_t nb = sbb == 0 ? 1 : batch;           /* distinct B operands to pack */
     const int64_t na = sab == 0 ? 1 : batch;
-    /* A B larger than L2 is packed a panel at a time, by the thread that needs it, into a
-     * buffer of its own that stays in L2: packed all at once, it went out to memory and came
-     * back (1.4 of the 4.6 ms of a 512 x 4096 x 2048 dW product). */
+    /* A packed B beyond LAZY_B_BYTES (twice L2) is packed a panel at a time, by the thread
+     * that needs the panel, into a buffer of its own that stays in L2: packed all at once, it
+     * went out to memory and came back (fc2's dW in benchmarks/cpu_gemm.py: 7.2 -> 5.9 ms). */
     const int lazy = packed_b * nb > LAZY_B_BYTES;
     const size_t ws = (size_t)((lazy ? 0 : packed_b * nb) + packed_a * na);
     int8_t *Bp = ws ? workspace(ws) : NULL;
@@ -366,14 +366,14 @@ int sq_amx_int8_mm(const int8_t *A, int64_t sab, int64_t sam, int64_t sak,
             const a_view av = a_direct && mb != tail
                 ? (a_view){A + b * sab + mb * 32 * sam, sam, TILE_K, 16 * sam, NULL}
                 : (a_view){a_direct ? ap : ap + mb * KB * 2 * TILE_BYTES, 64, 2 * TILE_BYTES, TILE_BYTES, NULL};
-            const int8_t *bp = Bp + bb * packed_b + j0 * KB * TILE_BYTES;
-            if (lazy) {
-                if (!panel) continue;
-                if (packed != bb * NP + p) {
-                    pack_b_panel(B + bb * sbb, sk, sn, K, N, j0, j1, panel);
-                    packed = bb * NP + p;
-                }
-                bp = panel;
+            const int8_t *bp = panel;
+            if (!lazy)
+                bp = Bp + bb * packed_b + j0 * KB * TILE_BYTES;
+            else if (!panel)
+                continue;
+            else if (packed != bb * NP + p) {
+                pack_b_panel(B + bb * sbb, sk, sn, K, N, j0, j1, panel);
+                packed = bb * NP + p;
             }
             const int rows = (int)(M - mb * 32 < 32 ? M - mb * 32 : 32);
             unit(av, bp, KB, NT, j0, j1, C + b * M * N + mb * 32 * N, rows, N, acc);
