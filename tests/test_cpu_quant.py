@@ -563,6 +563,26 @@ def test_dynamic_shapes_take_the_gelu_backward_kernel():
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
 
 
+class TransposedGelu(MLP):
+    """The GELU on a transposed Linear output: its gradient reaches the GELU's backward through
+    a transpose of the dequantized product (the pass takes only reshapes between the two: the
+    kernel pairs ``acc`` and ``pre`` element by element in order)."""
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x).transpose(-1, -2)).transpose(-1, -2))
+
+
+@needs_kernel
+def test_gelu_backward_through_a_transpose_trains_as_unfused():
+    torch.manual_seed(0)
+    model, x = TransposedGelu(), torch.randn(2, 37, 48)
+    _, grads, rec = _step(model, x, {"inner": "inductor"})
+    _, ref_grads, _ = _step(model, x, {"inner": "inductor", "fusion": False})
+    assert not _gelu_backward_regions(rec)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
 def test_tanh_gelu_backward_left_alone(inner):
     torch.manual_seed(0)

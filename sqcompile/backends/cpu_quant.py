@@ -184,6 +184,9 @@ def _cpu_kernels_apply(gm: fx.GraphModule) -> bool:
     return any(F._val(n) is not None and F._val(n).device.type == "cpu" for n in gemms) and cpu_quant.status()[0]
 
 
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
 def _fuse_gelu_backwards(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
     graph = gm.graph
     sources = {F._source_of(n) for n in graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default}
@@ -201,6 +204,8 @@ def _fuse_gelu_backwards(gm: fx.GraphModule, record: CompileRecord, stage: str) 
             continue
         mm, sa, sb, nodes = found
         acc = F._val(mm)
+        if any(F._is_view(n) and n.target not in _RESHAPES for n in nodes):
+            continue                # a transpose between: the kernel pairs acc and pre in order
         if F._shape_arg(graph, out.shape, node, emit=False) is None:
             continue                # a symbolic size the graph cannot compute
         sums = []
