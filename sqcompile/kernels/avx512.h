@@ -56,9 +56,11 @@ SQ_VEC __m512 exp_nonpositive(__m512 x) {
     return _mm512_mask_blend_ps(under, y, _mm512_setzero_ps());
 }
 
-SQ_VEC __m512 hash_noise(__m512i index, __m512i seed) {
-    /* numerics.hash_noise: MurmurHash3's finalizer over (index ^ seed) * golden, in int32 */
-    __m512i h = _mm512_mullo_epi32(_mm512_xor_si512(index, seed), _mm512_set1_epi32((int32_t)0x9E3779B1));
+#define SQ_GOLDEN 0x9E3779B1u
+
+/* numerics.hash_noise from h = (index ^ seed) * golden (int32 products wrap): MurmurHash3's
+   finalizer, then the top 8 bits as (k + 0.5) / 256 */
+SQ_VEC __m512 hash_finish(__m512i h) {
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0x85EBCA6B));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
@@ -66,6 +68,26 @@ SQ_VEC __m512 hash_noise(__m512i index, __m512i seed) {
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
     __m512 k = _mm512_cvtepi32_ps(_mm512_srli_epi32(h, 24));
     return _mm512_mul_ps(_mm512_add_ps(k, _mm512_set1_ps(0.5f)), _mm512_set1_ps(1.0f / 256.0f));
+}
+
+SQ_VEC __m512 hash_noise(__m512i index, __m512i seed) {
+    /* numerics.hash_noise: MurmurHash3's finalizer over (index ^ seed) * golden, in int32 */
+    return hash_finish(_mm512_mullo_epi32(_mm512_xor_si512(index, seed), _mm512_set1_epi32((int32_t)SQ_GOLDEN)));
+}
+
+/* hash_noise at the 16 indices base + lane for a base that is a multiple of 16, without its
+   first vector multiply: index ^ seed = (base ^ (seed & ~15)) + (lane ^ (seed & 15)), the two
+   terms' bits apart, so the product by golden is a scalar product plus the per-lane vector
+   (lane ^ (seed & 15)) * golden of hash_lanes, bit for bit (products wrap mod 2^32). */
+SQ_VEC __m512i hash_lanes(int32_t seed) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_mullo_epi32(_mm512_xor_si512(lane, _mm512_set1_epi32(seed & 15)),
+                              _mm512_set1_epi32((int32_t)SQ_GOLDEN));
+}
+
+SQ_VEC __m512 hash_noise_aligned(uint32_t base, int32_t seed, __m512i lanes) {
+    const uint32_t h = (base ^ ((uint32_t)seed & ~15u)) * SQ_GOLDEN;
+    return hash_finish(_mm512_add_epi32(_mm512_set1_epi32((int32_t)h), lanes));
 }
 
 #endif

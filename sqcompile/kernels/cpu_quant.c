@@ -136,6 +136,8 @@ void sq_outer_pair_quantize(const float *dy, const float *pk, const float *pq, c
                             int64_t S, int8_t *e_c, int8_t *e_r, int threads) {
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i vsc = _mm512_set1_epi32(seed_c), vsr = _mm512_set1_epi32(seed_r);
+    const __m512i lanes_c = hash_lanes(seed_c), lanes_r = hash_lanes(seed_r);
+    const int aligned = S % 16 == 0;     /* every vector's first index a multiple of 16 */
     const __m512 vqmax = _mm512_set1_ps(qmax);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 16)
     for (int64_t row = 0; row < B * L; row++) {
@@ -147,13 +149,15 @@ void sq_outer_pair_quantize(const float *dy, const float *pk, const float *pq, c
         for (int64_t s = 0; s < S; s += 16) {
             __mmask16 m = lanes(s, S);
             __m512 v = _mm512_maskz_loadu_ps(m, x + s);
-            __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)(row * S + s)), lane);
+            const uint32_t base = (uint32_t)(row * S + s);
+            __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)base), lane);
+            __m512 uc = aligned ? hash_noise_aligned(base, seed_c, lanes_c) : hash_noise(index, vsc);
+            __m512 ur = aligned ? hash_noise_aligned(base, seed_r, lanes_r) : hash_noise(index, vsr);
             __m512 qc = _mm512_div_ps(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, pkb + s)), voc);
-            __m512i ec = expand(qc, _mm512_maskz_loadu_ps(m, sc + s), _mm512_maskz_loadu_ps(m, mc + s),
-                                hash_noise(index, vsc), vqmax);
+            __m512i ec = expand(qc, _mm512_maskz_loadu_ps(m, sc + s), _mm512_maskz_loadu_ps(m, mc + s), uc, vqmax);
             _mm512_mask_cvtepi32_storeu_epi8(e_c + row * S + s, m, ec);
             __m512 qr = _mm512_div_ps(_mm512_mul_ps(v, vq), _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, orr + s));
-            __m512i er = expand(qr, vsr_, vmr, hash_noise(index, vsr), vqmax);
+            __m512i er = expand(qr, vsr_, vmr, ur, vqmax);
             _mm512_mask_cvtepi32_storeu_epi8(e_r + row * S + s, m, er);
         }
     }
