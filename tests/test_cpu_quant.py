@@ -485,6 +485,11 @@ def test_gelu_backward_kernel_on_random_shapes_and_ranges(lead, M, N_, spread, s
                                 acc, sa, sb)
 
 
+def test_gelu_backward_sums_in_the_graphs_chunks():
+    from sqcompile.backends.lowering import COLUMN_SUM_CHUNK
+    assert CQ.SUM_ROWS == COLUMN_SUM_CHUNK
+
+
 @needs_kernel
 def test_gelu_backward_sums_are_the_same_bits_for_any_thread_count():
     acc, sa, sb, pre = _gelu_backward_inputs((1, 1000, 70), 3)

@@ -60,7 +60,7 @@ def _library(cflags: Optional[Tuple[str, ...]] = None) -> ctypes.CDLL:
     lib.sq_gelu_quantize.restype = ctypes.c_int
     lib.sq_gelu_quantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, ptr, ptr, i32]
     lib.sq_gelu_backward.restype = None
-    lib.sq_gelu_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i32]
+    lib.sq_gelu_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i32]
     return lib
 
 
@@ -219,6 +219,12 @@ def _(acc, sa, sb, bias, bits):
             acc.new_empty(row_shape, dtype=torch.float32), acc.new_empty(row_shape, dtype=torch.float32))
 
 
+SUM_ROWS = 64
+"""Rows per partial sum of :func:`gelu_backward`'s column sums: the chunk of the graph's own
+split column sums (:data:`sqcompile.backends.lowering.COLUMN_SUM_CHUNK`), so both add in the
+same order."""
+
+
 def gelu_backward_reference(acc: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.Tensor],
                             pre: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The unfused ops :func:`gelu_backward` stands for: ``g = acc.float() * (sa * sb)``
@@ -238,9 +244,9 @@ def gelu_backward(acc: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[to
     ``[..., M, N]`` on CPU (``sa`` broadcasting to ``[..., M, 1]``, ``sb`` to ``[..., 1, N]``,
     ``pre`` float32 with ``acc``'s number of elements, read in ``acc``'s row-major order): the
     dequantized gradient bit for bit, the GELU's derivative to a few ulps (PyTorch's vectorized
-    ``erf`` formula, and its ``exp`` shared with the density), the sums over fixed chunks of 64
-    rows, then the chunks (the order of the graph's split column sums), the same for any thread
-    count.  Runs the reference where the kernel cannot."""
+    ``erf`` formula, and its ``exp`` shared with the density), the sums over fixed chunks of
+    :data:`SUM_ROWS` rows, then the chunks (the order of the graph's split column sums), the
+    same for any thread count.  Runs the reference where the kernel cannot."""
     if acc.device.type != "cpu" or acc.dtype != torch.int32 or acc.dim() < 2 or not status()[0] or \
             acc.numel() == 0 or pre.dtype != torch.float32 or pre.numel() != acc.numel():
         return gelu_backward_reference(acc, sa, sb, pre)
@@ -248,8 +254,8 @@ def gelu_backward(acc: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[to
     a, p = acc.contiguous(), pre.contiguous()
     out = pool.OUTPUTS.empty(acc.shape, torch.float32)
     sums = torch.empty(cols, dtype=torch.float32)
-    work = torch.empty(-(-(B * M) // 64) * cols, dtype=torch.float32)
-    _library().sq_gelu_backward(a.data_ptr(), sa2.data_ptr(), sb2.data_ptr(), p.data_ptr(), B, M, cols,
+    work = torch.empty(-(-(B * M) // SUM_ROWS) * cols, dtype=torch.float32)
+    _library().sq_gelu_backward(a.data_ptr(), sa2.data_ptr(), sb2.data_ptr(), p.data_ptr(), B, M, cols, SUM_ROWS,
                                 out.data_ptr(), sums.data_ptr(), work.data_ptr(), torch.get_num_threads())
     return out, sums
 
@@ -267,5 +273,5 @@ def _(acc, sa, sb, pre):
     return acc.new_empty(acc.shape, dtype=torch.float32), acc.new_empty((acc.shape[-1],), dtype=torch.float32)
 
 
-__all__ = ["batched", "gelu_backward", "gelu_backward_reference", "gelu_quantize", "gelu_quantize_reference", "shiftquant_outer_pair",
-           "shiftquant_outer_pair_reference", "status", "SOURCE"]
+__all__ = ["batched", "gelu_backward", "gelu_backward_reference", "gelu_quantize", "gelu_quantize_reference",
+           "shiftquant_outer_pair", "shiftquant_outer_pair_reference", "status", "SOURCE", "SUM_ROWS"]
