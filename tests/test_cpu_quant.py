@@ -486,8 +486,13 @@ def test_gelu_backward_kernel_on_random_shapes_and_ranges(lead, M, N_, spread, s
 
 
 def test_gelu_backward_sums_in_the_graphs_chunks():
+    """The kernel's chunk (a constant in C, which the Python side sizes ``work`` from) is the
+    graph's split column sums' chunk."""
+    import re
     from sqcompile.backends.lowering import COLUMN_SUM_CHUNK
-    assert CQ.SUM_ROWS == COLUMN_SUM_CHUNK
+    with open(CQ.SOURCE) as f:
+        (c_rows,) = re.findall(r"^#define SUM_ROWS (\d+)$", f.read(), flags=re.M)
+    assert CQ.SUM_ROWS == int(c_rows) == COLUMN_SUM_CHUNK
 
 
 @needs_kernel

@@ -277,9 +277,13 @@ int sq_gelu_quantize(const int32_t *acc, const float *sa, const float *sb, const
  * g bit for bit; the GELU's derivative to a few ulps: erf is PyTorch's vectorized CPU formula
  * (as in sq_gelu_quantize), and the density's exp is the one erf computes, exp(-(pre/sqrt 2)^2),
  * where the graph evaluates exp(pre * pre * -0.5) again (an ulp or two apart in the argument).
- * The sums run over fixed chunks of sum_rows rows (rows in order within a chunk, then the
+ * The sums run over fixed chunks of SUM_ROWS rows (rows in order within a chunk, then the
  * chunks in order), so any thread count gives the same bits; work holds chunks * N floats.
+ * SUM_ROWS is cpu_quant.py's SUM_ROWS, a constant here: passed as an argument, it let the
+ * plain-C portable build's compiler order the sums' additions otherwise, and a NaN sum came out
+ * with another sign bit than the AVX-512 build's (tests/test_native.py).
  * ------------------------------------------------------------------------------------------ */
+#define SUM_ROWS 64
 
 SQ_VEC __m512 gelu_derivative(__m512 x) {
     __m512 e, erf = erf_exp(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f)), &e);
@@ -288,13 +292,13 @@ SQ_VEC __m512 gelu_derivative(__m512 x) {
     return _mm512_add_ps(cdf, _mm512_mul_ps(x, pdf));
 }
 
-/* acc, pre, out [B, M, N]; sa [B, M], sb [B, N]; sums [N] or NULL; work [cdiv(B * M, sum_rows), N]. */
+/* acc, pre, out [B, M, N]; sa [B, M], sb [B, N]; sums [N] or NULL; work [cdiv(B * M, SUM_ROWS), N]. */
 void sq_gelu_backward(const int32_t *acc, const float *sa, const float *sb, const float *pre, int64_t B, int64_t M,
-                      int64_t N, int64_t sum_rows, float *out, float *sums, float *work, int threads) {
-    const int64_t rows = B * M, chunks = (rows + sum_rows - 1) / sum_rows;
+                      int64_t N, float *out, float *sums, float *work, int threads) {
+    const int64_t rows = B * M, chunks = (rows + SUM_ROWS - 1) / SUM_ROWS;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t c = 0; c < chunks; c++) {
-        const int64_t first = c * sum_rows, last = first + sum_rows < rows ? first + sum_rows : rows;
+        const int64_t first = c * SUM_ROWS, last = first + SUM_ROWS < rows ? first + SUM_ROWS : rows;
         float *col = work + c * N;
         if (sums)
             fill(col, N, 0.0f);

@@ -60,7 +60,7 @@ def _library(cflags: Optional[Tuple[str, ...]] = None) -> ctypes.CDLL:
     lib.sq_gelu_quantize.restype = ctypes.c_int
     lib.sq_gelu_quantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, ptr, ptr, i32]
     lib.sq_gelu_backward.restype = None
-    lib.sq_gelu_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i32]
+    lib.sq_gelu_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i32]
     return lib
 
 
@@ -220,9 +220,9 @@ def _(acc, sa, sb, bias, bits):
 
 
 SUM_ROWS = 64
-"""Rows per partial sum of :func:`gelu_backward`'s column sums: the chunk of the graph's own
-split column sums (:data:`sqcompile.backends.lowering.COLUMN_SUM_CHUNK`), so both add in the
-same order."""
+"""Rows per partial sum of :func:`gelu_backward`'s column sums (``SUM_ROWS`` of
+``cpu_quant.c``, which sizes ``work`` from it): the chunk of the graph's own split column sums
+(:data:`sqcompile.backends.lowering.COLUMN_SUM_CHUNK`), so both add in the same order."""
 
 
 def gelu_backward_reference(acc: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[torch.Tensor],
@@ -255,7 +255,7 @@ def gelu_backward(acc: torch.Tensor, sa: Optional[torch.Tensor], sb: Optional[to
     out = pool.OUTPUTS.empty(acc.shape, torch.float32)
     sums = torch.empty(cols, dtype=torch.float32)
     work = torch.empty(-(-(B * M) // SUM_ROWS) * cols, dtype=torch.float32)
-    _library().sq_gelu_backward(a.data_ptr(), sa2.data_ptr(), sb2.data_ptr(), p.data_ptr(), B, M, cols, SUM_ROWS,
+    _library().sq_gelu_backward(a.data_ptr(), sa2.data_ptr(), sb2.data_ptr(), p.data_ptr(), B, M, cols,
                                 out.data_ptr(), sums.data_ptr(), work.data_ptr(), torch.get_num_threads())
     return out, sums
 
