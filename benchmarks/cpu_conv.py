@@ -35,12 +35,12 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", default=SHAPES, help="N,C,H,Cout: 3x3 convs at padding 1 on HxH")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--gemm", choices=["auto", *amx.CONV_KERNELS], default="auto",
-                   help="kernel of the implicit GEMMs (auto: AMX where usable, else AVX2)")
+                   help="kernel of the implicit GEMMs (auto: AMX where usable, else VNNI, else AVX2)")
     add_threads_argument(p)
     args = p.parse_args(argv)
     start("cpu_conv.py", args, argv)
-    usable = {"amx": amx.status(), "avx2": avx2.status()}
-    gemm = args.gemm if args.gemm != "auto" else "amx" if usable["amx"][0] else "avx2"
+    usable = {"amx": amx.status(), "vnni": avx2.status("vnni"), "avx2": avx2.status()}
+    gemm = args.gemm if args.gemm != "auto" else next((k for k in usable if usable[k][0]), "avx2")
     if not usable[gemm][0]:
         print(f"{gemm.upper()} kernel not usable here ({usable[gemm][1]}): nothing to compare")
         return

@@ -1,6 +1,7 @@
 """The CPU int8 GEMM engines on the products a training step makes: fp32 ``torch.matmul``
 against oneDNN's ``torch._int_mm``, sqcompile's AMX kernel (``sqcompile.kernels.amx``), its
-AVX2 kernel (``sqcompile.kernels.avx2``: CPUs with neither AMX nor VNNI) and the float engine
+AVX2 kernel (``sqcompile.kernels.avx2``: CPUs with neither AMX nor VNNI) and its VNNI build
+(``variant="vnni"``: AVX-512 VNNI, the convolutions' engine there) and the float engine
 (``sqcompile.kernels.cpu.float_int8_mm``: exact int8 products as float32 GEMMs), interleaved
 in one process, medians and ratios against fp32.  Kernels the CPU cannot run are left out.
 
@@ -19,6 +20,7 @@ weights in [-8, 8), gradients (ShiftQuant's expanded integers ``q << shift``) in
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -60,9 +62,13 @@ def main(argv=None):
     ok, why = amx.status()
     if not ok:
         print(f"AMX kernel not usable here ({why}): it is not timed")
-    avx2_ok, why = avx2.status()
-    if not avx2_ok:
-        print(f"AVX2 kernel not usable here ({why}): it is not timed")
+    builds = []
+    for variant, (_, _, title) in avx2.VARIANTS.items():
+        usable, why = avx2.status(variant)
+        if usable:
+            builds.append((variant, f"{title} kernel"))
+        else:
+            print(f"{title} kernel not usable here ({why}): it is not timed")
     if args.shapes:
         cases = []
         for s in args.shapes:
@@ -83,9 +89,9 @@ def main(argv=None):
         if ok:
             runs["AMX kernel"] = lambda: amx.int8_mm(a, b)
             assert torch.equal(amx.int8_mm(a, b), want), name
-        if avx2_ok:
-            runs["AVX2 kernel"] = lambda: avx2.int8_mm(a, b)
-            assert torch.equal(avx2.int8_mm(a, b), want), name
+        for variant, label in builds:
+            runs[label] = functools.partial(avx2.int8_mm, a, b, variant)
+            assert torch.equal(avx2.int8_mm(a, b, variant), want), name
         times = interleaved(runs, rounds=args.rounds, warmup=1)
         for label in runs:
             total[label] = total.get(label, 0.0) + median_ms(times[label])

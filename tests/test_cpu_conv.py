@@ -1,6 +1,6 @@
 """Stride-1 integer convolutions without im2col columns: ``sqcompile::int8_conv`` and
 ``sqcompile::int8_conv_weight`` (implicit GEMMs on the AMX tiles, ``kernels/amx_int8.c``, or
-on the AVX2 kernel, ``kernels/avx2_int8.c``, with the same tables).
+on either build of the AVX2 kernel, ``kernels/avx2_int8.c``, with the same tables).
 
 Checked against the exact float64 convolution (its output and, through autograd, its weight
 gradient): shapes over 1-3 spatial dims, channel counts below, at and past the 64-byte k step
@@ -11,8 +11,8 @@ sliced); a hypothesis search over the same space; the ops' fake implementations
 gradient's int32 sums exact; and a compiled CNN trained with the implicit convolutions and
 with im2col GEMMs (the same integers: the same outputs and gradients bit for bit).
 
-The AMX tests skip on CPUs without AMX-int8, the AVX2 ones without AVX2; the reference ones
-run everywhere.  The AVX2 kernel is exact within ``max|A| * max|B| <= 8191`` and refuses
+The AMX tests skip on CPUs without AMX-int8, the AVX2 ones without AVX2, the VNNI ones
+(the AVX2 kernel's VNNI build) without AVX-512 VNNI; the reference ones run everywhere.  The AVX2 kernel is exact within ``max|A| * max|B| <= 8191`` and refuses
 above, so its operands are drawn within that bound (inputs up to 15, as 4-bit activations)
 and its refusal is tested on its own.
 """
@@ -31,9 +31,11 @@ from sqcompile.kernels import amx, avx2
 AMX_OK, AMX_WHY = amx.status()
 needs_amx = pytest.mark.skipif(not AMX_OK, reason=f"AMX kernel not usable here: {AMX_WHY}")
 AVX2_OK, AVX2_WHY = avx2.status()
+VNNI_OK, VNNI_WHY = avx2.status("vnni")
 GEMMS = [pytest.param("amx", marks=needs_amx),
+         pytest.param("vnni", marks=pytest.mark.skipif(not VNNI_OK, reason=f"VNNI kernel not usable: {VNNI_WHY}")),
          pytest.param("avx2", marks=pytest.mark.skipif(not AVX2_OK, reason=f"AVX2 kernel not usable: {AVX2_WHY}"))]
-X_BOUND = {"amx": 127, "avx2": 15}
+X_BOUND = {"amx": 127, "vnni": 127, "avx2": 15}
 """The largest |input| each kernel's tests draw (weights and output gradients: 127)."""
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -124,27 +126,30 @@ def test_implicit_waste_counts_the_padded_work():
         pytest.approx((64 / 40) * 2368 / (2 * 32 * 32))
 
 
-@pytest.mark.skipif(not AVX2_OK, reason=f"AVX2 kernel not usable: {AVX2_WHY}")
-def test_avx2_engine_takes_the_implicit_gemm_only_where_it_wastes_little(monkeypatch):
+@pytest.mark.parametrize("gemm", GEMMS[1:])
+def test_vnni_and_avx2_engines_take_the_implicit_gemm_only_where_it_wastes_little(monkeypatch, gemm):
     """Where the padded grid and runs would make the implicit GEMM much larger than im2col's
-    (a ResNet's 4x4 stage, a 1-channel input), the AVX2 engine runs the im2col GEMM; the
-    results are the exact convolution either way."""
+    (a ResNet's 4x4 stage, a 1-channel input; for the VNNI build already a 16x16 grid), the
+    engine runs the im2col GEMM; the results are the exact convolution either way."""
     from sqcompile.kernels import cpu
-    monkeypatch.setenv(amx.ENGINE_VARIABLE, "avx2")
+    monkeypatch.setenv(amx.ENGINE_VARIABLE, gemm)
     calls = []
     real_conv, real_weight = amx.int8_conv, amx.int8_conv_weight
     monkeypatch.setattr(amx, "int8_conv", lambda *a, **k: calls.append("conv") or real_conv(*a, **k))
     monkeypatch.setattr(amx, "int8_conv_weight", lambda *a, **k: calls.append("weight") or real_weight(*a, **k))
     g = torch.Generator().manual_seed(12)
-    for xs, implicit in [((2, 64, 16, 16), True), ((2, 64, 4, 4), False), ((2, 1, 16, 16), False)]:
-        assert (cpu.implicit_waste(xs, [3, 3], [1, 1], [1, 1]) <= cpu.AVX2_MAX_WASTE) == implicit
-        x, w = rand8(*xs, gen=g, low=-15, high=15), rand8(8, xs[1], 3, 3, gen=g)
+    cases = {"avx2": [((2, 64, 16, 16), True), ((2, 64, 4, 4), False), ((2, 1, 16, 16), False)],
+             "vnni": [((2, 64, 32, 32), True), ((2, 64, 16, 16), False), ((2, 1, 32, 32), False)]}[gemm]
+    for xs, implicit in cases:
+        assert (cpu.implicit_waste(xs, [3, 3], [1, 1], [1, 1]) <= cpu.MAX_WASTE[gemm]) == implicit
+        x, w = rand8(*xs, gen=g, low=-X_BOUND[gemm], high=X_BOUND[gemm]), rand8(8, xs[1], 3, 3, gen=g)
         calls.clear()
         out = ops.int8_conv(x, w, [1, 1], [1, 1])
         assert torch.equal(out, exact(x, w, [1, 1], [1, 1]))
         e = rand8(*out.shape, gen=g)
+        weight_implicit = cpu.implicit_waste(xs, [3, 3], [1, 1], [1, 1], weight=True) <= cpu.MAX_WASTE[gemm]
         assert torch.equal(ops.int8_conv_weight(e, x, [3, 3], [1, 1], [1, 1]), exact(x, w, [1, 1], [1, 1], e))
-        assert calls == (["conv", "weight"] if implicit else []), xs
+        assert calls == ["conv"] * implicit + ["weight"] * weight_implicit, xs
 
 
 @pytest.mark.parametrize("gemm", GEMMS)

@@ -256,31 +256,45 @@ def test_engine_variable_is_validated(monkeypatch):
         torch.ops.sqcompile.int8_mm(a, a)
 
 
+def fake_avx2_status(avx2_ok, vnni_ok):
+    """``avx2.status`` of a CPU where the two builds are (not) usable."""
+    def status(variant="avx2"):
+        ok = avx2_ok if variant == "avx2" else vnni_ok
+        return (True, None) if ok else (False, f"no {variant} here")
+    return status
+
+
 @pytest.mark.parametrize("avx2_ok", [True, False])
 @pytest.mark.parametrize("vnni", [True, False])
-@pytest.mark.parametrize("engine", ["onednn", "amx", "auto", "avx2", "float"])
+@pytest.mark.parametrize("engine", ["onednn", "amx", "auto", "vnni", "avx2", "float"])
 @pytest.mark.parametrize("rows", [amx.MIN_ROWS - 1, amx.MIN_ROWS])
 def test_engine_choice_routes_the_op(monkeypatch, engine, rows, vnni, avx2_ok):
     calls = []
     monkeypatch.setenv(amx.ENGINE_VARIABLE, engine)
     monkeypatch.setattr(amx, "has_vnni", lambda: vnni)
-    monkeypatch.setattr(avx2, "status", lambda: (True, None) if avx2_ok else (False, "no AVX2 here"))
+    monkeypatch.setattr(avx2, "status", fake_avx2_status(avx2_ok, vnni and avx2_ok))
     monkeypatch.setattr(amx, "int8_mm", lambda a, b: calls.append("amx") or exact(a, b))
-    monkeypatch.setattr(avx2, "int8_mm", lambda a, b: calls.append("avx2") or exact(a, b))
+    monkeypatch.setattr(avx2, "int8_mm", lambda a, b, variant: calls.append(variant) or exact(a, b))
     monkeypatch.setattr(cpu, "onednn_int8_mm", lambda a, b: calls.append("onednn") or exact(a, b))
     monkeypatch.setattr(cpu, "float_int8_mm", lambda a, b: calls.append("float") or exact(a, b))
     a = torch.ones(2, rows, 5, dtype=torch.int8)
     b = torch.ones(5, 2, dtype=torch.int8)
-    if (engine == "amx" and not AMX_OK) or (engine == "avx2" and not avx2_ok):
+    if (engine == "amx" and not AMX_OK) or (engine == "avx2" and not avx2_ok) or \
+            (engine == "vnni" and not (vnni and avx2_ok)):
         with pytest.raises(RuntimeError, match="not usable"):
             torch.ops.sqcompile.int8_mm(a, b)
         return
     assert torch.equal(torch.ops.sqcompile.int8_mm(a, b), exact(a, b))
     # auto sends products with few rows to oneDNN (lower fixed cost) where the CPU has VNNI, else
-    # to our AVX2 kernel, else to float32 GEMMs; "amx" and "avx2" force their kernels
+    # to our AVX2 kernel, else to float32 GEMMs; "amx", "vnni" and "avx2" force their kernels
     use_amx = AMX_OK and (engine == "amx" or (engine == "auto" and rows >= amx.MIN_ROWS))
-    other = engine if engine in ("onednn", "avx2", "float") else "onednn" if vnni else "avx2" if avx2_ok else "float"
+    other = engine if engine in ("onednn", "vnni", "avx2", "float") else "onednn" if vnni else \
+        "avx2" if avx2_ok else "float"
     assert calls == ["amx" if use_amx else other]
+    # convolutions: auto takes the VNNI build where the plain GEMMs would go to oneDNN
+    conv = "vnni" if engine == "auto" and other == "onednn" and not use_amx and vnni and avx2_ok else \
+        "amx" if use_amx else other
+    assert amx.conv_engine(rows) == conv
 
 
 def test_unusable_amx_falls_back_with_a_reason(monkeypatch, tmp_path):

@@ -17,6 +17,10 @@ Engine choice: ``SQCOMPILE_CPU_GEMM`` in the environment, read at each call:
   products), else ``avx2`` where the CPU has AVX2, else ``float``;
 * ``amx``: AMX, and a ``RuntimeError`` saying why when it is not usable;
 * ``onednn``: always ``torch._int_mm``;
+* ``vnni``: the VNNI build of that kernel (:mod:`.avx2`, ``VPDPBUSD`` on ZMM registers: CPUs
+  with AVX-512 VNNI), and a ``RuntimeError`` when it is not usable.  ``auto`` never takes it
+  for plain GEMMs (oneDNN's ``_int_mm`` was faster on a Zen 4 core), but takes it for the
+  stride-1 convolutions' implicit GEMMs where it would take oneDNN (:func:`conv_engine`);
 * ``avx2``: our AVX2 kernel (:mod:`.avx2`, ``VPMADDUBSW``), and a ``RuntimeError`` when it
   is not usable; products of two 8-bit operands, which it refuses, on ``float``;
 * ``float``: the exact product as float32 GEMMs (:func:`sqcompile.kernels.cpu.float_int8_mm`).
@@ -31,7 +35,7 @@ Any other value raises a ``ValueError`` naming the variable.
 
 The stride-1 convolutions' implicit GEMMs (:func:`int8_conv`, :func:`int8_conv_weight`: tap
 tables instead of im2col columns) are built here and run on this kernel or, with
-``gemm="avx2"``, on the AVX2 one, which takes the same tables.
+``gemm="vnni"`` / ``gemm="avx2"``, on a build of the AVX2 one, which takes the same tables.
 
 Outputs come from :data:`sqcompile.kernels.pool.OUTPUTS` (recycled buffers, no page faults).
 Built and cached as :mod:`.native` builds our C kernels (about a second, once).
@@ -51,7 +55,7 @@ from .. import ops
 from . import avx2, native, pool
 
 ENGINE_VARIABLE = "SQCOMPILE_CPU_GEMM"
-ENGINE_CHOICES = ("auto", "amx", "onednn", "avx2", "float")
+ENGINE_CHOICES = ("auto", "amx", "onednn", "vnni", "avx2", "float")
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 """CPU flags (either one) of the int8 dot-product instructions oneDNN's ``_int_mm`` runs on."""
 SOURCE = os.path.join(os.path.dirname(__file__), "amx_int8.c")
@@ -82,15 +86,16 @@ def has_vnni() -> bool:
 
 
 def engine(rows: Optional[int] = None) -> str:
-    """The engine CPU int8 GEMMs run on now: ``"amx"``, ``"onednn"``, ``"avx2"`` or
-    ``"float"`` (for a product with ``rows`` rows per matrix, when given)."""
+    """The engine CPU int8 GEMMs run on now: ``"amx"``, ``"onednn"``, ``"vnni"``, ``"avx2"``
+    or ``"float"`` (for a product with ``rows`` rows per matrix, when given)."""
     want = requested_engine()
     if want in ("onednn", "float"):
         return want
-    if want == "avx2":
-        ok, why = avx2.status()
+    if want in avx2.VARIANTS:
+        ok, why = avx2.status(want)
         if not ok:
-            raise RuntimeError(f"{ENGINE_VARIABLE}=avx2, but the AVX2 int8 kernel is not usable: {why}")
+            raise RuntimeError(f"{ENGINE_VARIABLE}={want}, but the {avx2.VARIANTS[want][2]} int8 kernel is not "
+                               f"usable: {why}")
         return want
     small = want == "auto" and rows is not None and rows < MIN_ROWS
     if not small:
@@ -100,6 +105,17 @@ def engine(rows: Optional[int] = None) -> str:
         if want == "amx":
             raise RuntimeError(f"{ENGINE_VARIABLE}=amx, but the AMX int8 kernel is not usable: {why}")
     return _without_amx()
+
+
+def conv_engine(rows: Optional[int] = None) -> str:
+    """The engine of stride-1 convolutions' implicit GEMMs: :func:`engine`, except that ``auto``
+    takes the VNNI build of our AVX2 kernel (:mod:`.avx2`) where :func:`engine` gives oneDNN and
+    that build is usable -- oneDNN's ``_int_mm`` is the faster plain GEMM on such CPUs, but only
+    our kernels read a convolution's input in place instead of im2col columns."""
+    chosen = engine(rows)
+    if chosen == "onednn" and requested_engine() == "auto" and avx2.status("vnni")[0]:
+        return "vnni"
+    return chosen
 
 
 def _without_amx() -> str:
@@ -127,7 +143,10 @@ def describe() -> str:
     if chosen == "avx2":
         return (f"sqcompile's AVX2 int8 kernel (VPMADDUBSW; products of two 8-bit operands on float32 GEMMs; "
                 f"not AMX: {reason}; no VNNI for oneDNN's _int_mm)")
-    return f"oneDNN torch._int_mm (VNNI; not AMX: {reason})"
+    if chosen == "vnni":
+        return f"sqcompile's AVX-512 VNNI int8 kernel (VPDPBUSD; not AMX: {reason})"
+    convs = "; stride-1 convolutions on sqcompile's AVX-512 VNNI kernel" if conv_engine() == "vnni" else ""
+    return f"oneDNN torch._int_mm (VNNI{convs}; not AMX: {reason})"
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,9 +240,9 @@ def conv_steps(channels: int, sizes: Sequence[int], kernel: Sequence[int], paddi
     return offsets, run
 
 
-CONV_KERNELS = ("amx", "avx2")
+CONV_KERNELS = ("amx", "vnni", "avx2")
 """The GEMM kernels :func:`int8_conv` and :func:`int8_conv_weight` run their implicit GEMMs on:
-the AMX one here, or the AVX2 one (:mod:`.avx2`, the same tables)."""
+the AMX one here, or a build of the AVX2 one (:mod:`.avx2`, the same tables)."""
 
 
 def _conv_library(gemm: str) -> ctypes.CDLL:
@@ -231,10 +250,10 @@ def _conv_library(gemm: str) -> ctypes.CDLL:
     ``sq_copy_layout`` and ``sq_wgrad_layout``, built with their own flags)."""
     if gemm not in CONV_KERNELS:
         raise ValueError(f"gemm={gemm!r}: expected one of {', '.join(CONV_KERNELS)}")
-    ok, why = status() if gemm == "amx" else avx2.status()
+    ok, why = status() if gemm == "amx" else avx2.status(gemm)
     if not ok:
         raise RuntimeError(f"the {gemm.upper()} int8 kernel is not usable: {why}")
-    return _library() if gemm == "amx" else avx2._library()
+    return _library() if gemm == "amx" else avx2._library(gemm)
 
 
 def _implicit(x: torch.Tensor, ld: int, moff: Sequence[int], koff: Sequence[int], b: torch.Tensor,

@@ -20,6 +20,19 @@ columns on these CPUs either.
 Measured on an AMD EPYC (Zen 3) core, 2026-12-02: 80-90 G multiply-adds/s on the
 transformer block's shapes, about 2.5x torch's float32 ``matmul`` there (see
 ``benchmarks/cpu_gemm.py``).  Built like our other C kernels (:mod:`.native`).
+
+**The VNNI build** (``variant="vnni"``, ``SQCOMPILE_CPU_GEMM=vnni``; CPUs with AVX-512 VNNI):
+the same source with ``-DSQ_VNNI``.  ``VPDPBUSD`` adds 4 unsigned x signed byte products
+into an int32 lane, so nothing saturates: B is offset by 128, no magnitudes are measured and
+nothing is refused.  Its micro-kernel runs on ZMM registers with 32-column strips: on a Zen 4
+core (AMD EPYC, 2026-12-02) YMM ``VPDPBUSD`` issues twice a cycle and ZMM once, the same
+multiply-adds, yet the 6-row loop reached 176 G multiply-adds/s from L1 on YMM against 224 on
+ZMM (a C loop over L1-resident packed operands); units of 12 rows x 512 columns were the best
+of a sweep.  On the transformer block's products it ran at 141-172 G multiply-adds/s against
+oneDNN ``_int_mm``'s 168-194 (1 thread, interleaved), so ``auto`` keeps plain GEMMs on oneDNN
+and gives this build the stride-1 convolutions, whose implicit GEMMs read the input in place
+where oneDNN needs im2col columns (:func:`sqcompile.kernels.amx.conv_engine`,
+:data:`sqcompile.kernels.cpu.VNNI_MAX_WASTE`).
 """
 from __future__ import annotations
 
@@ -35,6 +48,15 @@ from . import native
 SOURCE = os.path.join(os.path.dirname(__file__), "avx2_int8.c")
 CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx2"]
 CPU_FLAGS = frozenset({"avx2"})
+VARIANTS = {
+    "avx2": (CFLAGS, CPU_FLAGS, "AVX2"),
+    "vnni": (CFLAGS + ["-DSQ_VNNI", "-mavx512f", "-mavx512vl", "-mavx512vnni"],
+             frozenset({"avx2", "avx512f", "avx512vl", "avx512_vnni"}), "AVX-512 VNNI"),
+}
+"""The two builds of ``avx2_int8.c``: ``variant -> (compiler flags, CPU flags, name)``.
+``vnni`` (``-DSQ_VNNI``) runs the same packing and blocking with ``VPDPBUSD`` on ZMM
+registers and 32-column strips: int32 sums that never saturate, so it takes every product
+(no magnitude bound, nothing measured first; B offset by 128)."""
 MAX_MAGNITUDE_PRODUCT = 8191
 """The kernel runs a product exactly when ``max|A| * max|B|`` is at most this: then one
 ``VPMADDUBSW`` lane, ``2 * (2 max|B|) * max|A|``, fits int16."""
@@ -42,15 +64,23 @@ REFUSED = 2
 """What the kernel returns for a product above :data:`MAX_MAGNITUDE_PRODUCT` (nothing written)."""
 
 
-@functools.lru_cache(maxsize=None)
-def status() -> Tuple[bool, Optional[str]]:
-    """``(usable, reason)`` for the AVX2 kernel on this machine (checked and built once)."""
-    return native.status(set(CPU_FLAGS), _library)
+def _variant(variant: str):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: expected one of {', '.join(VARIANTS)}")
+    return VARIANTS[variant]
 
 
 @functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL:
-    lib = native.build(SOURCE, CFLAGS, "the AVX2 int8 kernel")
+def status(variant: str = "avx2") -> Tuple[bool, Optional[str]]:
+    """``(usable, reason)`` for the kernel's ``variant`` build on this machine (checked and
+    built once)."""
+    return native.status(set(_variant(variant)[1]), lambda: _library(variant))
+
+
+@functools.lru_cache(maxsize=None)
+def _library(variant: str = "avx2") -> ctypes.CDLL:
+    cflags, _, name = _variant(variant)
+    lib = native.build(SOURCE, cflags, f"the {name} int8 kernel")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.sq_avx2_int8_mm.restype = ctypes.c_int
     lib.sq_avx2_int8_mm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
@@ -64,17 +94,18 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def int8_mm(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+def int8_mm(a: torch.Tensor, b: torch.Tensor, variant: str = "avx2") -> Optional[torch.Tensor]:
     """Exact ``a @ b`` for int8 ``[..., M, K]`` and ``[..., K, N]`` (batch dims broadcast) as
-    int32 ``[..., M, N]``, or ``None`` when ``max|a| * max|b|`` exceeds
+    int32 ``[..., M, N]``, or (``avx2`` only) ``None`` when ``max|a| * max|b|`` exceeds
     :data:`MAX_MAGNITUDE_PRODUCT` (the caller runs it elsewhere).  Operands of any strides
     are read in place.  The caller keeps ``K`` within :data:`sqcompile.ops.MAX_INT32_TERMS`."""
     from .amx import batched_operand, int8_mm_output
 
-    out, batch = int8_mm_output(a, b, "AVX2")
-    ok, why = status()
+    name = _variant(variant)[2]
+    out, batch = int8_mm_output(a, b, name)
+    ok, why = status(variant)
     if not ok:
-        raise RuntimeError(f"the AVX2 int8 kernel is not usable: {why}")
+        raise RuntimeError(f"the {name} int8 kernel is not usable: {why}")
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
     if out.numel() == 0 or K == 0:
         return out.zero_()
@@ -82,17 +113,19 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
         a3, sab, b3, sbb = a, 0, b, 0
     else:
         (a3, sab), (b3, sbb) = (batched_operand(t, batch, unit_stride=False) for t in (a, b))
-    rc = _library().sq_avx2_int8_mm(
+    rc = _library(variant).sq_avx2_int8_mm(
         a3.data_ptr(), sab, a3.stride(-2), a3.stride(-1), b3.data_ptr(), sbb, b3.stride(-2), b3.stride(-1),
         out.data_ptr(), out.numel() // (M * N), M, N, K, torch.get_num_threads())
     if rc == REFUSED:
         return None
     if rc != 0:
-        raise MemoryError(f"AVX2 int8_mm: could not allocate packing buffers for {M}x{K}x{N}")
+        raise MemoryError(f"{name} int8_mm: could not allocate packing buffers for {M}x{K}x{N}")
     return out
 
 
 def release_workspace() -> None:
-    """Free the calling thread's packing workspace (kept between calls, as the AMX kernel's)."""
-    if status()[0]:
-        _library().sq_avx2_release_workspace()
+    """Free the calling thread's packing workspaces (kept between calls, as the AMX kernel's),
+    each build's that is loaded."""
+    for variant in VARIANTS:
+        if status(variant)[0]:
+            _library(variant).sq_avx2_release_workspace()

@@ -1,8 +1,9 @@
 """CPU kernels: exact int8 GEMMs, on our AMX kernel (:mod:`.amx`) where the CPU has AMX-int8,
 on oneDNN's ``torch._int_mm`` where it has VNNI, else on our AVX2 kernel (:mod:`.avx2`), else
 as float32 GEMMs (:func:`float_int8_mm`); ``SQCOMPILE_CPU_GEMM`` chooses
-(:func:`.amx.engine`).  Stride-1 convolutions as implicit GEMMs on the AMX or AVX2 kernel, or
-as im2col GEMMs.  Large outputs come from recycled buffers (:mod:`.pool`)."""
+(:func:`.amx.engine`).  Stride-1 convolutions as implicit GEMMs on the AMX kernel or a build
+of the AVX2 one (VNNI or AVX2: :func:`.amx.conv_engine`), or as im2col GEMMs.  Large outputs
+come from recycled buffers (:mod:`.pool`)."""
 from __future__ import annotations
 
 import math
@@ -21,9 +22,9 @@ def int8_mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     chosen = amx.engine(rows=a.shape[-2])
     if chosen == "amx":
         return amx.int8_mm(a, b)
-    if chosen == "avx2":
-        out = avx2.int8_mm(a, b)
-        return out if out is not None else float_int8_mm(a, b)   # two 8-bit operands: beyond its int16 sums
+    if chosen in avx2.VARIANTS:
+        out = avx2.int8_mm(a, b, chosen)
+        return out if out is not None else float_int8_mm(a, b)   # avx2, two 8-bit operands: beyond its int16 sums
     if chosen == "float":
         return float_int8_mm(a, b)
     return onednn_int8_mm(a, b)
@@ -56,20 +57,35 @@ def implicit_waste(x_shape, kernel, padding, dilation, weight: bool = False) -> 
     return grid * len(offsets) * 64 / (out * c * math.prod(kernel))
 
 
+VNNI_MAX_WASTE = 1.2
+"""As :data:`AVX2_MAX_WASTE` for the VNNI build of that kernel, which ``auto`` takes for the
+convolutions of CPUs with VNNI but no AMX (their plain GEMMs stay on oneDNN's ``_int_mm``,
+faster there: 168-194 against 141-172 G multiply-adds/s on a Zen 4 core).  Measured on an
+AMD EPYC (Zen 4) core, ``benchmarks/cpu_conv.py --gemm vnni`` (2026-12-02): against the
+im2col GEMM on oneDNN the implicit GEMMs won at 1.06-1.13 (64x64 and 32x32 grids of 64-128
+channels: 1.3-2.4x faster) and lost from 1.27 on (16x16 grids and smaller, a 32-channel input
+whose runs pad 96 bytes to 128, a 1-channel input: up to 2.4x slower)."""
+MAX_WASTE = {"amx": math.inf, "vnni": VNNI_MAX_WASTE, "avx2": AVX2_MAX_WASTE}
+"""Each implicit-GEMM kernel's bound on :func:`implicit_waste` (the AMX kernel takes every
+stride-1 convolution)."""
+
+
 def _implicit_gemm(engine: str, x_shape, kernel, padding, dilation, weight: bool) -> bool:
     """Whether the CPU op runs this convolution as an implicit GEMM on ``engine``."""
-    if engine == "amx":
-        return True
-    return engine == "avx2" and implicit_waste(x_shape, kernel, padding, dilation, weight) <= AVX2_MAX_WASTE
+    bound = MAX_WASTE.get(engine)
+    if bound is None:
+        return False
+    return bound == math.inf or implicit_waste(x_shape, kernel, padding, dilation, weight) <= bound
 
 
 @ops.int8_conv.register_kernel("cpu")
 def int8_conv_cpu(x: torch.Tensor, w: torch.Tensor, padding, dilation) -> torch.Tensor:
-    """Stride-1 integer convolution: an implicit GEMM on the AMX or the AVX2 kernel when the
-    engine is one of them (the AVX2 one where :func:`implicit_waste` is small and within its
-    magnitude bound), else the reference im2col GEMM."""
+    """Stride-1 integer convolution: an implicit GEMM on the AMX kernel or a build of the AVX2
+    one when :func:`.amx.conv_engine` is one of them (those where :func:`implicit_waste` is
+    within :data:`MAX_WASTE`; the AVX2 build within its magnitude bound), else the reference
+    im2col GEMM."""
     if x.dtype == w.dtype == torch.int8:
-        chosen = amx.engine(rows=x.shape[0] * math.prod(x.shape[2:]))
+        chosen = amx.conv_engine(rows=x.shape[0] * math.prod(x.shape[2:]))
         if _implicit_gemm(chosen, x.shape, list(w.shape[2:]), padding, dilation, weight=False):
             out = amx.int8_conv(x, w, padding, dilation, gemm=chosen)
             if out is not None:
@@ -79,11 +95,11 @@ def int8_conv_cpu(x: torch.Tensor, w: torch.Tensor, padding, dilation) -> torch.
 
 @ops.int8_conv_weight.register_kernel("cpu")
 def int8_conv_weight_cpu(e: torch.Tensor, x: torch.Tensor, kernel, padding, dilation) -> torch.Tensor:
-    """A stride-1 convolution's weight gradient: an implicit GEMM on the AMX or the AVX2
-    kernel as :func:`int8_conv_cpu` decides, else the reference im2col GEMM."""
+    """A stride-1 convolution's weight gradient: an implicit GEMM as :func:`int8_conv_cpu`
+    decides, else the reference im2col GEMM."""
     ops.check_conv_weight_operands(e, x, kernel, padding, dilation)
     if e.dtype == x.dtype == torch.int8:
-        chosen = amx.engine(rows=x.shape[1] * math.prod(kernel))
+        chosen = amx.conv_engine(rows=x.shape[1] * math.prod(kernel))
         if _implicit_gemm(chosen, x.shape, list(kernel), padding, dilation, weight=True):
             out = amx.int8_conv_weight(e, x, kernel, padding, dilation, gemm=chosen)
             if out is not None:
