@@ -95,6 +95,17 @@ def test_implicit_conv_and_weight_gradient_are_exact(xs, ws, padding, dilation, 
 
 
 @pytest.mark.skipif(not AVX2_OK, reason=f"AVX2 kernel not usable: {AVX2_WHY}")
+@pytest.mark.parametrize("xs,ws,padding,dilation", CASES[:2] + CASES[5:8])
+def test_avx2_reads_the_grid_in_place_at_small_magnitudes(xs, ws, padding, dilation):
+    """Operands small enough that the AVX2 build's int16 sums last a whole reduction chunk
+    (``max|A| * max|B| = 6``): the forward's rows are then read in place on the input grid
+    (``micro_steps``, as the VNNI build always does), its last partial block packed."""
+    g = torch.Generator().manual_seed(sum(xs))
+    x, w = rand8(*xs, gen=g, low=-2, high=2), rand8(*ws, gen=g, low=-3, high=3)
+    assert torch.equal(amx.int8_conv(x, w, padding, dilation, gemm="avx2"), exact(x, w, padding, dilation))
+
+
+@pytest.mark.skipif(not AVX2_OK, reason=f"AVX2 kernel not usable: {AVX2_WHY}")
 def test_avx2_convs_refuse_two_8_bit_operands_and_the_op_runs_them_as_im2col(monkeypatch):
     """8-bit inputs against 8-bit weights could saturate the AVX2 kernel's int16 sums: it
     refuses (``None``), and the CPU op then runs the im2col GEMM (on the float engine), exact."""
@@ -138,16 +149,18 @@ def test_vnni_and_avx2_engines_take_the_implicit_gemm_only_where_it_wastes_littl
     monkeypatch.setattr(amx, "int8_conv", lambda *a, **k: calls.append("conv") or real_conv(*a, **k))
     monkeypatch.setattr(amx, "int8_conv_weight", lambda *a, **k: calls.append("weight") or real_weight(*a, **k))
     g = torch.Generator().manual_seed(12)
-    cases = {"avx2": [((2, 64, 16, 16), True), ((2, 64, 4, 4), False), ((2, 1, 16, 16), False)],
-             "vnni": [((2, 64, 32, 32), True), ((2, 64, 16, 16), False), ((2, 1, 32, 32), False)]}[gemm]
-    for xs, implicit in cases:
-        assert (cpu.implicit_waste(xs, [3, 3], [1, 1], [1, 1]) <= cpu.MAX_WASTE[gemm]) == implicit
+    # (input, forward implicit, weight gradient implicit)
+    cases = {"avx2": [((2, 64, 16, 16), True, True), ((2, 64, 4, 4), False, False), ((2, 1, 16, 16), False, False)],
+             "vnni": [((2, 64, 32, 32), True, True), ((2, 64, 16, 16), True, False), ((2, 64, 8, 8), False, False),
+                      ((2, 1, 32, 32), False, False)]}[gemm]
+    for xs, implicit, weight_implicit in cases:
+        assert (cpu.implicit_waste(xs, [3, 3], [1, 1], [1, 1]) <= cpu.MAX_WASTE[gemm][0]) == implicit
+        assert (cpu.implicit_waste(xs, [3, 3], [1, 1], [1, 1], weight=True) <= cpu.MAX_WASTE[gemm][1]) == weight_implicit
         x, w = rand8(*xs, gen=g, low=-X_BOUND[gemm], high=X_BOUND[gemm]), rand8(8, xs[1], 3, 3, gen=g)
         calls.clear()
         out = ops.int8_conv(x, w, [1, 1], [1, 1])
         assert torch.equal(out, exact(x, w, [1, 1], [1, 1]))
         e = rand8(*out.shape, gen=g)
-        weight_implicit = cpu.implicit_waste(xs, [3, 3], [1, 1], [1, 1], weight=True) <= cpu.MAX_WASTE[gemm]
         assert torch.equal(ops.int8_conv_weight(e, x, [3, 3], [1, 1], [1, 1]), exact(x, w, [1, 1], [1, 1], e))
         assert calls == ["conv"] * implicit + ["weight"] * weight_implicit, xs
 

@@ -78,6 +78,7 @@
 #endif
 
 #define REFUSED 2
+_Static_assert(KC % 16 == 0, "chunks of whole 64-byte k steps (micro_steps)");
 
 static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -310,12 +311,61 @@ static inline void micro(const int8_t *a, int64_t rs, int64_t gs, const uint8_t 
         micro_pass(a + g0 * gs, rs, gs, b + g0 * GROUP_BYTES, min64(T, G - g0), &acc[0][0]);
 }
 
+/* Where the rows of A come from: a strided matrix (p, sm, sk), or, for the implicit GEMMs
+ * (``moff`` set), tables as sq_amx_int8_implicit's: row m at p + moff[m / 32] + (m % 32) * ld,
+ * its 64-byte k step kb koff[kb] bytes further on. */
+typedef struct {
+    const int8_t *p;
+    int64_t sm, sk;
+    const int64_t *moff, *koff;
+    int64_t ld;
+} a_src;
+
+/* micro_pass over ``nkb`` 64-byte k steps of an A read in place: row r's step j at
+ * base + r rs + koff[j] (16 groups each, contiguous), B's groups contiguous from ``b``.  The
+ * caller keeps 16 nkb groups within the int16 sums' widening period. */
+static inline void micro_steps(const int8_t *base, int64_t rs, const int64_t *koff, int64_t nkb, const uint8_t *b,
+                               int32_t *acc) {
+    const int64_t rs3 = 3 * rs;
+    const int8_t *a, *a3;
+    int64_t n;
+    __asm__ volatile(
+        SQ_ZERO(0) SQ_ZERO(1) SQ_ZERO(2) SQ_ZERO(3) SQ_ZERO(4) SQ_ZERO(5)
+        SQ_ZERO(6) SQ_ZERO(7) SQ_ZERO(8) SQ_ZERO(9) SQ_ZERO(10) SQ_ZERO(11)
+        "2:\n\t"
+        "mov (%[ko]), %[a]\n\t"
+        "add %[base], %[a]\n\t"
+        "lea (%[a],%[rs3]), %[a3]\n\t"
+        "mov $16, %[n]\n\t"
+        "1:\n\t"
+        SQ_LOAD " (%[b]), %%" SQ_V "12\n\t"
+        SQ_LOAD " %c[vb](%[b]), %%" SQ_V "13\n\t"
+        SQ_ROW("(%[a])", 0, 1) SQ_ROW("(%[a],%[rs],1)", 2, 3) SQ_ROW("(%[a],%[rs],2)", 4, 5)
+        SQ_ROW("(%[a3])", 6, 7) SQ_ROW("(%[a3],%[rs],1)", 8, 9) SQ_ROW("(%[a3],%[rs],2)", 10, 11)
+        "add $4, %[a]\n\t"
+        "add $4, %[a3]\n\t"
+        "add %[gb], %[b]\n\t"
+        "dec %[n]\n\t"
+        "jnz 1b\n\t"
+        "add $8, %[ko]\n\t"
+        "dec %[nkb]\n\t"
+        "jnz 2b\n\t"
+        SQ_ONES
+        SQ_WIDEN(0) SQ_WIDEN(1) SQ_WIDEN(2) SQ_WIDEN(3) SQ_WIDEN(4) SQ_WIDEN(5)
+        SQ_WIDEN(6) SQ_WIDEN(7) SQ_WIDEN(8) SQ_WIDEN(9) SQ_WIDEN(10) SQ_WIDEN(11)
+        : [a] "=&r"(a), [a3] "=&r"(a3), [n] "=&r"(n), [b] "+r"(b), [ko] "+r"(koff), [nkb] "+r"(nkb)
+        : [base] "r"(base), [rs] "r"(rs), [rs3] "r"(rs3), [acc] "r"(acc), [vb] "i"(NR * 2), [gb] "i"(GROUP_BYTES)
+        : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+          "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+}
+
 /* One unit: row blocks mb0 .. mb1 and strips s0 .. s1 of one product, the reduction in chunks
  * of KC groups; accumulators wait in ``acc`` [MC / MR][PANEL][MR][NR].  ``rows``: A's blocks
- * hold whole rows (pack_a_implicit) instead of interleaved groups. */
-static void unit(const int8_t *Ap, int rows, const uint8_t *Bp, const int32_t *rowsum, int off, int64_t G, int T,
-                 int64_t mb0, int64_t mb1, int64_t s0, int64_t s1, int32_t *C, int64_t M, int64_t N,
-                 int32_t (*acc)[PANEL][MR][NR]) {
+ * hold whole rows (pack_a_implicit) instead of interleaved groups; blocks below ``inplace``
+ * are read where the implicit ``A`` has them (micro_steps), not packed. */
+static void unit(const int8_t *Ap, int rows, const a_src *A, int64_t inplace, const uint8_t *Bp,
+                 const int32_t *rowsum, int off, int64_t G, int T, int64_t mb0, int64_t mb1, int64_t s0, int64_t s1,
+                 int32_t *C, int64_t M, int64_t N, int32_t (*acc)[PANEL][MR][NR]) {
     const int64_t rs = rows ? 4 * G : 4, gs = rows ? 4 : 4 * MR;
     for (int64_t mb = mb0; mb < mb1; ++mb)
         for (int64_t s = s0; s < s1; ++s)
@@ -330,8 +380,12 @@ static void unit(const int8_t *Ap, int rows, const uint8_t *Bp, const int32_t *r
         const int64_t g1 = min64(g0 + KC, G);
         for (int64_t s = s0; s < s1; ++s)
             for (int64_t mb = mb0; mb < mb1; ++mb)
-                micro(Ap + mb * G * MR * 4 + g0 * gs, rs, gs, Bp + (s * G + g0) * GROUP_BYTES, g1 - g0, T,
-                      acc[mb - mb0][s - s0]);
+                if (mb < inplace)
+                    micro_steps(A->p + mb * MR * A->ld, A->ld, A->koff + g0 / 16, (g1 - g0) / 16,
+                                Bp + (s * G + g0) * GROUP_BYTES, &acc[mb - mb0][s - s0][0][0]);
+                else
+                    micro(Ap + mb * G * MR * 4 + g0 * gs, rs, gs, Bp + (s * G + g0) * GROUP_BYTES, g1 - g0, T,
+                          acc[mb - mb0][s - s0]);
     }
     for (int64_t mb = mb0; mb < mb1; ++mb)
         for (int64_t s = s0; s < s1; ++s) {
@@ -341,28 +395,20 @@ static void unit(const int8_t *Ap, int rows, const uint8_t *Bp, const int32_t *r
         }
 }
 
-/* Where the rows of A come from: a strided matrix (p, sm, sk), or, for the implicit GEMMs
- * (``moff`` set), tables as sq_amx_int8_implicit's: row m at p + moff[m / 32] + (m % 32) * ld,
- * its 64-byte k step kb koff[kb] bytes further on. */
-typedef struct {
-    const int8_t *p;
-    int64_t sm, sk;
-    const int64_t *moff, *koff;
-    int64_t ld;
-} a_src;
 
 /* Pack row block mb of an implicit A (K whole 64-byte steps) as whole rows, [MR][K] bytes
  * (the micro-kernel reads either layout; interleaving groups here cost 4-byte copies, 40% of
- * the VNNI build's time in a U-Net's convolutions), and its row sums into ``sums`` [MR]. */
+ * the VNNI build's time in a U-Net's convolutions), and its row sums into ``sums`` [MR];
+ * ``out`` NULL: the sums only (a block read in place). */
 static void pack_a_implicit(const a_src *A, int64_t M, int64_t K, int64_t mb, int8_t *out, int32_t *sums) {
     const int64_t KB = K / 64;
     const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
     for (int r = 0; r < MR; ++r) {
         const int64_t m = mb * MR + r;
-        int8_t *dst = out + r * K;
+        int8_t *dst = out ? out + r * K : NULL;
         sums[r] = 0;
         if (m >= M) {
-            memset(dst, 0, K);
+            if (dst) memset(dst, 0, K);
             continue;
         }
         const int8_t *row = A->p + A->moff[m / 32] + (m % 32) * A->ld;
@@ -370,7 +416,7 @@ static void pack_a_implicit(const a_src *A, int64_t M, int64_t K, int64_t mb, in
         for (int64_t kb = 0; kb < KB; ++kb)
             for (int h = 0; h < 2; ++h) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(row + A->koff[kb] + 32 * h));
-                _mm256_storeu_si256((__m256i *)(dst + 64 * kb + 32 * h), x);
+                if (dst) _mm256_storeu_si256((__m256i *)(dst + 64 * kb + 32 * h), x);
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16));
             }
         int32_t lanes[8];
@@ -413,6 +459,15 @@ static int gemm(a_src A, int64_t sab, int amax, const int8_t *B, int64_t sbb, in
     const int pair = 4 * amax * bmax;                 /* |one VPMADDUBSW lane| <= pair <= 32764 */
     const int T = pair == 0 ? 1 << 30 : 32767 / pair;
 #endif
+    /* An implicit A whose rows all lie one stride apart (a convolution's input grid) is read in
+     * place, but for a last partial block (rows past M: packed, zero) -- where its steps fit
+     * the int16 sums' widening period: always in the VNNI build */
+    int64_t inplace = 0;
+    if (A.moff && T >= KC) {
+        int uniform = 1;
+        for (int64_t i = 0; i < M / 32 && uniform; ++i) uniform = A.moff[i] == i * 32 * A.ld;
+        inplace = uniform ? M / MR : 0;
+    }
     const int64_t units_m = cdiv(MB, MC / MR), units_n = cdiv(S, PANEL);
     #pragma omp parallel num_threads(threads)
     {
@@ -428,7 +483,7 @@ static int gemm(a_src A, int64_t sab, int amax, const int8_t *B, int64_t sbb, in
             const int64_t mb0 = i < chunks ? i * per : chunks * per + (i - chunks), mb1 = i < chunks ? mb0 + per : mb0 + 1;
             int8_t *out = Ap + b * packed_a;
             if (A.moff) {
-                pack_a_implicit(&A, M, K, mb0, out + mb0 * G * MR * 4, rowsum + mb0 * MR);
+                pack_a_implicit(&A, M, K, mb0, mb0 < inplace ? NULL : out + mb0 * G * MR * 4, rowsum + mb0 * MR);
                 continue;
             }
             if (i < chunks) pack_a_chunk_colmajor(A.p + b * sab, A.sk, K, mb0, out);
@@ -443,7 +498,7 @@ static int gemm(a_src A, int64_t sab, int amax, const int8_t *B, int64_t sbb, in
             const int64_t b = u / (units_n * units_m), rem = u % (units_n * units_m);
             const int64_t p = rem / units_m, q = rem % units_m;
             const int64_t mb0 = q * (MC / MR), s0 = p * PANEL;
-            unit(Ap + (sab == 0 ? 0 : b * packed_a), A.moff != NULL, Bp + (sbb == 0 ? 0 : b * packed_b),
+            unit(Ap + (sab == 0 ? 0 : b * packed_a), A.moff != NULL, &A, inplace, Bp + (sbb == 0 ? 0 : b * packed_b),
                  rowsum + (sab == 0 ? 0 : b * MB * MR), off, G, T, mb0, min64(mb0 + MC / MR, MB), s0, min64(s0 + PANEL, S),
                  C + b * M * N, M, N, acc);
         }

@@ -57,24 +57,27 @@ def implicit_waste(x_shape, kernel, padding, dilation, weight: bool = False) -> 
     return grid * len(offsets) * 64 / (out * c * math.prod(kernel))
 
 
-VNNI_MAX_WASTE = 1.2
+VNNI_MAX_WASTE = (1.45, 1.2)
 """As :data:`AVX2_MAX_WASTE` for the VNNI build of that kernel, which ``auto`` takes for the
 convolutions of CPUs with VNNI but no AMX (their plain GEMMs stay on oneDNN's ``_int_mm``,
-faster there: 168-194 against 141-172 G multiply-adds/s on a Zen 4 core).  Measured on an
-AMD EPYC (Zen 4) core, ``benchmarks/cpu_conv.py --gemm vnni`` (2026-12-02): against the
-im2col GEMM on oneDNN the implicit GEMMs won at 1.06-1.13 (64x64 and 32x32 grids of 64-128
-channels: 1.3-2.4x faster) and lost from 1.27 on (16x16 grids and smaller, a 32-channel input
-whose runs pad 96 bytes to 128, a 1-channel input: up to 2.4x slower)."""
-MAX_WASTE = {"amx": math.inf, "vnni": VNNI_MAX_WASTE, "avx2": AVX2_MAX_WASTE}
-"""Each implicit-GEMM kernel's bound on :func:`implicit_waste` (the AMX kernel takes every
-stride-1 convolution)."""
+faster there: 168-194 against 141-172 G multiply-adds/s on a Zen 4 core): ``(forward, weight
+gradient)``.  Measured on an AMD EPYC (Zen 4) core, ``benchmarks/cpu_conv.py --gemm vnni``
+(2026-12-02), against the im2col GEMM on oneDNN: the forward's implicit GEMM, which reads the
+input grid in place, won up to 1.41 (a 32-channel input whose runs pad 96 bytes to 128: 1.5x
+faster; 64x64 and 32x32 grids of 64-128 channels: 1.7-4.6x) and lost at 1.56 (an 8x8 grid:
+0.8x); the weight gradient's, which packs its operand, was level with im2col's at 1.13
+(32x32 grids) and lost from 1.27 on (16x16 and smaller: 0.6-0.8x)."""
+MAX_WASTE = {"amx": (math.inf, math.inf), "vnni": VNNI_MAX_WASTE, "avx2": (AVX2_MAX_WASTE, AVX2_MAX_WASTE)}
+"""Each implicit-GEMM kernel's bounds on :func:`implicit_waste`, ``(forward, weight
+gradient)`` (the AMX kernel takes every stride-1 convolution)."""
 
 
 def _implicit_gemm(engine: str, x_shape, kernel, padding, dilation, weight: bool) -> bool:
-    """Whether the CPU op runs this convolution as an implicit GEMM on ``engine``."""
-    bound = MAX_WASTE.get(engine)
-    if bound is None:
+    """Whether the CPU op runs this convolution (``weight``: its weight gradient) as an implicit
+    GEMM on ``engine``."""
+    if engine not in MAX_WASTE:
         return False
+    bound = MAX_WASTE[engine][weight]
     return bound == math.inf or implicit_waste(x_shape, kernel, padding, dilation, weight) <= bound
 
 
