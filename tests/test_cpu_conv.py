@@ -98,11 +98,16 @@ def test_implicit_conv_and_weight_gradient_are_exact(xs, ws, padding, dilation, 
 @pytest.mark.parametrize("xs,ws,padding,dilation", CASES[:2] + CASES[5:8])
 def test_avx2_reads_the_grid_in_place_at_small_magnitudes(xs, ws, padding, dilation):
     """Operands small enough that the AVX2 build's int16 sums last a whole reduction chunk
-    (``max|A| * max|B| = 6``): the forward's rows are then read in place on the input grid
-    (``micro_steps``, as the VNNI build always does), its last partial block packed."""
+    (``max|A| * max|B| = 6``): the implicit A's rows are then read in place (``micro_steps``,
+    as the VNNI build always does) -- the forward's on the input grid, the weight gradient's
+    channel rows of each tap -- and the blocks that cannot be (past M, across two taps) packed."""
     g = torch.Generator().manual_seed(sum(xs))
     x, w = rand8(*xs, gen=g, low=-2, high=2), rand8(*ws, gen=g, low=-3, high=3)
-    assert torch.equal(amx.int8_conv(x, w, padding, dilation, gemm="avx2"), exact(x, w, padding, dilation))
+    ref = exact(x, w, padding, dilation)
+    assert torch.equal(amx.int8_conv(x, w, padding, dilation, gemm="avx2"), ref)
+    e = rand8(*ref.shape, gen=g, low=-3, high=3)
+    assert torch.equal(amx.int8_conv_weight(e, x, list(ws[2:]), padding, dilation, gemm="avx2"),
+                       exact(x, w, padding, dilation, e))
 
 
 @pytest.mark.skipif(not AVX2_OK, reason=f"AVX2 kernel not usable: {AVX2_WHY}")

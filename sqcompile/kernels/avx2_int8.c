@@ -321,6 +321,15 @@ typedef struct {
     int64_t ld;
 } a_src;
 
+/* Where row block mb of an implicit A starts when its MR rows lie one ``ld`` apart (read in
+ * place: a convolution's input grid, a weight gradient's channel rows of one tap), else NULL
+ * (packed: a block past M, or across two taps' tables). */
+static inline const int8_t *inplace_block(const a_src *A, int64_t M, int64_t mb) {
+    const int64_t m0 = mb * MR, m1 = m0 + MR - 1;
+    if (m1 >= M || A->moff[m1 / 32] - A->moff[m0 / 32] != (m1 / 32 - m0 / 32) * 32 * A->ld) return NULL;
+    return A->p + A->moff[m0 / 32] + (m0 % 32) * A->ld;
+}
+
 /* micro_pass over ``nkb`` 64-byte k steps of an A read in place: row r's step j at
  * base + r rs + koff[j] (16 groups each, contiguous), B's groups contiguous from ``b``.  The
  * caller keeps 16 nkb groups within the int16 sums' widening period. */
@@ -361,9 +370,9 @@ static inline void micro_steps(const int8_t *base, int64_t rs, const int64_t *ko
 
 /* One unit: row blocks mb0 .. mb1 and strips s0 .. s1 of one product, the reduction in chunks
  * of KC groups; accumulators wait in ``acc`` [MC / MR][PANEL][MR][NR].  ``rows``: A's blocks
- * hold whole rows (pack_a_implicit) instead of interleaved groups; blocks below ``inplace``
- * are read where the implicit ``A`` has them (micro_steps), not packed. */
-static void unit(const int8_t *Ap, int rows, const a_src *A, int64_t inplace, const uint8_t *Bp,
+ * hold whole rows (pack_a_implicit) instead of interleaved groups; with ``inplace`` the
+ * implicit ``A``'s blocks are read where it has them (micro_steps) when inplace_block says so. */
+static void unit(const int8_t *Ap, int rows, const a_src *A, int inplace, const uint8_t *Bp,
                  const int32_t *rowsum, int off, int64_t G, int T, int64_t mb0, int64_t mb1, int64_t s0, int64_t s1,
                  int32_t *C, int64_t M, int64_t N, int32_t (*acc)[PANEL][MR][NR]) {
     const int64_t rs = rows ? 4 * G : 4, gs = rows ? 4 : 4 * MR;
@@ -379,13 +388,15 @@ static void unit(const int8_t *Ap, int rows, const a_src *A, int64_t inplace, co
     for (int64_t g0 = 0; g0 < G; g0 += KC) {
         const int64_t g1 = min64(g0 + KC, G);
         for (int64_t s = s0; s < s1; ++s)
-            for (int64_t mb = mb0; mb < mb1; ++mb)
-                if (mb < inplace)
-                    micro_steps(A->p + mb * MR * A->ld, A->ld, A->koff + g0 / 16, (g1 - g0) / 16,
-                                Bp + (s * G + g0) * GROUP_BYTES, &acc[mb - mb0][s - s0][0][0]);
+            for (int64_t mb = mb0; mb < mb1; ++mb) {
+                const int8_t *base = inplace ? inplace_block(A, M, mb) : NULL;
+                if (base)
+                    micro_steps(base, A->ld, A->koff + g0 / 16, (g1 - g0) / 16, Bp + (s * G + g0) * GROUP_BYTES,
+                                &acc[mb - mb0][s - s0][0][0]);
                 else
                     micro(Ap + mb * G * MR * 4 + g0 * gs, rs, gs, Bp + (s * G + g0) * GROUP_BYTES, g1 - g0, T,
                           acc[mb - mb0][s - s0]);
+            }
     }
     for (int64_t mb = mb0; mb < mb1; ++mb)
         for (int64_t s = s0; s < s1; ++s) {
@@ -459,15 +470,9 @@ static int gemm(a_src A, int64_t sab, int amax, const int8_t *B, int64_t sbb, in
     const int pair = 4 * amax * bmax;                 /* |one VPMADDUBSW lane| <= pair <= 32764 */
     const int T = pair == 0 ? 1 << 30 : 32767 / pair;
 #endif
-    /* An implicit A whose rows all lie one stride apart (a convolution's input grid) is read in
-     * place, but for a last partial block (rows past M: packed, zero) -- where its steps fit
-     * the int16 sums' widening period: always in the VNNI build */
-    int64_t inplace = 0;
-    if (A.moff && T >= KC) {
-        int uniform = 1;
-        for (int64_t i = 0; i < M / 32 && uniform; ++i) uniform = A.moff[i] == i * 32 * A.ld;
-        inplace = uniform ? M / MR : 0;
-    }
+    /* An implicit A's blocks are read in place (inplace_block) where a chunk's steps fit the
+     * int16 sums' widening period: always in the VNNI build */
+    const int inplace = A.moff && T >= KC;
     const int64_t units_m = cdiv(MB, MC / MR), units_n = cdiv(S, PANEL);
     #pragma omp parallel num_threads(threads)
     {
@@ -483,7 +488,8 @@ static int gemm(a_src A, int64_t sab, int amax, const int8_t *B, int64_t sbb, in
             const int64_t mb0 = i < chunks ? i * per : chunks * per + (i - chunks), mb1 = i < chunks ? mb0 + per : mb0 + 1;
             int8_t *out = Ap + b * packed_a;
             if (A.moff) {
-                pack_a_implicit(&A, M, K, mb0, mb0 < inplace ? NULL : out + mb0 * G * MR * 4, rowsum + mb0 * MR);
+                const int8_t *base = inplace ? inplace_block(&A, M, mb0) : NULL;
+                pack_a_implicit(&A, M, K, mb0, base ? NULL : out + mb0 * G * MR * 4, rowsum + mb0 * MR);
                 continue;
             }
             if (i < chunks) pack_a_chunk_colmajor(A.p + b * sab, A.sk, K, mb0, out);

@@ -62,11 +62,11 @@ VNNI_MAX_WASTE = (1.45, 1.2)
 convolutions of CPUs with VNNI but no AMX (their plain GEMMs stay on oneDNN's ``_int_mm``,
 faster there: 168-194 against 141-172 G multiply-adds/s on a Zen 4 core): ``(forward, weight
 gradient)``.  Measured on an AMD EPYC (Zen 4) core, ``benchmarks/cpu_conv.py --gemm vnni``
-(2026-12-02), against the im2col GEMM on oneDNN: the forward's implicit GEMM, which reads the
-input grid in place, won up to 1.41 (a 32-channel input whose runs pad 96 bytes to 128: 1.5x
-faster; 64x64 and 32x32 grids of 64-128 channels: 1.7-4.6x) and lost at 1.56 (an 8x8 grid:
-0.8x); the weight gradient's, which packs its operand, was level with im2col's at 1.13
-(32x32 grids) and lost from 1.27 on (16x16 and smaller: 0.6-0.8x)."""
+(2026-12-02), against the im2col GEMM on oneDNN (both read their rows in place: the input
+grid, the channel rows of each tap): the forward's implicit GEMM won up to 1.41 (a 32-channel
+input whose runs pad 96 bytes to 128: 1.45x faster; 64x64 and 32x32 grids of 64-128
+channels: 1.6-4.5x) and lost at 1.56 (an 8x8 grid: 0.83x); the weight gradient's won up to
+1.13 (1.04-2.9x) and lost from 1.27 on (16x16 grids and smaller: 0.45-0.9x)."""
 MAX_WASTE = {"amx": (math.inf, math.inf), "vnni": VNNI_MAX_WASTE, "avx2": (AVX2_MAX_WASTE, AVX2_MAX_WASTE)}
 """Each implicit-GEMM kernel's bounds on :func:`implicit_waste`, ``(forward, weight
 gradient)`` (the AMX kernel takes every stride-1 convolution)."""
