@@ -75,6 +75,7 @@ CASES = [   # (x shape, w shape, padding, dilation)
     ((3, 130, 5, 5), (70, 130, 1, 1), [0, 0], [1, 1]),      # 1x1, channels past two steps
     ((2, 64, 6, 6), (20, 64, 3, 3), [0, 0], [1, 1]),        # no padding
     ((5, 8, 3, 3), (3, 8, 3, 3), [2, 2], [1, 1]),           # padding wider than the image's half
+    ((2, 40, 3, 37), (24, 40, 3, 3), [1, 1], [1, 1]),       # layout copies in 16 x 16 blocks, and edges
 ]
 
 
