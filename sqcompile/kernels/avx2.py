@@ -27,12 +27,21 @@ into an int32 lane, so nothing saturates: B is offset by 128, no magnitudes are 
 nothing is refused.  Its micro-kernel runs on ZMM registers with 32-column strips: on a Zen 4
 core (AMD EPYC, 2026-12-02) YMM ``VPDPBUSD`` issues twice a cycle and ZMM once, the same
 multiply-adds, yet the 6-row loop reached 176 G multiply-adds/s from L1 on YMM against 224 on
-ZMM (a C loop over L1-resident packed operands); units of 12 rows x 512 columns were the best
-of a sweep.  On the transformer block's products it ran at 141-172 G multiply-adds/s against
-oneDNN ``_int_mm``'s 168-194 (1 thread, interleaved), so ``auto`` keeps plain GEMMs on oneDNN
-and gives this build the stride-1 convolutions, whose implicit GEMMs read the input in place
-where oneDNN needs im2col columns (:func:`sqcompile.kernels.amx.conv_engine`,
-:data:`sqcompile.kernels.cpu.VNNI_MAX_WASTE`).
+ZMM (a scratch C loop over L1-resident packed operands); units of 12 rows x 512 columns were
+the best of a sweep.  Over the transformer block's products (``benchmarks/cpu_gemm.py``, 1
+thread) it ran at 4.89x fp32 ``matmul`` summed against oneDNN ``_int_mm``'s 5.46x, so ``auto``
+keeps plain GEMMs on oneDNN and gives this build the stride-1 convolutions, whose implicit
+GEMMs read the input in place where oneDNN needs im2col columns
+(:func:`sqcompile.kernels.amx.conv_engine`, :data:`sqcompile.kernels.cpu.VNNI_MAX_WASTE`).
+
+**Implicit A read in place** (both builds): a block of 6 rows of an implicit GEMM's A that lie
+one ``ld`` apart (every row block of a convolution's input grid, a weight gradient's channel
+rows of one tap) is read where it is, 64-byte k step by k step through the tap table
+(``micro_steps``), its row sums taken in a read-only pass; the others (past M, across two
+taps) are packed as whole rows.  Packing had copied each row once per tap: 40 MB for a 3x3
+convolution of ``[16, 64, 64, 64]``, whose forward went from 22.5 to 9.5 ms.  The AVX2 build
+reads in place only where its int16 sums last a whole reduction chunk (``max|A| * max|B| <=
+63``, as 4-bit signed inputs against 4-bit weights: 7 x 7).
 """
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def implicit_waste(x_shape, kernel, padding, dilation, weight: bool = False) -> 
 VNNI_MAX_WASTE = 1.45
 """As :data:`AVX2_MAX_WASTE` for the VNNI build of that kernel, which ``auto`` takes for the
 convolutions of CPUs with VNNI but no AMX (their plain GEMMs stay on oneDNN's ``_int_mm``,
-faster there: 5.46x against 4.97x fp32 ``matmul`` over a transformer block's products on a
+faster there: 5.46x against 4.89x fp32 ``matmul`` over a transformer block's products on a
 Zen 4 core).  Measured on an AMD EPYC (Zen 4) core, ``benchmarks/cpu_conv.py`` (2026-12-02),
 against the im2col GEMM on oneDNN (both implicit GEMMs read their rows in place: the input
 grid, the channel rows of each tap): up to 1.42 the implicit GEMMs were 1.3-4.7x faster than
