@@ -278,29 +278,38 @@ static void pack_a_block(const int8_t *A, int64_t sm, int64_t sk, int64_t M, int
     "vmovdqu %%ymm" #i ", " #i "*%c[vb](%[acc])\n\t"
 #endif
 #define SQ_ZERO(i) SQ_XOR " %%" SQ_V #i ", %%" SQ_V #i ", %%" SQ_V #i "\n\t"
+#define SQ_ZERO_SUMS \
+    SQ_ZERO(0) SQ_ZERO(1) SQ_ZERO(2) SQ_ZERO(3) SQ_ZERO(4) SQ_ZERO(5) \
+    SQ_ZERO(6) SQ_ZERO(7) SQ_ZERO(8) SQ_ZERO(9) SQ_ZERO(10) SQ_ZERO(11)
+/* one group: B's two registers, then the 6 rows at a, a + rs, a + 2 rs, a3 = a + 3 rs, ... */
+#define SQ_GROUP \
+    SQ_LOAD " (%[b]), %%" SQ_V "12\n\t" \
+    SQ_LOAD " %c[vb](%[b]), %%" SQ_V "13\n\t" \
+    SQ_ROW("(%[a])", 0, 1) SQ_ROW("(%[a],%[rs],1)", 2, 3) SQ_ROW("(%[a],%[rs],2)", 4, 5) \
+    SQ_ROW("(%[a3])", 6, 7) SQ_ROW("(%[a3],%[rs],1)", 8, 9) SQ_ROW("(%[a3],%[rs],2)", 10, 11)
+#define SQ_ADD_SUMS \
+    SQ_ONES \
+    SQ_WIDEN(0) SQ_WIDEN(1) SQ_WIDEN(2) SQ_WIDEN(3) SQ_WIDEN(4) SQ_WIDEN(5) \
+    SQ_WIDEN(6) SQ_WIDEN(7) SQ_WIDEN(8) SQ_WIDEN(9) SQ_WIDEN(10) SQ_WIDEN(11)
+#define SQ_CLOBBERS \
+    "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
+    "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
 
 static inline void micro_pass(const int8_t *a, int64_t rs, int64_t gs, const uint8_t *b, int64_t n, int32_t *acc) {
     const int8_t *a3 = a + 3 * rs;
     __asm__ volatile(
-        SQ_ZERO(0) SQ_ZERO(1) SQ_ZERO(2) SQ_ZERO(3) SQ_ZERO(4) SQ_ZERO(5)
-        SQ_ZERO(6) SQ_ZERO(7) SQ_ZERO(8) SQ_ZERO(9) SQ_ZERO(10) SQ_ZERO(11)
+        SQ_ZERO_SUMS
         "1:\n\t"
-        SQ_LOAD " (%[b]), %%" SQ_V "12\n\t"
-        SQ_LOAD " %c[vb](%[b]), %%" SQ_V "13\n\t"
-        SQ_ROW("(%[a])", 0, 1) SQ_ROW("(%[a],%[rs],1)", 2, 3) SQ_ROW("(%[a],%[rs],2)", 4, 5)
-        SQ_ROW("(%[a3])", 6, 7) SQ_ROW("(%[a3],%[rs],1)", 8, 9) SQ_ROW("(%[a3],%[rs],2)", 10, 11)
+        SQ_GROUP
         "add %[gs], %[a]\n\t"
         "add %[gs], %[a3]\n\t"
         "add %[gb], %[b]\n\t"
         "dec %[n]\n\t"
         "jnz 1b\n\t"
-        SQ_ONES
-        SQ_WIDEN(0) SQ_WIDEN(1) SQ_WIDEN(2) SQ_WIDEN(3) SQ_WIDEN(4) SQ_WIDEN(5)
-        SQ_WIDEN(6) SQ_WIDEN(7) SQ_WIDEN(8) SQ_WIDEN(9) SQ_WIDEN(10) SQ_WIDEN(11)
+        SQ_ADD_SUMS
         : [a] "+r"(a), [a3] "+r"(a3), [b] "+r"(b), [n] "+r"(n)
         : [acc] "r"(acc), [rs] "r"(rs), [gs] "r"(gs), [vb] "i"(NR * 2), [gb] "i"(GROUP_BYTES)
-        : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
-          "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+        : SQ_CLOBBERS);
 }
 
 /* acc[r][0..NR-1] += sum over groups g < G of A block row r x strip columns, in int16 for up
@@ -339,18 +348,14 @@ static inline void micro_steps(const int8_t *base, int64_t rs, const int64_t *ko
     const int8_t *a, *a3;
     int64_t n;
     __asm__ volatile(
-        SQ_ZERO(0) SQ_ZERO(1) SQ_ZERO(2) SQ_ZERO(3) SQ_ZERO(4) SQ_ZERO(5)
-        SQ_ZERO(6) SQ_ZERO(7) SQ_ZERO(8) SQ_ZERO(9) SQ_ZERO(10) SQ_ZERO(11)
+        SQ_ZERO_SUMS
         "2:\n\t"
         "mov (%[ko]), %[a]\n\t"
         "add %[base], %[a]\n\t"
         "lea (%[a],%[rs3]), %[a3]\n\t"
         "mov $16, %[n]\n\t"
         "1:\n\t"
-        SQ_LOAD " (%[b]), %%" SQ_V "12\n\t"
-        SQ_LOAD " %c[vb](%[b]), %%" SQ_V "13\n\t"
-        SQ_ROW("(%[a])", 0, 1) SQ_ROW("(%[a],%[rs],1)", 2, 3) SQ_ROW("(%[a],%[rs],2)", 4, 5)
-        SQ_ROW("(%[a3])", 6, 7) SQ_ROW("(%[a3],%[rs],1)", 8, 9) SQ_ROW("(%[a3],%[rs],2)", 10, 11)
+        SQ_GROUP
         "add $4, %[a]\n\t"
         "add $4, %[a3]\n\t"
         "add %[gb], %[b]\n\t"
@@ -359,13 +364,10 @@ static inline void micro_steps(const int8_t *base, int64_t rs, const int64_t *ko
         "add $8, %[ko]\n\t"
         "dec %[nkb]\n\t"
         "jnz 2b\n\t"
-        SQ_ONES
-        SQ_WIDEN(0) SQ_WIDEN(1) SQ_WIDEN(2) SQ_WIDEN(3) SQ_WIDEN(4) SQ_WIDEN(5)
-        SQ_WIDEN(6) SQ_WIDEN(7) SQ_WIDEN(8) SQ_WIDEN(9) SQ_WIDEN(10) SQ_WIDEN(11)
+        SQ_ADD_SUMS
         : [a] "=&r"(a), [a3] "=&r"(a3), [n] "=&r"(n), [b] "+r"(b), [ko] "+r"(koff), [nkb] "+r"(nkb)
         : [base] "r"(base), [rs] "r"(rs), [rs3] "r"(rs3), [acc] "r"(acc), [vb] "i"(NR * 2), [gb] "i"(GROUP_BYTES)
-        : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
-          "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+        : SQ_CLOBBERS);
 }
 
 /* One unit: row blocks mb0 .. mb1 and strips s0 .. s1 of one product, the reduction in chunks
