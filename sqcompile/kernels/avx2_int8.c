@@ -27,7 +27,9 @@
  * broadcast to every lane; its row sums are taken from the packed blocks.  K is zero-padded
  * to whole groups (A's zeros cancel B's offset), M and N to whole blocks (computed, not
  * stored).  Any strides: row-major B and column-major A (a weight gradient's) are packed 16
- * bytes at a time, other layouts byte by byte.
+ * bytes at a time, other layouts byte by byte.  The implicit GEMMs' A (a convolution's) is
+ * read in place where a block's rows lie one stride apart, else packed as whole rows
+ * (pack_a_implicit); the micro-kernel takes a row stride and a group step for either.
  *
  * Blocking: a unit of work is MC rows x one N panel of PANEL strips; the reduction runs in
  * chunks of KC groups so a strip's chunk (KC x 64 bytes) stays in L1 while the unit's row
@@ -145,7 +147,7 @@ static int b_max(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t n0,
 }
 #endif
 
-/* Pack strip s of B (columns 16 s ..) into ``out`` [G groups][16][4] as B + off, unsigned;
+/* Pack strip s of B (columns NR s ..) into ``out`` [G groups][NR][4] as B + off, unsigned;
  * zero (then offset) outside B -- those columns are never stored, those k meet A's zeros. */
 static void pack_b_strip(const int8_t *B, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t s, int off,
                          uint8_t *out) {
