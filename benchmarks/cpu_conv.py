@@ -1,8 +1,9 @@
 """CPU integer convolutions: fp32 ``conv2d`` (and its weight gradient) against the int8 im2col
 GEMM and sqcompile's implicit-GEMM convolutions (``sqcompile::int8_conv``,
 ``sqcompile::int8_conv_weight``: no im2col columns) on the AMX tiles or, without AMX, on the
-AVX2 kernel (``--gemm`` chooses), interleaved in one process, medians and ratios against
-fp32.  Eager calls on int8 operands, so it times the ops themselves, not a compiled step
+VNNI or the AVX2 build of our other kernel (``--gemm`` chooses), interleaved in one process,
+medians and ratios against fp32 (the im2col GEMM runs on the engine ``auto`` takes for plain
+GEMMs: oneDNN's ``_int_mm`` on a VNNI CPU without AMX).  Eager calls on int8 operands, so it times the ops themselves, not a compiled step
 (``train_step.py --models unet resnet18 --no-implicit-conv`` does that).
 
 Default shapes: 3x3 convs at padding 1 of the U-Net of ``train_step.py`` (batch 16, 64x64
@@ -11,6 +12,7 @@ images, 32-64 channels) and of the ResNet-18 there (batch 32, 32x32 down to 4x4)
     python benchmarks/cpu_conv.py --threads 1 --cpu-time
     python benchmarks/cpu_conv.py --shapes 16,64,64,32 32,512,4,512   # N,C,H,Cout (3x3, square)
     python benchmarks/cpu_conv.py --gemm avx2       # the AVX2 kernel's implicit GEMMs on an AMX CPU
+    python benchmarks/cpu_conv.py --gemm vnni       # its VNNI build's (AVX-512 VNNI)
 """
 from __future__ import annotations
 
