@@ -373,12 +373,14 @@ static inline void micro_steps(const int8_t *base, int64_t rs, const int64_t *ko
 }
 
 /* One unit: row blocks mb0 .. mb1 and strips s0 .. s1 of one product, the reduction in chunks
- * of KC groups; accumulators wait in ``acc`` [MC / MR][PANEL][MR][NR].  ``rows``: A's blocks
- * hold whole rows (pack_a_implicit) instead of interleaved groups; with ``inplace`` the
- * implicit ``A``'s blocks are read where it has them (micro_steps) when inplace_block says so. */
-static void unit(const int8_t *Ap, int rows, const a_src *A, int inplace, const uint8_t *Bp,
+ * of KC groups; accumulators wait in ``acc`` [MC / MR][PANEL][MR][NR].  An implicit ``A``'s
+ * packed blocks hold whole rows (pack_a_implicit), others interleaved groups; with ``inplace``
+ * the implicit ``A``'s blocks are read where it has them (micro_steps) when inplace_block
+ * says so. */
+static void unit(const int8_t *Ap, const a_src *A, int inplace, const uint8_t *Bp,
                  const int32_t *rowsum, int off, int64_t G, int T, int64_t mb0, int64_t mb1, int64_t s0, int64_t s1,
                  int32_t *C, int64_t M, int64_t N, int32_t (*acc)[PANEL][MR][NR]) {
+    const int rows = A->moff != NULL;
     const int64_t rs = rows ? 4 * G : 4, gs = rows ? 4 : 4 * MR;
     for (int64_t mb = mb0; mb < mb1; ++mb)
         for (int64_t s = s0; s < s1; ++s)
@@ -508,7 +510,7 @@ static int gemm(a_src A, int64_t sab, int amax, const int8_t *B, int64_t sbb, in
             const int64_t b = u / (units_n * units_m), rem = u % (units_n * units_m);
             const int64_t p = rem / units_m, q = rem % units_m;
             const int64_t mb0 = q * (MC / MR), s0 = p * PANEL;
-            unit(Ap + (sab == 0 ? 0 : b * packed_a), A.moff != NULL, &A, inplace, Bp + (sbb == 0 ? 0 : b * packed_b),
+            unit(Ap + (sab == 0 ? 0 : b * packed_a), &A, inplace, Bp + (sbb == 0 ? 0 : b * packed_b),
                  rowsum + (sab == 0 ? 0 : b * MB * MR), off, G, T, mb0, min64(mb0 + MC / MR, MB), s0, min64(s0 + PANEL, S),
                  C + b * M * N, M, N, acc);
         }
