@@ -220,11 +220,11 @@ def _forward(x, weight, bias, dims, center, l1_scale, eps, bits, out_bits: Optio
     q = pool.OUTPUTS.empty(x.shape, torch.int8)
     stat_shape = param_sum_shape(x.shape, dims, False)
     stat = [torch.empty(stat_shape, dtype=torch.float32) for _ in range(3)]
-    y = torch.empty_like(x) if write_y else x.new_empty((0,))
+    y = pool.OUTPUTS.empty(x.shape, torch.float32) if write_y else x.new_empty((0,))
     if out_bits is None:
         outs = (y,)
     else:
-        outs = (torch.empty(x.shape, dtype=torch.int8), torch.empty(stat_shape), torch.empty(stat_shape), y)
+        outs = (pool.OUTPUTS.empty(x.shape, torch.int8), torch.empty(stat_shape), torch.empty(stat_shape), y)
     if x.numel() == 0:
         return (*(t.zero_() for t in outs), q, *(t.zero_() for t in stat))
     yq, y_scale, y_amax = outs[:3] if out_bits is not None else (None, None, None)
@@ -298,7 +298,7 @@ def cpu_l1_norm_backward(dy: torch.Tensor, q: torch.Tensor, amax: torch.Tensor, 
     pre-norm block's residual gradient, bit for bit, without writing ``dx`` first."""
     layout = slice_layout(dy.shape, dims)
     dy = dy.contiguous()
-    dx = torch.empty_like(dy) if need_dx else dy.new_empty((0,))
+    dx = pool.OUTPUTS.empty(dy.shape, torch.float32) if need_dx else dy.new_empty((0,))
     w, row = _flat(weight, dy.shape, dims)
     sum_dy, sum_dyx = (torch.zeros(param_sum_shape(dy.shape, dims, row), dtype=torch.float32) for _ in range(2))
     if dy.numel() == 0:
