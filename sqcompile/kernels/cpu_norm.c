@@ -76,12 +76,19 @@ static inline int64_t slice_base(layout L, int64_t s) {
     return (s / L.B) * L.R1 * L.B * L.R2 + (s % L.B) * L.R2;
 }
 
+/* The slice's first pass, the one that reads it from memory: each row also asks for the
+ * next one (a BatchNorm's rows are an image's channel planes, a slice's rows one image apart:
+ * the hardware prefetchers stop at the end of each; interleaved A/B on a Zen 4 core,
+ * [32, 64, 32, 32]: forward 1.11-1.13x, backward 1.06-1.08x, no change on slices in cache). */
 static float slice_amax(const float *x, layout L, int64_t base) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t r = 0; r < L.R1; r++) {
         const float *row = x + base + r * L.B * L.R2;
+        const float *next = r + 1 < L.R1 ? row + L.B * L.R2 : NULL;
         for (int64_t i = 0; i < L.R2; i += 16) {
             __mmask16 m = lanes(i, L.R2);
+            if (next)
+                __builtin_prefetch(next + i, 0, 3);
             acc = max_nan(acc, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + i)));
         }
     }
