@@ -224,7 +224,8 @@ int sq_l1_norm_backward(const float *dy, const int8_t *q, const float *amax, con
     const int64_t slices = A * B;
     const __m512 vqmax = _mm512_set1_ps(qmax_g);
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512i vseed = _mm512_set1_epi32(seed);
+    const __m512i vseed = _mm512_set1_epi32(seed), seed_lanes = hash_lanes(seed);
+    const int aligned = R2 % 16 == 0;       /* every vector's first index a multiple of 16 */
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -258,7 +259,8 @@ int sq_l1_norm_backward(const float *dy, const int8_t *q, const float *amax, con
                         int64_t o = base + r * step + i;
                         __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)o), lane);
                         __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, dy + o), vdiv);
-                        v = _mm512_add_ps(v, hash_noise(index, vseed));
+                        v = _mm512_add_ps(v, aligned ? hash_noise_aligned((uint32_t)o, seed, seed_lanes)
+                                                     : hash_noise(index, vseed));
                         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
                         __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
                         v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), vqmax)), vqmax);
