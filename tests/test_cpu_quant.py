@@ -147,10 +147,69 @@ def test_zero_nan_and_infinite_gradients():
     assert outer_cols[0, 2, 0] == 1.0 and outer_rows[1, 0, 4] == 1.0      # the zero row and column
 
 
+def _conv_inputs(shape, seed, spread=50.0):
+    """A convolution's output gradient ``[N, C, *S]`` with samples and channels of several
+    magnitudes, the input's scale per sample (``dW``'s prescale) and the weight's per output
+    channel (``dX``'s)."""
+    g = torch.Generator().manual_seed(seed)
+    ones = [1] * (len(shape) - 2)
+    dy = torch.randn(shape, generator=g) * 1e-3
+    dy[:, ::3] *= spread
+    dy[::2] *= 0.01
+    return dy, torch.rand(shape[0], 1, *ones, generator=g), torch.rand(1, shape[1], *ones, generator=g)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 16, 6, 6), (3, 40, 7, 9), (4, 64, 8, 8), (2, 5, 13), (2, 8, 3, 4, 5),
+                                   (1, 1, 1, 1), (5, 3, 1, 17)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_conv_gradient_pair_matches_the_graphs_composition_bit_for_bit(shape, threads):
+    """``conv=True``: a convolution's ``dW`` quantization (channels: sample and position, one
+    outer maximum per output channel over the batch) and ``dX``'s (channels: sample and output
+    channel, one per sample), 1-3 threads (the row chunks of the first pass's maxima)."""
+    dy, pk, pq = _conv_inputs(shape, sum(shape))
+    seeds = (torch.tensor(777), torch.tensor(-5))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = CQ.shiftquant_outer_pair(dy, pk, pq, 4, 4, seeds, conv=True)
+    finally:
+        torch.set_num_threads(before)
+    ref = CQ.shiftquant_outer_pair_reference(dy, pk, pq, 4, 4, seeds, conv=True)
+    _assert_bitwise(got, ref)
+    assert got[2].shape == (1, shape[1], *[1] * (len(shape) - 2))      # dW's outer maxima: per output channel
+    assert got[5].shape == (shape[0], *[1] * (len(shape) - 1))         # dX's: per sample
+    if dy.numel() > 1:     # not the GEMM's pair: its outer maxima are per row and per column
+        assert not torch.equal(got[0], CQ.shiftquant_outer_pair(dy.reshape(*shape[:2], -1), pk.reshape(-1, 1, 1),
+                                                                pq.reshape(1, -1, 1), 4, 4, seeds)[0].view(shape))
+
+
+@needs_kernel
+def test_conv_gradient_pair_with_zero_nan_and_infinite_gradients():
+    """A zero sample and a zero output channel (their outer maxima 0, taken as 1), a NaN, an
+    infinity; at 8 bits too."""
+    dy, pk, pq = _conv_inputs((3, 12, 5, 7), 9)
+    dy[1] = 0.0
+    dy[:, 4] = 0.0
+    for bits, groups in ((4, 4), (8, 1)):
+        seeds = (torch.tensor(bits), torch.tensor(3))
+        got = CQ.shiftquant_outer_pair(dy, pk, pq, bits, groups, seeds, conv=True)
+        _assert_bitwise(got, CQ.shiftquant_outer_pair_reference(dy, pk, pq, bits, groups, seeds, conv=True))
+        assert got[2][0, 4, 0, 0] == 1.0 and got[5][1, 0, 0, 0] == 1.0
+    dy[0, 2, 1, 1], dy[2, 7, 0, 3] = float("nan"), float("inf")
+    seeds = (torch.tensor(1), torch.tensor(2))
+    _assert_bitwise(CQ.shiftquant_outer_pair(dy, pk, pq, 4, 4, seeds, conv=True),
+                    CQ.shiftquant_outer_pair_reference(dy, pk, pq, 4, 4, seeds, conv=True))
+
+
 def test_op_schema_and_fake_implementation():
     dy, pk, pq = _inputs((2, 6, 9), 5)
     torch.library.opcheck(torch.ops.sqcompile.shiftquant_outer_pair.default,
                           (dy, pk, pq, torch.tensor(3), torch.tensor(4), 4, 4),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    dy, pk, pq = _conv_inputs((2, 6, 5, 3), 5)
+    torch.library.opcheck(torch.ops.sqcompile.shiftquant_outer_pair.default,
+                          (dy, pk, pq, torch.tensor(3), torch.tensor(4), 4, 4, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
@@ -266,10 +325,16 @@ def test_transformer_block_trains_bit_for_bit_with_and_without_the_kernel(no_gel
 
 @needs_kernel
 def test_conv_net_trains_bit_for_bit_as_unfused():
+    """The Linear's ``dY`` and both convolutions' (``conv=True``: a stride-1 conv's gradient
+    feeds the implicit GEMMs, the stride-2 one's the im2col GEMMs), each region on its layer's
+    decision."""
     torch.manual_seed(0)
     rec = _assert_same_training(ConvNet(), torch.randn(2, 3, 12, 12))
-    # the Linear's dY; a conv's has one outer scale per sample (another composition): left alone
-    assert [r.module_path for r in _regions(rec)] == ["fc"]
+    assert sorted(r.module_path for r in _regions(rec)) == ["conv1", "conv2", "fc"]
+    graph = rec.graphs["backward_fused"]
+    pairs = [line for line in graph.splitlines() if "= sqcompile.shiftquant_outer_pair(" in line]
+    assert len(pairs) == 3 and "sqcompile.shiftquant(" not in graph
+    assert sorted(line.endswith(", True)") for line in pairs) == [False, True, True]    # conv=True for the convs
 
 
 @needs_kernel

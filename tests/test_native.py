@@ -149,6 +149,9 @@ def test_quantizer_kernels_give_the_same_bits(other_build, shape, awkward):
     pq = torch.rand(*shape[:-1], 1, generator=g) + 0.5                 # [..., L, 1]
     seeds = (torch.tensor(7, dtype=torch.int64), torch.tensor(99, dtype=torch.int64))
     _same_bits(*_both(other_build, lambda: CQ.shiftquant_outer_pair(dy, pk, pq, 5, 3, seeds)))
+    if len(shape) == 3:          # as a convolution's [N, C, L] gradient: the samples' and channels' outer maxima
+        pn, pc = torch.rand(shape[0], 1, 1, generator=g) + 0.5, torch.rand(1, shape[1], 1, generator=g) + 0.5
+        _same_bits(*_both(other_build, lambda: CQ.shiftquant_outer_pair(dy, pn, pc, 5, 3, seeds, conv=True)))
 
     acc = torch.randint(-5000, 5001, shape, dtype=torch.int32, generator=g)
     sa = torch.rand(*shape[:-1], 1, generator=g) * 1e-3

@@ -14,8 +14,10 @@ the two compute.  Inductor then writes ``dY`` once, where its six loops over the
 quantizers each recomputed ``dY``'s producer (the GELU backward's ``erf``, a dequantized GEMM
 result); the kernel makes three passes over it.  Its two seeds become
 ``sqcompile::random_seed`` nodes of the graph, drawn where the quantizers drew theirs, in
-their order.  A convolution's gradient is quantized another way (one outer maximum per
-sample for ``dX``) and keeps the graph's ops.  Label ``shiftquant_outer(dY) x2``, on the
+their order.  A convolution's output gradient ``[N, C, *S]`` pairs up the same way
+(``conv=True``: ``dX``'s quantizer has one outer maximum per sample, ``dW``'s one per output
+channel; the ResNet-18 and U-Net steps of ``benchmarks/train_step.py`` 1.01x faster so on a
+Zen 4 core: the kernel's divisions bound it as they bound Inductor's loops).  Label ``shiftquant_outer(dY) x2``, on the
 decision of the GEMM that ``dY``'s column quantization feeds.
 
 **A Linear's GELU** (``sqcompile::gelu_quantize``).  In a forward or inference graph,
@@ -73,33 +75,48 @@ class _OuterQuantizer(NamedTuple):
     nodes: List[fx.Node]          # everything between dY and the quantizer's results
 
 
+def _sides(pv: torch.Tensor, v: torch.Tensor) -> List[tuple]:
+    """The ``(side, conv)`` layouts a prescale ``pv`` of ``dY`` (``v``) can belong to, with the
+    dims its outer ``amax`` reduces: a GEMM's ``[..., L, S]`` (:func:`~sqcompile.kernels.cpu_quant.pair_dims`)
+    along the columns (``pv`` ``[..., 1, S]``) or the rows (``[..., L, 1]``); a convolution's
+    ``[N, C, *S]`` (``dW``'s "cols": ``pv`` one value per sample; ``dX``'s "rows": one per
+    output channel)."""
+    nd, out = v.dim(), []
+    for side, conv, dim in (("cols", False, -2), ("rows", False, -1)):
+        if F.row_vector(pv, v, dim):
+            out.append((side, conv))
+    if nd >= 3 and pv.dim() == nd and pv.dtype == torch.float32:
+        for side, keep in (("cols", 0), ("rows", 1)):
+            if all(F._same(pv.shape[d], 1) for d in range(nd) if d != keep) and \
+                    (F._same(pv.shape[keep], v.shape[keep]) or F._same(pv.shape[keep], 1)):
+                out.append((side, True))
+    return out
+
+
 def _outer_quantizer(mul: fx.Node, dy: fx.Node) -> Optional[tuple]:
-    """``("cols" | "rows", _OuterQuantizer)`` when ``mul`` is ``dY * prescale`` feeding
+    """``(side, conv, _OuterQuantizer)`` when ``mul`` is ``dY * prescale`` feeding
     :func:`sqcompile.ops.shiftquant_outer`'s composition as AOTAutograd traces it::
 
-        y = dY * p;  r = amax(abs(detach(y)), [d], keepdim);  r = r.masked_fill(r == 0, 1)
+        y = dY * p;  r = amax(abs(detach(y)), dims, keepdim);  r = r.masked_fill(r == 0, 1)
         e, base = sqcompile.shiftquant(y / r, bits, groups, channels, stochastic=True)
 
-    along the columns (``p`` ``[..., 1, S]``, ``d`` the last dim, channels every dim but the
-    second to last) or the rows (``p`` ``[..., L, 1]``, ``d`` the second to last)."""
+    with the dims of one of :func:`_sides`' layouts (``side`` "cols" or "rows"; ``conv``: a
+    convolution's gradient)."""
     v = F._val(dy)
     if mul.target is not aten.mul.Tensor or len(mul.args) != 2 or mul.args[0] is not dy or \
             not isinstance(mul.args[1], fx.Node) or len(mul.users) != 2:
         return None
     pre = mul.args[1]
     pv, nd = F._val(pre), v.dim()
-    side = "cols" if pv is not None and F.row_vector(pv, v, -2) else \
-        "rows" if pv is not None and F.row_vector(pv, v, -1) else None
     detach = next((u for u in mul.users if u.target is aten.detach.default), None)
     div = next((u for u in mul.users if u.target is aten.div.Tensor and u.args[0] is mul), None)
-    if side is None or detach is None or div is None or not F.single_user(detach):
+    if pv is None or detach is None or div is None or not F.single_user(detach):
         return None
     (a,) = detach.users
     if a.target is not aten.abs.default or not F.single_user(a):
         return None
     (amax,) = a.users
-    dim = nd - 1 if side == "cols" else nd - 2
-    if amax.target is not aten.amax.default or [d % nd for d in amax.args[1]] != [dim] or \
+    if amax.target is not aten.amax.default or \
             not (amax.args[2] if len(amax.args) > 2 else amax.kwargs.get("keepdim", False)):
         return None
     eq = next((u for u in amax.users if u.target is aten.eq.Scalar and u.args[1] == 0), None)
@@ -108,21 +125,32 @@ def _outer_quantizer(mul: fx.Node, dy: fx.Node) -> Optional[tuple]:
             outer.args[:3] != (amax, eq, 1) or not F.single_user(div):
         return None
     (sq,) = div.users
-    channels = list(range(nd - 2)) + ([nd - 1] if side == "cols" else [nd - 2])
-    if sq.target is not torch.ops.sqcompile.shiftquant.default or sq.args[0] is not div or \
-            sorted(d % nd for d in sq.args[3]) != channels or sq.args[4] is not True or \
+    if sq.target is not torch.ops.sqcompile.shiftquant.default or sq.args[0] is not div or sq.args[4] is not True or \
             (len(sq.args) > 5 and sq.args[5] is not None) or sq.kwargs:
         return None
-    return side, _OuterQuantizer(pre, outer, sq, [mul, detach, a, amax, eq, div, sq])
+    from ..kernels.cpu_quant import pair_dims
+
+    reduced, channels = sorted(d % nd for d in amax.args[1]), sorted(d % nd for d in sq.args[3])
+    for side, conv in _sides(pv, v):
+        dims = pair_dims(nd, conv)[0 if side == "cols" else 1]
+        if channels == dims[0] and reduced == [d for d in range(nd) if d not in dims[1]]:
+            return side, conv, _OuterQuantizer(pre, outer, sq, [mul, detach, a, amax, eq, div, sq])
+    return None
+
+
+_PRODUCTS = (torch.ops.sqcompile.int8_mm.default, torch.ops.sqcompile.int8_conv.default,
+             torch.ops.sqcompile.int8_conv_weight.default)
+"""The integer products a quantized gradient feeds (a GEMM, a stride-1 conv's implicit GEMMs)."""
 
 
 def _gemm_fed_by(node: fx.Node) -> Optional[fx.Node]:
-    """The ``int8_mm`` that ``node`` (an integer tensor) reaches through views and transposes."""
+    """The integer product (:data:`_PRODUCTS`) that ``node`` (an integer tensor) reaches
+    through views and transposes."""
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
         for user in n.users:
-            if user.target is torch.ops.sqcompile.int8_mm.default:
+            if user.target in _PRODUCTS:
                 return user
             if user not in seen and user.args and user.args[0] is n and (
                     F._is_view(user) or user.target in (aten.transpose.int, aten.t.default, aten.permute.default)):
@@ -133,15 +161,18 @@ def _gemm_fed_by(node: fx.Node) -> Optional[fx.Node]:
 
 def _fuse(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
     graph = gm.graph
-    sources = {F._source_of(n) for n in graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default}
+    sources = {F._source_of(n) for n in graph.nodes if n.target in _PRODUCTS}
     fused = 0
     for dy in list(graph.nodes):
         v = F._val(dy)
         if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.dim() < 2 or v.device.type != "cpu":
             continue
-        found = dict(filter(None, (_outer_quantizer(u, dy) for u in list(dy.users))))
-        if set(found) != {"cols", "rows"}:
+        matches = [m for m in (_outer_quantizer(u, dy) for u in list(dy.users)) if m is not None]
+        conv = next((flag for flag in (False, True) if {side for side, f, _ in matches if f == flag} == {"cols", "rows"}),
+                    None)
+        if conv is None:
             continue
+        found = {side: q for side, f, q in matches if f == conv}
         c, r = found["cols"], found["rows"]
         bits, groups = c.quantizer.args[1:3]
         if r.quantizer.args[1:3] != (bits, groups) or not N.fits_int8(bits, groups):
@@ -160,7 +191,7 @@ def _fuse(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
             if order[r.quantizer] < order[c.quantizer]:
                 seeds.reverse()
             new = F._new(graph, torch.ops.sqcompile.shiftquant_outer_pair.default,
-                         (dy, c.prescale, r.prescale, *seeds, bits, groups), c.quantizer, mode)
+                         (dy, c.prescale, r.prescale, *seeds, bits, groups, conv), c.quantizer, mode)
             outs = [F._new(graph, operator.getitem, (new, i), c.quantizer, mode) for i in range(6)]
         for q, base in ((c, 0), (r, 3)):
             for item in [u for u in q.quantizer.users if u.target is operator.getitem]:
@@ -176,11 +207,12 @@ def _fuse(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
 
 
 def _cpu_kernels_apply(gm: fx.GraphModule) -> bool:
-    """Does ``gm`` hold a CPU ``int8_mm``, and can the kernels run here?  (Checked in that
-    order: the kernels are built at the first graph that could take them, not on a GPU's.)"""
+    """Does ``gm`` hold a CPU integer product (:data:`_PRODUCTS`), and can the kernels run
+    here?  (Checked in that order: the kernels are built at the first graph that could take
+    them, not on a GPU's.)"""
     from ..kernels import cpu_quant
 
-    gemms = [n for n in gm.graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default]
+    gemms = [n for n in gm.graph.nodes if n.target in _PRODUCTS]
     return any(F._val(n) is not None and F._val(n).device.type == "cpu" for n in gemms) and cpu_quant.status()[0]
 
 

@@ -12,6 +12,15 @@
  *   "rows", for dW = dY^T X (the product over L): y = dY * pq (per row, pq [B, L]);
  *       outer_r = max |y| per column; x = y / outer_r; one channel per row.
  *
+ * A convolution's output gradient [N, C, P] (`conv`, B = N, L = C, S = P positions) has the
+ * same two quantizations with coarser outer maxima: its dW's ("cols": a channel per sample
+ * and position, pk the input's scale per sample) one per output channel over the whole
+ * batch, outer_c[l] = max over b of the rows' maxima; its dX's ("rows": a channel per
+ * sample and output channel, pq the weight's scale per output channel) one per sample,
+ * outer_r[b] = max over s of the columns' maxima.  A maximum of maxima is the maximum, so
+ * pass 1 reduces its maxima once more (0 taken as 1 only then) and broadcasts them back into
+ * outer_c [B, L] and outer_r [B, S]: passes 2 and 3 are the same.
+ *
  * Each value is computed as those ops compute it (the same multiplies, IEEE divisions,
  * NaN-propagating maxima, the same hash), so the results are theirs bit for bit.  Three
  * passes over dY: the outer maxima (sq_outer_pair_ranges, pass 1), the channel ranges of the
@@ -51,6 +60,23 @@ static void combine(const float *work, int64_t B, int64_t chunks, int64_t S, int
     }
 }
 
+static inline float max_nan1(float a, float b) { return isnan(a) || isnan(b) ? NAN : a > b ? a : b; }
+
+/* A convolution's outer maxima from pass 1's (see the top): outer_c [B, L] := its maximum
+ * over b, outer_r [B, S] := its maximum over s, each then 0 -> 1. */
+static void coarse_outer(float *outer_c, float *outer_r, int64_t B, int64_t L, int64_t S) {
+    for (int64_t l = 0; l < L; l++) {
+        float m = outer_c[l];
+        for (int64_t b = 1; b < B; b++) m = max_nan1(m, outer_c[b * L + l]);
+        for (int64_t b = 0; b < B; b++) outer_c[b * L + l] = one_if_zero(m);
+    }
+    for (int64_t b = 0; b < B; b++) {
+        float m = outer_r[b * S];
+        for (int64_t s = 1; s < S; s++) m = max_nan1(m, outer_r[b * S + s]);
+        fill(outer_r + b * S, S, one_if_zero(m));
+    }
+}
+
 /* Rows [first, last) of batch entry b; `chunks` split each entry's L rows. */
 static inline void chunk_rows(int64_t task, int64_t L, int64_t chunks, int64_t *b, int64_t *first, int64_t *last) {
     int64_t c = task % chunks;
@@ -64,7 +90,7 @@ static inline void chunk_rows(int64_t task, int64_t L, int64_t chunks, int64_t *
    |dY pk / outer_c| -> ranges_c [B, S], rows of |dY pq / outer_r| -> ranges_r [B, L]).
    work: chunks * B * S floats. */
 void sq_outer_pair_ranges(const float *dy, const float *pk, const float *pq, int64_t B, int64_t L, int64_t S,
-                          int64_t chunks, float *work, float *outer_c, float *outer_r, float *ranges_c,
+                          int64_t chunks, int conv, float *work, float *outer_c, float *outer_r, float *ranges_c,
                           float *ranges_r, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t task = 0; task < B * chunks; task++) {
@@ -84,10 +110,12 @@ void sq_outer_pair_ranges(const float *dy, const float *pk, const float *pq, int
                 mc = max_nan(mc, _mm512_maskz_mov_ps(m, yc));
                 _mm512_mask_storeu_ps(col + s, m, max_nan(_mm512_maskz_loadu_ps(m, col + s), yr));
             }
-            outer_c[b * L + l] = one_if_zero(reduce_max_nan(mc));
+            outer_c[b * L + l] = conv ? reduce_max_nan(mc) : one_if_zero(reduce_max_nan(mc));
         }
     }
-    combine(work, B, chunks, S, 1, outer_r, threads);
+    combine(work, B, chunks, S, !conv, outer_r, threads);
+    if (conv)
+        coarse_outer(outer_c, outer_r, B, L, S);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t task = 0; task < B * chunks; task++) {
         int64_t b, first, last;

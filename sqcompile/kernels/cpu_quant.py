@@ -12,7 +12,11 @@ producer into each of them: a GELU's backward (with its ``erf``), a softmax's, t
 dequantization of the next GEMM's gradient -- recomputed six times.  The kernel computes both
 from ``dY`` written once, in three passes, bit for bit what the graph's ops compute (the same
 multiplies, IEEE divisions, NaN-propagating maxima and
-:func:`~sqcompile.numerics.hash_noise` noise with the same two seeds).
+:func:`~sqcompile.numerics.hash_noise` noise with the same two seeds).  With ``conv``, a
+convolution's output gradient ``[N, C, *S]`` (:class:`sqcompile.ops._QuantConv`'s pair:
+``dW``'s channels per sample and position with one outer maximum per output channel, ``dX``'s
+per sample and output channel with one per sample; :func:`pair_dims`): the same passes over
+``[N, C, prod S]``, the first one's maxima reduced once more.
 
 :func:`gelu_quantize`: a Linear's dequantize + bias + GELU + the next GEMM's per-row
 quantizer, one row at a time in cache (Inductor's loop evaluated the GELU twice per value:
@@ -30,7 +34,7 @@ import ctypes
 import functools
 import math
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -53,7 +57,7 @@ def _library(cflags: Optional[Tuple[str, ...]] = None) -> ctypes.CDLL:
     lib = native.build(SOURCE, list(cflags) if cflags else native.simd_build()[1], "the CPU quantizer kernels")
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.sq_outer_pair_ranges.restype = None
-    lib.sq_outer_pair_ranges.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.sq_outer_pair_ranges.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, i32]
     lib.sq_outer_pair_quantize.restype = None
     lib.sq_outer_pair_quantize.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, f32, i64, i64,
                                            i64, ptr, ptr, i32]
@@ -83,18 +87,33 @@ def _spread_seed(seed: torch.Tensor) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
+def pair_dims(nd: int, conv: bool) -> Tuple[Tuple[List[int], List[int]], Tuple[List[int], List[int]]]:
+    """``((channels, outer), (channels, outer))`` of the two quantizations of a pair, "cols"
+    then "rows": the channel dims of each ShiftQuant and the dims its outer maxima keep.  A
+    GEMM's ``dY`` ``[..., L, S]``: the columns (and the leading dims) are the channels of the
+    one, whose maxima are per row, and the other way round.  A convolution's ``[N, C, *S]``
+    (``conv``): its ``dW``'s channels are (sample, position), one maximum per output channel;
+    its ``dX``'s (sample, output channel), one per sample (:class:`sqcompile.ops._QuantConv`)."""
+    if conv:
+        return ([0, *range(2, nd)], [1]), ([0, 1], [0])
+    cols, rows = list(range(nd - 2)) + [nd - 1], list(range(nd - 1))
+    return (cols, rows), (rows, cols)
+
+
 def shiftquant_outer_pair_reference(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int, groups: int,
-                                    seeds: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+                                    seeds: Tuple[torch.Tensor, torch.Tensor],
+                                    conv: bool = False) -> Tuple[torch.Tensor, ...]:
     """The graph's two ShiftQuants of ``dY`` ``[..., L, S]`` with outer scales, as lowered for
     Inductor (:func:`sqcompile.ops.shiftquant_outer` over :func:`sqcompile.numerics.shiftquant`
     with :func:`~sqcompile.numerics.hash_noise` noise of ``seeds``): along the columns with
     prescale ``pk`` (``[..., 1, S]``) and one outer maximum per row, along the rows with
     prescale ``pq`` (``[..., L, 1]``) and one per column; the leading dims are channels of
-    both.  ``(e_cols, base_cols, outer_cols, e_rows, base_rows, outer_rows)``."""
-    nd = dy.dim()
-    cols, rows = list(range(nd - 2)) + [nd - 1], list(range(nd - 1))
+    both.  ``(e_cols, base_cols, outer_cols, e_rows, base_rows, outer_rows)``.  With ``conv``,
+    a convolution's output gradient ``[N, C, *S]``: "cols" is its ``dW``'s quantization
+    (prescale ``pk`` ``[N, 1, ...]``, one outer maximum per output channel), "rows" its
+    ``dX``'s (``pq`` ``[1, C, 1, ...]``, one per sample; :func:`pair_dims`)."""
     out = []
-    for pre, channels, outer_dims, seed in ((pk, cols, rows, seeds[0]), (pq, rows, cols, seeds[1])):
+    for pre, (channels, outer_dims), seed in zip((pk, pq), pair_dims(dy.dim(), conv), seeds):
         y = dy * pre
         r = N.safe_div_scale(N.amax(y, outer_dims))
         x = y / r
@@ -112,19 +131,25 @@ def _chunks(B: int, L: int, threads: int) -> int:
 
 
 def shiftquant_outer_pair(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, bits: int, groups: int,
-                          seeds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, ...]:
+                          seeds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                          conv: bool = False) -> Tuple[torch.Tensor, ...]:
     """:func:`shiftquant_outer_pair_reference` on the C kernel, bit for bit, in three
-    passes over ``dy`` (float32 ``[..., L, S]`` on CPU): the outer maxima, the quotients'
+    passes over ``dy`` (float32 ``[..., L, S]`` on CPU, or with ``conv`` a convolution's
+    ``[N, C, *S]``): the outer maxima, the quotients'
     channel ranges, both quantizations, with ``shift_params`` between the second and the
     third.  ``seeds`` default to two drawn from torch's generator, columns first.  Runs the
     reference where :func:`status` says the kernel cannot, or where ``bits`` / ``groups`` do
     not fit int8."""
     if seeds is None:
         seeds = (N.draw_seed(dy.device), N.draw_seed(dy.device))
-    if dy.device.type != "cpu" or dy.dtype != torch.float32 or dy.dim() < 2 or not status()[0] or \
+    if dy.device.type != "cpu" or dy.dtype != torch.float32 or dy.dim() < (3 if conv else 2) or not status()[0] or \
             dy.numel() == 0 or not N.fits_int8(bits, groups):
-        return shiftquant_outer_pair_reference(dy, pk, pq, bits, groups, seeds)
-    (B, L, S), pq2, pk2 = batched(dy, pq, pk)
+        return shiftquant_outer_pair_reference(dy, pk, pq, bits, groups, seeds, conv)
+    if conv:        # [N, C, P]: the samples are the batch, pk one scale per sample, pq per output channel
+        n, c = dy.shape[:2]
+        (B, L, S), pq2, pk2 = batched(dy.reshape(n, c, -1), pq.reshape(pq.shape[0], c, 1), pk.reshape(-1, 1, 1))
+    else:
+        (B, L, S), pq2, pk2 = batched(dy, pq, pk)
     x = dy.contiguous()
     threads = torch.get_num_threads()
     chunks = _chunks(B, L, threads)
@@ -133,9 +158,10 @@ def shiftquant_outer_pair(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, 
     outer_r, ranges_c = torch.empty(B, S, **f32), torch.empty(B, S, **f32)
     work = torch.empty(chunks * B * S, **f32)      # the row chunks' column maxima
     lib = _library()
-    lib.sq_outer_pair_ranges(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), B, L, S, chunks, work.data_ptr(),
-                             outer_c.data_ptr(), outer_r.data_ptr(), ranges_c.data_ptr(), ranges_r.data_ptr(), threads)
-    *lead, _, _ = dy.shape
+    lib.sq_outer_pair_ranges(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), B, L, S, chunks, int(conv),
+                             work.data_ptr(), outer_c.data_ptr(), outer_r.data_ptr(), ranges_c.data_ptr(),
+                             ranges_r.data_ptr(), threads)
+    lead = [B] if conv else dy.shape[:-2]
     _, mult_c, scale_c, base_c = torch.ops.sqcompile.shift_params(ranges_c.view(*lead, 1, S), bits, groups)
     _, mult_r, scale_r, base_r = torch.ops.sqcompile.shift_params(ranges_r.view(*lead, L, 1), bits, groups)
     e_c, e_r = pool.OUTPUTS.empty(dy.shape, torch.int8), pool.OUTPUTS.empty(dy.shape, torch.int8)
@@ -143,26 +169,34 @@ def shiftquant_outer_pair(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, 
     lib.sq_outer_pair_quantize(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), outer_c.data_ptr(), outer_r.data_ptr(),
                                *(t.data_ptr() for t in c), _spread_seed(seeds[0]), _spread_seed(seeds[1]),
                                float(N.qmax(bits)), B, L, S, e_c.data_ptr(), e_r.data_ptr(), threads)
-    return (e_c, N._finite_or_nan(base_c), outer_c.view(*lead, L, 1), e_r, N._finite_or_nan(base_r),
-            outer_r.view(*lead, 1, S))
+    if conv:        # the outer maxima as the graph's amax keeps them: [1, C, 1..] and [N, 1, 1..]
+        ones = [1] * (dy.dim() - 2)
+        outer_c, outer_r = outer_c[0].view(1, L, *ones), outer_r[:, 0].contiguous().view(B, 1, *ones)
+    else:
+        outer_c, outer_r = outer_c.view(*lead, L, 1), outer_r.view(*lead, 1, S)
+    return e_c, N._finite_or_nan(base_c), outer_c, e_r, N._finite_or_nan(base_r), outer_r
 
 
 @ops.custom_op("sqcompile::shiftquant_outer_pair")
 def shiftquant_outer_pair_op(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, seed_cols: torch.Tensor,
-                             seed_rows: torch.Tensor, bits: int, groups: int
+                             seed_rows: torch.Tensor, bits: int, groups: int, conv: bool = False
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor]:
     """``dY`` ShiftQuant-ed both ways with outer scales (:func:`shiftquant_outer_pair`) with the
     seeds given (``sqcompile::random_seed`` nodes of the graph, drawn where the two quantizers
     drew theirs): ``(e_cols, base_cols, outer_cols, e_rows, base_rows, outer_rows)``."""
-    return shiftquant_outer_pair(dy, pk, pq, bits, groups, (seed_cols, seed_rows))
+    return shiftquant_outer_pair(dy, pk, pq, bits, groups, (seed_cols, seed_rows), conv)
 
 
 @shiftquant_outer_pair_op.register_fake
-def _(dy, pk, pq, seed_cols, seed_rows, bits, groups):
-    *lead, L, S = dy.shape
+def _(dy, pk, pq, seed_cols, seed_rows, bits, groups, conv=False):
     e = dy.new_empty(dy.shape, dtype=N.expanded_dtype(bits, groups))
     f = dy.new_empty((), dtype=torch.float32)
+    if conv:
+        ones = [1] * (dy.dim() - 2)
+        return (e, f, dy.new_empty((1, dy.shape[1], *ones)), torch.empty_like(e), torch.empty_like(f),
+                dy.new_empty((dy.shape[0], 1, *ones)))
+    *lead, L, S = dy.shape
     return (e, f, dy.new_empty((*lead, L, 1)), torch.empty_like(e), torch.empty_like(f), dy.new_empty((*lead, 1, S)))
 
 
