@@ -17,8 +17,9 @@ result); the kernel makes three passes over it.  Its two seeds become
 their order.  A convolution's output gradient ``[N, C, *S]`` pairs up the same way
 (``conv=True``: ``dX``'s quantizer has one outer maximum per sample, ``dW``'s one per output
 channel; the ResNet-18 and U-Net steps of ``benchmarks/train_step.py`` 1.01x faster so on a
-Zen 4 core: the kernel's divisions bound it as they bound Inductor's loops).  Label ``shiftquant_outer(dY) x2``, on the
-decision of the GEMM that ``dY``'s column quantization feeds.
+Zen 4 core: the kernel's divisions bound it as they bound Inductor's loops).  Label
+``shiftquant_outer(dY) x2``, on the decision of the GEMM (or convolution) that ``dY``'s
+column quantization feeds.
 
 **A Linear's GELU** (``sqcompile::gelu_quantize``).  In a forward or inference graph,
 :func:`fuse_gelu_quantizers` replaces ``gelu(int8_mm.float() * (sa * sb) [+ bias])`` whose
@@ -76,8 +77,8 @@ class _OuterQuantizer(NamedTuple):
 
 
 def _sides(pv: torch.Tensor, v: torch.Tensor) -> List[tuple]:
-    """The ``(side, conv)`` layouts a prescale ``pv`` of ``dY`` (``v``) can belong to, with the
-    dims its outer ``amax`` reduces: a GEMM's ``[..., L, S]`` (:func:`~sqcompile.kernels.cpu_quant.pair_dims`)
+    """The ``(side, conv)`` layouts a prescale ``pv`` of ``dY`` (``v``) fits
+    (:func:`~sqcompile.kernels.cpu_quant.pair_dims` has their dims): a GEMM's ``[..., L, S]``
     along the columns (``pv`` ``[..., 1, S]``) or the rows (``[..., L, 1]``); a convolution's
     ``[N, C, *S]`` (``dW``'s "cols": ``pv`` one value per sample; ``dX``'s "rows": one per
     output channel)."""
@@ -168,8 +169,8 @@ def _fuse(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
         if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.dim() < 2 or v.device.type != "cpu":
             continue
         matches = [m for m in (_outer_quantizer(u, dy) for u in list(dy.users)) if m is not None]
-        conv = next((flag for flag in (False, True) if {side for side, f, _ in matches if f == flag} == {"cols", "rows"}),
-                    None)
+        both = [flag for flag in (False, True) if {side for side, f, _ in matches if f == flag} == {"cols", "rows"}]
+        conv = both[0] if both else None        # a GEMM's layout first, where degenerate sizes fit both
         if conv is None:
             continue
         found = {side: q for side, f, q in matches if f == conv}
