@@ -16,6 +16,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --outer-scale    # grad_outer_scale flipped too
     python benchmarks/train_step.py --fusion-off        # attention softmax, gradient quantizers in Inductor loops
     python benchmarks/train_step.py --no-grad-kernel    # gradients' quantizers in Inductor loops
+    python benchmarks/train_step.py --models resnet18 unet --no-conv-grad-kernel   # convs' ones only
     python benchmarks/train_step.py --models transformer --no-gelu-kernel   # GELU + quantizer in Inductor
     python benchmarks/train_step.py --models transformer --no-gelu-backward-kernel   # GELU backward in Inductor
     python benchmarks/train_step.py --models transformer --peak-memory
@@ -180,6 +181,21 @@ def passes_off(names):
 
 
 @contextlib.contextmanager
+def conv_pairs_off(on):
+    """While ``on``, the gradient pass pairs only GEMMs' gradients, not convolutions' (their
+    outer-scaled ShiftQuants stay Inductor's loops): ``--no-conv-grad-kernel``.  Read when a
+    graph is compiled, i.e. at the variant's first step."""
+    from sqcompile.backends import cpu_quant
+    sides = cpu_quant._sides
+    if on:
+        cpu_quant._sides = lambda pv, v: [(side, conv) for side, conv in sides(pv, v) if not conv]
+    try:
+        yield
+    finally:
+        cpu_quant._sides = sides
+
+
+@contextlib.contextmanager
 def im2col_convs(on):
     """While ``on``, the torch kernel family has no ``int8_conv``: stride-1 integer convs are
     traced as im2col GEMMs, as before the implicit-GEMM kernel (``--no-implicit-conv``).
@@ -219,6 +235,9 @@ def variants(args, name):
     if args.no_gelu_backward_kernel and name == "transformer":
         out.append((f"{tag}, GELU backward as Inductor's loop",
                     dict(bits, fusion=True, cudagraphs=False, _passes_off=("fuse_gelu_backwards",)), False))
+    if args.no_conv_grad_kernel and name != "transformer":
+        out.append((f"{tag}, convs' gradient quantizers as Inductor loops",
+                    dict(bits, fusion=True, grad_outer_scale=True, _conv_pairs_off=True), False))
     if args.no_implicit_conv and name != "transformer":
         out.append((f"{tag}, convs as im2col GEMMs",
                     dict(bits, fusion=True, execution="auto", _im2col=True), False))
@@ -250,12 +269,13 @@ def make_step(name, options, bf16, x, channels_last=False):
     off = options.pop("_passes_off", ())
     im2col = options.pop("_im2col", False)
     norm_ops = options.pop("_norm_ops", False)
+    conv_pairs = options.pop("_conv_pairs_off", False)
     run = model if not options else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
         with gemm_engine(engine), saved_scales(scales), passes_off(off), im2col_convs(im2col), \
-                norm_kernels_off(norm_ops):
+                norm_kernels_off(norm_ops), conv_pairs_off(conv_pairs):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(run(x))
@@ -344,6 +364,9 @@ def main(argv=None):
     p.add_argument("--no-grad-kernel", action="store_true",
                    help="also time the step with the gradients' outer-scaled ShiftQuants as Inductor's loops "
                         "(the shiftquant_outer_pair C kernel off, attention's kernels on)")
+    p.add_argument("--no-conv-grad-kernel", action="store_true",
+                   help="CNNs: also time the step with the convolutions' gradient quantizers as Inductor's loops "
+                        "(shiftquant_outer_pair's conv=True off; the Linears' pairs on)")
     p.add_argument("--no-gelu-kernel", action="store_true",
                    help="also time the transformer step with its Linear's dequantize + bias + GELU + the next "
                         "quantizer as Inductor's loop (the gelu_quantize C kernel off, the others on)")

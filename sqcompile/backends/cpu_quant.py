@@ -16,8 +16,9 @@ result); the kernel makes three passes over it.  Its two seeds become
 ``sqcompile::random_seed`` nodes of the graph, drawn where the quantizers drew theirs, in
 their order.  A convolution's output gradient ``[N, C, *S]`` pairs up the same way
 (``conv=True``: ``dX``'s quantizer has one outer maximum per sample, ``dW``'s one per output
-channel; the ResNet-18 and U-Net steps of ``benchmarks/train_step.py`` 1.01x faster so on a
-Zen 4 core: the kernel's divisions bound it as they bound Inductor's loops).  Label
+channel; the ResNet-18 and U-Net steps of ``benchmarks/train_step.py`` level with Inductor's
+loops on a Zen 4 core, 0.99-1.01x: the kernel's divisions bound it as they bound the loops,
+and a conv's ``dY`` producer is cheap to recompute).  Label
 ``shiftquant_outer(dY) x2``, on the decision of the GEMM (or convolution) that ``dY``'s
 column quantization feeds.
 
