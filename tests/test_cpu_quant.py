@@ -185,6 +185,21 @@ def test_conv_gradient_pair_matches_the_graphs_composition_bit_for_bit(shape, th
 
 
 @needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 5), c=st.integers(1, 40), spatial=st.lists(st.integers(1, 12), min_size=1, max_size=3),
+       bits=st.integers(2, 8), spread=st.sampled_from([1.0, 1e3, 1e-20]), seed=st.integers(0, 2 ** 16))
+def test_conv_gradient_pair_matches_the_reference_on_random_shapes(n, c, spatial, bits, spread, seed):
+    """1-3 spatial dims, rows (positions) not whole vectors, one sample or one channel,
+    magnitudes down to subnormal products, 2-8 bits."""
+    dy, pk, pq = _conv_inputs((n, c, *spatial), seed, spread)
+    dy *= spread
+    seeds = (torch.tensor(seed), torch.tensor(seed + 1))
+    groups = 4 if bits <= 5 else 1
+    _assert_bitwise(CQ.shiftquant_outer_pair(dy, pk, pq, bits, groups, seeds, conv=True),
+                    CQ.shiftquant_outer_pair_reference(dy, pk, pq, bits, groups, seeds, conv=True))
+
+
+@needs_kernel
 def test_conv_gradient_pair_with_zero_nan_and_infinite_gradients():
     """A zero sample and a zero output channel (their outer maxima 0, taken as 1), a NaN, an
     infinity; at 8 bits too."""

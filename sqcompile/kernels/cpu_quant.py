@@ -147,7 +147,7 @@ def shiftquant_outer_pair(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, 
         return shiftquant_outer_pair_reference(dy, pk, pq, bits, groups, seeds, conv)
     if conv:        # [N, C, P]: the samples are the batch, pk one scale per sample, pq per output channel
         n, c = dy.shape[:2]
-        (B, L, S), pq2, pk2 = batched(dy.reshape(n, c, -1), pq.reshape(pq.shape[0], c, 1), pk.reshape(-1, 1, 1))
+        (B, L, S), pq2, pk2 = batched(dy.reshape(n, c, -1), pq.reshape(-1, c, 1), pk.reshape(-1, 1, 1))
     else:
         (B, L, S), pq2, pk2 = batched(dy, pq, pk)
     x = dy.contiguous()
