@@ -141,6 +141,31 @@ void sq_outer_pair_ranges(const float *dy, const float *pk, const float *pq, int
     combine(work, B, chunks, S, 0, ranges_c, threads);
 }
 
+/* numerics.shift_params over n channel ranges, bit for bit: R = the largest range (NaN if any
+ * is), each channel's group g = the count of j in 1 .. groups-1 with r * 2^j <= R (groups-1
+ * everywhere when R is not finite), mult = 2^(groups-1-g), scale = base * mult, and
+ * *base = R / 2^(groups-1) / qmax (IEEE divisions; the first is exact).  The op's dozen
+ * tensor ops over a conv's dW ranges (N x P channels) took half a millisecond a call. */
+void sq_shift_params(const float *ranges, int64_t n, int groups, float qmax, float *mult, float *scale,
+                     float *base) {
+    float pow2[31];                               /* groups fit int8 (fits_int8): far fewer than 31 */
+    for (int j = 0; j < groups; j++) pow2[j] = (float)(1u << j);
+    float R = n ? ranges[0] : 0.0f;
+    for (int64_t i = 1; i < n; i++) R = max_nan1(R, ranges[i]);
+    const float b = R / pow2[groups - 1] / qmax;
+    const int finite = isfinite(R);
+    for (int64_t i = 0; i < n; i++) {
+        int g = groups - 1;
+        if (finite) {
+            g = 0;
+            for (int j = 1; j < groups; j++) g += ranges[i] * pow2[j] <= R;
+        }
+        mult[i] = pow2[groups - 1 - g];
+        scale[i] = b * mult[i];
+    }
+    *base = b;
+}
+
 SQ_VEC __m512i expand(__m512 x, __m512 scale, __m512 mult, __m512 u, __m512 qmax) {
     /* numerics.quantize_values (stochastic) then q * multiplier: floor(x / scale + u),
        clamped, NaN -> 0 (scale 0 divides as 1).  IEEE divisions, as the graph's: a reciprocal

@@ -61,6 +61,8 @@ def _library(cflags: Optional[Tuple[str, ...]] = None) -> ctypes.CDLL:
     lib.sq_outer_pair_quantize.restype = None
     lib.sq_outer_pair_quantize.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, f32, i64, i64,
                                            i64, ptr, ptr, i32]
+    lib.sq_shift_params.restype = None
+    lib.sq_shift_params.argtypes = [ptr, i64, i32, f32, ptr, ptr, ptr]
     lib.sq_gelu_quantize.restype = ctypes.c_int
     lib.sq_gelu_quantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, ptr, ptr, i32]
     lib.sq_gelu_backward.restype = None
@@ -124,6 +126,15 @@ def shiftquant_outer_pair_reference(dy: torch.Tensor, pk: torch.Tensor, pq: torc
     return tuple(out)
 
 
+def _shift_params(lib: ctypes.CDLL, ranges: torch.Tensor, bits: int, groups: int):
+    """``(multiplier, scale, base)`` of :func:`sqcompile.numerics.shift_params` over the
+    contiguous float32 ``ranges`` (flat, one per channel) on the C kernel, bit for bit."""
+    mult, scale, base = torch.empty_like(ranges), torch.empty_like(ranges), torch.empty((), dtype=torch.float32)
+    lib.sq_shift_params(ranges.data_ptr(), ranges.numel(), groups, float(N.qmax(bits)), mult.data_ptr(),
+                        scale.data_ptr(), base.data_ptr())
+    return mult, scale, base
+
+
 def _chunks(B: int, L: int, threads: int) -> int:
     """Row chunks per batch entry for the passes that reduce over rows: enough for two
     tasks a thread, never fewer than 16 rows a chunk."""
@@ -161,11 +172,10 @@ def shiftquant_outer_pair(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, 
     lib.sq_outer_pair_ranges(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), B, L, S, chunks, int(conv),
                              work.data_ptr(), outer_c.data_ptr(), outer_r.data_ptr(), ranges_c.data_ptr(),
                              ranges_r.data_ptr(), threads)
-    lead = [B] if conv else dy.shape[:-2]
-    _, mult_c, scale_c, base_c = torch.ops.sqcompile.shift_params(ranges_c.view(*lead, 1, S), bits, groups)
-    _, mult_r, scale_r, base_r = torch.ops.sqcompile.shift_params(ranges_r.view(*lead, L, 1), bits, groups)
+    (mult_c, scale_c, base_c), (mult_r, scale_r, base_r) = (_shift_params(lib, r, bits, groups)
+                                                            for r in (ranges_c, ranges_r))
     e_c, e_r = pool.OUTPUTS.empty(dy.shape, torch.int8), pool.OUTPUTS.empty(dy.shape, torch.int8)
-    c = [t.contiguous() for t in (scale_c, mult_c, scale_r, mult_r)]
+    c = (scale_c, mult_c, scale_r, mult_r)
     lib.sq_outer_pair_quantize(x.data_ptr(), pk2.data_ptr(), pq2.data_ptr(), outer_c.data_ptr(), outer_r.data_ptr(),
                                *(t.data_ptr() for t in c), _spread_seed(seeds[0]), _spread_seed(seeds[1]),
                                float(N.qmax(bits)), B, L, S, e_c.data_ptr(), e_r.data_ptr(), threads)
@@ -173,6 +183,7 @@ def shiftquant_outer_pair(dy: torch.Tensor, pk: torch.Tensor, pq: torch.Tensor, 
         ones = [1] * (dy.dim() - 2)
         outer_c, outer_r = outer_c[0].view(1, L, *ones), outer_r[:, 0].contiguous().view(B, 1, *ones)
     else:
+        lead = dy.shape[:-2]
         outer_c, outer_r = outer_c.view(*lead, L, 1), outer_r.view(*lead, 1, S)
     return e_c, N._finite_or_nan(base_c), outer_c, e_r, N._finite_or_nan(base_r), outer_r
 
