@@ -268,7 +268,9 @@ def shift_params(ranges: torch.Tensor, bits: int, groups: int):
     Returns ``(group, multiplier, scale, base)``: each channel's group ``g``, its shift as a
     float multiplier ``2**(G-1-g)`` (``expanded = q * multiplier``), its scale
     ``s_g = base * multiplier`` (an exact power of two times the base) and the base scale
-    ``s_{G-1} = R / 2**(G-1) / qmax``.
+    ``s_{G-1} = R / 2**(G-1) / qmax``.  The CPU gradient-pair kernel computes the same in C
+    (``kernels/cpu_quant.c:sq_shift_params``; ``tests/test_cpu_quant.py`` ties the two bit for
+    bit): a change here goes there too.
     """
     R = ranges.max() if ranges.numel() else ranges.new_zeros(())
     g = shift_groups(ranges, groups)
