@@ -271,6 +271,78 @@ def _(e, x, kernel, padding, dilation):
     return e.new_empty((e.shape[1], x.shape[1], *kernel), dtype=torch.int32)
 
 
+@custom_op(f"{LIB}::int8_grouped_conv")
+def int8_grouped_conv(x: torch.Tensor, w: torch.Tensor, stride: List[int], padding: List[int], dilation: List[int],
+                      groups: int) -> torch.Tensor:
+    """Exact integer grouped convolution (any ``groups``, depthwise included): int8 ``x``
+    ``[N, C, *S]`` and ``w`` ``[Cout, C / groups, *k]`` -> int32 ``[N, Cout, *O]``,
+    contiguous.  The caller keeps ``prod(w.shape[1:])`` within :data:`MAX_INT32_TERMS`.
+    Reference: a float64 convolution (exact: every partial sum is an integer below 2**53);
+    on CPU a C kernel of direct loops over the planes
+    (:mod:`sqcompile.kernels.cpu_grouped_conv`)."""
+    return grouped_conv_reference(x, w, stride, padding, dilation, groups)
+
+
+def grouped_conv_reference(x, w, stride, padding, dilation, groups) -> torch.Tensor:
+    """:func:`int8_grouped_conv` as a float64 convolution (any device)."""
+    return torch.ops.aten.convolution(x.double(), w.double(), None, stride, padding, dilation, False,
+                                      [0] * len(stride), groups).to(torch.int32)
+
+
+@int8_grouped_conv.register_fake
+def _(x, w, stride, padding, dilation, groups):
+    return x.new_empty((x.shape[0], w.shape[0], *strided_conv_output_sizes(x.shape[2:], w.shape[2:], stride, padding,
+                                                                           dilation)), dtype=torch.int32)
+
+
+@custom_op(f"{LIB}::int8_grouped_conv_input_grad")
+def int8_grouped_conv_input_grad(e: torch.Tensor, w: torch.Tensor, input_sizes: List[int], stride: List[int],
+                                 padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
+    """The exact integer input gradient of :func:`int8_grouped_conv`: int8 ``e``
+    ``[N, Cout, *O]`` (the output gradient) and ``w`` -> int32 ``input_sizes``
+    (``[N, C, *S]``), contiguous.  Reference: float64 ``convolution_backward``."""
+    return grouped_conv_input_grad_reference(e, w, input_sizes, stride, padding, dilation, groups)
+
+
+def grouped_conv_input_grad_reference(e, w, input_sizes, stride, padding, dilation, groups) -> torch.Tensor:
+    """:func:`int8_grouped_conv_input_grad` as a float64 ``convolution_backward``."""
+    x = e.new_empty(input_sizes, dtype=torch.float64)
+    return torch.ops.aten.convolution_backward(e.double(), x, w.double(), None, stride, padding, dilation, False,
+                                               [0] * len(stride), groups, [True, False, False])[0].to(torch.int32)
+
+
+@int8_grouped_conv_input_grad.register_fake
+def _(e, w, input_sizes, stride, padding, dilation, groups):
+    return e.new_empty(input_sizes, dtype=torch.int32)
+
+
+@custom_op(f"{LIB}::int8_grouped_conv_weight")
+def int8_grouped_conv_weight(e: torch.Tensor, x: torch.Tensor, kernel: List[int], stride: List[int],
+                             padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
+    """The exact integer weight gradient of :func:`int8_grouped_conv`: int8 ``e``
+    ``[N, Cout, *O]`` and ``x`` ``[N, C, *S]`` -> int64 ``[Cout, C / groups, *kernel]``
+    (a sum over the batch and the positions: int64, which no batch overflows).  Reference:
+    float64 ``convolution_backward`` (exact below 2**53)."""
+    return grouped_conv_weight_reference(e, x, kernel, stride, padding, dilation, groups)
+
+
+def grouped_conv_weight_reference(e, x, kernel, stride, padding, dilation, groups) -> torch.Tensor:
+    """:func:`int8_grouped_conv_weight` as a float64 ``convolution_backward``."""
+    w = x.new_empty((e.shape[1], x.shape[1] // groups, *kernel), dtype=torch.float64)
+    return torch.ops.aten.convolution_backward(e.double(), x.double(), w, None, stride, padding, dilation, False,
+                                               [0] * len(stride), groups, [False, True, False])[1].to(torch.int64)
+
+
+@int8_grouped_conv_weight.register_fake
+def _(e, x, kernel, stride, padding, dilation, groups):
+    return e.new_empty((e.shape[1], x.shape[1] // groups, *kernel), dtype=torch.int64)
+
+
+def strided_conv_output_sizes(sizes, kernel, stride, padding, dilation) -> list:
+    """Spatial output sizes of a convolution (PyTorch's formula)."""
+    return [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in zip(sizes, kernel, stride, padding, dilation)]
+
+
 def conv_output_sizes(sizes, kernel, padding, dilation) -> list:
     """Spatial output sizes of a stride-1 convolution."""
     return [s + 2 * p - d * (k - 1) for s, k, p, d in zip(sizes, kernel, padding, dilation)]
@@ -710,7 +782,10 @@ class _QuantConv(torch.autograd.Function):
     GEMM belongs to one sample, so the scale factors out of its sums as a row scale), weight
     (per output channel) and ShiftQuant-ed gradients: along output channels for ``dX``, along
     (batch, positions) for ``dW`` (the input's per-sample scale folded in first, as a Linear's
-    per-row scale).  Integer execution uses an int8 im2col GEMM (``groups == 1``).
+    per-row scale).  Integer execution uses an int8 im2col GEMM (``groups == 1``); grouped
+    and depthwise convolutions use :func:`int8_grouped_conv` and its two gradients, direct
+    loops over the NCHW planes (a depthwise conv's reduction is only its taps: nothing for a
+    GEMM to do).
 
     ``dX``'s ShiftQuant takes one range per (sample, output channel), not per output channel:
     the expanded integers share one base scale whatever the grouping, so the integer GEMM is
@@ -737,7 +812,8 @@ class _QuantConv(torch.autograd.Function):
                 conv_groups, outer=False, transposed=False, output_padding=None):
         ks = kernel_set(kernels)
         qx, sx = _quantize(ks, stats, "act", x, a_bits, [0], False)     # one scale per sample
-        if integer:
+        grouped = conv_groups > 1       # integer: direct loops over NCHW planes (int8_grouped_conv)
+        if integer and not grouped:
             qx = _gather_layout(ks, qx, stride)
         qw, sw = _quantize(ks, stats, "weight", w, w_bits, [1] if transposed else [0], False)
         ctx.save_for_backward(qx, sx, qw, sw)
@@ -751,6 +827,8 @@ class _QuantConv(torch.autograd.Function):
                 out_shape = [x.shape[0], w.shape[1], *_conv_transpose_sizes(x.shape[2:], w.shape[2:], stride,
                                                                             padding, dilation, output_padding)]
                 acc = im2col_conv_input_grad(ks, qx, qw, out_shape, stride, padding, dilation)
+            elif grouped:
+                acc = int8_grouped_conv(qx, qw, list(stride), list(padding), list(dilation), conv_groups).float()
             else:
                 acc = im2col_conv(ks, qx, qw, stride, padding, dilation)
             return (acc * channel_scale).to(x.dtype).contiguous(memory_format=_conv_memory_format(x, w))
@@ -774,7 +852,11 @@ class _QuantConv(torch.autograd.Function):
         if ctx.needs[0]:   # reduction over output channels (and taps): ranges per (sample, channel)
             e, s = _gradient(ks, stats, "grad_dx", dy, grad_bits, groups, [0, 1],
                              sw.reshape(1, -1, *[1] * len(spatial)), [0] if outer else None)
-            if integer:
+            if integer and conv_groups > 1:
+                acc = int8_grouped_conv_input_grad(e, qw, list(qx.shape), list(stride), list(padding), list(dilation),
+                                                   conv_groups).float()
+                dx = (acc * s).to(x_dtype).contiguous(memory_format=_conv_memory_format(dy, qw))
+            elif integer:
                 e = _gather_layout(ks, e, stride)
                 if transposed:
                     acc = im2col_conv(ks, e, qw, stride, padding, dilation)
@@ -786,7 +868,11 @@ class _QuantConv(torch.autograd.Function):
                                     **conv)[0].to(x_dtype).contiguous(memory_format=_conv_memory_format(dy, qw))
         if ctx.needs[1]:   # reduction over (batch, output positions); with ``outer``, a scale per output channel
             e, s = _gradient(ks, stats, "grad_dw", dy, grad_bits, groups, [0, *spatial], sx, [1] if outer else None)
-            if integer:
+            if integer and conv_groups > 1:   # int64 sums over the batch
+                dw = int8_grouped_conv_weight(e, qx, list(qw.shape[2:]), list(stride), list(padding), list(dilation),
+                                              conv_groups)
+                dw = (dw.double() * s.reshape(-1, *[1] * len(spatial) + [1])).to(w_dtype)
+            elif integer:
                 e = _gather_layout(ks, e, stride)
                 if transposed:   # dW[ci, co, k] = sum over (n, l) of x[n, ci, l] dY[n, co, l*s + k*d - p]
                     dw = im2col_conv_weight_grad(ks, qx, e, qw.shape, stride, padding, dilation)
@@ -1061,11 +1147,19 @@ def _product(lists):
 
 
 def integer_conv_supported(nd: int, conv_groups: int, transposed: bool = False, stride=None,
-                           output_padding=None) -> Optional[str]:
-    """None if the integer conv path handles this conv, else the reason it does not."""
+                           output_padding=None, device: Optional[str] = None) -> Optional[str]:
+    """None if the integer conv path handles this conv, else the reason it does not.
+
+    Grouped convolutions run integer on CPU (``device`` ``"cpu"`` or not given: the C kernels
+    of :mod:`sqcompile.kernels.cpu_grouped_conv`).  Decision: on other devices they stay
+    simulated, since their integer ops would be float64 convolutions there (exact, but no
+    faster than the float32 conv of the simulated path); grouped transposed convolutions stay
+    simulated everywhere."""
     kind = "transposed convolution" if transposed else "convolution"
-    if conv_groups != 1:
-        return f"grouped {kind} (groups={conv_groups}) has no integer im2col formulation yet"
+    if conv_groups != 1 and transposed:
+        return f"grouped {kind} (groups={conv_groups}) has no integer formulation yet"
+    if conv_groups != 1 and device not in (None, "cpu"):
+        return f"grouped {kind} (groups={conv_groups}) runs integer only on CPU (this one is on {device})"
     if transposed and stride is not None and output_padding is not None and any(
             op >= st for op, st in zip(_ntuple(output_padding, nd), _ntuple(stride, nd))):
         return "transposed convolution with output_padding >= stride has no integer formulation yet"

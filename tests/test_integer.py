@@ -321,7 +321,8 @@ def test_convs_compile_for_inductor_with_symbolic_image_sizes():
 
 def test_integer_conv_support_rule():
     assert ops.integer_conv_supported(2, 1) is None
-    assert "grouped" in ops.integer_conv_supported(2, 4)
+    assert ops.integer_conv_supported(2, 4) is None                 # on CPU since 2026-12-03
+    assert "only on CPU" in ops.integer_conv_supported(2, 4, device="cuda")
     assert ops.integer_conv_supported(3, 1) is None                 # simulated until 2026-11-30
 
 

@@ -297,7 +297,7 @@ def test_transformer_lm_is_one_graph_quantizes_attention_and_keeps_embedding_flo
     assert rec.graphs["forward"].count("sqcompile.int8_mm(") == 7
 
 
-def test_depthwise_conv1d_and_conv2d_are_quantized_simulated_with_a_reason():
+def test_depthwise_conv1d_and_conv2d_run_as_integer_convolutions():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = DepthwiseNet()
@@ -306,8 +306,8 @@ def test_depthwise_conv1d_and_conv2d_are_quantized_simulated_with_a_reason():
     by_path = {d.module_path: d for d in gemms(rec)}
     for path, op in [("dw1", "conv1d"), ("dw2", "conv2d")]:
         d = by_path[path]
-        assert d.op == op and d.quantized and d.execution == "simulated"
-        assert "grouped convolution (groups=4)" in d.reason
+        assert d.op == op and d.quantized and d.execution == "int8-cpu" and d.reason is None
+    assert rec.graphs["forward"].count("int8_grouped_conv(") == 2
     assert by_path["pw2"].execution == "int8-cpu" and by_path["pw2"].reason is None
     assert by_path["fc"].quantized
 

@@ -4,7 +4,7 @@
   value is a ``ValueError`` naming the variable;
 * every build gives the same results bit for bit: the AVX-512 one, the portable one
   (``avx512_portable.h`` over AVX2) and the portable one without vector ISA flags (its plain C
-  path) -- the attention, norm and quantizer kernels on inputs with NaN, infinities, zeros and
+  path) -- the attention, norm, quantizer and grouped-convolution kernels on inputs with NaN, infinities, zeros and
   rows that are not whole multiples of 16 lanes, each compared with this machine's default
   build (which the kernels' own test files, test_cpu_norm.py, test_cpu_quant.py and
   test_cpu_attention.py, hold to the ``numerics`` references).
@@ -18,12 +18,14 @@ import torch
 
 from sqcompile import norms
 from sqcompile import numerics as N
+from sqcompile import ops
 from sqcompile.kernels import cpu_attention as CA
+from sqcompile.kernels import cpu_grouped_conv as CG
 from sqcompile.kernels import cpu_norm as CN
 from sqcompile.kernels import cpu_quant as CQ
 from sqcompile.kernels import native
 
-MODULES = (CA, CN, CQ)
+MODULES = (CA, CG, CN, CQ)
 C, EPS = norms.L1_SCALE, 1e-5
 
 
@@ -163,6 +165,20 @@ def test_quantizer_kernels_give_the_same_bits(other_build, shape, awkward):
     _same_bits(*_both(other_build, lambda: CQ.gelu_quantize(acc, sa, sb, bias, 8)))
     pre = dy * 3 if awkward else torch.randn(shape, generator=g) * 2
     _same_bits(*_both(other_build, lambda: CQ.gelu_backward(acc, sa, sb, pre)))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grouped_conv_kernels_give_the_same_bits(other_build, stride):
+    """Integer code only, but compiled with each build's flags (the vectorized row loops)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-128, 128, (2, 6, 11, 13), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (12, 1, 3, 3), generator=g, dtype=torch.int8)
+    args = ([stride] * 2, [1, 1], [1, 1], 6)
+    y = ops.int8_grouped_conv(x, w, *args)
+    e = torch.randint(-128, 128, y.shape, generator=g, dtype=torch.int8)
+    _same_bits(*_both(other_build, lambda: (ops.int8_grouped_conv(x, w, *args),
+                                            ops.int8_grouped_conv_input_grad(e, w, list(x.shape), *args),
+                                            ops.int8_grouped_conv_weight(e, x, [3, 3], *args))))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -10,6 +10,7 @@ import torch
 
 from . import cpu  # noqa: F401  (registers torch.ops.sqcompile.int8_mm for CPU)
 from . import cpu_attention  # noqa: F401  (defines torch.ops.sqcompile.attention_probs)
+from . import cpu_grouped_conv  # noqa: F401  (registers torch.ops.sqcompile.int8_grouped_conv* for CPU)
 from . import cpu_norm  # noqa: F401  (defines torch.ops.sqcompile.cpu_l1_norm, cpu_l1_norm_backward)
 from . import cpu_quant  # noqa: F401  (defines torch.ops.sqcompile.shiftquant_outer_pair)
 

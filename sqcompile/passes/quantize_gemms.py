@@ -99,7 +99,7 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
         args = bind(node, *((_CONV_T_ARGS, _CONV_T_DEFAULTS) if transposed else (_CONV_ARGS, _CONV_DEFAULTS)))
         tensors = [args["input"], args["weight"]]
         unsupported = ops.integer_conv_supported(_CONVS[name], args["groups"], transposed, args["stride"],
-                                                 args.get("output_padding"))
+                                                 args.get("output_padding"), target.device)
     elif name in ops.RNN_MODES:
         args = bind(node, _RNN_ARGS, {})
         params = list(args["params"]) if isinstance(args["params"], (list, tuple)) else []
