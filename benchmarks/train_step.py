@@ -6,7 +6,9 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
 * resnet18: a ResNet-18-sized CNN (BasicBlocks 64-128-256-512, BatchNorm -> L1 norm) on 32x32
   inputs, batch 32;
 * unet: ``examples/unet_denoise_fashion_mnist.py``'s U-Net at width 32 (convs down, transposed
-  convs up, InstanceNorm -> L1 instance norm) on 64x64 grey images, batch 16.
+  convs up, InstanceNorm -> L1 instance norm) on 64x64 grey images, batch 16;
+* mobilenet_v2: MobileNetV2 for 32x32 inputs (17 inverted residuals: 1x1 expand, 3x3
+  depthwise, 1x1 project; BatchNorm -> L1 norm; ReLU6), batch 32.
 
     python benchmarks/train_step.py
     python benchmarks/train_step.py --models transformer --rounds 7
@@ -24,6 +26,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models unet resnet18 --no-implicit-conv   # convs as im2col GEMMs too
     python benchmarks/train_step.py --models unet resnet18 --no-norm-kernel     # norms as Inductor's loops too
     python benchmarks/train_step.py --no-c-kernels      # none of the C kernels but the GEMMs' (a portable-build A/B)
+    python benchmarks/train_step.py --models mobilenet_v2 --grouped-simulated   # depthwise convs simulated (float)
 """
 from __future__ import annotations
 
@@ -108,11 +111,46 @@ class ResNet18(nn.Module):
         return self.fc(self.layers(self.stem(x)).mean((2, 3)))
 
 
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        h = cin * expand
+        self.residual = stride == 1 and cin == cout
+        layers = [] if expand == 1 else [nn.Conv2d(cin, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6()]
+        self.body = nn.Sequential(*layers, nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                  nn.ReLU6(), nn.Conv2d(h, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) for 32x32 inputs: the stem and the first stages at stride 1."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        layers, cin = [nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6()], 32
+        for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                           (6, 320, 1, 1)):
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(1280, classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
 MODELS = {
     "transformer": (Transformer, lambda: torch.randn(16, 256, 512), lambda out: out.pow(2).mean()),
     "resnet18": (ResNet18, lambda: torch.randn(32, 3, 32, 32),
                  lambda out: F.cross_entropy(out, torch.arange(out.shape[0]) % 10)),
     "unet": (lambda: UNet(32), lambda: torch.randn(16, 1, 64, 64), lambda out: out.pow(2).mean()),
+    "mobilenet_v2": (MobileNetV2, lambda: torch.randn(32, 3, 32, 32),
+                     lambda out: F.cross_entropy(out, torch.arange(out.shape[0]) % 10)),
 }
 
 
@@ -210,6 +248,22 @@ def im2col_convs(on):
         ops.register_kernel_set("torch", family)
 
 
+@contextlib.contextmanager
+def grouped_simulated(on):
+    """While ``on``, grouped convolutions have no integer formulation (as before 2026-12-03:
+    quantized, then float convolutions of the dequantized operands): ``--grouped-simulated``.
+    Read when a graph is compiled, i.e. at the variant's first step."""
+    from sqcompile import ops
+    supported = ops.integer_conv_supported
+    if on:
+        ops.integer_conv_supported = lambda nd, groups, *a, **k: \
+            "grouped (benchmark: simulated)" if groups != 1 else supported(nd, groups, *a, **k)
+    try:
+        yield
+    finally:
+        ops.integer_conv_supported = supported
+
+
 def variants(args, name):
     """``(label, compile options or None, bf16 autocast)`` of every path timed for ``name``."""
     bits = dict(weight_bits=args.bits, act_bits=args.bits, grad_bits=args.bits, inner="inductor")
@@ -241,6 +295,9 @@ def variants(args, name):
     if args.no_implicit_conv and name != "transformer":
         out.append((f"{tag}, convs as im2col GEMMs",
                     dict(bits, fusion=True, execution="auto", _im2col=True), False))
+    if args.grouped_simulated and name == "mobilenet_v2":
+        out.append((f"{tag}, grouped convs simulated",
+                    dict(bits, fusion=True, cudagraphs=False, collect_stats=False, _grouped_simulated=True), False))
     if args.no_norm_kernel:
         out.append((f"{tag}, norms as Inductor loops",
                     dict(bits, fusion=True, execution="auto", collect_stats=False, _norm_ops=True), False))
@@ -270,12 +327,13 @@ def make_step(name, options, bf16, x, channels_last=False):
     im2col = options.pop("_im2col", False)
     norm_ops = options.pop("_norm_ops", False)
     conv_pairs = options.pop("_conv_pairs_off", False)
+    grouped = options.pop("_grouped_simulated", False)
     run = model if not options else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
         with gemm_engine(engine), saved_scales(scales), passes_off(off), im2col_convs(im2col), \
-                norm_kernels_off(norm_ops), conv_pairs_off(conv_pairs):
+                norm_kernels_off(norm_ops), conv_pairs_off(conv_pairs), grouped_simulated(grouped):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(run(x))
@@ -373,6 +431,8 @@ def main(argv=None):
     p.add_argument("--no-gelu-backward-kernel", action="store_true",
                    help="also time the transformer step with its GELU's backward (dequantize + GELU backward + "
                         "the bias gradient's sums) as Inductor's loops (the gelu_backward C kernel off)")
+    p.add_argument("--grouped-simulated", action="store_true",
+                   help="also time mobilenet_v2 with its depthwise convs simulated (float), not integer")
     p.add_argument("--outer-scale", action="store_true",
                    help="also time the shiftquant step with grad_outer_scale the other way than its default, "
                         "in the same process")
