@@ -36,6 +36,19 @@ def test_cpu_conv_benchmark_runs():
         assert any("forward" in r for r in rows) and any("weight gradient" in r for r in rows)
 
 
+def test_grouped_conv_benchmark_checks_and_times_every_part():
+    """``benchmarks/grouped_conv.py`` checks the int8 depthwise kernels against fp32 (exact at
+    its magnitudes) and times forward and both gradients."""
+    args = ["--shapes", "2,4,6,1", "2,4,7,2", "--rounds", "1", "--threads", "1"]
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "grouped_conv.py"), *args],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for shape in ("| [2, 4, 6, 6] s1", "| [2, 4, 7, 7] s2"):
+        rows = [line for line in res.stdout.splitlines() if line.startswith(shape)]
+        assert {part for part in ("forward", "input grad", "weight grad") if any(part in r for r in rows)} == \
+            {"forward", "input grad", "weight grad"}
+
+
 def test_host_overhead_benchmark_runs():
     """``benchmarks/host_overhead.py`` times every op it lists (Triton launches stubbed out)."""
     res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "host_overhead.py"), "--rounds", "1",

@@ -131,8 +131,8 @@ def test_random_shapes_equal_the_references(data):
     dilation = [data.draw(st.integers(1, 2)) for _ in range(nd)]
     stride = [data.draw(st.integers(1, 3)) for _ in range(nd)]
     padding = [data.draw(st.integers(0, 3)) for _ in range(nd)]
-    sizes = [data.draw(st.integers(max(1, d * (k - 1) + 1 - 2 * p), 12 if nd < 3 else 6))
-             for k, d, p in zip(kernel, dilation, padding)]
+    smallest = [max(1, d * (k - 1) + 1 - 2 * p) for k, d, p in zip(kernel, dilation, padding)]
+    sizes = [data.draw(st.integers(lo, max(lo, 12 if nd < 3 else 6))) for lo in smallest]
     n = data.draw(st.integers(1, 3))
     x, w, e = _operands(n, cg * groups, og * groups, groups, sizes, kernel, stride, padding, dilation,
                         seed=data.draw(st.integers(0, 2**16)))

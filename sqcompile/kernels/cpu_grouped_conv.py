@@ -5,21 +5,23 @@ for bit: both are exact integer sums).
 
 Why direct loops, not GEMMs: a depthwise conv (MobileNet's, ConvNeXt's) has one input
 channel per group, so as an im2col GEMM its reduction is just the taps (9 for 3x3) -- no
-work for a GEMM kernel, and each group a GEMM of its own.  As a stencil over each NCHW plane
-the int8 input is read in place, the rows' multiply-adds vectorize along ``W``, and nothing
-is copied into another layout: PyTorch's float depthwise conv on NCHW operands runs 5-7x
-slower than on channels-last ones (``[32, 144, 32, 32]``, 3x3, one thread: 47.7 against
-6.8 ms forward), and the simulated path handed it NCHW operands (or, after Inductor's layout
-choices, ``[N, H, C, W]`` ones it copied first).
+work for a GEMM kernel, and each group a GEMM of its own.  As loops over each NCHW plane the
+int8 operands are read where they are and nothing is copied into another layout: PyTorch's
+float depthwise conv on NCHW operands runs 5-7x slower than on channels-last ones
+(``[32, 144, 32, 32]``, 3x3, one thread: 47.7 against 6.8 ms forward), and the simulated
+path handed it NCHW operands (or, after Inductor's layout choices, ``[N, H, C, W]`` ones it
+copied first).  Each plane is placed on its zero-padded grid split by the stride into phase
+planes (``grouped_conv.c``), where every tap is one offset: a tap is one long loop over the
+plane, which the compiler vectorizes, whatever the stride, dilation and padding.
 
 Spatial dims are taken as three (1-d and 2-d convs have leading sizes of 1).  The kernels
-take int8 operands whose sums fit int32 (``prod(w.shape[1:])`` and the input gradient's
-terms within :data:`~sqcompile.ops.MAX_INT32_TERMS`, rows of the weight gradient within
-2**17 products); anything else (int16 ShiftQuant digits, larger sums, a build that failed)
-runs the reference.  Outputs come from the output pool (:mod:`~sqcompile.kernels.pool`:
-a fresh 19 MB int32 plane set page-faulted for as long as the forward took).  Built as the other C kernels (:mod:`~sqcompile.kernels.native`, the
-build of :func:`~sqcompile.kernels.native.simd_build` at ``-O3``, where the compiler
-vectorizes the row loops).
+take int8 operands whose forward and input-gradient sums have at most
+:data:`~sqcompile.ops.MAX_INT32_TERMS` terms (the weight gradient adds int32 partial sums
+into int64); anything else (int16 ShiftQuant digits, longer sums, a build that failed) runs
+the reference.  Outputs come from the output pool (:mod:`~sqcompile.kernels.pool`: a fresh
+19 MB int32 output page-faulted for as long as the forward took).  Built as the other C
+kernels (:mod:`~sqcompile.kernels.native`, the build of
+:func:`~sqcompile.kernels.native.simd_build` at ``-O3``).
 """
 from __future__ import annotations
 
@@ -132,7 +134,7 @@ def int8_grouped_conv_input_grad_cpu(e, w, input_sizes, stride, padding, dilatio
 def int8_grouped_conv_weight_cpu(e, x, kernel, stride, padding, dilation, groups):
     w_shape = (e.shape[1], x.shape[1] // groups, *kernel)
     check(x.shape, w_shape, e.shape, stride, padding, dilation, groups)
-    if not _fits(e, x, e.shape[-1]):     # each row's products add in int32
+    if not _fits(e, x, 0):     # int32 partial sums of at most 2**16 products, added in int64
         return ops.grouped_conv_weight_reference(e, x, kernel, stride, padding, dilation, groups)
     dw = torch.empty(w_shape, dtype=torch.int64)
     return _run("sq_grouped_conv_weight", e, x, dw, dims(x.shape, w_shape, e.shape[2:], stride, padding, dilation,

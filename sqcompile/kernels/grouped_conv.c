@@ -13,15 +13,22 @@
  *   weight gradient int64 [Cout, C / G, KD, KH, KW]   dw[co, c, t] = sum over n, o of
  *                                             e[n, co, o] * x[n, g * C/G + c, o * s + t * d - p]
  *
- * Exact integer sums: an output or input-gradient element adds (C / G) * taps products of
- * at most 128 * 128 (the caller keeps that below 2^31); the weight gradient adds each row's
- * products in int32 (a row has at most OW <= 2^17 of them) into an int64.
+ * Exact integer sums: an output or input-gradient element adds at most 2^17 products of
+ * magnitude below 2^14 (the caller checks), the weight gradient adds int32 sums of at most
+ * 2^16 products into an int64.
  *
- * A depthwise conv is a stencil over each (sample, channel) plane: the forward and the input
- * gradient take one output plane per task (OpenMP over N * Cout, resp. N * C planes: no two
- * tasks write the same element), the weight gradient one output channel per task.  The
- * innermost loops run along W over a range where every tap is inside the input, with unit
- * stride at stride 1, which the compiler vectorizes (int8 -> int32 multiply-adds).
+ * The layout that makes every tap one long loop ("phase planes"): a plane is placed on its
+ * zero-padded grid (G = S + 2 p per dim) split by the stride into s_d * s_h * s_w phase
+ * planes, the positions with the same remainders mod s, each Q = ceil(G / s) per dim.  Output
+ * o and tap t read grid position o * s + t * d, i.e. phase (t * d) mod s at index
+ * o + (t * d) div s: with the outputs laid out at the phase planes' pitch (flat index
+ * j = (od * QH + oh) * QW + ow), a tap is one offset, and out[j] += w[t] * phase[j + off[t]]
+ * one loop over the whole plane.  The positions j that are no output (ow >= OW, oh >= OH)
+ * compute values nobody reads (forward) or carry zeros (the gradients' e); `tail` zeros after
+ * the buffer cover their reads past it.  At stride 1 there is one phase plane, the grid.
+ *
+ * One task is one output plane (the forward: OpenMP over N * Cout planes; the input gradient:
+ * N * C planes; the weight gradient: one output channel), so no two tasks write one element.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -33,15 +40,14 @@ typedef struct {
     int64_t s[3], p[3], d[3];            /* stride, padding, dilation */
 } conv_t;
 
-/* The outputs o in [lo, hi) whose input position o * s + t * d - p lies in [0, size). */
-static void valid_range(int64_t size, int64_t out, int64_t s, int64_t off, int64_t *lo, int64_t *hi) {
-    /* off = t * d - p;  need 0 <= o * s + off < size */
-    int64_t a = off >= 0 ? 0 : (-off + s - 1) / s;
-    int64_t b = size - off <= 0 ? 0 : (size - off + s - 1) / s;
-    *lo = a;
-    *hi = b < out ? b : out;
-    if (*hi < *lo) *hi = *lo;
-}
+typedef struct {
+    int64_t q[3];                        /* a phase plane's sizes */
+    int64_t phase;                       /* elements of one phase plane */
+    int64_t buffer;                      /* the phase planes and the tail */
+    int64_t span;                        /* flat index of the last output + 1 */
+    int64_t taps, cg, og, in_plane, out_plane;
+    int64_t *offs;                       /* each tap's offset into the buffer */
+} plan_t;
 
 static void load(conv_t *cv, const int64_t *dims) {
     cv->n = dims[0]; cv->c = dims[1]; cv->cout = dims[2]; cv->g = dims[3];
@@ -51,58 +57,116 @@ static void load(conv_t *cv, const int64_t *dims) {
     }
 }
 
-/* Stride 1 in every dim: the planes are laid out on the padded grid (pitch Wp = W + 2 pw,
- * Hp = H + 2 ph per depth slice) and a tap is one offset along the flattened grid, so each tap
- * is one long loop over the whole plane.  Output positions live at the grid's first OD x OH x
- * OW corner (their padded input position is o + t * d); the grid's other positions compute
- * values nobody reads (forward) or carry zeros (the gradients' e).  `tail` zeros after a
- * plane cover the largest tap offset. */
-static int all_unit_stride(const conv_t *cv) { return cv->s[0] == 1 && cv->s[1] == 1 && cv->s[2] == 1; }
-
-static int64_t grid_size(const conv_t *cv, int64_t *hp, int64_t *wp) {
-    *hp = cv->in[1] + 2 * cv->p[1];
-    *wp = cv->in[2] + 2 * cv->p[2];
-    return (cv->in[0] + 2 * cv->p[0]) * *hp * *wp;
-}
-
-/* the taps' offsets along the flattened grid; returns the largest */
-static int64_t tap_offsets(const conv_t *cv, int64_t hp, int64_t wp, int64_t *offs) {
+static int make_plan(const conv_t *cv, plan_t *f) {
+    for (int i = 0; i < 3; i++) f->q[i] = (cv->in[i] + 2 * cv->p[i] + cv->s[i] - 1) / cv->s[i];
+    f->phase = f->q[0] * f->q[1] * f->q[2];
+    f->span = ((cv->out[0] - 1) * f->q[1] + cv->out[1] - 1) * f->q[2] + cv->out[2];
+    f->taps = cv->k[0] * cv->k[1] * cv->k[2];
+    f->cg = cv->c / cv->g;
+    f->og = cv->cout / cv->g;
+    f->in_plane = cv->in[0] * cv->in[1] * cv->in[2];
+    f->out_plane = cv->out[0] * cv->out[1] * cv->out[2];
+    f->offs = malloc((size_t)f->taps * sizeof(int64_t));
+    if (!f->offs) return 0;
     int64_t t = 0, top = 0;
     for (int64_t kd = 0; kd < cv->k[0]; kd++)
     for (int64_t kh = 0; kh < cv->k[1]; kh++)
     for (int64_t kw = 0; kw < cv->k[2]; kw++) {
-        offs[t] = (kd * cv->d[0] * hp + kh * cv->d[1]) * wp + kw * cv->d[2];
-        if (offs[t] > top) top = offs[t];
+        const int64_t a = kd * cv->d[0], b = kh * cv->d[1], c = kw * cv->d[2];
+        const int64_t which = ((a % cv->s[0]) * cv->s[1] + b % cv->s[1]) * cv->s[2] + c % cv->s[2];
+        f->offs[t] = which * f->phase + ((a / cv->s[0]) * f->q[1] + b / cv->s[1]) * f->q[2] + c / cv->s[2];
+        if (f->offs[t] > top) top = f->offs[t];
         t++;
     }
-    return top;
+    f->buffer = cv->s[0] * cv->s[1] * cv->s[2] * f->phase;
+    if (top + f->span > f->buffer) f->buffer = top + f->span;     /* the tail */
+    return 1;
 }
 
-/* an int8 plane [D, H, W] onto the zeroed grid (int32) at (ld, lh, lw) */
-static void to_grid(int32_t *restrict g, const int8_t *restrict x, const int64_t *size, int64_t hp, int64_t wp,
-                    int64_t ld, int64_t lh, int64_t lw) {
-    for (int64_t i = 0; i < size[0]; i++)
-    for (int64_t j = 0; j < size[1]; j++) {
-        int32_t *row = g + ((i + ld) * hp + j + lh) * wp + lw;
-        const int8_t *src = x + (i * size[1] + j) * size[2];
-        for (int64_t k = 0; k < size[2]; k++) row[k] = src[k];
+/* the buffer position of padded-grid position (a, b, c) */
+static inline int64_t at(const conv_t *cv, const plan_t *f, int64_t a, int64_t b, int64_t c) {
+    const int64_t which = ((a % cv->s[0]) * cv->s[1] + b % cv->s[1]) * cv->s[2] + c % cv->s[2];
+    return which * f->phase + ((a / cv->s[0]) * f->q[1] + b / cv->s[1]) * f->q[2] + c / cv->s[2];
+}
+
+/* Grid columns c = pw + k of one input row (k < W) by W-phase r = c mod sw: the first such
+ * column, their count; consecutive ones lie next to each other in phase plane r. */
+static inline int64_t phase_run(const conv_t *cv, int64_t r, int64_t *first) {
+    const int64_t sw = cv->s[2], pw = cv->p[2];
+    const int64_t c0 = pw + ((r - pw % sw) % sw + sw) % sw;
+    *first = c0;
+    return c0 < pw + cv->in[2] ? (pw + cv->in[2] - 1 - c0) / sw + 1 : 0;
+}
+
+/* an int8 input plane [D, H, W] into the zeroed phase buffer (at its padding) */
+static void to_phases(const conv_t *cv, const plan_t *f, int32_t *restrict buf, const int8_t *restrict x) {
+    memset(buf, 0, (size_t)f->buffer * 4);
+    for (int64_t i = 0; i < cv->in[0]; i++)
+    for (int64_t j = 0; j < cv->in[1]; j++) {
+        const int8_t *src = x + (i * cv->in[1] + j) * cv->in[2];
+        for (int64_t r = 0; r < cv->s[2]; r++) {
+            int64_t c0;
+            const int64_t count = phase_run(cv, r, &c0), sw = cv->s[2];
+            int32_t *row = buf + at(cv, f, i + cv->p[0], j + cv->p[1], c0);
+            const int8_t *from = src + (c0 - cv->p[2]);
+            for (int64_t k = 0; k < count; k++) row[k] = from[k * sw];
+        }
     }
 }
 
-/* the rows [D, H, W] of the grid at (ld, lh, lw), out of it */
-static void from_grid(int32_t *restrict y, const int32_t *restrict g, const int64_t *size, int64_t hp, int64_t wp,
-                      int64_t ld, int64_t lh, int64_t lw) {
-    for (int64_t i = 0; i < size[0]; i++)
-    for (int64_t j = 0; j < size[1]; j++)
-        memcpy(y + (i * size[1] + j) * size[2], g + ((i + ld) * hp + j + lh) * wp + lw, (size_t)size[2] * 4);
+/* the input-gradient plane [D, H, W] out of the phase buffer */
+static void from_phases(const conv_t *cv, const plan_t *f, int32_t *restrict dx, const int32_t *restrict buf) {
+    for (int64_t i = 0; i < cv->in[0]; i++)
+    for (int64_t j = 0; j < cv->in[1]; j++) {
+        int32_t *dst = dx + (i * cv->in[1] + j) * cv->in[2];
+        for (int64_t r = 0; r < cv->s[2]; r++) {
+            int64_t c0;
+            const int64_t count = phase_run(cv, r, &c0), sw = cv->s[2];
+            const int32_t *row = buf + at(cv, f, i + cv->p[0], j + cv->p[1], c0);
+            int32_t *to = dst + (c0 - cv->p[2]);
+            for (int64_t k = 0; k < count; k++) to[k * sw] = row[k];
+        }
+    }
 }
 
-/* out[j] += wv * in[j] over n positions (the flat loops; unit stride, vectorized) */
-static inline void flat_madd(int32_t *restrict out, const int32_t *restrict in, int32_t wv, int64_t n) {
+/* an output(-gradient) plane [OD, OH, OW] at the phase pitch (zeros elsewhere), int8 -> int32 */
+static void to_pitch(const conv_t *cv, const plan_t *f, int32_t *restrict buf, const int8_t *restrict e) {
+    memset(buf, 0, (size_t)f->span * 4);
+    for (int64_t i = 0; i < cv->out[0]; i++)
+    for (int64_t j = 0; j < cv->out[1]; j++) {
+        int32_t *row = buf + (i * f->q[1] + j) * f->q[2];
+        const int8_t *src = e + (i * cv->out[1] + j) * cv->out[2];
+        for (int64_t k = 0; k < cv->out[2]; k++) row[k] = src[k];
+    }
+}
+
+/* the output plane out of the pitch layout */
+static void from_pitch(const conv_t *cv, const plan_t *f, int32_t *restrict y, const int32_t *restrict buf) {
+    for (int64_t i = 0; i < cv->out[0]; i++)
+    for (int64_t j = 0; j < cv->out[1]; j++)
+        memcpy(y + (i * cv->out[1] + j) * cv->out[2], buf + (i * f->q[1] + j) * f->q[2], (size_t)cv->out[2] * 4);
+}
+
+#define BLOCK 64   /* outputs a forward block keeps in registers over all its taps */
+
+/* acc[j] += sum over taps of w[t] * in[j + off[t]], j < n: a block of outputs at a time, its
+ * sums in registers across the taps (one store per output, not one per tap) */
+static void taps_gather(int32_t *restrict acc, const int32_t *restrict in, const int8_t *restrict w,
+                        const int64_t *restrict off, int64_t taps, int64_t n) {
+    for (int64_t t = 0; t < taps; t++) {
+        const int32_t wv = w[t];
+        const int32_t *restrict src = in + off[t];
+        if (wv)
+            for (int64_t j = 0; j < n; j++) acc[j] += wv * src[j];
+    }
+}
+
+/* out[j + off] += wv * in[j] over j < n (the input gradient's scatter, one tap) */
+static inline void tap_scatter(int32_t *restrict out, const int32_t *restrict in, int32_t wv, int64_t n) {
     for (int64_t j = 0; j < n; j++) out[j] += wv * in[j];
 }
 
-static inline int64_t flat_dot(const int32_t *restrict a, const int32_t *restrict b, int64_t n) {
+static inline int64_t dot(const int32_t *restrict a, const int32_t *restrict b, int64_t n) {
     int64_t total = 0;
     for (int64_t j0 = 0; j0 < n; j0 += 65536) {     /* int32 sums of at most 2^16 products */
         const int64_t j1 = j0 + 65536 < n ? j0 + 65536 : n;
@@ -113,265 +177,94 @@ static inline int64_t flat_dot(const int32_t *restrict a, const int32_t *restric
     return total;
 }
 
-typedef struct {
-    int64_t hp, wp, grid, span, taps, cg, og, in_plane, out_plane;
-    int64_t *offs;
-} flat_t;
+/* Each public function returns 1, or 0 when a buffer could not be allocated. */
 
-/* the flat layout of a stride-1 conv; span: the flat index of the last output + 1 (the last
- * output plus the largest tap offset is the grid's last position, so no read leaves it) */
-static int flat_plan(const conv_t *cv, flat_t *f) {
-    f->grid = grid_size(cv, &f->hp, &f->wp);
-    f->span = ((cv->out[0] - 1) * f->hp + cv->out[1] - 1) * f->wp + cv->out[2];
-    f->taps = cv->k[0] * cv->k[1] * cv->k[2];
-    f->cg = cv->c / cv->g;
-    f->og = cv->cout / cv->g;
-    f->in_plane = cv->in[0] * cv->in[1] * cv->in[2];
-    f->out_plane = cv->out[0] * cv->out[1] * cv->out[2];
-    f->offs = malloc((size_t)f->taps * sizeof(int64_t));
-    if (!f->offs) return 0;
-    tap_offsets(cv, f->hp, f->wp, f->offs);
-    return 1;
-}
-
-static int flat_forward(const conv_t *cv, const int8_t *x, const int8_t *w, int32_t *y, int threads) {
-    flat_t f;
-    if (!flat_plan(cv, &f)) return 0;
+int sq_grouped_conv_forward(const int8_t *x, const int8_t *w, int32_t *y, const int64_t *dims, int threads) {
+    conv_t cv;
+    plan_t f;
+    load(&cv, dims);
+    if (!make_plan(&cv, &f)) return 0;
     int ok = 1;
     #pragma omp parallel num_threads(threads)
     {
-        int32_t *xg = malloc((size_t)f.grid * 4), *acc = malloc((size_t)f.span * 4);
-        if (!xg || !acc) { ok = 0; }
+        int32_t *xb = malloc((size_t)f.buffer * 4), *acc = malloc((size_t)f.span * 4);
+        if (!xb || !acc) ok = 0;
         #pragma omp for schedule(static)
-        for (int64_t task = 0; task < cv->n * cv->cout; task++) {
-            if (!xg || !acc) continue;
-            const int64_t n = task / cv->cout, co = task % cv->cout, g = co / f.og;
+        for (int64_t task = 0; task < cv.n * cv.cout; task++) {
+            if (!xb || !acc) continue;
+            const int64_t n = task / cv.cout, co = task % cv.cout, g = co / f.og;
             memset(acc, 0, (size_t)f.span * 4);
             for (int64_t c = 0; c < f.cg; c++) {
-                memset(xg, 0, (size_t)f.grid * 4);
-                to_grid(xg, x + (n * cv->c + g * f.cg + c) * f.in_plane, cv->in, f.hp, f.wp, cv->p[0], cv->p[1],
-                        cv->p[2]);
-                const int8_t *wp = w + (co * f.cg + c) * f.taps;
-                for (int64_t t = 0; t < f.taps; t++)
-                    if (wp[t]) flat_madd(acc, xg + f.offs[t], wp[t], f.span);
+                to_phases(&cv, &f, xb, x + (n * cv.c + g * f.cg + c) * f.in_plane);
+                taps_gather(acc, xb, w + (co * f.cg + c) * f.taps, f.offs, f.taps, f.span);
             }
-            from_grid(y + task * f.out_plane, acc, cv->out, f.hp, f.wp, 0, 0, 0);
+            from_pitch(&cv, &f, y + task * f.out_plane, acc);
         }
-        free(xg);
+        free(xb);
         free(acc);
     }
     free(f.offs);
     return ok;
 }
 
-static int flat_input_grad(const conv_t *cv, const int8_t *e, const int8_t *w, int32_t *dx, int threads) {
-    flat_t f;
-    if (!flat_plan(cv, &f)) return 0;
-    int ok = 1;
-    #pragma omp parallel num_threads(threads)
-    {
-        int32_t *dg = malloc((size_t)f.grid * 4), *eg = malloc((size_t)f.span * 4);
-        if (!dg || !eg) { ok = 0; }
-        #pragma omp for schedule(static)
-        for (int64_t task = 0; task < cv->n * cv->c; task++) {
-            if (!dg || !eg) continue;
-            const int64_t n = task / cv->c, ci = task % cv->c, g = ci / f.cg, c = ci % f.cg;
-            memset(dg, 0, (size_t)f.grid * 4);
-            for (int64_t j = 0; j < f.og; j++) {
-                const int64_t co = g * f.og + j;
-                memset(eg, 0, (size_t)f.span * 4);     /* the grid's other positions carry zeros */
-                to_grid(eg, e + (n * cv->cout + co) * f.out_plane, cv->out, f.hp, f.wp, 0, 0, 0);
-                const int8_t *wp = w + (co * f.cg + c) * f.taps;
-                for (int64_t t = 0; t < f.taps; t++)
-                    if (wp[t]) flat_madd(dg + f.offs[t], eg, wp[t], f.span);
-            }
-            from_grid(dx + task * f.in_plane, dg, cv->in, f.hp, f.wp, cv->p[0], cv->p[1], cv->p[2]);
-        }
-        free(dg);
-        free(eg);
-    }
-    free(f.offs);
-    return ok;
-}
-
-static int flat_weight(const conv_t *cv, const int8_t *e, const int8_t *x, int64_t *dw, int threads) {
-    flat_t f;
-    if (!flat_plan(cv, &f)) return 0;
-    int ok = 1;
-    #pragma omp parallel num_threads(threads)
-    {
-        int32_t *xg = malloc((size_t)f.grid * 4), *eg = malloc((size_t)f.span * 4);
-        if (!xg || !eg) { ok = 0; }
-        #pragma omp for schedule(static)
-        for (int64_t co = 0; co < cv->cout; co++) {
-            if (!xg || !eg) continue;
-            const int64_t g = co / f.og;
-            int64_t *wp = dw + co * f.cg * f.taps;
-            memset(wp, 0, (size_t)(f.cg * f.taps) * sizeof(int64_t));
-            for (int64_t n = 0; n < cv->n; n++) {
-                memset(eg, 0, (size_t)f.span * 4);
-                to_grid(eg, e + (n * cv->cout + co) * f.out_plane, cv->out, f.hp, f.wp, 0, 0, 0);
-                for (int64_t c = 0; c < f.cg; c++) {
-                    memset(xg, 0, (size_t)f.grid * 4);
-                    to_grid(xg, x + (n * cv->c + g * f.cg + c) * f.in_plane, cv->in, f.hp, f.wp, cv->p[0], cv->p[1],
-                            cv->p[2]);
-                    for (int64_t t = 0; t < f.taps; t++) wp[c * f.taps + t] += flat_dot(eg, xg + f.offs[t], f.span);
-                }
-            }
-        }
-        free(xg);
-        free(eg);
-    }
-    free(f.offs);
-    return ok;
-}
-
-/* y (one row of OW) += wv * x row, over the outputs whose input is inside the row */
-static inline void row_madd(int32_t *restrict y, const int8_t *restrict x, int32_t wv, int64_t lo, int64_t hi,
-                            int64_t s, int64_t off) {
-    if (s == 1) {   /* pointers moved to lo first: off may be negative */
-        const int8_t *xs = x + lo + off;
-        int32_t *ys = y + lo;
-        for (int64_t i = 0; i < hi - lo; i++) ys[i] += wv * (int32_t)xs[i];
-    } else {
-        for (int64_t o = lo; o < hi; o++) y[o] += wv * (int32_t)x[o * s + off];
-    }
-}
-
-/* x row (input gradient) += wv * e row, scattered back through the stride */
-static inline void row_scatter(int32_t *restrict x, const int8_t *restrict e, int32_t wv, int64_t lo, int64_t hi,
-                               int64_t s, int64_t off) {
-    if (s == 1) {
-        int32_t *xs = x + lo + off;
-        const int8_t *es = e + lo;
-        for (int64_t i = 0; i < hi - lo; i++) xs[i] += wv * (int32_t)es[i];
-    } else {
-        for (int64_t o = lo; o < hi; o++) x[o * s + off] += wv * (int32_t)e[o];
-    }
-}
-
-/* sum over the row's valid outputs of e[o] * x[o * s + off] */
-static inline int64_t row_dot(const int8_t *restrict e, const int8_t *restrict x, int64_t lo, int64_t hi, int64_t s,
-                              int64_t off) {
-    int32_t acc = 0;
-    if (s == 1) {
-        const int8_t *xs = x + lo + off, *es = e + lo;
-        for (int64_t i = 0; i < hi - lo; i++) acc += (int32_t)es[i] * (int32_t)xs[i];
-    } else {
-        for (int64_t o = lo; o < hi; o++) acc += (int32_t)e[o] * (int32_t)x[o * s + off];
-    }
-    return acc;
-}
-
-int sq_grouped_conv_forward(const int8_t *x, const int8_t *w, int32_t *y, const int64_t *dims, int threads) {
-    conv_t cv;
-    load(&cv, dims);
-    if (all_unit_stride(&cv)) return flat_forward(&cv, x, w, y, threads);
-    const int64_t cg = cv.c / cv.g, og = cv.cout / cv.g;
-    const int64_t taps = cv.k[0] * cv.k[1] * cv.k[2];
-    const int64_t in_plane = cv.in[0] * cv.in[1] * cv.in[2], out_plane = cv.out[0] * cv.out[1] * cv.out[2];
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t task = 0; task < cv.n * cv.cout; task++) {
-        const int64_t n = task / cv.cout, co = task % cv.cout, g = co / og;
-        int32_t *yp = y + task * out_plane;
-        memset(yp, 0, (size_t)out_plane * sizeof(int32_t));
-        for (int64_t c = 0; c < cg; c++) {
-            const int8_t *xp = x + (n * cv.c + g * cg + c) * in_plane;
-            const int8_t *wp = w + (co * cg + c) * taps;
-            for (int64_t kd = 0; kd < cv.k[0]; kd++)
-            for (int64_t kh = 0; kh < cv.k[1]; kh++)
-            for (int64_t kw = 0; kw < cv.k[2]; kw++) {
-                const int32_t wv = wp[(kd * cv.k[1] + kh) * cv.k[2] + kw];
-                if (wv == 0) continue;
-                int64_t d0, d1, h0, h1, w0, w1;
-                const int64_t od_off = kd * cv.d[0] - cv.p[0], oh_off = kh * cv.d[1] - cv.p[1],
-                              ow_off = kw * cv.d[2] - cv.p[2];
-                valid_range(cv.in[0], cv.out[0], cv.s[0], od_off, &d0, &d1);
-                valid_range(cv.in[1], cv.out[1], cv.s[1], oh_off, &h0, &h1);
-                valid_range(cv.in[2], cv.out[2], cv.s[2], ow_off, &w0, &w1);
-                for (int64_t od = d0; od < d1; od++)
-                for (int64_t oh = h0; oh < h1; oh++) {
-                    const int8_t *xr = xp + ((od * cv.s[0] + od_off) * cv.in[1] + oh * cv.s[1] + oh_off) * cv.in[2];
-                    row_madd(yp + (od * cv.out[1] + oh) * cv.out[2], xr, wv, w0, w1, cv.s[2], ow_off);
-                }
-            }
-        }
-    }
-    return 1;
-}
-
 int sq_grouped_conv_input_grad(const int8_t *e, const int8_t *w, int32_t *dx, const int64_t *dims, int threads) {
     conv_t cv;
+    plan_t f;
     load(&cv, dims);
-    if (all_unit_stride(&cv)) return flat_input_grad(&cv, e, w, dx, threads);
-    const int64_t cg = cv.c / cv.g, og = cv.cout / cv.g;
-    const int64_t taps = cv.k[0] * cv.k[1] * cv.k[2];
-    const int64_t in_plane = cv.in[0] * cv.in[1] * cv.in[2], out_plane = cv.out[0] * cv.out[1] * cv.out[2];
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t task = 0; task < cv.n * cv.c; task++) {
-        const int64_t n = task / cv.c, ci = task % cv.c, g = ci / cg, c = ci % cg;
-        int32_t *xp = dx + task * in_plane;
-        memset(xp, 0, (size_t)in_plane * sizeof(int32_t));
-        for (int64_t j = 0; j < og; j++) {
-            const int64_t co = g * og + j;
-            const int8_t *ep = e + (n * cv.cout + co) * out_plane;
-            const int8_t *wp = w + (co * cg + c) * taps;
-            for (int64_t kd = 0; kd < cv.k[0]; kd++)
-            for (int64_t kh = 0; kh < cv.k[1]; kh++)
-            for (int64_t kw = 0; kw < cv.k[2]; kw++) {
-                const int32_t wv = wp[(kd * cv.k[1] + kh) * cv.k[2] + kw];
-                if (wv == 0) continue;
-                int64_t d0, d1, h0, h1, w0, w1;
-                const int64_t od_off = kd * cv.d[0] - cv.p[0], oh_off = kh * cv.d[1] - cv.p[1],
-                              ow_off = kw * cv.d[2] - cv.p[2];
-                valid_range(cv.in[0], cv.out[0], cv.s[0], od_off, &d0, &d1);
-                valid_range(cv.in[1], cv.out[1], cv.s[1], oh_off, &h0, &h1);
-                valid_range(cv.in[2], cv.out[2], cv.s[2], ow_off, &w0, &w1);
-                for (int64_t od = d0; od < d1; od++)
-                for (int64_t oh = h0; oh < h1; oh++) {
-                    int32_t *xr = xp + ((od * cv.s[0] + od_off) * cv.in[1] + oh * cv.s[1] + oh_off) * cv.in[2];
-                    row_scatter(xr, ep + (od * cv.out[1] + oh) * cv.out[2], wv, w0, w1, cv.s[2], ow_off);
-                }
+    if (!make_plan(&cv, &f)) return 0;
+    int ok = 1;
+    #pragma omp parallel num_threads(threads)
+    {
+        int32_t *db = malloc((size_t)f.buffer * 4), *eb = malloc((size_t)f.span * 4);
+        if (!db || !eb) ok = 0;
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < cv.n * cv.c; task++) {
+            if (!db || !eb) continue;
+            const int64_t n = task / cv.c, ci = task % cv.c, g = ci / f.cg, c = ci % f.cg;
+            memset(db, 0, (size_t)f.buffer * 4);
+            for (int64_t j = 0; j < f.og; j++) {
+                const int64_t co = g * f.og + j;
+                to_pitch(&cv, &f, eb, e + (n * cv.cout + co) * f.out_plane);
+                const int8_t *wp = w + (co * f.cg + c) * f.taps;
+                for (int64_t t = 0; t < f.taps; t++)
+                    if (wp[t]) tap_scatter(db + f.offs[t], eb, wp[t], f.span);
             }
+            from_phases(&cv, &f, dx + task * f.in_plane, db);
         }
+        free(db);
+        free(eb);
     }
-    return 1;
+    free(f.offs);
+    return ok;
 }
 
 int sq_grouped_conv_weight(const int8_t *e, const int8_t *x, int64_t *dw, const int64_t *dims, int threads) {
     conv_t cv;
+    plan_t f;
     load(&cv, dims);
-    if (all_unit_stride(&cv)) return flat_weight(&cv, e, x, dw, threads);
-    const int64_t cg = cv.c / cv.g, og = cv.cout / cv.g;
-    const int64_t taps = cv.k[0] * cv.k[1] * cv.k[2];
-    const int64_t in_plane = cv.in[0] * cv.in[1] * cv.in[2], out_plane = cv.out[0] * cv.out[1] * cv.out[2];
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t co = 0; co < cv.cout; co++) {
-        const int64_t g = co / og;
-        int64_t *wp = dw + co * cg * taps;
-        memset(wp, 0, (size_t)(cg * taps) * sizeof(int64_t));
-        for (int64_t n = 0; n < cv.n; n++) {
-            const int8_t *ep = e + (n * cv.cout + co) * out_plane;
-            for (int64_t c = 0; c < cg; c++) {
-                const int8_t *xp = x + (n * cv.c + g * cg + c) * in_plane;
-                for (int64_t kd = 0; kd < cv.k[0]; kd++)
-                for (int64_t kh = 0; kh < cv.k[1]; kh++)
-                for (int64_t kw = 0; kw < cv.k[2]; kw++) {
-                    int64_t d0, d1, h0, h1, w0, w1, acc = 0;
-                    const int64_t od_off = kd * cv.d[0] - cv.p[0], oh_off = kh * cv.d[1] - cv.p[1],
-                                  ow_off = kw * cv.d[2] - cv.p[2];
-                    valid_range(cv.in[0], cv.out[0], cv.s[0], od_off, &d0, &d1);
-                    valid_range(cv.in[1], cv.out[1], cv.s[1], oh_off, &h0, &h1);
-                    valid_range(cv.in[2], cv.out[2], cv.s[2], ow_off, &w0, &w1);
-                    for (int64_t od = d0; od < d1; od++)
-                    for (int64_t oh = h0; oh < h1; oh++) {
-                        const int8_t *xr = xp + ((od * cv.s[0] + od_off) * cv.in[1] + oh * cv.s[1] + oh_off) * cv.in[2];
-                        acc += row_dot(ep + (od * cv.out[1] + oh) * cv.out[2], xr, w0, w1, cv.s[2], ow_off);
-                    }
-                    wp[c * taps + (kd * cv.k[1] + kh) * cv.k[2] + kw] += acc;
+    if (!make_plan(&cv, &f)) return 0;
+    int ok = 1;
+    #pragma omp parallel num_threads(threads)
+    {
+        int32_t *xb = malloc((size_t)f.buffer * 4), *eb = malloc((size_t)f.span * 4);
+        if (!xb || !eb) ok = 0;
+        #pragma omp for schedule(static)
+        for (int64_t co = 0; co < cv.cout; co++) {
+            if (!xb || !eb) continue;
+            const int64_t g = co / f.og;
+            int64_t *wp = dw + co * f.cg * f.taps;
+            memset(wp, 0, (size_t)(f.cg * f.taps) * sizeof(int64_t));
+            for (int64_t n = 0; n < cv.n; n++) {
+                to_pitch(&cv, &f, eb, e + (n * cv.cout + co) * f.out_plane);
+                for (int64_t c = 0; c < f.cg; c++) {
+                    to_phases(&cv, &f, xb, x + (n * cv.c + g * f.cg + c) * f.in_plane);
+                    for (int64_t t = 0; t < f.taps; t++) wp[c * f.taps + t] += dot(eb, xb + f.offs[t], f.span);
                 }
             }
         }
+        free(xb);
+        free(eb);
     }
-    return 1;
+    free(f.offs);
+    return ok;
 }

@@ -69,7 +69,7 @@ def choose_execution(cfg: OpConfig, target: Target, integer_unsupported: Optiona
     """Simulated or integer execution for one op.
 
     ``integer_unsupported`` is the reason the integer formulation cannot run this op (e.g. a
-    grouped convolution), or None.  ``execution="integer"`` then falls back to simulation and
+    grouped transposed convolution), or None.  ``execution="integer"`` then falls back to simulation and
     says why, rather than failing the whole compile: training goes on.
     """
     kernels = kernel_family(cfg, target)
