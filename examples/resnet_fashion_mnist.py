@@ -4,6 +4,7 @@ several bit widths (weights, activations and gradients), and print the accuracie
     python examples/resnet_fashion_mnist.py                  # ~10 minutes on 2 CPU cores
     python examples/resnet_fashion_mnist.py --execution simulate --threads 1    # about half that
     python examples/resnet_fashion_mnist.py --blocks 2 2 2 2 --train-limit 60000 --epochs 5
+    python examples/resnet_fashion_mnist.py --separable     # depthwise-separable convs (MobileNet style)
 
 The network is ResNet-18's layout scaled to 28x28 grey images: a 3x3 stem, four stages of
 BasicBlocks (two 3x3 convs with BatchNorm, a residual add, a strided 1x1 conv + BatchNorm on the
@@ -35,12 +36,20 @@ from common import (  # noqa: E402
 FAMILY = "CNN (ResNet, Fashion-MNIST)"
 
 
+def conv3x3(cin: int, cout: int, stride: int, separable: bool) -> nn.Module:
+    """A 3x3 conv, or with ``separable`` MobileNet's depthwise-separable pair: a depthwise 3x3
+    (``groups=cin``) and a pointwise 1x1."""
+    if not separable:
+        return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.Conv2d(cin, cout, 1, bias=False))
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, separable: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = conv3x3(cin, cout, stride, separable)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = conv3x3(cout, cout, 1, separable)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
@@ -56,13 +65,13 @@ class ResNet(nn.Module):
     """ResNet-18's layout (``blocks=(2, 2, 2, 2)``) for 1x28x28 inputs."""
 
     def __init__(self, blocks: Sequence[int] = (1, 1, 1, 1), widths: Sequence[int] = (16, 32, 64, 128),
-                 classes: int = 10):
+                 classes: int = 10, separable: bool = False):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         layers, cin = [], widths[0]
         for i, (n, w) in enumerate(zip(blocks, widths)):
             for j in range(n):
-                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))   # 28 -> 14 -> 7 -> 4
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1, separable))   # 28 -> 14 -> 7 -> 4
                 cin = w
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, classes)
@@ -74,10 +83,10 @@ class ResNet(nn.Module):
 
 def train_one(name: str, options: Optional[dict], data, *, epochs: int, seed: int, batch_size: int, lr: float,
               blocks: Sequence[int], widths: Sequence[int], max_steps: Optional[int] = None,
-              log_every: int = 50) -> dict:
+              log_every: int = 50, separable: bool = False) -> dict:
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
-    model = ResNet(blocks, widths)
+    model = ResNet(blocks, widths, separable=separable)
     torch._dynamo.reset()       # a fresh compile per run (Dynamo caches at most 8 graphs per function)
     run_model = model if options is None else torch.compile(model, backend="shiftquant", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -96,7 +105,7 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 1, seed: int = 0, *,
         test_limit: Optional[int] = None, batch_size: int = 128, lr: float = 0.1,
         blocks: Sequence[int] = (1, 1, 1, 1), widths: Sequence[int] = (16, 32, 64, 128),
         max_steps: Optional[int] = None, execution: str = "auto", include_float: bool = True,
-        extra_runs: Sequence[Tuple[str, dict]] = (), log_every: int = 50) -> List[dict]:
+        extra_runs: Sequence[Tuple[str, dict]] = (), log_every: int = 50, separable: bool = False) -> List[dict]:
     """Train float (if ``include_float``), one shiftquant run per entry of ``bits_list`` and one
     per ``(name, options)`` in ``extra_runs``;
     return one result dict per run (``value`` is the test accuracy in percent).  Raises
@@ -104,10 +113,11 @@ def run(bits_list: Sequence[int] = (8, 6, 4), epochs: int = 1, seed: int = 0, *,
     xtr, ytr = fashion_mnist("train", limit=train_limit)
     xte, yte = fashion_mnist("test", limit=test_limit)
     print(f"Fashion-MNIST: {len(xtr)} training / {len(xte)} test images, ResNet blocks {list(blocks)} "
-          f"widths {list(widths)}, {epochs} epoch(s), seed {seed}", flush=True)
+          f"widths {list(widths)}{', depthwise-separable convs' if separable else ''}, {epochs} epoch(s), "
+          f"seed {seed}", flush=True)
     data = (xtr, ytr, xte, yte)
     kw = dict(epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, blocks=blocks, widths=widths,
-              max_steps=max_steps, log_every=log_every)
+              max_steps=max_steps, log_every=log_every, separable=separable)
     results = float_and_quantized_runs(train_one, bits_list, execution, include_float, data, **kw)
     results += [train_one(name, opts, data, **kw) for name, opts in extra_runs]
     return results
@@ -122,11 +132,13 @@ def main(argv=None):
     p.add_argument("--blocks", type=int, nargs=4, default=[1, 1, 1, 1],
                    help="BasicBlocks per stage (ResNet-18: 2 2 2 2)")
     p.add_argument("--widths", type=int, nargs=4, default=[16, 32, 64, 128])
+    p.add_argument("--separable", action="store_true",
+                   help="MobileNet-style convs: each 3x3 conv a depthwise 3x3 and a pointwise 1x1")
     add_run_arguments(p, log_every=20)
     def run_args(args):
         return run(args.bits, args.epochs, args.seed, train_limit=args.train_limit, batch_size=args.batch_size,
                    lr=args.lr, blocks=args.blocks, widths=args.widths, log_every=args.log_every,
-                   execution=args.execution)
+                   execution=args.execution, separable=args.separable)
 
     run_cli(p, argv, run_args, print_table)
 

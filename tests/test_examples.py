@@ -45,11 +45,15 @@ def check_results(results, bits, metric, higher_is_better, capsys, module):
     assert "float32" in table and f"W{bits[0]}A{bits[0]}G{bits[0]}" in table
 
 
-def test_resnet_fashion_mnist(capsys):
+@pytest.mark.parametrize("separable", [False, True], ids=["convs", "separable_convs"])
+def test_resnet_fashion_mnist(separable, capsys):
     results = run_or_skip(resnet_fashion_mnist, [4], 1, 0, train_limit=64, test_limit=16, batch_size=16,
-                          max_steps=3, widths=(4, 8, 8, 8), log_every=1)
+                          max_steps=3, widths=(4, 8, 8, 8), log_every=1, separable=separable)
     check_results(results, [4], "test acc %", True, capsys, resnet_fashion_mnist)
     assert results[0]["steps"] == 3
+    groups = {m.groups for m in resnet_fashion_mnist.ResNet((1, 1, 1, 1), (4, 8, 8, 8), separable=separable).modules()
+              if isinstance(m, torch.nn.Conv2d)}
+    assert (groups != {1}) is separable
 
 
 def test_unet_denoise_fashion_mnist(capsys):

@@ -780,9 +780,11 @@ def test_report_and_explain_take_a_compile_of_a_compiled_module():
 
 def test_simulated_rows_say_why_and_unusable_triton_is_a_value_error():
     torch._dynamo.reset()
-    rep = explain(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), torch.randn(2, 4, 6, 6), execution="integer").report
-    assert rep.rows()[0]["execution"] == "simulated: grouped convolution (groups=4) has no integer im2col formulation yet"
-    assert "simulated: grouped convolution" in str(rep)
+    rep = explain(nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=2)), torch.randn(2, 4, 6, 6),
+                  execution="integer").report
+    assert rep.rows()[0]["execution"] == "simulated: grouped transposed convolution (groups=2) has no integer " \
+                                         "formulation yet"
+    assert "simulated: grouped transposed convolution" in str(rep)
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         compiled = torch.compile(nn.Linear(4, 2), backend="shiftquant", options={"kernels": "triton"})
         with pytest.raises(ValueError, match="option 'kernels': 'triton' is not usable here"):
