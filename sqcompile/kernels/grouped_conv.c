@@ -177,94 +177,87 @@ static inline int64_t dot(const int32_t *restrict a, const int32_t *restrict b, 
     return total;
 }
 
-/* Each public function returns 1, or 0 when a buffer could not be allocated. */
+/* One task: an output plane (forward), an input-gradient plane, or an output channel's
+ * weight gradient; `grid` holds a phase buffer, `pitch` a plane at the phase pitch. */
+typedef void (*task_fn)(const conv_t *cv, const plan_t *f, int32_t *grid, int32_t *pitch, int64_t task,
+                        const int8_t *a, const int8_t *b, void *out);
 
-int sq_grouped_conv_forward(const int8_t *x, const int8_t *w, int32_t *y, const int64_t *dims, int threads) {
+static void forward_task(const conv_t *cv, const plan_t *f, int32_t *xb, int32_t *acc, int64_t task,
+                         const int8_t *x, const int8_t *w, void *out) {
+    const int64_t n = task / cv->cout, co = task % cv->cout, g = co / f->og;
+    memset(acc, 0, (size_t)f->span * 4);
+    for (int64_t c = 0; c < f->cg; c++) {
+        to_phases(cv, f, xb, x + (n * cv->c + g * f->cg + c) * f->in_plane);
+        taps_gather(acc, xb, w + (co * f->cg + c) * f->taps, f->offs, f->taps, f->span);
+    }
+    from_pitch(cv, f, (int32_t *)out + task * f->out_plane, acc);
+}
+
+static void input_grad_task(const conv_t *cv, const plan_t *f, int32_t *db, int32_t *eb, int64_t task,
+                            const int8_t *e, const int8_t *w, void *out) {
+    const int64_t n = task / cv->c, ci = task % cv->c, g = ci / f->cg, c = ci % f->cg;
+    memset(db, 0, (size_t)f->buffer * 4);
+    for (int64_t j = 0; j < f->og; j++) {
+        const int64_t co = g * f->og + j;
+        to_pitch(cv, f, eb, e + (n * cv->cout + co) * f->out_plane);
+        const int8_t *wp = w + (co * f->cg + c) * f->taps;
+        for (int64_t t = 0; t < f->taps; t++)
+            if (wp[t]) tap_scatter(db + f->offs[t], eb, wp[t], f->span);
+    }
+    from_phases(cv, f, (int32_t *)out + task * f->in_plane, db);
+}
+
+static void weight_task(const conv_t *cv, const plan_t *f, int32_t *xb, int32_t *eb, int64_t co,
+                        const int8_t *e, const int8_t *x, void *out) {
+    const int64_t g = co / f->og;
+    int64_t *wp = (int64_t *)out + co * f->cg * f->taps;
+    memset(wp, 0, (size_t)(f->cg * f->taps) * sizeof(int64_t));
+    for (int64_t n = 0; n < cv->n; n++) {
+        to_pitch(cv, f, eb, e + (n * cv->cout + co) * f->out_plane);
+        for (int64_t c = 0; c < f->cg; c++) {
+            to_phases(cv, f, xb, x + (n * cv->c + g * f->cg + c) * f->in_plane);
+            for (int64_t t = 0; t < f->taps; t++) wp[c * f->taps + t] += dot(eb, xb + f->offs[t], f->span);
+        }
+    }
+}
+
+enum { PER_OUTPUT_PLANE, PER_INPUT_PLANE, PER_OUTPUT_CHANNEL };
+
+/* the tasks over OpenMP threads, each thread with its two buffers; 0 when one could not be
+ * allocated, else 1 */
+static int run_tasks(const int64_t *dims, int kind, task_fn fn, const int8_t *a, const int8_t *b, void *out,
+                     int threads) {
     conv_t cv;
     plan_t f;
     load(&cv, dims);
     if (!make_plan(&cv, &f)) return 0;
+    const int64_t tasks = kind == PER_OUTPUT_PLANE ? cv.n * cv.cout : kind == PER_INPUT_PLANE ? cv.n * cv.c : cv.cout;
     int ok = 1;
     #pragma omp parallel num_threads(threads)
     {
-        int32_t *xb = malloc((size_t)f.buffer * 4), *acc = malloc((size_t)f.span * 4);
-        if (!xb || !acc) ok = 0;
-        #pragma omp for schedule(static)
-        for (int64_t task = 0; task < cv.n * cv.cout; task++) {
-            if (!xb || !acc) continue;
-            const int64_t n = task / cv.cout, co = task % cv.cout, g = co / f.og;
-            memset(acc, 0, (size_t)f.span * 4);
-            for (int64_t c = 0; c < f.cg; c++) {
-                to_phases(&cv, &f, xb, x + (n * cv.c + g * f.cg + c) * f.in_plane);
-                taps_gather(acc, xb, w + (co * f.cg + c) * f.taps, f.offs, f.taps, f.span);
-            }
-            from_pitch(&cv, &f, y + task * f.out_plane, acc);
+        int32_t *grid = malloc((size_t)f.buffer * 4), *pitch = malloc((size_t)f.span * 4);
+        if (!grid || !pitch) {
+            #pragma omp atomic write
+            ok = 0;
         }
-        free(xb);
-        free(acc);
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; task++)
+            if (grid && pitch) fn(&cv, &f, grid, pitch, task, a, b, out);
+        free(grid);
+        free(pitch);
     }
     free(f.offs);
     return ok;
+}
+
+int sq_grouped_conv_forward(const int8_t *x, const int8_t *w, int32_t *y, const int64_t *dims, int threads) {
+    return run_tasks(dims, PER_OUTPUT_PLANE, forward_task, x, w, y, threads);
 }
 
 int sq_grouped_conv_input_grad(const int8_t *e, const int8_t *w, int32_t *dx, const int64_t *dims, int threads) {
-    conv_t cv;
-    plan_t f;
-    load(&cv, dims);
-    if (!make_plan(&cv, &f)) return 0;
-    int ok = 1;
-    #pragma omp parallel num_threads(threads)
-    {
-        int32_t *db = malloc((size_t)f.buffer * 4), *eb = malloc((size_t)f.span * 4);
-        if (!db || !eb) ok = 0;
-        #pragma omp for schedule(static)
-        for (int64_t task = 0; task < cv.n * cv.c; task++) {
-            if (!db || !eb) continue;
-            const int64_t n = task / cv.c, ci = task % cv.c, g = ci / f.cg, c = ci % f.cg;
-            memset(db, 0, (size_t)f.buffer * 4);
-            for (int64_t j = 0; j < f.og; j++) {
-                const int64_t co = g * f.og + j;
-                to_pitch(&cv, &f, eb, e + (n * cv.cout + co) * f.out_plane);
-                const int8_t *wp = w + (co * f.cg + c) * f.taps;
-                for (int64_t t = 0; t < f.taps; t++)
-                    if (wp[t]) tap_scatter(db + f.offs[t], eb, wp[t], f.span);
-            }
-            from_phases(&cv, &f, dx + task * f.in_plane, db);
-        }
-        free(db);
-        free(eb);
-    }
-    free(f.offs);
-    return ok;
+    return run_tasks(dims, PER_INPUT_PLANE, input_grad_task, e, w, dx, threads);
 }
 
 int sq_grouped_conv_weight(const int8_t *e, const int8_t *x, int64_t *dw, const int64_t *dims, int threads) {
-    conv_t cv;
-    plan_t f;
-    load(&cv, dims);
-    if (!make_plan(&cv, &f)) return 0;
-    int ok = 1;
-    #pragma omp parallel num_threads(threads)
-    {
-        int32_t *xb = malloc((size_t)f.buffer * 4), *eb = malloc((size_t)f.span * 4);
-        if (!xb || !eb) ok = 0;
-        #pragma omp for schedule(static)
-        for (int64_t co = 0; co < cv.cout; co++) {
-            if (!xb || !eb) continue;
-            const int64_t g = co / f.og;
-            int64_t *wp = dw + co * f.cg * f.taps;
-            memset(wp, 0, (size_t)(f.cg * f.taps) * sizeof(int64_t));
-            for (int64_t n = 0; n < cv.n; n++) {
-                to_pitch(&cv, &f, eb, e + (n * cv.cout + co) * f.out_plane);
-                for (int64_t c = 0; c < f.cg; c++) {
-                    to_phases(&cv, &f, xb, x + (n * cv.c + g * f.cg + c) * f.in_plane);
-                    for (int64_t t = 0; t < f.taps; t++) wp[c * f.taps + t] += dot(eb, xb + f.offs[t], f.span);
-                }
-            }
-        }
-        free(xb);
-        free(eb);
-    }
-    free(f.offs);
-    return ok;
+    return run_tasks(dims, PER_OUTPUT_CHANNEL, weight_task, e, x, dw, threads);
 }
