@@ -70,12 +70,25 @@ CASES = [  # n, c, cout, groups, sizes, kernel, stride, padding, dilation
     (2, 8, 8, 8, [3, 4], [3, 3], [1, 1], [0, 0], [1, 1]),             # 1 x 2 output
     (2, 5, 5, 5, [8, 8], [3, 3], [1, 1], [5, 5], [2, 2]),             # outputs that see only padding
     (1, 3, 3, 3, [1, 40], [1, 3], [1, 1], [0, 1], [1, 1]),            # a single row
+    (2, 35, 35, 35, [4, 5], [3, 3], [1, 1], [1, 1], [1, 1]),          # depthwise, 2 lane blocks and 3 channels
+    (2, 20, 20, 20, [3, 4, 3], [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 1, 1]),   # 3-d depthwise
 ]
+
+# the channel-block path takes stride-1 depthwise convs with small planes, the plane path the
+# rest: every test runs both ways
+PATHS = {"default": None, "planes only": 0, "lanes where depthwise": 10**9}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    if PATHS[request.param] is not None:
+        monkeypatch.setattr(G, "LANES_BELOW", PATHS[request.param])
+    return request.param
 
 
 @needs_kernel
 @pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
-def test_kernels_equal_the_references_bit_for_bit(case):
+def test_kernels_equal_the_references_bit_for_bit(case, path):
     n, c, cout, groups, sizes, kernel, stride, padding, dilation = case
     x, w, e = _operands(n, c, cout, groups, sizes, kernel, stride, padding, dilation)
     got = _all_three(x, w, e, stride, padding, dilation, groups)
@@ -87,8 +100,10 @@ def test_kernels_equal_the_references_bit_for_bit(case):
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 3])
-def test_the_thread_count_changes_nothing(threads):
-    case = (3, 6, 12, 6, [10, 9], [3, 3], [1, 1], [1, 1], [1, 1])
+@pytest.mark.parametrize("case", [(3, 6, 12, 6, [10, 9], [3, 3], [1, 1], [1, 1], [1, 1]),
+                                  (3, 40, 40, 40, [6, 7], [3, 3], [1, 1], [1, 1], [1, 1])],
+                         ids=["multiplier", "depthwise"])
+def test_the_thread_count_changes_nothing(threads, case):
     x, w, e = _operands(*case)
     before = torch.get_num_threads()
     try:
@@ -121,12 +136,14 @@ def test_references_equal_the_sums_written_out():
 
 
 @needs_kernel
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(st.data())
 def test_random_shapes_equal_the_references(data):
     nd = data.draw(st.integers(1, 3))
-    groups = data.draw(st.integers(1, 4))
-    cg, og = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    groups = data.draw(st.integers(1, 40))
+    depthwise = data.draw(st.booleans())
+    cg, og = (1, 1) if depthwise else (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
+    lanes_below = data.draw(st.sampled_from([0, 256, 10**9]))
     kernel = [data.draw(st.integers(1, 4)) for _ in range(nd)]
     dilation = [data.draw(st.integers(1, 2)) for _ in range(nd)]
     stride = [data.draw(st.integers(1, 3)) for _ in range(nd)]
@@ -136,8 +153,13 @@ def test_random_shapes_equal_the_references(data):
     n = data.draw(st.integers(1, 3))
     x, w, e = _operands(n, cg * groups, og * groups, groups, sizes, kernel, stride, padding, dilation,
                         seed=data.draw(st.integers(0, 2**16)))
-    for a, b in zip(_all_three(x, w, e, stride, padding, dilation, groups),
-                    _references(x, w, e, stride, padding, dilation, groups)):
+    saved = G.LANES_BELOW
+    try:
+        G.LANES_BELOW = lanes_below
+        got = _all_three(x, w, e, stride, padding, dilation, groups)
+    finally:
+        G.LANES_BELOW = saved
+    for a, b in zip(got, _references(x, w, e, stride, padding, dilation, groups)):
         assert torch.equal(a, b)
 
 

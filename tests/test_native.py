@@ -168,11 +168,12 @@ def test_quantizer_kernels_give_the_same_bits(other_build, shape, awkward):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_grouped_conv_kernels_give_the_same_bits(other_build, stride):
-    """Integer code only, but compiled with each build's flags (the vectorized row loops)."""
+@pytest.mark.parametrize("multiplier", [1, 2])       # depthwise 8x8 planes: the channel blocks at stride 1
+def test_grouped_conv_kernels_give_the_same_bits(other_build, stride, multiplier):
+    """Integer code only, but compiled with each build's flags (the vectorized loops)."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randint(-128, 128, (2, 6, 11, 13), generator=g, dtype=torch.int8)
-    w = torch.randint(-128, 128, (12, 1, 3, 3), generator=g, dtype=torch.int8)
+    x = torch.randint(-128, 128, (2, 6, 8, 8), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (6 * multiplier, 1, 3, 3), generator=g, dtype=torch.int8)
     args = ([stride] * 2, [1, 1], [1, 1], 6)
     y = ops.int8_grouped_conv(x, w, *args)
     e = torch.randint(-128, 128, y.shape, generator=g, dtype=torch.int8)

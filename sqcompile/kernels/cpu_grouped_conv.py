@@ -12,7 +12,9 @@ float depthwise conv on NCHW operands runs 5-7x slower than on channels-last one
 path handed it NCHW operands (or, after Inductor's layout choices, ``[N, H, C, W]`` ones it
 copied first).  Each plane is placed on its zero-padded grid split by the stride into phase
 planes (``grouped_conv.c``), where every tap is one offset: a tap is one long loop over the
-plane, which the compiler vectorizes, whatever the stride, dilation and padding.
+plane, which the compiler vectorizes, whatever the stride, dilation and padding.  Small
+planes of stride-1 depthwise convs (below :data:`LANES_BELOW` outputs) go 16 channels of a
+sample at a time, stored channel-innermost, vectorized across the channels.
 
 Spatial dims are taken as three (1-d and 2-d convs have leading sizes of 1).  The kernels
 take int8 operands whose forward and input-gradient sums have at most
@@ -37,6 +39,10 @@ from .. import ops
 from . import native, pool
 
 SOURCE = os.path.join(os.path.dirname(__file__), "grouped_conv.c")
+LANES_BELOW = 256
+"""Stride-1 depthwise convs whose output planes have fewer positions than this (below
+16x16) run on the kernels' channel-block path (16 channels of a sample together, vectorized
+across the channels); larger planes, strided and other grouped convs run plane by plane."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,10 +75,10 @@ def _three(v: Sequence[int], fill: int) -> List[int]:
 
 def dims(x_shape, w_shape, out_sizes, stride, padding, dilation, groups) -> torch.Tensor:
     """The kernels' ``dims`` argument (int64): ``[N, C, Cout, G, in(3), k(3), out(3),
-    stride(3), padding(3), dilation(3)]``."""
+    stride(3), padding(3), dilation(3), LANES_BELOW]``."""
     n, c, cout = x_shape[0], x_shape[1], w_shape[0]
     values = [n, c, cout, groups, *_three(x_shape[2:], 1), *_three(w_shape[2:], 1), *_three(out_sizes, 1),
-              *_three(stride, 1), *_three(padding, 0), *_three(dilation, 1)]
+              *_three(stride, 1), *_three(padding, 0), *_three(dilation, 1), LANES_BELOW]
     return torch.tensor([int(v) for v in values], dtype=torch.int64)
 
 

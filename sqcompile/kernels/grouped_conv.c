@@ -28,7 +28,8 @@
  * the buffer cover their reads past it.  At stride 1 there is one phase plane, the grid.
  *
  * One task is one output plane (the forward: OpenMP over N * Cout planes; the input gradient:
- * N * C planes; the weight gradient: one output channel), so no two tasks write one element.
+ * N * C planes; the weight gradient: one output channel), so no two tasks write one element;
+ * small depthwise planes go by blocks of channels instead (below).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -38,6 +39,7 @@ typedef struct {
     int64_t n, c, cout, g;               /* batch, input / output channels, groups */
     int64_t in[3], k[3], out[3];         /* spatial sizes (D, H, W) */
     int64_t s[3], p[3], d[3];            /* stride, padding, dilation */
+    int64_t lanes_below;                 /* depthwise convs with fewer outputs a plane: channel blocks */
 } conv_t;
 
 typedef struct {
@@ -47,6 +49,7 @@ typedef struct {
     int64_t span;                        /* flat index of the last output + 1 */
     int64_t taps, cg, og, in_plane, out_plane;
     int64_t *offs;                       /* each tap's offset into the buffer */
+    int64_t top;                         /* the largest of them */
 } plan_t;
 
 static void load(conv_t *cv, const int64_t *dims) {
@@ -55,6 +58,7 @@ static void load(conv_t *cv, const int64_t *dims) {
         cv->in[i] = dims[4 + i]; cv->k[i] = dims[7 + i]; cv->out[i] = dims[10 + i];
         cv->s[i] = dims[13 + i]; cv->p[i] = dims[16 + i]; cv->d[i] = dims[19 + i];
     }
+    cv->lanes_below = dims[22];
 }
 
 static int make_plan(const conv_t *cv, plan_t *f) {
@@ -78,6 +82,7 @@ static int make_plan(const conv_t *cv, plan_t *f) {
         if (f->offs[t] > top) top = f->offs[t];
         t++;
     }
+    f->top = top;
     f->buffer = cv->s[0] * cv->s[1] * cv->s[2] * f->phase;
     if (top + f->span > f->buffer) f->buffer = top + f->span;     /* the tail */
     return 1;
@@ -221,7 +226,118 @@ static void weight_task(const conv_t *cv, const plan_t *f, int32_t *xb, int32_t 
     }
 }
 
-enum { PER_OUTPUT_PLANE, PER_INPUT_PLANE, PER_OUTPUT_CHANNEL };
+/* Small planes of a stride-1 depthwise conv (one input and one output channel a group,
+ * below `lanes_below` outputs a plane): a plane of 8x8 or 4x4 makes every tap loop a few
+ * vectors long, and the per-plane work (the grid, the loop set-ups) costs more than the taps
+ * (2-3.5x the time below on [32, 384, 8, 8] and [32, 960, 4, 4]).  There the kernels take
+ * LANES channels of one sample together, stored channel-innermost on the grid ("lanes":
+ * element p of lane l at p * LANES + l), and vectorize across the channels: each tap a multiply-add of LANES
+ * channels at one position, with the channels' weights per tap. */
+#define LANES 16
+
+static const int64_t NO_PADDING[3] = {0, 0, 0};
+
+/* lanes <-> planes: `count` planes of `size`, `stride` elements apart from `first`, and the
+ * lanes' buffer (pitch q[1], q[2]) with element (i, j, k) at ((i + o0) * q1 + j + o1) * q2 + k + o2 */
+static inline int64_t lanes_at(const plan_t *f, const int64_t *o, int64_t i, int64_t j) {
+    return ((i + o[0]) * f->q[1] + j + o[1]) * f->q[2] + o[2];
+}
+
+static void planes_to_lanes(const plan_t *f, int32_t *restrict buf, const int8_t *restrict first, int64_t stride,
+                            const int64_t *size, const int64_t *o, int64_t count) {
+    for (int64_t i = 0; i < size[0]; i++)
+    for (int64_t j = 0; j < size[1]; j++) {
+        int32_t *row = buf + lanes_at(f, o, i, j) * LANES;
+        const int64_t src = (i * size[1] + j) * size[2];
+        for (int64_t k = 0; k < size[2]; k++)
+            for (int64_t l = 0; l < count; l++) row[k * LANES + l] = first[l * stride + src + k];
+    }
+}
+
+static void lanes_to_planes(const plan_t *f, int32_t *restrict first, const int32_t *restrict buf, int64_t stride,
+                            const int64_t *size, const int64_t *o, int64_t count) {
+    for (int64_t i = 0; i < size[0]; i++)
+    for (int64_t j = 0; j < size[1]; j++) {
+        const int32_t *row = buf + lanes_at(f, o, i, j) * LANES;
+        const int64_t dst = (i * size[1] + j) * size[2];
+        for (int64_t k = 0; k < size[2]; k++)
+            for (int64_t l = 0; l < count; l++) first[l * stride + dst + k] = row[k * LANES + l];
+    }
+}
+
+/* each tap's weights of the lanes' channels (zero past `count`) */
+static void lanes_weights(const plan_t *f, int32_t *restrict wl, const int8_t *restrict w, int64_t c0, int64_t count) {
+    for (int64_t t = 0; t < f->taps; t++)
+        for (int64_t l = 0; l < LANES; l++) wl[t * LANES + l] = l < count ? w[(c0 + l) * f->taps + t] : 0;
+}
+
+/* out[j] = sum over taps of w[t] * in[j + sign * off[t]] for j < n, LANES channels at a time */
+static void lanes_gather(int32_t *restrict out, const int32_t *restrict in, const int32_t *restrict wl,
+                         const plan_t *f, int64_t sign, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        int32_t sum[LANES] = {0};
+        for (int64_t t = 0; t < f->taps; t++) {
+            const int32_t *src = in + (j + sign * f->offs[t]) * LANES, *wt = wl + t * LANES;
+            for (int l = 0; l < LANES; l++) sum[l] += wt[l] * src[l];
+        }
+        memcpy(out + j * LANES, sum, sizeof sum);
+    }
+}
+
+/* the task's sample and first channel, its channel count, its lanes' weights */
+#define LANES_TASK(wl)                                                                              \
+    const int64_t blocks = (cv->c + LANES - 1) / LANES, n = task / blocks, c0 = task % blocks * LANES; \
+    const int64_t count = cv->c - c0 < LANES ? cv->c - c0 : LANES;                                  \
+    int32_t wl[f->taps * LANES];                                                                    \
+    lanes_weights(f, wl, w, c0, count)
+
+static void lanes_forward_task(const conv_t *cv, const plan_t *f, int32_t *xb, int32_t *acc, int64_t task,
+                               const int8_t *x, const int8_t *w, void *out) {
+    LANES_TASK(wl);
+    memset(xb, 0, (size_t)f->buffer * LANES * 4);
+    planes_to_lanes(f, xb, x + (n * cv->c + c0) * f->in_plane, f->in_plane, cv->in, cv->p, count);
+    lanes_gather(acc, xb, wl, f, 1, f->span);
+    lanes_to_planes(f, (int32_t *)out + (n * cv->cout + c0) * f->out_plane, acc, f->out_plane, cv->out, NO_PADDING,
+                    count);
+}
+
+/* At stride 1 the input gradient is a gather too: grid position p sums w[t] * e[p - off[t]];
+ * e sits `top` positions into its buffer, zeros before and after it, so every read is inside. */
+static void lanes_input_grad_task(const conv_t *cv, const plan_t *f, int32_t *db, int32_t *eb, int64_t task,
+                                  const int8_t *e, const int8_t *w, void *out) {
+    LANES_TASK(wl);
+    memset(eb, 0, (size_t)(f->top + f->buffer) * LANES * 4);
+    planes_to_lanes(f, eb + f->top * LANES, e + (n * cv->cout + c0) * f->out_plane, f->out_plane, cv->out, NO_PADDING,
+                    count);
+    lanes_gather(db, eb + f->top * LANES, wl, f, -1, f->buffer);
+    lanes_to_planes(f, (int32_t *)out + (n * cv->c + c0) * f->in_plane, db, f->in_plane, cv->in, cv->p, count);
+}
+
+static void lanes_weight_task(const conv_t *cv, const plan_t *f, int32_t *xb, int32_t *eb, int64_t block,
+                              const int8_t *e, const int8_t *x, void *out) {
+    const int64_t c0 = block * LANES, count = cv->c - c0 < LANES ? cv->c - c0 : LANES;
+    int64_t total[f->taps * LANES];
+    memset(total, 0, sizeof total);
+    for (int64_t n = 0; n < cv->n; n++) {
+        memset(eb, 0, (size_t)f->span * LANES * 4);
+        memset(xb, 0, (size_t)f->buffer * LANES * 4);
+        planes_to_lanes(f, eb, e + (n * cv->cout + c0) * f->out_plane, f->out_plane, cv->out, NO_PADDING, count);
+        planes_to_lanes(f, xb, x + (n * cv->c + c0) * f->in_plane, f->in_plane, cv->in, cv->p, count);
+        for (int64_t t = 0; t < f->taps; t++) {
+            int32_t sum[LANES] = {0};      /* a sample's plane: at most 2^16 products (the caller's bound) */
+            for (int64_t j = 0; j < f->span; j++) {
+                const int32_t *a = eb + j * LANES, *b = xb + (j + f->offs[t]) * LANES;
+                for (int l = 0; l < LANES; l++) sum[l] += a[l] * b[l];
+            }
+            for (int l = 0; l < LANES; l++) total[t * LANES + l] += sum[l];
+        }
+    }
+    int64_t *dw = out;
+    for (int64_t l = 0; l < count; l++)
+        for (int64_t t = 0; t < f->taps; t++) dw[(c0 + l) * f->taps + t] = total[t * LANES + l];
+}
+
+enum { PER_OUTPUT_PLANE, PER_INPUT_PLANE, PER_OUTPUT_CHANNEL, PER_SAMPLE_LANES, PER_LANES };
 
 /* the tasks over OpenMP threads, each thread with its two buffers; 0 when one could not be
  * allocated, else 1 */
@@ -231,11 +347,15 @@ static int run_tasks(const int64_t *dims, int kind, task_fn fn, const int8_t *a,
     plan_t f;
     load(&cv, dims);
     if (!make_plan(&cv, &f)) return 0;
-    const int64_t tasks = kind == PER_OUTPUT_PLANE ? cv.n * cv.cout : kind == PER_INPUT_PLANE ? cv.n * cv.c : cv.cout;
+    const int64_t blocks = (cv.c + LANES - 1) / LANES;
+    const int64_t tasks = kind == PER_OUTPUT_PLANE ? cv.n * cv.cout : kind == PER_INPUT_PLANE ? cv.n * cv.c
+                        : kind == PER_OUTPUT_CHANNEL ? cv.cout : kind == PER_SAMPLE_LANES ? cv.n * blocks : blocks;
+    const int64_t width = kind >= PER_SAMPLE_LANES ? LANES : 1;
+    const int64_t pitch_size = kind >= PER_SAMPLE_LANES ? f.top + f.buffer : f.span;   /* >= span */
     int ok = 1;
     #pragma omp parallel num_threads(threads)
     {
-        int32_t *grid = malloc((size_t)f.buffer * 4), *pitch = malloc((size_t)f.span * 4);
+        int32_t *grid = malloc((size_t)(f.buffer * width) * 4), *pitch = malloc((size_t)(pitch_size * width) * 4);
         if (!grid || !pitch) {
             #pragma omp atomic write
             ok = 0;
@@ -250,14 +370,28 @@ static int run_tasks(const int64_t *dims, int kind, task_fn fn, const int8_t *a,
     return ok;
 }
 
+/* depthwise (one input and one output channel a group) with small output planes */
+static int lanes(const int64_t *dims) {
+    conv_t cv;
+    load(&cv, dims);
+    return cv.c == cv.g && cv.cout == cv.g && cv.out[0] * cv.out[1] * cv.out[2] < cv.lanes_below
+        && cv.s[0] == 1 && cv.s[1] == 1 && cv.s[2] == 1
+        && cv.k[0] * cv.k[1] * cv.k[2] <= 1024      /* the taps' lane weights live on the stack */
+        /* the weight gradient's per-sample sums in int32: at most 2^16 products */
+        && (cv.in[0] + 2 * cv.p[0]) * (cv.in[1] + 2 * cv.p[1]) * (cv.in[2] + 2 * cv.p[2]) <= 65536;
+}
+
 int sq_grouped_conv_forward(const int8_t *x, const int8_t *w, int32_t *y, const int64_t *dims, int threads) {
+    if (lanes(dims)) return run_tasks(dims, PER_SAMPLE_LANES, lanes_forward_task, x, w, y, threads);
     return run_tasks(dims, PER_OUTPUT_PLANE, forward_task, x, w, y, threads);
 }
 
 int sq_grouped_conv_input_grad(const int8_t *e, const int8_t *w, int32_t *dx, const int64_t *dims, int threads) {
+    if (lanes(dims)) return run_tasks(dims, PER_SAMPLE_LANES, lanes_input_grad_task, e, w, dx, threads);
     return run_tasks(dims, PER_INPUT_PLANE, input_grad_task, e, w, dx, threads);
 }
 
 int sq_grouped_conv_weight(const int8_t *e, const int8_t *x, int64_t *dw, const int64_t *dims, int threads) {
+    if (lanes(dims)) return run_tasks(dims, PER_LANES, lanes_weight_task, e, x, dw, threads);
     return run_tasks(dims, PER_OUTPUT_CHANNEL, weight_task, e, x, dw, threads);
 }
