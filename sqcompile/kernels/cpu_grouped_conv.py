@@ -13,8 +13,8 @@ path handed it NCHW operands (or, after Inductor's layout choices, ``[N, H, C, W
 copied first).  Each plane is placed on its zero-padded grid split by the stride into phase
 planes (``grouped_conv.c``), where every tap is one offset: a tap is one long loop over the
 plane, which the compiler vectorizes, whatever the stride, dilation and padding.  Small
-planes of stride-1 depthwise convs (below :data:`LANES_BELOW` outputs) go 16 channels of a
-sample at a time, stored channel-innermost, vectorized across the channels.
+planes of depthwise convs (below :data:`LANES_BELOW` outputs) go 16 channels of a sample at a
+time, stored channel-innermost in the same phase layout, vectorized across the channels.
 
 Spatial dims are taken as three (1-d and 2-d convs have leading sizes of 1).  The kernels
 take int8 operands whose forward and input-gradient sums have at most
@@ -40,9 +40,9 @@ from . import native, pool
 
 SOURCE = os.path.join(os.path.dirname(__file__), "grouped_conv.c")
 LANES_BELOW = 256
-"""Stride-1 depthwise convs whose output planes have fewer positions than this (below
-16x16) run on the kernels' channel-block path (16 channels of a sample together, vectorized
-across the channels); larger planes, strided and other grouped convs run plane by plane."""
+"""Depthwise convs whose output planes have fewer positions than this (below 16x16) run on
+the kernels' channel-block path (16 channels of a sample together, vectorized across the
+channels); larger planes and other grouped convs run plane by plane."""
 
 
 @functools.lru_cache(maxsize=None)

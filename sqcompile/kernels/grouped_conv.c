@@ -226,42 +226,68 @@ static void weight_task(const conv_t *cv, const plan_t *f, int32_t *xb, int32_t 
     }
 }
 
-/* Small planes of a stride-1 depthwise conv (one input and one output channel a group,
+/* Small planes of a depthwise conv (one input and one output channel a group,
  * below `lanes_below` outputs a plane): a plane of 8x8 or 4x4 makes every tap loop a few
  * vectors long, and the per-plane work (the grid, the loop set-ups) costs more than the taps
  * (2-3.5x the time below on [32, 384, 8, 8] and [32, 960, 4, 4]).  There the kernels take
- * LANES channels of one sample together, stored channel-innermost on the grid ("lanes":
+ * LANES channels of one sample together, stored channel-innermost in the phase layout ("lanes":
  * element p of lane l at p * LANES + l), and vectorize across the channels: each tap a multiply-add of LANES
  * channels at one position, with the channels' weights per tap. */
 #define LANES 16
 
-static const int64_t NO_PADDING[3] = {0, 0, 0};
+/* lanes <-> planes: `count` planes, `stride` elements apart from `first`, and the lanes'
+ * buffer, element p of lane l at p * LANES + l: the input's phase buffer (`grid`: input
+ * planes, at their padding) or the pitch layout (output planes).  A plane row (i, j) is one
+ * run of buffer positions pos.. holding plane elements k0, k0 + step, ... (per W-phase on
+ * the grid of a strided conv). */
+typedef struct { int64_t pos, k0, step, n; } run_t;
 
-/* lanes <-> planes: `count` planes of `size`, `stride` elements apart from `first`, and the
- * lanes' buffer (pitch q[1], q[2]) with element (i, j, k) at ((i + o0) * q1 + j + o1) * q2 + k + o2 */
-static inline int64_t lanes_at(const plan_t *f, const int64_t *o, int64_t i, int64_t j) {
-    return ((i + o[0]) * f->q[1] + j + o[1]) * f->q[2] + o[2];
+static int64_t row_runs(const conv_t *cv, const plan_t *f, int grid, int64_t i, int64_t j, run_t *runs) {
+    if (!grid) {
+        runs[0] = (run_t){(i * f->q[1] + j) * f->q[2], 0, 1, cv->out[2]};
+        return 1;
+    }
+    if (cv->s[0] == 1 && cv->s[1] == 1 && cv->s[2] == 1) {    /* one phase, the grid: no divisions */
+        runs[0] = (run_t){((i + cv->p[0]) * f->q[1] + j + cv->p[1]) * f->q[2] + cv->p[2], 0, 1, cv->in[2]};
+        return 1;
+    }
+    for (int64_t r = 0; r < cv->s[2]; r++) {
+        int64_t c0;
+        const int64_t n = phase_run(cv, r, &c0);
+        runs[r] = (run_t){n ? at(cv, f, i + cv->p[0], j + cv->p[1], c0) : 0, c0 - cv->p[2], cv->s[2], n};
+    }
+    return cv->s[2];
 }
 
-static void planes_to_lanes(const plan_t *f, int32_t *restrict buf, const int8_t *restrict first, int64_t stride,
-                            const int64_t *size, const int64_t *o, int64_t count) {
+static void planes_to_lanes(const conv_t *cv, const plan_t *f, int32_t *restrict buf, const int8_t *restrict first,
+                            int64_t stride, int grid, int64_t count) {
+    const int64_t *size = grid ? cv->in : cv->out;
+    run_t runs[cv->s[2]];
     for (int64_t i = 0; i < size[0]; i++)
     for (int64_t j = 0; j < size[1]; j++) {
-        int32_t *row = buf + lanes_at(f, o, i, j) * LANES;
-        const int64_t src = (i * size[1] + j) * size[2];
-        for (int64_t k = 0; k < size[2]; k++)
-            for (int64_t l = 0; l < count; l++) row[k * LANES + l] = first[l * stride + src + k];
+        const int64_t src = (i * size[1] + j) * size[2], nr = row_runs(cv, f, grid, i, j, runs);
+        for (int64_t r = 0; r < nr; r++) {
+            int32_t *row = buf + runs[r].pos * LANES;
+            const int8_t *from = first + src + runs[r].k0;
+            for (int64_t t = 0; t < runs[r].n; t++)
+                for (int64_t l = 0; l < count; l++) row[t * LANES + l] = from[l * stride + t * runs[r].step];
+        }
     }
 }
 
-static void lanes_to_planes(const plan_t *f, int32_t *restrict first, const int32_t *restrict buf, int64_t stride,
-                            const int64_t *size, const int64_t *o, int64_t count) {
+static void lanes_to_planes(const conv_t *cv, const plan_t *f, int32_t *restrict first, const int32_t *restrict buf,
+                            int64_t stride, int grid, int64_t count) {
+    const int64_t *size = grid ? cv->in : cv->out;
+    run_t runs[cv->s[2]];
     for (int64_t i = 0; i < size[0]; i++)
     for (int64_t j = 0; j < size[1]; j++) {
-        const int32_t *row = buf + lanes_at(f, o, i, j) * LANES;
-        const int64_t dst = (i * size[1] + j) * size[2];
-        for (int64_t k = 0; k < size[2]; k++)
-            for (int64_t l = 0; l < count; l++) first[l * stride + dst + k] = row[k * LANES + l];
+        const int64_t dst = (i * size[1] + j) * size[2], nr = row_runs(cv, f, grid, i, j, runs);
+        for (int64_t r = 0; r < nr; r++) {
+            const int32_t *row = buf + runs[r].pos * LANES;
+            int32_t *to = first + dst + runs[r].k0;
+            for (int64_t t = 0; t < runs[r].n; t++)
+                for (int64_t l = 0; l < count; l++) to[l * stride + t * runs[r].step] = row[t * LANES + l];
+        }
     }
 }
 
@@ -295,22 +321,21 @@ static void lanes_forward_task(const conv_t *cv, const plan_t *f, int32_t *xb, i
                                const int8_t *x, const int8_t *w, void *out) {
     LANES_TASK(wl);
     memset(xb, 0, (size_t)f->buffer * LANES * 4);
-    planes_to_lanes(f, xb, x + (n * cv->c + c0) * f->in_plane, f->in_plane, cv->in, cv->p, count);
+    planes_to_lanes(cv, f, xb, x + (n * cv->c + c0) * f->in_plane, f->in_plane, 1, count);
     lanes_gather(acc, xb, wl, f, 1, f->span);
-    lanes_to_planes(f, (int32_t *)out + (n * cv->cout + c0) * f->out_plane, acc, f->out_plane, cv->out, NO_PADDING,
-                    count);
+    lanes_to_planes(cv, f, (int32_t *)out + (n * cv->cout + c0) * f->out_plane, acc, f->out_plane, 0, count);
 }
 
-/* At stride 1 the input gradient is a gather too: grid position p sums w[t] * e[p - off[t]];
+/* The input gradient is a gather too: buffer position p sums w[t] * e[p - off[t]] (the transpose of
+ * the forward's relation, on the same layout);
  * e sits `top` positions into its buffer, zeros before and after it, so every read is inside. */
 static void lanes_input_grad_task(const conv_t *cv, const plan_t *f, int32_t *db, int32_t *eb, int64_t task,
                                   const int8_t *e, const int8_t *w, void *out) {
     LANES_TASK(wl);
     memset(eb, 0, (size_t)(f->top + f->buffer) * LANES * 4);
-    planes_to_lanes(f, eb + f->top * LANES, e + (n * cv->cout + c0) * f->out_plane, f->out_plane, cv->out, NO_PADDING,
-                    count);
+    planes_to_lanes(cv, f, eb + f->top * LANES, e + (n * cv->cout + c0) * f->out_plane, f->out_plane, 0, count);
     lanes_gather(db, eb + f->top * LANES, wl, f, -1, f->buffer);
-    lanes_to_planes(f, (int32_t *)out + (n * cv->c + c0) * f->in_plane, db, f->in_plane, cv->in, cv->p, count);
+    lanes_to_planes(cv, f, (int32_t *)out + (n * cv->c + c0) * f->in_plane, db, f->in_plane, 1, count);
 }
 
 static void lanes_weight_task(const conv_t *cv, const plan_t *f, int32_t *xb, int32_t *eb, int64_t block,
@@ -321,8 +346,8 @@ static void lanes_weight_task(const conv_t *cv, const plan_t *f, int32_t *xb, in
     for (int64_t n = 0; n < cv->n; n++) {
         memset(eb, 0, (size_t)f->span * LANES * 4);
         memset(xb, 0, (size_t)f->buffer * LANES * 4);
-        planes_to_lanes(f, eb, e + (n * cv->cout + c0) * f->out_plane, f->out_plane, cv->out, NO_PADDING, count);
-        planes_to_lanes(f, xb, x + (n * cv->c + c0) * f->in_plane, f->in_plane, cv->in, cv->p, count);
+        planes_to_lanes(cv, f, eb, e + (n * cv->cout + c0) * f->out_plane, f->out_plane, 0, count);
+        planes_to_lanes(cv, f, xb, x + (n * cv->c + c0) * f->in_plane, f->in_plane, 1, count);
         for (int64_t t = 0; t < f->taps; t++) {
             int32_t sum[LANES] = {0};      /* a sample's plane: at most 2^16 products (the caller's bound) */
             for (int64_t j = 0; j < f->span; j++) {
@@ -375,7 +400,6 @@ static int lanes(const int64_t *dims) {
     conv_t cv;
     load(&cv, dims);
     return cv.c == cv.g && cv.cout == cv.g && cv.out[0] * cv.out[1] * cv.out[2] < cv.lanes_below
-        && cv.s[0] == 1 && cv.s[1] == 1 && cv.s[2] == 1
         && cv.k[0] * cv.k[1] * cv.k[2] <= 1024      /* the taps' lane weights live on the stack */
         /* the weight gradient's per-sample sums in int32: at most 2^16 products */
         && (cv.in[0] + 2 * cv.p[0]) * (cv.in[1] + 2 * cv.p[1]) * (cv.in[2] + 2 * cv.p[2]) <= 65536;
