@@ -16,6 +16,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models transformer --onednn   # AMX kernel vs oneDNN _int_mm
     python benchmarks/train_step.py --models transformer --saved-scales   # GEMMs saving scales, not maxima
     python benchmarks/train_step.py --models transformer --outer-scale    # grad_outer_scale flipped too
+    python benchmarks/train_step.py --models resnet18 --act-groups 4      # act_groups=4 too
     python benchmarks/train_step.py --fusion-off        # attention softmax, gradient quantizers in Inductor loops
     python benchmarks/train_step.py --no-grad-kernel    # gradients' quantizers in Inductor loops
     python benchmarks/train_step.py --models resnet18 unet --no-conv-grad-kernel   # convs' ones only
@@ -307,6 +308,8 @@ def variants(args, name):
     if args.outer_scale:
         flipped = not OpConfig().grad_outer_scale
         out.append((f"{tag}, grad_outer_scale={flipped}", dict(bits, grad_outer_scale=flipped), False))
+    if args.act_groups > 1:
+        out.append((f"{tag}, act_groups={args.act_groups}", dict(bits, act_groups=args.act_groups), False))
     if args.bf16:
         out.append(("bf16 autocast eager (reference)", None, True))
     return out
@@ -436,6 +439,9 @@ def main(argv=None):
     p.add_argument("--outer-scale", action="store_true",
                    help="also time the shiftquant step with grad_outer_scale the other way than its default, "
                         "in the same process")
+    p.add_argument("--act-groups", type=int, default=1, metavar="G",
+                   help="also time the shiftquant step with act_groups=G (ShiftQuant over the activations' "
+                        "channels, the forward quantizer of the accuracy option), in the same process")
     p.add_argument("--bf16", action="store_true",
                    help="also time fp32 eager under bf16 autocast: on CPUs with AMX-BF16 tiles its GEMMs are "
                         "several times faster than both fp32 and oneDNN's int8 GEMM as PyTorch reaches it")

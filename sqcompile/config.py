@@ -43,6 +43,15 @@ def default_groups(grad_bits: int) -> int:
     from .numerics import fits_int8
     return max(g for g in range(1, DEFAULT_GROUPS + 1) if fits_int8(grad_bits, g))
 
+def act_groups_for(act_groups: int, bits: int) -> int:
+    """The ShiftQuant groups an activation quantized at ``bits`` (symmetric; an unsigned
+    ``b``-bit activation is quantized as ``b + 1`` symmetric bits, see :mod:`~sqcompile.passes.signs`)
+    gets under ``act_groups``: the most, up to ``act_groups``, whose expanded integers fit
+    int8, so the forward GEMM stays one int8 GEMM and the saved operand one int8 tensor."""
+    from .numerics import fits_int8
+    return max(g for g in range(1, act_groups + 1) if fits_int8(bits, g))
+
+
 NORM_CHOICES = ("l1", "keep")
 EXECUTION_CHOICES = ("auto", "simulate", "integer")
 KERNEL_CHOICES = ("auto", "torch", "triton")
@@ -60,7 +69,8 @@ OP_NAMES = (
 
 # Options that may differ from module to module (the rest are global to one compile).
 PER_OP_FIELDS = (
-    "quantize", "weight_bits", "act_bits", "grad_bits", "groups", "grad_outer_scale", "unsigned_acts", "norm",
+    "quantize", "weight_bits", "act_bits", "act_groups", "grad_bits", "groups", "grad_outer_scale", "unsigned_acts",
+    "norm",
     "norm_bits", "l1_scale", "execution", "kernels", "fused_attention",
 )
 
@@ -94,6 +104,7 @@ class OpConfig:
     quantize: bool = True
     weight_bits: int = 4
     act_bits: int = 4
+    act_groups: int = 1
     grad_bits: int = 4
     groups: Optional[int] = None
     grad_outer_scale: bool = True
@@ -121,6 +132,10 @@ class OpConfig:
                 f"rungs the smallest group's scale is below 2**-{MAX_GROUPS} of the largest and its "
                 "channels round to zero at any bit width)",
             )
+        a = self.act_groups
+        if isinstance(a, bool) or not isinstance(a, int) or not 1 <= a <= MAX_GROUPS:
+            raise _bad("act_groups", a, f"an integer in 1..{MAX_GROUPS} (1: one scale per row / sample; more: "
+                       "ShiftQuant over the activation's channels, as many groups as fit int8 up to this many)")
         if not isinstance(self.grad_outer_scale, bool):
             raise _bad("grad_outer_scale", self.grad_outer_scale, "True or False")
         if not isinstance(self.unsigned_acts, bool):
@@ -152,6 +167,15 @@ class Config(OpConfig):
                               is left is the norm replacement alone: "float L1" training)
     weight_bits     4         bits of weights in forward GEMMs (2..8), nearest rounding
     act_bits        4         bits of activations feeding GEMMs (2..8), nearest rounding
+    act_groups      1         1: one scale per row (token) / per sample (conv input).  More:
+                              ShiftQuant over the activation's reduction channels (the
+                              features a Linear sums over, a conv's input channels), on top
+                              of that row / sample scale, with nearest rounding: channels
+                              are grouped by range on a power-of-two ladder and the GEMM
+                              stays one int8 GEMM.  An op uses as many groups as fit int8 at
+                              its activation bits, up to this many (4 bits unsigned: 4;
+                              signed: 5; 6 bits: 2 or 3; 8 bits: 1); see
+                              :func:`act_groups_for`
     grad_bits       4         bits of output gradients in backward GEMMs (2..8), ShiftQuant
                               with stochastic rounding
     groups          None      ShiftQuant groups on the power-of-two ladder (1..8); 1 is

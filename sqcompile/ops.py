@@ -463,11 +463,32 @@ def _quantize(ks: "KernelSet", stats: Optional[str], role: str, x, bits, keep_di
     return torch.ops.sqcompile.quantize_observed(x, bits, keep_dims, stochastic, stats, role)
 
 
-def _shiftquant(ks: "KernelSet", stats: Optional[str], role: str, x, bits, groups, channel_dims, prescale=None):
-    """Stochastic ShiftQuant of ``x * prescale`` (the product is formed inside the quantizer)."""
+def _shiftquant(ks: "KernelSet", stats: Optional[str], role: str, x, bits, groups, channel_dims, prescale=None,
+                stochastic: bool = True):
+    """ShiftQuant of ``x * prescale`` (the product is formed inside the quantizer); stochastic
+    rounding for gradients, nearest for activations (``act_groups``)."""
     if stats is None:
-        return ks.shiftquant(x, bits, groups, channel_dims, True, prescale)
-    return torch.ops.sqcompile.shiftquant_observed(x, bits, groups, channel_dims, True, stats, role, prescale)
+        return ks.shiftquant(x, bits, groups, channel_dims, stochastic, prescale)
+    return torch.ops.sqcompile.shiftquant_observed(x, bits, groups, channel_dims, stochastic, stats, role, prescale)
+
+
+def _quantize_act(ks: "KernelSet", stats: Optional[str], x, bits, keep_dims, channel_dims, groups: int):
+    """``(q, s)``: the quantized activation of a GEMM, ``s`` one scale per index of ``keep_dims``
+    (a GEMM row, a conv's sample), nearest rounding.
+
+    ``groups > 1`` (``act_groups``): :func:`shiftquant_outer` with those scales as its outer
+    scale and ShiftQuant over ``channel_dims`` (the features / input channels the product sums
+    over, per batch entry): channels whose range is 2, 4, ... times below the largest get
+    integers shifted left by as many bits, so they keep their resolution where one scale per
+    row would round them to a few levels (a depthwise conv's output channels, the outlier
+    features of a transformer), and ``q`` is still one integer tensor with one scale per row.
+    The caller picks ``groups`` so that ``q`` fits int8 (:func:`sqcompile.config.act_groups_for`)."""
+    if groups <= 1:
+        return _quantize(ks, stats, "act", x, bits, keep_dims, False)
+    if stats is None and ks.shiftquant_outer is not None:
+        return ks.shiftquant_outer(x, bits, groups, channel_dims, keep_dims, False, None)
+    quantizer = functools.partial(_shiftquant_as, ks, stats, "act")
+    return shiftquant_outer(quantizer, x, bits, groups, channel_dims, keep_dims, False)
 
 
 def _scale_shape(x: torch.Tensor, keep_dims: Sequence[int]) -> list:
@@ -571,11 +592,12 @@ class _QuantMatmul(torch.autograd.Function):
     """``a [B, M, K] @ b [B, K, N]`` with quantized operands and ShiftQuant-ed gradients."""
 
     @staticmethod
-    def forward(ctx, a, b, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, b_role, outer=False):
+    def forward(ctx, a, b, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, b_role, outer=False,
+                a_groups=1):
         ks = kernel_set(kernels)
-        qa, sa = _quantize(ks, stats, "act", a, a_bits, [0, 1], False)     # per (batch, row)
+        qa, sa = _quantize_act(ks, stats, a, a_bits, [0, 1], [0, 2], a_groups)     # per (batch, row)
         qb, sb = _quantize(ks, stats, b_role, b, b_bits, [0, 2], False)    # per (batch, column)
-        ctx.maxima = (a_bits, b_bits) if _saves_maxima(ks) else None
+        ctx.maxima = (a_bits, b_bits) if _saves_maxima(ks) and a_groups <= 1 else None
         if ctx.maxima is None:
             ctx.save_for_backward(qa, sa, qb, sb)
         else:
@@ -608,7 +630,7 @@ class _QuantMatmul(torch.autograd.Function):
                 db = _gemm(ks, e.transpose(-1, -2), _t(s), qa, None, integer, b_dtype).transpose(-1, -2)
             else:
                 db = _gemm(ks, qa.transpose(-1, -2), None, e, s, integer, b_dtype)
-        return da, db, None, None, None, None, None, None, None, None, None
+        return da, db, *[None] * 10
 
 
 def _gradient(ks: KernelSet, stats: Optional[str], role: str, dy, bits, groups, channel_dims, prescale,
@@ -630,7 +652,7 @@ def _gradient(ks: KernelSet, stats: Optional[str], role: str, dy, bits, groups, 
 
 
 def _shiftquant_as(ks, stats, role, x, bits, groups, channel_dims, stochastic, prescale=None):
-    return _shiftquant(ks, stats, role, x, bits, groups, channel_dims, prescale=prescale)
+    return _shiftquant(ks, stats, role, x, bits, groups, channel_dims, prescale=prescale, stochastic=stochastic)
 
 
 def shiftquant_outer(quantizer: Callable, x: torch.Tensor, bits: int, groups: int, channel_dims: Sequence[int],
@@ -717,8 +739,11 @@ def _check_dtypes(name: str, args) -> None:
 
 @_autocast_like
 def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: int, integer: bool,
-                     kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False):
-    """``torch.matmul`` semantics (1-D operands, broadcasting batch dims) with quantization."""
+                     kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False,
+                     a_groups: int = 1):
+    """``torch.matmul`` semantics (1-D operands, broadcasting batch dims) with quantization.
+    ``a_groups`` > 1: ``a``'s ShiftQuant groups over its columns (``act_groups``, see
+    :func:`_quantize_act`)."""
     if a.dim() == 0 or b.dim() == 0:
         raise ValueError("quantized_matmul needs operands with at least one dim")
     squeeze_m = a.dim() == 1
@@ -732,7 +757,8 @@ def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: 
     b3 = _flatten_batch(b.expand(*batch, *b.shape[-2:]))
     if a3.shape[0] != b3.shape[0]:
         raise RuntimeError("quantized_matmul: batch shapes do not broadcast")  # pragma: no cover
-    y = _QuantMatmul.apply(a3, b3, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, "act_b", outer_scale)
+    y = _QuantMatmul.apply(a3, b3, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, "act_b", outer_scale,
+                           a_groups)
     y = y.reshape(*batch, y.shape[-2], y.shape[-1])
     if squeeze_m:        # before n: a 1-d by 1-d product (a dot) leaves a 0-dim result
         y = y.squeeze(-2)
@@ -743,29 +769,31 @@ def quantized_matmul(a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: 
 
 @_autocast_like
 def quantized_linear(x, weight, bias=None, *, a_bits: int, w_bits: int, grad_bits: int, groups: int,
-                     integer: bool, kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False):
-    """``F.linear`` with quantized activations (per token), weights (per output feature) and
+                     integer: bool, kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False,
+                     a_groups: int = 1):
+    """``F.linear`` with quantized activations (per token; with ``a_groups`` > 1 also ShiftQuant
+    over the input features, :func:`_quantize_act`), weights (per output feature) and
     ShiftQuant-ed gradients.  The bias is added in float.  A 1-d ``weight`` ``[in]`` is
     ``F.linear``'s dot-product form (``[..., in] -> [...]``): one output feature."""
     if weight.dim() == 1:
         y = quantized_linear(x, weight.unsqueeze(0), None, a_bits=a_bits, w_bits=w_bits, grad_bits=grad_bits,
                              groups=groups, integer=integer, kernels=kernels, stats=stats,
-                             outer_scale=outer_scale).squeeze(-1)
+                             outer_scale=outer_scale, a_groups=a_groups).squeeze(-1)
         return y if bias is None else y + bias
     lead = x.shape[:-1]
     x3 = x.reshape(1, -1, x.shape[-1])
     y = _QuantMatmul.apply(x3, weight.t().unsqueeze(0), a_bits, w_bits, grad_bits, groups, integer, kernels, stats,
-                          "weight", outer_scale)
+                          "weight", outer_scale, a_groups)
     y = y.reshape(*lead, weight.shape[0])
     return y if bias is None else y + bias
 
 
 @_autocast_like
 def quantized_addmm(inp, a, b, *, beta=1, alpha=1, a_bits, b_bits, grad_bits, groups, integer, kernels="torch",
-                    stats=None, outer_scale=False):
+                    stats=None, outer_scale=False, a_groups=1):
     """``torch.addmm`` / ``torch.baddbmm``: ``beta * inp + alpha * (a @ b)``."""
     y = quantized_matmul(a, b, a_bits=a_bits, b_bits=b_bits, grad_bits=grad_bits, groups=groups, integer=integer,
-                         kernels=kernels, stats=stats, outer_scale=outer_scale)
+                         kernels=kernels, stats=stats, outer_scale=outer_scale, a_groups=a_groups)
     if alpha != 1:
         y = y * alpha
     if beta == 0:
@@ -809,9 +837,9 @@ class _QuantConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, a_bits, w_bits, grad_bits, groups, integer, kernels, stats, stride, padding, dilation,
-                conv_groups, outer=False, transposed=False, output_padding=None):
+                conv_groups, outer=False, transposed=False, output_padding=None, a_groups=1):
         ks = kernel_set(kernels)
-        qx, sx = _quantize(ks, stats, "act", x, a_bits, [0], False)     # one scale per sample
+        qx, sx = _quantize_act(ks, stats, x, a_bits, [0], [0, 1], a_groups)     # one scale per sample
         grouped = conv_groups > 1       # integer: direct loops over NCHW planes (int8_grouped_conv)
         if integer and not grouped:
             qx = _gather_layout(ks, qx, stride)
@@ -884,7 +912,7 @@ class _QuantConv(torch.autograd.Function):
             else:
                 dw = _conv_backward(_dequant(ks, e, s, torch.float32), qx.float(), qw.float(), mask=(False, True),
                                     **conv)[1].to(w_dtype)
-        return dx, dw, *[None] * 14
+        return dx, dw, *[None] * 15
 
 
 def _conv_transpose_sizes(sizes, kernel, stride, padding, dilation, output_padding):
@@ -1176,13 +1204,16 @@ def _ntuple(v, n):
 @_autocast_like
 def quantized_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, nd: int,
                    a_bits: int, w_bits: int, grad_bits: int, sq_groups: int, integer: bool,
-                   kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False):
+                   kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False,
+                   a_groups: int = 1):
     """``F.conv{nd}d`` with quantized input/weight and ShiftQuant-ed gradients.
 
     ``padding`` may be an int, a tuple or ``"valid"``/``"same"`` as in PyTorch.  ``outer_scale``
     (``grad_outer_scale``): the ``dW`` GEMM's gradient gets one scale per output channel (its
     free axis), ``dX``'s one per sample (not per position: each output position sums several
-    input positions, so a per-position scale would not factor out)."""
+    input positions, so a per-position scale would not factor out).  ``a_groups`` > 1
+    (``act_groups``): the input's per-sample scale with ShiftQuant over its channels, one range
+    per (sample, channel) (:func:`_quantize_act`)."""
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
@@ -1194,7 +1225,7 @@ def quantized_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         x = torch.nn.functional.pad(x, [p for lr in reversed(padding) for p in lr])
         padding = [0] * nd
     y = _QuantConv.apply(x, weight, a_bits, w_bits, grad_bits, sq_groups, integer, kernels, stats, stride, padding,
-                         dilation, groups, outer_scale)
+                         dilation, groups, outer_scale, False, None, a_groups)
     if bias is not None:
         y = y + bias.reshape(1, -1, *[1] * nd)
     return y.squeeze(0) if unbatched else y
@@ -1203,7 +1234,8 @@ def quantized_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
 @_autocast_like
 def quantized_conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
                              nd: int, a_bits: int, w_bits: int, grad_bits: int, sq_groups: int, integer: bool,
-                             kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False):
+                             kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False,
+                             a_groups: int = 1):
     """``F.conv_transpose{nd}d`` (same arguments, same order) with the quantizers of
     :func:`quantized_conv`: input per sample, weight per output channel, the output gradient
     ShiftQuant-ed with ranges per (sample, channel) for ``dX`` and per (sample, position) for
@@ -1218,7 +1250,7 @@ def quantized_conv_transpose(x, weight, bias=None, stride=1, padding=0, output_p
     if why_not:
         raise ValueError(f"quantized_conv_transpose(integer=True): {why_not}")
     y = _QuantConv.apply(x, weight, a_bits, w_bits, grad_bits, sq_groups, integer, kernels, stats, stride, padding,
-                         dilation, groups, outer_scale, True, output_padding)
+                         dilation, groups, outer_scale, True, output_padding, a_groups)
     if bias is not None:
         y = y + bias.reshape(1, -1, *[1] * nd)
     return y.squeeze(0) if unbatched else y
@@ -1423,7 +1455,8 @@ def parse_einsum(equation: str, n_operands: int):
 
 @_autocast_like
 def quantized_einsum(equation: str, a, b, *, a_bits: int, b_bits: int, grad_bits: int, groups: int,
-                     integer: bool, kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False):
+                     integer: bool, kernels: str = "torch", stats: Optional[str] = None, outer_scale: bool = False,
+                     a_groups: int = 1):
     """Two-operand ``torch.einsum`` as one batched quantized GEMM: indices are sorted into
     batch (both operands and output), contracted (both, not output) and free ones."""
     parsed = parse_einsum(equation, 2)
@@ -1444,7 +1477,7 @@ def quantized_einsum(equation: str, a, b, *, a_bits: int, b_bits: int, grad_bits
     B = b.permute([ib.index(c) for c in batch + contr + b_free]).reshape(
         _prod(size[c] for c in batch), _prod(size[c] for c in contr), _prod(size[c] for c in b_free))
     y = quantized_matmul(A, B, a_bits=a_bits, b_bits=b_bits, grad_bits=grad_bits, groups=groups,
-                         integer=integer, kernels=kernels, stats=stats, outer_scale=outer_scale)
+                         integer=integer, kernels=kernels, stats=stats, outer_scale=outer_scale, a_groups=a_groups)
     order = batch + a_free + b_free
     y = y.reshape([size[c] for c in order])
     return y.permute([order.index(c) for c in out])

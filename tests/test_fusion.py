@@ -768,6 +768,22 @@ def test_fusion_option_turns_fusion_off_for_one_compile():
         _assert_close(grads[name], ref_grads[name])
 
 
+def test_activation_groups_fuse_and_equal_the_unfused_graphs():
+    """``act_groups``: the GEMMs' inputs are ShiftQuant-ed (nearest), not per-row quantized;
+    the GEMM regions (dequantize, bias, GELU, residual, the backward's GELU and sums) form as
+    without it and give the unfused results."""
+    torch.manual_seed(0)
+    model, x = Residual(), torch.randn(2, 5, 24)
+    options = {"act_groups": 4}
+    out, grads, rec, _ = _compile_and_step(model, x, fused=True, options=options)
+    assert _labels(rec, "forward") == ["int8_mm+dequant+bias+gelu", "int8_mm+dequant+bias+residual"]
+    assert "int8_mm+dequant+gelu_backward+sum" in _labels(rec, "backward")
+    ref_out, ref_grads, _, _ = _compile_and_step(model, x, fused=False, options=options)
+    _assert_close(out, ref_out)
+    for name in grads:
+        _assert_close(grads[name], ref_grads[name])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("outer", [True, False], ids=["outer_scale", "plain"])
 def test_gpu_benchmark_block_under_inductor_matches_the_eager_inner_compiler(outer):

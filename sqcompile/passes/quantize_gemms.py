@@ -24,7 +24,7 @@ from typing import Optional
 import torch.fx as fx
 
 from .. import ops
-from ..config import Config
+from ..config import Config, act_groups_for
 from ..decisions import EXEC_FLOAT, CompileRecord, OpDecision, stats_key
 from .common import (bind, call_name, example_value, is_float_tensor, is_parameter, module_path, numel, shape_of,
                      size_hints)
@@ -168,6 +168,12 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     else:
         target_fn, new_args = ops.quantized_matmul, (args["a"], args["b"])
         q = dict(a_bits=a_bits, b_bits=b_bits, **common)
+    # act_groups: ShiftQuant over the first operand's reduction channels, as many groups as fit
+    # int8 at its bits (attention and RNNs keep one scale per row)
+    a_groups = 1 if name in ops.RNN_MODES or name == "scaled_dot_product_attention" else \
+        act_groups_for(cfg.act_groups, a_bits)
+    if a_groups > 1:
+        q["a_groups"] = a_groups
 
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(target_fn, new_args, q)
@@ -180,8 +186,9 @@ def _rewrite(gm, node: fx.Node, name: str, config: Config, target: Target, recor
     decision.execution = ex.label
     decision.reason = ex.reason
     decision.act_bits = cfg.act_bits
-    decision.act_quantizer = ("per-sample, nearest" if name in _CONVS else "per-row, nearest") + \
-        _unsigned(a_unsigned, "; P " if name == "scaled_dot_product_attention" else ", ")
+    decision.act_quantizer = ("per-sample" if name in _CONVS else "per-row") + \
+        (f" x ShiftQuant G={a_groups} per {'(sample, channel)' if name in _CONVS else 'column'}" if a_groups > 1
+         else "") + ", nearest" + _unsigned(a_unsigned, "; P " if name == "scaled_dot_product_attention" else ", ")
     decision.weight_bits = cfg.weight_bits if weighty else cfg.act_bits
     decision.weight_quantizer = "per-output-channel, nearest" if weighty else \
         "per-column, nearest (activation)" + _unsigned(b_unsigned)
