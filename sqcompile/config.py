@@ -43,6 +43,7 @@ def default_groups(grad_bits: int) -> int:
     from .numerics import fits_int8
     return max(g for g in range(1, DEFAULT_GROUPS + 1) if fits_int8(grad_bits, g))
 
+
 def act_groups_for(act_groups: int, bits: int) -> int:
     """The ShiftQuant groups an activation quantized at ``bits`` (symmetric; an unsigned
     ``b``-bit activation is quantized as ``b + 1`` symmetric bits, see :mod:`~sqcompile.passes.signs`)
@@ -70,8 +71,7 @@ OP_NAMES = (
 # Options that may differ from module to module (the rest are global to one compile).
 PER_OP_FIELDS = (
     "quantize", "weight_bits", "act_bits", "act_groups", "grad_bits", "groups", "grad_outer_scale", "unsigned_acts",
-    "norm",
-    "norm_bits", "l1_scale", "execution", "kernels", "fused_attention",
+    "norm", "norm_bits", "l1_scale", "execution", "kernels", "fused_attention",
 )
 
 

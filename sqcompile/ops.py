@@ -478,10 +478,11 @@ def _quantize_act(ks: "KernelSet", stats: Optional[str], x, bits, keep_dims, cha
 
     ``groups > 1`` (``act_groups``): :func:`shiftquant_outer` with those scales as its outer
     scale and ShiftQuant over ``channel_dims`` (the features / input channels the product sums
-    over, per batch entry): channels whose range is 2, 4, ... times below the largest get
-    integers shifted left by as many bits, so they keep their resolution where one scale per
-    row would round them to a few levels (a depthwise conv's output channels, the outlier
-    features of a transformer), and ``q`` is still one integer tensor with one scale per row.
+    over, per batch entry): a channel whose range is 2, 4, ... times below the largest gets
+    steps 2, 4, ... times finer (the larger channels' integers are shifted left instead), so
+    it keeps its resolution where one scale per row would round it to a few levels (a
+    depthwise conv's output channels, the outlier features of a transformer), and ``q`` is
+    still one integer tensor with one scale per row.
     The caller picks ``groups`` so that ``q`` fits int8 (:func:`sqcompile.config.act_groups_for`)."""
     if groups <= 1:
         return _quantize(ks, stats, "act", x, bits, keep_dims, False)
@@ -595,7 +596,7 @@ class _QuantMatmul(torch.autograd.Function):
     def forward(ctx, a, b, a_bits, b_bits, grad_bits, groups, integer, kernels, stats, b_role, outer=False,
                 a_groups=1):
         ks = kernel_set(kernels)
-        qa, sa = _quantize_act(ks, stats, a, a_bits, [0, 1], [0, 2], a_groups)     # per (batch, row)
+        qa, sa = _quantize_act(ks, stats, a, a_bits, [0, 1], [0, 2], a_groups)   # per (batch, row)
         qb, sb = _quantize(ks, stats, b_role, b, b_bits, [0, 2], False)    # per (batch, column)
         ctx.maxima = (a_bits, b_bits) if _saves_maxima(ks) and a_groups <= 1 else None
         if ctx.maxima is None:

@@ -78,6 +78,19 @@ def test_conv_forward_is_the_reference_convolved(integer, kernels, conv_groups):
     assert torch.allclose(y, want, rtol=1e-5, atol=1e-4), (y - want).abs().max()
 
 
+@pytest.mark.parametrize("integer", [False, True])
+def test_transposed_conv_forward_is_the_reference_transposed(integer):
+    torch.manual_seed(8)
+    x, w = torch.randn(2, 6, 5, 5), torch.randn(6, 4, 3, 3)
+    x[:, 1] *= 0.03
+    xq, _ = reference(x, 4, 4, [0], [0, 1])
+    wq = N.fake_quantize(w, 8, [1])         # a transposed conv's weight: per output channel, dim 1
+    want = F.conv_transpose2d(xq.double(), wq.double(), None, 2, 1, 1).float()
+    y = ops.quantized_conv_transpose(x, w, None, 2, 1, 1, nd=2, a_bits=4, w_bits=8, grad_bits=8, sq_groups=1,
+                                     integer=integer, outer_scale=True, a_groups=4)
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-4), (y - want).abs().max()
+
+
 def test_small_channels_keep_their_resolution():
     """A conv input channel 16x below the others (a depthwise conv's output channel with a
     small weight): one scale per sample rounds nearly all of it to zero at 4 bits; the groups
