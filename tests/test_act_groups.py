@@ -20,6 +20,8 @@ from sqcompile.config import act_groups_for
 from sqcompile.decisions import records_for
 from sqcompile.kernels.triton_ops import triton_available
 
+from models import rel, train
+
 TRITON, WHY = triton_available()
 FAMILIES = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason=WHY))]
 
@@ -30,10 +32,6 @@ def reference(x, bits, groups, keep_dims, channel_dims):
     r = N.safe_div_scale(N.amax(x, keep_dims))
     sq = N.shiftquant(x.float() / r, bits, groups, channel_dims, "nearest")
     return sq.expanded.float() * (sq.base_scale * r), sq
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def _conv(x, w, integer, kernels="torch", a_groups=4, conv_groups=1, bits=4):
@@ -208,18 +206,11 @@ def test_compiled_model_trains_as_the_simulated_ops_do(inner):
                                  options={"act_groups": 4, "execution": execution, "inner": inner})
         outs[execution] = compiled(x)
     assert torch.allclose(outs["simulate"], outs["integer"], rtol=1e-4, atol=1e-4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    losses = []
-    for _ in range(8):
-        loss = F.cross_entropy(compiled(x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(compiled, model.parameters(), [(x, target)] * 8, F.cross_entropy)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-class Block(nn.Module):
+class MlpBlock(nn.Module):
     """LayerNorm -> Linear -> GELU -> Linear + residual: the CPU C kernels that write the next
     Linear's per-row int8 operand (``l1_norm+quantize``, ``dequant+bias+gelu+quantize``)."""
 
@@ -236,7 +227,7 @@ def test_cpu_kernels_that_quantize_per_row_step_aside():
     graph's ShiftQuant runs instead); the gradient kernels still are, and the integer forward
     equals the simulated one."""
     torch.manual_seed(6)
-    model, x = Block(), torch.randn(4, 16, 32)
+    model, x = MlpBlock(), torch.randn(4, 16, 32)
     labels, outs = {}, {}
     for groups in (1, 4):
         for execution in ("simulate", "integer"):
