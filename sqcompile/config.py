@@ -40,15 +40,15 @@ def default_groups(grad_bits: int) -> int:
     """The ShiftQuant groups ``groups=None`` gives gradients of ``grad_bits``: the most, up to
     :data:`DEFAULT_GROUPS`, whose expanded integers ``qmax << (G - 1)`` fit int8, so each
     backward GEMM stays one int8 GEMM (4 at 4 and 5 bits, 3 at 6, 2 at 7, 1 at 8)."""
-    from .numerics import fits_int8
-    return max(g for g in range(1, DEFAULT_GROUPS + 1) if fits_int8(grad_bits, g))
+    return act_groups_for(DEFAULT_GROUPS, grad_bits)
 
 
 def act_groups_for(act_groups: int, bits: int) -> int:
-    """The ShiftQuant groups an activation quantized at ``bits`` (symmetric; an unsigned
-    ``b``-bit activation is quantized as ``b + 1`` symmetric bits, see :mod:`~sqcompile.passes.signs`)
-    gets under ``act_groups``: the most, up to ``act_groups``, whose expanded integers fit
-    int8, so the forward GEMM stays one int8 GEMM and the saved operand one int8 tensor."""
+    """The most ShiftQuant groups, up to ``act_groups``, whose expanded integers fit int8 at
+    ``bits`` (symmetric): what an activation quantized at ``bits`` gets under ``act_groups``
+    (an unsigned ``b``-bit activation is quantized as ``b + 1`` symmetric bits, see
+    :mod:`~sqcompile.passes.signs`), so the forward GEMM stays one int8 GEMM and the saved
+    operand one int8 tensor; :func:`default_groups` for gradients."""
     from .numerics import fits_int8
     return max(g for g in range(1, act_groups + 1) if fits_int8(bits, g))
 

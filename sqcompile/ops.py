@@ -486,10 +486,7 @@ def _quantize_act(ks: "KernelSet", stats: Optional[str], x, bits, keep_dims, cha
     The caller picks ``groups`` so that ``q`` fits int8 (:func:`sqcompile.config.act_groups_for`)."""
     if groups <= 1:
         return _quantize(ks, stats, "act", x, bits, keep_dims, False)
-    if stats is None and ks.shiftquant_outer is not None:
-        return ks.shiftquant_outer(x, bits, groups, channel_dims, keep_dims, False, None)
-    quantizer = functools.partial(_shiftquant_as, ks, stats, "act")
-    return shiftquant_outer(quantizer, x, bits, groups, channel_dims, keep_dims, False)
+    return _shiftquant_outer(ks, stats, "act", x, bits, groups, channel_dims, keep_dims, False)
 
 
 def _scale_shape(x: torch.Tensor, keep_dims: Sequence[int]) -> list:
@@ -646,10 +643,18 @@ def _gradient(ks: KernelSet, stats: Optional[str], role: str, dy, bits, groups, 
     scales."""
     if outer_dims is None:
         return _shiftquant(ks, stats, role, dy, bits, groups, channel_dims, prescale=prescale)
+    return _shiftquant_outer(ks, stats, role, dy, bits, groups, channel_dims, outer_dims, True, prescale)
+
+
+def _shiftquant_outer(ks: KernelSet, stats: Optional[str], role: str, x, bits, groups, channel_dims, outer_dims,
+                      stochastic: bool, prescale=None):
+    """:func:`shiftquant_outer` on the family's own kernel where it has one (and no statistics
+    are collected), else composed around its ShiftQuant (observed under ``role`` with
+    ``stats``): a gradient's (stochastic) and, with ``act_groups``, an activation's (nearest)."""
     if stats is None and ks.shiftquant_outer is not None:
-        return ks.shiftquant_outer(dy, bits, groups, channel_dims, outer_dims, True, prescale)
+        return ks.shiftquant_outer(x, bits, groups, channel_dims, outer_dims, stochastic, prescale)
     quantizer = functools.partial(_shiftquant_as, ks, stats, role)
-    return shiftquant_outer(quantizer, dy, bits, groups, channel_dims, outer_dims, True, prescale)
+    return shiftquant_outer(quantizer, x, bits, groups, channel_dims, outer_dims, stochastic, prescale)
 
 
 def _shiftquant_as(ks, stats, role, x, bits, groups, channel_dims, stochastic, prescale=None):
