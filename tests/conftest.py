@@ -3,6 +3,7 @@
 Triton's CPU interpreter must be chosen before any Triton kernel is defined (``@triton.jit``
 decides at import time), so without CUDA this sets ``TRITON_INTERPRET=1`` here, before any
 test module imports ``sqcompile``.  An explicit ``TRITON_INTERPRET`` in the environment wins.
+In the interpreter, :mod:`interpreter_speedups` removes two of its overheads.
 """
 import os
 
@@ -11,6 +12,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from interpreter_speedups import install
+    install()
 
 
 @pytest.fixture
