@@ -18,10 +18,11 @@ test suite (``tests/conftest.py`` installs them when it sets ``TRITON_INTERPRET=
 Measured on a 2-core Zen 3 VM (2026-12-03, one process, ``SQCOMPILE_PLAIN_INTERPRETER=1`` for
 the plain interpreter): ``test_backend_reads_qkv_heads_in_place_and_writes_their_gradient_in_
 place[split]`` 57 s -> 24 s, ``test_outer_gradient_scale_runs_fused`` 90 s -> 61 s; the whole
-suite (``python -m pytest``, empty Inductor and Triton caches) 38:32 -> 27:35.  Both replace private Triton
-functions, so :func:`install` checks that they are the ones this was written against (by
-their source) and leaves the interpreter alone otherwise: the tests then run as before, only
-slower.  ``SQCOMPILE_PLAIN_INTERPRETER=1`` skips it.
+suite (``python -m pytest``, empty Inductor and Triton caches) 38:32 -> 27:35.
+
+Both replace private Triton functions, so :func:`install` checks that they are the ones this
+was written against (by their source) and leaves the interpreter alone otherwise: the tests
+then run as before, only slower.  ``SQCOMPILE_PLAIN_INTERPRETER=1`` skips it.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The test suite's changes to Triton's CPU interpreter (:mod:`interpreter_speedups`): on the
-Triton they were written for they are in force, and kernels calling helpers (nested, with
-builtins, reductions and a helper of another module) compute what NumPy does."""
+Triton they were written for they are in force, and a kernel calling helpers (nested, in a
+loop, with builtins, a reduction and Triton's own ``tl.cdiv``) computes what NumPy does."""
 import os
 
 import numpy as np
@@ -40,7 +40,8 @@ def _kernel(x_ptr, out_ptr, n_rows, bound, BLOCK_R: tl.constexpr, BLOCK_C: tl.co
 
 def _expected(x: np.ndarray, bound: float) -> np.ndarray:
     for _ in range(2):
-        x = x - (np.minimum(np.abs(x), np.float32(bound)) * np.float32(2.0)).sum(1, dtype=np.float32)[:, None] / x.shape[1]
+        term = (np.minimum(np.abs(x), np.float32(bound)) * np.float32(2.0)).sum(1, dtype=np.float32)
+        x = x - term[:, None] / x.shape[1]
     return (x.shape[1] + 2) // 3 * x
 
 
