@@ -58,17 +58,13 @@ def install() -> bool:
         return False
 
     languages = (tl, tl.core)
-    seen: dict = {}             # function -> the language modules among its globals
+    launch, original_np_dtype = I.GridExecutor.__call__, I._get_np_dtype
     patched: list = []          # per launch in progress: the modules its patch covers
 
+    @functools.cache
     def modules_of(fn) -> frozenset:
-        got = seen.get(fn)
-        if got is None:
-            got = seen[fn] = frozenset(id(v) for v in fn.__globals__.values()
-                                       if inspect.ismodule(v) and v in languages)
-        return got
-
-    launch = I.GridExecutor.__call__
+        """The language modules among ``fn``'s globals (what ``_patch_lang`` patches for it)."""
+        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in languages)
 
     @functools.wraps(launch)
     def launch_call(self, *args, **kwargs):
@@ -90,19 +86,15 @@ def install() -> bool:
         except Exception as e:
             raise I.InterpreterError(repr(e)) from e
 
-    table: dict = {}
+    cached_np_dtype = functools.cache(original_np_dtype)
 
     def np_dtype(tt_dtype):
         if isinstance(tt_dtype, tl.block_type):
             tt_dtype = tt_dtype.element_ty
         if isinstance(tt_dtype, tl.pointer_type):      # unhashable; the original's uint64
             return original_np_dtype(tt_dtype)
-        got = table.get(tt_dtype)
-        if got is None:
-            got = table[tt_dtype] = original_np_dtype(tt_dtype)
-        return got
+        return cached_np_dtype(tt_dtype)
 
-    original_np_dtype = I._get_np_dtype
     I.GridExecutor.__call__ = launch_call
     I.InterpretedFunction.__call__ = device_call
     I._get_np_dtype = np_dtype
