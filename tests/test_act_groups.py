@@ -229,14 +229,14 @@ def test_cpu_kernels_that_quantize_per_row_step_aside():
     torch.manual_seed(6)
     model, x = MlpBlock(), torch.randn(4, 16, 32)
     labels, outs = {}, {}
-    for groups in (1, 4):
-        for execution in ("simulate", "integer"):
-            torch._dynamo.reset()
-            compiled = torch.compile(model, backend="shiftquant", options={
-                "act_groups": groups, "inner": "inductor", "execution": execution})
-            outs[groups, execution] = compiled(x)
+    for groups, execution in ((1, "integer"), (4, "integer"), (4, "simulate")):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="shiftquant", options={
+            "act_groups": groups, "inner": "inductor", "execution": execution})
+        outs[groups, execution] = compiled(x)
+        if execution == "integer":                  # (the simulated backward is not compared)
             outs[groups, execution].sum().backward()
-            labels[groups, execution] = [r.label for r in records_for(list(model.parameters()))[-1].regions]
+        labels[groups, execution] = [r.label for r in records_for(list(model.parameters()))[-1].regions]
     assert {"l1_norm+quantize", "dequant+bias+gelu+quantize"} <= set(labels[1, "integer"])
     assert labels[4, "integer"] == ["dequant+gelu_backward+sum", "shiftquant_outer(dY) x2", "shiftquant_outer(dY) x2"]
     assert torch.allclose(outs[4, "simulate"], outs[4, "integer"], rtol=1e-5, atol=1e-5)
