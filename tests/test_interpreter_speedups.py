@@ -1,6 +1,8 @@
 """The test suite's changes to Triton's CPU interpreter (:mod:`interpreter_speedups`): on the
-Triton they were written for they are in force, and a kernel calling helpers (nested, in a
-loop, with builtins, a reduction and Triton's own ``tl.cdiv``) computes what NumPy does."""
+Triton they were written for they are in force, a kernel calling helpers (nested, in a loop,
+with builtins, a reduction and Triton's own ``tl.cdiv``) computes what NumPy does, and so do
+reductions with combine functions of their own (order-sensitive, NaN-propagating, over two
+operands, along either axis, over all, keeping dims) -- the same left folds, bit for bit."""
 import os
 
 import numpy as np
@@ -58,6 +60,70 @@ def test_helpers_inside_a_launch_compute_what_numpy_does(rows):
     for _ in range(2):                                            # a second launch: patched afresh
         _kernel[(triton.cdiv(rows, 4),)](x, out, rows, 0.75, BLOCK_R=4, BLOCK_C=8)
         np.testing.assert_allclose(out.numpy(), _expected(x.numpy(), 0.75), rtol=1e-5, atol=1e-5)
+
+
+@triton.jit
+def _halve_add(a, b):                       # not associative: the fold's order shows
+    return a * 0.5 + b
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def _argmax(v1, i1, v2, i2):                # ties to the left
+    take = v2 > v1
+    return tl.where(take, v2, v1), tl.where(take, i2, i1)
+
+
+@triton.jit
+def _reduce_kernel(x_ptr, down_ptr, across_ptr, all_ptr, nan_ptr, value_ptr, index_ptr,
+                   R: tl.constexpr, C: tl.constexpr):
+    r, c = tl.arange(0, R), tl.arange(0, C)
+    x = tl.load(x_ptr + r[:, None] * C + c[None, :])
+    tl.store(down_ptr + c, tl.reduce(x, 0, _halve_add))
+    tl.store(across_ptr + r, tl.reduce(x, 1, _halve_add))
+    tl.store(all_ptr, tl.reduce(x, None, _halve_add))
+    tl.store(nan_ptr + r[:, None], tl.reduce(x, 1, _max_nan, keep_dims=True))
+    value, index = tl.reduce((x, tl.broadcast_to(c[None, :], (R, C))), 1, _argmax)
+    tl.store(value_ptr + r, value)
+    tl.store(index_ptr + r, index)
+
+
+def _fold(x: np.ndarray, fn) -> np.ndarray:
+    acc = x[0]
+    for k in range(1, x.shape[0]):
+        acc = fn(acc, x[k])
+    return acc
+
+
+def test_reductions_with_their_own_combine_fold_as_numpy_does():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-4, 5, (8, 16), generator=g).float() + torch.rand(8, 16, generator=g).round() / 4
+    x[2, 5] = x[6, 0] = float("nan")
+    outs = [torch.empty(n) for n in (16, 8, 1, 8, 8)] + [torch.empty(8, dtype=torch.int32)]
+    _reduce_kernel[(1,)](x, *outs, R=8, C=16)
+    xn, half = x.numpy(), np.float32(0.5)
+    halve_add = lambda a, b: a * half + b                               # noqa: E731
+    expected = [_fold(xn, halve_add), _fold(xn.T, halve_add), _fold(xn.reshape(-1), halve_add).reshape(1),
+                _fold(xn.T, lambda a, b: np.where((a > b) | (a != a), a, b))]
+    for got, want in zip(outs, expected):
+        np.testing.assert_array_equal(got.numpy(), want)
+    assert torch.isnan(outs[3][[2, 6]]).all()
+    firsts = [_argmax_fold(row) for row in xn]
+    np.testing.assert_array_equal(outs[5].numpy(), firsts)
+    np.testing.assert_array_equal(outs[4].numpy(), [row[k] for row, k in zip(xn, firsts)])
+
+
+def _argmax_fold(row: np.ndarray) -> int:
+    """:func:`_argmax` folded over ``row`` from the left (a NaN is never greater)."""
+    best = 0
+    for j in range(1, len(row)):
+        if row[j] > row[best]:
+            best = j
+    return best
 
 
 def test_installing_twice_changes_nothing():
