@@ -4,6 +4,7 @@ with builtins, a reduction and Triton's own ``tl.cdiv``) computes what NumPy doe
 reductions with combine functions of their own (order-sensitive, NaN-propagating, over two
 operands, along either axis, over all, keeping dims) -- the same left folds, bit for bit."""
 import os
+from functools import reduce
 
 import numpy as np
 import pytest
@@ -92,13 +93,6 @@ def _reduce_kernel(x_ptr, down_ptr, across_ptr, all_ptr, nan_ptr, value_ptr, ind
     tl.store(index_ptr + r, index)
 
 
-def _fold(x: np.ndarray, fn) -> np.ndarray:
-    acc = x[0]
-    for k in range(1, x.shape[0]):
-        acc = fn(acc, x[k])
-    return acc
-
-
 def test_reductions_with_their_own_combine_fold_as_numpy_does():
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-4, 5, (8, 16), generator=g).float() + torch.rand(8, 16, generator=g).round() / 4
@@ -107,23 +101,14 @@ def test_reductions_with_their_own_combine_fold_as_numpy_does():
     _reduce_kernel[(1,)](x, *outs, R=8, C=16)
     xn, half = x.numpy(), np.float32(0.5)
     halve_add = lambda a, b: a * half + b                               # noqa: E731
-    expected = [_fold(xn, halve_add), _fold(xn.T, halve_add), _fold(xn.reshape(-1), halve_add).reshape(1),
-                _fold(xn.T, lambda a, b: np.where((a > b) | (a != a), a, b))]
+    expected = [reduce(halve_add, xn), reduce(halve_add, xn.T), reduce(halve_add, xn.reshape(-1)).reshape(1),
+                reduce(lambda a, b: np.where((a > b) | (a != a), a, b), xn.T)]
     for got, want in zip(outs, expected):
         np.testing.assert_array_equal(got.numpy(), want)
     assert torch.isnan(outs[3][[2, 6]]).all()
-    firsts = [_argmax_fold(row) for row in xn]
+    firsts = [reduce(lambda a, b: b if b[1] > a[1] else a, enumerate(row))[0] for row in xn]   # ties: left
     np.testing.assert_array_equal(outs[5].numpy(), firsts)
     np.testing.assert_array_equal(outs[4].numpy(), [row[k] for row, k in zip(xn, firsts)])
-
-
-def _argmax_fold(row: np.ndarray) -> int:
-    """:func:`_argmax` folded over ``row`` from the left (a NaN is never greater)."""
-    best = 0
-    for j in range(1, len(row)):
-        if row[j] > row[best]:
-            best = j
-    return best
 
 
 def test_installing_twice_changes_nothing():
