@@ -1,4 +1,4 @@
-"""Two of Triton's CPU interpreter's costs that do not change what it computes, removed for the
+"""Three of Triton's CPU interpreter's costs that do not change what it computes, removed for the
 test suite (``tests/conftest.py`` installs them when it sets ``TRITON_INTERPRET=1``).
 
 * **Re-patching ``triton.language`` on every device-function call.**  A kernel launch patches
@@ -107,7 +107,7 @@ def install() -> bool:
     I.GridExecutor.__call__ = launch_call
     I.InterpretedFunction.__call__ = device_call
     I._get_np_dtype = np_dtype
-    I.ReduceOps.generic_reduce = functools.wraps(I.ReduceOps.generic_reduce)(_fold_reduce)
+    I.ReduceOps.generic_reduce = _fold_reduce
     return True
 
 
