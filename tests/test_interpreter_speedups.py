@@ -114,6 +114,8 @@ def test_reductions_with_their_own_combine_fold_as_numpy_does():
 def test_installing_twice_changes_nothing():
     """A second :func:`~interpreter_speedups.install` finds the replaced functions, not the
     sources it knows, and leaves them alone (the guard a different Triton meets)."""
-    before = (I.GridExecutor.__call__, I.InterpretedFunction.__call__, I._get_np_dtype, I.ReduceOps.generic_reduce)
+    def replaced():
+        return I.GridExecutor.__call__, I.InterpretedFunction.__call__, I._get_np_dtype, I.ReduceOps.generic_reduce
+    before = replaced()
     assert interpreter_speedups.install() is False
-    assert (I.GridExecutor.__call__, I.InterpretedFunction.__call__, I._get_np_dtype, I.ReduceOps.generic_reduce) == before
+    assert replaced() == before
