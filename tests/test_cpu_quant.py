@@ -1,7 +1,8 @@
 """The CPU quantizer kernels (:mod:`sqcompile.kernels.cpu_quant`) and the passes that put
 them in the graphs (:mod:`sqcompile.backends.cpu_quant`): a GEMM output's gradient quantized
-for both backward GEMMs (``sqcompile::shiftquant_outer_pair``), and a Linear's GELU with
-the next GEMM's input quantizer (``sqcompile::gelu_quantize``).
+for both backward GEMMs (``sqcompile::shiftquant_outer_pair``), a Linear's GELU with the
+next GEMM's input quantizer (``sqcompile::gelu_quantize``, ``sqcompile::gelu_shiftquant``), and
+that GELU's backward (``sqcompile::gelu_backward``).
 
 * the kernel bit for bit against the graph's composition of the two outer-scaled
   ShiftQuants as lowered for Inductor (``hash_noise`` with the same seeds), over shapes and
@@ -16,7 +17,11 @@ the next GEMM's input quantizer (``sqcompile::gelu_quantize``).
   the pre-activation bit for bit, the quantized GELU equal but at rounding boundaries, over
   shapes (hypothesis), without a bias, with non-finite rows; compiled MLPs with its pass
   against ``fusion=False``, and where it must not apply (``tanh`` GELU, the GELU read by
-  something else).
+  something else);
+* ``gelu_shiftquant`` (``act_groups``) against the composition: bit for bit where the GELU is
+  exact in both (``|pre| >= 7.8``), at two thread counts, with non-finite values; within the
+  GELU's ulps elsewhere (hypothesis); compiled MLPs (a Linear's, a batched GEMM's per-entry
+  channels) against ``fusion=False``, and the layout it does not take.
 """
 from __future__ import annotations
 
@@ -513,6 +518,175 @@ def test_gelu_left_alone(model):
     _, grads, rec = _step(model(), torch.randn(2, 9, 48), {})
     assert not _gelu_regions(rec) and "gelu_quantize" not in rec.graphs.get("forward_fused", "")
     assert all(g.isfinite().all() for g in grads.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The GELU kernel with ShiftQuant (act_groups)
+# ---------------------------------------------------------------------------------------------
+
+SHIFT_WIDTHS = [(2, 7), (4, 4), (4, 5), (6, 3), (8, 1)]       # (bits, groups) that fit int8
+
+
+def _exact_gelu_inputs(shape, seed):
+    """Pre-activations whose GELU both formulas evaluate exactly: every ``|pre| >= 7.8``, where
+    ``erf(pre / sqrt 2)`` is +-1 in float32, so ``gelu(pre)`` is ``pre`` or -0.  The positive
+    columns' ranges spread over 2^0 .. 2^6 (every group of the ladder), the negative columns'
+    are 0 (the last group)."""
+    g = torch.Generator().manual_seed(seed)
+    *lead, M, N_ = shape
+    acc = torch.randint(0, 3000, shape, dtype=torch.int32, generator=g)
+    sa = torch.rand(*lead, M, 1, generator=g) * 1e-2 + 1e-2
+    ladder = 2.0 ** (torch.arange(N_) % 7)
+    sb = (torch.rand(*lead, 1, N_, generator=g) + 1) * 1e-3 * ladder
+    sign = torch.where(torch.rand(N_, generator=g) < 0.3, -1.0, 1.0)
+    return acc, sa, sb, sign * 8 * ladder
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, per_batch", [((1, 300, 97), False), ((3, 20, 33), True), ((3, 20, 33), False),
+                                              ((2, 1, 16), True), ((50, 5), False)])
+@pytest.mark.parametrize("bits, groups", SHIFT_WIDTHS)
+def test_gelu_shiftquant_kernel_equals_the_composition_where_the_gelu_is_exact(shape, per_batch, bits, groups):
+    """Where the GELU leaves no ulps to differ, everything else (row maxima, quotients, the
+    channels' ranges per batch entry or over all rows, shift_params, nearest rounding) is the
+    composition's bit for bit, at any thread count."""
+    args = _exact_gelu_inputs(shape, sum(shape) + bits)
+    ref = CQ.gelu_shiftquant_reference(*args, bits, groups, per_batch)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            got = CQ.gelu_shiftquant(*args, bits, groups, per_batch)
+            for a, b in zip(got, ref):
+                assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+    used = ref[1][ref[1] != 0].int().abs()
+    if groups > 1:              # the ladder is used: values shifted above qmax, values of finer groups
+        assert used.max() > N.qmax(bits) and (used % 2 ** (groups - 1) != 0).any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("where", ["nan", "inf"])
+def test_gelu_shiftquant_kernel_with_non_finite_values(where):
+    """A NaN anywhere makes every range NaN: all of ``e`` 0 and the base NaN, as the
+    composition; an infinite row scale the same (its quotients inf / inf).  That row's outer
+    maximum is inf here where eager ATen's GELU of inf is NaN (the kernel's is Inductor's
+    formula, ``inf * 0.5 * (1 + erf(inf))``); its scale, the base times it, is NaN either way."""
+    acc, sa, sb, bias = _exact_gelu_inputs((2, 6, 37), 4)
+    sa[1, 2, 0] = float(where)
+    (pre, e, base, outer), ref = CQ.gelu_shiftquant(acc, sa, sb, bias, 4, 4), \
+        CQ.gelu_shiftquant_reference(acc, sa, sb, bias, 4, 4)
+    for a, b in ((pre, ref[0]), (e, ref[1]), (base, ref[2])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert base.isnan() and (e == 0).all()
+    assert ref[3][1, 2].isnan() and (outer[1, 2].isinf() if where == "inf" else outer[1, 2].isnan())
+    outer[1, 2], ref[3][1, 2] = 0, 0
+    assert torch.equal(outer, ref[3])
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(lead=st.sampled_from([(), (1,), (2,)]), M=st.integers(1, 40), N_=st.integers(1, 90),
+       width=st.sampled_from(SHIFT_WIDTHS), per_batch=st.booleans(), spread=st.sampled_from([1e-6, 1e-3, 1e-1]),
+       seed=st.integers(0, 2 ** 16))
+def test_gelu_shiftquant_kernel_on_random_shapes_and_ranges(lead, M, N_, width, per_batch, spread, seed):
+    """Any GELU values (its linear, curved and saturated parts): ``pre`` bit for bit, the rest
+    within the GELU's ulps (see ``_assert_gelu_close``): each row's maximum, and ``e`` equal but
+    for values that close to a rounding boundary (one step of their group)."""
+    bits, groups = width
+    acc, sa, sb, bias = _gelu_inputs((*lead, M, N_), seed)
+    sa = sa * spread * 1e3
+    pre, e, base, outer = CQ.gelu_shiftquant(acc, sa, sb, bias, bits, groups, per_batch)
+    ref = CQ.gelu_shiftquant_reference(acc, sa, sb, bias, bits, groups, per_batch)
+    assert torch.equal(pre, ref[0]) and torch.equal(base, ref[2])   # (the largest quotient is 1 or 0)
+    row_x = pre.abs().amax(-1, keepdim=True)
+    assert ((outer - ref[3]).abs() <= 1e-6 * ref[3] + 1e-6 * row_x).all()
+    step = 2 ** (groups - 1)            # one step of the coarsest group, in e's units
+    assert (e.int() - ref[1].int()).abs().max() <= step and (e != ref[1]).sum() <= max(3, e.numel() // 2000)
+    assert e.abs().max() <= N.qmax(bits) * step
+
+
+def test_gelu_shiftquant_op_schema_fake_implementation_and_fallback(monkeypatch):
+    args = _gelu_inputs((2, 6, 9), 5)
+    for a in (args, (*args[:3], None)):
+        for per_batch in (False, True):
+            torch.library.opcheck(torch.ops.sqcompile.gelu_shiftquant.default, (*a, 4, 4, per_batch),
+                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    monkeypatch.setattr(CQ, "status", lambda: (False, "no AVX-512 here"))
+    for a, b in zip(torch.ops.sqcompile.gelu_shiftquant(*args, 4, 4, True),
+                    CQ.gelu_shiftquant_reference(*args, 4, 4, True)):
+        assert torch.equal(a, b)
+
+
+class BatchedMLP(nn.Module):
+    """``gelu(x @ w1) @ w2`` with a weight per batch entry: ShiftQuant's channels are per entry."""
+
+    def __init__(self, d=48, hidden=96, batch=2):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(batch, d, hidden) / d ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(batch, hidden, d) / hidden ** 0.5)
+
+    def forward(self, x):
+        return x + torch.matmul(F.gelu(torch.matmul(x, self.w1)), self.w2)
+
+
+class LinearIntoBatched(nn.Module):
+    """A Linear's GELU into a GEMM per batch entry: the Linear's rows are one batch, the next
+    GEMM's channels are per entry -- a layout the kernel does not take."""
+
+    def __init__(self, d=48, hidden=96, batch=2):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.w2 = nn.Parameter(torch.randn(batch, hidden, d) / hidden ** 0.5)
+
+    def forward(self, x):
+        return x + torch.matmul(F.gelu(self.fc1(x)), self.w2)
+
+
+def _shift_regions(record):
+    return [r for r in record.regions if r.label.endswith("gelu+shiftquant")]
+
+
+@needs_kernel
+@pytest.mark.parametrize("model, inner, label", [
+    (MLP, "eager", "dequant+bias+gelu+shiftquant"), (MLP, "inductor", "dequant+bias+gelu+shiftquant"),
+    (BatchedMLP, "inductor", "dequant+gelu+shiftquant"), (LinearIntoBatched, "inductor", None)])
+def test_compiled_mlp_with_act_groups_takes_the_shiftquant_kernel_and_trains_as_unfused(model, inner, label):
+    torch.manual_seed(0)
+    model, x = model(), torch.randn(2, 37, 48)
+    options = {"inner": inner, "act_groups": 4}
+    out, grads, rec = _step(model, x, options)
+    ref_out, ref_grads, ref_rec = _step(model, x, {**options, "fusion": False})
+    assert not _shift_regions(ref_rec) and "aten.gelu(" in ref_rec.graphs["forward"]
+    if label is None:
+        assert not _shift_regions(rec) and "gelu_shiftquant" not in rec.graphs.get("forward_fused", "")
+    else:
+        (region,) = _shift_regions(rec)
+        assert (region.label, region.stage, region.kernel) == (label, "forward", pass_module.GELU_SHIFT_KERNEL)
+        assert region.decision is not None
+        assert "sqcompile.gelu_shiftquant(" in rec.graphs["forward_fused"]
+        assert "aten.gelu(" not in rec.graphs["forward_fused"]
+    # GELU's ulps reach the outputs and gradients
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+
+
+@needs_kernel
+def test_inference_with_act_groups_and_dynamic_shapes_takes_the_shiftquant_kernel():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, options = MLP(), {"act_groups": 4}
+    compiled = torch.compile(copy.deepcopy(model), backend="shiftquant", options=options, dynamic=True)
+    unfused = torch.compile(copy.deepcopy(model), backend="shiftquant", options={**options, "fusion": False},
+                            dynamic=True)
+    with torch.no_grad():
+        for T in (17, 29):
+            x = torch.randn(2, T, 48)
+            torch.testing.assert_close(compiled(x), unfused(x), rtol=1e-5, atol=1e-6)
+    rec = records_for(list(compiled.parameters()))[-1]
+    assert [r.stage for r in _shift_regions(rec)] == ["inference"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,6 +163,8 @@ def test_quantizer_kernels_give_the_same_bits(other_build, shape, awkward):
         sb.view(-1)[1] = float("inf")
     bias = torch.randn(shape[-1], generator=g)
     _same_bits(*_both(other_build, lambda: CQ.gelu_quantize(acc, sa, sb, bias, 8)))
+    for per_batch in (False, True):
+        _same_bits(*_both(other_build, lambda: CQ.gelu_shiftquant(acc, sa, sb, bias, 4, 4, per_batch)))
     pre = dy * 3 if awkward else torch.randn(shape, generator=g) * 2
     _same_bits(*_both(other_build, lambda: CQ.gelu_backward(acc, sa, sb, pre)))
 

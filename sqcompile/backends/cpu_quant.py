@@ -66,6 +66,7 @@ aten = torch.ops.aten
 KERNEL = "sqcompile/kernels/cpu_quant.c:sq_outer_pair_ranges, sq_outer_pair_quantize"
 LABEL = "shiftquant_outer(dY) x2"
 GELU_KERNEL = "sqcompile/kernels/cpu_quant.c:sq_gelu_quantize"
+GELU_SHIFT_KERNEL = "sqcompile/kernels/cpu_quant.c:sq_gelu_shiftquant"
 GELU_BACKWARD_KERNEL = "sqcompile/kernels/cpu_quant.c:sq_gelu_backward"
 
 
@@ -95,24 +96,27 @@ def _sides(pv: torch.Tensor, v: torch.Tensor) -> List[tuple]:
     return out
 
 
-def _outer_quantizer(mul: fx.Node, dy: fx.Node) -> Optional[tuple]:
-    """``(side, conv, _OuterQuantizer)`` when ``mul`` is ``dY * prescale`` feeding
-    :func:`sqcompile.ops.shiftquant_outer`'s composition as AOTAutograd traces it::
+class _Composition(NamedTuple):
+    """:func:`sqcompile.ops.shiftquant_outer`'s composition over ``y`` (see :func:`_composition`)."""
+    outer: fx.Node                # the outer maxima, 0 taken as 1
+    quantizer: fx.Node            # sqcompile.shiftquant of y / outer
+    nodes: List[fx.Node]          # from y's detach to the quantizer
+    reduced: List[int]            # the dims the outer maxima reduce
+    channels: List[int]           # the quantizer's channel dims
 
-        y = dY * p;  r = amax(abs(detach(y)), dims, keepdim);  r = r.masked_fill(r == 0, 1)
-        e, base = sqcompile.shiftquant(y / r, bits, groups, channels, stochastic=True)
 
-    with the dims of one of :func:`_sides`' layouts (``side`` "cols" or "rows"; ``conv``: a
-    convolution's gradient)."""
-    v = F._val(dy)
-    if mul.target is not aten.mul.Tensor or len(mul.args) != 2 or mul.args[0] is not dy or \
-            not isinstance(mul.args[1], fx.Node) or len(mul.users) != 2:
+def _composition(y: fx.Node, stochastic: bool) -> Optional[_Composition]:
+    """:func:`sqcompile.ops.shiftquant_outer`'s composition over ``y`` as AOTAutograd traces it,
+    the only readers of ``y``::
+
+        r = amax(abs(detach(y)), dims, keepdim);  r = r.masked_fill(r == 0, 1)
+        e, base = sqcompile.shiftquant(y / r, bits, groups, channels, stochastic)"""
+    if len(y.users) != 2:
         return None
-    pre = mul.args[1]
-    pv, nd = F._val(pre), v.dim()
-    detach = next((u for u in mul.users if u.target is aten.detach.default), None)
-    div = next((u for u in mul.users if u.target is aten.div.Tensor and u.args[0] is mul), None)
-    if pv is None or detach is None or div is None or not F.single_user(detach):
+    nd = F._val(y).dim()
+    detach = next((u for u in y.users if u.target is aten.detach.default), None)
+    div = next((u for u in y.users if u.target is aten.div.Tensor and u.args[0] is y), None)
+    if detach is None or div is None or not F.single_user(detach):
         return None
     (a,) = detach.users
     if a.target is not aten.abs.default or not F.single_user(a):
@@ -127,16 +131,33 @@ def _outer_quantizer(mul: fx.Node, dy: fx.Node) -> Optional[tuple]:
             outer.args[:3] != (amax, eq, 1) or not F.single_user(div):
         return None
     (sq,) = div.users
-    if sq.target is not torch.ops.sqcompile.shiftquant.default or sq.args[0] is not div or sq.args[4] is not True or \
-            (len(sq.args) > 5 and sq.args[5] is not None) or sq.kwargs:
+    if sq.target is not torch.ops.sqcompile.shiftquant.default or sq.args[0] is not div or \
+            sq.args[4] is not stochastic or (len(sq.args) > 5 and sq.args[5] is not None) or sq.kwargs:
+        return None
+    return _Composition(outer, sq, [detach, a, amax, eq, div, sq], sorted(d % nd for d in amax.args[1]),
+                        sorted(d % nd for d in sq.args[3]))
+
+
+def _outer_quantizer(mul: fx.Node, dy: fx.Node) -> Optional[tuple]:
+    """``(side, conv, _OuterQuantizer)`` when ``mul`` is ``dY * prescale`` feeding
+    :func:`sqcompile.ops.shiftquant_outer`'s stochastic composition (:func:`_composition`)
+    with the dims of one of :func:`_sides`' layouts (``side`` "cols" or "rows"; ``conv``: a
+    convolution's gradient)."""
+    v = F._val(dy)
+    if mul.target is not aten.mul.Tensor or len(mul.args) != 2 or mul.args[0] is not dy or \
+            not isinstance(mul.args[1], fx.Node):
+        return None
+    pre = mul.args[1]
+    pv, nd = F._val(pre), v.dim()
+    found = _composition(mul, stochastic=True) if pv is not None else None
+    if found is None:
         return None
     from ..kernels.cpu_quant import pair_dims
 
-    reduced, channels = sorted(d % nd for d in amax.args[1]), sorted(d % nd for d in sq.args[3])
     for side, conv in _sides(pv, v):
         dims = pair_dims(nd, conv)[0 if side == "cols" else 1]
-        if channels == dims[0] and reduced == [d for d in range(nd) if d not in dims[1]]:
-            return side, conv, _OuterQuantizer(pre, outer, sq, [mul, detach, a, amax, eq, div, sq])
+        if found.channels == dims[0] and found.reduced == [d for d in range(nd) if d not in dims[1]]:
+            return side, conv, _OuterQuantizer(pre, found.outer, found.quantizer, [mul, *found.nodes])
     return None
 
 
@@ -299,14 +320,47 @@ class _GeluMatch(NamedTuple):
     sa: fx.Node
     sb: fx.Node
     bias: Optional[fx.Node]
-    quantizer: fx.Node
-    amax: Optional[fx.Node]
+    quantizer: fx.Node            # sqcompile.quantize (per row) or sqcompile.shiftquant (act_groups)
+    amax: Optional[fx.Node]       # per row: the saved maxima, if any
+    shift: Optional[tuple]        # act_groups: (_Composition, per_batch)
     chain: List[fx.Node]          # the nodes from the GEMM's conversion to the GELU's input
+
+
+def _reshaped(y: fx.Node, x: fx.Node) -> bool:
+    """Is ``y`` ``x`` through reshapes and same-shape expands alone (the same elements in
+    row-major order)?"""
+    while y is not x:
+        if y.op != "call_function" or not (y.target in _RESHAPES or y.target is aten.expand.default and
+                                           F._same_shape(F._val(y).shape, F._val(y.args[0]).shape)):
+            return False
+        y = y.args[0]
+    return True
+
+
+def _shift_composition(views: List[fx.Node], acc: torch.Tensor) -> Optional[tuple]:
+    """``(_Composition, per_batch)`` where one of ``views`` (the GELU's output and its views)
+    is the next GEMM's input ``[C, rows, N]``, reshaped in row-major order, quantized with
+    ``act_groups`` (:func:`sqcompile.ops._quantize_act`: one outer maximum per row, ShiftQuant
+    channels (entry, column)), ``C`` 1 or ``acc``'s batch entries (``per_batch``)."""
+    for y in views:
+        v = F._val(y)
+        if v is None or v.dim() != 3 or not _reshaped(y, views[0]):
+            continue
+        found = _composition(y, stochastic=False)
+        if found is None or found.reduced != [2] or found.channels != [0, 2] or \
+                not N.fits_int8(*found.quantizer.args[1:3]):
+            continue
+        if F._same(v.shape[0], 1):
+            return found, False
+        if acc.dim() == 3 and F._same(v.shape[0], acc.shape[0]) and F._same(v.shape[1], acc.shape[1]):
+            return found, True
+    return None
 
 
 def _match_gelu(gelu: fx.Node) -> Optional[_GeluMatch]:
     """``gelu(int8_mm.float() * (sa * sb) [+ bias])`` (views between; ``bias`` float32 along
-    the last dim) whose only readers are one per-row nearest quantizer and its maxima."""
+    the last dim) whose only readers are one per-row nearest quantizer and its maxima, or
+    the next GEMM's ``act_groups`` quantizer (:func:`_shift_composition`)."""
     approximate = gelu.args[1] if len(gelu.args) > 1 else gelu.kwargs.get("approximate", "none")
     out = F._val(gelu)
     if approximate != "none" or out is None or out.dtype != torch.float32 or out.dim() < 1:
@@ -326,14 +380,20 @@ def _match_gelu(gelu: fx.Node) -> Optional[_GeluMatch]:
     views = F.views_of(gelu)
     quantizers = [u for v in views for u in v.users
                   if u.target is torch.ops.sqcompile.quantize.default and u.args[0] is v and F.per_row_quantizer(u)]
-    if len(quantizers) != 1:
+    shift = _shift_composition(views, F._val(mm)) if not quantizers else None
+    if shift is not None:
+        composition = shift[0]
+        quantizer, amax = composition.quantizer, None
+        allowed = {*views, *composition.nodes}
+    elif len(quantizers) == 1:
+        quantizer = quantizers[0]
+        amax = F.row_amax(quantizer.args[0])
+        allowed = {*views, quantizer} | ({amax.args[0].args[0]} if amax is not None else set())
+    else:
         return None
-    quantizer = quantizers[0]
-    amax = F.row_amax(quantizer.args[0])
-    allowed = {*views, quantizer} | ({amax.args[0].args[0]} if amax is not None else set())
     if any(u not in allowed for v in views for u in v.users):
         return None                 # the GELU's output is read by something else: keep it
-    return _GeluMatch(gelu, pre, mm, sa, sb, bias, quantizer, amax, chain + nodes)
+    return _GeluMatch(gelu, pre, mm, sa, sb, bias, quantizer, amax, shift, chain + nodes)
 
 
 def _fuse_gelus(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
@@ -345,23 +405,32 @@ def _fuse_gelus(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
         if m is None:
             continue
         mode = F._fake_mode(m.mm)
-        olds = [m.pre, F.output_item(m.quantizer, 0), F.output_item(m.quantizer, 1), m.amax]
+        q_out, scale_out = F.output_item(m.quantizer, 0), F.output_item(m.quantizer, 1)
+        if m.shift is None:
+            target, args, kernel, what = torch.ops.sqcompile.gelu_quantize.default, (m.quantizer.args[1],), \
+                GELU_KERNEL, "quantize"
+            olds = [m.pre, q_out, scale_out, m.amax]
+            doomed = {m.quantizer, *m.quantizer.users}
+            if m.amax is not None:
+                doomed |= {m.amax, m.amax.args[0], m.amax.args[0].args[0]}
+        else:
+            composition, per_batch = m.shift
+            target, args, kernel, what = torch.ops.sqcompile.gelu_shiftquant.default, \
+                (*m.quantizer.args[1:3], per_batch), GELU_SHIFT_KERNEL, "shiftquant"
+            olds = [m.pre, q_out, scale_out, composition.outer]
+            doomed = {*composition.nodes, composition.outer, *m.quantizer.users}
         if any(o is not None and F._shape_arg(graph, F._val(o).shape, gelu, emit=False) is None for o in olds):
             continue                # a symbolic size the graph cannot compute
         with graph.inserting_before(gelu):
-            new = F._new(graph, torch.ops.sqcompile.gelu_quantize.default,
-                         (m.mm, m.sa, m.sb, m.bias, m.quantizer.args[1]), m.mm, mode)
+            new = F._new(graph, target, (m.mm, m.sa, m.sb, m.bias, *args), m.mm, mode)
             outs = [F._new(graph, operator.getitem, (new, i), m.mm, mode) for i in range(4)]
         for old, out in zip(olds, outs):
             if old is not None:
                 old.replace_all_uses_with(F.viewed(graph, out, F._val(old).shape, new, mode))
         names = [n.name for n in reversed(m.chain)] + [gelu.name, m.quantizer.name]
-        doomed = {gelu, *m.chain, *F.views_of(gelu), m.quantizer, *m.quantizer.users}
-        if m.amax is not None:
-            doomed |= {m.amax, m.amax.args[0], m.amax.args[0].args[0]}
-        F.erase_dead(graph, doomed)
+        F.erase_dead(graph, doomed | {gelu, *m.chain, *F.views_of(gelu)})
         F.record_region(record, stage, F._decision_for(record, m.mm, sources),
-                        f"dequant{'+bias' if m.bias is not None else ''}+gelu+quantize", names, m.mm, 4, GELU_KERNEL)
+                        f"dequant{'+bias' if m.bias is not None else ''}+gelu+{what}", names, m.mm, 4, kernel)
         fused += 1
     return fused
 
@@ -380,4 +449,4 @@ def fuse_gelu_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
 
 
 __all__ = ["fuse_gelu_backwards", "fuse_gelu_quantizers", "fuse_gradient_quantizers", "GELU_BACKWARD_KERNEL",
-           "GELU_KERNEL", "KERNEL", "LABEL"]
+           "GELU_KERNEL", "GELU_SHIFT_KERNEL", "KERNEL", "LABEL"]

@@ -4,7 +4,7 @@
  * outer scales (grad_outer_scale) of dY [B, L, S], as the graph composes them
  * (sqcompile.ops.shiftquant_outer over numerics.shiftquant, lowered for Inductor with
  * numerics.hash_noise).  Then a Linear's GELU with the next GEMM's input quantizer
- * (sq_gelu_quantize, further down).
+ * (sq_gelu_quantize per row, sq_gelu_shiftquant with act_groups; further down).
  *
  *   "cols", for dX = dY W (the product over S):  y = dY * pk (the other operand's scales per
  *       column, pk [B, S]); outer_c = max |y| per row (0 taken as 1); x = y / outer_c;
@@ -166,18 +166,33 @@ void sq_shift_params(const float *ranges, int64_t n, int groups, float qmax, flo
     *base = b;
 }
 
+SQ_VEC __m512 divisor(__m512 scale) {          /* numerics.safe_div_scale: a scale of 0 divides as 1 */
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_EQ_OQ), scale,
+                                _mm512_set1_ps(1.0f));
+}
+
+SQ_VEC __m512i clamp_expand(__m512 q, __m512 mult, __m512 qmax) {
+    /* numerics.quantize_values' clamp (NaN -> 0) of rounded quotients q, then q * multiplier */
+    __mmask16 nan = _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+    q = _mm512_min_ps(_mm512_max_ps(q, _mm512_sub_ps(_mm512_setzero_ps(), qmax)), qmax);
+    q = _mm512_mask_blend_ps(nan, q, _mm512_setzero_ps());
+    return _mm512_cvtps_epi32(_mm512_mul_ps(q, mult));
+}
+
 SQ_VEC __m512i expand(__m512 x, __m512 scale, __m512 mult, __m512 u, __m512 qmax) {
     /* numerics.quantize_values (stochastic) then q * multiplier: floor(x / scale + u),
        clamped, NaN -> 0 (scale 0 divides as 1).  IEEE divisions, as the graph's: a reciprocal
        with one FMA correction (Markstein's, exact where nothing underflows) and a range check
        per vector measured 30% slower on this CPU's divider. */
-    __m512 d = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_EQ_OQ), scale,
-                                    _mm512_set1_ps(1.0f));
-    __m512 q = _mm512_roundscale_ps(_mm512_add_ps(_mm512_div_ps(x, d), u), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __mmask16 nan = _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
-    q = _mm512_min_ps(_mm512_max_ps(q, _mm512_sub_ps(_mm512_setzero_ps(), qmax)), qmax);
-    q = _mm512_mask_blend_ps(nan, q, _mm512_setzero_ps());
-    return _mm512_cvtps_epi32(_mm512_mul_ps(q, mult));
+    __m512 q = _mm512_roundscale_ps(_mm512_add_ps(_mm512_div_ps(x, divisor(scale)), u),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    return clamp_expand(q, mult, qmax);
+}
+
+SQ_VEC __m512i expand_nearest(__m512 x, __m512 scale, __m512 mult, __m512 qmax) {
+    /* the same with nearest rounding (torch.round: half to even) */
+    __m512 q = _mm512_roundscale_ps(_mm512_div_ps(x, divisor(scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return clamp_expand(q, mult, qmax);
 }
 
 /* Pass 3: both quantizations; scale_* and mult_* are shift_params' per-channel scales and
@@ -256,37 +271,47 @@ SQ_VEC __m512 erf_vec(__m512 x) {
     return erf_exp(x, &e);
 }
 
-static void gelu_row(const int32_t *a, float sa, const float *sb, const float *bias, int64_t N, float qmax,
-                     float *pre, float *h, int8_t *q, float *scale_out, float *amax_out) {
-    const __m512 vsa = _mm512_set1_ps(sa), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-    const __m512 alpha = _mm512_set1_ps(0.70710678118654752440f);
+SQ_VEC __m512 dequant_bias(const int32_t *a, __m512 vsa, const float *sb, const float *bias, int64_t n,
+                           __mmask16 m) {
+    /* pre = float(acc) * (sa * sb) [+ bias] at the 16 columns from n */
+    __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, a + n)),
+                             _mm512_mul_ps(vsa, _mm512_maskz_loadu_ps(m, sb + n)));
+    return bias ? _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + n)) : x;
+}
+
+SQ_VEC __m512 gelu_vec(__m512 x) {                    /* (x * 0.5) * (1 + erf(x * sqrt(1/2))) */
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)),
+                         _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                       erf_vec(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f)))));
+}
+
+/* One row: pre (stored), h = gelu(pre) into h[0:N] (zero in a last vector's unused lanes);
+   returns max |h|, NaN if any h is NaN. */
+static float gelu_row_values(const int32_t *a, float sa, const float *sb, const float *bias, int64_t N, float *pre,
+                             float *h) {
+    const __m512 vsa = _mm512_set1_ps(sa);
     __m512 vmax = _mm512_setzero_ps();
     __mmask16 nan = 0;
-    int64_t n;
-    for (n = 0; n < N; n += 16) {
+    for (int64_t n = 0; n < N; n += 16) {
         __mmask16 m = lanes(n, N);
-        __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, a + n)),
-                                 _mm512_mul_ps(vsa, _mm512_maskz_loadu_ps(m, sb + n)));
-        if (bias)
-            x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + n));
+        __m512 x = dequant_bias(a, vsa, sb, bias, n, m);
         _mm512_mask_storeu_ps(pre + n, m, x);
-        __m512 g = _mm512_mul_ps(_mm512_mul_ps(x, half), _mm512_add_ps(one, erf_vec(_mm512_mul_ps(x, alpha))));
-        g = _mm512_maskz_mov_ps(m, g);
-        _mm512_storeu_ps(h + n, g);
+        __m512 g = _mm512_maskz_mov_ps(m, gelu_vec(x));
+        _mm512_mask_storeu_ps(h + n, m, g);
         nan |= _mm512_cmp_ps_mask(g, g, _CMP_UNORD_Q);
         vmax = _mm512_max_ps(vmax, _mm512_abs_ps(g));
     }
-    float amax = nan ? NAN : _mm512_reduce_max_ps(vmax);
+    return nan ? NAN : _mm512_reduce_max_ps(vmax);
+}
+
+static void gelu_row(const int32_t *a, float sa, const float *sb, const float *bias, int64_t N, float qmax,
+                     float *pre, float *h, int8_t *q, float *scale_out, float *amax_out) {
+    float amax = gelu_row_values(a, sa, sb, bias, N, pre, h);
     float scale = amax / qmax;
-    const __m512 vd = _mm512_set1_ps(scale == 0.0f ? 1.0f : scale);
-    const __m512 hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
-    for (n = 0; n < N; n += 16) {
+    const __m512 vs = _mm512_set1_ps(scale), one = _mm512_set1_ps(1.0f), vqmax = _mm512_set1_ps(qmax);
+    for (int64_t n = 0; n < N; n += 16) {
         __mmask16 m = lanes(n, N);
-        __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(h + n), vd),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __mmask16 bad = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        v = _mm512_mask_blend_ps(bad, _mm512_min_ps(_mm512_max_ps(v, lo), hi), _mm512_setzero_ps());
-        _mm512_mask_cvtepi32_storeu_epi8(q + n, m, _mm512_cvtps_epi32(v));
+        _mm512_mask_cvtepi32_storeu_epi8(q + n, m, expand_nearest(_mm512_maskz_loadu_ps(m, h + n), vs, one, vqmax));
     }
     *scale_out = isfinite(scale) ? scale : NAN;
     *amax_out = amax;
@@ -315,6 +340,65 @@ int sq_gelu_quantize(const int32_t *acc, const float *sa, const float *sb, const
         free(h);
     }
     return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The same GELU with ShiftQuant for the next GEMM (sq_gelu_shiftquant; the act_groups option):
+ * the next GEMM's input quantized as sqcompile.ops.shiftquant_outer composes it with nearest
+ * rounding, one outer scale per row and ShiftQuant over the columns:
+ *
+ *     pre, h as above                                     -> pre
+ *     r = max |h| per row, 0 taken as 1                   -> outer [B, M]
+ *     x = h / r
+ *     ranges[c, n] = max |x[row, n]| over the rows of channel batch c: acc's batch entry b
+ *                    (per_batch) or all B * M rows (a Linear's [1, rows, N])
+ *     mult, scale, *base = numerics.shift_params(ranges)  (sq_shift_params)
+ *     e = clamp(rne(x / (scale or 1)), -qmax, qmax) * mult  -> e (int8: groups fit int8)
+ *
+ * Two passes over the rows: the first computes a row's pre, h (kept in x), its maximum, then
+ * x = h / r in place while the row is in cache, and the chunk's column maxima (work [C,
+ * chunks, N], combined as in sq_outer_pair_ranges: any thread count, the same bits); the
+ * second quantizes x.  Each value as the graph's ops compute it but h (the GELU's erf, as
+ * in sq_gelu_quantize), so the results are the composition's on the kernel's h bit for bit.
+ * ------------------------------------------------------------------------------------------ */
+void sq_gelu_shiftquant(const int32_t *acc, const float *sa, const float *sb, const float *bias, int64_t B, int64_t M,
+                        int64_t N, int per_batch, int64_t chunks, int groups, float qmax, float *pre, float *x,
+                        float *outer, float *work, float *ranges, float *mult, float *scale, float *base, int8_t *e,
+                        int threads) {
+    const int64_t C = per_batch ? B : 1, MC = B * M / C;      /* channel batches, rows in each */
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t task = 0; task < C * chunks; task++) {
+        int64_t c, first, last;
+        chunk_rows(task, MC, chunks, &c, &first, &last);
+        float *col = work + task * N;
+        fill(col, N, 0.0f);
+        for (int64_t row = c * MC + first; row < c * MC + last; row++) {
+            float *xr = x + row * N;
+            const float r = one_if_zero(gelu_row_values(acc + row * N, sa[row], sb + row / M * N, bias, N,
+                                                        pre + row * N, xr));
+            const __m512 vr = _mm512_set1_ps(r);
+            outer[row] = r;
+            for (int64_t n = 0; n < N; n += 16) {
+                __mmask16 m = lanes(n, N);
+                __m512 q = _mm512_maskz_mov_ps(m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, xr + n), vr));
+                _mm512_mask_storeu_ps(xr + n, m, q);
+                _mm512_mask_storeu_ps(col + n, m, max_nan(_mm512_maskz_loadu_ps(m, col + n), _mm512_abs_ps(q)));
+            }
+        }
+    }
+    combine(work, C, chunks, N, 0, ranges, threads);
+    sq_shift_params(ranges, C * N, groups, qmax, mult, scale, base);
+    const __m512 vqmax = _mm512_set1_ps(qmax);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 16)
+    for (int64_t row = 0; row < B * M; row++) {
+        const float *xr = x + row * N, *sc = scale + row / MC * N, *mu = mult + row / MC * N;
+        for (int64_t n = 0; n < N; n += 16) {
+            __mmask16 m = lanes(n, N);
+            __m512i v = expand_nearest(_mm512_maskz_loadu_ps(m, xr + n), _mm512_maskz_loadu_ps(m, sc + n),
+                                       _mm512_maskz_loadu_ps(m, mu + n), vqmax);
+            _mm512_mask_cvtepi32_storeu_epi8(e + row * N + n, m, v);
+        }
+    }
 }
 
 /* ------------------------------------------------------------------------------------------

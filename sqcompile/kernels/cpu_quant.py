@@ -1,6 +1,6 @@
 """CPU quantizers fused with what produces their input, as C kernels (``cpu_quant.c``,
 AVX-512 or the portable build of :mod:`~.native`): ``sqcompile::shiftquant_outer_pair``,
-``sqcompile::gelu_quantize`` and ``sqcompile::gelu_backward``.
+``sqcompile::gelu_quantize``, ``sqcompile::gelu_shiftquant`` and ``sqcompile::gelu_backward``.
 
 :func:`shiftquant_outer_pair`: with ``grad_outer_scale`` (the default), the backward of a
 quantized GEMM ``Y = A B`` quantizes ``dY`` twice (:func:`sqcompile.ops.shiftquant_outer`):
@@ -20,7 +20,9 @@ per sample and output channel with one per sample; :func:`pair_dims`): the same 
 
 :func:`gelu_quantize`: a Linear's dequantize + bias + GELU + the next GEMM's per-row
 quantizer, one row at a time in cache (Inductor's loop evaluated the GELU twice per value:
-once for the row's maximum, once to quantize).
+once for the row's maximum, once to quantize).  :func:`gelu_shiftquant`: the same with the
+next GEMM's input quantizer of ``act_groups`` (one outer scale per row, ShiftQuant over the
+columns), where Inductor's loops evaluated the GELU twice as well.
 
 :func:`gelu_backward`: that GELU's backward on the dequantized gradient the next GEMM's
 backward produces, with the bias gradient's column sums on the way (Inductor's loop evaluated
@@ -65,6 +67,9 @@ def _library(cflags: Optional[Tuple[str, ...]] = None) -> ctypes.CDLL:
     lib.sq_shift_params.argtypes = [ptr, i64, i32, f32, ptr, ptr, ptr]
     lib.sq_gelu_quantize.restype = ctypes.c_int
     lib.sq_gelu_quantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, ptr, ptr, i32]
+    lib.sq_gelu_shiftquant.restype = None
+    lib.sq_gelu_shiftquant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i32, i64, i32, f32, ptr, ptr, ptr, ptr, ptr,
+                                       ptr, ptr, ptr, ptr, i32]
     lib.sq_gelu_backward.restype = None
     lib.sq_gelu_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i32]
     return lib
@@ -216,9 +221,7 @@ def gelu_quantize_reference(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tenso
     """The unfused ops :func:`gelu_quantize` stands for: ``pre = acc.float() * (sa * sb) [+
     bias]``, ``h = gelu(pre)``, ``(q, q_scale) = numerics.quantize(h, bits, rows, nearest)``,
     ``amax = max |h|`` per row: ``(pre, q, q_scale, amax)``."""
-    pre = acc.to(torch.float32) * (sa * sb)
-    if bias is not None:
-        pre = pre + bias
+    pre = _gelu_pre(acc, sa, sb, bias)
     h = torch.nn.functional.gelu(pre)
     rows = list(range(h.dim() - 1))
     q, q_scale = N.quantize(h, bits, rows, "nearest")
@@ -262,6 +265,75 @@ def _(acc, sa, sb, bias, bits):
     row_shape = (*acc.shape[:-1], 1)
     return (acc.new_empty(acc.shape, dtype=torch.float32), acc.new_empty(acc.shape, dtype=torch.int8),
             acc.new_empty(row_shape, dtype=torch.float32), acc.new_empty(row_shape, dtype=torch.float32))
+
+
+def _gelu_pre(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``acc.float() * (sa * sb) [+ bias]``, as the graph dequantizes a Linear's result."""
+    pre = acc.to(torch.float32) * (sa * sb)
+    return pre if bias is None else pre + bias
+
+
+def gelu_shiftquant_reference(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor],
+                              bits: int, groups: int, per_batch: bool = False
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unfused ops :func:`gelu_shiftquant` stands for: ``pre`` and ``h = gelu(pre)`` as in
+    :func:`gelu_quantize_reference`, then :func:`sqcompile.ops.shiftquant_outer`'s composition
+    with nearest rounding over ``h`` as ``[C, rows, N]`` (``C`` the batch entries of ``acc``
+    with ``per_batch``, else 1): ``r`` = max ``|h|`` per row (0 taken as 1), ShiftQuant of
+    ``h / r`` with one channel per (entry, column).  ``(pre, e, base, r)``, ``e`` and ``r``
+    (``[..., M, 1]``) shaped as ``acc``."""
+    pre = _gelu_pre(acc, sa, sb, bias)
+    h = torch.nn.functional.gelu(pre)
+    h3 = h.reshape(math.prod(acc.shape[:-2]) if per_batch else 1, -1, acc.shape[-1])
+    r = N.safe_div_scale(N.amax(h3, [0, 1]))
+    q = N.shiftquant(h3 / r, bits, groups, [0, 2], "nearest")
+    return pre, q.expanded.view(acc.shape), q.base_scale, r.view(*acc.shape[:-1], 1)
+
+
+def gelu_shiftquant(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor], bits: int,
+                    groups: int, per_batch: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gelu_shiftquant_reference` on the C kernel (``cpu_quant.c``) for int32 ``acc``
+    ``[..., M, N]`` on CPU (scales and bias as :func:`gelu_quantize`'s): ``pre`` bit for bit,
+    the GELU to a few ulps as in :func:`gelu_quantize`, and the rest the composition's
+    arithmetic on the kernel's GELU values, so ``e`` equal but where a value (or a channel's
+    range, for its group) lies that close to a boundary.  Two passes over the rows; the
+    quotients ``h / r`` wait in a buffer of ``acc``'s size between them.  Runs the reference
+    where the kernel cannot, or where ``bits`` / ``groups`` do not fit int8."""
+    if acc.device.type != "cpu" or acc.dtype != torch.int32 or acc.dim() < 2 or not status()[0] or \
+            acc.numel() == 0 or (bias is not None and bias.dtype != torch.float32) or not N.fits_int8(bits, groups):
+        return gelu_shiftquant_reference(acc, sa, sb, bias, bits, groups, per_batch)
+    (B, M, cols), sa2, sb2 = batched(acc, sa, sb)
+    a = acc.contiguous()
+    b = None if bias is None else bias.reshape(cols).contiguous()
+    C = B if per_batch else 1
+    threads = torch.get_num_threads()
+    chunks = _chunks(C, B * M // C, threads)
+    f32 = dict(dtype=torch.float32)
+    pre, e = pool.OUTPUTS.empty(acc.shape, torch.float32), pool.OUTPUTS.empty(acc.shape, torch.int8)
+    x = pool.OUTPUTS.empty(acc.shape, torch.float32)
+    outer = torch.empty((*acc.shape[:-1], 1), **f32)
+    work, ranges = torch.empty(C * chunks * cols, **f32), torch.empty(C * cols, **f32)
+    mult, scale, base = torch.empty_like(ranges), torch.empty_like(ranges), torch.empty((), **f32)
+    _library().sq_gelu_shiftquant(a.data_ptr(), sa2.data_ptr(), sb2.data_ptr(), None if b is None else b.data_ptr(),
+                                  B, M, cols, int(per_batch), chunks, groups, float(N.qmax(bits)), pre.data_ptr(),
+                                  x.data_ptr(), outer.data_ptr(), work.data_ptr(), ranges.data_ptr(),
+                                  mult.data_ptr(), scale.data_ptr(), base.data_ptr(), e.data_ptr(), threads)
+    return pre, e, N._finite_or_nan(base), outer
+
+
+@ops.custom_op("sqcompile::gelu_shiftquant")
+def gelu_shiftquant_op(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor],
+                       bits: int, groups: int, per_batch: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Linear's dequantize + bias + GELU + the next GEMM's input quantizer with
+    ``act_groups`` as one op (:func:`gelu_shiftquant`): ``(pre, e, base, outer)``."""
+    return gelu_shiftquant(acc, sa, sb, bias, bits, groups, per_batch)
+
+
+@gelu_shiftquant_op.register_fake
+def _(acc, sa, sb, bias, bits, groups, per_batch):
+    return (acc.new_empty(acc.shape, dtype=torch.float32), acc.new_empty(acc.shape, dtype=N.expanded_dtype(bits, groups)),
+            acc.new_empty((), dtype=torch.float32), acc.new_empty((*acc.shape[:-1], 1), dtype=torch.float32))
 
 
 SUM_ROWS = 64
@@ -319,4 +391,4 @@ def _(acc, sa, sb, pre):
 
 
 __all__ = ["batched", "gelu_backward", "gelu_backward_reference", "gelu_quantize", "gelu_quantize_reference",
-           "shiftquant_outer_pair", "shiftquant_outer_pair_reference", "status", "SOURCE", "SUM_ROWS"]
+           "gelu_shiftquant", "gelu_shiftquant_reference", "shiftquant_outer_pair", "shiftquant_outer_pair_reference", "status", "SOURCE", "SUM_ROWS"]
