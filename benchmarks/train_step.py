@@ -310,6 +310,10 @@ def variants(args, name):
         out.append((f"{tag}, grad_outer_scale={flipped}", dict(bits, grad_outer_scale=flipped), False))
     if args.act_groups > 1:
         out.append((f"{tag}, act_groups={args.act_groups}", dict(bits, act_groups=args.act_groups), False))
+        if args.no_gelu_kernel and name == "transformer":
+            out.append((f"{tag}, act_groups={args.act_groups}, norm / GELU + quantizer as Inductor loops",
+                        dict(bits, act_groups=args.act_groups, fusion=True, collect_stats=False,
+                             _passes_off=("fuse_gelu_quantizers", "fuse_cpu_norm_quantizers")), False))
     if args.bf16:
         out.append(("bf16 autocast eager (reference)", None, True))
     return out
@@ -430,7 +434,9 @@ def main(argv=None):
                         "(shiftquant_outer_pair's conv=True off; the Linears' pairs on)")
     p.add_argument("--no-gelu-kernel", action="store_true",
                    help="also time the transformer step with its Linear's dequantize + bias + GELU + the next "
-                        "quantizer as Inductor's loop (the gelu_quantize C kernel off, the others on)")
+                        "quantizer as Inductor's loop (the gelu_quantize C kernel off, the others on); with "
+                        "--act-groups also that step with the quantizers of its norms' and GELUs' outputs as "
+                        "Inductor's loops (gelu_shiftquant and cpu_l1_norm_shiftquant off)")
     p.add_argument("--no-gelu-backward-kernel", action="store_true",
                    help="also time the transformer step with its GELU's backward (dequantize + GELU backward + "
                         "the bias gradient's sums) as Inductor's loops (the gelu_backward C kernel off)")

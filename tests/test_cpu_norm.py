@@ -167,6 +167,69 @@ def test_quantized_output_is_the_next_quantizer_bit_for_bit(shape, dims, out_bit
         torch.ops.sqcompile.cpu_l1_norm_quantized(torch.randn(4, 8, 32), None, None, [0, 2], True, C, EPS, 8, 8, True)
 
 
+def _shiftquant_of_rows(y, row, bits, groups):
+    """The next GEMM's ``act_groups`` quantizer over ``y`` as ``[1, rows, row]``
+    (:func:`sqcompile.ops.shiftquant_outer`'s composition, nearest): ``(e, base, outer)``."""
+    y3 = y.reshape(1, -1, row)
+    r = N.safe_div_scale(N.amax(y3, [0, 1]))
+    sq = N.shiftquant(y3 / r, bits, groups, [0, 2], "nearest")
+    return sq.expanded, sq.base_scale, r
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, dims", ROW_LAYOUTS)
+@pytest.mark.parametrize("out_bits, out_groups", [(4, 4), (6, 3), (2, 7)])
+@pytest.mark.parametrize("write_y", [True, False])
+def test_shiftquant_output_is_the_next_quantizer_bit_for_bit(shape, dims, out_bits, out_groups, write_y):
+    """``cpu_l1_norm_shiftquant``: ``y`` through the next GEMM's ``act_groups`` quantizer (each
+    row's maximum, 0 taken as 1 for a zero row; ShiftQuant of the quotients with a channel per
+    column, the columns' ranges spread by the affine weight over every group) bit for bit, at
+    two thread counts; the statistics and ``y`` as ``cpu_l1_norm``'s."""
+    x, w, b, _ = _case(shape, dims, True, row=True)
+    row = CN.slice_layout(shape, dims)[3]
+    w = w * 2.0 ** (torch.arange(w.numel()) % 8).reshape(w.shape)
+    b = b * 0
+    x.view(-1, row)[0] = 0.0
+    dims = list(dims)
+    y, *stats = torch.ops.sqcompile.cpu_l1_norm(x, w, b, dims, True, C, EPS, 8)
+    e_ref, base_ref, outer_ref = _shiftquant_of_rows(y, row, out_bits, out_groups)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            e, base, outer, y2, *stats2 = torch.ops.sqcompile.cpu_l1_norm_shiftquant(
+                x, w, b, dims, True, C, EPS, 8, out_bits, out_groups, write_y)
+            assert e.shape == shape and outer.shape == stats[1].shape
+            assert torch.equal(e.reshape(e_ref.shape), e_ref) and torch.equal(base, base_ref)
+            assert torch.equal(outer.reshape(outer_ref.shape), outer_ref) and outer.reshape(-1)[0] == 1
+            for a, r in zip(stats2, stats):
+                assert torch.equal(a, r)
+            assert torch.equal(y2, y) if write_y else y2.numel() == 0
+    finally:
+        torch.set_num_threads(threads)
+    used = e_ref[e_ref != 0].int().abs()          # the ladder is used: values shifted, values of finer groups
+    assert used.max() > N.qmax(out_bits) and (used % 2 ** (out_groups - 1) != 0).any()
+
+
+@needs_kernel
+def test_shiftquant_output_with_a_nan_and_bad_arguments():
+    """A NaN in one row makes every channel's range NaN: ``e`` all 0, the base NaN, as the
+    composition.  Slices that are not rows, and groups that do not fit int8 (or are one), raise."""
+    x, w, b, _ = _case((6, 40), (1,), True, row=True)
+    x[2, 5] = float("nan")
+    y = torch.ops.sqcompile.cpu_l1_norm(x, w, b, [1], True, C, EPS, 8)[0]
+    e, base, outer, *_ = torch.ops.sqcompile.cpu_l1_norm_shiftquant(x, w, b, [1], True, C, EPS, 8, 4, 4, False)
+    e_ref, base_ref, outer_ref = _shiftquant_of_rows(y, 40, 4, 4)
+    assert not e.any() and not e_ref.any() and base.isnan() and base_ref.isnan()
+    torch.testing.assert_close(outer.reshape(outer_ref.shape), outer_ref, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="not rows"):
+        torch.ops.sqcompile.cpu_l1_norm_shiftquant(torch.randn(4, 8, 32), None, None, [0, 2], True, C, EPS, 8, 4, 4,
+                                                   True)
+    for groups in (1, 6):
+        with pytest.raises(ValueError, match=f"out_groups={groups} at out_bits=4"):
+            torch.ops.sqcompile.cpu_l1_norm_shiftquant(x, w, b, [1], True, C, EPS, 8, 4, groups, True)
+
+
 @needs_kernel
 @pytest.mark.parametrize("shape, dims, row", [((7, 5, 100), (2,), True), ((4, 24, 9, 9), (0, 2, 3), False)])
 def test_backward_adds_the_residual_bit_for_bit(shape, dims, row):
@@ -375,6 +438,8 @@ def test_opcheck():
     for write_y in (True, False):
         torch.library.opcheck(torch.ops.sqcompile.cpu_l1_norm_quantized.default,
                               (x, w, b, [2], True, C, EPS, 8, 6, write_y))
+        torch.library.opcheck(torch.ops.sqcompile.cpu_l1_norm_shiftquant.default,
+                              (x, w, b, [2], True, C, EPS, 8, 6, 3, write_y))
 
 
 def test_unsupported_says_why():
@@ -533,38 +598,43 @@ _lowering = importlib.import_module("sqcompile.backends.lowering")
 
 
 @needs_kernel
-@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("inner, act_groups", [("eager", 1), ("inductor", 1), ("inductor", 4)])
 @pytest.mark.parametrize("block, labels", [
     (_PreNorm, {"ln1": ["l1_norm+quantize", "l1_norm_backward+residual"],
                 "ln2": ["l1_norm+quantize", "l1_norm_backward+residual"]}),
     (_PostNorm, {"ln": ["l1_norm+quantize+y"]}),
 ])
-def test_row_norms_fuse_with_their_quantizers_and_residual_adds(block, labels, inner, monkeypatch):
+def test_row_norms_fuse_with_their_quantizers_and_residual_adds(block, labels, inner, act_groups, monkeypatch):
     """LayerNorm / RMSNorm on the kernels (fusion on): the kernel quantizes the output for the
-    Linears that read it and adds the residual gradient; outputs and every gradient equal the
-    same compile without those fusions bit for bit.  Under Inductor the reference keeps the
+    Linears that read it (per row, or with ``act_groups`` as their ShiftQuant does:
+    ``l1_norm+shiftquant``) and adds the residual gradient; outputs and every gradient equal
+    the same compile without those fusions bit for bit.  Under Inductor the reference keeps the
     residual fusion (without it Inductor orders the seed draws of the backward's quantizers
     differently); two Linears reading one norm's int8 output make saved tensors alias, which
     AOTAutograd's donated buffers must not reuse (``fusion.no_donation_of_aliases``)."""
     torch.manual_seed(0)
     model = block()
     x = torch.randn(3, 24, 32)
-    out, grads, record = _train_step(model, x, dict(inner=inner))
+    op = "cpu_l1_norm_quantized"
+    if act_groups > 1:
+        labels = {k: [label.replace("+quantize", "+shiftquant") for label in v] for k, v in labels.items()}
+        op = "cpu_l1_norm_shiftquant"
+    out, grads, record = _train_step(model, x, dict(inner=inner, act_groups=act_groups))
     norms_ = {d.module_path: d for d in record.decisions if d.kind == "norm"}
     assert set(norms_) == set(labels)
     for path, decision in norms_.items():
         assert l1_norms_pass.CPU_KERNEL_NOTE in decision.note
         found = [r.label for r in record.regions if r.module_path == path]
         assert found == labels[path], found
-    assert "sqcompile.cpu_l1_norm_quantized(" in record.graphs["forward_fused"]
+    assert f"sqcompile.{op}(" in record.graphs["forward_fused"]
 
     model.zero_grad()
     monkeypatch.setattr(_lowering, "fuse_cpu_norm_quantizers", lambda gm, *a: gm)
     if inner == "eager":
         monkeypatch.setattr(_lowering, "fuse_cpu_norm_residuals", lambda gm, *a: gm)
     torch._dynamo.reset()
-    ref_out, ref_grads, ref_record = _train_step(model, x, dict(inner=inner))
-    assert all(r.label != "l1_norm+quantize" for r in ref_record.regions)
+    ref_out, ref_grads, ref_record = _train_step(model, x, dict(inner=inner, act_groups=act_groups))
+    assert all(not r.label.startswith(("l1_norm+quantize", "l1_norm+shiftquant")) for r in ref_record.regions)
     assert "sqcompile.cpu_l1_norm(" in ref_record.graphs["forward"]
     assert torch.equal(out, ref_out)
     for g, r in zip(grads, ref_grads):

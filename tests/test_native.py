@@ -133,6 +133,8 @@ def test_norm_kernels_give_the_same_bits(other_build, shape, dims, center, out_b
         w, b = None, None
     ref, got = _both(other_build, lambda: CN._forward(x, w, b, dims, center, C, EPS, 8, out_bits))
     _same_bits(ref, got)
+    if out_bits is not None and CN.rows_only(shape, dims):     # with act_groups' quantizer instead
+        _same_bits(*_both(other_build, lambda: CN._forward(x, w, b, dims, center, C, EPS, 8, out_bits, True, 3)))
     _, q, amax, total, deviation = CN._forward(x, w, b, dims, center, C, EPS, 8, None)
     dy = _awkward(shape, 1) if awkward else torch.randn(shape, generator=torch.Generator().manual_seed(1))
     residual = torch.randn(shape)

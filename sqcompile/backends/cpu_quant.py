@@ -96,51 +96,9 @@ def _sides(pv: torch.Tensor, v: torch.Tensor) -> List[tuple]:
     return out
 
 
-class _Composition(NamedTuple):
-    """:func:`sqcompile.ops.shiftquant_outer`'s composition over ``y`` (see :func:`_composition`)."""
-    outer: fx.Node                # the outer maxima, 0 taken as 1
-    quantizer: fx.Node            # sqcompile.shiftquant of y / outer
-    nodes: List[fx.Node]          # from y's detach to the quantizer
-    reduced: List[int]            # the dims the outer maxima reduce
-    channels: List[int]           # the quantizer's channel dims
-
-
-def _composition(y: fx.Node, stochastic: bool) -> Optional[_Composition]:
-    """:func:`sqcompile.ops.shiftquant_outer`'s composition over ``y`` as AOTAutograd traces it,
-    the only readers of ``y``::
-
-        r = amax(abs(detach(y)), dims, keepdim);  r = r.masked_fill(r == 0, 1)
-        e, base = sqcompile.shiftquant(y / r, bits, groups, channels, stochastic)"""
-    if len(y.users) != 2:
-        return None
-    nd = F._val(y).dim()
-    detach = next((u for u in y.users if u.target is aten.detach.default), None)
-    div = next((u for u in y.users if u.target is aten.div.Tensor and u.args[0] is y), None)
-    if detach is None or div is None or not F.single_user(detach):
-        return None
-    (a,) = detach.users
-    if a.target is not aten.abs.default or not F.single_user(a):
-        return None
-    (amax,) = a.users
-    if amax.target is not aten.amax.default or \
-            not (amax.args[2] if len(amax.args) > 2 else amax.kwargs.get("keepdim", False)):
-        return None
-    eq = next((u for u in amax.users if u.target is aten.eq.Scalar and u.args[1] == 0), None)
-    outer = div.args[1]
-    if eq is None or len(amax.users) != 2 or not F.single_user(eq) or outer.target is not aten.masked_fill.Scalar or \
-            outer.args[:3] != (amax, eq, 1) or not F.single_user(div):
-        return None
-    (sq,) = div.users
-    if sq.target is not torch.ops.sqcompile.shiftquant.default or sq.args[0] is not div or \
-            sq.args[4] is not stochastic or (len(sq.args) > 5 and sq.args[5] is not None) or sq.kwargs:
-        return None
-    return _Composition(outer, sq, [detach, a, amax, eq, div, sq], sorted(d % nd for d in amax.args[1]),
-                        sorted(d % nd for d in sq.args[3]))
-
-
 def _outer_quantizer(mul: fx.Node, dy: fx.Node) -> Optional[tuple]:
     """``(side, conv, _OuterQuantizer)`` when ``mul`` is ``dY * prescale`` feeding
-    :func:`sqcompile.ops.shiftquant_outer`'s stochastic composition (:func:`_composition`)
+    :func:`sqcompile.ops.shiftquant_outer`'s stochastic composition (:func:`~sqcompile.backends.fusion.outer_composition`)
     with the dims of one of :func:`_sides`' layouts (``side`` "cols" or "rows"; ``conv``: a
     convolution's gradient)."""
     v = F._val(dy)
@@ -149,7 +107,7 @@ def _outer_quantizer(mul: fx.Node, dy: fx.Node) -> Optional[tuple]:
         return None
     pre = mul.args[1]
     pv, nd = F._val(pre), v.dim()
-    found = _composition(mul, stochastic=True) if pv is not None else None
+    found = F.outer_composition(mul, stochastic=True) if pv is not None else None
     if found is None:
         return None
     from ..kernels.cpu_quant import pair_dims
@@ -239,7 +197,6 @@ def _cpu_kernels_apply(gm: fx.GraphModule) -> bool:
     return any(F._val(n) is not None and F._val(n).device.type == "cpu" for n in gemms) and cpu_quant.status()[0]
 
 
-_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
 def _fuse_gelu_backwards(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
@@ -259,7 +216,7 @@ def _fuse_gelu_backwards(gm: fx.GraphModule, record: CompileRecord, stage: str) 
             continue
         mm, sa, sb, nodes = found
         acc = F._val(mm)
-        if any(F._is_view(n) and n.target not in _RESHAPES for n in nodes):
+        if any(F._is_view(n) and n.target not in F.RESHAPES for n in nodes):
             continue                # a transpose between: the kernel pairs acc and pre in order
         if F._shape_arg(graph, out.shape, node, emit=False) is None:
             continue                # a symbolic size the graph cannot compute
@@ -322,31 +279,20 @@ class _GeluMatch(NamedTuple):
     bias: Optional[fx.Node]
     quantizer: fx.Node            # sqcompile.quantize (per row) or sqcompile.shiftquant (act_groups)
     amax: Optional[fx.Node]       # per row: the saved maxima, if any
-    shift: Optional[tuple]        # act_groups: (_Composition, per_batch)
+    shift: Optional[tuple]        # act_groups: (F.OuterComposition, per_batch)
     chain: List[fx.Node]          # the nodes from the GEMM's conversion to the GELU's input
 
 
-def _reshaped(y: fx.Node, x: fx.Node) -> bool:
-    """Is ``y`` ``x`` through reshapes and same-shape expands alone (the same elements in
-    row-major order)?"""
-    while y is not x:
-        if y.op != "call_function" or not (y.target in _RESHAPES or y.target is aten.expand.default and
-                                           F._same_shape(F._val(y).shape, F._val(y.args[0]).shape)):
-            return False
-        y = y.args[0]
-    return True
-
-
 def _shift_composition(views: List[fx.Node], acc: torch.Tensor) -> Optional[tuple]:
-    """``(_Composition, per_batch)`` where one of ``views`` (the GELU's output and its views)
+    """``(F.OuterComposition, per_batch)`` where one of ``views`` (the GELU's output and its views)
     is the next GEMM's input ``[C, rows, N]``, reshaped in row-major order, quantized with
     ``act_groups`` (:func:`sqcompile.ops._quantize_act`: one outer maximum per row, ShiftQuant
     channels (entry, column)), ``C`` 1 or ``acc``'s batch entries (``per_batch``)."""
     for y in views:
         v = F._val(y)
-        if v is None or v.dim() != 3 or not _reshaped(y, views[0]):
+        if v is None or v.dim() != 3 or not F.reshaped_from(y, views[0]):
             continue
-        found = _composition(y, stochastic=False)
+        found = F.outer_composition(y, stochastic=False)
         if found is None or found.reduced != [2] or found.channels != [0, 2] or \
                 not N.fits_int8(*found.quantizer.args[1:3]):
             continue

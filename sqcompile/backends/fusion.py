@@ -94,7 +94,7 @@ import contextlib
 import operator
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import networkx as nx
 import sympy
@@ -774,6 +774,62 @@ def row_amax(node: fx.Node) -> Optional[fx.Node]:
                 (m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)):
             return m
     return None
+
+
+class OuterComposition(NamedTuple):
+    """:func:`sqcompile.ops.shiftquant_outer`'s composition over ``y`` (:func:`outer_composition`)."""
+    outer: fx.Node                # the outer maxima, 0 taken as 1
+    quantizer: fx.Node            # sqcompile.shiftquant of y / outer
+    nodes: List[fx.Node]          # from y's detach to the quantizer
+    reduced: List[int]            # the dims the outer maxima reduce
+    channels: List[int]           # the quantizer's channel dims
+
+
+def outer_composition(y: fx.Node, stochastic: bool) -> Optional[OuterComposition]:
+    """:func:`sqcompile.ops.shiftquant_outer`'s composition over ``y`` as AOTAutograd traces it,
+    the only readers of ``y``::
+
+        r = amax(abs(detach(y)), dims, keepdim);  r = r.masked_fill(r == 0, 1)
+        e, base = sqcompile.shiftquant(y / r, bits, groups, channels, stochastic)"""
+    if len(y.users) != 2:
+        return None
+    nd = _val(y).dim()
+    detach = next((u for u in y.users if u.target is aten.detach.default), None)
+    div = next((u for u in y.users if u.target is aten.div.Tensor and u.args[0] is y), None)
+    if detach is None or div is None or not single_user(detach):
+        return None
+    (a,) = detach.users
+    if a.target is not aten.abs.default or not single_user(a):
+        return None
+    (amax,) = a.users
+    if amax.target is not aten.amax.default or \
+            not (amax.args[2] if len(amax.args) > 2 else amax.kwargs.get("keepdim", False)):
+        return None
+    eq = next((u for u in amax.users if u.target is aten.eq.Scalar and u.args[1] == 0), None)
+    outer = div.args[1]
+    if eq is None or len(amax.users) != 2 or not single_user(eq) or outer.target is not aten.masked_fill.Scalar or \
+            outer.args[:3] != (amax, eq, 1) or not single_user(div):
+        return None
+    (sq,) = div.users
+    if sq.target is not torch.ops.sqcompile.shiftquant.default or sq.args[0] is not div or \
+            sq.args[4] is not stochastic or (len(sq.args) > 5 and sq.args[5] is not None) or sq.kwargs:
+        return None
+    return OuterComposition(outer, sq, [detach, a, amax, eq, div, sq], sorted(d % nd for d in amax.args[1]),
+                            sorted(d % nd for d in sq.args[3]))
+
+
+RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def reshaped_from(y: fx.Node, x: fx.Node) -> bool:
+    """Is ``y`` ``x`` through reshapes and same-shape expands alone (the same elements in
+    row-major order)?"""
+    while y is not x:
+        if y.op != "call_function" or not (y.target in RESHAPES or y.target is aten.expand.default and
+                                           _same_shape(_val(y).shape, _val(y.args[0]).shape)):
+            return False
+        y = y.args[0]
+    return True
 
 
 def viewed(graph: fx.Graph, out: fx.Node, shape, new: fx.Node, mode) -> fx.Node:

@@ -37,10 +37,12 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx as fx
 
+from .. import numerics as N
 from ..decisions import CompileRecord, FusedRegion
 from . import fusion as F
 
 LABEL = "l1_norm+quantize"
+SHIFT_LABEL = "l1_norm+shiftquant"
 RESIDUAL_LABEL = "l1_norm_backward+residual"
 
 
@@ -242,6 +244,25 @@ def _cpu_consumers(y: fx.Node, row: int) -> Tuple[List[fx.Node], List[fx.Node], 
     return quantizers, kept, [b for m in kept for b in (m.args[0].args[0], m.args[0])], other
 
 
+def _cpu_shift_consumers(y: fx.Node, row: int) -> Tuple[List[F.OuterComposition], bool]:
+    """``(compositions, other uses)`` of ``y``: the next GEMMs' ``act_groups`` quantizers
+    (:func:`~sqcompile.backends.fusion.outer_composition`, nearest) over ``y`` reshaped to
+    ``[1, rows, row]`` (one outer maximum per row, one channel per column), of one bit width
+    and group count, and whether anything else reads ``y`` too."""
+    views = F.views_of(y)
+    found, other = [], False
+    for v in views:
+        val = F._val(v)
+        c = F.outer_composition(v, stochastic=False) if val is not None and val.dim() == 3 and \
+            F._same(val.shape[0], 1) and F._same(val.shape[2], row) and F.reshaped_from(v, y) else None
+        if c is not None and c.reduced == [2] and c.channels == [0, 2] and N.fits_int8(*c.quantizer.args[1:3]) and \
+                (not found or found[0].quantizer.args[1:3] == c.quantizer.args[1:3]):
+            found.append(c)
+            continue
+        other = other or any(u not in views and not F._is_sym_size(u) for u in v.users)
+    return found, other
+
+
 def fuse_cpu_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: str,
                              option: Optional[bool] = None) -> fx.GraphModule:
     """Replace each ``sqcompile::cpu_l1_norm`` over rows whose output the next GEMMs' per-row
@@ -249,7 +270,10 @@ def fuse_cpu_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: s
     ``sqcompile::cpu_l1_norm_quantized`` (:mod:`sqcompile.kernels.cpu_norm`): the kernel
     quantizes each row of ``y`` while it is in cache, bit for bit what the quantizers compute,
     and writes ``y`` itself only when something else reads it too (a post-norm block's
-    residual).  Label ``l1_norm+quantize``, on the norm's decision."""
+    residual).  Label ``l1_norm+quantize``, on the norm's decision.  Where those GEMMs
+    quantize with ``act_groups`` instead (:func:`_cpu_shift_consumers`), by one
+    ``sqcompile::cpu_l1_norm_shiftquant``: each row's maximum and quotients while it is in
+    cache, then the channels' ShiftQuant over the quotients; label ``l1_norm+shiftquant``."""
     if not F.enabled(option) or stage == "backward":
         return gm
     ops = torch.ops.sqcompile
@@ -264,27 +288,38 @@ def fuse_cpu_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: s
         x, dims, y = F._val(norm.args[0]), norm.args[3], F.output_item(norm, 0)
         if y is None or x is None or not cpu_norm.rows_only(x.shape, dims):
             continue
-        quantizers, maxima, between, other = _cpu_consumers(y, cpu_norm.slice_layout(x.shape, dims)[3])
-        if not quantizers:
-            continue
+        row = cpu_norm.slice_layout(x.shape, dims)[3]
+        quantizers, maxima, between, other = _cpu_consumers(y, row)
+        compositions = []
+        if quantizers:
+            target, args, label = ops.cpu_l1_norm_quantized.default, (quantizers[0].args[1], other), LABEL
+        else:
+            compositions, other = _cpu_shift_consumers(y, row)
+            if not compositions:
+                continue
+            target, args, label = ops.cpu_l1_norm_shiftquant.default, \
+                (*compositions[0].quantizer.args[1:3], other), SHIFT_LABEL
         mode = F._fake_mode(norm.args[0])
         with graph.inserting_before(norm):
-            new = F._new(graph, ops.cpu_l1_norm_quantized.default, (*norm.args, quantizers[0].args[1], other),
-                         norm, mode)
+            new = F._new(graph, target, (*norm.args, *args), norm, mode)
             outs = [F._new(graph, operator.getitem, (new, i), norm, mode) for i in range(8)]
         olds = [(F.output_item(q, i), outs[i]) for q in quantizers for i in (0, 1)] + [(m, outs[2]) for m in maxima]
+        olds += [(F.output_item(c.quantizer, i), outs[i]) for c in compositions for i in (0, 1)]
+        olds += [(c.outer, outs[2]) for c in compositions]
         for old, out in olds:
             if old is not None:
                 old.replace_all_uses_with(F.viewed(graph, out, F._val(old).shape, new, mode))
         doomed = {norm, *norm.users, *F.views_of(y), *between, *quantizers, *maxima,
                   *[u for q in quantizers for u in q.users]}
+        doomed |= {n for c in compositions for n in (*c.nodes, c.outer, *c.quantizer.users)}
         for i in range(0 if other else 1, 5):                  # y (when read elsewhere), q, amax, total, deviation
             old = F.output_item(norm, i)
             if old is not None:
                 old.replace_all_uses_with(outs[i + 3])
-        names = [norm.name, *[q.name for q in quantizers], *[m.name for m in maxima]]
+        names = [norm.name, *[q.name for q in quantizers], *[m.name for m in maxima],
+                 *[c.quantizer.name for c in compositions]]
         F.erase_dead(graph, doomed)
-        F._record(record, *_cpu_region(record, stage, norm, LABEL + ("+y" if other else ""), names, 3, CPU_KERNEL))
+        F._record(record, *_cpu_region(record, stage, norm, label + ("+y" if other else ""), names, 3, CPU_KERNEL))
         fused += 1
     return F.finished(gm, record, stage, fused)
 
@@ -340,4 +375,4 @@ def _norm_decision(record: CompileRecord, norm: fx.Node):
 
 
 __all__ = ["fuse_cpu_norm_quantizers", "fuse_cpu_norm_residuals", "fuse_norm_quantizers", "fuse_norm_residuals",
-           "LABEL", "RESIDUAL_LABEL"]
+           "LABEL", "RESIDUAL_LABEL", "SHIFT_LABEL"]

@@ -31,7 +31,9 @@
  *
  * Fused with the next GEMM's per-row quantizer (sq_l1_norm_forward with yq; a LayerNorm's
  * slices are rows, R1 = 1): y, held in a row buffer, is also quantized per slice as
- * numerics.quantize does (nearest), and written only when something else reads it.  With a
+ * numerics.quantize does (nearest), and written only when something else reads it.  With
+ * act_groups's quantizer instead (yx), the row's maximum and quotients, quantized afterwards
+ * by cpu_quant.c's sq_shiftquant_quotients.  With a
  * residual, the backward writes dx + residual (a pre-norm block's residual add).
  *
  * One slice is one task (OpenMP over the A * B slices).  The forward makes four passes over
@@ -41,6 +43,7 @@
  * loops made about seven passes over the whole tensor each way.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 
 #include "avx512.h"
@@ -101,28 +104,34 @@ static inline float inv_denominator(float deviation, float n, float l1_scale, fl
     return 1.0f / sqrtf(*sigma * *sigma + eps);
 }
 
-/* y_out: where y goes (may be NULL when yq is set).  With yq (then R1 must be 1), y is also
-   quantized per slice at qmax_y, as the next GEMM's per-row quantizer would: yq (int8), its
-   maxima to y_amax and scales to y_scale.  Returns nonzero when a thread's row buffer could
-   not be allocated. */
+/* y_out: where y goes (may be NULL when yq or yx is set).  With yq (then R1 must be 1), y is
+   also quantized per slice at qmax_y, as the next GEMM's per-row quantizer would: yq (int8),
+   its maxima to y_amax and scales to y_scale.  With yx instead (R1 = 1; act_groups), the
+   first half of the next GEMM's outer-scaled ShiftQuant over the columns: each row's maximum
+   (0 taken as 1) to y_amax, the quotients y / it to yx [slices, R2], and their column maxima
+   into ywork [threads, R2] (zeros on entry; one row of partial maxima a thread), from which
+   cpu_quant.c's sq_shiftquant_quotients quantizes.  Returns nonzero when a thread's row
+   buffer could not be allocated. */
 int sq_l1_norm_forward(const float *x, const float *w, const float *bias, int row_affine, int64_t A, int64_t R1,
                        int64_t B, int64_t R2, int center, float l1_scale, float eps, float qmax, float *y_out,
                        int8_t *q, float *amax, float *total, float *deviation, int8_t *yq, float qmax_y,
-                       float *y_amax, float *y_scale, int threads) {
+                       float *y_amax, float *y_scale, float *yx, float *ywork, int threads) {
     const layout L = {A, R1, B, R2};
     const float n = (float)(R1 * R2);
     const __m512 vqmax = _mm512_set1_ps(qmax), vqmax_y = _mm512_set1_ps(qmax_y);
+    const int rows = yq || yx;             /* y held a row at a time, for its quantizer */
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *row = yq ? (float *)malloc((size_t)R2 * sizeof(float)) : NULL;
-        if (yq && !row) {
+        float *row = rows ? (float *)malloc((size_t)R2 * sizeof(float)) : NULL;
+        float *col = yx ? ywork + (int64_t)omp_get_thread_num() * R2 : NULL;
+        if (rows && !row) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t s = 0; s < A * B; s++) {
-            if (yq && !row)
+            if (rows && !row)
                 continue;
             const int64_t base = slice_base(L, s), step = B * R2;
             const float a = slice_amax(x, L, base);
@@ -167,7 +176,7 @@ int sq_l1_norm_forward(const float *x, const float *w, const float *bias, int ro
                         v = _mm512_mul_ps(v, row_affine ? _mm512_maskz_loadu_ps(m, w + i) : vw);
                     if (bias)
                         v = _mm512_add_ps(v, row_affine ? _mm512_maskz_loadu_ps(m, bias + i) : vb);
-                    if (yq) {
+                    if (rows) {
                         _mm512_mask_storeu_ps(row + i, m, v);
                         yacc = max_nan(yacc, _mm512_maskz_mov_ps(m, _mm512_abs_ps(v)));
                     }
@@ -185,6 +194,17 @@ int sq_l1_norm_forward(const float *x, const float *w, const float *bias, int ro
                 }
                 y_amax[s] = ya;
                 y_scale[s] = finite_or_nan(ys);
+            }
+            if (yx) {       /* sqcompile.ops.shiftquant_outer's row maximum and quotients */
+                const float r = reduce_max_nan(yacc);
+                const __m512 vr = _mm512_set1_ps(r == 0.0f ? 1.0f : r);
+                for (int64_t i = 0; i < R2; i += 16) {
+                    __mmask16 m = lanes(i, R2);
+                    __m512 v = _mm512_maskz_mov_ps(m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, row + i), vr));
+                    _mm512_mask_storeu_ps(yx + base + i, m, v);
+                    _mm512_mask_storeu_ps(col + i, m, max_nan(_mm512_maskz_loadu_ps(m, col + i), _mm512_abs_ps(v)));
+                }
+                y_amax[s] = r == 0.0f ? 1.0f : r;
             }
             amax[s] = a;
             total[s] = t;

@@ -37,7 +37,7 @@ import torch
 
 from .. import numerics as N
 from .. import ops
-from . import native, pool
+from . import cpu_quant, native, pool
 from .cpu_quant import _spread_seed
 
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_norm.c")
@@ -61,7 +61,7 @@ def _library(cflags: Optional[Tuple[str, ...]] = None) -> ctypes.CDLL:
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.sq_l1_norm_forward.restype = ctypes.c_int
     lib.sq_l1_norm_forward.argtypes = [ptr, ptr, ptr, i32, i64, i64, i64, i64, i32, f32, f32, f32, ptr, ptr, ptr,
-                                       ptr, ptr, ptr, f32, ptr, ptr, i32]
+                                       ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, i32]
     lib.sq_l1_norm_backward.restype = ctypes.c_int
     lib.sq_l1_norm_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i32, f32, f32, f32,
                                         f32, ctypes.c_int32, ptr, ptr, ptr, ptr, ptr, i64, i32]
@@ -211,30 +211,44 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _forward(x, weight, bias, dims, center, l1_scale, eps, bits, out_bits: Optional[int], write_y: bool = True):
+def _forward(x, weight, bias, dims, center, l1_scale, eps, bits, out_bits: Optional[int], write_y: bool = True,
+             out_groups: int = 1):
     """Run the forward kernel: ``(y, q, amax, total, deviation)``, or with ``out_bits``
     ``(yq, y_scale, y_amax, y, q, amax, total, deviation)``, ``y`` quantized per slice
-    (``y`` empty unless ``write_y``)."""
+    (``y`` empty unless ``write_y``), or with ``out_groups > 1`` too ``(e, base, outer, y,
+    ...)``: ``y`` quantized as the next GEMM's ``act_groups`` quantizer
+    (:func:`cpu_l1_norm_shiftquant`)."""
     layout = slice_layout(x.shape, dims)
     x = x.contiguous()
     q = pool.OUTPUTS.empty(x.shape, torch.int8)
     stat_shape = param_sum_shape(x.shape, dims, False)
     stat = [torch.empty(stat_shape, dtype=torch.float32) for _ in range(3)]
     y = pool.OUTPUTS.empty(x.shape, torch.float32) if write_y else x.new_empty((0,))
+    shift = out_bits is not None and out_groups > 1
     if out_bits is None:
         outs = (y,)
+    elif shift:
+        outs = (None, x.new_full((), float("nan")), torch.empty(stat_shape), y)
     else:
         outs = (pool.OUTPUTS.empty(x.shape, torch.int8), torch.empty(stat_shape), torch.empty(stat_shape), y)
     if x.numel() == 0:
-        return (*(t.zero_() for t in outs), q, *(t.zero_() for t in stat))
+        outs = (x.new_zeros(x.shape, dtype=torch.int8), *outs[1:]) if shift else outs
+        return (*(t if t.dim() == 0 else t.zero_() for t in outs), q, *(t.zero_() for t in stat))
     yq, y_scale, y_amax = outs[:3] if out_bits is not None else (None, None, None)
+    threads = torch.get_num_threads()
+    rows = (x.numel() // layout[3], layout[3])            # y's rows, as the next GEMM's [1, rows, row]
+    yx, work, ends = cpu_quant.quotient_buffers(rows, 1, threads) if shift else (None, None, None)
     (w, row), (b, _) = _flat(weight, x.shape, dims), _flat(bias, x.shape, dims)
     failed = _library().sq_l1_norm_forward(
         x.data_ptr(), _ptr(w), _ptr(b), int(row), *layout, int(center), l1_scale, eps, float(N.qmax(bits)),
         y.data_ptr() if write_y else None, q.data_ptr(), *(t.data_ptr() for t in stat), _ptr(yq),
-        float(N.qmax(out_bits or bits)), _ptr(y_amax), _ptr(y_scale), torch.get_num_threads())
+        float(N.qmax(out_bits or bits)), _ptr(y_amax), None if shift else _ptr(y_scale), _ptr(yx), _ptr(work),
+        threads)
     if failed:
         raise MemoryError(f"sqcompile::cpu_l1_norm_quantized: no memory for a row of {layout[3]} floats")
+    if shift:
+        e, base = cpu_quant.shiftquant_quotients(yx, work, ends, 1, out_bits, out_groups)
+        outs = (e.view(x.shape), base, *outs[2:])
     return (*outs, q, *stat)
 
 
@@ -284,6 +298,36 @@ def _(x, weight, bias, dims, center, l1_scale, eps, bits, out_bits, write_y):
     stat = param_sum_shape(x.shape, dims, False)
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if write_y else x.new_empty((0,))
     return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(stat), x.new_empty(stat), y,
+            x.new_empty(x.shape, dtype=torch.int8), x.new_empty(stat), x.new_empty(stat), x.new_empty(stat))
+
+
+@ops.custom_op("sqcompile::cpu_l1_norm_shiftquant")
+def cpu_l1_norm_shiftquant(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                           dims: List[int], center: bool, l1_scale: float, eps: float, bits: int, out_bits: int,
+                           out_groups: int, write_y: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, torch.Tensor]:
+    """:func:`cpu_l1_norm_quantized` with the next GEMM's ``act_groups`` quantizer instead of
+    the per-row one: :func:`sqcompile.ops.shiftquant_outer`'s composition with nearest
+    rounding over ``y`` as ``[1, rows, D]`` (each row's maximum, 0 taken as 1, then ShiftQuant
+    of the quotients with ``out_groups`` groups and one channel per column):
+    ``(e, base, outer, y, q, amax, total, deviation)``, ``e`` / ``base`` / ``outer`` that
+    composition's results on the kernel's ``y`` bit for bit (``outer`` ``[..., 1]``, as
+    ``amax``).  The slices must be rows (:func:`rows_only`); ``out_bits`` and ``out_groups``
+    must fit int8 (:func:`sqcompile.numerics.fits_int8`)."""
+    if not rows_only(x.shape, dims):
+        raise ValueError(f"cpu_l1_norm_shiftquant: dims {list(dims)} of a {tuple(x.shape)} input are not rows")
+    if out_groups < 2 or not N.fits_int8(out_bits, out_groups):
+        raise ValueError(f"cpu_l1_norm_shiftquant: out_groups={out_groups} at out_bits={out_bits} is not 2 or "
+                         "more groups whose expanded integers fit int8")
+    return _forward(x, weight, bias, dims, center, l1_scale, eps, bits, out_bits, write_y, out_groups)
+
+
+@cpu_l1_norm_shiftquant.register_fake
+def _(x, weight, bias, dims, center, l1_scale, eps, bits, out_bits, out_groups, write_y):
+    stat = param_sum_shape(x.shape, dims, False)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format) if write_y else x.new_empty((0,))
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(()), x.new_empty(stat), y,
             x.new_empty(x.shape, dtype=torch.int8), x.new_empty(stat), x.new_empty(stat), x.new_empty(stat))
 
 

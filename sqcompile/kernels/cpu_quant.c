@@ -342,6 +342,30 @@ int sq_gelu_quantize(const int32_t *acc, const float *sa, const float *sb, const
     return failed ? -1 : 0;
 }
 
+/* The second half of an outer-scaled ShiftQuant over the columns (act_groups), from the
+ * quotients x [C * MC, N] (y / its row's maximum; C channel batches of MC rows each) and
+ * their partial column maxima work [C, chunks, N] (any split of each batch's rows, NaN
+ * propagating): ranges [C, N], numerics.shift_params over them (mult, scale [C, N], *base)
+ * and e = clamp(rne(x / (scale or 1)), -qmax, qmax) * mult as int8.  sq_gelu_shiftquant
+ * below and the L1 norm's forward (cpu_norm.c, with its per-thread maxima) end with it. */
+void sq_shiftquant_quotients(const float *x, const float *work, int64_t C, int64_t chunks, int64_t MC, int64_t N,
+                             int groups, float qmax, float *ranges, float *mult, float *scale, float *base,
+                             int8_t *e, int threads) {
+    combine(work, C, chunks, N, 0, ranges, threads);
+    sq_shift_params(ranges, C * N, groups, qmax, mult, scale, base);
+    const __m512 vqmax = _mm512_set1_ps(qmax);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 16)
+    for (int64_t row = 0; row < C * MC; row++) {
+        const float *xr = x + row * N, *sc = scale + row / MC * N, *mu = mult + row / MC * N;
+        for (int64_t n = 0; n < N; n += 16) {
+            __mmask16 m = lanes(n, N);
+            __m512i v = expand_nearest(_mm512_maskz_loadu_ps(m, xr + n), _mm512_maskz_loadu_ps(m, sc + n),
+                                       _mm512_maskz_loadu_ps(m, mu + n), vqmax);
+            _mm512_mask_cvtepi32_storeu_epi8(e + row * N + n, m, v);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------
  * The same GELU with ShiftQuant for the next GEMM (sq_gelu_shiftquant; the act_groups option):
  * the next GEMM's input quantized as sqcompile.ops.shiftquant_outer composes it with nearest
@@ -358,8 +382,9 @@ int sq_gelu_quantize(const int32_t *acc, const float *sa, const float *sb, const
  * Two passes over the rows: the first computes a row's pre, h (kept in x), its maximum, then
  * x = h / r in place while the row is in cache, and the chunk's column maxima (work [C,
  * chunks, N], combined as in sq_outer_pair_ranges: any thread count, the same bits); the
- * second quantizes x.  Each value as the graph's ops compute it but h (the GELU's erf, as
- * in sq_gelu_quantize), so the results are the composition's on the kernel's h bit for bit.
+ * second quantizes x (sq_shiftquant_quotients).  Each value as the graph's ops compute it
+ * but h (the GELU's erf, as in sq_gelu_quantize), so the results are the composition's on
+ * the kernel's h bit for bit.
  * ------------------------------------------------------------------------------------------ */
 void sq_gelu_shiftquant(const int32_t *acc, const float *sa, const float *sb, const float *bias, int64_t B, int64_t M,
                         int64_t N, int per_batch, int64_t chunks, int groups, float qmax, float *pre, float *x,
@@ -386,19 +411,7 @@ void sq_gelu_shiftquant(const int32_t *acc, const float *sa, const float *sb, co
             }
         }
     }
-    combine(work, C, chunks, N, 0, ranges, threads);
-    sq_shift_params(ranges, C * N, groups, qmax, mult, scale, base);
-    const __m512 vqmax = _mm512_set1_ps(qmax);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 16)
-    for (int64_t row = 0; row < B * M; row++) {
-        const float *xr = x + row * N, *sc = scale + row / MC * N, *mu = mult + row / MC * N;
-        for (int64_t n = 0; n < N; n += 16) {
-            __mmask16 m = lanes(n, N);
-            __m512i v = expand_nearest(_mm512_maskz_loadu_ps(m, xr + n), _mm512_maskz_loadu_ps(m, sc + n),
-                                       _mm512_maskz_loadu_ps(m, mu + n), vqmax);
-            _mm512_mask_cvtepi32_storeu_epi8(e + row * N + n, m, v);
-        }
-    }
+    sq_shiftquant_quotients(x, work, C, chunks, MC, N, groups, qmax, ranges, mult, scale, base, e, threads);
 }
 
 /* ------------------------------------------------------------------------------------------

@@ -67,6 +67,8 @@ def _library(cflags: Optional[Tuple[str, ...]] = None) -> ctypes.CDLL:
     lib.sq_shift_params.argtypes = [ptr, i64, i32, f32, ptr, ptr, ptr]
     lib.sq_gelu_quantize.restype = ctypes.c_int
     lib.sq_gelu_quantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, ptr, ptr, i32]
+    lib.sq_shiftquant_quotients.restype = None
+    lib.sq_shiftquant_quotients.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, f32, ptr, ptr, ptr, ptr, ptr, i32]
     lib.sq_gelu_shiftquant.restype = None
     lib.sq_gelu_shiftquant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i32, i64, i32, f32, ptr, ptr, ptr, ptr, ptr,
                                        ptr, ptr, ptr, ptr, i32]
@@ -308,17 +310,42 @@ def gelu_shiftquant(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias:
     C = B if per_batch else 1
     threads = torch.get_num_threads()
     chunks = _chunks(C, B * M // C, threads)
-    f32 = dict(dtype=torch.float32)
     pre, e = pool.OUTPUTS.empty(acc.shape, torch.float32), pool.OUTPUTS.empty(acc.shape, torch.int8)
-    x = pool.OUTPUTS.empty(acc.shape, torch.float32)
-    outer = torch.empty((*acc.shape[:-1], 1), **f32)
-    work, ranges = torch.empty(C * chunks * cols, **f32), torch.empty(C * cols, **f32)
-    mult, scale, base = torch.empty_like(ranges), torch.empty_like(ranges), torch.empty((), **f32)
+    outer = torch.empty((*acc.shape[:-1], 1), dtype=torch.float32)
+    x, work, ends = quotient_buffers(acc.shape, C, chunks)
     _library().sq_gelu_shiftquant(a.data_ptr(), sa2.data_ptr(), sb2.data_ptr(), None if b is None else b.data_ptr(),
                                   B, M, cols, int(per_batch), chunks, groups, float(N.qmax(bits)), pre.data_ptr(),
-                                  x.data_ptr(), outer.data_ptr(), work.data_ptr(), ranges.data_ptr(),
-                                  mult.data_ptr(), scale.data_ptr(), base.data_ptr(), e.data_ptr(), threads)
-    return pre, e, N._finite_or_nan(base), outer
+                                  x.data_ptr(), outer.data_ptr(), work.data_ptr(), *(t.data_ptr() for t in ends),
+                                  e.data_ptr(), threads)
+    return pre, e, N._finite_or_nan(ends[3]), outer
+
+
+def quotient_buffers(shape, batches: int, chunks: int) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    """What ``sq_shiftquant_quotients`` (the end of :func:`gelu_shiftquant` and of the L1
+    norm's ``act_groups`` mode) works in, for quotients of ``shape`` ``[..., N]`` in
+    ``batches`` channel batches: the quotients, ``[batches, chunks, N]`` partial column
+    maxima (zeros), and ``(ranges, mult, scale, base)``, ``[batches, N]`` but ``base``."""
+    cols = shape[-1]
+    f32 = dict(dtype=torch.float32)
+    ranges = torch.empty(batches * cols, **f32)
+    return (pool.OUTPUTS.empty(shape, torch.float32), torch.zeros(batches * chunks * cols, **f32),
+            [ranges, torch.empty_like(ranges), torch.empty_like(ranges), torch.empty((), **f32)])
+
+
+def shiftquant_quotients(x: torch.Tensor, work: torch.Tensor, ends: List[torch.Tensor], batches: int, bits: int,
+                         groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(e, base)`` of the outer-scaled ShiftQuant over the columns of the quotients ``x``
+    (contiguous ``[..., N]``, ``batches`` channel batches of its rows) whose partial column
+    maxima are ``work`` (``[batches, chunks, N]``) on the C kernel (``sq_shiftquant_quotients``,
+    numerics.shift_params and nearest rounding, bit for bit), with :func:`quotient_buffers`'
+    ``ends``."""
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    e = pool.OUTPUTS.empty(x.shape, torch.int8)
+    _library().sq_shiftquant_quotients(x.data_ptr(), work.data_ptr(), batches, work.numel() // (batches * cols),
+                                       rows // batches, cols, groups, float(N.qmax(bits)),
+                                       *(t.data_ptr() for t in ends), e.data_ptr(), torch.get_num_threads())
+    return e, N._finite_or_nan(ends[3])
 
 
 @ops.custom_op("sqcompile::gelu_shiftquant")
