@@ -29,7 +29,11 @@ output only the next GEMM's per-row quantizer (and its saved maxima) read by one
 loop evaluated the GELU (two ``erf`` calls) once for the row's maximum and again to quantize.
 The pre-activation (saved for the backward) is the graph's bit for bit; the GELU's ``erf`` is
 PyTorch's vectorized formula over our ``exp``, a few ulps from Inductor's.  Label
-``dequant[+bias]+gelu+quantize``, on the Linear's decision.  The ``tanh`` GELU, and a GELU
+``dequant[+bias]+gelu+quantize``, on the Linear's decision.  With ``act_groups``, the next
+GEMM's quantizer is :func:`sqcompile.ops.shiftquant_outer`'s composition (nearest) instead,
+and :func:`~sqcompile.kernels.cpu_quant.gelu_shiftquant` replaces the same nodes and it
+(``sqcompile::gelu_shiftquant``, label ``dequant[+bias]+gelu+shiftquant``): two passes over
+the rows, where Inductor's loops evaluated the GELU twice too.  The ``tanh`` GELU, and a GELU
 whose output something else reads, keep the graph's ops.
 
 **That GELU's backward** (``sqcompile::gelu_backward``).  In a backward graph,
@@ -98,9 +102,9 @@ def _sides(pv: torch.Tensor, v: torch.Tensor) -> List[tuple]:
 
 def _outer_quantizer(mul: fx.Node, dy: fx.Node) -> Optional[tuple]:
     """``(side, conv, _OuterQuantizer)`` when ``mul`` is ``dY * prescale`` feeding
-    :func:`sqcompile.ops.shiftquant_outer`'s stochastic composition (:func:`~sqcompile.backends.fusion.outer_composition`)
-    with the dims of one of :func:`_sides`' layouts (``side`` "cols" or "rows"; ``conv``: a
-    convolution's gradient)."""
+    :func:`sqcompile.ops.shiftquant_outer`'s stochastic composition
+    (:func:`~sqcompile.backends.fusion.outer_composition`) with the dims of one of
+    :func:`_sides`' layouts (``side`` "cols" or "rows"; ``conv``: a convolution's gradient)."""
     v = F._val(dy)
     if mul.target is not aten.mul.Tensor or len(mul.args) != 2 or mul.args[0] is not dy or \
             not isinstance(mul.args[1], fx.Node):
@@ -198,7 +202,6 @@ def _cpu_kernels_apply(gm: fx.GraphModule) -> bool:
 
 
 
-
 def _fuse_gelu_backwards(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
     graph = gm.graph
     sources = {F._source_of(n) for n in graph.nodes if n.target is torch.ops.sqcompile.int8_mm.default}
@@ -284,10 +287,11 @@ class _GeluMatch(NamedTuple):
 
 
 def _shift_composition(views: List[fx.Node], acc: torch.Tensor) -> Optional[tuple]:
-    """``(F.OuterComposition, per_batch)`` where one of ``views`` (the GELU's output and its views)
-    is the next GEMM's input ``[C, rows, N]``, reshaped in row-major order, quantized with
-    ``act_groups`` (:func:`sqcompile.ops._quantize_act`: one outer maximum per row, ShiftQuant
-    channels (entry, column)), ``C`` 1 or ``acc``'s batch entries (``per_batch``)."""
+    """``(F.OuterComposition, per_batch)`` where one of ``views`` (the GELU's output and its
+    views) is the next GEMM's input ``[C, rows, N]``, reshaped in row-major order, quantized
+    with ``act_groups`` (:func:`sqcompile.ops._quantize_act`: one outer maximum per row,
+    ShiftQuant channels (entry, column)), ``C`` 1 or ``acc``'s batch entries (``per_batch``).
+    Other layouts (a Linear's rows into a GEMM per batch entry) keep the graph's ops."""
     for y in views:
         v = F._val(y)
         if v is None or v.dim() != 3 or not F.reshaped_from(y, views[0]):

@@ -214,6 +214,7 @@ def fuse_norm_residuals(gm: fx.GraphModule, record: CompileRecord, stage: str,
 # ---------------------------------------------------------------------------------------------
 
 CPU_KERNEL = "sqcompile/kernels/cpu_norm.c:sq_l1_norm_forward"
+CPU_SHIFT_KERNEL = CPU_KERNEL + ", sqcompile/kernels/cpu_quant.c:sq_shiftquant_quotients"
 CPU_BACKWARD_KERNEL = "sqcompile/kernels/cpu_norm.c:sq_l1_norm_backward"
 
 
@@ -292,13 +293,14 @@ def fuse_cpu_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: s
         quantizers, maxima, between, other = _cpu_consumers(y, row)
         compositions = []
         if quantizers:
-            target, args, label = ops.cpu_l1_norm_quantized.default, (quantizers[0].args[1], other), LABEL
+            target, args, label, kernel = ops.cpu_l1_norm_quantized.default, (quantizers[0].args[1], other), \
+                LABEL, CPU_KERNEL
         else:
             compositions, other = _cpu_shift_consumers(y, row)
             if not compositions:
                 continue
-            target, args, label = ops.cpu_l1_norm_shiftquant.default, \
-                (*compositions[0].quantizer.args[1:3], other), SHIFT_LABEL
+            target, args, label, kernel = ops.cpu_l1_norm_shiftquant.default, \
+                (*compositions[0].quantizer.args[1:3], other), SHIFT_LABEL, CPU_SHIFT_KERNEL
         mode = F._fake_mode(norm.args[0])
         with graph.inserting_before(norm):
             new = F._new(graph, target, (*norm.args, *args), norm, mode)
@@ -319,7 +321,7 @@ def fuse_cpu_norm_quantizers(gm: fx.GraphModule, record: CompileRecord, stage: s
         names = [norm.name, *[q.name for q in quantizers], *[m.name for m in maxima],
                  *[c.quantizer.name for c in compositions]]
         F.erase_dead(graph, doomed)
-        F._record(record, *_cpu_region(record, stage, norm, label + ("+y" if other else ""), names, 3, CPU_KERNEL))
+        F._record(record, *_cpu_region(record, stage, norm, label + ("+y" if other else ""), names, 3, kernel))
         fused += 1
     return F.finished(gm, record, stage, fused)
 

@@ -1,6 +1,9 @@
 """The fully-quantized L1 norm as two C kernels (``cpu_norm.c``, AVX-512 or the portable build of
 :mod:`~sqcompile.kernels.native`): the forward
-``sqcompile::cpu_l1_norm`` and the backward ``sqcompile::cpu_l1_norm_backward``.
+``sqcompile::cpu_l1_norm`` and the backward ``sqcompile::cpu_l1_norm_backward``.  A
+LayerNorm's / RMSNorm's forward also quantizes its output for the next GEMMs
+(``sqcompile::cpu_l1_norm_quantized`` per row, ``sqcompile::cpu_l1_norm_shiftquant`` with
+``act_groups``; :mod:`sqcompile.backends.norm_fusion` puts them in the graphs).
 
 Under Inductor the L1 norm of :mod:`sqcompile.norms` (its input quantizer, statistics,
 output, and in the backward the gradient's stochastic quantizer and the three reductions of

@@ -293,7 +293,8 @@ def gelu_shiftquant_reference(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Ten
 
 
 def gelu_shiftquant(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor], bits: int,
-                    groups: int, per_batch: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    groups: int, per_batch: bool = False
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`gelu_shiftquant_reference` on the C kernel (``cpu_quant.c``) for int32 ``acc``
     ``[..., M, N]`` on CPU (scales and bias as :func:`gelu_quantize`'s): ``pre`` bit for bit,
     the GELU to a few ulps as in :func:`gelu_quantize`, and the rest the composition's
@@ -359,7 +360,8 @@ def gelu_shiftquant_op(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bi
 
 @gelu_shiftquant_op.register_fake
 def _(acc, sa, sb, bias, bits, groups, per_batch):
-    return (acc.new_empty(acc.shape, dtype=torch.float32), acc.new_empty(acc.shape, dtype=N.expanded_dtype(bits, groups)),
+    return (acc.new_empty(acc.shape, dtype=torch.float32),
+            acc.new_empty(acc.shape, dtype=N.expanded_dtype(bits, groups)),
             acc.new_empty((), dtype=torch.float32), acc.new_empty((*acc.shape[:-1], 1), dtype=torch.float32))
 
 
@@ -418,4 +420,5 @@ def _(acc, sa, sb, pre):
 
 
 __all__ = ["batched", "gelu_backward", "gelu_backward_reference", "gelu_quantize", "gelu_quantize_reference",
-           "gelu_shiftquant", "gelu_shiftquant_reference", "shiftquant_outer_pair", "shiftquant_outer_pair_reference", "status", "SOURCE", "SUM_ROWS"]
+           "gelu_shiftquant", "gelu_shiftquant_reference", "quotient_buffers", "shiftquant_outer_pair",
+           "shiftquant_outer_pair_reference", "shiftquant_quotients", "status", "SOURCE", "SUM_ROWS"]
