@@ -472,8 +472,20 @@ class TanhMLP(MLP):
         return x + self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def _assert_within_gelu_ulps(out, grads, ref_out, ref_grads):
+    """A step with a GELU kernel against the unfused one: the GELU's ulps reach the outputs
+    and gradients, no more."""
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+
+
 def _gelu_regions(record):
     return [r for r in record.regions if r.label.endswith("gelu+quantize")]
+
+
+def _shift_regions(record):
+    return [r for r in record.regions if r.label.endswith("gelu+shiftquant")]
 
 
 @needs_kernel
@@ -490,25 +502,25 @@ def test_compiled_mlp_takes_the_gelu_kernel_and_trains_as_unfused(inner, bias):
         (label, "forward", "fc1", pass_module.GELU_KERNEL)
     assert region.decision is not None and "gelu+quantize" in {d.node: d for d in rec.decisions}[region.decision].region
     assert "sqcompile.gelu_quantize(" in rec.graphs["forward_fused"] and "aten.gelu(" not in rec.graphs["forward_fused"]
-    # GELU's ulps reach the outputs and gradients
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+    _assert_within_gelu_ulps(out, grads, ref_out, ref_grads)
 
 
 @needs_kernel
-def test_inference_and_dynamic_shapes_take_the_gelu_kernel():
+@pytest.mark.parametrize("act_groups", [1, 4])
+def test_inference_and_dynamic_shapes_take_the_gelu_kernel(act_groups):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = MLP()
-    compiled = torch.compile(copy.deepcopy(model), backend="shiftquant", dynamic=True)
-    unfused = torch.compile(copy.deepcopy(model), backend="shiftquant", options={"fusion": False}, dynamic=True)
+    model, options = MLP(), {"act_groups": act_groups}
+    compiled = torch.compile(copy.deepcopy(model), backend="shiftquant", options=options, dynamic=True)
+    unfused = torch.compile(copy.deepcopy(model), backend="shiftquant", options={**options, "fusion": False},
+                            dynamic=True)
     with torch.no_grad():
         for T in (17, 29):
             x = torch.randn(2, T, 48)
             torch.testing.assert_close(compiled(x), unfused(x), rtol=1e-5, atol=1e-6)
     rec = records_for(list(compiled.parameters()))[-1]
-    assert [r.stage for r in _gelu_regions(rec)] == ["inference"]
+    regions = _gelu_regions(rec) if act_groups == 1 else _shift_regions(rec)
+    assert [r.stage for r in regions] == ["inference"]
 
 
 @pytest.mark.parametrize("model", [GeluUsedTwice, TanhMLP])
@@ -644,10 +656,6 @@ class LinearIntoBatched(nn.Module):
         return x + torch.matmul(F.gelu(self.fc1(x)), self.w2)
 
 
-def _shift_regions(record):
-    return [r for r in record.regions if r.label.endswith("gelu+shiftquant")]
-
-
 @needs_kernel
 @pytest.mark.parametrize("model, inner, label", [
     (MLP, "eager", "dequant+bias+gelu+shiftquant"), (MLP, "inductor", "dequant+bias+gelu+shiftquant"),
@@ -667,26 +675,7 @@ def test_compiled_mlp_with_act_groups_takes_the_shiftquant_kernel_and_trains_as_
         assert region.decision is not None
         assert "sqcompile.gelu_shiftquant(" in rec.graphs["forward_fused"]
         assert "aten.gelu(" not in rec.graphs["forward_fused"]
-    # GELU's ulps reach the outputs and gradients
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
-
-
-@needs_kernel
-def test_inference_with_act_groups_and_dynamic_shapes_takes_the_shiftquant_kernel():
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model, options = MLP(), {"act_groups": 4}
-    compiled = torch.compile(copy.deepcopy(model), backend="shiftquant", options=options, dynamic=True)
-    unfused = torch.compile(copy.deepcopy(model), backend="shiftquant", options={**options, "fusion": False},
-                            dynamic=True)
-    with torch.no_grad():
-        for T in (17, 29):
-            x = torch.randn(2, T, 48)
-            torch.testing.assert_close(compiled(x), unfused(x), rtol=1e-5, atol=1e-6)
-    rec = records_for(list(compiled.parameters()))[-1]
-    assert [r.stage for r in _shift_regions(rec)] == ["inference"]
+    _assert_within_gelu_ulps(out, grads, ref_out, ref_grads)
 
 
 # ---------------------------------------------------------------------------------------------
