@@ -285,8 +285,7 @@ SQ_VEC __m512 gelu_vec(__m512 x) {                    /* (x * 0.5) * (1 + erf(x 
                                        erf_vec(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f)))));
 }
 
-/* One row: pre (stored), h = gelu(pre) into h[0:N] (zero in a last vector's unused lanes);
-   returns max |h|, NaN if any h is NaN. */
+/* One row: pre (stored), h = gelu(pre) into h[0:N]; returns max |h|, NaN if any h is NaN. */
 static float gelu_row_values(const int32_t *a, float sa, const float *sb, const float *bias, int64_t N, float *pre,
                              float *h) {
     const __m512 vsa = _mm512_set1_ps(sa);
