@@ -523,6 +523,24 @@ def test_inference_and_dynamic_shapes_take_the_gelu_kernel(act_groups):
     assert [r.stage for r in regions] == ["inference"]
 
 
+@needs_kernel
+@pytest.mark.parametrize("act_groups", [1, 4])
+def test_dynamic_shapes_training_takes_the_gelu_kernel(act_groups):
+    """``dynamic=True``: the forward graph reads the GELU output's sizes (``sym_size``); the
+    pass computes them from the kernel's outputs and fuses, and training follows the unfused
+    graph within the GELU's ulps at each length."""
+    torch.manual_seed(0)
+    model = MLP()
+    for T in (17, 29):
+        options = {"inner": "inductor", "act_groups": act_groups}
+        x = torch.randn(2, T, 48)
+        out, grads, rec = _step(model, x, options, dynamic=True)
+        ref_out, ref_grads, _ = _step(model, x, {**options, "fusion": False}, dynamic=True)
+        regions = _gelu_regions(rec) if act_groups == 1 else _shift_regions(rec)
+        assert [r.stage for r in regions] == ["forward"] and "sym_size" in rec.graphs["forward"]
+        _assert_within_gelu_ulps(out, grads, ref_out, ref_grads)
+
+
 @pytest.mark.parametrize("model", [GeluUsedTwice, TanhMLP])
 def test_gelu_left_alone(model):
     """The GELU's output read by something besides the quantizer, or the tanh GELU: no region."""

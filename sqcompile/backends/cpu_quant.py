@@ -167,6 +167,9 @@ def _fuse(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
         first_use = min(c.nodes[0], r.nodes[0], key=order.__getitem__)
         if max(order[c.prescale], order[r.prescale]) > order[first_use]:
             continue            # a prescale computed after dY's first use: keep the graph
+        doomed = {*c.nodes, *r.nodes, c.outer, r.outer, *c.quantizer.users, *r.quantizer.users}
+        if not F.rehome_sym_sizes(graph, doomed, emit=False):
+            continue            # a size a dynamic-shape graph reads off them, computable nowhere else
         with graph.inserting_before(first_use):
             # the seeds as graph nodes, drawn in the quantizers' order: as the two quantizers'
             # own are once lowered (drawn inside the op, Inductor's order of extern calls would
@@ -183,7 +186,8 @@ def _fuse(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
                 item.replace_all_uses_with(outs[base + item.args[1]])
             q.outer.replace_all_uses_with(outs[base + 2])
         names = [n.name for n in (*c.nodes, c.outer, *r.nodes, r.outer)]
-        F.erase_dead(graph, {*c.nodes, *r.nodes, c.outer, r.outer, *c.quantizer.users, *r.quantizer.users})
+        F.rehome_sym_sizes(graph, doomed)
+        F.erase_dead(graph, doomed)
         mm = _gemm_fed_by(outs[0])
         decision = F._decision_for(record, mm, sources) if mm is not None else None
         F.record_region(record, stage, decision, LABEL, names, new, 6, KERNEL)
@@ -341,7 +345,7 @@ def _match_gelu(gelu: fx.Node) -> Optional[_GeluMatch]:
         allowed = {*views, quantizer} | ({amax.args[0].args[0]} if amax is not None else set())
     else:
         return None
-    if any(u not in allowed for v in views for u in v.users):
+    if any(u not in allowed and not F._is_sym_size(u) for v in views for u in v.users):
         return None                 # the GELU's output is read by something else: keep it
     return _GeluMatch(gelu, pre, mm, sa, sb, bias, quantizer, amax, shift, chain + nodes)
 
@@ -369,7 +373,9 @@ def _fuse_gelus(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
                 (*m.quantizer.args[1:3], per_batch), GELU_SHIFT_KERNEL, "shiftquant"
             olds = [m.pre, q_out, scale_out, composition.outer]
             doomed = {*composition.nodes, composition.outer, *m.quantizer.users}
-        if any(o is not None and F._shape_arg(graph, F._val(o).shape, gelu, emit=False) is None for o in olds):
+        doomed |= {gelu, *m.chain, *F.views_of(gelu)}
+        if any(o is not None and F._shape_arg(graph, F._val(o).shape, gelu, emit=False) is None for o in olds) or \
+                not F.rehome_sym_sizes(graph, doomed, emit=False):
             continue                # a symbolic size the graph cannot compute
         with graph.inserting_before(gelu):
             new = F._new(graph, target, (m.mm, m.sa, m.sb, m.bias, *args), m.mm, mode)
@@ -378,7 +384,8 @@ def _fuse_gelus(gm: fx.GraphModule, record: CompileRecord, stage: str) -> int:
             if old is not None:
                 old.replace_all_uses_with(F.viewed(graph, out, F._val(old).shape, new, mode))
         names = [n.name for n in reversed(m.chain)] + [gelu.name, m.quantizer.name]
-        F.erase_dead(graph, doomed | {gelu, *m.chain, *F.views_of(gelu)})
+        F.rehome_sym_sizes(graph, doomed)       # sizes dynamic-shape graphs read off the erased nodes
+        F.erase_dead(graph, doomed)
         F.record_region(record, stage, F._decision_for(record, m.mm, sources),
                         f"dequant{'+bias' if m.bias is not None else ''}+gelu+{what}", names, m.mm, 4, kernel)
         fused += 1

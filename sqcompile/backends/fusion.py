@@ -790,8 +790,10 @@ def outer_composition(y: fx.Node, stochastic: bool) -> Optional[OuterComposition
     the only readers of ``y``::
 
         r = amax(abs(detach(y)), dims, keepdim);  r = r.masked_fill(r == 0, 1)
-        e, base = sqcompile.shiftquant(y / r, bits, groups, channels, stochastic)"""
-    if len(y.users) != 2:
+        e, base = sqcompile.shiftquant(y / r, bits, groups, channels, stochastic)
+
+    (and the reads of ``y``'s sizes a dynamic-shape graph makes: see :func:`rehome_sym_sizes`)."""
+    if len([u for u in y.users if not _is_sym_size(u)]) != 2:
         return None
     nd = _val(y).dim()
     detach = next((u for u in y.users if u.target is aten.detach.default), None)
