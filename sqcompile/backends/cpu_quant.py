@@ -293,17 +293,14 @@ class _GeluMatch(NamedTuple):
 def _shift_composition(views: List[fx.Node], acc: torch.Tensor) -> Optional[tuple]:
     """``(F.OuterComposition, per_batch)`` where one of ``views`` (the GELU's output and its
     views) is the next GEMM's input ``[C, rows, N]``, reshaped in row-major order, quantized
-    with ``act_groups`` (:func:`sqcompile.ops._quantize_act`: one outer maximum per row,
-    ShiftQuant channels (entry, column)), ``C`` 1 or ``acc``'s batch entries (``per_batch``).
+    with ``act_groups`` (:func:`~sqcompile.backends.fusion.act_groups_quantizer`), ``C`` 1 or
+    ``acc``'s batch entries (``per_batch``).
     Other layouts (a Linear's rows into a GEMM per batch entry) keep the graph's ops."""
     for y in views:
+        found = F.act_groups_quantizer(y, views[0])
+        if found is None:
+            continue
         v = F._val(y)
-        if v is None or v.dim() != 3 or not F.reshaped_from(y, views[0]):
-            continue
-        found = F.outer_composition(y, stochastic=False)
-        if found is None or found.reduced != [2] or found.channels != [0, 2] or \
-                not N.fits_int8(*found.quantizer.args[1:3]):
-            continue
         if F._same(v.shape[0], 1):
             return found, False
         if acc.dim() == 3 and F._same(v.shape[0], acc.shape[0]) and F._same(v.shape[1], acc.shape[1]):

@@ -104,6 +104,7 @@ import torch.fx as fx
 from ..config import env_flag
 from ..decisions import CompileRecord, FusedRegion
 from ..graphs import format_graph
+from ..numerics import fits_int8
 from ..passes.common import hints as _hints, normalize_path
 
 ENABLED = env_flag("SQCOMPILE_FUSION", True, "1: fuse regions of the Triton kernel family, 0: run the unfused ops")
@@ -832,6 +833,21 @@ def reshaped_from(y: fx.Node, x: fx.Node) -> bool:
             return False
         y = y.args[0]
     return True
+
+
+def act_groups_quantizer(v: fx.Node, source: fx.Node) -> Optional[OuterComposition]:
+    """The next GEMM's ``act_groups`` quantizer over ``v`` (:func:`sqcompile.ops._quantize_act`:
+    :func:`outer_composition` with nearest rounding, one outer maximum per row of ``v`` as
+    ``[C, rows, N]``, ShiftQuant channels (entry, column), groups that fit int8), where ``v``
+    is ``source`` reshaped (:func:`reshaped_from`); else None."""
+    val = _val(v)
+    if val is None or val.dim() != 3 or not reshaped_from(v, source):
+        return None
+    found = outer_composition(v, stochastic=False)
+    if found is None or found.reduced != [2] or found.channels != [0, 2] or \
+            not fits_int8(*found.quantizer.args[1:3]):
+        return None
+    return found
 
 
 def viewed(graph: fx.Graph, out: fx.Node, shape, new: fx.Node, mode) -> fx.Node:

@@ -37,7 +37,6 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from .. import numerics as N
 from ..decisions import CompileRecord, FusedRegion
 from . import fusion as F
 
@@ -247,16 +246,14 @@ def _cpu_consumers(y: fx.Node, row: int) -> Tuple[List[fx.Node], List[fx.Node], 
 
 def _cpu_shift_consumers(y: fx.Node, row: int) -> Tuple[List[F.OuterComposition], bool]:
     """``(compositions, other uses)`` of ``y``: the next GEMMs' ``act_groups`` quantizers
-    (:func:`~sqcompile.backends.fusion.outer_composition`, nearest) over ``y`` reshaped to
-    ``[1, rows, row]`` (one outer maximum per row, one channel per column), of one bit width
-    and group count, and whether anything else reads ``y`` too."""
+    (:func:`~sqcompile.backends.fusion.act_groups_quantizer`) over ``y`` reshaped to
+    ``[1, rows, row]`` (one channel per column over all rows), of one bit width and group
+    count, and whether anything else reads ``y`` too."""
     views = F.views_of(y)
     found, other = [], False
     for v in views:
-        val = F._val(v)
-        c = F.outer_composition(v, stochastic=False) if val is not None and val.dim() == 3 and \
-            F._same(val.shape[0], 1) and F._same(val.shape[2], row) and F.reshaped_from(v, y) else None
-        if c is not None and c.reduced == [2] and c.channels == [0, 2] and N.fits_int8(*c.quantizer.args[1:3]) and \
+        c = F.act_groups_quantizer(v, y)
+        if c is not None and F._same(F._val(v).shape[0], 1) and F._same(F._val(v).shape[2], row) and \
                 (not found or found[0].quantizer.args[1:3] == c.quantizer.args[1:3]):
             found.append(c)
             continue

@@ -230,13 +230,15 @@ def _forward(x, weight, bias, dims, center, l1_scale, eps, bits, out_bits: Optio
     shift = out_bits is not None and out_groups > 1
     if out_bits is None:
         outs = (y,)
-    elif shift:
-        outs = (None, x.new_full((), float("nan")), torch.empty(stat_shape), y)
+    elif shift:             # e and base come from sq_shiftquant_quotients after the kernel
+        outs = (None, None, torch.empty(stat_shape), y)
     else:
         outs = (pool.OUTPUTS.empty(x.shape, torch.int8), torch.empty(stat_shape), torch.empty(stat_shape), y)
     if x.numel() == 0:
-        outs = (x.new_zeros(x.shape, dtype=torch.int8), *outs[1:]) if shift else outs
-        return (*(t if t.dim() == 0 else t.zero_() for t in outs), q, *(t.zero_() for t in stat))
+        if shift:
+            outs = (x.new_zeros(x.shape, dtype=torch.int8), x.new_full((), float("nan")), outs[2].zero_(), y)
+            return (*outs, q, *(t.zero_() for t in stat))
+        return (*(t.zero_() for t in outs), q, *(t.zero_() for t in stat))
     yq, y_scale, y_amax = outs[:3] if out_bits is not None else (None, None, None)
     threads = torch.get_num_threads()
     rows = (x.numel() // layout[3], layout[3])            # y's rows, as the next GEMM's [1, rows, row]
@@ -245,8 +247,7 @@ def _forward(x, weight, bias, dims, center, l1_scale, eps, bits, out_bits: Optio
     failed = _library().sq_l1_norm_forward(
         x.data_ptr(), _ptr(w), _ptr(b), int(row), *layout, int(center), l1_scale, eps, float(N.qmax(bits)),
         y.data_ptr() if write_y else None, q.data_ptr(), *(t.data_ptr() for t in stat), _ptr(yq),
-        float(N.qmax(out_bits or bits)), _ptr(y_amax), None if shift else _ptr(y_scale), _ptr(yx), _ptr(work),
-        threads)
+        float(N.qmax(out_bits or bits)), _ptr(y_amax), _ptr(y_scale), _ptr(yx), _ptr(work), threads)
     if failed:
         raise MemoryError(f"sqcompile::cpu_l1_norm_quantized: no memory for a row of {layout[3]} floats")
     if shift:
