@@ -28,6 +28,7 @@ backend, interleaved in one process, plus the bytes saved for backward (activati
     python benchmarks/train_step.py --models unet resnet18 --no-norm-kernel     # norms as Inductor's loops too
     python benchmarks/train_step.py --no-c-kernels      # none of the C kernels but the GEMMs' (a portable-build A/B)
     python benchmarks/train_step.py --models mobilenet_v2 --grouped-simulated   # depthwise convs simulated (float)
+    python benchmarks/train_step.py --models transformer --dynamic --no-norm-kernel   # dynamic=True too
 """
 from __future__ import annotations
 
@@ -314,6 +315,12 @@ def variants(args, name):
             out.append((f"{tag}, act_groups={args.act_groups}, norm / GELU + quantizer as Inductor loops",
                         dict(bits, act_groups=args.act_groups, fusion=True, collect_stats=False,
                              _passes_off=("fuse_gelu_quantizers", "fuse_cpu_norm_quantizers")), False))
+    if args.dynamic:
+        out.append((f"{tag}, dynamic=True", dict(bits, kernels="auto", fusion=True, _dynamic=True), False))
+        if args.no_norm_kernel:
+            out.append((f"{tag}, dynamic=True, norms as Inductor loops",
+                        dict(bits, kernels="auto", fusion=True, collect_stats=False, _dynamic=True, _norm_ops=True),
+                        False))
     if args.bf16:
         out.append(("bf16 autocast eager (reference)", None, True))
     return out
@@ -335,7 +342,8 @@ def make_step(name, options, bf16, x, channels_last=False):
     norm_ops = options.pop("_norm_ops", False)
     conv_pairs = options.pop("_conv_pairs_off", False)
     grouped = options.pop("_grouped_simulated", False)
-    run = model if not options else torch.compile(model, backend="shiftquant", options=options)
+    dynamic = options.pop("_dynamic", None)
+    run = model if not options else torch.compile(model, backend="shiftquant", options=options, dynamic=dynamic)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
@@ -442,6 +450,10 @@ def main(argv=None):
                         "the bias gradient's sums) as Inductor's loops (the gelu_backward C kernel off)")
     p.add_argument("--grouped-simulated", action="store_true",
                    help="also time mobilenet_v2 with its depthwise convs simulated (float), not integer")
+    p.add_argument("--dynamic", action="store_true",
+                   help="also time the shiftquant step compiled with dynamic=True (symbolic sizes: the graph "
+                        "Dynamo compiles once batch sizes or lengths vary); with --no-norm-kernel also that "
+                        "step with its norms as Inductor's loops")
     p.add_argument("--outer-scale", action="store_true",
                    help="also time the shiftquant step with grad_outer_scale the other way than its default, "
                         "in the same process")

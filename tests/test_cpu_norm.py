@@ -656,3 +656,60 @@ def test_row_norms_stay_on_the_ops_without_fusion():
     assert "cpu_l1_norm" not in "\n".join(ref_record.graphs.values())
     for a, r in zip([out] + grads, [ref_out] + ref_grads):
         assert ((a - r).norm() / r.norm()).item() < 1e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("model, sizes, options, ops_", [
+    (_PreNorm, [(3, 24, 32), (2, 17, 32)], {}, ["cpu_l1_norm_quantized", "cpu_l1_norm_backward"]),
+    (_PreNorm, [(3, 24, 32), (2, 17, 32)], {"act_groups": 4}, ["cpu_l1_norm_shiftquant"]),
+    (lambda: _Net(nn.BatchNorm2d), [(4, 3, 12, 11), (3, 3, 10, 9)], {}, ["cpu_l1_norm", "cpu_l1_norm_backward"]),
+], ids=["pre-norm", "act_groups", "batch norm"])
+def test_dynamic_shapes_run_the_kernels_as_static_shapes_do(model, sizes, options, ops_):
+    """``dynamic=True``: one graph for every size, the norms on the kernels with their fusions
+    (symbolic sizes reach the kernels' checks and fakes), each step bit for bit the step of a
+    static-shape compile of that size."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    models = {False: model(), True: model()}
+    models[True].load_state_dict(models[False].state_dict())
+    runs = {dyn: torch.compile(m, backend="shiftquant", options=dict(inner="inductor", **options), dynamic=dyn)
+            for dyn, m in models.items()}
+    torch._dynamo.reset()
+    counters.clear()
+    regions = {}
+    for i, size in enumerate(sizes):
+        x = torch.randn(size)
+        results = {}
+        for dyn in (True, False):
+            graphs = counters["stats"]["unique_graphs"]
+            models[dyn].zero_grad()
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(i)
+            out = runs[dyn](xi)
+            out.square().sum().backward()
+            results[dyn] = [out.detach(), xi.grad] + [p.grad for p in models[dyn].parameters()]
+            record = records_for(list(models[dyn].parameters()))[-1]
+            regions[dyn, i] = sorted(r.label for r in record.regions)
+            if dyn:
+                assert counters["stats"]["unique_graphs"] == graphs + (i == 0)      # compiled once, for all sizes
+                text = "\n".join(record.graphs.values())
+                assert all(f"sqcompile.{op}(" in text for op in ops_), ops_
+        for a, b in zip(results[True], results[False]):
+            assert torch.equal(a, b)
+        assert regions[True, i] == regions[False, i]
+
+
+@needs_kernel
+def test_dynamic_shapes_guard_the_sizes_the_kernels_need():
+    """A symbolic size the kernels check (here an InstanceNorm's rows of H * W >= 16 values)
+    becomes a guard: an input with shorter rows recompiles, and that graph keeps the norm on
+    its ops."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True))
+    compiled = torch.compile(model, backend="shiftquant", options=dict(inner="inductor"), dynamic=True)
+    on_kernel = []
+    for size in [(4, 3, 12, 11), (3, 3, 10, 9), (3, 3, 3, 5)]:
+        compiled(torch.randn(size)).square().sum().backward()
+        graphs = "\n".join(records_for(list(model.parameters()))[-1].graphs.values())
+        on_kernel.append("sqcompile.cpu_l1_norm(" in graphs)
+    assert len(records_for(list(model.parameters()))) == 2 and on_kernel == [True, True, False]

@@ -55,7 +55,6 @@ beyond int8's range.  Each fusion is recorded as a :class:`~sqcompile.decisions.
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import List, NamedTuple, Optional
 
@@ -227,10 +226,8 @@ def _fuse_gelu_backwards(gm: fx.GraphModule, record: CompileRecord, stage: str) 
             continue                # a transpose between: the kernel pairs acc and pre in order
         if F._shape_arg(graph, out.shape, node, emit=False) is None:
             continue                # a symbolic size the graph cannot compute
-        sums = []
-        if F._static(acc.shape):
-            gemm3 = (math.prod(acc.shape[:-2]), acc.shape[-2], acc.shape[-1])
-            sums = [user for user, _ in F.column_sums(node, gemm3, torch.float32)]
+        gemm3 = (F._product(acc.shape[:-2]), acc.shape[-2], acc.shape[-1])
+        sums = [user for user, _ in F.column_sums(node, gemm3, torch.float32)]
         mode = F._fake_mode(mm)
         with graph.inserting_before(node):
             new = F._new(graph, torch.ops.sqcompile.gelu_backward.default, (mm, sa, sb, pre), mm, mode)

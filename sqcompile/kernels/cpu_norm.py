@@ -130,8 +130,6 @@ def unsupported(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
         return "collect_stats=True observes the quantizers one by one"
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return f"{x.dtype} on {x.device.type} (the kernels take float32 on CPU)"
-    if not all(isinstance(s, int) for s in x.shape):
-        return "symbolic sizes"
     if not x.is_contiguous():
         return "the input is not contiguous"
     layout = slice_layout(x.shape, dims)
