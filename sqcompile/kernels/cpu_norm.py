@@ -123,7 +123,11 @@ def affine_mode(shape: Sequence[int], dims: Sequence[int], t: Optional[torch.Ten
 
 def unsupported(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 dims: Sequence[int], norm_bits: Optional[int], stats: Optional[str]) -> Optional[str]:
-    """Why this L1 norm (batch statistics) cannot run on the kernels, or ``None``."""
+    """Why this L1 norm (batch statistics) cannot run on the kernels, or ``None``.
+
+    Symbolic sizes (``dynamic=True``) are taken: the checks on sizes below (the rows' length,
+    the element count, the affine's shape) then become guards of the compiled graph, so an
+    input outside them recompiles, and that graph keeps the norm on its ops."""
     if norm_bits is None:
         return "float L1 norm (quantize=False)"
     if stats is not None:
