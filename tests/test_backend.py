@@ -683,6 +683,35 @@ def test_tall_column_sums_are_split_into_chunks_of_rows():
     assert [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.aten.sum.dim_IntList].count([1]) == 1
 
 
+def test_symbolic_column_sums_are_split_for_every_row_count():
+    """Under symbolic sizes (``dynamic=True``) a tall column sum is split where its rows'
+    hint is: chunks of 64 over the first ``rows // 64 * 64`` rows, the rest added last, so
+    that the graph serves every row count, a multiple of 64 or not, fewer than 64 too; the
+    values agree with the one-step sum up to float order.  A sum whose hint has few rows is
+    left."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from sqcompile.backends.lowering import COLUMN_SUM_CHUNK, split_column_sums
+
+    def sums(x, y):            # 32 static columns (as a Linear's are), the rows symbolic
+        columns = torch.linspace(-1.0, 1.0, 32)
+        x, y = x.unsqueeze(-1) * columns, y.unsqueeze(-1) * columns
+        return x.sum(0), x.sum((0, 1)), y.sum(0)
+
+    rows = 4 * COLUMN_SUM_CHUNK + 27
+    gm = make_fx(sums, decomposition_table=select_decomp_table(), tracing_mode="symbolic")(
+        torch.randn(rows, 3), torch.randn(7))
+    mode = next(n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder").fake_mode
+    assert split_column_sums(gm.graph, mode) == 1        # x.sum((0, 1)); x.sum(0)'s rows are x.shape[0]
+    gm.recompile()
+    assert sum(n.target is torch.ops.aten.slice.Tensor for n in gm.graph.nodes) == 2
+    for n in (rows, 2 * rows, 5 * COLUMN_SUM_CHUNK, 9):
+        args = (torch.randn(n, 3), torch.randn(n % 11 + 2))
+        for got, want in zip(gm(*args), sums(*args), strict=True):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_cuda_compiles_without_cuda_graphs_get_one_hint():
     """A CUDA compile that launches from Python (host-bound at transformer sizes) is told
     about ``cudagraphs=True``; CPU compiles, CUDA-graph compiles and the configurations that
